@@ -1,0 +1,564 @@
+"""Load, size, crop and write images for the model.
+
+Pure library code: Pillow only (no Hydra, W&B, torch or transformers), so the
+config layer, the tests and CPU-only machines can use it without heavy imports.
+
+Coordinates: a box is ``(x1, y1, x2, y2)`` in pixels of the EXIF-corrected,
+full-resolution image (``LoadedImage.original_size``); ``x2``/``y2`` are the
+right/bottom edges, so a box covering the whole ``W x H`` image is
+``(0, 0, W, H)``.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import stat
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "ImageLoadError",
+    "LoadedImage",
+    "load_image",
+    "target_size",
+    "is_fixed_size",
+    "resize_to",
+    "crop_with_margin",
+    "save_image",
+    "encode_image",
+    "box_xyxy",
+    "to_rgb",
+]
+
+#: Largest aspect ratio the Qwen2-VL / Qwen2.5-VL processor accepts.
+MAX_ASPECT_RATIO = 200
+
+# EXIF orientations that rotate by 90 or 270 degrees, so width and height swap.
+_SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
+_EXIF_ORIENTATION_TAG = 0x0112
+
+_IN_MEMORY = "<in-memory>"
+
+
+class ImageLoadError(Exception):
+    """An image could not be used; ``kind`` says why, ``message`` names the input.
+
+    Kinds: ``missing_file``, ``not_a_file``, ``unreadable_file``, ``empty_file``,
+    ``file_too_large``, ``not_an_image``, ``corrupt_image``, ``image_too_large``,
+    ``unsupported_mode``, ``bad_image_value``, ``bad_aspect_ratio``.
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind = kind
+        self.message = message
+
+
+@dataclass
+class LoadedImage:
+    """A decoded RGB image and the size its box coordinates refer to."""
+
+    #: RGB, EXIF orientation applied; smaller than ``original_size`` when JPEG draft mode was used.
+    image: Image.Image
+    #: ``(width, height)`` of the EXIF-corrected full-resolution image: boxes refer to this.
+    original_size: tuple[int, int]
+    #: The file path, or ``"<in-memory>"``.
+    source: str
+
+
+def box_xyxy(box: Any) -> tuple[float, float, float, float]:
+    """Return ``(x1, y1, x2, y2)`` from an object with those attributes or a 4-sequence.
+
+    Accepting both keeps this module independent of ``regioncap.boxes``.
+    """
+    if all(hasattr(box, name) for name in ("x1", "y1", "x2", "y2")):
+        values = (box.x1, box.y1, box.x2, box.y2)
+    else:
+        try:
+            values = tuple(box)
+        except TypeError:
+            raise ValueError(f"box must have x1, y1, x2, y2 or be 4 numbers, got {box!r}") from None
+        if len(values) != 4:
+            raise ValueError(f"box must have 4 numbers (x1, y1, x2, y2), got {box!r}")
+    try:
+        x1, y1, x2, y2 = (float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"box coordinates must be numbers, got {box!r}") from None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise ValueError(f"box coordinates must be finite, got {box!r}")
+    return x1, y1, x2, y2
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_image(
+    src: str | os.PathLike | Image.Image | bytes | dict,
+    *,
+    max_image_pixels: int = 100_000_000,
+    max_file_bytes: int = 200 * 1024 * 1024,
+    draft_target: tuple[int, int] | Callable[[int, int], tuple[int, int]] | None = None,
+) -> LoadedImage:
+    """Decode ``src`` into an RGB image with EXIF orientation applied.
+
+    ``src`` is a path, encoded bytes, a PIL image, or a Hugging Face ``datasets``
+    image dict ``{"bytes": ..., "path": ...}`` (bytes win when both are set).
+
+    Every failure is an :class:`ImageLoadError` whose ``kind`` a caller can count
+    and whose message names the input. Files are checked with ``os.stat`` before
+    opening (so a FIFO or device never blocks), the pixel count is checked from the
+    header before decoding, and the whole image is decoded here so a truncated file
+    fails now rather than later inside the model's processor.
+
+    ``draft_target`` (width, height in the corrected orientation): for a JPEG at
+    least twice as large on both sides, libjpeg decodes at a reduced scale that is
+    still at least this size; ``original_size`` stays the full-resolution size.
+    It may also be a function of the corrected full-resolution ``(width, height)``
+    returning that target (e.g. the model's resize rule), since a caller does not
+    know the size before the header is read.
+    """
+    if isinstance(src, Image.Image):
+        # Already decoded, but the limit still guards drawing and encoding downstream.
+        _check_pixels(src.size, _IN_MEMORY, max_image_pixels)
+        try:
+            src.load()  # a lazily opened image decodes here; fail now, not mid-draw
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise ImageLoadError(
+                "corrupt_image", f"{_IN_MEMORY}: image data is truncated or corrupt ({exc})"
+            ) from None
+        return _finish(src, source=_IN_MEMORY)
+    if isinstance(src, dict):
+        data, path = src.get("bytes"), src.get("path")
+        if data is not None:
+            return _load_bytes(
+                data,
+                source=str(path) if path else _IN_MEMORY,
+                max_image_pixels=max_image_pixels,
+                max_file_bytes=max_file_bytes,
+                draft_target=draft_target,
+            )
+        if path:
+            return _load_path(path, max_image_pixels, max_file_bytes, draft_target)
+        raise ImageLoadError(
+            "bad_image_value", f"image dict has neither 'bytes' nor 'path' (keys: {sorted(src)})"
+        )
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return _load_bytes(
+            bytes(src),
+            source=_IN_MEMORY,
+            max_image_pixels=max_image_pixels,
+            max_file_bytes=max_file_bytes,
+            draft_target=draft_target,
+        )
+    if isinstance(src, (str, os.PathLike)):
+        return _load_path(src, max_image_pixels, max_file_bytes, draft_target)
+    raise ImageLoadError(
+        "bad_image_value",
+        f"image value must be a path, bytes, a PIL image or a {{'bytes', 'path'}} dict, "
+        f"got {type(src).__name__}",
+    )
+
+
+def _load_path(
+    path: str | os.PathLike,
+    max_image_pixels: int,
+    max_file_bytes: int,
+    draft_target: Any,
+) -> LoadedImage:
+    source = os.fspath(path)
+    if isinstance(source, bytes):
+        source = os.fsdecode(source)
+    try:
+        st = os.stat(source)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ImageLoadError("missing_file", f"{source}: no such file") from None
+    except OSError as exc:
+        raise ImageLoadError("unreadable_file", f"{source}: cannot stat ({exc.strerror})") from None
+    _check_file_stat(st, source, max_file_bytes)
+    try:
+        # O_NONBLOCK: if the path was swapped for a FIFO after the stat above,
+        # opening still returns at once and the fstat below refuses it.
+        fd = os.open(source, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise ImageLoadError("missing_file", f"{source}: no such file") from None
+    except OSError as exc:
+        raise ImageLoadError("unreadable_file", f"{source}: cannot open ({exc.strerror})") from None
+    with open(fd, "rb") as fh:
+        _check_file_stat(os.fstat(fd), source, max_file_bytes)
+        return _decode(fh, source, max_image_pixels, draft_target)
+
+
+def _check_file_stat(st: os.stat_result, source: str, max_file_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ImageLoadError("not_a_file", f"{source}: is {what}; expected an image file")
+    if st.st_size == 0:
+        raise ImageLoadError("empty_file", f"{source}: file is empty")
+    if st.st_size > max_file_bytes:
+        raise ImageLoadError(
+            "file_too_large",
+            f"{source}: {st.st_size} bytes is over the limit of {max_file_bytes} (max_file_bytes)",
+        )
+
+
+def _load_bytes(
+    data: bytes,
+    *,
+    source: str,
+    max_image_pixels: int,
+    max_file_bytes: int,
+    draft_target: Any,
+) -> LoadedImage:
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ImageLoadError(
+            "bad_image_value", f"{source}: image 'bytes' must be bytes, got {type(data).__name__}"
+        )
+    if len(data) == 0:
+        raise ImageLoadError("empty_file", f"{source}: image bytes are empty")
+    if len(data) > max_file_bytes:
+        raise ImageLoadError(
+            "file_too_large",
+            f"{source}: {len(data)} bytes is over the limit of {max_file_bytes} (max_file_bytes)",
+        )
+    return _decode(io.BytesIO(bytes(data)), source, max_image_pixels, draft_target)
+
+
+def _decode(fh: Any, source: str, max_image_pixels: int, draft_target: Any) -> LoadedImage:
+    try:
+        img = Image.open(fh)
+    except UnidentifiedImageError:
+        raise ImageLoadError("not_an_image", f"{source}: not an image Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError("image_too_large", f"{source}: {exc}") from None
+    except Exception as exc:  # a header parser choking on garbage is still "not an image"
+        raise ImageLoadError("not_an_image", f"{source}: cannot read image header ({exc})") from None
+    with img:
+        _check_pixels(img.size, source, max_image_pixels)
+        orientation = _orientation(img)
+        w, h = img.size
+        if callable(draft_target) and img.format == "JPEG":
+            # The caller's target depends on the displayed size (e.g. the model's resize rule).
+            draft_target = draft_target(*((h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)))
+        if draft_target is not None and img.format == "JPEG":
+            tw, th = int(draft_target[0]), int(draft_target[1])
+            if orientation in _SWAPPING_ORIENTATIONS:
+                # The target is in display orientation; the stored JPEG is rotated.
+                tw, th = th, tw
+            if tw > 0 and th > 0 and w >= 2 * tw and h >= 2 * th:
+                img.draft("RGB", (tw, th))
+        try:
+            img.load()
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageLoadError("image_too_large", f"{source}: {exc}") from None
+        except MemoryError:
+            raise
+        except Exception as exc:  # any decoder failure means the data is unusable
+            raise ImageLoadError(
+                "corrupt_image", f"{source}: image data is truncated or corrupt ({exc})"
+            ) from None
+        return _finish(img, source=source, orientation=orientation, stored_size=(w, h))
+
+
+def _check_pixels(size: tuple[int, int], source: str, max_image_pixels: int) -> None:
+    w, h = size
+    if w * h > max_image_pixels:
+        raise ImageLoadError(
+            "image_too_large",
+            f"{source}: {w}x{h} = {w * h} pixels is over the limit of {max_image_pixels} "
+            "(max_image_pixels)",
+        )
+
+
+def _orientation(img: Image.Image) -> int:
+    # A malformed EXIF block should not make a decodable image unusable.
+    try:
+        value = int(img.getexif().get(_EXIF_ORIENTATION_TAG, 1))
+    except Exception:
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+# EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose).
+_ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _finish(
+    img: Image.Image,
+    *,
+    source: str,
+    orientation: int | None = None,
+    stored_size: tuple[int, int] | None = None,
+) -> LoadedImage:
+    """Apply EXIF orientation and convert to RGB.
+
+    The orientation is read once and drives both the transpose and
+    ``original_size``, so the two cannot disagree. (``ImageOps.exif_transpose``
+    would read it again and also rewrite the EXIF block, which can fail on odd
+    tags; the result here is a fresh RGB image that carries no metadata anyway.)
+    """
+    if orientation is None:
+        orientation = _orientation(img)
+    w, h = stored_size if stored_size is not None else img.size
+    original_size = (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
+    method = _ORIENTATION_TRANSPOSE.get(orientation)
+    # transpose() and to_rgb() return new images: a caller's PIL image is never modified.
+    upright = img.transpose(method) if method is not None else img
+    return LoadedImage(image=to_rgb(upright, source=source), original_size=original_size, source=source)
+
+
+def to_rgb(img: Image.Image, *, source: str = _IN_MEMORY) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB.
+
+    Transparency is composited over white (dropping alpha would reveal whatever
+    colour the transparent pixels happen to store), and 16-bit greyscale is scaled
+    to 8 bits rather than clipped (Pillow's own conversion clips everything above
+    255 to white).
+    """
+    mode = img.mode
+    if mode == "RGB" and "transparency" not in img.info:
+        return img.copy()
+    try:
+        if mode.startswith("I;16") or mode == "I":
+            # "I" almost always holds 16-bit data (older Pillow opened 16-bit PNGs so).
+            # +0.5 rounds, since Pillow truncates the scaled value.
+            return img.convert("I").point(lambda v: v * (1 / 257) + 0.5).convert("L").convert("RGB")
+        has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+            mode in ("P", "L", "RGB", "1") and "transparency" in img.info
+        )
+        if has_alpha:
+            rgba = img.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return img.convert("RGB")
+    except ValueError as exc:
+        raise ImageLoadError(
+            "unsupported_mode", f"{source}: image mode {mode!r} cannot be converted to RGB ({exc})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- sizing
+
+
+def target_size(
+    width: int,
+    height: int,
+    *,
+    min_pixels: int,
+    max_pixels: int,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    source: str = "image",
+) -> tuple[int, int]:
+    """Return the ``(width, height)`` the Qwen2-VL / Qwen2.5-VL processor resizes to.
+
+    Both sides become multiples of ``patch_size * merge_size`` (28 px, one visual
+    token) with the pixel count brought inside ``[min_pixels, max_pixels]`` at
+    about the same aspect ratio.
+
+    This is the rule of ``smart_resize`` in
+    ``transformers.models.qwen2_vl.image_processing_qwen2_vl``, the one the
+    processor (and vLLM, which uses it) applies to every image; the tests check it
+    against that function and against ``qwen_vl_utils.smart_resize``. It is
+    written out here because importing either costs about 5 s (both import torch
+    and torchvision at module level, and qwen-vl-utils does not even declare torch
+    as a dependency). Where the two differ (a side under 14 px), this follows
+    transformers, which never returns a zero side.
+
+    The rule is not always idempotent: the processor applies it again to the
+    image it receives, and when ``max_pixels >= 2 * min_pixels`` and the aspect
+    ratio is at most 4:1 the result maps to itself (property-tested), so the
+    image reaches the model unchanged. Otherwise, e.g. ``min_pixels ==
+    max_pixels`` with a non-square image, or a very elongated image on a small
+    budget, it can land below ``min_pixels`` and the processor resizes a second
+    time (see :func:`is_fixed_size`).
+
+    Raises :class:`ImageLoadError` (``bad_aspect_ratio``) beyond 200:1, which the
+    processor refuses; ``source`` names the image in that message.
+    """
+    factor = patch_size * merge_size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"{source}: image size must be positive, got {width}x{height}")
+    if factor <= 0:
+        raise ValueError(f"patch_size * merge_size must be positive, got {patch_size} * {merge_size}")
+    if min_pixels <= 0 or max_pixels < min_pixels:
+        raise ValueError(
+            f"need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageLoadError(
+            "bad_aspect_ratio",
+            f"{source}: {width}x{height} has aspect ratio {ratio:.1f}, over the model's limit of "
+            f"{MAX_ASPECT_RATIO}; crop or pad the image",
+        )
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return w_bar, h_bar
+
+
+def is_fixed_size(
+    width: int, height: int, *, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2
+) -> bool:
+    """True when the processor would leave a ``width x height`` image at that size.
+
+    A caller that draws on an image resized to :func:`target_size` can check this
+    to know whether the model sees exactly those pixels.
+    """
+    try:
+        again = target_size(
+            width, height, min_pixels=min_pixels, max_pixels=max_pixels,
+            patch_size=patch_size, merge_size=merge_size,
+        )
+    except ImageLoadError:
+        return False
+    return again == (width, height)
+
+
+def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize to ``(width, height)`` with bicubic resampling, as the Qwen processor does.
+
+    Returns ``image`` itself when it already has that size (no copy).
+    """
+    size = (int(size[0]), int(size[1]))
+    if size[0] <= 0 or size[1] <= 0:
+        raise ValueError(f"resize target must be positive, got {size[0]}x{size[1]}")
+    if image.size == size:
+        return image
+    return image.resize(size, Image.Resampling.BICUBIC)
+
+
+def crop_with_margin(
+    image: Image.Image,
+    box: Any,
+    margin: float,
+    min_side: int = 28,
+    *,
+    square: bool = False,
+) -> tuple[Image.Image, tuple[int, int, int, int]]:
+    """Crop around ``box`` grown by ``margin`` times its width/height on each side.
+
+    The crop is clamped to the image and made at least ``min_side`` pixels on each
+    side when the image is that large (it slides inward at an edge rather than
+    shrinking). ``square=True`` makes it a square of the longer side, slid inside
+    the image, as a model trained on square crops expects; only where that square
+    would not fit the image does an axis take the whole image. The crop always
+    covers the part of the box inside the image. Returns the crop and
+    its rectangle ``(left, top, right, bottom)`` in ``image`` pixels (right and
+    bottom exclusive), so a caller can map coordinates back.
+    """
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    x1, y1, x2, y2 = box_xyxy(box)
+    if x2 < x1 or y2 < y1:
+        raise ValueError(f"box {box!r} has x2 < x1 or y2 < y1")
+    W, H = image.size
+    if x2 <= 0 or y2 <= 0 or x1 >= W or y1 >= H:
+        raise ValueError(f"box {box!r} lies outside the {W}x{H} image")
+    bw, bh = x2 - x1, y2 - y1
+    min_side = max(1, int(min_side))
+    # Integer bounds of the box grown by the margin (may reach past the image).
+    lo_x, hi_x = math.floor(x1 - margin * bw), math.ceil(x2 + margin * bw)
+    lo_y, hi_y = math.floor(y1 - margin * bh), math.ceil(y2 + margin * bh)
+    if square:
+        side = max(hi_x - lo_x, hi_y - lo_y, min_side)
+        # A square wider than the image cannot be had: that axis takes the whole image.
+        left, right = _grow(lo_x, hi_x, min(side, W), W)
+        top, bottom = _grow(lo_y, hi_y, min(side, H), H)
+    else:
+        left, right = max(0, lo_x), min(W, hi_x)
+        top, bottom = max(0, lo_y), min(H, hi_y)
+        if right - left < min(min_side, W):
+            left, right = _grow(left, right, min(min_side, W), W)
+        if bottom - top < min(min_side, H):
+            top, bottom = _grow(top, bottom, min(min_side, H), H)
+    rect = (left, top, right, bottom)
+    return image.crop(rect), rect
+
+
+def _grow(lo: int, hi: int, length: int, size: int) -> tuple[int, int]:
+    """Interval of ``length`` centred on [lo, hi], slid (not cut) to fit inside [0, size].
+
+    Sliding keeps [lo, hi] covered wherever it lies in the image and length >= hi - lo.
+    """
+    start = lo - (length - (hi - lo)) // 2
+    start = min(max(start, 0), size - length)
+    return start, start + length
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _save_kwargs(fmt: str, quality: int) -> tuple[str, dict[str, Any]]:
+    key = fmt.lower()
+    if key in ("jpeg", "jpg"):
+        if not 1 <= quality <= 100:
+            raise ValueError(f"JPEG quality must be 1..100, got {quality}")
+        # 4:4:4 chroma: the default 4:2:0 halves colour resolution and smears the
+        # 2 px coloured box outlines the model is meant to see.
+        return "JPEG", {"quality": int(quality), "subsampling": 0}
+    if key == "png":
+        return "PNG", {}
+    raise ValueError(f"image format must be 'jpeg' or 'png', got {fmt!r}")
+
+
+def _prepare(image: Image.Image, pil_format: str) -> Image.Image:
+    if pil_format == "JPEG" and image.mode not in ("RGB", "L"):
+        return to_rgb(image)
+    return image
+
+
+def encode_image(image: Image.Image, fmt: str = "jpeg", quality: int = 92) -> bytes:
+    """Encode ``image`` as JPEG or PNG bytes (e.g. for a base64 data URL)."""
+    pil_format, kwargs = _save_kwargs(fmt, quality)
+    buf = io.BytesIO()
+    _prepare(image, pil_format).save(buf, format=pil_format, **kwargs)
+    return buf.getvalue()
+
+
+def save_image(
+    image: Image.Image, path: str | os.PathLike, *, fmt: str = "jpeg", quality: int = 92
+) -> None:
+    """Write ``image`` to ``path`` atomically: a temporary file in the same folder, then ``os.replace``.
+
+    A reader (or a resumed run) therefore never sees a half-written image.
+    """
+    pil_format, kwargs = _save_kwargs(fmt, quality)
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    # os.open with 0o666 honours the umask, unlike tempfile's fixed 0o600, so the
+    # final file gets the same permissions as any other output.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with open(fd, "wb") as fh:
+            _prepare(image, pil_format).save(fh, format=pil_format, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
