@@ -1,0 +1,48 @@
+"""Engines resolved by name; each one's heavy imports happen only when it is built."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from regioncap.engines.base import Engine, EngineError, Request, Response, Sampling, error_response
+
+#: name -> "module:Class"; modules are imported only when that engine is picked.
+ENGINES = {
+    "transformers": "regioncap.engines.transformers_engine:TransformersEngine",
+    "vllm": "regioncap.engines.vllm_engine:VllmEngine",
+    "openai": "regioncap.engines.openai_engine:OpenAIEngine",
+    "fake": "regioncap.engines.fake:FakeEngine",
+}
+
+
+def resolve_engine_name(name: str) -> str:
+    """Map ``auto`` to ``vllm`` where CUDA and vLLM are both usable, else ``transformers``."""
+    if name != "auto":
+        if name not in ENGINES:
+            raise EngineError(f"unknown engine {name!r}; choose one of {sorted(ENGINES) + ['auto']}")
+        return name
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("torch") is None:
+        return "transformers"
+    import torch
+
+    return "vllm" if torch.cuda.is_available() else "transformers"
+
+
+def build_engine(engine_cfg: Any, model_cfg: Any, model_path: str | None) -> Engine:
+    """Build the engine named by ``engine_cfg.name`` for the model ``model_cfg``.
+
+    ``model_path`` is the resolved local folder or hub id (see ``regioncap.models``).
+    """
+    name = resolve_engine_name(engine_cfg.name)
+    module_name, cls_name = ENGINES[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    return cls(model_cfg=model_cfg, engine_cfg=engine_cfg, model_path=model_path)
+
+
+__all__ = [
+    "ENGINES", "Engine", "EngineError", "Request", "Response", "Sampling",
+    "build_engine", "error_response", "resolve_engine_name",
+]

@@ -1,0 +1,59 @@
+"""A deterministic engine with no model, for fast tests of the pipeline logic.
+
+It opens each request's image (so a missing or broken file fails the way it
+would in a real engine) and answers in the requested layout with captions
+derived from the request, so tests can check that every caption lands on the
+region it belongs to. Never the only test of a code path that a real engine runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, List, Sequence
+
+from PIL import Image
+
+from regioncap.engines.base import Engine, Request, Response, error_response
+
+
+class FakeEngine(Engine):
+    name = "fake"
+
+    def __init__(self, *, model_cfg: Any, engine_cfg: Any, model_path: str | None = None) -> None:
+        self.skip = set(engine_cfg.skip_regions or [])
+        self.answer_on_reask = bool(engine_cfg.answer_on_reask)
+        self.fail_keys = list(engine_cfg.fail_keys or [])
+        self.calls: List[int] = []
+
+    def generate(self, requests: Sequence[Request]) -> List[Response]:
+        self.calls.append(len(requests))
+        return [self._one(r) for r in requests]
+
+    def _one(self, req: Request) -> Response:
+        start = time.perf_counter()
+        if any(k in req.key for k in self.fail_keys):
+            return error_response(req.key, "engine_error", f"fake failure for {req.key}")
+        try:
+            with Image.open(req.image_path) as im:
+                w, h = im.size
+        except OSError as exc:
+            return error_response(req.key, "image_error", f"{req.image_path}: {exc}")
+        numbers = list(req.meta.get("numbers", [1]))
+        reask = bool(req.meta.get("reask"))
+        if not (reask and self.answer_on_reask):
+            numbers = [n for n in numbers if n not in self.skip]
+        captions = {n: f"fake caption of region {n} in {req.key} ({w}x{h})" for n in numbers}
+        fmt = req.meta.get("answer_format", "lines")
+        if fmt == "json":
+            text = json.dumps({"regions": [{"id": n, "caption": c} for n, c in captions.items()]})
+        elif fmt == "free" and len(req.meta.get("numbers", [1])) == 1:
+            text = next(iter(captions.values()), "")
+        elif fmt == "free":
+            text = " ".join(f"In <region{n}>, {c}." for n, c in captions.items())
+        else:
+            text = "\n".join(f"{n}: {c}" for n, c in captions.items())
+        return Response(
+            key=req.key, text=text, prompt_tokens=len(req.prompt.split()) + (w // 28) * (h // 28),
+            output_tokens=len(text.split()), latency_s=time.perf_counter() - start, finish_reason="stop",
+        )

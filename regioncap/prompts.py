@@ -1,0 +1,265 @@
+"""Prompt text for each strategy, the matching answer constraint, and answer parsing.
+
+Pure module: no Hydra, no engine imports. The prompt text is snapshotted in
+``tests/test_prompts.py``, so any change to it is a deliberate diff.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+ANSWER_FORMATS = ("lines", "json", "free")
+STRATEGIES = ("marked", "crop", "coords")
+
+#: Upper bound on one caption in a constrained answer (characters).
+MAX_CAPTION_CHARS = 300
+
+FORMAT_INSTRUCTIONS = {
+    "lines": (
+        "Answer with exactly {n} {lines}, one per {noun}, each in the form "
+        "`<number>: <description>`, numbered {nums}, and nothing else."
+    ),
+    "json": (
+        'Answer with only a JSON object {{"regions": [{{"id": <number>, '
+        '"caption": "<description>"}}, ...]}} with one entry for each of the '
+        "numbers {nums}."
+    ),
+    "free": "",
+}
+
+
+def join_words(items: Sequence[str]) -> str:
+    """``["1"]`` -> ``1``; ``["1", "2", "3"]`` -> ``1, 2 and 3``."""
+    items = list(items)
+    if not items:
+        return ""
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def format_instruction(answer_format: str, numbers: Sequence[int], noun: str = "box") -> str:
+    """The sentence telling the model how to lay out its answer."""
+    if answer_format not in FORMAT_INSTRUCTIONS:
+        raise ValueError(f"unknown answer_format {answer_format!r}; choose one of {ANSWER_FORMATS}")
+    nums = [str(n) for n in numbers]
+    nums_text = f"{nums[0]} to {nums[-1]}" if len(nums) > 2 and _consecutive(numbers) else join_words(nums)
+    lines = "line" if len(nums) == 1 else "lines"
+    return FORMAT_INSTRUCTIONS[answer_format].format(n=len(nums), noun=noun, nums=nums_text, lines=lines)
+
+
+def _consecutive(numbers: Sequence[int]) -> bool:
+    return all(b == a + 1 for a, b in zip(numbers, numbers[1:]))
+
+
+def build_prompt(
+    template: str,
+    *,
+    numbers: Sequence[int],
+    labels: Sequence[str],
+    answer_format: str,
+    regions_text: str = "",
+    noun: str = "box",
+) -> str:
+    """Fill a prompt template.
+
+    Placeholders: ``{n}`` number of regions in this request, ``{boxes}``
+    ``box`` or ``boxes``, ``{regions_word}`` and ``{are}`` agreeing with it, ``{labels}`` the
+    labels as drawn (``1, 2 and 3``), ``{first}`` / ``{last}`` the first and
+    last label, ``{regions}`` one line per region (the ``coords`` strategy),
+    ``{format_instruction}`` how to lay out the answer.
+    """
+    values = {
+        "n": len(numbers),
+        "boxes": "box" if len(numbers) == 1 else "boxes",
+        "regions_word": "region" if len(numbers) == 1 else "regions",
+        "are": "is" if len(numbers) == 1 else "are",
+        "labels": join_words(list(labels)),
+        "first": labels[0] if labels else "",
+        "last": labels[-1] if labels else "",
+        "regions": regions_text,
+        "format_instruction": format_instruction(answer_format, numbers, noun) if numbers else "",
+    }
+    try:
+        text = template.format(**values)
+    except (KeyError, IndexError) as exc:
+        raise ValueError(
+            f"prompt template has an unknown placeholder {exc}; known: {sorted(values)}"
+        ) from None
+    # Collapse the blank left by an empty placeholder at the end of a line.
+    return re.sub(r"[ \t]+\n", "\n", text).strip()
+
+
+def regions_text(numbers: Sequence[int], coords: Sequence[Sequence[int]], family: str) -> str:
+    """One line per region in the model family's own grounding format.
+
+    Qwen2.5-VL grounds with absolute pixel coordinates of the image it sees,
+    written as ``{"bbox_2d": [x1, y1, x2, y2]}``; Qwen2-VL uses its special
+    box tokens around ``(x1,y1),(x2,y2)`` on a 0-1000 grid.
+    """
+    lines = []
+    for n, c in zip(numbers, coords):
+        x1, y1, x2, y2 = (int(v) for v in c)
+        if family == "qwen2_vl":
+            lines.append(f"{n}: <|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>")
+        else:
+            lines.append(f'{n}: {{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}')
+    return "\n".join(lines)
+
+
+def answer_regex(numbers: Sequence[int], answer_format: str) -> Optional[str]:
+    """A regular expression the whole answer must match (for structured decoding).
+
+    Only ``lines`` has one: exactly one ``<number>: <text>`` line per region,
+    in order, so a constrained engine cannot skip, repeat or invent a region.
+    """
+    if answer_format != "lines" or not numbers:
+        return None
+    line = "[^\\n]{1,%d}" % MAX_CAPTION_CHARS
+    return "\\n".join(f"{n}: {line}" for n in numbers)
+
+
+def answer_json_schema(numbers: Sequence[int], answer_format: str) -> Optional[Dict[str, Any]]:
+    """A JSON schema for the ``json`` answer format (one entry per region id)."""
+    if answer_format != "json" or not numbers:
+        return None
+    return {
+        "type": "object",
+        "properties": {
+            "regions": {
+                "type": "array",
+                "minItems": len(numbers),
+                "maxItems": len(numbers),
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "integer", "enum": list(numbers)},
+                        "caption": {"type": "string", "maxLength": MAX_CAPTION_CHARS},
+                    },
+                    "required": ["id", "caption"],
+                },
+            }
+        },
+        "required": ["regions"],
+    }
+
+
+@dataclass
+class ParsedAnswer:
+    """Captions found in one answer, keyed by the number shown to the model."""
+
+    captions: Dict[int, str] = field(default_factory=dict)
+    #: The answer followed the requested layout (every line / the JSON parsed).
+    format_ok: bool = True
+    #: Numbers the model answered that were not asked for (ignored).
+    unexpected: List[int] = field(default_factory=list)
+
+
+_LINE = re.compile(
+    r"""^\s*(?:[-*\u2022]\s*)?(?:\*\*)?\s*
+        (?:<\s*region\s*(?P<tag>\d+)\s*>|(?:region|box|mark)?\s*\#?\s*(?P<num>\d+))
+        \s*(?:\*\*)?\s*[:.)\-\u2013\u2014]\s*(?:\*\*)?\s*(?P<text>.*\S)\s*$""",
+    re.IGNORECASE | re.VERBOSE,
+)
+_MENTION = re.compile(r"<\s*region\s*(\d+)\s*>|\b(?:region|box)\s*#?\s*(\d+)\b", re.IGNORECASE)
+
+
+def _clean(text: str) -> str:
+    text = text.strip().strip("*").strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
+        text = text[1:-1].strip()
+    return text
+
+
+def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str) -> ParsedAnswer:
+    """Read captions for ``numbers`` out of a model answer.
+
+    Every format is tried in turn (a model asked for lines sometimes answers
+    JSON and the other way round); ``format_ok`` says whether the requested one
+    was followed. A number with no caption is simply absent: never invented.
+    A single-region request in ``free`` format takes the whole answer.
+    """
+    result = ParsedAnswer(format_ok=False)
+    if not text or not text.strip():
+        return result
+    wanted = set(numbers)
+    found: Dict[int, str] = {}
+    unexpected: List[int] = []
+
+    def add(n: int, caption: str) -> None:
+        caption = _clean(caption)
+        if not caption:
+            return
+        if n not in wanted:
+            unexpected.append(n)
+        elif n not in found:  # the first answer for a number wins
+            found[n] = caption
+
+    json_ok = _parse_json(text, add)
+    lines_ok = False
+    if not json_ok:
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        matched = 0
+        for ln in lines:
+            m = _LINE.match(ln)
+            if m:
+                matched += 1
+                add(int(m.group("tag") or m.group("num")), m.group("text"))
+        lines_ok = bool(lines) and matched == len(lines)
+    if not found and answer_format == "free":
+        if len(numbers) == 1:  # the whole answer describes the one region
+            caption = _clean(text)
+            if caption:
+                found[numbers[0]] = caption
+        else:
+            found.update(_parse_mentions(text, wanted))
+    result.captions = {n: found[n] for n in numbers if n in found}
+    result.unexpected = sorted(set(unexpected))
+    result.format_ok = {"json": json_ok, "lines": lines_ok, "free": bool(found)}[answer_format]
+    return result
+
+
+def _parse_json(text: str, add: Any) -> bool:
+    start = min((i for i in (text.find("{"), text.find("[")) if i >= 0), default=-1)
+    if start < 0:
+        return False
+    end = max(text.rfind("}"), text.rfind("]"))
+    try:
+        data = json.loads(text[start : end + 1])
+    except (json.JSONDecodeError, ValueError):
+        return False
+    items: Any = data.get("regions", data) if isinstance(data, dict) else data
+    if isinstance(items, dict):  # {"1": "a cat", "2": "a dog"}
+        items = [{"id": k, "caption": v} for k, v in items.items()]
+    if not isinstance(items, list):
+        return False
+    ok = False
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        ident = item.get("id", item.get("region"))
+        caption = item.get("caption", item.get("description"))
+        try:
+            n = int(str(ident).strip().strip("<>").lower().replace("region", ""))
+        except (TypeError, ValueError):
+            continue
+        if isinstance(caption, str):
+            add(n, caption)
+            ok = True
+    return ok
+
+
+def _parse_mentions(text: str, wanted: set) -> Dict[int, str]:
+    """Free text naming regions (``In <region1>, ... <region2> shows ...``)."""
+    marks = list(_MENTION.finditer(text))
+    out: Dict[int, str] = {}
+    for i, m in enumerate(marks):
+        n = int(m.group(1) or m.group(2))
+        end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
+        segment = text[m.end() : end].strip(" \t\n,:;.-")
+        if n in wanted and n not in out and segment:
+            out[n] = _clean(segment)
+    return out

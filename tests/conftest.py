@@ -1,0 +1,58 @@
+"""Shared fixtures: the real config tree composed with Hydra's compose API."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+# The tests never reach a model hub; make libraries fail fast instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+
+def compose(overrides: List[str] = (), output_dir: str | None = None):
+    """Compose ``conf/config.yaml`` as the CLI would, with ``overrides``."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from regioncap.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides))
+    if output_dir is not None:
+        # ${hydra:runtime.output_dir} does not resolve under the compose API.
+        cfg.output_dir = str(output_dir)
+    return cfg
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The offline tiny Qwen2.5-VL, built once per test session."""
+    from regioncap.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl")
+
+
+def run_cli(args: List[str], *, python: str = sys.executable, env: dict | None = None, timeout: int = 300,
+            cwd: str | Path | None = None):
+    """Run ``python -m regioncap ARGS`` in a subprocess, like a user would."""
+    import subprocess
+
+    full_env = dict(os.environ)
+    full_env.setdefault("PYTHONPATH", str(REPO))
+    full_env.update(env or {})
+    return subprocess.run([python, "-m", "regioncap", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, cwd=str(cwd or REPO))

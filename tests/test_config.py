@@ -1,0 +1,74 @@
+"""The real config tree composes for every option of every group, and bad values fail at compose time."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONF_DIR, REPO, compose
+
+GROUPS = ["model", "engine", "data", "draw", "prompt", "logger"]
+
+
+def options(group: str):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_option_composes(group, option, tmp_path):
+    overrides = [f"{group}={option}"]
+    if group == "data" and option in ("jsonl", "hf"):
+        overrides.append("data.path=rows.jsonl")
+    cfg = compose(overrides, output_dir=tmp_path)
+    # Every value resolves (no missing mandatory value, no bad interpolation).
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert cfg[group].name == option
+
+
+def test_defaults_are_the_offline_run():
+    cfg = compose([])
+    assert (cfg.model.name, cfg.engine.name, cfg.data.name, cfg.prompt.name) == ("tiny", "transformers", "demo", "marked")
+    assert cfg.max_boxes == 10 and cfg.stages == ["visualize", "caption"]
+
+
+def test_wrong_type_fails_at_compose_time():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose(["max_boxes=ten"])
+    assert "max_boxes" in str(err.value.__cause__ or err.value)
+
+
+@pytest.mark.parametrize("override", ["model.max_pixel=5", "engine.batchsize=3", "draw.colour=red", "max_box=3"])
+def test_misspelt_key_fails(override):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError, ValidationError)):
+        compose([override])
+
+
+def test_engine_fields_are_typed_per_engine():
+    cfg = compose(["engine=vllm", "engine.tensor_parallel_size=2"])
+    assert cfg.engine.tensor_parallel_size == 2
+    with pytest.raises(ConfigCompositionException):
+        compose(["engine=transformers", "engine.tensor_parallel_size=2"])
+    with pytest.raises(ConfigCompositionException):
+        compose(["engine=openai", "engine.concurrency=lots"])
+
+
+def test_model_is_chosen_by_config_not_folder_name():
+    cfg = compose(["model=qwen25vl_3b", "model.path=/models/any-folder-name"])
+    assert cfg.model.family == "qwen2_5_vl" and cfg.model.path == "/models/any-folder-name"
+    assert cfg.model.trust_remote_code is False
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"]])
+def test_help_and_cfg_do_not_import_heavy_libraries(args):
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "regioncap", *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "transformers", "vllm", "wandb", "datasets"}, imported & {"torch", "transformers", "vllm", "wandb", "datasets"}
+    if args == ["--cfg", "job"]:
+        assert "max_boxes: 10" in proc.stdout

@@ -1,0 +1,143 @@
+"""Prompt text snapshots (a change to a prompt is a visible diff) and answer parsing."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import compose
+from regioncap import prompts
+
+
+def render(option: str, numbers, labels=None, regions_text=""):
+    cfg = compose([f"prompt={option}"])
+    labels = labels or [str(n) for n in numbers]
+    noun = "region" if cfg.prompt.strategy == "coords" else "box"
+    return prompts.build_prompt(cfg.prompt.template, numbers=numbers, labels=labels,
+                                answer_format=cfg.prompt.answer_format, regions_text=regions_text, noun=noun)
+
+
+def test_marked_prompt_snapshot():
+    assert render("marked", [1, 2, 3]) == (
+        "The image has 3 numbered boxes drawn on it, labelled 1, 2 and 3. For each box, describe the object "
+        "or area inside it in one short sentence. Answer with exactly 3 lines, one per box, each in the form "
+        "`<number>: <description>`, numbered 1 to 3, and nothing else."
+    )
+
+
+def test_marked_prompt_single_region_snapshot():
+    assert render("marked", [1]) == (
+        "The image has 1 numbered box drawn on it, labelled 1. For each box, describe the object or area "
+        "inside it in one short sentence. Answer with exactly 1 line, one per box, each in the form "
+        "`<number>: <description>`, numbered 1, and nothing else."
+    )
+
+
+def test_crop_prompt_snapshot():
+    assert render("crop", [1]) == "Describe the main object or area in this image in one short sentence."
+
+
+def test_coords_prompt_snapshot_qwen25():
+    text = prompts.regions_text([1, 2], [[10, 20, 110, 220], [0, 0, 28, 56]], "qwen2_5_vl")
+    assert render("coords", [1, 2], regions_text=text) == (
+        "Here are 2 regions of the image, given as bounding boxes:\n"
+        '1: {"bbox_2d": [10, 20, 110, 220]}\n'
+        '2: {"bbox_2d": [0, 0, 28, 56]}\n'
+        "For each region, describe the object or area inside it in one short sentence. Answer with exactly 2 "
+        "lines, one per region, each in the form `<number>: <description>`, numbered 1 and 2, and nothing else."
+    )
+
+
+def test_coords_regions_qwen2_uses_box_tokens():
+    assert prompts.regions_text([1], [[100, 200, 300, 400]], "qwen2_vl") == \
+        "1: <|box_start|>(100,200),(300,400)<|box_end|>"
+
+
+def test_dataflow_prompt_is_verbatim():
+    text = render("dataflow", [1, 2, 3, 4], labels=[f"<region{n}>" for n in range(1, 5)])
+    assert text == ("Describe the content of each marked region in the image. "
+                    "There are 4 regions: <region1> to <region4>.")
+
+
+def test_unknown_placeholder_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown placeholder"):
+        prompts.build_prompt("Describe {thing}", numbers=[1], labels=["1"], answer_format="lines")
+
+
+@pytest.mark.parametrize("text", [
+    "1: a red car\n2: a tree\n3: the sky",
+    "1. a red car\n2. a tree\n3. the sky",
+    "**1:** a red car\n**2:** a tree\n**3:** the sky",
+    "- Box 1: a red car\n- Box 2: a tree\n- Box 3: the sky",
+    "<region1>: a red car\n<region2>: a tree\n<region3>: the sky",
+    "Region 1 - a red car\nRegion 2 - a tree\nRegion 3 - the sky",
+    '{"regions": [{"id": 1, "caption": "a red car"}, {"id": 2, "caption": "a tree"}, {"id": 3, "caption": "the sky"}]}',
+    '```json\n[{"id": 1, "caption": "a red car"}, {"id": 2, "caption": "a tree"}, {"id": 3, "caption": "the sky"}]\n```',
+    '{"1": "a red car", "2": "a tree", "3": "the sky"}',
+])
+def test_parse_answer_layouts(text):
+    parsed = prompts.parse_answer(text, [1, 2, 3], "lines")
+    assert parsed.captions == {1: "a red car", 2: "a tree", 3: "the sky"}
+
+
+def test_parse_missing_and_unexpected_regions_are_not_invented():
+    parsed = prompts.parse_answer("1: a cat\n4: a dog\n1: again", [1, 2, 3], "lines")
+    assert parsed.captions == {1: "a cat"}
+    assert parsed.unexpected == [4]
+
+
+def test_parse_format_ok_flags():
+    assert prompts.parse_answer("1: a\n2: b", [1, 2], "lines").format_ok
+    assert not prompts.parse_answer("1: a\nand some chatter", [1, 2], "lines").format_ok
+    assert prompts.parse_answer('{"regions": [{"id": 1, "caption": "a"}]}', [1], "json").format_ok
+    assert not prompts.parse_answer("", [1], "lines").format_ok
+
+
+def test_parse_dataflow_free_text():
+    text = ("In <region1>, the focus is on a person wearing shoes. <region2> shows a broom "
+            "leaning on a wall.")
+    parsed = prompts.parse_answer(text, [1, 2], "free")
+    assert parsed.captions[1].startswith("the focus is on a person")
+    assert parsed.captions[2].startswith("shows a broom")
+
+
+def test_parse_free_single_region_takes_whole_answer():
+    assert prompts.parse_answer("  A cat sleeping.  ", [1], "free").captions == {1: "A cat sleeping."}
+
+
+def test_answer_regex_matches_only_complete_answers():
+    rx = re.compile(prompts.answer_regex([1, 2], "lines"))
+    assert rx.fullmatch("1: a cat\n2: a dog")
+    assert not rx.fullmatch("1: a cat")
+    assert not rx.fullmatch("2: a dog\n1: a cat")
+    assert prompts.answer_regex([1], "free") is None
+
+
+def test_json_schema_lists_every_id():
+    schema = prompts.answer_json_schema([1, 2, 3], "json")
+    items = schema["properties"]["regions"]
+    assert items["minItems"] == items["maxItems"] == 3
+    assert items["items"]["properties"]["id"]["enum"] == [1, 2, 3]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300), st.lists(st.integers(1, 30), min_size=1, max_size=10, unique=True),
+       st.sampled_from(prompts.ANSWER_FORMATS))
+def test_parse_never_raises_and_only_returns_asked_numbers(text, numbers, fmt):
+    parsed = prompts.parse_answer(text, numbers, fmt)
+    assert set(parsed.captions) <= set(numbers)
+    assert all(isinstance(c, str) and c for c in parsed.captions.values())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1,
+                        max_size=40).filter(lambda s: s.strip() and s.strip() == s and not s.startswith(("*", '"', "'", "`"))),
+                min_size=1, max_size=8))
+def test_lines_round_trip(captions):
+    numbers = list(range(1, len(captions) + 1))
+    text = "\n".join(f"{n}: {c}" for n, c in zip(numbers, captions))
+    parsed = prompts.parse_answer(text, numbers, "lines")
+    assert [parsed.captions.get(n) for n in numbers] == [c.strip("*").strip() for c in captions]
