@@ -25,8 +25,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     | grep -v "dependency conflicts\|requires torch==2.13.0+cpu\|^$" || true
   # regioncap itself without touching vLLM's pins, then what it needs beyond them.
   "$VENV/bin/python" -m pip install -q --no-deps -e .
-  "$VENV/bin/python" -m pip install -q "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3,<2.4" "qwen-vl-utils>=0.0.8" \
-    tqdm "datasets>=2.18" "openai>=1.40" pytest
+  "$VENV/bin/python" -m pip install -q "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3,<2.4" tqdm "openai>=1.40"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -c 'import vllm, regioncap; print("vLLM environment ready:", "'"$VENV"'", "vllm", vllm.__version__)'

@@ -1,0 +1,421 @@
+"""OpenAIEngine: fault injection against a small real HTTP server, and the real vLLM server.
+
+The fault-injection tests (unmarked, a few seconds) run an ``http.server`` on
+127.0.0.1 in a thread whose behaviour is picked by the request's prompt text
+(``429-once``, ``hang``, ``drop``...), so retries, backoff, error kinds and
+request order are checked over real sockets without vLLM. The tests marked
+``vllm`` talk to ``python -m vllm.entrypoints.openai.api_server`` serving the
+tiny model (see ``tests/vllm_helpers.py``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vllm_helpers import tiny_images, vllm_server  # noqa: E402,F401  (fixtures)
+
+from regioncap.config import ModelConfig, OpenAIEngineConfig  # noqa: E402
+from regioncap.engines.base import Request, Sampling  # noqa: E402
+
+SECRET = "sk-regioncap-planted-secret-0123456789"
+KEY_ENV = "REGIONCAP_TEST_OPENAI_KEY"
+
+
+# --------------------------------------------------------------- fake server
+
+
+@dataclass
+class ServerState:
+    """What the fault server saw; behaviour is keyed by the prompt text."""
+
+    hits: Dict[str, int] = field(default_factory=dict)
+    bodies: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    auth: List[str] = field(default_factory=list)
+    in_flight: int = 0
+    max_in_flight: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+def _completion(text: str, prompt_tokens: int = 11, completion_tokens: int = 3) -> bytes:
+    return json.dumps(
+        {
+            "id": "cmpl-test",
+            "object": "chat.completion",
+            "created": 0,
+            "model": "tiny",
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+    ).encode()
+
+
+def make_handler(state: ServerState) -> type:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # keep pytest output clean
+            pass
+
+        def _send(self, code: int, body: bytes, headers: Optional[Dict[str, str]] = None) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:
+                pass
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server API)
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            user = body["messages"][-1]["content"]
+            prompt = next(p["text"] for p in user if p["type"] == "text")
+            url = next(p["image_url"]["url"] for p in user if p["type"] == "image_url")
+            with state.lock:
+                n = state.hits.get(prompt, 0) + 1
+                state.hits[prompt] = n
+                state.bodies[prompt] = body
+                state.auth.append(self.headers.get("Authorization", ""))
+                state.in_flight += 1
+                state.max_in_flight = max(state.max_in_flight, state.in_flight)
+            try:
+                self._behave(prompt, n, url, body)
+            finally:
+                with state.lock:
+                    state.in_flight -= 1
+
+        def _behave(self, prompt: str, n: int, url: str, body: Dict[str, Any]) -> None:
+            mode = prompt.split("#")[0]
+            if mode == "ok":
+                mime, b64 = url[len("data:"):].split(";base64,")
+                size = len(base64.b64decode(b64))
+                self._send(200, _completion(f"{prompt}|{mime}|{size}"))
+            elif mode == "slow":
+                state.stop.wait(0.15)
+                self._send(200, _completion(prompt))
+            elif mode == "429-once" and n == 1:
+                self._send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "0.3"})
+            elif mode == "500-once" and n == 1:
+                self._send(500, b'{"error": {"message": "boom"}}')
+            elif mode == "500":
+                self._send(500, b'{"error": {"message": "boom"}}')
+            elif mode == "400":
+                self._send(400, b'{"error": {"message": "context too long"}}')
+            elif mode == "400-echo-auth":
+                msg = json.dumps({"error": {"message": f"bad key {self.headers.get('Authorization')}"}})
+                self._send(400, msg.encode())
+            elif mode == "hang":
+                state.stop.wait(5.0)
+                self._send(200, _completion(prompt))
+            elif mode == "badjson":
+                self._send(200, b'{"choices": [ this is not json')
+            elif mode in ("drop", "drop-once") and (mode == "drop" or n == 1):
+                # Close the socket without a status line: the client sees a dropped connection.
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            else:
+                self._send(200, _completion(prompt))
+
+    return Handler
+
+
+@pytest.fixture()
+def fault_server() -> Iterator[tuple]:
+    state = ServerState()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(state))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
+    finally:
+        state.stop.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
+    d = tmp_path_factory.mktemp("openai_images")
+    jpg, png = d / "a.jpg", d / "b.png"
+    Image.new("RGB", (112, 84), (200, 30, 30)).save(jpg, quality=90)
+    Image.new("RGB", (56, 56), (30, 30, 200)).save(png)
+    bad = d / "not_an_image.jpg"
+    bad.write_bytes(b"hello, not an image")
+    return {"jpg": str(jpg), "png": str(png), "bad": str(bad), "missing": str(d / "missing.jpg")}
+
+
+def make_engine(base_url: str, monkeypatch: pytest.MonkeyPatch, **kw: Any):
+    from regioncap.engines.openai_engine import OpenAIEngine
+
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    cfg = OpenAIEngineConfig(
+        base_url=base_url,
+        api_key_env=KEY_ENV,
+        served_model=kw.pop("served_model", "tiny"),
+        concurrency=kw.pop("concurrency", 4),
+        timeout_s=kw.pop("timeout_s", 2.0),
+        max_retries=kw.pop("max_retries", 2),
+        backoff_s=kw.pop("backoff_s", 0.01),
+        max_backoff_s=kw.pop("max_backoff_s", 0.5),
+        **kw,
+    )
+    return OpenAIEngine(model_cfg=ModelConfig(name="tiny", path="tiny"), engine_cfg=cfg, model_path=None)
+
+
+def req(key: str, prompt: str, image: str, **kw: Any) -> Request:
+    return Request(key=key, image_path=image, prompt=prompt, sampling=Sampling(max_tokens=8), **kw)
+
+
+# ------------------------------------------------------------ fault injection
+
+
+def test_retries_and_error_kinds(fault_server, images, monkeypatch):
+    base_url, state = fault_server
+    eng = make_engine(base_url, monkeypatch, timeout_s=0.4, max_retries=2)
+    plan = [
+        ("ok", "ok#1", None),
+        ("429-once", "429-once#1", None),
+        ("500-once", "500-once#1", None),
+        ("drop-once", "drop-once#1", None),
+        ("400", "400#1", "http_400"),
+        ("500", "500#1", "http_500"),
+        ("hang", "hang#1", "timeout"),
+        ("badjson", "badjson#1", "bad_response"),
+        ("drop", "drop#1", "connection_error"),
+        ("ok2", "ok#2", None),
+    ]
+    t0 = time.monotonic()
+    with eng:
+        out = eng.generate([req(k, p, images["jpg"]) for k, p, _ in plan])
+    elapsed = time.monotonic() - t0
+
+    assert [r.key for r in out] == [k for k, _, _ in plan], "responses must keep request order"
+    for (key, prompt, kind), r in zip(plan, out):
+        if kind is None:
+            assert r.ok, (key, r.error)
+            assert r.text.startswith(prompt)
+            assert (r.prompt_tokens, r.output_tokens, r.finish_reason) == (11, 3, "stop")
+            assert r.latency_s is not None and r.latency_s >= 0
+        else:
+            assert not r.ok and r.error["kind"] == kind, (key, r.error)
+            assert r.text is None
+    # Each transient failure was retried exactly until it succeeded ...
+    for p in ("429-once#1", "500-once#1", "drop-once#1"):
+        assert state.hits[p] == 2, p
+    # ... a 400 was not retried, and persistent failures used every retry.
+    assert state.hits["400#1"] == 1
+    for p in ("500#1", "hang#1", "badjson#1", "drop#1"):
+        assert state.hits[p] == 3, p
+    # Retry-After: 0.3 was honoured (jittered backoff alone would be ~0.01 s).
+    assert out[1].latency_s >= 0.3
+    assert "after 3 attempts" in out[5].error["message"]
+    # Bounded: three 0.4 s timeouts plus tiny backoffs.
+    assert elapsed < 8
+    assert all(a == f"Bearer {SECRET}" for a in state.auth)
+
+
+def test_ok_request_payload_and_mime(fault_server, images, monkeypatch):
+    base_url, state = fault_server
+    eng = make_engine(base_url, monkeypatch, structured_outputs=True)
+    rx = r"1: [a-z ]{1,20}"
+    schema = {"type": "object", "properties": {"regions": {"type": "array"}}}
+    out = eng.generate(
+        [
+            Request(key="j", image_path=images["jpg"], prompt="ok#jpg", system="be brief",
+                    sampling=Sampling(temperature=0.5, top_p=0.9, max_tokens=7, seed=3), regex=rx),
+            req("p", "ok#png", images["png"], json_schema=schema),
+            req("n", "ok#none", images["png"]),
+        ]
+    )
+    eng.close()
+    eng.close()  # safe twice
+    assert all(r.ok for r in out), [r.error for r in out]
+    jpg_size = Path(images["jpg"]).stat().st_size
+    png_size = Path(images["png"]).stat().st_size
+    # The file's bytes went out unchanged, with the MIME type of its content.
+    assert out[0].text == f"ok#jpg|image/jpeg|{jpg_size}"
+    assert out[1].text == f"ok#png|image/png|{png_size}"
+    body = state.bodies["ok#jpg"]
+    assert body["messages"][0] == {"role": "system", "content": "be brief"}
+    assert [p["type"] for p in body["messages"][1]["content"]] == ["image_url", "text"]
+    assert (body["temperature"], body["top_p"], body["max_tokens"], body["seed"]) == (0.5, 0.9, 7, 3)
+    assert body["model"] == "tiny"
+    assert body["structured_outputs"] == {"regex": rx}
+    assert state.bodies["ok#png"]["structured_outputs"] == {"json": schema}
+    assert "structured_outputs" not in state.bodies["ok#none"]
+    assert "seed" not in state.bodies["ok#none"]
+
+
+def test_structured_outputs_off_sends_nothing(fault_server, images, monkeypatch):
+    base_url, state = fault_server
+    eng = make_engine(base_url, monkeypatch, structured_outputs=False)
+    (r,) = eng.generate([req("a", "ok#so-off", images["jpg"], regex="x")])
+    eng.close()
+    assert r.ok
+    assert "structured_outputs" not in state.bodies["ok#so-off"]
+
+
+def test_image_errors_never_reach_the_server(fault_server, images, monkeypatch):
+    base_url, state = fault_server
+    eng = make_engine(base_url, monkeypatch)
+    out = eng.generate(
+        [req("m", "ok#m", images["missing"]), req("b", "ok#b", images["bad"]), req("g", "ok#g", images["jpg"])]
+    )
+    eng.close()
+    assert [r.key for r in out] == ["m", "b", "g"]
+    assert out[0].error["kind"] == "image_error" and "missing.jpg" in out[0].error["message"]
+    assert out[1].error["kind"] == "image_error"
+    assert out[2].ok
+    assert set(state.hits) == {"ok#g"}
+
+
+def test_concurrency_is_bounded(fault_server, images, monkeypatch):
+    base_url, state = fault_server
+    eng = make_engine(base_url, monkeypatch, concurrency=2)
+    out = eng.generate([req(str(i), f"slow#{i}", images["jpg"]) for i in range(6)])
+    eng.close()
+    assert [r.text for r in out] == [f"slow#{i}" for i in range(6)]
+    assert state.max_in_flight == 2
+
+
+def test_api_key_never_leaks(fault_server, images, monkeypatch):
+    base_url, state = fault_server
+    eng = make_engine(base_url, monkeypatch)
+    (r,) = eng.generate([req("k", "400-echo-auth#1", images["jpg"])])
+    desc = eng.describe()
+    eng.close()
+    assert state.auth == [f"Bearer {SECRET}"]  # the key was sent ...
+    assert r.error["kind"] == "http_400"
+    assert SECRET not in json.dumps(r.error)  # ... but the echoed key is scrubbed
+    assert "***" in r.error["message"]
+    assert SECRET not in json.dumps(desc)
+    assert desc["api_key_env"] == KEY_ENV and desc["api_key_set"] is True
+
+
+def test_missing_key_sends_empty(fault_server, images, monkeypatch):
+    base_url, state = fault_server
+    from regioncap.engines.openai_engine import OpenAIEngine
+
+    monkeypatch.delenv("REGIONCAP_TEST_UNSET_KEY", raising=False)
+    cfg = OpenAIEngineConfig(base_url=base_url, api_key_env="REGIONCAP_TEST_UNSET_KEY", max_retries=0)
+    eng = OpenAIEngine(model_cfg=ModelConfig(name="t", path="org/model"), engine_cfg=cfg, model_path=None)
+    (r,) = eng.generate([req("a", "ok#nokey", images["png"])])
+    eng.close()
+    assert r.ok
+    assert state.auth == ["Bearer EMPTY"]
+    assert state.bodies["ok#nokey"]["model"] == "org/model"  # served_model defaults to model.path
+    assert eng.describe()["api_key_set"] is False
+
+
+def test_unreachable_server_gives_error_rows(images, monkeypatch):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    eng = make_engine(f"http://127.0.0.1:{port}/v1", monkeypatch, max_retries=1)
+    t0 = time.monotonic()
+    out = eng.generate([req(str(i), "ok", images["jpg"]) for i in range(3)])
+    eng.close()
+    assert time.monotonic() - t0 < 5
+    assert [r.key for r in out] == ["0", "1", "2"]
+    assert all(r.error["kind"] == "connection_error" for r in out)
+    assert all(SECRET not in r.error["message"] for r in out)
+
+
+def test_closed_engine_raises(fault_server, images, monkeypatch):
+    from regioncap.engines.base import EngineError
+
+    base_url, _ = fault_server
+    eng = make_engine(base_url, monkeypatch)
+    eng.close()
+    with pytest.raises(EngineError, match="closed"):
+        eng.generate([req("a", "ok#closed", images["jpg"])])
+
+
+def test_retry_after_parsing():
+    from regioncap.engines.openai_engine import parse_retry_after
+
+    assert parse_retry_after({"retry-after": "2"}) == 2.0
+    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0  # in the past
+    assert parse_retry_after({"retry-after": "soon"}) is None
+    assert parse_retry_after({}) is None
+
+
+# ----------------------------------------------------------- real vLLM server
+
+
+@pytest.mark.vllm
+def test_against_vllm_server(vllm_server, tiny_images, monkeypatch):
+    """Three real completions from ``vllm serve`` on the tiny model: order, tokens, no key leak."""
+    base_url = vllm_server["base_url"]
+    eng = make_engine(base_url, monkeypatch, served_model=vllm_server["served_model"],
+                      timeout_s=60.0, max_retries=0)
+    prompts = ["Describe region 1.", "What is in box 2?", "Name the colour."]
+    requests = [
+        Request(key=f"r{i}", image_path=img, prompt=p, sampling=Sampling(max_tokens=6, seed=i))
+        for i, (p, img) in enumerate(zip(prompts, tiny_images))
+    ]
+    with eng:
+        out = eng.generate(requests)
+        desc = eng.describe()
+    assert [r.key for r in out] == ["r0", "r1", "r2"]
+    for r in out:
+        assert r.ok, r.error
+        assert isinstance(r.text, str)
+        assert r.prompt_tokens and r.prompt_tokens > 10
+        assert 1 <= r.output_tokens <= 6
+        assert r.finish_reason in ("stop", "length")
+    assert SECRET not in json.dumps(desc)
+    print(f"vllm server healthy after {vllm_server['start_s']:.1f} s; 3 requests answered")
+
+
+@pytest.mark.vllm
+def test_vllm_server_errors_and_structured_outputs(vllm_server, tiny_images, monkeypatch):
+    """A prompt beyond max_model_len is a 400 error row at once; a regex constraint is honoured."""
+    base_url = vllm_server["base_url"]
+    eng = make_engine(base_url, monkeypatch, served_model=vllm_server["served_model"],
+                      timeout_s=60.0, max_retries=0, structured_outputs=True)
+    regex = r"1: [a-z ]{1,20}\n2: [a-z ]{1,20}"
+    requests = [
+        Request(key="long", image_path=tiny_images[0], prompt="describe the region " * 400,
+                sampling=Sampling(max_tokens=6)),
+        Request(key="rx", image_path=tiny_images[1], prompt="Describe boxes 1 and 2.",
+                sampling=Sampling(max_tokens=60), regex=regex),
+    ]
+    with eng:
+        out = eng.generate(requests)
+    assert out[0].error is not None and out[0].error["kind"] == "http_400", out[0]
+    assert "context length" in out[0].error["message"]
+    assert SECRET not in out[0].error["message"]
+    import re
+
+    assert out[1].ok, out[1].error
+    assert re.fullmatch(regex, out[1].text), repr(out[1].text)
