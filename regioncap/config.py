@@ -210,7 +210,7 @@ class PromptConfig:
 class SamplingConfig:
     temperature: float = 0.0
     top_p: float = 1.0
-    max_tokens: int = 256
+    max_tokens: int = 512
     #: Per-request sampling seed; ``null`` uses the run's ``seed``.
     seed: Optional[int] = None
 

@@ -15,7 +15,7 @@ ANSWER_FORMATS = ("lines", "json", "free")
 STRATEGIES = ("marked", "crop", "coords")
 
 #: Upper bound on one caption in a constrained answer (characters).
-MAX_CAPTION_CHARS = 300
+MAX_CAPTION_CHARS = 160
 
 FORMAT_INSTRUCTIONS = {
     "lines": (
@@ -201,7 +201,8 @@ def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str
     json_ok = _parse_json(text, add)
     lines_ok = False
     if not json_ok:
-        lines = [ln for ln in text.splitlines() if ln.strip()]
+        # Only "\n" ends a line: str.splitlines() would also split on \x1c, \u2028 and the like.
+        lines = [ln.rstrip("\r") for ln in text.split("\n") if ln.strip()]
         matched = 0
         for ln in lines:
             m = _LINE.match(ln)

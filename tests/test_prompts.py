@@ -141,3 +141,9 @@ def test_lines_round_trip(captions):
     text = "\n".join(f"{n}: {c}" for n, c in zip(numbers, captions))
     parsed = prompts.parse_answer(text, numbers, "lines")
     assert [parsed.captions.get(n) for n in numbers] == [c.strip("*").strip() for c in captions]
+
+
+def test_only_newline_ends_a_line():
+    # A constrained answer may hold any character but "\n" inside a line.
+    parsed = prompts.parse_answer("1: a\x1cb\u2028c\n2: d", [1, 2], "lines")
+    assert parsed.format_ok and parsed.captions == {1: "a\x1cb\u2028c", 2: "d"}

@@ -1,0 +1,62 @@
+"""The whole pipeline through the real vLLM engines, run as a user runs it.
+
+The vLLM tests run `python -m regioncap engine=vllm` with the python of the
+vLLM environment (.venv-vllm, CPU build), and `engine=openai` against a real
+vLLM OpenAI-compatible server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+from regioncap.records import read_jsonl
+from vllm_helpers import (  # noqa: F401  (fixtures)
+    TEST_KV_CACHE_BYTES, TEST_MAX_MODEL_LEN, vllm_env, vllm_python, vllm_server,
+)
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+
+def check_all_captioned(out):
+    records = list(read_jsonl(out / "captions.jsonl"))
+    assert [r["id"] for r in records] == ["astronaut", "chelsea", "coffee", "rocket", "grace_hopper"]
+    for rec in records:
+        assert rec["status"] == "ok", rec["error"]
+        # Structured outputs: exactly one answer line per mark, so every region parses.
+        assert all(r["caption"] for r in rec["regions"])
+        assert rec["requests"][0]["format_ok"]
+        assert rec["tokens"]["prompt"] > 0
+    return records
+
+
+def test_vllm_engine_through_the_cli(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    proc = run_cli(
+        [f"hydra.run.dir={out}", "engine=vllm", f"model.path={tiny_model_dir}", "engine.enforce_eager=true",
+         f"model.max_model_len={TEST_MAX_MODEL_LEN}",
+         f"+engine.extra_args.kv_cache_memory_bytes={TEST_KV_CACHE_BYTES}", "progress=false"],
+        python=vllm_python(), env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    check_all_captioned(out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["regions_captioned"] == 18
+
+
+def test_openai_engine_against_a_vllm_server_through_the_cli(tmp_path, vllm_server):
+    out = tmp_path / "run"
+    secret = "sk-planted-secret-0123456789"
+    proc = run_cli(
+        [f"hydra.run.dir={out}", "engine=openai", f"engine.base_url={vllm_server['base_url']}",
+         f"engine.served_model={vllm_server['served_model']}", "engine.structured_outputs=true",
+         "engine.api_key_env=REGIONCAP_TEST_KEY", "progress=false"],
+        env={"REGIONCAP_TEST_KEY": secret}, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    check_all_captioned(out)
+    # The key never reaches any output file or the console.
+    assert secret not in proc.stdout + proc.stderr
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
