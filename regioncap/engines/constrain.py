@@ -1,0 +1,135 @@
+"""Constrained decoding of the ``lines`` answer layout for the transformers engine.
+
+vLLM constrains answers with its structured-output backends (a regular
+expression); transformers has no built-in equivalent, so this logits processor
+enforces the same layout: exactly one ``<number>: <text>`` line per region, in
+order, each caption at least one token, at most ``max_caption_tokens`` tokens
+and ``max_caption_chars`` characters (the limits of the vLLM regex), then end
+of sequence. A model (even a random one) can therefore neither skip,
+repeat nor invent a region, and every answer parses.
+
+torch is imported inside the factory, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+
+class _Vocab:
+    """Per-tokenizer token classes, computed once (decoding 150k ids takes about a second)."""
+
+    _cache: Dict[int, "_Vocab"] = {}
+
+    def __init__(self, tokenizer: Any, size: int) -> None:
+        import torch
+
+        n = len(tokenizer)
+        texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
+        special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        text_ok = torch.zeros(size, dtype=torch.bool)
+        lengths = torch.full((size,), 1 << 30, dtype=torch.long)
+        for i, t in enumerate(texts):
+            if i < size and i not in special and t and "\n" not in t and "\r" not in t and "\ufffd" not in t:
+                text_ok[i] = True
+                lengths[i] = len(t)
+        self.text_ok = text_ok
+        #: Characters each token adds to a caption (huge for tokens never allowed in one).
+        self.lengths = lengths
+        newline = tokenizer.encode("\n", add_special_tokens=False)
+        if len(newline) != 1:
+            raise ValueError("tokenizer has no single newline token; cannot constrain the lines layout")
+        self.newline = newline[0]
+        self.encode = lambda s: tokenizer.encode(s, add_special_tokens=False)
+
+    @classmethod
+    def get(cls, tokenizer: Any, size: int) -> "_Vocab":
+        key = id(tokenizer) * 1_000_003 + size
+        if key not in cls._cache:
+            cls._cache[key] = cls(tokenizer, size)
+        return cls._cache[key]
+
+
+class _RowState:
+    def __init__(self, numbers: Sequence[int], vocab: _Vocab) -> None:
+        self.numbers = list(numbers)
+        self.vocab = vocab
+        self.line = 0
+        self.queue: List[int] = vocab.encode(f"{self.numbers[0]}: ")
+        self.caption_tokens = 0
+        self.caption_chars = 0
+        self.done = False
+
+    def observe(self, token: int, eos_ids: set) -> None:
+        if self.done:
+            return
+        if self.queue:
+            self.queue.pop(0)
+            return
+        if token == self.vocab.newline:
+            self.line += 1
+            self.queue = self.vocab.encode(f"{self.numbers[self.line]}: ")
+            self.caption_tokens = 0
+            self.caption_chars = 0
+        elif token in eos_ids:
+            self.done = True
+        else:
+            self.caption_tokens += 1
+            self.caption_chars += int(self.vocab.lengths[token])
+
+
+def lines_processor(
+    tokenizer: Any,
+    numbers_per_row: Sequence[Optional[Sequence[int]]],
+    *,
+    prompt_len: int,
+    eos_ids: Sequence[int],
+    vocab_size: int,
+    max_caption_tokens: int = 48,
+    max_caption_chars: int = 160,
+) -> Any:
+    """A ``LogitsProcessor`` for a batch whose row ``b`` must answer ``numbers_per_row[b]``.
+
+    Rows whose entry is None are left unconstrained. ``prompt_len`` is the
+    (left-padded) prompt length: tokens after it are the answer so far.
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    vocab = _Vocab.get(tokenizer, vocab_size)
+    eos = set(int(e) for e in eos_ids)
+    eos_list = sorted(eos)
+    states = [(_RowState(nums, vocab) if nums else None) for nums in numbers_per_row]
+
+    class _Lines(LogitsProcessor):
+        def __init__(self) -> None:
+            self.seen = 0
+
+        def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+            generated = input_ids.shape[1] - prompt_len
+            if generated > self.seen:  # one new token per row since the last call
+                last = input_ids[:, -1].tolist()
+                for b, st in enumerate(states):
+                    if st is not None:
+                        st.observe(int(last[b]), eos)
+                self.seen = generated
+            allowed = torch.zeros_like(scores, dtype=torch.bool)
+            for b, st in enumerate(states):
+                if st is None:
+                    allowed[b] = True
+                elif st.done:
+                    allowed[b, eos_list] = True
+                elif st.queue:
+                    allowed[b, st.queue[0]] = True
+                else:
+                    last_line = st.line == len(st.numbers) - 1
+                    end = eos_list if last_line else [vocab.newline]
+                    room = max_caption_chars - st.caption_chars
+                    if st.caption_tokens < max_caption_tokens and room > 0:
+                        fits = vocab.text_ok & (vocab.lengths <= room)
+                        allowed[b, : fits.shape[0]] = fits.to(scores.device)
+                    if st.caption_tokens >= 1:
+                        allowed[b, end] = True
+            return scores.masked_fill(~allowed, float("-inf"))
+
+    return _Lines()

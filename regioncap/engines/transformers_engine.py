@@ -1,0 +1,471 @@
+"""In-process engine on Hugging Face transformers (the offline default; CPU or one GPU).
+
+Requests are answered in batches of ``engine.batch_size`` with left padding.
+Sampling is done per request with its own seeded ``torch.Generator`` inside a
+logits processor (generation itself runs greedy on the sampled one-hot
+scores), so a request's answer depends on its seed, not on which requests
+share its batch, and greedy and sampled requests can share a batch.
+
+A request whose ``regex`` is the ``lines`` answer layout of
+``regioncap.prompts.answer_regex`` is decoded under that constraint
+(``regioncap.engines.constrain``: one ``N: caption`` line per region, in
+order), so even random weights give answers that parse. Other constraints (a
+JSON schema, any other regex) are not enforced here; vLLM enforces them.
+
+A bad request never fails its neighbours: an image that cannot be read, or a
+prompt that cannot fit in ``model.max_model_len``, becomes an error response
+before anything runs; a batch that raises is retried one request at a time;
+CUDA out-of-memory halves the batch size and retries.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from regioncap.engines.base import Engine, EngineError, Request, Response, error_response
+from regioncap.prompts import MAX_CAPTION_CHARS
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16",
+           "half": "float16", "float32": "float32", "fp32": "float32", "float": "float32"}
+
+
+@dataclass
+class _Prepared:
+    """A request that passed the checks, with what the batch call needs."""
+
+    index: int
+    request: Request
+    text: str
+    image: Any
+    prompt_tokens: int
+    max_new_tokens: int
+
+
+def _pick_device(name: Optional[str]) -> str:
+    import torch
+
+    name = (name or "auto").strip()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EngineError(f"engine.device={name} but CUDA is not available here; use engine.device=cpu or auto")
+    return name
+
+
+def _pick_dtype(name: Optional[str], device: str) -> Any:
+    import torch
+
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        # bf16 halves memory on GPUs; CPU kernels are fastest and exact in fp32.
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if name not in _DTYPES:
+        raise EngineError(f"model.dtype={name!r} is not one of auto, bfloat16, float16, float32")
+    return getattr(torch, _DTYPES[name])
+
+
+# One line of the ``lines`` answer regex that regioncap.prompts.answer_regex writes: ``3: [^\n]{1,160}``.
+_LINE_RE = re.compile(r"(\d+): \[\^\\n\]\{1,(\d+)\}")
+
+
+def lines_numbers(regex: Optional[str]) -> Optional[List[int]]:
+    """Region numbers of a ``lines`` answer regex (``1: [^\\n]{1,160}\\n2: ...``), or None for any other regex.
+
+    The transformers engine enforces exactly that layout (regioncap.engines.constrain);
+    it has no general regular-expression decoder.
+    """
+    if not regex:
+        return None
+    parts = _LINE_RE.findall(regex)
+    # Only when the regex is exactly those lines joined by "\n" (escaped, as in the regex).
+    if not parts or "\\n".join(f"{n}: [^\\n]{{1,{m}}}" for n, m in parts) != regex:
+        return None
+    return [int(n) for n, _ in parts]
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    oom = getattr(torch.cuda, "OutOfMemoryError", None)
+    return (oom is not None and isinstance(exc, oom)) or "out of memory" in str(exc).lower()
+
+
+class _RowSampler:
+    """Logits processor that samples each row with its own generator.
+
+    Rows with temperature 0 are left alone (greedy). For the other rows it
+    applies temperature and top-p, draws one token with the row's generator and
+    turns the scores into a one-hot, which the greedy step of ``generate`` then
+    picks: the draw depends on the row's seed only, not on its batch mates.
+    """
+
+    def __init__(self, samplings: List[Any], device: str) -> None:
+        import torch
+
+        self.rows = []
+        for s in samplings:
+            if s.temperature and s.temperature > 0:
+                seed = s.seed if s.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)).item())
+                gen = torch.Generator(device=device)
+                gen.manual_seed(int(seed))
+                self.rows.append((float(s.temperature), float(s.top_p), gen))
+            else:
+                self.rows.append(None)
+
+    @property
+    def active(self) -> bool:
+        return any(r is not None for r in self.rows)
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        import torch
+
+        scores = scores.clone()
+        for i, row in enumerate(self.rows):
+            if row is None:
+                continue
+            temperature, top_p, gen = row
+            logits = scores[i].float() / temperature
+            probs = torch.softmax(logits, dim=-1)
+            if top_p < 1.0:
+                sorted_probs, order = torch.sort(probs, descending=True)
+                cum = torch.cumsum(sorted_probs, dim=-1)
+                # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+                drop = (cum - sorted_probs) >= top_p
+                drop[0] = False
+                sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+            token = torch.multinomial(probs, 1, generator=gen)
+            scores[i] = float("-inf")
+            scores[i, token] = 0.0
+        return scores
+
+
+class TransformersEngine(Engine):
+    """Qwen2-VL / Qwen2.5-VL (and other image-text-to-text models) in transformers."""
+
+    name = "transformers"
+
+    def __init__(self, *, model_cfg: Any, engine_cfg: Any, model_path: str) -> None:
+        import torch
+        import transformers
+        from transformers import AutoProcessor
+
+        self.model_cfg = model_cfg
+        self.engine_cfg = engine_cfg
+        self.model_path = str(model_path)
+        self.device = _pick_device(getattr(engine_cfg, "device", "auto"))
+        self.dtype = _pick_dtype(getattr(model_cfg, "dtype", "auto"), self.device)
+        self.batch_size = max(1, int(getattr(engine_cfg, "batch_size", 8)))
+        self.max_model_len = int(model_cfg.max_model_len)
+        self._versions = {"transformers": transformers.__version__, "torch": torch.__version__}
+        trust = bool(getattr(model_cfg, "trust_remote_code", False))
+        t0 = time.perf_counter()
+
+        config, self.rope_patched = self._load_config(trust)
+        try:
+            self.processor = AutoProcessor.from_pretrained(self.model_path, trust_remote_code=trust)
+        except Exception as exc:
+            raise EngineError(f"cannot load the processor of {self.model_path}: {type(exc).__name__}: {exc}") from exc
+        self._set_pixel_budget(int(model_cfg.min_pixels), int(model_cfg.max_pixels))
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.model = self._load_model(config, trust)
+        self.model.eval()
+
+        gen_cfg = getattr(self.model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (getattr(gen_cfg, "pad_token_id", None) or min(self.eos_ids))
+        self.image_token = getattr(self.processor, "image_token", "<|image_pad|>")
+        # Width of the logits (the embedding is often padded beyond the tokenizer).
+        self.logits_size = int(self.model.get_output_embeddings().weight.shape[0])
+        #: Enforce the ``lines`` answer layout of requests that carry its regex.
+        self.structured_outputs = bool(getattr(engine_cfg, "structured_outputs", True))
+        self._warned_unconstrained = False
+        ip = self.processor.image_processor
+        self.unit = int(getattr(ip, "patch_size", model_cfg.patch_size)) * int(
+            getattr(ip, "merge_size", model_cfg.merge_size))
+        if self.unit != int(model_cfg.patch_size) * int(model_cfg.merge_size):
+            log.warning("the processor of %s uses %d-px visual tokens but model.patch_size x model.merge_size "
+                        "is %d: images are resized for the wrong grid; fix model.patch_size/merge_size",
+                        self.model_path, self.unit, int(model_cfg.patch_size) * int(model_cfg.merge_size))
+        log.info(
+            "transformers engine: %s on %s in %s, batch %d, loaded in %.1f s%s",
+            self.model_path, self.device, str(self.dtype).replace("torch.", ""), self.batch_size,
+            time.perf_counter() - t0, " (rope_scaling patched)" if self.rope_patched else "",
+        )
+
+    # -- loading -------------------------------------------------------------
+
+    def _load_config(self, trust: bool) -> tuple:
+        """The model config, with an old-style ``rope_scaling`` fixed in memory (see ``regioncap.models``)."""
+        from regioncap.models import fixed_rope_scaling, patched_config_dict, read_config_dict
+
+        raw = read_config_dict(self.model_path)
+        if raw is None:
+            if Path(self.model_path).is_dir():
+                raise EngineError(f"cannot read {self.model_path}/config.json; model.path must be a model folder")
+            return None, False  # a hub id: from_pretrained resolves it (regioncap.models usually did already)
+        patched = patched_config_dict(raw)
+        if patched is None:
+            return None, False
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        model_type = patched.get("model_type")
+        if model_type not in CONFIG_MAPPING:
+            return None, False  # a remote-code model: leave its config to its own code
+        log.warning("%s/config.json has an old rope_scaling %s; using %s in memory (the file is not changed)",
+                    self.model_path, raw.get("rope_scaling") or raw.get("text_config", {}).get("rope_scaling"),
+                    fixed_rope_scaling(raw))
+        config = CONFIG_MAPPING[model_type].from_dict(patched)
+        config._name_or_path = self.model_path
+        return config, True
+
+    def _set_pixel_budget(self, min_pixels: int, max_pixels: int) -> None:
+        """Give the image processor the configured pixel budget (``size`` in 5.x, also ``min/max_pixels`` in 4.x).
+
+        Set on the loaded processor rather than passed to ``from_pretrained``:
+        transformers 5 keeps such kwargs as call defaults and warns on every call.
+        """
+        ip = self.processor.image_processor
+        size = getattr(ip, "size", None)
+        get = (lambda k: size.get(k) if isinstance(size, dict) else getattr(size, k, None))
+        if size is not None and (get("shortest_edge"), get("longest_edge")) != (min_pixels, max_pixels):
+            ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+        if hasattr(ip, "min_pixels"):
+            ip.min_pixels, ip.max_pixels = min_pixels, max_pixels
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+
+    def _load_model(self, config: Any, trust: bool) -> Any:
+        import transformers
+        from transformers import AutoModelForImageTextToText
+
+        kwargs: Dict[str, Any] = {"trust_remote_code": trust}
+        # transformers >= 4.56 calls it ``dtype``; older versions ``torch_dtype``.
+        major_minor = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+        kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = self.dtype
+        if config is not None:
+            kwargs["config"] = config
+        attn = getattr(self.engine_cfg, "attn_implementation", None)
+        if attn:
+            kwargs["attn_implementation"] = attn
+        if self.device != "cpu":
+            kwargs["device_map"] = self.device
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(self.model_path, **kwargs)
+        except ValueError as exc:
+            # Older transformers do not map every VLM to the auto class: use the family's class.
+            family = getattr(self.model_cfg, "family", "qwen2_5_vl")
+            cls_name = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+                        "qwen2_vl": "Qwen2VLForConditionalGeneration"}.get(family)
+            if cls_name is None or not hasattr(transformers, cls_name) or "Unrecognized configuration" not in str(exc):
+                raise EngineError(f"cannot load the model {self.model_path}: {exc}") from exc
+            log.info("AutoModelForImageTextToText does not know this model; using %s", cls_name)
+            try:
+                model = getattr(transformers, cls_name).from_pretrained(self.model_path, **kwargs)
+            except Exception as exc2:
+                raise EngineError(f"cannot load the model {self.model_path}: {type(exc2).__name__}: {exc2}") from exc2
+        except Exception as exc:
+            raise EngineError(f"cannot load the model {self.model_path}: {type(exc).__name__}: {exc}") from exc
+        if self.device == "cpu":
+            model = model.to("cpu")
+        return model
+
+    # -- generation ----------------------------------------------------------
+
+    def _messages(self, req: Request) -> List[Dict[str, Any]]:
+        messages: List[Dict[str, Any]] = []
+        if req.system:
+            messages.append({"role": "system", "content": [{"type": "text", "text": req.system}]})
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": req.prompt}]})
+        return messages
+
+    def _visual_tokens(self, width: int, height: int) -> int:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+        # The same rule the processor applies; for an image already at input size it is a no-op.
+        h, w = smart_resize(height, width, factor=self.unit, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        return (h // self.unit) * (w // self.unit)
+
+    def _prepare(self, index: int, req: Request) -> Any:
+        """A :class:`_Prepared` request, or the error response it turns into."""
+        from PIL import Image
+
+        if (req.json_schema or (req.regex and lines_numbers(req.regex) is None)) and not self._warned_unconstrained:
+            self._warned_unconstrained = True
+            log.warning("the transformers engine enforces only the 'lines' answer layout; answers to other "
+                        "constraints (a JSON schema, another regex) are not constrained")
+
+        try:
+            with Image.open(req.image_path) as im:
+                image = im.convert("RGB")
+        except Exception as exc:
+            return error_response(req.key, "image_error",
+                                  f"cannot read image {req.image_path}: {type(exc).__name__}: {exc}")
+        try:
+            text = self.processor.apply_chat_template(self._messages(req), tokenize=False, add_generation_prompt=True)
+            text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        except Exception as exc:
+            return error_response(req.key, "engine_error", f"cannot build the prompt: {type(exc).__name__}: {exc}")
+        n_pads = text.count(self.image_token)
+        prompt_tokens = len(text_ids) - n_pads + n_pads * self._visual_tokens(*image.size)
+        room = self.max_model_len - prompt_tokens
+        if room <= 0:
+            return error_response(
+                req.key, "too_long",
+                f"prompt of {prompt_tokens} tokens (image {image.size[0]}x{image.size[1]}) leaves no room to answer "
+                f"within model.max_model_len={self.max_model_len}; use a smaller image or a larger max_model_len",
+                prompt_tokens=prompt_tokens,
+            )
+        return _Prepared(index, req, text, image, prompt_tokens, max(1, min(int(req.sampling.max_tokens), room)))
+
+    def generate(self, requests: Sequence[Request]) -> List[Response]:
+        """Answer ``requests`` in batches; one response per request, in order."""
+        out: List[Optional[Response]] = [None] * len(requests)
+        pending: List[_Prepared] = []
+        for i, req in enumerate(requests):
+            prepared = self._prepare(i, req)
+            if isinstance(prepared, Response):
+                out[i] = prepared
+            else:
+                pending.append(prepared)
+            if len(pending) >= self.batch_size:
+                self._run_resilient(pending, out)
+                pending = []
+        if pending:
+            self._run_resilient(pending, out)
+        return [r if r is not None else error_response(requests[i].key, "engine_error", "no answer")
+                for i, r in enumerate(out)]
+
+    def _run_resilient(self, items: List[_Prepared], out: List[Optional[Response]]) -> None:
+        """Run ``items`` in batches of at most ``self.batch_size``; isolate failures."""
+        start = 0
+        while start < len(items):
+            batch = items[start:start + self.batch_size]
+            try:
+                for item, resp in zip(batch, self._run_batch(batch)):
+                    out[item.index] = resp
+                start += len(batch)
+            except Exception as exc:
+                if _is_oom(exc) and len(batch) > 1:
+                    self._free_cuda()
+                    self.batch_size = max(1, len(batch) // 2)
+                    log.warning("out of memory with a batch of %d; retrying with batches of %d",
+                                len(batch), self.batch_size)
+                    continue
+                if len(batch) == 1:
+                    out[batch[0].index] = self._failure(batch[0], exc)
+                    start += 1
+                    continue
+                log.warning("a batch of %d failed (%s: %s); retrying its requests one by one",
+                            len(batch), type(exc).__name__, exc)
+                for item in batch:
+                    try:
+                        out[item.index] = self._run_batch([item])[0]
+                    except Exception as exc1:
+                        out[item.index] = self._failure(item, exc1)
+                start += len(batch)
+
+    def _failure(self, item: _Prepared, exc: BaseException) -> Response:
+        if _is_oom(exc):
+            self._free_cuda()
+        log.warning("request %s failed: %s: %s", item.request.key, type(exc).__name__, exc)
+        return error_response(item.request.key, "engine_error", f"{type(exc).__name__}: {exc}",
+                              prompt_tokens=item.prompt_tokens)
+
+    def _run_batch(self, batch: List[_Prepared]) -> List[Response]:
+        import torch
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        t0 = time.perf_counter()
+        inputs = self.processor(
+            text=[b.text for b in batch], images=[b.image for b in batch],
+            padding=True, return_tensors="pt",
+        ).to(self.device)
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        max_new = max(b.max_new_tokens for b in batch)
+        n_in = inputs["input_ids"].shape[1]
+        processors = []
+        numbers = [lines_numbers(b.request.regex) if self.structured_outputs else None for b in batch]
+        if any(numbers):
+            from regioncap.engines.constrain import lines_processor
+
+            # The constraint masks first; the sampler then draws among what is allowed.
+            processors.append(lines_processor(self.tokenizer, numbers, prompt_len=n_in,
+                                              eos_ids=sorted(self.eos_ids), vocab_size=self.logits_size,
+                                              max_caption_chars=MAX_CAPTION_CHARS))
+        sampler = _RowSampler([b.request.sampling for b in batch], self.device)
+        if sampler.active:
+            processors.append(sampler)
+        # An explicit config: the model's own defaults (repetition penalty, top_k...)
+        # do not silently change what the run's sampling settings say.
+        gen_cfg = GenerationConfig(
+            max_new_tokens=max_new, do_sample=False, num_beams=1,
+            eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+        )
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **inputs, generation_config=gen_cfg,
+                logits_processor=LogitsProcessorList(processors) if processors else None,
+            )
+        latency = time.perf_counter() - t0
+        prompt_lens = inputs["attention_mask"].sum(dim=1).tolist()
+        responses = []
+        for row, b in enumerate(batch):
+            new = generated[row, n_in:].tolist()[: b.max_new_tokens]
+            stop = next((k for k, t in enumerate(new) if t in self.eos_ids), None)
+            kept = new if stop is None else new[:stop]
+            text = self.tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            responses.append(Response(
+                key=b.request.key, text=text, prompt_tokens=int(prompt_lens[row]),
+                # Counted as vLLM does: the stop token is one of the output tokens.
+                output_tokens=len(new) if stop is None else stop + 1,
+                latency_s=latency, finish_reason="length" if stop is None else "stop",
+            ))
+        return responses
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def describe(self) -> Dict[str, Any]:
+        return {
+            "engine": self.name,
+            "model_path": self.model_path,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": self.device,
+            "batch_size": self.batch_size,
+            "attn_implementation": getattr(self.engine_cfg, "attn_implementation", None),
+            "min_pixels": self.min_pixels,
+            "max_pixels": self.max_pixels,
+            "max_model_len": self.max_model_len,
+            "rope_scaling_patched": self.rope_patched,
+            "structured_outputs": "lines" if self.structured_outputs else None,
+            **self._versions,
+        }
+
+    def _free_cuda(self) -> None:
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Free the model and the processor; safe to call twice."""
+        if getattr(self, "model", None) is None:
+            return
+        self.model = None
+        self.processor = None
+        self.tokenizer = None
+        self._free_cuda()

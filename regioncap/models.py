@@ -1,0 +1,202 @@
+"""Where a model's files come from, and small facts about Qwen2/2.5-VL models.
+
+``resolve_model_path`` turns ``model.path`` into a local folder: it builds the
+offline tiny model when asked, accepts a local folder, or finds a hub id in
+the local Hugging Face cache, downloading it only when the hub answers quickly.
+It never hangs on an unreachable hub: it fails in seconds with a message that
+says how to fix it.
+
+No heavy imports at module import time (``huggingface_hub`` and
+``regioncap.tiny`` are imported inside the functions that need them).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from regioncap.engines.base import EngineError
+
+log = logging.getLogger(__name__)
+
+#: Seconds allowed for the hub to answer a metadata request before giving up.
+HUB_TIMEOUT_S = 10.0
+
+_TRUE = {"1", "on", "yes", "true"}
+# owner/name as the hub spells them (letters, digits, '-', '_', '.'), one slash.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _hub_offline() -> bool:
+    # Read the environment at call time: huggingface_hub reads HF_HUB_OFFLINE once
+    # at import, so a change made later in the process would go unnoticed.
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _fix_hint(repo_id: str) -> str:
+    return (
+        f"To fix it: download the model where the hub is reachable "
+        f"(`hf download {repo_id}`; older huggingface_hub: `huggingface-cli download {repo_id}`) so it is in the local "
+        f"Hugging Face cache (HF_HOME); or point model.path at a local model folder "
+        f"(`model.path=/local/dir`); or run offline with the tiny model (`model=tiny`)."
+    )
+
+
+def _check_local_dir(path: Path) -> str:
+    if not (path / "config.json").is_file():
+        raise EngineError(
+            f"model folder {path} has no config.json, so it is not a model folder; "
+            f"set model.path to a folder holding config.json and the weights"
+        )
+    return str(path)
+
+
+def resolve_model_path(model_cfg: Any) -> str:
+    """Return the absolute local folder of the model ``model_cfg`` names.
+
+    - ``builder: tiny``: build the offline tiny Qwen2.5-VL into ``model_cfg.path``
+      when that folder is missing or incomplete, then return it.
+    - ``path`` is an existing folder: return it (it must hold ``config.json``).
+    - otherwise ``path`` is a hub id: return its snapshot in the local Hugging
+      Face cache (at ``model_cfg.revision``), or download it when the hub
+      answers within a few seconds. Raise :class:`EngineError` with a fix-it
+      message when neither works.
+    """
+    path_str = str(model_cfg.path)
+    builder = getattr(model_cfg, "builder", None)
+    if builder:
+        if builder != "tiny":
+            raise EngineError(f"unknown model.builder {builder!r}; the only builder is 'tiny' (or null)")
+        from regioncap import tiny
+
+        out = Path(path_str).expanduser().absolute()
+        if not tiny.is_complete(out):
+            log.info("building the tiny offline Qwen2.5-VL into %s (random weights: its captions are noise)", out)
+            tiny.build_tiny_model(out)
+            log.info("built the tiny model in %s", out)
+        return str(out)
+
+    local = Path(path_str).expanduser()
+    if local.is_dir():
+        return _check_local_dir(local.absolute())
+    if local.exists():
+        raise EngineError(f"model.path {path_str} is a file; it must be a model folder or a hub id")
+    if not _HUB_ID.match(path_str):
+        raise EngineError(
+            f"model folder {path_str} does not exist (and it is not a hub id like 'Qwen/Qwen2.5-VL-3B-Instruct'); "
+            f"set model.path to an existing model folder, or use model=tiny for the offline model"
+        )
+    return _resolve_hub_id(path_str, getattr(model_cfg, "revision", None))
+
+
+def _resolve_hub_id(repo_id: str, revision: Optional[str]) -> str:
+    from huggingface_hub import snapshot_download
+
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        folder = snapshot_download(repo_id, revision=revision, local_files_only=True)
+        log.info("using %s%s from the local Hugging Face cache: %s", repo_id, at, folder)
+        return _check_local_dir(Path(folder))
+    except EngineError:
+        raise
+    except Exception as exc:  # not cached (LocalEntryNotFoundError) or a broken cache entry
+        log.debug("%s%s is not in the local cache: %s", repo_id, at, exc)
+
+    if _hub_offline():
+        raise EngineError(
+            f"model {repo_id}{at} is not in the local Hugging Face cache and the hub is off "
+            f"(HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set). " + _fix_hint(repo_id)
+        )
+
+    from huggingface_hub import model_info
+
+    # Ask the hub for the model's metadata with a short timeout first: an
+    # unreachable hub fails here in seconds, where a download could retry for long.
+    try:
+        model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
+    except Exception as exc:
+        if type(exc).__name__ in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+            raise EngineError(
+                f"the hub has no model {repo_id}{at} that this machine may read ({type(exc).__name__}); "
+                f"check the id and revision, or log in (`hf auth login`) for a private or gated model. "
+                + _fix_hint(repo_id)
+            ) from exc
+        raise EngineError(
+            f"model {repo_id}{at} is not in the local Hugging Face cache and the hub could not be asked "
+            f"for it ({type(exc).__name__}: {exc}). " + _fix_hint(repo_id)
+        ) from exc
+    log.info("downloading %s%s from the Hugging Face hub", repo_id, at)
+    try:
+        folder = snapshot_download(repo_id, revision=revision, etag_timeout=HUB_TIMEOUT_S)
+    except Exception as exc:
+        raise EngineError(
+            f"downloading model {repo_id}{at} failed ({type(exc).__name__}: {exc}). " + _fix_hint(repo_id)
+        ) from exc
+    return _check_local_dir(Path(folder))
+
+
+def fixed_rope_scaling(config_dict: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Return a corrected ``rope_scaling`` for an old Qwen2/2.5-VL ``config.json``, or None.
+
+    Qwen2-VL and Qwen2.5-VL checkpoints published before transformers settled on
+    ``rope_type`` have ``"rope_scaling": {"type": "mrope", "mrope_section": [...]}``.
+    Some transformers versions then fail with ``KeyError: "Missing required keys
+    in rope_scaling for 'rope_type'='None'"``. M-RoPE is the default rotary
+    embedding applied per section, so newer transformers maps ``mrope`` to
+    ``rope_type="default"`` (keeping ``mrope_section``); this does the same,
+    and sets the legacy ``type`` to the same value so no reader sees a conflict.
+
+    Looks at the top level first (the flat layout of hub configs), then in
+    ``text_config``. None when there is nothing to fix (no rope_scaling, or it
+    already has a ``rope_type``).
+    """
+    holders = [config_dict]
+    if isinstance(config_dict.get("text_config"), dict):
+        holders.append(config_dict["text_config"])
+    for holder in holders:
+        scaling = holder.get("rope_scaling")
+        if not isinstance(scaling, dict) or scaling.get("rope_type"):
+            continue
+        legacy = scaling.get("type")
+        if legacy is None and "mrope_section" not in scaling:
+            continue
+        fixed = dict(scaling)
+        rope_type = "default" if legacy in (None, "mrope") else legacy
+        fixed["rope_type"] = rope_type
+        fixed["type"] = rope_type
+        return fixed
+    return None
+
+
+def patched_config_dict(config_dict: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """A copy of ``config_dict`` with every old-style ``rope_scaling`` fixed, or None if none needed it."""
+    fixed = fixed_rope_scaling(config_dict)
+    if fixed is None:
+        return None
+    patched = copy.deepcopy(config_dict)
+    for holder in (patched, patched.get("text_config")):
+        if isinstance(holder, dict) and isinstance(holder.get("rope_scaling"), dict):
+            one = fixed_rope_scaling({"rope_scaling": holder["rope_scaling"]})
+            if one is not None:
+                holder["rope_scaling"] = one
+    return patched
+
+
+def read_config_dict(model_path: str) -> Optional[Dict[str, Any]]:
+    """The parsed ``config.json`` of a local model folder, or None when there is none."""
+    try:
+        with open(Path(model_path) / "config.json", encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def visual_tokens(width: int, height: int, patch_size: int = 14, merge_size: int = 2) -> int:
+    """Visual tokens of an image already at the model's input size (a multiple of ``patch_size * merge_size``)."""
+    unit = patch_size * merge_size
+    return (width // unit) * (height // unit)

@@ -1,0 +1,440 @@
+"""A tiny random-weight Qwen2.5-VL, built locally and fully offline.
+
+No model hub is needed: the tokenizer is a byte-level BPE trained here on a
+small English corpus generated in code, with Qwen's special tokens in their
+real order; the chat template is Qwen2.5-VL's official one; the image
+processor has the real patch (14), merge (2) and temporal patch (2) sizes; the
+model is a real ``Qwen2_5_VLForConditionalGeneration`` with tiny dimensions.
+Its captions are noise, but every code path of a real model runs: the
+processor, the chat template, the vision tower, M-RoPE, generation, and the
+folder loads in transformers and in vLLM.
+
+The folder has the file layout of the real hub checkpoints (config.json,
+model.safetensors, tokenizer.json, tokenizer_config.json,
+preprocessor_config.json, chat_template.json), so transformers 4.57 to 5.24
+and vLLM 0.32 all read it, whichever of them built it.
+
+The build is deterministic (same seed and same torch/transformers versions ->
+bit-identical weights; other transformers versions initialise differently),
+atomic (built in a temporary folder next to the target, then moved in with
+``os.replace``) and idempotent (a complete folder is reused). It takes well
+under a second once torch and transformers are imported (about 5 s).
+
+torch, transformers and tokenizers are imported inside the builder only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+log = logging.getLogger(__name__)
+
+#: Bump when the folder's content changes; a folder with another version is rebuilt.
+BUILDER_VERSION = 1
+#: Written last into a finished folder: its presence means "complete".
+MARKER = "regioncap_tiny.json"
+
+_BUILD_LOCK = threading.Lock()
+
+#: Qwen2.5-VL's added tokens, in their real order (ids follow the BPE vocabulary,
+#: as in the real tokenizer where ``<|endoftext|>`` is 151643). The bool says
+#: whether the token is special (``<tool_call>`` and friends are not).
+QWEN_ADDED_TOKENS: List[tuple] = [
+    ("<|endoftext|>", True),
+    ("<|im_start|>", True),
+    ("<|im_end|>", True),
+    ("<|object_ref_start|>", True),
+    ("<|object_ref_end|>", True),
+    ("<|box_start|>", True),
+    ("<|box_end|>", True),
+    ("<|quad_start|>", True),
+    ("<|quad_end|>", True),
+    ("<|vision_start|>", True),
+    ("<|vision_end|>", True),
+    ("<|vision_pad|>", True),
+    ("<|image_pad|>", True),
+    ("<|video_pad|>", True),
+    ("<tool_call>", False),
+    ("</tool_call>", False),
+    ("<|fim_prefix|>", False),
+    ("<|fim_middle|>", False),
+    ("<|fim_suffix|>", False),
+    ("<|fim_pad|>", False),
+    ("<|repo_name|>", False),
+    ("<|file_sep|>", False),
+]
+
+#: The official Qwen2.5-VL-Instruct chat template, verbatim.
+QWEN25VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+#: Qwen2's pre-tokenizer split (same regex as ``transformers``' Qwen2Tokenizer).
+QWEN2_PRETOKENIZE_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+#: Trained BPE vocabulary size (256 byte tokens + merges), before the added tokens.
+BPE_VOCAB_SIZE = 1000
+
+#: Image budget of the tiny model: 56x56 .. 224x224 pixels, i.e. 4 .. 64 visual tokens.
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 224 * 224
+
+# CLIP mean/std, as in Qwen2.5-VL's preprocessor_config.json.
+IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
+IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+
+#: Tiny dimensions. Text head_dim 32 (a size vLLM's CPU attention supports);
+#: ``mrope_section`` must sum to head_dim / 2; ``fullatt_block_indexes`` must be
+#: below the vision depth; the vision output size must equal the text hidden size.
+TEXT_DIMS: Dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=4096,
+    rope_theta=1000000.0,
+    mrope_section=[4, 6, 6],
+)
+VISION_DIMS: Dict[str, Any] = dict(
+    depth=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[1],
+    tokens_per_second=2,
+)
+
+
+def _corpus() -> List[str]:
+    """A small, fixed English corpus in the domain of region captions."""
+    colours = ["red", "orange", "yellow", "green", "blue", "purple", "white", "black", "brown", "grey", "pink"]
+    sizes = ["small", "large", "tiny", "big", "tall", "short", "round", "long"]
+    things = [
+        "person", "man", "woman", "child", "dog", "cat", "car", "bus", "tree", "house", "window", "door",
+        "table", "chair", "cup", "bottle", "plate", "book", "phone", "bird", "horse", "bicycle", "sign",
+        "circle", "square", "triangle", "star", "ellipse", "shape", "building", "road", "sky", "cloud",
+        "shirt", "hat", "bag", "flower", "grass", "wall", "floor", "boat", "water", "rocket", "astronaut",
+    ]
+    places = ["on the left", "on the right", "in the middle", "at the top", "at the bottom", "in the corner",
+              "next to the wall", "near the door", "under the table", "behind the car", "in front of the house"]
+    verbs = ["standing", "sitting", "walking", "running", "lying", "holding a cup", "looking up", "parked"]
+    lines: List[str] = []
+    for i, thing in enumerate(things):
+        for j, colour in enumerate(colours):
+            size = sizes[(i + j) % len(sizes)]
+            place = places[(i * 3 + j) % len(places)]
+            verb = verbs[(i + 2 * j) % len(verbs)]
+            article = "an" if size[0] in "aeiou" else "a"
+            lines.append(f"{article.capitalize()} {size} {colour} {thing} {verb} {place}.")
+            lines.append(f"{i + 1}: the {colour} {thing} {place}")
+            lines.append(f'{{"region": {j + 1}, "caption": "{article} {colour} {thing}"}}')
+    lines += [
+        "Describe each numbered region in one short phrase.",
+        "Answer with one line per region, in the form 'N: caption'.",
+        "Region 1 is a person. Region 2 is a dog. Region 3 shows the sky.",
+        "The image shows a street with cars, people and trees. It's a sunny day; they're walking.",
+        "0123456789 (x1, y1, x2, y2) [10, 20, 300, 400] <box> </box> - _ / \\ : ; ! ? # % & * + =",
+    ]
+    return lines
+
+
+def _write_tokenizer(folder: Path) -> None:
+    """Train the byte-level BPE on :func:`_corpus` and write a Qwen2 tokenizer into ``folder``.
+
+    Written in the layout of the real Qwen2.5-VL checkpoints (``tokenizer.json``
+    with the added tokens after the BPE vocabulary, ``tokenizer_config.json``
+    with ``additional_special_tokens`` and the chat template), which every
+    transformers version reads; transformers 5's own ``save_pretrained`` writes
+    ``extra_special_tokens`` as a list, which 4.x cannot load.
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+
+    tok = Tokenizer(BPE(unk_token=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False,
+                        byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
+        # The full 256-byte alphabet, so any text (any language, any byte) encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    first_id = tok.get_vocab_size()
+    # One call per token keeps Qwen's order: ids first_id, first_id + 1, ...
+    for content, special in QWEN_ADDED_TOKENS:
+        added = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False,
+                           single_word=False)
+        (tok.add_special_tokens if special else tok.add_tokens)([added])
+    tok.save(str(folder / "tokenizer.json"))
+
+    decoder = {
+        str(first_id + i): {"content": content, "lstrip": False, "normalized": False, "rstrip": False,
+                            "single_word": False, "special": special}
+        for i, (content, special) in enumerate(QWEN_ADDED_TOKENS)
+    }
+    _write_json(folder / "tokenizer_config.json", {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": [t for t, special in QWEN_ADDED_TOKENS[1:] if special],
+        "bos_token": None,
+        "chat_template": QWEN25VL_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "processor_class": "Qwen2_5_VLProcessor",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    })
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _read_marker(out_dir: Path) -> Optional[Dict[str, Any]]:
+    try:
+        with open(out_dir / MARKER, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_complete(out_dir: str | Path, seed: Optional[int] = None) -> bool:
+    """True when ``out_dir`` is a finished tiny model of this builder version (and ``seed``, if given)."""
+    marker = _read_marker(Path(out_dir))
+    if not marker or marker.get("builder_version") != BUILDER_VERSION:
+        return False
+    return seed is None or marker.get("seed") == seed
+
+
+def _build_into(tmp: Path, seed: int) -> Dict[str, Any]:
+    """Write the whole model folder into the (empty) folder ``tmp``."""
+    import random
+
+    import numpy as np
+    import torch
+
+    # Seed privately: building the model inside a run must not move the run's RNGs.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            return _build_seeded(tmp, seed)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _build_seeded(tmp: Path, seed: int) -> Dict[str, Any]:
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    _write_tokenizer(tmp)
+    tok = AutoTokenizer.from_pretrained(tmp)
+    ids = {t: tok.convert_tokens_to_ids(t) for t, _ in QWEN_ADDED_TOKENS}
+    n_tokens = len(tok)
+    # Round the embedding up, as Qwen does (151936 rows for 151665 tokens).
+    vocab_size = (n_tokens + 63) // 64 * 64
+
+    text = dict(TEXT_DIMS)
+    mrope_section = text.pop("mrope_section")
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
+    assert sum(mrope_section) * 2 == head_dim, "mrope_section must sum to head_dim / 2"
+    # rope_scaling + rope_theta: the spelling both 4.x and 5.x accept (5.x turns it into rope_parameters).
+    rope_scaling = {"rope_type": "default", "mrope_section": mrope_section}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            **text,
+            vocab_size=vocab_size,
+            rope_scaling=dict(rope_scaling),
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            tie_word_embeddings=False,
+        ),
+        vision_config=dict(VISION_DIMS, in_channels=3),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    config.bos_token_id = ids["<|endoftext|>"]
+    config.eos_token_id = ids["<|im_end|>"]
+    config.pad_token_id = ids["<|endoftext|>"]
+
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+        do_sample=False,
+    )
+    model.save_pretrained(tmp, safe_serialization=True)
+    # Make config.json readable by every version. transformers 5 saves only
+    # rope_parameters, which 4.x ignores (and then has no mrope_section): keep the
+    # 4.x spelling next to it, with the same values. transformers 4.57 saves
+    # ``architectures`` inside text_config only, and vLLM then does not see a
+    # generative model: put it (and the token ids) at the top level too.
+    saved = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+    text_cfg = saved.setdefault("text_config", {})
+    text_cfg.setdefault("rope_scaling", dict(rope_scaling))
+    text_cfg.setdefault("rope_theta", text["rope_theta"])
+    saved["architectures"] = ["Qwen2_5_VLForConditionalGeneration"]
+    saved.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    _write_json(tmp / "config.json", saved)
+
+    # The processor files in the hub layout that every version reads: transformers 5
+    # would nest the image processor in processor_config.json, which 4.x does not read.
+    _write_json(tmp / "preprocessor_config.json", {
+        "min_pixels": MIN_PIXELS,
+        "max_pixels": MAX_PIXELS,
+        "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": IMAGE_MEAN,
+        "image_std": IMAGE_STD,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "rescale_factor": 1 / 255,
+        "resample": 3,
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2_5_VLProcessor",
+    })
+    _write_json(tmp / "chat_template.json", {"chat_template": QWEN25VL_CHAT_TEMPLATE})
+    return {"vocab_size": vocab_size, "n_tokens": n_tokens, "token_ids": ids,
+            "transformers": transformers.__version__, "torch": torch.__version__}
+
+def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Build the tiny Qwen2.5-VL into ``out_dir`` (or reuse it) and return its absolute path.
+
+    The folder is built in a temporary folder next to ``out_dir`` and moved in
+    with one ``os.replace``, so ``out_dir`` is either absent or complete. When
+    two processes race, the loser drops its copy and uses the winner's.
+    """
+    out_dir = Path(out_dir).expanduser().absolute()
+    if is_complete(out_dir, seed):
+        return out_dir
+    # Threads of one process take turns (the seeding is process-wide); other
+    # processes race, and the atomic move decides (see _move_into_place).
+    with _BUILD_LOCK:
+        if is_complete(out_dir, seed):
+            return out_dir
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            info = _build_into(tmp, seed)
+            info.update(builder_version=BUILDER_VERSION, seed=seed,
+                        weights_sha256=_sha256(tmp / "model.safetensors"))
+            _write_json(tmp / MARKER, info)
+            _fix_modes(tmp)
+            placed = _move_into_place(tmp, out_dir, seed)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if placed:
+        log.info("built the tiny Qwen2.5-VL (seed %d) into %s in %.1f s", seed, out_dir, time.perf_counter() - t0)
+    else:
+        log.info("another process built %s first; using its folder", out_dir)
+    return out_dir
+
+
+def _fix_modes(folder: Path) -> None:
+    """Give the folder and its files the modes of ordinary files (mkdtemp makes 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        os.chmod(p, 0o666 & ~umask)
+
+
+def _move_into_place(tmp: Path, out_dir: Path, seed: int) -> bool:
+    """Move the finished folder ``tmp`` to ``out_dir`` atomically.
+
+    When ``out_dir`` already holds a complete build (a racing builder won), keep
+    it and let the caller drop ``tmp``. An earlier tiny build of another
+    version or seed is moved aside and replaced. A folder that is not a tiny
+    build at all is never deleted: that is an error naming the folder.
+    Returns False when another builder's folder was kept.
+    """
+    for _ in range(3):
+        try:
+            os.replace(tmp, out_dir)
+            return True
+        except OSError:
+            if not out_dir.exists():
+                raise
+        if is_complete(out_dir, seed):
+            return False
+        if _read_marker(out_dir) is None and any(out_dir.iterdir()):
+            raise FileExistsError(
+                f"{out_dir} exists and is not a tiny model built by regioncap (no {MARKER}); "
+                f"remove it or choose another model.path for the tiny model"
+            )
+        stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale-", dir=out_dir.parent))
+        try:
+            os.replace(out_dir, stale / "old")
+        except FileNotFoundError:
+            pass  # another builder moved it away meanwhile; try again
+        finally:
+            shutil.rmtree(stale, ignore_errors=True)
+    raise OSError(f"could not move the tiny model into {out_dir}: the folder keeps changing")

@@ -1,0 +1,192 @@
+"""The real TransformersEngine on the offline tiny Qwen2.5-VL (random weights: no assertions on wording)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from regioncap.config import ModelConfig, TransformersEngineConfig
+from regioncap.engines import build_engine
+from regioncap.engines.base import Request, Sampling
+from regioncap.models import visual_tokens
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_tiny_model import make_old_style_copy  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+SIZE = (224, 168)  # multiples of 28: already at the model's input size, 48 visual tokens
+
+
+def _model_cfg(path: Path, **kw) -> ModelConfig:
+    base = dict(name="tiny", path=str(path), builder=None, min_pixels=56 * 56, max_pixels=224 * 224,
+                max_model_len=2048, dtype="float32")
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    eng = build_engine(TransformersEngineConfig(batch_size=2, device="auto"), _model_cfg(tiny_model_dir),
+                       str(tiny_model_dir))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    paths = []
+    for i, colour in enumerate([(220, 30, 30), (30, 200, 40), (40, 60, 220)]):
+        im = Image.new("RGB", SIZE, (235, 235, 235))
+        im.paste(colour, (20 + 30 * i, 20, 120 + 30 * i, 140))
+        path = folder / f"img{i}.png"
+        im.save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _req(key: str, image: str, prompt: str = "Describe region 1 in a few words.", **sampling) -> Request:
+    return Request(key=key, image_path=image, prompt=prompt, sampling=Sampling(**{"max_tokens": 8, **sampling}))
+
+
+def _text_tokens(engine, req: Request) -> int:
+    """Tokens of the rendered prompt, not counting the one image placeholder."""
+    text = engine.processor.apply_chat_template(engine._messages(req), tokenize=False, add_generation_prompt=True)
+    return len(engine.tokenizer(text, add_special_tokens=False)["input_ids"]) - 1
+
+
+def test_generate_three(engine, images):
+    reqs = [_req(f"r{i}", p) for i, p in enumerate(images)]
+    reqs[1].system = "You caption regions."
+    out = engine.generate(reqs)
+    assert [r.key for r in out] == ["r0", "r1", "r2"]
+    for req, resp in zip(reqs, out):
+        assert resp.ok, resp.error
+        assert isinstance(resp.text, str)
+        assert resp.prompt_tokens == _text_tokens(engine, req) + visual_tokens(*SIZE)
+        assert 0 < resp.output_tokens <= 8
+        assert resp.finish_reason in ("stop", "length")
+        assert resp.finish_reason == "stop" or resp.output_tokens == 8
+        assert resp.latency_s > 0
+
+
+def test_same_seed_same_text(engine, images):
+    sampled = dict(temperature=1.0, top_p=0.95, seed=7, max_tokens=12)
+    # the same requests in other batch positions and batch mates
+    first = engine.generate([_req("a", images[0], **sampled), _req("g", images[1])])
+    second = engine.generate([_req("g", images[1]), _req("x", images[2]), _req("a", images[0], **sampled)])
+    assert first[0].text == second[2].text
+    assert first[1].text == second[0].text  # greedy
+    other = engine.generate([_req("a", images[0], **{**sampled, "seed": 8})])
+    assert other[0].ok and other[0].text != first[0].text
+
+
+def test_too_long_is_an_error_row(engine, images):
+    long_prompt = "describe every region " * 600
+    out = engine.generate([_req("ok1", images[0]), _req("long", images[1], prompt=long_prompt),
+                           _req("ok2", images[2])])
+    assert out[0].ok and out[2].ok
+    assert out[1].error["kind"] == "too_long"
+    assert "max_model_len=2048" in out[1].error["message"]
+    assert out[1].prompt_tokens > 2048
+
+
+def test_bad_images_are_error_rows(engine, images, tmp_path):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = engine.generate([_req("ok1", images[0]), _req("missing", str(tmp_path / "nope.png")),
+                           _req("corrupt", str(corrupt)), _req("ok2", images[1])])
+    assert out[0].ok and out[3].ok
+    for resp, name in ((out[1], "nope.png"), (out[2], "corrupt.jpg")):
+        assert not resp.ok
+        assert resp.error["kind"] == "image_error"
+        assert name in resp.error["message"]
+
+
+def test_failed_batch_is_retried_one_by_one(engine, images, monkeypatch):
+    real = engine._run_batch
+
+    def flaky(batch):
+        if any(b.request.key == "boom" for b in batch):
+            raise RuntimeError("kaboom in the model")
+        return real(batch)
+
+    monkeypatch.setattr(engine, "_run_batch", flaky)
+    out = engine.generate([_req("ok1", images[0]), _req("boom", images[1]), _req("ok2", images[2])])
+    assert out[0].ok and out[2].ok
+    assert out[1].error["kind"] == "engine_error"
+    assert "kaboom in the model" in out[1].error["message"]
+
+
+def test_oom_halves_the_batch(engine, images, monkeypatch):
+    import torch
+
+    real = engine._run_batch
+    sizes = []
+
+    def small_memory(batch):
+        sizes.append(len(batch))
+        if len(batch) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(batch)
+
+    monkeypatch.setattr(engine, "_run_batch", small_memory)
+    monkeypatch.setattr(engine, "batch_size", 2)
+    out = engine.generate([_req(f"r{i}", p) for i, p in enumerate(images)])
+    assert all(r.ok for r in out)
+    assert sizes[0] == 2 and set(sizes[1:]) == {1}
+    assert engine.batch_size == 1
+
+
+def test_describe(engine, tiny_model_dir):
+    info = engine.describe()
+    assert info["engine"] == "transformers"
+    assert info["model_path"] == str(tiny_model_dir)
+    assert info["dtype"] == "float32"
+    assert info["device"] in ("cpu", "cuda")
+    assert info["transformers"] and info["torch"]
+
+
+def test_old_style_rope_config_loads(tiny_model_dir, images, tmp_path):
+    old = make_old_style_copy(tiny_model_dir, tmp_path / "old")
+    eng = build_engine(TransformersEngineConfig(batch_size=1, device="cpu"), _model_cfg(old), str(old))
+    try:
+        assert eng.describe()["rope_scaling_patched"] is True
+        out = eng.generate([_req("r", images[0])])
+        assert out[0].ok, out[0].error
+    finally:
+        eng.close()
+        eng.close()  # safe twice
+
+
+def test_lines_numbers_reads_only_the_lines_regex():
+    from regioncap.engines.transformers_engine import lines_numbers
+    from regioncap.prompts import answer_regex
+
+    assert lines_numbers(answer_regex([1, 2, 7], "lines")) == [1, 2, 7]
+    assert lines_numbers(answer_regex([4], "lines")) == [4]
+    assert lines_numbers(answer_regex([1, 2], "lines") + "x") is None
+    assert lines_numbers(r"1: [a-z ]{1,20}\n2: [a-z ]{1,20}") is None
+    assert lines_numbers(None) is None
+
+
+def test_lines_regex_is_enforced(engine, images):
+    import re
+
+    from regioncap.prompts import answer_regex
+
+    req = _req("lines", images[0], prompt="Describe regions 1, 2 and 5.", max_tokens=200)
+    req.regex = answer_regex([1, 2, 5], "lines")
+    free = _req("free", images[1], max_tokens=6)  # an unconstrained neighbour in the same batch
+    out = engine.generate([req, free])
+    assert out[0].ok and out[1].ok
+    assert out[0].finish_reason == "stop"
+    lines = out[0].text.split("\n")
+    assert [line.split(":")[0] for line in lines] == ["1", "2", "5"]
+    # The whole answer matches the regex vLLM would enforce (layout and caption length).
+    assert re.fullmatch(req.regex, out[0].text)
