@@ -65,6 +65,9 @@ class TransformersEngineConfig(EngineConfig):
     device: str = "auto"
     #: Attention implementation passed to ``from_pretrained`` (``sdpa``, ``eager``...).
     attn_implementation: Optional[str] = None
+    #: Constrain ``lines`` answers to one ``<number>: <text>`` line per region
+    #: (a logits processor; the same layout vLLM enforces with structured outputs).
+    structured_outputs: bool = True
 
 
 @dataclass
@@ -147,6 +150,9 @@ class DataConfig:
     bbox_key: str = "bbox"
     #: Field holding a stable row id; rows without it get ``row-<position>``.
     id_key: Optional[str] = "id"
+    #: Field holding reference captions, one entry per box in ``bbox`` order
+    #: (a string or a list of strings each); rows without it are not scored.
+    references_key: Optional[str] = "references"
     #: ``xywh`` (DataFlow-MM), ``xyxy``, ``cxcywh``, ``xywh_norm``,
     #: ``xyxy_norm``, ``cxcywh_norm``, ``qwen1000`` (Qwen2-VL's 0-1000 grid).
     bbox_format: str = "xywh"
@@ -217,7 +223,33 @@ class SamplingConfig:
 
 @dataclass
 class LoggerConfig:
+    """Experiment logging; ``none`` logs to the run dir only."""
+
     name: str = "none"
+
+
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    """Weights & Biases: one W&B run per Hydra job, inside the run dir."""
+
+    name: str = "wandb"
+    project: str = "regioncap"
+    entity: Optional[str] = None
+    #: ``online``, ``offline`` or ``disabled``; null: ``$WANDB_MODE`` if set, else
+    #: online when an API key is configured, else offline.
+    mode: Optional[str] = None
+    #: W&B group; null: the sweep dir's name in a multirun, none in a single run.
+    group: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+    #: Marked images logged with native box overlays (0 = none).
+    log_images: int = 8
+    #: A table of every region (image, box, caption, reference, scores), capped at ``table_rows``.
+    log_table: bool = True
+    table_rows: int = 2000
+    #: The caption records as a W&B artifact.
+    log_artifact: bool = True
+    #: Seconds to wait for W&B to start before going on without it.
+    init_timeout_s: float = 60.0
 
 
 @dataclass
@@ -248,6 +280,9 @@ class RegionCapConfig:
     #: Where everything of the run is written (Hydra's run dir by default).
     output_dir: str = "${hydra:runtime.output_dir}"
     progress: bool = True
+    #: Metric the job returns to Hydra (a key of metrics.json, for sweepers
+    #: such as Optuna); null returns the whole metrics dict.
+    objective: Optional[str] = None
 
 
 ENGINE_SCHEMAS = {
@@ -271,4 +306,5 @@ def register_configs() -> None:
     cs.store(group="data", name="schema", node=DataConfig)
     cs.store(group="draw", name="schema", node=DrawConfig)
     cs.store(group="prompt", name="schema", node=PromptConfig)
-    cs.store(group="logger", name="schema", node=LoggerConfig)
+    cs.store(group="logger", name="none_schema", node=LoggerConfig)
+    cs.store(group="logger", name="wandb_schema", node=WandbLoggerConfig)
