@@ -72,3 +72,25 @@ def test_help_and_cfg_do_not_import_heavy_libraries(args):
     assert not imported & {"torch", "transformers", "vllm", "wandb", "datasets"}, imported & {"torch", "transformers", "vllm", "wandb", "datasets"}
     if args == ["--cfg", "job"]:
         assert "max_boxes: 10" in proc.stdout
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_composes(experiment, tmp_path):
+    cfg = compose([f"experiment={experiment}"], output_dir=tmp_path)
+    OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_every_experiment_smoke_runs(experiment, tmp_path):
+    """Each experiment runs end to end on the demo data (engine swapped for the fake)."""
+    from regioncap.job import execute
+
+    cfg = compose([f"experiment={experiment}", "engine=fake", "progress=false", "data.limit=2"],
+                  output_dir=tmp_path / "run")
+    metrics = execute(cfg)
+    assert metrics["rows"] == 2 and metrics["error_rows"] == 0
+
+
+def test_dataflow_experiment_sets_dataflow_settings():
+    cfg = compose(["experiment=dataflow_baseline"])
+    assert (cfg.prompt.name, cfg.draw.name, cfg.sampling.temperature, cfg.sampling.top_p) == ("dataflow", "dataflow", 0.7, 0.9)
