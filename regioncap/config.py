@@ -56,6 +56,9 @@ class EngineConfig:
     #: Requests handed to the engine at once (a vLLM ``generate`` call, a
     #: transformers batch, the in-flight window of the OpenAI client).
     batch_size: int = 8
+    #: Run the caption stage in a spawned child process, so the engine's
+    #: memory is freed when the stage ends. null: yes for vLLM in a multirun.
+    isolate: Optional[bool] = None
 
 
 @dataclass
@@ -250,6 +253,9 @@ class WandbLoggerConfig(LoggerConfig):
     log_artifact: bool = True
     #: Seconds to wait for W&B to start before going on without it.
     init_timeout_s: float = 60.0
+    #: Most seconds ``finish`` waits for uploads (online); what is left stays on disk
+    #: for ``wandb sync``. null waits until everything is uploaded.
+    finish_timeout_s: Optional[float] = 600.0
 
 
 @dataclass

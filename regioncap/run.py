@@ -16,6 +16,7 @@ Outputs, all under ``output_dir``:
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import Counter
@@ -56,6 +57,8 @@ class StageStats:
     rows: int = 0
     seconds: float = 0.0
     errors: Counter = field(default_factory=Counter)
+    #: Process that ran the stage (the caption stage may run in a child).
+    pid: Optional[int] = None
 
 
 def seed_everything(seed: int) -> None:
@@ -84,8 +87,10 @@ def draw_style(draw_cfg: Any) -> DrawStyle:
 class RegionCapRun:
     """One run: ``visualize`` then ``caption`` over the configured data."""
 
-    def __init__(self, cfg: Any, *, model_path: Optional[str] = None) -> None:
+    def __init__(self, cfg: Any, *, model_path: Optional[str] = None, isolate: bool = False) -> None:
         self.cfg = cfg
+        #: Run the caption stage in a spawned child process (see ``_caption_in_child``).
+        self.isolate = isolate
         self.out = Path(cfg.output_dir)
         self.images_dir = self.out / IMAGES_DIR
         self.style = draw_style(cfg.draw)
@@ -295,12 +300,21 @@ class RegionCapRun:
     # -------------------------------------------------------------- caption
     def caption(self) -> StageStats:
         """Send every prepared request to the engine, parse answers, write caption records."""
-        from regioncap.engines import build_engine
+        if self.isolate:
+            return self._caption_in_child()
+        from regioncap.engines import EngineError, build_engine
 
         stats = self.stats.setdefault("caption", StageStats("caption"))
+        stats.pid = os.getpid()
         start = time.perf_counter()
         if self.engine is None:
-            self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
+            try:
+                self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
+            except EngineError as exc:
+                raise RunError(
+                    f"engine {self.cfg.engine.name!r} could not start: {exc}. The visualize records are in "
+                    f"{self.out / VISUALIZE_FILE}; after fixing this, run only the caption stage with "
+                    f"stages=[caption] hydra.run.dir={self.out}") from None
             log.info("engine: %s", self.engine.describe())
         batch_size = max(1, int(self.cfg.engine.batch_size))
         try:
@@ -314,6 +328,38 @@ class RegionCapRun:
                         stats.rows += 1
         finally:
             stats.seconds = time.perf_counter() - start
+        return stats
+
+    def _caption_in_child(self) -> StageStats:
+        """The caption stage in a spawned process, so the engine's memory (a vLLM
+        engine's GPU memory above all) is released when it ends, whatever the engine."""
+        import multiprocessing as mp
+        import queue as queue_mod
+
+        from omegaconf import OmegaConf
+
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        cfg = OmegaConf.to_container(self.cfg, resolve=True)
+        proc = ctx.Process(target=_caption_child, args=(cfg, self.model_path, results), name="regioncap-caption")
+        start = time.perf_counter()
+        proc.start()
+        result = None
+        while result is None:
+            try:
+                result = results.get(timeout=0.5)
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    break
+        proc.join()
+        if result is None:
+            raise RunError(f"the caption stage's process died (exit code {proc.exitcode}); "
+                           f"the visualize records are in {self.out / VISUALIZE_FILE}")
+        if "error" in result:
+            raise RunError(result["error"])
+        stats = self.stats.setdefault("caption", StageStats("caption"))
+        stats.rows, stats.errors, stats.pid = result["rows"], Counter(result["errors"]), result["pid"]
+        stats.seconds = time.perf_counter() - start
         return stats
 
     def close(self) -> None:
@@ -427,66 +473,44 @@ class RegionCapRun:
 
     # -------------------------------------------------------------- metrics
     def metrics(self) -> Dict[str, Any]:
-        """Counts and throughput of what this run wrote."""
-        out: Dict[str, Any] = {"stages": {}}
-        for name, st in self.stats.items():
-            out["stages"][name] = {
-                "rows": st.rows, "seconds": round(st.seconds, 3),
-                "rows_per_s": round(st.rows / st.seconds, 3) if st.seconds > 0 else None,
-                "errors": dict(st.errors),
-            }
+        """Counts, cost, answer shape and reference scores of what this run wrote
+        (``regioncap.metrics.compute_metrics`` over the final records file)."""
+        from regioncap.metrics import compute_metrics
+
+        stages = {name: {"rows": st.rows, "seconds": st.seconds, "errors": dict(st.errors), "pid": st.pid}
+                  for name, st in self.stats.items()}
         final = self.out / (CAPTIONS_FILE if "caption" in self.stats else VISUALIZE_FILE)
-        counts: Counter = Counter()
-        errors: Counter = Counter()
-        if final.exists():
-            for rec in read_jsonl(final):
-                counts["rows"] += 1
-                counts[f"status_{rec['status']}"] += 1
-                counts["regions"] += len(rec.get("regions") or [])
-                counts["regions_captioned"] += sum(1 for r in rec.get("regions") or [] if r.get("caption"))
-                counts["regions_missing"] += sum(1 for r in rec.get("regions") or [] if r.get("missing"))
-                counts["boxes_dropped"] += len(rec.get("dropped_boxes") or [])
-                counts["boxes_clipped"] += len(rec.get("clipped_boxes") or [])
-                counts["requests"] += len(rec.get("requests") or [])
-                counts["reasks"] += sum(1 for s in rec.get("requests") or [] if s.get("reask"))
-                counts["prompt_tokens"] += (rec.get("tokens") or {}).get("prompt", 0)
-                counts["output_tokens"] += (rec.get("tokens") or {}).get("output", 0)
-                if rec.get("error"):
-                    errors[f"{rec['error']['stage']}/{rec['error']['kind']}"] += 1
-        rows = counts["rows"]
-        out.update({k: counts[k] for k in (
-            "rows", "regions", "regions_captioned", "regions_missing", "boxes_dropped", "boxes_clipped",
-            "requests", "reasks", "prompt_tokens", "output_tokens")})
-        out["rows_ok"] = counts["status_ok"]
-        out["rows_partial"] = counts["status_partial"]
-        out["rows_no_regions"] = counts["status_no_regions"]
-        out["error_rows"] = counts["status_error"]
-        out["error_rate"] = round(counts["status_error"] / rows, 4) if rows else 1.0
-        out["errors"] = dict(errors)
-        cap = self.stats.get("caption")
-        if cap and cap.seconds > 0:
-            out["regions_per_s"] = round(counts["regions_captioned"] / cap.seconds, 3)
-        return out
+        records = read_jsonl(final) if final.exists() else iter(())
+        model = self.cfg.model
+        return compute_metrics(records, stages, patch_size=int(model.patch_size), merge_size=int(model.merge_size),
+                               references_key=self.cfg.data.references_key)
 
     def summary(self, metrics: Dict[str, Any]) -> str:
         """A one-screen summary for the end of a run."""
-        lines = [
-            f"rows {metrics['rows']}: ok {metrics['rows_ok']}, partial {metrics['rows_partial']}, "
-            f"no regions {metrics['rows_no_regions']}, errors {metrics['error_rows']} "
-            f"(error rate {metrics['error_rate']:.1%}, max {self.cfg.max_error_rate:.1%})",
-            f"regions {metrics['regions']}: captioned {metrics['regions_captioned']}, "
-            f"missing {metrics['regions_missing']}; boxes dropped {metrics['boxes_dropped']}, "
-            f"clipped {metrics['boxes_clipped']}; requests {metrics['requests']} (+{metrics['reasks']} re-asks)",
-        ]
-        for name, st in metrics["stages"].items():
-            lines.append(f"{name}: {st['rows']} rows in {st['seconds']:.2f} s ({st['rows_per_s'] or 0:.2f} rows/s)")
-        if "regions_per_s" in metrics:
-            lines.append(f"caption throughput: {metrics['regions_per_s']:.2f} regions/s; tokens: "
-                         f"{metrics['prompt_tokens']} prompt, {metrics['output_tokens']} output")
-        for kind, n in sorted(metrics["errors"].items()):
-            lines.append(f"  error {kind}: {n}")
-        lines.append(f"outputs: {self.out}")
-        return "\n".join(lines)
+        from regioncap.metrics import format_summary
+
+        return format_summary(metrics, max_error_rate=float(self.cfg.max_error_rate), out_dir=str(self.out))
+
+
+def _caption_child(cfg: Dict[str, Any], model_path: Optional[str], results: Any) -> None:
+    """Entry of the spawned caption process: run the stage, report its stats, exit."""
+    from omegaconf import OmegaConf
+
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    handler = logging.FileHandler(Path(cfg["output_dir"]) / "regioncap.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    run = RegionCapRun(OmegaConf.create(cfg), model_path=model_path)
+    try:
+        stats = run.caption()
+        results.put({"rows": stats.rows, "errors": dict(stats.errors), "pid": os.getpid()})
+    except RunError as exc:
+        results.put({"error": str(exc)})
+    except Exception as exc:  # report anything else to the parent rather than dying silently
+        log.exception("caption stage failed")
+        results.put({"error": f"caption stage failed: {type(exc).__name__}: {exc}"})
+    finally:
+        run.close()
 
 
 def _progress(items: Iterable, desc: str, enabled: bool) -> Iterable:
@@ -511,12 +535,14 @@ def _batches(records: Iterable[Dict[str, Any]], max_requests: int) -> Iterator[L
         yield batch
 
 
-def build_run(cfg: Any) -> RegionCapRun:
+def build_run(cfg: Any, *, multirun: bool = False) -> RegionCapRun:
     """Build the run object from a composed config: the one place objects are built.
 
     Seeds every RNG first; resolves (and, for the offline model, builds) the
     model before any stage starts, so a model that is not available fails in
-    seconds, not after the visualize stage.
+    seconds, not after the visualize stage. ``multirun``: the job is one of a
+    sweep (the vLLM engine then runs in a child process unless
+    ``engine.isolate`` says otherwise).
     """
     seed_everything(int(cfg.seed))
     model_path = None
@@ -528,7 +554,12 @@ def build_run(cfg: Any) -> RegionCapRun:
             model_path = resolve_model_path(cfg.model)
         except EngineError as exc:
             raise RunError(str(exc)) from None
-    run = RegionCapRun(cfg, model_path=model_path)
+    isolate = cfg.engine.isolate
+    if isolate is None:
+        # vLLM does not hand a GPU back inside one process: in a sweep, each
+        # job's engine lives and dies in its own process.
+        isolate = multirun and cfg.engine.name in ("vllm", "auto")
+    run = RegionCapRun(cfg, model_path=model_path, isolate=bool(isolate) and "caption" in cfg.stages)
     data_path = resolve_path(cfg.data.path) if cfg.data.path else None
     log.info("run: model=%s (%s) engine=%s prompt=%s draw=%s data=%s max_boxes=%d seed=%d -> %s",
              cfg.model.name, model_path or cfg.model.path, cfg.engine.name, cfg.prompt.name, cfg.draw.name,

@@ -300,3 +300,25 @@ def test_hf_datasets_source_saved_dataset_and_parquet(tmp_path):
         records = list(read_jsonl(out / "captions.jsonl"))
         assert [r["id"] for r in records] == ["x1", "x2"]
         assert metrics["regions_captioned"] == 3 and records[1]["caption_ref"] == "b"
+
+
+def test_caption_stage_in_an_isolated_child_process(tmp_path):
+    import os
+
+    out = tmp_path / "run"
+    metrics = execute(compose(["engine=fake", "progress=false", "engine.isolate=true"], output_dir=out))
+    assert metrics["regions_captioned"] == 18
+    assert metrics["stages"]["caption"]["pid"] not in (None, os.getpid())
+    assert metrics["stages"]["visualize"]["pid"] is None or metrics["stages"]["visualize"]["pid"] == os.getpid()
+
+
+def test_isolated_engine_failure_is_a_clear_run_error(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # passes path resolution, fails to load in the child
+    out = tmp_path / "run"
+    cfg = compose(["engine=transformers", "progress=false", "engine.isolate=true",
+                   f"model.path={broken}", "model.builder=null"], output_dir=out)
+    with pytest.raises(RunError, match="could not start.*stages=\\[caption\\]"):
+        execute(cfg)
+    assert len(list(read_jsonl(out / "visualize.jsonl"))) == 5

@@ -1,0 +1,612 @@
+"""Run metrics from the records a run wrote, and reference scores for captions.
+
+Pure library module: no Hydra, no W&B, no engine imports. The reference
+scorers (``pycocoevalcap``, the ``metrics`` extra) are imported only when some
+row carries references.
+
+:func:`compute_metrics` reads the records in one streaming pass. What it keeps
+does not grow with the rows beyond a few compact arrays (one word count per
+caption, one latency per request, one 8-byte hash per row for the distinct
+image count) and, for reference scoring only, one ``(caption, references)``
+pair per region that has references.
+
+Reference scores are those MS-COCO caption evaluation reports, computed by the
+``pycocoevalcap`` scorers (BLEU-4, ROUGE-L, CIDEr-D; METEOR where Java is on
+PATH). The text is tokenized by :func:`tokenize` (lowercase, punctuation
+stripped, split on the rest) rather than COCO's PTBTokenizer, which starts a
+Java process for Stanford CoreNLP on every call; the two agree on plain
+English captions except for contractions (``woman's`` -> ``woman s`` here,
+``woman 's`` there), so scores may differ slightly from published COCO numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import re
+import shutil
+import threading
+import time
+from array import array
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+log = logging.getLogger("regioncap")
+
+#: Words for scoring and comparisons: runs of letters and digits (any script).
+_WORD = re.compile(r"[^\W_]+")
+#: Share of a caption's word 4-grams found in its prompt above which it "repeats the prompt".
+PROMPT_REPEAT_SHARE = 0.8
+#: Seconds METEOR's Java process may take before it is killed and METEOR reported absent.
+METEOR_TIMEOUT_S = 600.0
+
+#: A pair to score: the candidate caption and its reference captions.
+Pair = Tuple[str, Sequence[str]]
+
+
+# ------------------------------------------------------------------ text helpers
+def tokenize(text: Optional[str]) -> List[str]:
+    """Lowercase words of ``text`` with punctuation stripped (the tokenizer every score uses)."""
+    return _WORD.findall(text.lower()) if text else []
+
+
+def normalize(text: Optional[str]) -> str:
+    """``text`` as its tokens joined by single spaces (idempotent)."""
+    return " ".join(tokenize(text))
+
+
+def _ngrams(words: Sequence[str], n: int = 4) -> set:
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def repeats_prompt(caption: str, prompt: Optional[str]) -> bool:
+    """Whether ``caption`` (normalised) is contained in ``prompt``, or shares at least
+    :data:`PROMPT_REPEAT_SHARE` of its word 4-grams with it: the model echoed its
+    instructions instead of describing the region."""
+    if not caption or not prompt:
+        return False
+    return _repeats(tokenize(caption), _prompt_index(prompt))
+
+
+def _prompt_index(prompt: str) -> Tuple[str, set]:
+    words = tokenize(prompt)
+    return f" {' '.join(words)} ", _ngrams(words)
+
+
+def _repeats(words: List[str], index: Tuple[str, set]) -> bool:
+    padded, prompt_grams = index
+    if not words:
+        return False
+    if f" {' '.join(words)} " in padded:  # whole words only
+        return True
+    grams = _ngrams(words)
+    return bool(grams) and len(grams & prompt_grams) / len(grams) >= PROMPT_REPEAT_SHARE
+
+
+def visual_tokens(image_size: Sequence[int], patch_size: int = 14, merge_size: int = 2) -> int:
+    """Visual tokens of one image of ``[w, h]`` pixels for Qwen2-VL/2.5-VL:
+    one per ``patch_size * merge_size`` square."""
+    side = patch_size * merge_size
+    w, h = int(image_size[0]), int(image_size[1])
+    return (w // side) * (h // side)
+
+
+def quantile(sorted_values: Sequence[float], q: float) -> Optional[float]:
+    """The ``q`` quantile of already sorted values, interpolated linearly between
+    closest ranks (numpy's default); ``None`` for no values."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    pos = (n - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    return float(sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo))
+
+
+def describe(values: Iterable[float], digits: int = 4) -> Optional[Dict[str, Any]]:
+    """``{n, mean, p50, p95, min, max}`` of ``values``; ``None`` when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    r = lambda v: round(float(v), digits)  # noqa: E731
+    return {"n": len(ordered), "mean": r(sum(ordered) / len(ordered)), "p50": r(quantile(ordered, 0.5)),
+            "p95": r(quantile(ordered, 0.95)), "min": r(ordered[0]), "max": r(ordered[-1])}
+
+
+def _rate(num: float, den: float, digits: int = 4) -> Optional[float]:
+    return round(num / den, digits) if den else None
+
+
+# ------------------------------------------------------------------ references
+def _reference_list(entry: Any) -> List[str]:
+    """One box's references (a string or a list of strings) as normalised, non-empty strings."""
+    items = [entry] if isinstance(entry, str) else entry if isinstance(entry, (list, tuple)) else []
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            text = normalize(item)
+            if text:
+                out.append(text)
+    return out
+
+
+def _record_references(record: Dict[str, Any], references_key: Optional[str]) -> Optional[list]:
+    """The row's references field as a list (one entry per input box), or ``None`` if it has none."""
+    if not references_key:
+        return None
+    collided = record.get("input")
+    if isinstance(collided, dict) and references_key in collided:  # a name regioncap uses itself
+        value = collided[references_key]
+    else:
+        value = record.get(references_key)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        # A JSON list in a text column, as the bbox field allows; else one reference for box 0.
+        if value.lstrip().startswith("["):
+            import json
+
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        if isinstance(value, str):
+            return [value]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return []  # present but unusable: every box counts as missing a reference
+
+
+def region_references(record: Dict[str, Any], references_key: Optional[str] = "references"
+                      ) -> Tuple[bool, List[Tuple[Dict[str, Any], List[str]]], int]:
+    """The references of each region of one record.
+
+    Returns ``(has_references, [(region, references)], missing)``: whether the row
+    carries the references field at all; every region whose input box
+    (``source_index``) has at least one non-empty reference, with them
+    normalised by :func:`normalize`; and how many regions have none (the list is
+    shorter than ``bbox``, or its entry is empty or not text).
+    """
+    refs = _record_references(record, references_key)
+    if refs is None:
+        return False, [], 0
+    found, missing = [], 0
+    for region in record.get("regions") or []:
+        idx = region.get("source_index")
+        entry = refs[idx] if isinstance(idx, int) and 0 <= idx < len(refs) else None
+        texts = _reference_list(entry)
+        if texts:
+            found.append((region, texts))
+        else:
+            missing += 1
+    return True, found, missing
+
+
+def scorers_absent() -> Optional[str]:
+    """Why BLEU/ROUGE-L/CIDEr cannot be computed here, or ``None`` when they can."""
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError:
+        return "pycocoevalcap is not installed (pip install 'regioncap[metrics]')"
+    return None
+
+
+def meteor_absent() -> Optional[str]:
+    """Why METEOR cannot be computed here, or ``None`` when it can (Java on PATH, jar shipped)."""
+    reason = scorers_absent()
+    if reason:
+        return reason
+    if shutil.which("java") is None:
+        return "java is not on PATH (METEOR runs pycocoevalcap's meteor-1.5.jar)"
+    import pycocoevalcap.meteor.meteor as meteor_mod
+
+    folder = Path(meteor_mod.__file__).parent
+    jar = folder / meteor_mod.METEOR_JAR
+    if not jar.is_file():
+        return f"{jar} is not shipped with this pycocoevalcap"
+    if not (folder / "data" / "paraphrase-en.gz").is_file():
+        return f"{folder / 'data' / 'paraphrase-en.gz'} is not shipped with this pycocoevalcap"
+    return None
+
+
+def _meteor(gts: Dict[int, List[str]], res: Dict[int, List[str]], timeout_s: float) -> Tuple[float, List[float]]:
+    """pycocoevalcap's METEOR, with a watchdog: its Java process is killed after
+    ``timeout_s`` (the wrapper reads pipes without a timeout) and always reaped."""
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    scorer = Meteor()
+    result: Dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["value"] = scorer.compute_score(gts, res)
+        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
+            result["error"] = exc
+
+    thread = threading.Thread(target=work, name="meteor", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    proc = scorer.meteor_p
+    timed_out = thread.is_alive()
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        try:
+            stream.close()
+        except OSError:
+            pass
+    proc.kill()
+    proc.wait()
+    thread.join(5)
+    # The wrapper's lock stays held when compute_score fails; its __del__ would block on it.
+    scorer.lock = threading.Lock()
+    if timed_out:
+        raise TimeoutError(f"METEOR took longer than {timeout_s:.0f} s")
+    if "error" in result:
+        raise result["error"]
+    score, scores = result["value"]
+    return float(score), [float(s) for s in scores]
+
+
+def _score(pairs: Sequence[Pair], meteor: bool, meteor_timeout_s: float
+           ) -> Tuple[Dict[str, Any], List[Dict[str, Optional[float]]]]:
+    """Corpus scores and per-pair scores of ``pairs`` (each with at least one reference)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    res = {i: [normalize(c)] for i, (c, _) in enumerate(pairs)}
+    gts = {i: _reference_list(refs) for i, (_, refs) in enumerate(pairs)}
+    if any(not refs for refs in gts.values()):
+        raise ValueError("every pair needs at least one non-empty reference")
+    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    rouge, rouge_each = Rouge().compute_score(gts, res)
+    cider, cider_each = Cider().compute_score(gts, res)
+    corpus: Dict[str, Any] = {"bleu4": round(float(bleu[3]), 4), "rouge_l": round(float(rouge), 4),
+                              "cider": round(float(cider), 4), "meteor": None}
+    meteor_each: List[Optional[float]] = [None] * len(pairs)
+    if meteor:
+        reason = meteor_absent()
+        if reason is None:
+            t0 = time.perf_counter()
+            try:
+                score, meteor_each = _meteor(gts, res, meteor_timeout_s)
+                corpus["meteor"] = round(score, 4)
+                corpus["scoring_meteor_s"] = round(time.perf_counter() - t0, 3)
+            except Exception as exc:  # noqa: BLE001 - METEOR is optional; say why it is missing
+                reason = f"METEOR failed: {type(exc).__name__}: {exc}"
+                log.warning("%s", reason)
+        if reason is not None:
+            corpus["meteor_absent"] = reason
+    else:
+        corpus["meteor_absent"] = "not requested"
+    per = [{"bleu4": float(bleu_each[3][i]), "rouge_l": float(rouge_each[i]), "cider": float(cider_each[i]),
+            "meteor": meteor_each[i]} for i in range(len(pairs))]
+    return corpus, per
+
+
+def score_references(pairs: Sequence[Pair], *, meteor: bool = True, meteor_timeout_s: float = METEOR_TIMEOUT_S
+                     ) -> Tuple[Dict[str, Any], List[Dict[str, Optional[float]]]]:
+    """Corpus scores and per-region scores of ``(caption, references)`` pairs in one go
+    (one METEOR process for both).
+
+    Corpus scores are those COCO caption evaluation reports: BLEU-4 and METEOR
+    from statistics pooled over the whole corpus (not means of per-region
+    scores); ROUGE-L and CIDEr-D as means over pairs; each ``None``
+    with a ``scores_absent`` / ``meteor_absent`` reason when its scorer is
+    unavailable or nothing can be scored. Per region: one dict
+    ``{bleu4, rouge_l, cider, meteor}`` per pair, in order; BLEU-4 there is
+    pycocoevalcap's smoothed sentence BLEU, and CIDEr weighs n-grams by their
+    rarity across the references of *all* pairs given, so a region's CIDEr
+    depends on the corpus it is scored in (a single pair scores 0). A pair
+    without any non-empty reference gets ``None`` everywhere and is not counted.
+    """
+    usable = [i for i, (_, refs) in enumerate(pairs) if _reference_list(refs)]
+    empty = {"bleu4": None, "rouge_l": None, "cider": None, "meteor": None}
+    per: List[Dict[str, Optional[float]]] = [dict(empty) for _ in pairs]
+    corpus: Dict[str, Any] = {"regions_scored": len(usable), **empty}
+    reason = scorers_absent()
+    if reason:
+        corpus.update(scores_absent=reason, meteor_absent=reason)
+        return corpus, per
+    if not usable:
+        corpus["meteor_absent"] = "no region has both a caption and references"
+        return corpus, per
+    t0 = time.perf_counter()
+    scores, each = _score([pairs[i] for i in usable], meteor, meteor_timeout_s)
+    corpus.update(scores)
+    corpus["scoring_s"] = round(time.perf_counter() - t0, 3)
+    for i, s in zip(usable, each):
+        per[i] = s
+    return corpus, per
+
+
+def score_regions(pairs: Sequence[Pair], *, meteor: bool = False,
+                  meteor_timeout_s: float = METEOR_TIMEOUT_S) -> List[Dict[str, Optional[float]]]:
+    """Per-region scores ``{bleu4, rouge_l, cider, meteor}`` of ``(caption, references)``
+    pairs, one dict per pair in order (see :func:`score_references`); ``meteor``
+    is ``None`` unless asked for and available. For a report or W&B table."""
+    return score_references(pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)[1]
+
+
+def score_corpus(pairs: Sequence[Pair], *, meteor: bool = True,
+                 meteor_timeout_s: float = METEOR_TIMEOUT_S) -> Dict[str, Any]:
+    """Corpus-level BLEU-4, ROUGE-L, CIDEr and METEOR of ``(caption, references)``
+    pairs, with ``regions_scored`` (see :func:`score_references`)."""
+    return score_references(pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)[0]
+
+
+# ------------------------------------------------------------------ metrics
+class _Accumulator:
+    """The running state of one pass over the records."""
+
+    def __init__(self, patch_size: int, merge_size: int, references_key: Optional[str]) -> None:
+        self.patch_size, self.merge_size, self.references_key = patch_size, merge_size, references_key
+        self.c: Counter = Counter()
+        self.errors: Counter = Counter()
+        self.error_stages: Counter = Counter()
+        self.dropped: Counter = Counter()
+        self.missing: Counter = Counter()
+        self.image_hashes = array("Q")
+        self.words = array("I")
+        self.latency = array("d")
+        self.reask_latency = array("d")
+        self.pairs: List[Tuple[str, List[str]]] = []
+        self.has_references = False
+
+    def add(self, rec: Dict[str, Any]) -> None:
+        c = self.c
+        c["rows"] += 1
+        c[f"status_{rec.get('status')}"] += 1
+        self.image_hashes.append(self._image_hash(rec))
+        regions = rec.get("regions") or []
+        requests = rec.get("requests") or []
+        c["regions"] += len(regions)
+        c["boxes_dropped"] += len(rec.get("dropped_boxes") or [])
+        c["boxes_clipped"] += len(rec.get("clipped_boxes") or [])
+        for issue in rec.get("dropped_boxes") or []:
+            self.dropped[issue.get("reason") or "unknown"] += 1
+        tokens = rec.get("tokens") or {}
+        c["prompt_tokens"] += tokens.get("prompt") or 0
+        c["output_tokens"] += tokens.get("output") or 0
+        error = rec.get("error")
+        if error:
+            self.errors[f"{error.get('stage')}/{error.get('kind')}"] += 1
+            self.error_stages[error.get("stage") or "unknown"] += 1
+        c["chunks"] += len({r.get("chunk") for r in regions})
+        self._requests(requests)
+        self._regions(rec, regions, requests)
+
+    def _image_hash(self, rec: Dict[str, Any]) -> int:
+        # 8-byte hashes keep the distinct-image count small in memory (collisions: ~n^2 / 2^65).
+        path = rec.get("image_path") or rec.get("image")
+        key = f"path:{path}" if isinstance(path, str) and path != "<in-memory image>" else \
+            f"row:{rec.get('index', rec.get('id'))}"
+        return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "replace"), digest_size=8).digest(), "little")
+
+    def _requests(self, requests: List[Dict[str, Any]]) -> None:
+        c = self.c
+        c["requests"] += len(requests)
+        for spec in requests:
+            size = spec.get("image_size")
+            vis = visual_tokens(size, self.patch_size, self.merge_size) if size else 0
+            c["visual_tokens"] += vis
+            if spec.get("latency_s") is not None:
+                self.latency.append(float(spec["latency_s"]))
+            if spec.get("error"):
+                c["requests_failed"] += 1
+            elif spec.get("answer") is not None:
+                c["requests_answered"] += 1
+                c["requests_format_ok"] += bool(spec.get("format_ok"))
+            reask = spec.get("reask")
+            if reask:
+                c["reasks"] += 1
+                c["visual_tokens"] += vis  # the re-ask sends the same image again
+                if reask.get("latency_s") is not None:
+                    self.reask_latency.append(float(reask["latency_s"]))
+
+    def _regions(self, rec: Dict[str, Any], regions: List[Dict[str, Any]], requests: List[Dict[str, Any]]) -> None:
+        c = self.c
+        prompts: Dict[Any, Tuple[Optional[str], Optional[str]]] = {}
+        for spec in requests:
+            reask_prompt = (spec.get("reask") or {}).get("prompt")
+            for rid in spec.get("region_ids") or []:
+                prompts[rid] = (spec.get("prompt"), reask_prompt)
+        seen: Counter = Counter()
+        indexes: Dict[str, Tuple[str, set]] = {}
+        for reg in regions:
+            caption = reg.get("caption")
+            if reg.get("missing"):
+                c["regions_missing"] += 1
+                self.missing[reg.get("reason") or "not_in_answer"] += 1
+            if caption:  # as the run counts a region captioned (and a row ok)
+                c["regions_captioned"] += 1
+            if caption is None:
+                continue
+            words = len(caption.split())
+            if not words:
+                c["captions_empty"] += 1
+                continue
+            self.words.append(min(words, 2**32 - 1))
+            if reg.get("attempt") == 2:
+                c["regions_from_reask"] += 1
+            words_list = tokenize(caption)
+            seen[" ".join(words_list)] += 1
+            first, again = prompts.get(reg.get("id"), (None, None))
+            prompt = again if reg.get("attempt") == 2 and again else first
+            if prompt:
+                if prompt not in indexes:  # a chunk's prompt is shared by its regions: tokenize it once
+                    indexes[prompt] = _prompt_index(prompt)
+                if _repeats(words_list, indexes[prompt]):
+                    c["captions_repeat_prompt"] += 1
+        c["captions_duplicated"] += sum(n for text, n in seen.items() if n > 1 and text)
+        has_refs, found, missing = region_references(rec, self.references_key)
+        if has_refs:
+            self.has_references = True
+            c["rows_with_references"] += 1
+            c["references_missing"] += missing
+            c["regions_with_references"] += len(found)
+            for reg, refs in found:
+                if reg.get("caption") and normalize(reg["caption"]):
+                    self.pairs.append((normalize(reg["caption"]), refs))
+                else:
+                    c["references_uncaptioned"] += 1
+
+    def distinct_images(self) -> int:
+        try:
+            import numpy as np
+
+            return int(np.unique(np.frombuffer(self.image_hashes, dtype=np.uint64)).size) if self.image_hashes else 0
+        except ImportError:
+            return len(set(self.image_hashes))
+
+
+def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[str, Any]], *,
+                    patch_size: int = 14, merge_size: int = 2, references_key: Optional[str] = "references",
+                    meteor: bool = True, meteor_timeout_s: float = METEOR_TIMEOUT_S) -> Dict[str, Any]:
+    """Everything ``metrics.json`` holds, from one pass over a run's final records.
+
+    ``records``: the caption records (or the visualize records when only that
+    stage ran), consumed once, in a streaming way. ``stages``: per stage that
+    ran, ``{rows, seconds, errors}`` as the run counted them (other keys, such as
+    ``pid``, are carried through). ``patch_size`` and
+    ``merge_size`` give the visual-token estimate per request image.
+    ``references_key``: the row field holding reference captions, one entry per
+    input box (``None`` turns scoring off). ``meteor``: also run METEOR
+    (Java; about 10 s to start) when references are present.
+    """
+    acc = _Accumulator(patch_size, merge_size, references_key)
+    for rec in records:
+        acc.add(rec)
+    c = acc.c
+    rows, regions = c["rows"], c["regions"]
+    images = acc.distinct_images()
+
+    out: Dict[str, Any] = {"stages": {}}
+    wall = 0.0
+    for name, st in stages.items():
+        seconds = float(st.get("seconds") or 0.0)
+        wall += seconds
+        done = c["regions_captioned"] if name == "caption" else regions
+        out["stages"][name] = {
+            "rows": st.get("rows", 0), "seconds": round(seconds, 3),
+            "rows_per_s": _rate(st.get("rows", 0), seconds, 3),
+            "images_per_s": _rate(images, seconds, 3), "regions_per_s": _rate(done, seconds, 3),
+            "errors": dict(st.get("errors") or {}),
+            # Anything else the run recorded per stage (the pid of the process that ran it...).
+            **{k: v for k, v in st.items() if k not in ("rows", "seconds", "errors")},
+        }
+    out.update({k: c[k] for k in (
+        "rows", "regions", "regions_captioned", "regions_missing", "boxes_dropped", "boxes_clipped",
+        "requests", "reasks", "prompt_tokens", "output_tokens")})
+    out["rows_ok"] = c["status_ok"]
+    out["rows_partial"] = c["status_partial"]
+    out["rows_no_regions"] = c["status_no_regions"]
+    out["rows_pending"] = c["status_pending"]
+    out["error_rows"] = c["status_error"]
+    out["error_rate"] = round(c["status_error"] / rows, 4) if rows else 1.0
+    out["errors"] = dict(acc.errors)
+    out["error_rows_by_stage"] = dict(acc.error_stages)
+
+    # Counts.
+    out["images"] = images
+    out["chunks"] = c["chunks"]
+    out["boxes_dropped_by_reason"] = dict(acc.dropped)
+    out["regions_missing_by_reason"] = dict(acc.missing)
+    out["regions_from_reask"] = c["regions_from_reask"]
+
+    # Cost and speed.
+    cap_s = float((stages.get("caption") or {}).get("seconds") or 0.0)
+    out["wall_s"] = round(wall, 3)
+    out["regions_per_s"] = _rate(c["regions_captioned"], cap_s, 3)
+    out["images_per_s"] = _rate(images, cap_s, 3)
+    out["visual_tokens"] = c["visual_tokens"]
+    out["visual_tokens_per_request"] = _rate(c["visual_tokens"], c["requests"] + c["reasks"], 1)
+    out["prompt_tokens_per_region"] = _rate(c["prompt_tokens"], regions, 2)
+    out["visual_tokens_per_region"] = _rate(c["visual_tokens"], regions, 2)
+    out["output_tokens_per_region"] = _rate(c["output_tokens"], regions, 2)
+    out["latency_s"] = describe(acc.latency)
+    out["reask_latency_s"] = describe(acc.reask_latency)
+
+    # Answer shape.
+    out["requests_answered"] = c["requests_answered"]
+    out["requests_failed"] = c["requests_failed"]
+    out["requests_format_ok"] = c["requests_format_ok"]
+    out["parse_success_rate"] = _rate(c["requests_format_ok"], c["requests_answered"])
+    out["caption_words"] = describe(acc.words, 2)
+    out["captions_empty"] = c["captions_empty"]
+    out["captions_duplicated"] = c["captions_duplicated"]
+    out["captions_repeat_prompt"] = c["captions_repeat_prompt"]
+
+    if acc.has_references:
+        refs = {"rows_with_references": c["rows_with_references"],
+                "regions_with_references": c["regions_with_references"],
+                "references_missing": c["references_missing"],
+                "references_uncaptioned": c["references_uncaptioned"]}
+        refs.update(score_corpus(acc.pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s))
+        refs["tokenizer"] = "lowercase, punctuation stripped (not PTBTokenizer, which needs Java)"
+        out["references"] = refs
+    return out
+
+
+# ------------------------------------------------------------------ summary
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _num(value: Optional[float], fmt: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: str) -> str:
+    """The one-screen summary printed at the end of a run."""
+    m = metrics
+    lines = [
+        f"rows {m['rows']}: ok {m['rows_ok']}, partial {m['rows_partial']}, "
+        f"no regions {m['rows_no_regions']}, errors {m['error_rows']} "
+        f"(error rate {m['error_rate']:.1%}, max {max_error_rate:.1%})",
+        f"regions {m['regions']}: captioned {m['regions_captioned']}, "
+        f"missing {m['regions_missing']}; boxes dropped {m['boxes_dropped']}, "
+        f"clipped {m['boxes_clipped']}; requests {m['requests']} (+{m['reasks']} re-asks)",
+    ]
+    if m.get("images") is not None:
+        lines.append(f"images {m['images']}, chunks {m.get('chunks', 0)}")
+    for name, st in m["stages"].items():
+        lines.append(f"{name}: {st['rows']} rows in {st['seconds']:.2f} s ({st['rows_per_s'] or 0:.2f} rows/s)")
+    if m.get("regions_per_s") is not None:
+        images = f", {m['images_per_s']:.2f} images/s" if m.get("images_per_s") is not None else ""
+        lines.append(f"caption throughput: {m['regions_per_s']:.2f} regions/s{images}; tokens: "
+                     f"{m['prompt_tokens']} prompt, {m['output_tokens']} output")
+    if m.get("regions") and "visual_tokens_per_region" in m:
+        lines.append(f"tokens per region: {_num(m.get('prompt_tokens_per_region'), '.1f')} prompt "
+                     f"(~{_num(m.get('visual_tokens_per_region'), '.1f')} visual), "
+                     f"{_num(m.get('output_tokens_per_region'), '.1f')} output")
+    lat = m.get("latency_s")
+    if lat:
+        text = f"latency per request: p50 {lat['p50']:.3f} s, p95 {lat['p95']:.3f} s"
+        rlat = m.get("reask_latency_s")
+        if rlat:
+            text += f"; re-asks p50 {rlat['p50']:.3f} s, p95 {rlat['p95']:.3f} s"
+        lines.append(text)
+    if m.get("requests_answered"):
+        words = m.get("caption_words") or {}
+        lines.append(
+            f"answers: parse success {_pct(m.get('parse_success_rate'))} of {m['requests_answered']} answered "
+            f"requests; caption words mean {_num(words.get('mean'), '.1f')}, p50 {_num(words.get('p50'), '.0f')}, "
+            f"p95 {_num(words.get('p95'), '.0f')}; empty {m.get('captions_empty', 0)}, "
+            f"duplicated {m.get('captions_duplicated', 0)}, repeating the prompt {m.get('captions_repeat_prompt', 0)}")
+    refs = m.get("references")
+    if refs:
+        text = (f"references: {refs['regions_scored']} regions scored "
+                f"({refs.get('references_missing', 0)} without a reference)")
+        if refs.get("bleu4") is not None:
+            text += (f": BLEU-4 {refs['bleu4']:.3f}, ROUGE-L {refs['rouge_l']:.3f}, CIDEr {refs['cider']:.3f}, "
+                     + (f"METEOR {refs['meteor']:.3f}" if refs.get("meteor") is not None
+                        else f"METEOR n/a ({refs.get('meteor_absent', 'absent')})"))
+        elif refs.get("scores_absent"):
+            text += f"; scores n/a ({refs['scores_absent']})"
+        lines.append(text)
+    for kind, n in sorted(m["errors"].items()):
+        lines.append(f"  error {kind}: {n}")
+    lines.append(f"outputs: {out_dir}")
+    return "\n".join(lines)
