@@ -6,5 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_vllm.sh
+# The report tests open the HTML report in a real headless browser; METEOR needs Java.
+bash scripts/install_chromium.sh
+command -v java >/dev/null || { apt-get update -qq && apt-get install -y -qq default-jre-headless; }
 export REGIONCAP_VLLM_PYTHON="$PWD/.venv-vllm/bin/python"
 exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,1183 @@
+"""A self-contained static HTML report of a run dir or a multirun (sweep) dir.
+
+``python -m regioncap.report PATH [--out FILE]`` writes ``PATH/report.html``:
+
+- run dir: the manifest and resolved config, the metrics as tables, a grid of
+  sample marked images beside their region captions, errors by kind with
+  example messages;
+- multirun dir (``0/``, ``1/``, ... beside ``multirun.yaml``): a comparison
+  table of the jobs (overrides as columns, key metrics), plots of quality
+  against cost across the swept parameters, the captions of the same rows side
+  by side, and each job's metrics.
+
+The page makes no request of its own: CSS is inline, images are base64 data
+URIs (thumbnails re-encoded as small JPEGs), there is no script, and a
+Content-Security-Policy forbids anything else. Every string taken from the data
+(captions are model output, paths are user input) is HTML-escaped.
+
+Every input is optional: a job that failed before writing ``captions.jsonl``
+shows up as failed, a truncated JSONL line is counted and skipped, a missing
+image is a placeholder, never a broken ``<img>``. The report of the same
+inputs is the same bytes (no timestamps of its own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import logging
+import math
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+log = logging.getLogger("regioncap")
+
+REPORT_FILE = "report.html"
+CAPTIONS_FILE = "captions.jsonl"
+VISUALIZE_FILE = "visualize.jsonl"
+METRICS_FILE = "metrics.json"
+MANIFEST_FILE = "manifest.json"
+
+#: Rows shown in a run report's sample grid; request images shown per row.
+DEFAULT_ROWS = 12
+IMAGES_PER_ROW = 4
+#: Longest side of an embedded thumbnail, in pixels.
+DEFAULT_THUMB_PX = 384
+#: Rows compared side by side across the jobs of a sweep.
+SWEEP_ROWS = 4
+EXAMPLES_PER_ERROR = 3
+MAX_TEXT = 2000
+
+#: Mark colours when the run's config cannot be read (``draw.palette`` of conf/draw/default.yaml).
+DEFAULT_PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
+                   "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
+
+#: Names of reference-based caption scores, as keys of metrics.json (lower case, prefix match).
+SCORE_NAMES = ("cider", "bleu", "meteor", "rouge", "spice", "bertscore", "bert_score", "clipscore", "clip_score")
+#: Where metrics.json may keep reference scores as a dict.
+SCORE_DICTS = ("scores", "reference_scores", "references", "reference")
+
+
+class ReportError(ValueError):
+    """PATH is neither a run dir nor a multirun dir."""
+
+
+# ---------------------------------------------------------------- reading
+@dataclass
+class RunData:
+    """What the report knows about one run dir; every part may be missing."""
+
+    path: Path
+    name: str
+    overrides: List[str] = field(default_factory=list)
+    config: Optional[Dict[str, Any]] = None
+    choices: Optional[Dict[str, Any]] = None
+    manifest: Optional[Dict[str, Any]] = None
+    metrics: Optional[Dict[str, Any]] = None
+    records_file: Optional[Path] = None
+    #: Counts and derived figures computed from the records themselves.
+    scan: Dict[str, Any] = field(default_factory=dict)
+    error_examples: Dict[str, List[Tuple[str, str]]] = field(default_factory=dict)
+    samples: List[Dict[str, Any]] = field(default_factory=list)
+    #: Why the run has no records (a failed job): the last error line of its log.
+    failure: Optional[str] = None
+    problems: List[str] = field(default_factory=list)
+
+    @property
+    def stage(self) -> Optional[str]:
+        if self.records_file is None:
+            return None
+        return "caption" if self.records_file.name == CAPTIONS_FILE else "visualize"
+
+
+def _read_json(path: Path, problems: List[str]) -> Optional[Dict[str, Any]]:
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path.name} could not be read: {exc}")
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _read_yaml(path: Path, problems: List[str]) -> Any:
+    if not path.is_file():
+        return None
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        problems.append(f"{path.parent.name}/{path.name} could not be read: {exc}")
+        return None
+
+
+def _iter_records(path: Path, problems: List[str]) -> Iterator[Dict[str, Any]]:
+    """The records of a JSONL file; a line that is not a JSON object (a job killed mid-write) is skipped."""
+    bad = 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                bad += 1
+                continue
+            if isinstance(rec, dict):
+                yield rec
+            else:
+                bad += 1
+    if bad:
+        problems.append(f"{path.name}: {bad} line(s) are not JSON records and were skipped")
+
+
+def _log_failure(run_dir: Path) -> Optional[str]:
+    """The last ERROR line of the job's log (Hydra's ``[time][logger][ERROR] - msg``)."""
+    for log_file in sorted(run_dir.glob("*.log")):
+        try:
+            lines = log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            continue
+        errors = [ln for ln in lines if "[ERROR]" in ln or ln.startswith("Error") or "Traceback" in ln]
+        if errors:
+            return errors[-1].split("[ERROR] - ", 1)[-1].strip()
+    return None
+
+
+def load_run(run_dir: Path, *, max_rows: int = DEFAULT_ROWS, prefer_partial: bool = True,
+             name: Optional[str] = None) -> RunData:
+    """Read everything a report shows of one run dir, streaming its records once."""
+    run_dir = Path(run_dir)
+    run = RunData(path=run_dir, name=name or run_dir.name)
+    hydra_dir = run_dir / ".hydra"
+    overrides = _read_yaml(hydra_dir / "overrides.yaml", run.problems)
+    if isinstance(overrides, list):
+        run.overrides = [str(o) for o in overrides]
+    config = _read_yaml(hydra_dir / "config.yaml", run.problems)
+    run.config = config if isinstance(config, dict) else None
+    run.manifest = _read_json(run_dir / MANIFEST_FILE, run.problems)
+    if run.manifest is None:
+        hydra_cfg = _read_yaml(hydra_dir / "hydra.yaml", run.problems)
+        choices = _dig(hydra_cfg, "hydra", "runtime", "choices")
+        if isinstance(choices, dict):
+            run.choices = {k: v for k, v in choices.items() if not str(k).startswith("hydra/")}
+    run.metrics = _read_json(run_dir / METRICS_FILE, run.problems)
+    for fname in (CAPTIONS_FILE, VISUALIZE_FILE):
+        if (run_dir / fname).is_file():
+            run.records_file = run_dir / fname
+            break
+    if run.records_file is None:
+        run.failure = _log_failure(run_dir) or f"no {CAPTIONS_FILE} or {VISUALIZE_FILE} in the run dir"
+        return run
+    _scan(run, max_rows=max_rows, prefer_partial=prefer_partial)
+    return run
+
+
+def _row_label(rec: Dict[str, Any]) -> str:
+    label = str(rec.get("id", rec.get("index", "?")))
+    if rec.get("line") is not None:
+        label += f" (line {rec['line']})"
+    return label
+
+
+def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
+    """Count, derive and pick samples in one pass over the records."""
+    counts: Counter = Counter()
+    errors: Counter = Counter()
+    dropped: Counter = Counter()
+    finish: Counter = Counter()
+    latencies: List[float] = []
+    first: List[Dict[str, Any]] = []
+    partial: List[Dict[str, Any]] = []
+    partial_quota = max_rows // 4 if prefer_partial else 0
+    assert run.records_file is not None
+    for rec in _iter_records(run.records_file, run.problems):
+        status = rec.get("status")
+        regions = [r for r in rec.get("regions") or [] if isinstance(r, dict)]
+        requests = [s for s in rec.get("requests") or [] if isinstance(s, dict)]
+        counts["rows"] += 1
+        counts[f"status_{status}"] += 1
+        counts["regions"] += len(regions)
+        counts["regions_captioned"] += sum(1 for r in regions if r.get("caption"))
+        counts["regions_missing"] += sum(1 for r in regions if r.get("missing"))
+        counts["requests"] += len(requests)
+        tokens = rec.get("tokens") or {}
+        if isinstance(tokens, dict):
+            counts["prompt_tokens"] += _num(tokens.get("prompt")) or 0
+            counts["output_tokens"] += _num(tokens.get("output")) or 0
+        for d in rec.get("dropped_boxes") or []:
+            if isinstance(d, dict):
+                dropped[str(d.get("reason"))] += 1
+        for spec in requests:
+            if "format_ok" in spec and not spec.get("error"):
+                counts["answered"] += 1
+                counts["format_ok"] += bool(spec.get("format_ok"))
+            if spec.get("finish_reason"):
+                finish[str(spec["finish_reason"])] += 1
+            lat = _num(spec.get("latency_s"))
+            if lat is not None:
+                latencies.append(lat)
+        err = rec.get("error")
+        if isinstance(err, dict):
+            kind = f"{err.get('stage', '?')}/{err.get('kind', '?')}"
+            errors[kind] += 1
+            examples = run.error_examples.setdefault(kind, [])
+            if len(examples) < EXAMPLES_PER_ERROR:
+                examples.append((_row_label(rec), str(err.get("message", ""))))
+        if requests and status != "error":
+            if len(first) < max_rows:
+                first.append(rec)
+            elif status == "partial" and len(partial) < partial_quota:
+                partial.append(rec)
+    if partial:  # rows with missing regions are the ones worth a look: swap a few in
+        run.samples = sorted(first[: max_rows - len(partial)] + partial, key=lambda r: r.get("index", 0))
+    else:
+        run.samples = first
+    scan: Dict[str, Any] = {k: counts[k] for k in (
+        "rows", "regions", "regions_captioned", "regions_missing", "requests", "prompt_tokens", "output_tokens")}
+    scan.update({"rows_ok": counts["status_ok"], "rows_partial": counts["status_partial"],
+                 "rows_no_regions": counts["status_no_regions"], "error_rows": counts["status_error"],
+                 "errors": dict(errors), "dropped_reasons": dict(dropped), "finish_reasons": dict(finish)})
+    scan["error_rate"] = counts["status_error"] / counts["rows"] if counts["rows"] else None
+    if counts["answered"]:
+        scan["parse_success_rate"] = counts["format_ok"] / counts["answered"]
+    if latencies:
+        latencies.sort()
+        scan["latency_p50_s"] = _quantile(latencies, 0.5)
+        scan["latency_p90_s"] = _quantile(latencies, 0.9)
+    run.scan = scan
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
+    return sorted_values[i]
+
+
+def _num(value: Any) -> Optional[float]:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _dig(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+def key_metrics(run: RunData) -> Dict[str, Optional[float]]:
+    """The figures a sweep compares: metrics.json where it has them, else counted from the records."""
+    m = run.metrics or {}
+    s = run.scan
+
+    def pick(key: str) -> Optional[float]:
+        value = _num(m.get(key))
+        return value if value is not None else _num(s.get(key))
+
+    regions, captioned = pick("regions"), pick("regions_captioned")
+    out: Dict[str, Optional[float]] = {
+        "rows": pick("rows"), "error_rate": pick("error_rate"), "regions": regions,
+        "regions_captioned": captioned,
+        "captioned_share": captioned / regions if regions and captioned is not None else None,
+        "regions_per_s": _num(m.get("regions_per_s")),
+        "parse_success_rate": pick("parse_success_rate"),
+        "output_tokens_per_region": None, "prompt_tokens_per_region": None,
+        "latency_p50_s": _num(_dig(m, "latency_s", "p50")) or _num(s.get("latency_p50_s")),
+    }
+    for kind in ("output", "prompt"):
+        # Per region of the run, as metrics.json counts it (regioncap/metrics.py).
+        tokens, per = pick(f"{kind}_tokens"), _num(m.get(f"{kind}_tokens_per_region"))
+        out[f"{kind}_tokens_per_region"] = per if per is not None else (
+            tokens / regions if tokens is not None and regions else None)
+    out.update(reference_scores(m))
+    return out
+
+
+def reference_scores(metrics: Dict[str, Any]) -> Dict[str, float]:
+    """Reference-based caption scores in metrics.json (CIDEr, BLEU, ...), flattened to ``name: value``."""
+    scores: Dict[str, float] = {}
+    for key in SCORE_DICTS:
+        sub = metrics.get(key)
+        if isinstance(sub, dict):  # e.g. metrics.json's "references": {bleu4, rouge_l, cider, meteor, counts...}
+            for name, value in sub.items():
+                if str(name).lower().startswith(SCORE_NAMES) and _num(value) is not None:
+                    scores[str(name)] = float(value)
+    for key, value in metrics.items():
+        if str(key).lower().startswith(SCORE_NAMES) and _num(value) is not None:
+            scores[str(key)] = float(value)
+    return scores
+
+
+def is_multirun_dir(path: Path) -> bool:
+    """A Hydra sweep dir: ``multirun.yaml``, or no run files of its own but job subdirs."""
+    path = Path(path)
+    if (path / "multirun.yaml").is_file():
+        return True
+    if any((path / f).exists() for f in (CAPTIONS_FILE, VISUALIZE_FILE, METRICS_FILE, ".hydra")):
+        return False
+    return bool(job_dirs(path))
+
+
+def job_dirs(sweep_dir: Path) -> List[Path]:
+    """The job dirs of a sweep, in job order (``0, 1, ..., 10``, not ``0, 1, 10``)."""
+    dirs = [d for d in Path(sweep_dir).iterdir() if d.is_dir() and any(
+        (d / f).exists() for f in (".hydra", CAPTIONS_FILE, VISUALIZE_FILE, METRICS_FILE))]
+    return sorted(dirs, key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name))
+
+
+# ---------------------------------------------------------------- html helpers
+def e(value: Any) -> str:
+    """HTML-escape anything for text or a quoted attribute."""
+    return html.escape(str(value), quote=True)
+
+
+def _clip(text: str, limit: int = MAX_TEXT) -> str:
+    return text if len(text) <= limit else text[:limit] + f" … ({len(text) - limit} more characters)"
+
+
+def _fmt(value: Any, kind: str = "") -> str:
+    """A number as a person reads it: ``1,405``, ``5.5``, ``0.0002``, ``20.0%`` (``kind="pct"``)."""
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)) and kind == "pct":
+        return f"{value:.1%}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value.is_integer() and abs(value) < 1e15:
+            return f"{int(value):,}"
+        if abs(value) >= 100:
+            return f"{value:,.1f}"
+        if abs(value) >= 0.01:
+            return f"{value:.3g}" if abs(value) < 10 else f"{value:.2f}"
+        return f"{value:.2g}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
+    """A table whose header is text to escape and whose cells are HTML already."""
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _kv_table(pairs: Iterable[Tuple[str, str]]) -> str:
+    body = "".join(f"<tr><th>{e(k)}</th><td>{v}</td></tr>" for k, v in pairs)
+    return f'<table class="kv"><tbody>{body}</tbody></table>'
+
+
+def _yaml_text(obj: Any) -> str:
+    import yaml
+
+    try:
+        return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
+    except yaml.YAMLError:
+        return json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+
+
+def _pre(text: str) -> str:
+    return f"<pre>{e(text)}</pre>"
+
+
+def _badge(status: Any) -> str:
+    status = str(status)
+    return f'<span class="badge s-{e(re.sub(r"[^a-z_]", "", status.lower()))}">{e(status)}</span>'
+
+
+def thumbnail_uri(path: Path, max_px: int = DEFAULT_THUMB_PX) -> Optional[str]:
+    """A small JPEG of the image as a data URI, or None when it cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (max_px, max_px))  # JPEG: decode at reduced scale
+            im = im.convert("RGB")
+            im.thumbnail((max_px, max_px), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=80, optimize=True)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _png_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _image_html(run_dir: Path, image: Any, thumb_px: int, caption: str = "") -> str:
+    """An embedded thumbnail of a request image, or a placeholder that names it."""
+    uri = None
+    if isinstance(image, str) and image:
+        path = Path(image)
+        uri = thumbnail_uri(path if path.is_absolute() else run_dir / path, thumb_px)
+    cap = f"<figcaption>{e(caption)}</figcaption>" if caption else ""
+    if uri is None:
+        return f'<figure><div class="noimg">image not available<br><code>{e(image)}</code></div>{cap}</figure>'
+    return f'<figure><img src="{uri}" alt="{e(image)}" loading="eager">{cap}</figure>'
+
+
+def _palette(run: RunData) -> List[str]:
+    palette = _dig(run.config, "draw", "palette")
+    if isinstance(palette, list) and palette:
+        return [str(c) for c in palette]
+    return DEFAULT_PALETTE
+
+
+_COLOUR = re.compile(r"^(#[0-9a-fA-F]{3,8}|[a-zA-Z]{3,20})$")
+
+
+def _swatch(number: Any, palette: Sequence[str]) -> str:
+    """The region's number on the colour of its mark (colour ``palette[(number - 1) % len]``)."""
+    colour = ""
+    if isinstance(number, int) and number >= 1:
+        c = palette[(number - 1) % len(palette)]
+        colour = c if _COLOUR.match(c) else ""  # a colour string goes into CSS: only plain forms
+    style = f' style="background:{e(colour)}"' if colour else ""
+    return f'<span class="num"{style}>{e(number)}</span>'
+
+
+# ---------------------------------------------------------------- sections
+def _head(title: str) -> str:
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        # No script, no request: inline styles and data: images only.
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'\">"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        f"<title>{e(title)}</title><style>{CSS}</style></head><body>"
+    )
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _small_flat(value: Any) -> bool:
+    return isinstance(value, dict) and 0 < len(value) <= 10 and all(_is_scalar(v) for v in value.values())
+
+
+def _manifest_summary(man: Dict[str, Any]) -> str:
+    """Scalars and lists of scalars (``command``) under "run", each small flat dict (``git``,
+    ``model``) as its own small table; empty values left out. Side by side, to keep it short."""
+    groups: Dict[str, List[Tuple[str, str]]] = {"run": []}
+    for key, value in man.items():
+        if value is None or value == "":
+            continue
+        if _is_scalar(value):
+            groups["run"].append((key, e(_fmt(value))))
+        elif isinstance(value, list) and all(_is_scalar(v) for v in value):
+            groups["run"].append((key, "<code>" + e(" ".join(str(v) for v in value)) + "</code>"))
+        elif _small_flat(value):
+            groups[key] = [(k, e(_fmt(v))) for k, v in value.items() if v is not None and v != ""]
+    tables = [f"<div><h3>{e(name)}</h3>{_kv_table(rows)}</div>" for name, rows in groups.items() if rows]
+    return f'<div class="tables manifest">{"".join(tables)}</div>' if tables else ""
+
+
+def _manifest_section(run: RunData) -> str:
+    parts = []
+    man = run.manifest
+    if man:
+        parts.append(_manifest_summary(man))
+        for key, value in man.items():
+            if _small_flat(value):
+                continue
+            if isinstance(value, (dict, list)) and not (
+                    isinstance(value, list) and all(_is_scalar(v) for v in value)):
+                opened = " open" if key in ("hydra", "choices", "overrides") else ""
+                parts.append(f"<details{opened}><summary>{e(key)}</summary>{_pre(_yaml_text(value))}</details>")
+    else:
+        parts.append('<p class="note">no manifest.json in this run dir; the config and overrides are '
+                     "Hydra's (<code>.hydra/</code>).</p>")
+        if run.choices:
+            parts.append(_kv_table((k, e(v)) for k, v in run.choices.items()))
+        if run.overrides:
+            parts.append(f"<details open><summary>overrides</summary>{_pre(chr(10).join(run.overrides))}</details>")
+        if run.config is not None:
+            parts.append(f"<details><summary>config (.hydra/config.yaml)</summary>{_pre(_yaml_text(run.config))}"
+                         "</details>")
+    return f'<details class="section" open><summary><h2>Manifest</h2></summary>{"".join(parts)}</details>'
+
+
+def _headline(run: RunData) -> str:
+    km = key_metrics(run)
+    cards = [
+        ("rows", _fmt(km["rows"])), ("error rate", _fmt(km["error_rate"], "pct")),
+        ("regions captioned", f"{_fmt(km['regions_captioned'])} / {_fmt(km['regions'])}"),
+        ("regions / s", _fmt(km["regions_per_s"])),
+        ("output tokens / region", _fmt(km["output_tokens_per_region"])),
+        ("parse success", _fmt(km["parse_success_rate"], "pct")),
+    ]
+    cards += [(name, _fmt(v)) for name, v in reference_scores(run.metrics or {}).items()]
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="v">{e(v)}</div><div class="k">{e(k)}</div></div>' for k, v in cards) + "</div>"
+
+
+#: metrics.json keys by topic (regioncap/metrics.py); ``pct`` is a share shown as a percentage.
+_METRIC_GROUPS = [
+    ("Rows", [("rows", ""), ("rows_ok", ""), ("rows_partial", ""), ("rows_no_regions", ""), ("rows_pending", ""),
+              ("error_rows", ""), ("error_rate", "pct"), ("error_rows_by_stage", "")]),
+    ("Regions", [("regions", ""), ("regions_captioned", ""), ("regions_missing", ""),
+                 ("regions_missing_by_reason", ""), ("regions_from_reask", ""), ("boxes_dropped", ""),
+                 ("boxes_dropped_by_reason", ""), ("boxes_clipped", ""), ("images", ""), ("chunks", "")]),
+    ("Cost and speed", [("wall_s", ""), ("regions_per_s", ""), ("images_per_s", ""),
+                        ("requests", ""), ("reasks", ""), ("prompt_tokens", ""), ("output_tokens", ""),
+                        ("visual_tokens", ""), ("prompt_tokens_per_region", ""),
+                        ("visual_tokens_per_region", ""), ("output_tokens_per_region", ""),
+                        ("visual_tokens_per_request", "")]),
+    ("Answers", [("requests_answered", ""), ("requests_failed", ""), ("requests_format_ok", ""),
+                 ("parse_success_rate", "pct"), ("captions_empty", ""), ("captions_duplicated", ""),
+                 ("captions_repeat_prompt", "")]),
+]
+_SHOWN = {k for _, keys in _METRIC_GROUPS for k, _ in keys} | {"stages", "errors", "references"}
+#: A metrics.json dict with only these keys is a distribution (``latency_s``, ``caption_words``).
+_DIST_KEYS = {"n", "mean", "std", "min", "p50", "p90", "p95", "p99", "max"}
+
+
+def _value_html(value: Any, kind: str = "") -> str:
+    if isinstance(value, dict):
+        flat = [(k, v) for k, v in value.items() if _is_scalar(v)]
+        return e(", ".join(f"{k}: {_fmt(v, kind)}" for k, v in flat)) if flat else "–"
+    return e(_fmt(value, kind))
+
+
+def _metrics_section(run: RunData) -> str:
+    """metrics.json as tables by topic; what it lacks (no metrics.json, an older run) counted from the records."""
+    m = run.metrics
+    s = run.scan
+    parts = []
+    if m is None:
+        parts.append(f'<p class="note">no {METRICS_FILE}: the figures below are counted from '
+                     f"{e(run.records_file.name if run.records_file else 'nothing')}.</p>")
+        m = {k: v for k, v in s.items() if k in _SHOWN}
+    tables = []
+    for title, keys in _METRIC_GROUPS:
+        rows = [(k, _value_html(m.get(k), kind)) for k, kind in keys if k in m]
+        if rows:
+            tables.append(f"<div><h3>{e(title)}</h3>{_kv_table(rows)}</div>")
+    refs = m.get("references")
+    if isinstance(refs, dict) and refs:
+        rows = [(k, _value_html(v)) for k, v in refs.items() if _is_scalar(v) or isinstance(v, dict)]
+        tables.append(f"<div><h3>References</h3>{_kv_table(rows)}</div>")
+    km = key_metrics(run)
+    counted = [("parse_success_rate", "parse success rate", "pct", s.get("parse_success_rate")),
+               ("latency_s", "latency p50 (s)", "", s.get("latency_p50_s")),
+               ("latency_s", "latency p90 (s)", "", s.get("latency_p90_s")),
+               ("output_tokens_per_region", "output tokens / region", "", km["output_tokens_per_region"]),
+               ("prompt_tokens_per_region", "prompt tokens / region", "", km["prompt_tokens_per_region"])]
+    counted = [(label, e(_fmt(v, kind))) for key, label, kind, v in counted if key not in m and v is not None]
+    if counted:
+        tables.append(f"<div><h3>Counted from the records</h3>{_kv_table(counted)}</div>")
+    other: List[Tuple[str, str]] = []
+    dists: List[Tuple[str, Dict[str, Any]]] = []
+    for k, v in (run.metrics or {}).items():
+        if k in _SHOWN:
+            continue
+        if isinstance(v, dict) and v and set(v) <= _DIST_KEYS:
+            dists.append((k, v))
+        elif _is_scalar(v) or isinstance(v, dict):
+            other.append((k, _value_html(v)))
+    if other:
+        tables.append(f"<div><h3>Other</h3>{_kv_table(other)}</div>")
+    parts.append(f'<div class="tables">{"".join(tables)}</div>')
+    if dists:
+        cols = [c for c in ("n", "mean", "std", "min", "p50", "p90", "p95", "p99", "max")
+                if any(c in d for _, d in dists)]
+        parts.append("<h3>Distributions</h3>" + _table(
+            ["metric"] + cols, ([e(k)] + [e(_fmt(d.get(c))) for c in cols] for k, d in dists), "dist"))
+    stages = m.get("stages")
+    if isinstance(stages, dict) and stages:
+        rows = []
+        for name, st in stages.items():
+            st = st if isinstance(st, dict) else {}
+            errs = st.get("errors") or {}
+            rows.append([e(name), e(_fmt(st.get("rows"))), e(_fmt(st.get("seconds"))),
+                         e(_fmt(st.get("rows_per_s"))),
+                         e(", ".join(f"{k}: {v}" for k, v in errs.items()) if isinstance(errs, dict) else errs)])
+        parts.append("<h3>Stages</h3>" + _table(["stage", "rows", "seconds", "rows / s", "errors"], rows))
+    extra = []
+    if s.get("finish_reasons"):
+        extra.append("finish reasons: " + ", ".join(f"{e(k)} {v}" for k, v in sorted(s["finish_reasons"].items())))
+    if s.get("dropped_reasons"):
+        extra.append("dropped boxes: " + ", ".join(f"{e(k)} {v}" for k, v in sorted(s["dropped_reasons"].items())))
+    if extra:
+        parts.append('<p class="note">' + "<br>".join(extra) + "</p>")
+    return '<section><h2>Metrics</h2>' + "".join(parts) + "</section>"
+
+
+def _errors_section(run: RunData) -> str:
+    counts = dict((run.metrics or {}).get("errors") or run.scan.get("errors") or {})
+    for kind in run.error_examples:
+        counts.setdefault(kind, len(run.error_examples[kind]))
+    if not counts:
+        return '<section><h2>Errors</h2><p class="ok">no error rows.</p></section>'
+    rows = []
+    for kind, n in sorted(counts.items(), key=lambda kv: (-_count(kv[1]), kv[0])):
+        examples = "".join(f"<li><span class=\"rowid\">{e(label)}</span> {e(_clip(msg, 500))}</li>"
+                           for label, msg in run.error_examples.get(kind, []))
+        rows.append([f"<code>{e(kind)}</code>", e(_fmt(n)), f"<ul class=\"ex\">{examples}</ul>" if examples else "–"])
+    return "<section><h2>Errors by kind</h2>" + _table(["stage/kind", "rows", "examples"], rows, "errors") + "</section>"
+
+
+def _count(value: Any) -> float:
+    return _num(value) or 0
+
+
+def _as_texts(value: Any) -> List[str]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [str(v) for v in items if v is not None and str(v).strip()]
+
+
+def _references(rec: Dict[str, Any], reg: Dict[str, Any], key: Optional[str] = "references") -> List[str]:
+    """Reference captions of a region: on the region itself, or the row's ``data.references_key``
+    field (one entry per input box, a string or a list of strings) at the region's ``source_index``."""
+    for name in ("references", "reference"):
+        if reg.get(name):
+            return _as_texts(reg[name])
+    if not key:
+        return []
+    collided = rec.get("input")
+    refs = collided[key] if isinstance(collided, dict) and key in collided else rec.get(key)
+    if isinstance(refs, str) and refs.lstrip().startswith("["):
+        try:
+            refs = json.loads(refs)
+        except ValueError:
+            pass
+    if isinstance(refs, str):
+        refs = [refs]
+    idx = reg.get("source_index")
+    if isinstance(refs, list) and isinstance(idx, int) and 0 <= idx < len(refs):
+        return _as_texts(refs[idx])
+    return []
+
+
+def _references_key(run: RunData) -> Optional[str]:
+    data = _dig(run.config, "data")
+    if isinstance(data, dict) and "references_key" in data:
+        return data["references_key"]
+    return "references"
+
+
+def _caption_cell(reg: Dict[str, Any], stage: Optional[str]) -> str:
+    caption = reg.get("caption")
+    if caption:
+        html_ = f'<span class="cap">{e(_clip(str(caption)))}</span>'
+        if reg.get("attempt") == 2:
+            html_ += ' <span class="tag">re-asked</span>'
+        return html_
+    if reg.get("missing") or stage == "caption":
+        return f'<span class="missing">missing</span> <span class="why">{e(reg.get("reason") or "")}</span>'
+    return '<span class="why">not captioned yet (visualize stage only)</span>'
+
+
+def _region_table(rec: Dict[str, Any], stage: Optional[str], palette: Sequence[str],
+                  references_key: Optional[str] = "references") -> str:
+    regions = [r for r in rec.get("regions") or [] if isinstance(r, dict)]
+    has_refs = any(_references(rec, r, references_key) for r in regions)
+    has_scores = any(isinstance(r.get("scores"), dict) for r in regions)
+    chunks = len({r.get("chunk") for r in regions}) > 1
+    header = ["#", "caption"] + (["reference"] if has_refs else []) + (["scores"] if has_scores else [])
+    rows = []
+    for reg in regions:
+        num = _swatch(reg.get("number"), palette)
+        if chunks:
+            num += f'<span class="why">img {e(_fmt(reg.get("chunk")))}</span>'
+        cells = [num, _caption_cell(reg, stage)]
+        if has_refs:
+            cells.append("<br>".join(f'<span class="ref">{e(_clip(r, 500))}</span>'
+                                     for r in _references(rec, reg, references_key)) or '<span class="why">–</span>')
+        if has_scores:
+            sc = reg.get("scores") if isinstance(reg.get("scores"), dict) else {}
+            cells.append(e(", ".join(f"{k} {_fmt(v)}" for k, v in sc.items())))
+        rows.append(cells)
+    cls = "regions" + (" missing-row" if any(r.get("missing") for r in regions) else "")
+    return _table(header, rows, cls)
+
+
+def _sample_card(run: RunData, rec: Dict[str, Any], thumb_px: int) -> str:
+    requests = [s for s in rec.get("requests") or [] if isinstance(s, dict)]
+    images = []
+    for spec in requests[:IMAGES_PER_ROW]:
+        label = str(spec.get("key", "")) if len(requests) > 1 else ""
+        images.append(_image_html(run.path, spec.get("image") or rec.get("image_with_bbox"), thumb_px, label))
+    if len(requests) > IMAGES_PER_ROW:
+        images.append(f'<p class="why">+{len(requests) - IMAGES_PER_ROW} more request images</p>')
+    meta = [f'<span class="rowid">{e(rec.get("id"))}</span>', _badge(rec.get("status")),
+            f'<code class="path">{e(rec.get("image"))}</code>']
+    size = rec.get("image_size")
+    if isinstance(size, list) and len(size) == 2:
+        meta.append(f'<span class="why">{e(size[0])}×{e(size[1])}</span>')
+    tokens = rec.get("tokens")
+    if isinstance(tokens, dict):
+        meta.append(f'<span class="why">tokens {e(tokens.get("prompt"))} in / {e(tokens.get("output"))} out</span>')
+    notes = []
+    for key in ("dropped_boxes", "clipped_boxes"):
+        items = [d for d in rec.get(key) or [] if isinstance(d, dict)]
+        if items:
+            notes.append(f"{key.replace('_', ' ')}: " + ", ".join(
+                f"#{e(d.get('index'))} {e(d.get('reason'))}" for d in items))
+    if isinstance(rec.get("error"), dict):
+        notes.append(f"error: {e(rec['error'].get('kind'))}: {e(_clip(str(rec['error'].get('message')), 500))}")
+    answer = ""
+    if rec.get("answer"):
+        answer = f"<details><summary>raw answer</summary>{_pre(_clip(str(rec['answer']), 4000))}</details>"
+    prompt = ""
+    if rec.get("prompt"):
+        prompt = f"<details><summary>prompt</summary>{_pre(_clip(str(rec['prompt']), 4000))}</details>"
+    notes_html = f'<p class="why">{"<br>".join(notes)}</p>' if notes else ""
+    return (f'<div class="sample"><div class="imgs">{"".join(images)}</div><div class="caps">'
+            f'<div class="meta">{" ".join(meta)}</div>{notes_html}'
+            f"{_region_table(rec, run.stage, _palette(run), _references_key(run))}{answer}{prompt}</div></div>")
+
+
+def _samples_section(run: RunData, thumb_px: int) -> str:
+    if not run.samples:
+        return '<section><h2>Samples</h2><p class="note">no row with an image to show.</p></section>'
+    total = run.scan.get("rows", 0)
+    cards = "".join(_sample_card(run, rec, thumb_px) for rec in run.samples)
+    return (f"<section><h2>Samples</h2><p class=\"note\">{len(run.samples)} of {total} rows: the marked images "
+            f"the model saw (thumbnails) and each region's caption; the number is on its mark's colour.</p>"
+            f"{cards}</section>")
+
+
+def _problems(run: RunData) -> str:
+    if not run.problems:
+        return ""
+    return '<div class="warn">' + "<br>".join(e(p) for p in run.problems) + "</div>"
+
+
+def render_run(run: RunData, *, thumb_px: int = DEFAULT_THUMB_PX) -> str:
+    """The HTML page of one run."""
+    title = f"regioncap report: {run.path.name}"
+    body = [f"<header><h1>{e(title)}</h1><p class=\"path\"><code>{e(run.path)}</code></p></header>"]
+    if run.failure:
+        body.append(f'<div class="warn">this run has no records: {e(run.failure)}</div>')
+    body.append(_problems(run))
+    if run.records_file is not None:
+        body.append(_headline(run))
+    body.append(_manifest_section(run))
+    if run.records_file is not None or run.metrics:
+        body.append(_metrics_section(run))
+    if run.records_file is not None:
+        body.append(_errors_section(run))
+        body.append(_samples_section(run, thumb_px))
+    return _head(title) + "".join(body) + "</body></html>\n"
+
+
+# ---------------------------------------------------------------- sweeps
+def split_override(override: str) -> Tuple[str, str]:
+    """``key=value`` (with Hydra's ``+``/``++``/``~`` prefixes kept on the key)."""
+    key, sep, value = override.partition("=")
+    return (key, value) if sep else (override, "")
+
+
+def _varying(jobs: Sequence[RunData]) -> Tuple[List[str], Dict[str, str]]:
+    """Override keys whose value differs across jobs (in first-seen order), and the common ones."""
+    keys: List[str] = []
+    values: Dict[str, set] = {}
+    for job in jobs:
+        for o in job.overrides:
+            k, v = split_override(o)
+            if k not in values:
+                keys.append(k)
+                values[k] = set()
+            values[k].add(v)
+    per_job = [dict(split_override(o) for o in job.overrides) for job in jobs]
+    varying = [k for k in keys if len(values[k]) > 1 or any(k not in d for d in per_job)]
+    common = {k: next(iter(values[k])) for k in keys if k not in varying}
+    return varying, common
+
+
+def job_label(job: RunData, varying: Sequence[str]) -> str:
+    """A job by the values of the swept overrides (``max_boxes=2, prompt=crop``), else its number."""
+    d = dict(split_override(o) for o in job.overrides)
+    parts = [f"{k}={d[k]}" for k in varying if k in d]
+    return ", ".join(parts) if parts else f"job {job.name}"
+
+
+def _job_status(job: RunData) -> str:
+    if job.records_file is None:
+        return "failed"
+    if job.stage == "visualize":
+        return "visualize only"
+    rate, limit = _num((job.metrics or {}).get("error_rate")), _num(_dig(job.config, "max_error_rate"))
+    if rate is not None and limit is not None and rate > limit:
+        return "over max_error_rate"
+    if job.metrics is None:
+        return "incomplete"
+    return "ok"
+
+
+_COMPARE = [("error_rate", "error rate", "pct"), ("regions_captioned", "regions captioned", ""),
+            ("regions_per_s", "regions / s", ""), ("output_tokens_per_region", "out tokens / region", ""),
+            ("prompt_tokens_per_region", "prompt tokens / region", ""),
+            ("parse_success_rate", "parse success", "pct"), ("latency_p50_s", "latency p50 (s)", "")]
+
+
+def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str]) -> str:
+    kms = [key_metrics(j) for j in jobs]
+    score_names = _score_names(jobs)
+    header = ["job"] + list(varying) + ["status"] + [label for _, label, _ in _COMPARE] + score_names
+    rows = []
+    for job, km in zip(jobs, kms):
+        d = dict(split_override(o) for o in job.overrides)
+        status = _job_status(job)
+        link = ""
+        if (job.path / REPORT_FILE).is_file():
+            rel = f"{job.path.name}/{REPORT_FILE}"
+            link = f' <a href="{e(rel)}">report</a>'
+        status_html = _badge(status)
+        if job.failure:
+            status_html += f'<div class="why">{e(_clip(job.failure, 300))}</div>'
+        cells = [f"<code>{e(job.name)}</code>{link}"] + [f"<code>{e(d.get(k, '–'))}</code>" for k in varying]
+        cells.append(status_html)
+        for key, _, kind in _COMPARE:
+            value = km.get(key)
+            if key == "regions_captioned" and value is not None:
+                cells.append(f"{e(_fmt(value))} / {e(_fmt(km.get('regions')))}")
+            else:
+                cells.append(e(_fmt(value, kind)))
+        cells += [e(_fmt(km.get(n))) for n in score_names]
+        rows.append(cells)
+    return _table(header, rows, "compare")
+
+
+def _score_names(jobs: Sequence[RunData]) -> List[str]:
+    names: List[str] = []
+    for job in jobs:
+        names += [n for n in reference_scores(job.metrics or {}) if n not in names]
+    return names
+
+
+def _plot_label(text: str) -> str:
+    # matplotlib reads $...$ as mathtext; an override value is plain text.
+    return text.replace("$", r"\$")
+
+
+def sweep_plots(jobs: Sequence[RunData], varying: Sequence[str]) -> List[Tuple[str, str]]:
+    """Quality-vs-cost and metric-vs-parameter plots as ``(title, PNG data URI)``; matplotlib's Agg, no pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    kms = [key_metrics(j) for j in jobs]
+    labels = [_plot_label(job_label(j, varying)) for j in jobs]
+    plots: List[Tuple[str, str]] = []
+
+    def save(fig: Figure) -> str:
+        FigureCanvasAgg(fig)
+        buf = io.BytesIO()
+        # No Software/date metadata: the same sweep gives the same bytes.
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+        return _png_uri(buf.getvalue())
+
+    score_names = _score_names(jobs)
+    qualities = [(n, n) for n in score_names[:2]] + [("parse_success_rate", "parse success rate"),
+                                                     ("captioned_share", "regions captioned (share)")]
+    costs = [("regions_per_s", "regions / s (higher is cheaper)"),
+             ("output_tokens_per_region", "output tokens / region")]
+    def varies(key: str) -> bool:
+        return len({km[key] for km in kms if km.get(key) is not None}) > 1
+
+    # A quality every job has the same value of makes a flat plot: leave it to the table
+    # (but keep one quality-vs-cost plot when nothing varies).
+    varying_q = [q for q in qualities if varies(q[0])]
+    present_q = [q for q in qualities if any(km.get(q[0]) is not None for km in kms)]
+    qualities = varying_q or present_q[:1]
+    markers = "osD^vP*X<>"
+    for qkey, qlabel in qualities:
+        panels = []
+        for ckey, clabel in costs:
+            pts = [(i, km[ckey], km[qkey]) for i, km in enumerate(kms)
+                   if km.get(ckey) is not None and km.get(qkey) is not None]
+            if pts:
+                panels.append((clabel, pts))
+        if not panels:
+            continue
+        try:
+            fig = Figure(figsize=(4.6 * len(panels) + 3.2, 3.4))
+            shown: Dict[int, Any] = {}
+            for p, (clabel, pts) in enumerate(panels):
+                ax = fig.add_subplot(1, len(panels), p + 1)
+                for i, x, y in pts:
+                    # One colour and marker per job; the job number beside the point, the
+                    # overrides in the legend (labels on the points overlap where jobs tie).
+                    handle = ax.scatter([x], [y], s=40, zorder=3, color=f"C{i % 10}", marker=markers[i % len(markers)],
+                                        label=f"{jobs[i].name}: {labels[i]}")
+                    shown.setdefault(i, handle)
+                    ax.annotate(_plot_label(jobs[i].name), (x, y), textcoords="offset points", xytext=(5, 4),
+                                fontsize=7)
+                ax.set_xlabel(clabel)
+                ax.set_ylabel(qlabel)
+                ax.grid(alpha=0.3)
+                ax.margins(0.15)
+            fig.legend(handles=[shown[i] for i in sorted(shown)], loc="center left", bbox_to_anchor=(1.0, 0.5),
+                       fontsize=7, frameon=False)
+            fig.suptitle(f"{qlabel} vs cost, one point per job", fontsize=10)
+            fig.tight_layout()
+            plots.append((f"{qlabel} vs cost", save(fig)))
+        except Exception as exc:  # a plot is a nicety; never fail the report for it
+            log.warning("report: plot %s failed: %s", qlabel, exc)
+        if len(plots) >= 3:
+            break
+
+    metrics = [("regions_per_s", "regions / s"), ("output_tokens_per_region", "out tokens / region"),
+               ("parse_success_rate", "parse success"), ("error_rate", "error rate")] + \
+              [(n, n) for n in score_names[:2]]
+    metrics = [(k, lab) for k, lab in metrics if varies(k)] or \
+        [(k, lab) for k, lab in metrics if any(km.get(k) is not None for km in kms)][:1]
+    for param in list(varying)[:3]:
+        values = [dict(split_override(o) for o in j.overrides).get(param) for j in jobs]
+        if len({v for v in values if v is not None}) < 2 or not metrics:
+            continue
+        others = [k for k in varying if k != param]
+        numeric = all(_is_number(v) for v in values if v is not None)
+        order = sorted({v for v in values if v is not None}, key=float) if numeric else \
+            list(dict.fromkeys(v for v in values if v is not None))
+        try:
+            fig = Figure(figsize=(3.4 * len(metrics), 3.2))
+            for i, (mkey, mlabel) in enumerate(metrics):
+                ax = fig.add_subplot(1, len(metrics), i + 1)
+                groups: Dict[str, List[Tuple[float, float]]] = {}
+                for job, km, v in zip(jobs, kms, values):
+                    if v is None or km.get(mkey) is None:
+                        continue
+                    x = float(v) if numeric else order.index(v)
+                    groups.setdefault(_plot_label(job_label(job, others)) if others else "", []).append((x, km[mkey]))
+                for gname, pts in groups.items():
+                    pts.sort()
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=gname or None)
+                if not numeric:
+                    ax.set_xticks(range(len(order)))
+                    ax.set_xticklabels([_plot_label(str(o)) for o in order], rotation=20, fontsize=7)
+                ax.set_xlabel(_plot_label(param))
+                ax.set_title(mlabel, fontsize=9)
+                ax.grid(alpha=0.3)
+                if others and i == 0 and groups:
+                    ax.legend(fontsize=6)
+            fig.suptitle(f"metrics vs {_plot_label(param)}", fontsize=10)
+            fig.tight_layout()
+            plots.append((f"metrics vs {param}", save(fig)))
+        except Exception as exc:
+            log.warning("report: plot vs %s failed: %s", param, exc)
+    return plots
+
+
+def _is_number(value: str) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _side_by_side(jobs: Sequence[RunData], varying: Sequence[str], thumb_px: int) -> str:
+    """The same rows' captions from every job, on the first job's marked image."""
+    jobs = [j for j in jobs if j.records_file is not None]  # a failed job has nothing to compare
+    base = next((j for j in jobs if j.samples), None)
+    if base is None:
+        return ""
+    by_job = [{str(r.get("id")): r for r in j.samples} for j in jobs]
+    blocks = []
+    for rec in base.samples[:SWEEP_ROWS]:
+        rid = str(rec.get("id"))
+        spec = next((s for s in rec.get("requests") or [] if isinstance(s, dict)), {})
+        image = _image_html(base.path, spec.get("image"), thumb_px, f"marks as drawn in job {base.name}")
+        header = ["region"] + [job_label(j, varying) for j in jobs]
+        rows = []
+        for reg in rec.get("regions") or []:
+            if not isinstance(reg, dict):
+                continue
+            cells = [f'{_swatch(reg.get("number"), _palette(base))}<span class="why">id {e(reg.get("id"))}</span>']
+            for j, lookup in zip(jobs, by_job):
+                other = lookup.get(rid)
+                match = next((r for r in (other or {}).get("regions") or []
+                              if isinstance(r, dict) and r.get("id") == reg.get("id")), None)
+                cells.append(_caption_cell(match, j.stage) if match else '<span class="why">–</span>')
+            rows.append(cells)
+        layout = "wide" if len(jobs) <= 2 else "stack"  # many jobs: the table gets the page's width
+        blocks.append(f'<div class="sample {layout}"><div class="imgs">{image}</div><div class="caps">'
+                      f'<div class="meta"><span class="rowid">{e(rid)}</span> <code class="path">'
+                      f'{e(rec.get("image"))}</code></div><div class="scroll">{_table(header, rows, "regions side")}'
+                      "</div></div></div>")
+    return ("<section><h2>Captions side by side</h2><p class=\"note\">the same rows in every job; region ids "
+            "are the row's kept boxes in input order (mark numbers restart on each chunk image).</p>"
+            + "".join(blocks) + "</section>")
+
+
+def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DEFAULT_THUMB_PX) -> str:
+    """The HTML page of a multirun: comparison, plots, side-by-side captions, per-job details."""
+    problems: List[str] = []
+    multirun = _read_yaml(sweep_dir / "multirun.yaml", problems)
+    task = _dig(multirun, "hydra", "overrides", "task")
+    varying, common = _varying(jobs)
+    title = f"regioncap sweep report: {sweep_dir.name}"
+    body = [f"<header><h1>{e(title)}</h1><p class=\"path\"><code>{e(sweep_dir)}</code></p></header>"]
+    if problems:
+        body.append('<div class="warn">' + "<br>".join(e(p) for p in problems) + "</div>")
+    info = [("jobs", e(len(jobs))), ("failed", e(sum(1 for j in jobs if j.records_file is None)))]
+    if isinstance(task, list):
+        info.append(("sweep overrides", "<code>" + e(" ".join(str(t) for t in task)) + "</code>"))
+    if common:
+        info.append(("common overrides", "<code>" + e(" ".join(f"{k}={v}" for k, v in common.items())) + "</code>"))
+    body.append(_kv_table(info))
+    body.append('<section><h2>Jobs</h2><div class="scroll">' + _comparison_table(jobs, varying)
+                + "</div></section>")
+    plots = sweep_plots(jobs, varying)
+    if plots:
+        figs = "".join(f'<figure class="plot"><img src="{uri}" alt="{e(t)}"><figcaption>{e(t)}</figcaption></figure>'
+                       for t, uri in plots)
+        body.append(f"<section><h2>Quality and cost</h2>{figs}</section>")
+    body.append(_side_by_side(jobs, varying, thumb_px))
+    details = []
+    for job in jobs:
+        inner = [_problems(job)]
+        if job.failure:
+            inner.append(f'<div class="warn">failed: {e(job.failure)}</div>')
+        if job.overrides:
+            inner.append(_pre("\n".join(job.overrides)))
+        if job.records_file is not None or job.metrics:
+            inner.append(_metrics_section(job))
+        if job.records_file is not None:
+            inner.append(_errors_section(job))
+        if job.manifest:
+            inner.append(f"<details><summary>manifest</summary>{_pre(_yaml_text(job.manifest))}</details>")
+        elif job.config is not None:
+            inner.append(f"<details><summary>config</summary>{_pre(_yaml_text(job.config))}</details>")
+        details.append(f'<details class="job"><summary>job {e(job.name)}: {e(job_label(job, varying))} '
+                       f'{_badge(_job_status(job))}</summary>{"".join(inner)}</details>')
+    body.append("<section><h2>Each job</h2>" + "".join(details) + "</section>")
+    return _head(title) + "".join(body) + "</body></html>\n"
+
+
+# ---------------------------------------------------------------- entry points
+def write_report(run_dir: Path, out: Optional[Path] = None, *, max_rows: int = DEFAULT_ROWS,
+                 thumb_px: int = DEFAULT_THUMB_PX) -> Path:
+    """Write the HTML report of a run dir or a multirun dir; return its path (default ``run_dir/report.html``).
+
+    Raises :class:`ReportError` when ``run_dir`` is neither; a failed or partial
+    run is reported, not raised.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir} is not a directory; give a run dir (with {CAPTIONS_FILE}) or a multirun dir")
+    if is_multirun_dir(run_dir):
+        jobs = [load_run(d, max_rows=SWEEP_ROWS, prefer_partial=False) for d in job_dirs(run_dir)]
+        page = render_sweep(run_dir, jobs, thumb_px=thumb_px)
+    else:
+        run = load_run(run_dir, max_rows=max_rows)
+        if run.records_file is None and run.metrics is None and not (run_dir / ".hydra").is_dir():
+            raise ReportError(
+                f"{run_dir} is neither a run dir (no {CAPTIONS_FILE}, {VISUALIZE_FILE}, {METRICS_FILE} or .hydra/) "
+                "nor a multirun dir (no multirun.yaml, no job subdirs)")
+        page = render_run(run, thumb_px=thumb_px)
+    out = Path(out) if out is not None else run_dir / REPORT_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)  # a reader never sees half a report
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m regioncap.report PATH [--out FILE]``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m regioncap.report",
+        description="Write a self-contained HTML report of a regioncap run dir or multirun (sweep) dir.")
+    parser.add_argument("path", type=Path, help="a run dir (captions.jsonl, metrics.json) or a multirun dir")
+    parser.add_argument("--out", type=Path, default=None, help="output file (default: PATH/report.html)")
+    parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="sample rows shown (default %(default)s)")
+    parser.add_argument("--thumb", type=int, default=DEFAULT_THUMB_PX,
+                        help="longest side of embedded thumbnails in px (default %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        out = write_report(args.path, args.out, max_rows=max(0, args.rows), thumb_px=max(16, args.thumb))
+    except (ReportError, OSError) as exc:
+        print(f"regioncap.report: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+CSS = """
+:root{--fg:#1d1f23;--mute:#6b7280;--line:#e3e5e8;--bg:#fff;--soft:#f6f7f9;--accent:#4363d8;--bad:#b42318;--warn:#b54708}
+*{box-sizing:border-box}
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:var(--fg);background:var(--bg);
+max-width:1280px;margin:0 auto;padding:20px 28px 60px}
+h1{font-size:22px;margin:0 0 2px}h2{font-size:17px;margin:28px 0 10px;display:inline-block}h3{font-size:13px;margin:10px 0 6px;color:var(--mute);
+text-transform:uppercase;letter-spacing:.04em}
+header{border-bottom:1px solid var(--line);padding-bottom:10px;margin-bottom:14px}
+code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,"DejaVu Sans Mono",monospace}
+pre{background:var(--soft);border:1px solid var(--line);border-radius:6px;padding:10px;overflow:auto;max-height:480px;white-space:pre-wrap;word-break:break-word}
+.path{color:var(--mute);margin:0;word-break:break-all}
+section{margin-top:8px}
+details>summary{cursor:pointer}
+details.section>summary{list-style-position:outside}
+details.section>summary h2{margin-top:20px}
+details details{margin:6px 0}
+table{border-collapse:collapse;margin:4px 0 10px;font-size:13px}
+th,td{border-bottom:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top}
+thead th{background:var(--soft);font-weight:600;white-space:nowrap}
+table.kv th{font-weight:500;color:var(--mute);white-space:nowrap}
+table.kv td{font-variant-numeric:tabular-nums;word-break:break-word}
+table.compare td{font-variant-numeric:tabular-nums}
+.tables{display:flex;flex-wrap:wrap;gap:8px 28px}
+.manifest table.kv td{max-width:420px;word-break:break-all}
+.cards{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0 4px}
+.card{border:1px solid var(--line);border-radius:8px;padding:8px 14px;min-width:130px;background:var(--soft)}
+.card .v{font-size:20px;font-weight:600;font-variant-numeric:tabular-nums}.card .k{font-size:12px;color:var(--mute)}
+.note,.why{color:var(--mute);font-size:12px}
+.why{margin-left:4px}
+.ok{color:#067647}
+.warn{background:#fffaeb;border:1px solid #fedf89;color:var(--warn);border-radius:6px;padding:8px 12px;margin:8px 0;word-break:break-word}
+.sample{display:grid;grid-template-columns:minmax(0,396px) minmax(0,1fr);gap:16px;border-top:1px solid var(--line);padding:14px 0}
+.imgs{display:flex;flex-direction:column;gap:8px}
+figure{margin:0}
+figure img{max-width:100%;height:auto;display:block;border-radius:4px;border:1px solid var(--line)}
+.imgs figure img{width:100%}
+figcaption{font-size:11px;color:var(--mute)}
+.noimg{border:1px dashed var(--line);border-radius:4px;padding:24px 10px;text-align:center;color:var(--mute);font-size:12px;word-break:break-all}
+.meta{display:flex;flex-wrap:wrap;gap:6px;align-items:center;margin-bottom:4px}
+.rowid{font-weight:600}
+.path,code.path{word-break:break-all}
+table.regions{width:100%}
+table.regions td:first-child{width:1%;white-space:nowrap}
+.num{display:inline-block;min-width:22px;padding:1px 6px;border-radius:4px;background:#888;color:#fff;font-weight:700;text-align:center;
+text-shadow:0 0 2px #000,0 0 1px #000}
+.cap{white-space:pre-wrap;word-break:break-word}
+.missing{display:inline-block;background:#fef3f2;color:var(--bad);border:1px solid #fecdca;border-radius:4px;padding:0 6px;font-weight:600;font-size:12px}
+.ref{color:#344054;font-style:italic;white-space:pre-wrap}
+.tag{font-size:11px;background:#eef4ff;color:#3538cd;border-radius:4px;padding:0 5px}
+.badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;background:#f2f4f7;color:#344054}
+.s-ok{background:#ecfdf3;color:#067647}.s-partial,.s-over_max_error_rate,.s-incomplete{background:#fffaeb;color:var(--warn)}
+.s-error,.s-failed{background:#fef3f2;color:var(--bad)}
+ul.ex{margin:0;padding-left:16px}ul.ex li{word-break:break-word}
+table.errors td:last-child{max-width:760px}
+figure.plot{margin:8px 0 18px}figure.plot img{max-width:100%;border:none}
+details.job{border-top:1px solid var(--line);padding:6px 0}
+details.job>summary{font-weight:500}
+a{color:var(--accent)}
+.scroll{overflow-x:auto;max-width:100%}
+.sample.wide{grid-template-columns:minmax(0,260px) minmax(0,1fr)}
+.sample.stack{grid-template-columns:1fr}.sample.stack .imgs{max-width:320px}
+table.side td{min-width:120px}
+table.compare{font-size:12.5px}table.compare th,table.compare td{padding:4px 6px}
+table.compare .why{display:block;margin:2px 0 0;min-width:140px;max-width:260px}
+@media (max-width:800px){.sample{grid-template-columns:1fr}}
+"""
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,443 @@
+"""The HTML report (regioncap/report.py): built from real runs with the fake
+engine, checked as markup (captions present and escaped, images embedded,
+nothing fetched), then opened in headless Debian Chromium over the DevTools
+protocol: no console error, no broken image, no request but the file itself.
+
+Chromium comes from Debian (``bash scripts/install_chromium.sh``); without it
+the browser tests fail, they do not skip.
+"""
+
+from __future__ import annotations
+
+import base64
+import fcntl
+import html
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, compose, run_cli
+from regioncap.job import execute
+from regioncap.records import read_jsonl
+from regioncap.report import ReportError, main as report_main, write_report
+
+ARTIFACTS = REPO / "outputs" / "test-artifacts"
+HOSTILE_ID = '<script>alert("id")</script>'
+HOSTILE_IMAGE = "evil<img src=x onerror=alert(1)>.png"
+HOSTILE_REF = "<b>a reference</b> & more"
+
+
+# ---------------------------------------------------------------- runs
+def _write_rows(path: Path, rows: List[Dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """A real run with the fake engine: hostile strings in an id, an image name and
+    a reference (the fake's captions repeat the row id), a missing region, an error row."""
+    root = tmp_path_factory.mktemp("report")
+    data_dir = root / "data"
+    data_dir.mkdir()
+    Image.new("RGB", (480, 320), (40, 120, 200)).save(data_dir / "blue.png")
+    Image.new("RGB", (320, 480), (200, 90, 40)).save(data_dir / HOSTILE_IMAGE)
+    rows = [
+        {"id": HOSTILE_ID, "image": HOSTILE_IMAGE, "bbox": [[10, 10, 100, 100], [120, 200, 150, 150]],
+         "references": [HOSTILE_REF, ["second box", "another reference"]]},
+        {"id": "plain", "image": "blue.png", "bbox": [[20, 20, 200, 100], [250, 40, 100, 200], [5, 200, 60, 60]]},
+        {"id": "gone", "image": "missing.png", "bbox": [[1, 1, 20, 20]]},
+    ]
+    data = _write_rows(data_dir / "rows.jsonl", rows)
+    out = root / "run"
+    cfg = compose(["engine=fake", "progress=false", "data=jsonl", f"data.path={data}", "max_error_rate=1.0",
+                   "engine.skip_regions=[2]", "engine.answer_on_reask=false"], output_dir=out)
+    with pytest.MonkeyPatch.context() as mp:
+        # METEOR starts a JVM (~10 s); the report only shows whatever scores metrics.json has.
+        mp.setattr("regioncap.metrics.meteor_absent", lambda: "skipped by the report tests", raising=False)
+        execute(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    """A real multirun from the CLI: ``max_boxes=0`` fails before writing anything, the others run."""
+    sweep = tmp_path_factory.mktemp("sweep") / "multirun"
+    proc = run_cli(["-m", "engine=fake", "progress=false", "max_boxes=0,2,10", f"hydra.sweep.dir={sweep}"])
+    assert (sweep / "multirun.yaml").is_file(), proc.stderr[-3000:]
+    assert not (sweep / "0" / "captions.jsonl").exists(), "job 0 (max_boxes=0) was meant to fail"
+    assert (sweep / "1" / "captions.jsonl").is_file() and (sweep / "2" / "captions.jsonl").is_file(), \
+        proc.stderr[-3000:]
+    return sweep
+
+
+# ---------------------------------------------------------------- markup checks
+class _Tags(HTMLParser):
+    """Every start tag with its attributes, and the page's text."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: List[tuple] = []
+        self.text: List[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_startendtag(self, tag: str, attrs: list) -> None:
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def parse(page: str) -> _Tags:
+    parser = _Tags()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def assert_self_contained(page: str) -> _Tags:
+    """No script, no event handler, nothing the browser would fetch: images are data URIs."""
+    doc = parse(page)
+    names = {t for t, _ in doc.tags}
+    assert not names & {"script", "iframe", "object", "embed", "link", "base", "form", "video", "audio",
+                        "source"}, names
+    for tag, attrs in doc.tags:
+        for name, value in attrs.items():
+            assert not name.startswith("on"), (tag, name)
+            if name in ("src", "srcset", "poster", "background", "data", "action"):
+                assert (value or "").startswith("data:image/"), (tag, name, (value or "")[:80])
+            if name == "href":  # only relative links to the jobs' own reports
+                assert "://" not in value and not value.lower().startswith(("file:", "javascript:", "//")), value
+            if name == "style":
+                assert "url(" not in value, value
+    lowered = page.lower()
+    for needle in ('src="http', "src='http", "file://", '="file:', "url(", "@import", "<script"):
+        assert needle not in lowered, needle
+    assert "default-src 'none'" in page  # the page's CSP forbids any request or script
+    return doc
+
+
+def test_run_report_shows_captions_escaped_and_embeds_images(run_dir):
+    out = write_report(run_dir)
+    assert out == run_dir / "report.html"
+    page = out.read_text(encoding="utf-8")
+    doc = assert_self_contained(page)
+    text = "".join(doc.text)
+    records = {r["id"]: r for r in read_jsonl(run_dir / "captions.jsonl")}
+
+    # Every caption of the sample rows is on the page, as text (escaped in the markup).
+    for rid in (HOSTILE_ID, "plain"):
+        for reg in records[rid]["regions"]:
+            if reg["caption"]:
+                assert reg["caption"] in text
+                assert html.escape(reg["caption"]) in page
+    assert HOSTILE_ID in text and "&lt;script&gt;alert(&quot;id&quot;)&lt;/script&gt;" in page
+    assert HOSTILE_IMAGE in text and "onerror=alert(1)&gt;" in page
+    assert HOSTILE_REF in text and "&lt;b&gt;a reference&lt;/b&gt; &amp; more" in page
+    assert "another reference" in text
+
+    # Region 2 of every row is missing (the fake skips it, the re-ask does not answer): flagged.
+    assert page.count('class="missing"') == 2
+    # The error row, by kind, with its message.
+    assert "visualize/missing_file" in text and "missing.png" in text
+
+    # The marked images are embedded as small JPEG thumbnails, one per request.
+    imgs = [a["src"] for t, a in doc.tags if t == "img"]
+    assert len(imgs) == 2 and all(src.startswith("data:image/jpeg;base64,") for src in imgs)
+    for src in imgs:
+        import io
+
+        with Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))) as im:
+            assert max(im.size) <= 384
+    assert len(page.encode()) < 500_000
+
+
+def test_report_is_reproducible_and_keeps_to_its_inputs(run_dir, tmp_path):
+    a = write_report(run_dir, tmp_path / "a.html")
+    b = write_report(run_dir, tmp_path / "b.html")
+    assert a.read_bytes() == b.read_bytes()
+    assert not (run_dir / "a.html").exists()
+
+
+def test_report_survives_a_damaged_run_dir(run_dir, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    (damaged / "metrics.json").unlink()
+    with open(damaged / "captions.jsonl", "a", encoding="utf-8") as fh:
+        fh.write('{"id": "cut-off", "regions": [')  # a job killed mid-line
+    for img in (damaged / "images").iterdir():
+        img.unlink()
+        break
+    page = write_report(damaged).read_text(encoding="utf-8")
+    assert_self_contained(page)
+    assert "not JSON records and were skipped" in page
+    assert "no metrics.json" in page
+    assert "image not available" in page  # a placeholder, not a broken <img>
+
+
+def test_cli_writes_the_report_and_names_bad_paths(run_dir, tmp_path, capsys):
+    target = tmp_path / "sub" / "r.html"
+    assert report_main([str(run_dir), "--out", str(target), "--rows", "1"]) == 0
+    assert capsys.readouterr().out.strip() == str(target)
+    assert target.read_text(encoding="utf-8").count('class="sample"') == 1
+    assert report_main([str(tmp_path / "nope")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ReportError, match="neither a run dir"):
+        write_report(empty)
+    proc = subprocess.run([sys.executable, "-m", "regioncap.report", str(run_dir), "--out", str(tmp_path / "c.html")],
+                          capture_output=True, text=True, timeout=120, cwd=str(REPO),
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "c.html").is_file()
+
+
+def _fake_job(sweep: Path, name: str, overrides: List[str], source: Optional[Path]) -> Path:
+    job = sweep / name
+    if source is not None:
+        shutil.copytree(source, job)
+    (job / ".hydra").mkdir(parents=True, exist_ok=True)
+    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {json.dumps(o)}\n" for o in overrides))
+    return job
+
+
+def test_sweep_report_with_hostile_overrides_and_a_failed_job(run_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep, "0", ["engine=fake", "prompt.system=<script>x</script>", "max_boxes=2"], run_dir)
+    _fake_job(sweep, "1", ["engine=fake", "prompt.system=$\\alpha$ {price}", "max_boxes=10"], run_dir)
+    failed = _fake_job(sweep, "2", ["engine=fake", "prompt.system=plain", "max_boxes=5"], None)
+    (failed / "regioncap.log").write_text("[2026-01-01 00:00:00,000][regioncap][ERROR] - model <x> not found\n")
+    # The second job scored against references: its scores show up as columns.
+    metrics = json.loads((sweep / "1" / "metrics.json").read_text())
+    metrics["references"] = {"regions_scored": 3, "cider": 0.42, "bleu4": 0.1, "meteor": None}
+    (sweep / "1" / "metrics.json").write_text(json.dumps(metrics))
+    page = write_report(sweep).read_text(encoding="utf-8")
+    doc = assert_self_contained(page)
+    text = "".join(doc.text)
+    assert "prompt.system" in text and "max_boxes" in text  # the varying overrides are columns
+    assert "<script>x</script>" in text and "$\\alpha$ {price}" in text
+    assert "model <x> not found" in text and "failed" in text
+    assert "cider" in text and "0.42" in text
+    plots = [a["src"] for t, a in doc.tags if t == "img" and a["src"].startswith("data:image/png")]
+    assert len(plots) >= 2
+    assert "Captions side by side" in text
+
+
+# ---------------------------------------------------------------- the browser
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars", "--mute-audio"]
+
+
+def chromium_path() -> str:
+    """Debian's chromium (``REGIONCAP_CHROMIUM`` overrides); a missing browser fails the test, never skips it."""
+    exe = os.environ.get("REGIONCAP_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not (os.path.isfile(exe) and os.access(exe, os.X_OK)):
+        pytest.fail(f"no chromium at {exe}: the report's browser test needs Debian's chromium. "
+                    "Run `bash scripts/install_chromium.sh` (apt-get install chromium), or set REGIONCAP_CHROMIUM.",
+                    pytrace=False)
+    return exe
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``:
+    commands in on fd 3, replies and events out on fd 4, NUL-terminated JSON). Standard library only."""
+
+    def __init__(self, exe: str, user_data_dir: Path, log_file: Path) -> None:
+        cmd_r, cmd_w = os.pipe()
+        out_r, out_w = os.pipe()
+
+        def to_fds_3_and_4() -> None:  # in the child, before exec
+            a = fcntl.fcntl(cmd_r, fcntl.F_DUPFD, 10)
+            b = fcntl.fcntl(out_w, fcntl.F_DUPFD, 10)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+
+        self.log = open(log_file, "wb")
+        self.proc = subprocess.Popen(
+            [exe, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}", "--remote-debugging-pipe", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, pass_fds=(3, 4),
+            preexec_fn=to_fds_3_and_4)
+        os.close(cmd_r)
+        os.close(out_w)
+        self._w = os.fdopen(cmd_w, "wb", buffering=0)
+        self._r = os.fdopen(out_r, "rb", buffering=0)
+        self._q: "queue.Queue[Optional[dict]]" = queue.Queue()
+        self.events: List[dict] = []
+        self._id = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        buf = b""
+        while True:
+            chunk = self._r.read(1 << 16)
+            if not chunk:
+                self._q.put(None)
+                return
+            buf += chunk
+            while b"\0" in buf:
+                msg, buf = buf.split(b"\0", 1)
+                self._q.put(json.loads(msg))
+
+    def _next(self, deadline: float) -> dict:
+        try:
+            msg = self._q.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise TimeoutError("chromium did not answer in time") from None
+        if msg is None:
+            raise RuntimeError("chromium closed the DevTools pipe (crashed?)")
+        return msg
+
+    def send(self, method: str, params: Optional[dict] = None, session: Optional[str] = None,
+             timeout: float = 30) -> dict:
+        self._id += 1
+        msg: Dict[str, Any] = {"id": self._id, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        self._w.write(json.dumps(msg).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._next(deadline)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply.get("result", {})
+            self.events.append(reply)
+
+    def wait_for(self, method: str, timeout: float = 30) -> dict:
+        for ev in self.events:
+            if ev.get("method") == method:
+                return ev
+        deadline = time.monotonic() + timeout
+        while True:
+            ev = self._next(deadline)
+            self.events.append(ev)
+            if ev.get("method") == method:
+                return ev
+
+    def close(self) -> None:
+        try:
+            self.send("Browser.close", timeout=5)
+        except Exception:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._w.close()
+        self.log.close()
+
+
+PAGE_STATE = """JSON.stringify({
+  images: [...document.images].map(i => ({complete: i.complete, w: i.naturalWidth, h: i.naturalHeight,
+                                          src: i.src.slice(0, 40)})),
+  scripts: document.scripts.length,
+  text: document.body.innerText,
+  width: document.documentElement.scrollWidth,
+})"""
+
+
+def open_in_chromium(page: Path, screenshot: Path, tmp_path: Path) -> Dict[str, Any]:
+    """Load ``page`` from file://, collect what went wrong, take a 1280x2000 screenshot."""
+    browser = Chromium(chromium_path(), tmp_path / "chromium-profile", tmp_path / "chromium.log")
+    try:
+        target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            browser.send(f"{domain}.enable", session=session)
+        browser.send("Emulation.setDeviceMetricsOverride",
+                     {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False}, session=session)
+        url = page.absolute().as_uri()
+        browser.send("Page.navigate", {"url": url}, session=session)
+        browser.wait_for("Page.loadEventFired")
+        state = json.loads(browser.send("Runtime.evaluate", {"expression": PAGE_STATE, "returnByValue": True},
+                                        session=session)["result"]["value"])
+        shot = browser.send("Page.captureScreenshot", {"format": "png"}, session=session)["data"]
+        screenshot.write_bytes(base64.b64decode(shot))
+    finally:
+        browser.close()
+    problems = []
+    requests = []
+    for ev in browser.events:
+        method, params = ev.get("method"), ev.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            problems.append(f"exception: {params['exceptionDetails'].get('text')}")
+        elif method == "Runtime.consoleAPICalled" and params.get("type") in ("error", "warning", "assert"):
+            problems.append(f"console.{params['type']}: {params.get('args')}")
+        elif method == "Log.entryAdded" and params["entry"].get("level") in ("error", "warning"):
+            problems.append(f"log {params['entry'].get('source')}: {params['entry'].get('text')}")
+        elif method == "Network.loadingFailed":
+            problems.append(f"load failed: {params.get('errorText')}")
+        elif method == "Network.requestWillBeSent":
+            requests.append(params["request"]["url"])
+    state["problems"] = problems
+    state["requests"] = requests
+    state["url"] = url
+    return state
+
+
+def _check_in_browser(report: Path, name: str, tmp_path: Path) -> Dict[str, Any]:
+    shot = tmp_path / name
+    state = open_in_chromium(report, shot, tmp_path)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, ARTIFACTS / name)
+    assert not state["problems"], state["problems"]
+    # The only request is the page itself: every image is inline.
+    assert [u for u in state["requests"] if not u.startswith("data:")] == [state["url"]], state["requests"]
+    assert state["images"], "no image on the page"
+    broken = [i for i in state["images"] if not i["complete"] or i["w"] <= 0]
+    assert not broken, broken
+    assert state["scripts"] == 0
+    assert state["width"] <= 1280, "the page scrolls sideways"
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2000)
+        lo, hi = im.convert("L").getextrema()
+        assert hi - lo > 100  # not a blank page
+    return state
+
+
+def test_run_report_in_chromium(run_dir, tmp_path):
+    report = write_report(run_dir)
+    state = _check_in_browser(report, "report-screenshot.png", tmp_path)
+    assert len(state["images"]) == 2
+    # Hostile data shows as text; none of it ran or became markup.
+    assert HOSTILE_ID in state["text"] and HOSTILE_IMAGE in state["text"] and HOSTILE_REF in state["text"]
+
+
+def test_sweep_report_in_chromium(sweep_dir, tmp_path):
+    report = write_report(sweep_dir)
+    page = report.read_text(encoding="utf-8")
+    assert_self_contained(page)
+    state = _check_in_browser(report, "sweep-report-screenshot.png", tmp_path)
+    text = state["text"]
+    assert "max_boxes must be at least 1" in text  # job 0 failed: in the table, with its reason
+    assert "max_boxes" in text and "failed" in text
+    plots = [i for i in state["images"] if i["src"].startswith("data:image/png")]
+    assert len(plots) >= 2
+
+
+def test_browser_check_catches_a_broken_page(tmp_path):
+    """The checks above can fail: a broken image, a script the CSP blocks, an outside request."""
+    csp = "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:\">"
+    page = tmp_path / "broken.html"
+    page.write_text(f"<html><head>{csp}</head><body><img src='data:image/jpeg;base64,AAAA'>"
+                    "<script>console.log(1)</script><img src='http://example.invalid/x.png'></body></html>")
+    state = open_in_chromium(page, tmp_path / "broken.png", tmp_path)
+    assert any("Content Security Policy" in p and "script" in p for p in state["problems"]), state["problems"]
+    assert "http://example.invalid/x.png" in state["requests"]
+    assert [i["w"] for i in state["images"]] == [0, 0]
