@@ -1,14 +1,28 @@
-"""What one Hydra job does: build the run, run it, report, decide the exit status."""
+"""What one Hydra job does: build the run, run it, report, decide the exit status.
+
+This is the one module besides ``__main__`` that may read ``HydraConfig``
+(for the job's overrides and sweep dir); every read has a fallback, so
+``execute(cfg)`` also works on a config from the compose API.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import Any, Dict
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
-from regioncap.run import RunError, build_run
+from regioncap.loggers import RunLogger, build_logger
+from regioncap.manifest import config_to_dict, redact, redact_override, try_write_manifest
+from regioncap.run import RegionCapRun, RunError, build_run
 
 log = logging.getLogger("regioncap")
+
+#: Overrides left out of a tracking run's name: they do not change what a run computes.
+_NAME_SKIP = re.compile(r"^(logger(\..*)?|progress|hydra\..*)$")
+_NAME_CHARS = 128
 
 
 def run_job(cfg: Any) -> Dict[str, Any]:
@@ -18,28 +32,83 @@ def run_job(cfg: Any) -> Dict[str, Any]:
     ``max_error_rate`` allows exits non-zero in a single run; in a multirun it
     raises, so Hydra records that job as failed and the sweep goes on.
     """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         metrics = execute(cfg)
     except RunError as exc:
         log.error("%s", exc)
-        if multirun:
+        if _hydra_multirun():
             raise
         sys.exit(1)
+    if cfg.objective:
+        if cfg.objective not in metrics:
+            raise RunError(f"objective {cfg.objective!r} is not a metric; metrics: {sorted(metrics)}")
+        return metrics[cfg.objective]
     return metrics
 
 
 def execute(cfg: Any) -> Dict[str, Any]:
-    """Build and run; raise :class:`RunError` when the run failed as a whole."""
-    run = build_run(cfg)
+    """Build and run; raise :class:`RunError` when the run failed as a whole.
+
+    The experiment logger opens before the run is built and is finished in a
+    ``finally`` with the job's exit code, so a failed job never leaves a
+    tracking run open for the next job of a sweep.
+    """
+    run_dir = Path(cfg.output_dir)
+    started = time.time()
+    built: Dict[str, Any] = {}  # model_path and engine_info, for the manifest
+    error: Optional[str] = None
+    tracker = _build_tracker(cfg)
+    name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
+    tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
+                  job_type="caption" if "caption" in cfg.stages else "visualize")
+    exit_code = 1
+    try:
+        run, metrics = _run_stages(cfg, built)
+        tracker.log_run(metrics=metrics, run_dir=run.out)
+        _check(cfg, run, metrics)
+        exit_code = 0
+        return metrics
+    except BaseException as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        raise
+    finally:
+        # Every job leaves its manifest, a failed one too; writing it never raises.
+        try_write_manifest(cfg, run_dir=run_dir, started=started, ended=time.time(),
+                           status="ok" if exit_code == 0 else "failed", error=error, **hydra_context(), **built)
+        _try_write_report(run_dir)
+        tracker.finish(exit_code)
+
+
+def _try_write_report(run_dir: Path) -> None:
+    """DIR/report.html for every job that got as far as writing records; never fails the job."""
+    if not any((run_dir / f).exists() for f in ("captions.jsonl", "visualize.jsonl")):
+        return
+    try:
+        from regioncap.report import write_report
+
+        log.info("report: %s", write_report(run_dir))
+    except Exception as exc:  # a report is a view of the outputs, never a reason to fail the run
+        log.warning("could not write the report for %s: %s: %s", run_dir, type(exc).__name__, exc)
+
+
+def _run_stages(cfg: Any, built: Dict[str, Any]) -> Tuple[RegionCapRun, Dict[str, Any]]:
+    run = build_run(cfg, multirun=_hydra_multirun())
+    built["model_path"] = run.model_path
     try:
         metrics = run.run()
     finally:
+        if run.engine is not None:  # describe before close: close drops the engine
+            try:
+                built["engine_info"] = run.engine.describe()
+            except Exception as exc:  # noqa: BLE001 - a manifest detail, never a reason to fail
+                built["engine_info"] = {"error": f"{type(exc).__name__}: {exc}"}
         run.close()
     log.info("summary:\n%s", run.summary(metrics))
+    return run, metrics
+
+
+def _check(cfg: Any, run: RegionCapRun, metrics: Dict[str, Any]) -> None:
+    """Raise :class:`RunError` when the run as a whole failed."""
     if metrics["rows"] == 0:
         raise RunError(f"no input rows were read from {cfg.data.path}: nothing to caption")
     if metrics["error_rate"] > cfg.max_error_rate:
@@ -48,4 +117,89 @@ def execute(cfg: Any) -> Dict[str, Any]:
             f"max_error_rate {cfg.max_error_rate:.1%}); see the 'error' field in "
             f"{run.out}/captions.jsonl (raise max_error_rate to accept this)"
         )
-    return metrics
+
+
+def _build_tracker(cfg: Any) -> RunLogger:
+    try:
+        tracker = build_logger(cfg.logger)
+    except ValueError as exc:
+        raise RunError(str(exc)) from None
+    return tracker
+
+
+# ------------------------------------------------------- what Hydra says of the job
+
+
+def _hydra() -> Optional[Any]:
+    """Hydra's config of the running job, or None (compose API, plain calls)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _hydra_multirun() -> bool:
+    from hydra.types import RunMode
+
+    hc = _hydra()
+    return hc is not None and hc.mode == RunMode.MULTIRUN
+
+
+def job_overrides() -> List[str]:
+    """The job's own command-line overrides (in a sweep: this job's values)."""
+    hc = _hydra()
+    return list(hc.overrides.task) if hc is not None else []
+
+
+def hydra_context() -> Dict[str, Any]:
+    """The job's group choices, overrides and launch folder, for the manifest (nulls outside Hydra)."""
+    from omegaconf import OmegaConf
+
+    hc = _hydra()
+    if hc is None:
+        return {"choices": None, "overrides": None, "cwd": None}
+    return {"choices": OmegaConf.to_container(hc.runtime.choices), "overrides": list(hc.overrides.task),
+            "cwd": hc.runtime.cwd}
+
+
+def tracking_name(cfg: Any, run_dir: Path) -> str:
+    """A readable run name from the job's overrides: ``max_boxes=2,model=qwen25vl_3b``.
+
+    Logger and progress overrides are left out (they change nothing the run
+    computes), secret-named values masked and paths cut to their file name;
+    with no overrides left, the run dir's name.
+    """
+    parts = []
+    for override in sorted(job_overrides()):
+        key, sep, value = redact_override(override).partition("=")
+        if _NAME_SKIP.match(key.lstrip("+~")):
+            continue
+        if "/" in value and "," not in value:
+            value = value.rstrip("/").rsplit("/", 1)[-1]
+        parts.append(f"{key}{sep}{value}")
+    name = ",".join(parts)
+    if len(name) > _NAME_CHARS:
+        name = name[: _NAME_CHARS - 1] + "…"
+    return name or run_dir.name
+
+
+def tracking_group(cfg: Any) -> Optional[str]:
+    """``logger.group``; else, in a multirun, the sweep dir's name; else none.
+
+    Hydra's default sweep dir ends in ``DATE/TIME``: there the group is
+    ``DATE_TIME``, so sweeps of different days never share a group.
+    """
+    group = getattr(cfg.logger, "group", None)
+    if group:
+        return str(group)
+    hc = _hydra()
+    if hc is None or not _hydra_multirun():
+        return None
+    sweep = Path(str(hc.sweep.dir))
+    if re.fullmatch(r"\d{2}-\d{2}-\d{2}", sweep.name) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", sweep.parent.name):
+        return f"{sweep.parent.name}_{sweep.name}"
+    return sweep.name
+
+
+def config_dict(cfg: Any) -> Dict[str, Any]:
+    """The composed config as plain data for a tracker: resolved where it resolves, secrets masked."""
+    return redact(config_to_dict(cfg)[0])

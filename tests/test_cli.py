@@ -83,6 +83,10 @@ def test_real_hydra_multirun_sweeps_jobs(tmp_path):
         assert len(astro["requests"]) == -(-5 // max_boxes)
         seen.add((max_boxes, strategy))
     assert seen == {(2, "marked"), (10, "marked"), (2, "coords"), (10, "coords")}
+    # Every job leaves its manifest and report; the sweep gets a comparison report.
+    for job in jobs:
+        assert (job / "manifest.json").is_file() and (job / "report.html").is_file()
+    assert "max_boxes" in (sweep / "report.html").read_text()
 
 
 def test_one_failed_job_does_not_stop_the_sweep(tmp_path):

@@ -322,3 +322,12 @@ def test_isolated_engine_failure_is_a_clear_run_error(tmp_path):
     with pytest.raises(RunError, match="could not start.*stages=\\[caption\\]"):
         execute(cfg)
     assert len(list(read_jsonl(out / "visualize.jsonl"))) == 5
+
+
+def test_objective_is_what_the_job_returns_to_a_sweeper(tmp_path):
+    from regioncap.job import run_job
+
+    cfg = compose(["engine=fake", "progress=false", "objective=regions_captioned"], output_dir=tmp_path / "run")
+    assert run_job(cfg) == 18
+    with pytest.raises(RunError, match="not a metric"):
+        run_job(compose(["engine=fake", "progress=false", "objective=nope"], output_dir=tmp_path / "run2"))

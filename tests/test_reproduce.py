@@ -6,11 +6,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import REPO, run_cli
 from regioncap import manifest as mf
@@ -25,22 +23,9 @@ def run_reproduce(args, *, cwd, timeout=300):
                           text=True, timeout=timeout, env=env, cwd=str(cwd))
 
 
-def ensure_manifest(run_dir: Path, model_path: str | None = None) -> None:
-    """Write ``manifest.json`` the way the job does, for a run made before job.py wrote one.
-
-    Once every job writes its manifest this is a no-op (and can go).
-    """
-    if (run_dir / mf.MANIFEST_FILE).exists():
-        return
-    from omegaconf import OmegaConf
-
-    hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    cfg.output_dir = str(run_dir)  # ${hydra:runtime.output_dir} resolves only inside the job
-    mf.write_manifest(run_dir, mf.build_manifest(
-        cfg, run_dir=run_dir, choices=hydra["runtime"]["choices"], overrides=hydra["overrides"]["task"],
-        started=time.time(), ended=time.time(), model_path=model_path, engine_info=None, status="ok",
-        cwd=hydra["runtime"]["cwd"]))
+def assert_manifest(run_dir: Path) -> None:
+    """Every job writes its manifest (job.py); reproduce relies on it."""
+    assert (run_dir / mf.MANIFEST_FILE).is_file(), f"no manifest.json in {run_dir}"
 
 
 def demo_copy(tmp_path: Path) -> Path:
@@ -62,7 +47,7 @@ def test_reproduce_tiny_model_run_then_refuse_changed_data(tmp_path, tiny_model_
     proc = run_cli([f"hydra.run.dir={run}", f"model.path={tiny_model_dir}", "data=jsonl", f"data.path={data}",
                     "data.limit=2", "progress=false"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ensure_manifest(run, str(tiny_model_dir))
+    assert_manifest(run)
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["data"]["sha256"] == fingerprint_file(data)
 
@@ -95,7 +80,7 @@ def test_reproduce_a_multirun_job_and_report_differences(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = sweep / "1"
     assert "max_boxes=10" in (job / ".hydra" / "overrides.yaml").read_text()
-    ensure_manifest(job)
+    assert_manifest(job)
 
     # The sweep dir itself is refused with a pointer to its jobs.
     proc = run_reproduce([sweep], cwd=tmp_path)

@@ -1,0 +1,478 @@
+"""Experiment loggers: one narrow interface, W&B behind it, nothing when ``logger=none``.
+
+``build_logger(cfg.logger)`` returns a :class:`RunLogger`. The job calls
+``start`` before the stages, ``log_run`` after them and ``finish`` in a
+``finally``. A logger never fails or stalls a run: whatever goes wrong inside it
+(W&B not installed, unreachable, misconfigured, an init timeout, a bad record)
+is logged as one warning and the run goes on without it.
+
+What the W&B logger records, all from files the run already wrote:
+
+- the composed config (``wandb.init(config=...)``; the job passes it with secrets masked);
+- the numeric scalars of ``metrics.json``, flattened (``stages/caption/seconds``),
+  in ``run.summary`` and in one ``run.log`` call;
+- ``samples/00``, ``samples/01``...: the first ``log_images`` request images,
+  each region a native W&B box (pixel domain, at the image's own resolution:
+  ``input_bbox``) labelled ``"<number>: <caption>"``, one key per image since
+  W&B draws a list of differently sized images wrongly. ``prompt=crop``
+  requests are crops of the region plus a margin whose offset the records do
+  not keep, so those images are logged without boxes: the whole crop is the region;
+- ``region_table``: a ``wandb.Table`` with one row per region (capped at
+  ``table_rows``): row id, region, mark number, image path, a thumbnail of the
+  region, boxes, caption, reference and per-region reference scores when the
+  data has references, missing flag and reason;
+- the caption records and ``metrics.json`` as a ``dataset`` artifact.
+
+Only the standard library is imported here; ``wandb``, Pillow and the scorers
+are imported when the W&B logger needs them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+log = logging.getLogger("regioncap")
+
+#: Metrics file and record files written by the run (see ``regioncap.run``).
+METRICS_FILE = "metrics.json"
+CAPTIONS_FILE = "captions.jsonl"
+VISUALIZE_FILE = "visualize.jsonl"
+#: Longest side of a region thumbnail in the table, in pixels.
+THUMBNAIL_PX = 128
+#: Box labels and image captions are cut to this many characters (W&B shows them inline).
+_BOX_CAPTION_CHARS = 80
+_IMAGE_CAPTION_CHARS = 600
+
+
+class RunLogger:
+    """Interface of an experiment logger; this base class logs nothing."""
+
+    def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
+              job_type: str = "caption") -> None:
+        """Open the tracking run for one job (before the stages)."""
+
+    def log_run(self, *, metrics: Dict[str, Any], run_dir: Path) -> None:
+        """Record what the stages wrote to ``run_dir`` (after the stages)."""
+
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the tracking run; safe to call at any time, also when ``start`` failed."""
+
+
+class NoneLogger(RunLogger):
+    """``logger=none``: the run dir (records, metrics.json, the log) is the record."""
+
+
+def build_logger(logger_cfg: Any) -> RunLogger:
+    """The logger that ``logger.name`` names (``none`` or ``wandb``)."""
+    name = getattr(logger_cfg, "name", None) or "none"
+    if name == "none":
+        return NoneLogger()
+    if name == "wandb":
+        return WandbLogger(logger_cfg)
+    raise ValueError(f"logger.name must be 'none' or 'wandb', got {name!r}")
+
+
+# --------------------------------------------------------------------------- mode
+
+
+def api_key_configured() -> bool:
+    """Whether W&B credentials are configured on this machine, without any network call.
+
+    ``WANDB_API_KEY`` (or an identity token file), a netrc entry for the W&B
+    host, or an ``api_key`` in wandb's settings files. ``wandb.login(prompt=False)``
+    would also answer this, but it contacts the server to print who is logged
+    in and rewrites wandb's settings file, so this reads what it reads instead.
+    """
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:  # wandb's own reader (honours $NETRC, the settings files and their base_url)
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib import wbauth
+
+        settings = wandb_setup.singleton().settings
+        return bool(wbauth.read_netrc_auth(host=settings.base_url) or settings.api_key)
+    except Exception:  # noqa: BLE001 - wandb internals move between versions: read netrc directly
+        return _netrc_has_entry(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+
+
+def _netrc_has_entry(base_url: str) -> bool:
+    import netrc
+    from urllib.parse import urlsplit
+
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    host = urlsplit(base_url).netloc
+    try:
+        creds = netrc.netrc(str(path)).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(creds and creds[2])
+
+
+def resolve_mode(mode: Optional[str]) -> str:
+    """``logger.mode`` if set, else ``$WANDB_MODE``, else ``online`` with credentials, else ``offline``."""
+    if mode:
+        return mode
+    env_mode = os.environ.get("WANDB_MODE")
+    if env_mode:
+        return env_mode
+    return "online" if api_key_configured() else "offline"
+
+
+# --------------------------------------------------------------------------- W&B
+
+
+class WandbLogger(RunLogger):
+    """One W&B run per Hydra job, written under ``run_dir/wandb/``."""
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self._wandb: Any = None
+        self._run: Any = None
+        self._config: Dict[str, Any] = {}
+        self._warned = False
+
+    # The one place errors are swallowed: every public method goes through it.
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - W&B must never fail the run
+            if not self._warned:
+                self._warned = True
+                hint = (" (logger.mode=offline logs without a server; `wandb sync` uploads later)"
+                        if what == "start" else "")
+                log.warning("W&B %s failed, the run goes on without it: %s: %s%s", what, type(exc).__name__,
+                            (str(exc).strip().splitlines() or [""])[0], hint)
+            log.debug("W&B %s failed", what, exc_info=True)
+            return None
+
+    def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
+              job_type: str = "caption") -> None:
+        self._config = config
+        self._guard("start", self._start, config=config, run_dir=Path(run_dir), name=name, group=group,
+                    job_type=job_type)
+
+    def _start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
+               job_type: str) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise RuntimeError("wandb is not installed (pip install 'regioncap[wandb]')") from None
+        self._wandb = wandb
+        cfg = self.cfg
+        mode = resolve_mode(cfg.mode)
+        if mode == "disabled":
+            log.info("W&B: mode disabled, nothing logged")
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        settings = _settings(wandb, {
+            "init_timeout": float(cfg.init_timeout_s),
+            # Not 0 (wait forever): a network that drops mid-run must not hold the job at
+            # finish; what was not uploaded stays on disk for `wandb sync`.
+            "finish_timeout": float(cfg.finish_timeout_s) if cfg.finish_timeout_s else None,
+            # Quiet also skips wandb's "logged in as" look-up, which otherwise retries an
+            # unreachable server for 2 x 5 s on top of init_timeout; regioncap logs the run itself.
+            "quiet": True,
+            # A job whose finish failed must not hand its run to the next job of a sweep.
+            "reinit": "finish_previous",
+        })
+        self._run = wandb.init(
+            project=cfg.project, entity=cfg.entity, group=group, name=name, job_type=job_type,
+            tags=list(cfg.tags) or None, config=config, dir=str(run_dir), mode=mode, settings=settings,
+        )
+        where = getattr(self._run.settings, "sync_dir", None) or run_dir / "wandb"
+        in_group = f" in group {group}" if group else ""
+        if mode == "offline":
+            log.info("W&B offline run %s%s: %s (upload it with `wandb sync %s`)", name, in_group, where, where)
+        else:
+            log.info("W&B run %s%s: %s", name, in_group, getattr(self._run, "url", None) or where)
+
+    def log_run(self, *, metrics: Dict[str, Any], run_dir: Path) -> None:
+        if self._run is not None:
+            self._guard("log_run", self._log_run, metrics=metrics, run_dir=Path(run_dir))
+
+    def _log_run(self, *, metrics: Dict[str, Any], run_dir: Path) -> None:
+        wandb, run, cfg = self._wandb, self._run, self.cfg
+        start = time.perf_counter()
+        flat = flatten_metrics(metrics)
+        run.summary.update(flat)
+        payload: Dict[str, Any] = dict(flat)
+        table = None
+        records_file = _records_file(metrics, run_dir)
+        if records_file is not None and (cfg.log_images > 0 or cfg.log_table):
+            samples, table = collect(
+                records_file, run_dir, n_images=max(0, int(cfg.log_images)),
+                table_rows=max(0, int(cfg.table_rows)) if cfg.log_table else 0,
+                references_key=(self._config.get("data") or {}).get("references_key"),
+                crops=(self._config.get("prompt") or {}).get("strategy") == "crop")
+            # One key per image: W&B draws a list of images of different sizes wrongly.
+            for i, image in enumerate(_wandb_images(wandb, samples)):
+                payload[f"samples/{i:02d}"] = image
+            if table is not None:
+                payload["region_table"] = _wandb_table(wandb, table)
+        run.log(payload)
+        if cfg.log_artifact:
+            files = [p for p in (records_file, run_dir / METRICS_FILE) if p is not None and p.is_file()]
+            if files:
+                # Immutable: referenced where they are, not copied to wandb's staging dir in the
+                # home dir (records can be GBs); regioncap never rewrites them after a job.
+                art = wandb.Artifact(f"captions-{run.id}", type="dataset",
+                                     description=f"regioncap records of {run.name}", metadata=flat)
+                for path in files:
+                    art.add_file(str(path), name=path.name, policy="immutable")
+                run.log_artifact(art)
+        log.info("W&B: logged %d metrics, %d sample images, %s%s in %.1f s", len(flat),
+                 sum(1 for k in payload if k.startswith("samples/")),
+                 f"a table of {len(table['rows'])} regions" if table is not None else "no table",
+                 ", the records as an artifact" if cfg.log_artifact else "", time.perf_counter() - start)
+
+    def finish(self, exit_code: int = 0) -> None:
+        run, self._run = self._run, None
+        if run is not None:
+            start = time.perf_counter()
+            self._guard("finish", run.finish, exit_code=int(exit_code))
+            log.info("W&B: run finished (exit code %d) in %.1f s", exit_code, time.perf_counter() - start)
+
+
+def _settings(wandb: Any, values: Dict[str, Any]) -> Any:
+    """``wandb.Settings`` with the fields this wandb version knows (older ones lack some,
+    or take other types: ``reinit`` was a bool before 0.19.10)."""
+    known = getattr(wandb.Settings, "model_fields", None)
+    kwargs = {k: v for k, v in values.items() if v is not None and (known is None or k in known)}
+    try:
+        return wandb.Settings(**kwargs)
+    except Exception:  # noqa: BLE001 - keep the one setting that bounds the start
+        return wandb.Settings(init_timeout=values["init_timeout"])
+
+
+# ------------------------------------------------------------------ from records
+
+
+def flatten_metrics(metrics: Dict[str, Any], prefix: str = "") -> Dict[str, float]:
+    """The numeric scalars of ``metrics``, nested keys joined with ``/`` (bools and nulls left out)."""
+    flat: Dict[str, float] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_metrics(value, prefix=f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
+
+
+def _records_file(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
+    """The final record file of the run: captions when the caption stage ran, else visualize."""
+    stages = metrics.get("stages") or {}
+    order = [CAPTIONS_FILE, VISUALIZE_FILE] if "caption" in stages or not stages else [VISUALIZE_FILE]
+    for name in order:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    return None
+
+
+def _iter_jsonl(path: Path) -> Iterator[Dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _references(rec: Dict[str, Any], region: Dict[str, Any], references_key: Optional[str]) -> List[str]:
+    """Reference captions of a region: its own ``references``/``reference``, else the row's
+    ``data.references_key`` field (one entry per input box) at the region's ``source_index``."""
+    for name in ("references", "reference"):
+        if region.get(name):
+            return _texts(region[name])
+    if not references_key:
+        return []
+    collided = rec.get("input")  # a field named like one of regioncap's own is kept under "input"
+    refs = collided[references_key] if isinstance(collided, dict) and references_key in collided \
+        else rec.get(references_key)
+    if isinstance(refs, str) and refs.lstrip().startswith("["):
+        try:
+            refs = json.loads(refs)
+        except ValueError:
+            pass
+    if isinstance(refs, str):
+        refs = [refs]
+    idx = region.get("source_index")
+    if isinstance(refs, list) and isinstance(idx, int) and 0 <= idx < len(refs):
+        return _texts(refs[idx])
+    return []
+
+
+def _texts(value: Any) -> List[str]:
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return [str(v) for v in items if v is not None and str(v).strip()]
+
+
+def _scores(region: Dict[str, Any]) -> Dict[str, float]:
+    scores = region.get("scores")
+    if not isinstance(scores, dict):
+        return {}
+    return {str(k): v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int, references_key: Optional[str],
+            crops: bool = False) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, Any]]]:
+    """Stream the records once: the first ``n_images`` request images and up to ``table_rows`` regions.
+
+    Returns plain data (no wandb objects): ``samples``, each ``{path, caption,
+    boxes: [(number, xyxy, label)] or None}``, and ``table``, ``{columns, rows}``
+    or None when no table is asked for. ``crops``: the request images are
+    crops of one region each (``prompt=crop``), logged without boxes.
+    """
+    samples: List[Dict[str, Any]] = []
+    rows: List[Dict[str, Any]] = []
+    thumbs = _Thumbnailer()
+    for rec in _iter_jsonl(records_file):
+        if len(samples) >= n_images and len(rows) >= table_rows:
+            break
+        regions = rec.get("regions") or []
+        by_id = {r.get("id"): r for r in regions}
+        requests = rec.get("requests") or []
+        region_image = {}
+        for spec in requests:
+            for rid in spec.get("region_ids") or []:
+                region_image[rid] = spec.get("image")
+            if len(samples) < n_images and spec.get("image") and (run_dir / spec["image"]).is_file():
+                samples.append(_sample(rec, spec, [by_id[i] for i in spec.get("region_ids") or [] if i in by_id],
+                                       run_dir, crops))
+        for reg in regions:
+            if len(rows) >= table_rows:
+                break
+            image = region_image.get(reg.get("id"))
+            rows.append({
+                "row_id": rec.get("id"), "region": reg.get("id"), "number": reg.get("number"),
+                "chunk": reg.get("chunk"), "status": rec.get("status"), "image": image,
+                "thumbnail": thumbs(run_dir / image, None if crops else reg.get("input_bbox")) if image else None,
+                "bbox": reg.get("bbox"), "input_bbox": reg.get("input_bbox"), "caption": reg.get("caption"),
+                "references": _references(rec, reg, references_key), "missing": bool(reg.get("missing")),
+                "reason": reg.get("reason"), "scores": _scores(reg),
+            })
+    table = None
+    if table_rows > 0:
+        columns = ["row_id", "region", "number", "chunk", "status", "image", "thumbnail", "bbox", "input_bbox",
+                   "caption"]
+        if any(r["references"] for r in rows):
+            columns.append("reference")
+            try:
+                _score_rows(rows)
+            except Exception as exc:  # noqa: BLE001 - scores are extra: the table goes on without them
+                log.info("W&B table: no reference scores (%s: %s)", type(exc).__name__, exc)
+        for r in rows:
+            r["reference"] = " | ".join(r.pop("references")) or None
+        columns += ["missing", "reason"]
+        score_names = sorted({k for r in rows for k in r["scores"]})
+        columns += [f"score/{k}" for k in score_names]
+        table = {"columns": columns, "rows": [
+            [r.get(c) if not c.startswith("score/") else r["scores"].get(c[6:]) for c in columns] for r in rows]}
+    return samples, table
+
+
+def _score_rows(rows: List[Dict[str, Any]]) -> None:
+    """Add reference scores (BLEU-4, ROUGE-L, CIDEr) to rows that have references and no scores.
+
+    Scored among the table's rows only: CIDEr weighs n-grams by their rarity in
+    the corpus it is given, so these can differ from the run's per-region
+    scores over all rows. Without the scorers (the ``metrics`` extra) nothing is added.
+    """
+    from regioncap.metrics import score_regions
+
+    todo = [r for r in rows if r["references"] and r["caption"] and not r["scores"]]
+    if not todo:
+        return
+    per = score_regions([(r["caption"], r["references"]) for r in todo])
+    for r, scores in zip(todo, per):
+        r["scores"] = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+def _sample(rec: Dict[str, Any], spec: Dict[str, Any], regions: List[Dict[str, Any]], run_dir: Path,
+            crop: bool) -> Dict[str, Any]:
+    lines = []
+    boxes = None if crop else []
+    for reg in regions:
+        number = int(reg.get("number") or reg.get("id") or 0)
+        caption = reg.get("caption")
+        if caption:
+            label = f"{number}: {caption}"
+        elif rec.get("status") == "pending":  # visualize stage only: not asked yet
+            label = str(number)
+        else:
+            label = f"{number}: (missing: {reg.get('reason') or 'no caption'})"
+        lines.append(label)
+        if boxes is not None and reg.get("input_bbox"):
+            boxes.append((number, [int(v) for v in reg["input_bbox"]], _cut(label, _BOX_CAPTION_CHARS)))
+    caption = _cut(f"{spec.get('key') or rec.get('id')}\n" + "\n".join(lines), _IMAGE_CAPTION_CHARS)
+    return {"path": str(run_dir / spec["image"]), "caption": caption, "boxes": boxes}
+
+
+class _Thumbnailer:
+    """Region crops of request images, keeping the last image open (a row's regions share it)."""
+
+    def __init__(self) -> None:
+        self._path: Optional[Path] = None
+        self._image: Any = None
+
+    def __call__(self, path: Path, box: Optional[List[int]]) -> Any:
+        from PIL import Image
+
+        if path != self._path:
+            self._path, self._image = path, None
+            try:
+                with Image.open(path) as im:
+                    self._image = im.convert("RGB")
+            except (OSError, ValueError):  # gone or unreadable: the row keeps its path, no thumbnail
+                pass
+        if self._image is None:
+            return None
+        image = self._image
+        if box:
+            w, h = image.size
+            x1, y1 = min(max(int(box[0]), 0), w - 1), min(max(int(box[1]), 0), h - 1)
+            # At least 1 px: a small box can round to zero width at the model's resolution.
+            image = image.crop((x1, y1, max(x1 + 1, min(int(box[2]), w)), max(y1 + 1, min(int(box[3]), h))))
+        else:
+            image = image.copy()
+        image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+        return image
+
+
+def _wandb_images(wandb: Any, samples: List[Dict[str, Any]]) -> List[Any]:
+    images = []
+    for s in samples:
+        if s["boxes"]:
+            class_labels = {n: f"box {n}" for n, _, _ in s["boxes"]}
+            box_data = [{
+                "position": {"minX": x1, "minY": y1, "maxX": x2, "maxY": y2}, "domain": "pixel",
+                "class_id": int(n), "box_caption": label,
+            } for n, (x1, y1, x2, y2), label in s["boxes"]]
+            images.append(wandb.Image(s["path"], caption=s["caption"],
+                                      boxes={"regions": {"box_data": box_data, "class_labels": class_labels}}))
+        else:
+            images.append(wandb.Image(s["path"], caption=s["caption"]))
+    return images
+
+
+def _wandb_table(wandb: Any, table: Dict[str, Any]) -> Any:
+    columns = table["columns"]
+    thumb = columns.index("thumbnail")
+    data = []
+    for row in table["rows"]:
+        row = list(row)
+        row[thumb] = wandb.Image(row[thumb], file_type="jpg") if row[thumb] is not None else None
+        # Boxes as text: W&B tables type a column from its first value, and null boxes would clash with lists.
+        for c in ("bbox", "input_bbox"):
+            i = columns.index(c)
+            row[i] = json.dumps(row[i]) if row[i] is not None else None
+        data.append(row)
+    return wandb.Table(columns=columns, data=data)
+
