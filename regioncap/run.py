@@ -127,6 +127,7 @@ class RegionCapRun:
     def visualize(self) -> StageStats:
         """Read every row, validate boxes, resize, draw marks, write images and records."""
         stats = self.stats.setdefault("visualize", StageStats("visualize"))
+        stats.pid = os.getpid()
         start = time.perf_counter()
         self.images_dir.mkdir(parents=True, exist_ok=True)
         with JsonlWriter(self.out / VISUALIZE_FILE) as writer:

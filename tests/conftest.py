@@ -10,6 +10,9 @@ from typing import List
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The vLLM fixtures (one server for the whole session, shared by every module).
+pytest_plugins = ["vllm_helpers"]
 CONF_DIR = REPO / "conf"
 
 # The tests never reach a model hub; make libraries fail fast instead of retrying.

@@ -13,9 +13,7 @@ import pytest
 
 from conftest import run_cli
 from regioncap.records import read_jsonl
-from vllm_helpers import (  # noqa: F401  (fixtures)
-    TEST_KV_CACHE_BYTES, TEST_MAX_MODEL_LEN, vllm_env, vllm_python, vllm_server,
-)
+from vllm_helpers import TEST_KV_CACHE_BYTES, TEST_MAX_MODEL_LEN, vllm_env, vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -60,3 +58,22 @@ def test_openai_engine_against_a_vllm_server_through_the_cli(tmp_path, vllm_serv
     for path in out.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_vllm_sweep_runs_each_jobs_engine_in_its_own_process(tmp_path, tiny_model_dir):
+    """A real multirun with engine=vllm: each job's caption stage (and so its
+    vLLM engine) lives in a spawned process of its own, which exits with it."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        ["-m", f"hydra.sweep.dir={sweep}", "engine=vllm", f"model.path={tiny_model_dir}", "engine.enforce_eager=true",
+         f"model.max_model_len={TEST_MAX_MODEL_LEN}", f"+engine.extra_args.kv_cache_memory_bytes={TEST_KV_CACHE_BYTES}",
+         "progress=false", "data.limit=2", "max_boxes=2,10"],
+        python=vllm_python(), env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    pids = []
+    for job in ("0", "1"):
+        stages = json.loads((sweep / job / "metrics.json").read_text())["stages"]
+        assert stages["caption"]["pid"] != stages["visualize"]["pid"]
+        pids.append(stages["caption"]["pid"])
+        assert all(r["status"] == "ok" for r in read_jsonl(sweep / job / "captions.jsonl"))
+    assert pids[0] != pids[1]

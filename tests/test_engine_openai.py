@@ -26,7 +26,6 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vllm_helpers import tiny_images, vllm_server  # noqa: E402,F401  (fixtures)
 
 from regioncap.config import ModelConfig, OpenAIEngineConfig  # noqa: E402
 from regioncap.engines.base import Request, Sampling  # noqa: E402

@@ -309,7 +309,7 @@ def test_caption_stage_in_an_isolated_child_process(tmp_path):
     metrics = execute(compose(["engine=fake", "progress=false", "engine.isolate=true"], output_dir=out))
     assert metrics["regions_captioned"] == 18
     assert metrics["stages"]["caption"]["pid"] not in (None, os.getpid())
-    assert metrics["stages"]["visualize"]["pid"] is None or metrics["stages"]["visualize"]["pid"] == os.getpid()
+    assert metrics["stages"]["visualize"]["pid"] == os.getpid()
 
 
 def test_isolated_engine_failure_is_a_clear_run_error(tmp_path):
