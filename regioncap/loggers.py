@@ -34,7 +34,9 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+from regioncap.records import read_jsonl
 
 log = logging.getLogger("regioncap")
 
@@ -274,40 +276,10 @@ def _records_file(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
     return None
 
 
-def _iter_jsonl(path: Path) -> Iterator[Dict[str, Any]]:
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
-
-
 def _references(rec: Dict[str, Any], region: Dict[str, Any], references_key: Optional[str]) -> List[str]:
-    """Reference captions of a region: its own ``references``/``reference``, else the row's
-    ``data.references_key`` field (one entry per input box) at the region's ``source_index``."""
-    for name in ("references", "reference"):
-        if region.get(name):
-            return _texts(region[name])
-    if not references_key:
-        return []
-    collided = rec.get("input")  # a field named like one of regioncap's own is kept under "input"
-    refs = collided[references_key] if isinstance(collided, dict) and references_key in collided \
-        else rec.get(references_key)
-    if isinstance(refs, str) and refs.lstrip().startswith("["):
-        try:
-            refs = json.loads(refs)
-        except ValueError:
-            pass
-    if isinstance(refs, str):
-        refs = [refs]
-    idx = region.get("source_index")
-    if isinstance(refs, list) and isinstance(idx, int) and 0 <= idx < len(refs):
-        return _texts(refs[idx])
-    return []
+    from regioncap.metrics import reference_texts
 
-
-def _texts(value: Any) -> List[str]:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    return [str(v) for v in items if v is not None and str(v).strip()]
+    return reference_texts(rec, region, references_key)
 
 
 def _scores(region: Dict[str, Any]) -> Dict[str, float]:
@@ -333,7 +305,7 @@ def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int
     samples: List[Dict[str, Any]] = []
     rows: List[Dict[str, Any]] = []
     thumbs = _Thumbnailer()
-    for rec in _iter_jsonl(records_file):
+    for rec in read_jsonl(records_file):
         if len(samples) >= n_images and len(rows) >= table_rows:
             break
         regions = rec.get("regions") or []

@@ -159,6 +159,20 @@ def _record_references(record: Dict[str, Any], references_key: Optional[str]) ->
     return []  # present but unusable: every box counts as missing a reference
 
 
+def reference_texts(record: Dict[str, Any], region: Dict[str, Any],
+                    references_key: Optional[str] = "references") -> List[str]:
+    """The reference captions of one region as written (stripped, not normalised):
+    the row's ``references_key`` entry at the region's ``source_index``; for
+    showing them (report, W&B table) rather than scoring them."""
+    refs = _record_references(record, references_key)
+    idx = region.get("source_index")
+    if refs is None or not isinstance(idx, int) or not 0 <= idx < len(refs):
+        return []
+    entry = refs[idx]
+    items = [entry] if isinstance(entry, str) else entry if isinstance(entry, (list, tuple)) else []
+    return [item.strip() for item in items if isinstance(item, str) and item.strip()]
+
+
 def region_references(record: Dict[str, Any], references_key: Optional[str] = "references"
                       ) -> Tuple[bool, List[Tuple[Dict[str, Any], List[str]]], int]:
     """The references of each region of one record.

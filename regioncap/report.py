@@ -645,24 +645,12 @@ def _as_texts(value: Any) -> List[str]:
 def _references(rec: Dict[str, Any], reg: Dict[str, Any], key: Optional[str] = "references") -> List[str]:
     """Reference captions of a region: on the region itself, or the row's ``data.references_key``
     field (one entry per input box, a string or a list of strings) at the region's ``source_index``."""
+    from regioncap.metrics import reference_texts
+
     for name in ("references", "reference"):
         if reg.get(name):
             return _as_texts(reg[name])
-    if not key:
-        return []
-    collided = rec.get("input")
-    refs = collided[key] if isinstance(collided, dict) and key in collided else rec.get(key)
-    if isinstance(refs, str) and refs.lstrip().startswith("["):
-        try:
-            refs = json.loads(refs)
-        except ValueError:
-            pass
-    if isinstance(refs, str):
-        refs = [refs]
-    idx = reg.get("source_index")
-    if isinstance(refs, list) and isinstance(idx, int) and 0 <= idx < len(refs):
-        return _as_texts(refs[idx])
-    return []
+    return reference_texts(rec, reg, key)
 
 
 def _references_key(run: RunData) -> Optional[str]:
