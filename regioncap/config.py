@@ -1,7 +1,7 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore.
 
 Each YAML option in ``conf/<group>/`` lists its schema first in its defaults
-list (``- /schema/model@_here_``... see ``register_configs``), so a misspelt key
+list (``- /schema/model/base@_here_``, see ``register_configs``), so a misspelt key
 or a value of the wrong type (``max_boxes=ten``) fails while Hydra composes the
 config, before anything is built.
 
@@ -289,6 +289,16 @@ class RegionCapConfig:
     #: Metric the job returns to Hydra (a key of metrics.json, for sweepers
     #: such as Optuna); null returns the whole metrics dict.
     objective: Optional[str] = None
+    #: Go on with the run in ``hydra.run.dir``: rows already in a stage's file
+    #: are skipped (see docs/reliability.md). Without it, a run dir that holds
+    #: outputs is refused rather than overwritten.
+    resume: bool = False
+    #: Resume even though the settings that decide the answers changed (``run_key.json``).
+    resume_force: bool = False
+    #: With ``resume``: redo the caption stage's error rows (engine errors, timeouts...).
+    retry_errors: bool = False
+    #: Visualize rows written per commit (write + fsync); a crash loses at most these.
+    commit_every: int = 32
 
 
 ENGINE_SCHEMAS = {
@@ -301,16 +311,18 @@ ENGINE_SCHEMAS = {
 
 
 def register_configs() -> None:
-    """Register the schemas; each YAML names its schema in its defaults list."""
+    """Register the schemas under ``schema/<group>``; each option's YAML starts
+    from one (``- /schema/model/base@_here_``), so its keys and types are checked
+    while Hydra composes, and ``--help`` lists them apart from the options."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()
     cs.store(name="regioncap_schema", node=RegionCapConfig)
-    cs.store(group="model", name="schema", node=ModelConfig)
+    cs.store(group="schema/model", name="base", node=ModelConfig)
     for name, node in ENGINE_SCHEMAS.items():
-        cs.store(group="engine", name=f"{name}_schema", node=node)
-    cs.store(group="data", name="schema", node=DataConfig)
-    cs.store(group="draw", name="schema", node=DrawConfig)
-    cs.store(group="prompt", name="schema", node=PromptConfig)
-    cs.store(group="logger", name="none_schema", node=LoggerConfig)
-    cs.store(group="logger", name="wandb_schema", node=WandbLoggerConfig)
+        cs.store(group="schema/engine", name=name, node=node)
+    cs.store(group="schema/data", name="base", node=DataConfig)
+    cs.store(group="schema/draw", name="base", node=DrawConfig)
+    cs.store(group="schema/prompt", name="base", node=PromptConfig)
+    cs.store(group="schema/logger", name="none", node=LoggerConfig)
+    cs.store(group="schema/logger", name="wandb", node=WandbLoggerConfig)
