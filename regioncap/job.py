@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from regioncap.loggers import RunLogger, build_logger
 from regioncap.manifest import config_to_dict, redact, redact_override, try_write_manifest
-from regioncap.run import RegionCapRun, RunError, build_run
+from regioncap.run import Interrupted, RegionCapRun, RunError, build_run, stop_on_signals
 
 log = logging.getLogger("regioncap")
 
@@ -34,6 +35,11 @@ def run_job(cfg: Any) -> Dict[str, Any]:
     """
     try:
         metrics = execute(cfg)
+    except Interrupted as exc:
+        # Stopped by SIGINT/SIGTERM after a commit: say how to go on, exit 130/143
+        # (in a sweep too: a stopped sweep should not start its next job).
+        log.error("%s\n%s", exc, resume_hint(cfg))
+        sys.exit(128 + exc.signum)
     except RunError as exc:
         log.error("%s", exc)
         if _hydra_multirun():
@@ -63,7 +69,8 @@ def execute(cfg: Any) -> Dict[str, Any]:
                   job_type="caption" if "caption" in cfg.stages else "visualize")
     exit_code = 1
     try:
-        run, metrics = _run_stages(cfg, built)
+        with stop_on_signals():
+            run, metrics = _run_stages(cfg, built)
         tracker.log_run(metrics=metrics, run_dir=run.out)
         _check(cfg, run, metrics)
         exit_code = 0
@@ -105,6 +112,18 @@ def _run_stages(cfg: Any, built: Dict[str, Any]) -> Tuple[RegionCapRun, Dict[str
         run.close()
     log.info("summary:\n%s", run.summary(metrics))
     return run, metrics
+
+
+#: Overrides a resume command sets itself.
+_RESUME_SKIP = re.compile(r"^[+~]*(hydra\.run\.dir|resume|resume_force|retry_errors)=")
+
+
+def resume_hint(cfg: Any) -> str:
+    """The command that goes on with this run: its own overrides, ``resume=true`` and its run dir."""
+    overrides = [o for o in job_overrides() if not _RESUME_SKIP.match(o)]
+    cmd = ["python", "-m", "regioncap", *overrides, "resume=true", f"hydra.run.dir={cfg.output_dir}"]
+    return (f"The rows finished so far are in {cfg.output_dir}; to go on where the run stopped:\n  "
+            + " ".join(shlex.quote(c) for c in cmd))
 
 
 def _check(cfg: Any, run: RegionCapRun, metrics: Dict[str, Any]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 
 def _default(value: Any) -> Any:
@@ -58,3 +58,161 @@ def read_jsonl(path: Path) -> Iterator[Dict[str, Any]]:
         for line in fh:
             if line.strip():
                 yield json.loads(line)
+
+
+class CommitWriter:
+    """Append records to a JSONL file in commits that survive a killed process.
+
+    ``commit`` writes a batch of records with one ``write``, then flushes and
+    fsyncs: after it returns, the batch is on disk whatever happens to the
+    process. A process killed inside ``commit`` leaves at most one torn line
+    at the end of the file, which :func:`repair_tail` cuts off on resume.
+    ``stage`` names the failpoints (``<stage>.before_commit`` ...).
+    """
+
+    def __init__(self, path: Path, *, stage: str, append: bool = False) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.stage = stage
+        self._fh = open(self.path, "ab" if append else "wb")
+        self.count = 0
+        self.commits = 0
+
+    def commit(self, records: List[Dict[str, Any]]) -> None:
+        """Write ``records`` and make them durable (flush + fsync)."""
+        from regioncap.failpoints import failpoint
+
+        if not records:
+            return
+        data = "".join(dumps(r) + "\n" for r in records).encode("utf-8")
+        failpoint(f"{self.stage}.before_commit")
+        failpoint(f"{self.stage}.mid_line", lambda: self._torn_write(data))
+        self._fh.write(data)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self.count += len(records)
+        self.commits += 1
+        failpoint(f"{self.stage}.after_commit")
+
+    def _torn_write(self, data: bytes) -> None:
+        # Everything up to the middle of the batch's last line: what a kill in a write leaves.
+        last = data.rstrip(b"\n").rfind(b"\n") + 1
+        self._fh.write(data[: last + (len(data) - last) // 2])
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+
+    def __enter__(self) -> "CommitWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class CorruptRecordsError(ValueError):
+    """A records file is damaged somewhere other than its last line."""
+
+
+def scan_records(path: Path, pick: Callable[[Dict[str, Any]], Any] = lambda rec: rec, *,
+                 repair: bool = True) -> Tuple[List[Any], Optional[str]]:
+    """Read a records file left by a (maybe killed) run: ``([pick(record)...], what_was_cut)``.
+
+    ``pick`` keeps what the caller needs of each record (a resume keeps
+    ``index`` and ``id`` only, so memory does not grow with the records' size).
+
+    A killed writer leaves at most a torn tail: a last line without ``\\n``, or
+    lines that do not parse (a partly flushed page). With ``repair`` the file
+    is truncated to its last good line and ``what_was_cut`` says what went;
+    a bad line followed by good ones is damage no crash explains and raises
+    :class:`CorruptRecordsError` naming the line.
+    """
+    records: List[Any] = []
+    good_end = 0
+    bad: Optional[Tuple[int, str]] = None  # first bad line: number, reason
+    with open(path, "rb") as fh:
+        offset = 0
+        for line_no, raw in enumerate(fh, 1):
+            offset += len(raw)
+            if not raw.strip():
+                if bad is None:
+                    good_end = offset
+                continue
+            reason = None
+            if not raw.endswith(b"\n"):
+                reason = "no newline at the end (a torn write)"
+            else:
+                try:
+                    rec = json.loads(raw)
+                    if not isinstance(rec, dict):
+                        reason = "not a JSON object"
+                except (ValueError, UnicodeDecodeError) as exc:
+                    reason = f"not JSON ({exc})"
+            if reason is None:
+                if bad is not None:
+                    raise CorruptRecordsError(
+                        f"{path}:{bad[0]}: {bad[1]}, yet good records follow it; this is not what a crash leaves. "
+                        f"Move the file away and start a new run (a new hydra.run.dir)")
+                records.append(pick(rec))
+                good_end = offset
+            elif bad is None:
+                bad = (line_no, reason)
+        size = offset
+    if bad is None:
+        return records, None
+    cut = f"{path}: cut {size - good_end} byte(s) from line {bad[0]} on: {bad[1]}"
+    if repair:
+        with open(path, "r+b") as fh:
+            fh.truncate(good_end)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return records, cut
+
+
+def rewrite_atomically(path: Path, records: Iterable[Dict[str, Any]]) -> int:
+    """Replace ``path`` with ``records``: temp file, fsync, ``os.replace``, fsync of the folder.
+
+    A crash at any point leaves either the old file or the new one, never a mix.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with open(tmp, "wb") as fh:
+        for rec in records:
+            fh.write((dumps(rec) + "\n").encode("utf-8"))
+            n += 1
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return n
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` the way :func:`rewrite_atomically` does."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(str(folder), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -11,18 +11,28 @@ Outputs, all under ``output_dir``:
   captions.jsonl    the same rows with answers, parsed regions and errors
   images/           the marked images (or crops) sent to the model
   metrics.json      counts, timings, throughput, tokens
+  run_key.json      the settings that decide the answers (a resume must match them)
+
+Both records files are append-only and written in commits (write, flush,
+fsync); ``resume=true`` goes on from what a killed or stopped run committed
+(docs/reliability.md).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
+import signal
+import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap import boxes as bx
 from regioncap import prompts
@@ -30,13 +40,15 @@ from regioncap.data import InputRow, iter_rows, resolve_path
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.engines.base import Engine, Request, Response, Sampling
 from regioncap.images import ImageLoadError, crop_with_margin, load_image, resize_to, save_image, target_size
-from regioncap.records import JsonlWriter, dumps, read_jsonl
+from regioncap.records import (CommitWriter, CorruptRecordsError, dumps, read_jsonl, rewrite_atomically, scan_records,
+                               write_text_atomically)
 
 log = logging.getLogger("regioncap")
 
 VISUALIZE_FILE = "visualize.jsonl"
 CAPTIONS_FILE = "captions.jsonl"
 METRICS_FILE = "metrics.json"
+RUN_KEY_FILE = "run_key.json"
 IMAGES_DIR = "images"
 
 #: Keys regioncap writes; an input field with one of these names is kept under ``input``.
@@ -51,6 +63,15 @@ class RunError(RuntimeError):
     """The run cannot start or finish (bad config, model not available, too many errors)."""
 
 
+class Interrupted(RunError):
+    """SIGINT or SIGTERM stopped the run after its last commit; ``resume=true`` goes on."""
+
+    def __init__(self, signum: int, stage: str, rows: int) -> None:
+        self.signum, self.stage, self.rows = signum, stage, rows
+        super().__init__(f"stopped by {signal.Signals(signum).name} in the {stage} stage "
+                         f"after committing {rows} row(s) of this run")
+
+
 @dataclass
 class StageStats:
     name: str
@@ -59,6 +80,10 @@ class StageStats:
     errors: Counter = field(default_factory=Counter)
     #: Process that ran the stage (the caption stage may run in a child).
     pid: Optional[int] = None
+    #: Rows a resume found already done and did not redo.
+    skipped: int = 0
+    #: Caption rows taken out of the file to be redone (``retry_errors``).
+    retried: int = 0
 
 
 def seed_everything(seed: int) -> None:
@@ -82,6 +107,112 @@ def draw_style(draw_cfg: Any) -> DrawStyle:
         min_line_px=int(draw_cfg.min_line_px), label_size=float(draw_cfg.label_size),
         min_label_px=int(draw_cfg.min_label_px), dim=float(draw_cfg.dim),
     )
+
+
+# ------------------------------------------------------------ stop signals
+
+
+class _StopFlag:
+    """Set by the SIGINT/SIGTERM handler; stages look at it after each commit."""
+
+    signum: Optional[int] = None
+
+
+_STOP = _StopFlag()
+
+
+def stop_requested() -> Optional[int]:
+    """The signal that asked the run to stop, or None."""
+    return _STOP.signum
+
+
+@contextmanager
+def stop_on_signals(*, escalate: bool = True) -> Iterator[None]:
+    """SIGINT/SIGTERM set a flag instead of killing the run; the old handlers come back after.
+
+    The stages stop after committing the batch in hand, so the records files
+    never end in a half-written line. With ``escalate``, a second signal stops
+    at once (SIGINT raises ``KeyboardInterrupt``, SIGTERM exits 143): a person
+    pressing Ctrl-C twice means it. Outside the main thread (where Python
+    cannot install handlers) this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if _STOP.signum is not None and escalate:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        if _STOP.signum is None:
+            log.warning("%s: stopping after the current batch is written%s", signal.Signals(signum).name,
+                        " (send it again to stop at once)" if escalate else "")
+        _STOP.signum = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    _STOP.signum = None
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        _STOP.signum = None
+
+
+# ---------------------------------------------------------------- run key
+
+#: Config sections whose every field decides the answers (their ``name`` aside).
+_KEY_SECTIONS = ("prompt", "draw", "sampling")
+_KEY_MODEL = ("path", "family", "revision", "min_pixels", "max_pixels", "patch_size", "merge_size", "dtype",
+              "max_model_len")
+#: Data fields that decide which rows are read and how; ``limit`` is left out
+#: so a resume with a larger limit extends a run.
+_KEY_DATA = ("path", "source", "hf_builder", "hf_config", "split", "hf_kwargs", "image_key", "bbox_key", "id_key",
+             "bbox_format", "skip")
+
+
+def run_key_values(cfg: Any) -> Dict[str, Any]:
+    """The settings that decide a run's answers: model, prompt, drawing, sampling, data, engine.
+
+    Settings that change only how fast or how robustly answers come (batch
+    sizes, retries, logging, ``engine.fail_keys``, ``data.limit``) are left out,
+    so changing them does not block a resume.
+    """
+    from omegaconf import OmegaConf
+
+    def plain(node: Any) -> Any:
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    values: Dict[str, Any] = {
+        "model": {k: plain(cfg.model.get(k)) for k in _KEY_MODEL},
+        "engine": {"name": cfg.engine.name, "structured_outputs": cfg.engine.get("structured_outputs")},
+        "max_boxes": int(cfg.max_boxes),
+        "seed": int(cfg.seed),
+    }
+    for section in _KEY_SECTIONS:
+        values[section] = {k: v for k, v in plain(cfg[section]).items() if k != "name"}
+    data = {k: plain(cfg.data.get(k)) for k in _KEY_DATA}
+    if data["path"] and not str(data["path"]).startswith("pkg://") and resolve_path(str(data["path"])).exists():
+        data["path"] = str(resolve_path(str(data["path"])).resolve())
+    values["data"] = data
+    return values
+
+
+def run_key_hash(values: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def key_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    """``["max_boxes: 10 -> 2", ...]``: what differs between two run keys."""
+    changes = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += key_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            changes.append(f"{prefix}{k}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
+    return changes
 
 
 class RegionCapRun:
@@ -113,6 +244,7 @@ class RegionCapRun:
     def run(self) -> Dict[str, Any]:
         """Run the configured stages and return the run's metrics."""
         self.out.mkdir(parents=True, exist_ok=True)
+        self.prepare()
         if "visualize" in self.cfg.stages:
             self.visualize()
         if "caption" in self.cfg.stages:
@@ -123,21 +255,131 @@ class RegionCapRun:
         (self.out / METRICS_FILE).write_text(dumps(metrics) + "\n", encoding="utf-8")
         return metrics
 
+    # ------------------------------------------------------------- resume
+    def prepare(self) -> None:
+        """Refuse to overwrite an earlier run's outputs, check a resume's settings, write ``run_key.json``.
+
+        Without ``resume``, a stage whose records file already holds rows is
+        refused (the visualize stage also refuses when captions exist: they
+        would no longer match). With ``resume``, the settings that decide the
+        answers must match the ones the run started with, unless ``resume_force``.
+        """
+        cfg = self.cfg
+        vis, cap = self.out / VISUALIZE_FILE, self.out / CAPTIONS_FILE
+        writes = ([vis, cap] if "visualize" in cfg.stages else []) + ([cap] if "caption" in cfg.stages else [])
+        existing = [p.name for p in dict.fromkeys(writes) if p.exists() and p.stat().st_size > 0]
+        values = run_key_values(cfg)
+        key_file = self.out / RUN_KEY_FILE
+        old = None
+        if key_file.exists():
+            try:
+                old = json.loads(key_file.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise RunError(f"{key_file} is not JSON ({exc}); move it away to resume without the check") from None
+        changes = key_changes(old["values"], values) if old else []
+        if not cfg.resume:
+            if cfg.retry_errors or cfg.resume_force:
+                raise RunError("retry_errors=true and resume_force=true go with resume=true "
+                               f"(python -m regioncap resume=true hydra.run.dir={self.out} ...)")
+            if existing:
+                raise RunError(
+                    f"{self.out} already holds {' and '.join(existing)} from an earlier run; regioncap does not "
+                    f"overwrite them. To go on with that run: resume=true hydra.run.dir={self.out} (with its "
+                    f"overrides); for a fresh run: a new hydra.run.dir")
+            if changes:  # a caption-only run over an earlier visualize stage
+                log.warning("%s was made with other settings; they changed: %s", vis, "; ".join(changes))
+        elif changes:
+            listed = "\n  ".join(changes)
+            if not cfg.resume_force:
+                raise RunError(
+                    f"resume refused: {self.out} was started with other settings than these, and they decide the "
+                    f"answers. Changed:\n  {listed}\nResume with the original overrides, or add resume_force=true "
+                    f"to go on anyway (the rows already done keep their old answers), or start a new hydra.run.dir")
+            log.warning("resume_force=true: resuming although these settings changed:\n  %s", listed)
+        elif old is None and existing:
+            log.warning("resume: %s has no %s; cannot check that the settings match", self.out, RUN_KEY_FILE)
+        key = {"hash": run_key_hash(values), "values": values}
+        if old and changes:
+            key["previous"] = [*old.get("previous", []), {"hash": old.get("hash"), "values": old["values"]}]
+        write_text_atomically(key_file, dumps(key) + "\n")
+        if cfg.resume:
+            log.info("resume: run key %s%s", key["hash"], f" (was {old.get('hash')})" if changes else "")
+
+    def _done_rows(self, path: Path, stage: str, retry: bool = False) -> Tuple[Dict[int, str], set]:
+        """``({index: id}, {indexes to redo})`` of a records file, its torn tail cut off."""
+        def pick(rec: Dict[str, Any]) -> Tuple[Any, Any, bool]:
+            err = rec.get("error") or {}
+            return rec.get("index"), rec.get("id"), err.get("stage") == "caption"
+
+        try:
+            picks, cut = scan_records(path, pick)
+        except CorruptRecordsError as exc:
+            raise RunError(str(exc)) from None
+        if cut:
+            log.warning("resume: %s", cut)
+        done: Dict[int, str] = {}
+        redo = set()
+        for n, (index, row_id, failed) in enumerate(picks, 1):
+            if not isinstance(index, int):
+                raise RunError(f"{path}: record {n} has no integer 'index'; it was not written by regioncap's "
+                               f"{stage} stage: start a new hydra.run.dir")
+            if index in done:
+                raise RunError(f"{path}: row index {index} ({row_id}) is there twice; every row must be there "
+                               f"once: start a new hydra.run.dir")
+            done[index] = row_id
+            if retry and failed:
+                redo.add(index)
+        log.info("resume: %s holds %d row(s)%s", path.name, len(done),
+                 f"; {len(redo)} caption error row(s) will be redone" if retry else "")
+        return done, redo
+
+    @staticmethod
+    def _check_same_row(path: Path, index: int, done_id: Any, row_id: Any) -> None:
+        if done_id != row_id:
+            raise RunError(f"resume: input row {index} has id {row_id!r} but {path} holds id {done_id!r} for it: "
+                           f"the data changed since the run started; start a new hydra.run.dir")
+
     # ------------------------------------------------------------ visualize
     def visualize(self) -> StageStats:
-        """Read every row, validate boxes, resize, draw marks, write images and records."""
+        """Read every row, validate boxes, resize, draw marks, write images and records.
+
+        Records are committed ``commit_every`` rows at a time; on resume the
+        rows already in ``visualize.jsonl`` are skipped.
+        """
         stats = self.stats.setdefault("visualize", StageStats("visualize"))
         stats.pid = os.getpid()
         start = time.perf_counter()
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        with JsonlWriter(self.out / VISUALIZE_FILE) as writer:
+        path = self.out / VISUALIZE_FILE
+        done: Dict[int, str] = {}
+        resume = bool(self.cfg.resume) and path.exists()
+        if resume:
+            done, _ = self._done_rows(path, "visualize")
+        every = max(1, int(self.cfg.commit_every))
+        with CommitWriter(path, stage="visualize", append=resume) as writer:
+            buf: List[Dict[str, Any]] = []
             for row in _progress(iter_rows(self.cfg.data), "visualize", self.cfg.progress):
+                if row.index in done:
+                    self._check_same_row(path, row.index, done[row.index], row.row_id)
+                    stats.skipped += 1
+                    continue
                 record = self.visualize_row(row)
                 if record.get("error"):
                     stats.errors[record["error"]["kind"]] += 1
-                writer.write(record)
-                stats.rows += 1
+                buf.append(record)
+                if len(buf) >= every or stop_requested():
+                    writer.commit(buf)
+                    stats.rows += len(buf)
+                    buf = []
+                    if stop_requested():
+                        break
+            writer.commit(buf)
+            stats.rows += len(buf)
         stats.seconds = time.perf_counter() - start
+        if stats.skipped:
+            log.info("resume: visualize skipped %d row(s) already done, did %d", stats.skipped, stats.rows)
+        if stop_requested():
+            raise Interrupted(stop_requested(), "visualize", stats.rows)
         return stats
 
     def visualize_row(self, row: InputRow) -> Dict[str, Any]:
@@ -303,33 +545,67 @@ class RegionCapRun:
         """Send every prepared request to the engine, parse answers, write caption records."""
         if self.isolate:
             return self._caption_in_child()
-        from regioncap.engines import EngineError, build_engine
-
         stats = self.stats.setdefault("caption", StageStats("caption"))
         stats.pid = os.getpid()
         start = time.perf_counter()
-        if self.engine is None:
-            try:
-                self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
-            except EngineError as exc:
-                raise RunError(
-                    f"engine {self.cfg.engine.name!r} could not start: {exc}. The visualize records are in "
-                    f"{self.out / VISUALIZE_FILE}; after fixing this, run only the caption stage with "
-                    f"stages=[caption] hydra.run.dir={self.out}") from None
-            log.info("engine: %s", self.engine.describe())
         batch_size = max(1, int(self.cfg.engine.batch_size))
+        vis, path = self.out / VISUALIZE_FILE, self.out / CAPTIONS_FILE
+        if self.cfg.resume and "visualize" not in self.cfg.stages:
+            self._done_rows(vis, "visualize")  # cuts a torn tail a killed visualize stage left
+        done: Dict[int, str] = {}
+        resume = bool(self.cfg.resume) and path.exists()
+        if resume:
+            done, redo = self._done_rows(path, "caption", retry=bool(self.cfg.retry_errors))
+            if redo:
+                # Good rows first, atomically; the redone rows are appended after them.
+                kept = rewrite_atomically(path, (r for r in read_jsonl(path) if r.get("index") not in redo))
+                log.info("retry_errors: %s rewritten with its %d good row(s); redoing %d", path, kept, len(redo))
+                for index in redo:
+                    del done[index]
+                stats.retried = len(redo)
+
+        def todo() -> Iterator[Dict[str, Any]]:
+            for rec in read_jsonl(vis):
+                index = rec.get("index")
+                if index in done:
+                    self._check_same_row(path, index, done[index], rec.get("id"))
+                    stats.skipped += 1
+                    continue
+                yield rec
+
         try:
-            with JsonlWriter(self.out / CAPTIONS_FILE) as writer:
-                records = _progress(read_jsonl(self.out / VISUALIZE_FILE), "caption", self.cfg.progress)
-                for batch in _batches(records, batch_size):
-                    for rec in self._caption_batch(batch):
+            with CommitWriter(path, stage="caption", append=resume) as writer:
+                for batch in _batches(_progress(todo(), "caption", self.cfg.progress), batch_size):
+                    if self.engine is None and any(r["status"] == "pending" for r in batch):
+                        # Started at the first batch with work: a resume with nothing left never loads a model.
+                        self._start_engine()
+                    out = self._caption_batch(batch)
+                    for rec in out:
                         if rec["status"] == "error":
                             stats.errors[rec["error"]["kind"]] += 1
-                        writer.write(rec)
-                        stats.rows += 1
+                    writer.commit(out)
+                    stats.rows += len(out)
+                    if stop_requested():
+                        break
         finally:
             stats.seconds = time.perf_counter() - start
+        if stats.skipped:
+            log.info("resume: caption skipped %d row(s) already done, did %d", stats.skipped, stats.rows)
+        if stop_requested():
+            raise Interrupted(stop_requested(), "caption", stats.rows)
         return stats
+
+    def _start_engine(self) -> None:
+        from regioncap.engines import EngineError, build_engine
+
+        try:
+            self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
+        except EngineError as exc:
+            raise RunError(
+                f"engine {self.cfg.engine.name!r} could not start: {exc}. The visualize records are in "
+                f"{self.out / VISUALIZE_FILE}; after fixing this, run only the caption stage with "
+                f"stages=[caption] resume=true hydra.run.dir={self.out}") from None
+        log.info("engine: %s", self.engine.describe())
 
     def _caption_in_child(self) -> StageStats:
         """The caption stage in a spawned process, so the engine's memory (a vLLM
@@ -346,7 +622,12 @@ class RegionCapRun:
         start = time.perf_counter()
         proc.start()
         result = None
+        forwarded = False
         while result is None:
+            if stop_requested() and not forwarded and proc.is_alive():
+                # A signal to this process only (a scheduler's SIGTERM): the child stops after its batch too.
+                os.kill(proc.pid, signal.SIGTERM)
+                forwarded = True
             try:
                 result = results.get(timeout=0.5)
             except queue_mod.Empty:
@@ -360,7 +641,10 @@ class RegionCapRun:
             raise RunError(result["error"])
         stats = self.stats.setdefault("caption", StageStats("caption"))
         stats.rows, stats.errors, stats.pid = result["rows"], Counter(result["errors"]), result["pid"]
+        stats.skipped, stats.retried = result.get("skipped", 0), result.get("retried", 0)
         stats.seconds = time.perf_counter() - start
+        if result.get("interrupted"):
+            raise Interrupted(result["interrupted"], "caption", stats.rows)
         return stats
 
     def close(self) -> None:
@@ -385,9 +669,11 @@ class RegionCapRun:
         )
 
     def _caption_batch(self, batch: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        assert self.engine is not None
         pcfg = self.cfg.prompt
         pending = [(rec, spec) for rec in batch if rec["status"] == "pending" for spec in rec["requests"]]
+        if not pending:
+            return batch
+        assert self.engine is not None
         responses = self.engine.generate([self._engine_request(spec) for _, spec in pending])
         for (rec, spec), resp in zip(pending, responses):
             self._attach(spec, resp)
@@ -503,8 +789,16 @@ def _caption_child(cfg: Dict[str, Any], model_path: Optional[str], results: Any)
     logging.getLogger().addHandler(handler)
     run = RegionCapRun(OmegaConf.create(cfg), model_path=model_path)
     try:
-        stats = run.caption()
-        results.put({"rows": stats.rows, "errors": dict(stats.errors), "pid": os.getpid()})
+        # Ctrl-C reaches this process too, and the parent forwards a SIGTERM it gets:
+        # either way, stop after the batch in hand (never at once: the parent decides that).
+        with stop_on_signals(escalate=False):
+            try:
+                run.caption()
+            except Interrupted:
+                pass
+            stats = run.stats["caption"]
+            results.put({"rows": stats.rows, "errors": dict(stats.errors), "pid": os.getpid(),
+                         "skipped": stats.skipped, "retried": stats.retried, "interrupted": stop_requested()})
     except RunError as exc:
         results.put({"error": str(exc)})
     except Exception as exc:  # report anything else to the parent rather than dying silently

@@ -1,0 +1,221 @@
+"""Crash and resume: a run killed at any commit point, then resumed, ends with the
+same records as a run that was never interrupted; a resume that would mix
+settings, an overwrite, a stop signal and retried errors behave as documented
+(docs/reliability.md)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from conftest import REPO, compose, run_cli
+from regioncap.job import execute
+from regioncap.records import CorruptRecordsError, read_jsonl, scan_records
+from regioncap.run import RunError
+
+DEMO = REPO / "regioncap" / "demo"
+
+
+def demo_rows(path: Path, n: int = 8) -> Path:
+    """``n`` rows: the demo rows over and over, with distinct ids and absolute image paths."""
+    base = [json.loads(line) for line in (DEMO / "demo.jsonl").read_text().splitlines() if line.strip()]
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n):
+            row = dict(base[i % len(base)])
+            row["id"] = f"{row['id']}-{i}"
+            row["image"] = str(DEMO / row["image"])
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
+def by_id(path: Path) -> Dict[str, dict]:
+    """Records of ``path`` by id, checking that each row is there exactly once."""
+    records = list(read_jsonl(path))
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)), f"a row is in {path.name} twice: {ids}"
+    assert sorted(r["index"] for r in records) == list(range(len(records)))
+    return {r["id"]: r for r in records}
+
+
+def assert_same_answers(run: Path, reference: Path, n: int) -> None:
+    for name in ("visualize.jsonl", "captions.jsonl"):
+        got, want = by_id(run / name), by_id(reference / name)
+        assert len(got) == len(want) == n and set(got) == set(want), name
+    got, want = by_id(run / "captions.jsonl"), by_id(reference / "captions.jsonl")
+    for rid, rec in want.items():
+        assert got[rid]["status"] == rec["status"], rid
+        assert [r["caption"] for r in got[rid]["regions"]] == [r["caption"] for r in rec["regions"]], rid
+
+
+# ------------------------------------------------------------------ the records file
+
+
+def test_scan_cuts_a_torn_tail_and_refuses_damage_in_the_middle(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"index": 0}\n{"index": 1}\n{"ind')
+    records, cut = scan_records(path)
+    assert records == [{"index": 0}, {"index": 1}] and "line 3" in cut and "torn" in cut
+    assert path.read_bytes() == b'{"index": 0}\n{"index": 1}\n'
+    assert scan_records(path) == ([{"index": 0}, {"index": 1}], None)
+    path.write_bytes(b'{"index": 0}\n\x00\x00\x00\n')  # a page the crash left as zeros
+    assert scan_records(path)[0] == [{"index": 0}] and path.read_bytes() == b'{"index": 0}\n'
+    path.write_bytes(b'{"index": 0}\nnot json\n{"index": 2}\n')
+    with pytest.raises(CorruptRecordsError, match="r.jsonl:2"):
+        scan_records(path)
+
+
+# --------------------------------------------------------- kill at every commit point
+
+# Small images and short answers keep the tiny model's runs to seconds on two cores.
+TINY = ["engine=transformers", "engine.device=cpu", "engine.batch_size=2", "sampling.max_tokens=12", "seed=0",
+        "model.max_pixels=12544", "commit_every=3", "progress=false", "data=jsonl"]
+ROWS = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, tiny_model_dir):
+    """Rows, the CLI arguments, and the records of one uninterrupted run."""
+    base = tmp_path_factory.mktemp("resume")
+    rows = demo_rows(base / "rows.jsonl", ROWS)
+    args = [*TINY, f"data.path={rows}", f"model.path={tiny_model_dir}"]
+    reference = base / "reference"
+    proc = run_cli([*args, f"hydra.run.dir={reference}"], cwd=base)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return args, reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", [
+    "visualize.before_commit:2", "visualize.mid_line:2", "visualize.after_commit:1",
+    "caption.before_commit:2", "caption.mid_line:2", "caption.after_commit:2",
+])
+def test_killed_run_resumes_to_the_same_records(tmp_path, tiny_setup, point):
+    args, reference = tiny_setup
+    out = tmp_path / "run"
+    proc = run_cli([*args, f"hydra.run.dir={out}"], env={"REGIONCAP_FAILPOINT": point}, cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    stage = point.split(".")[0]
+    stage_file = out / f"{'visualize' if stage == 'visualize' else 'captions'}.jsonl"
+    if "mid_line" in point:
+        assert not stage_file.read_bytes().endswith(b"\n")  # the torn line is there to be cut
+    if point == "caption.after_commit:2":  # once is enough for the slow model (the fast tests cover the rest)
+        # Without resume=true the run dir is not overwritten.
+        refused = run_cli([*args, f"hydra.run.dir={out}"], cwd=tmp_path)
+        assert refused.returncode == 1 and "resume=true" in refused.stdout + refused.stderr
+    proc = run_cli([*args, f"hydra.run.dir={out}", "resume=true"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    if "mid_line" in point:
+        assert "cut" in log and "torn" in log
+    assert "resume:" in log
+    assert_same_answers(out, reference, ROWS)
+    if point != "caption.after_commit:2":
+        return
+    # A second resume of a finished run redoes nothing (and loads no model).
+    before = (out / "captions.jsonl").read_bytes()
+    proc = run_cli([*args, f"hydra.run.dir={out}", "resume=true"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "captions.jsonl").read_bytes() == before
+    assert "engine:" not in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------- refusals (fast, fake engine)
+
+
+def fake(out: Path, rows: Path, *extra: str):
+    return compose(["engine=fake", "progress=false", "data=jsonl", f"data.path={rows}", "engine.batch_size=2",
+                    "commit_every=3", *extra], output_dir=out)
+
+
+def test_run_dir_with_outputs_is_refused_without_resume(tmp_path):
+    rows, out = demo_rows(tmp_path / "rows.jsonl"), tmp_path / "run"
+    execute(fake(out, rows))
+    before = (out / "captions.jsonl").read_bytes()
+    with pytest.raises(RunError, match=r"already holds visualize.jsonl and captions.jsonl.*resume=true.*new hydra.run.dir"):
+        execute(fake(out, rows))
+    # A caption-only run would overwrite captions.jsonl: refused as well.
+    with pytest.raises(RunError, match="already holds captions.jsonl"):
+        execute(fake(out, rows, "stages=[caption]"))
+    with pytest.raises(RunError, match="go with resume=true"):
+        execute(fake(tmp_path / "other", rows, "retry_errors=true"))
+    assert (out / "captions.jsonl").read_bytes() == before
+    key = json.loads((out / "run_key.json").read_text())
+    assert key["values"]["max_boxes"] == 10 and len(key["hash"]) == 16
+
+
+def test_resume_with_changed_settings_is_refused_unless_forced(tmp_path):
+    rows, out = demo_rows(tmp_path / "rows.jsonl"), tmp_path / "run"
+    execute(fake(out, rows, "data.limit=4"))
+    with pytest.raises(RunError, match=r"resume refused(.|\n)*max_boxes: 10 -> 2(.|\n)*resume_force=true"):
+        execute(fake(out, rows, "resume=true", "max_boxes=2"))
+    # Settings that do not change answers (limit, batch size, fail_keys) do not block a resume.
+    execute(fake(out, rows, "resume=true", "engine.batch_size=5", "engine.fail_keys=[nothing]"))
+    assert len(by_id(out / "captions.jsonl")) == ROWS
+    execute(fake(out, rows, "resume=true", "max_boxes=2", "resume_force=true", "data.limit=9"))
+    key = json.loads((out / "run_key.json").read_text())
+    assert key["values"]["max_boxes"] == 2 and key["previous"][0]["values"]["max_boxes"] == 10
+
+
+def test_resume_refuses_data_that_changed_under_it(tmp_path):
+    rows, out = demo_rows(tmp_path / "rows.jsonl"), tmp_path / "run"
+    execute(fake(out, rows, "data.limit=4"))
+    text = rows.read_text().replace("chelsea-1", "someone-else")
+    rows.write_text(text)
+    with pytest.raises(RunError, match="input row 1 has id 'someone-else'.*data changed"):
+        execute(fake(out, rows, "resume=true"))
+
+
+def test_retry_errors_redoes_caption_error_rows_once(tmp_path):
+    rows, out = demo_rows(tmp_path / "rows.jsonl"), tmp_path / "run"
+    execute(fake(out, rows, "engine.fail_keys=[coffee-2/]", "max_error_rate=0.5"))
+    first = by_id(out / "captions.jsonl")
+    assert first["coffee-2"]["status"] == "error" and first["coffee-2"]["error"]["stage"] == "caption"
+    # A plain resume keeps the error row as it is.
+    execute(fake(out, rows, "resume=true", "max_error_rate=0.5"))
+    assert by_id(out / "captions.jsonl")["coffee-2"]["status"] == "error"
+    metrics = execute(fake(out, rows, "resume=true", "retry_errors=true"))
+    records = list(read_jsonl(out / "captions.jsonl"))
+    again = by_id(out / "captions.jsonl")
+    assert len(again) == ROWS and all(r["status"] == "ok" for r in again.values())
+    assert again["coffee-2"]["regions"][0]["caption"].startswith("fake caption of region 1 in coffee-2/c0")
+    # The redone row is appended after the good ones: order differs, ``index`` keeps input order.
+    assert records[-1]["id"] == "coffee-2"
+    assert {k: v for k, v in again.items() if k != "coffee-2"} == {k: v for k, v in first.items() if k != "coffee-2"}
+    assert metrics["rows"] == ROWS and metrics["error_rows"] == 0
+
+
+def test_execute_restores_the_signal_handlers(tmp_path):
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    execute(fake(tmp_path / "run", demo_rows(tmp_path / "rows.jsonl", 2)))
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+# ------------------------------------------------------------------- stop signals
+
+
+@pytest.mark.parametrize("point,code,extra", [
+    ("visualize.after_commit:1:sigterm", 143, []),
+    ("caption.after_commit:1:sigterm", 143, []),
+    ("caption.after_commit:1:sigterm", 143, ["engine.isolate=true"]),
+])
+def test_sigterm_stops_after_a_commit_with_the_resume_command(tmp_path, point, code, extra):
+    rows, out = demo_rows(tmp_path / "rows.jsonl"), tmp_path / "run"
+    args = ["engine=fake", "progress=false", "data=jsonl", f"data.path={rows}", "engine.batch_size=2",
+            "commit_every=3", "max_boxes=4", *extra]
+    proc = run_cli([*args, f"hydra.run.dir={out}"], env={"REGIONCAP_FAILPOINT": point}, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == code, log[-3000:]
+    assert "stopped by SIGTERM" in log
+    hint = next(line.strip() for line in log.splitlines() if line.strip().startswith("python -m regioncap"))
+    assert "resume=true" in hint and f"hydra.run.dir={out}" in hint and "max_boxes=4" in hint
+    stage_file = out / ("visualize.jsonl" if point.startswith("visualize") else "captions.jsonl")
+    data = stage_file.read_bytes()
+    # The first commit and nothing after it (visualize: 3 rows; caption: one batch of 2 requests).
+    assert data.endswith(b"\n") and len(list(read_jsonl(stage_file))) == (3 if point.startswith("visualize") else 1)
+    proc = run_cli([*args, f"hydra.run.dir={out}", "resume=true"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(by_id(out / "captions.jsonl")) == len(by_id(out / "visualize.jsonl")) == ROWS
