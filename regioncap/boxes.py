@@ -241,7 +241,10 @@ def from_xyxy(box: Box, fmt: str, width: int, height: int) -> List[float]:
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a box nested hundreds of levels deep (fuzzed input)
+        text = f"<{type(value).__name__} nested too deeply to show>"
     return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 3] + "..."
 
 

@@ -20,6 +20,11 @@ from typing import Any, Dict, Iterator, Optional
 #: Longest piece of a bad line quoted back in its error message.
 _QUOTE = 120
 
+#: Deepest nesting of lists/objects accepted in a row. Every row is written back
+#: (and read again by later stages) with recursive JSON code: a row nested near
+#: Python's recursion limit would load here and then crash a later stage.
+MAX_NESTING = 100
+
 
 class DataError(ValueError):
     """The data source as a whole is unusable (missing file, bad config)."""
@@ -106,12 +111,60 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
                 }
                 yield row
                 continue
+            except RecursionError:
+                row.error = {"kind": "invalid_json",
+                             "message": f"{where}: JSON nested too deeply to read: {text.strip()[:_QUOTE]!r}"}
+                yield row
+                continue
+            problem = _unwritable(obj)
+            if problem is not None:
+                row.error = {"kind": problem[0], "message": f"{where}: {problem[1]}"}
+                yield row
+                continue
             if not isinstance(obj, dict):
                 row.error = {"kind": "invalid_row", "message": f"{where}: expected a JSON object, got {type(obj).__name__}"}
                 yield row
                 continue
             _fill(row, obj, image_key, bbox_key, id_key, base, where)
             yield row
+
+
+def _unwritable(obj: Any) -> Optional[tuple]:
+    """``(kind, reason)`` when a parsed row cannot be carried to the output files, else None.
+
+    Two things valid JSON can hold that the output cannot: nesting deep enough
+    to hit the recursion limit in a later stage, and a ``\\udXXX`` escape for an
+    unpaired UTF-16 surrogate, which is not Unicode and fails when the record is
+    written as UTF-8. Iterative, so it cannot itself recurse too deeply.
+    """
+    stack = [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    bad = value[exc.start]
+                    reason = f"a string holds an unpaired surrogate escape ({bad!r}), which is not valid Unicode"
+                    return ("invalid_utf8", reason)
+        elif isinstance(value, (list, dict)):
+            if depth >= MAX_NESTING:
+                return ("invalid_row", f"lists/objects nested over {MAX_NESTING} levels deep")
+            items = list(value.keys()) + list(value.values()) if isinstance(value, dict) else value
+            stack.extend((v, depth + 1) for v in items)
+    return None
+
+
+def _image_path_problem(value: Any, image_key: str) -> Optional[str]:
+    """Why ``value`` cannot be an image path, or None."""
+    if not isinstance(value, str):
+        return f"{image_key!r} must be a path string, got {type(value).__name__}"
+    if not value.strip():
+        return f"{image_key!r} is an empty string"
+    if "\x00" in value:
+        return f"{image_key!r} holds a NUL character, which no file path can: {value[:_QUOTE]!r}"
+    return None
 
 
 def _fill(row: InputRow, obj: Dict[str, Any], image_key: str, bbox_key: str,
@@ -125,14 +178,24 @@ def _fill(row: InputRow, obj: Dict[str, Any], image_key: str, bbox_key: str,
     if image_key not in obj:
         row.error = {"kind": "missing_image_field", "message": f"{where}: no {image_key!r} field"}
     elif isinstance(row.image, str):
-        if not row.image.strip():
-            row.error = {"kind": "bad_image_value", "message": f"{where}: {image_key!r} is an empty string"}
+        problem = _image_path_problem(row.image, image_key)
+        if problem:
+            row.error = {"kind": "bad_image_value", "message": f"{where}: {problem}"}
         else:
             p = Path(os.path.expanduser(row.image))
             row.image_path = str(p if p.is_absolute() or base is None else base / p)
-    elif isinstance(row.image, dict) and row.image.get("path") and not row.image.get("bytes"):
-        p = Path(row.image["path"])
-        row.image_path = str(p if p.is_absolute() or base is None else base / p)
+    elif isinstance(row.image, dict) and not isinstance(row.image.get("bytes"), (bytes, bytearray, memoryview)):
+        # An image dict without real bytes (always so in JSONL) must carry a usable path.
+        if row.image.get("path") is None:
+            keys = sorted(map(str, row.image))
+            problem = f"{image_key!r} is an object without a 'path' string or 'bytes' (keys: {keys})"
+        else:
+            problem = _image_path_problem(row.image["path"], f"{image_key}.path")
+        if problem:
+            row.error = {"kind": "bad_image_value", "message": f"{where}: {problem}"}
+        else:
+            p = Path(row.image["path"])
+            row.image_path = str(p if p.is_absolute() or base is None else base / p)
     elif row.image is None:
         row.error = {"kind": "bad_image_value", "message": f"{where}: {image_key!r} is null"}
     elif isinstance(row.image, (int, float, bool, list)):

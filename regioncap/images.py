@@ -181,6 +181,8 @@ def _load_path(
         raise ImageLoadError("missing_file", f"{source}: no such file") from None
     except OSError as exc:
         raise ImageLoadError("unreadable_file", f"{source}: cannot stat ({exc.strerror})") from None
+    except ValueError as exc:  # a NUL byte, or a string the file system cannot encode
+        raise ImageLoadError("bad_image_value", f"{source!r}: not a usable file path ({exc})") from None
     _check_file_stat(st, source, max_file_bytes)
     try:
         # O_NONBLOCK: if the path was swapped for a FIFO after the stat above,
