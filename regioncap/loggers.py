@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -182,10 +183,19 @@ class WandbLogger(RunLogger):
             # A job whose finish failed must not hand its run to the next job of a sweep.
             "reinit": "finish_previous",
         })
-        self._run = wandb.init(
-            project=cfg.project, entity=cfg.entity, group=group, name=name, job_type=job_type,
-            tags=list(cfg.tags) or None, config=config, dir=str(run_dir), mode=mode, settings=settings,
-        )
+        # W&B records the command line in the run's metadata (and uploads it):
+        # hand it one with secret-named override values masked.
+        from regioncap.manifest import redact_override
+
+        argv = sys.argv
+        sys.argv = [argv[0], *(redact_override(a) for a in argv[1:])]
+        try:
+            self._run = wandb.init(
+                project=cfg.project, entity=cfg.entity, group=group, name=name, job_type=job_type,
+                tags=list(cfg.tags) or None, config=config, dir=str(run_dir), mode=mode, settings=settings,
+            )
+        finally:
+            sys.argv = argv
         where = getattr(self._run.settings, "sync_dir", None) or run_dir / "wandb"
         in_group = f" in group {group}" if group else ""
         if mode == "offline":

@@ -179,9 +179,8 @@ def test_override_secret_only_in_known_files(secret_run, secret):
     assert manifest["config"]["model"]["hf_token"] == "<redacted>"
 
 
-@pytest.mark.xfail(strict=True, reason="W&B stores sys.argv (with any secret passed as an override) in the "
-                   "run metadata it uploads; regioncap does not yet stop it (reported)")
 def test_override_secret_not_in_wandb_files(secret_run):
+    # W&B records the command line in its run metadata; regioncap hands it a masked one.
     wandb_leaks = [n for n, c in secret_run.items() if n.startswith("wandb/") and OVERRIDE_SECRET.encode() in c]
     assert wandb_leaks == []
 
