@@ -265,6 +265,7 @@ class RegionCapRun:
         answers must match the ones the run started with, unless ``resume_force``.
         """
         cfg = self.cfg
+        self._lock()
         vis, cap = self.out / VISUALIZE_FILE, self.out / CAPTIONS_FILE
         writes = ([vis, cap] if "visualize" in cfg.stages else []) + ([cap] if "caption" in cfg.stages else [])
         existing = [p.name for p in dict.fromkeys(writes) if p.exists() and p.stat().st_size > 0]
@@ -304,6 +305,21 @@ class RegionCapRun:
         write_text_atomically(key_file, dumps(key) + "\n")
         if cfg.resume:
             log.info("resume: run key %s%s", key["hash"], f" (was {old.get('hash')})" if changes else "")
+
+    def _lock(self) -> None:
+        """Hold ``DIR/.lock`` for the run: two processes appending to one records file would mix rows."""
+        try:
+            import fcntl
+        except ImportError:  # not on POSIX: no lock, as before
+            return
+        fh = open(self.out / ".lock", "a")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise RunError(f"another regioncap process is writing {self.out} (it holds {self.out / '.lock'}); "
+                           f"wait for it to end, or use another hydra.run.dir") from None
+        self._lock_fh = fh
 
     def _done_rows(self, path: Path, stage: str, retry: bool = False) -> Tuple[Dict[int, str], set]:
         """``({index: id}, {indexes to redo})`` of a records file, its torn tail cut off."""
@@ -648,9 +664,14 @@ class RegionCapRun:
         return stats
 
     def close(self) -> None:
+        """Shut the engine down and let go of the run dir's lock."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+        lock = getattr(self, "_lock_fh", None)
+        if lock is not None:
+            lock.close()  # closing the file releases the flock
+            self._lock_fh = None
 
     def _sampling(self) -> Sampling:
         s = self.cfg.sampling

@@ -188,6 +188,21 @@ def test_retry_errors_redoes_caption_error_rows_once(tmp_path):
     assert metrics["rows"] == ROWS and metrics["error_rows"] == 0
 
 
+def test_a_run_dir_in_use_is_refused(tmp_path):
+    from regioncap.run import build_run
+
+    rows, out = demo_rows(tmp_path / "rows.jsonl", 2), tmp_path / "run"
+    holder = build_run(fake(out, rows, "stages=[visualize]"))
+    out.mkdir()
+    holder.prepare()  # takes the lock, as a running job does
+    try:
+        with pytest.raises(RunError, match="another regioncap process is writing"):
+            execute(fake(out, rows, "resume=true"))
+    finally:
+        holder.close()
+    execute(fake(out, rows, "resume=true"))
+
+
 def test_execute_restores_the_signal_handlers(tmp_path):
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     execute(fake(tmp_path / "run", demo_rows(tmp_path / "rows.jsonl", 2)))
