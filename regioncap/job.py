@@ -122,8 +122,9 @@ def resume_hint(cfg: Any) -> str:
     """The command that goes on with this run: its own overrides, ``resume=true`` and its run dir."""
     overrides = [o for o in job_overrides() if not _RESUME_SKIP.match(o)]
     cmd = ["python", "-m", "regioncap", *overrides, "resume=true", f"hydra.run.dir={cfg.output_dir}"]
-    return (f"The rows finished so far are in {cfg.output_dir}; to go on where the run stopped:\n  "
-            + " ".join(shlex.quote(c) for c in cmd))
+    cwd = hydra_context()["cwd"]  # relative paths in the overrides are relative to it
+    return (f"The rows finished so far are in {cfg.output_dir}; to go on where the run stopped"
+            + (f" (from {cwd})" if cwd else "") + ":\n  " + " ".join(shlex.quote(c) for c in cmd))
 
 
 def _check(cfg: Any, run: RegionCapRun, metrics: Dict[str, Any]) -> None:

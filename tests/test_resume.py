@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 
