@@ -234,3 +234,30 @@ def test_sigterm_stops_after_a_commit_with_the_resume_command(tmp_path, point, c
     proc = run_cli([*args, f"hydra.run.dir={out}", "resume=true"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(by_id(out / "captions.jsonl")) == len(by_id(out / "visualize.jsonl")) == ROWS
+
+
+def test_a_real_sigint_from_outside_stops_after_a_commit(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    rows, out = demo_rows(tmp_path / "rows.jsonl", 300), tmp_path / "run"
+    args = ["engine=fake", "progress=false", "data=jsonl", f"data.path={rows}", "commit_every=8"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("REGIONCAP_FAILPOINT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "regioncap", *args, f"hydra.run.dir={out}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not ((out / "visualize.jsonl").exists() and (out / "visualize.jsonl").stat().st_size) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    log, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, log[-3000:]
+    assert "stopped by SIGINT" in log and "resume=true" in log
+    done = len(list(read_jsonl(out / "visualize.jsonl")))
+    assert 0 < done < 300 and (out / "visualize.jsonl").read_bytes().endswith(b"\n")
+    proc = run_cli([*args, f"hydra.run.dir={out}", "resume=true"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(by_id(out / "captions.jsonl")) == len(by_id(out / "visualize.jsonl")) == 300
