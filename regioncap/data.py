@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
+from regioncap.errors import RunError
+
 #: Longest piece of a bad line quoted back in its error message.
 _QUOTE = 120
 
@@ -26,7 +28,7 @@ _QUOTE = 120
 MAX_NESTING = 100
 
 
-class DataError(ValueError):
+class DataError(RunError, ValueError):
     """The data source as a whole is unusable (missing file, bad config)."""
 
 

@@ -37,6 +37,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 from regioncap import boxes as bx
 from regioncap import prompts
 from regioncap.data import InputRow, iter_rows, resolve_path
+from regioncap.errors import RunError  # noqa: F401  (re-exported: regioncap.run.RunError)
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.engines.base import Engine, Request, Response, Sampling
 from regioncap.images import ImageLoadError, crop_with_margin, load_image, resize_to, save_image, target_size
@@ -56,11 +57,8 @@ _OWN_KEYS = {
     "id", "index", "image", "image_path", "type", "bbox", "bbox_format", "image_size", "input_size",
     "normalized_bbox", "valid_bboxes_num", "dropped_boxes", "clipped_boxes", "regions", "requests",
     "image_with_bbox", "prompt", "result_file", "error", "status", "answer", "tokens", "timing", "line",
+    "input",
 }
-
-
-class RunError(RuntimeError):
-    """The run cannot start or finish (bad config, model not available, too many errors)."""
 
 
 class Interrupted(RunError):

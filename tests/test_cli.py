@@ -115,3 +115,12 @@ def test_data_file_with_relative_images_from_another_cwd(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rec,) = read_jsonl(tmp_path / "run" / "captions.jsonl")
     assert rec["status"] == "ok" and rec["tag"] == "t"
+
+
+def test_missing_data_file_is_a_one_line_error(tmp_path):
+    proc = run_cli(["engine=fake", "data=jsonl", f"data.path={tmp_path / 'nope.jsonl'}",
+                    f"hydra.run.dir={tmp_path / 'run'}", "progress=false"], cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert f"data file {tmp_path / 'nope.jsonl'} does not exist" in out
+    assert "Traceback" not in out
