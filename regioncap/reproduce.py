@@ -47,7 +47,9 @@ REPORT_FILE = "reproduction.json"
 COMPARED_FILES = ("captions.jsonl", "visualize.jsonl")
 
 # Overrides that place the original run's outputs; the reproduction gets its own.
-_DROPPED_OVERRIDES = re.compile(r"^(hydra\.run\.dir|hydra\.sweep\.|hydra\.mode$|hydra\.job\.(num|id)$|output_dir$)")
+#: Overrides that place outputs or continue an earlier run: a reproduction is a new run.
+_DROPPED_OVERRIDES = re.compile(
+    r"^(hydra\.run\.dir|hydra\.sweep\.|hydra\.mode$|hydra\.job\.(num|id)$|output_dir$|resume$|resume_force$|retry_errors$)")
 
 
 class ReproduceError(RuntimeError):

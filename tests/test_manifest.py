@@ -291,3 +291,11 @@ def test_compare_records_region_by_region(tmp_path):
     diff = rp.compare_records(a, b)
     assert not diff.identical and diff.n_differences == 1
     assert "'a'" in diff.differences[0] and "region 2" in diff.differences[0] and "'wolf'" in diff.differences[0]
+
+
+def test_replay_drops_overrides_that_place_outputs_or_resume(tmp_path):
+    from regioncap.reproduce import replay_overrides
+
+    recorded = ["max_boxes=5", "hydra.run.dir=/old", "resume=true", "retry_errors=true", "model.path=/m"]
+    out = replay_overrides(recorded, ["model.path=/n"], tmp_path / "new")
+    assert out == ["max_boxes=5", "model.path=/n", f"hydra.run.dir={tmp_path / 'new'}"]
