@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 from regioncap.loggers import RunLogger, build_logger
-from regioncap.manifest import config_to_dict, redact, redact_override, try_write_manifest
+from regioncap.manifest import (
+    config_to_dict, mask_hydra_dir, redact, redact_override, secret_values, try_write_manifest,
+)
 from regioncap.run import Interrupted, RegionCapRun, RunError, build_run, stop_on_signals
 
 log = logging.getLogger("regioncap")
@@ -63,6 +65,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
     started = time.time()
     built: Dict[str, Any] = {}  # model_path and engine_info, for the manifest
     error: Optional[str] = None
+    _mask_hydra_files(cfg)
     tracker = _build_tracker(cfg)
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
@@ -84,6 +87,27 @@ def execute(cfg: Any) -> Dict[str, Any]:
                            status="ok" if exit_code == 0 else "failed", error=error, **hydra_context(), **built)
         _try_write_report(run_dir)
         tracker.finish(exit_code)
+
+
+def _mask_hydra_files(cfg: Any) -> None:
+    """Hydra writes ``.hydra/*.yaml`` verbatim before the job starts: mask any value
+    given to a secret-named key there (keys belong in the environment)."""
+    hc = _hydra()
+    if hc is None or not hc.output_subdir:
+        return
+    secrets = secret_values(config_to_dict(cfg)[0], [*hc.overrides.task, *hc.overrides.hydra])
+    if not secrets:
+        return
+    hydra_dir = Path(hc.runtime.output_dir) / str(hc.output_subdir)
+    try:
+        changed = mask_hydra_dir(hydra_dir, secrets)
+    except OSError as exc:
+        log.warning("could not mask secrets in %s: %s", hydra_dir, exc)
+        return
+    if changed:
+        log.warning("a secret-named value was given on the command line or in a config file; it is masked in "
+                    "%s (%s). Pass keys through the environment instead (engine.api_key_env names the variable).",
+                    hydra_dir, ", ".join(changed))
 
 
 def _try_write_report(run_dir: Path) -> None:

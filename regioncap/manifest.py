@@ -120,6 +120,46 @@ def redact_override(override: str) -> str:
 
 
 # ----------------------------------------------------------------------- parts
+def secret_values(config: Any, overrides: Iterable[str] = ()) -> List[str]:
+    """Every non-empty string value held under a secret-named key of ``config``
+    (nested dicts and lists) or given to one by an override (``key=value``)."""
+    found: List[str] = []
+
+    def walk(node: Any, name: str = "") -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                walk(value, str(key))
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                walk(item, name)
+        elif isinstance(node, str) and node and node != REDACTED and name and is_secret_name(name):
+            found.append(node)
+
+    walk(config)
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and value and value != REDACTED and is_secret_name(override_key(override).rsplit(".", 1)[-1]):
+            found.append(value.strip("'\""))
+    return sorted(set(found), key=len, reverse=True)
+
+
+def mask_hydra_dir(hydra_dir: Path, secrets: Sequence[str]) -> List[str]:
+    """Replace each secret in Hydra's own files (``.hydra/*.yaml``, written verbatim
+    before the job starts) with :data:`REDACTED`; returns the files changed."""
+    changed = []
+    for path in sorted(Path(hydra_dir).glob("*.yaml")):
+        text = path.read_text(encoding="utf-8")
+        masked = text
+        for secret in secrets:
+            masked = masked.replace(secret, REDACTED)
+        if masked != text:
+            tmp = path.with_suffix(".yaml.tmp")
+            tmp.write_text(masked, encoding="utf-8")
+            os.replace(tmp, path)
+            changed.append(path.name)
+    return changed
+
+
 def config_to_dict(cfg: Any) -> Tuple[Dict[str, Any], bool]:
     """The config as plain data, resolved when possible; the flag says whether it is resolved."""
     from omegaconf import OmegaConf

@@ -35,7 +35,7 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from regioncap.manifest import MANIFEST_FILE, data_fingerprint, read_manifest, redact_override
+from regioncap.manifest import MANIFEST_FILE, REDACTED, data_fingerprint, read_manifest, redact_override
 
 EXIT_IDENTICAL = 0
 EXIT_REFUSED = 2
@@ -328,6 +328,11 @@ def reproduce(run_dir: Path, *, out: Optional[Path] = None, force: bool = False,
         raise ReproduceError(f"output dir {out} exists and is not empty; pick another --out")
     cwd = info.cwd if info.cwd and Path(info.cwd).is_dir() else os.getcwd()
     args = replay_overrides(info.overrides, extra, out)
+    masked = [a for a in args if a.partition("=")[2] == REDACTED]
+    if masked:
+        keys = ", ".join(a.partition("=")[0] for a in masked)
+        raise ReproduceError(f"the run was given secret-named values on the command line, masked in its records "
+                             f"({keys}); give them again as extra overrides, or better through the environment")
 
     recorded = (info.manifest or {}).get("data")
     if not recorded:
