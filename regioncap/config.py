@@ -162,6 +162,11 @@ class DataConfig:
     #: Read at most this many rows (after ``skip``).
     limit: Optional[int] = None
     skip: int = 0
+    #: Split the run into ``num_shards`` runs: shard ``shard_index`` reads the rows
+    #: (after ``skip``/``limit``) whose index is ``shard_index`` modulo ``num_shards``.
+    #: ``python -m regioncap.merge`` joins the shards' records.
+    num_shards: int = 1
+    shard_index: int = 0
 
 
 @dataclass

@@ -61,8 +61,23 @@ def resolve_path(path: str) -> Path:
     return Path(os.path.expanduser(path))
 
 
+def check_shards(data_cfg: Any) -> tuple:
+    """``(num_shards, shard_index)`` of ``data_cfg``; :class:`DataError` when they do not fit together."""
+    num_shards, shard_index = getattr(data_cfg, "num_shards", 1), getattr(data_cfg, "shard_index", 0)
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise DataError(f"data.num_shards must be a whole number >= 1, got {num_shards!r}")
+    if not isinstance(shard_index, int) or not 0 <= shard_index < num_shards:
+        raise DataError(f"data.shard_index must be in 0..{num_shards - 1} (data.num_shards={num_shards}), "
+                        f"got {shard_index!r}")
+    return num_shards, shard_index
+
+
 def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
-    """Yield the rows selected by ``data_cfg`` (``skip``/``limit`` applied)."""
+    """Yield the rows selected by ``data_cfg``: ``skip``/``limit`` applied, then this shard's share.
+
+    Shard ``k`` of ``n`` keeps the rows whose index (position after ``skip``)
+    is ``k`` modulo ``n``; indexes are those of the unsharded run.
+    """
     if not data_cfg.path:
         raise DataError("data.path is not set: give a JSONL file or dataset (data.path=FILE)")
     if data_cfg.source == "jsonl":
@@ -72,11 +87,16 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
     else:
         raise DataError(f"unknown data.source {data_cfg.source!r}; use 'jsonl' or 'hf'")
     skip, limit = int(data_cfg.skip or 0), data_cfg.limit
+    num_shards, shard_index = check_shards(data_cfg)
     for i, row in enumerate(rows):
         if i < skip:
             continue
         if limit is not None and i - skip >= limit:
             break
+        # Shards split the rows an unsharded run would read (after skip/limit) and keep
+        # its indexes, so file names never collide and a merge can check exactly-once.
+        if (i - skip) % num_shards != shard_index:
+            continue
         row.index = i - skip
         if not row.id_from_data:
             row.row_id = f"row-{row.index:07d}"

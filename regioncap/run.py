@@ -36,7 +36,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 from regioncap import boxes as bx
 from regioncap import prompts
-from regioncap.data import InputRow, iter_rows, resolve_path
+from regioncap.data import InputRow, check_shards, iter_rows, resolve_path
 from regioncap.errors import RunError  # noqa: F401  (re-exported: regioncap.run.RunError)
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.engines.base import Engine, Request, Response, Sampling
@@ -193,6 +193,9 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
     data = {k: plain(cfg.data.get(k)) for k in _KEY_DATA}
     if data["path"] and not str(data["path"]).startswith("pkg://") and resolve_path(str(data["path"])).exists():
         data["path"] = str(resolve_path(str(data["path"])).resolve())
+    if cfg.data.get("num_shards", 1) != 1:
+        # Only when sharded, so the key (and a resume) of an unsharded run is as before.
+        data["num_shards"], data["shard_index"] = int(cfg.data.num_shards), int(cfg.data.shard_index)
     values["data"] = data
     return values
 
@@ -234,6 +237,7 @@ class RegionCapRun:
             raise RunError(f"data.bbox_format must be one of {bx.BBOX_FORMATS}, got {cfg.data.bbox_format!r}")
         if cfg.max_boxes < 1:
             raise RunError(f"max_boxes must be at least 1, got {cfg.max_boxes}")
+        check_shards(cfg.data)
         unknown = [s for s in cfg.stages if s not in ("visualize", "caption")]
         if unknown:
             raise RunError(f"unknown stage(s) {unknown}; stages are 'visualize' and 'caption'")
