@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench.py visualize --rows 60
     .venv/bin/python scripts/bench.py caption --rows 20
+    .venv/bin/python scripts/bench.py memory --memory-rows 200
     .venv/bin/python scripts/bench.py all --write docs/benchmarks.md
 
 visualize: regioncap's visualize stage (decode with JPEG draft mode, resize to
@@ -10,6 +11,8 @@ against
   - naive: the DataFlow-MM way: full-resolution decode, marks drawn at full
     resolution, full-resolution JPEG encode;
   - floor: decode + resize + encode at the model's input size and nothing else.
+
+memory: peak RSS of a whole run at 10x the rows over 1x (streaming: flat).
 
 caption: the caption stage's framework overhead with the offline tiny model and
 the transformers engine on the CPU: the stage's wall time over the time of the
@@ -166,6 +169,44 @@ def bench_caption(rows: int, repeat: int, work: Path) -> Dict[str, object]:
             "overhead_ratio": t_pipe / t_direct}
 
 
+def _peak_rss_mb(args: List[str]) -> float:
+    """Peak resident memory (MiB) of one ``python -m regioncap`` process.
+
+    Linux keeps a process's ru_maxrss across fork and exec, so a child forked
+    from this (large) benchmark process would report at least our own peak:
+    a small launcher process starts the run and reports its child's peak.
+    """
+    import subprocess
+
+    launcher = ("import resource, subprocess, sys; "
+                "rc = subprocess.run([sys.executable, '-m', 'regioncap', *sys.argv[1:]], "
+                "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
+                "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", launcher, *args], cwd=str(REPO), capture_output=True,
+                         text=True, check=True).stdout.split()
+    if out[0] != "0":
+        raise RuntimeError(f"regioncap {' '.join(args)} exited {out[0]}")
+    return int(out[1]) / 1024.0
+
+
+def bench_memory(rows: int, work: Path) -> Dict[str, object]:
+    """Peak RSS of a whole run at 10x the rows over 1x (both stages, fake engine: the framework's own memory)."""
+    demo = REPO / "regioncap" / "demo" / "demo.jsonl"
+    demo_rows = [json.loads(line) for line in demo.read_text().splitlines()]
+    peaks = {}
+    for n in (rows, 10 * rows):
+        data = work / f"mem_rows_{n}.jsonl"
+        with open(data, "w") as fh:
+            for i in range(n):
+                row = dict(demo_rows[i % len(demo_rows)], id=f"r{i}")
+                row["image"] = str(demo.parent / row["image"])
+                fh.write(json.dumps(row) + "\n")
+        peaks[n] = _peak_rss_mb(["engine=fake", "progress=false", "data=jsonl", f"data.path={data}",
+                                 f"hydra.run.dir={work / f'mem_run_{n}'}"])
+    return {"rows": rows, "peak_rss_mb_1x": peaks[rows], "peak_rss_mb_10x": peaks[10 * rows],
+            "ratio": peaks[10 * rows] / peaks[rows]}
+
+
 def environment() -> Dict[str, str]:
     import importlib.metadata as md
 
@@ -213,16 +254,26 @@ def to_markdown(results: Dict[str, Dict[str, object]], env: Dict[str, str]) -> s
                   f"| engine calls made directly on the prepared requests | {r['direct_engine_s']:.2f} |",
                   f"| the caption stage (read records, build requests, generate, parse, write) | {r['pipeline_s']:.2f} |",
                   f"| ratio (target <= 1.10) | {r['overhead_ratio']:.3f} |", ""]
-    lines += ["Not measured here yet: speed-up on N worker processes, overlap of the stages, memory at 10x rows, "
+    if "memory" in results:
+        r = results["memory"]
+        lines += ["## Memory", "",
+                  f"Peak RSS of a whole `python -m regioncap` run (both stages, fake engine, report and metrics "
+                  f"included) on {r['rows']} and {10 * r['rows']} demo rows.", "",
+                  "| rows | peak RSS (MiB) |", "|---|---|",
+                  f"| {r['rows']} | {r['peak_rss_mb_1x']:.0f} |",
+                  f"| {10 * r['rows']} | {r['peak_rss_mb_10x']:.0f} |",
+                  f"| ratio (target <= 1.2) | {r['ratio']:.3f} |", ""]
+    lines += ["Not measured here yet: speed-up on N worker processes, overlap of the stages, "
               "and the vLLM path on a GPU (no GPU was lent to the session that wrote this).", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["visualize", "caption", "all"])
+    parser.add_argument("what", choices=["visualize", "caption", "memory", "all"])
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--memory-rows", type=int, default=200, help="rows of the 1x memory run (10x: ten times)")
     parser.add_argument("--write", type=Path, default=None, help="write the results as Markdown here")
     args = parser.parse_args()
     results: Dict[str, Dict[str, object]] = {}
@@ -233,6 +284,9 @@ def main() -> None:
             for model in ("qwen25vl_3b", "tiny"):
                 results[f"visualize/{model}"] = bench_visualize(args.rows or 60, args.repeat, work, model)
                 print(json.dumps(results[f"visualize/{model}"], indent=2))
+        if args.what in ("memory", "all"):
+            results["memory"] = bench_memory(args.memory_rows, work)
+            print(json.dumps(results["memory"], indent=2))
         if args.what in ("caption", "all"):
             results["caption"] = bench_caption(args.rows or 20, args.repeat, work)
             print(json.dumps(results["caption"], indent=2))
