@@ -394,10 +394,15 @@ class RegionCapRun:
             writer.commit(buf)
             stats.rows += len(buf)
         stats.seconds = time.perf_counter() - start
+        return self._end_of_stage(stats)
+
+    @staticmethod
+    def _end_of_stage(stats: StageStats) -> StageStats:
+        """Log what a resume skipped; stop the run if a signal asked for it."""
         if stats.skipped:
-            log.info("resume: visualize skipped %d row(s) already done, did %d", stats.skipped, stats.rows)
+            log.info("resume: %s skipped %d row(s) already done, did %d", stats.name, stats.skipped, stats.rows)
         if stop_requested():
-            raise Interrupted(stop_requested(), "visualize", stats.rows)
+            raise Interrupted(stop_requested(), stats.name, stats.rows)
         return stats
 
     def visualize_row(self, row: InputRow) -> Dict[str, Any]:
@@ -607,11 +612,7 @@ class RegionCapRun:
                         break
         finally:
             stats.seconds = time.perf_counter() - start
-        if stats.skipped:
-            log.info("resume: caption skipped %d row(s) already done, did %d", stats.skipped, stats.rows)
-        if stop_requested():
-            raise Interrupted(stop_requested(), "caption", stats.rows)
-        return stats
+        return self._end_of_stage(stats)
 
     def _start_engine(self) -> None:
         from regioncap.engines import EngineError, build_engine
