@@ -107,17 +107,11 @@ class OpenAIEngineConfig(EngineConfig):
 
 
 @dataclass
-class AutoEngineConfig(EngineConfig):
-    """vLLM where CUDA and vLLM are available, else transformers."""
+class AutoEngineConfig(VllmEngineConfig, TransformersEngineConfig):
+    """vLLM where CUDA and vLLM are available, else transformers: the fields of both."""
 
     name: str = "auto"
-    device: str = "auto"
-    attn_implementation: Optional[str] = None
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = False
-    structured_outputs: bool = True
-    extra_args: Dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 8
 
 
 @dataclass
