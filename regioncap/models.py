@@ -81,6 +81,14 @@ def resolve_model_path(model_cfg: Any) -> str:
             log.info("built the tiny model in %s", out)
         return str(out)
 
+    if path_str.startswith("pkg://"):  # a model folder shipped inside an installed package
+        from regioncap.data import resolve_path
+
+        local = resolve_path(path_str)
+        if not local.is_dir():
+            raise EngineError(f"model.path {path_str} points to {local}, which is not a folder: the package "
+                              f"was installed without its model files; reinstall it from the repository")
+        return _check_local_dir(local.absolute())
     local = Path(path_str).expanduser()
     if local.is_dir():
         return _check_local_dir(local.absolute())

@@ -167,8 +167,8 @@ def _corpus() -> List[str]:
     return lines
 
 
-def _write_tokenizer(folder: Path) -> None:
-    """Train the byte-level BPE on :func:`_corpus` and write a Qwen2 tokenizer into ``folder``.
+def _write_tokenizer(folder: Path, corpus: Optional[List[str]] = None, vocab_size: int = BPE_VOCAB_SIZE) -> None:
+    """Train the byte-level BPE on ``corpus`` (default :func:`_corpus`) and write a Qwen2 tokenizer into ``folder``.
 
     Written in the layout of the real Qwen2.5-VL checkpoints (``tokenizer.json``
     with the added tokens after the BPE vocabulary, ``tokenizer_config.json``
@@ -188,14 +188,14 @@ def _write_tokenizer(folder: Path) -> None:
     ])
     tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB_SIZE,
+        vocab_size=vocab_size,
         min_frequency=2,
         show_progress=False,
         # The full 256-byte alphabet, so any text (any language, any byte) encodes.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else _corpus(), trainer=trainer)
     first_id = tok.get_vocab_size()
     # One call per token keeps Qwen's order: ids first_id, first_id + 1, ...
     for content, special in QWEN_ADDED_TOKENS:
@@ -278,19 +278,24 @@ def _build_into(tmp: Path, seed: int) -> Dict[str, Any]:
         np.random.set_state(np_state)
 
 
-def _build_seeded(tmp: Path, seed: int) -> Dict[str, Any]:
+def _build_seeded(tmp: Path, seed: int, *, text_dims: Optional[Dict[str, Any]] = None,
+                  vision_dims: Optional[Dict[str, Any]] = None, corpus: Optional[List[str]] = None,
+                  vocab: int = BPE_VOCAB_SIZE, min_pixels: int = MIN_PIXELS,
+                  max_pixels: int = MAX_PIXELS) -> Dict[str, Any]:
+    """Write a random-weight model folder; the defaults are the tiny model's (``scripts/train_shapes.py``
+    passes its own dimensions, corpus and pixel budget)."""
     import torch
     import transformers
     from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    _write_tokenizer(tmp)
+    _write_tokenizer(tmp, corpus, vocab)
     tok = AutoTokenizer.from_pretrained(tmp)
     ids = {t: tok.convert_tokens_to_ids(t) for t, _ in QWEN_ADDED_TOKENS}
     n_tokens = len(tok)
     # Round the embedding up, as Qwen does (151936 rows for 151665 tokens).
     vocab_size = (n_tokens + 63) // 64 * 64
 
-    text = dict(TEXT_DIMS)
+    text = dict(text_dims or TEXT_DIMS)
     mrope_section = text.pop("mrope_section")
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     assert sum(mrope_section) * 2 == head_dim, "mrope_section must sum to head_dim / 2"
@@ -306,7 +311,7 @@ def _build_seeded(tmp: Path, seed: int) -> Dict[str, Any]:
             pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=False,
         ),
-        vision_config=dict(VISION_DIMS, in_channels=3),
+        vision_config=dict(vision_dims or VISION_DIMS, in_channels=3),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -343,9 +348,9 @@ def _build_seeded(tmp: Path, seed: int) -> Dict[str, Any]:
     # The processor files in the hub layout that every version reads: transformers 5
     # would nest the image processor in processor_config.json, which 4.x does not read.
     _write_json(tmp / "preprocessor_config.json", {
-        "min_pixels": MIN_PIXELS,
-        "max_pixels": MAX_PIXELS,
-        "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
+        "min_pixels": min_pixels,
+        "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
         "patch_size": 14,
         "temporal_patch_size": 2,
         "merge_size": 2,

@@ -1,0 +1,336 @@
+"""Train the offline default model: a tiny Qwen2.5-VL that captions coloured shapes.
+
+Run by hand, once, offline, on a CPU (not in CI):
+
+    .venv/bin/python scripts/train_shapes.py --out regioncap/weights/shapes --work /tmp/shapes-train
+
+What it does, in order (every step seeded, so a re-run with the same library
+versions gives the same weights):
+
+1. Generates a training set of synthetic scenes with ``regioncap.shapes``
+   (and a separate held-out set, with another seed, for the evaluation).
+2. Builds a random-weight Qwen2.5-VL with ``regioncap.tiny``'s builder: the
+   real transformers architecture, a byte-level BPE tokenizer trained on the
+   prompts and captions of this domain, Qwen's special tokens, chat template
+   and image processor; dimensions below.
+3. Runs regioncap's own *visualize* stage over the training scenes, once with
+   ``prompt=crop`` and once with ``prompt=marked``: the training inputs are the
+   exact images and prompts the pipeline will later send to the model (crop
+   margin, resize rule, marks, prompt wording), so training and inference
+   cannot drift apart.
+4. Trains on (image, prompt) -> answer, loss on the answer tokens only:
+   phase 1 crops only (shape and colour recognition), phase 2 marked scenes
+   mixed with crops (reading the numbered marks, one ``N: caption`` line per
+   box).
+5. Saves the weights as float16 safetensors with a ``training.json`` record
+   (versions, seeds, steps, losses, timings).
+
+Evaluate through the whole pipeline afterwards (what the tests do):
+
+    python -m regioncap data=shapes prompt=crop
+    python -m regioncap data=shapes prompt=marked
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from regioncap import shapes, tiny  # noqa: E402
+
+#: Model dimensions. Text head_dim 32 (vLLM's CPU attention supports it);
+#: mrope_section sums to head_dim / 2; the vision tower's output equals the
+#: text hidden size.
+TEXT_DIMS: Dict[str, Any] = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=4096, rope_theta=1000000.0, mrope_section=[4, 6, 6],
+)
+VISION_DIMS: Dict[str, Any] = dict(
+    depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=128, patch_size=14,
+    spatial_merge_size=2, temporal_patch_size=2, window_size=224, fullatt_block_indexes=[1],
+    tokens_per_second=2,
+)
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 224 * 224
+VOCAB = 700
+
+
+def domain_corpus() -> List[str]:
+    """The text the tokenizer is trained on: this domain's prompts and answers, plus the tiny model's corpus."""
+    from omegaconf import OmegaConf
+
+    from regioncap import prompts
+
+    lines = list(tiny._corpus())
+    caps = [shapes.caption(c, k) for c in shapes.COLOURS for k in shapes.SHAPES]
+    for _ in range(3):
+        lines += caps
+    for strategy in ("crop", "marked", "coords", "dataflow"):
+        cfg = OmegaConf.load(ROOT / "conf" / "prompt" / f"{strategy}.yaml")
+        for n in range(1, 11):
+            nums = list(range(1, n + 1))
+            text = prompts.build_prompt(
+                cfg.template, numbers=nums, labels=[str(x) for x in nums],
+                answer_format=cfg.get("answer_format", "lines"),
+                regions_text="\n".join(f'{x}: {{"bbox_2d": [{10 * x}, {20 + x}, {100 + x}, {200 - x}]}}' for x in nums),
+                noun="region" if strategy == "coords" else "box")
+            lines += [text] * 3
+            lines.append("\n".join(f"{x}: {caps[(x * 7 + n) % len(caps)]}" for x in nums))
+    return lines
+
+
+def build_init(folder: Path, seed: int) -> Dict[str, Any]:
+    """A random-weight model folder with this script's dimensions and tokenizer."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return tiny._build_seeded(folder, seed, text_dims=TEXT_DIMS, vision_dims=VISION_DIMS, corpus=domain_corpus(),
+                              vocab=VOCAB, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+
+
+def visualize(data_jsonl: Path, model_dir: Path, prompt: str, out_dir: Path) -> Path:
+    """Run regioncap's visualize stage (the real one) and return its visualize.jsonl."""
+    from hydra import compose, initialize_config_dir
+
+    from regioncap.config import register_configs
+    from regioncap.run import build_run
+
+    register_configs()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    overrides = [
+        "model=shapes", f"model.path={model_dir}", "data=jsonl", f"data.path={data_jsonl}", f"prompt={prompt}",
+        "engine=fake", "stages=[visualize]", "progress=false",
+    ]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    cfg.output_dir = str(out_dir)  # ${hydra:runtime.output_dir} does not resolve under the compose API
+    run = build_run(cfg)
+    try:
+        run.run()
+    finally:
+        run.close()
+    return out_dir / "visualize.jsonl"
+
+
+def samples(vis_jsonl: Path) -> List[Tuple[str, str, str]]:
+    """(image path, prompt, target answer) for every request of a visualize.jsonl."""
+    out = []
+    run_dir = vis_jsonl.parent
+    for line in vis_jsonl.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if rec.get("status") == "error":
+            continue
+        refs = rec["references"]
+        by_id = {r["id"]: r for r in rec["regions"]}
+        for req in rec["requests"]:
+            regs = [by_id[i] for i in req["region_ids"]]
+            if len(regs) == 1 and req["numbers"] == [1] and "numbered" not in req["prompt"]:
+                answer = refs[regs[0]["source_index"]]
+            else:
+                answer = "\n".join(f"{n}: {refs[r['source_index']]}" for n, r in zip(req["numbers"], regs))
+            out.append((str(run_dir / req["image"]), req["prompt"], answer))
+    return out
+
+
+class Batcher:
+    """Turns (image, prompt, answer) triples into padded training batches (loss on the answer only)."""
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.tok = processor.tokenizer
+        self.end = "<|im_end|>"
+        self.im_start = self.tok.convert_tokens_to_ids("<|im_start|>")
+        self.head_tail = len(self.tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"])
+
+    def __call__(self, items: Sequence[Tuple[str, str, str]]) -> Dict[str, Any]:
+        import torch
+        from PIL import Image
+
+        images, texts = [], []
+        for image, prompt, answer in items:
+            with Image.open(image) as im:
+                images.append(im.convert("RGB"))
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            head = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            texts.append(head + answer + self.end + "\n")
+        self.tok.padding_side = "right"
+        enc = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        ids = enc["input_ids"]
+        labels = ids.clone()
+        labels[enc["attention_mask"] == 0] = -100
+        for row in range(ids.shape[0]):
+            # The answer starts after the last "<|im_start|>assistant\n"; the "\n" after the
+            # closing <|im_end|> is not something the model must say.
+            starts = (ids[row] == self.im_start).nonzero().flatten().tolist()
+            labels[row, : starts[-1] + self.head_tail] = -100
+            labels[row, int(enc["attention_mask"][row].sum()) - 1] = -100
+        enc["labels"] = labels
+        return dict(enc)
+
+
+class _Steps:
+    """Map-style dataset: item ``i`` is the whole batch of step ``i`` (prepared in a DataLoader worker)."""
+
+    def __init__(self, batcher: Batcher, plan: List[List[Tuple[str, str, str]]]) -> None:
+        self.batcher, self.plan = batcher, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return self.batcher(self.plan[i])
+
+
+def _worker_init(_: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def train(model: Any, batcher: Batcher, pools: List[Tuple[float, List[Tuple[str, str, str]]]], *, steps: int,
+          batch_size: int, lr: float, warmup: int, seed: int, log_every: int, name: str) -> Dict[str, Any]:
+    """AdamW with warm-up and cosine decay; each batch drawn from ``pools`` by weight. Returns a log.
+
+    The batches are drawn up front from a seeded RNG and built in one
+    DataLoader worker (image decoding and the processor overlap the model's
+    step), so the order, and with it the weights, do not depend on timing.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    rng = random.Random(seed)
+    weights = [w for w, _ in pools]
+    plan = []
+    for _ in range(steps):
+        pool = pools[rng.choices(range(len(pools)), weights=weights)[0]][1]
+        plan.append([pool[rng.randrange(len(pool))] for _ in range(batch_size)])
+    loader = DataLoader(_Steps(batcher, plan), batch_size=None, shuffle=False, num_workers=1,
+                        worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    losses: List[float] = []
+    history = []
+    t0 = time.perf_counter()
+    model.train()
+    for step, batch in enumerate(loader, 1):
+        scale = step / warmup if step <= warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for g in opt.param_groups:
+            g["lr"] = lr * max(scale, 0.02)
+        out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+        if step % log_every == 0 or step == steps:
+            avg = sum(losses[-log_every:]) / len(losses[-log_every:])
+            el = time.perf_counter() - t0
+            history.append({"step": step, "loss": round(avg, 4), "seconds": round(el, 1)})
+            print(f"[{name}] step {step}/{steps} loss {avg:.4f} {el:.0f}s ({el / step:.3f} s/step)", flush=True)
+    model.eval()
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "seconds": round(time.perf_counter() - t0, 1),
+            "history": history}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(ROOT / "regioncap" / "weights" / "shapes"))
+    p.add_argument("--work", required=True, help="scratch folder for the generated data and runs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-rows", type=int, default=8000)
+    p.add_argument("--crop-steps", type=int, default=2000)
+    p.add_argument("--crop-batch", type=int, default=32)
+    p.add_argument("--marked-steps", type=int, default=2400)
+    p.add_argument("--marked-batch", type=int, default=16)
+    p.add_argument("--marked-crop-share", type=float, default=0.25)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--init-from", default=None, help="start from this model folder instead of random weights")
+    a = p.parse_args(argv)
+
+    import numpy as np
+    import torch
+    import transformers
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    torch.set_num_threads(a.threads)
+    work = Path(a.work).absolute()
+    work.mkdir(parents=True, exist_ok=True)
+    record: Dict[str, Any] = {
+        "seed": a.seed, "args": vars(a), "text_dims": TEXT_DIMS, "vision_dims": VISION_DIMS,
+        "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "tokenizer_vocab": VOCAB,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "numpy": np.__version__,
+                     "pillow": __import__("PIL").__version__},
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": a.threads},
+    }
+    t_all = time.perf_counter()
+    data = shapes.write_dataset(work / "train", a.train_rows, seed=1000 + a.seed, prefix="train")
+    init = work / "init"
+    if a.init_from:
+        shutil.rmtree(init, ignore_errors=True)
+        shutil.copytree(a.init_from, init)
+    else:
+        build_init(init, a.seed)
+    crop = samples(visualize(data, init, "crop", work / "vis_crop"))
+    marked = samples(visualize(data, init, "marked", work / "vis_marked"))
+    record["data"] = {"train_rows": a.train_rows, "crop_samples": len(crop), "marked_samples": len(marked),
+                      "data_seed": 1000 + a.seed, "prepared_s": round(time.perf_counter() - t_all, 1)}
+    print(f"{len(crop)} crop and {len(marked)} marked training samples", flush=True)
+
+    processor = AutoProcessor.from_pretrained(init)
+    torch.manual_seed(a.seed)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    record["parameters"] = sum(p.numel() for p in model.parameters())
+    batcher = Batcher(processor)
+    phases = {}
+    if a.crop_steps:
+        phases["crop"] = train(model, batcher, [(1.0, crop)], steps=a.crop_steps, batch_size=a.crop_batch,
+                               lr=a.lr, warmup=100, seed=a.seed + 1, log_every=100, name="crop")
+    if a.marked_steps:
+        phases["marked"] = train(
+            model, batcher, [(1.0 - a.marked_crop_share, marked), (a.marked_crop_share, crop)],
+            steps=a.marked_steps, batch_size=a.marked_batch, lr=a.lr, warmup=200, seed=a.seed + 2,
+            log_every=100, name="marked")
+    record["phases"] = phases
+
+    out = Path(a.out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(init, tmp, ignore=shutil.ignore_patterns("model.safetensors", tiny.MARKER))
+    model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    cfg = json.loads((tmp / "config.json").read_text())
+    saved_cfg = json.loads((init / "config.json").read_text())
+    # Keep the builder's config.json (readable by every version); only the dtype changes.
+    saved_cfg["torch_dtype"] = saved_cfg["dtype"] = "float16"
+    saved_cfg.get("text_config", {}).update({"dtype": "float16"})
+    (tmp / "config.json").write_text(json.dumps(saved_cfg, indent=2, sort_keys=True) + "\n")
+    del cfg
+    record["total_s"] = round(time.perf_counter() - t_all, 1)
+    (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"saved {out} in {record['total_s']} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
