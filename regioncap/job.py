@@ -135,7 +135,26 @@ def _run_stages(cfg: Any, built: Dict[str, Any]) -> Tuple[RegionCapRun, Dict[str
                 built["engine_info"] = {"error": f"{type(exc).__name__}: {exc}"}
         run.close()
     log.info("summary:\n%s", run.summary(metrics))
+    samples = _samples(run)
+    if samples:
+        log.info("%s", samples)
     return run, metrics
+
+
+def _samples(run: RegionCapRun) -> str:
+    """A few captions of the run, with their references where the data has them."""
+    from regioncap.metrics import reference_texts
+    from regioncap.records import caption_samples
+
+    path = Path(run.out) / "captions.jsonl"
+    if not path.exists():
+        return ""
+    key = run.cfg.data.references_key
+    try:
+        return caption_samples(path, reference=lambda rec, reg: reference_texts(rec, reg, key))
+    except Exception as exc:  # noqa: BLE001 - a courtesy print, never a reason to fail the run
+        log.debug("no caption samples: %s", exc)
+        return ""
 
 
 #: Overrides a resume command sets itself.
