@@ -190,3 +190,50 @@ def test_lines_regex_is_enforced(engine, images):
     assert [line.split(":")[0] for line in lines] == ["1", "2", "5"]
     # The whole answer matches the regex vLLM would enforce (layout and caption length).
     assert re.fullmatch(req.regex, out[0].text)
+
+
+@pytest.mark.parametrize("answer", ["1: a red circle\n2: an orange star", "3: the sky\n4:  two spaces\n10: x"])
+def test_lines_constraint_keeps_the_models_own_tokens(tiny_model_dir, answer):
+    """A model that wants to write a well-formed answer gets exactly its own tokens through.
+
+    BPE writes "1: a" as "1", ":", " a"; forcing "1", ":", " " (a lone space)
+    would push the model off the token sequences it learned.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from regioncap.engines.constrain import lines_processor
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    want = tok.encode(answer, add_special_tokens=False) + [eos]
+    numbers = [int(line.split(":")[0]) for line in answer.split("\n")]
+    size = len(tok) + 10
+    proc = lines_processor(tok, [numbers], prompt_len=3, eos_ids=[eos], vocab_size=size)
+    ids = torch.tensor([[0, 1, 2]])
+    for target in want:
+        scores = torch.zeros((1, size))
+        scores[0, target] = 10.0  # the model's favourite next token
+        masked = proc(ids, scores)
+        assert int(masked.argmax()) == target, (tok.decode(ids[0, 3:]), tok.decode([target]))
+        ids = torch.cat([ids, torch.tensor([[target]])], dim=1)
+    assert tok.decode(ids[0, 3:-1]) == answer
+
+
+def test_lines_constraint_still_requires_a_caption_after_the_colon(tiny_model_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    from regioncap.engines.constrain import lines_processor
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    size = len(tok)
+    proc = lines_processor(tok, [[1, 2]], prompt_len=0, eos_ids=[eos], vocab_size=size)
+    ids = torch.tensor([tok.encode("1:", add_special_tokens=False)])
+    proc(ids[:, :1], torch.zeros((1, size)))  # the call that saw "1"
+    allowed = proc(ids, torch.zeros((1, size))) > float("-inf")
+    assert not allowed[0, newline] and not allowed[0, eos]  # no empty caption
+    assert allowed[0, tok.encode(" a", add_special_tokens=False)[0]]
+    assert not allowed[0, tok.encode("a", add_special_tokens=False)[0]]  # "1:a" breaks the regex

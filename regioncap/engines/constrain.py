@@ -3,10 +3,17 @@
 vLLM constrains answers with its structured-output backends (a regular
 expression); transformers has no built-in equivalent, so this logits processor
 enforces the same layout: exactly one ``<number>: <text>`` line per region, in
-order, each caption at least one token, at most ``max_caption_tokens`` tokens
-and ``max_caption_chars`` characters (the limits of the vLLM regex), then end
-of sequence. A model (even a random one) can therefore neither skip,
+order, each caption at least one character, at most ``max_caption_tokens``
+tokens and ``max_caption_chars`` characters (the limits of the vLLM regex), then
+end of sequence. A model (even a random one) can therefore neither skip,
 repeat nor invent a region, and every answer parses.
+
+Only ``<number>:`` is forced. The space after the colon is left to the
+model's own tokens: BPE tokenizers (Qwen's among them) write ``1: a red
+circle`` as ``1`` ``:`` `` a`` `` red`` `` circle``, so forcing a lone space
+token would put the model in a state it never saw in training and derail its
+answer. The first caption token must start with a space instead, as a
+regex-driven decoder (vLLM's) also allows.
 
 torch is imported inside the factory, so importing this module stays cheap.
 """
@@ -29,11 +36,15 @@ class _Vocab:
         special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
         text_ok = torch.zeros(size, dtype=torch.bool)
         lengths = torch.full((size,), 1 << 30, dtype=torch.long)
+        spaced = torch.zeros(size, dtype=torch.bool)
         for i, t in enumerate(texts):
             if i < size and i not in special and t and "\n" not in t and "\r" not in t and "\ufffd" not in t:
                 text_ok[i] = True
                 lengths[i] = len(t)
+                spaced[i] = t.startswith(" ")
         self.text_ok = text_ok
+        #: Text tokens that start with a space: the ones that may follow ``<number>:``.
+        self.spaced = spaced
         #: Characters each token adds to a caption (huge for tokens never allowed in one).
         self.lengths = lengths
         newline = tokenizer.encode("\n", add_special_tokens=False)
@@ -55,8 +66,11 @@ class _RowState:
         self.numbers = list(numbers)
         self.vocab = vocab
         self.line = 0
-        self.queue: List[int] = vocab.encode(f"{self.numbers[0]}: ")
+        self.queue: List[int] = vocab.encode(f"{self.numbers[0]}:")
+        #: The next token must start with the space after ``<number>:``.
+        self.space_due = True
         self.caption_tokens = 0
+        #: Characters of the caption so far, not counting that space.
         self.caption_chars = 0
         self.done = False
 
@@ -66,9 +80,14 @@ class _RowState:
         if self.queue:
             self.queue.pop(0)
             return
-        if token == self.vocab.newline:
+        if self.space_due:
+            self.space_due = False
+            self.caption_tokens += 1
+            self.caption_chars += int(self.vocab.lengths[token]) - 1
+        elif token == self.vocab.newline:
             self.line += 1
-            self.queue = self.vocab.encode(f"{self.numbers[self.line]}: ")
+            self.queue = self.vocab.encode(f"{self.numbers[self.line]}:")
+            self.space_due = True
             self.caption_tokens = 0
             self.caption_chars = 0
         elif token in eos_ids:
@@ -121,6 +140,10 @@ def lines_processor(
                     allowed[b, eos_list] = True
                 elif st.queue:
                     allowed[b, st.queue[0]] = True
+                elif st.space_due:
+                    # " a", " red", or a lone " " (then at least one more character follows).
+                    fits = vocab.spaced & (vocab.lengths <= max_caption_chars + 1)
+                    allowed[b, : fits.shape[0]] = fits.to(scores.device)
                 else:
                     last_line = st.line == len(st.numbers) - 1
                     end = eos_list if last_line else [vocab.newline]
@@ -128,7 +151,7 @@ def lines_processor(
                     if st.caption_tokens < max_caption_tokens and room > 0:
                         fits = vocab.text_ok & (vocab.lengths <= room)
                         allowed[b, : fits.shape[0]] = fits.to(scores.device)
-                    if st.caption_tokens >= 1:
+                    if st.caption_chars >= 1:
                         allowed[b, end] = True
             return scores.masked_fill(~allowed, float("-inf"))
 
