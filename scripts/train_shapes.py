@@ -261,9 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--marked-steps", type=int, default=2400)
     p.add_argument("--marked-batch", type=int, default=16)
     p.add_argument("--marked-crop-share", type=float, default=0.25)
+    p.add_argument("--small-share", type=float, default=0.0,
+                   help="share of marked batches drawn from scenes of 2 to --small-max shapes (a curriculum "
+                        "for binding numbers to boxes)")
+    p.add_argument("--small-max", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", default=None, help="start from this model folder instead of random weights")
+    p.add_argument("--reuse-data", action="store_true",
+                   help="reuse the visualize outputs already in --work (same --train-rows and --seed)")
     a = p.parse_args(argv)
 
     import numpy as np
@@ -275,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(a.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     record: Dict[str, Any] = {
-        "seed": a.seed, "args": vars(a), "text_dims": TEXT_DIMS, "vision_dims": VISION_DIMS,
+        # No machine paths in the record: folders by their names only.
+        "seed": a.seed, "args": {k: (Path(v).name if k in ("out", "work", "init_from") and v else v)
+                                 for k, v in vars(a).items()}, "text_dims": TEXT_DIMS, "vision_dims": VISION_DIMS,
         "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "tokenizer_vocab": VOCAB,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "numpy": np.__version__,
@@ -283,15 +291,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "threads": a.threads},
     }
     t_all = time.perf_counter()
-    data = shapes.write_dataset(work / "train", a.train_rows, seed=1000 + a.seed, prefix="train")
     init = work / "init"
     if a.init_from:
         shutil.rmtree(init, ignore_errors=True)
         shutil.copytree(a.init_from, init)
     else:
         build_init(init, a.seed)
-    crop = samples(visualize(data, init, "crop", work / "vis_crop"))
-    marked = samples(visualize(data, init, "marked", work / "vis_marked"))
+    if a.reuse_data and (work / "vis_crop" / "visualize.jsonl").exists() and (work / "vis_marked" / "visualize.jsonl").exists():
+        print("reusing the prepared training data in", work, flush=True)
+    else:
+        data = shapes.write_dataset(work / "train", a.train_rows, seed=1000 + a.seed, prefix="train")
+        visualize(data, init, "crop", work / "vis_crop")
+        visualize(data, init, "marked", work / "vis_marked")
+    crop = samples(work / "vis_crop" / "visualize.jsonl")
+    marked = samples(work / "vis_marked" / "visualize.jsonl")
     record["data"] = {"train_rows": a.train_rows, "crop_samples": len(crop), "marked_samples": len(marked),
                       "data_seed": 1000 + a.seed, "prepared_s": round(time.perf_counter() - t_all, 1)}
     print(f"{len(crop)} crop and {len(marked)} marked training samples", flush=True)
@@ -306,8 +319,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         phases["crop"] = train(model, batcher, [(1.0, crop)], steps=a.crop_steps, batch_size=a.crop_batch,
                                lr=a.lr, warmup=100, seed=a.seed + 1, log_every=100, name="crop")
     if a.marked_steps:
+        small = [m for m in marked if 2 <= m[2].count("\n") + 1 <= a.small_max]
+        pools = [(1.0 - a.marked_crop_share - a.small_share, marked), (a.marked_crop_share, crop)]
+        if a.small_share:
+            pools.append((a.small_share, small))
         phases["marked"] = train(
-            model, batcher, [(1.0 - a.marked_crop_share, marked), (a.marked_crop_share, crop)],
+            model, batcher, pools,
             steps=a.marked_steps, batch_size=a.marked_batch, lr=a.lr, warmup=200, seed=a.seed + 2,
             log_every=100, name="marked")
     record["phases"] = phases
@@ -326,6 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     del cfg
     record["total_s"] = round(time.perf_counter() - t_all, 1)
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     print(f"saved {out} in {record['total_s']} s", flush=True)

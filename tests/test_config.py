@@ -31,8 +31,9 @@ def test_every_option_composes(group, option, tmp_path):
 
 
 def test_defaults_are_the_offline_run():
-    cfg = compose([])
-    assert (cfg.model.name, cfg.engine.name, cfg.data.name, cfg.prompt.name) == ("tiny", "transformers", "demo", "marked")
+    cfg = compose([], pin=False)
+    assert (cfg.model.name, cfg.engine.name, cfg.data.name, cfg.prompt.name) == ("shapes", "transformers", "shapes", "marked")
+    assert cfg.model.path == "pkg://regioncap/weights/shapes" and cfg.model.builder is None
     assert cfg.max_boxes == 10 and cfg.stages == ["visualize", "caption"]
 
 

@@ -1,0 +1,146 @@
+"""Caption quality of the shipped offline model, measured through the whole pipeline.
+
+``model=shapes`` was trained on synthetic coloured shapes (regioncap/shapes.py,
+scripts/train_shapes.py). Here a held-out set of scenes, generated with a seed
+the training never used, goes through the real CLI (visualize + caption with
+the transformers engine, and once with vLLM) and every caption is compared
+with its ground truth. A bug in box conversion, crops, marks, prompts, the
+engines or answer parsing turns captions wrong, so these tests catch what
+tests of a random-weight model cannot. The thresholds sit a little under the
+accuracy measured when the model was committed (see the model card,
+regioncap/weights/shapes/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from conftest import REPO, run_cli
+from regioncap import shapes
+from regioncap.records import read_jsonl
+from vllm_helpers import TEST_KV_CACHE_BYTES, TEST_MAX_MODEL_LEN, vllm_env, vllm_python
+
+#: Never used by scripts/train_shapes.py (its data seed is 1000 + seed).
+HELD_OUT_SEED = 777
+HELD_OUT_ROWS = 40
+
+#: Measured on 100 held-out scenes when the model was committed (model card): crop 99.7%,
+#: marked 20.8% exact. The bars sit a little lower; marked mode is far from the 50% it should
+#: reach (the model does not yet bind box numbers to shapes; see the model card).
+CROP_MIN_EXACT = 0.95
+MARKED_MIN_EXACT = 0.15
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> Path:
+    return shapes.write_dataset(tmp_path_factory.mktemp("heldout"), HELD_OUT_ROWS, seed=HELD_OUT_SEED,
+                                prefix="heldout", image_format="jpeg")
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z ]", " ", text.lower()).split())
+
+
+def score(run_dir: Path) -> Dict[str, float]:
+    """Exact-match, colour and shape accuracy of every box of a run against its references.
+
+    Boxes of an error row, and boxes the run dropped, count as wrong.
+    """
+    n = exact = colour = kind = 0
+    for rec in read_jsonl(run_dir / "captions.jsonl"):
+        n += len(rec["references"]) - len(rec["regions"])
+        for reg in rec["regions"]:
+            ref = rec["references"][reg["source_index"]]
+            cap = _norm(reg.get("caption") or "")
+            _, ref_colour, ref_kind = ref.split()
+            words = cap.split()
+            n += 1
+            exact += cap == _norm(ref)
+            colour += ref_colour in words
+            kind += ref_kind in words
+    assert n, "no regions"
+    return {"regions": n, "exact": exact / n, "colour": colour / n, "shape": kind / n}
+
+
+def _run(held_out: Path, out: Path, *args: str, python: str | None = None, env: dict | None = None,
+         timeout: int = 600) -> Dict[str, float]:
+    kwargs = {"python": python, "env": env} if python else {}
+    proc = run_cli(["model=shapes", "data=jsonl", f"data.path={held_out}", "progress=false",
+                    f"hydra.run.dir={out}", *args], pin=False, timeout=timeout, **kwargs)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return score(out)
+
+
+@pytest.mark.slow
+def test_crop_mode_captions_are_right(held_out, tmp_path):
+    s = _run(held_out, tmp_path / "crop", "prompt=crop")
+    assert s["exact"] >= CROP_MIN_EXACT, s
+
+
+@pytest.mark.slow
+def test_marked_mode_captions_are_right(held_out, tmp_path):
+    s = _run(held_out, tmp_path / "marked", "prompt=marked")
+    assert s["exact"] >= MARKED_MIN_EXACT, s
+
+
+@pytest.mark.slow
+def test_a_box_conversion_bug_is_caught(held_out, tmp_path):
+    """The same boxes read as xyxy (a classic conversion bug) must fail the accuracy bar by far."""
+    s = _run(held_out, tmp_path / "xyxy", "prompt=crop", "data.bbox_format=xyxy", "max_error_rate=1.0")
+    assert s["regions"] == sum(len(json.loads(line)["bbox"]) for line in held_out.read_text().splitlines())
+    assert s["exact"] < CROP_MIN_EXACT - 0.2, s
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_vllm_engine_captions_are_right(held_out, tmp_path):
+    """The real vLLM (CPU build) running the shipped model gets the crops right too."""
+    s = _run(held_out, tmp_path / "vllm", "prompt=crop", "engine=vllm", "engine.enforce_eager=true",
+             f"+engine.extra_args.kv_cache_memory_bytes={TEST_KV_CACHE_BYTES}", f"model.max_model_len={TEST_MAX_MODEL_LEN}",
+             python=vllm_python(),
+             env=vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="0"), timeout=900)
+    assert s["exact"] >= CROP_MIN_EXACT, s
+
+
+def test_default_run_prints_right_captions(tmp_path):
+    """``python -m regioncap`` with no arguments: the shipped domain and model, captions scored."""
+    out = tmp_path / "run"
+    proc = run_cli([f"hydra.run.dir={out}", "progress=false"], pin=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["error_rows"] == 0
+    s = score(out)
+    assert s["regions"] == sum(len(json.loads(line)["bbox"]) for line in
+                               (REPO / "regioncap" / "demo" / "shapes" / "shapes.jsonl").read_text().splitlines())
+    assert s["exact"] >= MARKED_MIN_EXACT, s
+    assert (out / "report.html").is_file()
+
+
+def test_shapes_dataset_is_deterministic(tmp_path):
+    a = shapes.write_dataset(tmp_path / "a", 3, seed=5)
+    b = shapes.write_dataset(tmp_path / "b", 3, seed=5)
+    assert a.read_text() == b.read_text()
+    for name in (json.loads(line)["image"] for line in a.read_text().splitlines()):
+        assert (a.parent / name).read_bytes() == (b.parent / name).read_bytes()
+    rows = [json.loads(line) for line in a.read_text().splitlines()]
+    for row in rows:
+        assert len(row["bbox"]) == len(row["references"]) >= 1
+        for x, y, w, h in row["bbox"]:
+            assert 0 <= x and 0 <= y and x + w <= shapes.SCENE_SIZE and y + h <= shapes.SCENE_SIZE
+
+
+def test_shapes_boxes_do_not_overlap(tmp_path):
+    import random
+
+    rng = random.Random(3)
+    for _ in range(50):
+        _, found = shapes.render_scene(rng, shapes.MAX_SHAPES)
+        boxes = [s.box for s in found]
+        for i, (x, y, w, h) in enumerate(boxes):
+            for bx, by, bw, bh in boxes[i + 1:]:
+                assert x + w <= bx or bx + bw <= x or y + h <= by or by + bh <= y
