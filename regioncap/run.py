@@ -41,6 +41,7 @@ from regioncap.errors import RunError  # noqa: F401  (re-exported: regioncap.run
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.engines.base import Engine, Request, Response, Sampling
 from regioncap.images import ImageLoadError, crop_with_margin, load_image, resize_to, save_image, target_size
+from regioncap.metrics import annotate_record
 from regioncap.records import (CommitWriter, CorruptRecordsError, dumps, read_jsonl, rewrite_atomically, scan_records,
                                write_text_atomically)
 
@@ -780,7 +781,8 @@ class RegionCapRun:
         elif rec["status"] == "error":
             rec["error"] = {"stage": "caption", "kind": "no_caption_parsed",
                             "message": f"{rec['image']}: the model's answer named none of the regions"}
-        return rec
+        # Per-region faithfulness flags and exact-match/attribute scores (regioncap/metrics.py).
+        return annotate_record(rec, self.cfg.data.references_key)
 
     # -------------------------------------------------------------- metrics
     def metrics(self) -> Dict[str, Any]:
