@@ -88,7 +88,8 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
     elif data_cfg.source in _ANNOTATION_SOURCES:
         rows = _ANNOTATION_SOURCES[data_cfg.source](resolve_path(data_cfg.path), data_cfg)
     else:
-        raise DataError(f"unknown data.source {data_cfg.source!r}; use one of jsonl, hf, {', '.join(_ANNOTATION_SOURCES)}")
+        raise DataError(f"unknown data.source {data_cfg.source!r}; "
+                        f"use one of jsonl, hf, {', '.join(_ANNOTATION_SOURCES)}")
     skip, limit = int(data_cfg.skip or 0), data_cfg.limit
     num_shards, shard_index = check_shards(data_cfg)
     for i, row in enumerate(rows):
@@ -425,7 +426,8 @@ def _iter_coco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
         extra: Dict[str, Any] = {
             "image_id": image_id, "file_name": img.get("file_name"), "width": img.get("width"),
             "height": img.get("height"), "annotation_ids": [a.get("id") for a in anns],
-            "category_ids": [a.get("category_id") for a in anns], "iscrowd": [int(bool(a.get("iscrowd"))) for a in anns],
+            "category_ids": [a.get("category_id") for a in anns],
+            "iscrowd": [int(bool(a.get("iscrowd"))) for a in anns],
         }
         if skipped:
             extra["crowd_annotation_ids"] = skipped

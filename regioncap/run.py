@@ -169,6 +169,9 @@ _KEY_MODEL = ("path", "family", "revision", "min_pixels", "max_pixels", "patch_s
 #: so a resume with a larger limit extends a run.
 _KEY_DATA = ("path", "source", "hf_builder", "hf_config", "split", "hf_kwargs", "image_key", "bbox_key", "id_key",
              "bbox_format", "skip")
+#: Data fields of the annotation adapters (coco, vg, refcoco) and their defaults: in the key only when
+#: set otherwise, so the key (and a resume) of a run that does not use them is as before.
+_KEY_DATA_ADAPTERS = {"images_dir": None, "coco_iscrowd": "keep", "ref_split": None}
 
 
 def run_key_values(cfg: Any) -> Dict[str, Any]:
@@ -197,6 +200,9 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
     if cfg.data.get("num_shards", 1) != 1:
         # Only when sharded, so the key (and a resume) of an unsharded run is as before.
         data["num_shards"], data["shard_index"] = int(cfg.data.num_shards), int(cfg.data.shard_index)
+    for k, default in _KEY_DATA_ADAPTERS.items():
+        if cfg.data.get(k, default) != default:
+            data[k] = plain(cfg.data.get(k))
     values["data"] = data
     return values
 

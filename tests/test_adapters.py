@@ -246,3 +246,31 @@ def test_cli_on_each_adapter(tmp_path, name):
     if name == "coco":
         (dropped,) = recs["2"]["dropped_boxes"]
         assert dropped["index"] == 1 and recs["2"]["annotation_ids"][dropped["index"]] == 13
+
+
+def test_adapter_settings_enter_the_run_key_only_when_set():
+    from regioncap.run import run_key_values
+
+    plain = run_key_values(compose(["data=jsonl", "data.path=x.jsonl"]))["data"]
+    assert not {"images_dir", "coco_iscrowd", "ref_split"} & set(plain)  # older runs' keys unchanged
+    coco = run_key_values(compose(["data=coco", "data.path=x.json", "data.images_dir=imgs",
+                                   "data.coco_iscrowd=skip"]))["data"]
+    assert coco["images_dir"] == "imgs" and coco["coco_iscrowd"] == "skip" and coco["source"] == "coco"
+
+
+def test_vg_through_the_real_tiny_model(tmp_path, tiny_model_dir):
+    """The transformers engine on the tiny Qwen2.5-VL: every row comes out, every region
+    carries its flags, and the references are scored (wording of a random model not asserted)."""
+    out = tmp_path / "run"
+    proc = run_cli(["engine=transformers", "engine.device=cpu", f"model.path={tiny_model_dir}", "progress=false",
+                    "max_error_rate=1.0", "data=vg", f"data.path={make_vg(tmp_path)}", "data.images_dir=VG_100K",
+                    "sampling.max_tokens=24", f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = {r["id"]: r for r in read_jsonl(out / "captions.jsonl")}
+    assert set(recs) == {"7", "8", "9", "entry-3"}
+    assert recs["9"]["status"] == "error" and recs["entry-3"]["status"] == "error"
+    for i in ("7", "8"):
+        assert recs[i]["status"] in ("ok", "partial", "error") and recs[i]["requests"][0]["answer"] is not None
+        assert all(isinstance(reg["flags"], list) for reg in recs[i]["regions"])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["references"]["rows_with_references"] == 2 and "faithfulness" in m

@@ -98,8 +98,9 @@ def test_conversations_export(run_dir, tmp_path):
         assert assistant == {"role": "assistant", "content": [{"type": "text", "text": reg["caption"]}]}
     qwen2 = tmp_path / "conv2.jsonl"
     assert export(run_dir, "--format", "conversations", "--out", qwen2, "--family", "qwen2_vl").returncode == 0
-    text = json.loads(qwen2.read_text().splitlines()[0])["messages"][0]["content"][1]["text"]
-    assert "<|box_start|>(" in text and all(0 <= v <= 1000 for v in json.loads(qwen2.read_text().splitlines()[0])["bbox_2d"])
+    first = json.loads(qwen2.read_text().splitlines()[0])
+    assert "<|box_start|>(" in first["messages"][0]["content"][1]["text"]
+    assert first["coords"] == "qwen2_vl" and all(0 <= v <= 1000 for v in first["bbox_2d"])
 
 
 def test_push_to_an_unreachable_hub_is_a_clear_error(run_dir, tmp_path):

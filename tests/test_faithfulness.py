@@ -76,7 +76,8 @@ def shape_records() -> List[Dict[str, Any]]:
     out = []
     rows = [(["a red circle", "a blue square"], [["a red circle"], ["a blue square"]]),
             (["a red square", "a green circle"], [["a red circle"], ["a blue triangle"]]),
-            (["two shapes: a red circle, a blue square and a green triangle"] * 2, [["a red circle"], ["a blue square"]])]
+            (["two shapes: a red circle, a blue square and a green triangle"] * 2,
+             [["a red circle"], ["a blue square"]])]
     for i, (captions, refs) in enumerate(rows):
         rec = {"id": f"r{i}", "index": i, "image": f"{i}.png", "image_path": f"/d/{i}.png", "status": "ok",
                "regions": regions(*captions), "requests": [], "dropped_boxes": [], "clipped_boxes": [],
