@@ -92,7 +92,7 @@ def test_records_carry_flags_and_scores_and_metrics_count_them():
     assert recs[0]["regions"][0]["scores"] == {"exact_match": 1.0, "attribute_accuracy": 1.0}
     assert recs[1]["regions"][0]["scores"] == {"exact_match": 0.0, "attribute_accuracy": 0.5}
     assert recs[2]["regions"][0]["flags"] == ["same_as_other_regions", "lists_objects"]
-    m = compute_metrics(recs, {})
+    m = compute_metrics(recs, {}, meteor=False)
     faith = m["faithfulness"]
     assert faith["regions_checked"] == 6 and faith["scene_captions"] == 2 and faith["scene_caption_rate"] == 0.3333
     assert faith["by_reason"] == {"same_as_other_regions": 2, "lists_objects": 2, "many_objects": 0,
@@ -119,7 +119,7 @@ def test_wandb_table_and_report_show_flags_and_scores(tmp_path):
         Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / f"{rec['id']}.png")
         rec["requests"] = [{"key": rec["id"], "image": f"{rec['id']}.png", "numbers": [1, 2], "region_ids": [1, 2]}]
     (tmp_path / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    m = compute_metrics(recs, {"caption": {"rows": 3, "seconds": 1.0, "errors": {}}})
+    m = compute_metrics(recs, {"caption": {"rows": 3, "seconds": 1.0, "errors": {}}}, meteor=False)
     (tmp_path / "metrics.json").write_text(json.dumps(m))
     _, table = collect(tmp_path / "captions.jsonl", tmp_path, n_images=0, table_rows=10, references_key="references")
     cols = table["columns"]
