@@ -274,3 +274,15 @@ def test_vg_through_the_real_tiny_model(tmp_path, tiny_model_dir):
         assert all(isinstance(reg["flags"], list) for reg in recs[i]["regions"])
     m = json.loads((out / "metrics.json").read_text())
     assert m["references"]["rows_with_references"] == 3 and "faithfulness" in m  # the error row 9 too
+
+
+def test_field_at_reads_both_nested_layouts():
+    from regioncap.data import _ABSENT, field_at
+
+    struct_of_lists = {"objects": {"bbox": [[1, 2, 3, 4]], "category": [0]}}
+    list_of_structs = {"objects": [{"bbox": [1, 2, 3, 4], "category": 0}, {"bbox": [5, 6, 7, 8], "category": 1}]}
+    assert field_at(struct_of_lists, "objects.bbox") == [[1, 2, 3, 4]]
+    assert field_at(list_of_structs, "objects.bbox") == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert field_at(list_of_structs, "objects.category") == [0, 1]
+    assert field_at({"objects.bbox": 1, "objects": {"bbox": 2}}, "objects.bbox") == 1  # a literal column wins
+    assert field_at(struct_of_lists, "objects.area") is _ABSENT and field_at({"a": 3}, "a.b") is _ABSENT
