@@ -45,6 +45,14 @@ class ExportError(RunError):
     """The run cannot be exported as asked (no captions, bad output path, hub unreachable)."""
 
 
+class NothingToExport(ExportError):
+    """Every row of the run is left out: nothing is written (an empty training set is a mistake)."""
+
+    def __init__(self, counts: Dict[str, Any]) -> None:
+        super().__init__("nothing to export: no row has a captioned region and a readable image")
+        self.counts = counts
+
+
 # ------------------------------------------------------------------ reading the run
 def run_settings(run_dir: Path) -> Dict[str, Any]:
     """``{references_key, family}`` of the run: from ``.hydra/config.yaml``, else the
@@ -159,10 +167,17 @@ def export_dataset(run_dir: Path, out: Path, fmt: str, *, images: str = "embed",
     work = Path(tempfile.mkdtemp(prefix="regioncap-export-"))
     try:
         counts_file = work / "counts.json"
-        ds = datasets.Dataset.from_generator(
-            _hf_rows, features=_features(images), cache_dir=str(work / "cache"),
-            gen_kwargs={"records_file": str(records_file), "references_key": key, "images": images,
-                        "counts_file": str(counts_file)})
+        features = _features(images)
+        try:
+            ds = datasets.Dataset.from_generator(
+                _hf_rows, features=features, cache_dir=str(work / "cache"),
+                gen_kwargs={"records_file": str(records_file), "references_key": key, "images": images,
+                            "counts_file": str(counts_file)})
+        except ValueError:
+            counts = Counter(json.loads(counts_file.read_text())) if counts_file.is_file() else Counter()
+            if counts["rows_exported"]:
+                raise
+            raise NothingToExport(dict(counts)) from None
         counts = Counter(json.loads(counts_file.read_text())) if counts_file.is_file() else Counter()
         if fmt == "hf":
             ds.save_to_disk(str(out))
@@ -234,6 +249,9 @@ def export_conversations(run_dir: Path, out: Path, *, references_key: Optional[s
                 }
                 fh.write(json.dumps(line, ensure_ascii=False) + "\n")
                 counts["lines"] += 1
+    if not counts["lines"]:
+        tmp.unlink()
+        raise NothingToExport(dict(counts))
     os.replace(tmp, out)
     return dict(counts)
 
@@ -279,6 +297,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             counts = export_dataset(args.run_dir, args.out, args.format, images=args.images,
                                     references_key=args.references_key, push_to_hub=args.push_to_hub)
+    except NothingToExport as exc:
+        print(f"error: {exc}; {summary(exc.counts, args.format, args.out)} (nothing written)", file=sys.stderr)
+        return 1
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

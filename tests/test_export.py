@@ -114,3 +114,15 @@ def test_push_to_an_unreachable_hub_is_a_clear_error(run_dir, tmp_path):
 def test_a_run_without_captions_is_refused(tmp_path):
     proc = export(tmp_path, "--format", "conversations", "--out", tmp_path / "c.jsonl")
     assert proc.returncode == 1 and "has no captions.jsonl" in proc.stderr
+
+
+def test_a_run_with_nothing_to_export_is_refused(tmp_path):
+    rec = {"id": "a", "index": 0, "status": "error", "regions": [],
+           "error": {"stage": "visualize", "kind": "image_not_found", "message": "m"}}
+    (tmp_path / "captions.jsonl").write_text(json.dumps(rec) + "\n")
+    for fmt, out in (("hf", tmp_path / "ds"), ("conversations", tmp_path / "c.jsonl")):
+        proc = export(tmp_path, "--format", fmt, "--out", out)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert "nothing to export" in proc.stderr and "0 of 1 rows, 0 regions" in proc.stderr
+        assert "left out: 1 error rows" in proc.stderr
+        assert not out.exists()
