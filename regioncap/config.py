@@ -132,7 +132,9 @@ class DataConfig:
     """Where rows come from and how their boxes are written."""
 
     name: str = MISSING
-    #: ``jsonl`` (DataFlow-MM format) or ``hf`` (Hugging Face ``datasets``).
+    #: ``jsonl`` (DataFlow-MM format), ``hf`` (Hugging Face ``datasets``), or an
+    #: annotation file: ``coco`` (instances JSON), ``vg`` (Visual Genome region
+    #: descriptions JSON), ``refcoco`` (RefCOCO-style refs as JSON/JSONL); see docs/formats.md.
     source: str = "jsonl"
     #: JSONL file; a ``datasets`` name, data dir, saved dataset or data file.
     #: ``pkg://regioncap/...`` points inside the installed package.
@@ -143,6 +145,8 @@ class DataConfig:
     hf_config: Optional[str] = None
     split: str = "train"
     hf_kwargs: Dict[str, Any] = field(default_factory=dict)
+    #: Image and box columns/fields; for ``hf`` a dotted path reads a nested field
+    #: (``objects.bbox`` in Hugging Face detection datasets).
     image_key: str = "image"
     bbox_key: str = "bbox"
     #: Field holding a stable row id; rows without it get ``row-<position>``.
@@ -161,6 +165,20 @@ class DataConfig:
     #: ``python -m regioncap.merge`` joins the shards' records.
     num_shards: int = 1
     shard_index: int = 0
+    #: ``coco``/``vg``/``refcoco``: folder holding the images their file names (or,
+    #: for ``vg``, ``<image_id>.jpg``) resolve against; relative to the annotation
+    #: file's folder; unset: that folder itself.
+    images_dir: Optional[str] = None
+    #: ``coco``: ``keep`` crowd annotations (``iscrowd: 1``, a box around a group) as
+    #: regions, or ``skip`` them (their ids listed in the row's ``crowd_annotation_ids``).
+    coco_iscrowd: str = "keep"
+    #: ``refcoco``: read only the refs whose ``split`` field is this (``train``,
+    #: ``val``, ``testA``...); unset: every ref.
+    ref_split: Optional[str] = None
+    #: ``hf``: column holding one reference (or a list of them) per box, copied to
+    #: ``references_key``; a dotted path reads a nested field (``objects.category``);
+    #: class-label ids become their names.
+    hf_references_key: Optional[str] = None
 
 
 @dataclass

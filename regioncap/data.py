@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from regioncap.errors import RunError
 
@@ -84,8 +85,11 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
         rows = _iter_jsonl(resolve_path(data_cfg.path), data_cfg)
     elif data_cfg.source == "hf":
         rows = _iter_hf(data_cfg)
+    elif data_cfg.source in _ANNOTATION_SOURCES:
+        rows = _ANNOTATION_SOURCES[data_cfg.source](resolve_path(data_cfg.path), data_cfg)
     else:
-        raise DataError(f"unknown data.source {data_cfg.source!r}; use 'jsonl' or 'hf'")
+        raise DataError(f"unknown data.source {data_cfg.source!r}; "
+                        f"use one of jsonl, hf, {', '.join(_ANNOTATION_SOURCES)}")
     skip, limit = int(data_cfg.skip or 0), data_cfg.limit
     num_shards, shard_index = check_shards(data_cfg)
     for i, row in enumerate(rows):
@@ -252,18 +256,328 @@ def _iter_hf(data_cfg: Any) -> Iterator[InputRow]:
             ds = datasets.load_dataset(*args, split=data_cfg.split, **kwargs)
     except Exception as exc:  # datasets raises many kinds; all mean "cannot open"
         raise DataError(f"cannot load dataset {path!r} (split {data_cfg.split!r}): {exc}") from exc
-    image_key, bbox_key = data_cfg.image_key, data_cfg.bbox_key
-    for column in (image_key, bbox_key):
-        if column not in ds.column_names:
-            raise DataError(f"dataset {path!r} has no column {column!r}; columns: {ds.column_names}")
+    image_key, bbox_key, id_key = data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key
+    refs_from, refs_key = getattr(data_cfg, "hf_references_key", None), data_cfg.references_key
+    for column in (image_key, bbox_key) + ((refs_from,) if refs_from else ()):
+        if column not in ds.column_names and column.split(".")[0] not in ds.column_names:
+            raise DataError(f"dataset {path!r} has no column {column!r}; columns: {ds.column_names} "
+                            f"(a dotted name reads a nested field: objects.bbox)")
+    if refs_from and not refs_key:
+        raise DataError("data.hf_references_key is set but data.references_key is null: set where references go")
     if isinstance(ds.features.get(image_key), datasets.Image):
         # Decode ourselves, with the same guards as files on disk.
         ds = ds.cast_column(image_key, datasets.Image(decode=False))
+    names = _class_names(ds.features, refs_from) if refs_from else None
+    nested = [k for k in (image_key, bbox_key, id_key) if k and k not in ds.column_names and "." in k]
     for i, obj in enumerate(ds):
         row = InputRow(index=i, row_id=f"row-{i:07d}")
-        _fill(row, obj, image_key, bbox_key, data_cfg.id_key, base, f"{path} row {i}")
+        if nested or refs_from:
+            obj = dict(obj)
+            for key in nested:
+                value = field_at(obj, key)
+                if value is not _ABSENT:
+                    obj[key] = value
+            if refs_from:
+                obj[refs_key] = _hf_references(field_at(obj, refs_from), names)
+        _fill(row, obj, image_key, bbox_key, id_key, base, f"{path} row {i}")
         row.extra = {k: v for k, v in row.extra.items() if _jsonable(v)}
         yield row
+
+
+#: What :func:`field_at` returns for a path a row does not have.
+_ABSENT = object()
+
+
+def field_at(obj: Any, dotted: str) -> Any:
+    """The value of ``dotted`` in a row: the key itself when present, else the nested
+    field (``objects.bbox``), taken from each item where a level is a list of objects."""
+    if isinstance(obj, dict) and dotted in obj:
+        return obj[dotted]
+    value = obj
+    for part in dotted.split("."):
+        if isinstance(value, dict):
+            if part not in value:
+                return _ABSENT
+            value = value[part]
+        elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+            value = [v.get(part) for v in value]
+        else:
+            return _ABSENT
+    return value
+
+
+def _class_names(features: Any, dotted: str) -> Optional[List[str]]:
+    """Names of the ``ClassLabel`` at ``dotted`` in ``features`` (through lists/sequences), or None."""
+    import datasets
+
+    feature = features
+    for part in dotted.split(".") if dotted not in features else [dotted]:
+        while not isinstance(feature, dict) and hasattr(feature, "feature"):
+            feature = feature.feature
+        if isinstance(feature, list) and feature:
+            feature = feature[0]
+        if not isinstance(feature, dict) or part not in feature:
+            return None
+        feature = feature[part]
+    while not isinstance(feature, datasets.ClassLabel) and hasattr(feature, "feature"):
+        feature = feature.feature
+    if isinstance(feature, list) and feature:
+        feature = feature[0]
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+def _hf_references(value: Any, names: Optional[List[str]]) -> Any:
+    """One references entry per box: class-label ids as their names; other values as given."""
+    if value is _ABSENT or value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+
+    def name(v: Any) -> Any:
+        if names is not None and isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(names):
+            return names[v]
+        if isinstance(v, list):
+            return [name(x) for x in v]
+        return v
+
+    return [name(v) for v in items]
+
+
+# ------------------------------------------------------------------ annotation files (COCO, VG, RefCOCO)
+def _load_json(path: Path, what: str) -> Any:
+    """The parsed JSON file ``path``; :class:`DataError` naming it when it cannot be read."""
+    if not path.is_file():
+        raise DataError(f"{what} file {path} does not exist (data.path)")
+    try:
+        with open(path, "rb") as fh:
+            return json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise DataError(f"{what} file {path} is not readable JSON: {exc}") from exc
+
+
+def images_dir(data_cfg: Any, path: Path) -> Path:
+    """Folder the image file names of an annotation file resolve against: ``data.images_dir``
+    (relative to the annotation file's folder), else that folder itself."""
+    base = path.resolve().parent
+    configured = getattr(data_cfg, "images_dir", None)
+    if not configured:
+        return base
+    p = resolve_path(str(configured))
+    return p if p.is_absolute() else base / p
+
+
+def _error_row(row_id: str, kind: str, message: str, **extra: Any) -> InputRow:
+    return InputRow(index=0, row_id=row_id, error={"kind": kind, "message": message}, extra=extra,
+                    id_from_data=True)
+
+
+def _image_row(row_id: str, image_file: Any, folder: Path, where: str, boxes: List[Any], extra: Dict[str, Any],
+               references_key: Optional[str], references: List[Any]) -> InputRow:
+    """One row of an annotation adapter: an error row when the image file is not usable."""
+    if references_key:
+        extra[references_key] = references
+    problem = _image_path_problem(image_file, "file_name")
+    if problem:
+        return _error_row(row_id, "bad_image_value", f"{where}: {problem}", **extra)
+    path = Path(image_file) if Path(image_file).is_absolute() else folder / image_file
+    if not path.is_file():
+        return _error_row(row_id, "image_not_found",
+                          f"{where}: image {image_file!r} not found in {folder} (set data.images_dir)", **extra)
+    return InputRow(index=0, row_id=row_id, image=str(image_file), image_path=str(path), bbox=boxes, extra=extra,
+                    id_from_data=True)
+
+
+def _iter_coco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
+    """COCO instances JSON: one row per entry of ``images`` with all its annotations' boxes."""
+    doc = _load_json(path, "COCO instances")
+    if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) \
+            or not isinstance(doc.get("annotations", []), list):
+        raise DataError(f"{path} is not a COCO instances file: expected an object with 'images' and "
+                        f"'annotations' lists")
+    folder, name, refs_key = images_dir(data_cfg, path), path.name, data_cfg.references_key
+    crowd = str(getattr(data_cfg, "coco_iscrowd", "keep"))
+    if crowd not in ("keep", "skip"):
+        raise DataError(f"data.coco_iscrowd must be 'keep' or 'skip', got {crowd!r}")
+    categories = {c.get("id"): c.get("name") for c in doc.get("categories") or [] if isinstance(c, dict)}
+    by_image: Dict[Any, List[Dict[str, Any]]] = {}
+    bad: List[InputRow] = []
+    for i, ann in enumerate(doc.get("annotations") or []):
+        if not isinstance(ann, dict) or isinstance(ann.get("image_id"), (dict, list)) or "image_id" not in ann:
+            bad.append(_error_row(f"annotation-{i}", "invalid_annotation",
+                                  f"{name} annotations[{i}]: expected an object with an 'image_id', got "
+                                  f"{json.dumps(ann)[:_QUOTE]}"))
+            continue
+        by_image.setdefault(ann["image_id"], []).append(ann)
+    seen = set()
+    for i, img in enumerate(doc["images"]):
+        if not isinstance(img, dict) or "id" not in img or isinstance(img.get("id"), (dict, list)):
+            bad.append(_error_row(f"image-entry-{i}", "invalid_image_entry",
+                                  f"{name} images[{i}]: expected an object with an 'id', got "
+                                  f"{json.dumps(img)[:_QUOTE]}"))
+            continue
+        image_id = img["id"]
+        where = f"{name} image id {image_id} (images[{i}])"
+        if image_id in seen:
+            bad.append(_error_row(f"{image_id}-dup{i}", "duplicate_image_id", f"{where}: image id given twice"))
+            continue
+        seen.add(image_id)
+        anns = by_image.pop(image_id, [])
+        skipped = [a.get("id") for a in anns if a.get("iscrowd") and crowd == "skip"]
+        anns = [a for a in anns if not (a.get("iscrowd") and crowd == "skip")]
+        extra: Dict[str, Any] = {
+            "image_id": image_id, "file_name": img.get("file_name"), "width": img.get("width"),
+            "height": img.get("height"), "annotation_ids": [a.get("id") for a in anns],
+            "category_ids": [a.get("category_id") for a in anns],
+            "iscrowd": [int(bool(a.get("iscrowd"))) for a in anns],
+        }
+        if skipped:
+            extra["crowd_annotation_ids"] = skipped
+        refs = [[categories[a.get("category_id")]] if isinstance(categories.get(a.get("category_id")), str) else []
+                for a in anns]
+        yield _image_row(str(image_id), img.get("file_name"), folder, where, [a.get("bbox") for a in anns],
+                         extra, refs_key, refs)
+    for image_id, anns in by_image.items():  # annotations of images the file does not list
+        ids = [a.get("id") for a in anns]
+        bad.append(_error_row(f"unknown-image-{image_id}", "unknown_image_id",
+                              f"{name}: annotations {ids[:20]} name image_id {image_id!r}, which is not in 'images'",
+                              image_id=image_id, annotation_ids=ids))
+    yield from bad
+
+
+def _iter_vg(path: Path, data_cfg: Any) -> Iterator[InputRow]:
+    """Visual Genome region descriptions: one row per image, one box per region, its phrase the reference."""
+    doc = _load_json(path, "Visual Genome region descriptions")
+    if not isinstance(doc, list):
+        raise DataError(f"{path} is not a Visual Genome region descriptions file: expected a JSON list of "
+                        f"{{'id', 'regions': [...]}} objects")
+    folder, name, refs_key = images_dir(data_cfg, path), path.name, data_cfg.references_key
+    for i, entry in enumerate(doc):
+        regions = entry.get("regions") if isinstance(entry, dict) else None
+        image_id = entry.get("id", entry.get("image_id")) if isinstance(entry, dict) else None
+        if image_id is None and isinstance(regions, list):
+            image_id = next((r.get("image_id") for r in regions if isinstance(r, dict) and r.get("image_id")), None)
+        if not isinstance(regions, list) or image_id is None or isinstance(image_id, (dict, list)):
+            yield _error_row(f"entry-{i}", "invalid_entry",
+                             f"{name} entry {i}: expected {{'id', 'regions': [...]}}, got {json.dumps(entry)[:_QUOTE]}")
+            continue
+        boxes, refs, region_ids = [], [], []
+        for reg in regions:
+            reg = reg if isinstance(reg, dict) else {}
+            boxes.append([reg.get("x"), reg.get("y"), reg.get("width"), reg.get("height")])
+            phrase = reg.get("phrase")
+            refs.append([phrase] if isinstance(phrase, str) and phrase.strip() else [])
+            region_ids.append(reg.get("region_id", reg.get("id")))
+        extra = {"image_id": image_id, "region_ids": region_ids}
+        yield _image_row(str(image_id), f"{image_id}.jpg", folder, f"{name} entry {i} (image id {image_id})",
+                         boxes, extra, refs_key, refs)
+
+
+_REF_SUFFIX = re.compile(r"^(?P<stem>.+)_\d+(?P<ext>\.\w+)$")
+
+
+def _sentences(ref: Dict[str, Any]) -> List[str]:
+    """The referring expressions of one ref: ``sentences`` (strings or ``{"sent"|"raw"}``),
+    else ``refs``, ``captions``, ``expressions`` or one ``sentence``."""
+    for key in ("sentences", "refs", "captions", "expressions", "sentence"):
+        value = ref.get(key)
+        if value is None:
+            continue
+        items = [value] if isinstance(value, (str, dict)) else value if isinstance(value, list) else []
+        out = []
+        for item in items:
+            text = item.get("sent", item.get("raw")) if isinstance(item, dict) else item
+            if isinstance(text, str) and text.strip():
+                out.append(text.strip())
+        return out
+    return []
+
+
+def _ref_bbox(ref: Dict[str, Any]) -> Any:
+    if "bbox" in ref:
+        return ref["bbox"]
+    ann = ref.get("ann") or ref.get("raw_anns")
+    if isinstance(ann, str):
+        try:
+            ann = json.loads(ann)
+        except ValueError:
+            return None
+    return ann.get("bbox") if isinstance(ann, dict) else None
+
+
+def _read_refs(path: Path) -> Tuple[List[Any], Dict[Any, Any]]:
+    """``(refs, {image id: file_name})`` of a RefCOCO-style JSON, JSON-lines or ``{"refs", "images"}`` file."""
+    if path.suffix == ".jsonl":
+        refs: List[Any] = []
+        with open(path, "rb") as fh:
+            for line_no, raw in enumerate(fh, start=1):
+                if raw.strip():
+                    try:
+                        refs.append(json.loads(raw))
+                    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+                        refs.append(_BadLine(line_no, str(exc)))
+        return refs, {}
+    doc = _load_json(path, "RefCOCO-style refs")
+    if isinstance(doc, list):
+        return doc, {}
+    if isinstance(doc, dict) and isinstance(doc.get("refs"), list):
+        files = {im.get("id"): im.get("file_name") for im in doc.get("images") or [] if isinstance(im, dict)}
+        return doc["refs"], files
+    raise DataError(f"{path} is not a RefCOCO-style refs file: expected a JSON list of refs, JSON lines, "
+                    f"or an object with a 'refs' list (and optionally 'images')")
+
+
+@dataclass
+class _BadLine:
+    line: int
+    reason: str
+
+
+def _iter_refcoco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
+    """RefCOCO/RefCOCO+/RefCOCOg refs as JSON: refs grouped by image, one box per ref, its
+    referring expressions the references (see docs/formats.md for the layout)."""
+    refs, files = _read_refs(path)
+    folder, name, refs_key = images_dir(data_cfg, path), path.name, data_cfg.references_key
+    split = getattr(data_cfg, "ref_split", None)
+    groups: Dict[Any, Dict[str, Any]] = {}
+    order: List[Any] = []
+    for i, ref in enumerate(refs):
+        where = f"{name} line {ref.line}" if isinstance(ref, _BadLine) else f"{name} ref {i}"
+        if isinstance(ref, _BadLine) or not isinstance(ref, dict) or "image_id" not in ref \
+                or isinstance(ref.get("image_id"), (dict, list)):
+            reason = ref.reason if isinstance(ref, _BadLine) else f"expected an object with an 'image_id', got " \
+                                                                   f"{json.dumps(ref)[:_QUOTE]}"
+            key = ("bad", i)
+            groups[key] = {"error": _error_row(f"ref-entry-{i}", "invalid_ref", f"{where}: {reason}")}
+            order.append(key)
+            continue
+        if split and ref.get("split") != split:
+            continue
+        image_id = ref["image_id"]
+        if image_id not in groups:
+            groups[image_id] = {"refs": [], "first": i}
+            order.append(image_id)
+        groups[image_id]["refs"].append(ref)
+    for key in order:
+        group = groups[key]
+        if "error" in group:
+            yield group["error"]
+            continue
+        members = group["refs"]
+        file_name = next((r.get("file_name") for r in members if r.get("file_name")), None) or files.get(key)
+        where = f"{name} image id {key} (ref {group['first']})"
+        extra = {"image_id": key, "file_name": file_name,
+                 "ref_ids": [r.get("ref_id") for r in members], "ann_ids": [r.get("ann_id") for r in members]}
+        if file_name is None:
+            yield _error_row(str(key), "unknown_image_id",
+                             f"{where}: no 'file_name' on its refs and image id {key!r} is not in 'images'", **extra)
+            continue
+        if isinstance(file_name, str) and not (folder / file_name).is_file():
+            # RefCOCO's refs name the image with the annotation id appended
+            # (COCO_train2014_000000581857_16.jpg): the COCO file is without it.
+            m = _REF_SUFFIX.match(file_name)
+            if m and (folder / f"{m['stem']}{m['ext']}").is_file():
+                file_name = f"{m['stem']}{m['ext']}"
+        yield _image_row(str(key), file_name, folder, where, [_ref_bbox(r) for r in members], extra, refs_key,
+                         [_sentences(r) for r in members])
 
 
 def _jsonable(value: Any) -> bool:
@@ -281,3 +595,7 @@ def fingerprint_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+#: Annotation-file sources: ``data.source`` -> reader of ``(path, data_cfg)``.
+_ANNOTATION_SOURCES = {"coco": _iter_coco, "vg": _iter_vg, "refcoco": _iter_refcoco}

@@ -339,6 +339,7 @@ def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int
                 "bbox": reg.get("bbox"), "input_bbox": reg.get("input_bbox"), "caption": reg.get("caption"),
                 "references": _references(rec, reg, references_key), "missing": bool(reg.get("missing")),
                 "reason": reg.get("reason"), "scores": _scores(reg),
+                "flags": ", ".join(map(str, reg.get("flags") or [])) or None,
             })
     table = None
     if table_rows > 0:
@@ -352,7 +353,7 @@ def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int
                 log.info("W&B table: no reference scores (%s: %s)", type(exc).__name__, exc)
         for r in rows:
             r["reference"] = " | ".join(r.pop("references")) or None
-        columns += ["missing", "reason"]
+        columns += ["missing", "reason", "flags"]
         score_names = sorted({k for r in rows for k in r["scores"]})
         columns += [f"score/{k}" for k in score_names]
         table = {"columns": columns, "rows": [
@@ -369,12 +370,13 @@ def _score_rows(rows: List[Dict[str, Any]]) -> None:
     """
     from regioncap.metrics import score_regions
 
-    todo = [r for r in rows if r["references"] and r["caption"] and not r["scores"]]
+    # Records carry exact_match/attribute_accuracy per region already; the n-gram scores are added here.
+    todo = [r for r in rows if r["references"] and r["caption"] and "bleu4" not in r["scores"]]
     if not todo:
         return
     per = score_regions([(r["caption"], r["references"]) for r in todo])
     for r, scores in zip(todo, per):
-        r["scores"] = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
+        r["scores"] = {**r["scores"], **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
 
 
 def _sample(rec: Dict[str, Any], spec: Dict[str, Any], regions: List[Dict[str, Any]], run_dir: Path,

@@ -333,7 +333,7 @@ def data_fingerprint(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     local = resolve_path(str(path))
     if local.exists():
         out["resolved_path"] = str(local.resolve())
-    if source == "jsonl":
+    if source in ("jsonl", "coco", "vg", "refcoco"):  # one file (the annotation file for coco/vg/refcoco)
         if local.is_file():
             out["sha256"], out["rows"] = _hash_and_count_lines(local)
             out["method"] = "file_sha256"

@@ -308,17 +308,27 @@ def score_references(pairs: Sequence[Pair], *, meteor: bool = True, meteor_timeo
     from statistics pooled over the whole corpus (not means of per-region
     scores); ROUGE-L and CIDEr-D as means over pairs; each ``None``
     with a ``scores_absent`` / ``meteor_absent`` reason when its scorer is
-    unavailable or nothing can be scored. Per region: one dict
-    ``{bleu4, rouge_l, cider, meteor}`` per pair, in order; BLEU-4 there is
+    unavailable or nothing can be scored. ``exact_match`` and
+    ``attribute_accuracy`` (:func:`match_scores`, means over pairs) need no
+    scorer and are always there. Per region: one dict
+    ``{bleu4, rouge_l, cider, meteor, exact_match, attribute_accuracy}`` per pair, in order; BLEU-4 there is
     pycocoevalcap's smoothed sentence BLEU, and CIDEr weighs n-grams by their
     rarity across the references of *all* pairs given, so a region's CIDEr
     depends on the corpus it is scored in (a single pair scores 0). A pair
     without any non-empty reference gets ``None`` everywhere and is not counted.
     """
     usable = [i for i, (_, refs) in enumerate(pairs) if _reference_list(refs)]
-    empty = {"bleu4": None, "rouge_l": None, "cider": None, "meteor": None}
+    empty = {"bleu4": None, "rouge_l": None, "cider": None, "meteor": None,
+             "exact_match": None, "attribute_accuracy": None}
     per: List[Dict[str, Optional[float]]] = [dict(empty) for _ in pairs]
     corpus: Dict[str, Any] = {"regions_scored": len(usable), **empty}
+    # Exact match and attribute accuracy need no scorer package: always computed.
+    for i in usable:
+        per[i].update(match_scores(pairs[i][0], _reference_list(pairs[i][1])))
+    exact = [per[i]["exact_match"] for i in usable]
+    attrs = [per[i]["attribute_accuracy"] for i in usable if per[i]["attribute_accuracy"] is not None]
+    corpus["exact_match"] = round(sum(exact) / len(exact), 4) if exact else None
+    corpus["attribute_accuracy"] = round(sum(attrs) / len(attrs), 4) if attrs else None
     reason = scorers_absent()
     if reason:
         corpus.update(scores_absent=reason, meteor_absent=reason)
@@ -331,7 +341,7 @@ def score_references(pairs: Sequence[Pair], *, meteor: bool = True, meteor_timeo
     corpus.update(scores)
     corpus["scoring_s"] = round(time.perf_counter() - t0, 3)
     for i, s in zip(usable, each):
-        per[i] = s
+        per[i].update(s)
     return corpus, per
 
 
@@ -348,6 +358,133 @@ def score_corpus(pairs: Sequence[Pair], *, meteor: bool = True,
     """Corpus-level BLEU-4, ROUGE-L, CIDEr and METEOR of ``(caption, references)``
     pairs, with ``regions_scored`` (see :func:`score_references`)."""
     return score_references(pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)[0]
+
+
+# ------------------------------------------------------------------ exact match, attributes
+#: Words left out of a reference's content words (attribute accuracy).
+ARTICLES = frozenset({"a", "an", "the"})
+
+
+def exact_match(caption: Optional[str], references: Sequence[str]) -> float:
+    """1.0 when ``caption`` equals one of ``references`` after :func:`normalize`
+    (lowercase, punctuation and extra whitespace stripped), else 0.0."""
+    text = normalize(caption)
+    return float(bool(text) and any(text == normalize(r) for r in references if isinstance(r, str)))
+
+
+def attribute_accuracy(caption: Optional[str], references: Sequence[str]) -> Optional[float]:
+    """Share of a reference's content words (every word but the articles a/an/the) found
+    among the caption's words, best over ``references``; ``None`` when no reference has a
+    content word. For ``"a red circle"`` it scores the colour and the shape: ``"a red
+    square"`` gets 0.5, ``"red circle"`` 1.0."""
+    words = set(tokenize(caption))
+    best: Optional[float] = None
+    for ref in references:
+        content = [w for w in tokenize(ref if isinstance(ref, str) else None) if w not in ARTICLES]
+        if content:
+            share = sum(w in words for w in content) / len(content)
+            best = share if best is None else max(best, share)
+    return best
+
+
+def match_scores(caption: Optional[str], references: Sequence[str]) -> Dict[str, Optional[float]]:
+    """``{exact_match, attribute_accuracy}`` of one caption against its references
+    (no scorer package needed)."""
+    return {"exact_match": exact_match(caption, references),
+            "attribute_accuracy": attribute_accuracy(caption, references)}
+
+
+# ------------------------------------------------------------------ faithfulness
+#: Why a caption may describe the whole scene rather than its region (see docs/formats.md).
+FLAG_REASONS = ("same_as_other_regions", "lists_objects", "many_objects", "describes_image")
+#: Count words of three or more things: flagged when a plural follows within two words ("three red cars").
+_COUNT_WORDS = frozenset({"three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+                          "dozen", "dozens"})
+#: Irregular plurals (a plural is otherwise a word of 4+ letters ending in "s", not "ss"/"us"/"is").
+_PLURALS = frozenset({"people", "men", "women", "children", "mice", "geese", "feet", "teeth", "sheep", "fish"})
+#: Quantifiers and collective words that mean many things on their own.
+_MANY_WORDS = frozenset({"several", "many", "multiple", "numerous", "various", "lots", "crowd", "crowds",
+                         "group", "groups", "people", "everyone", "objects", "things", "items"})
+#: Words that start a noun phrase in a list ("a cat, a dog and a bird").
+_DETERMINERS = frozenset({"a", "an", "the", "some", "two", "one", "another", "his", "her", "their", "its"})
+#: Phrases that talk about the picture as a whole.
+_IMAGE_PHRASES = ("the image", "this image", "the picture", "this picture", "the photo", "this photo",
+                  "the scene", "this scene", "the whole", "the entire")
+_SPLIT_LIST = re.compile(r",|;|\band\b|\bwith\b|&")
+#: Noun phrases in one caption from which it "lists objects".
+LIST_MIN_OBJECTS = 3
+
+
+def _plural(word: str) -> bool:
+    return word in _PLURALS or (len(word) >= 4 and word.endswith("s") and not word.endswith(("ss", "us", "is")))
+
+
+def caption_flags(caption: Optional[str]) -> List[str]:
+    """Reasons (from :data:`FLAG_REASONS`, except ``same_as_other_regions``) why one caption
+    reads like a description of a whole scene rather than one region.
+
+    - ``lists_objects``: at least :data:`LIST_MIN_OBJECTS` noun phrases joined by
+      commas/"and"/"with", each starting with an article, a possessive or a count
+      ("a man, a dog and a red car"); "a red and white bus" is one phrase.
+    - ``many_objects``: a count of three or more (a number word or a numeral >= 3)
+      followed within two words by a plural ("three red cars", "12 apples"), a
+      quantifier (several, many, multiple, a group/crowd of) or a collective
+      plural (people, objects, things).
+    - ``describes_image``: it talks about the picture itself ("the image shows...").
+    """
+    words = tokenize(caption)
+    if not words:
+        return []
+    flags = []
+    phrases = [tokenize(part) for part in _SPLIT_LIST.split(caption.lower())]
+    if sum(1 for p in phrases if p and p[0] in _DETERMINERS) >= LIST_MIN_OBJECTS:
+        flags.append("lists_objects")
+    counted = any((w in _COUNT_WORDS or (w.isdigit() and 3 <= int(w) < 1000))
+                  and any(_plural(v) for v in words[i + 1:i + 3]) for i, w in enumerate(words))
+    if counted or any(w in _MANY_WORDS for w in words):
+        flags.append("many_objects")
+    padded = f" {' '.join(words)} "
+    if any(f" {phrase} " in padded for phrase in _IMAGE_PHRASES):
+        flags.append("describes_image")
+    return flags
+
+
+def region_flags(regions: Sequence[Dict[str, Any]]) -> List[List[str]]:
+    """Faithfulness flags of each region of one row, in order (``[]`` when none or uncaptioned).
+
+    On top of :func:`caption_flags`, every captioned region of a row gets
+    ``same_as_other_regions`` when the row has two or more captioned regions and
+    they all carry the same caption (normalised): one description for every box
+    describes the image, not the regions.
+    """
+    texts = [normalize(r.get("caption")) if isinstance(r, dict) else "" for r in regions]
+    captioned = [t for t in texts if t]
+    same = len(captioned) >= 2 and len(set(captioned)) == 1
+    out = []
+    for reg, text in zip(regions, texts):
+        if not text:
+            out.append([])
+            continue
+        flags = ["same_as_other_regions"] if same else []
+        out.append(flags + caption_flags(reg.get("caption")))
+    return out
+
+
+def annotate_record(record: Dict[str, Any], references_key: Optional[str] = "references") -> Dict[str, Any]:
+    """Add per-region checks to one caption record, in place, and return it: ``flags``
+    (:func:`region_flags`) on every region, and ``scores`` with ``exact_match`` and
+    ``attribute_accuracy`` (:func:`match_scores`) on every captioned region that has
+    references. Cheap and corpus-free, so the caption stage runs it on every row."""
+    regions = [r for r in record.get("regions") or [] if isinstance(r, dict)]
+    for reg, flags in zip(regions, region_flags(regions)):
+        reg["flags"] = flags
+    _, found, _ = region_references(record, references_key)
+    for reg, refs in found:
+        if reg.get("caption") and normalize(reg["caption"]):
+            scores = reg.get("scores") if isinstance(reg.get("scores"), dict) else {}
+            scores.update(match_scores(reg["caption"], refs))
+            reg["scores"] = scores
+    return record
 
 
 # ------------------------------------------------------------------ metrics
@@ -367,6 +504,7 @@ class _Accumulator:
         self.reask_latency = array("d")
         self.pairs: List[Tuple[str, List[str]]] = []
         self.has_references = False
+        self.flags: Counter = Counter()
 
     def add(self, rec: Dict[str, Any]) -> None:
         c = self.c
@@ -454,6 +592,14 @@ class _Accumulator:
                 if _repeats(words_list, indexes[prompt]):
                     c["captions_repeat_prompt"] += 1
         c["captions_duplicated"] += sum(n for text, n in seen.items() if n > 1 and text)
+        # Recomputed from the captions (records written before the checks existed carry no flags).
+        for reg, flags in zip(regions, region_flags(regions)):
+            if not normalize(reg.get("caption")):
+                continue
+            c["faithfulness_checked"] += 1
+            if flags:
+                c["faithfulness_flagged"] += 1
+                self.flags.update(flags)
         has_refs, found, missing = region_references(rec, self.references_key)
         if has_refs:
             self.has_references = True
@@ -552,6 +698,13 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     out["captions_duplicated"] = c["captions_duplicated"]
     out["captions_repeat_prompt"] = c["captions_repeat_prompt"]
 
+    checked = c["faithfulness_checked"]
+    out["faithfulness"] = {
+        "regions_checked": checked, "scene_captions": c["faithfulness_flagged"],
+        "scene_caption_rate": _rate(c["faithfulness_flagged"], checked),
+        "by_reason": {reason: acc.flags[reason] for reason in FLAG_REASONS},
+    }
+
     if acc.has_references:
         refs = {"rows_with_references": c["rows_with_references"],
                 "regions_with_references": c["regions_with_references"],
@@ -619,7 +772,15 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
                         else f"METEOR n/a ({refs.get('meteor_absent', 'absent')})"))
         elif refs.get("scores_absent"):
             text += f"; scores n/a ({refs['scores_absent']})"
+        if refs.get("exact_match") is not None:
+            text += (f"; exact match {refs['exact_match']:.3f}, attribute accuracy "
+                     f"{_num(refs.get('attribute_accuracy'), '.3f')}")
         lines.append(text)
+    faith = m.get("faithfulness")
+    if faith and faith.get("regions_checked"):
+        reasons = ", ".join(f"{k} {v}" for k, v in (faith.get("by_reason") or {}).items() if v)
+        lines.append(f"faithfulness: {faith['scene_captions']} of {faith['regions_checked']} captions read like "
+                     f"scene captions ({_pct(faith.get('scene_caption_rate'))})" + (f": {reasons}" if reasons else ""))
     for kind, n in sorted(m["errors"].items()):
         lines.append(f"  error {kind}: {n}")
     lines.append(f"outputs: {out_dir}")

@@ -60,7 +60,8 @@ DEFAULT_PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
                    "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
 
 #: Names of reference-based caption scores, as keys of metrics.json (lower case, prefix match).
-SCORE_NAMES = ("cider", "bleu", "meteor", "rouge", "spice", "bertscore", "bert_score", "clipscore", "clip_score")
+SCORE_NAMES = ("cider", "bleu", "meteor", "rouge", "spice", "bertscore", "bert_score", "clipscore", "clip_score",
+               "exact_match", "attribute_accuracy")
 #: Where metrics.json may keep reference scores as a dict.
 SCORE_DICTS = ("scores", "reference_scores", "references", "reference")
 
@@ -523,6 +524,9 @@ def _headline(run: RunData) -> str:
         ("parse success", _fmt(km["parse_success_rate"], "pct")),
     ]
     cards += [(name, _fmt(v)) for name, v in reference_scores(run.metrics or {}).items()]
+    scene = _num(_dig(run.metrics or {}, "faithfulness", "scene_caption_rate"))
+    if scene is not None:
+        cards.append(("scene-like captions", _fmt(scene, "pct")))
     return '<div class="cards">' + "".join(
         f'<div class="card"><div class="v">{e(v)}</div><div class="k">{e(k)}</div></div>' for k, v in cards) + "</div>"
 
@@ -543,7 +547,7 @@ _METRIC_GROUPS = [
                  ("parse_success_rate", "pct"), ("captions_empty", ""), ("captions_duplicated", ""),
                  ("captions_repeat_prompt", "")]),
 ]
-_SHOWN = {k for _, keys in _METRIC_GROUPS for k, _ in keys} | {"stages", "errors", "references"}
+_SHOWN = {k for _, keys in _METRIC_GROUPS for k, _ in keys} | {"stages", "errors", "references", "faithfulness"}
 #: A metrics.json dict with only these keys is a distribution (``latency_s``, ``caption_words``).
 _DIST_KEYS = {"n", "mean", "std", "min", "p50", "p90", "p95", "p99", "max"}
 
@@ -573,6 +577,12 @@ def _metrics_section(run: RunData) -> str:
     if isinstance(refs, dict) and refs:
         rows = [(k, _value_html(v)) for k, v in refs.items() if _is_scalar(v) or isinstance(v, dict)]
         tables.append(f"<div><h3>References</h3>{_kv_table(rows)}</div>")
+    faith = m.get("faithfulness")
+    if isinstance(faith, dict) and faith:
+        # Captions that read like a description of the whole scene (regioncap.metrics.region_flags).
+        rows = [(k, _value_html(v, "pct" if k == "scene_caption_rate" else ""))
+                for k, v in faith.items() if _is_scalar(v) or isinstance(v, dict)]
+        tables.append(f"<div><h3>Faithfulness</h3>{_kv_table(rows)}</div>")
     km = key_metrics(run)
     counted = [("parse_success_rate", "parse success rate", "pct", s.get("parse_success_rate")),
                ("latency_s", "latency p50 (s)", "", s.get("latency_p50_s")),
@@ -666,6 +676,8 @@ def _caption_cell(reg: Dict[str, Any], stage: Optional[str]) -> str:
         html_ = f'<span class="cap">{e(_clip(str(caption)))}</span>'
         if reg.get("attempt") == 2:
             html_ += ' <span class="tag">re-asked</span>'
+        for flag in reg.get("flags") or []:  # faithfulness flags (regioncap.metrics.region_flags)
+            html_ += f' <span class="tag flag">{e(flag)}</span>'
         return html_
     if reg.get("missing") or stage == "caption":
         return f'<span class="missing">missing</span> <span class="why">{e(reg.get("reason") or "")}</span>'
@@ -1148,6 +1160,7 @@ text-shadow:0 0 2px #000,0 0 1px #000}
 .missing{display:inline-block;background:#fef3f2;color:var(--bad);border:1px solid #fecdca;border-radius:4px;padding:0 6px;font-weight:600;font-size:12px}
 .ref{color:#344054;font-style:italic;white-space:pre-wrap}
 .tag{font-size:11px;background:#eef4ff;color:#3538cd;border-radius:4px;padding:0 5px}
+.tag.flag{background:#fff4e5;color:#b54708}
 .badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;background:#f2f4f7;color:#344054}
 .s-ok{background:#ecfdf3;color:#067647}.s-partial,.s-over_max_error_rate,.s-incomplete{background:#fffaeb;color:var(--warn)}
 .s-error,.s-failed{background:#fef3f2;color:var(--bad)}

@@ -41,6 +41,7 @@ from regioncap.errors import RunError  # noqa: F401  (re-exported: regioncap.run
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.engines.base import Engine, Request, Response, Sampling
 from regioncap.images import ImageLoadError, crop_with_margin, load_image, resize_to, save_image, target_size
+from regioncap.metrics import annotate_record
 from regioncap.records import (CommitWriter, CorruptRecordsError, dumps, read_jsonl, rewrite_atomically, scan_records,
                                write_text_atomically)
 
@@ -168,6 +169,9 @@ _KEY_MODEL = ("path", "family", "revision", "min_pixels", "max_pixels", "patch_s
 #: so a resume with a larger limit extends a run.
 _KEY_DATA = ("path", "source", "hf_builder", "hf_config", "split", "hf_kwargs", "image_key", "bbox_key", "id_key",
              "bbox_format", "skip")
+#: Data fields of the annotation adapters (coco, vg, refcoco) and their defaults: in the key only when
+#: set otherwise, so the key (and a resume) of a run that does not use them is as before.
+_KEY_DATA_ADAPTERS = {"images_dir": None, "coco_iscrowd": "keep", "ref_split": None}
 
 
 def run_key_values(cfg: Any) -> Dict[str, Any]:
@@ -196,6 +200,9 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
     if cfg.data.get("num_shards", 1) != 1:
         # Only when sharded, so the key (and a resume) of an unsharded run is as before.
         data["num_shards"], data["shard_index"] = int(cfg.data.num_shards), int(cfg.data.shard_index)
+    for k, default in _KEY_DATA_ADAPTERS.items():
+        if cfg.data.get(k, default) != default:
+            data[k] = plain(cfg.data.get(k))
     values["data"] = data
     return values
 
@@ -780,7 +787,8 @@ class RegionCapRun:
         elif rec["status"] == "error":
             rec["error"] = {"stage": "caption", "kind": "no_caption_parsed",
                             "message": f"{rec['image']}: the model's answer named none of the regions"}
-        return rec
+        # Per-region faithfulness flags and exact-match/attribute scores (regioncap/metrics.py).
+        return annotate_record(rec, self.cfg.data.references_key)
 
     # -------------------------------------------------------------- metrics
     def metrics(self) -> Dict[str, Any]:

@@ -303,7 +303,10 @@ def test_references_present_but_nothing_to_score():
 def test_score_regions_keeps_order_and_marks_pairs_without_references():
     per = score_regions([("a cat", ["a cat sitting"]), ("a dog", []), ("a dog", [""]), ("a cow", "a cow")])
     assert len(per) == 4
-    assert per[1] == per[2] == {"bleu4": None, "rouge_l": None, "cider": None, "meteor": None}
+    assert per[1] == per[2] == {"bleu4": None, "rouge_l": None, "cider": None, "meteor": None,
+                                "exact_match": None, "attribute_accuracy": None}
+    assert per[3]["exact_match"] == 1.0 and per[0]["exact_match"] == 0.0
+    assert per[0]["attribute_accuracy"] == 0.5  # "cat" found, "sitting" not
     assert per[0]["rouge_l"] > 0 and per[3]["rouge_l"] == 1.0
 
 

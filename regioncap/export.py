@@ -1,0 +1,311 @@
+"""Export a run's captions as a dataset: ``python -m regioncap.export RUN_DIR --format F --out PATH``.
+
+Formats (docs/formats.md, "Export"):
+
+- ``hf``: a Hugging Face dataset written with ``save_to_disk``: one row per
+  image, the image as an ``Image`` feature (bytes embedded, or its path with
+  ``--images path``), regions as a nested list of ``{id, source_index, bbox,
+  input_bbox, caption, references, flags}``.
+- ``parquet``: the same rows as one Parquet file (``Dataset.to_parquet``).
+- ``conversations``: region-grounded chat data for VLM training, one JSON line
+  per region in Qwen2.5-VL's chat-message layout, the box given in the model
+  family's own grounding coordinates.
+
+Only what a training set can use is exported: error rows, rows without a
+captioned region and regions without a caption are left out and counted in the
+printed summary. ``--push-to-hub REPO`` uploads the ``hf``/``parquet`` dataset
+after writing it locally, and only when asked.
+
+``datasets`` is imported only for the ``hf`` and ``parquet`` formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from regioncap.errors import RunError
+from regioncap.metrics import reference_texts
+from regioncap.records import read_jsonl
+
+FORMATS = ("hf", "parquet", "conversations")
+CAPTIONS_FILE = "captions.jsonl"
+#: The user turn of a conversation line; ``{box}`` is the box in the model's grounding format.
+QUESTION = "Describe the region {box} in one short phrase."
+
+
+class ExportError(RunError):
+    """The run cannot be exported as asked (no captions, bad output path, hub unreachable)."""
+
+
+class NothingToExport(ExportError):
+    """Every row of the run is left out: nothing is written (an empty training set is a mistake)."""
+
+    def __init__(self, counts: Dict[str, Any]) -> None:
+        super().__init__("nothing to export: no row has a captioned region and a readable image")
+        self.counts = counts
+
+
+# ------------------------------------------------------------------ reading the run
+def run_settings(run_dir: Path) -> Dict[str, Any]:
+    """``{references_key, family}`` of the run: from ``.hydra/config.yaml``, else the
+    ``config`` in ``manifest.json``, else the defaults (``references``, ``qwen2_5_vl``)."""
+    config: Dict[str, Any] = {}
+    hydra_cfg = run_dir / ".hydra" / "config.yaml"
+    try:
+        if hydra_cfg.is_file():
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.to_container(OmegaConf.load(hydra_cfg), resolve=False) or {}
+        elif (run_dir / "manifest.json").is_file():
+            config = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("config") or {}
+    except Exception:  # noqa: BLE001 - an unreadable config falls back to the defaults
+        config = {}
+    data = config.get("data") if isinstance(config.get("data"), dict) else {}
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    return {"references_key": data.get("references_key", "references"),
+            "family": model.get("family") or "qwen2_5_vl"}
+
+
+def exportable(records: Iterator[Dict[str, Any]], references_key: Optional[str], counts: Counter
+               ) -> Iterator[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
+    """``(record, regions)`` of every row that has at least one captioned region, with only
+    its captioned regions (each with ``references`` and ``flags``); what is left out is
+    counted in ``counts`` (``rows_error``, ``rows_without_captions``, ``regions_missing``,
+    ``rows_image_missing``)."""
+    for rec in records:
+        counts["rows_read"] += 1
+        regions = [r for r in rec.get("regions") or [] if isinstance(r, dict)]
+        kept = []
+        for reg in regions:
+            caption = reg.get("caption")
+            if isinstance(caption, str) and caption.strip():
+                kept.append({"id": int(reg.get("id") or 0), "source_index": int(reg.get("source_index") or 0),
+                             "bbox": [float(v) for v in reg.get("bbox") or []],
+                             "input_bbox": [float(v) for v in reg.get("input_bbox") or []],
+                             "caption": caption.strip(),
+                             "references": reference_texts(rec, reg, references_key),
+                             "flags": [str(f) for f in reg.get("flags") or []]})
+        if rec.get("status") == "error" or rec.get("error"):
+            counts["rows_error"] += 1  # its regions are not counted: the row as a whole failed
+            continue
+        if not kept:
+            counts["rows_without_captions"] += 1
+            continue
+        image_path = rec.get("image_path")
+        if not isinstance(image_path, str) or not Path(image_path).is_file():
+            counts["rows_image_missing"] += 1
+            counts["regions_missing"] += len(regions)
+            continue
+        counts["regions_missing"] += len(regions) - len(kept)
+        counts["rows_exported"] += 1
+        counts["regions_exported"] += len(kept)
+        yield rec, kept
+
+
+def _records_file(run_dir: Path) -> Path:
+    path = run_dir / CAPTIONS_FILE
+    if not path.is_file():
+        what = "only visualize.jsonl (run the caption stage first)" if (run_dir / "visualize.jsonl").is_file() \
+            else "no records"
+        raise ExportError(f"{run_dir} has no {CAPTIONS_FILE}: {what}")
+    return path
+
+
+# ------------------------------------------------------------------ hf / parquet
+def _features(images: str) -> Any:
+    import datasets
+
+    region = {"id": datasets.Value("int32"), "source_index": datasets.Value("int32"),
+              "bbox": datasets.Sequence(datasets.Value("float32")),
+              "input_bbox": datasets.Sequence(datasets.Value("float32")),
+              "caption": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string")),
+              "flags": datasets.Sequence(datasets.Value("string"))}
+    return datasets.Features({
+        "id": datasets.Value("string"), "index": datasets.Value("int64"),
+        "image": datasets.Image() if images == "embed" else datasets.Value("string"),
+        "image_path": datasets.Value("string"),
+        "image_size": datasets.Sequence(datasets.Value("int32")),
+        "input_size": datasets.Sequence(datasets.Value("int32")),
+        "status": datasets.Value("string"),
+        # A list of structs (not Sequence(dict), which stores a struct of lists): one entry per region.
+        "regions": [region],
+    })
+
+
+def _hf_rows(records_file: str, references_key: Optional[str], images: str, counts_file: str
+             ) -> Iterator[Dict[str, Any]]:
+    """Rows of the ``hf``/``parquet`` export (a generator for ``Dataset.from_generator``;
+    the counts go to ``counts_file``, as the generator may run in another process)."""
+    counts: Counter = Counter()
+    for rec, regions in exportable(read_jsonl(Path(records_file)), references_key, counts):
+        path = rec["image_path"]
+        image: Any = path
+        if images == "embed":
+            image = {"bytes": Path(path).read_bytes(), "path": Path(path).name}
+        yield {"id": str(rec.get("id")), "index": int(rec.get("index") or 0), "image": image, "image_path": path,
+               "image_size": list(rec.get("image_size") or []), "input_size": list(rec.get("input_size") or []),
+               "status": str(rec.get("status")), "regions": regions}
+    Path(counts_file).write_text(json.dumps(counts))
+
+
+def export_dataset(run_dir: Path, out: Path, fmt: str, *, images: str = "embed",
+                   references_key: Optional[str] = None, push_to_hub: Optional[str] = None) -> Dict[str, Any]:
+    """Write the ``hf`` (``save_to_disk`` folder) or ``parquet`` (one file) export; returns the counts."""
+    import datasets
+
+    records_file = _records_file(run_dir)
+    settings = run_settings(run_dir)
+    key = references_key if references_key is not None else settings["references_key"]
+    work = Path(tempfile.mkdtemp(prefix="regioncap-export-"))
+    try:
+        counts_file = work / "counts.json"
+        features = _features(images)
+        try:
+            ds = datasets.Dataset.from_generator(
+                _hf_rows, features=features, cache_dir=str(work / "cache"),
+                gen_kwargs={"records_file": str(records_file), "references_key": key, "images": images,
+                            "counts_file": str(counts_file)})
+        except ValueError:
+            counts = Counter(json.loads(counts_file.read_text())) if counts_file.is_file() else Counter()
+            if counts["rows_exported"]:
+                raise
+            raise NothingToExport(dict(counts)) from None
+        counts = Counter(json.loads(counts_file.read_text())) if counts_file.is_file() else Counter()
+        if fmt == "hf":
+            ds.save_to_disk(str(out))
+        else:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            ds.to_parquet(str(out))
+        if push_to_hub:
+            try:
+                ds.push_to_hub(push_to_hub)
+            except Exception as exc:  # noqa: BLE001 - the hub client raises many kinds; all mean "not pushed"
+                raise ExportError(
+                    f"could not push to the Hugging Face hub repo {push_to_hub!r} "
+                    f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the export is "
+                    f"written to {out}. Check network access to the hub (HF_ENDPOINT, HF_HUB_OFFLINE) and a "
+                    f"token with write access (HF_TOKEN or `hf auth login`).") from exc
+            counts["pushed_to"] = push_to_hub  # type: ignore[assignment]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dict(counts)
+
+
+# ------------------------------------------------------------------ conversations
+def grounding(region: Dict[str, Any], rec: Dict[str, Any], family: str) -> Tuple[List[int], str]:
+    """``(coords, text)`` of a region's box in the model family's grounding format.
+
+    Qwen2.5-VL: absolute pixels of the image the model sees (the record's
+    ``input_size``; the region's ``input_bbox``), written ``{"bbox_2d": [x1, y1, x2, y2]}``.
+    Qwen2-VL: a 0-1000 grid, written ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``.
+    """
+    from regioncap import boxes as bx
+
+    w, h = (int(v) for v in rec["input_size"])
+    box = bx.Box(*region["input_bbox"])
+    if family == "qwen2_vl":
+        c = bx.qwen2_coords(box, w, h)
+        return c, f"<|box_start|>({c[0]},{c[1]}),({c[2]},{c[3]})<|box_end|>"
+    c = bx.qwen25_coords(box, w, h)
+    return c, json.dumps({"bbox_2d": c})
+
+
+def export_conversations(run_dir: Path, out: Path, *, references_key: Optional[str] = None,
+                         family: Optional[str] = None) -> Dict[str, Any]:
+    """Write one JSON line per captioned region (see the module docstring); returns the counts."""
+    records_file = _records_file(run_dir)
+    settings = run_settings(run_dir)
+    key = references_key if references_key is not None else settings["references_key"]
+    family = family or settings["family"]
+    counts: Counter = Counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec, regions in exportable(read_jsonl(records_file), key, counts):
+            for reg in regions:
+                if len(reg["input_bbox"]) != 4 or len(rec.get("input_size") or []) != 2:
+                    counts["regions_without_input_box"] += 1
+                    continue
+                coords, box_text = grounding(reg, rec, family)
+                image = rec["image_path"]
+                line = {
+                    "id": f"{rec.get('id')}/{reg['id']}", "row_id": rec.get("id"), "region_id": reg["id"],
+                    "image": image, "image_size": rec.get("image_size"), "input_size": rec.get("input_size"),
+                    "bbox": reg["bbox"], "bbox_2d": coords, "coords": family, "references": reg["references"],
+                    "flags": reg["flags"],
+                    "messages": [
+                        {"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": QUESTION.format(box=box_text)}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": reg["caption"]}]},
+                    ],
+                }
+                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                counts["lines"] += 1
+    if not counts["lines"]:
+        tmp.unlink()
+        raise NothingToExport(dict(counts))
+    os.replace(tmp, out)
+    return dict(counts)
+
+
+# ------------------------------------------------------------------ CLI
+def summary(counts: Dict[str, Any], fmt: str, out: Path) -> str:
+    """The printed summary of an export: what went in, what came out, what was left out and why."""
+    c = Counter(counts)
+    text = (f"export {fmt} -> {out}: {c['rows_exported']} of {c['rows_read']} rows, {c['regions_exported']} regions"
+            + (f", {c['lines']} conversation lines" if fmt == "conversations" else "")
+            + f"; left out: {c['rows_error']} error rows, {c['rows_without_captions']} rows without a caption, "
+              f"{c['rows_image_missing']} rows whose image is gone, {c['regions_missing']} regions without a caption")
+    if c["regions_without_input_box"]:
+        text += f", {c['regions_without_input_box']} regions without a model-input box"
+    if counts.get("pushed_to"):
+        text += f"; pushed to the hub as {counts['pushed_to']}"
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m regioncap.export``; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m regioncap.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="a run dir (or a merged dir) holding captions.jsonl")
+    parser.add_argument("--format", choices=FORMATS, required=True)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="hf: a folder; parquet: a .parquet file; conversations: a .jsonl file")
+    parser.add_argument("--images", choices=("embed", "path"), default="embed",
+                        help="hf/parquet: embed image bytes (an Image feature) or keep the path only")
+    parser.add_argument("--references-key", default=None, help="row field with references (default: the run's)")
+    parser.add_argument("--family", choices=("qwen2_5_vl", "qwen2_vl"), default=None,
+                        help="conversations: grounding coordinates (default: the run's model.family)")
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="hf/parquet: also upload the dataset to this hub repo")
+    args = parser.parse_args(argv)
+    if args.push_to_hub and args.format == "conversations":
+        parser.error("--push-to-hub works with --format hf or parquet")
+    try:
+        if args.out.exists() and args.format == "hf" and any(args.out.iterdir()):
+            raise ExportError(f"{args.out} exists and is not empty: give a new folder")
+        if args.format == "conversations":
+            counts = export_conversations(args.run_dir, args.out, references_key=args.references_key,
+                                          family=args.family)
+        else:
+            counts = export_dataset(args.run_dir, args.out, args.format, images=args.images,
+                                    references_key=args.references_key, push_to_hub=args.push_to_hub)
+    except NothingToExport as exc:
+        print(f"error: {exc}; {summary(exc.counts, args.format, args.out)} (nothing written)", file=sys.stderr)
+        return 1
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(summary(counts, args.format, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
