@@ -162,3 +162,20 @@ def test_cli_executor_ray_starts_and_stops_its_own_cluster(tmp_path, rows):
     assert json.loads((out / "metrics.json").read_text())["rows"] == 23
     assert "over Ray: 2 replica(s)" in (out / "regioncap.log").read_text()
     print(f"ray CLI: {took:.1f}s")
+
+
+@pytest.mark.slow
+def test_sigterm_stops_after_a_commit_and_resume_finishes_every_row_once(tmp_path, rows):
+    """A scheduler's SIGTERM to the driver: it stops after the batch it is writing (exit 143),
+    shuts its cluster down, and ``resume=true`` sends only the rows not yet written."""
+    out = tmp_path / "run"
+    args = ["executor=ray", "executor.num_replicas=2", "executor.batch_size=3", *SMALL, "engine=fake", "data=jsonl",
+            f"data.path={rows}", "max_error_rate=1", "progress=false", f"hydra.run.dir={out}"]
+    res = run_cli(args, env={"REGIONCAP_FAILPOINT": "caption.after_commit:2:sigterm"}, timeout=300)
+    assert res.returncode == 143, res.stderr[-3000:]
+    first = [r["index"] for r in read_jsonl(out / "captions.jsonl")]
+    assert first == list(range(len(first))) and 0 < len(first) < 23
+    res = run_cli([*args, "resume=true"], timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r["index"] for r in read_jsonl(out / "captions.jsonl")] == list(range(23))
+    assert f"skipped {len(first)} row(s) already done" in (out / "regioncap.log").read_text()

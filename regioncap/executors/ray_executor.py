@@ -136,7 +136,16 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
         if executor_cfg.object_store_mb is not None:
             kwargs["object_store_memory"] = int(executor_cfg.object_store_mb) * 1024 * 1024
     try:
-        ray.init(**kwargs)
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # noqa: BLE001
+            # Ray gives a new local node a fixed 30 s to register; a machine busy with
+            # other work can miss that once. One more try; a cluster to join gets none.
+            if executor_cfg.address or "timed out during startup" not in str(exc):
+                raise
+            log.warning("the local Ray cluster did not start in time (%s); trying once more", exc)
+            ray.shutdown()
+            ray.init(**kwargs)
     except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; the user needs the message
         where = f"the Ray cluster at {executor_cfg.address!r}" if executor_cfg.address else "a local Ray cluster"
         raise RunError(f"could not start or join {where}: {type(exc).__name__}: {exc}. Check executor.address "
@@ -148,12 +157,20 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
 
 
 def _check_resources(ray: Any, ex: Any) -> None:
-    """Refuse a pool the cluster can never place (Ray would wait for it forever)."""
+    """Refuse a pool a local cluster can never place (Ray would wait for it forever).
+
+    A cluster joined at ``executor.address`` may grow (an autoscaler): there a
+    shortfall is only logged.
+    """
     total = ray.cluster_resources()
     for name, per_replica in (("CPU", float(ex.num_cpus)), ("GPU", float(ex.num_gpus))):
         need = per_replica * int(ex.num_replicas)
         have = float(total.get(name, 0.0))
         if need > have + 1e-9:
+            if ex.address:
+                log.warning("executor=ray: the pool needs %g %s and the cluster has %g now; the replicas wait "
+                            "until the cluster has room (an autoscaler may add nodes)", need, name, have)
+                continue
             raise RunError(
                 f"executor=ray: {ex.num_replicas} replica(s) x {per_replica:g} {name} = {need:g} {name}, but the "
                 f"Ray cluster has {have:g}; lower executor.num_replicas or executor.num_{name.lower()}s, or use a "
