@@ -28,6 +28,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -135,6 +137,10 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
             kwargs["num_gpus"] = int(executor_cfg.local_num_gpus)
         if executor_cfg.object_store_mb is not None:
             kwargs["object_store_memory"] = int(executor_cfg.object_store_mb) * 1024 * 1024
+    # ray.init makes SIGTERM exit the driver at once; the run's own handler (stop after
+    # the batch being written, then exit 143) is put back after it.
+    main = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         try:
             ray.init(**kwargs)
@@ -150,6 +156,9 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
         where = f"the Ray cluster at {executor_cfg.address!r}" if executor_cfg.address else "a local Ray cluster"
         raise RunError(f"could not start or join {where}: {type(exc).__name__}: {exc}. Check executor.address "
                        f"(null starts a local cluster; auto joins the one `ray start` made)") from None
+    finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
     try:
         yield ray
     finally:
