@@ -268,7 +268,7 @@ def caption_with_ray(run: "RegionCapRun") -> "StageStats":
                         if want is None or rec.get("index") != want["index"]:
                             raise RunError(
                                 f"executor=ray: row {rec.get('index')} came back where row "
-                                f"{None if want is None else want['index']} was due; the rows before it are "
+                                f"{None if want is None else want['index']} was due; the batches before it are "
                                 f"committed in {path}: resume=true hydra.run.dir={run.out} goes on from there")
                         if rec["status"] == "error":
                             stats.errors[rec["error"]["kind"]] += 1
