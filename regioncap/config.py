@@ -276,6 +276,45 @@ class WandbLoggerConfig(LoggerConfig):
 
 
 @dataclass
+class ExecutorConfig:
+    """Where the caption stage runs: ``local`` (this process, or one spawned child)."""
+
+    #: ``local`` or ``ray``.
+    name: str = "local"
+
+
+@dataclass
+class RayExecutorConfig(ExecutorConfig):
+    """The caption stage over a Ray cluster: a pool of engine replicas (Ray Data actors).
+
+    Needs the ``ray`` extra (``pip install "regioncap[ray]"``); Ray is imported
+    only when this executor is picked. Every replica must see the run dir and
+    the model folder at the same paths (one machine, or a shared filesystem).
+    """
+
+    name: str = "ray"
+    #: Cluster to join: ``auto`` (a running ``ray start`` cluster), ``ray://host:10001``;
+    #: null starts a local cluster for the run and stops it at the end.
+    address: Optional[str] = None
+    #: Engine replicas (Ray actors), each with its own copy of the model.
+    num_replicas: int = 1
+    #: CPUs and GPUs Ray reserves for each replica (``num_gpus=1``: one GPU per replica).
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    #: Rows handed to a replica at once (a replica splits them into ``engine.batch_size`` engine calls).
+    batch_size: int = 64
+    #: A local cluster only (``address: null``): CPUs and GPUs it may use (null: all
+    #: of the machine) and the size of its object store in MiB (null: Ray's default).
+    local_num_cpus: Optional[int] = None
+    local_num_gpus: Optional[int] = None
+    object_store_mb: Optional[int] = None
+    #: Extra keyword arguments for ``ray.init`` (``runtime_env``, ``namespace``...).
+    init_args: Dict[str, Any] = field(default_factory=dict)
+    #: Extra Ray options for each replica actor (``max_restarts``, ``resources``, ``memory``...).
+    remote_args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class LimitsConfig:
     """Bounds on what one input can cost (a bad file never hangs or exhausts a run)."""
 
@@ -291,6 +330,7 @@ class RegionCapConfig:
     draw: DrawConfig = MISSING
     prompt: PromptConfig = MISSING
     logger: LoggerConfig = MISSING
+    executor: ExecutorConfig = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     #: Most regions marked on one image; more are split into further chunks.
@@ -343,3 +383,5 @@ def register_configs() -> None:
     cs.store(group="schema/prompt", name="base", node=PromptConfig)
     cs.store(group="schema/logger", name="none", node=LoggerConfig)
     cs.store(group="schema/logger", name="wandb", node=WandbLoggerConfig)
+    cs.store(group="schema/executor", name="local", node=ExecutorConfig)
+    cs.store(group="schema/executor", name="ray", node=RayExecutorConfig)

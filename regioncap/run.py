@@ -573,6 +573,11 @@ class RegionCapRun:
     # -------------------------------------------------------------- caption
     def caption(self) -> StageStats:
         """Send every prepared request to the engine, parse answers, write caption records."""
+        if (self.cfg.get("executor") or {}).get("name") == "ray":
+            # Over a Ray cluster (regioncap.executors.ray_executor); Ray is imported only then.
+            from regioncap.executors.ray_executor import caption_with_ray
+
+            return caption_with_ray(self)
         if self.isolate:
             return self._caption_in_child()
         stats = self.stats.setdefault("caption", StageStats("caption"))

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or update) the project's virtual environment at .venv: regioncap in
-# editable mode with the transformers engine, the OpenAI client, W&B and the
-# test tools. Needs only a package registry, no model hub. Safe to re-run.
+# editable mode with the transformers engine, the OpenAI client, W&B, Ray, the
+# submitit (SLURM) launcher and the test tools. Needs only a package registry, no model hub. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,7 +15,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   # torch and torchvision as a matched pair (transformers needs torchvision for
   # the Qwen2-VL processors; mismatched pairs fail at import).
   .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  .venv/bin/python -m pip install -q -e ".[transformers,openai,wandb,dev]"
+  .venv/bin/python -m pip install -q -e ".[transformers,openai,wandb,ray,slurm,dev]"
   echo "$want" > "$stamp"
 fi
 echo "regioncap environment ready: .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -1,0 +1,292 @@
+"""The caption stage over a Ray cluster (``executor=ray``): a pool of engine replicas fed by Ray Data.
+
+The regioncap process (the *driver*) scans ``visualize.jsonl`` once and keeps,
+for each row still to caption, its index and where its line is in the file.
+Ray Data hands those rows, ``executor.batch_size`` at a time, to a fixed pool
+of ``executor.num_replicas`` actors (``map_batches`` with a callable class and
+``ActorPoolStrategy``), each reserving ``num_cpus``/``num_gpus``. Each actor
+builds the configured engine once and captions with the local stage's own code
+(``RegionCapRun._caption_batch``: the same prompts, structured outputs, re-ask
+and error rows), so ``engine=transformers|vllm|openai|fake`` all work. The
+driver writes the records it gets back with the local stage's commit writer,
+in ``visualize.jsonl`` order (Ray Data's ``preserve_order``), and checks that
+every row comes back exactly once and in that order; a mismatch stops the run.
+
+Resume works as in the local stage (``resume=true``: rows already in
+``captions.jsonl`` are not sent again; ``retry_errors=true`` redoes caption
+error rows). A stop signal stops the driver after its current commit; batches
+still in flight on the cluster are dropped and redone by a resume.
+
+Every actor reads ``visualize.jsonl``, the marked images and the model folder
+at the driver's paths: one machine, or a filesystem all nodes share. Ray is
+imported only here, only when ``executor=ray`` is picked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+
+from regioncap.errors import RunError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from regioncap.run import RegionCapRun, StageStats
+
+log = logging.getLogger("regioncap")
+
+_INSTALL_HINT = 'executor=ray needs Ray: pip install "regioncap[ray]" (or run with executor=local)'
+
+
+class _Replica:
+    """One engine replica (a Ray actor): reads its rows' records, captions them, returns the records as JSON."""
+
+    def __init__(self, cfg: Dict[str, Any], model_path: Optional[str], visualize_path: str) -> None:
+        from omegaconf import OmegaConf
+
+        from regioncap.run import RegionCapRun
+
+        if not logging.getLogger().handlers:
+            logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        self.run = RegionCapRun(OmegaConf.create(cfg), model_path=model_path)
+        self.batch_size = max(1, int(self.run.cfg.engine.batch_size))
+        self.visualize = open(visualize_path, "rb")
+
+    def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
+        from regioncap.records import dumps
+        from regioncap.run import _batches
+
+        records = []
+        for offset, length in zip(batch["offset"], batch["length"]):
+            self.visualize.seek(int(offset))
+            records.append(json.loads(self.visualize.read(int(length))))
+        out: List[Dict[str, Any]] = []
+        for part in _batches(records, self.batch_size):
+            if self.run.engine is None and any(r["status"] == "pending" for r in part):
+                # As in the local stage: a replica with nothing to caption never loads a model.
+                self.run._start_engine()
+            out += self.run._caption_batch(part)
+        return {"index": [r["index"] for r in out], "record": [dumps(r) for r in out]}
+
+    def __del__(self) -> None:
+        try:
+            self.run.close()
+            self.visualize.close()
+        except Exception:  # noqa: BLE001 - an actor going away must not raise
+            pass
+
+
+def _todo(run: "RegionCapRun", path: Path, done: Dict[int, str]) -> Tuple[List[Dict[str, int]], int]:
+    """``([{index, offset, length}...], skipped)``: the rows of ``visualize.jsonl`` not in ``done``, in file order."""
+    todo: List[Dict[str, int]] = []
+    skipped = 0
+    offset = 0
+    captions = run.out / "captions.jsonl"
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            start, offset = offset, offset + len(raw)
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError as exc:
+                raise RunError(f"{path}: line {n} is not JSON ({exc}); run the visualize stage again "
+                               f"into a new hydra.run.dir") from None
+            index = rec.get("index")
+            if not isinstance(index, int):
+                raise RunError(f"{path}: line {n} has no integer 'index'; it was not written by regioncap")
+            if index in done:
+                run._check_same_row(captions, index, done[index], rec.get("id"))
+                skipped += 1
+                continue
+            todo.append({"index": index, "offset": start, "length": len(raw)})
+    return todo, skipped
+
+
+@contextmanager
+def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
+    """Join (or start) the cluster ``executor_cfg`` names; leave it at the end.
+
+    Inside a process that has already called ``ray.init`` (a notebook, a test
+    fixture) that cluster is used and left running. With ``address: null`` a
+    local cluster is started for the run (``local_num_cpus``,
+    ``local_num_gpus``, ``object_store_mb`` size it) and shut down at the end.
+    """
+    try:
+        import ray
+    except ImportError:
+        raise RunError(_INSTALL_HINT) from None
+    if ray.is_initialized():
+        yield ray
+        return
+    kwargs: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+    kwargs.update(dict(executor_cfg.get("init_args") or {}))
+    if executor_cfg.address:
+        kwargs["address"] = executor_cfg.address
+    else:
+        if executor_cfg.local_num_cpus is not None:
+            kwargs["num_cpus"] = int(executor_cfg.local_num_cpus)
+        if executor_cfg.local_num_gpus is not None:
+            kwargs["num_gpus"] = int(executor_cfg.local_num_gpus)
+        if executor_cfg.object_store_mb is not None:
+            kwargs["object_store_memory"] = int(executor_cfg.object_store_mb) * 1024 * 1024
+    # ray.init makes SIGTERM exit the driver at once; the run's own handler (stop after
+    # the batch being written, then exit 143) is put back after it.
+    main = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # noqa: BLE001
+            # Ray gives a new local node a fixed 30 s to register; a machine busy with
+            # other work can miss that once. One more try; a cluster to join gets none.
+            if executor_cfg.address or "timed out during startup" not in str(exc):
+                raise
+            log.warning("the local Ray cluster did not start in time (%s); trying once more", exc)
+            ray.shutdown()
+            ray.init(**kwargs)
+    except Exception as exc:  # noqa: BLE001 - Ray raises many kinds; the user needs the message
+        where = f"the Ray cluster at {executor_cfg.address!r}" if executor_cfg.address else "a local Ray cluster"
+        raise RunError(f"could not start or join {where}: {type(exc).__name__}: {exc}. Check executor.address "
+                       f"(null starts a local cluster; auto joins the one `ray start` made)") from None
+    finally:
+        if on_sigterm is not None:
+            signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def _check_resources(ray: Any, ex: Any) -> None:
+    """Refuse a pool a local cluster can never place (Ray would wait for it forever).
+
+    A cluster joined at ``executor.address`` may grow (an autoscaler): there a
+    shortfall is only logged.
+    """
+    total = ray.cluster_resources()
+    for name, per_replica in (("CPU", float(ex.num_cpus)), ("GPU", float(ex.num_gpus))):
+        need = per_replica * int(ex.num_replicas)
+        have = float(total.get(name, 0.0))
+        if need > have + 1e-9:
+            if ex.address:
+                log.warning("executor=ray: the pool needs %g %s and the cluster has %g now; the replicas wait "
+                            "until the cluster has room (an autoscaler may add nodes)", need, name, have)
+                continue
+            raise RunError(
+                f"executor=ray: {ex.num_replicas} replica(s) x {per_replica:g} {name} = {need:g} {name}, but the "
+                f"Ray cluster has {have:g}; lower executor.num_replicas or executor.num_{name.lower()}s, or use a "
+                f"bigger cluster")
+
+
+def _user_error(exc: BaseException) -> str:
+    """The message of the exception an actor raised, without Ray's wrapping where it can be found."""
+    seen = set()
+    todo: List[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, RunError):
+            return str(e)
+        for nxt in (getattr(e, "cause", None), e.__cause__, e.__context__):
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def caption_with_ray(run: "RegionCapRun") -> "StageStats":
+    """Run ``run``'s caption stage over a Ray cluster; same records file, stats and resume as the local stage."""
+    from omegaconf import OmegaConf
+
+    from regioncap.records import CommitWriter, read_jsonl, rewrite_atomically
+    from regioncap.run import CAPTIONS_FILE, VISUALIZE_FILE, StageStats, stop_requested
+
+    cfg, ex = run.cfg, run.cfg.executor
+    if int(ex.num_replicas) < 1 or int(ex.batch_size) < 1:
+        raise RunError(f"executor.num_replicas and executor.batch_size must be at least 1, got "
+                       f"{ex.num_replicas} and {ex.batch_size}")
+    stats = run.stats.setdefault("caption", StageStats("caption"))
+    stats.pid = os.getpid()
+    start = time.perf_counter()
+    vis, path = run.out / VISUALIZE_FILE, run.out / CAPTIONS_FILE
+    # Resume, as the local stage does it: cut torn tails, skip done rows, rewrite for retry_errors.
+    if cfg.resume and "visualize" not in cfg.stages:
+        run._done_rows(vis, "visualize")
+    done: Dict[int, str] = {}
+    resume = bool(cfg.resume) and path.exists()
+    if resume:
+        done, redo = run._done_rows(path, "caption", retry=bool(cfg.retry_errors))
+        if redo:
+            kept = rewrite_atomically(path, (r for r in read_jsonl(path) if r.get("index") not in redo))
+            log.info("retry_errors: %s rewritten with its %d good row(s); redoing %d", path, kept, len(redo))
+            for index in redo:
+                del done[index]
+            stats.retried = len(redo)
+    todo, stats.skipped = _todo(run, vis, done)
+    if not todo:  # nothing left: no cluster is started
+        stats.seconds = time.perf_counter() - start
+        return run._end_of_stage(stats)
+
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["output_dir"] = str(run.out.resolve())  # actors may run in another working directory
+    try:
+        with ray_cluster(ex) as ray, CommitWriter(path, stage="caption", append=resume) as writer:
+            import ray.data
+
+            _check_resources(ray, ex)
+            ctx = ray.data.DataContext.get_current()
+            old = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+            ctx.execution_options.preserve_order = True  # records come back in visualize.jsonl order
+            ctx.enable_progress_bars = bool(cfg.progress)
+            try:
+                batch = int(ex.batch_size)
+                ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / batch)))
+                ds = ds.map_batches(
+                    _Replica, batch_size=batch, batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=int(ex.num_replicas)),
+                    num_cpus=float(ex.num_cpus), num_gpus=float(ex.num_gpus) or None,
+                    fn_constructor_kwargs={"cfg": plain, "model_path": run.model_path,
+                                           "visualize_path": str(vis.resolve())},
+                    **dict(ex.get("remote_args") or {}))
+                log.info("caption: %d row(s) over Ray: %d replica(s) x (%g CPU, %g GPU), %d row(s) per batch, "
+                         "cluster %s", len(todo), ex.num_replicas, ex.num_cpus, ex.num_gpus, batch,
+                         ray.cluster_resources())
+                expected = iter(todo)
+                for out in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    records = [json.loads(r) for r in out["record"]]
+                    for rec in records:
+                        want = next(expected, None)
+                        if want is None or rec.get("index") != want["index"]:
+                            raise RunError(
+                                f"executor=ray: row {rec.get('index')} came back where row "
+                                f"{None if want is None else want['index']} was due; the batches before it are "
+                                f"committed in {path}: resume=true hydra.run.dir={run.out} goes on from there")
+                        if rec["status"] == "error":
+                            stats.errors[rec["error"]["kind"]] += 1
+                    writer.commit(records)
+                    stats.rows += len(records)
+                    if stop_requested():
+                        break
+                else:
+                    left = sum(1 for _ in expected)
+                    if left:
+                        raise RunError(f"executor=ray: {left} row(s) did not come back from the cluster; "
+                                       f"resume=true hydra.run.dir={run.out} captions them")
+            finally:
+                ctx.execution_options.preserve_order, ctx.enable_progress_bars = old
+    except RunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an actor's error arrives wrapped by Ray
+        raise RunError(f"the caption stage failed on the Ray cluster: {_user_error(exc)}") from None
+    finally:
+        stats.seconds = time.perf_counter() - start
+    return run._end_of_stage(stats)
