@@ -721,6 +721,12 @@ class RegionCapRun:
         try:
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
+            if self.pipeline.get("overlap"):
+                # The stages streamed: the visualize stage stopped with the engine, part way.
+                raise RunError(
+                    f"engine {self.cfg.engine.name!r} could not start: {exc}. The rows prepared so far are in "
+                    f"{self.out / VISUALIZE_FILE}; after fixing this, go on with both stages with resume=true "
+                    f"hydra.run.dir={self.out}") from None
             raise RunError(
                 f"engine {self.cfg.engine.name!r} could not start: {exc}. The visualize records are in "
                 f"{self.out / VISUALIZE_FILE}; after fixing this, run only the caption stage with "

@@ -237,3 +237,16 @@ def test_prepared_images_pass_the_processor_unchanged(tmp_path, model, extra):
             assert grid == [1, h // int(m.patch_size), w // int(m.patch_size)]
             checked += 1
     assert checked >= 6
+
+
+def test_engine_failure_in_a_stream_says_to_resume_both_stages(tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # passes path resolution, fails to load
+    out = tmp_path / "run"
+    cfg = compose(["engine=transformers", "engine.device=cpu", "progress=false", "workers=1", "commit_every=2",
+                   "engine.batch_size=1", f"model.path={broken}", "model.builder=null"], output_dir=out)
+    with pytest.raises(RunError, match=r"could not start.*go on with both stages with resume=true") as info:
+        execute(cfg)
+    assert "stages=[caption]" not in str(info.value)
+    assert 2 <= len(list(read_jsonl(out / "visualize.jsonl"))) < 5  # the stream stopped part way
