@@ -356,6 +356,13 @@ class RegionCapConfig:
     retry_errors: bool = False
     #: Visualize rows written per commit (write + fsync); a crash loses at most these.
     commit_every: int = 32
+    #: Image preparation worker processes (decode, resize, draw, encode).
+    #: null: the cores the engine does not use (see regioncap.prepare.resolve_workers);
+    #: 0: prepare in the main process.
+    workers: Optional[int] = None
+    #: With both stages in one process: caption rows while the next ones are
+    #: prepared (needs workers >= 1); false runs the stages one after the other.
+    overlap: bool = True
 
 
 ENGINE_SCHEMAS = {

@@ -21,6 +21,7 @@ fsync); ``resume=true`` goes on from what a killed or stopped run committed
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from regioncap.draw import DrawStyle, draw_marks
 from regioncap.engines.base import Engine, Request, Response, Sampling
 from regioncap.images import ImageLoadError, crop_with_margin, load_image, resize_to, save_image, target_size
 from regioncap.metrics import annotate_record
+from regioncap.prepare import RowPool, resolve_workers
 from regioncap.records import (CommitWriter, CorruptRecordsError, dumps, read_jsonl, rewrite_atomically, scan_records,
                                write_text_atomically)
 
@@ -236,6 +238,10 @@ class RegionCapRun:
         self.model_path = model_path
         self.engine: Optional[Engine] = None
         self.stats: Dict[str, StageStats] = {}
+        #: Image preparation processes (``workers``), resolved when first needed.
+        self.workers: Optional[int] = None
+        #: How the stages ran: ``{"overlap", "workers", "seconds", "reason"}`` (metrics ``pipeline``).
+        self.pipeline: Dict[str, Any] = {}
         if cfg.prompt.strategy not in prompts.STRATEGIES:
             raise RunError(f"prompt.strategy must be one of {prompts.STRATEGIES}, got {cfg.prompt.strategy!r}")
         if cfg.prompt.answer_format not in prompts.ANSWER_FORMATS:
@@ -251,15 +257,35 @@ class RegionCapRun:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
-        """Run the configured stages and return the run's metrics."""
+        """Run the configured stages and return the run's metrics.
+
+        With both stages, ``overlap`` and at least one worker, the stages
+        stream into each other (:meth:`visualize_and_caption`); otherwise they
+        run one after the other. Either way the outputs are the same.
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         self.prepare()
-        if "visualize" in self.cfg.stages:
-            self.visualize()
-        if "caption" in self.cfg.stages:
-            if not (self.out / VISUALIZE_FILE).exists():
-                raise RunError(f"{self.out / VISUALIZE_FILE} is missing: run the visualize stage first")
-            self.caption()
+        overlap, reason = self.overlap_mode()
+        workers = self._workers()
+        self.pipeline = {"overlap": overlap, "workers": workers}
+        if not overlap:
+            self.pipeline["reason"] = reason
+        log.info("pipeline: %s; image preparation in %s", "visualize and caption overlap (streaming)" if overlap
+                 else f"stages one after the other ({reason})",
+                 f"{workers} worker process(es)" if workers else "the main process")
+        start = time.perf_counter()
+        try:
+            if overlap:
+                self.visualize_and_caption()
+            else:
+                if "visualize" in self.cfg.stages:
+                    self.visualize()
+                if "caption" in self.cfg.stages:
+                    if not (self.out / VISUALIZE_FILE).exists():
+                        raise RunError(f"{self.out / VISUALIZE_FILE} is missing: run the visualize stage first")
+                    self.caption()
+        finally:
+            self.pipeline["seconds"] = time.perf_counter() - start
         metrics = self.metrics()
         (self.out / METRICS_FILE).write_text(dumps(metrics) + "\n", encoding="utf-8")
         return metrics
@@ -364,44 +390,120 @@ class RegionCapRun:
             raise RunError(f"resume: input row {index} has id {row_id!r} but {path} holds id {done_id!r} for it: "
                            f"the data changed since the run started; start a new hydra.run.dir")
 
+    # ------------------------------------------------------------ pipeline
+    def _workers(self) -> int:
+        if self.workers is None:
+            self.workers = resolve_workers(self.cfg)
+        return self.workers
+
+    def overlap_mode(self) -> Tuple[bool, str]:
+        """``(True, "")`` when the stages stream into each other, else ``(False, why not)``."""
+        if not {"visualize", "caption"} <= set(self.cfg.stages):
+            return False, f"only {', '.join(self.cfg.stages) or 'no'} stage requested"
+        if self.isolate:
+            return False, "the caption stage runs in its own process (engine.isolate)"
+        if self._ray_executor():
+            return False, "executor=ray: the caption stage reads visualize.jsonl on the cluster"
+        if not self.cfg.get("overlap", True):
+            return False, "overlap=false"
+        if self._workers() == 0:
+            return False, "workers=0: images are prepared in the main process"
+        return True, ""
+
+    def _ray_executor(self) -> bool:
+        return (self.cfg.get("executor") or {}).get("name") == "ray"
+
+    def visualize_and_caption(self) -> StageStats:
+        """Both stages as one stream: the engine captions a batch while the workers prepare the next rows.
+
+        Every row is committed to ``visualize.jsonl`` before its caption record
+        is written to ``captions.jsonl``, both in input order, so the files
+        (and a resume from them) are what running the stages one after the
+        other gives. A resume captions the rows an earlier run left in
+        ``visualize.jsonl`` first, then the new ones. The visualize stage's
+        seconds are the time until its last row was committed; the caption
+        stage's, the whole stream's.
+        """
+        vis_stats = self.stats.setdefault("visualize", StageStats("visualize"))
+        start = time.perf_counter()
+        path, done, resume = self._visualize_begin(vis_stats)
+        commits = self._visualize_commits(vis_stats, path, done, resume, start)
+
+        def records() -> Iterator[Dict[str, Any]]:
+            if done:  # rows an earlier run committed: exactly the file's records after the torn-tail cut
+                yield from itertools.islice(read_jsonl(path), len(done))
+            for batch in commits:
+                yield from batch
+
+        try:
+            return self.caption(records=records())
+        finally:
+            commits.close()
+            if vis_stats.skipped:
+                log.info("resume: visualize skipped %d row(s) already done, did %d", vis_stats.skipped,
+                         vis_stats.rows)
+
     # ------------------------------------------------------------ visualize
     def visualize(self) -> StageStats:
         """Read every row, validate boxes, resize, draw marks, write images and records.
 
         Records are committed ``commit_every`` rows at a time; on resume the
-        rows already in ``visualize.jsonl`` are skipped.
+        rows already in ``visualize.jsonl`` are skipped. Rows are prepared in
+        ``workers`` processes (records still in input order).
         """
         stats = self.stats.setdefault("visualize", StageStats("visualize"))
-        stats.pid = os.getpid()
         start = time.perf_counter()
+        path, done, resume = self._visualize_begin(stats)
+        for _ in self._visualize_commits(stats, path, done, resume, start):
+            pass
+        return self._end_of_stage(stats)
+
+    def _visualize_begin(self, stats: StageStats) -> Tuple[Path, Dict[int, str], bool]:
+        """``(visualize.jsonl, {index: id} of the rows it holds, resume?)``, its torn tail cut."""
+        stats.pid = os.getpid()
         self.images_dir.mkdir(parents=True, exist_ok=True)
         path = self.out / VISUALIZE_FILE
         done: Dict[int, str] = {}
         resume = bool(self.cfg.resume) and path.exists()
         if resume:
             done, _ = self._done_rows(path, "visualize")
+        return path, done, resume
+
+    def _visualize_commits(self, stats: StageStats, path: Path, done: Dict[int, str], resume: bool,
+                           start: float) -> Iterator[List[Dict[str, Any]]]:
+        """Prepare the rows not ``done`` and commit their records; yield each batch once committed."""
         every = max(1, int(self.cfg.commit_every))
-        with CommitWriter(path, stage="visualize", append=resume) as writer:
-            buf: List[Dict[str, Any]] = []
+
+        def todo() -> Iterator[InputRow]:
             for row in _progress(iter_rows(self.cfg.data), "visualize", self.cfg.progress):
                 if row.index in done:
                     self._check_same_row(path, row.index, done[row.index], row.row_id)
                     stats.skipped += 1
                     continue
-                record = self.visualize_row(row)
-                if record.get("error"):
-                    stats.errors[record["error"]["kind"]] += 1
-                buf.append(record)
-                if len(buf) >= every or stop_requested():
+                yield row
+
+        pool = RowPool(self.cfg, self._workers(), self.visualize_row,
+                       window=max(4 * self._workers(), every, int(self.cfg.engine.batch_size)))
+        try:
+            with CommitWriter(path, stage="visualize", append=resume) as writer, pool:
+                buf: List[Dict[str, Any]] = []
+                for record in pool.map(todo()):
+                    if record.get("error"):
+                        stats.errors[record["error"]["kind"]] += 1
+                    buf.append(record)
+                    if len(buf) >= every or stop_requested():
+                        writer.commit(buf)
+                        stats.rows += len(buf)
+                        yield buf
+                        buf = []
+                        if stop_requested():
+                            break
+                if buf:
                     writer.commit(buf)
                     stats.rows += len(buf)
-                    buf = []
-                    if stop_requested():
-                        break
-            writer.commit(buf)
-            stats.rows += len(buf)
-        stats.seconds = time.perf_counter() - start
-        return self._end_of_stage(stats)
+                    yield buf
+        finally:
+            stats.seconds = time.perf_counter() - start
 
     @staticmethod
     def _end_of_stage(stats: StageStats) -> StageStats:
@@ -571,9 +673,13 @@ class RegionCapRun:
         return rec
 
     # -------------------------------------------------------------- caption
-    def caption(self) -> StageStats:
-        """Send every prepared request to the engine, parse answers, write caption records."""
-        if (self.cfg.get("executor") or {}).get("name") == "ray":
+    def caption(self, records: Optional[Iterable[Dict[str, Any]]] = None) -> StageStats:
+        """Send every prepared request to the engine, parse answers, write caption records.
+
+        ``records``: the visualize records to caption, in order (a stream from
+        :meth:`visualize_and_caption`); by default those of ``visualize.jsonl``.
+        """
+        if self._ray_executor():
             # Over a Ray cluster (regioncap.executors.ray_executor); Ray is imported only then.
             from regioncap.executors.ray_executor import caption_with_ray
 
@@ -600,7 +706,7 @@ class RegionCapRun:
                 stats.retried = len(redo)
 
         def todo() -> Iterator[Dict[str, Any]]:
-            for rec in read_jsonl(vis):
+            for rec in (read_jsonl(vis) if records is None else records):
                 index = rec.get("index")
                 if index in done:
                     self._check_same_row(path, index, done[index], rec.get("id"))
@@ -632,6 +738,12 @@ class RegionCapRun:
         try:
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
+            if self.pipeline.get("overlap"):
+                # The stages streamed: the visualize stage stopped with the engine, part way.
+                raise RunError(
+                    f"engine {self.cfg.engine.name!r} could not start: {exc}. The rows prepared so far are in "
+                    f"{self.out / VISUALIZE_FILE}; after fixing this, go on with both stages with resume=true "
+                    f"hydra.run.dir={self.out}") from None
             raise RunError(
                 f"engine {self.cfg.engine.name!r} could not start: {exc}. The visualize records are in "
                 f"{self.out / VISUALIZE_FILE}; after fixing this, run only the caption stage with "
@@ -806,8 +918,19 @@ class RegionCapRun:
         final = self.out / (CAPTIONS_FILE if "caption" in self.stats else VISUALIZE_FILE)
         records = read_jsonl(final) if final.exists() else iter(())
         model = self.cfg.model
-        return compute_metrics(records, stages, patch_size=int(model.patch_size), merge_size=int(model.merge_size),
-                               references_key=self.cfg.data.references_key)
+        wall = self.pipeline.get("seconds")
+        metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
+                                  merge_size=int(model.merge_size), references_key=self.cfg.data.references_key,
+                                  wall_s=wall)
+        if self.pipeline:
+            # End to end: every image and region of the run over the run's wall time (both stages).
+            done = metrics["regions_captioned"] if "caption" in self.stats else metrics["regions"]
+            metrics["pipeline"] = {
+                **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.pipeline.items()},
+                "images_per_s": round(metrics["images"] / wall, 3) if wall else None,
+                "regions_per_s": round(done / wall, 3) if wall else None,
+            }
+        return metrics
 
     def summary(self, metrics: Dict[str, Any]) -> str:
         """A one-screen summary for the end of a run."""

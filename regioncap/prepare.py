@@ -1,0 +1,216 @@
+"""Image preparation in worker processes: the visualize stage's per-row work off the main process.
+
+Each row's work (decode with JPEG draft mode, EXIF, validate boxes, resize to
+the model's pixel budget, draw marks, encode and write the images) is
+independent of the others, so a pool of processes does it in parallel while
+the main process commits records and, when both stages run, drives the
+engine. :class:`RowPool` hands rows out and gives the records back in input
+order, with a bounded number of rows in flight (memory does not grow with the
+data set).
+
+The pool is a ``forkserver`` pool (``spawn`` where there is none): no worker is
+ever forked from a process that has imported torch or started engine threads.
+Workers ignore SIGINT and SIGTERM (the main process decides when a run stops,
+after its last commit) and exit on their own within a second when the main
+process is gone (a SIGKILL leaves no stray workers behind, nor pipes held open).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import types
+from collections import deque
+from contextlib import contextmanager
+from typing import Any, Deque, Dict, Iterable, Iterator, Optional
+
+log = logging.getLogger("regioncap")
+
+#: The worker process's own run object (built once per worker from the config).
+_WORKER_RUN: Any = None
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_workers(cfg: Any) -> int:
+    """Preparation worker processes for a run: ``cfg.workers``, or a default from the engine.
+
+    ``workers: null`` picks the cores the engine does not use: all but one for
+    an engine whose work is elsewhere (vLLM on a GPU, an OpenAI-compatible
+    server, the fake engine), and one for the transformers engine unless its
+    device is CUDA (on the CPU, torch's own threads take every core and caption
+    generation is far slower than preparation, so more workers would only slow
+    the engine). ``workers: 0`` prepares in the main process.
+    """
+    workers = cfg.get("workers")
+    if workers is not None:
+        if int(workers) < 0:
+            from regioncap.errors import RunError
+
+            raise RunError(f"workers must be 0 (prepare in the main process) or more, got {workers}")
+        return int(workers)
+    if "visualize" not in cfg.stages:
+        return 0
+    cores = available_cores()
+    engine = cfg.engine
+    if "caption" in cfg.stages and engine.name == "transformers" and not str(engine.get("device", "")).startswith(
+            "cuda"):
+        return 1 if cores > 1 else 0
+    return max(1, cores - 1) if cores > 1 else 0
+
+
+def _context() -> Any:
+    import multiprocessing as mp
+
+    try:
+        ctx = mp.get_context("forkserver")
+    except ValueError:  # no forkserver on this platform (Windows)
+        return mp.get_context("spawn")
+    # The fork server imports these once; every worker forked from it starts with them loaded.
+    ctx.set_forkserver_preload(["regioncap.run", "omegaconf", "PIL.Image", "PIL.ImageDraw", "PIL.JpegImagePlugin",
+                                "PIL.PngImagePlugin"])
+    return ctx
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, killed and not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc (not Linux)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
+def _watch_run(pid: int) -> None:
+    """Exit when the run's main process is gone (killed with SIGKILL, say).
+
+    Watching the parent is not enough: a forkserver worker's parent is the fork
+    server, which itself lives as long as any worker holds its pipe.
+    """
+    while True:
+        time.sleep(0.5)
+        if not _alive(pid):
+            os._exit(1)
+
+
+def _init_worker(cfg: Dict[str, Any], main_pid: int) -> None:
+    global _WORKER_RUN
+    from omegaconf import OmegaConf
+
+    from regioncap.run import RegionCapRun
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    threading.Thread(target=_watch_run, args=(main_pid,), name="regioncap-run-watch", daemon=True).start()
+    _WORKER_RUN = RegionCapRun(OmegaConf.create(cfg))
+
+
+def _prepare_row(row: Any) -> Dict[str, Any]:
+    return _WORKER_RUN.visualize_row(row)
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+@contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Start processes that do not import the caller's ``__main__``.
+
+    A spawn or forkserver child normally re-imports the main module (the
+    script, or ``regioncap.__main__`` with Hydra and the config schemas) before
+    it runs anything: time lost for every worker, and a script without an
+    ``if __name__ == "__main__":`` guard would run again in each of them. The
+    workers need only ``regioncap.prepare``, which they import by name.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
+class RowPool:
+    """Prepare rows (``RegionCapRun.visualize_row``) in ``workers`` processes, records in input order.
+
+    Use as a context manager; ``workers == 0`` runs every row in the calling
+    process through ``local`` (no pool, no pickling).
+    """
+
+    def __init__(self, cfg: Any, workers: int, local: Any, *, window: Optional[int] = None) -> None:
+        self.workers = int(workers)
+        self.local = local
+        #: Rows in flight: enough to keep every worker busy while the main
+        #: process is away (an engine batch), small enough to keep memory flat.
+        self.window = int(window or max(4 * self.workers, 8))
+        self._cfg = cfg
+        self._executor: Any = None
+
+    def __enter__(self) -> "RowPool":
+        if self.workers > 0:
+            from concurrent.futures import ProcessPoolExecutor
+
+            from omegaconf import OmegaConf
+
+            cfg = OmegaConf.to_container(self._cfg, resolve=True) if OmegaConf.is_config(self._cfg) else self._cfg
+            self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context(),
+                                                 initializer=_init_worker, initargs=(cfg, os.getpid()))
+            # Start every worker now (a submit with no idle worker starts one), main module hidden.
+            with _main_module_hidden():
+                started = [self._executor.submit(_ready) for _ in range(self.workers)]
+            for fut in started:
+                fut.result()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._executor is not None:
+            # Rows not started are dropped (a stop or an error); the few being prepared finish first.
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def map(self, rows: Iterable[Any]) -> Iterator[Dict[str, Any]]:
+        """The record of each row, in the order of ``rows``."""
+        if self._executor is None:
+            for row in rows:
+                yield self.local(row)
+            return
+        from concurrent.futures.process import BrokenProcessPool
+
+        pending: Deque[Any] = deque()
+        try:
+            for row in rows:
+                pending.append(self._executor.submit(_prepare_row, row))
+                if len(pending) >= self.window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool as exc:
+            from regioncap.errors import RunError
+
+            raise RunError(f"an image preparation worker process died ({exc}); the rows committed so far are kept "
+                           f"(resume=true goes on). Running out of memory on a large image is the usual cause: "
+                           f"lower limits.max_image_pixels or workers, or set workers=0 to prepare in the main "
+                           f"process") from None
+        finally:
+            for fut in pending:
+                fut.cancel()
