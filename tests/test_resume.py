@@ -243,7 +243,7 @@ def test_a_real_sigint_from_outside_stops_after_a_commit(tmp_path):
     import time
 
     rows, out = demo_rows(tmp_path / "rows.jsonl", 300), tmp_path / "run"
-    args = ["engine=fake", "progress=false", "data=jsonl", f"data.path={rows}", "commit_every=8"]
+    args = ["model=tiny", "engine=fake", "progress=false", "data=jsonl", f"data.path={rows}", "commit_every=8"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("REGIONCAP_FAILPOINT", None)
     proc = subprocess.Popen([sys.executable, "-m", "regioncap", *args, f"hydra.run.dir={out}"], cwd=tmp_path, env=env,
