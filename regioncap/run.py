@@ -484,6 +484,7 @@ class RegionCapRun:
 
         pool = RowPool(self.cfg, self._workers(), self.visualize_row,
                        window=max(4 * self._workers(), every, int(self.cfg.engine.batch_size)))
+        finished = False
         try:
             with CommitWriter(path, stage="visualize", append=resume) as writer, pool:
                 buf: List[Dict[str, Any]] = []
@@ -494,6 +495,8 @@ class RegionCapRun:
                     if len(buf) >= every or stop_requested():
                         writer.commit(buf)
                         stats.rows += len(buf)
+                        # Before the yield: a consumer may keep this generator suspended for long.
+                        stats.seconds = time.perf_counter() - start
                         yield buf
                         buf = []
                         if stop_requested():
@@ -501,9 +504,12 @@ class RegionCapRun:
                 if buf:
                     writer.commit(buf)
                     stats.rows += len(buf)
+                    stats.seconds = time.perf_counter() - start
                     yield buf
+                finished = True
         finally:
-            stats.seconds = time.perf_counter() - start
+            if not finished:  # stopped by an error or a signal: the time until then
+                stats.seconds = time.perf_counter() - start
 
     @staticmethod
     def _end_of_stage(stats: StageStats) -> StageStats:
