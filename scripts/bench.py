@@ -78,11 +78,15 @@ def make_dataset(folder: Path, rows: int, megapixels: float = 10.0) -> Path:
     return data
 
 
-def naive_visualize(data: Path, out: Path) -> None:
-    """DataFlow-MM-like: draw on the full-resolution image and write it at full resolution."""
+def naive_visualize(data: Path, out: Path) -> List[Dict[str, object]]:
+    """DataFlow-MM-like: draw on the full-resolution image and write it at full resolution.
+
+    Returns ``{"image", "regions"}`` per row (``scripts/bench_gpu.py`` captions them).
+    """
     from PIL import ImageOps
 
     out.mkdir(parents=True, exist_ok=True)
+    items: List[Dict[str, object]] = []
     for i, line in enumerate(data.read_text().splitlines()):
         row = json.loads(line)
         img = ImageOps.exif_transpose(Image.open(data.parent / row["image"])).convert("RGB")
@@ -91,7 +95,10 @@ def naive_visualize(data: Path, out: Path) -> None:
         for k, (x, y, w, h) in enumerate(row["bbox"]):
             draw.rectangle([x, y, x + w, y + h], outline=(230, 25, 75), width=lw)
             draw.text((x + lw, y + lw), f"<region{k + 1}>", fill=(255, 255, 255))
-        img.save(out / f"{i}_bbox_vis.jpg", quality=95)
+        path = out / f"{i}_bbox_vis.jpg"
+        img.save(path, quality=95)
+        items.append({"image": str(path), "regions": len(row["bbox"])})
+    return items
 
 
 def floor_visualize(data: Path, out: Path, min_pixels: int, max_pixels: int) -> None:

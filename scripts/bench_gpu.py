@@ -80,23 +80,10 @@ def make_dataset(folder: Path, rows: int, megapixels: float) -> Path:
 
 
 def naive_marked(data: Path, out: Path) -> List[Dict[str, Any]]:
-    """DataFlow-MM's visualize step: draw on the full-resolution image, write it at full resolution."""
-    from PIL import Image, ImageDraw, ImageOps
+    """DataFlow-MM's visualize step: marks drawn and written at full resolution (``bench.naive_visualize``)."""
+    from bench import naive_visualize
 
-    out.mkdir(parents=True, exist_ok=True)
-    items = []
-    for i, line in enumerate(data.read_text().splitlines()):
-        row = json.loads(line)
-        img = ImageOps.exif_transpose(Image.open(data.parent / row["image"])).convert("RGB")
-        draw = ImageDraw.Draw(img)
-        lw = max(2, int(min(img.size) * 0.008))
-        for k, (x, y, w, h) in enumerate(row["bbox"]):
-            draw.rectangle([x, y, x + w, y + h], outline=(230, 25, 75), width=lw)
-            draw.text((x + lw, y + lw), f"<region{k + 1}>", fill=(255, 255, 255))
-        path = out / f"{i}_bbox_vis.jpg"
-        img.save(path, quality=95)
-        items.append({"image": str(path), "regions": len(row["bbox"])})
-    return items
+    return naive_visualize(data, out)
 
 
 def environment(engine: Any) -> Dict[str, Any]:
