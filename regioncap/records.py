@@ -220,30 +220,30 @@ def fsync_dir(folder: Path) -> None:
 
 def caption_samples(path: Path, *, rows: int = 4, regions: int = 6,
                     reference: Optional[Callable[[Dict[str, Any], Dict[str, Any]], List[str]]] = None) -> str:
-    """The first captions of a records file, one region per line, for the end-of-run summary.
+    """The captions of the first ``rows`` records of a records file, one region per line, for the
+    end-of-run summary (only those records are read, however long the file).
 
     ``reference(record, region)`` returns a region's reference captions; when
     given, each line shows the first one beside the caption.
     """
+    import itertools
+
     lines: List[str] = []
-    total = 0
-    for rec in read_jsonl(path):
-        total += 1
-        if total > rows:
-            continue
+    shown = 0
+    for rec in itertools.islice(read_jsonl(path), rows):
+        shown += 1
         label = str(rec.get("id"))
         if rec.get("error"):
             lines.append(f"  {label}: error ({rec['error'].get('kind')}): {rec['error'].get('message')}")
             continue
         for reg in (rec.get("regions") or [])[:regions]:
             text = reg.get("caption")
-            shown = json.dumps(text, ensure_ascii=False) if text is not None else f"<missing: {reg.get('missing')}>"
+            quoted = json.dumps(text, ensure_ascii=False) if text is not None else f"<missing: {reg.get('missing')}>"
             refs = reference(rec, reg) if reference else []
-            lines.append(f"  {label} [{reg.get('id')}] {shown}" + (f"  (reference: {refs[0]})" if refs else ""))
+            lines.append(f"  {label} [{reg.get('id')}] {quoted}" + (f"  (reference: {refs[0]})" if refs else ""))
         more = len(rec.get("regions") or []) - regions
         if more > 0:
             lines.append(f"  {label} ... {more} more region(s)")
     if not lines:
         return ""
-    head = f"captions (first {min(rows, total)} of {total} rows; all of them in {path.name}):"
-    return "\n".join([head, *lines])
+    return "\n".join([f"captions of the first {shown} row(s) (all of them in {path.name}):", *lines])

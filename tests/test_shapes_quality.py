@@ -114,6 +114,10 @@ def test_default_run_prints_right_captions(tmp_path):
     proc = run_cli([f"hydra.run.dir={out}", "progress=false"], pin=False, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["error_rows"] == 0
+    printed = proc.stdout + proc.stderr
+    assert "captions of the first 4 row(s)" in printed, printed[-2000:]
+    rec = next(read_jsonl(out / "captions.jsonl"))
+    assert f'{rec["id"]} [1] "{rec["regions"][0]["caption"]}"  (reference: {rec["references"][0]})' in printed
     s = score(out)
     assert s["regions"] == sum(len(json.loads(line)["bbox"]) for line in
                                (REPO / "regioncap" / "demo" / "shapes" / "shapes.jsonl").read_text().splitlines())
