@@ -305,6 +305,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         visualize(data, init, "marked", work / "vis_marked")
     crop = samples(work / "vis_crop" / "visualize.jsonl")
     marked = samples(work / "vis_marked" / "visualize.jsonl")
+    if a.reuse_data:  # the rows of the data prepared earlier, whatever --train-rows says now
+        a.train_rows = record["args"]["train_rows"] = len(marked)
     record["data"] = {"train_rows": a.train_rows, "crop_samples": len(crop), "marked_samples": len(marked),
                       "data_seed": 1000 + a.seed, "prepared_s": round(time.perf_counter() - t_all, 1)}
     print(f"{len(crop)} crop and {len(marked)} marked training samples", flush=True)

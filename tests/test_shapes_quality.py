@@ -31,10 +31,13 @@ HELD_OUT_SEED = 777
 HELD_OUT_ROWS = 40
 
 #: Measured on 100 held-out scenes when the model was committed (model card): crop 99.7%,
-#: marked 20.8% exact. The bars sit a little lower; marked mode is far from the 50% it should
+#: marked 37.2% exact. The bars sit a little lower; marked mode is still short of the 50% it should
 #: reach (the model does not yet bind box numbers to shapes; see the model card).
 CROP_MIN_EXACT = 0.95
-MARKED_MIN_EXACT = 0.15
+MARKED_MIN_EXACT = 0.30
+#: The bundled scenes (data=shapes) hold 18 of their 25 boxes in 6-shape scenes, the hardest
+#: case of marked mode: 20% measured.
+DEFAULT_MIN_EXACT = 0.15
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +124,7 @@ def test_default_run_prints_right_captions(tmp_path):
     s = score(out)
     assert s["regions"] == sum(len(json.loads(line)["bbox"]) for line in
                                (REPO / "regioncap" / "demo" / "shapes" / "shapes.jsonl").read_text().splitlines())
-    assert s["exact"] >= MARKED_MIN_EXACT, s
+    assert s["exact"] >= DEFAULT_MIN_EXACT, s
     assert (out / "report.html").is_file()
 
 
