@@ -345,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     del cfg
     record["total_s"] = round(time.perf_counter() - t_all, 1)
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    if (out / "README.md").exists():  # the model card is written by hand: keep it
+        shutil.copy(out / "README.md", tmp / "README.md")
     for f in tmp.iterdir():
         f.chmod(0o644)
     shutil.rmtree(out, ignore_errors=True)
