@@ -19,9 +19,11 @@ import argparse
 import json
 import math
 import random
+import re
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
@@ -168,6 +170,45 @@ def write_dataset(out_dir: str | Path, rows: int, *, seed: int, prefix: str = "s
     path = out / "shapes.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     return path
+
+
+def _norm(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z ]", " ", text.lower()).split())
+
+
+def score_records(records: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
+    """Exact-match, colour and shape accuracy of a run's caption records against their references.
+
+    Every box of the input counts: boxes of an error row, and boxes the run
+    dropped, count as wrong. ``by`` breaks exact match down by the number of
+    shapes in the scene and by region number.
+    """
+    totals = {"regions": 0, "exact": 0, "colour": 0, "shape": 0, "missing": 0, "error_rows": 0}
+    tally: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
+    for rec in records:
+        refs = rec.get("references") or []
+        regions = rec.get("regions") or []
+        totals["error_rows"] += rec.get("status") == "error"
+        totals["regions"] += len(refs) - len(regions)
+        for reg in regions:
+            ref = refs[reg["source_index"]]
+            cap = _norm(reg.get("caption") or "")
+            _, colour, kind = ref.split()
+            ok = cap == _norm(ref)
+            totals["regions"] += 1
+            totals["exact"] += ok
+            totals["colour"] += colour in cap.split()
+            totals["shape"] += kind in cap.split()
+            totals["missing"] += reg.get("caption") is None
+            for key in (f"scene_shapes={len(regions)}", f"region={reg['id']}"):
+                tally[key][0] += ok
+                tally[key][1] += 1
+    n = max(1, totals["regions"])
+    return {
+        **{k: totals[k] for k in ("regions", "missing", "error_rows")},
+        **{k: totals[k] / n for k in ("exact", "colour", "shape")},
+        "by": {k: {"exact": a / b, "regions": b} for k, (a, b) in sorted(tally.items())},
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
-from collections import defaultdict
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -27,39 +25,13 @@ from regioncap import shapes  # noqa: E402
 from regioncap.records import read_jsonl  # noqa: E402
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z ]", " ", text.lower()).split())
-
-
 def score(run_dir: Path) -> Dict[str, Any]:
-    """Accuracy of every region of a run against its references, with breakdowns."""
-    tally: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
-    totals = {"regions": 0, "exact": 0, "colour": 0, "shape": 0, "missing": 0, "error_rows": 0}
-    for rec in read_jsonl(run_dir / "captions.jsonl"):
-        if rec.get("status") == "error":
-            totals["error_rows"] += 1
-            continue
-        n_shapes = len(rec["regions"])
-        for reg in rec["regions"]:
-            ref = rec["references"][reg["source_index"]]
-            cap = _norm(reg.get("caption") or "")
-            _, colour, kind = ref.split()
-            ok = cap == _norm(ref)
-            totals["regions"] += 1
-            totals["exact"] += ok
-            totals["colour"] += colour in cap.split()
-            totals["shape"] += kind in cap.split()
-            totals["missing"] += reg.get("caption") is None
-            for key in (f"scene_shapes={n_shapes}", f"region={reg['id']}"):
-                tally[key][0] += ok
-                tally[key][1] += 1
-    n = max(1, totals["regions"])
-    return {
-        **{k: totals[k] for k in ("regions", "missing", "error_rows")},
-        "exact": round(totals["exact"] / n, 4), "colour": round(totals["colour"] / n, 4),
-        "shape": round(totals["shape"] / n, 4),
-        "by": {k: {"exact": round(a / b, 4), "regions": b} for k, (a, b) in sorted(tally.items())},
-    }
+    """Accuracy of every box of a run against its references, with breakdowns (rounded)."""
+    result = shapes.score_records(read_jsonl(run_dir / "captions.jsonl"))
+    for k in ("exact", "colour", "shape"):
+        result[k] = round(result[k], 4)
+    result["by"] = {k: {**v, "exact": round(v["exact"], 4)} for k, v in result["by"].items()}
+    return result
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -14,10 +14,8 @@ regioncap/weights/shapes/README.md).
 from __future__ import annotations
 
 import json
-import os
-import re
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 
@@ -46,29 +44,11 @@ def held_out(tmp_path_factory) -> Path:
                                 prefix="heldout", image_format="jpeg")
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z ]", " ", text.lower()).split())
-
-
 def score(run_dir: Path) -> Dict[str, float]:
-    """Exact-match, colour and shape accuracy of every box of a run against its references.
-
-    Boxes of an error row, and boxes the run dropped, count as wrong.
-    """
-    n = exact = colour = kind = 0
-    for rec in read_jsonl(run_dir / "captions.jsonl"):
-        n += len(rec["references"]) - len(rec["regions"])
-        for reg in rec["regions"]:
-            ref = rec["references"][reg["source_index"]]
-            cap = _norm(reg.get("caption") or "")
-            _, ref_colour, ref_kind = ref.split()
-            words = cap.split()
-            n += 1
-            exact += cap == _norm(ref)
-            colour += ref_colour in words
-            kind += ref_kind in words
-    assert n, "no regions"
-    return {"regions": n, "exact": exact / n, "colour": colour / n, "shape": kind / n}
+    """Accuracy of every box of a run against its references (``shapes.score_records``)."""
+    result = shapes.score_records(read_jsonl(run_dir / "captions.jsonl"))
+    assert result["regions"], "no regions"
+    return result
 
 
 def _run(held_out: Path, out: Path, *args: str, python: str | None = None, env: dict | None = None,
