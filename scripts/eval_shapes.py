@@ -1,11 +1,12 @@
 """Measure model=shapes through the whole pipeline on held-out synthetic scenes.
 
-    .venv/bin/python scripts/eval_shapes.py --rows 200 --prompt crop marked [--model-path DIR]
+    .venv/bin/python scripts/eval_shapes.py --rows 200 --prompt crop marked [--model-path DIR] [OVERRIDE ...]
 
 Generates scenes with a seed the training never used, runs ``python -m
 regioncap`` on them (visualize + caption, the transformers engine), and prints
 exact-match, colour and shape accuracy, overall and broken down by the number
 of shapes in the scene and by region number: what the model card reports.
+Extra Hydra overrides (``draw=thin``, ``engine=vllm``, ...) go to every run.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--model-path", default=None, help="another model folder (default: the shipped one)")
     p.add_argument("--work", default=None)
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("overrides", nargs="*", help="more Hydra overrides for every run, e.g. draw=thin engine=vllm")
     a = p.parse_args(argv)
     work = Path(a.work or tempfile.mkdtemp(prefix="eval-shapes-"))
     data = shapes.write_dataset(work / "data", a.rows, seed=a.seed, prefix="heldout", image_format="jpeg")
@@ -52,6 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"prompt={prompt}", "progress=false", f"hydra.run.dir={out}"]
         if a.model_path:
             args.append(f"model.path={a.model_path}")
+        args += a.overrides
         proc = subprocess.run(args, capture_output=True, text=True, cwd=str(ROOT))
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)

@@ -25,6 +25,12 @@ versions gives the same weights):
 5. Saves the weights as float16 safetensors with a ``training.json`` record
    (versions, seeds, steps, losses, timings).
 
+Faster: ``--chunk-rows 1000 --prep-procs N`` makes the scenes and runs the
+visualize stage in N processes; ``--device cuda --loader-workers N`` trains on
+a GPU with N processes building batches. ``--init-from`` continues from a
+model folder; the model card (regioncap/weights/shapes/README.md) lists the
+commands that made the shipped weights.
+
 Evaluate through the whole pipeline afterwards (what the tests do):
 
     python -m regioncap data=shapes prompt=crop
@@ -91,8 +97,19 @@ def domain_corpus() -> List[str]:
     return lines
 
 
-def build_init(folder: Path, seed: int) -> Dict[str, Any]:
-    """A random-weight model folder with this script's dimensions and tokenizer."""
+def dims(width: int, text_layers: int, vision_depth: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """Text and vision dimensions for another model size (head_dim stays 32); the defaults give TEXT_DIMS, VISION_DIMS."""
+    heads = width // 32
+    text = dict(TEXT_DIMS, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=text_layers,
+                num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
+    vision = dict(VISION_DIMS, depth=vision_depth, hidden_size=width, intermediate_size=2 * width, num_heads=heads,
+                  out_hidden_size=width, fullatt_block_indexes=[vision_depth - 1])
+    return text, vision
+
+
+def build_init(folder: Path, seed: int, text_dims: Dict[str, Any] = TEXT_DIMS,
+               vision_dims: Dict[str, Any] = VISION_DIMS) -> Dict[str, Any]:
+    """A random-weight model folder with the given dimensions and this script's tokenizer."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
@@ -102,12 +119,12 @@ def build_init(folder: Path, seed: int) -> Dict[str, Any]:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return tiny._build_seeded(folder, seed, text_dims=TEXT_DIMS, vision_dims=VISION_DIMS, corpus=domain_corpus(),
+    return tiny._build_seeded(folder, seed, text_dims=text_dims, vision_dims=vision_dims, corpus=domain_corpus(),
                               vocab=VOCAB, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
 
-def visualize(data_jsonl: Path, model_dir: Path, prompt: str, out_dir: Path) -> Path:
-    """Run regioncap's visualize stage (the real one) and return its visualize.jsonl."""
+def _visualize_shard(data_jsonl: Path, model_dir: Path, prompt: str, out_dir: Path, shards: int, index: int) -> Path:
+    """Run regioncap's visualize stage (the real one) on one shard and return its visualize.jsonl."""
     from hydra import compose, initialize_config_dir
 
     from regioncap.config import register_configs
@@ -118,7 +135,8 @@ def visualize(data_jsonl: Path, model_dir: Path, prompt: str, out_dir: Path) -> 
         shutil.rmtree(out_dir)
     overrides = [
         "model=shapes", f"model.path={model_dir}", "data=jsonl", f"data.path={data_jsonl}", f"prompt={prompt}",
-        "engine=fake", "stages=[visualize]", "progress=false",
+        "engine=fake", "stages=[visualize]", "progress=false", f"data.num_shards={shards}",
+        f"data.shard_index={index}",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -131,8 +149,65 @@ def visualize(data_jsonl: Path, model_dir: Path, prompt: str, out_dir: Path) -> 
     return out_dir / "visualize.jsonl"
 
 
-def samples(vis_jsonl: Path) -> List[Tuple[str, str, str]]:
-    """(image path, prompt, target answer) for every request of a visualize.jsonl."""
+def visualize(data_jsonl: Path, model_dir: Path, prompt: str, out_dir: Path, procs: int = 1) -> List[Path]:
+    """The visualize stage over ``data_jsonl`` in ``procs`` shards run side by side (one folder each)."""
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    if procs <= 1:
+        return [_visualize_shard(data_jsonl, model_dir, prompt, out_dir, 1, 0)]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(procs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(_visualize_shard, data_jsonl, model_dir, prompt, out_dir / f"shard-{i:02d}", procs, i)
+                   for i in range(procs)]
+        return [f.result() for f in futures]
+
+
+def _chunk(folder: Path, rows: int, seed: int, prefix: str) -> Path:
+    return shapes.write_dataset(folder, rows, seed=seed, prefix=prefix)
+
+
+def generate(folder: Path, rows: int, seed: int, chunk_rows: int = 0, procs: int = 1) -> Path:
+    """The training scenes as one JSONL. ``chunk_rows`` > 0 writes them in chunks seeded one by one
+    (``seed * 1000 + chunk``), made side by side in ``procs`` processes; the scenes depend on
+    ``chunk_rows``, not on ``procs``. ``chunk_rows`` 0: one sequence from ``seed``."""
+    if not chunk_rows:
+        return shapes.write_dataset(folder, rows, seed=seed, prefix="train")
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    jobs = [(folder / f"chunk-{c:03d}", min(chunk_rows, rows - c * chunk_rows), seed * 1000 + c, f"train{c:03d}")
+            for c in range(math.ceil(rows / chunk_rows))]
+    with ProcessPoolExecutor(max(1, procs), mp_context=mp.get_context("spawn")) as pool:
+        paths = list(pool.map(_chunk, *zip(*jobs)))
+    lines = []
+    for path in paths:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            rec["image"] = f"{path.parent.name}/{rec['image']}"
+            lines.append(json.dumps(rec) + "\n")
+    out = folder / "shapes.jsonl"
+    out.write_text("".join(lines), encoding="utf-8")
+    return out
+
+
+def prepared(folder: Path) -> List[Path]:
+    """The visualize.jsonl files of a folder written by :func:`visualize` (one, or one per shard)."""
+    if (folder / "visualize.jsonl").exists():
+        return [folder / "visualize.jsonl"]
+    return sorted(folder.glob("shard-*/visualize.jsonl"))
+
+
+def samples(vis_jsonls: Sequence[Path]) -> List[Tuple[str, str, str]]:
+    """(image path, prompt, target answer) for every request of the given visualize.jsonl files."""
+    out = []
+    for vis_jsonl in vis_jsonls:
+        out += _samples(vis_jsonl)
+    return out
+
+
+def _samples(vis_jsonl: Path) -> List[Tuple[str, str, str]]:
     out = []
     run_dir = vis_jsonl.parent
     for line in vis_jsonl.read_text(encoding="utf-8").splitlines():
@@ -207,12 +282,17 @@ def _worker_init(_: int) -> None:
 
 
 def train(model: Any, batcher: Batcher, pools: List[Tuple[float, List[Tuple[str, str, str]]]], *, steps: int,
-          batch_size: int, lr: float, warmup: int, seed: int, log_every: int, name: str) -> Dict[str, Any]:
+          batch_size: int, lr: float, warmup: int, seed: int, log_every: int, name: str, device: str = "cpu",
+          loader_workers: int = 1, budget_s: float = 0.0) -> Dict[str, Any]:
     """AdamW with warm-up and cosine decay; each batch drawn from ``pools`` by weight. Returns a log.
 
     The batches are drawn up front from a seeded RNG and built in one
     DataLoader worker (image decoding and the processor overlap the model's
     step), so the order, and with it the weights, do not depend on timing.
+    With ``budget_s``, the number of steps is cut to what fits in that many
+    seconds at the speed of the first 50 steps (decided before the warm-up
+    ends, so the learning-rate schedule is that of a run with the final step
+    count; the record says how many ran).
     """
     import torch
     from torch.utils.data import DataLoader
@@ -223,17 +303,27 @@ def train(model: Any, batcher: Batcher, pools: List[Tuple[float, List[Tuple[str,
     for _ in range(steps):
         pool = pools[rng.choices(range(len(pools)), weights=weights)[0]][1]
         plan.append([pool[rng.randrange(len(pool))] for _ in range(batch_size)])
-    loader = DataLoader(_Steps(batcher, plan), batch_size=None, shuffle=False, num_workers=1,
-                        worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False)
+    loader = DataLoader(_Steps(batcher, plan), batch_size=None, shuffle=False, num_workers=loader_workers,
+                        worker_init_fn=_worker_init, prefetch_factor=4, persistent_workers=False,
+                        pin_memory=device != "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     losses: List[float] = []
     history = []
     t0 = time.perf_counter()
     model.train()
+    probe = min(50, warmup)
     for step, batch in enumerate(loader, 1):
+        if budget_s and step == probe + 1:
+            per_step = (time.perf_counter() - t0) / probe
+            steps = max(probe + 1, min(steps, int(budget_s / per_step)))
+            print(f"[{name}] {per_step:.3f} s/step: {steps} steps fit in {budget_s:.0f} s", flush=True)
+        if step > steps:
+            break
         scale = step / warmup if step <= warmup else 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
         for g in opt.param_groups:
             g["lr"] = lr * max(scale, 0.02)
+        if device != "cpu":
+            batch = {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
         out = model(**batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -246,8 +336,9 @@ def train(model: Any, batcher: Batcher, pools: List[Tuple[float, List[Tuple[str,
             history.append({"step": step, "loss": round(avg, 4), "seconds": round(el, 1)})
             print(f"[{name}] step {step}/{steps} loss {avg:.4f} {el:.0f}s ({el / step:.3f} s/step)", flush=True)
     model.eval()
+    del loader
     return {"steps": steps, "batch_size": batch_size, "lr": lr, "seconds": round(time.perf_counter() - t0, 1),
-            "history": history}
+            "device": device, "history": history}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -268,6 +359,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", default=None, help="start from this model folder instead of random weights")
+    p.add_argument("--width", type=int, default=TEXT_DIMS["hidden_size"], help="hidden size of both towers")
+    p.add_argument("--text-layers", type=int, default=TEXT_DIMS["num_hidden_layers"])
+    p.add_argument("--vision-depth", type=int, default=VISION_DIMS["depth"])
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to train on a GPU")
+    p.add_argument("--loader-workers", type=int, default=1, help="processes that build the batches")
+    p.add_argument("--prep-procs", type=int, default=1,
+                   help="processes for the data: scene chunks and visualize-stage shards run side by side")
+    p.add_argument("--chunk-rows", type=int, default=0,
+                   help="generate the scenes in seeded chunks of this many rows (0: one sequence, as the shipped "
+                        "model's first run did); needed for --prep-procs to speed up scene generation")
+    p.add_argument("--crop-budget-s", type=float, default=0.0,
+                   help="cut phase 1 to the steps that fit in this many seconds (0: no limit)")
+    p.add_argument("--marked-budget-s", type=float, default=0.0,
+                   help="cut phase 2 to the steps that fit in this many seconds (0: no limit)")
     p.add_argument("--reuse-data", action="store_true",
                    help="reuse the visualize outputs already in --work (same --train-rows and --seed)")
     a = p.parse_args(argv)
@@ -278,12 +383,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     torch.set_num_threads(a.threads)
+    text_dims, vision_dims = dims(a.width, a.text_layers, a.vision_depth)
     work = Path(a.work).absolute()
     work.mkdir(parents=True, exist_ok=True)
     record: Dict[str, Any] = {
         # No machine paths in the record: folders by their names only.
         "seed": a.seed, "args": {k: (Path(v).name if k in ("out", "work", "init_from") and v else v)
-                                 for k, v in vars(a).items()}, "text_dims": TEXT_DIMS, "vision_dims": VISION_DIMS,
+                                 for k, v in vars(a).items()}, "text_dims": text_dims, "vision_dims": vision_dims,
         "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, "tokenizer_vocab": VOCAB,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "numpy": np.__version__,
@@ -296,15 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(init, ignore_errors=True)
         shutil.copytree(a.init_from, init)
     else:
-        build_init(init, a.seed)
-    if a.reuse_data and (work / "vis_crop" / "visualize.jsonl").exists() and (work / "vis_marked" / "visualize.jsonl").exists():
+        build_init(init, a.seed, text_dims, vision_dims)
+    if a.reuse_data and prepared(work / "vis_crop") and prepared(work / "vis_marked"):
         print("reusing the prepared training data in", work, flush=True)
     else:
-        data = shapes.write_dataset(work / "train", a.train_rows, seed=1000 + a.seed, prefix="train")
-        visualize(data, init, "crop", work / "vis_crop")
-        visualize(data, init, "marked", work / "vis_marked")
-    crop = samples(work / "vis_crop" / "visualize.jsonl")
-    marked = samples(work / "vis_marked" / "visualize.jsonl")
+        data = generate(work / "train", a.train_rows, 1000 + a.seed, a.chunk_rows, a.prep_procs)
+        visualize(data, init, "crop", work / "vis_crop", a.prep_procs)
+        visualize(data, init, "marked", work / "vis_marked", a.prep_procs)
+    crop = samples(prepared(work / "vis_crop"))
+    marked = samples(prepared(work / "vis_marked"))
     if a.reuse_data:  # the rows of the data prepared earlier, whatever --train-rows says now
         a.train_rows = record["args"]["train_rows"] = len(marked)
     record["data"] = {"train_rows": a.train_rows, "crop_samples": len(crop), "marked_samples": len(marked),
@@ -313,13 +419,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     processor = AutoProcessor.from_pretrained(init)
     torch.manual_seed(a.seed)
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).to(a.device)
     record["parameters"] = sum(p.numel() for p in model.parameters())
+    if a.device != "cpu":
+        record["host"]["device"] = torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device
+    run = dict(device=a.device, loader_workers=a.loader_workers)
     batcher = Batcher(processor)
     phases = {}
     if a.crop_steps:
         phases["crop"] = train(model, batcher, [(1.0, crop)], steps=a.crop_steps, batch_size=a.crop_batch,
-                               lr=a.lr, warmup=100, seed=a.seed + 1, log_every=100, name="crop")
+                               lr=a.lr, warmup=100, seed=a.seed + 1, log_every=100, name="crop",
+                               budget_s=a.crop_budget_s, **run)
     if a.marked_steps:
         small = [m for m in marked if 2 <= m[2].count("\n") + 1 <= a.small_max]
         pools = [(1.0 - a.marked_crop_share - a.small_share, marked), (a.marked_crop_share, crop)]
@@ -328,14 +438,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         phases["marked"] = train(
             model, batcher, pools,
             steps=a.marked_steps, batch_size=a.marked_batch, lr=a.lr, warmup=200, seed=a.seed + 2,
-            log_every=100, name="marked")
+            log_every=100, name="marked", budget_s=a.marked_budget_s, **run)
     record["phases"] = phases
 
     out = Path(a.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(init, tmp, ignore=shutil.ignore_patterns("model.safetensors", tiny.MARKER))
-    model.to(torch.float16).save_pretrained(tmp, safe_serialization=True)
+    model.to("cpu", torch.float16).save_pretrained(tmp, safe_serialization=True)
     cfg = json.loads((tmp / "config.json").read_text())
     saved_cfg = json.loads((init / "config.json").read_text())
     # Keep the builder's config.json (readable by every version); only the dtype changes.
