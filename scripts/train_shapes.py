@@ -199,15 +199,17 @@ def prepared(folder: Path) -> List[Path]:
     return sorted(folder.glob("shard-*/visualize.jsonl"))
 
 
-def samples(vis_jsonls: Sequence[Path]) -> List[Tuple[str, str, str]]:
-    """(image path, prompt, target answer) for every request of the given visualize.jsonl files."""
-    out = []
+def samples(vis_jsonls: Sequence[Path], strategy: str) -> List[Tuple[str, str, str]]:
+    """(image path, prompt, target answer) for every request of the given visualize.jsonl files:
+    the bare caption for ``crop``, one ``N: caption`` line per box otherwise. In the input's row order,
+    however many shards prepared them, so the batch plan does not depend on ``--prep-procs``."""
+    out: List[Tuple[int, int, Tuple[str, str, str]]] = []
     for vis_jsonl in vis_jsonls:
-        out += _samples(vis_jsonl)
-    return out
+        out += _samples(vis_jsonl, strategy)
+    return [item for _, _, item in sorted(out, key=lambda x: x[:2])]
 
 
-def _samples(vis_jsonl: Path) -> List[Tuple[str, str, str]]:
+def _samples(vis_jsonl: Path, strategy: str) -> List[Tuple[int, int, Tuple[str, str, str]]]:
     out = []
     run_dir = vis_jsonl.parent
     for line in vis_jsonl.read_text(encoding="utf-8").splitlines():
@@ -218,11 +220,11 @@ def _samples(vis_jsonl: Path) -> List[Tuple[str, str, str]]:
         by_id = {r["id"]: r for r in rec["regions"]}
         for req in rec["requests"]:
             regs = [by_id[i] for i in req["region_ids"]]
-            if len(regs) == 1 and req["numbers"] == [1] and "numbered" not in req["prompt"]:
+            if strategy == "crop":
                 answer = refs[regs[0]["source_index"]]
             else:
                 answer = "\n".join(f"{n}: {refs[r['source_index']]}" for n, r in zip(req["numbers"], regs))
-            out.append((str(run_dir / req["image"]), req["prompt"], answer))
+            out.append((rec["index"], len(out), (str(run_dir / req["image"]), req["prompt"], answer)))
     return out
 
 
@@ -356,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="share of marked batches drawn from scenes of 2 to --small-max shapes (a curriculum "
                         "for binding numbers to boxes)")
     p.add_argument("--small-max", type=int, default=3)
+    p.add_argument("--coords-share", type=float, default=0.0,
+                   help="share of phase-2 batches from prompt=coords requests (clean scene, boxes as text)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", default=None, help="start from this model folder instead of random weights")
@@ -403,17 +407,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.copytree(a.init_from, init)
     else:
         build_init(init, a.seed, text_dims, vision_dims)
-    if a.reuse_data and prepared(work / "vis_crop") and prepared(work / "vis_marked"):
+    strategies = ["crop", "marked"] + (["coords"] if a.coords_share else [])
+    if a.reuse_data and all(prepared(work / f"vis_{s}") for s in strategies):
         print("reusing the prepared training data in", work, flush=True)
     else:
-        data = generate(work / "train", a.train_rows, 1000 + a.seed, a.chunk_rows, a.prep_procs)
-        visualize(data, init, "crop", work / "vis_crop", a.prep_procs)
-        visualize(data, init, "marked", work / "vis_marked", a.prep_procs)
-    crop = samples(prepared(work / "vis_crop"))
-    marked = samples(prepared(work / "vis_marked"))
+        data = work / "train" / "shapes.jsonl"
+        if not (a.reuse_data and data.exists()):
+            data = generate(work / "train", a.train_rows, 1000 + a.seed, a.chunk_rows, a.prep_procs)
+        for strategy in strategies:
+            if not (a.reuse_data and prepared(work / f"vis_{strategy}")):
+                visualize(data, init, strategy, work / f"vis_{strategy}", a.prep_procs)
+    crop = samples(prepared(work / "vis_crop"), "crop")
+    marked = samples(prepared(work / "vis_marked"), "marked")
+    coords = samples(prepared(work / "vis_coords"), "coords") if a.coords_share else []
     if a.reuse_data:  # the rows of the data prepared earlier, whatever --train-rows says now
         a.train_rows = record["args"]["train_rows"] = len(marked)
     record["data"] = {"train_rows": a.train_rows, "crop_samples": len(crop), "marked_samples": len(marked),
+                      **({"coords_samples": len(coords)} if coords else {}),
                       "data_seed": 1000 + a.seed, "prepared_s": round(time.perf_counter() - t_all, 1)}
     print(f"{len(crop)} crop and {len(marked)} marked training samples", flush=True)
 
@@ -432,7 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                budget_s=a.crop_budget_s, **run)
     if a.marked_steps:
         small = [m for m in marked if 2 <= m[2].count("\n") + 1 <= a.small_max]
-        pools = [(1.0 - a.marked_crop_share - a.small_share, marked), (a.marked_crop_share, crop)]
+        rest = 1.0 - a.marked_crop_share - a.small_share - a.coords_share
+        if rest < 0:
+            p.error("--marked-crop-share + --small-share + --coords-share must not exceed 1")
+        pools = [(rest, marked), (a.marked_crop_share, crop)]
+        if a.coords_share:
+            pools.append((a.coords_share, coords))
         if a.small_share:
             pools.append((a.small_share, small))
         phases["marked"] = train(
