@@ -19,7 +19,7 @@ from typing import Dict
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, compose, run_cli
 from regioncap import shapes
 from regioncap.records import read_jsonl
 from vllm_helpers import TEST_KV_CACHE_BYTES, TEST_MAX_MODEL_LEN, vllm_env, vllm_python
@@ -77,6 +77,30 @@ def test_a_box_conversion_bug_is_caught(held_out, tmp_path):
     s = _run(held_out, tmp_path / "xyxy", "prompt=crop", "data.bbox_format=xyxy", "max_error_rate=1.0")
     assert s["regions"] == sum(len(json.loads(line)["bbox"]) for line in held_out.read_text().splitlines())
     assert s["exact"] < CROP_MIN_EXACT - 0.2, s
+
+
+@pytest.mark.slow
+def test_marks_drawn_on_the_wrong_boxes_are_caught(held_out, tmp_path, monkeypatch):
+    """A bug that puts mark k around box k+1 must fail the marked bar by far. (The model tells boxes apart
+    by the colour of the marks, not their digits, so this is the marking bug its test can see; a consistent
+    renumbering is not, see the model card.)"""
+    from regioncap import run as run_module
+
+    real = run_module.draw_marks
+
+    def shifted(image, boxes, labels, style):
+        return real(image, list(boxes[1:]) + list(boxes[:1]), labels, style)
+
+    monkeypatch.setattr(run_module, "draw_marks", shifted)
+    cfg = compose(["model=shapes", "data=jsonl", f"data.path={held_out}", "prompt=marked", "progress=false",
+                   "workers=0"], output_dir=tmp_path / "shifted", pin=False)
+    run = run_module.build_run(cfg)
+    try:
+        run.run()
+    finally:
+        run.close()
+    s = score(tmp_path / "shifted")
+    assert s["exact"] < MARKED_MIN_EXACT - 0.3, s
 
 
 @pytest.mark.slow
