@@ -86,6 +86,14 @@ class StageStats:
     #: Caption rows taken out of the file to be redone (``retry_errors``).
     retried: int = 0
 
+    def commit(self, writer: Any, records: List[Dict[str, Any]]) -> None:
+        """Commit ``records`` through ``writer`` and count them, error rows by kind."""
+        for rec in records:
+            if rec["status"] == "error":
+                self.errors[rec["error"]["kind"]] += 1
+        writer.commit(records)
+        self.rows += len(records)
+
 
 def seed_everything(seed: int) -> None:
     """Seed every RNG regioncap or its engines use, before anything is built."""
@@ -726,12 +734,7 @@ class RegionCapRun:
                     if self.engine is None and any(r["status"] == "pending" for r in batch):
                         # Started at the first batch with work: a resume with nothing left never loads a model.
                         self._start_engine()
-                    out = self._caption_batch(batch)
-                    for rec in out:
-                        if rec["status"] == "error":
-                            stats.errors[rec["error"]["kind"]] += 1
-                    writer.commit(out)
-                    stats.rows += len(out)
+                    stats.commit(writer, self._caption_batch(batch))
                     if stop_requested():
                         break
         finally:

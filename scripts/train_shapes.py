@@ -98,7 +98,9 @@ def domain_corpus() -> List[str]:
 
 
 def dims(width: int, text_layers: int, vision_depth: int) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Text and vision dimensions for another model size (head_dim stays 32); the defaults give TEXT_DIMS, VISION_DIMS."""
+    """Text and vision dimensions for another model size (head_dim stays 32).
+
+    The defaults (width 128, 4 text layers, vision depth 2) give TEXT_DIMS and VISION_DIMS."""
     heads = width // 32
     text = dict(TEXT_DIMS, hidden_size=width, intermediate_size=3 * width, num_hidden_layers=text_layers,
                 num_attention_heads=heads, num_key_value_heads=max(1, heads // 2))
@@ -124,15 +126,14 @@ def build_init(folder: Path, seed: int, text_dims: Dict[str, Any] = TEXT_DIMS,
 
 
 def _visualize_shard(data_jsonl: Path, model_dir: Path, prompt: str, out_dir: Path, shards: int, index: int) -> Path:
-    """Run regioncap's visualize stage (the real one) on one shard and return its visualize.jsonl."""
+    """Run regioncap's visualize stage (the real one) on one shard into ``out_dir`` (made empty by
+    :func:`visualize`) and return its visualize.jsonl."""
     from hydra import compose, initialize_config_dir
 
     from regioncap.config import register_configs
     from regioncap.run import build_run
 
     register_configs()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
     overrides = [
         "model=shapes", f"model.path={model_dir}", "data=jsonl", f"data.path={data_jsonl}", f"prompt={prompt}",
         "engine=fake", "stages=[visualize]", "progress=false", f"data.num_shards={shards}",
@@ -461,13 +462,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(init, tmp, ignore=shutil.ignore_patterns("model.safetensors", tiny.MARKER))
     model.to("cpu", torch.float16).save_pretrained(tmp, safe_serialization=True)
-    cfg = json.loads((tmp / "config.json").read_text())
     saved_cfg = json.loads((init / "config.json").read_text())
     # Keep the builder's config.json (readable by every version); only the dtype changes.
     saved_cfg["torch_dtype"] = saved_cfg["dtype"] = "float16"
     saved_cfg.get("text_config", {}).update({"dtype": "float16"})
     (tmp / "config.json").write_text(json.dumps(saved_cfg, indent=2, sort_keys=True) + "\n")
-    del cfg
     record["total_s"] = round(time.perf_counter() - t_all, 1)
     (tmp / "training.json").write_text(json.dumps(record, indent=2) + "\n")
     if (out / "README.md").exists():  # the model card is written by hand: keep it
