@@ -12,9 +12,87 @@ ConfigStore: building the config must stay cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
+
+
+class Choice(str, Enum):
+    """A closed choice of a config field: Hydra rejects any other value while composing.
+
+    A ``str`` whose value is its name, so code compares it with plain strings
+    (``cfg.prompt.strategy == "crop"``) and it prints and serialises as the string.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class PromptStrategy(Choice):
+    """``prompt.strategy``: classes in :data:`regioncap.strategies.STRATEGIES`."""
+
+    marked = "marked"
+    crop = "crop"
+    coords = "coords"
+
+
+class AnswerFormat(Choice):
+    """``prompt.answer_format``."""
+
+    lines = "lines"
+    json = "json"
+    free = "free"
+
+
+class BboxFormat(Choice):
+    """``data.bbox_format``: see :data:`regioncap.boxes.BBOX_FORMATS`."""
+
+    xywh = "xywh"
+    xyxy = "xyxy"
+    cxcywh = "cxcywh"
+    xywh_norm = "xywh_norm"
+    xyxy_norm = "xyxy_norm"
+    cxcywh_norm = "cxcywh_norm"
+    qwen1000 = "qwen1000"
+
+
+class ModelFamily(Choice):
+    """``model.family``: decides the resize rule and the grounding format."""
+
+    qwen2_5_vl = "qwen2_5_vl"
+    qwen2_vl = "qwen2_vl"
+
+
+class EngineName(Choice):
+    """``engine.name``: :data:`regioncap.engines.ENGINES` plus ``auto``."""
+
+    transformers = "transformers"
+    vllm = "vllm"
+    openai = "openai"
+    auto = "auto"
+    fake = "fake"
+
+
+class ExecutorName(Choice):
+    """``executor.name``: :data:`regioncap.executors.EXECUTORS`."""
+
+    local = "local"
+    isolated = "isolated"
+    ray = "ray"
+
+
+class DataSource(Choice):
+    """``data.source``: the readers of :mod:`regioncap.data`."""
+
+    jsonl = "jsonl"
+    hf = "hf"
+    coco = "coco"
+    vg = "vg"
+    refcoco = "refcoco"
 
 
 @dataclass
@@ -27,7 +105,7 @@ class ModelConfig:
     path: str = MISSING
     #: Model family: decides the resize rule and the grounding format.
     #: One of ``qwen2_5_vl``, ``qwen2_vl``.
-    family: str = "qwen2_5_vl"
+    family: ModelFamily = ModelFamily.qwen2_5_vl
     #: Hub revision (branch, tag or commit) when ``path`` is a hub id.
     revision: Optional[str] = None
     #: Pixel budget of one image (Qwen2-VL's ``min_pixels`` / ``max_pixels``).
@@ -52,18 +130,20 @@ class EngineConfig:
     """Fields shared by every engine."""
 
     #: ``transformers``, ``vllm``, ``openai``, ``auto`` or ``fake`` (tests).
-    name: str = MISSING
+    name: EngineName = MISSING
     #: Requests handed to the engine at once (a vLLM ``generate`` call, a
     #: transformers batch, the in-flight window of the OpenAI client).
     batch_size: int = 8
-    #: Run the caption stage in a spawned child process, so the engine's
-    #: memory is freed when the stage ends. null: yes for vLLM in a multirun.
+    #: With ``executor=local``: true runs the caption stage in a spawned child
+    #: process (``executor=isolated``), false in this one; null: isolated for an
+    #: engine that keeps its memory until its process ends (vLLM) in each job of a
+    #: sweep, else local.
     isolate: Optional[bool] = None
 
 
 @dataclass
 class TransformersEngineConfig(EngineConfig):
-    name: str = "transformers"
+    name: EngineName = EngineName.transformers
     #: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
     device: str = "auto"
     #: Attention implementation passed to ``from_pretrained`` (``sdpa``, ``eager``...).
@@ -75,7 +155,7 @@ class TransformersEngineConfig(EngineConfig):
 
 @dataclass
 class VllmEngineConfig(EngineConfig):
-    name: str = "vllm"
+    name: EngineName = EngineName.vllm
     batch_size: int = 256
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
@@ -89,7 +169,7 @@ class VllmEngineConfig(EngineConfig):
 
 @dataclass
 class OpenAIEngineConfig(EngineConfig):
-    name: str = "openai"
+    name: EngineName = EngineName.openai
     batch_size: int = 64
     base_url: str = "http://127.0.0.1:8000/v1"
     #: Name of the environment variable holding the API key (the key itself is
@@ -110,7 +190,7 @@ class OpenAIEngineConfig(EngineConfig):
 class AutoEngineConfig(VllmEngineConfig, TransformersEngineConfig):
     """vLLM where CUDA and vLLM are available, else transformers: the fields of both."""
 
-    name: str = "auto"
+    name: EngineName = EngineName.auto
     batch_size: int = 8
 
 
@@ -118,7 +198,7 @@ class AutoEngineConfig(VllmEngineConfig, TransformersEngineConfig):
 class FakeEngineConfig(EngineConfig):
     """Deterministic engine for fast tests of the pipeline logic (no model)."""
 
-    name: str = "fake"
+    name: EngineName = EngineName.fake
     #: Region numbers (1-based, within a request) the fake leaves unanswered.
     skip_regions: List[int] = field(default_factory=list)
     #: Answer ``skip_regions`` when asked again (exercises the re-ask path).
@@ -135,7 +215,7 @@ class DataConfig:
     #: ``jsonl`` (DataFlow-MM format), ``hf`` (Hugging Face ``datasets``), or an
     #: annotation file: ``coco`` (instances JSON), ``vg`` (Visual Genome region
     #: descriptions JSON), ``refcoco`` (RefCOCO-style refs as JSON/JSONL); see docs/formats.md.
-    source: str = "jsonl"
+    source: DataSource = DataSource.jsonl
     #: JSONL file; a ``datasets`` name, data dir, saved dataset or data file.
     #: ``pkg://regioncap/...`` points inside the installed package.
     path: Optional[str] = None
@@ -156,7 +236,7 @@ class DataConfig:
     references_key: Optional[str] = "references"
     #: ``xywh`` (DataFlow-MM), ``xyxy``, ``cxcywh``, ``xywh_norm``,
     #: ``xyxy_norm``, ``cxcywh_norm``, ``qwen1000`` (Qwen2-VL's 0-1000 grid).
-    bbox_format: str = "xywh"
+    bbox_format: BboxFormat = BboxFormat.xywh
     #: Read at most this many rows (after ``skip``).
     limit: Optional[int] = None
     skip: int = 0
@@ -215,12 +295,12 @@ class PromptConfig:
     name: str = MISSING
     #: ``marked`` (numbered marks, one request per chunk), ``crop`` (one
     #: request per region on a crop) or ``coords`` (box coordinates in text).
-    strategy: str = "marked"
+    strategy: PromptStrategy = PromptStrategy.marked
     system: Optional[str] = None
     #: User text; placeholders are filled by ``regioncap.prompts``.
     template: str = MISSING
     #: ``lines`` (``1: ...``), ``json`` or ``free`` (DataFlow-MM's free text).
-    answer_format: str = "lines"
+    answer_format: AnswerFormat = AnswerFormat.lines
     #: Context margin around a crop, as a fraction of the box size.
     crop_margin: float = 0.15
     #: Re-ask once for regions missing from an answer.
@@ -277,10 +357,9 @@ class WandbLoggerConfig(LoggerConfig):
 
 @dataclass
 class ExecutorConfig:
-    """Where the caption stage runs: ``local`` (this process, or one spawned child)."""
+    """Where the caption stage runs: ``local`` (this process), ``isolated`` (one spawned child), ``ray``."""
 
-    #: ``local`` or ``ray``.
-    name: str = "local"
+    name: ExecutorName = ExecutorName.local
 
 
 @dataclass
@@ -292,7 +371,7 @@ class RayExecutorConfig(ExecutorConfig):
     the model folder at the same paths (one machine, or a shared filesystem).
     """
 
-    name: str = "ray"
+    name: ExecutorName = ExecutorName.ray
     #: Cluster to join: ``auto`` (a running ``ray start`` cluster), ``ray://host:10001``;
     #: null starts a local cluster for the run and stops it at the end.
     address: Optional[str] = None

@@ -19,7 +19,10 @@ from regioncap.loggers import RunLogger, build_logger
 from regioncap.manifest import (
     config_to_dict, mask_hydra_dir, redact, redact_override, secret_values, try_write_manifest,
 )
-from regioncap.run import Interrupted, RegionCapRun, RunError, build_run, stop_on_signals
+from regioncap.errors import RunError
+from regioncap.run import RegionCapRun, build_run
+from regioncap.rundir import STAGE_FILES
+from regioncap.signals import Interrupted, stop_on_signals
 
 log = logging.getLogger("regioncap")
 
@@ -112,7 +115,7 @@ def _mask_hydra_files(cfg: Any) -> None:
 
 def _try_write_report(run_dir: Path) -> None:
     """DIR/report.html for every job that got as far as writing records; never fails the job."""
-    if not any((run_dir / f).exists() for f in ("captions.jsonl", "visualize.jsonl")):
+    if not any((run_dir / f).exists() for f in STAGE_FILES.values()):
         return
     try:
         from regioncap.report import write_report
@@ -128,12 +131,9 @@ def _run_stages(cfg: Any, built: Dict[str, Any]) -> Tuple[RegionCapRun, Dict[str
     try:
         metrics = run.run()
     finally:
-        if run.engine is not None:  # describe before close: close drops the engine
-            try:
-                built["engine_info"] = run.engine.describe()
-            except Exception as exc:  # noqa: BLE001 - a manifest detail, never a reason to fail
-                built["engine_info"] = {"error": f"{type(exc).__name__}: {exc}"}
         run.close()
+        if run.engine_info:
+            built["engine_info"] = run.engine_info
     log.info("summary:\n%s", run.summary(metrics))
     samples = _samples(run)
     if samples:
@@ -146,7 +146,7 @@ def _samples(run: RegionCapRun) -> str:
     from regioncap.metrics import reference_texts
     from regioncap.records import caption_samples
 
-    path = Path(run.out) / "captions.jsonl"
+    path = run.rundir.captions_file
     if not path.exists():
         return ""
     key = run.cfg.data.references_key
@@ -178,7 +178,7 @@ def _check(cfg: Any, run: RegionCapRun, metrics: Dict[str, Any]) -> None:
         raise RunError(
             f"{metrics['error_rows']} of {metrics['rows']} rows failed (error rate {metrics['error_rate']:.1%} > "
             f"max_error_rate {cfg.max_error_rate:.1%}); see the 'error' field in "
-            f"{run.out}/captions.jsonl (raise max_error_rate to accept this)"
+            f"{run.rundir.captions_file} (raise max_error_rate to accept this)"
         )
 
 

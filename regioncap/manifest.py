@@ -167,9 +167,9 @@ def config_to_dict(cfg: Any) -> Tuple[Dict[str, Any], bool]:
     if not OmegaConf.is_config(cfg):
         return json.loads(json.dumps(cfg, default=str)), True
     try:
-        return OmegaConf.to_container(cfg, resolve=True), True
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), True
     except Exception:  # an interpolation that cannot resolve here (${hydra:...} outside a job)
-        return OmegaConf.to_container(cfg, resolve=False), False
+        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True), False
 
 
 def git_info(path: Optional[Path] = None) -> Optional[Dict[str, Any]]:

@@ -30,8 +30,8 @@ from typing import Any, Deque, Dict, Iterable, Iterator, Optional
 
 log = logging.getLogger("regioncap")
 
-#: The worker process's own run object (built once per worker from the config).
-_WORKER_RUN: Any = None
+#: The worker process's own visualize stage (built once per worker from the config).
+_WORKER_STAGE: Any = None
 
 
 def available_cores() -> int:
@@ -62,10 +62,11 @@ def resolve_workers(cfg: Any) -> int:
     if "visualize" not in cfg.stages:
         return 0
     cores = available_cores()
-    engine = cfg.engine
-    if "caption" in cfg.stages and engine.name == "transformers" and not str(engine.get("device", "")).startswith(
-            "cuda"):
-        return 1 if cores > 1 else 0
+    if "caption" in cfg.stages and cfg.engine.name != "auto":
+        from regioncap.engines import engine_class
+
+        if engine_class(str(cfg.engine.name)).cpu_bound(cfg.engine):
+            return 1 if cores > 1 else 0
     return max(1, cores - 1) if cores > 1 else 0
 
 
@@ -77,7 +78,7 @@ def _context() -> Any:
     except ValueError:  # no forkserver on this platform (Windows)
         return mp.get_context("spawn")
     # The fork server imports these once; every worker forked from it starts with them loaded.
-    ctx.set_forkserver_preload(["regioncap.run", "omegaconf", "PIL.Image", "PIL.ImageDraw", "PIL.JpegImagePlugin",
+    ctx.set_forkserver_preload(["regioncap.stages.visualize", "omegaconf", "PIL.Image", "PIL.ImageDraw", "PIL.JpegImagePlugin",
                                 "PIL.PngImagePlugin"])
     return ctx
 
@@ -112,19 +113,19 @@ def _watch_run(pid: int) -> None:
 
 
 def _init_worker(cfg: Dict[str, Any], main_pid: int) -> None:
-    global _WORKER_RUN
+    global _WORKER_STAGE
     from omegaconf import OmegaConf
 
-    from regioncap.run import RegionCapRun
+    from regioncap.stages.visualize import Visualizer
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_run, args=(main_pid,), name="regioncap-run-watch", daemon=True).start()
-    _WORKER_RUN = RegionCapRun(OmegaConf.create(cfg))
+    _WORKER_STAGE = Visualizer(OmegaConf.create(cfg))
 
 
 def _prepare_row(row: Any) -> Dict[str, Any]:
-    return _WORKER_RUN.visualize_row(row)
+    return _WORKER_STAGE.process_row(row)
 
 
 def _ready() -> int:
@@ -151,7 +152,7 @@ def _main_module_hidden() -> Iterator[None]:
 
 
 class RowPool:
-    """Prepare rows (``RegionCapRun.visualize_row``) in ``workers`` processes, records in input order.
+    """Prepare rows (``Visualizer.process_row``) in ``workers`` processes, records in input order.
 
     Use as a context manager; ``workers == 0`` runs every row in the calling
     process through ``local`` (no pool, no pickling).
@@ -172,7 +173,8 @@ class RowPool:
 
             from omegaconf import OmegaConf
 
-            cfg = OmegaConf.to_container(self._cfg, resolve=True) if OmegaConf.is_config(self._cfg) else self._cfg
+            cfg = OmegaConf.to_container(self._cfg, resolve=True, enum_to_str=True) \
+                if OmegaConf.is_config(self._cfg) else self._cfg
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context(),
                                                  initializer=_init_worker, initargs=(cfg, os.getpid()))
             # Start every worker now (a submit with no idle worker starts one), main module hidden.

@@ -40,7 +40,7 @@ from PIL import Image
 from conftest import REPO, compose
 from regioncap.job import execute
 from regioncap.records import read_jsonl
-from regioncap.run import _OWN_KEYS as OWN_KEYS
+from regioncap.stages.visualize import OWN_KEYS
 from regioncap.run import RunError
 
 #: Every ``error.kind`` a visualize-stage error row may carry (data.py, images.py, run.py).

@@ -194,7 +194,7 @@ def test_a_run_dir_in_use_is_refused(tmp_path):
     rows, out = demo_rows(tmp_path / "rows.jsonl", 2), tmp_path / "run"
     holder = build_run(fake(out, rows, "stages=[visualize]"))
     out.mkdir()
-    holder.prepare()  # takes the lock, as a running job does
+    holder.rundir.check_start(holder.cfg)  # takes the lock, as a running job does
     try:
         with pytest.raises(RunError, match="another regioncap process is writing"):
             execute(fake(out, rows, "resume=true"))

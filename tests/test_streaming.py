@@ -21,6 +21,7 @@ from regioncap.metrics import format_summary
 from regioncap.prepare import RowPool, available_cores, resolve_workers
 from regioncap.records import read_jsonl
 from regioncap.run import RegionCapRun, RunError
+from regioncap.stages.visualize import Visualizer
 
 DEMO = REPO / "regioncap" / "demo"
 
@@ -183,11 +184,11 @@ def _alive(pid: int) -> bool:
 
 def test_pool_keeps_input_order_with_a_small_window(tmp_path):
     cfg = fake(tmp_path / "run", demo_rows(tmp_path / "rows.jsonl", 9), "workers=2")
-    run = RegionCapRun(cfg)
-    run.images_dir.mkdir(parents=True)
+    stage = Visualizer(cfg)
+    (tmp_path / "run" / "images").mkdir(parents=True)
     from regioncap.data import iter_rows
 
-    with RowPool(cfg, 2, run.visualize_row, window=2) as pool:
+    with RowPool(cfg, 2, stage.process_row, window=2) as pool:
         got = [r["index"] for r in pool.map(iter_rows(cfg.data))]
     assert got == list(range(9))
 

@@ -31,18 +31,43 @@ def resolve_engine_name(name: str) -> str:
     return "vllm" if torch.cuda.is_available() else "transformers"
 
 
+def engine_class(name: str) -> type:
+    """The engine class registered as ``name`` (its module is light to import: heavy imports are inside).
+
+    ``auto`` is not resolved here (that needs torch): it has no class of its own,
+    see :func:`engine_capability`.
+    """
+    if name not in ENGINES:
+        raise EngineError(f"unknown engine {name!r}; choose one of {sorted(ENGINES) + ['auto']}")
+    module_name, cls_name = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def engine_capability(engine_cfg: Any, capability: str) -> bool:
+    """A capability of the configured engine (:class:`Engine` class attributes and ``cpu_bound``).
+
+    For ``auto``, which becomes vLLM or transformers only when the engine is
+    built, true when either of the two has it.
+    """
+    names = ["vllm", "transformers"] if engine_cfg.name == "auto" else [str(engine_cfg.name)]
+    for name in names:
+        cls = engine_class(name)
+        value = cls.cpu_bound(engine_cfg) if capability == "cpu_bound" else getattr(cls, capability)
+        if value:
+            return True
+    return False
+
+
 def build_engine(engine_cfg: Any, model_cfg: Any, model_path: str | None) -> Engine:
     """Build the engine named by ``engine_cfg.name`` for the model ``model_cfg``.
 
     ``model_path`` is the resolved local folder or hub id (see ``regioncap.models``).
     """
-    name = resolve_engine_name(engine_cfg.name)
-    module_name, cls_name = ENGINES[name].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = engine_class(resolve_engine_name(engine_cfg.name))
     return cls(model_cfg=model_cfg, engine_cfg=engine_cfg, model_path=model_path)
 
 
 __all__ = [
     "ENGINES", "Engine", "EngineError", "Request", "Response", "Sampling",
-    "build_engine", "error_response", "resolve_engine_name",
+    "build_engine", "engine_capability", "engine_class", "error_response", "resolve_engine_name",
 ]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence
 
 
 class EngineError(RuntimeError):
@@ -79,6 +79,17 @@ class Engine(abc.ABC):
 
     #: Registry name (``transformers``, ``vllm``, ``openai``, ``fake``).
     name: str = "engine"
+    #: Capabilities the run reads from the class, without building an engine:
+    #: the engine loads ``model.path`` itself (so the run resolves the model before any stage starts);
+    needs_model_path: ClassVar[bool] = True
+    #: in a sweep, each job's caption stage runs in its own process (``executor=isolated``) by
+    #: default, because the engine does not hand its (GPU) memory back inside one process.
+    isolate_in_sweeps: ClassVar[bool] = False
+
+    @classmethod
+    def cpu_bound(cls, engine_cfg: Any) -> bool:
+        """Whether the engine computes on this machine's CPU cores (then few preparation workers help)."""
+        return False
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[Request]) -> List[Response]:

@@ -19,6 +19,7 @@ from regioncap.engines.base import Engine, Request, Response, error_response
 
 class FakeEngine(Engine):
     name = "fake"
+    needs_model_path = False
 
     def __init__(self, *, model_cfg: Any, engine_cfg: Any, model_path: str | None = None) -> None:
         self.skip = set(engine_cfg.skip_regions or [])

@@ -124,6 +124,7 @@ class OpenAIEngine(Engine):
     """Chat completions against an OpenAI-compatible server, ``concurrency`` at a time."""
 
     name = "openai"
+    needs_model_path = False
 
     def __init__(self, model_cfg: Any, engine_cfg: Any, model_path: Optional[str] = None) -> None:
         try:

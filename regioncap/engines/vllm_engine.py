@@ -82,6 +82,7 @@ class VllmEngine(Engine):
     """``vllm.LLM`` behind the :class:`Engine` interface."""
 
     name = "vllm"
+    isolate_in_sweeps = True
 
     def __init__(self, model_cfg: Any, engine_cfg: Any, model_path: Optional[str] = None) -> None:
         try:

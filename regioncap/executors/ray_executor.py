@@ -6,9 +6,9 @@ Ray Data hands those rows, ``executor.batch_size`` at a time, to a fixed pool
 of ``executor.num_replicas`` actors (``map_batches`` with a callable class and
 ``ActorPoolStrategy``), each reserving ``num_cpus``/``num_gpus``. Each actor
 builds the configured engine once and captions with the local stage's own code
-(``RegionCapRun._caption_batch``: the same prompts, structured outputs, re-ask
+(:meth:`regioncap.stages.caption.Captioner.caption_batch`: the same prompts, structured outputs, re-ask
 and error rows), so ``engine=transformers|vllm|openai|fake`` all work. The
-driver writes the records it gets back with the local stage's commit writer,
+driver commits the records it gets back through the stage loop every executor uses,
 in ``visualize.jsonl`` order (Ray Data's ``preserve_order``), and checks that
 every row comes back exactly once and in that order; a mismatch stops the run.
 
@@ -26,19 +26,20 @@ from __future__ import annotations
 
 import json
 import logging
+import functools
 import math
 import os
 import signal
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 from regioncap.errors import RunError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from regioncap.run import RegionCapRun, StageStats
+from regioncap.executors import CaptionJob, Executor
+from regioncap.signals import stop_requested
+from regioncap.stages import StageStats
+from regioncap.stages.loop import StageLoop, grouped
 
 log = logging.getLogger("regioncap")
 
@@ -51,44 +52,37 @@ class _Replica:
     def __init__(self, cfg: Dict[str, Any], model_path: Optional[str], visualize_path: str) -> None:
         from omegaconf import OmegaConf
 
-        from regioncap.run import RegionCapRun
+        from regioncap.stages.caption import Captioner
 
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-        self.run = RegionCapRun(OmegaConf.create(cfg), model_path=model_path)
-        self.batch_size = max(1, int(self.run.cfg.engine.batch_size))
+        self.captioner = Captioner(OmegaConf.create(cfg), cfg["output_dir"], model_path=model_path)
         self.visualize = open(visualize_path, "rb")
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
         from regioncap.records import dumps
-        from regioncap.run import _batches
 
         records = []
         for offset, length in zip(batch["offset"], batch["length"]):
             self.visualize.seek(int(offset))
             records.append(json.loads(self.visualize.read(int(length))))
         out: List[Dict[str, Any]] = []
-        for part in _batches(records, self.batch_size):
-            if self.run.engine is None and any(r["status"] == "pending" for r in part):
-                # As in the local stage: a replica with nothing to caption never loads a model.
-                self.run._start_engine()
-            out += self.run._caption_batch(part)
+        # As in the local stage: a replica with nothing to caption never loads a model.
+        for part in grouped(records, self.captioner.batch_size, self.captioner.max_rows):
+            out += self.captioner.caption_batch(part)
         return {"index": [r["index"] for r in out], "record": [dumps(r) for r in out]}
 
     def __del__(self) -> None:
         try:
-            self.run.close()
+            self.captioner.close()
             self.visualize.close()
         except Exception:  # noqa: BLE001 - an actor going away must not raise
             pass
 
 
-def _todo(run: "RegionCapRun", path: Path, done: Dict[int, str]) -> Tuple[List[Dict[str, int]], int]:
-    """``([{index, offset, length}...], skipped)``: the rows of ``visualize.jsonl`` not in ``done``, in file order."""
-    todo: List[Dict[str, int]] = []
-    skipped = 0
+def _scan(path: Path) -> Iterator[Dict[str, Any]]:
+    """``{index, id, digest, offset, length}`` of every record of ``visualize.jsonl``, in file order."""
     offset = 0
-    captions = run.out / "captions.jsonl"
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, 1):
             start, offset = offset, offset + len(raw)
@@ -102,12 +96,8 @@ def _todo(run: "RegionCapRun", path: Path, done: Dict[int, str]) -> Tuple[List[D
             index = rec.get("index")
             if not isinstance(index, int):
                 raise RunError(f"{path}: line {n} has no integer 'index'; it was not written by regioncap")
-            if index in done:
-                run._check_same_row(captions, index, done[index], rec.get("id"))
-                skipped += 1
-                continue
-            todo.append({"index": index, "offset": start, "length": len(raw)})
-    return todo, skipped
+            yield {"index": index, "id": rec.get("id"), "digest": rec.get("digest"), "offset": start,
+                   "length": len(raw)}
 
 
 @contextmanager
@@ -203,43 +193,47 @@ def _user_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def caption_with_ray(run: "RegionCapRun") -> "StageStats":
-    """Run ``run``'s caption stage over a Ray cluster; same records file, stats and resume as the local stage."""
+class RayExecutor(Executor):
+    """The caption stage over a Ray cluster; same records file, stats and resume as the local stage."""
+
+    name = "ray"
+
+    def caption(self, job: CaptionJob, records: Optional[Iterable[Dict[str, Any]]] = None) -> StageStats:
+        if records is not None:
+            raise RunError("executor=ray reads visualize.jsonl; it does not take the records as a stream")
+        cfg, ex, stats = job.cfg, job.cfg.executor, job.stats
+        if int(ex.num_replicas) < 1 or int(ex.batch_size) < 1:
+            raise RunError(f"executor.num_replicas and executor.batch_size must be at least 1, got "
+                           f"{ex.num_replicas} and {ex.batch_size}")
+        stats.pid = os.getpid()
+        if cfg.resume and "visualize" not in cfg.stages:
+            job.rundir.done_rows("visualize")  # cuts a torn tail a killed visualize stage left
+        loop = StageLoop("caption", job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
+                         on_commit=job.on_commit).begin()
+        identity = _identity
+        todo = list(loop.todo(_scan(job.rundir.visualize_file), identity))
+        if not todo:  # nothing left: no cluster is started
+            return loop.end()
+        return loop.run(todo, functools.partial(_ray_batches, job), identity)
+
+
+def _identity(item: Dict[str, Any]) -> Any:
+    return item["index"], item["id"], item["digest"]
+
+
+def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
+    """The records of ``items`` (rows of ``visualize.jsonl``) captioned on the cluster, in order, in batches."""
+    todo = [{"index": r["index"], "offset": r["offset"], "length": r["length"]} for r in items]
+    if not todo:
+        return
+    cfg, ex = job.cfg, job.cfg.executor
     from omegaconf import OmegaConf
 
-    from regioncap.records import CommitWriter, read_jsonl, rewrite_atomically
-    from regioncap.run import CAPTIONS_FILE, VISUALIZE_FILE, StageStats, stop_requested
-
-    cfg, ex = run.cfg, run.cfg.executor
-    if int(ex.num_replicas) < 1 or int(ex.batch_size) < 1:
-        raise RunError(f"executor.num_replicas and executor.batch_size must be at least 1, got "
-                       f"{ex.num_replicas} and {ex.batch_size}")
-    stats = run.stats.setdefault("caption", StageStats("caption"))
-    stats.pid = os.getpid()
-    start = time.perf_counter()
-    vis, path = run.out / VISUALIZE_FILE, run.out / CAPTIONS_FILE
-    # Resume, as the local stage does it: cut torn tails, skip done rows, rewrite for retry_errors.
-    if cfg.resume and "visualize" not in cfg.stages:
-        run._done_rows(vis, "visualize")
-    done: Dict[int, str] = {}
-    resume = bool(cfg.resume) and path.exists()
-    if resume:
-        done, redo = run._done_rows(path, "caption", retry=bool(cfg.retry_errors))
-        if redo:
-            kept = rewrite_atomically(path, (r for r in read_jsonl(path) if r.get("index") not in redo))
-            log.info("retry_errors: %s rewritten with its %d good row(s); redoing %d", path, kept, len(redo))
-            for index in redo:
-                del done[index]
-            stats.retried = len(redo)
-    todo, stats.skipped = _todo(run, vis, done)
-    if not todo:  # nothing left: no cluster is started
-        stats.seconds = time.perf_counter() - start
-        return run._end_of_stage(stats)
-
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain["output_dir"] = str(run.out.resolve())  # actors may run in another working directory
+    path = job.rundir.captions_file
+    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    plain["output_dir"] = str(job.rundir.path.resolve())  # actors may run in another working directory
     try:
-        with ray_cluster(ex) as ray, CommitWriter(path, stage="caption", append=resume) as writer:
+        with ray_cluster(ex) as ray:
             import ray.data
 
             _check_resources(ray, ex)
@@ -254,8 +248,8 @@ def caption_with_ray(run: "RegionCapRun") -> "StageStats":
                     _Replica, batch_size=batch, batch_format="numpy",
                     compute=ray.data.ActorPoolStrategy(size=int(ex.num_replicas)),
                     num_cpus=float(ex.num_cpus), num_gpus=float(ex.num_gpus) or None,
-                    fn_constructor_kwargs={"cfg": plain, "model_path": run.model_path,
-                                           "visualize_path": str(vis.resolve())},
+                    fn_constructor_kwargs={"cfg": plain, "model_path": job.model_path,
+                                           "visualize_path": str(job.rundir.visualize_file.resolve())},
                     **dict(ex.get("remote_args") or {}))
                 log.info("caption: %d row(s) over Ray: %d replica(s) x (%g CPU, %g GPU), %d row(s) per batch, "
                          "cluster %s", len(todo), ex.num_replicas, ex.num_cpus, ex.num_gpus, batch,
@@ -273,16 +267,16 @@ def caption_with_ray(run: "RegionCapRun") -> "StageStats":
                             if want is None or rec.get("index") != want["index"]:
                                 raise RunError(
                                     f"executor=ray: row {rec.get('index')} came back where row "
-                                    f"{None if want is None else want['index']} was due; the batches before it are "
-                                    f"committed in {path}: resume=true hydra.run.dir={run.out} goes on from there")
-                        stats.commit(writer, records)
+                                    f"{None if want is None else want['index']} was due; the batches before "
+                                    f"it are committed in {path}: resume=true hydra.run.dir={job.rundir.path} "
+                                    f"goes on from there")
+                        yield records
                         if stop_requested():
-                            break
-                    else:
-                        left = sum(1 for _ in expected)
-                        if left:
-                            raise RunError(f"executor=ray: {left} row(s) did not come back from the cluster; "
-                                           f"resume=true hydra.run.dir={run.out} captions them")
+                            return
+                    left = sum(1 for _ in expected)
+                    if left:
+                        raise RunError(f"executor=ray: {left} row(s) did not come back from the cluster; "
+                                       f"resume=true hydra.run.dir={job.rundir.path} captions them")
                 finally:
                     close = getattr(batches, "close", None)
                     if close is not None:
@@ -291,8 +285,7 @@ def caption_with_ray(run: "RegionCapRun") -> "StageStats":
                 ctx.execution_options.preserve_order, ctx.enable_progress_bars = old
     except RunError:
         raise
+    except GeneratorExit:
+        raise
     except Exception as exc:  # noqa: BLE001 - an actor's error arrives wrapped by Ray
         raise RunError(f"the caption stage failed on the Ray cluster: {_user_error(exc)}") from None
-    finally:
-        stats.seconds = time.perf_counter() - start
-    return run._end_of_stage(stats)

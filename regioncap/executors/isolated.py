@@ -1,0 +1,108 @@
+"""``executor=isolated``: the caption stage in one spawned child process.
+
+The child builds the engine, runs the same stage loop as ``executor=local``
+and exits, so everything the engine held (a vLLM engine's GPU memory above
+all, which vLLM does not hand back inside one process) is released when the
+stage ends. A stop signal to the parent is passed on; the child stops after
+its batch in hand, like the local stage.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, Optional
+
+from regioncap.errors import RunError
+from regioncap.executors import CaptionJob, Executor
+from regioncap.rundir import LOG_FILE, RunDir
+from regioncap.signals import Interrupted, stop_on_signals, stop_requested
+from regioncap.stages import StageStats
+
+log = logging.getLogger("regioncap")
+
+_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+
+class IsolatedExecutor(Executor):
+    """The caption stage in a spawned process; this process waits for it."""
+
+    name = "isolated"
+
+    def caption(self, job: CaptionJob, records: Optional[Iterable[Dict[str, Any]]] = None) -> StageStats:
+        import multiprocessing as mp
+        import queue as queue_mod
+
+        from omegaconf import OmegaConf
+
+        if records is not None:
+            raise RunError("executor=isolated reads visualize.jsonl; it does not take the records as a stream")
+        ctx = mp.get_context("spawn")
+        results = ctx.Queue()
+        cfg = OmegaConf.to_container(job.cfg, resolve=True, enum_to_str=True)
+        cfg["output_dir"] = str(job.rundir.path)
+        proc = ctx.Process(target=caption_child, args=(cfg, job.model_path, job.start_hint, results),
+                           name="regioncap-caption")
+        start = time.perf_counter()
+        proc.start()
+        result = None
+        forwarded = False
+        while result is None:
+            if stop_requested() and not forwarded and proc.is_alive():
+                # A signal to this process only (a scheduler's SIGTERM): the child stops after its batch too.
+                os.kill(proc.pid, signal.SIGTERM)
+                forwarded = True
+            try:
+                result = results.get(timeout=0.5)
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    break
+        proc.join()
+        if result is None:
+            raise RunError(f"the caption stage's process died (exit code {proc.exitcode}); "
+                           f"the visualize records are in {job.rundir.visualize_file}")
+        if "error" in result:
+            raise RunError(result["error"])
+        stats = job.stats
+        stats.update(result["stats"])
+        stats.seconds = time.perf_counter() - start
+        job.engine_info.update(result.get("engine_info") or {})
+        if result.get("interrupted"):
+            raise Interrupted(result["interrupted"], "caption", stats.rows)
+        return stats
+
+
+def caption_child(cfg: Dict[str, Any], model_path: Optional[str], start_hint: str, results: Any) -> None:
+    """Entry of the spawned caption process: run the stage locally, report its stats, exit."""
+    from omegaconf import OmegaConf
+
+    from regioncap.executors.local import LocalExecutor
+
+    logging.basicConfig(level=logging.INFO, format=_FORMAT)
+    handler = logging.FileHandler(Path(cfg["output_dir"]) / LOG_FILE)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    logging.getLogger().addHandler(handler)
+    conf = OmegaConf.create(cfg)
+    executor = LocalExecutor(conf)
+    job = CaptionJob(cfg=conf, rundir=RunDir(cfg["output_dir"]), stats=StageStats("caption"),
+                     model_path=model_path, start_hint=start_hint)
+    try:
+        # Ctrl-C reaches this process too, and the parent forwards a SIGTERM it gets:
+        # either way, stop after the batch in hand (never at once: the parent decides that).
+        with stop_on_signals(escalate=False):
+            try:
+                executor.caption(job)
+            except Interrupted:
+                pass
+            results.put({"stats": job.stats.as_dict() | {"pid": os.getpid()}, "engine_info": job.engine_info,
+                         "interrupted": stop_requested()})
+    except RunError as exc:
+        results.put({"error": str(exc)})
+    except Exception as exc:  # report anything else to the parent rather than dying silently
+        log.exception("caption stage failed")
+        results.put({"error": f"caption stage failed: {type(exc).__name__}: {exc}"})
+    finally:
+        executor.close()

@@ -1,0 +1,51 @@
+"""``executor=local``: the caption stage in this process."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Iterable, Optional
+
+from regioncap.executors import CaptionJob, Executor
+from regioncap.records import read_jsonl
+from regioncap.stages import StageStats
+from regioncap.stages.caption import Captioner
+from regioncap.stages.loop import StageLoop
+
+
+class LocalExecutor(Executor):
+    """The caption stage in this process; it takes the visualize records as a stream when both stages run."""
+
+    name = "local"
+    streams = True
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.captioner: Optional[Captioner] = None
+
+    def caption(self, job: CaptionJob, records: Optional[Iterable[Dict[str, Any]]] = None) -> StageStats:
+        cfg, stats = job.cfg, job.stats
+        stats.pid = os.getpid()
+        if cfg.resume and "visualize" not in cfg.stages:
+            job.rundir.done_rows("visualize")  # cuts a torn tail a killed visualize stage left
+        self.captioner = Captioner(cfg, job.rundir.path, model_path=job.model_path, start_hint=job.start_hint)
+        loop = StageLoop("caption", job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
+                         on_commit=job.on_commit)
+        source = read_jsonl(job.rundir.visualize_file) if records is None else records
+        try:
+            return loop.run(_progress(source, "caption", bool(cfg.progress)), self.captioner.batches,
+                            Captioner.identity)
+        finally:
+            job.engine_info.update(self.captioner.describe_engine() or {})
+
+    def close(self) -> None:
+        if self.captioner is not None:
+            self.captioner.close()
+
+
+def _progress(items: Iterable, desc: str, enabled: bool, total: Optional[int] = None) -> Iterable:
+    """``items`` with a progress bar on stderr when ``enabled``."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="row", dynamic_ncols=True, mininterval=1.0, total=total)

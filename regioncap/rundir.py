@@ -1,0 +1,304 @@
+"""The run dir: every file name a run writes, its lock, its run key and what a resume finds there.
+
+A run dir belongs to one run. :class:`RunDir` is the one place that knows the
+names of the files in it, takes the lock that keeps a second process out, checks
+and writes ``run_key.json`` (the settings that decide the answers) and scans a
+stage's records file for the rows a killed or stopped run already committed.
+
+Light on purpose (standard library only at import time): the report, merge,
+export and reproduce commands import the file names from here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+from regioncap.errors import RunError
+
+log = logging.getLogger("regioncap")
+
+VISUALIZE_FILE = "visualize.jsonl"
+CAPTIONS_FILE = "captions.jsonl"
+METRICS_FILE = "metrics.json"
+RUN_KEY_FILE = "run_key.json"
+MANIFEST_FILE = "manifest.json"
+REPORT_FILE = "report.html"
+LOG_FILE = "regioncap.log"
+LOCK_FILE = ".lock"
+IMAGES_DIR = "images"
+HYDRA_DIR = ".hydra"
+#: Records files of the stages, in stage order (``stages=[...]`` names).
+STAGE_FILES = {"visualize": VISUALIZE_FILE, "caption": CAPTIONS_FILE}
+
+
+# ---------------------------------------------------------------- run key
+
+#: Config sections whose every field decides the answers (their ``name`` aside).
+_KEY_SECTIONS = ("prompt", "draw", "sampling")
+_KEY_MODEL = ("path", "family", "revision", "min_pixels", "max_pixels", "patch_size", "merge_size", "dtype",
+              "max_model_len")
+#: Data fields that decide which rows are read and how; ``limit`` is left out
+#: so a resume with a larger limit extends a run.
+_KEY_DATA = ("path", "source", "hf_builder", "hf_config", "split", "hf_kwargs", "image_key", "bbox_key", "id_key",
+             "bbox_format", "skip")
+#: Fields in the key only when set other than their default, so the key (and a
+#: resume) of a run that does not use them is as it was before they existed.
+_KEY_DATA_OPTIONAL = {"images_dir": None, "coco_iscrowd": "keep", "ref_split": None}
+_KEY_MODEL_OPTIONAL = {"weights": "real"}
+
+
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node
+
+
+def run_key_values(cfg: Any) -> Dict[str, Any]:
+    """The settings that decide a run's answers: model, prompt, drawing, sampling, data, engine.
+
+    Settings that change only how fast or how robustly answers come (batch
+    sizes, retries, logging, ``engine.fail_keys``, ``data.limit``) are left out,
+    so changing them does not block a resume.
+    """
+    from regioncap.data import resolve_path
+
+    model = {k: _plain(cfg.model.get(k)) for k in _KEY_MODEL}
+    for k, default in _KEY_MODEL_OPTIONAL.items():
+        if _plain(cfg.model.get(k, default)) != default:
+            model[k] = _plain(cfg.model.get(k))
+    values: Dict[str, Any] = {
+        "model": model,
+        "engine": {"name": _plain(cfg.engine.name), "structured_outputs": cfg.engine.get("structured_outputs")},
+        "max_boxes": int(cfg.max_boxes),
+        "seed": int(cfg.seed),
+    }
+    for section in _KEY_SECTIONS:
+        values[section] = {k: v for k, v in _plain(cfg[section]).items() if k != "name"}
+    propose = cfg.get("propose")
+    if propose is not None and _plain(propose.get("method", "none")) != "none":
+        values["propose"] = {k: v for k, v in _plain(propose).items() if k != "name"}
+    data = {k: _plain(cfg.data.get(k)) for k in _KEY_DATA}
+    if data["path"] and not str(data["path"]).startswith("pkg://") and resolve_path(str(data["path"])).exists():
+        data["path"] = str(resolve_path(str(data["path"])).resolve())
+    if cfg.data.get("num_shards", 1) != 1:
+        # Only when sharded, so the key (and a resume) of an unsharded run is as before.
+        data["num_shards"], data["shard_index"] = int(cfg.data.num_shards), int(cfg.data.shard_index)
+    for k, default in _KEY_DATA_OPTIONAL.items():
+        if cfg.data.get(k, default) != default:
+            data[k] = _plain(cfg.data.get(k))
+    values["data"] = data
+    return values
+
+
+def run_key_hash(values: Dict[str, Any]) -> str:
+    """A short hash of :func:`run_key_values`."""
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def key_changes(old: Dict[str, Any], new: Dict[str, Any], prefix: str = "") -> List[str]:
+    """``["max_boxes: 10 -> 2", ...]``: what differs between two run keys."""
+    changes = []
+    for k in sorted(set(old) | set(new), key=str):
+        a, b = old.get(k, "<unset>"), new.get(k, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += key_changes(a, b, f"{prefix}{k}.")
+        elif a != b:
+            changes.append(f"{prefix}{k}: {json.dumps(a, default=str)} -> {json.dumps(b, default=str)}")
+    return changes
+
+
+# ---------------------------------------------------------------- run dir
+
+
+class RunDir:
+    """The files of one run dir, its lock, its run key and the resume scan of its records files."""
+
+    def __init__(self, path: Any) -> None:
+        self.path = Path(path)
+        self._lock_fh: Any = None
+
+    # file names
+    @property
+    def visualize_file(self) -> Path:
+        return self.path / VISUALIZE_FILE
+
+    @property
+    def captions_file(self) -> Path:
+        return self.path / CAPTIONS_FILE
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def run_key_file(self) -> Path:
+        return self.path / RUN_KEY_FILE
+
+    @property
+    def images_dir(self) -> Path:
+        return self.path / IMAGES_DIR
+
+    def records_file(self, stage: str) -> Path:
+        """The records file of ``stage`` (``visualize`` or ``caption``)."""
+        return self.path / STAGE_FILES[stage]
+
+    def holds_results(self) -> List[str]:
+        """Names of the records files here that hold at least one byte."""
+        return [name for name in STAGE_FILES.values()
+                if (self.path / name).exists() and (self.path / name).stat().st_size > 0]
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    # lock
+    def lock(self) -> None:
+        """Hold ``DIR/.lock`` for the run: two processes appending to one records file would mix rows."""
+        if self._lock_fh is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # not on POSIX: no lock
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        fh = open(self.path / LOCK_FILE, "a")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.close()
+            raise RunError(f"another regioncap process is writing {self.path} (it holds {self.path / LOCK_FILE}); "
+                           f"wait for it to end, or use another hydra.run.dir") from None
+        self._lock_fh = fh
+
+    def unlock(self) -> None:
+        """Let go of the lock (closing the file releases the flock)."""
+        if self._lock_fh is not None:
+            self._lock_fh.close()
+            self._lock_fh = None
+
+    # run key
+    def check_start(self, cfg: Any) -> None:
+        """Refuse to overwrite an earlier run's outputs, check a resume's settings, write ``run_key.json``.
+
+        Without ``resume``, a stage whose records file already holds rows is
+        refused (the visualize stage also refuses when captions exist: they
+        would no longer match). With ``resume``, the settings that decide the
+        answers must match the ones the run started with, unless ``resume_force``.
+        Takes the lock first.
+        """
+        from regioncap.records import dumps, write_text_atomically
+
+        self.lock()
+        vis, cap = self.visualize_file, self.captions_file
+        writes = ([vis, cap] if "visualize" in cfg.stages else []) + ([cap] if "caption" in cfg.stages else [])
+        existing = [p.name for p in dict.fromkeys(writes) if p.exists() and p.stat().st_size > 0]
+        values = run_key_values(cfg)
+        old = self.read_run_key()
+        changes = key_changes(old["values"], values) if old else []
+        if not cfg.resume:
+            if cfg.retry_errors or cfg.resume_force:
+                raise RunError("retry_errors=true and resume_force=true go with resume=true "
+                               f"(python -m regioncap resume=true hydra.run.dir={self.path} ...)")
+            if existing:
+                raise RunError(
+                    f"{self.path} already holds {' and '.join(existing)} from an earlier run; regioncap does not "
+                    f"overwrite them. To go on with that run: resume=true hydra.run.dir={self.path} (with its "
+                    f"overrides); for a fresh run: a new hydra.run.dir")
+            if changes:  # a caption-only run over an earlier visualize stage
+                log.warning("%s was made with other settings; they changed: %s", vis, "; ".join(changes))
+        elif changes:
+            listed = "\n  ".join(changes)
+            if not cfg.resume_force:
+                raise RunError(
+                    f"resume refused: {self.path} was started with other settings than these, and they decide "
+                    f"the answers. Changed:\n  {listed}\nResume with the original overrides, or add "
+                    f"resume_force=true to go on anyway (the rows already done keep their old answers), or start "
+                    f"a new hydra.run.dir")
+            log.warning("resume_force=true: resuming although these settings changed:\n  %s", listed)
+        elif old is None and existing:
+            log.warning("resume: %s has no %s; cannot check that the settings match", self.path, RUN_KEY_FILE)
+        key: Dict[str, Any] = {"hash": run_key_hash(values), "values": values}
+        if old and changes:
+            key["previous"] = [*old.get("previous", []), {"hash": old.get("hash"), "values": old["values"]}]
+        write_text_atomically(self.run_key_file, dumps(key) + "\n")
+        if cfg.resume:
+            log.info("resume: run key %s%s", key["hash"], f" (was {old.get('hash')})" if changes else "")
+
+    def read_run_key(self) -> Optional[Dict[str, Any]]:
+        """``run_key.json`` as a dict, or None when there is none."""
+        if not self.run_key_file.exists():
+            return None
+        try:
+            return json.loads(self.run_key_file.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise RunError(f"{self.run_key_file} is not JSON ({exc}); move it away to resume without the "
+                           f"check") from None
+
+    # resume
+    def done_rows(self, stage: str, *, retry: bool = False) -> Tuple[Dict[int, "DoneRow"], Set[int]]:
+        """``({index: DoneRow}, {indexes to redo})`` of a stage's records file, its torn tail cut off.
+
+        ``retry``: rows whose error says it may pass another time (an engine
+        error in the caption stage, a resource error in any stage) are to redo.
+        """
+        from regioncap.records import CorruptRecordsError, scan_records
+
+        path = self.records_file(stage)
+        if not path.exists():
+            return {}, set()
+
+        def pick(rec: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
+            err = rec.get("error") or {}
+            again = err.get("stage") == "caption" or bool(err.get("retryable"))
+            return rec.get("index"), rec.get("id"), rec.get("digest"), again
+
+        try:
+            picks, cut = scan_records(path, pick)
+        except CorruptRecordsError as exc:
+            raise RunError(str(exc)) from None
+        if cut:
+            log.warning("resume: %s", cut)
+        done: Dict[int, DoneRow] = {}
+        redo: Set[int] = set()
+        for n, (index, row_id, digest, again) in enumerate(picks, 1):
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise RunError(f"{path}: record {n} has no integer 'index'; it was not written by regioncap's "
+                               f"{stage} stage: start a new hydra.run.dir")
+            if index in done:
+                raise RunError(f"{path}: row index {index} ({row_id}) is there twice; every row must be there "
+                               f"once: start a new hydra.run.dir")
+            done[index] = DoneRow(row_id, digest)
+            if retry and again:
+                redo.add(index)
+        log.info("resume: %s holds %d row(s)%s", path.name, len(done),
+                 f"; {len(redo)} error row(s) will be redone" if retry else "")
+        return done, redo
+
+    def drop_rows(self, stage: str, indexes: Set[int]) -> int:
+        """Rewrite a stage's records file without the rows ``indexes`` (atomically); return the rows kept."""
+        from regioncap.records import read_jsonl, rewrite_atomically
+
+        path = self.records_file(stage)
+        return rewrite_atomically(path, (r for r in read_jsonl(path) if r.get("index") not in indexes))
+
+
+class DoneRow:
+    """What a resume keeps of a committed row: its id and the digest of the input it came from."""
+
+    __slots__ = ("row_id", "digest")
+
+    def __init__(self, row_id: Any, digest: Any) -> None:
+        self.row_id, self.digest = row_id, digest
+
+    def check(self, path: Path, index: int, row_id: Any, digest: Any) -> None:
+        """Raise :class:`RunError` when the input row at ``index`` is not the one committed there."""
+        if self.row_id != row_id or (self.digest and digest and self.digest != digest):
+            what = f"id {row_id!r}" if self.row_id != row_id else "other content"
+            raise RunError(f"resume: input row {index} has {what} but {path} holds id {self.row_id!r} for it: "
+                           f"the data changed since the run started (a row added, removed or edited); start a new "
+                           f"hydra.run.dir")

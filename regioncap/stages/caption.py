@@ -1,0 +1,192 @@
+"""The caption stage: a batch of visualize records -> the same rows with answers, parsed regions and errors.
+
+:class:`Captioner` owns the engine (started at the first batch with work, so a
+resume with nothing left never loads a model), turns request specs into engine
+requests, asks once more for regions an answer left out, and finishes each row
+(status, tokens, faithfulness flags, reference scores). Where it runs (this
+process, a spawned child, Ray replicas) is the executor's business
+(:mod:`regioncap.executors`); how its batches are committed and resumed is
+:mod:`regioncap.stages.loop`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+from regioncap import prompts
+from regioncap.engines.base import Engine, Request, Response, Sampling
+from regioncap.errors import RunError
+from regioncap.stages import Stage
+from regioncap.stages.loop import grouped, pending
+
+log = logging.getLogger("regioncap")
+
+
+class Captioner(Stage):
+    """Batch of records -> records: requests, re-asks, parsing, finish."""
+
+    name = "caption"
+
+    def __init__(self, cfg: Any, out_dir: Optional[Any] = None, *, model_path: Optional[str] = None,
+                 start_hint: str = "") -> None:
+        from regioncap.strategies import build_strategy
+
+        self.cfg = cfg
+        self.out = Path(out_dir if out_dir is not None else cfg.output_dir)
+        self.model_path = model_path
+        self.strategy = build_strategy(cfg)
+        self.engine: Optional[Engine] = None
+        #: What the engine was (``describe()``), kept after it is closed (for the manifest).
+        self.engine_info: Optional[Dict[str, Any]] = None
+        #: Appended to the error when the engine cannot start (how to go on).
+        self.start_hint = start_hint
+        self.batch_size = max(1, int(cfg.engine.batch_size))
+        #: Rows per batch at most, requests or not (rows that need no engine are committed as they come).
+        self.max_rows = max(self.batch_size, int(cfg.get("commit_every", 32)))
+
+    # ------------------------------------------------------------ lifetime
+    def start_engine(self) -> Engine:
+        """Build the configured engine (once); :class:`RunError` when it cannot start."""
+        if self.engine is not None:
+            return self.engine
+        from regioncap.engines import EngineError, build_engine
+
+        try:
+            self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
+        except EngineError as exc:
+            raise RunError(f"engine {self.cfg.engine.name!r} could not start: {exc}.{self.start_hint}") from None
+        self.engine_info = self.describe_engine()
+        log.info("engine: %s", self.engine_info)
+        return self.engine
+
+    def describe_engine(self) -> Optional[Dict[str, Any]]:
+        """The engine's ``describe()`` (an error entry if it fails), or what was kept of it."""
+        if self.engine is None:
+            return self.engine_info
+        try:
+            return self.engine.describe()
+        except Exception as exc:  # noqa: BLE001 - a manifest detail, never a reason to fail
+            return {"error": f"{type(exc).__name__}: {exc}"}
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine_info = self.describe_engine()
+            self.engine.close()
+            self.engine = None
+
+    # ------------------------------------------------------------- batches
+    def batches(self, todo: Iterable[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
+        """Caption the ``todo`` records about ``engine.batch_size`` requests at a time."""
+        for batch in grouped(todo, self.batch_size, self.max_rows):
+            yield self.caption_batch(batch)
+
+    def sampling(self) -> Sampling:
+        """The run's sampling settings (the per-request seed defaults to the run's seed)."""
+        s = self.cfg.sampling
+        return Sampling(temperature=float(s.temperature), top_p=float(s.top_p), max_tokens=int(s.max_tokens),
+                        seed=int(s.seed if s.seed is not None else self.cfg.seed))
+
+    def request(self, spec: Dict[str, Any], *, reask: bool = False) -> Request:
+        """The engine request of a request spec (its image path resolved against the run dir)."""
+        pcfg = self.cfg.prompt
+        numbers = spec["numbers"]
+        fmt = str(pcfg.answer_format)
+        return Request(
+            key=spec["key"], image_path=str(self.out / spec["image"]), prompt=spec["prompt"],
+            system=pcfg.system, sampling=self.sampling(), image_size=tuple(spec["image_size"]),
+            regex=prompts.answer_regex(numbers, fmt), json_schema=prompts.answer_json_schema(numbers, fmt),
+            meta={"numbers": numbers, "answer_format": fmt, "reask": reask},
+        )
+
+    def caption_batch(self, batch: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+        """Answers for every pending row of ``batch``; rows that need no engine pass through."""
+        work = [(rec, spec) for rec in batch if rec["status"] == "pending" for spec in rec["requests"]]
+        if not work:
+            return batch
+        engine = self.start_engine()
+        responses = engine.generate([self.request(spec) for _, spec in work])
+        for (_rec, spec), resp in zip(work, responses):
+            self.attach(spec, resp)
+
+        # One re-ask for regions a (successful) answer left out; never invented.
+        reasks = []
+        if self.cfg.prompt.reask_missing and self.strategy.reasks:
+            for rec, spec in work:
+                missing = [n for n in spec["numbers"] if n not in spec["captions"]]
+                if spec["error"] is None and missing:
+                    reasks.append((spec, self.reask_spec(rec, spec, missing)))
+        if reasks:
+            answers = engine.generate([self.request(r, reask=True) for _, r in reasks])
+            for (spec, rspec), resp in zip(reasks, answers):
+                parsed = self.attach(rspec, resp)
+                spec["reask"] = {k: rspec[k] for k in ("key", "prompt", "numbers", "answer", "error",
+                                                       "prompt_tokens", "output_tokens", "latency_s")}
+                for n, caption in parsed.items():
+                    spec["captions"].setdefault(n, caption)
+                    spec.setdefault("reasked_numbers", []).append(n)
+        return [self.finish(rec) if rec["status"] == "pending" else rec for rec in batch]
+
+    def reask_spec(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> Dict[str, Any]:
+        """The follow-up request spec for the regions ``missing`` from ``spec``'s answer."""
+        return {"key": spec["key"] + "/reask", "image": spec["image"], "image_size": spec["image_size"],
+                "prompt": self.strategy.reask_prompt(rec, spec, missing), "numbers": missing,
+                "region_ids": spec["region_ids"]}
+
+    def attach(self, spec: Dict[str, Any], resp: Response) -> Dict[int, str]:
+        """Put an engine response on its request spec; return the captions parsed from it."""
+        spec.update({"answer": resp.text, "error": resp.error, "prompt_tokens": resp.prompt_tokens,
+                     "output_tokens": resp.output_tokens, "finish_reason": resp.finish_reason,
+                     "latency_s": None if resp.latency_s is None else round(resp.latency_s, 4)})
+        parsed = prompts.parse_answer(resp.text, spec["numbers"], str(self.cfg.prompt.answer_format)) \
+            if resp.ok else None
+        spec["format_ok"] = bool(parsed and parsed.format_ok)
+        spec["captions"] = dict(parsed.captions) if parsed else {}
+        return spec["captions"]
+
+    def finish(self, rec: Dict[str, Any]) -> Dict[str, Any]:
+        """Regions, status, answer, tokens and scores of a row once all its answers are in."""
+        from regioncap.metrics import annotate_record
+
+        by_id = {r["id"]: r for r in rec["regions"]}
+        answers, prompt_tokens, output_tokens = [], 0, 0
+        first_error = None
+        for spec in rec["requests"]:
+            captions = spec.pop("captions", {})
+            reasked = set(spec.pop("reasked_numbers", []))
+            number_to_id = dict(zip(spec["numbers"], spec["region_ids"])) if len(spec["numbers"]) == len(
+                spec["region_ids"]) else {}
+            for n, rid in number_to_id.items():
+                reg = by_id[rid]
+                reg["caption"] = captions.get(n)
+                reg["missing"] = reg["caption"] is None
+                reg["attempt"] = 2 if n in reasked else 1
+                if reg["missing"]:
+                    reg["reason"] = (spec["error"] or {}).get("kind") or "not_in_answer"
+            if spec.get("answer"):
+                answers.append(spec["answer"])
+            for s in (spec, spec.get("reask") or {}):
+                prompt_tokens += s.get("prompt_tokens") or 0
+                output_tokens += s.get("output_tokens") or 0
+            if spec["error"] and first_error is None:
+                first_error = spec["error"]
+        rec["answer"] = "\n".join(answers) if answers else None
+        rec["tokens"] = {"prompt": prompt_tokens, "output": output_tokens}
+        captioned = sum(1 for r in rec["regions"] if r.get("caption"))
+        if captioned == len(rec["regions"]):
+            rec["status"] = "ok"
+        elif captioned:
+            rec["status"] = "partial"
+        else:
+            rec["status"] = "error"
+        if first_error:
+            rec["error"] = {"stage": "caption", **first_error}
+        elif rec["status"] == "error":
+            rec["error"] = {"stage": "caption", "kind": "no_caption_parsed",
+                            "message": f"{rec['image']}: the model's answer named none of the regions"}
+        # Per-region faithfulness flags and exact-match/attribute scores (regioncap/metrics.py).
+        return annotate_record(rec, self.cfg.data.references_key)
+
+
+__all__ = ["Captioner", "pending"]
