@@ -1246,7 +1246,8 @@ def param_values(jobs: Sequence[RunData], param: str) -> Tuple[List[Optional[str
 
 def param_figure(jobs: Sequence[RunData], varying: Sequence[str], param: str, metric: str) -> Optional[Any]:
     """``metric`` (and regions/s, its cost) against one swept parameter: bars for categorical values
-    (grouped by the other swept overrides), lines for numbers. None when fewer than two values have data."""
+    (grouped by the other swept overrides), lines for numbers. None when fewer than two values of the
+    parameter have the metric."""
     from matplotlib.figure import Figure
 
     kms = [key_metrics(j) for j in jobs]
@@ -1254,7 +1255,7 @@ def param_figure(jobs: Sequence[RunData], varying: Sequence[str], param: str, me
     others = [k for k in varying if k != param]
     panels = [metric] + (["regions_per_s"] if metric != "regions_per_s" else [])
     have = [k for k in panels if len({v for v, km in zip(values, kms) if v is not None and km.get(k) is not None}) >= 2]
-    if not have:
+    if metric not in have:  # the cost panel alone would be titled after a metric it does not show
         return None
     width_each = max(3.4, 0.85 * len(order) + 2.2)
     fig = Figure(figsize=(width_each * len(have), 3.3))
@@ -1270,16 +1271,19 @@ def param_figure(jobs: Sequence[RunData], varying: Sequence[str], param: str, me
                 xs = sorted(pts, key=float)
                 ax.plot([float(x) for x in xs], [pts[x] for x in xs], marker="o", label=gname or None)
         else:
-            n = len(groups)
-            bar_w = 0.8 / max(1, n)
+            bar_w = 0.8 / max(1, len(groups))
+            # The bars of one value side by side, centred on it (a value some groups lack leaves no gap).
+            present = {v: [g for g in groups if v in groups[g]] for v in order}
             for g, (gname, pts) in enumerate(groups.items()):
-                xs = [order.index(v) + (g - (n - 1) / 2) * bar_w for v in pts]
+                xs = [order.index(v) + (present[v].index(gname) - (len(present[v]) - 1) / 2) * bar_w for v in pts]
                 ys = list(pts.values())
                 bars = ax.bar(xs, ys, bar_w * 0.92, label=gname or None, color=f"C{g % 10}", zorder=3)
                 ax.bar_label(bars, labels=[_fmt_metric(key, y) for y in ys], fontsize=7, padding=2)
             ax.set_xticks(range(len(order)))
             ax.set_xticklabels([_plot_label(str(o)) for o in order], rotation=15 if len(order) > 3 else 0, fontsize=8)
             ax.set_xlim(-0.6, len(order) - 0.4)
+            if key not in PCT_METRICS:  # room for the value labels above the bars
+                ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
         _y_axis(ax, key)
         ax.set_xlabel(_plot_label(param))
         ax.set_title(PLOT_METRICS[key], fontsize=9)
