@@ -535,6 +535,38 @@ def _image_html(run_dir: Path, image: Any, thumb_px: int, caption: str = "") -> 
     return f'<figure><img src="{uri}" alt="{e(image)}" loading="eager">{cap}</figure>'
 
 
+def _original_html(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
+    """The row's input image (``image_path``) as a thumbnail with every region's box and id drawn over
+    it. Decoded by ``regioncap.images.load_image`` (the run's own size limits, EXIF orientation applied,
+    the frame the boxes refer to), as every input image is; a placeholder when it cannot be read."""
+    from PIL import Image
+
+    from regioncap.images import ImageLoadError, load_image
+
+    caption = "input image, boxes by region id"
+    path = rec.get("image_path")
+    uri = None
+    if isinstance(path, str) and path and Path(path).is_absolute():
+        limits = _dig(_config(run), "limits") or {}
+        kwargs = {k: int(v) for k, v in limits.items()
+                  if k in ("max_image_pixels", "max_file_bytes") and isinstance(v, int) and v > 0}
+        try:
+            im = load_image(path, draft_target=(thumb_px, thumb_px), **kwargs).image
+            im.thumbnail((thumb_px, thumb_px), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=80, optimize=True)
+            uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        except (ImageLoadError, OSError, ValueError):
+            uri = None
+    if uri is None:
+        return (f'<figure><div class="noimg">image not available<br><code>{e(path)}</code></div>'
+                f"<figcaption>{e(caption)}</figcaption></figure>")
+    overlay = _box_overlay(_regions(rec), rec.get("image_size"), "bbox", lambda r: str(r.get("id", "")),
+                           only_proposed=False)
+    return _with_overlay(f'<figure><img src="{uri}" alt="{e(path)}" loading="eager">'
+                         f"<figcaption>{e(caption)}</figcaption></figure>", overlay)
+
+
 def _palette(run: RunData) -> List[str]:
     palette = _dig(run.config, "draw", "palette")
     if isinstance(palette, list) and palette:
@@ -1019,7 +1051,7 @@ def _sample_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
 
 
 def _crop_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
-    """One row in crop mode: the original image with every region's box and id, then a grid of the
+    """One row in crop mode: the input image with every region's box and id, then a grid of the
     crops, each under its own region id with its caption (marked against its references)."""
     regions = _regions(rec)
     by_region: Dict[Any, RequestSpec] = {}
@@ -1027,9 +1059,7 @@ def _crop_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
         for rid in spec.get("region_ids") or []:
             by_region.setdefault(rid, spec)  # the first request of a region (a re-ask reuses its crop)
     key = _references_key(run)
-    original = _image_html(run.path, rec.get("image_path"), thumb_px, "original image, boxes by region id")
-    original = _with_overlay(original, _box_overlay(regions, rec.get("image_size"), "bbox",
-                                                    lambda r: str(r.get("id", "")), only_proposed=False))
+    original = _original_html(run, rec, thumb_px)
     crops = []
     for reg in regions[:CROPS_PER_ROW]:
         spec = by_region.get(reg.get("id"), {})
@@ -1368,9 +1398,7 @@ def _side_by_side(jobs: Sequence[RunData], varying: Sequence[str], thumb_px: int
         rid = str(rec.get("id"))
         crop = _is_crop_row(base, rec)
         if crop:
-            image = _image_html(base.path, rec.get("image_path"), thumb_px, "original image, boxes by region id")
-            image = _with_overlay(image, _box_overlay(_regions(rec), rec.get("image_size"), "bbox",
-                                                      lambda r: str(r.get("id", "")), only_proposed=False))
+            image = _original_html(base, rec, thumb_px)
         else:
             spec = next(iter(_requests(rec)), {})
             image = _image_html(base.path, spec.get("image"), thumb_px, f"marks as drawn in job {base.name}")

@@ -275,6 +275,19 @@ def test_crop_mode_shows_each_crop_under_its_own_region(crop_dir):
     assert '<span class="num rid">1</span>' in next(c for c in cards if '<span class="rowid">one</span>' in c)
 
 
+def test_crop_mode_input_image_keeps_the_runs_image_limits(crop_dir, tmp_path):
+    """The input image is decoded as the run decoded it (regioncap.images, the run's limits): one over
+    ``limits.max_image_pixels`` is a placeholder, the crops (the run's own files) still show."""
+    small = tmp_path / "small"
+    shutil.copytree(crop_dir, small)
+    manifest = json.loads((small / "manifest.json").read_text())
+    manifest["config"]["limits"]["max_image_pixels"] = 100
+    (small / "manifest.json").write_text(json.dumps(manifest))
+    page = write_report(small).read_text(encoding="utf-8")
+    assert page.count("image not available") == 2 and page.count("<rect ") == 0
+    assert page.count('<span class="num rid">') == 4
+
+
 def _proposed_copy(run_dir: Path, dest: Path) -> Path:
     """The run with region 1 of the first row turned into a proposed region (``source``, ``score``),
     as a proposal stage writes them, and that row a ``without_bbox`` row."""
