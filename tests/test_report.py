@@ -419,6 +419,19 @@ def test_sweep_metric_must_be_one_the_report_knows(run_dir, tmp_path, capsys):
     assert not (sweep / "report.html").exists()
 
 
+@pytest.mark.cli
+def test_sweep_report_plots_the_sweeps_objective(tmp_path):
+    """A sweep run with ``objective=`` gets that metric in its report's plots (here parse success, where
+    regions/s would be the default: the demo data has no references)."""
+    sweep = tmp_path / "multirun"
+    proc = run_cli(["-m", "engine=fake", "progress=false", "objective=parse_success_rate",
+                    "max_boxes=2,10", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = parse((sweep / "report.html").read_text(encoding="utf-8"))
+    alts = [a["alt"] for t, a in doc.tags if t == "img" and a["src"].startswith("data:image/png")]
+    assert alts == ["parse success by max_boxes (line chart)", "parse success vs cost (scatter)"]
+
+
 def test_sweep_report_with_hostile_overrides_and_a_failed_job(run_dir, tmp_path):
     sweep = tmp_path / "sweep"
     _fake_job(sweep, "0", ["engine=fake", "prompt.system=<script>x</script>", "max_boxes=2"], run_dir)
