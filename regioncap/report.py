@@ -1,14 +1,25 @@
 """A self-contained static HTML report of a run dir or a multirun (sweep) dir.
 
-``python -m regioncap.report PATH [--out FILE]`` writes ``PATH/report.html``:
+``python -m regioncap.report PATH [--out FILE] [--metric NAME]`` writes ``PATH/report.html``:
 
-- run dir: the manifest and resolved config, the metrics as tables, a grid of
-  sample marked images beside their region captions, errors by kind with
-  example messages;
+- run dir: results first. A header names the model, prompt, data and engine
+  and gives the headline numbers (exact match and attribute accuracy when the
+  data has references, else parse success and regions/s); then sample rows
+  (the marked images, or in crop mode a grid of the crops, each region's
+  caption marked right or wrong against its references); then the metrics and
+  errors by kind; then provenance (manifest, config);
 - multirun dir (``0/``, ``1/``, ... beside ``multirun.yaml``): a comparison
-  table of the jobs (overrides as columns, key metrics), plots of quality
-  against cost across the swept parameters, the captions of the same rows side
-  by side, and each job's metrics.
+  table of the jobs (swept overrides in a sticky first column, exact match and
+  the other key metrics), plots of one metric (``--metric``; default exact
+  match where the jobs have references, else regions/s) against the swept
+  parameters (bars for categorical values) and against cost, the captions of
+  the same rows side by side, and each job's metrics.
+
+It reads only what regioncap writes (docs/formats.md): the records typed
+below, ``metrics.json`` as ``regioncap.metrics.compute_metrics`` builds it,
+``manifest.json`` and Hydra's ``.hydra/``. Regions may carry ``source`` and
+``score`` (proposed regions, not input boxes): those are drawn dashed and
+tagged "proposed (<source>)".
 
 The page makes no request of its own: CSS is inline, images are base64 data
 URIs (thumbnails re-encoded as small JPEGs), there is no script, and a
@@ -35,7 +46,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict
 
 log = logging.getLogger("regioncap")
 
@@ -59,11 +70,93 @@ MAX_TEXT = 2000
 DEFAULT_PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
                    "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
 
-#: Names of reference-based caption scores, as keys of metrics.json (lower case, prefix match).
-SCORE_NAMES = ("cider", "bleu", "meteor", "rouge", "spice", "bertscore", "bert_score", "clipscore", "clip_score",
-               "exact_match", "attribute_accuracy")
-#: Where metrics.json may keep reference scores as a dict.
-SCORE_DICTS = ("scores", "reference_scores", "references", "reference")
+#: Reference scores of metrics.json's ``references`` (regioncap.metrics.compute_metrics), in the order shown.
+#: Exact match and attribute accuracy first: on short captions BLEU-4 says little.
+REFERENCE_SCORES = ("exact_match", "attribute_accuracy", "cider", "rouge_l", "meteor", "bleu4")
+#: Shares among them (shown as percentages).
+SHARE_SCORES = ("exact_match", "attribute_accuracy")
+#: Metrics a sweep's plots can use (``--metric``): key_metrics names and labels.
+PLOT_METRICS = {
+    "exact_match": "exact match", "attribute_accuracy": "attribute accuracy", "cider": "CIDEr",
+    "rouge_l": "ROUGE-L", "meteor": "METEOR", "bleu4": "BLEU-4", "regions_per_s": "regions / s",
+    "parse_success_rate": "parse success", "error_rate": "error rate", "captioned_share": "regions captioned (share)",
+    "output_tokens_per_region": "output tokens / region", "prompt_tokens_per_region": "prompt tokens / region",
+    "latency_p50_s": "latency p50 (s)",
+}
+#: Shown as percentages wherever they appear.
+PCT_METRICS = {"exact_match", "attribute_accuracy", "parse_success_rate", "error_rate", "captioned_share"}
+#: Crops shown per row in crop mode.
+CROPS_PER_ROW = 24
+
+
+# ---------------------------------------------------------------- records (docs/formats.md)
+class Region(TypedDict, total=False):
+    """``regions[]`` of a visualize/caption record."""
+
+    id: int
+    source_index: Optional[int]
+    bbox: List[float]
+    input_bbox: List[int]
+    chunk: int
+    number: int
+    caption: Optional[str]
+    missing: bool
+    reason: str
+    attempt: int
+    flags: List[str]
+    scores: Dict[str, Optional[float]]
+    #: Where the region came from: ``input`` (a box of the row; the default when absent) or a
+    #: proposer (``contours``, ``vlm``, ...), with its ``score``.
+    source: str
+    score: float
+
+
+class RequestSpec(TypedDict, total=False):
+    """``requests[]`` of a record: one image sent to the model."""
+
+    key: str
+    image: str
+    image_size: List[int]
+    prompt: str
+    numbers: List[int]
+    region_ids: List[int]
+    answer: Optional[str]
+    error: Optional[str]
+    prompt_tokens: int
+    output_tokens: int
+    latency_s: float
+    finish_reason: Optional[str]
+    format_ok: bool
+    reask: Any
+
+
+class RecordError(TypedDict, total=False):
+    stage: str
+    kind: str
+    message: str
+
+
+class CaptionRecord(TypedDict, total=False):
+    """A line of ``captions.jsonl`` (or ``visualize.jsonl``, which lacks the caption fields)."""
+
+    id: str
+    index: int
+    line: Optional[int]
+    image: str
+    image_path: str
+    type: str  # with_bbox / without_bbox
+    image_size: List[int]
+    input_size: List[int]
+    regions: List[Region]
+    requests: List[RequestSpec]
+    dropped_boxes: List[Dict[str, Any]]
+    clipped_boxes: List[Dict[str, Any]]
+    image_with_bbox: str
+    prompt: str
+    answer: str
+    tokens: Dict[str, int]
+    status: str
+    error: Optional[RecordError]
 
 
 class ReportError(ValueError):
@@ -210,6 +303,9 @@ def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
         counts["regions"] += len(regions)
         counts["regions_captioned"] += sum(1 for r in regions if r.get("caption"))
         counts["regions_missing"] += sum(1 for r in regions if r.get("missing"))
+        exact = [_exact(r) for r in regions]
+        counts["regions_exact"] += sum(1 for x in exact if x is True)
+        counts["regions_wrong"] += sum(1 for x in exact if x is False)
         counts["requests"] += len(requests)
         tokens = rec.get("tokens") or {}
         if isinstance(tokens, dict):
@@ -237,14 +333,15 @@ def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
         if requests and status != "error":
             if len(first) < max_rows:
                 first.append(rec)
-            elif status == "partial" and len(partial) < partial_quota:
+            elif (status == "partial" or False in exact) and len(partial) < partial_quota:
                 partial.append(rec)
-    if partial:  # rows with missing regions are the ones worth a look: swap a few in
+    if partial:  # rows with missing regions or wrong captions are the ones worth a look: swap a few in
         run.samples = sorted(first[: max_rows - len(partial)] + partial, key=lambda r: r.get("index", 0))
     else:
         run.samples = first
     scan: Dict[str, Any] = {k: counts[k] for k in (
-        "rows", "regions", "regions_captioned", "regions_missing", "requests", "prompt_tokens", "output_tokens")}
+        "rows", "regions", "regions_captioned", "regions_missing", "regions_exact", "regions_wrong", "requests",
+        "prompt_tokens", "output_tokens")}
     scan.update({"rows_ok": counts["status_ok"], "rows_partial": counts["status_partial"],
                  "rows_no_regions": counts["status_no_regions"], "error_rows": counts["status_error"],
                  "errors": dict(errors), "dropped_reasons": dict(dropped), "finish_reasons": dict(finish)})
@@ -256,6 +353,14 @@ def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
         scan["latency_p50_s"] = _quantile(latencies, 0.5)
         scan["latency_p90_s"] = _quantile(latencies, 0.9)
     run.scan = scan
+
+
+def _exact(reg: Region) -> Optional[bool]:
+    """Whether a region's caption is an exact match of one of its references (``scores.exact_match``,
+    written by the caption stage for a captioned region with references); None when not scored."""
+    scores = reg.get("scores")
+    value = _num(scores.get("exact_match")) if isinstance(scores, dict) else None
+    return None if value is None else value >= 1.0
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -306,18 +411,12 @@ def key_metrics(run: RunData) -> Dict[str, Optional[float]]:
 
 
 def reference_scores(metrics: Dict[str, Any]) -> Dict[str, float]:
-    """Reference-based caption scores in metrics.json (CIDEr, BLEU, ...), flattened to ``name: value``."""
-    scores: Dict[str, float] = {}
-    for key in SCORE_DICTS:
-        sub = metrics.get(key)
-        if isinstance(sub, dict):  # e.g. metrics.json's "references": {bleu4, rouge_l, cider, meteor, counts...}
-            for name, value in sub.items():
-                if str(name).lower().startswith(SCORE_NAMES) and _num(value) is not None:
-                    scores[str(name)] = float(value)
-    for key, value in metrics.items():
-        if str(key).lower().startswith(SCORE_NAMES) and _num(value) is not None:
-            scores[str(key)] = float(value)
-    return scores
+    """The reference scores of metrics.json (``references``: exact match, attribute accuracy, CIDEr, ...)
+    that have a value, in :data:`REFERENCE_SCORES` order."""
+    refs = metrics.get("references")
+    if not isinstance(refs, dict):
+        return {}
+    return {name: float(refs[name]) for name in REFERENCE_SCORES if _num(refs.get(name)) is not None}
 
 
 def is_multirun_dir(path: Path) -> bool:
@@ -370,11 +469,15 @@ def _fmt(value: Any, kind: str = "") -> str:
     return str(value)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "") -> str:
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "",
+           row_classes: Optional[Sequence[str]] = None) -> str:
     """A table whose header is text to escape and whose cells are HTML already."""
     head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    body = []
+    for i, row in enumerate(rows):
+        rc = row_classes[i] if row_classes and i < len(row_classes) and row_classes[i] else ""
+        body.append((f'<tr class="{e(rc)}">' if rc else "<tr>") + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
+    return f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 
 
 def _kv_table(pairs: Iterable[Tuple[str, str]]) -> str:
@@ -432,6 +535,38 @@ def _image_html(run_dir: Path, image: Any, thumb_px: int, caption: str = "") -> 
     return f'<figure><img src="{uri}" alt="{e(image)}" loading="eager">{cap}</figure>'
 
 
+def _original_html(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
+    """The row's input image (``image_path``) as a thumbnail with every region's box and id drawn over
+    it. Decoded by ``regioncap.images.load_image`` (the run's own size limits, EXIF orientation applied,
+    the frame the boxes refer to), as every input image is; a placeholder when it cannot be read."""
+    from PIL import Image
+
+    from regioncap.images import ImageLoadError, load_image
+
+    caption = "input image, boxes by region id"
+    path = rec.get("image_path")
+    uri = None
+    if isinstance(path, str) and path and Path(path).is_absolute():
+        limits = _dig(_config(run), "limits") or {}
+        kwargs = {k: int(v) for k, v in limits.items()
+                  if k in ("max_image_pixels", "max_file_bytes") and isinstance(v, int) and v > 0}
+        try:
+            im = load_image(path, draft_target=(thumb_px, thumb_px), **kwargs).image
+            im.thumbnail((thumb_px, thumb_px), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, format="JPEG", quality=80, optimize=True)
+            uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        except (ImageLoadError, OSError, ValueError):
+            uri = None
+    if uri is None:
+        return (f'<figure><div class="noimg">image not available<br><code>{e(path)}</code></div>'
+                f"<figcaption>{e(caption)}</figcaption></figure>")
+    overlay = _box_overlay(_regions(rec), rec.get("image_size"), "bbox", lambda r: str(r.get("id", "")),
+                           only_proposed=False)
+    return _with_overlay(f'<figure><img src="{uri}" alt="{e(path)}" loading="eager">'
+                         f"<figcaption>{e(caption)}</figcaption></figure>", overlay)
+
+
 def _palette(run: RunData) -> List[str]:
     palette = _dig(run.config, "draw", "palette")
     if isinstance(palette, list) and palette:
@@ -442,14 +577,31 @@ def _palette(run: RunData) -> List[str]:
 _COLOUR = re.compile(r"^(#[0-9a-fA-F]{3,8}|[a-zA-Z]{3,20})$")
 
 
-def _swatch(number: Any, palette: Sequence[str]) -> str:
-    """The region's number on the colour of its mark (colour ``palette[(number - 1) % len]``)."""
+def _swatch(number: Any, palette: Sequence[str], proposed: bool = False) -> str:
+    """The region's number on the colour of its mark (colour ``palette[(number - 1) % len]``);
+    a proposed region's number has a dashed outline."""
     colour = ""
     if isinstance(number, int) and number >= 1:
         c = palette[(number - 1) % len(palette)]
         colour = c if _COLOUR.match(c) else ""  # a colour string goes into CSS: only plain forms
     style = f' style="background:{e(colour)}"' if colour else ""
-    return f'<span class="num"{style}>{e(number)}</span>'
+    cls = "num prop" if proposed else "num"
+    return f'<span class="{cls}"{style}>{e(number)}</span>'
+
+
+def _proposed(reg: Region) -> Optional[str]:
+    """A proposed region's source (``contours``, ``vlm``, ...); None for an input box or when unsaid."""
+    source = reg.get("source")
+    return str(source) if source not in (None, "", "input") else None
+
+
+def _source_tag(reg: Region) -> str:
+    source = _proposed(reg)
+    if source is None:
+        return ""
+    score = _num(reg.get("score"))
+    extra = f" {_fmt(score)}" if score is not None else ""
+    return f' <span class="tag prop">proposed ({e(source)}){e(extra)}</span>'
 
 
 # ---------------------------------------------------------------- sections
@@ -511,24 +663,95 @@ def _manifest_section(run: RunData) -> str:
         if run.config is not None:
             parts.append(f"<details><summary>config (.hydra/config.yaml)</summary>{_pre(_yaml_text(run.config))}"
                          "</details>")
-    return f'<details class="section" open><summary><h2>Manifest</h2></summary>{"".join(parts)}</details>'
+    return ('<details class="section provenance" open><summary><h2>Provenance</h2></summary>'
+            f'<p class="note">how this run was made: manifest.json (host, git, versions, data fingerprint) '
+            f'and the resolved config.</p>{"".join(parts)}</details>')
 
 
-def _headline(run: RunData) -> str:
+def _config(run: RunData) -> Dict[str, Any]:
+    cfg = run.config if isinstance(run.config, dict) else _dig(run.manifest, "config")
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _choices(run: RunData) -> Dict[str, Any]:
+    choices = _dig(run.manifest, "hydra", "choices")
+    if isinstance(choices, dict):
+        return choices
+    return run.choices or {}
+
+
+def _text(value: Any) -> Optional[str]:
+    return str(value) if value not in (None, "") and _is_scalar(value) else None
+
+
+def run_identity(run: RunData) -> Dict[str, Optional[str]]:
+    """What the run is, as a person names it: ``model``, ``prompt``, ``data``, ``engine`` (the config's
+    names, else Hydra's group choices), and ``data_path``."""
+    cfg, choices = _config(run), _choices(run)
+
+    def name(group: str) -> Optional[str]:
+        return _text(_dig(cfg, group, "name")) or _text(choices.get(group))
+
+    prompt = name("prompt")
+    strategy = _text(_dig(cfg, "prompt", "strategy"))
+    if strategy and prompt and strategy != prompt:
+        prompt = f"{prompt} ({strategy})"
+    return {"model": name("model"), "prompt": prompt or strategy, "data": name("data"),
+            "engine": name("engine") or _text(_dig(run.manifest, "engine", "name")),
+            "data_path": _text(_dig(cfg, "data", "path")) or _text(_dig(run.manifest, "data", "path"))}
+
+
+def prompt_strategy(run: RunData) -> Optional[str]:
+    """``marked`` or ``crop`` (``prompt.strategy`` of the run's config), None when unknown."""
+    return _text(_dig(_config(run), "prompt", "strategy"))
+
+
+def _identity_text(ident: Dict[str, Optional[str]]) -> str:
+    return " · ".join(f"{k} {ident[k]}" for k in ("model", "prompt", "data", "engine") if ident.get(k))
+
+
+def _card(value: str, label: str, cls: str = "") -> str:
+    return f'<div class="card {cls}"><div class="v">{e(value)}</div><div class="k">{e(label)}</div></div>'
+
+
+def _header(run: RunData) -> str:
+    """What the run is and how it did: model, prompt, data, engine, then the headline numbers."""
+    ident = run_identity(run)
+    names = "".join(f'<span class="id"><span class="k">{k}</span> <b>{e(ident[k])}</b></span>'
+                    for k in ("model", "prompt", "data", "engine") if ident.get(k))
+    sub = [f"<code>{e(run.path)}</code>"]
+    if ident.get("data_path"):
+        sub.append(f'data <code>{e(ident["data_path"])}</code>')
+    started = _text(_dig(run.manifest, "started"))
+    if started:
+        sub.append(f"started {e(started)}")
+    status = _text(_dig(run.manifest, "status"))
+    head = (f'<header class="top"><div class="kicker">regioncap run report · <b>{e(run.name)}</b>'
+            f'{" " + _badge(status) if status else ""}</div>'
+            f'<h1>{names or e(run.name)}</h1><p class="path">{" · ".join(sub)}</p>')
+    if run.records_file is None:
+        return head + "</header>"
     km = key_metrics(run)
-    cards = [
-        ("rows", _fmt(km["rows"])), ("error rate", _fmt(km["error_rate"], "pct")),
-        ("regions captioned", f"{_fmt(km['regions_captioned'])} / {_fmt(km['regions'])}"),
-        ("regions / s", _fmt(km["regions_per_s"])),
-        ("output tokens / region", _fmt(km["output_tokens_per_region"])),
-        ("parse success", _fmt(km["parse_success_rate"], "pct")),
-    ]
-    cards += [(name, _fmt(v)) for name, v in reference_scores(run.metrics or {}).items()]
+    big: List[Tuple[str, str]] = []
+    if km.get("exact_match") is not None:
+        big.append((_fmt(km["exact_match"], "pct"), "exact match"))
+        if km.get("attribute_accuracy") is not None:
+            big.append((_fmt(km["attribute_accuracy"], "pct"), "attribute accuracy"))
+    else:
+        big += [(_fmt(km["parse_success_rate"], "pct"), "parse success"), (_fmt(km["regions_per_s"]), "regions / s")]
+    small = []
+    wrong, exact = run.scan.get("regions_wrong"), run.scan.get("regions_exact")
+    if wrong or exact:
+        small.append((f"{_fmt(wrong)} / {_fmt((wrong or 0) + (exact or 0))}", "captions not an exact match"))
+    small.append((f"{_fmt(km['regions_captioned'])} / {_fmt(km['regions'])}", "regions captioned"))
+    if km.get("exact_match") is not None:
+        small += [(_fmt(km["regions_per_s"]), "regions / s"), (_fmt(km["parse_success_rate"], "pct"), "parse success")]
+    small += [(f"{_fmt(km['rows'])}", "rows"), (_fmt(km["error_rate"], "pct"), "error rate")]
     scene = _num(_dig(run.metrics or {}, "faithfulness", "scene_caption_rate"))
     if scene is not None:
-        cards.append(("scene-like captions", _fmt(scene, "pct")))
-    return '<div class="cards">' + "".join(
-        f'<div class="card"><div class="v">{e(v)}</div><div class="k">{e(k)}</div></div>' for k, v in cards) + "</div>"
+        small.append((_fmt(scene, "pct"), "scene-like captions"))
+    cards = "".join(_card(v, k, "big") for v, k in big) + "".join(_card(v, k) for v, k in small)
+    return head + f'<div class="cards">{cards}</div></header>'
 
 
 #: metrics.json keys by topic (regioncap/metrics.py); ``pct`` is a share shown as a percentage.
@@ -549,7 +772,7 @@ _METRIC_GROUPS = [
 ]
 _SHOWN = {k for _, keys in _METRIC_GROUPS for k, _ in keys} | {"stages", "errors", "references", "faithfulness"}
 #: A metrics.json dict with only these keys is a distribution (``latency_s``, ``caption_words``).
-_DIST_KEYS = {"n", "mean", "std", "min", "p50", "p90", "p95", "p99", "max"}
+_DIST_KEYS = {"n", "mean", "min", "p50", "p95", "max"}
 
 
 def _value_html(value: Any, kind: str = "") -> str:
@@ -605,7 +828,7 @@ def _metrics_section(run: RunData) -> str:
         tables.append(f"<div><h3>Other</h3>{_kv_table(other)}</div>")
     parts.append(f'<div class="tables">{"".join(tables)}</div>')
     if dists:
-        cols = [c for c in ("n", "mean", "std", "min", "p50", "p90", "p95", "p99", "max")
+        cols = [c for c in ("n", "mean", "min", "p50", "p95", "max")
                 if any(c in d for _, d in dists)]
         parts.append("<h3>Distributions</h3>" + _table(
             ["metric"] + cols, ([e(k)] + [e(_fmt(d.get(c))) for c in cols] for k, d in dists), "dist"))
@@ -647,77 +870,127 @@ def _count(value: Any) -> float:
     return _num(value) or 0
 
 
-def _as_texts(value: Any) -> List[str]:
-    items = value if isinstance(value, (list, tuple)) else [value]
-    return [str(v) for v in items if v is not None and str(v).strip()]
-
-
-def _references(rec: Dict[str, Any], reg: Dict[str, Any], key: Optional[str] = "references") -> List[str]:
-    """Reference captions of a region: on the region itself, or the row's ``data.references_key``
-    field (one entry per input box, a string or a list of strings) at the region's ``source_index``."""
+def _references(rec: CaptionRecord, reg: Region, key: Optional[str] = "references") -> List[str]:
+    """A region's reference captions: the row's ``data.references_key`` field (one entry per
+    input box, a string or a list of strings) at the region's ``source_index``."""
     from regioncap.metrics import reference_texts
 
-    for name in ("references", "reference"):
-        if reg.get(name):
-            return _as_texts(reg[name])
     return reference_texts(rec, reg, key)
 
 
 def _references_key(run: RunData) -> Optional[str]:
-    data = _dig(run.config, "data")
+    data = _dig(_config(run), "data")
     if isinstance(data, dict) and "references_key" in data:
         return data["references_key"]
     return "references"
 
 
-def _caption_cell(reg: Dict[str, Any], stage: Optional[str]) -> str:
+def _mark(exact: Optional[bool]) -> str:
+    """A check for a caption that is an exact match of a reference, a cross for one that is not."""
+    if exact is None:
+        return ""
+    if exact:
+        return '<span class="mk right" title="exact match of a reference">✓</span> '
+    return '<span class="mk wrong" title="not an exact match of any reference">✗</span> '
+
+
+def _caption_cell(reg: Region, stage: Optional[str]) -> str:
     caption = reg.get("caption")
     if caption:
-        html_ = f'<span class="cap">{e(_clip(str(caption)))}</span>'
+        exact = _exact(reg)
+        cls = "cap bad" if exact is False else "cap"
+        html_ = f'{_mark(exact)}<span class="{cls}">{e(_clip(str(caption)))}</span>'
         if reg.get("attempt") == 2:
             html_ += ' <span class="tag">re-asked</span>'
         for flag in reg.get("flags") or []:  # faithfulness flags (regioncap.metrics.region_flags)
             html_ += f' <span class="tag flag">{e(flag)}</span>'
-        return html_
+        return html_ + _source_tag(reg)
     if reg.get("missing") or stage == "caption":
-        return f'<span class="missing">missing</span> <span class="why">{e(reg.get("reason") or "")}</span>'
-    return '<span class="why">not captioned yet (visualize stage only)</span>'
+        return (f'<span class="missing">missing</span> <span class="why">{e(reg.get("reason") or "")}</span>'
+                + _source_tag(reg))
+    return '<span class="why">not captioned yet (visualize stage only)</span>' + _source_tag(reg)
 
 
-def _region_table(rec: Dict[str, Any], stage: Optional[str], palette: Sequence[str],
+def _refs_html(refs: Sequence[str]) -> str:
+    return "<br>".join(f'<span class="ref">{e(_clip(r, 500))}</span>' for r in refs) or '<span class="why">–</span>'
+
+
+def _regions(rec: CaptionRecord) -> List[Region]:
+    return [r for r in rec.get("regions") or [] if isinstance(r, dict)]
+
+
+def _requests(rec: CaptionRecord) -> List[RequestSpec]:
+    return [s for s in rec.get("requests") or [] if isinstance(s, dict)]
+
+
+def _region_table(rec: CaptionRecord, stage: Optional[str], palette: Sequence[str],
                   references_key: Optional[str] = "references") -> str:
-    regions = [r for r in rec.get("regions") or [] if isinstance(r, dict)]
-    has_refs = any(_references(rec, r, references_key) for r in regions)
+    regions = _regions(rec)
+    refs = [_references(rec, r, references_key) for r in regions]
+    has_refs = any(refs)
     has_scores = any(isinstance(r.get("scores"), dict) for r in regions)
     chunks = len({r.get("chunk") for r in regions}) > 1
     header = ["#", "caption"] + (["reference"] if has_refs else []) + (["scores"] if has_scores else [])
-    rows = []
-    for reg in regions:
-        num = _swatch(reg.get("number"), palette)
+    rows, classes = [], []
+    for reg, reg_refs in zip(regions, refs):
+        num = _swatch(reg.get("number"), palette, _proposed(reg) is not None)
         if chunks:
             num += f'<span class="why">img {e(_fmt(reg.get("chunk")))}</span>'
         cells = [num, _caption_cell(reg, stage)]
         if has_refs:
-            cells.append("<br>".join(f'<span class="ref">{e(_clip(r, 500))}</span>'
-                                     for r in _references(rec, reg, references_key)) or '<span class="why">–</span>')
+            cells.append(_refs_html(reg_refs))
         if has_scores:
             sc = reg.get("scores") if isinstance(reg.get("scores"), dict) else {}
             cells.append(e(", ".join(f"{k} {_fmt(v)}" for k, v in sc.items())))
         rows.append(cells)
+        classes.append("wrong" if _exact(reg) is False else "")
     cls = "regions" + (" missing-row" if any(r.get("missing") for r in regions) else "")
-    return _table(header, rows, cls)
+    return _table(header, rows, cls, classes)
 
 
-def _sample_card(run: RunData, rec: Dict[str, Any], thumb_px: int) -> str:
-    requests = [s for s in rec.get("requests") or [] if isinstance(s, dict)]
-    images = []
-    for spec in requests[:IMAGES_PER_ROW]:
-        label = str(spec.get("key", "")) if len(requests) > 1 else ""
-        images.append(_image_html(run.path, spec.get("image") or rec.get("image_with_bbox"), thumb_px, label))
-    if len(requests) > IMAGES_PER_ROW:
-        images.append(f'<p class="why">+{len(requests) - IMAGES_PER_ROW} more request images</p>')
+def _box_overlay(regions: Sequence[Region], size: Any, key: str, label: Any, only_proposed: bool) -> str:
+    """An SVG drawn over a thumbnail: each region's box (``key``: ``bbox`` on the original image,
+    ``input_bbox`` on the model's), dashed for a proposed region; ``label(region)`` is its text."""
+    if not (isinstance(size, list) and len(size) == 2 and all(_num(v) for v in size)):
+        return ""
+    w, h = float(size[0]), float(size[1])
+    font = max(8.0, min(w, h) / 14)
+    shapes = []
+    for reg in regions:
+        box = reg.get(key)
+        proposed = _proposed(reg) is not None
+        if only_proposed and not proposed:
+            continue
+        if not (isinstance(box, list) and len(box) == 4 and all(_num(v) is not None for v in box)):
+            continue
+        x1, y1, x2, y2 = (float(v) for v in box)
+        cls = "prop" if proposed else "box"
+        shapes.append(f'<rect class="{cls}" x="{x1:.1f}" y="{y1:.1f}" width="{max(0.0, x2 - x1):.1f}" '
+                      f'height="{max(0.0, y2 - y1):.1f}"/>')
+        text = label(reg)
+        if text:
+            shapes.append(f'<text x="{x1 + 2:.1f}" y="{y1 + font:.1f}" font-size="{font:.1f}">{e(text)}</text>')
+    if not shapes:
+        return ""
+    return (f'<svg class="overlay" viewBox="0 0 {w:g} {h:g}" preserveAspectRatio="none" aria-hidden="true">'
+            f'{"".join(shapes)}</svg>')
+
+
+def _with_overlay(figure: str, overlay: str) -> str:
+    """Put ``overlay`` over the ``<img>`` of ``figure`` (a placeholder figure is left alone)."""
+    if not overlay or "<img " not in figure:
+        return figure
+    start = figure.index("<img ")
+    end = figure.index(">", start) + 1
+    return figure[:start] + f'<div class="ov">{figure[start:end]}{overlay}</div>' + figure[end:]
+
+
+def _row_meta(rec: CaptionRecord) -> Tuple[str, str]:
+    """The row's id, status, image and sizes; and notes on dropped/clipped boxes and its error."""
     meta = [f'<span class="rowid">{e(rec.get("id"))}</span>', _badge(rec.get("status")),
             f'<code class="path">{e(rec.get("image"))}</code>']
+    if rec.get("type") == "without_bbox":
+        meta.append('<span class="tag prop">no input boxes: regions proposed</span>')
     size = rec.get("image_size")
     if isinstance(size, list) and len(size) == 2:
         meta.append(f'<span class="why">{e(size[0])}×{e(size[1])}</span>')
@@ -730,27 +1003,94 @@ def _sample_card(run: RunData, rec: Dict[str, Any], thumb_px: int) -> str:
         if items:
             notes.append(f"{key.replace('_', ' ')}: " + ", ".join(
                 f"#{e(d.get('index'))} {e(d.get('reason'))}" for d in items))
-    if isinstance(rec.get("error"), dict):
-        notes.append(f"error: {e(rec['error'].get('kind'))}: {e(_clip(str(rec['error'].get('message')), 500))}")
-    answer = ""
-    if rec.get("answer"):
-        answer = f"<details><summary>raw answer</summary>{_pre(_clip(str(rec['answer']), 4000))}</details>"
-    prompt = ""
-    if rec.get("prompt"):
-        prompt = f"<details><summary>prompt</summary>{_pre(_clip(str(rec['prompt']), 4000))}</details>"
+    err = rec.get("error")
+    if isinstance(err, dict):
+        notes.append(f"error: {e(err.get('kind'))}: {e(_clip(str(err.get('message')), 500))}")
     notes_html = f'<p class="why">{"<br>".join(notes)}</p>' if notes else ""
-    return (f'<div class="sample"><div class="imgs">{"".join(images)}</div><div class="caps">'
-            f'<div class="meta">{" ".join(meta)}</div>{notes_html}'
-            f"{_region_table(rec, run.stage, _palette(run), _references_key(run))}{answer}{prompt}</div></div>")
+    return f'<div class="meta">{" ".join(meta)}</div>', notes_html
+
+
+def _answer_and_prompt(rec: CaptionRecord) -> str:
+    out = ""
+    if rec.get("answer"):
+        out += f"<details><summary>raw answer</summary>{_pre(_clip(str(rec['answer']), 4000))}</details>"
+    if rec.get("prompt"):
+        out += f"<details><summary>prompt</summary>{_pre(_clip(str(rec['prompt']), 4000))}</details>"
+    return out
+
+
+def _is_crop_row(run: RunData, rec: CaptionRecord) -> bool:
+    """A row whose requests are one crop per region (``prompt.strategy=crop``; without a config:
+    every request holds one region)."""
+    strategy = prompt_strategy(run)
+    if strategy is not None:
+        return strategy == "crop"
+    requests = _requests(rec)
+    return bool(requests) and all(len(s.get("region_ids") or []) == 1 for s in requests) and len(requests) > 1
+
+
+def _sample_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
+    """One row: its marked image(s) beside the region table (marked mode)."""
+    requests = _requests(rec)
+    regions = _regions(rec)
+    images = []
+    for spec in requests[:IMAGES_PER_ROW]:
+        label = str(spec.get("key", "")) if len(requests) > 1 else ""
+        fig = _image_html(run.path, spec.get("image") or rec.get("image_with_bbox"), thumb_px, label)
+        if spec.get("image_size") == rec.get("input_size"):  # the whole image: proposed boxes drawn dashed over it
+            ids = set(spec.get("region_ids") or [])
+            fig = _with_overlay(fig, _box_overlay([r for r in regions if r.get("id") in ids], spec.get("image_size"),
+                                                  "input_bbox", lambda r: "", only_proposed=True))
+        images.append(fig)
+    if len(requests) > IMAGES_PER_ROW:
+        images.append(f'<p class="why">+{len(requests) - IMAGES_PER_ROW} more request images</p>')
+    meta, notes = _row_meta(rec)
+    return (f'<div class="sample"><div class="imgs">{"".join(images)}</div><div class="caps">{meta}{notes}'
+            f"{_region_table(rec, run.stage, _palette(run), _references_key(run))}"
+            f"{_answer_and_prompt(rec)}</div></div>")
+
+
+def _crop_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
+    """One row in crop mode: the input image with every region's box and id, then a grid of the
+    crops, each under its own region id with its caption (marked against its references)."""
+    regions = _regions(rec)
+    by_region: Dict[Any, RequestSpec] = {}
+    for spec in _requests(rec):
+        for rid in spec.get("region_ids") or []:
+            by_region.setdefault(rid, spec)  # the first request of a region (a re-ask reuses its crop)
+    key = _references_key(run)
+    original = _original_html(run, rec, thumb_px)
+    crops = []
+    for reg in regions[:CROPS_PER_ROW]:
+        spec = by_region.get(reg.get("id"), {})
+        classes = ["crop"] + (["wrong"] if _exact(reg) is False else []) + (["prop"] if _proposed(reg) else [])
+        refs = _references(rec, reg, key)
+        image = _image_html(run.path, spec.get("image"), max(64, thumb_px // 2))
+        crops.append(f'<div class="{" ".join(classes)}">{image}<div class="cc">'
+                     f'<span class="num rid">{e(reg.get("id"))}</span> {_caption_cell(reg, run.stage)}'
+                     + (f'<div class="crref">ref: {_refs_html(refs)}</div>' if refs else "") + "</div></div>")
+    if len(regions) > CROPS_PER_ROW:
+        crops.append(f'<p class="why">+{len(regions) - CROPS_PER_ROW} more regions</p>')
+    meta, notes = _row_meta(rec)
+    return (f'<div class="sample cropmode"><div class="imgs">{original}</div><div class="caps">{meta}{notes}'
+            f'<div class="cropgrid">{"".join(crops)}</div>{_answer_and_prompt(rec)}</div></div>')
 
 
 def _samples_section(run: RunData, thumb_px: int) -> str:
     if not run.samples:
         return '<section><h2>Samples</h2><p class="note">no row with an image to show.</p></section>'
     total = run.scan.get("rows", 0)
-    cards = "".join(_sample_card(run, rec, thumb_px) for rec in run.samples)
-    return (f"<section><h2>Samples</h2><p class=\"note\">{len(run.samples)} of {total} rows: the marked images "
-            f"the model saw (thumbnails) and each region's caption; the number is on its mark's colour.</p>"
+    crop = [_is_crop_row(run, rec) for rec in run.samples]
+    cards = "".join((_crop_card if c else _sample_card)(run, rec, thumb_px) for rec, c in zip(run.samples, crop))
+    what = ("each region's crop as the model saw it, under its region id" if all(crop) else
+            "the marked images the model saw (thumbnails) and each region's caption; the number is on its "
+            "mark's colour")
+    marks = ""
+    wrong, exact = run.scan.get("regions_wrong", 0), run.scan.get("regions_exact", 0)
+    if wrong or exact:
+        marks = (f' <span class="mk right">✓</span> an exact match of a reference, <span class="mk wrong">✗</span> '
+                 f"not ({_fmt(wrong)} of {_fmt(wrong + exact)} scored regions in the run).")
+    return (f"<section><h2>Samples</h2><p class=\"note\">{len(run.samples)} of {total} rows: {what}.{marks}</p>"
             f"{cards}</section>")
 
 
@@ -761,20 +1101,20 @@ def _problems(run: RunData) -> str:
 
 
 def render_run(run: RunData, *, thumb_px: int = DEFAULT_THUMB_PX) -> str:
-    """The HTML page of one run."""
-    title = f"regioncap report: {run.path.name}"
-    body = [f"<header><h1>{e(title)}</h1><p class=\"path\"><code>{e(run.path)}</code></p></header>"]
+    """The HTML page of one run: header with the results, samples, metrics and errors, provenance."""
+    ident = _identity_text(run_identity(run))
+    title = f"regioncap: {ident} ({run.path.name})" if ident else f"regioncap report: {run.path.name}"
+    body = [_header(run)]
     if run.failure:
         body.append(f'<div class="warn">this run has no records: {e(run.failure)}</div>')
     body.append(_problems(run))
     if run.records_file is not None:
-        body.append(_headline(run))
-    body.append(_manifest_section(run))
+        body.append(_samples_section(run, thumb_px))
     if run.records_file is not None or run.metrics:
         body.append(_metrics_section(run))
     if run.records_file is not None:
         body.append(_errors_section(run))
-        body.append(_samples_section(run, thumb_px))
+    body.append(_manifest_section(run))
     return _head(title) + "".join(body) + "</body></html>\n"
 
 
@@ -822,45 +1162,85 @@ def _job_status(job: RunData) -> str:
     return "ok"
 
 
-_COMPARE = [("error_rate", "error rate", "pct"), ("regions_captioned", "regions captioned", ""),
-            ("regions_per_s", "regions / s", ""), ("output_tokens_per_region", "out tokens / region", ""),
-            ("prompt_tokens_per_region", "prompt tokens / region", ""),
-            ("parse_success_rate", "parse success", "pct"), ("latency_p50_s", "latency p50 (s)", "")]
+_COMPARE = ["regions_per_s", "error_rate", "regions_captioned", "parse_success_rate", "output_tokens_per_region",
+            "prompt_tokens_per_region", "latency_p50_s"]
+#: Metrics where less is better (everything else: more is better).
+LOWER_IS_BETTER = {"error_rate", "output_tokens_per_region", "prompt_tokens_per_region", "latency_p50_s"}
 
 
-def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str]) -> str:
+def default_metric(jobs: Sequence[RunData]) -> str:
+    """Exact match where a job has references, else regions/s."""
+    return "exact_match" if any(key_metrics(j).get("exact_match") is not None for j in jobs) else "regions_per_s"
+
+
+def metric_name(metric: str) -> str:
+    """A ``--metric`` as a key of :data:`PLOT_METRICS`; metrics.json paths (``references.exact_match``,
+    ``stages.caption.regions_per_s``) are taken too. Raises :class:`ReportError` naming the choices."""
+    name = metric.strip()
+    for prefix in ("references.", "stages.caption."):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    if name not in PLOT_METRICS:
+        raise ReportError(f"--metric {metric!r} is not a metric the report plots; pick one of: "
+                          + ", ".join(PLOT_METRICS))
+    return name
+
+
+def _fmt_metric(key: str, value: Optional[float]) -> str:
+    return _fmt(value, "pct" if key in PCT_METRICS else "")
+
+
+def _best(kms: Sequence[Dict[str, Optional[float]]], key: str) -> Optional[int]:
+    """The index of the job with the best value of ``key`` (first on a tie), None when none has one."""
+    values = [(km.get(key), i) for i, km in enumerate(kms) if km.get(key) is not None]
+    if not values:
+        return None
+    low = key in LOWER_IS_BETTER
+    return min(values, key=lambda vi: ((vi[0] if low else -vi[0]), vi[1]))[1]
+
+
+def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: Optional[str] = None) -> str:
+    """One row per job. The first column (sticky when the table scrolls) names the job by its swept
+    overrides; exact match and attribute accuracy lead the metric columns; the best value of the
+    plotted metric is marked."""
     kms = [key_metrics(j) for j in jobs]
     score_names = _score_names(jobs)
-    header = ["job"] + list(varying) + ["status"] + [label for _, label, _ in _COMPARE] + score_names
+    lead = [n for n in SHARE_SCORES if n in score_names]
+    columns = lead + _COMPARE + [n for n in score_names if n not in lead]
+    header = ["job", "status"] + [PLOT_METRICS.get(k, k) if k != "regions_captioned" else "regions captioned"
+                                  for k in columns]
+    best = _best(kms, metric) if metric else None
     rows = []
-    for job, km in zip(jobs, kms):
+    for i, (job, km) in enumerate(zip(jobs, kms)):
         d = dict(split_override(o) for o in job.overrides)
-        status = _job_status(job)
         link = ""
         if (job.path / REPORT_FILE).is_file():
-            rel = f"{job.path.name}/{REPORT_FILE}"
-            link = f' <a href="{e(rel)}">report</a>'
-        status_html = _badge(status)
+            link = f' <a href="{e(job.path.name + "/" + REPORT_FILE)}">report</a>'
+        params = "".join(f'<div class="kv"><span class="k">{e(k)}=</span><code>{e(d.get(k, "–"))}</code></div>'
+                         for k in varying)
+        status_html = _badge(_job_status(job))
         if job.failure:
             status_html += f'<div class="why">{e(_clip(job.failure, 300))}</div>'
-        cells = [f"<code>{e(job.name)}</code>{link}"] + [f"<code>{e(d.get(k, '–'))}</code>" for k in varying]
-        cells.append(status_html)
-        for key, _, kind in _COMPARE:
+        cells = [f"<code>{e(job.name)}</code>{link}{params}", status_html]
+        for key in columns:
             value = km.get(key)
             if key == "regions_captioned" and value is not None:
-                cells.append(f"{e(_fmt(value))} / {e(_fmt(km.get('regions')))}")
+                cell = f"{e(_fmt(value))} / {e(_fmt(km.get('regions')))}"
             else:
-                cells.append(e(_fmt(value, kind)))
-        cells += [e(_fmt(km.get(n))) for n in score_names]
+                cell = e(_fmt_metric(key, value))
+            if key == metric and i == best:
+                cell = f'<b class="best" title="best {e(PLOT_METRICS.get(key, key))}">{cell}</b>'
+            cells.append(cell)
         rows.append(cells)
     return _table(header, rows, "compare")
 
 
 def _score_names(jobs: Sequence[RunData]) -> List[str]:
-    names: List[str] = []
+    """The reference scores any job has, in :data:`REFERENCE_SCORES` order."""
+    have = set()
     for job in jobs:
-        names += [n for n in reference_scores(job.metrics or {}) if n not in names]
-    return names
+        have.update(reference_scores(job.metrics or {}))
+    return [n for n in REFERENCE_SCORES if n in have]
 
 
 def _plot_label(text: str) -> str:
@@ -868,111 +1248,134 @@ def _plot_label(text: str) -> str:
     return text.replace("$", r"\$")
 
 
-def sweep_plots(jobs: Sequence[RunData], varying: Sequence[str]) -> List[Tuple[str, str]]:
-    """Quality-vs-cost and metric-vs-parameter plots as ``(title, PNG data URI)``; matplotlib's Agg, no pyplot."""
+def _save(fig: Any) -> str:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    # No Software/date metadata: the same sweep gives the same bytes.
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
+    return _png_uri(buf.getvalue())
+
+
+def _y_axis(ax: Any, key: str) -> None:
+    if key in PCT_METRICS:
+        from matplotlib.ticker import PercentFormatter
+
+        ax.set_ylim(0, 1.08)
+        ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=0))
+
+
+def param_values(jobs: Sequence[RunData], param: str) -> Tuple[List[Optional[str]], List[str], bool]:
+    """Each job's value of a swept override, the distinct values in plot order, and whether they are numbers."""
+    values = [dict(split_override(o) for o in j.overrides).get(param) for j in jobs]
+    distinct = list(dict.fromkeys(v for v in values if v is not None))
+    numeric = bool(distinct) and all(_is_number(v) for v in distinct)
+    return values, (sorted(distinct, key=float) if numeric else distinct), numeric
+
+
+def param_figure(jobs: Sequence[RunData], varying: Sequence[str], param: str, metric: str) -> Optional[Any]:
+    """``metric`` (and regions/s, its cost) against one swept parameter: bars for categorical values
+    (grouped by the other swept overrides), lines for numbers. None when fewer than two values of the
+    parameter have the metric."""
     from matplotlib.figure import Figure
 
     kms = [key_metrics(j) for j in jobs]
-    labels = [_plot_label(job_label(j, varying)) for j in jobs]
-    plots: List[Tuple[str, str]] = []
+    values, order, numeric = param_values(jobs, param)
+    others = [k for k in varying if k != param]
+    panels = [metric] + (["regions_per_s"] if metric != "regions_per_s" else [])
+    have = [k for k in panels if len({v for v, km in zip(values, kms) if v is not None and km.get(k) is not None}) >= 2]
+    if metric not in have:  # the cost panel alone would be titled after a metric it does not show
+        return None
+    width_each = max(3.4, 0.85 * len(order) + 2.2)
+    fig = Figure(figsize=(width_each * len(have), 3.3))
+    for p, key in enumerate(have):
+        ax = fig.add_subplot(1, len(have), p + 1)
+        groups: Dict[str, Dict[str, float]] = {}
+        for job, km, v in zip(jobs, kms, values):
+            if v is None or km.get(key) is None:
+                continue
+            groups.setdefault(_plot_label(job_label(job, others)) if others else "", {})[v] = float(km[key])  # type: ignore[arg-type]
+        if numeric:
+            for gname, pts in groups.items():
+                xs = sorted(pts, key=float)
+                ax.plot([float(x) for x in xs], [pts[x] for x in xs], marker="o", label=gname or None)
+        else:
+            bar_w = 0.8 / max(1, len(groups))
+            # The bars of one value side by side, centred on it (a value some groups lack leaves no gap).
+            present = {v: [g for g in groups if v in groups[g]] for v in order}
+            for g, (gname, pts) in enumerate(groups.items()):
+                xs = [order.index(v) + (present[v].index(gname) - (len(present[v]) - 1) / 2) * bar_w for v in pts]
+                ys = list(pts.values())
+                bars = ax.bar(xs, ys, bar_w * 0.92, label=gname or None, color=f"C{g % 10}", zorder=3)
+                ax.bar_label(bars, labels=[_fmt_metric(key, y) for y in ys], fontsize=7, padding=2)
+            ax.set_xticks(range(len(order)))
+            ax.set_xticklabels([_plot_label(str(o)) for o in order], rotation=15 if len(order) > 3 else 0, fontsize=8)
+            ax.set_xlim(-0.6, len(order) - 0.4)
+            if key not in PCT_METRICS:  # room for the value labels above the bars
+                ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
+        _y_axis(ax, key)
+        ax.set_xlabel(_plot_label(param))
+        ax.set_title(PLOT_METRICS[key], fontsize=9)
+        ax.grid(alpha=0.3, axis="y" if not numeric else "both", zorder=0)
+        if others and p == 0 and groups:
+            ax.legend(fontsize=6)
+    fig.suptitle(f"{PLOT_METRICS[metric]} by {_plot_label(param)}", fontsize=10)
+    fig.tight_layout()
+    return fig
 
-    def save(fig: Figure) -> str:
-        FigureCanvasAgg(fig)
-        buf = io.BytesIO()
-        # No Software/date metadata: the same sweep gives the same bytes.
-        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight", metadata={"Software": None})
-        return _png_uri(buf.getvalue())
 
-    score_names = _score_names(jobs)
-    qualities = [(n, n) for n in score_names[:2]] + [("parse_success_rate", "parse success rate"),
-                                                     ("captioned_share", "regions captioned (share)")]
-    costs = [("regions_per_s", "regions / s (higher is cheaper)"),
-             ("output_tokens_per_region", "output tokens / region")]
-    def varies(key: str) -> bool:
-        return len({km[key] for km in kms if km.get(key) is not None}) > 1
+def _cost_figure(jobs: Sequence[RunData], varying: Sequence[str], metric: str) -> Optional[Any]:
+    """``metric`` against regions/s, one point per job; None when the metric is regions/s or no job has both."""
+    from matplotlib.figure import Figure
 
-    # A quality every job has the same value of makes a flat plot: leave it to the table
-    # (but keep one quality-vs-cost plot when nothing varies).
-    varying_q = [q for q in qualities if varies(q[0])]
-    present_q = [q for q in qualities if any(km.get(q[0]) is not None for km in kms)]
-    qualities = varying_q or present_q[:1]
+    if metric == "regions_per_s":
+        return None
+    kms = [key_metrics(j) for j in jobs]
+    pts = [(i, km["regions_per_s"], km[metric]) for i, km in enumerate(kms)
+           if km.get("regions_per_s") is not None and km.get(metric) is not None]
+    if not pts:
+        return None
     markers = "osD^vP*X<>"
-    for qkey, qlabel in qualities:
-        panels = []
-        for ckey, clabel in costs:
-            pts = [(i, km[ckey], km[qkey]) for i, km in enumerate(kms)
-                   if km.get(ckey) is not None and km.get(qkey) is not None]
-            if pts:
-                panels.append((clabel, pts))
-        if not panels:
-            continue
-        try:
-            fig = Figure(figsize=(4.6 * len(panels) + 3.2, 3.4))
-            shown: Dict[int, Any] = {}
-            for p, (clabel, pts) in enumerate(panels):
-                ax = fig.add_subplot(1, len(panels), p + 1)
-                for i, x, y in pts:
-                    # One colour and marker per job; the job number beside the point, the
-                    # overrides in the legend (labels on the points overlap where jobs tie).
-                    handle = ax.scatter([x], [y], s=40, zorder=3, color=f"C{i % 10}", marker=markers[i % len(markers)],
-                                        label=f"{jobs[i].name}: {labels[i]}")
-                    shown.setdefault(i, handle)
-                    ax.annotate(_plot_label(jobs[i].name), (x, y), textcoords="offset points", xytext=(5, 4),
-                                fontsize=7)
-                ax.set_xlabel(clabel)
-                ax.set_ylabel(qlabel)
-                ax.grid(alpha=0.3)
-                ax.margins(0.15)
-            fig.legend(handles=[shown[i] for i in sorted(shown)], loc="center left", bbox_to_anchor=(1.0, 0.5),
-                       fontsize=7, frameon=False)
-            fig.suptitle(f"{qlabel} vs cost, one point per job", fontsize=10)
-            fig.tight_layout()
-            plots.append((f"{qlabel} vs cost", save(fig)))
-        except Exception as exc:  # a plot is a nicety; never fail the report for it
-            log.warning("report: plot %s failed: %s", qlabel, exc)
-        if len(plots) >= 3:
-            break
+    fig = Figure(figsize=(7.4, 3.4))
+    ax = fig.add_subplot(1, 1, 1)
+    for i, x, y in pts:
+        # One colour and marker per job; the job number beside the point, the overrides in the legend.
+        ax.scatter([x], [y], s=44, zorder=3, color=f"C{i % 10}", marker=markers[i % len(markers)],
+                   label=f"{_plot_label(jobs[i].name)}: {_plot_label(job_label(jobs[i], varying))}")
+        ax.annotate(_plot_label(jobs[i].name), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel("regions / s (higher is cheaper)")
+    ax.set_ylabel(PLOT_METRICS[metric])
+    _y_axis(ax, metric)
+    ax.grid(alpha=0.3)
+    ax.margins(0.15)
+    ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=7, frameon=False)
+    fig.suptitle(f"{PLOT_METRICS[metric]} vs cost, one point per job", fontsize=10)
+    fig.tight_layout()
+    return fig
 
-    metrics = [("regions_per_s", "regions / s"), ("output_tokens_per_region", "out tokens / region"),
-               ("parse_success_rate", "parse success"), ("error_rate", "error rate")] + \
-              [(n, n) for n in score_names[:2]]
-    metrics = [(k, lab) for k, lab in metrics if varies(k)] or \
-        [(k, lab) for k, lab in metrics if any(km.get(k) is not None for km in kms)][:1]
+
+def sweep_plots(jobs: Sequence[RunData], varying: Sequence[str], metric: Optional[str] = None
+                ) -> List[Tuple[str, str]]:
+    """Plots of one metric (default :func:`default_metric`) against each swept parameter and against
+    cost, as ``(title, PNG data URI)``; matplotlib's Agg, no pyplot. A plot that fails is left out."""
+    metric = metric_name(metric) if metric else default_metric(jobs)
+    plots: List[Tuple[str, str]] = []
+    label = PLOT_METRICS[metric]
     for param in list(varying)[:3]:
-        values = [dict(split_override(o) for o in j.overrides).get(param) for j in jobs]
-        if len({v for v in values if v is not None}) < 2 or not metrics:
-            continue
-        others = [k for k in varying if k != param]
-        numeric = all(_is_number(v) for v in values if v is not None)
-        order = sorted({v for v in values if v is not None}, key=float) if numeric else \
-            list(dict.fromkeys(v for v in values if v is not None))
         try:
-            fig = Figure(figsize=(3.4 * len(metrics), 3.2))
-            for i, (mkey, mlabel) in enumerate(metrics):
-                ax = fig.add_subplot(1, len(metrics), i + 1)
-                groups: Dict[str, List[Tuple[float, float]]] = {}
-                for job, km, v in zip(jobs, kms, values):
-                    if v is None or km.get(mkey) is None:
-                        continue
-                    x = float(v) if numeric else order.index(v)
-                    groups.setdefault(_plot_label(job_label(job, others)) if others else "", []).append((x, km[mkey]))
-                for gname, pts in groups.items():
-                    pts.sort()
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=gname or None)
-                if not numeric:
-                    ax.set_xticks(range(len(order)))
-                    ax.set_xticklabels([_plot_label(str(o)) for o in order], rotation=20, fontsize=7)
-                ax.set_xlabel(_plot_label(param))
-                ax.set_title(mlabel, fontsize=9)
-                ax.grid(alpha=0.3)
-                if others and i == 0 and groups:
-                    ax.legend(fontsize=6)
-            fig.suptitle(f"metrics vs {_plot_label(param)}", fontsize=10)
-            fig.tight_layout()
-            plots.append((f"metrics vs {param}", save(fig)))
-        except Exception as exc:
-            log.warning("report: plot vs %s failed: %s", param, exc)
+            fig = param_figure(jobs, varying, param, metric)
+            if fig is not None:
+                kind = "line chart" if param_values(jobs, param)[2] else "bar chart"
+                plots.append((f"{label} by {param} ({kind})", _save(fig)))
+        except Exception as exc:  # a plot is a nicety; never fail the report for it
+            log.warning("report: plot of %s by %s failed: %s", metric, param, exc)
+    try:
+        fig = _cost_figure(jobs, varying, metric)
+        if fig is not None:
+            plots.append((f"{label} vs cost (scatter)", _save(fig)))
+    except Exception as exc:
+        log.warning("report: plot of %s vs cost failed: %s", metric, exc)
     return plots
 
 
@@ -984,7 +1387,7 @@ def _is_number(value: str) -> bool:
 
 
 def _side_by_side(jobs: Sequence[RunData], varying: Sequence[str], thumb_px: int) -> str:
-    """The same rows' captions from every job, on the first job's marked image."""
+    """The same rows' captions from every job, on the first job's image, each marked against its references."""
     jobs = [j for j in jobs if j.records_file is not None]  # a failed job has nothing to compare
     base = next((j for j in jobs if j.samples), None)
     if base is None:
@@ -993,53 +1396,82 @@ def _side_by_side(jobs: Sequence[RunData], varying: Sequence[str], thumb_px: int
     blocks = []
     for rec in base.samples[:SWEEP_ROWS]:
         rid = str(rec.get("id"))
-        spec = next((s for s in rec.get("requests") or [] if isinstance(s, dict)), {})
-        image = _image_html(base.path, spec.get("image"), thumb_px, f"marks as drawn in job {base.name}")
-        header = ["region"] + [job_label(j, varying) for j in jobs]
-        rows = []
-        for reg in rec.get("regions") or []:
-            if not isinstance(reg, dict):
-                continue
-            cells = [f'{_swatch(reg.get("number"), _palette(base))}<span class="why">id {e(reg.get("id"))}</span>']
+        crop = _is_crop_row(base, rec)
+        if crop:
+            image = _original_html(base, rec, thumb_px)
+        else:
+            spec = next(iter(_requests(rec)), {})
+            image = _image_html(base.path, spec.get("image"), thumb_px, f"marks as drawn in job {base.name}")
+        key = _references_key(base)
+        header = ["region"] + [job_label(j, varying) for j in jobs] + ["reference"]
+        rows, has_refs = [], False
+        for reg in _regions(rec):
+            label = (f'<span class="num rid">{e(reg.get("id"))}</span>' if crop else
+                     f'{_swatch(reg.get("number"), _palette(base), _proposed(reg) is not None)}'
+                     f'<span class="why">id {e(reg.get("id"))}</span>')
+            cells = [label]
             for j, lookup in zip(jobs, by_job):
                 other = lookup.get(rid)
-                match = next((r for r in (other or {}).get("regions") or []
-                              if isinstance(r, dict) and r.get("id") == reg.get("id")), None)
+                match = next((r for r in _regions(other or {}) if r.get("id") == reg.get("id")), None)
                 cells.append(_caption_cell(match, j.stage) if match else '<span class="why">–</span>')
+            refs = _references(rec, reg, key)
+            has_refs = has_refs or bool(refs)
+            cells.append(_refs_html(refs))
             rows.append(cells)
+        if not has_refs:
+            header = header[:-1]
+            rows = [r[:-1] for r in rows]
         layout = "wide" if len(jobs) <= 2 else "stack"  # many jobs: the table gets the page's width
         blocks.append(f'<div class="sample {layout}"><div class="imgs">{image}</div><div class="caps">'
                       f'<div class="meta"><span class="rowid">{e(rid)}</span> <code class="path">'
                       f'{e(rec.get("image"))}</code></div><div class="scroll">{_table(header, rows, "regions side")}'
                       "</div></div></div>")
-    return ("<section><h2>Captions side by side</h2><p class=\"note\">the same rows in every job; region ids "
-            "are the row's kept boxes in input order (mark numbers restart on each chunk image).</p>"
+    return ("<section><h2>Captions side by side</h2><p class=\"note\">the same rows in every job; regions by id "
+            "(the row's kept boxes in input order; mark numbers restart on each chunk image); "
+            '<span class="mk right">✓</span> an exact match of a reference, <span class="mk wrong">✗</span> not.</p>'
             + "".join(blocks) + "</section>")
 
 
-def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DEFAULT_THUMB_PX) -> str:
+def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DEFAULT_THUMB_PX,
+                 metric: Optional[str] = None) -> str:
     """The HTML page of a multirun: comparison, plots, side-by-side captions, per-job details."""
     problems: List[str] = []
     multirun = _read_yaml(sweep_dir / "multirun.yaml", problems)
     task = _dig(multirun, "hydra", "overrides", "task")
     varying, common = _varying(jobs)
-    title = f"regioncap sweep report: {sweep_dir.name}"
-    body = [f"<header><h1>{e(title)}</h1><p class=\"path\"><code>{e(sweep_dir)}</code></p></header>"]
+    metric = metric_name(metric) if metric else default_metric(jobs)
+    idents = [run_identity(j) for j in jobs if j.config or j.manifest]
+    same = {k: idents[0][k] for k in ("model", "prompt", "data", "engine")
+            if idents and idents[0].get(k) and all(i.get(k) == idents[0][k] for i in idents)}
+    swept = ", ".join(varying)
+    title = f"regioncap sweep: {swept or sweep_dir.name}" + (f" · {_identity_text(same)}" if same else "")
+    names = "".join(f'<span class="id"><span class="k">{k}</span> <b>{e(v)}</b></span>' for k, v in same.items())
+    body = [f'<header class="top"><div class="kicker">regioncap sweep report · <b>{e(sweep_dir.name)}</b></div>'
+            f'<h1><span class="id"><span class="k">swept</span> <b>{e(swept or "–")}</b></span>{names}</h1>'
+            f'<p class="path"><code>{e(sweep_dir)}</code></p>']
+    kms = [key_metrics(j) for j in jobs]
+    cards = [_card(str(len(jobs)), "jobs"), _card(str(sum(1 for j in jobs if j.records_file is None)), "failed")]
+    best = _best(kms, metric)
+    if best is not None:
+        cards.insert(0, _card(_fmt_metric(metric, kms[best][metric]),
+                              f"best {PLOT_METRICS[metric]}: job {jobs[best].name} ({job_label(jobs[best], varying)})",
+                              "big"))
+    body.append(f'<div class="cards">{"".join(cards)}</div></header>')
     if problems:
         body.append('<div class="warn">' + "<br>".join(e(p) for p in problems) + "</div>")
-    info = [("jobs", e(len(jobs))), ("failed", e(sum(1 for j in jobs if j.records_file is None)))]
+    info = []
     if isinstance(task, list):
         info.append(("sweep overrides", "<code>" + e(" ".join(str(t) for t in task)) + "</code>"))
     if common:
         info.append(("common overrides", "<code>" + e(" ".join(f"{k}={v}" for k, v in common.items())) + "</code>"))
-    body.append(_kv_table(info))
-    body.append('<section><h2>Jobs</h2><div class="scroll">' + _comparison_table(jobs, varying)
-                + "</div></section>")
-    plots = sweep_plots(jobs, varying)
+    body.append('<section><h2>Jobs</h2>' + (_kv_table(info) if info else "")
+                + '<div class="scroll">' + _comparison_table(jobs, varying, metric) + "</div></section>")
+    plots = sweep_plots(jobs, varying, metric)
     if plots:
         figs = "".join(f'<figure class="plot"><img src="{uri}" alt="{e(t)}"><figcaption>{e(t)}</figcaption></figure>'
                        for t, uri in plots)
-        body.append(f"<section><h2>Quality and cost</h2>{figs}</section>")
+        body.append(f'<section><h2>{e(PLOT_METRICS[metric])} across the sweep</h2><p class="note">the metric is '
+                    f'<code>--metric {e(metric)}</code> of <code>python -m regioncap.report</code>.</p>{figs}</section>')
     body.append(_side_by_side(jobs, varying, thumb_px))
     details = []
     for job in jobs:
@@ -1064,18 +1496,23 @@ def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DE
 
 # ---------------------------------------------------------------- entry points
 def write_report(run_dir: Path, out: Optional[Path] = None, *, max_rows: int = DEFAULT_ROWS,
-                 thumb_px: int = DEFAULT_THUMB_PX) -> Path:
+                 thumb_px: int = DEFAULT_THUMB_PX, metric: Optional[str] = None) -> Path:
     """Write the HTML report of a run dir or a multirun dir; return its path (default ``run_dir/report.html``).
 
-    Raises :class:`ReportError` when ``run_dir`` is neither; a failed or partial
-    run is reported, not raised.
+    ``metric``: what a sweep's plots show (a :data:`PLOT_METRICS` name or a metrics.json path such
+    as ``references.exact_match``; default exact match where the jobs have references, else regions/s).
+
+    Raises :class:`ReportError` when ``run_dir`` is neither, or ``metric`` is not a metric the report
+    plots; a failed or partial run is reported, not raised.
     """
+    if metric is not None:
+        metric = metric_name(metric)  # a bad name fails before anything is read
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory; give a run dir (with {CAPTIONS_FILE}) or a multirun dir")
     if is_multirun_dir(run_dir):
         jobs = [load_run(d, max_rows=SWEEP_ROWS, prefer_partial=False) for d in job_dirs(run_dir)]
-        page = render_sweep(run_dir, jobs, thumb_px=thumb_px)
+        page = render_sweep(run_dir, jobs, thumb_px=thumb_px, metric=metric)
     else:
         run = load_run(run_dir, max_rows=max_rows)
         if run.records_file is None and run.metrics is None and not (run_dir / ".hydra").is_dir():
@@ -1101,9 +1538,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="sample rows shown (default %(default)s)")
     parser.add_argument("--thumb", type=int, default=DEFAULT_THUMB_PX,
                         help="longest side of embedded thumbnails in px (default %(default)s)")
+    parser.add_argument("--metric", default=None,
+                        help="the metric a sweep's plots show: " + ", ".join(PLOT_METRICS)
+                        + " (metrics.json paths such as references.exact_match work too; default exact_match "
+                        "where the jobs have references, else regions_per_s)")
     args = parser.parse_args(argv)
     try:
-        out = write_report(args.path, args.out, max_rows=max(0, args.rows), thumb_px=max(16, args.thumb))
+        out = write_report(args.path, args.out, max_rows=max(0, args.rows), thumb_px=max(16, args.thumb),
+                           metric=args.metric)
     except (ReportError, OSError) as exc:
         print(f"regioncap.report: {exc}", file=sys.stderr)
         return 2
@@ -1136,13 +1578,13 @@ table.compare td{font-variant-numeric:tabular-nums}
 .tables{display:flex;flex-wrap:wrap;gap:8px 28px}
 .manifest table.kv td{max-width:420px;word-break:break-all}
 .cards{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0 4px}
-.card{border:1px solid var(--line);border-radius:8px;padding:8px 14px;min-width:130px;background:var(--soft)}
+.card{border:1px solid var(--line);border-radius:8px;padding:8px 14px;min-width:110px;background:var(--soft)}
 .card .v{font-size:20px;font-weight:600;font-variant-numeric:tabular-nums}.card .k{font-size:12px;color:var(--mute)}
 .note,.why{color:var(--mute);font-size:12px}
 .why{margin-left:4px}
 .ok{color:#067647}
 .warn{background:#fffaeb;border:1px solid #fedf89;color:var(--warn);border-radius:6px;padding:8px 12px;margin:8px 0;word-break:break-word}
-.sample{display:grid;grid-template-columns:minmax(0,396px) minmax(0,1fr);gap:16px;border-top:1px solid var(--line);padding:14px 0}
+.sample{display:grid;grid-template-columns:minmax(0,320px) minmax(0,1fr);gap:16px;border-top:1px solid var(--line);padding:14px 0}
 .imgs{display:flex;flex-direction:column;gap:8px}
 figure{margin:0}
 figure img{max-width:100%;height:auto;display:block;border-radius:4px;border:1px solid var(--line)}
@@ -1175,7 +1617,38 @@ a{color:var(--accent)}
 .sample.stack{grid-template-columns:1fr}.sample.stack .imgs{max-width:320px}
 table.side td{min-width:120px}
 table.compare{font-size:12.5px}table.compare th,table.compare td{padding:4px 6px}
-table.compare .why{display:block;margin:2px 0 0;min-width:140px;max-width:260px}
+table.compare thead th{white-space:normal;min-width:58px;max-width:110px;vertical-align:bottom}
+table.compare td:first-child,table.compare th:first-child{position:sticky;left:0;z-index:1;background:var(--bg);
+box-shadow:inset -1px 0 0 var(--line);min-width:150px;max-width:300px;word-break:break-word}
+table.compare thead th:first-child{background:var(--soft)}
+table.compare .kv{font-size:12px;margin-top:2px}table.compare .kv .k{color:var(--mute)}
+table.compare .why{display:block;margin:2px 0 0;min-width:120px;max-width:220px}
+b.best{color:#067647}
+header.top{border-bottom:1px solid var(--line);padding-bottom:12px;margin-bottom:10px}
+.kicker{color:var(--mute);font-size:12px;margin-bottom:2px}
+h1 .id{display:inline-block;margin-right:18px;font-weight:400}h1 .id .k{color:var(--mute);font-size:13px;font-weight:500;
+text-transform:uppercase;letter-spacing:.04em}h1 .id b{font-weight:650}
+.card.big{background:#fff;border-color:#c7d7fe;min-width:170px}.card.big .v{font-size:28px;color:#1f2a6b}
+.mk{display:inline-block;width:18px;height:18px;line-height:18px;border-radius:9px;text-align:center;font-weight:700;font-size:12px}
+.mk.right{background:#ecfdf3;color:#067647}.mk.wrong{background:var(--bad);color:#fff}
+tr.wrong td{background:#fef3f2}tr.wrong td:first-child{box-shadow:inset 3px 0 0 var(--bad)}
+.cap.bad{color:var(--bad);font-weight:600}
+.num.prop{outline:2px dashed #444;outline-offset:1px}
+.tag.prop{background:#f4f3ff;color:#5925dc;border:1px dashed #9e77ed}
+.ov{position:relative;line-height:0}.ov img{width:100%}
+svg.overlay{position:absolute;left:0;top:0;width:100%;height:100%;pointer-events:none}
+svg.overlay rect{fill:none;stroke-width:2;vector-effect:non-scaling-stroke}
+svg.overlay rect.box{stroke:#ffd400}svg.overlay rect.prop{stroke:#fff;stroke-dasharray:5 3}
+svg.overlay text{fill:#ffd400;font-weight:700;paint-order:stroke;stroke:#000;stroke-width:2px;font-family:sans-serif}
+.sample.cropmode{grid-template-columns:minmax(0,240px) minmax(0,1fr)}
+.cropgrid{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px;margin:6px 0}
+.crop{border:1px solid var(--line);border-radius:6px;padding:6px;background:var(--soft)}
+.crop figure img{width:100%;height:128px;object-fit:contain;background:#fff}
+.crop.wrong{border-color:var(--bad);box-shadow:inset 0 0 0 1px var(--bad);background:#fef3f2}
+.crop.prop{border-style:dashed;border-color:#5925dc}
+.crop .cc{margin-top:5px;font-size:13px;line-height:1.35}
+.crop .crref{font-size:12px;color:var(--mute);margin-top:2px}
+.num.rid{background:#344054}
 @media (max-width:800px){.sample{grid-template-columns:1fr}}
 """
 

@@ -15,6 +15,7 @@ import html
 import json
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -30,7 +31,8 @@ from PIL import Image
 from conftest import REPO, compose, run_cli
 from regioncap.job import execute
 from regioncap.records import read_jsonl
-from regioncap.report import ReportError, main as report_main, write_report
+from regioncap.report import (ReportError, job_dirs, load_run, main as report_main, param_figure, reference_scores,
+                              write_report)
 
 ARTIFACTS = REPO / "outputs" / "test-artifacts"
 HOSTILE_ID = '<script>alert("id")</script>'
@@ -65,6 +67,24 @@ def run_dir(tmp_path_factory) -> Path:
                    "engine.skip_regions=[2]", "engine.answer_on_reask=false"], output_dir=out)
     with pytest.MonkeyPatch.context() as mp:
         # METEOR starts a JVM (~10 s); the report only shows whatever scores metrics.json has.
+        mp.setattr("regioncap.metrics.meteor_absent", lambda: "skipped by the report tests", raising=False)
+        execute(cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def crop_dir(tmp_path_factory) -> Path:
+    """A real ``prompt=crop`` run with the fake engine: one request (one crop) per region, every
+    mark numbered 1; the fake's caption names the request (``<row>/r<region id>``)."""
+    root = tmp_path_factory.mktemp("crop")
+    Image.new("RGB", (480, 320), (40, 120, 200)).save(root / "blue.png")
+    rows = [{"id": "three", "image": "blue.png", "bbox": [[20, 20, 200, 100], [250, 40, 100, 200], [5, 200, 60, 60]],
+             "references": ["a box", "another box", "a third box"]},
+            {"id": "one", "image": "blue.png", "bbox": [[30, 30, 90, 90]], "references": ["a box"]}]
+    data = _write_rows(root / "rows.jsonl", rows)
+    out = root / "run"
+    cfg = compose(["engine=fake", "progress=false", "data=jsonl", f"data.path={data}", "prompt=crop"], output_dir=out)
+    with pytest.MonkeyPatch.context() as mp:
         mp.setattr("regioncap.metrics.meteor_absent", lambda: "skipped by the report tests", raising=False)
         execute(cfg)
     return out
@@ -165,6 +185,141 @@ def test_run_report_shows_captions_escaped_and_embeds_images(run_dir):
     assert len(page.encode()) < 500_000
 
 
+def _sections(page: str) -> List[str]:
+    """The page's section headings (h2), in order."""
+    return [t for t in re.findall(r"<h2>(.*?)</h2>", page)]
+
+
+def test_run_report_leads_with_results(run_dir):
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    doc = assert_self_contained(page)
+    # The title and the header name the model, the prompt, the data and the engine.
+    title = re.search(r"<title>(.*?)</title>", page).group(1)
+    for part in ("model tiny", "prompt marked", "data jsonl", "engine fake"):
+        assert part in title, title
+    header = page[page.index('<header class="top">'):page.index("</header>")]
+    for name in ("model", "prompt", "data", "engine"):
+        assert f'<span class="k">{name}</span>' in header
+    assert "<b>tiny</b>" in header and "<b>marked</b>" in header and "<b>fake</b>" in header
+    # Headline: exact match and attribute accuracy (the data has references), not BLEU-4.
+    big = re.findall(r'<div class="card big"><div class="v">(.*?)</div><div class="k">(.*?)</div>', header)
+    assert [k for _, k in big] == ["exact match", "attribute accuracy"]
+    assert "bleu" not in header.lower()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert big[0][0] == f"{metrics['references']['exact_match']:.1%}"
+    # Results, then samples, then metrics and errors, then provenance, last.
+    assert _sections(page) == ["Samples", "Metrics", "Errors by kind", "Provenance"]
+    assert page.index("</header>") < page.index('<div class="sample">') < page.index("<h2>Metrics")
+    assert page.index("manifest_version") > page.index("<h2>Provenance")
+    assert "scene-like captions" in "".join(doc.text)
+
+
+def test_wrong_captions_are_marked_against_their_references(run_dir, tmp_path):
+    records = list(read_jsonl(run_dir / "captions.jsonl"))
+    # The fake's captions are not the references: every scored region is wrong.
+    wrong = [r for rec in records for r in rec["regions"] if (r.get("scores") or {}).get("exact_match") == 0.0]
+    assert wrong
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    assert page.count('<span class="mk wrong"') == len(wrong) + 1  # + the legend above the samples
+    assert page.count('<tr class="wrong">') == len(wrong)
+    assert page.count('<span class="cap bad">') == len(wrong)
+    assert page.count('<span class="mk right"') == 1  # the legend only
+    # Made right: the same region gets a check, not a cross.
+    fixed = tmp_path / "fixed"
+    shutil.copytree(run_dir, fixed)
+    for rec in records:
+        for reg in rec["regions"]:
+            if isinstance(reg.get("scores"), dict):
+                reg["scores"]["exact_match"] = 1.0
+    _write_rows(fixed / "captions.jsonl", records)
+    page = write_report(fixed).read_text(encoding="utf-8")
+    assert page.count('<span class="mk right"') == len(wrong) + 1 and '<tr class="wrong">' not in page
+
+
+def test_headline_without_references_is_parse_rate_and_speed(run_dir, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(run_dir, plain)
+    metrics = json.loads((plain / "metrics.json").read_text())
+    metrics.pop("references")
+    (plain / "metrics.json").write_text(json.dumps(metrics))
+    records = list(read_jsonl(plain / "captions.jsonl"))
+    for rec in records:
+        rec.pop("references", None)
+        for reg in rec["regions"]:
+            reg.pop("scores", None)
+    _write_rows(plain / "captions.jsonl", records)
+    page = write_report(plain).read_text(encoding="utf-8")
+    header = page[page.index('<header class="top">'):page.index("</header>")]
+    big = re.findall(r'<div class="card big"><div class="v">(.*?)</div><div class="k">(.*?)</div>', header)
+    assert [k for _, k in big] == ["parse success", "regions / s"]
+    assert "exact match" not in header and 'class="mk' not in page
+
+
+def test_crop_mode_shows_each_crop_under_its_own_region(crop_dir):
+    records = {r["id"]: r for r in read_jsonl(crop_dir / "captions.jsonl")}
+    assert [r["number"] for r in records["three"]["regions"]] == [1, 1, 1]  # what made every label "1"
+    page = write_report(crop_dir).read_text(encoding="utf-8")
+    assert_self_contained(page)
+    cards = page.split('<div class="sample cropmode">')[1:]
+    assert len(cards) == 2
+    card = next(c for c in cards if '<span class="rowid">three</span>' in c)
+    crops = re.split(r'<div class="crop[ "]', card)[1:]
+    assert len(crops) == 3
+    ids = [re.search(r'<span class="num rid">(\d+)</span>', c).group(1) for c in crops]
+    assert ids == ["1", "2", "3"]
+    for rid, crop in zip(ids, crops):
+        assert crop.count("<img ") == 1  # its own crop
+        assert f"three/r{rid} " in html.unescape(crop)  # the fake's caption of that crop, under that id
+    # The original image with every box labelled by region id, drawn over it.
+    assert card.count("<rect ") == 3 and [t for t in re.findall(r"<text [^>]*>(\d+)</text>", card)] == ids
+    assert '<span class="num rid">1</span>' in next(c for c in cards if '<span class="rowid">one</span>' in c)
+
+
+def test_crop_mode_input_image_keeps_the_runs_image_limits(crop_dir, tmp_path):
+    """The input image is decoded as the run decoded it (regioncap.images, the run's limits): one over
+    ``limits.max_image_pixels`` is a placeholder, the crops (the run's own files) still show."""
+    small = tmp_path / "small"
+    shutil.copytree(crop_dir, small)
+    manifest = json.loads((small / "manifest.json").read_text())
+    manifest["config"]["limits"]["max_image_pixels"] = 100
+    (small / "manifest.json").write_text(json.dumps(manifest))
+    page = write_report(small).read_text(encoding="utf-8")
+    assert page.count("image not available") == 2 and page.count("<rect ") == 0
+    assert page.count('<span class="num rid">') == 4
+
+
+def _proposed_copy(run_dir: Path, dest: Path) -> Path:
+    """The run with region 1 of the first row turned into a proposed region (``source``, ``score``),
+    as a proposal stage writes them, and that row a ``without_bbox`` row."""
+    shutil.copytree(run_dir, dest)
+    records = list(read_jsonl(dest / "captions.jsonl"))
+    records[0]["type"] = "without_bbox"
+    records[0]["regions"][0].update(source="contours", score=0.875)
+    records[0]["regions"][1]["source"] = "input"
+    _write_rows(dest / "captions.jsonl", records)
+    return dest
+
+
+def test_proposed_regions_are_drawn_and_labelled_distinctly(run_dir, tmp_path):
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    assert "proposed (" not in page and "num prop" not in page and "<svg" not in page  # absent: nothing changes
+    page = write_report(_proposed_copy(run_dir, tmp_path / "proposed")).read_text(encoding="utf-8")
+    assert_self_contained(page)
+    assert page.count("proposed (contours) 0.875") == 1  # the "input" region is not tagged
+    assert page.count('class="num prop"') == 1
+    assert page.count('<rect class="prop"') == 1  # dashed, over the marked image
+    assert "no input boxes: regions proposed" in page
+
+
+def test_reference_scores_read_only_what_metrics_json_holds():
+    metrics = {"spice": 0.5, "bertscore": 0.4, "clipscore": 0.3, "bleu4": 0.9,
+               "references": {"bleu4": 0.02, "cider": 5.0, "meteor": None, "exact_match": 0.64,
+                              "attribute_accuracy": 0.74, "regions_scored": 25, "tokenizer": "x"}}
+    assert list(reference_scores(metrics).items()) == [
+        ("exact_match", 0.64), ("attribute_accuracy", 0.74), ("cider", 5.0), ("bleu4", 0.02)]
+    assert reference_scores({"spice": 0.5}) == {}
+
+
 def test_report_is_reproducible_and_keeps_to_its_inputs(run_dir, tmp_path):
     a = write_report(run_dir, tmp_path / "a.html")
     b = write_report(run_dir, tmp_path / "b.html")
@@ -188,6 +343,7 @@ def test_report_survives_a_damaged_run_dir(run_dir, tmp_path):
     assert "image not available" in page  # a placeholder, not a broken <img>
 
 
+@pytest.mark.cli
 def test_cli_writes_the_report_and_names_bad_paths(run_dir, tmp_path, capsys):
     target = tmp_path / "sub" / "r.html"
     assert report_main([str(run_dir), "--out", str(target), "--rows", "1"]) == 0
@@ -215,6 +371,67 @@ def _fake_job(sweep: Path, name: str, overrides: List[str], source: Optional[Pat
     return job
 
 
+def _categorical_sweep(run_dir: Path, sweep: Path) -> Path:
+    """Three jobs over a categorical override (prompt) and a numeric one (max_boxes), with references."""
+    for i, (prompt, boxes, exact) in enumerate([("marked", "2", 0.25), ("crop", "2", 0.75), ("marked", "10", 0.5)]):
+        job = _fake_job(sweep, str(i), ["engine=fake", f"prompt={prompt}", f"max_boxes={boxes}"], run_dir)
+        metrics = json.loads((job / "metrics.json").read_text())
+        metrics["references"].update(exact_match=exact, attribute_accuracy=exact + 0.1, bleu4=0.02)
+        metrics["regions_per_s"] = 10.0 + i
+        (job / "metrics.json").write_text(json.dumps(metrics))
+    return sweep
+
+
+def test_sweep_table_leads_with_exact_match_and_plots_bars_for_categories(run_dir, tmp_path):
+    sweep = _categorical_sweep(run_dir, tmp_path / "sweep")
+    page = write_report(sweep).read_text(encoding="utf-8")
+    doc = assert_self_contained(page)
+    table = page[page.index('<table class="compare">'):]
+    table = table[:table.index("</table>")]
+    header = re.findall(r"<th>(.*?)</th>", table)
+    assert header[:4] == ["job", "status", "exact match", "attribute accuracy"]
+    assert header.index("exact match") < header.index("BLEU-4")
+    assert "25.0%" in table and "75.0%" in table
+    assert '<b class="best" title="best exact match">75.0%</b>' in table  # the plotted metric's best job
+    # Plots of exact match (the default with references): bars by prompt, a line by max_boxes.
+    alts = [a["alt"] for t, a in doc.tags if t == "img" and a["src"].startswith("data:image/png")]
+    assert alts == ["exact match by prompt (bar chart)", "exact match by max_boxes (line chart)",
+                    "exact match vs cost (scatter)"]
+    jobs = [load_run(d) for d in job_dirs(sweep)]
+    varying = ["prompt", "max_boxes"]
+    bars = param_figure(jobs, varying, "prompt", "exact_match")
+    ax = bars.axes[0]
+    assert ax.get_title() == "exact match" and len(ax.patches) == 3 and not ax.lines  # bars, no joining line
+    assert sorted(round(p.get_height(), 2) for p in ax.patches) == [0.25, 0.5, 0.75]
+    line = param_figure(jobs, varying, "max_boxes", "exact_match").axes[0]
+    assert line.lines and not line.patches
+    # --metric picks what the plots show; a metrics.json path works; a wrong name is refused by name.
+    assert report_main([str(sweep), "--metric", "references.attribute_accuracy"]) == 0
+    page = (sweep / "report.html").read_text(encoding="utf-8")
+    assert "attribute accuracy by prompt (bar chart)" in page and "exact match by prompt" not in page
+
+
+def test_sweep_metric_must_be_one_the_report_knows(run_dir, tmp_path, capsys):
+    sweep = _categorical_sweep(run_dir, tmp_path / "sweep")
+    assert report_main([str(sweep), "--metric", "spice"]) == 2
+    err = capsys.readouterr().err
+    assert "--metric 'spice' is not a metric" in err and "exact_match" in err
+    assert not (sweep / "report.html").exists()
+
+
+@pytest.mark.cli
+def test_sweep_report_plots_the_sweeps_objective(tmp_path):
+    """A sweep run with ``objective=`` gets that metric in its report's plots (here parse success, where
+    regions/s would be the default: the demo data has no references)."""
+    sweep = tmp_path / "multirun"
+    proc = run_cli(["-m", "engine=fake", "progress=false", "objective=parse_success_rate",
+                    "max_boxes=2,10", f"hydra.sweep.dir={sweep}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = parse((sweep / "report.html").read_text(encoding="utf-8"))
+    alts = [a["alt"] for t, a in doc.tags if t == "img" and a["src"].startswith("data:image/png")]
+    assert alts == ["parse success by max_boxes (line chart)", "parse success vs cost (scatter)"]
+
+
 def test_sweep_report_with_hostile_overrides_and_a_failed_job(run_dir, tmp_path):
     sweep = tmp_path / "sweep"
     _fake_job(sweep, "0", ["engine=fake", "prompt.system=<script>x</script>", "max_boxes=2"], run_dir)
@@ -231,9 +448,14 @@ def test_sweep_report_with_hostile_overrides_and_a_failed_job(run_dir, tmp_path)
     assert "prompt.system" in text and "max_boxes" in text  # the varying overrides are columns
     assert "<script>x</script>" in text and "$\\alpha$ {price}" in text
     assert "model <x> not found" in text and "failed" in text
-    assert "cider" in text and "0.42" in text
-    plots = [a["src"] for t, a in doc.tags if t == "img" and a["src"].startswith("data:image/png")]
-    assert len(plots) >= 2
+    assert "CIDEr" in text and "0.42" in text
+    plots = [a["alt"] for t, a in doc.tags if t == "img" and a["src"].startswith("data:image/png")]
+    # Only job 0 has exact match (the default metric with references): no plot by a swept value, one point vs cost.
+    assert plots == ["exact match vs cost (scatter)"]
+    assert report_main([str(sweep), "--metric", "regions_per_s"]) == 0
+    doc = parse((sweep / "report.html").read_text(encoding="utf-8"))
+    plots = [a["alt"] for t, a in doc.tags if t == "img" and a["src"].startswith("data:image/png")]
+    assert plots == ["regions / s by prompt.system (bar chart)", "regions / s by max_boxes (line chart)"]
     assert "Captions side by side" in text
 
 
@@ -349,11 +571,16 @@ PAGE_STATE = """JSON.stringify({
   scripts: document.scripts.length,
   text: document.body.innerText,
   width: document.documentElement.scrollWidth,
+  cards_bottom: (q => q ? q.getBoundingClientRect().bottom : null)(document.querySelector("header .cards")),
+  sample_top: (q => q ? q.getBoundingClientRect().top : null)(document.querySelector(".sample")),
+  compare_top: (q => q ? q.getBoundingClientRect().top : null)(document.querySelector("table.compare")),
+  compare_overflow: (q => q ? q.parentElement.scrollWidth - q.parentElement.clientWidth : null)(
+    document.querySelector("table.compare")),
 })"""
 
 
-def open_in_chromium(page: Path, screenshot: Path, tmp_path: Path) -> Dict[str, Any]:
-    """Load ``page`` from file://, collect what went wrong, take a 1280x2000 screenshot."""
+def open_in_chromium(page: Path, screenshot: Path, tmp_path: Path, size: tuple = (1280, 2000)) -> Dict[str, Any]:
+    """Load ``page`` from file://, collect what went wrong, take a screenshot of ``size`` (width, height)."""
     browser = Chromium(chromium_path(), tmp_path / "chromium-profile", tmp_path / "chromium.log")
     try:
         target = browser.send("Target.createTarget", {"url": "about:blank"})["targetId"]
@@ -361,7 +588,7 @@ def open_in_chromium(page: Path, screenshot: Path, tmp_path: Path) -> Dict[str, 
         for domain in ("Page", "Runtime", "Log", "Network"):
             browser.send(f"{domain}.enable", session=session)
         browser.send("Emulation.setDeviceMetricsOverride",
-                     {"width": 1280, "height": 2000, "deviceScaleFactor": 1, "mobile": False}, session=session)
+                     {"width": size[0], "height": size[1], "deviceScaleFactor": 1, "mobile": False}, session=session)
         url = page.absolute().as_uri()
         browser.send("Page.navigate", {"url": url}, session=session)
         browser.wait_for("Page.loadEventFired")
@@ -391,9 +618,9 @@ def open_in_chromium(page: Path, screenshot: Path, tmp_path: Path) -> Dict[str, 
     return state
 
 
-def _check_in_browser(report: Path, name: str, tmp_path: Path) -> Dict[str, Any]:
+def _check_in_browser(report: Path, name: str, tmp_path: Path, size: tuple = (1280, 2000)) -> Dict[str, Any]:
     shot = tmp_path / name
-    state = open_in_chromium(report, shot, tmp_path)
+    state = open_in_chromium(report, shot, tmp_path, size)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shot, ARTIFACTS / name)
     assert not state["problems"], state["problems"]
@@ -403,9 +630,9 @@ def _check_in_browser(report: Path, name: str, tmp_path: Path) -> Dict[str, Any]
     broken = [i for i in state["images"] if not i["complete"] or i["w"] <= 0]
     assert not broken, broken
     assert state["scripts"] == 0
-    assert state["width"] <= 1280, "the page scrolls sideways"
+    assert state["width"] <= size[0], "the page scrolls sideways"
     with Image.open(shot) as im:
-        assert im.size == (1280, 2000)
+        assert im.size == size
         lo, hi = im.convert("L").getextrema()
         assert hi - lo > 100  # not a blank page
     return state
@@ -419,6 +646,7 @@ def test_run_report_in_chromium(run_dir, tmp_path):
     assert HOSTILE_ID in state["text"] and HOSTILE_IMAGE in state["text"] and HOSTILE_REF in state["text"]
 
 
+@pytest.mark.cli
 def test_sweep_report_in_chromium(sweep_dir, tmp_path):
     report = write_report(sweep_dir)
     page = report.read_text(encoding="utf-8")
@@ -428,7 +656,22 @@ def test_sweep_report_in_chromium(sweep_dir, tmp_path):
     assert "max_boxes must be at least 1" in text  # job 0 failed: in the table, with its reason
     assert "max_boxes" in text and "failed" in text
     plots = [i for i in state["images"] if i["src"].startswith("data:image/png")]
-    assert len(plots) >= 2
+    assert len(plots) == 1  # no references (data=demo): regions/s by max_boxes, numbers joined by a line
+    alts = [a["alt"] for t, a in parse(page).tags if t == "img" and a["src"].startswith("data:image/png")]
+    assert alts == ["regions / s by max_boxes (line chart)"]
+
+
+def test_results_are_on_the_first_screen_at_1400px(run_dir, crop_dir, tmp_path):
+    """At 1400x1000 the header's numbers and the first sample row are on the first screen; the
+    sweep's job table too, and it fits the page without scrolling sideways."""
+    for name, report in (("run", write_report(run_dir)), ("crop", write_report(crop_dir))):
+        state = _check_in_browser(report, f"report-{name}-1400.png", tmp_path, (1400, 1000))
+        assert state["cards_bottom"] is not None and state["cards_bottom"] < 400, state["cards_bottom"]
+        assert state["sample_top"] is not None and state["sample_top"] < 700, state["sample_top"]
+    sweep = _categorical_sweep(run_dir, tmp_path / "sweep")
+    state = _check_in_browser(write_report(sweep), "report-sweep-1400.png", tmp_path, (1400, 1000))
+    assert state["compare_top"] is not None and state["compare_top"] < 600, state["compare_top"]
+    assert state["compare_overflow"] == 0, "the job table scrolls sideways at 1400 px"
 
 
 def test_browser_check_catches_a_broken_page(tmp_path):
