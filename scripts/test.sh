@@ -10,4 +10,5 @@ bash scripts/setup_vllm.sh
 bash scripts/install_chromium.sh
 command -v java >/dev/null || { apt-get update -qq && apt-get install -y -qq default-jre-headless; }
 export REGIONCAP_VLLM_PYTHON="$PWD/.venv-vllm/bin/python"
+export REGIONCAP_REQUIRE_ALL=1
 exec .venv/bin/python -m pytest "$@"

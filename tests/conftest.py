@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from typing import List
@@ -14,6 +17,90 @@ REPO = Path(__file__).resolve().parents[1]
 # The vLLM fixtures (one server for the whole session, shared by every module).
 pytest_plugins = ["vllm_helpers"]
 CONF_DIR = REPO / "conf"
+
+# ------------------------------------------------------------------ test tiers
+#
+#   unit    -m "not slow and not cli and not vllm"   in-process, about a minute on 2 cores
+#   cli     tests that start `python -m regioncap` (or another command) in a subprocess
+#   slow    tests that start a real model, a server or a browser
+#   vllm    tests that need .venv-vllm
+#
+# A test whose source (or a helper of its module it calls) starts a subprocess
+# is marked `cli` at collection, so the unit tier never starts a process by
+# accident; run_cli also refuses to run in a test that is not marked.
+
+_SPAWNS = re.compile(r"\brun_cli\(|\bsubprocess\.|\bPopen\(|_server\b|vllm_python|chromium|sys\.executable")
+
+#: Optional packages and the extra that installs them (see pyproject.toml).
+OPTIONAL = {
+    "torch": "transformers", "transformers": "transformers", "torchvision": "transformers",
+    "openai": "openai", "wandb": "wandb", "ray": "ray", "submitit": "slurm",
+    "hydra_plugins.hydra_submitit_launcher": "slurm", "skimage": "dev", "matplotlib": "dev",
+    "hypothesis": "dev", "qwen_vl_utils": "dev", "pycocoevalcap": "metrics",
+}
+#: scripts/test.sh (and so CI) sets this: a missing optional package fails its tests instead of skipping them.
+REQUIRE_ALL = os.environ.get("REGIONCAP_REQUIRE_ALL") == "1"
+
+
+def requires(*modules: str):
+    """Mark a test (or a module, as ``pytestmark``) that needs optional packages.
+
+    Skips it where one is missing, naming the extra to install, except under
+    ``REGIONCAP_REQUIRE_ALL=1`` (CI), where nothing is skipped and the test
+    fails on the missing import instead.
+    """
+    missing = [m for m in modules if importlib.util.find_spec(m.split(".")[0]) is None]
+    extras = sorted({OPTIONAL.get(m, "dev") for m in missing})
+    reason = f"needs {', '.join(missing)} (pip install -e \".[{','.join(extras)}]\")"
+    return pytest.mark.skipif(bool(missing) and not REQUIRE_ALL, reason=reason)
+
+
+def _module_helpers_spawning(module) -> set:
+    names = set()
+    for name, obj in vars(module).items():
+        if inspect.isfunction(obj) and getattr(obj, "__module__", None) == module.__name__ \
+                and not name.startswith("test_"):
+            try:
+                if _SPAWNS.search(inspect.getsource(obj)):
+                    names.add(name)
+            except (OSError, TypeError):
+                pass
+    return names
+
+
+def pytest_collection_modifyitems(config, items):
+    helpers: dict = {}
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is None or item.get_closest_marker("cli"):
+            continue
+        module = item.module
+        if module not in helpers:
+            helpers[module] = _module_helpers_spawning(module)
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if _SPAWNS.search(source) or any(re.search(rf"\b{h}\(", source) or h in fixtures
+                                         for h in helpers[module]):
+            item.add_marker(pytest.mark.cli)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    # The unit tier on a machine with only the core dependencies: a test that
+    # imports a missing optional package skips, naming the extra (not in CI).
+    outcome = yield
+    exc = outcome.excinfo[1] if outcome.excinfo else None
+    if REQUIRE_ALL or not isinstance(exc, ModuleNotFoundError):
+        return
+    top = (exc.name or "").split(".")[0]
+    extra = next((e for m, e in OPTIONAL.items() if m.split(".")[0] == top), None)
+    if extra is not None:
+        outcome.force_exception(pytest.skip.Exception(f"needs {top} (pip install -e \".[{extra}]\")",
+                                                      _use_item_location=True))
+
 
 # The tests never reach a model hub; make libraries fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -69,6 +156,9 @@ def run_cli(args: List[str], *, python: str = sys.executable, env: dict | None =
     """Run ``python -m regioncap ARGS`` in a subprocess, like a user would (see :func:`pinned`)."""
     import subprocess
 
+    current = os.environ.get("PYTEST_CURRENT_TEST")
+    if current and os.environ.get("REGIONCAP_CLI_GUARD", "1") == "1" and not _marked_cli(current):
+        raise AssertionError(f"{current.split(' ')[0]} starts a subprocess: mark it @pytest.mark.cli")
     full_env = dict(os.environ)
     full_env.setdefault("PYTHONPATH", str(REPO))
     full_env.update(env or {})
@@ -77,3 +167,16 @@ def run_cli(args: List[str], *, python: str = sys.executable, env: dict | None =
         args = flags + pinned([a for a in args if not a.startswith("-")])
     return subprocess.run([python, "-m", "regioncap", *args], capture_output=True, text=True,
                           timeout=timeout, env=full_env, cwd=str(cwd or REPO))
+
+
+#: node ids of the tests marked ``cli`` (filled at collection; run_cli checks it).
+_CLI_TESTS: set = set()
+
+
+def pytest_collection_finish(session):
+    _CLI_TESTS.update(i.nodeid for i in session.items if i.get_closest_marker("cli"))
+
+
+def _marked_cli(current: str) -> bool:
+    nodeid = current.rsplit(" (", 1)[0]
+    return nodeid in _CLI_TESTS or not _CLI_TESTS

@@ -84,7 +84,8 @@ def test_overlapped_run_writes_what_the_sequential_run_writes(tmp_path):
 
 @pytest.mark.parametrize("extra,reason", [
     (["stages=[visualize]"], "only visualize stage requested"),
-    (["engine.isolate=true"], "engine.isolate"),
+    (["engine.isolate=true"], "executor=isolated"),
+    (["executor=isolated"], "executor=isolated"),
     (["workers=0"], "workers=0"),
 ])
 def test_overlap_falls_back_and_says_why(tmp_path, extra, reason):
