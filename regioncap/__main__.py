@@ -7,7 +7,7 @@ from regioncap.config import register_configs
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg):  # noqa: ANN001,ANN201 - Hydra passes a DictConfig
     from regioncap.job import run_job
 
