@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 class EngineError(RuntimeError):
@@ -79,6 +79,11 @@ class Engine(abc.ABC):
 
     #: Registry name (``transformers``, ``vllm``, ``openai``, ``fake``).
     name: str = "engine"
+    #: Modules the engine imports when it is built, and the extra of the
+    #: ``regioncap`` package that installs them (``pip install "regioncap[EXTRA]"``);
+    #: checked before any work by :func:`regioncap.engines.check_requirements`.
+    requires: Tuple[str, ...] = ()
+    extra: Optional[str] = None
 
     @abc.abstractmethod
     def generate(self, requests: Sequence[Request]) -> List[Response]:

@@ -124,6 +124,8 @@ class OpenAIEngine(Engine):
     """Chat completions against an OpenAI-compatible server, ``concurrency`` at a time."""
 
     name = "openai"
+    requires = ("openai",)
+    extra = "openai"
 
     def __init__(self, model_cfg: Any, engine_cfg: Any, model_path: Optional[str] = None) -> None:
         try:

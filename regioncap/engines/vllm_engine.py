@@ -82,6 +82,8 @@ class VllmEngine(Engine):
     """``vllm.LLM`` behind the :class:`Engine` interface."""
 
     name = "vllm"
+    requires = ("vllm",)
+    extra = "vllm"
 
     def __init__(self, model_cfg: Any, engine_cfg: Any, model_path: Optional[str] = None) -> None:
         try:
