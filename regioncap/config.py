@@ -323,6 +323,17 @@ class LimitsConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Reference scorers that cost more than a pass over the records run only when asked."""
+
+    #: METEOR (pycocoevalcap's jar: starts a JVM, about 10-15 s per run and per sweep job).
+    #: BLEU-4, ROUGE-L, CIDEr, exact match and attribute accuracy are always computed.
+    meteor: bool = False
+    #: Most seconds METEOR may take before its Java process is killed.
+    meteor_timeout_s: float = 300.0
+
+
+@dataclass
 class RegionCapConfig:
     model: ModelConfig = MISSING
     engine: EngineConfig = MISSING
@@ -333,6 +344,7 @@ class RegionCapConfig:
     executor: ExecutorConfig = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: Most regions marked on one image; more are split into further chunks.
     max_boxes: int = 10
     seed: int = 0

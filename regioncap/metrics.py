@@ -299,7 +299,7 @@ def _score(pairs: Sequence[Pair], meteor: bool, meteor_timeout_s: float
     return corpus, per
 
 
-def score_references(pairs: Sequence[Pair], *, meteor: bool = True, meteor_timeout_s: float = METEOR_TIMEOUT_S
+def score_references(pairs: Sequence[Pair], *, meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S
                      ) -> Tuple[Dict[str, Any], List[Dict[str, Optional[float]]]]:
     """Corpus scores and per-region scores of ``(caption, references)`` pairs in one go
     (one METEOR process for both).
@@ -337,9 +337,13 @@ def score_references(pairs: Sequence[Pair], *, meteor: bool = True, meteor_timeo
         corpus["meteor_absent"] = "no region has both a caption and references"
         return corpus, per
     t0 = time.perf_counter()
+    log.info("reference scoring: %d regions (BLEU-4, ROUGE-L, CIDEr%s)", len(usable),
+             ", METEOR: starting Java" if meteor else "; METEOR off, metrics.meteor=true turns it on")
     scores, each = _score([pairs[i] for i in usable], meteor, meteor_timeout_s)
     corpus.update(scores)
     corpus["scoring_s"] = round(time.perf_counter() - t0, 3)
+    log.info("reference scoring took %.2f s%s", corpus["scoring_s"],
+             f" (METEOR {corpus['scoring_meteor_s']:.2f} s)" if "scoring_meteor_s" in corpus else "")
     for i, s in zip(usable, each):
         per[i].update(s)
     return corpus, per
@@ -353,7 +357,7 @@ def score_regions(pairs: Sequence[Pair], *, meteor: bool = False,
     return score_references(pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)[1]
 
 
-def score_corpus(pairs: Sequence[Pair], *, meteor: bool = True,
+def score_corpus(pairs: Sequence[Pair], *, meteor: bool = False,
                  meteor_timeout_s: float = METEOR_TIMEOUT_S) -> Dict[str, Any]:
     """Corpus-level BLEU-4, ROUGE-L, CIDEr and METEOR of ``(caption, references)``
     pairs, with ``regions_scored`` (see :func:`score_references`)."""
@@ -623,7 +627,7 @@ class _Accumulator:
 
 def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[str, Any]], *,
                     patch_size: int = 14, merge_size: int = 2, references_key: Optional[str] = "references",
-                    meteor: bool = True, meteor_timeout_s: float = METEOR_TIMEOUT_S,
+                    meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S,
                     wall_s: Optional[float] = None) -> Dict[str, Any]:
     """Everything ``metrics.json`` holds, from one pass over a run's final records.
 
@@ -634,7 +638,8 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     ``merge_size`` give the visual-token estimate per request image.
     ``references_key``: the row field holding reference captions, one entry per
     input box (``None`` turns scoring off). ``meteor``: also run METEOR
-    (Java; about 10 s to start) when references are present. ``wall_s``: the
+    (Java; about 10 s to start) when references are present; off unless asked
+    (``metrics.meteor=true``). ``wall_s``: the
     run's wall time when the stages overlapped (default: the stages' sum).
     """
     acc = _Accumulator(patch_size, merge_size, references_key)
