@@ -355,8 +355,10 @@ class RegionCapConfig:
     #: Where everything of the run is written (Hydra's run dir by default).
     output_dir: str = "${hydra:runtime.output_dir}"
     progress: bool = True
-    #: Metric the job returns to Hydra (a key of metrics.json, for sweepers
-    #: such as Optuna); null returns the whole metrics dict.
+    #: Metric the job returns to Hydra (for sweepers such as Optuna): a dotted path
+    #: of a number in metrics.json (``regions_per_s``, ``references.exact_match``,
+    #: ``stages.caption.regions_per_s``), checked before the job starts; null
+    #: returns the whole metrics dict.
     objective: Optional[str] = None
     #: Go on with the run in ``hydra.run.dir``: rows already in a stage's file
     #: are skipped (see docs/reliability.md). Without it, a run dir that holds
