@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -60,3 +61,20 @@ def test_logger_and_executor_extras(monkeypatch):
 def test_visualize_only_needs_no_engine(monkeypatch):
     _hide(monkeypatch, "torch")
     assert missing_requirements(compose(["engine=transformers", "stages=[visualize]"])) == []
+
+
+def test_the_check_imports_nothing_heavy():
+    """engine=auto only looks torch up (it imports it where vLLM is installed too, to ask for CUDA)."""
+    import subprocess
+
+    from conftest import REPO
+
+    code = ("from omegaconf import OmegaConf; from regioncap.requirements import check_requirements; "
+            "check_requirements(OmegaConf.create({'stages': ['visualize', 'caption'], 'engine': {'name': 'auto'}, "
+            "'logger': {'name': 'wandb'}, 'executor': {'name': 'ray'}}))")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
+                          cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    heavy = imported & {"transformers", "vllm", "wandb", "ray", "openai", "datasets"}
+    assert not heavy, heavy
