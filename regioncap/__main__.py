@@ -1,5 +1,7 @@
 """``python -m regioncap [overrides]``: the Hydra entry point, and nothing else."""
 
+import os
+
 import hydra
 
 from regioncap.config import register_configs
@@ -7,7 +9,13 @@ from regioncap.config import register_configs
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+#: The configs shipped in the package: regioncap/conf, a link to the repository's top-level
+#: conf/ in a checkout or an editable install, a copy of it in a wheel. An absolute path, so
+#: Hydra reads it as a folder however regioncap was started (python -m, the regioncap command).
+CONF_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg):  # noqa: ANN001,ANN201 - Hydra passes a DictConfig
     from regioncap.job import run_job
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from hydra.experimental.callback import Callback
 
@@ -12,10 +13,33 @@ log = logging.getLogger("regioncap")
 
 
 class SweepReport(Callback):
-    """After a multirun, write the sweep's comparison report to ``SWEEP_DIR/report.html``."""
+    """After a multirun, write the sweep's comparison report to ``SWEEP_DIR/report.html``.
+
+    Hydra calls ``on_multirun_end`` only when every job succeeded (its basic
+    sweeper raises once a batch holds a failed job, and Hydra then exits), so
+    the report is also written at interpreter exit when the sweep did not end
+    normally: a sweep with failed jobs gets its report, the failed jobs marked.
+    """
+
+    def __init__(self) -> None:
+        self._sweep_dir: Optional[Path] = None
+        self._written = False
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        self._sweep_dir = Path(str(config.hydra.sweep.dir))
+        self._written = False
+        atexit.register(self._at_exit)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
+        self._write(Path(str(config.hydra.sweep.dir)))
+
+    def _at_exit(self) -> None:
+        if not self._written and self._sweep_dir is not None and self._sweep_dir.is_dir():
+            log.info("the sweep did not finish normally (a job failed or it was stopped); writing its report")
+            self._write(self._sweep_dir)
+
+    def _write(self, sweep_dir: Path) -> None:
+        self._written = True
         try:
             from regioncap.report import ReportError, metric_name, write_report
 

@@ -402,6 +402,17 @@ class LimitsConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Reference scorers that cost more than a pass over the records run only when asked."""
+
+    #: METEOR (pycocoevalcap's jar: starts a JVM, about 10-15 s per run and per sweep job).
+    #: BLEU-4, ROUGE-L, CIDEr, exact match and attribute accuracy are always computed.
+    meteor: bool = False
+    #: Most seconds METEOR may take before its Java process is killed.
+    meteor_timeout_s: float = 300.0
+
+
+@dataclass
 class RegionCapConfig:
     model: ModelConfig = MISSING
     engine: EngineConfig = MISSING
@@ -412,6 +423,7 @@ class RegionCapConfig:
     executor: ExecutorConfig = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: Most regions marked on one image; more are split into further chunks.
     max_boxes: int = 10
     seed: int = 0
@@ -422,8 +434,10 @@ class RegionCapConfig:
     #: Where everything of the run is written (Hydra's run dir by default).
     output_dir: str = "${hydra:runtime.output_dir}"
     progress: bool = True
-    #: Metric the job returns to Hydra (a key of metrics.json, for sweepers
-    #: such as Optuna); null returns the whole metrics dict.
+    #: Metric the job returns to Hydra (for sweepers such as Optuna): a dotted path
+    #: of a number in metrics.json (``regions_per_s``, ``references.exact_match``,
+    #: ``stages.caption.regions_per_s``), checked before the job starts; null
+    #: returns the whole metrics dict.
     objective: Optional[str] = None
     #: Go on with the run in ``hydra.run.dir``: rows already in a stage's file
     #: are skipped (see docs/reliability.md). Without it, a run dir that holds

@@ -31,7 +31,7 @@ _NAME_SKIP = re.compile(r"^(logger(\..*)?|progress|hydra\..*)$")
 _NAME_CHARS = 128
 
 
-def run_job(cfg: Any) -> Dict[str, Any]:
+def run_job(cfg: Any) -> Any:
     """Run one job and return its metrics (the value a Hydra sweeper sees).
 
     A run that cannot start, reads no rows, or ends with more error rows than
@@ -39,7 +39,9 @@ def run_job(cfg: Any) -> Dict[str, Any]:
     raises, so Hydra records that job as failed and the sweep goes on.
     """
     try:
+        check_objective(cfg)  # before any work: a misspelt objective fails every job of a sweep in a second
         metrics = execute(cfg)
+        value = objective_value(cfg, metrics) if cfg.objective else metrics
     except Interrupted as exc:
         # Stopped by SIGINT/SIGTERM after a commit: say how to go on, exit 130/143
         # (in a sweep too: a stopped sweep should not start its next job).
@@ -50,11 +52,32 @@ def run_job(cfg: Any) -> Dict[str, Any]:
         if _hydra_multirun():
             raise
         sys.exit(1)
+    return value
+
+
+def check_objective(cfg: Any) -> None:
+    """Raise :class:`RunError` when ``cfg.objective`` names no number of metrics.json."""
     if cfg.objective:
-        if cfg.objective not in metrics:
-            raise RunError(f"objective {cfg.objective!r} is not a metric; metrics: {sorted(metrics)}")
-        return metrics[cfg.objective]
-    return metrics
+        from regioncap.metrics import check_objective as check
+
+        try:
+            check(str(cfg.objective))
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+
+
+def objective_value(cfg: Any, metrics: Dict[str, Any]) -> float:
+    """The value of the dotted path ``cfg.objective`` in ``metrics`` (what a sweeper optimises)."""
+    from regioncap.metrics import metric_value
+
+    try:
+        value = metric_value(metrics, str(cfg.objective))
+    except KeyError:
+        value = None
+    if value is None:
+        # e.g. references.* on data without references, or pipeline.* when the stages ran one after the other
+        raise RunError(f"objective {cfg.objective!r} has no value in this run (see {cfg.output_dir}/metrics.json)")
+    return value
 
 
 def execute(cfg: Any) -> Dict[str, Any]:

@@ -21,7 +21,10 @@ What the W&B logger records, all from files the run already wrote:
   ``table_rows``): row id, region, mark number, image path, a thumbnail of the
   region, boxes, caption, reference and per-region reference scores when the
   data has references, missing flag and reason;
-- the caption records and ``metrics.json`` as a ``dataset`` artifact.
+- the caption records and ``metrics.json`` as a ``dataset`` artifact;
+- while a stage runs, after each commit (:meth:`RunLogger.log_progress`):
+  ``progress/<stage>/rows``, ``regions``, ``errors``, ``rows_per_s``,
+  ``regions_per_s`` against ``progress/<stage>/seconds``, so a long run can be watched.
 
 Only the standard library is imported here; ``wandb``, Pillow and the scorers
 are imported when the W&B logger needs them.
@@ -58,6 +61,11 @@ class RunLogger:
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
               job_type: str = "caption") -> None:
         """Open the tracking run for one job (before the stages)."""
+
+    def log_progress(self, stage: str, rows: int, regions: int, errors: int, seconds: float) -> None:
+        """Progress of ``stage`` while it runs: totals since the stage started (rows
+        committed, regions in them, error rows) after ``seconds``. Called after each
+        commit; cheap, never raises."""
 
     def log_run(self, *, metrics: Dict[str, Any], run_dir: Path) -> None:
         """Record what the stages wrote to ``run_dir`` (after the stages)."""
@@ -138,6 +146,7 @@ class WandbLogger(RunLogger):
         self._run: Any = None
         self._config: Dict[str, Any] = {}
         self._warned = False
+        self._progress_stages: set = set()
 
     # The one place errors are swallowed: every public method goes through it.
     def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -202,6 +211,25 @@ class WandbLogger(RunLogger):
             log.info("W&B offline run %s%s: %s (upload it with `wandb sync %s`)", name, in_group, where, where)
         else:
             log.info("W&B run %s%s: %s", name, in_group, getattr(self._run, "url", None) or where)
+
+    def log_progress(self, stage: str, rows: int, regions: int, errors: int, seconds: float) -> None:
+        if self._run is not None:
+            self._guard("log_progress", self._log_progress, stage, rows, regions, errors, seconds)
+
+    def _log_progress(self, stage: str, rows: int, regions: int, errors: int, seconds: float) -> None:
+        prefix = f"progress/{stage}"
+        if stage not in self._progress_stages:
+            # Each stage's progress charts run against its own clock, not W&B's step counter.
+            self._progress_stages.add(stage)
+            self._run.define_metric(f"{prefix}/seconds")
+            self._run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/seconds")
+        seconds = float(seconds)
+        self._run.log({
+            f"{prefix}/seconds": round(seconds, 3), f"{prefix}/rows": int(rows),
+            f"{prefix}/regions": int(regions), f"{prefix}/errors": int(errors),
+            f"{prefix}/rows_per_s": round(rows / seconds, 4) if seconds > 0 else None,
+            f"{prefix}/regions_per_s": round(regions / seconds, 4) if seconds > 0 else None,
+        })
 
     def log_run(self, *, metrics: Dict[str, Any], run_dir: Path) -> None:
         if self._run is not None:

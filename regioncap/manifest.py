@@ -611,6 +611,13 @@ def build_manifest(cfg: Any, *, run_dir: str | Path, choices: Optional[Mapping[s
     return manifest
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_manifest(run_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
     """Write ``run_dir/manifest.json`` atomically (temporary file, fsync, rename); return its path.
 
@@ -623,6 +630,8 @@ def write_manifest(run_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
     text = json.dumps(redact(dict(manifest)), indent=2, ensure_ascii=False, default=str) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=str(out_dir))
     try:
+        # mkstemp makes the file 0600; the run's other outputs follow the umask (0644 under 022).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()

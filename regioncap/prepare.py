@@ -61,6 +61,12 @@ def resolve_workers(cfg: Any) -> int:
         return int(workers)
     if "visualize" not in cfg.stages:
         return 0
+    import multiprocessing as mp
+
+    if mp.current_process().daemon:
+        # A daemonic process (a launcher's worker) cannot start processes of its own.
+        log.info("image preparation in the main process: this is a daemonic process (workers=0)")
+        return 0
     cores = available_cores()
     if "caption" in cfg.stages and cfg.engine.name != "auto":
         from regioncap.engines import engine_class
@@ -73,13 +79,25 @@ def resolve_workers(cfg: Any) -> int:
 def _context() -> Any:
     import multiprocessing as mp
 
+    method = mp.get_start_method(allow_none=True)
+    if method is not None and method not in mp.get_all_start_methods():
+        # Inside a joblib worker (hydra/launcher=joblib) the process-wide start method is
+        # loky's own; every child is told to use its parent's method and fails with
+        # "cannot find context for 'loky'". Back to the platform's default for this process.
+        log.info("image preparation: this process's multiprocessing start method is %r (a joblib/loky worker); "
+                 "using the platform default for the preparation workers", method)
+        mp.set_start_method(None, force=True)
+    if mp.current_process().daemon:
+        # A daemonic process cannot have children: ProcessPoolExecutor will fail to start workers.
+        log.warning("image preparation: this is a daemonic process, which cannot start worker processes; "
+                    "run with workers=0")
     try:
         ctx = mp.get_context("forkserver")
     except ValueError:  # no forkserver on this platform (Windows)
         return mp.get_context("spawn")
     # The fork server imports these once; every worker forked from it starts with them loaded.
-    ctx.set_forkserver_preload(["regioncap.stages.visualize", "omegaconf", "PIL.Image", "PIL.ImageDraw", "PIL.JpegImagePlugin",
-                                "PIL.PngImagePlugin"])
+    ctx.set_forkserver_preload(["regioncap.stages.visualize", "omegaconf", "PIL.Image", "PIL.ImageDraw",
+                                "PIL.JpegImagePlugin", "PIL.PngImagePlugin"])
     return ctx
 
 

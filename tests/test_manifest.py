@@ -299,3 +299,18 @@ def test_replay_drops_overrides_that_place_outputs_or_resume(tmp_path):
     recorded = ["max_boxes=5", "hydra.run.dir=/old", "resume=true", "retry_errors=true", "model.path=/m"]
     out = replay_overrides(recorded, ["model.path=/n"], tmp_path / "new")
     assert out == ["max_boxes=5", "model.path=/n", f"hydra.run.dir={tmp_path / 'new'}"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_manifest_mode_follows_the_umask(tmp_path, umask):
+    """manifest.json gets the mode every other output gets (0644 under umask 022), not mkstemp's 0600."""
+    old = os.umask(umask)
+    try:
+        path = mf.write_manifest(tmp_path, {"status": "ok"})
+        (tmp_path / "other.json").write_text("{}\n")
+    finally:
+        os.umask(old)
+    mode = path.stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask
+    assert mode == (tmp_path / "other.json").stat().st_mode & 0o777
+    assert json.loads(path.read_text())["status"] == "ok"

@@ -312,7 +312,7 @@ def test_score_regions_keeps_order_and_marks_pairs_without_references():
 
 def test_meteor_absent_without_java(monkeypatch):
     monkeypatch.setattr(mx.shutil, "which", lambda name: None)
-    refs = compute_metrics(ref_records([("a cat on a mat", "a cat on a mat")]), {})["references"]
+    refs = compute_metrics(ref_records([("a cat on a mat", "a cat on a mat")]), {}, meteor=True)["references"]
     assert refs["meteor"] is None and "java is not on PATH" in refs["meteor_absent"]
     assert refs["rouge_l"] == 1.0
 
@@ -407,7 +407,10 @@ def test_run_writes_reference_scores_to_metrics_json(tmp_path, monkeypatch):
     from conftest import compose
     from regioncap.job import execute
 
-    monkeypatch.setattr(mx, "meteor_absent", lambda: "disabled in this test")
+    def no_java(*args, **kwargs):
+        raise AssertionError("the default run must not start METEOR's JVM")
+
+    monkeypatch.setattr(mx, "_meteor", no_java)
     Image.new("RGB", (320, 240), (40, 120, 200)).save(tmp_path / "a.png")
     rows = [{"id": "x", "image": "a.png", "bbox": [[10, 10, 50, 50], [100, 100, 60, 60], [5, 5, 5, 5]],
              "references": ["fake caption of region 1 in x/c0", ["a blue square"]]}]
@@ -420,6 +423,27 @@ def test_run_writes_reference_scores_to_metrics_json(tmp_path, monkeypatch):
     assert written == json.loads(json.dumps(metrics))
     refs = written["references"]
     assert refs["regions_scored"] == 2 and refs["references_missing"] == 1
-    assert refs["meteor"] is None and refs["meteor_absent"] == "disabled in this test"
+    # METEOR is off by default (metrics.meteor=false): no JVM, and metrics.json says why it is absent.
+    assert cfg.metrics.meteor is False
+    assert refs["meteor"] is None and refs["meteor_absent"] == "not requested" and "scoring_meteor_s" not in refs
     assert 0.0 < refs["rouge_l"] < 1.0  # the fake adds the image size to its caption
     assert written["images"] == 1 and written["visual_tokens"] > 0 and written["parse_success_rate"] == 1.0
+
+
+def test_metrics_config_section():
+    from hydra.errors import HydraException
+
+    from conftest import compose
+
+    assert compose(["engine=fake"]).metrics.meteor is False
+    assert compose(["engine=fake", "metrics.meteor=true"]).metrics.meteor is True
+    with pytest.raises(HydraException):
+        compose(["engine=fake", "metrics.meteorr=true"])
+
+
+def test_reference_scoring_logs_its_start_and_time(caplog):
+    caplog.set_level("INFO", logger="regioncap")
+    mx.score_references([("a red circle", ["a red circle"]), ("a dog", ["a blue square"])])
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.startswith("reference scoring: 2 regions") and "METEOR off" in line for line in lines), lines
+    assert any(line.startswith("reference scoring took") for line in lines), lines

@@ -329,5 +329,15 @@ def test_objective_is_what_the_job_returns_to_a_sweeper(tmp_path):
 
     cfg = compose(["engine=fake", "progress=false", "objective=regions_captioned"], output_dir=tmp_path / "run")
     assert run_job(cfg) == 18
-    with pytest.raises(RunError, match="not a metric"):
+    cfg = compose(["engine=fake", "progress=false", "objective=stages.caption.regions_per_s"],
+                  output_dir=tmp_path / "run1")
+    assert run_job(cfg) == json.loads((tmp_path / "run1" / "metrics.json").read_text())["stages"]["caption"][
+        "regions_per_s"]
+    # A name metrics.json cannot hold fails before any work (no run dir), with the closest names.
+    with pytest.raises(RunError, match="not a metric.*did you mean references.exact_match"):
+        from regioncap.job import check_objective
+
+        check_objective(compose(["engine=fake", "objective=references.exact_matc"]))
+    with pytest.raises(SystemExit):
         run_job(compose(["engine=fake", "progress=false", "objective=nope"], output_dir=tmp_path / "run2"))
+    assert not (tmp_path / "run2").exists()

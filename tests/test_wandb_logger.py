@@ -365,3 +365,34 @@ def test_unreachable_server_warns_and_the_run_completes_in_seconds(tmp_path):
     assert len(list(read_jsonl(out / "captions.jsonl"))) == 5 and (out / "metrics.json").is_file()
     # Process start and imports take a few seconds; W&B may cost init_timeout_s, not minutes.
     assert elapsed < 45, elapsed
+
+
+def test_progress_is_logged_as_the_run_goes(tmp_path):
+    """log_progress (called after each commit) lands in the offline run's history with its own clock."""
+    out = tmp_path / "run"
+    tracker = loggers.build_logger(compose(["logger=wandb", "logger.mode=offline"]).logger)
+    tracker.start(config={"a": 1}, run_dir=out, name="progress", group=None)
+    for i in range(1, 4):
+        tracker.log_progress("caption", rows=8 * i, regions=20 * i, errors=i - 1, seconds=2.0 * i)
+    tracker.log_progress("visualize", rows=5, regions=18, errors=0, seconds=0.0)
+    tracker.finish(0)
+    run = read_offline_run(out)
+    def stage(name):
+        p = f"progress/{name}/"
+        return [{k[len(p):]: v for k, v in h.items() if k.startswith(p)} for h in run["history"] if p + "rows" in h]
+
+    caption = stage("caption")
+    assert [(p["rows"], p["regions"], p["errors"], p["seconds"]) for p in caption] == [
+        (8, 20, 0, 2.0), (16, 40, 1, 4.0), (24, 60, 2, 6.0)]
+    assert all(p["regions_per_s"] == 10.0 and p["rows_per_s"] == 4.0 for p in caption)
+    (vis,) = stage("visualize")
+    assert vis["rows"] == 5 and vis["regions_per_s"] is None
+    assert run["exit_code"] == 0
+
+
+def test_log_progress_is_a_no_op_for_logger_none_and_after_finish(tmp_path):
+    tracker = loggers.build_logger(compose(["logger=none"]).logger)
+    tracker.log_progress("caption", rows=1, regions=1, errors=0, seconds=1.0)
+    wb = loggers.build_logger(compose(["logger=wandb", "logger.mode=offline"]).logger)
+    wb.log_progress("caption", rows=1, regions=1, errors=0, seconds=1.0)  # never started: nothing to log to
+    assert not (tmp_path / "wandb").exists() and not wb._warned

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+import importlib.util
+from typing import Any, List, Optional, Sequence
 
 from regioncap.engines.base import Engine, EngineError, Request, Response, Sampling, error_response
 
@@ -58,6 +59,41 @@ def engine_capability(engine_cfg: Any, capability: str) -> bool:
     return False
 
 
+def missing_modules(modules: Sequence[str]) -> List[str]:
+    """The top-level modules of ``modules`` that cannot be imported here (looked up, never imported)."""
+    missing = []
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken or half-installed package
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
+
+
+def install_hint(extra: Optional[str]) -> str:
+    return f'pip install "regioncap[{extra}]"' if extra else "install them"
+
+
+def check_requirements(engine_cfg: Any) -> None:
+    """Raise :class:`EngineError` with one line naming the extra to install when
+    a module the engine ``engine_cfg.name`` needs is missing.
+
+    Cheap: the engine's module is imported (it imports nothing heavy at module
+    level) and its ``requires`` are only looked up with ``importlib.util.find_spec``.
+    Call it before any work starts.
+    """
+    name = resolve_engine_name(engine_cfg.name)
+    module_name, cls_name = ENGINES[name].split(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    missing = missing_modules(getattr(cls, "requires", ()))
+    if missing:
+        picked = f"engine={engine_cfg.name}" + (f" (here: {name})" if name != engine_cfg.name else "")
+        raise EngineError(f"{picked} needs {', '.join(missing)}, which "
+                          f"{'is' if len(missing) == 1 else 'are'} not installed: {install_hint(cls.extra)}")
+
+
 def build_engine(engine_cfg: Any, model_cfg: Any, model_path: str | None) -> Engine:
     """Build the engine named by ``engine_cfg.name`` for the model ``model_cfg``.
 
@@ -69,5 +105,6 @@ def build_engine(engine_cfg: Any, model_cfg: Any, model_path: str | None) -> Eng
 
 __all__ = [
     "ENGINES", "Engine", "EngineError", "Request", "Response", "Sampling",
-    "build_engine", "engine_capability", "engine_class", "error_response", "resolve_engine_name",
+    "build_engine", "check_requirements", "engine_capability", "engine_class", "error_response",
+    "missing_modules", "resolve_engine_name",
 ]

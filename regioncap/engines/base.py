@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 
 class EngineError(RuntimeError):
@@ -85,6 +85,12 @@ class Engine(abc.ABC):
     #: in a sweep, each job's caption stage runs in its own process (``executor=isolated``) by
     #: default, because the engine does not hand its (GPU) memory back inside one process.
     isolate_in_sweeps: ClassVar[bool] = False
+
+    #: Modules the engine imports when it is built, and the extra of the
+    #: ``regioncap`` package that installs them (``pip install "regioncap[EXTRA]"``);
+    #: checked before any work by :func:`regioncap.engines.check_requirements`.
+    requires: ClassVar[Tuple[str, ...]] = ()
+    extra: ClassVar[Optional[str]] = None
 
     @classmethod
     def cpu_bound(cls, engine_cfg: Any) -> bool:

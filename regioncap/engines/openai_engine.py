@@ -125,6 +125,8 @@ class OpenAIEngine(Engine):
 
     name = "openai"
     needs_model_path = False
+    requires = ("openai",)
+    extra = "openai"
 
     def __init__(self, model_cfg: Any, engine_cfg: Any, model_path: Optional[str] = None) -> None:
         try:

@@ -152,6 +152,9 @@ class TransformersEngine(Engine):
     """Qwen2-VL / Qwen2.5-VL (and other image-text-to-text models) in transformers."""
 
     name = "transformers"
+    # torchvision: transformers builds the Qwen2-VL/2.5-VL image processors with it.
+    requires = ("torch", "torchvision", "transformers")
+    extra = "transformers"
 
     @classmethod
     def cpu_bound(cls, engine_cfg: Any) -> bool:

@@ -83,6 +83,8 @@ class VllmEngine(Engine):
 
     name = "vllm"
     isolate_in_sweeps = True
+    requires = ("vllm",)
+    extra = "vllm"
 
     def __init__(self, model_cfg: Any, engine_cfg: Any, model_path: Optional[str] = None) -> None:
         try:
