@@ -17,9 +17,10 @@ from PIL import Image, ImageDraw
 from conftest import REPO, compose
 from regioncap import boxes as bx
 from regioncap.engines.base import Engine, Request, Response, Sampling, error_response
+from regioncap.config import ProposeWhen
 from regioncap.propose import (
-    PROPOSERS, Proposal, Proposer, ProposeError, build_proposer, proposer_class, select_proposals,
-    should_propose,
+    PROPOSERS, Proposal, Proposer, ProposeError, build_proposer, check_box_key, plan_regions, proposer_class,
+    select_proposals, should_propose,
 )
 from regioncap.propose.contours import ContoursParams, ContoursProposer
 from regioncap.propose.vlm import (
@@ -460,3 +461,54 @@ def test_eval_script_composes_and_measures_one_scene(tmp_path):
     assert result["shapes"]["images"] == 2 and result["demo_photos"]["images"] == 5
     assert result["demo_photos"]["n_truth"] == 18 and 0 <= result["shapes"]["recall"] <= 1
     assert "| shapes |" in proc.stdout
+
+
+# --------------------------------------------------------------------------- plan_regions / check_box_key
+
+
+def _given():
+    return [(0, bx.Box(0, 0, 10, 10)), (2, bx.Box(100, 100, 150, 150))]
+
+
+def _props():
+    return [Proposal((0, 0, 10, 9), 0.9, "a", "vlm"), Proposal((50, 50, 60, 60), 0.8, "b", "vlm"),
+            Proposal((70, 70, 80, 80), 0.7, "c", "vlm")]
+
+
+def test_plan_without_proposals_keeps_the_given_boxes_as_input():
+    plan = plan_regions(_given(), None, "missing")
+    assert [(r.source, r.source_index) for r in plan.regions] == [("input", 0), ("input", 2)]
+    assert plan.proposed == plan.capped == 0 and plan.truth == []
+
+
+def test_plan_missing_always_add():
+    plan = plan_regions([], _props(), "missing", max_regions=2)
+    assert [(r.source, r.label, r.score) for r in plan.regions] == [("vlm", "a", 0.9), ("vlm", "b", 0.8)]
+    assert (plan.proposed, plan.capped) == (3, 1)
+    plan = plan_regions(_given(), _props(), ProposeWhen.always)
+    assert [r.label for r in plan.regions] == ["a", "b", "c"] and plan.truth == [b for _, b in _given()]
+    plan = plan_regions(_given(), _props(), "add", add_iou=0.5, max_regions=1)
+    assert [(r.source, r.label) for r in plan.regions] == [("input", None), ("input", None), ("vlm", "b")]
+    assert (plan.overlapping_given, plan.capped) == (1, 1)
+
+
+def test_check_box_key_names_the_keys_and_the_fix():
+    rows = [{"id": "a", "image": "x.jpg", "boxes": [[10, 10, 50, 50]]}, {"id": "b", "boxes": [[1, 2, 3, 4]]}]
+    problem = check_box_key(rows, "bbox", "none")
+    assert problem.fatal and problem.candidates == ("boxes",)
+    assert "'bbox'" in problem.message and "boxes, id, image" in problem.message
+    assert "data.bbox_key=boxes" in problem.message and "propose=contours" in problem.message
+    warn = check_box_key(rows, "bbox", "contours")
+    assert not warn.fatal and "propose=contours regions" in warn.message and "data.bbox_key=boxes" in warn.message
+    no_guess = check_box_key([{"id": "a", "caption": "hi"}], "bbox", "none")
+    assert no_guess.candidates == () and "data.bbox_key=<the field with the boxes>" in no_guess.message
+
+
+def test_check_box_key_is_quiet_when_any_row_has_boxes_or_there_are_none():
+    assert check_box_key([{"id": "a"}, {"id": "b", "bbox": [[0, 0, 1, 1]]}], "bbox", "none") is None
+    assert check_box_key([{"id": "a", "bbox": []}], "bbox", "none") is None  # [] is a given (empty) list
+    assert check_box_key([], "bbox", "none") is None and check_box_key([{}], "bbox", "none") is None
+    # The bundled shapes_nobox rows: no bbox, and gt_bbox looks like boxes.
+    rows = [json.loads(x) for x in (SHAPES_DIR / "shapes_nobox.jsonl").read_text().splitlines()]
+    problem = check_box_key(rows[:4], "bbox", "contours")
+    assert not problem.fatal and problem.candidates == ("gt_bbox",)

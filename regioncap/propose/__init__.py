@@ -9,9 +9,10 @@ are never touched by a run that does not use them.
 Adding a detector (OWLv2, Grounding-DINO, SAM boxes) is one module holding a
 :class:`Proposer` subclass plus one ``conf/propose/NAME.yaml``; see docs/design.md.
 
-The pure helpers at the end decide, per row, whether to propose
-(:func:`should_propose`) and which proposals join the given boxes
-(:func:`select_proposals`), so every stage that handles boxes applies the same rules.
+The pure helpers decide, per row, whether to propose (:func:`should_propose`)
+and which regions it is captioned with (:func:`plan_regions`, built on
+:func:`select_proposals`), and, before a run, whether the box field is
+misnamed (:func:`check_box_key`), so every stage applies the same rules.
 """
 
 from __future__ import annotations
@@ -118,7 +119,12 @@ def select_proposals(
     return kept, capped
 
 
+from regioncap.propose.plan import (  # noqa: E402  (plan uses select_proposals above)
+    INPUT_SOURCE, BoxKeyProblem, PlannedRegion, RegionPlan, check_box_key, plan_regions,
+)
+
 __all__ = [
-    "PROPOSERS", "PROPOSE_WHEN", "NONE", "Box", "Proposal", "Proposer", "ProposeError",
-    "proposer_class", "build_proposer", "should_propose", "select_proposals",
+    "PROPOSERS", "PROPOSE_WHEN", "NONE", "INPUT_SOURCE", "Box", "Proposal", "Proposer", "ProposeError",
+    "PlannedRegion", "RegionPlan", "BoxKeyProblem",
+    "proposer_class", "build_proposer", "should_propose", "select_proposals", "plan_regions", "check_box_key",
 ]
