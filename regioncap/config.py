@@ -333,6 +333,14 @@ class NmsMetric(str, Enum):
     iomin = "iomin"
 
 
+class GroundingConstraint(str, Enum):
+    """How a ``vlm`` grounding answer is constrained (``propose.constraint``)."""
+
+    regex = "regex"
+    json = "json"
+    none = "none"
+
+
 @dataclass
 class ProposeConfig:
     """Region proposals for rows without boxes (``propose=none|contours|vlm``)."""
@@ -385,7 +393,10 @@ class VlmProposeConfig(ProposeConfig):
     prompt: Optional[str] = None
     #: Token budget of the grounding answer.
     max_tokens: int = 1024
-    #: Most boxes the structured-output schema allows in one answer.
+    #: How engines with structured outputs constrain the answer: ``regex`` (one compact
+    #: JSON layout, no free whitespace), ``json`` (the JSON schema) or ``none``.
+    constraint: GroundingConstraint = GroundingConstraint.regex
+    #: Most boxes the JSON schema allows in one answer (``constraint=json``).
     max_items: int = 50
     #: Repeated boxes in one answer: NMS at this IoU, answer order kept.
     nms_threshold: float = 0.7

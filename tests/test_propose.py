@@ -6,7 +6,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 from typing import List, Sequence
 
 import pytest
@@ -25,7 +24,7 @@ from regioncap.propose import (
 from regioncap.propose.contours import ContoursParams, ContoursProposer
 from regioncap.propose.vlm import (
     GROUNDING_PROMPT, QWEN2_GROUNDING_PROMPT, VlmProposer, grounding_json_schema, grounding_prompt,
-    parse_grounding,
+    grounding_regex, parse_grounding,
 )
 
 SHAPES_DIR = REPO / "regioncap" / "demo" / "shapes"
@@ -223,11 +222,7 @@ def test_contours_parameters_come_from_the_composed_config():
     # The ellipse (~3800 px) and the bigger boxes are now above 7% of the image; the triangle (~2100 px) is not.
     props = proposer.propose(image)
     assert props and all((p.bbox[2] - p.bbox[0]) * (p.bbox[3] - p.bbox[1]) < 0.1 * 224 * 224 for p in props)
-    assert describe_keys(proposer) >= {"proposer", "block_size", "nms_threshold"}
-
-
-def describe_keys(proposer: Proposer) -> set:
-    return set(proposer.describe())
+    assert set(proposer.describe()) >= {"proposer", "block_size", "nms_threshold"}
 
 
 def test_contours_blank_image_gives_nothing_and_grey_input_works():
@@ -382,14 +377,50 @@ def test_vlm_proposer_sends_the_grounding_request_and_parses_the_answer():
     # The near-duplicate is dropped by NMS; answer order is kept.
     assert [(p.label, p.source) for p in props] == [("red circle", "vlm"), ("blue square", "vlm")]
     (req,) = engine.sent
-    assert req.prompt == GROUNDING_PROMPT and req.json_schema == grounding_json_schema(cfg.max_items)
+    assert req.prompt == GROUNDING_PROMPT and req.regex == grounding_regex() and req.json_schema is None
     assert req.sampling.max_tokens == cfg.max_tokens
+
+
+@pytest.mark.parametrize("constraint", ["json", "none"])
+def test_vlm_request_constraint_is_configurable(constraint):
+    proposer = build_proposer(compose(["propose=vlm", f"propose.constraint={constraint}"]).propose)
+    req = proposer.request("k", "x.png", (224, 224))
+    assert req.regex is None
+    assert req.json_schema == (grounding_json_schema(50) if constraint == "json" else None)
+
+
+def test_grounding_regex_matches_what_the_parser_reads():
+    import re
+
+    good = ('[{"bbox_2d": [10, 20, 110, 90], "label": "red circle"}, '
+            '{"bbox_2d": [0, 0, 5, 5], "label": "a \'dot\'"}]')
+    assert re.fullmatch(grounding_regex(), good) and re.fullmatch(grounding_regex(), "[]")
+    assert len(parse_grounding(good, 224, 224)) == 2
+    for bad in ('[{"bbox_2d": [10, 20, 110, 90], "label": ""}]', '[\n{"bbox_2d": [1, 2, 3, 4], "label": "x"}]',
+                '[{"bbox_2d": [1, 2, 3], "label": "x"}]', '[{"bbox_2d": [01, 2, 3, 4], "label": "x"}]'):
+        assert not re.fullmatch(grounding_regex(), bad)
+
+
+@given(st.lists(st.tuples(st.lists(st.integers(0, 99999), min_size=4, max_size=4),
+                          st.text(st.characters(blacklist_characters='"\\\n', blacklist_categories=("Cs",)),
+                                  min_size=1, max_size=100)), max_size=5))
+@settings(max_examples=100, deadline=None)
+def test_every_regex_conforming_answer_parses(items):
+    import re
+
+    text = "[" + ", ".join('{"bbox_2d": [%d, %d, %d, %d], "label": "%s"}' % (*b, label) for b, label in items) + "]"
+    assert re.fullmatch(grounding_regex(), text)
+    props = parse_grounding(text, 100000, 100000)
+    # Every item with a non-degenerate box comes back, in order.
+    want = [b for b, _ in items if abs(b[2] - b[0]) >= 1 and abs(b[3] - b[1]) >= 1]
+    assert [tuple(int(v) for v in p.bbox) for p in props] == [
+        (min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])) for b in want]
 
 
 def test_vlm_request_for_qwen2_has_no_json_schema_and_keeps_a_larger_budget():
     proposer = VlmProposer(None, family="qwen2_vl")
     req = proposer.request("r1/ground", "x.png", (448, 224), Sampling(max_tokens=4096, seed=3))
-    assert req.json_schema is None and req.prompt == QWEN2_GROUNDING_PROMPT
+    assert req.json_schema is None and req.regex is None and req.prompt == QWEN2_GROUNDING_PROMPT
     assert req.sampling.max_tokens == 4096 and req.sampling.seed == 3 and req.image_size == (448, 224)
 
 
@@ -414,7 +445,7 @@ def test_default_config_proposes_with_contours_for_missing_boxes():
 
 
 @pytest.mark.parametrize("override", ["propose.when=sometimes", "propose.block_size=big", "propose.nms_metric=giou",
-                                      "propose.threshold=3"])
+                                      "propose.threshold=3", "propose.constraint=regex"])
 def test_bad_propose_values_fail_while_composing(override):
     from hydra.errors import ConfigCompositionException
 
@@ -429,6 +460,8 @@ def test_vlm_option_has_its_own_fields_only():
     assert (cfg.propose.method, cfg.propose.when, cfg.propose.max_tokens) == ("vlm", "always", 2048)
     with pytest.raises(ConfigCompositionException):
         compose(["propose=vlm", "propose.block_size=11"])
+    with pytest.raises(ConfigCompositionException):
+        compose(["propose=vlm", "propose.constraint=xml"])
 
 
 def test_shapes_nobox_is_shapes_without_boxes_but_with_the_truth():

