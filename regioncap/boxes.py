@@ -21,7 +21,7 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 __all__ = [
     "BBOX_FORMATS",
@@ -37,6 +37,9 @@ __all__ = [
     "chunk",
     "qwen25_coords",
     "qwen2_coords",
+    "iou",
+    "nms",
+    "proposal_quality",
 ]
 
 T = TypeVar("T")
@@ -548,3 +551,105 @@ def qwen2_coords(box: Box, width: int, height: int) -> List[int]:
         _clamp(round(box.x2 / width * g), 0, g),
         _clamp(round(box.y2 / height * g), 0, g),
     ]
+
+
+# --------------------------------------------------------------------------- overlap and proposals
+
+
+def _corners(box: Any) -> Tuple[float, float, float, float]:
+    """``(x1, y1, x2, y2)`` of a :class:`Box` or of 4 numbers in xyxy."""
+    if isinstance(box, Box):
+        return box.x1, box.y1, box.x2, box.y2
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return x1, y1, x2, y2
+
+
+def _overlap(a: Tuple[float, ...], b: Tuple[float, ...], metric: str) -> float:
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    area_a = max(0.0, a[2] - a[0]) * max(0.0, a[3] - a[1])
+    area_b = max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
+    denom = min(area_a, area_b) if metric == "iomin" else area_a + area_b - inter
+    return inter / denom if denom > 0 else 0.0
+
+
+def iou(a: Any, b: Any) -> float:
+    """Intersection over union of two boxes (a :class:`Box` or 4 numbers in xyxy each).
+
+    0.0 when they do not overlap or when either box is empty (no area).
+    """
+    return _overlap(_corners(a), _corners(b), "iou")
+
+
+#: Overlap measures :func:`nms` accepts: ``iou``, or ``iomin`` (intersection over the
+#: smaller box's area: DataFlow-MM's contour NMS, which also drops a box nested in another).
+NMS_METRICS: Tuple[str, ...] = ("iou", "iomin")
+
+
+def nms(boxes: Sequence[Any], scores: Optional[Sequence[float]], thr: float, *, metric: str = "iou") -> List[int]:
+    """Greedy non-maximum suppression; the indices of the kept boxes, best first.
+
+    Boxes are visited by descending score (``scores`` None: in the given order;
+    ties keep the given order); a box is dropped when its overlap with a box
+    already kept is above ``thr``. ``metric`` is one of :data:`NMS_METRICS`.
+
+    Raises:
+        ValueError: ``scores`` and ``boxes`` differ in length, or an unknown ``metric``.
+    """
+    if metric not in NMS_METRICS:
+        raise ValueError(f"unknown NMS metric {metric!r}; use one of {', '.join(NMS_METRICS)}")
+    corners = [_corners(b) for b in boxes]
+    if scores is not None and len(scores) != len(corners):
+        raise ValueError(f"nms: {len(corners)} boxes but {len(scores)} scores")
+    order = list(range(len(corners)))
+    if scores is not None:
+        order.sort(key=lambda i: -float(scores[i]))  # stable: ties keep the given order
+    kept: List[int] = []
+    for i in order:
+        if all(_overlap(corners[i], corners[k], metric) <= thr for k in kept):
+            kept.append(i)
+    return kept
+
+
+def proposal_quality(proposed: Sequence[Any], truth: Sequence[Any], thr: float = 0.5) -> Dict[str, Any]:
+    """How well ``proposed`` boxes cover ``truth`` boxes (both xyxy, same image, same pixels).
+
+    Matching is greedy one-to-one: every (proposal, truth) pair with IoU >= ``thr``
+    is taken in descending IoU order, skipping pairs whose proposal or truth is
+    already matched (no Hungarian assignment; on non-overlapping truth boxes such
+    as the shapes scenes the two agree). ``recall`` = matched truths / truths,
+    ``precision`` = matched proposals / proposals, ``mean_best_iou`` = the mean over
+    truth boxes of the best IoU any proposal reaches (not one-to-one).
+
+    An empty side gives ``None`` for the ratios it would divide by zero in
+    (recall and mean_best_iou without truth, precision without proposals), so
+    averages over images can skip them rather than count a made-up 0 or 1.
+    """
+    props = [_corners(b) for b in proposed]
+    gts = [_corners(b) for b in truth]
+    pairs = []
+    best = [0.0] * len(gts)
+    for p, pb in enumerate(props):
+        for t, tb in enumerate(gts):
+            v = _overlap(pb, tb, "iou")
+            best[t] = max(best[t], v)
+            if v >= thr and v > 0:
+                pairs.append((-v, p, t))
+    pairs.sort()
+    used_p, used_t = set(), set()
+    for _, p, t in pairs:
+        if p not in used_p and t not in used_t:
+            used_p.add(p)
+            used_t.add(t)
+    matched = len(used_t)
+    return {
+        "recall": matched / len(gts) if gts else None,
+        "precision": matched / len(props) if props else None,
+        "mean_best_iou": sum(best) / len(best) if best else None,
+        "matched": matched,
+        "n_proposed": len(props),
+        "n_truth": len(gts),
+    }

@@ -393,6 +393,95 @@ class RayExecutorConfig(ExecutorConfig):
     remote_args: Dict[str, Any] = field(default_factory=dict)
 
 
+class ProposeWhen(str, Enum):
+    """Which rows get region proposals (``propose.when``)."""
+
+    #: Rows whose box field is absent or null (DataFlow-MM's rule); ``[]`` stays no regions.
+    missing = "missing"
+    #: Every row; given boxes are ignored (with them as ground truth for proposal quality).
+    always = "always"
+    #: Every row: its given boxes plus proposals that overlap none of them above ``add_iou``.
+    add = "add"
+
+
+class NmsMetric(str, Enum):
+    """Overlap measure of an NMS: IoU, or intersection over the smaller box (DataFlow-MM's contours)."""
+
+    iou = "iou"
+    iomin = "iomin"
+
+
+class GroundingConstraint(str, Enum):
+    """How a ``vlm`` grounding answer is constrained (``propose.constraint``)."""
+
+    regex = "regex"
+    json = "json"
+    none = "none"
+
+
+@dataclass
+class ProposeConfig:
+    """Region proposals for rows without boxes (``propose=none|contours|vlm``)."""
+
+    name: str = MISSING
+    #: Proposer (a key of ``regioncap.propose.PROPOSERS``), or ``none``.
+    method: str = "none"
+    when: ProposeWhen = ProposeWhen.missing
+    #: ``when=add``: a proposal overlapping a given box above this IoU is dropped.
+    add_iou: float = 0.5
+    #: Most proposals kept per image, best first (the rest are counted and recorded); null: all.
+    #: Kept proposals are chunked by ``max_boxes`` like given boxes, never dropped.
+    max_regions: Optional[int] = 20
+
+
+@dataclass
+class ContoursProposeConfig(ProposeConfig):
+    """DataFlow-MM's contour heuristic; the defaults are its published values.
+
+    Sizes are pixels of the image at the model's input resolution.
+    """
+
+    method: str = "contours"
+    #: Gaussian blur kernel (odd; 0 or 1: none).
+    blur_kernel: int = 5
+    #: Adaptive Gaussian threshold: block side (odd) and constant C.
+    block_size: int = 11
+    threshold_c: float = 2.0
+    #: Morphological closing kernel side (0: none).
+    close_kernel: int = 8
+    #: Contour area as a fraction of the image.
+    min_area_ratio: float = 0.01
+    max_area_ratio: float = 0.8
+    #: Box aspect ratio w / h.
+    min_aspect: float = 0.1
+    max_aspect: float = 5.0
+    #: Boxes wider or taller than this fraction of the image are dropped.
+    max_side_ratio: float = 0.9
+    #: NMS over the boxes, largest first.
+    nms_threshold: float = 0.3
+    nms_metric: NmsMetric = NmsMetric.iomin
+
+
+@dataclass
+class VlmProposeConfig(ProposeConfig):
+    """The caption model grounds the objects first (Qwen2.5-VL JSON boxes / Qwen2-VL box tokens)."""
+
+    method: str = "vlm"
+    #: Grounding request text; null: the model family's (regioncap.propose.vlm.grounding_prompt).
+    prompt: Optional[str] = None
+    #: Token budget of the grounding answer.
+    max_tokens: int = 1024
+    #: How engines with structured outputs constrain the answer: ``regex`` (one compact
+    #: JSON layout, no free whitespace), ``json`` (the JSON schema) or ``none``.
+    constraint: GroundingConstraint = GroundingConstraint.regex
+    #: Most boxes the JSON schema allows in one answer (``constraint=json``).
+    max_items: int = 50
+    #: Repeated boxes in one answer: NMS at this IoU, answer order kept.
+    nms_threshold: float = 0.7
+    #: Boxes with a side under this many pixels (model input) after clipping are dropped.
+    min_size: float = 1.0
+
+
 @dataclass
 class LimitsConfig:
     """Bounds on what one input can cost (a bad file never hangs or exhausts a run)."""
@@ -421,6 +510,7 @@ class RegionCapConfig:
     prompt: PromptConfig = MISSING
     logger: LoggerConfig = MISSING
     executor: ExecutorConfig = MISSING
+    propose: ProposeConfig = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -467,6 +557,13 @@ ENGINE_SCHEMAS = {
 }
 
 
+PROPOSE_SCHEMAS = {
+    "none": ProposeConfig,
+    "contours": ContoursProposeConfig,
+    "vlm": VlmProposeConfig,
+}
+
+
 def register_configs() -> None:
     """Register the schemas under ``schema/<group>``; each option's YAML starts
     from one (``- /schema/model/base@_here_``), so its keys and types are checked
@@ -485,3 +582,5 @@ def register_configs() -> None:
     cs.store(group="schema/logger", name="wandb", node=WandbLoggerConfig)
     cs.store(group="schema/executor", name="local", node=ExecutorConfig)
     cs.store(group="schema/executor", name="ray", node=RayExecutorConfig)
+    for name, node in PROPOSE_SCHEMAS.items():
+        cs.store(group="schema/propose", name=name, node=node)

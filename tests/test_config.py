@@ -12,7 +12,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR, REPO, compose
 
-GROUPS = ["model", "engine", "data", "draw", "prompt", "logger"]
+GROUPS = ["model", "engine", "data", "draw", "prompt", "logger", "propose"]
 
 
 def options(group: str):
@@ -70,7 +70,8 @@ def test_help_and_cfg_do_not_import_heavy_libraries(args):
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
-    assert not imported & {"torch", "transformers", "vllm", "wandb", "datasets"}, imported & {"torch", "transformers", "vllm", "wandb", "datasets"}
+    heavy = {"torch", "transformers", "vllm", "wandb", "datasets", "cv2"}
+    assert not imported & heavy, imported & heavy
     if args == ["--cfg", "job"]:
         assert "max_boxes: 10" in proc.stdout
 
