@@ -393,7 +393,7 @@ class RayExecutorConfig(ExecutorConfig):
     remote_args: Dict[str, Any] = field(default_factory=dict)
 
 
-class ProposeWhen(str, Enum):
+class ProposeWhen(Choice):
     """Which rows get region proposals (``propose.when``)."""
 
     #: Rows whose box field is absent or null (DataFlow-MM's rule); ``[]`` stays no regions.
@@ -404,14 +404,14 @@ class ProposeWhen(str, Enum):
     add = "add"
 
 
-class NmsMetric(str, Enum):
+class NmsMetric(Choice):
     """Overlap measure of an NMS: IoU, or intersection over the smaller box (DataFlow-MM's contours)."""
 
     iou = "iou"
     iomin = "iomin"
 
 
-class GroundingConstraint(str, Enum):
+class GroundingConstraint(Choice):
     """How a ``vlm`` grounding answer is constrained (``propose.constraint``)."""
 
     regex = "regex"

@@ -21,7 +21,7 @@ from regioncap.manifest import (
 )
 from regioncap.errors import RunError
 from regioncap.run import RegionCapRun, build_run
-from regioncap.rundir import STAGE_FILES
+from regioncap.rundir import STAGE_FILES, RunDir
 from regioncap.signals import Interrupted, stop_on_signals
 
 log = logging.getLogger("regioncap")
@@ -92,6 +92,10 @@ def execute(cfg: Any) -> Dict[str, Any]:
     built: Dict[str, Any] = {}  # model_path and engine_info, for the manifest
     error: Optional[str] = None
     _mask_hydra_files(cfg)
+    # Nothing is written into the run dir before its lock is held and the run may go on there:
+    # a refused run (another process writes it, or it holds another run's results) leaves it as it was.
+    rundir = RunDir(run_dir)
+    rundir.check_start(cfg)
     tracker = _build_tracker(cfg)
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
@@ -99,7 +103,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
     exit_code = 1
     try:
         with stop_on_signals():
-            run, metrics = _run_stages(cfg, built)
+            run, metrics = _run_stages(cfg, built, rundir, tracker)
         tracker.log_run(metrics=metrics, run_dir=run.out)
         _check(cfg, run, metrics)
         exit_code = 0
@@ -113,6 +117,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
                            status="ok" if exit_code == 0 else "failed", error=error, **hydra_context(), **built)
         _try_write_report(run_dir)
         tracker.finish(exit_code)
+        rundir.unlock()
 
 
 def _mask_hydra_files(cfg: Any) -> None:
@@ -148,8 +153,12 @@ def _try_write_report(run_dir: Path) -> None:
         log.warning("could not write the report for %s: %s: %s", run_dir, type(exc).__name__, exc)
 
 
-def _run_stages(cfg: Any, built: Dict[str, Any]) -> Tuple[RegionCapRun, Dict[str, Any]]:
-    run = build_run(cfg, multirun=_hydra_multirun())
+def _run_stages(cfg: Any, built: Dict[str, Any], rundir: RunDir, tracker: RunLogger
+                ) -> Tuple[RegionCapRun, Dict[str, Any]]:
+    def progress(stats: Any, batch: Any) -> None:
+        tracker.log_progress(stats.name, stats.rows, stats.regions, sum(stats.errors.values()), stats.seconds)
+
+    run = build_run(cfg, multirun=_hydra_multirun(), on_commit=progress, rundir=rundir)
     built["model_path"] = run.model_path
     try:
         metrics = run.run()

@@ -59,9 +59,10 @@ class RegionCapRun:
     """One run: the configured stages over the configured data, in one run dir."""
 
     def __init__(self, cfg: Any, *, model_path: Optional[str] = None, executor: Optional[str] = None,
-                 on_commit: Optional[OnCommit] = None) -> None:
+                 on_commit: Optional[OnCommit] = None, rundir: Optional[RunDir] = None) -> None:
         self.cfg = cfg
-        self.rundir = RunDir(cfg.output_dir)
+        #: The run dir; its lock may already be held (the job takes it before writing anything).
+        self.rundir = rundir if rundir is not None else RunDir(cfg.output_dir)
         self.out = self.rundir.path
         self.model_path = model_path
         self.stats: Dict[str, StageStats] = {}
@@ -94,7 +95,8 @@ class RegionCapRun:
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
         """Run the configured stages and return the run's metrics (also written to ``metrics.json``)."""
-        self.rundir.check_start(self.cfg)
+        if not self.rundir.started:
+            self.rundir.check_start(self.cfg)
         overlap, reason = self.overlap_mode()
         workers = self._workers()
         self.pipeline = {"overlap": overlap, "workers": workers}
@@ -223,9 +225,11 @@ class RegionCapRun:
         records = read_jsonl(final) if final.exists() else iter(())
         model = self.cfg.model
         wall = self.pipeline.get("seconds")
+        scorers = self.cfg.get("metrics") or {}
         metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
                                   merge_size=int(model.merge_size), references_key=self.cfg.data.references_key,
-                                  wall_s=wall)
+                                  meteor=bool(scorers.get("meteor", False)),
+                                  meteor_timeout_s=float(scorers.get("meteor_timeout_s", 300.0)), wall_s=wall)
         if self.pipeline:
             # End to end: every image and region of the run over the run's wall time (both stages).
             done = metrics["regions_captioned"] if "caption" in self.stats else metrics["regions"]
@@ -269,17 +273,44 @@ def pick_executor(cfg: Any, *, multirun: bool = False) -> str:
     return "isolated" if isolate else "local"
 
 
-def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit] = None) -> RegionCapRun:
+def check_data(cfg: Any, rows: int = 20) -> None:
+    """Read the first ``rows`` rows before the run starts: a data path that does not open fails now,
+    and a box field missing from every one of them is said at once (with ``propose=none``: the run stops)."""
+    from regioncap.propose import check_box_key
+
+    try:
+        first = list(itertools.islice(iter_rows(cfg.data), rows))
+    except RunError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a reader's own error type; the user needs the message
+        raise RunError(f"cannot read data.path={cfg.data.path}: {type(exc).__name__}: {exc}") from None
+    key = str(cfg.data.bbox_key)
+    seen = [({**r.extra, key: r.bbox} if r.bbox is not None else dict(r.extra)) for r in first if not r.error]
+    propose = cfg.get("propose")
+    problem = check_box_key(seen, key, str(propose.method) if propose is not None else "none")
+    if problem is not None:
+        if problem.fatal:
+            raise RunError(problem.message)
+        log.warning("%s", problem.message)
+
+
+def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit] = None,
+              rundir: Optional[RunDir] = None) -> RegionCapRun:
     """Build the run object from a composed config: the one place objects are built.
 
-    Seeds every RNG first; resolves (and, for the offline model, builds) the
-    model before any stage starts, so a model that is not available fails in
-    seconds, not after the visualize stage. ``multirun``: the job is one of a
-    sweep (see :func:`pick_executor`).
+    Seeds every RNG first; checks that the packages the config needs are
+    installed and that the data opens; resolves (and, for the offline model,
+    builds) the model before any stage starts, so a model that is not
+    available fails in seconds, not after the visualize stage. ``multirun``:
+    the job is one of a sweep (see :func:`pick_executor`).
     """
     from regioncap.engines import EngineError, engine_capability
+    from regioncap.requirements import check_requirements
 
     seed_everything(int(cfg.seed))
+    check_requirements(cfg)
+    if "visualize" in cfg.stages:
+        check_data(cfg)
     model_path = None
     try:
         if "caption" in cfg.stages and engine_capability(cfg.engine, "needs_model_path"):
@@ -289,7 +320,7 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
     except EngineError as exc:
         raise RunError(str(exc)) from None
     run = RegionCapRun(cfg, model_path=model_path, executor=pick_executor(cfg, multirun=multirun),
-                       on_commit=on_commit)
+                       on_commit=on_commit, rundir=rundir)
     data_path = resolve_path(cfg.data.path) if cfg.data.path else None
     log.info("run: model=%s (%s) engine=%s prompt=%s draw=%s data=%s max_boxes=%d seed=%d executor=%s -> %s",
              cfg.model.name, model_path or cfg.model.path, cfg.engine.name, cfg.prompt.name, cfg.draw.name,

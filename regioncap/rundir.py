@@ -122,6 +122,8 @@ class RunDir:
     def __init__(self, path: Any) -> None:
         self.path = Path(path)
         self._lock_fh: Any = None
+        #: :meth:`check_start` passed: this process holds the lock and wrote the run key.
+        self.started = False
 
     # file names
     @property
@@ -226,6 +228,7 @@ class RunDir:
         if old and changes:
             key["previous"] = [*old.get("previous", []), {"hash": old.get("hash"), "values": old["values"]}]
         write_text_atomically(self.run_key_file, dumps(key) + "\n")
+        self.started = True
         if cfg.resume:
             log.info("resume: run key %s%s", key["hash"], f" (was {old.get('hash')})" if changes else "")
 

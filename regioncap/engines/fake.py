@@ -40,6 +40,12 @@ class FakeEngine(Engine):
                 w, h = im.size
         except OSError as exc:
             return error_response(req.key, "image_error", f"{req.image_path}: {exc}")
+        if req.meta.get("task") == "ground":
+            # Two objects, the image's top-left and bottom-right quarters (Qwen2.5-VL's grounding JSON).
+            text = json.dumps([{"bbox_2d": [w // 8, h // 8, w // 2, h // 2], "label": "fake object 1"},
+                               {"bbox_2d": [w // 2, h // 2, w - w // 8, h - h // 8], "label": "fake object 2"}])
+            return Response(key=req.key, text=text, prompt_tokens=len(req.prompt.split()), output_tokens=20,
+                            latency_s=time.perf_counter() - start, finish_reason="stop")
         numbers = list(req.meta.get("numbers", [1]))
         reask = bool(req.meta.get("reask"))
         if not (reask and self.answer_on_reask):

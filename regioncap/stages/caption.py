@@ -101,7 +101,14 @@ class Captioner(Stage):
         )
 
     def caption_batch(self, batch: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """Answers for every pending row of ``batch``; rows that need no engine pass through."""
+        """Answers for every pending row of ``batch``; rows that need no engine pass through.
+
+        Rows the visualize stage left ``grounding`` (``propose=vlm``) are grounded
+        first: the engine proposes their regions, which are then drawn and asked
+        about like given boxes, in the same batch.
+        """
+        if any(rec["status"] == "grounding" for rec in batch):
+            self.ground(batch)
         work = [(rec, spec) for rec in batch if rec["status"] == "pending" for spec in rec["requests"]]
         if not work:
             return batch
@@ -127,6 +134,18 @@ class Captioner(Stage):
                     spec["captions"].setdefault(n, caption)
                     spec.setdefault("reasked_numbers", []).append(n)
         return [self.finish(rec) if rec["status"] == "pending" else rec for rec in batch]
+
+    def ground(self, batch: List[Dict[str, Any]]) -> None:
+        """Propose regions with the engine for the ``grounding`` rows of ``batch``, then draw and prompt them."""
+        from regioncap.stages.grounding import Grounder
+
+        if getattr(self, "_grounder", None) is None:
+            self._grounder = Grounder(self.cfg, self.out)
+        rows = [rec for rec in batch if rec["status"] == "grounding"]
+        engine = self.start_engine()
+        requests = [self._grounder.request(rec, self.sampling()) for rec in rows]
+        for rec, resp in zip(rows, engine.generate(requests)):
+            self._grounder.finish(rec, resp)
 
     def reask_spec(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> Dict[str, Any]:
         """The follow-up request spec for the regions ``missing`` from ``spec``'s answer."""

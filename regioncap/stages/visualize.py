@@ -20,6 +20,7 @@ from regioncap import boxes as bx
 from regioncap.draw import DrawStyle
 from regioncap.errors import RunError
 from regioncap.images import ImageLoadError, load_image, resize_to, save_image, target_size
+from regioncap.rundir import IMAGES_DIR
 from regioncap.signals import stop_requested
 from regioncap.stages import Stage
 
@@ -74,6 +75,20 @@ class Visualizer(Stage):
         self.max_boxes = int(cfg.max_boxes)
         #: The row preparation pool (set by the run; ``None``: every row in this process).
         self.pool: Any = None
+        self.propose_cfg = cfg.get("propose")
+        #: A proposer that runs here (``contours``); one that needs the engine (``vlm``) runs in the
+        #: caption stage, on the rows this stage leaves ``status: grounding``.
+        self.proposer: Any = None
+        self.grounding = False
+        if self.propose_cfg is not None and str(self.propose_cfg.get("method") or "none") != "none":
+            from regioncap.propose import proposer_class
+
+            if proposer_class(str(self.propose_cfg.method)).needs_engine:
+                self.grounding = True
+            else:
+                from regioncap.propose import build_proposer
+
+                self.proposer = build_proposer(self.propose_cfg)
 
     @staticmethod
     def identity(item: Any) -> Tuple[Any, Any, Any]:
@@ -144,12 +159,43 @@ class Visualizer(Stage):
         except ImageLoadError as exc:
             return self.fail(rec, exc.kind, exc.message, t0)
         rec["input_size"] = [tw, th]
-        kept = parsed.boxes
+        image = None
+        proposals = None
+        if self._proposes(row):
+            image = resize_to(loaded.image, (tw, th))
+            if self.grounding:  # the engine grounds it in the caption stage, then draws and asks
+                return self.ground_later(rec, row, image, parsed, t0)
+            proposals = [p.scale(width / tw, height / th) for p in self.proposer.propose(image)]
+        return self.finish_row(rec, row, loaded, image, parsed, proposals, t0)
+
+    def _proposes(self, row: Any) -> bool:
+        if self.proposer is None and not self.grounding:
+            return False
+        from regioncap.propose import should_propose
+
+        return should_propose(row.bbox, self.propose_cfg.when)
+
+    def finish_row(self, rec: Dict[str, Any], row: Any, loaded: Any, image: Any, parsed: Any,
+                   proposals: Optional[List[Any]], t0: float) -> Dict[str, Any]:
+        """Regions (given boxes and proposals), the request images and prompts of a decoded row."""
+        from regioncap.propose import plan_regions
+
+        (width, height), (tw, th) = rec["image_size"], rec["input_size"]
+        pcfg = self.propose_cfg
+        plan = plan_regions(parsed.boxes, proposals, pcfg.when if pcfg is not None else "missing",
+                            add_iou=float(pcfg.add_iou) if pcfg is not None else 0.5,
+                            max_regions=pcfg.max_regions if pcfg is not None else None)
+        if proposals is not None:
+            rec["proposals"] = {"method": str(pcfg.method), "when": str(pcfg.when), "proposed": plan.proposed,
+                                "capped": plan.capped, "overlapping_given": plan.overlapping_given}
+            if plan.truth:
+                rec["proposals"]["truth_bbox"] = [b.as_list(2) for b in plan.truth]
+        kept = [(r.source_index, r.box) for r in plan.regions]
         rec["valid_bboxes_num"] = len(kept)
         rec["normalized_bbox"] = bx.pad_normalized(
             [bx.normalized_xyxy(b, width, height) for _, b in kept], self.max_boxes)
         if not kept:
-            if parsed.num_input:
+            if parsed.num_input and proposals is None:
                 reasons = ", ".join(sorted({i.reason for i in parsed.dropped}))
                 return self.fail(rec, "no_valid_boxes",
                                  f"{rec['image']}: none of its {parsed.num_input} boxes is usable ({reasons})", t0)
@@ -158,7 +204,14 @@ class Visualizer(Stage):
             return rec
 
         rec["regions"] = self.regions(kept, width, height, tw, th)
-        image = None if self.strategy.one_region_per_image else resize_to(loaded.image, (tw, th))
+        for reg, planned in zip(rec["regions"], plan.regions):
+            reg["source"] = planned.source
+            if planned.score is not None:
+                reg["score"] = round(float(planned.score), 4)
+            if planned.label is not None:
+                reg["label"] = planned.label
+        if image is None and not self.strategy.one_region_per_image:
+            image = resize_to(loaded.image, (tw, th))
         try:
             rec["requests"] = self.strategy.requests(rec, f"{row.index:07d}", image, loaded, (tw, th), kept,
                                                      rec["regions"])
@@ -170,6 +223,17 @@ class Visualizer(Stage):
             return self.fail(rec, "draw_error", f"{rec['image']}: {exc}", t0)
         rec["image_with_bbox"] = str(self.out / rec["requests"][0]["image"])
         rec["prompt"] = rec["requests"][0]["prompt"]
+        rec["status"] = "pending"
+        rec["timing"] = {"visualize_s": round(time.perf_counter() - t0, 4)}
+        return rec
+
+    def ground_later(self, rec: Dict[str, Any], row: Any, image: Any, parsed: Any, t0: float) -> Dict[str, Any]:
+        """A row the engine proposes regions for: its clean image at the input size and the grounding request."""
+        name = f"{IMAGES_DIR}/{row.index:07d}_ground.{self.strategy.ext()}"
+        self._save(image, name)
+        rec["status"] = "grounding"
+        rec["grounding"] = {"image": name, "image_size": list(rec["input_size"]),
+                            "given": [[i, b.as_list(4)] for i, b in parsed.boxes]}
         rec["timing"] = {"visualize_s": round(time.perf_counter() - t0, 4)}
         return rec
 
