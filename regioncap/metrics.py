@@ -625,6 +625,61 @@ class _Accumulator:
             return len(set(self.image_hashes))
 
 
+class ProposalStats:
+    """Region proposals over a run: how many, and, where the given boxes are the truth
+    (``propose.when=always``), recall and precision at IoU 0.5 and the mean best IoU.
+
+    Recall and precision are over all images together (matched boxes over truth
+    boxes, over proposals); the mean best IoU is over the truth boxes.
+    """
+
+    THRESHOLD = 0.5
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.proposed = 0
+        self.capped = 0
+        self.by_method: Counter = Counter()
+        self.scored_images = 0
+        self.matched = self.n_truth = self.n_proposed = 0
+        self.best_iou_sum = 0.0
+
+    def add(self, rec: Dict[str, Any]) -> None:
+        info = rec.get("proposals")
+        if not isinstance(info, dict) or rec.get("status") in ("grounding", "pending") and not rec.get("regions"):
+            return
+        from regioncap.boxes import proposal_quality
+
+        regions = [r for r in rec.get("regions") or () if isinstance(r, dict) and r.get("source", "input") != "input"]
+        self.images += 1
+        self.proposed += len(regions)
+        self.capped += int(info.get("capped") or 0)
+        self.by_method[str(info.get("method"))] += len(regions)
+        truth = info.get("truth_bbox")
+        if isinstance(truth, list) and rec.get("status") != "error":
+            q = proposal_quality([r["bbox"] for r in regions], truth, self.THRESHOLD)
+            self.scored_images += 1
+            self.matched += q["matched"]
+            self.n_truth += q["n_truth"]
+            self.n_proposed += q["n_proposed"]
+            self.best_iou_sum += (q["mean_best_iou"] or 0.0) * q["n_truth"]
+
+    def summary(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {
+            "images": self.images, "regions": self.proposed,
+            "per_image": _rate(self.proposed, self.images, 3), "capped": self.capped,
+            "by_method": dict(self.by_method),
+        }
+        if self.scored_images:
+            out["quality"] = {
+                "images": self.scored_images, "iou_threshold": self.THRESHOLD,
+                "recall": _rate(self.matched, self.n_truth), "precision": _rate(self.matched, self.n_proposed),
+                "mean_best_iou": _rate(self.best_iou_sum, self.n_truth), "truth_boxes": self.n_truth,
+                "matched": self.matched,
+            }
+        return out
+
+
 def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[str, Any]], *,
                     patch_size: int = 14, merge_size: int = 2, references_key: Optional[str] = "references",
                     meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S,
@@ -643,8 +698,10 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     run's wall time when the stages overlapped (default: the stages' sum).
     """
     acc = _Accumulator(patch_size, merge_size, references_key)
+    proposals = ProposalStats()
     for rec in records:
         acc.add(rec)
+        proposals.add(rec)
     c = acc.c
     rows, regions = c["rows"], c["regions"]
     images = acc.distinct_images()
@@ -705,6 +762,9 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     out["captions_duplicated"] = c["captions_duplicated"]
     out["captions_repeat_prompt"] = c["captions_repeat_prompt"]
 
+    if proposals.images:
+        out["proposals"] = proposals.summary()
+
     checked = c["faithfulness_checked"]
     out["faithfulness"] = {
         "regions_checked": checked, "scene_captions": c["faithfulness_flagged"],
@@ -745,6 +805,15 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
     ]
     if m.get("images") is not None:
         lines.append(f"images {m['images']}, chunks {m.get('chunks', 0)}")
+    prop = m.get("proposals")
+    if prop:
+        methods = ", ".join(sorted(prop.get("by_method") or {}))
+        text = f"proposals ({methods}): {prop['regions']} region(s) on {prop['images']} image(s)"
+        q = prop.get("quality")
+        if q:
+            text += (f"; against the given boxes at IoU {q['iou_threshold']}: recall {_num(q['recall'], '.3f')}, "
+                     f"precision {_num(q['precision'], '.3f')}, mean best IoU {_num(q['mean_best_iou'], '.3f')}")
+        lines.append(text)
     for name, st in m["stages"].items():
         rates = "".join(f", {st[k]:.2f} {k[:-6]}/s" for k in ("images_per_s", "regions_per_s") if st.get(k) is not None)
         lines.append(f"{name}: {st['rows']} rows in {st['seconds']:.2f} s ({st['rows_per_s'] or 0:.2f} rows/s{rates})")

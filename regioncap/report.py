@@ -89,74 +89,8 @@ PCT_METRICS = {"exact_match", "attribute_accuracy", "parse_success_rate", "error
 CROPS_PER_ROW = 24
 
 
-# ---------------------------------------------------------------- records (docs/formats.md)
-class Region(TypedDict, total=False):
-    """``regions[]`` of a visualize/caption record."""
+from regioncap.record_types import CaptionRecord, RecordError, Region, RequestSpec  # noqa: E402,F401
 
-    id: int
-    source_index: Optional[int]
-    bbox: List[float]
-    input_bbox: List[int]
-    chunk: int
-    number: int
-    caption: Optional[str]
-    missing: bool
-    reason: str
-    attempt: int
-    flags: List[str]
-    scores: Dict[str, Optional[float]]
-    #: Where the region came from: ``input`` (a box of the row; the default when absent) or a
-    #: proposer (``contours``, ``vlm``, ...), with its ``score``.
-    source: str
-    score: float
-
-
-class RequestSpec(TypedDict, total=False):
-    """``requests[]`` of a record: one image sent to the model."""
-
-    key: str
-    image: str
-    image_size: List[int]
-    prompt: str
-    numbers: List[int]
-    region_ids: List[int]
-    answer: Optional[str]
-    error: Optional[str]
-    prompt_tokens: int
-    output_tokens: int
-    latency_s: float
-    finish_reason: Optional[str]
-    format_ok: bool
-    reask: Any
-
-
-class RecordError(TypedDict, total=False):
-    stage: str
-    kind: str
-    message: str
-
-
-class CaptionRecord(TypedDict, total=False):
-    """A line of ``captions.jsonl`` (or ``visualize.jsonl``, which lacks the caption fields)."""
-
-    id: str
-    index: int
-    line: Optional[int]
-    image: str
-    image_path: str
-    type: str  # with_bbox / without_bbox
-    image_size: List[int]
-    input_size: List[int]
-    regions: List[Region]
-    requests: List[RequestSpec]
-    dropped_boxes: List[Dict[str, Any]]
-    clipped_boxes: List[Dict[str, Any]]
-    image_with_bbox: str
-    prompt: str
-    answer: str
-    tokens: Dict[str, int]
-    status: str
-    error: Optional[RecordError]
 
 
 class ReportError(ValueError):
