@@ -58,6 +58,12 @@ class ImageLoadError(Exception):
         self.kind = kind
         self.message = message
 
+    def __reduce__(self) -> tuple:
+        # The default pickles ``self.args`` (one string) and unpickling then calls
+        # __init__ with one argument: a worker's error would arrive as a crash of
+        # the pool ("a worker died") instead of as this error row.
+        return (type(self), (self.kind, self.message))
+
 
 @dataclass
 class LoadedImage:
@@ -125,14 +131,7 @@ def load_image(
     if isinstance(src, Image.Image):
         # Already decoded, but the limit still guards drawing and encoding downstream.
         _check_pixels(src.size, _IN_MEMORY, max_image_pixels)
-        try:
-            src.load()  # a lazily opened image decodes here; fail now, not mid-draw
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise ImageLoadError(
-                "corrupt_image", f"{_IN_MEMORY}: image data is truncated or corrupt ({exc})"
-            ) from None
+        _load_pixels(src, _IN_MEMORY)  # a lazily opened image decodes here; fail now, not mid-draw
         return _finish(src, source=_IN_MEMORY)
     if isinstance(src, dict):
         data, path = src.get("bytes"), src.get("path")
@@ -243,29 +242,45 @@ def _decode(fh: Any, source: str, max_image_pixels: int, draft_target: Any) -> L
         raise ImageLoadError("not_an_image", f"{source}: cannot read image header ({exc})") from None
     with img:
         _check_pixels(img.size, source, max_image_pixels)
-        orientation = _orientation(img)
         w, h = img.size
-        if callable(draft_target) and img.format == "JPEG":
-            # The caller's target depends on the displayed size (e.g. the model's resize rule).
-            draft_target = draft_target(*((h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)))
         if draft_target is not None and img.format == "JPEG":
+            # A JPEG keeps its EXIF block in the header (APP1): reading it decodes no
+            # pixels, so it is safe before load(). Draft mode must be set before load().
+            orientation = _orientation(img)
+            if callable(draft_target):
+                # The caller's target depends on the displayed size (e.g. the model's resize rule).
+                draft_target = draft_target(*((h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)))
             tw, th = int(draft_target[0]), int(draft_target[1])
             if orientation in _SWAPPING_ORIENTATIONS:
                 # The target is in display orientation; the stored JPEG is rotated.
                 tw, th = th, tw
             if tw > 0 and th > 0 and w >= 2 * tw and h >= 2 * th:
                 img.draft("RGB", (tw, th))
-        try:
-            img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageLoadError("image_too_large", f"{source}: {exc}") from None
-        except MemoryError:
-            raise
-        except Exception as exc:  # any decoder failure means the data is unusable
-            raise ImageLoadError(
-                "corrupt_image", f"{source}: image data is truncated or corrupt ({exc})"
-            ) from None
+        _load_pixels(img, source)
+        # Only now, with the pixels decoded: for a PNG, getexif() itself decodes the
+        # image, and its decoder error would be swallowed by _orientation's fallback
+        # (Pillow then returns the zero-filled image from every later load()).
+        orientation = _orientation(img)
         return _finish(img, source=source, orientation=orientation, stored_size=(w, h))
+
+
+def _load_pixels(img: Image.Image, source: str) -> None:
+    """Decode the pixel data of ``img``: the one place decoding happens, every failure an ImageLoadError.
+
+    Nothing may touch the pixels (or call ``getexif()``, which decodes a PNG)
+    before this, since Pillow decodes only once: after a failed decode a second
+    ``load()`` returns silently with a blank image.
+    """
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError("image_too_large", f"{source}: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # any decoder failure means the data is unusable
+        raise ImageLoadError(
+            "corrupt_image", f"{source}: image data is truncated or corrupt ({exc})"
+        ) from None
 
 
 def _check_pixels(size: tuple[int, int], source: str, max_image_pixels: int) -> None:
@@ -279,6 +294,11 @@ def _check_pixels(size: tuple[int, int], source: str, max_image_pixels: int) -> 
 
 
 def _orientation(img: Image.Image) -> int:
+    """EXIF orientation 1..8 (1 when absent or malformed).
+
+    Call only after :func:`_load_pixels` (or, for a JPEG, before it: its EXIF is
+    in the header), since the broad ``except`` below would hide a decoder error.
+    """
     # A malformed EXIF block should not make a decodable image unusable.
     try:
         value = int(img.getexif().get(_EXIF_ORIENTATION_TAG, 1))
