@@ -38,3 +38,116 @@ def test_row_errors_survive_pickling(error):
     assert type(back) is type(error) and str(back) == str(error)
     if isinstance(error, ImageLoadError):
         assert (back.kind, back.message) == (error.kind, error.message)
+
+
+# --------------------------------------------------------------------------- answer parsing
+
+from regioncap import prompts  # noqa: E402
+from regioncap.prompts import parse_answer  # noqa: E402
+
+#: The answer-line expression parse_answer used before the hand-written reader
+#: (it backtracked over runs of spaces: N spaces and a letter cost ~N^4). Kept as
+#: the reference the reader must agree with, on lines short enough for it.
+OLD_LINE = __import__("re").compile(
+    r"""^\s*(?:[-*\u2022]\s*)?(?:\*\*)?\s*
+        (?:<\s*region\s*(?P<tag>\d+)\s*>|(?:region|box|mark)?\s*\#?\s*(?P<num>\d+))
+        \s*(?:\*\*)?\s*[:.)\-\u2013\u2014]\s*(?:\*\*)?\s*(?P<text>.*\S)\s*$""",
+    __import__("re").IGNORECASE | __import__("re").VERBOSE,
+)
+
+
+def old_line(line: str):
+    """What OLD_LINE read, less the one deliberate change: a number of more than
+    MAX_NUMBER_DIGITS digits is not a region number (int() refused 5000 digits)."""
+    m = OLD_LINE.match(line)
+    if m is None or len(m.group("tag") or m.group("num")) > prompts.MAX_NUMBER_DIGITS:
+        return None
+    return int(m.group("tag") or m.group("num")), m.group("text")
+
+
+#: Pieces an answer line is made of, so that random lines often almost match.
+LINE_PIECES = st.sampled_from([
+    " ", "  ", "\t", "\u3000", "\x1c", "\r", "-", "*", "**", "\u2022", "<", ">", "region", "Region", "REGION",
+    "box", "BOX", "mark", "#", "1", "2", "12", "\u0663", "\u00b2", "\u2460", ":", ".", ")", "\u2013",
+    "\u2014", "a", "cat", "x", "\u0130", "\u212a", "\ud800",
+])
+
+#: Lines shaped like an answer line (each part present or not, some parts garbled).
+shaped_lines = st.tuples(
+    st.sampled_from(["", " ", "\t "]), st.sampled_from(["", "-", "*", "\u2022", "- ", "* "]),
+    st.sampled_from(["", "**", "** ", "*"]),
+    st.sampled_from(["{}", "<region{}>", "< Region {} >", "<region{}", "region {}", "Box#{}", "mark # {}", "#{}",
+                     "region{}", "<box{}>", "{}x"]),
+    st.sampled_from(["1", "12", "\u0663", "", "\u00b2", "1" * 19]),
+    st.sampled_from(["", " ", "**", " ** "]), st.sampled_from([":", ".", ")", "-", "\u2013", "\u2014", "", ";"]),
+    st.sampled_from(["", " ", "**", "** ", " **"]), st.sampled_from(["", "a cat", "*", " x ", "**", "\u3000"]),
+).map(lambda p: p[0] + p[1] + p[2] + p[3].format(p[4]) + "".join(p[5:]))
+answer_lines = st.one_of(shaped_lines, shaped_lines, st.lists(LINE_PIECES, max_size=10).map("".join),
+                         st.text(max_size=16))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(answer_lines)
+def test_line_reader_reads_what_the_old_expression_matched(line):
+    assert prompts._match_line(line) == old_line(line)
+
+
+@pytest.mark.parametrize("line,expected", [
+    ("1: a cat", (1, "a cat")), ("- **Region 2:** a red car ", (2, "a red car")), ("<region3> - x", (3, "x")),
+    ("* **1**: **", (1, "**")), ("***1: y", (1, "y")), ("box #4) z", (4, "z")), ("mark 5 \u2014 w", (5, "w")),
+    ("1:   ", None), ("region: x", None), ("<region 1: x", None), ("\u0661\u0662. arabic", (12, "arabic")),
+    ("1" * 19 + ": too long", None), ("1" * 5000 + ": way too long", None),
+])
+def test_line_reader_cases(line, expected):
+    assert prompts._match_line(line) == expected
+
+
+#: Answers built to hurt: what once cost ~N^4 regex steps, numbers over Python's
+#: int digit limit, JSON deeper than the recursion limit, lone surrogates.
+ADVERSARIAL = [
+    " " * 100_000 + "x",
+    "1" + " " * 100_000 + "x",
+    "region" + " " * 100_000 + "#",
+    "- ** " + " \t" * 50_000 + "region",
+    "box " * 25_000 + "1",
+    "1" * 5000 + ": a cat",
+    "<region" + "9" * 5000 + "> a cat",
+    '[{"id": ' + "7" * 5000 + ', "caption": "a cat"}]',
+    '[{"id": "' + "7" * 5000 + '", "caption": "a cat"}]',
+    "[" * 100_000 + "]" * 100_000,
+    '{"regions": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    '[{"id": ' + "[" * 5000 + "]" * 5000 + ', "caption": "x"}]',
+    "1: \ud800 a lone surrogate\n2: \udfff",
+    "In region 1" + " " * 100_000 + "and box" + " " * 100_000 + "2 " + "3" * 5000,
+]
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
+@pytest.mark.parametrize("answer_format", ["lines", "json", "free"])
+def test_adversarial_answers_parse(text, answer_format):
+    """Each is 10k-200k characters: with the old expression the first took hours."""
+    parsed = parse_answer(text, [1, 2], answer_format)
+    assert set(parsed.captions) <= {1, 2}
+    assert all(isinstance(c, str) and c for c in parsed.captions.values())
+
+
+answer_text = st.one_of(
+    st.text(),
+    st.lists(st.one_of(LINE_PIECES, st.text(max_size=5), st.just("\n")), max_size=40).map("".join),
+    st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5)),
+                 lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(
+                     st.sampled_from(["id", "region", "caption", "description", "regions", "x"]), c, max_size=3)),
+                 max_leaves=12).map(lambda v: json.dumps(v)),
+    st.integers(1, 3000).map(lambda n: "1" * n + ": x"),
+    st.integers(1, 3000).map(lambda n: "[" * n + "]" * n),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(answer_text, st.lists(st.integers(1, 12), min_size=1, max_size=4, unique=True),
+       st.sampled_from(["lines", "json", "free"]))
+def test_parse_answer_never_raises(text, numbers, answer_format):
+    parsed = parse_answer(text, numbers, answer_format)
+    assert set(parsed.captions) <= set(numbers)
+    assert all(isinstance(c, str) and c.strip() for c in parsed.captions.values())
+    assert isinstance(parsed.format_ok, bool)
