@@ -151,3 +151,45 @@ def test_parse_answer_never_raises(text, numbers, answer_format):
     assert set(parsed.captions) <= set(numbers)
     assert all(isinstance(c, str) and c.strip() for c in parsed.captions.values())
     assert isinstance(parsed.format_ok, bool)
+
+
+# --------------------------------------------------------------------------- caption checks
+
+from regioncap.metrics import annotate_record, caption_flags  # noqa: E402
+
+
+@pytest.mark.parametrize("caption,flags", [
+    ("\u2460 cars parked", []), ("3\u00b2 apples", []), ("\u00b2\u00b3 dogs", []),
+    ("\u0663 red cars", ["many_objects"]), ("12 apples", ["many_objects"]), ("7" * 5000 + " apples", []),
+    ("0" * 4999 + "5 apples", []),
+])
+def test_caption_flags_on_odd_numerals(caption, flags):
+    assert caption_flags(caption) == flags
+
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
+    lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(st.text(max_size=4), c, max_size=3)),
+    max_leaves=10,
+)
+captions = st.one_of(
+    st.none(), st.text(), st.text(alphabet="0123456789\u00b2\u00b3\u2460\u0663\u0661 ,&aes", max_size=30),
+    st.lists(st.sampled_from(["three", "3", "\u2460", "3\u00b2", "cars", "a dog", ",", "and", "with", "the image",
+                              "people", "\ud800", "9" * 20]), max_size=12).map(" ".join),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(captions)
+def test_caption_flags_never_raise(caption):
+    assert set(caption_flags(caption)) <= {"lists_objects", "many_objects", "describes_image"}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.fixed_dictionaries({"caption": captions, "source_index": st.one_of(st.integers(-2, 4), json_values)}),
+                max_size=4),
+       st.one_of(json_values, st.text(alphabet="[]\"a ,1", max_size=20), st.just("[" * 5000 + "]" * 5000),
+                 st.just("[" + "1" * 5000 + "]")))
+def test_annotate_record_never_raises(regions, references):
+    record = annotate_record({"regions": regions, "references": references})
+    assert all(isinstance(r["flags"], list) for r in record["regions"])
