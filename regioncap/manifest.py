@@ -620,7 +620,9 @@ def write_manifest(run_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
     out_dir = Path(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / MANIFEST_FILE
-    text = json.dumps(redact(dict(manifest)), indent=2, ensure_ascii=False, default=str) + "\n"
+    from regioncap.records import dumps
+
+    text = dumps(redact(dict(manifest)), indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=str(out_dir))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -388,7 +388,9 @@ def _yaml_text(obj: Any) -> str:
     try:
         return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
     except yaml.YAMLError:
-        return json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+        from regioncap.records import dumps
+
+        return dumps(obj, indent=2)
 
 
 def _pre(text: str) -> str:

@@ -193,3 +193,57 @@ def test_caption_flags_never_raise(caption):
 def test_annotate_record_never_raises(regions, references):
     record = annotate_record({"regions": regions, "references": references})
     assert all(isinstance(r["flags"], list) for r in record["regions"])
+
+
+# --------------------------------------------------------------------------- the JSON writer
+
+from regioncap.records import dumps  # noqa: E402
+
+
+def strict_loads(text: str) -> Any:
+    """``json.loads`` that refuses NaN/Infinity, as strict readers do."""
+    def refuse(name: str) -> Any:
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+odd_text = st.one_of(st.text(), st.text(alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)),
+                     st.sampled_from(["\ud800", "a\udfffb", "\ud83d\ude00", "\ud83d"]))
+odd_scalar = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), odd_text,
+                       st.sampled_from([float("nan"), float("inf"), -float("inf"), 1e308 * 10]),
+                       st.integers(4400, 6000).map(lambda n: 10**n))
+odd_values = st.recursive(
+    odd_scalar,
+    lambda c: st.one_of(st.lists(c, max_size=4), st.tuples(c, c),
+                        st.dictionaries(st.one_of(odd_text, st.integers(), st.floats(), st.none()), c, max_size=4)),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(odd_values, st.sampled_from([None, 2]))
+def test_dumps_always_writes_strict_utf8_json(value, indent):
+    text = dumps(value, indent=indent)
+    text.encode("utf-8")
+    back = strict_loads(text)
+    if isinstance(value, float) and not math.isfinite(value):
+        assert back is None
+
+
+def test_dumps_cleans_what_json_refuses():
+    import numpy as np
+
+    loop: dict = {}
+    loop["self"] = loop
+    deep: Any = []
+    for _ in range(5000):
+        deep = [deep]
+    record = {"nan": float("nan"), "inf": [float("inf"), 1e400], "np": np.float32("nan"), "arr": np.array([1.0, np.inf]),
+              "text": "a\ud800b", "pair": "\ud83d\ude00", "big": 10**5000, "loop": loop, "deep": deep, (1, 2): "t"}
+    back = strict_loads(dumps(record))
+    assert back["nan"] is None and back["inf"] == [None, None] and back["np"] is None and back["arr"] == [1.0, None]
+    assert back["text"] == "a\ufffdb" and back["pair"] == "\U0001f600" and back["big"] is None
+    assert back["loop"] == {"self": "<circular reference>"} and back["[1, 2]"] == "t"
+    ordinary = {"a": [1, 2.5, "x", None, True], "b": {"c": "\u00e9"}}
+    assert dumps(ordinary) == json.dumps(ordinary, ensure_ascii=False)
