@@ -247,3 +247,46 @@ def test_dumps_cleans_what_json_refuses():
     assert back["loop"] == {"self": "<circular reference>"} and back["[1, 2]"] == "t"
     ordinary = {"a": [1, 2.5, "x", None, True], "b": {"c": "\u00e9"}}
     assert dumps(ordinary) == json.dumps(ordinary, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------- boxes
+
+from regioncap.boxes import BBOX_FORMATS, parse_boxes  # noqa: E402
+
+box_number = st.one_of(
+    st.floats(), st.integers(-10**6, 10**6), st.integers().map(lambda n: n * 10**400),
+    st.sampled_from(["nan", "inf", "-inf", "1e400", "-1e400", "NaN", "12.5", "", "x", None, True]),
+    st.floats(-2.0, 2.0), st.floats(0, 300),
+)
+one_box = st.one_of(
+    st.lists(box_number, min_size=4, max_size=4), st.lists(box_number, max_size=6),
+    st.fixed_dictionaries({"x": box_number, "y": box_number, "w": box_number, "h": box_number}),
+    st.fixed_dictionaries({"bbox": st.lists(box_number, min_size=4, max_size=4)}),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(one_box, max_size=6), st.sampled_from(BBOX_FORMATS), st.integers(1, 5000), st.integers(1, 5000),
+       st.sampled_from([False, True]))
+def test_parse_boxes_drops_non_finite_and_writes_strict_json(boxes, fmt, width, height, as_text):
+    raw: Any = boxes
+    if as_text:  # a JSON string of the list, as DataFlow-MM writes it (NaN/Infinity spelled as Python does)
+        raw = json.dumps(boxes, default=str)
+    parsed = parse_boxes(raw, fmt, width, height)
+    assert parsed.num_input == len(boxes)
+    for _, box in parsed.boxes:
+        assert all(math.isfinite(v) for v in box.as_list())
+        assert 0 <= box.x1 < box.x2 <= width and 0 <= box.y1 < box.y2 <= height
+    for issue in parsed.dropped + parsed.clipped:
+        strict_loads(json.dumps([issue.raw, issue.detail], allow_nan=False))
+
+
+@pytest.mark.parametrize("box,raw", [
+    ([float("nan"), 1, 5, 5], ["NaN", 1, 5, 5]), ([1, 1, float("inf"), 5], [1, 1, "Infinity", 5]),
+    ([1e400, 1, 5, 5], ["Infinity", 1, 5, 5]), ([1, 1, -float("inf"), 5], [1, 1, "-Infinity", 5]),
+    (["nan", 1, 5, 5], ["nan", 1, 5, 5]), ([10**5000, 1, 5, 5], ["<int that cannot be shown>", 1, 5, 5]),
+], ids=["nan", "inf", "1e400", "-inf", "nan_text", "huge_int"])
+def test_non_finite_boxes_are_dropped_with_a_reason(box, raw):
+    parsed = parse_boxes([box, [1, 1, 5, 5]], "xywh", 64, 48)
+    assert len(parsed.boxes) == 1 and [d.reason for d in parsed.dropped] == ["not_finite"]
+    assert strict_loads(json.dumps(parsed.dropped[0].raw, allow_nan=False)) == raw
