@@ -651,3 +651,18 @@ def test_an_input_field_named_input_survives_a_collision(tmp_path, assets):
     run_rows(path, tmp_path / "run")
     (rec,) = read_jsonl(tmp_path / "run" / "captions.jsonl")
     assert rec["input"] == {"input": "mine", "status": "theirs"}
+
+
+def test_prompt_crop_on_a_thin_box_of_a_6000x60_image(tmp_path):
+    """A box one line thick across a 6000x60 image: its crop was over 200:1 and the
+    uncaught aspect-ratio error stopped the run; now it is widened and captioned."""
+    Image.new("RGB", (6000, 60), (90, 120, 200)).save(tmp_path / "strip.png")
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"image": "strip.png", "bbox": [[0, 10, 6000, 2], [100, 20, 4900, 1], [10, 0, 30, 60]]})
+                    + "\n")
+    metrics = run_rows(path, tmp_path / "run", ("prompt=crop",))
+    (rec,) = read_jsonl(tmp_path / "run" / "captions.jsonl")
+    assert rec["status"] == "ok" and len(rec["regions"]) == 3 and metrics["rows"] == 1
+    for req in rec["requests"]:
+        w, h = req["image_size"]
+        assert max(w, h) <= 200 * min(w, h)

@@ -320,3 +320,71 @@ def test_a_single_50_mb_line_fingerprints(tmp_path):
     small = tmp_path / "one.jsonl"
     small.write_bytes(b"y" * (1 << 20))
     assert _hash_and_count_lines(small, chunk=1)[1] == 1
+
+
+# --------------------------------------------------------------------------- crops
+
+from regioncap.images import (MAX_ASPECT_RATIO, crop_aspect_limit, crop_with_margin,  # noqa: E402
+                              target_size)
+
+
+@st.composite
+def image_and_box(draw):
+    """An image size the model accepts (<= 200:1) and a box overlapping it, as parse_boxes keeps."""
+    long_side = draw(st.integers(1, 9000))
+    short_side = draw(st.integers(max(1, -(-long_side // MAX_ASPECT_RATIO)), long_side))
+    W, H = (long_side, short_side) if draw(st.booleans()) else (short_side, long_side)
+    x1 = draw(st.floats(0, W, exclude_max=True))
+    y1 = draw(st.floats(0, H, exclude_max=True))
+    share = st.one_of(st.floats(1e-6, 1), st.sampled_from([1e-6, 0.001, 1.0]))  # thin boxes too
+    x2 = min(W, x1 + max(draw(share) * (W - x1), 1e-6))
+    y2 = min(H, y1 + max(draw(share) * (H - y1), 1e-6))
+    return (W, H), (x1, y1, x2, y2)
+
+
+#: (min_pixels, max_pixels): the shipped model configs and random ones with max >= 2 * min.
+crop_budgets = st.one_of(
+    st.sampled_from([(3136, 1003520), (3136, 50176), (3136, 3136 * 2)]),
+    st.tuples(st.integers(1, 512), st.integers(2, 64)).map(lambda t: (t[0] * 784, t[0] * 784 * t[1])),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(image_and_box(), st.floats(0, 2), st.booleans(), crop_budgets, st.booleans())
+def test_crop_and_target_size_fit_the_model(size_box, margin, square, budget, own_limit):
+    """A crop of any box of any image the model accepts is usable: target_size takes it
+    (nothing raised at all), its resized size is within 200:1, and with the budget's
+    crop_aspect_limit within max_pixels; the box stays inside the crop."""
+    (W, H), box = size_box
+    mn, mx = budget
+    image = Image.new("L", (W, H), 255)
+    kwargs = {"max_aspect": crop_aspect_limit(mx)} if own_limit else {}
+    crop, (left, top, right, bottom) = crop_with_margin(image, box, margin, square=square, **kwargs)
+    tw, th = target_size(crop.width, crop.height, min_pixels=mn, max_pixels=mx)
+    assert crop.size == (right - left, bottom - top)
+    assert left <= max(box[0], 0) and top <= max(box[1], 0)
+    assert right >= min(box[2], W) and bottom >= min(box[3], H)
+    assert max(crop.size) <= kwargs.get("max_aspect", 100) * min(crop.size)
+    assert max(tw, th) <= MAX_ASPECT_RATIO * min(tw, th)
+    if own_limit:
+        assert tw * th <= mx, (crop.size, (tw, th), budget)
+    if 0 <= left and 0 <= top and right <= W and bottom <= H:
+        assert crop.getextrema() == (255, 255)  # no padding unless the rectangle leaves the image
+
+
+def test_a_thin_box_on_a_6000x60_image_crops_to_a_usable_shape():
+    image = Image.new("RGB", (6000, 60))
+    crop, rect = crop_with_margin(image, (0, 10, 6000, 12), 0.1)
+    assert rect == (0, 0, 6000, 60)
+    tw, th = target_size(*crop.size, min_pixels=3136, max_pixels=1003520)
+    assert max(tw, th) <= MAX_ASPECT_RATIO * min(tw, th)
+    # On a budget of 64 tokens a crop may be 32:1: the image is padded above and below.
+    crop, rect = crop_with_margin(image, (0, 10, 6000, 12), 0.1, max_aspect=crop_aspect_limit(50176))
+    assert rect == (0, -64, 6000, 124) and crop.size == (6000, 188)
+    assert target_size(*crop.size, min_pixels=3136, max_pixels=50176) == (1260, 28)  # 35280 px: within budget
+
+
+def test_target_size_refuses_what_the_processor_would_refuse_after_rounding():
+    with pytest.raises(ImageLoadError, match="resizes to 6160x28") as info:
+        target_size(6150, 41, min_pixels=3136, max_pixels=1003520, source="strip.png")
+    assert info.value.kind == "bad_aspect_ratio" and "strip.png" in info.value.message
