@@ -86,7 +86,7 @@ answer_lines = st.one_of(shaped_lines, shaped_lines, st.lists(LINE_PIECES, max_s
                          st.text(max_size=16))
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(answer_lines)
 def test_line_reader_reads_what_the_old_expression_matched(line):
     assert prompts._match_line(line) == old_line(line)
@@ -310,7 +310,7 @@ def test_fingerprint_hash_and_rows_match_a_whole_file_read(tmp_path_factory, dat
 
 def test_a_single_50_mb_line_fingerprints(tmp_path):
     """Linear in the line length: a 50 MB row once cost O(n^2) bytes copied (200 MB: 2.5 min);
-    and a 1 MB line read one byte at a time (a million blocks) still finishes."""
+    and a 256 KB line read one byte at a time (before: 32 GB copied) still finishes."""
     path = tmp_path / "rows.jsonl"
     line = b'{"image": "a.png", "pad": "' + b"x" * (50 << 20) + b'"}'
     path.write_bytes(b"\n" + line + b"\n   \n" + b'{"image": "b.png"}')
@@ -318,7 +318,7 @@ def test_a_single_50_mb_line_fingerprints(tmp_path):
     assert fp["rows"] == 2 and fp["method"] == "file_sha256"
     assert fp["sha256"] == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
     small = tmp_path / "one.jsonl"
-    small.write_bytes(b"y" * (1 << 20))
+    small.write_bytes(b"y" * (1 << 18))
     assert _hash_and_count_lines(small, chunk=1)[1] == 1
 
 
@@ -332,7 +332,8 @@ from regioncap.images import (MAX_ASPECT_RATIO, crop_aspect_limit, crop_with_mar
 def image_and_box(draw):
     """An image size the model accepts (<= 200:1) and a box overlapping it, as parse_boxes keeps."""
     long_side = draw(st.integers(1, 9000))
-    short_side = draw(st.integers(max(1, -(-long_side // MAX_ASPECT_RATIO)), long_side))
+    # At most 4 M pixels: a real image is made per example.
+    short_side = draw(st.integers(max(1, -(-long_side // MAX_ASPECT_RATIO)), min(long_side, 4_000_000 // long_side)))
     W, H = (long_side, short_side) if draw(st.booleans()) else (short_side, long_side)
     x1 = draw(st.floats(0, W, exclude_max=True))
     y1 = draw(st.floats(0, H, exclude_max=True))
