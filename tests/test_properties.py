@@ -131,8 +131,11 @@ def test_adversarial_answers_parse(text, answer_format):
     assert all(isinstance(c, str) and c for c in parsed.captions.values())
 
 
+#: Text with lone surrogates mixed in (st.text() leaves category Cs out by default).
+surrogate_text = st.text(alphabet=st.one_of(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF),
+                                             st.sampled_from("1: region<>[]{}\"id"), st.characters()))
 answer_text = st.one_of(
-    st.text(),
+    st.text(), surrogate_text,
     st.lists(st.one_of(LINE_PIECES, st.text(max_size=5), st.just("\n")), max_size=40).map("".join),
     st.recursive(st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=5)),
                  lambda c: st.one_of(st.lists(c, max_size=3), st.dictionaries(
@@ -173,7 +176,7 @@ json_values = st.recursive(
     max_leaves=10,
 )
 captions = st.one_of(
-    st.none(), st.text(), st.text(alphabet="0123456789\u00b2\u00b3\u2460\u0663\u0661 ,&aes", max_size=30),
+    st.none(), st.text(), surrogate_text, st.text(alphabet="0123456789\u00b2\u00b3\u2460\u0663\u0661 ,&aes", max_size=30),
     st.lists(st.sampled_from(["three", "3", "\u2460", "3\u00b2", "cars", "a dog", ",", "and", "with", "the image",
                               "people", "\ud800", "9" * 20]), max_size=12).map(" ".join),
 )
@@ -389,3 +392,22 @@ def test_target_size_refuses_what_the_processor_would_refuse_after_rounding():
     with pytest.raises(ImageLoadError, match="resizes to 6160x28") as info:
         target_size(6150, 41, min_pixels=3136, max_pixels=1003520, source="strip.png")
     assert info.value.kind == "bad_aspect_ratio" and "strip.png" in info.value.message
+
+
+def test_every_records_writer_writes_strict_json(tmp_path):
+    """An engine answer holding a lone surrogate once failed the write (and the resume, the
+    same way); an input's 1e400 was written as Infinity. Each writer now goes through dumps."""
+    from regioncap.records import CommitWriter, JsonlWriter, rewrite_atomically
+
+    record = {"index": 0, "answer": "1: a cat \ud800", "regions": [{"caption": "a \udfff dog", "bbox": [1e400, 0]}],
+              "usage": {"prompt_tokens": float("nan")}}
+    with CommitWriter(tmp_path / "a.jsonl", stage="caption") as w:
+        w.commit([record])
+    with JsonlWriter(tmp_path / "b.jsonl") as w:
+        w.write(record)
+    rewrite_atomically(tmp_path / "c.jsonl", [record])
+    for name in ("a.jsonl", "b.jsonl", "c.jsonl"):
+        (back,) = [strict_loads(line) for line in (tmp_path / name).read_text(encoding="utf-8").splitlines()]
+        assert back["answer"] == "1: a cat \ufffd" and back["regions"][0] == {"caption": "a \ufffd dog",
+                                                                              "bbox": [None, 0]}
+        assert back["usage"] == {"prompt_tokens": None}
