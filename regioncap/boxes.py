@@ -248,20 +248,33 @@ def _short(value: Any) -> str:
         text = repr(value)
     except RecursionError:  # a box nested hundreds of levels deep (fuzzed input)
         text = f"<{type(value).__name__} nested too deeply to show>"
+    except Exception:  # noqa: BLE001 - an int over 4300 digits, an object whose repr fails
+        text = f"<{type(value).__name__} that cannot be shown>"
     return text if len(text) <= _MAX_REPR else text[: _MAX_REPR - 3] + "..."
 
 
 def _jsonable(value: Any, depth: int = 0) -> Any:
     # BoxIssue.raw goes into the run's JSONL report, so it must survive
     # json.dumps whatever the loader handed us (tuples, numpy scalars/arrays).
+    # Strict JSON too: a non-finite number is kept as the text JSON5 would use
+    # ("NaN", "Infinity"), so the record says what the input held.
     if depth > 32:
         return _short(value)
-    if value is None or isinstance(value, (bool, str, int, float)):
+    if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, numbers.Integral):
-        return int(value)
+        value = int(value)
+        return value if value.bit_length() < 14_000 else _short(value)  # int->str refuses ~4300+ digits
     if isinstance(value, numbers.Real):
-        return float(value)
+        try:
+            number = float(value)
+        except (OverflowError, ValueError):
+            return _short(value)
+        if math.isnan(number):
+            return "NaN"
+        if math.isinf(number):
+            return "Infinity" if number > 0 else "-Infinity"
+        return number
     if isinstance(value, (list, tuple)):
         return [_jsonable(v, depth + 1) for v in value]
     if isinstance(value, dict):

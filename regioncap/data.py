@@ -52,6 +52,52 @@ class InputRow:
     line: Optional[int] = None
     #: ``row_id`` came from the ``id_key`` field (else it is ``row-<index>``).
     id_from_data: bool = False
+    #: Content hash of the row (:data:`DIGEST_CHARS` hex digits of a sha256): of the
+    #: line's bytes for JSONL (line ending excluded), else of a canonical JSON of the
+    #: row's fields. Independent of the row's position, so a resume can tell that the
+    #: row at an index is not the one it captioned before.
+    digest: Optional[str] = None
+
+
+#: Hex digits kept of a row's sha256 (64 bits: a chance collision is not a concern).
+DIGEST_CHARS = 16
+
+
+def digest_bytes(data: bytes) -> str:
+    """The :attr:`InputRow.digest` of raw row bytes (a JSONL line without its line ending)."""
+    return hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
+
+
+def _digest_default(value: Any) -> Any:
+    # Image bytes are hashed, not spelled out: the canonical text stays small.
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return {"sha256": hashlib.sha256(bytes(value)).hexdigest()}
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        try:
+            return tolist()
+        except Exception:  # noqa: BLE001
+            pass
+    return f"<{type(value).__name__}> {value!s:.1000}"
+
+
+def digest_value(value: Any) -> str:
+    """The :attr:`InputRow.digest` of a row that is not a line of bytes (a dataset record,
+    an annotation file's entry): sha256 of its canonical JSON (sorted keys)."""
+    try:
+        text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=_digest_default, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):  # mixed key types, ints too long to print, too deep
+        text = repr(value) if not isinstance(value, (list, dict)) else _safe_repr(value)
+    return digest_bytes(text.encode("utf-8", "surrogatepass"))
+
+
+def _safe_repr(value: Any) -> str:
+    try:
+        return repr(value)
+    except Exception:  # noqa: BLE001 - an int over 4300 digits, recursion: its type and size will do
+        return f"<{type(value).__name__} of {len(value)}>"
 
 
 def resolve_path(path: str) -> Path:
@@ -62,15 +108,35 @@ def resolve_path(path: str) -> Path:
     return Path(os.path.expanduser(path))
 
 
-def check_shards(data_cfg: Any) -> tuple:
-    """``(num_shards, shard_index)`` of ``data_cfg``; :class:`DataError` when they do not fit together."""
+def check_data_config(data_cfg: Any) -> Tuple[int, int]:
+    """Refuse a row window or shard split that cannot be meant, before anything is read or written.
+
+    :class:`DataError` when ``data.skip`` is not a whole number >= 0, ``data.limit``
+    is neither null nor a whole number >= 0, ``data.num_shards`` is under 1, or
+    ``data.shard_index`` is not in ``0..num_shards-1``. (A negative skip once
+    shifted every index, so a finished run could not be merged.) Returns
+    ``(num_shards, shard_index)``.
+    """
+    skip = getattr(data_cfg, "skip", 0)
+    skip = 0 if skip is None else skip
+    if isinstance(skip, bool) or not isinstance(skip, int) or skip < 0:
+        raise DataError(f"data.skip must be a whole number >= 0 (rows to pass over), got {skip!r}")
+    limit = getattr(data_cfg, "limit", None)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise DataError(f"data.limit must be null (all rows) or a whole number >= 0, got {limit!r}")
     num_shards, shard_index = getattr(data_cfg, "num_shards", 1), getattr(data_cfg, "shard_index", 0)
-    if not isinstance(num_shards, int) or num_shards < 1:
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
         raise DataError(f"data.num_shards must be a whole number >= 1, got {num_shards!r}")
-    if not isinstance(shard_index, int) or not 0 <= shard_index < num_shards:
+    if isinstance(shard_index, bool) or not isinstance(shard_index, int) or not 0 <= shard_index < num_shards:
         raise DataError(f"data.shard_index must be in 0..{num_shards - 1} (data.num_shards={num_shards}), "
                         f"got {shard_index!r}")
     return num_shards, shard_index
+
+
+def check_shards(data_cfg: Any) -> Tuple[int, int]:
+    """``(num_shards, shard_index)`` of ``data_cfg``: :func:`check_data_config`, which also
+    checks ``data.skip`` and ``data.limit``, under the name existing callers use."""
+    return check_data_config(data_cfg)
 
 
 def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
@@ -81,6 +147,7 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
     """
     if not data_cfg.path:
         raise DataError("data.path is not set: give a JSONL file or dataset (data.path=FILE)")
+    check_data_config(data_cfg)
     if data_cfg.source == "jsonl":
         rows = _iter_jsonl(resolve_path(data_cfg.path), data_cfg)
     elif data_cfg.source == "hf":
@@ -90,8 +157,8 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
     else:
         raise DataError(f"unknown data.source {data_cfg.source!r}; "
                         f"use one of jsonl, hf, {', '.join(_ANNOTATION_SOURCES)}")
+    num_shards, shard_index = check_data_config(data_cfg)
     skip, limit = int(data_cfg.skip or 0), data_cfg.limit
-    num_shards, shard_index = check_shards(data_cfg)
     for i, row in enumerate(rows):
         if i < skip:
             continue
@@ -104,6 +171,9 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
         row.index = i - skip
         if not row.id_from_data:
             row.row_id = f"row-{row.index:07d}"
+        if row.digest is None:  # an annotation file's row: its content, never its position
+            row.digest = digest_value({"id": row.row_id if row.id_from_data else None, "image": row.image,
+                                       "bbox": row.bbox, "extra": row.extra, "error": row.error})
         yield row
 
 
@@ -119,7 +189,8 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
         for line_no, raw in enumerate(fh, start=1):
             if not raw.strip():
                 continue  # blank lines are not rows
-            row = InputRow(index=index, row_id=f"row-{index:07d}", line=line_no)
+            row = InputRow(index=index, row_id=f"row-{index:07d}", line=line_no,
+                           digest=digest_bytes(raw.rstrip(b"\r\n")))
             index += 1
             where = f"{path.name} line {line_no}"
             try:
@@ -140,6 +211,10 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
             except RecursionError:
                 row.error = {"kind": "invalid_json",
                              "message": f"{where}: JSON nested too deeply to read: {text.strip()[:_QUOTE]!r}"}
+                yield row
+                continue
+            except ValueError as exc:  # an integer over Python's 4300-digit limit
+                row.error = {"kind": "invalid_json", "message": f"{where}: a value cannot be read ({exc})"}
                 yield row
                 continue
             problem = _unwritable(obj)
@@ -270,7 +345,7 @@ def _iter_hf(data_cfg: Any) -> Iterator[InputRow]:
     names = _class_names(ds.features, refs_from) if refs_from else None
     nested = [k for k in (image_key, bbox_key, id_key) if k and k not in ds.column_names and "." in k]
     for i, obj in enumerate(ds):
-        row = InputRow(index=i, row_id=f"row-{i:07d}")
+        row = InputRow(index=i, row_id=f"row-{i:07d}", digest=digest_value(obj))
         if nested or refs_from:
             obj = dict(obj)
             for key in nested:
@@ -350,7 +425,7 @@ def _load_json(path: Path, what: str) -> Any:
     try:
         with open(path, "rb") as fh:
             return json.load(fh)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, UTF-8, an int over 4300 digits
         raise DataError(f"{what} file {path} is not readable JSON: {exc}") from exc
 
 
@@ -404,7 +479,7 @@ def _iter_coco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
         if not isinstance(ann, dict) or isinstance(ann.get("image_id"), (dict, list)) or "image_id" not in ann:
             bad.append(_error_row(f"annotation-{i}", "invalid_annotation",
                                   f"{name} annotations[{i}]: expected an object with an 'image_id', got "
-                                  f"{json.dumps(ann)[:_QUOTE]}"))
+                                  f"{_quote(ann)}"))
             continue
         by_image.setdefault(ann["image_id"], []).append(ann)
     seen = set()
@@ -412,7 +487,7 @@ def _iter_coco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
         if not isinstance(img, dict) or "id" not in img or isinstance(img.get("id"), (dict, list)):
             bad.append(_error_row(f"image-entry-{i}", "invalid_image_entry",
                                   f"{name} images[{i}]: expected an object with an 'id', got "
-                                  f"{json.dumps(img)[:_QUOTE]}"))
+                                  f"{_quote(img)}"))
             continue
         image_id = img["id"]
         where = f"{name} image id {image_id} (images[{i}])"
@@ -457,7 +532,7 @@ def _iter_vg(path: Path, data_cfg: Any) -> Iterator[InputRow]:
             image_id = next((r.get("image_id") for r in regions if isinstance(r, dict) and r.get("image_id")), None)
         if not isinstance(regions, list) or image_id is None or isinstance(image_id, (dict, list)):
             yield _error_row(f"entry-{i}", "invalid_entry",
-                             f"{name} entry {i}: expected {{'id', 'regions': [...]}}, got {json.dumps(entry)[:_QUOTE]}")
+                             f"{name} entry {i}: expected {{'id', 'regions': [...]}}, got {_quote(entry)}")
             continue
         boxes, refs, region_ids = [], [], []
         for reg in regions:
@@ -498,7 +573,7 @@ def _ref_bbox(ref: Dict[str, Any]) -> Any:
     if isinstance(ann, str):
         try:
             ann = json.loads(ann)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return ann.get("bbox") if isinstance(ann, dict) else None
 
@@ -512,8 +587,8 @@ def _read_refs(path: Path) -> Tuple[List[Any], Dict[Any, Any]]:
                 if raw.strip():
                     try:
                         refs.append(json.loads(raw))
-                    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-                        refs.append(_BadLine(line_no, str(exc)))
+                    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, an int over 4300 digits
+                        refs.append(_BadLine(line_no, str(exc) or type(exc).__name__))
         return refs, {}
     doc = _load_json(path, "RefCOCO-style refs")
     if isinstance(doc, list):
@@ -544,7 +619,7 @@ def _iter_refcoco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
         if isinstance(ref, _BadLine) or not isinstance(ref, dict) or "image_id" not in ref \
                 or isinstance(ref.get("image_id"), (dict, list)):
             reason = ref.reason if isinstance(ref, _BadLine) else f"expected an object with an 'image_id', got " \
-                                                                   f"{json.dumps(ref)[:_QUOTE]}"
+                                                                   f"{_quote(ref)}"
             key = ("bad", i)
             groups[key] = {"error": _error_row(f"ref-entry-{i}", "invalid_ref", f"{where}: {reason}")}
             order.append(key)
@@ -584,8 +659,16 @@ def _jsonable(value: Any) -> bool:
     try:
         json.dumps(value)
         return True
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return False
+
+
+def _quote(value: Any) -> str:
+    """The start of ``value`` as JSON, for an error message (never fails)."""
+    try:
+        return json.dumps(value)[:_QUOTE]
+    except (TypeError, ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
 
 
 def fingerprint_file(path: Path, chunk: int = 1 << 20) -> str:

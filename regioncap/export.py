@@ -33,7 +33,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap.errors import RunError
 from regioncap.metrics import reference_texts
-from regioncap.records import read_jsonl
+from regioncap.records import dumps, read_jsonl
 
 FORMATS = ("hf", "parquet", "conversations")
 CAPTIONS_FILE = "captions.jsonl"
@@ -153,7 +153,9 @@ def _hf_rows(records_file: str, references_key: Optional[str], images: str, coun
         yield {"id": str(rec.get("id")), "index": int(rec.get("index") or 0), "image": image, "image_path": path,
                "image_size": list(rec.get("image_size") or []), "input_size": list(rec.get("input_size") or []),
                "status": str(rec.get("status")), "regions": regions}
-    Path(counts_file).write_text(json.dumps(counts))
+    # Plain json: datasets hashes this function with dill, which recurses forever into a
+    # recursive global such as records.dumps; the counts are ints, read back by export_dataset only.
+    Path(counts_file).write_text(json.dumps(counts), encoding="utf-8")
 
 
 def export_dataset(run_dir: Path, out: Path, fmt: str, *, images: str = "embed",
@@ -247,7 +249,7 @@ def export_conversations(run_dir: Path, out: Path, *, references_key: Optional[s
                         {"role": "assistant", "content": [{"type": "text", "text": reg["caption"]}]},
                     ],
                 }
-                fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+                fh.write(dumps(line) + "\n")
                 counts["lines"] += 1
     if not counts["lines"]:
         tmp.unlink()

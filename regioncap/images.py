@@ -29,6 +29,7 @@ __all__ = [
     "is_fixed_size",
     "resize_to",
     "crop_with_margin",
+    "crop_aspect_limit",
     "save_image",
     "encode_image",
     "box_xyxy",
@@ -37,6 +38,10 @@ __all__ = [
 
 #: Largest aspect ratio the Qwen2-VL / Qwen2.5-VL processor accepts.
 MAX_ASPECT_RATIO = 200
+#: Largest aspect ratio of a crop (:func:`crop_with_margin`): half the processor's
+#: limit, because :func:`target_size` rounds each side to 28 px and can up to double
+#: the ratio (a 41 px side becomes 28); at 100:1 the resized crop stays within 200:1.
+MAX_CROP_ASPECT_RATIO = MAX_ASPECT_RATIO / 2
 
 # EXIF orientations that rotate by 90 or 270 degrees, so width and height swap.
 _SWAPPING_ORIENTATIONS = frozenset({5, 6, 7, 8})
@@ -57,6 +62,12 @@ class ImageLoadError(Exception):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.message = message
+
+    def __reduce__(self) -> tuple:
+        # The default pickles ``self.args`` (one string) and unpickling then calls
+        # __init__ with one argument: a worker's error would arrive as a crash of
+        # the pool ("a worker died") instead of as this error row.
+        return (type(self), (self.kind, self.message))
 
 
 @dataclass
@@ -125,14 +136,7 @@ def load_image(
     if isinstance(src, Image.Image):
         # Already decoded, but the limit still guards drawing and encoding downstream.
         _check_pixels(src.size, _IN_MEMORY, max_image_pixels)
-        try:
-            src.load()  # a lazily opened image decodes here; fail now, not mid-draw
-        except MemoryError:
-            raise
-        except Exception as exc:
-            raise ImageLoadError(
-                "corrupt_image", f"{_IN_MEMORY}: image data is truncated or corrupt ({exc})"
-            ) from None
+        _load_pixels(src, _IN_MEMORY)  # a lazily opened image decodes here; fail now, not mid-draw
         return _finish(src, source=_IN_MEMORY)
     if isinstance(src, dict):
         data, path = src.get("bytes"), src.get("path")
@@ -243,29 +247,45 @@ def _decode(fh: Any, source: str, max_image_pixels: int, draft_target: Any) -> L
         raise ImageLoadError("not_an_image", f"{source}: cannot read image header ({exc})") from None
     with img:
         _check_pixels(img.size, source, max_image_pixels)
-        orientation = _orientation(img)
         w, h = img.size
-        if callable(draft_target) and img.format == "JPEG":
-            # The caller's target depends on the displayed size (e.g. the model's resize rule).
-            draft_target = draft_target(*((h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)))
         if draft_target is not None and img.format == "JPEG":
+            # A JPEG keeps its EXIF block in the header (APP1): reading it decodes no
+            # pixels, so it is safe before load(). Draft mode must be set before load().
+            orientation = _orientation(img)
+            if callable(draft_target):
+                # The caller's target depends on the displayed size (e.g. the model's resize rule).
+                draft_target = draft_target(*((h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)))
             tw, th = int(draft_target[0]), int(draft_target[1])
             if orientation in _SWAPPING_ORIENTATIONS:
                 # The target is in display orientation; the stored JPEG is rotated.
                 tw, th = th, tw
             if tw > 0 and th > 0 and w >= 2 * tw and h >= 2 * th:
                 img.draft("RGB", (tw, th))
-        try:
-            img.load()
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageLoadError("image_too_large", f"{source}: {exc}") from None
-        except MemoryError:
-            raise
-        except Exception as exc:  # any decoder failure means the data is unusable
-            raise ImageLoadError(
-                "corrupt_image", f"{source}: image data is truncated or corrupt ({exc})"
-            ) from None
+        _load_pixels(img, source)
+        # Only now, with the pixels decoded: for a PNG, getexif() itself decodes the
+        # image, and its decoder error would be swallowed by _orientation's fallback
+        # (Pillow then returns the zero-filled image from every later load()).
+        orientation = _orientation(img)
         return _finish(img, source=source, orientation=orientation, stored_size=(w, h))
+
+
+def _load_pixels(img: Image.Image, source: str) -> None:
+    """Decode the pixel data of ``img``: the one place decoding happens, every failure an ImageLoadError.
+
+    Nothing may touch the pixels (or call ``getexif()``, which decodes a PNG)
+    before this, since Pillow decodes only once: after a failed decode a second
+    ``load()`` returns silently with a blank image.
+    """
+    try:
+        img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageLoadError("image_too_large", f"{source}: {exc}") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # any decoder failure means the data is unusable
+        raise ImageLoadError(
+            "corrupt_image", f"{source}: image data is truncated or corrupt ({exc})"
+        ) from None
 
 
 def _check_pixels(size: tuple[int, int], source: str, max_image_pixels: int) -> None:
@@ -279,6 +299,11 @@ def _check_pixels(size: tuple[int, int], source: str, max_image_pixels: int) -> 
 
 
 def _orientation(img: Image.Image) -> int:
+    """EXIF orientation 1..8 (1 when absent or malformed).
+
+    Call only after :func:`_load_pixels` (or, for a JPEG, before it: its EXIF is
+    in the header), since the broad ``except`` below would hide a decoder error.
+    """
     # A malformed EXIF block should not make a decodable image unusable.
     try:
         value = int(img.getexif().get(_EXIF_ORIENTATION_TAG, 1))
@@ -390,7 +415,10 @@ def target_size(
     time (see :func:`is_fixed_size`).
 
     Raises :class:`ImageLoadError` (``bad_aspect_ratio``) beyond 200:1, which the
-    processor refuses; ``source`` names the image in that message.
+    processor refuses, and where the result is beyond 200:1 (rounding a short side
+    to 28 px can double the ratio of an image over 100:1; the processor applies
+    the rule again to what it receives and would refuse it, where transformers'
+    ``smart_resize`` returns it); ``source`` names the image in that message.
     """
     factor = patch_size * merge_size
     if width <= 0 or height <= 0:
@@ -418,6 +446,15 @@ def target_size(
         beta = math.sqrt(min_pixels / (height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
+    if max(w_bar, h_bar) > MAX_ASPECT_RATIO * min(w_bar, h_bar):
+        # Rounding a short side to one token can double the ratio (6150x41 -> 6160x28):
+        # the processor applies the rule again to the resized image and would refuse it.
+        raise ImageLoadError(
+            "bad_aspect_ratio",
+            f"{source}: {width}x{height} resizes to {w_bar}x{h_bar}, whose aspect ratio "
+            f"{max(w_bar, h_bar) / min(w_bar, h_bar):.1f} is over the model's limit of {MAX_ASPECT_RATIO}; "
+            "crop or pad the image",
+        )
     return w_bar, h_bar
 
 
@@ -459,6 +496,7 @@ def crop_with_margin(
     min_side: int = 28,
     *,
     square: bool = False,
+    max_aspect: float = MAX_CROP_ASPECT_RATIO,
 ) -> tuple[Image.Image, tuple[int, int, int, int]]:
     """Crop around ``box`` grown by ``margin`` times its width/height on each side.
 
@@ -470,6 +508,16 @@ def crop_with_margin(
     covers the part of the box inside the image. Returns the crop and
     its rectangle ``(left, top, right, bottom)`` in ``image`` pixels (right and
     bottom exclusive), so a caller can map coordinates back.
+
+    A thin box (a line of text across a 6000x60 image) would give a crop too
+    elongated for the model: the short side is widened, centred on the box and
+    slid inside the image, until the crop is at most ``max_aspect`` : 1 (by
+    default half the processor's 200:1, so the crop still fits after
+    :func:`target_size` rounds it). Where the image itself is too elongated for
+    that, the crop takes the image's whole short side and is padded with black
+    on both sides of it: the rectangle then reaches outside the image (negative
+    ``left``/``top``, or ``right``/``bottom`` past the size), which maps
+    coordinates back all the same.
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
@@ -496,8 +544,49 @@ def crop_with_margin(
             left, right = _grow(left, right, min(min_side, W), W)
         if bottom - top < min(min_side, H):
             top, bottom = _grow(top, bottom, min(min_side, H), H)
+    if not max_aspect >= 1:
+        raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+    # Widen the short side of an over-long crop (integer ceil: float error must not leave it 1 px short).
+    if right - left > max_aspect * (bottom - top):
+        top, bottom = _widen(top, bottom, _ceil_div(right - left, max_aspect), H)
+    elif bottom - top > max_aspect * (right - left):
+        left, right = _widen(left, right, _ceil_div(bottom - top, max_aspect), W)
     rect = (left, top, right, bottom)
-    return image.crop(rect), rect
+    return image.crop(rect), rect  # Pillow fills the part outside the image with black
+
+
+def _widen(lo: int, hi: int, length: int, size: int) -> tuple[int, int]:
+    """[lo, hi] grown to ``length``: slid inside [0, size] when it fits, else the whole
+    of [0, size] centred in it (the rest is padding outside the image)."""
+    if length <= size:
+        return _grow(lo, hi, length, size)
+    start = -((length - size) // 2)
+    return start, start + length
+
+
+def crop_aspect_limit(max_pixels: int, patch_size: int = 14, merge_size: int = 2) -> float:
+    """The ``max_aspect`` of :func:`crop_with_margin` that keeps a crop's :func:`target_size`
+    within ``max_pixels``: :data:`MAX_CROP_ASPECT_RATIO`, or less on a small budget.
+
+    :func:`target_size` never makes a side shorter than one 28 px token, so a
+    crop of ``a`` : 1 costs at least about ``a`` tokens; on a budget of ``n``
+    tokens the crop is kept to ``n / 2`` : 1 (at least square).
+    """
+    tokens = max_pixels / float(patch_size * merge_size) ** 2
+    return max(1.0, min(MAX_CROP_ASPECT_RATIO, tokens / 2))
+
+
+def _ceil_div(length: int, ratio: float) -> int:
+    """Smallest whole ``n`` with ``length <= ratio * n``."""
+    n = max(1, math.ceil(length / ratio))
+    while length > ratio * n:
+        n += 1
+    while n > 1 and length <= ratio * (n - 1):
+        n -= 1
+    return n
+
+
+
 
 
 def _grow(lo: int, hi: int, length: int, size: int) -> tuple[int, int]:

@@ -32,7 +32,6 @@ are imported when the W&B logger needs them.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -40,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from regioncap.records import read_jsonl
+from regioncap.records import dumps, read_jsonl
 
 log = logging.getLogger("regioncap")
 
@@ -484,7 +483,7 @@ def _wandb_table(wandb: Any, table: Dict[str, Any]) -> Any:
         # Boxes as text: W&B tables type a column from its first value, and null boxes would clash with lists.
         for c in ("bbox", "input_bbox"):
             i = columns.index(c)
-            row[i] = json.dumps(row[i]) if row[i] is not None else None
+            row[i] = dumps(row[i]) if row[i] is not None else None
         data.append(row)
     return wandb.Table(columns=columns, data=data)
 

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from regioncap.records import CorruptRecordsError, fsync_dir, scan_records, write_text_atomically
+from regioncap.records import CorruptRecordsError, dumps, fsync_dir, scan_records, write_text_atomically
 
 #: Records files by stage, and the run's other files the merge reads.
 STAGE_FILES = {"caption": "captions.jsonl", "visualize": "visualize.jsonl"}
@@ -245,7 +245,7 @@ def merge(out: Path, shards: Sequence[Path], *, stage: str = "caption", expect: 
 
 def _write_summary(out: Path, summary: Dict[str, Any]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_text_atomically(out / MERGE_FILE, json.dumps(summary, indent=2, ensure_ascii=False, default=str) + "\n")
+    write_text_atomically(out / MERGE_FILE, dumps(summary, indent=2) + "\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

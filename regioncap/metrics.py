@@ -150,7 +150,7 @@ def _record_references(record: Dict[str, Any], references_key: Optional[str]) ->
 
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):  # not JSON, an int over 4300 digits, or too deep
                 pass
         if isinstance(value, str):
             return [value]
@@ -419,6 +419,18 @@ _SPLIT_LIST = re.compile(r",|;|\band\b|\bwith\b|&")
 LIST_MIN_OBJECTS = 3
 
 
+def _numeral(word: str) -> Optional[int]:
+    """The value of a word written in decimal digits (any script: "12", "\u0661\u0662"), else None.
+
+    ``str.isdigit()`` is not the test: it is true for "\u2460" and "\u00b2", which
+    ``int()`` refuses. Past 9 digits the value is not needed (only 3..999 count)
+    and ``int()`` would refuse more than 4300.
+    """
+    if not word.isdecimal():
+        return None
+    return int(word) if len(word) <= 9 else 10**9
+
+
 def _plural(word: str) -> bool:
     return word in _PLURALS or (len(word) >= 4 and word.endswith("s") and not word.endswith(("ss", "us", "is")))
 
@@ -443,7 +455,7 @@ def caption_flags(caption: Optional[str]) -> List[str]:
     phrases = [tokenize(part) for part in _SPLIT_LIST.split(caption.lower())]
     if sum(1 for p in phrases if p and p[0] in _DETERMINERS) >= LIST_MIN_OBJECTS:
         flags.append("lists_objects")
-    counted = any((w in _COUNT_WORDS or (w.isdigit() and 3 <= int(w) < 1000))
+    counted = any((w in _COUNT_WORDS or 3 <= (_numeral(w) or 0) < 1000)
                   and any(_plural(v) for v in words[i + 1:i + 3]) for i, w in enumerate(words))
     if counted or any(w in _MANY_WORDS for w in words):
         flags.append("many_objects")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ANSWER_FORMATS = ("lines", "json", "free")
 STRATEGIES = ("marked", "crop", "coords")
@@ -158,13 +158,112 @@ class ParsedAnswer:
     unexpected: List[int] = field(default_factory=list)
 
 
-_LINE = re.compile(
-    r"""^\s*(?:[-*\u2022]\s*)?(?:\*\*)?\s*
-        (?:<\s*region\s*(?P<tag>\d+)\s*>|(?:region|box|mark)?\s*\#?\s*(?P<num>\d+))
-        \s*(?:\*\*)?\s*[:.)\-\u2013\u2014]\s*(?:\*\*)?\s*(?P<text>.*\S)\s*$""",
-    re.IGNORECASE | re.VERBOSE,
-)
-_MENTION = re.compile(r"<\s*region\s*(\d+)\s*>|\b(?:region|box)\s*#?\s*(\d+)\b", re.IGNORECASE)
+#: Digits a region number may have: a longer run is not a region number (and
+#: ``int()`` refuses over 4300 digits, which once stopped a run).
+MAX_NUMBER_DIGITS = 18
+
+_BULLETS = "-*\u2022"
+_SEPARATORS = ":.)-\u2013\u2014"
+_KEYWORD = re.compile(r"region|box|mark", re.IGNORECASE)
+_REGION = re.compile(r"region", re.IGNORECASE)
+# \s*(?:#\s*)? rather than \s*#?\s*: two adjacent \s* on a run of N spaces try N^2 splits.
+_MENTION = re.compile(r"<\s*region\s*(\d+)\s*>|\b(?:region|box)\s*(?:#\s*)?(\d+)\b", re.IGNORECASE)
+
+
+def _region_number(digits: str) -> Optional[int]:
+    """``int(digits)``, or None for a digit run too long to be a region number."""
+    if not digits or len(digits) > MAX_NUMBER_DIGITS:
+        return None
+    return int(digits)
+
+
+def _skip_space(s: str, i: int) -> int:
+    n = len(s)
+    while i < n and s[i].isspace():
+        i += 1
+    return i
+
+
+def _skip_digits(s: str, i: int) -> int:
+    n = len(s)
+    while i < n and s[i].isdecimal():
+        i += 1
+    return i
+
+
+def _line_after_prefix(s: str, i: int) -> Optional[Tuple[int, str]]:
+    """Number and caption of ``s`` read from ``i`` (past any bullet and ``**``), or None.
+
+    Reads ``<region N>`` or ``[region|box|mark] [#] N``, then ``[**] SEP [**] text``.
+    Each step has one possible reading, so this is one left-to-right pass.
+    """
+    if s.startswith("<", i):
+        i = _skip_space(s, i + 1)
+        m = _REGION.match(s, i)
+        if not m:
+            return None
+        start = _skip_space(s, m.end())
+        end = _skip_digits(s, start)
+        i = _skip_space(s, end)
+        if not s.startswith(">", i):
+            return None
+        i = _skip_space(s, i + 1)
+        if end == start:
+            return None
+    else:
+        m = _KEYWORD.match(s, i)
+        if m:
+            i = _skip_space(s, m.end())
+        if s.startswith("#", i):
+            i = _skip_space(s, i + 1)
+        start = i
+        end = _skip_digits(s, start)
+        if end == start:
+            return None
+        i = _skip_space(s, end)
+    if s.startswith("**", i):
+        i = _skip_space(s, i + 2)
+    if i >= len(s) or s[i] not in _SEPARATORS:
+        return None
+    i = _skip_space(s, i + 1)
+    text = ""
+    if s.startswith("**", i):
+        text = s[_skip_space(s, i + 2):].rstrip()
+    if not text:  # "N: **" alone: the ** is the caption
+        text = s[i:].rstrip()
+    if not text:
+        return None
+    number = _region_number(s[start:end])
+    if number is None:
+        return None
+    return number, text
+
+
+def _match_line(line: str) -> Optional[Tuple[int, str]]:
+    """``(number, caption)`` of an answer line such as ``- **Region 2:** a red car``, or None.
+
+    Written by hand, in linear time: the regular expression it replaces backtracked
+    over runs of spaces (a line of 300 spaces and one letter took 17 s). It reads
+    exactly what that expression matched (tests/test_properties.py compares the two):
+    optional white space, an optional bullet (``-``, ``*``, ``\u2022``), optional
+    ``**``, the number, optional ``**``, a separator (``: . ) - \u2013 \u2014``),
+    optional ``**``, and a caption that is not blank.
+    """
+    i = _skip_space(line, 0)
+    starts = []  # where the number may start, in the order the expression tried them
+    if i < len(line) and line[i] in _BULLETS:
+        after_bullet = _skip_space(line, i + 1)
+        if line.startswith("**", after_bullet):
+            starts.append(_skip_space(line, after_bullet + 2))
+        starts.append(after_bullet)
+    if line.startswith("**", i):
+        starts.append(_skip_space(line, i + 2))
+    starts.append(i)
+    for start in starts:
+        found = _line_after_prefix(line, start)
+        if found is not None:
+            return found
+    return None
 
 
 def _clean(text: str) -> str:
@@ -205,10 +304,10 @@ def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str
         lines = [ln.rstrip("\r") for ln in text.split("\n") if ln.strip()]
         matched = 0
         for ln in lines:
-            m = _LINE.match(ln)
-            if m:
+            found_line = _match_line(ln)
+            if found_line is not None:
                 matched += 1
-                add(int(m.group("tag") or m.group("num")), m.group("text"))
+                add(*found_line)
         lines_ok = bool(lines) and matched == len(lines)
     if not found and answer_format == "free":
         if len(numbers) == 1:  # the whole answer describes the one region
@@ -230,7 +329,7 @@ def _parse_json(text: str, add: Any) -> bool:
     end = max(text.rfind("}"), text.rfind("]"))
     try:
         data = json.loads(text[start : end + 1])
-    except (json.JSONDecodeError, ValueError):
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; so is a 5000-digit int
         return False
     items: Any = data.get("regions", data) if isinstance(data, dict) else data
     if isinstance(items, dict):  # {"1": "a cat", "2": "a dog"}
@@ -243,8 +342,17 @@ def _parse_json(text: str, add: Any) -> bool:
             continue
         ident = item.get("id", item.get("region"))
         caption = item.get("caption", item.get("description"))
+        if isinstance(ident, (list, dict)):  # str() of a deep one recurses; never a number anyway
+            continue
+        if isinstance(ident, int) and not isinstance(ident, bool):
+            ident = str(ident)  # bounded: json.loads refuses ints over 4300 digits
+        elif not isinstance(ident, str):
+            ident = str(ident)
+        ident = ident.strip().strip("<>").lower().replace("region", "")
+        if len(ident.strip().lstrip("+-")) > MAX_NUMBER_DIGITS:
+            continue
         try:
-            n = int(str(ident).strip().strip("<>").lower().replace("region", ""))
+            n = int(ident)
         except (TypeError, ValueError):
             continue
         if isinstance(caption, str):
@@ -258,7 +366,9 @@ def _parse_mentions(text: str, wanted: set) -> Dict[int, str]:
     marks = list(_MENTION.finditer(text))
     out: Dict[int, str] = {}
     for i, m in enumerate(marks):
-        n = int(m.group(1) or m.group(2))
+        n = _region_number(m.group(1) or m.group(2))
+        if n is None:
+            continue
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
         segment = text[m.end() : end].strip(" \t\n,:;.-")
         if n in wanted and n not in out and segment:

@@ -3,22 +3,98 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 
+#: How deep :func:`dumps` follows nested lists and dicts when it has to clean a value;
+#: anything deeper is written as a string saying so.
+MAX_DEPTH = 200
+
+
 def _default(value: Any) -> Any:
-    # Tuples, paths, numpy scalars and the like: write something readable rather than fail the row.
+    # Tuples, paths, numpy scalars and arrays and the like: write something readable rather than fail the row.
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
-    if hasattr(value, "item"):
-        return value.item()
-    return str(value)
+    for method in ("tolist", "item"):  # numpy arrays and scalars, torch tensors
+        if callable(getattr(value, method, None)):
+            try:
+                return getattr(value, method)()
+            except Exception:  # noqa: BLE001 - an object with an odd item(): fall through to str
+                pass
+    try:
+        return str(value)
+    except Exception:  # noqa: BLE001
+        return f"<unprintable {type(value).__name__}>"
 
 
-def dumps(record: Dict[str, Any]) -> str:
-    return json.dumps(record, ensure_ascii=False, default=_default)
+def _clean_text(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD (a surrogate pair becomes its character)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _clean(value: Any, depth: int, path: set) -> Any:
+    """``value`` as plain JSON: non-finite floats (and ints too long to print) -> None,
+    lone surrogates -> U+FFFD, odd objects through :func:`_default`."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, int):
+        return value if value.bit_length() < 14_000 else None  # ~4200 digits: int->str refuses over 4300
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if depth >= MAX_DEPTH:
+        return f"<nested deeper than {MAX_DEPTH}>"
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        if id(value) in path:
+            return "<circular reference>"
+        path.add(id(value))
+        try:
+            if isinstance(value, dict):
+                return {_clean_key(k): _clean(v, depth + 1, path) for k, v in value.items()}
+            return [_clean(v, depth + 1, path) for v in value]
+        finally:
+            path.discard(id(value))
+    return _clean(_default(value), depth + 1, path)
+
+
+def _clean_key(key: Any) -> str:
+    if isinstance(key, str):
+        return _clean_text(key)
+    if isinstance(key, float) and not math.isfinite(key):
+        return str(key)
+    if key is None or isinstance(key, (bool, int, float)):
+        return json.dumps(_clean(key, 0, set()))
+    return _clean_text(str(_default(key)))
+
+
+def dumps(record: Any, *, indent: Optional[int] = None, sort_keys: bool = False) -> str:
+    """``record`` as strict JSON text: the one writer of every JSON file a run writes.
+
+    Never writes ``NaN``/``Infinity`` (a non-finite float becomes ``null``, as
+    does an int too long to print), never holds a lone surrogate (it becomes
+    U+FFFD, so the text always encodes as UTF-8), and writes other objects
+    (tuples, numpy values, paths) as lists, numbers or strings. Circular and
+    overly deep values are written as a string saying so rather than failing.
+    docs/formats.md documents these rules.
+    """
+    try:
+        text = json.dumps(record, ensure_ascii=False, allow_nan=False, default=_default,
+                          indent=indent, sort_keys=sort_keys)
+        text.encode("utf-8")  # a lone surrogate passes json.dumps but no UTF-8 file can hold it
+        return text
+    except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
+        pass
+    # The rare value that needs cleaning: walk it once (sort_keys may meet mixed key types: keys are str now).
+    return json.dumps(_clean(record, 0, set()), ensure_ascii=False, allow_nan=False, indent=indent,
+                      sort_keys=sort_keys)
 
 
 class JsonlWriter:

@@ -367,7 +367,7 @@ def job_dirs(sweep_dir: Path) -> List[Path]:
     """The job dirs of a sweep, in job order (``0, 1, ..., 10``, not ``0, 1, 10``)."""
     dirs = [d for d in Path(sweep_dir).iterdir() if d.is_dir() and any(
         (d / f).exists() for f in (".hydra", CAPTIONS_FILE, VISUALIZE_FILE, METRICS_FILE))]
-    return sorted(dirs, key=lambda d: (0, int(d.name), "") if d.name.isdigit() else (1, 0, d.name))
+    return sorted(dirs, key=lambda d: (0, int(d.name), "") if d.name.isascii() and d.name.isdigit() else (1, 0, d.name))
 
 
 # ---------------------------------------------------------------- html helpers
@@ -425,7 +425,9 @@ def _yaml_text(obj: Any) -> str:
     try:
         return yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, default_flow_style=False, width=100)
     except yaml.YAMLError:
-        return json.dumps(obj, indent=2, ensure_ascii=False, default=str)
+        from regioncap.records import dumps
+
+        return dumps(obj, indent=2)
 
 
 def _pre(text: str) -> str:

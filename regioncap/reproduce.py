@@ -24,7 +24,6 @@ dir, input data changed, output dir not empty, config no longer composes);
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -393,7 +392,9 @@ def reproduce(run_dir: Path, *, out: Optional[Path] = None, force: bool = False,
         "comparison": asdict(comparison) if comparison else None, "environment_changes": notes,
     }
     if out.is_dir():
-        (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        from regioncap.records import dumps
+
+        (out / REPORT_FILE).write_text(dumps(report, indent=2) + "\n", encoding="utf-8")
     return status
 
 

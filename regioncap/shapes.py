@@ -16,7 +16,6 @@ caption per box), which ``data.references_key`` picks up for the metrics.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import re
@@ -168,7 +167,9 @@ def write_dataset(out_dir: str | Path, rows: int, *, seed: int, prefix: str = "s
         lines.append({"id": f"{prefix}_{i:05d}", "image": name, "bbox": [list(s.box) for s in shapes],
                       "references": [s.caption for s in shapes]})
     path = out / "shapes.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    from regioncap.records import dumps
+
+    path.write_text("".join(dumps(line) + "\n" for line in lines), encoding="utf-8")
     return path
 
 

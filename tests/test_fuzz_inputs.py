@@ -121,6 +121,7 @@ def assets(tmp_path_factory) -> Path:
     data = (a / "ok.png").read_bytes()
     (a / "cut.png").write_bytes(data[: len(data) // 2])
     (a / "图像 ünïcode.png").write_bytes((a / "ok.png").read_bytes())
+    (a / "idat.png").write_bytes(png_with_broken_idat(_noise((96, 64))))
     return a
 
 
@@ -394,10 +395,22 @@ def test_junk_boxes_are_each_kept_or_dropped(assets, data):
                     assert len(rec["requests"]) == math.ceil(len(rec["regions"]) / max_boxes)
 
 
+def pillow_decodes(path: Path) -> bool:
+    """True when a fresh ``Image.open(path).load()`` decodes the file without any error."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception:  # noqa: BLE001 - any failure at all means "Pillow cannot decode it"
+        return False
+    return True
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow on a corrupt EXIF block: skipped, as it should
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_corrupt_images_are_error_rows_or_captioned(assets, data):
+    """A damaged image is an error row unless Pillow itself decodes it cleanly: never a
+    blank image captioned as ``ok`` (a PNG whose IDAT data is broken once came out black)."""
     with example_dir() as folder:
         names = [data.draw(corrupt_image(assets, folder)) for _ in range(data.draw(st.integers(1, 4)))]
         lines = [(json.dumps({"image": n, "bbox": [[2, 2, 20, 20]]}).encode(), {"image": n, "bbox": [[2, 2, 20, 20]]})
@@ -405,10 +418,44 @@ def test_corrupt_images_are_error_rows_or_captioned(assets, data):
         path, raw, rows = write_file(folder, lines, b"\n", True)
         out = folder / "run"
         caps = check_run(path, raw, out, run_rows(path, out), rows)
-        for rec in caps:
-            assert (rec["error"] or {}).get("kind") in {
-                None, "not_an_image", "corrupt_image", "image_too_large", "bad_aspect_ratio", "unsupported_mode",
-                "no_valid_boxes"}, rec["error"]
+        for name, rec in zip(names, caps):
+            kind = (rec["error"] or {}).get("kind")
+            if pillow_decodes(folder / name):
+                assert kind in {None, "no_valid_boxes", "corrupt_image", "not_an_image"}, rec["error"]
+            else:
+                assert kind in {"not_an_image", "corrupt_image", "image_too_large", "unsupported_mode"}, (
+                    name, rec["status"], rec["error"])
+
+
+def png_with_broken_idat(image: Image.Image) -> bytes:
+    """``image`` as a PNG whose IDAT chunk holds damaged deflate data (its CRC made valid again).
+
+    Pillow's own ``load()`` raises "broken data stream" on it.
+    """
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    at = data.index(b"IDAT")
+    length = struct.unpack(">I", data[at - 4:at])[0]
+    data[at + 4 + length // 3] ^= 0xFF
+    crc = zlib.crc32(bytes(data[at:at + 4 + length])) & 0xFFFFFFFF
+    data[at + 4 + length:at + 8 + length] = struct.pack(">I", crc)
+    return bytes(data)
+
+
+def test_png_with_broken_idat_is_a_corrupt_image_not_a_black_one(tmp_path):
+    from regioncap.images import ImageLoadError, load_image
+
+    path = tmp_path / "idat.png"
+    path.write_bytes(png_with_broken_idat(_noise((96, 64))))
+    assert not pillow_decodes(path)
+    for src in (path, path.read_bytes()):
+        with pytest.raises(ImageLoadError) as info:
+            load_image(src)
+        assert info.value.kind == "corrupt_image"
+    assert str(path) in str(info.value) or "<in-memory>" in str(info.value)
+    with pytest.raises(ImageLoadError, match=str(path)):
+        load_image(path)
 
 
 # --------------------------------------------------------------------------- fixed cases
@@ -499,6 +546,7 @@ CASES = [
     ("text_not_image", lambda a: {"image": "text.jpg", "bbox": [[2, 2, 20, 20]]}, "not_an_image"),
     ("truncated_jpeg", lambda a: {"image": "cut.jpg", "bbox": [[2, 2, 20, 20]]}, "corrupt_image"),
     ("truncated_png", lambda a: {"image": "cut.png", "bbox": [[2, 2, 20, 20]]}, "corrupt_image"),
+    ("broken_idat_png", lambda a: {"image": "idat.png", "bbox": [[2, 2, 20, 20]]}, "corrupt_image"),
     ("bomb_header", lambda a: {"image": "bomb.png", "bbox": [[2, 2, 20, 20]]}, "image_too_large"),
     ("over_max_image_pixels", lambda a: {"image": "big_header.png", "bbox": [[2, 2, 20, 20]]}, "image_too_large"),
     ("image_field_missing", lambda a: {"bbox": [[2, 2, 20, 20]]}, "missing_image_field"),
@@ -603,3 +651,18 @@ def test_an_input_field_named_input_survives_a_collision(tmp_path, assets):
     run_rows(path, tmp_path / "run")
     (rec,) = read_jsonl(tmp_path / "run" / "captions.jsonl")
     assert rec["input"] == {"input": "mine", "status": "theirs"}
+
+
+def test_prompt_crop_on_a_thin_box_of_a_6000x60_image(tmp_path):
+    """A box one line thick across a 6000x60 image: its crop was over 200:1 and the
+    uncaught aspect-ratio error stopped the run; now it is widened and captioned."""
+    Image.new("RGB", (6000, 60), (90, 120, 200)).save(tmp_path / "strip.png")
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"image": "strip.png", "bbox": [[0, 10, 6000, 2], [100, 20, 4900, 1], [10, 0, 30, 60]]})
+                    + "\n")
+    metrics = run_rows(path, tmp_path / "run", ("prompt=crop",))
+    (rec,) = read_jsonl(tmp_path / "run" / "captions.jsonl")
+    assert rec["status"] == "ok" and len(rec["regions"]) == 3 and metrics["rows"] == 1
+    for req in rec["requests"]:
+        w, h = req["image_size"]
+        assert max(w, h) <= 200 * min(w, h)

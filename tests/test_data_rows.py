@@ -1,0 +1,112 @@
+"""Input rows that once stopped a run before any row was written, row windows that
+cannot be meant, and the content digest that identifies a row apart from its position."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from conftest import compose
+from regioncap.data import DataError, InputRow, check_data_config, digest_bytes, iter_rows
+from regioncap.errors import RunError
+from regioncap.job import execute
+
+HUGE_INT = b"7" * 5000  # over Python's 4300-digit limit for int(): json.loads raises ValueError
+
+
+def _rows(*overrides: str):
+    return list(iter_rows(compose(list(overrides)).data))
+
+
+def test_a_jsonl_line_with_an_int_over_4300_digits_is_an_error_row(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"image": "a.png", "bbox": []}\n'
+                     b'{"image": "b.png", "bbox": [], "n": ' + HUGE_INT + b'}\n'
+                     b'{"image": "c.png", "bbox": [[1, 2, 3, 4]]}\n')
+    rows = _rows("data=jsonl", f"data.path={path}")
+    assert [r.error is None for r in rows] == [True, False, True]
+    assert rows[1].error["kind"] == "invalid_json" and "rows.jsonl line 2" in rows[1].error["message"]
+    assert [r.image for r in rows if r.error is None] == ["a.png", "c.png"]
+
+
+def test_a_refcoco_json_line_with_an_int_over_4300_digits_is_an_error_row(tmp_path):
+    path = tmp_path / "refs.jsonl"
+    good = {"ref_id": 1, "ann_id": 5, "image_id": 5, "file_name": "x.jpg", "bbox": [1, 1, 5, 5], "sentences": ["a"]}
+    path.write_bytes(json.dumps(good).encode() + b'\n{"ref_id": ' + HUGE_INT + b', "image_id": 6}\n')
+    rows = _rows("data=refcoco", f"data.path={path}")
+    assert len(rows) == 2
+    bad = [r for r in rows if r.error and r.error["kind"] == "invalid_ref"]
+    assert len(bad) == 1 and "refs.jsonl line 2" in bad[0].error["message"]
+
+
+def test_a_json_annotation_file_with_a_huge_int_is_a_data_error_naming_it(tmp_path):
+    path = tmp_path / "instances.json"
+    path.write_bytes(b'{"images": [{"id": ' + HUGE_INT + b'}], "annotations": []}')
+    with pytest.raises(DataError, match="instances.json"):
+        _rows("data=coco", f"data.path={path}")
+
+
+def test_a_huge_int_row_through_the_pipeline(tmp_path):
+    """The run goes on: one error row for the bad line, the others captioned."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "a.png")
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"image": "a.png", "bbox": [[2, 2, 20, 20]]}\n{"image": "a.png", "n": ' + HUGE_INT
+                     + b'}\n{"image": "a.png", "bbox": [[4, 4, 20, 20]]}\n')
+    cfg = compose(["engine=fake", "progress=false", "data=jsonl", f"data.path={path}", "max_error_rate=1.0"],
+                  output_dir=tmp_path / "run")
+    metrics = execute(cfg)
+    from regioncap.records import read_jsonl
+
+    recs = list(read_jsonl(tmp_path / "run" / "captions.jsonl"))
+    assert metrics["rows"] == 3 and [r["status"] for r in recs] == ["ok", "error", "ok"]
+    assert recs[1]["error"]["kind"] == "invalid_json" and "rows.jsonl line 2" in recs[1]["error"]["message"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("data.skip=-2", "data.skip must be a whole number >= 0"),
+    ("data.limit=-1", "data.limit must be null"),
+    ("data.num_shards=0", "data.num_shards must be a whole number >= 1"),
+    ("data.shard_index=3", "data.shard_index must be in 0..0"),
+])
+def test_a_row_window_that_cannot_be_meant_is_refused_up_front(tmp_path, override, message):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"image": "a.png", "bbox": []}\n')
+    cfg = compose(["engine=fake", "progress=false", "data=jsonl", f"data.path={path}", override],
+                  output_dir=tmp_path / "run")
+    with pytest.raises(DataError, match=message):
+        check_data_config(cfg.data)
+    with pytest.raises(DataError, match=message):
+        next(iter_rows(cfg.data))
+    with pytest.raises(RunError, match=message):
+        execute(cfg)
+    assert not (tmp_path / "run" / "captions.jsonl").exists()
+
+
+def test_a_zero_limit_and_default_window_are_accepted(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"image": "a.png", "bbox": []}\n')
+    assert _rows("data=jsonl", f"data.path={path}", "data.limit=0") == []
+    assert check_data_config(compose(["data=jsonl", f"data.path={path}"]).data) == (1, 0)
+
+
+def test_jsonl_digest_is_the_line_content_not_its_position(tmp_path):
+    lines = [b'{"image": "a.png", "bbox": [[1, 2, 3, 4]]}', b'{"image": "b.png"}', b"{broken", b"\xff\xfe"]
+    first, second = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    first.write_bytes(b"\n".join(lines) + b"\n")
+    second.write_bytes(b'{"image": "new.png"}\r\n\n' + b"\r\n".join(lines) + b"\r\n")  # a row inserted on top
+    one = _rows("data=jsonl", f"data.path={first}")
+    two = _rows("data=jsonl", f"data.path={second}")
+    assert [r.digest for r in one] == [hashlib.sha256(b).hexdigest()[:16] for b in lines]
+    assert [r.digest for r in one] == [digest_bytes(b) for b in lines]
+    assert [r.digest for r in two[1:]] == [r.digest for r in one]
+    assert [r.index for r in two[1:]] == [1, 2, 3, 4]  # same rows, other positions: the digest tells
+    assert two[0].digest not in {r.digest for r in one}
+    assert len({r.digest for r in two}) == len(two)
+
+
+def test_input_row_digest_defaults_to_none():
+    assert InputRow(index=0, row_id="x").digest is None
