@@ -24,7 +24,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tupl
 from regioncap import boxes as bx
 from regioncap import prompts
 from regioncap.draw import DrawStyle, draw_marks
-from regioncap.images import crop_with_margin, resize_to, target_size
+from regioncap.images import crop_aspect_limit, crop_with_margin, resize_to, target_size
 
 #: ``save(image, name)`` writes an image under the run dir (``name`` relative to it).
 Save = Callable[[Any, str], None]
@@ -153,7 +153,9 @@ class CropStrategy(PromptStrategy):
         scale_y = loaded.image.height / loaded.original_size[1]
         specs = []
         for reg, (_, box) in zip(regions, kept):
-            crop, _rect = crop_with_margin(loaded.image, box.scale(scale_x, scale_y), float(self.prompt.crop_margin))
+            crop, _rect = crop_with_margin(loaded.image, box.scale(scale_x, scale_y), float(self.prompt.crop_margin),
+                                           max_aspect=crop_aspect_limit(int(model.max_pixels), int(model.patch_size),
+                                                                        int(model.merge_size)))
             cw, ch = target_size(crop.width, crop.height, min_pixels=model.min_pixels,
                                  max_pixels=model.max_pixels, patch_size=model.patch_size,
                                  merge_size=model.merge_size)

@@ -152,7 +152,9 @@ def test_offline_run_records_config_metrics_images_table_and_artifact(tmp_path):
         assert summary[key] == metrics[key], key
     assert summary["stages/caption/seconds"] == metrics["stages"]["caption"]["seconds"]
     assert summary["stages/visualize/rows"] == 5
-    (history,) = run["history"]
+    # Progress while the run goes (one row per commit of each stage), then the run's metrics once.
+    *progress, history = run["history"]
+    assert progress and all(any(k.startswith("progress/") for k in row) for row in progress)
     assert history["regions_captioned"] == 18
 
     # Sample images: the first 4 requests, each with its regions as pixel boxes at its own size.
