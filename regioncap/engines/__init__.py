@@ -5,7 +5,9 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from regioncap.engines.base import Engine, EngineError, Request, Response, Sampling, error_response
+from regioncap.engines.base import (
+    Engine, EngineError, EngineInfo, Request, Response, Sampling, error_response, make_response, validate_answer,
+)
 
 #: name -> "module:Class"; modules are imported only when that engine is picked.
 ENGINES = {
@@ -43,6 +45,6 @@ def build_engine(engine_cfg: Any, model_cfg: Any, model_path: str | None) -> Eng
 
 
 __all__ = [
-    "ENGINES", "Engine", "EngineError", "Request", "Response", "Sampling",
-    "build_engine", "error_response", "resolve_engine_name",
+    "ENGINES", "Engine", "EngineError", "EngineInfo", "Request", "Response", "Sampling",
+    "build_engine", "error_response", "make_response", "resolve_engine_name", "validate_answer",
 ]
