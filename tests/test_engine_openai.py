@@ -170,6 +170,9 @@ def make_handler(state: ServerState) -> type:
                 doc["usage"] = "not an object"
                 doc["choices"][0]["message"]["content"] = "\ud800"
                 self._send(200, json.dumps(doc).encode())
+            elif mode == "deepjson":  # an answer nested 100,000 deep: the JSON parser's recursion limit
+                body = _completion("d")
+                self._send(200, body[:-1] + b', "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
             elif mode == "hugecount":
                 self._send(200, _completion("z").replace(b'"prompt_tokens": 11', b'"prompt_tokens": ' + b"9" * 5000))
             elif mode == "badjson":
@@ -447,14 +450,19 @@ def test_malformed_answers_become_typed_values(fault_server, images, monkeypatch
     base_url, _ = fault_server
     eng = make_engine(base_url, monkeypatch, max_retries=0)
     with eng:
-        a, b, c = eng.generate([req("a", "malformed#1", images["jpg"]), req("b", "malformed-usage#1", images["jpg"]),
-                                req("c", "hugecount#1", images["jpg"])])
+        a, b, c, d, e = eng.generate([
+            req("a", "malformed#1", images["jpg"]), req("b", "malformed-usage#1", images["jpg"]),
+            req("c", "hugecount#1", images["jpg"]), req("d", "deepjson#1", images["jpg"]),
+            req("e", "ok#after", images["jpg"])])
     assert a.ok and a.text == "caption \ufffd with a lone surrogate"
     a.text.encode("utf-8")
     assert (a.prompt_tokens, a.output_tokens, a.finish_reason) == (12, None, None)
     assert b.ok and b.text == "\ufffd" and (b.prompt_tokens, b.output_tokens) == (None, None)
-    # A 5000-digit count is past Python's int-string limit: an error row or a None count, never a crash.
-    assert (c.ok and c.prompt_tokens is None) or c.error["kind"] == "bad_response", c
+    # A 5000-digit count (past Python's int-string limit) and JSON nested 100,000 deep
+    # do not parse: each is that request's bad_response error, never a crash.
+    assert c.error["kind"] == "bad_response" and "digits" in c.error["message"], c
+    assert d.error["kind"] == "bad_response" and "Recursion" in d.error["message"], d
+    assert e.ok  # and the engine goes on
 
 
 def test_closed_engine_raises(fault_server, images, monkeypatch):

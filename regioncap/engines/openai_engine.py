@@ -425,8 +425,9 @@ class OpenAIEngine(Engine):
             cause = e.__cause__ or e.__context__
             detail = f"{type(cause).__name__}: {cause}" if cause else str(e)
             raise _Failure("connection_error", self._scrub(f"{_redact_url(self.base_url)}: {detail}"), True) from None
-        except (oa.APIResponseValidationError, ValueError) as e:
-            # A 200 whose body is not a chat completion (truncated, HTML from a proxy...).
+        except (oa.APIResponseValidationError, ValueError, RecursionError) as e:
+            # A 200 whose body is not a chat completion (truncated, HTML from a proxy, a
+            # 5000-digit number, JSON nested past the parser's recursion limit...).
             raise _Failure("bad_response", self._scrub(f"{type(e).__name__}: {e}"), True) from None
         finally:
             _deadline.end = None
