@@ -40,7 +40,6 @@ import json
 import os
 import shutil
 import sys
-import threading
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -193,17 +192,12 @@ def _features(images: str) -> Any:
     })
 
 
-#: Serialises the switch of Pillow's global LOAD_TRUNCATED_IMAGES in :func:`embeddable_image`.
-_PIL_FLAG = threading.Lock()
-
-
-def _decodes(data: bytes) -> bool:
-    """Whether ``datasets``' Image feature will decode ``data`` (it opens and loads it with Pillow)."""
-    from PIL import Image
+def _reads_back(data: bytes) -> bool:
+    """Whether ``datasets``' ``Image`` feature decodes ``data`` when the row is read (its own decoder)."""
+    import datasets
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
+        datasets.Image().decode_example({"bytes": data, "path": None}).load()
         return True
     except MemoryError:
         raise
@@ -214,33 +208,25 @@ def _decodes(data: bytes) -> bool:
 def embeddable_image(data: bytes) -> Optional[Tuple[bytes, bool]]:
     """``(bytes, reencoded)`` to embed for an image file's ``data``, or None when it cannot be read.
 
-    The file's own bytes when they decode in full; else its pixels re-encoded as
-    PNG. A file the run accepted can still fail a full decode: Pillow reads the
-    chunks after the image data (a PNG text chunk that is a decompression bomb)
-    only at the end of ``load()``, and the run captioned those pixels; the
-    re-encoded PNG holds exactly them and decodes everywhere.
+    The file's own bytes when ``datasets`` decodes them in full; else the pixels
+    the pipeline decodes (:func:`regioncap.images.load_image`: RGB, EXIF
+    orientation applied) re-encoded as PNG. A file can pass the pipeline and
+    still fail a full decode: Pillow reads the chunks after the image data (a PNG
+    text chunk that is a decompression bomb) only at the end of ``load()``.
+    None when the pipeline cannot decode it either (the row is left out).
     """
-    from PIL import Image, ImageFile
+    from regioncap.images import ImageLoadError, load_image
 
-    if _decodes(data):
+    if _reads_back(data):
         return data, False
-    with _PIL_FLAG:
-        old, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, True
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                im.load()
-                if im.mode not in ("1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"):
-                    im = im.convert("RGBA" if "A" in im.mode else "RGB")
-                buf = io.BytesIO()
-                im.save(buf, format="PNG")
-        except MemoryError:
-            raise
-        except Exception:  # noqa: BLE001 - unreadable: the row is left out and counted
-            return None
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = old
+    try:
+        loaded = load_image(data)
+    except ImageLoadError:
+        return None
+    buf = io.BytesIO()
+    loaded.image.save(buf, format="PNG")
     out = buf.getvalue()
-    return (out, True) if _decodes(out) else None
+    return (out, True) if _reads_back(out) else None
 
 
 def _hf_rows(records_file: str, references_key: Optional[str], images: str, counts_file: str,

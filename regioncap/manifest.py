@@ -52,7 +52,7 @@ SECRET_NAME_PATTERNS: Tuple[str, ...] = (
 #: environment variable (``api_key_env``), column names (``image_key``...),
 #: token counts (``max_tokens``), tokenizer settings.
 NON_SECRET_NAMES: frozenset = frozenset({
-    "api_key_env", "image_key", "bbox_key", "id_key", "references_key", "sort_key",
+    "api_key_env", "api_key_set", "image_key", "bbox_key", "id_key", "references_key", "sort_key",
     "max_tokens", "min_tokens", "max_new_tokens", "prompt_tokens", "output_tokens",
 })
 NON_SECRET_PATTERNS: Tuple[str, ...] = ("*_env", "*_tokens", "tokenizer*", "skip_tokenizer_init")

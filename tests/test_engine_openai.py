@@ -535,3 +535,25 @@ def test_vllm_server_errors_and_structured_outputs(vllm_server, tiny_images, mon
 
     assert out[1].ok, out[1].error
     assert re.fullmatch(regex, out[1].text), repr(out[1].text)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("preflight", [True, False])
+def test_a_dead_server_stops_the_run_with_one_error(tmp_path, preflight):
+    """Through the CLI: no server at base_url ends the run at once with one error naming it,
+    with the preflight (the engine's start) or without (the first batch), not 6 tries per row."""
+    from conftest import run_cli
+
+    base_url = f"http://127.0.0.1:{_dead_port()}/v1"
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = run_cli([f"hydra.run.dir={out}", "engine=openai", f"engine.base_url={base_url}", "engine.served_model=m",
+                    f"engine.preflight={str(preflight).lower()}", "engine.backoff_s=2", "workers=0"],
+                   cwd=tmp_path, timeout=240)
+    elapsed = time.monotonic() - t0
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    errors = [line for line in log.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and base_url in errors[0] and "cannot connect" in errors[0], errors
+    assert "Traceback" not in log
+    assert elapsed < 120  # 5 retries with 2 s backoff per row would be over a minute of waiting alone

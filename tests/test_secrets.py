@@ -160,8 +160,10 @@ def test_openai_run_logs_one_engine_line_and_no_secret(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sum(state.hits.values()) >= 2  # the run did talk to the server
     log = proc.stdout + proc.stderr
-    engine_lines = [line for line in log.splitlines() if "engine: openai" in line]
-    assert engine_lines and all("base_url=http://" in ln and "model=tiny" in ln and "concurrency=" in ln
-                                and "{" not in ln for ln in engine_lines), engine_lines
+    engine_lines = [line for line in log.splitlines() if "engine: openai" in line or "openai engine:" in line]
+    assert len(engine_lines) == 1, engine_lines
+    line = engine_lines[0]
+    assert "engine: openai base_url=http://" in line and "model=tiny" in line and "concurrency=" in line
+    assert "api_key_set=True" in line and "{" not in line, line
     assert "HTTP Request:" not in log and "HTTP Request:" not in (out / "regioncap.log").read_text()
     assert _leaks(out) == [] and not any(n in log for n in NEEDLES)

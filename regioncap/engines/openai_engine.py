@@ -254,7 +254,8 @@ class OpenAIEngine(Engine):
             max_workers=self.concurrency, thread_name_prefix="regioncap-openai"
         )
         self._lock = threading.Lock()
-        log.info(
+        # The run logs describe() as its one engine line; this one is for debugging.
+        log.debug(
             "openai engine: %s model=%s concurrency=%d timeout=%.0fs retries=%d key from $%s (%s)",
             _redact_url(self.base_url), self.model, self.concurrency, self.timeout_s,
             self.max_retries, self.api_key_env, "set" if self._key_set else "unset, sending EMPTY",
