@@ -66,3 +66,9 @@ def test_the_findings_that_stopped_runs():
     bad = make_response("k", text={"nested": [1, 2]})
     assert not bad.ok and bad.error["kind"] == "bad_response" and bad.text is None
     assert validate_answer(text=b"caf\xc3\xa9 \xff")["text"] == "café \ufffd"
+    deep: list = []
+    for _ in range(100_000):  # nested past any recursion limit: the validator never walks into it
+        deep = [deep]
+    junk = make_response("k", text=deep, error=None, prompt_tokens=deep, finish_reason=deep, latency_s=deep)
+    _typed(junk)
+    assert junk.error["kind"] == "bad_response"

@@ -128,7 +128,8 @@ def test_relative_images_are_embedded_from_any_folder(rel_run, tmp_path, where, 
 
 
 @pytest.mark.cli
-def test_images_moved_after_export_still_read(rel_run, tmp_path):
+def test_a_moved_export_still_reads_back(rel_run, tmp_path):
+    """The images are in the file: moved elsewhere and read from another folder, every row decodes."""
     out = tmp_path / "ds.parquet"
     proc = export(rel_run, "--format", "parquet", "--out", out, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
