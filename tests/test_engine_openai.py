@@ -424,9 +424,17 @@ def test_preflight_names_the_models_the_server_serves(fault_server, monkeypatch)
         make_engine(base_url, monkeypatch, served_model="not-served")
     msg = str(info.value)
     assert base_url in msg and "'not-served'" in msg and "tiny" in msg and "org/model" in msg
-    # The classmethod a run calls before its first row: passes for a served model.
+    # What a run calls before its first row: passes for a served model, names the cause otherwise.
+    from regioncap.config import FakeEngineConfig
+    from regioncap.engines import preflight
+
     cfg = OpenAIEngineConfig(base_url=base_url, api_key_env=KEY_ENV, served_model="tiny")
     OpenAIEngine.preflight(cfg, ModelConfig(name="tiny", path="tiny"))
+    preflight(cfg, ModelConfig(name="tiny", path="tiny"))
+    preflight(FakeEngineConfig(), ModelConfig(name="tiny", path="tiny"))  # nothing to check
+    cfg.served_model = "other"
+    with pytest.raises(EngineError, match="does not serve model 'other'"):
+        preflight(cfg, ModelConfig(name="tiny", path="tiny"))
 
 
 @pytest.mark.parametrize("mode", ["drip", "drip-head"])
