@@ -54,3 +54,64 @@ class SweepReport(Callback):
             log.info("sweep report: %s", write_report(sweep_dir, metric=metric))
         except Exception as exc:  # the jobs' own outputs are what matter; a report is a view of them
             log.warning("could not write the sweep report for %s: %s: %s", sweep_dir, type(exc).__name__, exc)
+
+
+class MaskSecrets(Callback):
+    """Keep secrets out of the files Hydra writes itself.
+
+    Hydra saves a job's ``.hydra/{config,hydra,overrides}.yaml`` and a sweep's
+    ``multirun.yaml`` verbatim, before any regioncap code runs. At each job's
+    start (after Hydra saved them) this masks them (see
+    :func:`regioncap.redaction.mask_hydra_outputs`) and puts the secret filter
+    on the log handlers; at a sweep's end it masks ``multirun.yaml`` once more.
+    """
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        # Hydra's launcher logs each job's overrides before the job starts.
+        try:
+            from omegaconf import OmegaConf
+
+            from regioncap.redaction import config_secrets, install_log_filter
+
+            overrides = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", default=[])]
+            install_log_filter(config_secrets(config, overrides))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not install the secret filter: %s: %s", type(exc).__name__, exc)
+
+    def on_job_start(self, config: Any, **kwargs: Any) -> None:
+        try:
+            self._mask(config, job=True)
+        except Exception as exc:  # noqa: BLE001 - never a reason to fail a job; the job masks again
+            log.warning("could not mask secrets in Hydra's files: %s: %s", type(exc).__name__, exc)
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        try:
+            self._mask(config, job=False)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not mask secrets in multirun.yaml: %s: %s", type(exc).__name__, exc)
+
+    @staticmethod
+    def _mask(config: Any, job: bool) -> None:
+        from omegaconf import OmegaConf
+
+        from regioncap.redaction import config_secrets, install_log_filter, mask_hydra_outputs
+
+        hydra = config.hydra
+        overrides = [*OmegaConf.select(hydra, "overrides.task", default=[]),
+                     *OmegaConf.select(hydra, "overrides.hydra", default=[])]
+        secrets = config_secrets(config, [str(o) for o in overrides])
+        mode = str(OmegaConf.select(hydra, "mode", default=""))
+        sweep_dir = OmegaConf.select(hydra, "sweep.dir", default=None)
+        sweep_file = Path(str(sweep_dir)) / "multirun.yaml" if sweep_dir and "MULTIRUN" in mode else None
+        hydra_dir = None
+        if job:
+            install_log_filter(secrets)
+            out_dir = OmegaConf.select(hydra, "runtime.output_dir", default=None)
+            subdir = OmegaConf.select(hydra, "output_subdir", default=None)
+            if out_dir and subdir:
+                hydra_dir = Path(str(out_dir)) / str(subdir)
+        changed = mask_hydra_outputs(hydra_dir, sweep_file, secrets)
+        if changed and job:
+            log.warning("a secret was given on the command line or in a config file; it is masked in %s. "
+                        "Pass keys through the environment instead (engine.api_key_env names the variable).",
+                        ", ".join(changed))

@@ -184,6 +184,9 @@ class OpenAIEngineConfig(EngineConfig):
     max_backoff_s: float = 30.0
     #: Send vLLM's structured-output constraint in ``extra_body`` (vLLM servers only).
     structured_outputs: bool = False
+    #: Check the server when the engine starts: ``GET {base_url}/models`` answers
+    #: and lists ``served_model`` (a clear error before the first row, not after).
+    preflight: bool = True
 
 
 @dataclass

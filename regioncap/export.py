@@ -16,22 +16,36 @@ captioned region and regions without a caption are left out and counted in the
 printed summary. ``--push-to-hub REPO`` uploads the ``hf``/``parquet`` dataset
 after writing it locally, and only when asked.
 
+Image paths in the records are resolved against the folder the run was
+started from (``manifest.json``'s ``cwd``, else Hydra's), then the run dir,
+then the current folder, so an export works from any folder. Embedded images
+are checked the way ``datasets`` reads them back; one that does not decode as
+stored (e.g. a PNG whose trailing text chunk is a decompression bomb) is
+re-encoded from its pixels as PNG, and a row whose image cannot be read at all
+is left out and counted.
+
+Every output is atomic: it is written beside its final path (``.NAME.tmp-PID``)
+and renamed there at the end; the work dir (``datasets``' cache) is also beside
+the output (``.NAME.work-PID``), removed when the export ends, and a stale one
+left by a killed export is removed by the next export to the same path.
+
 ``datasets`` is imported only for the ``hf`` and ``parquet`` formats.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap.errors import RunError
+from regioncap.failpoints import failpoint
 from regioncap.metrics import reference_texts
 from regioncap.records import dumps, read_jsonl
 
@@ -71,15 +85,52 @@ def run_settings(run_dir: Path) -> Dict[str, Any]:
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     return {"references_key": data.get("references_key", "references"),
-            "family": model.get("family") or "qwen2_5_vl"}
+            "family": model.get("family") or "qwen2_5_vl", "image_bases": image_bases(run_dir)}
 
 
-def exportable(records: Iterator[Dict[str, Any]], references_key: Optional[str], counts: Counter
-               ) -> Iterator[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
+def image_bases(run_dir: Path) -> List[Path]:
+    """Folders a record's relative ``image_path`` may be relative to, most likely first:
+    the folder the run was started from (``manifest.json``'s ``cwd``, else
+    ``.hydra/hydra.yaml``'s ``hydra.runtime.cwd``), the run dir, the current folder."""
+    bases: List[Path] = []
+    try:
+        cwd = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("cwd")
+        if isinstance(cwd, str) and cwd:
+            bases.append(Path(cwd))
+    except (OSError, ValueError, AttributeError):
+        pass
+    try:
+        import yaml
+
+        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text(encoding="utf-8"))
+        cwd = ((hydra or {}).get("hydra") or {}).get("runtime", {}).get("cwd")
+        if isinstance(cwd, str) and cwd:
+            bases.append(Path(cwd))
+    except Exception:  # noqa: BLE001 - no or unreadable Hydra file: the other bases remain
+        pass
+    bases += [Path(run_dir).absolute(), Path.cwd()]
+    return list(dict.fromkeys(bases))
+
+
+def resolve_image(image_path: Any, bases: Sequence[Path]) -> Optional[Path]:
+    """The absolute path of a record's ``image_path`` (see :func:`image_bases`), or None when it is gone."""
+    if not isinstance(image_path, str) or not image_path:
+        return None
+    p = Path(os.path.expanduser(image_path))
+    for candidate in ([p] if p.is_absolute() else [b / p for b in bases]):
+        if candidate.is_file():
+            return candidate.absolute()
+    return None
+
+
+def exportable(records: Iterator[Dict[str, Any]], references_key: Optional[str], counts: Counter,
+               bases: Optional[Sequence[Path]] = None) -> Iterator[Tuple[Dict[str, Any], List[Dict[str, Any]]]]:
     """``(record, regions)`` of every row that has at least one captioned region, with only
     its captioned regions (each with ``references`` and ``flags``); what is left out is
     counted in ``counts`` (``rows_error``, ``rows_without_captions``, ``regions_missing``,
-    ``rows_image_missing``)."""
+    ``rows_image_missing``). The record's ``resolved_image`` is its image's absolute
+    path (relative paths resolved against ``bases``, see :func:`image_bases`)."""
+    bases = list(bases) if bases is not None else [Path.cwd()]
     for rec in records:
         counts["rows_read"] += 1
         regions = [r for r in rec.get("regions") or [] if isinstance(r, dict)]
@@ -99,11 +150,12 @@ def exportable(records: Iterator[Dict[str, Any]], references_key: Optional[str],
         if not kept:
             counts["rows_without_captions"] += 1
             continue
-        image_path = rec.get("image_path")
-        if not isinstance(image_path, str) or not Path(image_path).is_file():
+        resolved = resolve_image(rec.get("image_path"), bases)
+        if resolved is None:
             counts["rows_image_missing"] += 1
             counts["regions_missing"] += len(regions)
             continue
+        rec = {**rec, "resolved_image": str(resolved)}
         counts["regions_missing"] += len(regions) - len(kept)
         counts["rows_exported"] += 1
         counts["regions_exported"] += len(kept)
@@ -140,16 +192,69 @@ def _features(images: str) -> Any:
     })
 
 
-def _hf_rows(records_file: str, references_key: Optional[str], images: str, counts_file: str
-             ) -> Iterator[Dict[str, Any]]:
+def _reads_back(data: bytes) -> bool:
+    """Whether ``datasets``' ``Image`` feature decodes ``data`` when the row is read (its own decoder)."""
+    import datasets
+
+    try:
+        datasets.Image().decode_example({"bytes": data, "path": None}).load()
+        return True
+    except MemoryError:
+        raise
+    except Exception:  # noqa: BLE001 - any failure to decode means: not as stored
+        return False
+
+
+def embeddable_image(data: bytes) -> Optional[Tuple[bytes, bool]]:
+    """``(bytes, reencoded)`` to embed for an image file's ``data``, or None when it cannot be read.
+
+    The file's own bytes when ``datasets`` decodes them in full; else the pixels
+    the pipeline decodes (:func:`regioncap.images.load_image`: RGB, EXIF
+    orientation applied) re-encoded as PNG. A file can pass the pipeline and
+    still fail a full decode: Pillow reads the chunks after the image data (a PNG
+    text chunk that is a decompression bomb) only at the end of ``load()``.
+    None when the pipeline cannot decode it either (the row is left out).
+    """
+    from regioncap.images import ImageLoadError, load_image
+
+    if _reads_back(data):
+        return data, False
+    try:
+        loaded = load_image(data)
+    except ImageLoadError:
+        return None
+    buf = io.BytesIO()
+    loaded.image.save(buf, format="PNG")
+    out = buf.getvalue()
+    return (out, True) if _reads_back(out) else None
+
+
+def _hf_rows(records_file: str, references_key: Optional[str], images: str, counts_file: str,
+             bases: str = "[]") -> Iterator[Dict[str, Any]]:
     """Rows of the ``hf``/``parquet`` export (a generator for ``Dataset.from_generator``;
-    the counts go to ``counts_file``, as the generator may run in another process)."""
+    the counts go to ``counts_file``, as the generator may run in another process;
+    ``bases``: the JSON list of :func:`image_bases`)."""
     counts: Counter = Counter()
-    for rec, regions in exportable(read_jsonl(Path(records_file)), references_key, counts):
+    for rec, regions in exportable(read_jsonl(Path(records_file)), references_key, counts,
+                                   [Path(b) for b in json.loads(bases)] or None):
+        failpoint("export.row")
         path = rec["image_path"]
-        image: Any = path
+        image: Any = rec["resolved_image"]
         if images == "embed":
-            image = {"bytes": Path(path).read_bytes(), "path": Path(path).name}
+            try:
+                got = embeddable_image(Path(rec["resolved_image"]).read_bytes())
+            except OSError:
+                got = None
+            if got is None:
+                counts["rows_image_unreadable"] += 1
+                counts["rows_exported"] -= 1
+                counts["regions_exported"] -= len(regions)
+                counts["regions_missing"] += len(regions)
+                continue
+            counts["images_reencoded"] += int(got[1])
+            # Bytes only, no path: datasets stores a path instead of the bytes whenever
+            # that path names a file in the current folder (an export run from the images' folder).
+            image = {"bytes": got[0], "path": None}
         yield {"id": str(rec.get("id")), "index": int(rec.get("index") or 0), "image": image, "image_path": path,
                "image_size": list(rec.get("image_size") or []), "input_size": list(rec.get("input_size") or []),
                "status": str(rec.get("status")), "regions": regions}
@@ -166,7 +271,11 @@ def export_dataset(run_dir: Path, out: Path, fmt: str, *, images: str = "embed",
     records_file = _records_file(run_dir)
     settings = run_settings(run_dir)
     key = references_key if references_key is not None else settings["references_key"]
-    work = Path(tempfile.mkdtemp(prefix="regioncap-export-"))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out)
+    work, tmp = _beside(out, "work"), _beside(out, "tmp")
+    work.mkdir()
     try:
         counts_file = work / "counts.json"
         features = _features(images)
@@ -174,18 +283,25 @@ def export_dataset(run_dir: Path, out: Path, fmt: str, *, images: str = "embed",
             ds = datasets.Dataset.from_generator(
                 _hf_rows, features=features, cache_dir=str(work / "cache"),
                 gen_kwargs={"records_file": str(records_file), "references_key": key, "images": images,
-                            "counts_file": str(counts_file)})
+                            "counts_file": str(counts_file),
+                            # One string, not a list: datasets splits list arguments into shards.
+                            "bases": json.dumps([str(b) for b in settings["image_bases"]])})
         except ValueError:
             counts = Counter(json.loads(counts_file.read_text())) if counts_file.is_file() else Counter()
             if counts["rows_exported"]:
                 raise
             raise NothingToExport(dict(counts)) from None
         counts = Counter(json.loads(counts_file.read_text())) if counts_file.is_file() else Counter()
+        if not counts["rows_exported"]:
+            raise NothingToExport(dict(counts))
         if fmt == "hf":
-            ds.save_to_disk(str(out))
+            ds.save_to_disk(str(tmp))
         else:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            ds.to_parquet(str(out))
+            ds.to_parquet(str(tmp))
+        failpoint("export.before_rename")
+        if fmt == "hf" and out.is_dir():
+            out.rmdir()  # an empty folder (main() refuses a non-empty one)
+        os.replace(tmp, out)
         if push_to_hub:
             try:
                 ds.push_to_hub(push_to_hub)
@@ -198,7 +314,42 @@ def export_dataset(run_dir: Path, out: Path, fmt: str, *, images: str = "embed",
             counts["pushed_to"] = push_to_hub  # type: ignore[assignment]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        _remove(tmp)
     return dict(counts)
+
+
+def _beside(out: Path, what: str, pid: Optional[int] = None) -> Path:
+    """``DIR/.NAME.WHAT-PID``: a work path beside ``out``, on its file system (so the rename is atomic)."""
+    return out.with_name(f".{out.name}.{what}-{os.getpid() if pid is None else pid}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove what a killed export to ``out`` left beside it (its process is gone)."""
+    for what in ("work", "tmp"):
+        for path in out.parent.glob(f".{out.name}.{what}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                _remove(path)
 
 
 # ------------------------------------------------------------------ conversations
@@ -228,16 +379,32 @@ def export_conversations(run_dir: Path, out: Path, *, references_key: Optional[s
     key = references_key if references_key is not None else settings["references_key"]
     family = family or settings["family"]
     counts: Counter = Counter()
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    _remove_stale(out)
+    tmp = _beside(out, "tmp")
+    try:
+        _write_conversations(tmp, records_file, key, family, settings["image_bases"], counts)
+        if not counts["lines"]:
+            raise NothingToExport(dict(counts))
+        failpoint("export.before_rename")
+        os.replace(tmp, out)
+    finally:
+        _remove(tmp)
+    return dict(counts)
+
+
+def _write_conversations(tmp: Path, records_file: Path, key: Optional[str], family: str, bases: Sequence[Path],
+                         counts: Counter) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
-        for rec, regions in exportable(read_jsonl(records_file), key, counts):
+        for rec, regions in exportable(read_jsonl(records_file), key, counts, bases):
+            failpoint("export.row")
             for reg in regions:
                 if len(reg["input_bbox"]) != 4 or len(rec.get("input_size") or []) != 2:
                     counts["regions_without_input_box"] += 1
                     continue
                 coords, box_text = grounding(reg, rec, family)
-                image = rec["image_path"]
+                image = rec["resolved_image"]
                 line = {
                     "id": f"{rec.get('id')}/{reg['id']}", "row_id": rec.get("id"), "region_id": reg["id"],
                     "image": image, "image_size": rec.get("image_size"), "input_size": rec.get("input_size"),
@@ -251,11 +418,6 @@ def export_conversations(run_dir: Path, out: Path, *, references_key: Optional[s
                 }
                 fh.write(dumps(line) + "\n")
                 counts["lines"] += 1
-    if not counts["lines"]:
-        tmp.unlink()
-        raise NothingToExport(dict(counts))
-    os.replace(tmp, out)
-    return dict(counts)
 
 
 # ------------------------------------------------------------------ CLI
@@ -266,6 +428,10 @@ def summary(counts: Dict[str, Any], fmt: str, out: Path) -> str:
             + (f", {c['lines']} conversation lines" if fmt == "conversations" else "")
             + f"; left out: {c['rows_error']} error rows, {c['rows_without_captions']} rows without a caption, "
               f"{c['rows_image_missing']} rows whose image is gone, {c['regions_missing']} regions without a caption")
+    if c["rows_image_unreadable"]:
+        text += f", {c['rows_image_unreadable']} rows whose image cannot be decoded"
+    if c["images_reencoded"]:
+        text += f"; {c['images_reencoded']} images re-encoded as PNG (their file did not decode in full)"
     if c["regions_without_input_box"]:
         text += f", {c['regions_without_input_box']} regions without a model-input box"
     if counts.get("pushed_to"):

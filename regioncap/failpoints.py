@@ -8,7 +8,8 @@ way a scheduler's polite stop arrives; the stage's handler takes it from there).
 
 Points: ``visualize.before_commit``, ``visualize.mid_line`` (half of the
 batch's last line is written, then the process dies), ``visualize.after_commit``
-and the same three for ``caption``.
+and the same three for ``caption``; ``export.row`` (each row an export builds) and
+``export.before_rename`` (the export is written beside its final path, not yet moved there).
 
 The variable is read once, at import: with it unset a point costs one
 comparison. Tests only; nothing else sets it.
@@ -23,7 +24,7 @@ from typing import Callable, Optional, Tuple
 
 ENV = "REGIONCAP_FAILPOINT"
 POINTS = tuple(f"{stage}.{when}" for stage in ("visualize", "caption")
-               for when in ("before_commit", "mid_line", "after_commit"))
+               for when in ("before_commit", "mid_line", "after_commit")) + ("export.row", "export.before_rename")
 
 
 def _parse(spec: Optional[str]) -> Optional[Tuple[str, int, str]]:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from regioncap.loggers import RunLogger, build_logger
 from regioncap.manifest import (
-    config_to_dict, mask_hydra_dir, redact, redact_override, secret_values, try_write_manifest,
+    config_to_dict, mask_hydra_dir, redact, redact_override, try_write_manifest,
 )
 from regioncap.errors import RunError
 from regioncap.run import RegionCapRun, build_run
@@ -123,16 +123,17 @@ def execute(cfg: Any) -> Dict[str, Any]:
 def _mask_hydra_files(cfg: Any) -> None:
     """Hydra writes ``.hydra/*.yaml`` verbatim before the job starts: mask any value
     given to a secret-named key there (keys belong in the environment)."""
+    from regioncap.redaction import config_secrets, install_log_filter
+
     hc = _hydra()
+    secrets = config_secrets(cfg, [*hc.overrides.task, *hc.overrides.hydra] if hc is not None else [])
+    install_log_filter(secrets)  # every record the job logs (console, regioncap.log), masked
     if hc is None or not hc.output_subdir:
-        return
-    secrets = secret_values(config_to_dict(cfg)[0], [*hc.overrides.task, *hc.overrides.hydra])
-    if not secrets:
         return
     hydra_dir = Path(hc.runtime.output_dir) / str(hc.output_subdir)
     try:
         changed = mask_hydra_dir(hydra_dir, secrets)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         log.warning("could not mask secrets in %s: %s", hydra_dir, exc)
         return
     if changed:
@@ -297,4 +298,6 @@ def tracking_group(cfg: Any) -> Optional[str]:
 
 def config_dict(cfg: Any) -> Dict[str, Any]:
     """The composed config as plain data for a tracker: resolved where it resolves, secrets masked."""
-    return redact(config_to_dict(cfg)[0])
+    from regioncap.redaction import config_secrets
+
+    return redact(config_to_dict(cfg)[0], config_secrets(cfg, job_overrides()))

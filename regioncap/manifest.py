@@ -52,7 +52,7 @@ SECRET_NAME_PATTERNS: Tuple[str, ...] = (
 #: environment variable (``api_key_env``), column names (``image_key``...),
 #: token counts (``max_tokens``), tokenizer settings.
 NON_SECRET_NAMES: frozenset = frozenset({
-    "api_key_env", "image_key", "bbox_key", "id_key", "references_key", "sort_key",
+    "api_key_env", "api_key_set", "image_key", "bbox_key", "id_key", "references_key", "sort_key",
     "max_tokens", "min_tokens", "max_new_tokens", "prompt_tokens", "output_tokens",
 })
 NON_SECRET_PATTERNS: Tuple[str, ...] = ("*_env", "*_tokens", "tokenizer*", "skip_tokenizer_init")
@@ -74,33 +74,74 @@ def is_secret_name(name: str) -> bool:
     return any(fnmatch.fnmatchcase(last, p) for p in SECRET_NAME_PATTERNS)
 
 
-_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
-_URL_QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s]+)=(?P<value>[^&#\s]*)")
+_URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/@\s'\"]+)@")
+_URL_QUERY_PARAM = re.compile(r"(?P<sep>[?&])(?P<name>[^=&#\s'\"]+)=(?P<value>[^&#\s'\"]*)")
+#: ``name=value`` in free text (an override, a log line): a quoted value is one value.
+_ASSIGNMENT = re.compile(
+    r"(?P<pre>^|[\s,;(\[{'\"])(?P<name>[+~]*[A-Za-z_][\w.@-]*)=(?P<value>'[^']*'|\"[^\"]*\"|[^\s,;'\"?&]*)")
+#: Known secret values shorter than this are not searched for in free text (they would mask common words).
+MIN_SECRET_LEN = 3
 
 
-def redact_string(text: str) -> str:
-    """``text`` with URL credentials (``user:pass@``) and secret-named query parameters masked."""
+def redact_string(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every secret masked: URL credentials (``user:pass@``),
+    secret-named query parameters (``?api_key=...``) and ``name=value`` pairs
+    (``engine.api_token='...'``), and each of the known ``secrets`` wherever it occurs.
+
+    The one redaction of free text: log records, overrides, command lines and
+    every string of a structure passed to :func:`redact` go through it.
+    """
+    if not isinstance(text, str):
+        return text
+    for secret in secrets:
+        if secret and len(secret) >= MIN_SECRET_LEN and secret in text:
+            text = text.replace(secret, REDACTED)
     if "://" not in text and "=" not in text:
         return text
-    text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
-    if "?" in text:
+    if "://" in text:
+        text = _URL_USERINFO.sub(lambda m: f"{m.group('scheme')}{REDACTED}@", text)
+    if "=" in text:
         text = _URL_QUERY_PARAM.sub(
             lambda m: f"{m.group('sep')}{m.group('name')}={REDACTED}" if is_secret_name(m.group("name")) else m.group(0),
+            text)
+        text = _ASSIGNMENT.sub(
+            lambda m: (f"{m.group('pre')}{m.group('name')}={REDACTED}"
+                       if m.group("value") not in ("", REDACTED) and is_secret_name(override_key(m.group("name")))
+                       else m.group(0)),
             text)
     return text
 
 
-def redact(value: Any) -> Any:
-    """A copy of ``value`` (JSON-like) with every secret-named key's value masked (see :func:`is_secret_name`)."""
+def string_secrets(text: str) -> List[str]:
+    """The secret parts of URLs in ``text``: the ``user:pass`` of ``scheme://user:pass@`` (and the
+    password alone) and the values of secret-named query parameters."""
+    found: List[str] = []
+    if not isinstance(text, str) or ("://" not in text and "=" not in text):
+        return found
+    for m in _URL_USERINFO.finditer(text):
+        userinfo = m.group("userinfo")
+        found.append(userinfo)
+        if ":" in userinfo:
+            found.append(userinfo.split(":", 1)[1])
+    for m in _URL_QUERY_PARAM.finditer(text):
+        if m.group("value") and is_secret_name(m.group("name")):
+            found.append(m.group("value"))
+    return [f for f in found if len(f) >= MIN_SECRET_LEN and f != REDACTED]
+
+
+def redact(value: Any, secrets: Iterable[str] = ()) -> Any:
+    """A copy of ``value`` (JSON-like) with every secret-named key's value masked (see
+    :func:`is_secret_name`) and every string passed through :func:`redact_string`."""
+    secrets = tuple(secrets)
     if isinstance(value, Mapping):
         out = {}
         for k, v in value.items():
-            out[k] = (REDACTED if v is not None else None) if is_secret_name(str(k)) else redact(v)
+            out[k] = (REDACTED if v is not None else None) if is_secret_name(str(k)) else redact(v, secrets)
         return out
     if isinstance(value, (list, tuple)):
-        return [redact(v) for v in value]
+        return [redact(v, secrets) for v in value]
     if isinstance(value, str):
-        return redact_string(value)
+        return redact_string(value, secrets)
     return value
 
 
@@ -140,24 +181,54 @@ def secret_values(config: Any, overrides: Iterable[str] = ()) -> List[str]:
         key, sep, value = override.partition("=")
         if sep and value and value != REDACTED and is_secret_name(override_key(override).rsplit(".", 1)[-1]):
             found.append(value.strip("'\""))
-    return sorted(set(found), key=len, reverse=True)
+        found.extend(string_secrets(override))
+
+    def urls(node: Any) -> None:
+        if isinstance(node, Mapping):
+            for value in node.values():
+                urls(value)
+        elif isinstance(node, (list, tuple)):
+            for item in node:
+                urls(item)
+        elif isinstance(node, str):
+            found.extend(string_secrets(node))
+
+    urls(config)
+    return sorted({f for f in found if len(f) >= MIN_SECRET_LEN and f != REDACTED}, key=len, reverse=True)
 
 
-def mask_hydra_dir(hydra_dir: Path, secrets: Sequence[str]) -> List[str]:
-    """Replace each secret in Hydra's own files (``.hydra/*.yaml``, written verbatim
-    before the job starts) with :data:`REDACTED`; returns the files changed."""
-    changed = []
-    for path in sorted(Path(hydra_dir).glob("*.yaml")):
-        text = path.read_text(encoding="utf-8")
-        masked = text
-        for secret in secrets:
-            masked = masked.replace(secret, REDACTED)
-        if masked != text:
-            tmp = path.with_suffix(".yaml.tmp")
-            tmp.write_text(masked, encoding="utf-8")
-            os.replace(tmp, path)
-            changed.append(path.name)
-    return changed
+def mask_yaml_file(path: Path, secrets: Sequence[str] = ()) -> bool:
+    """Mask a YAML file in place: parse it, :func:`redact` the structure, dump it again.
+
+    Masking the parsed values (not the text) is what makes it hold: YAML folds a
+    long value over lines, quotes it, or escapes it, and a text search for the
+    secret then misses it. Written atomically; returns whether the file changed.
+    """
+    import yaml
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:  # not YAML after all: mask the text as free text
+        out = redact_string(text, secrets)
+    else:
+        masked = redact(data, secrets)
+        if masked == data:
+            return False
+        out = yaml.safe_dump(masked, sort_keys=False, allow_unicode=True, width=10**9)
+    if out == text:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(out, encoding="utf-8")
+    os.replace(tmp, path)
+    return True
+
+
+def mask_hydra_dir(hydra_dir: Path, secrets: Sequence[str] = ()) -> List[str]:
+    """Mask every secret in Hydra's own files (``.hydra/*.yaml``, written verbatim
+    before the job starts; see :func:`mask_yaml_file`); returns the files changed."""
+    return [path.name for path in sorted(Path(hydra_dir).glob("*.yaml")) if mask_yaml_file(path, secrets)]
 
 
 def config_to_dict(cfg: Any) -> Tuple[Dict[str, Any], bool]:

@@ -311,6 +311,10 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
     check_requirements(cfg)
     if "visualize" in cfg.stages:
         check_data(cfg)
+    if "caption" in cfg.stages:
+        from regioncap.engines import preflight
+
+        preflight(cfg.engine, cfg.model)  # a server that is not there fails now, not after the images
     model_path = None
     try:
         if "caption" in cfg.stages and engine_capability(cfg.engine, "needs_model_path"):

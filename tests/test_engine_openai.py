@@ -48,6 +48,8 @@ class ServerState:
     max_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     stop: threading.Event = field(default_factory=threading.Event)
+    #: What ``GET /v1/models`` lists.
+    models: List[str] = field(default_factory=lambda: ["tiny", "org/model"])
 
 
 def _completion(text: str, prompt_tokens: int = 11, completion_tokens: int = 3) -> bytes:
@@ -87,6 +89,13 @@ def make_handler(state: ServerState) -> type:
                 self.wfile.write(body)
             except OSError:
                 pass
+
+        def do_GET(self) -> None:  # noqa: N802 - the models list the engine's preflight reads
+            if self.path.rstrip("/").endswith("/models"):
+                models = [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in state.models]
+                self._send(200, json.dumps({"object": "list", "data": models}).encode())
+            else:
+                self._send(404, b'{"error": {"message": "not found"}}')
 
         def do_POST(self) -> None:  # noqa: N802 (http.server API)
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -129,6 +138,43 @@ def make_handler(state: ServerState) -> type:
             elif mode == "hang":
                 state.stop.wait(5.0)
                 self._send(200, _completion(prompt))
+            elif mode in ("drip", "drip-head"):
+                # One byte every 0.2 s (bounded: 60 bytes, or until the test ends): every
+                # read succeeds well within any per-read timeout, the whole never ends in time.
+                body = _completion(prompt)
+                head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {len(body)}\r\n\r\n").encode()
+                data = head + body
+                if mode == "drip":
+                    self.wfile.write(head[:-1])
+                    self.wfile.flush()
+                    data = head[-1:] + body
+                for b in data[:60]:
+                    if state.stop.wait(0.2):
+                        break
+                    try:
+                        self.wfile.write(bytes([b]))
+                        self.wfile.flush()
+                    except OSError:
+                        break
+                self.close_connection = True
+            elif mode == "malformed":
+                # A 200 whose answer is typed wrong everywhere a server can get it wrong.
+                doc = json.loads(_completion("x"))
+                doc["choices"][0]["message"]["content"] = "caption \udc80 with a lone surrogate"
+                doc["choices"][0]["finish_reason"] = 7
+                doc["usage"] = {"prompt_tokens": "12", "completion_tokens": "lots", "total_tokens": [1]}
+                self._send(200, json.dumps(doc).encode())
+            elif mode == "malformed-usage":
+                doc = json.loads(_completion("y"))
+                doc["usage"] = "not an object"
+                doc["choices"][0]["message"]["content"] = "\ud800"
+                self._send(200, json.dumps(doc).encode())
+            elif mode == "deepjson":  # an answer nested 100,000 deep: the JSON parser's recursion limit
+                body = _completion("d")
+                self._send(200, body[:-1] + b', "extra": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+            elif mode == "hugecount":
+                self._send(200, _completion("z").replace(b'"prompt_tokens": 11', b'"prompt_tokens": ' + b"9" * 5000))
             elif mode == "badjson":
                 self._send(200, b'{"choices": [ this is not json')
             elif mode in ("drop", "drop-once") and (mode == "drop" or n == 1):
@@ -334,18 +380,97 @@ def test_missing_key_sends_empty(fault_server, images, monkeypatch):
     assert eng.describe()["api_key_set"] is False
 
 
-def test_unreachable_server_gives_error_rows(images, monkeypatch):
+def _dead_port() -> int:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    eng = make_engine(f"http://127.0.0.1:{port}/v1", monkeypatch, max_retries=1)
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_fails_the_preflight(monkeypatch):
+    from regioncap.engines.base import EngineError
+
+    base_url = f"http://127.0.0.1:{_dead_port()}/v1"
+    with pytest.raises(EngineError) as info:
+        make_engine(base_url, monkeypatch)
+    assert base_url in str(info.value) and "cannot connect" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_unreachable_server_stops_after_the_first_batch(images, monkeypatch):
+    """Without the preflight, a first batch that never reaches the server raises one
+    EngineError naming base_url: no retries, no file of connection-error rows."""
+    from regioncap.engines.base import EngineError
+    from regioncap.errors import RunError
+
+    base_url = f"http://127.0.0.1:{_dead_port()}/v1"
+    eng = make_engine(base_url, monkeypatch, max_retries=5, backoff_s=1.0, preflight=False)
     t0 = time.monotonic()
-    out = eng.generate([req(str(i), "ok", images["jpg"]) for i in range(3)])
+    with pytest.raises(EngineError) as info:
+        eng.generate([req(str(i), "ok", images["jpg"]) for i in range(3)])
     eng.close()
-    assert time.monotonic() - t0 < 5
-    assert [r.key for r in out] == ["0", "1", "2"]
-    assert all(r.error["kind"] == "connection_error" for r in out)
-    assert all(SECRET not in r.error["message"] for r in out)
+    # Five retries with 1 s backoff would take ~31 s; the first connection refusal ends it.
+    assert time.monotonic() - t0 < 10
+    assert isinstance(info.value, RunError)  # the job reports it as one line, exit 1
+    assert base_url in str(info.value) and "all 3 requests" in str(info.value)
+    assert SECRET not in str(info.value)
+
+
+def test_preflight_names_the_models_the_server_serves(fault_server, monkeypatch):
+    from regioncap.engines.base import EngineError
+    from regioncap.engines.openai_engine import OpenAIEngine
+
+    base_url, _ = fault_server
+    with pytest.raises(EngineError) as info:
+        make_engine(base_url, monkeypatch, served_model="not-served")
+    msg = str(info.value)
+    assert base_url in msg and "'not-served'" in msg and "tiny" in msg and "org/model" in msg
+    # What a run calls before its first row: passes for a served model, names the cause otherwise.
+    from regioncap.config import FakeEngineConfig
+    from regioncap.engines import preflight
+
+    cfg = OpenAIEngineConfig(base_url=base_url, api_key_env=KEY_ENV, served_model="tiny")
+    OpenAIEngine.preflight(cfg, ModelConfig(name="tiny", path="tiny"))
+    preflight(cfg, ModelConfig(name="tiny", path="tiny"))
+    preflight(FakeEngineConfig(), ModelConfig(name="tiny", path="tiny"))  # nothing to check
+    cfg.served_model = "other"
+    with pytest.raises(EngineError, match="does not serve model 'other'"):
+        preflight(cfg, ModelConfig(name="tiny", path="tiny"))
+
+
+@pytest.mark.parametrize("mode", ["drip", "drip-head"])
+def test_timeout_is_a_deadline_for_a_slow_drip_server(fault_server, images, monkeypatch, mode):
+    """A server sending one byte every 0.2 s never trips a per-read timeout; the
+    deadline ends the request as a timeout error (it took 47 s for a 3 s timeout)."""
+    base_url, state = fault_server
+    eng = make_engine(base_url, monkeypatch, timeout_s=1.0, max_retries=0)
+    t0 = time.monotonic()
+    with eng:
+        (r,) = eng.generate([req("slow", f"{mode}#1", images["jpg"])])
+    elapsed = time.monotonic() - t0
+    assert not r.ok and r.error["kind"] == "timeout", r.error
+    assert state.hits[f"{mode}#1"] == 1
+    assert elapsed < 4.0  # the drip alone lasts 60 x 0.2 = 12 s
+
+
+def test_malformed_answers_become_typed_values(fault_server, images, monkeypatch):
+    """Usage as strings or junk, a lone surrogate in the text, a 5000-digit count,
+    a number as finish_reason: each answer is a response with typed fields."""
+    base_url, _ = fault_server
+    eng = make_engine(base_url, monkeypatch, max_retries=0)
+    with eng:
+        a, b, c, d, e = eng.generate([
+            req("a", "malformed#1", images["jpg"]), req("b", "malformed-usage#1", images["jpg"]),
+            req("c", "hugecount#1", images["jpg"]), req("d", "deepjson#1", images["jpg"]),
+            req("e", "ok#after", images["jpg"])])
+    assert a.ok and a.text == "caption \ufffd with a lone surrogate"
+    a.text.encode("utf-8")
+    assert (a.prompt_tokens, a.output_tokens, a.finish_reason) == (12, None, None)
+    assert b.ok and b.text == "\ufffd" and (b.prompt_tokens, b.output_tokens) == (None, None)
+    # A 5000-digit count (past Python's int-string limit) and JSON nested 100,000 deep
+    # do not parse: each is that request's bad_response error, never a crash.
+    assert c.error["kind"] == "bad_response" and "digits" in c.error["message"], c
+    assert d.error["kind"] == "bad_response" and "Recursion" in d.error["message"], d
+    assert e.ok  # and the engine goes on
 
 
 def test_closed_engine_raises(fault_server, images, monkeypatch):
@@ -418,3 +543,25 @@ def test_vllm_server_errors_and_structured_outputs(vllm_server, tiny_images, mon
 
     assert out[1].ok, out[1].error
     assert re.fullmatch(regex, out[1].text), repr(out[1].text)
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("preflight", [True, False])
+def test_a_dead_server_stops_the_run_with_one_error(tmp_path, preflight):
+    """Through the CLI: no server at base_url ends the run at once with one error naming it,
+    with the preflight (the engine's start) or without (the first batch), not 6 tries per row."""
+    from conftest import run_cli
+
+    base_url = f"http://127.0.0.1:{_dead_port()}/v1"
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    proc = run_cli([f"hydra.run.dir={out}", "engine=openai", f"engine.base_url={base_url}", "engine.served_model=m",
+                    f"engine.preflight={str(preflight).lower()}", "engine.backoff_s=2", "workers=0"],
+                   cwd=tmp_path, timeout=240)
+    elapsed = time.monotonic() - t0
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    errors = [line for line in log.splitlines() if "[ERROR]" in line]
+    assert len(errors) == 1 and base_url in errors[0] and "cannot connect" in errors[0], errors
+    assert "Traceback" not in log
+    assert elapsed < 120  # 5 retries with 2 s backoff per row would be over a minute of waiting alone

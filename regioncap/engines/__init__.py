@@ -6,7 +6,9 @@ import importlib
 import importlib.util
 from typing import Any, List, Optional, Sequence
 
-from regioncap.engines.base import Engine, EngineError, Request, Response, Sampling, error_response
+from regioncap.engines.base import (
+    Engine, EngineError, EngineInfo, Request, Response, Sampling, error_response, make_response, validate_answer,
+)
 
 #: name -> "module:Class"; modules are imported only when that engine is picked.
 ENGINES = {
@@ -103,8 +105,23 @@ def build_engine(engine_cfg: Any, model_cfg: Any, model_path: str | None) -> Eng
     return cls(model_cfg=model_cfg, engine_cfg=engine_cfg, model_path=model_path)
 
 
+def preflight(engine_cfg: Any, model_cfg: Any) -> None:
+    """Check, before the first row, what can be checked of the engine without loading a model.
+
+    ``engine=openai`` (with ``engine.preflight``): the server at ``base_url``
+    answers ``GET /models`` and serves the model (see ``OpenAIEngine.check``).
+    Other engines: nothing here (their model path is resolved before the run).
+    Raises :class:`EngineError` (a ``RunError``) with a message naming the cause.
+    """
+    if str(engine_cfg.name) != "openai" or not getattr(engine_cfg, "preflight", True):
+        return
+    from regioncap.engines.openai_engine import OpenAIEngine
+
+    OpenAIEngine.preflight(engine_cfg, model_cfg)
+
+
 __all__ = [
-    "ENGINES", "Engine", "EngineError", "Request", "Response", "Sampling",
-    "build_engine", "check_requirements", "engine_capability", "engine_class", "error_response",
-    "missing_modules", "resolve_engine_name",
+    "ENGINES", "Engine", "EngineError", "EngineInfo", "Request", "Response", "Sampling", "build_engine",
+    "check_requirements", "engine_capability", "engine_class", "error_response", "make_response",
+    "missing_modules", "preflight", "resolve_engine_name", "validate_answer",
 ]

@@ -14,12 +14,19 @@ the engine that needs them.
 from __future__ import annotations
 
 import abc
+import math
+import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from regioncap.errors import RunError
 
 
-class EngineError(RuntimeError):
-    """The engine as a whole cannot go on (bad model path, server unreachable...)."""
+class EngineError(RunError):
+    """The engine as a whole cannot go on (bad model path, server unreachable...).
+
+    A :class:`~regioncap.errors.RunError`: wherever it surfaces (engine start,
+    a batch), the job reports it as one line and exits non-zero."""
 
 
 @dataclass
@@ -53,8 +60,120 @@ class Request:
     meta: Dict[str, Any] = field(default_factory=dict)
 
 
+#: Largest token count kept (int64); anything above is not a count, it is junk.
+MAX_COUNT = 2**63 - 1
+#: Longest ``finish_reason`` / error kind kept (they are short words).
+_MAX_WORD = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_DIGITS = re.compile(r"\+?[0-9]{1,19}")
+
+
+def clean_text(value: str) -> str:
+    """``value`` with each lone surrogate replaced by U+FFFD (a str that can be UTF-8 encoded)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", value)
+    return value
+
+
+def as_count(value: Any) -> Optional[int]:
+    """A token count as an ``int >= 0``, or None for anything that is not one.
+
+    Ints and integral finite floats are kept; a string of digits (``"12"``, as
+    some servers send) is read; negative, huge, fractional, boolean and any
+    other value give None. Never raises.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value <= MAX_COUNT else None
+    if isinstance(value, float):
+        if math.isfinite(value) and value.is_integer() and 0 <= value <= MAX_COUNT:
+            return int(value)
+        return None
+    if isinstance(value, (str, bytes)):
+        text = value.decode("ascii", "replace") if isinstance(value, bytes) else value
+        text = text.strip()
+        if len(text) <= 20 and _DIGITS.fullmatch(text):
+            n = int(text)
+            return n if n <= MAX_COUNT else None
+    return None
+
+
+def as_seconds(value: Any) -> Optional[float]:
+    """A duration as a finite ``float >= 0``, or None. Never raises."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        f = float(value)
+    except (OverflowError, ValueError):
+        return None
+    return f if math.isfinite(f) and f >= 0 else None
+
+
+def as_word(value: Any) -> Optional[str]:
+    """A short label (``finish_reason``) as a clean str, or None when it is not a str."""
+    if not isinstance(value, str):
+        return None
+    return clean_text(value[:_MAX_WORD])
+
+
+def _as_error(value: Any) -> Optional[Dict[str, str]]:
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        kind, message = value.get("kind"), value.get("message")
+    else:
+        kind, message = None, value
+    kind = as_word(kind) or "engine_error"
+    if not isinstance(message, str):
+        message = f"(an error of type {type(message).__name__})"
+    return {"kind": kind, "message": clean_text(message)}
+
+
+def validate_answer(
+    *,
+    text: Any = None,
+    error: Any = None,
+    prompt_tokens: Any = None,
+    output_tokens: Any = None,
+    latency_s: Any = None,
+    finish_reason: Any = None,
+) -> Dict[str, Any]:
+    """The one place an engine's answer becomes typed values; never raises.
+
+    ``text``: a str (lone surrogates replaced by U+FFFD; bytes decoded as
+    UTF-8) or None; any other value is not an answer and becomes a
+    ``bad_response`` error. ``error``: ``{"kind": str, "message": str}`` or
+    None. Token counts: ``int >= 0`` or None (see :func:`as_count`).
+    ``latency_s``: finite ``float >= 0`` or None. ``finish_reason``: str or None.
+    """
+    err = _as_error(error)
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    if isinstance(text, str):
+        text = clean_text(text)
+    elif text is not None:
+        if err is None:
+            err = {"kind": "bad_response", "message": f"answer text is a {type(text).__name__}, not a string"}
+        text = None
+    return {
+        "text": text,
+        "error": err,
+        "prompt_tokens": as_count(prompt_tokens),
+        "output_tokens": as_count(output_tokens),
+        "latency_s": as_seconds(latency_s),
+        "finish_reason": as_word(finish_reason),
+    }
+
+
 @dataclass
 class Response:
+    """One engine answer. Every field is checked on construction by
+    :func:`validate_answer`, so whatever an engine passes in, what the pipeline
+    reads is typed: ``text`` a str or None, counts ``int >= 0`` or None..."""
+
     key: str
     text: Optional[str] = None
     #: ``{"kind": ..., "message": ...}`` when the request failed.
@@ -65,13 +184,42 @@ class Response:
     latency_s: Optional[float] = None
     finish_reason: Optional[str] = None
 
+    def __post_init__(self) -> None:
+        self.key = clean_text(self.key) if isinstance(self.key, str) else str(self.key)
+        for name, value in validate_answer(
+            text=self.text, error=self.error, prompt_tokens=self.prompt_tokens,
+            output_tokens=self.output_tokens, latency_s=self.latency_s, finish_reason=self.finish_reason,
+        ).items():
+            setattr(self, name, value)
+
     @property
     def ok(self) -> bool:
         return self.error is None and self.text is not None
 
 
+def make_response(key: str, **answer: Any) -> Response:
+    """Build a :class:`Response` from raw answer values (what a server or model gave),
+    through :func:`validate_answer`. Engines call this (or ``error_response``)."""
+    return Response(key=key, **validate_answer(**answer))
+
+
 def error_response(key: str, kind: str, message: str, **kw: Any) -> Response:
-    return Response(key=key, error={"kind": kind, "message": message}, **kw)
+    return make_response(key, error={"kind": kind, "message": message}, **kw)
+
+
+class EngineInfo(dict):
+    """What ``Engine.describe()`` returns: a plain dict (for the manifest) that
+    prints as one readable line: ``openai base_url=... model=... concurrency=8``."""
+
+    def __str__(self) -> str:
+        parts = [str(self.get("engine", "engine"))]
+        for k, v in self.items():
+            if k == "engine" or v is None or isinstance(v, (dict, list, tuple)):
+                continue
+            if isinstance(v, str) and any(c.isspace() for c in v):
+                continue  # sentences belong in the manifest, not in the one-line summary
+            parts.append(f"{k}={v}")
+        return " ".join(parts)
 
 
 class Engine(abc.ABC):
@@ -105,8 +253,9 @@ class Engine(abc.ABC):
         """Release the model / connections. Safe to call twice."""
 
     def describe(self) -> Dict[str, Any]:
-        """What was built, for the log and the run manifest."""
-        return {"engine": self.name}
+        """What was built, for the log and the run manifest (an :class:`EngineInfo`:
+        a dict that prints as one line)."""
+        return EngineInfo(engine=self.name)
 
     def __enter__(self) -> "Engine":
         return self

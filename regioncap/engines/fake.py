@@ -14,7 +14,7 @@ from typing import Any, List, Sequence
 
 from PIL import Image
 
-from regioncap.engines.base import Engine, Request, Response, error_response
+from regioncap.engines.base import Engine, EngineInfo, Request, Response, error_response, make_response
 
 
 class FakeEngine(Engine):
@@ -26,6 +26,9 @@ class FakeEngine(Engine):
         self.answer_on_reask = bool(engine_cfg.answer_on_reask)
         self.fail_keys = list(engine_cfg.fail_keys or [])
         self.calls: List[int] = []
+
+    def describe(self) -> EngineInfo:
+        return EngineInfo(engine=self.name, fail_keys=",".join(self.fail_keys) or None)
 
     def generate(self, requests: Sequence[Request]) -> List[Response]:
         self.calls.append(len(requests))
@@ -60,7 +63,7 @@ class FakeEngine(Engine):
             text = " ".join(f"In <region{n}>, {c}." for n, c in captions.items())
         else:
             text = "\n".join(f"{n}: {c}" for n, c in captions.items())
-        return Response(
+        return make_response(
             key=req.key, text=text, prompt_tokens=len(req.prompt.split()) + (w // 28) * (h // 28),
             output_tokens=len(text.split()), latency_s=time.perf_counter() - start, finish_reason="stop",
         )

@@ -30,9 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
-from regioncap.engines.base import Engine, EngineError, Request, Response, error_response
+from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
 
 log = logging.getLogger(__name__)
+
+#: The HTTP client libraries log one INFO line per request; a run sends thousands.
+QUIET_LOGGERS = ("httpx", "httpcore", "httpx2", "httpcore2", "openai")
 
 #: Used when the key variable is unset: local servers (``vllm serve``) accept any key.
 NO_KEY = "EMPTY"
@@ -109,6 +112,95 @@ def _redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
+# ------------------------------------------------------------ per-request deadline
+#: The wall-clock deadline (``time.monotonic()``) of the HTTP call made by this thread, or None.
+_deadline = threading.local()
+
+
+def _remaining(timeout: Optional[float], expired: type) -> Optional[float]:
+    """The socket timeout for the next network operation: the library's own
+    per-operation ``timeout``, cut to what is left of this thread's deadline.
+    Raises ``expired`` (the HTTP core library's ``ReadTimeout``) once it has passed."""
+    end = getattr(_deadline, "end", None)
+    if end is None:
+        return timeout
+    left = end - time.monotonic()
+    if left <= 0:
+        raise expired("the request's deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream:
+    """An httpcore network stream whose every read, write and TLS handshake waits
+    at most until the calling thread's deadline (see :func:`_remaining`)."""
+
+    def __init__(self, stream: Any, expired: type) -> None:
+        self._stream = stream
+        self._expired = expired
+
+    def read(self, max_bytes: int, timeout: Optional[float] = None) -> bytes:
+        return self._stream.read(max_bytes, _remaining(timeout, self._expired))
+
+    def write(self, buffer: bytes, timeout: Optional[float] = None) -> None:
+        self._stream.write(buffer, _remaining(timeout, self._expired))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: Optional[str] = None,
+                  timeout: Optional[float] = None) -> "_DeadlineStream":
+        stream = self._stream.start_tls(ssl_context, server_hostname, _remaining(timeout, self._expired))
+        return _DeadlineStream(stream, self._expired)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
+class _DeadlineBackend:
+    """httpcore's network backend with :class:`_DeadlineStream` connections.
+
+    httpx's timeouts bound each socket operation, not the request: a server
+    that sends one byte a second never trips a 3 s read timeout. Bounding every
+    operation by what is left of the deadline makes ``timeout_s`` a deadline
+    for the whole HTTP exchange (connect, headers, body)."""
+
+    def __init__(self, backend: Any, expired: type) -> None:
+        self._backend = backend
+        self._expired = expired
+
+    def connect_tcp(self, host: str, port: int, timeout: Optional[float] = None, local_address: Optional[str] = None,
+                    socket_options: Any = None) -> _DeadlineStream:
+        stream = self._backend.connect_tcp(host, port, _remaining(timeout, self._expired), local_address, socket_options)
+        return _DeadlineStream(stream, self._expired)
+
+    def connect_unix_socket(self, path: str, timeout: Optional[float] = None, socket_options: Any = None) -> Any:
+        stream = self._backend.connect_unix_socket(path, _remaining(timeout, self._expired), socket_options)
+        return _DeadlineStream(stream, self._expired)
+
+    def sleep(self, seconds: float) -> None:
+        self._backend.sleep(seconds)
+
+
+def _http_client(openai: Any, timeout_s: float) -> Any:
+    """The openai package's own default HTTP client, its connections bounded by the
+    calling thread's deadline (whichever httpx/httpcore flavour the package uses)."""
+    import importlib
+
+    client = openai.DefaultHttpxClient(timeout=timeout_s)
+    pool = getattr(getattr(client, "_transport", None), "_pool", None)
+    backend = getattr(pool, "_network_backend", None)
+    expired = None
+    if backend is not None:
+        core = importlib.import_module(type(backend).__module__.split(".")[0])
+        expired = getattr(core, "ReadTimeout", None)
+    if expired is None:  # a client without that layout: per-operation timeouts only
+        log.warning("openai %s: engine.timeout_s bounds each socket read, not the whole request",
+                    getattr(openai, "__version__", "?"))
+        return client
+    pool._network_backend = _DeadlineBackend(backend, expired)
+    return client
+
+
 class _Failure(Exception):
     """One failed attempt: its error kind, message, whether to retry, and the server's wait hint."""
 
@@ -150,21 +242,33 @@ class OpenAIEngine(Engine):
         self._key_set = bool(key)
         # Kept only to scrub it out of messages; never stored in anything described.
         self._secret = key
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         self._client = openai.OpenAI(
             base_url=self.base_url,
             api_key=key or NO_KEY,
             timeout=self.timeout_s,
             max_retries=0,
+            http_client=_http_client(openai, self.timeout_s),
         )
+        #: Whether the server has answered anything yet (a completion or an HTTP error).
+        self._contact = False
         self._pool: Optional[ThreadPoolExecutor] = ThreadPoolExecutor(
             max_workers=self.concurrency, thread_name_prefix="regioncap-openai"
         )
         self._lock = threading.Lock()
-        log.info(
+        # The run logs describe() as its one engine line; this one is for debugging.
+        log.debug(
             "openai engine: %s model=%s concurrency=%d timeout=%.0fs retries=%d key from $%s (%s)",
             _redact_url(self.base_url), self.model, self.concurrency, self.timeout_s,
             self.max_retries, self.api_key_env, "set" if self._key_set else "unset, sending EMPTY",
         )
+        if bool(getattr(engine_cfg, "preflight", True)):
+            try:
+                self.check()
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------------ public
 
@@ -181,7 +285,62 @@ class OpenAIEngine(Engine):
                 out.append(fut.result())
             except Exception as e:  # a bug in _one must still cost only its own row
                 out.append(error_response(req.key, "engine_error", self._scrub(f"{type(e).__name__}: {e}")))
+        if out and not self._contact and all((r.error or {}).get("kind") == "connection_error" for r in out):
+            # Nothing ever reached the server: every further row would wait out its
+            # retries the same way. One clear error instead of a file of error rows.
+            raise EngineError(
+                f"cannot connect to the server at {_redact_url(self.base_url)}: all {len(out)} requests of the "
+                f"first batch failed ({out[0].error['message']}). Is the server running there? "
+                "(engine.base_url sets the address)")
         return out
+
+    def check(self) -> None:
+        """Preflight: ``GET {base_url}/models`` answers and lists the served model.
+
+        Raises :class:`EngineError` naming ``base_url`` (and the models the
+        server does serve) when the server cannot be reached, refuses the key,
+        or does not serve ``engine.served_model``. A server without a models
+        endpoint (404/405) only gets a warning: the first request will tell.
+        """
+        oa = self._openai
+        where = _redact_url(self.base_url)
+        _deadline.end = time.monotonic() + min(self.timeout_s, 30.0)
+        try:
+            page = self._client.models.list()
+            served = [str(getattr(m, "id", m)) for m in getattr(page, "data", None) or []]
+        except oa.APIStatusError as e:
+            code = int(e.status_code)
+            if code in (404, 405, 501):
+                log.warning("%s/models answered HTTP %d: cannot check that it serves %r", where, code, self.model)
+                self._contact = True
+                return
+            raise EngineError(self._scrub(f"the server at {where} refused GET /models with HTTP {code}: {e}"
+                                          + (f" (is ${self.api_key_env} the right key?)" if code in (401, 403) else ""))
+                              ) from None
+        except oa.APITimeoutError:
+            raise EngineError(f"the server at {where} did not answer GET /models within "
+                              f"{min(self.timeout_s, 30.0):g} s") from None
+        except oa.APIConnectionError as e:
+            cause = e.__cause__ or e.__context__
+            detail = f"{type(cause).__name__}: {cause}" if cause else str(e)
+            raise EngineError(self._scrub(f"cannot connect to the server at {where} ({detail}). Is it running? "
+                                          "(engine.base_url sets the address)")) from None
+        except Exception as e:  # a body that is not a model list
+            raise EngineError(self._scrub(f"the server at {where} gave an unreadable answer to GET /models: "
+                                          f"{type(e).__name__}: {e}")) from None
+        finally:
+            _deadline.end = None
+        self._contact = True
+        if self.model not in served:
+            shown = ", ".join(served[:20]) + (f" (+{len(served) - 20} more)" if len(served) > 20 else "")
+            raise EngineError(f"the server at {where} does not serve model {self.model!r}; it serves: "
+                              f"{shown or 'no models'} (set engine.served_model to one of them)")
+
+    @classmethod
+    def preflight(cls, engine_cfg: Any, model_cfg: Any) -> None:
+        """Build the engine, :meth:`check` the server, close it: for a run to call before its first row."""
+        with cls(model_cfg=model_cfg, engine_cfg=engine_cfg, model_path=None):
+            pass
 
     def close(self) -> None:
         """Stop the worker threads and close the HTTP connections. Safe to call twice."""
@@ -197,20 +356,22 @@ class OpenAIEngine(Engine):
 
     def describe(self) -> Dict[str, Any]:
         """Settings for the run manifest: the key's variable name, never its value."""
-        return {
-            "engine": self.name,
-            "openai_version": getattr(self._openai, "__version__", None),
-            "base_url": _redact_url(self.base_url),
-            "model": self.model,
-            "api_key_env": self.api_key_env,
-            "api_key_set": self._key_set,
-            "concurrency": self.concurrency,
-            "timeout_s": self.timeout_s,
-            "max_retries": self.max_retries,
-            "backoff_s": self.backoff_s,
-            "max_backoff_s": self.max_backoff_s,
-            "structured_outputs": self.structured_outputs,
-        }
+        from regioncap.manifest import redact_string
+
+        return EngineInfo(
+            engine=self.name,
+            base_url=redact_string(_redact_url(self.base_url)),
+            model=self.model,
+            concurrency=self.concurrency,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            api_key_env=self.api_key_env,
+            api_key_set=self._key_set,
+            backoff_s=self.backoff_s,
+            max_backoff_s=self.max_backoff_s,
+            structured_outputs=self.structured_outputs,
+            openai_version=getattr(self._openai, "__version__", None),
+        )
 
     # ------------------------------------------------------------- internals
 
@@ -253,9 +414,11 @@ class OpenAIEngine(Engine):
     def _attempt(self, kw: Dict[str, Any]) -> Tuple[str, Any]:
         """One HTTP call; returns (text, completion) or raises :class:`_Failure`."""
         oa = self._openai
+        _deadline.end = time.monotonic() + self.timeout_s
         try:
             completion = self._client.chat.completions.create(**kw)
         except oa.APIStatusError as e:
+            self._contact = True
             code = int(e.status_code)
             retry = code in _RETRY_STATUSES or code >= 500
             after = parse_retry_after(getattr(e.response, "headers", None)) if retry else None
@@ -266,15 +429,19 @@ class OpenAIEngine(Engine):
             cause = e.__cause__ or e.__context__
             detail = f"{type(cause).__name__}: {cause}" if cause else str(e)
             raise _Failure("connection_error", self._scrub(f"{_redact_url(self.base_url)}: {detail}"), True) from None
-        except (oa.APIResponseValidationError, ValueError) as e:
-            # A 200 whose body is not a chat completion (truncated, HTML from a proxy...).
+        except (oa.APIResponseValidationError, ValueError, RecursionError) as e:
+            # A 200 whose body is not a chat completion (truncated, HTML from a proxy, a
+            # 5000-digit number, JSON nested past the parser's recursion limit...).
             raise _Failure("bad_response", self._scrub(f"{type(e).__name__}: {e}"), True) from None
+        finally:
+            _deadline.end = None
+        self._contact = True
         choices = getattr(completion, "choices", None)
         if not choices:
             raise _Failure("bad_response", self._scrub(f"no choices in the answer: {str(completion)[:200]}"), True)
         message = getattr(choices[0], "message", None)
         text = getattr(message, "content", None)
-        if not isinstance(text, str):
+        if not isinstance(text, (str, bytes)):
             reason = getattr(choices[0], "finish_reason", None)
             raise _Failure("bad_response", f"answer has no text content (finish_reason={reason!r})", False)
         return text, completion
@@ -299,7 +466,10 @@ class OpenAIEngine(Engine):
             try:
                 text, completion = self._attempt(kw)
             except _Failure as f:
-                if not f.retry or attempt >= self.max_retries:
+                # Before the server has answered anything, a refused connection is not
+                # a hiccup to wait out: fail at once (generate then stops the run).
+                first_contact = f.kind == "connection_error" and not self._contact
+                if not f.retry or attempt >= self.max_retries or first_contact:
                     tries = f" after {attempt + 1} attempts" if attempt else ""
                     return error_response(
                         req.key, f.kind, f"{f.message}{tries}", latency_s=time.monotonic() - start
@@ -310,12 +480,13 @@ class OpenAIEngine(Engine):
                 attempt += 1
                 continue
             usage = getattr(completion, "usage", None)
-            return Response(
-                key=req.key,
+            # Raw values from the server: make_response validates them into typed ones.
+            return make_response(
+                req.key,
                 text=text,
                 prompt_tokens=getattr(usage, "prompt_tokens", None),
                 output_tokens=getattr(usage, "completion_tokens", None),
-                finish_reason=completion.choices[0].finish_reason,
+                finish_reason=getattr(completion.choices[0], "finish_reason", None),
                 # From the first attempt to the answer, retries and waits included.
                 latency_s=time.monotonic() - start,
             )

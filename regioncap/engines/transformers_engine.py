@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from regioncap.engines.base import Engine, EngineError, Request, Response, error_response
+from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
 from regioncap.prompts import MAX_CAPTION_CHARS
 
 log = logging.getLogger(__name__)
@@ -436,7 +436,7 @@ class TransformersEngine(Engine):
             stop = next((k for k, t in enumerate(new) if t in self.eos_ids), None)
             kept = new if stop is None else new[:stop]
             text = self.tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            responses.append(Response(
+            responses.append(make_response(
                 key=b.request.key, text=text, prompt_tokens=int(prompt_lens[row]),
                 # Counted as vLLM does: the stop token is one of the output tokens.
                 output_tokens=len(new) if stop is None else stop + 1,
@@ -447,20 +447,20 @@ class TransformersEngine(Engine):
     # -- lifecycle -----------------------------------------------------------
 
     def describe(self) -> Dict[str, Any]:
-        return {
-            "engine": self.name,
-            "model_path": self.model_path,
-            "dtype": str(self.dtype).replace("torch.", ""),
-            "device": self.device,
-            "batch_size": self.batch_size,
-            "attn_implementation": getattr(self.engine_cfg, "attn_implementation", None),
-            "min_pixels": self.min_pixels,
-            "max_pixels": self.max_pixels,
-            "max_model_len": self.max_model_len,
-            "rope_scaling_patched": self.rope_patched,
-            "structured_outputs": "lines" if self.structured_outputs else None,
+        return EngineInfo(
+            engine=self.name,
+            model_path=self.model_path,
+            dtype=str(self.dtype).replace("torch.", ""),
+            device=self.device,
+            batch_size=self.batch_size,
+            attn_implementation=getattr(self.engine_cfg, "attn_implementation", None),
+            min_pixels=self.min_pixels,
+            max_pixels=self.max_pixels,
+            max_model_len=self.max_model_len,
+            rope_scaling_patched=self.rope_patched,
+            structured_outputs="lines" if self.structured_outputs else None,
             **self._versions,
-        }
+        )
 
     def _free_cuda(self) -> None:
         gc.collect()

@@ -41,7 +41,7 @@ import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from regioncap.engines.base import Engine, EngineError, Request, Response, error_response
+from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class VllmEngine(Engine):
     @staticmethod
     def _response(key: str, out: Any, latency: float) -> Response:
         comp = out.outputs[0]
-        return Response(
+        return make_response(
             key=key,
             text=comp.text,
             prompt_tokens=len(out.prompt_token_ids) if out.prompt_token_ids is not None else None,
@@ -351,13 +351,13 @@ class VllmEngine(Engine):
     def describe(self) -> Dict[str, Any]:
         """vLLM version, model and the ``LLM`` arguments, for the run manifest."""
         kwargs = {k: v for k, v in self._kwargs.items() if k not in ("model", "tokenizer")}
-        return {
-            "engine": self.name,
-            "vllm_version": self._vllm.__version__,
-            "model_path": self.model_path,
-            "llm_kwargs": json.loads(json.dumps(kwargs, default=str)),
-            "structured_outputs": self._so_factory is not None,
-            "too_long_rule": "prompt_tokens >= max_model_len (max_tokens is cut to what is left)",
-            "load_s": round(self.load_s, 2),
-            "multiprocessing": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0",
-        }
+        return EngineInfo(
+            engine=self.name,
+            vllm_version=self._vllm.__version__,
+            model_path=self.model_path,
+            llm_kwargs=json.loads(json.dumps(kwargs, default=str)),
+            structured_outputs=self._so_factory is not None,
+            too_long_rule="prompt_tokens >= max_model_len (max_tokens is cut to what is left)",
+            load_s=round(self.load_s, 2),
+            multiprocessing=os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "1") != "0",
+        )

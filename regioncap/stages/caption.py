@@ -112,8 +112,8 @@ class Captioner(Stage):
         work = [(rec, spec) for rec in batch if rec["status"] == "pending" for spec in rec["requests"]]
         if not work:
             return batch
-        engine = self.start_engine()
-        responses = engine.generate([self.request(spec) for _, spec in work])
+        self.start_engine()
+        responses = self.generate([self.request(spec) for _, spec in work])
         for (_rec, spec), resp in zip(work, responses):
             self.attach(spec, resp)
 
@@ -125,7 +125,7 @@ class Captioner(Stage):
                 if spec["error"] is None and missing:
                     reasks.append((spec, self.reask_spec(rec, spec, missing)))
         if reasks:
-            answers = engine.generate([self.request(r, reask=True) for _, r in reasks])
+            answers = self.generate([self.request(r, reask=True) for _, r in reasks])
             for (spec, rspec), resp in zip(reasks, answers):
                 parsed = self.attach(rspec, resp)
                 spec["reask"] = {k: rspec[k] for k in ("key", "prompt", "numbers", "answer", "error",
@@ -135,6 +135,17 @@ class Captioner(Stage):
                     spec.setdefault("reasked_numbers", []).append(n)
         return [self.finish(rec) if rec["status"] == "pending" else rec for rec in batch]
 
+    def generate(self, requests: List[Request]) -> List[Response]:
+        """The engine's answers; an engine that fails as a whole stops the run with how to go on."""
+        from regioncap.engines import EngineError
+
+        assert self.engine is not None
+        try:
+            return self.engine.generate(requests)
+        except EngineError as exc:
+            raise RunError(f"engine {self.cfg.engine.name!r} failed: {exc}. The rows committed so far are kept; "
+                           f"after fixing this, go on with resume=true hydra.run.dir={self.out}") from None
+
     def ground(self, batch: List[Dict[str, Any]]) -> None:
         """Propose regions with the engine for the ``grounding`` rows of ``batch``, then draw and prompt them."""
         from regioncap.stages.grounding import Grounder
@@ -142,9 +153,9 @@ class Captioner(Stage):
         if getattr(self, "_grounder", None) is None:
             self._grounder = Grounder(self.cfg, self.out)
         rows = [rec for rec in batch if rec["status"] == "grounding"]
-        engine = self.start_engine()
+        self.start_engine()
         requests = [self._grounder.request(rec, self.sampling()) for rec in rows]
-        for rec, resp in zip(rows, engine.generate(requests)):
+        for rec, resp in zip(rows, self.generate(requests)):
             self._grounder.finish(rec, resp)
 
     def reask_spec(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> Dict[str, Any]:
