@@ -32,7 +32,7 @@ class Choice(str, Enum):
         return format(str(self.value), spec)
 
 
-class PromptStrategy(Choice):
+class StrategyName(Choice):
     """``prompt.strategy``: classes in :data:`regioncap.strategies.STRATEGIES`."""
 
     marked = "marked"
@@ -298,7 +298,7 @@ class PromptConfig:
     name: str = MISSING
     #: ``marked`` (numbered marks, one request per chunk), ``crop`` (one
     #: request per region on a crop) or ``coords`` (box coordinates in text).
-    strategy: PromptStrategy = PromptStrategy.marked
+    strategy: StrategyName = StrategyName.marked
     system: Optional[str] = None
     #: User text; placeholders are filled by ``regioncap.prompts``.
     template: str = MISSING
@@ -396,6 +396,14 @@ class RayExecutorConfig(ExecutorConfig):
     remote_args: Dict[str, Any] = field(default_factory=dict)
 
 
+class ProposeMethod(Choice):
+    """``propose.method``: :data:`regioncap.propose.PROPOSERS` plus ``none``."""
+
+    none = "none"
+    contours = "contours"
+    vlm = "vlm"
+
+
 class ProposeWhen(Choice):
     """Which rows get region proposals (``propose.when``)."""
 
@@ -428,7 +436,7 @@ class ProposeConfig:
 
     name: str = MISSING
     #: Proposer (a key of ``regioncap.propose.PROPOSERS``), or ``none``.
-    method: str = "none"
+    method: ProposeMethod = ProposeMethod.none
     when: ProposeWhen = ProposeWhen.missing
     #: ``when=add``: a proposal overlapping a given box above this IoU is dropped.
     add_iou: float = 0.5
@@ -444,7 +452,7 @@ class ContoursProposeConfig(ProposeConfig):
     Sizes are pixels of the image at the model's input resolution.
     """
 
-    method: str = "contours"
+    method: ProposeMethod = ProposeMethod.contours
     #: Gaussian blur kernel (odd; 0 or 1: none).
     blur_kernel: int = 5
     #: Adaptive Gaussian threshold: block side (odd) and constant C.
@@ -469,7 +477,7 @@ class ContoursProposeConfig(ProposeConfig):
 class VlmProposeConfig(ProposeConfig):
     """The caption model grounds the objects first (Qwen2.5-VL JSON boxes / Qwen2-VL box tokens)."""
 
-    method: str = "vlm"
+    method: ProposeMethod = ProposeMethod.vlm
     #: Grounding request text; null: the model family's (regioncap.propose.vlm.grounding_prompt).
     prompt: Optional[str] = None
     #: Token budget of the grounding answer.

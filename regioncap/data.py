@@ -682,3 +682,5 @@ def fingerprint_file(path: Path, chunk: int = 1 << 20) -> str:
 
 #: Annotation-file sources: ``data.source`` -> reader of ``(path, data_cfg)``.
 _ANNOTATION_SOURCES = {"coco": _iter_coco, "vg": _iter_vg, "refcoco": _iter_refcoco}
+#: Every ``data.source`` (the ``DataSource`` choices of the config schema).
+SOURCES = ("jsonl", "hf", *_ANNOTATION_SOURCES)

@@ -48,9 +48,10 @@ from regioncap.errors import RunError
 from regioncap.failpoints import failpoint
 from regioncap.metrics import reference_texts
 from regioncap.records import dumps, read_jsonl
+from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, VISUALIZE_FILE
+
 
 FORMATS = ("hf", "parquet", "conversations")
-CAPTIONS_FILE = "captions.jsonl"
 #: The user turn of a conversation line; ``{box}`` is the box in the model's grounding format.
 QUESTION = "Describe the region {box} in one short phrase."
 
@@ -78,8 +79,8 @@ def run_settings(run_dir: Path) -> Dict[str, Any]:
             from omegaconf import OmegaConf
 
             config = OmegaConf.to_container(OmegaConf.load(hydra_cfg), resolve=False) or {}
-        elif (run_dir / "manifest.json").is_file():
-            config = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("config") or {}
+        elif (run_dir / MANIFEST_FILE).is_file():
+            config = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8")).get("config") or {}
     except Exception:  # noqa: BLE001 - an unreadable config falls back to the defaults
         config = {}
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
@@ -94,7 +95,7 @@ def image_bases(run_dir: Path) -> List[Path]:
     ``.hydra/hydra.yaml``'s ``hydra.runtime.cwd``), the run dir, the current folder."""
     bases: List[Path] = []
     try:
-        cwd = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8")).get("cwd")
+        cwd = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8")).get("cwd")
         if isinstance(cwd, str) and cwd:
             bases.append(Path(cwd))
     except (OSError, ValueError, AttributeError):
@@ -165,7 +166,7 @@ def exportable(records: Iterator[Dict[str, Any]], references_key: Optional[str],
 def _records_file(run_dir: Path) -> Path:
     path = run_dir / CAPTIONS_FILE
     if not path.is_file():
-        what = "only visualize.jsonl (run the caption stage first)" if (run_dir / "visualize.jsonl").is_file() \
+        what = "only visualize.jsonl (run the caption stage first)" if (run_dir / VISUALIZE_FILE).is_file() \
             else "no records"
         raise ExportError(f"{run_dir} has no {CAPTIONS_FILE}: {what}")
     return path

@@ -41,12 +41,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from regioncap.records import dumps, read_jsonl
 
+from regioncap.rundir import CAPTIONS_FILE, METRICS_FILE, VISUALIZE_FILE
+
 log = logging.getLogger("regioncap")
 
 #: Metrics file and record files written by the run (see ``regioncap.run``).
-METRICS_FILE = "metrics.json"
-CAPTIONS_FILE = "captions.jsonl"
-VISUALIZE_FILE = "visualize.jsonl"
 #: Longest side of a region thumbnail in the table, in pixels.
 THUMBNAIL_PX = 128
 #: Box labels and image captions are cut to this many characters (W&B shows them inline).
@@ -247,7 +246,7 @@ class WandbLogger(RunLogger):
                 records_file, run_dir, n_images=max(0, int(cfg.log_images)),
                 table_rows=max(0, int(cfg.table_rows)) if cfg.log_table else 0,
                 references_key=(self._config.get("data") or {}).get("references_key"),
-                crops=(self._config.get("prompt") or {}).get("strategy") == "crop")
+                crops=_one_region_per_image((self._config.get("prompt") or {}).get("strategy")))
             # One key per image: W&B draws a list of images of different sizes wrongly.
             for i, image in enumerate(_wandb_images(wandb, samples)):
                 payload[f"samples/{i:02d}"] = image
@@ -487,3 +486,11 @@ def _wandb_table(wandb: Any, table: Dict[str, Any]) -> Any:
         data.append(row)
     return wandb.Table(columns=columns, data=data)
 
+
+
+def _one_region_per_image(strategy: Any) -> bool:
+    """Whether the prompt strategy sends one crop per region (its images are shown without a box)."""
+    from regioncap.strategies import STRATEGIES
+
+    cls = STRATEGIES.get(str(strategy))
+    return bool(cls and cls.one_region_per_image)

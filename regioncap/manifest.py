@@ -33,8 +33,9 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, VISUALIZE_FILE
 
-MANIFEST_FILE = "manifest.json"
+
 #: Bump when a field changes meaning; readers check it.
 MANIFEST_VERSION = 1
 REDACTED = "<redacted>"
@@ -616,7 +617,7 @@ def iso_utc(t: Optional[float]) -> Optional[str]:
     return datetime.fromtimestamp(t, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
-def output_files(run_dir: Path, names: Sequence[str] = ("visualize.jsonl", "captions.jsonl", "metrics.json")
+def output_files(run_dir: Path, names: Sequence[str] = (VISUALIZE_FILE, CAPTIONS_FILE, METRICS_FILE)
                  ) -> Dict[str, Dict[str, Any]]:
     """sha256, size and line count of the run's output files that exist (integrity, not comparison)."""
     out = {}

@@ -24,11 +24,10 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap.records import CorruptRecordsError, dumps, fsync_dir, scan_records, write_text_atomically
+from regioncap.rundir import MANIFEST_FILE, RUN_KEY_FILE, STAGE_FILES
+
 
 #: Records files by stage, and the run's other files the merge reads.
-STAGE_FILES = {"caption": "captions.jsonl", "visualize": "visualize.jsonl"}
-RUN_KEY_FILE = "run_key.json"
-MANIFEST_FILE = "manifest.json"
 MERGE_FILE = "merge.json"
 #: Missing or duplicated indexes listed in a message (merge.json lists more).
 _SHOW = 10
@@ -168,7 +167,7 @@ def merge(out: Path, shards: Sequence[Path], *, stage: str = "caption", expect: 
     if keys:
         base_dir, base = keys[0]
         for shard, values in keys[1:]:
-            from regioncap.run import key_changes
+            from regioncap.rundir import key_changes
 
             for change in key_changes(_key_without_shard(base), _key_without_shard(values)):
                 summary["config_differences"].append(f"{base_dir} vs {shard}: {change}")

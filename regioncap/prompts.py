@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 ANSWER_FORMATS = ("lines", "json", "free")
-STRATEGIES = ("marked", "crop", "coords")
 
 #: Upper bound on one caption in a constrained answer (characters).
 MAX_CAPTION_CHARS = 160

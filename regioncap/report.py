@@ -48,13 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict
 
+from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE
+
 log = logging.getLogger("regioncap")
 
-REPORT_FILE = "report.html"
-CAPTIONS_FILE = "captions.jsonl"
-VISUALIZE_FILE = "visualize.jsonl"
-METRICS_FILE = "metrics.json"
-MANIFEST_FILE = "manifest.json"
 
 #: Rows shown in a run report's sample grid; request images shown per row.
 DEFAULT_ROWS = 12
@@ -960,7 +957,10 @@ def _is_crop_row(run: RunData, rec: CaptionRecord) -> bool:
     every request holds one region)."""
     strategy = prompt_strategy(run)
     if strategy is not None:
-        return strategy == "crop"
+        from regioncap.strategies import STRATEGIES
+
+        cls = STRATEGIES.get(str(strategy))
+        return bool(cls and cls.one_region_per_image)
     requests = _requests(rec)
     return bool(requests) and all(len(s.get("region_ids") or []) == 1 for s in requests) and len(requests) > 1
 

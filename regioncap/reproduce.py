@@ -34,7 +34,8 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from regioncap.manifest import MANIFEST_FILE, REDACTED, data_fingerprint, read_manifest, redact_override
+from regioncap.manifest import REDACTED, data_fingerprint, read_manifest, redact_override
+from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, VISUALIZE_FILE
 
 EXIT_IDENTICAL = 0
 EXIT_REFUSED = 2
@@ -43,7 +44,7 @@ EXIT_RUN_FAILED = 4
 
 REPORT_FILE = "reproduction.json"
 #: Output files compared, in order of preference (a visualize-only run has no captions).
-COMPARED_FILES = ("captions.jsonl", "visualize.jsonl")
+COMPARED_FILES = (CAPTIONS_FILE, VISUALIZE_FILE)
 
 # Overrides that place the original run's outputs; the reproduction gets its own.
 #: Overrides that place outputs or continue an earlier run: a reproduction is a new run.

@@ -25,11 +25,12 @@ from regioncap import boxes as bx
 from regioncap import prompts
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.images import crop_aspect_limit, crop_with_margin, resize_to, target_size
+from regioncap.rundir import IMAGES_DIR
+
 
 #: ``save(image, name)`` writes an image under the run dir (``name`` relative to it).
 Save = Callable[[Any, str], None]
 
-IMAGES_DIR = "images"
 
 
 class PromptStrategy:

@@ -12,7 +12,8 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR, REPO, compose
 
-GROUPS = ["model", "engine", "data", "draw", "prompt", "logger", "propose"]
+#: Every config group: each folder of conf/ but experiment/ (its own test below) and hydra/ (Hydra's).
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra"))
 
 
 def options(group: str):
@@ -28,6 +29,31 @@ def test_every_option_composes(group, option, tmp_path):
     # Every value resolves (no missing mandatory value, no bad interpolation).
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert cfg[group].name == option
+
+
+def test_the_groups_are_the_folders_of_conf():
+    assert {"model", "engine", "data", "draw", "prompt", "logger", "executor", "propose"} <= set(GROUPS)
+
+
+@pytest.mark.parametrize("field,value", [("model.family", "llava"), ("prompt.strategy", "grid"),
+                                         ("prompt.answer_format", "xml"), ("data.bbox_format", "xy"),
+                                         ("executor.name", "dask"), ("propose.method", "owl"),
+                                         ("propose.when", "sometimes"), ("data.source", "csv")])
+def test_closed_choices_fail_at_compose_time(field, value):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose([f"{field}={value}"])
+
+
+def test_enums_list_exactly_what_the_registries_hold():
+    from regioncap import boxes, config, data, engines, executors, propose, strategies
+
+    names = lambda enum: {m.value for m in enum}  # noqa: E731
+    assert names(config.EngineName) == set(engines.ENGINES) | {"auto"}
+    assert names(config.ExecutorName) == set(executors.EXECUTORS)
+    assert names(config.StrategyName) == set(strategies.STRATEGIES)
+    assert names(config.ProposeMethod) == set(propose.PROPOSERS) | {propose.NONE}
+    assert names(config.BboxFormat) == set(boxes.BBOX_FORMATS)
+    assert names(config.DataSource) == set(data.SOURCES)
 
 
 def test_defaults_are_the_offline_run():

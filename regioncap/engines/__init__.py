@@ -113,11 +113,9 @@ def preflight(engine_cfg: Any, model_cfg: Any) -> None:
     Other engines: nothing here (their model path is resolved before the run).
     Raises :class:`EngineError` (a ``RunError``) with a message naming the cause.
     """
-    if str(engine_cfg.name) != "openai" or not getattr(engine_cfg, "preflight", True):
+    if str(engine_cfg.name) == "auto":  # vLLM or transformers: local models, resolved before the run
         return
-    from regioncap.engines.openai_engine import OpenAIEngine
-
-    OpenAIEngine.preflight(engine_cfg, model_cfg)
+    engine_class(str(engine_cfg.name)).preflight(engine_cfg, model_cfg)
 
 
 __all__ = [

@@ -241,6 +241,11 @@ class Engine(abc.ABC):
     extra: ClassVar[Optional[str]] = None
 
     @classmethod
+    def preflight(cls, engine_cfg: Any, model_cfg: Any) -> None:
+        """Check before the first row what can be checked without loading a model (a server answers);
+        raise :class:`EngineError` naming the cause. Nothing to check by default."""
+
+    @classmethod
     def cpu_bound(cls, engine_cfg: Any) -> bool:
         """Whether the engine computes on this machine's CPU cores (then few preparation workers help)."""
         return False

@@ -8,9 +8,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from regioncap.boxes import Box
+from regioncap.errors import RunError
 
 
-class ProposeError(RuntimeError):
+
+
+
+class ProposeError(RunError):
     """A proposer cannot be built or cannot run (unknown name, missing package, no engine)."""
 
 
