@@ -177,12 +177,13 @@ def test_3b_random_transformers_token_budget(engine_3b, tmp_path, caplog):
     assert prepared.prompt_tokens + 512 <= eng.max_model_len
     assert prepared.max_new_tokens == 512
 
-    # A request that cannot fit is an error row (and its neighbour is still answered).
+    # A request that cannot fit is an error row, and its neighbour is still answered. (The
+    # neighbour is a small image: a forward pass at the full budget costs minutes on 2 cores;
+    # the full budget's count is checked above against the processor the engine runs.)
     long_req = Request(key="too-long", image_path=req.image_path, prompt="describe " * 8000,
                        sampling=Sampling(max_tokens=4))
-    ok_req = Request(key="ok", image_path=req.image_path, prompt=_prompt(1), sampling=Sampling(max_tokens=1))
+    ok_req = Request(key="ok", image_path=reqs[0].image_path, prompt=_prompt(1), sampling=Sampling(max_tokens=1))
     rows = eng.generate([long_req, ok_req])
     assert rows[0].error["kind"] == "too_long" and rows[0].prompt_tokens > 8192
     assert rows[1].error is None
     assert rows[1].prompt_tokens == eng._prepare(0, ok_req).prompt_tokens
-    assert rows[1].prompt_tokens > visual_tokens(size)
