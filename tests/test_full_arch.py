@@ -104,6 +104,10 @@ def test_model_weights_composes_and_is_checked(compose_cfg):
     assert cfg.model.weights == "random"
     assert compose_cfg(["model=qwen25vl_3b"]).model.weights == "real"
     assert random_weights.describe(cfg.model) == {"model_weights": "random"}
+    from regioncap.manifest import model_identity
+
+    assert model_identity(dict(cfg.model), None)["weights"] == "random"
+    assert model_identity({"name": "x", "path": "Qwen/X"}, None)["weights"] == "real"
 
 
 # ----------------------------------------------------------------------------- slow: the real 3B
