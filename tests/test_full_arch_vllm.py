@@ -1,7 +1,7 @@
 """The real Qwen2.5-VL-3B architecture with random weights on vLLM's CPU build (``load_format="dummy"``).
 
 One script runs the VllmEngine in the vLLM environment (in-process engine,
-eager mode, bfloat16, a 512 MiB KV cache: about 8 GB of RAM in all) at the
+eager mode, bfloat16, a 512 MiB KV cache: about 11 GB of RAM at its peak) at the
 qwen25vl_3b config's real settings (max_model_len 8192, up to 1280 visual
 tokens per image), and answers one ``generate`` call: two rows at a reduced
 image size, one at the full budget with a 10-box prompt, and one that cannot
