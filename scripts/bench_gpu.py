@@ -1,7 +1,9 @@
 """The caption stage with vLLM against raw ``vllm.LLM.generate``, and against DataFlow-MM's settings.
 
 The prepared command for one GPU (random-weight Qwen2.5-VL-3B, no weights or
-hub needed; about 5-8 minutes on one H100/H200-class card):
+hub needed). Its defaults (256 rows, 32 DataFlow-MM rows, 64 tokens per
+request) are sized for a run of at most 8 minutes; it has not run on a GPU yet,
+so lower ``--rows``/``--dataflow-rows`` if a first run shows it longer:
 
     VLLM_ENABLE_V1_MULTIPROCESSING=0 python scripts/bench_gpu.py --write gpu_results.json
 
@@ -79,6 +81,16 @@ DATAFLOW_SYSTEM = ("A chat between a curious human and an artificial intelligenc
 def dataflow_prompt(n: int) -> str:
     return (f"Describe the content of each marked region in the image. "
             f"There are {n} regions: <region1> to <region{n}>.")
+
+
+def dataflow_resizer() -> str:
+    """Which code resizes DataFlow-MM's images here (recorded with the results)."""
+    try:
+        import qwen_vl_utils  # noqa: F401
+
+        return "qwen-vl-utils process_vision_info"
+    except ImportError:
+        return "regioncap.images.target_size at 12845056 px (qwen-vl-utils not installed; the same rule)"
 
 
 def dataflow_image(marked: str) -> Any:
@@ -355,7 +367,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "environment": env,
         "settings": {"rows": n, "requests": len(specs), "regions": regions, "dataflow_rows": m,
                      "dataflow_regions": df_regions, "camera_images": images, "max_tokens_fixed": args.max_tokens,
-                     "weights": args.weights, "overrides": overrides, "model_path": str(model_path),
+                     "weights": "tiny model" if args.cpu_smoke else args.weights, "overrides": overrides,
+                     "dataflow_resize": dataflow_resizer(), "model_path": str(model_path),
                      "cpu_smoke": args.cpu_smoke, "workers": run._workers(), "batch_size": int(cfg.engine.batch_size)},
         "generated_tokens": {"raw": raw_tokens, "caption_stage": stage_tokens, "dataflow": df_tokens},
         "raw_generate": rate("raw_generate", n, regions),
