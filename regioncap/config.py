@@ -123,6 +123,11 @@ class ModelConfig:
     #: When set, regioncap builds the model itself if ``path`` does not exist
     #: (``tiny``: the offline Qwen2.5-VL built by ``regioncap.tiny``).
     builder: Optional[str] = None
+    #: ``real``: load the trained weights. ``random``: the real architecture with
+    #: random weights and no weights file (vLLM ``load_format="dummy"``,
+    #: transformers from the config): for throughput, memory and token-budget
+    #: checks; captions are noise and every output says so.
+    weights: str = "real"
 
 
 @dataclass

@@ -524,6 +524,8 @@ def model_identity(model_cfg: Mapping[str, Any], model_path: Optional[str],
     out: Dict[str, Any] = {
         "name": model_cfg.get("name"), "path": configured, "family": model_cfg.get("family"),
         "revision": model_cfg.get("revision"), "builder": model_cfg.get("builder"), "local_path": model_path,
+        # ``random``: the architecture ran with random weights (model.weights=random); no trained model did.
+        "weights": str(model_cfg.get("weights") or "real"),
     }
     local_configured = configured is not None and Path(configured).expanduser().is_dir()
     if configured and not local_configured and not model_cfg.get("builder") and _HUB_ID.match(configured):

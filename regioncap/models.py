@@ -66,9 +66,23 @@ def resolve_model_path(model_cfg: Any) -> str:
       Face cache (at ``model_cfg.revision``), or download it when the hub
       answers within a few seconds. Raise :class:`EngineError` with a fix-it
       message when neither works.
+    - ``weights: random`` (and no builder): the folder's weights are never
+      read, so nothing is downloaded: a local folder or a cached snapshot is
+      used for its config and tokenizer, else the published architecture kept
+      in ``regioncap/archs`` is built into the regioncap cache
+      (``regioncap.random_weights.resolve_random``).
     """
     path_str = str(model_cfg.path)
     builder = getattr(model_cfg, "builder", None)
+    from regioncap import random_weights
+
+    try:
+        want_random = random_weights.is_random(model_cfg)
+    except ValueError as exc:
+        raise EngineError(str(exc)) from exc
+    if want_random and not builder:
+        log.warning(random_weights.WARNING)
+        return random_weights.resolve_random(model_cfg)
     if builder:
         if builder != "tiny":
             raise EngineError(f"unknown model.builder {builder!r}; the only builder is 'tiny' (or null)")

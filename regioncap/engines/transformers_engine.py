@@ -175,6 +175,11 @@ class TransformersEngine(Engine):
         self.max_model_len = int(model_cfg.max_model_len)
         self._versions = {"transformers": transformers.__version__, "torch": torch.__version__}
         trust = bool(getattr(model_cfg, "trust_remote_code", False))
+        from regioncap import random_weights
+
+        self.model_weights = random_weights.describe(model_cfg)["model_weights"]
+        if self.model_weights == "random":
+            log.warning(random_weights.WARNING)
         t0 = time.perf_counter()
 
         config, self.rope_patched = self._load_config(trust)
@@ -268,6 +273,8 @@ class TransformersEngine(Engine):
         attn = getattr(self.engine_cfg, "attn_implementation", None)
         if attn:
             kwargs["attn_implementation"] = attn
+        if self.model_weights == "random":
+            return self._random_model(config, trust)
         if self.device != "cpu":
             kwargs["device_map"] = self.device
         try:
@@ -288,6 +295,34 @@ class TransformersEngine(Engine):
             raise EngineError(f"cannot load the model {self.model_path}: {type(exc).__name__}: {exc}") from exc
         if self.device == "cpu":
             model = model.to("cpu")
+        return model
+
+    def _random_model(self, config: Any, trust: bool) -> Any:
+        """The architecture of the folder's config with random weights (``model.weights=random``); no weights file is read.
+
+        Built directly in the target dtype and seeded (seed 0, private RNG state),
+        so two runs get the same random model.
+        """
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        try:
+            if config is None:
+                config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust)
+            attn = getattr(self.engine_cfg, "attn_implementation", None)
+            if attn:
+                config._attn_implementation = attn
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                with torch.device(self.device if self.device != "auto" else "cpu"):
+                    model = AutoModelForImageTextToText.from_config(config, dtype=self.dtype,
+                                                                    trust_remote_code=trust)
+        except Exception as exc:
+            raise EngineError(f"cannot build the random-weight model of {self.model_path}: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        n = sum(p.numel() for p in model.parameters())
+        log.info("built %s with random weights: %.2f B parameters in %s", type(model).__name__, n / 1e9,
+                 str(self.dtype).replace("torch.", ""))
         return model
 
     # -- generation ----------------------------------------------------------
@@ -450,6 +485,7 @@ class TransformersEngine(Engine):
         return EngineInfo(
             engine=self.name,
             model_path=self.model_path,
+            model_weights=self.model_weights,
             dtype=str(self.dtype).replace("torch.", ""),
             device=self.device,
             batch_size=self.batch_size,

@@ -124,6 +124,13 @@ class VllmEngine(Engine):
         overrides = _rope_overrides(self.model_path)
         if overrides:
             kwargs["hf_overrides"] = overrides
+        from regioncap import random_weights
+
+        self.model_weights = random_weights.describe(model_cfg)["model_weights"]
+        if self.model_weights == "random":
+            # Weights built from the config alone; no weights file is read.
+            kwargs["load_format"] = "dummy"
+            log.warning(random_weights.WARNING)
         # extra_args win over everything above (a user's explicit choice).
         kwargs.update(_plain(engine_cfg.extra_args or {}))
         self._kwargs = kwargs
@@ -355,6 +362,7 @@ class VllmEngine(Engine):
             engine=self.name,
             vllm_version=self._vllm.__version__,
             model_path=self.model_path,
+            model_weights=self.model_weights,
             llm_kwargs=json.loads(json.dumps(kwargs, default=str)),
             structured_outputs=self._so_factory is not None,
             too_long_rule="prompt_tokens >= max_model_len (max_tokens is cut to what is left)",

@@ -1,0 +1,65 @@
+"""The benchmark scripts import and prepare their work on a CPU machine (no vLLM, no GPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    sys.path.insert(0, str(REPO / "scripts"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dataflow_mm_marked_draws_darkens_and_keeps_full_resolution(tmp_path):
+    bench = _load("bench")
+    src = tmp_path / "src.jpg"
+    Image.fromarray(np.full((600, 800, 3), 200, np.uint8)).save(src, quality=95)
+    out = bench.dataflow_mm_marked(str(src), [[100, 100, 200, 150], [400.7, 300.2, 100, 100]], str(tmp_path / "m.jpg"))
+    marked = np.asarray(Image.open(out).convert("RGB")).astype(int)
+    assert marked.shape == (600, 800, 3)  # written at full resolution
+    assert abs(marked[550, 50] - 160).max() <= 3  # darkened to 80% outside the boxes
+    g = marked[100, 150]  # on the first box's top edge: green
+    assert g[1] > 200 and g[0] < 80 and g[2] < 80
+    label = marked[105:122, 104:118]  # the label background is black with a white number
+    assert (label.sum(axis=2) < 60).any() and (label.sum(axis=2) > 600).any()
+
+
+def test_camera_dataset_is_camera_sized_and_noisy(tmp_path):
+    bench = _load("bench")
+    data = bench.make_camera_dataset(tmp_path, 1, rows=3)
+    lines = data.read_text().splitlines()
+    assert len(lines) == 3
+    with Image.open(tmp_path / "cam0.jpg") as im:
+        assert 8e6 <= im.width * im.height <= 12.5e6
+        crop = np.asarray(im.crop((1000, 1000, 1064, 1064)).convert("L")).astype(float)
+    # Sensor noise and texture: neighbouring pixels differ (an upscaled smooth photo would not).
+    assert np.abs(np.diff(crop, axis=1)).mean() > 2.0
+    assert (tmp_path / "cam0.jpg").stat().st_size > 2e6
+
+
+def test_bench_gpu_dry_run_prepares_both_sides(tmp_path, monkeypatch):
+    monkeypatch.setenv("REGIONCAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    bench_gpu = _load("bench_gpu")
+    args = bench_gpu.parse_args(["--dry-run", "--rows", "2", "--dataflow-rows", "1", "--camera-images", "1"])
+    assert args.weights == "random" and args.max_tokens == 64
+    overrides = bench_gpu.build_overrides(args)
+    assert "model.weights=random" in overrides and "engine.structured_outputs=false" in overrides
+    result = bench_gpu.main(["--dry-run", "--rows", "2", "--dataflow-rows", "1", "--camera-images", "1",
+                             "--workers", "0"])
+    assert result["dry_run"] and result["rows"] == 2 and result["requests"] == 2 and result["regions"] == 10
+    # regioncap's requests carry ~1,230 visual tokens at the 3B budget, DataFlow-MM's ~10,000-16,384.
+    assert 1000 < result["regioncap_prompt_tokens"]["max"] < 1500
+    assert 8000 < result["dataflow_prompt_tokens"]["min"] <= 16384 + 200
+    assert result["all_fit"] and Path(result["model_path"]).is_dir()
