@@ -5,11 +5,60 @@ from __future__ import annotations
 import atexit
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.experimental.callback import Callback
 
 log = logging.getLogger("regioncap")
+
+
+#: ``.hydra/*.yaml`` of run dirs that held them before Hydra wrote this run's: path -> bytes.
+_HYDRA_FILES_BEFORE: Dict[str, bytes] = {}
+
+
+class KeepRunDir(Callback):
+    """Keep a run dir's ``.hydra/*.yaml`` if this run turns out not to be allowed there.
+
+    Hydra writes ``.hydra/{config,hydra,overrides}.yaml`` into the run dir
+    before the job starts, so a run refused there (the dir holds another
+    run's results and ``resume`` is not set, or another process is writing it)
+    would have replaced the earlier run's files, the ones ``regioncap.reproduce``
+    replays. This keeps them before Hydra writes; :func:`restore_hydra_files`
+    puts them back when the job is refused.
+    """
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        _HYDRA_FILES_BEFORE.clear()
+        try:
+            run_dir = Path(str(config.hydra.run.dir))
+            subdir = config.hydra.output_subdir
+        except Exception:  # noqa: BLE001 - an unresolvable dir: nothing there to keep
+            return
+        if subdir is None or not (run_dir / str(subdir)).is_dir():
+            return
+        for path in (run_dir / str(subdir)).glob("*.yaml"):
+            try:
+                _HYDRA_FILES_BEFORE[str(path.resolve())] = path.read_bytes()
+            except OSError:
+                pass
+
+
+def restore_hydra_files(run_dir: Path) -> int:
+    """Put back the ``.hydra`` files :class:`KeepRunDir` kept for ``run_dir``; return how many."""
+    import os
+
+    n = 0
+    root = str(Path(run_dir).resolve())
+    for name, data in list(_HYDRA_FILES_BEFORE.items()):
+        if name.startswith(root + "/"):
+            tmp = name + ".restore"
+            try:
+                Path(tmp).write_bytes(data)
+                os.replace(tmp, name)
+                n += 1
+            except OSError:
+                pass
+    return n
 
 
 class SweepReport(Callback):

@@ -4,7 +4,9 @@
 process dies. ``ACTION`` is ``sigkill`` (default: the process is killed at
 once, no handler or ``finally`` runs, the way an OOM killer or a lost node
 ends it) or ``sigterm`` (the process sends itself SIGTERM and goes on, the
-way a scheduler's polite stop arrives; the stage's handler takes it from there).
+way a scheduler's polite stop arrives; the stage's handler takes it from there)
+or ``slow`` (from the N-th hit on, each hit waits a quarter of a second: a run
+that stays busy long enough for a test to act on it).
 
 Points: ``visualize.before_commit``, ``visualize.mid_line`` (half of the
 batch's last line is written, then the process dies), ``visualize.after_commit``
@@ -36,8 +38,8 @@ def _parse(spec: Optional[str]) -> Optional[Tuple[str, int, str]]:
         raise ValueError(f"{ENV}={spec!r}: unknown point {name!r}; points are {', '.join(POINTS)}")
     nth = int(parts[1]) if len(parts) > 1 and parts[1] else 1
     action = parts[2] if len(parts) > 2 else "sigkill"
-    if action not in ("sigkill", "sigterm"):
-        raise ValueError(f"{ENV}={spec!r}: action must be sigkill or sigterm, got {action!r}")
+    if action not in ("sigkill", "sigterm", "slow"):
+        raise ValueError(f"{ENV}={spec!r}: action must be sigkill, sigterm or slow, got {action!r}")
     return name, nth, action
 
 
@@ -53,6 +55,12 @@ def failpoint(name: str, before_death: Optional[Callable[[], None]] = None) -> N
     if _ARMED is None or _ARMED[0] != name:
         return
     _hits[name] += 1
+    if _ARMED[2] == "slow":
+        if _hits[name] >= _ARMED[1]:
+            import time
+
+            time.sleep(0.25)
+        return
     if _hits[name] != _ARMED[1]:
         return
     if before_death is not None:

@@ -95,7 +95,13 @@ def execute(cfg: Any) -> Dict[str, Any]:
     # Nothing is written into the run dir before its lock is held and the run may go on there:
     # a refused run (another process writes it, or it holds another run's results) leaves it as it was.
     rundir = RunDir(run_dir)
-    rundir.check_start(cfg)
+    try:
+        rundir.check_start(cfg)
+    except RunError:
+        from regioncap.callbacks import restore_hydra_files
+
+        restore_hydra_files(run_dir)
+        raise
     tracker = _build_tracker(cfg)
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,

@@ -815,6 +815,9 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         f"missing {m['regions_missing']}; boxes dropped {m['boxes_dropped']}, "
         f"clipped {m['boxes_clipped']}; requests {m['requests']} (+{m['reasks']} re-asks)",
     ]
+    if m.get("model_weights") == "random":
+        lines.insert(0, "RANDOM WEIGHTS: the model was built from its architecture's config with random weights "
+                        "(model.weights=random); the captions are noise, only speed and memory mean something")
     if m.get("images") is not None:
         lines.append(f"images {m['images']}, chunks {m.get('chunks', 0)}")
     prop = m.get("proposals")

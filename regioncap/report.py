@@ -662,6 +662,21 @@ def _header(run: RunData) -> str:
     head = (f'<header class="top"><div class="kicker">regioncap run report · <b>{e(run.name)}</b>'
             f'{" " + _badge(status) if status else ""}</div>'
             f'<h1>{names or e(run.name)}</h1><p class="path">{" · ".join(sub)}</p>')
+    if _dig(run.metrics or {}, "model_weights") == "random" or \
+            _dig(run.manifest or {}, "config", "model", "weights") == "random":
+        head += ('<p class="warn" style="background:#b00020;color:#fff;padding:6px 10px;font-weight:bold">'
+                 "RANDOM WEIGHTS: the model was built from its architecture's config with random weights "
+                 "(model.weights=random). Its captions are noise; only speed, tokens and memory mean something.</p>")
+    prop = _dig(run.metrics or {}, "proposals")
+    if isinstance(prop, dict) and prop.get("images"):
+        q = prop.get("quality") or {}
+        text = (f"proposals ({e(', '.join(sorted(prop.get('by_method') or {})))}): {_fmt(prop.get('regions'))} "
+                f"region(s) on {_fmt(prop.get('images'))} image(s)")
+        if q:
+            text += (f"; against the given boxes at IoU {_fmt(q.get('iou_threshold'))}: recall "
+                     f"{_fmt(q.get('recall'), 'pct')}, precision {_fmt(q.get('precision'), 'pct')}, "
+                     f"mean best IoU {_fmt(q.get('mean_best_iou'))}")
+        head += f'<p class="path">{text}</p>'
     if run.records_file is None:
         return head + "</header>"
     km = key_metrics(run)

@@ -230,6 +230,9 @@ class RegionCapRun:
                                   merge_size=int(model.merge_size), references_key=self.cfg.data.references_key,
                                   meteor=bool(scorers.get("meteor", False)),
                                   meteor_timeout_s=float(scorers.get("meteor_timeout_s", 300.0)), wall_s=wall)
+        from regioncap.random_weights import describe as weights
+
+        metrics.update(weights(model))
         if self.pipeline:
             # End to end: every image and region of the run over the run's wall time (both stages).
             done = metrics["regions_captioned"] if "caption" in self.stats else metrics["regions"]

@@ -261,3 +261,44 @@ def test_a_real_sigint_from_outside_stops_after_a_commit(tmp_path):
     proc = run_cli([*args, f"hydra.run.dir={out}", "resume=true"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(by_id(out / "captions.jsonl")) == len(by_id(out / "visualize.jsonl")) == 300
+
+
+@pytest.mark.cli
+def test_a_refused_run_leaves_the_finished_runs_files_as_they_were(tmp_path):
+    rows, out = demo_rows(tmp_path / "rows.jsonl", 3), tmp_path / "run"
+    args = ["engine=fake", "data=jsonl", f"data.path={rows}", f"hydra.run.dir={out}", "progress=false"]
+    assert run_cli(args).returncode == 0
+    kept = {p: p.read_bytes() for p in [*(out / ".hydra").glob("*.yaml"), out / "manifest.json", out / "report.html",
+                                        out / "captions.jsonl", out / "run_key.json"]}
+    again = run_cli([*args, "max_boxes=2", "seed=7"])  # other settings, no resume: refused
+    assert again.returncode == 1 and "already holds" in again.stdout + again.stderr
+    assert {p: p.read_bytes() for p in kept} == kept
+    # regioncap.reproduce replays the finished run's own overrides, not the refused run's.
+    assert "max_boxes=2" not in (out / ".hydra" / "overrides.yaml").read_text()
+
+
+@pytest.mark.cli
+def test_a_second_run_into_a_dir_in_use_is_refused_and_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    rows, out = demo_rows(tmp_path / "rows.jsonl", 40), tmp_path / "run"
+    args = ["engine=fake", "data=jsonl", f"data.path={rows}", f"hydra.run.dir={out}", "progress=false",
+            "workers=0", "commit_every=1", "engine.batch_size=1"]
+    env = {**__import__("os").environ, "PYTHONPATH": str(REPO), "REGIONCAP_FAILPOINT": "caption.after_commit:1:slow"}
+    first = subprocess.Popen([sys.executable, "-m", "regioncap", "model=tiny", *args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "captions.jsonl").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        overrides_before = (out / ".hydra" / "overrides.yaml").read_bytes()
+        second = run_cli([*args, "max_boxes=3"])
+        assert second.returncode == 1 and "another regioncap process is writing" in second.stdout + second.stderr
+        assert (out / ".hydra" / "overrides.yaml").read_bytes() == overrides_before
+    finally:
+        first.wait(timeout=300)
+    assert first.returncode == 0
+    assert json.loads((out / "manifest.json").read_text())["status"] == "ok"
+    assert "max_boxes=3" not in (out / ".hydra" / "overrides.yaml").read_text()

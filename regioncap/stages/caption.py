@@ -45,6 +45,9 @@ class Captioner(Stage):
         self.batch_size = max(1, int(cfg.engine.batch_size))
         #: Rows per batch at most, requests or not (rows that need no engine are committed as they come).
         self.max_rows = max(self.batch_size, int(cfg.get("commit_every", 32)))
+        from regioncap.random_weights import is_random
+
+        self.random_weights = is_random(cfg.model)
 
     # ------------------------------------------------------------ lifetime
     def start_engine(self) -> Engine:
@@ -215,6 +218,8 @@ class Captioner(Stage):
         elif rec["status"] == "error":
             rec["error"] = {"stage": "caption", "kind": "no_caption_parsed",
                             "message": f"{rec['image']}: the model's answer named none of the regions"}
+        if self.random_weights:
+            rec["model_weights"] = "random"  # every caption of such a run is noise: said on every row
         # Per-region faithfulness flags and exact-match/attribute scores (regioncap/metrics.py).
         return annotate_record(rec, self.cfg.data.references_key)
 
