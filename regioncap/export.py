@@ -139,7 +139,12 @@ def exportable(records: Iterator[Dict[str, Any]], references_key: Optional[str],
         for reg in regions:
             caption = reg.get("caption")
             if isinstance(caption, str) and caption.strip():
-                kept.append({"id": int(reg.get("id") or 0), "source_index": int(reg.get("source_index") or 0),
+                source_index = reg.get("source_index")
+                kept.append({"id": int(reg.get("id") or 0),
+                             "source_index": int(source_index) if isinstance(source_index, int) else None,
+                             "source": str(reg.get("source") or "input"),
+                             "score": float(reg["score"]) if isinstance(reg.get("score"), (int, float)) else None,
+                             "label": str(reg["label"]) if isinstance(reg.get("label"), str) else None,
                              "bbox": [float(v) for v in reg.get("bbox") or []],
                              "input_bbox": [float(v) for v in reg.get("input_bbox") or []],
                              "caption": caption.strip(),
@@ -177,6 +182,8 @@ def _features(images: str) -> Any:
     import datasets
 
     region = {"id": datasets.Value("int32"), "source_index": datasets.Value("int32"),
+              "source": datasets.Value("string"), "score": datasets.Value("float32"),
+              "label": datasets.Value("string"),
               "bbox": datasets.Sequence(datasets.Value("float32")),
               "input_bbox": datasets.Sequence(datasets.Value("float32")),
               "caption": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string")),

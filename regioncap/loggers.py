@@ -418,9 +418,12 @@ def _sample(rec: Dict[str, Any], spec: Dict[str, Any], regions: List[Dict[str, A
             label = str(number)
         else:
             label = f"{number}: (missing: {reg.get('reason') or 'no caption'})"
+        source = str(reg.get("source") or "input")
+        if source != "input":  # a proposed region: its own box layer in W&B, tagged
+            label = f"{label} [proposed: {source}]"
         lines.append(label)
         if boxes is not None and reg.get("input_bbox"):
-            boxes.append((number, [int(v) for v in reg["input_bbox"]], _cut(label, _BOX_CAPTION_CHARS)))
+            boxes.append((number, [int(v) for v in reg["input_bbox"]], _cut(label, _BOX_CAPTION_CHARS), source))
     caption = _cut(f"{spec.get('key') or rec.get('id')}\n" + "\n".join(lines), _IMAGE_CAPTION_CHARS)
     return {"path": str(run_dir / spec["image"]), "caption": caption, "boxes": boxes}
 
@@ -460,13 +463,16 @@ def _wandb_images(wandb: Any, samples: List[Dict[str, Any]]) -> List[Any]:
     images = []
     for s in samples:
         if s["boxes"]:
-            class_labels = {n: f"box {n}" for n, _, _ in s["boxes"]}
-            box_data = [{
-                "position": {"minX": x1, "minY": y1, "maxX": x2, "maxY": y2}, "domain": "pixel",
-                "class_id": int(n), "box_caption": label,
-            } for n, (x1, y1, x2, y2), label in s["boxes"]]
-            images.append(wandb.Image(s["path"], caption=s["caption"],
-                                      boxes={"regions": {"box_data": box_data, "class_labels": class_labels}}))
+            # Given boxes under "regions", proposed ones under "proposals": two layers the W&B UI
+            # shows in their own colours and toggles apart.
+            layers: Dict[str, Any] = {}
+            for n, (x1, y1, x2, y2), label, source in s["boxes"]:
+                layer = layers.setdefault("regions" if source == "input" else "proposals",
+                                          {"box_data": [], "class_labels": {}})
+                layer["class_labels"][int(n)] = f"box {n}" if source == "input" else f"proposed {n} ({source})"
+                layer["box_data"].append({"position": {"minX": x1, "minY": y1, "maxX": x2, "maxY": y2},
+                                          "domain": "pixel", "class_id": int(n), "box_caption": label})
+            images.append(wandb.Image(s["path"], caption=s["caption"], boxes=layers))
         else:
             images.append(wandb.Image(s["path"], caption=s["caption"]))
     return images

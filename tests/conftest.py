@@ -58,6 +58,9 @@ def requires(*modules: str):
 def _module_helpers_spawning(module) -> set:
     names = set()
     for name, obj in vars(module).items():
+        unwrap = getattr(obj, "_get_wrapped_function", None)  # a pytest fixture (pytest >= 8.4)
+        if unwrap is not None:
+            obj = unwrap()
         if inspect.isfunction(obj) and getattr(obj, "__module__", None) == module.__name__ \
                 and not name.startswith("test_"):
             try:
@@ -68,6 +71,7 @@ def _module_helpers_spawning(module) -> set:
     return names
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: the markers added here count
 def pytest_collection_modifyitems(config, items):
     helpers: dict = {}
     for item in items:
@@ -85,6 +89,7 @@ def pytest_collection_modifyitems(config, items):
         if _SPAWNS.search(source) or any(re.search(rf"\b{h}\(", source) or h in fixtures
                                          for h in helpers[module]):
             item.add_marker(pytest.mark.cli)
+    _CLI_TESTS.update(i.nodeid for i in items if i.get_closest_marker("cli"))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -173,10 +178,6 @@ def run_cli(args: List[str], *, python: str = sys.executable, env: dict | None =
 _CLI_TESTS: set = set()
 
 
-def pytest_collection_finish(session):
-    _CLI_TESTS.update(i.nodeid for i in session.items if i.get_closest_marker("cli"))
-
-
 def _marked_cli(current: str) -> bool:
     nodeid = current.rsplit(" (", 1)[0]
-    return nodeid in _CLI_TESTS or not _CLI_TESTS
+    return nodeid in _CLI_TESTS
