@@ -139,6 +139,33 @@ def check_shards(data_cfg: Any) -> Tuple[int, int]:
     return check_data_config(data_cfg)
 
 
+def count_rows(data_cfg: Any) -> Optional[int]:
+    """How many rows :func:`iter_rows` will yield, where that is cheap to know (a JSONL file: one
+    pass counting non-blank lines; a ``datasets`` source is not opened for it); else None.
+
+    For progress bars only: nothing depends on it being exact.
+    """
+    if data_cfg.source != "jsonl" or not data_cfg.path:
+        return None
+    path = resolve_path(str(data_cfg.path))
+    try:
+        total = 0
+        with open(path, "rb") as fh:
+            for raw in fh:
+                if raw.strip():
+                    total += 1
+    except OSError:
+        return None
+    skip, limit = max(0, int(data_cfg.skip or 0)), data_cfg.limit
+    total = max(0, total - skip)
+    if limit is not None:
+        total = min(total, max(0, int(limit)))
+    num_shards, shard_index = int(data_cfg.get("num_shards", 1) or 1), int(data_cfg.get("shard_index", 0) or 0)
+    if num_shards > 1:
+        total = len(range(shard_index, total, num_shards))
+    return total
+
+
 def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
     """Yield the rows selected by ``data_cfg``: ``skip``/``limit`` applied, then this shard's share.
 

@@ -23,7 +23,7 @@ import random
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from regioncap.data import check_shards, iter_rows, resolve_path
+from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
 from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor, executor_class
 from regioncap.prepare import RowPool, resolve_workers
@@ -152,10 +152,16 @@ class RegionCapRun:
         self.rundir.images_dir.mkdir(parents=True, exist_ok=True)
         workers = self._workers()
         window = max(4 * workers, int(self.cfg.commit_every), int(self.cfg.engine.batch_size))
-        rows = _progress(iter_rows(self.cfg.data), "visualize", bool(self.cfg.progress))
+        rows = _progress(iter_rows(self.cfg.data), "visualize", bool(self.cfg.progress), self.total_rows())
         with RowPool(self.cfg, workers, stage.process_row, window=window) as pool:
             stage.pool = pool
             yield from loop.commits(rows, stage.batches, Visualizer.identity)
+
+    def total_rows(self) -> Optional[int]:
+        """Rows the run will read, where cheap to know (for the progress bars' totals and ETA)."""
+        if not hasattr(self, "_total_rows"):
+            self._total_rows = count_rows(self.cfg.data) if self.cfg.get("progress", True) else None
+        return self._total_rows
 
     def _visualize_loop(self) -> StageLoop:
         return StageLoop("visualize", self.rundir, self._stats("visualize"), resume=bool(self.cfg.resume),
@@ -171,7 +177,8 @@ class RegionCapRun:
     def caption(self, records: Optional[Iterator[Dict[str, Any]]] = None) -> StageStats:
         """Caption the visualize records (``records`` as a stream, or ``visualize.jsonl``) where the executor says."""
         job = CaptionJob(cfg=self.cfg, rundir=self.rundir, stats=self._stats("caption"), model_path=self.model_path,
-                         on_commit=self.on_commit, start_hint=self._start_hint(), engine_info=self.engine_info)
+                         on_commit=self.on_commit, start_hint=self._start_hint(), engine_info=self.engine_info,
+                         total=self.total_rows() if "visualize" in self.cfg.stages else None)
         return self.executor.caption(job, records)
 
     def visualize_and_caption(self) -> StageStats:

@@ -48,6 +48,8 @@ class CaptionJob:
     start_hint: str = ""
     #: What the engine was, for the manifest (filled by the executor).
     engine_info: Dict[str, Any] = field(default_factory=dict)
+    #: Rows the stage will see, where known (progress bar total and ETA).
+    total: Optional[int] = None
 
 
 class Executor:

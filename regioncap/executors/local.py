@@ -32,7 +32,7 @@ class LocalExecutor(Executor):
                          on_commit=job.on_commit)
         source = read_jsonl(job.rundir.visualize_file) if records is None else records
         try:
-            return loop.run(_progress(source, "caption", bool(cfg.progress)), self.captioner.batches,
+            return loop.run(_progress(source, "caption", bool(cfg.progress), job.total), self.captioner.batches,
                             Captioner.identity)
         finally:
             job.engine_info.update(self.captioner.describe_engine() or {})
