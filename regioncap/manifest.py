@@ -130,17 +130,22 @@ def string_secrets(text: str) -> List[str]:
     return [f for f in found if len(f) >= MIN_SECRET_LEN and f != REDACTED]
 
 
-def redact(value: Any, secrets: Iterable[str] = ()) -> Any:
+def redact(value: Any, secrets: Iterable[str] = (), *, masked: bool = False) -> Any:
     """A copy of ``value`` (JSON-like) with every secret-named key's value masked (see
-    :func:`is_secret_name`) and every string passed through :func:`redact_string`."""
+    :func:`is_secret_name`) and every string passed through :func:`redact_string`.
+
+    Under a secret-named key holding a mapping or a list, every value inside is
+    masked, except a Hydra ``_target_`` (a class path: the structure stays readable).
+    """
     secrets = tuple(secrets)
     if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            out[k] = (REDACTED if v is not None else None) if is_secret_name(str(k)) else redact(v, secrets)
-        return out
+        return {k: (v if k == "_target_" and isinstance(v, str) else
+                    redact(v, secrets, masked=masked or is_secret_name(str(k))))
+                for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [redact(v, secrets) for v in value]
+        return [redact(v, secrets, masked=masked) for v in value]
+    if masked:
+        return REDACTED if value is not None else None
     if isinstance(value, str):
         return redact_string(value, secrets)
     return value

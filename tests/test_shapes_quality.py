@@ -124,6 +124,9 @@ def test_default_run_prints_right_captions(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["error_rows"] == 0
     printed = proc.stdout + proc.stderr
     assert "captions of the first 4 row(s)" in printed, printed[-2000:]
+    # A clean default run warns about nothing (no false secret, no misnamed box field).
+    assert "WARNING" not in printed, [ln for ln in printed.splitlines() if "WARNING" in ln]
+    assert "<redacted>" not in "".join(p.read_text() for p in (out / ".hydra").glob("*.yaml"))
     rec = next(read_jsonl(out / "captions.jsonl"))
     assert f'{rec["id"]} [1] "{rec["regions"][0]["caption"]}"  (reference: {rec["references"][0]})' in printed
     s = score(out)
