@@ -290,9 +290,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         model_path = resolve_model_path(cfg.model)
 
         with Phase(phases, "visualize_stage"):
-            RegionCapRun(cfg, model_path=model_path).visualize()
-        requests = Captioner(cfg, cfg.output_dir).request  # spec -> engine request, as the caption stage builds it
-        records = list(read_jsonl(Path(cfg.output_dir) / "visualize.jsonl"))
+            vis = RegionCapRun(cfg, model_path=model_path)
+            vis.visualize()
+        requests = Captioner(cfg, vis.out).request  # spec -> engine request, as the caption stage builds it
+        records = list(read_jsonl(vis.rundir.visualize_file))
         specs = [s for rec in records for s in rec.get("requests") or []]
         regions = sum(len(rec["regions"]) for rec in records)
         df_rows = [json.loads(line) for line in df_data.read_text().splitlines()]
