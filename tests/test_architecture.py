@@ -254,3 +254,12 @@ def test_function_level_and_type_checking_imports_are_not_edges():
            "try:\n    from regioncap import draw\nexcept ImportError:\n    pass\n"
            "def f():\n    from regioncap.stages.loop import StageLoop\n")
     assert module_level_edges(src) == {"regioncap.boxes", "regioncap.draw"}
+
+
+def test_a_module_naming_its_own_package_is_an_edge_a_sibling_import_is_not():
+    # plan.py importing a name from the package whose __init__ imports plan is a real cycle;
+    # importing a sibling module loads the (already loading) package first, which is no cycle.
+    assert module_level_edges("from regioncap.propose import select_proposals\n",
+                              "regioncap.propose.plan") == {"regioncap.propose"}
+    assert module_level_edges("from regioncap.propose.base import Proposal\n",
+                              "regioncap.propose.plan") == {"regioncap.propose.base"}
