@@ -88,7 +88,7 @@ def _padded_tokenizer(folder: Path) -> None:
     """
     from regioncap import tiny
 
-    tiny._write_tokenizer(folder)
+    tiny.write_tokenizer(folder)
     tok_path = folder / "tokenizer.json"
     data = json.loads(tok_path.read_text(encoding="utf-8"))
     vocab: Dict[str, int] = data["model"]["vocab"]

@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
 from regioncap.errors import RunError
@@ -58,8 +58,10 @@ def seed_everything(seed: int) -> None:
 class RegionCapRun:
     """One run: the configured stages over the configured data, in one run dir."""
 
-    def __init__(self, cfg: Any, *, model_path: Optional[str] = None, executor: Optional[str] = None,
+    def __init__(self, cfg: Any, *, model_path: Optional[str] = None, executor: Union[str, Executor, None] = None,
                  on_commit: Optional[OnCommit] = None, rundir: Optional[RunDir] = None) -> None:
+        """``executor``: a name (default :func:`pick_executor`'s choice) or an executor already built
+        (``LocalExecutor(cfg, engine=...)`` shares one engine between runs)."""
         self.cfg = cfg
         #: The run dir; its lock may already be held (the job takes it before writing anything).
         self.rundir = rundir if rundir is not None else RunDir(cfg.output_dir)
@@ -75,7 +77,8 @@ class RegionCapRun:
         #: What the engine was, for the manifest (filled by the caption stage's executor).
         self.engine_info: Dict[str, Any] = {}
         self._validate()
-        self.executor: Executor = executor_class(executor or pick_executor(cfg))(cfg)
+        self.executor: Executor = executor if isinstance(executor, Executor) else \
+            executor_class(executor or pick_executor(cfg))(cfg)
 
     def _validate(self) -> None:
         from regioncap.strategies import strategy_class

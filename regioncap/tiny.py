@@ -134,7 +134,7 @@ VISION_DIMS: Dict[str, Any] = dict(
 )
 
 
-def _corpus() -> List[str]:
+def default_corpus() -> List[str]:
     """A small, fixed English corpus in the domain of region captions."""
     colours = ["red", "orange", "yellow", "green", "blue", "purple", "white", "black", "brown", "grey", "pink"]
     sizes = ["small", "large", "tiny", "big", "tall", "short", "round", "long"]
@@ -167,8 +167,8 @@ def _corpus() -> List[str]:
     return lines
 
 
-def _write_tokenizer(folder: Path, corpus: Optional[List[str]] = None, vocab_size: int = BPE_VOCAB_SIZE) -> None:
-    """Train the byte-level BPE on ``corpus`` (default :func:`_corpus`) and write a Qwen2 tokenizer into ``folder``.
+def write_tokenizer(folder: Path, corpus: Optional[List[str]] = None, vocab_size: int = BPE_VOCAB_SIZE) -> None:
+    """Train the byte-level BPE on ``corpus`` (default: :func:`default_corpus`); write a Qwen2 tokenizer to ``folder``.
 
     Written in the layout of the real Qwen2.5-VL checkpoints (``tokenizer.json``
     with the added tokens after the BPE vocabulary, ``tokenizer_config.json``
@@ -195,7 +195,7 @@ def _write_tokenizer(folder: Path, corpus: Optional[List[str]] = None, vocab_siz
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
     )
-    tok.train_from_iterator(corpus if corpus is not None else _corpus(), trainer=trainer)
+    tok.train_from_iterator(corpus if corpus is not None else default_corpus(), trainer=trainer)
     first_id = tok.get_vocab_size()
     # One call per token keeps Qwen's order: ids first_id, first_id + 1, ...
     for content, special in QWEN_ADDED_TOKENS:
@@ -272,23 +272,24 @@ def _build_into(tmp: Path, seed: int) -> Dict[str, Any]:
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
-            return _build_seeded(tmp, seed)
+            return build_seeded(tmp, seed)
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)
 
 
-def _build_seeded(tmp: Path, seed: int, *, text_dims: Optional[Dict[str, Any]] = None,
-                  vision_dims: Optional[Dict[str, Any]] = None, corpus: Optional[List[str]] = None,
-                  vocab: int = BPE_VOCAB_SIZE, min_pixels: int = MIN_PIXELS,
-                  max_pixels: int = MAX_PIXELS) -> Dict[str, Any]:
-    """Write a random-weight model folder; the defaults are the tiny model's (``scripts/train_shapes.py``
+def build_seeded(tmp: Path, seed: int, *, text_dims: Optional[Dict[str, Any]] = None,
+                 vision_dims: Optional[Dict[str, Any]] = None, corpus: Optional[List[str]] = None,
+                 vocab: int = BPE_VOCAB_SIZE, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> Dict[str, Any]:
+    """Write a random-weight model folder into ``tmp`` with the RNGs as they are (the caller seeds them);
+    the defaults are the tiny model's (``scripts/train_shapes.py``
     passes its own dimensions, corpus and pixel budget)."""
     import torch
     import transformers
     from transformers import AutoTokenizer, GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    _write_tokenizer(tmp, corpus, vocab)
+    write_tokenizer(tmp, corpus, vocab)
     tok = AutoTokenizer.from_pretrained(tmp)
     ids = {t: tok.convert_tokens_to_ids(t) for t, _ in QWEN_ADDED_TOKENS}
     n_tokens = len(tok)

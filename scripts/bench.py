@@ -387,7 +387,7 @@ def bench_overlap(rows: int, repeat: int, work: Path, torch_threads: int = 1, co
 
     from conftest import compose
     from regioncap.engines import build_engine
-    from regioncap.models import resolve_model_path
+    from regioncap.executors.local import LocalExecutor
     from regioncap.run import RegionCapRun
     from regioncap.tiny import build_tiny_model
 
@@ -401,11 +401,11 @@ def bench_overlap(rows: int, repeat: int, work: Path, torch_threads: int = 1, co
 
     def run(stages: str, out: Path) -> None:
         cfg = compose([*base, f"stages={stages}"], output_dir=out)
-        r = RegionCapRun(cfg, model_path=str(model_dir))
         if "engine" not in engine_holder:
             engine_holder["engine"] = build_engine(cfg.engine, cfg.model, str(model_dir))
-        r.engine = engine_holder["engine"]
-        r.run()
+        # The caption stage in this process, on the shared engine.
+        executor = LocalExecutor(cfg, engine=engine_holder["engine"])
+        RegionCapRun(cfg, model_path=str(model_dir), executor=executor).run()
 
     dirs: Dict[str, Path] = {}
 
@@ -433,9 +433,11 @@ def bench_overlap(rows: int, repeat: int, work: Path, torch_threads: int = 1, co
 def bench_caption(rows: int, repeat: int, work: Path) -> Dict[str, object]:
     from conftest import compose
     from regioncap.engines import build_engine
+    from regioncap.executors.local import LocalExecutor
     from regioncap.models import resolve_model_path
     from regioncap.records import read_jsonl
     from regioncap.run import RegionCapRun
+    from regioncap.stages.caption import Captioner
     from regioncap.tiny import build_tiny_model
 
     model_dir = build_tiny_model(work / "tiny")
@@ -450,21 +452,23 @@ def bench_caption(rows: int, repeat: int, work: Path) -> Dict[str, object]:
     # No re-asks: the direct calls make none, so the two sides do the same generation work.
     cfg = compose(["progress=false", f"model.path={model_dir}", "data=jsonl", f"data.path={big}",
                    "sampling.max_tokens=64", "prompt.reask_missing=false"], output_dir=work / "caption")
-    run = RegionCapRun(cfg, model_path=resolve_model_path(cfg.model))
+    model_path = resolve_model_path(cfg.model)
+    engine = build_engine(cfg.engine, cfg.model, model_path)
+    # The caption stage in this process, on the engine the direct calls use too.
+    run = RegionCapRun(cfg, model_path=model_path, executor=LocalExecutor(cfg, engine=engine))
     run.visualize()
-    engine = build_engine(cfg.engine, cfg.model, run.model_path)
-    run.engine = engine
-    engine.generate([run._engine_request(s) for s in next(read_jsonl(run.out / "visualize.jsonl"))["requests"]])  # warm-up
+    requests = Captioner(cfg, run.out).request  # spec -> engine request, as the caption stage builds it
+    engine.generate([requests(s) for s in next(read_jsonl(run.rundir.visualize_file))["requests"]])  # warm-up
 
     def pipeline() -> None:
         run.caption()
 
     def direct() -> None:
         # The same requests, in the same batches, straight to the engine.
-        specs = [s for rec in read_jsonl(run.out / "visualize.jsonl") for s in rec["requests"]]
+        specs = [s for rec in read_jsonl(run.rundir.visualize_file) for s in rec["requests"]]
         bs = int(cfg.engine.batch_size)
         for i in range(0, len(specs), bs):
-            engine.generate([run._engine_request(s) for s in specs[i:i + bs]])
+            engine.generate([requests(s) for s in specs[i:i + bs]])
 
     t = timed({"direct": direct, "pipeline": pipeline}, repeat)
     t_direct, t_pipe = t["direct"], t["pipeline"]

@@ -110,16 +110,9 @@ def dataflow_image(marked: str) -> Any:
     return process_vision_info(messages)[0][0]
 
 
-def fixed_length(engine: Any) -> None:
+def fixed_length(engine: Any, max_tokens: int) -> None:
     """Make every request of ``engine`` generate exactly ``max_tokens`` tokens (both sides alike)."""
-    from vllm import SamplingParams
-
-    def params(req: Any) -> Any:
-        s = req.sampling
-        return SamplingParams(temperature=float(s.temperature), top_p=float(s.top_p), max_tokens=int(s.max_tokens),
-                              min_tokens=int(s.max_tokens), ignore_eos=True, seed=s.seed)
-
-    engine._sampling_params = params
+    engine.sampling_overrides = {"min_tokens": int(max_tokens), "ignore_eos": True}
 
 
 class GpuMemory:
@@ -242,10 +235,11 @@ def build_overrides(args: argparse.Namespace) -> List[str]:
     return overrides + list(args.override)
 
 
-def dry_run(cfg: Any, model_path: str, run: Any, records: List[Dict[str, Any]], naive: List[str],
+def dry_run(cfg: Any, model_path: str, requests: Any, records: List[Dict[str, Any]], naive: List[str],
             overrides: List[str]) -> Dict[str, Any]:
     """What the GPU run would submit, prepared without vLLM: prompts rendered with the model's chat
-    template and counted by regioncap's rule, DataFlow-MM's inputs at its budget."""
+    template and counted by regioncap's rule, DataFlow-MM's inputs at its budget. ``requests``: request
+    spec -> engine request (``Captioner.request``)."""
     from transformers import AutoTokenizer
 
     from regioncap.metrics import visual_tokens
@@ -261,7 +255,7 @@ def dry_run(cfg: Any, model_path: str, run: Any, records: List[Dict[str, Any]], 
     from regioncap.engines.base import Request
 
     specs = [s for rec in records for s in rec.get("requests") or []]
-    ours = [count(run._engine_request(s), s["image_size"]) for s in specs]
+    ours = [count(requests(s), s["image_size"]) for s in specs]
     theirs = []
     for path in naive:
         image = dataflow_image(path)
@@ -278,8 +272,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     from bench import dataflow_mm_visualize, make_camera_dataset
     from regioncap.models import resolve_model_path
+    from regioncap.prepare import resolve_workers
     from regioncap.records import read_jsonl
     from regioncap.run import RegionCapRun
+    from regioncap.stages.caption import Captioner
 
     overrides = build_overrides(args)
     phases: Dict[str, Dict[str, float]] = {}
@@ -294,9 +290,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         model_path = resolve_model_path(cfg.model)
 
         with Phase(phases, "visualize_stage"):
-            run = RegionCapRun(cfg, model_path=model_path)
-            run.visualize()
-        records = list(read_jsonl(run.out / "visualize.jsonl"))
+            vis = RegionCapRun(cfg, model_path=model_path)
+            vis.visualize()
+        requests = Captioner(cfg, vis.out).request  # spec -> engine request, as the caption stage builds it
+        records = list(read_jsonl(vis.rundir.visualize_file))
         specs = [s for rec in records for s in rec.get("requests") or []]
         regions = sum(len(rec["regions"]) for rec in records)
         df_rows = [json.loads(line) for line in df_data.read_text().splitlines()]
@@ -304,43 +301,44 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         with Phase(phases, "dataflow_visualize"):
             naive = dataflow_mm_visualize(df_data, work / "naive")
         if args.dry_run:
-            results = dry_run(cfg, model_path, run, records, naive, overrides)
+            results = dry_run(cfg, model_path, requests, records, naive, overrides)
             results.update(rows=len(records), regions=regions, dataflow_rows=len(naive), phases=phases)
             print(json.dumps(results, indent=2, default=str))
             return results
 
         from regioncap.engines import build_engine
+        from regioncap.executors.local import LocalExecutor
 
         with GpuMemory() as mem:
             with Phase(phases, "engine_build"):
                 engine = build_engine(cfg.engine, cfg.model, model_path)
-            fixed_length(engine)
-            run.engine = engine
-            engine.generate([run._engine_request(specs[0])])  # warm-up (CUDA graphs, caches)
+            fixed_length(engine, args.max_tokens)
+            engine.generate([requests(specs[0])])  # warm-up (CUDA graphs, caches)
 
             # raw: every prepared request in one generate call, images already decoded.
-            items = [engine._prepare(run._engine_request(s))[0] for s in specs]
+            items = [engine.prepare(requests(s))[0] for s in specs]
             with Phase(phases, "raw_generate"):
-                outs = engine._llm.generate([it["prompt"] for it in items], [it["params"] for it in items],
-                                            use_tqdm=False)
+                outs = engine.llm.generate([it["prompt"] for it in items], [it["params"] for it in items],
+                                           use_tqdm=False)
             raw_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             del items, outs
 
-            # regioncap's caption stage over the same records.
+            # regioncap's caption stage over the same records, in this process on the shared engine.
+            run = RegionCapRun(cfg, model_path=model_path, executor=LocalExecutor(cfg, engine=engine))
             with Phase(phases, "caption_stage"):
                 run.caption()
-            captions = list(read_jsonl(run.out / "captions.jsonl"))
+            captions = list(read_jsonl(run.rundir.captions_file))
             stage_tokens = sum((rec.get("tokens") or {}).get("output") or 0 for rec in captions)
 
             # Both stages in one streaming run.
-            both = RegionCapRun(compose(overrides, work / "both"), model_path=model_path)
-            both.engine = engine
+            both_cfg = compose(overrides, work / "both")
+            both = RegionCapRun(both_cfg, model_path=model_path, executor=LocalExecutor(both_cfg, engine=engine))
             with Phase(phases, "both_streaming"):
                 both.run()
 
             # DataFlow-MM's settings: its marked full-resolution files, qwen-vl-utils' budget, vLLM's processor.
             with Phase(phases, "dataflow_caption"):
-                params = engine._sampling_params(run._engine_request(specs[0]))
+                params = engine.sampling_params(requests(specs[0]))
                 prompts = []
                 for path, row in zip(naive, df_rows):
                     from regioncap.engines.base import Request
@@ -349,7 +347,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                   system=DATAFLOW_SYSTEM)
                     prompts.append({"prompt": engine.render_prompt(req),
                                     "multi_modal_data": {"image": dataflow_image(path)}})
-                outs = engine._llm.generate(prompts, params, use_tqdm=False)
+                outs = engine.llm.generate(prompts, params, use_tqdm=False)
             df_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
             df_prompt = sorted(len(o.prompt_token_ids) for o in outs)
             env = environment(engine)
@@ -369,7 +367,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                      "dataflow_regions": df_regions, "camera_images": images, "max_tokens_fixed": args.max_tokens,
                      "weights": "tiny model" if args.cpu_smoke else args.weights, "overrides": overrides,
                      "dataflow_resize": dataflow_resizer(), "model_path": str(model_path),
-                     "cpu_smoke": args.cpu_smoke, "workers": run._workers(), "batch_size": int(cfg.engine.batch_size)},
+                     "cpu_smoke": args.cpu_smoke, "workers": resolve_workers(cfg), "batch_size": int(cfg.engine.batch_size)},
         "generated_tokens": {"raw": raw_tokens, "caption_stage": stage_tokens, "dataflow": df_tokens},
         "raw_generate": rate("raw_generate", n, regions),
         "caption_stage": {**rate("caption_stage", n, regions),

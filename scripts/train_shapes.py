@@ -79,7 +79,7 @@ def domain_corpus() -> List[str]:
 
     from regioncap import prompts
 
-    lines = list(tiny._corpus())
+    lines = list(tiny.default_corpus())
     caps = [shapes.caption(c, k) for c in shapes.COLOURS for k in shapes.SHAPES]
     for _ in range(3):
         lines += caps
@@ -121,8 +121,8 @@ def build_init(folder: Path, seed: int, text_dims: Dict[str, Any] = TEXT_DIMS,
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    return tiny._build_seeded(folder, seed, text_dims=text_dims, vision_dims=vision_dims, corpus=domain_corpus(),
-                              vocab=VOCAB, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return tiny.build_seeded(folder, seed, text_dims=text_dims, vision_dims=vision_dims, corpus=domain_corpus(),
+                             vocab=VOCAB, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
 
 def _visualize_shard(data_jsonl: Path, model_dir: Path, prompt: str, out_dir: Path, shards: int, index: int) -> Path:

@@ -63,3 +63,37 @@ def test_bench_gpu_dry_run_prepares_both_sides(tmp_path, monkeypatch):
     assert 1000 < result["regioncap_prompt_tokens"]["max"] < 1500
     assert 8000 < result["dataflow_prompt_tokens"]["min"] <= 16384 + 200
     assert result["all_fit"] and Path(result["model_path"]).is_dir()
+
+
+def test_a_shared_engine_serves_two_runs_and_stays_open(tmp_path):
+    """The benchmarks' hook: ``LocalExecutor(cfg, engine=...)`` captions with an engine built once; the runs
+    use it as is and leave closing it to whoever built it."""
+    from conftest import compose
+    from regioncap.engines import build_engine
+    from regioncap.executors.local import LocalExecutor
+    from regioncap.records import read_jsonl
+    from regioncap.run import RegionCapRun
+    from regioncap.stages.caption import Captioner
+
+    closed = []
+    engine = None
+    for name in ("a", "b"):
+        cfg = compose(["engine=fake", "progress=false", "workers=0"], output_dir=tmp_path / name)
+        if engine is None:
+            engine = build_engine(cfg.engine, cfg.model, None)
+            engine.close = lambda: closed.append(True)
+        run = RegionCapRun(cfg, executor=LocalExecutor(cfg, engine=engine))
+        metrics = run.run()
+        run.close()
+        assert metrics["regions_captioned"] == metrics["regions"] > 0
+        assert run.engine_info["engine"] == "fake"
+    assert len(engine.calls) >= 2 and closed == []  # one engine answered both runs; neither closed it
+    # Captioner.request: the engine request of a spec, its image resolved against the run dir.
+    spec = next(read_jsonl(tmp_path / "b" / "visualize.jsonl"))["requests"][0]
+    request = Captioner(cfg, tmp_path / "b").request(spec)
+    assert request.image_path == str(tmp_path / "b" / spec["image"]) and request.prompt == spec["prompt"]
+    own = Captioner(cfg, tmp_path / "b")
+    own.start_engine()
+    own.engine.close = lambda: closed.append("own")
+    own.close()
+    assert closed == ["own"]  # an engine the stage built itself is closed with it

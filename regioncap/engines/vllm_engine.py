@@ -105,6 +105,9 @@ class VllmEngine(Engine):
         self.patch_size = int(model_cfg.patch_size)
         self.merge_size = int(model_cfg.merge_size)
         self._so_factory = self._structured_outputs_factory() if engine_cfg.structured_outputs else None
+        #: Extra ``SamplingParams`` arguments every request gets, over the request's own (empty: none).
+        #: A benchmark fixes the output length with ``{"min_tokens": n, "ignore_eos": True}``.
+        self.sampling_overrides: Dict[str, Any] = {}
 
         kwargs: Dict[str, Any] = dict(
             model=self.model_path,
@@ -202,7 +205,15 @@ class VllmEngine(Engine):
         n_img = _visual_tokens(image_size[0], image_size[1], self.patch_size, self.merge_size)
         return n_text - IMAGE_PLACEHOLDERS + n_img
 
-    def _sampling_params(self, req: Request) -> Any:
+    @property
+    def llm(self) -> Any:
+        """The ``vllm.LLM`` (None once closed), for callers that drive it directly, such as the
+        raw ``LLM.generate`` baseline of ``scripts/bench_gpu.py``."""
+        return self._llm
+
+    def sampling_params(self, req: Request, **overrides: Any) -> Any:
+        """The ``vllm.SamplingParams`` of ``req``: its sampling settings, its structured-output constraint
+        (with ``engine.structured_outputs``), then :attr:`sampling_overrides`, then ``overrides``."""
         from vllm import SamplingParams
 
         s = req.sampling
@@ -211,10 +222,18 @@ class VllmEngine(Engine):
         )
         if self._so_factory is not None and (req.regex or req.json_schema):
             kw.update(self._so_factory(req.regex, req.json_schema))
+        kw.update(self.sampling_overrides)
+        kw.update(overrides)
         return SamplingParams(**kw)
 
-    def _prepare(self, req: Request) -> Tuple[Optional[Dict[str, Any]], Optional[Response]]:
-        """(vLLM prompt dict, None) for a request that can go, or (None, error row)."""
+    def prepare(self, req: Request) -> Tuple[Optional[Dict[str, Any]], Optional[Response]]:
+        """``(item, None)`` for a request that can go to vLLM, or ``(None, error row)``.
+
+        ``item["prompt"]`` is the prompt dict ``LLM.generate`` takes (text and the opened image),
+        ``item["params"]`` its ``SamplingParams`` (:meth:`sampling_params`), ``item["n_prompt"]``
+        the prompt's length in tokens and ``item["clamped"]`` whether ``max_tokens`` is more than
+        ``max_model_len`` leaves (vLLM then cuts the answer's budget).
+        """
         from PIL import Image
 
         try:
@@ -241,7 +260,7 @@ class VllmEngine(Engine):
                 prompt_tokens=n_prompt,
             )
         try:
-            params = self._sampling_params(req)
+            params = self.sampling_params(req)
         except Exception as e:
             return None, error_response(req.key, "invalid_request", f"{type(e).__name__}: {e}")
         room = self.max_model_len - n_prompt
@@ -287,7 +306,7 @@ class VllmEngine(Engine):
         responses: List[Optional[Response]] = [None] * len(requests)
         ready: List[Tuple[int, Dict[str, Any]]] = []
         for i, req in enumerate(requests):
-            item, err = self._prepare(req)
+            item, err = self.prepare(req)
             if err is not None:
                 responses[i] = err
             else:

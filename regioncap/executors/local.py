@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Iterable, Optional
 
+from regioncap.engines.base import Engine
 from regioncap.executors import CaptionJob, Executor
 from regioncap.records import read_jsonl
 from regioncap.stages import StageStats
@@ -18,8 +19,10 @@ class LocalExecutor(Executor):
     name = "local"
     streams = True
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, engine: Optional[Engine] = None) -> None:
+        """``engine``: an engine already built, shared with other runs (see :class:`Captioner`)."""
         super().__init__(cfg)
+        self.engine = engine
         self.captioner: Optional[Captioner] = None
 
     def caption(self, job: CaptionJob, records: Optional[Iterable[Dict[str, Any]]] = None) -> StageStats:
@@ -27,7 +30,8 @@ class LocalExecutor(Executor):
         stats.pid = os.getpid()
         if cfg.resume and "visualize" not in cfg.stages:
             job.rundir.done_rows("visualize")  # cuts a torn tail a killed visualize stage left
-        self.captioner = Captioner(cfg, job.rundir.path, model_path=job.model_path, start_hint=job.start_hint)
+        self.captioner = Captioner(cfg, job.rundir.path, model_path=job.model_path, start_hint=job.start_hint,
+                                   engine=self.engine)
         loop = StageLoop("caption", job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
                          on_commit=job.on_commit)
         source = read_jsonl(job.rundir.visualize_file) if records is None else records

@@ -30,14 +30,19 @@ class Captioner(Stage):
     name = "caption"
 
     def __init__(self, cfg: Any, out_dir: Optional[Any] = None, *, model_path: Optional[str] = None,
-                 start_hint: str = "") -> None:
+                 start_hint: str = "", engine: Optional[Engine] = None) -> None:
+        """``engine``: one already built (shared by several runs, as the benchmarks do); the stage uses it
+        and leaves closing it to whoever built it. Without it the stage builds the configured engine at
+        its first batch with work and closes it in :meth:`close`."""
         from regioncap.strategies import build_strategy
 
         self.cfg = cfg
         self.out = Path(out_dir if out_dir is not None else cfg.output_dir)
         self.model_path = model_path
         self.strategy = build_strategy(cfg)
-        self.engine: Optional[Engine] = None
+        self.engine: Optional[Engine] = engine
+        #: Whether :meth:`close` closes the engine (not one handed in).
+        self.owns_engine = engine is None
         #: What the engine was (``describe()``), kept after it is closed (for the manifest).
         self.engine_info: Optional[Dict[str, Any]] = None
         #: Appended to the error when the engine cannot start (how to go on).
@@ -76,7 +81,8 @@ class Captioner(Stage):
     def close(self) -> None:
         if self.engine is not None:
             self.engine_info = self.describe_engine()
-            self.engine.close()
+            if self.owns_engine:
+                self.engine.close()
             self.engine = None
 
     # ------------------------------------------------------------- batches

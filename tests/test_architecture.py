@@ -1,0 +1,265 @@
+"""Architecture rules, checked on the source (unit tier: AST only, nothing is imported).
+
+1. No import cycle among the modules of ``regioncap``. Only module-level
+   imports count (statements in a module's body, including inside a top-level
+   ``try``/``if``, but not under ``if TYPE_CHECKING:``): an import inside a
+   function runs when the function is called, after every module has loaded,
+   and is the accepted way to break a cycle or to keep a heavy package off the
+   import path.
+2. No module of ``regioncap`` or ``scripts`` imports a private name (one
+   starting with ``_``, dunders aside) from a regioncap module, anywhere in the
+   file, and none reads a private attribute through a name it imported from a
+   regioncap module (``tiny._corpus`` after ``from regioncap import tiny``).
+3. Scripts use the public API: no ``obj._private`` attribute access on anything
+   but ``self``/``cls`` (a heuristic: scripts should not reach into objects
+   from other modules; a few standard-library names are allowed).
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Set
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "regioncap"
+SCRIPTS = REPO / "scripts"
+
+#: Private attributes of the standard library that scripts may use.
+STDLIB_PRIVATE = {("os", "_exit"), ("sys", "_getframe")}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def package_modules() -> Dict[str, Path]:
+    """``{dotted name: file}`` of every module of the package."""
+    return {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def absolute(module: Optional[str], level: int, importer: str, is_package: bool) -> str:
+    """The absolute module name of an ``import``/``from`` target (relative imports resolved)."""
+    if not level:
+        return module or ""
+    base = importer.split(".")
+    base = base if is_package else base[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def module_level_imports(tree: ast.Module) -> Iterator[ast.stmt]:
+    """Import statements that run when the module is imported (not in functions or classes)."""
+    stack: List[ast.stmt] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        elif isinstance(node, ast.If):
+            if not is_type_checking(node):
+                stack.extend(node.body + node.orelse)
+        elif isinstance(node, ast.Try):
+            stack.extend(node.body + node.orelse + node.finalbody)
+            for handler in node.handlers:
+                stack.extend(handler.body)
+        elif isinstance(node, (ast.With, ast.For, ast.While)):
+            stack.extend(node.body)
+
+
+def targets(node: ast.stmt, importer: str, is_package: bool, modules: Dict[str, Path]) -> Set[str]:
+    """The regioncap modules an import statement loads.
+
+    Importing ``a.b.c`` loads ``a`` and ``a.b`` first; those packages are edges
+    too, except the importer's own ancestors (the import system always loads a
+    package before its modules, so that edge is no cycle unless the module
+    names the package itself: ``from regioncap.propose import x``).
+    """
+    explicit: Set[str] = set()
+    if isinstance(node, ast.Import):
+        explicit = {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom):
+        base = absolute(node.module, node.level, importer, is_package)
+        subs = {f"{base}.{a.name}" for a in node.names if f"{base}.{a.name}" in modules}
+        explicit = subs if len(subs) == len(node.names) else subs | {base}
+    ancestors = {".".join(importer.split(".")[:i]) for i in range(1, importer.count(".") + 1)}
+    if is_package:
+        ancestors.add(importer)
+    found = set()
+    for name in explicit:
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if prefix not in modules or prefix == importer:
+                continue
+            if prefix == name or prefix not in ancestors:
+                found.add(prefix)
+    return found
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    """Module -> the regioncap modules its module-level imports load."""
+    modules = package_modules()
+    graph: Dict[str, Set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        is_package = path.name == "__init__.py"
+        edges: Set[str] = set()
+        for node in module_level_imports(tree):
+            edges |= targets(node, name, is_package, modules)
+        graph[name] = edges
+    return graph
+
+
+def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
+    """One cycle of ``graph`` as ``[a, b, ..., a]``, or None (iterative depth-first search)."""
+    state: Dict[str, int] = {}  # 1: on the current path, 2: done
+    for start in sorted(graph):
+        if state.get(start):
+            continue
+        path: List[str] = [start]
+        its = [iter(sorted(graph[start]))]
+        state[start] = 1
+        while its:
+            nxt = next(its[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                its.pop()
+                continue
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                its.append(iter(sorted(graph.get(nxt, ()))))
+    return None
+
+
+def source_files() -> List[Path]:
+    return sorted(PACKAGE.rglob("*.py")) + sorted(SCRIPTS.glob("*.py"))
+
+
+def private_imports(path: Path, root: Path = REPO) -> List[str]:
+    """``from regioncap.x import _y`` anywhere in ``path``, and ``alias._y`` on names imported from regioncap
+    (each as ``file:line: what``, the file relative to ``root``)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    importer = module_name(path) if path.is_relative_to(PACKAGE) else ""
+    where = path.relative_to(root)
+    is_package = path.name == "__init__.py"
+    found: List[str] = []
+    imported: Set[str] = set()  # local names bound to regioncap modules or their objects
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = absolute(node.module, node.level, importer, is_package)
+            if base.split(".")[0] != "regioncap":
+                continue
+            for alias in node.names:
+                if is_private(alias.name):
+                    found.append(f"{where}:{node.lineno}: from {base} import {alias.name}")
+                imported.add(alias.asname or alias.name)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "regioncap":
+                    if is_private(alias.name.split(".")[-1]):
+                        found.append(f"{where}:{node.lineno}: import {alias.name}")
+                    if alias.asname:
+                        imported.add(alias.asname)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and is_private(node.attr):
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in imported:
+                found.append(f"{where}:{node.lineno}: {base.id}.{node.attr}")
+    return found
+
+
+def script_private_attributes(path: Path, root: Path = REPO) -> List[str]:
+    """``obj._private`` in a script, on anything but ``self``/``cls`` and a few standard-library names."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    where = path.relative_to(root)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and is_private(node.attr):
+            base = node.value
+            if isinstance(base, ast.Name) and (base.id in ("self", "cls") or (base.id, node.attr) in STDLIB_PRIVATE):
+                continue
+            what = base.id if isinstance(base, ast.Name) else ast.unparse(base)
+            found.append(f"{where}:{node.lineno}: {what}.{node.attr}")
+    return found
+
+
+# ---------------------------------------------------------------------- tests
+
+
+def test_the_checker_sees_the_package():
+    graph = import_graph()
+    assert {"regioncap.run", "regioncap.rundir", "regioncap.stages.loop", "regioncap.executors.local"} <= set(graph)
+    assert "regioncap.rundir" in graph["regioncap.run"]
+    assert "regioncap.stages" in graph["regioncap.stages.loop"]  # the package runs before its module
+
+
+def test_cycle_finder_finds_a_cycle_and_no_false_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycle_among_regioncap_modules():
+    cycle = find_cycle(import_graph())
+    assert cycle is None, (f"module-level import cycle: {' -> '.join(cycle)}; move one of these imports "
+                           "into the function that needs it, or the shared name into a leaf module")
+
+
+def test_private_name_checks_catch_what_they_should(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("from regioncap.tiny import _corpus\nfrom regioncap import tiny\ntiny._build_seeded()\n"
+                   "import os\nos._exit(0)\nrun._workers()\nself._x\nx.__class__\n")
+    assert private_imports(bad, tmp_path) == ["x.py:1: from regioncap.tiny import _corpus",
+                                              "x.py:3: tiny._build_seeded"]
+    assert sorted(script_private_attributes(bad, tmp_path)) == ["x.py:3: tiny._build_seeded", "x.py:6: run._workers"]
+
+
+def test_no_private_names_imported_from_regioncap_modules():
+    found = [f for path in source_files() for f in private_imports(path)]
+    assert found == [], "private names used across modules (make them public):\n" + "\n".join(found)
+
+
+def test_scripts_use_public_attributes_only():
+    found = [f for path in sorted(SCRIPTS.glob("*.py")) for f in script_private_attributes(path)]
+    assert found == [], "scripts reach into private attributes (add a public method):\n" + "\n".join(found)
+
+
+def module_level_edges(source: str, importer: str = "regioncap.x") -> Set[str]:
+    """The regioncap modules the module-level imports of ``source`` load."""
+    modules = package_modules()
+    found: Set[str] = set()
+    for node in module_level_imports(ast.parse(source)):
+        found |= targets(node, importer, False, modules)
+    return found
+
+
+def test_function_level_and_type_checking_imports_are_not_edges():
+    src = ("from typing import TYPE_CHECKING\nfrom regioncap.boxes import Box\n"
+           "if TYPE_CHECKING:\n    from regioncap.run import RegionCapRun\n"
+           "try:\n    from regioncap import draw\nexcept ImportError:\n    pass\n"
+           "def f():\n    from regioncap.stages.loop import StageLoop\n")
+    assert module_level_edges(src) == {"regioncap.boxes", "regioncap.draw"}
+
+
+def test_a_module_naming_its_own_package_is_an_edge_a_sibling_import_is_not():
+    # plan.py importing a name from the package whose __init__ imports plan is a real cycle;
+    # importing a sibling module loads the (already loading) package first, which is no cycle.
+    assert module_level_edges("from regioncap.propose import select_proposals\n",
+                              "regioncap.propose.plan") == {"regioncap.propose"}
+    assert module_level_edges("from regioncap.propose.base import Proposal\n",
+                              "regioncap.propose.plan") == {"regioncap.propose.base"}
