@@ -122,8 +122,11 @@ answer = st.fixed_dictionaries({
 # ------------------------------------------------------------------ running
 
 
-def run(lines: List[str], answers: List[Dict[str, Any]], monkeypatch, overrides=()) -> None:
-    """Run ``lines`` with the fake engine answering ``answers`` in turn; check the properties."""
+def run(lines: List[str], answers: List[Dict[str, Any]], monkeypatch, overrides=(), resume: bool = False) -> None:
+    """Run ``lines`` with the fake engine answering ``answers`` in turn; check the properties.
+
+    ``resume``: then resume the finished run, which must change no records file.
+    """
     key = tuple(overrides)
     if key not in _CFG:
         _CFG[key] = compose(["engine=fake", "progress=false", "data=jsonl", "data.path=unset.jsonl",
@@ -150,6 +153,13 @@ def run(lines: List[str], answers: List[Dict[str, Any]], monkeypatch, overrides=
             # Only a whole-run problem may stop it; with rows to read there is none here.
             raise AssertionError(f"the run stopped: {exc}") from None
         check(folder / "run", len(lines))
+        if resume:
+            files = {p: p.read_bytes() for p in (folder / "run").glob("*.jsonl")}
+            again = copy.deepcopy(cfg)
+            again.resume = True
+            execute(again)
+            assert {p: p.read_bytes() for p in files} == files
+            check(folder / "run", len(lines))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -214,7 +224,7 @@ def test_many_random_rows_and_answers(images, monkeypatch, data):
     answers = data.draw(st.lists(answer, max_size=6))
     fmt = data.draw(st.sampled_from(BBOX_FORMATS))
     prompt = data.draw(st.sampled_from(["marked", "coords", "crop", "dataflow"]))
-    run(lines, answers, monkeypatch, [f"data.bbox_format={fmt}", f"prompt={prompt}"])
+    run(lines, answers, monkeypatch, [f"data.bbox_format={fmt}", f"prompt={prompt}"], resume=True)
 
 
 # ------------------------------------------------------------------ findings, kept as plain cases
