@@ -226,3 +226,30 @@ def test_a_full_disk_in_a_worker_process_stops_the_cli_run(tmp_path, workers):
         assert not any(r.get("error") for r in got.values()), name
     assert all(r["status"] == "ok" for r in exactly_once(out / "captions.jsonl", n).values())
 
+
+
+def test_a_full_disk_while_drawing_grounded_regions_stops_the_run(tmp_path, monkeypatch):
+    """propose=vlm draws the proposed regions in the caption stage: a full disk there stops the run too."""
+    import regioncap.stages.visualize as visualize
+
+    n = 6
+    rows = tmp_path / "rows.jsonl"
+    write_rows(rows, [{k: v for k, v in r.items() if k != "bbox"} | {"id": f"g{i}"}
+                      for i, r in enumerate(rows_without_ids(n))])
+    out = tmp_path / "run"
+    real = visualize.save_image
+
+    def full(image, path, **kw):
+        name = Path(path).name
+        if "_ground" not in name and int(name[:7]) >= 3:  # the clean images are written; the marked ones fail
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(image, path, **kw)
+
+    monkeypatch.setattr(visualize, "save_image", full)
+    with pytest.raises(ResourceError, match=r"row 3 .*errno 28.*resume=true"):
+        execute(fake(out, rows, "workers=0", "propose=vlm"))
+    assert not any(r.get("error") for r in read_jsonl(out / "captions.jsonl"))
+    monkeypatch.setattr(visualize, "save_image", real)
+    execute(fake(out, rows, "workers=0", "propose=vlm", "resume=true"))
+    got = exactly_once(out / "captions.jsonl", n)
+    assert all(r["status"] == "ok" for r in got.values())
