@@ -249,3 +249,18 @@ def test_an_answer_with_unicode_line_breaks_stays_one_record_per_line(images, mo
         check(folder / "run", 1)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@SMALL
+@given(data=st.data())
+def test_random_grounding_answers_never_lose_or_break_a_row(images, monkeypatch, data):
+    """propose=vlm: the engine's grounding answer (random here) decides the regions of rows without boxes."""
+    rows = [json.dumps({"id": f"g{i}", "image": str(images / name)})
+            for i, name in enumerate(data.draw(st.lists(st.sampled_from(["a.png", "b.jpg", "c.png"]),
+                                                        min_size=1, max_size=4)))]
+    grounding = st.one_of(answer, st.fixed_dictionaries({"text": st.lists(
+        st.fixed_dictionaries({"bbox_2d": st.one_of(st.lists(number, min_size=4, max_size=4), junk),
+                               "label": st.one_of(st.text(max_size=10), junk)}), max_size=4).map(
+        lambda v: json.dumps(v, allow_nan=True))}))
+    answers = data.draw(st.lists(grounding, min_size=1, max_size=6))
+    run(rows, answers, monkeypatch, ["propose=vlm"])
