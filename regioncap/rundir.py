@@ -300,8 +300,12 @@ class DoneRow:
 
     def check(self, path: Path, index: int, row_id: Any, digest: Any) -> None:
         """Raise :class:`RunError` when the input row at ``index`` is not the one committed there."""
-        if self.row_id != row_id or (self.digest and digest and self.digest != digest):
-            what = f"id {row_id!r}" if self.row_id != row_id else "other content"
-            raise RunError(f"resume: input row {index} has {what} but {path} holds id {self.row_id!r} for it: "
+        if self.row_id != row_id:
+            raise RunError(f"resume: input row {index} has id {row_id!r} but {path} holds id {self.row_id!r} for it: "
                            f"the data changed since the run started (a row added, removed or edited); start a new "
                            f"hydra.run.dir")
+        if self.digest and digest and self.digest != digest:
+            # Same id (rows without ids are keyed by position): only the digest of the line tells them apart.
+            raise RunError(f"resume: input row {index} (id {row_id!r}) has other content than the row {path} holds "
+                           f"for it (digest {digest}, recorded {self.digest}): the data changed since the run "
+                           f"started (a row added, removed or edited); start a new hydra.run.dir")

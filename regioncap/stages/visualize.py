@@ -123,12 +123,16 @@ class Visualizer(Stage):
         except RunError:
             raise
         except Exception as exc:  # noqa: BLE001 - no single row may stop a run
-            res = resource_error(exc)
-            if res is not None:
-                raise ResourceError(f"{rec['image']}: {res.strerror or res} while preparing row {row.index} "
-                                    f"({type(res).__name__} errno {res.errno}); free the resource and go on "
-                                    f"with resume=true hydra.run.dir={self.out}") from None
+            if resource_error(exc) is not None:
+                raise self.resource_stop(rec, row.index, exc) from None
             return self.fail(rec, "internal_error", f"{rec['image']}: {type(exc).__name__}: {exc}", t0)
+
+    def resource_stop(self, rec: Dict[str, Any], index: int, exc: BaseException) -> ResourceError:
+        """The :class:`ResourceError` that stops the run for the resource error in ``exc``."""
+        res = resource_error(exc) or exc
+        return ResourceError(f"{rec['image']}: {getattr(res, 'strerror', None) or res} while preparing row {index} "
+                             f"({type(res).__name__} errno {getattr(res, 'errno', None)}); free the resource and go "
+                             f"on with resume=true hydra.run.dir={self.out}")
 
     def _process(self, row: Any, rec: Dict[str, Any], t0: float) -> Dict[str, Any]:
         if row.error:
@@ -219,7 +223,8 @@ class Visualizer(Stage):
             return self.fail(rec, exc.kind, exc.message, t0)
         except (OSError, ValueError) as exc:  # a write failure or a drawing error on this image only
             if resource_error(exc) is not None:
-                raise
+                # A ResourceError here, not in process_row: the caption stage draws grounded rows with this too.
+                raise self.resource_stop(rec, row.index, exc) from None
             return self.fail(rec, "draw_error", f"{rec['image']}: {exc}", t0)
         rec["image_with_bbox"] = str(self.out / rec["requests"][0]["image"])
         rec["prompt"] = rec["requests"][0]["prompt"]
