@@ -76,6 +76,7 @@ class SweepReport(Callback):
 
     def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
         self._sweep_dir = Path(str(config.hydra.sweep.dir))
+        self._objective = config.get("objective") if hasattr(config, "get") else None
         self._written = False
         atexit.register(self._at_exit)
 
@@ -94,7 +95,7 @@ class SweepReport(Callback):
 
             # The sweep's objective, when the report can plot it, is what its plots show.
             metric = None
-            objective = config.get("objective") if hasattr(config, "get") else None
+            objective = getattr(self, "_objective", None)
             if objective:
                 try:
                     metric = metric_name(str(objective))

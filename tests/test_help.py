@@ -40,7 +40,7 @@ def test_help_lists_the_groups_users_pick(help_text):
 def test_help_lists_every_top_level_option_and_examples(help_text):
     options = help_text.split("== Top-level options", 1)[1].split("== Examples", 1)[0]
     for f in dataclasses.fields(RegionCapConfig):
-        if f.name in ("model", "engine", "data", "draw", "prompt", "logger", "executor", "output_dir"):
+        if f.name in ("model", "engine", "data", "draw", "prompt", "logger", "executor", "propose", "output_dir"):
             continue  # groups (listed above) and the run dir (hydra.run.dir)
         assert re.search(rf"^\s*{f.name}[.=]|\s{f.name}[.=]", options, re.M), f"{f.name} is not in --help"
     examples = help_text.split("== Examples ==", 1)[1]

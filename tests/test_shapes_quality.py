@@ -85,13 +85,14 @@ def test_marks_drawn_on_the_wrong_boxes_are_caught(held_out, tmp_path, monkeypat
     by the colour of the marks, not their digits, so this is the marking bug its test can see; a consistent
     renumbering is not, see the model card.)"""
     from regioncap import run as run_module
+    from regioncap import strategies
 
-    real = run_module.draw_marks
+    real = strategies.draw_marks
 
     def shifted(image, boxes, labels, style):
         return real(image, list(boxes[1:]) + list(boxes[:1]), labels, style)
 
-    monkeypatch.setattr(run_module, "draw_marks", shifted)
+    monkeypatch.setattr(strategies, "draw_marks", shifted)  # the marked strategy draws (workers=0: this process)
     cfg = compose(["model=shapes", "data=jsonl", f"data.path={held_out}", "prompt=marked", "progress=false",
                    "workers=0"], output_dir=tmp_path / "shifted", pin=False)
     run = run_module.build_run(cfg)

@@ -339,7 +339,7 @@ class OpenAIEngine(Engine):
     @classmethod
     def preflight(cls, engine_cfg: Any, model_cfg: Any) -> None:
         """Build the engine, :meth:`check` the server, close it: for a run to call before its first row."""
-        if not engine_cfg.get("preflight", True):
+        if not getattr(engine_cfg, "preflight", True):
             return
         with cls(model_cfg=model_cfg, engine_cfg=engine_cfg, model_path=None):
             pass

@@ -165,7 +165,16 @@ class Captioner(Stage):
         self.start_engine()
         requests = [self._grounder.request(rec, self.sampling()) for rec in rows]
         for rec, resp in zip(rows, self.generate(requests)):
-            self._grounder.finish(rec, resp)
+            try:
+                self._grounder.finish(rec, resp)
+            except RunError:
+                raise  # the machine's problem (disk full...), not the row's
+            except Exception as exc:  # noqa: BLE001 - no single row or answer may stop a run
+                rec.pop("grounding", None)
+                rec["regions"], rec["requests"] = [], []
+                rec["status"] = "error"
+                rec["error"] = {"stage": "caption", "kind": "internal_error",
+                                "message": f"{rec['image']}: grounding failed: {type(exc).__name__}: {exc}"}
 
     def reask_spec(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> Dict[str, Any]:
         """The follow-up request spec for the regions ``missing`` from ``spec``'s answer."""
