@@ -48,6 +48,7 @@ def test_camera_dataset_is_camera_sized_and_noisy(tmp_path):
     assert (tmp_path / "cam0.jpg").stat().st_size > 2e6
 
 
+@pytest.mark.slow  # builds camera-like images and prepares both sides: seconds
 def test_bench_gpu_dry_run_prepares_both_sides(tmp_path, monkeypatch):
     monkeypatch.setenv("REGIONCAP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -80,6 +80,7 @@ def test_ray_is_imported_only_when_picked():
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
+@pytest.mark.slow  # starts a Ray cluster (seconds): not the unit tier
 def test_fake_engine_two_replicas_same_records_as_local(tmp_path, rows, ray_cluster):
     local = run_fake(tmp_path / "local", rows)
     t0 = time.perf_counter()
@@ -98,6 +99,7 @@ def test_fake_engine_two_replicas_same_records_as_local(tmp_path, rows, ray_clus
     print(f"ray fake engine: 23 rows, 2 replicas, {took:.1f}s")
 
 
+@pytest.mark.slow  # starts a Ray cluster (seconds): not the unit tier
 def test_resume_sends_only_the_rows_not_done(tmp_path, rows, ray_cluster):
     out = tmp_path / "run"
     run_fake(out, rows, ["data.limit=9"])  # a local run of the first 9 rows
@@ -109,6 +111,7 @@ def test_resume_sends_only_the_rows_not_done(tmp_path, rows, ray_cluster):
     assert len({r["id"] for r in got}) == 23
 
 
+@pytest.mark.slow  # starts a Ray cluster (seconds): not the unit tier
 def test_engine_that_cannot_start_names_the_cause(tmp_path, rows, ray_cluster):
     cfg = compose(["engine=transformers", "progress=false", "data=jsonl", f"data.path={rows}",
                    "executor=ray", "executor.num_replicas=1", "stages=[visualize]"], output_dir=tmp_path / "r")
@@ -122,6 +125,7 @@ def test_engine_that_cannot_start_names_the_cause(tmp_path, rows, ray_cluster):
         run.close()
 
 
+@pytest.mark.slow  # starts a Ray cluster (seconds): not the unit tier
 def test_more_replicas_than_the_cluster_holds_is_refused(tmp_path, rows, ray_cluster):
     with pytest.raises(RunError, match="Ray cluster has 2"):
         run_fake(tmp_path / "r", rows, ["executor=ray", "executor.num_replicas=3"])
