@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up both environments and run the whole test suite (what CI runs).
 #   bash scripts/test.sh            # everything
-#   bash scripts/test.sh -m "not slow and not vllm"   # the fast unit tests only
+#   bash scripts/test.sh -n 2 -m "not slow and not cli and not vllm"   # the unit tier only (under 2 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -20,7 +20,7 @@ CONF_DIR = REPO / "conf"
 
 # ------------------------------------------------------------------ test tiers
 #
-#   unit    -m "not slow and not cli and not vllm"   in-process, about a minute on 2 cores
+#   unit    -n 2 -m "not slow and not cli and not vllm"   in-process, under two minutes on 2 cores
 #   cli     tests that start `python -m regioncap` (or another command) in a subprocess
 #   slow    tests that start a real model, a server or a browser
 #   vllm    tests that need .venv-vllm
