@@ -30,14 +30,14 @@ from regioncap.prepare import RowPool, resolve_workers
 from regioncap.records import dumps, read_jsonl, write_text_atomically
 from regioncap.rundir import RunDir, key_changes, run_key_hash, run_key_values  # noqa: F401  (re-exported)
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested  # noqa: F401  (re-exported)
-from regioncap.stages import OnCommit, StageStats
+from regioncap.stages import STAGES, OnCommit, StageStats
 from regioncap.stages.loop import StageLoop
 from regioncap.stages.visualize import Visualizer, draw_style  # noqa: F401  (re-exported)
 
 log = logging.getLogger("regioncap")
 
 #: Stages a run knows, in the order they run.
-STAGE_ORDER = ("visualize", "caption")
+STAGE_ORDER = tuple(STAGES)
 
 
 def seed_everything(seed: int) -> None:

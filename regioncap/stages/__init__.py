@@ -15,9 +15,11 @@ caption     batch of records -> answers, regions   ``captions.jsonl``  ``executo
 ==========  =====================================  ==================  ======================
 
 A new stage is one module here with a class like :class:`Stage` (its
-``name``, its records file in :data:`regioncap.rundir.STAGE_FILES`, and
-``batches(todo)`` yielding records ready to commit) and one line in
-:data:`STAGES`; see docs/design.md.
+``name`` and ``batches(todo)`` yielding records ready to commit), one line in
+:data:`STAGES` (the order stages run in), its records file in
+:data:`regioncap.rundir.STAGE_FILES`, and its place in
+:meth:`regioncap.run.RegionCapRun.run`, which wires what each stage reads;
+see docs/design.md, "How to add".
 """
 
 from __future__ import annotations
