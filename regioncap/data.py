@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from regioncap.errors import RunError
 
@@ -175,15 +175,10 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
     if not data_cfg.path:
         raise DataError("data.path is not set: give a JSONL file or dataset (data.path=FILE)")
     check_data_config(data_cfg)
-    if data_cfg.source == "jsonl":
-        rows = _iter_jsonl(resolve_path(data_cfg.path), data_cfg)
-    elif data_cfg.source == "hf":
-        rows = _iter_hf(data_cfg)
-    elif data_cfg.source in _ANNOTATION_SOURCES:
-        rows = _ANNOTATION_SOURCES[data_cfg.source](resolve_path(data_cfg.path), data_cfg)
-    else:
-        raise DataError(f"unknown data.source {data_cfg.source!r}; "
-                        f"use one of jsonl, hf, {', '.join(_ANNOTATION_SOURCES)}")
+    entry = DATA_SOURCES.get(str(data_cfg.source))
+    if entry is None:
+        raise DataError(f"unknown data.source {data_cfg.source!r}; use one of {', '.join(DATA_SOURCES)}")
+    rows = entry.read(data_cfg)
     num_shards, shard_index = check_data_config(data_cfg)
     skip, limit = int(data_cfg.skip or 0), data_cfg.limit
     for i, row in enumerate(rows):
@@ -708,6 +703,34 @@ def fingerprint_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 #: Annotation-file sources: ``data.source`` -> reader of ``(path, data_cfg)``.
-_ANNOTATION_SOURCES = {"coco": _iter_coco, "vg": _iter_vg, "refcoco": _iter_refcoco}
+
+
+@dataclass(frozen=True)
+class DataSourceEntry:
+    """A data source (``data.source``): how its rows are read, and what the run needs to know of it."""
+
+    #: ``data_cfg -> rows`` in source order (indexes, skip, limit and shards are applied by :func:`iter_rows`).
+    read: Callable[[Any], Iterator[InputRow]]
+    #: ``data.path`` is one file: the manifest fingerprints it (sha256 and line count); else a
+    #: ``datasets`` folder or name, fingerprinted by ``datasets``.
+    one_file: bool
+    #: ``data`` fields only this source reads, with their defaults: in the run key (``run_key.json``)
+    #: when set otherwise, since they decide which rows are read.
+    key_fields: Dict[str, Any] = field(default_factory=dict)
+
+
+#: ``data.source`` -> its entry. A new source is a reader function here plus one entry (and one
+#: member of ``DataSource`` in the config schema, and a ``conf/data/NAME.yaml``).
+DATA_SOURCES: Dict[str, DataSourceEntry] = {
+    "jsonl": DataSourceEntry(lambda c: _iter_jsonl(resolve_path(str(c.path)), c), one_file=True),
+    "hf": DataSourceEntry(_iter_hf, one_file=False),
+    "coco": DataSourceEntry(lambda c: _iter_coco(resolve_path(str(c.path)), c), one_file=True,
+                            key_fields={"images_dir": None, "coco_iscrowd": "keep"}),
+    "vg": DataSourceEntry(lambda c: _iter_vg(resolve_path(str(c.path)), c), one_file=True,
+                          key_fields={"images_dir": None}),
+    "refcoco": DataSourceEntry(lambda c: _iter_refcoco(resolve_path(str(c.path)), c), one_file=True,
+                               key_fields={"images_dir": None, "ref_split": None}),
+}
+
 #: Every ``data.source`` (the ``DataSource`` choices of the config schema).
-SOURCES = ("jsonl", "hf", *_ANNOTATION_SOURCES)
+SOURCES = tuple(DATA_SOURCES)

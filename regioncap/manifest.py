@@ -419,7 +419,10 @@ def data_fingerprint(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     local = resolve_path(str(path))
     if local.exists():
         out["resolved_path"] = str(local.resolve())
-    if source in ("jsonl", "coco", "vg", "refcoco"):  # one file (the annotation file for coco/vg/refcoco)
+    from regioncap.data import DATA_SOURCES
+
+    entry = DATA_SOURCES.get(source)
+    if entry is not None and entry.one_file:  # one file (the annotation file for coco/vg/refcoco)
         if local.is_file():
             out["sha256"], out["rows"] = _hash_and_count_lines(local)
             out["method"] = "file_sha256"

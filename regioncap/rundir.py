@@ -47,7 +47,7 @@ _KEY_DATA = ("path", "source", "hf_builder", "hf_config", "split", "hf_kwargs", 
              "bbox_format", "skip")
 #: Fields in the key only when set other than their default, so the key (and a
 #: resume) of a run that does not use them is as it was before they existed.
-_KEY_DATA_OPTIONAL = {"images_dir": None, "coco_iscrowd": "keep", "ref_split": None}
+#: (The data sources' own fields are their ``key_fields`` in ``regioncap.data.DATA_SOURCES``.)
 _KEY_MODEL_OPTIONAL = {"weights": "real"}
 
 
@@ -89,7 +89,10 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
     if cfg.data.get("num_shards", 1) != 1:
         # Only when sharded, so the key (and a resume) of an unsharded run is as before.
         data["num_shards"], data["shard_index"] = int(cfg.data.num_shards), int(cfg.data.shard_index)
-    for k, default in _KEY_DATA_OPTIONAL.items():
+    from regioncap.data import DATA_SOURCES
+
+    optional = {k: v for entry in DATA_SOURCES.values() for k, v in entry.key_fields.items()}
+    for k, default in optional.items():
         if cfg.data.get(k, default) != default:
             data[k] = _plain(cfg.data.get(k))
     values["data"] = data
