@@ -242,9 +242,11 @@ def parse_grounding(text: Any, width: float, height: float, family: str = "qwen2
 class VlmProposer(Proposer):
     """The caption model grounds every object first; its labels are kept beside the captions.
 
-    The run builds it with its engine (``build_proposer(cfg, engine=..., family=model.family)``)
-    and either calls :meth:`propose` per image or, to batch, sends :meth:`request` s through
-    the engine itself and reads each answer with :meth:`parse`.
+    The run uses it without an engine of its own: the caption stage
+    (:class:`regioncap.stages.grounding.Grounder`) sends its :meth:`request` s through the
+    caption engine in the same batches as the captions and reads each answer with
+    :meth:`parse`. Built with ``engine=...``, :meth:`propose` grounds one image at a time
+    (for use outside a run).
     """
 
     name: ClassVar[str] = "vlm"
