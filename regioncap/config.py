@@ -451,13 +451,14 @@ class ProposeConfig:
 
 
 @dataclass
-class ContoursProposeConfig(ProposeConfig):
+class ContoursSettings:
     """DataFlow-MM's contour heuristic; the defaults are its published values.
 
-    Sizes are pixels of the image at the model's input resolution.
+    Sizes are pixels of the image at the model's input resolution. The one
+    list of its knobs: the config schema below and the proposer's own
+    ``regioncap.propose.contours.ContoursParams`` both take them from here.
     """
 
-    method: ProposeMethod = ProposeMethod.contours
     #: Gaussian blur kernel (odd; 0 or 1: none).
     blur_kernel: int = 5
     #: Adaptive Gaussian threshold: block side (odd) and constant C.
@@ -473,9 +474,17 @@ class ContoursProposeConfig(ProposeConfig):
     max_aspect: float = 5.0
     #: Boxes wider or taller than this fraction of the image are dropped.
     max_side_ratio: float = 0.9
-    #: NMS over the boxes, largest first.
+    #: NMS over the boxes, largest first: drop a box whose overlap with a larger kept box is above
+    #: this; ``iomin`` (intersection over the smaller box, DataFlow-MM's) or ``iou``.
     nms_threshold: float = 0.3
     nms_metric: NmsMetric = NmsMetric.iomin
+
+
+@dataclass
+class ContoursProposeConfig(ContoursSettings, ProposeConfig):
+    """``propose=contours``: :class:`ContoursSettings` on top of the common proposal settings."""
+
+    method: ProposeMethod = ProposeMethod.contours
 
 
 @dataclass

@@ -32,32 +32,14 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar, List
 
 from regioncap.boxes import NMS_METRICS, nms
+from regioncap.config import ContoursSettings
 from regioncap.propose.base import Proposal, Proposer, ProposeError
 
 
-@dataclass(frozen=True)
-class ContoursParams:
-    """The heuristic's knobs; the defaults are DataFlow-MM's. Sizes in pixels of the model input."""
-
-    #: Gaussian blur kernel side (odd; 0 or 1: no blur).
-    blur_kernel: int = 5
-    #: Adaptive threshold: neighbourhood side (odd, >= 3) and the constant subtracted from the mean.
-    block_size: int = 11
-    threshold_c: float = 2.0
-    #: Morphological closing kernel side (0: no closing).
-    close_kernel: int = 8
-    #: Contour area as a fraction of the image area.
-    min_area_ratio: float = 0.01
-    max_area_ratio: float = 0.8
-    #: Box aspect ratio ``w / h``.
-    min_aspect: float = 0.1
-    max_aspect: float = 5.0
-    #: Largest box side as a fraction of the image's side (DataFlow-MM drops boxes above 90%).
-    max_side_ratio: float = 0.9
-    #: NMS: drop a box whose overlap with a larger kept box is above this.
-    nms_threshold: float = 0.3
-    #: ``iomin`` (intersection over the smaller box: DataFlow-MM's) or ``iou``.
-    nms_metric: str = "iomin"
+@dataclass
+class ContoursParams(ContoursSettings):
+    """The heuristic's knobs (:class:`regioncap.config.ContoursSettings`: the defaults are
+    DataFlow-MM's; sizes in pixels of the model input), checked when built."""
 
     def __post_init__(self) -> None:
         def bad(name: str, want: str) -> ProposeError:
