@@ -31,8 +31,8 @@ from regioncap.records import dumps, read_jsonl, write_text_atomically
 from regioncap.rundir import RunDir, key_changes, run_key_hash, run_key_values  # noqa: F401  (re-exported)
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested  # noqa: F401  (re-exported)
 from regioncap.stages import STAGES, OnCommit, StageStats
-from regioncap.stages.loop import StageLoop
-from regioncap.stages.visualize import Visualizer, draw_style  # noqa: F401  (re-exported)
+from regioncap.stages.loop import StageLoop, progress
+from regioncap.stages.visualize import Visualizer
 
 log = logging.getLogger("regioncap")
 
@@ -155,7 +155,7 @@ class RegionCapRun:
         self.rundir.images_dir.mkdir(parents=True, exist_ok=True)
         workers = self._workers()
         window = max(4 * workers, int(self.cfg.commit_every), int(self.cfg.engine.batch_size))
-        rows = _progress(iter_rows(self.cfg.data), "visualize", bool(self.cfg.progress), self.total_rows())
+        rows = progress(iter_rows(self.cfg.data), "visualize", bool(self.cfg.progress), self.total_rows())
         with RowPool(self.cfg, workers, stage.process_row, window=window) as pool:
             stage.pool = pool
             yield from loop.commits(rows, stage.batches, Visualizer.identity)
@@ -258,14 +258,6 @@ class RegionCapRun:
         from regioncap.metrics import format_summary
 
         return format_summary(metrics, max_error_rate=float(self.cfg.max_error_rate), out_dir=str(self.out))
-
-
-def _progress(items: Any, desc: str, enabled: bool, total: Optional[int] = None) -> Any:
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="row", dynamic_ncols=True, mininterval=1.0, total=total)
 
 
 def pick_executor(cfg: Any, *, multirun: bool = False) -> str:

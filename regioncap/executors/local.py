@@ -10,7 +10,7 @@ from regioncap.executors import CaptionJob, Executor
 from regioncap.records import read_jsonl
 from regioncap.stages import StageStats
 from regioncap.stages.caption import Captioner
-from regioncap.stages.loop import StageLoop
+from regioncap.stages.loop import StageLoop, progress
 
 
 class LocalExecutor(Executor):
@@ -36,7 +36,7 @@ class LocalExecutor(Executor):
                          on_commit=job.on_commit)
         source = read_jsonl(job.rundir.visualize_file) if records is None else records
         try:
-            return loop.run(_progress(source, "caption", bool(cfg.progress), job.total), self.captioner.batches,
+            return loop.run(progress(source, "caption", bool(cfg.progress), job.total), self.captioner.batches,
                             Captioner.identity)
         finally:
             job.engine_info.update(self.captioner.describe_engine() or {})
@@ -45,11 +45,3 @@ class LocalExecutor(Executor):
         if self.captioner is not None:
             self.captioner.close()
 
-
-def _progress(items: Iterable, desc: str, enabled: bool, total: Optional[int] = None) -> Iterable:
-    """``items`` with a progress bar on stderr when ``enabled``."""
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc=desc, unit="row", dynamic_ncols=True, mininterval=1.0, total=total)

@@ -128,6 +128,15 @@ class StageLoop:
         return stats
 
 
+def progress(items: Iterable[Any], desc: str, enabled: bool, total: Optional[int] = None) -> Iterable[Any]:
+    """``items`` with a progress bar on stderr (a total and an ETA when ``total`` is known) when ``enabled``."""
+    if not enabled:
+        return items
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="row", dynamic_ncols=True, mininterval=1.0, total=total)
+
+
 def grouped(items: Iterable[Dict[str, Any]], max_requests: int, max_rows: int) -> Iterator[List[Dict[str, Any]]]:
     """Group records so each engine call gets about ``max_requests`` requests.
 
@@ -152,4 +161,4 @@ def pending(batch: List[Dict[str, Any]]) -> bool:
     return any(r.get("status") == "pending" for r in batch)
 
 
-__all__ = ["StageLoop", "grouped", "pending"]
+__all__ = ["StageLoop", "grouped", "pending", "progress"]
