@@ -192,6 +192,66 @@ def test_lines_regex_is_enforced(engine, images):
     assert re.fullmatch(req.regex, out[0].text)
 
 
+def test_other_regexes_and_json_schemas_are_enforced_with_xgrammar(engine, images):
+    """Any regex or JSON schema (not only the ``lines`` layout) holds, row by row, in one batch."""
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    rx = _req("rx", images[0], prompt="yes or no?", max_tokens=20)
+    rx.regex = r"(yes|no) [0-9]{1,2}"
+    js = _req("js", images[1], prompt="a number", max_tokens=20)
+    js.json_schema = schema
+    free = _req("free", images[2], max_tokens=5)
+    out = engine.generate([rx, js, free])
+    assert all(o.ok for o in out), [o.error for o in out]
+    assert out[0].finish_reason == "stop" and re.fullmatch(rx.regex, out[0].text), out[0].text
+    # JSON in one fixed layout (no free whitespace: the separators json.dumps writes), valid against the schema.
+    assert out[1].finish_reason == "stop", out[1].text
+    value = json.loads(out[1].text)
+    assert out[1].text == json.dumps(value)
+    assert set(value) == {"n"} and isinstance(value["n"], int) and 0 <= value["n"] <= 9
+    # The grounding answer of propose=vlm: every complete answer is its compact layout.
+    from regioncap.propose.vlm import grounding_regex
+
+    g = _req("ground", images[0], prompt="Locate every object.", max_tokens=120)
+    g.regex = grounding_regex()
+    (ans,) = engine.generate([g])
+    assert ans.ok and ans.text.startswith("[")
+    if ans.finish_reason == "stop":
+        assert re.fullmatch(grounding_regex(), ans.text), ans.text
+    else:  # cut by max_tokens: still a prefix of that layout
+        assert re.fullmatch(r'\[(\{"bbox_2d": \[.*)?', ans.text, re.DOTALL), ans.text
+
+
+def test_a_constraint_that_does_not_compile_fails_only_its_request(engine, images):
+    bad = _req("bad", images[0], max_tokens=5)
+    bad.regex = "(unclosed"
+    good = _req("good", images[1], max_tokens=5)
+    out = engine.generate([bad, good])
+    assert not out[0].ok and out[0].error["kind"] == "engine_error"
+    assert "cannot compile the answer regex" in out[0].error["message"]
+    assert out[1].ok
+
+
+def test_without_xgrammar_other_constraints_warn_once_and_run_unconstrained(engine, images, monkeypatch, caplog):
+    import logging
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar -> ImportError
+    monkeypatch.setattr(engine, "_grammar_compiler", None)
+    reqs = []
+    for i in range(2):
+        r = _req(f"r{i}", images[i], max_tokens=4)
+        r.regex = "(yes|no)"
+        reqs.append(r)
+    with caplog.at_level(logging.WARNING, logger="regioncap"):
+        out = engine.generate(reqs)
+    assert all(o.ok for o in out)
+    warnings = [r for r in caplog.records if "xgrammar is not installed" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 @pytest.mark.parametrize("answer", ["1: a red circle\n2: an orange star", "3: the sky\n4:  two spaces\n10: x"])
 def test_lines_constraint_keeps_the_models_own_tokens(tiny_model_dir, answer):
     """A model that wants to write a well-formed answer gets exactly its own tokens through.

@@ -1,4 +1,5 @@
-"""Constrained decoding of the ``lines`` answer layout for the transformers engine.
+"""Constrained decoding for the transformers engine: the ``lines`` answer layout, and any other
+regex or JSON schema through xgrammar (:class:`Grammars`).
 
 vLLM constrains answers with its structured-output backends (a regular
 expression); transformers has no built-in equivalent, so this logits processor
@@ -156,3 +157,81 @@ def lines_processor(
             return scores.masked_fill(~allowed, float("-inf"))
 
     return _Lines()
+
+
+class Grammars:
+    """Any other answer constraint (a regular expression, a JSON schema), enforced with xgrammar.
+
+    The same structured-output library vLLM uses by default: each constraint is
+    compiled once per tokenizer into a token-level automaton (cached here by its
+    text), and :meth:`processor` masks, at every step, the tokens that would
+    leave it. When the automaton accepts, only the stop tokens are allowed, so a
+    constrained answer is whole unless ``max_tokens`` cuts it. JSON schemas are
+    compiled without free whitespace (one fixed layout, the separators of
+    ``json.dumps``): with it, a weak model can
+    spend its whole budget on newlines inside a list, as vLLM's default allows.
+
+    Raises ``ImportError`` when xgrammar is not installed (the engine then warns
+    once and leaves such requests unconstrained).
+    """
+
+    def __init__(self, tokenizer: Any, *, vocab_size: int, eos_ids: Sequence[int]) -> None:
+        import xgrammar as xgr
+
+        self._xgr = xgr
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=int(vocab_size),
+                                                  stop_token_ids=sorted(int(e) for e in eos_ids))
+        self.vocab_size = int(vocab_size)
+        self.compiler = xgr.GrammarCompiler(info, max_threads=1)
+        self._cache: Dict[str, Any] = {}
+
+    def compile(self, *, regex: Optional[str] = None, json_schema: Optional[Dict[str, Any]] = None) -> Any:
+        """The compiled grammar of a regex or a JSON schema (one of them). Raises ``ValueError`` when it
+        does not compile (with xgrammar's message)."""
+        import json
+
+        key = ("regex:" + regex) if regex is not None else ("json:" + json.dumps(json_schema, sort_keys=True))
+        if key not in self._cache:
+            try:
+                if regex is not None:
+                    self._cache[key] = self.compiler.compile_regex(regex)
+                else:
+                    self._cache[key] = self.compiler.compile_json_schema(json.dumps(json_schema),
+                                                                         any_whitespace=False, strict_mode=True)
+            except Exception as exc:  # xgrammar raises RuntimeError / its own errors on a bad pattern
+                what = "regex" if regex is not None else "JSON schema"
+                raise ValueError(f"cannot compile the answer {what}: {type(exc).__name__}: {exc}") from exc
+        return self._cache[key]
+
+    def processor(self, grammars: Sequence[Optional[Any]], *, prompt_len: int) -> Any:
+        """A ``LogitsProcessor`` for a batch whose row ``b`` follows ``grammars[b]`` (None: unconstrained).
+        ``prompt_len`` is the (left-padded) prompt length: tokens after it are the answer so far."""
+        import torch
+        from transformers import LogitsProcessor
+
+        xgr = self._xgr
+        matchers = [xgr.GrammarMatcher(g) if g is not None else None for g in grammars]
+        bitmask = xgr.allocate_token_bitmask(len(matchers), self.vocab_size)
+
+        class _Grammar(LogitsProcessor):
+            def __init__(self) -> None:
+                self.seen = 0
+
+            def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+                generated = input_ids.shape[1] - prompt_len
+                if generated > self.seen:  # one new token per row since the last call
+                    last = input_ids[:, -1].tolist()
+                    for b, m in enumerate(matchers):
+                        if m is not None and not m.is_terminated():
+                            m.accept_token(int(last[b]))
+                    self.seen = generated
+                rows = [b for b, m in enumerate(matchers) if m is not None and not m.is_terminated()]
+                if not rows:
+                    return scores
+                for b in rows:
+                    matchers[b].fill_next_token_bitmask(bitmask, b)
+                out = scores.clone()
+                xgr.apply_token_bitmask_inplace(out, bitmask.to(out.device), indices=rows)
+                return out
+
+        return _Grammar()

@@ -9,8 +9,11 @@ share its batch, and greedy and sampled requests can share a batch.
 A request whose ``regex`` is the ``lines`` answer layout of
 ``regioncap.prompts.answer_regex`` is decoded under that constraint
 (``regioncap.engines.constrain``: one ``N: caption`` line per region, in
-order), so even random weights give answers that parse. Other constraints (a
-JSON schema, any other regex) are not enforced here; vLLM enforces them.
+order), so even random weights give answers that parse. Any other regex or
+JSON schema (the grounding answer of ``propose=vlm``) is enforced with
+xgrammar, the structured-output library vLLM uses, when it is installed (it is
+in the ``transformers`` extra); without it such answers are unconstrained, with
+one warning. ``engine.structured_outputs=false`` turns every constraint off.
 
 A bad request never fails its neighbours: an image that cannot be read, or a
 prompt that cannot fit in ``model.max_model_len``, becomes an error response
@@ -47,6 +50,8 @@ class _Prepared:
     image: Any
     prompt_tokens: int
     max_new_tokens: int
+    #: The compiled answer constraint (xgrammar), for a regex other than the ``lines`` layout or a JSON schema.
+    grammar: Any = None
 
 
 def _pick_device(name: Optional[str]) -> str:
@@ -205,7 +210,8 @@ class TransformersEngine(Engine):
         self.logits_size = int(self.model.get_output_embeddings().weight.shape[0])
         #: Enforce the ``lines`` answer layout of requests that carry its regex.
         self.structured_outputs = bool(getattr(engine_cfg, "structured_outputs", True))
-        self._warned_unconstrained = False
+        #: xgrammar compiler for the other constraints (None: not built yet; False: xgrammar missing).
+        self._grammar_compiler: Any = None
         ip = self.processor.image_processor
         self.unit = int(getattr(ip, "patch_size", model_cfg.patch_size)) * int(
             getattr(ip, "merge_size", model_cfg.merge_size))
@@ -345,10 +351,14 @@ class TransformersEngine(Engine):
         """A :class:`_Prepared` request, or the error response it turns into."""
         from PIL import Image
 
-        if (req.json_schema or (req.regex and lines_numbers(req.regex) is None)) and not self._warned_unconstrained:
-            self._warned_unconstrained = True
-            log.warning("the transformers engine enforces only the 'lines' answer layout; answers to other "
-                        "constraints (a JSON schema, another regex) are not constrained")
+        grammar = None
+        if self.structured_outputs and (req.json_schema or (req.regex and lines_numbers(req.regex) is None)):
+            grammars = self._grammars()
+            if grammars is not None:
+                try:
+                    grammar = grammars.compile(regex=req.regex, json_schema=None if req.regex else req.json_schema)
+                except ValueError as exc:
+                    return error_response(req.key, "engine_error", str(exc))
 
         try:
             with Image.open(req.image_path) as im:
@@ -371,7 +381,21 @@ class TransformersEngine(Engine):
                 f"within model.max_model_len={self.max_model_len}; use a smaller image or a larger max_model_len",
                 prompt_tokens=prompt_tokens,
             )
-        return _Prepared(index, req, text, image, prompt_tokens, max(1, min(int(req.sampling.max_tokens), room)))
+        return _Prepared(index, req, text, image, prompt_tokens, max(1, min(int(req.sampling.max_tokens), room)),
+                         grammar)
+
+    def _grammars(self) -> Any:
+        """The xgrammar compiler of this engine's tokenizer (built on first use), or None without xgrammar."""
+        if self._grammar_compiler is None:
+            from regioncap.engines.constrain import Grammars
+
+            try:
+                self._grammar_compiler = Grammars(self.tokenizer, vocab_size=self.logits_size, eos_ids=self.eos_ids)
+            except ImportError:
+                self._grammar_compiler = False
+                log.warning("xgrammar is not installed: answers to a JSON schema or a regex other than the "
+                            "'lines' layout are not constrained (pip install 'regioncap[transformers]')")
+        return self._grammar_compiler or None
 
     def generate(self, requests: Sequence[Request]) -> List[Response]:
         """Answer ``requests`` in batches; one response per request, in order."""
@@ -449,6 +473,8 @@ class TransformersEngine(Engine):
             processors.append(lines_processor(self.tokenizer, numbers, prompt_len=n_in,
                                               eos_ids=sorted(self.eos_ids), vocab_size=self.logits_size,
                                               max_caption_chars=MAX_CAPTION_CHARS))
+        if any(b.grammar is not None for b in batch):
+            processors.append(self._grammars().processor([b.grammar for b in batch], prompt_len=n_in))
         sampler = _RowSampler([b.request.sampling for b in batch], self.device)
         if sampler.active:
             processors.append(sampler)
