@@ -627,19 +627,14 @@ def nms(boxes: Sequence[Any], scores: Optional[Sequence[float]], thr: float, *, 
     return kept
 
 
-def proposal_quality(proposed: Sequence[Any], truth: Sequence[Any], thr: float = 0.5) -> Dict[str, Any]:
-    """How well ``proposed`` boxes cover ``truth`` boxes (both xyxy, same image, same pixels).
+def match_boxes(proposed: Sequence[Any], truth: Sequence[Any], thr: float = 0.5
+                ) -> Tuple[Dict[int, int], List[float]]:
+    """Greedy one-to-one matching of ``proposed`` to ``truth`` boxes (both xyxy, same pixels).
 
-    Matching is greedy one-to-one: every (proposal, truth) pair with IoU >= ``thr``
-    is taken in descending IoU order, skipping pairs whose proposal or truth is
-    already matched (no Hungarian assignment; on non-overlapping truth boxes such
-    as the shapes scenes the two agree). ``recall`` = matched truths / truths,
-    ``precision`` = matched proposals / proposals, ``mean_best_iou`` = the mean over
-    truth boxes of the best IoU any proposal reaches (not one-to-one).
-
-    An empty side gives ``None`` for the ratios it would divide by zero in
-    (recall and mean_best_iou without truth, precision without proposals), so
-    averages over images can skip them rather than count a made-up 0 or 1.
+    Every (proposal, truth) pair with IoU >= ``thr`` (and > 0) is taken in
+    descending IoU order, skipping pairs whose proposal or truth is already
+    matched. Returns ``({truth index: proposal index}, best IoU of each truth box
+    over all proposals)``.
     """
     props = [_corners(b) for b in proposed]
     gts = [_corners(b) for b in truth]
@@ -652,12 +647,31 @@ def proposal_quality(proposed: Sequence[Any], truth: Sequence[Any], thr: float =
             if v >= thr and v > 0:
                 pairs.append((-v, p, t))
     pairs.sort()
-    used_p, used_t = set(), set()
+    used_p: set = set()
+    matches: Dict[int, int] = {}
     for _, p, t in pairs:
-        if p not in used_p and t not in used_t:
+        if p not in used_p and t not in matches:
             used_p.add(p)
-            used_t.add(t)
-    matched = len(used_t)
+            matches[t] = p
+    return matches, best
+
+
+def proposal_quality(proposed: Sequence[Any], truth: Sequence[Any], thr: float = 0.5) -> Dict[str, Any]:
+    """How well ``proposed`` boxes cover ``truth`` boxes (both xyxy, same image, same pixels).
+
+    Matching is greedy one-to-one (:func:`match_boxes`; no Hungarian assignment; on
+    non-overlapping truth boxes such as the shapes scenes the two agree). ``recall`` =
+    matched truths / truths, ``precision`` = matched proposals / proposals,
+    ``mean_best_iou`` = the mean over truth boxes of the best IoU any proposal reaches
+    (not one-to-one).
+
+    An empty side gives ``None`` for the ratios it would divide by zero in
+    (recall and mean_best_iou without truth, precision without proposals), so
+    averages over images can skip them rather than count a made-up 0 or 1.
+    """
+    matches, best = match_boxes(proposed, truth, thr)
+    props, gts = proposed, truth
+    matched = len(matches)
     return {
         "recall": matched / len(gts) if gts else None,
         "precision": matched / len(props) if props else None,

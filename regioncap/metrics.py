@@ -647,7 +647,10 @@ class ProposalStats:
 
     THRESHOLD = 0.5
 
-    def __init__(self) -> None:
+    def __init__(self, references_key: Optional[str] = "references") -> None:
+        self.references_key = references_key
+        #: Truth boxes with references; of them matched, captioned right, and labelled (and right).
+        self.ref_truth = self.ref_matched = self.ref_exact = self.label_n = self.label_exact = 0
         self.images = 0
         self.proposed = 0
         self.capped = 0
@@ -675,6 +678,30 @@ class ProposalStats:
             self.n_truth += q["n_truth"]
             self.n_proposed += q["n_proposed"]
             self.best_iou_sum += (q["mean_best_iou"] or 0.0) * q["n_truth"]
+            self._score_captions(rec, regions, truth, info.get("truth_index"))
+
+    def _score_captions(self, rec: Dict[str, Any], regions: List[Dict[str, Any]], truth: List[Any],
+                        truth_index: Any) -> None:
+        """Captions (and labels) of the proposals matched to a truth box, against that box's references."""
+        from regioncap.boxes import match_boxes
+
+        refs = _record_references(rec, self.references_key)
+        if refs is None or not isinstance(truth_index, list) or len(truth_index) != len(truth):
+            return
+        matches, _ = match_boxes([r["bbox"] for r in regions], truth, self.THRESHOLD)
+        for t, idx in enumerate(truth_index):
+            texts = _reference_list(refs[idx]) if isinstance(idx, int) and 0 <= idx < len(refs) else []
+            if not texts:
+                continue
+            self.ref_truth += 1
+            if t not in matches:
+                continue
+            region = regions[matches[t]]
+            self.ref_matched += 1
+            self.ref_exact += int(exact_match(region.get("caption"), texts))
+            if isinstance(region.get("label"), str):
+                self.label_n += 1
+                self.label_exact += int(exact_match(region["label"], texts))
 
     def summary(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {
@@ -689,6 +716,15 @@ class ProposalStats:
                 "mean_best_iou": _rate(self.best_iou_sum, self.n_truth), "truth_boxes": self.n_truth,
                 "matched": self.matched,
             }
+            if self.ref_truth:
+                # Each truth box's references scored on the proposal matched to it (IoU >= 0.5): a
+                # truth box nothing matched counts as wrong in caption_exact_match.
+                out["quality"]["references"] = {
+                    "truth_boxes": self.ref_truth, "matched": self.ref_matched,
+                    "caption_exact_match": _rate(self.ref_exact, self.ref_truth),
+                    "caption_exact_match_of_matched": _rate(self.ref_exact, self.ref_matched),
+                    "labels": self.label_n, "label_exact_match": _rate(self.label_exact, self.label_n),
+                }
         return out
 
 
@@ -710,7 +746,7 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     run's wall time when the stages overlapped (default: the stages' sum).
     """
     acc = _Accumulator(patch_size, merge_size, references_key)
-    proposals = ProposalStats()
+    proposals = ProposalStats(references_key)
     for rec in records:
         acc.add(rec)
         proposals.add(rec)
@@ -828,6 +864,12 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         if q:
             text += (f"; against the given boxes at IoU {q['iou_threshold']}: recall {_num(q['recall'], '.3f')}, "
                      f"precision {_num(q['precision'], '.3f')}, mean best IoU {_num(q['mean_best_iou'], '.3f')}")
+            qr = q.get("references")
+            if qr:
+                text += (f"; captions of the matched proposals against the truth's references: exact match "
+                         f"{_num(qr['caption_exact_match'], '.3f')} of the truth boxes")
+                if qr.get("labels"):
+                    text += f", labels {_num(qr['label_exact_match'], '.3f')}"
         lines.append(text)
     for name, st in m["stages"].items():
         rates = "".join(f", {st[k]:.2f} {k[:-6]}/s" for k in ("images_per_s", "regions_per_s") if st.get(k) is not None)

@@ -95,5 +95,6 @@ class CaptionRecord(TypedDict, total=False):
     #: Input fields whose names regioncap uses itself, kept aside.
     input: Dict[str, Any]
     #: Rows that got proposals: ``{method, when, proposed, capped, overlapping_given}``, with
-    #: ``truth_bbox`` (the given boxes, under ``when=always``) and, for ``vlm``, the ``grounding`` answer.
+    #: ``truth_bbox`` (the given boxes, under ``when=always``) with ``truth_index`` (their input
+    #: indices: where their references are) and, for ``vlm``, the ``grounding`` answer.
     proposals: Dict[str, Any]

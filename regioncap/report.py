@@ -676,15 +676,26 @@ def _header(run: RunData) -> str:
             text += (f"; against the given boxes at IoU {_fmt(q.get('iou_threshold'))}: recall "
                      f"{_fmt(q.get('recall'), 'pct')}, precision {_fmt(q.get('precision'), 'pct')}, "
                      f"mean best IoU {_fmt(q.get('mean_best_iou'))}")
+            qr = q.get("references") or {}
+            if qr:
+                text += (f"; captions of the matched proposals: exact match "
+                         f"{_fmt(qr.get('caption_exact_match'), 'pct')} of the truth boxes")
+                if qr.get("labels"):
+                    text += f", labels {_fmt(qr.get('label_exact_match'), 'pct')}"
         head += f'<p class="path">{text}</p>'
     if run.records_file is None:
         return head + "</header>"
     km = key_metrics(run)
     big: List[Tuple[str, str]] = []
+    prop_refs = _dig(run.metrics or {}, "proposals", "quality", "references") or {}
     if km.get("exact_match") is not None:
         big.append((_fmt(km["exact_match"], "pct"), "exact match"))
         if km.get("attribute_accuracy") is not None:
             big.append((_fmt(km["attribute_accuracy"], "pct"), "attribute accuracy"))
+    elif isinstance(prop_refs, dict) and prop_refs.get("caption_exact_match") is not None:
+        # Proposed regions only (propose.when=always): scored through the truth box each matched.
+        big.append((_fmt(prop_refs["caption_exact_match"], "pct"), "exact match (proposals vs truth)"))
+        big.append((_fmt(_dig(run.metrics or {}, "proposals", "quality", "recall"), "pct"), "proposal recall"))
     else:
         big += [(_fmt(km["parse_success_rate"], "pct"), "parse success"), (_fmt(km["regions_per_s"]), "regions / s")]
     small = []

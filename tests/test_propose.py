@@ -520,9 +520,41 @@ def test_plan_missing_always_add():
     assert (plan.proposed, plan.capped) == (3, 1)
     plan = plan_regions(_given(), _props(), ProposeWhen.always)
     assert [r.label for r in plan.regions] == ["a", "b", "c"] and plan.truth == [b for _, b in _given()]
+    assert plan.truth_index == [0, 2]  # where the truth boxes' references are (box 1 was dropped)
     plan = plan_regions(_given(), _props(), "add", add_iou=0.5, max_regions=1)
     assert [(r.source, r.label) for r in plan.regions] == [("input", None), ("input", None), ("vlm", "b")]
     assert (plan.overlapping_given, plan.capped) == (1, 1)
+
+
+def test_captions_of_proposals_are_scored_against_the_truth_they_match():
+    """metrics: each truth box's references against the caption and label of the proposal matched to it."""
+    from regioncap.metrics import ProposalStats
+
+    def region(box, caption, label=None):
+        return {"id": 1, "source": "vlm", "source_index": None, "bbox": box, "caption": caption,
+                **({"label": label} if label is not None else {})}
+
+    rec = {"status": "ok", "references": ["a red circle", "dropped box", ["a blue star", "blue star"]],
+           "proposals": {"method": "vlm", "truth_bbox": [[0, 0, 10, 10], [100, 100, 150, 150]],
+                         "truth_index": [0, 2]},
+           "regions": [region([101, 101, 150, 150], "Blue star.", "a blue star"),  # matches truth 2 (refs index 2)
+                       region([0, 0, 10, 9], "a green circle", "a red circle"),     # matches truth 1, wrong caption
+                       region([50, 50, 60, 60], "a red circle")]}                    # matches nothing
+    unmatched = {"status": "ok", "references": ["a red circle"],
+                 "proposals": {"method": "vlm", "truth_bbox": [[0, 0, 10, 10]], "truth_index": [0]},
+                 "regions": [region([200, 200, 220, 220], "a red circle")]}
+    stats = ProposalStats()
+    stats.add(rec)
+    stats.add(unmatched)
+    q = stats.summary()["quality"]
+    assert (q["truth_boxes"], q["matched"], q["precision"]) == (3, 2, 0.5)
+    assert q["references"] == {"truth_boxes": 3, "matched": 2, "caption_exact_match": round(1 / 3, 4),
+                               "caption_exact_match_of_matched": 0.5, "labels": 2, "label_exact_match": 1.0}
+    # No references (or an old record without truth_index): the box figures only.
+    stats = ProposalStats()
+    stats.add({**rec, "references": None})
+    stats.add({**rec, "proposals": {k: v for k, v in rec["proposals"].items() if k != "truth_index"}})
+    assert "references" not in stats.summary()["quality"]
 
 
 def test_check_box_key_names_the_keys_and_the_fix():

@@ -49,6 +49,8 @@ class RegionPlan:
     capped: int = 0
     #: ``when=always``: the row's own boxes, not captioned, kept as the truth for proposal quality.
     truth: List[Box] = field(default_factory=list)
+    #: The input index (``source_index``) of each ``truth`` box: where its references are.
+    truth_index: List[int] = field(default_factory=list)
 
 
 def plan_regions(
@@ -86,7 +88,7 @@ def plan_regions(
     plan = RegionPlan(proposed=len(proposals), overlapping_given=len(proposals) - len(after_add), capped=capped)
     proposed = [PlannedRegion(p.box(), p.source, None, p.score, p.label) for p in kept]
     if when == "always":
-        plan.regions, plan.truth = proposed, boxes
+        plan.regions, plan.truth, plan.truth_index = proposed, boxes, [int(i) for i, _ in given]
     else:  # add; missing (where the row has no given boxes)
         plan.regions = inputs + proposed
     return plan

@@ -194,6 +194,7 @@ class Visualizer(Stage):
                                 "capped": plan.capped, "overlapping_given": plan.overlapping_given}
             if plan.truth:
                 rec["proposals"]["truth_bbox"] = [b.as_list(2) for b in plan.truth]
+                rec["proposals"]["truth_index"] = plan.truth_index
         kept = [(r.source_index, r.box) for r in plan.regions]
         rec["valid_bboxes_num"] = len(kept)
         rec["normalized_bbox"] = bx.pad_normalized(
