@@ -125,9 +125,15 @@ def build_init(folder: Path, seed: int, text_dims: Dict[str, Any] = TEXT_DIMS,
                              vocab=VOCAB, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
 
+#: The pseudo-strategy of the grounding samples: ``propose=vlm propose.when=always`` over ``prompt=marked``.
+GROUND = "ground"
+
+
 def _visualize_shard(data_jsonl: Path, model_dir: Path, prompt: str, out_dir: Path, shards: int, index: int) -> Path:
     """Run regioncap's visualize stage (the real one) on one shard into ``out_dir`` (made empty by
-    :func:`visualize`) and return its visualize.jsonl."""
+    :func:`visualize`) and return its visualize.jsonl. ``prompt="ground"``: the stage leaves every
+    row for the engine to ground (``propose=vlm propose.when=always``) with its clean image at the
+    model's input size, the image the grounding request sends."""
     from hydra import compose, initialize_config_dir
 
     from regioncap.config import register_configs
@@ -135,7 +141,8 @@ def _visualize_shard(data_jsonl: Path, model_dir: Path, prompt: str, out_dir: Pa
 
     register_configs()
     overrides = [
-        "model=shapes", f"model.path={model_dir}", "data=jsonl", f"data.path={data_jsonl}", f"prompt={prompt}",
+        "model=shapes", f"model.path={model_dir}", "data=jsonl", f"data.path={data_jsonl}",
+        *([f"prompt={prompt}"] if prompt != GROUND else ["prompt=marked", "propose=vlm", "propose.when=always"]),
         "engine=fake", "stages=[visualize]", "progress=false", f"data.num_shards={shards}",
         f"data.shard_index={index}",
     ]
@@ -227,6 +234,41 @@ def _samples(vis_jsonl: Path, strategy: str) -> List[Tuple[int, int, Tuple[str, 
                 answer = "\n".join(f"{n}: {refs[r['source_index']]}" for n, r in zip(req["numbers"], regs))
             out.append((rec["index"], len(out), (str(run_dir / req["image"]), req["prompt"], answer)))
     return out
+
+
+def grounding_answer(boxes: Sequence[Sequence[float]], labels: Sequence[str]) -> str:
+    """The grounding answer for boxes (x1, y1, x2, y2, pixels of the model's input) and their labels:
+    Qwen2.5-VL's JSON list in the compact layout of ``regioncap.propose.vlm.grounding_regex``, in
+    reading order (top to bottom, then left to right), coordinates rounded to whole pixels."""
+    items = sorted(((round(b[1]), round(b[0]), [round(v) for v in b], label) for b, label in zip(boxes, labels)),
+                   key=lambda x: x[:2])
+    return "[" + ", ".join('{"bbox_2d": [%d, %d, %d, %d], "label": "%s"}' % (*box, label)
+                           for _, _, box, label in items) + "]"
+
+
+def ground_samples(vis_jsonls: Sequence[Path], data_jsonl: Path) -> List[Tuple[str, str, str]]:
+    """(image, grounding prompt, answer) for every row the visualize stage left ``grounding``: the
+    scene's boxes (from ``data_jsonl``, xywh of the scene) scaled to the image the request sends."""
+    from regioncap.propose.vlm import grounding_prompt
+
+    truth = {}
+    for line in data_jsonl.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        truth[row["id"]] = row
+    prompt = grounding_prompt("qwen2_5_vl")
+    out: List[Tuple[int, Tuple[str, str, str]]] = []
+    for vis_jsonl in vis_jsonls:
+        for line in vis_jsonl.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if rec.get("status") != "grounding":
+                continue
+            row = truth[rec["id"]]
+            (w, h), (tw, th) = rec["image_size"], rec["grounding"]["image_size"]
+            sx, sy = tw / w, th / h
+            boxes = [(x * sx, y * sy, (x + bw) * sx, (y + bh) * sy) for x, y, bw, bh in row["bbox"]]
+            out.append((rec["index"], (str(vis_jsonl.parent / rec["grounding"]["image"]), prompt,
+                                       grounding_answer(boxes, row["references"]))))
+    return [item for _, item in sorted(out, key=lambda x: x[0])]
 
 
 class Batcher:
@@ -361,6 +403,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--small-max", type=int, default=3)
     p.add_argument("--coords-share", type=float, default=0.0,
                    help="share of phase-2 batches from prompt=coords requests (clean scene, boxes as text)")
+    p.add_argument("--ground-share", type=float, default=0.0,
+                   help="share of phase-2 batches from grounding requests (clean scene -> JSON boxes and labels)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--init-from", default=None, help="start from this model folder instead of random weights")
@@ -408,11 +452,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.copytree(a.init_from, init)
     else:
         build_init(init, a.seed, text_dims, vision_dims)
-    strategies = ["crop", "marked"] + (["coords"] if a.coords_share else [])
+    strategies = ["crop", "marked"] + (["coords"] if a.coords_share else []) + ([GROUND] if a.ground_share else [])
+    data = work / "train" / "shapes.jsonl"
     if a.reuse_data and all(prepared(work / f"vis_{s}") for s in strategies):
         print("reusing the prepared training data in", work, flush=True)
     else:
-        data = work / "train" / "shapes.jsonl"
         if not (a.reuse_data and data.exists()):
             data = generate(work / "train", a.train_rows, 1000 + a.seed, a.chunk_rows, a.prep_procs)
         for strategy in strategies:
@@ -421,12 +465,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     crop = samples(prepared(work / "vis_crop"), "crop")
     marked = samples(prepared(work / "vis_marked"), "marked")
     coords = samples(prepared(work / "vis_coords"), "coords") if a.coords_share else []
+    ground = ground_samples(prepared(work / f"vis_{GROUND}"), data) if a.ground_share else []
     if a.reuse_data:  # the rows of the data prepared earlier, whatever --train-rows says now
         a.train_rows = record["args"]["train_rows"] = len(marked)
     record["data"] = {"train_rows": a.train_rows, "crop_samples": len(crop), "marked_samples": len(marked),
                       **({"coords_samples": len(coords)} if coords else {}),
+                      **({"ground_samples": len(ground)} if ground else {}),
                       "data_seed": 1000 + a.seed, "prepared_s": round(time.perf_counter() - t_all, 1)}
-    print(f"{len(crop)} crop and {len(marked)} marked training samples", flush=True)
+    print(f"{len(crop)} crop, {len(marked)} marked and {len(ground)} grounding training samples", flush=True)
 
     processor = AutoProcessor.from_pretrained(init)
     torch.manual_seed(a.seed)
@@ -443,14 +489,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                                budget_s=a.crop_budget_s, **run)
     if a.marked_steps:
         small = [m for m in marked if 2 <= m[2].count("\n") + 1 <= a.small_max]
-        rest = 1.0 - a.marked_crop_share - a.small_share - a.coords_share
+        rest = 1.0 - a.marked_crop_share - a.small_share - a.coords_share - a.ground_share
         if rest < 0:
-            p.error("--marked-crop-share + --small-share + --coords-share must not exceed 1")
+            p.error("--marked-crop-share + --small-share + --coords-share + --ground-share must not exceed 1")
         pools = [(rest, marked), (a.marked_crop_share, crop)]
         if a.coords_share:
             pools.append((a.coords_share, coords))
         if a.small_share:
             pools.append((a.small_share, small))
+        if a.ground_share:
+            pools.append((a.ground_share, ground))
         phases["marked"] = train(
             model, batcher, pools,
             steps=a.marked_steps, batch_size=a.marked_batch, lr=a.lr, warmup=200, seed=a.seed + 2,

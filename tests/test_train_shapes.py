@@ -20,7 +20,7 @@ from conftest import REPO, run_cli
 from regioncap.records import read_jsonl
 
 SMALL = ["--train-rows", "12", "--chunk-rows", "5", "--prep-procs", "2", "--crop-steps", "4", "--crop-batch", "4",
-         "--marked-steps", "4", "--marked-batch", "4", "--coords-share", "0.3", "--width", "64",
+         "--marked-steps", "4", "--marked-batch", "4", "--coords-share", "0.3", "--ground-share", "0.3", "--width", "64",
          "--text-layers", "1", "--vision-depth", "1", "--threads", "1"]
 
 
@@ -42,12 +42,13 @@ def test_train_writes_a_model_regioncap_runs(tmp_path):
     # Chunked scenes, every strategy prepared in 2 shards.
     assert sorted(p.name for p in (tmp_path / "work" / "train").glob("chunk-*")) == ["chunk-000", "chunk-001",
                                                                                       "chunk-002"]
-    for strategy in ("crop", "marked", "coords"):
+    for strategy in ("crop", "marked", "coords", "ground"):
         shards = sorted((tmp_path / "work" / f"vis_{strategy}").glob("shard-*/visualize.jsonl"))
         assert len(shards) == 2, strategy
         assert sum(len(s.read_text().splitlines()) for s in shards) == 12
     record = json.loads((out / "training.json").read_text())
     assert record["data"]["marked_samples"] == 12 and record["data"]["coords_samples"] == 12
+    assert record["data"]["ground_samples"] == 12
     assert record["data"]["crop_samples"] == sum(
         len(json.loads(line)["bbox"]) for line in (tmp_path / "work" / "train" / "shapes.jsonl").read_text().splitlines())
     assert [record["phases"][p]["steps"] for p in ("crop", "marked")] == [4, 4]
@@ -71,3 +72,22 @@ def test_retraining_gives_the_same_weights(tmp_path):
     _train(tmp_path / "b", tmp_path / "wb", "--prep-procs", "1")
     assert _sha(tmp_path / "a" / "model.safetensors") == _sha(tmp_path / "b" / "model.safetensors")
     assert (tmp_path / "wa" / "train" / "shapes.jsonl").read_text() == (tmp_path / "wb" / "train" / "shapes.jsonl").read_text()
+
+
+def test_grounding_targets_are_the_answer_regioncap_reads():
+    """The training answer of a grounding request: the compact layout the regex constraint allows, in reading
+    order, which parse_grounding reads back into the same boxes and labels."""
+    import re
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from train_shapes import grounding_answer
+
+    from regioncap.propose.vlm import grounding_regex, parse_grounding
+
+    boxes = [(120.4, 30.0, 170.6, 80.2), (10.0, 30.0, 50.0, 70.0), (60.0, 5.0, 100.0, 40.0)]
+    labels = ["a red star", "a blue circle", "an orange square"]
+    answer = grounding_answer(boxes, labels)
+    assert re.fullmatch(grounding_regex(), answer), answer
+    props = parse_grounding(answer, 224, 224)
+    assert [p.label for p in props] == ["an orange square", "a blue circle", "a red star"]
+    assert [p.bbox for p in props] == [(60, 5, 100, 40), (10, 30, 50, 70), (120, 30, 171, 80)]
