@@ -19,6 +19,11 @@ Recall and precision are pooled over all boxes of a set (matched truths /
 truths, matched proposals / proposals); mean best IoU is over truth boxes.
 Times are the median of ``--repeat`` passes per image, summed over the set;
 the ratio is proposer time / visualize time. CPU only, one process.
+
+``propose=vlm`` builds the configured caption engine (``engine=transformers``
+unless overridden) and grounds each resized image with one request (batch 1,
+greedy, under the grounding regex where the engine enforces it); in a run the
+grounding requests share the caption engine's batches instead.
 """
 
 from __future__ import annotations
@@ -65,10 +70,22 @@ def _median_time(fn: Any, repeat: int) -> tuple:
     return statistics.median(times), result
 
 
-def evaluate(rows: List[Dict[str, Any]], folder: Path, cfg: Any, repeat: int) -> Dict[str, Any]:
-    """Pooled quality and summed times of ``cfg.propose`` over ``rows`` (JSONL rows with xywh ``bbox``)."""
+def build(cfg: Any) -> tuple:
+    """``(proposer, engine or None)``: a proposer that needs the caption engine gets the configured one."""
+    from regioncap.propose import proposer_class
+
+    if not getattr(proposer_class(str(cfg.propose.method)), "needs_engine", False):
+        return build_proposer(cfg.propose), None
+    from regioncap.engines import build_engine
+    from regioncap.models import resolve_model_path
+
+    engine = build_engine(cfg.engine, cfg.model, resolve_model_path(cfg.model))
+    return build_proposer(cfg.propose, engine=engine, family=str(cfg.model.family)), engine
+
+
+def evaluate(rows: List[Dict[str, Any]], folder: Path, cfg: Any, repeat: int, proposer: Any) -> Dict[str, Any]:
+    """Pooled quality and summed times of ``proposer`` over ``rows`` (JSONL rows with xywh ``bbox``)."""
     model = cfg.model
-    proposer = build_proposer(cfg.propose)
     style = DrawStyle(palette=list(cfg.draw.palette), line_width=float(cfg.draw.line_width),
                       min_line_px=int(cfg.draw.min_line_px), label_size=float(cfg.draw.label_size),
                       min_label_px=int(cfg.draw.min_label_px), dim=float(cfg.draw.dim))
@@ -135,11 +152,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = compose(a.overrides)
     results: Dict[str, Any] = {"overrides": list(a.overrides), "model": cfg.model.name,
                                "propose": {k: (getattr(v, "value", v)) for k, v in cfg.propose.items()}}
-    with tempfile.TemporaryDirectory(prefix="regioncap-eval-proposals-") as tmp:
-        jsonl = shapes.write_dataset(tmp, a.rows, seed=a.seed)
-        results["shapes"] = evaluate(_read(jsonl), Path(tmp), cfg, a.repeat)
-    demo = ROOT / "regioncap" / "demo" / "demo.jsonl"
-    results["demo_photos"] = evaluate(_read(demo), demo.parent, cfg, a.repeat)
+    proposer, engine = build(cfg)
+    try:
+        with tempfile.TemporaryDirectory(prefix="regioncap-eval-proposals-") as tmp:
+            jsonl = shapes.write_dataset(tmp, a.rows, seed=a.seed)
+            results["shapes"] = evaluate(_read(jsonl), Path(tmp), cfg, a.repeat, proposer)
+        demo = ROOT / "regioncap" / "demo" / "demo.jsonl"
+        results["demo_photos"] = evaluate(_read(demo), demo.parent, cfg, a.repeat, proposer)
+    finally:
+        if engine is not None:
+            engine.close()
 
     print(f"propose={cfg.propose.name} model={cfg.model.name} overrides={' '.join(a.overrides) or '-'}")
     print("| set | images | truth | proposed | recall@0.5 | precision@0.5 | mean best IoU "

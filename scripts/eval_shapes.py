@@ -1,11 +1,16 @@
 """Measure model=shapes through the whole pipeline on held-out synthetic scenes.
 
-    .venv/bin/python scripts/eval_shapes.py --rows 200 --prompt crop marked [--model-path DIR] [OVERRIDE ...]
+    .venv/bin/python scripts/eval_shapes.py --rows 200 --prompt crop marked ground [--model-path DIR] [OVERRIDE ...]
 
 Generates scenes with a seed the training never used, runs ``python -m
 regioncap`` on them (visualize + caption, the transformers engine), and prints
 exact-match, colour and shape accuracy, overall and broken down by the number
 of shapes in the scene and by region number: what the model card reports.
+``ground`` runs ``propose=vlm propose.when=always``: the model grounds every
+scene itself (its boxes replace the given ones, which become the truth) and
+captions its own boxes in marked mode; it reports the proposals' recall,
+precision and mean best IoU at IoU 0.5 (overall and by scene size), and the
+captions and labels of the matched proposals against the truth's references.
 Extra Hydra overrides (``draw=thin``, ``engine=vllm``, ...) go to every run.
 """
 
@@ -35,6 +40,27 @@ def score(run_dir: Path) -> Dict[str, Any]:
     return result
 
 
+def score_grounding(run_dir: Path) -> Dict[str, Any]:
+    """Proposal quality of a ``propose.when=always`` run (from metrics.json), with recall by scene size."""
+    from regioncap.boxes import proposal_quality
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    prop = metrics.get("proposals") or {}
+    by: Dict[str, list] = {}
+    for rec in read_jsonl(run_dir / "captions.jsonl"):
+        truth = (rec.get("proposals") or {}).get("truth_bbox") or []  # xyxy, original pixels
+        regions = [r["bbox"] for r in rec.get("regions") or []]
+        q = proposal_quality(regions, truth)
+        tally = by.setdefault(f"scene_shapes={len(truth)}", [0, 0, 0])
+        tally[0] += q["matched"]
+        tally[1] += q["n_truth"]
+        tally[2] += q["n_proposed"]
+    return {**(prop.get("quality") or {}), "proposals": prop.get("regions"), "per_image": prop.get("per_image"),
+            "error_rows": metrics.get("error_rows"),
+            "by": {k: {"recall": round(m / t, 4) if t else None, "precision": round(m / n, 4) if n else None,
+                       "truth": t} for k, (m, t, n) in sorted(by.items())}}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=200)
@@ -50,8 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     results = {}
     for prompt in a.prompt:
         out = work / f"run-{prompt}"
+        mode = ["prompt=marked", "propose=vlm", "propose.when=always"] if prompt == "ground" else [f"prompt={prompt}"]
         args = [sys.executable, "-m", "regioncap", "model=shapes", "data=jsonl", f"data.path={data}",
-                f"prompt={prompt}", "progress=false", f"hydra.run.dir={out}"]
+                *mode, "progress=false", f"hydra.run.dir={out}"]
         if a.model_path:
             args.append(f"model.path={a.model_path}")
         args += a.overrides
@@ -60,7 +87,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(proc.stderr[-3000:], file=sys.stderr)
             return proc.returncode
         metrics = json.loads((out / "metrics.json").read_text())
-        results[prompt] = {**score(out), "caption_seconds": round(metrics.get("stages", {}).get("caption", {})
+        scored = score_grounding(out) if prompt == "ground" else score(out)
+        results[prompt] = {**scored, "caption_seconds": round(metrics.get("stages", {}).get("caption", {})
                                                                    .get("seconds", 0.0), 1)}
         print(prompt, json.dumps(results[prompt], indent=1))
     if a.json:
