@@ -75,6 +75,11 @@ def _clean_key(key: Any) -> str:
     return _clean_text(str(_default(key)))
 
 
+#: Characters ``str.splitlines()`` breaks lines at that JSON allows raw inside strings: written as
+#: ``\uXXXX`` escapes, so every reader of a JSONL line (also one splitting with splitlines) sees one record.
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def dumps(record: Any, *, indent: Optional[int] = None, sort_keys: bool = False) -> str:
     """``record`` as strict JSON text: the one writer of every JSON file a run writes.
 
@@ -83,18 +88,19 @@ def dumps(record: Any, *, indent: Optional[int] = None, sort_keys: bool = False)
     U+FFFD, so the text always encodes as UTF-8), and writes other objects
     (tuples, numpy values, paths) as lists, numbers or strings. Circular and
     overly deep values are written as a string saying so rather than failing.
-    docs/formats.md documents these rules.
+    U+0085, U+2028 and U+2029 are escaped, so a record is one line for every
+    line splitter. docs/formats.md documents these rules.
     """
     try:
         text = json.dumps(record, ensure_ascii=False, allow_nan=False, default=_default,
                           indent=indent, sort_keys=sort_keys)
         text.encode("utf-8")  # a lone surrogate passes json.dumps but no UTF-8 file can hold it
-        return text
     except (ValueError, TypeError, RecursionError, UnicodeEncodeError):
-        pass
-    # The rare value that needs cleaning: walk it once (sort_keys may meet mixed key types: keys are str now).
-    return json.dumps(_clean(record, 0, set()), ensure_ascii=False, allow_nan=False, indent=indent,
-                      sort_keys=sort_keys)
+        # The rare value that needs cleaning: walk it once (sort_keys may meet mixed key types: keys are str now).
+        text = json.dumps(_clean(record, 0, set()), ensure_ascii=False, allow_nan=False, indent=indent,
+                          sort_keys=sort_keys)
+    # Outside strings json.dumps writes none of these, so escaping them keeps the JSON's value.
+    return text.translate(_LINE_BREAKS) if ("\x85" in text or "\u2028" in text or "\u2029" in text) else text
 
 
 class JsonlWriter:

@@ -167,9 +167,10 @@ def run(lines: List[str], answers: List[Dict[str, Any]], monkeypatch, overrides=
 def check(out: Path, n: int) -> None:
     for name in ("visualize.jsonl", "captions.jsonl"):
         text = (out / name).read_text(encoding="utf-8")
-        # Only "\n" ends a record: str.splitlines() would also split inside a caption holding \x85 or \u2028.
+        # One record per line for every splitter: U+0085, U+2028 and U+2029 in a caption are written escaped.
         assert text.endswith("\n") or not text, name
         records = [strict_loads(line) for line in text.split("\n")[:-1]]
+        assert text.splitlines() == text.split("\n")[:-1], name
         assert sorted(r["index"] for r in records) == list(range(n)), name
         for r in records:
             assert r["status"] in ({"pending", "error", "no_regions", "grounding"} if name == "visualize.jsonl"
@@ -232,8 +233,8 @@ def test_many_random_rows_and_answers(images, monkeypatch, data):
 
 @pytest.mark.parametrize("text", ["\x85", "a\u2028b\u2029c", "1: caption\x1cwith a file separator"])
 def test_an_answer_with_unicode_line_breaks_stays_one_record_per_line(images, monkeypatch, text):
-    """Found by the answers property: U+0085, U+2028 and the like are legal raw in JSON strings, so a
-    record may hold them; the records file still has one record per "\n" (what read_jsonl splits on)."""
+    """Found by the answers property: U+0085, U+2028 and the like are legal raw in JSON strings; the
+    writer escapes them, so the records file has one record per line whatever splits it."""
     from regioncap.records import read_jsonl
 
     rows = [json.dumps({"id": "r0", "image": str(images / "a.png"), "bbox": [[1, 2, 20, 20]]})]
