@@ -534,6 +534,9 @@ def _source_tag(reg: Region) -> str:
         return ""
     score = _num(reg.get("score"))
     extra = f" {_fmt(score)}" if score is not None else ""
+    label = reg.get("label")
+    # The grounding model's own name for the object, beside the caption.
+    extra += f': "{label}"' if isinstance(label, str) and label else ""
     return f' <span class="tag prop">proposed ({e(source)}){e(extra)}</span>'
 
 

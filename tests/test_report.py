@@ -296,6 +296,8 @@ def _proposed_copy(run_dir: Path, dest: Path) -> Path:
     records[0]["type"] = "without_bbox"
     records[0]["regions"][0].update(source="contours", score=0.875)
     records[0]["regions"][1]["source"] = "input"
+    if len(records) > 1 and records[1]["regions"]:
+        records[1]["regions"][0].update(source="vlm", label='a red <circle>')  # a grounding label, escaped
     _write_rows(dest / "captions.jsonl", records)
     return dest
 
@@ -306,8 +308,9 @@ def test_proposed_regions_are_drawn_and_labelled_distinctly(run_dir, tmp_path):
     page = write_report(_proposed_copy(run_dir, tmp_path / "proposed")).read_text(encoding="utf-8")
     assert_self_contained(page)
     assert page.count("proposed (contours) 0.875") == 1  # the "input" region is not tagged
-    assert page.count('class="num prop"') == 1
-    assert page.count('<rect class="prop"') == 1  # dashed, over the marked image
+    assert page.count("proposed (vlm): &quot;a red &lt;circle&gt;&quot;") == 1  # its label beside the caption
+    assert page.count('class="num prop"') == 2
+    assert page.count('<rect class="prop"') == 2  # dashed, over the marked image
     assert "no input boxes: regions proposed" in page
 
 
