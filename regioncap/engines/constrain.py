@@ -185,9 +185,9 @@ class Grammars:
         self.compiler = xgr.GrammarCompiler(info, max_threads=1)
         self._cache: Dict[str, Any] = {}
 
-    def compile(self, *, regex: Optional[str] = None, json_schema: Optional[Dict[str, Any]] = None) -> Any:
+    def grammar(self, *, regex: Optional[str] = None, json_schema: Optional[Dict[str, Any]] = None) -> Any:
         """The compiled grammar of a regex or a JSON schema (one of them). Raises ``ValueError`` when it
-        does not compile (with xgrammar's message)."""
+        cannot be compiled (with the message of xgrammar)."""
         import json
 
         key = ("regex:" + regex) if regex is not None else ("json:" + json.dumps(json_schema, sort_keys=True))
