@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 from typing import List, Sequence
 
 import pytest
@@ -417,11 +418,14 @@ def test_every_regex_conforming_answer_parses(items):
         (min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]), max(b[1], b[3])) for b in want]
 
 
-def test_vlm_request_for_qwen2_has_no_json_schema_and_keeps_a_larger_budget():
+def test_vlm_request_for_qwen2_has_no_json_schema_and_the_proposers_budget():
     proposer = VlmProposer(None, family="qwen2_vl")
     req = proposer.request("r1/ground", "x.png", (448, 224), Sampling(max_tokens=4096, seed=3))
     assert req.json_schema is None and req.regex is None and req.prompt == QWEN2_GROUNDING_PROMPT
-    assert req.sampling.max_tokens == 4096 and req.sampling.seed == 3 and req.image_size == (448, 224)
+    # propose.max_tokens is the grounding budget, below or above the captions' (the rest is theirs).
+    assert req.sampling.max_tokens == 1024 and req.sampling.seed == 3 and req.image_size == (448, 224)
+    small = VlmProposer(SimpleNamespace(max_tokens=160), family="qwen2_5_vl")
+    assert small.request("r1/ground", "x.png", (448, 224), Sampling(max_tokens=4096)).sampling.max_tokens == 160
 
 
 def test_vlm_proposer_without_engine_or_with_a_failed_request_says_so():

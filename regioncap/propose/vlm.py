@@ -272,14 +272,15 @@ class VlmProposer(Proposer):
         Carries the ``constraint`` for engines with structured outputs: :func:`grounding_regex`
         (default) or :func:`grounding_json_schema`; none for Qwen2-VL, which answers with
         box tokens that either would forbid.
-        ``sampling`` (an engine ``Sampling``) is copied with ``max_tokens`` raised to the proposer's.
+        ``sampling`` (an engine ``Sampling``: the caption requests' seed, temperature...) is copied with
+        ``max_tokens`` set to the proposer's (``propose.max_tokens``), larger or smaller than the captions'.
         """
         from dataclasses import replace
 
         from regioncap.engines.base import Request, Sampling
 
         s = sampling if sampling is not None else Sampling()
-        s = replace(s, max_tokens=max(int(s.max_tokens), self.max_tokens))
+        s = replace(s, max_tokens=self.max_tokens)
         constrained = self.family != "qwen2_vl"
         regex = grounding_regex() if constrained and self.constraint == "regex" else None
         schema = grounding_json_schema(self.max_items) if constrained and self.constraint == "json" else None
