@@ -670,13 +670,12 @@ def proposal_quality(proposed: Sequence[Any], truth: Sequence[Any], thr: float =
     averages over images can skip them rather than count a made-up 0 or 1.
     """
     matches, best = match_boxes(proposed, truth, thr)
-    props, gts = proposed, truth
     matched = len(matches)
     return {
-        "recall": matched / len(gts) if gts else None,
-        "precision": matched / len(props) if props else None,
+        "recall": matched / len(truth) if truth else None,
+        "precision": matched / len(proposed) if proposed else None,
         "mean_best_iou": sum(best) / len(best) if best else None,
         "matched": matched,
-        "n_proposed": len(props),
-        "n_truth": len(gts),
+        "n_proposed": len(proposed),
+        "n_truth": len(truth),
     }

@@ -663,7 +663,7 @@ class ProposalStats:
         info = rec.get("proposals")
         if not isinstance(info, dict) or rec.get("status") in ("grounding", "pending") and not rec.get("regions"):
             return
-        from regioncap.boxes import proposal_quality
+        from regioncap.boxes import match_boxes
 
         regions = [r for r in rec.get("regions") or () if isinstance(r, dict) and r.get("source", "input") != "input"]
         self.images += 1
@@ -672,23 +672,21 @@ class ProposalStats:
         self.by_method[str(info.get("method"))] += len(regions)
         truth = info.get("truth_bbox")
         if isinstance(truth, list) and rec.get("status") != "error":
-            q = proposal_quality([r["bbox"] for r in regions], truth, self.THRESHOLD)
+            # One matching serves the box figures (boxes.proposal_quality's) and the captions.
+            matches, best = match_boxes([r["bbox"] for r in regions], truth, self.THRESHOLD)
             self.scored_images += 1
-            self.matched += q["matched"]
-            self.n_truth += q["n_truth"]
-            self.n_proposed += q["n_proposed"]
-            self.best_iou_sum += (q["mean_best_iou"] or 0.0) * q["n_truth"]
-            self._score_captions(rec, regions, truth, info.get("truth_index"))
+            self.matched += len(matches)
+            self.n_truth += len(truth)
+            self.n_proposed += len(regions)
+            self.best_iou_sum += sum(best)
+            self._score_captions(rec, regions, matches, info.get("truth_index"), len(truth))
 
-    def _score_captions(self, rec: Dict[str, Any], regions: List[Dict[str, Any]], truth: List[Any],
-                        truth_index: Any) -> None:
+    def _score_captions(self, rec: Dict[str, Any], regions: List[Dict[str, Any]], matches: Dict[int, int],
+                        truth_index: Any, n_truth: int) -> None:
         """Captions (and labels) of the proposals matched to a truth box, against that box's references."""
-        from regioncap.boxes import match_boxes
-
         refs = _record_references(rec, self.references_key)
-        if refs is None or not isinstance(truth_index, list) or len(truth_index) != len(truth):
+        if refs is None or not isinstance(truth_index, list) or len(truth_index) != n_truth:
             return
-        matches, _ = match_boxes([r["bbox"] for r in regions], truth, self.THRESHOLD)
         for t, idx in enumerate(truth_index):
             texts = _reference_list(refs[idx]) if isinstance(idx, int) and 0 <= idx < len(refs) else []
             if not texts:
