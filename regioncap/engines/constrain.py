@@ -62,6 +62,22 @@ class _Vocab:
         return cls._cache[key]
 
 
+class _NewTokens:
+    """The token each row of a batch added since the last call of a logits processor (``generate``
+    calls it once per step; the first call, on the prompt alone, has none)."""
+
+    def __init__(self, prompt_len: int) -> None:
+        self.prompt_len = prompt_len
+        self.seen = 0
+
+    def __call__(self, input_ids: Any) -> Optional[List[int]]:
+        generated = input_ids.shape[1] - self.prompt_len
+        if generated <= self.seen:
+            return None
+        self.seen = generated
+        return [int(t) for t in input_ids[:, -1].tolist()]
+
+
 class _RowState:
     def __init__(self, numbers: Sequence[int], vocab: _Vocab) -> None:
         self.numbers = list(numbers)
@@ -123,16 +139,14 @@ def lines_processor(
 
     class _Lines(LogitsProcessor):
         def __init__(self) -> None:
-            self.seen = 0
+            self.new_tokens = _NewTokens(prompt_len)
 
         def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-            generated = input_ids.shape[1] - prompt_len
-            if generated > self.seen:  # one new token per row since the last call
-                last = input_ids[:, -1].tolist()
+            last = self.new_tokens(input_ids)
+            if last is not None:
                 for b, st in enumerate(states):
                     if st is not None:
-                        st.observe(int(last[b]), eos)
-                self.seen = generated
+                        st.observe(last[b], eos)
             allowed = torch.zeros_like(scores, dtype=torch.bool)
             for b, st in enumerate(states):
                 if st is None:
@@ -186,20 +200,20 @@ class Grammars:
         self._cache: Dict[str, Any] = {}
 
     def grammar(self, *, regex: Optional[str] = None, json_schema: Optional[Dict[str, Any]] = None) -> Any:
-        """The compiled grammar of a regex or a JSON schema (one of them). Raises ``ValueError`` when it
-        cannot be compiled (with the message of xgrammar)."""
+        """The compiled grammar of ``regex`` when it is given (not empty), else of ``json_schema`` (as a
+        request carries them). Raises ``ValueError`` when it cannot be compiled (with the message of xgrammar)."""
         import json
 
-        key = ("regex:" + regex) if regex is not None else ("json:" + json.dumps(json_schema, sort_keys=True))
+        key = ("regex:" + regex) if regex else ("json:" + json.dumps(json_schema, sort_keys=True))
         if key not in self._cache:
             try:
-                if regex is not None:
+                if regex:
                     self._cache[key] = self.compiler.compile_regex(regex)
                 else:
                     self._cache[key] = self.compiler.compile_json_schema(json.dumps(json_schema),
                                                                          any_whitespace=False, strict_mode=True)
             except Exception as exc:  # xgrammar raises RuntimeError / its own errors on a bad pattern
-                what = "regex" if regex is not None else "JSON schema"
+                what = "regex" if regex else "JSON schema"
                 raise ValueError(f"cannot compile the answer {what}: {type(exc).__name__}: {exc}") from exc
         return self._cache[key]
 
@@ -215,16 +229,14 @@ class Grammars:
 
         class _Grammar(LogitsProcessor):
             def __init__(self) -> None:
-                self.seen = 0
+                self.new_tokens = _NewTokens(prompt_len)
 
             def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-                generated = input_ids.shape[1] - prompt_len
-                if generated > self.seen:  # one new token per row since the last call
-                    last = input_ids[:, -1].tolist()
+                last = self.new_tokens(input_ids)
+                if last is not None:
                     for b, m in enumerate(matchers):
                         if m is not None and not m.is_terminated():
-                            m.accept_token(int(last[b]))
-                    self.seen = generated
+                            m.accept_token(last[b])
                 rows = [b for b, m in enumerate(matchers) if m is not None and not m.is_terminated()]
                 if not rows:
                     return scores

@@ -356,7 +356,7 @@ class TransformersEngine(Engine):
             grammars = self._grammars()
             if grammars is not None:
                 try:
-                    grammar = grammars.grammar(regex=req.regex, json_schema=None if req.regex else req.json_schema)
+                    grammar = grammars.grammar(regex=req.regex, json_schema=req.json_schema)
                 except ValueError as exc:
                     return error_response(req.key, "engine_error", str(exc))
 
