@@ -27,10 +27,12 @@ from __future__ import annotations
 import json
 import logging
 import functools
+import gc
 import math
 import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
@@ -149,10 +151,47 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
     finally:
         if on_sigterm is not None:
             signal.signal(signal.SIGTERM, on_sigterm)
+    known = {t.ident for t in threading.enumerate()}
     try:
         yield ray
     finally:
+        _shutdown(ray, known)
+
+
+# Threads Ray Data starts to run a dataset and to feed its iterator. They may hold
+# object references and call into the core worker until they finish.
+_RAY_DATA_THREADS = ("StreamingExecutor", "iter_threaded", "ray-data")
+
+
+def _shutdown(ray: Any, known: set, timeout: float = 30.0) -> None:
+    """``ray.shutdown()`` once nothing in this process can touch the core worker during it.
+
+    ``ray.shutdown`` stops the core worker first and forgets it after; an object
+    reference released in between, by a Ray Data thread still winding down or by
+    the cyclic garbage collector, calls into the stopped worker, and Ray then ends
+    the whole process with exit code 1 ("The core worker has already been shutdown"),
+    which turned a SIGTERM's clean stop (exit 143) into a failure. So: wait for the
+    Ray Data threads started while the cluster was up (those not in ``known``), collect
+    the garbage that holds references, and keep the collector off during the shutdown.
+    Ray Data's block prefetcher thread is not waited for: it stays parked once its
+    iterator is closed.
+    """
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.ident in known or not thread.name.startswith(_RAY_DATA_THREADS):
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            log.warning("Ray Data thread %r still runs %.0f s after the stage ended; shutting Ray down anyway",
+                        thread.name, timeout)
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
         ray.shutdown()
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _check_resources(ray: Any, ex: Any) -> None:
@@ -281,6 +320,9 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
                     close = getattr(batches, "close", None)
                     if close is not None:
                         close()
+                    # The dataset, its iterator and the last batch hold object references:
+                    # released here, while the cluster is still up.
+                    ds = batches = out = None  # noqa: F841
             finally:
                 ctx.execution_options.preserve_order, ctx.enable_progress_bars = old
     except RunError:
