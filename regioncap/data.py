@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from regioncap.errors import RunError
+from regioncap.images import ImageLoadError, file_uri_path, image_uri
 
 #: Longest piece of a bad line quoted back in its error message.
 _QUOTE = 120
@@ -151,8 +152,8 @@ def count_rows(data_cfg: Any) -> Optional[int]:
     try:
         total = 0
         with open(path, "rb") as fh:
-            for raw in fh:
-                if raw.strip():
+            for n, raw in enumerate(fh):
+                if (raw[len(_BOM):] if n == 0 and raw.startswith(_BOM) else raw).strip():
                     total += 1
     except OSError:
         return None
@@ -199,6 +200,10 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
         yield row
 
 
+#: The UTF-8 byte order mark some editors write at the start of a file; not part of the first row.
+_BOM = b"\xef\xbb\xbf"
+
+
 def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -209,6 +214,8 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
     index = 0
     with open(path, "rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
+            if line_no == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]  # Windows editors and spreadsheets start UTF-8 files with one
             if not raw.strip():
                 continue  # blank lines are not rows
             row = InputRow(index=index, row_id=f"row-{index:07d}", line=line_no,
@@ -304,9 +311,15 @@ def _fill(row: InputRow, obj: Dict[str, Any], image_key: str, bbox_key: str,
         problem = _image_path_problem(row.image, image_key)
         if problem:
             row.error = {"kind": "bad_image_value", "message": f"{where}: {problem}"}
-        else:
+        elif image_uri(row.image) == "file":
+            try:
+                row.image_path = file_uri_path(row.image)
+            except ImageLoadError as exc:
+                row.error = {"kind": exc.kind, "message": f"{where}: {exc.message}"}
+        elif image_uri(row.image) is None:
             p = Path(os.path.expanduser(row.image))
             row.image_path = str(p if p.is_absolute() or base is None else base / p)
+        # else a data: URI (decoded when the image is loaded) or a URL (refused then, naming it)
     elif isinstance(row.image, dict) and not isinstance(row.image.get("bytes"), (bytes, bytearray, memoryview)):
         # An image dict without real bytes (always so in JSONL) must carry a usable path.
         if row.image.get("path") is None:

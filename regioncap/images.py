@@ -11,9 +11,12 @@ right/bottom edges, so a box covering the whole ``W x H`` image is
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import math
 import os
+import re
 import stat
 import uuid
 from dataclasses import dataclass
@@ -25,6 +28,8 @@ __all__ = [
     "ImageLoadError",
     "LoadedImage",
     "load_image",
+    "image_uri",
+    "uri_label",
     "target_size",
     "is_fixed_size",
     "resize_to",
@@ -49,13 +54,73 @@ _EXIF_ORIENTATION_TAG = 0x0112
 
 _IN_MEMORY = "<in-memory>"
 
+# ``data:[<media type>][;base64],<data>`` (RFC 2397) and ``scheme://...`` (two or more
+# letters, so a Windows drive letter ``C:\\`` is never taken for a scheme).
+_DATA_URI = re.compile(r"data:(?P<type>[^,;]*)(?P<params>(?:;[^,;]*)*),", re.IGNORECASE)
+_SCHEME = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]+)://")
+
+
+def image_uri(value: str) -> str | None:
+    """What kind of URI the image value ``value`` is: ``data``, ``file``, ``remote`` or None (a path)."""
+    if _DATA_URI.match(value):
+        return "data"
+    m = _SCHEME.match(value)
+    if m is None:
+        return None
+    return "file" if m.group("scheme").lower() == "file" else "remote"
+
+
+def file_uri_path(value: str) -> str:
+    """The local path of a ``file://`` URI (``file:///a/b.png`` or ``file://localhost/a/b.png``)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(value)
+    if parts.netloc not in ("", "localhost"):
+        raise ImageLoadError("unsupported_url", f"{value[:200]!r}: a file:// URI on another host "
+                                                f"({parts.netloc}); give a local path")
+    return unquote(parts.path)
+
+
+def uri_label(value: str) -> str:
+    """A short stand-in for a data URI in the records (its payload can be megabytes)."""
+    m = _DATA_URI.match(value)
+    if m is None:
+        return value
+    return f"<data URI: {m.group('type') or 'text/plain'}, {len(value) - m.end()} characters>"
+
+
+def _load_uri(value: str, kind: str, max_image_pixels: int, max_file_bytes: int,
+              draft_target: Any) -> LoadedImage:
+    if kind == "file":
+        return _load_path(file_uri_path(value), max_image_pixels, max_file_bytes, draft_target)
+    if kind == "remote":
+        scheme = _SCHEME.match(value).group("scheme")
+        raise ImageLoadError(
+            "unsupported_url",
+            f"{value[:200]!r}: a URL ({scheme}://); regioncap reads local files, image bytes and data: URIs, "
+            f"never the network: download the images and give their paths")
+    m = _DATA_URI.match(value)
+    label = uri_label(value)
+    payload = value[m.end():]
+    if ";base64" not in m.group("params").lower():
+        raise ImageLoadError("bad_image_value", f"{label}: a data URI must be base64 (data:image/png;base64,...)")
+    if len(payload) > (max_file_bytes + 2) // 3 * 4 + 4:
+        raise ImageLoadError(
+            "file_too_large", f"{label}: over the limit of {max_file_bytes} bytes (max_file_bytes) once decoded")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ImageLoadError("bad_image_value", f"{label}: not valid base64 ({exc})") from None
+    return _load_bytes(data, source=label, max_image_pixels=max_image_pixels, max_file_bytes=max_file_bytes,
+                       draft_target=draft_target)
+
 
 class ImageLoadError(Exception):
     """An image could not be used; ``kind`` says why, ``message`` names the input.
 
     Kinds: ``missing_file``, ``not_a_file``, ``unreadable_file``, ``empty_file``,
     ``file_too_large``, ``not_an_image``, ``corrupt_image``, ``image_too_large``,
-    ``unsupported_mode``, ``bad_image_value``, ``bad_aspect_ratio``.
+    ``unsupported_mode``, ``bad_image_value``, ``bad_aspect_ratio``, ``unsupported_url``.
     """
 
     def __init__(self, kind: str, message: str) -> None:
@@ -118,7 +183,10 @@ def load_image(
     """Decode ``src`` into an RGB image with EXIF orientation applied.
 
     ``src`` is a path, encoded bytes, a PIL image, or a Hugging Face ``datasets``
-    image dict ``{"bytes": ..., "path": ...}`` (bytes win when both are set).
+    image dict ``{"bytes": ..., "path": ...}`` (bytes win when both are set). A
+    string may also be a base64 ``data:`` URI or a ``file://`` URI; any other URL
+    (``http://``, ``s3://``, ...) is an ``unsupported_url`` error: nothing here
+    reaches the network.
 
     Every failure is an :class:`ImageLoadError` whose ``kind`` a caller can count
     and whose message names the input. Files are checked with ``os.stat`` before
@@ -161,6 +229,8 @@ def load_image(
             max_file_bytes=max_file_bytes,
             draft_target=draft_target,
         )
+    if isinstance(src, str) and image_uri(src):
+        return _load_uri(src, image_uri(src), max_image_pixels, max_file_bytes, draft_target)
     if isinstance(src, (str, os.PathLike)):
         return _load_path(src, max_image_pixels, max_file_bytes, draft_target)
     raise ImageLoadError(

@@ -15,6 +15,7 @@ must give, so a regression names the case rather than a hypothesis example.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import io
@@ -49,7 +50,7 @@ KNOWN_KINDS = {
     "invalid_utf8", "invalid_json", "invalid_row", "missing_image_field", "bad_image_value",
     # the image (regioncap.images.ImageLoadError)
     "missing_file", "not_a_file", "unreadable_file", "empty_file", "file_too_large", "not_an_image",
-    "corrupt_image", "image_too_large", "unsupported_mode", "bad_aspect_ratio",
+    "corrupt_image", "image_too_large", "unsupported_mode", "bad_aspect_ratio", "unsupported_url",
     # the boxes and the drawing (regioncap.run)
     "bad_bbox", "no_valid_boxes", "draw_error",
 }
@@ -471,6 +472,30 @@ def test_blank_file_and_blank_lines_only_fail_clearly(tmp_path):
         assert (tmp_path / f"run{i}" / "visualize.jsonl").read_text() == ""
 
 
+def test_a_byte_order_mark_at_the_start_of_the_file_is_not_part_of_the_first_row(tmp_path, assets):
+    """Windows editors and spreadsheets save UTF-8 with a BOM; the first row must still be a row."""
+    from regioncap.data import count_rows, iter_rows
+
+    rows = [{"id": "a", "image": str(assets / "ok.png"), "bbox": [[2, 2, 20, 20]]},
+            {"id": "b", "image": str(assets / "ok.jpg"), "bbox": [[4, 4, 10, 10]]}]
+    body = b"\n".join(json.dumps(r).encode() for r in rows) + b"\n"
+    runs = {}
+    for name, content in (("plain", body), ("bom", b"\xef\xbb\xbf" + body), ("bom_blank", b"\xef\xbb\xbf\n" + body)):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(content)
+        metrics = run_rows(path, tmp_path / name)
+        assert metrics["rows"] == 2 and metrics["error_rows"] == 0, name
+        cfg = compose([*BASE_OVERRIDES, f"data.path={path}"])
+        assert count_rows(cfg.data) == 2, name
+        runs[name] = [(r.row_id, r.digest) for r in iter_rows(cfg.data)]
+    assert runs["plain"] == runs["bom"] == runs["bom_blank"]
+    # A BOM anywhere else is not a file's start: that line stays an error row naming it.
+    path = tmp_path / "late.jsonl"
+    path.write_bytes(body + b"\xef\xbb\xbf" + json.dumps(rows[0]).encode() + b"\n")
+    caps = check_run(path, path.read_bytes(), tmp_path / "late", run_rows(path, tmp_path / "late"), [*rows, None])
+    assert [(c["error"] or {}).get("kind") for c in caps] == [None, None, "invalid_json"]
+
+
 def test_all_rows_bad_still_writes_every_row(tmp_path):
     lines = [b"{", b"\xff\xfe", b"[1]", b'{"bbox": []}', b'{"image": null}']
     path = tmp_path / "rows.jsonl"
@@ -517,6 +542,10 @@ def test_exif_rotation_sizes_and_boxes(tmp_path, assets):
         assert rec["status"] == "ok" and rec["regions"][0]["bbox"] == [0.0, 0.0, 40.0, 40.0]
 
 
+def data_uri(path: Path, prefix: str = "data:image/png;base64,") -> str:
+    return prefix + base64.b64encode(path.read_bytes()).decode()
+
+
 #: (case, row builder given the assets folder, expected error kind or None for a clean row).
 #: A row builder returns the JSON object, or raw bytes for a line that is not one.
 CASES = [
@@ -549,6 +578,26 @@ CASES = [
     ("broken_idat_png", lambda a: {"image": "idat.png", "bbox": [[2, 2, 20, 20]]}, "corrupt_image"),
     ("bomb_header", lambda a: {"image": "bomb.png", "bbox": [[2, 2, 20, 20]]}, "image_too_large"),
     ("over_max_image_pixels", lambda a: {"image": "big_header.png", "bbox": [[2, 2, 20, 20]]}, "image_too_large"),
+    ("data_uri_png", lambda a: {"image": data_uri(a / "ok.png"), "bbox": [[2, 2, 20, 20]]}, None),
+    ("data_uri_jpeg_mixed_case", lambda a: {"image": data_uri(a / "ok.jpg", "DATA:image/jpeg;BASE64,"),
+                                            "bbox": [[2, 2, 20, 20]]}, None),
+    ("data_uri_not_base64", lambda a: {"image": "data:image/png,abc", "bbox": [[2, 2, 20, 20]]}, "bad_image_value"),
+    ("data_uri_bad_base64", lambda a: {"image": "data:image/png;base64,@@@=", "bbox": [[2, 2, 20, 20]]},
+     "bad_image_value"),
+    ("data_uri_of_text", lambda a: {"image": "data:image/png;base64,aGVsbG8=", "bbox": [[2, 2, 20, 20]]},
+     "not_an_image"),
+    ("data_uri_over_max_file_bytes", lambda a: {"image": "data:image/png;base64," + "A" * (MAX_FILE_BYTES * 2),
+                                                "bbox": [[2, 2, 20, 20]]}, "file_too_large"),
+    ("file_uri", lambda a: {"image": (a / "ok.png").as_uri(), "bbox": [[2, 2, 20, 20]]}, None),
+    ("file_uri_quoted_unicode", lambda a: {"image": (a / "图像 ünïcode.png").as_uri(), "bbox": [[2, 2, 20, 20]]},
+     None),
+    ("file_uri_other_host", lambda a: {"image": "file://elsewhere/ok.png", "bbox": [[2, 2, 20, 20]]},
+     "unsupported_url"),
+    ("https_url", lambda a: {"image": "https://example.invalid/ok.png", "bbox": [[2, 2, 20, 20]]},
+     "unsupported_url"),
+    ("s3_url", lambda a: {"image": "s3://bucket/ok.png", "bbox": [[2, 2, 20, 20]]}, "unsupported_url"),
+    ("windows_drive_path_is_a_path", lambda a: {"image": "C:\\images\\ok.png", "bbox": [[2, 2, 20, 20]]},
+     "missing_file"),
     ("image_field_missing", lambda a: {"bbox": [[2, 2, 20, 20]]}, "missing_image_field"),
     ("image_null", lambda a: {"image": None, "bbox": [[2, 2, 20, 20]]}, "bad_image_value"),
     ("image_int", lambda a: {"image": 3, "bbox": [[2, 2, 20, 20]]}, "bad_image_value"),

@@ -675,3 +675,33 @@ def test_encode_image() -> None:
     line.paste((255, 0, 0), (15, 0, 17, 32))
     back = Image.open(io.BytesIO(encode_image(line)))
     assert close(px(back, (15, 16)), (255, 0, 0), tol=30)
+
+
+@pytest.mark.parametrize("value,kind", [
+    ("images/a.png", None), ("/abs/a.png", None), ("C:\\images\\a.png", None), ("c:/images/a.png", None),
+    ("a:b.png", None), ("data.png", None), ("data:image/png;base64,AAAA", "data"), ("DATA:,x", "data"),
+    ("file:///abs/a.png", "file"), ("FILE://localhost/a.png", "file"), ("http://h/a.png", "remote"),
+    ("https://h/a.png", "remote"), ("s3://bucket/a.png", "remote"), ("gs://b/a.png", "remote"),
+])
+def test_image_uri_tells_paths_from_uris(value, kind):
+    from regioncap.images import image_uri
+
+    assert image_uri(value) == kind
+
+
+def test_data_uri_loads_like_its_bytes_and_is_labelled_short(tmp_path):
+    import base64
+
+    from regioncap.images import uri_label
+
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(tmp_path / "a.png")
+    raw = (tmp_path / "a.png").read_bytes()
+    uri = "data:image/png;base64," + base64.b64encode(raw).decode()
+    got, want = load_image(uri), load_image(raw)
+    assert got.original_size == want.original_size == (40, 30)
+    assert got.image.tobytes() == want.image.tobytes()
+    assert uri_label(uri) == f"<data URI: image/png, {len(uri) - len('data:image/png;base64,')} characters>"
+    assert load_image((tmp_path / "a.png").as_uri()).original_size == (40, 30)
+    with pytest.raises(ImageLoadError, match="never the network") as err:
+        load_image("https://example.invalid/a.png")
+    assert err.value.kind == "unsupported_url"

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 from regioncap import boxes as bx
 from regioncap.draw import DrawStyle
 from regioncap.errors import RunError
-from regioncap.images import ImageLoadError, load_image, resize_to, save_image, target_size
+from regioncap.images import ImageLoadError, load_image, resize_to, save_image, target_size, uri_label
 from regioncap.rundir import IMAGES_DIR
 from regioncap.signals import stop_requested
 from regioncap.stages import Stage
@@ -264,7 +264,7 @@ class Visualizer(Stage):
             (collisions if k in OWN_KEYS else rec)[k] = v
         if collisions:
             rec["input"] = collisions
-        image = row.image if isinstance(row.image, str) else (row.image_path or "<in-memory image>")
+        image = uri_label(row.image) if isinstance(row.image, str) else (row.image_path or "<in-memory image>")
         rec.update({
             "id": row.row_id, "index": row.index, "image": image, "image_path": row.image_path,
             "type": "with_bbox" if row.bbox else "without_bbox", "bbox": row.bbox,
