@@ -142,7 +142,8 @@ def check_shards(data_cfg: Any) -> Tuple[int, int]:
 
 def count_rows(data_cfg: Any) -> Optional[int]:
     """How many rows :func:`iter_rows` will yield, where that is cheap to know (a JSONL file: one
-    pass counting non-blank lines; a ``datasets`` source is not opened for it); else None.
+    pass counting non-blank lines; a JSON array file: its elements; a ``datasets`` source is not
+    opened for it); else None.
 
     For progress bars only: nothing depends on it being exact.
     """
@@ -150,12 +151,16 @@ def count_rows(data_cfg: Any) -> Optional[int]:
         return None
     path = resolve_path(str(data_cfg.path))
     try:
-        total = 0
-        with open(path, "rb") as fh:
-            for n, raw in enumerate(fh):
-                if (raw[len(_BOM):] if n == 0 and raw.startswith(_BOM) else raw).strip():
-                    total += 1
-    except OSError:
+        array = _json_array_items(path)
+        if array is not None:
+            total = len(array[1])
+        else:
+            total = 0
+            with open(path, "rb") as fh:
+                for n, raw in enumerate(fh):
+                    if (raw[len(_BOM):] if n == 0 and raw.startswith(_BOM) else raw).strip():
+                        total += 1
+    except (OSError, DataError):
         return None
     skip, limit = max(0, int(data_cfg.skip or 0)), data_cfg.limit
     total = max(0, total - skip)
@@ -210,7 +215,11 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
     if not path.is_file():
         raise DataError(f"data file {path} is not a regular file")
     base = path.resolve().parent
-    image_key, bbox_key, id_key = data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key
+    keys = (data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key)
+    array = _json_array_items(path)
+    if array is not None:
+        yield from _array_rows(path, *array, keys, base)
+        return
     index = 0
     with open(path, "rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
@@ -246,17 +255,106 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
                 row.error = {"kind": "invalid_json", "message": f"{where}: a value cannot be read ({exc})"}
                 yield row
                 continue
-            problem = _unwritable(obj)
-            if problem is not None:
-                row.error = {"kind": problem[0], "message": f"{where}: {problem[1]}"}
-                yield row
-                continue
-            if not isinstance(obj, dict):
-                row.error = {"kind": "invalid_row", "message": f"{where}: expected a JSON object, got {type(obj).__name__}"}
-                yield row
-                continue
-            _fill(row, obj, image_key, bbox_key, id_key, base, where)
+            _object_row(row, obj, keys, base, where)
             yield row
+
+
+def _object_row(row: InputRow, obj: Any, keys: Tuple[str, str, Optional[str]], base: Path, where: str) -> None:
+    """Fill ``row`` from the parsed value ``obj``, or make it an error row saying why it cannot be one."""
+    problem = _unwritable(obj)
+    if problem is not None:
+        row.error = {"kind": problem[0], "message": f"{where}: {problem[1]}"}
+    elif not isinstance(obj, dict):
+        row.error = {"kind": "invalid_row", "message": f"{where}: expected a JSON object, got {type(obj).__name__}"}
+    else:
+        _fill(row, obj, keys[0], keys[1], keys[2], base, where)
+
+
+#: The most of a file read to tell a JSON array file from JSON Lines (its first non-blank line).
+_SNIFF_BYTES = 1 << 16
+
+
+def _json_array_items(path: Path) -> Optional[Tuple[str, List[Tuple[int, int, int]]]]:
+    """The text of ``path`` and ``(line, start, end)`` of each of its elements when it is
+    one JSON array (a ``.json`` dump), else None (JSON Lines).
+
+    A file is read as a JSON array when its name ends in ``.json`` or its first
+    non-blank line is a lone ``[`` (a pretty-printed array, whatever its name). If
+    it is not one JSON array but its first non-blank line is a JSON value of its
+    own, it is JSON Lines after all (many ``.json`` files are); otherwise it is a
+    broken JSON array, refused with where it breaks, since reading it line by line
+    would make every line of it an error row.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(_SNIFF_BYTES)
+    head = head[len(_BOM):] if head.startswith(_BOM) else head
+    stripped = head.lstrip()
+    if not stripped.startswith(b"["):
+        return None
+    if path.suffix.lower() != ".json" and stripped.split(b"\n", 1)[0].strip() != b"[":
+        return None
+    raw = path.read_bytes()
+    offset = len(_BOM) if raw.startswith(_BOM) else 0
+    try:
+        text = raw[offset:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        first = raw[offset:].lstrip().split(b"\n", 1)[0]
+        if _parses(first):
+            return None
+        raise DataError(f"data file {path} starts like a JSON array but is not UTF-8 ({exc.reason} at byte "
+                        f"{exc.start + offset})") from None
+    decoder = json.JSONDecoder()
+    items: List[Tuple[int, int, int]] = []
+    ws = re.compile(r"[ \t\r\n]*")
+    line, counted = 1, 0
+    try:
+        pos = ws.match(text, text.index("[") + 1).end()
+        if text.startswith("]", pos):
+            pos += 1
+        else:
+            while True:
+                _, end = decoder.raw_decode(text, pos)
+                line, counted = line + text.count("\n", counted, pos), pos
+                items.append((line, pos, end))
+                pos = ws.match(text, end).end()
+                if text.startswith(",", pos):
+                    pos = ws.match(text, pos + 1).end()
+                    continue
+                if text.startswith("]", pos):
+                    pos += 1
+                    break
+                raise json.JSONDecodeError("expected ',' or ']' after an element", text, pos)
+        if ws.match(text, pos).end() != len(text):
+            raise json.JSONDecodeError("extra data after the array", text, pos)
+    except (json.JSONDecodeError, RecursionError, ValueError) as exc:
+        first = text.lstrip().split("\n", 1)[0]
+        if _parses(first.encode("utf-8", "surrogatepass")):
+            return None
+        where = (f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError)
+                 else "nested too deeply to read" if isinstance(exc, RecursionError) else str(exc))
+        raise DataError(f"data file {path} starts like a JSON array but is not valid JSON ({where}); fix it, "
+                        f"or write one JSON object per line (JSON Lines)") from None
+    return text, items
+
+
+def _parses(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _array_rows(path: Path, text: str, items: List[Tuple[int, int, int]], keys: Tuple[str, str, Optional[str]],
+                base: Path) -> Iterator[InputRow]:
+    """The rows of a JSON array file: one per element, numbered by the line it starts on."""
+    decoder = json.JSONDecoder()
+    for index, (line_no, start, end) in enumerate(items):
+        obj, _ = decoder.raw_decode(text, start)
+        # Of the element's value, not its text: re-indenting the file changes no digest.
+        row = InputRow(index=index, row_id=f"row-{index:07d}", line=line_no, digest=digest_value(obj))
+        _object_row(row, obj, keys, base, f"{path.name} item {index} (line {line_no})")
+        yield row
 
 
 def _unwritable(obj: Any) -> Optional[tuple]:

@@ -110,3 +110,106 @@ def test_jsonl_digest_is_the_line_content_not_its_position(tmp_path):
 
 def test_input_row_digest_defaults_to_none():
     assert InputRow(index=0, row_id="x").digest is None
+
+
+# --------------------------------------------------------------------------- JSON array files
+
+ARRAY_ROWS = [{"id": "a", "image": "a.png", "bbox": [[1, 2, 3, 4]]},
+              {"id": "b", "image": "b.png", "bbox": []},
+              {"id": "c", "image": "c.png", "bbox": [[5, 6, 7, 8]], "note": "x"}]
+
+
+def _starts(indent: int) -> list:
+    """The line each element of ARRAY_ROWS starts on, dumped with ``indent`` ("[" on line 1)."""
+    sizes = [len(json.dumps(d, indent=indent).splitlines()) for d in ARRAY_ROWS]
+    return [2 + sum(sizes[:k]) for k in range(len(sizes))]
+
+
+@pytest.mark.parametrize("name,content,lines", [
+    ("pretty.json", json.dumps(ARRAY_ROWS, indent=2).encode(), _starts(2)),
+    ("compact.json", json.dumps(ARRAY_ROWS).encode(), [1, 1, 1]),
+    ("bom.json", b"\xef\xbb\xbf" + json.dumps(ARRAY_ROWS, indent=4).encode() + b"\n", _starts(4)),
+    ("pretty_named.jsonl", b"\n[\n" + b",\n".join(json.dumps(r).encode() for r in ARRAY_ROWS) + b"\n]\n", [3, 4, 5]),
+])
+def test_a_json_array_file_is_read_as_its_elements(tmp_path, name, content, lines):
+    """A .json dump (or any file that opens with a lone ``[`` line) is one row per element,
+    with the same ids, fields and digests however the file is indented."""
+    from regioncap.data import count_rows, digest_value
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    cfg = compose(["data=jsonl", f"data.path={path}"]).data
+    rows = list(iter_rows(cfg))
+    assert [(r.row_id, r.image, r.bbox, r.extra.get("note"), r.error) for r in rows] == \
+        [(d["id"], d["image"], d["bbox"], d.get("note"), None) for d in ARRAY_ROWS]
+    assert [r.digest for r in rows] == [digest_value(d) for d in ARRAY_ROWS]
+    assert [r.image_path for r in rows] == [str(tmp_path / d["image"]) for d in ARRAY_ROWS]
+    assert [r.line for r in rows] == lines  # where each element starts
+    assert count_rows(cfg) == 3
+
+
+def test_json_array_elements_that_are_not_rows_are_error_rows_naming_the_item(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"image": "a.png", "bbox": []},\n  [1, 2],\n  "x.png",\n  {"bbox": [[1, 2, 3, 4]]},\n'
+                    '  {"image": "b.png", "bbox": [], "s": "\\ud800"}\n]\n')
+    rows = _rows("data=jsonl", f"data.path={path}")
+    assert [(r.error or {}).get("kind") for r in rows] == [None, "invalid_row", "invalid_row", "missing_image_field",
+                                                           "invalid_utf8"]
+    assert "rows.json item 1 (line 3): expected a JSON object, got list" in rows[1].error["message"]
+    assert [r.line for r in rows] == [2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("content,match", [
+    (b'[\n  {"image": "a.png", "bbox": []},\n  {"image": "b.png", "bbox": [}\n]\n', "line 3 column"),
+    (b'[\n  {"image": "a.png", "bbox": []}\n', "line 3 column 1"),
+    (b'[\n  {"image": "a.png"}\n]\n]\n', "extra data after the array"),
+    (b'[\n  {"image": "a.png", "n": ' + b"[" * 100000 + b"]" * 100000 + b'}\n]\n', "nested too deeply"),
+    (b'[\n  {"image": "a.png", "s": "\xff"}\n]\n', "not UTF-8"),
+])
+def test_a_broken_json_array_is_refused_naming_the_file_and_where(tmp_path, content, match):
+    path = tmp_path / "rows.json"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=match) as err:
+        _rows("data=jsonl", f"data.path={path}")
+    assert str(path) in str(err.value) and "JSON Lines" in str(err.value) or "not UTF-8" in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["rows.jsonl", "rows.json"])
+def test_json_lines_that_start_with_a_list_stay_json_lines(tmp_path, name):
+    """A one-line array in a .jsonl file is one bad row, as is any line; a .json file that holds
+    JSON Lines (a common misnomer) is read as JSON Lines."""
+    path = tmp_path / name
+    path.write_bytes(b'[1, 2, 3]\n{"image": "a.png", "bbox": []}\n{"image": "b.png", "bbox": []}\n')
+    rows = _rows("data=jsonl", f"data.path={path}")
+    assert [(r.error or {}).get("kind") for r in rows] == ["invalid_row", None, None]
+    assert [r.line for r in rows] == [1, 2, 3]
+    only = tmp_path / "one.jsonl"
+    only.write_bytes(b"[1, 2, 3]\n")
+    assert [(r.error or {}).get("kind") for r in _rows("data=jsonl", f"data.path={only}")] == ["invalid_row"]
+
+
+def test_a_json_array_file_runs_resumes_and_shards_like_json_lines(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(tmp_path / "a.png")
+    rows = [{"id": f"r{i}", "image": "a.png", "bbox": [[2 + i, 2, 20, 20]]} for i in range(5)]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows, indent=2))
+    base = ["engine=fake", "progress=false", "data=jsonl", f"data.path={path}"]
+    metrics = execute(compose(base, output_dir=tmp_path / "run"))
+    assert metrics["rows"] == 5 and metrics["error_rows"] == 0
+    caps = [json.loads(line) for line in (tmp_path / "run" / "captions.jsonl").read_text().splitlines()]
+    assert [c["id"] for c in caps] == [r["id"] for r in rows]
+    # Re-indented, the same rows are the same rows: a resume finds them all done.
+    path.write_text(json.dumps(rows))
+    before = (tmp_path / "run" / "captions.jsonl").read_bytes()
+    metrics = execute(compose([*base, "resume=true"], output_dir=tmp_path / "run"))
+    assert metrics["rows"] == 5
+    assert (tmp_path / "run" / "captions.jsonl").read_bytes() == before
+    # An element edited in place is another row: refused, as a changed JSONL line is.
+    rows[1]["bbox"] = [[1, 1, 30, 30]]
+    path.write_text(json.dumps(rows, indent=2))
+    with pytest.raises(RunError, match=r"input row 1 \(id 'r1'\) has other content"):
+        execute(compose([*base, "resume=true"], output_dir=tmp_path / "run"))
+    shard = [r.row_id for r in iter_rows(compose([*base, "data.num_shards=2", "data.shard_index=1"]).data)]
+    assert shard == ["r1", "r3"]
