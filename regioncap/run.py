@@ -30,6 +30,7 @@ from regioncap.prepare import RowPool, resolve_workers
 from regioncap.records import dumps, read_jsonl, write_text_atomically
 from regioncap.rundir import RunDir, key_changes, run_key_hash, run_key_values  # noqa: F401  (re-exported)
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested  # noqa: F401  (re-exported)
+from regioncap.settings import check_settings
 from regioncap.stages import STAGES, OnCommit, StageStats
 from regioncap.stages.loop import StageLoop, progress
 from regioncap.stages.visualize import Visualizer
@@ -88,8 +89,7 @@ class RegionCapRun:
             strategy_class(cfg.prompt.strategy)
         except ValueError as exc:
             raise RunError(str(exc)) from None
-        if int(cfg.max_boxes) < 1:
-            raise RunError(f"max_boxes must be at least 1, got {cfg.max_boxes}")
+        check_settings(cfg)
         check_shards(cfg.data)
         unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
         if unknown:
@@ -312,6 +312,7 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
     from regioncap.engines import EngineError, engine_capability
     from regioncap.requirements import check_requirements
 
+    check_settings(cfg)  # before anything is read, built or started
     seed_everything(int(cfg.seed))
     check_requirements(cfg)
     if "visualize" in cfg.stages:

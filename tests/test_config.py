@@ -29,6 +29,9 @@ def test_every_option_composes(group, option, tmp_path):
     # Every value resolves (no missing mandatory value, no bad interpolation).
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     assert cfg[group].name == option
+    from regioncap.settings import check_settings
+
+    check_settings(cfg)  # and every shipped value is in range
 
 
 def test_the_groups_are_the_folders_of_conf():
@@ -106,6 +109,9 @@ def test_help_and_cfg_do_not_import_heavy_libraries(args):
 def test_every_experiment_composes(experiment, tmp_path):
     cfg = compose([f"experiment={experiment}"], output_dir=tmp_path)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    from regioncap.settings import check_settings
+
+    check_settings(cfg)
 
 
 @pytest.mark.parametrize("experiment", options("experiment"))
@@ -122,3 +128,67 @@ def test_every_experiment_smoke_runs(experiment, tmp_path):
 def test_dataflow_experiment_sets_dataflow_settings():
     cfg = compose(["experiment=dataflow_baseline"])
     assert (cfg.prompt.name, cfg.draw.name, cfg.sampling.temperature, cfg.sampling.top_p) == ("dataflow", "dataflow", 0.7, 0.9)
+
+
+# --------------------------------------------------------------------------- value ranges
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["engine.batch_size=0"], "engine.batch_size must be a whole number >= 1, got 0"),
+    (["draw.line_width=0"], "draw.line_width must be a finite number > 0, got 0.0"),
+    (["draw.dim=nan"], "draw.dim must be a finite number >= 0 and <= 1, got nan"),
+    (["draw.jpeg_quality=101"], "draw.jpeg_quality must be a whole number in 1..100, got 101"),
+    (["model.max_pixels=10"], "model.max_pixels (10) is under model.min_pixels (3136)"),
+    (["sampling.top_p=0"], "sampling.top_p must be a finite number > 0 and <= 1, got 0.0"),
+    (["sampling.max_tokens=-1"], "sampling.max_tokens must be a whole number >= 1, got -1"),
+    (["max_error_rate=1.5"], "max_error_rate must be a finite number >= 0 and <= 1, got 1.5"),
+    (["propose=vlm", "propose.add_iou=-0.1"], "propose.add_iou must be a finite number >= 0 and <= 1"),
+    (["engine=openai", "engine.concurrency=0"], "engine.concurrency must be a whole number >= 1, got 0"),
+    (["engine=vllm", "engine.gpu_memory_utilization=1.5"], "engine.gpu_memory_utilization must be"),
+])
+def test_a_setting_outside_its_range_stops_the_run_before_it_reads_or_writes(tmp_path, overrides, fragment):
+    """A value of the right type that cannot mean anything is one clear error up front, not a
+    traceback from a stage, an error on every row, or a silent clamp."""
+    from regioncap.job import execute
+    from regioncap.run import RunError
+
+    cfg = compose(["data=demo", *overrides], output_dir=tmp_path / "run")
+    with pytest.raises(RunError, match=None) as err:
+        execute(cfg)
+    assert fragment in str(err.value)
+    assert not (tmp_path / "run" / "visualize.jsonl").exists()
+
+
+def test_every_wrong_setting_is_named_at_once():
+    from regioncap.run import RunError
+    from regioncap.settings import check_settings
+
+    with pytest.raises(RunError) as err:
+        check_settings(compose(["commit_every=0", "prompt.crop_margin=-1", "metrics.meteor_timeout_s=0"]))
+    assert [p.split(" must ")[0] for p in str(err.value).split("; ")] == \
+        ["commit_every", "prompt.crop_margin", "metrics.meteor_timeout_s"]
+
+
+@pytest.mark.parametrize("engine", ["fake", "transformers", "vllm", "openai", "auto"])
+@pytest.mark.parametrize("propose", ["none", "contours", "vlm"])
+def test_every_default_passes_the_range_checks(engine, propose):
+    from regioncap.settings import check_settings
+
+    check_settings(compose([f"engine={engine}", f"propose={propose}"]))
+
+
+def test_every_range_rule_names_a_key_some_schema_has():
+    """A rule for a key no config holds would check nothing: renaming a setting must rename its rule."""
+    from regioncap.settings import RULES
+
+    keys = set()
+    for engine in ("fake", "transformers", "vllm", "openai", "auto"):
+        for propose in ("none", "contours", "vlm"):
+            for logger in ("none", "wandb"):
+                plain = OmegaConf.to_container(compose([f"engine={engine}", f"propose={propose}", f"logger={logger}"]))
+                stack = [("", plain)]
+                while stack:
+                    prefix, node = stack.pop()
+                    for k, v in node.items():
+                        (stack.append((f"{prefix}{k}.", v)) if isinstance(v, dict) else keys.add(f"{prefix}{k}"))
+    assert [key for key, _ in RULES if key not in keys] == []

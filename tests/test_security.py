@@ -62,8 +62,8 @@ def hostile_rows(root: Path) -> List[Dict]:
         ({"image": "n" * 300 + ".png"}, False),                   # longer than a file name may be
         ({"image": "d/" * 3000 + "x.png"}, False),                # longer than a path may be
         ({"image": "~/regioncap-sec-absent.png"}, False),
-        ({"image": "file:///etc/passwd"}, False),                 # no URL is fetched
-        ({"image": "http://127.0.0.1:9/x.png"}, False),
+        ({"image": "file:///etc/passwd"}, False),                 # a path as a URI: read, not an image
+        ({"image": "http://127.0.0.1:9/x.png"}, False),           # no URL is fetched
         ({"image": "/etc/passwd"}, False),                        # exists, not an image
     ]
     ids = ["../../evil", "/tmp/regioncap-sec-evil", "a/b", "..", "con", "x\x00y", "é" * 300]
@@ -111,7 +111,9 @@ def test_hostile_paths_and_ids_write_nothing_outside_the_run_dir(tmp_path_factor
         assert not re.search(r"evil|outside|passwd|画|\.\.", name), name
     # The file that exists but is not an image was read as bytes, nothing more.
     assert records[-1]["error"]["kind"] == "not_an_image"
-    assert {r["error"]["kind"] for r in records[5:7] + records[14:17]} == {"missing_file"}
+    assert {r["error"]["kind"] for r in records[5:7] + records[14:15]} == {"missing_file"}
+    # file:///etc/passwd is that path (read as bytes, no image); a URL is refused, never fetched.
+    assert [r["error"]["kind"] for r in records[15:17]] == ["not_an_image", "unsupported_url"]
 
 
 # --------------------------------------------------------------------------- secrets
