@@ -439,6 +439,10 @@ def _fill(row: InputRow, obj: Dict[str, Any], image_key: str, bbox_key: str,
         }
 
 
+#: The ``datasets`` builder of a single data file given as ``data.path`` without ``data.hf_builder``.
+_HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
 def _iter_hf(data_cfg: Any) -> Iterator[InputRow]:
     import datasets
 
@@ -452,9 +456,16 @@ def _iter_hf(data_cfg: Any) -> Iterator[InputRow]:
                 ds = ds[data_cfg.split]
             base = local
         else:
-            args = [data_cfg.hf_builder] if data_cfg.hf_builder else [str(local) if local.exists() else path]
+            builder = data_cfg.hf_builder
+            if not builder and local.is_file():
+                # One data file: datasets needs its builder; the file's extension says which.
+                builder = _HF_BUILDERS.get(local.suffix.lower())
+                if builder is None:
+                    raise DataError(f"{local} is a file datasets cannot tell the format of; set data.hf_builder "
+                                    f"({', '.join(sorted(set(_HF_BUILDERS.values())))}) or use data=jsonl")
+            args = [builder] if builder else [str(local) if local.exists() else path]
             kwargs = dict(data_cfg.hf_kwargs or {})
-            if data_cfg.hf_builder:
+            if builder:
                 kwargs.setdefault("data_files", str(local))
                 base = local.parent if local.is_file() else local
             elif local.exists():
@@ -462,6 +473,8 @@ def _iter_hf(data_cfg: Any) -> Iterator[InputRow]:
             if data_cfg.hf_config:
                 args.append(data_cfg.hf_config)
             ds = datasets.load_dataset(*args, split=data_cfg.split, **kwargs)
+    except DataError:
+        raise
     except Exception as exc:  # datasets raises many kinds; all mean "cannot open"
         raise DataError(f"cannot load dataset {path!r} (split {data_cfg.split!r}): {exc}") from exc
     image_key, bbox_key, id_key = data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key

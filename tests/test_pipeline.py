@@ -291,8 +291,12 @@ def test_hf_datasets_source_saved_dataset_and_parquet(tmp_path):
                                     "uid": datasets.Value("string"), "caption_ref": datasets.Value("string")}))
     ds.save_to_disk(str(tmp_path / "saved"))
     ds.to_parquet(str(tmp_path / "rows.parquet"))
+    (tmp_path / "rows.csv").write_text('image,boxes,uid,caption_ref\na.png,"[[1, 1, 50, 50]]",x1,a\n'
+                                       'a.png,"[[5, 5, 20, 20], [60, 60, 40, 40]]",x2,b\n')
     for i, extra in enumerate([[f"data.path={tmp_path / 'saved'}"],
-                               [f"data.path={tmp_path / 'rows.parquet'}", "data.hf_builder=parquet"]]):
+                               [f"data.path={tmp_path / 'rows.parquet'}", "data.hf_builder=parquet"],
+                               [f"data.path={tmp_path / 'rows.parquet'}"],  # the builder from the extension
+                               [f"data.path={tmp_path / 'rows.csv'}"]]):
         out = tmp_path / f"run{i}"
         cfg = compose(["engine=fake", "progress=false", "data=hf", "data.bbox_key=boxes", "data.id_key=uid", *extra],
                       output_dir=out)
@@ -300,6 +304,10 @@ def test_hf_datasets_source_saved_dataset_and_parquet(tmp_path):
         records = list(read_jsonl(out / "captions.jsonl"))
         assert [r["id"] for r in records] == ["x1", "x2"]
         assert metrics["regions_captioned"] == 3 and records[1]["caption_ref"] == "b"
+    (tmp_path / "rows.txt").write_text("a.png\n")
+    with pytest.raises(RunError, match=r"rows.txt is a file datasets cannot tell the format of; set data.hf_builder"):
+        execute(compose(["engine=fake", "progress=false", "data=hf", f"data.path={tmp_path / 'rows.txt'}"],
+                        output_dir=tmp_path / "run_txt"))
 
 
 def test_caption_stage_in_an_isolated_child_process(tmp_path):
