@@ -151,15 +151,7 @@ def count_rows(data_cfg: Any) -> Optional[int]:
         return None
     path = resolve_path(str(data_cfg.path))
     try:
-        array = _json_array_items(path)
-        if array is not None:
-            total = len(array[1])
-        else:
-            total = 0
-            with open(path, "rb") as fh:
-                for n, raw in enumerate(fh):
-                    if (raw[len(_BOM):] if n == 0 and raw.startswith(_BOM) else raw).strip():
-                        total += 1
+        total = file_rows(path)
     except (OSError, DataError):
         return None
     skip, limit = max(0, int(data_cfg.skip or 0)), data_cfg.limit
@@ -169,6 +161,19 @@ def count_rows(data_cfg: Any) -> Optional[int]:
     num_shards, shard_index = int(data_cfg.get("num_shards", 1) or 1), int(data_cfg.get("shard_index", 0) or 0)
     if num_shards > 1:
         total = len(range(shard_index, total, num_shards))
+    return total
+
+
+def file_rows(path: Path) -> int:
+    """How many rows the JSON Lines or JSON array file ``path`` holds (what ``data=jsonl`` reads from it)."""
+    array = _json_array_items(path)
+    if array is not None:
+        return len(array[1])
+    total = 0
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh):
+            if (raw[len(_BOM):] if n == 0 and raw.startswith(_BOM) else raw).strip():
+                total += 1
     return total
 
 

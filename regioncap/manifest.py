@@ -393,8 +393,9 @@ def _arrow_rows(path: Path) -> Optional[int]:
 def data_fingerprint(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     """Identity of the input data: ``{source, path, resolved_path, method, sha256, rows}``.
 
-    - ``jsonl``: sha256 of the file; ``rows`` is its number of non-blank lines
-      (before ``data.skip``/``data.limit``, which are in the config).
+    - ``jsonl``: sha256 of the file; ``rows`` is its number of rows (non-blank
+      lines, or the elements of a JSON array file), before ``data.skip``/``data.limit``,
+      which are in the config.
     - ``hf``, a folder written by ``save_to_disk``: the dataset's own
       ``_fingerprint`` from ``state.json`` (cheap; ``datasets`` changes it when
       the content changes) and the row count of its Arrow files.
@@ -425,6 +426,13 @@ def data_fingerprint(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     if entry is not None and entry.one_file:  # one file (the annotation file for coco/vg/refcoco)
         if local.is_file():
             out["sha256"], out["rows"] = _hash_and_count_lines(local)
+            if source == "jsonl":  # a JSON array file's rows are its elements, not its lines
+                from regioncap.data import DataError, file_rows
+
+                try:
+                    out["rows"] = file_rows(local)
+                except (OSError, DataError):
+                    pass
             out["method"] = "file_sha256"
         else:
             out["method"] = "missing"

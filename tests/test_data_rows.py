@@ -200,6 +200,8 @@ def test_a_json_array_file_runs_resumes_and_shards_like_json_lines(tmp_path):
     assert metrics["rows"] == 5 and metrics["error_rows"] == 0
     caps = [json.loads(line) for line in (tmp_path / "run" / "captions.jsonl").read_text().splitlines()]
     assert [c["id"] for c in caps] == [r["id"] for r in rows]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["data"]["rows"] == 5, manifest["data"]  # the elements, not the 30-odd lines
     # Re-indented, the same rows are the same rows: a resume finds them all done.
     path.write_text(json.dumps(rows))
     before = (tmp_path / "run" / "captions.jsonl").read_bytes()
