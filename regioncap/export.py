@@ -48,7 +48,7 @@ from regioncap.errors import RunError
 from regioncap.failpoints import failpoint
 from regioncap.metrics import reference_texts
 from regioncap.records import dumps, read_jsonl
-from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, VISUALIZE_FILE
+from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, VISUALIZE_FILE, run_file_at
 
 
 FORMATS = ("hf", "parquet", "conversations")
@@ -271,11 +271,19 @@ def _hf_rows(records_file: str, references_key: Optional[str], images: str, coun
     Path(counts_file).write_text(json.dumps(counts), encoding="utf-8")
 
 
+def _check_target(out: Path) -> None:
+    """Refuse an ``--out`` that would replace a run's own file (its records, say) with the export."""
+    owned = run_file_at(Path(out))
+    if owned is not None:
+        raise ExportError(f"--out {out} would write over {owned}, which a run wrote; export to a path of its own")
+
+
 def export_dataset(run_dir: Path, out: Path, fmt: str, *, images: str = "embed",
                    references_key: Optional[str] = None, push_to_hub: Optional[str] = None) -> Dict[str, Any]:
     """Write the ``hf`` (``save_to_disk`` folder) or ``parquet`` (one file) export; returns the counts."""
     import datasets
 
+    _check_target(out)
     records_file = _records_file(run_dir)
     settings = run_settings(run_dir)
     key = references_key if references_key is not None else settings["references_key"]
@@ -382,6 +390,7 @@ def grounding(region: Dict[str, Any], rec: Dict[str, Any], family: str) -> Tuple
 def export_conversations(run_dir: Path, out: Path, *, references_key: Optional[str] = None,
                          family: Optional[str] = None) -> Dict[str, Any]:
     """Write one JSON line per captioned region (see the module docstring); returns the counts."""
+    _check_target(out)
     records_file = _records_file(run_dir)
     settings = run_settings(run_dir)
     key = references_key if references_key is not None else settings["references_key"]

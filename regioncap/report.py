@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict
 
-from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE
+from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE, run_file_at
 
 log = logging.getLogger("regioncap")
 
@@ -1472,6 +1472,9 @@ def write_report(run_dir: Path, out: Optional[Path] = None, *, max_rows: int = D
     """
     if metric is not None:
         metric = metric_name(metric)  # a bad name fails before anything is read
+    owned = run_file_at(Path(out), allow=(REPORT_FILE,)) if out is not None else None
+    if owned is not None:
+        raise ReportError(f"--out {out} would write over {owned}, which a run wrote; give the report a path of its own")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir} is not a directory; give a run dir (with {CAPTIONS_FILE}) or a multirun dir")

@@ -33,6 +33,30 @@ IMAGES_DIR = "images"
 HYDRA_DIR = ".hydra"
 #: Records files of the stages, in stage order (``stages=[...]`` names).
 STAGE_FILES = {"visualize": VISUALIZE_FILE, "caption": CAPTIONS_FILE}
+#: What a run (or a merge) writes in its dir: no export or report may be written over it.
+RUN_DIR_NAMES = (VISUALIZE_FILE, CAPTIONS_FILE, METRICS_FILE, RUN_KEY_FILE, MANIFEST_FILE, REPORT_FILE, LOG_FILE,
+                 LOCK_FILE, IMAGES_DIR, HYDRA_DIR, "merge.json")
+#: Any of these in a folder makes it a run dir (or a merged one).
+_RUN_DIR_MARKS = (RUN_KEY_FILE, MANIFEST_FILE, VISUALIZE_FILE, CAPTIONS_FILE, "merge.json")
+
+
+def run_file_at(path: Path, *, allow: Tuple[str, ...] = ()) -> Optional[Path]:
+    """The file or folder of a run dir that writing ``path`` would replace or write into, else None.
+
+    ``python -m regioncap.export RUN --out RUN/captions.jsonl`` once replaced the
+    records it exported with the export. Every tool that writes where a user
+    says checks its target here: a name of :data:`RUN_DIR_NAMES` (but ``allow``)
+    in a folder that holds a run's files, or anything below such a name
+    (``images/``, ``.hydra/``), in this run or another.
+    """
+    target = Path(path).expanduser().resolve()
+    below = target
+    for folder in target.parents:
+        name = below.relative_to(folder).parts[0]
+        if name in RUN_DIR_NAMES and name not in allow and any((folder / m).is_file() for m in _RUN_DIR_MARKS):
+            return folder / name
+        below = folder
+    return None
 
 
 # ---------------------------------------------------------------- run key

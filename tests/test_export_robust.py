@@ -170,3 +170,51 @@ def test_a_killed_export_leaves_nothing_behind(rel_run, tmp_path, fmt, point):
         assert len(_read_back_every_row(out, fmt)) >= 5
     else:
         assert len(out.read_text().splitlines()) >= 5
+
+
+@pytest.fixture(scope="module")
+def fake_run(tmp_path_factory) -> Path:
+    """An in-process run of the default data with the fake engine, and a second one beside it."""
+    from conftest import compose
+    from regioncap.job import execute
+
+    root = tmp_path_factory.mktemp("targets")
+    for name in ("run", "other"):
+        execute(compose(["engine=fake", "progress=false"], output_dir=root / name))
+    return root / "run"
+
+
+@pytest.mark.parametrize("target", ["captions.jsonl", "visualize.jsonl", "metrics.json", "manifest.json",
+                                    "report.html", "images/export.parquet", ".hydra/x.jsonl",
+                                    "../other/captions.jsonl", "../other/run_key.json"])
+@pytest.mark.parametrize("fmt", ["conversations", "parquet"])
+def test_an_export_never_writes_over_a_runs_own_files(fake_run, target, fmt, capsys):
+    """``--out RUN/captions.jsonl`` once replaced the records it exported with the export."""
+    from regioncap.export import main
+
+    out = fake_run / target
+    before = {p: p.read_bytes() for p in fake_run.parent.rglob("*") if p.is_file()}
+    assert main([str(fake_run), "--format", fmt, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {out} would write over" in err and "which a run wrote" in err, err
+    assert {p: p.read_bytes() for p in fake_run.parent.rglob("*") if p.is_file()} == before
+
+
+def test_an_export_beside_the_runs_files_is_written(fake_run, tmp_path):
+    from regioncap.export import main
+
+    out = fake_run / "exports" / "train.jsonl"
+    assert main([str(fake_run), "--format", "conversations", "--out", str(out)]) == 0
+    assert len(out.read_text().splitlines()) == 18
+    assert main([str(fake_run), "--format", "conversations", "--out", str(tmp_path / "c.jsonl")]) == 0
+
+
+def test_a_report_never_writes_over_a_runs_own_files_but_its_report(fake_run, capsys):
+    from regioncap.report import main
+
+    before = (fake_run / "captions.jsonl").read_bytes()
+    assert main([str(fake_run), "--out", str(fake_run / "captions.jsonl")]) == 2
+    assert "which a run wrote" in capsys.readouterr().err
+    assert (fake_run / "captions.jsonl").read_bytes() == before
+    assert main([str(fake_run), "--out", str(fake_run / "report.html")]) == 0
+    assert "<html" in (fake_run / "report.html").read_text()[:400].lower()
