@@ -101,7 +101,7 @@ def _load_uri(value: str, kind: str, max_image_pixels: int, max_file_bytes: int,
             f"never the network: download the images and give their paths")
     m = _DATA_URI.match(value)
     label = uri_label(value)
-    payload = value[m.end():]
+    payload = "".join(value[m.end():].split())  # MIME encoders wrap base64 every 76 characters
     if ";base64" not in m.group("params").lower():
         raise ImageLoadError("bad_image_value", f"{label}: a data URI must be base64 (data:image/png;base64,...)")
     if len(payload) > (max_file_bytes + 2) // 3 * 4 + 4:

@@ -28,6 +28,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import zlib
 from pathlib import Path
@@ -581,6 +582,8 @@ CASES = [
     ("data_uri_png", lambda a: {"image": data_uri(a / "ok.png"), "bbox": [[2, 2, 20, 20]]}, None),
     ("data_uri_jpeg_mixed_case", lambda a: {"image": data_uri(a / "ok.jpg", "DATA:image/jpeg;BASE64,"),
                                             "bbox": [[2, 2, 20, 20]]}, None),
+    ("data_uri_wrapped_mime_style", lambda a: {"image": "\n".join(textwrap.wrap(data_uri(a / "ok.png"), 76)),
+                                               "bbox": [[2, 2, 20, 20]]}, None),
     ("data_uri_not_base64", lambda a: {"image": "data:image/png,abc", "bbox": [[2, 2, 20, 20]]}, "bad_image_value"),
     ("data_uri_bad_base64", lambda a: {"image": "data:image/png;base64,@@@=", "bbox": [[2, 2, 20, 20]]},
      "bad_image_value"),
