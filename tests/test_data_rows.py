@@ -215,3 +215,87 @@ def test_a_json_array_file_runs_resumes_and_shards_like_json_lines(tmp_path):
         execute(compose([*base, "resume=true"], output_dir=tmp_path / "run"))
     shard = [r.row_id for r in iter_rows(compose([*base, "data.num_shards=2", "data.shard_index=1"]).data)]
     assert shard == ["r1", "r3"]
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.text(max_size=8),
+                         st.floats(allow_nan=False, allow_infinity=False))
+_json_value = st.recursive(_json_scalar, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=5), inner, max_size=3)), max_leaves=8)
+_element = st.one_of(
+    st.fixed_dictionaries({"image": st.text(min_size=1, max_size=12).filter(lambda t: t.strip() and "\x00" not in t),
+                           "bbox": st.lists(st.lists(st.integers(0, 50), min_size=4, max_size=4), max_size=3)},
+                          optional={"id": st.text(min_size=1, max_size=6), "x": _json_value}),
+    _json_value)
+
+
+_ARRAY_CFG: dict = {}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(elements=st.lists(_element, max_size=8), indent=st.sampled_from([None, 0, 1, 2, 4, "\t"]),
+       bom=st.booleans(), tail=st.sampled_from(["", "\n", "\n\n  \n"]), name=st.sampled_from(["r.json", "r.jsonl"]))
+def test_any_json_array_file_is_one_row_per_element_wherever_it_breaks_lines(tmp_path, elements, indent, bom, tail,
+                                                                           name):
+    from regioncap.data import digest_value
+
+    text = json.dumps(elements, indent=indent, ensure_ascii=False)
+    if name.endswith(".jsonl") and (not elements or indent is None):
+        return  # a .jsonl file is read as an array only when it opens with a lone "[" line
+    path = tmp_path / name
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + (text + tail).encode("utf-8"))
+    if "cfg" not in _ARRAY_CFG:  # composing costs more than reading: once
+        _ARRAY_CFG["cfg"] = compose(["data=jsonl", "data.path=unset.json"]).data
+    cfg = _ARRAY_CFG["cfg"]
+    cfg.path = str(path)
+    rows = list(iter_rows(cfg))
+    assert len(rows) == len(elements)
+    assert [r.index for r in rows] == list(range(len(elements)))
+    assert [r.digest for r in rows] == [digest_value(e) for e in elements]
+    lines = text.split("\n")  # lines of a file; str.splitlines() also breaks at U+0085, U+2028...
+    for row, element in zip(rows, elements):
+        if indent is None:
+            assert row.line == 1
+        else:  # the line the element's own text starts on
+            assert lines[row.line - 1].strip().startswith(json.dumps(element, indent=indent, ensure_ascii=False)[0])
+        if isinstance(element, dict) and "image" in element:
+            assert row.error is None and row.image == element["image"] and row.bbox == element["bbox"]
+        else:
+            assert row.error["kind"] in ("invalid_row", "missing_image_field", "bad_image_value")
+            assert f"{name} item {row.index} (line {row.line})" in row.error["message"]
+    assert [r.line for r in rows] == sorted(r.line for r in rows)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(elements=st.lists(_element, min_size=1, max_size=6), indent=st.sampled_from([None, 2]), data=st.data())
+def test_a_cut_or_spliced_json_array_file_is_a_clear_data_error_or_rows(tmp_path, elements, indent, data):
+    """Whatever breaks a dump (cut short, a byte spliced in), reading it ends in rows or in a
+    DataError naming the file: never another exception, never a row lost silently."""
+    text = json.dumps(elements, indent=indent, ensure_ascii=False).encode("utf-8")
+    cut = data.draw(st.integers(1, len(text) - 1), label="at")
+    broken = data.draw(st.sampled_from([text[:cut], text[:cut] + b"\xff" + text[cut:], text[:cut] + b"," + text[cut:],
+                                        text[:cut] + b"]" + text[cut:]]), label="broken")
+    path = tmp_path / "r.json"
+    path.write_bytes(broken)
+    if "cfg" not in _ARRAY_CFG:
+        _ARRAY_CFG["cfg"] = compose(["data=jsonl", "data.path=unset.json"]).data
+    cfg = _ARRAY_CFG["cfg"]
+    cfg.path = str(path)
+    try:
+        rows = list(iter_rows(cfg))
+    except DataError as exc:
+        assert str(path) in str(exc)
+        return
+    # Read after all: a dump still whole (a "," or "]" that JSON allows there), or JSON Lines
+    # whose first line is a value of its own (then every non-blank line is a row).
+    lines = [ln for ln in broken.split(b"\n") if ln.strip()]
+    assert len(rows) in (len(lines), len(json.loads(broken)) if _loads(broken) else -1)
+
+
+def _loads(raw: bytes) -> bool:
+    try:
+        return isinstance(json.loads(raw), list)
+    except ValueError:
+        return False
