@@ -210,6 +210,10 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
         yield row
 
 
+#: Data file formats ``data=jsonl`` does not read, by extension (DataFlow-MM's storage reads some of them).
+_NOT_JSON = {".parquet": "a Parquet file", ".arrow": "an Arrow file", ".csv": "a CSV file", ".tsv": "a TSV file",
+             ".pkl": "a pickle", ".pickle": "a pickle", ".xlsx": "a spreadsheet", ".xls": "a spreadsheet"}
+
 #: The UTF-8 byte order mark some editors write at the start of a file; not part of the first row.
 _BOM = b"\xef\xbb\xbf"
 
@@ -219,6 +223,11 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
         raise DataError(f"data file {path} does not exist")
     if not path.is_file():
         raise DataError(f"data file {path} is not a regular file")
+    other = _NOT_JSON.get(path.suffix.lower())
+    if other is not None:
+        raise DataError(f"data file {path} is {other}, not JSON Lines: "
+                        + (f"read it with data=hf data.path={path} (the builder follows the extension)"
+                           if path.suffix.lower() in _HF_BUILDERS else "convert it to JSON Lines, one row object per line"))
     base = path.resolve().parent
     keys = (data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key)
     array = _json_array_items(path)

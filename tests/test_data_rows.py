@@ -299,3 +299,13 @@ def _loads(raw: bytes) -> bool:
         return isinstance(json.loads(raw), list)
     except ValueError:
         return False
+
+
+@pytest.mark.parametrize("name,hint", [("rows.parquet", "data=hf data.path="), ("rows.CSV", "data=hf data.path="),
+                                       ("rows.pkl", "convert it to JSON Lines")])
+def test_a_tabular_or_binary_file_given_to_data_jsonl_is_refused_with_the_way_to_read_it(tmp_path, name, hint):
+    path = tmp_path / name
+    path.write_bytes(b"PAR1\x00\x01binary")
+    with pytest.raises(DataError, match="not JSON Lines") as err:
+        _rows("data=jsonl", f"data.path={path}")
+    assert str(path) in str(err.value) and hint in str(err.value)
