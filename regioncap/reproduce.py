@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from regioncap.manifest import REDACTED, data_fingerprint, read_manifest, redact_override
-from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, VISUALIZE_FILE
+from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, VISUALIZE_FILE, hydra_value
 
 EXIT_IDENTICAL = 0
 EXIT_REFUSED = 2
@@ -110,19 +110,12 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].strip().lstrip("+~")
 
 
-def _hydra_value(text: str) -> str:
-    """``text`` as a Hydra override value (quoted when it has characters Hydra's grammar treats specially)."""
-    if re.fullmatch(r"[\w/.\-+:~@%]+", text):
-        return text
-    return "'" + text.replace("'", "\\'") + "'"
-
-
 def replay_overrides(recorded: Sequence[str], extra: Sequence[str], out_dir: Path) -> List[str]:
     """The recorded overrides (minus those placing outputs, minus keys ``extra`` sets again), ``extra``, the run dir."""
     extra_keys = {_override_key(o) for o in extra}
     kept = [o for o in recorded
             if not _DROPPED_OVERRIDES.match(_override_key(o)) and _override_key(o) not in extra_keys]
-    return [*kept, *extra, f"hydra.run.dir={_hydra_value(str(out_dir))}"]
+    return [*kept, *extra, f"hydra.run.dir={hydra_value(str(out_dir))}"]
 
 
 # -------------------------------------------------------------- data check

@@ -28,7 +28,7 @@ from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor, executor_class
 from regioncap.prepare import RowPool, resolve_workers
 from regioncap.records import dumps, read_jsonl, write_text_atomically
-from regioncap.rundir import RunDir, key_changes, run_key_hash, run_key_values  # noqa: F401  (re-exported)
+from regioncap.rundir import RunDir, key_changes, resume_args, run_key_hash, run_key_values  # noqa: F401  (re-exported)
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested  # noqa: F401  (re-exported)
 from regioncap.settings import check_settings
 from regioncap.stages import STAGES, OnCommit, StageStats
@@ -214,9 +214,9 @@ class RegionCapRun:
         if self.pipeline.get("overlap"):
             # The stages streamed: the visualize stage stopped with the engine, part way.
             return (f" The rows prepared so far are in {self.rundir.visualize_file}; after fixing this, go on with "
-                    f"both stages with resume=true hydra.run.dir={self.out}")
+                    f"both stages with {resume_args(self.out)}")
         return (f" The visualize records are in {self.rundir.visualize_file}; after fixing this, run only the "
-                f"caption stage with stages=[caption] resume=true hydra.run.dir={self.out}")
+                f"caption stage with stages=[caption] {resume_args(self.out)}")
 
     def close(self) -> None:
         """Shut the engine down and let go of the run dir's lock."""

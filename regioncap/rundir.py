@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+import shlex
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -33,6 +35,34 @@ IMAGES_DIR = "images"
 HYDRA_DIR = ".hydra"
 #: Records files of the stages, in stage order (``stages=[...]`` names).
 STAGE_FILES = {"visualize": VISUALIZE_FILE, "caption": CAPTIONS_FILE}
+#: A Hydra override value that needs no quotes (Hydra's grammar takes ASCII here only).
+_HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/.\-+@%]+")
+
+
+def hydra_value(text: str) -> str:
+    """``text`` as a Hydra override value: quoted when it holds a space, a non-ASCII letter,
+    parentheses or anything else Hydra's override grammar reads as syntax."""
+    if _HYDRA_PLAIN.fullmatch(text):
+        return text
+    # Quoted: a quote is escaped, and so is every backslash just before a quote or the closing one.
+    body = re.sub(r"(\\*)('|\Z)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), text)
+    return "'" + body + "'"
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one shell word, in double quotes where that is enough (easier to read than shlex's)."""
+    quoted = shlex.quote(text)
+    if quoted == text or any(c in text for c in '"$`\\!'):
+        return quoted
+    return f'"{text}"'
+
+
+def resume_args(path: Any) -> str:
+    """``resume=true hydra.run.dir=PATH`` as typed in a shell, quoted for the shell and for Hydra where ``path``
+    needs it (a run dir with spaces or accents cannot be pasted back otherwise)."""
+    return "resume=true " + shell_word(f"hydra.run.dir={hydra_value(str(path))}")
+
+
 #: What a run (or a merge) writes in its dir: no export or report may be written over it.
 RUN_DIR_NAMES = (VISUALIZE_FILE, CAPTIONS_FILE, METRICS_FILE, RUN_KEY_FILE, MANIFEST_FILE, REPORT_FILE, LOG_FILE,
                  LOCK_FILE, IMAGES_DIR, HYDRA_DIR, "merge.json")
@@ -232,11 +262,11 @@ class RunDir:
         if not cfg.resume:
             if cfg.retry_errors or cfg.resume_force:
                 raise RunError("retry_errors=true and resume_force=true go with resume=true "
-                               f"(python -m regioncap resume=true hydra.run.dir={self.path} ...)")
+                               f"(python -m regioncap {resume_args(self.path)} ...)")
             if existing:
                 raise RunError(
                     f"{self.path} already holds {' and '.join(existing)} from an earlier run; regioncap does not "
-                    f"overwrite them. To go on with that run: resume=true hydra.run.dir={self.path} (with its "
+                    f"overwrite them. To go on with that run: {resume_args(self.path)} (with its "
                     f"overrides); for a fresh run: a new hydra.run.dir")
             if changes:  # a caption-only run over an earlier visualize stage
                 log.warning("%s was made with other settings; they changed: %s", vis, "; ".join(changes))

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import REPO, compose, run_cli
 from regioncap.job import execute
@@ -302,3 +304,35 @@ def test_a_second_run_into_a_dir_in_use_is_refused_and_writes_nothing(tmp_path):
     assert first.returncode == 0
     assert json.loads((out / "manifest.json").read_text())["status"] == "ok"
     assert "max_boxes=3" not in (out / ".hydra" / "overrides.yaml").read_text()
+
+
+@pytest.mark.parametrize("path", ["/data/run 1", "/data/ünï/run", "/data/a(b)/c", "/data/it's", '/data/say "hi"',
+                                  "/data/$HOME/x", "/data/a,b=[c]{d}", "/data/tab\there", "/data/back\\slash/x",
+                                  "/data/plain-run_1.2/x", "/data/#hash/!bang"])
+def test_resume_args_give_back_the_exact_run_dir_through_the_shell_and_hydra(path):
+    """The resume command a run prints must work when pasted: the shell's words, then Hydra's
+    override grammar, must give back the very run dir (spaces, accents, quotes, brackets...)."""
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from regioncap.rundir import resume_args
+
+    words = shlex.split(resume_args(path))
+    assert words[0] == "resume=true" and len(words) == 2
+    override = OverridesParser.create().parse_overrides([words[1]])[0]
+    assert override.key_or_group == "hydra.run.dir" and override.value() == path
+
+
+@settings(max_examples=80, deadline=None)
+@given(name=st.text(st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=20))
+def test_resume_args_round_trip_any_folder_name(name):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from regioncap.rundir import resume_args
+
+    path = "/runs/" + name
+    words = shlex.split(resume_args(path))
+    assert OverridesParser.create().parse_overrides([words[1]])[0].value() == path

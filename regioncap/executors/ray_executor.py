@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
 from regioncap.errors import RunError
+from regioncap.rundir import resume_args
 from regioncap.executors import CaptionJob, Executor
 from regioncap.signals import stop_requested
 from regioncap.stages import StageStats
@@ -307,7 +308,7 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
                                 raise RunError(
                                     f"executor=ray: row {rec.get('index')} came back where row "
                                     f"{None if want is None else want['index']} was due; the batches before "
-                                    f"it are committed in {path}: resume=true hydra.run.dir={job.rundir.path} "
+                                    f"it are committed in {path}: {resume_args(job.rundir.path)} "
                                     f"goes on from there")
                         yield records
                         if stop_requested():
@@ -315,7 +316,7 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
                     left = sum(1 for _ in expected)
                     if left:
                         raise RunError(f"executor=ray: {left} row(s) did not come back from the cluster; "
-                                       f"resume=true hydra.run.dir={job.rundir.path} captions them")
+                                       f"{resume_args(job.rundir.path)} captions them")
                 finally:
                     close = getattr(batches, "close", None)
                     if close is not None:

@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional
 from regioncap import prompts
 from regioncap.engines.base import Engine, Request, Response, Sampling
 from regioncap.errors import RunError
+from regioncap.rundir import resume_args
 from regioncap.stages import Stage
 from regioncap.stages.loop import grouped, pending
 
@@ -153,7 +154,7 @@ class Captioner(Stage):
             return self.engine.generate(requests)
         except EngineError as exc:
             raise RunError(f"engine {self.cfg.engine.name!r} failed: {exc}. The rows committed so far are kept; "
-                           f"after fixing this, go on with resume=true hydra.run.dir={self.out}") from None
+                           f"after fixing this, go on with {resume_args(self.out)}") from None
 
     def ground(self, batch: List[Dict[str, Any]]) -> None:
         """Propose regions with the engine for the ``grounding`` rows of ``batch``, then draw and prompt them."""

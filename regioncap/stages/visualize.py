@@ -20,7 +20,7 @@ from regioncap import boxes as bx
 from regioncap.draw import DrawStyle
 from regioncap.errors import RunError
 from regioncap.images import ImageLoadError, load_image, resize_to, save_image, target_size, uri_label
-from regioncap.rundir import IMAGES_DIR
+from regioncap.rundir import IMAGES_DIR, resume_args
 from regioncap.signals import stop_requested
 from regioncap.stages import Stage
 
@@ -132,7 +132,7 @@ class Visualizer(Stage):
         res = resource_error(exc) or exc
         return ResourceError(f"{rec['image']}: {getattr(res, 'strerror', None) or res} while preparing row {index} "
                              f"({type(res).__name__} errno {getattr(res, 'errno', None)}); free the resource and go "
-                             f"on with resume=true hydra.run.dir={self.out}")
+                             f"on with {resume_args(self.out)}")
 
     def _process(self, row: Any, rec: Dict[str, Any], t0: float) -> Dict[str, Any]:
         if row.error:
