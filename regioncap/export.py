@@ -42,12 +42,12 @@ import shutil
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap.errors import RunError
 from regioncap.failpoints import failpoint
 from regioncap.metrics import reference_texts
-from regioncap.records import dumps, read_jsonl
+from regioncap.records import CorruptRecordsError, dumps, read_jsonl
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, VISUALIZE_FILE, run_file_at
 
 
@@ -243,7 +243,7 @@ def _hf_rows(records_file: str, references_key: Optional[str], images: str, coun
     the counts go to ``counts_file``, as the generator may run in another process;
     ``bases``: the JSON list of :func:`image_bases`)."""
     counts: Counter = Counter()
-    for rec, regions in exportable(read_jsonl(Path(records_file)), references_key, counts,
+    for rec, regions in exportable(read_jsonl(Path(records_file), torn=_torn(counts)), references_key, counts,
                                    [Path(b) for b in json.loads(bases)] or None):
         failpoint("export.row")
         path = rec["image_path"]
@@ -414,7 +414,7 @@ def export_conversations(run_dir: Path, out: Path, *, references_key: Optional[s
 def _write_conversations(tmp: Path, records_file: Path, key: Optional[str], family: str, bases: Sequence[Path],
                          counts: Counter) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
-        for rec, regions in exportable(read_jsonl(records_file), key, counts, bases):
+        for rec, regions in exportable(read_jsonl(records_file, torn=_torn(counts)), key, counts, bases):
             failpoint("export.row")
             for reg in regions:
                 if len(reg["input_bbox"]) != 4 or len(rec.get("input_size") or []) != 2:
@@ -438,6 +438,14 @@ def _write_conversations(tmp: Path, records_file: Path, key: Optional[str], fami
 
 
 # ------------------------------------------------------------------ CLI
+def _torn(counts: Counter) -> Callable[[str], None]:
+    """Count the torn tail of a killed run's records file: left out, and said in the summary."""
+    def note(message: str) -> None:
+        counts["torn_tail"] += 1
+
+    return note
+
+
 def summary(counts: Dict[str, Any], fmt: str, out: Path) -> str:
     """The printed summary of an export: what went in, what came out, what was left out and why."""
     c = Counter(counts)
@@ -451,6 +459,8 @@ def summary(counts: Dict[str, Any], fmt: str, out: Path) -> str:
         text += f"; {c['images_reencoded']} images re-encoded as PNG (their file did not decode in full)"
     if c["regions_without_input_box"]:
         text += f", {c['regions_without_input_box']} regions without a model-input box"
+    if c["torn_tail"]:
+        text += ", the torn last line of a killed run (resume=true finishes that row)"
     if counts.get("pushed_to"):
         text += f"; pushed to the hub as {counts['pushed_to']}"
     return text
@@ -485,7 +495,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except NothingToExport as exc:
         print(f"error: {exc}; {summary(exc.counts, args.format, args.out)} (nothing written)", file=sys.stderr)
         return 1
-    except ExportError as exc:
+    except (ExportError, CorruptRecordsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(summary(counts, args.format, args.out))

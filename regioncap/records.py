@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -134,12 +135,37 @@ class JsonlWriter:
         self.close()
 
 
-def read_jsonl(path: Path) -> Iterator[Dict[str, Any]]:
-    """Yield the records of a JSONL file written by :class:`JsonlWriter`."""
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                yield json.loads(line)
+def read_jsonl(path: Path, *, torn: Optional[Callable[[str], None]] = None) -> Iterator[Dict[str, Any]]:
+    """Yield the records of a JSONL file regioncap wrote, maybe in a run that was killed.
+
+    A killed writer leaves at most a torn tail (see :func:`scan_records`): it is
+    left out, and ``torn`` (default: a warning on the ``regioncap`` logger) is
+    told what went. A bad line with good records after it is damage no crash
+    explains: :class:`CorruptRecordsError` naming the file and line.
+    """
+    bad: Optional[Tuple[int, str]] = None
+    with open(path, "rb") as fh:
+        for line_no, raw in enumerate(fh, 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+                reason = None if isinstance(rec, dict) else "not a JSON object"
+            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+                reason = f"not JSON ({exc})"
+            if reason is not None:
+                bad = bad or (line_no, reason)
+                continue
+            if bad is not None:
+                raise CorruptRecordsError(f"{path}:{bad[0]}: {bad[1]}, yet good records follow it; this is not "
+                                          f"what a crash leaves")
+            yield rec
+    if bad is not None:
+        message = f"{path}: left out line {bad[0]} on ({bad[1]}): the torn tail a killed run leaves"
+        if torn is not None:
+            torn(message)
+        else:
+            logging.getLogger("regioncap").warning("%s", message)
 
 
 class CommitWriter:

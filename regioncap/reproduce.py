@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from regioncap.manifest import REDACTED, data_fingerprint, read_manifest, redact_override
+from regioncap.records import CorruptRecordsError
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, VISUALIZE_FILE, hydra_value
 
 EXIT_IDENTICAL = 0
@@ -398,7 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return reproduce(Path(args.run_dir), out=Path(args.out) if args.out else None, force=args.force,
                          extra=args.overrides, show=args.show)
-    except ReproduceError as exc:
+    except (ReproduceError, CorruptRecordsError) as exc:
         print(f"regioncap.reproduce: error: {exc}", file=sys.stderr, flush=True)
         return EXIT_REFUSED
 

@@ -223,6 +223,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--max-shapes", type=int, default=MAX_SHAPES)
     p.add_argument("--format", choices=("png", "jpeg"), default="png")
     a = p.parse_args(argv)
+    if a.rows < 0:
+        p.error(f"--rows must be 0 or more, got {a.rows}")
+    if not 1 <= a.min_shapes <= a.max_shapes:
+        p.error(f"need 1 <= --min-shapes <= --max-shapes, got {a.min_shapes} and {a.max_shapes}")
     path = write_dataset(a.out, a.rows, seed=a.seed, prefix=a.prefix, min_shapes=a.min_shapes,
                          max_shapes=a.max_shapes, image_format=a.format)
     print(f"wrote {a.rows} scenes to {path}")

@@ -218,3 +218,24 @@ def test_a_report_never_writes_over_a_runs_own_files_but_its_report(fake_run, ca
     assert (fake_run / "captions.jsonl").read_bytes() == before
     assert main([str(fake_run), "--out", str(fake_run / "report.html")]) == 0
     assert "<html" in (fake_run / "report.html").read_text()[:400].lower()
+
+
+def test_exporting_a_killed_run_leaves_out_its_torn_tail_and_counts_it(fake_run, tmp_path, capsys):
+    import shutil
+
+    from regioncap.export import main
+
+    run = tmp_path / "killed"
+    shutil.copytree(fake_run, run)
+    data = (run / "captions.jsonl").read_bytes()
+    (run / "captions.jsonl").write_bytes(data[:-50])  # the last record, cut mid-line
+    assert main([str(run), "--format", "conversations", "--out", str(tmp_path / "c.jsonl")]) == 0
+    out = capsys.readouterr().out
+    lines = data.splitlines(keepends=True)
+    whole = len(lines) - 1
+    assert f"{whole} of {whole} rows" in out and "the torn last line of a killed run" in out, out
+    (run / "captions.jsonl").write_bytes(lines[0] + b"garbage\n" + b"".join(lines[1:]))
+    assert main([str(run), "--format", "conversations", "--out", str(tmp_path / "d.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "captions.jsonl:2: not JSON" in err and "Traceback" not in err
+    assert not (tmp_path / "d.jsonl").exists()

@@ -70,6 +70,24 @@ def test_scan_cuts_a_torn_tail_and_refuses_damage_in_the_middle(tmp_path):
         scan_records(path)
 
 
+@pytest.mark.parametrize("tail", [b'{"ind', b'\x00\x00\x00\n', b'{"index": 2, "s": "\xff', b"[1, 2]\n"])
+def test_reading_a_killed_runs_records_leaves_out_the_torn_tail_and_says_so(tmp_path, tail):
+    """export, report and reproduce read run files that a kill may have torn: the good records
+    come back, the tail is reported (not a JSONDecodeError), and the file is left as it is."""
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"index": 0}\n{"index": 1}\n' + tail)
+    told = []
+    assert list(read_jsonl(path, torn=told.append)) == [{"index": 0}, {"index": 1}]
+    assert len(told) == 1 and "r.jsonl: left out line 3 on" in told[0]
+    assert path.read_bytes().endswith(tail)
+    path.write_bytes(b'{"index": 0}\n{"index": 1}\n')
+    told.clear()
+    assert len(list(read_jsonl(path, torn=told.append))) == 2 and told == []
+    path.write_bytes(b'{"index": 0}\nnot json\n{"index": 2}\n')
+    with pytest.raises(CorruptRecordsError, match="r.jsonl:2"):
+        list(read_jsonl(path))
+
+
 # --------------------------------------------------------- kill at every commit point
 
 # Small images and short answers keep the tiny model's runs to seconds on two cores.
