@@ -212,7 +212,7 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
 
 #: Data file formats ``data=jsonl`` does not read, by extension (DataFlow-MM's storage reads some of them).
 _NOT_JSON = {".parquet": "a Parquet file", ".arrow": "an Arrow file", ".csv": "a CSV file", ".tsv": "a TSV file",
-             ".pkl": "a pickle", ".pickle": "a pickle", ".xlsx": "a spreadsheet", ".xls": "a spreadsheet"}
+             ".pkl": "a serialized Python object", ".xlsx": "a spreadsheet", ".xls": "a spreadsheet"}
 
 #: The UTF-8 byte order mark some editors write at the start of a file; not part of the first row.
 _BOM = b"\xef\xbb\xbf"
