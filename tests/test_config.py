@@ -182,13 +182,11 @@ def test_every_range_rule_names_a_key_some_schema_has():
     from regioncap.settings import RULES
 
     keys = set()
-    for engine in ("fake", "transformers", "vllm", "openai", "auto"):
-        for propose in ("none", "contours", "vlm"):
-            for logger in ("none", "wandb"):
-                plain = OmegaConf.to_container(compose([f"engine={engine}", f"propose={propose}", f"logger={logger}"]))
-                stack = [("", plain)]
-                while stack:
-                    prefix, node = stack.pop()
-                    for k, v in node.items():
-                        (stack.append((f"{prefix}{k}.", v)) if isinstance(v, dict) else keys.add(f"{prefix}{k}"))
+    for engine in ("fake", "transformers", "vllm", "openai", "auto"):  # propose=vlm has every propose key RULES names
+        plain = OmegaConf.to_container(compose([f"engine={engine}", "propose=vlm", "logger=wandb"]))
+        stack = [("", plain)]
+        while stack:
+            prefix, node = stack.pop()
+            for k, v in node.items():
+                (stack.append((f"{prefix}{k}.", v)) if isinstance(v, dict) else keys.add(f"{prefix}{k}"))
     assert [key for key, _ in RULES if key not in keys] == []
