@@ -29,6 +29,7 @@ __all__ = [
     "LoadedImage",
     "load_image",
     "image_uri",
+    "file_uri_path",
     "uri_label",
     "target_size",
     "is_fixed_size",
