@@ -91,3 +91,22 @@ def test_grounding_targets_are_the_answer_regioncap_reads():
     props = parse_grounding(answer, 224, 224)
     assert [p.label for p in props] == ["an orange square", "a blue circle", "a red star"]
     assert [p.bbox for p in props] == [(60, 5, 100, 40), (10, 30, 50, 70), (120, 30, 171, 80)]
+
+
+def test_set_rope_theta_changes_the_base_transformers_and_vllm_read(tmp_path):
+    """--rope-theta rewrites both spellings of the language model's M-RoPE base in a copied model folder."""
+    import shutil
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from train_shapes import set_rope_theta
+    from transformers import AutoConfig
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(REPO / "regioncap" / "weights" / "shapes" / "config.json", folder / "config.json")
+    assert AutoConfig.from_pretrained(folder).text_config.rope_parameters["rope_theta"] == 1e6
+    set_rope_theta(folder, 10.0)
+    text = json.loads((folder / "config.json").read_text())["text_config"]
+    assert text["rope_theta"] == text["rope_parameters"]["rope_theta"] == 10.0
+    assert text["rope_parameters"]["mrope_section"] == [4, 6, 6]
+    assert AutoConfig.from_pretrained(folder).text_config.rope_parameters["rope_theta"] == 10.0
