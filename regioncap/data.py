@@ -230,6 +230,7 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
                            if path.suffix.lower() in _HF_BUILDERS else "convert it to JSON Lines, one row object per line"))
     base = path.resolve().parent
     keys = (data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key)
+    _refuse_one_object(path, data_cfg.image_key)
     array = _json_array_items(path)
     if array is not None:
         yield from _array_rows(path, *array, keys, base)
@@ -349,6 +350,35 @@ def _json_array_items(path: Path) -> Optional[Tuple[str, List[Tuple[int, int, in
         raise DataError(f"data file {path} starts like a JSON array but is not valid JSON ({where}); fix it, "
                         f"or write one JSON object per line (JSON Lines)") from None
     return text, items
+
+
+def _refuse_one_object(path: Path, image_key: str) -> None:
+    """Refuse a file that is one JSON object rather than rows: an annotation file (COCO's
+    ``{"images", "annotations"}``) given to ``data=jsonl``, or a pretty-printed object,
+    which read line by line would be an error row per line."""
+    with open(path, "rb") as fh:
+        head = fh.read(_SNIFF_BYTES)
+    head = (head[len(_BOM):] if head.startswith(_BOM) else head).lstrip()
+    if not head.startswith(b"{"):
+        return
+    first = head.split(b"\n", 1)[0].strip()
+    if path.suffix.lower() != ".json" and first != b"{" and not (b'"images"' in first and b'"annotations"' in first):
+        return  # JSON Lines: the first line is a row of its own (the common case, decided without reading on)
+    try:
+        obj = json.loads(path.read_bytes())
+    except (ValueError, RecursionError):
+        return  # not one object (JSON Lines, or broken): read line by line
+    if not isinstance(obj, dict):
+        return
+    if "images" in obj and "annotations" in obj and image_key not in obj:
+        raise DataError(f"data file {path} is a COCO annotation file, not rows: read it with data=coco "
+                        f"data.path={path} data.images_dir=FOLDER_OF_ITS_IMAGES")
+    if first == b"{":
+        keys = ", ".join(sorted(map(str, obj))[:8])
+        lists = [k for k, v in obj.items() if isinstance(v, list)]
+        raise DataError(f"data file {path} is one JSON object (keys: {keys}), not rows: write one row object "
+                        f"per line (JSON Lines) or a JSON array of them"
+                        + (f"; its list under {lists[0]!r} may be the rows" if lists else ""))
 
 
 def _parses(line: bytes) -> bool:

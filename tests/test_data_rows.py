@@ -309,3 +309,26 @@ def test_a_tabular_or_binary_file_given_to_data_jsonl_is_refused_with_the_way_to
     with pytest.raises(DataError, match="not JSON Lines") as err:
         _rows("data=jsonl", f"data.path={path}")
     assert str(path) in str(err.value) and hint in str(err.value)
+
+
+@pytest.mark.parametrize("name,indent", [("instances.json", 2), ("instances.json", None), ("instances.jsonl", None)])
+def test_a_coco_file_given_to_data_jsonl_says_to_use_data_coco(tmp_path, name, indent):
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"id": 5, "image_id": 1, "bbox": [1, 1, 9, 9]}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    path = tmp_path / name
+    path.write_text(json.dumps(coco, indent=indent))
+    with pytest.raises(DataError, match=r"is a COCO annotation file, not rows: read it with data=coco data.path="):
+        _rows("data=jsonl", f"data.path={path}")
+
+
+def test_one_pretty_printed_object_is_refused_naming_its_keys_and_a_one_line_object_is_a_row(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"rows": [{"image": "a.png"}], "meta": {"v": 1}}, indent=2))
+    with pytest.raises(DataError, match=r"is one JSON object \(keys: meta, rows\), not rows.*under 'rows' may be"):
+        _rows("data=jsonl", f"data.path={path}")
+    path.write_text(json.dumps({"image": "a.png", "bbox": [[1, 2, 3, 4]]}) + "\n")
+    assert [(r.image, r.error) for r in _rows("data=jsonl", f"data.path={path}")] == [("a.png", None)]
+    # A JSONL file whose first line is a lone "{" (not one object): still read line by line, as error rows.
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{\n{"image": "a.png", "bbox": []}\n')
+    assert [(r.error or {}).get("kind") for r in _rows("data=jsonl", f"data.path={path}")] == ["invalid_json", None]
