@@ -278,6 +278,39 @@ def pick_executor(cfg: Any, *, multirun: bool = False) -> str:
     return "isolated" if isolate else "local"
 
 
+#: File name endings of an image path (what an image field's value looks like).
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: Error kinds of a line that is not a row object at all.
+_LINE_ERRORS = ("invalid_utf8", "invalid_json", "invalid_row")
+#: Fields that say which annotation format the rows are in: ``(fields, the data option that reads it)``.
+_FORMAT_HINTS = ((("regions",), "data=vg"), (("sentences",), "data=refcoco"), (("ref_id",), "data=refcoco"),
+                 (("images", "annotations"), "data=coco"))
+
+
+def check_image_key(rows: List[Any], image_key: str) -> Optional[str]:
+    """Why every row will be an error row when none of ``rows`` (the first rows read) has the
+    image field, naming the fields they have and the fix; None when any row has it."""
+    # Rows that are objects (a line that is not JSON, or not an object, says nothing about fields).
+    objects = [r for r in rows if not r.error or r.error.get("kind") not in _LINE_ERRORS]
+    missing = [r for r in objects if r.error and r.error.get("kind") == "missing_image_field"]
+    if not missing or len(missing) < len(objects):
+        return None
+    keys = sorted({str(k) for r in missing for k in r.extra})
+    candidates = [k for k in keys if any(isinstance(r.extra.get(k), str)
+                                         and r.extra[k].lower().endswith(_IMAGE_SUFFIXES) for r in missing)]
+    hints = [opt for fields, opt in _FORMAT_HINTS if all(any(f in r.extra for r in missing) for f in fields)]
+    text = (f"none of the first {len(missing)} row(s) has the image field {image_key!r} (data.image_key); "
+            f"their fields: {', '.join(keys) or '(none)'}")
+    if candidates:
+        text += f". Set data.image_key={candidates[0]}" + (f" ({', '.join(candidates[1:])} look like image paths too)"
+                                                            if candidates[1:] else "")
+    if hints:
+        text += f". The rows look like the {hints[0].split('=')[1]} format: read them with {hints[0]}"
+    if not candidates and not hints:
+        text += ". Set data.image_key to the field that holds the image path"
+    return text
+
+
 def check_data(cfg: Any, rows: int = 20) -> None:
     """Read the first ``rows`` rows before the run starts: a data path that does not open fails now,
     and a box field missing from every one of them is said at once (with ``propose=none``: the run stops)."""
@@ -289,6 +322,9 @@ def check_data(cfg: Any, rows: int = 20) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - a reader's own error type; the user needs the message
         raise RunError(f"cannot read data.path={cfg.data.path}: {type(exc).__name__}: {exc}") from None
+    image_problem = check_image_key(first, str(cfg.data.image_key))
+    if image_problem:  # said now, while the run writes each such row as a missing_image_field error row
+        log.warning("%s", image_problem)
     key = str(cfg.data.bbox_key)
     seen = [({**r.extra, key: r.bbox} if r.bbox is not None else dict(r.extra)) for r in first if not r.error]
     propose = cfg.get("propose")

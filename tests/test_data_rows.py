@@ -332,3 +332,32 @@ def test_one_pretty_printed_object_is_refused_naming_its_keys_and_a_one_line_obj
     path = tmp_path / "rows.jsonl"
     path.write_bytes(b'{\n{"image": "a.png", "bbox": []}\n')
     assert [(r.error or {}).get("kind") for r in _rows("data=jsonl", f"data.path={path}")] == ["invalid_json", None]
+
+
+@pytest.mark.parametrize("rows,says", [
+    ([{"file": "a.png", "bbox": [[1, 1, 9, 9]]}, {"file": "b.jpg", "bbox": []}], "Set data.image_key=file"),
+    ([{"image_id": 1, "ref_id": 3, "sentences": ["a"], "bbox": [1, 1, 9, 9]}], "read them with data=refcoco"),
+    ([{"id": 1, "regions": [{"x": 1, "y": 1, "width": 5, "height": 5, "phrase": "a"}]}], "read them with data=vg"),
+])
+def test_rows_without_the_image_field_are_said_at_the_start_and_still_written(tmp_path, caplog, rows, says):
+    """A wrong data.image_key (or another format's rows) is named before the run, with the fix; every
+    row still comes out once, as a missing_image_field error row."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with caplog.at_level("WARNING", logger="regioncap"):
+        metrics = execute(compose(["engine=fake", "progress=false", "data=jsonl", f"data.path={path}",
+                                   "max_error_rate=1"], output_dir=tmp_path / "run"))
+    warned = [r.getMessage() for r in caplog.records if "has the image field 'image'" in r.getMessage()]
+    assert len(warned) == 1 and says in warned[0], warned
+    assert metrics["rows"] == metrics["error_rows"] == len(rows)
+    caps = [json.loads(line) for line in (tmp_path / "run" / "captions.jsonl").read_text().splitlines()]
+    assert [c["error"]["kind"] for c in caps] == ["missing_image_field"] * len(rows)
+
+
+def test_no_image_field_warning_when_some_row_has_it(tmp_path, caplog):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"file": "a.png"}\n{"image": "missing.png", "bbox": []}\nnot json\n')
+    with caplog.at_level("WARNING", logger="regioncap"):
+        execute(compose(["engine=fake", "progress=false", "data=jsonl", f"data.path={path}", "max_error_rate=1"],
+                        output_dir=tmp_path / "run"))
+    assert not [r for r in caplog.records if "has the image field" in r.getMessage()]
