@@ -166,15 +166,21 @@ def count_rows(data_cfg: Any) -> Optional[int]:
 
 def file_rows(path: Path) -> int:
     """How many rows the JSON Lines or JSON array file ``path`` holds (what ``data=jsonl`` reads from it)."""
-    array = _json_array_items(path)
-    if array is not None:
-        return len(array[1])
+    elements = json_array_length(path)
+    if elements is not None:
+        return elements
     total = 0
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh):
-            if (raw[len(_BOM):] if n == 0 and raw.startswith(_BOM) else raw).strip():
+            if (_strip_bom(raw) if n == 0 else raw).strip():
                 total += 1
     return total
+
+
+def json_array_length(path: Path) -> Optional[int]:
+    """The number of elements when ``path`` is a JSON array file of rows, else None (JSON Lines)."""
+    elements = _json_array_elements(path)
+    return None if elements is None else len(elements)
 
 
 def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
@@ -218,6 +224,10 @@ _NOT_JSON = {".parquet": "a Parquet file", ".arrow": "an Arrow file", ".csv": "a
 _BOM = b"\xef\xbb\xbf"
 
 
+def _strip_bom(data: bytes) -> bytes:
+    return data[len(_BOM):] if data.startswith(_BOM) else data
+
+
 def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
@@ -231,15 +241,15 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
     base = path.resolve().parent
     keys = (data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key)
     _refuse_one_object(path, data_cfg.image_key)
-    array = _json_array_items(path)
-    if array is not None:
-        yield from _array_rows(path, *array, keys, base)
+    elements = _json_array_elements(path)
+    if elements is not None:
+        yield from _array_rows(path, elements, keys, base)
         return
     index = 0
     with open(path, "rb") as fh:
         for line_no, raw in enumerate(fh, start=1):
-            if line_no == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]  # Windows editors and spreadsheets start UTF-8 files with one
+            if line_no == 1:
+                raw = _strip_bom(raw)  # Windows editors and spreadsheets start UTF-8 files with one
             if not raw.strip():
                 continue  # blank lines are not rows
             row = InputRow(index=index, row_id=f"row-{index:07d}", line=line_no,
@@ -289,9 +299,15 @@ def _object_row(row: InputRow, obj: Any, keys: Tuple[str, str, Optional[str]], b
 _SNIFF_BYTES = 1 << 16
 
 
-def _json_array_items(path: Path) -> Optional[Tuple[str, List[Tuple[int, int, int]]]]:
-    """The text of ``path`` and ``(line, start, end)`` of each of its elements when it is
-    one JSON array (a ``.json`` dump), else None (JSON Lines).
+def _head(path: Path) -> bytes:
+    """The start of ``path`` as its rows begin: no byte order mark, no leading blank space."""
+    with open(path, "rb") as fh:
+        return _strip_bom(fh.read(_SNIFF_BYTES)).lstrip()
+
+
+def _json_array_elements(path: Path) -> Optional[List[Tuple[int, Any]]]:
+    """``(line, value)`` of each element when ``path`` is one JSON array (a ``.json`` dump),
+    else None (JSON Lines).
 
     A file is read as a JSON array when its name ends in ``.json`` or its first
     non-blank line is a lone ``[`` (a pretty-printed array, whatever its name). If
@@ -300,26 +316,22 @@ def _json_array_items(path: Path) -> Optional[Tuple[str, List[Tuple[int, int, in
     broken JSON array, refused with where it breaks, since reading it line by line
     would make every line of it an error row.
     """
-    with open(path, "rb") as fh:
-        head = fh.read(_SNIFF_BYTES)
-    head = head[len(_BOM):] if head.startswith(_BOM) else head
-    stripped = head.lstrip()
-    if not stripped.startswith(b"["):
+    head = _head(path)
+    if not head.startswith(b"["):
         return None
-    if path.suffix.lower() != ".json" and stripped.split(b"\n", 1)[0].strip() != b"[":
+    if path.suffix.lower() != ".json" and head.split(b"\n", 1)[0].strip() != b"[":
         return None
-    raw = path.read_bytes()
-    offset = len(_BOM) if raw.startswith(_BOM) else 0
+    data = path.read_bytes()
+    raw = _strip_bom(data)
     try:
-        text = raw[offset:].decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        first = raw[offset:].lstrip().split(b"\n", 1)[0]
-        if _parses(first):
+        if _parses(raw.lstrip().split(b"\n", 1)[0]):
             return None
         raise DataError(f"data file {path} starts like a JSON array but is not UTF-8 ({exc.reason} at byte "
-                        f"{exc.start + offset})") from None
+                        f"{exc.start + len(data) - len(raw)})") from None
     decoder = json.JSONDecoder()
-    items: List[Tuple[int, int, int]] = []
+    elements: List[Tuple[int, Any]] = []
     ws = re.compile(r"[ \t\r\n]*")
     line, counted = 1, 0
     try:
@@ -328,9 +340,9 @@ def _json_array_items(path: Path) -> Optional[Tuple[str, List[Tuple[int, int, in
             pos += 1
         else:
             while True:
-                _, end = decoder.raw_decode(text, pos)
+                value, end = decoder.raw_decode(text, pos)
                 line, counted = line + text.count("\n", counted, pos), pos
-                items.append((line, pos, end))
+                elements.append((line, value))
                 pos = ws.match(text, end).end()
                 if text.startswith(",", pos):
                     pos = ws.match(text, pos + 1).end()
@@ -342,23 +354,20 @@ def _json_array_items(path: Path) -> Optional[Tuple[str, List[Tuple[int, int, in
         if ws.match(text, pos).end() != len(text):
             raise json.JSONDecodeError("extra data after the array", text, pos)
     except (json.JSONDecodeError, RecursionError, ValueError) as exc:
-        first = text.lstrip().split("\n", 1)[0]
-        if _parses(first.encode("utf-8", "surrogatepass")):
+        if _parses(text.lstrip().split("\n", 1)[0].encode("utf-8", "surrogatepass")):
             return None
         where = (f"line {exc.lineno} column {exc.colno}: {exc.msg}" if isinstance(exc, json.JSONDecodeError)
                  else "nested too deeply to read" if isinstance(exc, RecursionError) else str(exc))
         raise DataError(f"data file {path} starts like a JSON array but is not valid JSON ({where}); fix it, "
                         f"or write one JSON object per line (JSON Lines)") from None
-    return text, items
+    return elements
 
 
 def _refuse_one_object(path: Path, image_key: str) -> None:
     """Refuse a file that is one JSON object rather than rows: an annotation file (COCO's
     ``{"images", "annotations"}``) given to ``data=jsonl``, or a pretty-printed object,
     which read line by line would be an error row per line."""
-    with open(path, "rb") as fh:
-        head = fh.read(_SNIFF_BYTES)
-    head = (head[len(_BOM):] if head.startswith(_BOM) else head).lstrip()
+    head = _head(path)
     if not head.startswith(b"{"):
         return
     first = head.split(b"\n", 1)[0].strip()
@@ -389,12 +398,10 @@ def _parses(line: bytes) -> bool:
     return True
 
 
-def _array_rows(path: Path, text: str, items: List[Tuple[int, int, int]], keys: Tuple[str, str, Optional[str]],
+def _array_rows(path: Path, elements: List[Tuple[int, Any]], keys: Tuple[str, str, Optional[str]],
                 base: Path) -> Iterator[InputRow]:
     """The rows of a JSON array file: one per element, numbered by the line it starts on."""
-    decoder = json.JSONDecoder()
-    for index, (line_no, start, end) in enumerate(items):
-        obj, _ = decoder.raw_decode(text, start)
+    for index, (line_no, obj) in enumerate(elements):
         # Of the element's value, not its text: re-indenting the file changes no digest.
         row = InputRow(index=index, row_id=f"row-{index:07d}", line=line_no, digest=digest_value(obj))
         _object_row(row, obj, keys, base, f"{path.name} item {index} (line {line_no})")

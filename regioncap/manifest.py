@@ -427,12 +427,14 @@ def data_fingerprint(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
         if local.is_file():
             out["sha256"], out["rows"] = _hash_and_count_lines(local)
             if source == "jsonl":  # a JSON array file's rows are its elements, not its lines
-                from regioncap.data import DataError, file_rows
+                from regioncap.data import DataError, json_array_length
 
                 try:
-                    out["rows"] = file_rows(local)
+                    elements = json_array_length(local)
                 except (OSError, DataError):
-                    pass
+                    elements = None
+                if elements is not None:
+                    out["rows"] = elements
             out["method"] = "file_sha256"
         else:
             out["method"] = "missing"
