@@ -460,12 +460,12 @@ def _fill(row: InputRow, obj: Dict[str, Any], image_key: str, bbox_key: str,
         problem = _image_path_problem(row.image, image_key)
         if problem:
             row.error = {"kind": "bad_image_value", "message": f"{where}: {problem}"}
-        elif image_uri(row.image) == "file":
+        elif (uri := image_uri(row.image)) == "file":
             try:
                 row.image_path = file_uri_path(row.image)
             except ImageLoadError as exc:
                 row.error = {"kind": exc.kind, "message": f"{where}: {exc.message}"}
-        elif image_uri(row.image) is None:
+        elif uri is None:
             p = Path(os.path.expanduser(row.image))
             row.image_path = str(p if p.is_absolute() or base is None else base / p)
         # else a data: URI (decoded when the image is loaded) or a URL (refused then, naming it)

@@ -230,8 +230,8 @@ def load_image(
             max_file_bytes=max_file_bytes,
             draft_target=draft_target,
         )
-    if isinstance(src, str) and image_uri(src):
-        return _load_uri(src, image_uri(src), max_image_pixels, max_file_bytes, draft_target)
+    if isinstance(src, str) and (uri := image_uri(src)):
+        return _load_uri(src, uri, max_image_pixels, max_file_bytes, draft_target)
     if isinstance(src, (str, os.PathLike)):
         return _load_path(src, max_image_pixels, max_file_bytes, draft_target)
     raise ImageLoadError(

@@ -135,6 +135,21 @@ class JsonlWriter:
         self.close()
 
 
+def _parse_record(raw: bytes) -> Tuple[Optional[Dict[str, Any]], Optional[str]]:
+    """``(record, None)`` for a line holding a record, else ``(None, why not)``."""
+    try:
+        rec = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        return None, f"not JSON ({exc})"
+    return (rec, None) if isinstance(rec, dict) else (None, "not a JSON object")
+
+
+def _damage(path: Path, bad: Tuple[int, str], advice: str = "") -> "CorruptRecordsError":
+    """The error for a bad line (``bad``: its number and why) with good records after it."""
+    return CorruptRecordsError(f"{path}:{bad[0]}: {bad[1]}, yet good records follow it; this is not what a crash "
+                               f"leaves.{advice}")
+
+
 def read_jsonl(path: Path, *, torn: Optional[Callable[[str], None]] = None) -> Iterator[Dict[str, Any]]:
     """Yield the records of a JSONL file regioncap wrote, maybe in a run that was killed.
 
@@ -148,17 +163,12 @@ def read_jsonl(path: Path, *, torn: Optional[Callable[[str], None]] = None) -> I
         for line_no, raw in enumerate(fh, 1):
             if not raw.strip():
                 continue
-            try:
-                rec = json.loads(raw)
-                reason = None if isinstance(rec, dict) else "not a JSON object"
-            except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
-                reason = f"not JSON ({exc})"
+            rec, reason = _parse_record(raw)
             if reason is not None:
                 bad = bad or (line_no, reason)
                 continue
             if bad is not None:
-                raise CorruptRecordsError(f"{path}:{bad[0]}: {bad[1]}, yet good records follow it; this is not "
-                                          f"what a crash leaves")
+                raise _damage(path, bad)
             yield rec
     if bad is not None:
         message = f"{path}: left out line {bad[0]} on ({bad[1]}): the torn tail a killed run leaves"
@@ -250,21 +260,13 @@ def scan_records(path: Path, pick: Callable[[Dict[str, Any]], Any] = lambda rec:
                 if bad is None:
                     good_end = offset
                 continue
-            reason = None
-            if not raw.endswith(b"\n"):
-                reason = "no newline at the end (a torn write)"
+            if raw.endswith(b"\n"):
+                rec, reason = _parse_record(raw)
             else:
-                try:
-                    rec = json.loads(raw)
-                    if not isinstance(rec, dict):
-                        reason = "not a JSON object"
-                except (ValueError, UnicodeDecodeError) as exc:
-                    reason = f"not JSON ({exc})"
+                rec, reason = None, "no newline at the end (a torn write)"
             if reason is None:
                 if bad is not None:
-                    raise CorruptRecordsError(
-                        f"{path}:{bad[0]}: {bad[1]}, yet good records follow it; this is not what a crash leaves. "
-                        f"Move the file away and start a new run (a new hydra.run.dir)")
+                    raise _damage(path, bad, " Move the file away and start a new run (a new hydra.run.dir)")
                 records.append(pick(rec))
                 good_end = offset
             elif bad is None:

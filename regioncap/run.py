@@ -283,8 +283,8 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".t
 #: Error kinds of a line that is not a row object at all.
 _LINE_ERRORS = ("invalid_utf8", "invalid_json", "invalid_row")
 #: Fields that say which annotation format the rows are in: ``(fields, the data option that reads it)``.
-_FORMAT_HINTS = ((("regions",), "data=vg"), (("sentences",), "data=refcoco"), (("ref_id",), "data=refcoco"),
-                 (("images", "annotations"), "data=coco"))
+_FORMAT_HINTS = ((("regions",), "vg"), (("sentences",), "refcoco"), (("ref_id",), "refcoco"),
+                 (("images", "annotations"), "coco"))
 
 
 def check_image_key(rows: List[Any], image_key: str) -> Optional[str]:
@@ -305,7 +305,7 @@ def check_image_key(rows: List[Any], image_key: str) -> Optional[str]:
         text += f". Set data.image_key={candidates[0]}" + (f" ({', '.join(candidates[1:])} look like image paths too)"
                                                             if candidates[1:] else "")
     if hints:
-        text += f". The rows look like the {hints[0].split('=')[1]} format: read them with {hints[0]}"
+        text += f". The rows look like the {hints[0]} format: read them with data={hints[0]}"
     if not candidates and not hints:
         text += ". Set data.image_key to the field that holds the image path"
     return text
