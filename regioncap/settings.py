@@ -89,25 +89,19 @@ RULES: List[Tuple[str, Tuple[Callable[[Any], bool], str]]] = [
 ]
 
 
-def _get(cfg: Any, dotted: str) -> Any:
-    node = cfg
-    for part in dotted.split("."):
-        if node is None or not hasattr(node, "get"):
-            return _MISSING
-        node = node.get(part, _MISSING)
-        if node is _MISSING:
-            return _MISSING
-    return node
-
-
 def check_settings(cfg: Any) -> None:
     """Raise one :class:`RunError` naming every setting of ``cfg`` outside what it can mean."""
+    from omegaconf import OmegaConf
+
+    def _get(key: str) -> Any:
+        return OmegaConf.select(cfg, key, default=_MISSING)
+
     problems = []
     for key, (ok, what) in RULES:
-        value = _get(cfg, key)
+        value = _get(key)
         if value is not _MISSING and not ok(value):
             problems.append(f"{key} must be {what}, got {value!r}")
-    lo, hi = _get(cfg, "model.min_pixels"), _get(cfg, "model.max_pixels")
+    lo, hi = _get("model.min_pixels"), _get("model.max_pixels")
     if _number(lo) and _number(hi) and 0 < hi < lo:
         problems.append(f"model.max_pixels ({hi}) is under model.min_pixels ({lo}): no image size fits both")
     if problems:
