@@ -240,8 +240,9 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
                            if path.suffix.lower() in _HF_BUILDERS else "convert it to JSON Lines, one row object per line"))
     base = path.resolve().parent
     keys = (data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key)
-    _refuse_one_object(path, data_cfg.image_key)
-    elements = _json_array_elements(path)
+    head = _head(path)
+    _refuse_one_object(path, head, data_cfg.image_key)
+    elements = _json_array_elements(path, head)
     if elements is not None:
         yield from _array_rows(path, elements, keys, base)
         return
@@ -300,12 +301,13 @@ _SNIFF_BYTES = 1 << 16
 
 
 def _head(path: Path) -> bytes:
-    """The start of ``path`` as its rows begin: no byte order mark, no leading blank space."""
+    """The start of ``path`` as its rows begin (no byte order mark, no leading blank space): what
+    tells a JSON array or a single object from JSON Lines."""
     with open(path, "rb") as fh:
         return _strip_bom(fh.read(_SNIFF_BYTES)).lstrip()
 
 
-def _json_array_elements(path: Path) -> Optional[List[Tuple[int, Any]]]:
+def _json_array_elements(path: Path, head: Optional[bytes] = None) -> Optional[List[Tuple[int, Any]]]:
     """``(line, value)`` of each element when ``path`` is one JSON array (a ``.json`` dump),
     else None (JSON Lines).
 
@@ -316,7 +318,7 @@ def _json_array_elements(path: Path) -> Optional[List[Tuple[int, Any]]]:
     broken JSON array, refused with where it breaks, since reading it line by line
     would make every line of it an error row.
     """
-    head = _head(path)
+    head = _head(path) if head is None else head
     if not head.startswith(b"["):
         return None
     if path.suffix.lower() != ".json" and head.split(b"\n", 1)[0].strip() != b"[":
@@ -363,11 +365,10 @@ def _json_array_elements(path: Path) -> Optional[List[Tuple[int, Any]]]:
     return elements
 
 
-def _refuse_one_object(path: Path, image_key: str) -> None:
+def _refuse_one_object(path: Path, head: bytes, image_key: str) -> None:
     """Refuse a file that is one JSON object rather than rows: an annotation file (COCO's
     ``{"images", "annotations"}``) given to ``data=jsonl``, or a pretty-printed object,
     which read line by line would be an error row per line."""
-    head = _head(path)
     if not head.startswith(b"{"):
         return
     first = head.split(b"\n", 1)[0].strip()
