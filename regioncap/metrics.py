@@ -1,6 +1,8 @@
 """Run metrics from the records a run wrote, and reference scores for captions.
 
-Pure library module: no Hydra, no W&B, no engine imports. The reference
+Pure library module: no Hydra, no W&B, no engine imports. What each number
+means (its name, unit, direction, how it combines) is declared once in
+:mod:`regioncap.metricspec`. The reference
 scorers (``pycocoevalcap``, the ``metrics`` extra) are imported only when some
 row carries references.
 
@@ -923,67 +925,3 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         lines.append(f"  error {kind}: {n}")
     lines.append(f"outputs: {out_dir}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ metric names (sweep objectives)
-#: ``references.*`` numbers of metrics.json (present when the data has references).
-REFERENCE_METRICS = ("rows_with_references", "regions_with_references", "references_missing",
-                     "references_uncaptioned", "regions_scored", "exact_match", "attribute_accuracy",
-                     "bleu4", "rouge_l", "cider", "meteor", "scoring_s", "scoring_meteor_s")
-#: ``pipeline.*`` numbers (both stages in one run).
-PIPELINE_METRICS = ("seconds", "workers", "images_per_s", "regions_per_s")
-STAGES = ("visualize", "caption")
-
-
-def _numeric_paths(node: Any, prefix: str = "") -> List[str]:
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _numeric_paths(v, f"{prefix}{k}.")]
-    if isinstance(node, bool) or not (node is None or isinstance(node, (int, float))):
-        return []
-    return [prefix[:-1]]
-
-
-def metric_names() -> List[str]:
-    """Every dotted path of a number ``metrics.json`` can hold (``regions_per_s``,
-    ``references.exact_match``, ``stages.caption.regions_per_s``...): the values a
-    sweep's ``objective`` may name. Derived from :func:`compute_metrics` itself on
-    one synthetic record (so it follows the code), plus the reference and
-    pipeline numbers that need a real run."""
-    record = {"id": "a", "status": "ok", "image_path": "a.png",
-              "regions": [{"id": 1, "chunk": 0, "caption": "a red circle", "attempt": 1}],
-              "requests": [{"image_size": [28, 28], "latency_s": 0.1, "answer": "1: a red circle", "format_ok": True,
-                            "region_ids": [1], "reask": {"latency_s": 0.1}}]}
-    stages = {name: {"rows": 1, "seconds": 1.0, "errors": {}} for name in STAGES}
-    out = compute_metrics([record], stages, references_key=None)
-    names = {p for p in _numeric_paths(out) if not p.startswith("stages.") or p.count(".") == 2}
-    for stat in ("n", "mean", "p50", "p95", "min", "max"):
-        names.update(f"{key}.{stat}" for key in ("latency_s", "reask_latency_s", "caption_words"))
-    names.update(f"references.{k}" for k in REFERENCE_METRICS)
-    names.update(f"pipeline.{k}" for k in PIPELINE_METRICS)
-    return sorted(names)
-
-
-def check_objective(objective: str) -> None:
-    """Raise ``ValueError`` naming the closest metric names when ``objective`` is not
-    a number metrics.json can hold (see :func:`metric_names`)."""
-    names = metric_names()
-    if objective in names:
-        return
-    import difflib
-
-    close = difflib.get_close_matches(objective, names, n=4, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"objective={objective!r} is not a metric of metrics.json; {hint}"
-                     f"choose a dotted path such as regions_per_s, references.exact_match, "
-                     f"stages.caption.regions_per_s (all: python -c 'from regioncap.metrics import metric_names; "
-                     f"print(*metric_names(), sep=chr(10))')")
-
-
-def metric_value(metrics: Dict[str, Any], objective: str) -> Any:
-    """The value at the dotted path ``objective`` of ``metrics`` (``KeyError`` when absent)."""
-    node: Any = metrics
-    for part in objective.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(objective)
-        node = node[part]
-    return node
