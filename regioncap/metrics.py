@@ -35,6 +35,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from regioncap.intervals import (DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, METHOD, bootstrap_interval,
+                                 format_estimate)
+
 log = logging.getLogger("regioncap")
 
 #: Words for scoring and comparisons: runs of letters and digits (any script).
@@ -505,6 +508,43 @@ def annotate_record(record: Dict[str, Any], references_key: Optional[str] = "ref
     return record
 
 
+# ------------------------------------------------------------------ intervals
+#: Reference scores whose corpus value is (or, for METEOR, whose per-region scores allow) a mean over
+#: regions, so a cluster bootstrap of per-region values gives their interval. BLEU-4 is pooled from
+#: n-gram statistics: its interval needs per-region statistics (regioncap.intervals.bleu_from_totals).
+INTERVAL_SCORES = ("exact_match", "attribute_accuracy", "rouge_l", "cider", "meteor")
+
+
+def reference_intervals(per: Sequence[Dict[str, Optional[float]]], rows: Sequence[int], *,
+                        n_boot: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                        confidence: float = DEFAULT_CONFIDENCE) -> Dict[str, Any]:
+    """``references.intervals`` of metrics.json: a ``confidence`` interval for each of
+    :data:`INTERVAL_SCORES` that has per-region values, by a cluster bootstrap over
+    rows (``rows[i]``: the row of ``per[i]``; see :mod:`regioncap.intervals`).
+
+    Returns ``{method, confidence, n_boot, seed, n_clusters, <score>: {estimate,
+    low, high}}``: the method, resamples and seed once; ``n_clusters`` the rows
+    with a scored region; per score the value the interval is around (the reported
+    score; for METEOR the mean of per-region METEOR, while ``references.meteor``
+    pools statistics over the corpus) and its bounds, rounded to 4 digits.
+    """
+    out: Dict[str, Any] = {"method": METHOD, "confidence": confidence, "n_boot": n_boot, "seed": seed,
+                           "n_clusters": len(set(rows))}
+    for name in INTERVAL_SCORES:
+        values, clusters = [], []
+        for scores, row in zip(per, rows):
+            value = scores.get(name)
+            if value is not None:
+                values.append(value)
+                clusters.append(row)
+        if not values:
+            continue
+        iv = bootstrap_interval(values, clusters, n_boot=n_boot, confidence=confidence, seed=seed)
+        if iv["low"] is not None:
+            out[name] = {k: round(iv[k], 4) for k in ("estimate", "low", "high")}
+    return out
+
+
 # ------------------------------------------------------------------ metrics
 class _Accumulator:
     """The running state of one pass over the records."""
@@ -521,6 +561,8 @@ class _Accumulator:
         self.latency = array("d")
         self.reask_latency = array("d")
         self.pairs: List[Tuple[str, List[str]]] = []
+        #: The row (0-based, in read order) of each pair: the cluster its bootstrap interval resamples.
+        self.pair_rows = array("I")
         self.has_references = False
         self.flags: Counter = Counter()
 
@@ -627,6 +669,7 @@ class _Accumulator:
             for reg, refs in found:
                 if reg.get("caption") and normalize(reg["caption"]):
                     self.pairs.append((normalize(reg["caption"]), refs))
+                    self.pair_rows.append(c["rows"] - 1)
                 else:
                     c["references_uncaptioned"] += 1
 
@@ -731,7 +774,8 @@ class ProposalStats:
 def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[str, Any]], *,
                     patch_size: int = 14, merge_size: int = 2, references_key: Optional[str] = "references",
                     meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S,
-                    wall_s: Optional[float] = None) -> Dict[str, Any]:
+                    wall_s: Optional[float] = None, bootstrap_resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = DEFAULT_SEED) -> Dict[str, Any]:
     """Everything ``metrics.json`` holds, from one pass over a run's final records.
 
     ``records``: the caption records (or the visualize records when only that
@@ -744,6 +788,9 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     (Java; about 10 s to start) when references are present; off unless asked
     (``metrics.meteor=true``). ``wall_s``: the
     run's wall time when the stages overlapped (default: the stages' sum).
+    ``bootstrap_resamples`` and ``seed``: the resamples and seed of the 95%
+    intervals of the reference scores (:func:`reference_intervals`; 0 resamples
+    turns them off); a run passes ``metrics.bootstrap_resamples`` and its ``seed``.
     """
     acc = _Accumulator(patch_size, merge_size, references_key)
     proposals = ProposalStats(references_key)
@@ -825,7 +872,11 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
                 "regions_with_references": c["regions_with_references"],
                 "references_missing": c["references_missing"],
                 "references_uncaptioned": c["references_uncaptioned"]}
-        refs.update(score_corpus(acc.pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s))
+        corpus, per = score_references(acc.pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)
+        refs.update(corpus)
+        if bootstrap_resamples > 0 and acc.pairs:
+            refs["intervals"] = reference_intervals(per, acc.pair_rows, n_boot=bootstrap_resamples, seed=seed)
+        del per
         refs["tokenizer"] = "lowercase, punctuation stripped (not PTBTokenizer, which needs Java)"
         out["references"] = refs
     return out
@@ -906,15 +957,19 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
     if refs:
         text = (f"references: {refs['regions_scored']} regions scored "
                 f"({refs.get('references_missing', 0)} without a reference)")
+        ivs = refs.get("intervals") or {}
+        ci = lambda name: format_estimate(refs.get(name), ivs.get(name))  # noqa: E731
         if refs.get("bleu4") is not None:
-            text += (f": BLEU-4 {refs['bleu4']:.3f}, ROUGE-L {refs['rouge_l']:.3f}, CIDEr {refs['cider']:.3f}, "
+            text += (f": BLEU-4 {refs['bleu4']:.3f}, ROUGE-L {ci('rouge_l')}, CIDEr {ci('cider')}, "
                      + (f"METEOR {refs['meteor']:.3f}" if refs.get("meteor") is not None
                         else f"METEOR n/a ({refs.get('meteor_absent', 'absent')})"))
         elif refs.get("scores_absent"):
             text += f"; scores n/a ({refs['scores_absent']})"
         if refs.get("exact_match") is not None:
-            text += (f"; exact match {refs['exact_match']:.3f}, attribute accuracy "
-                     f"{_num(refs.get('attribute_accuracy'), '.3f')}")
+            text += f"; exact match {ci('exact_match')}, attribute accuracy {ci('attribute_accuracy')}"
+        if ivs.get("n_boot"):
+            text += (f" ([low, high]: {ivs.get('confidence', DEFAULT_CONFIDENCE):.0%} intervals, "
+                     f"{ivs['n_clusters']} rows resampled)")
         lines.append(text)
     faith = m.get("faithfulness")
     if faith and faith.get("regions_checked"):

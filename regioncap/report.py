@@ -1155,6 +1155,71 @@ def _fmt_metric(key: str, value: Optional[float]) -> str:
     return _fmt(value, "pct" if key in PCT_METRICS else "")
 
 
+def _region_values(job: RunData, metric: str) -> Optional[Dict[Tuple[Any, ...], List[float]]]:
+    """Each row's per-region values of ``metric`` (``regions[].scores``, as the caption stage
+    writes exact match and attribute accuracy), keyed by the row's ``(digest, index, id)``
+    so two jobs pair up only on the same input rows; ``None`` when no region has one."""
+    if job.records_file is None or job.stage != "caption":
+        return None
+    out: Dict[Tuple[Any, ...], List[float]] = {}
+    found = False
+    for rec in _iter_records(job.records_file, []):
+        values = []
+        for reg in rec.get("regions") or []:
+            scores = reg.get("scores") if isinstance(reg, dict) else None
+            value = _num(scores.get(metric)) if isinstance(scores, dict) else None
+            if value is not None:
+                values.append(value)
+        found = found or bool(values)
+        out[(rec.get("digest"), rec.get("index"), rec.get("id"))] = values
+    return out if found else None
+
+
+def paired_comparison(jobs: Sequence[RunData], kms: Sequence[Dict[str, Optional[float]]], metric: str
+                      ) -> Dict[str, Any]:
+    """The job with the best ``metric`` and, where the jobs carry per-region values of it,
+    each other job's paired difference from it (``regioncap.intervals.paired_difference``:
+    the same resampled rows for both jobs, 95%, a fixed seed).
+
+    Returns ``{best, separated, diffs}``: ``best`` the index of the best point estimate
+    (:func:`_best`), ``diffs`` ``{job index: paired_difference(job, best)}``, and
+    ``separated`` True when every other job's difference excludes zero, False when one
+    does not (or has no per-region values or no rows in common to compare), None when
+    the metric has no per-region values (throughput, error rate: a point estimate only).
+    """
+    from regioncap.intervals import paired_difference
+
+    best = _best(kms, metric)
+    out: Dict[str, Any] = {"best": best, "separated": None, "diffs": {}}
+    if best is None:
+        return out
+    base = _region_values(jobs[best], metric)
+    if base is None:
+        return out
+    separated = True
+    for i, (job, km) in enumerate(zip(jobs, kms)):
+        if i == best or km.get(metric) is None:
+            continue
+        values = _region_values(job, metric)
+        if values is None:
+            separated = False
+            continue
+        diff = paired_difference(values, base)
+        out["diffs"][i] = diff
+        separated = separated and diff["n_clusters"] > 0 and not diff["includes_zero"]
+    out["separated"] = separated
+    return out
+
+
+def _diff_text(key: str, diff: Dict[str, Any]) -> str:
+    """``−4.0 pts [−12.0, 4.0]`` (shares) or ``−0.040 [−0.120, 0.040]``: a paired difference."""
+    if diff.get("difference") is None:
+        return "no rows in common" if not diff.get("n_clusters") else "no values to compare"
+    pct = key in PCT_METRICS
+    f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3f}")  # noqa: E731
+    return f"{f(diff['difference'])}{' pts' if pct else ''} [{f(diff['low'])}, {f(diff['high'])}]"
+
+
 def _best(kms: Sequence[Dict[str, Optional[float]]], key: str) -> Optional[int]:
     """The index of the job with the best value of ``key`` (first on a tie), None when none has one."""
     values = [(km.get(key), i) for i, km in enumerate(kms) if km.get(key) is not None]
@@ -1164,17 +1229,23 @@ def _best(kms: Sequence[Dict[str, Optional[float]]], key: str) -> Optional[int]:
     return min(values, key=lambda vi: ((vi[0] if low else -vi[0]), vi[1]))[1]
 
 
-def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: Optional[str] = None) -> str:
+def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: Optional[str] = None,
+                      paired: Optional[Dict[str, Any]] = None) -> str:
     """One row per job. The first column (sticky when the table scrolls) names the job by its swept
-    overrides; exact match and attribute accuracy lead the metric columns; the best value of the
-    plotted metric is marked."""
+    overrides; exact match and attribute accuracy lead the metric columns, with their 95% intervals
+    where metrics.json has them. The plotted metric's best job is marked only when it is
+    distinguishable from every other job (``paired``: :func:`paired_comparison`); the other jobs show
+    their paired difference from it, flagged "not distinguishable" when its interval includes zero."""
     kms = [key_metrics(j) for j in jobs]
+    if paired is None and metric:
+        paired = paired_comparison(jobs, kms, metric)
+    paired = paired or {"best": None, "separated": None, "diffs": {}}
     score_names = _score_names(jobs)
     lead = [n for n in SHARE_SCORES if n in score_names]
     columns = lead + _COMPARE + [n for n in score_names if n not in lead]
     header = ["job", "status"] + [PLOT_METRICS.get(k, k) if k != "regions_captioned" else "regions captioned"
                                   for k in columns]
-    best = _best(kms, metric) if metric else None
+    best = paired["best"]
     rows = []
     for i, (job, km) in enumerate(zip(jobs, kms)):
         d = dict(split_override(o) for o in job.overrides)
@@ -1193,8 +1264,22 @@ def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: O
                 cell = f"{e(_fmt(value))} / {e(_fmt(km.get('regions')))}"
             else:
                 cell = e(_fmt_metric(key, value))
+                interval = _dig(job.metrics, "references", "intervals", key)
+                if value is not None and isinstance(interval, dict) and _num(interval.get("low")) is not None:
+                    cell += (f'<div class="note">[{e(_fmt_metric(key, interval["low"]))}, '
+                             f'{e(_fmt_metric(key, interval.get("high")))}]</div>')
+            name = e(PLOT_METRICS.get(key, key))
             if key == metric and i == best:
-                cell = f'<b class="best" title="best {e(PLOT_METRICS.get(key, key))}">{cell}</b>'
+                if paired["separated"] is False:
+                    cell = (f'<span title="highest {name}; not distinguishable from at least one other job at 95%">'
+                            f'{cell}</span><div class="note">highest, not distinguishable from all others</div>')
+                else:
+                    cell = f'<b class="best" title="best {name}">{cell}</b>'
+            elif key == metric and i in paired["diffs"]:
+                diff = paired["diffs"][i]
+                verdict = " not distinguishable" if diff["includes_zero"] else ""
+                cell += f'<div class="note" title="paired difference from the best job, 95%">vs best ' \
+                        f'{e(_diff_text(key, diff))}{verdict}</div>'
             cells.append(cell)
         rows.append(cells)
     return _table(header, rows, "compare")
@@ -1416,8 +1501,13 @@ def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DE
             f'<p class="path"><code>{e(sweep_dir)}</code></p>']
     kms = [key_metrics(j) for j in jobs]
     cards = [_card(str(len(jobs)), "jobs"), _card(str(sum(1 for j in jobs if j.records_file is None)), "failed")]
-    best = _best(kms, metric)
-    if best is not None:
+    paired = paired_comparison(jobs, kms, metric)
+    best = paired["best"]
+    if best is not None and paired["separated"] is False:
+        cards.insert(0, _card(_fmt_metric(metric, kms[best][metric]),
+                              f"no job is better than the others at 95% ({PLOT_METRICS[metric]}; highest: job "
+                              f"{jobs[best].name}, {job_label(jobs[best], varying)})", "big"))
+    elif best is not None:
         cards.insert(0, _card(_fmt_metric(metric, kms[best][metric]),
                               f"best {PLOT_METRICS[metric]}: job {jobs[best].name} ({job_label(jobs[best], varying)})",
                               "big"))
@@ -1430,7 +1520,7 @@ def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DE
     if common:
         info.append(("common overrides", "<code>" + e(" ".join(f"{k}={v}" for k, v in common.items())) + "</code>"))
     body.append('<section><h2>Jobs</h2>' + (_kv_table(info) if info else "")
-                + '<div class="scroll">' + _comparison_table(jobs, varying, metric) + "</div></section>")
+                + '<div class="scroll">' + _comparison_table(jobs, varying, metric, paired) + "</div></section>")
     plots = sweep_plots(jobs, varying, metric)
     if plots:
         figs = "".join(f'<figure class="plot"><img src="{uri}" alt="{e(t)}"><figcaption>{e(t)}</figcaption></figure>'
