@@ -207,6 +207,23 @@ def test_metrics_json_of_a_run_has_intervals_and_the_summary_shows_them(tmp_path
     assert "95% intervals, 6 rows resampled" in line
 
 
+def test_intervals_follow_the_seed_and_can_be_turned_off():
+    from regioncap.metrics import compute_metrics
+
+    records = [{"id": f"r{i}", "index": i, "status": "ok", "image_path": f"{i}.png",
+                "regions": [{"id": k, "source_index": k, "caption": "a red circle"} for k in range(3)],
+                "references": ["a red circle", "a red circle" if i % 2 else "a blue square", "a red square"]}
+               for i in range(12)]
+    runs = [compute_metrics(records, {}, seed=seed)["references"] for seed in (1, 1, 2)]
+    assert runs[0]["intervals"] == runs[1]["intervals"] and runs[0]["intervals"]["seed"] == 1
+    assert runs[0]["intervals"]["exact_match"] != runs[2]["intervals"]["exact_match"]
+    assert runs[0]["intervals"]["exact_match"]["estimate"] == runs[0]["exact_match"] == 0.5
+    off = compute_metrics(records, {}, bootstrap_resamples=0)
+    assert "intervals" not in off["references"]
+    line = format_summary(off, max_error_rate=0.1, out_dir="x")
+    assert "exact match 0.500, attribute accuracy" in line and "intervals" not in line
+
+
 # ---------------------------------------------------------------- the sweep report
 def _sweep_job(sweep: Path, name: str, override: str, regions: List[List[float]]) -> None:
     """A finished job without a model: captions.jsonl with per-region exact match, and metrics.json."""
