@@ -253,17 +253,6 @@ def paired_difference(a: Mapping[Hashable, Sequence[Any]], b: Mapping[Hashable, 
     return out
 
 
-def format_estimate(value: Optional[float], interval: Optional[Mapping[str, Any]], fmt: str = ".3f") -> str:
-    """``0.920 [0.740, 0.990]``: a value with its interval (``{low, high}``), for a summary
-    line, a report cell or a W&B summary; just the value without one, ``n/a`` for none."""
-    if value is None:
-        return "n/a"
-    text = format(value, fmt)
-    if interval and interval.get("low") is not None and interval.get("high") is not None:
-        text += f" [{format(interval['low'], fmt)}, {format(interval['high'], fmt)}]"
-    return text
-
-
 def bleu_from_totals(totals: Any, max_n: int = 4) -> Any:
     """Corpus BLEU-``max_n`` of each resample from summed per-region statistics, for
     ``statistic=`` of :func:`bootstrap_interval`.
@@ -285,4 +274,4 @@ def bleu_from_totals(totals: Any, max_n: int = 4) -> Any:
 
 
 __all__ = ["METHOD", "DEFAULT_RESAMPLES", "DEFAULT_CONFIDENCE", "DEFAULT_SEED", "bootstrap_interval",
-           "paired_difference", "cluster_totals", "bleu_from_totals", "format_estimate"]
+           "paired_difference", "cluster_totals", "bleu_from_totals"]

@@ -35,8 +35,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from regioncap.intervals import (DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, METHOD, bootstrap_interval,
-                                 format_estimate)
+from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_interval
 
 log = logging.getLogger("regioncap")
 
@@ -509,10 +508,11 @@ def annotate_record(record: Dict[str, Any], references_key: Optional[str] = "ref
 
 
 # ------------------------------------------------------------------ intervals
-#: Reference scores whose corpus value is (or, for METEOR, whose per-region scores allow) a mean over
-#: regions, so a cluster bootstrap of per-region values gives their interval. BLEU-4 is pooled from
-#: n-gram statistics: its interval needs per-region statistics (regioncap.intervals.bleu_from_totals).
-INTERVAL_SCORES = ("exact_match", "attribute_accuracy", "rouge_l", "cider", "meteor")
+#: Reference scores whose corpus value is a mean over regions, so a cluster bootstrap of the per-region
+#: values gives their interval. BLEU-4 and METEOR pool statistics over the corpus (the mean of per-region
+#: METEOR can be far from it: 0.94 against 0.66 on the shapes demo), so theirs needs per-region statistics
+#: and a statistic of their sums (regioncap.intervals.bleu_from_totals for BLEU).
+INTERVAL_SCORES = ("exact_match", "attribute_accuracy", "rouge_l", "cider")
 
 
 def reference_intervals(per: Sequence[Dict[str, Optional[float]]], rows: Sequence[int], *,
@@ -522,14 +522,13 @@ def reference_intervals(per: Sequence[Dict[str, Optional[float]]], rows: Sequenc
     :data:`INTERVAL_SCORES` that has per-region values, by a cluster bootstrap over
     rows (``rows[i]``: the row of ``per[i]``; see :mod:`regioncap.intervals`).
 
-    Returns ``{method, confidence, n_boot, seed, n_clusters, <score>: {estimate,
-    low, high}}``: the method, resamples and seed once; ``n_clusters`` the rows
-    with a scored region; per score the value the interval is around (the reported
-    score; for METEOR the mean of per-region METEOR, while ``references.meteor``
-    pools statistics over the corpus) and its bounds, rounded to 4 digits.
+    Returns ``{<score>: {low, high, n_clusters, n_boot}}`` (bounds rounded to 4
+    digits; ``n_clusters``: the rows with a value of that score), the shape
+    :mod:`regioncap.metricspec` reads as the interval of ``references.<score>``.
+    The method (:data:`regioncap.intervals.METHOD`), the 95% level and the seed
+    (the run's) are documented in docs/formats.md rather than repeated per run.
     """
-    out: Dict[str, Any] = {"method": METHOD, "confidence": confidence, "n_boot": n_boot, "seed": seed,
-                           "n_clusters": len(set(rows))}
+    out: Dict[str, Any] = {}
     for name in INTERVAL_SCORES:
         values, clusters = [], []
         for scores, row in zip(per, rows):
@@ -541,7 +540,8 @@ def reference_intervals(per: Sequence[Dict[str, Optional[float]]], rows: Sequenc
             continue
         iv = bootstrap_interval(values, clusters, n_boot=n_boot, confidence=confidence, seed=seed)
         if iv["low"] is not None:
-            out[name] = {k: round(iv[k], 4) for k in ("estimate", "low", "high")}
+            out[name] = {"low": round(iv["low"], 4), "high": round(iv["high"], 4), "n_clusters": iv["n_clusters"],
+                         "n_boot": n_boot}
     return out
 
 
@@ -891,6 +891,14 @@ def _num(value: Optional[float], fmt: str = ".2f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _with_interval(value: Optional[float], interval: Optional[Dict[str, Any]]) -> str:
+    """``0.920 [0.740, 0.990]``: a score of the summary line with its interval, when it has one."""
+    text = _num(value, ".3f")
+    if value is not None and interval and interval.get("low") is not None:
+        text += f" [{interval['low']:.3f}, {interval['high']:.3f}]"
+    return text
+
+
 def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: str) -> str:
     """The one-screen summary printed at the end of a run."""
     m = metrics
@@ -958,7 +966,7 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         text = (f"references: {refs['regions_scored']} regions scored "
                 f"({refs.get('references_missing', 0)} without a reference)")
         ivs = refs.get("intervals") or {}
-        ci = lambda name: format_estimate(refs.get(name), ivs.get(name))  # noqa: E731
+        ci = lambda name: _with_interval(refs.get(name), ivs.get(name))  # noqa: E731
         if refs.get("bleu4") is not None:
             text += (f": BLEU-4 {refs['bleu4']:.3f}, ROUGE-L {ci('rouge_l')}, CIDEr {ci('cider')}, "
                      + (f"METEOR {refs['meteor']:.3f}" if refs.get("meteor") is not None
@@ -967,9 +975,9 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
             text += f"; scores n/a ({refs['scores_absent']})"
         if refs.get("exact_match") is not None:
             text += f"; exact match {ci('exact_match')}, attribute accuracy {ci('attribute_accuracy')}"
-        if ivs.get("n_boot"):
-            text += (f" ([low, high]: {ivs.get('confidence', DEFAULT_CONFIDENCE):.0%} intervals, "
-                     f"{ivs['n_clusters']} rows resampled)")
+        shown = ivs.get("exact_match") or next(iter(ivs.values()), None)
+        if shown:
+            text += f" ([low, high]: 95% intervals over {shown['n_clusters']} rows)"
         lines.append(text)
     faith = m.get("faithfulness")
     if faith and faith.get("regions_checked"):
