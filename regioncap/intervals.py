@@ -13,9 +13,8 @@ numpy.
 
 Statistics (``statistic=``):
 
-- ``"mean"``: the mean of the per-region values (exact match, attribute
-  accuracy, ROUGE-L, CIDEr-D as means over regions); for vectors, the mean of
-  each column, of which the first is the interval's.
+- ``"mean"``: the mean of the per-region values over regions (exact match,
+  attribute accuracy, ROUGE-L, CIDEr-D); of the first column for vectors.
 - ``"ratio"``: the sum of column 0 over the sum of column 1 (a share whose
   denominator is not the region count: matched n-grams over candidate n-grams).
 - a callable ``f(totals) -> estimates``: ``totals`` is an array
@@ -25,7 +24,7 @@ Statistics (``statistic=``):
 
 The interval is the bias-corrected and accelerated (BCa) interval of the
 bootstrap distribution (Efron 1987), the acceleration from a leave-one-cluster-out
-jackknife. On simulated clustered shares (tests/test_intervals.py) the plain
+jackknife. On simulated clustered shares (the design of tests/test_intervals.py) the plain
 percentile interval covered the truth 84-90% of the time at 10-30 images, BCa
 91-92%; on 60-200 images BCa covered 93-95%. Either is a little narrow
 on very few images, which is worth saying next to any number from such a run.
@@ -36,7 +35,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Dict, Hashable, Mapping, Optional, Sequence, Tuple, Union
 
-#: How the intervals are made (written next to every interval).
+#: How the intervals are made (in every result of :func:`bootstrap_interval` and :func:`paired_difference`).
 METHOD = "BCa cluster bootstrap over images"
 #: Resamples per interval when the config does not say (``metrics.bootstrap_resamples``).
 DEFAULT_RESAMPLES = 1000
