@@ -562,19 +562,19 @@ class _Accumulator:
             c["visual_tokens"] += vis
             if spec.get("latency_s") is not None:
                 self.latency.append(float(spec["latency_s"]))
+            # The first answer's captions with answer-format debris; a record written before the
+            # check has none and reads as clean, as it was counted then.
+            debris = spec.get("debris") if isinstance(spec.get("debris"), dict) else {}
             if spec.get("error"):
                 c["requests_failed"] += 1
             elif spec.get("answer") is not None:
                 c["requests_answered"] += 1
                 c["requests_format_ok"] += bool(spec.get("format_ok"))
-                # A record written before the debris check has no "debris": read as clean, as it was counted.
-                debris = spec.get("debris") if isinstance(spec.get("debris"), dict) else {}
                 c["requests_debris"] += bool(debris)
                 c["requests_parsed_clean"] += bool(spec.get("format_ok")) and not debris
             reask = spec.get("reask")
             if reask:
                 c["reasks"] += 1
-                debris = spec.get("debris") if isinstance(spec.get("debris"), dict) else {}
                 c["regions_reasked_debris"] += len({str(n) for n in reask.get("numbers") or []} & set(debris))
                 c["visual_tokens"] += vis  # the re-ask sends the same image again
                 if reask.get("latency_s") is not None:
