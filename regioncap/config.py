@@ -311,7 +311,7 @@ class PromptConfig:
     answer_format: AnswerFormat = AnswerFormat.lines
     #: Context margin around a crop, as a fraction of the box size.
     crop_margin: float = 0.15
-    #: Re-ask once for regions missing from an answer.
+    #: Re-ask once for regions missing from an answer or captioned with answer-format debris.
     reask_missing: bool = True
     #: Text of the one follow-up request for regions missing from an answer.
     reask_template: str = (

@@ -565,6 +565,7 @@ class _Accumulator:
         self.pair_rows = array("I")
         self.has_references = False
         self.flags: Counter = Counter()
+        self.debris: Counter = Counter()
 
     def add(self, rec: Dict[str, Any]) -> None:
         c = self.c
@@ -605,14 +606,20 @@ class _Accumulator:
             c["visual_tokens"] += vis
             if spec.get("latency_s") is not None:
                 self.latency.append(float(spec["latency_s"]))
+            # The first answer's captions with answer-format debris; a record written before the
+            # check has none and reads as clean, as it was counted then.
+            debris = spec.get("debris") if isinstance(spec.get("debris"), dict) else {}
             if spec.get("error"):
                 c["requests_failed"] += 1
             elif spec.get("answer") is not None:
                 c["requests_answered"] += 1
                 c["requests_format_ok"] += bool(spec.get("format_ok"))
+                c["requests_debris"] += bool(debris)
+                c["requests_parsed_clean"] += bool(spec.get("format_ok")) and not debris
             reask = spec.get("reask")
             if reask:
                 c["reasks"] += 1
+                c["regions_reasked_debris"] += len({str(n) for n in reask.get("numbers") or []} & set(debris))
                 c["visual_tokens"] += vis  # the re-ask sends the same image again
                 if reask.get("latency_s") is not None:
                     self.reask_latency.append(float(reask["latency_s"]))
@@ -642,6 +649,9 @@ class _Accumulator:
             self.words.append(min(words, 2**32 - 1))
             if reg.get("attempt") == 2:
                 c["regions_from_reask"] += 1
+            if reg.get("debris"):  # kept with answer-format debris (prompts.caption_debris)
+                c["captions_debris"] += 1
+                self.debris[str(reg["debris"])] += 1
             words_list = tokenize(caption)
             seen[" ".join(words_list)] += 1
             first, again = prompts.get(reg.get("id"), (None, None))
@@ -851,7 +861,13 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     out["requests_answered"] = c["requests_answered"]
     out["requests_failed"] = c["requests_failed"]
     out["requests_format_ok"] = c["requests_format_ok"]
-    out["parse_success_rate"] = _rate(c["requests_format_ok"], c["requests_answered"])
+    out["requests_debris"] = c["requests_debris"]
+    out["requests_parsed_clean"] = c["requests_parsed_clean"]
+    # Clean parses only: the layout followed and no caption carrying answer-format debris.
+    out["parse_success_rate"] = _rate(c["requests_parsed_clean"], c["requests_answered"])
+    out["regions_reasked_debris"] = c["regions_reasked_debris"]
+    out["captions_debris"] = c["captions_debris"]
+    out["captions_debris_by_reason"] = dict(acc.debris)
     out["caption_words"] = describe(acc.words, 2)
     out["captions_empty"] = c["captions_empty"]
     out["captions_duplicated"] = c["captions_duplicated"]
@@ -958,7 +974,12 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         words = m.get("caption_words") or {}
         lines.append(
             f"answers: parse success {_pct(m.get('parse_success_rate'))} of {m['requests_answered']} answered "
-            f"requests; caption words mean {_num(words.get('mean'), '.1f')}, p50 {_num(words.get('p50'), '.0f')}, "
+            f"requests"
+            + (f" ({m.get('requests_debris', 0)} with answer-format debris in a caption: "
+               f"{m.get('regions_reasked_debris', 0)} region(s) re-asked for it, "
+               f"{m.get('captions_debris', 0)} kept flagged)" if m.get("requests_debris") or m.get("captions_debris")
+               else "")
+            + f"; caption words mean {_num(words.get('mean'), '.1f')}, p50 {_num(words.get('p50'), '.0f')}, "
             f"p95 {_num(words.get('p95'), '.0f')}; empty {m.get('captions_empty', 0)}, "
             f"duplicated {m.get('captions_duplicated', 0)}, repeating the prompt {m.get('captions_repeat_prompt', 0)}")
     refs = m.get("references")

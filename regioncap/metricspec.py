@@ -177,13 +177,25 @@ def _specs() -> Iterator[Metric]:
             kind="distribution")
 
     group = "answers"
-    yield m("requests_answered", "requests answered", "count", None, "sum", "requests that got an answer")
+    yield m("requests_answered", "requests answered", "count", None, "sum",
+            "first requests that got an answer (re-asks are not counted)")
     yield m("requests_failed", "requests failed", "count", "lower", "sum",
             "requests the engine failed (an error response)")
-    yield m("requests_format_ok", "answers parsed clean", "count", "higher", "sum",
-            "answers in the requested format")
+    yield m("requests_format_ok", "answers in the format", "count", "higher", "sum",
+            "answered requests whose answer followed the requested layout")
+    yield m("requests_debris", "answers with debris", "count", "lower", "sum",
+            "answered requests with at least one caption carrying answer-format debris")
+    yield m("requests_parsed_clean", "answers parsed clean", "count", "higher", "sum",
+            "answered requests with the layout followed and no debris")
     yield m("parse_success_rate", "parse success", "share", "higher", "ratio",
-            "answers parsed clean over answers", compare=True, plot=True)
+            "`requests_parsed_clean / requests_answered`: clean parses of the first answer, whatever the re-ask "
+            "then fixed", compare=True, plot=True)
+    yield m("regions_reasked_debris", "regions re-asked for debris", "count", "lower", "sum",
+            "regions re-asked because their first caption carried debris")
+    yield m("captions_debris", "captions kept with debris", "count", "lower", "sum",
+            "regions whose kept caption still carries debris (`regions[].debris` set)")
+    yield m("captions_debris_by_reason", "captions with debris by reason", "counts", "lower", "sum",
+            "the same, by reason", kind="counts")
     yield m("caption_words", "caption words", "words", None, "records", "words per caption",
             kind="distribution")
     yield m("captions_empty", "captions empty", "count", "lower", "sum", "empty captions")
