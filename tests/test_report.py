@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
+from markupsafe import escape
 from PIL import Image
 
 from conftest import REPO, compose, run_cli
@@ -163,8 +164,8 @@ def test_run_report_shows_captions_escaped_and_embeds_images(run_dir):
         for reg in records[rid]["regions"]:
             if reg["caption"]:
                 assert reg["caption"] in text
-                assert html.escape(reg["caption"]) in page
-    assert HOSTILE_ID in text and "&lt;script&gt;alert(&quot;id&quot;)&lt;/script&gt;" in page
+                assert str(escape(reg["caption"])) in page
+    assert HOSTILE_ID in text and "&lt;script&gt;alert(&#34;id&#34;)&lt;/script&gt;" in page
     assert HOSTILE_IMAGE in text and "onerror=alert(1)&gt;" in page
     assert HOSTILE_REF in text and "&lt;b&gt;a reference&lt;/b&gt; &amp; more" in page
     assert "another reference" in text
@@ -308,7 +309,7 @@ def test_proposed_regions_are_drawn_and_labelled_distinctly(run_dir, tmp_path):
     page = write_report(_proposed_copy(run_dir, tmp_path / "proposed")).read_text(encoding="utf-8")
     assert_self_contained(page)
     assert page.count("proposed (contours) 0.875") == 1  # the "input" region is not tagged
-    assert page.count("proposed (vlm): &quot;a red &lt;circle&gt;&quot;") == 1  # its label beside the caption
+    assert page.count("proposed (vlm): &#34;a red &lt;circle&gt;&#34;") == 1  # its label beside the caption
     assert page.count('class="num prop"') == 2
     assert page.count('<rect class="prop"') == 2  # dashed, over the marked image
     assert "no input boxes: regions proposed" in page
