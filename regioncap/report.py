@@ -1078,7 +1078,7 @@ def _job_status(job: RunData) -> str:
         return "failed"
     if job.stage == "visualize":
         return "visualize only"
-    rate, limit = _num((job.metrics or {}).get("error_rate")), _num(_dig(job.config, "max_error_rate"))
+    rate, limit = _num((job.metrics or {}).get("error_rate")), _num(_dig(_config(job), "max_error_rate"))
     if rate is not None and limit is not None and rate > limit:
         return "over max_error_rate"
     if _dig(job.manifest, "status") == "failed":  # records written, then the job raised
@@ -1388,7 +1388,7 @@ def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DE
         has_records = job.records_file is not None
         details.append({
             "name": job.name, "label": job_label(job, varying), "badge": _badge(_job_status(job)),
-            "problems": job.problems, "failure": job.failure, "overrides": "\n".join(job.overrides),
+            "problems": job.problems, "failure": _job_failure(job), "overrides": "\n".join(job.overrides),
             "metrics": _metrics_section(job) if has_records or job.metrics else None,
             "errors": _errors_section(job) if has_records else None,
             "manifest": _yaml_text(job.manifest) if job.manifest else None,
