@@ -45,7 +45,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE, run_file_at
 
@@ -458,7 +458,8 @@ def _yaml_text(obj: Any) -> str:
 def _badge(status: Any) -> Dict[str, str]:
     """A status as a badge: its text and the css class of its colour (``s-ok``, ``s-failed``, ...)."""
     status = str(status)
-    return {"text": status, "cls": "s-" + re.sub(r"[^a-z_]", "", status.lower())}
+    # "over max_error_rate" -> s-over_max_error_rate, the class the CSS colours.
+    return {"text": status, "cls": "s-" + re.sub(r"[^a-z_]", "", status.lower().replace(" ", "_"))}
 
 
 def thumbnail_uri(path: Path, max_px: int = DEFAULT_THUMB_PX) -> Optional[str]:
@@ -1349,7 +1350,7 @@ def _side_by_side(jobs: Sequence[RunData], varying: Sequence[str], thumb_px: int
             rows.append({"id": reg.get("id"), "crop": crop,
                          "swatch": _swatch(reg.get("number"), _palette(base), _proposed(reg) is not None),
                          "cells": cells, "refs": _refs_text(_references(rec, reg, key))})
-        blocks.append({"id": rid, "image": rec.get("image"), "images": images,
+        blocks.append({"id": rid, "image": rec.get("image"), "images": images, "per_job": not crop,
                        "layout": "wide" if len(jobs) <= 2 else "stack",  # many jobs: the table gets the page's width
                        "jobs": [job_label(j, varying) for j in jobs], "has_refs": any(r["refs"] for r in rows),
                        "rows": rows})

@@ -493,6 +493,8 @@ def test_sweep_counts_a_job_stopped_by_max_error_rate_as_failed(run_dir, tmp_pat
     table = table[:table.index("</table>")]
     badges = re.findall(r'<span class="badge [^"]*">(.*?)</span>', table)
     assert badges == ["ok", "over max_error_rate", "failed", "failed"]
+    assert '<span class="badge s-over_max_error_rate">' in table  # coloured as a warning by the CSS
+    assert ".s-over_max_error_rate" in page
     text = "".join(doc.text)
     # Why each one failed, from its manifest, escaped.
     assert "error rate 33.3% is over max_error_rate 10.0%" in text and "engine <died> mid-run" in text
