@@ -1346,7 +1346,13 @@ def _side_by_side(jobs: Sequence[RunData], varying: Sequence[str], thumb_px: int
             for j, lookup in zip(jobs, by_job):
                 other = lookup.get(rid)
                 match = next((r for r in _regions(other or {}) if r.get("id") == reg.get("id")), None)
-                cells.append(_caption_cell(match, j.stage) if match else None)
+                if match is None:
+                    cells.append(None)
+                    continue
+                # The job's own mark where it numbered the region otherwise (another max_boxes, other chunks).
+                own = None if crop or match.get("number") == reg.get("number") else _swatch(
+                    match.get("number"), _palette(j), _proposed(match) is not None)
+                cells.append({"swatch": own, "caption": _caption_cell(match, j.stage)})
             rows.append({"id": reg.get("id"), "crop": crop,
                          "swatch": _swatch(reg.get("number"), _palette(base), _proposed(reg) is not None),
                          "cells": cells, "refs": _refs_text(_references(rec, reg, key))})

@@ -513,7 +513,7 @@ def test_sweep_side_by_side_shows_each_jobs_own_marks(sweep_dir):
     jobs = [load_run(d, max_rows=SWEEP_ROWS, prefer_partial=False) for d in job_dirs(sweep_dir)]
     jobs = [j for j in jobs if j.records_file is not None]
     assert [j.name for j in jobs] == ["1", "2"]  # job 0 (max_boxes=0) failed
-    split = 0
+    split = renumbered = rows = 0
     for block in blocks:
         rid = html.unescape(re.search(r'<span class="rowid">(.*?)</span>', block).group(1))
         srcs = re.findall(r'<img src="([^"]+)"', block)
@@ -527,7 +527,14 @@ def test_sweep_side_by_side_shows_each_jobs_own_marks(sweep_dir):
                               for spec in requests]
             split += job.name == "1" and len(rec["requests"]) > 1
         assert srcs == want_srcs and captions == want_captions, rid
+        # The table's first column numbers a region as job 1 marked it; job 2's cell shows its own mark
+        # where it numbered the region otherwise.
+        (first,), (second,) = ([r for r in j.samples if str(r["id"]) == rid] for j in jobs)
+        numbers = {reg["id"]: reg["number"] for reg in second["regions"]}
+        rows += len(first["regions"])
+        renumbered += sum(1 for reg in first["regions"] if numbers.get(reg["id"], reg["number"]) != reg["number"])
     assert split, "no row that max_boxes=2 split over several images: the test shows nothing"
+    assert renumbered and section.count('<td><span class="num"') == rows + renumbered
 
 
 def test_package_data_ships_every_template():
