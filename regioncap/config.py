@@ -524,6 +524,9 @@ class MetricsConfig:
     meteor: bool = False
     #: Most seconds METEOR may take before its Java process is killed.
     meteor_timeout_s: float = 300.0
+    #: Resamples of the cluster bootstrap behind the 95% intervals of the reference scores
+    #: (``references.intervals``; seeded with the run's ``seed``); 0 leaves the intervals out.
+    bootstrap_resamples: int = 1000
 
 
 @dataclass

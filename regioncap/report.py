@@ -1126,6 +1126,71 @@ def _fmt_metric(key: str, value: Optional[float]) -> str:
     return _fmt(value, "pct" if key in PCT_METRICS else "")
 
 
+def _region_values(job: RunData, metric: str) -> Optional[Dict[Tuple[Any, ...], List[float]]]:
+    """Each row's per-region values of ``metric`` (``regions[].scores``, as the caption stage
+    writes exact match and attribute accuracy), keyed by the row's ``(digest, index, id)``
+    so two jobs pair up only on the same input rows; ``None`` when no region has one."""
+    if job.records_file is None or job.stage != "caption":
+        return None
+    out: Dict[Tuple[Any, ...], List[float]] = {}
+    found = False
+    for rec in _iter_records(job.records_file, []):
+        values = []
+        for reg in rec.get("regions") or []:
+            scores = reg.get("scores") if isinstance(reg, dict) else None
+            value = _num(scores.get(metric)) if isinstance(scores, dict) else None
+            if value is not None:
+                values.append(value)
+        found = found or bool(values)
+        out[(rec.get("digest"), rec.get("index"), rec.get("id"))] = values
+    return out if found else None
+
+
+def paired_comparison(jobs: Sequence[RunData], kms: Sequence[Dict[str, Optional[float]]], metric: str
+                      ) -> Dict[str, Any]:
+    """The job with the best ``metric`` and, where the jobs carry per-region values of it,
+    each other job's paired difference from it (``regioncap.intervals.paired_difference``:
+    the same resampled rows for both jobs, 95%, a fixed seed).
+
+    Returns ``{best, separated, diffs}``: ``best`` the index of the best point estimate
+    (:func:`_best`), ``diffs`` ``{job index: paired_difference(job, best)}``, and
+    ``separated`` True when every other job's difference excludes zero, False when one
+    does not (or has no per-region values or no rows in common to compare), None when
+    the metric has no per-region values (throughput, error rate: a point estimate only).
+    """
+    from regioncap.intervals import paired_difference
+
+    best = _best(kms, metric)
+    out: Dict[str, Any] = {"best": best, "separated": None, "diffs": {}}
+    if best is None:
+        return out
+    base = _region_values(jobs[best], metric)
+    if base is None:
+        return out
+    separated = True
+    for i, (job, km) in enumerate(zip(jobs, kms)):
+        if i == best or km.get(metric) is None:
+            continue
+        values = _region_values(job, metric)
+        if values is None:
+            separated = False
+            continue
+        diff = paired_difference(values, base)
+        out["diffs"][i] = diff
+        separated = separated and diff["n_clusters"] > 0 and not diff["includes_zero"]
+    out["separated"] = separated
+    return out
+
+
+def _diff_text(key: str, diff: Dict[str, Any]) -> str:
+    """``−4.0 pts [−12.0, 4.0]`` (shares) or ``−0.040 [−0.120, 0.040]``: a paired difference."""
+    if diff.get("difference") is None:
+        return "no rows in common" if not diff.get("n_clusters") else "no values to compare"
+    pct = key in PCT_METRICS
+    f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3f}")  # noqa: E731
+    return f"{f(diff['difference'])}{' pts' if pct else ''} [{f(diff['low'])}, {f(diff['high'])}]"
+
+
 def _best(kms: Sequence[Dict[str, Optional[float]]], key: str) -> Optional[int]:
     """The index of the job with the best value of ``key`` (first on a tie), None when none has one."""
     values = [(km.get(key), i) for i, km in enumerate(kms) if km.get(key) is not None]
@@ -1135,18 +1200,25 @@ def _best(kms: Sequence[Dict[str, Optional[float]]], key: str) -> Optional[int]:
     return min(values, key=lambda vi: ((vi[0] if low else -vi[0]), vi[1]))[1]
 
 
-def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: Optional[str] = None
-                      ) -> Dict[str, Any]:
+def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: Optional[str] = None,
+                      paired: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """One row per job. The first column (sticky when the table scrolls) names the job by its swept
-    overrides; exact match and attribute accuracy lead the metric columns; the best value of the
-    plotted metric is marked (``best``: the title of its mark)."""
+    overrides; exact match and attribute accuracy lead the metric columns, with their 95% intervals
+    where metrics.json has them. The plotted metric's best job is marked only when it is
+    distinguishable from every other job (``paired``: :func:`paired_comparison`); the other jobs show
+    their paired difference from it, flagged "not distinguishable" when its interval includes zero.
+    Each cell: ``text``, its ``interval`` text, and the title of a ``best`` or ``highest`` mark or
+    the paired difference from the best (``diff``), each None where it has none."""
     kms = [key_metrics(j) for j in jobs]
+    if paired is None and metric:
+        paired = paired_comparison(jobs, kms, metric)
+    paired = paired or {"best": None, "separated": None, "diffs": {}}
     score_names = _score_names(jobs)
     lead = [n for n in SHARE_SCORES if n in score_names]
     columns = lead + _COMPARE + [n for n in score_names if n not in lead]
     header = ["job", "status"] + [PLOT_METRICS.get(k, k) if k != "regions_captioned" else "regions captioned"
                                   for k in columns]
-    best = _best(kms, metric) if metric else None
+    best = paired["best"]
     rows = []
     for i, (job, km) in enumerate(zip(jobs, kms)):
         d = dict(split_override(o) for o in job.overrides)
@@ -1155,12 +1227,26 @@ def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: O
         cells = []
         for key in columns:
             value = km.get(key)
+            interval = None
             if key == "regions_captioned" and value is not None:
                 text = f"{_fmt(value)} / {_fmt(km.get('regions'))}"
             else:
                 text = _fmt_metric(key, value)
-            cells.append({"text": text, "best": f"best {PLOT_METRICS.get(key, key)}"
-                          if key == metric and i == best else None})
+                iv = _dig(job.metrics, "references", "intervals", key)
+                if value is not None and isinstance(iv, dict) and _num(iv.get("low")) is not None:
+                    interval = f"[{_fmt_metric(key, iv['low'])}, {_fmt_metric(key, iv.get('high'))}]"
+            name = PLOT_METRICS.get(key, key)
+            cell: Dict[str, Any] = {"text": text, "interval": interval, "best": None, "highest": None, "diff": None}
+            if key == metric and i == best:
+                if paired["separated"] is False:
+                    cell["highest"] = f"highest {name}; not distinguishable from at least one other job at 95%"
+                else:
+                    cell["best"] = f"best {name}"
+            elif key == metric and i in paired["diffs"]:
+                diff = paired["diffs"][i]
+                verdict = " not distinguishable" if diff["includes_zero"] else ""
+                cell["diff"] = f"vs best {_diff_text(key, diff)}{verdict}"
+            cells.append(cell)
         rows.append({"name": job.name, "link": link, "params": [(k, d.get(k, "–")) for k in varying],
                      "badge": _badge(_job_status(job)), "why": _clip(failure, 300) if failure else None,
                      "cells": cells})
@@ -1380,8 +1466,13 @@ def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DE
     # A job stopped by max_error_rate wrote its records: it failed all the same.
     failed = sum(1 for j in jobs if _job_status(j) in FAILED_STATUSES)
     cards = [_card(str(len(jobs)), "jobs"), _card(str(failed), "failed")]
-    best = _best(kms, metric)
-    if best is not None:
+    paired = paired_comparison(jobs, kms, metric)
+    best = paired["best"]
+    if best is not None and paired["separated"] is False:
+        cards.insert(0, _card(_fmt_metric(metric, kms[best][metric]),
+                              f"no job is better than the others at 95% ({PLOT_METRICS[metric]}; highest: job "
+                              f"{jobs[best].name}, {job_label(jobs[best], varying)})", "big"))
+    elif best is not None:
         cards.insert(0, _card(_fmt_metric(metric, kms[best][metric]),
                               f"best {PLOT_METRICS[metric]}: job {jobs[best].name} ({job_label(jobs[best], varying)})",
                               "big"))
@@ -1402,7 +1493,7 @@ def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DE
             "config": _yaml_text(job.config) if not job.manifest and job.config is not None else None})
     return _render("sweep.html.j2", title=title, sweep=sweep_dir.name, path=str(sweep_dir), swept=swept,
                    names=list(same.items()), cards=cards, problems=problems, info=info,
-                   compare=_comparison_table(jobs, varying, metric), metric=metric, metric_label=PLOT_METRICS[metric],
+                   compare=_comparison_table(jobs, varying, metric, paired), metric=metric, metric_label=PLOT_METRICS[metric],
                    plots=sweep_plots(jobs, varying, metric), side=_side_by_side(jobs, varying, thumb_px),
                    jobs=details)
 
