@@ -1065,6 +1065,19 @@ def _problems(run: RunData) -> str:
     return '<div class="warn">' + "<br>".join(e(p) for p in run.problems) + "</div>"
 
 
+def _shards_section(run: RunData) -> str:
+    """A merged dir's shards (``manifest.json`` ``shards``, written by ``regioncap.merge``); "" for a run."""
+    shards = _dig(run.manifest, "shards")
+    if not isinstance(shards, list) or not shards:
+        return ""
+    rows = [[e(_fmt(s.get("shard_index"))), e(_fmt(s.get("rows"))), e(_fmt(s.get("error_rows"))),
+             e(_fmt(s.get("wall_s"))), f'<code>{e(s.get("dir"))}</code>']
+            for s in shards if isinstance(s, dict)]
+    return (f'<section><h2>Shards</h2><p class="note">this dir merges {len(rows)} shard run(s) '
+            f"(<code>python -m regioncap.merge</code>); seconds are each shard's wall time.</p>"
+            f'{_table(["shard", "rows", "error rows", "seconds", "run dir"], rows)}</section>')
+
+
 def render_run(run: RunData, *, thumb_px: int = DEFAULT_THUMB_PX) -> str:
     """The HTML page of one run: header with the results, samples, metrics and errors, provenance."""
     ident = _identity_text(run_identity(run))
@@ -1075,6 +1088,7 @@ def render_run(run: RunData, *, thumb_px: int = DEFAULT_THUMB_PX) -> str:
     body.append(_problems(run))
     if run.records_file is not None:
         body.append(_samples_section(run, thumb_px))
+    body.append(_shards_section(run))
     if run.records_file is not None or run.metrics:
         body.append(_metrics_section(run))
     if run.records_file is not None:
