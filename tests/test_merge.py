@@ -99,11 +99,11 @@ def test_three_shards_merge_to_the_unsharded_run(tmp_path, rows7):
     expected = list(read_jsonl(whole / "captions.jsonl"))
     assert [comparable(r) for r in merged] == [comparable(r) for r in expected]
     assert merged[2]["id"] == "two" and merged[2]["regions"][0]["caption"].startswith("fake caption of region 1")
-    # Image paths still point into each record's own shard dir.
+    # Image paths point into the merged dir, which holds the shards' images.
     for rec in merged:
-        assert Path(rec["image_with_bbox"]).is_file()
-        assert Path(rec["result_file"]) == shards[rec["index"] % 3]
-        assert all((Path(rec["result_file"]) / q["image"]).is_file() for q in rec["requests"])
+        assert Path(rec["result_file"]) == (tmp_path / "merged").absolute()
+        assert Path(rec["image_with_bbox"]) == Path(rec["result_file"]) / rec["requests"][0]["image"]
+        assert all((tmp_path / "merged" / q["image"]).is_file() for q in rec["requests"])
     written = json.loads((tmp_path / "merged" / "merge.json").read_text())
     assert written["missing"] == [] and written["duplicates"] == [] and len(written["shards"]) == 3
     # The visualize stage merges the same way.
