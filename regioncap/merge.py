@@ -373,9 +373,16 @@ def merge(out: Path, shards: Sequence[Path], *, stage: str = "caption", expect: 
         summary["metrics"] = (f"not written: {next(s.path for s in read if s.config is None)} has no "
                               f"{MANIFEST_FILE} or {HYDRA_DIR}/config.yaml to take the settings from")
     else:
-        write_text_atomically(out / METRICS_FILE, dumps(merged_metrics(config, target, ordered, stage=stage)) + "\n")
-        summary["metrics"] = METRICS_FILE
         _write_hydra_dir(out, config, overrides)
+        try:
+            metrics = merged_metrics(config, target, ordered, stage=stage)
+        except Exception as exc:  # noqa: BLE001 - a config the scorer cannot read: the records stand, say why
+            summary["metrics"] = f"not written: {type(exc).__name__}: {exc}"
+        else:
+            write_text_atomically(out / METRICS_FILE, dumps(metrics) + "\n")
+            untimed = [str(s.path) for s in read if not s.metrics]
+            summary["metrics"] = METRICS_FILE + (f" (no stage timings: {', '.join(untimed)} have no "
+                                                  f"{METRICS_FILE})" if untimed else "")
     from regioncap.manifest import build_merge_manifest, write_manifest
 
     write_manifest(out, build_merge_manifest(
@@ -595,6 +602,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(f"regioncap.merge: {summary['rows']} row(s) from {len(args.shards)} shard(s) -> "
           f"{args.out / STAGE_FILES[args.stage]}")
+    if summary.get("metrics") != METRICS_FILE:
+        print(f"regioncap.merge: {METRICS_FILE}: {summary.get('metrics')}", file=sys.stderr)
+    if summary.get("report"):
+        print(f"regioncap.merge: report {summary['report']}")
     return 0
 
 

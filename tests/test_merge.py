@@ -313,6 +313,13 @@ def test_merge_refuses_shards_scored_differently(tmp_path, rows7):
     merge(tmp_path / "ok", shards)
     with pytest.raises(MergeRefused, match="already exists"):
         merge(tmp_path / "ok", shards, stage="visualize")
+    # A shard with no recorded config: the records merge, metrics.json is not guessed.
+    (shards[1] / "manifest.json").unlink()
+    summary = merge(tmp_path / "bare", shards, report=False)
+    assert summary["status"] == "ok" and summary["rows"] == 7
+    assert summary["metrics"].startswith(f"not written: {shards[1]} has no manifest.json")
+    assert not (tmp_path / "bare" / "metrics.json").exists() and not (tmp_path / "bare" / "report.html").exists()
+    assert json.loads((tmp_path / "bare" / "manifest.json").read_text())["shards"][1]["dir"] == str(shards[1])
 
 
 @pytest.mark.slow
