@@ -332,3 +332,18 @@ def test_merged_report_images_render_in_chromium(shapes_runs, tmp_path):
     assert len(photos) >= 8 and all(i["complete"] and i["w"] > 0 for i in photos)
     assert "image not available" not in state["text"]
     assert "Shards" in state["text"] and all(str(s.absolute()) in state["text"] for s in shards)
+
+
+@pytest.mark.slow
+def test_merge_scores_with_the_shards_meteor_setting(tmp_path):
+    """metrics.meteor=true on the shards: the merge runs METEOR too, and gets the unsharded run's score.
+    (Four METEOR starts: 3 min on a busy 2-core machine.)"""
+    on = ["metrics.meteor=true"]
+    whole = run_shard(tmp_path, None, "whole", on)
+    shards = [run_shard(tmp_path, None, f"s{k}", [*on, "data.num_shards=2", f"data.shard_index={k}"])
+              for k in range(2)]
+    merge(tmp_path / "merged", shards, report=False)
+    expected = json.loads((whole / "metrics.json").read_text())
+    got = json.loads((tmp_path / "merged" / "metrics.json").read_text())
+    assert expected["references"]["meteor"] is not None, expected["references"].get("meteor_absent")
+    assert without(got, PER_PROCESS_METRICS + MERGE_ONLY_METRICS) == without(expected, PER_PROCESS_METRICS)
