@@ -386,7 +386,7 @@ def merge(out: Path, shards: Sequence[Path], *, stage: str = "caption", expect: 
     from regioncap.manifest import build_merge_manifest, write_manifest
 
     write_manifest(out, build_merge_manifest(
-        out, [_shard_provenance(s, name, out_abs) for s in ordered], config=config,
+        out, [_shard_provenance(s, name, out_abs, ordered[0]) for s in ordered], config=config,
         base=ordered[0].manifest if ordered else None, overrides=overrides, started=started, ended=time.time(),
         config_differences=summary["config_differences"]))
     if report:
@@ -538,8 +538,9 @@ def merged_metrics(config: Dict[str, Any], records_file: Path, shards: Sequence[
     return metrics
 
 
-def _shard_provenance(shard: _Shard, name: str, out: Path) -> Dict[str, Any]:
-    """One shard as the merged manifest names it."""
+def _shard_provenance(shard: _Shard, name: str, out: Path, first: Optional[_Shard] = None) -> Dict[str, Any]:
+    """One shard as the merged manifest names it; ``config_changes``: how its config differs from
+    ``first``'s (the one the merged config is made of), its shard index and run dir aside."""
     from regioncap.manifest import output_files
 
     man = shard.manifest or {}
@@ -559,6 +560,8 @@ def _shard_provenance(shard: _Shard, name: str, out: Path) -> Dict[str, Any]:
         "host": (man.get("host") or {}).get("hostname"), "overrides": shard.overrides,
         "rows": shard.info.get("rows"), "error_rows": met.get("error_rows"), "wall_s": met.get("wall_s"),
         "records": {"file": name, **(output_files(shard.path, (name,)).get(name) or {})},
+        "config_changes": key_changes(_without(first.config, _SHARD_KEYS), _without(shard.config, _SHARD_KEYS))
+        if first is not None and first.config is not None and shard.config is not None else None,
     }
 
 

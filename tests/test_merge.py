@@ -133,6 +133,9 @@ def test_merge_refuses_duplicated_missing_and_mismatched_shards(tmp_path, rows7)
     with pytest.raises(MergeRefused, match=r"max_boxes: 10 -> 2"):
         merge(tmp_path / "mixed", [shards[0], other, shards[2]])
     assert merge(tmp_path / "forced", [shards[0], other, shards[2]], force=True)["rows"] == 7
+    man = json.loads((tmp_path / "forced" / "manifest.json").read_text())
+    assert man["shards"][1]["config_changes"] == ["max_boxes: 10 -> 2"] and man["shards"][2]["config_changes"] == []
+    assert any("max_boxes: 10 -> 2" in d for d in man["config_differences"])
 
 
 def test_unsorted_shard_is_sorted_in_memory(tmp_path, rows7):
@@ -269,6 +272,7 @@ def test_merged_manifest_and_config_name_the_shards(shapes_runs):
         assert entry["rows"] == len(list(read_jsonl(shard / "captions.jsonl")))
         assert entry["records"]["sha256"] == own["outputs"]["captions.jsonl"]["sha256"]
         assert (merged / entry["dir_relative"]).resolve() == shard.resolve()
+        assert entry["config_changes"] == []  # the shards' configs differ in shard_index and run dir only
     assert man["data"] == read_manifest(shards[0])["data"]  # the same input, fingerprinted once
     assert set(man["outputs"]) == {"captions.jsonl", "metrics.json"}
     # The config is the unsharded run's: the report's header and export read it.
