@@ -17,6 +17,7 @@ from conftest import REPO, compose, run_cli
 from regioncap.data import DataError, iter_rows
 from regioncap.job import execute
 from regioncap.merge import MergeRefused, merge
+from regioncap.metricspec import SPEC
 from regioncap.records import read_jsonl
 from regioncap.run import run_key_values
 from test_pipeline import make_image, write_rows
@@ -187,15 +188,13 @@ def test_hydra_multirun_fans_out_shards(tmp_path):
 
 # ------------------------------------------------------------ a merged dir is a run dir
 
-#: metrics.json figures that time one process (its wall time, stage seconds, request latencies, the
-#: scorer's seconds): a merge sums the shards' seconds, so these differ from an unsharded run's by how
-#: fast each process went, never by what was computed. Every other key must be equal (docs/formats.md).
-PER_PROCESS_METRICS = (
-    "wall_s", "regions_per_s", "images_per_s", "latency_s.*", "reask_latency_s.*",
-    "stages.*.seconds", "stages.*.rows_per_s", "stages.*.images_per_s", "stages.*.regions_per_s", "stages.*.pid",
-    "pipeline.seconds", "pipeline.images_per_s", "pipeline.regions_per_s",
-    "references.scoring_s", "references.scoring_meteor_s",
-)
+#: metrics.json figures that time one process (its wall time, stage seconds and rates, the scorer's
+#: seconds, the pid): regioncap.metricspec declares them with ``aggregation="process"``. A merge sums
+#: the shards' seconds, so these differ from an unsharded run's by how fast each process went, never by
+#: what was computed. Request latencies are in the records: the merge's equal those of the merged
+#: records, but two runs (sharded or not) never measure the same. Every other key must be equal.
+PER_PROCESS_METRICS = tuple(m.path for m in SPEC if m.aggregation == "process") + (
+    "latency_s.*", "reask_latency_s.*")
 #: Only a merge has these: the sharded run as a whole.
 MERGE_ONLY_METRICS = ("shards.*",)
 
@@ -237,11 +236,18 @@ def shapes_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 3])
 def test_merged_metrics_equal_the_unsharded_runs(shapes_runs, n):
+    # The per-process keys are those of docs/formats.md's merge section (held here to the spec).
+    assert set(PER_PROCESS_METRICS) == {
+        "wall_s", "regions_per_s", "images_per_s", "latency_s.*", "reask_latency_s.*", "stages.*.seconds",
+        "stages.*.rows_per_s", "stages.*.images_per_s", "stages.*.regions_per_s", "stages.*.pid",
+        "pipeline.seconds", "pipeline.images_per_s", "pipeline.regions_per_s", "references.scoring_s",
+        "references.scoring_meteor_s"}
     whole, shards, merged, summary = shapes_runs(n)
     assert summary["status"] == "ok" and summary["metrics"] == "metrics.json"
     expected = json.loads((whole / "metrics.json").read_text())
     got = json.loads((merged / "metrics.json").read_text())
     assert expected["references"]["regions_scored"] > 0  # the scores are compared, not only counts
+    assert expected["references"]["intervals"]["exact_match"]["n_boot"] > 0  # and their seeded intervals
     assert without(got, PER_PROCESS_METRICS + MERGE_ONLY_METRICS) == without(expected, PER_PROCESS_METRICS)
     # The per-process figures are the shards' sums (process-seconds), and the rates follow from them.
     parts = [json.loads((s / "metrics.json").read_text()) for s in shards]
