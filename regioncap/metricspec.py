@@ -104,6 +104,7 @@ GROUPS = {
     "densecap": "DenseCap",
     "stages": "Stages",
     "pipeline": "End to end",
+    "shards": "Shards",
     "model": "Model",
 }
 
@@ -303,6 +304,14 @@ def _specs() -> Iterator[Metric]:
             "images over the wall time of both stages")
     yield m(pipe + "regions_per_s", "end-to-end regions / s", "per_s", "higher", "process",
             "regions over the wall time of both stages")
+
+    group = "shards"  # a merged dir only (regioncap.merge)
+    yield m("shards.count", "shards", "count", None, "sum", "shard runs merged")
+    yield m("shards.wall_s_max", "longest shard (s)", "seconds", "lower", "process", "the longest shard's `wall_s`")
+    yield m("shards.span_s", "sharded span (s)", "seconds", "lower", "process",
+            "first shard's start to last shard's end, from their manifests")
+    yield m("shards.regions_per_s", "sharded regions / s", "per_s", "higher", "process",
+            "regions captioned over `span_s`: the sharded run as a whole")
 
     group = "model"
     yield m("model_weights", "model weights", "text", None, "same",

@@ -1031,9 +1031,20 @@ def _run_context(run: RunData, thumb_px: int) -> Dict[str, Any]:
     has_records = run.records_file is not None
     return {"header": _header(run), "failure": run.failure, "problems": run.problems,
             "samples": _samples_section(run, thumb_px) if has_records else None,
+            "shards": _shards_section(run),
             "metrics": _metrics_section(run) if has_records or run.metrics else None,
             "errors": _errors_section(run) if has_records else None,
             "provenance": _manifest_section(run)}
+
+
+def _shards_section(run: RunData) -> Optional[Dict[str, Any]]:
+    """A merged dir's shards (``manifest.json`` ``shards``, written by ``regioncap.merge``); None for a run."""
+    shards = _dig(run.manifest, "shards")
+    if not isinstance(shards, list) or not shards:
+        return None
+    return _table(["shard", "rows", "error rows", "seconds", "run dir"],
+                  [[_fmt(s.get("shard_index")), _fmt(s.get("rows")), _fmt(s.get("error_rows")),
+                    _fmt(s.get("wall_s")), s.get("dir")] for s in shards if isinstance(s, dict)])
 
 
 def render_run(run: RunData, *, thumb_px: int = DEFAULT_THUMB_PX) -> str:
