@@ -524,6 +524,11 @@ class MetricsConfig:
     meteor: bool = False
     #: Most seconds METEOR may take before its Java process is killed.
     meteor_timeout_s: float = 300.0
+    #: DenseCap mAP (IoU x METEOR thresholds, regioncap.densecap) where truth boxes and
+    #: references are known: proposal runs with ``propose.when=always``, and given-box runs
+    #: (an upper bound that measures the captions). Starts METEOR's JVM on its own:
+    #: COST_PLACEHOLDER
+    densecap: bool = False
 
 
 @dataclass

@@ -729,7 +729,7 @@ class ProposalStats:
 def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[str, Any]], *,
                     patch_size: int = 14, merge_size: int = 2, references_key: Optional[str] = "references",
                     meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S,
-                    wall_s: Optional[float] = None) -> Dict[str, Any]:
+                    wall_s: Optional[float] = None, densecap: bool = False) -> Dict[str, Any]:
     """Everything ``metrics.json`` holds, from one pass over a run's final records.
 
     ``records``: the caption records (or the visualize records when only that
@@ -742,12 +742,22 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     (Java; about 10 s to start) when references are present; off unless asked
     (``metrics.meteor=true``). ``wall_s``: the
     run's wall time when the stages overlapped (default: the stages' sum).
+    ``densecap``: also DenseCap mAP (``regioncap.densecap``; METEOR per
+    prediction, Java) where truth boxes and references are known; off unless
+    asked (``metrics.densecap=true``).
     """
     acc = _Accumulator(patch_size, merge_size, references_key)
     proposals = ProposalStats(references_key)
+    dense = None
+    if densecap and references_key:
+        from regioncap.densecap import DenseCapStats
+
+        dense = DenseCapStats(references_key)
     for rec in records:
         acc.add(rec)
         proposals.add(rec)
+        if dense is not None:
+            dense.add(rec)
     c = acc.c
     rows, regions = c["rows"], c["regions"]
     images = acc.distinct_images()
@@ -826,6 +836,8 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
         refs.update(score_corpus(acc.pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s))
         refs["tokenizer"] = "lowercase, punctuation stripped (not PTBTokenizer, which needs Java)"
         out["references"] = refs
+    if dense is not None and dense.evaluator.images:
+        out["densecap"] = dense.summary(meteor_timeout_s=meteor_timeout_s)
     return out
 
 
@@ -913,6 +925,15 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         if refs.get("exact_match") is not None:
             text += (f"; exact match {refs['exact_match']:.3f}, attribute accuracy "
                      f"{_num(refs.get('attribute_accuracy'), '.3f')}")
+        lines.append(text)
+    dc = m.get("densecap")
+    if dc:
+        text = (f"DenseCap mAP {_num(dc.get('map'), '.3f')} (localization only {_num(dc.get('det_map'), '.3f')}) "
+                f"on {dc['n_images']} image(s), {dc['n_predictions']} prediction(s), {dc['n_truth']} truth box(es)")
+        if dc.get("mode") == "given":
+            text += "; predictions on the given boxes: an upper bound that measures the captions"
+        if dc.get("absent"):
+            text += f"; mAP n/a ({dc['absent']})"
         lines.append(text)
     faith = m.get("faithfulness")
     if faith and faith.get("regions_checked"):

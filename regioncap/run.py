@@ -239,7 +239,8 @@ class RegionCapRun:
         metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
                                   merge_size=int(model.merge_size), references_key=self.cfg.data.references_key,
                                   meteor=bool(scorers.get("meteor", False)),
-                                  meteor_timeout_s=float(scorers.get("meteor_timeout_s", 300.0)), wall_s=wall)
+                                  meteor_timeout_s=float(scorers.get("meteor_timeout_s", 300.0)), wall_s=wall,
+                                  densecap=bool(scorers.get("densecap", False)))
         from regioncap.random_weights import describe as weights
 
         metrics.update(weights(model))
