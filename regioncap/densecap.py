@@ -43,17 +43,19 @@ Where regioncap differs, and why (also in docs/formats.md, ``densecap``):
 
 Pure module: no Hydra, no W&B, no engine imports. METEOR is injectable
 (``meteor_fn``); the default runs pycocoevalcap's METEOR 1.5 jar once for all
-pairs (:func:`regioncap.metrics._meteor`, with its watchdog).
+pairs (:func:`regioncap.metrics.meteor_sentence_scores`, with its watchdog).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from dataclasses import dataclass, field
+from array import array
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from regioncap.boxes import iou
+from regioncap.boxes import Box, iou
 
 log = logging.getLogger("regioncap")
 
@@ -136,62 +138,57 @@ def average_precision(tp: Sequence[bool], ties: Sequence[bool], n_truth: int) ->
     at a recall >= ``t`` (0 where none). ``ties[i]`` says prediction ``i`` has
     the same confidence as ``i + 1``: precision and recall are read only at the
     end of such a block."""
-    points: List[Tuple[float, float]] = []
-    hits = 0
-    for i, ok in enumerate(tp):
-        hits += bool(ok)
-        if not ties[i]:
-            points.append((hits / n_truth, hits / (i + 1)))
-    total = 0.0
-    for t in RECALL_POINTS:
-        total += max((p for r, p in points if r >= t), default=0.0)
-    return total / len(RECALL_POINTS)
+    import numpy as np
+
+    tp = np.asarray(tp, dtype=bool)
+    ends = ~np.asarray(ties, dtype=bool)
+    hits = np.cumsum(tp)[ends]
+    recall = hits / n_truth
+    precision = hits / (np.flatnonzero(ends) + 1)
+    # Recall never falls along the ranking: the best precision at recall >= t is a suffix maximum.
+    best = np.append(np.maximum.accumulate(precision[::-1])[::-1], 0.0)
+    return float(best[np.searchsorted(recall, RECALL_POINTS, side="left")].sum() / len(RECALL_POINTS))
 
 
-@dataclass
-class _Prediction:
-    score: Optional[float]
-    image: int
-    rank: int
-    ok: bool
-    overlap: float
-    #: Index into the METEOR pairs; None when it can be no true positive.
-    pair: Optional[int]
-
-
-@dataclass
 class DenseCapEvaluator:
-    """DenseCap mAP accumulated one image at a time (what it keeps per prediction:
-    its score, IoU, whether its truth box was free, and for a possible true
-    positive its caption and references), then evaluated once."""
+    """DenseCap mAP accumulated one image at a time, then evaluated once. Per
+    prediction it keeps four numbers (score, IoU with its truth box, whether that
+    box was free, its METEOR pair), and for a possible true positive its caption
+    and references."""
 
-    images: int = 0
-    truth_given: int = 0
-    truth: int = 0
-    preds: List[_Prediction] = field(default_factory=list)
-    pairs: List[Tuple[str, List[str]]] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.images = self.truth_given = self.truth = 0
+        self.score = array("d")  # NaN: no score
+        self.ok = array("b")
+        self.overlap = array("d")
+        self.pair = array("q")  # index into self.pairs; -1: can be no true positive
+        self.pairs: List[Tuple[str, List[str]]] = []
 
     def add(self, image: DenseCapImage) -> None:
         """Match one image's predictions to its (merged) truth boxes."""
         merged, refs = merge_truth(image.truth_boxes, image.references)
+        truth = [Box(*b) for b in merged]
         scores = list(image.scores) if image.scores is not None else [None] * len(image.boxes)
         order = sorted(range(len(image.boxes)), key=lambda i: _order_key(scores[i], i))
         used = [False] * len(merged)
         for rank in order:
-            box = image.boxes[rank]
+            box = Box(*image.boxes[rank])
             best, ov = -1, 0.0
-            for j, truth in enumerate(merged):
-                v = iou(box, truth)
+            for j, gt in enumerate(truth):
+                v = iou(box, gt)
                 if v > ov:  # strictly: ties keep the first truth box, as the Lua loop
                     best, ov = j, v
             ok = best >= 0 and not used[best]
             if ok:
                 used[best] = True
-            pair = None
-            if ok and ov >= min(IOU_THRESHOLDS):
+            pair = -1
+            if ok and ov >= IOU_THRESHOLDS[0]:
                 pair = len(self.pairs)
                 self.pairs.append((image.captions[rank], refs[best]))
-            self.preds.append(_Prediction(scores[rank], self.images, rank, ok, ov, pair))
+            self.score.append(math.nan if scores[rank] is None else float(scores[rank]))
+            self.ok.append(ok)
+            self.overlap.append(ov)
+            self.pair.append(pair)
         self.images += 1
         self.truth_given += len(image.truth_boxes)
         self.truth += len(merged)
@@ -203,38 +200,46 @@ class DenseCapEvaluator:
         ``det_ap[iou]`` by threshold. ``map``/``ap`` are ``None`` with ``absent``
         saying why when METEOR could not run (``det_map`` needs none), and
         everything is ``None`` when there is no truth box."""
+        import numpy as np
+
+        score = np.frombuffer(self.score, dtype=np.float64) if self.score else np.zeros(0)
+        unscored = np.isnan(score)
         out: Dict[str, Any] = {
             "map": None, "ap": None, "det_map": None, "det_ap": None, "images": self.images,
-            "predictions": len(self.preds), "truth_boxes": self.truth, "truth_boxes_given": self.truth_given,
-            "predictions_unscored": sum(p.score is None for p in self.preds),
-            "meteor_pairs": len(self.pairs), "meteor_s": None, "absent": None}
+            "predictions": len(score), "truth_boxes": self.truth, "truth_boxes_given": self.truth_given,
+            "predictions_unscored": int(unscored.sum()), "meteor_pairs": len(self.pairs), "meteor_s": None,
+            "absent": None}
         if not self.truth:
             out["absent"] = "no truth boxes to score against"
             return out
-        ranked = sorted(self.preds, key=lambda p: _order_key(p.score, 0))
-        ties = [i + 1 < len(ranked) and ranked[i].score == ranked[i + 1].score for i in range(len(ranked))]
-        out["det_ap"] = {t: _ap([p.ok and p.overlap >= t for p in ranked], ties, self.truth)
-                         for t in IOU_THRESHOLDS}
+        # Most confident first; the unscored after them (lexsort: last key first).
+        rank = np.lexsort((np.arange(len(score)), np.where(unscored, 0.0, -score), unscored))
+        score, unscored = score[rank], unscored[rank]
+        ties = np.append((score[:-1] == score[1:]) | (unscored[:-1] & unscored[1:]), False)[:len(score)]
+        ok = np.frombuffer(self.ok, dtype=np.int8)[rank].astype(bool) if self.ok else np.zeros(0, bool)
+        overlap = np.frombuffer(self.overlap, dtype=np.float64)[rank] if self.overlap else np.zeros(0)
+        pair = np.frombuffer(self.pair, dtype=np.int64)[rank] if self.pair else np.zeros(0, np.int64)
+        out["det_ap"] = {t: _ap(ok & (overlap >= t), ties, self.truth) for t in IOU_THRESHOLDS}
         out["det_map"] = _mean(out["det_ap"].values())
-        meteor: List[float] = []
+        meteor = np.full(len(pair), -np.inf)
         if self.pairs:
             t0 = time.perf_counter()
             try:
-                meteor = _run_meteor(self.pairs, meteor_fn, meteor_timeout_s)
+                scores = _run_meteor(self.pairs, meteor_fn, meteor_timeout_s)
             except Exception as exc:  # noqa: BLE001 - METEOR is optional: say why it is missing
                 out["absent"] = str(exc) if isinstance(exc, MeteorUnavailable) else \
                     f"METEOR failed: {type(exc).__name__}: {exc}"
                 log.warning("DenseCap mAP: %s", out["absent"])
                 return out
             out["meteor_s"] = round(time.perf_counter() - t0, 3)
-            if len(meteor) != len(self.pairs):
-                raise ValueError(f"meteor_fn gave {len(meteor)} scores for {len(self.pairs)} pairs")
+            if len(scores) != len(self.pairs):
+                raise ValueError(f"meteor_fn gave {len(scores)} scores for {len(self.pairs)} pairs")
+            has = pair >= 0
+            meteor[has] = np.asarray(scores, dtype=np.float64)[pair[has]]
         ap: Dict[float, Dict[float, float]] = {}
         for t in IOU_THRESHOLDS:
-            ap[t] = {}
-            for m in METEOR_THRESHOLDS:
-                tp = [p.pair is not None and p.overlap >= t and meteor[p.pair] > m for p in ranked]
-                ap[t][m] = _ap(tp, ties, self.truth)
+            ap[t] = {m: _ap((pair >= 0) & (overlap >= t) & (meteor > m), ties, self.truth)
+                     for m in METEOR_THRESHOLDS}
         out["ap"] = ap
         out["map"] = _mean(v for row in ap.values() for v in row.values())
         return out
@@ -267,28 +272,18 @@ def _run_meteor(pairs: Sequence[Tuple[str, List[str]]], meteor_fn: Optional[Mete
 
 def meteor_scores(pairs: Sequence[Tuple[str, Sequence[str]]], *, timeout_s: Optional[float] = None) -> List[float]:
     """Sentence-level METEOR 1.5 of each ``(caption, references)`` pair, all in one
-    Java process (pycocoevalcap's jar, as DenseCap's ``meteor_bridge.py`` scores
-    each pair), on text normalised as every regioncap score is
-    (:func:`regioncap.metrics.normalize`). Raises :class:`MeteorUnavailable` when
-    Java or pycocoevalcap is missing, ``TimeoutError`` past ``timeout_s``; a pair
-    whose caption or references have no word scores 0."""
-    from regioncap.metrics import METEOR_TIMEOUT_S, _meteor, _reference_list, meteor_absent, normalize
+    Java process (:func:`regioncap.metrics.meteor_sentence_scores`: pycocoevalcap's
+    jar, as DenseCap's ``meteor_bridge.py`` scores each pair). Raises
+    :class:`MeteorUnavailable` when Java or pycocoevalcap is missing,
+    ``TimeoutError`` past ``timeout_s``; a pair whose caption or references have no
+    word scores 0."""
+    from regioncap.metrics import METEOR_TIMEOUT_S, meteor_absent, meteor_sentence_scores
 
     reason = meteor_absent()
     if reason:
         raise MeteorUnavailable(reason)
-    texts = [(normalize(c), _reference_list(list(refs))) for c, refs in pairs]
-    # A caption or a reference list with no word in it scores 0 without asking Java (which refuses it).
-    usable = [i for i, (c, refs) in enumerate(texts) if c and refs]
-    scores = [0.0] * len(pairs)
-    if not usable:
-        return scores
-    log.info("DenseCap mAP: METEOR of %d prediction(s), starting Java", len(usable))
-    _, each = _meteor({k: texts[i][1] for k, i in enumerate(usable)}, {k: [texts[i][0]] for k, i in enumerate(usable)},
-                      METEOR_TIMEOUT_S if timeout_s is None else timeout_s)
-    for i, s in zip(usable, each):
-        scores[i] = s
-    return scores
+    log.info("DenseCap mAP: METEOR of %d prediction(s), starting Java", len(pairs))
+    return meteor_sentence_scores(pairs, timeout_s=METEOR_TIMEOUT_S if timeout_s is None else timeout_s)
 
 
 def densecap_map(images: Iterable[DenseCapImage], meteor_fn: Optional[MeteorFn] = None, *,
@@ -317,12 +312,12 @@ def record_image(record: Dict[str, Any], references_key: Optional[str]) -> Optio
     Truth boxes without references and regions without a caption are left
     out; error and pending rows give ``None``.
     """
-    from regioncap.metrics import _record_references, _reference_list, normalize
+    from regioncap.metrics import normalize, reference_texts, region_references
 
     if not references_key or record.get("status") in ("error", "pending"):
         return None
-    refs = _record_references(record, references_key)
-    if refs is None:
+    has_refs, found, _ = region_references(record, references_key)
+    if not has_refs:
         return None
     regions = [r for r in record.get("regions") or () if isinstance(r, dict) and _box(r.get("bbox"))]
     info = record.get("proposals") if isinstance(record.get("proposals"), dict) else {}
@@ -332,28 +327,28 @@ def record_image(record: Dict[str, Any], references_key: Optional[str]) -> Optio
     if isinstance(truth_bbox, list) and isinstance(truth_index, list) and len(truth_bbox) == len(truth_index):
         mode = "proposals"
         for box, idx in zip(truth_bbox, truth_index):
-            texts = _reference_list(refs[idx]) if isinstance(idx, int) and 0 <= idx < len(refs) else []
+            texts = [t for t in (normalize(x) for x in reference_texts(record, {"source_index": idx}, references_key))
+                     if t]
             if texts and _box(box):
                 truth.append([float(v) for v in box])
                 truth_refs.append(texts)
         preds = regions
     else:
         mode = "given"
+        with_refs = {id(reg): refs for reg, refs in found}
         preds = []
         for reg in regions:
             if reg.get("source", "input") != "input":
                 preds.append(reg)  # a proposal added beside the given boxes (propose.when=add)
-                continue
-            idx = reg.get("source_index")
-            texts = _reference_list(refs[idx]) if isinstance(idx, int) and 0 <= idx < len(refs) else []
-            if texts:
+            elif id(reg) in with_refs:
                 truth.append([float(v) for v in reg["bbox"]])
-                truth_refs.append(texts)
+                truth_refs.append(with_refs[id(reg)])
                 preds.append(reg)
         if not truth:
             return None
     preds = [r for r in preds if normalize(r.get("caption"))]
-    scores = [r.get("score") if isinstance(r.get("score"), (int, float)) else None for r in preds]
+    scores = [float(r["score"]) if isinstance(r.get("score"), (int, float)) and math.isfinite(r["score"]) else None
+              for r in preds]
     return mode, DenseCapImage(boxes=[[float(v) for v in r["bbox"]] for r in preds],
                                captions=[r["caption"] for r in preds], truth_boxes=truth,
                                references=truth_refs, scores=scores)

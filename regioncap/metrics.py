@@ -364,6 +364,23 @@ def score_corpus(pairs: Sequence[Pair], *, meteor: bool = False,
     return score_references(pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)[0]
 
 
+def meteor_sentence_scores(pairs: Sequence[Pair], *, timeout_s: float = METEOR_TIMEOUT_S) -> List[float]:
+    """Sentence-level METEOR 1.5 of each ``(caption, references)`` pair, in order, all in
+    one Java process (the watchdog of :func:`score_references`'s METEOR), on text
+    normalised as every score here is (:func:`normalize`). A pair whose caption or
+    references have no word scores 0 without being sent (nothing to match). Raises
+    when METEOR cannot run (see :func:`meteor_absent`) or takes over ``timeout_s``."""
+    texts = [(normalize(c), _reference_list(refs if isinstance(refs, str) else list(refs))) for c, refs in pairs]
+    usable = [i for i, (c, refs) in enumerate(texts) if c and refs]
+    scores = [0.0] * len(pairs)
+    if usable:
+        _, each = _meteor({k: texts[i][1] for k, i in enumerate(usable)},
+                          {k: [texts[i][0]] for k, i in enumerate(usable)}, timeout_s)
+        for i, value in zip(usable, each):
+            scores[i] = value
+    return scores
+
+
 # ------------------------------------------------------------------ exact match, attributes
 #: Words left out of a reference's content words (attribute accuracy).
 ARTICLES = frozenset({"a", "an", "the"})

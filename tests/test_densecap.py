@@ -320,6 +320,24 @@ def test_records_of_a_proposal_run_score_the_proposals_against_the_given_boxes()
     assert out["ap_by_iou"] == [1.0, 1.0, 0.5, 0.5, 0.5]
 
 
+def test_compute_metrics_says_why_without_java_and_keeps_the_box_map(monkeypatch):
+    import regioncap.metrics as mx
+
+    monkeypatch.setattr(mx.shutil, "which", lambda name: None)
+    recs = [record([{"id": 1, "source": "input", "source_index": 0, "bbox": A, "caption": "a"}], ["a"])]
+    assert "densecap" not in mx.compute_metrics(recs, {})  # opt-in
+    block = mx.compute_metrics(recs, {}, densecap=True)["densecap"]
+    assert block["map"] is None and block["det_map"] == 1.0 and block["absent"].startswith("java is not on PATH")
+    assert "densecap" not in mx.compute_metrics(recs, {}, densecap=True, references_key=None)
+
+
+def test_the_setting_is_declared_and_off_by_default():
+    from regioncap.config import MetricsConfig
+
+    assert MetricsConfig().densecap is False
+    assert compose(["metrics.densecap=true"]).metrics.densecap is True
+
+
 def test_summary_line():
     stats = dc.DenseCapStats("references")
     stats.add(record([{"id": 1, "source": "input", "source_index": 0, "bbox": A, "caption": "a"}], ["a"]))
