@@ -527,9 +527,9 @@ class MetricsConfig:
     #: DenseCap mAP (IoU x METEOR thresholds, regioncap.densecap) where truth boxes and
     #: references are known: proposal runs with ``propose.when=always``, and given-box runs
     #: (an upper bound that measures the captions). Runs METEOR in a JVM of its own, once
-    #: for every prediction that can be a true positive; measured on a busy 2-core machine
-    #: (load 10): 23 s for 1 pair, 35-41 s for the 20-25 of the shapes runs, 38 s for
-    #: 1,000, 64 s for 10,000 (the JVM's start dominates; then about 4 ms a prediction).
+    #: for every prediction that can be a true positive; measured on a shared 2-core machine
+    #: (load 6-10): 16-41 s for 1-25 predictions (the JVM's start), 33-38 s for 1,000,
+    #: 45-64 s for 10,000 (2-4 ms a prediction after the start).
     densecap: bool = False
 
 

@@ -27,7 +27,7 @@ Where regioncap differs, and why (also in docs/formats.md, ``densecap``):
 - IoU is :func:`regioncap.boxes.iou` on continuous pixel coordinates (the one
   regioncap uses everywhere, e.g. ``proposals.quality``), not the Lua code's
   inclusive-pixel ``+1`` convention for integer boxes, which raises the IoU of
-  small boxes (two 10 px boxes offset by 5 px: 0.33 here, 0.35 there).
+  small boxes (``[0, 0, 10, 10]`` and ``[5, 0, 15, 10]``: 0.33 here, 0.375 there).
 - Predictions of equal confidence are scored as one block: precision and recall
   are read only after the last of them, so the result does not depend on the
   order of the rows (the Lua code's ``torch.sort`` leaves ties in an
@@ -35,8 +35,8 @@ Where regioncap differs, and why (also in docs/formats.md, ``densecap``):
   ``vlm`` proposers, given boxes) form one such block below every scored
   prediction: their AP is that of one operating point, not of a ranking.
   Inside an image, unscored predictions are assigned in their given order.
-- A prediction that overlaps no truth box takes none (the Lua code indexes
-  ``used[-1]`` then, which in Torch is the image's last truth box).
+- A prediction that overlaps no truth box takes none (the Lua code then marks
+  ``used[-1]`` taken, which Torch reads from the end: the image's last truth box).
 - Only predictions that can be true positives (a free truth box at IoU >= 0.3)
   are sent to METEOR: the others are false positives at every threshold, so
   this changes no AP and saves the JVM's time.
