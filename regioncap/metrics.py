@@ -368,6 +368,23 @@ def score_corpus(pairs: Sequence[Pair], *, meteor: bool = False,
     return score_references(pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)[0]
 
 
+def meteor_sentence_scores(pairs: Sequence[Pair], *, timeout_s: float = METEOR_TIMEOUT_S) -> List[float]:
+    """Sentence-level METEOR 1.5 of each ``(caption, references)`` pair, in order, all in
+    one Java process (the watchdog of :func:`score_references`'s METEOR), on text
+    normalised as every score here is (:func:`normalize`). A pair whose caption or
+    references have no word scores 0 without being sent (nothing to match). Raises
+    when METEOR cannot run (see :func:`meteor_absent`) or takes over ``timeout_s``."""
+    texts = [(normalize(c), _reference_list(refs if isinstance(refs, str) else list(refs))) for c, refs in pairs]
+    usable = [i for i, (c, refs) in enumerate(texts) if c and refs]
+    scores = [0.0] * len(pairs)
+    if usable:
+        _, each = _meteor({k: texts[i][1] for k, i in enumerate(usable)},
+                          {k: [texts[i][0]] for k, i in enumerate(usable)}, timeout_s)
+        for i, value in zip(usable, each):
+            scores[i] = value
+    return scores
+
+
 # ------------------------------------------------------------------ exact match, attributes
 #: Words left out of a reference's content words (attribute accuracy).
 ARTICLES = frozenset({"a", "an", "the"})
@@ -785,7 +802,7 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
                     patch_size: int = 14, merge_size: int = 2, references_key: Optional[str] = "references",
                     meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S,
                     wall_s: Optional[float] = None, bootstrap_resamples: int = DEFAULT_RESAMPLES,
-                    seed: int = DEFAULT_SEED) -> Dict[str, Any]:
+                    seed: int = DEFAULT_SEED, densecap: bool = False) -> Dict[str, Any]:
     """Everything ``metrics.json`` holds, from one pass over a run's final records.
 
     ``records``: the caption records (or the visualize records when only that
@@ -801,12 +818,22 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     ``bootstrap_resamples`` and ``seed``: the resamples and seed of the 95%
     intervals of the reference scores (:func:`reference_intervals`; 0 resamples
     turns them off); a run passes ``metrics.bootstrap_resamples`` and its ``seed``.
+    ``densecap``: also DenseCap mAP (``regioncap.densecap``; METEOR per
+    prediction, Java) where truth boxes and references are known; off unless
+    asked (``metrics.densecap=true``).
     """
     acc = _Accumulator(patch_size, merge_size, references_key)
     proposals = ProposalStats(references_key)
+    dense = None
+    if densecap and references_key:
+        from regioncap.densecap import DenseCapStats
+
+        dense = DenseCapStats(references_key)
     for rec in records:
         acc.add(rec)
         proposals.add(rec)
+        if dense is not None:
+            dense.add(rec)
     c = acc.c
     rows, regions = c["rows"], c["regions"]
     images = acc.distinct_images()
@@ -895,6 +922,8 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
         del per
         refs["tokenizer"] = "lowercase, punctuation stripped (not PTBTokenizer, which needs Java)"
         out["references"] = refs
+    if dense is not None and dense.evaluator.images:
+        out["densecap"] = dense.summary(meteor_timeout_s=meteor_timeout_s)
     return out
 
 
@@ -999,6 +1028,15 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         shown = ivs.get("exact_match") or next(iter(ivs.values()), None)
         if shown:
             text += f" ([low, high]: 95% intervals over {shown['n_clusters']} rows)"
+        lines.append(text)
+    dc = m.get("densecap")
+    if dc:
+        text = (f"DenseCap mAP {_num(dc.get('map'), '.3f')} (localization only {_num(dc.get('det_map'), '.3f')}) "
+                f"on {dc['n_images']} image(s), {dc['n_predictions']} prediction(s), {dc['n_truth']} truth box(es)")
+        if dc.get("mode") == "given":
+            text += "; predictions on the given boxes: an upper bound that measures the captions"
+        if dc.get("absent"):
+            text += f"; mAP n/a ({dc['absent']})"
         lines.append(text)
     faith = m.get("faithfulness")
     if faith and faith.get("regions_checked"):

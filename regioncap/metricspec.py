@@ -58,7 +58,8 @@ class Metric:
 
     ``path`` is the dotted path; ``*`` stands for a stage name (``stages.*.seconds``).
     ``kind`` is ``value`` (a number), ``distribution`` (``{n, mean, p50, p95, min,
-    max}``), ``counts`` (a mapping of kind to count) or ``text``.
+    max}``), ``counts`` (a mapping of kind to count), ``list`` (numbers along an
+    axis) or ``text``.
     ``better`` is ``higher``, ``lower`` or ``None`` (neither: a count, a setting).
     ``compare``: shown in the sweep comparison table; ``plot``: offered as a
     sweep plot metric; ``headline``: a card in the run report's header.
@@ -283,6 +284,37 @@ def _specs() -> Iterator[Metric]:
     yield m(qr + "labels", "grounding labels", "count", None, "sum", "matched proposals with a grounding label")
     yield m(qr + "label_exact_match", "label exact match", "share", "higher", "ratio",
             "grounding labels equal to a reference")
+
+    group = "densecap"  # metrics.densecap=true, where truth boxes and their references are known
+    dc = "densecap."
+    yield m(dc + "map", "DenseCap mAP", "score", "higher", "records",
+            "DenseCap mAP: AP over IoU 0.3-0.7 x METEOR 0-0.25 thresholds, averaged (Johnson et al. 2016)",
+            compare=True, plot=True)
+    yield m(dc + "det_map", "detection mAP", "score", "higher", "records",
+            "mean AP over the IoU thresholds alone (no caption condition)", compare=True)
+    yield m(dc + "ap", "AP by IoU x METEOR", "score", "higher", "records",
+            "AP per IoU threshold (rows) x METEOR threshold (columns)", kind="list")
+    yield m(dc + "ap_by_iou", "AP by IoU", "score", "higher", "records", "row means of `ap`", kind="list")
+    yield m(dc + "ap_by_meteor", "AP by METEOR", "score", "higher", "records", "column means of `ap`",
+            kind="list")
+    yield m(dc + "det_ap_by_iou", "detection AP by IoU", "score", "higher", "records",
+            "localisation-only AP per IoU threshold", kind="list")
+    yield m(dc + "iou_thresholds", "IoU thresholds", "setting", None, "same", "the IoU axis", kind="list")
+    yield m(dc + "meteor_thresholds", "METEOR thresholds", "setting", None, "same", "the METEOR axis",
+            kind="list")
+    yield m(dc + "mode", "DenseCap mode", "text", None, "same",
+            "`proposals`, `given` (every prediction on a truth box: an upper bound) or `mixed`", kind="text")
+    yield m(dc + "n_images", "images scored", "count", None, "sum", "images with truth boxes")
+    yield m(dc + "n_predictions", "predictions", "count", None, "sum", "predicted regions")
+    yield m(dc + "n_unscored", "unscored predictions", "count", None, "sum",
+            "predictions without a confidence (ranked as one block below the scored ones)")
+    yield m(dc + "n_truth", "truth boxes (merged)", "count", None, "records",
+            "truth boxes after merging those at IoU >= 0.7")
+    yield m(dc + "n_truth_given", "truth boxes", "count", None, "sum", "truth boxes before merging")
+    yield m(dc + "n_meteor_pairs", "METEOR pairs", "count", None, "sum",
+            "prediction/reference pairs scored by METEOR")
+    yield m(dc + "meteor_s", "DenseCap METEOR time (s)", "seconds", "lower", "process", "seconds of METEOR")
+    yield m(dc + "absent", "DenseCap absent", "text", None, "same", "why `map` is null", kind="text")
 
     group = "stages"
     st = "stages.*."

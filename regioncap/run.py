@@ -260,7 +260,8 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
                               merge_size=int(model.merge_size), references_key=cfg.data.references_key,
                               meteor=bool(scorers.get("meteor", False)),
                               meteor_timeout_s=float(scorers.get("meteor_timeout_s", 300.0)), wall_s=wall,
-                              bootstrap_resamples=int(scorers.get("bootstrap_resamples", 1000)), seed=int(cfg.seed))
+                              bootstrap_resamples=int(scorers.get("bootstrap_resamples", 1000)), seed=int(cfg.seed),
+                              densecap=bool(scorers.get("densecap", False)))
     metrics.update(weights(model))
     if pipeline:
         # End to end: every image and region of the run over the run's wall time (both stages).

@@ -8,6 +8,7 @@ from typing import Any, Dict, List
 import pytest
 
 from regioncap import metricspec as ms
+from regioncap.densecap import DenseCapStats
 from regioncap.metrics import compute_metrics
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
@@ -43,6 +44,11 @@ def _records() -> List[Dict[str, Any]]:
 def _full_metrics() -> Dict[str, Any]:
     stages = {name: {"rows": 3, "seconds": 1.5, "errors": {"missing_file": 1}, "pid": 1} for name in ms.STAGE_NAMES}
     out = compute_metrics(_records(), stages)
+    # DenseCap mAP needs METEOR (Java): the block from its own code, with a stand-in METEOR.
+    dense = DenseCapStats("references")
+    for rec in _records():
+        dense.add(rec)
+    out["densecap"] = dense.summary(lambda pairs: [1.0 if c in refs else 0.0 for c, refs in pairs])
     # What run.py adds beside compute_metrics' own figures.
     out["model_weights"] = "real"
     out["pipeline"] = {"overlap": True, "workers": 1, "seconds": 2.0, "images_per_s": 1.5, "regions_per_s": 2.0}
