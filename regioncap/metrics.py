@@ -855,6 +855,7 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     out.update({k: c[k] for k in (
         "rows", "regions", "regions_captioned", "regions_missing", "boxes_dropped", "boxes_clipped",
         "requests", "reasks", "prompt_tokens", "output_tokens")})
+    out["captioned_share"] = _rate(c["regions_captioned"], regions)
     out["rows_ok"] = c["status_ok"]
     out["rows_partial"] = c["status_partial"]
     out["rows_no_regions"] = c["status_no_regions"]

@@ -116,7 +116,7 @@ def _specs() -> Iterator[Metric]:
 
     group = "rows"
     yield m("rows", "rows", "count", None, "sum", "input rows read (each ends up once: a result or an error row)",
-            headline=True, compare=True)
+            headline=True)
     yield m("rows_ok", "rows ok", "count", "higher", "sum", "rows with every region captioned")
     yield m("rows_partial", "rows partial", "count", None, "sum", "rows with some regions captioned")
     yield m("rows_no_regions", "rows without regions", "count", None, "sum",
@@ -132,11 +132,11 @@ def _specs() -> Iterator[Metric]:
 
     group = "regions"
     yield m("regions", "regions", "count", None, "sum", "regions to caption (boxes kept after validation)",
-            headline=True, compare=True)
+            headline=True)
     yield m("regions_captioned", "regions captioned", "count", "higher", "sum", "regions with a caption",
             compare=True)
     yield m("captioned_share", "regions captioned (share)", "share", "higher", "ratio",
-            "regions captioned over regions", compare=True, plot=True)
+            "regions captioned over regions", plot=True)
     yield m("regions_missing", "regions missing", "count", "lower", "sum",
             "regions the answer left out (after the re-ask)")
     yield m("regions_missing_by_reason", "regions missing by reason", "counts", "lower", "sum",

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from regioncap import metricspec
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE, run_file_at
 
 log = logging.getLogger("regioncap")
@@ -66,21 +67,9 @@ MAX_TEXT = 2000
 DEFAULT_PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
                    "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
 
-#: Reference scores of metrics.json's ``references`` (regioncap.metrics.compute_metrics), in the order shown.
-#: Exact match and attribute accuracy first: on short captions BLEU-4 says little.
-REFERENCE_SCORES = ("exact_match", "attribute_accuracy", "cider", "rouge_l", "meteor", "bleu4")
-#: Shares among them (shown as percentages).
-SHARE_SCORES = ("exact_match", "attribute_accuracy")
-#: Metrics a sweep's plots can use (``--metric``): key_metrics names and labels.
-PLOT_METRICS = {
-    "exact_match": "exact match", "attribute_accuracy": "attribute accuracy", "cider": "CIDEr",
-    "rouge_l": "ROUGE-L", "meteor": "METEOR", "bleu4": "BLEU-4", "regions_per_s": "regions / s",
-    "parse_success_rate": "parse success", "error_rate": "error rate", "captioned_share": "regions captioned (share)",
-    "output_tokens_per_region": "output tokens / region", "prompt_tokens_per_region": "prompt tokens / region",
-    "latency_p50_s": "latency p50 (s)",
-}
-#: Shown as percentages wherever they appear.
-PCT_METRICS = {"exact_match", "attribute_accuracy", "parse_success_rate", "error_rate", "captioned_share"}
+#: Metrics a sweep's plots can use (``--metric``): metrics.json paths and their labels, from the
+#: metric specification (every name, unit and direction below comes from regioncap.metricspec).
+PLOT_METRICS = {m.path: m.label for m in metricspec.flagged("plot")}
 #: Crops shown per row in crop mode.
 CROPS_PER_ROW = 24
 
@@ -106,7 +95,9 @@ class RunData:
     manifest: Optional[Dict[str, Any]] = None
     metrics: Optional[Dict[str, Any]] = None
     records_file: Optional[Path] = None
-    #: Counts and derived figures computed from the records themselves.
+    #: True when the run dir had no metrics.json and ``metrics`` was computed from its records.
+    metrics_computed: bool = False
+    #: What the samples show beside metrics.json: exact/wrong marks, finish reasons.
     scan: Dict[str, Any] = field(default_factory=dict)
     error_examples: Dict[str, List[Tuple[str, str]]] = field(default_factory=dict)
     samples: List[Dict[str, Any]] = field(default_factory=list)
@@ -203,7 +194,32 @@ def load_run(run_dir: Path, *, max_rows: int = DEFAULT_ROWS, prefer_partial: boo
         run.failure = _log_failure(run_dir) or f"no {CAPTIONS_FILE} or {VISUALIZE_FILE} in the run dir"
         return run
     _scan(run, max_rows=max_rows, prefer_partial=prefer_partial)
+    if run.metrics is None:
+        run.metrics = _computed_metrics(run)
+        run.metrics_computed = run.metrics is not None
     return run
+
+
+def _computed_metrics(run: RunData) -> Optional[Dict[str, Any]]:
+    """metrics.json of a run dir that has none (a killed or older run), computed from its records by
+    the code that writes it (regioncap.metrics.compute_metrics); no stage timings, no METEOR."""
+    from regioncap.metrics import compute_metrics
+
+    if run.records_file is None:
+        return None
+    cfg = _config(run)
+    model = _dig(cfg, "model") or {}
+    metrics_cfg = _dig(cfg, "metrics") or {}
+    seed = _dig(cfg, "seed")
+    try:
+        return compute_metrics(
+            _iter_records(run.records_file, []), {}, references_key=_references_key(run),
+            patch_size=int(model.get("patch_size", 14)), merge_size=int(model.get("merge_size", 2)),
+            bootstrap_resamples=int(metrics_cfg.get("bootstrap_resamples", 1000)),
+            seed=int(seed) if isinstance(seed, int) else 0)
+    except Exception as exc:  # noqa: BLE001 - a report shows what it can
+        run.problems.append(f"metrics could not be computed from {run.records_file.name}: {exc}")
+        return None
 
 
 def _row_label(rec: Dict[str, Any]) -> str:
@@ -214,12 +230,10 @@ def _row_label(rec: Dict[str, Any]) -> str:
 
 
 def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
-    """Count, derive and pick samples in one pass over the records."""
+    """Pick the sample rows and the error examples in one pass over the records, and count what
+    the samples show (exact/wrong marks, finish reasons); the run's figures are metrics.json's."""
     counts: Counter = Counter()
-    errors: Counter = Counter()
-    dropped: Counter = Counter()
     finish: Counter = Counter()
-    latencies: List[float] = []
     first: List[Dict[str, Any]] = []
     partial: List[Dict[str, Any]] = []
     partial_quota = max_rows // 4 if prefer_partial else 0
@@ -229,34 +243,15 @@ def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
         regions = [r for r in rec.get("regions") or [] if isinstance(r, dict)]
         requests = [s for s in rec.get("requests") or [] if isinstance(s, dict)]
         counts["rows"] += 1
-        counts[f"status_{status}"] += 1
-        counts["regions"] += len(regions)
-        counts["regions_captioned"] += sum(1 for r in regions if r.get("caption"))
-        counts["regions_missing"] += sum(1 for r in regions if r.get("missing"))
         exact = [_exact(r) for r in regions]
         counts["regions_exact"] += sum(1 for x in exact if x is True)
         counts["regions_wrong"] += sum(1 for x in exact if x is False)
-        counts["requests"] += len(requests)
-        tokens = rec.get("tokens") or {}
-        if isinstance(tokens, dict):
-            counts["prompt_tokens"] += _num(tokens.get("prompt")) or 0
-            counts["output_tokens"] += _num(tokens.get("output")) or 0
-        for d in rec.get("dropped_boxes") or []:
-            if isinstance(d, dict):
-                dropped[str(d.get("reason"))] += 1
         for spec in requests:
-            if "format_ok" in spec and not spec.get("error"):
-                counts["answered"] += 1
-                counts["format_ok"] += bool(spec.get("format_ok"))
             if spec.get("finish_reason"):
                 finish[str(spec["finish_reason"])] += 1
-            lat = _num(spec.get("latency_s"))
-            if lat is not None:
-                latencies.append(lat)
         err = rec.get("error")
         if isinstance(err, dict):
             kind = f"{err.get('stage', '?')}/{err.get('kind', '?')}"
-            errors[kind] += 1
             examples = run.error_examples.setdefault(kind, [])
             if len(examples) < EXAMPLES_PER_ERROR:
                 examples.append((_row_label(rec), str(err.get("message", ""))))
@@ -269,20 +264,8 @@ def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
         run.samples = sorted(first[: max_rows - len(partial)] + partial, key=lambda r: r.get("index", 0))
     else:
         run.samples = first
-    scan: Dict[str, Any] = {k: counts[k] for k in (
-        "rows", "regions", "regions_captioned", "regions_missing", "regions_exact", "regions_wrong", "requests",
-        "prompt_tokens", "output_tokens")}
-    scan.update({"rows_ok": counts["status_ok"], "rows_partial": counts["status_partial"],
-                 "rows_no_regions": counts["status_no_regions"], "error_rows": counts["status_error"],
-                 "errors": dict(errors), "dropped_reasons": dict(dropped), "finish_reasons": dict(finish)})
-    scan["error_rate"] = counts["status_error"] / counts["rows"] if counts["rows"] else None
-    if counts["answered"]:
-        scan["parse_success_rate"] = counts["format_ok"] / counts["answered"]
-    if latencies:
-        latencies.sort()
-        scan["latency_p50_s"] = _quantile(latencies, 0.5)
-        scan["latency_p90_s"] = _quantile(latencies, 0.9)
-    run.scan = scan
+    run.scan = {"rows": counts["rows"], "regions_exact": counts["regions_exact"],
+                "regions_wrong": counts["regions_wrong"], "finish_reasons": dict(finish)}
 
 
 def _exact(reg: Region) -> Optional[bool]:
@@ -291,11 +274,6 @@ def _exact(reg: Region) -> Optional[bool]:
     scores = reg.get("scores")
     value = _num(scores.get("exact_match")) if isinstance(scores, dict) else None
     return None if value is None else value >= 1.0
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[i]
 
 
 def _num(value: Any) -> Optional[float]:
@@ -312,41 +290,41 @@ def _dig(obj: Any, *keys: str) -> Any:
     return obj
 
 
+#: The figures a report's header and a sweep's table and plots read (metricspec's flags).
+_KEY_METRICS = tuple(dict.fromkeys(
+    ["rows", "regions", "regions_captioned"]
+    + [m.path for m in metricspec.SPEC if (m.compare or m.plot or m.headline) and m.kind == "value"]))
+
+
 def key_metrics(run: RunData) -> Dict[str, Optional[float]]:
-    """The figures a sweep compares: metrics.json where it has them, else counted from the records."""
+    """The figures a sweep compares, by metrics.json path (``references.exact_match``...): the
+    run's metrics.json, or the same computed from its records when it has none."""
     m = run.metrics or {}
-    s = run.scan
-
-    def pick(key: str) -> Optional[float]:
-        value = _num(m.get(key))
-        return value if value is not None else _num(s.get(key))
-
-    regions, captioned = pick("regions"), pick("regions_captioned")
-    out: Dict[str, Optional[float]] = {
-        "rows": pick("rows"), "error_rate": pick("error_rate"), "regions": regions,
-        "regions_captioned": captioned,
-        "captioned_share": captioned / regions if regions and captioned is not None else None,
-        "regions_per_s": _num(m.get("regions_per_s")),
-        "parse_success_rate": pick("parse_success_rate"),
-        "output_tokens_per_region": None, "prompt_tokens_per_region": None,
-        "latency_p50_s": _num(_dig(m, "latency_s", "p50")) or _num(s.get("latency_p50_s")),
-    }
-    for kind in ("output", "prompt"):
-        # Per region of the run, as metrics.json counts it (regioncap/metrics.py).
-        tokens, per = pick(f"{kind}_tokens"), _num(m.get(f"{kind}_tokens_per_region"))
-        out[f"{kind}_tokens_per_region"] = per if per is not None else (
-            tokens / regions if tokens is not None and regions else None)
-    out.update(reference_scores(m))
-    return out
+    return {path: metricspec.number_at(m, path) for path in _KEY_METRICS}
 
 
 def reference_scores(metrics: Dict[str, Any]) -> Dict[str, float]:
-    """The reference scores of metrics.json (``references``: exact match, attribute accuracy, CIDEr, ...)
-    that have a value, in :data:`REFERENCE_SCORES` order."""
+    """The reference scores of metrics.json (``references``: exact match, attribute accuracy,
+    CIDEr-D, ...) that have a value, by name, in the metric specification's order."""
     refs = metrics.get("references")
     if not isinstance(refs, dict):
         return {}
-    return {name: float(refs[name]) for name in REFERENCE_SCORES if _num(refs.get(name)) is not None}
+    out = {}
+    for spec in _reference_specs():
+        value = _num(refs.get(spec.key))
+        if value is not None:
+            out[spec.key] = float(value)
+    return out
+
+
+def _reference_specs() -> List["metricspec.Metric"]:
+    """The scores of metrics.json's ``references`` (shares and caption scores), in order."""
+    return [m for m in metricspec.in_group("references") if m.kind == "value" and m.unit in ("share", "score")]
+
+
+def _is_share(path: str) -> bool:
+    spec = metricspec.get(path)
+    return spec is not None and spec.is_share
 
 
 def is_multirun_dir(path: Path) -> bool:
@@ -702,23 +680,25 @@ def _header(run: RunData) -> Dict[str, Any]:
     km = key_metrics(run)
     big: List[Tuple[str, str]] = []
     prop_refs = _dig(run.metrics or {}, "proposals", "quality", "references") or {}
-    if km.get("exact_match") is not None:
-        big.append((_fmt(km["exact_match"], "pct"), "exact match"))
-        if km.get("attribute_accuracy") is not None:
-            big.append((_fmt(km["attribute_accuracy"], "pct"), "attribute accuracy"))
+    if km.get("references.exact_match") is not None:
+        for path in ("references.exact_match", "references.attribute_accuracy"):
+            if km.get(path) is not None:
+                big.append((_with_interval(run, path), metricspec.BY_PATH[path].label))
     elif isinstance(prop_refs, dict) and prop_refs.get("caption_exact_match") is not None:
         # Proposed regions only (propose.when=always): scored through the truth box each matched.
         big.append((_fmt(prop_refs["caption_exact_match"], "pct"), "exact match (proposals vs truth)"))
         big.append((_fmt(_dig(run.metrics or {}, "proposals", "quality", "recall"), "pct"), "proposal recall"))
     else:
-        big += [(_fmt(km["parse_success_rate"], "pct"), "parse success"), (_fmt(km["regions_per_s"]), "regions / s")]
+        big += [(_fmt_metric("parse_success_rate", km["parse_success_rate"]), "parse success"),
+                (_fmt_metric("regions_per_s", km["regions_per_s"]), "regions / s")]
     small = []
     wrong, exact = run.scan.get("regions_wrong"), run.scan.get("regions_exact")
     if wrong or exact:
         small.append((f"{_fmt(wrong)} / {_fmt((wrong or 0) + (exact or 0))}", "captions not an exact match"))
     small.append((f"{_fmt(km['regions_captioned'])} / {_fmt(km['regions'])}", "regions captioned"))
-    if km.get("exact_match") is not None:
-        small += [(_fmt(km["regions_per_s"]), "regions / s"), (_fmt(km["parse_success_rate"], "pct"), "parse success")]
+    if km.get("references.exact_match") is not None:
+        small += [(_fmt(km["regions_per_s"]), "regions / s"),
+                  (_fmt_metric("parse_success_rate", km["parse_success_rate"]), "parse success")]
     small += [(f"{_fmt(km['rows'])}", "rows"), (_fmt(km["error_rate"], "pct"), "error rate")]
     scene = _num(_dig(run.metrics or {}, "faithfulness", "scene_caption_rate"))
     if scene is not None:
@@ -727,106 +707,84 @@ def _header(run: RunData) -> Dict[str, Any]:
     return head
 
 
-#: metrics.json keys by topic (regioncap/metrics.py); ``pct`` is a share shown as a percentage.
-_METRIC_GROUPS = [
-    ("Rows", [("rows", ""), ("rows_ok", ""), ("rows_partial", ""), ("rows_no_regions", ""), ("rows_pending", ""),
-              ("error_rows", ""), ("error_rate", "pct"), ("error_rows_by_stage", "")]),
-    ("Regions", [("regions", ""), ("regions_captioned", ""), ("regions_missing", ""),
-                 ("regions_missing_by_reason", ""), ("regions_from_reask", ""), ("boxes_dropped", ""),
-                 ("boxes_dropped_by_reason", ""), ("boxes_clipped", ""), ("images", ""), ("chunks", "")]),
-    ("Cost and speed", [("wall_s", ""), ("regions_per_s", ""), ("images_per_s", ""),
-                        ("requests", ""), ("reasks", ""), ("prompt_tokens", ""), ("output_tokens", ""),
-                        ("visual_tokens", ""), ("prompt_tokens_per_region", ""),
-                        ("visual_tokens_per_region", ""), ("output_tokens_per_region", ""),
-                        ("visual_tokens_per_request", "")]),
-    ("Answers", [("requests_answered", ""), ("requests_failed", ""), ("requests_format_ok", ""),
-                 ("parse_success_rate", "pct"), ("captions_empty", ""), ("captions_duplicated", ""),
-                 ("captions_repeat_prompt", "")]),
-]
-_SHOWN = {k for _, keys in _METRIC_GROUPS for k, _ in keys} | {"stages", "errors", "references", "faithfulness"}
-#: A metrics.json dict with only these keys is a distribution (``latency_s``, ``caption_words``).
-_DIST_KEYS = {"n", "mean", "min", "p50", "p95", "max"}
+def _with_interval(run: RunData, path: str) -> str:
+    """A metric of the run with its 95% interval where metrics.json has one: ``92.0% [75.5%, 100.0%]``."""
+    value = metricspec.number_at(run.metrics or {}, path)
+    head, _, name = path.rpartition(".")
+    interval = _dig(run.metrics or {}, *(head.split(".") if head else []), "intervals", name)
+    text = _fmt_metric(path, value)
+    if value is not None and isinstance(interval, dict) and _num(interval.get("low")) is not None:
+        text += f" [{_fmt_metric(path, interval['low'])}, {_fmt_metric(path, interval.get('high'))}]"
+    return text
 
 
 def _value_text(value: Any, kind: str = "") -> str:
-    """A metrics.json value as text: a number formatted, a dict's scalar entries as ``k: v, ...``."""
+    """A metrics.json value as text: a number formatted, a dict's scalar entries as ``k: v, ...``,
+    a list's items."""
     if isinstance(value, dict):
         flat = [(k, v) for k, v in value.items() if _is_scalar(v)]
         return ", ".join(f"{k}: {_fmt(v, kind)}" for k, v in flat) if flat else "–"
+    if isinstance(value, list):
+        return ", ".join(_value_text(v, kind) for v in value) if value else "–"
     return _fmt(value, kind)
 
 
 def _metrics_section(run: RunData) -> Dict[str, Any]:
-    """metrics.json as tables by topic; what it lacks (no metrics.json, an older run) counted from the records."""
-    m = run.metrics
-    s = run.scan
-    section: Dict[str, Any] = {"counted_from": None}
-    if m is None:
-        section["counted_from"] = run.records_file.name if run.records_file else "nothing"
-        m = {k: v for k, v in s.items() if k in _SHOWN}
+    """metrics.json as tables by the metric specification's groups (labels, units, intervals from
+    regioncap.metricspec), its distributions and its stages."""
+    m = run.metrics or {}
+    section: Dict[str, Any] = {"counted_from": run.records_file.name if run.metrics_computed and run.records_file
+                               else None}
     tables = []
-    for title, keys in _METRIC_GROUPS:
-        rows = [_kv(k, _value_text(m.get(k), kind)) for k, kind in keys if k in m]
+    for group, title in metricspec.GROUPS.items():
+        if group == "stages":
+            continue
+        rows = []
+        for spec in metricspec.in_group(group):
+            if spec.kind == "distribution" or "*" in spec.path:
+                continue
+            try:
+                value = metricspec.value_at(m, spec.path)
+            except KeyError:
+                continue
+            if spec.kind == "text" and value is None:
+                continue
+            text = _with_interval(run, spec.path) if spec.kind == "value" and not isinstance(value, dict) \
+                else _value_text(value, "pct" if spec.is_share else "")
+            rows.append(_kv(spec.label, text))
         if rows:
             tables.append({"title": title, "rows": rows})
-    refs = m.get("references")
-    if isinstance(refs, dict) and refs:
-        rows = [_kv(k, _value_text(v)) for k, v in refs.items() if _is_scalar(v) or isinstance(v, dict)]
-        tables.append({"title": "References", "rows": rows})
-    faith = m.get("faithfulness")
-    if isinstance(faith, dict) and faith:
-        # Captions that read like a description of the whole scene (regioncap.metrics.region_flags).
-        rows = [_kv(k, _value_text(v, "pct" if k == "scene_caption_rate" else ""))
-                for k, v in faith.items() if _is_scalar(v) or isinstance(v, dict)]
-        tables.append({"title": "Faithfulness", "rows": rows})
-    km = key_metrics(run)
-    counted = [("parse_success_rate", "parse success rate", "pct", s.get("parse_success_rate")),
-               ("latency_s", "latency p50 (s)", "", s.get("latency_p50_s")),
-               ("latency_s", "latency p90 (s)", "", s.get("latency_p90_s")),
-               ("output_tokens_per_region", "output tokens / region", "", km["output_tokens_per_region"]),
-               ("prompt_tokens_per_region", "prompt tokens / region", "", km["prompt_tokens_per_region"])]
-    counted_rows = [_kv(label, _fmt(v, kind)) for key, label, kind, v in counted if key not in m and v is not None]
-    if counted_rows:
-        tables.append({"title": "Counted from the records", "rows": counted_rows})
-    other: List[Dict[str, Any]] = []
-    dists: List[Tuple[str, Dict[str, Any]]] = []
-    for k, v in (run.metrics or {}).items():
-        if k in _SHOWN:
-            continue
-        if isinstance(v, dict) and v and set(v) <= _DIST_KEYS:
-            dists.append((k, v))
-        elif _is_scalar(v) or isinstance(v, dict):
-            other.append(_kv(k, _value_text(v)))
+    # A figure no declaration names (a newer writer, a hand-edited file) is still shown, by its path.
+    other = [_kv(path, _value_text(v)) for path, v in metricspec.leaf_paths(m)
+             if metricspec.get(path) is None and ".intervals." not in path and _is_scalar(v)]
     if other:
         tables.append({"title": "Other", "rows": other})
     section["tables"] = tables
+    dists = [(spec.label, m[spec.path]) for spec in metricspec.SPEC
+             if spec.kind == "distribution" and isinstance(m.get(spec.path), dict) and m[spec.path]]
     section["dists"] = None
     if dists:
-        cols = [c for c in ("n", "mean", "min", "p50", "p95", "max")
-                if any(c in d for _, d in dists)]
+        cols = [c for c in metricspec.DISTRIBUTION_STATS if any(c in d for _, d in dists)]
         section["dists"] = _table(["metric"] + cols, ([k] + [_fmt(d.get(c)) for c in cols] for k, d in dists), "dist")
     section["stages"] = None
     stages = m.get("stages")
     if isinstance(stages, dict) and stages:
+        specs = [spec for spec in metricspec.in_group("stages") if spec.unit != "setting"]
         rows = []
         for name, st in stages.items():
             st = st if isinstance(st, dict) else {}
-            errs = st.get("errors") or {}
-            rows.append([name, _fmt(st.get("rows")), _fmt(st.get("seconds")), _fmt(st.get("rows_per_s")),
-                         ", ".join(f"{k}: {v}" for k, v in errs.items()) if isinstance(errs, dict) else errs])
-        section["stages"] = _table(["stage", "rows", "seconds", "rows / s", "errors"], rows)
+            rows.append([name] + [_value_text(st.get(spec.key), "pct" if spec.is_share else "") for spec in specs])
+        section["stages"] = _table(["stage"] + [spec.label for spec in specs], rows)
     extra = []
-    if s.get("finish_reasons"):
-        extra.append("finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(s["finish_reasons"].items())))
-    if s.get("dropped_reasons"):
-        extra.append("dropped boxes: " + ", ".join(f"{k} {v}" for k, v in sorted(s["dropped_reasons"].items())))
+    if run.scan.get("finish_reasons"):
+        extra.append("finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(run.scan["finish_reasons"].items())))
     section["notes"] = extra
     return section
 
 
 def _errors_section(run: RunData) -> List[Dict[str, Any]]:
     """Error rows by ``stage/kind``, most first, each with a few examples ``(row, message)``."""
-    counts = dict((run.metrics or {}).get("errors") or run.scan.get("errors") or {})
+    counts = dict((run.metrics or {}).get("errors") or {})
     for kind in run.error_examples:
         counts.setdefault(kind, len(run.error_examples[kind]))
     return [{"kind": kind, "rows": _fmt(n),
@@ -1109,32 +1067,31 @@ def _job_failure(job: RunData) -> Optional[str]:
     return job.failure or _text(_dig(job.manifest, "error"))
 
 
-_COMPARE = ["regions_per_s", "error_rate", "regions_captioned", "parse_success_rate", "output_tokens_per_region",
-            "prompt_tokens_per_region", "latency_p50_s"]
-#: Metrics where less is better (everything else: more is better).
-LOWER_IS_BETTER = {"error_rate", "output_tokens_per_region", "prompt_tokens_per_region", "latency_p50_s"}
-
-
 def default_metric(jobs: Sequence[RunData]) -> str:
     """Exact match where a job has references, else regions/s."""
-    return "exact_match" if any(key_metrics(j).get("exact_match") is not None for j in jobs) else "regions_per_s"
+    return "references.exact_match" if any(key_metrics(j).get("references.exact_match") is not None
+                                           for j in jobs) else "regions_per_s"
 
 
 def metric_name(metric: str) -> str:
-    """A ``--metric`` as a key of :data:`PLOT_METRICS`; metrics.json paths (``references.exact_match``,
-    ``stages.caption.regions_per_s``) are taken too. Raises :class:`ReportError` naming the choices."""
+    """A ``--metric`` as a metrics.json path of :data:`PLOT_METRICS`: the path itself, or its last
+    part where that names one metric (``exact_match``, ``cider``); ``stages.caption.regions_per_s``
+    is the caption stage's rate, ``regions_per_s``. Raises :class:`ReportError` naming the choices."""
     name = metric.strip()
-    for prefix in ("references.", "stages.caption."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    if name not in PLOT_METRICS:
-        raise ReportError(f"--metric {metric!r} is not a metric the report plots; pick one of: "
-                          + ", ".join(PLOT_METRICS))
-    return name
+    if name.startswith("stages.caption."):
+        name = name[len("stages.caption."):]
+    if name in PLOT_METRICS:
+        return name
+    found = [path for path in PLOT_METRICS if path.rsplit(".", 1)[-1] == name]
+    if len(found) == 1:
+        return found[0]
+    raise ReportError(f"--metric {metric!r} is not a metric the report plots; pick one of: "
+                      + ", ".join(PLOT_METRICS))
 
 
 def _fmt_metric(key: str, value: Optional[float]) -> str:
-    return _fmt(value, "pct" if key in PCT_METRICS else "")
+    """A value of the metric at ``key`` (a metrics.json path), a share as a percentage."""
+    return _fmt(value, "pct" if _is_share(key) else "")
 
 
 def _region_values(job: RunData, metric: str) -> Optional[Dict[Tuple[Any, ...], List[float]]]:
@@ -1143,13 +1100,14 @@ def _region_values(job: RunData, metric: str) -> Optional[Dict[Tuple[Any, ...], 
     so two jobs pair up only on the same input rows; ``None`` when no region has one."""
     if job.records_file is None or job.stage != "caption":
         return None
+    name = metric.rsplit(".", 1)[-1]  # references.exact_match is regions[].scores.exact_match
     out: Dict[Tuple[Any, ...], List[float]] = {}
     found = False
     for rec in _iter_records(job.records_file, []):
         values = []
         for reg in rec.get("regions") or []:
             scores = reg.get("scores") if isinstance(reg, dict) else None
-            value = _num(scores.get(metric)) if isinstance(scores, dict) else None
+            value = _num(scores.get(name)) if isinstance(scores, dict) else None
             if value is not None:
                 values.append(value)
         found = found or bool(values)
@@ -1171,7 +1129,8 @@ def paired_comparison(jobs: Sequence[RunData], kms: Sequence[Dict[str, Optional[
     """
     from regioncap.intervals import paired_difference
 
-    best = _best(kms, metric)
+    failed = {i for i, job in enumerate(jobs) if _job_status(job) in FAILED_STATUSES}
+    best = _best(kms, metric, skip=failed)
     out: Dict[str, Any] = {"best": best, "separated": None, "diffs": {}}
     if best is None:
         return out
@@ -1180,7 +1139,7 @@ def paired_comparison(jobs: Sequence[RunData], kms: Sequence[Dict[str, Optional[
         return out
     separated = True
     for i, (job, km) in enumerate(zip(jobs, kms)):
-        if i == best or km.get(metric) is None:
+        if i == best or i in failed or km.get(metric) is None:
             continue
         values = _region_values(job, metric)
         if values is None:
@@ -1197,17 +1156,20 @@ def _diff_text(key: str, diff: Dict[str, Any]) -> str:
     """``−4.0 pts [−12.0, 4.0]`` (shares) or ``−0.040 [−0.120, 0.040]``: a paired difference."""
     if diff.get("difference") is None:
         return "no rows in common" if not diff.get("n_clusters") else "no values to compare"
-    pct = key in PCT_METRICS
+    pct = _is_share(key)
     f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3f}")  # noqa: E731
     return f"{f(diff['difference'])}{' pts' if pct else ''} [{f(diff['low'])}, {f(diff['high'])}]"
 
 
-def _best(kms: Sequence[Dict[str, Optional[float]]], key: str) -> Optional[int]:
-    """The index of the job with the best value of ``key`` (first on a tie), None when none has one."""
-    values = [(km.get(key), i) for i, km in enumerate(kms) if km.get(key) is not None]
+def _best(kms: Sequence[Dict[str, Optional[float]]], key: str, skip: Iterable[int] = ()) -> Optional[int]:
+    """The index of the job with the best value of ``key`` (its direction: regioncap.metricspec;
+    first on a tie), leaving out the jobs in ``skip`` (failed ones); None when none has one."""
+    skip = set(skip)
+    values = [(km.get(key), i) for i, km in enumerate(kms) if km.get(key) is not None and i not in skip]
     if not values:
         return None
-    low = key in LOWER_IS_BETTER
+    spec = metricspec.get(key)
+    low = spec is not None and spec.better == "lower"
     return min(values, key=lambda vi: ((vi[0] if low else -vi[0]), vi[1]))[1]
 
 
@@ -1224,11 +1186,12 @@ def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: O
     if paired is None and metric:
         paired = paired_comparison(jobs, kms, metric)
     paired = paired or {"best": None, "separated": None, "diffs": {}}
-    score_names = _score_names(jobs)
-    lead = [n for n in SHARE_SCORES if n in score_names]
-    columns = lead + _COMPARE + [n for n in score_names if n not in lead]
-    header = ["job", "status"] + [PLOT_METRICS.get(k, k) if k != "regions_captioned" else "regions captioned"
-                                  for k in columns]
+    compared = [m for m in metricspec.flagged("compare") if any(km.get(m.path) is not None for km in kms)]
+    # Shares of the references first (on short captions BLEU says little), then cost and answers, then scores.
+    lead = [m.path for m in compared if m.group == "references" and m.is_share]
+    scores = [m.path for m in compared if m.group in ("references", "densecap", "proposals") and m.path not in lead]
+    columns = lead + [m.path for m in compared if m.path not in lead and m.path not in scores] + scores
+    header = ["job", "status"] + [metricspec.BY_PATH[k].label for k in columns]
     best = paired["best"]
     rows = []
     for i, (job, km) in enumerate(zip(jobs, kms)):
@@ -1243,10 +1206,11 @@ def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: O
                 text = f"{_fmt(value)} / {_fmt(km.get('regions'))}"
             else:
                 text = _fmt_metric(key, value)
-                iv = _dig(job.metrics, "references", "intervals", key)
+                head, _, leaf = key.rpartition(".")
+                iv = _dig(job.metrics, *(head.split(".") if head else []), "intervals", leaf)
                 if value is not None and isinstance(iv, dict) and _num(iv.get("low")) is not None:
                     interval = f"[{_fmt_metric(key, iv['low'])}, {_fmt_metric(key, iv.get('high'))}]"
-            name = PLOT_METRICS.get(key, key)
+            name = metricspec.BY_PATH[key].label
             cell: Dict[str, Any] = {"text": text, "interval": interval, "best": None, "highest": None, "diff": None}
             if key == metric and i == best:
                 if paired["separated"] is False:
@@ -1262,14 +1226,6 @@ def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: O
                      "badge": _badge(_job_status(job)), "why": _clip(failure, 300) if failure else None,
                      "cells": cells})
     return {"header": header, "rows": rows}
-
-
-def _score_names(jobs: Sequence[RunData]) -> List[str]:
-    """The reference scores any job has, in :data:`REFERENCE_SCORES` order."""
-    have = set()
-    for job in jobs:
-        have.update(reference_scores(job.metrics or {}))
-    return [n for n in REFERENCE_SCORES if n in have]
 
 
 def _plot_label(text: str) -> str:
@@ -1288,7 +1244,7 @@ def _save(fig: Any) -> str:
 
 
 def _y_axis(ax: Any, key: str) -> None:
-    if key in PCT_METRICS:
+    if _is_share(key):
         from matplotlib.ticker import PercentFormatter
 
         ax.set_ylim(0, 1.08)
@@ -1309,6 +1265,7 @@ def param_figure(jobs: Sequence[RunData], varying: Sequence[str], param: str, me
     parameter have the metric."""
     from matplotlib.figure import Figure
 
+    metric = metric_name(metric)
     kms = [key_metrics(j) for j in jobs]
     values, order, numeric = param_values(jobs, param)
     others = [k for k in varying if k != param]
@@ -1341,7 +1298,7 @@ def param_figure(jobs: Sequence[RunData], varying: Sequence[str], param: str, me
             ax.set_xticks(range(len(order)))
             ax.set_xticklabels([_plot_label(str(o)) for o in order], rotation=15 if len(order) > 3 else 0, fontsize=8)
             ax.set_xlim(-0.6, len(order) - 0.4)
-            if key not in PCT_METRICS:  # room for the value labels above the bars
+            if not _is_share(key):  # room for the value labels above the bars
                 ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
         _y_axis(ax, key)
         ax.set_xlabel(_plot_label(param))
@@ -1358,6 +1315,7 @@ def _cost_figure(jobs: Sequence[RunData], varying: Sequence[str], metric: str) -
     """``metric`` against regions/s, one point per job; None when the metric is regions/s or no job has both."""
     from matplotlib.figure import Figure
 
+    metric = metric_name(metric)
     if metric == "regions_per_s":
         return None
     kms = [key_metrics(j) for j in jobs]
@@ -1514,8 +1472,9 @@ def write_report(run_dir: Path, out: Optional[Path] = None, *, max_rows: int = D
                  thumb_px: int = DEFAULT_THUMB_PX, metric: Optional[str] = None) -> Path:
     """Write the HTML report of a run dir or a multirun dir; return its path (default ``run_dir/report.html``).
 
-    ``metric``: what a sweep's plots show (a :data:`PLOT_METRICS` name or a metrics.json path such
-    as ``references.exact_match``; default exact match where the jobs have references, else regions/s).
+    ``metric``: what a sweep's plots show (a metrics.json path of :data:`PLOT_METRICS` such as
+    ``references.exact_match``, or its last part; default exact match where the jobs have references,
+    else regions/s).
 
     Raises :class:`ReportError` when ``run_dir`` is neither, or ``metric`` is not a metric the report
     plots; a failed or partial run is reported, not raised.
@@ -1558,7 +1517,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="longest side of embedded thumbnails in px (default %(default)s)")
     parser.add_argument("--metric", default=None,
                         help="the metric a sweep's plots show: " + ", ".join(PLOT_METRICS)
-                        + " (metrics.json paths such as references.exact_match work too; default exact_match "
+                        + " (or the last part of one, such as exact_match; default references.exact_match "
                         "where the jobs have references, else regions_per_s)")
     args = parser.parse_args(argv)
     try:

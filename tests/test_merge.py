@@ -241,7 +241,8 @@ def test_merged_metrics_equal_the_unsharded_runs(shapes_runs, n):
         "wall_s", "regions_per_s", "images_per_s", "latency_s.*", "reask_latency_s.*", "stages.*.seconds",
         "stages.*.rows_per_s", "stages.*.images_per_s", "stages.*.regions_per_s", "stages.*.pid",
         "pipeline.seconds", "pipeline.images_per_s", "pipeline.regions_per_s", "references.scoring_s",
-        "references.scoring_meteor_s"}
+        "references.scoring_meteor_s", "densecap.meteor_s", "shards.wall_s_max", "shards.span_s",
+        "shards.regions_per_s"}
     whole, shards, merged, summary = shapes_runs(n)
     assert summary["status"] == "ok" and summary["metrics"] == "metrics.json"
     expected = json.loads((whole / "metrics.json").read_text())

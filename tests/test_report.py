@@ -208,7 +208,9 @@ def test_run_report_leads_with_results(run_dir):
     assert [k for _, k in big] == ["exact match", "attribute accuracy"]
     assert "bleu" not in header.lower()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert big[0][0] == f"{metrics['references']['exact_match']:.1%}"
+    iv = metrics["references"]["intervals"]["exact_match"]
+    # The headline carries its 95% interval (metrics.json references.intervals).
+    assert big[0][0] == f"{metrics['references']['exact_match']:.1%} [{iv['low']:.1%}, {iv['high']:.1%}]"
     # Results, then samples, then metrics and errors, then provenance, last.
     assert _sections(page) == ["Samples", "Metrics", "Errors by kind", "Provenance"]
     assert page.index("</header>") < page.index('<div class="sample">') < page.index("<h2>Metrics")
