@@ -267,12 +267,16 @@ BLEU_N = 4
 def _ptb_pairs(pairs: Sequence[Pair]) -> Tuple[Dict[int, List[str]], Dict[int, List[str]]]:
     """``(gts, res)`` of pycocoevalcap's scorers for ``pairs``: every caption and
     reference tokenized as the COCO caption toolkit's PTBTokenizer does."""
-    from regioncap.ptb import ptb_tokenize
+    from regioncap.ptb import ptb_tokenize_batch
 
-    res = {i: [ptb_tokenize(c)] for i, (c, _) in enumerate(pairs)}
-    gts = {i: [ptb_tokenize(r) for r in _reference_list(refs)] for i, (_, refs) in enumerate(pairs)}
-    if any(not refs for refs in gts.values()):
+    refs = [_reference_list(r) for _, r in pairs]
+    if any(not r for r in refs):
         raise ValueError("every pair needs at least one reference with a word")
+    # One batch of references and one of captions, in this order, as COCOEvalCap runs
+    # the tokenizer (a caption's last token can depend on the next caption).
+    res = {i: [text] for i, text in enumerate(ptb_tokenize_batch([c for c, _ in pairs]))}
+    flat = iter(ptb_tokenize_batch([text for r in refs for text in r]))
+    gts = {i: [next(flat) for _ in r] for i, r in enumerate(refs)}
     return gts, res
 
 

@@ -354,10 +354,11 @@ _SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got
                 "lemme": ("lem", "me"), "gimme": ("gim", "me"), "wanna": ("wan", "na")}
 
 
-def _lex(text: str) -> List[str]:
-    """PTBLexer's tokens of ``text`` (before lowercasing and the punctuation filter)."""
+def _lex(text: str, end: Optional[int] = None) -> List[str]:
+    """PTBLexer's tokens of ``text`` (before lowercasing and the punctuation filter),
+    those starting before ``end`` (default: all); what follows is context only."""
     out: List[str] = []
-    pos, end = 0, len(text)
+    pos, end = 0, len(text) if end is None else end
     while pos < end:
         best, best_len, best_main = None, 0, 0
         for regex, trailing, action in _RULES:
@@ -398,11 +399,19 @@ def _tokenize_cached(text: str) -> str:
         for w in text.lower().split():
             words.extend(_SPLIT_WORDS.get(w, (w,)))
         return " ".join(words)
-    if any(ord(c) > 0xFFFF for c in text):
-        text = _utf16_units(text)
+    return _tokenize_lexed(text)
+
+
+def _tokenize_lexed(text: str, following: Optional[str] = "") -> str:
+    """:func:`ptb_tokenize` of one caption without newlines, through the lexer;
+    ``following``: the captions after it in the toolkit's batch, for context
+    (``None``: it is the batch's last, at the end of the file)."""
     # In the toolkit's batch every caption but the last is followed by a newline, which
     # rules with a trailing context ("=D", "I'll", "etc.") look at.
-    line = " ".join(_lex(text + "\n")).lower()
+    context = "" if following is None else "\n" + following
+    if any(ord(c) > 0xFFFF for c in text + context):
+        text, context = _utf16_units(text), _utf16_units(context)
+    line = " ".join(_lex(text + context, len(text))).lower()
     # The wrapper's own steps: strip the line's end (any Unicode space, even inside a
     # token such as an e-mail address), split on spaces, drop the punctuation.
     joined = " ".join(t for t in line.rstrip().split(" ") if t not in PUNCTUATIONS)
@@ -435,16 +444,48 @@ def ptb_tokenize(text: Optional[str]) -> str:
     return _tokenize_cached(text.replace("\n", " "))
 
 
+#: Captions whose tokens may depend on the caption after them in a batch: those ending
+#: in a period (after spaces), which "A." before "The", "no." before "5" or "etc."
+#: look past.
+_PERIOD_END = re.compile(f"\\.{SPACE}*$")
+#: Characters of the following captions that any trailing context can reach (an
+#: acronym's: spaces and newlines, a word of up to 12 letters or an SGML tag, a space).
+_CONTEXT_CHARS = 400
+
+
+def ptb_tokenize_batch(texts: Sequence[Optional[str]]) -> List[str]:
+    """:func:`ptb_tokenize` of each of ``texts`` as the toolkit tokenizes them in one
+    batch, in this order (``COCOEvalCap`` tokenizes all references in one batch and
+    all candidates in another): its lexer looks across a caption's end into the next
+    one, so a caption ending in a one-letter acronym before one starting with "The",
+    "A", "He"... loses that period (``"plan B."`` -> ``plan b``, not ``plan b.``), and
+    one ending in ``no.``/``fig.``/``ca.`` before one starting with a digit keeps it.
+    """
+    clean = [t.replace("\n", " ") if t else "" for t in texts]
+    out = []
+    for i, text in enumerate(clean):
+        if i + 1 == len(clean):  # nothing after it, not even a newline
+            out.append(_tokenize_lexed(text, None) if text else "")
+        elif _PERIOD_END.search(text):
+            following = "\n".join(clean[i + 1:i + 1 + _CONTEXT_CHARS])[:_CONTEXT_CHARS]
+            out.append(_tokenize_lexed(text, following))
+        else:
+            out.append(_tokenize_cached(text) if text else "")
+    return out
+
+
 def ptb_tokens(text: Optional[str]) -> List[str]:
     """The tokens of :func:`ptb_tokenize` (split on single spaces, as the wrapper does)."""
     joined = ptb_tokenize(text)
     return joined.split(" ") if joined else []
 
 
-def java_tokenize(texts: Sequence[str], timeout_s: float = 300.0) -> List[str]:
+def java_tokenize(texts: Sequence[str], *, isolate: bool = True, timeout_s: float = 300.0) -> List[str]:
     """``texts`` tokenized by the COCO caption toolkit itself (pycocoevalcap's
     ``PTBTokenizer``, one Java process for the whole batch); for checking
-    :func:`ptb_tokenize`. Needs Java on PATH and pycocoevalcap.
+    :func:`ptb_tokenize`. Needs Java on PATH and pycocoevalcap. ``isolate``: each
+    text alone, as :func:`ptb_tokenize` sees it; ``False``: one batch exactly as the
+    toolkit runs it, as :func:`ptb_tokenize_batch` sees it.
 
     Raises ``RuntimeError`` when a text holds a line break other than ``\\n``
     (the toolkit would shift the later captions onto the wrong lines) or when
@@ -466,7 +507,10 @@ def java_tokenize(texts: Sequence[str], timeout_s: float = 300.0) -> List[str]:
     # A line of one deleted character after each caption: the toolkit's lexer looks past a
     # caption's end into the next one ("A." before "The..." ends as "a"), which a caption
     # alone (ptb_tokenize) cannot; this way every caption is followed by a newline and nothing.
-    joined = "".join(t.replace("\n", " ") + "\n\u0001\n" for t in texts)
+    sep = "\n\u0001\n" if isolate else "\n"
+    joined = "".join(t.replace("\n", " ") + sep for t in texts)
+    if not isolate:
+        joined = joined[:-1]
     with tempfile.NamedTemporaryFile("wb", delete=False, suffix=".txt") as tmp:
         tmp.write(joined.encode())
     try:
@@ -477,7 +521,7 @@ def java_tokenize(texts: Sequence[str], timeout_s: float = 300.0) -> List[str]:
         os.unlink(tmp.name)
     if proc.returncode != 0:
         raise RuntimeError(f"PTBTokenizer failed ({proc.returncode}): {proc.stderr.decode(errors='replace')[-500:]}")
-    lines = proc.stdout.decode().split("\n")[0::2]
+    lines = proc.stdout.decode().split("\n")[0::2 if isolate else 1]
     return [" ".join(w for w in line.rstrip().split(" ") if w not in mod.PUNCTUATIONS)
             for _, line in zip(texts, lines + [""] * (len(texts) - len(lines)))]
 
