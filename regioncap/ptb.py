@@ -354,12 +354,32 @@ _SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got
                 "lemme": ("lem", "me"), "gimme": ("gim", "me"), "wanna": ("wan", "na")}
 
 
+#: An ASCII word followed by a space or a newline: most tokens. No rule but the
+#: assimilations ("cannot") makes another token of it: those that match longer need
+#: a character other than a letter before the space ("Mr." "e-mail" "don't" "a@b"),
+#: and the two that count the space ("Mr " as a title, "A " as an acronym) give the word.
+#: The same before ", " and before ". " (unless it is an abbreviation: "Mr." "etc."
+#: "no." "A."): a comma or a period and a space end every rule that starts with letters.
+_SPACED_WORD = re.compile(r"([A-Za-z]+)(?:(?=[ \n])|(?=,[ \n])|(\.)(?=[ \n]))")
+_SPACES = re.compile(f"{SPACE}+")
+_ABBREVIATION = re.compile(f"{ABBREV1}|{ABBREV4}\\.|{ABBREV3}|" + "(?:" + _ci("pt") + "[eyEY]|" + _ci("co") + r")\.")
+
+
 def _lex(text: str, end: Optional[int] = None) -> List[str]:
     """PTBLexer's tokens of ``text`` (before lowercasing and the punctuation filter),
     those starting before ``end`` (default: all); what follows is context only."""
     out: List[str] = []
     pos, end = 0, len(text) if end is None else end
     while pos < end:
+        if text[pos] == " ":  # only the spaces rule starts with a space; it takes the whole run
+            pos = _SPACES.match(text, pos).end()  # type: ignore[union-attr]
+            continue
+        word = _SPACED_WORD.match(text, pos)
+        if word is not None and word.group(1).lower() not in _SPLIT_WORDS and (
+                not word.group(2) or not _ABBREVIATION.fullmatch(word.group())):
+            out.append(word.group(1))
+            pos = word.end(1)
+            continue
         best, best_len, best_main = None, 0, 0
         for regex, trailing, action in _RULES:
             m = regex.match(text, pos)
@@ -393,13 +413,13 @@ def _lex(text: str, end: Optional[int] = None) -> List[str]:
 
 
 @lru_cache(maxsize=65536)
-def _tokenize_cached(text: str) -> str:
+def _tokenize_cached(text: str, following: str = "") -> str:
     if _PLAIN.fullmatch(text):
         words: List[str] = []
         for w in text.lower().split():
             words.extend(_SPLIT_WORDS.get(w, (w,)))
         return " ".join(words)
-    return _tokenize_lexed(text)
+    return _tokenize_lexed(text, following)
 
 
 def _tokenize_lexed(text: str, following: Optional[str] = "") -> str:
@@ -445,12 +465,27 @@ def ptb_tokenize(text: Optional[str]) -> str:
 
 
 #: Captions whose tokens may depend on the caption after them in a batch: those ending
-#: in a period (after spaces), which "A." before "The", "no." before "5" or "etc."
-#: look past.
+#: in a period (and spaces), where an acronym ("B."), an abbreviation used before
+#: numbers ("no.") or any abbreviation ("etc.") looks past the caption's end.
 _PERIOD_END = re.compile(f"\\.{SPACE}*$")
+#: After an acronym, the words that make it end a sentence ("B." before "The").
+_ACRONYM_CONTEXT = re.compile(f"{SPACENL}+{_ACRONYM_NEXT}{SPACENL}")
 #: Characters of the following captions that any trailing context can reach (an
 #: acronym's: spaces and newlines, a word of up to 12 letters or an SGML tag, a space).
 _CONTEXT_CHARS = 400
+
+
+def _context(text: str, following: str) -> str:
+    """What of ``following`` (the next captions, joined by newlines) can change the
+    tokens of ``text``, as a short stand-in with the same effect: ``"The "`` when an
+    acronym at its end would end a sentence, ``"5"`` when a number follows an
+    abbreviation such as "no." directly, else ``""`` (the abbreviations' other
+    trailing contexts give the same tokens either way)."""
+    if _ACRONYM_CONTEXT.match("\n" + following):
+        return "The "
+    if text.endswith(".") and following[:1].isdecimal() and not re.match(f"[{_UNKNOWN}]", following[:1]):
+        return "5"
+    return ""
 
 
 def ptb_tokenize_batch(texts: Sequence[Optional[str]]) -> List[str]:
@@ -467,8 +502,11 @@ def ptb_tokenize_batch(texts: Sequence[Optional[str]]) -> List[str]:
         if i + 1 == len(clean):  # nothing after it, not even a newline
             out.append(_tokenize_lexed(text, None) if text else "")
         elif _PERIOD_END.search(text):
-            following = "\n".join(clean[i + 1:i + 1 + _CONTEXT_CHARS])[:_CONTEXT_CHARS]
-            out.append(_tokenize_lexed(text, following))
+            following, j = [], i + 1
+            while j < len(clean) and sum(len(f) + 1 for f in following) < _CONTEXT_CHARS:
+                following.append(clean[j])
+                j += 1
+            out.append(_tokenize_cached(text, _context(text, "\n".join(following))))
         else:
             out.append(_tokenize_cached(text) if text else "")
     return out

@@ -102,7 +102,7 @@ CAPTION_LIKE = st.lists(st.sampled_from(list(
     "aAbBcCdDeEnNoOsStTlLmMyYiIuUxX0123456789 .,;:?!'\"`-_()[]{}<>/\\*&#@$%+=~^|\t\u00a0\u2019\u2018\u201c\u201d"
     "\u00ab\u00bb\u2026\u2013\u2014\u00bd\u20ac\u00a3\u00e9\u00fc\u00df\u5317\u00ad\u200b\u3000\u00b2")
     + ["n't", "'s", "'ll", "U.S.", "Mr.", "etc.", "no.", "www.", ".com", "http://", "\U0001F600", "gonna",
-       "cannot", "1/2", "3.5", " a ", " The "]), max_size=30).map("".join)
+       "cannot", "1/2", "3.5", " a ", " The ", "B.", "A.", "no.", "5"]), max_size=30).map("".join)
 
 
 @settings(max_examples=150, deadline=None)
@@ -217,9 +217,12 @@ def test_meteor_on_ptb_tokens_equals_the_toolkits():
 @given(st.lists(CAPTION_LIKE, min_size=400, max_size=400))
 def test_random_caption_like_strings_tokenize_as_java_does(texts):
     toolkit_java_ok()
-    # One Java call for the whole batch of examples.
+    # One Java call for the whole batch of examples, each alone; then one as the toolkit batches them.
     java = java_tokenize(texts)
     wrong = [(t, j, ptb_tokenize(t)) for t, j in zip(texts, java) if ptb_tokenize(t) != j]
+    assert not wrong, wrong[:5]
+    java = java_tokenize(texts, isolate=False)
+    wrong = [(t, j, p) for t, j, p in zip(texts, java, ptb_tokenize_batch(texts)) if p != j]
     assert not wrong, wrong[:5]
 
 
