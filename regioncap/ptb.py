@@ -26,19 +26,24 @@ that specification. What that means for captions:
 - characters outside the Basic Multilingual Plane (emoji) are deleted and
   separate the words around them, as Java sees them as two unknown halves.
 
-Known, deliberate differences from running the toolkit: newline characters
-inside a caption (``\\r``, ``\\u2028``, ``\\u2029``, ``\\v``, ``\\f``) separate words
-here, whereas the toolkit, which only replaces ``\\n``, ends the line there
-and shifts every later caption of the batch onto the wrong image. Letters are
-Python's Unicode letters, a newer Unicode than the Java 6 tables CoreNLP 3.4.1
-was generated with, so a letter added to Unicode since then is a letter here
-and deleted there. :func:`java_tokenize` runs the toolkit itself, for checking.
+A caption's tokens can depend on the caption after it in the toolkit's batch
+(its lexer looks across the newline: ``"plan B."`` before ``"The..."`` ends as
+``plan b``); :func:`ptb_tokenize_batch` reproduces that for a batch in the
+toolkit's order, :func:`ptb_tokenize` tokenizes a caption as if a newline and
+nothing followed it. Letters and digits are those of CoreNLP 3.4.1's Unicode
+tables (Python's, less the ones added since: ``_UNKNOWN``, checked against the
+jar for every character of the Basic Multilingual Plane).
+
+One deliberate difference: line breaks other than ``\\n`` inside a caption
+(``\\r``, ``\\u2028``, ``\\u2029``, ``\\v``, ``\\f``) separate words here, whereas
+the toolkit, which only replaces ``\\n``, ends the line there and shifts every
+later caption of its batch onto the wrong image. :func:`java_tokenize` runs the
+toolkit itself, for checking.
 """
 
 from __future__ import annotations
 
 import re
-import sys
 import unicodedata
 from functools import lru_cache
 from typing import Any, Callable, List, Optional, Sequence, Tuple

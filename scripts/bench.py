@@ -658,7 +658,8 @@ def caption_corpus(n: int, seed: int = 0) -> List[str]:
     rnd = random.Random(seed)
     subjects = ["A man", "A woman", "Two dogs", "A child", "The cat", "A group of people", "An old bus", "A giraffe",
                 "Three kids", "A player"]
-    verbs = ["riding", "holding", "standing next to", "looking at", "eating", "sitting on", "playing with", "walking by"]
+    verbs = ["riding", "holding", "standing next to", "looking at", "eating", "sitting on", "playing with",
+             "walking by"]
     things = ["a horse", "a red umbrella", "the woman's bike", "a 3.5-inch screen", "a sign that says \"STOP\"",
               "a plate of food", "a black-and-white cat", "a surfboard (blue)", "10 apples", "the U.S. flag",
               "a $5 bill", "a hot-dog", "the kids' toys"]
