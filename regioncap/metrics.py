@@ -973,8 +973,10 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
                 f"({refs.get('references_missing', 0)} without a reference)")
         if refs.get("bleu4") is not None:
             bleu = "/".join(_num(refs.get(f"bleu{k}"), ".3f") for k in range(1, BLEU_N + 1))
+            short = refs.get("captions_without_4gram")
             text += (f": BLEU-1..4 {bleu} (captions {_num(refs.get('caption_tokens_mean'), '.1f')} tokens, "
-                     f"references {_num(refs.get('reference_tokens_mean'), '.1f')}), "
+                     f"references {_num(refs.get('reference_tokens_mean'), '.1f')}"
+                     + (f"; {short:.0%} of captions too short for BLEU-4" if short else "") + "), "
                      f"ROUGE-L {refs['rouge_l']:.3f}, CIDEr {refs['cider']:.3f}, "
                      + (f"METEOR {refs['meteor']:.3f}" if refs.get("meteor") is not None
                         else f"METEOR n/a ({refs.get('meteor_absent', 'absent')})"))

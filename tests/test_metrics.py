@@ -249,6 +249,10 @@ def test_reference_scores_are_on_the_toolkits_ptb_tokens():
 
     m = compute_metrics(ref_records(pairs), {}, meteor=False)["references"]
     assert m["tokenizer"] == mx.TOKENIZER and "PTB" in m["tokenizer"]
+    line = next(t for t in format_summary({**compute_metrics(ref_records(pairs), {}, meteor=False), "errors": {},
+                                           "stages": {}}, max_error_rate=0.1, out_dir="o").splitlines()
+                if t.startswith("references"))
+    assert "(captions 4.5 tokens, references 5.0; 50% of captions too short for BLEU-4)" in line
     assert {k: m[k] for k in corpus if k != "scoring_s"} == {k: v for k, v in corpus.items() if k != "scoring_s"}
     assert {f"references.bleu{k}" for k in range(1, 5)} <= set(mx.metric_names())
 
