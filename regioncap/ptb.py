@@ -46,7 +46,13 @@ from __future__ import annotations
 import re
 import unicodedata
 from functools import lru_cache
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+try:  # the regex parser, for the rules' first characters (see _first)
+    from re import _constants as _sre, _parser as _sre_parse  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
 
 #: The tokens the toolkit drops after tokenizing (pycocoevalcap's ``PUNCTUATIONS``).
 PUNCTUATIONS = frozenset({"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
@@ -352,6 +358,78 @@ def _compile(main: str, trail: Optional[str]) -> "re.Pattern[str]":
 _RULES = [(_compile(alt, trail), trail is not None, action)
           for main, trail, action in _RULE_SPECS for alt in (main if isinstance(main, tuple) else (main,))]
 
+def _first(items: Any) -> Tuple[List[Any], bool]:
+    """The items of a parsed regex (``re._parser``) that may match its first character,
+    and whether it may match the empty string. A superset: look-aheads are ignored."""
+    c = _sre
+    out: List[Any] = []
+    for op, av in items:
+        if op in (c.LITERAL, c.NOT_LITERAL, c.ANY, c.IN):
+            out.append((op, av))
+            return out, False
+        if op is c.SUBPATTERN:
+            first, empty = _first(av[3])
+        elif op is c.BRANCH:
+            parts = [_first(branch) for branch in av[1]]
+            first, empty = [x for f, _ in parts for x in f], any(e for _, e in parts)
+        elif op in (c.MAX_REPEAT, c.MIN_REPEAT, getattr(c, "POSSESSIVE_REPEAT", c.MAX_REPEAT)):
+            first, empty = _first(av[2])
+            empty = empty or av[0] == 0
+        elif op in (c.AT, c.ASSERT, c.ASSERT_NOT):
+            continue
+        else:  # anything else: any character may start it
+            return [(c.ANY, None)], True
+        out.extend(first)
+        if not empty:
+            return out, False
+    return out, True
+
+
+_CATEGORY_REGEX = {"CATEGORY_DIGIT": r"\d", "CATEGORY_NOT_DIGIT": r"\D", "CATEGORY_SPACE": r"\s",
+                   "CATEGORY_NOT_SPACE": r"\S", "CATEGORY_WORD": r"\w", "CATEGORY_NOT_WORD": r"\W"}
+
+
+def _starts(char: str, items: List[Any]) -> bool:
+    """Whether ``char`` is one of the first-character ``items`` (from :func:`_first`)."""
+    c = _sre
+    code = ord(char)
+    for op, av in items:
+        if op is c.ANY or (op is c.LITERAL and av == code) or (op is c.NOT_LITERAL and av != code):
+            return True
+        if op is c.IN:
+            negate = bool(av) and av[0][0] is c.NEGATE
+            hit = False
+            for kind, value in av[negate:]:
+                if kind is c.LITERAL:
+                    hit = value == code
+                elif kind is c.RANGE:
+                    hit = value[0] <= code <= value[1]
+                elif kind is c.CATEGORY:
+                    hit = re.match(_CATEGORY_REGEX[str(value)], char) is not None
+                else:
+                    hit = True
+                if hit:
+                    break
+            if hit != negate:
+                return True
+    return False
+
+
+#: Each rule's possible first characters, so that a position tries only the rules that
+#: can start there (most characters start a handful of the 90 rules).
+_FIRSTS = [_first(_sre_parse.parse(regex.pattern))[0] for regex, _, _ in _RULES]
+_CANDIDATES: Dict[str, List[Tuple["re.Pattern[str]", bool, Action]]] = {}
+
+
+def _candidates(char: str) -> List[Tuple["re.Pattern[str]", bool, Action]]:
+    rules = _CANDIDATES.get(char)
+    if rules is None:
+        rules = [rule for rule, first in zip(_RULES, _FIRSTS) if _starts(char, first)]
+        if len(_CANDIDATES) < 100_000:
+            _CANDIDATES[char] = rules
+    return rules
+
+
 #: Captions of plain ASCII letters and spaces, most of them: the lexer's result is their
 #: words, but for the assimilations it splits (checked in tests/test_ptb.py).
 _PLAIN = re.compile(r"[A-Za-z ]*")
@@ -386,7 +464,7 @@ def _lex(text: str, end: Optional[int] = None) -> List[str]:
             pos = word.end(1)
             continue
         best, best_len, best_main = None, 0, 0
-        for regex, trailing, action in _RULES:
+        for regex, trailing, action in _candidates(text[pos]):
             m = regex.match(text, pos)
             if m is None:
                 continue
