@@ -311,7 +311,7 @@ class PromptConfig:
     answer_format: AnswerFormat = AnswerFormat.lines
     #: Context margin around a crop, as a fraction of the box size.
     crop_margin: float = 0.15
-    #: Re-ask once for regions missing from an answer.
+    #: Re-ask once for regions missing from an answer or captioned with answer-format debris.
     reask_missing: bool = True
     #: Text of the one follow-up request for regions missing from an answer.
     reask_template: str = (
@@ -524,6 +524,9 @@ class MetricsConfig:
     meteor: bool = False
     #: Most seconds METEOR may take before its Java process is killed.
     meteor_timeout_s: float = 300.0
+    #: Resamples of the cluster bootstrap behind the 95% intervals of the reference scores
+    #: (``references.intervals``; seeded with the run's ``seed``); 0 leaves the intervals out.
+    bootstrap_resamples: int = 1000
 
 
 @dataclass

@@ -57,7 +57,7 @@ def run_job(cfg: Any) -> Any:
 def check_objective(cfg: Any) -> None:
     """Raise :class:`RunError` when ``cfg.objective`` names no number of metrics.json."""
     if cfg.objective:
-        from regioncap.metrics import check_objective as check
+        from regioncap.metricspec import check_objective as check
 
         try:
             check(str(cfg.objective))
@@ -67,10 +67,10 @@ def check_objective(cfg: Any) -> None:
 
 def objective_value(cfg: Any, metrics: Dict[str, Any]) -> float:
     """The value of the dotted path ``cfg.objective`` in ``metrics`` (what a sweeper optimises)."""
-    from regioncap.metrics import metric_value
+    from regioncap.metricspec import value_at
 
     try:
-        value = metric_value(metrics, str(cfg.objective))
+        value = value_at(metrics, str(cfg.objective))
     except KeyError:
         value = None
     if value is None:

@@ -44,6 +44,8 @@ from regioncap.records import dumps, read_jsonl
 from regioncap.rundir import CAPTIONS_FILE, METRICS_FILE, VISUALIZE_FILE
 
 log = logging.getLogger("regioncap")
+#: Metadata keys W&B allows on an artifact.
+ARTIFACT_METADATA_MAX = 100
 
 #: Metrics file and record files written by the run (see ``regioncap.run``).
 #: Longest side of a region thumbnail in the table, in pixels.
@@ -258,8 +260,11 @@ class WandbLogger(RunLogger):
             if files:
                 # Immutable: referenced where they are, not copied to wandb's staging dir in the
                 # home dir (records can be GBs); regioncap never rewrites them after a job.
+                # W&B refuses an artifact with more than 100 metadata keys; every figure is in
+                # the metrics.json it holds, so its metadata keeps metrics.json's first 100.
+                meta = dict(list(flat.items())[:ARTIFACT_METADATA_MAX])
                 art = wandb.Artifact(f"captions-{run.id}", type="dataset",
-                                     description=f"regioncap records of {run.name}", metadata=flat)
+                                     description=f"regioncap records of {run.name}", metadata=meta)
                 for path in files:
                     art.add_file(str(path), name=path.name, policy="immutable")
                 run.log_artifact(art)

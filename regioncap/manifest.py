@@ -712,6 +712,49 @@ def build_manifest(cfg: Any, *, run_dir: str | Path, choices: Optional[Mapping[s
     return manifest
 
 
+def build_merge_manifest(out: str | Path, shards: Sequence[Mapping[str, Any]], *,
+                         config: Optional[Mapping[str, Any]], base: Optional[Mapping[str, Any]],
+                         overrides: Sequence[str], started: float, ended: float,
+                         config_differences: Sequence[str] = ()) -> Dict[str, Any]:
+    """The manifest of a merged dir (``python -m regioncap.merge``): a run's fields, plus its ``shards``.
+
+    What the shards share comes from ``base`` (the first shard's manifest: ``seed``, ``data``
+    fingerprint, ``engine``, ``model``, group ``choices``); ``config`` is the merged config (the
+    unsharded run's) and ``overrides`` its overrides (``cwd``, where relative paths in them resolve,
+    is the first shard's); ``git``, ``versions``, ``host``, ``command`` and the times are the
+    merge's own. ``shards``: one entry per shard (its dir, run key, git sha, overrides, rows, digest of its
+    records; see docs/formats.md). ``kind`` is ``merge`` (a run's manifest has none).
+    """
+    base = base or {}
+    config = dict(config) if config is not None else None
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": "merge",
+        "run_dir": str(Path(out).absolute()),
+        "cwd": base.get("cwd"),
+        "status": "ok",
+        "error": None,
+        "started": iso_utc(started),
+        "ended": iso_utc(ended),
+        "duration_s": round(ended - started, 3),
+        "command": [redact_override(a) for a in sys.argv],
+        "hydra": {"choices": (base.get("hydra") or {}).get("choices"),
+                  "overrides": [redact_override(str(o)) for o in overrides]},
+        "seed": base.get("seed"),
+        "data": base.get("data"),
+        "engine": base.get("engine"),
+        "model": base.get("model"),
+        "git": git_info(),
+        "versions": package_versions(),
+        "host": host_info(),
+        "outputs": output_files(Path(out)),
+        "config_resolved": base.get("config_resolved") if config is not None else None,
+        "config": redact(config) if config is not None else None,
+        "shards": [dict(s) for s in shards],
+        "config_differences": list(config_differences),
+    }
+
+
 def _umask() -> int:
     """The process umask (read by setting it and putting it back: there is no getter)."""
     mask = os.umask(0o022)

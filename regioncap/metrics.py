@@ -1,6 +1,8 @@
 """Run metrics from the records a run wrote, and reference scores for captions.
 
-Pure library module: no Hydra, no W&B, no engine imports. The reference
+Pure library module: no Hydra, no W&B, no engine imports. What each number
+means (its name, unit, direction, how it combines) is declared once in
+:mod:`regioncap.metricspec`. The reference
 scorers (``pycocoevalcap``, the ``metrics`` extra) are imported only when some
 row carries references.
 
@@ -32,6 +34,8 @@ from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_interval
 
 log = logging.getLogger("regioncap")
 
@@ -570,6 +574,44 @@ def annotate_record(record: Dict[str, Any], references_key: Optional[str] = "ref
     return record
 
 
+# ------------------------------------------------------------------ intervals
+#: Reference scores whose corpus value is a mean over regions, so a cluster bootstrap of the per-region
+#: values gives their interval. BLEU-4 and METEOR pool statistics over the corpus (the mean of per-region
+#: METEOR can be far from it: 0.94 against 0.66 on the shapes demo), so theirs needs per-region statistics
+#: and a statistic of their sums (regioncap.intervals.bleu_from_totals for BLEU).
+INTERVAL_SCORES = ("exact_match", "attribute_accuracy", "rouge_l", "cider")
+
+
+def reference_intervals(per: Sequence[Dict[str, Optional[float]]], rows: Sequence[int], *,
+                        n_boot: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                        confidence: float = DEFAULT_CONFIDENCE) -> Dict[str, Any]:
+    """``references.intervals`` of metrics.json: a ``confidence`` interval for each of
+    :data:`INTERVAL_SCORES` that has per-region values, by a cluster bootstrap over
+    rows (``rows[i]``: the row of ``per[i]``; see :mod:`regioncap.intervals`).
+
+    Returns ``{<score>: {low, high, n_clusters, n_boot}}`` (bounds rounded to 4
+    digits; ``n_clusters``: the rows with a value of that score), the shape
+    :mod:`regioncap.metricspec` reads as the interval of ``references.<score>``.
+    The method (:data:`regioncap.intervals.METHOD`), the 95% level and the seed
+    (the run's) are documented in docs/formats.md rather than repeated per run.
+    """
+    out: Dict[str, Any] = {}
+    for name in INTERVAL_SCORES:
+        values, clusters = [], []
+        for scores, row in zip(per, rows):
+            value = scores.get(name)
+            if value is not None:
+                values.append(value)
+                clusters.append(row)
+        if not values:
+            continue
+        iv = bootstrap_interval(values, clusters, n_boot=n_boot, confidence=confidence, seed=seed)
+        if iv["low"] is not None:
+            out[name] = {"low": round(iv["low"], 4), "high": round(iv["high"], 4), "n_clusters": iv["n_clusters"],
+                         "n_boot": n_boot}
+    return out
+
+
 # ------------------------------------------------------------------ metrics
 class _Accumulator:
     """The running state of one pass over the records."""
@@ -586,8 +628,11 @@ class _Accumulator:
         self.latency = array("d")
         self.reask_latency = array("d")
         self.pairs: List[Tuple[str, List[str]]] = []
+        #: The row (0-based, in read order) of each pair: the cluster its bootstrap interval resamples.
+        self.pair_rows = array("I")
         self.has_references = False
         self.flags: Counter = Counter()
+        self.debris: Counter = Counter()
 
     def add(self, rec: Dict[str, Any]) -> None:
         c = self.c
@@ -628,14 +673,20 @@ class _Accumulator:
             c["visual_tokens"] += vis
             if spec.get("latency_s") is not None:
                 self.latency.append(float(spec["latency_s"]))
+            # The first answer's captions with answer-format debris; a record written before the
+            # check has none and reads as clean, as it was counted then.
+            debris = spec.get("debris") if isinstance(spec.get("debris"), dict) else {}
             if spec.get("error"):
                 c["requests_failed"] += 1
             elif spec.get("answer") is not None:
                 c["requests_answered"] += 1
                 c["requests_format_ok"] += bool(spec.get("format_ok"))
+                c["requests_debris"] += bool(debris)
+                c["requests_parsed_clean"] += bool(spec.get("format_ok")) and not debris
             reask = spec.get("reask")
             if reask:
                 c["reasks"] += 1
+                c["regions_reasked_debris"] += len({str(n) for n in reask.get("numbers") or []} & set(debris))
                 c["visual_tokens"] += vis  # the re-ask sends the same image again
                 if reask.get("latency_s") is not None:
                     self.reask_latency.append(float(reask["latency_s"]))
@@ -665,6 +716,9 @@ class _Accumulator:
             self.words.append(min(words, 2**32 - 1))
             if reg.get("attempt") == 2:
                 c["regions_from_reask"] += 1
+            if reg.get("debris"):  # kept with answer-format debris (prompts.caption_debris)
+                c["captions_debris"] += 1
+                self.debris[str(reg["debris"])] += 1
             words_list = tokenize(caption)
             seen[" ".join(words_list)] += 1
             first, again = prompts.get(reg.get("id"), (None, None))
@@ -692,6 +746,7 @@ class _Accumulator:
             for reg, refs in found:
                 if reg.get("caption") and normalize(reg["caption"]):
                     self.pairs.append((reg["caption"], refs))
+                    self.pair_rows.append(c["rows"] - 1)
                 else:
                     c["references_uncaptioned"] += 1
 
@@ -796,7 +851,8 @@ class ProposalStats:
 def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[str, Any]], *,
                     patch_size: int = 14, merge_size: int = 2, references_key: Optional[str] = "references",
                     meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S,
-                    wall_s: Optional[float] = None) -> Dict[str, Any]:
+                    wall_s: Optional[float] = None, bootstrap_resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = DEFAULT_SEED) -> Dict[str, Any]:
     """Everything ``metrics.json`` holds, from one pass over a run's final records.
 
     ``records``: the caption records (or the visualize records when only that
@@ -809,6 +865,9 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     (Java; about 10 s to start) when references are present; off unless asked
     (``metrics.meteor=true``). ``wall_s``: the
     run's wall time when the stages overlapped (default: the stages' sum).
+    ``bootstrap_resamples`` and ``seed``: the resamples and seed of the 95%
+    intervals of the reference scores (:func:`reference_intervals`; 0 resamples
+    turns them off); a run passes ``metrics.bootstrap_resamples`` and its ``seed``.
     """
     acc = _Accumulator(patch_size, merge_size, references_key)
     proposals = ProposalStats(references_key)
@@ -869,7 +928,13 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     out["requests_answered"] = c["requests_answered"]
     out["requests_failed"] = c["requests_failed"]
     out["requests_format_ok"] = c["requests_format_ok"]
-    out["parse_success_rate"] = _rate(c["requests_format_ok"], c["requests_answered"])
+    out["requests_debris"] = c["requests_debris"]
+    out["requests_parsed_clean"] = c["requests_parsed_clean"]
+    # Clean parses only: the layout followed and no caption carrying answer-format debris.
+    out["parse_success_rate"] = _rate(c["requests_parsed_clean"], c["requests_answered"])
+    out["regions_reasked_debris"] = c["regions_reasked_debris"]
+    out["captions_debris"] = c["captions_debris"]
+    out["captions_debris_by_reason"] = dict(acc.debris)
     out["caption_words"] = describe(acc.words, 2)
     out["captions_empty"] = c["captions_empty"]
     out["captions_duplicated"] = c["captions_duplicated"]
@@ -890,7 +955,11 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
                 "regions_with_references": c["regions_with_references"],
                 "references_missing": c["references_missing"],
                 "references_uncaptioned": c["references_uncaptioned"]}
-        refs.update(score_corpus(acc.pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s))
+        corpus, per = score_references(acc.pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)
+        refs.update(corpus)
+        if bootstrap_resamples > 0 and acc.pairs:
+            refs["intervals"] = reference_intervals(per, acc.pair_rows, n_boot=bootstrap_resamples, seed=seed)
+        del per
         refs["tokenizer"] = TOKENIZER
         out["references"] = refs
     return out
@@ -903,6 +972,14 @@ def _pct(value: Optional[float]) -> str:
 
 def _num(value: Optional[float], fmt: str = ".2f") -> str:
     return "n/a" if value is None else format(value, fmt)
+
+
+def _with_interval(value: Optional[float], interval: Optional[Dict[str, Any]]) -> str:
+    """``0.920 [0.740, 0.990]``: a score of the summary line with its interval, when it has one."""
+    text = _num(value, ".3f")
+    if value is not None and interval and interval.get("low") is not None:
+        text += f" [{interval['low']:.3f}, {interval['high']:.3f}]"
+    return text
 
 
 def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: str) -> str:
@@ -964,27 +1041,36 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         words = m.get("caption_words") or {}
         lines.append(
             f"answers: parse success {_pct(m.get('parse_success_rate'))} of {m['requests_answered']} answered "
-            f"requests; caption words mean {_num(words.get('mean'), '.1f')}, p50 {_num(words.get('p50'), '.0f')}, "
+            f"requests"
+            + (f" ({m.get('requests_debris', 0)} with answer-format debris in a caption: "
+               f"{m.get('regions_reasked_debris', 0)} region(s) re-asked for it, "
+               f"{m.get('captions_debris', 0)} kept flagged)" if m.get("requests_debris") or m.get("captions_debris")
+               else "")
+            + f"; caption words mean {_num(words.get('mean'), '.1f')}, p50 {_num(words.get('p50'), '.0f')}, "
             f"p95 {_num(words.get('p95'), '.0f')}; empty {m.get('captions_empty', 0)}, "
             f"duplicated {m.get('captions_duplicated', 0)}, repeating the prompt {m.get('captions_repeat_prompt', 0)}")
     refs = m.get("references")
     if refs:
         text = (f"references: {refs['regions_scored']} regions scored "
                 f"({refs.get('references_missing', 0)} without a reference)")
+        ivs = refs.get("intervals") or {}
+        ci = lambda name: _with_interval(refs.get(name), ivs.get(name))  # noqa: E731
         if refs.get("bleu4") is not None:
             bleu = "/".join(_num(refs.get(f"bleu{k}"), ".3f") for k in range(1, BLEU_N + 1))
             short = refs.get("captions_without_4gram")
             text += (f": BLEU-1..4 {bleu} (captions {_num(refs.get('caption_tokens_mean'), '.1f')} tokens, "
                      f"references {_num(refs.get('reference_tokens_mean'), '.1f')}"
                      + (f"; {short:.0%} of captions too short for BLEU-4" if short else "") + "), "
-                     f"ROUGE-L {refs['rouge_l']:.3f}, CIDEr {refs['cider']:.3f}, "
+                     f"ROUGE-L {ci('rouge_l')}, CIDEr {ci('cider')}, "
                      + (f"METEOR {refs['meteor']:.3f}" if refs.get("meteor") is not None
                         else f"METEOR n/a ({refs.get('meteor_absent', 'absent')})"))
         elif refs.get("scores_absent"):
             text += f"; scores n/a ({refs['scores_absent']})"
         if refs.get("exact_match") is not None:
-            text += (f"; exact match {refs['exact_match']:.3f}, attribute accuracy "
-                     f"{_num(refs.get('attribute_accuracy'), '.3f')}")
+            text += f"; exact match {ci('exact_match')}, attribute accuracy {ci('attribute_accuracy')}"
+        shown = ivs.get("exact_match") or next(iter(ivs.values()), None)
+        if shown:
+            text += f" ([low, high]: 95% intervals over {shown['n_clusters']} rows)"
         lines.append(text)
     faith = m.get("faithfulness")
     if faith and faith.get("regions_checked"):
@@ -995,68 +1081,3 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         lines.append(f"  error {kind}: {n}")
     lines.append(f"outputs: {out_dir}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ metric names (sweep objectives)
-#: ``references.*`` numbers of metrics.json (present when the data has references).
-REFERENCE_METRICS = ("rows_with_references", "regions_with_references", "references_missing",
-                     "references_uncaptioned", "regions_scored", "exact_match", "attribute_accuracy",
-                     "bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider", "meteor", "caption_tokens_mean",
-                     "reference_tokens_mean", "captions_without_4gram", "scoring_s", "scoring_meteor_s")
-#: ``pipeline.*`` numbers (both stages in one run).
-PIPELINE_METRICS = ("seconds", "workers", "images_per_s", "regions_per_s")
-STAGES = ("visualize", "caption")
-
-
-def _numeric_paths(node: Any, prefix: str = "") -> List[str]:
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _numeric_paths(v, f"{prefix}{k}.")]
-    if isinstance(node, bool) or not (node is None or isinstance(node, (int, float))):
-        return []
-    return [prefix[:-1]]
-
-
-def metric_names() -> List[str]:
-    """Every dotted path of a number ``metrics.json`` can hold (``regions_per_s``,
-    ``references.exact_match``, ``stages.caption.regions_per_s``...): the values a
-    sweep's ``objective`` may name. Derived from :func:`compute_metrics` itself on
-    one synthetic record (so it follows the code), plus the reference and
-    pipeline numbers that need a real run."""
-    record = {"id": "a", "status": "ok", "image_path": "a.png",
-              "regions": [{"id": 1, "chunk": 0, "caption": "a red circle", "attempt": 1}],
-              "requests": [{"image_size": [28, 28], "latency_s": 0.1, "answer": "1: a red circle", "format_ok": True,
-                            "region_ids": [1], "reask": {"latency_s": 0.1}}]}
-    stages = {name: {"rows": 1, "seconds": 1.0, "errors": {}} for name in STAGES}
-    out = compute_metrics([record], stages, references_key=None)
-    names = {p for p in _numeric_paths(out) if not p.startswith("stages.") or p.count(".") == 2}
-    for stat in ("n", "mean", "p50", "p95", "min", "max"):
-        names.update(f"{key}.{stat}" for key in ("latency_s", "reask_latency_s", "caption_words"))
-    names.update(f"references.{k}" for k in REFERENCE_METRICS)
-    names.update(f"pipeline.{k}" for k in PIPELINE_METRICS)
-    return sorted(names)
-
-
-def check_objective(objective: str) -> None:
-    """Raise ``ValueError`` naming the closest metric names when ``objective`` is not
-    a number metrics.json can hold (see :func:`metric_names`)."""
-    names = metric_names()
-    if objective in names:
-        return
-    import difflib
-
-    close = difflib.get_close_matches(objective, names, n=4, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"objective={objective!r} is not a metric of metrics.json; {hint}"
-                     f"choose a dotted path such as regions_per_s, references.exact_match, "
-                     f"stages.caption.regions_per_s (all: python -c 'from regioncap.metrics import metric_names; "
-                     f"print(*metric_names(), sep=chr(10))')")
-
-
-def metric_value(metrics: Dict[str, Any], objective: str) -> Any:
-    """The value at the dotted path ``objective`` of ``metrics`` (``KeyError`` when absent)."""
-    node: Any = metrics
-    for part in objective.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(objective)
-        node = node[part]
-    return node

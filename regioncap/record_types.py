@@ -25,6 +25,8 @@ class Region(TypedDict, total=False):
     missing: bool
     reason: str
     attempt: int
+    #: Why the caption kept is not a clean parse (``regioncap.prompts.caption_debris``); None when clean.
+    debris: Optional[str]
     flags: List[str]
     scores: Dict[str, Optional[float]]
     #: Where the region came from: ``input`` (a box of the row; the default when absent) or a
@@ -51,6 +53,8 @@ class RequestSpec(TypedDict, total=False):
     latency_s: float
     finish_reason: Optional[str]
     format_ok: bool
+    #: Captions of this (first) answer that carry answer-format debris: ``{"<number>": reason}``.
+    debris: Dict[str, str]
     reask: Any
 
 
