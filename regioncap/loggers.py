@@ -44,6 +44,8 @@ from regioncap.records import dumps, read_jsonl
 from regioncap.rundir import CAPTIONS_FILE, METRICS_FILE, VISUALIZE_FILE
 
 log = logging.getLogger("regioncap")
+#: Metadata keys W&B allows on an artifact.
+ARTIFACT_METADATA_MAX = 100
 
 #: Metrics file and record files written by the run (see ``regioncap.run``).
 #: Longest side of a region thumbnail in the table, in pixels.
@@ -258,9 +260,11 @@ class WandbLogger(RunLogger):
             if files:
                 # Immutable: referenced where they are, not copied to wandb's staging dir in the
                 # home dir (records can be GBs); regioncap never rewrites them after a job.
-                # W&B allows 100 metadata keys: the figures the metric specification marks as key ones.
+                # W&B allows 100 metadata keys: the figures the metric specification marks as key ones
+                # (every figure is in the metrics.json the artifact holds).
+                meta = dict(list(key_figures(flat).items())[:ARTIFACT_METADATA_MAX])
                 art = wandb.Artifact(f"captions-{run.id}", type="dataset",
-                                     description=f"regioncap records of {run.name}", metadata=key_figures(flat))
+                                     description=f"regioncap records of {run.name}", metadata=meta)
                 for path in files:
                     art.add_file(str(path), name=path.name, policy="immutable")
                 run.log_artifact(art)

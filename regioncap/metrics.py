@@ -12,13 +12,13 @@ caption, one latency per request, one 8-byte hash per row for the distinct
 image count) and, for reference scoring only, one ``(caption, references)``
 pair per region that has references.
 
-Reference scores are those MS-COCO caption evaluation reports, computed by the
-``pycocoevalcap`` scorers (BLEU-4, ROUGE-L, CIDEr-D; METEOR where Java is on
-PATH). The text is tokenized by :func:`tokenize` (lowercase, punctuation
-stripped, split on the rest) rather than COCO's PTBTokenizer, which starts a
-Java process for Stanford CoreNLP on every call; the two agree on plain
-English captions except for contractions (``woman's`` -> ``woman s`` here,
-``woman 's`` there), so scores may differ slightly from published COCO numbers.
+Reference scores are those the COCO caption toolkit reports, computed as its
+``COCOEvalCap`` does: captions and references tokenized as its ``PTBTokenizer``
+does (:func:`regioncap.ptb.ptb_tokenize`, the same tokens in Python, without
+starting Java), then the ``pycocoevalcap`` scorers (BLEU-1..4, ROUGE-L, CIDEr-D;
+METEOR where Java is on PATH), so the figures compare with published ones.
+``exact_match`` and ``attribute_accuracy`` keep regioncap's own words
+(:func:`tokenize`: lowercase, punctuation stripped).
 """
 
 from __future__ import annotations
@@ -125,15 +125,10 @@ def _rate(num: float, den: float, digits: int = 4) -> Optional[float]:
 
 # ------------------------------------------------------------------ references
 def _reference_list(entry: Any) -> List[str]:
-    """One box's references (a string or a list of strings) as normalised, non-empty strings."""
+    """One box's references (a string or a list of strings) as written (stripped), those
+    with at least one word: a reference of punctuation alone is no reference."""
     items = [entry] if isinstance(entry, str) else entry if isinstance(entry, (list, tuple)) else []
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            text = normalize(item)
-            if text:
-                out.append(text)
-    return out
+    return [item.strip() for item in items if isinstance(item, str) and _WORD.search(item)]
 
 
 def _record_references(record: Dict[str, Any], references_key: Optional[str]) -> Optional[list]:
@@ -183,9 +178,10 @@ def region_references(record: Dict[str, Any], references_key: Optional[str] = "r
 
     Returns ``(has_references, [(region, references)], missing)``: whether the row
     carries the references field at all; every region whose input box
-    (``source_index``) has at least one non-empty reference, with them
-    normalised by :func:`normalize`; and how many regions have none (the list is
-    shorter than ``bbox``, or its entry is empty or not text).
+    (``source_index``) has at least one reference with a word, with those
+    references as written (stripped; each scorer tokenizes them its own way); and
+    how many regions have none (the list is shorter than ``bbox``, or its entry
+    is empty or not text).
     """
     refs = _record_references(record, references_key)
     if refs is None:
@@ -266,6 +262,70 @@ def _meteor(gts: Dict[int, List[str]], res: Dict[int, List[str]], timeout_s: flo
     return float(score), [float(s) for s in scores]
 
 
+#: What reference scores tokenize with (metrics.json ``references.tokenizer``).
+TOKENIZER = "PTB (the COCO caption toolkit's PTBTokenizer, CoreNLP 3.4.1), in Python (regioncap.ptb)"
+#: BLEU's n-gram orders (pycocoevalcap's ``Bleu(4)``).
+BLEU_N = 4
+
+
+def _ptb_pairs(pairs: Sequence[Pair]) -> Tuple[Dict[int, List[str]], Dict[int, List[str]]]:
+    """``(gts, res)`` of pycocoevalcap's scorers for ``pairs``: every caption and
+    reference tokenized as the COCO caption toolkit's PTBTokenizer does."""
+    from regioncap.ptb import ptb_tokenize_batch
+
+    refs = [_reference_list(r) for _, r in pairs]
+    if any(not r for r in refs):
+        raise ValueError("every pair needs at least one reference with a word")
+    # One batch of references and one of captions, in this order, as COCOEvalCap runs
+    # the tokenizer (a caption's last token can depend on the next caption).
+    res = {i: [text] for i, text in enumerate(ptb_tokenize_batch([c for c, _ in pairs]))}
+    flat = iter(ptb_tokenize_batch([text for r in refs for text in r]))
+    gts = {i: [next(flat) for _ in r] for i, r in enumerate(refs)}
+    return gts, res
+
+
+def bleu_stats(pairs: Sequence[Pair]) -> List[Tuple[int, ...]]:
+    """Per ``(caption, references)`` pair, the counts pycocoevalcap's ``BleuScorer``
+    adds up for corpus BLEU, on PTB tokens: ``(guess_1..guess_4, correct_1..correct_4,
+    test_len, ref_len)``, where ``guess_n`` is the caption's n-gram count,
+    ``correct_n`` those found in a reference (clipped by the most any one reference
+    has), ``test_len`` the caption's length and ``ref_len`` the length of the
+    reference closest to it (the shorter on a tie: ``option="closest"``).
+
+    Corpus BLEU over any multiset of pairs is :func:`bleu_from_stats` of the sum of
+    their vectors, so a bootstrap resamples pairs and sums. Each pair needs a
+    reference with a word (``ValueError`` otherwise).
+    """
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+
+    gts, res = _ptb_pairs(pairs)
+    out = []
+    for i in range(len(pairs)):
+        comps = cook_test(res[i][0], cook_refs(gts[i], n=BLEU_N), eff="closest", n=BLEU_N)
+        out.append((*comps["guess"], *comps["correct"], comps["testlen"], comps["reflen"]))
+    return out
+
+
+def bleu_from_stats(total: Sequence[float]) -> List[float]:
+    """Corpus BLEU-1..4 from summed :func:`bleu_stats` vectors, exactly as pycocoevalcap's
+    ``BleuScorer.compute_score(option="closest")`` computes it, with its smoothing
+    constants (``1e-15`` added to the matches and the caption length, ``1e-9`` to the
+    n-gram counts and the reference length) and its brevity penalty."""
+    n = BLEU_N
+    if len(total) != 2 * n + 2:
+        raise ValueError(f"a BLEU statistics vector has {2 * n + 2} entries, got {len(total)}")
+    small, tiny = 1e-9, 1e-15
+    guess, correct, test_len, ref_len = total[:n], total[n:2 * n], total[2 * n], total[2 * n + 1]
+    scores, product = [], 1.0
+    for k in range(n):
+        product *= float(correct[k] + tiny) / (guess[k] + small)
+        scores.append(product ** (1.0 / (k + 1)))
+    ratio = (test_len + tiny) / (ref_len + small)
+    if ratio < 1:
+        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
+    return scores
+
+
 def _score(pairs: Sequence[Pair], meteor: bool, meteor_timeout_s: float
            ) -> Tuple[Dict[str, Any], List[Dict[str, Optional[float]]]]:
     """Corpus scores and per-pair scores of ``pairs`` (each with at least one reference)."""
@@ -273,15 +333,19 @@ def _score(pairs: Sequence[Pair], meteor: bool, meteor_timeout_s: float
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    res = {i: [normalize(c)] for i, (c, _) in enumerate(pairs)}
-    gts = {i: _reference_list(refs) for i, (_, refs) in enumerate(pairs)}
-    if any(not refs for refs in gts.values()):
-        raise ValueError("every pair needs at least one non-empty reference")
-    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    gts, res = _ptb_pairs(pairs)
+    bleu, bleu_each = Bleu(BLEU_N).compute_score(gts, res, verbose=0)
     rouge, rouge_each = Rouge().compute_score(gts, res)
     cider, cider_each = Cider().compute_score(gts, res)
-    corpus: Dict[str, Any] = {"bleu4": round(float(bleu[3]), 4), "rouge_l": round(float(rouge), 4),
-                              "cider": round(float(cider), 4), "meteor": None}
+    corpus: Dict[str, Any] = {f"bleu{k + 1}": round(float(bleu[k]), 4) for k in range(BLEU_N)}
+    corpus.update({"rouge_l": round(float(rouge), 4), "cider": round(float(cider), 4), "meteor": None})
+    # Lengths as BLEU counts them (words of the tokenized text): with captions of three
+    # words, BLEU-4 has no 4-gram to count and says little.
+    cand_lens = [len(res[i][0].split()) for i in res]
+    ref_lens = [len(r.split()) for i in gts for r in gts[i]]
+    corpus["caption_tokens_mean"] = round(sum(cand_lens) / len(cand_lens), 3)
+    corpus["reference_tokens_mean"] = round(sum(ref_lens) / len(ref_lens), 3)
+    corpus["captions_without_4gram"] = round(sum(n < BLEU_N for n in cand_lens) / len(cand_lens), 4)
     meteor_each: List[Optional[float]] = [None] * len(pairs)
     if meteor:
         reason = meteor_absent()
@@ -308,14 +372,17 @@ def score_references(pairs: Sequence[Pair], *, meteor: bool = False, meteor_time
     """Corpus scores and per-region scores of ``(caption, references)`` pairs in one go
     (one METEOR process for both).
 
-    Corpus scores are those COCO caption evaluation reports: BLEU-4 and METEOR
-    from statistics pooled over the whole corpus (not means of per-region
-    scores); ROUGE-L and CIDEr-D as means over pairs; each ``None``
+    Corpus scores are those the COCO caption toolkit reports, on its PTB tokens
+    (:mod:`regioncap.ptb`): BLEU-1..4 and METEOR from statistics pooled over the
+    whole corpus (not means of per-region scores); ROUGE-L and CIDEr-D as means
+    over pairs; with them the mean length in tokens of the captions and of the
+    references and the share of captions too short for a 4-gram; each ``None``
     with a ``scores_absent`` / ``meteor_absent`` reason when its scorer is
     unavailable or nothing can be scored. ``exact_match`` and
     ``attribute_accuracy`` (:func:`match_scores`, means over pairs) need no
     scorer and are always there. Per region: one dict
-    ``{bleu4, rouge_l, cider, meteor, exact_match, attribute_accuracy}`` per pair, in order; BLEU-4 there is
+    ``{bleu4, rouge_l, cider, meteor, exact_match, attribute_accuracy}`` per pair, in order, on the
+    same tokens as the corpus scores; BLEU-4 there is
     pycocoevalcap's smoothed sentence BLEU, and CIDEr weighs n-grams by their
     rarity across the references of *all* pairs given, so a region's CIDEr
     depends on the corpus it is scored in (a single pair scores 0). A pair
@@ -325,7 +392,7 @@ def score_references(pairs: Sequence[Pair], *, meteor: bool = False, meteor_time
     empty = {"bleu4": None, "rouge_l": None, "cider": None, "meteor": None,
              "exact_match": None, "attribute_accuracy": None}
     per: List[Dict[str, Optional[float]]] = [dict(empty) for _ in pairs]
-    corpus: Dict[str, Any] = {"regions_scored": len(usable), **empty}
+    corpus: Dict[str, Any] = {"regions_scored": len(usable), "bleu1": None, "bleu2": None, "bleu3": None, **empty}
     # Exact match and attribute accuracy need no scorer package: always computed.
     for i in usable:
         per[i].update(match_scores(pairs[i][0], _reference_list(pairs[i][1])))
@@ -341,7 +408,7 @@ def score_references(pairs: Sequence[Pair], *, meteor: bool = False, meteor_time
         corpus["meteor_absent"] = "no region has both a caption and references"
         return corpus, per
     t0 = time.perf_counter()
-    log.info("reference scoring: %d regions (BLEU-4, ROUGE-L, CIDEr%s)", len(usable),
+    log.info("reference scoring: %d regions (PTB tokens; BLEU-1..4, ROUGE-L, CIDEr%s)", len(usable),
              ", METEOR: starting Java" if meteor else "; METEOR off, metrics.meteor=true turns it on")
     scores, each = _score([pairs[i] for i in usable], meteor, meteor_timeout_s)
     corpus.update(scores)
@@ -363,7 +430,7 @@ def score_regions(pairs: Sequence[Pair], *, meteor: bool = False,
 
 def score_corpus(pairs: Sequence[Pair], *, meteor: bool = False,
                  meteor_timeout_s: float = METEOR_TIMEOUT_S) -> Dict[str, Any]:
-    """Corpus-level BLEU-4, ROUGE-L, CIDEr and METEOR of ``(caption, references)``
+    """Corpus-level BLEU-1..4, ROUGE-L, CIDEr and METEOR of ``(caption, references)``
     pairs, with ``regions_scored`` (see :func:`score_references`)."""
     return score_references(pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)[0]
 
@@ -695,7 +762,7 @@ class _Accumulator:
             c["regions_with_references"] += len(found)
             for reg, refs in found:
                 if reg.get("caption") and normalize(reg["caption"]):
-                    self.pairs.append((normalize(reg["caption"]), refs))
+                    self.pairs.append((reg["caption"], refs))
                     self.pair_rows.append(c["rows"] - 1)
                 else:
                     c["references_uncaptioned"] += 1
@@ -921,7 +988,7 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
         if bootstrap_resamples > 0 and acc.pairs:
             refs["intervals"] = reference_intervals(per, acc.pair_rows, n_boot=bootstrap_resamples, seed=seed)
         del per
-        refs["tokenizer"] = "lowercase, punctuation stripped (not PTBTokenizer, which needs Java)"
+        refs["tokenizer"] = TOKENIZER
         out["references"] = refs
     if dense is not None and dense.evaluator.images:
         out["densecap"] = dense.summary(meteor_timeout_s=meteor_timeout_s)
@@ -1019,7 +1086,12 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         ivs = refs.get("intervals") or {}
         ci = lambda name: _with_interval(refs.get(name), ivs.get(name))  # noqa: E731
         if refs.get("bleu4") is not None:
-            text += (f": BLEU-4 {refs['bleu4']:.3f}, ROUGE-L {ci('rouge_l')}, CIDEr {ci('cider')}, "
+            bleu = "/".join(_num(refs.get(f"bleu{k}"), ".3f") for k in range(1, BLEU_N + 1))
+            short = refs.get("captions_without_4gram")
+            text += (f": BLEU-1..4 {bleu} (captions {_num(refs.get('caption_tokens_mean'), '.1f')} tokens, "
+                     f"references {_num(refs.get('reference_tokens_mean'), '.1f')}"
+                     + (f"; {short:.0%} of captions too short for BLEU-4" if short else "") + "), "
+                     f"ROUGE-L {ci('rouge_l')}, CIDEr {ci('cider')}, "
                      + (f"METEOR {refs['meteor']:.3f}" if refs.get("meteor") is not None
                         else f"METEOR n/a ({refs.get('meteor_absent', 'absent')})"))
         elif refs.get("scores_absent"):

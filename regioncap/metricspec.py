@@ -231,12 +231,22 @@ def _specs() -> Iterator[Metric]:
     yield m(refs + "meteor", "METEOR", "score", "higher", "records",
             "METEOR 1.5, COCO caption toolkit (Java; `metrics.meteor=true`)", compare=True, plot=True)
     yield m(refs + "bleu4", "BLEU-4", "score", "higher", "records",
-            "corpus BLEU-4, COCO caption toolkit", compare=True, plot=True)
+            "corpus BLEU-4, COCO caption toolkit on its PTB tokens", compare=True, plot=True)
+    for n in (1, 2, 3):
+        yield m(refs + f"bleu{n}", f"BLEU-{n}", "score", "higher", "records",
+                f"corpus BLEU-{n}, COCO caption toolkit on its PTB tokens")
+    yield m(refs + "caption_tokens_mean", "caption length (PTB tokens)", "tokens", None, "records",
+            "mean length of the scored captions in PTB tokens, as BLEU counts them")
+    yield m(refs + "reference_tokens_mean", "reference length (PTB tokens)", "tokens", None, "records",
+            "mean length of their references in PTB tokens")
+    yield m(refs + "captions_without_4gram", "captions too short for BLEU-4", "share", None, "records",
+            "scored captions under 4 PTB tokens (no 4-gram: BLEU-4 says little when most are)")
     yield m(refs + "scoring_s", "scoring time (s)", "seconds", "lower", "process",
             "seconds spent on reference scoring")
     yield m(refs + "scoring_meteor_s", "METEOR time (s)", "seconds", "lower", "process",
             "seconds of that in METEOR")
-    yield m(refs + "tokenizer", "tokenizer", "text", None, "same", "how captions were tokenized for scoring",
+    yield m(refs + "tokenizer", "tokenizer", "text", None, "same",
+            "how captions were tokenized for the toolkit's scores (PTB, as the toolkit's PTBTokenizer)",
             kind="text")
     yield m(refs + "meteor_absent", "METEOR absent", "text", None, "same", "why METEOR is null", kind="text")
     yield m(refs + "scores_absent", "scores absent", "text", None, "same",
