@@ -20,7 +20,8 @@ Statistics (``statistic=``):
 - a callable ``f(totals) -> estimates``: ``totals`` is an array
   ``(n_resamples, k)`` of the summed per-region vectors of each resample;
   ``f`` returns one estimate per resample. Corpus BLEU from summed n-gram
-  statistics plugs in this way (see :func:`bleu_from_totals`).
+  statistics plugs in this way (``regioncap.metrics.reference_intervals`` does it
+  with ``bleu_stats`` / ``bleu_from_stats``).
 
 The interval is the bias-corrected and accelerated (BCa) interval of the
 bootstrap distribution (Efron 1987), the acceleration from a leave-one-cluster-out
@@ -252,25 +253,5 @@ def paired_difference(a: Mapping[Hashable, Sequence[Any]], b: Mapping[Hashable, 
     return out
 
 
-def bleu_from_totals(totals: Any, max_n: int = 4) -> Any:
-    """Corpus BLEU-``max_n`` of each resample from summed per-region statistics, for
-    ``statistic=`` of :func:`bootstrap_interval`.
-
-    Columns of a region's vector: ``[hyp_len, ref_len, match_1, total_1, ...,
-    match_n, total_n]`` (candidate length, closest reference length, and per n-gram
-    order the clipped matches and the candidate n-grams), as COCO's BLEU pools them:
-    geometric mean of the pooled precisions times the brevity penalty.
-    """
-    np = _np()
-    totals = np.asarray(totals, dtype=float)
-    hyp, ref = totals[:, 0], totals[:, 1]
-    tiny, small = 1e-15, 1e-9  # pycocoevalcap's guards: a zero count gives ~0, never a division by zero
-    with np.errstate(divide="ignore", invalid="ignore"):
-        logs = sum(np.log((totals[:, 2 + 2 * n] + tiny) / (totals[:, 3 + 2 * n] + small)) for n in range(max_n))
-        ratio = (hyp + tiny) / (ref + small)
-        brevity = np.where(ratio < 1.0, np.exp(1.0 - 1.0 / ratio), 1.0)
-    return brevity * np.exp(logs / max_n)
-
-
 __all__ = ["METHOD", "DEFAULT_RESAMPLES", "DEFAULT_CONFIDENCE", "DEFAULT_SEED", "bootstrap_interval",
-           "paired_difference", "cluster_totals", "bleu_from_totals"]
+           "paired_difference", "cluster_totals"]

@@ -595,24 +595,41 @@ def annotate_record(record: Dict[str, Any], references_key: Optional[str] = "ref
 #: Reference scores whose corpus value is a mean over regions, so a cluster bootstrap of the per-region
 #: values gives their interval. BLEU-4 and METEOR pool statistics over the corpus (the mean of per-region
 #: METEOR can be far from it: 0.94 against 0.66 on the shapes demo), so theirs needs per-region statistics
-#: and a statistic of their sums (regioncap.intervals.bleu_from_totals for BLEU).
+#: and a statistic of their sums (bleu_stats and bleu_from_stats for BLEU-4: reference_intervals(pairs=...)).
 INTERVAL_SCORES = ("exact_match", "attribute_accuracy", "rouge_l", "cider")
+
+
+def _bleu4_of_totals(totals: Any) -> List[float]:
+    """Corpus BLEU-4 of each row of summed :func:`bleu_stats` vectors (a bootstrap statistic)."""
+    return [bleu_from_stats(row)[BLEU_N - 1] for row in totals]
 
 
 def reference_intervals(per: Sequence[Dict[str, Optional[float]]], rows: Sequence[int], *,
                         n_boot: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
-                        confidence: float = DEFAULT_CONFIDENCE) -> Dict[str, Any]:
+                        confidence: float = DEFAULT_CONFIDENCE, pairs: Optional[Sequence[Pair]] = None
+                        ) -> Dict[str, Any]:
     """``references.intervals`` of metrics.json: a ``confidence`` interval for each of
     :data:`INTERVAL_SCORES` that has per-region values, by a cluster bootstrap over
     rows (``rows[i]``: the row of ``per[i]``; see :mod:`regioncap.intervals`).
 
     Returns ``{<score>: {low, high, n_clusters, n_boot}}`` (bounds rounded to 4
     digits; ``n_clusters``: the rows with a value of that score), the shape
-    :mod:`regioncap.metricspec` reads as the interval of ``references.<score>``.
+    :mod:`regioncap.metricspec` reads as the interval of ``references.<score>``. With
+    ``pairs`` (the scored ``(caption, references)`` pairs, in ``per``'s order) corpus
+    BLEU-4 gets one too, from the pairs' pooled :func:`bleu_stats`.
     The method (:data:`regioncap.intervals.METHOD`), the 95% level and the seed
     (the run's) are documented in docs/formats.md rather than repeated per run.
     """
     out: Dict[str, Any] = {}
+    if pairs is not None:
+        # Corpus BLEU pools n-gram counts: resample the pairs' sufficient statistics and pool those.
+        usable = [i for i, scores in enumerate(per) if scores.get("bleu4") is not None]
+        if usable:
+            iv = bootstrap_interval(bleu_stats([pairs[i] for i in usable]), [rows[i] for i in usable],
+                                    statistic=_bleu4_of_totals, n_boot=n_boot, confidence=confidence, seed=seed)
+            if iv["low"] is not None:
+                out["bleu4"] = {"low": round(iv["low"], 4), "high": round(iv["high"], 4),
+                                "n_clusters": iv["n_clusters"], "n_boot": n_boot}
     for name in INTERVAL_SCORES:
         values, clusters = [], []
         for scores, row in zip(per, rows):
@@ -986,7 +1003,8 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
         corpus, per = score_references(acc.pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)
         refs.update(corpus)
         if bootstrap_resamples > 0 and acc.pairs:
-            refs["intervals"] = reference_intervals(per, acc.pair_rows, n_boot=bootstrap_resamples, seed=seed)
+            refs["intervals"] = reference_intervals(per, acc.pair_rows, n_boot=bootstrap_resamples, seed=seed,
+                                                    pairs=acc.pairs)
         del per
         refs["tokenizer"] = TOKENIZER
         out["references"] = refs

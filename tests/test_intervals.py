@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import compose
 from regioncap import metricspec
-from regioncap.intervals import METHOD, bleu_from_totals, bootstrap_interval, paired_difference
+from regioncap.intervals import METHOD, bootstrap_interval, paired_difference
 from regioncap.job import execute
 from regioncap.metrics import format_summary
 from regioncap.report import write_report
@@ -111,25 +111,22 @@ def test_ratio_and_vector_statistics():
     assert mean_first["estimate"] == pytest.approx(17 / 26)
 
 
-def test_corpus_bleu_from_summed_per_region_statistics_is_pycocoevalcaps():
-    """The plug for BLEU: per-region statistics summed over a resample give corpus BLEU-4."""
+def test_corpus_bleu4_interval_pools_the_resampled_pairs_statistics():
+    """BLEU-4 pools n-gram counts over the corpus: its interval resamples rows of pairs and pools
+    their bleu_stats, and on every row it is the toolkit's corpus BLEU-4."""
     pytest.importorskip("pycocoevalcap")
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+    from regioncap.metrics import reference_intervals, score_references
 
     pairs = [("a red circle on the left", ["a red circle", "the red round shape on the left"]),
              ("a small blue square", ["a blue square"]), ("two cats", ["a cat sleeping on a sofa"]),
-             ("a man riding a brown horse", ["a man riding a horse on the beach"])]
-    scorer = BleuScorer(n=4)
-    for cand, refs in pairs:
-        scorer += (cand, refs)
-    rows = [[c["testlen"], scorer._single_reflen(c["reflen"], "closest", c["testlen"]),
-             *[x for k in range(4) for x in (c["correct"][k], c["guess"][k])]] for c in scorer.ctest]
-    corpus, _ = Bleu(4).compute_score({i: r for i, (_, r) in enumerate(pairs)},
-                                      {i: [c] for i, (c, _) in enumerate(pairs)}, verbose=0)
-    assert bleu_from_totals(np.sum(rows, axis=0)[None, :])[0] == pytest.approx(corpus[3])
-    iv = bootstrap_interval(rows, [0, 0, 1, 2], statistic=bleu_from_totals, n_boot=200, seed=0)
-    assert iv["estimate"] == pytest.approx(corpus[3]) and iv["low"] <= iv["high"]
+             ("a man riding a brown horse", ["a man riding a horse on the beach"]),
+             ("a green triangle near the top", ["a green triangle at the top"])]
+    corpus, per = score_references(pairs)
+    rows = [0, 0, 1, 2, 3]
+    iv = reference_intervals(per, rows, n_boot=200, seed=0, pairs=pairs)["bleu4"]
+    assert iv["n_clusters"] == 4 and iv["low"] <= corpus["bleu4"] + 1e-4 and iv["high"] >= corpus["bleu4"] - 1e-4
+    # Without the pairs there is no BLEU-4 interval: a mean of sentence BLEU would sit around the wrong number.
+    assert "bleu4" not in reference_intervals(per, rows, n_boot=200, seed=0)
 
 
 # ---------------------------------------------------------------- paired comparison
@@ -189,7 +186,8 @@ def test_metrics_json_of_a_run_has_intervals_and_the_summary_shows_them(tmp_path
     metrics = json.loads((out / "metrics.json").read_text())
     refs = metrics["references"]
     ivs = refs["intervals"]
-    assert sorted(ivs) == ["attribute_accuracy", "cider", "exact_match", "rouge_l"]  # BLEU-4, METEOR pool statistics
+    # BLEU-4 from its pooled statistics; METEOR has none (its corpus score is not a mean of sentence scores).
+    assert sorted(ivs) == ["attribute_accuracy", "bleu4", "cider", "exact_match", "rouge_l"]
     for name, iv in ivs.items():
         assert iv["low"] <= refs[name] <= iv["high"] and (iv["n_clusters"], iv["n_boot"]) == (6, 300)
     assert metricspec.undeclared(metrics) == []  # the shape the metric specification reads as an interval
