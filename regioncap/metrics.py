@@ -37,6 +37,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_interval
 
+from regioncap import metricspec
+
 log = logging.getLogger("regioncap")
 
 #: Words for scoring and comparisons: runs of letters and digits (any script).
@@ -1022,14 +1024,6 @@ def _num(value: Optional[float], fmt: str = ".2f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
-def _with_interval(value: Optional[float], interval: Optional[Dict[str, Any]]) -> str:
-    """``0.920 [0.740, 0.990]``: a score of the summary line with its interval, when it has one."""
-    text = _num(value, ".3f")
-    if value is not None and interval and interval.get("low") is not None:
-        text += f" [{interval['low']:.3f}, {interval['high']:.3f}]"
-    return text
-
-
 def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: str) -> str:
     """The one-screen summary printed at the end of a run."""
     m = metrics
@@ -1102,20 +1096,22 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         text = (f"references: {refs['regions_scored']} regions scored "
                 f"({refs.get('references_missing', 0)} without a reference)")
         ivs = refs.get("intervals") or {}
-        ci = lambda name: _with_interval(refs.get(name), ivs.get(name))  # noqa: E731
-        if refs.get("bleu4") is not None:
-            bleu = "/".join(_num(refs.get(f"bleu{k}"), ".3f") for k in range(1, BLEU_N + 1))
-            short = refs.get("captions_without_4gram")
-            text += (f": BLEU-1..4 {bleu} (captions {_num(refs.get('caption_tokens_mean'), '.1f')} tokens, "
-                     f"references {_num(refs.get('reference_tokens_mean'), '.1f')}"
-                     + (f"; {short:.0%} of captions too short for BLEU-4" if short else "") + "), "
-                     f"ROUGE-L {ci('rouge_l')}, CIDEr {ci('cider')}, "
-                     + (f"METEOR {refs['meteor']:.3f}" if refs.get("meteor") is not None
-                        else f"METEOR n/a ({refs.get('meteor_absent', 'absent')})"))
+        # Every score the metric specification declares, with its label, unit and interval.
+        scores = [f"{spec.label} {metricspec.format_interval(refs.get(spec.key), ivs.get(spec.key), spec)}"
+                  for spec in metricspec.in_group("references")
+                  if spec.kind == "value" and spec.unit in ("share", "score") and spec.better
+                  and refs.get(spec.key) is not None]
+        if scores:
+            text += ": " + ", ".join(scores)
+        if refs.get("meteor") is None and refs.get("meteor_absent") and not refs.get("scores_absent"):
+            text += f"; METEOR n/a ({refs['meteor_absent']})"
         elif refs.get("scores_absent"):
-            text += f"; scores n/a ({refs['scores_absent']})"
-        if refs.get("exact_match") is not None:
-            text += f"; exact match {ci('exact_match')}, attribute accuracy {ci('attribute_accuracy')}"
+            text += f"; toolkit scores n/a ({refs['scores_absent']})"
+        if refs.get("caption_tokens_mean") is not None:
+            short = refs.get("captions_without_4gram")
+            text += (f"; captions {_num(refs.get('caption_tokens_mean'), '.1f')} PTB tokens, references "
+                     f"{_num(refs.get('reference_tokens_mean'), '.1f')}"
+                     + (f" ({short:.0%} of captions too short for BLEU-4)" if short else ""))
         shown = ivs.get("exact_match") or next(iter(ivs.values()), None)
         if shown:
             text += f" ([low, high]: 95% intervals over {shown['n_clusters']} rows)"

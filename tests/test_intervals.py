@@ -195,7 +195,7 @@ def test_metrics_json_of_a_run_has_intervals_and_the_summary_shows_them(tmp_path
                                       metricspec.get("references.exact_match")).count("%") == 3
     line = next(ln for ln in format_summary(metrics, max_error_rate=0.1, out_dir="x").splitlines()
                 if ln.startswith("references"))
-    assert f"attribute accuracy {refs['attribute_accuracy']:.3f} [{ivs['attribute_accuracy']['low']:.3f}, " in line
+    assert f"attribute accuracy {refs['attribute_accuracy']:.1%} [{ivs['attribute_accuracy']['low']:.1%}, " in line
     assert "95% intervals over 6 rows" in line
     # The run's seed drives the resampling: the same records and seed give the same intervals.
     from regioncap.metrics import compute_metrics
@@ -219,7 +219,7 @@ def test_intervals_follow_the_seed_and_can_be_turned_off():
     off = compute_metrics(records, {}, bootstrap_resamples=0)
     assert "intervals" not in off["references"]
     line = format_summary(off, max_error_rate=0.1, out_dir="x")
-    assert "exact match 0.500, attribute accuracy" in line and "intervals" not in line
+    assert "exact match 50.0%, attribute accuracy" in line and "intervals" not in line
 
 
 # ---------------------------------------------------------------- the sweep report

@@ -252,7 +252,7 @@ def test_reference_scores_are_on_the_toolkits_ptb_tokens():
     line = next(t for t in format_summary({**compute_metrics(ref_records(pairs), {}, meteor=False), "errors": {},
                                            "stages": {}}, max_error_rate=0.1, out_dir="o").splitlines()
                 if t.startswith("references"))
-    assert "(captions 4.5 tokens, references 5.0; 50% of captions too short for BLEU-4)" in line
+    assert "captions 4.5 PTB tokens, references 5.0 (50% of captions too short for BLEU-4)" in line
     assert {k: m[k] for k in corpus if k != "scoring_s"} == {k: v for k, v in corpus.items() if k != "scoring_s"}
     from regioncap import metricspec
 
@@ -414,7 +414,7 @@ def test_format_summary_lines():
     assert "latency per request: p50 0.500 s, p95 1.350 s; re-asks p50 0.250 s" in text
     assert "parse success 75.0% of 4 answered requests" in text
     assert "references: 1 regions scored" in text and "ROUGE-L 1.000" in text and "METEOR n/a" in text
-    assert "BLEU-1..4 1.000/1.000/1.000/1.000 (captions 5.0 tokens, references 5.0)" in text
+    assert "BLEU-4 1.000" in text and "BLEU-1 1.000" in text and "captions 5.0 PTB tokens, references 5.0" in text
     assert "  error caption/engine_error: 1" in text
     assert lines[-1] == "outputs: /tmp/run"
 
