@@ -499,7 +499,8 @@ class VlmProposeConfig(ProposeConfig):
     #: How engines with structured outputs constrain the answer: ``regex`` (one compact
     #: JSON layout, no free whitespace), ``json`` (the JSON schema) or ``none``.
     constraint: GroundingConstraint = GroundingConstraint.regex
-    #: Most boxes the JSON schema allows in one answer (``constraint=json``).
+    #: Most boxes kept from one answer, in answer order after dropping repeats (also the
+    #: JSON schema's ``maxItems`` with ``constraint=json``); bounds the work on a hostile answer.
     max_items: int = 50
     #: Repeated boxes in one answer: NMS at this IoU, answer order kept.
     nms_threshold: float = 0.7
