@@ -7,13 +7,19 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
+from typing import Any, Dict, List
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import compose, run_cli
 from regioncap import boxes as bx
+from regioncap.data import iter_rows
+from regioncap.records import read_jsonl
 from regioncap.propose.vlm import VlmProposer, parse_grounding
 
 # --------------------------------------------------------------------------- 1. hostile grounding answers
@@ -110,3 +116,76 @@ def test_grounding_answers_parse_within_a_time_bound_per_answer_size(n, family, 
     out, took = _timed_parse(proposer, text)
     assert len(out) <= proposer.max_items
     assert took < _bound(text), f"{kind}: {took:.2f}s for {len(text)} chars"
+
+
+# --------------------------------------------------------------------------- 2. one malformed annotation, one error row
+
+
+def _write_image(path: Path, colour=(200, 40, 40)) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (96, 64), colour).save(path)
+
+
+def _odd_coco(root: Path) -> Path:
+    _write_image(root / "1.jpg")
+    _write_image(root / "2.jpg", (40, 40, 200))
+    doc = {"images": [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"},
+                      {"id": [3], "file_name": "3.jpg"}, {"id": True, "file_name": "1.jpg"}],
+           "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [4, 4, 30, 20]},
+                           {"id": 11, "image_id": 1, "category_id": [1], "bbox": [40, 10, 40, 40]},
+                           {"id": 12, "image_id": 2, "category_id": {"x": 1}, "bbox": [10, 10, 20, 20]},
+                           {"id": 13, "image_id": 2, "category_id": 7, "bbox": [50, 10, 20, 20]},
+                           {"id": 14, "image_id": [2], "category_id": 1, "bbox": [1, 1, 10, 10]}],
+           "categories": [{"id": 1, "name": "circle"}, {"id": [7], "name": "square"}, {"id": {"a": 1}}]}
+    path = root / "instances.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _odd_refcoco(root: Path) -> Path:
+    _write_image(root / "5.jpg")
+    doc = {"refs": [{"ref_id": 1, "image_id": 5, "bbox": [3, 3, 30, 30], "sentences": ["left circle"]},
+                    {"ref_id": [2], "ann_id": {"a": 1}, "image_id": 5, "bbox": [50, 10, 40, 40],
+                     "sentences": ["square"]},
+                    {"ref_id": 3, "image_id": [6], "bbox": [1, 1, 9, 9], "sentences": ["x"]}],
+            "images": [{"id": 5, "file_name": "5.jpg"}, {"id": [6], "file_name": "6.jpg"}, {"id": {"b": 2}}]}
+    path = root / "refs.json"
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def test_odd_ids_in_annotation_files_are_error_rows_naming_the_entry(tmp_path):
+    rows = {r.row_id: r for r in iter_rows(compose(["data=coco", f"data.path={_odd_coco(tmp_path)}"]).data)}
+    assert rows["1"].error is None and rows["1"].bbox == [[4, 4, 30, 20]]
+    assert rows["1"].extra["references"] == [["circle"]]
+    assert rows["2"].error is None and rows["2"].extra["references"] == [[]]  # category 7 is not usable
+    kinds = {i: r.error["kind"] for i, r in rows.items() if r.error}
+    assert kinds == {"image-entry-2": "invalid_image_entry", "image-entry-3": "invalid_image_entry",
+                     "annotation-1": "invalid_annotation", "annotation-2": "invalid_annotation",
+                     "annotation-4": "invalid_annotation",
+                     "category-entry-1": "invalid_category", "category-entry-2": "invalid_category"}
+    assert "annotations[1] (image id 1): 'category_id'" in rows["annotation-1"].error["message"]
+    assert "categories[1]" in rows["category-entry-1"].error["message"]
+
+    refs = {r.row_id: r for r in iter_rows(compose(["data=refcoco", f"data.path={_odd_refcoco(tmp_path)}"]).data)}
+    assert refs["5"].error is None and len(refs["5"].bbox) == 2 and refs["5"].extra["ref_ids"] == [1, [2]]
+    assert {i: r.error["kind"] for i, r in refs.items() if r.error} == {
+        "ref-entry-2": "invalid_ref", "image-entry-1": "invalid_ref", "image-entry-2": "invalid_ref"}
+    assert "refs.json: images[1]" in refs["image-entry-1"].error["message"]
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("source", ["coco", "refcoco"])
+def test_one_malformed_annotation_does_not_stop_the_run(tmp_path, source):
+    path = _odd_coco(tmp_path) if source == "coco" else _odd_refcoco(tmp_path)
+    out = tmp_path / "run"
+    proc = run_cli(["engine=fake", "progress=false", "max_error_rate=1.0", f"hydra.run.dir={out}",
+                    f"data={source}", f"data.path={path}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = {r["id"]: r for r in read_jsonl(out / "captions.jsonl")}
+    ok = {"1", "2"} if source == "coco" else {"5"}
+    assert {i for i, r in recs.items() if r["status"] == "ok"} == ok
+    assert all(reg["caption"] for i in ok for reg in recs[i]["regions"])
+    assert len(recs) == (9 if source == "coco" else 4)
