@@ -134,6 +134,17 @@ class MaskSecrets(Callback):
         except Exception as exc:  # noqa: BLE001 - never a reason to fail a job; the job masks again
             log.warning("could not mask secrets in Hydra's files: %s: %s", type(exc).__name__, exc)
 
+    def on_job_end(self, config: Any, job_return: Any = None, **kwargs: Any) -> None:
+        # Hydra prints a failed job's overrides ("Error executing job with overrides: [...]")
+        # straight to stderr from the job's return, in the launching process: mask them there.
+        try:
+            from regioncap.redaction import mask_overrides
+
+            if job_return is not None and getattr(job_return, "overrides", None):
+                job_return.overrides = mask_overrides(job_return.overrides)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not mask the job's overrides: %s: %s", type(exc).__name__, exc)
+
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         try:
             self._mask(config, job=False)

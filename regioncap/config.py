@@ -557,6 +557,9 @@ class RegionCapConfig:
     stages: List[str] = field(default_factory=lambda: ["visualize", "caption"])
     #: Exit non-zero when more than this fraction of rows are error rows.
     max_error_rate: float = 0.1
+    #: More key names whose values are secrets (names or ``fnmatch`` patterns such as ``*_dsn``),
+    #: masked like the built-in ones (``*_key``, ``*token*``, ``*password*``...) everywhere a run writes.
+    secret_names: List[str] = field(default_factory=list)
     #: Where everything of the run is written (Hydra's run dir by default).
     output_dir: str = "${hydra:runtime.output_dir}"
     progress: bool = True
