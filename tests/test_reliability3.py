@@ -254,3 +254,26 @@ def test_sweep_console_lines_and_failed_job_lines_hold_no_secret(tmp_path, launc
     assert "#0 :" in console or "#0 : " in console
     assert [n for n in _SECRET_NEEDLES if n in console] == []
     assert _files_with_secrets(sweep) == []
+
+
+# --------------------------------------------------------------------------- 4. input fields never overwritten
+
+
+@pytest.mark.cli
+def test_input_fields_named_like_record_fields_are_kept_under_input(tmp_path):
+    """Every name a record uses (derived from CaptionRecord) that a row also carries is kept under
+    ``input``; ``proposals`` and ``grounding`` are written by propose=vlm, so they are the test."""
+    from regioncap.record_types import RECORD_KEYS
+
+    shape = Path(__file__).resolve().parents[1] / "regioncap" / "demo" / "shapes" / "images" / "shapes_00002.jpg"
+    own = {k: {"mine": k} for k in sorted(RECORD_KEYS - {"image", "bbox", "id"})}
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"image": str(shape), "id": "r1", "note": "kept", **own}) + "\n")
+    out = tmp_path / "run"
+    proc = run_cli(["engine=fake", "progress=false", "data=jsonl", f"data.path={rows}", "propose=vlm",
+                    f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (rec,) = read_jsonl(out / "captions.jsonl")
+    assert rec["status"] == "ok" and rec["proposals"]["method"] == "vlm" and rec["regions"]
+    assert rec["input"] == {**own, "id": "r1"} and rec["note"] == "kept"  # no data.id_key: "id" is a field too
+    assert set(rec) - {"note"} <= RECORD_KEYS  # nothing written that the record type does not declare
