@@ -607,8 +607,13 @@ def register_configs() -> None:
     """Register the schemas under ``schema/<group>``; each option's YAML starts
     from one (``- /schema/model/base@_here_``), so its keys and types are checked
     while Hydra composes, and ``--help`` lists them apart from the options."""
-    from hydra.core.config_store import ConfigStore
+    import os
 
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    # ${pid:} in the default run and sweep dirs: unique for runs started in the same second.
+    OmegaConf.register_new_resolver("pid", lambda: os.getpid(), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="regioncap_schema", node=RegionCapConfig)
     cs.store(group="schema/model", name="base", node=ModelConfig)

@@ -20,7 +20,7 @@ from regioncap.manifest import (
 )
 from regioncap.errors import RunError
 from regioncap.run import RegionCapRun, build_run
-from regioncap.rundir import STAGE_FILES, RunDir, resume_args, shell_word
+from regioncap.rundir import STAGE_FILES, RunDir, regioncap_command, resume_args, shell_word
 from regioncap.signals import Interrupted, stop_on_signals
 
 log = logging.getLogger("regioncap")
@@ -202,7 +202,7 @@ _RESUME_SKIP = re.compile(r"^[+~]*(hydra\.run\.dir|resume|resume_force|retry_err
 def resume_hint(cfg: Any) -> str:
     """The command that goes on with this run: its own overrides, ``resume=true`` and its run dir."""
     overrides = [o for o in job_overrides() if not _RESUME_SKIP.match(o)]
-    cmd = ["python", "-m", "regioncap", *(shell_word(o) for o in overrides), resume_args(cfg.output_dir)]
+    cmd = [regioncap_command(), *(shell_word(o) for o in overrides), resume_args(cfg.output_dir)]
     cwd = hydra_context()["cwd"]  # relative paths in the overrides are relative to it
     return (f"The rows finished so far are in {cfg.output_dir}; to go on where the run stopped"
             + (f" (from {cwd})" if cwd else "") + ":\n  " + " ".join(cmd))

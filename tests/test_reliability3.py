@@ -277,3 +277,43 @@ def test_input_fields_named_like_record_fields_are_kept_under_input(tmp_path):
     assert rec["status"] == "ok" and rec["proposals"]["method"] == "vlm" and rec["regions"]
     assert rec["input"] == {**own, "id": "r1"} and rec["note"] == "kept"  # no data.id_key: "id" is a field too
     assert set(rec) - {"note"} <= RECORD_KEYS  # nothing written that the record type does not declare
+
+
+# --------------------------------------------------------------------------- 5. everyday stops
+
+
+@pytest.mark.cli
+def test_the_resume_hint_names_the_interpreter_that_ran(tmp_path):
+    import sys
+
+    from regioncap.rundir import shell_word
+
+    out = tmp_path / "run"
+    # A polite stop after the first commit, the way Ctrl-C or a scheduler's SIGTERM arrives.
+    proc = run_cli(["engine=fake", "progress=false", "workers=0", "commit_every=1", f"hydra.run.dir={out}"],
+                   env={"REGIONCAP_FAILPOINT": "visualize.after_commit:1:sigterm"}, cwd=tmp_path)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 143, log[-3000:]
+    hint = log.split("to go on where the run stopped", 1)[1].splitlines()[1].strip()
+    assert hint.startswith(f"{shell_word(sys.executable)} -m regioncap "), hint
+    assert "resume=true" in hint and f"hydra.run.dir={out}" in hint
+
+
+@pytest.mark.cli
+def test_two_runs_started_in_the_same_second_get_two_default_run_dirs(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, pinned
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("REGIONCAP_FAILPOINT", None)
+    args = [sys.executable, "-m", "regioncap", *pinned(["engine=fake", "progress=false", "workers=0", "data.limit=1"])]
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    dirs = sorted(p.parent for p in (tmp_path / "outputs").rglob("captions.jsonl"))
+    assert len(dirs) == 2
+    assert all(d.name.rsplit("-", 1)[1].isdigit() for d in dirs)  # HH-MM-SS-PID: readable and apart
