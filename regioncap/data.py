@@ -69,10 +69,20 @@ def digest_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
 
 
+#: `` at 0x7f...``: the memory address in an object's default ``repr``, different in every process.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _digest_default(value: Any) -> Any:
     # Image bytes are hashed, not spelled out: the canonical text stays small.
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"sha256": hashlib.sha256(bytes(value)).hexdigest()}
+    tobytes, size = getattr(value, "tobytes", None), getattr(value, "size", None)
+    if callable(tobytes) and isinstance(size, tuple) and hasattr(value, "mode"):  # a decoded PIL image
+        try:
+            return {"mode": value.mode, "size": list(size), "sha256": hashlib.sha256(tobytes()).hexdigest()}
+        except Exception:  # noqa: BLE001 - an image that does not decode: its repr below, address removed
+            pass
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     tolist = getattr(value, "tolist", None)
@@ -81,7 +91,8 @@ def _digest_default(value: Any) -> Any:
             return tolist()
         except Exception:  # noqa: BLE001
             pass
-    return f"<{type(value).__name__}> {value!s:.1000}"
+    # Never a memory address: a row's digest must be the same when a resume reads it again.
+    return f"<{type(value).__name__}> {_ADDRESS.sub('', f'{value!s:.1000}')}"
 
 
 def digest_value(value: Any) -> str:
@@ -537,9 +548,11 @@ def _iter_hf(data_cfg: Any) -> Iterator[InputRow]:
                             f"(a dotted name reads a nested field: objects.bbox)")
     if refs_from and not refs_key:
         raise DataError("data.hf_references_key is set but data.references_key is null: set where references go")
-    if isinstance(ds.features.get(image_key), datasets.Image):
-        # Decode ourselves, with the same guards as files on disk.
-        ds = ds.cast_column(image_key, datasets.Image(decode=False))
+    for column, feature in ds.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            # Decode the image column ourselves, with the same guards as files on disk; never decode
+            # another (it is not used, and a decoded image has no stable text for the row's digest).
+            ds = ds.cast_column(column, datasets.Image(decode=False))
     names = _class_names(ds.features, refs_from) if refs_from else None
     nested = [k for k in (image_key, bbox_key, id_key) if k and k not in ds.column_names and "." in k]
     for i, obj in enumerate(ds):

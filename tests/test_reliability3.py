@@ -317,3 +317,90 @@ def test_two_runs_started_in_the_same_second_get_two_default_run_dirs(tmp_path):
     dirs = sorted(p.parent for p in (tmp_path / "outputs").rglob("captions.jsonl"))
     assert len(dirs) == 2
     assert all(d.name.rsplit("-", 1)[1].isdigit() for d in dirs)  # HH-MM-SS-PID: readable and apart
+
+
+# --------------------------------------------------------------------------- 6. valid input accepted
+
+_SHAPES = Path(__file__).resolve().parents[1] / "regioncap" / "demo" / "shapes" / "images"
+
+
+@pytest.mark.cli
+def test_propose_none_accepts_a_file_whose_first_rows_have_no_boxes(tmp_path):
+    images = sorted(_SHAPES.glob("*.jpg"))
+    rows = [{"image": str(images[i % len(images)]), "note": f"n{i}"} for i in range(21)]
+    rows += [{"image": str(images[0]), "bbox": [[10, 10, 60, 60]]}, {"image": str(images[1]), "bbox": [[5, 5, 40, 40]]}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    proc = run_cli(["engine=fake", "progress=false", "workers=0", "data=jsonl", f"data.path={path}", "propose=none",
+                    "max_error_rate=1.0", f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    recs = list(read_jsonl(out / "captions.jsonl"))
+    assert len(recs) == 23 and [r["status"] for r in recs[21:]] == ["ok", "ok"]
+    # With no row of the file holding the field, the run still stops at once, saying so.
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:21]))
+    proc = run_cli(["engine=fake", "progress=false", "data=jsonl", f"data.path={path}", "propose=none",
+                    f"hydra.run.dir={tmp_path / 'run2'}"], cwd=tmp_path)
+    assert proc.returncode == 1 and "No later row has a 'bbox' field" in proc.stdout + proc.stderr
+
+
+def _two_image_columns(root: Path) -> Path:
+    import datasets
+
+    pics = sorted(str(p) for p in _SHAPES.glob("*.jpg"))[:3]
+    features = datasets.Features({"image": datasets.Image(), "thumb": datasets.Image(),
+                                  "bbox": datasets.Sequence(datasets.Sequence(datasets.Value("float32"), length=4))})
+    ds = datasets.Dataset.from_dict({"image": pics, "thumb": pics[::-1], "bbox": [[[10, 10, 60, 60]]] * 3},
+                                    features=features)
+    ds.save_to_disk(str(root / "ds"))
+    return root / "ds"
+
+
+def test_a_row_digest_holds_no_memory_address():
+    from PIL import Image
+
+    from regioncap.data import digest_value
+
+    class Opaque:
+        pass
+
+    assert digest_value({"x": Opaque()}) == digest_value({"x": Opaque()})
+    a, b = Image.new("RGB", (4, 4), (1, 2, 3)), Image.new("RGB", (4, 4), (1, 2, 3))
+    assert digest_value({"im": a}) == digest_value({"im": b}) != digest_value({"im": Image.new("RGB", (4, 4))})
+
+
+@pytest.mark.cli
+def test_an_hf_dataset_with_a_second_image_column_resumes(tmp_path):
+    pytest.importorskip("datasets")
+    ds = _two_image_columns(tmp_path)
+    out = tmp_path / "run"
+    args = ["engine=fake", "progress=false", "workers=0", "data=hf", f"data.path={ds}", f"hydra.run.dir={out}"]
+    first = run_cli([*args, "data.limit=2"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run_cli([*args, "resume=true"], cwd=tmp_path)  # a new process: any address would differ
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    recs = list(read_jsonl(out / "captions.jsonl"))
+    assert [r["index"] for r in recs] == [0, 1, 2] and all(r["status"] == "ok" for r in recs)
+
+
+@pytest.mark.cli
+def test_reproduce_replays_the_config_dir_of_a_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    mine = tmp_path / "mycfg" / "experiment"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text("# @package _global_\nmax_boxes: 3\nseed: 5\n")
+    run = tmp_path / "run"
+    proc = run_cli(["--config-dir", "mycfg", "engine=fake", "progress=false", "workers=0", "data.limit=2",
+                    "experiment=mine", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    again = subprocess.run([sys.executable, "-m", "regioncap.reproduce", str(run), "--out", str(tmp_path / "again")],
+                           capture_output=True, text=True, cwd=REPO, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = again.stdout + again.stderr
+    assert again.returncode == 0 and "IDENTICAL" in out, out[-3000:]
+    assert f"--config-dir {tmp_path / 'mycfg'}" in out
