@@ -85,6 +85,11 @@ RUN_DIR_NAMES = (VISUALIZE_FILE, CAPTIONS_FILE, METRICS_FILE, RUN_KEY_FILE, MANI
 _RUN_DIR_MARKS = (RUN_KEY_FILE, MANIFEST_FILE, VISUALIZE_FILE, CAPTIONS_FILE, "merge.json")
 
 
+def holds_run(path: Path) -> bool:
+    """True when the folder ``path`` holds a run's (or a merge's) files."""
+    return any((Path(path) / m).is_file() for m in _RUN_DIR_MARKS)
+
+
 def run_file_at(path: Path, *, allow: Tuple[str, ...] = ()) -> Optional[Path]:
     """The file or folder of a run dir that writing ``path`` would replace or write into, else None.
 

@@ -404,3 +404,83 @@ def test_reproduce_replays_the_config_dir_of_a_run(tmp_path):
     out = again.stdout + again.stderr
     assert again.returncode == 0 and "IDENTICAL" in out, out[-3000:]
     assert f"--config-dir {tmp_path / 'mycfg'}" in out
+
+
+# --------------------------------------------------------------------------- 7. sweeps and provenance that survive failure
+
+_FAST = ["engine=fake", "progress=false", "workers=0"]
+
+
+def _hydra_files(root: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.yaml"))}
+
+
+@pytest.mark.cli
+def test_a_job_over_max_error_rate_ends_the_sweep_without_a_traceback(tmp_path):
+    sweep = tmp_path / "sweep"
+    # fail_keys fails one photo of five: over max_error_rate=0.1, that job fails as a whole.
+    proc = run_cli(["-m", *_FAST, "engine.fail_keys=[coffee]", "max_error_rate=0.5,0.1", f"hydra.sweep.dir={sweep}"],
+                   cwd=tmp_path)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 1, console[-3000:]
+    assert "Traceback" not in console and "error rate 20.0% > max_error_rate 10.0%" in console
+    assert '<div class="v">1</div><div class="k">failed</div>' in (sweep / "report.html").read_text()
+
+
+@pytest.mark.cli
+def test_optuna_counts_failed_trials_goes_on_and_exits_non_zero(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.sampler.seed=0",
+                    *_FAST, "engine.fail_keys=[coffee]", "max_error_rate=choice(0.5,0.1)",
+                    "objective=regions_captioned", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 1, console[-3000:]
+    statuses = {d.name: json.loads((d / "manifest.json").read_text())["status"]
+                for d in sweep.iterdir() if (d / "manifest.json").is_file()}
+    assert len(statuses) == 4 and "ok" in statuses.values() and "failed" in statuses.values()  # all 4 trials ran
+    failed = sorted(k for k, v in statuses.items() if v == "failed")
+    assert f"{len(failed)} job(s) of the sweep failed: {', '.join(failed)}" in console
+    assert "best_value" in (sweep / "optimization_results.yaml").read_text()
+
+
+@pytest.mark.cli
+def test_a_sweep_refused_in_an_earlier_sweeps_dir_leaves_its_files(tmp_path):
+    sweep = tmp_path / "sweep"
+    first = run_cli(["-m", *_FAST, "data.limit=1", "seed=0,1", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept = _hydra_files(sweep)
+    assert "multirun.yaml" in kept and "0/.hydra/overrides.yaml" in kept
+    again = run_cli(["-m", *_FAST, "data.limit=1", "max_boxes=2", "seed=0,1", f"hydra.sweep.dir={sweep}"],
+                    cwd=tmp_path)
+    assert again.returncode == 1 and "already holds the jobs of an earlier sweep" in again.stdout + again.stderr
+    assert _hydra_files(sweep) == kept
+
+
+@pytest.mark.cli
+def test_two_runs_racing_into_one_new_dir_leave_the_winners_provenance(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import REPO, pinned
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("REGIONCAP_FAILPOINT", None)
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        procs = [subprocess.Popen([sys.executable, "-m", "regioncap", *pinned([*_FAST, "data.limit=2", f"seed={s}",
+                                                                                f"hydra.run.dir={out}"])],
+                                  cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for s in (11, 22)]
+        for p in procs:
+            p.communicate(timeout=300)
+        codes = [p.returncode for p in procs]
+        assert sorted(codes) == [0, 1], codes
+        winner = (11, 22)[codes.index(0)]
+        overrides = yaml.safe_load((out / ".hydra" / "overrides.yaml").read_text())
+        config = yaml.safe_load((out / ".hydra" / "config.yaml").read_text())
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert f"seed={winner}" in overrides and config["seed"] == winner == manifest["config"]["seed"]
