@@ -499,7 +499,8 @@ class VlmProposeConfig(ProposeConfig):
     #: How engines with structured outputs constrain the answer: ``regex`` (one compact
     #: JSON layout, no free whitespace), ``json`` (the JSON schema) or ``none``.
     constraint: GroundingConstraint = GroundingConstraint.regex
-    #: Most boxes the JSON schema allows in one answer (``constraint=json``).
+    #: Most boxes kept from one answer, in answer order after dropping repeats (also the
+    #: JSON schema's ``maxItems`` with ``constraint=json``); bounds the work on a hostile answer.
     max_items: int = 50
     #: Repeated boxes in one answer: NMS at this IoU, answer order kept.
     nms_threshold: float = 0.7
@@ -556,6 +557,9 @@ class RegionCapConfig:
     stages: List[str] = field(default_factory=lambda: ["visualize", "caption"])
     #: Exit non-zero when more than this fraction of rows are error rows.
     max_error_rate: float = 0.1
+    #: More key names whose values are secrets (names or ``fnmatch`` patterns such as ``*_dsn``),
+    #: masked like the built-in ones (``*_key``, ``*token*``, ``*password*``...) everywhere a run writes.
+    secret_names: List[str] = field(default_factory=list)
     #: Where everything of the run is written (Hydra's run dir by default).
     output_dir: str = "${hydra:runtime.output_dir}"
     progress: bool = True
@@ -603,8 +607,13 @@ def register_configs() -> None:
     """Register the schemas under ``schema/<group>``; each option's YAML starts
     from one (``- /schema/model/base@_here_``), so its keys and types are checked
     while Hydra composes, and ``--help`` lists them apart from the options."""
-    from hydra.core.config_store import ConfigStore
+    import os
 
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    # ${pid:} in the default run and sweep dirs: unique for runs started in the same second.
+    OmegaConf.register_new_resolver("pid", lambda: os.getpid(), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="regioncap_schema", node=RegionCapConfig)
     cs.store(group="schema/model", name="base", node=ModelConfig)

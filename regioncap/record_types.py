@@ -102,3 +102,13 @@ class CaptionRecord(TypedDict, total=False):
     #: ``truth_bbox`` (the given boxes, under ``when=always``) with ``truth_index`` (their input
     #: indices: where their references are) and, for ``vlm``, the ``grounding`` answer.
     proposals: Dict[str, Any]
+    #: ``visualize.jsonl`` of ``propose=vlm``: the grounding request still to send (status ``grounding``).
+    grounding: Dict[str, Any]
+    #: ``"random"`` on every row captioned by a model with random weights (its captions are noise).
+    model_weights: str
+
+
+#: Every top-level key regioncap writes in a record: an input field with one of these
+#: names is kept under ``input`` instead of being overwritten. Derived from
+#: :class:`CaptionRecord`, so a new record field is reserved by declaring it there.
+RECORD_KEYS: frozenset = frozenset(CaptionRecord.__required_keys__ | CaptionRecord.__optional_keys__)

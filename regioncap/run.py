@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
@@ -343,6 +344,12 @@ def check_data(cfg: Any, rows: int = 20) -> None:
     seen = [({**r.extra, key: r.bbox} if r.bbox is not None else dict(r.extra)) for r in first if not r.error]
     propose = cfg.get("propose")
     problem = check_box_key(seen, key, str(propose.method) if propose is not None else "none")
+    if problem is not None and problem.fatal and not problem.candidates:
+        # The first rows may simply have no boxes: without another field that looks like boxes the
+        # key is wrong for the file only when no row of it has the field (read on to the first that does).
+        if any(r.bbox is not None for r in itertools.islice(iter_rows(cfg.data), rows, None)):
+            return
+        problem = replace(problem, message=f"{problem.message} No later row has a {key!r} field either.")
     if problem is not None:
         if problem.fatal:
             raise RunError(problem.message)
