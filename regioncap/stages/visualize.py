@@ -141,7 +141,7 @@ class Visualizer(Stage):
                 source, max_image_pixels=cfg.limits.max_image_pixels, max_file_bytes=cfg.limits.max_file_bytes,
                 draft_target=lambda w, h: target_size(
                     w, h, min_pixels=model.min_pixels, max_pixels=model.max_pixels,
-                    patch_size=model.patch_size, merge_size=model.merge_size),
+                    patch_size=model.patch_size, merge_size=model.merge_size, source=str(rec["image"])),
             )
         except ImageLoadError as exc:
             return self.fail(rec, exc.kind, exc.message, t0)
@@ -156,7 +156,7 @@ class Visualizer(Stage):
         rec["type"] = "with_bbox" if parsed.num_input else "without_bbox"
         try:
             tw, th = target_size(width, height, min_pixels=model.min_pixels, max_pixels=model.max_pixels,
-                                 patch_size=model.patch_size, merge_size=model.merge_size)
+                                 patch_size=model.patch_size, merge_size=model.merge_size, source=str(rec["image"]))
         except ImageLoadError as exc:
             return self.fail(rec, exc.kind, exc.message, t0)
         rec["input_size"] = [tw, th]
