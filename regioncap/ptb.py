@@ -505,6 +505,11 @@ def _tokenize_cached(text: str, following: str = "") -> str:
     return _tokenize_lexed(text, following)
 
 
+def clear_cache() -> None:
+    """Forget the tokenizations cached so far (a benchmark of the cold path calls it)."""
+    _tokenize_cached.cache_clear()
+
+
 def _tokenize_lexed(text: str, following: Optional[str] = "") -> str:
     """:func:`ptb_tokenize` of one caption without newlines, through the lexer;
     ``following``: the captions after it in the toolkit's batch, for context

@@ -679,7 +679,7 @@ def bench_ptb(n: int, repeat: int) -> Dict[str, object]:
     import resource
     import subprocess
 
-    from regioncap.ptb import _tokenize_cached, java_tokenize, ptb_tokenize_batch
+    from regioncap.ptb import clear_cache, java_tokenize, ptb_tokenize_batch
 
     captions = caption_corpus(n)
 
@@ -694,7 +694,7 @@ def bench_ptb(n: int, repeat: int) -> Dict[str, object]:
 
     def python(texts: List[str], cold: bool) -> Tuple[float, float]:
         if cold:
-            _tokenize_cached.cache_clear()
+            clear_cache()
         t0, c0 = time.perf_counter(), time.process_time()
         out = ptb_tokenize_batch(texts)
         python.out = out  # type: ignore[attr-defined]

@@ -108,7 +108,7 @@ def test_records_carry_flags_and_scores_and_metrics_count_them():
     assert flat["references/attribute_accuracy"] == refs["attribute_accuracy"]
     text = format_summary(m, max_error_rate=0.1, out_dir="x")
     assert "faithfulness: 2 of 6 captions read like scene captions (33.3%)" in text
-    assert f"exact match {refs['exact_match']:.3f}" in text
+    assert f"exact match {refs['exact_match']:.1%}" in text
 
 
 def test_wandb_table_and_report_show_flags_and_scores(tmp_path):
@@ -128,6 +128,6 @@ def test_wandb_table_and_report_show_flags_and_scores(tmp_path):
     assert rows[4]["flags"] == "same_as_other_regions, lists_objects" and rows[0]["flags"] is None
     assert rows[0]["score/exact_match"] == 1.0 and rows[2]["score/attribute_accuracy"] == 0.5
     html = write_report(tmp_path).read_text()
-    assert "<h3>Faithfulness</h3>" in html and "scene_caption_rate" in html and "33.3%" in html
+    assert "<h3>Faithfulness</h3>" in html and "scene caption rate" in html and "33.3%" in html
     assert '<span class="tag flag">same_as_other_regions</span>' in html
     assert "exact_match" in html and "attribute_accuracy" in html
