@@ -229,8 +229,8 @@ class RegionCapRun:
         (``regioncap.metrics.compute_metrics`` over the final records file)."""
         from regioncap.metrics import compute_metrics
 
-        stages = {name: {"rows": st.rows, "seconds": st.seconds, "errors": dict(st.errors), "pid": st.pid}
-                  for name, st in self.stats.items()}
+        stages = {name: {"rows": st.rows, "seconds": st.seconds, "errors": dict(st.errors), "pid": st.pid,
+                         **st.timing()} for name, st in self.stats.items()}
         final = self.rundir.captions_file if "caption" in self.stats else self.rundir.visualize_file
         records = read_jsonl(final) if final.exists() else iter(())
         model = self.cfg.model

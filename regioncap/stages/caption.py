@@ -12,6 +12,7 @@ process, a spawned child, Ray replicas) is the executor's business
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -54,6 +55,9 @@ class Captioner(Stage):
         from regioncap.random_weights import is_random
 
         self.random_weights = is_random(cfg.model)
+        #: This stage's engine start-up: ``engine_load_s`` (building it: imports, weights, a server's
+        #: preflight), ``first_batch_s`` (its first call, which carries lazy warm-up); empty until it starts.
+        self.startup: Dict[str, Any] = {}
 
     # ------------------------------------------------------------ lifetime
     def start_engine(self) -> Engine:
@@ -62,10 +66,12 @@ class Captioner(Stage):
             return self.engine
         from regioncap.engines import EngineError, build_engine
 
+        t0 = time.perf_counter()
         try:
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
             raise RunError(f"engine {self.cfg.engine.name!r} could not start: {exc}.{self.start_hint}") from None
+        self.startup = {"engine_load_s": time.perf_counter() - t0, "engines": 1}
         self.engine_info = self.describe_engine()
         log.info("engine: %s", self.engine_info)
         return self.engine
@@ -123,9 +129,12 @@ class Captioner(Stage):
         if not work:
             return batch
         self.start_engine()
+        first = self.first_call
         responses = self.generate([self.request(spec) for _, spec in work])
         for (_rec, spec), resp in zip(work, responses):
             self.attach(spec, resp)
+            if first:
+                spec["first_batch"] = True  # its latency carries the engine's warm-up: left out of latency_s
 
         # One re-ask for regions a (successful) answer left out; never invented.
         reasks = []
@@ -150,11 +159,21 @@ class Captioner(Stage):
         from regioncap.engines import EngineError
 
         assert self.engine is not None
+        t0 = time.perf_counter()
         try:
             return self.engine.generate(requests)
         except EngineError as exc:
             raise RunError(f"engine {self.cfg.engine.name!r} failed: {exc}. The rows committed so far are kept; "
                            f"after fixing this, go on with {resume_args(self.out)}") from None
+        finally:
+            if self.first_call:
+                self.startup["first_batch_s"] = time.perf_counter() - t0
+
+    @property
+    def first_call(self) -> bool:
+        """Whether the engine this stage started has not been called yet (a handed-in engine: never
+        timed, it was warm before)."""
+        return bool(self.startup) and "first_batch_s" not in self.startup
 
     def ground(self, batch: List[Dict[str, Any]]) -> None:
         """Propose regions with the engine for the ``grounding`` rows of ``batch``, then draw and prompt them."""
