@@ -542,7 +542,8 @@ class _Accumulator:
             self.errors[f"{error.get('stage')}/{error.get('kind')}"] += 1
             self.error_stages[error.get("stage") or "unknown"] += 1
         c["chunks"] += len({r.get("chunk") for r in regions})
-        self._requests(requests)
+        # A row of an engine's first call: its latency carries the warm-up (in the stage's ``startup``).
+        self._requests(requests, warmup=bool((rec.get("timing") or {}).get("first_batch")))
         self._regions(rec, regions, requests)
 
     def _image_hash(self, rec: Dict[str, Any]) -> int:
@@ -552,15 +553,14 @@ class _Accumulator:
             f"row:{rec.get('index', rec.get('id'))}"
         return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "replace"), digest_size=8).digest(), "little")
 
-    def _requests(self, requests: List[Dict[str, Any]]) -> None:
+    def _requests(self, requests: List[Dict[str, Any]], warmup: bool = False) -> None:
         c = self.c
         c["requests"] += len(requests)
         for spec in requests:
             size = spec.get("image_size")
             vis = visual_tokens(size, self.patch_size, self.merge_size) if size else 0
             c["visual_tokens"] += vis
-            # An engine's first call carries its warm-up: in the stage's ``startup``, not in the quantiles.
-            if spec.get("latency_s") is not None and not spec.get("first_batch"):
+            if spec.get("latency_s") is not None and not warmup:
                 self.latency.append(float(spec["latency_s"]))
             if spec.get("error"):
                 c["requests_failed"] += 1

@@ -131,10 +131,10 @@ class Captioner(Stage):
         self.start_engine()
         first = self.first_call
         responses = self.generate([self.request(spec) for _, spec in work])
-        for (_rec, spec), resp in zip(work, responses):
+        for (rec, spec), resp in zip(work, responses):
             self.attach(spec, resp)
-            if first:
-                spec["first_batch"] = True  # its latency carries the engine's warm-up: left out of latency_s
+            if first:  # the row's requests carry the engine's warm-up: their latency is left out of latency_s
+                rec.setdefault("timing", {})["first_batch"] = True
 
         # One re-ask for regions a (successful) answer left out; never invented.
         reasks = []
