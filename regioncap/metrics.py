@@ -738,10 +738,16 @@ def _stage_rates(name: str, st: Dict[str, Any], seconds: float, images: int, reg
         out = {"rows_per_s": _rate(st.get("rows", 0), seconds, 3), "images_per_s": _rate(images, seconds, 3),
                "regions_per_s": _rate(done, seconds, 3)}
     else:
-        s = float(steady.get("seconds") or 0.0)
+        s, basis = float(steady.get("seconds") or 0.0), "after_first_batch"
+        first_s = (st.get("startup") or {}).get("first_batch_s")
+        if not s and st.get("first_batch") and first_s:
+            # Nothing came after the engine's first batch (one vLLM call of the whole run...): its rows
+            # over its own seconds, warm-up included but engine load not; ``basis`` says so.
+            steady, s, basis = st["first_batch"], float(first_s), "first_batch"
         out = {f"{k}_per_s": _rate(steady.get(k, 0), s, 3) for k in ("rows", "images", "regions")}
         out.update({f"{k}_per_s": _rate(steady.get(k, 0), s, 1) for k in ("prompt_tokens", "output_tokens")})
-        out["steady"] = {**{k: v for k, v in steady.items() if k != "seconds"}, "seconds": round(s, 3)}
+        out["steady"] = {"basis": basis, **{k: v for k, v in steady.items() if k != "seconds"},
+                         "seconds": round(s, 3)}
     if st.get("startup"):
         out["startup"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st["startup"].items()}
     return out
@@ -786,7 +792,7 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
                                "errors": dict(st.get("errors") or {}),
                                # Anything else the run recorded per stage (the pid of the process that ran it...).
                                **{k: v for k, v in st.items() if k not in ("rows", "seconds", "errors", "steady",
-                                                                           "startup")}}
+                                                                           "startup", "first_batch")}}
     out.update({k: c[k] for k in (
         "rows", "regions", "regions_captioned", "regions_missing", "boxes_dropped", "boxes_clipped",
         "requests", "reasks", "prompt_tokens", "output_tokens")})
@@ -875,12 +881,13 @@ def _stage_line(name: str, st: Dict[str, Any]) -> str:
     startup = (f"start-up: first caption at {first:.2f} s" if first is not None else "start-up") + \
         (f" ({', '.join(parts)})" if parts else "")
     if st.get("rows_per_s") is None:
-        return (f"{head}; {startup}; steady rates n/a: every answered row was in the engine's first batch "
-                f"(more rows than engine.batch_size give them)")
+        return f"{head}; {startup}; steady rates n/a (no engine answer timed)"
     tokens = "".join(f", {st[k]:.0f} {k[:-13]} tokens/s" for k in ("prompt_tokens_per_s", "output_tokens_per_s")
                      if st.get(k) is not None)
-    return (f"{head}; {startup}; steady over {st['steady']['seconds']:.2f} s: {st['rows_per_s']:.2f} rows/s{rates}"
-            f"{tokens}")
+    window = "steady over" if st["steady"].get("basis") != "first_batch" else \
+        "nothing after the engine's first batch: rates over it (warm-up included),"
+    return (f"{head}; {startup}; {window} {st['steady']['seconds']:.2f} s: {st['rows_per_s']:.2f} rows/s"
+            f"{rates}{tokens}")
 
 
 def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: str) -> str:
@@ -919,9 +926,9 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
     pipe = m.get("pipeline")
     if pipe:
         mode = "stages overlapped" if pipe.get("overlap") else "stages one after the other"
-        lines.append(f"end to end (start-up included): {m.get('wall_s', 0):.2f} s, {_num(pipe.get('images_per_s'))} "
-                     f"images/s, {_num(pipe.get('regions_per_s'))} regions/s ({mode}, {pipe.get('workers', 0)} "
-                     f"preparation worker(s))")
+        lines.append(f"end to end: {m.get('wall_s', 0):.2f} s, {_num(pipe.get('images_per_s'))} images/s, "
+                     f"{_num(pipe.get('regions_per_s'))} regions/s, start-up included ({mode}, "
+                     f"{pipe.get('workers', 0)} preparation worker(s))")
     if m.get("regions_per_s") is not None:
         images = f", {m['images_per_s']:.2f} images/s" if m.get("images_per_s") is not None else ""
         steady = " (steady)" if "steady" in (m["stages"].get("caption") or {}) else ""

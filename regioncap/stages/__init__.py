@@ -61,6 +61,9 @@ class StageStats:
     #: ``output_tokens``; and :attr:`steady_seconds`, from that commit to the last one.
     steady: Counter = field(default_factory=Counter)
     steady_seconds: Optional[float] = None
+    #: The same counts for the first commit with an engine answer (the engine's first batch): the
+    #: rates fall back to them over ``startup.first_batch_s`` when nothing came after it.
+    first: Counter = field(default_factory=Counter)
     #: ``time.perf_counter()`` when the stage loop began (set by the loop; for ``time_to_first_caption_s``).
     clock_start: Optional[float] = None
     _steady_from: Optional[float] = field(default=None, repr=False)
@@ -85,26 +88,19 @@ class StageStats:
                 # is start-up: the steady window opens now, so its rates do not depend on the run's length.
                 self._steady_from = now
                 self.steady_seconds = 0.0
+                _count(self.first, records)
                 if self.clock_start is not None:
                     self.startup["time_to_first_caption_s"] = now - self.clock_start
             return
-        steady = self.steady
-        steady["rows"] += len(records)
-        for rec in records:
-            tokens = rec.get("tokens")
-            if tokens is None:
-                continue
-            steady["images"] += 1
-            steady["regions"] += sum(1 for r in rec.get("regions") or () if r.get("caption"))
-            steady["prompt_tokens"] += tokens.get("prompt") or 0
-            steady["output_tokens"] += tokens.get("output") or 0
+        _count(self.steady, records)
         self.steady_seconds = now - self._steady_from
 
     def as_dict(self) -> Dict[str, Any]:
         """The stats as plain data (sent back from a child process)."""
         return {"rows": self.rows, "seconds": self.seconds, "errors": dict(self.errors), "pid": self.pid,
                 "skipped": self.skipped, "retried": self.retried, "regions": self.regions,
-                "startup": dict(self.startup), "steady": dict(self.steady), "steady_seconds": self.steady_seconds}
+                "startup": dict(self.startup), "steady": dict(self.steady), "steady_seconds": self.steady_seconds,
+                "first": dict(self.first)}
 
     def update(self, values: Dict[str, Any]) -> None:
         """Take the counts of :meth:`as_dict` (from a child process)."""
@@ -114,6 +110,7 @@ class StageStats:
         self.startup = dict(values.get("startup") or {})
         self.steady = Counter(values.get("steady") or {})
         self.steady_seconds = values.get("steady_seconds")
+        self.first = Counter(values.get("first") or {})
 
     def timing(self) -> Dict[str, Any]:
         """``startup`` and ``steady`` (with its ``seconds``) as ``compute_metrics`` takes them; empty
@@ -123,7 +120,21 @@ class StageStats:
             out["startup"] = dict(self.startup)
         if self.steady_seconds is not None:
             out["steady"] = {"seconds": self.steady_seconds, **{k: self.steady[k] for k in STEADY_COUNTS}}
+            out["first_batch"] = {k: self.first[k] for k in STEADY_COUNTS}
         return out
+
+
+def _count(into: Counter, records: List[Dict[str, Any]]) -> None:
+    """Add the rows of ``records``, those the engine answered (``tokens``), their captioned regions and tokens."""
+    into["rows"] += len(records)
+    for rec in records:
+        tokens = rec.get("tokens")
+        if tokens is None:
+            continue
+        into["images"] += 1
+        into["regions"] += sum(1 for r in rec.get("regions") or () if r.get("caption"))
+        into["prompt_tokens"] += tokens.get("prompt") or 0
+        into["output_tokens"] += tokens.get("output") or 0
 
 
 #: What the steady window counts (:attr:`StageStats.steady`).

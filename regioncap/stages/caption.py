@@ -56,8 +56,11 @@ class Captioner(Stage):
 
         self.random_weights = is_random(cfg.model)
         #: This stage's engine start-up: ``engine_load_s`` (building it: imports, weights, a server's
-        #: preflight), ``first_batch_s`` (its first call, which carries lazy warm-up); empty until it starts.
+        #: preflight), ``first_batch_s`` (its first batch: the calls and re-asks of the first rows it
+        #: answered, which carry lazy warm-up); empty until it starts.
         self.startup: Dict[str, Any] = {}
+        #: ``time.perf_counter()`` at the start of the engine's first call.
+        self._first_t0: Optional[float] = None
 
     # ------------------------------------------------------------ lifetime
     def start_engine(self) -> Engine:
@@ -127,6 +130,7 @@ class Captioner(Stage):
             self.ground(batch)
         work = [(rec, spec) for rec in batch if rec["status"] == "pending" for spec in rec["requests"]]
         if not work:
+            self._end_first_batch()
             return batch
         self.start_engine()
         first = self.first_call
@@ -152,27 +156,31 @@ class Captioner(Stage):
                 for n, caption in parsed.items():
                     spec["captions"].setdefault(n, caption)
                     spec.setdefault("reasked_numbers", []).append(n)
+        if first:
+            self._end_first_batch()
         return [self.finish(rec) if rec["status"] == "pending" else rec for rec in batch]
+
+    def _end_first_batch(self) -> None:
+        if self._first_t0 is not None and self.first_call:
+            self.startup["first_batch_s"] = time.perf_counter() - self._first_t0
 
     def generate(self, requests: List[Request]) -> List[Response]:
         """The engine's answers; an engine that fails as a whole stops the run with how to go on."""
         from regioncap.engines import EngineError
 
         assert self.engine is not None
-        t0 = time.perf_counter()
+        if self._first_t0 is None and self.startup:
+            self._first_t0 = time.perf_counter()
         try:
             return self.engine.generate(requests)
         except EngineError as exc:
             raise RunError(f"engine {self.cfg.engine.name!r} failed: {exc}. The rows committed so far are kept; "
                            f"after fixing this, go on with {resume_args(self.out)}") from None
-        finally:
-            if self.first_call:
-                self.startup["first_batch_s"] = time.perf_counter() - t0
 
     @property
     def first_call(self) -> bool:
-        """Whether the engine this stage started has not been called yet (a handed-in engine: never
-        timed, it was warm before)."""
+        """Whether the engine this stage started is still on its first batch of rows (a handed-in
+        engine: never timed, it was warm before)."""
         return bool(self.startup) and "first_batch_s" not in self.startup
 
     def ground(self, batch: List[Dict[str, Any]]) -> None:
