@@ -602,12 +602,16 @@ def iou(a: Any, b: Any) -> float:
 NMS_METRICS: Tuple[str, ...] = ("iou", "iomin")
 
 
-def nms(boxes: Sequence[Any], scores: Optional[Sequence[float]], thr: float, *, metric: str = "iou") -> List[int]:
+def nms(boxes: Sequence[Any], scores: Optional[Sequence[float]], thr: float, *, metric: str = "iou",
+        limit: Optional[int] = None) -> List[int]:
     """Greedy non-maximum suppression; the indices of the kept boxes, best first.
 
     Boxes are visited by descending score (``scores`` None: in the given order;
     ties keep the given order); a box is dropped when its overlap with a box
     already kept is above ``thr``. ``metric`` is one of :data:`NMS_METRICS`.
+    ``limit`` stops once that many are kept: the first ``limit`` kept boxes are
+    the same as without it, and the time is O(boxes x limit) instead of
+    O(boxes^2) on an input of many distinct boxes (a hostile model answer).
 
     Raises:
         ValueError: ``scores`` and ``boxes`` differ in length, or an unknown ``metric``.
@@ -621,9 +625,13 @@ def nms(boxes: Sequence[Any], scores: Optional[Sequence[float]], thr: float, *, 
     if scores is not None:
         order.sort(key=lambda i: -float(scores[i]))  # stable: ties keep the given order
     kept: List[int] = []
+    if limit is not None and limit <= 0:
+        return kept
     for i in order:
         if all(_overlap(corners[i], corners[k], metric) <= thr for k in kept):
             kept.append(i)
+            if limit is not None and len(kept) >= limit:
+                break
     return kept
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 
@@ -25,6 +26,10 @@ class KeepRunDir(Callback):
     would have replaced the earlier run's files, the ones ``regioncap.reproduce``
     replays. This keeps them before Hydra writes; :func:`restore_hydra_files`
     puts them back when the job is refused.
+
+    A sweep (``-m``) into a sweep dir that holds an earlier sweep's jobs is refused
+    here, before Hydra writes ``multirun.yaml`` or any job's ``.hydra`` files, unless
+    ``resume=true`` (then each job's files are kept, as for a single run).
     """
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
@@ -34,13 +39,40 @@ class KeepRunDir(Callback):
             subdir = config.hydra.output_subdir
         except Exception:  # noqa: BLE001 - an unresolvable dir: nothing there to keep
             return
-        if subdir is None or not (run_dir / str(subdir)).is_dir():
+        if subdir is not None:
+            _keep(run_dir / str(subdir))
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from regioncap.rundir import holds_run
+
+        _HYDRA_FILES_BEFORE.clear()
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            subdir = config.hydra.output_subdir
+            resume = bool(config.get("resume", False))
+        except Exception:  # noqa: BLE001 - an unresolvable dir: nothing there to keep
             return
-        for path in (run_dir / str(subdir)).glob("*.yaml"):
-            try:
-                _HYDRA_FILES_BEFORE[str(path.resolve())] = path.read_bytes()
-            except OSError:
-                pass
+        jobs = sorted(d.name for d in sweep_dir.iterdir() if d.is_dir() and holds_run(d)) \
+            if sweep_dir.is_dir() else []
+        if jobs and not resume:
+            # SystemExit: Hydra turns a callback's Exception into a warning and would go on.
+            sys.exit(f"{sweep_dir} already holds the jobs of an earlier sweep ({', '.join(jobs[:10])}"
+                     f"{' ...' if len(jobs) > 10 else ''}); regioncap does not overwrite them. For a new sweep: "
+                     f"a new hydra.sweep.dir; to go on with those jobs: resume=true (with the same overrides)")
+        for job in jobs:
+            if subdir is not None:
+                _keep(sweep_dir / job / str(subdir))
+
+
+def _keep(folder: Path) -> None:
+    """Keep the bytes of ``folder``'s ``*.yaml`` for :func:`restore_hydra_files`."""
+    if not folder.is_dir():
+        return
+    for path in folder.glob("*.yaml"):
+        try:
+            _HYDRA_FILES_BEFORE[str(path.resolve())] = path.read_bytes()
+        except OSError:
+            pass
 
 
 def restore_hydra_files(run_dir: Path) -> int:
@@ -106,6 +138,52 @@ class SweepReport(Callback):
             log.warning("could not write the sweep report for %s: %s: %s", sweep_dir, type(exc).__name__, exc)
 
 
+#: Jobs of the sweep that just ended (normally) without an ``ok`` manifest; ``python -m regioncap``
+#: exits non-zero when there are any (see :class:`SweepFailures`).
+FAILED_JOBS: List[str] = []
+
+
+class SweepFailures(Callback):
+    """Failed trials are counted, the sweep goes on, and its exit status says that some failed.
+
+    A sweeper with a ``max_failure_rate`` (Optuna's plugin: default 0, so one failed trial
+    ends the study) gets 1.0 unless it was set on the command line: a failed job is a
+    trial that scored nothing, not a reason to stop the others. When the sweep ends, the
+    jobs whose manifest does not say ``ok`` are logged and :data:`FAILED_JOBS` makes the
+    process exit 1 (``regioncap.__main__``).
+    """
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        from omegaconf import OmegaConf, read_write
+
+        FAILED_JOBS.clear()
+        sweeper = OmegaConf.select(config, "hydra.sweeper")
+        given = [str(o) for o in OmegaConf.select(config, "hydra.overrides.hydra", default=[])]
+        if sweeper is None or "max_failure_rate" not in sweeper or any(
+                o.lstrip("+~").startswith("hydra.sweeper.max_failure_rate=") for o in given):
+            return
+        with read_write(config):
+            config.hydra.sweeper.max_failure_rate = 1.0
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        from regioncap.manifest import read_manifest
+        from regioncap.report import job_dirs
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        FAILED_JOBS[:] = [d.name for d in job_dirs(sweep_dir) if ((_manifest(d, read_manifest) or {})
+                                                                  .get("status") != "ok")]
+        if FAILED_JOBS:
+            log.error("%d job(s) of the sweep failed: %s (the sweep went on; see %s)", len(FAILED_JOBS),
+                      ", ".join(FAILED_JOBS), sweep_dir / "report.html")
+
+
+def _manifest(job_dir: Path, read: Any) -> Optional[Dict[str, Any]]:
+    try:
+        return read(job_dir)
+    except (OSError, ValueError):
+        return None
+
+
 class MaskSecrets(Callback):
     """Keep secrets out of the files Hydra writes itself.
 
@@ -133,6 +211,17 @@ class MaskSecrets(Callback):
             self._mask(config, job=True)
         except Exception as exc:  # noqa: BLE001 - never a reason to fail a job; the job masks again
             log.warning("could not mask secrets in Hydra's files: %s: %s", type(exc).__name__, exc)
+
+    def on_job_end(self, config: Any, job_return: Any = None, **kwargs: Any) -> None:
+        # Hydra prints a failed job's overrides ("Error executing job with overrides: [...]")
+        # straight to stderr from the job's return, in the launching process: mask them there.
+        try:
+            from regioncap.redaction import mask_overrides
+
+            if job_return is not None and getattr(job_return, "overrides", None):
+                job_return.overrides = mask_overrides(job_return.overrides)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not mask the job's overrides: %s: %s", type(exc).__name__, exc)
 
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         try:

@@ -69,10 +69,20 @@ def digest_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:DIGEST_CHARS]
 
 
+#: `` at 0x7f...``: the memory address in an object's default ``repr``, different in every process.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
 def _digest_default(value: Any) -> Any:
     # Image bytes are hashed, not spelled out: the canonical text stays small.
     if isinstance(value, (bytes, bytearray, memoryview)):
         return {"sha256": hashlib.sha256(bytes(value)).hexdigest()}
+    tobytes, size = getattr(value, "tobytes", None), getattr(value, "size", None)
+    if callable(tobytes) and isinstance(size, tuple) and hasattr(value, "mode"):  # a decoded PIL image
+        try:
+            return {"mode": value.mode, "size": list(size), "sha256": hashlib.sha256(tobytes()).hexdigest()}
+        except Exception:  # noqa: BLE001 - an image that does not decode: its repr below, address removed
+            pass
     if isinstance(value, (set, frozenset, tuple)):
         return list(value)
     tolist = getattr(value, "tolist", None)
@@ -81,7 +91,8 @@ def _digest_default(value: Any) -> Any:
             return tolist()
         except Exception:  # noqa: BLE001
             pass
-    return f"<{type(value).__name__}> {value!s:.1000}"
+    # Never a memory address: a row's digest must be the same when a resume reads it again.
+    return f"<{type(value).__name__}> {_ADDRESS.sub('', f'{value!s:.1000}')}"
 
 
 def digest_value(value: Any) -> str:
@@ -537,9 +548,11 @@ def _iter_hf(data_cfg: Any) -> Iterator[InputRow]:
                             f"(a dotted name reads a nested field: objects.bbox)")
     if refs_from and not refs_key:
         raise DataError("data.hf_references_key is set but data.references_key is null: set where references go")
-    if isinstance(ds.features.get(image_key), datasets.Image):
-        # Decode ourselves, with the same guards as files on disk.
-        ds = ds.cast_column(image_key, datasets.Image(decode=False))
+    for column, feature in ds.features.items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            # Decode the image column ourselves, with the same guards as files on disk; never decode
+            # another (it is not used, and a decoded image has no stable text for the row's digest).
+            ds = ds.cast_column(column, datasets.Image(decode=False))
     names = _class_names(ds.features, refs_from) if refs_from else None
     nested = [k for k in (image_key, bbox_key, id_key) if k and k not in ds.column_names and "." in k]
     for i, obj in enumerate(ds):
@@ -638,6 +651,13 @@ def images_dir(data_cfg: Any, path: Path) -> Path:
     return p if p.is_absolute() else base / p
 
 
+def _is_id(value: Any) -> bool:
+    """True when ``value`` can name an image, annotation or category: a JSON scalar, never a list
+    or an object (they cannot be dict keys, and as ids they name nothing). Every adapter checks
+    an id with this before using it as a key, so one odd entry is one error row, not a crash."""
+    return value is not None and isinstance(value, (str, int, float)) and not isinstance(value, bool)
+
+
 def _error_row(row_id: str, kind: str, message: str, **extra: Any) -> InputRow:
     return InputRow(index=0, row_id=row_id, error={"kind": kind, "message": message}, extra=extra,
                     id_from_data=True)
@@ -670,19 +690,32 @@ def _iter_coco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
     crowd = str(getattr(data_cfg, "coco_iscrowd", "keep"))
     if crowd not in ("keep", "skip"):
         raise DataError(f"data.coco_iscrowd must be 'keep' or 'skip', got {crowd!r}")
-    categories = {c.get("id"): c.get("name") for c in doc.get("categories") or [] if isinstance(c, dict)}
-    by_image: Dict[Any, List[Dict[str, Any]]] = {}
+    categories: Dict[Any, Any] = {}
     bad: List[InputRow] = []
+    for i, cat in enumerate(doc.get("categories") or []):
+        if not isinstance(cat, dict) or not _is_id(cat.get("id")):
+            bad.append(_error_row(f"category-entry-{i}", "invalid_category",
+                                  f"{name} categories[{i}]: expected an object with a number or string 'id', "
+                                  f"got {_quote(cat)}"))
+            continue
+        categories[cat["id"]] = cat.get("name")
+    by_image: Dict[Any, List[Dict[str, Any]]] = {}
     for i, ann in enumerate(doc.get("annotations") or []):
-        if not isinstance(ann, dict) or isinstance(ann.get("image_id"), (dict, list)) or "image_id" not in ann:
+        if not isinstance(ann, dict) or not _is_id(ann.get("image_id")):
             bad.append(_error_row(f"annotation-{i}", "invalid_annotation",
                                   f"{name} annotations[{i}]: expected an object with an 'image_id', got "
                                   f"{_quote(ann)}"))
             continue
+        if ann.get("category_id") is not None and not _is_id(ann["category_id"]):
+            bad.append(_error_row(f"annotation-{i}", "invalid_annotation",
+                                  f"{name} annotations[{i}] (image id {ann['image_id']!r}): 'category_id' must be "
+                                  f"a number or string, got {_quote(ann['category_id'])}",
+                                  image_id=ann["image_id"], annotation_id=ann.get("id")))
+            continue
         by_image.setdefault(ann["image_id"], []).append(ann)
     seen = set()
     for i, img in enumerate(doc["images"]):
-        if not isinstance(img, dict) or "id" not in img or isinstance(img.get("id"), (dict, list)):
+        if not isinstance(img, dict) or not _is_id(img.get("id")):
             bad.append(_error_row(f"image-entry-{i}", "invalid_image_entry",
                                   f"{name} images[{i}]: expected an object with an 'id', got "
                                   f"{_quote(img)}"))
@@ -728,7 +761,7 @@ def _iter_vg(path: Path, data_cfg: Any) -> Iterator[InputRow]:
         image_id = entry.get("id", entry.get("image_id")) if isinstance(entry, dict) else None
         if image_id is None and isinstance(regions, list):
             image_id = next((r.get("image_id") for r in regions if isinstance(r, dict) and r.get("image_id")), None)
-        if not isinstance(regions, list) or image_id is None or isinstance(image_id, (dict, list)):
+        if not isinstance(regions, list) or not _is_id(image_id):
             yield _error_row(f"entry-{i}", "invalid_entry",
                              f"{name} entry {i}: expected {{'id', 'regions': [...]}}, got {_quote(entry)}")
             continue
@@ -792,7 +825,13 @@ def _read_refs(path: Path) -> Tuple[List[Any], Dict[Any, Any]]:
     if isinstance(doc, list):
         return doc, {}
     if isinstance(doc, dict) and isinstance(doc.get("refs"), list):
-        files = {im.get("id"): im.get("file_name") for im in doc.get("images") or [] if isinstance(im, dict)}
+        files: Dict[Any, Any] = {}
+        for i, im in enumerate(doc.get("images") or []):
+            if isinstance(im, dict) and _is_id(im.get("id")):
+                files[im["id"]] = im.get("file_name")
+            else:  # read as a bad line: one error row naming the entry
+                doc["refs"].append(_BadLine(None, f"images[{i}]: expected an object with a number or string 'id', "
+                                                  f"got {_quote(im)}", f"image-entry-{i}"))
         return doc["refs"], files
     raise DataError(f"{path} is not a RefCOCO-style refs file: expected a JSON list of refs, JSON lines, "
                     f"or an object with a 'refs' list (and optionally 'images')")
@@ -800,8 +839,11 @@ def _read_refs(path: Path) -> Tuple[List[Any], Dict[Any, Any]]:
 
 @dataclass
 class _BadLine:
-    line: int
+    #: Line number in a JSON-lines file; None for an entry of the ``images`` list.
+    line: Optional[int]
     reason: str
+    #: The error row's id when it is not ``ref-entry-<i>`` (an ``images`` entry).
+    row_id: Optional[str] = None
 
 
 def _iter_refcoco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
@@ -813,13 +855,14 @@ def _iter_refcoco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
     groups: Dict[Any, Dict[str, Any]] = {}
     order: List[Any] = []
     for i, ref in enumerate(refs):
-        where = f"{name} line {ref.line}" if isinstance(ref, _BadLine) else f"{name} ref {i}"
-        if isinstance(ref, _BadLine) or not isinstance(ref, dict) or "image_id" not in ref \
-                or isinstance(ref.get("image_id"), (dict, list)):
+        where = f"{name} line {ref.line}" if isinstance(ref, _BadLine) and ref.line is not None \
+            else name if isinstance(ref, _BadLine) else f"{name} ref {i}"
+        if isinstance(ref, _BadLine) or not isinstance(ref, dict) or not _is_id(ref.get("image_id")):
             reason = ref.reason if isinstance(ref, _BadLine) else f"expected an object with an 'image_id', got " \
                                                                    f"{_quote(ref)}"
             key = ("bad", i)
-            groups[key] = {"error": _error_row(f"ref-entry-{i}", "invalid_ref", f"{where}: {reason}")}
+            row_id = (ref.row_id if isinstance(ref, _BadLine) else None) or f"ref-entry-{i}"
+            groups[key] = {"error": _error_row(row_id, "invalid_ref", f"{where}: {reason}")}
             order.append(key)
             continue
         if split and ref.get("split") != split:

@@ -14,13 +14,15 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from hydra.errors import CompactHydraException
+
 from regioncap.loggers import RunLogger, build_logger
 from regioncap.manifest import (
     config_to_dict, mask_hydra_dir, redact, redact_override, try_write_manifest,
 )
 from regioncap.errors import RunError
 from regioncap.run import RegionCapRun, build_run
-from regioncap.rundir import STAGE_FILES, RunDir, resume_args, shell_word
+from regioncap.rundir import STAGE_FILES, RunDir, regioncap_command, resume_args, shell_word
 from regioncap.signals import Interrupted, stop_on_signals
 
 log = logging.getLogger("regioncap")
@@ -49,15 +51,21 @@ def run_job(cfg: Any) -> Any:
     except RunError as exc:
         log.error("%s", exc)
         if _hydra_multirun():
-            raise
+            # Hydra records the job as failed; when it reports it, the message is enough (a
+            # CompactHydraException is printed without a traceback).
+            raise JobFailed(str(exc)) from None
         sys.exit(1)
     return value
+
+
+class JobFailed(CompactHydraException, RunError):
+    """A job of a sweep failed as a whole (the message says why); Hydra prints it without a traceback."""
 
 
 def check_objective(cfg: Any) -> None:
     """Raise :class:`RunError` when ``cfg.objective`` names no number of metrics.json."""
     if cfg.objective:
-        from regioncap.metrics import check_objective as check
+        from regioncap.metricspec import check_objective as check
 
         try:
             check(str(cfg.objective))
@@ -67,10 +75,10 @@ def check_objective(cfg: Any) -> None:
 
 def objective_value(cfg: Any, metrics: Dict[str, Any]) -> float:
     """The value of the dotted path ``cfg.objective`` in ``metrics`` (what a sweeper optimises)."""
-    from regioncap.metrics import metric_value
+    from regioncap.metricspec import value_at
 
     try:
-        value = metric_value(metrics, str(cfg.objective))
+        value = value_at(metrics, str(cfg.objective))
     except KeyError:
         value = None
     if value is None:
@@ -101,6 +109,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
 
         restore_hydra_files(run_dir)
         raise
+    _write_own_hydra_files(cfg)
     tracker = _build_tracker(cfg)
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
@@ -122,7 +131,37 @@ def execute(cfg: Any) -> Dict[str, Any]:
                            status="ok" if exit_code == 0 else "failed", error=error, **hydra_context(), **built)
         _try_write_report(run_dir)
         tracker.finish(exit_code)
+        _write_own_hydra_files(cfg)
         rundir.unlock()
+
+
+def _write_own_hydra_files(cfg: Any) -> None:
+    """Write this job's ``.hydra/*.yaml`` again, masked, while it holds the run dir's lock.
+
+    Hydra writes them before the job starts, so a second run started into the same new dir
+    at the same moment (and refused there) may have written its own over this one's: the
+    files must be the ones of the run that holds the dir. Never raises.
+    """
+    from omegaconf import OmegaConf
+
+    from regioncap.records import write_text_atomically
+    from regioncap.redaction import config_secrets
+
+    hc = _hydra()
+    if hc is None or not hc.output_subdir:
+        return
+    hydra_dir = Path(hc.runtime.output_dir) / str(hc.output_subdir)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        files = {"config.yaml": OmegaConf.to_yaml(cfg), "hydra.yaml": OmegaConf.to_yaml(HydraConfig.instance().cfg),
+                 "overrides.yaml": OmegaConf.to_yaml(hc.overrides.task)}
+        hydra_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            write_text_atomically(hydra_dir / name, text)
+        mask_hydra_dir(hydra_dir, config_secrets(cfg, [*hc.overrides.task, *hc.overrides.hydra]))
+    except Exception as exc:  # noqa: BLE001 - provenance is worth a warning, never the run
+        log.warning("could not write %s again: %s: %s", hydra_dir, type(exc).__name__, exc)
 
 
 def _mask_hydra_files(cfg: Any) -> None:
@@ -202,7 +241,7 @@ _RESUME_SKIP = re.compile(r"^[+~]*(hydra\.run\.dir|resume|resume_force|retry_err
 def resume_hint(cfg: Any) -> str:
     """The command that goes on with this run: its own overrides, ``resume=true`` and its run dir."""
     overrides = [o for o in job_overrides() if not _RESUME_SKIP.match(o)]
-    cmd = ["python", "-m", "regioncap", *(shell_word(o) for o in overrides), resume_args(cfg.output_dir)]
+    cmd = [regioncap_command(), *(shell_word(o) for o in overrides), resume_args(cfg.output_dir)]
     cwd = hydra_context()["cwd"]  # relative paths in the overrides are relative to it
     return (f"The rows finished so far are in {cfg.output_dir}; to go on where the run stopped"
             + (f" (from {cwd})" if cwd else "") + ":\n  " + " ".join(cmd))

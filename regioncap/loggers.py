@@ -44,6 +44,8 @@ from regioncap.records import dumps, read_jsonl
 from regioncap.rundir import CAPTIONS_FILE, METRICS_FILE, VISUALIZE_FILE
 
 log = logging.getLogger("regioncap")
+#: Metadata keys W&B allows on an artifact.
+ARTIFACT_METADATA_MAX = 100
 
 #: Metrics file and record files written by the run (see ``regioncap.run``).
 #: Longest side of a region thumbnail in the table, in pixels.
@@ -258,8 +260,11 @@ class WandbLogger(RunLogger):
             if files:
                 # Immutable: referenced where they are, not copied to wandb's staging dir in the
                 # home dir (records can be GBs); regioncap never rewrites them after a job.
+                # W&B allows 100 metadata keys: the figures the metric specification marks as key ones
+                # (every figure is in the metrics.json the artifact holds).
+                meta = dict(list(key_figures(flat).items())[:ARTIFACT_METADATA_MAX])
                 art = wandb.Artifact(f"captions-{run.id}", type="dataset",
-                                     description=f"regioncap records of {run.name}", metadata=flat)
+                                     description=f"regioncap records of {run.name}", metadata=meta)
                 for path in files:
                     art.add_file(str(path), name=path.name, policy="immutable")
                 run.log_artifact(art)
@@ -300,6 +305,22 @@ def flatten_metrics(metrics: Dict[str, Any], prefix: str = "") -> Dict[str, floa
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[name] = value
     return flat
+
+
+def key_figures(flat: Dict[str, float]) -> Dict[str, float]:
+    """The entries of :func:`flatten_metrics` that regioncap.metricspec marks as headline, compared or
+    plotted figures (with their intervals): what a W&B artifact's metadata carries."""
+    from regioncap import metricspec
+
+    keys = {m.path for m in metricspec.SPEC if m.headline or m.compare or m.plot}
+    out = {}
+    for name, value in flat.items():
+        path = name.replace("/", ".")
+        head, _, leaf = path.rpartition(".intervals.")
+        base = f"{head}.{leaf.split('.')[0]}" if head else path
+        if path in keys or (head and base in keys):
+            out[name] = value
+    return out
 
 
 def _records_file(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:

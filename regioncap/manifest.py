@@ -46,30 +46,55 @@ SUBPROCESS_TIMEOUT_S = 5.0
 # --------------------------------------------------------------------- secrets
 #: A key (matched case-insensitively on its last component) whose value is masked...
 SECRET_NAME_PATTERNS: Tuple[str, ...] = (
-    "*_key", "key", "apikey", "*api_key*", "*token*", "*secret*", "*password*", "*passwd*",
-    "*credential*", "authorization", "*_auth", "auth", "cookie*",
+    "*_key", "key", "apikey", "*api_key*", "*token*", "*secret*", "*password*", "*passwd*", "*passphrase*",
+    "pwd", "*_pwd", "pass", "*_pass", "*credential*", "authorization", "*_auth", "auth", "cookie*",
 )
 #: ...unless it is one of these names, known to hold no secret: the *name* of an
 #: environment variable (``api_key_env``), column names (``image_key``...),
 #: token counts (``max_tokens``), tokenizer settings.
 NON_SECRET_NAMES: frozenset = frozenset({
-    "api_key_env", "api_key_set", "image_key", "bbox_key", "id_key", "references_key", "sort_key",
+    "api_key_env", "api_key_set", "secret_names", "image_key", "bbox_key", "id_key", "references_key", "sort_key",
     "max_tokens", "min_tokens", "max_new_tokens", "prompt_tokens", "output_tokens",
 })
 NON_SECRET_PATTERNS: Tuple[str, ...] = ("*_env", "*_tokens", "tokenizer*", "skip_tokenizer_init")
 
 
+#: The user's own secret names (the ``secret_names`` setting), set by :func:`use_secret_names`.
+_EXTRA_SECRET_PATTERNS: Tuple[str, ...] = ()
+
+
+def _normal_name(name: str) -> str:
+    # "api-key", "API_KEY" and "api_key" are one name: a header or URL spelling is no way around the rule.
+    return str(name).rsplit(".", 1)[-1].lower().replace("-", "_")
+
+
+def use_secret_names(patterns: Iterable[str]) -> None:
+    """Add the user's ``secret_names`` (names or ``fnmatch`` patterns, like
+    :data:`SECRET_NAME_PATTERNS`) to the rule of :func:`is_secret_name`, replacing
+    the ones set before (each job of a sweep sets its own config's).
+
+    The rule is process-wide on purpose: every writer (Hydra's files, the log filter,
+    the manifest, the report, W&B) asks :func:`is_secret_name`, so one call covers them all.
+    """
+    global _EXTRA_SECRET_PATTERNS
+    _EXTRA_SECRET_PATTERNS = tuple(_normal_name(p) for p in patterns if str(p).strip())
+
+
 def is_secret_name(name: str) -> bool:
     """True when a config key or override named ``name`` may hold a secret.
 
-    The rule, on the key's last dotted component, lower-cased: it matches one of
-    :data:`SECRET_NAME_PATTERNS` (``*_key``, ``*token*``, ``*secret*``,
-    ``*password*``...) and neither is in :data:`NON_SECRET_NAMES` nor matches
-    :data:`NON_SECRET_PATTERNS`. So ``extra_args.api_key``, ``hf_token`` and
+    The rule, on the key's last dotted component, lower-cased with ``-`` read as
+    ``_``: it matches one of the user's ``secret_names`` (:func:`use_secret_names`),
+    or it matches one of :data:`SECRET_NAME_PATTERNS` (``*_key``, ``*token*``,
+    ``*secret*``, ``*password*``, ``*passphrase*``, ``pwd``, ``*_pass``...) and
+    neither is in :data:`NON_SECRET_NAMES` nor matches :data:`NON_SECRET_PATTERNS`.
+    So ``extra_args.api_key``, ``api-key``, ``hf_token``, ``db_pass`` and
     ``db_password`` are masked; ``api_key_env`` (which holds the *name* of the
     variable with the key), ``image_key`` and ``max_tokens`` are kept.
     """
-    last = str(name).rsplit(".", 1)[-1].lower()
+    last = _normal_name(name)
+    if any(fnmatch.fnmatchcase(last, p) for p in _EXTRA_SECRET_PATTERNS):
+        return True
     if last in NON_SECRET_NAMES or any(fnmatch.fnmatchcase(last, p) for p in NON_SECRET_PATTERNS):
         return False
     return any(fnmatch.fnmatchcase(last, p) for p in SECRET_NAME_PATTERNS)
@@ -710,6 +735,49 @@ def build_manifest(cfg: Any, *, run_dir: str | Path, choices: Optional[Mapping[s
         "config": config,
     }
     return manifest
+
+
+def build_merge_manifest(out: str | Path, shards: Sequence[Mapping[str, Any]], *,
+                         config: Optional[Mapping[str, Any]], base: Optional[Mapping[str, Any]],
+                         overrides: Sequence[str], started: float, ended: float,
+                         config_differences: Sequence[str] = ()) -> Dict[str, Any]:
+    """The manifest of a merged dir (``python -m regioncap.merge``): a run's fields, plus its ``shards``.
+
+    What the shards share comes from ``base`` (the first shard's manifest: ``seed``, ``data``
+    fingerprint, ``engine``, ``model``, group ``choices``); ``config`` is the merged config (the
+    unsharded run's) and ``overrides`` its overrides (``cwd``, where relative paths in them resolve,
+    is the first shard's); ``git``, ``versions``, ``host``, ``command`` and the times are the
+    merge's own. ``shards``: one entry per shard (its dir, run key, git sha, overrides, rows, digest of its
+    records; see docs/formats.md). ``kind`` is ``merge`` (a run's manifest has none).
+    """
+    base = base or {}
+    config = dict(config) if config is not None else None
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": "merge",
+        "run_dir": str(Path(out).absolute()),
+        "cwd": base.get("cwd"),
+        "status": "ok",
+        "error": None,
+        "started": iso_utc(started),
+        "ended": iso_utc(ended),
+        "duration_s": round(ended - started, 3),
+        "command": [redact_override(a) for a in sys.argv],
+        "hydra": {"choices": (base.get("hydra") or {}).get("choices"),
+                  "overrides": [redact_override(str(o)) for o in overrides]},
+        "seed": base.get("seed"),
+        "data": base.get("data"),
+        "engine": base.get("engine"),
+        "model": base.get("model"),
+        "git": git_info(),
+        "versions": package_versions(),
+        "host": host_info(),
+        "outputs": output_files(Path(out)),
+        "config_resolved": base.get("config_resolved") if config is not None else None,
+        "config": redact(config) if config is not None else None,
+        "shards": [dict(s) for s in shards],
+        "config_differences": list(config_differences),
+    }
 
 
 def _umask() -> int:

@@ -1,6 +1,8 @@
 """Run metrics from the records a run wrote, and reference scores for captions.
 
-Pure library module: no Hydra, no W&B, no engine imports. The reference
+Pure library module: no Hydra, no W&B, no engine imports. What each number
+means (its name, unit, direction, how it combines) is declared once in
+:mod:`regioncap.metricspec`. The reference
 scorers (``pycocoevalcap``, the ``metrics`` extra) are imported only when some
 row carries references.
 
@@ -10,13 +12,13 @@ caption, one latency per request, one 8-byte hash per row for the distinct
 image count) and, for reference scoring only, one ``(caption, references)``
 pair per region that has references.
 
-Reference scores are those MS-COCO caption evaluation reports, computed by the
-``pycocoevalcap`` scorers (BLEU-4, ROUGE-L, CIDEr-D; METEOR where Java is on
-PATH). The text is tokenized by :func:`tokenize` (lowercase, punctuation
-stripped, split on the rest) rather than COCO's PTBTokenizer, which starts a
-Java process for Stanford CoreNLP on every call; the two agree on plain
-English captions except for contractions (``woman's`` -> ``woman s`` here,
-``woman 's`` there), so scores may differ slightly from published COCO numbers.
+Reference scores are those the COCO caption toolkit reports, computed as its
+``COCOEvalCap`` does: captions and references tokenized as its ``PTBTokenizer``
+does (:func:`regioncap.ptb.ptb_tokenize`, the same tokens in Python, without
+starting Java), then the ``pycocoevalcap`` scorers (BLEU-1..4, ROUGE-L, CIDEr-D;
+METEOR where Java is on PATH), so the figures compare with published ones.
+``exact_match`` and ``attribute_accuracy`` keep regioncap's own words
+(:func:`tokenize`: lowercase, punctuation stripped).
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ from array import array
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_interval
+
+from regioncap import metricspec
 
 log = logging.getLogger("regioncap")
 
@@ -121,15 +127,10 @@ def _rate(num: float, den: float, digits: int = 4) -> Optional[float]:
 
 # ------------------------------------------------------------------ references
 def _reference_list(entry: Any) -> List[str]:
-    """One box's references (a string or a list of strings) as normalised, non-empty strings."""
+    """One box's references (a string or a list of strings) as written (stripped), those
+    with at least one word: a reference of punctuation alone is no reference."""
     items = [entry] if isinstance(entry, str) else entry if isinstance(entry, (list, tuple)) else []
-    out = []
-    for item in items:
-        if isinstance(item, str):
-            text = normalize(item)
-            if text:
-                out.append(text)
-    return out
+    return [item.strip() for item in items if isinstance(item, str) and _WORD.search(item)]
 
 
 def _record_references(record: Dict[str, Any], references_key: Optional[str]) -> Optional[list]:
@@ -179,9 +180,10 @@ def region_references(record: Dict[str, Any], references_key: Optional[str] = "r
 
     Returns ``(has_references, [(region, references)], missing)``: whether the row
     carries the references field at all; every region whose input box
-    (``source_index``) has at least one non-empty reference, with them
-    normalised by :func:`normalize`; and how many regions have none (the list is
-    shorter than ``bbox``, or its entry is empty or not text).
+    (``source_index``) has at least one reference with a word, with those
+    references as written (stripped; each scorer tokenizes them its own way); and
+    how many regions have none (the list is shorter than ``bbox``, or its entry
+    is empty or not text).
     """
     refs = _record_references(record, references_key)
     if refs is None:
@@ -262,6 +264,70 @@ def _meteor(gts: Dict[int, List[str]], res: Dict[int, List[str]], timeout_s: flo
     return float(score), [float(s) for s in scores]
 
 
+#: What reference scores tokenize with (metrics.json ``references.tokenizer``).
+TOKENIZER = "PTB (the COCO caption toolkit's PTBTokenizer, CoreNLP 3.4.1), in Python (regioncap.ptb)"
+#: BLEU's n-gram orders (pycocoevalcap's ``Bleu(4)``).
+BLEU_N = 4
+
+
+def _ptb_pairs(pairs: Sequence[Pair]) -> Tuple[Dict[int, List[str]], Dict[int, List[str]]]:
+    """``(gts, res)`` of pycocoevalcap's scorers for ``pairs``: every caption and
+    reference tokenized as the COCO caption toolkit's PTBTokenizer does."""
+    from regioncap.ptb import ptb_tokenize_batch
+
+    refs = [_reference_list(r) for _, r in pairs]
+    if any(not r for r in refs):
+        raise ValueError("every pair needs at least one reference with a word")
+    # One batch of references and one of captions, in this order, as COCOEvalCap runs
+    # the tokenizer (a caption's last token can depend on the next caption).
+    res = {i: [text] for i, text in enumerate(ptb_tokenize_batch([c for c, _ in pairs]))}
+    flat = iter(ptb_tokenize_batch([text for r in refs for text in r]))
+    gts = {i: [next(flat) for _ in r] for i, r in enumerate(refs)}
+    return gts, res
+
+
+def bleu_stats(pairs: Sequence[Pair]) -> List[Tuple[int, ...]]:
+    """Per ``(caption, references)`` pair, the counts pycocoevalcap's ``BleuScorer``
+    adds up for corpus BLEU, on PTB tokens: ``(guess_1..guess_4, correct_1..correct_4,
+    test_len, ref_len)``, where ``guess_n`` is the caption's n-gram count,
+    ``correct_n`` those found in a reference (clipped by the most any one reference
+    has), ``test_len`` the caption's length and ``ref_len`` the length of the
+    reference closest to it (the shorter on a tie: ``option="closest"``).
+
+    Corpus BLEU over any multiset of pairs is :func:`bleu_from_stats` of the sum of
+    their vectors, so a bootstrap resamples pairs and sums. Each pair needs a
+    reference with a word (``ValueError`` otherwise).
+    """
+    from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+
+    gts, res = _ptb_pairs(pairs)
+    out = []
+    for i in range(len(pairs)):
+        comps = cook_test(res[i][0], cook_refs(gts[i], n=BLEU_N), eff="closest", n=BLEU_N)
+        out.append((*comps["guess"], *comps["correct"], comps["testlen"], comps["reflen"]))
+    return out
+
+
+def bleu_from_stats(total: Sequence[float]) -> List[float]:
+    """Corpus BLEU-1..4 from summed :func:`bleu_stats` vectors, exactly as pycocoevalcap's
+    ``BleuScorer.compute_score(option="closest")`` computes it, with its smoothing
+    constants (``1e-15`` added to the matches and the caption length, ``1e-9`` to the
+    n-gram counts and the reference length) and its brevity penalty."""
+    n = BLEU_N
+    if len(total) != 2 * n + 2:
+        raise ValueError(f"a BLEU statistics vector has {2 * n + 2} entries, got {len(total)}")
+    small, tiny = 1e-9, 1e-15
+    guess, correct, test_len, ref_len = total[:n], total[n:2 * n], total[2 * n], total[2 * n + 1]
+    scores, product = [], 1.0
+    for k in range(n):
+        product *= float(correct[k] + tiny) / (guess[k] + small)
+        scores.append(product ** (1.0 / (k + 1)))
+    ratio = (test_len + tiny) / (ref_len + small)
+    if ratio < 1:
+        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
+    return scores
+
+
 def _score(pairs: Sequence[Pair], meteor: bool, meteor_timeout_s: float
            ) -> Tuple[Dict[str, Any], List[Dict[str, Optional[float]]]]:
     """Corpus scores and per-pair scores of ``pairs`` (each with at least one reference)."""
@@ -269,15 +335,19 @@ def _score(pairs: Sequence[Pair], meteor: bool, meteor_timeout_s: float
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    res = {i: [normalize(c)] for i, (c, _) in enumerate(pairs)}
-    gts = {i: _reference_list(refs) for i, (_, refs) in enumerate(pairs)}
-    if any(not refs for refs in gts.values()):
-        raise ValueError("every pair needs at least one non-empty reference")
-    bleu, bleu_each = Bleu(4).compute_score(gts, res, verbose=0)
+    gts, res = _ptb_pairs(pairs)
+    bleu, bleu_each = Bleu(BLEU_N).compute_score(gts, res, verbose=0)
     rouge, rouge_each = Rouge().compute_score(gts, res)
     cider, cider_each = Cider().compute_score(gts, res)
-    corpus: Dict[str, Any] = {"bleu4": round(float(bleu[3]), 4), "rouge_l": round(float(rouge), 4),
-                              "cider": round(float(cider), 4), "meteor": None}
+    corpus: Dict[str, Any] = {f"bleu{k + 1}": round(float(bleu[k]), 4) for k in range(BLEU_N)}
+    corpus.update({"rouge_l": round(float(rouge), 4), "cider": round(float(cider), 4), "meteor": None})
+    # Lengths as BLEU counts them (words of the tokenized text): with captions of three
+    # words, BLEU-4 has no 4-gram to count and says little.
+    cand_lens = [len(res[i][0].split()) for i in res]
+    ref_lens = [len(r.split()) for i in gts for r in gts[i]]
+    corpus["caption_tokens_mean"] = round(sum(cand_lens) / len(cand_lens), 3)
+    corpus["reference_tokens_mean"] = round(sum(ref_lens) / len(ref_lens), 3)
+    corpus["captions_without_4gram"] = round(sum(n < BLEU_N for n in cand_lens) / len(cand_lens), 4)
     meteor_each: List[Optional[float]] = [None] * len(pairs)
     if meteor:
         reason = meteor_absent()
@@ -304,14 +374,17 @@ def score_references(pairs: Sequence[Pair], *, meteor: bool = False, meteor_time
     """Corpus scores and per-region scores of ``(caption, references)`` pairs in one go
     (one METEOR process for both).
 
-    Corpus scores are those COCO caption evaluation reports: BLEU-4 and METEOR
-    from statistics pooled over the whole corpus (not means of per-region
-    scores); ROUGE-L and CIDEr-D as means over pairs; each ``None``
+    Corpus scores are those the COCO caption toolkit reports, on its PTB tokens
+    (:mod:`regioncap.ptb`): BLEU-1..4 and METEOR from statistics pooled over the
+    whole corpus (not means of per-region scores); ROUGE-L and CIDEr-D as means
+    over pairs; with them the mean length in tokens of the captions and of the
+    references and the share of captions too short for a 4-gram; each ``None``
     with a ``scores_absent`` / ``meteor_absent`` reason when its scorer is
     unavailable or nothing can be scored. ``exact_match`` and
     ``attribute_accuracy`` (:func:`match_scores`, means over pairs) need no
     scorer and are always there. Per region: one dict
-    ``{bleu4, rouge_l, cider, meteor, exact_match, attribute_accuracy}`` per pair, in order; BLEU-4 there is
+    ``{bleu4, rouge_l, cider, meteor, exact_match, attribute_accuracy}`` per pair, in order, on the
+    same tokens as the corpus scores; BLEU-4 there is
     pycocoevalcap's smoothed sentence BLEU, and CIDEr weighs n-grams by their
     rarity across the references of *all* pairs given, so a region's CIDEr
     depends on the corpus it is scored in (a single pair scores 0). A pair
@@ -321,7 +394,7 @@ def score_references(pairs: Sequence[Pair], *, meteor: bool = False, meteor_time
     empty = {"bleu4": None, "rouge_l": None, "cider": None, "meteor": None,
              "exact_match": None, "attribute_accuracy": None}
     per: List[Dict[str, Optional[float]]] = [dict(empty) for _ in pairs]
-    corpus: Dict[str, Any] = {"regions_scored": len(usable), **empty}
+    corpus: Dict[str, Any] = {"regions_scored": len(usable), "bleu1": None, "bleu2": None, "bleu3": None, **empty}
     # Exact match and attribute accuracy need no scorer package: always computed.
     for i in usable:
         per[i].update(match_scores(pairs[i][0], _reference_list(pairs[i][1])))
@@ -337,7 +410,7 @@ def score_references(pairs: Sequence[Pair], *, meteor: bool = False, meteor_time
         corpus["meteor_absent"] = "no region has both a caption and references"
         return corpus, per
     t0 = time.perf_counter()
-    log.info("reference scoring: %d regions (BLEU-4, ROUGE-L, CIDEr%s)", len(usable),
+    log.info("reference scoring: %d regions (PTB tokens; BLEU-1..4, ROUGE-L, CIDEr%s)", len(usable),
              ", METEOR: starting Java" if meteor else "; METEOR off, metrics.meteor=true turns it on")
     scores, each = _score([pairs[i] for i in usable], meteor, meteor_timeout_s)
     corpus.update(scores)
@@ -359,9 +432,26 @@ def score_regions(pairs: Sequence[Pair], *, meteor: bool = False,
 
 def score_corpus(pairs: Sequence[Pair], *, meteor: bool = False,
                  meteor_timeout_s: float = METEOR_TIMEOUT_S) -> Dict[str, Any]:
-    """Corpus-level BLEU-4, ROUGE-L, CIDEr and METEOR of ``(caption, references)``
+    """Corpus-level BLEU-1..4, ROUGE-L, CIDEr and METEOR of ``(caption, references)``
     pairs, with ``regions_scored`` (see :func:`score_references`)."""
     return score_references(pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)[0]
+
+
+def meteor_sentence_scores(pairs: Sequence[Pair], *, timeout_s: float = METEOR_TIMEOUT_S) -> List[float]:
+    """Sentence-level METEOR 1.5 of each ``(caption, references)`` pair, in order, all in
+    one Java process (the watchdog of :func:`score_references`'s METEOR), on text
+    normalised as every score here is (:func:`normalize`). A pair whose caption or
+    references have no word scores 0 without being sent (nothing to match). Raises
+    when METEOR cannot run (see :func:`meteor_absent`) or takes over ``timeout_s``."""
+    texts = [(normalize(c), _reference_list(refs if isinstance(refs, str) else list(refs))) for c, refs in pairs]
+    usable = [i for i, (c, refs) in enumerate(texts) if c and refs]
+    scores = [0.0] * len(pairs)
+    if usable:
+        _, each = _meteor({k: texts[i][1] for k, i in enumerate(usable)},
+                          {k: [texts[i][0]] for k, i in enumerate(usable)}, timeout_s)
+        for i, value in zip(usable, each):
+            scores[i] = value
+    return scores
 
 
 # ------------------------------------------------------------------ exact match, attributes
@@ -503,6 +593,61 @@ def annotate_record(record: Dict[str, Any], references_key: Optional[str] = "ref
     return record
 
 
+# ------------------------------------------------------------------ intervals
+#: Reference scores whose corpus value is a mean over regions, so a cluster bootstrap of the per-region
+#: values gives their interval. BLEU-4 and METEOR pool statistics over the corpus (the mean of per-region
+#: METEOR can be far from it: 0.94 against 0.66 on the shapes demo), so theirs needs per-region statistics
+#: and a statistic of their sums (bleu_stats and bleu_from_stats for BLEU-4: reference_intervals(pairs=...)).
+INTERVAL_SCORES = ("exact_match", "attribute_accuracy", "rouge_l", "cider")
+
+
+def _bleu4_of_totals(totals: Any) -> List[float]:
+    """Corpus BLEU-4 of each row of summed :func:`bleu_stats` vectors (a bootstrap statistic)."""
+    return [bleu_from_stats(row)[BLEU_N - 1] for row in totals]
+
+
+def reference_intervals(per: Sequence[Dict[str, Optional[float]]], rows: Sequence[int], *,
+                        n_boot: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                        confidence: float = DEFAULT_CONFIDENCE, pairs: Optional[Sequence[Pair]] = None
+                        ) -> Dict[str, Any]:
+    """``references.intervals`` of metrics.json: a ``confidence`` interval for each of
+    :data:`INTERVAL_SCORES` that has per-region values, by a cluster bootstrap over
+    rows (``rows[i]``: the row of ``per[i]``; see :mod:`regioncap.intervals`).
+
+    Returns ``{<score>: {low, high, n_clusters, n_boot}}`` (bounds rounded to 4
+    digits; ``n_clusters``: the rows with a value of that score), the shape
+    :mod:`regioncap.metricspec` reads as the interval of ``references.<score>``. With
+    ``pairs`` (the scored ``(caption, references)`` pairs, in ``per``'s order) corpus
+    BLEU-4 gets one too, from the pairs' pooled :func:`bleu_stats`.
+    The method (:data:`regioncap.intervals.METHOD`), the 95% level and the seed
+    (the run's) are documented in docs/formats.md rather than repeated per run.
+    """
+    out: Dict[str, Any] = {}
+    if pairs is not None:
+        # Corpus BLEU pools n-gram counts: resample the pairs' sufficient statistics and pool those.
+        usable = [i for i, scores in enumerate(per) if scores.get("bleu4") is not None]
+        if usable:
+            iv = bootstrap_interval(bleu_stats([pairs[i] for i in usable]), [rows[i] for i in usable],
+                                    statistic=_bleu4_of_totals, n_boot=n_boot, confidence=confidence, seed=seed)
+            if iv["low"] is not None:
+                out["bleu4"] = {"low": round(iv["low"], 4), "high": round(iv["high"], 4),
+                                "n_clusters": iv["n_clusters"], "n_boot": n_boot}
+    for name in INTERVAL_SCORES:
+        values, clusters = [], []
+        for scores, row in zip(per, rows):
+            value = scores.get(name)
+            if value is not None:
+                values.append(value)
+                clusters.append(row)
+        if not values:
+            continue
+        iv = bootstrap_interval(values, clusters, n_boot=n_boot, confidence=confidence, seed=seed)
+        if iv["low"] is not None:
+            out[name] = {"low": round(iv["low"], 4), "high": round(iv["high"], 4), "n_clusters": iv["n_clusters"],
+                         "n_boot": n_boot}
+    return out
+
+
 # ------------------------------------------------------------------ metrics
 class _Accumulator:
     """The running state of one pass over the records."""
@@ -519,8 +664,11 @@ class _Accumulator:
         self.latency = array("d")
         self.reask_latency = array("d")
         self.pairs: List[Tuple[str, List[str]]] = []
+        #: The row (0-based, in read order) of each pair: the cluster its bootstrap interval resamples.
+        self.pair_rows = array("I")
         self.has_references = False
         self.flags: Counter = Counter()
+        self.debris: Counter = Counter()
 
     def add(self, rec: Dict[str, Any]) -> None:
         c = self.c
@@ -562,14 +710,20 @@ class _Accumulator:
             c["visual_tokens"] += vis
             if spec.get("latency_s") is not None and not warmup:
                 self.latency.append(float(spec["latency_s"]))
+            # The first answer's captions with answer-format debris; a record written before the
+            # check has none and reads as clean, as it was counted then.
+            debris = spec.get("debris") if isinstance(spec.get("debris"), dict) else {}
             if spec.get("error"):
                 c["requests_failed"] += 1
             elif spec.get("answer") is not None:
                 c["requests_answered"] += 1
                 c["requests_format_ok"] += bool(spec.get("format_ok"))
+                c["requests_debris"] += bool(debris)
+                c["requests_parsed_clean"] += bool(spec.get("format_ok")) and not debris
             reask = spec.get("reask")
             if reask:
                 c["reasks"] += 1
+                c["regions_reasked_debris"] += len({str(n) for n in reask.get("numbers") or []} & set(debris))
                 c["visual_tokens"] += vis  # the re-ask sends the same image again
                 if reask.get("latency_s") is not None:
                     self.reask_latency.append(float(reask["latency_s"]))
@@ -599,6 +753,9 @@ class _Accumulator:
             self.words.append(min(words, 2**32 - 1))
             if reg.get("attempt") == 2:
                 c["regions_from_reask"] += 1
+            if reg.get("debris"):  # kept with answer-format debris (prompts.caption_debris)
+                c["captions_debris"] += 1
+                self.debris[str(reg["debris"])] += 1
             words_list = tokenize(caption)
             seen[" ".join(words_list)] += 1
             first, again = prompts.get(reg.get("id"), (None, None))
@@ -625,7 +782,8 @@ class _Accumulator:
             c["regions_with_references"] += len(found)
             for reg, refs in found:
                 if reg.get("caption") and normalize(reg["caption"]):
-                    self.pairs.append((normalize(reg["caption"]), refs))
+                    self.pairs.append((reg["caption"], refs))
+                    self.pair_rows.append(c["rows"] - 1)
                 else:
                     c["references_uncaptioned"] += 1
 
@@ -756,7 +914,8 @@ def _stage_rates(name: str, st: Dict[str, Any], seconds: float, images: int, reg
 def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[str, Any]], *,
                     patch_size: int = 14, merge_size: int = 2, references_key: Optional[str] = "references",
                     meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S,
-                    wall_s: Optional[float] = None) -> Dict[str, Any]:
+                    wall_s: Optional[float] = None, bootstrap_resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = DEFAULT_SEED, densecap: bool = False) -> Dict[str, Any]:
     """Everything ``metrics.json`` holds, from one pass over a run's final records.
 
     ``records``: the caption records (or the visualize records when only that
@@ -772,12 +931,25 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     (Java; about 10 s to start) when references are present; off unless asked
     (``metrics.meteor=true``). ``wall_s``: the
     run's wall time when the stages overlapped (default: the stages' sum).
+    ``bootstrap_resamples`` and ``seed``: the resamples and seed of the 95%
+    intervals of the reference scores (:func:`reference_intervals`; 0 resamples
+    turns them off); a run passes ``metrics.bootstrap_resamples`` and its ``seed``.
+    ``densecap``: also DenseCap mAP (``regioncap.densecap``; METEOR per
+    prediction, Java) where truth boxes and references are known; off unless
+    asked (``metrics.densecap=true``).
     """
     acc = _Accumulator(patch_size, merge_size, references_key)
     proposals = ProposalStats(references_key)
+    dense = None
+    if densecap and references_key:
+        from regioncap.densecap import DenseCapStats
+
+        dense = DenseCapStats(references_key)
     for rec in records:
         acc.add(rec)
         proposals.add(rec)
+        if dense is not None:
+            dense.add(rec)
     c = acc.c
     rows, regions = c["rows"], c["regions"]
     images = acc.distinct_images()
@@ -796,6 +968,7 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     out.update({k: c[k] for k in (
         "rows", "regions", "regions_captioned", "regions_missing", "boxes_dropped", "boxes_clipped",
         "requests", "reasks", "prompt_tokens", "output_tokens")})
+    out["captioned_share"] = _rate(c["regions_captioned"], regions)
     out["rows_ok"] = c["status_ok"]
     out["rows_partial"] = c["status_partial"]
     out["rows_no_regions"] = c["status_no_regions"]
@@ -829,7 +1002,13 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     out["requests_answered"] = c["requests_answered"]
     out["requests_failed"] = c["requests_failed"]
     out["requests_format_ok"] = c["requests_format_ok"]
-    out["parse_success_rate"] = _rate(c["requests_format_ok"], c["requests_answered"])
+    out["requests_debris"] = c["requests_debris"]
+    out["requests_parsed_clean"] = c["requests_parsed_clean"]
+    # Clean parses only: the layout followed and no caption carrying answer-format debris.
+    out["parse_success_rate"] = _rate(c["requests_parsed_clean"], c["requests_answered"])
+    out["regions_reasked_debris"] = c["regions_reasked_debris"]
+    out["captions_debris"] = c["captions_debris"]
+    out["captions_debris_by_reason"] = dict(acc.debris)
     out["caption_words"] = describe(acc.words, 2)
     out["captions_empty"] = c["captions_empty"]
     out["captions_duplicated"] = c["captions_duplicated"]
@@ -850,9 +1029,16 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
                 "regions_with_references": c["regions_with_references"],
                 "references_missing": c["references_missing"],
                 "references_uncaptioned": c["references_uncaptioned"]}
-        refs.update(score_corpus(acc.pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s))
-        refs["tokenizer"] = "lowercase, punctuation stripped (not PTBTokenizer, which needs Java)"
+        corpus, per = score_references(acc.pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)
+        refs.update(corpus)
+        if bootstrap_resamples > 0 and acc.pairs:
+            refs["intervals"] = reference_intervals(per, acc.pair_rows, n_boot=bootstrap_resamples, seed=seed,
+                                                    pairs=acc.pairs)
+        del per
+        refs["tokenizer"] = TOKENIZER
         out["references"] = refs
+    if dense is not None and dense.evaluator.images:
+        out["densecap"] = dense.summary(meteor_timeout_s=meteor_timeout_s)
     return out
 
 
@@ -949,22 +1135,47 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         words = m.get("caption_words") or {}
         lines.append(
             f"answers: parse success {_pct(m.get('parse_success_rate'))} of {m['requests_answered']} answered "
-            f"requests; caption words mean {_num(words.get('mean'), '.1f')}, p50 {_num(words.get('p50'), '.0f')}, "
+            f"requests"
+            + (f" ({m.get('requests_debris', 0)} with answer-format debris in a caption: "
+               f"{m.get('regions_reasked_debris', 0)} region(s) re-asked for it, "
+               f"{m.get('captions_debris', 0)} kept flagged)" if m.get("requests_debris") or m.get("captions_debris")
+               else "")
+            + f"; caption words mean {_num(words.get('mean'), '.1f')}, p50 {_num(words.get('p50'), '.0f')}, "
             f"p95 {_num(words.get('p95'), '.0f')}; empty {m.get('captions_empty', 0)}, "
             f"duplicated {m.get('captions_duplicated', 0)}, repeating the prompt {m.get('captions_repeat_prompt', 0)}")
     refs = m.get("references")
     if refs:
         text = (f"references: {refs['regions_scored']} regions scored "
                 f"({refs.get('references_missing', 0)} without a reference)")
-        if refs.get("bleu4") is not None:
-            text += (f": BLEU-4 {refs['bleu4']:.3f}, ROUGE-L {refs['rouge_l']:.3f}, CIDEr {refs['cider']:.3f}, "
-                     + (f"METEOR {refs['meteor']:.3f}" if refs.get("meteor") is not None
-                        else f"METEOR n/a ({refs.get('meteor_absent', 'absent')})"))
+        ivs = refs.get("intervals") or {}
+        # Every score the metric specification declares, with its label, unit and interval.
+        scores = [f"{spec.label} {metricspec.format_interval(refs.get(spec.key), ivs.get(spec.key), spec)}"
+                  for spec in metricspec.in_group("references")
+                  if spec.kind == "value" and spec.unit in ("share", "score") and spec.better
+                  and refs.get(spec.key) is not None]
+        if scores:
+            text += ": " + ", ".join(scores)
+        if refs.get("meteor") is None and refs.get("meteor_absent") and not refs.get("scores_absent"):
+            text += f"; METEOR n/a ({refs['meteor_absent']})"
         elif refs.get("scores_absent"):
-            text += f"; scores n/a ({refs['scores_absent']})"
-        if refs.get("exact_match") is not None:
-            text += (f"; exact match {refs['exact_match']:.3f}, attribute accuracy "
-                     f"{_num(refs.get('attribute_accuracy'), '.3f')}")
+            text += f"; toolkit scores n/a ({refs['scores_absent']})"
+        if refs.get("caption_tokens_mean") is not None:
+            short = refs.get("captions_without_4gram")
+            text += (f"; captions {_num(refs.get('caption_tokens_mean'), '.1f')} PTB tokens, references "
+                     f"{_num(refs.get('reference_tokens_mean'), '.1f')}"
+                     + (f" ({short:.0%} of captions too short for BLEU-4)" if short else ""))
+        shown = ivs.get("exact_match") or next(iter(ivs.values()), None)
+        if shown:
+            text += f" ([low, high]: 95% intervals over {shown['n_clusters']} rows)"
+        lines.append(text)
+    dc = m.get("densecap")
+    if dc:
+        text = (f"DenseCap mAP {_num(dc.get('map'), '.3f')} (localization only {_num(dc.get('det_map'), '.3f')}) "
+                f"on {dc['n_images']} image(s), {dc['n_predictions']} prediction(s), {dc['n_truth']} truth box(es)")
+        if dc.get("mode") == "given":
+            text += "; predictions on the given boxes: an upper bound that measures the captions"
+        if dc.get("absent"):
+            text += f"; mAP n/a ({dc['absent']})"
         lines.append(text)
     faith = m.get("faithfulness")
     if faith and faith.get("regions_checked"):
@@ -975,72 +1186,3 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
         lines.append(f"  error {kind}: {n}")
     lines.append(f"outputs: {out_dir}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------ metric names (sweep objectives)
-#: ``references.*`` numbers of metrics.json (present when the data has references).
-REFERENCE_METRICS = ("rows_with_references", "regions_with_references", "references_missing",
-                     "references_uncaptioned", "regions_scored", "exact_match", "attribute_accuracy",
-                     "bleu4", "rouge_l", "cider", "meteor", "scoring_s", "scoring_meteor_s")
-#: ``pipeline.*`` numbers (both stages in one run).
-PIPELINE_METRICS = ("seconds", "workers", "images_per_s", "regions_per_s")
-STAGES = ("visualize", "caption")
-
-
-def _numeric_paths(node: Any, prefix: str = "") -> List[str]:
-    if isinstance(node, dict):
-        return [p for k, v in node.items() for p in _numeric_paths(v, f"{prefix}{k}.")]
-    if isinstance(node, bool) or not (node is None or isinstance(node, (int, float))):
-        return []
-    return [prefix[:-1]]
-
-
-def metric_names() -> List[str]:
-    """Every dotted path of a number ``metrics.json`` can hold (``regions_per_s``,
-    ``references.exact_match``, ``stages.caption.regions_per_s``...): the values a
-    sweep's ``objective`` may name. Derived from :func:`compute_metrics` itself on
-    one synthetic record (so it follows the code), plus the reference and
-    pipeline numbers that need a real run."""
-    record = {"id": "a", "status": "ok", "image_path": "a.png",
-              "regions": [{"id": 1, "chunk": 0, "caption": "a red circle", "attempt": 1}],
-              "requests": [{"image_size": [28, 28], "latency_s": 0.1, "answer": "1: a red circle", "format_ok": True,
-                            "region_ids": [1], "reask": {"latency_s": 0.1}}]}
-    stages = {name: {"rows": 1, "seconds": 1.0, "errors": {}} for name in STAGES}
-    stages["caption"].update(steady={"seconds": 1.0, "rows": 1, "images": 1, "regions": 1, "prompt_tokens": 1,
-                                     "output_tokens": 1},
-                             startup={"engine_load_s": 1.0, "first_batch_s": 1.0, "time_to_first_caption_s": 1.0,
-                                      "process_start_s": 1.0, "engines": 1})
-    out = compute_metrics([record], stages, references_key=None)
-    names = {p for p in _numeric_paths(out) if not p.startswith("stages.") or p.count(".") == 2
-             or p.startswith(("stages.caption.steady.", "stages.caption.startup."))}
-    for stat in ("n", "mean", "p50", "p95", "min", "max"):
-        names.update(f"{key}.{stat}" for key in ("latency_s", "reask_latency_s", "caption_words"))
-    names.update(f"references.{k}" for k in REFERENCE_METRICS)
-    names.update(f"pipeline.{k}" for k in PIPELINE_METRICS)
-    return sorted(names)
-
-
-def check_objective(objective: str) -> None:
-    """Raise ``ValueError`` naming the closest metric names when ``objective`` is not
-    a number metrics.json can hold (see :func:`metric_names`)."""
-    names = metric_names()
-    if objective in names:
-        return
-    import difflib
-
-    close = difflib.get_close_matches(objective, names, n=4, cutoff=0.5)
-    hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"objective={objective!r} is not a metric of metrics.json; {hint}"
-                     f"choose a dotted path such as regions_per_s, references.exact_match, "
-                     f"stages.caption.regions_per_s (all: python -c 'from regioncap.metrics import metric_names; "
-                     f"print(*metric_names(), sep=chr(10))')")
-
-
-def metric_value(metrics: Dict[str, Any], objective: str) -> Any:
-    """The value at the dotted path ``objective`` of ``metrics`` (``KeyError`` when absent)."""
-    node: Any = metrics
-    for part in objective.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(objective)
-        node = node[part]
-    return node

@@ -155,6 +155,13 @@ class ParsedAnswer:
     format_ok: bool = True
     #: Numbers the model answered that were not asked for (ignored).
     unexpected: List[int] = field(default_factory=list)
+    #: Captions that carry answer-format debris: number -> reason (:func:`caption_debris`).
+    debris: Dict[int, str] = field(default_factory=dict)
+
+    @property
+    def clean(self) -> bool:
+        """The layout was followed and no caption carries debris: what ``parse_success_rate`` counts."""
+        return self.format_ok and not self.debris
 
 
 #: Digits a region number may have: a longer run is not a region number (and
@@ -174,6 +181,93 @@ def _region_number(digits: str) -> Optional[int]:
     if not digits or len(digits) > MAX_NUMBER_DIGITS:
         return None
     return int(digits)
+
+
+# ------------------------------------------------------------------ answer-format debris
+#: Why a caption is not a clean parse, in the order :func:`caption_debris` tries the rules.
+DEBRIS_REASONS = ("backtick", "special_token", "json_fragment", "brace", "region_label", "number_label",
+                  "unbalanced_quote", "unbalanced_bracket", "markdown")
+
+# A straight double quote touching JSON structure ('"}', '":', '"]', '{"', '["'), or a JSON escape left in.
+_JSON_FRAGMENT = re.compile(r'"\s*[:}\]]|[{\[]\s*"|\\["n]')
+_SPECIAL_TOKEN = re.compile(r"<\||\|>")
+# A label as an answer line writes it: <region2> anywhere (DataFlow-MM's mark names), or region/box [#] N
+# followed by a separator the line parser reads (not "."; "the dog in region 2." is a sentence), or
+# opening the caption. A mention such as "the cat in region 2 is asleep" is not a label.
+_LABEL = re.compile(r"<\s*region\s*\d+\s*>|\b(?:region|box)\s*(?:#\s*)?\d+\s*(?:\*\*\s*)?[:)\-\u2013\u2014]",
+                    re.IGNORECASE)
+_LEADING_LABEL = re.compile(r"\s*(?:region|box)\s*(?:#\s*)?\d+\b", re.IGNORECASE)
+# "2: " as an answer line starts it: a number not inside another number or a time ("10:30", "2:1"),
+# then a colon followed by white space or the end.
+_NUMBER_LABEL = re.compile(r"(?<![\w.:/])(\d{1,%d})\s*:(?=\s|$)" % MAX_NUMBER_DIGITS)
+_MARKDOWN = re.compile(r"\*\*|^\s*#{1,6}\s", re.MULTILINE)
+_PAIRS = {")": "(", "]": "["}
+
+
+def _brackets_balanced(text: str) -> bool:
+    stack: List[str] = []
+    for ch in text:
+        if ch in "([":
+            stack.append(ch)
+        elif ch in _PAIRS:
+            if not stack or stack.pop() != _PAIRS[ch]:
+                return False
+    return not stack
+
+
+def caption_debris(caption: Optional[str], numbers: Sequence[int] = ()) -> Optional[str]:
+    """Why ``caption`` is not a clean parse (a reason of :data:`DEBRIS_REASONS`), or None when it is clean.
+
+    A caption parsed out of an answer is clean when nothing of the answer's
+    layout was left in it. The rules, tried in this order (the first that fires is the reason):
+
+    - ``backtick``: any backtick (a code fence, or the instruction's `` `<number>: <description>` ``);
+    - ``special_token``: ``<|`` or ``|>`` (a chat or box token such as ``<|box_end|>``);
+    - ``json_fragment``: a straight double quote touching JSON structure (``"}``, ``":``, ``"]``,
+      ``{"``, ``["``) or a JSON escape (``\\"``, ``\\n``);
+    - ``brace``: ``{`` or ``}``;
+    - ``region_label``: a region label: ``<region2>`` anywhere; ``region 2``, ``box #2`` followed by
+      a separator (``: ) - \u2013 \u2014``, maybe after ``**``), or opening the caption. A mention
+      inside a sentence (``the cat in region 2 is asleep``) is not one;
+    - ``number_label``: ``N:`` followed by white space or the end, N one of ``numbers`` (the
+      request's region numbers), not inside a number or a time: another region's answer line
+      (``a red car 2: a blue square``), or this region's own label repeated;
+    - ``unbalanced_quote``: an odd number of straight double quotes, or unequal counts of
+      curly ones;
+    - ``unbalanced_bracket``: ``()`` or ``[]`` not nested in pairs;
+    - ``markdown``: ``**`` or a heading line (``# ...``).
+
+    Legitimate captions stay clean: ``a sign reading "STOP"``, ``a 2:1 ratio``,
+    ``a clock showing 10:30``, ``the number 2``, apostrophes, ``a cat (sleeping)``,
+    ``the dog in region 2``.
+    The rule is the same for every answer format, because a model asked for one
+    layout often mixes in another (``parse_answer`` reads them all). Limits: it
+    reads characters, not meaning: a caption quoting a sign that reads ``2: 1``
+    (with 2 a region of the request) is flagged, a sentence of another region
+    with no label or punctuation left (``a cat a dog``) is not.
+    """
+    if not caption:
+        return None
+    if "`" in caption:
+        return "backtick"
+    if _SPECIAL_TOKEN.search(caption):
+        return "special_token"
+    if _JSON_FRAGMENT.search(caption):
+        return "json_fragment"
+    if "{" in caption or "}" in caption:
+        return "brace"
+    if _LABEL.search(caption) or _LEADING_LABEL.match(caption):
+        return "region_label"
+    wanted = set(numbers)
+    if wanted and any(_region_number(m.group(1)) in wanted for m in _NUMBER_LABEL.finditer(caption)):
+        return "number_label"
+    if caption.count('"') % 2 or caption.count("\u201c") != caption.count("\u201d"):
+        return "unbalanced_quote"
+    if not _brackets_balanced(caption):
+        return "unbalanced_bracket"
+    if _MARKDOWN.search(caption):
+        return "markdown"
+    return None
 
 
 def _skip_space(s: str, i: int) -> int:
@@ -272,13 +366,19 @@ def _clean(text: str) -> str:
     return text
 
 
-def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str) -> ParsedAnswer:
+def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str, *,
+                 shown: Optional[Sequence[int]] = None) -> ParsedAnswer:
     """Read captions for ``numbers`` out of a model answer.
 
     Every format is tried in turn (a model asked for lines sometimes answers
     JSON and the other way round); ``format_ok`` says whether the requested one
     was followed. A number with no caption is simply absent: never invented.
     A single-region request in ``free`` format takes the whole answer.
+    ``debris`` names the captions that carry answer-format debris
+    (:func:`caption_debris`, with ``shown``: every region number the model
+    saw in this exchange, default ``numbers``; a re-ask for region 3 passes
+    its siblings too, so ``3: a cat 1: a dog`` is debris); they are still
+    returned, the caller decides.
     """
     result = ParsedAnswer(format_ok=False)
     if not text or not text.strip():
@@ -316,6 +416,8 @@ def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str
         else:
             found.update(_parse_mentions(text, wanted))
     result.captions = {n: found[n] for n in numbers if n in found}
+    result.debris = {n: reason for n, c in result.captions.items()
+                     if (reason := caption_debris(c, numbers if shown is None else shown)) is not None}
     result.unexpected = sorted(set(unexpected))
     result.format_ok = {"json": json_ok, "lines": lines_ok, "free": bool(found)}[answer_format]
     return result

@@ -25,6 +25,8 @@ class Region(TypedDict, total=False):
     missing: bool
     reason: str
     attempt: int
+    #: Why the caption kept is not a clean parse (``regioncap.prompts.caption_debris``); None when clean.
+    debris: Optional[str]
     flags: List[str]
     scores: Dict[str, Optional[float]]
     #: Where the region came from: ``input`` (a box of the row; the default when absent) or a
@@ -51,6 +53,8 @@ class RequestSpec(TypedDict, total=False):
     latency_s: float
     finish_reason: Optional[str]
     format_ok: bool
+    #: Captions of this (first) answer that carry answer-format debris: ``{"<number>": reason}``.
+    debris: Dict[str, str]
     reask: Any
 
 
@@ -98,3 +102,13 @@ class CaptionRecord(TypedDict, total=False):
     #: ``truth_bbox`` (the given boxes, under ``when=always``) with ``truth_index`` (their input
     #: indices: where their references are) and, for ``vlm``, the ``grounding`` answer.
     proposals: Dict[str, Any]
+    #: ``visualize.jsonl`` of ``propose=vlm``: the grounding request still to send (status ``grounding``).
+    grounding: Dict[str, Any]
+    #: ``"random"`` on every row captioned by a model with random weights (its captions are noise).
+    model_weights: str
+
+
+#: Every top-level key regioncap writes in a record: an input field with one of these
+#: names is kept under ``input`` instead of being overwritten. Derived from
+#: :class:`CaptionRecord`, so a new record field is reserved by declaring it there.
+RECORD_KEYS: frozenset = frozenset(CaptionRecord.__required_keys__ | CaptionRecord.__optional_keys__)

@@ -19,21 +19,47 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
-from regioncap.manifest import REDACTED, config_to_dict, mask_hydra_dir, mask_yaml_file, redact_string, secret_values
+from regioncap.manifest import (
+    REDACTED, config_to_dict, mask_hydra_dir, mask_yaml_file, redact_override, redact_string, secret_values,
+    use_secret_names,
+)
 
 log = logging.getLogger("regioncap")
+
+#: Loggers of Hydra's launchers, which print each job's overrides (``#0 : engine.api_key=...``)
+#: through handlers Hydra sets up again after every job: the filter goes on the loggers themselves.
+LAUNCHER_LOGGERS: Tuple[str, ...] = (
+    "hydra._internal.core_plugins.basic_launcher",
+    "hydra_plugins.hydra_joblib_launcher._core",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher",
+    "hydra_plugins.hydra_optuna_sweeper._impl",
+    "hydra._internal.utils",
+    "hydra.core.utils",
+)
 
 
 def config_secrets(cfg: Any, overrides: Iterable[str] = ()) -> List[str]:
     """The secret values a run's config and overrides hold (values of secret-named
-    keys, URL passwords and secret query parameters), longest first."""
+    keys, URL passwords and secret query parameters), longest first.
+
+    Adds the config's ``secret_names`` to the name rule first
+    (:func:`~regioncap.manifest.use_secret_names`): every caller of this
+    (Hydra's files, the log filter, the job) then masks the user's names too.
+    """
     try:
         data = config_to_dict(cfg)[0]
     except Exception:  # noqa: BLE001 - a config that does not convert still has overrides to mask
         data = {}
     if isinstance(data, dict):
+        names = data.get("secret_names")
+        use_secret_names([str(n) for n in names] if isinstance(names, (list, tuple)) else [])
         data = {k: v for k, v in data.items() if k != "hydra"}
     return secret_values(data, list(overrides))
+
+
+def mask_overrides(overrides: Iterable[str]) -> List[str]:
+    """Overrides with every secret-named value masked (:func:`~regioncap.manifest.redact_override`)."""
+    return [redact_override(str(o)) for o in overrides]
 
 
 def mask_hydra_outputs(hydra_dir: Optional[Path], sweep_file: Optional[Path], secrets: Sequence[str]) -> List[str]:
@@ -85,14 +111,18 @@ class SecretFilter(logging.Filter):
 
 def install_log_filter(secrets: Sequence[str] = ()) -> SecretFilter:
     """Put one :class:`SecretFilter` with ``secrets`` on every handler of the root
-    and ``regioncap`` loggers (replacing one an earlier job of a sweep put there)."""
+    and ``regioncap`` loggers, and on the :data:`LAUNCHER_LOGGERS` themselves
+    (replacing one an earlier job of a sweep put there)."""
     flt = SecretFilter(secrets)
-    for logger in (logging.getLogger(), logging.getLogger("regioncap")):
-        for handler in logger.handlers:
-            for old in [f for f in handler.filters if isinstance(f, SecretFilter)]:
-                handler.removeFilter(old)
-            handler.addFilter(flt)
+    targets: List[Any] = [h for logger in (logging.getLogger(), logging.getLogger("regioncap"))
+                          for h in logger.handlers]
+    targets += [logging.getLogger(name) for name in LAUNCHER_LOGGERS]
+    for target in targets:
+        for old in [f for f in target.filters if isinstance(f, SecretFilter)]:
+            target.removeFilter(old)
+        target.addFilter(flt)
     return flt
 
 
-__all__ = ["REDACTED", "SecretFilter", "config_secrets", "install_log_filter", "mask_hydra_outputs"]
+__all__ = ["LAUNCHER_LOGGERS", "REDACTED", "SecretFilter", "config_secrets", "install_log_filter",
+           "mask_hydra_outputs", "mask_overrides"]

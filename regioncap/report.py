@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import html
 import io
 import json
 import logging
@@ -46,8 +45,9 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypedDict
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from regioncap import metricspec
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE, run_file_at
 
 log = logging.getLogger("regioncap")
@@ -67,21 +67,9 @@ MAX_TEXT = 2000
 DEFAULT_PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
                    "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
 
-#: Reference scores of metrics.json's ``references`` (regioncap.metrics.compute_metrics), in the order shown.
-#: Exact match and attribute accuracy first: on short captions BLEU-4 says little.
-REFERENCE_SCORES = ("exact_match", "attribute_accuracy", "cider", "rouge_l", "meteor", "bleu4")
-#: Shares among them (shown as percentages).
-SHARE_SCORES = ("exact_match", "attribute_accuracy")
-#: Metrics a sweep's plots can use (``--metric``): key_metrics names and labels.
-PLOT_METRICS = {
-    "exact_match": "exact match", "attribute_accuracy": "attribute accuracy", "cider": "CIDEr",
-    "rouge_l": "ROUGE-L", "meteor": "METEOR", "bleu4": "BLEU-4", "regions_per_s": "regions / s",
-    "parse_success_rate": "parse success", "error_rate": "error rate", "captioned_share": "regions captioned (share)",
-    "output_tokens_per_region": "output tokens / region", "prompt_tokens_per_region": "prompt tokens / region",
-    "latency_p50_s": "latency p50 (s)",
-}
-#: Shown as percentages wherever they appear.
-PCT_METRICS = {"exact_match", "attribute_accuracy", "parse_success_rate", "error_rate", "captioned_share"}
+#: Metrics a sweep's plots can use (``--metric``): metrics.json paths and their labels, from the
+#: metric specification (every name, unit and direction below comes from regioncap.metricspec).
+PLOT_METRICS = {m.path: m.label for m in metricspec.flagged("plot")}
 #: Crops shown per row in crop mode.
 CROPS_PER_ROW = 24
 
@@ -107,7 +95,9 @@ class RunData:
     manifest: Optional[Dict[str, Any]] = None
     metrics: Optional[Dict[str, Any]] = None
     records_file: Optional[Path] = None
-    #: Counts and derived figures computed from the records themselves.
+    #: True when the run dir had no metrics.json and ``metrics`` was computed from its records.
+    metrics_computed: bool = False
+    #: What the samples show beside metrics.json: exact/wrong marks, finish reasons.
     scan: Dict[str, Any] = field(default_factory=dict)
     error_examples: Dict[str, List[Tuple[str, str]]] = field(default_factory=dict)
     samples: List[Dict[str, Any]] = field(default_factory=list)
@@ -204,7 +194,32 @@ def load_run(run_dir: Path, *, max_rows: int = DEFAULT_ROWS, prefer_partial: boo
         run.failure = _log_failure(run_dir) or f"no {CAPTIONS_FILE} or {VISUALIZE_FILE} in the run dir"
         return run
     _scan(run, max_rows=max_rows, prefer_partial=prefer_partial)
+    if run.metrics is None:
+        run.metrics = _computed_metrics(run)
+        run.metrics_computed = run.metrics is not None
     return run
+
+
+def _computed_metrics(run: RunData) -> Optional[Dict[str, Any]]:
+    """metrics.json of a run dir that has none (a killed or older run), computed from its records by
+    the code that writes it (regioncap.metrics.compute_metrics); no stage timings, no METEOR."""
+    from regioncap.metrics import compute_metrics
+
+    if run.records_file is None:
+        return None
+    cfg = _config(run)
+    model = _dig(cfg, "model") or {}
+    metrics_cfg = _dig(cfg, "metrics") or {}
+    seed = _dig(cfg, "seed")
+    try:
+        return compute_metrics(
+            _iter_records(run.records_file, []), {}, references_key=_references_key(run),
+            patch_size=int(model.get("patch_size", 14)), merge_size=int(model.get("merge_size", 2)),
+            bootstrap_resamples=int(metrics_cfg.get("bootstrap_resamples", 1000)),
+            seed=int(seed) if isinstance(seed, int) else 0)
+    except Exception as exc:  # noqa: BLE001 - a report shows what it can
+        run.problems.append(f"metrics could not be computed from {run.records_file.name}: {exc}")
+        return None
 
 
 def _row_label(rec: Dict[str, Any]) -> str:
@@ -215,12 +230,10 @@ def _row_label(rec: Dict[str, Any]) -> str:
 
 
 def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
-    """Count, derive and pick samples in one pass over the records."""
+    """Pick the sample rows and the error examples in one pass over the records, and count what
+    the samples show (exact/wrong marks, finish reasons); the run's figures are metrics.json's."""
     counts: Counter = Counter()
-    errors: Counter = Counter()
-    dropped: Counter = Counter()
     finish: Counter = Counter()
-    latencies: List[float] = []
     first: List[Dict[str, Any]] = []
     partial: List[Dict[str, Any]] = []
     partial_quota = max_rows // 4 if prefer_partial else 0
@@ -230,34 +243,15 @@ def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
         regions = [r for r in rec.get("regions") or [] if isinstance(r, dict)]
         requests = [s for s in rec.get("requests") or [] if isinstance(s, dict)]
         counts["rows"] += 1
-        counts[f"status_{status}"] += 1
-        counts["regions"] += len(regions)
-        counts["regions_captioned"] += sum(1 for r in regions if r.get("caption"))
-        counts["regions_missing"] += sum(1 for r in regions if r.get("missing"))
         exact = [_exact(r) for r in regions]
         counts["regions_exact"] += sum(1 for x in exact if x is True)
         counts["regions_wrong"] += sum(1 for x in exact if x is False)
-        counts["requests"] += len(requests)
-        tokens = rec.get("tokens") or {}
-        if isinstance(tokens, dict):
-            counts["prompt_tokens"] += _num(tokens.get("prompt")) or 0
-            counts["output_tokens"] += _num(tokens.get("output")) or 0
-        for d in rec.get("dropped_boxes") or []:
-            if isinstance(d, dict):
-                dropped[str(d.get("reason"))] += 1
         for spec in requests:
-            if "format_ok" in spec and not spec.get("error"):
-                counts["answered"] += 1
-                counts["format_ok"] += bool(spec.get("format_ok"))
             if spec.get("finish_reason"):
                 finish[str(spec["finish_reason"])] += 1
-            lat = _num(spec.get("latency_s"))
-            if lat is not None:
-                latencies.append(lat)
         err = rec.get("error")
         if isinstance(err, dict):
             kind = f"{err.get('stage', '?')}/{err.get('kind', '?')}"
-            errors[kind] += 1
             examples = run.error_examples.setdefault(kind, [])
             if len(examples) < EXAMPLES_PER_ERROR:
                 examples.append((_row_label(rec), str(err.get("message", ""))))
@@ -270,20 +264,8 @@ def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
         run.samples = sorted(first[: max_rows - len(partial)] + partial, key=lambda r: r.get("index", 0))
     else:
         run.samples = first
-    scan: Dict[str, Any] = {k: counts[k] for k in (
-        "rows", "regions", "regions_captioned", "regions_missing", "regions_exact", "regions_wrong", "requests",
-        "prompt_tokens", "output_tokens")}
-    scan.update({"rows_ok": counts["status_ok"], "rows_partial": counts["status_partial"],
-                 "rows_no_regions": counts["status_no_regions"], "error_rows": counts["status_error"],
-                 "errors": dict(errors), "dropped_reasons": dict(dropped), "finish_reasons": dict(finish)})
-    scan["error_rate"] = counts["status_error"] / counts["rows"] if counts["rows"] else None
-    if counts["answered"]:
-        scan["parse_success_rate"] = counts["format_ok"] / counts["answered"]
-    if latencies:
-        latencies.sort()
-        scan["latency_p50_s"] = _quantile(latencies, 0.5)
-        scan["latency_p90_s"] = _quantile(latencies, 0.9)
-    run.scan = scan
+    run.scan = {"rows": counts["rows"], "regions_exact": counts["regions_exact"],
+                "regions_wrong": counts["regions_wrong"], "finish_reasons": dict(finish)}
 
 
 def _exact(reg: Region) -> Optional[bool]:
@@ -292,11 +274,6 @@ def _exact(reg: Region) -> Optional[bool]:
     scores = reg.get("scores")
     value = _num(scores.get("exact_match")) if isinstance(scores, dict) else None
     return None if value is None else value >= 1.0
-
-
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    i = min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))
-    return sorted_values[i]
 
 
 def _num(value: Any) -> Optional[float]:
@@ -313,41 +290,41 @@ def _dig(obj: Any, *keys: str) -> Any:
     return obj
 
 
+#: The figures a report's header and a sweep's table and plots read (metricspec's flags).
+_KEY_METRICS = tuple(dict.fromkeys(
+    ["rows", "regions", "regions_captioned"]
+    + [m.path for m in metricspec.SPEC if (m.compare or m.plot or m.headline) and m.kind == "value"]))
+
+
 def key_metrics(run: RunData) -> Dict[str, Optional[float]]:
-    """The figures a sweep compares: metrics.json where it has them, else counted from the records."""
+    """The figures a sweep compares, by metrics.json path (``references.exact_match``...): the
+    run's metrics.json, or the same computed from its records when it has none."""
     m = run.metrics or {}
-    s = run.scan
-
-    def pick(key: str) -> Optional[float]:
-        value = _num(m.get(key))
-        return value if value is not None else _num(s.get(key))
-
-    regions, captioned = pick("regions"), pick("regions_captioned")
-    out: Dict[str, Optional[float]] = {
-        "rows": pick("rows"), "error_rate": pick("error_rate"), "regions": regions,
-        "regions_captioned": captioned,
-        "captioned_share": captioned / regions if regions and captioned is not None else None,
-        "regions_per_s": _num(m.get("regions_per_s")),
-        "parse_success_rate": pick("parse_success_rate"),
-        "output_tokens_per_region": None, "prompt_tokens_per_region": None,
-        "latency_p50_s": _num(_dig(m, "latency_s", "p50")) or _num(s.get("latency_p50_s")),
-    }
-    for kind in ("output", "prompt"):
-        # Per region of the run, as metrics.json counts it (regioncap/metrics.py).
-        tokens, per = pick(f"{kind}_tokens"), _num(m.get(f"{kind}_tokens_per_region"))
-        out[f"{kind}_tokens_per_region"] = per if per is not None else (
-            tokens / regions if tokens is not None and regions else None)
-    out.update(reference_scores(m))
-    return out
+    return {path: metricspec.number_at(m, path) for path in _KEY_METRICS}
 
 
 def reference_scores(metrics: Dict[str, Any]) -> Dict[str, float]:
-    """The reference scores of metrics.json (``references``: exact match, attribute accuracy, CIDEr, ...)
-    that have a value, in :data:`REFERENCE_SCORES` order."""
+    """The reference scores of metrics.json (``references``: exact match, attribute accuracy,
+    CIDEr-D, ...) that have a value, by name, in the metric specification's order."""
     refs = metrics.get("references")
     if not isinstance(refs, dict):
         return {}
-    return {name: float(refs[name]) for name in REFERENCE_SCORES if _num(refs.get(name)) is not None}
+    out = {}
+    for spec in _reference_specs():
+        value = _num(refs.get(spec.key))
+        if value is not None:
+            out[spec.key] = float(value)
+    return out
+
+
+def _reference_specs() -> List["metricspec.Metric"]:
+    """The scores of metrics.json's ``references`` (shares and caption scores), in order."""
+    return [m for m in metricspec.in_group("references") if m.kind == "value" and m.unit in ("share", "score")]
+
+
+def _is_share(path: str) -> bool:
+    spec = metricspec.get(path)
+    return spec is not None and spec.is_share
 
 
 def is_multirun_dir(path: Path) -> bool:
@@ -367,12 +344,46 @@ def job_dirs(sweep_dir: Path) -> List[Path]:
     return sorted(dirs, key=lambda d: (0, int(d.name), "") if d.name.isascii() and d.name.isdigit() else (1, 0, d.name))
 
 
-# ---------------------------------------------------------------- html helpers
-def e(value: Any) -> str:
-    """HTML-escape anything for text or a quoted attribute."""
-    return html.escape(str(value), quote=True)
+# ---------------------------------------------------------------- templates
+#: The page's templates (``regioncap/templates/report/``): a base layout, macros, one page per kind.
+TEMPLATE_DIR = "templates/report"
 
 
+def _one_line(source: str) -> str:
+    """A template's markup as one line: a line break and the indentation after it are layout of the
+    template file, not of the page (a space the page needs is written on its line)."""
+    return re.sub(r"\n[ \t]*", "", source)
+
+
+def _environment() -> Any:
+    """The Jinja2 environment of the report's templates (built once), with autoescape on for every
+    template: whatever a value holds (captions are model output, ids and paths are user input) is
+    escaped where it is printed, and no value is ever marked safe."""
+    global _ENV
+    if _ENV is None:
+        import jinja2
+        import jinja2.ext
+
+        class OneLine(jinja2.ext.Extension):
+            def preprocess(self, source: str, name: Optional[str], filename: Optional[str] = None) -> str:
+                return _one_line(source) if name and name.endswith(".html.j2") else source
+
+        env = jinja2.Environment(loader=jinja2.PackageLoader("regioncap", TEMPLATE_DIR), autoescape=True,
+                                 undefined=jinja2.StrictUndefined, extensions=[OneLine],
+                                 keep_trailing_newline=True)
+        env.globals["METRICS_FILE"] = METRICS_FILE
+        _ENV = env
+    return _ENV
+
+
+_ENV: Any = None
+
+
+def _render(template: str, **context: Any) -> str:
+    return _environment().get_template(template).render(**context)
+
+
+# ---------------------------------------------------------------- data for the templates
 def _clip(text: str, limit: int = MAX_TEXT) -> str:
     return text if len(text) <= limit else text[:limit] + f" … ({len(text) - limit} more characters)"
 
@@ -400,20 +411,15 @@ def _fmt(value: Any, kind: str = "") -> str:
     return str(value)
 
 
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], cls: str = "",
-           row_classes: Optional[Sequence[str]] = None) -> str:
-    """A table whose header is text to escape and whose cells are HTML already."""
-    head = "".join(f"<th>{e(h)}</th>" for h in header)
-    body = []
-    for i, row in enumerate(rows):
-        rc = row_classes[i] if row_classes and i < len(row_classes) and row_classes[i] else ""
-        body.append((f'<tr class="{e(rc)}">' if rc else "<tr>") + "".join(f"<td>{c}</td>" for c in row) + "</tr>")
-    return f'<table class="{e(cls)}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], cls: str = "") -> Dict[str, Any]:
+    """A table of plain values (the template escapes them): ``header``, ``rows``, css ``cls``."""
+    return {"header": list(header), "rows": [list(r) for r in rows], "cls": cls}
 
 
-def _kv_table(pairs: Iterable[Tuple[str, str]]) -> str:
-    body = "".join(f"<tr><th>{e(k)}</th><td>{v}</td></tr>" for k, v in pairs)
-    return f'<table class="kv"><tbody>{body}</tbody></table>'
+def _kv(key: str, value: Any, code: bool = False) -> Dict[str, Any]:
+    """A row of a key/value table; ``code`` shows the value as code."""
+    return {"k": key, "v": value, "code": code}
 
 
 def _yaml_text(obj: Any) -> str:
@@ -427,13 +433,11 @@ def _yaml_text(obj: Any) -> str:
         return dumps(obj, indent=2)
 
 
-def _pre(text: str) -> str:
-    return f"<pre>{e(text)}</pre>"
-
-
-def _badge(status: Any) -> str:
+def _badge(status: Any) -> Dict[str, str]:
+    """A status as a badge: its text and the css class of its colour (``s-ok``, ``s-failed``, ...)."""
     status = str(status)
-    return f'<span class="badge s-{e(re.sub(r"[^a-z_]", "", status.lower()))}">{e(status)}</span>'
+    # "over max_error_rate" -> s-over_max_error_rate, the class the CSS colours.
+    return {"text": status, "cls": "s-" + re.sub(r"[^a-z_]", "", status.lower().replace(" ", "_"))}
 
 
 def thumbnail_uri(path: Path, max_px: int = DEFAULT_THUMB_PX) -> Optional[str]:
@@ -456,19 +460,22 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def _image_html(run_dir: Path, image: Any, thumb_px: int, caption: str = "") -> str:
-    """An embedded thumbnail of a request image, or a placeholder that names it."""
+def _figure(uri: Optional[str], name: Any, caption: str = "") -> Dict[str, Any]:
+    """A figure for the templates: the image's data URI (None: a placeholder that names it), its
+    name (alt text), a caption, and an overlay (:func:`_box_overlay`) added by :func:`_with_overlay`."""
+    return {"uri": uri, "name": str(name), "caption": caption, "overlay": None}
+
+
+def _image_html(run_dir: Path, image: Any, thumb_px: int, caption: str = "") -> Dict[str, Any]:
+    """An embedded thumbnail of a request image, or a placeholder that names it (a :func:`_figure`)."""
     uri = None
     if isinstance(image, str) and image:
         path = Path(image)
         uri = thumbnail_uri(path if path.is_absolute() else run_dir / path, thumb_px)
-    cap = f"<figcaption>{e(caption)}</figcaption>" if caption else ""
-    if uri is None:
-        return f'<figure><div class="noimg">image not available<br><code>{e(image)}</code></div>{cap}</figure>'
-    return f'<figure><img src="{uri}" alt="{e(image)}" loading="eager">{cap}</figure>'
+    return _figure(uri, image, caption)
 
 
-def _original_html(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
+def _original_html(run: RunData, rec: CaptionRecord, thumb_px: int) -> Dict[str, Any]:
     """The row's input image (``image_path``) as a thumbnail with every region's box and id drawn over
     it. Decoded by ``regioncap.images.load_image`` (the run's own size limits, EXIF orientation applied,
     the frame the boxes refer to), as every input image is; a placeholder when it cannot be read."""
@@ -491,13 +498,9 @@ def _original_html(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
             uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
         except (ImageLoadError, OSError, ValueError):
             uri = None
-    if uri is None:
-        return (f'<figure><div class="noimg">image not available<br><code>{e(path)}</code></div>'
-                f"<figcaption>{e(caption)}</figcaption></figure>")
     overlay = _box_overlay(_regions(rec), rec.get("image_size"), "bbox", lambda r: str(r.get("id", "")),
                            only_proposed=False)
-    return _with_overlay(f'<figure><img src="{uri}" alt="{e(path)}" loading="eager">'
-                         f"<figcaption>{e(caption)}</figcaption></figure>", overlay)
+    return _with_overlay(_figure(uri, path, caption), overlay)
 
 
 def _palette(run: RunData) -> List[str]:
@@ -510,16 +513,14 @@ def _palette(run: RunData) -> List[str]:
 _COLOUR = re.compile(r"^(#[0-9a-fA-F]{3,8}|[a-zA-Z]{3,20})$")
 
 
-def _swatch(number: Any, palette: Sequence[str], proposed: bool = False) -> str:
+def _swatch(number: Any, palette: Sequence[str], proposed: bool = False) -> Dict[str, Any]:
     """The region's number on the colour of its mark (colour ``palette[(number - 1) % len]``);
     a proposed region's number has a dashed outline."""
     colour = ""
     if isinstance(number, int) and number >= 1:
         c = palette[(number - 1) % len(palette)]
         colour = c if _COLOUR.match(c) else ""  # a colour string goes into CSS: only plain forms
-    style = f' style="background:{e(colour)}"' if colour else ""
-    cls = "num prop" if proposed else "num"
-    return f'<span class="{cls}"{style}>{e(number)}</span>'
+    return {"number": number, "colour": colour, "proposed": proposed}
 
 
 def _proposed(reg: Region) -> Optional[str]:
@@ -528,30 +529,20 @@ def _proposed(reg: Region) -> Optional[str]:
     return str(source) if source not in (None, "", "input") else None
 
 
-def _source_tag(reg: Region) -> str:
+def _source_tag(reg: Region) -> Optional[str]:
+    """The tag beside a proposed region's caption (``proposed (contours) 0.875: "label"``); None for an input box."""
     source = _proposed(reg)
     if source is None:
-        return ""
+        return None
     score = _num(reg.get("score"))
     extra = f" {_fmt(score)}" if score is not None else ""
     label = reg.get("label")
     # The grounding model's own name for the object, beside the caption.
     extra += f': "{label}"' if isinstance(label, str) and label else ""
-    return f' <span class="tag prop">proposed ({e(source)}){e(extra)}</span>'
+    return f"proposed ({source}){extra}"
 
 
 # ---------------------------------------------------------------- sections
-def _head(title: str) -> str:
-    return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        # No script, no request: inline styles and data: images only.
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
-        "style-src 'unsafe-inline'\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-        f"<title>{e(title)}</title><style>{CSS}</style></head><body>"
-    )
-
-
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (str, int, float, bool))
 
@@ -560,48 +551,41 @@ def _small_flat(value: Any) -> bool:
     return isinstance(value, dict) and 0 < len(value) <= 10 and all(_is_scalar(v) for v in value.values())
 
 
-def _manifest_summary(man: Dict[str, Any]) -> str:
+def _manifest_summary(man: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Scalars and lists of scalars (``command``) under "run", each small flat dict (``git``,
     ``model``) as its own small table; empty values left out. Side by side, to keep it short."""
-    groups: Dict[str, List[Tuple[str, str]]] = {"run": []}
+    groups: Dict[str, List[Dict[str, Any]]] = {"run": []}
     for key, value in man.items():
         if value is None or value == "":
             continue
         if _is_scalar(value):
-            groups["run"].append((key, e(_fmt(value))))
+            groups["run"].append(_kv(key, _fmt(value)))
         elif isinstance(value, list) and all(_is_scalar(v) for v in value):
-            groups["run"].append((key, "<code>" + e(" ".join(str(v) for v in value)) + "</code>"))
+            groups["run"].append(_kv(key, " ".join(str(v) for v in value), code=True))
         elif _small_flat(value):
-            groups[key] = [(k, e(_fmt(v))) for k, v in value.items() if v is not None and v != ""]
-    tables = [f"<div><h3>{e(name)}</h3>{_kv_table(rows)}</div>" for name, rows in groups.items() if rows]
-    return f'<div class="tables manifest">{"".join(tables)}</div>' if tables else ""
+            groups[key] = [_kv(k, _fmt(v)) for k, v in value.items() if v is not None and v != ""]
+    return [{"title": name, "rows": rows} for name, rows in groups.items() if rows]
 
 
-def _manifest_section(run: RunData) -> str:
-    parts = []
+def _manifest_section(run: RunData) -> Dict[str, Any]:
+    """Provenance: the manifest (its small parts as tables, the rest as YAML), else Hydra's files."""
     man = run.manifest
     if man:
-        parts.append(_manifest_summary(man))
+        details = []
         for key, value in man.items():
             if _small_flat(value):
                 continue
             if isinstance(value, (dict, list)) and not (
                     isinstance(value, list) and all(_is_scalar(v) for v in value)):
-                opened = " open" if key in ("hydra", "choices", "overrides") else ""
-                parts.append(f"<details{opened}><summary>{e(key)}</summary>{_pre(_yaml_text(value))}</details>")
-    else:
-        parts.append('<p class="note">no manifest.json in this run dir; the config and overrides are '
-                     "Hydra's (<code>.hydra/</code>).</p>")
-        if run.choices:
-            parts.append(_kv_table((k, e(v)) for k, v in run.choices.items()))
-        if run.overrides:
-            parts.append(f"<details open><summary>overrides</summary>{_pre(chr(10).join(run.overrides))}</details>")
-        if run.config is not None:
-            parts.append(f"<details><summary>config (.hydra/config.yaml)</summary>{_pre(_yaml_text(run.config))}"
-                         "</details>")
-    return ('<details class="section provenance" open><summary><h2>Provenance</h2></summary>'
-            f'<p class="note">how this run was made: manifest.json (host, git, versions, data fingerprint) '
-            f'and the resolved config.</p>{"".join(parts)}</details>')
+                details.append({"title": key, "open": key in ("hydra", "choices", "overrides"),
+                                "text": _yaml_text(value)})
+        return {"manifest": True, "tables": _manifest_summary(man), "details": details}
+    details = []
+    if run.overrides:
+        details.append({"title": "overrides", "open": True, "text": "\n".join(run.overrides)})
+    if run.config is not None:
+        details.append({"title": "config (.hydra/config.yaml)", "open": False, "text": _yaml_text(run.config)})
+    return {"manifest": False, "choices": [_kv(k, v) for k, v in (run.choices or {}).items()], "details": details}
 
 
 def _config(run: RunData) -> Dict[str, Any]:
@@ -646,186 +630,166 @@ def _identity_text(ident: Dict[str, Optional[str]]) -> str:
     return " · ".join(f"{k} {ident[k]}" for k in ("model", "prompt", "data", "engine") if ident.get(k))
 
 
-def _card(value: str, label: str, cls: str = "") -> str:
-    return f'<div class="card {cls}"><div class="v">{e(value)}</div><div class="k">{e(label)}</div></div>'
+def _identity_names(ident: Dict[str, Optional[str]]) -> List[Tuple[str, str]]:
+    """``(group, name)`` of the groups the run names, in header order."""
+    return [(k, str(ident[k])) for k in ("model", "prompt", "data", "engine") if ident.get(k)]
 
 
-def _header(run: RunData) -> str:
+def _card(value: str, label: str, cls: str = "") -> Dict[str, str]:
+    return {"value": value, "label": label, "cls": cls}
+
+
+def _proposals_line(metrics: Dict[str, Any]) -> Optional[str]:
+    """One line on the proposal stage (``proposals`` of metrics.json); None when nothing was proposed."""
+    prop = _dig(metrics, "proposals")
+    if not (isinstance(prop, dict) and prop.get("images")):
+        return None
+    q = prop.get("quality") or {}
+    text = (f"proposals ({', '.join(sorted(prop.get('by_method') or {}))}): {_fmt(prop.get('regions'))} "
+            f"region(s) on {_fmt(prop.get('images'))} image(s)")
+    if q:
+        text += (f"; against the given boxes at IoU {_fmt(q.get('iou_threshold'))}: recall "
+                 f"{_fmt(q.get('recall'), 'pct')}, precision {_fmt(q.get('precision'), 'pct')}, "
+                 f"mean best IoU {_fmt(q.get('mean_best_iou'))}")
+        qr = q.get("references") or {}
+        if qr:
+            text += (f"; captions of the matched proposals: exact match "
+                     f"{_fmt(qr.get('caption_exact_match'), 'pct')} of the truth boxes")
+            if qr.get("labels"):
+                text += f", labels {_fmt(qr.get('label_exact_match'), 'pct')}"
+    return text
+
+
+def _header(run: RunData) -> Dict[str, Any]:
     """What the run is and how it did: model, prompt, data, engine, then the headline numbers."""
     ident = run_identity(run)
-    names = "".join(f'<span class="id"><span class="k">{k}</span> <b>{e(ident[k])}</b></span>'
-                    for k in ("model", "prompt", "data", "engine") if ident.get(k))
-    sub = [f"<code>{e(run.path)}</code>"]
+    sub = [{"text": "", "code": str(run.path)}]
     if ident.get("data_path"):
-        sub.append(f'data <code>{e(ident["data_path"])}</code>')
+        sub.append({"text": "data ", "code": ident["data_path"]})
     started = _text(_dig(run.manifest, "started"))
     if started:
-        sub.append(f"started {e(started)}")
+        sub.append({"text": f"started {started}", "code": None})
     status = _text(_dig(run.manifest, "status"))
-    head = (f'<header class="top"><div class="kicker">regioncap run report · <b>{e(run.name)}</b>'
-            f'{" " + _badge(status) if status else ""}</div>'
-            f'<h1>{names or e(run.name)}</h1><p class="path">{" · ".join(sub)}</p>')
-    if _dig(run.metrics or {}, "model_weights") == "random" or \
-            _dig(run.manifest or {}, "config", "model", "weights") == "random":
-        head += ('<p class="warn" style="background:#b00020;color:#fff;padding:6px 10px;font-weight:bold">'
-                 "RANDOM WEIGHTS: the model was built from its architecture's config with random weights "
-                 "(model.weights=random). Its captions are noise; only speed, tokens and memory mean something.</p>")
-    prop = _dig(run.metrics or {}, "proposals")
-    if isinstance(prop, dict) and prop.get("images"):
-        q = prop.get("quality") or {}
-        text = (f"proposals ({e(', '.join(sorted(prop.get('by_method') or {})))}): {_fmt(prop.get('regions'))} "
-                f"region(s) on {_fmt(prop.get('images'))} image(s)")
-        if q:
-            text += (f"; against the given boxes at IoU {_fmt(q.get('iou_threshold'))}: recall "
-                     f"{_fmt(q.get('recall'), 'pct')}, precision {_fmt(q.get('precision'), 'pct')}, "
-                     f"mean best IoU {_fmt(q.get('mean_best_iou'))}")
-            qr = q.get("references") or {}
-            if qr:
-                text += (f"; captions of the matched proposals: exact match "
-                         f"{_fmt(qr.get('caption_exact_match'), 'pct')} of the truth boxes")
-                if qr.get("labels"):
-                    text += f", labels {_fmt(qr.get('label_exact_match'), 'pct')}"
-        head += f'<p class="path">{text}</p>'
+    head: Dict[str, Any] = {
+        "name": run.name, "badge": _badge(status) if status else None, "names": _identity_names(ident),
+        "sub": sub, "proposals": _proposals_line(run.metrics or {}), "cards": [],
+        "random_weights": _dig(run.metrics or {}, "model_weights") == "random"
+        or _dig(run.manifest or {}, "config", "model", "weights") == "random"}
     if run.records_file is None:
-        return head + "</header>"
+        return head
     km = key_metrics(run)
     big: List[Tuple[str, str]] = []
     prop_refs = _dig(run.metrics or {}, "proposals", "quality", "references") or {}
-    if km.get("exact_match") is not None:
-        big.append((_fmt(km["exact_match"], "pct"), "exact match"))
-        if km.get("attribute_accuracy") is not None:
-            big.append((_fmt(km["attribute_accuracy"], "pct"), "attribute accuracy"))
+    if km.get("references.exact_match") is not None:
+        for path in ("references.exact_match", "references.attribute_accuracy"):
+            if km.get(path) is not None:
+                big.append((_with_interval(run, path), metricspec.BY_PATH[path].label))
     elif isinstance(prop_refs, dict) and prop_refs.get("caption_exact_match") is not None:
         # Proposed regions only (propose.when=always): scored through the truth box each matched.
         big.append((_fmt(prop_refs["caption_exact_match"], "pct"), "exact match (proposals vs truth)"))
         big.append((_fmt(_dig(run.metrics or {}, "proposals", "quality", "recall"), "pct"), "proposal recall"))
     else:
-        big += [(_fmt(km["parse_success_rate"], "pct"), "parse success"), (_fmt(km["regions_per_s"]), "regions / s")]
+        big += [(_fmt_metric("parse_success_rate", km["parse_success_rate"]), "parse success"),
+                (_fmt_metric("regions_per_s", km["regions_per_s"]), "regions / s")]
     small = []
     wrong, exact = run.scan.get("regions_wrong"), run.scan.get("regions_exact")
     if wrong or exact:
         small.append((f"{_fmt(wrong)} / {_fmt((wrong or 0) + (exact or 0))}", "captions not an exact match"))
     small.append((f"{_fmt(km['regions_captioned'])} / {_fmt(km['regions'])}", "regions captioned"))
-    if km.get("exact_match") is not None:
-        small += [(_fmt(km["regions_per_s"]), "regions / s"), (_fmt(km["parse_success_rate"], "pct"), "parse success")]
+    if km.get("references.exact_match") is not None:
+        small += [(_fmt(km["regions_per_s"]), "regions / s"),
+                  (_fmt_metric("parse_success_rate", km["parse_success_rate"]), "parse success")]
     small += [(f"{_fmt(km['rows'])}", "rows"), (_fmt(km["error_rate"], "pct"), "error rate")]
     scene = _num(_dig(run.metrics or {}, "faithfulness", "scene_caption_rate"))
     if scene is not None:
         small.append((_fmt(scene, "pct"), "scene-like captions"))
-    cards = "".join(_card(v, k, "big") for v, k in big) + "".join(_card(v, k) for v, k in small)
-    return head + f'<div class="cards">{cards}</div></header>'
+    head["cards"] = [_card(v, k, "big") for v, k in big] + [_card(v, k) for v, k in small]
+    return head
 
 
-#: metrics.json keys by topic (regioncap/metrics.py); ``pct`` is a share shown as a percentage.
-_METRIC_GROUPS = [
-    ("Rows", [("rows", ""), ("rows_ok", ""), ("rows_partial", ""), ("rows_no_regions", ""), ("rows_pending", ""),
-              ("error_rows", ""), ("error_rate", "pct"), ("error_rows_by_stage", "")]),
-    ("Regions", [("regions", ""), ("regions_captioned", ""), ("regions_missing", ""),
-                 ("regions_missing_by_reason", ""), ("regions_from_reask", ""), ("boxes_dropped", ""),
-                 ("boxes_dropped_by_reason", ""), ("boxes_clipped", ""), ("images", ""), ("chunks", "")]),
-    ("Cost and speed", [("wall_s", ""), ("regions_per_s", ""), ("images_per_s", ""),
-                        ("requests", ""), ("reasks", ""), ("prompt_tokens", ""), ("output_tokens", ""),
-                        ("visual_tokens", ""), ("prompt_tokens_per_region", ""),
-                        ("visual_tokens_per_region", ""), ("output_tokens_per_region", ""),
-                        ("visual_tokens_per_request", "")]),
-    ("Answers", [("requests_answered", ""), ("requests_failed", ""), ("requests_format_ok", ""),
-                 ("parse_success_rate", "pct"), ("captions_empty", ""), ("captions_duplicated", ""),
-                 ("captions_repeat_prompt", "")]),
-]
-_SHOWN = {k for _, keys in _METRIC_GROUPS for k, _ in keys} | {"stages", "errors", "references", "faithfulness"}
-#: A metrics.json dict with only these keys is a distribution (``latency_s``, ``caption_words``).
-_DIST_KEYS = {"n", "mean", "min", "p50", "p95", "max"}
+def _with_interval(run: RunData, path: str) -> str:
+    """A metric of the run with its 95% interval where metrics.json has one: ``92.0% [75.5%, 100.0%]``."""
+    value = metricspec.number_at(run.metrics or {}, path)
+    head, _, name = path.rpartition(".")
+    interval = _dig(run.metrics or {}, *(head.split(".") if head else []), "intervals", name)
+    text = _fmt_metric(path, value)
+    if value is not None and isinstance(interval, dict) and _num(interval.get("low")) is not None:
+        text += f" [{_fmt_metric(path, interval['low'])}, {_fmt_metric(path, interval.get('high'))}]"
+    return text
 
 
-def _value_html(value: Any, kind: str = "") -> str:
+def _value_text(value: Any, kind: str = "") -> str:
+    """A metrics.json value as text: a number formatted, a dict's scalar entries as ``k: v, ...``,
+    a list's items."""
     if isinstance(value, dict):
         flat = [(k, v) for k, v in value.items() if _is_scalar(v)]
-        return e(", ".join(f"{k}: {_fmt(v, kind)}" for k, v in flat)) if flat else "–"
-    return e(_fmt(value, kind))
+        return ", ".join(f"{k}: {_fmt(v, kind)}" for k, v in flat) if flat else "–"
+    if isinstance(value, list):
+        return ", ".join(_value_text(v, kind) for v in value) if value else "–"
+    return _fmt(value, kind)
 
 
-def _metrics_section(run: RunData) -> str:
-    """metrics.json as tables by topic; what it lacks (no metrics.json, an older run) counted from the records."""
-    m = run.metrics
-    s = run.scan
-    parts = []
-    if m is None:
-        parts.append(f'<p class="note">no {METRICS_FILE}: the figures below are counted from '
-                     f"{e(run.records_file.name if run.records_file else 'nothing')}.</p>")
-        m = {k: v for k, v in s.items() if k in _SHOWN}
+def _metrics_section(run: RunData) -> Dict[str, Any]:
+    """metrics.json as tables by the metric specification's groups (labels, units, intervals from
+    regioncap.metricspec), its distributions and its stages."""
+    m = run.metrics or {}
+    section: Dict[str, Any] = {"counted_from": run.records_file.name if run.metrics_computed and run.records_file
+                               else None}
     tables = []
-    for title, keys in _METRIC_GROUPS:
-        rows = [(k, _value_html(m.get(k), kind)) for k, kind in keys if k in m]
-        if rows:
-            tables.append(f"<div><h3>{e(title)}</h3>{_kv_table(rows)}</div>")
-    refs = m.get("references")
-    if isinstance(refs, dict) and refs:
-        rows = [(k, _value_html(v)) for k, v in refs.items() if _is_scalar(v) or isinstance(v, dict)]
-        tables.append(f"<div><h3>References</h3>{_kv_table(rows)}</div>")
-    faith = m.get("faithfulness")
-    if isinstance(faith, dict) and faith:
-        # Captions that read like a description of the whole scene (regioncap.metrics.region_flags).
-        rows = [(k, _value_html(v, "pct" if k == "scene_caption_rate" else ""))
-                for k, v in faith.items() if _is_scalar(v) or isinstance(v, dict)]
-        tables.append(f"<div><h3>Faithfulness</h3>{_kv_table(rows)}</div>")
-    km = key_metrics(run)
-    counted = [("parse_success_rate", "parse success rate", "pct", s.get("parse_success_rate")),
-               ("latency_s", "latency p50 (s)", "", s.get("latency_p50_s")),
-               ("latency_s", "latency p90 (s)", "", s.get("latency_p90_s")),
-               ("output_tokens_per_region", "output tokens / region", "", km["output_tokens_per_region"]),
-               ("prompt_tokens_per_region", "prompt tokens / region", "", km["prompt_tokens_per_region"])]
-    counted = [(label, e(_fmt(v, kind))) for key, label, kind, v in counted if key not in m and v is not None]
-    if counted:
-        tables.append(f"<div><h3>Counted from the records</h3>{_kv_table(counted)}</div>")
-    other: List[Tuple[str, str]] = []
-    dists: List[Tuple[str, Dict[str, Any]]] = []
-    for k, v in (run.metrics or {}).items():
-        if k in _SHOWN:
+    for group, title in metricspec.GROUPS.items():
+        if group == "stages":
             continue
-        if isinstance(v, dict) and v and set(v) <= _DIST_KEYS:
-            dists.append((k, v))
-        elif _is_scalar(v) or isinstance(v, dict):
-            other.append((k, _value_html(v)))
+        rows = []
+        for spec in metricspec.in_group(group):
+            if spec.kind == "distribution" or "*" in spec.path:
+                continue
+            try:
+                value = metricspec.value_at(m, spec.path)
+            except KeyError:
+                continue
+            if spec.kind == "text" and value is None:
+                continue
+            text = _with_interval(run, spec.path) if spec.kind == "value" and not isinstance(value, dict) \
+                else _value_text(value, "pct" if spec.is_share else "")
+            rows.append(_kv(spec.label, text))
+        if rows:
+            tables.append({"title": title, "rows": rows})
+    # A figure no declaration names (a newer writer, a hand-edited file) is still shown, by its path.
+    other = [_kv(path, _value_text(v)) for path, v in metricspec.leaf_paths(m)
+             if metricspec.get(path) is None and ".intervals." not in path and _is_scalar(v)]
     if other:
-        tables.append(f"<div><h3>Other</h3>{_kv_table(other)}</div>")
-    parts.append(f'<div class="tables">{"".join(tables)}</div>')
+        tables.append({"title": "Other", "rows": other})
+    section["tables"] = tables
+    dists = [(spec.label, m[spec.path]) for spec in metricspec.SPEC
+             if spec.kind == "distribution" and isinstance(m.get(spec.path), dict) and m[spec.path]]
+    section["dists"] = None
     if dists:
-        cols = [c for c in ("n", "mean", "min", "p50", "p95", "max")
-                if any(c in d for _, d in dists)]
-        parts.append("<h3>Distributions</h3>" + _table(
-            ["metric"] + cols, ([e(k)] + [e(_fmt(d.get(c))) for c in cols] for k, d in dists), "dist"))
+        cols = [c for c in metricspec.DISTRIBUTION_STATS if any(c in d for _, d in dists)]
+        section["dists"] = _table(["metric"] + cols, ([k] + [_fmt(d.get(c)) for c in cols] for k, d in dists), "dist")
+    section["stages"] = None
     stages = m.get("stages")
     if isinstance(stages, dict) and stages:
+        specs = [spec for spec in metricspec.in_group("stages") if spec.unit != "setting"]
         rows = []
         for name, st in stages.items():
             st = st if isinstance(st, dict) else {}
-            errs = st.get("errors") or {}
-            rows.append([e(name), e(_fmt(st.get("rows"))), e(_fmt(st.get("seconds"))),
-                         e(_fmt(st.get("rows_per_s"))),
-                         e(", ".join(f"{k}: {v}" for k, v in errs.items()) if isinstance(errs, dict) else errs)])
-        parts.append("<h3>Stages</h3>" + _table(["stage", "rows", "seconds", "rows / s", "errors"], rows))
+            rows.append([name] + [_value_text(st.get(spec.key), "pct" if spec.is_share else "") for spec in specs])
+        section["stages"] = _table(["stage"] + [spec.label for spec in specs], rows)
     extra = []
-    if s.get("finish_reasons"):
-        extra.append("finish reasons: " + ", ".join(f"{e(k)} {v}" for k, v in sorted(s["finish_reasons"].items())))
-    if s.get("dropped_reasons"):
-        extra.append("dropped boxes: " + ", ".join(f"{e(k)} {v}" for k, v in sorted(s["dropped_reasons"].items())))
-    if extra:
-        parts.append('<p class="note">' + "<br>".join(extra) + "</p>")
-    return '<section><h2>Metrics</h2>' + "".join(parts) + "</section>"
+    if run.scan.get("finish_reasons"):
+        extra.append("finish reasons: " + ", ".join(f"{k} {v}" for k, v in sorted(run.scan["finish_reasons"].items())))
+    section["notes"] = extra
+    return section
 
 
-def _errors_section(run: RunData) -> str:
-    counts = dict((run.metrics or {}).get("errors") or run.scan.get("errors") or {})
+def _errors_section(run: RunData) -> List[Dict[str, Any]]:
+    """Error rows by ``stage/kind``, most first, each with a few examples ``(row, message)``."""
+    counts = dict((run.metrics or {}).get("errors") or {})
     for kind in run.error_examples:
         counts.setdefault(kind, len(run.error_examples[kind]))
-    if not counts:
-        return '<section><h2>Errors</h2><p class="ok">no error rows.</p></section>'
-    rows = []
-    for kind, n in sorted(counts.items(), key=lambda kv: (-_count(kv[1]), kv[0])):
-        examples = "".join(f"<li><span class=\"rowid\">{e(label)}</span> {e(_clip(msg, 500))}</li>"
-                           for label, msg in run.error_examples.get(kind, []))
-        rows.append([f"<code>{e(kind)}</code>", e(_fmt(n)), f"<ul class=\"ex\">{examples}</ul>" if examples else "–"])
-    return "<section><h2>Errors by kind</h2>" + _table(["stage/kind", "rows", "examples"], rows, "errors") + "</section>"
+    return [{"kind": kind, "rows": _fmt(n),
+             "examples": [(label, _clip(msg, 500)) for label, msg in run.error_examples.get(kind, [])]}
+            for kind, n in sorted(counts.items(), key=lambda kv: (-_count(kv[1]), kv[0]))]
 
 
 def _count(value: Any) -> float:
@@ -847,34 +811,25 @@ def _references_key(run: RunData) -> Optional[str]:
     return "references"
 
 
-def _mark(exact: Optional[bool]) -> str:
-    """A check for a caption that is an exact match of a reference, a cross for one that is not."""
-    if exact is None:
-        return ""
-    if exact:
-        return '<span class="mk right" title="exact match of a reference">✓</span> '
-    return '<span class="mk wrong" title="not an exact match of any reference">✗</span> '
-
-
-def _caption_cell(reg: Region, stage: Optional[str]) -> str:
+def _caption_cell(reg: Region, stage: Optional[str]) -> Dict[str, Any]:
+    """A region's caption as the templates show it: the caption (clipped) with its exact-match mark
+    (``exact``: True, False, None when not scored), re-ask and faithfulness tags; else why it is
+    missing (``missing``: the reason) or that only the visualize stage ran (``pending``)."""
+    cell: Dict[str, Any] = {"caption": None, "exact": None, "reasked": False, "flags": [], "missing": None,
+                            "pending": False, "source": _source_tag(reg)}
     caption = reg.get("caption")
     if caption:
-        exact = _exact(reg)
-        cls = "cap bad" if exact is False else "cap"
-        html_ = f'{_mark(exact)}<span class="{cls}">{e(_clip(str(caption)))}</span>'
-        if reg.get("attempt") == 2:
-            html_ += ' <span class="tag">re-asked</span>'
-        for flag in reg.get("flags") or []:  # faithfulness flags (regioncap.metrics.region_flags)
-            html_ += f' <span class="tag flag">{e(flag)}</span>'
-        return html_ + _source_tag(reg)
-    if reg.get("missing") or stage == "caption":
-        return (f'<span class="missing">missing</span> <span class="why">{e(reg.get("reason") or "")}</span>'
-                + _source_tag(reg))
-    return '<span class="why">not captioned yet (visualize stage only)</span>' + _source_tag(reg)
+        cell.update(caption=_clip(str(caption)), exact=_exact(reg), reasked=reg.get("attempt") == 2,
+                    flags=list(reg.get("flags") or []))  # faithfulness flags (regioncap.metrics.region_flags)
+    elif reg.get("missing") or stage == "caption":
+        cell["missing"] = reg.get("reason") or ""
+    else:
+        cell["pending"] = True
+    return cell
 
 
-def _refs_html(refs: Sequence[str]) -> str:
-    return "<br>".join(f'<span class="ref">{e(_clip(r, 500))}</span>' for r in refs) or '<span class="why">–</span>'
+def _refs_text(refs: Sequence[str]) -> List[str]:
+    return [_clip(r, 500) for r in refs]
 
 
 def _regions(rec: CaptionRecord) -> List[Region]:
@@ -886,35 +841,29 @@ def _requests(rec: CaptionRecord) -> List[RequestSpec]:
 
 
 def _region_table(rec: CaptionRecord, stage: Optional[str], palette: Sequence[str],
-                  references_key: Optional[str] = "references") -> str:
+                  references_key: Optional[str] = "references") -> Dict[str, Any]:
+    """A row's regions: mark swatch (and chunk image where there are several), caption, references, scores."""
     regions = _regions(rec)
     refs = [_references(rec, r, references_key) for r in regions]
-    has_refs = any(refs)
-    has_scores = any(isinstance(r.get("scores"), dict) for r in regions)
     chunks = len({r.get("chunk") for r in regions}) > 1
-    header = ["#", "caption"] + (["reference"] if has_refs else []) + (["scores"] if has_scores else [])
-    rows, classes = [], []
+    rows = []
     for reg, reg_refs in zip(regions, refs):
-        num = _swatch(reg.get("number"), palette, _proposed(reg) is not None)
-        if chunks:
-            num += f'<span class="why">img {e(_fmt(reg.get("chunk")))}</span>'
-        cells = [num, _caption_cell(reg, stage)]
-        if has_refs:
-            cells.append(_refs_html(reg_refs))
-        if has_scores:
-            sc = reg.get("scores") if isinstance(reg.get("scores"), dict) else {}
-            cells.append(e(", ".join(f"{k} {_fmt(v)}" for k, v in sc.items())))
-        rows.append(cells)
-        classes.append("wrong" if _exact(reg) is False else "")
-    cls = "regions" + (" missing-row" if any(r.get("missing") for r in regions) else "")
-    return _table(header, rows, cls, classes)
+        sc = reg.get("scores") if isinstance(reg.get("scores"), dict) else {}
+        rows.append({"swatch": _swatch(reg.get("number"), palette, _proposed(reg) is not None),
+                     "chunk": _fmt(reg.get("chunk")) if chunks else None, "cell": _caption_cell(reg, stage),
+                     "refs": _refs_text(reg_refs), "scores": ", ".join(f"{k} {_fmt(v)}" for k, v in sc.items()),
+                     "wrong": _exact(reg) is False})
+    return {"rows": rows, "has_refs": any(refs), "has_scores": any(isinstance(r.get("scores"), dict) for r in regions),
+            "missing": any(r.get("missing") for r in regions)}
 
 
-def _box_overlay(regions: Sequence[Region], size: Any, key: str, label: Any, only_proposed: bool) -> str:
+def _box_overlay(regions: Sequence[Region], size: Any, key: str, label: Any,
+                 only_proposed: bool) -> Optional[Dict[str, Any]]:
     """An SVG drawn over a thumbnail: each region's box (``key``: ``bbox`` on the original image,
-    ``input_bbox`` on the model's), dashed for a proposed region; ``label(region)`` is its text."""
+    ``input_bbox`` on the model's), dashed for a proposed region; ``label(region)`` is its text.
+    Coordinates come formatted (the SVG's attributes); None when there is nothing to draw."""
     if not (isinstance(size, list) and len(size) == 2 and all(_num(v) for v in size)):
-        return ""
+        return None
     w, h = float(size[0]), float(size[1])
     font = max(8.0, min(w, h) / 14)
     shapes = []
@@ -926,59 +875,44 @@ def _box_overlay(regions: Sequence[Region], size: Any, key: str, label: Any, onl
         if not (isinstance(box, list) and len(box) == 4 and all(_num(v) is not None for v in box)):
             continue
         x1, y1, x2, y2 = (float(v) for v in box)
-        cls = "prop" if proposed else "box"
-        shapes.append(f'<rect class="{cls}" x="{x1:.1f}" y="{y1:.1f}" width="{max(0.0, x2 - x1):.1f}" '
-                      f'height="{max(0.0, y2 - y1):.1f}"/>')
-        text = label(reg)
-        if text:
-            shapes.append(f'<text x="{x1 + 2:.1f}" y="{y1 + font:.1f}" font-size="{font:.1f}">{e(text)}</text>')
+        shapes.append({"cls": "prop" if proposed else "box", "x": f"{x1:.1f}", "y": f"{y1:.1f}",
+                       "width": f"{max(0.0, x2 - x1):.1f}", "height": f"{max(0.0, y2 - y1):.1f}",
+                       "text": label(reg), "tx": f"{x1 + 2:.1f}", "ty": f"{y1 + font:.1f}", "font": f"{font:.1f}"})
     if not shapes:
-        return ""
-    return (f'<svg class="overlay" viewBox="0 0 {w:g} {h:g}" preserveAspectRatio="none" aria-hidden="true">'
-            f'{"".join(shapes)}</svg>')
+        return None
+    return {"viewbox": f"0 0 {w:g} {h:g}", "shapes": shapes}
 
 
-def _with_overlay(figure: str, overlay: str) -> str:
-    """Put ``overlay`` over the ``<img>`` of ``figure`` (a placeholder figure is left alone)."""
-    if not overlay or "<img " not in figure:
-        return figure
-    start = figure.index("<img ")
-    end = figure.index(">", start) + 1
-    return figure[:start] + f'<div class="ov">{figure[start:end]}{overlay}</div>' + figure[end:]
+def _with_overlay(figure: Dict[str, Any], overlay: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """``figure`` with ``overlay`` drawn over its image (a placeholder figure is left alone)."""
+    if overlay and figure.get("uri"):
+        figure["overlay"] = overlay
+    return figure
 
 
-def _row_meta(rec: CaptionRecord) -> Tuple[str, str]:
+def _row_meta(rec: CaptionRecord) -> Dict[str, Any]:
     """The row's id, status, image and sizes; and notes on dropped/clipped boxes and its error."""
-    meta = [f'<span class="rowid">{e(rec.get("id"))}</span>', _badge(rec.get("status")),
-            f'<code class="path">{e(rec.get("image"))}</code>']
-    if rec.get("type") == "without_bbox":
-        meta.append('<span class="tag prop">no input boxes: regions proposed</span>')
     size = rec.get("image_size")
-    if isinstance(size, list) and len(size) == 2:
-        meta.append(f'<span class="why">{e(size[0])}×{e(size[1])}</span>')
     tokens = rec.get("tokens")
-    if isinstance(tokens, dict):
-        meta.append(f'<span class="why">tokens {e(tokens.get("prompt"))} in / {e(tokens.get("output"))} out</span>')
     notes = []
     for key in ("dropped_boxes", "clipped_boxes"):
         items = [d for d in rec.get(key) or [] if isinstance(d, dict)]
         if items:
-            notes.append(f"{key.replace('_', ' ')}: " + ", ".join(
-                f"#{e(d.get('index'))} {e(d.get('reason'))}" for d in items))
+            notes.append(f"{key.replace('_', ' ')}: " + ", ".join(f"#{d.get('index')} {d.get('reason')}" for d in items))
     err = rec.get("error")
     if isinstance(err, dict):
-        notes.append(f"error: {e(err.get('kind'))}: {e(_clip(str(err.get('message')), 500))}")
-    notes_html = f'<p class="why">{"<br>".join(notes)}</p>' if notes else ""
-    return f'<div class="meta">{" ".join(meta)}</div>', notes_html
+        notes.append(f"error: {err.get('kind')}: {_clip(str(err.get('message')), 500)}")
+    return {"id": rec.get("id"), "badge": _badge(rec.get("status")), "image": rec.get("image"),
+            "proposed": rec.get("type") == "without_bbox",
+            "size": f"{size[0]}×{size[1]}" if isinstance(size, list) and len(size) == 2 else None,
+            "tokens": f"tokens {tokens.get('prompt')} in / {tokens.get('output')} out" if isinstance(tokens, dict)
+            else None, "notes": notes}
 
 
-def _answer_and_prompt(rec: CaptionRecord) -> str:
-    out = ""
-    if rec.get("answer"):
-        out += f"<details><summary>raw answer</summary>{_pre(_clip(str(rec['answer']), 4000))}</details>"
-    if rec.get("prompt"):
-        out += f"<details><summary>prompt</summary>{_pre(_clip(str(rec['prompt']), 4000))}</details>"
-    return out
+def _answer_and_prompt(rec: CaptionRecord) -> Dict[str, Optional[str]]:
+    """The row's raw answer and prompt (clipped), None where the record has none."""
+    return {"answer": _clip(str(rec["answer"]), 4000) if rec.get("answer") else None,
+            "prompt": _clip(str(rec["prompt"]), 4000) if rec.get("prompt") else None}
 
 
 def _is_crop_row(run: RunData, rec: CaptionRecord) -> bool:
@@ -994,28 +928,34 @@ def _is_crop_row(run: RunData, rec: CaptionRecord) -> bool:
     return bool(requests) and all(len(s.get("region_ids") or []) == 1 for s in requests) and len(requests) > 1
 
 
-def _sample_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
-    """One row: its marked image(s) beside the region table (marked mode)."""
+def _request_figures(run: RunData, rec: CaptionRecord, thumb_px: int, caption: str = "") -> List[Dict[str, Any]]:
+    """The row's request images (at most :data:`IMAGES_PER_ROW`): the marked images the model saw,
+    each named by its request key when there are several (``caption`` before it), proposed boxes
+    drawn dashed over a whole image."""
     requests = _requests(rec)
     regions = _regions(rec)
-    images = []
+    figures = []
     for spec in requests[:IMAGES_PER_ROW]:
         label = str(spec.get("key", "")) if len(requests) > 1 else ""
+        label = ": ".join(t for t in (caption, label) if t)
         fig = _image_html(run.path, spec.get("image") or rec.get("image_with_bbox"), thumb_px, label)
         if spec.get("image_size") == rec.get("input_size"):  # the whole image: proposed boxes drawn dashed over it
             ids = set(spec.get("region_ids") or [])
             fig = _with_overlay(fig, _box_overlay([r for r in regions if r.get("id") in ids], spec.get("image_size"),
                                                   "input_bbox", lambda r: "", only_proposed=True))
-        images.append(fig)
-    if len(requests) > IMAGES_PER_ROW:
-        images.append(f'<p class="why">+{len(requests) - IMAGES_PER_ROW} more request images</p>')
-    meta, notes = _row_meta(rec)
-    return (f'<div class="sample"><div class="imgs">{"".join(images)}</div><div class="caps">{meta}{notes}'
-            f"{_region_table(rec, run.stage, _palette(run), _references_key(run))}"
-            f"{_answer_and_prompt(rec)}</div></div>")
+        figures.append(fig)
+    return figures
 
 
-def _crop_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
+def _sample_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> Dict[str, Any]:
+    """One row: its marked image(s) beside the region table (marked mode)."""
+    return {"crop": False, "images": _request_figures(run, rec, thumb_px),
+            "more": max(0, len(_requests(rec)) - IMAGES_PER_ROW), "meta": _row_meta(rec),
+            "regions": _region_table(rec, run.stage, _palette(run), _references_key(run)),
+            "raw": _answer_and_prompt(rec)}
+
+
+def _crop_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> Dict[str, Any]:
     """One row in crop mode: the input image with every region's box and id, then a grid of the
     crops, each under its own region id with its caption (marked against its references)."""
     regions = _regions(rec)
@@ -1024,63 +964,52 @@ def _crop_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> str:
         for rid in spec.get("region_ids") or []:
             by_region.setdefault(rid, spec)  # the first request of a region (a re-ask reuses its crop)
     key = _references_key(run)
-    original = _original_html(run, rec, thumb_px)
     crops = []
     for reg in regions[:CROPS_PER_ROW]:
         spec = by_region.get(reg.get("id"), {})
         classes = ["crop"] + (["wrong"] if _exact(reg) is False else []) + (["prop"] if _proposed(reg) else [])
-        refs = _references(rec, reg, key)
-        image = _image_html(run.path, spec.get("image"), max(64, thumb_px // 2))
-        crops.append(f'<div class="{" ".join(classes)}">{image}<div class="cc">'
-                     f'<span class="num rid">{e(reg.get("id"))}</span> {_caption_cell(reg, run.stage)}'
-                     + (f'<div class="crref">ref: {_refs_html(refs)}</div>' if refs else "") + "</div></div>")
-    if len(regions) > CROPS_PER_ROW:
-        crops.append(f'<p class="why">+{len(regions) - CROPS_PER_ROW} more regions</p>')
-    meta, notes = _row_meta(rec)
-    return (f'<div class="sample cropmode"><div class="imgs">{original}</div><div class="caps">{meta}{notes}'
-            f'<div class="cropgrid">{"".join(crops)}</div>{_answer_and_prompt(rec)}</div></div>')
+        crops.append({"cls": " ".join(classes), "image": _image_html(run.path, spec.get("image"), max(64, thumb_px // 2)),
+                      "id": reg.get("id"), "cell": _caption_cell(reg, run.stage),
+                      "refs": _refs_text(_references(rec, reg, key))})
+    return {"crop": True, "original": _original_html(run, rec, thumb_px), "crops": crops,
+            "more": max(0, len(regions) - CROPS_PER_ROW), "meta": _row_meta(rec), "raw": _answer_and_prompt(rec)}
 
 
-def _samples_section(run: RunData, thumb_px: int) -> str:
-    if not run.samples:
-        return '<section><h2>Samples</h2><p class="note">no row with an image to show.</p></section>'
-    total = run.scan.get("rows", 0)
+def _samples_section(run: RunData, thumb_px: int) -> Dict[str, Any]:
+    """The sample rows as cards (marked or crop mode), with a line on what they show."""
     crop = [_is_crop_row(run, rec) for rec in run.samples]
-    cards = "".join((_crop_card if c else _sample_card)(run, rec, thumb_px) for rec, c in zip(run.samples, crop))
-    what = ("each region's crop as the model saw it, under its region id" if all(crop) else
-            "the marked images the model saw (thumbnails) and each region's caption; the number is on its "
-            "mark's colour")
-    marks = ""
     wrong, exact = run.scan.get("regions_wrong", 0), run.scan.get("regions_exact", 0)
-    if wrong or exact:
-        marks = (f' <span class="mk right">✓</span> an exact match of a reference, <span class="mk wrong">✗</span> '
-                 f"not ({_fmt(wrong)} of {_fmt(wrong + exact)} scored regions in the run).")
-    return (f"<section><h2>Samples</h2><p class=\"note\">{len(run.samples)} of {total} rows: {what}.{marks}</p>"
-            f"{cards}</section>")
+    return {"shown": len(run.samples), "total": run.scan.get("rows", 0), "crop": bool(crop) and all(crop),
+            "scored": _fmt(wrong + exact) if wrong or exact else None, "wrong": _fmt(wrong),
+            "cards": [(_crop_card if c else _sample_card)(run, rec, thumb_px) for rec, c in zip(run.samples, crop)]}
 
 
-def _problems(run: RunData) -> str:
-    if not run.problems:
-        return ""
-    return '<div class="warn">' + "<br>".join(e(p) for p in run.problems) + "</div>"
+def _run_context(run: RunData, thumb_px: int) -> Dict[str, Any]:
+    """What the run page shows, section by section; a section is None where the run has nothing for it."""
+    has_records = run.records_file is not None
+    return {"header": _header(run), "failure": run.failure, "problems": run.problems,
+            "samples": _samples_section(run, thumb_px) if has_records else None,
+            "shards": _shards_section(run),
+            "metrics": _metrics_section(run) if has_records or run.metrics else None,
+            "errors": _errors_section(run) if has_records else None,
+            "provenance": _manifest_section(run)}
+
+
+def _shards_section(run: RunData) -> Optional[Dict[str, Any]]:
+    """A merged dir's shards (``manifest.json`` ``shards``, written by ``regioncap.merge``); None for a run."""
+    shards = _dig(run.manifest, "shards")
+    if not isinstance(shards, list) or not shards:
+        return None
+    return _table(["shard", "rows", "error rows", "seconds", "run dir"],
+                  [[_fmt(s.get("shard_index")), _fmt(s.get("rows")), _fmt(s.get("error_rows")),
+                    _fmt(s.get("wall_s")), s.get("dir")] for s in shards if isinstance(s, dict)])
 
 
 def render_run(run: RunData, *, thumb_px: int = DEFAULT_THUMB_PX) -> str:
     """The HTML page of one run: header with the results, samples, metrics and errors, provenance."""
     ident = _identity_text(run_identity(run))
     title = f"regioncap: {ident} ({run.path.name})" if ident else f"regioncap report: {run.path.name}"
-    body = [_header(run)]
-    if run.failure:
-        body.append(f'<div class="warn">this run has no records: {e(run.failure)}</div>')
-    body.append(_problems(run))
-    if run.records_file is not None:
-        body.append(_samples_section(run, thumb_px))
-    if run.records_file is not None or run.metrics:
-        body.append(_metrics_section(run))
-    if run.records_file is not None:
-        body.append(_errors_section(run))
-    body.append(_manifest_section(run))
-    return _head(title) + "".join(body) + "</body></html>\n"
+    return _render("run.html.j2", title=title, **_run_context(run, thumb_px))
 
 
 # ---------------------------------------------------------------- sweeps
@@ -1119,93 +1048,184 @@ def _job_status(job: RunData) -> str:
         return "failed"
     if job.stage == "visualize":
         return "visualize only"
-    rate, limit = _num((job.metrics or {}).get("error_rate")), _num(_dig(job.config, "max_error_rate"))
+    rate, limit = _num((job.metrics or {}).get("error_rate")), _num(_dig(_config(job), "max_error_rate"))
     if rate is not None and limit is not None and rate > limit:
         return "over max_error_rate"
+    if _dig(job.manifest, "status") == "failed":  # records written, then the job raised
+        return "failed"
     if job.metrics is None:
         return "incomplete"
     return "ok"
 
 
-_COMPARE = ["regions_per_s", "error_rate", "regions_captioned", "parse_success_rate", "output_tokens_per_region",
-            "prompt_tokens_per_region", "latency_p50_s"]
-#: Metrics where less is better (everything else: more is better).
-LOWER_IS_BETTER = {"error_rate", "output_tokens_per_region", "prompt_tokens_per_region", "latency_p50_s"}
+#: What :func:`_job_status` calls a job that did not finish as it should.
+FAILED_STATUSES = ("failed", "over max_error_rate")
+
+
+def _job_failure(job: RunData) -> Optional[str]:
+    """Why a job failed: the last error of its log (no records), else the error its manifest names."""
+    return job.failure or _text(_dig(job.manifest, "error"))
 
 
 def default_metric(jobs: Sequence[RunData]) -> str:
     """Exact match where a job has references, else regions/s."""
-    return "exact_match" if any(key_metrics(j).get("exact_match") is not None for j in jobs) else "regions_per_s"
+    return "references.exact_match" if any(key_metrics(j).get("references.exact_match") is not None
+                                           for j in jobs) else "regions_per_s"
 
 
 def metric_name(metric: str) -> str:
-    """A ``--metric`` as a key of :data:`PLOT_METRICS`; metrics.json paths (``references.exact_match``,
-    ``stages.caption.regions_per_s``) are taken too. Raises :class:`ReportError` naming the choices."""
+    """A ``--metric`` as a metrics.json path of :data:`PLOT_METRICS`: the path itself, or its last
+    part where that names one metric (``exact_match``, ``cider``); ``stages.caption.regions_per_s``
+    is the caption stage's rate, ``regions_per_s``. Raises :class:`ReportError` naming the choices."""
     name = metric.strip()
-    for prefix in ("references.", "stages.caption."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    if name not in PLOT_METRICS:
-        raise ReportError(f"--metric {metric!r} is not a metric the report plots; pick one of: "
-                          + ", ".join(PLOT_METRICS))
-    return name
+    if name.startswith("stages.caption."):
+        name = name[len("stages.caption."):]
+    if name in PLOT_METRICS:
+        return name
+    found = [path for path in PLOT_METRICS if path.rsplit(".", 1)[-1] == name]
+    if len(found) == 1:
+        return found[0]
+    raise ReportError(f"--metric {metric!r} is not a metric the report plots; pick one of: "
+                      + ", ".join(PLOT_METRICS))
 
 
 def _fmt_metric(key: str, value: Optional[float]) -> str:
-    return _fmt(value, "pct" if key in PCT_METRICS else "")
+    """A value of the metric at ``key`` (a metrics.json path), a share as a percentage."""
+    return _fmt(value, "pct" if _is_share(key) else "")
 
 
-def _best(kms: Sequence[Dict[str, Optional[float]]], key: str) -> Optional[int]:
-    """The index of the job with the best value of ``key`` (first on a tie), None when none has one."""
-    values = [(km.get(key), i) for i, km in enumerate(kms) if km.get(key) is not None]
+def _region_values(job: RunData, metric: str) -> Optional[Dict[Tuple[Any, ...], List[float]]]:
+    """Each row's per-region values of ``metric`` (``regions[].scores``, as the caption stage
+    writes exact match and attribute accuracy), keyed by the row's ``(digest, index, id)``
+    so two jobs pair up only on the same input rows; ``None`` when no region has one."""
+    if job.records_file is None or job.stage != "caption":
+        return None
+    name = metric.rsplit(".", 1)[-1]  # references.exact_match is regions[].scores.exact_match
+    out: Dict[Tuple[Any, ...], List[float]] = {}
+    found = False
+    for rec in _iter_records(job.records_file, []):
+        values = []
+        for reg in rec.get("regions") or []:
+            scores = reg.get("scores") if isinstance(reg, dict) else None
+            value = _num(scores.get(name)) if isinstance(scores, dict) else None
+            if value is not None:
+                values.append(value)
+        found = found or bool(values)
+        out[(rec.get("digest"), rec.get("index"), rec.get("id"))] = values
+    return out if found else None
+
+
+def paired_comparison(jobs: Sequence[RunData], kms: Sequence[Dict[str, Optional[float]]], metric: str
+                      ) -> Dict[str, Any]:
+    """The job with the best ``metric`` and, where the jobs carry per-region values of it,
+    each other job's paired difference from it (``regioncap.intervals.paired_difference``:
+    the same resampled rows for both jobs, 95%, a fixed seed).
+
+    Returns ``{best, separated, diffs}``: ``best`` the index of the best point estimate
+    (:func:`_best`), ``diffs`` ``{job index: paired_difference(job, best)}``, and
+    ``separated`` True when every other job's difference excludes zero, False when one
+    does not (or has no per-region values or no rows in common to compare), None when
+    the metric has no per-region values (throughput, error rate: a point estimate only).
+    """
+    from regioncap.intervals import paired_difference
+
+    failed = {i for i, job in enumerate(jobs) if _job_status(job) in FAILED_STATUSES}
+    best = _best(kms, metric, skip=failed)
+    out: Dict[str, Any] = {"best": best, "separated": None, "diffs": {}}
+    if best is None:
+        return out
+    base = _region_values(jobs[best], metric)
+    if base is None:
+        return out
+    separated = True
+    for i, (job, km) in enumerate(zip(jobs, kms)):
+        if i == best or i in failed or km.get(metric) is None:
+            continue
+        values = _region_values(job, metric)
+        if values is None:
+            separated = False
+            continue
+        diff = paired_difference(values, base)
+        out["diffs"][i] = diff
+        separated = separated and diff["n_clusters"] > 0 and not diff["includes_zero"]
+    out["separated"] = separated
+    return out
+
+
+def _diff_text(key: str, diff: Dict[str, Any]) -> str:
+    """``−4.0 pts [−12.0, 4.0]`` (shares) or ``−0.040 [−0.120, 0.040]``: a paired difference."""
+    if diff.get("difference") is None:
+        return "no rows in common" if not diff.get("n_clusters") else "no values to compare"
+    pct = _is_share(key)
+    f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3f}")  # noqa: E731
+    return f"{f(diff['difference'])}{' pts' if pct else ''} [{f(diff['low'])}, {f(diff['high'])}]"
+
+
+def _best(kms: Sequence[Dict[str, Optional[float]]], key: str, skip: Iterable[int] = ()) -> Optional[int]:
+    """The index of the job with the best value of ``key`` (its direction: regioncap.metricspec;
+    first on a tie), leaving out the jobs in ``skip`` (failed ones); None when none has one."""
+    skip = set(skip)
+    values = [(km.get(key), i) for i, km in enumerate(kms) if km.get(key) is not None and i not in skip]
     if not values:
         return None
-    low = key in LOWER_IS_BETTER
+    spec = metricspec.get(key)
+    low = spec is not None and spec.better == "lower"
     return min(values, key=lambda vi: ((vi[0] if low else -vi[0]), vi[1]))[1]
 
 
-def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: Optional[str] = None) -> str:
+def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: Optional[str] = None,
+                      paired: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """One row per job. The first column (sticky when the table scrolls) names the job by its swept
-    overrides; exact match and attribute accuracy lead the metric columns; the best value of the
-    plotted metric is marked."""
+    overrides; exact match and attribute accuracy lead the metric columns, with their 95% intervals
+    where metrics.json has them. The plotted metric's best job is marked only when it is
+    distinguishable from every other job (``paired``: :func:`paired_comparison`); the other jobs show
+    their paired difference from it, flagged "not distinguishable" when its interval includes zero.
+    Each cell: ``text``, its ``interval`` text, and the title of a ``best`` or ``highest`` mark or
+    the paired difference from the best (``diff``), each None where it has none."""
     kms = [key_metrics(j) for j in jobs]
-    score_names = _score_names(jobs)
-    lead = [n for n in SHARE_SCORES if n in score_names]
-    columns = lead + _COMPARE + [n for n in score_names if n not in lead]
-    header = ["job", "status"] + [PLOT_METRICS.get(k, k) if k != "regions_captioned" else "regions captioned"
-                                  for k in columns]
-    best = _best(kms, metric) if metric else None
+    if paired is None and metric:
+        paired = paired_comparison(jobs, kms, metric)
+    paired = paired or {"best": None, "separated": None, "diffs": {}}
+    compared = [m for m in metricspec.flagged("compare") if any(km.get(m.path) is not None for km in kms)]
+    # Shares of the references first (on short captions BLEU says little), then cost and answers, then scores.
+    lead = [m.path for m in compared if m.group == "references" and m.is_share]
+    scores = [m.path for m in compared if m.group in ("references", "densecap", "proposals") and m.path not in lead]
+    columns = lead + [m.path for m in compared if m.path not in lead and m.path not in scores] + scores
+    header = ["job", "status"] + [metricspec.BY_PATH[k].label for k in columns]
+    best = paired["best"]
     rows = []
     for i, (job, km) in enumerate(zip(jobs, kms)):
         d = dict(split_override(o) for o in job.overrides)
-        link = ""
-        if (job.path / REPORT_FILE).is_file():
-            link = f' <a href="{e(job.path.name + "/" + REPORT_FILE)}">report</a>'
-        params = "".join(f'<div class="kv"><span class="k">{e(k)}=</span><code>{e(d.get(k, "–"))}</code></div>'
-                         for k in varying)
-        status_html = _badge(_job_status(job))
-        if job.failure:
-            status_html += f'<div class="why">{e(_clip(job.failure, 300))}</div>'
-        cells = [f"<code>{e(job.name)}</code>{link}{params}", status_html]
+        link = job.path.name + "/" + REPORT_FILE if (job.path / REPORT_FILE).is_file() else None
+        failure = _job_failure(job)
+        cells = []
         for key in columns:
             value = km.get(key)
+            interval = None
             if key == "regions_captioned" and value is not None:
-                cell = f"{e(_fmt(value))} / {e(_fmt(km.get('regions')))}"
+                text = f"{_fmt(value)} / {_fmt(km.get('regions'))}"
             else:
-                cell = e(_fmt_metric(key, value))
+                text = _fmt_metric(key, value)
+                head, _, leaf = key.rpartition(".")
+                iv = _dig(job.metrics, *(head.split(".") if head else []), "intervals", leaf)
+                if value is not None and isinstance(iv, dict) and _num(iv.get("low")) is not None:
+                    interval = f"[{_fmt_metric(key, iv['low'])}, {_fmt_metric(key, iv.get('high'))}]"
+            name = metricspec.BY_PATH[key].label
+            cell: Dict[str, Any] = {"text": text, "interval": interval, "best": None, "highest": None, "diff": None}
             if key == metric and i == best:
-                cell = f'<b class="best" title="best {e(PLOT_METRICS.get(key, key))}">{cell}</b>'
+                if paired["separated"] is False:
+                    cell["highest"] = f"highest {name}; not distinguishable from at least one other job at 95%"
+                else:
+                    cell["best"] = f"best {name}"
+            elif key == metric and i in paired["diffs"]:
+                diff = paired["diffs"][i]
+                verdict = " not distinguishable" if diff["includes_zero"] else ""
+                cell["diff"] = f"vs best {_diff_text(key, diff)}{verdict}"
             cells.append(cell)
-        rows.append(cells)
-    return _table(header, rows, "compare")
-
-
-def _score_names(jobs: Sequence[RunData]) -> List[str]:
-    """The reference scores any job has, in :data:`REFERENCE_SCORES` order."""
-    have = set()
-    for job in jobs:
-        have.update(reference_scores(job.metrics or {}))
-    return [n for n in REFERENCE_SCORES if n in have]
+        rows.append({"name": job.name, "link": link, "params": [(k, d.get(k, "–")) for k in varying],
+                     "badge": _badge(_job_status(job)), "why": _clip(failure, 300) if failure else None,
+                     "cells": cells})
+    return {"header": header, "rows": rows}
 
 
 def _plot_label(text: str) -> str:
@@ -1224,7 +1244,7 @@ def _save(fig: Any) -> str:
 
 
 def _y_axis(ax: Any, key: str) -> None:
-    if key in PCT_METRICS:
+    if _is_share(key):
         from matplotlib.ticker import PercentFormatter
 
         ax.set_ylim(0, 1.08)
@@ -1245,6 +1265,7 @@ def param_figure(jobs: Sequence[RunData], varying: Sequence[str], param: str, me
     parameter have the metric."""
     from matplotlib.figure import Figure
 
+    metric = metric_name(metric)
     kms = [key_metrics(j) for j in jobs]
     values, order, numeric = param_values(jobs, param)
     others = [k for k in varying if k != param]
@@ -1277,7 +1298,7 @@ def param_figure(jobs: Sequence[RunData], varying: Sequence[str], param: str, me
             ax.set_xticks(range(len(order)))
             ax.set_xticklabels([_plot_label(str(o)) for o in order], rotation=15 if len(order) > 3 else 0, fontsize=8)
             ax.set_xlim(-0.6, len(order) - 0.4)
-            if key not in PCT_METRICS:  # room for the value labels above the bars
+            if not _is_share(key):  # room for the value labels above the bars
                 ax.set_ylim(0, ax.get_ylim()[1] * 1.12)
         _y_axis(ax, key)
         ax.set_xlabel(_plot_label(param))
@@ -1294,6 +1315,7 @@ def _cost_figure(jobs: Sequence[RunData], varying: Sequence[str], metric: str) -
     """``metric`` against regions/s, one point per job; None when the metric is regions/s or no job has both."""
     from matplotlib.figure import Figure
 
+    metric = metric_name(metric)
     if metric == "regions_per_s":
         return None
     kms = [key_metrics(j) for j in jobs]
@@ -1351,50 +1373,49 @@ def _is_number(value: str) -> bool:
         return False
 
 
-def _side_by_side(jobs: Sequence[RunData], varying: Sequence[str], thumb_px: int) -> str:
-    """The same rows' captions from every job, on the first job's image, each marked against its references."""
+def _side_by_side(jobs: Sequence[RunData], varying: Sequence[str], thumb_px: int) -> List[Dict[str, Any]]:
+    """The same rows' captions from every job, each marked against its references, beside each job's
+    own marked images (a job with other ``max_boxes`` drew other marks); in crop mode the first
+    job's input image with the boxes by region id."""
     jobs = [j for j in jobs if j.records_file is not None]  # a failed job has nothing to compare
     base = next((j for j in jobs if j.samples), None)
     if base is None:
-        return ""
+        return []
     by_job = [{str(r.get("id")): r for r in j.samples} for j in jobs]
     blocks = []
     for rec in base.samples[:SWEEP_ROWS]:
         rid = str(rec.get("id"))
         crop = _is_crop_row(base, rec)
         if crop:
-            image = _original_html(base, rec, thumb_px)
+            images = [_original_html(base, rec, thumb_px)]
         else:
-            spec = next(iter(_requests(rec)), {})
-            image = _image_html(base.path, spec.get("image"), thumb_px, f"marks as drawn in job {base.name}")
+            images = []
+            for j, lookup in zip(jobs, by_job):
+                own = lookup.get(rid)
+                if own is not None:
+                    images += _request_figures(j, own, thumb_px, f"job {j.name}: {job_label(j, varying)}")
         key = _references_key(base)
-        header = ["region"] + [job_label(j, varying) for j in jobs] + ["reference"]
-        rows, has_refs = [], False
+        rows = []
         for reg in _regions(rec):
-            label = (f'<span class="num rid">{e(reg.get("id"))}</span>' if crop else
-                     f'{_swatch(reg.get("number"), _palette(base), _proposed(reg) is not None)}'
-                     f'<span class="why">id {e(reg.get("id"))}</span>')
-            cells = [label]
+            cells = []
             for j, lookup in zip(jobs, by_job):
                 other = lookup.get(rid)
                 match = next((r for r in _regions(other or {}) if r.get("id") == reg.get("id")), None)
-                cells.append(_caption_cell(match, j.stage) if match else '<span class="why">–</span>')
-            refs = _references(rec, reg, key)
-            has_refs = has_refs or bool(refs)
-            cells.append(_refs_html(refs))
-            rows.append(cells)
-        if not has_refs:
-            header = header[:-1]
-            rows = [r[:-1] for r in rows]
-        layout = "wide" if len(jobs) <= 2 else "stack"  # many jobs: the table gets the page's width
-        blocks.append(f'<div class="sample {layout}"><div class="imgs">{image}</div><div class="caps">'
-                      f'<div class="meta"><span class="rowid">{e(rid)}</span> <code class="path">'
-                      f'{e(rec.get("image"))}</code></div><div class="scroll">{_table(header, rows, "regions side")}'
-                      "</div></div></div>")
-    return ("<section><h2>Captions side by side</h2><p class=\"note\">the same rows in every job; regions by id "
-            "(the row's kept boxes in input order; mark numbers restart on each chunk image); "
-            '<span class="mk right">✓</span> an exact match of a reference, <span class="mk wrong">✗</span> not.</p>'
-            + "".join(blocks) + "</section>")
+                if match is None:
+                    cells.append(None)
+                    continue
+                # The job's own mark where it numbered the region otherwise (another max_boxes, other chunks).
+                own = None if crop or match.get("number") == reg.get("number") else _swatch(
+                    match.get("number"), _palette(j), _proposed(match) is not None)
+                cells.append({"swatch": own, "caption": _caption_cell(match, j.stage)})
+            rows.append({"id": reg.get("id"), "crop": crop,
+                         "swatch": _swatch(reg.get("number"), _palette(base), _proposed(reg) is not None),
+                         "cells": cells, "refs": _refs_text(_references(rec, reg, key))})
+        blocks.append({"id": rid, "image": rec.get("image"), "images": images, "per_job": not crop,
+                       "layout": "wide" if len(jobs) <= 2 else "stack",  # many jobs: the table gets the page's width
+                       "jobs": [job_label(j, varying) for j in jobs], "has_refs": any(r["refs"] for r in rows),
+                       "rows": rows})
+    return blocks
 
 
 def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DEFAULT_THUMB_PX,
@@ -1410,53 +1431,40 @@ def render_sweep(sweep_dir: Path, jobs: Sequence[RunData], *, thumb_px: int = DE
             if idents and idents[0].get(k) and all(i.get(k) == idents[0][k] for i in idents)}
     swept = ", ".join(varying)
     title = f"regioncap sweep: {swept or sweep_dir.name}" + (f" · {_identity_text(same)}" if same else "")
-    names = "".join(f'<span class="id"><span class="k">{k}</span> <b>{e(v)}</b></span>' for k, v in same.items())
-    body = [f'<header class="top"><div class="kicker">regioncap sweep report · <b>{e(sweep_dir.name)}</b></div>'
-            f'<h1><span class="id"><span class="k">swept</span> <b>{e(swept or "–")}</b></span>{names}</h1>'
-            f'<p class="path"><code>{e(sweep_dir)}</code></p>']
     kms = [key_metrics(j) for j in jobs]
-    cards = [_card(str(len(jobs)), "jobs"), _card(str(sum(1 for j in jobs if j.records_file is None)), "failed")]
-    best = _best(kms, metric)
-    if best is not None:
+    # A job stopped by max_error_rate wrote its records: it failed all the same.
+    failed = sum(1 for j in jobs if _job_status(j) in FAILED_STATUSES)
+    cards = [_card(str(len(jobs)), "jobs"), _card(str(failed), "failed")]
+    paired = paired_comparison(jobs, kms, metric)
+    best = paired["best"]
+    if best is not None and paired["separated"] is False:
+        cards.insert(0, _card(_fmt_metric(metric, kms[best][metric]),
+                              f"no job is better than the others at 95% ({PLOT_METRICS[metric]}; highest: job "
+                              f"{jobs[best].name}, {job_label(jobs[best], varying)})", "big"))
+    elif best is not None:
         cards.insert(0, _card(_fmt_metric(metric, kms[best][metric]),
                               f"best {PLOT_METRICS[metric]}: job {jobs[best].name} ({job_label(jobs[best], varying)})",
                               "big"))
-    body.append(f'<div class="cards">{"".join(cards)}</div></header>')
-    if problems:
-        body.append('<div class="warn">' + "<br>".join(e(p) for p in problems) + "</div>")
     info = []
     if isinstance(task, list):
-        info.append(("sweep overrides", "<code>" + e(" ".join(str(t) for t in task)) + "</code>"))
+        info.append(_kv("sweep overrides", " ".join(str(t) for t in task), code=True))
     if common:
-        info.append(("common overrides", "<code>" + e(" ".join(f"{k}={v}" for k, v in common.items())) + "</code>"))
-    body.append('<section><h2>Jobs</h2>' + (_kv_table(info) if info else "")
-                + '<div class="scroll">' + _comparison_table(jobs, varying, metric) + "</div></section>")
-    plots = sweep_plots(jobs, varying, metric)
-    if plots:
-        figs = "".join(f'<figure class="plot"><img src="{uri}" alt="{e(t)}"><figcaption>{e(t)}</figcaption></figure>'
-                       for t, uri in plots)
-        body.append(f'<section><h2>{e(PLOT_METRICS[metric])} across the sweep</h2><p class="note">the metric is '
-                    f'<code>--metric {e(metric)}</code> of <code>python -m regioncap.report</code>.</p>{figs}</section>')
-    body.append(_side_by_side(jobs, varying, thumb_px))
+        info.append(_kv("common overrides", " ".join(f"{k}={v}" for k, v in common.items()), code=True))
     details = []
     for job in jobs:
-        inner = [_problems(job)]
-        if job.failure:
-            inner.append(f'<div class="warn">failed: {e(job.failure)}</div>')
-        if job.overrides:
-            inner.append(_pre("\n".join(job.overrides)))
-        if job.records_file is not None or job.metrics:
-            inner.append(_metrics_section(job))
-        if job.records_file is not None:
-            inner.append(_errors_section(job))
-        if job.manifest:
-            inner.append(f"<details><summary>manifest</summary>{_pre(_yaml_text(job.manifest))}</details>")
-        elif job.config is not None:
-            inner.append(f"<details><summary>config</summary>{_pre(_yaml_text(job.config))}</details>")
-        details.append(f'<details class="job"><summary>job {e(job.name)}: {e(job_label(job, varying))} '
-                       f'{_badge(_job_status(job))}</summary>{"".join(inner)}</details>')
-    body.append("<section><h2>Each job</h2>" + "".join(details) + "</section>")
-    return _head(title) + "".join(body) + "</body></html>\n"
+        has_records = job.records_file is not None
+        details.append({
+            "name": job.name, "label": job_label(job, varying), "badge": _badge(_job_status(job)),
+            "problems": job.problems, "failure": _job_failure(job), "overrides": "\n".join(job.overrides),
+            "metrics": _metrics_section(job) if has_records or job.metrics else None,
+            "errors": _errors_section(job) if has_records else None,
+            "manifest": _yaml_text(job.manifest) if job.manifest else None,
+            "config": _yaml_text(job.config) if not job.manifest and job.config is not None else None})
+    return _render("sweep.html.j2", title=title, sweep=sweep_dir.name, path=str(sweep_dir), swept=swept,
+                   names=list(same.items()), cards=cards, problems=problems, info=info,
+                   compare=_comparison_table(jobs, varying, metric, paired), metric=metric, metric_label=PLOT_METRICS[metric],
+                   plots=sweep_plots(jobs, varying, metric), side=_side_by_side(jobs, varying, thumb_px),
+                   jobs=details)
 
 
 # ---------------------------------------------------------------- entry points
@@ -1464,8 +1472,9 @@ def write_report(run_dir: Path, out: Optional[Path] = None, *, max_rows: int = D
                  thumb_px: int = DEFAULT_THUMB_PX, metric: Optional[str] = None) -> Path:
     """Write the HTML report of a run dir or a multirun dir; return its path (default ``run_dir/report.html``).
 
-    ``metric``: what a sweep's plots show (a :data:`PLOT_METRICS` name or a metrics.json path such
-    as ``references.exact_match``; default exact match where the jobs have references, else regions/s).
+    ``metric``: what a sweep's plots show (a metrics.json path of :data:`PLOT_METRICS` such as
+    ``references.exact_match``, or its last part; default exact match where the jobs have references,
+    else regions/s).
 
     Raises :class:`ReportError` when ``run_dir`` is neither, or ``metric`` is not a metric the report
     plots; a failed or partial run is reported, not raised.
@@ -1508,7 +1517,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="longest side of embedded thumbnails in px (default %(default)s)")
     parser.add_argument("--metric", default=None,
                         help="the metric a sweep's plots show: " + ", ".join(PLOT_METRICS)
-                        + " (metrics.json paths such as references.exact_match work too; default exact_match "
+                        + " (or the last part of one, such as exact_match; default references.exact_match "
                         "where the jobs have references, else regions_per_s)")
     args = parser.parse_args(argv)
     try:
@@ -1519,106 +1528,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(out)
     return 0
-
-
-CSS = """
-:root{--fg:#1d1f23;--mute:#6b7280;--line:#e3e5e8;--bg:#fff;--soft:#f6f7f9;--accent:#4363d8;--bad:#b42318;--warn:#b54708}
-*{box-sizing:border-box}
-body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:var(--fg);background:var(--bg);
-max-width:1280px;margin:0 auto;padding:20px 28px 60px}
-h1{font-size:22px;margin:0 0 2px}h2{font-size:17px;margin:28px 0 10px;display:inline-block}h3{font-size:13px;margin:10px 0 6px;color:var(--mute);
-text-transform:uppercase;letter-spacing:.04em}
-header{border-bottom:1px solid var(--line);padding-bottom:10px;margin-bottom:14px}
-code,pre{font:12px/1.4 ui-monospace,SFMono-Regular,Menlo,"DejaVu Sans Mono",monospace}
-pre{background:var(--soft);border:1px solid var(--line);border-radius:6px;padding:10px;overflow:auto;max-height:480px;white-space:pre-wrap;word-break:break-word}
-.path{color:var(--mute);margin:0;word-break:break-all}
-section{margin-top:8px}
-details>summary{cursor:pointer}
-details.section>summary{list-style-position:outside}
-details.section>summary h2{margin-top:20px}
-details details{margin:6px 0}
-table{border-collapse:collapse;margin:4px 0 10px;font-size:13px}
-th,td{border-bottom:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top}
-thead th{background:var(--soft);font-weight:600;white-space:nowrap}
-table.kv th{font-weight:500;color:var(--mute);white-space:nowrap}
-table.kv td{font-variant-numeric:tabular-nums;word-break:break-word}
-table.compare td{font-variant-numeric:tabular-nums}
-.tables{display:flex;flex-wrap:wrap;gap:8px 28px}
-.manifest table.kv td{max-width:420px;word-break:break-all}
-.cards{display:flex;flex-wrap:wrap;gap:10px;margin:6px 0 4px}
-.card{border:1px solid var(--line);border-radius:8px;padding:8px 14px;min-width:110px;background:var(--soft)}
-.card .v{font-size:20px;font-weight:600;font-variant-numeric:tabular-nums}.card .k{font-size:12px;color:var(--mute)}
-.note,.why{color:var(--mute);font-size:12px}
-.why{margin-left:4px}
-.ok{color:#067647}
-.warn{background:#fffaeb;border:1px solid #fedf89;color:var(--warn);border-radius:6px;padding:8px 12px;margin:8px 0;word-break:break-word}
-.sample{display:grid;grid-template-columns:minmax(0,320px) minmax(0,1fr);gap:16px;border-top:1px solid var(--line);padding:14px 0}
-.imgs{display:flex;flex-direction:column;gap:8px}
-figure{margin:0}
-figure img{max-width:100%;height:auto;display:block;border-radius:4px;border:1px solid var(--line)}
-.imgs figure img{width:100%}
-figcaption{font-size:11px;color:var(--mute)}
-.noimg{border:1px dashed var(--line);border-radius:4px;padding:24px 10px;text-align:center;color:var(--mute);font-size:12px;word-break:break-all}
-.meta{display:flex;flex-wrap:wrap;gap:6px;align-items:center;margin-bottom:4px}
-.rowid{font-weight:600}
-.path,code.path{word-break:break-all}
-table.regions{width:100%}
-table.regions td:first-child{width:1%;white-space:nowrap}
-.num{display:inline-block;min-width:22px;padding:1px 6px;border-radius:4px;background:#888;color:#fff;font-weight:700;text-align:center;
-text-shadow:0 0 2px #000,0 0 1px #000}
-.cap{white-space:pre-wrap;word-break:break-word}
-.missing{display:inline-block;background:#fef3f2;color:var(--bad);border:1px solid #fecdca;border-radius:4px;padding:0 6px;font-weight:600;font-size:12px}
-.ref{color:#344054;font-style:italic;white-space:pre-wrap}
-.tag{font-size:11px;background:#eef4ff;color:#3538cd;border-radius:4px;padding:0 5px}
-.tag.flag{background:#fff4e5;color:#b54708}
-.badge{display:inline-block;border-radius:10px;padding:0 8px;font-size:12px;font-weight:600;background:#f2f4f7;color:#344054}
-.s-ok{background:#ecfdf3;color:#067647}.s-partial,.s-over_max_error_rate,.s-incomplete{background:#fffaeb;color:var(--warn)}
-.s-error,.s-failed{background:#fef3f2;color:var(--bad)}
-ul.ex{margin:0;padding-left:16px}ul.ex li{word-break:break-word}
-table.errors td:last-child{max-width:760px}
-figure.plot{margin:8px 0 18px}figure.plot img{max-width:100%;border:none}
-details.job{border-top:1px solid var(--line);padding:6px 0}
-details.job>summary{font-weight:500}
-a{color:var(--accent)}
-.scroll{overflow-x:auto;max-width:100%}
-.sample.wide{grid-template-columns:minmax(0,260px) minmax(0,1fr)}
-.sample.stack{grid-template-columns:1fr}.sample.stack .imgs{max-width:320px}
-table.side td{min-width:120px}
-table.compare{font-size:12.5px}table.compare th,table.compare td{padding:4px 6px}
-table.compare thead th{white-space:normal;min-width:58px;max-width:110px;vertical-align:bottom}
-table.compare td:first-child,table.compare th:first-child{position:sticky;left:0;z-index:1;background:var(--bg);
-box-shadow:inset -1px 0 0 var(--line);min-width:150px;max-width:300px;word-break:break-word}
-table.compare thead th:first-child{background:var(--soft)}
-table.compare .kv{font-size:12px;margin-top:2px}table.compare .kv .k{color:var(--mute)}
-table.compare .why{display:block;margin:2px 0 0;min-width:120px;max-width:220px}
-b.best{color:#067647}
-header.top{border-bottom:1px solid var(--line);padding-bottom:12px;margin-bottom:10px}
-.kicker{color:var(--mute);font-size:12px;margin-bottom:2px}
-h1 .id{display:inline-block;margin-right:18px;font-weight:400}h1 .id .k{color:var(--mute);font-size:13px;font-weight:500;
-text-transform:uppercase;letter-spacing:.04em}h1 .id b{font-weight:650}
-.card.big{background:#fff;border-color:#c7d7fe;min-width:170px}.card.big .v{font-size:28px;color:#1f2a6b}
-.mk{display:inline-block;width:18px;height:18px;line-height:18px;border-radius:9px;text-align:center;font-weight:700;font-size:12px}
-.mk.right{background:#ecfdf3;color:#067647}.mk.wrong{background:var(--bad);color:#fff}
-tr.wrong td{background:#fef3f2}tr.wrong td:first-child{box-shadow:inset 3px 0 0 var(--bad)}
-.cap.bad{color:var(--bad);font-weight:600}
-.num.prop{outline:2px dashed #444;outline-offset:1px}
-.tag.prop{background:#f4f3ff;color:#5925dc;border:1px dashed #9e77ed}
-.ov{position:relative;line-height:0}.ov img{width:100%}
-svg.overlay{position:absolute;left:0;top:0;width:100%;height:100%;pointer-events:none}
-svg.overlay rect{fill:none;stroke-width:2;vector-effect:non-scaling-stroke}
-svg.overlay rect.box{stroke:#ffd400}svg.overlay rect.prop{stroke:#fff;stroke-dasharray:5 3}
-svg.overlay text{fill:#ffd400;font-weight:700;paint-order:stroke;stroke:#000;stroke-width:2px;font-family:sans-serif}
-.sample.cropmode{grid-template-columns:minmax(0,240px) minmax(0,1fr)}
-.cropgrid{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:10px;margin:6px 0}
-.crop{border:1px solid var(--line);border-radius:6px;padding:6px;background:var(--soft)}
-.crop figure img{width:100%;height:128px;object-fit:contain;background:#fff}
-.crop.wrong{border-color:var(--bad);box-shadow:inset 0 0 0 1px var(--bad);background:#fef3f2}
-.crop.prop{border-style:dashed;border-color:#5925dc}
-.crop .cc{margin-top:5px;font-size:13px;line-height:1.35}
-.crop .crref{font-size:12px;color:var(--mute);margin-top:2px}
-.num.rid{background:#344054}
-@media (max-width:800px){.sample{grid-template-columns:1fr}}
-"""
 
 
 if __name__ == "__main__":

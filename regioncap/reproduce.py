@@ -5,12 +5,13 @@
 ``RUN_DIR`` is a run dir, or one job dir of a multirun sweep (``SWEEP/3``):
 anything with a ``.hydra/overrides.yaml``. The tool
 
-1. reads the run's overrides (``.hydra/overrides.yaml``), its launch folder
-   (``.hydra/hydra.yaml``) and, when present, its ``manifest.json``;
+1. reads the run's overrides (``.hydra/overrides.yaml``), its launch folder,
+   ``--config-dir`` and ``--config-name`` (``.hydra/hydra.yaml``) and, when
+   present, its ``manifest.json``;
 2. checks that the input data still has the fingerprint the manifest recorded,
    and refuses to go on when it does not (``--force`` goes on anyway);
 3. runs ``python -m regioncap`` in a subprocess, from the same folder, with the
-   same overrides (the seed is part of them or of the config), any extra
+   same ``--config-dir`` / ``--config-name`` and overrides (the seed is part of them or of the config), any extra
    overrides given here, and ``hydra.run.dir=OUT`` (default
    ``RUN_DIR-reproduced-<timestamp>``);
 4. compares ``captions.jsonl`` of both runs region by region and says whether
@@ -65,6 +66,19 @@ class RunDirInfo:
     #: The folder the run was started from (relative paths in the overrides resolve against it).
     cwd: Optional[str]
     manifest: Optional[Dict[str, Any]]
+    #: ``--config-dir`` the run was given (absolute, as Hydra records it), else None.
+    config_dir: Optional[str] = None
+    #: ``--config-name`` when not the default ``config``, else None.
+    config_name: Optional[str] = None
+
+    def flags(self) -> List[str]:
+        """The command-line flags (``--config-dir``, ``--config-name``) the run was started with."""
+        out: List[str] = []
+        if self.config_dir:
+            out += ["--config-dir", self.config_dir]
+        if self.config_name:
+            out += ["--config-name", self.config_name]
+        return out
 
 
 def _load_yaml(path: Path) -> Any:
@@ -90,13 +104,21 @@ def read_run_dir(run_dir: Path) -> RunDirInfo:
     overrides = _load_yaml(overrides_file) or []
     if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
         raise ReproduceError(f"{overrides_file} is not a list of overrides")
-    cwd = None
+    cwd = config_dir = config_name = None
     hydra_file = run_dir / ".hydra" / "hydra.yaml"
     if hydra_file.is_file():
         try:
-            cwd = ((_load_yaml(hydra_file) or {}).get("hydra") or {}).get("runtime", {}).get("cwd")
-        except Exception:  # an unreadable hydra.yaml only costs the launch folder
-            cwd = None
+            hydra = (_load_yaml(hydra_file) or {}).get("hydra") or {}
+            runtime = hydra.get("runtime") or {}
+            cwd = runtime.get("cwd")
+            # Hydra records --config-dir as a config source of the command line.
+            config_dir = next((s.get("path") for s in runtime.get("config_sources") or []
+                               if isinstance(s, dict) and s.get("provider") == "command-line" and s.get("path")),
+                              None)
+            name = (hydra.get("job") or {}).get("config_name")
+            config_name = name if isinstance(name, str) and name != "config" else None
+        except Exception:  # an unreadable hydra.yaml only costs the launch folder and the config dir
+            cwd = config_dir = config_name = None
     try:
         manifest = read_manifest(run_dir)
     except (OSError, ValueError) as exc:
@@ -104,7 +126,8 @@ def read_run_dir(run_dir: Path) -> RunDirInfo:
                              f"without the data check") from None
     if manifest and manifest.get("cwd"):
         cwd = manifest["cwd"]
-    return RunDirInfo(run_dir=run_dir, overrides=list(overrides), cwd=cwd, manifest=manifest)
+    return RunDirInfo(run_dir=run_dir, overrides=list(overrides), cwd=cwd, manifest=manifest,
+                      config_dir=config_dir, config_name=config_name)
 
 
 def _override_key(override: str) -> str:
@@ -321,6 +344,10 @@ def reproduce(run_dir: Path, *, out: Optional[Path] = None, force: bool = False,
     if out.exists() and any(out.iterdir()):
         raise ReproduceError(f"output dir {out} exists and is not empty; pick another --out")
     cwd = info.cwd if info.cwd and Path(info.cwd).is_dir() else os.getcwd()
+    if info.config_dir and not Path(info.config_dir).is_dir():
+        raise ReproduceError(f"the run was started with --config-dir {info.config_dir}, which is gone; "
+                             f"restore it to reproduce the run")
+    flags = info.flags()
     args = replay_overrides(info.overrides, extra, out)
     masked = [a for a in args if a.partition("=")[2] == REDACTED]
     if masked:
@@ -337,7 +364,7 @@ def reproduce(run_dir: Path, *, out: Optional[Path] = None, force: bool = False,
              f"({recorded.get('method')}): it cannot be checked")
     else:
         # The data section the new run will read (extra overrides included), composed as the run composes it.
-        data_cfg = _absolute_data_path(composed_data_config(args[:-1], cwd, python), cwd)
+        data_cfg = _absolute_data_path(composed_data_config([*flags, *args[:-1]], cwd, python), cwd)
         problem = check_data(recorded, data_cfg)
         if problem and not force:
             raise ReproduceError(f"{problem}. Restore the data the run read, or pass --force to run anyway.")
@@ -346,7 +373,7 @@ def reproduce(run_dir: Path, *, out: Optional[Path] = None, force: bool = False,
         else:
             _say(f"input data unchanged: {recorded.get('path')} ({recorded.get('method')})")
 
-    cmd = [python, "-m", "regioncap", *args]
+    cmd = [python, "-m", "regioncap", *flags, *args]
     _say(f"running in {cwd}: {' '.join(redact_override(a) for a in cmd)}")
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=cwd, env=_regioncap_env())

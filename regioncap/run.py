@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import time
+from dataclasses import replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
@@ -225,39 +226,53 @@ class RegionCapRun:
 
     # -------------------------------------------------------------- metrics
     def metrics(self) -> Dict[str, Any]:
-        """Counts, cost, answer shape and reference scores of what this run wrote
-        (``regioncap.metrics.compute_metrics`` over the final records file)."""
-        from regioncap.metrics import compute_metrics
-
+        """Counts, cost, answer shape and reference scores of what this run wrote (:func:`run_metrics`)."""
         stages = {name: {"rows": st.rows, "seconds": st.seconds, "errors": dict(st.errors), "pid": st.pid,
                          **st.timing()} for name, st in self.stats.items()}
         final = self.rundir.captions_file if "caption" in self.stats else self.rundir.visualize_file
         records = read_jsonl(final) if final.exists() else iter(())
-        model = self.cfg.model
-        wall = self.pipeline.get("seconds")
-        scorers = self.cfg.get("metrics") or {}
-        metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
-                                  merge_size=int(model.merge_size), references_key=self.cfg.data.references_key,
-                                  meteor=bool(scorers.get("meteor", False)),
-                                  meteor_timeout_s=float(scorers.get("meteor_timeout_s", 300.0)), wall_s=wall)
-        from regioncap.random_weights import describe as weights
-
-        metrics.update(weights(model))
-        if self.pipeline:
-            # End to end: every image and region of the run over the run's wall time (both stages).
-            done = metrics["regions_captioned"] if "caption" in self.stats else metrics["regions"]
-            metrics["pipeline"] = {
-                **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in self.pipeline.items()},
-                "images_per_s": round(metrics["images"] / wall, 3) if wall else None,
-                "regions_per_s": round(done / wall, 3) if wall else None,
-            }
-        return metrics
+        return run_metrics(self.cfg, records, stages, self.pipeline)
 
     def summary(self, metrics: Dict[str, Any]) -> str:
         """A one-screen summary for the end of a run."""
         from regioncap.metrics import format_summary
 
         return format_summary(metrics, max_error_rate=float(self.cfg.max_error_rate), out_dir=str(self.out))
+
+
+def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, Dict[str, Any]],
+                pipeline: Dict[str, Any]) -> Dict[str, Any]:
+    """``metrics.json`` of a run: ``regioncap.metrics.compute_metrics`` over its final records with the
+    run's scoring settings (``model.patch_size``/``merge_size``, ``data.references_key``, ``metrics.*``,
+    ``seed`` for the bootstrap intervals), the model's weights kind, and the ``pipeline`` figures when
+    the run says how its stages ran.
+
+    ``stages``: ``{name: {rows, seconds, errors, ...}}`` as the stages counted them (``caption``
+    among them when the records are caption records); ``pipeline``: ``{overlap, workers, seconds,
+    reason}`` or empty. The one recipe for a run's and a merge's (``regioncap.merge``) metrics.json.
+    """
+    from regioncap.metrics import compute_metrics
+    from regioncap.random_weights import describe as weights
+
+    model = cfg.model
+    wall = pipeline.get("seconds")
+    scorers = cfg.get("metrics") or {}
+    metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
+                              merge_size=int(model.merge_size), references_key=cfg.data.references_key,
+                              meteor=bool(scorers.get("meteor", False)),
+                              meteor_timeout_s=float(scorers.get("meteor_timeout_s", 300.0)), wall_s=wall,
+                              bootstrap_resamples=int(scorers.get("bootstrap_resamples", 1000)), seed=int(cfg.seed),
+                              densecap=bool(scorers.get("densecap", False)))
+    metrics.update(weights(model))
+    if pipeline:
+        # End to end: every image and region of the run over the run's wall time (both stages).
+        done = metrics["regions_captioned"] if "caption" in stages else metrics["regions"]
+        metrics["pipeline"] = {
+            **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in pipeline.items()},
+            "images_per_s": round(metrics["images"] / wall, 3) if wall else None,
+            "regions_per_s": round(done / wall, 3) if wall else None,
+        }
+    return metrics
 
 
 def pick_executor(cfg: Any, *, multirun: bool = False) -> str:
@@ -329,6 +344,12 @@ def check_data(cfg: Any, rows: int = 20) -> None:
     seen = [({**r.extra, key: r.bbox} if r.bbox is not None else dict(r.extra)) for r in first if not r.error]
     propose = cfg.get("propose")
     problem = check_box_key(seen, key, str(propose.method) if propose is not None else "none")
+    if problem is not None and problem.fatal and not problem.candidates:
+        # The first rows may simply have no boxes: without another field that looks like boxes the
+        # key is wrong for the file only when no row of it has the field (read on to the first that does).
+        if any(r.bbox is not None for r in itertools.islice(iter_rows(cfg.data), rows, None)):
+            return
+        problem = replace(problem, message=f"{problem.message} No later row has a {key!r} field either.")
     if problem is not None:
         if problem.fatal:
             raise RunError(problem.message)
@@ -374,5 +395,5 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
     return run
 
 
-__all__ = ["RegionCapRun", "RunError", "Interrupted", "build_run", "pick_executor", "seed_everything",
+__all__ = ["RegionCapRun", "RunError", "run_metrics", "Interrupted", "build_run", "pick_executor", "seed_everything",
            "stop_on_signals", "stop_requested", "run_key_values", "run_key_hash", "key_changes"]

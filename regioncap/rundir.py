@@ -16,6 +16,8 @@ import json
 import logging
 import re
 import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -57,6 +59,19 @@ def shell_word(text: str) -> str:
     return f'"{text}"'
 
 
+def regioncap_command() -> str:
+    """``regioncap`` as this process was started, to paste into a shell: the ``regioncap``
+    command (by name where it is the one on PATH, else by its path), else the interpreter
+    that runs this process with ``-m regioncap``, so a hint works without an activated venv."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if argv0 and Path(argv0).name == "regioncap":
+        on_path = shutil.which("regioncap")
+        if on_path and Path(on_path).resolve() == Path(argv0).resolve():
+            return "regioncap"
+        return shell_word(str(Path(argv0).resolve()))
+    return f"{shell_word(sys.executable or 'python')} -m regioncap"
+
+
 def resume_args(path: Any) -> str:
     """``resume=true hydra.run.dir=PATH`` as typed in a shell, quoted for the shell and for Hydra where ``path``
     needs it (a run dir with spaces or accents cannot be pasted back otherwise)."""
@@ -68,6 +83,11 @@ RUN_DIR_NAMES = (VISUALIZE_FILE, CAPTIONS_FILE, METRICS_FILE, RUN_KEY_FILE, MANI
                  LOCK_FILE, IMAGES_DIR, HYDRA_DIR, "merge.json")
 #: Any of these in a folder makes it a run dir (or a merged one).
 _RUN_DIR_MARKS = (RUN_KEY_FILE, MANIFEST_FILE, VISUALIZE_FILE, CAPTIONS_FILE, "merge.json")
+
+
+def holds_run(path: Path) -> bool:
+    """True when the folder ``path`` holds a run's (or a merge's) files."""
+    return any((Path(path) / m).is_file() for m in _RUN_DIR_MARKS)
 
 
 def run_file_at(path: Path, *, allow: Tuple[str, ...] = ()) -> Optional[Path]:
@@ -262,7 +282,7 @@ class RunDir:
         if not cfg.resume:
             if cfg.retry_errors or cfg.resume_force:
                 raise RunError("retry_errors=true and resume_force=true go with resume=true "
-                               f"(python -m regioncap {resume_args(self.path)} ...)")
+                               f"({regioncap_command()} {resume_args(self.path)} ...)")
             if existing:
                 raise RunError(
                     f"{self.path} already holds {' and '.join(existing)} from an earlier run; regioncap does not "

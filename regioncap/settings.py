@@ -79,6 +79,7 @@ RULES: List[Tuple[str, Tuple[Callable[[Any], bool], str]]] = [
     ("propose.add_iou", real(0, 1)),
     ("propose.max_regions", optional(whole(1))),
     ("propose.max_tokens", whole(1)),
+    ("propose.max_items", whole(1)),
     ("sampling.temperature", real(0)),
     ("sampling.top_p", real(0, 1, above=True)),
     ("sampling.max_tokens", whole(1)),

@@ -1,8 +1,9 @@
 """Prompt strategies: how regions are put to the model, one class each, resolved by name.
 
 A strategy turns one row's regions into request specs (the images to send and
-their prompt text) and, when an answer leaves regions out, into the text of the
-one follow-up request. ``prompt.strategy`` names it; :data:`STRATEGIES` maps
+their prompt text) and, when an answer leaves regions out or captions them with
+answer-format debris (:func:`regioncap.prompts.caption_debris`), into the text
+of the one follow-up request. ``prompt.strategy`` names it; :data:`STRATEGIES` maps
 the name to the class. A new strategy is one class here (or in a module of its
 own, registered in :data:`STRATEGIES`) plus one ``conf/prompt/NAME.yaml``.
 
@@ -37,7 +38,7 @@ class PromptStrategy:
     """Base class: the request specs of a row and the prompt text of a request."""
 
     name: ClassVar[str] = ""
-    #: A request for regions an answer left out (one per request, at most once).
+    #: A request for regions an answer left out or captioned with debris (one per request, at most once).
     reasks: ClassVar[bool] = True
     #: Each request image is a crop of one region (the report and W&B show it without a box).
     one_region_per_image: ClassVar[bool] = False
@@ -86,7 +87,8 @@ class PromptStrategy:
         return [str(self.cfg.draw.label_format).format(n=n) for n in numbers]
 
     def reask_prompt(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> str:
-        """The text of the follow-up request for the regions ``missing`` from ``spec``'s answer."""
+        """The text of the follow-up request for the regions ``missing`` from ``spec``'s answer
+        (left out, or captioned with answer-format debris)."""
         return str(self.prompt.reask_template).format(
             labels=prompts.join_words(self.labels(missing)),
             format_instruction=prompts.format_instruction(str(self.prompt.answer_format), missing))
@@ -136,7 +138,7 @@ class CoordsStrategy(PromptStrategy):
         return prompts.regions_text([r["number"] for r in regions], coords, family)
 
     def reask_prompt(self, rec, spec, missing):  # noqa: ANN001,ANN201 - see base
-        # The regions are in the text, not on the image: ask the first prompt again for the missing ones.
+        # The regions are in the text, not on the image: ask the first prompt again for the ones to re-ask.
         regions = [r for r in rec["regions"] if r["id"] in spec["region_ids"] and r["number"] in missing]
         return self.prompt_text(self.prompt.template, regions, tuple(spec["image_size"]))
 

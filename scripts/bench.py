@@ -61,7 +61,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -699,9 +699,76 @@ def bench_steady(rows: int, repeat: int, work: Path, code: Path | None = None) -
     return out
 
 
+def caption_corpus(n: int, seed: int = 0) -> List[str]:
+    """``n`` COCO-like captions (capitals, periods, commas, possessives, numbers, a few
+    brackets and quotes), nearly all distinct, for the tokenizer benchmark."""
+    import random
+
+    rnd = random.Random(seed)
+    subjects = ["A man", "A woman", "Two dogs", "A child", "The cat", "A group of people", "An old bus", "A giraffe",
+                "Three kids", "A player"]
+    verbs = ["riding", "holding", "standing next to", "looking at", "eating", "sitting on", "playing with",
+             "walking by"]
+    things = ["a horse", "a red umbrella", "the woman's bike", "a 3.5-inch screen", "a sign that says \"STOP\"",
+              "a plate of food", "a black-and-white cat", "a surfboard (blue)", "10 apples", "the U.S. flag",
+              "a $5 bill", "a hot-dog", "the kids' toys"]
+    places = ["on the beach", "in a park", "at 10:30", "near the street", "in the kitchen", "on a sunny day", ""]
+    out = []
+    for i in range(n):
+        text = f"{rnd.choice(subjects)} {rnd.choice(verbs)} {rnd.choice(things)} {rnd.choice(places)}".strip()
+        if rnd.random() < 0.5:
+            text += f", {rnd.choice(verbs)} {rnd.choice(things)}"
+        out.append(text + rnd.choice([".", "", " .", "!"]) + ("" if i % 3 else f" #{i}"))
+    return out
+
+
+def bench_ptb(n: int, repeat: int) -> Dict[str, object]:
+    """The COCO toolkit's PTB tokenization: its Java tokenizer (one call on a batch, as
+    COCOEvalCap runs it) against regioncap.ptb, on the same captions; CPU and wall seconds."""
+    import resource
+    import subprocess
+
+    from regioncap.ptb import _tokenize_cached, java_tokenize, ptb_tokenize_batch
+
+    captions = caption_corpus(n)
+
+    def java(texts: List[str]) -> Tuple[float, float]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        out = java_tokenize(texts, isolate=False)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        java.out = out  # type: ignore[attr-defined]
+        return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+    def python(texts: List[str], cold: bool) -> Tuple[float, float]:
+        if cold:
+            _tokenize_cached.cache_clear()
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = ptb_tokenize_batch(texts)
+        python.out = out  # type: ignore[attr-defined]
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    rows: Dict[str, List[Tuple[float, float]]] = {"java_1": [], "java_n": [], "python_cold": [], "python_warm": []}
+    for _ in range(repeat):  # interleaved round by round
+        rows["java_1"].append(java(captions[:1]))
+        rows["java_n"].append(java(captions))
+        rows["python_cold"].append(python(captions, cold=True))
+        rows["python_warm"].append(python(captions, cold=False))
+    same = java.out == python.out  # type: ignore[attr-defined]
+    imp = subprocess.run([sys.executable, "-c", "import time; t = time.process_time(); import regioncap.ptb; "
+                          "print(time.process_time() - t)"], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in rows.items()}
+    return {"captions": n, "repeat": repeat, "distinct": len(set(captions)), "same_output": same,
+            "import_cpu_s": round(float(imp.stdout), 3),
+            **{f"{k}_wall_s": round(w, 3) for k, (w, _) in med.items()},
+            **{f"{k}_cpu_s": round(c, 3) for k, (_, c) in med.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["visualize", "caption", "memory", "overlap", "anchor", "steady", "all"])
+    parser.add_argument("what", choices=["visualize", "caption", "memory", "overlap", "anchor", "ptb", "steady", "all"])
     parser.add_argument("--code", type=Path, default=None, help="steady: run the regioncap package of this checkout")
     parser.add_argument("--images", type=int, default=12, help="camera-like JPEGs of the anchor section")
     parser.add_argument("--rows", type=int, default=None)
@@ -709,6 +776,7 @@ def main() -> None:
     parser.add_argument("--memory-rows", type=int, default=200, help="rows of the 1x memory run (10x: ten times)")
     parser.add_argument("--models", default="qwen25vl_3b,tiny", help="model budgets of the visualize section")
     parser.add_argument("--overlap-rows", type=int, default=60, help="rows of the overlap benchmark")
+    parser.add_argument("--captions", type=int, default=20000, help="captions of the ptb (tokenizer) benchmark")
     parser.add_argument("--note", default="", help="a line on the machine's load, written under the header")
     parser.add_argument("--write", type=Path, default=None, help="write the results as Markdown here")
     args = parser.parse_args()
@@ -732,6 +800,9 @@ def main() -> None:
         if args.what == "steady":  # not in "all": minutes of whole runs, and it writes no Markdown section
             results["steady"] = bench_steady(args.rows or 40, args.repeat, work, args.code)
             print(json.dumps({k: v for k, v in results["steady"].items() if k != "runs"}, indent=2))
+        if args.what in ("ptb", "all"):
+            results["ptb"] = bench_ptb(args.captions, args.repeat)
+            print(json.dumps(results["ptb"], indent=2))
         if args.what in ("overlap", "all"):
             results["overlap"] = bench_overlap(args.overlap_rows, args.repeat, work)
             print(json.dumps(results["overlap"], indent=2))

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -16,6 +17,7 @@ from conftest import REPO, compose, run_cli
 from regioncap.data import DataError, iter_rows
 from regioncap.job import execute
 from regioncap.merge import MergeRefused, merge
+from regioncap.metricspec import SPEC
 from regioncap.records import read_jsonl
 from regioncap.run import run_key_values
 from test_pipeline import make_image, write_rows
@@ -32,9 +34,11 @@ def rows7(tmp_path: Path) -> Path:
     return write_rows(tmp_path / "rows.jsonl", rows)
 
 
-def run_shard(tmp_path: Path, data: Path, name: str, overrides=()) -> Path:
+def run_shard(tmp_path: Path, data: Optional[Path], name: str, overrides=()) -> Path:
+    """A run of the fake engine over ``data`` (a JSONL file; None: data=shapes) in ``tmp_path/name``."""
     out = tmp_path / name
-    cfg = compose(["engine=fake", "progress=false", "data=jsonl", f"data.path={data}", *overrides], output_dir=out)
+    given = ["data=jsonl", f"data.path={data}"] if data is not None else ["data=shapes", "model=shapes"]
+    cfg = compose(["engine=fake", "progress=false", *given, *overrides], output_dir=out)
     execute(cfg)
     return out
 
@@ -99,11 +103,11 @@ def test_three_shards_merge_to_the_unsharded_run(tmp_path, rows7):
     expected = list(read_jsonl(whole / "captions.jsonl"))
     assert [comparable(r) for r in merged] == [comparable(r) for r in expected]
     assert merged[2]["id"] == "two" and merged[2]["regions"][0]["caption"].startswith("fake caption of region 1")
-    # Image paths still point into each record's own shard dir.
+    # Image paths point into the merged dir, which holds the shards' images.
     for rec in merged:
-        assert Path(rec["image_with_bbox"]).is_file()
-        assert Path(rec["result_file"]) == shards[rec["index"] % 3]
-        assert all((Path(rec["result_file"]) / q["image"]).is_file() for q in rec["requests"])
+        assert Path(rec["result_file"]) == (tmp_path / "merged").absolute()
+        assert Path(rec["image_with_bbox"]) == Path(rec["result_file"]) / rec["requests"][0]["image"]
+        assert all((tmp_path / "merged" / q["image"]).is_file() for q in rec["requests"])
     written = json.loads((tmp_path / "merged" / "merge.json").read_text())
     assert written["missing"] == [] and written["duplicates"] == [] and len(written["shards"]) == 3
     # The visualize stage merges the same way.
@@ -130,6 +134,9 @@ def test_merge_refuses_duplicated_missing_and_mismatched_shards(tmp_path, rows7)
     with pytest.raises(MergeRefused, match=r"max_boxes: 10 -> 2"):
         merge(tmp_path / "mixed", [shards[0], other, shards[2]])
     assert merge(tmp_path / "forced", [shards[0], other, shards[2]], force=True)["rows"] == 7
+    man = json.loads((tmp_path / "forced" / "manifest.json").read_text())
+    assert man["shards"][1]["config_changes"] == ["max_boxes: 10 -> 2"] and man["shards"][2]["config_changes"] == []
+    assert any("max_boxes: 10 -> 2" in d for d in man["config_differences"])
 
 
 def test_unsorted_shard_is_sorted_in_memory(tmp_path, rows7):
@@ -168,3 +175,193 @@ def test_hydra_multirun_fans_out_shards(tmp_path):
     assert summary["rows"] == 5 and summary["expected"] == 5
     records = list(read_jsonl(tmp_path / "merged" / "captions.jsonl"))
     assert [r["id"] for r in records] == ["astronaut", "chelsea", "coffee", "rocket", "grace_hopper"]
+    # The merged dir's overrides are the unsharded run's: the sweep's, less the sharding.
+    import yaml
+
+    overrides = yaml.safe_load((tmp_path / "merged" / ".hydra" / "overrides.yaml").read_text())
+    assert "engine=fake" in overrides and not any(o.startswith("data.") for o in overrides)
+    man = json.loads((tmp_path / "merged" / "manifest.json").read_text())
+    assert [s["overrides"] for s in man["shards"]] == [
+        yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) for job in jobs]
+    assert man["hydra"]["overrides"] == overrides and man["hydra"]["choices"]["engine"] == "fake"
+
+
+# ------------------------------------------------------------ a merged dir is a run dir
+
+#: metrics.json figures that time one process (its wall time, stage seconds and rates, the scorer's
+#: seconds, the pid): regioncap.metricspec declares them with ``aggregation="process"``. A merge sums
+#: the shards' seconds, so these differ from an unsharded run's by how fast each process went, never by
+#: what was computed. Request latencies are in the records: the merge's equal those of the merged
+#: records, but two runs (sharded or not) never measure the same. Every other key must be equal.
+PER_PROCESS_METRICS = tuple(m.path for m in SPEC if m.aggregation == "process") + (
+    "latency_s.*", "reask_latency_s.*")
+#: Only a merge has these: the sharded run as a whole.
+MERGE_ONLY_METRICS = ("shards.*",)
+
+
+def flat(node, prefix=""):
+    if isinstance(node, dict) and node:
+        return {k: v for key, value in node.items() for k, v in flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def without(metrics: dict, patterns) -> dict:
+    import fnmatch
+
+    return {k: v for k, v in flat(metrics).items() if not any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+
+
+_RUNS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def shapes_runs(tmp_path_factory):
+    """``data=shapes`` (8 rows with references) with the fake engine: the unsharded run, and the
+    shards of ``n`` and their merge (made once per ``n``)."""
+    root = tmp_path_factory.mktemp("shapes")
+
+    def runs(n: int):
+        if "whole" not in _RUNS:
+            _RUNS["whole"] = run_shard(root, None, "whole")
+        if n not in _RUNS:
+            shards = [run_shard(root, None, f"n{n}/{k}", [f"data.num_shards={n}", f"data.shard_index={k}"])
+                      for k in range(n)]
+            merged = root / f"n{n}" / "merged"
+            _RUNS[n] = (shards, merged, merge(merged, shards))
+        return (_RUNS["whole"], *_RUNS[n])
+
+    yield runs
+    _RUNS.clear()
+
+
+@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 3])
+def test_merged_metrics_equal_the_unsharded_runs(shapes_runs, n):
+    # The per-process keys are those of docs/formats.md's merge section (held here to the spec).
+    assert set(PER_PROCESS_METRICS) == {
+        "wall_s", "regions_per_s", "images_per_s", "latency_s.*", "reask_latency_s.*", "stages.*.seconds",
+        "stages.*.rows_per_s", "stages.*.images_per_s", "stages.*.regions_per_s", "stages.*.pid",
+        "pipeline.seconds", "pipeline.images_per_s", "pipeline.regions_per_s", "references.scoring_s",
+        "references.scoring_meteor_s", "densecap.meteor_s", "shards.wall_s_max", "shards.span_s",
+        "shards.regions_per_s", *(f"stages.caption.{k}" for k in (
+            "prompt_tokens_per_s", "output_tokens_per_s", "steady.seconds", "steady.rows", "steady.images",
+            "steady.regions", "steady.prompt_tokens", "steady.output_tokens", "startup.engine_load_s",
+            "startup.first_batch_s", "startup.time_to_first_caption_s", "startup.process_start_s", "startup.engines", "steady.basis"))}
+    whole, shards, merged, summary = shapes_runs(n)
+    assert summary["status"] == "ok" and summary["metrics"] == "metrics.json"
+    expected = json.loads((whole / "metrics.json").read_text())
+    got = json.loads((merged / "metrics.json").read_text())
+    assert expected["references"]["regions_scored"] > 0  # the scores are compared, not only counts
+    assert expected["references"]["intervals"]["exact_match"]["n_boot"] > 0  # and their seeded intervals
+    assert without(got, PER_PROCESS_METRICS + MERGE_ONLY_METRICS) == without(expected, PER_PROCESS_METRICS)
+    # The per-process figures are the shards' sums (process-seconds), and the rates follow from them.
+    parts = [json.loads((s / "metrics.json").read_text()) for s in shards]
+    for stage in ("visualize", "caption"):
+        seconds = sum(p["stages"][stage]["seconds"] for p in parts)
+        assert got["stages"][stage]["seconds"] == pytest.approx(seconds, abs=1e-3)
+    assert got["stages"]["visualize"]["rows_per_s"] == round(got["rows"] / got["stages"]["visualize"]["seconds"], 3)
+    # The caption stage's rates are over its steady part: the shards' steady parts summed.
+    steady = got["stages"]["caption"]["steady"]
+    assert steady["rows"] == sum(p["stages"]["caption"]["steady"]["rows"] for p in parts)
+    assert got["stages"]["caption"]["rows_per_s"] == pytest.approx(steady["rows"] / steady["seconds"], rel=0.01)
+    assert got["pipeline"]["seconds"] == pytest.approx(sum(p["pipeline"]["seconds"] for p in parts), abs=1e-3)
+    assert got["wall_s"] == got["pipeline"]["seconds"]
+    assert got["shards"]["count"] == n
+    assert got["shards"]["wall_s_max"] == max(p["wall_s"] for p in parts)
+    assert got["shards"]["span_s"] >= got["shards"]["wall_s_max"]
+
+
+def test_merged_manifest_and_config_name_the_shards(shapes_runs):
+    whole, shards, merged, _ = shapes_runs(3)
+    from regioncap.manifest import read_manifest
+
+    man = read_manifest(merged)
+    assert man["kind"] == "merge" and man["run_dir"] == str(merged.absolute())
+    assert [s["shard_index"] for s in man["shards"]] == [0, 1, 2]
+    for entry, shard in zip(man["shards"], shards):
+        own = read_manifest(shard)
+        key = json.loads((shard / "run_key.json").read_text())
+        assert entry["dir"] == str(shard.absolute()) and entry["run_key_hash"] == key["hash"]
+        assert entry["git_sha"] == own["git"]["sha"]
+        assert entry["overrides"] == (own["hydra"]["overrides"] or [])  # none under the compose API
+        assert entry["rows"] == len(list(read_jsonl(shard / "captions.jsonl")))
+        assert entry["records"]["sha256"] == own["outputs"]["captions.jsonl"]["sha256"]
+        assert (merged / entry["dir_relative"]).resolve() == shard.resolve()
+        assert entry["config_changes"] == []  # the shards' configs differ in shard_index and run dir only
+    assert man["data"] == read_manifest(shards[0])["data"]  # the same input, fingerprinted once
+    assert set(man["outputs"]) == {"captions.jsonl", "metrics.json"}
+    # The config is the unsharded run's: the report's header and export read it.
+    import yaml
+
+    config = yaml.safe_load((merged / ".hydra" / "config.yaml").read_text())
+    assert (config["data"]["num_shards"], config["data"]["shard_index"]) == (1, 0)
+    assert config["output_dir"] == str(merged.absolute())
+    assert without(config, ("output_dir",)) == without(read_manifest(whole)["config"], ("output_dir",))
+
+
+def test_merged_report_shows_images_header_and_shards(shapes_runs, tmp_path):
+    import shutil
+
+    from regioncap.report import write_report
+
+    _, shards, merged, summary = shapes_runs(3)
+    page = (merged / "report.html").read_text()
+    assert summary["report"] and "image not available" not in page
+    assert page.count('<img src="data:image/jpeg') >= 8
+    assert "<b>shapes</b>" in page and "<b>marked</b>" in page and "<b>fake</b>" in page  # the header
+    assert "<h2>Shards</h2>" in page and all(str(s.absolute()) in page for s in shards)
+    # The merged dir holds its images: moved elsewhere, its report still shows every one.
+    assert summary["images"]["files"] == len(list(merged.glob("images/*"))) > 0
+    moved = shutil.copytree(merged, tmp_path / "moved")
+    (moved / "report.html").unlink()
+    again = write_report(moved).read_text()
+    assert "image not available" not in again and again.count('<img src="data:image/jpeg') >= 8
+
+
+def test_merge_refuses_shards_scored_differently(tmp_path, rows7):
+    shards = shards3(tmp_path, rows7)
+    other = run_shard(tmp_path, rows7, "other", ["data.num_shards=3", "data.shard_index=2",
+                                                 "data.references_key=refs"])
+    with pytest.raises(MergeRefused) as exc:
+        merge(tmp_path / "m", [shards[0], shards[1], other])
+    text = str(exc.value)
+    assert 'data.references_key: "references" -> "refs" (scores the records)' in text
+    assert str(shards[0]) in text and str(other) in text and "--force" in text
+    assert not (tmp_path / "m" / "metrics.json").exists()
+    # An out dir that holds a merge already is refused: its files are never written over.
+    merge(tmp_path / "ok", shards)
+    with pytest.raises(MergeRefused, match="already exists"):
+        merge(tmp_path / "ok", shards, stage="visualize")
+    # A shard with no recorded config: the records merge, metrics.json is not guessed.
+    (shards[1] / "manifest.json").unlink()
+    summary = merge(tmp_path / "bare", shards, report=False)
+    assert summary["status"] == "ok" and summary["rows"] == 7
+    assert summary["metrics"].startswith(f"not written: {shards[1]} has no manifest.json")
+    assert not (tmp_path / "bare" / "metrics.json").exists() and not (tmp_path / "bare" / "report.html").exists()
+    assert json.loads((tmp_path / "bare" / "manifest.json").read_text())["shards"][1]["dir"] == str(shards[1])
+
+
+@pytest.mark.slow
+def test_merged_report_images_render_in_chromium(shapes_runs, tmp_path):
+    from test_report import _check_in_browser
+
+    _, shards, merged, _ = shapes_runs(3)
+    state = _check_in_browser(merged / "report.html", "merged-report-screenshot.png", tmp_path)
+    photos = [i for i in state["images"] if i["src"].startswith("data:image/jpeg")]
+    assert len(photos) >= 8 and all(i["complete"] and i["w"] > 0 for i in photos)
+    assert "image not available" not in state["text"]
+    assert "Shards" in state["text"] and all(str(s.absolute()) in state["text"] for s in shards)
+
+
+@pytest.mark.slow
+def test_merge_scores_with_the_shards_meteor_setting(tmp_path):
+    """metrics.meteor=true on the shards: the merge runs METEOR too, and gets the unsharded run's score.
+    (Four METEOR starts: 3 min on a busy 2-core machine.)"""
+    on = ["metrics.meteor=true"]
+    whole = run_shard(tmp_path, None, "whole", on)
+    shards = [run_shard(tmp_path, None, f"s{k}", [*on, "data.num_shards=2", f"data.shard_index={k}"])
+              for k in range(2)]
+    merge(tmp_path / "merged", shards, report=False)
+    expected = json.loads((whole / "metrics.json").read_text())
+    got = json.loads((tmp_path / "merged" / "metrics.json").read_text())
+    assert expected["references"]["meteor"] is not None, expected["references"].get("meteor_absent")
+    assert without(got, PER_PROCESS_METRICS + MERGE_ONLY_METRICS) == without(expected, PER_PROCESS_METRICS)

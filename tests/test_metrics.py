@@ -232,6 +232,34 @@ def test_perfect_and_unrelated_captions():
     assert m["references"]["bleu4"] < 1e-6 and m["references"]["rouge_l"] == 0.0
 
 
+def test_reference_scores_are_on_the_toolkits_ptb_tokens():
+    # PTB splits the possessive and keeps the brackets ("-lrb-"), as the COCO toolkit does;
+    # regioncap's own words (exact match) drop both.
+    pairs = [("A woman's hat (red).", ["a woman 's hat -lrb- red -rrb-"]), ("a dog", ["A dog, running."])]
+    corpus, per = mx.score_references(pairs)
+    assert per[0]["rouge_l"] == pytest.approx(1.0) and per[0]["bleu4"] == pytest.approx(1.0, abs=1e-6)
+    assert per[0]["exact_match"] == 0.0  # "a woman s hat red" vs "a woman s hat lrb red rrb"
+    assert corpus["bleu1"] >= corpus["bleu2"] >= corpus["bleu3"] >= corpus["bleu4"] > 0
+    # 7 and 2 tokens; references 7 and 3; the 2-token caption has no 4-gram.
+    assert corpus["caption_tokens_mean"] == 4.5 and corpus["reference_tokens_mean"] == 5.0
+    assert corpus["captions_without_4gram"] == 0.5
+    # The corpus BLEU is that of the summed per-pair statistics.
+    bleu = mx.bleu_from_stats([sum(col) for col in zip(*mx.bleu_stats(pairs))])
+    assert [corpus[f"bleu{k}"] for k in range(1, 5)] == [round(b, 4) for b in bleu]
+
+    m = compute_metrics(ref_records(pairs), {}, meteor=False)["references"]
+    assert m["tokenizer"] == mx.TOKENIZER and "PTB" in m["tokenizer"]
+    line = next(t for t in format_summary({**compute_metrics(ref_records(pairs), {}, meteor=False), "errors": {},
+                                           "stages": {}}, max_error_rate=0.1, out_dir="o").splitlines()
+                if t.startswith("references"))
+    assert "captions 4.5 PTB tokens, references 5.0 (50% of captions too short for BLEU-4)" in line
+    assert {k: m[k] for k in corpus if k != "scoring_s"} == {k: v for k, v in corpus.items() if k != "scoring_s"}
+    from regioncap import metricspec
+
+    assert not metricspec.undeclared(compute_metrics(ref_records(pairs), {}, meteor=False))
+    assert {f"references.bleu{k}" for k in range(1, 5)} <= set(metricspec.objective_names())
+
+
 def test_cider_rewards_a_matching_caption_in_a_corpus():
     pairs = [("a man riding a horse", ["a man riding a horse", "a person on a horse"]),
              ("a red car parked on the street", ["a red car on a street"]),
@@ -386,6 +414,7 @@ def test_format_summary_lines():
     assert "latency per request: p50 0.500 s, p95 1.350 s; re-asks p50 0.250 s" in text
     assert "parse success 75.0% of 4 answered requests" in text
     assert "references: 1 regions scored" in text and "ROUGE-L 1.000" in text and "METEOR n/a" in text
+    assert "BLEU-4 1.000" in text and "BLEU-1 1.000" in text and "captions 5.0 PTB tokens, references 5.0" in text
     assert "  error caption/engine_error: 1" in text
     assert lines[-1] == "outputs: /tmp/run"
 

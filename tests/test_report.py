@@ -26,13 +26,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import pytest
+from hypothesis import given, settings, strategies as st
+from markupsafe import escape
 from PIL import Image
 
 from conftest import REPO, compose, run_cli
 from regioncap.job import execute
 from regioncap.records import read_jsonl
-from regioncap.report import (ReportError, job_dirs, load_run, main as report_main, param_figure, reference_scores,
-                              write_report)
+from regioncap.report import (IMAGES_PER_ROW, SWEEP_ROWS, ReportError, job_dirs, load_run, main as report_main,
+                              param_figure, reference_scores, thumbnail_uri, write_report)
 
 ARTIFACTS = REPO / "outputs" / "test-artifacts"
 HOSTILE_ID = '<script>alert("id")</script>'
@@ -163,8 +165,8 @@ def test_run_report_shows_captions_escaped_and_embeds_images(run_dir):
         for reg in records[rid]["regions"]:
             if reg["caption"]:
                 assert reg["caption"] in text
-                assert html.escape(reg["caption"]) in page
-    assert HOSTILE_ID in text and "&lt;script&gt;alert(&quot;id&quot;)&lt;/script&gt;" in page
+                assert str(escape(reg["caption"])) in page
+    assert HOSTILE_ID in text and "&lt;script&gt;alert(&#34;id&#34;)&lt;/script&gt;" in page
     assert HOSTILE_IMAGE in text and "onerror=alert(1)&gt;" in page
     assert HOSTILE_REF in text and "&lt;b&gt;a reference&lt;/b&gt; &amp; more" in page
     assert "another reference" in text
@@ -206,7 +208,9 @@ def test_run_report_leads_with_results(run_dir):
     assert [k for _, k in big] == ["exact match", "attribute accuracy"]
     assert "bleu" not in header.lower()
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert big[0][0] == f"{metrics['references']['exact_match']:.1%}"
+    iv = metrics["references"]["intervals"]["exact_match"]
+    # The headline carries its 95% interval (metrics.json references.intervals).
+    assert big[0][0] == f"{metrics['references']['exact_match']:.1%} [{iv['low']:.1%}, {iv['high']:.1%}]"
     # Results, then samples, then metrics and errors, then provenance, last.
     assert _sections(page) == ["Samples", "Metrics", "Errors by kind", "Provenance"]
     assert page.index("</header>") < page.index('<div class="sample">') < page.index("<h2>Metrics")
@@ -308,7 +312,7 @@ def test_proposed_regions_are_drawn_and_labelled_distinctly(run_dir, tmp_path):
     page = write_report(_proposed_copy(run_dir, tmp_path / "proposed")).read_text(encoding="utf-8")
     assert_self_contained(page)
     assert page.count("proposed (contours) 0.875") == 1  # the "input" region is not tagged
-    assert page.count("proposed (vlm): &quot;a red &lt;circle&gt;&quot;") == 1  # its label beside the caption
+    assert page.count("proposed (vlm): &#34;a red &lt;circle&gt;&#34;") == 1  # its label beside the caption
     assert page.count('class="num prop"') == 2
     assert page.count('<rect class="prop"') == 2  # dashed, over the marked image
     assert "no input boxes: regions proposed" in page
@@ -380,6 +384,7 @@ def _categorical_sweep(run_dir: Path, sweep: Path) -> Path:
         job = _fake_job(sweep, str(i), ["engine=fake", f"prompt={prompt}", f"max_boxes={boxes}"], run_dir)
         metrics = json.loads((job / "metrics.json").read_text())
         metrics["references"].update(exact_match=exact, attribute_accuracy=exact + 0.1, bleu4=0.02)
+        metrics["references"].pop("intervals", None)  # the copied run's, not these made-up scores
         metrics["regions_per_s"] = 10.0 + i
         (job / "metrics.json").write_text(json.dumps(metrics))
     return sweep
@@ -395,7 +400,10 @@ def test_sweep_table_leads_with_exact_match_and_plots_bars_for_categories(run_di
     assert header[:4] == ["job", "status", "exact match", "attribute accuracy"]
     assert header.index("exact match") < header.index("BLEU-4")
     assert "25.0%" in table and "75.0%" in table
-    assert '<b class="best" title="best exact match">75.0%</b>' in table  # the plotted metric's best job
+    # The jobs are copies of one run: their per-region exact match is the same, so the highest is not "best"
+    # (tests/test_intervals.py has jobs that differ).
+    assert "highest, not distinguishable from all others" in table and 'class="best"' not in table
+    assert "no job is better than the others at 95%" in page
     # Plots of exact match (the default with references): bars by prompt, a line by max_boxes.
     alts = [a["alt"] for t, a in doc.tags if t == "img" and a["src"].startswith("data:image/png")]
     assert alts == ["exact match by prompt (bar chart)", "exact match by max_boxes (line chart)",
@@ -460,6 +468,132 @@ def test_sweep_report_with_hostile_overrides_and_a_failed_job(run_dir, tmp_path)
     plots = [a["alt"] for t, a in doc.tags if t == "img" and a["src"].startswith("data:image/png")]
     assert plots == ["regions / s by prompt.system (bar chart)", "regions / s by max_boxes (line chart)"]
     assert "Captions side by side" in text
+
+
+def _cards(page: str) -> Dict[str, str]:
+    """The header's cards, label -> value."""
+    header = page[page.index('<header class="top">'):page.index("</header>")]
+    return {k: v for v, k in re.findall(r'<div class="card[^"]*"><div class="v">(.*?)</div><div class="k">(.*?)</div>',
+                                        header)}
+
+
+def test_sweep_counts_a_job_stopped_by_max_error_rate_as_failed(run_dir, tmp_path):
+    """A job over ``max_error_rate`` wrote its records and metrics, then failed: the cards count it,
+    as they count a job that failed after writing records and one that wrote nothing."""
+    sweep = tmp_path / "sweep"
+    _fake_job(sweep, "0", ["engine=fake", "max_error_rate=1.0"], run_dir)
+    over = _fake_job(sweep, "1", ["engine=fake", "max_error_rate=0.1"], run_dir)
+    crashed = _fake_job(sweep, "2", ["engine=fake", "max_error_rate=0.9"], run_dir)
+    for job, limit, error in ((over, 0.1, "error rate 33.3% is over max_error_rate 10.0%"),
+                              (crashed, 0.9, "engine <died> mid-run")):
+        manifest = json.loads((job / "manifest.json").read_text())
+        manifest.update(status="failed", error=error)
+        manifest["config"]["max_error_rate"] = limit
+        (job / "manifest.json").write_text(json.dumps(manifest))
+    assert json.loads((over / "metrics.json").read_text())["error_rate"] > 0.1
+    _fake_job(sweep, "3", ["engine=fake", "max_error_rate=0.5"], None)  # nothing written at all
+    page = write_report(sweep).read_text(encoding="utf-8")
+    doc = assert_self_contained(page)
+    assert _cards(page)["jobs"] == "4" and _cards(page)["failed"] == "3"
+    table = page[page.index('<table class="compare">'):]
+    table = table[:table.index("</table>")]
+    badges = re.findall(r'<span class="badge [^"]*">(.*?)</span>', table)
+    assert badges == ["ok", "over max_error_rate", "failed", "failed"]
+    assert '<span class="badge s-over_max_error_rate">' in table  # coloured as a warning by the CSS
+    assert ".s-over_max_error_rate" in page
+    text = "".join(doc.text)
+    # Why each one failed, from its manifest, escaped.
+    assert "error rate 33.3% is over max_error_rate 10.0%" in text and "engine <died> mid-run" in text
+    assert "engine &lt;died&gt; mid-run" in page
+
+
+@pytest.mark.cli
+def test_sweep_side_by_side_shows_each_jobs_own_marks(sweep_dir):
+    """Each job's marked images of a row, not the first job's: ``max_boxes=2`` splits a row's boxes
+    over several request images, ``max_boxes=10`` draws them all on one."""
+    page = write_report(sweep_dir).read_text(encoding="utf-8")
+    section = page[page.index("<h2>Captions side by side</h2>"):]
+    section = section[:section.index("</section>")]
+    blocks = section.split('<div class="sample ')[1:]
+    assert blocks
+    jobs = [load_run(d, max_rows=SWEEP_ROWS, prefer_partial=False) for d in job_dirs(sweep_dir)]
+    jobs = [j for j in jobs if j.records_file is not None]
+    assert [j.name for j in jobs] == ["1", "2"]  # job 0 (max_boxes=0) failed
+    split = renumbered = rows = 0
+    for block in blocks:
+        rid = html.unescape(re.search(r'<span class="rowid">(.*?)</span>', block).group(1))
+        srcs = re.findall(r'<img src="([^"]+)"', block)
+        captions = [html.unescape(c) for c in re.findall(r"<figcaption>(.*?)</figcaption>", block)]
+        want_srcs, want_captions = [], []
+        for job, label in zip(jobs, ("max_boxes=2", "max_boxes=10")):
+            (rec,) = [r for r in job.samples if str(r["id"]) == rid]
+            requests = rec["requests"][:IMAGES_PER_ROW]
+            want_srcs += [thumbnail_uri(job.path / spec["image"]) for spec in requests]
+            want_captions += [f"job {job.name}: {label}" + (f": {spec['key']}" if len(rec["requests"]) > 1 else "")
+                              for spec in requests]
+            split += job.name == "1" and len(rec["requests"]) > 1
+        assert srcs == want_srcs and captions == want_captions, rid
+        # The table's first column numbers a region as job 1 marked it; job 2's cell shows its own mark
+        # where it numbered the region otherwise.
+        (first,), (second,) = ([r for r in j.samples if str(r["id"]) == rid] for j in jobs)
+        numbers = {reg["id"]: reg["number"] for reg in second["regions"]}
+        rows += len(first["regions"])
+        renumbered += sum(1 for reg in first["regions"] if numbers.get(reg["id"], reg["number"]) != reg["number"])
+    assert split, "no row that max_boxes=2 split over several images: the test shows nothing"
+    assert renumbered and section.count('<td><span class="num"') == rows + renumbered
+
+
+def test_package_data_ships_every_template():
+    """The wheel ships the templates: each file under regioncap/templates/ matches a package-data glob."""
+    import fnmatch
+    import tomllib
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["regioncap"]
+    package = REPO / "regioncap"
+    files = [p.relative_to(package).as_posix() for p in (package / "templates").rglob("*") if p.is_file()]
+    assert files
+    # fnmatch's * crosses "/", setuptools' does not: compare part by part.
+    unshipped = [f for f in files if not any(
+        len(g.split("/")) == len(f.split("/")) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(f.split("/"), g.split("/")))
+        for g in globs)]
+    assert unshipped == []
+
+
+def test_nothing_from_the_data_is_marked_safe():
+    """Autoescape does the escaping: no template turns it off or marks a value safe, and
+    report.py builds no markup of its own."""
+    templates = sorted((REPO / "regioncap" / "templates" / "report").glob("*.j2"))
+    assert templates
+    for path in templates:
+        text = path.read_text(encoding="utf-8")
+        for needle in ("|safe", "| safe", "{% autoescape", "Markup"):
+            assert needle not in text, (path.name, needle)
+    source = (REPO / "regioncap" / "report.py").read_text(encoding="utf-8")
+    assert "Markup" not in source and "html.escape" not in source and "autoescape=True" in source
+    assert not re.search(r"""["']<(div|span|table|td|tr|p|figure|img|svg|section|details|code|pre|b)\b""", source)
+
+
+_CELL = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(caption=_CELL, flag=_CELL, label=_CELL, source=_CELL)
+def test_a_caption_cell_shows_any_text_as_text(caption, flag, label, source):
+    """Whatever a caption, a flag, a proposal's source or label holds, the cell's markup is the
+    template's spans and its text is the data."""
+    from regioncap.report import _caption_cell, _environment
+
+    macros = _environment().get_template("macros.html.j2").module
+    reg = {"caption": caption, "flags": [flag], "source": source, "label": label,
+           "scores": {"exact_match": 0.0}, "attempt": 2}
+    out = str(macros.caption_cell(_caption_cell(reg, "caption")))
+    doc = parse(out)
+    assert {t for t, _ in doc.tags} == {"span"}
+    classes = [a.get("class") for _, a in doc.tags]
+    assert classes == ["mk wrong", "cap bad", "tag", "tag flag", "tag prop"]
+    text = "".join(doc.text)
+    for value in (caption, flag, source, label):
+        assert value.strip() in text
 
 
 # ---------------------------------------------------------------- the browser

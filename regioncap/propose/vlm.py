@@ -17,6 +17,7 @@ through its engine.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -34,17 +35,18 @@ QWEN2_GROUNDING_PROMPT = "Locate every object in the image and output the name a
 
 #: Longest label kept from an answer (characters); longer ones are cut.
 MAX_LABEL_CHARS = 100
-#: Most boxes the JSON schema allows in one answer.
+#: Most boxes kept from one answer (and the JSON schema's ``maxItems``).
 MAX_GROUNDED = 50
 
 # Qwen2-VL's box grid.
 _GRID = 1000
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
+_REF_START, _REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
+# The box alone: its label is found by looking back from it (_qwen2_candidates), not by a
+# lazy ``<|object_ref_start|>(.*?)`` in front, which rescans the rest of the answer from
+# every start token (quadratic on a soup of them).
 _QWEN2_BOX = re.compile(
-    r"(?:<\|object_ref_start\|>(?P<label>.*?)<\|object_ref_end\|>\s*)?"
-    r"<\|box_start\|>\s*\(" + _NUM + "," + _NUM + r"\)\s*,\s*\(" + _NUM + "," + _NUM + r"\)\s*<\|box_end\|>",
-    re.DOTALL,
-)
+    r"<\|box_start\|>\s*\(" + _NUM + "," + _NUM + r"\)\s*,\s*\(" + _NUM + "," + _NUM + r"\)\s*<\|box_end\|>")
 # The same boxes with the special tokens stripped by the decoder: "label(x1,y1),(x2,y2)".
 _BARE_BOX = re.compile(r"\(" + _NUM + "," + _NUM + r"\)\s*,\s*\(" + _NUM + "," + _NUM + r"\)")
 _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)(?:```|$)", re.DOTALL)
@@ -54,6 +56,8 @@ _FLAT_OBJECT = re.compile(r"\{[^{}]*\}")
 _BOX_KEYS = ("bbox_2d", "bbox", "box")
 # Bounds the work on adversarial text (many '[' each starting a failed decode).
 _MAX_DECODE_STARTS = 64
+# Characters the JSON decodes may scan over all starts, as a multiple of the answer's length.
+_DECODE_BUDGET = 4
 
 
 def grounding_prompt(family: str = "qwen2_5_vl") -> str:
@@ -151,12 +155,29 @@ def _json_candidates(text: str) -> List[Tuple[List[float], Optional[str]]]:
     found: List[Tuple[List[float], Optional[str]]] = []
     # strict=False: a raw newline or tab inside a label is not worth losing the box over.
     decoder = json.JSONDecoder(strict=False)
-    starts = [m.start() for m in re.finditer(r"[\[{]", text)][:_MAX_DECODE_STARTS]
-    for start in starts:
-        try:
-            value, _ = decoder.raw_decode(text, start)
-        except (ValueError, RecursionError):
+    # Each decode may scan to the end of the text: the characters scanned over all tries are
+    # capped at a few times the text, so a hostile nest of brackets stays linear.
+    budget = _DECODE_BUDGET * len(text)
+    skip_to = 0
+    for m in itertools.islice(re.finditer(r"[\[{]", text), _MAX_DECODE_STARTS):
+        start = m.start()
+        if start < skip_to:
+            # Inside a value that failed to decode (a list cut off mid-way): its complete items
+            # are read by the flat-object pass below, not one nested item at a time.
             continue
+        if budget <= 0:
+            break
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError as exc:
+            budget -= exc.pos - start
+            skip_to = exc.pos
+            continue
+        except (ValueError, RecursionError):
+            budget -= len(text) - start
+            skip_to = len(text)
+            continue
+        budget -= end - start
         found = [b for b in (_box_from_item(i) for i in _items(value)) if b is not None]
         if found:
             return found
@@ -172,8 +193,24 @@ def _json_candidates(text: str) -> List[Tuple[List[float], Optional[str]]]:
     return found
 
 
+def _ref_label(text: str, start: int, end: int) -> Optional[str]:
+    """The ``<|object_ref_start|>label<|object_ref_end|>`` right before ``text[end:]`` (only
+    whitespace between), searched no further back than ``start``: each answer character
+    is looked at a bounded number of times."""
+    head = text[start:end].rstrip()
+    if not head.endswith(_REF_END):
+        return None
+    head = head[: -len(_REF_END)]
+    i = head.rfind(_REF_START)
+    return _label(head[i + len(_REF_START):]) if i >= 0 else None
+
+
 def _qwen2_candidates(text: str) -> List[Tuple[List[float], Optional[str]]]:
-    found = [([float(m.group(i)) for i in range(2, 6)], _label(m.group("label"))) for m in _QWEN2_BOX.finditer(text)]
+    found = []
+    prev_end = 0
+    for m in _QWEN2_BOX.finditer(text):
+        found.append(([float(m.group(i)) for i in range(1, 5)], _ref_label(text, prev_end, m.start())))
+        prev_end = m.end()
     if found:
         return found
     out = []
@@ -288,9 +325,11 @@ class VlmProposer(Proposer):
                        json_schema=schema, image_size=tuple(image_size), meta={"task": "ground"})
 
     def parse(self, text: Any, width: float, height: float) -> List[Proposal]:
-        """:func:`parse_grounding` for this model family, then NMS at ``nms_threshold`` (drops repeats)."""
+        """:func:`parse_grounding` for this model family, then NMS at ``nms_threshold`` (drops repeats),
+        keeping the first ``max_items`` distinct boxes in answer order."""
         props = parse_grounding(text, width, height, self.family, min_size=self.min_size)
-        keep = nms([p.bbox for p in props], None, self.nms_threshold)
+        # Capped inside the suppression: NMS over every box of a hostile answer is quadratic.
+        keep = nms([p.bbox for p in props], None, self.nms_threshold, limit=self.max_items)
         return [props[i] for i in sorted(keep)]
 
     def propose(self, image: Any) -> List[Proposal]:

@@ -140,22 +140,22 @@ class Captioner(Stage):
             if first:  # the row's requests carry the engine's warm-up: their latency is left out of latency_s
                 rec.setdefault("timing", {})["first_batch"] = True
 
-        # One re-ask for regions a (successful) answer left out; never invented.
+        # One re-ask for regions a (successful) answer left out or captioned with answer-format
+        # debris (prompts.caption_debris); never invented.
         reasks = []
         if self.cfg.prompt.reask_missing and self.strategy.reasks:
             for rec, spec in work:
-                missing = [n for n in spec["numbers"] if n not in spec["captions"]]
-                if spec["error"] is None and missing:
-                    reasks.append((spec, self.reask_spec(rec, spec, missing)))
+                again = [n for n in spec["numbers"] if n not in spec["captions"] or n in spec["debris"]]
+                if spec["error"] is None and again:
+                    reasks.append((spec, self.reask_spec(rec, spec, again)))
         if reasks:
             answers = self.generate([self.request(r, reask=True) for _, r in reasks])
             for (spec, rspec), resp in zip(reasks, answers):
-                parsed = self.attach(rspec, resp)
+                self.attach(rspec, resp, shown=spec["numbers"])
                 spec["reask"] = {k: rspec[k] for k in ("key", "prompt", "numbers", "answer", "error",
                                                        "prompt_tokens", "output_tokens", "latency_s")}
-                for n, caption in parsed.items():
-                    spec["captions"].setdefault(n, caption)
-                    spec.setdefault("reasked_numbers", []).append(n)
+                spec["reask"]["debris"] = _by_number(rspec["debris"])
+                self.merge_reask(spec, rspec)
         if first:
             self._end_first_batch()
         return [self.finish(rec) if rec["status"] == "pending" else rec for rec in batch]
@@ -210,16 +210,39 @@ class Captioner(Stage):
                 "prompt": self.strategy.reask_prompt(rec, spec, missing), "numbers": missing,
                 "region_ids": spec["region_ids"]}
 
-    def attach(self, spec: Dict[str, Any], resp: Response) -> Dict[int, str]:
-        """Put an engine response on its request spec; return the captions parsed from it."""
+    def attach(self, spec: Dict[str, Any], resp: Response, *, shown: Optional[List[int]] = None
+               ) -> Dict[int, str]:
+        """Put an engine response on its request spec; return the captions parsed from it.
+
+        ``spec["debris"]`` gets the captions that carry answer-format debris (number -> reason);
+        ``shown``: the region numbers the model saw (a re-ask's siblings, see ``parse_answer``).
+        """
         spec.update({"answer": resp.text, "error": resp.error, "prompt_tokens": resp.prompt_tokens,
                      "output_tokens": resp.output_tokens, "finish_reason": resp.finish_reason,
                      "latency_s": None if resp.latency_s is None else round(resp.latency_s, 4)})
-        parsed = prompts.parse_answer(resp.text, spec["numbers"], str(self.cfg.prompt.answer_format)) \
-            if resp.ok else None
+        parsed = prompts.parse_answer(resp.text, spec["numbers"], str(self.cfg.prompt.answer_format),
+                                      shown=shown) if resp.ok else None
         spec["format_ok"] = bool(parsed and parsed.format_ok)
         spec["captions"] = dict(parsed.captions) if parsed else {}
+        spec["debris"] = dict(parsed.debris) if parsed else {}
         return spec["captions"]
+
+    @staticmethod
+    def merge_reask(spec: Dict[str, Any], rspec: Dict[str, Any]) -> None:
+        """Take the re-ask's captions into ``spec``: for a region the first answer left out, and for one
+        it captioned with debris when the re-ask's caption is clean. When both carry debris the first
+        caption stays (the model's answer to the question asked with every region in view); the
+        region keeps its debris reason either way (``spec["kept_debris"]``)."""
+        kept = spec.setdefault("kept_debris", dict(spec["debris"]))
+        for n, caption in rspec["captions"].items():
+            if n in spec["captions"] and (n not in kept or n in rspec["debris"]):
+                continue
+            spec["captions"][n] = caption
+            spec.setdefault("reasked_numbers", []).append(n)
+            if n in rspec["debris"]:
+                kept[n] = rspec["debris"][n]
+            else:
+                kept.pop(n, None)
 
     def finish(self, rec: Dict[str, Any]) -> Dict[str, Any]:
         """Regions, status, answer, tokens and scores of a row once all its answers are in."""
@@ -231,6 +254,11 @@ class Captioner(Stage):
         for spec in rec["requests"]:
             captions = spec.pop("captions", {})
             reasked = set(spec.pop("reasked_numbers", []))
+            # The first answer's debris stays on the request (parse_success_rate reads it); the
+            # debris of the captions kept goes on their regions.
+            first_debris = spec.get("debris") or {}
+            kept_debris = spec.pop("kept_debris", first_debris)
+            spec["debris"] = _by_number(first_debris)
             number_to_id = dict(zip(spec["numbers"], spec["region_ids"])) if len(spec["numbers"]) == len(
                 spec["region_ids"]) else {}
             for n, rid in number_to_id.items():
@@ -238,6 +266,7 @@ class Captioner(Stage):
                 reg["caption"] = captions.get(n)
                 reg["missing"] = reg["caption"] is None
                 reg["attempt"] = 2 if n in reasked else 1
+                reg["debris"] = kept_debris.get(n) if reg["caption"] is not None else None
                 if reg["missing"]:
                     reg["reason"] = (spec["error"] or {}).get("kind") or "not_in_answer"
             if spec.get("answer"):
@@ -265,6 +294,11 @@ class Captioner(Stage):
             rec["model_weights"] = "random"  # every caption of such a run is noise: said on every row
         # Per-region faithfulness flags and exact-match/attribute scores (regioncap/metrics.py).
         return annotate_record(rec, self.cfg.data.references_key)
+
+
+def _by_number(debris: Dict[int, str]) -> Dict[str, str]:
+    """``{number: reason}`` as a record holds it: string keys in number order (JSON's keys are strings)."""
+    return {str(n): debris[n] for n in sorted(debris)}
 
 
 __all__ = ["Captioner", "pending"]

@@ -20,17 +20,14 @@ from regioncap import boxes as bx
 from regioncap.draw import DrawStyle
 from regioncap.errors import RunError
 from regioncap.images import ImageLoadError, load_image, resize_to, save_image, target_size, uri_label
+from regioncap.record_types import RECORD_KEYS
 from regioncap.rundir import IMAGES_DIR, resume_args
 from regioncap.signals import stop_requested
 from regioncap.stages import Stage
 
-#: Keys regioncap writes; an input field with one of these names is kept under ``input``.
-OWN_KEYS = {
-    "id", "index", "digest", "image", "image_path", "type", "bbox", "bbox_format", "image_size", "input_size",
-    "normalized_bbox", "valid_bboxes_num", "dropped_boxes", "clipped_boxes", "regions", "requests",
-    "image_with_bbox", "prompt", "result_file", "error", "status", "answer", "tokens", "timing", "line",
-    "input",
-}
+#: Keys regioncap writes (the fields of a record, :data:`~regioncap.record_types.RECORD_KEYS`);
+#: an input field with one of these names is kept under ``input``.
+OWN_KEYS = RECORD_KEYS
 
 #: OS errors that say the machine, not the row, is the problem.
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS}
@@ -144,7 +141,7 @@ class Visualizer(Stage):
                 source, max_image_pixels=cfg.limits.max_image_pixels, max_file_bytes=cfg.limits.max_file_bytes,
                 draft_target=lambda w, h: target_size(
                     w, h, min_pixels=model.min_pixels, max_pixels=model.max_pixels,
-                    patch_size=model.patch_size, merge_size=model.merge_size),
+                    patch_size=model.patch_size, merge_size=model.merge_size, source=str(rec["image"])),
             )
         except ImageLoadError as exc:
             return self.fail(rec, exc.kind, exc.message, t0)
@@ -159,7 +156,7 @@ class Visualizer(Stage):
         rec["type"] = "with_bbox" if parsed.num_input else "without_bbox"
         try:
             tw, th = target_size(width, height, min_pixels=model.min_pixels, max_pixels=model.max_pixels,
-                                 patch_size=model.patch_size, merge_size=model.merge_size)
+                                 patch_size=model.patch_size, merge_size=model.merge_size, source=str(rec["image"]))
         except ImageLoadError as exc:
             return self.fail(rec, exc.kind, exc.message, t0)
         rec["input_size"] = [tw, th]
