@@ -471,6 +471,22 @@ def _sum_stages(shards: Sequence[_Shard]) -> Dict[str, Dict[str, Any]]:
             acc["seconds"] += float(st.get("seconds") or 0.0)
             for kind, n in (st.get("errors") or {}).items():
                 acc["errors"][kind] = acc["errors"].get(kind, 0) + int(n)
+            # The caption stage's steady part: counts and process-seconds summed like the stage's own
+            # (shards whose steady part was their first batch included: the merged basis is after_first_batch);
+            # the engines' start-up: the slowest shard's, as replicas (regioncap.stages.merge_startup).
+            if isinstance(st.get("steady"), dict):
+                steady = acc.setdefault("steady", {})
+                for key, value in st["steady"].items():
+                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                        steady[key] = steady.get(key, 0) + value
+            if isinstance(st.get("startup"), dict):
+                from regioncap.stages import merge_startup
+
+                startup = acc.setdefault("startup", {})
+                merge_startup(startup, st["startup"])
+                for key in ("time_to_first_caption_s", "process_start_s"):
+                    if st["startup"].get(key) is not None:
+                        startup[key] = max(float(st["startup"][key]), float(startup.get(key) or 0.0))
     return stages
 
 

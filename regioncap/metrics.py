@@ -690,7 +690,8 @@ class _Accumulator:
             self.errors[f"{error.get('stage')}/{error.get('kind')}"] += 1
             self.error_stages[error.get("stage") or "unknown"] += 1
         c["chunks"] += len({r.get("chunk") for r in regions})
-        self._requests(requests)
+        # A row of an engine's first call: its latency carries the warm-up (in the stage's ``startup``).
+        self._requests(requests, warmup=bool((rec.get("timing") or {}).get("first_batch")))
         self._regions(rec, regions, requests)
 
     def _image_hash(self, rec: Dict[str, Any]) -> int:
@@ -700,14 +701,14 @@ class _Accumulator:
             f"row:{rec.get('index', rec.get('id'))}"
         return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "replace"), digest_size=8).digest(), "little")
 
-    def _requests(self, requests: List[Dict[str, Any]]) -> None:
+    def _requests(self, requests: List[Dict[str, Any]], warmup: bool = False) -> None:
         c = self.c
         c["requests"] += len(requests)
         for spec in requests:
             size = spec.get("image_size")
             vis = visual_tokens(size, self.patch_size, self.merge_size) if size else 0
             c["visual_tokens"] += vis
-            if spec.get("latency_s") is not None:
+            if spec.get("latency_s") is not None and not warmup:
                 self.latency.append(float(spec["latency_s"]))
             # The first answer's captions with answer-format debris; a record written before the
             # check has none and reads as clean, as it was counted then.
@@ -884,6 +885,32 @@ class ProposalStats:
         return out
 
 
+def _stage_rates(name: str, st: Dict[str, Any], seconds: float, images: int, regions: int,
+                 captioned: int) -> Dict[str, Any]:
+    """A stage's ``*_per_s`` (and ``steady``, ``startup``): over its steady part where it has one, so they do
+    not depend on how many rows share the engine's start-up; else (the visualize stage) over its seconds."""
+    steady = st.get("steady")
+    out: Dict[str, Any]
+    if steady is None:
+        done = captioned if name == "caption" else regions
+        out = {"rows_per_s": _rate(st.get("rows", 0), seconds, 3), "images_per_s": _rate(images, seconds, 3),
+               "regions_per_s": _rate(done, seconds, 3)}
+    else:
+        s, basis = float(steady.get("seconds") or 0.0), "after_first_batch"
+        first_s = (st.get("startup") or {}).get("first_batch_s")
+        if not s and st.get("first_batch") and first_s:
+            # Nothing came after the engine's first batch (one vLLM call of the whole run...): its rows
+            # over its own seconds, warm-up included but engine load not; ``basis`` says so.
+            steady, s, basis = st["first_batch"], float(first_s), "first_batch"
+        out = {f"{k}_per_s": _rate(steady.get(k, 0), s, 3) for k in ("rows", "images", "regions")}
+        out.update({f"{k}_per_s": _rate(steady.get(k, 0), s, 1) for k in ("prompt_tokens", "output_tokens")})
+        out["steady"] = {"basis": basis, **{k: v for k, v in steady.items() if k != "seconds"},
+                         "seconds": round(s, 3)}
+    if st.get("startup"):
+        out["startup"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in st["startup"].items()}
+    return out
+
+
 def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[str, Any]], *,
                     patch_size: int = 14, merge_size: int = 2, references_key: Optional[str] = "references",
                     meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S,
@@ -896,7 +923,10 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     ran, ``{rows, seconds, errors}`` as the run counted them (other keys, such as
     ``pid``, are carried through). ``patch_size`` and
     ``merge_size`` give the visual-token estimate per request image.
-    ``references_key``: the row field holding reference captions, one entry per
+    A stage's ``steady`` (``{seconds, rows, images, regions, prompt_tokens,
+    output_tokens}``: what it committed after its first engine answer) makes its
+    rates steady-state ones, start-up left out; its ``startup`` is carried
+    through (seconds rounded). ``references_key``: the row field holding reference captions, one entry per
     input box (``None`` turns scoring off). ``meteor``: also run METEOR
     (Java; about 10 s to start) when references are present; off unless asked
     (``metrics.meteor=true``). ``wall_s``: the
@@ -929,15 +959,12 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     for name, st in stages.items():
         seconds = float(st.get("seconds") or 0.0)
         wall += seconds
-        done = c["regions_captioned"] if name == "caption" else regions
-        out["stages"][name] = {
-            "rows": st.get("rows", 0), "seconds": round(seconds, 3),
-            "rows_per_s": _rate(st.get("rows", 0), seconds, 3),
-            "images_per_s": _rate(images, seconds, 3), "regions_per_s": _rate(done, seconds, 3),
-            "errors": dict(st.get("errors") or {}),
-            # Anything else the run recorded per stage (the pid of the process that ran it...).
-            **{k: v for k, v in st.items() if k not in ("rows", "seconds", "errors")},
-        }
+        out["stages"][name] = {"rows": st.get("rows", 0), "seconds": round(seconds, 3),
+                               **_stage_rates(name, st, seconds, images, regions, c["regions_captioned"]),
+                               "errors": dict(st.get("errors") or {}),
+                               # Anything else the run recorded per stage (the pid of the process that ran it...).
+                               **{k: v for k, v in st.items() if k not in ("rows", "seconds", "errors", "steady",
+                                                                           "startup", "first_batch")}}
     out.update({k: c[k] for k in (
         "rows", "regions", "regions_captioned", "regions_missing", "boxes_dropped", "boxes_clipped",
         "requests", "reasks", "prompt_tokens", "output_tokens")})
@@ -958,11 +985,11 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     out["regions_missing_by_reason"] = dict(acc.missing)
     out["regions_from_reask"] = c["regions_from_reask"]
 
-    # Cost and speed.
-    cap_s = float((stages.get("caption") or {}).get("seconds") or 0.0)
+    # Cost and speed: the caption stage's rates (steady when it has a steady part).
+    caption = out["stages"].get("caption") or {}
     out["wall_s"] = round(wall if wall_s is None else wall_s, 3)
-    out["regions_per_s"] = _rate(c["regions_captioned"], cap_s, 3)
-    out["images_per_s"] = _rate(images, cap_s, 3)
+    out["regions_per_s"] = caption.get("regions_per_s")
+    out["images_per_s"] = caption.get("images_per_s")
     out["visual_tokens"] = c["visual_tokens"]
     out["visual_tokens_per_request"] = _rate(c["visual_tokens"], c["requests"] + c["reasks"], 1)
     out["prompt_tokens_per_region"] = _rate(c["prompt_tokens"], regions, 2)
@@ -1024,6 +1051,31 @@ def _num(value: Optional[float], fmt: str = ".2f") -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _stage_line(name: str, st: Dict[str, Any]) -> str:
+    """One stage's summary line: rows and seconds; for a stage with an engine its start-up and steady rates."""
+    head = f"{name}: {st['rows']} rows in {st['seconds']:.2f} s"
+    rates = "".join(f", {st[k]:.2f} {k[:-6]}/s" for k in ("images_per_s", "regions_per_s") if st.get(k) is not None)
+    if "steady" not in st:
+        return f"{head} ({st['rows_per_s'] or 0:.2f} rows/s{rates})"
+    up = st.get("startup") or {}
+    parts = [f"{label} {up[k]:.2f} s" for k, label in (("process_start_s", "process start"),
+                                                       ("engine_load_s", "engine load"),
+                                                       ("first_batch_s", "first batch")) if up.get(k) is not None]
+    if up.get("engines", 1) > 1:
+        parts.append(f"slowest of {up['engines']} engines")
+    first = up.get("time_to_first_caption_s")
+    startup = (f"start-up: first caption at {first:.2f} s" if first is not None else "start-up") + \
+        (f" ({', '.join(parts)})" if parts else "")
+    if st.get("rows_per_s") is None:
+        return f"{head}; {startup}; steady rates n/a (no engine answer timed)"
+    tokens = "".join(f", {st[k]:.0f} {k[:-13]} tokens/s" for k in ("prompt_tokens_per_s", "output_tokens_per_s")
+                     if st.get(k) is not None)
+    window = "steady over" if st["steady"].get("basis") != "first_batch" else \
+        "nothing after the engine's first batch: rates over it (warm-up included),"
+    return (f"{head}; {startup}; {window} {st['steady']['seconds']:.2f} s: {st['rows_per_s']:.2f} rows/s"
+            f"{rates}{tokens}")
+
+
 def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: str) -> str:
     """The one-screen summary printed at the end of a run."""
     m = metrics
@@ -1056,17 +1108,17 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
                     text += f", labels {_num(qr['label_exact_match'], '.3f')}"
         lines.append(text)
     for name, st in m["stages"].items():
-        rates = "".join(f", {st[k]:.2f} {k[:-6]}/s" for k in ("images_per_s", "regions_per_s") if st.get(k) is not None)
-        lines.append(f"{name}: {st['rows']} rows in {st['seconds']:.2f} s ({st['rows_per_s'] or 0:.2f} rows/s{rates})")
+        lines.append(_stage_line(name, st))
     pipe = m.get("pipeline")
     if pipe:
         mode = "stages overlapped" if pipe.get("overlap") else "stages one after the other"
         lines.append(f"end to end: {m.get('wall_s', 0):.2f} s, {_num(pipe.get('images_per_s'))} images/s, "
-                     f"{_num(pipe.get('regions_per_s'))} regions/s ({mode}, {pipe.get('workers', 0)} "
-                     f"preparation worker(s))")
+                     f"{_num(pipe.get('regions_per_s'))} regions/s, start-up included ({mode}, "
+                     f"{pipe.get('workers', 0)} preparation worker(s))")
     if m.get("regions_per_s") is not None:
         images = f", {m['images_per_s']:.2f} images/s" if m.get("images_per_s") is not None else ""
-        lines.append(f"caption throughput: {m['regions_per_s']:.2f} regions/s{images}; tokens: "
+        steady = " (steady)" if "steady" in (m["stages"].get("caption") or {}) else ""
+        lines.append(f"caption throughput{steady}: {m['regions_per_s']:.2f} regions/s{images}; tokens: "
                      f"{m['prompt_tokens']} prompt, {m['output_tokens']} output")
     if m.get("regions") and "visual_tokens_per_region" in m:
         lines.append(f"tokens per region: {_num(m.get('prompt_tokens_per_region'), '.1f')} prompt "

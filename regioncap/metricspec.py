@@ -156,9 +156,10 @@ def _specs() -> Iterator[Metric]:
     group = "speed"
     yield m("wall_s", "wall time (s)", "seconds", "lower", "process", "the run's wall-clock time, both stages")
     yield m("regions_per_s", "regions / s", "per_s", "higher", "process",
-            "captioned regions per second of the caption stage", compare=True, plot=True, headline=True)
+            "captioned regions per second of the caption stage, steady (= `stages.caption.regions_per_s`)",
+            compare=True, plot=True, headline=True)
     yield m("images_per_s", "images / s", "per_s", "higher", "process",
-            "distinct images per second of the caption stage")
+            "images per second of the caption stage, steady (= `stages.caption.images_per_s`)")
     yield m("prompt_tokens", "prompt tokens", "tokens", None, "sum", "prompt tokens, as the engine counted them")
     yield m("output_tokens", "output tokens", "tokens", None, "sum", "output tokens, as the engine counted them")
     yield m("visual_tokens", "visual tokens", "tokens", None, "sum",
@@ -335,6 +336,34 @@ def _specs() -> Iterator[Metric]:
     yield m(st + "regions_per_s", "regions / s", "per_s", "higher", "process", "regions per second of the stage")
     yield m(st + "errors", "errors", "counts", "lower", "sum", "error rows of the stage by kind", kind="counts")
     yield m(st + "pid", "process id", "setting", None, "process", "the process that ran the stage")
+    # The caption stage's rates are steady ones, its engine's start-up apart (docs/formats.md,
+    # "Throughput: start-up apart").
+    cap = "stages.caption."
+    group = "speed"
+    for name, label in (("prompt_tokens", "prompt tokens"), ("output_tokens", "output tokens")):
+        yield m(cap + name + "_per_s", label + " / s", "per_s", "higher", "process",
+                f"{label} per second of the caption stage's steady part")
+    yield m(cap + "steady.basis", "steady basis", "text", None, "process",
+            "`after_first_batch`, or `first_batch` (nothing came after the engine's first batch: its own rates)",
+            kind="text")
+    yield m(cap + "steady.seconds", "steady seconds", "seconds", None, "process",
+            "the caption stage's steady part: from its first commit with an engine answer to its last commit")
+    for name, what in (("rows", "rows committed"), ("images", "rows the engine answered (one image each)"),
+                       ("regions", "regions captioned"), ("prompt_tokens", "prompt tokens"),
+                       ("output_tokens", "output tokens")):
+        yield m(cap + "steady." + name, "steady " + name.replace("_", " "),
+                "tokens" if name.endswith("tokens") else "count", None, "process", f"{what} in the steady part")
+    group = "startup"
+    yield m(cap + "startup.engine_load_s", "engine load (s)", "seconds", "lower", "process",
+            "building the engine: imports, processor, weights, vLLM's engine start, a server's check")
+    yield m(cap + "startup.first_batch_s", "first batch (s)", "seconds", "lower", "process",
+            "the engine's first batch (its first call and re-asks), which carries lazy warm-up")
+    yield m(cap + "startup.time_to_first_caption_s", "time to first caption (s)", "seconds", "lower", "process",
+            "from the caption stage's start to its first commit with an engine answer")
+    yield m(cap + "startup.process_start_s", "process start (s)", "seconds", "lower", "process",
+            "executor=isolated: spawning the child process until its stage loop starts")
+    yield m(cap + "startup.engines", "engines started", "count", None, "process",
+            "engines started (Ray replicas); the seconds are the slowest one's")
 
     group = "pipeline"
     pipe = "pipeline."
@@ -343,9 +372,9 @@ def _specs() -> Iterator[Metric]:
     yield m(pipe + "workers", "preparation workers", "setting", None, "same", "preparation worker processes")
     yield m(pipe + "seconds", "end-to-end seconds", "seconds", "lower", "process", "wall time of both stages")
     yield m(pipe + "images_per_s", "end-to-end images / s", "per_s", "higher", "process",
-            "images over the wall time of both stages")
+            "images over the wall time of both stages, start-up included")
     yield m(pipe + "regions_per_s", "end-to-end regions / s", "per_s", "higher", "process",
-            "regions over the wall time of both stages")
+            "regions over the wall time of both stages, start-up included")
 
     group = "shards"  # a merged dir only (regioncap.merge)
     yield m("shards.count", "shards", "count", None, "sum", "shard runs merged")

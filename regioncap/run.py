@@ -227,8 +227,8 @@ class RegionCapRun:
     # -------------------------------------------------------------- metrics
     def metrics(self) -> Dict[str, Any]:
         """Counts, cost, answer shape and reference scores of what this run wrote (:func:`run_metrics`)."""
-        stages = {name: {"rows": st.rows, "seconds": st.seconds, "errors": dict(st.errors), "pid": st.pid}
-                  for name, st in self.stats.items()}
+        stages = {name: {"rows": st.rows, "seconds": st.seconds, "errors": dict(st.errors), "pid": st.pid,
+                         **st.timing()} for name, st in self.stats.items()}
         final = self.rundir.captions_file if "caption" in self.stats else self.rundir.visualize_file
         records = read_jsonl(final) if final.exists() else iter(())
         return run_metrics(self.cfg, records, stages, self.pipeline)

@@ -6,6 +6,7 @@
     .venv/bin/python scripts/bench.py overlap --rows 60
     .venv/bin/python scripts/bench.py all --write docs/benchmarks.md
     .venv/bin/python scripts/bench.py anchor --images 12 --repeat 3
+    .venv/bin/python scripts/bench.py steady --rows 40 --repeat 3 [--code DIR]
 
 anchor: DataFlow-MM's own region-caption preparation (its operator's steps,
 written out below from its published code: OpenCV decode for the size, a second
@@ -37,6 +38,15 @@ the main process and for the sum over it and its preparation workers.
 caption: the caption stage's framework overhead with the offline tiny model and
 the transformers engine on the CPU: the stage's wall time over the time of the
 same engine calls made directly on the same prepared requests.
+
+steady: the caption stage's regions/s of the shipped default run (model=shapes,
+data=shapes: 8 scenes) against the same run on ``--rows`` generated scenes, each
+a whole ``python -m regioncap`` (engine start-up included), the sizes
+interleaved round by round: the ratio of the medians, for the steady rate
+(``stages.caption.regions_per_s``) and for the all-in rate (captioned regions
+over the stage's seconds); near 1 means the rate does not depend on how many
+rows share the start-up. ``--code DIR`` runs the regioncap package of another
+checkout (an older commit: only the all-in rate).
 
 Nothing here is asserted in tests; results are ratios measured side by side.
 """
@@ -650,6 +660,45 @@ def to_markdown(results: Dict[str, Dict[str, object]], env: Dict[str, str], note
     return "\n".join(lines)
 
 
+def bench_steady(rows: int, repeat: int, work: Path, code: Path | None = None) -> Dict[str, object]:
+    """Caption regions/s of the default run (8 scenes) and of ``rows`` generated scenes, ``repeat`` rounds."""
+    import os
+    import subprocess
+
+    from regioncap import shapes
+
+    data = shapes.write_dataset(work / "steady-data", rows, seed=0, prefix="shapes", image_format="jpeg")
+    sizes = {"8": [], str(rows): [data]}
+    env = {**os.environ, "PYTHONPATH": str(code or REPO)}
+    runs: Dict[str, List[Dict[str, object]]] = {size: [] for size in sizes}
+    for round_ in range(repeat):
+        for size, data_args in sizes.items():
+            out = work / f"steady-{size}-{round_}"
+            extra = ["data=jsonl", f"data.path={data_args[0]}", "data.bbox_format=xywh",
+                     "data.references_key=references"] if data_args else []
+            subprocess.run([sys.executable, "-m", "regioncap", "progress=false", *extra, f"hydra.run.dir={out}"],
+                           cwd=str(work), env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            m = json.loads((out / "metrics.json").read_text())
+            cap = m["stages"]["caption"]
+            run = {"rows": cap["rows"], "regions": m["regions_captioned"], "seconds": cap["seconds"],
+                   "all_in_regions_per_s": m["regions_captioned"] / cap["seconds"],
+                   "steady_regions_per_s": cap["regions_per_s"] if "steady" in cap else None,
+                   "startup": cap.get("startup"), "steady": cap.get("steady"),
+                   "latency_p50_s": (m.get("latency_s") or {}).get("p50")}
+            runs[size].append(run)
+            print(json.dumps({"size": size, "round": round_, **run}), flush=True)
+
+    def median(size: str, key: str) -> float | None:
+        values = [r[key] for r in runs[size] if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    out: Dict[str, object] = {"rows": rows, "repeat": repeat, "runs": runs}
+    for key in ("all_in_regions_per_s", "steady_regions_per_s"):
+        small, large = median("8", key), median(str(rows), key)
+        out[key] = {"8": small, str(rows): large, "ratio": large / small if small and large else None}
+    return out
+
+
 def caption_corpus(n: int, seed: int = 0) -> List[str]:
     """``n`` COCO-like captions (capitals, periods, commas, possessives, numbers, a few
     brackets and quotes), nearly all distinct, for the tokenizer benchmark."""
@@ -719,7 +768,8 @@ def bench_ptb(n: int, repeat: int) -> Dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["visualize", "caption", "memory", "overlap", "anchor", "ptb", "all"])
+    parser.add_argument("what", choices=["visualize", "caption", "memory", "overlap", "anchor", "ptb", "steady", "all"])
+    parser.add_argument("--code", type=Path, default=None, help="steady: run the regioncap package of this checkout")
     parser.add_argument("--images", type=int, default=12, help="camera-like JPEGs of the anchor section")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
@@ -747,6 +797,9 @@ def main() -> None:
         if args.what in ("caption", "all"):
             results["caption"] = bench_caption(args.rows or 20, args.repeat, work)
             print(json.dumps(results["caption"], indent=2))
+        if args.what == "steady":  # not in "all": minutes of whole runs, and it writes no Markdown section
+            results["steady"] = bench_steady(args.rows or 40, args.repeat, work, args.code)
+            print(json.dumps({k: v for k, v in results["steady"].items() if k != "runs"}, indent=2))
         if args.what in ("ptb", "all"):
             results["ptb"] = bench_ptb(args.captions, args.repeat)
             print(json.dumps(results["ptb"], indent=2))

@@ -242,7 +242,10 @@ def test_merged_metrics_equal_the_unsharded_runs(shapes_runs, n):
         "stages.*.rows_per_s", "stages.*.images_per_s", "stages.*.regions_per_s", "stages.*.pid",
         "pipeline.seconds", "pipeline.images_per_s", "pipeline.regions_per_s", "references.scoring_s",
         "references.scoring_meteor_s", "densecap.meteor_s", "shards.wall_s_max", "shards.span_s",
-        "shards.regions_per_s"}
+        "shards.regions_per_s", *(f"stages.caption.{k}" for k in (
+            "prompt_tokens_per_s", "output_tokens_per_s", "steady.seconds", "steady.rows", "steady.images",
+            "steady.regions", "steady.prompt_tokens", "steady.output_tokens", "startup.engine_load_s",
+            "startup.first_batch_s", "startup.time_to_first_caption_s", "startup.process_start_s", "startup.engines", "steady.basis"))}
     whole, shards, merged, summary = shapes_runs(n)
     assert summary["status"] == "ok" and summary["metrics"] == "metrics.json"
     expected = json.loads((whole / "metrics.json").read_text())
@@ -255,7 +258,11 @@ def test_merged_metrics_equal_the_unsharded_runs(shapes_runs, n):
     for stage in ("visualize", "caption"):
         seconds = sum(p["stages"][stage]["seconds"] for p in parts)
         assert got["stages"][stage]["seconds"] == pytest.approx(seconds, abs=1e-3)
-        assert got["stages"][stage]["rows_per_s"] == round(got["rows"] / got["stages"][stage]["seconds"], 3)
+    assert got["stages"]["visualize"]["rows_per_s"] == round(got["rows"] / got["stages"]["visualize"]["seconds"], 3)
+    # The caption stage's rates are over its steady part: the shards' steady parts summed.
+    steady = got["stages"]["caption"]["steady"]
+    assert steady["rows"] == sum(p["stages"]["caption"]["steady"]["rows"] for p in parts)
+    assert got["stages"]["caption"]["rows_per_s"] == pytest.approx(steady["rows"] / steady["seconds"], rel=0.01)
     assert got["pipeline"]["seconds"] == pytest.approx(sum(p["pipeline"]["seconds"] for p in parts), abs=1e-3)
     assert got["wall_s"] == got["pipeline"]["seconds"]
     assert got["shards"]["count"] == n

@@ -43,6 +43,11 @@ def _records() -> List[Dict[str, Any]]:
 
 def _full_metrics() -> Dict[str, Any]:
     stages = {name: {"rows": 3, "seconds": 1.5, "errors": {"missing_file": 1}, "pid": 1} for name in ms.STAGE_NAMES}
+    # The caption stage's timing as StageStats.timing() gives it (an isolated child's start-up included).
+    counts = {"rows": 2, "images": 2, "regions": 3, "prompt_tokens": 20, "output_tokens": 6}
+    stages["caption"].update(steady={"seconds": 0.5, **counts}, first_batch=counts,
+                             startup={"engine_load_s": 0.4, "first_batch_s": 0.3, "time_to_first_caption_s": 0.9,
+                                      "process_start_s": 0.2, "engines": 1})
     out = compute_metrics(_records(), stages)
     # DenseCap mAP needs METEOR (Java): the block from its own code, with a stand-in METEOR.
     dense = DenseCapStats("references")

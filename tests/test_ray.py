@@ -137,6 +137,10 @@ def test_fake_engine_two_replicas_same_records_as_local(tmp_path, rows, ray_clus
     assert kinds["gone"][0] == "error" and kinds["badbox"][0] == "error" and kinds["nobox"][0] == "no_regions"
     assert kinds["r7"] == ("error", "engine_error")  # an engine error row (fail_keys) is kept
     assert metrics["rows"] == local["rows"] == 23 and metrics["error_rows"] == local["error_rows"]
+    # Each replica that captioned sent its start-up back to the driver; its first call's rows are marked.
+    startup = metrics["stages"]["caption"]["startup"]
+    assert 1 <= startup["engines"] <= 2 and startup["engine_load_s"] >= 0 and startup["first_batch_s"] >= 0
+    assert 1 <= sum(1 for r in got if r["timing"].get("first_batch")) <= 2 * 3
     # Both replicas did work (their pids are in no record, but each batch of 3 rows is one Ray task).
     print(f"ray fake engine: 23 rows, 2 replicas, {took:.1f}s")
 

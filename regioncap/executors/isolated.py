@@ -47,6 +47,7 @@ class IsolatedExecutor(Executor):
         proc = ctx.Process(target=caption_child, args=(cfg, job.model_path, job.start_hint, results),
                            name="regioncap-caption")
         start = time.perf_counter()
+        started_at = time.time()
         proc.start()
         result = None
         forwarded = False
@@ -69,6 +70,13 @@ class IsolatedExecutor(Executor):
         stats = job.stats
         stats.update(result["stats"])
         stats.seconds = time.perf_counter() - start
+        if stats.startup and result.get("loop_started_at") is not None:
+            # The child's clock starts at its stage loop; the process start before it (spawn, imports)
+            # is start-up too. Wall clocks of one machine: the same clock in both processes.
+            process_s = max(0.0, float(result["loop_started_at"]) - started_at)
+            stats.startup["process_start_s"] = process_s
+            if stats.startup.get("time_to_first_caption_s") is not None:
+                stats.startup["time_to_first_caption_s"] += process_s
         job.engine_info.update(result.get("engine_info") or {})
         if result.get("interrupted"):
             raise Interrupted(result["interrupted"], "caption", stats.rows)
@@ -97,8 +105,11 @@ def caption_child(cfg: Dict[str, Any], model_path: Optional[str], start_hint: st
                 executor.caption(job)
             except Interrupted:
                 pass
+            clock = job.stats.clock_start
             results.put({"stats": job.stats.as_dict() | {"pid": os.getpid()}, "engine_info": job.engine_info,
-                         "interrupted": stop_requested()})
+                         "interrupted": stop_requested(),
+                         # The loop's start on the wall clock the parent reads too.
+                         "loop_started_at": None if clock is None else time.time() - (time.perf_counter() - clock)})
     except RunError as exc:
         results.put({"error": str(exc)})
     except Exception as exc:  # report anything else to the parent rather than dying silently

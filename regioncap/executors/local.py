@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, Optional
 from regioncap.engines.base import Engine
 from regioncap.executors import CaptionJob, Executor
 from regioncap.records import read_jsonl
-from regioncap.stages import StageStats
+from regioncap.stages import StageStats, merge_startup
 from regioncap.stages.caption import Captioner
 from regioncap.stages.loop import StageLoop, progress
 
@@ -40,6 +40,7 @@ class LocalExecutor(Executor):
                             Captioner.identity)
         finally:
             job.engine_info.update(self.captioner.describe_engine() or {})
+            merge_startup(stats.startup, self.captioner.startup)
 
     def close(self) -> None:
         if self.captioner is not None:

@@ -41,7 +41,7 @@ from regioncap.errors import RunError
 from regioncap.rundir import resume_args
 from regioncap.executors import CaptionJob, Executor
 from regioncap.signals import stop_requested
-from regioncap.stages import StageStats
+from regioncap.stages import StageStats, merge_startup
 from regioncap.stages.loop import StageLoop, grouped
 
 log = logging.getLogger("regioncap")
@@ -61,6 +61,8 @@ class _Replica:
             logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         self.captioner = Captioner(OmegaConf.create(cfg), cfg["output_dir"], model_path=model_path)
         self.visualize = open(visualize_path, "rb")
+        #: Whether this replica's engine start-up went back to the driver already.
+        self.reported = False
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
         from regioncap.records import dumps
@@ -73,7 +75,12 @@ class _Replica:
         # As in the local stage: a replica with nothing to caption never loads a model.
         for part in grouped(records, self.captioner.batch_size, self.captioner.max_rows):
             out += self.captioner.caption_batch(part)
-        return {"index": [r["index"] for r in out], "record": [dumps(r) for r in out]}
+        # This replica's start-up goes back once, on the first row of the first batch after its engine's first call.
+        startup = [""] * len(out)
+        if out and not self.reported and "first_batch_s" in self.captioner.startup:
+            startup[0] = json.dumps(self.captioner.startup)
+            self.reported = True
+        return {"index": [r["index"] for r in out], "record": [dumps(r) for r in out], "startup": startup}
 
     def __del__(self) -> None:
         try:
@@ -302,6 +309,9 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
                 try:
                     for out in batches:
                         records = [json.loads(r) for r in out["record"]]
+                        for startup in out.get("startup", ()):
+                            if startup:
+                                merge_startup(job.stats.startup, json.loads(startup))
                         for rec in records:
                             want = next(expected, None)
                             if want is None or rec.get("index") != want["index"]:

@@ -25,6 +25,7 @@ see docs/design.md, "How to add".
 from __future__ import annotations
 
 import abc
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -52,6 +53,20 @@ class StageStats:
     retried: int = 0
     #: Regions in the committed rows (progress reports).
     regions: int = 0
+    #: The engine's start-up (caption stage): ``engine_load_s``, ``first_batch_s``, ``engines``,
+    #: ``time_to_first_caption_s`` (see :func:`merge_startup` and docs/formats.md); empty otherwise.
+    startup: Dict[str, Any] = field(default_factory=dict)
+    #: What was committed after the first commit with an engine answer (the steady part, start-up
+    #: left out): ``rows``, ``images`` (rows answered), ``regions`` (captioned), ``prompt_tokens``,
+    #: ``output_tokens``; and :attr:`steady_seconds`, from that commit to the last one.
+    steady: Counter = field(default_factory=Counter)
+    steady_seconds: Optional[float] = None
+    #: The same counts for the first commit with an engine answer (the engine's first batch): the
+    #: rates fall back to them over ``startup.first_batch_s`` when nothing came after it.
+    first: Counter = field(default_factory=Counter)
+    #: ``time.perf_counter()`` when the stage loop began (set by the loop; for ``time_to_first_caption_s``).
+    clock_start: Optional[float] = None
+    _steady_from: Optional[float] = field(default=None, repr=False)
 
     def commit(self, writer: Any, records: List[Dict[str, Any]]) -> None:
         """Commit ``records`` through ``writer`` and count them, error rows by kind."""
@@ -61,17 +76,84 @@ class StageStats:
             self.regions += len(rec.get("regions") or ())
         writer.commit(records)
         self.rows += len(records)
+        self._count_steady(records)
+
+    def _count_steady(self, records: List[Dict[str, Any]]) -> None:
+        # A row the engine answered carries ``tokens`` (set when the caption stage finishes it);
+        # visualize records never do, so that stage never opens a window.
+        now = time.perf_counter()
+        if self._steady_from is None:
+            if any("tokens" in rec for rec in records):
+                # Everything until this commit (engine load, first batch, the first rows' preparation)
+                # is start-up: the steady window opens now, so its rates do not depend on the run's length.
+                self._steady_from = now
+                self.steady_seconds = 0.0
+                _count(self.first, records)
+                if self.clock_start is not None:
+                    self.startup["time_to_first_caption_s"] = now - self.clock_start
+            return
+        _count(self.steady, records)
+        self.steady_seconds = now - self._steady_from
 
     def as_dict(self) -> Dict[str, Any]:
         """The stats as plain data (sent back from a child process)."""
         return {"rows": self.rows, "seconds": self.seconds, "errors": dict(self.errors), "pid": self.pid,
-                "skipped": self.skipped, "retried": self.retried, "regions": self.regions}
+                "skipped": self.skipped, "retried": self.retried, "regions": self.regions,
+                "startup": dict(self.startup), "steady": dict(self.steady), "steady_seconds": self.steady_seconds,
+                "first": dict(self.first)}
 
     def update(self, values: Dict[str, Any]) -> None:
         """Take the counts of :meth:`as_dict` (from a child process)."""
         self.rows, self.errors, self.pid = values["rows"], Counter(values["errors"]), values["pid"]
         self.skipped, self.retried = values.get("skipped", 0), values.get("retried", 0)
         self.regions = values.get("regions", 0)
+        self.startup = dict(values.get("startup") or {})
+        self.steady = Counter(values.get("steady") or {})
+        self.steady_seconds = values.get("steady_seconds")
+        self.first = Counter(values.get("first") or {})
+
+    def timing(self) -> Dict[str, Any]:
+        """``startup`` and ``steady`` (with its ``seconds``) as ``compute_metrics`` takes them; empty
+        for a stage without an engine answer."""
+        out: Dict[str, Any] = {}
+        if self.startup:
+            out["startup"] = dict(self.startup)
+        if self.steady_seconds is not None:
+            out["steady"] = {"seconds": self.steady_seconds, **{k: self.steady[k] for k in STEADY_COUNTS}}
+            out["first_batch"] = {k: self.first[k] for k in STEADY_COUNTS}
+        return out
+
+
+def _count(into: Counter, records: List[Dict[str, Any]]) -> None:
+    """Add the rows of ``records``, those the engine answered (``tokens``), their captioned regions and tokens."""
+    into["rows"] += len(records)
+    for rec in records:
+        tokens = rec.get("tokens")
+        if tokens is None:
+            continue
+        into["images"] += 1
+        into["regions"] += sum(1 for r in rec.get("regions") or () if r.get("caption"))
+        into["prompt_tokens"] += tokens.get("prompt") or 0
+        into["output_tokens"] += tokens.get("output") or 0
+
+
+#: What the steady window counts (:attr:`StageStats.steady`).
+STEADY_COUNTS = ("rows", "images", "regions", "prompt_tokens", "output_tokens")
+
+
+def merge_startup(into: Dict[str, Any], startup: Dict[str, Any]) -> None:
+    """Add one engine's start-up (``engine_load_s``, ``first_batch_s``) to a stage's ``into``.
+
+    Several engines (Ray replicas) start in parallel: the stage waits for the
+    slowest, so the seconds kept are the largest; ``engines`` counts them.
+    """
+    if not startup:
+        return
+    into["engines"] = into.get("engines", 0) + int(startup.get("engines", 1))
+    for key in ("engine_load_s", "first_batch_s"):
+        value = startup.get(key)
+        if value is not None:
+            into[key] = max(float(value), float(into.get(key) or 0.0))
 
 
 class Stage(abc.ABC):

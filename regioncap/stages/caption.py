@@ -12,6 +12,7 @@ process, a spawned child, Ray replicas) is the executor's business
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -54,6 +55,12 @@ class Captioner(Stage):
         from regioncap.random_weights import is_random
 
         self.random_weights = is_random(cfg.model)
+        #: This stage's engine start-up: ``engine_load_s`` (building it: imports, weights, a server's
+        #: preflight), ``first_batch_s`` (its first batch: the calls and re-asks of the first rows it
+        #: answered, which carry lazy warm-up); empty until it starts.
+        self.startup: Dict[str, Any] = {}
+        #: ``time.perf_counter()`` at the start of the engine's first call.
+        self._first_t0: Optional[float] = None
 
     # ------------------------------------------------------------ lifetime
     def start_engine(self) -> Engine:
@@ -62,10 +69,12 @@ class Captioner(Stage):
             return self.engine
         from regioncap.engines import EngineError, build_engine
 
+        t0 = time.perf_counter()
         try:
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
             raise RunError(f"engine {self.cfg.engine.name!r} could not start: {exc}.{self.start_hint}") from None
+        self.startup = {"engine_load_s": time.perf_counter() - t0, "engines": 1}
         self.engine_info = self.describe_engine()
         log.info("engine: %s", self.engine_info)
         return self.engine
@@ -121,11 +130,15 @@ class Captioner(Stage):
             self.ground(batch)
         work = [(rec, spec) for rec in batch if rec["status"] == "pending" for spec in rec["requests"]]
         if not work:
+            self._end_first_batch()
             return batch
         self.start_engine()
+        first = self.first_call
         responses = self.generate([self.request(spec) for _, spec in work])
-        for (_rec, spec), resp in zip(work, responses):
+        for (rec, spec), resp in zip(work, responses):
             self.attach(spec, resp)
+            if first:  # the row's requests carry the engine's warm-up: their latency is left out of latency_s
+                rec.setdefault("timing", {})["first_batch"] = True
 
         # One re-ask for regions a (successful) answer left out or captioned with answer-format
         # debris (prompts.caption_debris); never invented.
@@ -143,18 +156,32 @@ class Captioner(Stage):
                                                        "prompt_tokens", "output_tokens", "latency_s")}
                 spec["reask"]["debris"] = _by_number(rspec["debris"])
                 self.merge_reask(spec, rspec)
+        if first:
+            self._end_first_batch()
         return [self.finish(rec) if rec["status"] == "pending" else rec for rec in batch]
+
+    def _end_first_batch(self) -> None:
+        if self._first_t0 is not None and self.first_call:
+            self.startup["first_batch_s"] = time.perf_counter() - self._first_t0
 
     def generate(self, requests: List[Request]) -> List[Response]:
         """The engine's answers; an engine that fails as a whole stops the run with how to go on."""
         from regioncap.engines import EngineError
 
         assert self.engine is not None
+        if self._first_t0 is None and self.startup:
+            self._first_t0 = time.perf_counter()
         try:
             return self.engine.generate(requests)
         except EngineError as exc:
             raise RunError(f"engine {self.cfg.engine.name!r} failed: {exc}. The rows committed so far are kept; "
                            f"after fixing this, go on with {resume_args(self.out)}") from None
+
+    @property
+    def first_call(self) -> bool:
+        """Whether the engine this stage started is still on its first batch of rows (a handed-in
+        engine: never timed, it was warm before)."""
+        return bool(self.startup) and "first_batch_s" not in self.startup
 
     def ground(self, batch: List[Dict[str, Any]]) -> None:
         """Propose regions with the engine for the ``grounding`` rows of ``batch``, then draw and prompt them."""

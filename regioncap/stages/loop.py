@@ -55,6 +55,7 @@ class StageLoop:
             return self
         self._begun = True
         self._start = time.perf_counter()
+        self.stats.clock_start = self._start
         if not (self.resume and self.path.exists()):
             return self
         self.done, redo = self.rundir.done_rows(self.name, retry=self.retry)
