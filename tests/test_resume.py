@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from pathlib import Path
 from typing import Dict
 
@@ -17,6 +18,7 @@ from hypothesis import strategies as st
 from conftest import REPO, compose, run_cli
 from regioncap.job import execute
 from regioncap.records import CorruptRecordsError, read_jsonl, scan_records
+from regioncap.rundir import shell_word
 from regioncap.run import RunError
 
 DEMO = REPO / "regioncap" / "demo"
@@ -245,7 +247,9 @@ def test_sigterm_stops_after_a_commit_with_the_resume_command(tmp_path, point, c
     log = proc.stdout + proc.stderr
     assert proc.returncode == code, log[-3000:]
     assert "stopped by SIGTERM" in log
-    hint = next(line.strip() for line in log.splitlines() if line.strip().startswith("python -m regioncap"))
+    # The hint names the interpreter that ran (no activated venv needed): ".../python -m regioncap ...".
+    hint = next(line.strip() for line in log.splitlines() if " -m regioncap " in line and "resume=true" in line)
+    assert hint.startswith(shell_word(sys.executable) + " -m regioncap ")
     assert "resume=true" in hint and f"hydra.run.dir={out}" in hint and "max_boxes=4" in hint
     stage_file = out / ("visualize.jsonl" if point.startswith("visualize") else "captions.jsonl")
     data = stage_file.read_bytes()
