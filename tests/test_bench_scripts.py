@@ -35,6 +35,7 @@ def test_dataflow_mm_marked_draws_darkens_and_keeps_full_resolution(tmp_path):
     assert (label.sum(axis=2) < 60).any() and (label.sum(axis=2) > 600).any()
 
 
+@pytest.mark.slow  # several seconds: the slow tier runs it (the unit tier stays under 2 min)
 def test_camera_dataset_is_camera_sized_and_noisy(tmp_path):
     bench = _load("bench")
     data = bench.make_camera_dataset(tmp_path, 1, rows=3)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +40,7 @@ def _typed(r: Response) -> None:
     json.dumps(r.__dict__, allow_nan=False, ensure_ascii=False).encode("utf-8")  # writable as strict JSON
 
 
+@pytest.mark.slow  # several seconds: the slow tier runs it (the unit tier stays under 2 min)
 @settings(max_examples=400, deadline=None)
 @given(text=_junk, error=st.one_of(st.none(), _junk), pt=_junk, ot=_junk, lat=_junk, fr=_junk)
 def test_arbitrary_answers_give_typed_responses(text, error, pt, ot, lat, fr):

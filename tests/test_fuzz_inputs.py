@@ -359,6 +359,7 @@ def write_file(folder: Path, lines: List[tuple], newline: bytes, trailing: bool)
 # --------------------------------------------------------------------------- properties
 
 
+@pytest.mark.slow  # several seconds: the slow tier runs it (the unit tier stays under 2 min)
 @FUZZ
 @given(st.data())
 def test_mixed_bad_rows_every_row_comes_out_once(assets, data):
@@ -371,6 +372,7 @@ def test_mixed_bad_rows_every_row_comes_out_once(assets, data):
         check_run(path, raw, out, metrics, rows)
 
 
+@pytest.mark.slow  # several seconds: the slow tier runs it (the unit tier stays under 2 min)
 @FUZZ
 @given(st.data())
 def test_junk_boxes_are_each_kept_or_dropped(assets, data):
@@ -407,6 +409,7 @@ def pillow_decodes(path: Path) -> bool:
     return True
 
 
+@pytest.mark.slow  # several seconds: the slow tier runs it (the unit tier stays under 2 min)
 @pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow on a corrupt EXIF block: skipped, as it should
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())

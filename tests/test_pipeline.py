@@ -320,6 +320,7 @@ def test_caption_stage_in_an_isolated_child_process(tmp_path):
     assert metrics["stages"]["visualize"]["pid"] == os.getpid()
 
 
+@pytest.mark.slow  # several seconds: the slow tier runs it (the unit tier stays under 2 min)
 def test_isolated_engine_failure_is_a_clear_run_error(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()

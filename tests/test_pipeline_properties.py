@@ -199,6 +199,7 @@ def _numbers(value: Any):
 # ------------------------------------------------------------------ properties
 
 
+@pytest.mark.slow  # several seconds: the slow tier runs it (the unit tier stays under 2 min)
 @SMALL
 @given(data=st.data())
 def test_random_rows_each_come_out_once_as_strict_json(images, monkeypatch, data):
@@ -207,6 +208,7 @@ def test_random_rows_each_come_out_once_as_strict_json(images, monkeypatch, data
     run(lines, [], monkeypatch, [f"data.bbox_format={fmt}"])
 
 
+@pytest.mark.slow  # several seconds: the slow tier runs it (the unit tier stays under 2 min)
 @SMALL
 @given(data=st.data())
 def test_random_engine_answers_never_lose_or_break_a_row(images, monkeypatch, data):
@@ -252,6 +254,7 @@ def test_an_answer_with_unicode_line_breaks_stays_one_record_per_line(images, mo
         shutil.rmtree(folder, ignore_errors=True)
 
 
+@pytest.mark.slow  # several seconds: the slow tier runs it (the unit tier stays under 2 min)
 @SMALL
 @given(data=st.data())
 def test_random_grounding_answers_never_lose_or_break_a_row(images, monkeypatch, data):

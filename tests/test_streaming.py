@@ -203,6 +203,7 @@ def test_pool_keeps_input_order_with_a_small_window(tmp_path):
     ("qwen2vl_2b", ["prompt=coords"]),
     ("tiny", []),
 ])
+@pytest.mark.slow  # several seconds: the slow tier runs it (the unit tier stays under 2 min)
 def test_prepared_images_pass_the_processor_unchanged(tmp_path, model, extra):
     """The image each request names is already at the size Qwen2-VL's processor (which vLLM
     runs too, with the same min/max pixels) resizes to: its resize is the identity, and the
