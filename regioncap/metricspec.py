@@ -22,7 +22,7 @@ import difflib
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 #: Units: how a value is read and formatted.
 UNITS = {
@@ -474,6 +474,19 @@ def number_at(metrics: Dict[str, Any], path: str) -> Optional[float]:
     return float(value)
 
 
+def interval_at(metrics: Dict[str, Any], path: str) -> Optional[Dict[str, Any]]:
+    """The 95% interval of the metric at ``path`` (``references.exact_match`` ->
+    ``references.intervals.exact_match``), or ``None`` where ``metrics`` has none."""
+    head, _, name = path.rpartition(".")
+    try:
+        value = value_at(metrics, f"{head}.intervals.{name}" if head else f"intervals.{name}")
+    except KeyError:
+        return None
+    if not isinstance(value, dict) or number_at(value, "low") is None:
+        return None
+    return value
+
+
 def leaf_paths(metrics: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, Any]]:
     """``(path, value)`` of every leaf of a ``metrics.json`` dict, where a leaf is a
     value that is not a dict, a distribution, a counts mapping or an interval
@@ -597,12 +610,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         print(*objective_names(), sep="\n")
     return 0
-
-
-def iter_compare(metrics: Dict[str, Any], specs: Iterable[Metric]) -> Iterator[Tuple[Metric, Optional[float]]]:
-    """``(metric, number)`` for each of ``specs`` in ``metrics`` (``None`` where absent)."""
-    for spec in specs:
-        yield spec, number_at(metrics, spec.path)
 
 
 if __name__ == "__main__":

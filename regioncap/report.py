@@ -710,12 +710,16 @@ def _header(run: RunData) -> Dict[str, Any]:
 def _with_interval(run: RunData, path: str) -> str:
     """A metric of the run with its 95% interval where metrics.json has one: ``92.0% [75.5%, 100.0%]``."""
     value = metricspec.number_at(run.metrics or {}, path)
-    head, _, name = path.rpartition(".")
-    interval = _dig(run.metrics or {}, *(head.split(".") if head else []), "intervals", name)
-    text = _fmt_metric(path, value)
-    if value is not None and isinstance(interval, dict) and _num(interval.get("low")) is not None:
-        text += f" [{_fmt_metric(path, interval['low'])}, {_fmt_metric(path, interval.get('high'))}]"
-    return text
+    bounds = _interval_text(run.metrics or {}, path) if value is not None else None
+    return _fmt_metric(path, value) + (f" {bounds}" if bounds else "")
+
+
+def _interval_text(metrics: Dict[str, Any], path: str) -> Optional[str]:
+    """``[75.5%, 100.0%]``: the 95% interval of the metric at ``path``, None where it has none."""
+    interval = metricspec.interval_at(metrics, path)
+    if interval is None:
+        return None
+    return f"[{_fmt_metric(path, interval['low'])}, {_fmt_metric(path, interval.get('high'))}]"
 
 
 def _value_text(value: Any, kind: str = "") -> str:
@@ -1206,10 +1210,8 @@ def _comparison_table(jobs: Sequence[RunData], varying: Sequence[str], metric: O
                 text = f"{_fmt(value)} / {_fmt(km.get('regions'))}"
             else:
                 text = _fmt_metric(key, value)
-                head, _, leaf = key.rpartition(".")
-                iv = _dig(job.metrics, *(head.split(".") if head else []), "intervals", leaf)
-                if value is not None and isinstance(iv, dict) and _num(iv.get("low")) is not None:
-                    interval = f"[{_fmt_metric(key, iv['low'])}, {_fmt_metric(key, iv.get('high'))}]"
+                if value is not None:
+                    interval = _interval_text(job.metrics or {}, key)
             name = metricspec.BY_PATH[key].label
             cell: Dict[str, Any] = {"text": text, "interval": interval, "best": None, "highest": None, "diff": None}
             if key == metric and i == best:
