@@ -122,7 +122,12 @@ def test_fake_engine_two_replicas_same_records_as_local(tmp_path, rows, ray_clus
     startup = metrics["stages"]["caption"]["startup"]
     assert 1 <= startup["engines"] <= 2 and startup["engine_load_s"] >= 0 and startup["first_batch_s"] >= 0
     assert 1 <= sum(1 for r in got if r["timing"].get("first_batch")) <= 2 * 3
-    # Both replicas did work (their pids are in no record, but each batch of 3 rows is one Ray task).
+    assert startup["cluster_start_s"] >= 0 and startup["replicas_start_s"] > 0
+    # The cluster had room for both replicas: both were up before the first batch went out, and both
+    # captioned rows (the manifest says where each replica ran and what it did).
+    replicas = json.loads((tmp_path / "ray" / "manifest.json").read_text())["engine"]["describe"]["replicas"]
+    assert len({r["pid"] for r in replicas}) == 2 and all(r["rows"] > 0 and r["batches"] > 0 for r in replicas)
+    assert sum(r["rows"] for r in replicas) == 23
     print(f"ray fake engine: 23 rows, 2 replicas, {took:.1f}s")
 
 
