@@ -7,6 +7,7 @@
     .venv/bin/python scripts/bench.py all --write docs/benchmarks.md
     .venv/bin/python scripts/bench.py anchor --images 12 --repeat 3
     .venv/bin/python scripts/bench.py steady --rows 40 --repeat 3 [--code DIR]
+    .venv/bin/python scripts/bench.py ray --rows 1000 --repeat 3 [--code DIR] [--replicas N]
 
 anchor: DataFlow-MM's own region-caption preparation (its operator's steps,
 written out below from its published code: OpenCV decode for the size, a second
@@ -47,6 +48,14 @@ interleaved round by round: the ratio of the medians, for the steady rate
 over the stage's seconds); near 1 means the rate does not depend on how many
 rows share the start-up. ``--code DIR`` runs the regioncap package of another
 checkout (an older commit: only the all-in rate).
+
+ray: the caption stage alone (``stages=[caption]``, fake engine) on ``--rows``
+demo rows with ``executor=local`` and with ``executor=ray`` (a local cluster
+per run, 2 CPUs, ``--replicas`` replicas), each a whole ``python -m regioncap``,
+interleaved round by round: the stage's seconds, the Ray cluster's start-up
+(the seconds inside ``ray.init``) apart, and the ratio of the medians, Ray
+(without its cluster's start-up) over local. ``--code DIR`` interleaves the
+same runs of another checkout (the code before a change).
 
 Nothing here is asserted in tests; results are ratios measured side by side.
 """
@@ -699,6 +708,97 @@ def bench_steady(rows: int, repeat: int, work: Path, code: Path | None = None) -
     return out
 
 
+#: Runs ``python -m regioncap`` with ``ray.init`` timed: its seconds (the Ray cluster's start-up,
+#: measured the same way for any checkout) go to the file named by the first argument.
+_TIMED_RAY_INIT = """
+import runpy, sys, time
+out, sys.argv = sys.argv[1], ["regioncap", *sys.argv[2:]]
+if any(a == "executor=ray" for a in sys.argv):
+    import ray
+    init = ray.init
+    def timed_init(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return init(*args, **kwargs)
+        finally:
+            with open(out, "a") as fh:
+                fh.write(f"{time.perf_counter() - t0}\\n")
+    ray.init = timed_init
+runpy.run_module("regioncap", run_name="__main__", alter_sys=True)
+"""
+
+
+def bench_ray(rows: int, repeat: int, work: Path, code: Path | None = None, replicas: int = 1) -> Dict[str, object]:
+    """The caption stage with ``executor=local`` and with ``executor=ray`` on the same rows (fake engine).
+
+    The visualize stage runs once; then each round runs the caption stage alone
+    (``stages=[caption]``) in a fresh run dir holding that ``visualize.jsonl``,
+    as a whole ``python -m regioncap``, executors interleaved; with ``code``,
+    that checkout's runs are interleaved with this one's (before and after).
+    Figures per run: the stage's seconds (``stages.caption.seconds``: for Ray
+    its cluster's start-up included), the seconds inside ``ray.init`` (the
+    cluster's start-up: a local cluster for the run, 2 CPUs), and the stage
+    without them; the ratio is of the medians, Ray over local.
+    """
+    import os
+    import subprocess
+
+    demo = REPO / "regioncap" / "demo" / "demo.jsonl"
+    demo_rows = [json.loads(line) for line in demo.read_text().splitlines()]
+    data = work / "ray_rows.jsonl"
+    with open(data, "w") as fh:
+        for i in range(rows):
+            row = dict(demo_rows[i % len(demo_rows)], id=f"r{i}")
+            row["image"] = str(demo.parent / row["image"])
+            fh.write(json.dumps(row) + "\n")
+    base = ["engine=fake", "progress=false", "data=jsonl", f"data.path={data}"]
+    vis = work / "ray_visualize"
+    subprocess.run([sys.executable, "-m", "regioncap", *base, "stages=[visualize]", f"hydra.run.dir={vis}"],
+                   cwd=str(REPO), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    executors = {"local": [], "ray": ["executor=ray", "executor.local_num_cpus=2", "executor.object_store_mb=100",
+                                      f"executor.num_replicas={replicas}"]}
+    codes = {"this": REPO, **({"other": code.resolve()} if code else {})}
+    runs: Dict[str, Dict[str, List[Dict[str, float]]]] = {c: {e: [] for e in executors} for c in codes}
+    counter = iter(range(10 ** 6))
+    for round_ in range(repeat):
+        for label, checkout in codes.items():
+            for name, args in executors.items():
+                out = work / f"ray-{label}-{name}-{next(counter)}"
+                out.mkdir()
+                for name_ in ("visualize.jsonl", "images"):  # the caption stage reads its marked images here
+                    (out / name_).symlink_to(vis / name_)
+                timing = work / f"{out.name}.init"
+                env = {**os.environ, "PYTHONPATH": str(checkout)}
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", _TIMED_RAY_INIT, str(timing), *base, "stages=[caption]", *args,
+                                f"hydra.run.dir={out}"], cwd=str(checkout), env=env, check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wall = time.perf_counter() - t0
+                stage = json.loads((out / "metrics.json").read_text())["stages"]["caption"]
+                init_s = sum(float(x) for x in timing.read_text().split()) if timing.exists() else 0.0
+                run = {"stage_s": stage["seconds"], "cluster_start_s": init_s,
+                       "stage_without_cluster_s": stage["seconds"] - init_s, "process_wall_s": wall,
+                       "replicas_start_s": (stage.get("startup") or {}).get("replicas_start_s")}
+                runs[label][name].append(run)
+                print(json.dumps({"code": label, "executor": name, "round": round_, **run}), flush=True)
+
+    def median(label: str, name: str, key: str) -> float | None:
+        values = [r[key] for r in runs[label][name] if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    out: Dict[str, object] = {"rows": rows, "repeat": repeat, "replicas": replicas, "runs": runs}
+    for label in codes:
+        local = median(label, "local", "stage_s")
+        ray_own = median(label, "ray", "stage_without_cluster_s")
+        out[label] = {"local_stage_s": local, "ray_stage_s": median(label, "ray", "stage_s"),
+                      "ray_cluster_start_s": median(label, "ray", "cluster_start_s"),
+                      "ray_stage_without_cluster_s": ray_own,
+                      "ray_replicas_start_s": median(label, "ray", "replicas_start_s"),
+                      "ratio": ray_own / local if local else None,
+                      "ratio_all_in": median(label, "ray", "stage_s") / local if local else None}
+    return out
+
+
 def caption_corpus(n: int, seed: int = 0) -> List[str]:
     """``n`` COCO-like captions (capitals, periods, commas, possessives, numbers, a few
     brackets and quotes), nearly all distinct, for the tokenizer benchmark."""
@@ -768,8 +868,11 @@ def bench_ptb(n: int, repeat: int) -> Dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["visualize", "caption", "memory", "overlap", "anchor", "ptb", "steady", "all"])
-    parser.add_argument("--code", type=Path, default=None, help="steady: run the regioncap package of this checkout")
+    parser.add_argument("what", choices=["visualize", "caption", "memory", "overlap", "anchor", "ptb", "steady", "ray",
+                                         "all"])
+    parser.add_argument("--code", type=Path, default=None,
+                        help="steady: run the regioncap package of this checkout; ray: interleave its runs (before)")
+    parser.add_argument("--replicas", type=int, default=1, help="ray: executor.num_replicas")
     parser.add_argument("--images", type=int, default=12, help="camera-like JPEGs of the anchor section")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
@@ -800,6 +903,9 @@ def main() -> None:
         if args.what == "steady":  # not in "all": minutes of whole runs, and it writes no Markdown section
             results["steady"] = bench_steady(args.rows or 40, args.repeat, work, args.code)
             print(json.dumps({k: v for k, v in results["steady"].items() if k != "runs"}, indent=2))
+        if args.what == "ray":  # not in "all": a Ray cluster per run, and it writes no Markdown section
+            results["ray"] = bench_ray(args.rows or 1000, args.repeat, work, args.code, args.replicas)
+            print(json.dumps({k: v for k, v in results["ray"].items() if k != "runs"}, indent=2))
         if args.what in ("ptb", "all"):
             results["ptb"] = bench_ptb(args.captions, args.repeat)
             print(json.dumps(results["ptb"], indent=2))
