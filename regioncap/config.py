@@ -372,7 +372,7 @@ class ExecutorConfig:
 
 @dataclass
 class RayExecutorConfig(ExecutorConfig):
-    """The caption stage over a Ray cluster: a pool of engine replicas (Ray Data actors).
+    """The caption stage over a Ray cluster: a pool of engine replicas (Ray actors).
 
     Needs the ``ray`` extra (``pip install "regioncap[ray]"``); Ray is imported
     only when this executor is picked. Every replica must see the run dir and
