@@ -7,7 +7,6 @@ tests/test_ray.py and tests/test_ray_nodes.py."""
 
 from __future__ import annotations
 
-import json
 import random
 from typing import Any, Dict, List
 
@@ -45,7 +44,7 @@ class Actor:
             self.queued += 1
             assert self.queued <= AHEAD, "more than AHEAD batches on one replica"
             offsets, lengths = args
-            ref = Ref({"records": [f'{{"index": {o}}}' for o in offsets]}, self, "caption")
+            ref = Ref({"records": [{"index": o} for o in offsets]}, self, "caption")
             self.ray.sent.append((self.k, list(offsets)))
         self.ray.out.append(ref)
         return ref
@@ -99,7 +98,7 @@ def test_every_batch_once_in_order_at_most_ahead_per_replica(seed, replicas, chu
     batches = [[(n * 3 + i, n * 3 + i, 1) for i in range(3)] for n in range(chunks)]
     got = []
     for result in pool.run(batches, wait_all=wait_all):
-        got += [json.loads(r)["index"] for r in result["records"]]
+        got += [r["index"] for r in result["records"]]
         # Results wait in the pool until their turn, but never more than a window's worth are out.
         assert len(ray.sent) - len(got) // 3 <= 2 * AHEAD * replicas
     assert got == list(range(chunks * 3))
