@@ -135,4 +135,5 @@ def test_two_nodes_every_row_once_and_rows_on_both(tmp_path, two_nodes):
     assert all(r["rows"] > 0 for r in replicas) and sum(r["rows"] for r in replicas) == n
     startup = json.loads((out / "metrics.json").read_text())["stages"]["caption"]["startup"]
     assert startup["engines"] == 2 and startup["cluster_start_s"] >= 0 and startup["replicas_start_s"] > 0
-    print(f"two Ray nodes: {n} rows, {took:.1f}s for the run")
+    print(f"two Ray nodes: {n} rows, {took:.1f}s for the run; joining the cluster {startup['cluster_start_s']:.2f}s, "
+          f"replicas up {startup['replicas_start_s']:.2f}s, rows per node {[r['rows'] for r in replicas]}")
