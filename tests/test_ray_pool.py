@@ -89,7 +89,7 @@ class FakeRay:
         actor.killed = True
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=st.integers(0, 10 ** 6), replicas=st.integers(1, 4), chunks=st.integers(0, 25),
        wait_all=st.booleans())
 def test_every_batch_once_in_order_at_most_ahead_per_replica(seed, replicas, chunks, wait_all):

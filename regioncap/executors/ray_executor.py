@@ -159,6 +159,9 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
     # the batch being written, then exit 143) is put back after it.
     main = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    # Said before: Ray retries an address that does not answer for minutes without a word.
+    log.info("caption: %s", f"joining the Ray cluster at {executor_cfg.address}" if executor_cfg.address
+             else "starting a local Ray cluster for this run")
     try:
         try:
             ray.init(**kwargs)
