@@ -31,8 +31,9 @@ from test_pipeline import make_image, write_rows
 
 pytestmark = [requires("ray"), pytest.mark.slow, pytest.mark.cli]
 
-#: ``ray`` beside the interpreter running the tests (the virtual environment's).
-RAY = str(Path(sys.executable).with_name("ray"))
+#: ``ray`` beside the interpreter running the tests (the virtual environment's), else on PATH.
+RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else \
+    (shutil.which("ray") or "ray")
 #: How long a node may take to come up on a busy 2-core machine.
 START_TIMEOUT_S = 120
 
