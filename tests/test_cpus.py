@@ -160,13 +160,14 @@ def test_choose_threads_refuses_nonsense(bad):
         choose_threads(bad, 0, CpuLimits(2, None, None, 2))
 
 
-@pytest.mark.parametrize("value,ok", [(None, True), (1, True), (64, True), (0, False), (-2, False)])
-def test_threads_setting_range_check(value, ok):
-    cfg = compose(["engine=fake", f"threads={'null' if value is None else value}"])
-    if ok:
+def test_threads_setting_range_check():
+    cfg = compose(["engine=fake", "threads=2"])
+    for value in (None, 1, 2, 64):
+        cfg.threads = value
         check_settings(cfg)
-    else:
-        with pytest.raises(RunError, match="threads"):
+    for value in (0, -2):
+        cfg.threads = value
+        with pytest.raises(RunError, match="threads must be null or a whole number >= 1"):
             check_settings(cfg)
 
 
@@ -193,6 +194,7 @@ def test_single_thread_sets_the_runtimes_unless_set(monkeypatch):
     assert os.environ["MKL_NUM_THREADS"] == "3"  # the user's own choice stays
 
 
+@pytest.mark.slow  # imports torch: seconds
 def test_apply_engine_threads_sizes_torch():
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
@@ -211,11 +213,11 @@ def test_run_logs_the_choice_and_writes_it_to_the_manifest(tmp_path, caplog):
 
     out = tmp_path / "run"
     with caplog.at_level("INFO", logger="regioncap"):
-        execute(compose(["engine=fake", "progress=false", "workers=1"], output_dir=out))
+        execute(compose(["engine=fake", "progress=false", "workers=0"], output_dir=out))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("threads: "))
     threads = json.loads((out / "manifest.json").read_text())["threads"]
-    assert threads["source"] == "auto" and threads["workers_beside"] == 1
-    assert threads["engine"] == max(1, threads["usable"] - 1) and threads["usable"] == usable_cpus().usable
+    assert threads["source"] == "auto" and threads["workers_beside"] == 0  # workers=0: none beside the engine
+    assert threads["engine"] == threads["usable"] == usable_cpus().usable
     assert line.startswith(f"threads: {threads['engine']} for the engine (automatic; ")
 
 
@@ -234,3 +236,14 @@ def test_visualize_only_run_chooses_no_threads(tmp_path):
     out = tmp_path / "run"
     execute(compose(["engine=fake", "progress=false", "stages=[visualize]", "workers=0"], output_dir=out))
     assert json.loads((out / "manifest.json").read_text())["threads"] is None
+
+
+@pytest.mark.slow  # starts the preparation pool (a fork server and a worker): seconds
+@pytest.mark.parametrize("overlap,beside", [("true", 1), ("false", 0)])
+def test_the_worker_beside_the_engine_counts_only_when_the_stages_overlap(tmp_path, overlap, beside):
+    from regioncap.job import execute
+
+    out = tmp_path / "run"
+    execute(compose(["engine=fake", "progress=false", "workers=1", f"overlap={overlap}"], output_dir=out))
+    threads = json.loads((out / "manifest.json").read_text())["threads"]
+    assert threads["workers_beside"] == beside and threads["engine"] == max(1, threads["usable"] - beside)
