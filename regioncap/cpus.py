@@ -31,8 +31,9 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 
-#: Environment variables that size the thread pools of the OpenMP, MKL and OpenBLAS runtimes.
-THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+#: Environment variables that size the thread pools of the OpenMP, MKL and OpenBLAS runtimes and
+#: OpenCV's own (read when each library loads; the contour proposer imports OpenCV in the workers).
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OPENCV_FOR_THREADS_NUM")
 
 
 def affinity_cpus() -> Optional[int]:

@@ -189,8 +189,10 @@ def test_single_thread_sets_the_runtimes_unless_set(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setenv("MKL_NUM_THREADS", "3")
     monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    monkeypatch.delenv("OPENCV_FOR_THREADS_NUM", raising=False)
     cpus.single_thread()
     assert os.environ["OMP_NUM_THREADS"] == "1" and os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert os.environ["OPENCV_FOR_THREADS_NUM"] == "1"
     assert os.environ["MKL_NUM_THREADS"] == "3"  # the user's own choice stays
 
 
