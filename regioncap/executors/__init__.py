@@ -50,6 +50,8 @@ class CaptionJob:
     engine_info: Dict[str, Any] = field(default_factory=dict)
     #: Rows the stage will see, where known (progress bar total and ETA).
     total: Optional[int] = None
+    #: CPU threads of the engine (``regioncap.cpus.choose_threads``); None leaves the engine's own default.
+    threads: Optional[int] = None
 
 
 class Executor:

@@ -64,7 +64,12 @@ class _Replica:
 
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-        self.captioner = Captioner(OmegaConf.create(cfg), cfg["output_dir"], model_path=model_path)
+        from regioncap.cpus import single_thread
+
+        # The actor's CPUs are what it reserved (executor.num_cpus), not the node's: threads=N forces.
+        threads = cfg.get("threads") or max(1, math.ceil(float(cfg["executor"]["num_cpus"])))
+        single_thread(threads)
+        self.captioner = Captioner(OmegaConf.create(cfg), cfg["output_dir"], model_path=model_path, threads=threads)
         self.visualize = open(visualize_path, "rb")
         #: Whether this replica's engine start-up went back to the driver already.
         self.reported = False
