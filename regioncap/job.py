@@ -22,6 +22,7 @@ from regioncap.manifest import (
 )
 from regioncap.errors import RunError
 from regioncap.run import RegionCapRun, build_run
+from regioncap.settings import check_config
 from regioncap.rundir import STAGE_FILES, RunDir, regioncap_command, resume_args, shell_word
 from regioncap.signals import Interrupted, stop_on_signals
 
@@ -41,6 +42,7 @@ def run_job(cfg: Any) -> Any:
     """
     try:
         check_objective(cfg)  # before any work: a misspelt objective fails every job of a sweep in a second
+        check_config(cfg)  # the components' classes, keys, types and value ranges, before any row is read
         metrics = execute(cfg)
         value = objective_value(cfg, metrics) if cfg.objective else metrics
     except Interrupted as exc:
@@ -260,11 +262,7 @@ def _check(cfg: Any, run: RegionCapRun, metrics: Dict[str, Any]) -> None:
 
 
 def _build_tracker(cfg: Any) -> RunLogger:
-    try:
-        tracker = build_logger(cfg.logger)
-    except ValueError as exc:
-        raise RunError(str(exc)) from None
-    return tracker
+    return build_logger(cfg.get("logger"))
 
 
 # ------------------------------------------------------- what Hydra says of the job
