@@ -42,7 +42,6 @@ def run_job(cfg: Any) -> Any:
     """
     try:
         check_objective(cfg)  # before any work: a misspelt objective fails every job of a sweep in a second
-        check_config(cfg)  # the components' classes, keys, types and value ranges, before any row is read
         metrics = execute(cfg)
         value = objective_value(cfg, metrics) if cfg.objective else metrics
     except Interrupted as exc:
@@ -96,6 +95,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
     ``finally`` with the job's exit code, so a failed job never leaves a
     tracking run open for the next job of a sweep.
     """
+    check_config(cfg)  # the components' classes, keys, types and value ranges: before the run dir is touched
     run_dir = Path(cfg.output_dir)
     started = time.time()
     built: Dict[str, Any] = {}  # model_path and engine_info, for the manifest
