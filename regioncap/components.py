@@ -222,19 +222,20 @@ def typed(node: Any, cls: type, key: str) -> Any:
     keeps the node's ``_target_``.
     """
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     config = getattr(cls, "Config", None)
     if config is None or not dataclasses.is_dataclass(config):
         raise RunError(f"{key}: {cls.__module__}.{cls.__qualname__} has no Config dataclass")
-    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-    target = values.pop(TARGET, None)
     try:
+        values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        target = values.pop(TARGET, None)
         merged = OmegaConf.merge(OmegaConf.structured(_with_target(config, target)), values)
     except OmegaConfBaseException as exc:
-        field_key = f"{key}.{exc.full_key}" if getattr(exc, "full_key", None) else key
+        inner = str(getattr(exc, "full_key", None) or "")
+        field_key = inner if inner.startswith(f"{key}.") else f"{key}.{inner}" if inner else key
         what = str(getattr(exc, "msg", exc)).splitlines()[0]
-        if "not in" in what:
+        if isinstance(exc, ConfigKeyError):
             what = f"not a setting of {cls.__module__}.{cls.__qualname__}"
         raise RunError(f"{field_key}: {what}") from None
     return merged
