@@ -104,7 +104,7 @@ def range_problems(node: Any, schema: Optional[type], key: str) -> List[str]:
             value = node[f.name]
             if not ok(value):
                 problems.append(f"{where} must be {what}, got {value!r}")
-        child = node._get_node(f.name) if hasattr(node, "_get_node") else None
+        child = node._get_node(f.name) if hasattr(node, "_get_node") else None  # the node, unresolved
         nested = schema_of(child)
         if nested is not None:
             problems += range_problems(child, nested, where)
