@@ -70,14 +70,14 @@ class Captioner(Stage):
         """Build the configured engine (once); :class:`RunError` when it cannot start."""
         if self.engine is not None:
             return self.engine
-        from regioncap.engines import EngineError, build_engine, resolve_engine_name
+        from regioncap.engines import EngineError, build_engine, engine_of
 
         t0 = time.perf_counter()
         try:
             if self.threads is not None:
                 from regioncap.cpus import apply_engine_threads
 
-                apply_engine_threads(self.threads, resolve_engine_name(str(self.cfg.engine.name)),
+                apply_engine_threads(self.threads, engine_of(self.cfg.engine).chosen(self.cfg.engine).name,
                                      self.cfg.engine.get("device"))
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
