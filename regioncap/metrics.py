@@ -26,6 +26,7 @@ METEOR where Java is on PATH), so the figures compare with published ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -36,7 +37,7 @@ import time
 from array import array
 from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap import metricspec
 from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_interval
@@ -448,16 +449,15 @@ class _MeteorStream:
         self.timed_out.set()
         self.scorer.meteor_p.kill()
 
-    def _check(self, text: str) -> str:
-        if self.timed_out.is_set():
-            raise TimeoutError(f"METEOR took longer than {self.timeout_s:.0f} s")
+    def _answer(self, text: str) -> str:
         if not text:
             raise RuntimeError("METEOR's Java process ended without an answer")
         return text
 
     def add(self, caption: str, references: Sequence[str]) -> None:
         """Send one tokenized pair; its statistics go to the temporary file."""
-        stat = self._check(self.scorer._stat(caption, list(references)))
+        with self._watched():
+            stat = self._answer(self.scorer._stat(caption, list(references)))
         self._stats.write(stat + "\n")
         self.n += 1
 
@@ -465,16 +465,27 @@ class _MeteorStream:
         """The corpus METEOR of every pair sent (their scores in :attr:`each` when kept)."""
         proc = self.scorer.meteor_p
         self._stats.seek(0)
-        proc.stdin.write(b"EVAL")
-        for line in self._stats:
-            proc.stdin.write(f" ||| {line.rstrip(chr(10))}".encode())
-        proc.stdin.write(b"\n")
-        proc.stdin.flush()
-        for _ in range(self.n):
-            value = float(self._check(proc.stdout.readline().decode().strip()))
-            if self.each is not None:
-                self.each.append(value)
-        return float(self._check(proc.stdout.readline().decode().strip()))
+        with self._watched():
+            proc.stdin.write(b"EVAL")
+            for line in self._stats:
+                proc.stdin.write(f" ||| {line.rstrip(chr(10))}".encode())
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+            for _ in range(self.n):
+                value = float(self._answer(proc.stdout.readline().decode().strip()))
+                if self.each is not None:
+                    self.each.append(value)
+            return float(self._answer(proc.stdout.readline().decode().strip()))
+
+    @contextlib.contextmanager
+    def _watched(self) -> Iterator[None]:
+        """Whatever a JVM killed by the watchdog makes fail (a broken pipe, no answer) is its timeout."""
+        try:
+            yield
+        except Exception as exc:
+            if self.timed_out.is_set():
+                raise TimeoutError(f"METEOR took longer than {self.timeout_s:.0f} s") from exc
+            raise
 
     def close(self) -> None:
         self._timer.cancel()

@@ -495,7 +495,13 @@ def _lex(text: str, end: Optional[int] = None) -> List[str]:
     return out
 
 
-@lru_cache(maxsize=65536)
+#: Tokenizations kept: enough for the captions a run repeats (references such as "a red circle",
+#: a model's stock phrases), not one per caption of a large run (that grew a run's memory
+#: with its rows: about 0.3 KB per distinct caption, 17 MiB at 62,500).
+CACHE_SIZE = 8192
+
+
+@lru_cache(maxsize=CACHE_SIZE)
 def _tokenize_cached(text: str, following: str = "") -> str:
     if _PLAIN.fullmatch(text):
         words: List[str] = []

@@ -327,3 +327,26 @@ def test_resampling_block_size_changes_no_draw(monkeypatch):
         monkeypatch.setattr(iv_mod, "_BLOCK", block)
         assert iv_mod.bootstrap_interval(values, clusters.tolist(), n_boot=300, seed=9) == want
     assert math.isfinite(want["low"])
+
+
+# ------------------------------------------------------------------ METEOR, streamed (a JVM: slow tier)
+@pytest.mark.slow
+def test_streamed_meteor_is_the_toolkits_and_its_watchdog_stops_it():
+    import shutil
+
+    # Java ships with the machines CI runs on; without it this must fail, not skip.
+    assert shutil.which("java"), "METEOR needs java on PATH (apt-get install default-jre-headless)"
+    records = shapes_records()
+    want = toolkit_references(records, n_boot=0, seed=0)
+    res = {i: [t] for i, t in enumerate(ptb.ptb_tokenize_batch([c for c, _ in want["pairs"]]))}
+    flat = iter(ptb.ptb_tokenize_batch([t for _, r in want["pairs"] for t in r]))
+    gts = {i: [next(flat) for _ in r] for i, (_, r) in enumerate(want["pairs"])}
+    score, each = mx._meteor(gts, res, 600.0)  # the toolkit's compute_score, every pair at once
+    got = mx.compute_metrics(records, {}, meteor=True, bootstrap_resamples=0)["references"]
+    assert got["meteor"] == round(score, 4) and "meteor_absent" not in got
+    _, per = mx.score_references(want["pairs"], meteor=True)
+    assert [p["meteor"] for p in per] == each
+    # A JVM past its time is killed: METEOR absent with the reason, every other score still there.
+    slow = mx.compute_metrics(records, {}, meteor=True, meteor_timeout_s=0.01, bootstrap_resamples=0)["references"]
+    assert slow["meteor"] is None and slow["meteor_absent"].startswith("METEOR failed: TimeoutError")
+    assert slow["cider"] == got["cider"]
