@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import re
@@ -150,8 +151,6 @@ def _record_references(record: Dict[str, Any], references_key: Optional[str]) ->
     if isinstance(value, str):
         # A JSON list in a text column, as the bbox field allows; else one reference for box 0.
         if value.lstrip().startswith("["):
-            import json
-
             try:
                 value = json.loads(value)
             except (ValueError, RecursionError):  # not JSON, an int over 4300 digits, or too deep
@@ -540,8 +539,13 @@ class ReferenceScorer:
         self._seconds = 0.0
         if self.absent:
             return
+        from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+        from pycocoevalcap.cider.cider_scorer import precook
+        from pycocoevalcap.rouge.rouge import Rouge
+
         from regioncap.ptb import PTBBatch
 
+        self._cook_refs, self._cook_test, self._precook, self._rouge_l = cook_refs, cook_test, precook, Rouge()
         self._captions, self._references = PTBBatch(), PTBBatch()
         #: Pairs given and not yet tokenized: (row, references); their tokens as they come.
         self._waiting: Deque[Tuple[int, int]] = deque()
@@ -587,19 +591,13 @@ class ReferenceScorer:
             self._first_pass(row, caption, references)
 
     def _first_pass(self, row: int, caption: str, references: List[str]) -> None:
-        import json
-        import tempfile
-
-        from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
-        from pycocoevalcap.cider.cider_scorer import precook
-        from pycocoevalcap.rouge.rouge import Rouge
-
-        comps = cook_test(caption, cook_refs(references, n=BLEU_N), eff="closest", n=BLEU_N)
+        """One tokenized pair: everything but CIDEr-D (which needs the whole corpus) and METEOR."""
+        comps = self._cook_test(caption, self._cook_refs(references, n=BLEU_N), eff="closest", n=BLEU_N)
         stats = (*comps["guess"], *comps["correct"], comps["testlen"], comps["reflen"])
         for k, value in enumerate(stats):
             self._bleu_total[k] += value
         self.rows["bleu4"].add(row, stats)
-        rouge = Rouge().calc_score([caption], references)
+        rouge = self._rouge_l.calc_score([caption], references)
         self._rouge.append(rouge)
         self.rows["rouge_l"].add(row, (rouge,))
         # Lengths as BLEU counts them (words of the tokenized text): with captions of three
@@ -609,11 +607,13 @@ class ReferenceScorer:
         self._short += words < BLEU_N
         self._reference_lens += sum(len(r.split()) for r in references)
         self._references_n += len(references)
-        for ngram in {ngram for ref in references for ngram in precook(ref, CIDER_N)}:
+        for ngram in {ngram for ref in references for ngram in self._precook(ref, CIDER_N)}:
             self._df[ngram] = self._df.get(ngram, 0.0) + 1.0
         if self.per is not None:
             self.per[self._tokenized].update(bleu4=bleu_from_stats(stats)[BLEU_N - 1], rouge_l=float(rouge))
         if self._spill is None:
+            import tempfile
+
             self._spill = tempfile.TemporaryFile("w+", encoding="utf-8")
         self._spill.write(json.dumps([row, caption, *references]) + "\n")
         self._tokenized += 1
@@ -650,8 +650,6 @@ class ReferenceScorer:
 
     def _second_pass(self) -> Dict[str, Any]:
         """CIDEr-D (and METEOR) of every pair, read back from the temporary file."""
-        import json
-
         import numpy as np
 
         ref_len = np.log(float(self._tokenized))
