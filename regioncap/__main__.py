@@ -3,9 +3,13 @@
 import os
 import sys
 
-import hydra
+from regioncap import quickexit
 
-from regioncap.config import register_configs
+quickexit.arm()  # first: its exit handler runs after every other one
+
+import hydra  # noqa: E402
+
+from regioncap.config import register_configs  # noqa: E402
 
 register_configs()
 
@@ -24,10 +28,19 @@ def _main(cfg):  # noqa: ANN001,ANN201 - Hydra passes a DictConfig
 
 
 def main() -> None:
-    """``regioncap [overrides]``; a sweep that went on past failed jobs still exits 1."""
-    _main()
+    """``regioncap [overrides]``; a sweep that went on past failed jobs still exits 1.
+
+    Once the command is done the process ends without the interpreter's teardown
+    (:mod:`regioncap.quickexit`).
+    """
+    try:
+        _main()
+    except SystemExit as exc:
+        quickexit.done(quickexit.exit_code(exc.code))
+        raise
     from regioncap.callbacks import FAILED_JOBS
 
+    quickexit.done(1 if FAILED_JOBS else 0)
     if FAILED_JOBS:
         sys.exit(1)
 

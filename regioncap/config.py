@@ -372,7 +372,7 @@ class ExecutorConfig:
 
 @dataclass
 class RayExecutorConfig(ExecutorConfig):
-    """The caption stage over a Ray cluster: a pool of engine replicas (Ray Data actors).
+    """The caption stage over a Ray cluster: a pool of engine replicas (Ray actors).
 
     Needs the ``ray`` extra (``pip install "regioncap[ray]"``); Ray is imported
     only when this executor is picked. Every replica must see the run dir and
@@ -582,6 +582,10 @@ class RegionCapConfig:
     #: null: the cores the engine does not use (see regioncap.prepare.resolve_workers);
     #: 0: prepare in the main process.
     workers: Optional[int] = None
+    #: CPU threads of the engine (torch's pools; vLLM CPU's OpenMP threads). null: the CPUs this
+    #: process may use (affinity mask, cgroup quota, SLURM_CPUS_PER_TASK: the smallest) minus the
+    #: preparation workers running beside the engine, at least 1 (see regioncap.cpus).
+    threads: Optional[int] = None
     #: With both stages in one process: caption rows while the next ones are
     #: prepared (needs workers >= 1); false runs the stages one after the other.
     overlap: bool = True

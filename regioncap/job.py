@@ -211,6 +211,8 @@ def _run_stages(cfg: Any, built: Dict[str, Any], rundir: RunDir, tracker: RunLog
         run.close()
         if run.engine_info:
             built["engine_info"] = run.engine_info
+        if run.threads is not None:
+            built["threads"] = run.threads.as_dict()
     log.info("summary:\n%s", run.summary(metrics))
     samples = _samples(run)
     if samples:

@@ -637,10 +637,9 @@ def host_info() -> Dict[str, Any]:
             mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             mem = None
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = os.cpu_count()
+    from regioncap.cpus import usable_cpus
+
+    usable = usable_cpus().usable
     return {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
@@ -679,7 +678,7 @@ def build_manifest(cfg: Any, *, run_dir: str | Path, choices: Optional[Mapping[s
                    overrides: Optional[Sequence[str]] = None, started: float, ended: Optional[float] = None,
                    model_path: Optional[str] = None, engine_info: Optional[Mapping[str, Any]] = None,
                    status: Optional[str] = None, error: Optional[str] = None,
-                   cwd: Optional[str] = None) -> Dict[str, Any]:
+                   cwd: Optional[str] = None, threads: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Everything needed to tell what a run was and to run it again, as JSON-ready data.
 
     ``cfg`` is the composed config (DictConfig or plain dict); ``choices`` and
@@ -689,7 +688,8 @@ def build_manifest(cfg: Any, *, run_dir: str | Path, choices: Optional[Mapping[s
     ``model_path`` the local folder the engine loaded, ``engine_info`` the
     engine's ``describe()``; ``status`` (``ok``/``failed``) and ``error`` how
     the job ended; ``cwd`` the folder the run was started from (relative
-    ``data.path`` values resolve against it). Secrets are masked throughout
+    ``data.path`` values resolve against it); ``threads`` the engine's CPU
+    threads and why (``regioncap.cpus.ThreadChoice.as_dict``). Secrets are masked throughout
     (:func:`redact`).
     """
     config, resolved = config_to_dict(cfg)
@@ -726,6 +726,7 @@ def build_manifest(cfg: Any, *, run_dir: str | Path, choices: Optional[Mapping[s
         "seed": {"seed": seed, "sampling_seed": sampling.get("seed") if sampling.get("seed") is not None else seed},
         "data": fingerprint,
         "engine": {"name": (config.get("engine") or {}).get("name"), "describe": engine},
+        "threads": dict(threads) if threads else None,
         "model": model,
         "git": git_info(),
         "versions": package_versions(),

@@ -484,7 +484,7 @@ def _sum_stages(shards: Sequence[_Shard]) -> Dict[str, Dict[str, Any]]:
 
                 startup = acc.setdefault("startup", {})
                 merge_startup(startup, st["startup"])
-                for key in ("time_to_first_caption_s", "process_start_s"):
+                for key in ("time_to_first_caption_s", "process_start_s", "cluster_start_s", "replicas_start_s"):
                     if st["startup"].get(key) is not None:
                         startup[key] = max(float(st["startup"][key]), float(startup.get(key) or 0.0))
     return stages

@@ -1389,7 +1389,9 @@ def _stage_line(name: str, st: Dict[str, Any]) -> str:
     if "steady" not in st:
         return f"{head} ({st['rows_per_s'] or 0:.2f} rows/s{rates})"
     up = st.get("startup") or {}
-    parts = [f"{label} {up[k]:.2f} s" for k, label in (("process_start_s", "process start"),
+    parts = [f"{label} {up[k]:.2f} s" for k, label in (("cluster_start_s", "Ray cluster start"),
+                                                       ("replicas_start_s", "Ray replicas start"),
+                                                       ("process_start_s", "process start"),
                                                        ("engine_load_s", "engine load"),
                                                        ("first_batch_s", "first batch")) if up.get(k) is not None]
     if up.get("engines", 1) > 1:

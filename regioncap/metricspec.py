@@ -362,6 +362,11 @@ def _specs() -> Iterator[Metric]:
             "from the caption stage's start to its first commit with an engine answer")
     yield m(cap + "startup.process_start_s", "process start (s)", "seconds", "lower", "process",
             "executor=isolated: spawning the child process until its stage loop starts")
+    yield m(cap + "startup.cluster_start_s", "Ray cluster start (s)", "seconds", "lower", "process",
+            "executor=ray: starting the run's local Ray cluster, or joining the one at executor.address")
+    yield m(cap + "startup.replicas_start_s", "Ray replicas start (s)", "seconds", "lower", "process",
+            "executor=ray: from asking for the replicas to the last one up (process, imports; engines load "
+            "at their first batch)")
     yield m(cap + "startup.engines", "engines started", "count", None, "process",
             "engines started (Ray replicas); the seconds are the slowest one's")
 

@@ -35,22 +35,22 @@ _WORKER_STAGE: Any = None
 
 
 def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not on Linux
-        return max(1, os.cpu_count() or 1)
+    """CPUs this process may use (affinity mask, cgroup quota, ``SLURM_CPUS_PER_TASK``), at least 1."""
+    from regioncap.cpus import usable_cpus
+
+    return usable_cpus().usable
 
 
 def resolve_workers(cfg: Any) -> int:
     """Preparation worker processes for a run: ``cfg.workers``, or a default from the engine.
 
-    ``workers: null`` picks the cores the engine does not use: all but one for
+    ``workers: null`` picks the CPUs the engine does not use, out of those this
+    process may use (:func:`regioncap.cpus.usable_cpus`): all but one for
     an engine whose work is elsewhere (vLLM on a GPU, an OpenAI-compatible
     server, the fake engine), and one for the transformers engine unless its
-    device is CUDA (on the CPU, torch's own threads take every core and caption
-    generation is far slower than preparation, so more workers would only slow
-    the engine). ``workers: 0`` prepares in the main process.
+    device is CUDA (on the CPU, the engine's threads take the other CPUs and
+    caption generation is far slower than preparation, so more workers would
+    only slow the engine). ``workers: 0`` prepares in the main process.
     """
     workers = cfg.get("workers")
     if workers is not None:
@@ -136,6 +136,10 @@ def _init_worker(cfg: Dict[str, Any], main_pid: int) -> None:
 
     from regioncap.stages.visualize import Visualizer
 
+    from regioncap.cpus import single_thread
+
+    # One CPU per worker: the workers' count is already sized to the CPUs the engine leaves free.
+    single_thread()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_run, args=(main_pid,), name="regioncap-run-watch", daemon=True).start()

@@ -24,6 +24,7 @@ import time
 from dataclasses import replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from regioncap.cpus import ThreadChoice, choose_threads
 from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
 from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor, executor_class
@@ -76,6 +77,8 @@ class RegionCapRun:
         self.workers: Optional[int] = None
         #: How the stages ran: ``{"overlap", "workers", "seconds", "reason"}`` (metrics ``pipeline``).
         self.pipeline: Dict[str, Any] = {}
+        #: The engine's CPU threads and why (the manifest's ``threads``), chosen when the run starts.
+        self.threads: Optional[ThreadChoice] = None
         #: What the engine was, for the manifest (filled by the caption stage's executor).
         self.engine_info: Dict[str, Any] = {}
         self._validate()
@@ -109,6 +112,7 @@ class RegionCapRun:
         log.info("pipeline: %s; image preparation in %s", "visualize and caption overlap (streaming)" if overlap
                  else f"stages one after the other ({reason})",
                  f"{workers} worker process(es)" if workers else "the main process")
+        self.threads = self.choose_threads(overlap, workers)
         start = time.perf_counter()
         try:
             if overlap:
@@ -125,6 +129,20 @@ class RegionCapRun:
         metrics = self.metrics()
         write_text_atomically(self.rundir.metrics_file, dumps(metrics) + "\n")
         return metrics
+
+    def choose_threads(self, overlap: bool, workers: int) -> Optional[ThreadChoice]:
+        """The engine's CPU threads when the caption stage runs in this process or a child of it (logged).
+
+        Ray replicas size their own threads from ``executor.num_cpus``.
+        """
+        if "caption" not in self.cfg.stages or self.executor.name == "ray":
+            return None
+        try:
+            choice = choose_threads(self.cfg.get("threads"), workers if overlap else 0)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
+        log.info("%s", choice.describe())
+        return choice
 
     def _workers(self) -> int:
         if self.workers is None:
@@ -182,6 +200,7 @@ class RegionCapRun:
         """Caption the visualize records (``records`` as a stream, or ``visualize.jsonl``) where the executor says."""
         job = CaptionJob(cfg=self.cfg, rundir=self.rundir, stats=self._stats("caption"), model_path=self.model_path,
                          on_commit=self.on_commit, start_hint=self._start_hint(), engine_info=self.engine_info,
+                         threads=self.threads.engine if self.threads else None,
                          total=self.total_rows() if "visualize" in self.cfg.stages else None)
         return self.executor.caption(job, records)
 

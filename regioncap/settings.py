@@ -56,6 +56,7 @@ RULES: List[Tuple[str, Tuple[Callable[[Any], bool], str]]] = [
     ("max_boxes", whole(1)),
     ("max_error_rate", real(0, 1)),
     ("commit_every", whole(1)),
+    ("threads", optional(whole(1))),
     ("model.min_pixels", whole(1)),
     ("model.max_pixels", whole(1)),
     ("model.patch_size", whole(1)),

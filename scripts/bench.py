@@ -8,6 +8,8 @@
     .venv/bin/python scripts/bench.py all --write docs/benchmarks.md
     .venv/bin/python scripts/bench.py anchor --images 12 --repeat 3
     .venv/bin/python scripts/bench.py steady --rows 40 --repeat 3 [--code DIR]
+    .venv/bin/python scripts/bench.py ray --rows 1000 --repeat 3 [--code DIR] [--replicas N]
+    .venv/bin/python scripts/bench.py coldstart --repeat 5 [--code DIR] [--write FILE]
 
 anchor: DataFlow-MM's own region-caption preparation (its operator's steps,
 written out below from its published code: OpenCV decode for the size, a second
@@ -53,6 +55,21 @@ interleaved round by round: the ratio of the medians, for the steady rate
 over the stage's seconds); near 1 means the rate does not depend on how many
 rows share the start-up. ``--code DIR`` runs the regioncap package of another
 checkout (an older commit: only the all-in rate).
+
+ray: the caption stage alone (``stages=[caption]``, fake engine) on ``--rows``
+demo rows with ``executor=local`` and with ``executor=ray`` (a local cluster
+per run, 2 CPUs, ``--replicas`` replicas), each a whole ``python -m regioncap``,
+interleaved round by round: the stage's seconds, the Ray cluster's start-up
+(the seconds inside ``ray.init``) apart, and the ratio of the medians, Ray
+(without its cluster's start-up) over local. ``--code DIR`` interleaves the
+same runs of another checkout (the code before a change).
+coldstart: the shipped default run (``python -m regioncap``, a fresh run dir
+each time) against the import floor ``python -c "import torch, transformers"``,
+interleaved round by round, median wall and CPU seconds of ``--repeat`` rounds;
+quiet (the machine as it is: the load average is printed with the figures) and
+busy (``--busy`` CPU-burning processes beside it, started and killed by the
+script). ``--code DIR`` adds the default run of another checkout's package to
+the same rounds (before/after). ``--write FILE`` writes its Markdown section.
 
 Nothing here is asserted in tests; results are ratios measured side by side.
 """
@@ -757,6 +774,205 @@ def bench_steady(rows: int, repeat: int, work: Path, code: Path | None = None) -
     return out
 
 
+#: Runs ``python -m regioncap`` with ``ray.init`` timed: its seconds (the Ray cluster's start-up,
+#: measured the same way for any checkout) go to the file named by the first argument.
+_TIMED_RAY_INIT = """
+import runpy, sys, time
+out, sys.argv = sys.argv[1], ["regioncap", *sys.argv[2:]]
+if any(a == "executor=ray" for a in sys.argv):
+    import ray
+    init = ray.init
+    def timed_init(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return init(*args, **kwargs)
+        finally:
+            with open(out, "a") as fh:
+                fh.write(f"{time.perf_counter() - t0}\\n")
+    ray.init = timed_init
+runpy.run_module("regioncap", run_name="__main__", alter_sys=True)
+"""
+
+
+def bench_ray(rows: int, repeat: int, work: Path, code: Path | None = None, replicas: int = 1) -> Dict[str, object]:
+    """The caption stage with ``executor=local`` and with ``executor=ray`` on the same rows (fake engine).
+
+    The visualize stage runs once; then each round runs the caption stage alone
+    (``stages=[caption]``) in a fresh run dir holding that ``visualize.jsonl``,
+    as a whole ``python -m regioncap``, executors interleaved; with ``code``,
+    that checkout's runs are interleaved with this one's (before and after).
+    Figures per run: the stage's seconds (``stages.caption.seconds``: for Ray
+    its cluster's start-up included), the seconds inside ``ray.init`` (the
+    cluster's start-up: a local cluster for the run, 2 CPUs), and the stage
+    without them; the ratio is of the medians, Ray over local.
+    """
+    import os
+    import subprocess
+
+    demo = REPO / "regioncap" / "demo" / "demo.jsonl"
+    demo_rows = [json.loads(line) for line in demo.read_text().splitlines()]
+    data = work / "ray_rows.jsonl"
+    with open(data, "w") as fh:
+        for i in range(rows):
+            row = dict(demo_rows[i % len(demo_rows)], id=f"r{i}")
+            row["image"] = str(demo.parent / row["image"])
+            fh.write(json.dumps(row) + "\n")
+    base = ["engine=fake", "progress=false", "data=jsonl", f"data.path={data}"]
+    vis = work / "ray_visualize"
+    subprocess.run([sys.executable, "-m", "regioncap", *base, "stages=[visualize]", f"hydra.run.dir={vis}"],
+                   cwd=str(REPO), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    executors = {"local": [], "ray": ["executor=ray", "executor.local_num_cpus=2", "executor.object_store_mb=100",
+                                      f"executor.num_replicas={replicas}"]}
+    codes = {"this": REPO, **({"other": code.resolve()} if code else {})}
+    runs: Dict[str, Dict[str, List[Dict[str, float]]]] = {c: {e: [] for e in executors} for c in codes}
+    counter = iter(range(10 ** 6))
+    for round_ in range(repeat):
+        for label, checkout in codes.items():
+            for name, args in executors.items():
+                out = work / f"ray-{label}-{name}-{next(counter)}"
+                out.mkdir()
+                for name_ in ("visualize.jsonl", "images"):  # the caption stage reads its marked images here
+                    (out / name_).symlink_to(vis / name_)
+                timing = work / f"{out.name}.init"
+                env = {**os.environ, "PYTHONPATH": str(checkout)}
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", _TIMED_RAY_INIT, str(timing), *base, "stages=[caption]", *args,
+                                f"hydra.run.dir={out}"], cwd=str(checkout), env=env, check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                wall = time.perf_counter() - t0
+                stage = json.loads((out / "metrics.json").read_text())["stages"]["caption"]
+                init_s = sum(float(x) for x in timing.read_text().split()) if timing.exists() else 0.0
+                run = {"stage_s": stage["seconds"], "cluster_start_s": init_s,
+                       "stage_without_cluster_s": stage["seconds"] - init_s, "process_wall_s": wall,
+                       "replicas_start_s": (stage.get("startup") or {}).get("replicas_start_s")}
+                runs[label][name].append(run)
+                print(json.dumps({"code": label, "executor": name, "round": round_, **run}), flush=True)
+
+    def median(label: str, name: str, key: str) -> float | None:
+        values = [r[key] for r in runs[label][name] if r[key] is not None]
+        return statistics.median(values) if values else None
+
+    out: Dict[str, object] = {"rows": rows, "repeat": repeat, "replicas": replicas, "runs": runs}
+    for label in codes:
+        local = median(label, "local", "stage_s")
+        ray_own = median(label, "ray", "stage_without_cluster_s")
+        out[label] = {"local_stage_s": local, "ray_stage_s": median(label, "ray", "stage_s"),
+                      "ray_cluster_start_s": median(label, "ray", "cluster_start_s"),
+                      "ray_stage_without_cluster_s": ray_own,
+                      "ray_replicas_start_s": median(label, "ray", "replicas_start_s"),
+                      "ratio": ray_own / local if local else None,
+                      "ratio_all_in": median(label, "ray", "stage_s") / local if local else None}
+    return out
+
+
+#: The import floor of the cold start (transformers imports its model code lazily: not in it).
+IMPORT_FLOOR = "import torch, transformers"
+#: What any caller of the default model in transformers imports besides: the model and processor code
+#: (transformers' modeling pulls in torchvision, torch._dynamo, torch.distributed.tensor and sympy).
+ENGINE_FLOOR = "import torch, transformers; from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration"
+
+
+def _timed_command(args: List[str], env: Dict[str, str], cwd: Path) -> Tuple[float, float]:
+    """Wall and CPU seconds (this process's children: the command and everything it started) of ``args``."""
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, cwd=str(cwd), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = proc.communicate()
+    except BaseException:  # stopped (Ctrl-C, SIGTERM): leave no run behind
+        proc.kill()
+        proc.wait()
+        raise
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {stderr[-2000:]}")
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def bench_coldstart(repeat: int, work: Path, code: Path | None = None, busy: int = 2,
+                    modes: Sequence[str] = ("quiet", "busy")) -> Dict[str, object]:
+    """The default run (``python -m regioncap``, a fresh run dir each time) against the import floor
+    (``python -c "import torch, transformers"``), interleaved round by round, median of ``repeat``;
+    ``quiet`` as the machine is, ``busy`` with ``busy`` CPU-burning processes beside it (started and
+    killed here). ``code``: also the regioncap package of another checkout (before/after in one run)."""
+    import os
+    import signal
+    import subprocess
+
+    # A SIGTERM unwinds like Ctrl-C, so the burners and the command in flight are killed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    sides: Dict[str, Tuple[List[str], Dict[str, str]]] = {
+        "floor": ([sys.executable, "-c", IMPORT_FLOOR], env),
+        "engine_floor": ([sys.executable, "-c", ENGINE_FLOOR], env),
+        "run": ([sys.executable, "-m", "regioncap", "progress=false"], {**env, "PYTHONPATH": str(REPO)}),
+    }
+    if code is not None:
+        sides["run_code"] = ([sys.executable, "-m", "regioncap", "progress=false"], {**env, "PYTHONPATH": str(code)})
+    counter = iter(range(10 ** 6))
+    out: Dict[str, object] = {"repeat": repeat, "busy_processes": busy, "code": str(code) if code else None,
+                              "cores": os.cpu_count()}
+    for mode in modes:
+        burners = []
+        if mode == "busy":
+            burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+        try:
+            load_before = os.getloadavg()[0]
+            times: Dict[str, List[Tuple[float, float]]] = {k: [] for k in sides}
+            for _ in range(repeat):
+                for side, (args, side_env) in sides.items():
+                    extra = [f"hydra.run.dir={work / f'coldstart-{next(counter)}'}"] if side.startswith("run") else []
+                    times[side].append(_timed_command(args + extra, side_env, work))
+                    print(json.dumps({"mode": mode, "side": side, "wall_s": round(times[side][-1][0], 2),
+                                      "cpu_s": round(times[side][-1][1], 2)}), flush=True)
+            load_after = os.getloadavg()[0]
+        finally:
+            for proc in burners:
+                proc.kill()
+                proc.wait()
+        med = {side: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+               for side, v in times.items()}
+        floor_wall = med["floor"][0]
+        out[mode] = {"load_average_1min": [round(load_before, 2), round(load_after, 2)],
+                     **{f"{side}_wall_s": round(w, 2) for side, (w, _) in med.items()},
+                     **{f"{side}_cpu_s": round(c, 2) for side, (_, c) in med.items()},
+                     **{f"{side}_over_floor": round(w / floor_wall, 2) for side, (w, _) in med.items()
+                        if side != "floor"},
+                     "walls": {side: [round(w, 2) for w, _ in v] for side, v in times.items()}}
+    return out
+
+
+def coldstart_markdown(r: Dict[str, object]) -> str:
+    """The cold start section: wall (and CPU) seconds, medians, ratios to the import floor."""
+    code = r.get("code")
+    lines = ["## Cold start", "",
+             f"The default run (`python -m regioncap progress=false`, a fresh run dir each time) against the "
+             f"import floor (`python -c \"{IMPORT_FLOOR}\"`), run one after the other round by round, median of "
+             f"{r['repeat']}; busy: {r['busy_processes']} CPU-burning processes beside them "
+             f"({r['cores']} cores). Targets: run / floor <= 1.5 quiet, <= 2.0 busy. The engine floor "
+             f"(`{ENGINE_FLOOR}`) is what any caller of the default model in transformers imports."
+             + (f" `run (before)`: the regioncap package of `{code}`, in the same rounds." if code else ""), "",
+             "| machine | load average (1 min, start/end) | floor wall s (CPU s) | engine floor wall s (CPU s) | "
+             "run wall s (CPU s) | run / floor |" + (" run (before) wall s (CPU s) | before / floor |" if code else ""),
+             "|---|---|---|---|---|---|" + ("---|---|" if code else "")]
+    for mode in ("quiet", "busy"):
+        m = r.get(mode)
+        if not isinstance(m, dict):
+            continue
+        row = (f"| {mode} | {m['load_average_1min'][0]} / {m['load_average_1min'][1]} | "
+               f"{m['floor_wall_s']} ({m['floor_cpu_s']}) | {m['engine_floor_wall_s']} ({m['engine_floor_cpu_s']}) | "
+               f"{m['run_wall_s']} ({m['run_cpu_s']}) | "
+               f"{m['run_over_floor']} |")
+        if code:
+            row += f" {m['run_code_wall_s']} ({m['run_code_cpu_s']}) | {m['run_code_over_floor']} |"
+        lines.append(row)
+    return "\n".join(lines + [""])
+
+
 def caption_corpus(n: int, seed: int = 0) -> List[str]:
     """``n`` COCO-like captions (capitals, periods, commas, possessives, numbers, a few
     brackets and quotes), nearly all distinct, for the tokenizer benchmark."""
@@ -826,8 +1042,14 @@ def bench_ptb(n: int, repeat: int) -> Dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["visualize", "caption", "memory", "references", "overlap", "anchor", "ptb", "steady", "all"])
-    parser.add_argument("--code", type=Path, default=None, help="steady, references: run the regioncap package of this checkout")
+    parser.add_argument("what", choices=["visualize", "caption", "memory", "references", "overlap", "anchor", "ptb",
+                                         "steady", "ray", "coldstart", "all"])
+    parser.add_argument("--code", type=Path, default=None,
+                        help="steady, coldstart, references: also run the regioncap package of this checkout; "
+                             "ray: interleave its runs (before)")
+    parser.add_argument("--replicas", type=int, default=1, help="ray: executor.num_replicas")
+    parser.add_argument("--busy", type=int, default=2, help="coldstart: CPU-burning processes of the busy rounds")
+    parser.add_argument("--modes", default="quiet,busy", help="coldstart: quiet, busy or both")
     parser.add_argument("--images", type=int, default=12, help="camera-like JPEGs of the anchor section")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
@@ -861,13 +1083,23 @@ def main() -> None:
         if args.what == "steady":  # not in "all": minutes of whole runs, and it writes no Markdown section
             results["steady"] = bench_steady(args.rows or 40, args.repeat, work, args.code)
             print(json.dumps({k: v for k, v in results["steady"].items() if k != "runs"}, indent=2))
+        if args.what == "ray":  # not in "all": a Ray cluster per run, and it writes no Markdown section
+            results["ray"] = bench_ray(args.rows or 1000, args.repeat, work, args.code, args.replicas)
+            print(json.dumps({k: v for k, v in results["ray"].items() if k != "runs"}, indent=2))
+        if args.what == "coldstart":  # not in "all": whole runs, and it has its own Markdown section
+            results["coldstart"] = bench_coldstart(args.repeat, work, args.code, args.busy, args.modes.split(","))
+            print(json.dumps(results["coldstart"], indent=2))
+            print(coldstart_markdown(results["coldstart"]))
         if args.what in ("ptb", "all"):
             results["ptb"] = bench_ptb(args.captions, args.repeat)
             print(json.dumps(results["ptb"], indent=2))
         if args.what in ("overlap", "all"):
             results["overlap"] = bench_overlap(args.overlap_rows, args.repeat, work)
             print(json.dumps(results["overlap"], indent=2))
-    if args.write:
+    if args.write and args.what == "coldstart":
+        args.write.write_text(coldstart_markdown(results["coldstart"]))
+        print(f"wrote {args.write}")
+    elif args.write:
         args.write.write_text(to_markdown(results, environment(), args.note))
         print(f"wrote {args.write}")
 

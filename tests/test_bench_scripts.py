@@ -99,3 +99,14 @@ def test_a_shared_engine_serves_two_runs_and_stays_open(tmp_path):
     own.engine.close = lambda: closed.append("own")
     own.close()
     assert closed == ["own"]  # an engine the stage built itself is closed with it
+
+
+def test_coldstart_markdown_has_every_figure():
+    bench = _load("bench")
+    mode = {"load_average_1min": [0.5, 1.2], "floor_wall_s": 4.0, "floor_cpu_s": 3.0, "engine_floor_wall_s": 6.0,
+            "engine_floor_cpu_s": 5.0, "run_wall_s": 7.0, "run_cpu_s": 6.5, "run_over_floor": 1.75,
+            "engine_floor_over_floor": 1.5, "run_code_wall_s": 12.0, "run_code_cpu_s": 9.0, "run_code_over_floor": 3.0}
+    text = bench.coldstart_markdown({"repeat": 3, "busy_processes": 2, "code": "../main", "cores": 2,
+                                     "quiet": mode, "busy": {**mode, "run_over_floor": 1.9}})
+    assert "| quiet | 0.5 / 1.2 | 4.0 (3.0) | 6.0 (5.0) | 7.0 (6.5) | 1.75 | 12.0 (9.0) | 3.0 |" in text
+    assert "| busy |" in text and "1.9" in text and bench.IMPORT_FLOOR in text

@@ -245,7 +245,8 @@ def test_merged_metrics_equal_the_unsharded_runs(shapes_runs, n):
         "shards.regions_per_s", *(f"stages.caption.{k}" for k in (
             "prompt_tokens_per_s", "output_tokens_per_s", "steady.seconds", "steady.rows", "steady.images",
             "steady.regions", "steady.prompt_tokens", "steady.output_tokens", "startup.engine_load_s",
-            "startup.first_batch_s", "startup.time_to_first_caption_s", "startup.process_start_s", "startup.engines", "steady.basis"))}
+            "startup.first_batch_s", "startup.time_to_first_caption_s", "startup.process_start_s", "startup.cluster_start_s",
+            "startup.replicas_start_s", "startup.engines", "steady.basis"))}
     whole, shards, merged, summary = shapes_runs(n)
     assert summary["status"] == "ok" and summary["metrics"] == "metrics.json"
     expected = json.loads((whole / "metrics.json").read_text())

@@ -47,7 +47,8 @@ def _full_metrics() -> Dict[str, Any]:
     counts = {"rows": 2, "images": 2, "regions": 3, "prompt_tokens": 20, "output_tokens": 6}
     stages["caption"].update(steady={"seconds": 0.5, **counts}, first_batch=counts,
                              startup={"engine_load_s": 0.4, "first_batch_s": 0.3, "time_to_first_caption_s": 0.9,
-                                      "process_start_s": 0.2, "engines": 1})
+                                      "process_start_s": 0.2, "cluster_start_s": 3.0, "replicas_start_s": 0.6,
+                                      "engines": 1})
     out = compute_metrics(_records(), stages)
     # DenseCap mAP needs METEOR (Java): the block from its own code, with a stand-in METEOR.
     dense = DenseCapStats("references")

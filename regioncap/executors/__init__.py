@@ -6,7 +6,7 @@ executor   the caption stage runs
 local      in this process (streams with the visualize stage)
 isolated   in one spawned child process, so the engine's memory (a vLLM
            engine's GPU memory above all) is released when the stage ends
-ray        on a pool of engine replicas on a Ray cluster (Ray Data actors)
+ray        on a pool of engine replicas on a Ray cluster (Ray actors)
 =========  ===============================================================
 
 Each executor only decides where a :class:`regioncap.stages.caption.Captioner`
@@ -50,6 +50,8 @@ class CaptionJob:
     engine_info: Dict[str, Any] = field(default_factory=dict)
     #: Rows the stage will see, where known (progress bar total and ETA).
     total: Optional[int] = None
+    #: CPU threads of the engine (``regioncap.cpus.choose_threads``); None leaves the engine's own default.
+    threads: Optional[int] = None
 
 
 class Executor:

@@ -44,7 +44,7 @@ class IsolatedExecutor(Executor):
         results = ctx.Queue()
         cfg = OmegaConf.to_container(job.cfg, resolve=True, enum_to_str=True)
         cfg["output_dir"] = str(job.rundir.path)
-        proc = ctx.Process(target=caption_child, args=(cfg, job.model_path, job.start_hint, results),
+        proc = ctx.Process(target=caption_child, args=(cfg, job.model_path, job.start_hint, results, job.threads),
                            name="regioncap-caption")
         start = time.perf_counter()
         started_at = time.time()
@@ -83,7 +83,8 @@ class IsolatedExecutor(Executor):
         return stats
 
 
-def caption_child(cfg: Dict[str, Any], model_path: Optional[str], start_hint: str, results: Any) -> None:
+def caption_child(cfg: Dict[str, Any], model_path: Optional[str], start_hint: str, results: Any,
+                  threads: Optional[int] = None) -> None:
     """Entry of the spawned caption process: run the stage locally, report its stats, exit."""
     from omegaconf import OmegaConf
 
@@ -96,7 +97,7 @@ def caption_child(cfg: Dict[str, Any], model_path: Optional[str], start_hint: st
     conf = OmegaConf.create(cfg)
     executor = LocalExecutor(conf)
     job = CaptionJob(cfg=conf, rundir=RunDir(cfg["output_dir"]), stats=StageStats("caption"),
-                     model_path=model_path, start_hint=start_hint)
+                     model_path=model_path, start_hint=start_hint, threads=threads)
     try:
         # Ctrl-C reaches this process too, and the parent forwards a SIGTERM it gets:
         # either way, stop after the batch in hand (never at once: the parent decides that).

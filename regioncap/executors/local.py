@@ -31,7 +31,7 @@ class LocalExecutor(Executor):
         if cfg.resume and "visualize" not in cfg.stages:
             job.rundir.done_rows("visualize")  # cuts a torn tail a killed visualize stage left
         self.captioner = Captioner(cfg, job.rundir.path, model_path=job.model_path, start_hint=job.start_hint,
-                                   engine=self.engine)
+                                   engine=self.engine, threads=job.threads)
         loop = StageLoop("caption", job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
                          on_commit=job.on_commit)
         source = read_jsonl(job.rundir.visualize_file) if records is None else records

@@ -1,16 +1,22 @@
-"""The caption stage over a Ray cluster (``executor=ray``): a pool of engine replicas fed by Ray Data.
+"""The caption stage over a Ray cluster (``executor=ray``): a pool of engine replicas (Ray actors).
 
 The regioncap process (the *driver*) scans ``visualize.jsonl`` once and keeps,
 for each row still to caption, its index and where its line is in the file.
-Ray Data hands those rows, ``executor.batch_size`` at a time, to a fixed pool
-of ``executor.num_replicas`` actors (``map_batches`` with a callable class and
-``ActorPoolStrategy``), each reserving ``num_cpus``/``num_gpus``. Each actor
-builds the configured engine once and captions with the local stage's own code
-(:meth:`regioncap.stages.caption.Captioner.caption_batch`: the same prompts, structured outputs, re-ask
-and error rows), so ``engine=transformers|vllm|openai|fake`` all work. The
-driver commits the records it gets back through the stage loop every executor uses,
-in ``visualize.jsonl`` order (Ray Data's ``preserve_order``), and checks that
-every row comes back exactly once and in that order; a mismatch stops the run.
+It starts ``executor.num_replicas`` actors, each reserving ``num_cpus``/``num_gpus``
+(spread over the nodes first), and hands them the rows ``executor.batch_size``
+at a time, ``AHEAD`` batches queued on each replica so none waits for a round
+trip. Each actor builds the configured engine once and captions with the local
+stage's own code (:meth:`regioncap.stages.caption.Captioner.caption_batch`: the
+same prompts, structured outputs, re-ask and error rows), so
+``engine=transformers|vllm|openai|fake`` all work. The driver commits the
+records it gets back through the stage loop every executor uses, in
+``visualize.jsonl`` order, and checks that every row comes back exactly once
+and in that order; a mismatch stops the run.
+
+Plain actors, not Ray Data: a Ray Data plan imported pyarrow and Ray Data in
+the driver and in every actor and started its streaming executor, several
+seconds before the first batch, for a pipeline of one map step
+(docs/scaling.md has the figures).
 
 Resume works as in the local stage (``resume=true``: rows already in
 ``captions.jsonl`` are not sent again; ``retry_errors=true`` redoes caption
@@ -28,7 +34,6 @@ import json
 import logging
 import functools
 import gc
-import math
 import os
 import signal
 import threading
@@ -50,7 +55,7 @@ _INSTALL_HINT = 'executor=ray needs Ray: pip install "regioncap[ray]" (or run wi
 
 
 class _Replica:
-    """One engine replica (a Ray actor): reads its rows' records, captions them, returns the records as JSON."""
+    """One engine replica (a Ray actor): reads its rows' records, captions them, returns the records."""
 
     def __init__(self, cfg: Dict[str, Any], model_path: Optional[str], visualize_path: str) -> None:
         from omegaconf import OmegaConf
@@ -59,28 +64,46 @@ class _Replica:
 
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-        self.captioner = Captioner(OmegaConf.create(cfg), cfg["output_dir"], model_path=model_path)
+        from regioncap.cpus import single_thread
+
+        # The actor's CPUs are what it reserved (executor.num_cpus), not the node's: threads=N forces.
+        threads = cfg.get("threads") or max(1, math.ceil(float(cfg["executor"]["num_cpus"])))
+        single_thread(threads)
+        self.captioner = Captioner(OmegaConf.create(cfg), cfg["output_dir"], model_path=model_path, threads=threads)
         self.visualize = open(visualize_path, "rb")
         #: Whether this replica's engine start-up went back to the driver already.
         self.reported = False
 
-    def __call__(self, batch: Dict[str, Any]) -> Dict[str, List[Any]]:
-        from regioncap.records import dumps
+    def where(self) -> Dict[str, Any]:
+        """Where this replica runs: its Ray node, host and process (the driver waits on this to know it is up)."""
+        import socket
 
+        import ray
+
+        return {"node_id": ray.get_runtime_context().get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
+
+    def caption(self, offsets: List[int], lengths: List[int]) -> Dict[str, Any]:
+        """Caption the records at ``offsets``/``lengths`` of ``visualize.jsonl``: ``{records, startup, engine}``.
+
+        ``startup`` and ``engine`` (the engine's ``describe()``) come back once, with the
+        first batch after the engine's first call. The records go back as the objects the
+        local stage commits (Ray pickles them, types kept): JSON text made here and read
+        back by the driver cost about four times as much on both sides.
+        """
         records = []
-        for offset, length in zip(batch["offset"], batch["length"]):
-            self.visualize.seek(int(offset))
-            records.append(json.loads(self.visualize.read(int(length))))
+        for offset, length in zip(offsets, lengths):
+            self.visualize.seek(offset)
+            records.append(json.loads(self.visualize.read(length)))
         out: List[Dict[str, Any]] = []
         # As in the local stage: a replica with nothing to caption never loads a model.
         for part in grouped(records, self.captioner.batch_size, self.captioner.max_rows):
             out += self.captioner.caption_batch(part)
-        # This replica's start-up goes back once, on the first row of the first batch after its engine's first call.
-        startup = [""] * len(out)
+        result: Dict[str, Any] = {"records": out}
         if out and not self.reported and "first_batch_s" in self.captioner.startup:
-            startup[0] = json.dumps(self.captioner.startup)
+            result["startup"] = dict(self.captioner.startup)
+            result["engine"] = self.captioner.describe_engine()
             self.reported = True
-        return {"index": [r["index"] for r in out], "record": [dumps(r) for r in out], "startup": startup}
+        return result
 
     def __del__(self) -> None:
         try:
@@ -141,6 +164,9 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
     # the batch being written, then exit 143) is put back after it.
     main = threading.current_thread() is threading.main_thread()
     on_sigterm = signal.getsignal(signal.SIGTERM) if main else None
+    # Said before: Ray retries an address that does not answer for minutes without a word.
+    log.info("caption: %s", f"joining the Ray cluster at {executor_cfg.address}" if executor_cfg.address
+             else "starting a local Ray cluster for this run")
     try:
         try:
             ray.init(**kwargs)
@@ -159,39 +185,22 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
     finally:
         if on_sigterm is not None:
             signal.signal(signal.SIGTERM, on_sigterm)
-    known = {t.ident for t in threading.enumerate()}
     try:
         yield ray
     finally:
-        _shutdown(ray, known)
+        _shutdown(ray)
 
 
-# Threads Ray Data starts to run a dataset and to feed its iterator. They may hold
-# object references and call into the core worker until they finish.
-_RAY_DATA_THREADS = ("StreamingExecutor", "iter_threaded", "ray-data")
-
-
-def _shutdown(ray: Any, known: set, timeout: float = 30.0) -> None:
-    """``ray.shutdown()`` once nothing in this process can touch the core worker during it.
+def _shutdown(ray: Any) -> None:
+    """``ray.shutdown()`` with the cyclic garbage collector off.
 
     ``ray.shutdown`` stops the core worker first and forgets it after; an object
-    reference released in between, by a Ray Data thread still winding down or by
-    the cyclic garbage collector, calls into the stopped worker, and Ray then ends
-    the whole process with exit code 1 ("The core worker has already been shutdown"),
-    which turned a SIGTERM's clean stop (exit 143) into a failure. So: wait for the
-    Ray Data threads started while the cluster was up (those not in ``known``), collect
-    the garbage that holds references, and keep the collector off during the shutdown.
-    Ray Data's block prefetcher thread is not waited for: it stays parked once its
-    iterator is closed.
+    reference released in between by the collector calls into the stopped worker,
+    and Ray then ends the whole process with exit code 1 ("The core worker has
+    already been shutdown"), which turned a SIGTERM's clean stop (exit 143) into a
+    failure. So the garbage that holds references is collected first, and the
+    collector stays off during the shutdown.
     """
-    deadline = time.monotonic() + timeout
-    for thread in threading.enumerate():
-        if thread.ident in known or not thread.name.startswith(_RAY_DATA_THREADS):
-            continue
-        thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive():
-            log.warning("Ray Data thread %r still runs %.0f s after the stage ended; shutting Ray down anyway",
-                        thread.name, timeout)
     gc.collect()
     enabled = gc.isenabled()
     gc.disable()
@@ -202,16 +211,19 @@ def _shutdown(ray: Any, known: set, timeout: float = 30.0) -> None:
             gc.enable()
 
 
-def _check_resources(ray: Any, ex: Any) -> None:
+def _check_resources(ray: Any, ex: Any) -> bool:
     """Refuse a pool a local cluster can never place (Ray would wait for it forever).
 
     A cluster joined at ``executor.address`` may grow (an autoscaler): there a
-    shortfall is only logged.
+    shortfall is only logged. Returns whether the cluster has room for the
+    whole pool now (its free CPUs and GPUs), so every replica can start at once.
     """
-    total = ray.cluster_resources()
+    total, free = ray.cluster_resources(), ray.available_resources()
+    room = True
     for name, per_replica in (("CPU", float(ex.num_cpus)), ("GPU", float(ex.num_gpus))):
         need = per_replica * int(ex.num_replicas)
         have = float(total.get(name, 0.0))
+        room = room and need <= float(free.get(name, 0.0)) + 1e-9
         if need > have + 1e-9:
             if ex.address:
                 log.warning("executor=ray: the pool needs %g %s and the cluster has %g now; the replicas wait "
@@ -221,6 +233,7 @@ def _check_resources(ray: Any, ex: Any) -> None:
                 f"executor=ray: {ex.num_replicas} replica(s) x {per_replica:g} {name} = {need:g} {name}, but the "
                 f"Ray cluster has {have:g}; lower executor.num_replicas or executor.num_{name.lower()}s, or use a "
                 f"bigger cluster")
+    return room
 
 
 def _user_error(exc: BaseException) -> str:
@@ -268,77 +281,165 @@ def _identity(item: Dict[str, Any]) -> Any:
     return item["index"], item["id"], item["digest"]
 
 
+#: Batches queued on each replica at once: the next one is there when its current one ends,
+#: so a replica never waits for a round trip to the driver.
+AHEAD = 2
+
+
 def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
     """The records of ``items`` (rows of ``visualize.jsonl``) captioned on the cluster, in order, in batches."""
-    todo = [{"index": r["index"], "offset": r["offset"], "length": r["length"]} for r in items]
+    todo = [(r["index"], r["offset"], r["length"]) for r in items]
     if not todo:
         return
-    cfg, ex = job.cfg, job.cfg.executor
+    cfg, ex, stats = job.cfg, job.cfg.executor, job.stats
     from omegaconf import OmegaConf
 
     path = job.rundir.captions_file
     plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     plain["output_dir"] = str(job.rundir.path.resolve())  # actors may run in another working directory
+    batch = int(ex.batch_size)
+    chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
+    bar = None
+    t0 = time.perf_counter()
     try:
         with ray_cluster(ex) as ray:
-            import ray.data
-
-            _check_resources(ray, ex)
-            ctx = ray.data.DataContext.get_current()
-            old = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
-            ctx.execution_options.preserve_order = True  # records come back in visualize.jsonl order
-            ctx.enable_progress_bars = bool(cfg.progress)
+            stats.startup["cluster_start_s"] = time.perf_counter() - t0
+            room = _check_resources(ray, ex)
+            options: Dict[str, Any] = {
+                "num_cpus": float(ex.num_cpus), "num_gpus": float(ex.num_gpus),
+                # An actor process that dies (out of memory, a node lost) is started again and its
+                # batch run again, as Ray Data's actor pools do; the driver commits each row once.
+                "max_restarts": -1, "max_task_retries": -1,
+                # One replica per node first: a cluster of GPU nodes fills every node.
+                "scheduling_strategy": "SPREAD"}
+            options.update(dict(ex.get("remote_args") or {}))
+            log.info("caption: %d row(s) over Ray: %d replica(s) x (%g CPU, %g GPU), %d row(s) per batch, "
+                     "cluster %s", len(todo), ex.num_replicas, ex.num_cpus, ex.num_gpus, batch,
+                     ray.cluster_resources())
+            pool = _Pool(ray, ray.remote(**options)(_Replica), int(ex.num_replicas), {
+                "cfg": plain, "model_path": job.model_path,
+                "visualize_path": str(job.rundir.visualize_file.resolve())})
             try:
-                batch = int(ex.batch_size)
-                ds = ray.data.from_items(todo, override_num_blocks=max(1, math.ceil(len(todo) / batch)))
-                ds = ds.map_batches(
-                    _Replica, batch_size=batch, batch_format="numpy",
-                    compute=ray.data.ActorPoolStrategy(size=int(ex.num_replicas)),
-                    num_cpus=float(ex.num_cpus), num_gpus=float(ex.num_gpus) or None,
-                    fn_constructor_kwargs={"cfg": plain, "model_path": job.model_path,
-                                           "visualize_path": str(job.rundir.visualize_file.resolve())},
-                    **dict(ex.get("remote_args") or {}))
-                log.info("caption: %d row(s) over Ray: %d replica(s) x (%g CPU, %g GPU), %d row(s) per batch, "
-                         "cluster %s", len(todo), ex.num_replicas, ex.num_cpus, ex.num_gpus, batch,
-                         ray.cluster_resources())
+                if bool(cfg.progress):
+                    from tqdm import tqdm
+
+                    bar = tqdm(desc="caption", unit="row", dynamic_ncols=True, mininterval=1.0, total=len(todo))
                 expected = iter(todo)
-                # Closed before the cluster shuts down, also when a stop breaks out of it: an open
-                # iterator's threads can touch the Ray worker after ray.shutdown(), and Ray then
-                # ends the process with exit code 1 (seen once in 8 SIGTERM runs).
-                batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
-                try:
-                    for out in batches:
-                        records = [json.loads(r) for r in out["record"]]
-                        for startup in out.get("startup", ()):
-                            if startup:
-                                merge_startup(job.stats.startup, json.loads(startup))
-                        for rec in records:
-                            want = next(expected, None)
-                            if want is None or rec.get("index") != want["index"]:
-                                raise RunError(
-                                    f"executor=ray: row {rec.get('index')} came back where row "
-                                    f"{None if want is None else want['index']} was due; the batches before "
-                                    f"it are committed in {path}: {resume_args(job.rundir.path)} "
-                                    f"goes on from there")
-                        yield records
-                        if stop_requested():
-                            return
-                    left = sum(1 for _ in expected)
-                    if left:
-                        raise RunError(f"executor=ray: {left} row(s) did not come back from the cluster; "
-                                       f"{resume_args(job.rundir.path)} captions them")
-                finally:
-                    close = getattr(batches, "close", None)
-                    if close is not None:
-                        close()
-                    # The dataset, its iterator and the last batch hold object references:
-                    # released here, while the cluster is still up.
-                    ds = batches = out = None  # noqa: F841
+                for result in pool.run(chunks, wait_all=room):
+                    records = result["records"]
+                    if "startup" in result:
+                        merge_startup(stats.startup, result["startup"])
+                    if result.get("engine") and not job.engine_info:
+                        job.engine_info.update(result["engine"])
+                    for rec in records:
+                        want = next(expected, None)
+                        if want is None or rec.get("index") != want[0]:
+                            raise RunError(
+                                f"executor=ray: row {rec.get('index')} came back where row "
+                                f"{None if want is None else want[0]} was due; the batches before "
+                                f"it are committed in {path}: {resume_args(job.rundir.path)} "
+                                f"goes on from there")
+                    yield records
+                    if bar is not None:
+                        bar.update(len(records))
+                    if stop_requested():
+                        return
+                left = sum(1 for _ in expected)
+                if left:
+                    raise RunError(f"executor=ray: {left} row(s) did not come back from the cluster; "
+                                   f"{resume_args(job.rundir.path)} captions them")
             finally:
-                ctx.execution_options.preserve_order, ctx.enable_progress_bars = old
+                if pool.started:
+                    stats.startup["replicas_start_s"] = pool.started
+                job.engine_info["replicas"] = pool.where()
+                # Batches still in flight are dropped; the replicas go now, also on a cluster that stays up.
+                pool.close()
+                pool = None  # its object references, released while the cluster is still up
     except RunError:
         raise
     except GeneratorExit:
         raise
     except Exception as exc:  # noqa: BLE001 - an actor's error arrives wrapped by Ray
         raise RunError(f"the caption stage failed on the Ray cluster: {_user_error(exc)}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+class _Pool:
+    """``num`` replica actors; batches go to the replicas that are up, results come back in batch order."""
+
+    def __init__(self, ray: Any, actor_class: Any, num: int, init: Dict[str, Any]) -> None:
+        self.ray = ray
+        self.t0 = time.perf_counter()
+        self.actors = [actor_class.remote(**init) for _ in range(num)]
+        #: Per replica: ``{node_id, host, pid}`` once it is up, plus the batches and rows it captioned.
+        self.info: List[Optional[Dict[str, Any]]] = [None] * num
+        #: Seconds from asking for the replicas to the last one up (0 until one is).
+        self.started = 0.0
+        self._waiting = {actor.where.remote(): k for k, actor in enumerate(self.actors)}
+
+    def _up(self, ref: Any) -> None:
+        k = self._waiting.pop(ref)
+        self.info[k] = dict(self.ray.get(ref), batches=0, rows=0)
+        self.started = time.perf_counter() - self.t0
+        log.info("caption: replica %d/%d up after %.2f s on node %s (%s, pid %s)", k + 1, len(self.actors),
+                 self.started, self.info[k]["node_id"][:12], self.info[k]["host"], self.info[k]["pid"])
+
+    def run(self, chunks: List[List[Any]], wait_all: bool) -> Iterator[Dict[str, Any]]:
+        """Each chunk's ``_Replica.caption`` result, in chunk order.
+
+        With ``wait_all`` (the cluster has room for the whole pool) no batch is sent
+        before every replica is up, so the first batches spread over all of them;
+        otherwise the replicas that are up start and the others join when placed.
+        At most ``AHEAD`` batches wait on a replica, and at most ``2 * AHEAD`` per
+        replica are out at once: results wait here until their turn, so a slow
+        replica holds the others back only after they are that far ahead.
+        """
+        ray, n = self.ray, len(self.actors)
+        if wait_all:
+            for ref in list(self._waiting):
+                ray.get(ref)
+                self._up(ref)
+        load = [0] * n
+        out: Dict[Any, Any] = {}  # in-flight ref -> (chunk number, replica)
+        done: Dict[int, Dict[str, Any]] = {}
+        sent = given = 0
+        while given < len(chunks):
+            while sent < len(chunks) and sent - given < 2 * AHEAD * n:
+                free = [k for k in range(n) if self.info[k] is not None and load[k] < AHEAD]
+                if not free:
+                    break
+                k = min(free, key=load.__getitem__)
+                chunk = chunks[sent]
+                ref = self.actors[k].caption.remote([c[1] for c in chunk], [c[2] for c in chunk])
+                out[ref] = (sent, k)
+                load[k] += 1
+                sent += 1
+            if given in done:
+                yield done.pop(given)
+                given += 1
+                continue
+            ready, _ = ray.wait([*out, *self._waiting], num_returns=1)
+            for ref in ready:
+                if ref in self._waiting:
+                    self._up(ref)
+                    continue
+                number, k = out.pop(ref)
+                load[k] -= 1
+                done[number] = result = ray.get(ref)
+                self.info[k]["batches"] += 1
+                self.info[k]["rows"] += len(result["records"])
+
+    def where(self) -> List[Dict[str, Any]]:
+        """The replicas that came up: node, host, pid, and the batches and rows each captioned."""
+        return [dict(info) for info in self.info if info is not None]
+
+    def close(self) -> None:
+        """End every replica (their engines with them); results still out are dropped."""
+        for actor in self.actors:
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - an actor already gone
+                pass
+        self.actors, self._waiting = [], {}

@@ -32,10 +32,11 @@ class Captioner(Stage):
     name = "caption"
 
     def __init__(self, cfg: Any, out_dir: Optional[Any] = None, *, model_path: Optional[str] = None,
-                 start_hint: str = "", engine: Optional[Engine] = None) -> None:
+                 start_hint: str = "", engine: Optional[Engine] = None, threads: Optional[int] = None) -> None:
         """``engine``: one already built (shared by several runs, as the benchmarks do); the stage uses it
         and leaves closing it to whoever built it. Without it the stage builds the configured engine at
-        its first batch with work and closes it in :meth:`close`."""
+        its first batch with work and closes it in :meth:`close`. ``threads``: the CPU threads the
+        engine it builds gets (``regioncap.cpus.apply_engine_threads``); None leaves the engine's default."""
         from regioncap.strategies import build_strategy
 
         self.cfg = cfg
@@ -49,6 +50,7 @@ class Captioner(Stage):
         self.engine_info: Optional[Dict[str, Any]] = None
         #: Appended to the error when the engine cannot start (how to go on).
         self.start_hint = start_hint
+        self.threads = threads
         self.batch_size = max(1, int(cfg.engine.batch_size))
         #: Rows per batch at most, requests or not (rows that need no engine are committed as they come).
         self.max_rows = max(self.batch_size, int(cfg.get("commit_every", 32)))
@@ -67,10 +69,15 @@ class Captioner(Stage):
         """Build the configured engine (once); :class:`RunError` when it cannot start."""
         if self.engine is not None:
             return self.engine
-        from regioncap.engines import EngineError, build_engine
+        from regioncap.engines import EngineError, build_engine, resolve_engine_name
 
         t0 = time.perf_counter()
         try:
+            if self.threads is not None:
+                from regioncap.cpus import apply_engine_threads
+
+                apply_engine_threads(self.threads, resolve_engine_name(str(self.cfg.engine.name)),
+                                     self.cfg.engine.get("device"))
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
             raise RunError(f"engine {self.cfg.engine.name!r} could not start: {exc}.{self.start_hint}") from None
