@@ -43,8 +43,10 @@ DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
 #: The seed when the caller has none (a run passes its own ``seed``).
 DEFAULT_SEED = 0
-#: Elements of one (resamples x clusters) index block: bounds the memory of one step (~32 MB).
-_BLOCK = 4_000_000
+#: Elements of one (resamples x clusters) index block: bounds the memory of one step (~2 MB), so
+#: resampling 20,000 rows takes no more than 2,000. The draws do not depend on it: numpy's generator
+#: gives the same integers in one call or in several (tests/test_intervals.py checks it).
+_BLOCK = 1 << 18
 
 Statistic = Union[str, Callable[[Any], Any]]
 
@@ -126,8 +128,10 @@ def _resampled(stacks: Sequence[Tuple[Any, Any, Callable]], n_boot: int, seed: i
         size = min(step, n_boot - start)
         idx = rng.integers(0, n_clusters, size=(size, n_clusters))
         for k, (sums, counts, f) in enumerate(stacks):
-            totals = np.stack([sums[:, j][idx].sum(axis=1) for j in range(sums.shape[1])], axis=1)
-            out[k][start:start + size] = f(totals, counts[idx].sum(axis=1))
+            totals = np.empty((size, sums.shape[1]))
+            for j in range(sums.shape[1]):
+                np.take(sums[:, j], idx).sum(axis=1, out=totals[:, j])
+            out[k][start:start + size] = f(totals, np.take(counts, idx).sum(axis=1))
     return out
 
 
@@ -189,14 +193,34 @@ def bootstrap_interval(values: Any, clusters: Sequence[Hashable], *, statistic: 
     The same inputs and ``seed`` give the same interval.
     """
     _check(n_boot, confidence)
+    if not len(clusters):
+        return totals_interval([], [], statistic=statistic, n_boot=n_boot, confidence=confidence, seed=seed)
+    sums, counts, _ = cluster_totals(values, clusters)
+    return totals_interval(sums, counts, statistic=statistic, n_boot=n_boot, confidence=confidence, seed=seed)
+
+
+def totals_interval(sums: Any, counts: Sequence[float], *, statistic: Statistic = "mean",
+                    n_boot: int = DEFAULT_RESAMPLES, confidence: float = DEFAULT_CONFIDENCE,
+                    seed: int = DEFAULT_SEED) -> Dict[str, Any]:
+    """:func:`bootstrap_interval` from per-cluster sums instead of per-region values:
+    ``sums[c]`` the sum of cluster ``c``'s values (a number or a small vector, as
+    :func:`cluster_totals` gives them), ``counts[c]`` its regions (at least one), the
+    clusters in the order :func:`cluster_totals` sorts them. The same interval, bit
+    for bit, from a few numbers per cluster: what a pass over a run keeps instead of
+    every region's values.
+    """
+    _check(n_boot, confidence)
     np = _np()
     f = _statistic(statistic)
-    out: Dict[str, Any] = {"estimate": None, "low": None, "high": None, "n_clusters": 0, "n_regions": len(clusters),
-                           "n_boot": n_boot, "confidence": confidence, "method": METHOD, "seed": seed}
-    if not len(clusters):
+    sums = _as_matrix(sums) if len(sums) else np.zeros((0, 1))
+    counts = np.asarray(counts, dtype=float)
+    if sums.shape[0] != counts.shape[0]:
+        raise ValueError(f"{sums.shape[0]} cluster sums but {counts.shape[0]} cluster counts")
+    out: Dict[str, Any] = {"estimate": None, "low": None, "high": None, "n_clusters": int(sums.shape[0]),
+                           "n_regions": int(counts.sum()), "n_boot": n_boot, "confidence": confidence,
+                           "method": METHOD, "seed": seed}
+    if not sums.shape[0]:
         return out
-    sums, counts, ids = cluster_totals(values, clusters)
-    out["n_clusters"] = len(ids)
     estimate = float(f(sums.sum(axis=0)[None, :], np.array([counts.sum()]))[0])
     if not math.isfinite(estimate):
         return out
@@ -254,4 +278,4 @@ def paired_difference(a: Mapping[Hashable, Sequence[Any]], b: Mapping[Hashable, 
 
 
 __all__ = ["METHOD", "DEFAULT_RESAMPLES", "DEFAULT_CONFIDENCE", "DEFAULT_SEED", "bootstrap_interval",
-           "paired_difference", "cluster_totals"]
+           "totals_interval", "paired_difference", "cluster_totals"]

@@ -9,8 +9,11 @@ row carries references.
 :func:`compute_metrics` reads the records in one streaming pass. What it keeps
 does not grow with the rows beyond a few compact arrays (one word count per
 caption, one latency per request, one 8-byte hash per row for the distinct
-image count) and, for reference scoring only, one ``(caption, references)``
-pair per region that has references.
+image count) and, for reference scoring (:class:`ReferenceScorer`), two floats
+per scored region and the sums per row that the bootstrap intervals resample:
+no caption or reference text is held. The tokenized pairs go to a temporary
+file for CIDEr-D's second pass (its weights need the document frequencies of
+all references) and METEOR's.
 
 Reference scores are those the COCO caption toolkit reports, computed as its
 ``COCOEvalCap`` does: captions and references tokenized as its ``PTBTokenizer``
@@ -23,7 +26,9 @@ METEOR where Java is on PATH), so the figures compare with published ones.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import logging
 import math
 import re
@@ -31,9 +36,9 @@ import shutil
 import threading
 import time
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap import metricspec
 from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_interval
@@ -146,8 +151,6 @@ def _record_references(record: Dict[str, Any], references_key: Optional[str]) ->
     if isinstance(value, str):
         # A JSON list in a text column, as the bbox field allows; else one reference for box 0.
         if value.lstrip().startswith("["):
-            import json
-
             try:
                 value = json.loads(value)
             except (ValueError, RecursionError):  # not JSON, an int over 4300 digits, or too deep
@@ -327,51 +330,394 @@ def bleu_from_stats(total: Sequence[float]) -> List[float]:
     return scores
 
 
-def _score(pairs: Sequence[Pair], meteor: bool, meteor_timeout_s: float
-           ) -> Tuple[Dict[str, Any], List[Dict[str, Optional[float]]]]:
-    """Corpus scores and per-pair scores of ``pairs`` (each with at least one reference)."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
+#: The n-gram orders of CIDEr-D and the width of its length penalty (pycocoevalcap's ``Cider()``).
+CIDER_N, CIDER_SIGMA = 4, 6.0
 
-    gts, res = _ptb_pairs(pairs)
-    bleu, bleu_each = Bleu(BLEU_N).compute_score(gts, res, verbose=0)
-    rouge, rouge_each = Rouge().compute_score(gts, res)
-    cider, cider_each = Cider().compute_score(gts, res)
-    corpus: Dict[str, Any] = {f"bleu{k + 1}": round(float(bleu[k]), 4) for k in range(BLEU_N)}
-    corpus.update({"rouge_l": round(float(rouge), 4), "cider": round(float(cider), 4), "meteor": None})
-    # Lengths as BLEU counts them (words of the tokenized text): with captions of three
-    # words, BLEU-4 has no 4-gram to count and says little.
-    cand_lens = [len(res[i][0].split()) for i in res]
-    ref_lens = [len(r.split()) for i in gts for r in gts[i]]
-    corpus["caption_tokens_mean"] = round(sum(cand_lens) / len(cand_lens), 3)
-    corpus["reference_tokens_mean"] = round(sum(ref_lens) / len(ref_lens), 3)
-    corpus["captions_without_4gram"] = round(sum(n < BLEU_N for n in cand_lens) / len(cand_lens), 4)
-    meteor_each: List[Optional[float]] = [None] * len(pairs)
-    if meteor:
-        reason = meteor_absent()
-        if reason is None:
-            t0 = time.perf_counter()
+
+def _cider_vector(counts: Dict[tuple, int], df: Dict[tuple, float], ref_len: Any
+                  ) -> Tuple[List[Dict[tuple, Any]], List[Any], int]:
+    """One sentence's tf-idf vectors per n-gram order, their norms and its length, as
+    pycocoevalcap's ``CiderScorer.compute_cider`` computes them (the same operations
+    in the same order, so the same bits), from the corpus document frequencies ``df``
+    and ``ref_len`` (the log of the number of pairs)."""
+    import numpy as np
+
+    vec: List[Dict[tuple, Any]] = [{} for _ in range(CIDER_N)]
+    length = 0
+    norm = [0.0 for _ in range(CIDER_N)]
+    for ngram, term_freq in counts.items():
+        n = len(ngram) - 1
+        vec[n][ngram] = float(term_freq) * (ref_len - np.log(max(1.0, df.get(ngram, 0.0))))
+        norm[n] += pow(vec[n][ngram], 2)
+        if n == 1:  # the toolkit's length counts bigrams (kept: the scores must be the toolkit's)
+            length += term_freq
+    return vec, [np.sqrt(x) for x in norm], length
+
+
+def _cider(caption: str, references: Sequence[str], df: Dict[tuple, float], ref_len: Any) -> float:
+    """CIDEr-D of one tokenized pair against the corpus statistics ``df`` and ``ref_len``:
+    pycocoevalcap's per-pair score, bit for bit (tests/test_metrics_stream.py)."""
+    import numpy as np
+    from pycocoevalcap.cider.cider_scorer import precook
+
+    vec, norm, length = _cider_vector(precook(caption, CIDER_N), df, ref_len)
+    score = np.array([0.0 for _ in range(CIDER_N)])
+    for ref in references:
+        vec_ref, norm_ref, length_ref = _cider_vector(precook(ref, CIDER_N), df, ref_len)
+        delta = float(length - length_ref)
+        val = np.array([0.0 for _ in range(CIDER_N)])
+        for n in range(CIDER_N):
+            for ngram in vec[n]:
+                theirs = vec_ref[n].get(ngram, 0.0)
+                val[n] += min(vec[n][ngram], theirs) * theirs
+            if norm[n] != 0 and norm_ref[n] != 0:
+                val[n] /= (norm[n] * norm_ref[n])
+            val[n] *= np.e ** (-(delta ** 2) / (2 * CIDER_SIGMA ** 2))
+        score += val
+    avg = np.mean(score)
+    avg /= len(references)
+    avg *= 10.0
+    return float(avg)
+
+
+class _RowSums:
+    """Per-row sums of per-region values and per-row region counts, the rows given in
+    order: what the cluster bootstrap of an interval needs
+    (:func:`regioncap.intervals.totals_interval`), a few numbers per row instead of a
+    value per region. Summed in the order given, as ``cluster_totals`` sums, so the
+    interval is the same bit for bit."""
+
+    def __init__(self, width: int = 1) -> None:
+        self.width = width
+        self.sums = array("d")
+        self.counts = array("d")
+        self._last: Any = None
+
+    def add(self, row: int, values: Sequence[float]) -> None:
+        if row != self._last or not self.counts:
+            self.sums.extend([0.0] * self.width)
+            self.counts.append(0.0)
+            self._last = row
+        base = len(self.sums) - self.width
+        for j, value in enumerate(values):
+            self.sums[base + j] += value
+        self.counts[-1] += 1.0
+
+    def interval(self, statistic: Any, *, n_boot: int, seed: int, confidence: float) -> Optional[Dict[str, Any]]:
+        """``{low, high, n_clusters, n_boot}`` (bounds rounded to 4 digits), or ``None``
+        without a value or a defined interval."""
+        import numpy as np
+
+        from regioncap.intervals import totals_interval
+
+        if not self.counts:
+            return None
+        iv = totals_interval(np.frombuffer(self.sums).reshape(-1, self.width), np.frombuffer(self.counts),
+                             statistic=statistic, n_boot=n_boot, confidence=confidence, seed=seed)
+        if iv["low"] is None:
+            return None
+        return {"low": round(iv["low"], 4), "high": round(iv["high"], 4), "n_clusters": iv["n_clusters"],
+                "n_boot": n_boot}
+
+
+class _MeteorStream:
+    """pycocoevalcap's METEOR over pairs given one at a time: each pair's statistics
+    from the JVM as it comes (its ``SCORE`` line), kept in a temporary file rather
+    than in memory, then one ``EVAL`` line written from that file, as
+    ``Meteor.compute_score`` writes it, for the corpus score and each pair's. A
+    watchdog kills the JVM ``timeout_s`` after it starts (the wrapper reads its pipes
+    without a timeout); :meth:`close` always reaps it."""
+
+    def __init__(self, timeout_s: float, keep_each: bool) -> None:
+        import tempfile
+
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        self.timeout_s = timeout_s
+        self.started = time.perf_counter()
+        self.scorer = Meteor()
+        self.timed_out = threading.Event()
+        self._timer = threading.Timer(timeout_s, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        self._stats = tempfile.TemporaryFile("w+", encoding="utf-8")
+        self.n = 0
+        self.each: Optional[array] = array("d") if keep_each else None
+
+    def _expire(self) -> None:
+        self.timed_out.set()
+        self.scorer.meteor_p.kill()
+
+    def _answer(self, text: str) -> str:
+        if not text:
+            raise RuntimeError("METEOR's Java process ended without an answer")
+        return text
+
+    def add(self, caption: str, references: Sequence[str]) -> None:
+        """Send one tokenized pair; its statistics go to the temporary file."""
+        with self._watched():
+            stat = self._answer(self.scorer._stat(caption, list(references)))
+        self._stats.write(stat + "\n")
+        self.n += 1
+
+    def finish(self) -> float:
+        """The corpus METEOR of every pair sent (their scores in :attr:`each` when kept)."""
+        proc = self.scorer.meteor_p
+        self._stats.seek(0)
+        with self._watched():
+            proc.stdin.write(b"EVAL")
+            for line in self._stats:
+                proc.stdin.write(f" ||| {line.rstrip(chr(10))}".encode())
+            proc.stdin.write(b"\n")
+            proc.stdin.flush()
+            for _ in range(self.n):
+                value = float(self._answer(proc.stdout.readline().decode().strip()))
+                if self.each is not None:
+                    self.each.append(value)
+            return float(self._answer(proc.stdout.readline().decode().strip()))
+
+    @contextlib.contextmanager
+    def _watched(self) -> Iterator[None]:
+        """Whatever a JVM killed by the watchdog makes fail (a broken pipe, no answer) is its timeout."""
+        try:
+            yield
+        except Exception as exc:
+            if self.timed_out.is_set():
+                raise TimeoutError(f"METEOR took longer than {self.timeout_s:.0f} s") from exc
+            raise
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self._stats.close()
+        proc = self.scorer.meteor_p
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
             try:
-                score, meteor_each = _meteor(gts, res, meteor_timeout_s)
-                corpus["meteor"] = round(score, 4)
-                corpus["scoring_meteor_s"] = round(time.perf_counter() - t0, 3)
-            except Exception as exc:  # noqa: BLE001 - METEOR is optional; say why it is missing
-                reason = f"METEOR failed: {type(exc).__name__}: {exc}"
-                log.warning("%s", reason)
+                stream.close()
+            except OSError:
+                pass
+        proc.kill()
+        proc.wait()
+
+
+def _meteor_failed(exc: BaseException) -> str:
+    """``meteor_absent`` of a METEOR run that failed, logged as a warning."""
+    reason = f"METEOR failed: {type(exc).__name__}: {exc}"
+    log.warning("%s", reason)
+    return reason
+
+
+class ReferenceScorer:
+    """Reference scores of ``(caption, references)`` pairs given one at a time, in memory
+    that does not grow with the pairs' texts: what :func:`score_references` and
+    :func:`compute_metrics` compute, to the same bits.
+
+    Per pair, :meth:`add` scores exact match and attribute accuracy at once, and
+    feeds the caption and its references to the PTB tokenizer's two batches
+    (:class:`regioncap.ptb.PTBBatch`, as the toolkit tokenizes all candidates in one
+    batch and all references in another). Each tokenized pair then gets its BLEU
+    statistics and ROUGE-L, its reference n-grams go into CIDEr-D's document
+    frequencies, and its tokens into a temporary file. :meth:`finish` reads that
+    file back for the second pass CIDEr-D needs (every pair's score depends on the
+    document frequencies of the whole corpus) and for METEOR. What stays in memory
+    per pair is two floats (ROUGE-L and CIDEr-D, whose corpus value is numpy's mean
+    of them); per row, the sums the bootstrap intervals resample (:class:`_RowSums`).
+    ``per_pair`` also keeps each pair's scores (:attr:`per`), for a caller that
+    wants them.
+    """
+
+    def __init__(self, *, meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S,
+                 per_pair: bool = False) -> None:
+        self.meteor, self.meteor_timeout_s = meteor, meteor_timeout_s
+        #: Why the toolkit's scores (BLEU, ROUGE-L, CIDEr-D, METEOR) cannot be computed, or None.
+        self.absent = scorers_absent()
+        self.n = 0
+        self._exact_sum = self._attr_sum = 0.0
+        self._attr_n = 0
+        #: Per-row sums of each score with an interval (INTERVAL_SCORES and BLEU-4's statistics).
+        self.rows = {"bleu4": _RowSums(2 * BLEU_N + 2), **{name: _RowSums() for name in INTERVAL_SCORES}}
+        self.per: Optional[List[Dict[str, Optional[float]]]] = [] if per_pair else None
+        self._seconds = 0.0
+        if self.absent:
+            return
+        from pycocoevalcap.bleu.bleu_scorer import cook_refs, cook_test
+        from pycocoevalcap.cider.cider_scorer import precook
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        from regioncap.ptb import PTBBatch
+
+        self._cook_refs, self._cook_test, self._precook, self._rouge_l = cook_refs, cook_test, precook, Rouge()
+        self._captions, self._references = PTBBatch(), PTBBatch()
+        #: Pairs given and not yet tokenized: (row, references); their tokens as they come.
+        self._waiting: Deque[Tuple[int, int]] = deque()
+        self._caption_tokens: Deque[str] = deque()
+        self._reference_tokens: Deque[str] = deque()
+        self._bleu_total = [0] * (2 * BLEU_N + 2)
+        self._caption_lens = self._reference_lens = self._references_n = self._short = 0
+        self._rouge = array("d")
+        self._cider = array("d")
+        self._df: Dict[tuple, float] = {}
+        self._tokenized = 0
+        self._spill: Any = None
+
+    def add(self, caption: str, references: Sequence[str], row: int = 0) -> None:
+        """Score one pair: ``caption`` (with a word) and its ``references`` (at least one
+        with a word, as :func:`region_references` gives them); ``row``: its row, the
+        cluster of the intervals (rows given in order)."""
+        t0 = time.perf_counter()
+        scores = match_scores(caption, references)
+        self.n += 1
+        self._exact_sum += scores["exact_match"]
+        self.rows["exact_match"].add(row, (scores["exact_match"],))
+        if scores["attribute_accuracy"] is not None:
+            self._attr_sum += scores["attribute_accuracy"]
+            self._attr_n += 1
+            self.rows["attribute_accuracy"].add(row, (scores["attribute_accuracy"],))
+        if self.per is not None:
+            self.per.append({"bleu4": None, "rouge_l": None, "cider": None, "meteor": None, **scores})
+        if not self.absent:
+            self._waiting.append((row, len(references)))
+            self._caption_tokens.extend(self._captions.push(caption))
+            for text in references:
+                self._reference_tokens.extend(self._references.push(text))
+            self._tokens_ready()
+        self._seconds += time.perf_counter() - t0
+
+    def _tokens_ready(self) -> None:
+        """Score the pairs whose tokens have all come out of the tokenizer."""
+        while self._waiting and self._caption_tokens and len(self._reference_tokens) >= self._waiting[0][1]:
+            row, n_refs = self._waiting.popleft()
+            caption = self._caption_tokens.popleft()
+            references = [self._reference_tokens.popleft() for _ in range(n_refs)]
+            self._first_pass(row, caption, references)
+
+    def _first_pass(self, row: int, caption: str, references: List[str]) -> None:
+        """One tokenized pair: everything but CIDEr-D (which needs the whole corpus) and METEOR."""
+        comps = self._cook_test(caption, self._cook_refs(references, n=BLEU_N), eff="closest", n=BLEU_N)
+        stats = (*comps["guess"], *comps["correct"], comps["testlen"], comps["reflen"])
+        for k, value in enumerate(stats):
+            self._bleu_total[k] += value
+        self.rows["bleu4"].add(row, stats)
+        rouge = self._rouge_l.calc_score([caption], references)
+        self._rouge.append(rouge)
+        self.rows["rouge_l"].add(row, (rouge,))
+        # Lengths as BLEU counts them (words of the tokenized text): with captions of three
+        # words, BLEU-4 has no 4-gram to count and says little.
+        words = len(caption.split())
+        self._caption_lens += words
+        self._short += words < BLEU_N
+        self._reference_lens += sum(len(r.split()) for r in references)
+        self._references_n += len(references)
+        for ngram in {ngram for ref in references for ngram in self._precook(ref, CIDER_N)}:
+            self._df[ngram] = self._df.get(ngram, 0.0) + 1.0
+        if self.per is not None:
+            self.per[self._tokenized].update(bleu4=bleu_from_stats(stats)[BLEU_N - 1], rouge_l=float(rouge))
+        if self._spill is None:
+            import tempfile
+
+            self._spill = tempfile.TemporaryFile("w+", encoding="utf-8")
+        self._spill.write(json.dumps([row, caption, *references]) + "\n")
+        self._tokenized += 1
+
+    def finish(self) -> Dict[str, Any]:
+        """The corpus scores (:func:`score_references`'s first value) of every pair given."""
+        corpus: Dict[str, Any] = {"regions_scored": self.n, "bleu1": None, "bleu2": None, "bleu3": None,
+                                  "bleu4": None, "rouge_l": None, "cider": None, "meteor": None,
+                                  "exact_match": round(self._exact_sum / self.n, 4) if self.n else None,
+                                  "attribute_accuracy": round(self._attr_sum / self._attr_n, 4) if self._attr_n
+                                  else None}
+        if self.absent:
+            corpus.update(scores_absent=self.absent, meteor_absent=self.absent)
+            return corpus
+        if not self.n:
+            corpus["meteor_absent"] = "no region has both a caption and references"
+            return corpus
+        log.info("reference scoring: %d regions (PTB tokens; BLEU-1..4, ROUGE-L, CIDEr%s)", self.n,
+                 ", METEOR: starting Java" if self.meteor else "; METEOR off, metrics.meteor=true turns it on")
+        t0 = time.perf_counter()
+        try:
+            self._caption_tokens.extend(self._captions.finish())
+            self._reference_tokens.extend(self._references.finish())
+            self._tokens_ready()
+            corpus.update(self._second_pass())
+        finally:
+            if self._spill is not None:
+                self._spill.close()
+                self._spill = None
+        corpus["scoring_s"] = round(self._seconds + time.perf_counter() - t0, 3)
+        log.info("reference scoring took %.2f s%s", corpus["scoring_s"],
+                 f" (METEOR {corpus['scoring_meteor_s']:.2f} s)" if "scoring_meteor_s" in corpus else "")
+        return corpus
+
+    def _second_pass(self) -> Dict[str, Any]:
+        """CIDEr-D (and METEOR) of every pair, read back from the temporary file."""
+        import numpy as np
+
+        ref_len = np.log(float(self._tokenized))
+        meteor, reason = None, None
+        if self.meteor:
+            reason = meteor_absent()
+            if reason is None:
+                try:
+                    meteor = _MeteorStream(self.meteor_timeout_s, keep_each=self.per is not None)
+                except Exception as exc:  # noqa: BLE001 - METEOR is optional; say why it is missing
+                    reason = _meteor_failed(exc)
+        else:
+            reason = "not requested"
+        out: Dict[str, Any] = {}
+        try:
+            self._spill.seek(0)
+            for i, line in enumerate(self._spill):
+                row, caption, *references = json.loads(line)
+                cider = _cider(caption, references, self._df, ref_len)
+                self._cider.append(cider)
+                self.rows["cider"].add(row, (cider,))
+                if self.per is not None:
+                    self.per[i]["cider"] = cider
+                if meteor is not None and reason is None:
+                    try:
+                        meteor.add(caption, references)
+                    except Exception as exc:  # noqa: BLE001 - as above
+                        reason = _meteor_failed(exc)
+            bleu = bleu_from_stats(self._bleu_total)
+            out = {f"bleu{k + 1}": round(float(bleu[k]), 4) for k in range(BLEU_N)}
+            out.update({"rouge_l": round(float(np.mean(np.frombuffer(self._rouge))), 4),
+                        "cider": round(float(np.mean(np.frombuffer(self._cider))), 4), "meteor": None,
+                        "caption_tokens_mean": round(self._caption_lens / self._tokenized, 3),
+                        "reference_tokens_mean": round(self._reference_lens / self._references_n, 3),
+                        "captions_without_4gram": round(self._short / self._tokenized, 4)})
+            if meteor is not None and reason is None:
+                try:
+                    out["meteor"] = round(meteor.finish(), 4)
+                    out["scoring_meteor_s"] = round(time.perf_counter() - meteor.started, 3)
+                    if self.per is not None:
+                        for per, value in zip(self.per, meteor.each or ()):
+                            per["meteor"] = value
+                except Exception as exc:  # noqa: BLE001 - as above
+                    reason = _meteor_failed(exc)
+        finally:
+            if meteor is not None:
+                meteor.close()
         if reason is not None:
-            corpus["meteor_absent"] = reason
-    else:
-        corpus["meteor_absent"] = "not requested"
-    per = [{"bleu4": float(bleu_each[3][i]), "rouge_l": float(rouge_each[i]), "cider": float(cider_each[i]),
-            "meteor": meteor_each[i]} for i in range(len(pairs))]
-    return corpus, per
+            out["meteor_absent"] = reason
+        return out
+
+    def intervals(self, *, n_boot: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                  confidence: float = DEFAULT_CONFIDENCE) -> Dict[str, Any]:
+        """``references.intervals`` of metrics.json (see :func:`reference_intervals`), from the
+        per-row sums; call after :meth:`finish`."""
+        out: Dict[str, Any] = {}
+        for name, sums in self.rows.items():
+            statistic = _bleu4_of_totals if name == "bleu4" else "mean"
+            iv = sums.interval(statistic, n_boot=n_boot, seed=seed, confidence=confidence)
+            if iv is not None:
+                out[name] = iv
+        return out
 
 
 def score_references(pairs: Sequence[Pair], *, meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S
                      ) -> Tuple[Dict[str, Any], List[Dict[str, Optional[float]]]]:
     """Corpus scores and per-region scores of ``(caption, references)`` pairs in one go
-    (one METEOR process for both).
+    (one METEOR process for both; :class:`ReferenceScorer` does the work).
 
     Corpus scores are those the COCO caption toolkit reports, on its PTB tokens
     (:mod:`regioncap.ptb`): BLEU-1..4 and METEOR from statistics pooled over the
@@ -389,35 +735,19 @@ def score_references(pairs: Sequence[Pair], *, meteor: bool = False, meteor_time
     depends on the corpus it is scored in (a single pair scores 0). A pair
     without any non-empty reference gets ``None`` everywhere and is not counted.
     """
-    usable = [i for i, (_, refs) in enumerate(pairs) if _reference_list(refs)]
+    scorer = ReferenceScorer(meteor=meteor, meteor_timeout_s=meteor_timeout_s, per_pair=True)
+    usable = []
+    for i, (caption, refs) in enumerate(pairs):
+        texts = _reference_list(refs)
+        if texts:
+            usable.append(i)
+            scorer.add(caption, texts, i)
+    corpus = scorer.finish()
     empty = {"bleu4": None, "rouge_l": None, "cider": None, "meteor": None,
              "exact_match": None, "attribute_accuracy": None}
     per: List[Dict[str, Optional[float]]] = [dict(empty) for _ in pairs]
-    corpus: Dict[str, Any] = {"regions_scored": len(usable), "bleu1": None, "bleu2": None, "bleu3": None, **empty}
-    # Exact match and attribute accuracy need no scorer package: always computed.
-    for i in usable:
-        per[i].update(match_scores(pairs[i][0], _reference_list(pairs[i][1])))
-    exact = [per[i]["exact_match"] for i in usable]
-    attrs = [per[i]["attribute_accuracy"] for i in usable if per[i]["attribute_accuracy"] is not None]
-    corpus["exact_match"] = round(sum(exact) / len(exact), 4) if exact else None
-    corpus["attribute_accuracy"] = round(sum(attrs) / len(attrs), 4) if attrs else None
-    reason = scorers_absent()
-    if reason:
-        corpus.update(scores_absent=reason, meteor_absent=reason)
-        return corpus, per
-    if not usable:
-        corpus["meteor_absent"] = "no region has both a caption and references"
-        return corpus, per
-    t0 = time.perf_counter()
-    log.info("reference scoring: %d regions (PTB tokens; BLEU-1..4, ROUGE-L, CIDEr%s)", len(usable),
-             ", METEOR: starting Java" if meteor else "; METEOR off, metrics.meteor=true turns it on")
-    scores, each = _score([pairs[i] for i in usable], meteor, meteor_timeout_s)
-    corpus.update(scores)
-    corpus["scoring_s"] = round(time.perf_counter() - t0, 3)
-    log.info("reference scoring took %.2f s%s", corpus["scoring_s"],
-             f" (METEOR {corpus['scoring_meteor_s']:.2f} s)" if "scoring_meteor_s" in corpus else "")
-    for i, s in zip(usable, each):
-        per[i].update(s)
+    for i, scores in zip(usable, scorer.per or ()):
+        per[i] = scores
     return corpus, per
 
 
@@ -621,29 +951,26 @@ def reference_intervals(per: Sequence[Dict[str, Optional[float]]], rows: Sequenc
     The method (:data:`regioncap.intervals.METHOD`), the 95% level and the seed
     (the run's) are documented in docs/formats.md rather than repeated per run.
     """
-    out: Dict[str, Any] = {}
+    # The per-row sums a run's pass keeps (ReferenceScorer.intervals): the rows in order, each
+    # row's regions in theirs (a stable sort), so the sums are those cluster_totals would make.
+    order = sorted(range(len(per)), key=lambda i: rows[i])
+    sums = {"bleu4": _RowSums(2 * BLEU_N + 2), **{name: _RowSums() for name in INTERVAL_SCORES}}
     if pairs is not None:
         # Corpus BLEU pools n-gram counts: resample the pairs' sufficient statistics and pool those.
-        usable = [i for i, scores in enumerate(per) if scores.get("bleu4") is not None]
-        if usable:
-            iv = bootstrap_interval(bleu_stats([pairs[i] for i in usable]), [rows[i] for i in usable],
-                                    statistic=_bleu4_of_totals, n_boot=n_boot, confidence=confidence, seed=seed)
-            if iv["low"] is not None:
-                out["bleu4"] = {"low": round(iv["low"], 4), "high": round(iv["high"], 4),
-                                "n_clusters": iv["n_clusters"], "n_boot": n_boot}
-    for name in INTERVAL_SCORES:
-        values, clusters = [], []
-        for scores, row in zip(per, rows):
-            value = scores.get(name)
+        usable = [i for i in order if per[i].get("bleu4") is not None]
+        for i, stats in zip(usable, bleu_stats([pairs[i] for i in usable]) if usable else ()):
+            sums["bleu4"].add(rows[i], stats)
+    for i in order:
+        for name in INTERVAL_SCORES:
+            value = per[i].get(name)
             if value is not None:
-                values.append(value)
-                clusters.append(row)
-        if not values:
-            continue
-        iv = bootstrap_interval(values, clusters, n_boot=n_boot, confidence=confidence, seed=seed)
-        if iv["low"] is not None:
-            out[name] = {"low": round(iv["low"], 4), "high": round(iv["high"], 4), "n_clusters": iv["n_clusters"],
-                         "n_boot": n_boot}
+                sums[name].add(rows[i], (value,))
+    out: Dict[str, Any] = {}
+    for name, row_sums in sums.items():
+        iv = row_sums.interval(_bleu4_of_totals if name == "bleu4" else "mean", n_boot=n_boot, seed=seed,
+                               confidence=confidence)
+        if iv is not None:
+            out[name] = iv
     return out
 
 
@@ -651,7 +978,8 @@ def reference_intervals(per: Sequence[Dict[str, Optional[float]]], rows: Sequenc
 class _Accumulator:
     """The running state of one pass over the records."""
 
-    def __init__(self, patch_size: int, merge_size: int, references_key: Optional[str]) -> None:
+    def __init__(self, patch_size: int, merge_size: int, references_key: Optional[str], *, meteor: bool = False,
+                 meteor_timeout_s: float = METEOR_TIMEOUT_S) -> None:
         self.patch_size, self.merge_size, self.references_key = patch_size, merge_size, references_key
         self.c: Counter = Counter()
         self.errors: Counter = Counter()
@@ -662,9 +990,11 @@ class _Accumulator:
         self.words = array("I")
         self.latency = array("d")
         self.reask_latency = array("d")
-        self.pairs: List[Tuple[str, List[str]]] = []
-        #: The row (0-based, in read order) of each pair: the cluster its bootstrap interval resamples.
-        self.pair_rows = array("I")
+        self.meteor, self.meteor_timeout_s = meteor, meteor_timeout_s
+        #: Scores each (caption, references) pair as it is read, made at the first (the scorers
+        #: are imported only then); the row (0-based, in read order) of a pair is the cluster
+        #: its bootstrap intervals resample.
+        self._scorer: Optional[ReferenceScorer] = None
         self.has_references = False
         self.flags: Counter = Counter()
         self.debris: Counter = Counter()
@@ -781,10 +1111,15 @@ class _Accumulator:
             c["regions_with_references"] += len(found)
             for reg, refs in found:
                 if reg.get("caption") and normalize(reg["caption"]):
-                    self.pairs.append((reg["caption"], refs))
-                    self.pair_rows.append(c["rows"] - 1)
+                    self.scorer.add(reg["caption"], refs, c["rows"] - 1)
                 else:
                     c["references_uncaptioned"] += 1
+
+    @property
+    def scorer(self) -> ReferenceScorer:
+        if self._scorer is None:
+            self._scorer = ReferenceScorer(meteor=self.meteor, meteor_timeout_s=self.meteor_timeout_s)
+        return self._scorer
 
     def distinct_images(self) -> int:
         try:
@@ -937,7 +1272,7 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     prediction, Java) where truth boxes and references are known; off unless
     asked (``metrics.densecap=true``).
     """
-    acc = _Accumulator(patch_size, merge_size, references_key)
+    acc = _Accumulator(patch_size, merge_size, references_key, meteor=meteor, meteor_timeout_s=meteor_timeout_s)
     proposals = ProposalStats(references_key)
     dense = None
     if densecap and references_key:
@@ -1028,12 +1363,9 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
                 "regions_with_references": c["regions_with_references"],
                 "references_missing": c["references_missing"],
                 "references_uncaptioned": c["references_uncaptioned"]}
-        corpus, per = score_references(acc.pairs, meteor=meteor, meteor_timeout_s=meteor_timeout_s)
-        refs.update(corpus)
-        if bootstrap_resamples > 0 and acc.pairs:
-            refs["intervals"] = reference_intervals(per, acc.pair_rows, n_boot=bootstrap_resamples, seed=seed,
-                                                    pairs=acc.pairs)
-        del per
+        refs.update(acc.scorer.finish())
+        if bootstrap_resamples > 0 and acc.scorer.n:
+            refs["intervals"] = acc.scorer.intervals(n_boot=bootstrap_resamples, seed=seed)
         refs["tokenizer"] = TOKENIZER
         out["references"] = refs
     if dense is not None and dense.evaluator.images:

@@ -495,7 +495,13 @@ def _lex(text: str, end: Optional[int] = None) -> List[str]:
     return out
 
 
-@lru_cache(maxsize=65536)
+#: Tokenizations kept: enough for the captions a run repeats (references such as "a red circle",
+#: a model's stock phrases), not one per caption of a large run (that grew a run's memory
+#: with its rows: about 0.3 KB per distinct caption, 17 MiB at 62,500).
+CACHE_SIZE = 8192
+
+
+@lru_cache(maxsize=CACHE_SIZE)
 def _tokenize_cached(text: str, following: str = "") -> str:
     if _PLAIN.fullmatch(text):
         words: List[str] = []
@@ -583,21 +589,78 @@ def ptb_tokenize_batch(texts: Sequence[Optional[str]]) -> List[str]:
     one, so a caption ending in a one-letter acronym before one starting with "The",
     "A", "He"... loses that period (``"plan B."`` -> ``plan b``, not ``plan b.``), and
     one ending in ``no.``/``fig.``/``ca.`` before one starting with a digit keeps it.
+    The batch fed text by text: :class:`PTBBatch`.
     """
-    clean = [t.replace("\n", " ") if t else "" for t in texts]
-    out = []
-    for i, text in enumerate(clean):
-        if i + 1 == len(clean):  # nothing after it, not even a newline
-            out.append(_tokenize_lexed(text, None) if text else "")
-        elif _PERIOD_END.search(text):
-            following, j = [], i + 1
-            while j < len(clean) and sum(len(f) + 1 for f in following) < _CONTEXT_CHARS:
-                following.append(clean[j])
-                j += 1
-            out.append(_tokenize_cached(text, _context(text, "\n".join(following))))
-        else:
-            out.append(_tokenize_cached(text) if text else "")
-    return out
+    batch = PTBBatch()
+    out = [tokens for text in texts for tokens in batch.push(text)]
+    return out + batch.finish()
+
+
+class PTBBatch:
+    """:func:`ptb_tokenize_batch` of a batch given one text at a time, holding only the
+    texts whose tokens still depend on what follows: a text that ends in a period
+    waits for the next captions (up to :data:`_CONTEXT_CHARS` characters of them),
+    and every text waits for the next one, as the batch's last is tokenized
+    without a newline after it. So a run's captions stream through in constant
+    memory and come out as the whole batch would give them.
+    """
+
+    def __init__(self) -> None:
+        #: Texts pushed and not yet tokenized (newlines already spaces), in order.
+        self._waiting: List[str] = []
+        #: Characters after the first waiting text, each text counting its newline.
+        self._after = 0
+
+    def push(self, text: Optional[str]) -> List[str]:
+        """Add the batch's next text; returns the tokens of the texts now decided, in order."""
+        clean = text.replace("\n", " ") if text else ""
+        if self._waiting:
+            self._after += len(clean) + 1
+        self._waiting.append(clean)
+        out = []
+        while len(self._waiting) > 1:
+            head = self._waiting[0]
+            if _PERIOD_END.search(head):
+                if self._after < _CONTEXT_CHARS:
+                    break  # texts still to come may reach into its context: it waits
+                out.append(self._tokens(head, self._following()))
+            else:
+                out.append(_tokenize_cached(head) if head else "")
+            self._drop_head()
+        return out
+
+    def finish(self) -> List[str]:
+        """The tokens of the texts still waiting: the batch ends here."""
+        out = []
+        while self._waiting:
+            head = self._waiting[0]
+            if len(self._waiting) == 1:  # nothing after it, not even a newline
+                out.append(_tokenize_lexed(head, None) if head else "")
+            elif _PERIOD_END.search(head):
+                out.append(self._tokens(head, self._following()))
+            else:
+                out.append(_tokenize_cached(head) if head else "")
+            self._drop_head()
+        return out
+
+    def _following(self) -> str:
+        """The texts after the first, as much of them as :func:`ptb_tokenize_batch` reads."""
+        following, size = [], 0
+        for text in self._waiting[1:]:
+            if size >= _CONTEXT_CHARS:
+                break
+            following.append(text)
+            size += len(text) + 1
+        return "\n".join(following)
+
+    @staticmethod
+    def _tokens(text: str, following: str) -> str:
+        return _tokenize_cached(text, _context(text, following))
+
+    def _drop_head(self) -> None:
+        self._waiting.pop(0)
+        if self._waiting:
+            self._after -= len(self._waiting[0]) + 1
 
 
 def ptb_tokens(text: Optional[str]) -> List[str]:

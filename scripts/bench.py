@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench.py visualize --rows 60
     .venv/bin/python scripts/bench.py caption --rows 20
     .venv/bin/python scripts/bench.py memory --memory-rows 200
+    .venv/bin/python scripts/bench.py references --memory-rows 2000 [--code DIR]
     .venv/bin/python scripts/bench.py overlap --rows 60
     .venv/bin/python scripts/bench.py all --write docs/benchmarks.md
     .venv/bin/python scripts/bench.py anchor --images 12 --repeat 3
@@ -36,6 +37,11 @@ the ideal max/sum.
 
 memory: peak RSS of a whole run at 10x the rows over 1x (streaming: flat), for
 the main process and for the sum over it and its preparation workers.
+
+references: the same with references scored (the shipped shapes scenes and their
+reference captions, cycled): peak RSS of the main process at 10x the rows over
+1x; ``--code DIR`` measures another checkout's package beside this one (the
+baseline) and says whether the two wrote the same scores.
 
 caption: the caption stage's framework overhead with the offline tiny model and
 the transformers engine on the CPU: the stage's wall time over the time of the
@@ -504,8 +510,9 @@ def bench_caption(rows: int, repeat: int, work: Path) -> Dict[str, object]:
             "overhead_ratio": t_pipe / t_direct}
 
 
-def _peak_rss_mb(args: List[str]) -> float:
-    """Peak resident memory (MiB) of one ``python -m regioncap`` process.
+def _peak_rss_mb(args: List[str], code: Path | None = None) -> float:
+    """Peak resident memory (MiB) of one ``python -m regioncap`` process (of the
+    regioncap package of the checkout ``code``: default this one).
 
     Linux keeps a process's ru_maxrss across fork and exec, so a child forked
     from this (large) benchmark process would report at least our own peak:
@@ -517,8 +524,11 @@ def _peak_rss_mb(args: List[str]) -> float:
                 "rc = subprocess.run([sys.executable, '-m', 'regioncap', *sys.argv[1:]], "
                 "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode; "
                 "print(rc, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", launcher, *args], cwd=str(REPO), capture_output=True,
-                         text=True, check=True).stdout.split()
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(code or REPO)}
+    out = subprocess.run([sys.executable, "-c", launcher, *args], cwd=str(code or REPO), capture_output=True,
+                         text=True, check=True, env=env).stdout.split()
     if out[0] != "0":
         raise RuntimeError(f"regioncap {' '.join(args)} exited {out[0]}")
     return int(out[1]) / 1024.0
@@ -573,6 +583,38 @@ def bench_memory(rows: int, work: Path) -> Dict[str, object]:
     return {"rows": rows, "peak_rss_mb_1x": peaks[rows], "peak_rss_mb_10x": peaks[10 * rows],
             "ratio": peaks[10 * rows] / peaks[rows], "tree_rss_mb_1x": trees[rows],
             "tree_rss_mb_10x": trees[10 * rows], "tree_ratio": trees[10 * rows] / trees[rows]}
+
+
+def bench_references(rows: int, work: Path, code: Path | None = None) -> Dict[str, object]:
+    """Peak RSS of a whole run with references scored at 10x the rows over 1x: the shipped
+    shapes scenes (each with its reference captions) cycled to ``rows`` and ``10 * rows``
+    rows, fake engine, both stages; with ``code``, the same runs of another checkout's
+    package too (the baseline), and whether its ``metrics.json`` scores are the same."""
+    demo = REPO / "regioncap" / "demo" / "shapes" / "shapes.jsonl"
+    scenes = [json.loads(line) for line in demo.read_text().splitlines()]
+    builds = {"this": None, **({"baseline": code} if code else {})}
+    out: Dict[str, object] = {"rows": rows, "regions_per_row": sum(len(s["bbox"]) for s in scenes) / len(scenes)}
+    scores: Dict[str, Dict[int, object]] = {name: {} for name in builds}
+    for n in (rows, 10 * rows):
+        data = work / f"ref_rows_{n}.jsonl"
+        with open(data, "w") as fh:
+            for i in range(n):
+                fh.write(json.dumps(dict(scenes[i % len(scenes)], id=f"r{i}",
+                                         image=str(demo.parent / scenes[i % len(scenes)]["image"]))) + "\n")
+        for name, checkout in builds.items():
+            run = work / f"ref_run_{name}_{n}"
+            peak = _peak_rss_mb(["engine=fake", "progress=false", "data=jsonl", f"data.path={data}",
+                                 "data.bbox_format=xywh", "data.references_key=references", f"hydra.run.dir={run}"],
+                                checkout)
+            refs = json.loads((run / "metrics.json").read_text())["references"]
+            scores[name][n] = {k: v for k, v in refs.items() if not k.startswith("scoring")}
+            out[f"{name}_peak_rss_mb_{n}"] = peak
+            print(json.dumps({"build": name, "rows": n, "peak_rss_mb": peak}), flush=True)
+    for name in builds:
+        out[f"{name}_ratio"] = out[f"{name}_peak_rss_mb_{10 * rows}"] / out[f"{name}_peak_rss_mb_{rows}"]
+    if code:
+        out["same_scores"] = scores["this"] == scores["baseline"]
+    return out
 
 
 def environment() -> Dict[str, str]:
@@ -663,6 +705,22 @@ def to_markdown(results: Dict[str, Dict[str, object]], env: Dict[str, str], note
                   f"| engine calls made directly on the prepared requests | {r['direct_engine_s']:.2f} |",
                   f"| the caption stage (read records, build requests, generate, parse, write) | {r['pipeline_s']:.2f} |",
                   f"| ratio (target <= 1.10) | {r['overhead_ratio']:.3f} |", ""]
+    if "references" in results:
+        r = results["references"]
+        n = r["rows"]
+        lines += ["## Memory with references", "",
+                  f"Peak RSS of the main process (`ru_maxrss`) of a whole `python -m regioncap` run that scores "
+                  f"references (BLEU-1..4, ROUGE-L, CIDEr-D, exact match, attribute accuracy, the bootstrap "
+                  f"intervals; fake engine, both stages, report included) on the shipped shapes scenes cycled to "
+                  f"{n} and {10 * n} rows ({r['regions_per_row']:.2f} regions per row).", "",
+                  "| build | peak RSS (MiB), " + f"{n} rows | {10 * n} rows | ratio |", "|---|---|---|---|"]
+        for name in ("baseline", "this"):
+            if f"{name}_ratio" in r:
+                lines.append(f"| {name} | {r[f'{name}_peak_rss_mb_{n}']:.0f} | {r[f'{name}_peak_rss_mb_{10 * n}']:.0f} "
+                             f"| {r[f'{name}_ratio']:.3f} |")
+        if "same_scores" in r:
+            lines += ["", f"Same `metrics.json` reference scores in both builds: {r['same_scores']}."]
+        lines.append("")
     if "memory" in results:
         r = results["memory"]
         lines += ["## Memory", "",
@@ -984,10 +1042,10 @@ def bench_ptb(n: int, repeat: int) -> Dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["visualize", "caption", "memory", "overlap", "anchor", "ptb", "steady", "ray",
-                                         "coldstart", "all"])
+    parser.add_argument("what", choices=["visualize", "caption", "memory", "references", "overlap", "anchor", "ptb",
+                                         "steady", "ray", "coldstart", "all"])
     parser.add_argument("--code", type=Path, default=None,
-                        help="steady, coldstart: also run the regioncap package of this checkout; "
+                        help="steady, coldstart, references: also run the regioncap package of this checkout; "
                              "ray: interleave its runs (before)")
     parser.add_argument("--replicas", type=int, default=1, help="ray: executor.num_replicas")
     parser.add_argument("--busy", type=int, default=2, help="coldstart: CPU-burning processes of the busy rounds")
@@ -1016,6 +1074,9 @@ def main() -> None:
         if args.what in ("memory", "all"):
             results["memory"] = bench_memory(args.memory_rows, work)
             print(json.dumps(results["memory"], indent=2))
+        if args.what == "references":  # not in "all": minutes of whole runs at 20k rows
+            results["references"] = bench_references(args.memory_rows, work, args.code)
+            print(json.dumps(results["references"], indent=2))
         if args.what in ("caption", "all"):
             results["caption"] = bench_caption(args.rows or 20, args.repeat, work)
             print(json.dumps(results["caption"], indent=2))
