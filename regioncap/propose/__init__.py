@@ -9,19 +9,24 @@ are never touched by a run that does not use them.
 Adding a detector (OWLv2, Grounding-DINO, SAM boxes) is one module holding a
 :class:`Proposer` subclass plus one ``conf/propose/NAME.yaml``; see docs/design.md.
 
-The pure helpers decide, per row, whether to propose (:func:`should_propose`)
-and which regions it is captioned with (:func:`plan_regions`, built on
-:func:`select_proposals`), and, before a run, whether the box field is
-misnamed (:func:`check_box_key`), so every stage applies the same rules.
+The pure helpers (in :mod:`regioncap.propose.plan`, re-exported here) decide,
+per row, whether to propose (:func:`should_propose`) and which regions it is
+captioned with (:func:`plan_regions`, built on :func:`select_proposals`), and,
+before a run, whether the box field is misnamed (:func:`check_box_key`), so
+every stage applies the same rules.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, Optional, Type
 
-from regioncap.boxes import Box, iou
+from regioncap.boxes import Box
 from regioncap.propose.base import Proposal, Proposer, ProposeError
+from regioncap.propose.plan import (
+    INPUT_SOURCE, PROPOSE_WHEN, BoxKeyProblem, PlannedRegion, RegionPlan, check_box_key, plan_regions,
+    select_proposals, should_propose,
+)
 
 #: name -> "module:Class"; a module is imported only when its proposer is built.
 PROPOSERS: Dict[str, str] = {
@@ -31,9 +36,6 @@ PROPOSERS: Dict[str, str] = {
 
 #: ``propose.method`` that proposes nothing (rows keep exactly their given boxes).
 NONE = "none"
-
-#: Values of ``propose.when`` (the schema holds them as the ``ProposeWhen`` enum).
-PROPOSE_WHEN: Tuple[str, ...] = ("missing", "always", "add")
 
 
 def proposer_class(method: str) -> Type[Proposer]:
@@ -61,67 +63,13 @@ def build_proposer(cfg: Any, **context: Any) -> Optional[Proposer]:
     ``needs_engine`` takes ``engine=`` (the caption engine) and ``family=``
     (``model.family``); the others ignore what they do not use.
     """
-    method = _value(getattr(cfg, "method", None) or NONE)
+    method = getattr(cfg, "method", None) or NONE
+    method = getattr(method, "value", method)
     if method == NONE:
         return None
     cls = proposer_class(method)
     return cls(cfg, **context)
 
-
-def _value(v: Any) -> Any:
-    # Enum members from the schema (ProposeWhen) compare by value; plain strings pass through.
-    return getattr(v, "value", v)
-
-
-def should_propose(raw_bbox: Any, when: Any) -> bool:
-    """Whether a row whose box field holds ``raw_bbox`` gets proposals under ``propose.when``.
-
-    ``missing``: only when the field is absent or null (read by the data layer as
-    None), as DataFlow-MM does; an explicit empty list stays a row with no
-    regions. ``always`` and ``add``: every row.
-    """
-    when = _value(when)
-    if when not in PROPOSE_WHEN:
-        raise ValueError(f"propose.when must be one of {', '.join(PROPOSE_WHEN)}, got {when!r}")
-    if when == "missing":
-        return raw_bbox is None
-    return True
-
-
-def select_proposals(
-    given: Sequence[Any],
-    proposals: Sequence[Proposal],
-    when: Any,
-    *,
-    add_iou: float = 0.5,
-    max_regions: Optional[int] = None,
-) -> Tuple[List[Proposal], int]:
-    """``(proposals to caption, how many the cap left out)``.
-
-    ``given`` are the row's own boxes (:class:`~regioncap.boxes.Box` or xyxy), in
-    the same pixels as ``proposals``. With ``when=add`` a proposal whose IoU
-    with any given box is above ``add_iou`` is dropped (the given box already
-    covers it); ``missing`` and ``always`` keep every proposal (under
-    ``always`` the caller ignores the given boxes). ``max_regions`` keeps the
-    first that many, in the proposer's order (best first); None keeps all.
-    Given boxes are never dropped.
-    """
-    when = _value(when)
-    if when not in PROPOSE_WHEN:
-        raise ValueError(f"propose.when must be one of {', '.join(PROPOSE_WHEN)}, got {when!r}")
-    kept = list(proposals)
-    if when == "add" and given:
-        kept = [p for p in kept if all(iou(p.bbox, g) <= add_iou for g in given)]
-    capped = 0
-    if max_regions is not None and len(kept) > max_regions:
-        capped = len(kept) - max(0, int(max_regions))
-        kept = kept[: max(0, int(max_regions))]
-    return kept, capped
-
-
-from regioncap.propose.plan import (  # noqa: E402  (plan uses select_proposals above)
-    INPUT_SOURCE, BoxKeyProblem, PlannedRegion, RegionPlan, check_box_key, plan_regions,
-)
 
 __all__ = [
     "PROPOSERS", "PROPOSE_WHEN", "NONE", "INPUT_SOURCE", "Box", "Proposal", "Proposer", "ProposeError",
