@@ -5,8 +5,9 @@ list (``- /schema/model/base@_here_``, see ``register_configs``), so a misspelt 
 or a value of the wrong type (``max_boxes=ten``) fails while Hydra composes the
 config, before anything is built.
 
-This module imports only the standard library, OmegaConf and Hydra's
-ConfigStore: building the config must stay cheap.
+This module imports only the standard library, OmegaConf, Hydra's ConfigStore
+and ``regioncap.engines.base`` (standard library only): building the config
+must stay cheap.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
+
+# The sampling section's schema is the engines' own Sampling: one set of defaults for both.
+from regioncap.engines.base import Sampling
 
 
 class Choice(str, Enum):
@@ -321,15 +325,6 @@ class PromptConfig:
 
 
 @dataclass
-class SamplingConfig:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 512
-    #: Per-request sampling seed; ``null`` uses the run's ``seed``.
-    seed: Optional[int] = None
-
-
-@dataclass
 class LoggerConfig:
     """Experiment logging; ``none`` logs to the run dir only."""
 
@@ -547,11 +542,12 @@ class RegionCapConfig:
     logger: LoggerConfig = MISSING
     executor: ExecutorConfig = MISSING
     propose: ProposeConfig = MISSING
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    sampling: Sampling = field(default_factory=Sampling)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: Most regions marked on one image; more are split into further chunks.
     max_boxes: int = 10
+    #: Seeds Python, NumPy and torch before anything is built, and every request.
     seed: int = 0
     #: Stages to run, in order: ``visualize``, ``caption``.
     stages: List[str] = field(default_factory=lambda: ["visualize", "caption"])
@@ -603,6 +599,21 @@ PROPOSE_SCHEMAS = {
 }
 
 
+def show_value(value: Any) -> str:
+    """``value`` as a user types it on the command line (``null``, ``false``, ``[a,b]``)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(show_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
 def register_configs() -> None:
     """Register the schemas under ``schema/<group>``; each option's YAML starts
     from one (``- /schema/model/base@_here_``), so its keys and types are checked
@@ -614,6 +625,11 @@ def register_configs() -> None:
 
     # ${pid:} in the default run and sweep dirs: unique for runs started in the same second.
     OmegaConf.register_new_resolver("pid", lambda: os.getpid(), replace=True)
+    # --help shows each option with its value in the composed config (conf/hydra/help/regioncap.yaml),
+    # so the schema stays the one place a default is written.
+    OmegaConf.register_new_resolver("show", show_value, replace=True)
+    OmegaConf.register_new_resolver("opt", lambda name, value: f"{name}={show_value(value)}".ljust(21),
+                                    replace=True)
     cs = ConfigStore.instance()
     cs.store(name="regioncap_schema", node=RegionCapConfig)
     cs.store(group="schema/model", name="base", node=ModelConfig)

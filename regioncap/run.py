@@ -21,9 +21,10 @@ import logging
 import os
 import random
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
+from regioncap.config import MetricsConfig
 from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
 from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor, executor_class
@@ -138,7 +139,7 @@ class RegionCapRun:
         if not self.executor.streams:
             return False, (f"executor={self.executor.name}: the caption stage reads visualize.jsonl "
                            f"{'in its own process' if self.executor.name == 'isolated' else 'on the cluster'}")
-        if not self.cfg.get("overlap", True):
+        if not self.cfg.overlap:
             return False, "overlap=false"
         if self._workers() == 0:
             return False, "workers=0: images are prepared in the main process"
@@ -164,7 +165,7 @@ class RegionCapRun:
     def total_rows(self) -> Optional[int]:
         """Rows the run will read, where cheap to know (for the progress bars' totals and ETA)."""
         if not hasattr(self, "_total_rows"):
-            self._total_rows = count_rows(self.cfg.data) if self.cfg.get("progress", True) else None
+            self._total_rows = count_rows(self.cfg.data) if self.cfg.progress else None
         return self._total_rows
 
     def _visualize_loop(self) -> StageLoop:
@@ -256,13 +257,13 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
 
     model = cfg.model
     wall = pipeline.get("seconds")
-    scorers = cfg.get("metrics") or {}
+    # A config written before a metrics setting existed (a merge of old shards) gets the schema's default.
+    scorers = {**asdict(MetricsConfig()), **(cfg.get("metrics") or {})}
     metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
                               merge_size=int(model.merge_size), references_key=cfg.data.references_key,
-                              meteor=bool(scorers.get("meteor", False)),
-                              meteor_timeout_s=float(scorers.get("meteor_timeout_s", 300.0)), wall_s=wall,
-                              bootstrap_resamples=int(scorers.get("bootstrap_resamples", 1000)), seed=int(cfg.seed),
-                              densecap=bool(scorers.get("densecap", False)))
+                              meteor=bool(scorers["meteor"]), meteor_timeout_s=float(scorers["meteor_timeout_s"]),
+                              wall_s=wall, bootstrap_resamples=int(scorers["bootstrap_resamples"]), seed=int(cfg.seed),
+                              densecap=bool(scorers["densecap"]))
     metrics.update(weights(model))
     if pipeline:
         # End to end: every image and region of the run over the run's wall time (both stages).

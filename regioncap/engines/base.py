@@ -31,9 +31,13 @@ class EngineError(RunError):
 
 @dataclass
 class Sampling:
+    """How a request is decoded; also the schema of the config's ``sampling`` section."""
+
     temperature: float = 0.0
     top_p: float = 1.0
-    max_tokens: int = 256
+    #: Most tokens of one answer.
+    max_tokens: int = 512
+    #: Per-request sampling seed; in the config, ``null`` uses the run's ``seed``.
     seed: Optional[int] = None
 
 
