@@ -97,16 +97,17 @@ def range_problems(node: Any, schema: Optional[type], key: str) -> List[str]:
     for f in dataclasses.fields(schema):
         if f.name not in node:
             continue
-        value = node[f.name]
         where = f"{key}.{f.name}" if key else f.name
         rule = f.metadata.get("check")
-        if rule is not None:
+        if rule is not None:  # only these values are read: another may interpolate what is not set yet
             ok, what = rule
+            value = node[f.name]
             if not ok(value):
                 problems.append(f"{where} must be {what}, got {value!r}")
-        nested = schema_of(value)
+        child = node._get_node(f.name) if hasattr(node, "_get_node") else None
+        nested = schema_of(child)
         if nested is not None:
-            problems += range_problems(value, nested, where)
+            problems += range_problems(child, nested, where)
     return problems
 
 
@@ -295,8 +296,8 @@ def requirement_problem(cls: type, picked: str) -> Optional[str]:
 #: imported only when the group is typed). One line per group, not per option.
 GROUPS: Dict[str, str] = {
     "engine": "regioncap.engines.base.Engine",
-    "executor": "regioncap.executors.Executor",
     "logger": "regioncap.loggers.RunLogger",
+    "executor": "regioncap.executors.Executor",
 }
 
 
