@@ -13,28 +13,15 @@ must stay cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from regioncap.choice import Choice
+
 from regioncap.components import check, optional, real, whole
 # The sampling section's schema is the engines' own Sampling: one set of defaults for both.
 from regioncap.engines.base import Sampling
-
-
-class Choice(str, Enum):
-    """A closed choice of a config field: Hydra rejects any other value while composing.
-
-    A ``str`` whose value is its name, so code compares it with plain strings
-    (``cfg.prompt.strategy == "crop"``) and it prints and serialises as the string.
-    """
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
 
 
 class StrategyName(Choice):
@@ -222,113 +209,6 @@ class PromptConfig:
     )
 
 
-class ProposeMethod(Choice):
-    """``propose.method``: :data:`regioncap.propose.PROPOSERS` plus ``none``."""
-
-    none = "none"
-    contours = "contours"
-    vlm = "vlm"
-
-
-class ProposeWhen(Choice):
-    """Which rows get region proposals (``propose.when``)."""
-
-    #: Rows whose box field is absent or null (DataFlow-MM's rule); ``[]`` stays no regions.
-    missing = "missing"
-    #: Every row; given boxes are ignored (with them as ground truth for proposal quality).
-    always = "always"
-    #: Every row: its given boxes plus proposals that overlap none of them above ``add_iou``.
-    add = "add"
-
-
-class NmsMetric(Choice):
-    """Overlap measure of an NMS: IoU, or intersection over the smaller box (DataFlow-MM's contours)."""
-
-    iou = "iou"
-    iomin = "iomin"
-
-
-class GroundingConstraint(Choice):
-    """How a ``vlm`` grounding answer is constrained (``propose.constraint``)."""
-
-    regex = "regex"
-    json = "json"
-    none = "none"
-
-
-@dataclass
-class ProposeConfig:
-    """Region proposals for rows without boxes (``propose=none|contours|vlm``)."""
-
-    name: str = MISSING
-    #: Proposer (a key of ``regioncap.propose.PROPOSERS``), or ``none``.
-    method: ProposeMethod = ProposeMethod.none
-    when: ProposeWhen = ProposeWhen.missing
-    #: ``when=add``: a proposal overlapping a given box above this IoU is dropped.
-    add_iou: float = field(default=0.5, metadata=check(real(0, 1)))
-    #: Most proposals kept per image, best first (the rest are counted and recorded); null: all.
-    #: Kept proposals are chunked by ``max_boxes`` like given boxes, never dropped.
-    max_regions: Optional[int] = field(default=20, metadata=check(optional(whole(1))))
-
-
-@dataclass
-class ContoursSettings:
-    """DataFlow-MM's contour heuristic; the defaults are its published values.
-
-    Sizes are pixels of the image at the model's input resolution. The one
-    list of its knobs: the config schema below and the proposer's own
-    ``regioncap.propose.contours.ContoursParams`` both take them from here.
-    """
-
-    #: Gaussian blur kernel (odd; 0 or 1: none).
-    blur_kernel: int = 5
-    #: Adaptive Gaussian threshold: block side (odd) and constant C.
-    block_size: int = 11
-    threshold_c: float = 2.0
-    #: Morphological closing kernel side (0: none).
-    close_kernel: int = 8
-    #: Contour area as a fraction of the image.
-    min_area_ratio: float = 0.01
-    max_area_ratio: float = 0.8
-    #: Box aspect ratio w / h.
-    min_aspect: float = 0.1
-    max_aspect: float = 5.0
-    #: Boxes wider or taller than this fraction of the image are dropped.
-    max_side_ratio: float = 0.9
-    #: NMS over the boxes, largest first: drop a box whose overlap with a larger kept box is above
-    #: this; ``iomin`` (intersection over the smaller box, DataFlow-MM's) or ``iou``.
-    nms_threshold: float = 0.3
-    nms_metric: NmsMetric = NmsMetric.iomin
-
-
-@dataclass
-class ContoursProposeConfig(ContoursSettings, ProposeConfig):
-    """``propose=contours``: :class:`ContoursSettings` on top of the common proposal settings."""
-
-    method: ProposeMethod = ProposeMethod.contours
-
-
-@dataclass
-class VlmProposeConfig(ProposeConfig):
-    """The caption model grounds the objects first (Qwen2.5-VL JSON boxes / Qwen2-VL box tokens)."""
-
-    method: ProposeMethod = ProposeMethod.vlm
-    #: Grounding request text; null: the model family's (regioncap.propose.vlm.grounding_prompt).
-    prompt: Optional[str] = None
-    #: Token budget of the grounding answer.
-    max_tokens: int = field(default=1024, metadata=check(whole(1)))
-    #: How engines with structured outputs constrain the answer: ``regex`` (one compact
-    #: JSON layout, no free whitespace), ``json`` (the JSON schema) or ``none``.
-    constraint: GroundingConstraint = GroundingConstraint.regex
-    #: Most boxes kept from one answer, in answer order after dropping repeats (also the
-    #: JSON schema's ``maxItems`` with ``constraint=json``); bounds the work on a hostile answer.
-    max_items: int = field(default=50, metadata=check(whole(1)))
-    #: Repeated boxes in one answer: NMS at this IoU, answer order kept.
-    nms_threshold: float = 0.7
-    #: Boxes with a side under this many pixels (model input) after clipping are dropped.
-    min_size: float = 1.0
-
-
 @dataclass
 class LimitsConfig:
     """Bounds on what one input can cost (a bad file never hangs or exhausts a run)."""
@@ -369,7 +249,7 @@ class RegionCapConfig:
     prompt: PromptConfig = MISSING
     logger: Any = MISSING
     executor: Any = MISSING
-    propose: ProposeConfig = MISSING
+    propose: Any = MISSING
     sampling: Sampling = field(default_factory=Sampling)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -409,13 +289,6 @@ class RegionCapConfig:
     #: With both stages in one process: caption rows while the next ones are
     #: prepared (needs workers >= 1); false runs the stages one after the other.
     overlap: bool = True
-
-
-PROPOSE_SCHEMAS = {
-    "none": ProposeConfig,
-    "contours": ContoursProposeConfig,
-    "vlm": VlmProposeConfig,
-}
 
 
 def show_value(value: Any) -> str:
@@ -466,8 +339,10 @@ def register_configs() -> None:
     cs.store(group="schema/data", name="base", node=DataConfig)
     cs.store(group="schema/draw", name="base", node=DrawConfig)
     cs.store(group="schema/prompt", name="base", node=PromptConfig)
-    for name, node in PROPOSE_SCHEMAS.items():
-        cs.store(group="schema/propose", name=name, node=node)
+    # propose=none names no class: its node is the settings every proposer has.
+    from regioncap.propose.base import Proposer
+
+    cs.store(group="schema/propose", name="none", node=Proposer.Config)
     register_schemas(Path(__file__).resolve().parent / "conf", cs)
     _REGISTERED = True
 

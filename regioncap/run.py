@@ -339,7 +339,7 @@ def check_image_key(rows: List[Any], image_key: str) -> Optional[str]:
 def check_data(cfg: Any, rows: int = 20) -> None:
     """Read the first ``rows`` rows before the run starts: a data path that does not open fails now,
     and a box field missing from every one of them is said at once (with ``propose=none``: the run stops)."""
-    from regioncap.propose import check_box_key
+    from regioncap.propose import check_box_key, proposer_name
 
     try:
         first = list(itertools.islice(iter_rows(cfg.data), rows))
@@ -353,7 +353,7 @@ def check_data(cfg: Any, rows: int = 20) -> None:
     key = str(cfg.data.bbox_key)
     seen = [({**r.extra, key: r.bbox} if r.bbox is not None else dict(r.extra)) for r in first if not r.error]
     propose = cfg.get("propose")
-    problem = check_box_key(seen, key, str(propose.method) if propose is not None else "none")
+    problem = check_box_key(seen, key, proposer_name(propose))
     if problem is not None and problem.fatal and not problem.candidates:
         # The first rows may simply have no boxes: without another field that looks like boxes the
         # key is wrong for the file only when no row of it has the field (read on to the first that does).

@@ -155,9 +155,14 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
     }
     for section in _KEY_SECTIONS:
         values[section] = {k: v for k, v in _plain(cfg[section]).items() if k != "name"}
-    propose = cfg.get("propose")
-    if propose is not None and _plain(propose.get("method", "none")) != "none":
-        values["propose"] = {k: v for k, v in _plain(propose).items() if k != "name"}
+    from regioncap.components import TARGET
+    from regioncap.propose import NONE, proposer_name
+
+    method = proposer_name(cfg.get("propose"))
+    if method != NONE:
+        # ``method``: the proposer's short name, as in the key of a run made before options named classes.
+        values["propose"] = {"method": method, **{k: v for k, v in _plain(cfg.propose).items()
+                                                  if k not in ("name", TARGET)}}
     data = {k: _plain(cfg.data.get(k)) for k in _KEY_DATA}
     if data["path"] and not str(data["path"]).startswith("pkg://") and resolve_path(str(data["path"])).exists():
         data["path"] = str(resolve_path(str(data["path"])).resolve())

@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from regioncap.boxes import Box, iou
-from regioncap.propose.base import Proposal
+from regioncap.propose.base import Proposal, ProposeWhen
 
 #: ``source`` of a region that came with the row.
 INPUT_SOURCE = "input"
 
-#: Values of ``propose.when`` (the schema holds them as the ``ProposeWhen`` enum).
-PROPOSE_WHEN: Tuple[str, ...] = ("missing", "always", "add")
+#: Values of ``propose.when``.
+PROPOSE_WHEN: Tuple[str, ...] = tuple(w.value for w in ProposeWhen)
 
 
 def _value(v: Any) -> Any:
