@@ -299,6 +299,7 @@ GROUPS: Dict[str, str] = {
     "logger": "regioncap.loggers.RunLogger",
     "executor": "regioncap.executors.Executor",
     "propose": "regioncap.propose.base.Proposer",
+    "data": "regioncap.data.DataSource",
 }
 
 #: Groups whose option may name no class: ``propose=none`` (no ``_target_``) is "no proposer".

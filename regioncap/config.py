@@ -13,7 +13,7 @@ must stay cheap.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
@@ -40,33 +40,11 @@ class AnswerFormat(Choice):
     free = "free"
 
 
-class BboxFormat(Choice):
-    """``data.bbox_format``: see :data:`regioncap.boxes.BBOX_FORMATS`."""
-
-    xywh = "xywh"
-    xyxy = "xyxy"
-    cxcywh = "cxcywh"
-    xywh_norm = "xywh_norm"
-    xyxy_norm = "xyxy_norm"
-    cxcywh_norm = "cxcywh_norm"
-    qwen1000 = "qwen1000"
-
-
 class ModelFamily(Choice):
     """``model.family``: decides the resize rule and the grounding format."""
 
     qwen2_5_vl = "qwen2_5_vl"
     qwen2_vl = "qwen2_vl"
-
-
-class DataSource(Choice):
-    """``data.source``: the readers of :mod:`regioncap.data`."""
-
-    jsonl = "jsonl"
-    hf = "hf"
-    coco = "coco"
-    vg = "vg"
-    refcoco = "refcoco"
 
 
 @dataclass
@@ -102,60 +80,6 @@ class ModelConfig:
     #: transformers from the config): for throughput, memory and token-budget
     #: checks; captions are noise and every output says so.
     weights: str = "real"
-
-
-@dataclass
-class DataConfig:
-    """Where rows come from and how their boxes are written."""
-
-    name: str = MISSING
-    #: ``jsonl`` (DataFlow-MM format), ``hf`` (Hugging Face ``datasets``), or an
-    #: annotation file: ``coco`` (instances JSON), ``vg`` (Visual Genome region
-    #: descriptions JSON), ``refcoco`` (RefCOCO-style refs as JSON/JSONL); see docs/formats.md.
-    source: DataSource = DataSource.jsonl
-    #: JSONL file; a ``datasets`` name, data dir, saved dataset or data file.
-    #: ``pkg://regioncap/...`` points inside the installed package.
-    path: Optional[str] = None
-    #: ``datasets`` only: builder name for local files (``json``, ``parquet``,
-    #: ``imagefolder``...), config name, split, and extra ``load_dataset`` kwargs.
-    hf_builder: Optional[str] = None
-    hf_config: Optional[str] = None
-    split: str = "train"
-    hf_kwargs: Dict[str, Any] = field(default_factory=dict)
-    #: Image and box columns/fields; for ``hf`` a dotted path reads a nested field
-    #: (``objects.bbox`` in Hugging Face detection datasets).
-    image_key: str = "image"
-    bbox_key: str = "bbox"
-    #: Field holding a stable row id; rows without it get ``row-<position>``.
-    id_key: Optional[str] = "id"
-    #: Field holding reference captions, one entry per box in ``bbox`` order
-    #: (a string or a list of strings each); rows without it are not scored.
-    references_key: Optional[str] = "references"
-    #: ``xywh`` (DataFlow-MM), ``xyxy``, ``cxcywh``, ``xywh_norm``,
-    #: ``xyxy_norm``, ``cxcywh_norm``, ``qwen1000`` (Qwen2-VL's 0-1000 grid).
-    bbox_format: BboxFormat = BboxFormat.xywh
-    #: Read at most this many rows (after ``skip``).
-    limit: Optional[int] = None
-    skip: int = 0
-    #: Split the run into ``num_shards`` runs: shard ``shard_index`` reads the rows
-    #: (after ``skip``/``limit``) whose index is ``shard_index`` modulo ``num_shards``.
-    #: ``python -m regioncap.merge`` joins the shards' records.
-    num_shards: int = 1
-    shard_index: int = 0
-    #: ``coco``/``vg``/``refcoco``: folder holding the images their file names (or,
-    #: for ``vg``, ``<image_id>.jpg``) resolve against; relative to the annotation
-    #: file's folder; unset: that folder itself.
-    images_dir: Optional[str] = None
-    #: ``coco``: ``keep`` crowd annotations (``iscrowd: 1``, a box around a group) as
-    #: regions, or ``skip`` them (their ids listed in the row's ``crowd_annotation_ids``).
-    coco_iscrowd: str = "keep"
-    #: ``refcoco``: read only the refs whose ``split`` field is this (``train``,
-    #: ``val``, ``testA``...); unset: every ref.
-    ref_split: Optional[str] = None
-    #: ``hf``: column holding one reference (or a list of them) per box, copied to
-    #: ``references_key``; a dotted path reads a nested field (``objects.category``);
-    #: class-label ids become their names.
-    hf_references_key: Optional[str] = None
 
 
 @dataclass
@@ -244,7 +168,7 @@ class RegionCapConfig:
     #: Component groups: each option names its class with ``_target_`` and is typed by the
     #: class's ``Config`` (regioncap.components), so any class, a user's own too, can be named.
     engine: Any = MISSING
-    data: DataConfig = MISSING
+    data: Any = MISSING
     draw: DrawConfig = MISSING
     prompt: PromptConfig = MISSING
     logger: Any = MISSING
@@ -336,7 +260,6 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="regioncap_schema", node=RegionCapConfig)
     cs.store(group="schema/model", name="base", node=ModelConfig)
-    cs.store(group="schema/data", name="base", node=DataConfig)
     cs.store(group="schema/draw", name="base", node=DrawConfig)
     cs.store(group="schema/prompt", name="base", node=PromptConfig)
     # propose=none names no class: its node is the settings every proposer has.

@@ -176,13 +176,15 @@ def composed_data_config(overrides: Sequence[str], cwd: str, python: str = sys.e
 
 
 def _absolute_data_path(data_cfg: Dict[str, Any], cwd: str) -> Dict[str, Any]:
+    from regioncap.data import source_name
+
     path = data_cfg.get("path")
     if path and not str(path).startswith("pkg://"):
         p = Path(os.path.expanduser(str(path)))
         if not p.is_absolute():
             candidate = Path(cwd) / p
             # A relative hub name (owner/name) that is not a local path stays as it is.
-            if candidate.exists() or data_cfg.get("source", "jsonl") == "jsonl":
+            if candidate.exists() or source_name(data_cfg) == "jsonl":
                 data_cfg = {**data_cfg, "path": str(candidate)}
     return data_cfg
 

@@ -44,20 +44,19 @@ def test_the_groups_are_the_folders_of_conf():
 @pytest.mark.parametrize("field,value", [("model.family", "llava"), ("prompt.strategy", "grid"),
                                          ("prompt.answer_format", "xml"), ("data.bbox_format", "xy"),
                                          ("propose.nms_metric", "giou"),
-                                         ("propose.when", "sometimes"), ("data.source", "csv")])
+                                         ("propose.when", "sometimes")])
 def test_closed_choices_fail_at_compose_time(field, value):
     with pytest.raises((ConfigCompositionException, ValidationError)):
         compose([f"{field}={value}"])
 
 
 def test_enums_list_exactly_what_the_registries_hold():
-    from regioncap import boxes, config, data, propose, strategies
+    from regioncap import boxes, config, propose, strategies
 
     names = lambda enum: {m.value for m in enum}  # noqa: E731
     assert names(config.StrategyName) == set(strategies.STRATEGIES)
     assert names(propose.ProposeWhen) == set(propose.PROPOSE_WHEN)
-    assert names(config.BboxFormat) == set(boxes.BBOX_FORMATS)
-    assert names(config.DataSource) == set(data.SOURCES)
+    assert names(boxes.BboxFormat) == set(boxes.BBOX_FORMATS)
 
 
 def test_defaults_are_the_offline_run():
