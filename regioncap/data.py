@@ -1021,7 +1021,6 @@ class HfSource(DataSource):
 
     name = "hf"
     one_file = False
-    requires = ("datasets",)
 
     def read(self) -> Iterator[InputRow]:
         return _iter_hf(self.cfg)

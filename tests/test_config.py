@@ -30,8 +30,12 @@ def test_every_option_composes(group, option, tmp_path):
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     from regioncap.components import node_name
 
-    # A component's short name is its option's name; propose=none names no class.
-    assert node_name(cfg[group]) == (None if (group, option) == ("propose", "none") else option)
+    # A component's short name is its option's name; propose=none names no class; the data
+    # options name their source (data=demo reads with JsonlSource) and keep their own name.
+    if group == "data":
+        assert cfg.data.name == option and node_name(cfg.data) in ("jsonl", "hf", "coco", "vg", "refcoco")
+    else:
+        assert node_name(cfg[group]) == (None if (group, option) == ("propose", "none") else option)
     from regioncap.settings import check_settings
 
     check_settings(cfg)  # and every shipped value is in range
