@@ -934,7 +934,7 @@ class DataSource(Component):
     """
 
     @dataclass
-    class Config:
+    class Config(Component.Config):
         """What every source has: where the rows are, which fields hold what, which rows to read."""
 
         #: The option's name (``data=demo``).

@@ -79,7 +79,7 @@ class Proposer(Component, abc.ABC):
     """
 
     @dataclass
-    class Config:
+    class Config(Component.Config):
         """What every proposer has: which rows get proposals and how many are kept."""
 
         #: ``missing`` (rows whose box field is absent or null), ``always`` (every row; given

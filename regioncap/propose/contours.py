@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, List
 
 from regioncap.boxes import NMS_METRICS, nms
-from regioncap.components import Rule, check, finite_number, real, whole
+from regioncap.components import TARGET, Rule, check, finite_number, real, whole
 from regioncap.choice import Choice
 from regioncap.propose.base import Proposal, Proposer
 
@@ -152,4 +152,5 @@ class ContoursProposer(Proposer):
         return contour_boxes(np.asarray(image), self.params)
 
     def describe(self) -> dict:
-        return {"proposer": self.name, **{f.name: getattr(self.params, f.name) for f in fields(self.params)}}
+        return {"proposer": self.name, **{f.name: getattr(self.params, f.name) for f in fields(self.params)
+                                          if f.name != TARGET}}
