@@ -23,6 +23,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar
 
+from regioncap.choice import Choice
+
 __all__ = [
     "BBOX_FORMATS",
     "BoxFormatError",
@@ -57,6 +59,18 @@ BBOX_FORMATS: Tuple[str, ...] = (
     "cxcywh_norm",
     "qwen1000",
 )
+
+
+class BboxFormat(Choice):
+    """``data.bbox_format``: one of :data:`BBOX_FORMATS`."""
+
+    xywh = "xywh"
+    xyxy = "xyxy"
+    cxcywh = "cxcywh"
+    xywh_norm = "xywh_norm"
+    xyxy_norm = "xyxy_norm"
+    cxcywh_norm = "cxcywh_norm"
+    qwen1000 = "qwen1000"
 
 #: Drop reasons of :class:`BoxIssue` (``clipped`` marks a kept box).
 ISSUE_REASONS: Tuple[str, ...] = (

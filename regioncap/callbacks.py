@@ -49,7 +49,7 @@ class KeepRunDir(Callback):
         try:
             sweep_dir = Path(str(config.hydra.sweep.dir))
             subdir = config.hydra.output_subdir
-            resume = bool(config.get("resume", False))
+            resume = bool(config.resume)
         except Exception:  # noqa: BLE001 - an unresolvable dir: nothing there to keep
             return
         jobs = sorted(d.name for d in sweep_dir.iterdir() if d.is_dir() and holds_run(d)) \

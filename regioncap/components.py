@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequ
 from regioncap.errors import RunError
 
 __all__ = [
-    "TARGET", "GROUPS", "finite_number", "Component", "group_base", "type_groups", "schema_of", "Rule", "check", "whole", "real", "optional", "resolve", "class_of", "short_name",
+    "TARGET", "GROUPS", "OPTIONAL_GROUPS", "finite_number", "Component", "group_base", "type_groups", "schema_of", "Rule", "check", "whole", "real", "optional", "resolve", "class_of", "short_name",
     "node_name", "typed", "range_problems", "missing_modules", "install_hint", "requirement_problem", "shipped_targets",
     "register_schemas",
 ]
@@ -284,7 +284,12 @@ GROUPS: Dict[str, str] = {
     "engine": "regioncap.engines.base.Engine",
     "logger": "regioncap.loggers.RunLogger",
     "executor": "regioncap.executors.Executor",
+    "propose": "regioncap.propose.base.Proposer",
+    "data": "regioncap.data.DataSource",
 }
+
+#: Groups whose option may name no class: ``propose=none`` (no ``_target_``) is "no proposer".
+OPTIONAL_GROUPS = ("propose",)
 
 
 def group_base(group: str) -> type:
@@ -303,7 +308,7 @@ def type_groups(cfg: Any) -> None:
 
     for group in GROUPS:
         node = cfg.get(group) if hasattr(cfg, "get") else None
-        if node is None:
+        if node is None or (group in OPTIONAL_GROUPS and node.get(TARGET) is None):
             continue
         cls = class_of(node, group_base(group), group)
         node = typed(node, cls, group)

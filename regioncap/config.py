@@ -5,33 +5,23 @@ list (``- /schema/model/base@_here_``, see ``register_configs``), so a misspelt 
 or a value of the wrong type (``max_boxes=ten``) fails while Hydra composes the
 config, before anything is built.
 
-This module imports only the standard library, OmegaConf and Hydra's
-ConfigStore: building the config must stay cheap.
+This module imports only the standard library, OmegaConf, Hydra's ConfigStore
+and ``regioncap.engines.base`` (standard library only): building the config
+must stay cheap.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
+from regioncap.choice import Choice
+
 from regioncap.components import check, optional, real, whole
-
-
-class Choice(str, Enum):
-    """A closed choice of a config field: Hydra rejects any other value while composing.
-
-    A ``str`` whose value is its name, so code compares it with plain strings
-    (``cfg.prompt.strategy == "crop"``) and it prints and serialises as the string.
-    """
-
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
+# The sampling section's schema is the engines' own Sampling: one set of defaults for both.
+from regioncap.engines.base import Sampling
 
 
 class StrategyName(Choice):
@@ -50,33 +40,11 @@ class AnswerFormat(Choice):
     free = "free"
 
 
-class BboxFormat(Choice):
-    """``data.bbox_format``: see :data:`regioncap.boxes.BBOX_FORMATS`."""
-
-    xywh = "xywh"
-    xyxy = "xyxy"
-    cxcywh = "cxcywh"
-    xywh_norm = "xywh_norm"
-    xyxy_norm = "xyxy_norm"
-    cxcywh_norm = "cxcywh_norm"
-    qwen1000 = "qwen1000"
-
-
 class ModelFamily(Choice):
     """``model.family``: decides the resize rule and the grounding format."""
 
     qwen2_5_vl = "qwen2_5_vl"
     qwen2_vl = "qwen2_vl"
-
-
-class DataSource(Choice):
-    """``data.source``: the readers of :mod:`regioncap.data`."""
-
-    jsonl = "jsonl"
-    hf = "hf"
-    coco = "coco"
-    vg = "vg"
-    refcoco = "refcoco"
 
 
 @dataclass
@@ -112,60 +80,6 @@ class ModelConfig:
     #: transformers from the config): for throughput, memory and token-budget
     #: checks; captions are noise and every output says so.
     weights: str = "real"
-
-
-@dataclass
-class DataConfig:
-    """Where rows come from and how their boxes are written."""
-
-    name: str = MISSING
-    #: ``jsonl`` (DataFlow-MM format), ``hf`` (Hugging Face ``datasets``), or an
-    #: annotation file: ``coco`` (instances JSON), ``vg`` (Visual Genome region
-    #: descriptions JSON), ``refcoco`` (RefCOCO-style refs as JSON/JSONL); see docs/formats.md.
-    source: DataSource = DataSource.jsonl
-    #: JSONL file; a ``datasets`` name, data dir, saved dataset or data file.
-    #: ``pkg://regioncap/...`` points inside the installed package.
-    path: Optional[str] = None
-    #: ``datasets`` only: builder name for local files (``json``, ``parquet``,
-    #: ``imagefolder``...), config name, split, and extra ``load_dataset`` kwargs.
-    hf_builder: Optional[str] = None
-    hf_config: Optional[str] = None
-    split: str = "train"
-    hf_kwargs: Dict[str, Any] = field(default_factory=dict)
-    #: Image and box columns/fields; for ``hf`` a dotted path reads a nested field
-    #: (``objects.bbox`` in Hugging Face detection datasets).
-    image_key: str = "image"
-    bbox_key: str = "bbox"
-    #: Field holding a stable row id; rows without it get ``row-<position>``.
-    id_key: Optional[str] = "id"
-    #: Field holding reference captions, one entry per box in ``bbox`` order
-    #: (a string or a list of strings each); rows without it are not scored.
-    references_key: Optional[str] = "references"
-    #: ``xywh`` (DataFlow-MM), ``xyxy``, ``cxcywh``, ``xywh_norm``,
-    #: ``xyxy_norm``, ``cxcywh_norm``, ``qwen1000`` (Qwen2-VL's 0-1000 grid).
-    bbox_format: BboxFormat = BboxFormat.xywh
-    #: Read at most this many rows (after ``skip``).
-    limit: Optional[int] = None
-    skip: int = 0
-    #: Split the run into ``num_shards`` runs: shard ``shard_index`` reads the rows
-    #: (after ``skip``/``limit``) whose index is ``shard_index`` modulo ``num_shards``.
-    #: ``python -m regioncap.merge`` joins the shards' records.
-    num_shards: int = 1
-    shard_index: int = 0
-    #: ``coco``/``vg``/``refcoco``: folder holding the images their file names (or,
-    #: for ``vg``, ``<image_id>.jpg``) resolve against; relative to the annotation
-    #: file's folder; unset: that folder itself.
-    images_dir: Optional[str] = None
-    #: ``coco``: ``keep`` crowd annotations (``iscrowd: 1``, a box around a group) as
-    #: regions, or ``skip`` them (their ids listed in the row's ``crowd_annotation_ids``).
-    coco_iscrowd: str = "keep"
-    #: ``refcoco``: read only the refs whose ``split`` field is this (``train``,
-    #: ``val``, ``testA``...); unset: every ref.
-    ref_split: Optional[str] = None
-    #: ``hf``: column holding one reference (or a list of them) per box, copied to
-    #: ``references_key``; a dotted path reads a nested field (``objects.category``);
-    #: class-label ids become their names.
-    hf_references_key: Optional[str] = None
 
 
 @dataclass
@@ -220,122 +134,6 @@ class PromptConfig:
 
 
 @dataclass
-class SamplingConfig:
-    temperature: float = field(default=0.0, metadata=check(real(0)))
-    top_p: float = field(default=1.0, metadata=check(real(0, 1, above=True)))
-    max_tokens: int = field(default=512, metadata=check(whole(1)))
-    #: Per-request sampling seed; ``null`` uses the run's ``seed``.
-    seed: Optional[int] = None
-
-
-class ProposeMethod(Choice):
-    """``propose.method``: :data:`regioncap.propose.PROPOSERS` plus ``none``."""
-
-    none = "none"
-    contours = "contours"
-    vlm = "vlm"
-
-
-class ProposeWhen(Choice):
-    """Which rows get region proposals (``propose.when``)."""
-
-    #: Rows whose box field is absent or null (DataFlow-MM's rule); ``[]`` stays no regions.
-    missing = "missing"
-    #: Every row; given boxes are ignored (with them as ground truth for proposal quality).
-    always = "always"
-    #: Every row: its given boxes plus proposals that overlap none of them above ``add_iou``.
-    add = "add"
-
-
-class NmsMetric(Choice):
-    """Overlap measure of an NMS: IoU, or intersection over the smaller box (DataFlow-MM's contours)."""
-
-    iou = "iou"
-    iomin = "iomin"
-
-
-class GroundingConstraint(Choice):
-    """How a ``vlm`` grounding answer is constrained (``propose.constraint``)."""
-
-    regex = "regex"
-    json = "json"
-    none = "none"
-
-
-@dataclass
-class ProposeConfig:
-    """Region proposals for rows without boxes (``propose=none|contours|vlm``)."""
-
-    name: str = MISSING
-    #: Proposer (a key of ``regioncap.propose.PROPOSERS``), or ``none``.
-    method: ProposeMethod = ProposeMethod.none
-    when: ProposeWhen = ProposeWhen.missing
-    #: ``when=add``: a proposal overlapping a given box above this IoU is dropped.
-    add_iou: float = field(default=0.5, metadata=check(real(0, 1)))
-    #: Most proposals kept per image, best first (the rest are counted and recorded); null: all.
-    #: Kept proposals are chunked by ``max_boxes`` like given boxes, never dropped.
-    max_regions: Optional[int] = field(default=20, metadata=check(optional(whole(1))))
-
-
-@dataclass
-class ContoursSettings:
-    """DataFlow-MM's contour heuristic; the defaults are its published values.
-
-    Sizes are pixels of the image at the model's input resolution. The one
-    list of its knobs: the config schema below and the proposer's own
-    ``regioncap.propose.contours.ContoursParams`` both take them from here.
-    """
-
-    #: Gaussian blur kernel (odd; 0 or 1: none).
-    blur_kernel: int = 5
-    #: Adaptive Gaussian threshold: block side (odd) and constant C.
-    block_size: int = 11
-    threshold_c: float = 2.0
-    #: Morphological closing kernel side (0: none).
-    close_kernel: int = 8
-    #: Contour area as a fraction of the image.
-    min_area_ratio: float = 0.01
-    max_area_ratio: float = 0.8
-    #: Box aspect ratio w / h.
-    min_aspect: float = 0.1
-    max_aspect: float = 5.0
-    #: Boxes wider or taller than this fraction of the image are dropped.
-    max_side_ratio: float = 0.9
-    #: NMS over the boxes, largest first: drop a box whose overlap with a larger kept box is above
-    #: this; ``iomin`` (intersection over the smaller box, DataFlow-MM's) or ``iou``.
-    nms_threshold: float = 0.3
-    nms_metric: NmsMetric = NmsMetric.iomin
-
-
-@dataclass
-class ContoursProposeConfig(ContoursSettings, ProposeConfig):
-    """``propose=contours``: :class:`ContoursSettings` on top of the common proposal settings."""
-
-    method: ProposeMethod = ProposeMethod.contours
-
-
-@dataclass
-class VlmProposeConfig(ProposeConfig):
-    """The caption model grounds the objects first (Qwen2.5-VL JSON boxes / Qwen2-VL box tokens)."""
-
-    method: ProposeMethod = ProposeMethod.vlm
-    #: Grounding request text; null: the model family's (regioncap.propose.vlm.grounding_prompt).
-    prompt: Optional[str] = None
-    #: Token budget of the grounding answer.
-    max_tokens: int = field(default=1024, metadata=check(whole(1)))
-    #: How engines with structured outputs constrain the answer: ``regex`` (one compact
-    #: JSON layout, no free whitespace), ``json`` (the JSON schema) or ``none``.
-    constraint: GroundingConstraint = GroundingConstraint.regex
-    #: Most boxes kept from one answer, in answer order after dropping repeats (also the
-    #: JSON schema's ``maxItems`` with ``constraint=json``); bounds the work on a hostile answer.
-    max_items: int = field(default=50, metadata=check(whole(1)))
-    #: Repeated boxes in one answer: NMS at this IoU, answer order kept.
-    nms_threshold: float = 0.7
-    #: Boxes with a side under this many pixels (model input) after clipping are dropped.
-    min_size: float = 1.0
-
-
-@dataclass
 class LimitsConfig:
     """Bounds on what one input can cost (a bad file never hangs or exhausts a run)."""
 
@@ -370,17 +168,18 @@ class RegionCapConfig:
     #: Component groups: each option names its class with ``_target_`` and is typed by the
     #: class's ``Config`` (regioncap.components), so any class, a user's own too, can be named.
     engine: Any = MISSING
-    data: DataConfig = MISSING
+    data: Any = MISSING
     draw: DrawConfig = MISSING
     prompt: PromptConfig = MISSING
     logger: Any = MISSING
     executor: Any = MISSING
-    propose: ProposeConfig = MISSING
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    propose: Any = MISSING
+    sampling: Sampling = field(default_factory=Sampling)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: Most regions marked on one image; more are split into further chunks.
     max_boxes: int = field(default=10, metadata=check(whole(1)))
+    #: Seeds Python, NumPy and torch before anything is built, and every request.
     seed: int = 0
     #: Stages to run, in order: ``visualize``, ``caption``.
     stages: List[str] = field(default_factory=lambda: ["visualize", "caption"])
@@ -420,11 +219,19 @@ class RegionCapConfig:
     overlap: bool = True
 
 
-PROPOSE_SCHEMAS = {
-    "none": ProposeConfig,
-    "contours": ContoursProposeConfig,
-    "vlm": VlmProposeConfig,
-}
+def show_value(value: Any) -> str:
+    """``value`` as a user types it on the command line (``null``, ``false``, ``[a,b]``)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(show_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
 
 
 def register_configs() -> None:
@@ -449,14 +256,20 @@ def register_configs() -> None:
 
     # ${pid:} in the default run and sweep dirs: unique for runs started in the same second.
     OmegaConf.register_new_resolver("pid", lambda: os.getpid(), replace=True)
+    # --help shows each option with its value in the composed config (conf/hydra/help/regioncap.yaml),
+    # so the schema stays the one place a default is written.
+    OmegaConf.register_new_resolver("show", show_value, replace=True)
+    OmegaConf.register_new_resolver("opt", lambda name, value: f"{name}={show_value(value)}".ljust(21),
+                                    replace=True)
     cs = ConfigStore.instance()
     cs.store(name="regioncap_schema", node=RegionCapConfig)
     cs.store(group="schema/model", name="base", node=ModelConfig)
-    cs.store(group="schema/data", name="base", node=DataConfig)
     cs.store(group="schema/draw", name="base", node=DrawConfig)
     cs.store(group="schema/prompt", name="base", node=PromptConfig)
-    for name, node in PROPOSE_SCHEMAS.items():
-        cs.store(group="schema/propose", name=name, node=node)
+    # propose=none names no class: its node is the settings every proposer has.
+    from regioncap.propose.base import Proposer
+
+    cs.store(group="schema/propose", name="none", node=Proposer.Config)
     register_schemas(Path(__file__).resolve().parent / "conf", cs)
     _REGISTERED = True
 

@@ -1,4 +1,9 @@
-"""Input rows from DataFlow-MM JSONL files or Hugging Face ``datasets``.
+"""Input rows from DataFlow-MM JSONL files, Hugging Face ``datasets`` or annotation files.
+
+Each source is a :class:`DataSource` subclass, named by ``_target_`` in
+``conf/data/NAME.yaml`` (``regioncap.data.JsonlSource``); it owns its settings
+(its ``Config``), its reader, whether its path is one file, and which of its
+settings decide the rows (``key_fields``).
 
 Every line or record becomes exactly one :class:`InputRow`, including the bad
 ones (invalid JSON, not UTF-8, not an object): those carry an ``error`` so the
@@ -13,11 +18,13 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Tuple, Type
 
+from regioncap.boxes import BboxFormat
+from regioncap.components import TARGET, Component, class_of, short_name
 from regioncap.errors import RunError
 from regioncap.images import ImageLoadError, file_uri_path, image_uri
 
@@ -152,18 +159,16 @@ def check_shards(data_cfg: Any) -> Tuple[int, int]:
 
 
 def count_rows(data_cfg: Any) -> Optional[int]:
-    """How many rows :func:`iter_rows` will yield, where that is cheap to know (a JSONL file: one
-    pass counting non-blank lines; a JSON array file: its elements; a ``datasets`` source is not
-    opened for it); else None.
+    """How many rows :func:`iter_rows` will yield, where that is cheap to know (the source's
+    :meth:`DataSource.count`: a JSONL file, one pass counting non-blank lines; a JSON array file,
+    its elements; a ``datasets`` source is not opened for it); else None.
 
     For progress bars only: nothing depends on it being exact.
     """
-    if data_cfg.source != "jsonl" or not data_cfg.path:
+    if not data_cfg.path:
         return None
-    path = resolve_path(str(data_cfg.path))
-    try:
-        total = file_rows(path)
-    except (OSError, DataError):
+    total = source_class(data_cfg)(data_cfg).count()
+    if total is None:
         return None
     skip, limit = max(0, int(data_cfg.skip or 0)), data_cfg.limit
     total = max(0, total - skip)
@@ -203,10 +208,7 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
     if not data_cfg.path:
         raise DataError("data.path is not set: give a JSONL file or dataset (data.path=FILE)")
     check_data_config(data_cfg)
-    entry = DATA_SOURCES.get(str(data_cfg.source))
-    if entry is None:
-        raise DataError(f"unknown data.source {data_cfg.source!r}; use one of {', '.join(DATA_SOURCES)}")
-    rows = entry.read(data_cfg)
+    rows = source_class(data_cfg)(data_cfg).read()
     num_shards, shard_index = check_data_config(data_cfg)
     skip, limit = int(data_cfg.skip or 0), data_cfg.limit
     for i, row in enumerate(rows):
@@ -921,35 +923,175 @@ def fingerprint_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-#: Annotation-file sources: ``data.source`` -> reader of ``(path, data_cfg)``.
+# ------------------------------------------------------------------ the sources
 
 
-@dataclass(frozen=True)
-class DataSourceEntry:
-    """A data source (``data.source``): how its rows are read, and what the run needs to know of it."""
+class DataSource(Component):
+    """Base of every data source: a component named by ``_target_`` in ``conf/data/NAME.yaml``.
 
-    #: ``data_cfg -> rows`` in source order (indexes, skip, limit and shards are applied by :func:`iter_rows`).
-    read: Callable[[Any], Iterator[InputRow]]
+    A source reads its rows in source order (:meth:`read`); :func:`iter_rows`
+    applies ``skip``, ``limit`` and the shard split to any source the same way.
+    """
+
+    @dataclass
+    class Config(Component.Config):
+        """What every source has: where the rows are, which fields hold what, which rows to read."""
+
+        #: The option's name (``data=demo``).
+        name: Optional[str] = None
+        #: The file, folder or dataset the rows come from; ``pkg://regioncap/...`` points inside
+        #: the installed package.
+        path: Optional[str] = None
+        #: Image and box fields; for ``hf`` a dotted path reads a nested field (``objects.bbox``).
+        image_key: str = "image"
+        bbox_key: str = "bbox"
+        #: Field holding a stable row id; rows without it get ``row-<position>``.
+        id_key: Optional[str] = "id"
+        #: Field holding reference captions, one entry per box in ``bbox`` order
+        #: (a string or a list of strings each); rows without it are not scored.
+        references_key: Optional[str] = "references"
+        #: ``xywh`` (DataFlow-MM), ``xyxy``, ``cxcywh``, ``xywh_norm``,
+        #: ``xyxy_norm``, ``cxcywh_norm``, ``qwen1000`` (Qwen2-VL's 0-1000 grid).
+        bbox_format: BboxFormat = BboxFormat.xywh
+        #: Read at most this many rows (after ``skip``).
+        limit: Optional[int] = None
+        skip: int = 0
+        #: Split the run into ``num_shards`` runs: shard ``shard_index`` reads the rows
+        #: (after ``skip``/``limit``) whose index is ``shard_index`` modulo ``num_shards``.
+        #: ``python -m regioncap.merge`` joins the shards' records.
+        num_shards: int = 1
+        shard_index: int = 0
+
     #: ``data.path`` is one file: the manifest fingerprints it (sha256 and line count); else a
     #: ``datasets`` folder or name, fingerprinted by ``datasets``.
-    one_file: bool
-    #: ``data`` fields only this source reads, with their defaults: in the run key (``run_key.json``)
-    #: when set otherwise, since they decide which rows are read.
-    key_fields: Dict[str, Any] = field(default_factory=dict)
+    one_file: ClassVar[bool] = True
+    #: Settings of this source's ``Config`` that decide which rows are read: in the run key
+    #: (``run_key.json``) when set other than their default.
+    key_fields: ClassVar[Tuple[str, ...]] = ()
+
+    def __init__(self, cfg: Any) -> None:
+        #: The ``data`` section (a config node, or anything with its fields as attributes).
+        self.cfg = cfg
+
+    def read(self) -> Iterator[InputRow]:
+        """The rows in source order (indexes, skip, limit and shards are :func:`iter_rows`' work)."""
+        raise NotImplementedError
+
+    def count(self) -> Optional[int]:
+        """How many rows :meth:`read` gives, where that is cheap to know; else None (progress bars only)."""
+        return None
+
+    @classmethod
+    def key_defaults(cls) -> Dict[str, Any]:
+        """``{field: default}`` of :attr:`key_fields`, from this source's ``Config``."""
+        defaults = {f.name: f.default for f in fields(cls.Config)}
+        return {k: defaults[k] for k in cls.key_fields}
 
 
-#: ``data.source`` -> its entry. A new source is a reader function here plus one entry (and one
-#: member of ``DataSource`` in the config schema, and a ``conf/data/NAME.yaml``).
-DATA_SOURCES: Dict[str, DataSourceEntry] = {
-    "jsonl": DataSourceEntry(lambda c: _iter_jsonl(resolve_path(str(c.path)), c), one_file=True),
-    "hf": DataSourceEntry(_iter_hf, one_file=False),
-    "coco": DataSourceEntry(lambda c: _iter_coco(resolve_path(str(c.path)), c), one_file=True,
-                            key_fields={"images_dir": None, "coco_iscrowd": "keep"}),
-    "vg": DataSourceEntry(lambda c: _iter_vg(resolve_path(str(c.path)), c), one_file=True,
-                          key_fields={"images_dir": None}),
-    "refcoco": DataSourceEntry(lambda c: _iter_refcoco(resolve_path(str(c.path)), c), one_file=True,
-                               key_fields={"images_dir": None, "ref_split": None}),
-}
+class JsonlSource(DataSource):
+    """DataFlow-MM JSONL (or a JSON array of rows): image paths resolve against the file's folder."""
 
-#: Every ``data.source`` (the ``DataSource`` choices of the config schema).
-SOURCES = tuple(DATA_SOURCES)
+    name = "jsonl"
+
+    def read(self) -> Iterator[InputRow]:
+        return _iter_jsonl(resolve_path(str(self.cfg.path)), self.cfg)
+
+    def count(self) -> Optional[int]:
+        try:
+            return file_rows(resolve_path(str(self.cfg.path)))
+        except (OSError, DataError):
+            return None
+
+
+class HfSource(DataSource):
+    """Hugging Face ``datasets``: a hub name, a saved dataset, a data folder or a data file."""
+
+    @dataclass
+    class Config(DataSource.Config):
+        #: Builder name for local files (``json``, ``parquet``, ``imagefolder``...), config name,
+        #: split, and extra ``load_dataset`` kwargs.
+        hf_builder: Optional[str] = None
+        hf_config: Optional[str] = None
+        split: str = "train"
+        hf_kwargs: Dict[str, Any] = field(default_factory=dict)
+        #: Column holding one reference (or a list of them) per box, copied to
+        #: ``references_key``; a dotted path reads a nested field (``objects.category``);
+        #: class-label ids become their names.
+        hf_references_key: Optional[str] = None
+
+    name = "hf"
+    one_file = False
+
+    def read(self) -> Iterator[InputRow]:
+        return _iter_hf(self.cfg)
+
+
+class AnnotationSource(DataSource):
+    """An annotation file (COCO, Visual Genome, RefCOCO): rows grouped by image, ids from the file."""
+
+    @dataclass
+    class Config(DataSource.Config):
+        #: Rows take their ids from the annotation file.
+        id_key: Optional[str] = None
+        #: Folder holding the images the file names (for ``vg``, ``<image_id>.jpg``), relative to
+        #: the annotation file's folder; unset: that folder itself.
+        images_dir: Optional[str] = None
+
+    key_fields = ("images_dir",)
+    #: ``(path, data_cfg) -> rows``: the adapter of this file format.
+    reader: ClassVar[Callable[[Path, Any], Iterator[InputRow]]]
+
+    def read(self) -> Iterator[InputRow]:
+        return type(self).reader(resolve_path(str(self.cfg.path)), self.cfg)
+
+
+class CocoSource(AnnotationSource):
+    """COCO instances JSON: one row per image with all its annotations' boxes."""
+
+    @dataclass
+    class Config(AnnotationSource.Config):
+        #: ``keep`` crowd annotations (``iscrowd: 1``, a box around a group) as regions, or
+        #: ``skip`` them (their ids listed in the row's ``crowd_annotation_ids``).
+        coco_iscrowd: str = "keep"
+
+    name = "coco"
+    key_fields = ("images_dir", "coco_iscrowd")
+    reader = staticmethod(_iter_coco)
+
+
+class VgSource(AnnotationSource):
+    """Visual Genome region descriptions: one row per image, one box per region, its phrase the reference."""
+
+    name = "vg"
+    reader = staticmethod(_iter_vg)
+
+
+class RefcocoSource(AnnotationSource):
+    """RefCOCO/RefCOCO+/RefCOCOg refs as JSON or JSON lines: one box per ref, its expressions the references."""
+
+    @dataclass
+    class Config(AnnotationSource.Config):
+        #: Read only the refs whose ``split`` field is this (``train``, ``val``, ``testA``...); unset: every ref.
+        ref_split: Optional[str] = None
+
+    name = "refcoco"
+    key_fields = ("images_dir", "ref_split")
+    reader = staticmethod(_iter_refcoco)
+
+
+def source_class(data_cfg: Any) -> Type[DataSource]:
+    """The :class:`DataSource` subclass the ``data`` section names by ``_target_`` (its module imported).
+
+    Raises:
+        RunError: no ``_target_``, or one that does not import or is not a :class:`DataSource`
+            (the message names ``data._target_``).
+    """
+    return class_of(data_cfg, DataSource, "data")
+
+
+def source_name(data_cfg: Any) -> str:
+    """The short name of the section's source (``jsonl``, ``coco``...): the manifest's ``data.source``
+    and the run key's; for a section recorded before sources were classes, its ``source``."""
+    if hasattr(data_cfg, "get") and data_cfg.get(TARGET) is None and data_cfg.get("source"):
+        return str(data_cfg.get("source"))
+    return short_name(source_class(data_cfg))

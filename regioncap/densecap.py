@@ -41,9 +41,10 @@ Where regioncap differs, and why (also in docs/formats.md, ``densecap``):
   are sent to METEOR: the others are false positives at every threshold, so
   this changes no AP and saves the JVM's time.
 
-Pure module: no Hydra, no W&B, no engine imports. METEOR is injectable
-(``meteor_fn``); the default runs pycocoevalcap's METEOR 1.5 jar once for all
-pairs (:func:`regioncap.metrics.meteor_sentence_scores`, with its watchdog).
+Pure module: no Hydra, no W&B, no engine imports. METEOR comes in as
+``meteor_fn``: a run's metrics pass :func:`regioncap.metrics.densecap_meteor`
+(pycocoevalcap's METEOR 1.5 jar, once for all pairs, with its watchdog);
+without one, ``map`` is absent and ``det_map`` is still computed.
 """
 
 from __future__ import annotations
@@ -193,8 +194,7 @@ class DenseCapEvaluator:
         self.truth_given += len(image.truth_boxes)
         self.truth += len(merged)
 
-    def evaluate(self, meteor_fn: Optional[MeteorFn] = None, *, meteor_timeout_s: Optional[float] = None
-                 ) -> Dict[str, Any]:
+    def evaluate(self, meteor_fn: Optional[MeteorFn] = None) -> Dict[str, Any]:
         """``{map, ap, det_map, det_ap, images, predictions, truth_boxes, truth_boxes_given,
         predictions_unscored, meteor_pairs, meteor_s, absent}``: ``ap[iou][meteor]`` and
         ``det_ap[iou]`` by threshold. ``map``/``ap`` are ``None`` with ``absent``
@@ -225,7 +225,7 @@ class DenseCapEvaluator:
         if self.pairs:
             t0 = time.perf_counter()
             try:
-                scores = _run_meteor(self.pairs, meteor_fn, meteor_timeout_s)
+                scores = _run_meteor(self.pairs, meteor_fn)
             except Exception as exc:  # noqa: BLE001 - METEOR is optional: say why it is missing
                 out["absent"] = str(exc) if isinstance(exc, MeteorUnavailable) else \
                     f"METEOR failed: {type(exc).__name__}: {exc}"
@@ -263,145 +263,22 @@ def _mean(values: Iterable[float]) -> float:
     return round(sum(values) / len(values), 6)
 
 
-def _run_meteor(pairs: Sequence[Tuple[str, List[str]]], meteor_fn: Optional[MeteorFn],
-                timeout_s: Optional[float]) -> List[float]:
-    if meteor_fn is not None:
-        return [float(s) for s in meteor_fn(pairs)]
-    return meteor_scores(pairs, timeout_s=timeout_s)
+def _run_meteor(pairs: Sequence[Tuple[str, List[str]]], meteor_fn: Optional[MeteorFn]) -> List[float]:
+    if meteor_fn is None:
+        raise MeteorUnavailable("no METEOR scorer was given (meteor_fn)")
+    return [float(s) for s in meteor_fn(pairs)]
 
 
-def meteor_scores(pairs: Sequence[Tuple[str, Sequence[str]]], *, timeout_s: Optional[float] = None) -> List[float]:
-    """Sentence-level METEOR 1.5 of each ``(caption, references)`` pair, all in one
-    Java process (:func:`regioncap.metrics.meteor_sentence_scores`: pycocoevalcap's
-    jar, as DenseCap's ``meteor_bridge.py`` scores each pair). Raises
-    :class:`MeteorUnavailable` when Java or pycocoevalcap is missing,
-    ``TimeoutError`` past ``timeout_s``; a pair whose caption or references have no
-    word scores 0."""
-    from regioncap.metrics import METEOR_TIMEOUT_S, meteor_absent, meteor_sentence_scores
-
-    reason = meteor_absent()
-    if reason:
-        raise MeteorUnavailable(reason)
-    log.info("DenseCap mAP: METEOR of %d prediction(s), starting Java", len(pairs))
-    return meteor_sentence_scores(pairs, timeout_s=METEOR_TIMEOUT_S if timeout_s is None else timeout_s)
-
-
-def densecap_map(images: Iterable[DenseCapImage], meteor_fn: Optional[MeteorFn] = None, *,
-                 meteor_timeout_s: Optional[float] = None) -> Dict[str, Any]:
+def densecap_map(images: Iterable[DenseCapImage], meteor_fn: Optional[MeteorFn] = None) -> Dict[str, Any]:
     """DenseCap mAP of ``images`` (see the module docstring for the procedure and
     where it differs from the reference code); the result is
     :meth:`DenseCapEvaluator.evaluate`'s. ``meteor_fn`` scores the pairs
-    (default :func:`meteor_scores`, one Java process)."""
+    (:func:`regioncap.metrics.densecap_meteor`: one Java process); without it
+    ``map`` is None and ``absent`` says so."""
     evaluator = DenseCapEvaluator()
     for image in images:
         evaluator.add(image)
-    return evaluator.evaluate(meteor_fn, meteor_timeout_s=meteor_timeout_s)
+    return evaluator.evaluate(meteor_fn)
 
 
 # ------------------------------------------------------------------ from run records
-def record_image(record: Dict[str, Any], references_key: Optional[str]) -> Optional[Tuple[str, DenseCapImage]]:
-    """``(mode, image)`` of one run record, or ``None`` when it has no truth to score against.
-
-    ``mode`` ``proposals``: the record's regions were proposed and the given
-    boxes are the truth (``proposals.truth_bbox`` with ``truth_index``, under
-    ``propose.when=always``). ``given``: the truth is the record's regions on
-    given boxes (``source: input``) whose box has references, and the
-    predictions are those regions with their captions (plus proposals added
-    under ``propose.when=add``): every given box has a prediction exactly on it,
-    so the mAP measures the captions only (an upper bound for a detector).
-    Truth boxes without references and regions without a caption are left
-    out; error and pending rows give ``None``.
-    """
-    from regioncap.metrics import normalize, reference_texts, region_references
-
-    if not references_key or record.get("status") in ("error", "pending"):
-        return None
-    has_refs, found, _ = region_references(record, references_key)
-    if not has_refs:
-        return None
-    regions = [r for r in record.get("regions") or () if isinstance(r, dict) and _box(r.get("bbox"))]
-    info = record.get("proposals") if isinstance(record.get("proposals"), dict) else {}
-    truth_bbox, truth_index = info.get("truth_bbox"), info.get("truth_index")
-    truth: List[List[float]] = []
-    truth_refs: List[List[str]] = []
-    if isinstance(truth_bbox, list) and isinstance(truth_index, list) and len(truth_bbox) == len(truth_index):
-        mode = "proposals"
-        for box, idx in zip(truth_bbox, truth_index):
-            texts = [t for t in (normalize(x) for x in reference_texts(record, {"source_index": idx}, references_key))
-                     if t]
-            if texts and _box(box):
-                truth.append([float(v) for v in box])
-                truth_refs.append(texts)
-        preds = regions
-    else:
-        mode = "given"
-        with_refs = {id(reg): refs for reg, refs in found}
-        preds = []
-        for reg in regions:
-            if reg.get("source", "input") != "input":
-                preds.append(reg)  # a proposal added beside the given boxes (propose.when=add)
-            elif id(reg) in with_refs:
-                truth.append([float(v) for v in reg["bbox"]])
-                truth_refs.append(with_refs[id(reg)])
-                preds.append(reg)
-        if not truth:
-            return None
-    preds = [r for r in preds if normalize(r.get("caption"))]
-    scores = [float(r["score"]) if isinstance(r.get("score"), (int, float)) and math.isfinite(r["score"]) else None
-              for r in preds]
-    return mode, DenseCapImage(boxes=[[float(v) for v in r["bbox"]] for r in preds],
-                               captions=[r["caption"] for r in preds], truth_boxes=truth,
-                               references=truth_refs, scores=scores)
-
-
-def _box(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) == 4 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-
-
-class DenseCapStats:
-    """The ``densecap`` block of metrics.json, gathered one record at a time
-    (:func:`record_image`) and evaluated once (:meth:`summary`)."""
-
-    def __init__(self, references_key: Optional[str]) -> None:
-        self.references_key = references_key
-        self.evaluator = DenseCapEvaluator()
-        self.modes: Dict[str, int] = {}
-
-    def add(self, record: Dict[str, Any]) -> None:
-        """Gather one record's predictions and truth (nothing when it has no truth)."""
-        found = record_image(record, self.references_key)
-        if found is None:
-            return
-        mode, image = found
-        self.modes[mode] = self.modes.get(mode, 0) + 1
-        self.evaluator.add(image)
-
-    def summary(self, meteor_fn: Optional[MeteorFn] = None, *, meteor_timeout_s: Optional[float] = None
-                ) -> Dict[str, Any]:
-        """``{map, det_map, ap, ap_by_iou, ap_by_meteor, det_ap_by_iou, iou_thresholds,
-        meteor_thresholds, mode, n_images, n_predictions, n_unscored, n_truth,
-        n_truth_given, n_meteor_pairs, meteor_s, absent}`` (docs/formats.md); the AP
-        lists run parallel to the threshold lists (``ap``: one row per IoU threshold)."""
-        r = self.evaluator.evaluate(meteor_fn, meteor_timeout_s=meteor_timeout_s)
-        modes = sorted(self.modes)
-        out: Dict[str, Any] = {
-            "map": _r(r["map"]), "det_map": _r(r["det_map"]),
-            "mode": modes[0] if len(modes) == 1 else "mixed" if modes else None,
-            "n_images": r["images"], "n_predictions": r["predictions"], "n_unscored": r["predictions_unscored"],
-            "n_truth": r["truth_boxes"], "n_truth_given": r["truth_boxes_given"],
-            "n_meteor_pairs": r["meteor_pairs"], "meteor_s": r["meteor_s"], "absent": r["absent"],
-            "iou_thresholds": list(IOU_THRESHOLDS), "meteor_thresholds": list(METEOR_THRESHOLDS),
-            "ap": None, "ap_by_iou": None, "ap_by_meteor": None,
-            "det_ap_by_iou": [_r(r["det_ap"][t]) for t in IOU_THRESHOLDS] if r["det_ap"] else None,
-        }
-        if r["ap"]:
-            grid = [[r["ap"][t][m] for m in METEOR_THRESHOLDS] for t in IOU_THRESHOLDS]
-            out["ap"] = [[_r(v) for v in row] for row in grid]
-            out["ap_by_iou"] = [_r(sum(row) / len(row)) for row in grid]
-            out["ap_by_meteor"] = [_r(sum(col) / len(col)) for col in zip(*grid)]
-        return out
-
-
-def _r(value: Optional[float]) -> Optional[float]:
-    return None if value is None else round(value, 4)

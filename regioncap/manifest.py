@@ -434,9 +434,9 @@ def data_fingerprint(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     ``regioncap.reproduce`` compares. Images referenced by the rows are not
     hashed: a changed image under the same path is not detected.
     """
-    from regioncap.data import resolve_path
+    from regioncap.data import resolve_path, source_class, source_name
 
-    source = str(data_cfg.get("source") or "jsonl")
+    source = source_name(data_cfg)
     path = data_cfg.get("path")
     out: Dict[str, Any] = {"source": source, "path": path, "resolved_path": None, "method": None,
                            "sha256": None, "fingerprint": None, "rows": None}
@@ -446,10 +446,7 @@ def data_fingerprint(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     local = resolve_path(str(path))
     if local.exists():
         out["resolved_path"] = str(local.resolve())
-    from regioncap.data import DATA_SOURCES
-
-    entry = DATA_SOURCES.get(source)
-    if entry is not None and entry.one_file:  # one file (the annotation file for coco/vg/refcoco)
+    if source_class(data_cfg).one_file:  # one file (the annotation file for coco/vg/refcoco)
         if local.is_file():
             out["sha256"], out["rows"] = _hash_and_count_lines(local)
             if source == "jsonl":  # a JSON array file's rows are its elements, not its lines

@@ -37,10 +37,14 @@ import threading
 import time
 from array import array
 from collections import Counter, deque
+from functools import partial
 from pathlib import Path
 from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap import metricspec
+from regioncap.densecap import (
+    IOU_THRESHOLDS, METEOR_THRESHOLDS, DenseCapEvaluator, DenseCapImage, MeteorFn, MeteorUnavailable,
+)
 from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_interval
 
 log = logging.getLogger("regioncap")
@@ -783,6 +787,17 @@ def meteor_sentence_scores(pairs: Sequence[Pair], *, timeout_s: float = METEOR_T
     return scores
 
 
+def densecap_meteor(pairs: Sequence[Pair], *, timeout_s: float = METEOR_TIMEOUT_S) -> List[float]:
+    """DenseCap mAP's ``meteor_fn``: :func:`meteor_sentence_scores` of each pair, one Java
+    process; raises :class:`regioncap.densecap.MeteorUnavailable` (``densecap.absent``)
+    when Java or pycocoevalcap is missing."""
+    reason = meteor_absent()
+    if reason:
+        raise MeteorUnavailable(reason)
+    log.info("DenseCap mAP: METEOR of %d prediction(s), starting Java", len(pairs))
+    return meteor_sentence_scores(pairs, timeout_s=timeout_s)
+
+
 # ------------------------------------------------------------------ exact match, attributes
 #: Words left out of a reference's content words (attribute accuracy).
 ARTICLES = frozenset({"a", "an", "the"})
@@ -1276,8 +1291,6 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     proposals = ProposalStats(references_key)
     dense = None
     if densecap and references_key:
-        from regioncap.densecap import DenseCapStats
-
         dense = DenseCapStats(references_key)
     for rec in records:
         acc.add(rec)
@@ -1371,6 +1384,114 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     if dense is not None and dense.evaluator.images:
         out["densecap"] = dense.summary(meteor_timeout_s=meteor_timeout_s)
     return out
+
+
+# ------------------------------------------------------------------ DenseCap mAP from run records
+def record_image(record: Dict[str, Any], references_key: Optional[str]) -> Optional[Tuple[str, DenseCapImage]]:
+    """``(mode, image)`` of one run record, or ``None`` when it has no truth to score against.
+
+    ``mode`` ``proposals``: the record's regions were proposed and the given
+    boxes are the truth (``proposals.truth_bbox`` with ``truth_index``, under
+    ``propose.when=always``). ``given``: the truth is the record's regions on
+    given boxes (``source: input``) whose box has references, and the
+    predictions are those regions with their captions (plus proposals added
+    under ``propose.when=add``): every given box has a prediction exactly on it,
+    so the mAP measures the captions only (an upper bound for a detector).
+    Truth boxes without references and regions without a caption are left
+    out; error and pending rows give ``None``.
+    """
+    if not references_key or record.get("status") in ("error", "pending"):
+        return None
+    has_refs, found, _ = region_references(record, references_key)
+    if not has_refs:
+        return None
+    regions = [r for r in record.get("regions") or () if isinstance(r, dict) and _is_box(r.get("bbox"))]
+    info = record.get("proposals") if isinstance(record.get("proposals"), dict) else {}
+    truth_bbox, truth_index = info.get("truth_bbox"), info.get("truth_index")
+    truth: List[List[float]] = []
+    truth_refs: List[List[str]] = []
+    if isinstance(truth_bbox, list) and isinstance(truth_index, list) and len(truth_bbox) == len(truth_index):
+        mode = "proposals"
+        for box, idx in zip(truth_bbox, truth_index):
+            texts = [t for t in (normalize(x) for x in reference_texts(record, {"source_index": idx}, references_key))
+                     if t]
+            if texts and _is_box(box):
+                truth.append([float(v) for v in box])
+                truth_refs.append(texts)
+        preds = regions
+    else:
+        mode = "given"
+        with_refs = {id(reg): refs for reg, refs in found}
+        preds = []
+        for reg in regions:
+            if reg.get("source", "input") != "input":
+                preds.append(reg)  # a proposal added beside the given boxes (propose.when=add)
+            elif id(reg) in with_refs:
+                truth.append([float(v) for v in reg["bbox"]])
+                truth_refs.append(with_refs[id(reg)])
+                preds.append(reg)
+        if not truth:
+            return None
+    preds = [r for r in preds if normalize(r.get("caption"))]
+    scores = [float(r["score"]) if isinstance(r.get("score"), (int, float)) and math.isfinite(r["score"]) else None
+              for r in preds]
+    return mode, DenseCapImage(boxes=[[float(v) for v in r["bbox"]] for r in preds],
+                               captions=[r["caption"] for r in preds], truth_boxes=truth,
+                               references=truth_refs, scores=scores)
+
+
+def _is_box(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 4 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+class DenseCapStats:
+    """The ``densecap`` block of metrics.json, gathered one record at a time
+    (:func:`record_image`) and evaluated once (:meth:`summary`)."""
+
+    def __init__(self, references_key: Optional[str]) -> None:
+        self.references_key = references_key
+        self.evaluator = DenseCapEvaluator()
+        self.modes: Dict[str, int] = {}
+
+    def add(self, record: Dict[str, Any]) -> None:
+        """Gather one record's predictions and truth (nothing when it has no truth)."""
+        found = record_image(record, self.references_key)
+        if found is None:
+            return
+        mode, image = found
+        self.modes[mode] = self.modes.get(mode, 0) + 1
+        self.evaluator.add(image)
+
+    def summary(self, meteor_fn: Optional[MeteorFn] = None, *, meteor_timeout_s: float = METEOR_TIMEOUT_S
+                ) -> Dict[str, Any]:
+        """``{map, det_map, ap, ap_by_iou, ap_by_meteor, det_ap_by_iou, iou_thresholds,
+        meteor_thresholds, mode, n_images, n_predictions, n_unscored, n_truth,
+        n_truth_given, n_meteor_pairs, meteor_s, absent}`` (docs/formats.md); the AP
+        lists run parallel to the threshold lists (``ap``: one row per IoU threshold).
+        ``meteor_fn`` scores the pairs (default :func:`densecap_meteor`, one Java process)."""
+        r = self.evaluator.evaluate(meteor_fn or partial(densecap_meteor, timeout_s=meteor_timeout_s))
+        modes = sorted(self.modes)
+        out: Dict[str, Any] = {
+            "map": _round4(r["map"]), "det_map": _round4(r["det_map"]),
+            "mode": modes[0] if len(modes) == 1 else "mixed" if modes else None,
+            "n_images": r["images"], "n_predictions": r["predictions"], "n_unscored": r["predictions_unscored"],
+            "n_truth": r["truth_boxes"], "n_truth_given": r["truth_boxes_given"],
+            "n_meteor_pairs": r["meteor_pairs"], "meteor_s": r["meteor_s"], "absent": r["absent"],
+            "iou_thresholds": list(IOU_THRESHOLDS), "meteor_thresholds": list(METEOR_THRESHOLDS),
+            "ap": None, "ap_by_iou": None, "ap_by_meteor": None,
+            "det_ap_by_iou": [_round4(r["det_ap"][t]) for t in IOU_THRESHOLDS] if r["det_ap"] else None,
+        }
+        if r["ap"]:
+            grid = [[r["ap"][t][m] for m in METEOR_THRESHOLDS] for t in IOU_THRESHOLDS]
+            out["ap"] = [[_round4(v) for v in row] for row in grid]
+            out["ap_by_iou"] = [_round4(sum(row) / len(row)) for row in grid]
+            out["ap_by_meteor"] = [_round4(sum(col) / len(col)) for col in zip(*grid)]
+        return out
+
+
+def _round4(value: Optional[float]) -> Optional[float]:
+    return None if value is None else round(value, 4)
 
 
 # ------------------------------------------------------------------ summary

@@ -11,8 +11,8 @@ transformers from the config.
 Everything a random-weight run writes must say so: :data:`WARNING` is the log
 line, :func:`describe` the manifest/metrics fields.
 
-Only the standard library at import time; ``regioncap.tiny`` (tokenizers) is
-imported by the builder.
+Only the standard library (and :mod:`regioncap.qwen`, itself standard library
+only) at import time; ``regioncap.tiny`` (tokenizers) is imported by the builder.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+from regioncap.qwen import patched_config_dict
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +140,6 @@ def build_arch_folder(name: str, out_dir: str | Path) -> Path:
     and idempotent (a complete folder is reused).
     """
     from regioncap import tiny
-    from regioncap.models import patched_config_dict
 
     arch = arch_name(name)
     if arch is None:

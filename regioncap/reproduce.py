@@ -143,11 +143,20 @@ def replay_overrides(recorded: Sequence[str], extra: Sequence[str], out_dir: Pat
 
 
 # -------------------------------------------------------------- data check
-def _regioncap_env() -> Dict[str, str]:
-    # Run the same regioncap source as this tool, whatever the launch folder is.
+def regioncap_env(cwd: str) -> Dict[str, str]:
+    """The environment of a ``python -m regioncap`` started in ``cwd`` that runs the same
+    regioncap source as this tool, whatever the launch folder holds.
+
+    ``python -m`` puts its folder first on ``sys.path``, ahead of ``PYTHONPATH``, so
+    from a launch folder that is another checkout its ``regioncap`` would run (and a
+    reproduction would compare that code with itself). ``PYTHONSAFEPATH`` leaves
+    that entry out; the folder comes back after this tool's source, so a user's
+    own modules there (``_target_: mymodule.MyEngine``) still import.
+    """
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, str(Path(cwd).resolve()), env.get("PYTHONPATH")) if p)
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 
@@ -156,7 +165,7 @@ def composed_data_config(overrides: Sequence[str], cwd: str, python: str = sys.e
     import yaml
 
     cmd = [python, "-m", "regioncap", *overrides, "--cfg", "job", "--package", "data", "--resolve"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=_regioncap_env(), timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=regioncap_env(cwd), timeout=300)
     if proc.returncode != 0:
         raise ReproduceError(
             "the run's config does not compose any more (a config file or option changed since the run?):\n"
@@ -167,13 +176,15 @@ def composed_data_config(overrides: Sequence[str], cwd: str, python: str = sys.e
 
 
 def _absolute_data_path(data_cfg: Dict[str, Any], cwd: str) -> Dict[str, Any]:
+    from regioncap.data import source_name
+
     path = data_cfg.get("path")
     if path and not str(path).startswith("pkg://"):
         p = Path(os.path.expanduser(str(path)))
         if not p.is_absolute():
             candidate = Path(cwd) / p
             # A relative hub name (owner/name) that is not a local path stays as it is.
-            if candidate.exists() or data_cfg.get("source", "jsonl") == "jsonl":
+            if candidate.exists() or source_name(data_cfg) == "jsonl":
                 data_cfg = {**data_cfg, "path": str(candidate)}
     return data_cfg
 
@@ -376,7 +387,7 @@ def reproduce(run_dir: Path, *, out: Optional[Path] = None, force: bool = False,
     cmd = [python, "-m", "regioncap", *flags, *args]
     _say(f"running in {cwd}: {' '.join(redact_override(a) for a in cmd)}")
     t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=cwd, env=_regioncap_env())
+    proc = subprocess.run(cmd, cwd=cwd, env=regioncap_env(cwd))
     seconds = time.monotonic() - t0
     _say(f"the new run exited with status {proc.returncode} after {seconds:.1f} s; outputs: {out}")
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, List
 
-from regioncap.components import GROUPS, class_of, group_base, requirement_problem, short_name
+from regioncap.components import GROUPS, OPTIONAL_GROUPS, TARGET, class_of, group_base, requirement_problem, short_name
 from regioncap.errors import RunError
 
 
@@ -22,6 +22,8 @@ def missing_requirements(cfg: Any) -> List[str]:
         node = cfg.get(group)
         if node is None or (group == "engine" and "caption" not in list(cfg.stages)):
             continue  # the engine is built by the caption stage only
+        if group in OPTIONAL_GROUPS and node.get(TARGET) is None:
+            continue  # propose=none: no class, nothing to install
         cls = class_of(node, group_base(group), group)
         built = cls.chosen(node)  # engine=auto: the engine it becomes here
         picked = f"{group}={short_name(cls)}" + (f" (here: {short_name(built)})" if built is not cls else "")

@@ -21,10 +21,11 @@ import logging
 import os
 import random
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 from regioncap.cpus import ThreadChoice, choose_threads
+from regioncap.config import MetricsConfig
 from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
 from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor, executor_of
@@ -158,7 +159,7 @@ class RegionCapRun:
         if not self.executor.streams:
             where = self.executor.elsewhere or "somewhere else"
             return False, f"executor={short_name(type(self.executor))}: the caption stage reads visualize.jsonl {where}"
-        if not self.cfg.get("overlap", True):
+        if not self.cfg.overlap:
             return False, "overlap=false"
         if self._workers() == 0:
             return False, "workers=0: images are prepared in the main process"
@@ -184,7 +185,7 @@ class RegionCapRun:
     def total_rows(self) -> Optional[int]:
         """Rows the run will read, where cheap to know (for the progress bars' totals and ETA)."""
         if not hasattr(self, "_total_rows"):
-            self._total_rows = count_rows(self.cfg.data) if self.cfg.get("progress", True) else None
+            self._total_rows = count_rows(self.cfg.data) if self.cfg.progress else None
         return self._total_rows
 
     def _visualize_loop(self) -> StageLoop:
@@ -277,13 +278,13 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
 
     model = cfg.model
     wall = pipeline.get("seconds")
-    scorers = cfg.get("metrics") or {}
+    # A config written before a metrics setting existed (a merge of old shards) gets the schema's default.
+    scorers = {**asdict(MetricsConfig()), **(cfg.get("metrics") or {})}
     metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
                               merge_size=int(model.merge_size), references_key=cfg.data.references_key,
-                              meteor=bool(scorers.get("meteor", False)),
-                              meteor_timeout_s=float(scorers.get("meteor_timeout_s", 300.0)), wall_s=wall,
-                              bootstrap_resamples=int(scorers.get("bootstrap_resamples", 1000)), seed=int(cfg.seed),
-                              densecap=bool(scorers.get("densecap", False)))
+                              meteor=bool(scorers["meteor"]), meteor_timeout_s=float(scorers["meteor_timeout_s"]),
+                              wall_s=wall, bootstrap_resamples=int(scorers["bootstrap_resamples"]), seed=int(cfg.seed),
+                              densecap=bool(scorers["densecap"]))
     metrics.update(weights(model))
     if pipeline:
         # End to end: every image and region of the run over the run's wall time (both stages).
@@ -357,7 +358,7 @@ def check_image_key(rows: List[Any], image_key: str) -> Optional[str]:
 def check_data(cfg: Any, rows: int = 20) -> None:
     """Read the first ``rows`` rows before the run starts: a data path that does not open fails now,
     and a box field missing from every one of them is said at once (with ``propose=none``: the run stops)."""
-    from regioncap.propose import check_box_key
+    from regioncap.propose import check_box_key, proposer_name
 
     try:
         first = list(itertools.islice(iter_rows(cfg.data), rows))
@@ -371,7 +372,7 @@ def check_data(cfg: Any, rows: int = 20) -> None:
     key = str(cfg.data.bbox_key)
     seen = [({**r.extra, key: r.bbox} if r.bbox is not None else dict(r.extra)) for r in first if not r.error]
     propose = cfg.get("propose")
-    problem = check_box_key(seen, key, str(propose.method) if propose is not None else "none")
+    problem = check_box_key(seen, key, proposer_name(propose))
     if problem is not None and problem.fatal and not problem.candidates:
         # The first rows may simply have no boxes: without another field that looks like boxes the
         # key is wrong for the file only when no row of it has the field (read on to the first that does).

@@ -116,12 +116,16 @@ _KEY_SECTIONS = ("prompt", "draw", "sampling")
 _KEY_MODEL = ("path", "family", "revision", "min_pixels", "max_pixels", "patch_size", "merge_size", "dtype",
               "max_model_len")
 #: Data fields that decide which rows are read and how; ``limit`` is left out
-#: so a resume with a larger limit extends a run.
+#: so a resume with a larger limit extends a run. ``source`` is the source's short name.
 _KEY_DATA = ("path", "source", "hf_builder", "hf_config", "split", "hf_kwargs", "image_key", "bbox_key", "id_key",
              "bbox_format", "skip")
+#: The values the ``hf`` settings of ``_KEY_DATA`` had in every source's section before each
+#: source owned its settings: a section without them keys as it did then (a frozen record of
+#: the key's shape, not a default anyone reads).
+_KEY_DATA_BEFORE_SOURCES = {"hf_builder": None, "hf_config": None, "split": "train", "hf_kwargs": {}}
 #: Fields in the key only when set other than their default, so the key (and a
 #: resume) of a run that does not use them is as it was before they existed.
-#: (The data sources' own fields are their ``key_fields`` in ``regioncap.data.DATA_SOURCES``.)
+#: (A data source's own such fields are its class's ``key_fields``.)
 _KEY_MODEL_OPTIONAL = {"weights": "real"}
 
 
@@ -155,19 +159,24 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
     }
     for section in _KEY_SECTIONS:
         values[section] = {k: v for k, v in _plain(cfg[section]).items() if k != "name"}
-    propose = cfg.get("propose")
-    if propose is not None and _plain(propose.get("method", "none")) != "none":
-        values["propose"] = {k: v for k, v in _plain(propose).items() if k != "name"}
-    data = {k: _plain(cfg.data.get(k)) for k in _KEY_DATA}
+    from regioncap.components import TARGET
+    from regioncap.propose import NONE, proposer_name
+
+    method = proposer_name(cfg.get("propose"))
+    if method != NONE:
+        # ``method``: the proposer's short name, as in the key of a run made before options named classes.
+        values["propose"] = {"method": method, **{k: v for k, v in _plain(cfg.propose).items()
+                                                  if k not in ("name", TARGET)}}
+    from regioncap.data import source_class, source_name
+
+    data = {k: _plain(cfg.data.get(k, _KEY_DATA_BEFORE_SOURCES.get(k))) for k in _KEY_DATA}
+    data["source"] = source_name(cfg.data)
     if data["path"] and not str(data["path"]).startswith("pkg://") and resolve_path(str(data["path"])).exists():
         data["path"] = str(resolve_path(str(data["path"])).resolve())
     if cfg.data.get("num_shards", 1) != 1:
         # Only when sharded, so the key (and a resume) of an unsharded run is as before.
         data["num_shards"], data["shard_index"] = int(cfg.data.num_shards), int(cfg.data.shard_index)
-    from regioncap.data import DATA_SOURCES
-
-    optional = {k: v for entry in DATA_SOURCES.values() for k, v in entry.key_fields.items()}
-    for k, default in optional.items():
+    for k, default in source_class(cfg.data).key_defaults().items():
         if cfg.data.get(k, default) != default:
             data[k] = _plain(cfg.data.get(k))
     values["data"] = data

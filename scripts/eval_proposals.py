@@ -44,7 +44,7 @@ from regioncap import boxes as bx  # noqa: E402
 from regioncap import shapes  # noqa: E402
 from regioncap.draw import DrawStyle, draw_marks  # noqa: E402
 from regioncap.images import encode_image, load_image, resize_to, target_size  # noqa: E402
-from regioncap.propose import build_proposer  # noqa: E402
+from regioncap.propose import build_proposer, proposer_name  # noqa: E402
 
 
 def compose(overrides: Sequence[str]) -> Any:
@@ -72,9 +72,9 @@ def _median_time(fn: Any, repeat: int) -> tuple:
 
 def build(cfg: Any) -> tuple:
     """``(proposer, engine or None)``: a proposer that needs the caption engine gets the configured one."""
-    from regioncap.propose import proposer_class
+    from regioncap.propose import proposer_type
 
-    if not getattr(proposer_class(str(cfg.propose.method)), "needs_engine", False):
+    if not getattr(proposer_type(cfg.propose), "needs_engine", False):
         return build_proposer(cfg.propose), None
     from regioncap.engines import build_engine
     from regioncap.models import resolve_model_path
@@ -163,7 +163,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if engine is not None:
             engine.close()
 
-    print(f"propose={cfg.propose.name} model={cfg.model.name} overrides={' '.join(a.overrides) or '-'}")
+    print(f"propose={proposer_name(cfg.propose)} model={cfg.model.name} overrides={' '.join(a.overrides) or '-'}")
     print("| set | images | truth | proposed | recall@0.5 | precision@0.5 | mean best IoU "
           "| proposals/image | visualize ms/image | propose ms/image | propose/visualize |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

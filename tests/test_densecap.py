@@ -16,7 +16,7 @@ from conftest import compose, requires
 from regioncap import densecap as dc
 from regioncap.boxes import iou
 from regioncap.densecap import DenseCapImage, densecap_map, merge_truth
-from regioncap.metrics import format_summary
+from regioncap.metrics import DenseCapStats, format_summary
 
 
 def exact(pairs):
@@ -291,7 +291,7 @@ def record(regions, refs, **extra):
 
 
 def test_records_of_a_given_box_run_put_each_prediction_on_its_truth_box():
-    stats = dc.DenseCapStats("references")
+    stats = DenseCapStats("references")
     stats.add(record([{"id": 1, "source": "input", "source_index": 0, "bbox": A, "caption": "A!"},
                       {"id": 2, "source": "input", "source_index": 1, "bbox": B, "caption": "b"},
                       {"id": 3, "source": "input", "source_index": 2, "bbox": C, "caption": "c"}],
@@ -311,7 +311,7 @@ def test_records_of_a_proposal_run_score_the_proposals_against_the_given_boxes()
                {"id": 2, "source": "contours", "source_index": None, "bbox": B, "caption": "b", "score": 0.5}]
     rec = record(regions, ["a", "b", "c"], proposals={"method": "contours", "truth_bbox": [A, B],
                                                        "truth_index": [0, 1]})
-    stats = dc.DenseCapStats("references")
+    stats = DenseCapStats("references")
     stats.add(rec)
     stats.add({"id": "nobox", "status": "ok", "regions": regions, "proposals": {"method": "contours"}})
     out = stats.summary(exact)
@@ -339,7 +339,7 @@ def test_the_setting_is_declared_and_off_by_default():
 
 
 def test_summary_line():
-    stats = dc.DenseCapStats("references")
+    stats = DenseCapStats("references")
     stats.add(record([{"id": 1, "source": "input", "source_index": 0, "bbox": A, "caption": "a"}], ["a"]))
     m = {"rows": 1, "rows_ok": 1, "rows_partial": 0, "rows_no_regions": 0, "error_rows": 0, "error_rate": 0.0,
          "regions": 1, "regions_captioned": 1, "regions_missing": 0, "boxes_dropped": 0, "boxes_clipped": 0,

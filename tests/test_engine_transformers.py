@@ -10,7 +10,7 @@ import pytest
 from regioncap.config import ModelConfig
 from regioncap.engines.base import Request, Sampling
 from regioncap.engines.transformers_engine import TransformersEngine
-from regioncap.models import visual_tokens
+from regioncap.qwen import visual_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_tiny_model import make_old_style_copy  # noqa: E402

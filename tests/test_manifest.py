@@ -188,23 +188,23 @@ def test_hub_snapshot_identity_uses_commit_and_blob_hashes(tmp_path):
 def test_data_fingerprint_jsonl(tmp_path):
     f = tmp_path / "rows.jsonl"
     f.write_text('{"image": "a.jpg"}\n\n{"image": "b.jpg"}')  # a blank line, no final newline
-    fp = mf.data_fingerprint({"source": "jsonl", "path": str(f)})
+    fp = mf.data_fingerprint({"_target_": "regioncap.data.JsonlSource", "path": str(f)})
     assert fp["sha256"] == fingerprint_file(f) and fp["rows"] == 2 and fp["method"] == "file_sha256"
-    assert mf.data_fingerprint({"source": "jsonl", "path": str(tmp_path / "gone.jsonl")})["method"] == "missing"
-    assert mf.data_fingerprint({"source": "jsonl", "path": "pkg://regioncap/demo/demo.jsonl"})["rows"] == 5
+    assert mf.data_fingerprint({"_target_": "regioncap.data.JsonlSource", "path": str(tmp_path / "gone.jsonl")})["method"] == "missing"
+    assert mf.data_fingerprint({"_target_": "regioncap.data.JsonlSource", "path": "pkg://regioncap/demo/demo.jsonl"})["rows"] == 5
 
 
 def test_data_fingerprint_hf_saved_dataset_and_files(tmp_path):
     datasets = pytest.importorskip("datasets")
     ds = datasets.Dataset.from_dict({"image": ["a.jpg", "b.jpg", "c.jpg"], "bbox": [[[1, 2, 3, 4]]] * 3})
     ds.save_to_disk(str(tmp_path / "saved"))
-    fp = mf.data_fingerprint({"source": "hf", "path": str(tmp_path / "saved"), "split": "train"})
+    fp = mf.data_fingerprint({"_target_": "regioncap.data.HfSource", "path": str(tmp_path / "saved"), "split": "train"})
     state = json.loads((tmp_path / "saved" / "state.json").read_text())
     assert fp["method"] == "datasets_fingerprint" and fp["fingerprint"] == state["_fingerprint"] and fp["rows"] == 3
     ds.to_parquet(str(tmp_path / "rows.parquet"))
-    fp = mf.data_fingerprint({"source": "hf", "path": str(tmp_path / "rows.parquet"), "hf_builder": "parquet"})
+    fp = mf.data_fingerprint({"_target_": "regioncap.data.HfSource", "path": str(tmp_path / "rows.parquet"), "hf_builder": "parquet"})
     assert fp["method"] == "files_sha256" and fp["sha256"] and fp["rows"] == 3
-    hub = mf.data_fingerprint({"source": "hf", "path": "someone/some-data", "hf_kwargs": {"revision": "v1"}})
+    hub = mf.data_fingerprint({"_target_": "regioncap.data.HfSource", "path": "someone/some-data", "hf_kwargs": {"revision": "v1"}})
     assert hub["method"] == "hub" and hub["sha256"] is None and hub["revision"] == "v1"
 
 

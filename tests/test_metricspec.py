@@ -8,8 +8,7 @@ from typing import Any, Dict, List
 import pytest
 
 from regioncap import metricspec as ms
-from regioncap.densecap import DenseCapStats
-from regioncap.metrics import compute_metrics
+from regioncap.metrics import DenseCapStats, compute_metrics
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
 

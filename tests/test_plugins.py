@@ -38,7 +38,8 @@ def write_plugin(root: Path) -> Path:
 
 def test_the_docs_show_an_engine_a_logger_and_their_options():
     assert set(plugin_files()) == {"myplugins/engine.py", "myplugins/logger.py", "myconf/engine/echo.yaml",
-                                   "myconf/logger/jsonl.yaml"}
+                                   "myconf/logger/jsonl.yaml", "myplugins/proposer.py", "myplugins/source.py",
+                                   "myconf/propose/grid.yaml", "myconf/data/folder.yaml"}
 
 
 @pytest.mark.cli
@@ -75,6 +76,53 @@ def test_a_broken_plugin_option_is_one_line_naming_the_key_before_any_row(tmp_pa
     out = tmp_path / "run"
     proc = run_cli([f"--config-dir={root / 'myconf'}", "engine=echo", override, f"hydra.run.dir={out}"],
                    env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+    assert proc.returncode == 1
+    said = proc.stdout + proc.stderr
+    assert message in said and "Traceback" not in said
+    assert not (out / "visualize.jsonl").exists()
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_a_plugin_proposer_and_data_source_run_from_outside_the_package(tmp_path):
+    import shutil
+
+    root = write_plugin(tmp_path / "myproject")
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("shapes_00000.jpg", "shapes_00001.jpg", "shapes_00002.jpg"):
+        shutil.copy(REPO / "regioncap" / "demo" / "shapes" / "images" / name, images / name)
+    (images / "notes.txt").write_text("not an image: the pattern leaves it out")
+    out = tmp_path / "run"
+    proc = run_cli([f"--config-dir={root / 'myconf'}", "data=folder", f"data.path={images}", "propose=grid",
+                    "propose.cols=3", "engine=fake", "progress=false", f"hydra.run.dir={out}"],
+                   env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["shapes_00000", "shapes_00001", "shapes_00002"]  # every file, once
+    for rec in records:
+        assert rec["status"] == "ok" and rec["proposals"]["method"] == "grid"
+        assert len(rec["regions"]) == 6 and {reg["source"] for reg in rec["regions"]} == {"grid"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"]["source"] == "folder"
+    key = json.loads((out / "run_key.json").read_text())["values"]
+    assert key["propose"]["method"] == "grid" and key["propose"]["cols"] == 3 and key["data"]["source"] == "folder"
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+@pytest.mark.parametrize("override,message", [
+    ("propose._target_=myplugins.proposer.GridProposr",
+     "propose._target_=myplugins.proposer.GridProposr: module myplugins.proposer has no attribute 'GridProposr'"),
+    ("propose.cols=0", "propose.cols must be a whole number >= 1, got 0"),
+    ("data._target_=myplugins.proposer.GridProposer",
+     "data._target_=myplugins.proposer.GridProposer: GridProposer is not a subclass of regioncap.data.DataSource"),
+])
+def test_a_broken_plugin_proposer_or_source_is_one_line_before_any_row(tmp_path, override, message):
+    root = write_plugin(tmp_path / "myproject")
+    out = tmp_path / "run"
+    proc = run_cli([f"--config-dir={root / 'myconf'}", "data=folder", f"data.path={tmp_path}", "propose=grid",
+                    "engine=fake", override, f"hydra.run.dir={out}"], env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
     assert proc.returncode == 1
     said = proc.stdout + proc.stderr
     assert message in said and "Traceback" not in said

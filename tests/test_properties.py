@@ -317,7 +317,7 @@ def test_a_single_50_mb_line_fingerprints(tmp_path):
     path = tmp_path / "rows.jsonl"
     line = b'{"image": "a.png", "pad": "' + b"x" * (50 << 20) + b'"}'
     path.write_bytes(b"\n" + line + b"\n   \n" + b'{"image": "b.png"}')
-    fp = data_fingerprint({"source": "jsonl", "path": str(path)})
+    fp = data_fingerprint({"_target_": "regioncap.data.JsonlSource", "path": str(path)})
     assert fp["rows"] == 2 and fp["method"] == "file_sha256"
     assert fp["sha256"] == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
     small = tmp_path / "one.jsonl"

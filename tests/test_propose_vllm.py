@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from regioncap.propose.vlm import grounding_regex
+from regioncap.propose.vlm import VlmProposer, grounding_regex
 from vllm_helpers import RESULT_MARKER, run_vllm_script, vllm_env, vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -22,11 +22,10 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SCRIPT = """
 import json, random, sys, tempfile, os
 spec = json.load(sys.stdin)
-from regioncap.config import ModelConfig, VlmProposeConfig
+from regioncap.config import ModelConfig
 from regioncap.engines.base import Sampling
 from regioncap.engines.vllm_engine import VllmEngine
 from regioncap.models import resolve_model_path
-from regioncap.propose import build_proposer
 from regioncap.shapes import render_scene
 
 model = ModelConfig(**spec["model"])
@@ -35,8 +34,8 @@ engine = VllmEngine(model_cfg=model, engine_cfg=VllmEngine.Config(**spec["engine
 out = {"answers": []}
 folder = tempfile.mkdtemp()
 for constraint in ("regex", "json"):
-    proposer = build_proposer(VlmProposeConfig(name="vlm", constraint=constraint, max_tokens=256),
-                              engine=engine, family=model.family)
+    proposer = VlmProposer(VlmProposer.Config(constraint=constraint, max_tokens=256),
+                           engine=engine, family=model.family)
     for seed in (1, 2):
         image, _ = render_scene(random.Random(seed), 3)
         path = os.path.join(folder, f"{constraint}{seed}.png")

@@ -97,3 +97,17 @@ def test_reproduce_a_multirun_job_and_report_differences(tmp_path):
     assert "DIFFERENT" in proc.stdout and "region 1" in proc.stdout
     report = json.loads((tmp_path / "changed" / "reproduction.json").read_text())
     assert report["comparison"]["n_differences"] > 0 and len(report["comparison"]["differences"]) == 2
+
+
+@pytest.mark.cli
+def test_the_reproduction_runs_this_source_even_from_another_checkout(tmp_path):
+    # A launch folder that holds another regioncap (main's checkout, for a run made there)
+    # must not shadow the source of the tool that reproduces; the folder's own modules still import.
+    from regioncap.reproduce import regioncap_env
+
+    (tmp_path / "regioncap").mkdir()
+    (tmp_path / "regioncap" / "__init__.py").write_text("")
+    (tmp_path / "mine.py").write_text("X = 1\n")
+    out = subprocess.run([sys.executable, "-c", "import mine, regioncap; print(regioncap.__file__)"], cwd=tmp_path,
+                         env=regioncap_env(str(tmp_path)), capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).parent == REPO / "regioncap"

@@ -12,7 +12,8 @@ import pytest
 
 from regioncap import tiny
 from regioncap.engines.base import EngineError
-from regioncap.models import fixed_rope_scaling, patched_config_dict, resolve_model_path, visual_tokens
+from regioncap.models import resolve_model_path
+from regioncap.qwen import fixed_rope_scaling, patched_config_dict, visual_tokens
 
 #: A hub id that does not exist and is never cached.
 MISSING_HUB_ID = "regioncap-tests/no-such-model-0000"

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from regioncap.components import Component, check, whole
+from regioncap.components import Component, check, real, whole
 from regioncap.errors import RunError
 
 
@@ -32,9 +32,13 @@ class EngineError(RunError):
 
 @dataclass
 class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 256
+    """How a request is decoded; also the schema of the config's ``sampling`` section."""
+
+    temperature: float = field(default=0.0, metadata=check(real(0)))
+    top_p: float = field(default=1.0, metadata=check(real(0, 1, above=True)))
+    #: Most tokens of one answer.
+    max_tokens: int = field(default=512, metadata=check(whole(1)))
+    #: Per-request sampling seed; in the config, ``null`` uses the run's ``seed``.
     seed: Optional[int] = None
 
 

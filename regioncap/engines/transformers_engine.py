@@ -241,7 +241,7 @@ class TransformersEngine(Engine):
 
     def _load_config(self, trust: bool) -> tuple:
         """The model config, with an old-style ``rope_scaling`` fixed in memory (see ``regioncap.models``)."""
-        from regioncap.models import fixed_rope_scaling, patched_config_dict, read_config_dict
+        from regioncap.qwen import fixed_rope_scaling, patched_config_dict, read_config_dict
 
         raw = read_config_dict(self.model_path)
         if raw is None:

@@ -54,14 +54,14 @@ IMAGE_PLACEHOLDERS = 1
 
 def _visual_tokens(width: int, height: int, patch_size: int, merge_size: int) -> int:
     """Visual tokens of an image already at the model's input size (regioncap.models' rule)."""
-    from regioncap.models import visual_tokens
+    from regioncap.qwen import visual_tokens
 
     return int(visual_tokens(width, height, patch_size=patch_size, merge_size=merge_size))
 
 
 def _rope_overrides(model_path: str) -> Dict[str, Any]:
     """``hf_overrides`` that repair an old-style rope config of a local model folder ({} when none is needed)."""
-    from regioncap.models import fixed_rope_scaling, read_config_dict
+    from regioncap.qwen import fixed_rope_scaling, read_config_dict
 
     config = read_config_dict(model_path)  # None for a hub id: vLLM reads that config itself
     fixed = fixed_rope_scaling(config) if config else None

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from regioncap.boxes import Box
+from regioncap.choice import Choice
+from regioncap.components import Component, check, optional, range_problems, real, whole
 from regioncap.errors import RunError
 
 
+class ProposeWhen(Choice):
+    """Which rows get region proposals (``propose.when``)."""
 
+    #: Rows whose box field is absent or null (DataFlow-MM's rule); ``[]`` stays no regions.
+    missing = "missing"
+    #: Every row; given boxes are ignored (with them as ground truth for proposal quality).
+    always = "always"
+    #: Every row: its given boxes plus proposals that overlap none of them above ``add_iou``.
+    add = "add"
 
 
 class ProposeError(RunError):
@@ -59,22 +70,58 @@ class Proposal:
                 "source": self.source}
 
 
-class Proposer(abc.ABC):
-    """Base class of every proposer; subclasses are listed in ``regioncap.propose.PROPOSERS``.
+class Proposer(Component, abc.ABC):
+    """Base class of every proposer: a component named by ``_target_`` in ``conf/propose/NAME.yaml``.
 
     Built once per process from the ``propose`` config section (the preparation
     workers build their own); must be cheap to call per image and must not keep
-    per-image state.
+    per-image state. ``propose=none`` names no class: rows keep their given boxes.
     """
 
-    #: Registry name; also the ``source`` of its proposals.
+    @dataclass
+    class Config(Component.Config):
+        """What every proposer has: which rows get proposals and how many are kept."""
+
+        #: ``missing`` (rows whose box field is absent or null), ``always`` (every row; given
+        #: boxes become the truth), ``add`` (given boxes plus proposals that overlap none of them).
+        when: ProposeWhen = ProposeWhen.missing
+        #: ``when=add``: a proposal overlapping a given box above this IoU is dropped.
+        add_iou: float = field(default=0.5, metadata=check(real(0, 1)))
+        #: Most proposals kept per image, best first (the rest are counted and recorded); null: all.
+        #: Kept proposals are chunked by ``max_boxes`` like given boxes, never dropped.
+        max_regions: Optional[int] = field(default=20, metadata=check(optional(whole(1))))
+
+    #: Short name (``propose=contours``): the ``method`` of the records and the ``source`` of its proposals.
     name: ClassVar[str] = "proposer"
     #: True when it needs the captioning engine (``vlm``): the run must build the
     #: engine before proposing, and propose in the process that holds it.
     needs_engine: ClassVar[bool] = False
 
     def __init__(self, cfg: Any = None, **context: Any) -> None:
+        #: The settings, as this class's :class:`Config` (checked: :class:`ProposeError` names the key).
+        self.config = self.settings(cfg)
         self.cfg = cfg
+
+    @classmethod
+    def settings(cls, cfg: Any = None) -> Any:
+        """``cfg`` (a config node, a mapping, an object with attributes, a ``Config``, or None) as
+        :class:`Config`: the fields it has, the defaults for the rest; values outside their
+        declared range raise :class:`ProposeError` naming ``propose.<key>``."""
+        if isinstance(cfg, cls.Config):
+            config = cfg
+        else:
+            get = (lambda k: cfg.get(k, _UNSET)) if hasattr(cfg, "get") else (lambda k: getattr(cfg, k, _UNSET))
+            values = {f.name: get(f.name) for f in dataclasses.fields(cls.Config)} if cfg is not None else {}
+            config = cls.Config(**{k: v for k, v in values.items() if v is not _UNSET})
+        problems = range_problems(dataclasses.asdict(config), type(config), "propose") + cls.check(config)
+        if problems:
+            raise ProposeError("; ".join(problems))
+        return config
+
+    @classmethod
+    def check(cls, config: Any) -> List[str]:
+        """What the field ranges cannot say (one field against another), one line each; none here."""
+        return []
 
     @abc.abstractmethod
     def propose(self, image: Any) -> List[Proposal]:
@@ -90,3 +137,7 @@ class Proposer(abc.ABC):
     def describe(self) -> Dict[str, Any]:
         """What was built, for the log and the run manifest."""
         return {"proposer": self.name}
+
+
+#: A field the given settings do not have (so the ``Config`` default applies).
+_UNSET = object()

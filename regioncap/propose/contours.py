@@ -26,64 +26,35 @@ proposed, so building the proposer and composing configs stay cheap.
 
 from __future__ import annotations
 
-import math
-import numbers
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, List
 
 from regioncap.boxes import NMS_METRICS, nms
-from regioncap.config import ContoursSettings
-from regioncap.propose.base import Proposal, Proposer, ProposeError
+from regioncap.components import TARGET, Rule, check, finite_number, real, whole
+from regioncap.choice import Choice
+from regioncap.propose.base import Proposal, Proposer
 
 
-@dataclass
-class ContoursParams(ContoursSettings):
-    """The heuristic's knobs (:class:`regioncap.config.ContoursSettings`: the defaults are
-    DataFlow-MM's; sizes in pixels of the model input), checked when built."""
+class NmsMetric(Choice):
+    """Overlap measure of an NMS: IoU, or intersection over the smaller box (DataFlow-MM's contours)."""
 
-    def __post_init__(self) -> None:
-        def bad(name: str, want: str) -> ProposeError:
-            return ProposeError(f"propose.{name} must be {want}, got {getattr(self, name)!r}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-        object.__setattr__(self, "nms_metric", str(getattr(self.nms_metric, "value", self.nms_metric)))
-        if not is_int(self.blur_kernel) or self.blur_kernel < 0 or (self.blur_kernel > 1 and self.blur_kernel % 2 == 0):
-            raise bad("blur_kernel", "0, 1 or an odd integer")
-        if not is_int(self.block_size) or self.block_size < 3 or self.block_size % 2 == 0:
-            raise bad("block_size", "an odd integer >= 3")
-        if not is_int(self.close_kernel) or self.close_kernel < 0:
-            raise bad("close_kernel", "an integer >= 0")
-        if not is_num(self.threshold_c):
-            raise bad("threshold_c", "a finite number")
-        for name in ("min_area_ratio", "max_area_ratio", "min_aspect", "max_aspect", "max_side_ratio",
-                     "nms_threshold"):
-            if not is_num(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "a finite number >= 0")
-        if self.min_area_ratio > self.max_area_ratio:
-            raise ProposeError(f"propose.min_area_ratio ({self.min_area_ratio}) is above "
-                               f"propose.max_area_ratio ({self.max_area_ratio})")
-        if self.min_aspect > self.max_aspect:
-            raise ProposeError(f"propose.min_aspect ({self.min_aspect}) is above propose.max_aspect ({self.max_aspect})")
-        if self.nms_metric not in NMS_METRICS:
-            raise bad("nms_metric", " or ".join(NMS_METRICS))
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "ContoursParams":
-        """The params named in ``cfg`` (a config node, dataclass, dict or None); the rest stay default."""
-        if cfg is None:
-            return cls()
-        get = cfg.get if isinstance(cfg, dict) else (lambda k, d: getattr(cfg, k, d))
-        missing = object()
-        values = {f.name: get(f.name, missing) for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if v is not missing and v is not None})
+    iou = "iou"
+    iomin = "iomin"
 
 
-def contour_boxes(rgb: Any, params: ContoursParams) -> List[Proposal]:
+def _odd(lo: int) -> Rule:
+    """An odd whole number ``>= lo``."""
+    ok, _ = whole(lo)
+    return (lambda v: ok(v) and v % 2 == 1), f"an odd whole number >= {lo}"
+
+
+#: ``blur_kernel``: 0 or 1 (no blur), or an odd kernel side.
+_BLUR: Rule = ((lambda v: whole(0, 1)[0](v) or _odd(3)[0](v)), "0, 1 or an odd whole number")
+#: A finite number (any sign).
+_FINITE: Rule = (finite_number, "a finite number")
+
+
+def contour_boxes(rgb: Any, params: "ContoursProposer.Config") -> List[Proposal]:
     """DataFlow-MM's boxes for an ``H x W x 3`` uint8 RGB array, largest first (see the module docstring)."""
     import cv2  # lazily: only runs that propose with contours need OpenCV
     import numpy as np
@@ -118,19 +89,59 @@ def contour_boxes(rgb: Any, params: ContoursParams) -> List[Proposal]:
             continue
         rects.append((float(x), float(y), float(x + w), float(y + h)))
     areas = [(r[2] - r[0]) * (r[3] - r[1]) for r in rects]
-    keep = nms(rects, areas, params.nms_threshold, metric=params.nms_metric)
+    keep = nms(rects, areas, params.nms_threshold, metric=str(params.nms_metric))
     return [Proposal(rects[i], None, None, "contours") for i in keep]
 
 
 class ContoursProposer(Proposer):
     """Boxes from image structure alone (no model): DataFlow-MM's heuristic, see the module docstring."""
 
+    @dataclass
+    class Config(Proposer.Config):
+        """DataFlow-MM's contour heuristic; the defaults are its published values.
+
+        Sizes are pixels of the image at the model's input resolution.
+        """
+
+        #: Gaussian blur kernel (odd; 0 or 1: none).
+        blur_kernel: int = field(default=5, metadata=check(_BLUR))
+        #: Adaptive Gaussian threshold: block side (odd) and constant C.
+        block_size: int = field(default=11, metadata=check(_odd(3)))
+        threshold_c: float = field(default=2.0, metadata=check(_FINITE))
+        #: Morphological closing kernel side (0: none).
+        close_kernel: int = field(default=8, metadata=check(whole(0)))
+        #: Contour area as a fraction of the image.
+        min_area_ratio: float = field(default=0.01, metadata=check(real(0)))
+        max_area_ratio: float = field(default=0.8, metadata=check(real(0)))
+        #: Box aspect ratio w / h.
+        min_aspect: float = field(default=0.1, metadata=check(real(0)))
+        max_aspect: float = field(default=5.0, metadata=check(real(0)))
+        #: Boxes wider or taller than this fraction of the image are dropped.
+        max_side_ratio: float = field(default=0.9, metadata=check(real(0)))
+        #: NMS over the boxes, largest first: drop a box whose overlap with a larger kept box is above
+        #: this; ``iomin`` (intersection over the smaller box, DataFlow-MM's) or ``iou``.
+        nms_threshold: float = field(default=0.3, metadata=check(real(0)))
+        nms_metric: NmsMetric = NmsMetric.iomin
+
     name: ClassVar[str] = "contours"
     needs_engine: ClassVar[bool] = False
 
     def __init__(self, cfg: Any = None, **context: Any) -> None:
         super().__init__(cfg)
-        self.params = ContoursParams.from_config(cfg)
+        #: The heuristic's knobs (this class's :class:`Config`).
+        self.params = self.config
+
+    @classmethod
+    def check(cls, config: Any) -> List[str]:
+        out = []
+        if config.min_area_ratio > config.max_area_ratio:
+            out.append(f"propose.min_area_ratio ({config.min_area_ratio}) is above "
+                       f"propose.max_area_ratio ({config.max_area_ratio})")
+        if config.min_aspect > config.max_aspect:
+            out.append(f"propose.min_aspect ({config.min_aspect}) is above propose.max_aspect ({config.max_aspect})")
+        if str(getattr(config.nms_metric, "value", config.nms_metric)) not in NMS_METRICS:
+            out.append(f"propose.nms_metric must be {' or '.join(NMS_METRICS)}, got {config.nms_metric!r}")
+        return out
 
     def propose(self, image: Any) -> List[Proposal]:
         """Proposals for a PIL image (any mode; converted to RGB), in its pixels, largest first."""
@@ -141,4 +152,5 @@ class ContoursProposer(Proposer):
         return contour_boxes(np.asarray(image), self.params)
 
     def describe(self) -> dict:
-        return {"proposer": self.name, **{f.name: getattr(self.params, f.name) for f in fields(self.params)}}
+        return {"proposer": self.name, **{f.name: getattr(self.params, f.name) for f in fields(self.params)
+                                          if f.name != TARGET}}

@@ -1,5 +1,8 @@
 """Per-row decisions around proposals, as pure functions the stages call.
 
+- :func:`should_propose`: whether a row gets proposals under ``propose.when``.
+- :func:`select_proposals`: which proposals are kept (``when=add`` overlap
+  filter, the ``max_regions`` cap).
 - :func:`plan_regions`: the regions one row is captioned with, given its own
   boxes and the proposals (original pixels), under ``propose.when``; each
   region says where it came from.
@@ -16,11 +19,65 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
-from regioncap.boxes import Box
-from regioncap.propose.base import Proposal
+from regioncap.boxes import Box, iou
+from regioncap.propose.base import Proposal, ProposeWhen
 
 #: ``source`` of a region that came with the row.
 INPUT_SOURCE = "input"
+
+#: Values of ``propose.when``.
+PROPOSE_WHEN: Tuple[str, ...] = tuple(w.value for w in ProposeWhen)
+
+
+def _value(v: Any) -> Any:
+    # Enum members from the schema (ProposeWhen) compare by value; plain strings pass through.
+    return getattr(v, "value", v)
+
+
+def should_propose(raw_bbox: Any, when: Any) -> bool:
+    """Whether a row whose box field holds ``raw_bbox`` gets proposals under ``propose.when``.
+
+    ``missing``: only when the field is absent or null (read by the data layer as
+    None), as DataFlow-MM does; an explicit empty list stays a row with no
+    regions. ``always`` and ``add``: every row.
+    """
+    when = _value(when)
+    if when not in PROPOSE_WHEN:
+        raise ValueError(f"propose.when must be one of {', '.join(PROPOSE_WHEN)}, got {when!r}")
+    if when == "missing":
+        return raw_bbox is None
+    return True
+
+
+def select_proposals(
+    given: Sequence[Any],
+    proposals: Sequence[Proposal],
+    when: Any,
+    *,
+    add_iou: float = 0.5,
+    max_regions: Optional[int] = None,
+) -> Tuple[List[Proposal], int]:
+    """``(proposals to caption, how many the cap left out)``.
+
+    ``given`` are the row's own boxes (:class:`~regioncap.boxes.Box` or xyxy), in
+    the same pixels as ``proposals``. With ``when=add`` a proposal whose IoU
+    with any given box is above ``add_iou`` is dropped (the given box already
+    covers it); ``missing`` and ``always`` keep every proposal (under
+    ``always`` the caller ignores the given boxes). ``max_regions`` keeps the
+    first that many, in the proposer's order (best first); None keeps all.
+    Given boxes are never dropped.
+    """
+    when = _value(when)
+    if when not in PROPOSE_WHEN:
+        raise ValueError(f"propose.when must be one of {', '.join(PROPOSE_WHEN)}, got {when!r}")
+    kept = list(proposals)
+    if when == "add" and given:
+        kept = [p for p in kept if all(iou(p.bbox, g) <= add_iou for g in given)]
+    capped = 0
+    if max_regions is not None and len(kept) > max_regions:
+        capped = len(kept) - max(0, int(max_regions))
+        kept = kept[: max(0, int(max_regions))]
+    return kept, capped
 
 
 @dataclass(frozen=True)
@@ -65,7 +122,7 @@ def plan_regions(
 
     ``given`` is ``ParsedBoxes.boxes`` (``(source index, Box)`` in original
     pixels); ``proposals`` are already in original pixels (``Proposal.scale``),
-    or None when the row was not proposed for (:func:`~regioncap.propose.should_propose`
+    or None when the row was not proposed for (:func:`should_propose`
     said no, or ``propose=none``).
 
     - no proposals: the given boxes, as ``source: input``;
@@ -76,12 +133,10 @@ def plan_regions(
     Proposals are kept in the proposer's order (best first) and capped at
     ``max_regions``; given boxes are never dropped.
     """
-    from regioncap.propose import select_proposals
-
     inputs = [PlannedRegion(box, INPUT_SOURCE, index) for index, box in given]
     if proposals is None:
         return RegionPlan(regions=inputs)
-    when = getattr(when, "value", when)
+    when = _value(when)
     boxes = [b for _, b in given]
     after_add, _ = select_proposals(boxes, proposals, when, add_iou=add_iou, max_regions=None)
     kept, capped = select_proposals([], after_add, "missing", max_regions=max_regions)

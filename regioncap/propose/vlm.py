@@ -23,9 +23,12 @@ import math
 import os
 import re
 import tempfile
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from regioncap.boxes import nms
+from regioncap.components import check, real, whole
+from regioncap.choice import Choice
 from regioncap.propose.base import Proposal, Proposer, ProposeError
 
 #: Qwen2.5-VL's grounding request (its cookbook's wording: "... output their bbox coordinates in JSON format").
@@ -88,8 +91,16 @@ _REGEX_INT = r"(0|[1-9][0-9]{0,4})"
 _REGEX_ITEM = (r'\{"bbox_2d": \[' + ", ".join([_REGEX_INT] * 4) + r'\], "label": "[^"\\\n]{1,%d}"\}'
                % MAX_LABEL_CHARS)
 
-#: ``propose.constraint`` values: how a grounding answer is constrained where the engine can.
-CONSTRAINTS: Tuple[str, ...] = ("regex", "json", "none")
+class GroundingConstraint(Choice):
+    """How a ``vlm`` grounding answer is constrained where the engine can (``propose.constraint``)."""
+
+    regex = "regex"
+    json = "json"
+    none = "none"
+
+
+#: ``propose.constraint`` values.
+CONSTRAINTS: Tuple[str, ...] = tuple(c.value for c in GroundingConstraint)
 
 
 def grounding_regex() -> str:
@@ -286,22 +297,46 @@ class VlmProposer(Proposer):
     (for use outside a run).
     """
 
+    @dataclass
+    class Config(Proposer.Config):
+        """The caption model grounds the objects first (Qwen2.5-VL JSON boxes / Qwen2-VL box tokens)."""
+
+        #: Grounding request text; null: the model family's (:func:`grounding_prompt`).
+        prompt: Optional[str] = None
+        #: Token budget of the grounding answer.
+        max_tokens: int = field(default=1024, metadata=check(whole(1)))
+        #: How engines with structured outputs constrain the answer: ``regex`` (one compact
+        #: JSON layout, no free whitespace), ``json`` (the JSON schema) or ``none``.
+        constraint: GroundingConstraint = GroundingConstraint.regex
+        #: Most boxes kept from one answer, in answer order after dropping repeats (also the
+        #: JSON schema's ``maxItems`` with ``constraint=json``); bounds the work on a hostile answer.
+        max_items: int = field(default=MAX_GROUNDED, metadata=check(whole(1)))
+        #: Repeated boxes in one answer: NMS at this IoU, answer order kept.
+        nms_threshold: float = field(default=0.7, metadata=check(real(0)))
+        #: Boxes with a side under this many pixels (model input) after clipping are dropped.
+        min_size: float = field(default=1.0, metadata=check(real(0)))
+
     name: ClassVar[str] = "vlm"
     needs_engine: ClassVar[bool] = True
 
     def __init__(self, cfg: Any = None, *, engine: Any = None, family: str = "qwen2_5_vl", **context: Any) -> None:
         super().__init__(cfg)
-        get = (lambda k, d: getattr(cfg, k, d)) if cfg is not None else (lambda k, d: d)
+        c = self.config
         self.engine = engine
         self.family = family
-        self.prompt: str = get("prompt", None) or grounding_prompt(family)
-        self.max_tokens = int(get("max_tokens", 1024))
-        self.nms_threshold = float(get("nms_threshold", 0.7))
-        self.min_size = float(get("min_size", 1.0))
-        self.max_items = int(get("max_items", MAX_GROUNDED))
-        self.constraint = str(getattr(get("constraint", "regex"), "value", get("constraint", "regex")))
-        if self.constraint not in CONSTRAINTS:
-            raise ProposeError(f"propose.constraint must be one of {', '.join(CONSTRAINTS)}, got {self.constraint!r}")
+        self.prompt: str = c.prompt or grounding_prompt(family)
+        self.max_tokens = int(c.max_tokens)
+        self.nms_threshold = float(c.nms_threshold)
+        self.min_size = float(c.min_size)
+        self.max_items = int(c.max_items)
+        self.constraint = str(getattr(c.constraint, "value", c.constraint))
+
+    @classmethod
+    def check(cls, config: Any) -> List[str]:
+        constraint = str(getattr(config.constraint, "value", config.constraint))
+        if constraint not in CONSTRAINTS:
+            return [f"propose.constraint must be one of {', '.join(CONSTRAINTS)}, got {constraint!r}"]
+        return []
 
     def request(self, key: str, image_path: str, image_size: Tuple[int, int], sampling: Any = None) -> Any:
         """The engine :class:`~regioncap.engines.base.Request` grounding one image (already at the model's size).

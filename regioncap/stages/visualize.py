@@ -77,15 +77,15 @@ class Visualizer(Stage):
         #: caption stage, on the rows this stage leaves ``status: grounding``.
         self.proposer: Any = None
         self.grounding = False
-        if self.propose_cfg is not None and str(self.propose_cfg.get("method") or "none") != "none":
-            from regioncap.propose import proposer_class
+        from regioncap.propose import build_proposer, proposer_name, proposer_type
 
-            if proposer_class(str(self.propose_cfg.method)).needs_engine:
-                self.grounding = True
-            else:
-                from regioncap.propose import build_proposer
-
-                self.proposer = build_proposer(self.propose_cfg)
+        #: The proposer's short name (``contours``; ``none``): the ``method`` of the records.
+        self.propose_method = proposer_name(self.propose_cfg)
+        cls = proposer_type(self.propose_cfg)
+        if cls is not None and cls.needs_engine:
+            self.grounding = True
+        elif cls is not None:
+            self.proposer = build_proposer(self.propose_cfg)
 
     @staticmethod
     def identity(item: Any) -> Tuple[Any, Any, Any]:
@@ -187,7 +187,7 @@ class Visualizer(Stage):
                             add_iou=float(pcfg.add_iou) if pcfg is not None else 0.5,
                             max_regions=pcfg.max_regions if pcfg is not None else None)
         if proposals is not None:
-            rec["proposals"] = {"method": str(pcfg.method), "when": str(pcfg.when), "proposed": plan.proposed,
+            rec["proposals"] = {"method": self.propose_method, "when": str(pcfg.when), "proposed": plan.proposed,
                                 "capped": plan.capped, "overlapping_given": plan.overlapping_given}
             if plan.truth:
                 rec["proposals"]["truth_bbox"] = [b.as_list(2) for b in plan.truth]
