@@ -269,18 +269,21 @@ class DataConfig:
     hf_references_key: Optional[str] = None
 
 
+#: The default ``draw.palette``: ten colours that stay distinct from each other (Sasha Trubetskoy's
+#: list). The one copy: :class:`regioncap.draw.DrawStyle` and the report read it from here.
+DEFAULT_PALETTE: tuple = (
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
+    "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990",
+)
+
+
 @dataclass
 class DrawConfig:
     """How regions are marked on the image the model sees."""
 
     name: str = MISSING
     #: Box colours, cycled per region (any Pillow colour string).
-    palette: List[str] = field(
-        default_factory=lambda: [
-            "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
-            "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990",
-        ]
-    )
+    palette: List[str] = field(default_factory=lambda: list(DEFAULT_PALETTE))
     #: Line width as a fraction of the image's shorter side (at least ``min_line_px``).
     line_width: float = 0.008
     min_line_px: int = 2

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import PIL
 from PIL import Image, ImageColor, ImageDraw, ImageEnhance, ImageFont
 
+from regioncap.config import DEFAULT_PALETTE
 from regioncap.images import box_xyxy
 
 __all__ = [
@@ -42,16 +43,13 @@ __all__ = [
     "text_colour",
 ]
 
-#: Ten colours that stay distinct from each other (Sasha Trubetskoy's list).
-DEFAULT_PALETTE: tuple[str, ...] = (
-    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
-    "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990",
-)
-
-
 @dataclass
 class DrawStyle:
-    """How region marks look; sizes are fractions of the image's shorter side."""
+    """How region marks look and how the images are written: the typed ``draw`` config section.
+
+    Sizes are fractions of the image's shorter side. :meth:`from_config` builds
+    it from a ``draw`` section; its fields are that section's (less ``name``).
+    """
 
     #: Box colours, cycled per region (any Pillow colour string).
     palette: list[str] = field(default_factory=lambda: list(DEFAULT_PALETTE))
@@ -63,6 +61,19 @@ class DrawStyle:
     min_label_px: int = 10
     #: Darken pixels outside all boxes by this factor (0 = off, 1 = black).
     dim: float = 0.0
+    #: Label text: ``{n}`` is the region number shown to the model.
+    label_format: str = "{n}"
+    #: Encoding of written images: ``jpeg`` or ``png``.
+    image_format: str = "jpeg"
+    jpeg_quality: int = 92
+
+    @classmethod
+    def from_config(cls, section: Any) -> "DrawStyle":
+        """The style of a ``draw`` config section (its keys that are fields here; values typed once)."""
+        types = {"line_width": float, "label_size": float, "dim": float, "min_line_px": int,
+                 "min_label_px": int, "jpeg_quality": int, "label_format": str, "image_format": str}
+        return cls(**{f: (list(section[f]) if f == "palette" else types[f](section[f]))
+                      for f in DRAW_STYLE_FIELDS if f in section})
 
     def __post_init__(self) -> None:
         # Accept any sequence (an OmegaConf ListConfig too) and fail here, with

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap import metricspec
+from regioncap.config import DEFAULT_PALETTE
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE, run_file_at
 
 log = logging.getLogger("regioncap")
@@ -63,9 +64,6 @@ SWEEP_ROWS = 4
 EXAMPLES_PER_ERROR = 3
 MAX_TEXT = 2000
 
-#: Mark colours when the run's config cannot be read (``draw.palette`` of conf/draw/default.yaml).
-DEFAULT_PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
-                   "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
 
 #: Metrics a sweep's plots can use (``--metric``): metrics.json paths and their labels, from the
 #: metric specification (every name, unit and direction below comes from regioncap.metricspec).
@@ -507,7 +505,8 @@ def _palette(run: RunData) -> List[str]:
     palette = _dig(run.config, "draw", "palette")
     if isinstance(palette, list) and palette:
         return [str(c) for c in palette]
-    return DEFAULT_PALETTE
+    # The run's config cannot be read: the default palette.
+    return list(DEFAULT_PALETTE)
 
 
 _COLOUR = re.compile(r"^(#[0-9a-fA-F]{3,8}|[a-zA-Z]{3,20})$")
