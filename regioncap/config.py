@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
+from regioncap.components import check, optional, real, whole
+
 
 class Choice(str, Enum):
     """A closed choice of a config field: Hydra rejects any other value while composing.
@@ -67,24 +69,6 @@ class ModelFamily(Choice):
     qwen2_vl = "qwen2_vl"
 
 
-class EngineName(Choice):
-    """``engine.name``: :data:`regioncap.engines.ENGINES` plus ``auto``."""
-
-    transformers = "transformers"
-    vllm = "vllm"
-    openai = "openai"
-    auto = "auto"
-    fake = "fake"
-
-
-class ExecutorName(Choice):
-    """``executor.name``: :data:`regioncap.executors.EXECUTORS`."""
-
-    local = "local"
-    isolated = "isolated"
-    ray = "ray"
-
-
 class DataSource(Choice):
     """``data.source``: the readers of :mod:`regioncap.data`."""
 
@@ -109,13 +93,13 @@ class ModelConfig:
     #: Hub revision (branch, tag or commit) when ``path`` is a hub id.
     revision: Optional[str] = None
     #: Pixel budget of one image (Qwen2-VL's ``min_pixels`` / ``max_pixels``).
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 1280 * 28 * 28
+    min_pixels: int = field(default=4 * 28 * 28, metadata=check(whole(1)))
+    max_pixels: int = field(default=1280 * 28 * 28, metadata=check(whole(1)))
     #: Vision patch size and spatial merge size (28 px per visual token for Qwen2-VL/2.5-VL).
-    patch_size: int = 14
-    merge_size: int = 2
+    patch_size: int = field(default=14, metadata=check(whole(1)))
+    merge_size: int = field(default=2, metadata=check(whole(1)))
     #: Context length given to the engine; requests that cannot fit are error rows.
-    max_model_len: int = 8192
+    max_model_len: int = field(default=8192, metadata=check(optional(whole(1))))
     #: Torch dtype name for the weights: ``auto``, ``bfloat16``, ``float16``, ``float32``.
     dtype: str = "auto"
     #: Never on unless a user asks: it runs code shipped with the model.
@@ -128,91 +112,6 @@ class ModelConfig:
     #: transformers from the config): for throughput, memory and token-budget
     #: checks; captions are noise and every output says so.
     weights: str = "real"
-
-
-@dataclass
-class EngineConfig:
-    """Fields shared by every engine."""
-
-    #: ``transformers``, ``vllm``, ``openai``, ``auto`` or ``fake`` (tests).
-    name: EngineName = MISSING
-    #: Requests handed to the engine at once (a vLLM ``generate`` call, a
-    #: transformers batch, the in-flight window of the OpenAI client).
-    batch_size: int = 8
-    #: With ``executor=local``: true runs the caption stage in a spawned child
-    #: process (``executor=isolated``), false in this one; null: isolated for an
-    #: engine that keeps its memory until its process ends (vLLM) in each job of a
-    #: sweep, else local.
-    isolate: Optional[bool] = None
-
-
-@dataclass
-class TransformersEngineConfig(EngineConfig):
-    name: EngineName = EngineName.transformers
-    #: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
-    device: str = "auto"
-    #: Attention implementation passed to ``from_pretrained`` (``sdpa``, ``eager``...).
-    attn_implementation: Optional[str] = None
-    #: Constrain ``lines`` answers to one ``<number>: <text>`` line per region
-    #: (a logits processor; the same layout vLLM enforces with structured outputs).
-    structured_outputs: bool = True
-
-
-@dataclass
-class VllmEngineConfig(EngineConfig):
-    name: EngineName = EngineName.vllm
-    batch_size: int = 256
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
-    #: Skip CUDA graphs / torch.compile (slower decode, much faster start).
-    enforce_eager: bool = False
-    #: Constrain the answer to the prompt's format with vLLM structured outputs.
-    structured_outputs: bool = True
-    #: Extra keyword arguments for ``vllm.LLM`` (anything its signature takes).
-    extra_args: Dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class OpenAIEngineConfig(EngineConfig):
-    name: EngineName = EngineName.openai
-    batch_size: int = 64
-    base_url: str = "http://127.0.0.1:8000/v1"
-    #: Name of the environment variable holding the API key (the key itself is
-    #: never part of the config, so it never reaches an output file).
-    api_key_env: str = "OPENAI_API_KEY"
-    #: Model name sent to the server; defaults to ``model.path``.
-    served_model: Optional[str] = None
-    concurrency: int = 8
-    timeout_s: float = 120.0
-    max_retries: int = 5
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-    #: Send vLLM's structured-output constraint in ``extra_body`` (vLLM servers only).
-    structured_outputs: bool = False
-    #: Check the server when the engine starts: ``GET {base_url}/models`` answers
-    #: and lists ``served_model`` (a clear error before the first row, not after).
-    preflight: bool = True
-
-
-@dataclass
-class AutoEngineConfig(VllmEngineConfig, TransformersEngineConfig):
-    """vLLM where CUDA and vLLM are available, else transformers: the fields of both."""
-
-    name: EngineName = EngineName.auto
-    batch_size: int = 8
-
-
-@dataclass
-class FakeEngineConfig(EngineConfig):
-    """Deterministic engine for fast tests of the pipeline logic (no model)."""
-
-    name: EngineName = EngineName.fake
-    #: Region numbers (1-based, within a request) the fake leaves unanswered.
-    skip_regions: List[int] = field(default_factory=list)
-    #: Answer ``skip_regions`` when asked again (exercises the re-ask path).
-    answer_on_reask: bool = True
-    #: Request keys (substring match) that fail with an engine error.
-    fail_keys: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -285,18 +184,18 @@ class DrawConfig:
     #: Box colours, cycled per region (any Pillow colour string).
     palette: List[str] = field(default_factory=lambda: list(DEFAULT_PALETTE))
     #: Line width as a fraction of the image's shorter side (at least ``min_line_px``).
-    line_width: float = 0.008
-    min_line_px: int = 2
+    line_width: float = field(default=0.008, metadata=check(real(0, above=True)))
+    min_line_px: int = field(default=2, metadata=check(whole(1)))
     #: Label text height as a fraction of the shorter side (at least ``min_label_px``).
-    label_size: float = 0.045
-    min_label_px: int = 10
+    label_size: float = field(default=0.045, metadata=check(real(0, above=True)))
+    min_label_px: int = field(default=10, metadata=check(whole(1)))
     #: Label text: ``{n}`` is the region number shown to the model.
     label_format: str = "{n}"
     #: Darken the image outside the boxes by this factor (0 = off, DataFlow-MM look ~0.5).
-    dim: float = 0.0
+    dim: float = field(default=0.0, metadata=check(real(0, 1)))
     #: Encoding of written images: ``jpeg`` or ``png``.
     image_format: str = "jpeg"
-    jpeg_quality: int = 92
+    jpeg_quality: int = field(default=92, metadata=check(whole(1, 100)))
 
 
 @dataclass
@@ -313,7 +212,7 @@ class PromptConfig:
     #: ``lines`` (``1: ...``), ``json`` or ``free`` (DataFlow-MM's free text).
     answer_format: AnswerFormat = AnswerFormat.lines
     #: Context margin around a crop, as a fraction of the box size.
-    crop_margin: float = 0.15
+    crop_margin: float = field(default=0.15, metadata=check(real(0)))
     #: Re-ask once for regions missing from an answer or captioned with answer-format debris.
     reask_missing: bool = True
     #: Text of the one follow-up request for regions missing from an answer.
@@ -325,83 +224,11 @@ class PromptConfig:
 
 @dataclass
 class SamplingConfig:
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_tokens: int = 512
+    temperature: float = field(default=0.0, metadata=check(real(0)))
+    top_p: float = field(default=1.0, metadata=check(real(0, 1, above=True)))
+    max_tokens: int = field(default=512, metadata=check(whole(1)))
     #: Per-request sampling seed; ``null`` uses the run's ``seed``.
     seed: Optional[int] = None
-
-
-@dataclass
-class LoggerConfig:
-    """Experiment logging; ``none`` logs to the run dir only."""
-
-    name: str = "none"
-
-
-@dataclass
-class WandbLoggerConfig(LoggerConfig):
-    """Weights & Biases: one W&B run per Hydra job, inside the run dir."""
-
-    name: str = "wandb"
-    project: str = "regioncap"
-    entity: Optional[str] = None
-    #: ``online``, ``offline`` or ``disabled``; null: ``$WANDB_MODE`` if set, else
-    #: online when an API key is configured, else offline.
-    mode: Optional[str] = None
-    #: W&B group; null: the sweep dir's name in a multirun, none in a single run.
-    group: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    #: Marked images logged with native box overlays (0 = none).
-    log_images: int = 8
-    #: A table of every region (image, box, caption, reference, scores), capped at ``table_rows``.
-    log_table: bool = True
-    table_rows: int = 2000
-    #: The caption records as a W&B artifact.
-    log_artifact: bool = True
-    #: Seconds to wait for W&B to start before going on without it.
-    init_timeout_s: float = 60.0
-    #: Most seconds ``finish`` waits for uploads (online); what is left stays on disk
-    #: for ``wandb sync``. null waits until everything is uploaded.
-    finish_timeout_s: Optional[float] = 600.0
-
-
-@dataclass
-class ExecutorConfig:
-    """Where the caption stage runs: ``local`` (this process), ``isolated`` (one spawned child), ``ray``."""
-
-    name: ExecutorName = ExecutorName.local
-
-
-@dataclass
-class RayExecutorConfig(ExecutorConfig):
-    """The caption stage over a Ray cluster: a pool of engine replicas (Ray Data actors).
-
-    Needs the ``ray`` extra (``pip install "regioncap[ray]"``); Ray is imported
-    only when this executor is picked. Every replica must see the run dir and
-    the model folder at the same paths (one machine, or a shared filesystem).
-    """
-
-    name: ExecutorName = ExecutorName.ray
-    #: Cluster to join: ``auto`` (a running ``ray start`` cluster), ``ray://host:10001``;
-    #: null starts a local cluster for the run and stops it at the end.
-    address: Optional[str] = None
-    #: Engine replicas (Ray actors), each with its own copy of the model.
-    num_replicas: int = 1
-    #: CPUs and GPUs Ray reserves for each replica (``num_gpus=1``: one GPU per replica).
-    num_cpus: float = 1.0
-    num_gpus: float = 0.0
-    #: Rows handed to a replica at once (a replica splits them into ``engine.batch_size`` engine calls).
-    batch_size: int = 64
-    #: A local cluster only (``address: null``): CPUs and GPUs it may use (null: all
-    #: of the machine) and the size of its object store in MiB (null: Ray's default).
-    local_num_cpus: Optional[int] = None
-    local_num_gpus: Optional[int] = None
-    object_store_mb: Optional[int] = None
-    #: Extra keyword arguments for ``ray.init`` (``runtime_env``, ``namespace``...).
-    init_args: Dict[str, Any] = field(default_factory=dict)
-    #: Extra Ray options for each replica actor (``max_restarts``, ``resources``, ``memory``...).
-    remote_args: Dict[str, Any] = field(default_factory=dict)
 
 
 class ProposeMethod(Choice):
@@ -447,10 +274,10 @@ class ProposeConfig:
     method: ProposeMethod = ProposeMethod.none
     when: ProposeWhen = ProposeWhen.missing
     #: ``when=add``: a proposal overlapping a given box above this IoU is dropped.
-    add_iou: float = 0.5
+    add_iou: float = field(default=0.5, metadata=check(real(0, 1)))
     #: Most proposals kept per image, best first (the rest are counted and recorded); null: all.
     #: Kept proposals are chunked by ``max_boxes`` like given boxes, never dropped.
-    max_regions: Optional[int] = 20
+    max_regions: Optional[int] = field(default=20, metadata=check(optional(whole(1))))
 
 
 @dataclass
@@ -498,13 +325,13 @@ class VlmProposeConfig(ProposeConfig):
     #: Grounding request text; null: the model family's (regioncap.propose.vlm.grounding_prompt).
     prompt: Optional[str] = None
     #: Token budget of the grounding answer.
-    max_tokens: int = 1024
+    max_tokens: int = field(default=1024, metadata=check(whole(1)))
     #: How engines with structured outputs constrain the answer: ``regex`` (one compact
     #: JSON layout, no free whitespace), ``json`` (the JSON schema) or ``none``.
     constraint: GroundingConstraint = GroundingConstraint.regex
     #: Most boxes kept from one answer, in answer order after dropping repeats (also the
     #: JSON schema's ``maxItems`` with ``constraint=json``); bounds the work on a hostile answer.
-    max_items: int = 50
+    max_items: int = field(default=50, metadata=check(whole(1)))
     #: Repeated boxes in one answer: NMS at this IoU, answer order kept.
     nms_threshold: float = 0.7
     #: Boxes with a side under this many pixels (model input) after clipping are dropped.
@@ -515,8 +342,8 @@ class VlmProposeConfig(ProposeConfig):
 class LimitsConfig:
     """Bounds on what one input can cost (a bad file never hangs or exhausts a run)."""
 
-    max_image_pixels: int = 100_000_000
-    max_file_bytes: int = 200 * 1024 * 1024
+    max_image_pixels: int = field(default=100_000_000, metadata=check(whole(1)))
+    max_file_bytes: int = field(default=200 * 1024 * 1024, metadata=check(whole(1)))
 
 
 @dataclass
@@ -527,7 +354,7 @@ class MetricsConfig:
     #: BLEU-4, ROUGE-L, CIDEr, exact match and attribute accuracy are always computed.
     meteor: bool = False
     #: Most seconds METEOR may take before its Java process is killed.
-    meteor_timeout_s: float = 300.0
+    meteor_timeout_s: float = field(default=300.0, metadata=check(real(0, above=True)))
     #: Resamples of the cluster bootstrap behind the 95% intervals of the reference scores
     #: (``references.intervals``; seeded with the run's ``seed``); 0 leaves the intervals out.
     bootstrap_resamples: int = 1000
@@ -543,23 +370,25 @@ class MetricsConfig:
 @dataclass
 class RegionCapConfig:
     model: ModelConfig = MISSING
-    engine: EngineConfig = MISSING
+    #: Component groups: each option names its class with ``_target_`` and is typed by the
+    #: class's ``Config`` (regioncap.components), so any class, a user's own too, can be named.
+    engine: Any = MISSING
     data: DataConfig = MISSING
     draw: DrawConfig = MISSING
     prompt: PromptConfig = MISSING
-    logger: LoggerConfig = MISSING
-    executor: ExecutorConfig = MISSING
+    logger: Any = MISSING
+    executor: Any = MISSING
     propose: ProposeConfig = MISSING
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     #: Most regions marked on one image; more are split into further chunks.
-    max_boxes: int = 10
+    max_boxes: int = field(default=10, metadata=check(whole(1)))
     seed: int = 0
     #: Stages to run, in order: ``visualize``, ``caption``.
     stages: List[str] = field(default_factory=lambda: ["visualize", "caption"])
     #: Exit non-zero when more than this fraction of rows are error rows.
-    max_error_rate: float = 0.1
+    max_error_rate: float = field(default=0.1, metadata=check(real(0, 1)))
     #: More key names whose values are secrets (names or ``fnmatch`` patterns such as ``*_dsn``),
     #: masked like the built-in ones (``*_key``, ``*token*``, ``*password*``...) everywhere a run writes.
     secret_names: List[str] = field(default_factory=list)
@@ -580,7 +409,7 @@ class RegionCapConfig:
     #: With ``resume``: redo the caption stage's error rows (engine errors, timeouts...).
     retry_errors: bool = False
     #: Visualize rows written per commit (write + fsync); a crash loses at most these.
-    commit_every: int = 32
+    commit_every: int = field(default=32, metadata=check(whole(1)))
     #: Image preparation worker processes (decode, resize, draw, encode).
     #: null: the cores the engine does not use (see regioncap.prepare.resolve_workers);
     #: 0: prepare in the main process.
@@ -588,15 +417,6 @@ class RegionCapConfig:
     #: With both stages in one process: caption rows while the next ones are
     #: prepared (needs workers >= 1); false runs the stages one after the other.
     overlap: bool = True
-
-
-ENGINE_SCHEMAS = {
-    "transformers": TransformersEngineConfig,
-    "vllm": VllmEngineConfig,
-    "openai": OpenAIEngineConfig,
-    "auto": AutoEngineConfig,
-    "fake": FakeEngineConfig,
-}
 
 
 PROPOSE_SCHEMAS = {
@@ -609,8 +429,19 @@ PROPOSE_SCHEMAS = {
 def register_configs() -> None:
     """Register the schemas under ``schema/<group>``; each option's YAML starts
     from one (``- /schema/model/base@_here_``), so its keys and types are checked
-    while Hydra composes, and ``--help`` lists them apart from the options."""
+    while Hydra composes, and ``--help`` lists them apart from the options.
+
+    The options that name a class (``_target_``) start from their class's
+    ``Config``, registered as ``schema/<group>/<option>`` by
+    :func:`regioncap.components.register_schemas`. Once per process.
+    """
+    global _REGISTERED
+    if _REGISTERED:
+        return
     import os
+    from pathlib import Path
+
+    from regioncap.components import register_schemas
 
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
@@ -620,14 +451,13 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="regioncap_schema", node=RegionCapConfig)
     cs.store(group="schema/model", name="base", node=ModelConfig)
-    for name, node in ENGINE_SCHEMAS.items():
-        cs.store(group="schema/engine", name=name, node=node)
     cs.store(group="schema/data", name="base", node=DataConfig)
     cs.store(group="schema/draw", name="base", node=DrawConfig)
     cs.store(group="schema/prompt", name="base", node=PromptConfig)
-    cs.store(group="schema/logger", name="none", node=LoggerConfig)
-    cs.store(group="schema/logger", name="wandb", node=WandbLoggerConfig)
-    cs.store(group="schema/executor", name="local", node=ExecutorConfig)
-    cs.store(group="schema/executor", name="ray", node=RayExecutorConfig)
     for name, node in PROPOSE_SCHEMAS.items():
         cs.store(group="schema/propose", name=name, node=node)
+    register_schemas(Path(__file__).resolve().parent / "conf", cs)
+    _REGISTERED = True
+
+
+_REGISTERED = False

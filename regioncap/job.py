@@ -22,6 +22,7 @@ from regioncap.manifest import (
 )
 from regioncap.errors import RunError
 from regioncap.run import RegionCapRun, build_run
+from regioncap.settings import check_config
 from regioncap.rundir import STAGE_FILES, RunDir, regioncap_command, resume_args, shell_word
 from regioncap.signals import Interrupted, stop_on_signals
 
@@ -94,6 +95,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
     ``finally`` with the job's exit code, so a failed job never leaves a
     tracking run open for the next job of a sweep.
     """
+    check_config(cfg)  # the components' classes, keys, types and value ranges: before the run dir is touched
     run_dir = Path(cfg.output_dir)
     started = time.time()
     built: Dict[str, Any] = {}  # model_path and engine_info, for the manifest
@@ -260,11 +262,7 @@ def _check(cfg: Any, run: RegionCapRun, metrics: Dict[str, Any]) -> None:
 
 
 def _build_tracker(cfg: Any) -> RunLogger:
-    try:
-        tracker = build_logger(cfg.logger)
-    except ValueError as exc:
-        raise RunError(str(exc)) from None
-    return tracker
+    return build_logger(cfg.get("logger"))
 
 
 # ------------------------------------------------------- what Hydra says of the job

@@ -1,6 +1,6 @@
 """Experiment loggers: one narrow interface, W&B behind it, nothing when ``logger=none``.
 
-``build_logger(cfg.logger)`` returns a :class:`RunLogger`. The job calls
+``build_logger(cfg.logger)`` returns the :class:`RunLogger` that ``logger._target_`` names. The job calls
 ``start`` before the stages, ``log_run`` after them and ``finish`` in a
 ``finally``. A logger never fails or stalls a run: whatever goes wrong inside it
 (W&B not installed, unreachable, misconfigured, an init timeout, a bad record)
@@ -37,8 +37,10 @@ import os
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
+from regioncap.components import Component, class_of, check, whole
 from regioncap.records import dumps, read_jsonl
 
 from regioncap.rundir import CAPTIONS_FILE, METRICS_FILE, VISUALIZE_FILE
@@ -55,8 +57,11 @@ _BOX_CAPTION_CHARS = 80
 _IMAGE_CAPTION_CHARS = 600
 
 
-class RunLogger:
-    """Interface of an experiment logger; this base class logs nothing."""
+class RunLogger(Component):
+    """Interface of an experiment logger; this base class logs nothing. Built as ``cls(cfg.logger)``."""
+
+    def __init__(self, cfg: Any = None) -> None:
+        self.cfg = cfg
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
               job_type: str = "caption") -> None:
@@ -77,15 +82,14 @@ class RunLogger:
 class NoneLogger(RunLogger):
     """``logger=none``: the run dir (records, metrics.json, the log) is the record."""
 
+    name = "none"
+
 
 def build_logger(logger_cfg: Any) -> RunLogger:
-    """The logger that ``logger.name`` names (``none`` or ``wandb``)."""
-    name = getattr(logger_cfg, "name", None) or "none"
-    if name == "none":
+    """The logger ``logger_cfg._target_`` names, built with its settings; no node: :class:`NoneLogger`."""
+    if logger_cfg is None:
         return NoneLogger()
-    if name == "wandb":
-        return WandbLogger(logger_cfg)
-    raise ValueError(f"logger.name must be 'none' or 'wandb', got {name!r}")
+    return class_of(logger_cfg, RunLogger, "logger")(logger_cfg)
 
 
 # --------------------------------------------------------------------------- mode
@@ -139,6 +143,33 @@ def resolve_mode(mode: Optional[str]) -> str:
 
 class WandbLogger(RunLogger):
     """One W&B run per Hydra job, written under ``run_dir/wandb/``."""
+
+    @dataclass
+    class Config(RunLogger.Config):
+        project: str = "regioncap"
+        entity: Optional[str] = None
+        #: ``online``, ``offline`` or ``disabled``; null: ``$WANDB_MODE`` if set, else
+        #: online when an API key is configured, else offline.
+        mode: Optional[str] = None
+        #: W&B group; null: the sweep dir's name in a multirun, none in a single run.
+        group: Optional[str] = None
+        tags: List[str] = field(default_factory=list)
+        #: Marked images logged with native box overlays (0 = none).
+        log_images: int = field(default=8, metadata=check(whole(0)))
+        #: A table of every region (image, box, caption, reference, scores), capped at ``table_rows``.
+        log_table: bool = True
+        table_rows: int = 2000
+        #: The caption records as a W&B artifact.
+        log_artifact: bool = True
+        #: Seconds to wait for W&B to start before going on without it.
+        init_timeout_s: float = 60.0
+        #: Most seconds ``finish`` waits for uploads (online); what is left stays on disk
+        #: for ``wandb sync``. null waits until everything is uploaded.
+        finish_timeout_s: Optional[float] = 600.0
+
+    name = "wandb"
+    requires = ("wandb",)
+    extra = "wandb"
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

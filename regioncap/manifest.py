@@ -33,6 +33,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from regioncap.components import node_name
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, VISUALIZE_FILE
 
 
@@ -725,7 +726,7 @@ def build_manifest(cfg: Any, *, run_dir: str | Path, choices: Optional[Mapping[s
         },
         "seed": {"seed": seed, "sampling_seed": sampling.get("seed") if sampling.get("seed") is not None else seed},
         "data": fingerprint,
-        "engine": {"name": (config.get("engine") or {}).get("name"), "describe": engine},
+        "engine": {"name": node_name(config.get("engine")), "describe": engine},
         "model": model,
         "git": git_info(),
         "versions": package_versions(),

@@ -68,10 +68,10 @@ def resolve_workers(cfg: Any) -> int:
         log.info("image preparation in the main process: this is a daemonic process (workers=0)")
         return 0
     cores = available_cores()
-    if "caption" in cfg.stages and cfg.engine.name != "auto":
-        from regioncap.engines import engine_class
+    if "caption" in cfg.stages:
+        from regioncap.engines import engine_of
 
-        if engine_class(str(cfg.engine.name)).cpu_bound(cfg.engine):
+        if engine_of(cfg.engine).cpu_bound(cfg.engine):
             return 1 if cores > 1 else 0
     return max(1, cores - 1) if cores > 1 else 0
 

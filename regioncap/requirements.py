@@ -1,41 +1,33 @@
 """Optional packages a config needs, checked before any work starts.
 
-``check_requirements(cfg)`` looks every module the chosen engine, logger and
-executor import up with ``importlib.util.find_spec`` (nothing heavy is imported)
-and raises :class:`~regioncap.errors.RunError` with one line naming the extra
-to install (``pip install "regioncap[transformers]"``).
+``check_requirements(cfg)`` looks up every module the classes the config's
+component groups name (engine, logger, executor...) list in their ``requires``,
+with ``importlib.util.find_spec`` (nothing heavy is imported), and raises
+:class:`~regioncap.errors.RunError` with one line naming the extra to install
+(``pip install "regioncap[transformers]"``).
 """
 
 from __future__ import annotations
 
 from typing import Any, List
 
+from regioncap.components import GROUPS, class_of, group_base, requirement_problem, short_name
 from regioncap.errors import RunError
-
-#: (config group, option) -> (modules it imports, extra that installs them).
-OPTIONAL = {
-    ("logger", "wandb"): (("wandb",), "wandb"),
-    ("executor", "ray"): (("ray",), "ray"),
-}
 
 
 def missing_requirements(cfg: Any) -> List[str]:
     """One line per unmet requirement of ``cfg`` (empty when everything is installed)."""
-    from regioncap.engines import EngineError, check_requirements as check_engine, install_hint, missing_modules
-
     problems = []
-    if "caption" in list(cfg.stages):
-        try:
-            check_engine(cfg.engine)
-        except EngineError as exc:
-            problems.append(str(exc))
-    for (group, option), (modules, extra) in OPTIONAL.items():
+    for group in GROUPS:
         node = cfg.get(group)
-        if node is not None and node.get("name") == option:
-            missing = missing_modules(modules)
-            if missing:
-                problems.append(f"{group}={option} needs {', '.join(missing)}, which "
-                                f"{'is' if len(missing) == 1 else 'are'} not installed: {install_hint(extra)}")
+        if node is None or (group == "engine" and "caption" not in list(cfg.stages)):
+            continue  # the engine is built by the caption stage only
+        cls = class_of(node, group_base(group), group)
+        built = cls.chosen(node)  # engine=auto: the engine it becomes here
+        picked = f"{group}={short_name(cls)}" + (f" (here: {short_name(built)})" if built is not cls else "")
+        problem = requirement_problem(built, picked)
+        if problem:
+            problems.append(problem)
     return problems
 
 

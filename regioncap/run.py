@@ -22,16 +22,17 @@ import os
 import random
 import time
 from dataclasses import replace
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
 from regioncap.errors import RunError
-from regioncap.executors import CaptionJob, Executor, executor_class
+from regioncap.executors import CaptionJob, Executor, executor_of
 from regioncap.prepare import RowPool, resolve_workers
 from regioncap.records import dumps, read_jsonl, write_text_atomically
 from regioncap.rundir import RunDir, key_changes, resume_args, run_key_hash, run_key_values  # noqa: F401  (re-exported)
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested  # noqa: F401  (re-exported)
-from regioncap.settings import check_settings
+from regioncap.components import short_name
+from regioncap.settings import check_config
 from regioncap.stages import STAGES, OnCommit, StageStats
 from regioncap.stages.loop import StageLoop, progress
 from regioncap.stages.visualize import Visualizer
@@ -60,9 +61,10 @@ def seed_everything(seed: int) -> None:
 class RegionCapRun:
     """One run: the configured stages over the configured data, in one run dir."""
 
-    def __init__(self, cfg: Any, *, model_path: Optional[str] = None, executor: Union[str, Executor, None] = None,
+    def __init__(self, cfg: Any, *, model_path: Optional[str] = None,
+                 executor: Union[Type[Executor], Executor, None] = None,
                  on_commit: Optional[OnCommit] = None, rundir: Optional[RunDir] = None) -> None:
-        """``executor``: a name (default :func:`pick_executor`'s choice) or an executor already built
+        """``executor``: a class (default :func:`pick_executor`'s choice) or an executor already built
         (``LocalExecutor(cfg, engine=...)`` shares one engine between runs)."""
         self.cfg = cfg
         #: The run dir; its lock may already be held (the job takes it before writing anything).
@@ -80,7 +82,7 @@ class RegionCapRun:
         self.engine_info: Dict[str, Any] = {}
         self._validate()
         self.executor: Executor = executor if isinstance(executor, Executor) else \
-            executor_class(executor or pick_executor(cfg))(cfg)
+            (executor or pick_executor(cfg))(cfg)
 
     def _validate(self) -> None:
         from regioncap.strategies import strategy_class
@@ -90,7 +92,7 @@ class RegionCapRun:
             strategy_class(cfg.prompt.strategy)
         except ValueError as exc:
             raise RunError(str(exc)) from None
-        check_settings(cfg)
+        check_config(cfg)
         check_shards(cfg.data)
         unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
         if unknown:
@@ -136,8 +138,8 @@ class RegionCapRun:
         if not {"visualize", "caption"} <= set(self.cfg.stages):
             return False, f"only {', '.join(self.cfg.stages) or 'no'} stage requested"
         if not self.executor.streams:
-            return False, (f"executor={self.executor.name}: the caption stage reads visualize.jsonl "
-                           f"{'in its own process' if self.executor.name == 'isolated' else 'on the cluster'}")
+            where = self.executor.elsewhere or "somewhere else"
+            return False, f"executor={short_name(type(self.executor))}: the caption stage reads visualize.jsonl {where}"
         if not self.cfg.get("overlap", True):
             return False, "overlap=false"
         if self._workers() == 0:
@@ -275,22 +277,29 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
     return metrics
 
 
-def pick_executor(cfg: Any, *, multirun: bool = False) -> str:
-    """The executor of the caption stage: ``executor.name``, with the engine's isolation in sweeps.
+def pick_executor(cfg: Any, *, multirun: bool = False) -> Type[Executor]:
+    """The executor class of the caption stage: ``executor._target_``, with the engine's isolation in sweeps.
 
-    ``engine.isolate`` (true/false) asks for ``isolated``/``local`` explicitly;
+    With ``executor=local`` (no node: the same), ``engine.isolate`` (true/false) asks for
+    :class:`~regioncap.executors.isolated.IsolatedExecutor` or the local one explicitly;
     null isolates an engine that does not hand its memory back inside one
-    process (vLLM) in each job of a sweep.
+    process (vLLM, ``isolate_in_sweeps``) in each job of a sweep.
     """
-    from regioncap.engines import engine_capability
+    from regioncap.engines import engine_of
+    from regioncap.executors.local import LocalExecutor
 
-    name = str((cfg.get("executor") or {}).get("name") or "local")
-    if name != "local" or "caption" not in cfg.stages:
-        return name
+    node = cfg.get("executor")
+    cls = executor_of(node) if node is not None else LocalExecutor
+    if cls is not LocalExecutor or "caption" not in cfg.stages:
+        return cls
     isolate = cfg.engine.get("isolate")
     if isolate is None:
-        isolate = multirun and engine_capability(cfg.engine, "isolate_in_sweeps")
-    return "isolated" if isolate else "local"
+        isolate = multirun and engine_of(cfg.engine).isolate_in_sweeps
+    if not isolate:
+        return cls
+    from regioncap.executors.isolated import IsolatedExecutor
+
+    return IsolatedExecutor
 
 
 #: File name endings of an image path (what an image field's value looks like).
@@ -366,10 +375,10 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
     available fails in seconds, not after the visualize stage. ``multirun``:
     the job is one of a sweep (see :func:`pick_executor`).
     """
-    from regioncap.engines import EngineError, engine_capability
+    from regioncap.engines import EngineError, engine_name, engine_of
     from regioncap.requirements import check_requirements
 
-    check_settings(cfg)  # before anything is read, built or started
+    check_config(cfg)  # before anything is read, built or started
     seed_everything(int(cfg.seed))
     check_requirements(cfg)
     if "visualize" in cfg.stages:
@@ -380,7 +389,7 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
         preflight(cfg.engine, cfg.model)  # a server that is not there fails now, not after the images
     model_path = None
     try:
-        if "caption" in cfg.stages and engine_capability(cfg.engine, "needs_model_path"):
+        if "caption" in cfg.stages and engine_of(cfg.engine).needs_model_path:
             from regioncap.models import resolve_model_path
 
             model_path = resolve_model_path(cfg.model)
@@ -390,8 +399,8 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
                        on_commit=on_commit, rundir=rundir)
     data_path = resolve_path(cfg.data.path) if cfg.data.path else None
     log.info("run: model=%s (%s) engine=%s prompt=%s draw=%s data=%s max_boxes=%d seed=%d executor=%s -> %s",
-             cfg.model.name, model_path or cfg.model.path, cfg.engine.name, cfg.prompt.name, cfg.draw.name,
-             data_path, cfg.max_boxes, cfg.seed, run.executor.name, run.out)
+             cfg.model.name, model_path or cfg.model.path, engine_name(cfg.engine), cfg.prompt.name, cfg.draw.name,
+             data_path, cfg.max_boxes, cfg.seed, short_name(type(run.executor)), run.out)
     return run
 
 

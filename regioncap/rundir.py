@@ -141,6 +141,7 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
     so changing them does not block a resume.
     """
     from regioncap.data import resolve_path
+    from regioncap.engines import engine_name
 
     model = {k: _plain(cfg.model.get(k)) for k in _KEY_MODEL}
     for k, default in _KEY_MODEL_OPTIONAL.items():
@@ -148,7 +149,7 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
             model[k] = _plain(cfg.model.get(k))
     values: Dict[str, Any] = {
         "model": model,
-        "engine": {"name": _plain(cfg.engine.name), "structured_outputs": cfg.engine.get("structured_outputs")},
+        "engine": {"name": engine_name(cfg.engine), "structured_outputs": cfg.engine.get("structured_outputs")},
         "max_boxes": int(cfg.max_boxes),
         "seed": int(cfg.seed),
     }

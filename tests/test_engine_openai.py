@@ -27,8 +27,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from regioncap.config import ModelConfig, OpenAIEngineConfig  # noqa: E402
+from regioncap.config import ModelConfig  # noqa: E402
 from regioncap.engines.base import Request, Sampling  # noqa: E402
+from regioncap.engines.openai_engine import OpenAIEngine  # noqa: E402
 
 SECRET = "sk-regioncap-planted-secret-0123456789"
 KEY_ENV = "REGIONCAP_TEST_OPENAI_KEY"
@@ -218,10 +219,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, str]:
 
 
 def make_engine(base_url: str, monkeypatch: pytest.MonkeyPatch, **kw: Any):
-    from regioncap.engines.openai_engine import OpenAIEngine
-
     monkeypatch.setenv(KEY_ENV, SECRET)
-    cfg = OpenAIEngineConfig(
+    cfg = OpenAIEngine.Config(
         base_url=base_url,
         api_key_env=KEY_ENV,
         served_model=kw.pop("served_model", "tiny"),
@@ -367,10 +366,9 @@ def test_api_key_never_leaks(fault_server, images, monkeypatch):
 
 def test_missing_key_sends_empty(fault_server, images, monkeypatch):
     base_url, state = fault_server
-    from regioncap.engines.openai_engine import OpenAIEngine
 
     monkeypatch.delenv("REGIONCAP_TEST_UNSET_KEY", raising=False)
-    cfg = OpenAIEngineConfig(base_url=base_url, api_key_env="REGIONCAP_TEST_UNSET_KEY", max_retries=0)
+    cfg = OpenAIEngine.Config(base_url=base_url, api_key_env="REGIONCAP_TEST_UNSET_KEY", max_retries=0)
     eng = OpenAIEngine(model_cfg=ModelConfig(name="t", path="org/model"), engine_cfg=cfg, model_path=None)
     (r,) = eng.generate([req("a", "ok#nokey", images["png"])])
     eng.close()
@@ -417,7 +415,6 @@ def test_unreachable_server_stops_after_the_first_batch(images, monkeypatch):
 
 def test_preflight_names_the_models_the_server_serves(fault_server, monkeypatch):
     from regioncap.engines.base import EngineError
-    from regioncap.engines.openai_engine import OpenAIEngine
 
     base_url, _ = fault_server
     with pytest.raises(EngineError) as info:
@@ -425,16 +422,18 @@ def test_preflight_names_the_models_the_server_serves(fault_server, monkeypatch)
     msg = str(info.value)
     assert base_url in msg and "'not-served'" in msg and "tiny" in msg and "org/model" in msg
     # What a run calls before its first row: passes for a served model, names the cause otherwise.
-    from regioncap.config import FakeEngineConfig
+    from omegaconf import OmegaConf
+
     from regioncap.engines import preflight
 
-    cfg = OpenAIEngineConfig(base_url=base_url, api_key_env=KEY_ENV, served_model="tiny")
+    cfg = OpenAIEngine.Config(base_url=base_url, api_key_env=KEY_ENV, served_model="tiny")
     OpenAIEngine.preflight(cfg, ModelConfig(name="tiny", path="tiny"))
-    preflight(cfg, ModelConfig(name="tiny", path="tiny"))
-    preflight(FakeEngineConfig(), ModelConfig(name="tiny", path="tiny"))  # nothing to check
-    cfg.served_model = "other"
+    node = OmegaConf.create({"_target_": "regioncap.engines.openai_engine.OpenAIEngine", **vars(cfg)})
+    preflight(node, ModelConfig(name="tiny", path="tiny"))
+    preflight({"_target_": "regioncap.engines.fake.FakeEngine"}, ModelConfig(name="tiny", path="tiny"))  # nothing to check
+    node.served_model = "other"
     with pytest.raises(EngineError, match="does not serve model 'other'"):
-        preflight(cfg, ModelConfig(name="tiny", path="tiny"))
+        preflight(node, ModelConfig(name="tiny", path="tiny"))
 
 
 @pytest.mark.parametrize("mode", ["drip", "drip-head"])

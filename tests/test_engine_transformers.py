@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from regioncap.config import ModelConfig, TransformersEngineConfig
-from regioncap.engines import build_engine
+from regioncap.config import ModelConfig
 from regioncap.engines.base import Request, Sampling
+from regioncap.engines.transformers_engine import TransformersEngine
 from regioncap.models import visual_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,8 +29,8 @@ def _model_cfg(path: Path, **kw) -> ModelConfig:
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_dir):
-    eng = build_engine(TransformersEngineConfig(batch_size=2, device="auto"), _model_cfg(tiny_model_dir),
-                       str(tiny_model_dir))
+    eng = TransformersEngine(engine_cfg=TransformersEngine.Config(batch_size=2, device="auto"),
+                             model_cfg=_model_cfg(tiny_model_dir), model_path=str(tiny_model_dir))
     yield eng
     eng.close()
 
@@ -154,7 +154,8 @@ def test_describe(engine, tiny_model_dir):
 
 def test_old_style_rope_config_loads(tiny_model_dir, images, tmp_path):
     old = make_old_style_copy(tiny_model_dir, tmp_path / "old")
-    eng = build_engine(TransformersEngineConfig(batch_size=1, device="cpu"), _model_cfg(old), str(old))
+    eng = TransformersEngine(engine_cfg=TransformersEngine.Config(batch_size=1, device="cpu"), model_cfg=_model_cfg(old),
+                             model_path=str(old))
     try:
         assert eng.describe()["rope_scaling_patched"] is True
         out = eng.generate([_req("r", images[0])])

@@ -30,14 +30,14 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SCRIPT = """
 import dataclasses, json, sys, time
 spec = json.load(sys.stdin)
-from regioncap.config import ModelConfig, VllmEngineConfig
+from regioncap.config import ModelConfig
 from regioncap.engines.base import Request, Sampling
 from regioncap.engines.vllm_engine import VllmEngine
 from regioncap.models import resolve_model_path
 
 model_cfg = ModelConfig(**spec["model"])
 t0 = time.perf_counter()
-engine = VllmEngine(model_cfg=model_cfg, engine_cfg=VllmEngineConfig(**spec["engine"]),
+engine = VllmEngine(model_cfg=model_cfg, engine_cfg=VllmEngine.Config(**spec["engine"]),
                     model_path=resolve_model_path(model_cfg))
 result = {"start_s": time.perf_counter() - t0, "describe": engine.describe()}
 reqs = [Request(key=r["key"], image_path=r["image"], prompt=r["prompt"], regex=r.get("regex"),

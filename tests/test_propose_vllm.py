@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SCRIPT = """
 import json, random, sys, tempfile, os
 spec = json.load(sys.stdin)
-from regioncap.config import ModelConfig, VllmEngineConfig, VlmProposeConfig
+from regioncap.config import ModelConfig, VlmProposeConfig
 from regioncap.engines.base import Sampling
 from regioncap.engines.vllm_engine import VllmEngine
 from regioncap.models import resolve_model_path
@@ -30,7 +30,7 @@ from regioncap.propose import build_proposer
 from regioncap.shapes import render_scene
 
 model = ModelConfig(**spec["model"])
-engine = VllmEngine(model_cfg=model, engine_cfg=VllmEngineConfig(**spec["engine"]),
+engine = VllmEngine(model_cfg=model, engine_cfg=VllmEngine.Config(**spec["engine"]),
                     model_path=resolve_model_path(model))
 out = {"answers": []}
 folder = tempfile.mkdtemp()

@@ -62,7 +62,10 @@ def run_fake(out: Path, data: Path, overrides=()):
 
 
 def test_executor_group_composes_and_local_is_the_default(tmp_path):
-    assert compose([]).executor.name == "local"
+    from regioncap.executors import executor_of
+    from regioncap.executors.local import LocalExecutor
+
+    assert executor_of(compose([]).executor) is LocalExecutor
     cfg = compose(["executor=ray", "executor.num_replicas=3", "executor.num_gpus=1"], output_dir=tmp_path)
     assert (cfg.executor.address, cfg.executor.num_replicas, cfg.executor.num_gpus) == (None, 3, 1.0)
     from hydra.errors import ConfigCompositionException

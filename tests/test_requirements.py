@@ -6,11 +6,16 @@ import os
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from conftest import compose
-from regioncap.engines import EngineError, check_requirements as check_engine
 from regioncap.errors import RunError
 from regioncap.requirements import check_requirements, missing_requirements
+
+
+def check_engine(cfg):
+    """The requirements of ``cfg``'s engine alone (the caption stage's)."""
+    check_requirements(OmegaConf.create({"stages": ["caption"], "engine": OmegaConf.to_container(cfg.engine)}))
 
 
 def _hide(monkeypatch, *modules):
@@ -21,31 +26,31 @@ def _hide(monkeypatch, *modules):
 
 
 def test_installed_engine_passes():
-    check_engine(compose(["engine=transformers"]).engine)
-    check_engine(compose(["engine=fake"]).engine)
+    check_engine(compose(["engine=transformers"]))
+    check_engine(compose(["engine=fake"]))
     assert missing_requirements(compose(["engine=transformers"])) == []
 
 
 def test_missing_torch_names_the_extra(monkeypatch):
     _hide(monkeypatch, "torch")
-    with pytest.raises(EngineError) as exc:
-        check_engine(compose(["engine=transformers"]).engine)
+    with pytest.raises(RunError) as exc:
+        check_engine(compose(["engine=transformers"]))
     msg = str(exc.value)
     assert "torch" in msg and 'pip install "regioncap[transformers]"' in msg and "\n" not in msg
 
 
 def test_auto_without_torch_falls_to_transformers_and_says_so(monkeypatch):
     _hide(monkeypatch, "torch", "vllm")
-    with pytest.raises(EngineError, match=r"engine=auto \(here: transformers\) needs torch"):
-        check_engine(compose(["engine=auto"]).engine)
+    with pytest.raises(RunError, match=r"engine=auto \(here: transformers\) needs torch"):
+        check_engine(compose(["engine=auto"]))
 
 
 def test_missing_vllm_and_openai(monkeypatch):
     _hide(monkeypatch, "vllm", "openai")
-    with pytest.raises(EngineError, match=r'regioncap\[vllm\]'):
-        check_engine(compose(["engine=vllm"]).engine)
-    with pytest.raises(EngineError, match=r'regioncap\[openai\]'):
-        check_engine(compose(["engine=openai"]).engine)
+    with pytest.raises(RunError, match=r'regioncap\[vllm\]'):
+        check_engine(compose(["engine=vllm"]))
+    with pytest.raises(RunError, match=r'regioncap\[openai\]'):
+        check_engine(compose(["engine=openai"]))
 
 
 def test_logger_and_executor_extras(monkeypatch):
@@ -70,8 +75,10 @@ def test_the_check_imports_nothing_heavy():
     from conftest import REPO
 
     code = ("from omegaconf import OmegaConf; from regioncap.requirements import check_requirements; "
-            "check_requirements(OmegaConf.create({'stages': ['visualize', 'caption'], 'engine': {'name': 'auto'}, "
-            "'logger': {'name': 'wandb'}, 'executor': {'name': 'ray'}}))")
+            "check_requirements(OmegaConf.create({'stages': ['visualize', 'caption'], "
+            "'engine': {'_target_': 'regioncap.engines.auto.AutoEngine'}, "
+            "'logger': {'_target_': 'regioncap.loggers.WandbLogger'}, "
+            "'executor': {'_target_': 'regioncap.executors.ray_executor.RayExecutor'}}))")
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
                           cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]

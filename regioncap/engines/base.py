@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from regioncap.components import Component, check, whole
 from regioncap.errors import RunError
 
 
@@ -222,11 +223,24 @@ class EngineInfo(dict):
         return " ".join(parts)
 
 
-class Engine(abc.ABC):
-    """Base class of all engines."""
+class Engine(Component, abc.ABC):
+    """Base class of all engines; a subclass is named in ``conf/engine/*.yaml`` by ``_target_``."""
 
-    #: Registry name (``transformers``, ``vllm``, ``openai``, ``fake``).
-    name: str = "engine"
+    @dataclass
+    class Config:
+        """Settings every engine has; an engine's own ``Config`` derives from this one."""
+
+        #: Requests handed to the engine at once (a vLLM ``generate`` call, a
+        #: transformers batch, the in-flight window of the OpenAI client).
+        batch_size: int = field(default=8, metadata=check(whole(1)))
+        #: With ``executor=local``: true runs the caption stage in a spawned child
+        #: process (``executor=isolated``), false in this one; null: isolated for an
+        #: engine that keeps its memory until its process ends (vLLM) in each job of a
+        #: sweep, else local.
+        isolate: Optional[bool] = None
+
+    #: Short name (``transformers``, ``vllm``, ``openai``, ``fake``), also in ``describe()``.
+    name: ClassVar[str] = "engine"
     #: Capabilities the run reads from the class, without building an engine:
     #: the engine loads ``model.path`` itself (so the run resolves the model before any stage starts);
     needs_model_path: ClassVar[bool] = True
@@ -234,11 +248,8 @@ class Engine(abc.ABC):
     #: default, because the engine does not hand its (GPU) memory back inside one process.
     isolate_in_sweeps: ClassVar[bool] = False
 
-    #: Modules the engine imports when it is built, and the extra of the
-    #: ``regioncap`` package that installs them (``pip install "regioncap[EXTRA]"``);
-    #: checked before any work by :func:`regioncap.engines.check_requirements`.
-    requires: ClassVar[Tuple[str, ...]] = ()
-    extra: ClassVar[Optional[str]] = None
+    #: ``requires`` / ``extra`` (see :class:`~regioncap.components.Component`) are
+    #: checked before any work by :func:`regioncap.requirements.check_requirements`.
 
     @classmethod
     def preflight(cls, engine_cfg: Any, model_cfg: Any) -> None:

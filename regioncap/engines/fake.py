@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from typing import Any, List, Sequence
 
-from PIL import Image
-
+from regioncap.components import check, whole
 from regioncap.engines.base import Engine, EngineInfo, Request, Response, error_response, make_response
 
 
 class FakeEngine(Engine):
+    """Deterministic engine for fast tests of the pipeline logic (no model)."""
+
+    @dataclass
+    class Config(Engine.Config):
+        batch_size: int = field(default=16, metadata=check(whole(1)))
+        #: Region numbers (1-based, within a request) the fake leaves unanswered.
+        skip_regions: List[int] = field(default_factory=list)
+        #: Answer ``skip_regions`` when asked again (exercises the re-ask path).
+        answer_on_reask: bool = True
+        #: Request keys (substring match) that fail with an engine error.
+        fail_keys: List[str] = field(default_factory=list)
+
     name = "fake"
     needs_model_path = False
 
@@ -35,6 +47,8 @@ class FakeEngine(Engine):
         return [self._one(r) for r in requests]
 
     def _one(self, req: Request) -> Response:
+        from PIL import Image  # here, not at module level: composing a config imports this module
+
         start = time.perf_counter()
         if any(k in req.key for k in self.fail_keys):
             return error_response(req.key, "engine_error", f"fake failure for {req.key}")

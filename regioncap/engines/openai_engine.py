@@ -27,9 +27,11 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
+from regioncap.components import check, real, whole
 from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
 
 log = logging.getLogger(__name__)
@@ -214,6 +216,26 @@ class _Failure(Exception):
 
 class OpenAIEngine(Engine):
     """Chat completions against an OpenAI-compatible server, ``concurrency`` at a time."""
+
+    @dataclass
+    class Config(Engine.Config):
+        batch_size: int = field(default=64, metadata=check(whole(1)))
+        base_url: str = "http://127.0.0.1:8000/v1"
+        #: Name of the environment variable holding the API key (the key itself is
+        #: never part of the config, so it never reaches an output file).
+        api_key_env: str = "OPENAI_API_KEY"
+        #: Model name sent to the server; defaults to ``model.path``.
+        served_model: Optional[str] = None
+        concurrency: int = field(default=8, metadata=check(whole(1)))
+        timeout_s: float = field(default=120.0, metadata=check(real(0, above=True)))
+        max_retries: int = field(default=5, metadata=check(whole(0)))
+        backoff_s: float = field(default=1.0, metadata=check(real(0)))
+        max_backoff_s: float = field(default=30.0, metadata=check(real(0)))
+        #: Send vLLM's structured-output constraint in ``extra_body`` (vLLM servers only).
+        structured_outputs: bool = False
+        #: Check the server when the engine starts: ``GET {base_url}/models`` answers
+        #: and lists ``served_model`` (a clear error before the first row, not after).
+        preflight: bool = True
 
     name = "openai"
     needs_model_path = False

@@ -27,10 +27,11 @@ import gc
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from regioncap.components import check, whole
 from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
 from regioncap.prompts import MAX_CAPTION_CHARS
 
@@ -155,6 +156,17 @@ class _RowSampler:
 
 class TransformersEngine(Engine):
     """Qwen2-VL / Qwen2.5-VL (and other image-text-to-text models) in transformers."""
+
+    @dataclass
+    class Config(Engine.Config):
+        batch_size: int = field(default=4, metadata=check(whole(1)))
+        #: ``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:1``...
+        device: str = "auto"
+        #: Attention implementation passed to ``from_pretrained`` (``sdpa``, ``eager``...).
+        attn_implementation: Optional[str] = None
+        #: Constrain ``lines`` answers to one ``<number>: <text>`` line per region
+        #: (a logits processor; the same layout vLLM enforces with structured outputs).
+        structured_outputs: bool = True
 
     name = "transformers"
     # torchvision: transformers builds the Qwen2-VL/2.5-VL image processors with it.

@@ -39,8 +39,10 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from regioncap.components import check, real, whole
 from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
 
 log = logging.getLogger(__name__)
@@ -80,6 +82,18 @@ def _plain(value: Any) -> Dict[str, Any]:
 
 class VllmEngine(Engine):
     """``vllm.LLM`` behind the :class:`Engine` interface."""
+
+    @dataclass
+    class Config(Engine.Config):
+        batch_size: int = field(default=256, metadata=check(whole(1)))
+        gpu_memory_utilization: float = field(default=0.9, metadata=check(real(0, 1, above=True)))
+        tensor_parallel_size: int = field(default=1, metadata=check(whole(1)))
+        #: Skip CUDA graphs / torch.compile (slower decode, much faster start).
+        enforce_eager: bool = False
+        #: Constrain the answer to the prompt's format with vLLM structured outputs.
+        structured_outputs: bool = True
+        #: Extra keyword arguments for ``vllm.LLM`` (anything its signature takes).
+        extra_args: Dict[str, Any] = field(default_factory=dict)
 
     name = "vllm"
     isolate_in_sweeps = True

@@ -1,4 +1,4 @@
-"""Where the caption stage runs (``executor=...``), resolved by name.
+"""Where the caption stage runs (``executor=...``): the class ``executor._target_`` names.
 
 =========  ===============================================================
 executor   the caption stage runs
@@ -13,25 +13,19 @@ Each executor only decides where a :class:`regioncap.stages.caption.Captioner`
 runs; every one of them commits through the same
 :class:`regioncap.stages.loop.StageLoop`, so records, resume and stop signals
 are the same whichever runs. An executor's module is imported only when it is
-picked (Ray only for ``ray``). A new executor is one module with a class like
-:class:`Executor` and one line in :data:`EXECUTORS`, plus ``conf/executor/NAME.yaml``.
+picked (Ray only for ``ray``). A new executor is one module with a subclass of
+:class:`Executor` and ``conf/executor/NAME.yaml`` naming it (``_target_``),
+in the package or in a user's own (docs/plugins.md).
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, Iterable, Optional, Type
 
+from regioncap.components import Component, class_of
 from regioncap.rundir import RunDir
 from regioncap.stages import OnCommit, StageStats
-
-#: ``executor.name`` -> "module:Class".
-EXECUTORS = {
-    "local": "regioncap.executors.local:LocalExecutor",
-    "isolated": "regioncap.executors.isolated:IsolatedExecutor",
-    "ray": "regioncap.executors.ray_executor:RayExecutor",
-}
 
 
 @dataclass
@@ -52,12 +46,13 @@ class CaptionJob:
     total: Optional[int] = None
 
 
-class Executor:
-    """Runs the caption stage of a :class:`CaptionJob` somewhere."""
+class Executor(Component):
+    """Runs the caption stage of a :class:`CaptionJob` somewhere; built as ``cls(cfg)`` with the whole config."""
 
-    name: ClassVar[str] = ""
     #: Takes the visualize stage's records as a stream (both stages at once in this process).
     streams: ClassVar[bool] = False
+    #: Where the stage reads ``visualize.jsonl`` when it does not stream (``in its own process``), for the log.
+    elsewhere: ClassVar[str] = ""
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -70,11 +65,6 @@ class Executor:
         """Release what the executor holds (an engine); safe to call twice."""
 
 
-def executor_class(name: str) -> Type[Executor]:
-    """The class of executor ``name`` (its module imported now)."""
-    if name not in EXECUTORS:
-        from regioncap.errors import RunError
-
-        raise RunError(f"unknown executor {name!r}; choose one of {sorted(EXECUTORS)}")
-    module_name, cls_name = EXECUTORS[name].split(":")
-    return getattr(importlib.import_module(module_name), cls_name)
+def executor_of(executor_cfg: Any) -> Type[Executor]:
+    """The executor class ``executor_cfg._target_`` names (its module imported now)."""
+    return class_of(executor_cfg, Executor, "executor")

@@ -31,6 +31,7 @@ class IsolatedExecutor(Executor):
     """The caption stage in a spawned process; this process waits for it."""
 
     name = "isolated"
+    elsewhere = "in its own process"
 
     def caption(self, job: CaptionJob, records: Optional[Iterable[Dict[str, Any]]] = None) -> StageStats:
         import multiprocessing as mp

@@ -34,6 +34,7 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
@@ -243,7 +244,35 @@ def _user_error(exc: BaseException) -> str:
 class RayExecutor(Executor):
     """The caption stage over a Ray cluster; same records file, stats and resume as the local stage."""
 
+    @dataclass
+    class Config(Executor.Config):
+        """Needs the ``ray`` extra; every replica must see the run dir and the model folder at
+        the same paths (one machine, or a shared filesystem)."""
+
+        #: Cluster to join: ``auto`` (a running ``ray start`` cluster), ``ray://host:10001``;
+        #: null starts a local cluster for the run and stops it at the end.
+        address: Optional[str] = None
+        #: Engine replicas (Ray actors), each with its own copy of the model.
+        num_replicas: int = 1
+        #: CPUs and GPUs Ray reserves for each replica (``num_gpus=1``: one GPU per replica).
+        num_cpus: float = 1.0
+        num_gpus: float = 0.0
+        #: Rows handed to a replica at once (a replica splits them into ``engine.batch_size`` engine calls).
+        batch_size: int = 64
+        #: A local cluster only (``address: null``): CPUs and GPUs it may use (null: all
+        #: of the machine) and the size of its object store in MiB (null: Ray's default).
+        local_num_cpus: Optional[int] = None
+        local_num_gpus: Optional[int] = None
+        object_store_mb: Optional[int] = None
+        #: Extra keyword arguments for ``ray.init`` (``runtime_env``, ``namespace``...).
+        init_args: Dict[str, Any] = field(default_factory=dict)
+        #: Extra Ray options for each replica actor (``max_restarts``, ``resources``, ``memory``...).
+        remote_args: Dict[str, Any] = field(default_factory=dict)
+
     name = "ray"
+    elsewhere = "on the cluster"
+    requires = ("ray",)
+    extra = "ray"
 
     def caption(self, job: CaptionJob, records: Optional[Iterable[Dict[str, Any]]] = None) -> StageStats:
         if records is not None:

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
+from regioncap.engines import engine_name
 from regioncap.engines.base import Engine, Request, Response, Sampling
 from regioncap.errors import RunError
 from regioncap.rundir import resume_args
@@ -77,7 +78,7 @@ class Captioner(Stage):
         try:
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
-            raise RunError(f"engine {self.cfg.engine.name!r} could not start: {exc}.{self.start_hint}") from None
+            raise RunError(f"engine {engine_name(self.cfg.engine)!r} could not start: {exc}.{self.start_hint}") from None
         self.startup = {"engine_load_s": time.perf_counter() - t0, "engines": 1}
         self.engine_info = self.describe_engine()
         log.info("engine: %s", self.engine_info)
@@ -177,7 +178,7 @@ class Captioner(Stage):
         try:
             return self.engine.generate(requests)
         except EngineError as exc:
-            raise RunError(f"engine {self.cfg.engine.name!r} failed: {exc}. The rows committed so far are kept; "
+            raise RunError(f"engine {engine_name(self.cfg.engine)!r} failed: {exc}. The rows committed so far are kept; "
                            f"after fixing this, go on with {resume_args(self.out)}") from None
 
     @property

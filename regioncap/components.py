@@ -1,0 +1,359 @@
+"""Components named by ``_target_``: how every config group names, types, checks and builds its class.
+
+An option of a group (``conf/engine/vllm.yaml``) names its class by import path
+(``_target_: regioncap.engines.vllm_engine.VllmEngine``), the way Hydra's
+``instantiate`` does; the class owns what the option is:
+
+- ``Config``: a dataclass of its settings (fields, defaults, docs); a value
+  range is field metadata (``field(default=8, metadata=check(whole(1)))``),
+  checked before anything is read;
+- ``requires`` / ``extra``: the modules it imports when built, and the extra of
+  the ``regioncap`` package that installs them (looked up, never imported);
+- ``name``: its short name in run names, the log, the manifest and the report;
+- capabilities: class attributes the run reads without building it.
+
+Nothing keeps a list of the classes: a user's own class in their own package
+works by naming it in their own ``--config-dir`` (docs/plugins.md).
+:func:`register_schemas` stores each shipped option's ``Config`` in Hydra's
+ConfigStore (found from the ``_target_`` lines of ``conf/<group>/*.yaml``), so a
+shipped option is checked while Hydra composes and ``engine.batch_size=4`` needs
+no ``+``; any option, shipped or not, is typed again at job start by
+:func:`typed`, whose errors name the key (``engine.batch_size``).
+
+Light on purpose: the standard library and OmegaConf only; a component's module
+imports nothing heavy at module level (torch, vllm, ray, wandb are imported when
+it is built), so resolving a class is cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+
+from regioncap.errors import RunError
+
+__all__ = [
+    "TARGET", "GROUPS", "finite_number", "Component", "group_base", "type_groups", "schema_of", "Rule", "check", "whole", "real", "optional", "resolve", "class_of", "short_name",
+    "node_name", "typed", "range_problems", "missing_modules", "install_hint", "requirement_problem", "shipped_targets",
+    "register_schemas",
+]
+
+#: The key of a group's node that names its class.
+TARGET = "_target_"
+
+#: ``(test, what a value must be)``: a value range of a setting.
+Rule = Tuple[Callable[[Any], bool], str]
+
+
+# ------------------------------------------------------------------ value ranges
+
+
+def finite_number(value: Any) -> bool:
+    """A real number that is not a bool, NaN or infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def whole(lo: int, hi: Optional[int] = None) -> Rule:
+    """An integer in ``lo..hi``."""
+    ok = (lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v and (hi is None or v <= hi))
+    return ok, f"a whole number >= {lo}" if hi is None else f"a whole number in {lo}..{hi}"
+
+
+def real(lo: float, hi: Optional[float] = None, *, above: bool = False) -> Rule:
+    """A finite number ``>= lo`` (``> lo`` with ``above``), at most ``hi``."""
+    def ok(v: Any) -> bool:
+        return finite_number(v) and (v > lo if above else v >= lo) and (hi is None or v <= hi)
+
+    low = f"> {lo:g}" if above else f">= {lo:g}"
+    return ok, f"a finite number {low}" + ("" if hi is None else f" and <= {hi:g}")
+
+
+def optional(rule: Rule) -> Rule:
+    """``rule``, or null."""
+    ok, what = rule
+    return (lambda v: v is None or ok(v)), f"null or {what}"
+
+
+def check(rule: Rule) -> Dict[str, Any]:
+    """Field metadata that gives a setting its value range: ``field(default=8, metadata=check(whole(1)))``."""
+    return {"check": rule}
+
+
+def range_problems(node: Any, schema: Optional[type], key: str) -> List[str]:
+    """One line per value of ``node`` outside the range its ``schema`` field declares (nested dataclasses too).
+
+    ``key`` is the node's dotted key (``engine``; ``""`` for the root), so each
+    line names the setting as a user types it: ``engine.batch_size must be a
+    whole number >= 1, got 0``. Keys ``node`` lacks are not checked.
+    """
+    problems: List[str] = []
+    if schema is None or not dataclasses.is_dataclass(schema) or node is None:
+        return problems
+    for f in dataclasses.fields(schema):
+        if f.name not in node:
+            continue
+        where = f"{key}.{f.name}" if key else f.name
+        rule = f.metadata.get("check")
+        if rule is not None:  # only these values are read: another may interpolate what is not set yet
+            ok, what = rule
+            value = node[f.name]
+            if not ok(value):
+                problems.append(f"{where} must be {what}, got {value!r}")
+        child = node._get_node(f.name) if hasattr(node, "_get_node") else None
+        nested = schema_of(child)
+        if nested is not None:
+            problems += range_problems(child, nested, where)
+    return problems
+
+
+def schema_of(node: Any) -> Optional[type]:
+    """The dataclass that declares ``node``'s fields: the one it was typed with, else the ``Config``
+    of the class its ``_target_`` names; None for a plain value, or a target that does not resolve
+    (:func:`class_of` says why where it matters)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if not isinstance(node, DictConfig):
+        return None
+    kind = OmegaConf.get_type(node)
+    if kind is not None and dataclasses.is_dataclass(kind):
+        return kind
+    if TARGET in node:
+        try:
+            return getattr(resolve(node[TARGET], Component, TARGET), "Config", None)
+        except RunError:
+            return None
+    return None
+
+
+# ------------------------------------------------------------------ the class
+
+
+class Component:
+    """What a component class declares; the base class of each group (``Engine``, ``Executor``, ``RunLogger``) is one.
+
+    Subclasses override the class attributes; ``Config`` of a subclass derives
+    from its base's ``Config`` so the settings every member of the group has
+    (an engine's ``batch_size``) are declared once.
+    """
+
+    @dataclasses.dataclass
+    class Config:
+        """Settings of the component (none here)."""
+
+    #: Short name in run names, the log, the manifest, the report (``engine=transformers``);
+    #: unset: the class name in lower case.
+    name: ClassVar[str] = ""
+    #: Modules the component imports when it is built, and the extra that installs them.
+    requires: ClassVar[Tuple[str, ...]] = ()
+    extra: ClassVar[Optional[str]] = None
+
+    @classmethod
+    def chosen(cls, node: Any) -> type:
+        """The class that is built for ``node``: this one, or one it picks (``engine=auto``)."""
+        return cls
+
+
+def resolve(target: Any, base: type, key: str) -> type:
+    """The class ``target`` (``"package.module.Class"``) names, checked to be a subclass of ``base``.
+
+    ``key`` is the config key the target was read from (``engine._target_``);
+    every error is a :class:`RunError` that names it and says what failed: no
+    such module, no such attribute in it, or not a ``base``.
+    """
+    if not isinstance(target, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+", target):
+        raise RunError(f"{key} must name a class as package.module.Class, got {target!r}")
+    module_name, _, attr = target.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise RunError(f"{key}={target}: no module named {module_name!r} (is its package installed, "
+                           "or on PYTHONPATH?)") from None
+        raise RunError(f"{key}={target}: importing {module_name} failed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a user's module can fail in any way; say where
+        raise RunError(f"{key}={target}: importing {module_name} failed: {type(exc).__name__}: {exc}") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise RunError(f"{key}={target}: module {module_name} has no attribute {attr!r}")
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise RunError(f"{key}={target}: {attr} is not a subclass of {base.__module__}.{base.__qualname__}")
+    return cls
+
+
+def class_of(node: Any, base: type, key: str) -> type:
+    """The class a group's ``node`` names with ``_target_`` (see :func:`resolve`); ``key`` is the group (``engine``)."""
+    target = node.get(TARGET) if node is not None and hasattr(node, "get") else None
+    if target is None:
+        raise RunError(f"{key}.{TARGET} is not set: the option must name its class "
+                       f"({key}.{TARGET}=package.module.Class, see docs/plugins.md)")
+    return resolve(target, base, f"{key}.{TARGET}")
+
+
+def short_name(cls: type) -> str:
+    """The name a person knows the class by (``transformers``): its own ``name``, else its class name in lower case."""
+    return vars(cls).get("name") or cls.__name__.lower()
+
+
+def node_name(node: Any) -> Optional[str]:
+    """The short name of the class a group's ``node`` (a config node or the plain dict a run
+    recorded) names; a ``_target_`` that does not import here: its class name in lower case;
+    no ``_target_`` (a run recorded before there was one): the node's ``name``."""
+    if node is None or not hasattr(node, "get"):
+        return None
+    target = node.get(TARGET)
+    if not target:
+        return node.get("name")
+    try:
+        return short_name(resolve(target, Component, TARGET))
+    except RunError:
+        return str(target).rpartition(".")[2].lower()
+
+
+def typed(node: Any, cls: type, key: str) -> Any:
+    """``node`` merged onto ``cls.Config``: a structured node whose values have their declared types.
+
+    A key the ``Config`` does not have, or a value that is not of its type,
+    raises :class:`RunError` naming ``<key>.<field>`` and the class. The result
+    keeps the node's ``_target_``.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    config = getattr(cls, "Config", None)
+    if config is None or not dataclasses.is_dataclass(config):
+        raise RunError(f"{key}: {cls.__module__}.{cls.__qualname__} has no Config dataclass")
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+    target = values.pop(TARGET, None)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(_with_target(config, target)), values)
+    except OmegaConfBaseException as exc:
+        field_key = f"{key}.{exc.full_key}" if getattr(exc, "full_key", None) else key
+        what = str(getattr(exc, "msg", exc)).splitlines()[0]
+        if "not in" in what:
+            what = f"not a setting of {cls.__module__}.{cls.__qualname__}"
+        raise RunError(f"{field_key}: {what}") from None
+    return merged
+
+
+_DERIVED: Dict[Tuple[type, Optional[str]], type] = {}
+
+
+def _with_target(config: type, target: Optional[str]) -> type:
+    """``config`` with a ``_target_`` field (default ``target``), the node's shape in a composed config."""
+    if target is None:
+        return config
+    derived = _DERIVED.get((config, target))
+    if derived is None:
+        derived = dataclasses.make_dataclass(
+            config.__name__, [(TARGET, str, dataclasses.field(default=target))], bases=(config,))
+        derived.__doc__ = config.__doc__
+        derived.__module__ = config.__module__
+        _DERIVED[(config, target)] = derived
+    return derived
+
+
+# ------------------------------------------------------------------ requirements
+
+
+def missing_modules(modules: Sequence[str]) -> List[str]:
+    """The top-level modules of ``modules`` that cannot be imported here (looked up, never imported)."""
+    missing = []
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):  # a broken or half-installed package
+            found = False
+        if not found:
+            missing.append(module)
+    return missing
+
+
+def install_hint(extra: Optional[str]) -> str:
+    """How to install an extra of the ``regioncap`` package (``pip install "regioncap[vllm]"``)."""
+    return f'pip install "regioncap[{extra}]"' if extra else "install them"
+
+
+def requirement_problem(cls: type, picked: str) -> Optional[str]:
+    """One line naming what ``cls`` needs and is not installed, and the extra to install; None when all is there.
+
+    ``picked`` is how the user chose it (``engine=vllm``).
+    """
+    missing = missing_modules(getattr(cls, "requires", ()))
+    if not missing:
+        return None
+    return (f"{picked} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            f"not installed: {install_hint(getattr(cls, 'extra', None))}")
+
+
+# ------------------------------------------------------------------ Hydra's ConfigStore
+
+#: Config group -> the base class every class named in it must derive from (``"module.Class"``,
+#: imported only when the group is typed). One line per group, not per option.
+GROUPS: Dict[str, str] = {
+    "engine": "regioncap.engines.base.Engine",
+    "logger": "regioncap.loggers.RunLogger",
+    "executor": "regioncap.executors.Executor",
+}
+
+
+def group_base(group: str) -> type:
+    """The base class of ``group`` (see :data:`GROUPS`)."""
+    return resolve(GROUPS[group], object, f"components.GROUPS[{group!r}]")
+
+
+def type_groups(cfg: Any) -> None:
+    """Replace each component group's node of ``cfg`` with the node typed by its class's ``Config`` (:func:`typed`).
+
+    Raises :class:`RunError` naming the key for a ``_target_`` that does not
+    resolve, names a class of another group, or a key or value its ``Config``
+    refuses. A group ``cfg`` does not have is left alone.
+    """
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    for group in GROUPS:
+        node = cfg.get(group) if hasattr(cfg, "get") else None
+        if node is None:
+            continue
+        cls = class_of(node, group_base(group), group)
+        node = typed(node, cls, group)
+        if OmegaConf.is_config(cfg):
+            with read_write(cfg), open_dict(cfg):
+                cfg[group] = node
+        else:
+            cfg[group] = node
+
+
+#: A top-level ``_target_:`` line of an option file.
+_TARGET_LINE = re.compile(rf"^{TARGET}:\s*([\w.]+)\s*$", re.MULTILINE)
+#: Folders of the conf tree that are not component groups.
+_NOT_GROUPS = ("hydra", "experiment")
+
+
+def shipped_targets(conf_dir: Path) -> Iterator[Tuple[str, str, str]]:
+    """``(group, option, target)`` of every option file in ``conf_dir/<group>/`` that names a class.
+
+    Read with a regular expression, not a YAML parser: composing must stay cheap.
+    """
+    for group_dir in sorted(p for p in Path(conf_dir).iterdir() if p.is_dir() and p.name not in _NOT_GROUPS):
+        for path in sorted(group_dir.glob("*.yaml")):
+            match = _TARGET_LINE.search(path.read_text(encoding="utf-8"))
+            if match:
+                yield group_dir.name, path.stem, match.group(1)
+
+
+def register_schemas(conf_dir: Path, store: Any) -> None:
+    """Store the ``Config`` of every shipped option's class as ``schema/<group>/<option>`` in ``store``.
+
+    The option file starts from it (``defaults: [/schema/engine/vllm@_here_, _self_]``),
+    so Hydra checks its keys and types while composing and overrides of its
+    settings need no ``+``. Derived from the files' ``_target_`` lines, so no
+    list of options is kept by hand.
+    """
+    for group, option, target in shipped_targets(conf_dir):
+        cls = resolve(target, Component, f"{group}.{TARGET} (conf/{group}/{option}.yaml)")
+        store.store(group=f"schema/{group}", name=option, node=_with_target(cls.Config, target))

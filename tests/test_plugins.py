@@ -1,0 +1,81 @@
+"""A user's own engine and logger, in their own package and --config-dir, run with no change to regioncap.
+
+The plugin's files are the code blocks of docs/plugins.md (each starts with a
+``# path`` line), written into a folder outside the package: the example a
+user reads is the one that runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Dict
+
+import pytest
+
+from conftest import REPO, run_cli
+
+#: A fenced block of docs/plugins.md whose first line names the file it is.
+_BLOCK = re.compile(r"```(?:python|yaml)\n# (\S+)\n(.*?)```", re.S)
+
+
+def plugin_files() -> Dict[str, str]:
+    """``{relative path: text}`` of every file docs/plugins.md shows."""
+    text = (REPO / "docs" / "plugins.md").read_text(encoding="utf-8")
+    return {path: f"# {path}\n{body}" for path, body in _BLOCK.findall(text)}
+
+
+def write_plugin(root: Path) -> Path:
+    """The docs' plugin package and conf dir under ``root`` (outside the package); returns ``root``."""
+    for rel, body in plugin_files().items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body, encoding="utf-8")
+    (root / "myplugins" / "__init__.py").write_text("", encoding="utf-8")
+    return root
+
+
+def test_the_docs_show_an_engine_a_logger_and_their_options():
+    assert set(plugin_files()) == {"myplugins/engine.py", "myplugins/logger.py", "myconf/engine/echo.yaml",
+                                   "myconf/logger/jsonl.yaml"}
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_a_plugin_engine_and_logger_run_from_outside_the_package(tmp_path):
+    root = write_plugin(tmp_path / "myproject")
+    out = tmp_path / "run"
+    proc = run_cli([f"--config-dir={root / 'myconf'}", "engine=echo", "logger=jsonl", "engine.batch_size=4",
+                    "progress=false", f"hydra.run.dir={out}"],
+                   env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == 5  # every row of data=demo, once
+    captions = [reg["caption"] for r in records for reg in r["regions"]]
+    assert captions and set(captions) == {"a plugin caption"}
+    events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and "progress" in events and events[-2:] == ["run", "finish"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"]["name"] == "echo"
+    assert manifest["engine"]["describe"] == {"engine": "echo", "caption": "a plugin caption"}
+    assert "engine=echo" in (out / "regioncap.log").read_text()
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+@pytest.mark.parametrize("override,message", [
+    ("engine._target_=myplugins.engine.EchoEngin",
+     "engine._target_=myplugins.engine.EchoEngin: module myplugins.engine has no attribute 'EchoEngin'"),
+    ("engine.max_words=0", "engine.max_words must be a whole number >= 1, got 0"),
+])
+def test_a_broken_plugin_option_is_one_line_naming_the_key_before_any_row(tmp_path, override, message):
+    root = write_plugin(tmp_path / "myproject")
+    out = tmp_path / "run"
+    proc = run_cli([f"--config-dir={root / 'myconf'}", "engine=echo", override, f"hydra.run.dir={out}"],
+                   env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+    assert proc.returncode == 1
+    said = proc.stdout + proc.stderr
+    assert message in said and "Traceback" not in said
+    assert not (out / "visualize.jsonl").exists()
