@@ -24,7 +24,7 @@ class Choice(str, Enum):
     """A closed choice of a config field: Hydra rejects any other value while composing.
 
     A ``str`` whose value is its name, so code compares it with plain strings
-    (``cfg.prompt.strategy == "crop"``) and it prints and serialises as the string.
+    (``cfg.prompt.answer_format == "free"``) and it prints and serialises as the string.
     """
 
     def __str__(self) -> str:
@@ -32,14 +32,6 @@ class Choice(str, Enum):
 
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)
-
-
-class StrategyName(Choice):
-    """``prompt.strategy``: classes in :data:`regioncap.strategies.STRATEGIES`."""
-
-    marked = "marked"
-    crop = "crop"
-    coords = "coords"
 
 
 class AnswerFormat(Choice):
@@ -199,30 +191,6 @@ class DrawConfig:
 
 
 @dataclass
-class PromptConfig:
-    """How regions are put to the model and how answers are read back."""
-
-    name: str = MISSING
-    #: ``marked`` (numbered marks, one request per chunk), ``crop`` (one
-    #: request per region on a crop) or ``coords`` (box coordinates in text).
-    strategy: StrategyName = StrategyName.marked
-    system: Optional[str] = None
-    #: User text; placeholders are filled by ``regioncap.prompts``.
-    template: str = MISSING
-    #: ``lines`` (``1: ...``), ``json`` or ``free`` (DataFlow-MM's free text).
-    answer_format: AnswerFormat = AnswerFormat.lines
-    #: Context margin around a crop, as a fraction of the box size.
-    crop_margin: float = field(default=0.15, metadata=check(real(0)))
-    #: Re-ask once for regions missing from an answer or captioned with answer-format debris.
-    reask_missing: bool = True
-    #: Text of the one follow-up request for regions missing from an answer.
-    reask_template: str = (
-        "The image has numbered boxes drawn on it. Describe only the boxes "
-        "labelled {labels}, each in one short sentence. {format_instruction}"
-    )
-
-
-@dataclass
 class SamplingConfig:
     temperature: float = field(default=0.0, metadata=check(real(0)))
     top_p: float = field(default=1.0, metadata=check(real(0, 1, above=True)))
@@ -370,12 +338,13 @@ class MetricsConfig:
 @dataclass
 class RegionCapConfig:
     model: ModelConfig = MISSING
-    #: Component groups: each option names its class with ``_target_`` and is typed by the
-    #: class's ``Config`` (regioncap.components), so any class, a user's own too, can be named.
+    #: Component groups (engine, prompt, logger, executor): each option names its class with
+    #: ``_target_`` and is typed by the class's ``Config`` (regioncap.components), so any class,
+    #: a user's own too, can be named.
     engine: Any = MISSING
     data: DataConfig = MISSING
     draw: DrawConfig = MISSING
-    prompt: PromptConfig = MISSING
+    prompt: Any = MISSING
     logger: Any = MISSING
     executor: Any = MISSING
     propose: ProposeConfig = MISSING
@@ -453,7 +422,6 @@ def register_configs() -> None:
     cs.store(group="schema/model", name="base", node=ModelConfig)
     cs.store(group="schema/data", name="base", node=DataConfig)
     cs.store(group="schema/draw", name="base", node=DrawConfig)
-    cs.store(group="schema/prompt", name="base", node=PromptConfig)
     for name, node in PROPOSE_SCHEMAS.items():
         cs.store(group="schema/propose", name=name, node=node)
     register_schemas(Path(__file__).resolve().parent / "conf", cs)

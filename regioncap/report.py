@@ -612,7 +612,7 @@ def run_identity(run: RunData) -> Dict[str, Optional[str]]:
         return _text(_dig(cfg, group, "name")) or _text(choices.get(group))
 
     prompt = name("prompt")
-    strategy = _text(_dig(cfg, "prompt", "strategy"))
+    strategy = prompt_strategy(run)
     if strategy and prompt and strategy != prompt:
         prompt = f"{prompt} ({strategy})"
     return {"model": name("model"), "prompt": prompt or strategy, "data": name("data"),
@@ -621,8 +621,10 @@ def run_identity(run: RunData) -> Dict[str, Optional[str]]:
 
 
 def prompt_strategy(run: RunData) -> Optional[str]:
-    """``marked`` or ``crop`` (``prompt.strategy`` of the run's config), None when unknown."""
-    return _text(_dig(_config(run), "prompt", "strategy"))
+    """``marked``, ``crop``, ``coords``... (the strategy class the run's ``prompt`` names), None when unknown."""
+    from regioncap.strategies import recorded_name
+
+    return _text(recorded_name(_dig(_config(run), "prompt")))
 
 
 def _identity_text(ident: Dict[str, Optional[str]]) -> str:
@@ -919,14 +921,13 @@ def _answer_and_prompt(rec: CaptionRecord) -> Dict[str, Optional[str]]:
 
 
 def _is_crop_row(run: RunData, rec: CaptionRecord) -> bool:
-    """A row whose requests are one crop per region (``prompt.strategy=crop``; without a config:
+    """A row whose requests are one crop per region (``prompt=crop``; without a config:
     every request holds one region)."""
-    strategy = prompt_strategy(run)
-    if strategy is not None:
-        from regioncap.strategies import STRATEGIES
+    from regioncap.strategies import recorded_strategy
 
-        cls = STRATEGIES.get(str(strategy))
-        return bool(cls and cls.one_region_per_image)
+    cls = recorded_strategy(_dig(_config(run), "prompt"))
+    if cls is not None:
+        return cls.one_region_per_image
     requests = _requests(rec)
     return bool(requests) and all(len(s.get("region_ids") or []) == 1 for s in requests) and len(requests) > 1
 

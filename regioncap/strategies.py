@@ -14,9 +14,11 @@ to the captions read back:
   for regions an answer left out or captioned with answer-format debris
   (:func:`regioncap.prompts.caption_debris`).
 
-``prompt.strategy`` names it; :data:`STRATEGIES` maps the name to the class. A
-new strategy is one class here (or in a module of its own, registered in
-:data:`STRATEGIES`) plus one ``conf/prompt/NAME.yaml``.
+A strategy is a component (:mod:`regioncap.components`): the ``prompt`` option
+names its class (``_target_: regioncap.strategies.MarkedStrategy``) and the class
+owns its settings (``Config``). A new strategy is a subclass, in any module (a
+user's own package too, docs/plugins.md), plus one ``conf/prompt/NAME.yaml``
+naming it: no file here changes.
 
 ========  =====================================================  ======
 strategy  requests of a row                                      re-ask
@@ -29,16 +31,20 @@ coords    one per chunk, the boxes written in the prompt text     yes
 The config is read once, when the strategy is built (:func:`build_strategy`):
 per row, a strategy reads plain attributes only.
 
-Pure module: no Hydra, no engine imports.
+Imports: the standard library, Pillow and regioncap's pure modules; no Hydra, no engine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import MISSING
 
 from regioncap import boxes as bx
 from regioncap import prompts
+from regioncap.components import Component, check, class_of, real, resolve, short_name
+from regioncap.config import AnswerFormat
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.images import crop_aspect_limit, crop_with_margin, resize_to, target_size
 from regioncap.rundir import IMAGES_DIR
@@ -66,26 +72,6 @@ class ModelBudget:
                            patch_size=self.patch_size, merge_size=self.merge_size, source=source)
 
 
-@dataclass(frozen=True)
-class PromptSettings:
-    """The ``prompt`` config section, read once."""
-
-    template: str
-    answer_format: str = "lines"
-    reask_template: str = ""
-    reask_missing: bool = True
-    crop_margin: float = 0.15
-    system: Optional[str] = None
-
-    @classmethod
-    def from_config(cls, prompt: Any) -> "PromptSettings":
-        """The settings of a ``prompt`` config section."""
-        return cls(template=str(prompt.template), answer_format=str(prompt.answer_format),
-                   reask_template=str(prompt.reask_template), reask_missing=bool(prompt.reask_missing),
-                   crop_margin=float(prompt.crop_margin),
-                   system=None if prompt.system is None else str(prompt.system))
-
-
 @dataclass
 class Planned:
     """One request of a row as planned: its key suffix, its regions and their boxes in source pixels."""
@@ -106,8 +92,33 @@ class Rendered:
     size: Tuple[int, int]
 
 
-class PromptStrategy:
-    """Base class: the plan, images, prompts, answer constraint and parsing of a row's requests."""
+class PromptStrategy(Component):
+    """Base class: the plan, images, prompts, answer constraint and parsing of a row's requests.
+
+    A subclass is named in ``conf/prompt/*.yaml`` by ``_target_``; its ``Config``
+    derives from this one's when it has settings of its own.
+    """
+
+    @dataclass
+    class Config:
+        """The ``prompt`` section: how regions are put to the model and how answers are read back."""
+
+        #: The option's name (``dataflow`` uses the marked strategy): run names and the report.
+        name: str = MISSING
+        system: Optional[str] = None
+        #: User text; placeholders are filled by ``regioncap.prompts``.
+        template: str = MISSING
+        #: ``lines`` (``1: ...``), ``json`` or ``free`` (DataFlow-MM's free text).
+        answer_format: AnswerFormat = AnswerFormat.lines
+        #: Context margin around a crop, as a fraction of the box size.
+        crop_margin: float = field(default=0.15, metadata=check(real(0)))
+        #: Re-ask once for regions missing from an answer or captioned with answer-format debris.
+        reask_missing: bool = True
+        #: Text of the one follow-up request for regions missing from an answer.
+        reask_template: str = (
+            "The image has numbered boxes drawn on it. Describe only the boxes "
+            "labelled {labels}, each in one short sentence. {format_instruction}"
+        )
 
     name: ClassVar[str] = ""
     #: A request for regions an answer left out or captioned with debris (one per request, at most once).
@@ -117,12 +128,12 @@ class PromptStrategy:
     #: The word the prompt uses for a region.
     noun: ClassVar[str] = "box"
 
-    def __init__(self, prompt: PromptSettings, style: DrawStyle, budget: ModelBudget, max_boxes: int) -> None:
+    def __init__(self, prompt: "PromptStrategy.Config", style: DrawStyle, budget: ModelBudget, max_boxes: int) -> None:
         self.prompt = prompt
         self.style = style
         self.budget = budget
         self.max_boxes = int(max_boxes)
-        self.answer_format = prompt.answer_format
+        self.answer_format = str(prompt.answer_format)
         #: Extension of the request images (``draw.image_format``).
         self.ext = "png" if style.image_format == "png" else "jpg"
 
@@ -164,7 +175,7 @@ class PromptStrategy:
     def prompt_text(self, regions: List[Dict[str, Any]], size: Tuple[int, int]) -> str:
         """``prompt.template`` filled for ``regions`` (see :func:`regioncap.prompts.build_prompt`)."""
         numbers = [r["number"] for r in regions]
-        return prompts.build_prompt(self.prompt.template, numbers=numbers, labels=self.labels(numbers),
+        return prompts.build_prompt(str(self.prompt.template), numbers=numbers, labels=self.labels(numbers),
                                     answer_format=self.answer_format,
                                     regions_text=self.regions_text(regions, size), noun=self.noun)
 
@@ -179,7 +190,7 @@ class PromptStrategy:
     def reask_prompt(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> str:
         """The text of the follow-up request for the regions ``missing`` from ``spec``'s answer
         (left out, or captioned with answer-format debris)."""
-        return self.prompt.reask_template.format(
+        return str(self.prompt.reask_template).format(
             labels=prompts.join_words(self.labels(missing)),
             format_instruction=prompts.format_instruction(self.answer_format, missing))
 
@@ -234,6 +245,13 @@ class CoordsStrategy(PromptStrategy):
 class CropStrategy(PromptStrategy):
     """One request per region, on a crop of its box with a context margin (each numbered 1)."""
 
+    @dataclass
+    class Config(PromptStrategy.Config):
+        """A crop shows one region: its caption is the whole answer, and there is nothing to re-ask."""
+
+        answer_format: AnswerFormat = AnswerFormat.free
+        reask_missing: bool = False
+
     name = "crop"
     reasks = False
     one_region_per_image = True
@@ -251,7 +269,7 @@ class CropStrategy(PromptStrategy):
         max_aspect = crop_aspect_limit(b.max_pixels, b.patch_size, b.merge_size)
         out = []
         for p in planned:
-            crop, _rect = crop_with_margin(source, p.boxes[0].scale(scale_x, scale_y), self.prompt.crop_margin,
+            crop, _rect = crop_with_margin(source, p.boxes[0].scale(scale_x, scale_y), float(self.prompt.crop_margin),
                                            max_aspect=max_aspect)
             size = b.size(crop.width, crop.height)
             out.append(Rendered(p, f"{IMAGES_DIR}/{stem}_r{p.regions[0]['id']:03d}.{self.ext}",
@@ -259,22 +277,47 @@ class CropStrategy(PromptStrategy):
         return out
 
 
-#: ``prompt.strategy`` -> class.
-STRATEGIES: Dict[str, Type[PromptStrategy]] = {
-    cls.name: cls for cls in (MarkedStrategy, CropStrategy, CoordsStrategy)
-}
+def strategy_class(prompt: Any) -> type:
+    """The :class:`PromptStrategy` subclass a ``prompt`` node names with ``_target_``
+    (:class:`~regioncap.errors.RunError` naming ``prompt._target_`` when it does not resolve)."""
+    return class_of(prompt, PromptStrategy, "prompt")
 
 
-def strategy_class(name: Any) -> Type[PromptStrategy]:
-    """The class of ``prompt.strategy`` ``name``; ``ValueError`` naming the choices for an unknown one."""
-    try:
-        return STRATEGIES[str(name)]
-    except KeyError:
-        raise ValueError(f"unknown prompt.strategy {str(name)!r}; choose one of {sorted(STRATEGIES)}") from None
+def settings(cls: type, prompt: Any) -> Any:
+    """``cls.Config`` filled from the ``prompt`` node (its keys that are fields; the rest keep their defaults)."""
+    return cls.Config(**{f.name: prompt[f.name] for f in fields(cls.Config) if f.name in prompt})
 
 
 def build_strategy(cfg: Any) -> PromptStrategy:
-    """The strategy ``cfg.prompt.strategy`` names, built (and its config read) for this run."""
-    return strategy_class(cfg.prompt.strategy)(
-        PromptSettings.from_config(cfg.prompt), DrawStyle.from_config(cfg.draw),
-        ModelBudget.from_config(cfg.model), int(cfg.max_boxes))
+    """The strategy ``cfg.prompt`` names, built (and its config read) for this run."""
+    cls = strategy_class(cfg.prompt)
+    return cls(settings(cls, cfg.prompt), DrawStyle.from_config(cfg.draw), ModelBudget.from_config(cfg.model),
+               int(cfg.max_boxes))
+
+
+def recorded_strategy(prompt: Any) -> Optional[type]:
+    """The strategy class of a ``prompt`` section as a run recorded it (a plain dict), or None when it
+    cannot be told: its ``_target_`` does not import here. A run recorded before strategies were
+    components names it by ``strategy``."""
+    if not hasattr(prompt, "get"):
+        return None
+    target = prompt.get("_target_") or _BEFORE_COMPONENTS.get(str(prompt.get("strategy")))
+    if not target:
+        return None
+    try:
+        return resolve(target, PromptStrategy, "prompt._target_")
+    except Exception:  # noqa: BLE001 - a record read elsewhere: unknown, not an error
+        return None
+
+
+def recorded_name(prompt: Any) -> Optional[str]:
+    """The short name (``marked``, ``crop``...) of the strategy a recorded ``prompt`` section names."""
+    cls = recorded_strategy(prompt)
+    if cls is not None:
+        return short_name(cls)
+    return str(prompt.get("strategy")) if hasattr(prompt, "get") and prompt.get("strategy") else None
+
+
+#: ``prompt.strategy`` of runs recorded before strategies were named by ``_target_``.
+_BEFORE_COMPONENTS = {cls.name: f"{cls.__module__}.{cls.__qualname__}"
+                      for cls in (MarkedStrategy, CropStrategy, CoordsStrategy)}

@@ -30,7 +30,10 @@ def test_every_option_composes(group, option, tmp_path):
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     from regioncap.components import node_name
 
-    assert node_name(cfg[group]) == option  # a component's short name is its option's name
+    if group == "prompt":  # an option names a strategy (prompt=dataflow: the marked one) and itself
+        assert cfg.prompt.name == option and node_name(cfg.prompt) in ("marked", "crop", "coords")
+    else:
+        assert node_name(cfg[group]) == option  # a component's short name is its option's name
     from regioncap.settings import check_settings
 
     check_settings(cfg)  # and every shipped value is in range
@@ -40,7 +43,7 @@ def test_the_groups_are_the_folders_of_conf():
     assert {"model", "engine", "data", "draw", "prompt", "logger", "executor", "propose"} <= set(GROUPS)
 
 
-@pytest.mark.parametrize("field,value", [("model.family", "llava"), ("prompt.strategy", "grid"),
+@pytest.mark.parametrize("field,value", [("model.family", "llava"), ("prompt.answer_format", "grid"),
                                          ("prompt.answer_format", "xml"), ("data.bbox_format", "xy"),
                                          ("propose.method", "owl"),
                                          ("propose.when", "sometimes"), ("data.source", "csv")])
@@ -50,10 +53,9 @@ def test_closed_choices_fail_at_compose_time(field, value):
 
 
 def test_enums_list_exactly_what_the_registries_hold():
-    from regioncap import boxes, config, data, propose, strategies
+    from regioncap import boxes, config, data, propose
 
     names = lambda enum: {m.value for m in enum}  # noqa: E731
-    assert names(config.StrategyName) == set(strategies.STRATEGIES)
     assert names(config.ProposeMethod) == set(propose.PROPOSERS) | {propose.NONE}
     assert names(config.BboxFormat) == set(boxes.BBOX_FORMATS)
     assert names(config.DataSource) == set(data.SOURCES)
