@@ -104,7 +104,7 @@ def range_problems(node: Any, schema: Optional[type], key: str) -> List[str]:
             value = node[f.name]
             if not ok(value):
                 problems.append(f"{where} must be {what}, got {value!r}")
-        child = node._get_node(f.name) if hasattr(node, "_get_node") else None
+        child = node._get_node(f.name) if hasattr(node, "_get_node") else None  # the node, unresolved
         nested = schema_of(child)
         if nested is not None:
             problems += range_problems(child, nested, where)
@@ -143,7 +143,10 @@ class Component:
 
     @dataclasses.dataclass
     class Config:
-        """Settings of the component (none here)."""
+        """Settings of the component; every ``Config`` derives from this one."""
+
+        #: The class the node names (``package.module.Class``); a field so a composed node may hold it.
+        _target_: Optional[str] = None
 
     #: Short name in run names, the log, the manifest, the report (``engine=transformers``);
     #: unset: the class name in lower case.
@@ -219,42 +222,25 @@ def typed(node: Any, cls: type, key: str) -> Any:
 
     A key the ``Config`` does not have, or a value that is not of its type,
     raises :class:`RunError` naming ``<key>.<field>`` and the class. The result
-    keeps the node's ``_target_``.
+    keeps the node's ``_target_`` (a field of every ``Config``).
     """
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
     config = getattr(cls, "Config", None)
     if config is None or not dataclasses.is_dataclass(config):
         raise RunError(f"{key}: {cls.__module__}.{cls.__qualname__} has no Config dataclass")
-    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
-    target = values.pop(TARGET, None)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(_with_target(config, target)), values)
+        values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        merged = OmegaConf.merge(OmegaConf.structured(config), values)
     except OmegaConfBaseException as exc:
-        field_key = f"{key}.{exc.full_key}" if getattr(exc, "full_key", None) else key
+        inner = str(getattr(exc, "full_key", None) or "")
+        field_key = inner if inner.startswith(f"{key}.") else f"{key}.{inner}" if inner else key
         what = str(getattr(exc, "msg", exc)).splitlines()[0]
-        if "not in" in what:
+        if isinstance(exc, ConfigKeyError):
             what = f"not a setting of {cls.__module__}.{cls.__qualname__}"
         raise RunError(f"{field_key}: {what}") from None
     return merged
-
-
-_DERIVED: Dict[Tuple[type, Optional[str]], type] = {}
-
-
-def _with_target(config: type, target: Optional[str]) -> type:
-    """``config`` with a ``_target_`` field (default ``target``), the node's shape in a composed config."""
-    if target is None:
-        return config
-    derived = _DERIVED.get((config, target))
-    if derived is None:
-        derived = dataclasses.make_dataclass(
-            config.__name__, [(TARGET, str, dataclasses.field(default=target))], bases=(config,))
-        derived.__doc__ = config.__doc__
-        derived.__module__ = config.__module__
-        _DERIVED[(config, target)] = derived
-    return derived
 
 
 # ------------------------------------------------------------------ requirements
@@ -355,6 +341,10 @@ def register_schemas(conf_dir: Path, store: Any) -> None:
     settings need no ``+``. Derived from the files' ``_target_`` lines, so no
     list of options is kept by hand.
     """
+    from omegaconf import OmegaConf
+
     for group, option, target in shipped_targets(conf_dir):
         cls = resolve(target, Component, f"{group}.{TARGET} (conf/{group}/{option}.yaml)")
-        store.store(group=f"schema/{group}", name=option, node=_with_target(cls.Config, target))
+        node = OmegaConf.structured(cls.Config)
+        node[TARGET] = target
+        store.store(group=f"schema/{group}", name=option, node=node)

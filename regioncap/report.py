@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap import metricspec
+from regioncap.components import node_name
 from regioncap.config import DEFAULT_PALETTE
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE, run_file_at
 
@@ -605,7 +606,7 @@ def _text(value: Any) -> Optional[str]:
 
 def run_identity(run: RunData) -> Dict[str, Optional[str]]:
     """What the run is, as a person names it: ``model``, ``prompt``, ``data``, ``engine`` (the config's
-    names, else Hydra's group choices), and ``data_path``."""
+    names, the engine's from the class its ``_target_`` names; else Hydra's group choices), and ``data_path``."""
     cfg, choices = _config(run), _choices(run)
 
     def name(group: str) -> Optional[str]:
@@ -616,7 +617,8 @@ def run_identity(run: RunData) -> Dict[str, Optional[str]]:
     if strategy and prompt and strategy != prompt:
         prompt = f"{prompt} ({strategy})"
     return {"model": name("model"), "prompt": prompt or strategy, "data": name("data"),
-            "engine": name("engine") or _text(_dig(run.manifest, "engine", "name")),
+            "engine": _text(node_name(_dig(cfg, "engine"))) or _text(choices.get("engine"))
+            or _text(_dig(run.manifest, "engine", "name")),
             "data_path": _text(_dig(cfg, "data", "path")) or _text(_dig(run.manifest, "data", "path"))}
 
 

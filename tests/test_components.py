@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import pickle
 import sys
 from typing import Optional
 
@@ -77,7 +78,8 @@ def test_typed_converts_and_keeps_the_target():
 
     node = typed({"_target_": FAKE, "batch_size": "3"}, FakeEngine, "engine")
     assert node.batch_size == 3 and node._target_ == FAKE and node.skip_regions == []
-    assert OmegaConf.get_type(node).__mro__[1] is FakeEngine.Config
+    assert OmegaConf.get_type(node) is FakeEngine.Config
+    assert pickle.loads(pickle.dumps(node)) == node  # a typed node crosses to a process
 
 
 @pytest.mark.parametrize("values,message", [

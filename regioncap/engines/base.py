@@ -227,7 +227,7 @@ class Engine(Component, abc.ABC):
     """Base class of all engines; a subclass is named in ``conf/engine/*.yaml`` by ``_target_``."""
 
     @dataclass
-    class Config:
+    class Config(Component.Config):
         """Settings every engine has; an engine's own ``Config`` derives from this one."""
 
         #: Requests handed to the engine at once (a vLLM ``generate`` call, a
