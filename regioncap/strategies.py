@@ -100,7 +100,7 @@ class PromptStrategy(Component):
     """
 
     @dataclass
-    class Config:
+    class Config(Component.Config):
         """The ``prompt`` section: how regions are put to the model and how answers are read back."""
 
         #: The option's name (``dataflow`` uses the marked strategy): run names and the report.
