@@ -413,11 +413,10 @@ def _check_one(
     index: int, item: Any, fmt: str, width: int, height: int, min_size: float
 ) -> Tuple[Optional[Box], Optional[BoxIssue]]:
     """One raw box: ``(box, None)`` kept, ``(box, issue)`` kept but clipped, ``(None, issue)`` dropped."""
-    raw_json = _jsonable(item)
-    label = f"box {index} {_short(raw_json)}"
-
     def issue(reason: str, why: str) -> BoxIssue:
-        return BoxIssue(index, reason, f"{label}: {why}", raw_json)
+        # Built only for a box with an issue: most boxes have none, and this is per-box work.
+        raw_json = _jsonable(item)
+        return BoxIssue(index, reason, f"box {index} {_short(raw_json)}: {why}", raw_json)
 
     values, box_fmt, problem = _values_of(item, fmt)
     if values is None:
@@ -436,18 +435,20 @@ def _check_one(
     x1, y1, x2, y2 = to_xyxy(floats, box_fmt, width, height)
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         return None, issue("not_finite", f"coordinates overflow when read as {box_fmt}")
-    hint = _format_hint(floats, box_fmt)
+    def hint() -> str:
+        return _format_hint(floats, box_fmt)
+
     if x2 <= x1 or y2 <= y1:
         return None, issue(
             "non_positive_size",
             f"width {x2 - x1:.6g} and height {y2 - y1:.6g} px when read as {box_fmt}; "
-            f"both must be > 0{hint}",
+            f"both must be > 0{hint()}",
         )
     if x1 >= width or y1 >= height or x2 <= 0 or y2 <= 0:
         return None, issue(
             "outside_image",
             f"{_fmt_px((x1, y1, x2, y2))} px (xyxy, read as {box_fmt}) does not overlap "
-            f"the {width}x{height} image{hint}",
+            f"the {width}x{height} image{hint()}",
         )
     box = Box(max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
     overshoot = max(-x1, -y1, x2 - width, y2 - height)
@@ -455,13 +456,13 @@ def _check_one(
         after = " after clipping" if overshoot > 0 else ""
         return None, issue(
             "too_small",
-            f"{box.width:.6g}x{box.height:.6g} px{after} is below min_size={min_size:g} px{hint}",
+            f"{box.width:.6g}x{box.height:.6g} px{after} is below min_size={min_size:g} px{hint()}",
         )
     if overshoot > _CLIP_TOLERANCE_PX:
         return box, issue(
             "clipped",
             f"clipped from {_fmt_px((x1, y1, x2, y2))} to {_fmt_px(box.as_list())} px "
-            f"(xyxy, read as {box_fmt}) to fit the {width}x{height} image{hint}",
+            f"(xyxy, read as {box_fmt}) to fit the {width}x{height} image{hint()}",
         )
     return box, None
 

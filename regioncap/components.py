@@ -282,6 +282,7 @@ def requirement_problem(cls: type, picked: str) -> Optional[str]:
 #: imported only when the group is typed). One line per group, not per option.
 GROUPS: Dict[str, str] = {
     "engine": "regioncap.engines.base.Engine",
+    "prompt": "regioncap.strategies.PromptStrategy",
     "logger": "regioncap.loggers.RunLogger",
     "executor": "regioncap.executors.Executor",
     "propose": "regioncap.propose.base.Proposer",

@@ -24,14 +24,6 @@ from regioncap.components import check, optional, real, whole
 from regioncap.engines.base import Sampling
 
 
-class StrategyName(Choice):
-    """``prompt.strategy``: classes in :data:`regioncap.strategies.STRATEGIES`."""
-
-    marked = "marked"
-    crop = "crop"
-    coords = "coords"
-
-
 class AnswerFormat(Choice):
     """``prompt.answer_format``."""
 
@@ -82,18 +74,21 @@ class ModelConfig:
     weights: str = "real"
 
 
+#: The default ``draw.palette``: ten colours that stay distinct from each other (Sasha Trubetskoy's
+#: list). The one copy: :class:`regioncap.draw.DrawStyle` and the report read it from here.
+DEFAULT_PALETTE: tuple = (
+    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
+    "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990",
+)
+
+
 @dataclass
 class DrawConfig:
     """How regions are marked on the image the model sees."""
 
     name: str = MISSING
     #: Box colours, cycled per region (any Pillow colour string).
-    palette: List[str] = field(
-        default_factory=lambda: [
-            "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
-            "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990",
-        ]
-    )
+    palette: List[str] = field(default_factory=lambda: list(DEFAULT_PALETTE))
     #: Line width as a fraction of the image's shorter side (at least ``min_line_px``).
     line_width: float = field(default=0.008, metadata=check(real(0, above=True)))
     min_line_px: int = field(default=2, metadata=check(whole(1)))
@@ -107,30 +102,6 @@ class DrawConfig:
     #: Encoding of written images: ``jpeg`` or ``png``.
     image_format: str = "jpeg"
     jpeg_quality: int = field(default=92, metadata=check(whole(1, 100)))
-
-
-@dataclass
-class PromptConfig:
-    """How regions are put to the model and how answers are read back."""
-
-    name: str = MISSING
-    #: ``marked`` (numbered marks, one request per chunk), ``crop`` (one
-    #: request per region on a crop) or ``coords`` (box coordinates in text).
-    strategy: StrategyName = StrategyName.marked
-    system: Optional[str] = None
-    #: User text; placeholders are filled by ``regioncap.prompts``.
-    template: str = MISSING
-    #: ``lines`` (``1: ...``), ``json`` or ``free`` (DataFlow-MM's free text).
-    answer_format: AnswerFormat = AnswerFormat.lines
-    #: Context margin around a crop, as a fraction of the box size.
-    crop_margin: float = field(default=0.15, metadata=check(real(0)))
-    #: Re-ask once for regions missing from an answer or captioned with answer-format debris.
-    reask_missing: bool = True
-    #: Text of the one follow-up request for regions missing from an answer.
-    reask_template: str = (
-        "The image has numbered boxes drawn on it. Describe only the boxes "
-        "labelled {labels}, each in one short sentence. {format_instruction}"
-    )
 
 
 @dataclass
@@ -170,7 +141,7 @@ class RegionCapConfig:
     engine: Any = MISSING
     data: Any = MISSING
     draw: DrawConfig = MISSING
-    prompt: PromptConfig = MISSING
+    prompt: Any = MISSING
     logger: Any = MISSING
     executor: Any = MISSING
     propose: Any = MISSING
@@ -265,7 +236,6 @@ def register_configs() -> None:
     cs.store(name="regioncap_schema", node=RegionCapConfig)
     cs.store(group="schema/model", name="base", node=ModelConfig)
     cs.store(group="schema/draw", name="base", node=DrawConfig)
-    cs.store(group="schema/prompt", name="base", node=PromptConfig)
     # propose=none names no class: its node is the settings every proposer has.
     from regioncap.propose.base import Proposer
 

@@ -28,6 +28,7 @@ from typing import Any, Sequence
 import PIL
 from PIL import Image, ImageColor, ImageDraw, ImageEnhance, ImageFont
 
+from regioncap.config import DEFAULT_PALETTE
 from regioncap.images import box_xyxy
 
 __all__ = [
@@ -42,16 +43,13 @@ __all__ = [
     "text_colour",
 ]
 
-#: Ten colours that stay distinct from each other (Sasha Trubetskoy's list).
-DEFAULT_PALETTE: tuple[str, ...] = (
-    "#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
-    "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990",
-)
-
-
 @dataclass
 class DrawStyle:
-    """How region marks look; sizes are fractions of the image's shorter side."""
+    """How region marks look and how the images are written: the typed ``draw`` config section.
+
+    Sizes are fractions of the image's shorter side. :meth:`from_config` builds
+    it from a ``draw`` section; its fields are that section's (less ``name``).
+    """
 
     #: Box colours, cycled per region (any Pillow colour string).
     palette: list[str] = field(default_factory=lambda: list(DEFAULT_PALETTE))
@@ -63,6 +61,19 @@ class DrawStyle:
     min_label_px: int = 10
     #: Darken pixels outside all boxes by this factor (0 = off, 1 = black).
     dim: float = 0.0
+    #: Label text: ``{n}`` is the region number shown to the model.
+    label_format: str = "{n}"
+    #: Encoding of written images: ``jpeg`` or ``png``.
+    image_format: str = "jpeg"
+    jpeg_quality: int = 92
+
+    @classmethod
+    def from_config(cls, section: Any) -> "DrawStyle":
+        """The style of a ``draw`` config section (its keys that are fields here; values typed once)."""
+        types = {"line_width": float, "label_size": float, "dim": float, "min_line_px": int,
+                 "min_label_px": int, "jpeg_quality": int, "label_format": str, "image_format": str}
+        return cls(**{f: (list(section[f]) if f == "palette" else types[f](section[f]))
+                      for f in DRAW_STYLE_FIELDS if f in section})
 
     def __post_init__(self) -> None:
         # Accept any sequence (an OmegaConf ListConfig too) and fail here, with
@@ -219,8 +230,7 @@ def layout_marks(
     if len(boxes) != len(labels):
         raise ValueError(f"got {len(boxes)} boxes but {len(labels)} labels")
     font_px = label_px(width, height, style)
-    font, pad, stroke = _font(font_px), _pad(font_px), _stroke(font_px)
-    measure = ImageDraw.Draw(Image.new("1", (1, 1)))
+    pad = _pad(font_px)
     placed: list[tuple[int, int, int, int]] = []
     marks = []
     for i, (box, label) in enumerate(zip(boxes, labels)):
@@ -230,7 +240,7 @@ def layout_marks(
         tag = None
         if text:
             # Tight ink box, so a tag hides as little of the image as possible.
-            ink = _ink_box(measure, text, font, stroke)
+            ink = _ink_box("1", text, font_px)
             tag_w = ink[2] - ink[0] + 2 * pad
             tag_h = ink[3] - ink[1] + 2 * pad
             tag = _place_tag(rect, tag_w, tag_h, width, height, placed)
@@ -239,9 +249,15 @@ def layout_marks(
     return marks
 
 
-def _ink_box(draw: ImageDraw.ImageDraw, text: str, font: Any, stroke: float) -> tuple[int, int, int, int]:
+@functools.lru_cache(maxsize=4096)
+def _ink_box(mode: str, text: str, font_px: int) -> tuple[int, int, int, int]:
+    """The ink box of ``text`` at ``font_px`` as measured on an image of ``mode`` (its font mode).
+
+    Cached: labels repeat ("1", "2"...) on every image, and measuring is a text layout each time.
+    """
+    draw = ImageDraw.Draw(Image.new(mode, (1, 1)))
+    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=_font(font_px), stroke_width=_stroke(font_px))
     # Whole pixels, rounded outward: a fractional stroke gives a fractional box.
-    x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font, stroke_width=stroke)
     return math.floor(x0), math.floor(y0), math.ceil(x1), math.ceil(y1)
 
 
@@ -282,7 +298,7 @@ def draw_marks(
         if mark.tag is None:
             continue
         x0, y0, x1, y1 = mark.tag
-        ink = _ink_box(draw, mark.text, font, stroke)
+        ink = _ink_box(out.mode, mark.text, font_px)
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=mark.colour)
         draw.text(
             (x0 + pad - ink[0], y0 + pad - ink[1]),

@@ -279,7 +279,7 @@ class WandbLogger(RunLogger):
                 records_file, run_dir, n_images=max(0, int(cfg.log_images)),
                 table_rows=max(0, int(cfg.table_rows)) if cfg.log_table else 0,
                 references_key=(self._config.get("data") or {}).get("references_key"),
-                crops=_one_region_per_image((self._config.get("prompt") or {}).get("strategy")))
+                crops=_one_region_per_image(self._config.get("prompt")))
             # One key per image: W&B draws a list of images of different sizes wrongly.
             for i, image in enumerate(_wandb_images(wandb, samples)):
                 payload[f"samples/{i:02d}"] = image
@@ -546,9 +546,10 @@ def _wandb_table(wandb: Any, table: Dict[str, Any]) -> Any:
 
 
 
-def _one_region_per_image(strategy: Any) -> bool:
-    """Whether the prompt strategy sends one crop per region (its images are shown without a box)."""
-    from regioncap.strategies import STRATEGIES
+def _one_region_per_image(prompt: Any) -> bool:
+    """Whether the strategy a recorded ``prompt`` section names sends one crop per region (its
+    images are shown without a box)."""
+    from regioncap.strategies import recorded_strategy
 
-    cls = STRATEGIES.get(str(strategy))
+    cls = recorded_strategy(prompt)
     return bool(cls and cls.one_region_per_image)

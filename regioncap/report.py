@@ -49,6 +49,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 from regioncap import metricspec
 from regioncap.components import node_name
+from regioncap.config import DEFAULT_PALETTE
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE, run_file_at
 
 log = logging.getLogger("regioncap")
@@ -64,9 +65,6 @@ SWEEP_ROWS = 4
 EXAMPLES_PER_ERROR = 3
 MAX_TEXT = 2000
 
-#: Mark colours when the run's config cannot be read (``draw.palette`` of conf/draw/default.yaml).
-DEFAULT_PALETTE = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4",
-                   "#42d4f4", "#f032e6", "#bfef45", "#fabed4", "#469990"]
 
 #: Metrics a sweep's plots can use (``--metric``): metrics.json paths and their labels, from the
 #: metric specification (every name, unit and direction below comes from regioncap.metricspec).
@@ -508,7 +506,8 @@ def _palette(run: RunData) -> List[str]:
     palette = _dig(run.config, "draw", "palette")
     if isinstance(palette, list) and palette:
         return [str(c) for c in palette]
-    return DEFAULT_PALETTE
+    # The run's config cannot be read: the default palette.
+    return list(DEFAULT_PALETTE)
 
 
 _COLOUR = re.compile(r"^(#[0-9a-fA-F]{3,8}|[a-zA-Z]{3,20})$")
@@ -614,7 +613,7 @@ def run_identity(run: RunData) -> Dict[str, Optional[str]]:
         return _text(_dig(cfg, group, "name")) or _text(choices.get(group))
 
     prompt = name("prompt")
-    strategy = _text(_dig(cfg, "prompt", "strategy"))
+    strategy = prompt_strategy(run)
     if strategy and prompt and strategy != prompt:
         prompt = f"{prompt} ({strategy})"
     return {"model": name("model"), "prompt": prompt or strategy, "data": name("data"),
@@ -624,8 +623,10 @@ def run_identity(run: RunData) -> Dict[str, Optional[str]]:
 
 
 def prompt_strategy(run: RunData) -> Optional[str]:
-    """``marked`` or ``crop`` (``prompt.strategy`` of the run's config), None when unknown."""
-    return _text(_dig(_config(run), "prompt", "strategy"))
+    """``marked``, ``crop``, ``coords``... (the strategy class the run's ``prompt`` names), None when unknown."""
+    from regioncap.strategies import recorded_name
+
+    return _text(recorded_name(_dig(_config(run), "prompt")))
 
 
 def _identity_text(ident: Dict[str, Optional[str]]) -> str:
@@ -922,14 +923,13 @@ def _answer_and_prompt(rec: CaptionRecord) -> Dict[str, Optional[str]]:
 
 
 def _is_crop_row(run: RunData, rec: CaptionRecord) -> bool:
-    """A row whose requests are one crop per region (``prompt.strategy=crop``; without a config:
+    """A row whose requests are one crop per region (``prompt=crop``; without a config:
     every request holds one region)."""
-    strategy = prompt_strategy(run)
-    if strategy is not None:
-        from regioncap.strategies import STRATEGIES
+    from regioncap.strategies import recorded_strategy
 
-        cls = STRATEGIES.get(str(strategy))
-        return bool(cls and cls.one_region_per_image)
+    cls = recorded_strategy(_dig(_config(run), "prompt"))
+    if cls is not None:
+        return cls.one_region_per_image
     requests = _requests(rec)
     return bool(requests) and all(len(s.get("region_ids") or []) == 1 for s in requests) and len(requests) > 1
 

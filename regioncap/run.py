@@ -92,10 +92,7 @@ class RegionCapRun:
         from regioncap.strategies import strategy_class
 
         cfg = self.cfg
-        try:
-            strategy_class(cfg.prompt.strategy)
-        except ValueError as exc:
-            raise RunError(str(exc)) from None
+        strategy_class(cfg.prompt)  # a RunError naming prompt._target_ when it does not resolve
         check_config(cfg)
         check_shards(cfg.data)
         unknown = [s for s in cfg.stages if s not in STAGE_ORDER]

@@ -1,11 +1,24 @@
 """Prompt strategies: how regions are put to the model, one class each, resolved by name.
 
-A strategy turns one row's regions into request specs (the images to send and
-their prompt text) and, when an answer leaves regions out or captions them with
-answer-format debris (:func:`regioncap.prompts.caption_debris`), into the text
-of the one follow-up request. ``prompt.strategy`` names it; :data:`STRATEGIES` maps
-the name to the class. A new strategy is one class here (or in a module of its
-own, registered in :data:`STRATEGIES`) plus one ``conf/prompt/NAME.yaml``.
+A strategy owns the plan of a row's regions, from the numbers the model sees
+to the captions read back:
+
+* :meth:`PromptStrategy.slots` decides each region's chunk and number (once:
+  the visualize stage writes them on the regions and nothing changes them later);
+* :meth:`PromptStrategy.plan` groups the regions into requests;
+* :meth:`PromptStrategy.render` makes the request images (pure: images in, images
+  out; the stage writes them);
+* :meth:`PromptStrategy.spec` writes a request's prompt, :meth:`PromptStrategy.constraint`
+  what a constrained engine must keep the answer to, :meth:`PromptStrategy.parse`
+  reads the captions out of it, and :meth:`PromptStrategy.reask_prompt` asks once more
+  for regions an answer left out or captioned with answer-format debris
+  (:func:`regioncap.prompts.caption_debris`).
+
+A strategy is a component (:mod:`regioncap.components`): the ``prompt`` option
+names its class (``_target_: regioncap.strategies.MarkedStrategy``) and the class
+owns its settings (``Config``). A new strategy is a subclass, in any module (a
+user's own package too, docs/plugins.md), plus one ``conf/prompt/NAME.yaml``
+naming it: no file here changes.
 
 ========  =====================================================  ======
 strategy  requests of a row                                      re-ask
@@ -15,27 +28,97 @@ crop      one per region, on a crop of it with a context margin   no
 coords    one per chunk, the boxes written in the prompt text     yes
 ========  =====================================================  ======
 
-Pure module: no Hydra, no engine imports.
+The config is read once, when the strategy is built (:func:`build_strategy`):
+per row, a strategy reads plain attributes only.
+
+Imports: the standard library, Pillow and regioncap's pure modules; no Hydra, no engine.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple, Type
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+from omegaconf import MISSING
 
 from regioncap import boxes as bx
 from regioncap import prompts
+from regioncap.components import Component, check, class_of, real, resolve, short_name
+from regioncap.config import AnswerFormat
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.images import crop_aspect_limit, crop_with_margin, resize_to, target_size
 from regioncap.rundir import IMAGES_DIR
 
 
-#: ``save(image, name)`` writes an image under the run dir (``name`` relative to it).
-Save = Callable[[Any, str], None]
+@dataclass(frozen=True)
+class ModelBudget:
+    """The model's input-size rule (``model.min_pixels`` ... ``model.family``), read once."""
+
+    min_pixels: int
+    max_pixels: int
+    patch_size: int
+    merge_size: int
+    family: str = "qwen2_5_vl"
+
+    @classmethod
+    def from_config(cls, model: Any) -> "ModelBudget":
+        """The budget of a ``model`` config section."""
+        return cls(min_pixels=int(model.min_pixels), max_pixels=int(model.max_pixels),
+                   patch_size=int(model.patch_size), merge_size=int(model.merge_size), family=str(model.family))
+
+    def size(self, width: int, height: int, source: Optional[str] = None) -> Tuple[int, int]:
+        """The input size of a ``width x height`` image (:func:`regioncap.images.target_size`)."""
+        return target_size(width, height, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
+                           patch_size=self.patch_size, merge_size=self.merge_size, source=source)
 
 
+@dataclass
+class Planned:
+    """One request of a row as planned: its key suffix, its regions and their boxes in source pixels."""
 
-class PromptStrategy:
-    """Base class: the request specs of a row and the prompt text of a request."""
+    suffix: str
+    regions: List[Dict[str, Any]]
+    boxes: List[bx.Box]
+
+
+@dataclass
+class Rendered:
+    """A request's image: its file name under the run dir, the image to write there (None when an
+    earlier request of the row already wrote that file) and its size."""
+
+    planned: Planned
+    name: str
+    image: Any
+    size: Tuple[int, int]
+
+
+class PromptStrategy(Component):
+    """Base class: the plan, images, prompts, answer constraint and parsing of a row's requests.
+
+    A subclass is named in ``conf/prompt/*.yaml`` by ``_target_``; its ``Config``
+    derives from this one's when it has settings of its own.
+    """
+
+    @dataclass
+    class Config(Component.Config):
+        """The ``prompt`` section: how regions are put to the model and how answers are read back."""
+
+        #: The option's name (``dataflow`` uses the marked strategy): run names and the report.
+        name: str = MISSING
+        system: Optional[str] = None
+        #: User text; placeholders are filled by ``regioncap.prompts``.
+        template: str = MISSING
+        #: ``lines`` (``1: ...``), ``json`` or ``free`` (DataFlow-MM's free text).
+        answer_format: AnswerFormat = AnswerFormat.lines
+        #: Context margin around a crop, as a fraction of the box size.
+        crop_margin: float = field(default=0.15, metadata=check(real(0)))
+        #: Re-ask once for regions missing from an answer or captioned with answer-format debris.
+        reask_missing: bool = True
+        #: Text of the one follow-up request for regions missing from an answer.
+        reask_template: str = (
+            "The image has numbered boxes drawn on it. Describe only the boxes "
+            "labelled {labels}, each in one short sentence. {format_instruction}"
+        )
 
     name: ClassVar[str] = ""
     #: A request for regions an answer left out or captioned with debris (one per request, at most once).
@@ -45,38 +128,55 @@ class PromptStrategy:
     #: The word the prompt uses for a region.
     noun: ClassVar[str] = "box"
 
-    def __init__(self, cfg: Any, style: Optional[DrawStyle] = None, save: Optional[Save] = None) -> None:
-        self.cfg = cfg
-        self.prompt = cfg.prompt
+    def __init__(self, prompt: "PromptStrategy.Config", style: DrawStyle, budget: ModelBudget, max_boxes: int) -> None:
+        self.prompt = prompt
         self.style = style
-        self._save = save
+        self.budget = budget
+        self.max_boxes = int(max_boxes)
+        self.answer_format = str(prompt.answer_format)
+        #: Extension of the request images (``draw.image_format``).
+        self.ext = "png" if style.image_format == "png" else "jpg"
 
-    # ------------------------------------------------------------- requests
-    def requests(self, rec: Dict[str, Any], stem: str, image: Any, loaded: Any, size: Tuple[int, int],
-                 kept: Sequence, regions: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-        """The request specs of one row; writes their images through ``save``.
+    # ------------------------------------------------------------- the plan
+    def slots(self, count: int) -> List[Tuple[int, int]]:
+        """``(chunk, number)`` of each of ``count`` regions: chunks of ``max_boxes``, numbered from 1."""
+        return [(i // self.max_boxes, i % self.max_boxes + 1) for i in range(count)]
 
-        ``image`` is the row's image at the model's input ``size``; ``loaded``
-        the decoded source (:class:`regioncap.images.LoadedImage`); ``kept`` the
-        validated boxes in source pixels; ``regions`` the row's regions (numbers
-        may be changed here).
+    def plan(self, regions: List[Dict[str, Any]], boxes: Sequence[bx.Box]) -> List[Planned]:
+        """The requests of a row: one per chunk (``slots``), in order."""
+        planned: List[Planned] = []
+        for reg, box in zip(regions, boxes):
+            if not planned or planned[-1].suffix != f"c{reg['chunk']}":
+                planned.append(Planned(f"c{reg['chunk']}", [], []))
+            planned[-1].regions.append(reg)
+            planned[-1].boxes.append(box)
+        return planned
+
+    def render(self, stem: str, image: Any, source: Any, original_size: Tuple[int, int],
+               planned: List[Planned]) -> List[Rendered]:
+        """The request images of ``planned`` (pure: nothing is written).
+
+        ``image`` is the row's image at the model's input size (None for a strategy
+        that works on ``source``); ``source`` the decoded image its boxes were
+        scaled from, whose full-resolution size is ``original_size``.
         """
         raise NotImplementedError
 
-    def spec(self, rec: Dict[str, Any], image: str, regions: List[Dict[str, Any]], size: Tuple[int, int],
-             suffix: str) -> Dict[str, Any]:
+    # ------------------------------------------------------------- prompts
+    def spec(self, rec_id: Any, rendered: Rendered) -> Dict[str, Any]:
         """One request spec: the image, its size, the prompt and the regions it asks about."""
+        regions = rendered.planned.regions
         return {
-            "key": f"{rec['id']}/{suffix}", "image": image, "image_size": list(size),
-            "prompt": self.prompt_text(self.prompt.template, regions, size),
+            "key": f"{rec_id}/{rendered.planned.suffix}", "image": rendered.name, "image_size": list(rendered.size),
+            "prompt": self.prompt_text(regions, rendered.size),
             "numbers": [r["number"] for r in regions], "region_ids": [r["id"] for r in regions],
         }
 
-    def prompt_text(self, template: str, regions: List[Dict[str, Any]], size: Tuple[int, int]) -> str:
-        """``template`` filled for ``regions`` (see :func:`regioncap.prompts.build_prompt`)."""
+    def prompt_text(self, regions: List[Dict[str, Any]], size: Tuple[int, int]) -> str:
+        """``prompt.template`` filled for ``regions`` (see :func:`regioncap.prompts.build_prompt`)."""
         numbers = [r["number"] for r in regions]
-        return prompts.build_prompt(template, numbers=numbers, labels=self.labels(numbers),
-                                    answer_format=str(self.prompt.answer_format),
+        return prompts.build_prompt(str(self.prompt.template), numbers=numbers, labels=self.labels(numbers),
+                                    answer_format=self.answer_format,
                                     regions_text=self.regions_text(regions, size), noun=self.noun)
 
     def regions_text(self, regions: List[Dict[str, Any]], size: Tuple[int, int]) -> str:
@@ -84,22 +184,26 @@ class PromptStrategy:
         return ""
 
     def labels(self, numbers: Sequence[int]) -> List[str]:
-        return [str(self.cfg.draw.label_format).format(n=n) for n in numbers]
+        """The mark labels of region ``numbers`` (``draw.label_format``)."""
+        return [self.style.label_format.format(n=n) for n in numbers]
 
     def reask_prompt(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> str:
         """The text of the follow-up request for the regions ``missing`` from ``spec``'s answer
         (left out, or captioned with answer-format debris)."""
         return str(self.prompt.reask_template).format(
             labels=prompts.join_words(self.labels(missing)),
-            format_instruction=prompts.format_instruction(str(self.prompt.answer_format), missing))
+            format_instruction=prompts.format_instruction(self.answer_format, missing))
 
-    def save(self, image: Any, name: str) -> None:
-        if self._save is None:
-            raise RuntimeError(f"strategy {self.name!r} was built without a way to save images")
-        self._save(image, name)
+    # ------------------------------------------------------------- answers
+    def constraint(self, numbers: Sequence[int]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+        """``(regex, json_schema)`` a constrained engine keeps the answer about ``numbers`` to (or None)."""
+        return (prompts.answer_regex(numbers, self.answer_format),
+                prompts.answer_json_schema(numbers, self.answer_format))
 
-    def ext(self) -> str:
-        return "png" if str(self.cfg.draw.image_format) == "png" else "jpg"
+    def parse(self, text: Optional[str], numbers: Sequence[int], *,
+              shown: Optional[Sequence[int]] = None) -> prompts.ParsedAnswer:
+        """The captions of ``numbers`` in an answer (:func:`regioncap.prompts.parse_answer`)."""
+        return prompts.parse_answer(text, numbers, self.answer_format, shown=shown)
 
 
 class MarkedStrategy(PromptStrategy):
@@ -107,15 +211,11 @@ class MarkedStrategy(PromptStrategy):
 
     name = "marked"
 
-    def requests(self, rec, stem, image, loaded, size, kept, regions):  # noqa: ANN001,ANN201 - see base
-        specs = []
-        for c, chunk_regions in enumerate(bx.chunk(regions, int(self.cfg.max_boxes))):
-            labels = self.labels([r["number"] for r in chunk_regions])
-            name = f"{IMAGES_DIR}/{stem}_c{c:02d}.{self.ext()}"
-            assert self.style is not None
-            self.save(draw_marks(image, [r["input_bbox"] for r in chunk_regions], labels, self.style), name)
-            specs.append(self.spec(rec, name, chunk_regions, size, f"c{c}"))
-        return specs
+    def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
+        return [Rendered(p, f"{IMAGES_DIR}/{stem}_c{c:02d}.{self.ext}",
+                         draw_marks(image, [r["input_bbox"] for r in p.regions],
+                                    self.labels([r["number"] for r in p.regions]), self.style), image.size)
+                for c, p in enumerate(planned)]
 
 
 class CoordsStrategy(PromptStrategy):
@@ -124,15 +224,14 @@ class CoordsStrategy(PromptStrategy):
     name = "coords"
     noun = "region"
 
-    def requests(self, rec, stem, image, loaded, size, kept, regions):  # noqa: ANN001,ANN201 - see base
-        name = f"{IMAGES_DIR}/{stem}.{self.ext()}"
-        self.save(image, name)
-        return [self.spec(rec, name, chunk_regions, size, f"c{c}")
-                for c, chunk_regions in enumerate(bx.chunk(regions, int(self.cfg.max_boxes)))]
+    def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
+        # One clean image, shared by every chunk's request.
+        name = f"{IMAGES_DIR}/{stem}.{self.ext}"
+        return [Rendered(p, name, image if c == 0 else None, image.size) for c, p in enumerate(planned)]
 
     def regions_text(self, regions, size):  # noqa: ANN001,ANN201 - see base
         w, h = size
-        family = str(self.cfg.model.family)
+        family = self.budget.family
         coords = [bx.qwen2_coords(bx.Box(*r["input_bbox"]), w, h) if family == "qwen2_vl"
                   else bx.qwen25_coords(bx.Box(*r["input_bbox"]), w, h) for r in regions]
         return prompts.regions_text([r["number"] for r in regions], coords, family)
@@ -140,49 +239,85 @@ class CoordsStrategy(PromptStrategy):
     def reask_prompt(self, rec, spec, missing):  # noqa: ANN001,ANN201 - see base
         # The regions are in the text, not on the image: ask the first prompt again for the ones to re-ask.
         regions = [r for r in rec["regions"] if r["id"] in spec["region_ids"] and r["number"] in missing]
-        return self.prompt_text(self.prompt.template, regions, tuple(spec["image_size"]))
+        return self.prompt_text(regions, tuple(spec["image_size"]))
 
 
 class CropStrategy(PromptStrategy):
     """One request per region, on a crop of its box with a context margin (each numbered 1)."""
 
+    @dataclass
+    class Config(PromptStrategy.Config):
+        """A crop shows one region: its caption is the whole answer, and there is nothing to re-ask."""
+
+        answer_format: AnswerFormat = AnswerFormat.free
+        reask_missing: bool = False
+
     name = "crop"
     reasks = False
     one_region_per_image = True
 
-    def requests(self, rec, stem, image, loaded, size, kept, regions):  # noqa: ANN001,ANN201 - see base
-        model = self.cfg.model
-        scale_x = loaded.image.width / loaded.original_size[0]
-        scale_y = loaded.image.height / loaded.original_size[1]
-        specs = []
-        for reg, (_, box) in zip(regions, kept):
-            crop, _rect = crop_with_margin(loaded.image, box.scale(scale_x, scale_y), float(self.prompt.crop_margin),
-                                           max_aspect=crop_aspect_limit(int(model.max_pixels), int(model.patch_size),
-                                                                        int(model.merge_size)))
-            cw, ch = target_size(crop.width, crop.height, min_pixels=model.min_pixels,
-                                 max_pixels=model.max_pixels, patch_size=model.patch_size,
-                                 merge_size=model.merge_size)
-            name = f"{IMAGES_DIR}/{stem}_r{reg['id']:03d}.{self.ext()}"
-            self.save(resize_to(crop, (cw, ch)), name)
-            reg["number"] = 1
-            specs.append(self.spec(rec, name, [reg], (cw, ch), f"r{reg['id']}"))
-        return specs
+    def slots(self, count: int) -> List[Tuple[int, int]]:
+        # Every crop shows one region, numbered 1; the chunk stays the marked layout's (records keep it).
+        return [(i // self.max_boxes, 1) for i in range(count)]
+
+    def plan(self, regions, boxes):  # noqa: ANN001,ANN201 - see base
+        return [Planned(f"r{reg['id']}", [reg], [box]) for reg, box in zip(regions, boxes)]
+
+    def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
+        b = self.budget
+        scale_x, scale_y = source.width / original_size[0], source.height / original_size[1]
+        max_aspect = crop_aspect_limit(b.max_pixels, b.patch_size, b.merge_size)
+        out = []
+        for p in planned:
+            crop, _rect = crop_with_margin(source, p.boxes[0].scale(scale_x, scale_y), float(self.prompt.crop_margin),
+                                           max_aspect=max_aspect)
+            size = b.size(crop.width, crop.height)
+            out.append(Rendered(p, f"{IMAGES_DIR}/{stem}_r{p.regions[0]['id']:03d}.{self.ext}",
+                                resize_to(crop, size), size))
+        return out
 
 
-#: ``prompt.strategy`` -> class.
-STRATEGIES: Dict[str, Type[PromptStrategy]] = {
-    cls.name: cls for cls in (MarkedStrategy, CropStrategy, CoordsStrategy)
-}
+def strategy_class(prompt: Any) -> type:
+    """The :class:`PromptStrategy` subclass a ``prompt`` node names with ``_target_``
+    (:class:`~regioncap.errors.RunError` naming ``prompt._target_`` when it does not resolve)."""
+    return class_of(prompt, PromptStrategy, "prompt")
 
 
-def strategy_class(name: Any) -> Type[PromptStrategy]:
-    """The class of ``prompt.strategy`` ``name``; ``ValueError`` naming the choices for an unknown one."""
+def settings(cls: type, prompt: Any) -> Any:
+    """``cls.Config`` filled from the ``prompt`` node (its keys that are fields; the rest keep their defaults)."""
+    return cls.Config(**{f.name: prompt[f.name] for f in fields(cls.Config) if f.name in prompt})
+
+
+def build_strategy(cfg: Any) -> PromptStrategy:
+    """The strategy ``cfg.prompt`` names, built (and its config read) for this run."""
+    cls = strategy_class(cfg.prompt)
+    return cls(settings(cls, cfg.prompt), DrawStyle.from_config(cfg.draw), ModelBudget.from_config(cfg.model),
+               int(cfg.max_boxes))
+
+
+def recorded_strategy(prompt: Any) -> Optional[type]:
+    """The strategy class of a ``prompt`` section as a run recorded it (a plain dict), or None when it
+    cannot be told: its ``_target_`` does not import here. A run recorded before strategies were
+    components names it by ``strategy``."""
+    if not hasattr(prompt, "get"):
+        return None
+    target = prompt.get("_target_") or _BEFORE_COMPONENTS.get(str(prompt.get("strategy")))
+    if not target:
+        return None
     try:
-        return STRATEGIES[str(name)]
-    except KeyError:
-        raise ValueError(f"unknown prompt.strategy {str(name)!r}; choose one of {sorted(STRATEGIES)}") from None
+        return resolve(target, PromptStrategy, "prompt._target_")
+    except Exception:  # noqa: BLE001 - a record read elsewhere: unknown, not an error
+        return None
 
 
-def build_strategy(cfg: Any, style: Optional[DrawStyle] = None, save: Optional[Save] = None) -> PromptStrategy:
-    """The strategy ``cfg.prompt.strategy`` names, built for this run."""
-    return strategy_class(cfg.prompt.strategy)(cfg, style, save)
+def recorded_name(prompt: Any) -> Optional[str]:
+    """The short name (``marked``, ``crop``...) of the strategy a recorded ``prompt`` section names."""
+    cls = recorded_strategy(prompt)
+    if cls is not None:
+        return short_name(cls)
+    return str(prompt.get("strategy")) if hasattr(prompt, "get") and prompt.get("strategy") else None
+
+
+#: ``prompt.strategy`` of runs recorded before strategies were named by ``_target_``.
+_BEFORE_COMPONENTS = {cls.name: f"{cls.__module__}.{cls.__qualname__}"
+                      for cls in (MarkedStrategy, CropStrategy, CoordsStrategy)}

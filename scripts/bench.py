@@ -10,6 +10,7 @@
     .venv/bin/python scripts/bench.py steady --rows 40 --repeat 3 [--code DIR]
     .venv/bin/python scripts/bench.py ray --rows 1000 --repeat 3 [--code DIR] [--replicas N]
     .venv/bin/python scripts/bench.py coldstart --repeat 5 [--code DIR] [--write FILE]
+    .venv/bin/python scripts/bench.py visualize-small --rows 600 --repeat 5 [--code DIR]
 
 anchor: DataFlow-MM's own region-caption preparation (its operator's steps,
 written out below from its published code: OpenCV decode for the size, a second
@@ -29,6 +30,14 @@ against
   - floor: decode + resize + encode at the model's input size and nothing else;
 and the same stage on N preparation worker processes (``workers=N``) against
 ``workers=0`` (everything in the main process, one core).
+
+visualize-small: the visualize stage (``workers=0``, the default ``model=shapes``) on
+``--rows`` generated 224x224 shapes scenes (``regioncap.shapes``, JPEG) against a
+plain Pillow floor in the same rounds: per row, open the file, draw the numbered
+boxes with ``ImageDraw``, save a JPEG. CPU seconds of this process per row
+(median of interleaved rounds) and their ratio stage/floor: what the stage's own
+bookkeeping (config, records, prompts, file names) costs where images are small.
+``--code DIR`` measures the regioncap package (and configs) of another checkout.
 
 overlap: both stages in one streaming run (the tiny model's transformers engine
 captions a batch while a worker prepares the next rows) against the two stages
@@ -403,6 +412,52 @@ def bench_visualize(rows: int, repeat: int, work: Path, model: str = "qwen25vl_3
         "workers": {n: {"images_per_s": rows / t[f"workers={n}"], "speedup": t_ours / t[f"workers={n}"]}
                     for n in workers},
     }
+
+
+def pillow_floor(data: Path, out: Path, quality: int) -> None:
+    """Per row of ``data`` (a shapes JSONL, xywh boxes): open, draw the numbered boxes, save a JPEG."""
+    out.mkdir(parents=True, exist_ok=True)
+    for i, line in enumerate(data.read_text().splitlines()):
+        row = json.loads(line)
+        with Image.open(data.parent / row["image"]) as im:
+            img = im.convert("RGB")
+        draw = ImageDraw.Draw(img)
+        for n, (x, y, w, h) in enumerate(row["bbox"], 1):
+            draw.rectangle((x, y, x + w - 1, y + h - 1), outline="red", width=2)
+            draw.text((x + 2, y + 2), str(n), fill="white")
+        img.save(out / f"{i:07d}.jpg", format="JPEG", quality=quality)
+
+
+def bench_visualize_small(rows: int, repeat: int, work: Path) -> Dict[str, object]:
+    """The visualize stage (``workers=0``) on ``rows`` 224 px shapes scenes against :func:`pillow_floor`:
+    CPU seconds per row, median of interleaved rounds."""
+    import shutil
+
+    from conftest import compose
+    from regioncap import shapes
+    from regioncap.run import RegionCapRun
+
+    data = shapes.write_dataset(work / "small-data", rows, seed=0, prefix="shapes", image_format="jpeg")
+    out = work / "small-stage"
+    cfg = compose(["engine=fake", "stages=[visualize]", "progress=false", "workers=0", "data=jsonl",
+                   f"data.path={data}", "data.bbox_format=xywh"], output_dir=out)
+    quality = int(cfg.draw.jpeg_quality)
+
+    def stage() -> None:
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run each round, not a resume with nothing to do
+        RegionCapRun(cfg).visualize()
+
+    def floor() -> None:
+        shutil.rmtree(work / "small-floor", ignore_errors=True)
+        pillow_floor(data, work / "small-floor", quality)
+
+    timed({"stage": stage, "floor": floor}, repeat)
+    stage_s, floor_s = CPU_TIMES["stage"] / rows, CPU_TIMES["floor"] / rows
+    import regioncap
+
+    return {"rows": rows, "rounds": repeat, "code": str(Path(regioncap.__file__).parent.parent),
+            "stage_cpu_ms_per_row": round(stage_s * 1e3, 3), "floor_cpu_ms_per_row": round(floor_s * 1e3, 3),
+            "stage_over_floor": round(stage_s / floor_s, 3)}
 
 
 def bench_overlap(rows: int, repeat: int, work: Path, torch_threads: int = 1, commit_every: int = 8
@@ -1042,10 +1097,10 @@ def bench_ptb(n: int, repeat: int) -> Dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["visualize", "caption", "memory", "references", "overlap", "anchor", "ptb",
+    parser.add_argument("what", choices=["visualize", "visualize-small", "caption", "memory", "references", "overlap", "anchor", "ptb",
                                          "steady", "ray", "coldstart", "all"])
     parser.add_argument("--code", type=Path, default=None,
-                        help="steady, coldstart, references: also run the regioncap package of this checkout; "
+                        help="steady, coldstart, references, visualize-small: also run the regioncap package of this checkout; "
                              "ray: interleave its runs (before)")
     parser.add_argument("--replicas", type=int, default=1, help="ray: executor.num_replicas")
     parser.add_argument("--busy", type=int, default=2, help="coldstart: CPU-burning processes of the busy rounds")
@@ -1061,6 +1116,8 @@ def main() -> None:
     parser.add_argument("--write", type=Path, default=None, help="write the results as Markdown here")
     args = parser.parse_args()
     results: Dict[str, Dict[str, object]] = {}
+    if args.code is not None and args.what == "visualize-small":  # in this process: its code goes first
+        sys.path[:0] = [str(args.code.resolve()), str(args.code.resolve() / "tests")]
     with tempfile.TemporaryDirectory(prefix="regioncap-bench-") as tmp:
         work = Path(tmp)
         if args.what in ("visualize", "all"):
@@ -1068,6 +1125,9 @@ def main() -> None:
             for model in args.models.split(","):
                 results[f"visualize/{model}"] = bench_visualize(args.rows or 60, args.repeat, work, model)
                 print(json.dumps(results[f"visualize/{model}"], indent=2))
+        if args.what == "visualize-small":  # not in "all": its figures go to docs/benchmarks.md by hand
+            results["visualize-small"] = bench_visualize_small(args.rows or 600, args.repeat, work)
+            print(json.dumps(results["visualize-small"], indent=2))
         if args.what in ("anchor", "all"):
             results["anchor"] = bench_anchor(args.images, args.repeat, work)
             print(json.dumps(results["anchor"], indent=2))

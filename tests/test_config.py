@@ -31,9 +31,12 @@ def test_every_option_composes(group, option, tmp_path):
     from regioncap.components import node_name
 
     # A component's short name is its option's name; propose=none names no class; the data
-    # options name their source (data=demo reads with JsonlSource) and keep their own name.
+    # options name their source (data=demo reads with JsonlSource) and a prompt option its
+    # strategy (prompt=dataflow: the marked one); both keep their own name.
     if group == "data":
         assert cfg.data.name == option and node_name(cfg.data) in ("jsonl", "hf", "coco", "vg", "refcoco")
+    elif group == "prompt":
+        assert cfg.prompt.name == option and node_name(cfg.prompt) in ("marked", "crop", "coords")
     else:
         assert node_name(cfg[group]) == (None if (group, option) == ("propose", "none") else option)
     from regioncap.settings import check_settings
@@ -45,7 +48,7 @@ def test_the_groups_are_the_folders_of_conf():
     assert {"model", "engine", "data", "draw", "prompt", "logger", "executor", "propose"} <= set(GROUPS)
 
 
-@pytest.mark.parametrize("field,value", [("model.family", "llava"), ("prompt.strategy", "grid"),
+@pytest.mark.parametrize("field,value", [("model.family", "llava"), ("prompt.answer_format", "grid"),
                                          ("prompt.answer_format", "xml"), ("data.bbox_format", "xy"),
                                          ("propose.nms_metric", "giou"),
                                          ("propose.when", "sometimes")])
@@ -55,10 +58,9 @@ def test_closed_choices_fail_at_compose_time(field, value):
 
 
 def test_enums_list_exactly_what_the_registries_hold():
-    from regioncap import boxes, config, propose, strategies
+    from regioncap import boxes, propose
 
     names = lambda enum: {m.value for m in enum}  # noqa: E731
-    assert names(config.StrategyName) == set(strategies.STRATEGIES)
     assert names(propose.ProposeWhen) == set(propose.PROPOSE_WHEN)
     assert names(boxes.BboxFormat) == set(boxes.BBOX_FORMATS)
 

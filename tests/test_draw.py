@@ -54,8 +54,31 @@ def contrast(a: tuple[int, int, int], b: tuple[int, int, int]) -> float:
 # --------------------------------------------------------------------------- style
 
 
-def test_style_fields_match_the_config_layer() -> None:
-    assert DRAW_STYLE_FIELDS == ("palette", "line_width", "min_line_px", "label_size", "min_label_px", "dim")
+def test_style_is_the_typed_draw_config() -> None:
+    """DrawStyle holds every key of the draw schema (less its name), with the schema's defaults."""
+    from dataclasses import asdict
+
+    from regioncap.config import DrawConfig
+
+    schema = {k: v for k, v in asdict(DrawConfig()).items() if k != "name"}
+    assert set(DRAW_STYLE_FIELDS) == set(schema)
+    assert asdict(DrawStyle()) == schema
+
+
+@pytest.mark.parametrize("option", ["default", "thin", "dataflow"])
+def test_style_from_each_shipped_draw_option(compose_cfg, option: str) -> None:
+    section = compose_cfg([f"draw={option}"]).draw
+    style = DrawStyle.from_config(section)
+    assert asdict_style(style) == {k: (list(v) if k == "palette" else v) for k, v in section.items() if k != "name"}
+
+
+def asdict_style(style: DrawStyle) -> dict:
+    from dataclasses import asdict
+
+    return asdict(style)
+
+
+def test_style_defaults() -> None:
     style = DrawStyle()
     assert style.palette == list(DEFAULT_PALETTE) and len(set(style.palette)) == 10
     assert (style.line_width, style.min_line_px, style.label_size, style.min_label_px, style.dim) == (

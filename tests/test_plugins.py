@@ -39,7 +39,8 @@ def write_plugin(root: Path) -> Path:
 def test_the_docs_show_an_engine_a_logger_and_their_options():
     assert set(plugin_files()) == {"myplugins/engine.py", "myplugins/logger.py", "myconf/engine/echo.yaml",
                                    "myconf/logger/jsonl.yaml", "myplugins/proposer.py", "myplugins/source.py",
-                                   "myconf/propose/grid.yaml", "myconf/data/folder.yaml"}
+                                   "myconf/propose/grid.yaml", "myconf/data/folder.yaml",
+                                   "myplugins/strategy.py", "myconf/prompt/few.yaml"}
 
 
 @pytest.mark.cli

@@ -10,12 +10,13 @@ from hypothesis import strategies as st
 
 from conftest import compose
 from regioncap import prompts
+from regioncap.strategies import build_strategy
 
 
 def render(option: str, numbers, labels=None, regions_text=""):
     cfg = compose([f"prompt={option}"])
     labels = labels or [str(n) for n in numbers]
-    noun = "region" if cfg.prompt.strategy == "coords" else "box"
+    noun = build_strategy(cfg).noun
     return prompts.build_prompt(cfg.prompt.template, numbers=numbers, labels=labels,
                                 answer_format=cfg.prompt.answer_format, regions_text=regions_text, noun=noun)
 

@@ -47,7 +47,7 @@ def test_experiment_carries_its_own_sweep(tmp_path):
     proc = run_cli(["-m", "experiment=marks_vs_crops", *FAST, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = _jobs(sweep)
-    prompts = sorted(json.loads((j / "manifest.json").read_text())["config"]["prompt"]["strategy"] for j in jobs)
+    prompts = sorted(json.loads((j / "manifest.json").read_text())["config"]["prompt"]["name"] for j in jobs)
     assert prompts == ["coords", "crop", "marked"]
     assert (sweep / "report.html").is_file()
 

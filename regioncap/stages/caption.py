@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional
 
-from regioncap import prompts
 from regioncap.engines import engine_name
 from regioncap.engines.base import Engine, Request, Response, Sampling
 from regioncap.errors import RunError
@@ -58,6 +58,10 @@ class Captioner(Stage):
         from regioncap.random_weights import is_random
 
         self.random_weights = is_random(cfg.model)
+        s = cfg.sampling
+        self._sampling = Sampling(temperature=float(s.temperature), top_p=float(s.top_p),
+                                  max_tokens=int(s.max_tokens), seed=int(s.seed if s.seed is not None else cfg.seed))
+        self.references_key = cfg.data.references_key
         #: This stage's engine start-up: ``engine_load_s`` (building it: imports, weights, a server's
         #: preflight), ``first_batch_s`` (its first batch: the calls and re-asks of the first rows it
         #: answered, which carry lazy warm-up); empty until it starts.
@@ -110,21 +114,20 @@ class Captioner(Stage):
             yield self.caption_batch(batch)
 
     def sampling(self) -> Sampling:
-        """The run's sampling settings (the per-request seed defaults to the run's seed)."""
-        s = self.cfg.sampling
-        return Sampling(temperature=float(s.temperature), top_p=float(s.top_p), max_tokens=int(s.max_tokens),
-                        seed=int(s.seed if s.seed is not None else self.cfg.seed))
+        """The run's sampling settings (the per-request seed defaults to the run's seed), a copy per call."""
+        return replace(self._sampling)
 
     def request(self, spec: Dict[str, Any], *, reask: bool = False) -> Request:
-        """The engine request of a request spec (its image path resolved against the run dir)."""
-        pcfg = self.cfg.prompt
+        """The engine request of a request spec (its image path resolved against the run dir), with the
+        answer constraint of the prompt strategy."""
+        strategy = self.strategy
         numbers = spec["numbers"]
-        fmt = str(pcfg.answer_format)
+        regex, schema = strategy.constraint(numbers)
         return Request(
             key=spec["key"], image_path=str(self.out / spec["image"]), prompt=spec["prompt"],
-            system=pcfg.system, sampling=self.sampling(), image_size=tuple(spec["image_size"]),
-            regex=prompts.answer_regex(numbers, fmt), json_schema=prompts.answer_json_schema(numbers, fmt),
-            meta={"numbers": numbers, "answer_format": fmt, "reask": reask},
+            system=strategy.prompt.system, sampling=self.sampling(), image_size=tuple(spec["image_size"]),
+            regex=regex, json_schema=schema,
+            meta={"numbers": numbers, "answer_format": strategy.answer_format, "reask": reask},
         )
 
     def caption_batch(self, batch: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -151,7 +154,7 @@ class Captioner(Stage):
         # One re-ask for regions a (successful) answer left out or captioned with answer-format
         # debris (prompts.caption_debris); never invented.
         reasks = []
-        if self.cfg.prompt.reask_missing and self.strategy.reasks:
+        if self.strategy.prompt.reask_missing and self.strategy.reasks:
             for rec, spec in work:
                 again = [n for n in spec["numbers"] if n not in spec["captions"] or n in spec["debris"]]
                 if spec["error"] is None and again:
@@ -196,7 +199,7 @@ class Captioner(Stage):
         from regioncap.stages.grounding import Grounder
 
         if getattr(self, "_grounder", None) is None:
-            self._grounder = Grounder(self.cfg, self.out)
+            self._grounder = Grounder(self.cfg, self.out, self.strategy)
         rows = [rec for rec in batch if rec["status"] == "grounding"]
         self.start_engine()
         requests = [self._grounder.request(rec, self.sampling()) for rec in rows]
@@ -228,8 +231,7 @@ class Captioner(Stage):
         spec.update({"answer": resp.text, "error": resp.error, "prompt_tokens": resp.prompt_tokens,
                      "output_tokens": resp.output_tokens, "finish_reason": resp.finish_reason,
                      "latency_s": None if resp.latency_s is None else round(resp.latency_s, 4)})
-        parsed = prompts.parse_answer(resp.text, spec["numbers"], str(self.cfg.prompt.answer_format),
-                                      shown=shown) if resp.ok else None
+        parsed = self.strategy.parse(resp.text, spec["numbers"], shown=shown) if resp.ok else None
         spec["format_ok"] = bool(parsed and parsed.format_ok)
         spec["captions"] = dict(parsed.captions) if parsed else {}
         spec["debris"] = dict(parsed.debris) if parsed else {}
@@ -301,7 +303,7 @@ class Captioner(Stage):
         if self.random_weights:
             rec["model_weights"] = "random"  # every caption of such a run is noise: said on every row
         # Per-region faithfulness flags and exact-match/attribute scores (regioncap/metrics.py).
-        return annotate_record(rec, self.cfg.data.references_key)
+        return annotate_record(rec, self.references_key)
 
 
 def _by_number(debris: Dict[int, str]) -> Dict[str, str]:
