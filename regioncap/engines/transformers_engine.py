@@ -161,8 +161,10 @@ def load_processor(model_path: str, trust_remote_code: bool = False) -> Any:
     index is a CUDA build), and transformers 5 cannot build a Qwen-VL processor
     without one because of its video processor: there the model's processor
     class is built without the video processor, on the PIL image processor.
-    Images get the same resize, rescale and normalisation; videos are not
-    supported (regioncap sends none).
+    For an image already at the processor's size (regioncap prepares every image
+    so) its pixel values match the fast processor's to float rounding (2e-7);
+    where it has to resize, PIL's resampling differs slightly from torchvision's.
+    Videos are not supported (regioncap sends none).
     """
     import importlib.util
 
