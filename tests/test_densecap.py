@@ -375,6 +375,8 @@ def test_real_meteor_on_a_proposal_run_and_a_given_box_run(tmp_path):
 @requires("pycocoevalcap")
 def test_real_meteor_scores_pairs_one_by_one():
     assert shutil.which("java"), "METEOR needs java on PATH (apt-get install default-jre-headless)"
-    scores = dc.meteor_scores([("a red circle", ["a red circle"]), ("a blue square", ["a red circle", "red"]),
+    from regioncap.metrics import densecap_meteor
+
+    scores = densecap_meteor([("a red circle", ["a red circle"]), ("a blue square", ["a red circle", "red"]),
                                ("!!!", ["a red circle"])])
     assert scores[0] == pytest.approx(1.0) and 0.0 <= scores[1] < 0.5 and scores[2] == 0.0

@@ -428,7 +428,7 @@ def test_preflight_names_the_models_the_server_serves(fault_server, monkeypatch)
 
     cfg = OpenAIEngine.Config(base_url=base_url, api_key_env=KEY_ENV, served_model="tiny")
     OpenAIEngine.preflight(cfg, ModelConfig(name="tiny", path="tiny"))
-    node = OmegaConf.create({"_target_": "regioncap.engines.openai_engine.OpenAIEngine", **vars(cfg)})
+    node = OmegaConf.create({**vars(cfg), "_target_": "regioncap.engines.openai_engine.OpenAIEngine"})
     preflight(node, ModelConfig(name="tiny", path="tiny"))
     preflight({"_target_": "regioncap.engines.fake.FakeEngine"}, ModelConfig(name="tiny", path="tiny"))  # nothing to check
     node.served_model = "other"

@@ -195,8 +195,9 @@ def test_one_malformed_annotation_does_not_stop_the_run(tmp_path, source):
 
 #: Secret values given under names the first rounds missed, and one under a user-listed name.
 _SECRET_OVERRIDES = {
-    "+engine.passphrase": "PASSPHRASE0001", "+engine.pwd": "PWDVALUE0002", "+engine.db_pass": "DBPASS0003",
-    "+engine.extra.api-key": "APIDASHKEY0004", "+engine.my_dsn": "USERNAMED0005",
+    # Keys an engine does not have are refused (engine=fake types its section); the model section keeps them.
+    "+model.passphrase": "PASSPHRASE0001", "+model.pwd": "PWDVALUE0002", "+model.db_pass": "DBPASS0003",
+    "+model.extra.api-key": "APIDASHKEY0004", "+model.my_dsn": "USERNAMED0005",
 }
 _URL_SECRET = "URLAPIKEY0006"
 _SECRET_NEEDLES = [*_SECRET_OVERRIDES.values(), _URL_SECRET]
@@ -204,7 +205,7 @@ _SECRET_NEEDLES = [*_SECRET_OVERRIDES.values(), _URL_SECRET]
 
 def _secret_args() -> List[str]:
     return [*(f"{k}={v}" for k, v in _SECRET_OVERRIDES.items()), "secret_names=[my_dsn]",
-            f"+engine.base_url='http://127.0.0.1:9/v1?api-key={_URL_SECRET}'"]
+            f"+model.base_url='http://127.0.0.1:9/v1?api-key={_URL_SECRET}'"]
 
 
 def _files_with_secrets(root: Path) -> List[Any]:
