@@ -33,7 +33,7 @@ import importlib.util
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap.errors import RunError
 

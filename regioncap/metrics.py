@@ -45,7 +45,7 @@ from regioncap import metricspec
 from regioncap.densecap import (
     IOU_THRESHOLDS, METEOR_THRESHOLDS, DenseCapEvaluator, DenseCapImage, MeteorFn, MeteorUnavailable,
 )
-from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED, bootstrap_interval
+from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 
 log = logging.getLogger("regioncap")
 

@@ -6,7 +6,6 @@ import hashlib
 import json
 import random
 import shutil
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings

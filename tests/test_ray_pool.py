@@ -8,7 +8,7 @@ tests/test_ray.py and tests/test_ray_nodes.py."""
 from __future__ import annotations
 
 import random
-from typing import Any, Dict, List
+from typing import Any, List
 
 from hypothesis import given, settings, strategies as st
 

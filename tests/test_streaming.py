@@ -20,7 +20,7 @@ from regioncap.job import execute
 from regioncap.metrics import format_summary
 from regioncap.prepare import RowPool, available_cores, resolve_workers
 from regioncap.records import read_jsonl
-from regioncap.run import RegionCapRun, RunError
+from regioncap.run import RunError
 from regioncap.stages.visualize import Visualizer
 
 DEMO = REPO / "regioncap" / "demo"

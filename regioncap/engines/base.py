@@ -17,7 +17,7 @@ import abc
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence
 
 from regioncap.components import Component, check, real, whole
 from regioncap.errors import RunError

@@ -30,10 +30,11 @@ imported only here, only when ``executor=ray`` is picked.
 
 from __future__ import annotations
 
-import json
-import logging
 import functools
 import gc
+import json
+import logging
+import math
 import os
 import signal
 import threading
