@@ -37,7 +37,9 @@ plan() {
     # transformers-cpu: the transformers extra without torchvision (its CUDA build would pull a CUDA torch).
     echo "$pip -e .[transformers-cpu,openai,wandb,ray,slurm,dev]"
     # xgrammar requires triton (1 GB, GPU kernels only) on Linux; its CPU path never imports it.
-    echo "$VENV/bin/python -m pip uninstall -q -y triton"
+    # qwen-vl-utils (and the PyAV it pulls in, 0.1 GB) imports torchvision: the tests compare
+    # against it only where torchvision is installed, so without it here it is dead weight.
+    echo "$VENV/bin/python -m pip uninstall -q -y triton qwen-vl-utils av"
   fi
 }
 

@@ -26,6 +26,7 @@ from regioncap.config import ModelConfig
 from regioncap.engines.base import Sampling
 from regioncap.engines.vllm_engine import VllmEngine
 from regioncap.models import resolve_model_path
+from regioncap.propose.vlm import VlmProposer
 from regioncap.shapes import render_scene
 
 model = ModelConfig(**spec["model"])

@@ -116,7 +116,7 @@ def test_print_plan_on_a_machine_without_a_gpu_installs_no_cuda(no_driver, tmp_p
     assert any(line.endswith("install -q torch==2.13.0+cpu") for line in lines)
     assert any("-e .[transformers-cpu," in line for line in lines)
     assert not any("torchvision" in line or ".[transformers," in line for line in lines)
-    assert lines[-1].endswith("uninstall -q -y triton")
+    assert lines[-1].endswith("uninstall -q -y triton qwen-vl-utils av")
     assert all(line.startswith(f"{venv}/bin/python") for line in lines[1:])
     assert not venv.exists()  # the plan installs nothing
 
