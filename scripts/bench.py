@@ -518,6 +518,18 @@ def bench_overlap(rows: int, repeat: int, work: Path, torch_threads: int = 1, co
             "overlap_gain": (t_vis + t_cap) / t_both}
 
 
+def write_demo_rows(path: Path, n: int) -> Path:
+    """``n`` rows cycling the bundled demo rows (ids ``r0``..., image paths absolute) as JSONL at ``path``."""
+    demo = REPO / "regioncap" / "demo" / "demo.jsonl"
+    demo_rows = [json.loads(line) for line in demo.read_text().splitlines()]
+    with open(path, "w") as fh:
+        for i in range(n):
+            row = dict(demo_rows[i % len(demo_rows)], id=f"r{i}")
+            row["image"] = str(demo.parent / row["image"])
+            fh.write(json.dumps(row) + "\n")
+    return path
+
+
 def bench_caption(rows: int, repeat: int, work: Path) -> Dict[str, object]:
     from conftest import compose
     from regioncap.engines import build_engine
@@ -529,14 +541,7 @@ def bench_caption(rows: int, repeat: int, work: Path) -> Dict[str, object]:
     from regioncap.tiny import build_tiny_model
 
     model_dir = build_tiny_model(work / "tiny")
-    demo = REPO / "regioncap" / "demo" / "demo.jsonl"
-    demo_rows = [json.loads(line) for line in demo.read_text().splitlines()]
-    big = work / "caption_rows.jsonl"
-    with open(big, "w") as fh:
-        for i in range(rows):
-            row = dict(demo_rows[i % len(demo_rows)], id=f"r{i}")
-            row["image"] = str(demo.parent / row["image"])
-            fh.write(json.dumps(row) + "\n")
+    big = write_demo_rows(work / "caption_rows.jsonl", rows)
     # No re-asks: the direct calls make none, so the two sides do the same generation work.
     cfg = compose(["progress=false", f"model.path={model_dir}", "data=jsonl", f"data.path={big}",
                    "sampling.max_tokens=64", "prompt.reask_missing=false"], output_dir=work / "caption")
@@ -622,16 +627,9 @@ def _tree_rss_mb(args: List[str]) -> float:
 
 def bench_memory(rows: int, work: Path) -> Dict[str, object]:
     """Peak RSS of a whole run at 10x the rows over 1x (both stages, fake engine: the framework's own memory)."""
-    demo = REPO / "regioncap" / "demo" / "demo.jsonl"
-    demo_rows = [json.loads(line) for line in demo.read_text().splitlines()]
     peaks, trees = {}, {}
     for n in (rows, 10 * rows):
-        data = work / f"mem_rows_{n}.jsonl"
-        with open(data, "w") as fh:
-            for i in range(n):
-                row = dict(demo_rows[i % len(demo_rows)], id=f"r{i}")
-                row["image"] = str(demo.parent / row["image"])
-                fh.write(json.dumps(row) + "\n")
+        data = write_demo_rows(work / f"mem_rows_{n}.jsonl", n)
         args = ["engine=fake", "progress=false", "data=jsonl", f"data.path={data}"]
         peaks[n] = _peak_rss_mb([*args, f"hydra.run.dir={work / f'mem_run_{n}'}"])
         trees[n] = _tree_rss_mb([*args, f"hydra.run.dir={work / f'mem_tree_{n}'}"])
@@ -864,14 +862,7 @@ def bench_ray(rows: int, repeat: int, work: Path, code: Path | None = None, repl
     import os
     import subprocess
 
-    demo = REPO / "regioncap" / "demo" / "demo.jsonl"
-    demo_rows = [json.loads(line) for line in demo.read_text().splitlines()]
-    data = work / "ray_rows.jsonl"
-    with open(data, "w") as fh:
-        for i in range(rows):
-            row = dict(demo_rows[i % len(demo_rows)], id=f"r{i}")
-            row["image"] = str(demo.parent / row["image"])
-            fh.write(json.dumps(row) + "\n")
+    data = write_demo_rows(work / "ray_rows.jsonl", rows)
     base = ["engine=fake", "progress=false", "data=jsonl", f"data.path={data}"]
     vis = work / "ray_visualize"
     subprocess.run([sys.executable, "-m", "regioncap", *base, "stages=[visualize]", f"hydra.run.dir={vis}"],

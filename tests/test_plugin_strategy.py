@@ -6,18 +6,15 @@ import json
 
 import pytest
 
-from conftest import REPO, run_cli
-from test_plugins import write_plugin
+from test_plugins import run_plugin
 
 
 @pytest.mark.cli
 @pytest.mark.slow
 def test_a_plugin_strategy_plans_the_regions_from_outside_the_package(tmp_path):
-    root = write_plugin(tmp_path / "myproject")
     out = tmp_path / "run"
-    proc = run_cli([f"--config-dir={root / 'myconf'}", "prompt=few", "prompt.per_request=3", "engine=fake",
-                    "progress=false", f"hydra.run.dir={out}"],
-                   env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+    proc = run_plugin(tmp_path, "prompt=few", "prompt.per_request=3", "engine=fake", "progress=false",
+                      f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert records and any(len(r["regions"]) > 3 for r in records)
@@ -34,10 +31,8 @@ def test_a_plugin_strategy_plans_the_regions_from_outside_the_package(tmp_path):
 
 @pytest.mark.cli
 def test_a_misspelt_strategy_class_is_one_line_naming_the_key(tmp_path):
-    root = write_plugin(tmp_path / "myproject")
-    proc = run_cli([f"--config-dir={root / 'myconf'}", "prompt=few", "prompt._target_=myplugins.strategy.Fewer",
-                    "engine=fake", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"],
-                   env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+    proc = run_plugin(tmp_path, "prompt=few", "prompt._target_=myplugins.strategy.Fewer", "engine=fake",
+                      "progress=false", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode != 0
     assert "prompt._target_=myplugins.strategy.Fewer: module myplugins.strategy has no attribute 'Fewer'" in (
         proc.stdout + proc.stderr)

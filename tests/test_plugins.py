@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Dict
+from typing import Any, Dict
 
 import pytest
 
@@ -36,6 +36,13 @@ def write_plugin(root: Path) -> Path:
     return root
 
 
+def run_plugin(tmp_path: Path, *overrides: str) -> Any:
+    """``python -m regioncap`` with the docs' plugin written under ``tmp_path/myproject``: its folder on
+    PYTHONPATH, its conf dir as ``--config-dir``, started from there (outside the package)."""
+    root = write_plugin(tmp_path / "myproject")
+    return run_cli([f"--config-dir={root / 'myconf'}", *overrides], env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+
+
 def test_the_docs_show_an_engine_a_logger_and_their_options():
     assert set(plugin_files()) == {"myplugins/engine.py", "myplugins/logger.py", "myconf/engine/echo.yaml",
                                    "myconf/logger/jsonl.yaml", "myplugins/proposer.py", "myplugins/source.py",
@@ -46,11 +53,9 @@ def test_the_docs_show_an_engine_a_logger_and_their_options():
 @pytest.mark.cli
 @pytest.mark.slow
 def test_a_plugin_engine_and_logger_run_from_outside_the_package(tmp_path):
-    root = write_plugin(tmp_path / "myproject")
     out = tmp_path / "run"
-    proc = run_cli([f"--config-dir={root / 'myconf'}", "engine=echo", "logger=jsonl", "engine.batch_size=4",
-                    "progress=false", f"hydra.run.dir={out}"],
-                   env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+    proc = run_plugin(tmp_path, "engine=echo", "logger=jsonl", "engine.batch_size=4", "progress=false",
+                      f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     ids = [r["id"] for r in records]
@@ -73,10 +78,8 @@ def test_a_plugin_engine_and_logger_run_from_outside_the_package(tmp_path):
     ("engine.max_words=0", "engine.max_words must be a whole number >= 1, got 0"),
 ])
 def test_a_broken_plugin_option_is_one_line_naming_the_key_before_any_row(tmp_path, override, message):
-    root = write_plugin(tmp_path / "myproject")
     out = tmp_path / "run"
-    proc = run_cli([f"--config-dir={root / 'myconf'}", "engine=echo", override, f"hydra.run.dir={out}"],
-                   env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+    proc = run_plugin(tmp_path, "engine=echo", override, f"hydra.run.dir={out}")
     assert proc.returncode == 1
     said = proc.stdout + proc.stderr
     assert message in said and "Traceback" not in said
@@ -88,16 +91,14 @@ def test_a_broken_plugin_option_is_one_line_naming_the_key_before_any_row(tmp_pa
 def test_a_plugin_proposer_and_data_source_run_from_outside_the_package(tmp_path):
     import shutil
 
-    root = write_plugin(tmp_path / "myproject")
     images = tmp_path / "images"
     images.mkdir()
     for name in ("shapes_00000.jpg", "shapes_00001.jpg", "shapes_00002.jpg"):
         shutil.copy(REPO / "regioncap" / "demo" / "shapes" / "images" / name, images / name)
     (images / "notes.txt").write_text("not an image: the pattern leaves it out")
     out = tmp_path / "run"
-    proc = run_cli([f"--config-dir={root / 'myconf'}", "data=folder", f"data.path={images}", "propose=grid",
-                    "propose.cols=3", "engine=fake", "progress=false", f"hydra.run.dir={out}"],
-                   env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+    proc = run_plugin(tmp_path, "data=folder", f"data.path={images}", "propose=grid", "propose.cols=3",
+                      "engine=fake", "progress=false", f"hydra.run.dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in records] == ["shapes_00000", "shapes_00001", "shapes_00002"]  # every file, once
@@ -120,10 +121,9 @@ def test_a_plugin_proposer_and_data_source_run_from_outside_the_package(tmp_path
      "data._target_=myplugins.proposer.GridProposer: GridProposer is not a subclass of regioncap.data.DataSource"),
 ])
 def test_a_broken_plugin_proposer_or_source_is_one_line_before_any_row(tmp_path, override, message):
-    root = write_plugin(tmp_path / "myproject")
     out = tmp_path / "run"
-    proc = run_cli([f"--config-dir={root / 'myconf'}", "data=folder", f"data.path={tmp_path}", "propose=grid",
-                    "engine=fake", override, f"hydra.run.dir={out}"], env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
+    proc = run_plugin(tmp_path, "data=folder", f"data.path={tmp_path}", "propose=grid", "engine=fake", override,
+                      f"hydra.run.dir={out}")
     assert proc.returncode == 1
     said = proc.stdout + proc.stderr
     assert message in said and "Traceback" not in said
