@@ -1,0 +1,159 @@
+"""A model family: the conventions regioncap's correctness depends on, in one class.
+
+A family is the ``model`` group's component (``conf/model/*.yaml`` names it with
+``_target_: regioncap.families.qwen.Qwen25VL``). Its ``Config`` is the ``model``
+section (which weights, the pixel budget, the context length) with the family's
+own defaults; the class answers every question whose answer differs between
+families and is silent when wrong (boxes drawn or parsed in the wrong frame give
+fluent captions of the wrong regions):
+
+- pixels: the size an image is resized to before marks are drawn (the size the
+  model sees), and the visual tokens it costs there (equal to the engine's count);
+- coordinates: how a box is written in a prompt (``prompt=coords``), the
+  grounding request (``propose=vlm``), its answer constraint and its parser;
+- chat: the user turn's content (where the image goes);
+- building: the architecture folders kept under ``regioncap/archs`` (for
+  ``model.weights=random``) and a tiny random-weight build for tests.
+
+This module imports the standard library and OmegaConf only; a family's module imports
+nothing heavy at module level (transformers and torch only inside methods that
+build models or tokenizers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
+
+from regioncap.components import Component, check, optional, whole
+
+from omegaconf import MISSING
+
+#: ``(x1, y1, x2, y2)`` in pixels of the image the model sees.
+PixelBox = Tuple[float, float, float, float]
+
+
+class Family(Component):
+    """Base class of the ``model`` group: one model family's conventions.
+
+    An instance is built from the typed ``model`` section (``Family(cfg)``) and is
+    cheap: no weights, tokenizer or processor is loaded by building it.
+    """
+
+    @dataclass
+    class Config(Component.Config):
+        """The ``model`` section: which model to run and the image budget it is fed."""
+
+        #: Short name used in run names and reports.
+        name: str = MISSING
+        #: Hub id (``Qwen/Qwen2.5-VL-3B-Instruct``) or a local model folder.
+        path: str = MISSING
+        #: Hub revision (branch, tag or commit) when ``path`` is a hub id.
+        revision: Optional[str] = None
+        #: Pixel budget of one image (the processor's ``min_pixels`` / ``max_pixels``);
+        #: a family with a fixed input size ignores it and says so.
+        min_pixels: int = field(default=4 * 28 * 28, metadata=check(whole(1)))
+        max_pixels: int = field(default=1280 * 28 * 28, metadata=check(whole(1)))
+        #: Vision patch size and spatial merge size (28 px per visual token for Qwen2-VL/2.5-VL).
+        patch_size: int = field(default=14, metadata=check(whole(1)))
+        merge_size: int = field(default=2, metadata=check(whole(1)))
+        #: Context length given to the engine; requests that cannot fit are error rows.
+        max_model_len: int = field(default=8192, metadata=check(optional(whole(1))))
+        #: Torch dtype name for the weights: ``auto``, ``bfloat16``, ``float16``, ``float32``.
+        dtype: str = "auto"
+        #: Never on unless a user asks: it runs code shipped with the model.
+        trust_remote_code: bool = False
+        #: When set, regioncap builds the model itself if ``path`` does not exist
+        #: (``tiny``: the family's tiny random-weight build, :meth:`Family.build_tiny`).
+        builder: Optional[str] = None
+        #: ``real``: load the trained weights. ``random``: the real architecture with random
+        #: weights and no weights file: for throughput, memory and token-budget checks.
+        weights: str = "real"
+
+    #: ``model.family`` in the manifest, the report and exports (``qwen2_5_vl``).
+    name: ClassVar[str] = ""
+    #: ``model_type`` values of a ``config.json`` this family reads (``qwen2_5_vl``).
+    model_types: ClassVar[Tuple[str, ...]] = ()
+    #: The transformers class when ``AutoModelForImageTextToText`` does not map the model
+    #: (older transformers); None: the auto class only.
+    transformers_class: ClassVar[Optional[str]] = None
+    #: Coordinates of boxes in prompts and grounding answers: None for absolute pixels of the
+    #: image the model sees, else the side of the relative grid (1000 for 0..1000).
+    grid: ClassVar[Optional[int]] = None
+    #: Published architectures kept under ``regioncap/archs``: hub id -> folder name.
+    archs: ClassVar[Mapping[str, str]] = {}
+    #: Whether the model reads marks drawn on the image (False: a family whose prompt names
+    #: the region itself, such as Florence-2's region task).
+    marks: ClassVar[bool] = True
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+
+    # -- pixels --------------------------------------------------------------
+
+    def input_size(self, width: int, height: int, source: str = "image") -> Tuple[int, int]:
+        """``(width, height)`` a ``width x height`` image is resized to: the pixels the model sees.
+
+        Marks are drawn at this size; the processor must leave an image of this size
+        unchanged (or the family says where it does not, :meth:`is_fixed_size`).
+        Raises :class:`regioncap.images.ImageLoadError` for an image the model refuses
+        (an aspect ratio over its limit), naming ``source``.
+        """
+        raise NotImplementedError
+
+    def is_fixed_size(self, width: int, height: int) -> bool:
+        """True when an image already at ``width x height`` reaches the model unchanged."""
+        try:
+            return self.input_size(width, height) == (width, height)
+        except Exception:  # noqa: BLE001 - any refusal means "not fixed"
+            return False
+
+    def visual_tokens(self, width: int, height: int) -> int:
+        """Visual tokens of an image at its input size: the count the engine puts in the prompt."""
+        raise NotImplementedError
+
+    # -- coordinates -----------------------------------------------------------
+
+    def box_coords(self, box: PixelBox, size: Tuple[int, int]) -> List[int]:
+        """The four integers the family writes for ``box`` (pixels of an image of ``size``)."""
+        raise NotImplementedError
+
+    def box_text(self, box: PixelBox, size: Tuple[int, int]) -> str:
+        """``box`` written the way the family grounds (``{"bbox_2d": [x1, y1, x2, y2]}``)."""
+        raise NotImplementedError
+
+    def grounding_prompt(self) -> str:
+        """The request text that asks the model for every object with its box."""
+        raise NotImplementedError
+
+    def grounding_constraint(self, kind: str, max_items: int) -> Dict[str, Any]:
+        """``{"regex": ...}`` or ``{"json_schema": ...}`` constraining a grounding answer where the
+        family's answer is constrainable with ``kind`` (``regex``, ``json``); ``{}`` where not."""
+        return {}
+
+    def parse_grounding(self, text: Any, width: float, height: float, *, min_size: float = 1.0,
+                        source: str = "vlm") -> List[Any]:
+        """The boxes of a grounding answer as :class:`regioncap.propose.base.Proposal` s in pixels of
+        the ``width x height`` image the model saw. Never raises on any ``text``."""
+        raise NotImplementedError
+
+    # -- chat ------------------------------------------------------------------
+
+    def user_content(self, prompt: str) -> List[Dict[str, Any]]:
+        """The user turn's content for ``processor.apply_chat_template``: the image, then the text."""
+        return [{"type": "image"}, {"type": "text", "text": prompt}]
+
+    # -- building --------------------------------------------------------------
+
+    @classmethod
+    def build_tiny(cls, out_dir: Path) -> Path:
+        """Build a tiny random-weight model of this family in ``out_dir`` (config, weights,
+        tokenizer, processor, chat template; no hub) and return the folder."""
+        raise NotImplementedError(f"{cls.__name__} has no tiny build")
+
+    @classmethod
+    def arch_folder(cls, hub_id: str) -> Optional[str]:
+        """The folder under ``regioncap/archs`` of ``hub_id``'s published architecture, or None."""
+        return cls.archs.get(hub_id)
+
