@@ -290,3 +290,19 @@ def test_one_row_end_to_end_with_random_weights(tmp_path):
     assert metrics["model_weights"] == "random" and metrics["images"] == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["family"] == "qwen3_vl" and manifest["model"]["weights"] == "random"
+
+
+def test_export_writes_each_familys_grounding_coordinates():
+    from regioncap.export import family_for, grounding
+
+    rec = {"input_size": [640, 480]}
+    region = {"input_bbox": [160, 120, 480, 360]}
+    assert grounding(region, rec, family_for("qwen3_vl")) == ([250, 250, 750, 750], '{"bbox_2d": [250, 250, 750, 750]}')
+    assert grounding(region, rec, family_for("qwen2_5_vl")) == ([160, 120, 480, 360],
+                                                               '{"bbox_2d": [160, 120, 480, 360]}')
+    # A run recorded before model named its class: its model.family decides.
+    assert type(family_for("qwen2_vl", {"name": "old", "family": "qwen2_vl"})) is Qwen2VL
+    from regioncap.export import ExportError
+
+    with pytest.raises(ExportError, match="no model family named 'llava'"):
+        family_for("llava")
