@@ -305,3 +305,19 @@ def test_export_writes_each_familys_grounding_coordinates():
 
     with pytest.raises(ExportError, match="no model family named 'llava'"):
         family_for("llava")
+
+
+def test_a_user_model_option_written_before_families_still_runs(tmp_path, caplog):
+    """``myconf/model/old.yaml`` from the old schema (``/schema/model/base``, ``family: qwen2_vl``, no
+    ``_target_``) composes, and the run's checks type it as Qwen2-VL with a deprecation warning."""
+    from regioncap.settings import check_config
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "old.yaml").write_text(
+        "defaults:\n  - /schema/model/base@_here_\nname: old\npath: /models/old\nfamily: qwen2_vl\n")
+    cfg = compose([f"hydra.searchpath=[file://{tmp_path}]", "model=old"], output_dir=tmp_path)
+    with caplog.at_level("WARNING", logger="regioncap"):
+        check_config(cfg)
+    assert "deprecated" in caplog.text
+    assert cfg.model._target_ == "regioncap.families.qwen.Qwen2VL" and "family" not in cfg.model
+    assert type(build_family(cfg.model)) is Qwen2VL and cfg.model.max_pixels == 1280 * 28 * 28
