@@ -43,7 +43,7 @@ from typing import Any, Deque, Dict, Iterable, Iterator, List, Optional, Sequenc
 
 from regioncap import metricspec
 from regioncap.densecap import (
-    IOU_THRESHOLDS, METEOR_THRESHOLDS, DenseCapEvaluator, DenseCapImage, MeteorFn, MeteorUnavailable,
+    IOU_THRESHOLDS, METEOR_THRESHOLDS, METEOR_TIMEOUT_S, DenseCapEvaluator, DenseCapImage, MeteorFn, MeteorUnavailable,
 )
 from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 
@@ -53,8 +53,6 @@ log = logging.getLogger("regioncap")
 _WORD = re.compile(r"[^\W_]+")
 #: Share of a caption's word 4-grams found in its prompt above which it "repeats the prompt".
 PROMPT_REPEAT_SHARE = 0.8
-#: Seconds METEOR's Java process may take before it is killed and METEOR reported absent.
-METEOR_TIMEOUT_S = 600.0
 
 #: A pair to score: the candidate caption and its reference captions.
 Pair = Tuple[str, Sequence[str]]

@@ -50,6 +50,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 from regioncap import metricspec
 from regioncap.components import node_name
 from regioncap.config import DEFAULT_PALETTE
+from regioncap.intervals import DEFAULT_RESAMPLES
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE, run_file_at
 
 log = logging.getLogger("regioncap")
@@ -214,7 +215,7 @@ def _computed_metrics(run: RunData) -> Optional[Dict[str, Any]]:
         return compute_metrics(
             _iter_records(run.records_file, []), {}, references_key=_references_key(run),
             patch_size=int(model.get("patch_size", 14)), merge_size=int(model.get("merge_size", 2)),
-            bootstrap_resamples=int(metrics_cfg.get("bootstrap_resamples", 1000)),
+            bootstrap_resamples=int(metrics_cfg.get("bootstrap_resamples", DEFAULT_RESAMPLES)),
             seed=int(seed) if isinstance(seed, int) else 0)
     except Exception as exc:  # noqa: BLE001 - a report shows what it can
         run.problems.append(f"metrics could not be computed from {run.records_file.name}: {exc}")

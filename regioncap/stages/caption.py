@@ -81,7 +81,7 @@ class Captioner(Stage):
             if self.threads is not None:
                 from regioncap.cpus import apply_engine_threads
 
-                apply_engine_threads(self.threads, engine_of(self.cfg.engine).chosen(self.cfg.engine).name,
+                apply_engine_threads(self.threads, engine_of(self.cfg.engine).chosen(self.cfg.engine),
                                      self.cfg.engine.get("device"))
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
