@@ -767,6 +767,8 @@ def build_merge_manifest(out: str | Path, shards: Sequence[Mapping[str, Any]], *
         "seed": base.get("seed"),
         "data": base.get("data"),
         "engine": base.get("engine"),
+        # The first shard's; each shard's own is in its entry of ``shards``.
+        "threads": base.get("threads"),
         "model": base.get("model"),
         "git": git_info(),
         "versions": package_versions(),

@@ -573,7 +573,8 @@ def _shard_provenance(shard: _Shard, name: str, out: Path, first: Optional[_Shar
         "run_key_hash": shard.info.get("run_key"),
         "status": man.get("status"), "started": man.get("started"), "ended": man.get("ended"),
         "duration_s": man.get("duration_s"), "git_sha": git.get("sha"), "git_dirty": git.get("dirty"),
-        "host": (man.get("host") or {}).get("hostname"), "overrides": shard.overrides,
+        "host": (man.get("host") or {}).get("hostname"), "threads": man.get("threads"),
+        "overrides": shard.overrides,
         "rows": shard.info.get("rows"), "error_rows": met.get("error_rows"), "wall_s": met.get("wall_s"),
         "records": {"file": name, **(output_files(shard.path, (name,)).get(name) or {})},
         "config_changes": key_changes(_without(first.config, _SHARD_KEYS), _without(shard.config, _SHARD_KEYS))
