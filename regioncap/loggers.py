@@ -44,6 +44,7 @@ from regioncap.components import Component, class_of, check, whole
 from regioncap.records import dumps, read_jsonl
 
 from regioncap.rundir import CAPTIONS_FILE, METRICS_FILE, VISUALIZE_FILE
+from regioncap.stages import CaptionStage
 
 log = logging.getLogger("regioncap")
 #: Metadata keys W&B allows on an artifact.
@@ -64,7 +65,7 @@ class RunLogger(Component):
         self.cfg = cfg
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
-              job_type: str = "caption") -> None:
+              job_type: str = CaptionStage.name) -> None:
         """Open the tracking run for one job (before the stages)."""
 
     def log_progress(self, stage: str, rows: int, regions: int, errors: int, seconds: float) -> None:
@@ -194,7 +195,7 @@ class WandbLogger(RunLogger):
             return None
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
-              job_type: str = "caption") -> None:
+              job_type: str = CaptionStage.name) -> None:
         self._config = config
         self._guard("start", self._start, config=config, run_dir=Path(run_dir), name=name, group=group,
                     job_type=job_type)
@@ -357,7 +358,7 @@ def key_figures(flat: Dict[str, float]) -> Dict[str, float]:
 def _records_file(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
     """The final record file of the run: captions when the caption stage ran, else visualize."""
     stages = metrics.get("stages") or {}
-    order = [CAPTIONS_FILE, VISUALIZE_FILE] if "caption" in stages or not stages else [VISUALIZE_FILE]
+    order = [CAPTIONS_FILE, VISUALIZE_FILE] if CaptionStage.name in stages or not stages else [VISUALIZE_FILE]
     for name in order:
         if (run_dir / name).is_file():
             return run_dir / name

@@ -45,6 +45,7 @@ from regioncap.records import CorruptRecordsError, dumps, fsync_dir, scan_record
 from regioncap.rundir import (
     HYDRA_DIR, IMAGES_DIR, MANIFEST_FILE, METRICS_FILE, RUN_DIR_NAMES, RUN_KEY_FILE, STAGE_FILES, key_changes,
 )
+from regioncap.stages import CaptionStage
 
 
 MERGE_FILE = "merge.json"
@@ -198,7 +199,7 @@ def _records(path: Path, out: Path) -> Iterator[Tuple[int, str]]:
             yield rec["index"], dumps(rec) + "\n"
 
 
-def merge(out: Path, shards: Sequence[Path], *, stage: str = "caption", expect: Optional[int] = None,
+def merge(out: Path, shards: Sequence[Path], *, stage: str = CaptionStage.name, expect: Optional[int] = None,
           force: bool = False, report: bool = True) -> Dict[str, Any]:
     """Merge ``shards``' records into ``out``; return the summary written to ``out/merge.json``.
 
@@ -516,7 +517,7 @@ def _time(value: Any) -> Optional[float]:
 
 
 def merged_metrics(config: Dict[str, Any], records_file: Path, shards: Sequence[Any], *,
-                   stage: str = "caption") -> Dict[str, Any]:
+                   stage: str = CaptionStage.name) -> Dict[str, Any]:
     """``metrics.json`` of a merge: :func:`regioncap.run.run_metrics` over the merged records with the
     shards' settings (``config``), so every figure computed from records equals the unsharded run's.
 
@@ -533,7 +534,7 @@ def merged_metrics(config: Dict[str, Any], records_file: Path, shards: Sequence[
     from regioncap.run import run_metrics
 
     stages = _sum_stages(shards)
-    if stage != "caption":
+    if stage != CaptionStage.name:
         stages = {k: v for k, v in stages.items() if k == stage}
     if not all(s.metrics for s in shards):
         stages = {}  # a shard without metrics.json: its time is unknown, and so is the sum
@@ -544,7 +545,7 @@ def merged_metrics(config: Dict[str, Any], records_file: Path, shards: Sequence[
     starts = [_time((s.manifest or {}).get("started")) for s in shards]
     ends = [_time((s.manifest or {}).get("ended")) for s in shards]
     span = (max(ends) - min(starts)) if starts and all(starts) and all(ends) else None
-    done = metrics["regions_captioned"] if "caption" in stages else metrics["regions"]
+    done = metrics["regions_captioned"] if CaptionStage.name in stages else metrics["regions"]
     metrics["shards"] = {
         "count": len(shards),
         "wall_s_max": round(max(walls), 3) if len(walls) == len(shards) and walls else None,
@@ -605,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "metrics.json, manifest.json, .hydra/ and report.html, as the unsharded run would have them.")
     parser.add_argument("--out", required=True, type=Path, help="the merged run dir (a new folder)")
     parser.add_argument("shards", nargs="+", type=Path, metavar="SHARD_DIR", help="the shards' run dirs")
-    parser.add_argument("--stage", choices=sorted(STAGE_FILES), default="caption",
+    parser.add_argument("--stage", choices=sorted(STAGE_FILES), default=CaptionStage.name,
                         help="merge captions.jsonl (caption, default) or visualize.jsonl")
     parser.add_argument("--expect", type=int, default=None,
                         help="rows of the whole run (indexes 0..N-1); default: from the shards' manifest.json")

@@ -51,6 +51,7 @@ from regioncap import metricspec
 from regioncap.components import node_name
 from regioncap.config import DEFAULT_PALETTE
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE, run_file_at
+from regioncap.stages import CaptionStage, VisualizeStage
 
 log = logging.getLogger("regioncap")
 
@@ -108,7 +109,7 @@ class RunData:
     def stage(self) -> Optional[str]:
         if self.records_file is None:
             return None
-        return "caption" if self.records_file.name == CAPTIONS_FILE else "visualize"
+        return CaptionStage.name if self.records_file.name == CAPTIONS_FILE else VisualizeStage.name
 
 
 def _read_json(path: Path, problems: List[str]) -> Optional[Dict[str, Any]]:
@@ -828,7 +829,7 @@ def _caption_cell(reg: Region, stage: Optional[str]) -> Dict[str, Any]:
     if caption:
         cell.update(caption=_clip(str(caption)), exact=_exact(reg), reasked=reg.get("attempt") == 2,
                     flags=list(reg.get("flags") or []))  # faithfulness flags (regioncap.metrics.region_flags)
-    elif reg.get("missing") or stage == "caption":
+    elif reg.get("missing") or stage == CaptionStage.name:
         cell["missing"] = reg.get("reason") or ""
     else:
         cell["pending"] = True
@@ -1052,7 +1053,7 @@ def job_label(job: RunData, varying: Sequence[str]) -> str:
 def _job_status(job: RunData) -> str:
     if job.records_file is None:
         return "failed"
-    if job.stage == "visualize":
+    if job.stage == VisualizeStage.name:
         return "visualize only"
     rate, limit = _num((job.metrics or {}).get("error_rate")), _num(_dig(_config(job), "max_error_rate"))
     if rate is not None and limit is not None and rate > limit:
@@ -1104,7 +1105,7 @@ def _region_values(job: RunData, metric: str) -> Optional[Dict[Tuple[Any, ...], 
     """Each row's per-region values of ``metric`` (``regions[].scores``, as the caption stage
     writes exact match and attribute accuracy), keyed by the row's ``(digest, index, id)``
     so two jobs pair up only on the same input rows; ``None`` when no region has one."""
-    if job.records_file is None or job.stage != "caption":
+    if job.records_file is None or job.stage != CaptionStage.name:
         return None
     name = metric.rsplit(".", 1)[-1]  # references.exact_match is regions[].scores.exact_match
     out: Dict[Tuple[Any, ...], List[float]] = {}

@@ -288,3 +288,53 @@ def test_a_module_naming_its_own_package_is_an_edge_a_sibling_import_is_not():
                               "regioncap.propose.plan") == {"regioncap.propose"}
     assert edges("from regioncap.propose.base import Proposal\n",
                               "regioncap.propose.plan") == {"regioncap.propose.base"}
+
+
+#: Where the stages' names are declared (``VisualizeStage.name``, ``CaptionStage.name``); every other
+#: module reads them from there.
+STAGE_DECLARATIONS = PACKAGE / "stages" / "__init__.py"
+
+
+def stage_name_literals(path: Path, names=("visualize", "caption")) -> List[str]:
+    """``file:line`` of every use of a stage's name as a string literal: ``"visualize"`` anywhere (it
+    names nothing else), ``"caption"`` where it is compared or looked up as a stage (``== "caption"``,
+    ``"caption" in cfg.stages``, a default argument); ``caption`` as a region field stays allowed."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    label = path.relative_to(REPO) if path.is_relative_to(REPO) else path.name
+    where = lambda node: f"{label}:{node.lineno}"  # noqa: E731
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value == names[0]:
+            found.append(where(node))
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Constant) and s.value in names[1:] for s in sides) and not any(
+                    isinstance(op, (ast.In, ast.NotIn)) and isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                    for op, c in zip(node.ops, node.comparators)):
+                found.append(where(node))
+        elif isinstance(node, ast.arguments):
+            defaults = node.defaults + [d for d in node.kw_defaults if d is not None]
+            found += [where(d) for d in defaults if isinstance(d, ast.Constant) and d.value in names[1:]]
+    return found
+
+
+def test_stage_names_come_from_the_stage_classes():
+    from regioncap import rundir
+    from regioncap.stages import STAGE_NAMES, STAGES
+    from regioncap.stages.caption import Captioner
+    from regioncap.stages.visualize import Visualizer
+
+    literals = [hit for path in sorted(PACKAGE.rglob("*.py")) if path != STAGE_DECLARATIONS
+                for hit in stage_name_literals(path)]
+    assert literals == [], "read the stage's name from its class (regioncap.stages):\n" + "\n".join(literals)
+    assert [Visualizer.name, Captioner.name] == list(STAGE_NAMES) == [s.name for s in STAGES]
+    assert list(rundir.STAGE_FILES) == list(STAGE_NAMES)
+    assert [Visualizer.records_file, Captioner.records_file] == list(rundir.STAGE_FILES.values())
+
+
+def test_the_stage_name_check_sees_each_kind_of_use(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('def f(stage="caption", reg={}):\n'
+                   '    ok = reg.get("caption") or {"caption": 1} or key in ("bbox", "caption")\n'
+                   '    return stage == "caption" or "caption" in stages or "visualize"\n')
+    assert stage_name_literals(bad) == ["bad.py:1", "bad.py:3", "bad.py:3", "bad.py:3"]
