@@ -25,10 +25,6 @@ from regioncap.signals import stop_requested
 from regioncap.stages import VisualizeStage
 from regioncap.strategies import PromptStrategy, build_strategy
 
-#: Keys regioncap writes (the fields of a record, :data:`~regioncap.record_types.RECORD_KEYS`);
-#: an input field with one of these names is kept under ``input``.
-OWN_KEYS = RECORD_KEYS
-
 #: OS errors that say the machine, not the row, is the problem.
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS}
 
@@ -299,7 +295,8 @@ class Visualizer(VisualizeStage):
         rec: Dict[str, Any] = {}
         collisions = {}
         for k, v in row.extra.items():
-            (collisions if k in OWN_KEYS else rec)[k] = v
+            # A name the record model declares (RECORD_KEYS) is the record's own: kept under ``input``.
+            (collisions if k in RECORD_KEYS else rec)[k] = v
         if collisions:
             rec["input"] = collisions
         image = uri_label(row.image) if isinstance(row.image, str) else (row.image_path or "<in-memory image>")
