@@ -41,6 +41,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from regioncap.record_types import Record
 from regioncap.records import CorruptRecordsError, dumps, fsync_dir, scan_records, write_text_atomically
 from regioncap.rundir import (
     HYDRA_DIR, IMAGES_DIR, MANIFEST_FILE, METRICS_FILE, RUN_DIR_NAMES, RUN_KEY_FILE, STAGE_FILES, key_changes,
@@ -186,17 +187,18 @@ def _records(path: Path, out: Path) -> Iterator[Tuple[int, str]]:
         for line in fh:
             if not line.strip():
                 continue
-            rec = json.loads(line)
-            old = rec.get("result_file")
+            rec = Record.from_dict(json.loads(line))
+            old = rec.result_file
             if isinstance(old, str) and old:
-                rec["result_file"] = str(out)
-                image = rec.get("image_with_bbox")
+                rec.result_file = str(out)
+                image = rec.image_with_bbox
                 if isinstance(image, str) and image:
                     try:
-                        rec["image_with_bbox"] = str(out / Path(image).relative_to(old))
+                        rec.image_with_bbox = str(out / Path(image).relative_to(old))
                     except ValueError:  # not under the shard dir: left as it is
                         pass
-            yield rec["index"], dumps(rec) + "\n"
+            # The model keeps every key and its place: only the two paths differ from the shard's line.
+            yield rec.index, dumps(rec.to_dict()) + "\n"
 
 
 def merge(out: Path, shards: Sequence[Path], *, stage: str = CaptionStage.name, expect: Optional[int] = None,
