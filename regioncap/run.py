@@ -41,9 +41,6 @@ from regioncap.stages.visualize import Visualizer
 
 log = logging.getLogger("regioncap")
 
-#: Stages a run knows, in the order they run.
-STAGE_ORDER = STAGE_NAMES
-
 
 def seed_everything(seed: int) -> None:
     """Seed every RNG regioncap or its engines use, before anything is built."""
@@ -95,9 +92,9 @@ class RegionCapRun:
         strategy_class(cfg.prompt)  # a RunError naming prompt._target_ when it does not resolve
         check_config(cfg)
         check_shards(cfg.data)
-        unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
+        unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
         if unknown:
-            raise RunError(f"unknown stage(s) {unknown}; stages are {', '.join(map(repr, STAGE_ORDER))}")
+            raise RunError(f"unknown stage(s) {unknown}; stages are {', '.join(map(repr, STAGE_NAMES))}")
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:

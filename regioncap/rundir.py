@@ -286,10 +286,11 @@ class RunDir:
         from regioncap.records import dumps, write_text_atomically
 
         self.lock()
-        vis, cap = self.visualize_file, self.captions_file
-        writes = (([vis, cap] if VisualizeStage.name in cfg.stages else [])
-                  + ([cap] if CaptionStage.name in cfg.stages else []))
-        existing = [p.name for p in dict.fromkeys(writes) if p.exists() and p.stat().st_size > 0]
+        # A stage's records would no longer match the files of the stages after it: from the first
+        # stage asked for on, every stage's file counts as written.
+        first = next((i for i, stage in enumerate(STAGES) if stage.name in cfg.stages), len(STAGES))
+        writes = [self.path / stage.records_file for stage in STAGES[first:]]
+        existing = [p.name for p in writes if p.exists() and p.stat().st_size > 0]
         values = run_key_values(cfg)
         old = self.read_run_key()
         changes = key_changes(old["values"], values) if old else []
