@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set
 
@@ -338,3 +339,42 @@ def test_the_stage_name_check_sees_each_kind_of_use(tmp_path):
                    '    ok = reg.get("caption") or {"caption": 1} or key in ("bbox", "caption")\n'
                    '    return stage == "caption" or "caption" in stages or "visualize"\n')
     assert stage_name_literals(bad) == ["bad.py:1", "bad.py:3", "bad.py:3", "bad.py:3"]
+
+
+def regioncap_imports(path: Path, modules: Dict[str, Path]) -> Set[str]:
+    """The regioncap modules ``path`` imports anywhere (short names: ``stages.loop``), packages it only
+    passes through left out."""
+    importer = module_name(path)
+    found: Set[str] = set()
+    for node in imports(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("regioncap"):
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("regioncap")}
+    found.discard(importer)
+    return {m[len("regioncap."):] for m in found if m != "regioncap"}
+
+
+def test_the_module_table_of_design_md_names_what_each_module_imports():
+    """docs/design.md, "Modules": each row's imports column names every regioncap module the module
+    imports (in brackets when inside a function) and none it does not."""
+    modules = package_modules()
+    short = {m[len("regioncap."):] for m in modules if m != "regioncap"}
+    text = (REPO / "docs" / "design.md").read_text(encoding="utf-8")
+    wrong = []
+    for line in text.splitlines():
+        row = re.match(r"\| `([\w/]+)\.py` \| .* \| (.*?) \| ?(?:yes)? ?\|$", line)
+        if not row:
+            continue
+        name = row.group(1).replace("/__init__", "").replace("/", ".")
+        path = PACKAGE / f"{row.group(1)}.py"
+        if not path.is_file():
+            wrong.append(f"{name}: no such module")
+            continue
+        named = set(re.findall(r"[a-z_][a-z_.]*[a-z_]", row.group(2))) & short
+        actual = regioncap_imports(path, modules)
+        if actual - named or named - actual:
+            wrong.append(f"{name}: not named {sorted(actual - named)}; named, not imported {sorted(named - actual)}")
+    assert wrong == [], "\n".join(wrong)
