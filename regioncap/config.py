@@ -24,6 +24,7 @@ from regioncap.densecap import METEOR_TIMEOUT_S
 from regioncap.intervals import DEFAULT_RESAMPLES
 # The sampling section's schema is the engines' own Sampling: one set of defaults for both.
 from regioncap.engines.base import Sampling
+from regioncap.stages import STAGE_NAMES
 
 
 class AnswerFormat(Choice):
@@ -154,8 +155,8 @@ class RegionCapConfig:
     max_boxes: int = field(default=10, metadata=check(whole(1)))
     #: Seeds Python, NumPy and torch before anything is built, and every request.
     seed: int = 0
-    #: Stages to run, in order: ``visualize``, ``caption``.
-    stages: List[str] = field(default_factory=lambda: ["visualize", "caption"])
+    #: Stages to run, in order: ``visualize``, ``caption`` (:data:`regioncap.stages.STAGES`).
+    stages: List[str] = field(default_factory=lambda: list(STAGE_NAMES))
     #: Exit non-zero when more than this fraction of rows are error rows.
     max_error_rate: float = field(default=0.1, metadata=check(real(0, 1)))
     #: More key names whose values are secrets (names or ``fnmatch`` patterns such as ``*_dsn``),

@@ -48,7 +48,7 @@ from regioncap.errors import RunError
 from regioncap.rundir import resume_args
 from regioncap.executors import CaptionJob, Executor
 from regioncap.signals import stop_requested
-from regioncap.stages import StageStats, merge_startup
+from regioncap.stages import CaptionStage, StageStats, VisualizeStage, merge_startup
 from regioncap.stages.loop import StageLoop, grouped
 
 log = logging.getLogger("regioncap")
@@ -325,9 +325,9 @@ class RayExecutor(Executor):
             raise RunError(f"executor.num_replicas and executor.batch_size must be at least 1, got "
                            f"{ex.num_replicas} and {ex.batch_size}")
         stats.pid = os.getpid()
-        if cfg.resume and "visualize" not in cfg.stages:
-            job.rundir.done_rows("visualize")  # cuts a torn tail a killed visualize stage left
-        loop = StageLoop("caption", job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
+        if cfg.resume and VisualizeStage.name not in cfg.stages:
+            job.rundir.done_rows(VisualizeStage.name)  # cuts a torn tail a killed visualize stage left
+        loop = StageLoop(CaptionStage.name, job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
                          on_commit=job.on_commit).begin()
         identity = _identity
         todo = list(loop.todo(_scan(job.rundir.visualize_file), identity))
@@ -382,7 +382,7 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
                 if bool(cfg.progress):
                     from tqdm import tqdm
 
-                    bar = tqdm(desc="caption", unit="row", dynamic_ncols=True, mininterval=1.0, total=len(todo))
+                    bar = tqdm(desc=CaptionStage.name, unit="row", dynamic_ncols=True, mininterval=1.0, total=len(todo))
                 expected = iter(todo)
                 for result in pool.run(chunks, wait_all=room):
                     records = result["records"]
