@@ -113,6 +113,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
         raise
     _write_own_hydra_files(cfg)
     tracker = _build_tracker(cfg)
+    tracker.sweep_dir = sweep_dir()
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
                   job_type="caption" if "caption" in cfg.stages else "visualize")
@@ -320,6 +321,12 @@ def tracking_name(cfg: Any, run_dir: Path) -> str:
     if len(name) > _NAME_CHARS:
         name = name[: _NAME_CHARS - 1] + "…"
     return name or run_dir.name
+
+
+def sweep_dir() -> Optional[Path]:
+    """The sweep dir of a multirun job; None in a single run (and outside Hydra)."""
+    hc = _hydra()
+    return Path(str(hc.sweep.dir)) if hc is not None and _hydra_multirun() else None
 
 
 def tracking_group(cfg: Any) -> Optional[str]:
