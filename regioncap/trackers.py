@@ -212,7 +212,8 @@ class ToolLogger(RunLogger):
     def log_progress(self, stage: str, rows: int, regions: int, errors: int, seconds: float) -> None:
         if self.opened:
             self.steps[stage] = step = self.steps.get(stage, 0) + 1
-            self._guard("log_progress", self._progress, step, progress_values(stage, rows, regions, errors, seconds))
+            self._guard("log_progress", self._progress, stage, step,
+                        progress_values(stage, rows, regions, errors, seconds))
 
     def log_run(self, *, metrics: Dict[str, Any], run_dir: Path) -> None:
         if self.opened:
@@ -227,7 +228,7 @@ class ToolLogger(RunLogger):
     def _open(self) -> Any:
         return None
 
-    def _progress(self, step: int, values: Dict[str, Optional[float]]) -> None:
+    def _progress(self, stage: str, step: int, values: Dict[str, Optional[float]]) -> None:
         return None
 
     def _run(self, metrics: Dict[str, Any], run_dir: Path) -> None:
@@ -262,9 +263,8 @@ class CsvLogger(ToolLogger):
                     [[k, _cell(v)] for k, v in flatten_config(self.config).items()])
         log.info("CSV: %s", self.dir)
 
-    def _progress(self, step: int, values: Dict[str, Optional[float]]) -> None:
+    def _progress(self, stage: str, step: int, values: Dict[str, Optional[float]]) -> None:
         path = self.dir / "progress.csv"
-        stage = next(iter(values)).split("/")[1]
         row = {"stage": stage, "step": step, **{k.rsplit("/", 1)[1]: v for k, v in values.items()}}
         new = not path.exists()
         with open(path, "a", newline="", encoding="utf-8") as f:
@@ -386,7 +386,7 @@ class TensorBoardLogger(ToolLogger):
         self._event(step, Summary(value=[Summary.Value(tag=k, simple_value=float(v))
                                          for k, v in values.items() if v is not None]))
 
-    def _progress(self, step: int, values: Dict[str, Optional[float]]) -> None:
+    def _progress(self, stage: str, step: int, values: Dict[str, Optional[float]]) -> None:
         self._scalars(step, values)
         self.writer.flush()  # so a running TensorBoard shows it
 
@@ -514,7 +514,7 @@ class MlflowLogger(ToolLogger):
         for i in range(0, len(metrics), 1000):  # the store takes 1000 metrics per batch
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
-    def _progress(self, step: int, values: Dict[str, Optional[float]]) -> None:
+    def _progress(self, stage: str, step: int, values: Dict[str, Optional[float]]) -> None:
         self._metrics(step, values)
 
     def _run(self, metrics: Dict[str, Any], run_dir: Path) -> None:
