@@ -39,14 +39,8 @@ def _events(events_dir: Path) -> Any:
 # ------------------------------------------------------------------ config
 
 
-@pytest.mark.parametrize("option", ["csv", "tensorboard", "mlflow", "many"])
-def test_every_tracker_option_is_typed_by_its_class(option):
-    cfg = compose(["engine=fake", f"logger={option}"])
-    check_config(cfg)
-    assert cfg.logger._target_.startswith("regioncap.trackers.")
-
-
 def test_many_types_each_trackers_settings_and_refuses_unknown_names():
+    """(Every option composes and passes its checks: tests/test_config.py.)"""
     cfg = compose(["logger=many", "logger.use=[csv,mlflow]", "logger.mlflow.log_images=2"])
     check_config(cfg)
     assert list(cfg.logger.use) == ["csv", "mlflow"] and cfg.logger.mlflow.log_images == 2
@@ -99,9 +93,19 @@ def test_sweep_table_holds_each_jobs_last_row_in_job_order(tmp_path_factory, job
 # ------------------------------------------------------------------ in-process runs
 
 
-def test_csv_run_writes_config_progress_metrics_and_regions(tmp_path):
+@requires("tensorboard")
+def test_csv_records_the_run_while_a_failing_tracker_beside_it_only_warns(tmp_path, caplog):
+    """logger=many: the CSV files of a run, and a TensorBoard that cannot start (its dir is a file)
+    warns once while the CSV logger and the run go on."""
     out = tmp_path / "run"
-    metrics = execute(compose(["engine=fake", "progress=false", "data.limit=2", "logger=csv"], output_dir=out))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = compose(["engine=fake", "progress=false", "data.limit=2", "logger=many", "logger.use=[tensorboard,csv]",
+                   f"logger.tensorboard.dir={blocker}"], output_dir=out)
+    with caplog.at_level(logging.WARNING, logger="regioncap"):
+        metrics = execute(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("tensorboard start failed, the run goes on"), warnings
     config = {r["key"]: r["value"] for r in _rows(out / "csv" / "config.csv")}
     assert config["engine._target_"].endswith("FakeEngine") and config["data.limit"] == "2"
     progress = _rows(out / "csv" / "progress.csv")
@@ -115,20 +119,6 @@ def test_csv_run_writes_config_progress_metrics_and_regions(tmp_path):
     assert len(regions) == metrics["regions"] and all(r["caption"] for r in regions)
     assert "thumbnail" not in regions[0]
     assert not (tmp_path / "metrics.csv").exists()  # a single run: no sweep table
-
-
-@requires("tensorboard")
-def test_a_failing_tracker_warns_once_and_the_others_and_the_run_go_on(tmp_path, caplog):
-    out = tmp_path / "run"
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    cfg = compose(["engine=fake", "progress=false", "data.limit=1", "logger=many", "logger.use=[tensorboard,csv]",
-                   f"logger.tensorboard.dir={blocker}"], output_dir=out)
-    with caplog.at_level(logging.WARNING, logger="regioncap"):
-        metrics = execute(cfg)
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and warnings[0].startswith("tensorboard start failed, the run goes on"), warnings
-    assert metrics["rows"] == 1 and _rows(out / "csv" / "metrics.csv")[0]["exit_code"] == "0"
 
 
 def test_a_failed_job_leaves_its_exit_code(tmp_path):
