@@ -386,14 +386,13 @@ def _cut(text: str, n: int) -> str:
 
 
 def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int, references_key: Optional[str],
-            crops: bool = False, thumbnails: bool = True) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, Any]]]:
+            crops: bool = False) -> Tuple[List[Dict[str, Any]], Optional[Dict[str, Any]]]:
     """Stream the records once: the first ``n_images`` request images and up to ``table_rows`` regions.
 
     Returns plain data (no wandb objects): ``samples``, each ``{path, caption,
     boxes: [(number, xyxy, label)] or None}``, and ``table``, ``{columns, rows}``
     or None when no table is asked for. ``crops``: the request images are
-    crops of one region each (``prompt=crop``), logged without boxes. ``thumbnails=False``
-    leaves the table's ``thumbnail`` column empty (no image is opened for it).
+    crops of one region each (``prompt=crop``), logged without boxes.
     """
     samples: List[Dict[str, Any]] = []
     rows: List[Dict[str, Any]] = []
@@ -418,8 +417,7 @@ def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int
             rows.append({
                 "row_id": rec.get("id"), "region": reg.get("id"), "number": reg.get("number"),
                 "chunk": reg.get("chunk"), "status": rec.get("status"), "image": image,
-                "thumbnail": (thumbs(run_dir / image, None if crops else reg.get("input_bbox"))
-                              if image and thumbnails else None),
+                "thumbnail": thumbs(run_dir / image, None if crops else reg.get("input_bbox")) if image else None,
                 "bbox": reg.get("bbox"), "input_bbox": reg.get("input_bbox"), "caption": reg.get("caption"),
                 "references": _references(rec, reg, references_key), "missing": bool(reg.get("missing")),
                 "reason": reg.get("reason"), "scores": _scores(reg),

@@ -276,16 +276,9 @@ class CsvLogger(ToolLogger):
     def _run(self, metrics: Dict[str, Any], run_dir: Path) -> None:
         self.metrics = flatten_metrics(metrics)
         path = records_file(metrics, run_dir)
-        if path is None or not self.cfg.log_table:
-            return
-        limit = self.cfg.table_rows
-        _, table = collect(path, run_dir, n_images=0, table_rows=(1 << 62) if limit is None else int(limit),
-                           references_key=(self.config.get("data") or {}).get("references_key"), thumbnails=False)
-        if table is not None:
-            columns = [c for c in table["columns"] if c != "thumbnail"]
-            keep = [table["columns"].index(c) for c in columns]
-            _write_rows(self.dir / "regions.csv", columns,
-                        [[_cell(row[i]) for i in keep] for row in table["rows"]])
+        if path is not None and self.cfg.log_table:
+            write_regions(path, self.dir / "regions.csv", references_key=(self.config.get("data") or {}).get(
+                "references_key"), limit=self.cfg.table_rows)
 
     def _close(self, exit_code: int) -> None:
         row = {"name": self.run_name, "group": self.group or "", "exit_code": exit_code,
@@ -299,6 +292,41 @@ class CsvLogger(ToolLogger):
                 job = str(self.run_dir)
             add_sweep_row(table, {"job": job, **row})
             log.info("CSV: %s (this job's row in %s)", self.dir / "metrics.csv", table)
+
+
+#: The columns of ``regions.csv``.
+REGION_COLUMNS = ("row_id", "region", "number", "chunk", "status", "image", "bbox", "input_bbox", "caption",
+                  "reference", "missing", "reason", "flags", "scores")
+
+
+def write_regions(records: Path, out: Path, *, references_key: Optional[str], limit: Optional[int] = None) -> int:
+    """One CSV row per region of ``records`` (at most ``limit``), streamed: memory stays flat with the
+    rows. The scores are those the records hold (``scores`` as JSON text). Returns the rows written."""
+    from regioncap.loggers import _references
+    from regioncap.records import read_jsonl
+
+    tmp = out.with_name(out.name + ".tmp")
+    n = 0
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(REGION_COLUMNS)
+        for rec in read_jsonl(records):
+            image_of = {rid: spec.get("image") for spec in rec.get("requests") or []
+                        for rid in spec.get("region_ids") or []}
+            for reg in rec.get("regions") or []:
+                if limit is not None and n >= limit:
+                    break
+                refs = _references(rec, reg, references_key)
+                writer.writerow([_cell(v) for v in (
+                    rec.get("id"), reg.get("id"), reg.get("number"), reg.get("chunk"), rec.get("status"),
+                    image_of.get(reg.get("id")), reg.get("bbox"), reg.get("input_bbox"), reg.get("caption"),
+                    " | ".join(refs) or None, bool(reg.get("missing")), reg.get("reason"),
+                    ", ".join(map(str, reg.get("flags") or [])) or None, reg.get("scores"))])
+                n += 1
+            if limit is not None and n >= limit:
+                break
+    os.replace(tmp, out)
+    return n
 
 
 def _cell(value: Any) -> Any:
