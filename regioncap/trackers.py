@@ -207,7 +207,8 @@ class ToolLogger(RunLogger):
               job_type: str = "caption") -> None:
         self.config, self.run_dir, self.run_name, self.group = config, Path(run_dir), name, group
         self.job_type = job_type
-        self.opened = self._guard("start", self._open) is not False and not self._warned
+        self._guard("start", self._open)
+        self.opened = not self._warned  # a tracker that could not start logs nothing more
 
     def log_progress(self, stage: str, rows: int, regions: int, errors: int, seconds: float) -> None:
         if self.opened:
