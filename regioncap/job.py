@@ -113,7 +113,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
         raise
     _write_own_hydra_files(cfg)
     tracker = _build_tracker(cfg)
-    tracker.sweep_dir = sweep_dir()
+    tracker.sweep_dir = _sweep_dir()
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
                   job_type="caption" if "caption" in cfg.stages else "visualize")
@@ -285,6 +285,12 @@ def _hydra_multirun() -> bool:
     return hc is not None and hc.mode == RunMode.MULTIRUN
 
 
+def _sweep_dir() -> Optional[Path]:
+    """The sweep dir of a multirun job (where a tracker keeps the sweep's local runs), else None."""
+    hc = _hydra()
+    return Path(str(hc.sweep.dir)) if hc is not None and _hydra_multirun() else None
+
+
 def job_overrides() -> List[str]:
     """The job's own command-line overrides (in a sweep: this job's values)."""
     hc = _hydra()
@@ -321,12 +327,6 @@ def tracking_name(cfg: Any, run_dir: Path) -> str:
     if len(name) > _NAME_CHARS:
         name = name[: _NAME_CHARS - 1] + "…"
     return name or run_dir.name
-
-
-def sweep_dir() -> Optional[Path]:
-    """The sweep dir of a multirun job; None in a single run (and outside Hydra)."""
-    hc = _hydra()
-    return Path(str(hc.sweep.dir)) if hc is not None and _hydra_multirun() else None
 
 
 def tracking_group(cfg: Any) -> Optional[str]:
