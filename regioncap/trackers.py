@@ -303,7 +303,7 @@ REGION_COLUMNS = ("row_id", "region", "number", "chunk", "status", "image", "bbo
 def write_regions(records: Path, out: Path, *, references_key: Optional[str], limit: Optional[int] = None) -> int:
     """One CSV row per region of ``records`` (at most ``limit``), streamed: memory stays flat with the
     rows. The scores are those the records hold (``scores`` as JSON text). Returns the rows written."""
-    from regioncap.loggers import _references
+    from regioncap.metrics import reference_texts
     from regioncap.records import read_jsonl
 
     tmp = out.with_name(out.name + ".tmp")
@@ -317,7 +317,7 @@ def write_regions(records: Path, out: Path, *, references_key: Optional[str], li
             for reg in rec.get("regions") or []:
                 if limit is not None and n >= limit:
                     break
-                refs = _references(rec, reg, references_key)
+                refs = reference_texts(rec, reg, references_key)
                 writer.writerow([_cell(v) for v in (
                     rec.get("id"), reg.get("id"), reg.get("number"), reg.get("chunk"), rec.get("status"),
                     image_of.get(reg.get("id")), reg.get("bbox"), reg.get("input_bbox"), reg.get("caption"),
