@@ -399,7 +399,7 @@ class TensorBoardLogger(ToolLogger):
             hparams = {k: v for k, v in flatten_config(self.config).items()
                        if isinstance(v, (bool, int, float, str)) and not k.startswith("hydra.")}
             self._event(0, hp.hparams_pb(hparams, trial_id=self.run_name))
-            text = "```yaml\n" + json.dumps(self.config, indent=2, default=str) + "\n```"
+            text = "```json\n" + json.dumps(self.config, indent=2, default=str) + "\n```"
             self._event(0, _text_summary("config", text))
         where = self.sweep_dir if self.sweep_dir is not None and self.cfg.dir is None else self.events_dir
         log.info("TensorBoard: %s (view: tensorboard --logdir %s)", self.events_dir, where)
