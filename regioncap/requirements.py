@@ -31,6 +31,11 @@ def missing_requirements(cfg: Any) -> List[str]:
         problem = requirement_problem(built, picked)
         if problem:
             problems.append(problem)
+        for key, part in built.parts(node):  # logger=many: each tracker it uses
+            part_cls = class_of(part, group_base(group), key)
+            problem = requirement_problem(part_cls, f"{picked} with {key.rpartition('.')[2]}")
+            if problem:
+                problems.append(problem)
     return problems
 
 
