@@ -279,13 +279,13 @@ class WandbLogger(RunLogger):
         run.summary.update(flat)
         payload: Dict[str, Any] = dict(flat)
         table = None
-        records_file = _records_file(metrics, run_dir)
+        records_file = records_file_of(metrics, run_dir)
         if records_file is not None and (cfg.log_images > 0 or cfg.log_table):
             samples, table = collect(
                 records_file, run_dir, n_images=max(0, int(cfg.log_images)),
                 table_rows=max(0, int(cfg.table_rows)) if cfg.log_table else 0,
                 references_key=(self._config.get("data") or {}).get("references_key"),
-                crops=_one_region_per_image(self._config.get("prompt")))
+                crops=one_region_per_image(self._config.get("prompt")))
             # One key per image: W&B draws a list of images of different sizes wrongly.
             for i, image in enumerate(_wandb_images(wandb, samples)):
                 payload[f"samples/{i:02d}"] = image
@@ -360,7 +360,7 @@ def key_figures(flat: Dict[str, float]) -> Dict[str, float]:
     return out
 
 
-def _records_file(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
+def records_file_of(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
     """The final record file of the run: captions when the caption stage ran, else visualize."""
     stages = metrics.get("stages") or {}
     order = [CAPTIONS_FILE, VISUALIZE_FILE] if CaptionStage.name in stages or not stages else [VISUALIZE_FILE]
@@ -553,7 +553,7 @@ def _wandb_table(wandb: Any, table: Dict[str, Any]) -> Any:
 
 
 
-def _one_region_per_image(prompt: Any) -> bool:
+def one_region_per_image(prompt: Any) -> bool:
     """Whether the strategy a recorded ``prompt`` section names sends one crop per region (its
     images are shown without a box)."""
     from regioncap.strategies import recorded_strategy

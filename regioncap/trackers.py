@@ -44,8 +44,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap.components import check, optional, whole
 from regioncap.loggers import RunLogger, WandbLogger, build_logger, collect, flatten_metrics
-from regioncap.loggers import _one_region_per_image, _records_file as records_file
+from regioncap.loggers import one_region_per_image, records_file_of as records_file
 from regioncap.rundir import METRICS_FILE
+from regioncap.stages import CaptionStage
 
 log = logging.getLogger("regioncap")
 
@@ -148,7 +149,7 @@ def samples_of(metrics: Dict[str, Any], run_dir: Path, config: Dict[str, Any], n
         return []
     samples, _ = collect(path, run_dir, n_images=n_images, table_rows=0,
                          references_key=(config.get("data") or {}).get("references_key"),
-                         crops=_one_region_per_image(config.get("prompt")))
+                         crops=one_region_per_image(config.get("prompt")))
     return samples
 
 
@@ -204,7 +205,7 @@ class ToolLogger(RunLogger):
             return None
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
-              job_type: str = "caption") -> None:
+              job_type: str = CaptionStage.name) -> None:
         self.config, self.run_dir, self.run_name, self.group = config, Path(run_dir), name, group
         self.job_type = job_type
         self._guard("start", self._open)
@@ -647,7 +648,7 @@ class ManyLoggers(RunLogger):
         return [(f"logger.{key}", node[key]) for key in node.get("use") or () if key in node]
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
-              job_type: str = "caption") -> None:
+              job_type: str = CaptionStage.name) -> None:
         for tracker in self.loggers:
             tracker.sweep_dir = self.sweep_dir
             tracker.start(config=config, run_dir=run_dir, name=name, group=group, job_type=job_type)
