@@ -95,6 +95,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
     ``finally`` with the job's exit code, so a failed job never leaves a
     tracking run open for the next job of a sweep.
     """
+    job_start(cfg)
     check_config(cfg)  # the components' classes, keys, types and value ranges: before the run dir is touched
     run_dir = Path(cfg.output_dir)
     started = time.time()
@@ -135,6 +136,49 @@ def execute(cfg: Any) -> Dict[str, Any]:
         tracker.finish(exit_code)
         _write_own_hydra_files(cfg)
         rundir.unlock()
+
+
+def job_start(cfg: Any) -> None:
+    """What a job says before any work: the config tree (``print_config=true``), and that the
+    sweep its config carries runs only with ``-m``."""
+    if cfg.get("print_config"):
+        try:
+            from regioncap.config_tree import print_config_tree
+
+            hc = _hydra()
+            choices = hydra_context()["choices"] if hc is not None else None
+            sys.stdout.flush()
+            print_config_tree(config_dict(cfg), choices)
+            sys.stdout.flush()
+        except ImportError as exc:  # rich is a core dependency; a broken install must not stop the run
+            log.warning("print_config: cannot print the tree (%s); `--cfg job` prints the config", exc)
+    warn_unswept(cfg)
+
+
+def unswept_hint(cfg: Any) -> Optional[str]:
+    """In a single run whose config carries a sweep (``hydra.sweeper.params``, e.g.
+    ``experiment=marks_vs_crops``): what it is and the ``-m`` command that runs it; else None."""
+    from omegaconf import OmegaConf
+
+    hc = _hydra()
+    if hc is None or _hydra_multirun():
+        return None
+    params = OmegaConf.select(hc, "sweeper.params", default=None)
+    if not params:
+        return None
+    choices = hydra_context()["choices"] or {}
+    carriers = [f"{g}={choices[g]}" for g in ("experiment", "hparams_search") if choices.get(g)] or ["the config"]
+    swept = " ".join(f"{k}={shell_word(str(v))}" for k, v in params.items())
+    command = " ".join([regioncap_command(), "-m", *(shell_word(o) for o in job_overrides())])
+    return (f"{' and '.join(carriers)} carries a sweep ({swept}) that runs only with -m: this is one job, "
+            f"with the values its config sets. For the sweep: {command}")
+
+
+def warn_unswept(cfg: Any) -> None:
+    """Log :func:`unswept_hint` as a warning when there is one."""
+    hint = unswept_hint(cfg)
+    if hint:
+        log.warning("%s", hint)
 
 
 def _write_own_hydra_files(cfg: Any) -> None:
