@@ -114,6 +114,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
         raise
     _write_own_hydra_files(cfg)
     tracker = _build_tracker(cfg)
+    tracker.sweep_dir = _sweep_dir()
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
                   job_type="caption" if "caption" in cfg.stages else "visualize")
@@ -328,6 +329,12 @@ def _hydra_multirun() -> bool:
     return hc is not None and hc.mode == RunMode.MULTIRUN
 
 
+def _sweep_dir() -> Optional[Path]:
+    """The sweep dir of a multirun job (where a tracker keeps the sweep's local runs), else None."""
+    hc = _hydra()
+    return Path(str(hc.sweep.dir)) if hc is not None and _hydra_multirun() else None
+
+
 def job_overrides() -> List[str]:
     """The job's own command-line overrides (in a sweep: this job's values)."""
     hc = _hydra()
@@ -345,17 +352,44 @@ def hydra_context() -> Dict[str, Any]:
             "cwd": hc.runtime.cwd}
 
 
+def swept_keys() -> Optional[set]:
+    """In a multirun, the keys its sweep varies: the sweep overrides of its command line
+    (``max_boxes=5,10``, ``prompt=choice(marked,crop)``, read from the sweep dir's
+    ``multirun.yaml``, so it works in every launcher's job process) and ``hydra.sweeper.params``
+    (an experiment's or ``hparams_search``'s). None outside a multirun or when they cannot be read."""
+    from omegaconf import OmegaConf
+
+    hc = _hydra()
+    if hc is None or not _hydra_multirun():
+        return None
+    keys = {str(k) for k in (OmegaConf.select(hc, "sweeper.params", default=None) or {})}
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        given = OmegaConf.load(Path(str(hc.sweep.dir)) / "multirun.yaml").hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in given])
+    except Exception as exc:  # noqa: BLE001 - a run name is a courtesy: fall back to every override
+        log.debug("no multirun.yaml to read the swept keys from: %s", exc)
+        return None
+    keys |= {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return keys
+
+
 def tracking_name(cfg: Any, run_dir: Path) -> str:
     """A readable run name from the job's overrides: ``max_boxes=2,model=qwen25vl_3b``.
 
-    Logger and progress overrides are left out (they change nothing the run
-    computes), secret-named values masked and paths cut to their file name;
-    with no overrides left, the run dir's name.
+    In a multirun only the swept overrides name it (the ones its jobs differ in, see
+    :func:`swept_keys`), not the ones every job shares. Logger and progress overrides are left
+    out (they change nothing the run computes), secret-named values masked and paths cut to
+    their file name; with no overrides left, the run dir's name.
     """
+    swept = swept_keys() or None  # a multirun that sweeps nothing: every override, as in a single run
     parts = []
     for override in sorted(job_overrides()):
         key, sep, value = redact_override(override).partition("=")
         if _NAME_SKIP.match(key.lstrip("+~")):
+            continue
+        if swept is not None and key.lstrip("+~") not in swept:
             continue
         if "/" in value and "," not in value:
             value = value.rstrip("/").rsplit("/", 1)[-1]
