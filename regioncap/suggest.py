@@ -1,4 +1,5 @@
-""""Did you mean" for the command line: one line per misspelt group, option or top-level key.
+""""Did you mean" for the command line: one line per misspelt group, option or top-level key
+(and per option whose Hydra plugin is not installed).
 
 ``regioncap promt=crop`` gets Hydra's own error; this adds, just before it,
 ``did you mean prompt=crop? ('promt' is no config group or top-level option)``. Only the
@@ -117,6 +118,34 @@ def suggestions(overrides: Sequence[str], groups: Dict[str, Set[str]], keys: Set
     return lines
 
 
+#: Options that need a Hydra plugin: (group, option) -> (the plugin's module, its distribution, the extra).
+PLUGINS = {
+    ("hparams_search", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "optuna"),
+    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "optuna"),
+}
+
+
+def missing_plugins(overrides: Sequence[str]) -> List[str]:
+    """One line for each override that picks an option whose Hydra plugin is not installed
+    (Hydra itself would say only that the option cannot be found)."""
+    import importlib.util
+
+    lines = []
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        for v in _values(value):
+            need = PLUGINS.get((key, v))
+            if need is None:
+                continue
+            try:
+                found = importlib.util.find_spec(need[0]) is not None
+            except (ImportError, ValueError):
+                found = False
+            if not found:
+                lines.append(f'{key}={v} needs {need[1]}, which is not installed: pip install "regioncap[{need[2]}]"')
+    return lines
+
+
 def print_suggestions(argv: Sequence[str], shipped: str, schema: type, file: Optional[object] = None) -> None:
     """Print :func:`suggestions` for the command line ``argv`` to stderr; never raises."""
     import sys
@@ -125,7 +154,7 @@ def print_suggestions(argv: Sequence[str], shipped: str, schema: type, file: Opt
         dirs = config_dirs(argv, shipped)
         if dirs is None:
             return
-        lines = suggestions(argv, groups_and_options(dirs), top_level_keys(schema))
+        lines = suggestions(argv, groups_and_options(dirs), top_level_keys(schema)) + missing_plugins(argv)
     except Exception:  # noqa: BLE001 - a courtesy; Hydra's own error still comes
         return
     for line in lines:

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from conftest import CONF_DIR, run_cli
 from regioncap.config import RegionCapConfig
-from regioncap.suggest import config_dirs, groups_and_options, suggestions, top_level_keys
+from regioncap.suggest import config_dirs, groups_and_options, missing_plugins, suggestions, top_level_keys
 
 GROUPS = groups_and_options([CONF_DIR])
 KEYS = top_level_keys(RegionCapConfig)
@@ -61,6 +61,20 @@ def test_own_config_dirs_and_search_paths_count(tmp_path):
     assert config_dirs([f"hydra.searchpath=[file://{tmp_path}]"], str(CONF_DIR))[-1] == tmp_path
     # A search path whose options cannot be listed: no guesses.
     assert config_dirs(["hydra.searchpath=[pkg://myconf]"], str(CONF_DIR)) is None
+
+
+def test_an_option_whose_plugin_is_missing_names_the_extra(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("hydra_plugins.hydra_optuna") else real(name, *a))
+    assert missing_plugins(["-m", "hparams_search=optuna", "hydra/sweeper=optuna", "prompt=crop"]) == [
+        'hparams_search=optuna needs hydra-optuna-sweeper, which is not installed: pip install "regioncap[optuna]"',
+        'hydra/sweeper=optuna needs hydra-optuna-sweeper, which is not installed: pip install "regioncap[optuna]"']
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    if real("hydra_plugins.hydra_optuna_sweeper") is not None:
+        assert missing_plugins(["hparams_search=optuna"]) == []
 
 
 @pytest.mark.cli
