@@ -9,14 +9,16 @@
     rows = api.records(result.run_dir)                   # the caption records, as dicts
     ds = api.as_dataset(result.run_dir)                  # the same as a datasets.Dataset
 
-:func:`run` runs one job exactly as the command line does (the shipped configs, Hydra's run
-dir under ``outputs/`` of the working folder unless ``hydra.run.dir=`` says otherwise, the
-``.hydra`` files, the log file, manifest and report); sweeps (``-m``) stay on the command line.
+:func:`run` runs one job exactly as the command line does (the shipped configs, the
+``.hydra`` files, the log file, manifest and report), in ``outputs/DATE/TIME-PID-N`` of the
+working folder (N numbers the runs of the process) unless ``hydra.run.dir=`` says otherwise;
+sweeps (``-m``) stay on the command line.
 Importing this module imports no Hydra, torch or datasets: each function imports what it needs.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -24,6 +26,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+#: Numbers the runs of this process (their default run dirs).
+_RUNS = itertools.count(1)
 
 
 @dataclass
@@ -53,6 +57,8 @@ def run(overrides: Sequence[str] = (), config_dir: Optional[PathLike] = None, *,
         configure_logging: bool = True) -> Result:
     """Compose the config with ``overrides`` and run one job, as ``regioncap OVERRIDES`` does.
 
+    The run dir is ``outputs/DATE/TIME-PID-N`` (N: this process's N-th run), or ``hydra.run.dir=``.
+
     ``config_dir`` is ``--config-dir``: a folder of your own options that compose beside the
     shipped ones (``config_dir="myconf"`` with ``myconf/model/mine.yaml`` and ``model=mine``).
     ``configure_logging`` sets up Hydra's job logging as the command line does (the console and
@@ -70,6 +76,11 @@ def run(overrides: Sequence[str] = (), config_dir: Optional[PathLike] = None, *,
     from regioncap.job import execute
 
     register_configs()
+    given = list(overrides)
+    overrides = list(given)
+    if not any(o.lstrip("+").startswith("hydra.run.dir=") for o in overrides):
+        # The command line's run dir, numbered: runs of one process may start within the same second.
+        overrides.append(f"hydra.run.dir=outputs/${{now:%Y-%m-%d}}/${{now:%H-%M-%S}}-${{pid:}}-{next(_RUNS)}")
     search_path = create_config_search_path(str(conf_dir()))
     if config_dir is not None:
         folder = Path(config_dir).expanduser().resolve()
@@ -88,13 +99,13 @@ def run(overrides: Sequence[str] = (), config_dir: Optional[PathLike] = None, *,
     gh.clear()
     try:
         hydra = Hydra.create_main_hydra2(task_name="regioncap", config_search_path=search_path)
-        hydra.run(config_name="config", task_function=task, overrides=list(overrides),
+        hydra.run(config_name="config", task_function=task, overrides=overrides,
                   with_log_configuration=configure_logging)  # re-raises the job's exception
     finally:
         gh.clear()
         if before is not None:
             gh.initialize(before)
-    return Result(run_dir=done["run_dir"], metrics=done["metrics"], overrides=list(overrides))
+    return Result(run_dir=done["run_dir"], metrics=done["metrics"], overrides=given)
 
 
 def _records_file(run_dir: PathLike, stage: Optional[str]) -> Path:

@@ -19,9 +19,10 @@ from regioncap.errors import RunError
 FAST = [f"{g}={v}" for g, v in TEST_GROUPS.items()] + ["engine=fake", "progress=false", "data.limit=2"]
 
 
+@pytest.mark.slow  # a whole job, then datasets' import: seconds
 def test_run_returns_the_run_dir_and_metrics_and_reads_its_records(tmp_path):
     result = api.run([*FAST, f"hydra.run.dir={tmp_path / 'run'}"], configure_logging=False)
-    assert result.run_dir == (tmp_path / "run").resolve()
+    assert result.run_dir == (tmp_path / "run").resolve() and result.overrides[-1].startswith("hydra.run.dir=")
     assert result.metrics == json.loads((result.run_dir / "metrics.json").read_text())
     assert result.metrics["rows"] == 2
     # the run is a run dir like the command line's: Hydra's files, the manifest with the overrides
@@ -41,6 +42,7 @@ def test_a_failed_run_raises_with_the_command_lines_message(tmp_path):
         api.run([*FAST, "data.limit=0", f"hydra.run.dir={tmp_path / 'run'}"], configure_logging=False)
 
 
+@pytest.mark.slow  # a whole job
 def test_own_config_dir_composes_beside_the_shipped_one(tmp_path):
     conf = tmp_path / "myconf" / "draw"
     conf.mkdir(parents=True)
@@ -64,7 +66,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.
                     max_leaves=6)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.lists(st.fixed_dictionaries({"id": st.text(max_size=4)}, optional={
     k: JSON for k in ("input", "regions", "error", "score")}), min_size=1, max_size=4))
 def test_any_records_become_a_dataset_with_every_field(tmp_path_factory, rows):
@@ -115,4 +117,5 @@ def test_the_readme_example_runs(tmp_path):
     proc = subprocess.run([sys.executable, "-c", readme_example()], capture_output=True, text=True, cwd=tmp_path,
                           timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    assert list(Path(tmp_path, "outputs").glob("*/*/captions.jsonl"))
+    (run_dir,) = Path(tmp_path, "outputs").glob("*/*/captions.jsonl")
+    assert re.fullmatch(r"\d{2}-\d{2}-\d{2}-\d+-1", run_dir.parent.name), run_dir
