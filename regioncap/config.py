@@ -191,6 +191,8 @@ class RegionCapConfig:
     #: With both stages in one process: caption rows while the next ones are
     #: prepared (needs workers >= 1); false runs the stages one after the other.
     overlap: bool = True
+    #: Print the composed config as a tree (rich; secrets masked) when the job starts.
+    print_config: bool = False
 
 
 def show_value(value: Any) -> str:

@@ -389,7 +389,7 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
     available fails in seconds, not after the visualize stage. ``multirun``:
     the job is one of a sweep (see :func:`pick_executor`).
     """
-    from regioncap.engines import EngineError, engine_name, engine_of
+    from regioncap.engines import EngineError, engine_choice, engine_of
     from regioncap.requirements import check_requirements
 
     check_config(cfg)  # before anything is read, built or started
@@ -413,7 +413,7 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
                        on_commit=on_commit, rundir=rundir)
     data_path = resolve_path(cfg.data.path) if cfg.data.path else None
     log.info("run: model=%s (%s) engine=%s prompt=%s draw=%s data=%s max_boxes=%d seed=%d executor=%s -> %s",
-             cfg.model.name, model_path or cfg.model.path, engine_name(cfg.engine), cfg.prompt.name, cfg.draw.name,
+             cfg.model.name, model_path or cfg.model.path, engine_choice(cfg.engine), cfg.prompt.name, cfg.draw.name,
              data_path, cfg.max_boxes, cfg.seed, short_name(type(run.executor)), run.out)
     return run
 
