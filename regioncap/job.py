@@ -25,6 +25,7 @@ from regioncap.run import RegionCapRun, build_run
 from regioncap.settings import check_config
 from regioncap.rundir import STAGE_FILES, RunDir, regioncap_command, resume_args, shell_word
 from regioncap.signals import Interrupted, stop_on_signals
+from regioncap.stages import CaptionStage, VisualizeStage
 
 log = logging.getLogger("regioncap")
 
@@ -117,7 +118,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
     tracker.sweep_dir = _sweep_dir()
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
-                  job_type="caption" if "caption" in cfg.stages else "visualize")
+                  job_type=CaptionStage.name if CaptionStage.name in cfg.stages else VisualizeStage.name)
     exit_code = 1
     try:
         with stop_on_signals():

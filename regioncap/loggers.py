@@ -42,9 +42,11 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from regioncap.components import Component, class_of, check, whole
+from regioncap.record_types import Record, Region, RequestSpec
 from regioncap.records import dumps, read_jsonl
 
 from regioncap.rundir import CAPTIONS_FILE, METRICS_FILE, VISUALIZE_FILE
+from regioncap.stages import CaptionStage
 
 log = logging.getLogger("regioncap")
 #: Metadata keys W&B allows on an artifact.
@@ -71,7 +73,7 @@ class RunLogger(Component):
         self.cfg = cfg
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
-              job_type: str = "caption") -> None:
+              job_type: str = CaptionStage.name) -> None:
         """Open the tracking run for one job (before the stages)."""
 
     def log_progress(self, stage: str, rows: int, regions: int, errors: int, seconds: float) -> None:
@@ -201,7 +203,7 @@ class WandbLogger(RunLogger):
             return None
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
-              job_type: str = "caption") -> None:
+              job_type: str = CaptionStage.name) -> None:
         self._config = config
         self._guard("start", self._start, config=config, run_dir=Path(run_dir), name=name, group=group,
                     job_type=job_type)
@@ -286,13 +288,13 @@ class WandbLogger(RunLogger):
         run.summary.update(flat)
         payload: Dict[str, Any] = dict(flat)
         table = None
-        records_file = _records_file(metrics, run_dir)
+        records_file = records_file_of(metrics, run_dir)
         if records_file is not None and (cfg.log_images > 0 or cfg.log_table):
             samples, table = collect(
                 records_file, run_dir, n_images=max(0, int(cfg.log_images)),
                 table_rows=max(0, int(cfg.table_rows)) if cfg.log_table else 0,
                 references_key=(self._config.get("data") or {}).get("references_key"),
-                crops=_one_region_per_image(self._config.get("prompt")))
+                crops=one_region_per_image(self._config.get("prompt")))
             # One key per image: W&B draws a list of images of different sizes wrongly.
             for i, image in enumerate(_wandb_images(wandb, samples)):
                 payload[f"samples/{i:02d}"] = image
@@ -388,24 +390,25 @@ def key_figures(flat: Dict[str, float]) -> Dict[str, float]:
     return out
 
 
-def _records_file(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
+def records_file_of(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
     """The final record file of the run: captions when the caption stage ran, else visualize."""
     stages = metrics.get("stages") or {}
-    order = [CAPTIONS_FILE, VISUALIZE_FILE] if "caption" in stages or not stages else [VISUALIZE_FILE]
+    order = [CAPTIONS_FILE, VISUALIZE_FILE] if CaptionStage.name in stages or not stages else [VISUALIZE_FILE]
     for name in order:
         if (run_dir / name).is_file():
             return run_dir / name
     return None
 
 
-def _references(rec: Dict[str, Any], region: Dict[str, Any], references_key: Optional[str]) -> List[str]:
+def _references(rec: Record, region: Region, references_key: Optional[str]) -> List[str]:
     from regioncap.metrics import reference_texts
 
-    return reference_texts(rec, region, references_key)
+    # The metrics' reader takes plain objects: the row's input fields and the region's index are what it reads.
+    return reference_texts({**rec.extras(), "input": rec.input}, {"source_index": region.source_index}, references_key)
 
 
-def _scores(region: Dict[str, Any]) -> Dict[str, float]:
-    scores = region.get("scores")
+def _scores(region: Region) -> Dict[str, float]:
+    scores = region.scores
     if not isinstance(scores, dict):
         return {}
     return {str(k): v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -427,32 +430,32 @@ def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int
     samples: List[Dict[str, Any]] = []
     rows: List[Dict[str, Any]] = []
     thumbs = _Thumbnailer(run_dir / THUMBNAIL_DIR if table_rows > 0 else None)
-    for rec in read_jsonl(records_file):
+    for rec in map(Record.from_dict, read_jsonl(records_file)):
         if len(samples) >= n_images and len(rows) >= table_rows:
             break
-        regions = rec.get("regions") or []
-        by_id = {r.get("id"): r for r in regions}
-        requests = rec.get("requests") or []
+        regions = rec.regions or []
+        by_id = {r.id: r for r in regions}
+        requests = rec.requests or []
         region_image = {}
         for spec in requests:
-            for rid in spec.get("region_ids") or []:
-                region_image[rid] = spec.get("image")
-            if len(samples) < n_images and spec.get("image") and (run_dir / spec["image"]).is_file():
-                samples.append(_sample(rec, spec, [by_id[i] for i in spec.get("region_ids") or [] if i in by_id],
+            for rid in spec.region_ids or []:
+                region_image[rid] = spec.image
+            if len(samples) < n_images and spec.image and (run_dir / spec.image).is_file():
+                samples.append(_sample(rec, spec, [by_id[i] for i in spec.region_ids or [] if i in by_id],
                                        run_dir, crops))
         for reg in regions:
             if len(rows) >= table_rows:
                 break
-            image = region_image.get(reg.get("id"))
+            image = region_image.get(reg.id)
             rows.append({
-                "row_id": rec.get("id"), "region": reg.get("id"), "number": reg.get("number"),
-                "chunk": reg.get("chunk"), "status": rec.get("status"), "image": image,
-                "thumbnail": thumbs(run_dir / image, None if crops else reg.get("input_bbox"), len(rows))
+                "row_id": rec.id, "region": reg.id, "number": reg.number,
+                "chunk": reg.chunk, "status": rec.status, "image": image,
+                "thumbnail": thumbs(run_dir / image, None if crops else reg.input_bbox, len(rows))
                 if image else None,
-                "bbox": reg.get("bbox"), "input_bbox": reg.get("input_bbox"), "caption": reg.get("caption"),
-                "references": _references(rec, reg, references_key), "missing": bool(reg.get("missing")),
-                "reason": reg.get("reason"), "scores": _scores(reg),
-                "flags": ", ".join(map(str, reg.get("flags") or [])) or None,
+                "bbox": reg.bbox, "input_bbox": reg.input_bbox, "caption": reg.caption,
+                "references": _references(rec, reg, references_key), "missing": bool(reg.missing),
+                "reason": reg.reason, "scores": _scores(reg),
+                "flags": ", ".join(map(str, reg.flags or [])) or None,
             })
     table = None
     if table_rows > 0:
@@ -492,27 +495,27 @@ def _score_rows(rows: List[Dict[str, Any]]) -> None:
         r["scores"] = {**r["scores"], **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
 
 
-def _sample(rec: Dict[str, Any], spec: Dict[str, Any], regions: List[Dict[str, Any]], run_dir: Path,
+def _sample(rec: Record, spec: RequestSpec, regions: List[Region], run_dir: Path,
             crop: bool) -> Dict[str, Any]:
     lines = []
     boxes = None if crop else []
     for reg in regions:
-        number = int(reg.get("number") or reg.get("id") or 0)
-        caption = reg.get("caption")
+        number = int(reg.number or reg.id or 0)
+        caption = reg.caption
         if caption:
             label = f"{number}: {caption}"
-        elif rec.get("status") == "pending":  # visualize stage only: not asked yet
+        elif rec.status == "pending":  # visualize stage only: not asked yet
             label = str(number)
         else:
-            label = f"{number}: (missing: {reg.get('reason') or 'no caption'})"
-        source = str(reg.get("source") or "input")
+            label = f"{number}: (missing: {reg.reason or 'no caption'})"
+        source = str(reg.source or "input")
         if source != "input":  # a proposed region: its own box layer in W&B, tagged
             label = f"{label} [proposed: {source}]"
         lines.append(label)
-        if boxes is not None and reg.get("input_bbox"):
-            boxes.append((number, [int(v) for v in reg["input_bbox"]], _cut(label, _BOX_CAPTION_CHARS), source))
-    caption = _cut(f"{spec.get('key') or rec.get('id')}\n" + "\n".join(lines), _IMAGE_CAPTION_CHARS)
-    return {"path": str(run_dir / spec["image"]), "caption": caption, "boxes": boxes}
+        if boxes is not None and reg.input_bbox:
+            boxes.append((number, [int(v) for v in reg.input_bbox], _cut(label, _BOX_CAPTION_CHARS), source))
+    caption = _cut(f"{spec.key or rec.id}\n" + "\n".join(lines), _IMAGE_CAPTION_CHARS)
+    return {"path": str(run_dir / spec.image), "caption": caption, "boxes": boxes}
 
 
 class _Thumbnailer:
@@ -596,7 +599,7 @@ def _wandb_table(wandb: Any, table: Dict[str, Any]) -> Any:
 
 
 
-def _one_region_per_image(prompt: Any) -> bool:
+def one_region_per_image(prompt: Any) -> bool:
     """Whether the strategy a recorded ``prompt`` section names sends one crop per region (its
     images are shown without a box)."""
     from regioncap.strategies import recorded_strategy
