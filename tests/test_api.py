@@ -38,8 +38,8 @@ def test_run_returns_the_run_dir_and_metrics_and_reads_its_records(tmp_path):
 
 
 def test_a_failed_run_raises_with_the_command_lines_message(tmp_path):
-    with pytest.raises(RunError, match="no input rows"):
-        api.run([*FAST, "data.limit=0", f"hydra.run.dir={tmp_path / 'run'}"], configure_logging=False)
+    with pytest.raises(RunError, match=r"engine.batch_size must be a whole number >= 1, got 0"):
+        api.run([*FAST, "engine.batch_size=0", f"hydra.run.dir={tmp_path / 'run'}"], configure_logging=False)
 
 
 @pytest.mark.slow  # a whole job
