@@ -148,6 +148,26 @@ def test_annotated_sample_draws_the_boxes_and_adds_the_caption_strip(tmp_path):
     assert plain.getpixel((4, 20)) == (255, 255, 255)  # a crop: no box drawn
 
 
+@pytest.mark.slow
+@requires("mlflow")
+def test_an_unreachable_mlflow_server_is_one_warning_and_its_settings_are_put_back(tmp_path, caplog, monkeypatch):
+    import os
+    import socket
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    cfg = compose(["engine=fake", "progress=false", "data.limit=1", "logger=mlflow", "logger.http_retries=0",
+                   f"logger.tracking_uri=http://127.0.0.1:{port}"], output_dir=out)
+    with caplog.at_level(logging.WARNING, logger="regioncap"):
+        metrics = execute(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "regioncap" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("mlflow start failed, the run goes on"), warnings
+    assert metrics["rows"] == 1 and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
 # ------------------------------------------------------------------ through the CLI
 
 
