@@ -262,6 +262,8 @@ def test_a_sweep_groups_its_jobs_in_every_tracker(tmp_path, empty_mlflow_store):
     for row in rows:
         metrics = json.loads((sweep / row["job"] / "metrics.json").read_text())
         assert int(row["regions_captioned"]) == metrics["regions_captioned"] > 0
+        (own,) = _rows(sweep / row["job"] / "csv" / "metrics.csv")  # the job's own row is the table's
+        assert own == {k: v for k, v in row.items() if k != "job"}
     for job in ("0", "1"):
         assert _events(sweep / job / "tensorboard").Scalars("exit_code")[0].value == 0
     client = MlflowClient(tracking_uri=uri)
