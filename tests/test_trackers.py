@@ -41,14 +41,21 @@ def _events(events_dir: Path) -> Any:
 
 def test_many_types_each_trackers_settings_and_refuses_unknown_names():
     """(Every option composes and passes its checks: tests/test_config.py.)"""
-    cfg = compose(["logger=many", "logger.use=[csv,mlflow]", "logger.mlflow.log_images=2"])
+    import copy
+
+    composed = compose(["logger=many", "logger.use=[csv,mlflow]", "logger.mlflow.log_images=2"])
+    cfg = copy.deepcopy(composed)
     check_config(cfg)
     assert list(cfg.logger.use) == ["csv", "mlflow"] and cfg.logger.mlflow.log_images == 2
     assert cfg.logger.mlflow._target_ == "regioncap.trackers.MlflowLogger"
+    misspelt = copy.deepcopy(composed)
+    misspelt.logger.use = ["csv", "tensorbord"]
     with pytest.raises(RunError, match=r"logger\.use must be a list of distinct names out of csv, tensorboard"):
-        check_config(compose(["logger=many", "logger.use=[csv,tensorbord]"]))
+        check_config(misspelt)
+    negative = copy.deepcopy(composed)
+    negative.logger.tensorboard.log_images = -1
     with pytest.raises(RunError, match=r"logger\.tensorboard\.log_images must be a whole number >= 0"):
-        check_config(compose(["logger=many", "logger.tensorboard.log_images=-1"]))
+        check_config(negative)
 
 
 def test_many_names_the_extra_of_each_tracker_it_uses(monkeypatch):
