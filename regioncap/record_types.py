@@ -91,19 +91,23 @@ class RecordPart:
         """The part of a decoded JSON object: declared keys as fields (nested parts converted), the
         others kept as :meth:`extras`, the key order as it was."""
         names = cls.names()
-        values = {}
+        # Filled in directly, not through __init__: readers take every record of a file this way.
+        obj = object.__new__(cls)
+        state = obj.__dict__  # a field left out reads the class's None (see _read_none)
+        extras = {}
         for key, value in data.items():
             if key not in names:
+                extras[key] = value
                 continue
             # A value of another shape (a hand-edited file) is kept as it is, for the reader to refuse.
             if key in cls.PART_LISTS and isinstance(value, list):
-                value = [cls.PART_LISTS[key].from_dict(v) if isinstance(v, Mapping) else v for v in value]
+                part = cls.PART_LISTS[key]
+                value = [part.from_dict(v) if isinstance(v, Mapping) else v for v in value]
             elif key in cls.PARTS and isinstance(value, Mapping):
                 value = cls.PARTS[key].from_dict(value)
-            values[key] = value
-        obj = cls(**values)
-        object.__setattr__(obj, "_keys", list(data))
-        object.__setattr__(obj, "_extras", {k: v for k, v in data.items() if k not in names})
+            state[key] = value
+        state["_keys"] = list(data)
+        state["_extras"] = extras
         return obj
 
     def to_dict(self) -> Dict[str, Any]:
@@ -275,6 +279,17 @@ class Record(RecordPart):
 
 Record.PARTS = {"error": RecordError}
 Record.PART_LISTS = {"regions": Region, "requests": RequestSpec}
+
+
+def _read_none(*parts: Type[RecordPart]) -> None:
+    """A field a record leaves out reads ``None``: the class attribute behind it. (The generated
+    ``__init__`` keeps :data:`ABSENT` as its default, so a part built in code still knows what was set.)"""
+    for part in parts:
+        for f in fields(part):
+            setattr(part, f.name, None)
+
+
+_read_none(RecordError, Region, RequestSpec, Record)
 
 #: Every top-level key regioncap writes in a record: an input field with one of these
 #: names is kept under ``input`` instead of being overwritten. Derived from :class:`Record`,

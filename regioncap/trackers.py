@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from regioncap.components import check, optional, whole
+from regioncap.components import check, optional, real, whole
 from regioncap.loggers import RunLogger, WandbLogger, build_logger, collect, flatten_metrics
 from regioncap.loggers import one_region_per_image, records_file_of as records_file
 from regioncap.rundir import METRICS_FILE
@@ -191,12 +191,17 @@ class ToolLogger(RunLogger):
         self.run_name = ""
         self.group: Optional[str] = None
         self.steps: Dict[str, int] = {}
+        #: What failed (``start``, ``log_progress``...): a progress call that failed once is not
+        #: tried again, so a tool that has gone away does not hold every commit of the run.
+        self.failed: set = set()
         self._warned = False
 
     def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with self._calls():
+                return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - a tracker must never fail the run
+            self.failed.add(what)
             if not self._warned:
                 self._warned = True
                 log.warning("%s %s failed, the run goes on without it: %s: %s", type(self).name, what,
@@ -212,7 +217,7 @@ class ToolLogger(RunLogger):
         self.opened = not self._warned  # a tracker that could not start logs nothing more
 
     def log_progress(self, stage: str, rows: int, regions: int, errors: int, seconds: float) -> None:
-        if self.opened:
+        if self.opened and "log_progress" not in self.failed:
             self.steps[stage] = step = self.steps.get(stage, 0) + 1
             self._guard("log_progress", self._progress, stage, step,
                         progress_values(stage, rows, regions, errors, seconds))
@@ -227,6 +232,10 @@ class ToolLogger(RunLogger):
             self._guard("finish", self._close, int(exit_code))
 
     # What each tracker does; the defaults do nothing.
+    def _calls(self) -> Any:
+        """A context every call into the tool runs in (MLflow: its HTTP retry settings)."""
+        return _nothing()
+
     def _open(self) -> Any:
         return None
 
@@ -484,6 +493,11 @@ class MlflowLogger(ToolLogger):
         log_images: int = field(default=8, metadata=check(whole(0)))
         #: The records and metrics.json as artifacts (``records/``; copied into the store).
         log_artifact: bool = True
+        #: With a tracking server: seconds each request may take, and tries after a failed one.
+        #: MLflow's own defaults (120 s, 7 tries with a doubling back-off) hold a run for minutes
+        #: when the server is down; these give up in seconds and the run goes on without it.
+        http_timeout_s: float = field(default=10.0, metadata=check(real(0, above=True)))
+        http_retries: int = field(default=2, metadata=check(whole(0)))
 
     name = "mlflow"
     requires = ("mlflow",)
@@ -521,6 +535,20 @@ class MlflowLogger(ToolLogger):
         ui = f"mlflow ui --backend-store-uri {uri}" if not uri.startswith(("http", "databricks")) else uri
         log.info("MLflow run %s%s in experiment %s: %s (view: %s)", self.run_name,
                  f" (parent run {self.group})" if self.group else "", self.cfg.experiment, self.run_id, ui)
+
+    @contextmanager
+    def _calls(self) -> Iterator[None]:
+        # MLflow reads these at each request; set only around regioncap's own calls, and put back.
+        values = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(float(self.cfg.http_timeout_s)))),
+                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(self.cfg.http_retries))}
+        before = {k: os.environ.get(k) for k in values}
+        os.environ.update({k: v for k, v in values.items() if before[k] is None})  # the user's own win
+        try:
+            yield
+        finally:
+            for k, v in before.items():
+                if v is None:
+                    os.environ.pop(k, None)
 
     def _parent(self, exp_id: str) -> str:
         """The sweep's parent run (tagged ``regioncap.sweep``), made by the first job that gets here."""

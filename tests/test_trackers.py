@@ -41,14 +41,21 @@ def _events(events_dir: Path) -> Any:
 
 def test_many_types_each_trackers_settings_and_refuses_unknown_names():
     """(Every option composes and passes its checks: tests/test_config.py.)"""
-    cfg = compose(["logger=many", "logger.use=[csv,mlflow]", "logger.mlflow.log_images=2"])
+    import copy
+
+    composed = compose(["logger=many", "logger.use=[csv,mlflow]", "logger.mlflow.log_images=2"])
+    cfg = copy.deepcopy(composed)
     check_config(cfg)
     assert list(cfg.logger.use) == ["csv", "mlflow"] and cfg.logger.mlflow.log_images == 2
     assert cfg.logger.mlflow._target_ == "regioncap.trackers.MlflowLogger"
+    misspelt = copy.deepcopy(composed)
+    misspelt.logger.use = ["csv", "tensorbord"]
     with pytest.raises(RunError, match=r"logger\.use must be a list of distinct names out of csv, tensorboard"):
-        check_config(compose(["logger=many", "logger.use=[csv,tensorbord]"]))
+        check_config(misspelt)
+    negative = copy.deepcopy(composed)
+    negative.logger.tensorboard.log_images = -1
     with pytest.raises(RunError, match=r"logger\.tensorboard\.log_images must be a whole number >= 0"):
-        check_config(compose(["logger=many", "logger.tensorboard.log_images=-1"]))
+        check_config(negative)
 
 
 def test_many_names_the_extra_of_each_tracker_it_uses(monkeypatch):
@@ -148,6 +155,26 @@ def test_annotated_sample_draws_the_boxes_and_adds_the_caption_strip(tmp_path):
     assert plain.getpixel((4, 20)) == (255, 255, 255)  # a crop: no box drawn
 
 
+@pytest.mark.slow
+@requires("mlflow")
+def test_an_unreachable_mlflow_server_is_one_warning_and_its_settings_are_put_back(tmp_path, caplog, monkeypatch):
+    import os
+    import socket
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "run"
+    cfg = compose(["engine=fake", "progress=false", "data.limit=1", "logger=mlflow", "logger.http_retries=0",
+                   f"logger.tracking_uri=http://127.0.0.1:{port}"], output_dir=out)
+    with caplog.at_level(logging.WARNING, logger="regioncap"):
+        metrics = execute(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "regioncap" and r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].startswith("mlflow start failed, the run goes on"), warnings
+    assert metrics["rows"] == 1 and "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+
+
 # ------------------------------------------------------------------ through the CLI
 
 
@@ -242,6 +269,8 @@ def test_a_sweep_groups_its_jobs_in_every_tracker(tmp_path, empty_mlflow_store):
     for row in rows:
         metrics = json.loads((sweep / row["job"] / "metrics.json").read_text())
         assert int(row["regions_captioned"]) == metrics["regions_captioned"] > 0
+        (own,) = _rows(sweep / row["job"] / "csv" / "metrics.csv")  # the job's own row is the table's
+        assert own == {k: v for k, v in row.items() if k != "job"}
     for job in ("0", "1"):
         assert _events(sweep / job / "tensorboard").Scalars("exit_code")[0].value == 0
     client = MlflowClient(tracking_uri=uri)
