@@ -225,16 +225,29 @@ def test_auto_says_what_it_picked_and_why(monkeypatch, installed, cuda, picked, 
     assert engine_choice(compose(["engine=fake"]).engine) == "fake"
 
 
-@pytest.mark.parametrize("model", ["qwen25vl_3b", "qwen25vl_7b", "qwen2vl_2b"])
+#: The hub models run on engine=auto; the offline ones (built or shipped here) keep transformers.
+FULL_SIZE_MODELS = ["qwen25vl_3b", "qwen25vl_7b", "qwen2vl_2b", "qwen3vl_2b", "qwen3vl_4b"]
+OFFLINE_MODELS = ["shapes", "tiny", "qwen3vl_tiny"]
+
+
+def test_every_model_option_is_full_size_or_offline():
+    assert sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")) == sorted(FULL_SIZE_MODELS + OFFLINE_MODELS)
+
+
+@pytest.mark.parametrize("model", FULL_SIZE_MODELS)
 def test_full_size_models_default_to_auto_and_the_command_line_wins(model):
     assert node_name(compose([f"model={model}"]).engine) == "auto"
     assert node_name(compose([f"model={model}", "engine=vllm"]).engine) == "vllm"
     assert node_name(compose([f"model={model}", "engine=fake"]).engine) == "fake"
 
 
-def test_the_offline_models_keep_transformers():
+@pytest.mark.parametrize("model", OFFLINE_MODELS)
+def test_the_offline_models_keep_transformers(model):
+    assert node_name(compose([f"model={model}"], pin=False).engine) == "transformers"
+
+
+def test_the_default_and_an_experiment_choose_their_engine():
     assert node_name(compose([], pin=False).engine) == "transformers"  # model=shapes, the default
-    assert node_name(compose(["model=tiny"]).engine) == "transformers"
     assert node_name(compose(["experiment=qwen25vl_3b_vllm"]).engine) == "vllm"
 
 
