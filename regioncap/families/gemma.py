@@ -128,7 +128,7 @@ LEADING_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 # -- the tiny build ------------------------------------------------------------------
 
 #: Bump when the tiny folder's content changes; a folder of another version is rebuilt.
-TINY_VERSION = 1
+TINY_VERSION = 3
 #: Written last into a finished tiny folder.
 TINY_MARKER = "regioncap_tiny_gemma3.json"
 #: The tiny model's input side: 224 px = 16 x 16 patches of 14 px, pooled 4 x 4 into 16 visual tokens.
@@ -353,9 +353,17 @@ def write_tokenizer(folder: Path, *, bpe_vocab: int = TINY_BPE_VOCAB) -> Any:
                                   special_tokens=LEADING_SPECIALS + [f"<0x{i:02X}>" for i in range(256)])
     trainer_tok.train_from_iterator(default_corpus(), trainer=trainer)
     model = json.loads(trainer_tok.to_str())["model"]
+    vocab: Dict[str, int] = model["vocab"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    # Gemma has one token per run of newlines; vLLM's Gemma 3 processor looks up the runs of
+    # one to four (it re-joins the "\n\n" around an image with the text's newlines).
+    for run, merge in (("\n", None), ("\n\n", ("\n", "\n")), ("\n\n\n", ("\n\n", "\n")),
+                       ("\n\n\n\n", ("\n\n", "\n\n"))):
+        vocab.setdefault(run, len(vocab))
+        if merge:
+            merges.append(merge)
     tok = GemmaTokenizer(
-        vocab=model["vocab"], merges=merges, add_bos_token=True, model_max_length=131072,
+        vocab=vocab, merges=merges, add_bos_token=True, model_max_length=131072,
         # The named image tokens the Gemma 3 processor reads (tokenizer.boi_token ...).
         extra_special_tokens={"boi_token": BOI_TOKEN, "eoi_token": EOI_TOKEN, "image_token": IMAGE_TOKEN},
     )
@@ -392,6 +400,23 @@ def processor_files(folder: Path, *, image_size: int, tokens_per_image: int) -> 
     _write_json(folder / "chat_template.json", {"chat_template": GEMMA3_CHAT_TEMPLATE})
 
 
+def _hub_weight_names(path: Path) -> None:
+    """Rename the SigLIP weights to the published checkpoints' ``vision_tower.vision_model.*``.
+
+    transformers 5.25 saves them as ``vision_tower.*``, which it reads back but vLLM 0.32
+    does not ("no module or parameter named 'vision_tower.embeddings'"); every version
+    reads the published names.
+    """
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    prefix = "vision_tower."
+    renamed = {(prefix + "vision_model." + k[len(prefix):] if k.startswith(prefix)
+                and not k.startswith(prefix + "vision_model.") else k): v for k, v in tensors.items()}
+    if renamed.keys() != tensors.keys():
+        save_file(renamed, str(path), metadata={"format": "pt"})
+
+
 def build_tiny_into(folder: Path, seed: int = 0) -> Dict[str, Any]:
     """Write the tiny Gemma 3 folder into the empty ``folder`` with torch's RNG as it is (the caller seeds)."""
     import torch
@@ -420,6 +445,7 @@ def build_tiny_into(folder: Path, seed: int = 0) -> Dict[str, Any]:
     model.generation_config = GenerationConfig(bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"],
                                                eos_token_id=[ids["<eos>"], ids[END_OF_TURN]], do_sample=False)
     model.save_pretrained(folder, safe_serialization=True)
+    _hub_weight_names(folder / "model.safetensors")
     processor_files(folder, image_size=TINY_IMAGE_SIZE, tokens_per_image=tokens_per_image)
     return {"vocab_size": vocab_size, "token_ids": ids, "tokens_per_image": tokens_per_image,
             "transformers": transformers.__version__, "torch": torch.__version__}
