@@ -274,6 +274,19 @@ class Gemma3(Family):
         return out_dir
 
 
+    @classmethod
+    def write_arch_files(cls, folder: Path) -> None:
+        """Write what a weightless folder of a published Gemma 3 needs beside its ``config.json`` and
+        ``preprocessor_config.json``: the offline tokenizer with Gemma's special tokens at their
+        published ids (the embedding's 262,208 rows), the chat template, ``processor_config.json``."""
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        ids = {START_OF_TURN: 105, END_OF_TURN: 106, BOI_TOKEN: int(config["boi_token_index"]),
+               EOI_TOKEN: int(config["eoi_token_index"]), IMAGE_TOKEN: int(config["image_token_index"])}
+        write_tokenizer(Path(folder), token_ids=ids)
+        _write_json(Path(folder) / "processor_config.json",
+                    {"image_seq_length": int(config["mm_tokens_per_image"]), "processor_class": "Gemma3Processor"})
+        _write_json(Path(folder) / "chat_template.json", {"chat_template": GEMMA3_CHAT_TEMPLATE})
+
 # -- builders (heavy imports inside) ---------------------------------------------------
 
 
@@ -331,14 +344,19 @@ def _place(tmp: Path, out_dir: Path, seed: int) -> None:
     raise OSError(f"could not move the tiny Gemma 3 into {out_dir}: the folder keeps changing")
 
 
-def write_tokenizer(folder: Path, *, bpe_vocab: int = TINY_BPE_VOCAB) -> Any:
+def write_tokenizer(folder: Path, *, bpe_vocab: int = TINY_BPE_VOCAB,
+                    token_ids: Optional[Mapping[str, int]] = None) -> Any:
     """Train a small Gemma-style tokenizer and save it (with the chat template) into ``folder``; return it.
 
     Gemma's layout: spaces normalised to ``▁``, BPE with byte fallback (the 256
     ``<0xNN>`` tokens, so any text encodes), ``<pad> <eos> <bos> <unk> <mask>`` at ids
-    0-4, then the turn and image tokens after the vocabulary (``<image_soft_token>``
-    last, as in the real one). The trained vocabulary is regioncap's small English
-    corpus (:func:`regioncap.tiny.default_corpus`), not Gemma's.
+    0-4, one token per run of up to four newlines. The turn and image tokens go at
+    ``token_ids`` (the published ids in ``model.weights=random`` folders, the vocabulary
+    padded around them with ``<unusedN>`` entries no merge produces), or by default
+    right after the trained vocabulary (``<image_soft_token>`` last, as in the real
+    one). The trained vocabulary is regioncap's small English corpus
+    (:func:`regioncap.tiny.default_corpus`), not Gemma's: text splits into more
+    tokens than Gemma's own tokenizer makes.
     """
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
     from tokenizers.models import BPE
@@ -353,15 +371,31 @@ def write_tokenizer(folder: Path, *, bpe_vocab: int = TINY_BPE_VOCAB) -> Any:
                                   special_tokens=LEADING_SPECIALS + [f"<0x{i:02X}>" for i in range(256)])
     trainer_tok.train_from_iterator(default_corpus(), trainer=trainer)
     model = json.loads(trainer_tok.to_str())["model"]
-    vocab: Dict[str, int] = model["vocab"]
+    trained = sorted(model["vocab"], key=model["vocab"].__getitem__)
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     # Gemma has one token per run of newlines; vLLM's Gemma 3 processor looks up the runs of
     # one to four (it re-joins the "\n\n" around an image with the text's newlines).
     for run, merge in (("\n", None), ("\n\n", ("\n", "\n")), ("\n\n\n", ("\n\n", "\n")),
                        ("\n\n\n\n", ("\n\n", "\n\n"))):
-        vocab.setdefault(run, len(vocab))
+        trained.append(run)
         if merge:
             merges.append(merge)
+    named = [START_OF_TURN, END_OF_TURN, BOI_TOKEN, EOI_TOKEN, IMAGE_TOKEN]
+    if token_ids is None:
+        token_ids = {t: len(trained) + i for i, t in enumerate(named)}
+    reserved = {i: t for t, i in token_ids.items()}
+    vocab: Dict[str, int] = {}
+    next_id = 0
+    for t in trained:
+        while next_id in reserved:
+            next_id += 1
+        vocab[t] = next_id
+        next_id += 1
+    vocab.update(token_ids)
+    used = set(vocab.values())
+    for i in range(max(used)):
+        if i not in used:
+            vocab[f"<unused{i}>"] = i
     tok = GemmaTokenizer(
         vocab=vocab, merges=merges, add_bos_token=True, model_max_length=131072,
         # The named image tokens the Gemma 3 processor reads (tokenizer.boi_token ...).
@@ -369,6 +403,9 @@ def write_tokenizer(folder: Path, *, bpe_vocab: int = TINY_BPE_VOCAB) -> Any:
     )
     tok.add_special_tokens({"extra_special_tokens": [START_OF_TURN, END_OF_TURN]},
                            replace_extra_special_tokens=False)
+    got = {t: tok.convert_tokens_to_ids(t) for t in named}
+    if got != dict(token_ids):  # pragma: no cover - a transformers change in how added tokens get ids
+        raise RuntimeError(f"the Gemma tokenizer put its special tokens at {got}, not {dict(token_ids)}")
     tok.chat_template = GEMMA3_CHAT_TEMPLATE
     tok.save_pretrained(folder)
     return tok
