@@ -17,7 +17,7 @@ ARCHS = Path(__file__).resolve().parents[1] / "regioncap" / "archs"
 
 
 def family(**over) -> Gemma3:
-    return Gemma3(Gemma3.Config(name="gemma3_4b", path="google/gemma-3-4b-it", **over))
+    return Gemma3(Gemma3.config(name="gemma3_4b", path="google/gemma-3-4b-it", **over))
 
 
 # -- pixels -----------------------------------------------------------------------------
@@ -228,3 +228,29 @@ def test_the_tiny_model_generates_and_the_build_is_reused(tiny_gemma, tiny_proce
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]
+
+
+@pytest.mark.slow
+def test_a_weightless_4b_folder_has_the_published_token_ids_and_256_image_tokens(tmp_path):
+    import shutil
+
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    pytest.importorskip("transformers")
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copyfile(ARCHS / "gemma3_4b" / name, tmp_path / name)
+    Gemma3.write_arch_files(tmp_path)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    tok = processor.tokenizer
+    assert len(tok) == 262145 and tok.bos_token_id == 2 and tok.eos_token_id == 1
+    assert [tok.convert_tokens_to_ids(t) for t in ("<start_of_turn>", "<end_of_turn>", "<start_of_image>",
+                                                   "<end_of_image>", "<image_soft_token>")] == [
+        105, 106, 255999, 256000, 262144]
+    f = family()
+    messages = [{"role": "user", "content": f.user_content("Describe the region.")}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = processor(text=[text], images=[Image.new("RGB", (640, 480))], return_tensors="np",
+                    add_special_tokens=False)["input_ids"][0].tolist()
+    assert ids.count(262144) == f.visual_tokens(640, 480) == 256
+    assert ids[0] == 2 and ids.count(2) == 1

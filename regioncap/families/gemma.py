@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
-from regioncap import boxes as bx
 from regioncap.components import check, whole
 from regioncap.families.base import Family, PixelBox
 
@@ -169,6 +168,7 @@ class Gemma3(Family):
     model_types: ClassVar[Tuple[str, ...]] = ("gemma3",)
     transformers_class: ClassVar[Optional[str]] = "Gemma3ForConditionalGeneration"
     grid: ClassVar[Optional[int]] = GRID
+    image_placeholder: ClassVar[str] = BOI_TOKEN
     archs: ClassVar[Mapping[str, str]] = {
         "google/gemma-3-4b-it": "gemma3_4b",
         "google/gemma-3-12b-it": "gemma3_12b",
@@ -196,11 +196,24 @@ class Gemma3(Family):
         """256 for the published models (``(image_size / 56)`` squared): one image, pan and scan off."""
         return (self.side // self.unit) ** 2
 
+    def expand_images(self, text: str, width: int, height: int) -> str:
+        """Each ``<start_of_image>`` as the Gemma 3 processor (and vLLM's) writes it: ``\\n\\n``, the
+        begin token, one ``<image_soft_token>`` per visual token, the end token, ``\\n\\n``."""
+        n = self.visual_tokens(width, height)
+        return text.replace(BOI_TOKEN, f"\n\n{BOI_TOKEN}{IMAGE_TOKEN * n}{EOI_TOKEN}\n\n")
+
+    def processor_kwargs(self) -> Dict[str, Any]:
+        """Pan and scan off (the processor's default, said explicitly): one 896 x 896 image, 256 tokens.
+        No pixel budget: the processor's ``size`` is the input."""
+        return {"do_pan_and_scan": False}
+
     # -- coordinates -----------------------------------------------------------
 
     def box_coords(self, box: PixelBox, size: Tuple[int, int]) -> List[int]:
         """``[x1, y1, x2, y2]`` on the 0-1000 grid of an image of ``size`` (rounded, clamped)."""
-        return bx.qwen2_coords(bx.Box(*box), size[0], size[1])
+        from regioncap.families.qwen import grid_coords
+
+        return grid_coords(box, size, GRID)
 
     def box_text(self, box: PixelBox, size: Tuple[int, int]) -> str:
         """``{"bbox_2d": [x1, y1, x2, y2]}`` on the 0-1000 grid (the layout the grounding answer uses)."""
@@ -212,43 +225,33 @@ class Gemma3(Family):
         return GROUNDING_PROMPT
 
     def grounding_constraint(self, kind: str, max_items: int) -> Dict[str, Any]:
-        """The ``bbox_2d`` JSON list of :mod:`regioncap.propose.vlm` (``regex`` or ``json``); ``{}`` for ``none``."""
-        from regioncap.propose import vlm
+        """The ``bbox_2d`` JSON list of :mod:`regioncap.families.grounding` (``regex`` or ``json``); ``{}`` for ``none``."""
+        from regioncap.families.grounding import grounding_json_schema, grounding_regex
 
         if kind == "regex":
-            return {"regex": vlm.grounding_regex()}
+            return {"regex": grounding_regex()}
         if kind == "json":
-            return {"json_schema": vlm.grounding_json_schema(max_items)}
+            return {"json_schema": grounding_json_schema(max_items)}
         return {}
 
     def parse_grounding(self, text: Any, width: float, height: float, *, min_size: float = 1.0,
                         source: str = "vlm") -> List[Any]:
-        """JSON ``bbox_2d`` boxes on the 0-1000 grid, as proposals in pixels of the ``width x height`` image.
+        """JSON ``bbox_2d`` boxes on the 0-1000 grid, as proposals in pixels of the ``width x height`` image
+        (:func:`regioncap.families.grounding.parse_grounding`: fences, prose, cut-off lists, swapped
+        corners; clipped to the image, ``min_size`` in pixels). Never raises on any ``text``."""
+        from regioncap.families.grounding import parse_grounding
 
-        Read by :func:`regioncap.propose.vlm.parse_grounding` on the grid (its fences,
-        prose, cut-off lists, swapped corners), clipped to 0-1000, then scaled;
-        ``min_size`` applies in pixels. Never raises on any ``text``.
-        """
-        from regioncap.propose.base import Proposal
-        from regioncap.propose.vlm import parse_grounding
+        return parse_grounding(text, width, height, grid=GRID, min_size=min_size, source=source)
 
-        for name, v in (("width", width), ("height", height)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
-                raise ValueError(f"parse_grounding: image {name} must be a positive finite number, got {v!r}")
-        sx, sy = float(width) / GRID, float(height) / GRID
-        out = []
-        for p in parse_grounding(text, GRID, GRID, "gemma3", min_size=0.0, source=source):
-            x1, y1, x2, y2 = p.bbox
-            scaled = (x1 * sx, y1 * sy, x2 * sx, y2 * sy)
-            if scaled[2] - scaled[0] < min_size or scaled[3] - scaled[1] < min_size:
-                continue
-            out.append(Proposal(scaled, p.score, p.label, p.source))
-        return out
+    def max_crop_aspect(self) -> float:
+        """1: ``prompt=crop`` cuts square crops (the short side widened with context), because every
+        image is squashed to a square: a square crop is only scaled, never distorted."""
+        return 1.0
 
     # -- building --------------------------------------------------------------
 
     @classmethod
-    def build_tiny(cls, out_dir: Path, *, seed: int = 0) -> Path:
+    def build_tiny(cls, out_dir: Path, seed: int = 0) -> Path:
         """Build (or reuse) the tiny random-weight Gemma 3 in ``out_dir`` and return its absolute path.
 
         A real ``Gemma3ForConditionalGeneration`` (SigLIP 2 x 64, text 2 x 64, one sliding and
@@ -273,6 +276,11 @@ class Gemma3(Family):
         log.info("built the tiny Gemma 3 (seed %d) into %s in %.1f s", seed, out_dir, time.perf_counter() - t0)
         return out_dir
 
+
+    @classmethod
+    def chat_template(cls) -> str:
+        """Gemma 3's official chat template (verbatim)."""
+        return GEMMA3_CHAT_TEMPLATE
 
     @classmethod
     def write_arch_files(cls, folder: Path) -> None:
