@@ -254,3 +254,47 @@ def test_a_weightless_4b_folder_has_the_published_token_ids_and_256_image_tokens
                     add_special_tokens=False)["input_ids"][0].tolist()
     assert ids.count(262144) == f.visual_tokens(640, 480) == 256
     assert ids[0] == 2 and ids.count(2) == 1
+
+
+@pytest.mark.slow
+def test_the_engine_counts_the_prompt_as_it_submits_it(tiny_gemma, tmp_path):
+    from PIL import Image
+
+    from regioncap.engines.base import Request, Sampling
+    from regioncap.engines.transformers_engine import TransformersEngine
+
+    cfg = Gemma3.config(name="gemma3_tiny", path=str(tiny_gemma), image_size=224, min_pixels=224 * 224,
+                        max_pixels=224 * 224, max_model_len=2048, dtype="float32")
+    engine = TransformersEngine(model_cfg=cfg, engine_cfg=TransformersEngine.Config(), model_path=str(tiny_gemma))
+    assert engine.processor.image_processor.size["height"] == 224      # the family's input, not a pixel budget
+    reqs = []
+    for i, (size, system) in enumerate([((224, 224), None), ((224, 224), "Be brief.\n"), ((300, 100), None)]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", size, (40 * i, 90, 200)).save(path)
+        reqs.append(Request(key=f"r{i}", image_path=str(path), prompt=f"Describe\n\nregion {i}.", system=system,
+                            sampling=Sampling(max_tokens=3)))
+    counted = [engine._prepare(i, r).prompt_tokens for i, r in enumerate(reqs)]
+    out = engine.generate(reqs)
+    assert [r.error for r in out] == [None] * 3
+    assert [r.prompt_tokens for r in out] == counted
+    prepared = engine._prepare(0, reqs[0])
+    ids = engine.processor(text=[prepared.text], images=[prepared.image], add_special_tokens=False,
+                           return_tensors="pt")["input_ids"][0].tolist()
+    assert ids.count(engine.tokenizer.bos_token_id) == 1 and len(ids) == counted[0]
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_one_row_end_to_end_with_random_weights(tiny_gemma, tmp_path):
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    proc = run_cli(["model=gemma3_tiny", f"model.path={tiny_gemma}", "model.weights=random", "engine=transformers",
+                    "data=demo", "data.limit=1", f"hydra.run.dir={out}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["tokens"]["prompt"] > 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model_weights"] == "random" and metrics["rows"] == 1
+    visual = json.loads((out / "visualize.jsonl").read_text().splitlines()[0])
+    assert visual["input_size"] == [224, 224]
