@@ -290,7 +290,8 @@ def test_one_row_end_to_end_with_random_weights(tiny_gemma, tmp_path):
 
     out = tmp_path / "run"
     proc = run_cli(["model=gemma3_tiny", f"model.path={tiny_gemma}", "model.weights=random", "engine=transformers",
-                    "data=demo", "data.limit=1", f"hydra.run.dir={out}"], cwd=tmp_path)
+                    "data=demo", "data.limit=1", "sampling.max_tokens=16", "prompt.reask_missing=false",
+                    f"hydra.run.dir={out}"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["error"] is None and rows[0]["tokens"]["prompt"] > 0
