@@ -175,8 +175,9 @@ class Gemma3(Family):
         "google/gemma-3-27b-it": "gemma3_27b",
     }
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any = None) -> None:
         super().__init__(cfg)
+        cfg = self.cfg
         self.side = int(getattr(cfg, "image_size", IMAGE_SIZE))
         unit = int(getattr(cfg, "patch_size", PATCH_SIZE)) * int(getattr(cfg, "merge_size", POOL))
         if self.side <= 0 or unit <= 0 or self.side % unit:
