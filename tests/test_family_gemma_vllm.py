@@ -69,8 +69,3 @@ def test_tiny_gemma3_on_vllm_counts_and_grounds(tiny_gemma, tmp_path):
     assert result["counted"] == result["vllm"]
     assert result["first"][0] == result["bos"] and result["first"][1] != result["bos"]   # one <bos>
     assert result["texts"][2].startswith("[")                                   # the constrained JSON list
-
-
-@pytest.fixture(scope="module")
-def tiny_gemma(tmp_path_factory) -> Path:
-    return Gemma3.build_tiny(tmp_path_factory.mktemp("models") / "tiny-gemma3")
