@@ -489,7 +489,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from regioncap.families.base import shipped_families
 
     parser.add_argument("--family", choices=sorted(shipped_families()), default=None,
-                        help="conversations: grounding coordinates (default: the run's model.family)")
+                        help="conversations: grounding coordinates (default: the family of the run's model)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
                         help="hf/parquet: also upload the dataset to this hub repo")
     args = parser.parse_args(argv)

@@ -61,20 +61,20 @@ def size_and_box(draw):
     return (w, h), (xs[0], ys[0], xs[1], ys[1])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(size_and_box(), st.sampled_from(FAMILIES))
 def test_box_text_round_trips_through_the_familys_parser(size_box, cls):
-    size, box = size_and_box_ = size_box
+    size, box = size_box
     text, props = _round_trip(cls, box, size)
     tx, ty = _tolerance(cls, size)
     if props:
         (x1, y1, x2, y2), = [p.bbox for p in props]
-        assert abs(x1 - box[0]) <= tx and abs(x2 - box[2]) <= tx, (text, size_and_box_)
-        assert abs(y1 - box[1]) <= ty and abs(y2 - box[3]) <= ty, (text, size_and_box_)
+        assert abs(x1 - box[0]) <= tx and abs(x2 - box[2]) <= tx, (text, size_box)
+        assert abs(y1 - box[1]) <= ty and abs(y2 - box[3]) <= ty, (text, size_box)
     else:
         # Only a box that rounds to zero width or height on the family's grid reads back as nothing.
         c = cls().box_coords(box, size)
-        assert c[0] == c[2] or c[1] == c[3], (text, size_and_box_)
+        assert c[0] == c[2] or c[1] == c[3], (text, size_box)
 
 
 @pytest.mark.parametrize("cls", FAMILIES)
@@ -146,9 +146,7 @@ def test_qwen3_config_is_32_px_tokens_with_the_projects_token_budget():
     assert Qwen25VL().input_size(4000, 3000) == smart_resize(4000, 3000, min_pixels=3136, max_pixels=1003520)
 
 
-@pytest.mark.parametrize("option,cls", [("qwen3vl_2b", Qwen3VL), ("qwen3vl_4b", Qwen3VL), ("qwen3vl_tiny", Qwen3VL),
-                                        ("qwen2vl_2b", Qwen2VL), ("qwen25vl_3b", Qwen25VL), ("gemma3_4b", Gemma3),
-                                        ("gemma3_27b", Gemma3), ("gemma3_tiny", Gemma3)])
+@pytest.mark.parametrize("option,cls", [("qwen3vl_2b", Qwen3VL), ("qwen2vl_2b", Qwen2VL), ("gemma3_tiny", Gemma3)])
 def test_model_options_build_their_family(option, cls):
     cfg = compose([f"model={option}"])
     family = build_family(cfg.model)
