@@ -143,6 +143,7 @@ def test_the_published_configs_agree_with_the_family(folder):
     assert Gemma3.arch_folder(f"google/gemma-3-{folder.split('_')[1]}-it") == folder
 
 
+@pytest.mark.cli
 def test_importing_the_family_imports_no_torch():
     code = "import sys, regioncap.families.gemma; print('torch' in sys.modules or 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
