@@ -252,7 +252,8 @@ class TransformersEngine(Engine):
             self.processor = load_processor(self.model_path, trust)
         except Exception as exc:
             raise EngineError(f"cannot load the processor of {self.model_path}: {type(exc).__name__}: {exc}") from exc
-        self._set_pixel_budget(int(model_cfg.min_pixels), int(model_cfg.max_pixels))
+        self._set_processor_settings(self.family.processor_kwargs())
+        self.min_pixels, self.max_pixels = int(model_cfg.min_pixels), int(model_cfg.max_pixels)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.model = self._load_model(config, trust)
@@ -265,7 +266,6 @@ class TransformersEngine(Engine):
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (getattr(gen_cfg, "pad_token_id", None) or min(self.eos_ids))
-        self.image_token = getattr(self.processor, "image_token", "<|image_pad|>")
         # Width of the logits (the embedding is often padded beyond the tokenizer).
         self.logits_size = int(self.model.get_output_embeddings().weight.shape[0])
         #: Enforce the ``lines`` answer layout of requests that carry its regex.
@@ -311,20 +311,27 @@ class TransformersEngine(Engine):
         config._name_or_path = self.model_path
         return config, True
 
-    def _set_pixel_budget(self, min_pixels: int, max_pixels: int) -> None:
-        """Give the image processor the configured pixel budget (``size`` in 5.x, also ``min/max_pixels`` in 4.x).
+    def _set_processor_settings(self, settings: Dict[str, Any]) -> None:
+        """Give the image processor the family's settings (:meth:`regioncap.families.base.Family.processor_kwargs`):
+        a pixel budget becomes ``size`` in 5.x, also ``min/max_pixels`` in 4.x; other settings (Gemma 3's
+        ``do_pan_and_scan``) are set as they are. A family without a budget (a fixed input size) keeps the
+        processor's ``size``.
 
         Set on the loaded processor rather than passed to ``from_pretrained``:
         transformers 5 keeps such kwargs as call defaults and warns on every call.
         """
         ip = self.processor.image_processor
-        size = getattr(ip, "size", None)
-        get = (lambda k: size.get(k) if isinstance(size, dict) else getattr(size, k, None))
-        if size is not None and (get("shortest_edge"), get("longest_edge")) != (min_pixels, max_pixels):
-            ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-        if hasattr(ip, "min_pixels"):
-            ip.min_pixels, ip.max_pixels = min_pixels, max_pixels
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        settings = dict(settings)
+        if "min_pixels" in settings and "max_pixels" in settings:
+            min_pixels, max_pixels = int(settings.pop("min_pixels")), int(settings.pop("max_pixels"))
+            size = getattr(ip, "size", None)
+            get = (lambda k: size.get(k) if isinstance(size, dict) else getattr(size, k, None))
+            if size is not None and (get("shortest_edge"), get("longest_edge")) != (min_pixels, max_pixels):
+                ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+            if hasattr(ip, "min_pixels"):
+                ip.min_pixels, ip.max_pixels = min_pixels, max_pixels
+        for key, value in settings.items():
+            setattr(ip, key, value)
 
     def _load_model(self, config: Any, trust: bool) -> Any:
         import transformers
@@ -398,10 +405,6 @@ class TransformersEngine(Engine):
         messages.append({"role": "user", "content": self.family.user_content(req.prompt)})
         return messages
 
-    def _visual_tokens(self, width: int, height: int) -> int:
-        # The family's rule is the processor's (tested against it); for an image at input size a no-op.
-        return self.family.visual_tokens(width, height)
-
     def _prepare(self, index: int, req: Request) -> Any:
         """A :class:`_Prepared` request, or the error response it turns into."""
         from PIL import Image
@@ -423,11 +426,12 @@ class TransformersEngine(Engine):
                                   f"cannot read image {req.image_path}: {type(exc).__name__}: {exc}")
         try:
             text = self.processor.apply_chat_template(self._messages(req), tokenize=False, add_generation_prompt=True)
-            text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         except Exception as exc:
             return error_response(req.key, "engine_error", f"cannot build the prompt: {type(exc).__name__}: {exc}")
-        n_pads = text.count(self.image_token)
-        prompt_tokens = len(text_ids) - n_pads + n_pads * self._visual_tokens(*image.size)
+        # The text the processor tokenizes: each placeholder expanded as the family's processor expands
+        # it (Qwen: one pad token per visual token; Gemma 3: its image block and the newlines around it).
+        expanded = self.family.expand_images(text, *image.size)
+        prompt_tokens = len(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
         room = self.max_model_len - prompt_tokens
         if room <= 0:
             return error_response(
@@ -513,7 +517,8 @@ class TransformersEngine(Engine):
         t0 = time.perf_counter()
         inputs = self.processor(
             text=[b.text for b in batch], images=[b.image for b in batch],
-            padding=True, return_tensors="pt",
+            # The chat template writes every special token (Gemma's <bos> too): none added twice.
+            padding=True, return_tensors="pt", add_special_tokens=False,
         ).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)

@@ -88,6 +88,9 @@ class Family(Component):
     grid: ClassVar[Optional[int]] = None
     #: Published architectures kept under ``regioncap/archs``: hub id -> folder name.
     archs: ClassVar[Mapping[str, str]] = {}
+    #: The token the chat template writes where the image goes (the processor expands it,
+    #: :meth:`expand_images`).
+    image_placeholder: ClassVar[str] = "<|image_pad|>"
     #: Whether the model reads marks drawn on the image (False: a family whose prompt names
     #: the region itself, such as Florence-2's region task).
     marks: ClassVar[bool] = True
@@ -151,6 +154,18 @@ class Family(Component):
     def visual_tokens(self, width: int, height: int) -> int:
         """Visual tokens of an image at its input size: the count the engine puts in the prompt."""
         raise NotImplementedError
+
+    def expand_images(self, text: str, width: int, height: int) -> str:
+        """``text`` (a rendered chat prompt) with each :attr:`image_placeholder` expanded as the processor
+        expands it for a ``width x height`` image: the text the model's tokenizer reads, so its token
+        count is the engine's. Qwen: the placeholder once per visual token."""
+        p = self.image_placeholder
+        return text.replace(p, p * self.visual_tokens(width, height))
+
+    def processor_kwargs(self) -> Dict[str, Any]:
+        """Settings for the model's processor when an engine starts (vLLM's ``mm_processor_kwargs``):
+        the pixel budget, ``model.min_pixels`` / ``model.max_pixels``."""
+        return {"min_pixels": int(self.cfg.min_pixels), "max_pixels": int(self.cfg.max_pixels)}
 
     # -- coordinates -----------------------------------------------------------
 
