@@ -127,6 +127,12 @@ class Family(Component):
         """The request text that asks the model for every object with its box."""
         raise NotImplementedError
 
+    def region_prompt(self, box: PixelBox, size: Tuple[int, int]) -> Optional[str]:
+        """The family's own request for the caption of one region, named by ``box`` (pixels of an image
+        of ``size``) with no marks drawn; None where the family has no region task (``prompt=region``
+        then refuses to run)."""
+        return None
+
     def grounding_constraint(self, kind: str, max_items: int) -> Dict[str, Any]:
         """``{"regex": ...}`` or ``{"json_schema": ...}`` constraining a grounding answer where the
         family's answer is constrainable with ``kind`` (``regex``, ``json``); ``{}`` where not."""
