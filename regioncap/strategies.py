@@ -277,6 +277,47 @@ class CropStrategy(PromptStrategy):
         return out
 
 
+class RegionStrategy(PromptStrategy):
+    """No marks: one request per region in the model family's own region task (Florence-2's
+    ``<REGION_TO_DESCRIPTION>`` with the box's location tokens); the whole answer is the caption."""
+
+    @dataclass
+    class Config(PromptStrategy.Config):
+        """The request is the family's (``{regions}``); its answer is one caption, nothing to re-ask."""
+
+        template: str = "{regions}"
+        answer_format: AnswerFormat = AnswerFormat.free
+        reask_missing: bool = False
+
+    name = "region"
+    reasks = False
+    noun = "region"
+
+    def __init__(self, prompt: "PromptStrategy.Config", style: DrawStyle, budget: ModelBudget, max_boxes: int,
+                 family: Any = None) -> None:
+        super().__init__(prompt, style, budget, max_boxes)
+        self.family = family
+
+    def slots(self, count: int) -> List[Tuple[int, int]]:
+        # Every request names one region, numbered 1; the chunk stays the marked layout's (records keep it).
+        return [(i // self.max_boxes, 1) for i in range(count)]
+
+    def plan(self, regions, boxes):  # noqa: ANN001,ANN201 - see base
+        return [Planned(f"r{reg['id']}", [reg], [box]) for reg, box in zip(regions, boxes)]
+
+    def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
+        # One clean image, shared by every region's request.
+        name = f"{IMAGES_DIR}/{stem}.{self.ext}"
+        return [Rendered(p, name, image if c == 0 else None, image.size) for c, p in enumerate(planned)]
+
+    def regions_text(self, regions, size):  # noqa: ANN001,ANN201 - see base
+        text = self.family.region_prompt(tuple(regions[0]["input_bbox"]), tuple(size)) if self.family else None
+        if text is None:
+            raise ValueError(f"prompt=region needs a model family with a region task of its own (Florence-2); "
+                             f"{type(self.family).__name__} has none: use prompt=marked, crop or coords")
+        return text
+
+
 def strategy_class(prompt: Any) -> type:
     """The :class:`PromptStrategy` subclass a ``prompt`` node names with ``_target_``
     (:class:`~regioncap.errors.RunError` naming ``prompt._target_`` when it does not resolve)."""

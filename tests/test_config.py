@@ -36,7 +36,7 @@ def test_every_option_composes(group, option, tmp_path):
     if group == "data":
         assert cfg.data.name == option and node_name(cfg.data) in ("jsonl", "hf", "coco", "vg", "refcoco")
     elif group == "prompt":
-        assert cfg.prompt.name == option and node_name(cfg.prompt) in ("marked", "crop", "coords")
+        assert cfg.prompt.name == option and node_name(cfg.prompt) in ("marked", "crop", "coords", "region")
     else:
         assert node_name(cfg[group]) == (None if (group, option) == ("propose", "none") else option)
     from regioncap.settings import check_settings
