@@ -613,11 +613,7 @@ class TransformersEngine(Engine):
             new = generated[row, n_in:].tolist()[: b.max_new_tokens]
             stop = next((k for k, t in enumerate(new) if t in self.eos_ids), None)
             kept = new if stop is None else new[:stop]
-            if self.chat:
-                text = self.tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            else:
-                text = self.tokenizer.decode([t for t in kept if t not in self.dropped_ids],
-                                             skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text = self.answer_text(kept)
             responses.append(make_response(
                 key=b.request.key, text=text, prompt_tokens=int(prompt_lens[row]),
                 # Counted as vLLM does: the stop token is one of the output tokens.
@@ -625,6 +621,15 @@ class TransformersEngine(Engine):
                 latency_s=latency, finish_reason="length" if stop is None else "stop",
             ))
         return responses
+
+    def answer_text(self, ids: Sequence[int]) -> str:
+        """The text of answer tokens ``ids``: without special tokens, but for a model without a chat
+        template only its ``<s>``, ``</s>``, padding and image tokens are dropped (Florence-2's
+        ``<loc_N>`` are special tokens, and they are the boxes of its answers)."""
+        if self.chat:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode([t for t in ids if t not in self.dropped_ids], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
 
     # -- lifecycle -----------------------------------------------------------
 
