@@ -249,22 +249,39 @@ class Florence2(Family):
             shutil.rmtree(tmp, ignore_errors=True)
         return out
 
+    @classmethod
+    def write_arch_files(cls, folder: Path) -> None:
+        """The tokenizer, processor and generation config of a weightless Florence-2 folder that holds the
+        published ``config.json`` and ``preprocessor_config.json`` (``model.weights=random``).
 
-def write_arch_files(folder: Path, arch_dir: Path) -> None:
-    """Write the tokenizer, processor and generation config of a weightless Florence-2 folder.
+        The tokenizer is :func:`write_tokenizer` padded to BART's 50,265 tokens, so ``<mask>`` is
+        50264, ``<loc_0>`` 50269 and ``<image>`` 51289 as in the real one; the processor has the
+        published preprocessor values (saved in transformers' own layout).
+        """
+        folder = Path(folder)
+        pre = json.loads((folder / "preprocessor_config.json").read_text(encoding="utf-8"))
+        text = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("text_config", {})
+        tokenizer = write_tokenizer(folder, bpe_size=50265)
+        processor_files(folder, tokenizer, image_size=int(pre["size"]["height"]),
+                        image_seq_length=int(pre["image_seq_length"]))
+        generation_config(text).save_pretrained(folder)
 
-    ``arch_dir`` is a folder of ``regioncap/archs`` (its ``config.json`` is written by the
-    caller). The tokenizer is :func:`write_tokenizer` padded to BART's 50,265 tokens, so
-    ``<mask>`` is 50264, ``<loc_0>`` 50269 and ``<image>`` 51289, as in the real one; the
-    processor has the published ``preprocessor_config.json`` values.
-    """
-    import shutil as _shutil
+    def max_crop_aspect(self) -> float:
+        """Any crop becomes the square (the processor has no aspect limit): the project's crop limit."""
+        from regioncap.images import MAX_CROP_ASPECT_RATIO
 
-    pre = json.loads((arch_dir / "preprocessor_config.json").read_text(encoding="utf-8"))
-    tokenizer = write_tokenizer(folder, bpe_size=50265)
-    side = int(pre["size"]["height"])
-    processor_files(folder, tokenizer, image_size=side, image_seq_length=int(pre["image_seq_length"]))
-    _shutil.copyfile(arch_dir / "generation_config.json", folder / "generation_config.json")
+        return float(MAX_CROP_ASPECT_RATIO)
+
+
+def generation_config(text_config: Mapping[str, Any]) -> Any:
+    """The generation config of a Florence-2 text config: the decoder starts with ``</s>`` and its first
+    token is ``<s>`` (BART's ``forced_bos_token_id``, which transformers 5 no longer keeps in the
+    config), as the real checkpoints answer ``</s><s>...</s>``."""
+    from transformers import GenerationConfig
+
+    ids = {k: int(text_config.get(k, d)) for k, d in
+           (("bos_token_id", 0), ("pad_token_id", 1), ("eos_token_id", 2), ("decoder_start_token_id", 2))}
+    return GenerationConfig(forced_bos_token_id=ids["bos_token_id"], **ids)
 
 
 def _tiny_complete(out: Path) -> bool:
@@ -344,7 +361,7 @@ def processor_files(folder: Path, tokenizer: Any, *, image_size: int, image_seq_
 def _build_tiny_into(tmp: Path) -> Dict[str, Any]:
     import torch
     import transformers
-    from transformers import Florence2Config, Florence2ForConditionalGeneration, GenerationConfig
+    from transformers import Florence2Config, Florence2ForConditionalGeneration
 
     tokenizer = write_tokenizer(tmp)
     side = TINY_IMAGE_SIZE
@@ -360,8 +377,7 @@ def _build_tiny_into(tmp: Path) -> Dict[str, Any]:
         torch.manual_seed(0)
         with torch.device("cpu"):
             model = Florence2ForConditionalGeneration(config).to(torch.float32).eval()
-    # The decoder starts with </s> and its first token is <s>, as the real checkpoints generate.
-    model.generation_config = GenerationConfig(decoder_start_token_id=2, forced_bos_token_id=0, **ids)
+    model.generation_config = generation_config(config.text_config.to_dict())
     model.save_pretrained(tmp, safe_serialization=True)
     return {"vocab_size": vocab_size, "n_tokens": len(tokenizer), "image_token_id": tokenizer.image_token_id,
             "parameters": sum(p.numel() for p in model.parameters()),
