@@ -26,6 +26,7 @@ strategy  requests of a row                                      re-ask
 marked    one per chunk of ``max_boxes`` regions, boxes drawn     yes
 crop      one per region, on a crop of it with a context margin   no
 coords    one per chunk, the boxes written in the prompt text     yes
+region    one per region, the family's own region task, no marks  no
 ========  =====================================================  ======
 
 The config is read once, when the strategy is built (:func:`build_strategy`):

@@ -116,7 +116,8 @@ class Florence2(Family):
 
         #: Side of the square every image is resized to (the processor's ``size``); the
         #: pixel budget (``min_pixels``/``max_pixels``) does not apply to this family.
-        image_size: int = field(default=768, metadata=check(whole(STRIDE)))
+        image_size: int = field(default=768, metadata=check(
+            (lambda v: whole(STRIDE)[0](v) and v % STRIDE == 0, f"a whole multiple of {STRIDE}")))
         #: Pixels per visual token: the vision tower's total stride (``patch_size x merge_size``).
         patch_size: int = field(default=STRIDE, metadata=check(whole(1)))
         merge_size: int = field(default=1, metadata=check(whole(1)))
