@@ -14,13 +14,13 @@ from PIL import Image
 from regioncap import boxes as bx
 from regioncap.draw import DrawStyle
 from regioncap.families.florence import BINS, REGION_TASK, Florence2, from_bin, to_bin
-from regioncap.strategies import ModelBudget, RegionStrategy
+from regioncap.strategies import RegionStrategy
 
 ARCHS = Path(__file__).resolve().parent.parent / "regioncap" / "archs"
 
 
 def family(**kw) -> Florence2:
-    return Florence2(Florence2.Config(name="florence2_base", path="florence-community/Florence-2-base", **kw))
+    return Florence2(Florence2.config(name="florence2_base", path="florence-community/Florence-2-base", **kw))
 
 
 def test_every_image_becomes_the_square_with_577_visual_tokens():
@@ -121,8 +121,7 @@ def _strategy(fam):
     from conftest import compose
 
     cfg = compose(["prompt=region"])
-    return RegionStrategy(RegionStrategy.Config(name="region"), DrawStyle.from_config(cfg.draw),
-                          ModelBudget.from_config(cfg.model), 10, family=fam)
+    return RegionStrategy(RegionStrategy.Config(name="region"), DrawStyle.from_config(cfg.draw), fam, 10)
 
 
 def test_region_strategy_one_request_per_region_no_marks(tmp_path):
@@ -150,8 +149,10 @@ def test_region_strategy_one_request_per_region_no_marks(tmp_path):
 
 
 def test_region_strategy_refuses_a_family_without_a_region_task():
-    from regioncap.families.base import Family
+    from conftest import compose
+    from regioncap.errors import RunError
+    from regioncap.strategies import build_strategy
 
-    strategy = _strategy(Family(None))
-    with pytest.raises(ValueError, match="prompt=region needs a model family with a region task"):
-        strategy.regions_text([{"input_bbox": [0, 0, 1, 1]}], (10, 10))
+    with pytest.raises(RunError, match="prompt=region needs a model family with a region task"):
+        build_strategy(compose(["prompt=region", "model=qwen25vl_3b"]))
+    assert isinstance(build_strategy(compose(["prompt=region", "model=florence2_base"])), RegionStrategy)

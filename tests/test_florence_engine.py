@@ -16,7 +16,7 @@ SIDE = TINY_IMAGE_SIZE
 
 @pytest.fixture(scope="module")
 def family(tiny_florence_dir):
-    return Florence2(Florence2.Config(name="florence2_tiny", path=str(tiny_florence_dir), image_size=SIDE,
+    return Florence2(Florence2.config(name="florence2_tiny", path=str(tiny_florence_dir), image_size=SIDE,
                                       dtype="float32"))
 
 
