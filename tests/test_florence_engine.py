@@ -62,6 +62,9 @@ def test_the_engine_counts_the_familys_tokens_and_answers_without_the_prompt(eng
         # The answer is the decoder's alone: none of the prompt comes back.
         assert "What does the region" not in resp.text and "Describe the content" not in resp.text
         assert 0 < resp.output_tokens <= 6
+        # An answer cut at max_tokens says so: the model's own generation config would force </s> as the
+        # last token there, and a stop at exactly max_tokens would hide the cut (this seeded model never stops).
+        assert (resp.finish_reason, resp.output_tokens) == ("length", 6)
 
 
 def test_answers_do_not_depend_on_batch_mates(engine, image):

@@ -273,6 +273,13 @@ class TransformersEngine(Engine):
         #: The decoder's first tokens, given to every request of an encoder-decoder: its start token, then
         #: the token its generation config forces first (Florence-2 answers ``</s><s>...``).
         self.decoder_prefix = self._decoder_prefix(gen_cfg) if self.encoder_decoder else []
+        if self.encoder_decoder and gen_cfg is not None:
+            # generate() fills every setting a call leaves unset from the model's own generation config:
+            # the prefix above replaces its forced first token, and a forced last token would end an
+            # answer cut at max_tokens with a stop token (read as a finished answer, not a truncated one).
+            for name in ("forced_bos_token_id", "forced_eos_token_id", "no_repeat_ngram_size"):
+                if getattr(gen_cfg, name, None) is not None:
+                    setattr(gen_cfg, name, None)
         #: Answers decoded with special tokens kept, but for these (a task model's answers carry
         #: special tokens of their own: Florence-2's ``<loc_N>``).
         self.dropped_ids = set() if self.chat else {
