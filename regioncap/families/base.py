@@ -91,6 +91,8 @@ class Family(Component):
     #: Whether the model reads marks drawn on the image (False: a family whose prompt names
     #: the region itself, such as Florence-2's region task).
     marks: ClassVar[bool] = True
+    #: What to know when vLLM cannot load a model of this family (added to its load error); None: nothing.
+    vllm_hint: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: Any = None) -> None:
         #: The typed ``model`` section; without one, the class's defaults (enough for coordinates and grounding).

@@ -136,6 +136,8 @@ class Florence2(Family):
         "microsoft/Florence-2-large": "florence2_large",
     }
     marks = False
+    vllm_hint = ("vLLM 0.32 runs Florence-2 only with its out-of-tree plugin, vllm-project/bart-plugin; "
+                 "without it use engine=transformers")
 
     # -- pixels --------------------------------------------------------------
 
