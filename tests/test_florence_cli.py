@@ -10,6 +10,7 @@ from conftest import run_cli
 from regioncap.records import read_jsonl
 
 
+@pytest.mark.cli
 @pytest.mark.slow
 def test_florence_runs_one_row_end_to_end(tmp_path, tiny_florence_dir):
     # One process, two jobs (the imports paid once): its own region task, and DataFlow-MM's marked prompt.
@@ -35,3 +36,5 @@ def test_florence_runs_one_row_end_to_end(tmp_path, tiny_florence_dir):
         assert all(r["prompt_tokens"] > 5 and r["output_tokens"] > 0 for r in requests)
         metrics = json.loads((job / "metrics.json").read_text())
         assert metrics["model_weights"] == "random"
+        manifest = json.loads((job / "manifest.json").read_text())
+        assert manifest["model"]["family"] == "florence2" and manifest["model"]["weights"] == "random"
