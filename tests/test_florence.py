@@ -156,3 +156,15 @@ def test_region_strategy_refuses_a_family_without_a_region_task():
     with pytest.raises(RunError, match="prompt=region needs a model family with a region task"):
         build_strategy(compose(["prompt=region", "model=qwen25vl_3b"]))
     assert isinstance(build_strategy(compose(["prompt=region", "model=florence2_base"])), RegionStrategy)
+
+
+def test_metrics_count_the_familys_visual_tokens():
+    from regioncap.metrics import compute_metrics
+
+    rec = {"id": "r", "status": "ok", "regions": [{"id": 1, "caption": "a cat", "number": 1}],
+           "requests": [{"key": "r/r1", "image": "images/r.jpg", "image_size": [768, 768], "prompt": "x",
+                         "numbers": [1], "region_ids": [1], "prompt_tokens": 600, "output_tokens": 3}]}
+    fam = family()
+    m = compute_metrics([rec], {"caption": {"rows": 1, "seconds": 1.0, "errors": 0}}, patch_size=32, merge_size=1,
+                        references_key=None, bootstrap_resamples=0, visual=fam.visual_tokens)
+    assert m["visual_tokens"] == 577  # 24 x 24 and the pooled token, as the engine counts them
