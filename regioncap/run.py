@@ -274,11 +274,13 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
     wall = pipeline.get("seconds")
     # A config written before a metrics setting existed (a merge of old shards) gets the schema's default.
     scorers = {**asdict(MetricsConfig()), **(cfg.get("metrics") or {})}
+    from regioncap.families.base import build_family
+
     metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
                               merge_size=int(model.merge_size), references_key=cfg.data.references_key,
                               meteor=bool(scorers["meteor"]), meteor_timeout_s=float(scorers["meteor_timeout_s"]),
                               wall_s=wall, bootstrap_resamples=int(scorers["bootstrap_resamples"]), seed=int(cfg.seed),
-                              densecap=bool(scorers["densecap"]))
+                              densecap=bool(scorers["densecap"]), visual=build_family(model).visual_tokens)
     metrics.update(weights(model))
     if pipeline:
         # End to end: every image and region of the run over the run's wall time (both stages).

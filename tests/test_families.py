@@ -30,8 +30,10 @@ FAMILIES = (Qwen2VL, Qwen25VL, Qwen3VL, Gemma3)
 
 
 def test_shipped_families_are_found_from_the_model_options():
+    from regioncap.families.florence import Florence2
+
     assert shipped_families() == {"qwen2_vl": Qwen2VL, "qwen2_5_vl": Qwen25VL, "qwen3_vl": Qwen3VL,
-                                  "gemma3": Gemma3}
+                                  "gemma3": Gemma3, "florence2": Florence2}
     assert all(issubclass(cls, Family) for cls in shipped_families().values())
 
 

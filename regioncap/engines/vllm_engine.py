@@ -147,7 +147,8 @@ class VllmEngine(Engine):
         try:
             self._llm: Any = LLM(**kwargs)
         except Exception as e:
-            raise EngineError(f"vLLM could not load the model {self.model_path}: {type(e).__name__}: {e}") from e
+            hint = f" ({self.family.vllm_hint})" if self.family.vllm_hint else ""
+            raise EngineError(f"vLLM could not load the model {self.model_path}: {type(e).__name__}: {e}{hint}") from e
         self.load_s = time.perf_counter() - t0
         self._tokenizer = self._llm.get_tokenizer()
         self._chat_template = self._resolve_chat_template()

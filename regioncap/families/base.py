@@ -94,6 +94,8 @@ class Family(Component):
     #: Whether the model reads marks drawn on the image (False: a family whose prompt names
     #: the region itself, such as Florence-2's region task).
     marks: ClassVar[bool] = True
+    #: What to know when vLLM cannot load a model of this family (added to its load error); None: nothing.
+    vllm_hint: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: Any = None) -> None:
         #: The typed ``model`` section; without one, the class's defaults (enough for coordinates and grounding).
@@ -180,6 +182,12 @@ class Family(Component):
     def grounding_prompt(self) -> str:
         """The request text that asks the model for every object with its box."""
         raise NotImplementedError
+
+    def region_prompt(self, box: PixelBox, size: Tuple[int, int]) -> Optional[str]:
+        """The family's own request for the caption of one region, named by ``box`` (pixels of an image
+        of ``size``) with no marks drawn; None where the family has no region task (``prompt=region``
+        then refuses to run)."""
+        return None
 
     def grounding_constraint(self, kind: str, max_items: int) -> Dict[str, Any]:
         """``{"regex": ...}`` or ``{"json_schema": ...}`` constraining a grounding answer where the
