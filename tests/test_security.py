@@ -217,7 +217,7 @@ def test_only_images_py_decodes_input_images():
     opens = {str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py") if "Image.open(" in p.read_text()}
     assert opens <= {"regioncap/images.py", "regioncap/report.py", "regioncap/loggers.py",
                      "regioncap/engines/fake.py", "regioncap/engines/transformers_engine.py",
-                     "regioncap/engines/vllm_engine.py"}, opens
+                     "regioncap/engines/vllm_engine.py", "regioncap/trackers.py"}, opens
 
 
 def test_importing_every_regioncap_module_keeps_pillows_bomb_guard():
