@@ -19,7 +19,7 @@ What the W&B logger records, all from files the run already wrote:
   not keep, so those images are logged without boxes: the whole crop is the region;
 - ``region_table``: a ``wandb.Table`` with one row per region (capped at
   ``table_rows``): row id, region, mark number, image path, a thumbnail of the
-  region, boxes, caption, reference and per-region reference scores when the
+  region (written to ``RUN_DIR/thumbnails/``, W&B copies it from there), boxes, caption, reference and per-region reference scores when the
   data has references, missing flag and reason;
 - the caption records and ``metrics.json`` as a ``dataset`` artifact;
 - while a stage runs, after each commit (:meth:`RunLogger.log_progress`):
@@ -32,13 +32,14 @@ are imported when the W&B logger needs them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from regioncap.components import Component, class_of, check, whole
 from regioncap.record_types import Record, Region, RequestSpec
@@ -54,6 +55,8 @@ ARTIFACT_METADATA_MAX = 100
 #: Metrics file and record files written by the run (see ``regioncap.run``).
 #: Longest side of a region thumbnail in the table, in pixels.
 THUMBNAIL_PX = 128
+#: The table's thumbnails, as files in the run dir (``RUN_DIR/thumbnails/000000.jpg``, one per table row).
+THUMBNAIL_DIR = "thumbnails"
 #: Box labels and image captions are cut to this many characters (W&B shows them inline).
 _BOX_CAPTION_CHARS = 80
 _IMAGE_CAPTION_CHARS = 600
@@ -61,6 +64,10 @@ _IMAGE_CAPTION_CHARS = 600
 
 class RunLogger(Component):
     """Interface of an experiment logger; this base class logs nothing. Built as ``cls(cfg.logger)``."""
+
+    #: In a multirun, the sweep dir (set by the job before :meth:`start`): a tracker that keeps
+    #: local runs may keep the sweep's together there, so one command handles them all. None in a single run.
+    sweep_dir: Optional[Path] = None
 
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg
@@ -213,7 +220,9 @@ class WandbLogger(RunLogger):
         if mode == "disabled":
             log.info("W&B: mode disabled, nothing logged")
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # A sweep's offline runs go together under SWEEP_DIR/wandb/, so one `wandb sync` uploads them all.
+        root = Path(self.sweep_dir) if self.sweep_dir is not None else run_dir
+        root.mkdir(parents=True, exist_ok=True)
         settings = _settings(wandb, {
             "init_timeout": float(cfg.init_timeout_s),
             # Not 0 (wait forever): a network that drops mid-run must not hold the job at
@@ -234,14 +243,18 @@ class WandbLogger(RunLogger):
         try:
             self._run = wandb.init(
                 project=cfg.project, entity=cfg.entity, group=group, name=name, job_type=job_type,
-                tags=list(cfg.tags) or None, config=config, dir=str(run_dir), mode=mode, settings=settings,
+                tags=list(cfg.tags) or None, config=config, dir=str(root), mode=mode, settings=settings,
             )
         finally:
             sys.argv = argv
-        where = getattr(self._run.settings, "sync_dir", None) or run_dir / "wandb"
+        where = getattr(self._run.settings, "sync_dir", None) or root / "wandb"
         in_group = f" in group {group}" if group else ""
         if mode == "offline":
-            log.info("W&B offline run %s%s: %s (upload it with `wandb sync %s`)", name, in_group, where, where)
+            if self.sweep_dir is not None:
+                log.info("W&B offline run %s%s: %s (upload every run of the sweep with `wandb sync %s`)",
+                         name, in_group, where, root / "wandb")
+            else:
+                log.info("W&B offline run %s%s: %s (upload it with `wandb sync %s`)", name, in_group, where, where)
         else:
             log.info("W&B run %s%s: %s", name, in_group, getattr(self._run, "url", None) or where)
 
@@ -275,19 +288,20 @@ class WandbLogger(RunLogger):
         run.summary.update(flat)
         payload: Dict[str, Any] = dict(flat)
         table = None
-        records_file = _records_file(metrics, run_dir)
+        records_file = records_file_of(metrics, run_dir)
         if records_file is not None and (cfg.log_images > 0 or cfg.log_table):
             samples, table = collect(
                 records_file, run_dir, n_images=max(0, int(cfg.log_images)),
                 table_rows=max(0, int(cfg.table_rows)) if cfg.log_table else 0,
                 references_key=(self._config.get("data") or {}).get("references_key"),
-                crops=_one_region_per_image(self._config.get("prompt")))
+                crops=one_region_per_image(self._config.get("prompt")))
             # One key per image: W&B draws a list of images of different sizes wrongly.
             for i, image in enumerate(_wandb_images(wandb, samples)):
                 payload[f"samples/{i:02d}"] = image
             if table is not None:
                 payload["region_table"] = _wandb_table(wandb, table)
-        run.log(payload)
+        with _staging_in(getattr(run.settings, "sync_dir", None)):
+            run.log(payload)
         if cfg.log_artifact:
             files = [p for p in (records_file, run_dir / METRICS_FILE) if p is not None and p.is_file()]
             if files:
@@ -312,6 +326,26 @@ class WandbLogger(RunLogger):
             start = time.perf_counter()
             self._guard("finish", run.finish, exit_code=int(exit_code))
             log.info("W&B: run finished (exit code %d) in %.1f s", exit_code, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _staging_in(sync_dir: Optional[str]) -> Iterator[None]:
+    """W&B copies a logged table and its images into a ``run_table`` artifact staged under
+    ``$WANDB_DATA_DIR`` (a folder in the home dir), and an offline run's ``wandb sync`` reads
+    them from there later. Stage them inside the W&B run's own folder instead
+    (``.../offline-run-*/data/``), so the folder holds everything its sync needs."""
+    if not sync_dir:
+        yield
+        return
+    before = os.environ.get("WANDB_DATA_DIR")
+    os.environ["WANDB_DATA_DIR"] = str(Path(sync_dir) / "data")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("WANDB_DATA_DIR", None)
+        else:
+            os.environ["WANDB_DATA_DIR"] = before
 
 
 def _settings(wandb: Any, values: Dict[str, Any]) -> Any:
@@ -356,7 +390,7 @@ def key_figures(flat: Dict[str, float]) -> Dict[str, float]:
     return out
 
 
-def _records_file(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
+def records_file_of(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
     """The final record file of the run: captions when the caption stage ran, else visualize."""
     stages = metrics.get("stages") or {}
     order = [CAPTIONS_FILE, VISUALIZE_FILE] if CaptionStage.name in stages or not stages else [VISUALIZE_FILE]
@@ -395,7 +429,7 @@ def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int
     """
     samples: List[Dict[str, Any]] = []
     rows: List[Dict[str, Any]] = []
-    thumbs = _Thumbnailer()
+    thumbs = _Thumbnailer(run_dir / THUMBNAIL_DIR if table_rows > 0 else None)
     for rec in map(Record.from_dict, read_jsonl(records_file)):
         if len(samples) >= n_images and len(rows) >= table_rows:
             break
@@ -416,7 +450,8 @@ def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int
             rows.append({
                 "row_id": rec.id, "region": reg.id, "number": reg.number,
                 "chunk": reg.chunk, "status": rec.status, "image": image,
-                "thumbnail": thumbs(run_dir / image, None if crops else reg.input_bbox) if image else None,
+                "thumbnail": thumbs(run_dir / image, None if crops else reg.input_bbox, len(rows))
+                if image else None,
                 "bbox": reg.bbox, "input_bbox": reg.input_bbox, "caption": reg.caption,
                 "references": _references(rec, reg, references_key), "missing": bool(reg.missing),
                 "reason": reg.reason, "scores": _scores(reg),
@@ -484,13 +519,28 @@ def _sample(rec: Record, spec: RequestSpec, regions: List[Region], run_dir: Path
 
 
 class _Thumbnailer:
-    """Region crops of request images, keeping the last image open (a row's regions share it)."""
+    """Region crops of request images, written as JPEG files to ``folder`` (in the run dir, so
+    W&B copies them from there rather than staging them in a temporary folder of its own);
+    keeps the last image open (a row's regions share it). No folder: no thumbnails."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Optional[Path]) -> None:
+        self.folder = folder
         self._path: Optional[Path] = None
         self._image: Any = None
 
-    def __call__(self, path: Path, box: Optional[List[int]]) -> Any:
+    def __call__(self, path: Path, box: Optional[List[int]], n: int) -> Optional[Path]:
+        """The ``n``-th table row's thumbnail file (``THUMBNAIL_DIR/000000.jpg``), or None."""
+        if self.folder is None:
+            return None
+        image = self._crop(path, box)
+        if image is None:
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        out = self.folder / f"{n:06d}.jpg"
+        image.save(out, "JPEG", quality=90)
+        return out
+
+    def _crop(self, path: Path, box: Optional[List[int]]) -> Any:
         from PIL import Image
 
         if path != self._path:
@@ -539,7 +589,7 @@ def _wandb_table(wandb: Any, table: Dict[str, Any]) -> Any:
     data = []
     for row in table["rows"]:
         row = list(row)
-        row[thumb] = wandb.Image(row[thumb], file_type="jpg") if row[thumb] is not None else None
+        row[thumb] = wandb.Image(str(row[thumb])) if row[thumb] is not None else None
         # Boxes as text: W&B tables type a column from its first value, and null boxes would clash with lists.
         for c in ("bbox", "input_bbox"):
             i = columns.index(c)
@@ -549,7 +599,7 @@ def _wandb_table(wandb: Any, table: Dict[str, Any]) -> Any:
 
 
 
-def _one_region_per_image(prompt: Any) -> bool:
+def one_region_per_image(prompt: Any) -> bool:
     """Whether the strategy a recorded ``prompt`` section names sends one crop per region (its
     images are shown without a box)."""
     from regioncap.strategies import recorded_strategy

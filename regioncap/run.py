@@ -274,11 +274,13 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
     wall = pipeline.get("seconds")
     # A config written before a metrics setting existed (a merge of old shards) gets the schema's default.
     scorers = {**asdict(MetricsConfig()), **(cfg.get("metrics") or {})}
+    from regioncap.families.base import build_family
+
     metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
                               merge_size=int(model.merge_size), references_key=cfg.data.references_key,
                               meteor=bool(scorers["meteor"]), meteor_timeout_s=float(scorers["meteor_timeout_s"]),
                               wall_s=wall, bootstrap_resamples=int(scorers["bootstrap_resamples"]), seed=int(cfg.seed),
-                              densecap=bool(scorers["densecap"]))
+                              densecap=bool(scorers["densecap"]), visual=build_family(model).visual_tokens)
     metrics.update(weights(model))
     if pipeline:
         # End to end: every image and region of the run over the run's wall time (both stages).
@@ -389,7 +391,7 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
     available fails in seconds, not after the visualize stage. ``multirun``:
     the job is one of a sweep (see :func:`pick_executor`).
     """
-    from regioncap.engines import EngineError, engine_name, engine_of
+    from regioncap.engines import EngineError, engine_choice, engine_of
     from regioncap.requirements import check_requirements
 
     check_config(cfg)  # before anything is read, built or started
@@ -413,7 +415,7 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
                        on_commit=on_commit, rundir=rundir)
     data_path = resolve_path(cfg.data.path) if cfg.data.path else None
     log.info("run: model=%s (%s) engine=%s prompt=%s draw=%s data=%s max_boxes=%d seed=%d executor=%s -> %s",
-             cfg.model.name, model_path or cfg.model.path, engine_name(cfg.engine), cfg.prompt.name, cfg.draw.name,
+             cfg.model.name, model_path or cfg.model.path, engine_choice(cfg.engine), cfg.prompt.name, cfg.draw.name,
              data_path, cfg.max_boxes, cfg.seed, short_name(type(run.executor)), run.out)
     return run
 

@@ -34,7 +34,7 @@ _SPAWNS = re.compile(r"\brun_cli\(|\bsubprocess\.|\bPopen\(|_server\b|vllm_pytho
 #: Optional packages and the extra that installs them (see pyproject.toml).
 OPTIONAL = {
     "torch": "transformers", "transformers": "transformers", "torchvision": "transformers",
-    "openai": "openai", "wandb": "wandb", "ray": "ray", "submitit": "slurm",
+    "openai": "openai", "wandb": "wandb", "mlflow": "trackers", "tensorboard": "trackers", "ray": "ray", "submitit": "slurm",
     "hydra_plugins.hydra_submitit_launcher": "slurm", "skimage": "dev", "matplotlib": "dev",
     "hypothesis": "dev", "qwen_vl_utils": "dev", "pycocoevalcap": "metrics",
 }
@@ -143,6 +143,18 @@ def compose(overrides: List[str] = (), output_dir: str | None = None, pin: bool 
     return cfg
 
 
+def family(name: str):
+    """The family object named ``name`` (``qwen2_5_vl``, ``qwen2_vl``...) with its class's default settings."""
+    from regioncap.families.base import shipped_families
+
+    return shipped_families()[name]()
+
+
+def ground(text, width, height, family_name: str = "qwen2_5_vl", **kw):
+    """``family_name``'s reading of a grounding answer (``Family.parse_grounding``)."""
+    return family(family_name).parse_grounding(text, width, height, **kw)
+
+
 @pytest.fixture
 def compose_cfg():
     return compose
@@ -154,6 +166,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from regioncap.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> Path:
+    """The offline tiny Gemma 3 (``model=gemma3_tiny``), built once per test session."""
+    from regioncap.families.gemma import Gemma3
+
+    return Gemma3.build_tiny(tmp_path_factory.mktemp("models") / "tiny-gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_florence_dir(tmp_path_factory) -> Path:
+    """The offline tiny Florence-2 (random weights), built once per test session."""
+    from regioncap.families.florence import Florence2
+
+    return Florence2.build_tiny(tmp_path_factory.mktemp("models") / "tiny-florence2")
 
 
 def run_cli(args: List[str], *, python: str = sys.executable, env: dict | None = None, timeout: int = 300,

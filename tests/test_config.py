@@ -12,8 +12,10 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR, REPO, compose
 
-#: Every config group: each folder of conf/ but experiment/ (its own test below) and hydra/ (Hydra's).
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra"))
+#: The groups whose options set keys anywhere (``# @package _global_``): composed in their own tests below.
+GLOBAL_GROUPS = ("experiment", "hparams_search", "debug")
+#: Every config group: each folder of conf/ but the global ones and hydra/ (Hydra's).
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in (*GLOBAL_GROUPS, "hydra"))
 
 
 def options(group: str):
@@ -36,7 +38,12 @@ def test_every_option_composes(group, option, tmp_path):
     if group == "data":
         assert cfg.data.name == option and node_name(cfg.data) in ("jsonl", "hf", "coco", "vg", "refcoco")
     elif group == "prompt":
-        assert cfg.prompt.name == option and node_name(cfg.prompt) in ("marked", "crop", "coords")
+        assert cfg.prompt.name == option and node_name(cfg.prompt) in ("marked", "crop", "coords", "region")
+    elif group == "model":
+        # A model option names its family's class (model=qwen2vl_2b: Qwen2VL) and keeps its own name.
+        from regioncap.families.base import shipped_families
+
+        assert cfg.model.name == option and node_name(cfg.model) in shipped_families()
     else:
         assert node_name(cfg[group]) == (None if (group, option) == ("propose", "none") else option)
     from regioncap.settings import check_settings
@@ -98,7 +105,9 @@ def test_engine_fields_are_typed_per_engine():
 
 def test_model_is_chosen_by_config_not_folder_name():
     cfg = compose(["model=qwen25vl_3b", "model.path=/models/any-folder-name"])
-    assert cfg.model.family == "qwen2_5_vl" and cfg.model.path == "/models/any-folder-name"
+    from regioncap.families.base import family_name
+
+    assert family_name(cfg.model) == "qwen2_5_vl" and cfg.model.path == "/models/any-folder-name"
     assert cfg.model.trust_remote_code is False
 
 
@@ -114,9 +123,11 @@ def test_help_and_cfg_do_not_import_heavy_libraries(args):
         assert "max_boxes: 10" in proc.stdout
 
 
-@pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_composes(experiment, tmp_path):
-    cfg = compose([f"experiment={experiment}"], output_dir=tmp_path)
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GLOBAL_GROUPS for o in options(g)])
+def test_every_global_option_composes(override, tmp_path):
+    if override.startswith("hparams_search="):
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose([override], output_dir=tmp_path)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     from regioncap.settings import check_settings
 

@@ -47,18 +47,6 @@ from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Res
 
 log = logging.getLogger(__name__)
 
-#: The image placeholder Qwen2-VL/2.5-VL's chat template emits; vLLM expands it
-#: into the image's visual tokens.
-IMAGE_PLACEHOLDERS = 1
-
-
-def _visual_tokens(width: int, height: int, patch_size: int, merge_size: int) -> int:
-    """Visual tokens of an image already at the model's input size (regioncap.models' rule)."""
-    from regioncap.qwen import visual_tokens
-
-    return int(visual_tokens(width, height, patch_size=patch_size, merge_size=merge_size))
-
-
 def _rope_overrides(model_path: str) -> Dict[str, Any]:
     """``hf_overrides`` that repair an old-style rope config of a local model folder ({} when none is needed)."""
     from regioncap.qwen import fixed_rope_scaling, read_config_dict
@@ -113,12 +101,14 @@ class VllmEngine(Engine):
             ) from e
 
         self._vllm = vllm
+        from regioncap.families.base import build_family
+
         self.model_cfg = model_cfg
+        #: The model family: its chat turn and visual tokens.
+        self.family = build_family(model_cfg)
         self.engine_cfg = engine_cfg
         self.model_path = str(model_path or model_cfg.path)
         self.max_model_len = int(model_cfg.max_model_len)
-        self.patch_size = int(model_cfg.patch_size)
-        self.merge_size = int(model_cfg.merge_size)
         self._so_factory = self._structured_outputs_factory() if engine_cfg.structured_outputs else None
         #: Extra ``SamplingParams`` arguments every request gets, over the request's own (empty: none).
         #: A benchmark fixes the output length with ``{"min_tokens": n, "ignore_eos": True}``.
@@ -137,7 +127,7 @@ class VllmEngine(Engine):
             trust_remote_code=bool(model_cfg.trust_remote_code),
             seed=0,
             limit_mm_per_prompt={"image": 1, "video": 0},
-            mm_processor_kwargs={"min_pixels": int(model_cfg.min_pixels), "max_pixels": int(model_cfg.max_pixels)},
+            mm_processor_kwargs=self.family.processor_kwargs(),
         )
         overrides = _rope_overrides(self.model_path)
         if overrides:
@@ -157,7 +147,8 @@ class VllmEngine(Engine):
         try:
             self._llm: Any = LLM(**kwargs)
         except Exception as e:
-            raise EngineError(f"vLLM could not load the model {self.model_path}: {type(e).__name__}: {e}") from e
+            hint = f" ({self.family.vllm_hint})" if self.family.vllm_hint else ""
+            raise EngineError(f"vLLM could not load the model {self.model_path}: {type(e).__name__}: {e}{hint}") from e
         self.load_s = time.perf_counter() - t0
         self._tokenizer = self._llm.get_tokenizer()
         self._chat_template = self._resolve_chat_template()
@@ -208,17 +199,23 @@ class VllmEngine(Engine):
         messages: List[Dict[str, Any]] = []
         if req.system:
             messages.append({"role": "system", "content": req.system})
-        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": req.prompt}]})
+        messages.append({"role": "user", "content": self.family.user_content(req.prompt)})
         kw: Dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
         if self._chat_template is not None:
             kw["chat_template"] = self._chat_template
-        return self._tokenizer.apply_chat_template(messages, **kw)
+        text = self._tokenizer.apply_chat_template(messages, **kw)
+        # vLLM tokenizes a text prompt adding the tokenizer's special tokens: where the template writes
+        # the <bos> itself (Gemma's), the prompt would start with two.
+        bos = getattr(self._tokenizer, "bos_token", None)
+        if bos and text.startswith(bos) and self._tokenizer.encode("a")[:1] == [self._tokenizer.bos_token_id]:
+            text = text[len(bos):]
+        return text
 
     def count_prompt_tokens(self, text: str, image_size: Tuple[int, int]) -> int:
-        """Prompt length as vLLM will see it: text tokens - placeholder + visual tokens."""
-        n_text = len(self._tokenizer.encode(text))
-        n_img = _visual_tokens(image_size[0], image_size[1], self.patch_size, self.merge_size)
-        return n_text - IMAGE_PLACEHOLDERS + n_img
+        """Prompt length as vLLM will see it: the tokens of the text with its image placeholder expanded
+        as the family's processor expands it (:meth:`regioncap.families.base.Family.expand_images`)."""
+        expanded = self.family.expand_images(text, int(image_size[0]), int(image_size[1]))
+        return len(self._tokenizer.encode(expanded))
 
     @property
     def llm(self) -> Any:
