@@ -225,13 +225,17 @@ def test_auto_says_what_it_picked_and_why(monkeypatch, installed, cuda, picked, 
     assert engine_choice(compose(["engine=fake"]).engine) == "fake"
 
 
-#: The hub models run on engine=auto; the offline ones (built or shipped here) keep transformers.
-FULL_SIZE_MODELS = ["qwen25vl_3b", "qwen25vl_7b", "qwen2vl_2b", "qwen3vl_2b", "qwen3vl_4b"]
-OFFLINE_MODELS = ["shapes", "tiny", "qwen3vl_tiny"]
+#: The hub models run on engine=auto; the offline ones (built or shipped here) keep transformers,
+#: and so do the hub models vLLM does not run (Florence-2: only with vLLM's out-of-tree BART plugin).
+FULL_SIZE_MODELS = ["qwen25vl_3b", "qwen25vl_7b", "qwen2vl_2b", "qwen3vl_2b", "qwen3vl_4b",
+                    "gemma3_4b", "gemma3_12b", "gemma3_27b"]
+OFFLINE_MODELS = ["shapes", "tiny", "qwen3vl_tiny", "gemma3_tiny", "florence2_tiny"]
+TRANSFORMERS_ONLY_MODELS = ["florence2_base", "florence2_large"]
 
 
 def test_every_model_option_is_full_size_or_offline():
-    assert sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")) == sorted(FULL_SIZE_MODELS + OFFLINE_MODELS)
+    assert sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")) == sorted(
+        FULL_SIZE_MODELS + OFFLINE_MODELS + TRANSFORMERS_ONLY_MODELS)
 
 
 @pytest.mark.parametrize("model", FULL_SIZE_MODELS)
@@ -241,7 +245,7 @@ def test_full_size_models_default_to_auto_and_the_command_line_wins(model):
     assert node_name(compose([f"model={model}", "engine=fake"]).engine) == "fake"
 
 
-@pytest.mark.parametrize("model", OFFLINE_MODELS)
+@pytest.mark.parametrize("model", OFFLINE_MODELS + TRANSFORMERS_ONLY_MODELS)
 def test_the_offline_models_keep_transformers(model):
     assert node_name(compose([f"model={model}"], pin=False).engine) == "transformers"
 
