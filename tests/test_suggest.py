@@ -18,17 +18,19 @@ def suggest(*overrides: str):
     return suggestions(list(overrides), GROUPS, KEYS)
 
 
+#: The shipped prompt options, as the suggestion lists them.
+PROMPTS = ", ".join(sorted(p.stem for p in (CONF_DIR / "prompt").glob("*.yaml")))
+
+
 @pytest.mark.parametrize("override,line", [
     ("promt=crop", "did you mean prompt=crop? ('promt' is no config group or top-level option)"),
-    ("prompt=crops", "did you mean prompt=crop? (prompt has no option 'crops'; its options: coords, crop, "
-                     "dataflow, marked)"),
+    ("prompt=crops", f"did you mean prompt=crop? (prompt has no option 'crops'; its options: {PROMPTS})"),
     ("max_boxs=3", "did you mean max_boxes=3? ('max_boxs' is no config group or top-level option)"),
     ("modle.path=/models/q", "did you mean model.path=/models/q? ('modle' is no config group or top-level option)"),
     ("promt=crops", "did you mean prompt=crop? ('promt' is no config group or top-level option)"),
-    ("prompt=marked,crops", "did you mean prompt=marked,crop? (prompt has no option 'crops'; its options: coords, "
-                            "crop, dataflow, marked)"),
+    ("prompt=marked,crops", f"did you mean prompt=marked,crop? (prompt has no option 'crops'; its options: {PROMPTS})"),
     ("prompt=choice(marked,crops)", "did you mean prompt=choice(marked,crop)? (prompt has no option 'crops'; "
-                                    "its options: coords, crop, dataflow, marked)"),
+                                    f"its options: {PROMPTS})"),
     ("+max_boxs=3", "did you mean +max_boxes=3? ('max_boxs' is no config group or top-level option)"),
     ("experimnt=marks_vs_crop", "did you mean experiment=marks_vs_crops? ('experimnt' is no config group or "
                                 "top-level option)"),
