@@ -1,0 +1,148 @@
+"""InternVL3.5 against the real transformers code: the tiny offline build, the processor's tiles and
+token counts, the chat template, generation, the full-size tokenizer ids and the published archs.
+
+Slow: the tiny model is built once per session (a few seconds plus the torch import).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from regioncap.families import internvl_tiny
+from regioncap.families.internvl import InternVL35
+
+pytestmark = pytest.mark.slow
+
+ARCHS = Path(__file__).resolve().parents[1] / "regioncap" / "archs"
+
+
+def family(max_tiles: int = 12) -> InternVL35:
+    return InternVL35(SimpleNamespace(min_tiles=1, max_tiles=max_tiles, tile_size=448, patch_size=14, merge_size=2))
+
+
+@pytest.fixture(scope="session")
+def tiny_internvl_dir(tmp_path_factory) -> Path:
+    """The offline tiny InternVL3.5, built once per test session."""
+    return internvl_tiny.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-internvl3.5")
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_internvl_dir):
+    from regioncap.engines.transformers_engine import load_processor
+
+    return load_processor(str(tiny_internvl_dir))
+
+
+def test_build_is_deterministic_and_reused(tiny_internvl_dir, tmp_path) -> None:
+    assert internvl_tiny.is_complete(tiny_internvl_dir, seed=0)
+    assert internvl_tiny.build_tiny_model(tiny_internvl_dir) == tiny_internvl_dir
+    other = internvl_tiny.build_tiny_model(tmp_path / "again", seed=0)
+    for name in ("model.safetensors", "tokenizer.json", "config.json", "preprocessor_config.json"):
+        assert (other / name).read_bytes() == (tiny_internvl_dir / name).read_bytes(), name
+    config = json.loads((tiny_internvl_dir / "config.json").read_text())
+    assert config["model_type"] in InternVL35.model_types
+    assert config["architectures"] == [InternVL35.transformers_class]
+
+
+def test_chat_template_and_image_tokens(processor) -> None:
+    fam = family()
+    text = processor.apply_chat_template([{"role": "user", "content": fam.user_content("Describe region 1.")}],
+                                         add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\n<IMG_CONTEXT>\nDescribe region 1.<|im_end|>\n<|im_start|>assistant\n"
+    assert (processor.image_token, processor.start_image_token, processor.end_image_token) == (
+        "<IMG_CONTEXT>", "<img>", "</img>")
+    assert processor.image_seq_length == fam.tokens_per_tile() == 256
+
+
+@pytest.mark.parametrize("max_tiles", [2, 12])
+@pytest.mark.parametrize("size", [(640, 480), (1600, 1200), (300, 900), (37, 2900)])
+def test_token_count_is_the_processors(processor, size, max_tiles) -> None:
+    """regioncap's count of the image tokens equals what the processor puts in the prompt, for the image
+    at its input size (what regioncap sends) and as it comes (the processor tiles it itself)."""
+    from PIL import Image
+
+    fam = family(max_tiles)
+    text = "<|im_start|>user\n<IMG_CONTEXT>\nx<|im_end|>\n<|im_start|>assistant\n"
+    for w, h in (fam.input_size(*size), size):
+        out = processor(images=[Image.new("RGB", (w, h), (10, 200, 30))], text=[text], return_tensors="pt",
+                        images_kwargs=fam.processor_settings())
+        n = int((out["input_ids"] == processor.image_token_id).sum())
+        assert n == fam.visual_tokens(w, h) == fam.visual_tokens(*size)
+        assert out["pixel_values"].shape[0] == fam.tiles(w, h)
+
+
+def test_tiles_are_exact_crops_of_the_marked_image(processor) -> None:
+    """At the grid's size the processor does not resample: each tile is the image's pixels, normalised."""
+    import numpy as np
+    from PIL import Image
+
+    fam = family()
+    w, h = fam.input_size(900, 1300)
+    cols, rows = w // 448, h // 448
+    arr = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    out = processor.image_processor(images=[Image.fromarray(arr)], return_tensors="pt",
+                                    **fam.processor_settings())
+    pv = out["pixel_values"].numpy()
+    assert pv.shape[0] == cols * rows + 1  # the tiles, then the thumbnail
+    mean, std = np.array(internvl_tiny.IMAGE_MEAN), np.array(internvl_tiny.IMAGE_STD)
+    for i in range(cols * rows):
+        c, r = i % cols, i // cols
+        crop = arr[r * 448:(r + 1) * 448, c * 448:(c + 1) * 448] / 255.0
+        assert np.abs(pv[i] - ((crop - mean) / std).transpose(2, 0, 1)).max() < 1e-5
+
+
+def test_generates_and_grounding_tokens_survive(tiny_internvl_dir, processor) -> None:
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(tiny_internvl_dir)).eval()
+    assert type(model).__name__ == InternVL35.transformers_class
+    fam = family(2)
+    text = processor.apply_chat_template([{"role": "user", "content": fam.user_content(fam.grounding_prompt())}],
+                                         add_generation_prompt=True, tokenize=False)
+    image = Image.new("RGB", fam.input_size(900, 400), (200, 40, 40))
+    inputs = processor(images=[image], text=[text], return_tensors="pt", images_kwargs=fam.processor_settings())
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    # An answer decoded with the special tokens skipped keeps a parseable box.
+    tok = processor.tokenizer
+    ids = tok.encode("<ref>cat</ref><box>[[0, 0, 500, 1000]]</box>")
+    assert tok.decode(ids, skip_special_tokens=True) == "cat[[0, 0, 500, 1000]]"
+    (p,) = fam.parse_grounding(tok.decode(ids, skip_special_tokens=True), *image.size)
+    assert p.label == "cat" and p.bbox == (0.0, 0.0, image.size[0] / 2, float(image.size[1]))
+
+
+def test_full_size_tokenizer_has_the_published_ids(tmp_path) -> None:
+    from transformers import AutoTokenizer
+
+    ids = internvl_tiny.write_tokenizer(tmp_path, padded=True)
+    assert (ids["<|endoftext|>"], ids["<|im_end|>"], ids["<img>"], ids["<IMG_CONTEXT>"], ids["<ref>"],
+            ids["<box>"]) == (151643, 151645, 151669, 151671, 151674, 151676)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.context_image_token_id == 151671 and tok.start_image_token_id == 151669
+    for folder in InternVL35.archs.values():
+        config = json.loads((ARCHS / folder / "config.json").read_text())
+        assert config["image_token_id"] == ids["<IMG_CONTEXT>"]
+        assert config["text_config"]["eos_token_id"] == ids["<|im_end|>"]
+        assert config["text_config"]["vocab_size"] >= len(tok)
+
+
+def test_published_1b_parameter_count() -> None:
+    """The 1B folder builds (on the meta device) to exactly the published parameter counts."""
+    import torch
+    from transformers import AutoConfig, InternVLForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(str(ARCHS / "internvl3_5_1b"))
+    with torch.device("meta"):
+        model = InternVLForConditionalGeneration(config)
+    count = {"vision_tower": 0, "multi_modal_projector": 0, "language": 0}
+    for name, p in model.named_parameters():
+        part = next((k for k in ("vision_tower", "multi_modal_projector") if k in name), "language")
+        count[part] += p.numel()
+    assert count == {"vision_tower": 304_012_288, "multi_modal_projector": 5_253_120, "language": 751_632_384}
