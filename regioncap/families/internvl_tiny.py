@@ -129,14 +129,24 @@ def write_tokenizer(folder: Path, *, padded: bool = False) -> Dict[str, int]:
     return ids
 
 
-def write_processor_files(folder: Path) -> None:
-    """``preprocessor_config.json``, ``processor_config.json`` and ``chat_template.json`` of the ``-HF`` layout."""
+def write_processor_files(folder: Path, *, preprocessor: bool = True) -> None:
+    """``processor_config.json`` and ``chat_template.json`` of the ``-HF`` layout, and (``preprocessor``)
+    ``preprocessor_config.json`` with the published settings."""
     from regioncap import tiny
 
-    tiny._write_json(folder / "preprocessor_config.json", preprocessor_config())
+    if preprocessor:
+        tiny._write_json(folder / "preprocessor_config.json", preprocessor_config())
     tiny._write_json(folder / "processor_config.json",
                      {"image_seq_length": TOKENS_PER_TILE, "processor_class": "InternVLProcessor"})
     tiny._write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+
+
+def write_arch_files(folder: Path) -> None:
+    """What a weightless full-size folder needs beside the published ``config.json`` and
+    ``preprocessor_config.json`` (kept in ``regioncap/archs``): the tokenizer with the real ids, the
+    processor config and the chat template (``model.weights=random``)."""
+    write_tokenizer(folder, padded=True)
+    write_processor_files(folder, preprocessor=False)
 
 
 def build_seeded(tmp: Path, seed: int) -> Dict[str, Any]:
