@@ -37,8 +37,6 @@ __all__ = [
     "normalized_xyxy",
     "pad_normalized",
     "chunk",
-    "qwen25_coords",
-    "qwen2_coords",
     "iou",
     "nms",
     "proposal_quality",
@@ -545,40 +543,6 @@ def chunk(items: Sequence[T], size: int) -> List[List[T]]:
         raise ValueError(f"chunk size must be an integer >= 1, got {size!r}")
     seq = list(items)
     return [seq[i : i + size] for i in range(0, len(seq), size)]
-
-
-def _clamp(value: int, low: int, high: int) -> int:
-    return max(low, min(high, value))
-
-
-def qwen25_coords(box_in_resized: Box, width: int, height: int) -> List[int]:
-    """Qwen2.5-VL grounding coordinates: ``[x1, y1, x2, y2]`` as absolute pixel ints.
-
-    Qwen2.5-VL grounds in pixels of the image it was given, so ``box_in_resized``
-    and ``width``/``height`` must be those of the resized model input (scale an
-    original box with :meth:`Box.scale` first). Values are rounded and clamped
-    to ``[0, width]`` / ``[0, height]``.
-    """
-    _check_image_size(width, height)
-    w, h = int(width), int(height)
-    x1, y1, x2, y2 = box_in_resized.round_int()
-    return [_clamp(x1, 0, w), _clamp(y1, 0, h), _clamp(x2, 0, w), _clamp(y2, 0, h)]
-
-
-def qwen2_coords(box: Box, width: int, height: int) -> List[int]:
-    """Qwen2-VL grounding coordinates: ``[x1, y1, x2, y2]`` as ints on the 0..1000 grid.
-
-    The grid is relative, so ``box`` may be in any resolution as long as
-    ``width``/``height`` are that same image's size. Values are rounded and clamped to 0..1000.
-    """
-    _check_image_size(width, height)
-    g = _QWEN2_GRID
-    return [
-        _clamp(round(box.x1 / width * g), 0, g),
-        _clamp(round(box.y1 / height * g), 0, g),
-        _clamp(round(box.x2 / width * g), 0, g),
-        _clamp(round(box.y2 / height * g), 0, g),
-    ]
 
 
 # --------------------------------------------------------------------------- overlap and proposals

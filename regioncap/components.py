@@ -156,6 +156,12 @@ class Component:
     extra: ClassVar[Optional[str]] = None
 
     @classmethod
+    def upgraded(cls, node: Any, key: str) -> Any:
+        """A group's ``node`` written before its options named their class, as a node that names one
+        (a base class of a group whose options once had another shape overrides this); else ``node``."""
+        return node
+
+    @classmethod
     def chosen(cls, node: Any) -> type:
         """The class that is built for ``node``: this one, or one it picks (``engine=auto``)."""
         return cls
@@ -281,6 +287,7 @@ def requirement_problem(cls: type, picked: str) -> Optional[str]:
 #: Config group -> the base class every class named in it must derive from (``"module.Class"``,
 #: imported only when the group is typed). One line per group, not per option.
 GROUPS: Dict[str, str] = {
+    "model": "regioncap.families.base.Family",
     "engine": "regioncap.engines.base.Engine",
     "prompt": "regioncap.strategies.PromptStrategy",
     "logger": "regioncap.loggers.RunLogger",
@@ -311,6 +318,7 @@ def type_groups(cfg: Any) -> None:
         node = cfg.get(group) if hasattr(cfg, "get") else None
         if node is None or (group in OPTIONAL_GROUPS and node.get(TARGET) is None):
             continue
+        node = group_base(group).upgraded(node, group)
         cls = class_of(node, group_base(group), group)
         node = typed(node, cls, group)
         if OmegaConf.is_config(cfg):

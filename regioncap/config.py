@@ -1,12 +1,12 @@
 """Typed schemas for every config group, registered in Hydra's ConfigStore.
 
 Each YAML option in ``conf/<group>/`` lists its schema first in its defaults
-list (``- /schema/model/base@_here_``, see ``register_configs``), so a misspelt key
+list (``- /schema/draw/base@_here_``, ``- /schema/model/qwen25vl_3b@_here_``, see ``register_configs``), so a misspelt key
 or a value of the wrong type (``max_boxes=ten``) fails while Hydra composes the
 config, before anything is built.
 
 This module imports only the standard library, OmegaConf, Hydra's ConfigStore
-and ``regioncap.engines.base`` (standard library only): building the config
+``regioncap.engines.base`` and ``regioncap.families.base`` (standard library and OmegaConf only): building the config
 must stay cheap.
 """
 
@@ -22,6 +22,7 @@ from regioncap.choice import Choice
 from regioncap.components import check, optional, real, whole
 # The sampling section's schema is the engines' own Sampling: one set of defaults for both.
 from regioncap.engines.base import Sampling
+from regioncap.families.base import Family
 
 
 class AnswerFormat(Choice):
@@ -32,46 +33,14 @@ class AnswerFormat(Choice):
     free = "free"
 
 
-class ModelFamily(Choice):
-    """``model.family``: decides the resize rule and the grounding format."""
-
-    qwen2_5_vl = "qwen2_5_vl"
-    qwen2_vl = "qwen2_vl"
-
-
 @dataclass
-class ModelConfig:
-    """Which model to run and the image budget it is fed."""
+class BeforeFamilies(Family.Config):
+    """``schema/model/base``: the ``model`` schema of options written before ``model`` named its class
+    (``family: qwen2_vl``, no ``_target_``). Such an option still composes; the run maps ``family`` to its
+    class with a deprecation warning (:meth:`regioncap.families.base.Family.upgraded`)."""
 
-    #: Short name used in run names and reports.
-    name: str = MISSING
-    #: Hub id (``Qwen/Qwen2.5-VL-3B-Instruct``) or a local model folder.
-    path: str = MISSING
-    #: Model family: decides the resize rule and the grounding format.
-    #: One of ``qwen2_5_vl``, ``qwen2_vl``.
-    family: ModelFamily = ModelFamily.qwen2_5_vl
-    #: Hub revision (branch, tag or commit) when ``path`` is a hub id.
-    revision: Optional[str] = None
-    #: Pixel budget of one image (Qwen2-VL's ``min_pixels`` / ``max_pixels``).
-    min_pixels: int = field(default=4 * 28 * 28, metadata=check(whole(1)))
-    max_pixels: int = field(default=1280 * 28 * 28, metadata=check(whole(1)))
-    #: Vision patch size and spatial merge size (28 px per visual token for Qwen2-VL/2.5-VL).
-    patch_size: int = field(default=14, metadata=check(whole(1)))
-    merge_size: int = field(default=2, metadata=check(whole(1)))
-    #: Context length given to the engine; requests that cannot fit are error rows.
-    max_model_len: int = field(default=8192, metadata=check(optional(whole(1))))
-    #: Torch dtype name for the weights: ``auto``, ``bfloat16``, ``float16``, ``float32``.
-    dtype: str = "auto"
-    #: Never on unless a user asks: it runs code shipped with the model.
-    trust_remote_code: bool = False
-    #: When set, regioncap builds the model itself if ``path`` does not exist
-    #: (``tiny``: the offline Qwen2.5-VL built by ``regioncap.tiny``).
-    builder: Optional[str] = None
-    #: ``real``: load the trained weights. ``random``: the real architecture with
-    #: random weights and no weights file (vLLM ``load_format="dummy"``,
-    #: transformers from the config): for throughput, memory and token-budget
-    #: checks; captions are noise and every output says so.
-    weights: str = "real"
+    #: Deprecated: ``qwen2_5_vl`` or ``qwen2_vl``; name the class with ``_target_`` instead.
+    family: Optional[str] = None
 
 
 #: The default ``draw.palette``: ten colours that stay distinct from each other (Sasha Trubetskoy's
@@ -135,9 +104,10 @@ class MetricsConfig:
 
 @dataclass
 class RegionCapConfig:
-    model: ModelConfig = MISSING
-    #: Component groups: each option names its class with ``_target_`` and is typed by the
-    #: class's ``Config`` (regioncap.components), so any class, a user's own too, can be named.
+    #: Component groups: each option names its class with ``_target_`` and is typed by the class's
+    #: ``Config`` (regioncap.components), so any class, a user's own too, can be named; ``model``'s
+    #: class is its family (regioncap.families).
+    model: Any = MISSING
     engine: Any = MISSING
     data: Any = MISSING
     draw: DrawConfig = MISSING
@@ -234,7 +204,7 @@ def register_configs() -> None:
                                     replace=True)
     cs = ConfigStore.instance()
     cs.store(name="regioncap_schema", node=RegionCapConfig)
-    cs.store(group="schema/model", name="base", node=ModelConfig)
+    cs.store(group="schema/model", name="base", node=BeforeFamilies)
     cs.store(group="schema/draw", name="base", node=DrawConfig)
     # propose=none names no class: its node is the settings every proposer has.
     from regioncap.propose.base import Proposer

@@ -70,8 +70,8 @@ class NothingToExport(ExportError):
 
 # ------------------------------------------------------------------ reading the run
 def run_settings(run_dir: Path) -> Dict[str, Any]:
-    """``{references_key, family}`` of the run: from ``.hydra/config.yaml``, else the
-    ``config`` in ``manifest.json``, else the defaults (``references``, ``qwen2_5_vl``)."""
+    """``{references_key, family, model}`` of the run: from ``.hydra/config.yaml``, else the
+    ``config`` in ``manifest.json``, else the defaults (``references``, ``qwen2_5_vl``, ``{}``)."""
     config: Dict[str, Any] = {}
     hydra_cfg = run_dir / ".hydra" / "config.yaml"
     try:
@@ -83,10 +83,12 @@ def run_settings(run_dir: Path) -> Dict[str, Any]:
             config = json.loads((run_dir / MANIFEST_FILE).read_text(encoding="utf-8")).get("config") or {}
     except Exception:  # noqa: BLE001 - an unreadable config falls back to the defaults
         config = {}
+    from regioncap.families.base import family_name
+
     data = config.get("data") if isinstance(config.get("data"), dict) else {}
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     return {"references_key": data.get("references_key", "references"),
-            "family": model.get("family") or "qwen2_5_vl", "image_bases": image_bases(run_dir)}
+            "family": family_name(model) or "qwen2_5_vl", "model": model, "image_bases": image_bases(run_dir)}
 
 
 def image_bases(run_dir: Path) -> List[Path]:
@@ -369,22 +371,29 @@ def _remove_stale(out: Path) -> None:
 
 
 # ------------------------------------------------------------------ conversations
-def grounding(region: Dict[str, Any], rec: Dict[str, Any], family: str) -> Tuple[List[int], str]:
-    """``(coords, text)`` of a region's box in the model family's grounding format.
+def grounding(region: Dict[str, Any], rec: Dict[str, Any], family: Any) -> Tuple[List[int], str]:
+    """``(coords, text)`` of a region's box in the model family's grounding format
+    (:meth:`~regioncap.families.base.Family.box_coords` / ``box_text`` of the image the model
+    sees: the record's ``input_size``, the region's ``input_bbox``)."""
+    size = tuple(int(v) for v in rec["input_size"])
+    box = tuple(float(v) for v in region["input_bbox"])
+    return family.box_coords(box, size), family.box_text(box, size)
 
-    Qwen2.5-VL: absolute pixels of the image the model sees (the record's
-    ``input_size``; the region's ``input_bbox``), written ``{"bbox_2d": [x1, y1, x2, y2]}``.
-    Qwen2-VL: a 0-1000 grid, written ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>``.
-    """
-    from regioncap import boxes as bx
 
-    w, h = (int(v) for v in rec["input_size"])
-    box = bx.Box(*region["input_bbox"])
-    if family == "qwen2_vl":
-        c = bx.qwen2_coords(box, w, h)
-        return c, f"<|box_start|>({c[0]},{c[1]}),({c[2]},{c[3]})<|box_end|>"
-    c = bx.qwen25_coords(box, w, h)
-    return c, json.dumps({"bbox_2d": c})
+def family_for(name: str, model: Optional[Dict[str, Any]] = None) -> Any:
+    """The family object whose ``name`` is ``name``: the class the run's ``model`` section names when it
+    is that family, else a shipped family of that name; :class:`ExportError` when there is none."""
+    from regioncap.families.base import family_class, shipped_families
+
+    try:
+        cls = family_class(model) if model else None
+    except Exception:  # noqa: BLE001 - the run's own class does not import here: a shipped one may do
+        cls = None
+    if cls is None or cls.name != name:
+        cls = shipped_families().get(name)
+    if cls is None:
+        raise ExportError(f"no model family named {name!r} (known: {', '.join(sorted(shipped_families()))})")
+    return cls()
 
 
 def export_conversations(run_dir: Path, out: Path, *, references_key: Optional[str] = None,
@@ -395,13 +404,14 @@ def export_conversations(run_dir: Path, out: Path, *, references_key: Optional[s
     settings = run_settings(run_dir)
     key = references_key if references_key is not None else settings["references_key"]
     family = family or settings["family"]
+    family_obj = family_for(family, settings["model"])
     counts: Counter = Counter()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale(out)
     tmp = _beside(out, "tmp")
     try:
-        _write_conversations(tmp, records_file, key, family, settings["image_bases"], counts)
+        _write_conversations(tmp, records_file, key, family_obj, settings["image_bases"], counts)
         if not counts["lines"]:
             raise NothingToExport(dict(counts))
         failpoint("export.before_rename")
@@ -411,7 +421,7 @@ def export_conversations(run_dir: Path, out: Path, *, references_key: Optional[s
     return dict(counts)
 
 
-def _write_conversations(tmp: Path, records_file: Path, key: Optional[str], family: str, bases: Sequence[Path],
+def _write_conversations(tmp: Path, records_file: Path, key: Optional[str], family: Any, bases: Sequence[Path],
                          counts: Counter) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         for rec, regions in exportable(read_jsonl(records_file, torn=_torn(counts)), key, counts, bases):
@@ -425,7 +435,7 @@ def _write_conversations(tmp: Path, records_file: Path, key: Optional[str], fami
                 line = {
                     "id": f"{rec.get('id')}/{reg['id']}", "row_id": rec.get("id"), "region_id": reg["id"],
                     "image": image, "image_size": rec.get("image_size"), "input_size": rec.get("input_size"),
-                    "bbox": reg["bbox"], "bbox_2d": coords, "coords": family, "references": reg["references"],
+                    "bbox": reg["bbox"], "bbox_2d": coords, "coords": family.name, "references": reg["references"],
                     "flags": reg["flags"],
                     "messages": [
                         {"role": "user", "content": [{"type": "image", "image": image},
@@ -476,7 +486,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--images", choices=("embed", "path"), default="embed",
                         help="hf/parquet: embed image bytes (an Image feature) or keep the path only")
     parser.add_argument("--references-key", default=None, help="row field with references (default: the run's)")
-    parser.add_argument("--family", choices=("qwen2_5_vl", "qwen2_vl"), default=None,
+    from regioncap.families.base import shipped_families
+
+    parser.add_argument("--family", choices=sorted(shipped_families()), default=None,
                         help="conversations: grounding coordinates (default: the run's model.family)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
                         help="hf/parquet: also upload the dataset to this hub repo")

@@ -31,8 +31,6 @@ __all__ = [
     "image_uri",
     "file_uri_path",
     "uri_label",
-    "target_size",
-    "is_fixed_size",
     "resize_to",
     "crop_with_margin",
     "crop_aspect_limit",
@@ -42,10 +40,10 @@ __all__ = [
     "to_rgb",
 ]
 
-#: Largest aspect ratio the Qwen2-VL / Qwen2.5-VL processor accepts.
+#: Largest aspect ratio the Qwen-VL image processor accepts (``regioncap.families.qwen.smart_resize``).
 MAX_ASPECT_RATIO = 200
 #: Largest aspect ratio of a crop (:func:`crop_with_margin`): half the processor's
-#: limit, because :func:`target_size` rounds each side to 28 px and can up to double
+#: limit, because the model's input size rounds each side to one token and can up to double
 #: the ratio (a 41 px side becomes 28); at 100:1 the resized crop stays within 200:1.
 MAX_CROP_ASPECT_RATIO = MAX_ASPECT_RATIO / 2
 
@@ -452,101 +450,6 @@ def to_rgb(img: Image.Image, *, source: str = _IN_MEMORY) -> Image.Image:
 # --------------------------------------------------------------------------- sizing
 
 
-def target_size(
-    width: int,
-    height: int,
-    *,
-    min_pixels: int,
-    max_pixels: int,
-    patch_size: int = 14,
-    merge_size: int = 2,
-    source: str = "image",
-) -> tuple[int, int]:
-    """Return the ``(width, height)`` the Qwen2-VL / Qwen2.5-VL processor resizes to.
-
-    Both sides become multiples of ``patch_size * merge_size`` (28 px, one visual
-    token) with the pixel count brought inside ``[min_pixels, max_pixels]`` at
-    about the same aspect ratio.
-
-    This is the rule of ``smart_resize`` in
-    ``transformers.models.qwen2_vl.image_processing_qwen2_vl``, the one the
-    processor (and vLLM, which uses it) applies to every image; the tests check it
-    against that function and against ``qwen_vl_utils.smart_resize``. It is
-    written out here because importing either costs about 5 s (both import torch
-    and torchvision at module level, and qwen-vl-utils does not even declare torch
-    as a dependency). Where the two differ (a side under 14 px), this follows
-    transformers, which never returns a zero side.
-
-    The rule is not always idempotent: the processor applies it again to the
-    image it receives, and when ``max_pixels >= 2 * min_pixels`` and the aspect
-    ratio is at most 4:1 the result maps to itself (property-tested), so the
-    image reaches the model unchanged. Otherwise, e.g. ``min_pixels ==
-    max_pixels`` with a non-square image, or a very elongated image on a small
-    budget, it can land below ``min_pixels`` and the processor resizes a second
-    time (see :func:`is_fixed_size`).
-
-    Raises :class:`ImageLoadError` (``bad_aspect_ratio``) beyond 200:1, which the
-    processor refuses, and where the result is beyond 200:1 (rounding a short side
-    to 28 px can double the ratio of an image over 100:1; the processor applies
-    the rule again to what it receives and would refuse it, where transformers'
-    ``smart_resize`` returns it); ``source`` names the image in that message.
-    """
-    factor = patch_size * merge_size
-    if width <= 0 or height <= 0:
-        raise ValueError(f"{source}: image size must be positive, got {width}x{height}")
-    if factor <= 0:
-        raise ValueError(f"patch_size * merge_size must be positive, got {patch_size} * {merge_size}")
-    if min_pixels <= 0 or max_pixels < min_pixels:
-        raise ValueError(
-            f"need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}"
-        )
-    ratio = max(width, height) / min(width, height)
-    if ratio > MAX_ASPECT_RATIO:
-        raise ImageLoadError(
-            "bad_aspect_ratio",
-            f"{source}: {width}x{height} has aspect ratio {ratio:.1f}, over the model's limit of "
-            f"{MAX_ASPECT_RATIO}; crop or pad the image",
-        )
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    if max(w_bar, h_bar) > MAX_ASPECT_RATIO * min(w_bar, h_bar):
-        # Rounding a short side to one token can double the ratio (6150x41 -> 6160x28):
-        # the processor applies the rule again to the resized image and would refuse it.
-        raise ImageLoadError(
-            "bad_aspect_ratio",
-            f"{source}: {width}x{height} resizes to {w_bar}x{h_bar}, whose aspect ratio "
-            f"{max(w_bar, h_bar) / min(w_bar, h_bar):.1f} is over the model's limit of {MAX_ASPECT_RATIO}; "
-            "crop or pad the image",
-        )
-    return w_bar, h_bar
-
-
-def is_fixed_size(
-    width: int, height: int, *, min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2
-) -> bool:
-    """True when the processor would leave a ``width x height`` image at that size.
-
-    A caller that draws on an image resized to :func:`target_size` can check this
-    to know whether the model sees exactly those pixels.
-    """
-    try:
-        again = target_size(
-            width, height, min_pixels=min_pixels, max_pixels=max_pixels,
-            patch_size=patch_size, merge_size=merge_size,
-        )
-    except ImageLoadError:
-        return False
-    return again == (width, height)
-
-
 def resize_to(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Resize to ``(width, height)`` with bicubic resampling, as the Qwen processor does.
 
@@ -584,7 +487,7 @@ def crop_with_margin(
     elongated for the model: the short side is widened, centred on the box and
     slid inside the image, until the crop is at most ``max_aspect`` : 1 (by
     default half the processor's 200:1, so the crop still fits after
-    :func:`target_size` rounds it). Where the image itself is too elongated for
+    the model's input size rounds it). Where the image itself is too elongated for
     that, the crop takes the image's whole short side and is padded with black
     on both sides of it: the rectangle then reaches outside the image (negative
     ``left``/``top``, or ``right``/``bottom`` past the size), which maps
@@ -636,10 +539,11 @@ def _widen(lo: int, hi: int, length: int, size: int) -> tuple[int, int]:
 
 
 def crop_aspect_limit(max_pixels: int, patch_size: int = 14, merge_size: int = 2) -> float:
-    """The ``max_aspect`` of :func:`crop_with_margin` that keeps a crop's :func:`target_size`
-    within ``max_pixels``: :data:`MAX_CROP_ASPECT_RATIO`, or less on a small budget.
+    """The ``max_aspect`` of :func:`crop_with_margin` that keeps a crop's input size
+    (``regioncap.families.qwen.smart_resize``) within ``max_pixels``: :data:`MAX_CROP_ASPECT_RATIO`,
+    or less on a small budget.
 
-    :func:`target_size` never makes a side shorter than one 28 px token, so a
+    The input size never makes a side shorter than one token, so a
     crop of ``a`` : 1 costs at least about ``a`` tokens; on a budget of ``n``
     tokens the crop is kept to ``n / 2`` : 1 (at least square).
     """

@@ -561,9 +561,11 @@ def model_identity(model_cfg: Mapping[str, Any], model_path: Optional[str],
     folder name is the commit. Engines that talk to a server (``openai``)
     load nothing: the served model name from ``engine_info`` is recorded.
     """
+    from regioncap.families.base import family_name
+
     configured = str(model_cfg.get("path")) if model_cfg.get("path") is not None else None
     out: Dict[str, Any] = {
-        "name": model_cfg.get("name"), "path": configured, "family": model_cfg.get("family"),
+        "name": model_cfg.get("name"), "path": configured, "family": family_name(model_cfg),
         "revision": model_cfg.get("revision"), "builder": model_cfg.get("builder"), "local_path": model_path,
         # ``random``: the architecture ran with random weights (model.weights=random); no trained model did.
         "weights": str(model_cfg.get("weights") or "real"),

@@ -7,9 +7,9 @@ It never hangs on an unreachable hub: it fails in seconds with a message that
 says how to fix it.
 
 No heavy imports at module import time (``huggingface_hub`` and
-``regioncap.tiny`` are imported inside the functions that need them). Facts
-about Qwen2/2.5-VL model folders (config fixes, visual tokens) are in
-:mod:`regioncap.qwen`.
+``regioncap.tiny`` are imported inside the functions that need them). Config
+fixes of Qwen-VL model folders are in :mod:`regioncap.qwen`; what differs between model
+families in :mod:`regioncap.families`.
 """
 
 from __future__ import annotations
@@ -59,8 +59,8 @@ def _check_local_dir(path: Path) -> str:
 def resolve_model_path(model_cfg: Any) -> str:
     """Return the absolute local folder of the model ``model_cfg`` names.
 
-    - ``builder: tiny``: build the offline tiny Qwen2.5-VL into ``model_cfg.path``
-      when that folder is missing or incomplete, then return it.
+    - ``builder: tiny``: build the model family's offline tiny model (``Family.build_tiny``)
+      into ``model_cfg.path`` when that folder is missing or incomplete, then return it.
     - ``path`` is an existing folder: return it (it must hold ``config.json``).
     - otherwise ``path`` is a hub id: return its snapshot in the local Hugging
       Face cache (at ``model_cfg.revision``), or download it when the hub
@@ -86,14 +86,14 @@ def resolve_model_path(model_cfg: Any) -> str:
     if builder:
         if builder != "tiny":
             raise EngineError(f"unknown model.builder {builder!r}; the only builder is 'tiny' (or null)")
-        from regioncap import tiny
+        from regioncap.families.base import family_class
 
+        family = family_class(model_cfg)
         out = Path(path_str).expanduser().absolute()
-        if not tiny.is_complete(out):
-            log.info("building the tiny offline Qwen2.5-VL into %s (random weights: its captions are noise)", out)
-            tiny.build_tiny_model(out)
-            log.info("built the tiny model in %s", out)
-        return str(out)
+        try:
+            return str(family.build_tiny(out))
+        except NotImplementedError as exc:
+            raise EngineError(f"model.builder=tiny: {exc}") from None
 
     if path_str.startswith("pkg://"):  # a model folder shipped inside an installed package
         from regioncap.data import resolve_path

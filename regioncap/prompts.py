@@ -92,21 +92,10 @@ def build_prompt(
     return re.sub(r"[ \t]+\n", "\n", text).strip()
 
 
-def regions_text(numbers: Sequence[int], coords: Sequence[Sequence[int]], family: str) -> str:
-    """One line per region in the model family's own grounding format.
-
-    Qwen2.5-VL grounds with absolute pixel coordinates of the image it sees,
-    written as ``{"bbox_2d": [x1, y1, x2, y2]}``; Qwen2-VL uses its special
-    box tokens around ``(x1,y1),(x2,y2)`` on a 0-1000 grid.
-    """
-    lines = []
-    for n, c in zip(numbers, coords):
-        x1, y1, x2, y2 = (int(v) for v in c)
-        if family == "qwen2_vl":
-            lines.append(f"{n}: <|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>")
-        else:
-            lines.append(f'{n}: {{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}')
-    return "\n".join(lines)
+def regions_text(numbers: Sequence[int], boxes: Sequence[str]) -> str:
+    """One line per region, ``<number>: <box>``: each box already written in the model family's own
+    grounding format (:meth:`regioncap.families.base.Family.box_text`)."""
+    return "\n".join(f"{n}: {box}" for n, box in zip(numbers, boxes))
 
 
 def answer_regex(numbers: Sequence[int], answer_format: str) -> Optional[str]:

@@ -1,4 +1,4 @@
-"""Facts about Qwen2-VL / Qwen2.5-VL model folders: ``config.json`` fixes and visual tokens.
+"""Facts about Qwen-VL model folders: ``config.json`` fixes (the family's other facts: :mod:`regioncap.families.qwen`).
 
 A leaf module (standard library only), read by whoever loads or builds a model
 folder: the engines, :mod:`regioncap.random_weights` and the tests.
@@ -66,9 +66,3 @@ def read_config_dict(model_path: str) -> Optional[Dict[str, Any]]:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def visual_tokens(width: int, height: int, patch_size: int = 14, merge_size: int = 2) -> int:
-    """Visual tokens of an image already at the model's input size (a multiple of ``patch_size * merge_size``)."""
-    unit = patch_size * merge_size
-    return (width // unit) * (height // unit)

@@ -1,10 +1,11 @@
-"""The real Qwen2-VL / Qwen2.5-VL architectures with random weights (``model.weights=random``).
+"""The real published architectures with random weights (``model.weights=random``).
 
 No weights file and no model hub are needed: ``regioncap/archs/<name>/`` keeps
 the published ``config.json`` and ``preprocessor_config.json`` of each
-supported checkpoint, and :func:`build_arch_folder` turns one into a model
-folder that transformers and vLLM load (with an offline tokenizer padded to the
-real vocabulary, see ``regioncap/archs/README.md`` for what differs). The
+supported checkpoint (each model family lists its own: ``Family.archs``), and
+:func:`build_arch_folder` turns one into a model folder that transformers and
+vLLM load (with the family's offline tokenizer and chat template,
+``Family.write_arch_files``; see ``regioncap/archs/README.md`` for what differs). The
 engines then build the weights themselves: vLLM with ``load_format="dummy"``,
 transformers from the config.
 
@@ -12,7 +13,7 @@ Everything a random-weight run writes must say so: :data:`WARNING` is the log
 line, :func:`describe` the manifest/metrics fields.
 
 Only the standard library (and :mod:`regioncap.qwen`, itself standard library
-only) at import time; ``regioncap.tiny`` (tokenizers) is imported by the builder.
+only) at import time; the families and ``regioncap.tiny`` (tokenizers) are imported when needed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from regioncap.qwen import patched_config_dict
 
@@ -31,13 +32,6 @@ log = logging.getLogger(__name__)
 
 #: Values of ``model.weights``.
 WEIGHTS = ("real", "random")
-
-#: Folder under ``regioncap/archs`` for each hub id whose architecture is kept in the repo.
-ARCHS: Dict[str, str] = {
-    "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_5_vl_3b",
-    "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_5_vl_7b",
-    "Qwen/Qwen2-VL-2B-Instruct": "qwen2_vl_2b",
-}
 
 ARCHS_DIR = Path(__file__).resolve().parent / "archs"
 
@@ -72,17 +66,32 @@ def describe(model_cfg: Any) -> Dict[str, Any]:
     return {"model_weights": "random" if is_random(model_cfg) else "real"}
 
 
+def archs() -> Dict[str, Tuple[str, type]]:
+    """``{hub id: (folder under regioncap/archs, family class)}`` of every shipped family's published
+    architectures (``Family.archs``)."""
+    from regioncap.families.base import shipped_families
+
+    return {hub: (folder, cls) for cls in shipped_families().values() for hub, folder in cls.archs.items()}
+
+
 def arch_name(path: str) -> Optional[str]:
     """The ``regioncap/archs`` folder name for a hub id or an arch name, or None."""
-    if path in ARCHS:
-        return ARCHS[path]
+    known = archs()
+    if path in known:
+        return known[path][0]
     if (ARCHS_DIR / path / "config.json").is_file():
         return path
     return None
 
 
-def _padded_tokenizer(folder: Path) -> None:
-    """Write regioncap's offline tokenizer into ``folder`` with Qwen's special tokens at their real ids.
+def arch_family(arch: str) -> Optional[type]:
+    """The family class whose published architectures include the folder ``arch``, or None."""
+    return next((cls for folder, cls in archs().values() if folder == arch), None)
+
+
+def padded_tokenizer(folder: Path, **tokenizer: Any) -> None:
+    """Write regioncap's offline tokenizer into ``folder`` with Qwen's special tokens at their real ids
+    (``tokenizer``: the chat template and processor class it names, see :func:`regioncap.tiny.write_tokenizer`).
 
     The trained byte-level BPE (``regioncap.tiny``) is padded with filler
     vocabulary entries that no merge produces (so encoding is unchanged) up to
@@ -90,7 +99,7 @@ def _padded_tokenizer(folder: Path) -> None:
     """
     from regioncap import tiny
 
-    tiny.write_tokenizer(folder)
+    tiny.write_tokenizer(folder, **tokenizer)
     tok_path = folder / "tokenizer.json"
     data = json.loads(tok_path.read_text(encoding="utf-8"))
     vocab: Dict[str, int] = data["model"]["vocab"]
@@ -133,17 +142,18 @@ def is_complete(out_dir: Path, name: str) -> bool:
 def build_arch_folder(name: str, out_dir: str | Path) -> Path:
     """Build (once) a weightless model folder of the published architecture ``name`` into ``out_dir``.
 
-    ``name`` is a folder of ``regioncap/archs`` or a hub id listed in :data:`ARCHS`.
+    ``name`` is a folder of ``regioncap/archs`` or a hub id a family lists (:func:`archs`).
     The folder holds config.json (published values, rope spelling fixed),
-    preprocessor_config.json, the padded offline tokenizer and the chat
-    template, and no weights. Atomic (built next to ``out_dir``, then moved in)
+    preprocessor_config.json, the family's offline tokenizer and chat
+    template (``Family.write_arch_files``), and no weights. Atomic (built next to ``out_dir``, then moved in)
     and idempotent (a complete folder is reused).
     """
-    from regioncap import tiny
-
     arch = arch_name(name)
     if arch is None:
-        raise ValueError(f"no published architecture {name!r} in regioncap/archs; known: {sorted(ARCHS)}")
+        raise ValueError(f"no published architecture {name!r} in regioncap/archs; known: {sorted(archs())}")
+    family = arch_family(arch)
+    if family is None:
+        raise ValueError(f"regioncap/archs/{arch} belongs to no model family (no family lists it in its archs)")
     out = Path(out_dir).expanduser().absolute()
     if is_complete(out, arch):
         return out
@@ -155,10 +165,8 @@ def build_arch_folder(name: str, out_dir: str | Path) -> Path:
         config = patched_config_dict(config) or config
         (tmp / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         shutil.copyfile(src / "preprocessor_config.json", tmp / "preprocessor_config.json")
-        _padded_tokenizer(tmp)
-        (tmp / "chat_template.json").write_text(json.dumps({"chat_template": tiny.QWEN25VL_CHAT_TEMPLATE}),
-                                                encoding="utf-8")
-        source = next((k for k, v in ARCHS.items() if v == arch), arch)
+        family.write_arch_files(tmp)
+        source = next((k for k, (v, _cls) in archs().items() if v == arch), arch)
         (tmp / MARKER).write_text(json.dumps({"arch": arch, "source": source, "builder_version": BUILDER_VERSION,
                                               "weights": "none (random: build them in the engine)"}, indent=2),
                                   encoding="utf-8")
@@ -206,6 +214,6 @@ def resolve_random(model_cfg: Any) -> str:
     if arch is None:
         raise EngineError(
             f"model.weights=random: {path_str} is neither a local model folder, nor in the local Hugging Face "
-            f"cache, nor one of the architectures kept in regioncap/archs ({', '.join(sorted(ARCHS))})"
+            f"cache, nor one of the architectures kept in regioncap/archs ({', '.join(sorted(archs()))})"
         )
     return str(build_arch_folder(arch, cache_dir() / f"arch-{arch}-v{BUILDER_VERSION}"))

@@ -24,6 +24,7 @@ def missing_requirements(cfg: Any) -> List[str]:
             continue  # the engine is built by the caption stage only
         if group in OPTIONAL_GROUPS and node.get(TARGET) is None:
             continue  # propose=none: no class, nothing to install
+        node = group_base(group).upgraded(node, group)
         cls = class_of(node, group_base(group), group)
         built = cls.chosen(node)  # engine=auto: the engine it becomes here
         picked = f"{group}={short_name(cls)}" + (f" (here: {short_name(built)})" if built is not cls else "")

@@ -46,30 +46,9 @@ from regioncap import prompts
 from regioncap.components import Component, check, class_of, real, resolve, short_name
 from regioncap.config import AnswerFormat
 from regioncap.draw import DrawStyle, draw_marks
-from regioncap.images import crop_aspect_limit, crop_with_margin, resize_to, target_size
+from regioncap.families.base import Family, build_family
+from regioncap.images import crop_with_margin, resize_to
 from regioncap.rundir import IMAGES_DIR
-
-
-@dataclass(frozen=True)
-class ModelBudget:
-    """The model's input-size rule (``model.min_pixels`` ... ``model.family``), read once."""
-
-    min_pixels: int
-    max_pixels: int
-    patch_size: int
-    merge_size: int
-    family: str = "qwen2_5_vl"
-
-    @classmethod
-    def from_config(cls, model: Any) -> "ModelBudget":
-        """The budget of a ``model`` config section."""
-        return cls(min_pixels=int(model.min_pixels), max_pixels=int(model.max_pixels),
-                   patch_size=int(model.patch_size), merge_size=int(model.merge_size), family=str(model.family))
-
-    def size(self, width: int, height: int, source: Optional[str] = None) -> Tuple[int, int]:
-        """The input size of a ``width x height`` image (:func:`regioncap.images.target_size`)."""
-        return target_size(width, height, min_pixels=self.min_pixels, max_pixels=self.max_pixels,
-                           patch_size=self.patch_size, merge_size=self.merge_size, source=source)
 
 
 @dataclass
@@ -128,10 +107,11 @@ class PromptStrategy(Component):
     #: The word the prompt uses for a region.
     noun: ClassVar[str] = "box"
 
-    def __init__(self, prompt: "PromptStrategy.Config", style: DrawStyle, budget: ModelBudget, max_boxes: int) -> None:
+    def __init__(self, prompt: "PromptStrategy.Config", style: DrawStyle, family: Family, max_boxes: int) -> None:
         self.prompt = prompt
         self.style = style
-        self.budget = budget
+        #: The model family: its input size, visual tokens and coordinates (``model``).
+        self.family = family
         self.max_boxes = int(max_boxes)
         self.answer_format = str(prompt.answer_format)
         #: Extension of the request images (``draw.image_format``).
@@ -230,11 +210,8 @@ class CoordsStrategy(PromptStrategy):
         return [Rendered(p, name, image if c == 0 else None, image.size) for c, p in enumerate(planned)]
 
     def regions_text(self, regions, size):  # noqa: ANN001,ANN201 - see base
-        w, h = size
-        family = self.budget.family
-        coords = [bx.qwen2_coords(bx.Box(*r["input_bbox"]), w, h) if family == "qwen2_vl"
-                  else bx.qwen25_coords(bx.Box(*r["input_bbox"]), w, h) for r in regions]
-        return prompts.regions_text([r["number"] for r in regions], coords, family)
+        return prompts.regions_text([r["number"] for r in regions],
+                                    [self.family.box_text(tuple(r["input_bbox"]), size) for r in regions])
 
     def reask_prompt(self, rec, spec, missing):  # noqa: ANN001,ANN201 - see base
         # The regions are in the text, not on the image: ask the first prompt again for the ones to re-ask.
@@ -264,14 +241,14 @@ class CropStrategy(PromptStrategy):
         return [Planned(f"r{reg['id']}", [reg], [box]) for reg, box in zip(regions, boxes)]
 
     def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
-        b = self.budget
+        family = self.family
         scale_x, scale_y = source.width / original_size[0], source.height / original_size[1]
-        max_aspect = crop_aspect_limit(b.max_pixels, b.patch_size, b.merge_size)
+        max_aspect = family.max_crop_aspect()
         out = []
         for p in planned:
             crop, _rect = crop_with_margin(source, p.boxes[0].scale(scale_x, scale_y), float(self.prompt.crop_margin),
                                            max_aspect=max_aspect)
-            size = b.size(crop.width, crop.height)
+            size = family.input_size(crop.width, crop.height)
             out.append(Rendered(p, f"{IMAGES_DIR}/{stem}_r{p.regions[0]['id']:03d}.{self.ext}",
                                 resize_to(crop, size), size))
         return out
@@ -289,9 +266,10 @@ def settings(cls: type, prompt: Any) -> Any:
 
 
 def build_strategy(cfg: Any) -> PromptStrategy:
-    """The strategy ``cfg.prompt`` names, built (and its config read) for this run."""
+    """The strategy ``cfg.prompt`` names, built (and its config read) for this run, with the model's
+    family object (:func:`regioncap.families.base.build_family`, built here once per strategy)."""
     cls = strategy_class(cfg.prompt)
-    return cls(settings(cls, cfg.prompt), DrawStyle.from_config(cfg.draw), ModelBudget.from_config(cfg.model),
+    return cls(settings(cls, cfg.prompt), DrawStyle.from_config(cfg.draw), build_family(cfg.model),
                int(cfg.max_boxes))
 
 

@@ -90,6 +90,35 @@ QWEN25VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+#: Qwen3-VL-Instruct's chat template as it renders regioncap's messages (an optional system turn, user
+#: turns of images and text, assistant turns): unlike Qwen2.5-VL's, no default system turn. Written
+#: from the published template, whose tool-call branches are left out (regioncap sends no tools).
+QWEN3VL_CHAT_TEMPLATE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0].content is string %}{{- messages[0].content }}{%- else %}"
+    "{%- for content in messages[0].content %}{%- if 'text' in content %}{{- content.text }}{%- endif %}"
+    "{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- set image_count = namespace(value=0) %}{%- set video_count = namespace(value=0) %}"
+    "{%- for message in messages %}{%- if message.role == 'user' %}"
+    "{{- '<|im_start|>' + message.role + '\n' }}{%- if message.content is string %}{{- message.content }}"
+    "{%- else %}{%- for content in message.content %}"
+    "{%- if content.type == 'image' or 'image' in content or 'image_url' in content %}"
+    "{%- set image_count.value = image_count.value + 1 %}"
+    "{%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{%- elif content.type == 'video' or 'video' in content %}"
+    "{%- set video_count.value = video_count.value + 1 %}"
+    "{%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{%- elif 'text' in content %}{{- content.text }}{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\n' }}"
+    "{%- elif message.role == 'assistant' %}{{- '<|im_start|>' + message.role + '\n' }}"
+    "{%- if message.content is string %}{{- message.content }}{%- else %}"
+    "{%- for content_item in message.content %}{%- if 'text' in content_item %}{{- content_item.text }}"
+    "{%- endif %}{%- endfor %}{%- endif %}{{- '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
 #: Qwen2's pre-tokenizer split (same regex as ``transformers``' Qwen2Tokenizer).
 QWEN2_PRETOKENIZE_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -167,7 +196,8 @@ def default_corpus() -> List[str]:
     return lines
 
 
-def write_tokenizer(folder: Path, corpus: Optional[List[str]] = None, vocab_size: int = BPE_VOCAB_SIZE) -> None:
+def write_tokenizer(folder: Path, corpus: Optional[List[str]] = None, vocab_size: int = BPE_VOCAB_SIZE, *,
+                    chat_template: str = QWEN25VL_CHAT_TEMPLATE, processor_class: str = "Qwen2_5_VLProcessor") -> None:
     """Train the byte-level BPE on ``corpus`` (default: :func:`default_corpus`); write a Qwen2 tokenizer to ``folder``.
 
     Written in the layout of the real Qwen2.5-VL checkpoints (``tokenizer.json``
@@ -215,13 +245,13 @@ def write_tokenizer(folder: Path, corpus: Optional[List[str]] = None, vocab_size
         "added_tokens_decoder": decoder,
         "additional_special_tokens": [t for t, special in QWEN_ADDED_TOKENS[1:] if special],
         "bos_token": None,
-        "chat_template": QWEN25VL_CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
         "model_max_length": 32768,
         "pad_token": "<|endoftext|>",
-        "processor_class": "Qwen2_5_VLProcessor",
+        "processor_class": processor_class,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
@@ -250,15 +280,17 @@ def _read_marker(out_dir: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def is_complete(out_dir: str | Path, seed: Optional[int] = None) -> bool:
-    """True when ``out_dir`` is a finished tiny model of this builder version (and ``seed``, if given)."""
+def is_complete(out_dir: str | Path, seed: Optional[int] = None, family: str = "qwen2_5_vl") -> bool:
+    """True when ``out_dir`` is a finished tiny model of ``family`` by this builder version (and ``seed``, if given)."""
     marker = _read_marker(Path(out_dir))
     if not marker or marker.get("builder_version") != BUILDER_VERSION:
+        return False
+    if marker.get("family", "qwen2_5_vl") != family:
         return False
     return seed is None or marker.get("seed") == seed
 
 
-def _build_into(tmp: Path, seed: int) -> Dict[str, Any]:
+def _build_into(tmp: Path, seed: int, family: str = "qwen2_5_vl") -> Dict[str, Any]:
     """Write the whole model folder into the (empty) folder ``tmp``."""
     import random
 
@@ -272,6 +304,8 @@ def _build_into(tmp: Path, seed: int) -> Dict[str, Any]:
             random.seed(seed)
             np.random.seed(seed)
             torch.manual_seed(seed)
+            if family == "qwen3_vl":
+                return build_seeded_qwen3(tmp, seed)
             return build_seeded(tmp, seed)
     finally:
         random.setstate(py_state)
@@ -370,35 +404,103 @@ def build_seeded(tmp: Path, seed: int, *, text_dims: Optional[Dict[str, Any]] = 
     return {"vocab_size": vocab_size, "n_tokens": n_tokens, "token_ids": ids,
             "transformers": transformers.__version__, "torch": torch.__version__}
 
-def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Build the tiny Qwen2.5-VL into ``out_dir`` (or reuse it) and return its absolute path.
+#: Tiny Qwen3-VL dimensions: text head_dim 32 with ``mrope_section`` summing to 16 (interleaved
+#: M-RoPE); the vision tower's deepstack layers are below its depth and feed the first text layers.
+QWEN3_TEXT_DIMS: Dict[str, Any] = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+    head_dim=32, max_position_embeddings=4096, rope_theta=5000000.0,
+)
+QWEN3_VISION_DIMS: Dict[str, Any] = dict(
+    depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64, patch_size=16,
+    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64, deepstack_visual_indexes=[0],
+    hidden_act="gelu_pytorch_tanh",
+)
+#: Image budget of the tiny Qwen3-VL: 64x64 .. 256x256 pixels, i.e. 4 .. 64 visual tokens of 32 px.
+QWEN3_MIN_PIXELS = 64 * 64
+QWEN3_MAX_PIXELS = 256 * 256
+
+
+def build_seeded_qwen3(tmp: Path, seed: int) -> Dict[str, Any]:
+    """Write the tiny random-weight Qwen3-VL folder into ``tmp`` (the caller seeds the RNGs): the offline
+    tokenizer with Qwen's special tokens, Qwen3-VL's chat template, its processor (16 px patches merged
+    2x2, mean/std 0.5) and a ``Qwen3VLForConditionalGeneration`` with tiny dimensions."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, GenerationConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    write_tokenizer(tmp, chat_template=QWEN3VL_CHAT_TEMPLATE, processor_class="Qwen3VLProcessor")
+    tok = AutoTokenizer.from_pretrained(tmp)
+    ids = {t: tok.convert_tokens_to_ids(t) for t, _ in QWEN_ADDED_TOKENS}
+    n_tokens = len(tok)
+    vocab_size = (n_tokens + 63) // 64 * 64
+    rope_scaling = {"rope_type": "default", "mrope_section": [8, 4, 4], "mrope_interleaved": True}
+    config = Qwen3VLConfig(
+        text_config=dict(**QWEN3_TEXT_DIMS, vocab_size=vocab_size, rope_scaling=dict(rope_scaling),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         tie_word_embeddings=True),
+        vision_config=dict(QWEN3_VISION_DIMS, in_channels=3),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True,
+    )
+    with torch.device("cpu"):
+        model = Qwen3VLForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"], do_sample=False,
+    )
+    model.save_pretrained(tmp, safe_serialization=True)
+    saved = json.loads((tmp / "config.json").read_text(encoding="utf-8"))
+    text_cfg = saved.setdefault("text_config", {})
+    # The spelling of the published config.json (rope_scaling + rope_theta) beside transformers 5's.
+    text_cfg.setdefault("rope_scaling", dict(rope_scaling))
+    text_cfg.setdefault("rope_theta", QWEN3_TEXT_DIMS["rope_theta"])
+    saved["architectures"] = ["Qwen3VLForConditionalGeneration"]
+    _write_json(tmp / "config.json", saved)
+    # Qwen3-VL's published preprocessor_config.json, with the tiny budget.
+    _write_json(tmp / "preprocessor_config.json", {
+        "size": {"shortest_edge": QWEN3_MIN_PIXELS, "longest_edge": QWEN3_MAX_PIXELS},
+        "patch_size": 16, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+        "image_processor_type": "Qwen2VLImageProcessorFast", "processor_class": "Qwen3VLProcessor",
+    })
+    _write_json(tmp / "chat_template.json", {"chat_template": QWEN3VL_CHAT_TEMPLATE})
+    return {"vocab_size": vocab_size, "n_tokens": n_tokens, "token_ids": ids,
+            "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def build_tiny_model(out_dir: str | Path, *, seed: int = 0, family: str = "qwen2_5_vl") -> Path:
+    """Build the tiny Qwen2.5-VL (``family="qwen3_vl"``: the tiny Qwen3-VL) into ``out_dir`` (or reuse it)
+    and return its absolute path.
 
     The folder is built in a temporary folder next to ``out_dir`` and moved in
     with one ``os.replace``, so ``out_dir`` is either absent or complete. When
     two processes race, the loser drops its copy and uses the winner's.
     """
     out_dir = Path(out_dir).expanduser().absolute()
-    if is_complete(out_dir, seed):
+    if is_complete(out_dir, seed, family):
         return out_dir
     # Threads of one process take turns (the seeding is process-wide); other
     # processes race, and the atomic move decides (see _move_into_place).
     with _BUILD_LOCK:
-        if is_complete(out_dir, seed):
+        if is_complete(out_dir, seed, family):
             return out_dir
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        log.info("building the tiny offline %s into %s (random weights: its captions are noise)", family, out_dir)
         t0 = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
-            info = _build_into(tmp, seed)
-            info.update(builder_version=BUILDER_VERSION, seed=seed,
+            info = _build_into(tmp, seed, family)
+            info.update(builder_version=BUILDER_VERSION, seed=seed, family=family,
                         weights_sha256=_sha256(tmp / "model.safetensors"))
             _write_json(tmp / MARKER, info)
             _fix_modes(tmp)
-            placed = _move_into_place(tmp, out_dir, seed)
+            placed = _move_into_place(tmp, out_dir, seed, family)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     if placed:
-        log.info("built the tiny Qwen2.5-VL (seed %d) into %s in %.1f s", seed, out_dir, time.perf_counter() - t0)
+        log.info("built the tiny model (%s, seed %d) into %s in %.1f s", family, seed, out_dir,
+                 time.perf_counter() - t0)
     else:
         log.info("another process built %s first; using its folder", out_dir)
     return out_dir
@@ -413,7 +515,7 @@ def _fix_modes(folder: Path) -> None:
         os.chmod(p, 0o666 & ~umask)
 
 
-def _move_into_place(tmp: Path, out_dir: Path, seed: int) -> bool:
+def _move_into_place(tmp: Path, out_dir: Path, seed: int, family: str = "qwen2_5_vl") -> bool:
     """Move the finished folder ``tmp`` to ``out_dir`` atomically.
 
     When ``out_dir`` already holds a complete build (a racing builder won), keep
@@ -429,7 +531,7 @@ def _move_into_place(tmp: Path, out_dir: Path, seed: int) -> bool:
         except OSError:
             if not out_dir.exists():
                 raise
-        if is_complete(out_dir, seed):
+        if is_complete(out_dir, seed, family):
             return False
         if _read_marker(out_dir) is None and any(out_dir.iterdir()):
             raise FileExistsError(

@@ -347,12 +347,13 @@ def naive_visualize(data: Path, out: Path) -> List[Dict[str, object]]:
 
 def floor_visualize(data: Path, out: Path, min_pixels: int, max_pixels: int) -> None:
     """The least any approach must do: decode (draft), resize to the model's size, encode."""
-    from regioncap.images import load_image, resize_to, save_image, target_size
+    from regioncap.families.qwen import smart_resize
+    from regioncap.images import load_image, resize_to, save_image
 
     out.mkdir(parents=True, exist_ok=True)
     for i, line in enumerate(data.read_text().splitlines()):
         row = json.loads(line)
-        budget = lambda w, h: target_size(w, h, min_pixels=min_pixels, max_pixels=max_pixels)  # noqa: E731
+        budget = lambda w, h: smart_resize(w, h, min_pixels=min_pixels, max_pixels=max_pixels)  # noqa: E731
         loaded = load_image(str(data.parent / row["image"]), draft_target=budget)
         size = budget(*loaded.original_size)
         save_image(resize_to(loaded.image, size), out / f"{i}.jpg")

@@ -90,7 +90,7 @@ def dataflow_resizer() -> str:
 
         return "qwen-vl-utils process_vision_info"
     except ImportError:
-        return "regioncap.images.target_size at 12845056 px (qwen-vl-utils not installed; the same rule)"
+        return "regioncap.families.qwen.smart_resize at 12845056 px (qwen-vl-utils not installed; the same rule)"
 
 
 def dataflow_image(marked: str) -> Any:
@@ -101,11 +101,12 @@ def dataflow_image(marked: str) -> Any:
         from PIL import Image
 
         from bench import DATAFLOW_MAX_PIXELS
-        from regioncap.images import resize_to, target_size
+        from regioncap.families.qwen import smart_resize
+        from regioncap.images import resize_to
 
         with Image.open(marked) as im:
             image = im.convert("RGB")
-        return resize_to(image, target_size(*image.size, min_pixels=3136, max_pixels=DATAFLOW_MAX_PIXELS))
+        return resize_to(image, smart_resize(*image.size, min_pixels=3136, max_pixels=DATAFLOW_MAX_PIXELS))
     messages = [{"role": "user", "content": [{"type": "image", "image": marked}, {"type": "text", "text": "x"}]}]
     return process_vision_info(messages)[0][0]
 

@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 from regioncap import boxes as bx  # noqa: E402
 from regioncap import shapes  # noqa: E402
 from regioncap.draw import DrawStyle, draw_marks  # noqa: E402
-from regioncap.images import encode_image, load_image, resize_to, target_size  # noqa: E402
+from regioncap.families.base import build_family  # noqa: E402
+from regioncap.images import encode_image, load_image, resize_to  # noqa: E402
 from regioncap.propose import build_proposer, proposer_name  # noqa: E402
 
 
@@ -80,7 +81,7 @@ def build(cfg: Any) -> tuple:
     from regioncap.models import resolve_model_path
 
     engine = build_engine(cfg.engine, cfg.model, resolve_model_path(cfg.model))
-    return build_proposer(cfg.propose, engine=engine, family=str(cfg.model.family)), engine
+    return build_proposer(cfg.propose, engine=engine, family=build_family(cfg.model)), engine
 
 
 def evaluate(rows: List[Dict[str, Any]], folder: Path, cfg: Any, repeat: int, proposer: Any) -> Dict[str, Any]:
@@ -93,12 +94,12 @@ def evaluate(rows: List[Dict[str, Any]], folder: Path, cfg: Any, repeat: int, pr
     best_sum = 0.0
     vis_s = prop_s = 0.0
     per_image = []
+    family = build_family(model)
     for row in rows:
         path = folder / row["image"]
 
         def size_rule(w: int, h: int) -> tuple:
-            return target_size(w, h, min_pixels=model.min_pixels, max_pixels=model.max_pixels,
-                               patch_size=model.patch_size, merge_size=model.merge_size)
+            return family.input_size(w, h)
 
         def visualize() -> tuple:
             loaded = load_image(path, draft_target=size_rule)

@@ -266,13 +266,13 @@ def grounding_answer(boxes: Sequence[Sequence[float]], labels: Sequence[str]) ->
 def ground_samples(vis_jsonls: Sequence[Path], data_jsonl: Path) -> List[Tuple[str, str, str]]:
     """(image, grounding prompt, answer) for every row the visualize stage left ``grounding``: the
     scene's boxes (from ``data_jsonl``, xywh of the scene) scaled to the image the request sends."""
-    from regioncap.propose.vlm import grounding_prompt
+    from regioncap.families.qwen import Qwen25VL
 
     truth = {}
     for line in data_jsonl.read_text(encoding="utf-8").splitlines():
         row = json.loads(line)
         truth[row["id"]] = row
-    prompt = grounding_prompt("qwen2_5_vl")
+    prompt = Qwen25VL().grounding_prompt()
     out: List[Tuple[int, Tuple[str, str, str]]] = []
     for vis_jsonl in vis_jsonls:
         for line in vis_jsonl.read_text(encoding="utf-8").splitlines():

@@ -143,6 +143,18 @@ def compose(overrides: List[str] = (), output_dir: str | None = None, pin: bool 
     return cfg
 
 
+def family(name: str):
+    """The family object named ``name`` (``qwen2_5_vl``, ``qwen2_vl``...) with its class's default settings."""
+    from regioncap.families.base import shipped_families
+
+    return shipped_families()[name]()
+
+
+def ground(text, width, height, family_name: str = "qwen2_5_vl", **kw):
+    """``family_name``'s reading of a grounding answer (``Family.parse_grounding``)."""
+    return family(family_name).parse_grounding(text, width, height, **kw)
+
+
 @pytest.fixture
 def compose_cfg():
     return compose

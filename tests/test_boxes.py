@@ -21,8 +21,6 @@ from regioncap.boxes import (
     normalized_xyxy,
     pad_normalized,
     parse_boxes,
-    qwen2_coords,
-    qwen25_coords,
     to_xyxy,
 )
 
@@ -440,23 +438,6 @@ def test_chunk() -> None:
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="chunk size"):
             chunk([1], bad)  # type: ignore[arg-type]
-
-
-def test_qwen25_coords_are_resized_pixels_clamped() -> None:
-    # A 1536x832 image goes to Qwen2.5-VL resized to 1540x840 (multiples of 28).
-    box = Box(196, 104, 506, 599).scale(1540 / 1536, 840 / 832)
-    assert qwen25_coords(box, 1540, 840) == [197, 105, 507, 605]
-    assert qwen25_coords(Box(-3.2, -0.4, 1541.7, 839.6), 1540, 840) == [0, 0, 1540, 840]
-
-
-def test_qwen2_coords_are_on_the_1000_grid() -> None:
-    box = Box(196, 104, 506, 599)
-    assert qwen2_coords(box, 1536, 832) == [128, 125, 329, 720]
-    assert qwen2_coords(Box(0, 0, 1536, 832), 1536, 832) == [0, 0, 1000, 1000]
-    assert qwen2_coords(Box(-10, -10, 2000, 900), 1536, 832) == [0, 0, 1000, 1000]
-    # Same grid values as the qwen1000 input format, up to rounding.
-    values = from_xyxy(box, "qwen1000", 1536, 832)
-    assert qwen2_coords(box, 1536, 832) == [round(v) for v in values]
 
 
 def test_issue_and_parsed_are_plain_dataclasses() -> None:

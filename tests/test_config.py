@@ -37,6 +37,11 @@ def test_every_option_composes(group, option, tmp_path):
         assert cfg.data.name == option and node_name(cfg.data) in ("jsonl", "hf", "coco", "vg", "refcoco")
     elif group == "prompt":
         assert cfg.prompt.name == option and node_name(cfg.prompt) in ("marked", "crop", "coords")
+    elif group == "model":
+        # A model option names its family's class (model=qwen2vl_2b: Qwen2VL) and keeps its own name.
+        from regioncap.families.base import shipped_families
+
+        assert cfg.model.name == option and node_name(cfg.model) in shipped_families()
     else:
         assert node_name(cfg[group]) == (None if (group, option) == ("propose", "none") else option)
     from regioncap.settings import check_settings
@@ -98,7 +103,9 @@ def test_engine_fields_are_typed_per_engine():
 
 def test_model_is_chosen_by_config_not_folder_name():
     cfg = compose(["model=qwen25vl_3b", "model.path=/models/any-folder-name"])
-    assert cfg.model.family == "qwen2_5_vl" and cfg.model.path == "/models/any-folder-name"
+    from regioncap.families.base import family_name
+
+    assert family_name(cfg.model) == "qwen2_5_vl" and cfg.model.path == "/models/any-folder-name"
     assert cfg.model.trust_remote_code is False
 
 

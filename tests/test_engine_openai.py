@@ -27,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-from regioncap.config import ModelConfig  # noqa: E402
+from regioncap.families.qwen import Qwen25VL  # noqa: E402
 from regioncap.engines.base import Request, Sampling  # noqa: E402
 from regioncap.engines.openai_engine import OpenAIEngine  # noqa: E402
 
@@ -231,7 +231,7 @@ def make_engine(base_url: str, monkeypatch: pytest.MonkeyPatch, **kw: Any):
         max_backoff_s=kw.pop("max_backoff_s", 0.5),
         **kw,
     )
-    return OpenAIEngine(model_cfg=ModelConfig(name="tiny", path="tiny"), engine_cfg=cfg, model_path=None)
+    return OpenAIEngine(model_cfg=Qwen25VL.config(name="tiny", path="tiny"), engine_cfg=cfg, model_path=None)
 
 
 def req(key: str, prompt: str, image: str, **kw: Any) -> Request:
@@ -369,7 +369,7 @@ def test_missing_key_sends_empty(fault_server, images, monkeypatch):
 
     monkeypatch.delenv("REGIONCAP_TEST_UNSET_KEY", raising=False)
     cfg = OpenAIEngine.Config(base_url=base_url, api_key_env="REGIONCAP_TEST_UNSET_KEY", max_retries=0)
-    eng = OpenAIEngine(model_cfg=ModelConfig(name="t", path="org/model"), engine_cfg=cfg, model_path=None)
+    eng = OpenAIEngine(model_cfg=Qwen25VL.config(name="t", path="org/model"), engine_cfg=cfg, model_path=None)
     (r,) = eng.generate([req("a", "ok#nokey", images["png"])])
     eng.close()
     assert r.ok
@@ -427,13 +427,13 @@ def test_preflight_names_the_models_the_server_serves(fault_server, monkeypatch)
     from regioncap.engines import preflight
 
     cfg = OpenAIEngine.Config(base_url=base_url, api_key_env=KEY_ENV, served_model="tiny")
-    OpenAIEngine.preflight(cfg, ModelConfig(name="tiny", path="tiny"))
+    OpenAIEngine.preflight(cfg, Qwen25VL.config(name="tiny", path="tiny"))
     node = OmegaConf.create({**vars(cfg), "_target_": "regioncap.engines.openai_engine.OpenAIEngine"})
-    preflight(node, ModelConfig(name="tiny", path="tiny"))
-    preflight({"_target_": "regioncap.engines.fake.FakeEngine"}, ModelConfig(name="tiny", path="tiny"))  # nothing to check
+    preflight(node, Qwen25VL.config(name="tiny", path="tiny"))
+    preflight({"_target_": "regioncap.engines.fake.FakeEngine"}, Qwen25VL.config(name="tiny", path="tiny"))  # nothing to check
     node.served_model = "other"
     with pytest.raises(EngineError, match="does not serve model 'other'"):
-        preflight(node, ModelConfig(name="tiny", path="tiny"))
+        preflight(node, Qwen25VL.config(name="tiny", path="tiny"))
 
 
 @pytest.mark.parametrize("mode", ["drip", "drip-head"])

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from regioncap.config import ModelConfig
+from regioncap.families.qwen import Qwen25VL
 from regioncap.engines.base import Request, Sampling
 from regioncap.engines.transformers_engine import TransformersEngine
-from regioncap.qwen import visual_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_tiny_model import make_old_style_copy  # noqa: E402
@@ -20,11 +19,11 @@ pytestmark = pytest.mark.slow
 SIZE = (224, 168)  # multiples of 28: already at the model's input size, 48 visual tokens
 
 
-def _model_cfg(path: Path, **kw) -> ModelConfig:
+def _model_cfg(path: Path, **kw) -> Qwen25VL.Config:
     base = dict(name="tiny", path=str(path), builder=None, min_pixels=56 * 56, max_pixels=224 * 224,
                 max_model_len=2048, dtype="float32")
     base.update(kw)
-    return ModelConfig(**base)
+    return Qwen25VL.config(**base)
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +67,7 @@ def test_generate_three(engine, images):
     for req, resp in zip(reqs, out):
         assert resp.ok, resp.error
         assert isinstance(resp.text, str)
-        assert resp.prompt_tokens == _text_tokens(engine, req) + visual_tokens(*SIZE)
+        assert resp.prompt_tokens == _text_tokens(engine, req) + Qwen25VL().visual_tokens(*SIZE)
         assert 0 < resp.output_tokens <= 8
         assert resp.finish_reason in ("stop", "length")
         assert resp.finish_reason == "stop" or resp.output_tokens == 8

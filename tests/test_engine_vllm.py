@@ -37,12 +37,12 @@ pytestmark = pytest.mark.vllm
 ENGINE_SCRIPT = """
 import dataclasses, json, sys, time
 spec = json.load(sys.stdin)
-from regioncap.config import ModelConfig
+from regioncap.families.qwen import Qwen25VL
 from regioncap.engines.base import Request, Sampling
 from regioncap.engines.vllm_engine import VllmEngine
 
 t0 = time.perf_counter()
-engine = VllmEngine(model_cfg=ModelConfig(**spec["model"]), engine_cfg=VllmEngine.Config(**spec["engine"]),
+engine = VllmEngine(model_cfg=Qwen25VL.config(**spec["model"]), engine_cfg=VllmEngine.Config(**spec["engine"]),
                     model_path=spec["model_path"])
 result = {"start_s": time.perf_counter() - t0, "describe": engine.describe(), "calls": []}
 for call in spec["calls"]:

@@ -14,12 +14,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+from omegaconf import OmegaConf
 import pytest
 from PIL import Image
 
 from regioncap import random_weights
 from regioncap.engines.base import EngineError, Request, Sampling
-from regioncap.images import target_size
+from regioncap.families.qwen import smart_resize
 from regioncap.metrics import visual_tokens
 
 HUB_3B = "Qwen/Qwen2.5-VL-3B-Instruct"
@@ -30,11 +31,11 @@ BUDGET_SMALL = (3136, 50176)
 
 
 def model_cfg(path: str = HUB_3B, weights: str = "random", **kw):
-    base = dict(name="qwen25vl_3b", path=path, family="qwen2_5_vl", revision=None, min_pixels=BUDGET_3B[0],
+    base = dict(_target_="regioncap.families.qwen.Qwen25VL", name="qwen25vl_3b", path=path, revision=None, min_pixels=BUDGET_3B[0],
                 max_pixels=BUDGET_3B[1], patch_size=14, merge_size=2, max_model_len=8192, dtype="bfloat16",
                 trust_remote_code=False, builder=None, weights=weights)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return OmegaConf.create(base)
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +155,7 @@ def test_3b_random_transformers_token_budget(engine_3b, tmp_path, caplog):
 
     # Reduced budget: two rows through generate (prefill + 2 decoded tokens each).
     eng._set_pixel_budget(*BUDGET_SMALL)
-    size = target_size(4000, 3000, min_pixels=BUDGET_SMALL[0], max_pixels=BUDGET_SMALL[1])
+    size = smart_resize(4000, 3000, min_pixels=BUDGET_SMALL[0], max_pixels=BUDGET_SMALL[1])
     reqs = [Request(key=f"small{i}", image_path=_image(tmp_path / f"s{i}.png", size, i), prompt=_prompt(2),
                     regex=answer_regex([1, 2], "lines"), sampling=Sampling(max_tokens=2), image_size=size)
             for i in range(2)]
@@ -169,7 +170,7 @@ def test_3b_random_transformers_token_budget(engine_3b, tmp_path, caplog):
     # The real budget (1280 visual tokens at most): a 12 MP photo's input size, a
     # chunk of 10 boxes (max_boxes), and the processor's own count of the prompt.
     eng._set_pixel_budget(*BUDGET_3B)
-    size = target_size(4000, 3000, min_pixels=BUDGET_3B[0], max_pixels=BUDGET_3B[1])
+    size = smart_resize(4000, 3000, min_pixels=BUDGET_3B[0], max_pixels=BUDGET_3B[1])
     assert 1200 <= visual_tokens(size) <= 1280
     req = Request(key="full", image_path=_image(tmp_path / "full.png", size, 7), prompt=_prompt(10),
                   regex=answer_regex(list(range(1, 11)), "lines"), sampling=Sampling(max_tokens=512))

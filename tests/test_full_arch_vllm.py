@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from vllm_helpers import RESULT_MARKER, run_vllm_script, vllm_env, vllm_python  # noqa: E402
 
-from regioncap.images import target_size  # noqa: E402
+from regioncap.families.qwen import smart_resize  # noqa: E402
 from regioncap.metrics import visual_tokens  # noqa: E402
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -30,12 +30,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SCRIPT = """
 import dataclasses, json, sys, time
 spec = json.load(sys.stdin)
-from regioncap.config import ModelConfig
+from regioncap.families.qwen import Qwen25VL
 from regioncap.engines.base import Request, Sampling
 from regioncap.engines.vllm_engine import VllmEngine
 from regioncap.models import resolve_model_path
 
-model_cfg = ModelConfig(**spec["model"])
+model_cfg = Qwen25VL.config(**spec["model"])
 t0 = time.perf_counter()
 engine = VllmEngine(model_cfg=model_cfg, engine_cfg=VllmEngine.Config(**spec["engine"]),
                     model_path=resolve_model_path(model_cfg))
@@ -75,8 +75,8 @@ def test_3b_random_vllm_token_budget(tmp_path):
     from regioncap.prompts import answer_regex
 
     vllm_python()
-    small = target_size(4000, 3000, min_pixels=3136, max_pixels=50176)
-    full = target_size(4000, 3000, min_pixels=3136, max_pixels=1003520)
+    small = smart_resize(4000, 3000, min_pixels=3136, max_pixels=50176)
+    full = smart_resize(4000, 3000, min_pixels=3136, max_pixels=1003520)
     requests = [
         {"key": "small0", "image": _image(tmp_path / "s0.png", small, 0), "prompt": _prompt(2), "max_tokens": 2},
         {"key": "small1", "image": _image(tmp_path / "s1.png", small, 1), "prompt": _prompt(2), "max_tokens": 2},

@@ -17,18 +17,22 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from regioncap import images
+from regioncap.families.qwen import Qwen25VL, smart_resize
 from regioncap.images import (
     ImageLoadError,
     crop_with_margin,
     encode_image,
-    is_fixed_size,
     load_image,
     resize_to,
     save_image,
-    target_size,
 )
 
 # --------------------------------------------------------------------------- helpers
+
+
+def is_fixed_size(width: int, height: int, *, min_pixels: int, max_pixels: int) -> bool:
+    """Whether Qwen2.5-VL at this budget leaves a ``width x height`` image as it is."""
+    return Qwen25VL(Qwen25VL.Config(min_pixels=min_pixels, max_pixels=max_pixels)).is_fixed_size(width, height)
 
 
 def jpeg_bytes(img: Image.Image, orientation: int | None = None, quality: int = 95) -> bytes:
@@ -228,10 +232,10 @@ def test_unsupported_mode() -> None:
 
 def test_bad_aspect_ratio() -> None:
     with pytest.raises(ImageLoadError) as info:
-        target_size(4020, 20, min_pixels=56 * 56, max_pixels=224 * 224, source="wide.png")
+        smart_resize(4020, 20, min_pixels=56 * 56, max_pixels=224 * 224, source="wide.png")
     assert info.value.kind == "bad_aspect_ratio"
     assert "wide.png" in info.value.message
-    assert target_size(4000, 20, min_pixels=56 * 56, max_pixels=224 * 224)  # exactly 200 is allowed
+    assert smart_resize(4000, 20, min_pixels=56 * 56, max_pixels=224 * 224)  # exactly 200 is allowed
 
 
 # --------------------------------------------------------------------------- sources
@@ -411,7 +415,7 @@ def test_draft_target_may_be_a_function_of_the_upright_size(tmp_path: Path) -> N
 
     def rule(w: int, h: int) -> tuple[int, int]:
         seen.append((w, h))
-        return target_size(w, h, min_pixels=56 * 56, max_pixels=224 * 224)
+        return smart_resize(w, h, min_pixels=56 * 56, max_pixels=224 * 224)
 
     loaded = load_image(path, draft_target=rule)
     assert seen == [(1500, 2000)]  # called with the corrected full-resolution size
@@ -431,15 +435,15 @@ def test_draft_only_when_twice_as_large_and_jpeg(tmp_path: Path) -> None:
     assert load_image(png, draft_target=(100, 100)).image.size == (800, 600)
 
 
-# --------------------------------------------------------------------------- target_size
+# --------------------------------------------------------------------------- smart_resize
 
 
 def test_target_size_known_values() -> None:
-    assert target_size(640, 480, min_pixels=56 * 56, max_pixels=224 * 224) == (252, 168)
-    assert target_size(224, 224, min_pixels=56 * 56, max_pixels=224 * 224) == (224, 224)
-    assert target_size(10, 10, min_pixels=56 * 56, max_pixels=224 * 224) == (56, 56)
-    assert target_size(1920, 1080, min_pixels=4 * 28 * 28, max_pixels=1280 * 28 * 28) == (1316, 728)
-    assert target_size(512, 512, min_pixels=56 * 56, max_pixels=56 * 56) == (56, 56)
+    assert smart_resize(640, 480, min_pixels=56 * 56, max_pixels=224 * 224) == (252, 168)
+    assert smart_resize(224, 224, min_pixels=56 * 56, max_pixels=224 * 224) == (224, 224)
+    assert smart_resize(10, 10, min_pixels=56 * 56, max_pixels=224 * 224) == (56, 56)
+    assert smart_resize(1920, 1080, min_pixels=4 * 28 * 28, max_pixels=1280 * 28 * 28) == (1316, 728)
+    assert smart_resize(512, 512, min_pixels=56 * 56, max_pixels=56 * 56) == (56, 56)
 
 
 sizes = st.integers(min_value=1, max_value=12_000)
@@ -459,7 +463,7 @@ def test_target_size_multiples_of_28_and_within_budget(w: int, h: int, budget) -
         return
     mn, mx = budget
     try:
-        tw, th = target_size(w, h, min_pixels=mn, max_pixels=mx)
+        tw, th = smart_resize(w, h, min_pixels=mn, max_pixels=mx)
     except ImageLoadError as exc:
         # Only an image over 100:1 can round past the processor's 200:1 (a short side to 28 px).
         assert exc.kind == "bad_aspect_ratio" and max(w, h) > 100 * min(w, h)
@@ -479,13 +483,13 @@ def test_target_size_is_a_fixed_point_for_usual_budgets(w: int, h: int, budget) 
     mn, mx = budget
     if not _plausible(w, h) or max(w, h) / min(w, h) > 4 or mx < 2 * mn:
         return
-    tw, th = target_size(w, h, min_pixels=mn, max_pixels=mx)
+    tw, th = smart_resize(w, h, min_pixels=mn, max_pixels=mx)
     assert is_fixed_size(tw, th, min_pixels=mn, max_pixels=mx)
 
 
 def test_target_size_not_a_fixed_point_when_min_equals_max() -> None:
     # Documented caveat: with min == max a non-square result can be resized again.
-    tw, th = target_size(2090, 966, min_pixels=224 * 224, max_pixels=224 * 224)
+    tw, th = smart_resize(2090, 966, min_pixels=224 * 224, max_pixels=224 * 224)
     assert (tw, th) == (308, 140)
     assert not is_fixed_size(tw, th, min_pixels=224 * 224, max_pixels=224 * 224)
 
@@ -521,11 +525,11 @@ def test_target_size_matches_upstream(reference_rules, w, h, budget, patch_merge
     hh, hw = hf_rule(h, w, factor=factor, min_pixels=mn, max_pixels=mx)
     if max(hh, hw) > 200 * min(hh, hw):
         # Upstream returns a size its own processor then refuses (it applies the rule
-        # again to the resized image); target_size refuses it at once.
+        # again to the resized image); smart_resize refuses it at once.
         with pytest.raises(ImageLoadError, match="resizes to"):
-            target_size(w, h, min_pixels=mn, max_pixels=mx, patch_size=patch, merge_size=merge)
+            smart_resize(w, h, min_pixels=mn, max_pixels=mx, patch_size=patch, merge_size=merge)
         return
-    ours = target_size(w, h, min_pixels=mn, max_pixels=mx, patch_size=patch, merge_size=merge)
+    ours = smart_resize(w, h, min_pixels=mn, max_pixels=mx, patch_size=patch, merge_size=merge)
     assert ours == (hw, hh)
     if qvu_rule is None:
         return
@@ -538,11 +542,11 @@ def test_target_size_matches_upstream(reference_rules, w, h, budget, patch_merge
 
 def test_target_size_rejects_bad_budgets() -> None:
     with pytest.raises(ValueError):
-        target_size(100, 100, min_pixels=0, max_pixels=100)
+        smart_resize(100, 100, min_pixels=0, max_pixels=100)
     with pytest.raises(ValueError):
-        target_size(100, 100, min_pixels=200, max_pixels=100)
+        smart_resize(100, 100, min_pixels=200, max_pixels=100)
     with pytest.raises(ValueError):
-        target_size(0, 100, min_pixels=1, max_pixels=100)
+        smart_resize(0, 100, min_pixels=1, max_pixels=100)
 
 
 def test_module_does_not_import_heavy_libraries() -> None:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from conftest import compose
 from regioncap import prompts
+from regioncap.families.qwen import Qwen2VL, Qwen25VL
 from regioncap.strategies import build_strategy
 
 
@@ -42,7 +43,8 @@ def test_crop_prompt_snapshot():
 
 
 def test_coords_prompt_snapshot_qwen25():
-    text = prompts.regions_text([1, 2], [[10, 20, 110, 220], [0, 0, 28, 56]], "qwen2_5_vl")
+    family = Qwen25VL()
+    text = prompts.regions_text([1, 2], [family.box_text(b, (448, 448)) for b in ([10, 20, 110, 220], [0, 0, 28, 56])])
     assert render("coords", [1, 2], regions_text=text) == (
         "Here are 2 regions of the image, given as bounding boxes:\n"
         '1: {"bbox_2d": [10, 20, 110, 220]}\n'
@@ -53,7 +55,8 @@ def test_coords_prompt_snapshot_qwen25():
 
 
 def test_coords_regions_qwen2_uses_box_tokens():
-    assert prompts.regions_text([1], [[100, 200, 300, 400]], "qwen2_vl") == \
+    # Qwen2-VL's grid is relative: a 1000x1000 image keeps the numbers.
+    assert prompts.regions_text([1], [Qwen2VL().box_text((100, 200, 300, 400), (1000, 1000))]) == \
         "1: <|box_start|>(100,200),(300,400)<|box_end|>"
 
 

@@ -327,8 +327,8 @@ def test_a_single_50_mb_line_fingerprints(tmp_path):
 
 # --------------------------------------------------------------------------- crops
 
-from regioncap.images import (MAX_ASPECT_RATIO, crop_aspect_limit, crop_with_margin,  # noqa: E402
-                              target_size)
+from regioncap.families.qwen import smart_resize  # noqa: E402
+from regioncap.images import MAX_ASPECT_RATIO, crop_aspect_limit, crop_with_margin  # noqa: E402
 
 
 @st.composite
@@ -356,7 +356,7 @@ crop_budgets = st.one_of(
 @settings(max_examples=400, deadline=None)
 @given(image_and_box(), st.floats(0, 2), st.booleans(), crop_budgets, st.booleans())
 def test_crop_and_target_size_fit_the_model(size_box, margin, square, budget, own_limit):
-    """A crop of any box of any image the model accepts is usable: target_size takes it
+    """A crop of any box of any image the model accepts is usable: smart_resize takes it
     (nothing raised at all), its resized size is within 200:1, and with the budget's
     crop_aspect_limit within max_pixels; the box stays inside the crop."""
     (W, H), box = size_box
@@ -364,7 +364,7 @@ def test_crop_and_target_size_fit_the_model(size_box, margin, square, budget, ow
     image = Image.new("L", (W, H), 255)
     kwargs = {"max_aspect": crop_aspect_limit(mx)} if own_limit else {}
     crop, (left, top, right, bottom) = crop_with_margin(image, box, margin, square=square, **kwargs)
-    tw, th = target_size(crop.width, crop.height, min_pixels=mn, max_pixels=mx)
+    tw, th = smart_resize(crop.width, crop.height, min_pixels=mn, max_pixels=mx)
     assert crop.size == (right - left, bottom - top)
     assert left <= max(box[0], 0) and top <= max(box[1], 0)
     assert right >= min(box[2], W) and bottom >= min(box[3], H)
@@ -383,17 +383,17 @@ def test_a_thin_box_on_a_6000x60_image_crops_to_a_usable_shape():
     image = Image.new("RGB", (6000, 60))
     crop, rect = crop_with_margin(image, (0, 10, 6000, 12), 0.1)
     assert rect == (0, 0, 6000, 60)
-    tw, th = target_size(*crop.size, min_pixels=3136, max_pixels=1003520)
+    tw, th = smart_resize(*crop.size, min_pixels=3136, max_pixels=1003520)
     assert max(tw, th) <= MAX_ASPECT_RATIO * min(tw, th)
     # On a budget of 64 tokens a crop may be 32:1: the image is padded above and below.
     crop, rect = crop_with_margin(image, (0, 10, 6000, 12), 0.1, max_aspect=crop_aspect_limit(50176))
     assert rect == (0, -64, 6000, 124) and crop.size == (6000, 188)
-    assert target_size(*crop.size, min_pixels=3136, max_pixels=50176) == (1260, 28)  # 35280 px: within budget
+    assert smart_resize(*crop.size, min_pixels=3136, max_pixels=50176) == (1260, 28)  # 35280 px: within budget
 
 
 def test_target_size_refuses_what_the_processor_would_refuse_after_rounding():
     with pytest.raises(ImageLoadError, match="resizes to 6160x28") as info:
-        target_size(6150, 41, min_pixels=3136, max_pixels=1003520, source="strip.png")
+        smart_resize(6150, 41, min_pixels=3136, max_pixels=1003520, source="strip.png")
     assert info.value.kind == "bad_aspect_ratio" and "strip.png" in info.value.message
 
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-from conftest import REPO, compose
+from conftest import REPO, compose, family, ground
 from regioncap import boxes as bx
 from regioncap.engines.base import Engine, Request, Response, Sampling, error_response
 from regioncap.propose import (
@@ -23,10 +23,8 @@ from regioncap.propose import (
     select_proposals, should_propose,
 )
 from regioncap.propose.contours import ContoursProposer
-from regioncap.propose.vlm import (
-    GROUNDING_PROMPT, QWEN2_GROUNDING_PROMPT, VlmProposer, grounding_json_schema, grounding_prompt,
-    grounding_regex, parse_grounding,
-)
+from regioncap.families.qwen import GROUNDING_PROMPT, QWEN2_GROUNDING_PROMPT
+from regioncap.propose.vlm import VlmProposer, grounding_json_schema, grounding_regex
 
 SHAPES_DIR = REPO / "regioncap" / "demo" / "shapes"
 
@@ -265,8 +263,8 @@ def test_contours_on_bundled_shapes_finds_objects():
 
 def test_grounding_prompt_snapshot():
     assert GROUNDING_PROMPT == "Locate every object in the image and output their bbox coordinates in JSON format."
-    assert grounding_prompt("qwen2_5_vl") == GROUNDING_PROMPT
-    assert grounding_prompt("qwen2_vl") == QWEN2_GROUNDING_PROMPT
+    assert family("qwen2_5_vl").grounding_prompt() == GROUNDING_PROMPT
+    assert family("qwen2_vl").grounding_prompt() == QWEN2_GROUNDING_PROMPT
 
 
 def test_grounding_schema_accepts_a_qwen25_answer():
@@ -292,7 +290,7 @@ def _boxes_of(props: Sequence[Proposal]):
     '[{"bbox_2d": [10, 20, 110, 90], "label": "red circle"}, {"bbox_2d": [30, 40',  # cut off
 ])
 def test_parse_grounding_qwen25_variants(text):
-    assert _boxes_of(parse_grounding(text, 224, 224)) == [((10.0, 20.0, 110.0, 90.0), "red circle")]
+    assert _boxes_of(ground(text, 224, 224)) == [((10.0, 20.0, 110.0, 90.0), "red circle")]
 
 
 def test_parse_grounding_clips_and_drops_degenerate_boxes():
@@ -306,33 +304,33 @@ def test_parse_grounding_clips_and_drops_degenerate_boxes():
         {"bbox_2d": [1e400, 0, 5, 5]},                      # inf in JSON -> not finite
         {"bbox_2d": [0, 0, 10, 10]},                        # no label
     ])
-    assert _boxes_of(parse_grounding(text, 224, 200)) == [((0.0, 10.0, 224.0, 50.0), "wide"),
+    assert _boxes_of(ground(text, 224, 200)) == [((0.0, 10.0, 224.0, 50.0), "wide"),
                                                            ((0.0, 0.0, 10.0, 10.0), None)]
 
 
 def test_parse_grounding_qwen2_tokens_are_on_a_1000_grid():
     text = ("<|object_ref_start|>the red circle<|object_ref_end|><|box_start|>(100,200),(500,600)<|box_end|> and "
             "<|object_ref_start|>a star<|object_ref_end|><|box_start|>(0, 0),(1000,1000)<|box_end|>")
-    props = parse_grounding(text, 448, 224, "qwen2_vl")
+    props = ground(text, 448, 224, "qwen2_vl")
     assert _boxes_of(props) == [((44.8, 44.8, 224.0, 134.4), "the red circle"), ((0.0, 0.0, 448.0, 224.0), "a star")]
     # Special tokens stripped by the decoder: the bare pairs, labelled by the text before them.
-    bare = parse_grounding("the red circle(100,200),(500,600)", 448, 224, "qwen2_vl")
+    bare = ground("the red circle(100,200),(500,600)", 448, 224, "qwen2_vl")
     assert _boxes_of(bare) == [((44.8, 44.8, 224.0, 134.4), "the red circle")]
     # A JSON answer from a Qwen2-VL model is on its grid too; for Qwen2.5-VL the same is pixels.
     as_json = '[{"bbox_2d": [100, 200, 500, 600], "label": "x"}]'
-    assert parse_grounding(as_json, 448, 224, "qwen2_vl")[0].bbox == pytest.approx((44.8, 44.8, 224.0, 134.4))
-    assert parse_grounding(as_json, 448, 224, "qwen2_5_vl")[0].bbox == (100.0, 200.0, 448.0, 224.0)
+    assert ground(as_json, 448, 224, "qwen2_vl")[0].bbox == pytest.approx((44.8, 44.8, 224.0, 134.4))
+    assert ground(as_json, 448, 224, "qwen2_5_vl")[0].bbox == (100.0, 200.0, 448.0, 224.0)
 
 
 @pytest.mark.parametrize("text", [None, "", "   ", "no objects here", "[]", "{}", "[[[[[[", "[" * 5000,
                                   '{"a": ' * 3000, "```json\n", 42])
 def test_parse_grounding_garbage_gives_nothing(text):
-    assert parse_grounding(text, 224, 224) == [] and parse_grounding(text, 224, 224, "qwen2_vl") == []
+    assert ground(text, 224, 224) == [] and ground(text, 224, 224, "qwen2_vl") == []
 
 
 def test_parse_grounding_rejects_a_bad_image_size():
     with pytest.raises(ValueError, match="width"):
-        parse_grounding("[]", 0, 10)
+        ground("[]", 0, 10)
 
 
 _fragments = st.sampled_from([
@@ -345,8 +343,8 @@ _fragments = st.sampled_from([
 @given(st.one_of(st.text(max_size=300), st.lists(_fragments, max_size=60).map("".join)),
        st.integers(1, 2000), st.integers(1, 2000), st.sampled_from(["qwen2_5_vl", "qwen2_vl"]))
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-def test_parse_grounding_never_raises_and_boxes_fit(text, width, height, family):
-    for p in parse_grounding(text, width, height, family):
+def test_parse_grounding_never_raises_and_boxes_fit(text, width, height, family_name):
+    for p in ground(text, width, height, family_name):
         x1, y1, x2, y2 = p.bbox
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
         assert x2 - x1 >= 1.0 and y2 - y1 >= 1.0
@@ -379,7 +377,7 @@ def test_vlm_proposer_sends_the_grounding_request_and_parses_the_answer():
               ' {"bbox_2d": [150, 150, 200, 210], "label": "blue square"}]\n```')
     engine = _GroundingEngine(answer)
     cfg = compose(["propose=vlm"]).propose
-    proposer = build_proposer(cfg, engine=engine, family="qwen2_5_vl")
+    proposer = build_proposer(cfg, engine=engine, family=family("qwen2_5_vl"))
     assert isinstance(proposer, VlmProposer) and proposer.needs_engine
     props = proposer.propose(Image.new("RGB", (224, 224), "white"))
     # The near-duplicate is dropped by NMS; answer order is kept.
@@ -403,7 +401,7 @@ def test_grounding_regex_matches_what_the_parser_reads():
     good = ('[{"bbox_2d": [10, 20, 110, 90], "label": "red circle"}, '
             '{"bbox_2d": [0, 0, 5, 5], "label": "a \'dot\'"}]')
     assert re.fullmatch(grounding_regex(), good) and re.fullmatch(grounding_regex(), "[]")
-    assert len(parse_grounding(good, 224, 224)) == 2
+    assert len(ground(good, 224, 224)) == 2
     for bad in ('[{"bbox_2d": [10, 20, 110, 90], "label": ""}]', '[\n{"bbox_2d": [1, 2, 3, 4], "label": "x"}]',
                 '[{"bbox_2d": [1, 2, 3], "label": "x"}]', '[{"bbox_2d": [01, 2, 3, 4], "label": "x"}]'):
         assert not re.fullmatch(grounding_regex(), bad)
@@ -418,7 +416,7 @@ def test_every_regex_conforming_answer_parses(items):
 
     text = "[" + ", ".join('{"bbox_2d": [%d, %d, %d, %d], "label": "%s"}' % (*b, label) for b, label in items) + "]"
     assert re.fullmatch(grounding_regex(), text)
-    props = parse_grounding(text, 100000, 100000)
+    props = ground(text, 100000, 100000)
     # Every item with a non-degenerate box comes back, in order.
     want = [b for b, _ in items if abs(b[2] - b[0]) >= 1 and abs(b[3] - b[1]) >= 1]
     assert [tuple(int(v) for v in p.bbox) for p in props] == [
@@ -426,12 +424,12 @@ def test_every_regex_conforming_answer_parses(items):
 
 
 def test_vlm_request_for_qwen2_has_no_json_schema_and_the_proposers_budget():
-    proposer = VlmProposer(None, family="qwen2_vl")
+    proposer = VlmProposer(None, family=family("qwen2_vl"))
     req = proposer.request("r1/ground", "x.png", (448, 224), Sampling(max_tokens=4096, seed=3))
     assert req.json_schema is None and req.regex is None and req.prompt == QWEN2_GROUNDING_PROMPT
     # propose.max_tokens is the grounding budget, below or above the captions' (the rest is theirs).
     assert req.sampling.max_tokens == 1024 and req.sampling.seed == 3 and req.image_size == (448, 224)
-    small = VlmProposer(SimpleNamespace(max_tokens=160), family="qwen2_5_vl")
+    small = VlmProposer(SimpleNamespace(max_tokens=160), family=family("qwen2_5_vl"))
     assert small.request("r1/ground", "x.png", (448, 224), Sampling(max_tokens=4096)).sampling.max_tokens == 160
 
 

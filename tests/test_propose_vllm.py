@@ -22,21 +22,22 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 SCRIPT = """
 import json, random, sys, tempfile, os
 spec = json.load(sys.stdin)
-from regioncap.config import ModelConfig
+from regioncap.families.base import build_family
+from regioncap.families.qwen import Qwen25VL
 from regioncap.engines.base import Sampling
 from regioncap.engines.vllm_engine import VllmEngine
 from regioncap.models import resolve_model_path
 from regioncap.propose.vlm import VlmProposer
 from regioncap.shapes import render_scene
 
-model = ModelConfig(**spec["model"])
+model = Qwen25VL.config(**spec["model"])
 engine = VllmEngine(model_cfg=model, engine_cfg=VllmEngine.Config(**spec["engine"]),
                     model_path=resolve_model_path(model))
 out = {"answers": []}
 folder = tempfile.mkdtemp()
 for constraint in ("regex", "json"):
     proposer = VlmProposer(VlmProposer.Config(constraint=constraint, max_tokens=256),
-                           engine=engine, family=model.family)
+                           engine=engine, family=build_family(model))
     for seed in (1, 2):
         image, _ = render_scene(random.Random(seed), 3)
         path = os.path.join(folder, f"{constraint}{seed}.png")

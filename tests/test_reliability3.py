@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import compose, run_cli
+from conftest import compose, family, ground, run_cli
 from regioncap import boxes as bx
 from regioncap.data import iter_rows
 from regioncap.records import read_jsonl
-from regioncap.propose.vlm import VlmProposer, parse_grounding
+from regioncap.propose.vlm import VlmProposer
 
 # --------------------------------------------------------------------------- 1. hostile grounding answers
 
@@ -58,9 +58,9 @@ def test_nms_limit_keeps_the_same_first_boxes():
     assert bx.nms(boxes, None, 0.5, limit=10 ** 6) == full
 
 
-@pytest.mark.parametrize("family,make", [("qwen2_5_vl", _json_answer), ("qwen2_vl", _token_answer)])
-def test_many_distinct_boxes_parse_in_linear_time_and_are_capped(family, make):
-    proposer = VlmProposer(None, family=family)
+@pytest.mark.parametrize("family_name,make", [("qwen2_5_vl", _json_answer), ("qwen2_vl", _token_answer)])
+def test_many_distinct_boxes_parse_in_linear_time_and_are_capped(family_name, make):
+    proposer = VlmProposer(None, family=family(family_name))
     text = make(4000)
     out, took = _timed_parse(proposer, text)
     assert len(out) == proposer.max_items  # the cap: the first distinct boxes, in answer order
@@ -76,9 +76,9 @@ def test_many_distinct_boxes_parse_in_linear_time_and_are_capped(family, make):
     "{" * 50000,
     "```json\n" * 20000,
 ])
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
-def test_hostile_token_soups_parse_in_linear_time(text, family):
-    out, took = _timed_parse(VlmProposer(None, family=family), text)
+@pytest.mark.parametrize("family_name", ["qwen2_5_vl", "qwen2_vl"])
+def test_hostile_token_soups_parse_in_linear_time(text, family_name):
+    out, took = _timed_parse(VlmProposer(None, family=family(family_name)), text)
     assert out == []
     assert took < _bound(text), f"{took:.2f}s for {len(text)} chars"
 
@@ -86,13 +86,13 @@ def test_hostile_token_soups_parse_in_linear_time(text, family):
 def test_a_label_is_the_ref_right_before_its_box():
     text = ("<|object_ref_start|><|object_ref_start|>car<|object_ref_end|> <|box_start|>(0,0),(500,500)<|box_end|>"
             "junk <|box_start|>(500,500),(900,900)<|box_end|>")
-    props = parse_grounding(text, 1000, 1000, "qwen2_vl")
+    props = ground(text, 1000, 1000, "qwen2_vl")
     assert [p.label for p in props] == ["car", None]
 
 
 def test_a_list_cut_off_mid_way_keeps_every_complete_item():
     text = '[{"bbox_2d": [1, 2, 30, 40], "label": "a"}, {"bbox_2d": [50, 50, 90, 90], "label": "b"}, {"bbox_2d": [1,'
-    assert [p.label for p in parse_grounding(text, 100, 100)] == ["a", "b"]
+    assert [p.label for p in ground(text, 100, 100)] == ["a", "b"]
 
 
 _SOUP = st.sampled_from([
@@ -102,17 +102,17 @@ _SOUP = st.sampled_from([
 
 
 @pytest.mark.slow
-@given(n=st.integers(0, 10 ** 4), family=st.sampled_from(["qwen2_5_vl", "qwen2_vl"]),
+@given(n=st.integers(0, 10 ** 4), family_name=st.sampled_from(["qwen2_5_vl", "qwen2_vl"]),
        kind=st.sampled_from(["json", "tokens", "soup"]), soup=st.lists(_SOUP, max_size=200), repeat=st.integers(1, 500))
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-def test_grounding_answers_parse_within_a_time_bound_per_answer_size(n, family, kind, soup, repeat):
+def test_grounding_answers_parse_within_a_time_bound_per_answer_size(n, family_name, kind, soup, repeat):
     if kind == "json":
         text = _json_answer(n)
     elif kind == "tokens":
         text = _token_answer(n)
     else:
         text = "".join(soup) * repeat
-    proposer = VlmProposer(None, family=family)
+    proposer = VlmProposer(None, family=family(family_name))
     out, took = _timed_parse(proposer, text)
     assert len(out) <= proposer.max_items
     assert took < _bound(text), f"{kind}: {took:.2f}s for {len(text)} chars"

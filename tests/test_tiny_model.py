@@ -6,14 +6,21 @@ import json
 import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from regioncap import tiny
 from regioncap.engines.base import EngineError
 from regioncap.models import resolve_model_path
-from regioncap.qwen import fixed_rope_scaling, patched_config_dict, visual_tokens
+from regioncap.families.qwen import Qwen3VL, Qwen25VL
+from regioncap.qwen import fixed_rope_scaling, patched_config_dict
+
+
+def visual_tokens(width: int, height: int, patch_size: int = 14, merge_size: int = 2) -> int:
+    """Visual tokens of an image at input size for a Qwen family of this token size."""
+    cls = Qwen3VL if patch_size == 16 else Qwen25VL
+    cfg = cls.Config(min_pixels=1, max_pixels=10**8, patch_size=patch_size, merge_size=merge_size)
+    return cls(cfg).visual_tokens(width, height)
 
 #: A hub id that does not exist and is never cached.
 MISSING_HUB_ID = "regioncap-tests/no-such-model-0000"
@@ -29,7 +36,7 @@ EXPECTED_PROMPT = (
 def _model_cfg(**kw):
     base = dict(name="m", path="", builder=None, revision=None)
     base.update(kw)
-    return SimpleNamespace(**base)
+    return Qwen25VL.config(**base)
 
 
 # -- the build ----------------------------------------------------------------

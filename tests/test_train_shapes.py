@@ -82,13 +82,14 @@ def test_grounding_targets_are_the_answer_regioncap_reads():
     sys.path.insert(0, str(REPO / "scripts"))
     from train_shapes import grounding_answer
 
-    from regioncap.propose.vlm import grounding_regex, parse_grounding
+    from regioncap.families.qwen import Qwen25VL
+    from regioncap.propose.vlm import grounding_regex
 
     boxes = [(120.4, 30.0, 170.6, 80.2), (10.0, 30.0, 50.0, 70.0), (60.0, 5.0, 100.0, 40.0)]
     labels = ["a red star", "a blue circle", "an orange square"]
     answer = grounding_answer(boxes, labels)
     assert re.fullmatch(grounding_regex(), answer), answer
-    props = parse_grounding(answer, 224, 224)
+    props = Qwen25VL().parse_grounding(answer, 224, 224)
     assert [p.label for p in props] == ["an orange square", "a blue circle", "a red star"]
     assert [p.bbox for p in props] == [(60, 5, 100, 40), (10, 30, 50, 70), (120, 30, 171, 80)]
 

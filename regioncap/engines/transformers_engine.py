@@ -226,7 +226,11 @@ class TransformersEngine(Engine):
         import torch
         import transformers
 
+        from regioncap.families.base import build_family
+
         self.model_cfg = model_cfg
+        #: The model family: its transformers class, chat turn and visual tokens.
+        self.family = build_family(model_cfg)
         self.engine_cfg = engine_cfg
         self.model_path = str(model_path)
         self.device = _pick_device(getattr(engine_cfg, "device", "auto"))
@@ -342,9 +346,7 @@ class TransformersEngine(Engine):
             model = AutoModelForImageTextToText.from_pretrained(self.model_path, **kwargs)
         except ValueError as exc:
             # Older transformers do not map every VLM to the auto class: use the family's class.
-            family = getattr(self.model_cfg, "family", "qwen2_5_vl")
-            cls_name = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                        "qwen2_vl": "Qwen2VLForConditionalGeneration"}.get(family)
+            cls_name = self.family.transformers_class
             if cls_name is None or not hasattr(transformers, cls_name) or "Unrecognized configuration" not in str(exc):
                 raise EngineError(f"cannot load the model {self.model_path}: {exc}") from exc
             log.info("AutoModelForImageTextToText does not know this model; using %s", cls_name)
@@ -392,18 +394,12 @@ class TransformersEngine(Engine):
         messages: List[Dict[str, Any]] = []
         if req.system:
             messages.append({"role": "system", "content": [{"type": "text", "text": req.system}]})
-        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": req.prompt}]})
+        messages.append({"role": "user", "content": self.family.user_content(req.prompt)})
         return messages
 
     def _visual_tokens(self, width: int, height: int) -> int:
-        try:  # transformers 5: the PIL processor's module (the default one imports torchvision)
-            from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
-        except ImportError:  # transformers 4: the default module is the PIL one
-            from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-        # The same rule the processor applies; for an image already at input size it is a no-op.
-        h, w = smart_resize(height, width, factor=self.unit, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-        return (h // self.unit) * (w // self.unit)
+        # The family's rule is the processor's (tested against it); for an image at input size a no-op.
+        return self.family.visual_tokens(width, height)
 
     def _prepare(self, index: int, req: Request) -> Any:
         """A :class:`_Prepared` request, or the error response it turns into."""

@@ -52,13 +52,6 @@ log = logging.getLogger(__name__)
 IMAGE_PLACEHOLDERS = 1
 
 
-def _visual_tokens(width: int, height: int, patch_size: int, merge_size: int) -> int:
-    """Visual tokens of an image already at the model's input size (regioncap.models' rule)."""
-    from regioncap.qwen import visual_tokens
-
-    return int(visual_tokens(width, height, patch_size=patch_size, merge_size=merge_size))
-
-
 def _rope_overrides(model_path: str) -> Dict[str, Any]:
     """``hf_overrides`` that repair an old-style rope config of a local model folder ({} when none is needed)."""
     from regioncap.qwen import fixed_rope_scaling, read_config_dict
@@ -112,12 +105,14 @@ class VllmEngine(Engine):
             ) from e
 
         self._vllm = vllm
+        from regioncap.families.base import build_family
+
         self.model_cfg = model_cfg
+        #: The model family: its chat turn and visual tokens.
+        self.family = build_family(model_cfg)
         self.engine_cfg = engine_cfg
         self.model_path = str(model_path or model_cfg.path)
         self.max_model_len = int(model_cfg.max_model_len)
-        self.patch_size = int(model_cfg.patch_size)
-        self.merge_size = int(model_cfg.merge_size)
         self._so_factory = self._structured_outputs_factory() if engine_cfg.structured_outputs else None
         #: Extra ``SamplingParams`` arguments every request gets, over the request's own (empty: none).
         #: A benchmark fixes the output length with ``{"min_tokens": n, "ignore_eos": True}``.
@@ -207,7 +202,7 @@ class VllmEngine(Engine):
         messages: List[Dict[str, Any]] = []
         if req.system:
             messages.append({"role": "system", "content": req.system})
-        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": req.prompt}]})
+        messages.append({"role": "user", "content": self.family.user_content(req.prompt)})
         kw: Dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
         if self._chat_template is not None:
             kw["chat_template"] = self._chat_template
@@ -216,7 +211,7 @@ class VllmEngine(Engine):
     def count_prompt_tokens(self, text: str, image_size: Tuple[int, int]) -> int:
         """Prompt length as vLLM will see it: text tokens - placeholder + visual tokens."""
         n_text = len(self._tokenizer.encode(text))
-        n_img = _visual_tokens(image_size[0], image_size[1], self.patch_size, self.merge_size)
+        n_img = self.family.visual_tokens(int(image_size[0]), int(image_size[1]))
         return n_text - IMAGE_PLACEHOLDERS + n_img
 
     @property

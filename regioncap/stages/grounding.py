@@ -34,7 +34,7 @@ class Grounder:
         self.rows = RowRequests(strategy, ProposeSettings.from_config(cfg.propose), self.out)
         self.max_image_pixels = int(cfg.limits.max_image_pixels)
         self.max_file_bytes = int(cfg.limits.max_file_bytes)
-        self.proposer = build_proposer(cfg.propose, family=strategy.budget.family)
+        self.proposer = build_proposer(cfg.propose, family=strategy.family)
 
     def request(self, rec: Dict[str, Any], sampling: Sampling) -> Request:
         """The engine request grounding ``rec``'s image (written by the visualize stage)."""

@@ -184,7 +184,7 @@ class Visualizer(Stage):
         self.out = Path(out_dir if out_dir is not None else cfg.output_dir)
         self.strategy = strategy if strategy is not None else build_strategy(cfg)
         self.style = self.strategy.style
-        self.budget = self.strategy.budget
+        self.family = self.strategy.family
         self.max_boxes = self.strategy.max_boxes
         self.commit_every = max(1, int(cfg.commit_every))
         self.bbox_format = str(cfg.data.bbox_format)
@@ -247,12 +247,12 @@ class Visualizer(Stage):
     def _process(self, row: Any, rec: Dict[str, Any], t0: float) -> Dict[str, Any]:
         if row.error:
             return fail(rec, row.error["kind"], row.error["message"], t0)
-        budget = self.budget
+        family = self.family
         source = row.image_path if row.image_path else row.image
         label = str(rec["image"])
         try:
             loaded = load_image(source, max_image_pixels=self.max_image_pixels, max_file_bytes=self.max_file_bytes,
-                                draft_target=lambda w, h: budget.size(w, h, source=label))
+                                draft_target=lambda w, h: family.input_size(w, h, source=label))
         except ImageLoadError as exc:
             return fail(rec, exc.kind, exc.message, t0)
         width, height = loaded.original_size
@@ -265,7 +265,7 @@ class Visualizer(Stage):
         rec["clipped_boxes"] = [asdict(i) for i in parsed.clipped]
         rec["type"] = "with_bbox" if parsed.num_input else "without_bbox"
         try:
-            tw, th = budget.size(width, height, source=label)
+            tw, th = family.input_size(width, height, source=label)
         except ImageLoadError as exc:
             return fail(rec, exc.kind, exc.message, t0)
         rec["input_size"] = [tw, th]
