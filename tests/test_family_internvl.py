@@ -161,6 +161,9 @@ def test_parser_reads_internvl_answers() -> None:
                               w, h)
     assert [(p.label, p.bbox) for p in got] == [("a", (0, 0, 1000, 500)), ("b", (0, 900, 2000, 1000))]
     assert all(p.source == "vlm" for p in got)
+    # Neither form: JSON on the same grid, as the shared parser reads it.
+    got = fam.parse_grounding('```json\n[{"bbox_2d": [0, 0, 500, 500], "label": "cat"}]\n```', w, h)
+    assert [(p.label, p.bbox) for p in got] == [("cat", (0, 0, 1000, 500))]
 
 
 @pytest.mark.parametrize("text", [None, "", "   ", 42, "no boxes here", "<ref>x</ref><box>[[1, 2, 3]]</box>",

@@ -146,3 +146,71 @@ def test_published_1b_parameter_count() -> None:
         part = next((k for k in ("vision_tower", "multi_modal_projector") if k in name), "language")
         count[part] += p.numel()
     assert count == {"vision_tower": 304_012_288, "multi_modal_projector": 5_253_120, "language": 751_632_384}
+
+
+# ----------------------------------------------------------------------------- through regioncap's engine and run
+
+@pytest.fixture(scope="module")
+def engine(tiny_internvl_dir):
+    from regioncap.engines.transformers_engine import TransformersEngine
+
+    model_cfg = InternVL35.config(name="internvl35_tiny", path=str(tiny_internvl_dir), max_tiles=2,
+                                  max_model_len=2048, dtype="float32")
+    eng = TransformersEngine(model_cfg=model_cfg, engine_cfg=SimpleNamespace(
+        name="transformers", batch_size=2, device="cpu", attn_implementation="sdpa", structured_outputs=True),
+        model_path=str(tiny_internvl_dir))
+    yield eng
+    eng.close()
+
+
+def test_engine_counts_the_prompt_as_it_runs(engine, tmp_path) -> None:
+    """What regioncap counts before submission (``_prepare``) is what the engine feeds the model, for
+    a caption request (lines constraint) and a grounding request, at every grid of the budget."""
+    from PIL import Image
+
+    from regioncap.engines.base import Request, Sampling
+    from regioncap.prompts import answer_regex
+
+    ip = engine.processor.image_processor
+    assert (ip.crop_to_patches, ip.min_patches, ip.max_patches) == (True, 1, 2)
+    reqs = []
+    for i, size in enumerate([(448, 448), (896, 448), (448, 896)]):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", size, (20 * i, 90, 200)).save(path)
+        reqs.append(Request(key=f"cap{i}", image_path=str(path), prompt="1: describe region 1.",
+                            regex=answer_regex([1], "lines"), sampling=Sampling(max_tokens=2), image_size=size))
+    reqs.append(Request(key="ground", image_path=reqs[1].image_path, prompt=engine.family.grounding_prompt(),
+                        sampling=Sampling(max_tokens=2), image_size=(896, 448)))
+    counted = [engine._prepare(i, r).prompt_tokens for i, r in enumerate(reqs)]
+    out = engine.generate(reqs)
+    assert [r.error for r in out] == [None] * 4
+    assert [r.prompt_tokens for r in out] == counted
+    # 256, 768, 768 visual tokens, plus <img> and </img>, plus the same text.
+    assert counted[1] - counted[0] == counted[2] - counted[0] == 512
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.weights=random"],
+    ["prompt=coords", "propose=vlm", "propose.when=add"],
+])
+def test_one_row_end_to_end(tiny_internvl_dir, tmp_path, overrides) -> None:
+    """``model=internvl35_tiny`` through visualize and caption: every row out once, the image at the
+    tiling grid's size, the family's visual tokens in metrics.json, random weights said so."""
+    from conftest import compose
+    from regioncap.job import execute
+    from regioncap.records import read_jsonl
+
+    out = tmp_path / "run"
+    cfg = compose(["model=internvl35_tiny", f"model.path={tiny_internvl_dir}", "engine=transformers",
+                   "progress=false", "data=demo", "data.limit=1", *overrides], output_dir=out)
+    metrics = execute(cfg)
+    (rec,) = list(read_jsonl(out / "captions.jsonl"))
+    assert metrics["rows"] == 1 and metrics["error_rows"] == 0 and rec["status"] in ("ok", "partial")
+    w, h = rec["input_size"]
+    assert w % 448 == 0 and h % 448 == 0
+    fam = family(2)
+    assert metrics["visual_tokens_per_request"] == fam.visual_tokens(w, h)
+    assert metrics["model_weights"] == ("random" if "model.weights=random" in overrides else "real")
+    if "prompt=coords" in overrides:
+        assert "<box>[[" in json.dumps(rec)  # the boxes written in InternVL's own format
+        assert metrics["proposals"]["images"] == 1 and "vlm" in metrics["proposals"]["by_method"]

@@ -251,7 +251,8 @@ class TransformersEngine(Engine):
             self.processor = load_processor(self.model_path, trust)
         except Exception as exc:
             raise EngineError(f"cannot load the processor of {self.model_path}: {type(exc).__name__}: {exc}") from exc
-        self._set_pixel_budget(int(model_cfg.min_pixels), int(model_cfg.max_pixels))
+        self._set_image_budget(self.family.processor_settings())
+        self.min_pixels, self.max_pixels = int(model_cfg.min_pixels), int(model_cfg.max_pixels)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.model = self._load_model(config, trust)
@@ -310,20 +311,25 @@ class TransformersEngine(Engine):
         config._name_or_path = self.model_path
         return config, True
 
-    def _set_pixel_budget(self, min_pixels: int, max_pixels: int) -> None:
-        """Give the image processor the configured pixel budget (``size`` in 5.x, also ``min/max_pixels`` in 4.x).
+    def _set_image_budget(self, settings: Dict[str, Any]) -> None:
+        """Give the image processor the family's budget settings (:meth:`Family.processor_settings`).
 
         Set on the loaded processor rather than passed to ``from_pretrained``:
-        transformers 5 keeps such kwargs as call defaults and warns on every call.
+        transformers 5 keeps such kwargs as call defaults and warns on every call. A
+        ``size`` is set only where it differs (in 5.x the processor holds a ``SizeDict``);
+        another setting only where the processor has that attribute (``min_pixels`` is 4.x's).
         """
         ip = self.processor.image_processor
-        size = getattr(ip, "size", None)
-        get = (lambda k: size.get(k) if isinstance(size, dict) else getattr(size, k, None))
-        if size is not None and (get("shortest_edge"), get("longest_edge")) != (min_pixels, max_pixels):
-            ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
-        if hasattr(ip, "min_pixels"):
-            ip.min_pixels, ip.max_pixels = min_pixels, max_pixels
-        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        for key, value in settings.items():
+            current = getattr(ip, key, None)
+            if key == "size":
+                if current is not None and isinstance(value, dict):
+                    get = (lambda k: current.get(k) if isinstance(current, dict) else getattr(current, k, None))
+                    if all(get(k) == v for k, v in value.items()):
+                        continue
+                ip.size = value
+            elif hasattr(ip, key):
+                setattr(ip, key, value)
 
     def _load_model(self, config: Any, trust: bool) -> Any:
         import transformers
@@ -397,10 +403,6 @@ class TransformersEngine(Engine):
         messages.append({"role": "user", "content": self.family.user_content(req.prompt)})
         return messages
 
-    def _visual_tokens(self, width: int, height: int) -> int:
-        # The family's rule is the processor's (tested against it); for an image at input size a no-op.
-        return self.family.visual_tokens(width, height)
-
     def _prepare(self, index: int, req: Request) -> Any:
         """A :class:`_Prepared` request, or the error response it turns into."""
         from PIL import Image
@@ -426,7 +428,7 @@ class TransformersEngine(Engine):
         except Exception as exc:
             return error_response(req.key, "engine_error", f"cannot build the prompt: {type(exc).__name__}: {exc}")
         n_pads = text.count(self.image_token)
-        prompt_tokens = len(text_ids) - n_pads + n_pads * self._visual_tokens(*image.size)
+        prompt_tokens = len(text_ids) - n_pads + n_pads * self.family.image_prompt_tokens(*image.size)
         room = self.max_model_len - prompt_tokens
         if room <= 0:
             return error_response(

@@ -131,7 +131,7 @@ class VllmEngine(Engine):
             trust_remote_code=bool(model_cfg.trust_remote_code),
             seed=0,
             limit_mm_per_prompt={"image": 1, "video": 0},
-            mm_processor_kwargs={"min_pixels": int(model_cfg.min_pixels), "max_pixels": int(model_cfg.max_pixels)},
+            mm_processor_kwargs=self.family.mm_processor_kwargs(),
         )
         overrides = _rope_overrides(self.model_path)
         if overrides:
@@ -211,7 +211,7 @@ class VllmEngine(Engine):
     def count_prompt_tokens(self, text: str, image_size: Tuple[int, int]) -> int:
         """Prompt length as vLLM will see it: text tokens - placeholder + visual tokens."""
         n_text = len(self._tokenizer.encode(text))
-        n_img = self.family.visual_tokens(int(image_size[0]), int(image_size[1]))
+        n_img = self.family.image_prompt_tokens(int(image_size[0]), int(image_size[1]))
         return n_text - IMAGE_PLACEHOLDERS + n_img
 
     @property

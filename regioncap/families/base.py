@@ -27,7 +27,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from regioncap.components import Component, check, optional, whole
 
@@ -152,6 +152,22 @@ class Family(Component):
         """Visual tokens of an image at its input size: the count the engine puts in the prompt."""
         raise NotImplementedError
 
+    def image_prompt_tokens(self, width: int, height: int) -> int:
+        """Tokens the image's one placeholder in the chat text becomes in the prompt: the visual
+        tokens (Qwen's ``<|image_pad|>``), plus any the processor wraps them in."""
+        return self.visual_tokens(width, height)
+
+    def processor_settings(self) -> Dict[str, Any]:
+        """Image processor attributes that carry the ``model`` section's image budget; the transformers
+        engine sets them on the loaded processor (Qwen: ``size`` as shortest/longest edge in pixels, and
+        ``min_pixels``/``max_pixels`` where the processor has them)."""
+        lo, hi = int(self.cfg.min_pixels), int(self.cfg.max_pixels)
+        return {"size": {"shortest_edge": lo, "longest_edge": hi}, "min_pixels": lo, "max_pixels": hi}
+
+    def mm_processor_kwargs(self) -> Dict[str, Any]:
+        """vLLM's ``mm_processor_kwargs``: the same budget, as the processor's call takes it."""
+        return {"min_pixels": int(self.cfg.min_pixels), "max_pixels": int(self.cfg.max_pixels)}
+
     # -- coordinates -----------------------------------------------------------
 
     def box_coords(self, box: PixelBox, size: Tuple[int, int]) -> List[int]:
@@ -231,6 +247,22 @@ def family_class(node: Any, key: str = "model") -> type:
 def build_family(model: Any) -> Family:
     """The family object of a typed ``model`` section: built once where the run's objects are built."""
     return family_class(model)(model)
+
+
+def visual_tokens_counter(node: Any) -> Optional[Callable[[int, int], int]]:
+    """The ``visual_tokens(width, height)`` of the family a ``model`` node names (a config node or the plain
+    dict a run recorded), for counting a finished run's visual tokens; None when the family cannot be
+    built here (then the caller falls back to Qwen's rule)."""
+    from omegaconf import OmegaConf
+
+    if node is None or not hasattr(node, "get"):
+        return None
+    try:
+        if not OmegaConf.is_config(node):
+            node = OmegaConf.create(dict(node))
+        return family_class(node)(node).visual_tokens
+    except Exception:  # noqa: BLE001 - a record read elsewhere (an old run, a class not installed)
+        return None
 
 
 def family_name(node: Any) -> Optional[str]:

@@ -40,7 +40,6 @@ No heavy imports at module level: torch, transformers and tokenizers only inside
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -117,16 +116,14 @@ IMAGE_STD = [0.229, 0.224, 0.225]
 #: The grounding request: InternVL's own wording for detecting every object.
 GROUNDING_PROMPT = "Please detect and label all objects in the following image and mark their positions."
 
-#: Longest label kept from an answer (characters).
-MAX_LABEL_CHARS = 100
 # Bounds the boxes read from one answer (a hostile answer can hold millions).
 _MAX_BOXES = 1000
 
 _NUM = r"\s*(-?\d+(?:\.\d+)?)\s*"
 _ONE = r"\[" + _NUM + "," + _NUM + "," + _NUM + "," + _NUM + r"\]"
 # A list of boxes: [[x1, y1, x2, y2], [x1, y1, x2, y2], ...] (InternVL writes several boxes of one
-# label in one list); a single [x1, y1, x2, y2] is accepted too.
-_LIST = re.compile(r"\[\s*" + _ONE + r"(?:\s*,\s*" + _ONE + r")*\s*\]|" + _ONE)
+# label in one list, and one box as a list of one); a lone [x1, y1, x2, y2] is left to the JSON reader.
+_LIST = re.compile(r"\[\s*" + _ONE + r"(?:\s*,\s*" + _ONE + r")*\s*\]")
 _ONE_RE = re.compile(_ONE)
 _BOX_TAG = re.compile(r"<box>\s*(" + r"[\[\]\d\s.,-]{0,20000}" + r")\s*</box>")
 _REF_START, _REF_END = "<ref>", "</ref>"
@@ -184,6 +181,8 @@ def grid_size(width: int, height: int, min_tiles: int = 1, max_tiles: int = 12,
 
 
 def _clip_label(text: str) -> Optional[str]:
+    from regioncap.families.grounding import MAX_LABEL_CHARS
+
     label = " ".join(text.split())[:MAX_LABEL_CHARS]
     return label or None
 
@@ -238,6 +237,15 @@ class InternVL35(Family):
         n = (tw // tile) * (th // tile)
         return n + 1 if n > 1 else n
 
+    def image_prompt_tokens(self, width: int, height: int) -> int:
+        """The visual tokens plus ``<img>`` and ``</img>``, which the processor wraps them in."""
+        return self.visual_tokens(width, height) + 2
+
+    def mm_processor_kwargs(self) -> Dict[str, Any]:
+        """vLLM's ``mm_processor_kwargs``: the tile budget as the processor's call takes it."""
+        lo, hi, _ = self._tiles_budget()
+        return {"min_patches": lo, "max_patches": hi}
+
     def processor_settings(self) -> Dict[str, Any]:
         """Image processor attributes that carry ``model``'s budget (GotOcr2's tiling settings)."""
         lo, hi, tile = self._tiles_budget()
@@ -261,10 +269,9 @@ class InternVL35(Family):
 
     def box_coords(self, box: PixelBox, size: Tuple[int, int]) -> List[int]:
         """``[x1, y1, x2, y2]`` on the 0..1000 grid of the ``size`` image, rounded and clamped."""
-        from regioncap import boxes as bx
+        from regioncap.families.qwen import grid_coords
 
-        w, h = size
-        return bx.qwen2_coords(bx.Box(*box), w, h)
+        return grid_coords(box, size, GRID)
 
     def box_text(self, box: PixelBox, size: Tuple[int, int]) -> str:
         """``<box>[[x1, y1, x2, y2]]</box>``, as InternVL writes a grounded box."""
@@ -286,30 +293,21 @@ class InternVL35(Family):
 
         Reads ``<ref>label</ref><box>[[x1, y1, x2, y2], ...]</box>`` (several boxes of one
         label share it; a ``<box>`` without ``<ref>`` has no label) and, where the engine
-        dropped the special tokens, ``label[[x1, y1, x2, y2]]``. Values are on the 0..1000
+        dropped the special tokens, ``label[[x1, y1, x2, y2]]``; failing both, a JSON answer
+        (``bbox_2d``, :func:`regioncap.families.grounding.parse_grounding`). Values are on the 0..1000
         grid; corners in the wrong order are swapped, boxes are clipped to the image, and a
         box with a side under ``min_size`` pixels is dropped. Never raises on any ``text``.
         """
-        from regioncap.propose.base import Proposal
+        from regioncap.families import grounding
 
-        for name, v in (("width", width), ("height", height)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"parse_grounding: image {name} must be a positive finite number, got {v!r}")
+        grounding.parse_grounding("", width, height)  # checks the size (a caller's bug: ValueError)
         if not isinstance(text, str) or not text.strip():
             return []
         candidates = _tagged(text) or _bare(text)
-        w, h = float(width), float(height)
-        out: List[Any] = []
-        for (a, b, c, d), label in candidates:
-            x1, x2 = sorted((a / GRID * w, c / GRID * w))
-            y1, y2 = sorted((b / GRID * h, d / GRID * h))
-            x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(w, x2), min(h, y2)
-            if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-                continue
-            if x2 - x1 < min_size or y2 - y1 < min_size:
-                continue
-            out.append(Proposal((x1, y1, x2, y2), None, label, source))
-        return out
+        if not candidates:
+            # JSON, as the shared parser reads it (a model that answers ``bbox_2d`` on its grid).
+            return grounding.parse_grounding(text, width, height, grid=GRID, min_size=min_size, source=source)
+        return grounding.to_proposals(candidates, width, height, grid=GRID, min_size=min_size, source=source)
 
     # -- building ------------------------------------------------------------------
 
@@ -319,6 +317,21 @@ class InternVL35(Family):
         from regioncap.families import internvl_tiny
 
         return internvl_tiny.build_tiny_model(out_dir)
+
+    @classmethod
+    def write_arch_files(cls, folder: Path) -> None:
+        """The offline tokenizer at InternVL3.5's real ids, the processor config and the chat template of a
+        weightless architecture folder (:func:`regioncap.random_weights.build_arch_folder`)."""
+        from regioncap.families import internvl_tiny
+
+        internvl_tiny.write_arch_files(folder)
+
+    def max_crop_aspect(self) -> float:
+        """Any crop fits a tiling grid (no aspect limit, no pixel budget to run out of): the crop strategy's
+        own limit (:data:`regioncap.images.MAX_CROP_ASPECT_RATIO`)."""
+        from regioncap.images import MAX_CROP_ASPECT_RATIO
+
+        return float(MAX_CROP_ASPECT_RATIO)
 
 
 # ----------------------------------------------------------------------------- answer parsing

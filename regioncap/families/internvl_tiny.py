@@ -101,10 +101,11 @@ def write_tokenizer(folder: Path, *, padded: bool = False) -> Dict[str, int]:
 
     from regioncap import random_weights, tiny
 
+    names = {"chat_template": CHAT_TEMPLATE, "processor_class": "InternVLProcessor"}
     if padded:
-        random_weights._padded_tokenizer(folder)
+        random_weights.padded_tokenizer(folder, **names)
     else:
-        tiny.write_tokenizer(folder)
+        tiny.write_tokenizer(folder, **names)
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     for content, special in INTERNVL_ADDED_TOKENS:
         added = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False,
@@ -122,8 +123,6 @@ def write_tokenizer(folder: Path, *, padded: bool = False) -> Dict[str, int]:
     tcfg["additional_special_tokens"] = tcfg["additional_special_tokens"] + [
         t for t, special in INTERNVL_ADDED_TOKENS if special]
     tcfg["extra_special_tokens"] = dict(EXTRA_SPECIAL_TOKENS)
-    tcfg["chat_template"] = CHAT_TEMPLATE
-    tcfg["processor_class"] = "InternVLProcessor"
     tcfg["model_max_length"] = 40960 if padded else 8192
     cfg_path.write_text(json.dumps(tcfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return ids
