@@ -209,3 +209,14 @@ def test_arch_folders(folder) -> None:
     assert cfg["text_config"]["model_type"] == "qwen3" and cfg["text_config"]["vocab_size"] == 151936
     assert (pre["size"], pre["min_patches"], pre["max_patches"], pre["crop_to_patches"]) == (
         {"height": 448, "width": 448}, 1, 12, True)
+
+
+def test_tiles_are_in_the_run_key(compose_cfg) -> None:
+    """A resume with another tile budget is another run; the Qwen families' keys do not change."""
+    from regioncap.rundir import run_key_values
+
+    a = run_key_values(compose_cfg(["model=internvl35_1b"]))["model"]
+    b = run_key_values(compose_cfg(["model=internvl35_1b", "model.max_tiles=4"]))["model"]
+    assert (a["family"], a["min_tiles"], a["max_tiles"], a["tile_size"]) == ("internvl", 1, 12, 448)
+    assert b["max_tiles"] == 4
+    assert not set(run_key_values(compose_cfg(["model=qwen25vl_3b"]))["model"]) & {"min_tiles", "max_tiles"}

@@ -222,6 +222,13 @@ class Family(Component):
         return crop_aspect_limit(int(self.cfg.max_pixels), int(self.cfg.patch_size), int(self.cfg.merge_size))
 
     @classmethod
+    def key_fields(cls) -> Tuple[str, ...]:
+        """The family's own ``model`` settings (its ``Config`` fields beyond :class:`Family.Config`'s, such as
+        InternVL's ``max_tiles``): they decide the answers, so they are part of a run's key."""
+        base = {f.name for f in dataclasses.fields(Family.Config)}
+        return tuple(f.name for f in dataclasses.fields(cls.Config) if f.name not in base)
+
+    @classmethod
     def arch_folder(cls, hub_id: str) -> Optional[str]:
         """The folder under ``regioncap/archs`` of ``hub_id``'s published architecture, or None."""
         return cls.archs.get(hub_id)
