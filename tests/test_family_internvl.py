@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from regioncap.families.internvl import (CHAT_TEMPLATE, GROUNDING_PROMPT, InternVL35, grounding_text,
-                                         tile_grid)
+from regioncap.families.internvl import GROUNDING_PROMPT, InternVL35, grounding_text, tile_grid
+from regioncap.families.internvl_files import CHAT_TEMPLATE
 
 ARCHS = Path(__file__).resolve().parents[1] / "regioncap" / "archs"
 

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from regioncap.families import internvl_tiny
+from regioncap.families import internvl_files
 from regioncap.families.internvl import InternVL35
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def family(max_tiles: int = 12) -> InternVL35:
 @pytest.fixture(scope="session")
 def tiny_internvl_dir(tmp_path_factory) -> Path:
     """The offline tiny InternVL3.5, built once per test session."""
-    return internvl_tiny.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-internvl3.5")
+    return internvl_files.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-internvl3.5")
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +38,9 @@ def processor(tiny_internvl_dir):
 
 
 def test_build_is_deterministic_and_reused(tiny_internvl_dir, tmp_path) -> None:
-    assert internvl_tiny.is_complete(tiny_internvl_dir, seed=0)
-    assert internvl_tiny.build_tiny_model(tiny_internvl_dir) == tiny_internvl_dir
-    other = internvl_tiny.build_tiny_model(tmp_path / "again", seed=0)
+    assert internvl_files.is_complete(tiny_internvl_dir, seed=0)
+    assert internvl_files.build_tiny_model(tiny_internvl_dir) == tiny_internvl_dir
+    other = internvl_files.build_tiny_model(tmp_path / "again", seed=0)
     for name in ("model.safetensors", "tokenizer.json", "config.json", "preprocessor_config.json"):
         assert (other / name).read_bytes() == (tiny_internvl_dir / name).read_bytes(), name
     config = json.loads((tiny_internvl_dir / "config.json").read_text())
@@ -88,7 +88,7 @@ def test_tiles_are_exact_crops_of_the_marked_image(processor) -> None:
                                     **fam.processor_settings())
     pv = out["pixel_values"].numpy()
     assert pv.shape[0] == cols * rows + 1  # the tiles, then the thumbnail
-    mean, std = np.array(internvl_tiny.IMAGE_MEAN), np.array(internvl_tiny.IMAGE_STD)
+    mean, std = np.array(internvl_files.IMAGE_MEAN), np.array(internvl_files.IMAGE_STD)
     for i in range(cols * rows):
         c, r = i % cols, i // cols
         crop = arr[r * 448:(r + 1) * 448, c * 448:(c + 1) * 448] / 255.0
@@ -121,7 +121,7 @@ def test_generates_and_grounding_tokens_survive(tiny_internvl_dir, processor) ->
 def test_full_size_tokenizer_has_the_published_ids(tmp_path) -> None:
     from transformers import AutoTokenizer
 
-    ids = internvl_tiny.write_tokenizer(tmp_path, padded=True)
+    ids = internvl_files.write_tokenizer(tmp_path, padded=True)
     assert (ids["<|endoftext|>"], ids["<|im_end|>"], ids["<img>"], ids["<IMG_CONTEXT>"], ids["<ref>"],
             ids["<box>"]) == (151643, 151645, 151669, 151671, 151674, 151676)
     tok = AutoTokenizer.from_pretrained(str(tmp_path))

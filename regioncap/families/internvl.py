@@ -48,71 +48,10 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from regioncap.components import check, whole
 from regioncap.families.base import Family, PixelBox
+from regioncap.families.internvl_files import TILE
 
 #: The relative grid of InternVL's box coordinates (0..1000).
 GRID = 1000
-#: Side of one tile in pixels (the vision tower's ``image_size``) in the published models.
-TILE = 448
-#: Visual tokens of one 448 px tile: (448 / 14 / 2) ** 2.
-TOKENS_PER_TILE = 256
-
-#: The chat template of the ``-HF`` checkpoints (transformers' InternVL conversion), verbatim:
-#: ChatML, no default system turn, ``<IMG_CONTEXT>\n`` for an image, ``<video>\n`` for a video.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{% if message['content'] is string %}"
-    "{{ message['content'] }}"
-    "{% else %}"
-    "{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' %}"
-    "{{ '<IMG_CONTEXT>\n' }}"
-    "{% elif content['type'] == 'video' %}"
-    "{{ '<video>\n' }}"
-    "{% elif content['type'] == 'text' %}"
-    "{{ content['text'] }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% endif %}"
-    "{{'<|im_end|>\n'}}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "{{'<|im_start|>assistant\n' }}"
-    "{% endif %}"
-)
-
-#: Tokens InternVL3.5's tokenizer has after Qwen2.5's 22 (Qwen3's four, then InternVL's), in id
-#: order from 151665; the bool says whether the token is special. ``<img>`` is 151669 and
-#: ``<IMG_CONTEXT>`` 151671 (the config's ``image_token_id``) in the published tokenizer.
-INTERNVL_ADDED_TOKENS: List[Tuple[str, bool]] = [
-    ("<tool_response>", False),
-    ("</tool_response>", False),
-    ("<think>", False),
-    ("</think>", False),
-    ("<img>", True),
-    ("</img>", True),
-    ("<IMG_CONTEXT>", True),
-    ("<quad>", True),
-    ("</quad>", True),
-    ("<ref>", True),
-    ("</ref>", True),
-    ("<box>", True),
-    ("</box>", True),
-    ("<video>", True),
-]
-
-#: The processor reads its image tokens from these tokenizer attributes (``extra_special_tokens``).
-EXTRA_SPECIAL_TOKENS = {
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
-}
-
-#: ImageNet mean/std, as in the published ``preprocessor_config.json``.
-IMAGE_MEAN = [0.485, 0.456, 0.406]
-IMAGE_STD = [0.229, 0.224, 0.225]
-
 #: The grounding request: InternVL's own wording for detecting every object.
 GROUNDING_PROMPT = "Please detect and label all objects in the following image and mark their positions."
 
@@ -125,7 +64,8 @@ _ONE = r"\[" + _NUM + "," + _NUM + "," + _NUM + "," + _NUM + r"\]"
 # label in one list, and one box as a list of one); a lone [x1, y1, x2, y2] is left to the JSON reader.
 _LIST = re.compile(r"\[\s*" + _ONE + r"(?:\s*,\s*" + _ONE + r")*\s*\]")
 _ONE_RE = re.compile(_ONE)
-_BOX_TAG = re.compile(r"<box>\s*(" + r"[\[\]\d\s.,-]{0,20000}" + r")\s*</box>")
+# One quantifier over a class that has the whitespace too: no nested repeats to backtrack through.
+_BOX_TAG = re.compile(r"<box>([\[\]\d\s.,-]{0,20000})</box>")
 _REF_START, _REF_END = "<ref>", "</ref>"
 
 
@@ -313,18 +253,18 @@ class InternVL35(Family):
 
     @classmethod
     def build_tiny(cls, out_dir: Path) -> Path:
-        """Build the tiny random-weight InternVL3.5 into ``out_dir`` (see :mod:`regioncap.families.internvl_tiny`)."""
-        from regioncap.families import internvl_tiny
+        """Build the tiny random-weight InternVL3.5 into ``out_dir`` (see :mod:`regioncap.families.internvl_files`)."""
+        from regioncap.families import internvl_files
 
-        return internvl_tiny.build_tiny_model(out_dir)
+        return internvl_files.build_tiny_model(out_dir)
 
     @classmethod
     def write_arch_files(cls, folder: Path) -> None:
         """The offline tokenizer at InternVL3.5's real ids, the processor config and the chat template of a
         weightless architecture folder (:func:`regioncap.random_weights.build_arch_folder`)."""
-        from regioncap.families import internvl_tiny
+        from regioncap.families import internvl_files
 
-        internvl_tiny.write_arch_files(folder)
+        internvl_files.write_arch_files(folder)
 
     def max_crop_aspect(self) -> float:
         """Any crop fits a tiling grid (no aspect limit, no pixel budget to run out of): the crop strategy's

@@ -1,4 +1,5 @@
-"""Offline InternVL3.5 model folders: the tiny random-weight model and the tokenizer of the full-size ones.
+"""What an InternVL3.5 model folder holds (tile size, special tokens, chat template, processor
+settings), and the offline builds: the tiny random-weight model and the full-size tokenizer.
 
 No model hub: the tokenizer is regioncap's offline byte-level BPE (:mod:`regioncap.tiny`)
 with Qwen's special tokens, then InternVL3.5's (Qwen3's four, ``<img>``, ``</img>``,
@@ -24,12 +25,72 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
-
-from regioncap.families.internvl import (CHAT_TEMPLATE, EXTRA_SPECIAL_TOKENS, IMAGE_MEAN, IMAGE_STD,
-                                         INTERNVL_ADDED_TOKENS, TILE, TOKENS_PER_TILE)
+from typing import Any, Dict, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
+
+#: Side of one tile in pixels (the vision tower's ``image_size``) in the published models.
+TILE = 448
+#: Visual tokens of one 448 px tile: (448 / 14 / 2) ** 2.
+TOKENS_PER_TILE = 256
+
+#: The chat template of the ``-HF`` checkpoints (transformers' InternVL conversion), verbatim:
+#: ChatML, no default system turn, ``<IMG_CONTEXT>\n`` for an image, ``<video>\n`` for a video.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}"
+    "{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{'<|im_end|>\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+#: Tokens InternVL3.5's tokenizer has after Qwen2.5's 22 (Qwen3's four, then InternVL's), in id
+#: order from 151665; the bool says whether the token is special. ``<img>`` is 151669 and
+#: ``<IMG_CONTEXT>`` 151671 (the config's ``image_token_id``) in the published tokenizer.
+INTERNVL_ADDED_TOKENS: List[Tuple[str, bool]] = [
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
+    ("<img>", True),
+    ("</img>", True),
+    ("<IMG_CONTEXT>", True),
+    ("<quad>", True),
+    ("</quad>", True),
+    ("<ref>", True),
+    ("</ref>", True),
+    ("<box>", True),
+    ("</box>", True),
+    ("<video>", True),
+]
+
+#: The processor reads its image tokens from these tokenizer attributes (``extra_special_tokens``).
+EXTRA_SPECIAL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+#: ImageNet mean/std, as in the published ``preprocessor_config.json``.
+IMAGE_MEAN = [0.485, 0.456, 0.406]
+IMAGE_STD = [0.229, 0.224, 0.225]
+
 
 #: Bump when the folder's content changes; a folder with another version is rebuilt.
 BUILDER_VERSION = 1
@@ -68,6 +129,19 @@ VISION_DIMS: Dict[str, Any] = dict(
     use_absolute_position_embeddings=True,
     use_mean_pooling=True,
 )
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _fix_modes(folder: Path) -> None:
+    """The folder and its files with ordinary modes (mkdtemp makes the folder private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        os.chmod(p, 0o666 & ~umask)
 
 
 def preprocessor_config(min_tiles: int = 1, max_tiles: int = 12) -> Dict[str, Any]:
@@ -131,13 +205,11 @@ def write_tokenizer(folder: Path, *, padded: bool = False) -> Dict[str, int]:
 def write_processor_files(folder: Path, *, preprocessor: bool = True) -> None:
     """``processor_config.json`` and ``chat_template.json`` of the ``-HF`` layout, and (``preprocessor``)
     ``preprocessor_config.json`` with the published settings."""
-    from regioncap import tiny
-
     if preprocessor:
-        tiny._write_json(folder / "preprocessor_config.json", preprocessor_config())
-    tiny._write_json(folder / "processor_config.json",
-                     {"image_seq_length": TOKENS_PER_TILE, "processor_class": "InternVLProcessor"})
-    tiny._write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+        _write_json(folder / "preprocessor_config.json", preprocessor_config())
+    _write_json(folder / "processor_config.json",
+                {"image_seq_length": TOKENS_PER_TILE, "processor_class": "InternVLProcessor"})
+    _write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
 
 
 def write_arch_files(folder: Path) -> None:
@@ -199,8 +271,6 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     import numpy as np
     import torch
 
-    from regioncap import tiny
-
     out = Path(out_dir).expanduser().absolute()
     if is_complete(out, seed):
         return out
@@ -221,8 +291,8 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
                 np.random.seed(seed)
                 info = build_seeded(tmp, seed)
             info.update(builder_version=BUILDER_VERSION, seed=seed)
-            tiny._write_json(tmp / MARKER, info)
-            tiny._fix_modes(tmp)
+            _write_json(tmp / MARKER, info)
+            _fix_modes(tmp)
             if is_complete(out, seed):  # another process won the race
                 return out
             if out.exists():
