@@ -220,3 +220,13 @@ def test_tiles_are_in_the_run_key(compose_cfg) -> None:
     assert (a["family"], a["min_tiles"], a["max_tiles"], a["tile_size"]) == ("internvl", 1, 12, 448)
     assert b["max_tiles"] == 4
     assert not set(run_key_values(compose_cfg(["model=qwen25vl_3b"]))["model"]) & {"min_tiles", "max_tiles"}
+
+
+def test_a_tile_budget_that_cannot_be_met_is_refused_before_the_run(compose_cfg) -> None:
+    from regioncap.errors import RunError
+    from regioncap.settings import check_config
+
+    with pytest.raises(RunError, match=r"model.max_tiles \(2\) is under model.min_tiles \(3\)"):
+        check_config(compose_cfg(["model=internvl35_1b", "model.min_tiles=3", "model.max_tiles=2"]))
+    with pytest.raises(RunError, match="model.max_tiles must be a whole number >= 1"):
+        check_config(compose_cfg(["model=internvl35_1b", "model.max_tiles=0"]))
