@@ -23,13 +23,15 @@ from conftest import compose, run_cli
 from regioncap import random_weights
 from regioncap.errors import RunError
 from regioncap.families.base import Family, build_family, family_class, family_name, shipped_families
+from regioncap.families.internvl import InternVL35
 from regioncap.families.qwen import GRID, Qwen2VL, Qwen3VL, Qwen25VL, smart_resize
 
-FAMILIES = (Qwen2VL, Qwen25VL, Qwen3VL)
+FAMILIES = (Qwen2VL, Qwen25VL, Qwen3VL, InternVL35)
 
 
 def test_shipped_families_are_found_from_the_model_options():
-    assert shipped_families() == {"qwen2_vl": Qwen2VL, "qwen2_5_vl": Qwen25VL, "qwen3_vl": Qwen3VL}
+    assert shipped_families() == {"qwen2_vl": Qwen2VL, "qwen2_5_vl": Qwen25VL, "qwen3_vl": Qwen3VL,
+                                  "internvl": InternVL35}
     assert all(issubclass(cls, Family) for cls in shipped_families().values())
 
 
@@ -120,7 +122,7 @@ def test_grounding_constraint_matches_what_the_family_answers(cls):
     regex = family.grounding_constraint("regex", 5).get("regex")
     schema = family.grounding_constraint("json", 5).get("json_schema")
     assert family.grounding_constraint("none", 5) == {}
-    if cls is Qwen2VL:  # box tokens: a JSON constraint would forbid them
+    if cls in (Qwen2VL, InternVL35):  # box tokens, <ref>/<box> special tokens: a text constraint forbids them
         assert regex is None and schema is None
         return
     answer = f'[{{"bbox_2d": [1, 2, 300, 400], "label": "a"}}, {family.box_text((0, 0, 10, 10), (10, 10))[:-1]}, ' \
@@ -145,7 +147,8 @@ def test_qwen3_config_is_32_px_tokens_with_the_projects_token_budget():
 
 
 @pytest.mark.parametrize("option,cls", [("qwen3vl_2b", Qwen3VL), ("qwen3vl_4b", Qwen3VL), ("qwen3vl_tiny", Qwen3VL),
-                                        ("qwen2vl_2b", Qwen2VL), ("qwen25vl_3b", Qwen25VL)])
+                                        ("qwen2vl_2b", Qwen2VL), ("qwen25vl_3b", Qwen25VL),
+                                        ("internvl35_1b", InternVL35), ("internvl35_tiny", InternVL35)])
 def test_model_options_build_their_family(option, cls):
     cfg = compose([f"model={option}"])
     family = build_family(cfg.model)
@@ -162,7 +165,12 @@ def test_published_architectures_match_the_family(cls):
         config = json.loads((random_weights.ARCHS_DIR / folder / "config.json").read_text())
         pre = json.loads((random_weights.ARCHS_DIR / folder / "preprocessor_config.json").read_text())
         assert config["model_type"] in cls.model_types
-        assert pre["patch_size"] * pre["merge_size"] == cls.Config().patch_size * cls.Config().merge_size
+        if cls is InternVL35:  # tiles: the processor's tile is the vision tower's image size
+            assert pre["size"] == {"height": cls.Config().tile_size, "width": cls.Config().tile_size}
+            assert config["vision_config"]["image_size"] == [cls.Config().tile_size] * 2
+            assert config["vision_config"]["patch_size"] == [cls.Config().patch_size] * 2
+        else:
+            assert pre["patch_size"] * pre["merge_size"] == cls.Config().patch_size * cls.Config().merge_size
         assert random_weights.arch_family(folder) is cls
 
 
