@@ -33,6 +33,11 @@ def main() -> None:
     Once the command is done the process ends without the interpreter's teardown
     (:mod:`regioncap.quickexit`).
     """
+    from regioncap.config import RegionCapConfig
+    from regioncap.suggest import print_suggestions
+
+    # Before Hydra: its error for a misspelt group, option or key follows this line.
+    print_suggestions(sys.argv[1:], CONF_DIR, RegionCapConfig)
     try:
         _main()
     except SystemExit as exc:

@@ -576,9 +576,16 @@ def iou(a: Any, b: Any) -> float:
     return _overlap(_corners(a), _corners(b), "iou")
 
 
-#: Overlap measures :func:`nms` accepts: ``iou``, or ``iomin`` (intersection over the
-#: smaller box's area: DataFlow-MM's contour NMS, which also drops a box nested in another).
-NMS_METRICS: Tuple[str, ...] = ("iou", "iomin")
+class NmsMetric(Choice):
+    """Overlap measure of an NMS: IoU, or intersection over the smaller box (DataFlow-MM's contours)."""
+
+    iou = "iou"
+    #: Intersection over the smaller box's area: also drops a box nested in another.
+    iomin = "iomin"
+
+
+#: Overlap measures :func:`nms` accepts (the values of :class:`NmsMetric`).
+NMS_METRICS: Tuple[str, ...] = tuple(m.value for m in NmsMetric)
 
 
 def nms(boxes: Sequence[Any], scores: Optional[Sequence[float]], thr: float, *, metric: str = "iou",

@@ -168,13 +168,14 @@ class SweepFailures(Callback):
     def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
         from regioncap.manifest import read_manifest
         from regioncap.report import job_dirs
+        from regioncap.rundir import REPORT_FILE
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         FAILED_JOBS[:] = [d.name for d in job_dirs(sweep_dir) if ((_manifest(d, read_manifest) or {})
                                                                   .get("status") != "ok")]
         if FAILED_JOBS:
             log.error("%d job(s) of the sweep failed: %s (the sweep went on; see %s)", len(FAILED_JOBS),
-                      ", ".join(FAILED_JOBS), sweep_dir / "report.html")
+                      ", ".join(FAILED_JOBS), sweep_dir / REPORT_FILE)
 
 
 def _manifest(job_dir: Path, read: Any) -> Optional[Dict[str, Any]]:

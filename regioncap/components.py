@@ -166,6 +166,12 @@ class Component:
         """The class that is built for ``node``: this one, or one it picks (``engine=auto``)."""
         return cls
 
+    @classmethod
+    def parts(cls, node: Any) -> List[Tuple[str, Any]]:
+        """The components ``node`` holds (``logger=many``: the trackers it uses) as ``(key, node)``
+        pairs, each checked for its packages like a group's node; none by default."""
+        return []
+
 
 def resolve(target: Any, base: type, key: str) -> type:
     """The class ``target`` (``"package.module.Class"``) names, checked to be a subclass of ``base``.

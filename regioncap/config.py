@@ -20,8 +20,11 @@ from omegaconf import MISSING
 from regioncap.choice import Choice
 
 from regioncap.components import check, optional, real, whole
+from regioncap.densecap import METEOR_TIMEOUT_S
+from regioncap.intervals import DEFAULT_RESAMPLES
 # The sampling section's schema is the engines' own Sampling: one set of defaults for both.
 from regioncap.engines.base import Sampling
+from regioncap.stages import STAGE_NAMES
 from regioncap.families.base import Family
 
 
@@ -89,10 +92,10 @@ class MetricsConfig:
     #: BLEU-4, ROUGE-L, CIDEr, exact match and attribute accuracy are always computed.
     meteor: bool = False
     #: Most seconds METEOR may take before its Java process is killed.
-    meteor_timeout_s: float = field(default=300.0, metadata=check(real(0, above=True)))
+    meteor_timeout_s: float = field(default=METEOR_TIMEOUT_S, metadata=check(real(0, above=True)))
     #: Resamples of the cluster bootstrap behind the 95% intervals of the reference scores
     #: (``references.intervals``; seeded with the run's ``seed``); 0 leaves the intervals out.
-    bootstrap_resamples: int = 1000
+    bootstrap_resamples: int = DEFAULT_RESAMPLES
     #: DenseCap mAP (IoU x METEOR thresholds, regioncap.densecap) where truth boxes and
     #: references are known: proposal runs with ``propose.when=always``, and given-box runs
     #: (an upper bound that measures the captions). Runs METEOR in a JVM of its own, once
@@ -122,8 +125,8 @@ class RegionCapConfig:
     max_boxes: int = field(default=10, metadata=check(whole(1)))
     #: Seeds Python, NumPy and torch before anything is built, and every request.
     seed: int = 0
-    #: Stages to run, in order: ``visualize``, ``caption``.
-    stages: List[str] = field(default_factory=lambda: ["visualize", "caption"])
+    #: Stages to run, in order: ``visualize``, ``caption`` (:data:`regioncap.stages.STAGES`).
+    stages: List[str] = field(default_factory=lambda: list(STAGE_NAMES))
     #: Exit non-zero when more than this fraction of rows are error rows.
     max_error_rate: float = field(default=0.1, metadata=check(real(0, 1)))
     #: More key names whose values are secrets (names or ``fnmatch`` patterns such as ``*_dsn``),
@@ -158,6 +161,8 @@ class RegionCapConfig:
     #: With both stages in one process: caption rows while the next ones are
     #: prepared (needs workers >= 1); false runs the stages one after the other.
     overlap: bool = True
+    #: Print the composed config as a tree (rich; secrets masked) when the job starts.
+    print_config: bool = False
 
 
 def show_value(value: Any) -> str:

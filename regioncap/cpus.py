@@ -225,8 +225,11 @@ def set_torch_threads(threads: int) -> Tuple[int, Optional[int]]:
     return torch.get_num_threads(), torch.get_num_interop_threads()
 
 
-def apply_engine_threads(threads: Optional[int], engine_name: str, device: Optional[str] = None) -> None:
+def apply_engine_threads(threads: Optional[int], engine_cls: Any, device: Optional[str] = None) -> None:
     """Give the engine about to be built in this process ``threads`` CPU threads (None: leave it).
+
+    ``engine_cls`` says how with its ``cpu_threads`` capability
+    (:class:`regioncap.engines.base.Engine`):
 
     transformers: torch's pools, on the CPU and on a GPU alike (there they run
     only the CPU side: the processor, sampling); vLLM on the CPU: its OpenMP
@@ -236,10 +239,11 @@ def apply_engine_threads(threads: Optional[int], engine_name: str, device: Optio
     """
     if threads is None:
         return
-    if engine_name == "vllm" and not str(device or "").startswith("cuda"):
+    how = getattr(engine_cls, "cpu_threads", None)
+    if how == "vllm" and not str(device or "").startswith("cuda"):
         if _vllm_on_cpu():
             os.environ.update(vllm_cpu_env(threads))
-    if engine_name in ("transformers", "vllm"):
+    if how in ("torch", "vllm"):
         set_torch_threads(threads)
 
 

@@ -62,6 +62,10 @@ log = logging.getLogger("regioncap")
 
 #: IoU thresholds of DenseCap mAP.
 IOU_THRESHOLDS: Tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7)
+#: Seconds METEOR's Java process may take before it is killed and METEOR reported absent
+#: (``metrics.meteor_timeout_s``; also the library's default).
+METEOR_TIMEOUT_S = 300.0
+
 #: METEOR thresholds of DenseCap mAP (a true positive's METEOR is strictly above).
 METEOR_THRESHOLDS: Tuple[float, ...] = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
 #: Truth boxes of one image overlapping at least this much are merged into one.

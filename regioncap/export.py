@@ -47,6 +47,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 from regioncap.errors import RunError
 from regioncap.failpoints import failpoint
 from regioncap.metrics import reference_texts
+from regioncap.record_types import Record, Region
 from regioncap.records import CorruptRecordsError, dumps, read_jsonl
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, VISUALIZE_FILE, run_file_at
 
@@ -134,40 +135,40 @@ def exportable(records: Iterator[Dict[str, Any]], references_key: Optional[str],
     ``rows_image_missing``). The record's ``resolved_image`` is its image's absolute
     path (relative paths resolved against ``bases``, see :func:`image_bases`)."""
     bases = list(bases) if bases is not None else [Path.cwd()]
-    for rec in records:
+    for raw in records:
         counts["rows_read"] += 1
-        regions = [r for r in rec.get("regions") or [] if isinstance(r, dict)]
+        rec = Record.from_dict(raw)
+        regions = [r for r in rec.regions or [] if isinstance(r, Region)]
         kept = []
         for reg in regions:
-            caption = reg.get("caption")
+            caption = reg.caption
             if isinstance(caption, str) and caption.strip():
-                source_index = reg.get("source_index")
-                kept.append({"id": int(reg.get("id") or 0),
+                source_index = reg.source_index
+                kept.append({"id": int(reg.id or 0),
                              "source_index": int(source_index) if isinstance(source_index, int) else None,
-                             "source": str(reg.get("source") or "input"),
-                             "score": float(reg["score"]) if isinstance(reg.get("score"), (int, float)) else None,
-                             "label": str(reg["label"]) if isinstance(reg.get("label"), str) else None,
-                             "bbox": [float(v) for v in reg.get("bbox") or []],
-                             "input_bbox": [float(v) for v in reg.get("input_bbox") or []],
+                             "source": str(reg.source or "input"),
+                             "score": float(reg.score) if isinstance(reg.score, (int, float)) else None,
+                             "label": str(reg.label) if isinstance(reg.label, str) else None,
+                             "bbox": [float(v) for v in reg.bbox or []],
+                             "input_bbox": [float(v) for v in reg.input_bbox or []],
                              "caption": caption.strip(),
-                             "references": reference_texts(rec, reg, references_key),
-                             "flags": [str(f) for f in reg.get("flags") or []]})
-        if rec.get("status") == "error" or rec.get("error"):
+                             "references": reference_texts(raw, {"source_index": source_index}, references_key),
+                             "flags": [str(f) for f in reg.flags or []]})
+        if rec.status == "error" or rec.error:
             counts["rows_error"] += 1  # its regions are not counted: the row as a whole failed
             continue
         if not kept:
             counts["rows_without_captions"] += 1
             continue
-        resolved = resolve_image(rec.get("image_path"), bases)
+        resolved = resolve_image(rec.image_path, bases)
         if resolved is None:
             counts["rows_image_missing"] += 1
             counts["regions_missing"] += len(regions)
             continue
-        rec = {**rec, "resolved_image": str(resolved)}
         counts["regions_missing"] += len(regions) - len(kept)
         counts["rows_exported"] += 1
         counts["regions_exported"] += len(kept)
-        yield rec, kept
+        yield {**raw, "resolved_image": str(resolved)}, kept
 
 
 def _records_file(run_dir: Path) -> Path:
@@ -489,7 +490,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from regioncap.families.base import shipped_families
 
     parser.add_argument("--family", choices=sorted(shipped_families()), default=None,
-                        help="conversations: grounding coordinates (default: the run's model.family)")
+                        help="conversations: grounding coordinates (default: the family of the run's model)")
     parser.add_argument("--push-to-hub", metavar="REPO", default=None,
                         help="hf/parquet: also upload the dataset to this hub repo")
     args = parser.parse_args(argv)

@@ -24,8 +24,10 @@ import signal
 from collections import Counter
 from typing import Callable, Optional, Tuple
 
+from regioncap.stages import STAGE_NAMES
+
 ENV = "REGIONCAP_FAILPOINT"
-POINTS = tuple(f"{stage}.{when}" for stage in ("visualize", "caption")
+POINTS = tuple(f"{stage}.{when}" for stage in STAGE_NAMES
                for when in ("before_commit", "mid_line", "after_commit")) + ("export.row", "export.before_rename")
 
 

@@ -25,6 +25,7 @@ from regioncap.run import RegionCapRun, build_run
 from regioncap.settings import check_config
 from regioncap.rundir import STAGE_FILES, RunDir, regioncap_command, resume_args, shell_word
 from regioncap.signals import Interrupted, stop_on_signals
+from regioncap.stages import CaptionStage, VisualizeStage
 
 log = logging.getLogger("regioncap")
 
@@ -95,6 +96,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
     ``finally`` with the job's exit code, so a failed job never leaves a
     tracking run open for the next job of a sweep.
     """
+    job_start(cfg)
     check_config(cfg)  # the components' classes, keys, types and value ranges: before the run dir is touched
     run_dir = Path(cfg.output_dir)
     started = time.time()
@@ -113,9 +115,10 @@ def execute(cfg: Any) -> Dict[str, Any]:
         raise
     _write_own_hydra_files(cfg)
     tracker = _build_tracker(cfg)
+    tracker.sweep_dir = _sweep_dir()
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
-                  job_type="caption" if "caption" in cfg.stages else "visualize")
+                  job_type=CaptionStage.name if CaptionStage.name in cfg.stages else VisualizeStage.name)
     exit_code = 1
     try:
         with stop_on_signals():
@@ -135,6 +138,49 @@ def execute(cfg: Any) -> Dict[str, Any]:
         tracker.finish(exit_code)
         _write_own_hydra_files(cfg)
         rundir.unlock()
+
+
+def job_start(cfg: Any) -> None:
+    """What a job says before any work: the config tree (``print_config=true``), and that the
+    sweep its config carries runs only with ``-m``."""
+    if cfg.get("print_config"):
+        try:
+            from regioncap.config_tree import print_config_tree
+
+            hc = _hydra()
+            choices = hydra_context()["choices"] if hc is not None else None
+            sys.stdout.flush()
+            print_config_tree(config_dict(cfg), choices)
+            sys.stdout.flush()
+        except ImportError as exc:  # rich is a core dependency; a broken install must not stop the run
+            log.warning("print_config: cannot print the tree (%s); `--cfg job` prints the config", exc)
+    warn_unswept(cfg)
+
+
+def unswept_hint(cfg: Any) -> Optional[str]:
+    """In a single run whose config carries a sweep (``hydra.sweeper.params``, e.g.
+    ``experiment=marks_vs_crops``): what it is and the ``-m`` command that runs it; else None."""
+    from omegaconf import OmegaConf
+
+    hc = _hydra()
+    if hc is None or _hydra_multirun():
+        return None
+    params = OmegaConf.select(hc, "sweeper.params", default=None)
+    if not params:
+        return None
+    choices = hydra_context()["choices"] or {}
+    carriers = [f"{g}={choices[g]}" for g in ("experiment", "hparams_search") if choices.get(g)] or ["the config"]
+    swept = " ".join(f"{k}={shell_word(str(v))}" for k, v in params.items())
+    command = " ".join([regioncap_command(), "-m", *(shell_word(o) for o in job_overrides())])
+    return (f"{' and '.join(carriers)} carries a sweep ({swept}) that runs only with -m: this is one job, "
+            f"with the values its config sets. For the sweep: {command}")
+
+
+def warn_unswept(cfg: Any) -> None:
+    """Log :func:`unswept_hint` as a warning when there is one."""
+    hint = unswept_hint(cfg)
+    if hint:
+        log.warning("%s", hint)
 
 
 def _write_own_hydra_files(cfg: Any) -> None:
@@ -284,6 +330,12 @@ def _hydra_multirun() -> bool:
     return hc is not None and hc.mode == RunMode.MULTIRUN
 
 
+def _sweep_dir() -> Optional[Path]:
+    """The sweep dir of a multirun job (where a tracker keeps the sweep's local runs), else None."""
+    hc = _hydra()
+    return Path(str(hc.sweep.dir)) if hc is not None and _hydra_multirun() else None
+
+
 def job_overrides() -> List[str]:
     """The job's own command-line overrides (in a sweep: this job's values)."""
     hc = _hydra()
@@ -301,17 +353,44 @@ def hydra_context() -> Dict[str, Any]:
             "cwd": hc.runtime.cwd}
 
 
+def swept_keys() -> Optional[set]:
+    """In a multirun, the keys its sweep varies: the sweep overrides of its command line
+    (``max_boxes=5,10``, ``prompt=choice(marked,crop)``, read from the sweep dir's
+    ``multirun.yaml``, so it works in every launcher's job process) and ``hydra.sweeper.params``
+    (an experiment's or ``hparams_search``'s). None outside a multirun or when they cannot be read."""
+    from omegaconf import OmegaConf
+
+    hc = _hydra()
+    if hc is None or not _hydra_multirun():
+        return None
+    keys = {str(k) for k in (OmegaConf.select(hc, "sweeper.params", default=None) or {})}
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        given = OmegaConf.load(Path(str(hc.sweep.dir)) / "multirun.yaml").hydra.overrides.task
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in given])
+    except Exception as exc:  # noqa: BLE001 - a run name is a courtesy: fall back to every override
+        log.debug("no multirun.yaml to read the swept keys from: %s", exc)
+        return None
+    keys |= {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return keys
+
+
 def tracking_name(cfg: Any, run_dir: Path) -> str:
     """A readable run name from the job's overrides: ``max_boxes=2,model=qwen25vl_3b``.
 
-    Logger and progress overrides are left out (they change nothing the run
-    computes), secret-named values masked and paths cut to their file name;
-    with no overrides left, the run dir's name.
+    In a multirun only the swept overrides name it (the ones its jobs differ in, see
+    :func:`swept_keys`), not the ones every job shares. Logger and progress overrides are left
+    out (they change nothing the run computes), secret-named values masked and paths cut to
+    their file name; with no overrides left, the run dir's name.
     """
+    swept = swept_keys() or None  # a multirun that sweeps nothing: every override, as in a single run
     parts = []
     for override in sorted(job_overrides()):
         key, sep, value = redact_override(override).partition("=")
         if _NAME_SKIP.match(key.lstrip("+~")):
+            continue
+        if swept is not None and key.lstrip("+~") not in swept:
             continue
         if "/" in value and "," not in value:
             value = value.rstrip("/").rsplit("/", 1)[-1]

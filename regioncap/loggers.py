@@ -19,7 +19,7 @@ What the W&B logger records, all from files the run already wrote:
   not keep, so those images are logged without boxes: the whole crop is the region;
 - ``region_table``: a ``wandb.Table`` with one row per region (capped at
   ``table_rows``): row id, region, mark number, image path, a thumbnail of the
-  region, boxes, caption, reference and per-region reference scores when the
+  region (written to ``RUN_DIR/thumbnails/``, W&B copies it from there), boxes, caption, reference and per-region reference scores when the
   data has references, missing flag and reason;
 - the caption records and ``metrics.json`` as a ``dataset`` artifact;
 - while a stage runs, after each commit (:meth:`RunLogger.log_progress`):
@@ -32,18 +32,21 @@ are imported when the W&B logger needs them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from regioncap.components import Component, class_of, check, whole
+from regioncap.record_types import Record, Region, RequestSpec
 from regioncap.records import dumps, read_jsonl
 
 from regioncap.rundir import CAPTIONS_FILE, METRICS_FILE, VISUALIZE_FILE
+from regioncap.stages import CaptionStage
 
 log = logging.getLogger("regioncap")
 #: Metadata keys W&B allows on an artifact.
@@ -52,6 +55,8 @@ ARTIFACT_METADATA_MAX = 100
 #: Metrics file and record files written by the run (see ``regioncap.run``).
 #: Longest side of a region thumbnail in the table, in pixels.
 THUMBNAIL_PX = 128
+#: The table's thumbnails, as files in the run dir (``RUN_DIR/thumbnails/000000.jpg``, one per table row).
+THUMBNAIL_DIR = "thumbnails"
 #: Box labels and image captions are cut to this many characters (W&B shows them inline).
 _BOX_CAPTION_CHARS = 80
 _IMAGE_CAPTION_CHARS = 600
@@ -60,11 +65,15 @@ _IMAGE_CAPTION_CHARS = 600
 class RunLogger(Component):
     """Interface of an experiment logger; this base class logs nothing. Built as ``cls(cfg.logger)``."""
 
+    #: In a multirun, the sweep dir (set by the job before :meth:`start`): a tracker that keeps
+    #: local runs may keep the sweep's together there, so one command handles them all. None in a single run.
+    sweep_dir: Optional[Path] = None
+
     def __init__(self, cfg: Any = None) -> None:
         self.cfg = cfg
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
-              job_type: str = "caption") -> None:
+              job_type: str = CaptionStage.name) -> None:
         """Open the tracking run for one job (before the stages)."""
 
     def log_progress(self, stage: str, rows: int, regions: int, errors: int, seconds: float) -> None:
@@ -194,7 +203,7 @@ class WandbLogger(RunLogger):
             return None
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
-              job_type: str = "caption") -> None:
+              job_type: str = CaptionStage.name) -> None:
         self._config = config
         self._guard("start", self._start, config=config, run_dir=Path(run_dir), name=name, group=group,
                     job_type=job_type)
@@ -211,7 +220,9 @@ class WandbLogger(RunLogger):
         if mode == "disabled":
             log.info("W&B: mode disabled, nothing logged")
             return
-        run_dir.mkdir(parents=True, exist_ok=True)
+        # A sweep's offline runs go together under SWEEP_DIR/wandb/, so one `wandb sync` uploads them all.
+        root = Path(self.sweep_dir) if self.sweep_dir is not None else run_dir
+        root.mkdir(parents=True, exist_ok=True)
         settings = _settings(wandb, {
             "init_timeout": float(cfg.init_timeout_s),
             # Not 0 (wait forever): a network that drops mid-run must not hold the job at
@@ -232,14 +243,18 @@ class WandbLogger(RunLogger):
         try:
             self._run = wandb.init(
                 project=cfg.project, entity=cfg.entity, group=group, name=name, job_type=job_type,
-                tags=list(cfg.tags) or None, config=config, dir=str(run_dir), mode=mode, settings=settings,
+                tags=list(cfg.tags) or None, config=config, dir=str(root), mode=mode, settings=settings,
             )
         finally:
             sys.argv = argv
-        where = getattr(self._run.settings, "sync_dir", None) or run_dir / "wandb"
+        where = getattr(self._run.settings, "sync_dir", None) or root / "wandb"
         in_group = f" in group {group}" if group else ""
         if mode == "offline":
-            log.info("W&B offline run %s%s: %s (upload it with `wandb sync %s`)", name, in_group, where, where)
+            if self.sweep_dir is not None:
+                log.info("W&B offline run %s%s: %s (upload every run of the sweep with `wandb sync %s`)",
+                         name, in_group, where, root / "wandb")
+            else:
+                log.info("W&B offline run %s%s: %s (upload it with `wandb sync %s`)", name, in_group, where, where)
         else:
             log.info("W&B run %s%s: %s", name, in_group, getattr(self._run, "url", None) or where)
 
@@ -273,19 +288,20 @@ class WandbLogger(RunLogger):
         run.summary.update(flat)
         payload: Dict[str, Any] = dict(flat)
         table = None
-        records_file = _records_file(metrics, run_dir)
+        records_file = records_file_of(metrics, run_dir)
         if records_file is not None and (cfg.log_images > 0 or cfg.log_table):
             samples, table = collect(
                 records_file, run_dir, n_images=max(0, int(cfg.log_images)),
                 table_rows=max(0, int(cfg.table_rows)) if cfg.log_table else 0,
                 references_key=(self._config.get("data") or {}).get("references_key"),
-                crops=_one_region_per_image(self._config.get("prompt")))
+                crops=one_region_per_image(self._config.get("prompt")))
             # One key per image: W&B draws a list of images of different sizes wrongly.
             for i, image in enumerate(_wandb_images(wandb, samples)):
                 payload[f"samples/{i:02d}"] = image
             if table is not None:
                 payload["region_table"] = _wandb_table(wandb, table)
-        run.log(payload)
+        with _staging_in(getattr(run.settings, "sync_dir", None)):
+            run.log(payload)
         if cfg.log_artifact:
             files = [p for p in (records_file, run_dir / METRICS_FILE) if p is not None and p.is_file()]
             if files:
@@ -310,6 +326,26 @@ class WandbLogger(RunLogger):
             start = time.perf_counter()
             self._guard("finish", run.finish, exit_code=int(exit_code))
             log.info("W&B: run finished (exit code %d) in %.1f s", exit_code, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _staging_in(sync_dir: Optional[str]) -> Iterator[None]:
+    """W&B copies a logged table and its images into a ``run_table`` artifact staged under
+    ``$WANDB_DATA_DIR`` (a folder in the home dir), and an offline run's ``wandb sync`` reads
+    them from there later. Stage them inside the W&B run's own folder instead
+    (``.../offline-run-*/data/``), so the folder holds everything its sync needs."""
+    if not sync_dir:
+        yield
+        return
+    before = os.environ.get("WANDB_DATA_DIR")
+    os.environ["WANDB_DATA_DIR"] = str(Path(sync_dir) / "data")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("WANDB_DATA_DIR", None)
+        else:
+            os.environ["WANDB_DATA_DIR"] = before
 
 
 def _settings(wandb: Any, values: Dict[str, Any]) -> Any:
@@ -354,24 +390,25 @@ def key_figures(flat: Dict[str, float]) -> Dict[str, float]:
     return out
 
 
-def _records_file(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
+def records_file_of(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
     """The final record file of the run: captions when the caption stage ran, else visualize."""
     stages = metrics.get("stages") or {}
-    order = [CAPTIONS_FILE, VISUALIZE_FILE] if "caption" in stages or not stages else [VISUALIZE_FILE]
+    order = [CAPTIONS_FILE, VISUALIZE_FILE] if CaptionStage.name in stages or not stages else [VISUALIZE_FILE]
     for name in order:
         if (run_dir / name).is_file():
             return run_dir / name
     return None
 
 
-def _references(rec: Dict[str, Any], region: Dict[str, Any], references_key: Optional[str]) -> List[str]:
+def _references(rec: Record, region: Region, references_key: Optional[str]) -> List[str]:
     from regioncap.metrics import reference_texts
 
-    return reference_texts(rec, region, references_key)
+    # The metrics' reader takes plain objects: the row's input fields and the region's index are what it reads.
+    return reference_texts({**rec.extras(), "input": rec.input}, {"source_index": region.source_index}, references_key)
 
 
-def _scores(region: Dict[str, Any]) -> Dict[str, float]:
-    scores = region.get("scores")
+def _scores(region: Region) -> Dict[str, float]:
+    scores = region.scores
     if not isinstance(scores, dict):
         return {}
     return {str(k): v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
@@ -392,32 +429,33 @@ def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int
     """
     samples: List[Dict[str, Any]] = []
     rows: List[Dict[str, Any]] = []
-    thumbs = _Thumbnailer()
-    for rec in read_jsonl(records_file):
+    thumbs = _Thumbnailer(run_dir / THUMBNAIL_DIR if table_rows > 0 else None)
+    for rec in map(Record.from_dict, read_jsonl(records_file)):
         if len(samples) >= n_images and len(rows) >= table_rows:
             break
-        regions = rec.get("regions") or []
-        by_id = {r.get("id"): r for r in regions}
-        requests = rec.get("requests") or []
+        regions = rec.regions or []
+        by_id = {r.id: r for r in regions}
+        requests = rec.requests or []
         region_image = {}
         for spec in requests:
-            for rid in spec.get("region_ids") or []:
-                region_image[rid] = spec.get("image")
-            if len(samples) < n_images and spec.get("image") and (run_dir / spec["image"]).is_file():
-                samples.append(_sample(rec, spec, [by_id[i] for i in spec.get("region_ids") or [] if i in by_id],
+            for rid in spec.region_ids or []:
+                region_image[rid] = spec.image
+            if len(samples) < n_images and spec.image and (run_dir / spec.image).is_file():
+                samples.append(_sample(rec, spec, [by_id[i] for i in spec.region_ids or [] if i in by_id],
                                        run_dir, crops))
         for reg in regions:
             if len(rows) >= table_rows:
                 break
-            image = region_image.get(reg.get("id"))
+            image = region_image.get(reg.id)
             rows.append({
-                "row_id": rec.get("id"), "region": reg.get("id"), "number": reg.get("number"),
-                "chunk": reg.get("chunk"), "status": rec.get("status"), "image": image,
-                "thumbnail": thumbs(run_dir / image, None if crops else reg.get("input_bbox")) if image else None,
-                "bbox": reg.get("bbox"), "input_bbox": reg.get("input_bbox"), "caption": reg.get("caption"),
-                "references": _references(rec, reg, references_key), "missing": bool(reg.get("missing")),
-                "reason": reg.get("reason"), "scores": _scores(reg),
-                "flags": ", ".join(map(str, reg.get("flags") or [])) or None,
+                "row_id": rec.id, "region": reg.id, "number": reg.number,
+                "chunk": reg.chunk, "status": rec.status, "image": image,
+                "thumbnail": thumbs(run_dir / image, None if crops else reg.input_bbox, len(rows))
+                if image else None,
+                "bbox": reg.bbox, "input_bbox": reg.input_bbox, "caption": reg.caption,
+                "references": _references(rec, reg, references_key), "missing": bool(reg.missing),
+                "reason": reg.reason, "scores": _scores(reg),
+                "flags": ", ".join(map(str, reg.flags or [])) or None,
             })
     table = None
     if table_rows > 0:
@@ -457,37 +495,52 @@ def _score_rows(rows: List[Dict[str, Any]]) -> None:
         r["scores"] = {**r["scores"], **{k: v for k, v in scores.items() if isinstance(v, (int, float))}}
 
 
-def _sample(rec: Dict[str, Any], spec: Dict[str, Any], regions: List[Dict[str, Any]], run_dir: Path,
+def _sample(rec: Record, spec: RequestSpec, regions: List[Region], run_dir: Path,
             crop: bool) -> Dict[str, Any]:
     lines = []
     boxes = None if crop else []
     for reg in regions:
-        number = int(reg.get("number") or reg.get("id") or 0)
-        caption = reg.get("caption")
+        number = int(reg.number or reg.id or 0)
+        caption = reg.caption
         if caption:
             label = f"{number}: {caption}"
-        elif rec.get("status") == "pending":  # visualize stage only: not asked yet
+        elif rec.status == "pending":  # visualize stage only: not asked yet
             label = str(number)
         else:
-            label = f"{number}: (missing: {reg.get('reason') or 'no caption'})"
-        source = str(reg.get("source") or "input")
+            label = f"{number}: (missing: {reg.reason or 'no caption'})"
+        source = str(reg.source or "input")
         if source != "input":  # a proposed region: its own box layer in W&B, tagged
             label = f"{label} [proposed: {source}]"
         lines.append(label)
-        if boxes is not None and reg.get("input_bbox"):
-            boxes.append((number, [int(v) for v in reg["input_bbox"]], _cut(label, _BOX_CAPTION_CHARS), source))
-    caption = _cut(f"{spec.get('key') or rec.get('id')}\n" + "\n".join(lines), _IMAGE_CAPTION_CHARS)
-    return {"path": str(run_dir / spec["image"]), "caption": caption, "boxes": boxes}
+        if boxes is not None and reg.input_bbox:
+            boxes.append((number, [int(v) for v in reg.input_bbox], _cut(label, _BOX_CAPTION_CHARS), source))
+    caption = _cut(f"{spec.key or rec.id}\n" + "\n".join(lines), _IMAGE_CAPTION_CHARS)
+    return {"path": str(run_dir / spec.image), "caption": caption, "boxes": boxes}
 
 
 class _Thumbnailer:
-    """Region crops of request images, keeping the last image open (a row's regions share it)."""
+    """Region crops of request images, written as JPEG files to ``folder`` (in the run dir, so
+    W&B copies them from there rather than staging them in a temporary folder of its own);
+    keeps the last image open (a row's regions share it). No folder: no thumbnails."""
 
-    def __init__(self) -> None:
+    def __init__(self, folder: Optional[Path]) -> None:
+        self.folder = folder
         self._path: Optional[Path] = None
         self._image: Any = None
 
-    def __call__(self, path: Path, box: Optional[List[int]]) -> Any:
+    def __call__(self, path: Path, box: Optional[List[int]], n: int) -> Optional[Path]:
+        """The ``n``-th table row's thumbnail file (``THUMBNAIL_DIR/000000.jpg``), or None."""
+        if self.folder is None:
+            return None
+        image = self._crop(path, box)
+        if image is None:
+            return None
+        self.folder.mkdir(parents=True, exist_ok=True)
+        out = self.folder / f"{n:06d}.jpg"
+        image.save(out, "JPEG", quality=90)
+        return out
+
+    def _crop(self, path: Path, box: Optional[List[int]]) -> Any:
         from PIL import Image
 
         if path != self._path:
@@ -536,7 +589,7 @@ def _wandb_table(wandb: Any, table: Dict[str, Any]) -> Any:
     data = []
     for row in table["rows"]:
         row = list(row)
-        row[thumb] = wandb.Image(row[thumb], file_type="jpg") if row[thumb] is not None else None
+        row[thumb] = wandb.Image(str(row[thumb])) if row[thumb] is not None else None
         # Boxes as text: W&B tables type a column from its first value, and null boxes would clash with lists.
         for c in ("bbox", "input_bbox"):
             i = columns.index(c)
@@ -546,7 +599,7 @@ def _wandb_table(wandb: Any, table: Dict[str, Any]) -> Any:
 
 
 
-def _one_region_per_image(prompt: Any) -> bool:
+def one_region_per_image(prompt: Any) -> bool:
     """Whether the strategy a recorded ``prompt`` section names sends one crop per region (its
     images are shown without a box)."""
     from regioncap.strategies import recorded_strategy

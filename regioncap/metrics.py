@@ -43,9 +43,10 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 
 from regioncap import metricspec
 from regioncap.densecap import (
-    IOU_THRESHOLDS, METEOR_THRESHOLDS, DenseCapEvaluator, DenseCapImage, MeteorFn, MeteorUnavailable,
+    IOU_THRESHOLDS, METEOR_THRESHOLDS, METEOR_TIMEOUT_S, DenseCapEvaluator, DenseCapImage, MeteorFn, MeteorUnavailable,
 )
 from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
+from regioncap.stages import CaptionStage
 
 log = logging.getLogger("regioncap")
 
@@ -53,8 +54,6 @@ log = logging.getLogger("regioncap")
 _WORD = re.compile(r"[^\W_]+")
 #: Share of a caption's word 4-grams found in its prompt above which it "repeats the prompt".
 PROMPT_REPEAT_SHARE = 0.8
-#: Seconds METEOR's Java process may take before it is killed and METEOR reported absent.
-METEOR_TIMEOUT_S = 600.0
 
 #: A pair to score: the candidate caption and its reference captions.
 Pair = Tuple[str, Sequence[str]]
@@ -1248,7 +1247,7 @@ def _stage_rates(name: str, st: Dict[str, Any], seconds: float, images: int, reg
     steady = st.get("steady")
     out: Dict[str, Any]
     if steady is None:
-        done = captioned if name == "caption" else regions
+        done = captioned if name == CaptionStage.name else regions
         out = {"rows_per_s": _rate(st.get("rows", 0), seconds, 3), "images_per_s": _rate(images, seconds, 3),
                "regions_per_s": _rate(done, seconds, 3)}
     else:
@@ -1344,7 +1343,7 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     out["regions_from_reask"] = c["regions_from_reask"]
 
     # Cost and speed: the caption stage's rates (steady when it has a steady part).
-    caption = out["stages"].get("caption") or {}
+    caption = out["stages"].get(CaptionStage.name) or {}
     out["wall_s"] = round(wall if wall_s is None else wall_s, 3)
     out["regions_per_s"] = caption.get("regions_per_s")
     out["images_per_s"] = caption.get("images_per_s")
@@ -1582,7 +1581,7 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
                      f"{pipe.get('workers', 0)} preparation worker(s))")
     if m.get("regions_per_s") is not None:
         images = f", {m['images_per_s']:.2f} images/s" if m.get("images_per_s") is not None else ""
-        steady = " (steady)" if "steady" in (m["stages"].get("caption") or {}) else ""
+        steady = " (steady)" if "steady" in (m["stages"].get(CaptionStage.name) or {}) else ""
         lines.append(f"caption throughput{steady}: {m['regions_per_s']:.2f} regions/s{images}; tokens: "
                      f"{m['prompt_tokens']} prompt, {m['output_tokens']} output")
     if m.get("regions") and "visual_tokens_per_region" in m:

@@ -24,6 +24,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from regioncap import stages
+
 #: Units: how a value is read and formatted.
 UNITS = {
     "count": "a number of things",
@@ -403,7 +405,7 @@ assert len(BY_PATH) == len(SPEC), "a metric is declared twice"
 assert all(m.group in GROUPS and m.unit in UNITS and m.aggregation in AGGREGATIONS for m in SPEC)
 assert all(m.better in ("higher", "lower", None) for m in SPEC)
 #: Stage names the ``stages.*`` metrics take (the run's stages).
-STAGE_NAMES = ("visualize", "caption")
+STAGE_NAMES = stages.STAGE_NAMES
 
 
 def get(path: str) -> Optional[Metric]:

@@ -28,6 +28,8 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Any, Deque, Dict, Iterable, Iterator, Optional
 
+from regioncap.stages import CaptionStage, VisualizeStage
+
 log = logging.getLogger("regioncap")
 
 #: The worker process's own visualize stage (built once per worker from the config).
@@ -59,7 +61,7 @@ def resolve_workers(cfg: Any) -> int:
 
             raise RunError(f"workers must be 0 (prepare in the main process) or more, got {workers}")
         return int(workers)
-    if "visualize" not in cfg.stages:
+    if VisualizeStage.name not in cfg.stages:
         return 0
     import multiprocessing as mp
 
@@ -68,7 +70,7 @@ def resolve_workers(cfg: Any) -> int:
         log.info("image preparation in the main process: this is a daemonic process (workers=0)")
         return 0
     cores = available_cores()
-    if "caption" in cfg.stages:
+    if CaptionStage.name in cfg.stages:
         from regioncap.engines import engine_of
 
         if engine_of(cfg.engine).cpu_bound(cfg.engine):

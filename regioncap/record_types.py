@@ -1,114 +1,297 @@
-"""Typed records: the shape of every record regioncap writes (docs/formats.md), for the code that reads them.
+"""The record model: the shape of every record regioncap writes (docs/formats.md), one dataclass per object.
 
-``visualize.jsonl`` and ``captions.jsonl`` hold one :class:`CaptionRecord` per
-input row (the visualize stage's lack the answer fields); each has
-:class:`RequestSpec` s (one image sent to the model) and :class:`Region` s (one
-box). The stages build plain dicts of these shapes; the report, loggers,
-export and merge read them through these types, so a key nothing writes is a
-type error rather than a silent ``.get`` of nothing.
+``visualize.jsonl`` and ``captions.jsonl`` hold one :class:`Record` per input
+row (the visualize stage's lack the answer fields); each has
+:class:`RequestSpec` s (one image sent to the model, its re-ask one too),
+:class:`Region` s (one box) and, on an error row, a :class:`RecordError`.
+
+A record is a JSON object whose keys are written in the order the stage set
+them, where a key left out (``caption`` before the caption stage) differs from
+a key set to ``null`` (a region the answer left out). The model keeps both:
+every field defaults to :data:`ABSENT` (read back as ``None``), a part
+remembers which keys it holds and in which order, setting a field adds it,
+:meth:`RecordPart.drop` removes it, and keys the model does not declare (the
+input fields a record carries through) are kept in place as
+:meth:`RecordPart.extras`. So ``Record.from_dict(d).to_dict() == d``, key order
+included: a reader that rewrites records (merge) writes the same bytes.
+
+:data:`RECORD_KEYS`, the names an input field may not take at the top level of
+a record (it is kept under ``input`` instead), is derived from :class:`Record`:
+a new record field is reserved by declaring it here. docs/formats.md's record
+tables are checked against these classes (``tests/test_record_types.py``).
+
+Standard library only: every reader (report, loggers, export, merge,
+reproduce) imports it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, TypedDict
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple, Type, TypeVar
 
-class Region(TypedDict, total=False):
-    """``regions[]`` of a visualize/caption record."""
 
-    id: int
-    source_index: Optional[int]
-    bbox: List[float]
-    input_bbox: List[int]
-    chunk: int
-    number: int
-    caption: Optional[str]
-    missing: bool
-    reason: str
-    attempt: int
+class _Absent:
+    """The default of every field: the key is not in the record (read back as ``None``)."""
+
+    _instance: Optional["_Absent"] = None
+
+    def __new__(cls) -> "_Absent":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+#: A field's default: the key is left out of the record.
+ABSENT: Any = _Absent()
+
+P = TypeVar("P", bound="RecordPart")
+
+
+@dataclass
+class RecordPart:
+    """A JSON object of a record file: declared fields, in key order, with what it carries beside them."""
+
+    #: Fields holding another part: ``{field: part class}``; and those holding a list of them.
+    PARTS: ClassVar[Dict[str, Type["RecordPart"]]] = {}
+    PART_LISTS: ClassVar[Dict[str, Type["RecordPart"]]] = {}
+
+    def __post_init__(self) -> None:
+        keys = []
+        for f in fields(self):
+            if getattr(self, f.name) is ABSENT:
+                object.__setattr__(self, f.name, None)
+            else:
+                keys.append(f.name)
+        object.__setattr__(self, "_keys", keys)
+        object.__setattr__(self, "_extras", {})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        keys = self.__dict__.get("_keys")
+        if keys is not None and name not in keys and name in self.names():
+            keys.append(name)  # as a dict does: a key set later is written after the others
+        object.__setattr__(self, name, value)
+
+    @classmethod
+    def names(cls) -> FrozenSet[str]:
+        """The keys this part declares."""
+        found = cls.__dict__.get("_NAMES")
+        if found is None:
+            found = frozenset(f.name for f in fields(cls))
+            setattr(cls, "_NAMES", found)
+        return found
+
+    @classmethod
+    def from_dict(cls: Type[P], data: Mapping[str, Any]) -> P:
+        """The part of a decoded JSON object: declared keys as fields (nested parts converted), the
+        others kept as :meth:`extras`, the key order as it was."""
+        names = cls.names()
+        # Filled in directly, not through __init__: readers take every record of a file this way.
+        obj = object.__new__(cls)
+        state = obj.__dict__  # a field left out reads the class's None (see _read_none)
+        extras = {}
+        for key, value in data.items():
+            if key not in names:
+                extras[key] = value
+                continue
+            # A value of another shape (a hand-edited file) is kept as it is, for the reader to refuse.
+            if key in cls.PART_LISTS and isinstance(value, list):
+                part = cls.PART_LISTS[key]
+                value = [part.from_dict(v) if isinstance(v, Mapping) else v for v in value]
+            elif key in cls.PARTS and isinstance(value, Mapping):
+                value = cls.PARTS[key].from_dict(value)
+            state[key] = value
+        state["_keys"] = list(data)
+        state["_extras"] = extras
+        return obj
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The part as the JSON object written: its keys in order, nested parts as objects."""
+        out: Dict[str, Any] = {}
+        for key in self._keys:  # type: ignore[attr-defined]
+            if key in self._extras:  # type: ignore[attr-defined]
+                out[key] = self._extras[key]  # type: ignore[attr-defined]
+                continue
+            value = getattr(self, key)
+            if isinstance(value, RecordPart):
+                value = value.to_dict()
+            elif isinstance(value, list) and key in self.PART_LISTS:
+                value = [v.to_dict() if isinstance(v, RecordPart) else v for v in value]
+            out[key] = value
+        return out
+
+    def __bool__(self) -> bool:
+        # As a dict: an object with no keys (``"error": {}``) is false.
+        return bool(self._keys)  # type: ignore[attr-defined]
+
+    def has(self, key: str) -> bool:
+        """Whether the record holds ``key`` (a field set, ``None`` included, or a carried key)."""
+        return key in self._keys  # type: ignore[attr-defined]
+
+    def keys(self) -> Tuple[str, ...]:
+        """The keys the record holds, in the order they are written."""
+        return tuple(self._keys)  # type: ignore[attr-defined]
+
+    def drop(self, key: str) -> None:
+        """Take ``key`` out of the record (its field reads ``None`` again)."""
+        if key in self._keys:  # type: ignore[attr-defined]
+            self._keys.remove(key)  # type: ignore[attr-defined]
+        self._extras.pop(key, None)  # type: ignore[attr-defined]
+        if key in self.names():
+            object.__setattr__(self, key, None)
+
+    def extras(self) -> Dict[str, Any]:
+        """The keys the model does not declare (a record's carried input fields), in order."""
+        return dict(self._extras)  # type: ignore[attr-defined]
+
+
+@dataclass
+class RecordError(RecordPart):
+    """``error`` of an error row: the stage that failed it, a kind to count it by, a message naming the input."""
+
+    #: A stage's name (:data:`regioncap.stages.STAGE_NAMES`).
+    stage: str = ABSENT
+    kind: str = ABSENT
+    message: str = ABSENT
+    #: A visualize-stage error ``retry_errors=true`` redoes (caption-stage errors always are).
+    retryable: bool = ABSENT
+
+
+@dataclass
+class Region(RecordPart):
+    """``regions[]`` of a record: one box, and (caption stage) its caption."""
+
+    #: 1-based, in the row's order.
+    id: int = ABSENT
+    #: Position in the row's ``bbox``; ``None`` for a proposal.
+    source_index: Optional[int] = ABSENT
+    #: xyxy in the original image's pixels; in the model's input pixels.
+    bbox: List[float] = ABSENT
+    input_bbox: List[int] = ABSENT
+    #: The request the region is in, and the mark drawn for it there.
+    chunk: int = ABSENT
+    number: int = ABSENT
+    #: ``input`` (a box of the row) or a proposer (``contours``, ``vlm``, ...), with its ``score``
+    #: and its name for what the region is (``label``).
+    source: str = ABSENT
+    score: float = ABSENT
+    label: str = ABSENT
+    #: The caption, or ``None`` when the answer left the region out (``missing``, with a ``reason``).
+    caption: Optional[str] = ABSENT
+    missing: bool = ABSENT
+    reason: str = ABSENT
+    #: 2 when the caption came from the re-ask.
+    attempt: int = ABSENT
     #: Why the caption kept is not a clean parse (``regioncap.prompts.caption_debris``); None when clean.
-    debris: Optional[str]
-    flags: List[str]
-    scores: Dict[str, Optional[float]]
-    #: Where the region came from: ``input`` (a box of the row; the default when absent) or a
-    #: proposer (``contours``, ``vlm``, ...), with its ``score``.
-    source: str
-    score: float
-    #: A proposer's name for what the region is (``vlm``: the model's grounding label).
-    label: str
+    debris: Optional[str] = ABSENT
+    #: Faithfulness flags (``regioncap.metrics.region_flags``) and reference scores.
+    flags: List[str] = ABSENT
+    scores: Dict[str, Optional[float]] = ABSENT
 
 
-class RequestSpec(TypedDict, total=False):
-    """``requests[]`` of a record: one image sent to the model."""
+@dataclass
+class RequestSpec(RecordPart):
+    """``requests[]`` of a record: one image sent to the model, and (caption stage) what came back."""
 
-    key: str
-    image: str
-    image_size: List[int]
-    prompt: str
-    numbers: List[int]
-    region_ids: List[int]
-    answer: Optional[str]
-    error: Optional[str]
-    prompt_tokens: int
-    output_tokens: int
-    latency_s: float
-    finish_reason: Optional[str]
-    format_ok: bool
-    #: Captions of this (first) answer that carry answer-format debris: ``{"<number>": reason}``.
-    debris: Dict[str, str]
-    reask: Any
+    key: str = ABSENT
+    #: Relative to the run dir.
+    image: str = ABSENT
+    image_size: List[int] = ABSENT
+    prompt: str = ABSENT
+    #: The marks asked about, and the ids of their regions.
+    numbers: List[int] = ABSENT
+    region_ids: List[int] = ABSENT
+    answer: Optional[str] = ABSENT
+    error: Optional[Dict[str, Any]] = ABSENT
+    prompt_tokens: int = ABSENT
+    output_tokens: int = ABSENT
+    finish_reason: Optional[str] = ABSENT
+    latency_s: float = ABSENT
+    #: The answer followed the requested layout.
+    format_ok: bool = ABSENT
+    #: Captions of this answer that carry answer-format debris: ``{"<number>": reason}``.
+    debris: Dict[str, str] = ABSENT
+    #: The follow-up request for the regions the answer left out.
+    reask: Optional["RequestSpec"] = ABSENT
 
 
-class RecordError(TypedDict, total=False):
-    stage: str
-    kind: str
-    message: str
+RequestSpec.PARTS = {"reask": RequestSpec}
 
 
-class CaptionRecord(TypedDict, total=False):
-    """A line of ``captions.jsonl`` (or ``visualize.jsonl``, which lacks the caption fields)."""
+@dataclass
+class Record(RecordPart):
+    """A line of ``captions.jsonl`` (or ``visualize.jsonl``, which lacks the answer fields)."""
 
-    id: str
-    index: int
-    line: Optional[int]
-    image: str
-    image_path: str
-    type: str  # with_bbox / without_bbox
-    image_size: List[int]
-    input_size: List[int]
-    regions: List[Region]
-    requests: List[RequestSpec]
-    dropped_boxes: List[Dict[str, Any]]
-    clipped_boxes: List[Dict[str, Any]]
-    image_with_bbox: str
-    prompt: str
-    answer: str
-    tokens: Dict[str, int]
+    #: Input fields whose names are fields of this class, kept aside.
+    input: Dict[str, Any] = ABSENT
+    id: str = ABSENT
+    index: int = ABSENT
+    #: The image field as given; the resolved path.
+    image: str = ABSENT
+    image_path: str = ABSENT
+    #: ``with_bbox`` / ``without_bbox`` (DataFlow-MM).
+    type: str = ABSENT
+    #: The row's own boxes as given, and their format.
+    bbox: Any = ABSENT
+    bbox_format: str = ABSENT
+    result_file: str = ABSENT
+    image_with_bbox: str = ABSENT
+    prompt: str = ABSENT
+    valid_bboxes_num: int = ABSENT
+    normalized_bbox: List[List[float]] = ABSENT
+    regions: List[Region] = ABSENT
+    requests: List[RequestSpec] = ABSENT
+    dropped_boxes: List[Dict[str, Any]] = ABSENT
+    clipped_boxes: List[Dict[str, Any]] = ABSENT
     #: ``ok``, ``partial``, ``no_regions``, ``error``; in ``visualize.jsonl`` also ``pending`` (to caption)
     #: and ``grounding`` (``propose=vlm``: the caption engine proposes its regions first).
-    status: str
-    error: Optional[RecordError]
+    status: str = ABSENT
+    error: Optional[RecordError] = ABSENT
     #: Short hash of the input row's content: a resume checks that the row at an index is the same.
-    digest: str
-    #: The row's own boxes as given, and their format.
-    bbox: Any
-    bbox_format: str
-    normalized_bbox: List[List[float]]
-    valid_bboxes_num: int
-    result_file: str
-    timing: Dict[str, float]
-    #: Input fields whose names regioncap uses itself, kept aside.
-    input: Dict[str, Any]
+    digest: str = ABSENT
+    line: Optional[int] = ABSENT
+    image_size: List[int] = ABSENT
+    input_size: List[int] = ABSENT
     #: Rows that got proposals: ``{method, when, proposed, capped, overlapping_given}``, with
-    #: ``truth_bbox`` (the given boxes, under ``when=always``) with ``truth_index`` (their input
-    #: indices: where their references are) and, for ``vlm``, the ``grounding`` answer.
-    proposals: Dict[str, Any]
+    #: ``truth_bbox``/``truth_index`` under ``when=always`` and, for ``vlm``, the ``grounding`` answer.
+    proposals: Dict[str, Any] = ABSENT
     #: ``visualize.jsonl`` of ``propose=vlm``: the grounding request still to send (status ``grounding``).
-    grounding: Dict[str, Any]
+    grounding: Dict[str, Any] = ABSENT
+    timing: Dict[str, Any] = ABSENT
+    answer: Optional[str] = ABSENT
+    tokens: Dict[str, int] = ABSENT
     #: ``"random"`` on every row captioned by a model with random weights (its captions are noise).
-    model_weights: str
+    model_weights: str = ABSENT
 
+    def iter_regions(self) -> Iterator[Region]:
+        """The record's regions (none on an error row)."""
+        return iter(self.regions or ())
+
+    def inputs(self) -> Dict[str, Any]:
+        """The input fields the record carries: those at its top level and those kept under ``input``."""
+        return {**self.extras(), **(self.input or {})}
+
+
+Record.PARTS = {"error": RecordError}
+Record.PART_LISTS = {"regions": Region, "requests": RequestSpec}
+
+
+def _read_none(*parts: Type[RecordPart]) -> None:
+    """A field a record leaves out reads ``None``: the class attribute behind it. (The generated
+    ``__init__`` keeps :data:`ABSENT` as its default, so a part built in code still knows what was set.)"""
+    for part in parts:
+        for f in fields(part):
+            setattr(part, f.name, None)
+
+
+_read_none(RecordError, Region, RequestSpec, Record)
 
 #: Every top-level key regioncap writes in a record: an input field with one of these
-#: names is kept under ``input`` instead of being overwritten. Derived from
-#: :class:`CaptionRecord`, so a new record field is reserved by declaring it there.
-RECORD_KEYS: frozenset = frozenset(CaptionRecord.__required_keys__ | CaptionRecord.__optional_keys__)
+#: names is kept under ``input`` instead of being overwritten. Derived from :class:`Record`,
+#: so a new record field is reserved by declaring it there.
+RECORD_KEYS: FrozenSet[str] = Record.names()

@@ -50,7 +50,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 from regioncap import metricspec
 from regioncap.components import node_name
 from regioncap.config import DEFAULT_PALETTE
+from regioncap.intervals import DEFAULT_RESAMPLES
+from regioncap.record_types import Record, RecordError, Region, RequestSpec
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, REPORT_FILE, VISUALIZE_FILE, run_file_at
+from regioncap.stages import STAGES, CaptionStage, VisualizeStage
 
 log = logging.getLogger("regioncap")
 
@@ -71,9 +74,6 @@ MAX_TEXT = 2000
 PLOT_METRICS = {m.path: m.label for m in metricspec.flagged("plot")}
 #: Crops shown per row in crop mode.
 CROPS_PER_ROW = 24
-
-
-from regioncap.record_types import CaptionRecord, RecordError, Region, RequestSpec  # noqa: E402,F401
 
 
 
@@ -99,7 +99,7 @@ class RunData:
     #: What the samples show beside metrics.json: exact/wrong marks, finish reasons.
     scan: Dict[str, Any] = field(default_factory=dict)
     error_examples: Dict[str, List[Tuple[str, str]]] = field(default_factory=dict)
-    samples: List[Dict[str, Any]] = field(default_factory=list)
+    samples: List[Record] = field(default_factory=list)
     #: Why the run has no records (a failed job): the last error line of its log.
     failure: Optional[str] = None
     problems: List[str] = field(default_factory=list)
@@ -108,7 +108,7 @@ class RunData:
     def stage(self) -> Optional[str]:
         if self.records_file is None:
             return None
-        return "caption" if self.records_file.name == CAPTIONS_FILE else "visualize"
+        return next((s.name for s in STAGES if s.records_file == self.records_file.name), None)
 
 
 def _read_json(path: Path, problems: List[str]) -> Optional[Dict[str, Any]]:
@@ -215,17 +215,17 @@ def _computed_metrics(run: RunData) -> Optional[Dict[str, Any]]:
         return compute_metrics(
             _iter_records(run.records_file, []), {}, references_key=_references_key(run),
             patch_size=int(model.get("patch_size", 14)), merge_size=int(model.get("merge_size", 2)),
-            bootstrap_resamples=int(metrics_cfg.get("bootstrap_resamples", 1000)),
+            bootstrap_resamples=int(metrics_cfg.get("bootstrap_resamples", DEFAULT_RESAMPLES)),
             seed=int(seed) if isinstance(seed, int) else 0, visual_tokens_of=visual_tokens_counter(model))
     except Exception as exc:  # noqa: BLE001 - a report shows what it can
         run.problems.append(f"metrics could not be computed from {run.records_file.name}: {exc}")
         return None
 
 
-def _row_label(rec: Dict[str, Any]) -> str:
-    label = str(rec.get("id", rec.get("index", "?")))
-    if rec.get("line") is not None:
-        label += f" (line {rec['line']})"
+def _row_label(rec: Record) -> str:
+    label = str(rec.id if rec.has("id") else rec.index if rec.has("index") else "?")
+    if rec.line is not None:
+        label += f" (line {rec.line})"
     return label
 
 
@@ -234,34 +234,34 @@ def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
     the samples show (exact/wrong marks, finish reasons); the run's figures are metrics.json's."""
     counts: Counter = Counter()
     finish: Counter = Counter()
-    first: List[Dict[str, Any]] = []
-    partial: List[Dict[str, Any]] = []
+    first: List[Record] = []
+    partial: List[Record] = []
     partial_quota = max_rows // 4 if prefer_partial else 0
     assert run.records_file is not None
-    for rec in _iter_records(run.records_file, run.problems):
-        status = rec.get("status")
-        regions = [r for r in rec.get("regions") or [] if isinstance(r, dict)]
-        requests = [s for s in rec.get("requests") or [] if isinstance(s, dict)]
+    for rec in map(Record.from_dict, _iter_records(run.records_file, run.problems)):
+        status = rec.status
+        regions = _regions(rec)
+        requests = _requests(rec)
         counts["rows"] += 1
         exact = [_exact(r) for r in regions]
         counts["regions_exact"] += sum(1 for x in exact if x is True)
         counts["regions_wrong"] += sum(1 for x in exact if x is False)
         for spec in requests:
-            if spec.get("finish_reason"):
-                finish[str(spec["finish_reason"])] += 1
-        err = rec.get("error")
-        if isinstance(err, dict):
-            kind = f"{err.get('stage', '?')}/{err.get('kind', '?')}"
+            if spec.finish_reason:
+                finish[str(spec.finish_reason)] += 1
+        err = rec.error
+        if isinstance(err, RecordError):
+            kind = f"{err.stage if err.has('stage') else '?'}/{err.kind if err.has('kind') else '?'}"
             examples = run.error_examples.setdefault(kind, [])
             if len(examples) < EXAMPLES_PER_ERROR:
-                examples.append((_row_label(rec), str(err.get("message", ""))))
+                examples.append((_row_label(rec), str(err.message if err.has("message") else "")))
         if requests and status != "error":
             if len(first) < max_rows:
                 first.append(rec)
             elif (status == "partial" or False in exact) and len(partial) < partial_quota:
                 partial.append(rec)
     if partial:  # rows with missing regions or wrong captions are the ones worth a look: swap a few in
-        run.samples = sorted(first[: max_rows - len(partial)] + partial, key=lambda r: r.get("index", 0))
+        run.samples = sorted(first[: max_rows - len(partial)] + partial, key=lambda r: r.index if r.has("index") else 0)
     else:
         run.samples = first
     run.scan = {"rows": counts["rows"], "regions_exact": counts["regions_exact"],
@@ -271,7 +271,7 @@ def _scan(run: RunData, *, max_rows: int, prefer_partial: bool) -> None:
 def _exact(reg: Region) -> Optional[bool]:
     """Whether a region's caption is an exact match of one of its references (``scores.exact_match``,
     written by the caption stage for a captioned region with references); None when not scored."""
-    scores = reg.get("scores")
+    scores = reg.scores
     value = _num(scores.get("exact_match")) if isinstance(scores, dict) else None
     return None if value is None else value >= 1.0
 
@@ -475,7 +475,7 @@ def _image_html(run_dir: Path, image: Any, thumb_px: int, caption: str = "") -> 
     return _figure(uri, image, caption)
 
 
-def _original_html(run: RunData, rec: CaptionRecord, thumb_px: int) -> Dict[str, Any]:
+def _original_html(run: RunData, rec: Record, thumb_px: int) -> Dict[str, Any]:
     """The row's input image (``image_path``) as a thumbnail with every region's box and id drawn over
     it. Decoded by ``regioncap.images.load_image`` (the run's own size limits, EXIF orientation applied,
     the frame the boxes refer to), as every input image is; a placeholder when it cannot be read."""
@@ -484,7 +484,7 @@ def _original_html(run: RunData, rec: CaptionRecord, thumb_px: int) -> Dict[str,
     from regioncap.images import ImageLoadError, load_image
 
     caption = "input image, boxes by region id"
-    path = rec.get("image_path")
+    path = rec.image_path
     uri = None
     if isinstance(path, str) and path and Path(path).is_absolute():
         limits = _dig(_config(run), "limits") or {}
@@ -498,7 +498,7 @@ def _original_html(run: RunData, rec: CaptionRecord, thumb_px: int) -> Dict[str,
             uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
         except (ImageLoadError, OSError, ValueError):
             uri = None
-    overlay = _box_overlay(_regions(rec), rec.get("image_size"), "bbox", lambda r: str(r.get("id", "")),
+    overlay = _box_overlay(_regions(rec), rec.image_size, "bbox", lambda r: str(r.id) if r.has("id") else "",
                            only_proposed=False)
     return _with_overlay(_figure(uri, path, caption), overlay)
 
@@ -526,7 +526,7 @@ def _swatch(number: Any, palette: Sequence[str], proposed: bool = False) -> Dict
 
 def _proposed(reg: Region) -> Optional[str]:
     """A proposed region's source (``contours``, ``vlm``, ...); None for an input box or when unsaid."""
-    source = reg.get("source")
+    source = reg.source
     return str(source) if source not in (None, "", "input") else None
 
 
@@ -535,9 +535,9 @@ def _source_tag(reg: Region) -> Optional[str]:
     source = _proposed(reg)
     if source is None:
         return None
-    score = _num(reg.get("score"))
+    score = _num(reg.score)
     extra = f" {_fmt(score)}" if score is not None else ""
-    label = reg.get("label")
+    label = reg.label
     # The grounding model's own name for the object, beside the caption.
     extra += f': "{label}"' if isinstance(label, str) and label else ""
     return f"proposed ({source}){extra}"
@@ -804,12 +804,13 @@ def _count(value: Any) -> float:
     return _num(value) or 0
 
 
-def _references(rec: CaptionRecord, reg: Region, key: Optional[str] = "references") -> List[str]:
+def _references(rec: Record, reg: Region, key: Optional[str] = "references") -> List[str]:
     """A region's reference captions: the row's ``data.references_key`` field (one entry per
     input box, a string or a list of strings) at the region's ``source_index``."""
     from regioncap.metrics import reference_texts
 
-    return reference_texts(rec, reg, key)
+    # The metrics' reader takes the record's plain objects: its input fields and the region's index are what it reads.
+    return reference_texts({**rec.extras(), "input": rec.input}, {"source_index": reg.source_index}, key)
 
 
 def _references_key(run: RunData) -> Optional[str]:
@@ -825,12 +826,12 @@ def _caption_cell(reg: Region, stage: Optional[str]) -> Dict[str, Any]:
     missing (``missing``: the reason) or that only the visualize stage ran (``pending``)."""
     cell: Dict[str, Any] = {"caption": None, "exact": None, "reasked": False, "flags": [], "missing": None,
                             "pending": False, "source": _source_tag(reg)}
-    caption = reg.get("caption")
+    caption = reg.caption
     if caption:
-        cell.update(caption=_clip(str(caption)), exact=_exact(reg), reasked=reg.get("attempt") == 2,
-                    flags=list(reg.get("flags") or []))  # faithfulness flags (regioncap.metrics.region_flags)
-    elif reg.get("missing") or stage == "caption":
-        cell["missing"] = reg.get("reason") or ""
+        cell.update(caption=_clip(str(caption)), exact=_exact(reg), reasked=reg.attempt == 2,
+                    flags=list(reg.flags or []))  # faithfulness flags (regioncap.metrics.region_flags)
+    elif reg.missing or stage == CaptionStage.name:
+        cell["missing"] = reg.reason or ""
     else:
         cell["pending"] = True
     return cell
@@ -840,29 +841,30 @@ def _refs_text(refs: Sequence[str]) -> List[str]:
     return [_clip(r, 500) for r in refs]
 
 
-def _regions(rec: CaptionRecord) -> List[Region]:
-    return [r for r in rec.get("regions") or [] if isinstance(r, dict)]
+def _regions(rec: Record) -> List[Region]:
+    """The record's regions; anything else in the list (a hand-edited file) is left out."""
+    return [r for r in rec.regions or [] if isinstance(r, Region)]
 
 
-def _requests(rec: CaptionRecord) -> List[RequestSpec]:
-    return [s for s in rec.get("requests") or [] if isinstance(s, dict)]
+def _requests(rec: Record) -> List[RequestSpec]:
+    return [s for s in rec.requests or [] if isinstance(s, RequestSpec)]
 
 
-def _region_table(rec: CaptionRecord, stage: Optional[str], palette: Sequence[str],
+def _region_table(rec: Record, stage: Optional[str], palette: Sequence[str],
                   references_key: Optional[str] = "references") -> Dict[str, Any]:
     """A row's regions: mark swatch (and chunk image where there are several), caption, references, scores."""
     regions = _regions(rec)
     refs = [_references(rec, r, references_key) for r in regions]
-    chunks = len({r.get("chunk") for r in regions}) > 1
+    chunks = len({r.chunk for r in regions}) > 1
     rows = []
     for reg, reg_refs in zip(regions, refs):
-        sc = reg.get("scores") if isinstance(reg.get("scores"), dict) else {}
-        rows.append({"swatch": _swatch(reg.get("number"), palette, _proposed(reg) is not None),
-                     "chunk": _fmt(reg.get("chunk")) if chunks else None, "cell": _caption_cell(reg, stage),
+        sc = reg.scores if isinstance(reg.scores, dict) else {}
+        rows.append({"swatch": _swatch(reg.number, palette, _proposed(reg) is not None),
+                     "chunk": _fmt(reg.chunk) if chunks else None, "cell": _caption_cell(reg, stage),
                      "refs": _refs_text(reg_refs), "scores": ", ".join(f"{k} {_fmt(v)}" for k, v in sc.items()),
                      "wrong": _exact(reg) is False})
-    return {"rows": rows, "has_refs": any(refs), "has_scores": any(isinstance(r.get("scores"), dict) for r in regions),
-            "missing": any(r.get("missing") for r in regions)}
+    return {"rows": rows, "has_refs": any(refs), "has_scores": any(isinstance(r.scores, dict) for r in regions),
+            "missing": any(r.missing for r in regions)}
 
 
 def _box_overlay(regions: Sequence[Region], size: Any, key: str, label: Any,
@@ -876,7 +878,7 @@ def _box_overlay(regions: Sequence[Region], size: Any, key: str, label: Any,
     font = max(8.0, min(w, h) / 14)
     shapes = []
     for reg in regions:
-        box = reg.get(key)
+        box = getattr(reg, key)
         proposed = _proposed(reg) is not None
         if only_proposed and not proposed:
             continue
@@ -898,32 +900,32 @@ def _with_overlay(figure: Dict[str, Any], overlay: Optional[Dict[str, Any]]) -> 
     return figure
 
 
-def _row_meta(rec: CaptionRecord) -> Dict[str, Any]:
+def _row_meta(rec: Record) -> Dict[str, Any]:
     """The row's id, status, image and sizes; and notes on dropped/clipped boxes and its error."""
-    size = rec.get("image_size")
-    tokens = rec.get("tokens")
+    size = rec.image_size
+    tokens = rec.tokens
     notes = []
-    for key in ("dropped_boxes", "clipped_boxes"):
-        items = [d for d in rec.get(key) or [] if isinstance(d, dict)]
+    for key, listed in (("dropped_boxes", rec.dropped_boxes), ("clipped_boxes", rec.clipped_boxes)):
+        items = [d for d in listed or [] if isinstance(d, dict)]
         if items:
             notes.append(f"{key.replace('_', ' ')}: " + ", ".join(f"#{d.get('index')} {d.get('reason')}" for d in items))
-    err = rec.get("error")
-    if isinstance(err, dict):
-        notes.append(f"error: {err.get('kind')}: {_clip(str(err.get('message')), 500)}")
-    return {"id": rec.get("id"), "badge": _badge(rec.get("status")), "image": rec.get("image"),
-            "proposed": rec.get("type") == "without_bbox",
+    err = rec.error
+    if isinstance(err, RecordError):
+        notes.append(f"error: {err.kind}: {_clip(str(err.message), 500)}")
+    return {"id": rec.id, "badge": _badge(rec.status), "image": rec.image,
+            "proposed": rec.type == "without_bbox",
             "size": f"{size[0]}×{size[1]}" if isinstance(size, list) and len(size) == 2 else None,
             "tokens": f"tokens {tokens.get('prompt')} in / {tokens.get('output')} out" if isinstance(tokens, dict)
             else None, "notes": notes}
 
 
-def _answer_and_prompt(rec: CaptionRecord) -> Dict[str, Optional[str]]:
+def _answer_and_prompt(rec: Record) -> Dict[str, Optional[str]]:
     """The row's raw answer and prompt (clipped), None where the record has none."""
-    return {"answer": _clip(str(rec["answer"]), 4000) if rec.get("answer") else None,
-            "prompt": _clip(str(rec["prompt"]), 4000) if rec.get("prompt") else None}
+    return {"answer": _clip(str(rec.answer), 4000) if rec.answer else None,
+            "prompt": _clip(str(rec.prompt), 4000) if rec.prompt else None}
 
 
-def _is_crop_row(run: RunData, rec: CaptionRecord) -> bool:
+def _is_crop_row(run: RunData, rec: Record) -> bool:
     """A row whose requests are one crop per region (``prompt=crop``; without a config:
     every request holds one region)."""
     from regioncap.strategies import recorded_strategy
@@ -932,10 +934,10 @@ def _is_crop_row(run: RunData, rec: CaptionRecord) -> bool:
     if cls is not None:
         return cls.one_region_per_image
     requests = _requests(rec)
-    return bool(requests) and all(len(s.get("region_ids") or []) == 1 for s in requests) and len(requests) > 1
+    return bool(requests) and all(len(s.region_ids or []) == 1 for s in requests) and len(requests) > 1
 
 
-def _request_figures(run: RunData, rec: CaptionRecord, thumb_px: int, caption: str = "") -> List[Dict[str, Any]]:
+def _request_figures(run: RunData, rec: Record, thumb_px: int, caption: str = "") -> List[Dict[str, Any]]:
     """The row's request images (at most :data:`IMAGES_PER_ROW`): the marked images the model saw,
     each named by its request key when there are several (``caption`` before it), proposed boxes
     drawn dashed over a whole image."""
@@ -943,18 +945,18 @@ def _request_figures(run: RunData, rec: CaptionRecord, thumb_px: int, caption: s
     regions = _regions(rec)
     figures = []
     for spec in requests[:IMAGES_PER_ROW]:
-        label = str(spec.get("key", "")) if len(requests) > 1 else ""
+        label = str(spec.key if spec.has("key") else "") if len(requests) > 1 else ""
         label = ": ".join(t for t in (caption, label) if t)
-        fig = _image_html(run.path, spec.get("image") or rec.get("image_with_bbox"), thumb_px, label)
-        if spec.get("image_size") == rec.get("input_size"):  # the whole image: proposed boxes drawn dashed over it
-            ids = set(spec.get("region_ids") or [])
-            fig = _with_overlay(fig, _box_overlay([r for r in regions if r.get("id") in ids], spec.get("image_size"),
+        fig = _image_html(run.path, spec.image or rec.image_with_bbox, thumb_px, label)
+        if spec.image_size == rec.input_size:  # the whole image: proposed boxes drawn dashed over it
+            ids = set(spec.region_ids or [])
+            fig = _with_overlay(fig, _box_overlay([r for r in regions if r.id in ids], spec.image_size,
                                                   "input_bbox", lambda r: "", only_proposed=True))
         figures.append(fig)
     return figures
 
 
-def _sample_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> Dict[str, Any]:
+def _sample_card(run: RunData, rec: Record, thumb_px: int) -> Dict[str, Any]:
     """One row: its marked image(s) beside the region table (marked mode)."""
     return {"crop": False, "images": _request_figures(run, rec, thumb_px),
             "more": max(0, len(_requests(rec)) - IMAGES_PER_ROW), "meta": _row_meta(rec),
@@ -962,21 +964,21 @@ def _sample_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> Dict[str, A
             "raw": _answer_and_prompt(rec)}
 
 
-def _crop_card(run: RunData, rec: CaptionRecord, thumb_px: int) -> Dict[str, Any]:
+def _crop_card(run: RunData, rec: Record, thumb_px: int) -> Dict[str, Any]:
     """One row in crop mode: the input image with every region's box and id, then a grid of the
     crops, each under its own region id with its caption (marked against its references)."""
     regions = _regions(rec)
     by_region: Dict[Any, RequestSpec] = {}
     for spec in _requests(rec):
-        for rid in spec.get("region_ids") or []:
+        for rid in spec.region_ids or []:
             by_region.setdefault(rid, spec)  # the first request of a region (a re-ask reuses its crop)
     key = _references_key(run)
     crops = []
     for reg in regions[:CROPS_PER_ROW]:
-        spec = by_region.get(reg.get("id"), {})
+        spec = by_region.get(reg.id) or RequestSpec()
         classes = ["crop"] + (["wrong"] if _exact(reg) is False else []) + (["prop"] if _proposed(reg) else [])
-        crops.append({"cls": " ".join(classes), "image": _image_html(run.path, spec.get("image"), max(64, thumb_px // 2)),
-                      "id": reg.get("id"), "cell": _caption_cell(reg, run.stage),
+        crops.append({"cls": " ".join(classes), "image": _image_html(run.path, spec.image, max(64, thumb_px // 2)),
+                      "id": reg.id, "cell": _caption_cell(reg, run.stage),
                       "refs": _refs_text(_references(rec, reg, key))})
     return {"crop": True, "original": _original_html(run, rec, thumb_px), "crops": crops,
             "more": max(0, len(regions) - CROPS_PER_ROW), "meta": _row_meta(rec), "raw": _answer_and_prompt(rec)}
@@ -1053,7 +1055,7 @@ def job_label(job: RunData, varying: Sequence[str]) -> str:
 def _job_status(job: RunData) -> str:
     if job.records_file is None:
         return "failed"
-    if job.stage == "visualize":
+    if job.stage == VisualizeStage.name:
         return "visualize only"
     rate, limit = _num((job.metrics or {}).get("error_rate")), _num(_dig(_config(job), "max_error_rate"))
     if rate is not None and limit is not None and rate > limit:
@@ -1105,20 +1107,20 @@ def _region_values(job: RunData, metric: str) -> Optional[Dict[Tuple[Any, ...], 
     """Each row's per-region values of ``metric`` (``regions[].scores``, as the caption stage
     writes exact match and attribute accuracy), keyed by the row's ``(digest, index, id)``
     so two jobs pair up only on the same input rows; ``None`` when no region has one."""
-    if job.records_file is None or job.stage != "caption":
+    if job.records_file is None or job.stage != CaptionStage.name:
         return None
     name = metric.rsplit(".", 1)[-1]  # references.exact_match is regions[].scores.exact_match
     out: Dict[Tuple[Any, ...], List[float]] = {}
     found = False
-    for rec in _iter_records(job.records_file, []):
+    for rec in map(Record.from_dict, _iter_records(job.records_file, [])):
         values = []
-        for reg in rec.get("regions") or []:
-            scores = reg.get("scores") if isinstance(reg, dict) else None
+        for reg in _regions(rec):
+            scores = reg.scores
             value = _num(scores.get(name)) if isinstance(scores, dict) else None
             if value is not None:
                 values.append(value)
         found = found or bool(values)
-        out[(rec.get("digest"), rec.get("index"), rec.get("id"))] = values
+        out[(rec.digest, rec.index, rec.id)] = values
     return out if found else None
 
 
@@ -1386,10 +1388,10 @@ def _side_by_side(jobs: Sequence[RunData], varying: Sequence[str], thumb_px: int
     base = next((j for j in jobs if j.samples), None)
     if base is None:
         return []
-    by_job = [{str(r.get("id")): r for r in j.samples} for j in jobs]
+    by_job = [{str(r.id): r for r in j.samples} for j in jobs]
     blocks = []
     for rec in base.samples[:SWEEP_ROWS]:
-        rid = str(rec.get("id"))
+        rid = str(rec.id)
         crop = _is_crop_row(base, rec)
         if crop:
             images = [_original_html(base, rec, thumb_px)]
@@ -1405,18 +1407,18 @@ def _side_by_side(jobs: Sequence[RunData], varying: Sequence[str], thumb_px: int
             cells = []
             for j, lookup in zip(jobs, by_job):
                 other = lookup.get(rid)
-                match = next((r for r in _regions(other or {}) if r.get("id") == reg.get("id")), None)
+                match = next((r for r in (_regions(other) if other is not None else []) if r.id == reg.id), None)
                 if match is None:
                     cells.append(None)
                     continue
                 # The job's own mark where it numbered the region otherwise (another max_boxes, other chunks).
-                own = None if crop or match.get("number") == reg.get("number") else _swatch(
-                    match.get("number"), _palette(j), _proposed(match) is not None)
+                own = None if crop or match.number == reg.number else _swatch(
+                    match.number, _palette(j), _proposed(match) is not None)
                 cells.append({"swatch": own, "caption": _caption_cell(match, j.stage)})
-            rows.append({"id": reg.get("id"), "crop": crop,
-                         "swatch": _swatch(reg.get("number"), _palette(base), _proposed(reg) is not None),
+            rows.append({"id": reg.id, "crop": crop,
+                         "swatch": _swatch(reg.number, _palette(base), _proposed(reg) is not None),
                          "cells": cells, "refs": _refs_text(_references(rec, reg, key))})
-        blocks.append({"id": rid, "image": rec.get("image"), "images": images, "per_job": not crop,
+        blocks.append({"id": rid, "image": rec.image, "images": images, "per_job": not crop,
                        "layout": "wide" if len(jobs) <= 2 else "stack",  # many jobs: the table gets the page's width
                        "jobs": [job_label(j, varying) for j in jobs], "has_refs": any(r["refs"] for r in rows),
                        "rows": rows})

@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from regioncap.manifest import REDACTED, data_fingerprint, read_manifest, redact_override
+from regioncap.record_types import Record
 from regioncap.records import CorruptRecordsError
-from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, VISUALIZE_FILE, hydra_value
+from regioncap.rundir import MANIFEST_FILE, hydra_value
+from regioncap.stages import STAGES
 
 EXIT_IDENTICAL = 0
 EXIT_REFUSED = 2
@@ -45,8 +47,8 @@ EXIT_DIFFERENT = 3
 EXIT_RUN_FAILED = 4
 
 REPORT_FILE = "reproduction.json"
-#: Output files compared, in order of preference (a visualize-only run has no captions).
-COMPARED_FILES = (CAPTIONS_FILE, VISUALIZE_FILE)
+#: Output files compared, in order of preference: the last stage's first (a visualize-only run has no captions).
+COMPARED_FILES = tuple(stage.records_file for stage in reversed(STAGES))
 
 # Overrides that place the original run's outputs; the reproduction gets its own.
 #: Overrides that place outputs or continue an earlier run: a reproduction is a new run.
@@ -266,32 +268,35 @@ def compare_records(a_path: Path, b_path: Path, *, max_shown: int = 5) -> Compar
         if len(diffs) < max_shown:
             diffs.append(text)
 
-    for pos, (a, b) in enumerate(zip_longest(read_jsonl(Path(a_path)), read_jsonl(Path(b_path)))):
+    def records(path: Any) -> Any:
+        return (Record.from_dict(rec) for rec in read_jsonl(Path(path)))
+
+    for pos, (a, b) in enumerate(zip_longest(records(a_path), records(b_path))):
         if a is not None:
             rows += 1
-            regions += len(a.get("regions") or [])
+            regions += len(a.regions or [])
         if a is None or b is None:
             present = a if a is not None else b
-            note(f"row {pos} ({present.get('id')!r}) is only in the {'original' if b is None else 'new'} run")
+            note(f"row {pos} ({present.id!r}) is only in the {'original' if b is None else 'new'} run")
             continue
-        row = f"row {pos} ({a.get('id')!r})"
-        if a.get("id") != b.get("id"):
-            note(f"row {pos}: id {a.get('id')!r} then, {b.get('id')!r} now")
+        row = f"row {pos} ({a.id!r})"
+        if a.id != b.id:
+            note(f"row {pos}: id {a.id!r} then, {b.id!r} now")
             continue
-        for key, get in (("status", lambda r: r.get("status")),
-                         ("error kind", lambda r: (r.get("error") or {}).get("kind")),
-                         ("answer", lambda r: r.get("answer"))):
+        for key, get in (("status", lambda r: r.status),
+                         ("error kind", lambda r: getattr(r.error, "kind", None)),
+                         ("answer", lambda r: r.answer)):
             if get(a) != get(b):
                 note(f"{row}: {key} {_pair(get(a), get(b))}")
-        for ra, rb in zip_longest(a.get("regions") or [], b.get("regions") or []):
+        for ra, rb in zip_longest(a.regions or [], b.regions or []):
             if ra is None or rb is None:
                 present = ra if ra is not None else rb
-                note(f"{row} region {present.get('id')}: only in the {'original' if rb is None else 'new'} run")
+                note(f"{row} region {present.id}: only in the {'original' if rb is None else 'new'} run")
                 continue
-            rid = f"{row} region {ra.get('id')}"
+            rid = f"{row} region {ra.id}"
             for key in ("bbox", "caption", "missing"):
-                if ra.get(key) != rb.get(key):
-                    note(f"{rid}: {key} {_pair(ra.get(key), rb.get(key))}")
+                if getattr(ra, key) != getattr(rb, key):
+                    note(f"{rid}: {key} {_pair(getattr(ra, key), getattr(rb, key))}")
                     break
     return Comparison(identical=n == 0, file=Path(a_path).name, rows=rows, regions=regions,
                       n_differences=n, differences=diffs)

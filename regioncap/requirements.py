@@ -13,6 +13,7 @@ from typing import Any, List
 
 from regioncap.components import GROUPS, OPTIONAL_GROUPS, TARGET, class_of, group_base, requirement_problem, short_name
 from regioncap.errors import RunError
+from regioncap.stages import CaptionStage
 
 
 def missing_requirements(cfg: Any) -> List[str]:
@@ -20,7 +21,7 @@ def missing_requirements(cfg: Any) -> List[str]:
     problems = []
     for group in GROUPS:
         node = cfg.get(group)
-        if node is None or (group == "engine" and "caption" not in list(cfg.stages)):
+        if node is None or (group == "engine" and CaptionStage.name not in list(cfg.stages)):
             continue  # the engine is built by the caption stage only
         if group in OPTIONAL_GROUPS and node.get(TARGET) is None:
             continue  # propose=none: no class, nothing to install
@@ -31,6 +32,11 @@ def missing_requirements(cfg: Any) -> List[str]:
         problem = requirement_problem(built, picked)
         if problem:
             problems.append(problem)
+        for key, part in built.parts(node):  # logger=many: each tracker it uses
+            part_cls = class_of(part, group_base(group), key)
+            problem = requirement_problem(part_cls, f"{picked} with {key.rpartition('.')[2]}")
+            if problem:
+                problems.append(problem)
     return problems
 
 

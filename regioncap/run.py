@@ -35,14 +35,11 @@ from regioncap.rundir import RunDir, key_changes, resume_args, run_key_hash, run
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested  # noqa: F401  (re-exported)
 from regioncap.components import short_name
 from regioncap.settings import check_config
-from regioncap.stages import STAGES, OnCommit, StageStats
+from regioncap.stages import STAGE_NAMES, CaptionStage, OnCommit, StageStats, VisualizeStage
 from regioncap.stages.loop import StageLoop, progress
 from regioncap.stages.visualize import Visualizer
 
 log = logging.getLogger("regioncap")
-
-#: Stages a run knows, in the order they run.
-STAGE_ORDER = tuple(STAGES)
 
 
 def seed_everything(seed: int) -> None:
@@ -95,9 +92,9 @@ class RegionCapRun:
         strategy_class(cfg.prompt)  # a RunError naming prompt._target_ when it does not resolve
         check_config(cfg)
         check_shards(cfg.data)
-        unknown = [s for s in cfg.stages if s not in STAGE_ORDER]
+        unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
         if unknown:
-            raise RunError(f"unknown stage(s) {unknown}; stages are {', '.join(map(repr, STAGE_ORDER))}")
+            raise RunError(f"unknown stage(s) {unknown}; stages are {', '.join(map(repr, STAGE_NAMES))}")
 
     # ------------------------------------------------------------------ run
     def run(self) -> Dict[str, Any]:
@@ -118,9 +115,9 @@ class RegionCapRun:
             if overlap:
                 self.visualize_and_caption()
             else:
-                if "visualize" in self.cfg.stages:
+                if VisualizeStage.name in self.cfg.stages:
                     self.visualize()
-                if "caption" in self.cfg.stages:
+                if CaptionStage.name in self.cfg.stages:
                     if not self.rundir.visualize_file.exists():
                         raise RunError(f"{self.rundir.visualize_file} is missing: run the visualize stage first")
                     self.caption()
@@ -135,7 +132,7 @@ class RegionCapRun:
 
         Ray replicas size their own threads from ``executor.num_cpus``.
         """
-        if "caption" not in self.cfg.stages or self.executor.name == "ray":
+        if CaptionStage.name not in self.cfg.stages or self.executor.name == "ray":
             return None
         try:
             choice = choose_threads(self.cfg.get("threads"), workers if overlap else 0)
@@ -151,7 +148,7 @@ class RegionCapRun:
 
     def overlap_mode(self) -> Tuple[bool, str]:
         """``(True, "")`` when the stages stream into each other, else ``(False, why not)``."""
-        if not {"visualize", "caption"} <= set(self.cfg.stages):
+        if not {VisualizeStage.name, CaptionStage.name} <= set(self.cfg.stages):
             return False, f"only {', '.join(self.cfg.stages) or 'no'} stage requested"
         if not self.executor.streams:
             where = self.executor.elsewhere or "somewhere else"
@@ -174,7 +171,7 @@ class RegionCapRun:
         self.rundir.images_dir.mkdir(parents=True, exist_ok=True)
         workers = self._workers()
         window = max(4 * workers, int(self.cfg.commit_every), int(self.cfg.engine.batch_size))
-        rows = progress(iter_rows(self.cfg.data), "visualize", bool(self.cfg.progress), self.total_rows())
+        rows = progress(iter_rows(self.cfg.data), VisualizeStage.name, bool(self.cfg.progress), self.total_rows())
         with RowPool(self.cfg, workers, stage.process_row, window=window) as pool:
             stage.pool = pool
             yield from loop.commits(rows, stage.batches, Visualizer.identity)
@@ -186,7 +183,7 @@ class RegionCapRun:
         return self._total_rows
 
     def _visualize_loop(self) -> StageLoop:
-        return StageLoop("visualize", self.rundir, self._stats("visualize"), resume=bool(self.cfg.resume),
+        return StageLoop(VisualizeStage.name, self.rundir, self._stats(VisualizeStage.name), resume=bool(self.cfg.resume),
                          retry=bool(self.cfg.retry_errors), on_commit=self.on_commit).begin()
 
     def visualize(self) -> StageStats:
@@ -198,10 +195,10 @@ class RegionCapRun:
 
     def caption(self, records: Optional[Iterator[Dict[str, Any]]] = None) -> StageStats:
         """Caption the visualize records (``records`` as a stream, or ``visualize.jsonl``) where the executor says."""
-        job = CaptionJob(cfg=self.cfg, rundir=self.rundir, stats=self._stats("caption"), model_path=self.model_path,
+        job = CaptionJob(cfg=self.cfg, rundir=self.rundir, stats=self._stats(CaptionStage.name), model_path=self.model_path,
                          on_commit=self.on_commit, start_hint=self._start_hint(), engine_info=self.engine_info,
                          threads=self.threads.engine if self.threads else None,
-                         total=self.total_rows() if "visualize" in self.cfg.stages else None)
+                         total=self.total_rows() if VisualizeStage.name in self.cfg.stages else None)
         return self.executor.caption(job, records)
 
     def visualize_and_caption(self) -> StageStats:
@@ -226,7 +223,7 @@ class RegionCapRun:
             return self.caption(records())
         finally:
             commits.close()
-            vis = self.stats["visualize"]
+            vis = self.stats[VisualizeStage.name]
             if vis.skipped:
                 log.info("resume: visualize skipped %d row(s) already done, did %d", vis.skipped, vis.rows)
 
@@ -248,7 +245,7 @@ class RegionCapRun:
         """Counts, cost, answer shape and reference scores of what this run wrote (:func:`run_metrics`)."""
         stages = {name: {"rows": st.rows, "seconds": st.seconds, "errors": dict(st.errors), "pid": st.pid,
                          **st.timing()} for name, st in self.stats.items()}
-        final = self.rundir.captions_file if "caption" in self.stats else self.rundir.visualize_file
+        final = self.rundir.captions_file if CaptionStage.name in self.stats else self.rundir.visualize_file
         records = read_jsonl(final) if final.exists() else iter(())
         return run_metrics(self.cfg, records, stages, self.pipeline)
 
@@ -286,7 +283,7 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
     metrics.update(weights(model))
     if pipeline:
         # End to end: every image and region of the run over the run's wall time (both stages).
-        done = metrics["regions_captioned"] if "caption" in stages else metrics["regions"]
+        done = metrics["regions_captioned"] if CaptionStage.name in stages else metrics["regions"]
         metrics["pipeline"] = {
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in pipeline.items()},
             "images_per_s": round(metrics["images"] / wall, 3) if wall else None,
@@ -308,7 +305,7 @@ def pick_executor(cfg: Any, *, multirun: bool = False) -> Type[Executor]:
 
     node = cfg.get("executor")
     cls = executor_of(node) if node is not None else LocalExecutor
-    if cls is not LocalExecutor or "caption" not in cfg.stages:
+    if cls is not LocalExecutor or CaptionStage.name not in cfg.stages:
         return cls
     isolate = cfg.engine.get("isolate")
     if isolate is None:
@@ -393,21 +390,21 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
     available fails in seconds, not after the visualize stage. ``multirun``:
     the job is one of a sweep (see :func:`pick_executor`).
     """
-    from regioncap.engines import EngineError, engine_name, engine_of
+    from regioncap.engines import EngineError, engine_choice, engine_of
     from regioncap.requirements import check_requirements
 
     check_config(cfg)  # before anything is read, built or started
     seed_everything(int(cfg.seed))
     check_requirements(cfg)
-    if "visualize" in cfg.stages:
+    if VisualizeStage.name in cfg.stages:
         check_data(cfg)
-    if "caption" in cfg.stages:
+    if CaptionStage.name in cfg.stages:
         from regioncap.engines import preflight
 
         preflight(cfg.engine, cfg.model)  # a server that is not there fails now, not after the images
     model_path = None
     try:
-        if "caption" in cfg.stages and engine_of(cfg.engine).needs_model_path:
+        if CaptionStage.name in cfg.stages and engine_of(cfg.engine).needs_model_path:
             from regioncap.models import resolve_model_path
 
             model_path = resolve_model_path(cfg.model)
@@ -417,7 +414,7 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
                        on_commit=on_commit, rundir=rundir)
     data_path = resolve_path(cfg.data.path) if cfg.data.path else None
     log.info("run: model=%s (%s) engine=%s prompt=%s draw=%s data=%s max_boxes=%d seed=%d executor=%s -> %s",
-             cfg.model.name, model_path or cfg.model.path, engine_name(cfg.engine), cfg.prompt.name, cfg.draw.name,
+             cfg.model.name, model_path or cfg.model.path, engine_choice(cfg.engine), cfg.prompt.name, cfg.draw.name,
              data_path, cfg.max_boxes, cfg.seed, short_name(type(run.executor)), run.out)
     return run
 

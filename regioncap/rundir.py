@@ -5,8 +5,9 @@ names of the files in it, takes the lock that keeps a second process out, checks
 and writes ``run_key.json`` (the settings that decide the answers) and scans a
 stage's records file for the rows a killed or stopped run already committed.
 
-Light on purpose (standard library only at import time): the report, merge,
-export and reproduce commands import the file names from here.
+Light on purpose (the standard library and the stages' declarations in
+:mod:`regioncap.stages` only, at import time): the report, merge, export and
+reproduce commands import the file names from here.
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 from regioncap.errors import RunError
+from regioncap.stages import STAGES, CaptionStage, VisualizeStage
 
 log = logging.getLogger("regioncap")
 
-VISUALIZE_FILE = "visualize.jsonl"
-CAPTIONS_FILE = "captions.jsonl"
+#: The stages' records files are declared by the stage classes.
+VISUALIZE_FILE = VisualizeStage.records_file
+CAPTIONS_FILE = CaptionStage.records_file
 METRICS_FILE = "metrics.json"
 RUN_KEY_FILE = "run_key.json"
 MANIFEST_FILE = "manifest.json"
@@ -36,7 +39,7 @@ LOCK_FILE = ".lock"
 IMAGES_DIR = "images"
 HYDRA_DIR = ".hydra"
 #: Records files of the stages, in stage order (``stages=[...]`` names).
-STAGE_FILES = {"visualize": VISUALIZE_FILE, "caption": CAPTIONS_FILE}
+STAGE_FILES = {stage.name: stage.records_file for stage in STAGES}
 #: A Hydra override value that needs no quotes (Hydra's grammar takes ASCII here only).
 _HYDRA_PLAIN = re.compile(r"[A-Za-z0-9_/.\-+@%]+")
 
@@ -293,9 +296,11 @@ class RunDir:
         from regioncap.records import dumps, write_text_atomically
 
         self.lock()
-        vis, cap = self.visualize_file, self.captions_file
-        writes = ([vis, cap] if "visualize" in cfg.stages else []) + ([cap] if "caption" in cfg.stages else [])
-        existing = [p.name for p in dict.fromkeys(writes) if p.exists() and p.stat().st_size > 0]
+        # A stage's records would no longer match the files of the stages after it: from the first
+        # stage asked for on, every stage's file counts as written.
+        first = next((i for i, stage in enumerate(STAGES) if stage.name in cfg.stages), len(STAGES))
+        writes = [self.path / stage.records_file for stage in STAGES[first:]]
+        existing = [p.name for p in writes if p.exists() and p.stat().st_size > 0]
         values = run_key_values(cfg)
         old = self.read_run_key()
         changes = key_changes(old["values"], values) if old else []
@@ -309,7 +314,8 @@ class RunDir:
                     f"overwrite them. To go on with that run: {resume_args(self.path)} (with its "
                     f"overrides); for a fresh run: a new hydra.run.dir")
             if changes:  # a caption-only run over an earlier visualize stage
-                log.warning("%s was made with other settings; they changed: %s", vis, "; ".join(changes))
+                log.warning("%s was made with other settings; they changed: %s", self.visualize_file,
+                            "; ".join(changes))
         elif changes:
             listed = "\n  ".join(changes)
             if not cfg.resume_force:
@@ -354,7 +360,7 @@ class RunDir:
 
         def pick(rec: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
             err = rec.get("error") or {}
-            again = err.get("stage") == "caption" or bool(err.get("retryable"))
+            again = err.get("stage") == CaptionStage.name or bool(err.get("retryable"))
             return rec.get("index"), rec.get("id"), rec.get("digest"), again
 
         try:

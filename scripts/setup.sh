@@ -31,11 +31,11 @@ plan() {
   echo "$pip --upgrade pip"
   if [ "$1" = cuda ]; then
     echo "$pip ${CUDA_TORCH[*]}"
-    echo "$pip -e .[transformers,openai,wandb,ray,slurm,dev]"
+    echo "$pip -e .[transformers,openai,wandb,trackers,ray,slurm,dev]"
   else
     echo "$pip $CPU_TORCH"
     # transformers-cpu: the transformers extra without torchvision (its CUDA build would pull a CUDA torch).
-    echo "$pip -e .[transformers-cpu,openai,wandb,ray,slurm,dev]"
+    echo "$pip -e .[transformers-cpu,openai,wandb,trackers,ray,slurm,dev]"
     # xgrammar requires triton (1 GB, GPU kernels only) on Linux; its CPU path never imports it.
     # qwen-vl-utils (and the PyAV it pulls in, 0.1 GB) imports torchvision: the tests compare
     # against it only where torchvision is installed, so without it here it is dead weight.

@@ -34,7 +34,7 @@ _SPAWNS = re.compile(r"\brun_cli\(|\bsubprocess\.|\bPopen\(|_server\b|vllm_pytho
 #: Optional packages and the extra that installs them (see pyproject.toml).
 OPTIONAL = {
     "torch": "transformers", "transformers": "transformers", "torchvision": "transformers",
-    "openai": "openai", "wandb": "wandb", "ray": "ray", "submitit": "slurm",
+    "openai": "openai", "wandb": "wandb", "mlflow": "trackers", "tensorboard": "trackers", "ray": "ray", "submitit": "slurm",
     "hydra_plugins.hydra_submitit_launcher": "slurm", "skimage": "dev", "matplotlib": "dev",
     "hypothesis": "dev", "qwen_vl_utils": "dev", "pycocoevalcap": "metrics",
 }

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Set
 
@@ -288,3 +289,92 @@ def test_a_module_naming_its_own_package_is_an_edge_a_sibling_import_is_not():
                               "regioncap.propose.plan") == {"regioncap.propose"}
     assert edges("from regioncap.propose.base import Proposal\n",
                               "regioncap.propose.plan") == {"regioncap.propose.base"}
+
+
+#: Where the stages' names are declared (``VisualizeStage.name``, ``CaptionStage.name``); every other
+#: module reads them from there.
+STAGE_DECLARATIONS = PACKAGE / "stages" / "__init__.py"
+
+
+def stage_name_literals(path: Path, names=("visualize", "caption")) -> List[str]:
+    """``file:line`` of every use of a stage's name as a string literal: ``"visualize"`` anywhere (it
+    names nothing else), ``"caption"`` where it is compared or looked up as a stage (``== "caption"``,
+    ``"caption" in cfg.stages``, a default argument); ``caption`` as a region field stays allowed."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    label = path.relative_to(REPO) if path.is_relative_to(REPO) else path.name
+    where = lambda node: f"{label}:{node.lineno}"  # noqa: E731
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value == names[0]:
+            found.append(where(node))
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(s, ast.Constant) and s.value in names[1:] for s in sides) and not any(
+                    isinstance(op, (ast.In, ast.NotIn)) and isinstance(c, (ast.Tuple, ast.List, ast.Set))
+                    for op, c in zip(node.ops, node.comparators)):
+                found.append(where(node))
+        elif isinstance(node, ast.arguments):
+            defaults = node.defaults + [d for d in node.kw_defaults if d is not None]
+            found += [where(d) for d in defaults if isinstance(d, ast.Constant) and d.value in names[1:]]
+    return found
+
+
+def test_stage_names_come_from_the_stage_classes():
+    from regioncap import rundir
+    from regioncap.stages import STAGE_NAMES, STAGES
+    from regioncap.stages.caption import Captioner
+    from regioncap.stages.visualize import Visualizer
+
+    literals = [hit for path in sorted(PACKAGE.rglob("*.py")) if path != STAGE_DECLARATIONS
+                for hit in stage_name_literals(path)]
+    assert literals == [], "read the stage's name from its class (regioncap.stages):\n" + "\n".join(literals)
+    assert [Visualizer.name, Captioner.name] == list(STAGE_NAMES) == [s.name for s in STAGES]
+    assert list(rundir.STAGE_FILES) == list(STAGE_NAMES)
+    assert [Visualizer.records_file, Captioner.records_file] == list(rundir.STAGE_FILES.values())
+
+
+def test_the_stage_name_check_sees_each_kind_of_use(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('def f(stage="caption", reg={}):\n'
+                   '    ok = reg.get("caption") or {"caption": 1} or key in ("bbox", "caption")\n'
+                   '    return stage == "caption" or "caption" in stages or "visualize"\n')
+    assert stage_name_literals(bad) == ["bad.py:1", "bad.py:3", "bad.py:3", "bad.py:3"]
+
+
+def regioncap_imports(path: Path, modules: Dict[str, Path]) -> Set[str]:
+    """The regioncap modules ``path`` imports anywhere (short names: ``stages.loop``), packages it only
+    passes through left out."""
+    importer = module_name(path)
+    found: Set[str] = set()
+    for node in imports(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("regioncap"):
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("regioncap")}
+    found.discard(importer)
+    return {m[len("regioncap."):] for m in found if m != "regioncap"}
+
+
+def test_the_module_table_of_design_md_names_what_each_module_imports():
+    """docs/design.md, "Modules": each row's imports column names every regioncap module the module
+    imports (in brackets when inside a function) and none it does not."""
+    modules = package_modules()
+    short = {m[len("regioncap."):] for m in modules if m != "regioncap"}
+    text = (REPO / "docs" / "design.md").read_text(encoding="utf-8")
+    wrong = []
+    for line in text.splitlines():
+        row = re.match(r"\| `([\w/]+)\.py` \| .* \| (.*?) \| ?(?:yes)? ?\|$", line)
+        if not row:
+            continue
+        name = row.group(1).replace("/__init__", "").replace("/", ".")
+        path = PACKAGE / f"{row.group(1)}.py"
+        if not path.is_file():
+            wrong.append(f"{name}: no such module")
+            continue
+        named = set(re.findall(r"[a-z_][a-z_.]*[a-z_]", row.group(2))) & short
+        actual = regioncap_imports(path, modules)
+        if actual - named or named - actual:
+            wrong.append(f"{name}: not named {sorted(actual - named)}; named, not imported {sorted(named - actual)}")
+    assert wrong == [], "\n".join(wrong)

@@ -199,6 +199,45 @@ def test_the_composed_option_is_typed_by_its_class():
     assert issubclass(OmegaConf.get_type(cfg.engine), VllmEngine.Config) and cfg.engine.batch_size == 4
 
 
+@pytest.mark.parametrize("installed,cuda,picked,why", [
+    ({"torch"}, False, "transformers", "vllm not installed"),
+    (set(), False, "transformers", "vllm and torch not installed"),
+    ({"torch", "vllm"}, False, "transformers", "vllm installed, but no CUDA device"),
+    ({"torch", "vllm"}, True, "vllm", "CUDA (2 device(s)) and vllm installed"),
+])
+def test_auto_says_what_it_picked_and_why(monkeypatch, installed, cuda, picked, why):
+    import importlib.util
+    import types
+
+    from regioncap.engines import engine_choice
+    from regioncap.engines.auto import AutoEngine
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (object() if name in installed else None) if name in ("torch", "vllm") else real_find_spec(name, *a)))
+    # A stand-in torch: the pick asks it for CUDA only.
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(
+        cuda=types.SimpleNamespace(is_available=lambda: cuda, device_count=lambda: 2)))
+    engine = compose(["engine=auto"]).engine
+    assert AutoEngine.chosen(engine).name == picked
+    line = engine_choice(engine)
+    assert line.startswith(f"auto -> {picked} (") and why in line
+    assert engine_choice(compose(["engine=fake"]).engine) == "fake"
+
+
+@pytest.mark.parametrize("model", ["qwen25vl_3b", "qwen25vl_7b", "qwen2vl_2b"])
+def test_full_size_models_default_to_auto_and_the_command_line_wins(model):
+    assert node_name(compose([f"model={model}"]).engine) == "auto"
+    assert node_name(compose([f"model={model}", "engine=vllm"]).engine) == "vllm"
+    assert node_name(compose([f"model={model}", "engine=fake"]).engine) == "fake"
+
+
+def test_the_offline_models_keep_transformers():
+    assert node_name(compose([], pin=False).engine) == "transformers"  # model=shapes, the default
+    assert node_name(compose(["model=tiny"]).engine) == "transformers"
+    assert node_name(compose(["experiment=qwen25vl_3b_vllm"]).engine) == "vllm"
+
+
 def test_auto_becomes_transformers_without_vllm(monkeypatch):
     from regioncap.engines.auto import AutoEngine
     from regioncap.engines.transformers_engine import TransformersEngine

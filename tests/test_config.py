@@ -12,8 +12,10 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR, REPO, compose
 
-#: Every config group: each folder of conf/ but experiment/ (its own test below) and hydra/ (Hydra's).
-GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in ("experiment", "hydra"))
+#: The groups whose options set keys anywhere (``# @package _global_``): composed in their own tests below.
+GLOBAL_GROUPS = ("experiment", "hparams_search", "debug")
+#: Every config group: each folder of conf/ but the global ones and hydra/ (Hydra's).
+GROUPS = sorted(p.name for p in CONF_DIR.iterdir() if p.is_dir() and p.name not in (*GLOBAL_GROUPS, "hydra"))
 
 
 def options(group: str):
@@ -121,9 +123,11 @@ def test_help_and_cfg_do_not_import_heavy_libraries(args):
         assert "max_boxes: 10" in proc.stdout
 
 
-@pytest.mark.parametrize("experiment", options("experiment"))
-def test_every_experiment_composes(experiment, tmp_path):
-    cfg = compose([f"experiment={experiment}"], output_dir=tmp_path)
+@pytest.mark.parametrize("override", [f"{g}={o}" for g in GLOBAL_GROUPS for o in options(g)])
+def test_every_global_option_composes(override, tmp_path):
+    if override.startswith("hparams_search="):
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    cfg = compose([override], output_dir=tmp_path)
     OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     from regioncap.settings import check_settings
 

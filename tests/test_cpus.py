@@ -201,12 +201,32 @@ def test_apply_engine_threads_sizes_torch():
     torch = pytest.importorskip("torch")
     before = torch.get_num_threads()
     try:
-        cpus.apply_engine_threads(1, "transformers", "cpu")
+        from regioncap.engines.fake import FakeEngine
+        from regioncap.engines.transformers_engine import TransformersEngine
+
+        cpus.apply_engine_threads(1, TransformersEngine, "cpu")
         assert torch.get_num_threads() == 1
-        cpus.apply_engine_threads(None, "transformers", "cpu")  # None: left as it is
+        cpus.apply_engine_threads(None, TransformersEngine, "cpu")  # None: left as it is
+        assert torch.get_num_threads() == 1
+        cpus.apply_engine_threads(2, FakeEngine, "cpu")  # no torch in the engine: left as it is
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_every_shipped_engine_says_how_its_threads_are_set():
+    """A torch engine without ``cpu_threads`` would spin every core against the preparation workers."""
+    from conftest import CONF_DIR
+
+    from regioncap.components import group_base, resolve, shipped_targets
+
+    seen = {}
+    for group, _option, target in shipped_targets(CONF_DIR):
+        if group == "engine":
+            cls = resolve(target, group_base("engine"), "engine._target_")
+            seen[cls.name] = cls.cpu_threads
+    assert seen["transformers"] == "torch" and seen["vllm"] == "vllm"
+    assert seen["fake"] is None and seen["openai"] is None
 
 
 # -------------------------------------------------------------- in a run

@@ -213,7 +213,7 @@ def test_other_regexes_and_json_schemas_are_enforced_with_xgrammar(engine, image
     assert out[1].text == json.dumps(value)
     assert set(value) == {"n"} and isinstance(value["n"], int) and 0 <= value["n"] <= 9
     # The grounding answer of propose=vlm: every complete answer is its compact layout.
-    from regioncap.propose.vlm import grounding_regex
+    from regioncap.families.grounding import grounding_regex
 
     g = _req("ground", images[0], prompt="Locate every object.", max_tokens=120)
     g.regex = grounding_regex()

@@ -42,7 +42,7 @@ from PIL import Image
 from conftest import REPO, compose
 from regioncap.job import execute
 from regioncap.records import read_jsonl
-from regioncap.stages.visualize import OWN_KEYS
+from regioncap.record_types import RECORD_KEYS
 from regioncap.run import RunError
 
 #: Every ``error.kind`` a visualize-stage error row may carry (data.py, images.py, run.py).
@@ -241,7 +241,7 @@ def check_run(data_file: Path, data: bytes, out: Path, metrics: Optional[Dict[st
             # Every other input field is carried through (under "input" when regioncap uses its name).
             for k, v in row.items():
                 if k not in ("image", "bbox"):
-                    assert (rec["input"][k] if k in OWN_KEYS else rec[k]) == v, k
+                    assert (rec["input"][k] if k in RECORD_KEYS else rec[k]) == v, k
         if err is None or err["kind"] == "no_valid_boxes":
             # The image loaded and the boxes parsed: every box is kept or dropped, none lost.
             n = boxes_given(row.get("bbox")) if isinstance(row, dict) else None

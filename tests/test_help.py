@@ -25,7 +25,7 @@ def help_text(tmp_path_factory):
 def test_help_lists_the_groups_users_pick(help_text):
     assert "schema/" not in help_text
     assert "fake" not in help_text
-    groups = {line.split()[0]: line for line in help_text.splitlines() if re.match(r"^[a-z/]+ {2,}", line)}
+    groups = {line.split()[0]: line for line in help_text.splitlines() if re.match(r"^[a-z_/]+ {2,}", line)}
     for group_dir in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
         assert group_dir.name in groups, group_dir.name
         # the group's line and its continuation lines up to the next group

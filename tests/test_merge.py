@@ -288,6 +288,10 @@ def test_merged_manifest_and_config_name_the_shards(shapes_runs):
         assert entry["records"]["sha256"] == own["outputs"]["captions.jsonl"]["sha256"]
         assert (merged / entry["dir_relative"]).resolve() == shard.resolve()
         assert entry["config_changes"] == []  # the shards' configs differ in shard_index and run dir only
+        assert entry["threads"] == own["threads"]
+    # A reader of a run's manifest can read a merged one: every field of the one is in the other.
+    assert set(read_manifest(whole)) <= set(man)
+    assert man["threads"] == read_manifest(shards[0])["threads"]
     assert man["data"] == read_manifest(shards[0])["data"]  # the same input, fingerprinted once
     assert set(man["outputs"]) == {"captions.jsonl", "metrics.json"}
     # The config is the unsharded run's: the report's header and export read it.

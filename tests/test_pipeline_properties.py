@@ -34,7 +34,7 @@ from regioncap.engines import fake as fake_engine
 from regioncap.engines.base import Response
 from regioncap.errors import RunError
 from regioncap.job import execute
-from regioncap.stages.visualize import OWN_KEYS
+from regioncap.record_types import RECORD_KEYS
 
 SMALL = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.function_scoped_fixture])
@@ -94,7 +94,7 @@ def input_row(draw, images: Path) -> str:
         row["image"] = str(images / choice) if draw(st.booleans()) else choice
     if draw(st.integers(0, 4)):
         row["bbox"] = draw(bbox)
-    for key in draw(st.lists(st.one_of(st.text(max_size=8), st.sampled_from(sorted(OWN_KEYS))), max_size=3)):
+    for key in draw(st.lists(st.one_of(st.text(max_size=8), st.sampled_from(sorted(RECORD_KEYS))), max_size=3)):
         row[key] = draw(junk)
     if draw(st.integers(0, 9)) == 0:  # not an object at all, or not JSON
         return draw(st.sampled_from(["[1, 2]", "42", '"a string"', "{broken", "null", '{"a": NaN}']))

@@ -1,4 +1,5 @@
-"""A user's own engine and logger, in their own package and --config-dir, run with no change to regioncap.
+"""A user's own engine, logger, proposer, data source and prompt strategy, in their own package and
+--config-dir, run with no change to regioncap (0 files of the package touched).
 
 The plugin's files are the code blocks of docs/plugins.md (each starts with a
 ``# path`` line), written into a folder outside the package: the example a
@@ -48,26 +49,6 @@ def test_the_docs_show_an_engine_a_logger_and_their_options():
                                    "myconf/logger/jsonl.yaml", "myplugins/proposer.py", "myplugins/source.py",
                                    "myconf/propose/grid.yaml", "myconf/data/folder.yaml",
                                    "myplugins/strategy.py", "myconf/prompt/few.yaml"}
-
-
-@pytest.mark.cli
-@pytest.mark.slow
-def test_a_plugin_engine_and_logger_run_from_outside_the_package(tmp_path):
-    out = tmp_path / "run"
-    proc = run_plugin(tmp_path, "engine=echo", "logger=jsonl", "engine.batch_size=4", "progress=false",
-                      f"hydra.run.dir={out}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
-    ids = [r["id"] for r in records]
-    assert len(ids) == len(set(ids)) == 5  # every row of data=demo, once
-    captions = [reg["caption"] for r in records for reg in r["regions"]]
-    assert captions and set(captions) == {"a plugin caption"}
-    events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
-    assert events[0] == "start" and "progress" in events and events[-2:] == ["run", "finish"]
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["engine"]["name"] == "echo"
-    assert manifest["engine"]["describe"] == {"engine": "echo", "caption": "a plugin caption"}
-    assert "engine=echo" in (out / "regioncap.log").read_text()
 
 
 @pytest.mark.cli
@@ -128,3 +109,59 @@ def test_a_broken_plugin_proposer_or_source_is_one_line_before_any_row(tmp_path,
     said = proc.stdout + proc.stderr
     assert message in said and "Traceback" not in said
     assert not (out / "visualize.jsonl").exists()
+
+
+def package_tree() -> Dict[str, str]:
+    """``{path under the repo: sha256}`` of every file of the package (regioncap/, its shipped conf
+    included) and of pyproject.toml: what a plugin must not need to touch. Caches left out."""
+    import hashlib
+
+    files = [p for p in (REPO / "regioncap").rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    files.append(REPO / "pyproject.toml")
+    return {str(p.relative_to(REPO)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(files)}
+
+
+#: Names the docs' plugin defines: no file of the package may mention one (the plugin needs no edit there).
+PLUGIN_NAMES = ("myplugins", "EchoEngine", "JsonlLogger", "GridProposer", "FolderSource", "FewMarkedStrategy")
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_an_engine_strategy_proposer_source_and_logger_from_outside_touch_0_package_files(tmp_path):
+    """The files-per-extension table of docs/design.md ("How to add ..."): all five kinds of plugin
+    in one run, from a folder outside the package, with 0 files of the package written or named."""
+    import shutil
+
+    before = package_tree()
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("shapes_00000.jpg", "shapes_00001.jpg"):
+        shutil.copy(REPO / "regioncap" / "demo" / "shapes" / "images" / name, images / name)
+    out = tmp_path / "run"
+    proc = run_plugin(tmp_path, "engine=echo", "engine.batch_size=4", "prompt=few", "propose=grid", "data=folder",
+                      f"data.path={images}",
+                      "logger=jsonl", "progress=false", "workers=0", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = [p for p in (tmp_path / "myproject").rglob("*") if p.is_file()]
+    assert written and not any(p.resolve().is_relative_to(REPO.resolve()) for p in written)
+    manifest = json.loads((out / "manifest.json").read_text())
+    cfg = manifest["config"]
+    assert [cfg[g]["_target_"] for g in ("engine", "prompt", "propose", "data", "logger")] == [
+        "myplugins.engine.EchoEngine", "myplugins.strategy.FewMarkedStrategy", "myplugins.proposer.GridProposer",
+        "myplugins.source.FolderSource", "myplugins.logger.JsonlLogger"]
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["shapes_00000", "shapes_00001"]
+    for rec in records:  # grid proposals, two regions a request (the plugin strategy), echo's captions
+        assert rec["status"] == "ok" and {reg["source"] for reg in rec["regions"]} == {"grid"}
+        assert [len(s["numbers"]) for s in rec["requests"]] == [2, 2]
+        assert {reg["caption"] for reg in rec["regions"]} == {"a plugin caption"}
+    events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and "progress" in events and events[-2:] == ["run", "finish"]
+    assert manifest["engine"]["name"] == "echo"
+    assert manifest["engine"]["describe"] == {"engine": "echo", "caption": "a plugin caption"}
+    assert "engine=echo" in (out / "regioncap.log").read_text()
+    # 0 files of the package: none written by the run, none naming the plugin.
+    assert package_tree() == before
+    named = [path for path in before if path.endswith((".py", ".yaml", ".toml"))
+             and any(n in (REPO / path).read_text(encoding="utf-8") for n in PLUGIN_NAMES)]
+    assert named == []

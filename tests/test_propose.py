@@ -24,7 +24,8 @@ from regioncap.propose import (
 )
 from regioncap.propose.contours import ContoursProposer
 from regioncap.families.qwen import GROUNDING_PROMPT, QWEN2_GROUNDING_PROMPT
-from regioncap.propose.vlm import VlmProposer, grounding_json_schema, grounding_regex
+from regioncap.families.grounding import grounding_json_schema, grounding_regex
+from regioncap.propose.vlm import VlmProposer
 
 SHAPES_DIR = REPO / "regioncap" / "demo" / "shapes"
 

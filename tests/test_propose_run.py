@@ -149,7 +149,7 @@ def test_vlm_grounding_with_model_shapes_on_the_transformers_engine(tmp_path):
     land is not checked here; the model card has the figures.)"""
     import re
 
-    from regioncap.propose.vlm import grounding_regex
+    from regioncap.families.grounding import grounding_regex
 
     out = tmp_path / "run"
     metrics = execute(compose(["model=shapes", "data=shapes", "propose=vlm", "propose.when=always",

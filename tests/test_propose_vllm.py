@@ -14,7 +14,7 @@ import re
 
 import pytest
 
-from regioncap.propose.vlm import grounding_regex
+from regioncap.families.grounding import grounding_regex
 from vllm_helpers import RESULT_MARKER, run_vllm_script, vllm_env, vllm_python
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -218,3 +218,23 @@ def test_sigterm_stops_after_a_commit_and_resume_finishes_every_row_once(tmp_pat
     assert res.returncode == 0, res.stderr[-3000:]
     assert [r["index"] for r in read_jsonl(out / "captions.jsonl")] == list(range(23))
     assert f"skipped {len(first)} row(s) already done" in (out / "regioncap.log").read_text()
+
+
+def test_an_address_nothing_answers_at_fails_at_once_naming_it():
+    """``ray.init`` would retry such an address for minutes without a word."""
+    import socket
+
+    from regioncap.executors.ray_executor import _check_reachable
+
+    with socket.socket() as s:  # a port that was just free: nothing listens there now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RunError, match=rf"executor.address='127.0.0.1:{port}': nothing answers at 127.0.0.1:{port}"):
+        _check_reachable(f"127.0.0.1:{port}", timeout_s=2)
+    with pytest.raises(RunError, match="nothing answers"):
+        _check_reachable(f"ray://127.0.0.1:{port}", timeout_s=2)
+    with socket.socket() as s:  # something listens: left to Ray
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        _check_reachable(f"127.0.0.1:{s.getsockname()[1]}", timeout_s=2)
+    _check_reachable("auto")  # not host:port: Ray's own lookup

@@ -262,7 +262,7 @@ def test_sweep_console_lines_and_failed_job_lines_hold_no_secret(tmp_path, launc
 
 @pytest.mark.cli
 def test_input_fields_named_like_record_fields_are_kept_under_input(tmp_path):
-    """Every name a record uses (derived from CaptionRecord) that a row also carries is kept under
+    """Every name a record uses (the fields of the record model, record_types.Record) that a row also carries is kept under
     ``input``; ``proposals`` and ``grounding`` are written by propose=vlm, so they are the test."""
     from regioncap.record_types import RECORD_KEYS
 

@@ -581,12 +581,13 @@ _CELL = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_siz
 def test_a_caption_cell_shows_any_text_as_text(caption, flag, label, source):
     """Whatever a caption, a flag, a proposal's source or label holds, the cell's markup is the
     template's spans and its text is the data."""
+    from regioncap.record_types import Region
     from regioncap.report import _caption_cell, _environment
 
     macros = _environment().get_template("macros.html.j2").module
     reg = {"caption": caption, "flags": [flag], "source": source, "label": label,
            "scores": {"exact_match": 0.0}, "attempt": 2}
-    out = str(macros.caption_cell(_caption_cell(reg, "caption")))
+    out = str(macros.caption_cell(_caption_cell(Region.from_dict(reg), "caption")))
     doc = parse(out)
     assert {t for t, _ in doc.tags} == {"span"}
     classes = [a.get("class") for _, a in doc.tags]

@@ -124,12 +124,14 @@ def test_single_run_writes_no_secret_anywhere(tmp_path):
 
 @pytest.mark.cli
 def test_sweep_writes_no_secret_anywhere(tmp_path):
-    """A two-job multirun: the jobs' dirs, the sweep's multirun.yaml and its report hold no secret."""
+    """A two-job multirun: the jobs' dirs (with the CSV tracker's files, which hold the config and the
+    run names, as every tracker is handed them), the sweep's multirun.yaml, table and report hold no secret."""
     sweep = tmp_path / "sweep"
     proc = run_cli(["-m", f"hydra.sweep.dir={sweep}", "engine=fake", "seed=0,1", "workers=0", "data.limit=2",
-                    *OVERRIDES], cwd=tmp_path)
+                    "logger=csv", *OVERRIDES], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (sweep / "multirun.yaml").is_file() and (sweep / "report.html").is_file()
+    assert (sweep / "metrics.csv").is_file() and (sweep / "1" / "csv" / "config.csv").is_file()
     assert (sweep / "1" / ".hydra" / "config.yaml").is_file()
     assert _leaks(sweep) == []
     multirun = yaml.safe_load((sweep / "multirun.yaml").read_text())

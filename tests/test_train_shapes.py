@@ -83,7 +83,7 @@ def test_grounding_targets_are_the_answer_regioncap_reads():
     from train_shapes import grounding_answer
 
     from regioncap.families.qwen import Qwen25VL
-    from regioncap.propose.vlm import grounding_regex
+    from regioncap.families.grounding import grounding_regex
 
     boxes = [(120.4, 30.0, 170.6, 80.2), (10.0, 30.0, 50.0, 70.0), (60.0, 5.0, 100.0, 40.0)]
     labels = ["a red star", "a blue circle", "an orange square"]

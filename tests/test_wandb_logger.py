@@ -79,8 +79,9 @@ def _set(tree: Dict[str, Any], path: List[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def read_offline_run(run_dir: Path, wait_s: float = 30.0) -> Dict[str, Any]:
-    """The one offline W&B run under ``run_dir/wandb/``: run record, config, summary, artifacts, exit.
+def read_offline_run(run_dir: Path, wait_s: float = 30.0, sync_dir: Path | None = None) -> Dict[str, Any]:
+    """The one offline W&B run under ``run_dir/wandb/`` (or the run folder ``sync_dir``, as a
+    sweep keeps them: ``SWEEP_DIR/wandb/offline-run-*``): run record, config, summary, artifacts, exit.
 
     ``run.finish()`` returns once wandb-core has the exit record, but core writes
     the transaction log on its own schedule: the file can lack its last records
@@ -88,14 +89,15 @@ def read_offline_run(run_dir: Path, wait_s: float = 30.0) -> Dict[str, Any]:
     """
     deadline = time.monotonic() + wait_s
     while True:
-        run = _read_offline_run(run_dir)
+        run = _read_offline_run(run_dir, sync_dir)
         if run["exit_code"] is not None or time.monotonic() > deadline:
             return run
         time.sleep(0.05)
 
 
-def _read_offline_run(run_dir: Path) -> Dict[str, Any]:
-    (sync_dir,) = sorted((run_dir / "wandb").glob("offline-run-*"))
+def _read_offline_run(run_dir: Path, sync_dir: Path | None = None) -> Dict[str, Any]:
+    if sync_dir is None:
+        (sync_dir,) = sorted((run_dir / "wandb").glob("offline-run-*"))
     (log_file,) = sync_dir.glob("run-*.wandb")
     out: Dict[str, Any] = {"dir": sync_dir, "files": sync_dir / "files", "config": {}, "summary": {},
                            "history": [], "artifacts": [], "exit_code": None}
@@ -195,6 +197,11 @@ def test_offline_run_records_config_metrics_images_table_and_artifact(tmp_path):
     _, contents = _artifact(run, "run_table")
     assert "region_table.table.json" in contents
     assert sum(p.startswith("media/images/") for p in contents) >= 1
+    # The thumbnails are files of the run dir, one per table row, and W&B's copies for the table's
+    # artifact are staged in the W&B run's own folder (what `wandb sync` reads), not in the home dir.
+    assert len(list((out / "thumbnails").glob("*.jpg"))) == 10
+    staged = [Path(c.local_path) for c in contents.values()]
+    assert all(p.is_file() and run["dir"] in p.parents for p in staged), staged
 
     # The records as a dataset artifact: offline, its manifest points at the files in the run dir
     # (immutable: no copy in wandb's staging dir), which `wandb sync` uploads.
@@ -325,18 +332,22 @@ def test_multirun_gives_each_job_its_own_finished_run(tmp_path):
                     f"data.path={bad},{DEMO}", "max_boxes=2,10", "max_error_rate=0", "logger.log_table=false",
                     f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     assert proc.returncode != 0  # the failed jobs are reported...
-    jobs = sorted((p for p in sweep.iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    jobs = sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     assert len(jobs) == 4, proc.stderr[-3000:]
+    # The sweep's offline runs are kept together (SWEEP_DIR/wandb/), one per job.
+    runs = [read_offline_run(sweep, sync_dir=d) for d in sorted((sweep / "wandb").glob("offline-run-*"))]
+    by_dir = {r["config"]["output_dir"]: r for r in runs}
+    assert len(runs) == 4 and not list(jobs[0].glob("wandb"))
     names, run_ids = set(), set()
     for job in jobs:
         overrides = (job / ".hydra" / "overrides.yaml").read_text()
-        run = read_offline_run(job)
+        run = by_dir[str(job)]
         failed = "bad.jsonl" in overrides
         max_boxes = 2 if "max_boxes=2\n" in overrides else 10
         assert run["run"].run_group == "sweep"
         assert run["config"]["max_boxes"] == max_boxes
-        assert f"max_boxes={max_boxes}" in run["run"].display_name
-        assert "logger" not in run["run"].display_name
+        # Named by the swept overrides only, not by the ones every job shares.
+        assert run["run"].display_name == f"data.path={'bad.jsonl' if failed else 'demo.jsonl'},max_boxes={max_boxes}"
         assert run["exit_code"] == (1 if failed else 0), (job, run["exit_code"])
         if not failed:  # ...after the jobs that follow them ran
             assert run["summary"]["regions_captioned"] == 18
@@ -344,6 +355,17 @@ def test_multirun_gives_each_job_its_own_finished_run(tmp_path):
         names.add(run["run"].display_name)
         run_ids.add(run["run"].run_id)
     assert len(names) == 4 and len(run_ids) == 4
+    # The log names one command for the whole sweep; the real wandb CLI finds the 4 runs with it,
+    # and with no argument from the sweep dir.
+    assert f"upload every run of the sweep with `wandb sync {sweep / 'wandb'}`" in proc.stdout + proc.stderr
+    import os
+    import subprocess
+    import sys
+
+    for args, cwd in (([str(sweep / "wandb")], tmp_path), ([], sweep)):
+        out = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", *args], cwd=cwd,
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "WANDB_MODE": "offline"})
+        assert out.returncode == 0 and "Would sync 4 run(s)" in out.stdout + out.stderr, out.stdout + out.stderr
 
 
 def _closed_port() -> int:

@@ -25,6 +25,13 @@ def engine_name(engine_cfg: Any) -> str:
     return node_name(engine_cfg) or "engine"
 
 
+def engine_choice(engine_cfg: Any) -> str:
+    """The engine as the run's log line names it: its name, and for ``engine=auto`` what it
+    picked here and why (``auto -> transformers (vllm not installed)``)."""
+    describe = getattr(engine_of(engine_cfg), "describe_choice", None)
+    return describe(engine_cfg) if describe is not None else engine_name(engine_cfg)
+
+
 def build_engine(engine_cfg: Any, model_cfg: Any, model_path: str | None) -> Engine:
     """Build the engine ``engine_cfg`` names for the model ``model_cfg``.
 
@@ -46,6 +53,7 @@ def preflight(engine_cfg: Any, model_cfg: Any) -> None:
 
 
 __all__ = [
-    "Engine", "EngineError", "EngineInfo", "Request", "Response", "Sampling", "build_engine", "engine_name",
+    "Engine", "EngineError", "EngineInfo", "Request", "Response", "Sampling", "build_engine", "engine_choice",
+    "engine_name",
     "engine_of", "error_response", "make_response", "preflight", "validate_answer",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Any, List, Sequence
+from typing import Any, List, Sequence, Tuple
 
 from regioncap.components import check, whole
 from regioncap.engines.base import Engine, Request, Response
@@ -37,11 +37,25 @@ class AutoEngine(Engine):
 
     @classmethod
     def chosen(cls, node: Any) -> type:
-        if importlib.util.find_spec("vllm") is None or importlib.util.find_spec("torch") is None:
-            return TransformersEngine
+        return cls.pick()[0]
+
+    @classmethod
+    def pick(cls) -> Tuple[type, str]:
+        """The engine class built here and why (the run's log line says both)."""
+        missing = [m for m in ("vllm", "torch") if importlib.util.find_spec(m) is None]
+        if missing:
+            return TransformersEngine, f"{' and '.join(missing)} not installed"
         import torch
 
-        return VllmEngine if torch.cuda.is_available() else TransformersEngine
+        if not torch.cuda.is_available():
+            return TransformersEngine, "vllm installed, but no CUDA device (torch.cuda.is_available() is false)"
+        return VllmEngine, f"CUDA ({torch.cuda.device_count()} device(s)) and vllm installed"
+
+    @classmethod
+    def describe_choice(cls, node: Any) -> str:
+        """``auto -> vllm (CUDA (1 device(s)) and vllm installed)``: the pick, for the log."""
+        engine, why = cls.pick()
+        return f"{cls.name} -> {engine.name} ({why})"
 
     def generate(self, requests: Sequence[Request]) -> List[Response]:  # pragma: no cover - never built
         raise NotImplementedError("AutoEngine is resolved to vLLM or transformers before it is built")

@@ -251,6 +251,10 @@ class Engine(Component, abc.ABC):
     #: in a sweep, each job's caption stage runs in its own process (``executor=isolated``) by
     #: default, because the engine does not hand its (GPU) memory back inside one process.
     isolate_in_sweeps: ClassVar[bool] = False
+    #: how the run's ``threads`` reach the engine (:func:`regioncap.cpus.apply_engine_threads`):
+    #: ``torch`` (torch's pools in this process), ``vllm`` (vLLM's CPU OpenMP binding, and torch's
+    #: pools), None (no torch in this process: a server's client, the fake engine).
+    cpu_threads: ClassVar[Optional[str]] = None
 
     #: ``requires`` / ``extra`` (see :class:`~regioncap.components.Component`) are
     #: checked before any work by :func:`regioncap.requirements.check_requirements`.

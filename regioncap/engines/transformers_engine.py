@@ -213,6 +213,7 @@ class TransformersEngine(Engine):
         structured_outputs: bool = True
 
     name = "transformers"
+    cpu_threads = "torch"
     # No torchvision: without it the processors run on PIL (see load_processor).
     requires = ("torch", "transformers")
     extra = "transformers"

@@ -89,6 +89,7 @@ class VllmEngine(Engine):
         extra_args: Dict[str, Any] = field(default_factory=dict)
 
     name = "vllm"
+    cpu_threads = "vllm"
     isolate_in_sweeps = True
     requires = ("vllm",)
     extra = "vllm"

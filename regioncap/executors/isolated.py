@@ -20,7 +20,7 @@ from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor
 from regioncap.rundir import LOG_FILE, RunDir
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested
-from regioncap.stages import StageStats
+from regioncap.stages import CaptionStage, StageStats
 
 log = logging.getLogger("regioncap")
 
@@ -80,7 +80,7 @@ class IsolatedExecutor(Executor):
                 stats.startup["time_to_first_caption_s"] += process_s
         job.engine_info.update(result.get("engine_info") or {})
         if result.get("interrupted"):
-            raise Interrupted(result["interrupted"], "caption", stats.rows)
+            raise Interrupted(result["interrupted"], CaptionStage.name, stats.rows)
         return stats
 
 
@@ -97,7 +97,7 @@ def caption_child(cfg: Dict[str, Any], model_path: Optional[str], start_hint: st
     logging.getLogger().addHandler(handler)
     conf = OmegaConf.create(cfg)
     executor = LocalExecutor(conf)
-    job = CaptionJob(cfg=conf, rundir=RunDir(cfg["output_dir"]), stats=StageStats("caption"),
+    job = CaptionJob(cfg=conf, rundir=RunDir(cfg["output_dir"]), stats=StageStats(CaptionStage.name),
                      model_path=model_path, start_hint=start_hint, threads=threads)
     try:
         # Ctrl-C reaches this process too, and the parent forwards a SIGTERM it gets:

@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, Optional
 from regioncap.engines.base import Engine
 from regioncap.executors import CaptionJob, Executor
 from regioncap.records import read_jsonl
-from regioncap.stages import StageStats, merge_startup
+from regioncap.stages import StageStats, VisualizeStage, merge_startup
 from regioncap.stages.caption import Captioner
 from regioncap.stages.loop import StageLoop, progress
 
@@ -28,15 +28,15 @@ class LocalExecutor(Executor):
     def caption(self, job: CaptionJob, records: Optional[Iterable[Dict[str, Any]]] = None) -> StageStats:
         cfg, stats = job.cfg, job.stats
         stats.pid = os.getpid()
-        if cfg.resume and "visualize" not in cfg.stages:
-            job.rundir.done_rows("visualize")  # cuts a torn tail a killed visualize stage left
+        if cfg.resume and VisualizeStage.name not in cfg.stages:
+            job.rundir.done_rows(VisualizeStage.name)  # cuts a torn tail a killed visualize stage left
         self.captioner = Captioner(cfg, job.rundir.path, model_path=job.model_path, start_hint=job.start_hint,
                                    engine=self.engine, threads=job.threads)
-        loop = StageLoop("caption", job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
+        loop = StageLoop(Captioner.name, job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
                          on_commit=job.on_commit)
         source = read_jsonl(job.rundir.visualize_file) if records is None else records
         try:
-            return loop.run(progress(source, "caption", bool(cfg.progress), job.total), self.captioner.batches,
+            return loop.run(progress(source, Captioner.name, bool(cfg.progress), job.total), self.captioner.batches,
                             Captioner.identity)
         finally:
             job.engine_info.update(self.captioner.describe_engine() or {})

@@ -48,7 +48,7 @@ from regioncap.errors import RunError
 from regioncap.rundir import resume_args
 from regioncap.executors import CaptionJob, Executor
 from regioncap.signals import stop_requested
-from regioncap.stages import StageStats, merge_startup
+from regioncap.stages import CaptionStage, StageStats, VisualizeStage, merge_startup
 from regioncap.stages.loop import StageLoop, grouped
 
 log = logging.getLogger("regioncap")
@@ -162,6 +162,8 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
             kwargs["num_gpus"] = int(executor_cfg.local_num_gpus)
         if executor_cfg.object_store_mb is not None:
             kwargs["object_store_memory"] = int(executor_cfg.object_store_mb) * 1024 * 1024
+    if executor_cfg.address:
+        _check_reachable(str(executor_cfg.address))
     # ray.init makes SIGTERM exit the driver at once; the run's own handler (stop after
     # the batch being written, then exit 143) is put back after it.
     main = threading.current_thread() is threading.main_thread()
@@ -191,6 +193,33 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
         yield ray
     finally:
         _shutdown(ray)
+
+
+#: Seconds to wait for a TCP connection to ``executor.address`` before ``ray.init``.
+CONNECT_TIMEOUT_S = 10.0
+
+
+def _check_reachable(address: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail at once, naming ``executor.address``, when its ``host:port`` takes no connection.
+
+    ``ray.init`` retries an address that does not answer for minutes without a
+    word (about 2.5 min here). ``auto`` and addresses that are not ``host:port``
+    are left to Ray.
+    """
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    host = host.strip("[]")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise RunError(f"executor.address={address!r}: nothing answers at {host}:{port} "
+                       f"({type(exc).__name__}: {exc}); is the Ray head running there (`ray start --head`)? "
+                       "null starts a local cluster; auto joins the one `ray start` made on this machine") from None
 
 
 def _shutdown(ray: Any) -> None:
@@ -296,9 +325,9 @@ class RayExecutor(Executor):
             raise RunError(f"executor.num_replicas and executor.batch_size must be at least 1, got "
                            f"{ex.num_replicas} and {ex.batch_size}")
         stats.pid = os.getpid()
-        if cfg.resume and "visualize" not in cfg.stages:
-            job.rundir.done_rows("visualize")  # cuts a torn tail a killed visualize stage left
-        loop = StageLoop("caption", job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
+        if cfg.resume and VisualizeStage.name not in cfg.stages:
+            job.rundir.done_rows(VisualizeStage.name)  # cuts a torn tail a killed visualize stage left
+        loop = StageLoop(CaptionStage.name, job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
                          on_commit=job.on_commit).begin()
         identity = _identity
         todo = list(loop.todo(_scan(job.rundir.visualize_file), identity))
@@ -353,7 +382,7 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
                 if bool(cfg.progress):
                     from tqdm import tqdm
 
-                    bar = tqdm(desc="caption", unit="row", dynamic_ncols=True, mininterval=1.0, total=len(todo))
+                    bar = tqdm(desc=CaptionStage.name, unit="row", dynamic_ncols=True, mininterval=1.0, total=len(todo))
                 expected = iter(todo)
                 for result in pool.run(chunks, wait_all=room):
                     records = result["records"]

@@ -29,17 +29,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, List
 
-from regioncap.boxes import NMS_METRICS, nms
+from regioncap.boxes import NMS_METRICS, NmsMetric, nms
 from regioncap.components import TARGET, Rule, check, finite_number, real, whole
-from regioncap.choice import Choice
 from regioncap.propose.base import Proposal, Proposer
-
-
-class NmsMetric(Choice):
-    """Overlap measure of an NMS: IoU, or intersection over the smaller box (DataFlow-MM's contours)."""
-
-    iou = "iou"
-    iomin = "iomin"
 
 
 def _odd(lo: int) -> Rule:

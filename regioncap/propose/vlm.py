@@ -2,18 +2,12 @@
 
 What to ask and how to read the answer is the model family's
 (:class:`regioncap.families.base.Family`: ``grounding_prompt``,
-``grounding_constraint``, ``parse_grounding``). The readers shared by families
-are here: asked for JSON, Qwen2.5-VL and Qwen3-VL answer a list of
-``{"bbox_2d": [x1, y1, x2, y2], "label": "..."}`` (often inside a fenced
-```json block; pixels of the image for Qwen2.5-VL, a 0-1000 grid for Qwen3-VL).
-Qwen2-VL writes boxes on a 0-1000 grid relative to the image, between its box tokens:
-``<|object_ref_start|>label<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>``
-(the tokens vanish when special tokens are skipped in decoding, leaving the
-bare ``(x1,y1),(x2,y2)``). :func:`parse_grounding` reads all of these.
-
-The pieces here build the request (:func:`grounding_regex` / :func:`grounding_json_schema`,
-:meth:`VlmProposer.request`) and read the answer (:func:`parse_grounding`,
-:meth:`VlmProposer.parse`); the run sends the requests through its engine.
+``grounding_constraint``, ``parse_grounding``): Qwen2.5-VL answers ``bbox_2d``
+JSON in pixels, Qwen3-VL the same JSON on a 0-1000 grid, Qwen2-VL box tokens on
+a 0-1000 grid. The readers and constraints families share are in :mod:`regioncap.families.grounding`
+(``parse_grounding``, ``grounding_regex``, ``grounding_json_schema``). Here the
+proposer builds the request (:meth:`VlmProposer.request`) and reads the answer
+(:meth:`VlmProposer.parse`); the run sends the requests through its engine.
 """
 
 from __future__ import annotations
@@ -26,9 +20,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple
 from regioncap.boxes import nms
 from regioncap.components import check, real, whole
 from regioncap.choice import Choice
-# The shared readers and constraints of grounding answers (re-exported: callers know them from here).
-from regioncap.families.grounding import (  # noqa: F401
-    MAX_GROUNDED, MAX_LABEL_CHARS, grounding_json_schema, grounding_regex, parse_grounding)
+from regioncap.families.grounding import MAX_GROUNDED
 from regioncap.propose.base import Proposal, Proposer, ProposeError
 
 

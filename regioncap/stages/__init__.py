@@ -14,10 +14,14 @@ visualize   input row -> boxes, images, requests   ``visualize.jsonl`` worker pr
 caption     batch of records -> answers, regions   ``captions.jsonl``  ``executor=...``
 ==========  =====================================  ==================  ======================
 
-A new stage is one module here with a class like :class:`Stage` (its
-``name`` and ``batches(todo)`` yielding records ready to commit), one line in
-:data:`STAGES` (the order stages run in), its records file in
-:data:`regioncap.rundir.STAGE_FILES`, and its place in
+Each stage's name (``stages=[...]``, the failpoint prefix, the error rows'
+``error.stage``, the ``stages.*`` metrics) and records file are declared once,
+on the light classes here (:class:`VisualizeStage`, :class:`CaptionStage`)
+that the working classes derive from, so the run dir, metrics, merge and report
+read them without importing a stage's dependencies. :data:`STAGES` is the one
+list of them, in run order. A new stage is one module here with a class like
+:class:`Stage` (its ``batches(todo)`` yielding records ready to commit), its
+declaration here and in :data:`STAGES`, and its place in
 :meth:`regioncap.run.RegionCapRun.run`, which wires what each stage reads;
 see docs/design.md, "How to add".
 """
@@ -28,13 +32,7 @@ import abc
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Tuple
-
-#: Stage name -> "module:Class", in run order. Imported only when a run uses the stage.
-STAGES = {
-    "visualize": "regioncap.stages.visualize:Visualizer",
-    "caption": "regioncap.stages.caption:Captioner",
-}
+from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
 
 @dataclass
@@ -159,8 +157,11 @@ def merge_startup(into: Dict[str, Any], startup: Dict[str, Any]) -> None:
 class Stage(abc.ABC):
     """The shape every stage follows: a name, a records file and batches of records to commit."""
 
-    #: Name in ``stages=[...]``, the key of :data:`regioncap.rundir.STAGE_FILES`, the failpoint prefix.
+    #: Name in ``stages=[...]``, the key of :data:`regioncap.rundir.STAGE_FILES`, the failpoint prefix,
+    #: ``error.stage`` of the error rows it writes, the ``stages.<name>`` metrics.
     name: ClassVar[str]
+    #: The file (in the run dir) its records are committed to.
+    records_file: ClassVar[str]
 
     @staticmethod
     def identity(item: Any) -> Tuple[Any, Any, Any]:
@@ -173,6 +174,28 @@ class Stage(abc.ABC):
 
     def close(self) -> None:
         """Release what the stage holds (an engine); safe to call twice."""
+
+
+class VisualizeStage(Stage):
+    """The visualize stage as the run dir and the readers know it; the work is
+    :class:`regioncap.stages.visualize.Visualizer`'s."""
+
+    name = "visualize"
+    records_file = "visualize.jsonl"
+
+
+class CaptionStage(Stage):
+    """The caption stage as the run dir and the readers know it; the work is
+    :class:`regioncap.stages.caption.Captioner`'s."""
+
+    name = "caption"
+    records_file = "captions.jsonl"
+
+
+#: The stages in run order: the one list of them (``stages=[...]`` takes these names).
+STAGES: Tuple[Type[Stage], ...] = (VisualizeStage, CaptionStage)
+#: Their names, in run order.
+STAGE_NAMES: Tuple[str, ...] = tuple(stage.name for stage in STAGES)
 
 
 OnCommit = Callable[[StageStats, List[Dict[str, Any]]], None]

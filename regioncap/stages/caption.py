@@ -21,16 +21,14 @@ from regioncap.engines import engine_name
 from regioncap.engines.base import Engine, Request, Response, Sampling
 from regioncap.errors import RunError
 from regioncap.rundir import resume_args
-from regioncap.stages import Stage
+from regioncap.stages import CaptionStage
 from regioncap.stages.loop import grouped, pending
 
 log = logging.getLogger("regioncap")
 
 
-class Captioner(Stage):
+class Captioner(CaptionStage):
     """Batch of records -> records: requests, re-asks, parsing, finish."""
-
-    name = "caption"
 
     def __init__(self, cfg: Any, out_dir: Optional[Any] = None, *, model_path: Optional[str] = None,
                  start_hint: str = "", engine: Optional[Engine] = None, threads: Optional[int] = None) -> None:
@@ -81,7 +79,7 @@ class Captioner(Stage):
             if self.threads is not None:
                 from regioncap.cpus import apply_engine_threads
 
-                apply_engine_threads(self.threads, engine_of(self.cfg.engine).chosen(self.cfg.engine).name,
+                apply_engine_threads(self.threads, engine_of(self.cfg.engine).chosen(self.cfg.engine),
                                      self.cfg.engine.get("device"))
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
@@ -212,7 +210,7 @@ class Captioner(Stage):
                 rec.pop("grounding", None)
                 rec["regions"], rec["requests"] = [], []
                 rec["status"] = "error"
-                rec["error"] = {"stage": "caption", "kind": "internal_error",
+                rec["error"] = {"stage": self.name, "kind": "internal_error",
                                 "message": f"{rec['image']}: grounding failed: {type(exc).__name__}: {exc}"}
 
     def reask_spec(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> Dict[str, Any]:
@@ -296,9 +294,9 @@ class Captioner(Stage):
         else:
             rec["status"] = "error"
         if first_error:
-            rec["error"] = {"stage": "caption", **first_error}
+            rec["error"] = {"stage": self.name, **first_error}
         elif rec["status"] == "error":
-            rec["error"] = {"stage": "caption", "kind": "no_caption_parsed",
+            rec["error"] = {"stage": self.name, "kind": "no_caption_parsed",
                             "message": f"{rec['image']}: the model's answer named none of the regions"}
         if self.random_weights:
             rec["model_weights"] = "random"  # every caption of such a run is noise: said on every row

@@ -20,6 +20,7 @@ from typing import Any, Dict
 from regioncap import boxes as bx
 from regioncap.engines.base import Request, Response, Sampling
 from regioncap.images import ImageLoadError, load_image
+from regioncap.stages import CaptionStage
 from regioncap.stages.visualize import ProposeSettings, RowRequests, fail
 from regioncap.strategies import PromptStrategy
 
@@ -52,14 +53,14 @@ class Grounder:
             rec["proposals"] = {"method": "vlm", "grounding": g}
             return fail(rec, (resp.error or {}).get("kind", "grounding_failed"),
                         f"{rec['image']}: the grounding request failed: {(resp.error or {}).get('message')}",
-                        t0, stage="caption")
+                        t0, stage=CaptionStage.name)
         tw, th = rec["input_size"]
         width, height = rec["image_size"]
         try:
             image = load_image(str(self.out / g["image"]), max_image_pixels=self.max_image_pixels,
                                max_file_bytes=self.max_file_bytes).image
         except ImageLoadError as exc:
-            return fail(rec, exc.kind, exc.message, t0, stage="caption")
+            return fail(rec, exc.kind, exc.message, t0, stage=CaptionStage.name)
         proposals = [p.scale(width / tw, height / th) for p in self.proposer.parse(resp.text, tw, th)]
         given = [(int(i), bx.Box(*b)) for i, b in g.get("given", [])]
         # The image at the input size is the source of its regions: a crop is cut from it.

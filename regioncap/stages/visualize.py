@@ -22,12 +22,8 @@ from regioncap.images import ImageLoadError, load_image, resize_to, save_image, 
 from regioncap.record_types import RECORD_KEYS
 from regioncap.rundir import IMAGES_DIR, resume_args
 from regioncap.signals import stop_requested
-from regioncap.stages import Stage
+from regioncap.stages import VisualizeStage
 from regioncap.strategies import PromptStrategy, build_strategy
-
-#: Keys regioncap writes (the fields of a record, :data:`~regioncap.record_types.RECORD_KEYS`);
-#: an input field with one of these names is kept under ``input``.
-OWN_KEYS = RECORD_KEYS
 
 #: OS errors that say the machine, not the row, is the problem.
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS}
@@ -48,7 +44,7 @@ def resource_error(exc: BaseException) -> Optional[OSError]:
     return None
 
 
-def fail(rec: Dict[str, Any], kind: str, message: str, t0: float, stage: str = "visualize") -> Dict[str, Any]:
+def fail(rec: Dict[str, Any], kind: str, message: str, t0: float, stage: str = VisualizeStage.name) -> Dict[str, Any]:
     """Make ``rec`` an error row of ``stage``."""
     rec["status"] = "error"
     rec["error"] = {"stage": stage, "kind": kind, "message": message}
@@ -105,7 +101,7 @@ class RowRequests:
 
     def finish(self, rec: Dict[str, Any], index: int, source: Any, image: Any, given: Sequence[Tuple[int, bx.Box]],
                num_input: int, dropped: Sequence[Any], proposals: Optional[List[Any]], t0: float,
-               stage: str = "visualize") -> Dict[str, Any]:
+               stage: str = VisualizeStage.name) -> Dict[str, Any]:
         """Regions, request images and prompts of a decoded row.
 
         ``source`` is the decoded image its boxes scale from (``rec["image_size"]``
@@ -171,13 +167,11 @@ class RowRequests:
         return rec
 
 
-class Visualizer(Stage):
+class Visualizer(VisualizeStage):
     """Input row -> record: decode, validate boxes, resize to the model's budget, draw, write, prompts.
 
     The config is read once, here: per row, the stage reads plain attributes.
     """
-
-    name = "visualize"
 
     def __init__(self, cfg: Any, out_dir: Optional[Any] = None, strategy: Optional[PromptStrategy] = None) -> None:
         self.cfg = cfg
@@ -301,7 +295,8 @@ class Visualizer(Stage):
         rec: Dict[str, Any] = {}
         collisions = {}
         for k, v in row.extra.items():
-            (collisions if k in OWN_KEYS else rec)[k] = v
+            # A name the record model declares (RECORD_KEYS) is the record's own: kept under ``input``.
+            (collisions if k in RECORD_KEYS else rec)[k] = v
         if collisions:
             rec["input"] = collisions
         image = uri_label(row.image) if isinstance(row.image, str) else (row.image_path or "<in-memory image>")

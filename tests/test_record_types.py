@@ -1,0 +1,161 @@
+"""The record model (regioncap/record_types.py): real records go through it unchanged, byte for byte,
+the reserved input names come from it, and docs/formats.md's record tables name what it declares."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Set
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from conftest import REPO, compose
+from regioncap.job import execute
+from regioncap.record_types import ABSENT, RECORD_KEYS, Record, RecordError, Region, RequestSpec
+from regioncap.records import dumps
+
+
+def round_trip(line: str) -> str:
+    """A records line through the model and back, as the writers write it."""
+    return dumps(Record.from_dict(json.loads(line)).to_dict())
+
+
+@pytest.fixture(scope="module")
+def real_runs(tmp_path_factory) -> List[Path]:
+    """Two runs with the fake engine: the bundled demo rows in marked mode with a re-ask left
+    unanswered and a failed request; rows with error rows, clashing input fields and rows without
+    boxes given proposals, in coords mode."""
+    root = tmp_path_factory.mktemp("records")
+    Image.new("RGB", (320, 240), (40, 120, 200)).save(root / "a.png")
+    rows = [{"image": "a.png", "bbox": [[10, 10, 120, 90], [300, 200, 100, 100]], "answer": "old", "regions": 7,
+             "note": "kept"},
+            {"image": "missing.png", "bbox": [[1, 1, 5, 5]]},
+            {"image": "a.png", "bbox": [["a", 1, 2, 3]]},
+            {"image": "a.png"},
+            "[1, 2]"]
+    data = root / "rows.jsonl"
+    data.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    runs = []
+    for name, overrides in [
+        ("marked", ["data=demo", "engine.skip_regions=[2]", "engine.answer_on_reask=false",
+                    "engine.fail_keys=[coffee/]"]),
+        ("coords", ["data=jsonl", f"data.path={data}", "prompt=coords", "propose=contours"]),
+    ]:
+        out = root / name
+        execute(compose(["engine=fake", "progress=false", "workers=0", "max_error_rate=1.0", *overrides],
+                        output_dir=out))
+        runs.append(out)
+    return runs
+
+
+@pytest.mark.slow
+def test_real_records_go_through_the_model_unchanged(real_runs):
+    seen: Set[str] = set()
+    for out in real_runs:
+        for name in ("visualize.jsonl", "captions.jsonl"):
+            for line in (out / name).read_text(encoding="utf-8").splitlines():
+                assert round_trip(line) == line
+                rec = Record.from_dict(json.loads(line))
+                seen.add(rec.status)
+                seen.update(k for k in rec.keys() if rec.has(k))
+                # Readers see fields as attributes; what is left out reads None.
+                assert rec.id == json.loads(line)["id"]
+                for reg in rec.iter_regions():
+                    assert isinstance(reg, Region)
+    # The runs above hold every kind of row and the fields the readers use.
+    assert {"ok", "partial", "error", "no_regions", "pending"} <= seen
+    assert {"input", "proposals", "error", "answer", "tokens", "dropped_boxes", "clipped_boxes"} <= seen
+
+
+def test_a_record_knows_left_out_from_null_and_keeps_key_order():
+    rec = Record(id="a", index=0, status="pending")
+    assert rec.keys() == ("id", "index", "status") and rec.answer is None and not rec.has("answer")
+    rec.answer = None  # set to null: written
+    rec.error = RecordError(stage="caption", kind="engine_error", message="m")
+    rec.status = "error"  # already there: keeps its place
+    assert rec.to_dict() == {"id": "a", "index": 0, "status": "error", "answer": None,
+                             "error": {"stage": "caption", "kind": "engine_error", "message": "m"}}
+    assert list(rec.to_dict()) == ["id", "index", "status", "answer", "error"]
+    rec.drop("answer")
+    assert "answer" not in rec.to_dict() and rec.answer is None
+    assert repr(ABSENT) == "ABSENT" and not ABSENT
+    assert not RecordError.from_dict({}) and RecordError.from_dict({"kind": None})  # truth as a dict's
+
+
+def test_parts_nest_and_carried_keys_stay_in_place():
+    line = {"note": 1, "input": {"answer": "old"}, "id": "x", "regions": [{"id": 1, "caption": None, "odd": 2}],
+            "requests": [{"key": "x/c0", "reask": {"key": "x/c0/reask", "numbers": [1]}}],
+            "error": None, "later": [1]}
+    rec = Record.from_dict(line)
+    assert rec.to_dict() == line and list(rec.to_dict()) == list(line)
+    assert isinstance(rec.regions[0], Region) and rec.regions[0].has("caption") and rec.regions[0].caption is None
+    assert isinstance(rec.requests[0].reask, RequestSpec) and rec.requests[0].reask.numbers == [1]
+    assert rec.extras() == {"note": 1, "later": [1]} and rec.regions[0].extras() == {"odd": 2}
+    assert rec.inputs() == {"note": 1, "later": [1], "answer": "old"}
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=6),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+                     max_leaves=8)
+_KEYS = st.sampled_from(sorted(RECORD_KEYS) + ["note", "objects", "source"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.dictionaries(_KEYS, _JSON, max_size=8))
+def test_any_object_goes_through_the_model_unchanged(data: Dict[str, Any]):
+    # Whatever a field holds (a reader may meet a record of an older run, or a hand-edited one).
+    assert json.dumps(Record.from_dict(data).to_dict()) == json.dumps(data)
+
+
+def test_the_reserved_input_names_are_the_models_fields():
+    from regioncap.stages.visualize import RowRequests  # noqa: F401  (the stage that keeps inputs apart)
+
+    assert RECORD_KEYS == {f for f in Record.names()}
+    assert {"input", "proposals", "grounding", "model_weights", "answer", "regions"} <= RECORD_KEYS
+
+
+# ---------------------------------------------------------------- docs/formats.md
+def _table(section: str) -> List[str]:
+    """First-column cells of the fields table under ``## <section>`` of docs/formats.md."""
+    text = (REPO / "docs" / "formats.md").read_text(encoding="utf-8")
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return [line.split("|")[1].strip() for line in body.splitlines()
+            if line.startswith("| `")]
+
+
+def _names(cells: List[str]) -> List[str]:
+    return [n for cell in cells for n in re.findall(r"`([^`]+)`", cell)]
+
+
+def _row(section: str, field: str) -> str:
+    text = (REPO / "docs" / "formats.md").read_text(encoding="utf-8")
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return next(line for line in body.splitlines() if line.startswith(f"| `{field}`"))
+
+
+def test_formats_md_names_every_record_field_and_no_other():
+    names = _names(_table("visualize.jsonl")) + _names(_table("captions.jsonl"))
+    top = {n for n in names if "[]" not in n and "." not in n}
+    # The first column names fields; nested ones as regions[].x (captions) or in the regions row (visualize).
+    assert top - {"regions[]"} <= RECORD_KEYS | {"reason", "attempt"}
+    documented = top | {"input", "grounding"}  # input: under "Input rows"; grounding: in the status row
+    assert RECORD_KEYS - documented == set()
+
+
+def test_formats_md_names_every_region_and_request_field():
+    caption_cells = _names(_table("captions.jsonl"))
+    region_docs = set(re.findall(r"`([a-z_]+)`", _row("visualize.jsonl", "regions")))
+    region_docs |= {n.split("[].", 1)[1] for n in caption_cells if n.startswith("regions[].")}
+    region_docs |= {"reason", "attempt"}  # the regions[].missing row names them bare
+    assert Region.names() - region_docs == set()
+    request_docs = set(re.findall(r"`([a-z_]+)`", _row("visualize.jsonl", "requests")))
+    request_docs |= set(re.findall(r"`([a-z_]+)`", _row("captions.jsonl", "requests[]")))
+    assert RequestSpec.names() - request_docs == set()
+    row = _row("captions.jsonl", "error")
+    error_docs = set(re.findall(r"\{([a-z_, ]+)\}", row)[0].replace(" ", "").split(","))
+    error_docs |= set(re.findall(r"`([a-z_]+)(?::[^`]*)?`", row))
+    assert RecordError.names() - error_docs == set()
