@@ -33,14 +33,14 @@ def hf_canvas():
     return mod.get_optimal_tiled_canvas
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(sizes, sizes, budgets)
 def test_tile_grid_is_transformers_rule(hf_canvas, w, h, budget) -> None:
     lo, hi = budget
     assert tile_grid(w, h, lo, hi) == tuple(hf_canvas((h, w), (448, 448), lo, hi))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(sizes, sizes, budgets)
 def test_the_grid_size_maps_to_itself(w, h, budget) -> None:
     """Marks are drawn at the grid's size; the processor must pick the same grid there (no second resize)."""
@@ -53,7 +53,7 @@ def test_the_grid_size_maps_to_itself(w, h, budget) -> None:
     assert fam.visual_tokens(tw, th) == fam.visual_tokens(w, h)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(sizes, sizes, st.integers(1, 15))
 def test_up_to_15_tiles_the_grid_is_internvls_own(w, h, max_tiles) -> None:
     cols, rows = tile_grid(w, h, 1, max_tiles)
@@ -104,7 +104,7 @@ def _box_in(w: int, h: int):
     return st.tuples(xs, ys, xs, ys).filter(lambda b: b[2] - b[0] >= 2 and b[3] - b[1] >= 2)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.integers(448, 5376), st.integers(448, 5376), st.data())
 def test_coordinates_round_trip(w, h, data) -> None:
     """boxes -> InternVL's text -> boxes: within half a grid step of the box (1000 steps a side)."""
