@@ -168,6 +168,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2.5-vl")
 
 
+@pytest.fixture(scope="session")
+def tiny_internvl_dir(tmp_path_factory) -> Path:
+    """The offline tiny InternVL3.5, built once per test session."""
+    from regioncap.families.internvl_files import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-internvl3.5")
+
+
 def run_cli(args: List[str], *, python: str = sys.executable, env: dict | None = None, timeout: int = 300,
             cwd: str | Path | None = None, pin: bool = True):
     """Run ``python -m regioncap ARGS`` in a subprocess, like a user would (see :func:`pinned`)."""

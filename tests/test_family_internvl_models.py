@@ -24,12 +24,6 @@ def family(max_tiles: int = 12) -> InternVL35:
     return InternVL35(SimpleNamespace(min_tiles=1, max_tiles=max_tiles, tile_size=448, patch_size=14, merge_size=2))
 
 
-@pytest.fixture(scope="session")
-def tiny_internvl_dir(tmp_path_factory) -> Path:
-    """The offline tiny InternVL3.5, built once per test session."""
-    return internvl_files.build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-internvl3.5")
-
-
 @pytest.fixture(scope="module")
 def processor(tiny_internvl_dir):
     from regioncap.engines.transformers_engine import load_processor
