@@ -7,6 +7,7 @@
     result = api.run(["data.limit=2", "prompt=crop"])   # the same as `regioncap data.limit=2 prompt=crop`
     result.run_dir, result.metrics["regions_per_s"]
     rows = api.records(result.run_dir)                   # the caption records, as dicts
+    typed = api.records(result.run_dir, typed=True)      # ... as the record model's Record objects
     ds = api.as_dataset(result.run_dir)                  # the same as a datasets.Dataset
 
 :func:`run` runs one job exactly as the command line does (the shipped configs, the
@@ -39,9 +40,9 @@ class Result:
     #: The overrides the run was composed with (as given).
     overrides: List[str] = field(default_factory=list)
 
-    def records(self, stage: Optional[str] = None) -> List[Dict[str, Any]]:
+    def records(self, stage: Optional[str] = None, *, typed: bool = False) -> List[Any]:
         """:func:`records` of this run."""
-        return records(self.run_dir, stage)
+        return records(self.run_dir, stage, typed=typed)
 
     def as_dataset(self, stage: Optional[str] = None) -> Any:
         """:func:`as_dataset` of this run."""
@@ -125,8 +126,10 @@ def _records_file(run_dir: PathLike, stage: Optional[str]) -> Path:
     return path
 
 
-def records(run_dir: PathLike, stage: Optional[str] = None) -> List[Dict[str, Any]]:
-    """The records of a run dir as dicts, in input order (the fields: docs/formats.md).
+def records(run_dir: PathLike, stage: Optional[str] = None, *, typed: bool = False) -> List[Any]:
+    """The records of a run dir, in input order: dicts (the fields: docs/formats.md), or with
+    ``typed=True`` the record model's :class:`regioncap.record_types.Record` objects
+    (``rec.regions[0].caption``; ``rec.to_dict()`` gives the dict back).
 
     ``stage``: ``caption`` (``captions.jsonl``) or ``visualize`` (``visualize.jsonl``); by
     default the caption records, or the visualize ones in a run that captioned nothing. A
@@ -134,7 +137,12 @@ def records(run_dir: PathLike, stage: Optional[str] = None) -> List[Dict[str, An
     """
     from regioncap.records import read_jsonl
 
-    return list(read_jsonl(_records_file(run_dir, stage)))
+    rows = read_jsonl(_records_file(run_dir, stage))
+    if typed:
+        from regioncap.record_types import Record
+
+        return [Record.from_dict(rec) for rec in rows]
+    return list(rows)
 
 
 def as_dataset(run_dir: PathLike, stage: Optional[str] = None) -> Any:

@@ -432,6 +432,9 @@ def _write_conversations(tmp: Path, records_file: Path, key: Optional[str], fami
                     counts["regions_without_input_box"] += 1
                     continue
                 coords, box_text = grounding(reg, rec, family)
+                # A family with a region task of its own (Florence-2) is asked in it, as it was trained.
+                question = family.region_prompt(tuple(float(v) for v in reg["input_bbox"]),
+                                                tuple(int(v) for v in rec["input_size"]))
                 image = rec["resolved_image"]
                 line = {
                     "id": f"{rec.get('id')}/{reg['id']}", "row_id": rec.get("id"), "region_id": reg["id"],
@@ -440,7 +443,7 @@ def _write_conversations(tmp: Path, records_file: Path, key: Optional[str], fami
                     "flags": reg["flags"],
                     "messages": [
                         {"role": "user", "content": [{"type": "image", "image": image},
-                                                     {"type": "text", "text": QUESTION.format(box=box_text)}]},
+                                                     {"type": "text", "text": question or QUESTION.format(box=box_text)}]},
                         {"role": "assistant", "content": [{"type": "text", "text": reg["caption"]}]},
                     ],
                 }

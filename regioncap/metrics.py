@@ -994,9 +994,9 @@ class _Accumulator:
 
     def __init__(self, patch_size: int, merge_size: int, references_key: Optional[str], *, meteor: bool = False,
                  meteor_timeout_s: float = METEOR_TIMEOUT_S,
-                 visual_tokens_of: Optional[Callable[[int, int], int]] = None) -> None:
+                 visual: Optional[Callable[[int, int], int]] = None) -> None:
         self.patch_size, self.merge_size, self.references_key = patch_size, merge_size, references_key
-        self.visual_tokens_of = visual_tokens_of
+        self.visual = visual
         self.c: Counter = Counter()
         self.errors: Counter = Counter()
         self.error_stages: Counter = Counter()
@@ -1051,12 +1051,8 @@ class _Accumulator:
         c["requests"] += len(requests)
         for spec in requests:
             size = spec.get("image_size")
-            if not size:
-                vis = 0
-            elif self.visual_tokens_of is not None:
-                vis = int(self.visual_tokens_of(int(size[0]), int(size[1])))
-            else:
-                vis = visual_tokens(size, self.patch_size, self.merge_size)
+            vis = ((self.visual(int(size[0]), int(size[1])) if self.visual else
+                    visual_tokens(size, self.patch_size, self.merge_size)) if size else 0)
             c["visual_tokens"] += vis
             if spec.get("latency_s") is not None and not warmup:
                 self.latency.append(float(spec["latency_s"]))
@@ -1271,16 +1267,15 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
                     meteor: bool = False, meteor_timeout_s: float = METEOR_TIMEOUT_S,
                     wall_s: Optional[float] = None, bootstrap_resamples: int = DEFAULT_RESAMPLES,
                     seed: int = DEFAULT_SEED, densecap: bool = False,
-                    visual_tokens_of: Optional[Callable[[int, int], int]] = None) -> Dict[str, Any]:
+                    visual: Optional[Callable[[int, int], int]] = None) -> Dict[str, Any]:
     """Everything ``metrics.json`` holds, from one pass over a run's final records.
 
     ``records``: the caption records (or the visualize records when only that
     stage ran), consumed once, in a streaming way. ``stages``: per stage that
     ran, ``{rows, seconds, errors}`` as the run counted them (other keys, such as
     ``pid``, are carried through). ``patch_size`` and
-    ``merge_size`` give the visual-token estimate per request image (Qwen's rule), unless
-    ``visual_tokens_of(width, height)`` (the model family's :meth:`~regioncap.families.base.Family.visual_tokens`)
-    counts them.
+    ``merge_size`` give the visual-token estimate per request image; ``visual`` (the model family's
+    ``visual_tokens(width, height)``), where given, counts them instead (Florence-2's pooled token).
     A stage's ``steady`` (``{seconds, rows, images, regions, prompt_tokens,
     output_tokens}``: what it committed after its first engine answer) makes its
     rates steady-state ones, start-up left out; its ``startup`` is carried
@@ -1297,7 +1292,7 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     asked (``metrics.densecap=true``).
     """
     acc = _Accumulator(patch_size, merge_size, references_key, meteor=meteor, meteor_timeout_s=meteor_timeout_s,
-                       visual_tokens_of=visual_tokens_of)
+                       visual=visual)
     proposals = ProposalStats(references_key)
     dense = None
     if densecap and references_key:

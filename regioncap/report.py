@@ -216,7 +216,7 @@ def _computed_metrics(run: RunData) -> Optional[Dict[str, Any]]:
             _iter_records(run.records_file, []), {}, references_key=_references_key(run),
             patch_size=int(model.get("patch_size", 14)), merge_size=int(model.get("merge_size", 2)),
             bootstrap_resamples=int(metrics_cfg.get("bootstrap_resamples", DEFAULT_RESAMPLES)),
-            seed=int(seed) if isinstance(seed, int) else 0, visual_tokens_of=visual_tokens_counter(model))
+            seed=int(seed) if isinstance(seed, int) else 0, visual=visual_tokens_counter(model))
     except Exception as exc:  # noqa: BLE001 - a report shows what it can
         run.problems.append(f"metrics could not be computed from {run.records_file.name}: {exc}")
         return None

@@ -279,7 +279,7 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
                               merge_size=int(model.merge_size), references_key=cfg.data.references_key,
                               meteor=bool(scorers["meteor"]), meteor_timeout_s=float(scorers["meteor_timeout_s"]),
                               wall_s=wall, bootstrap_resamples=int(scorers["bootstrap_resamples"]), seed=int(cfg.seed),
-                              densecap=bool(scorers["densecap"]), visual_tokens_of=visual_tokens_counter(model))
+                              densecap=bool(scorers["densecap"]), visual=visual_tokens_counter(model))
     metrics.update(weights(model))
     if pipeline:
         # End to end: every image and region of the run over the run's wall time (both stages).

@@ -26,6 +26,7 @@ strategy  requests of a row                                      re-ask
 marked    one per chunk of ``max_boxes`` regions, boxes drawn     yes
 crop      one per region, on a crop of it with a context margin   no
 coords    one per chunk, the boxes written in the prompt text     yes
+region    one per region, the family's own region task, no marks  no
 ========  =====================================================  ======
 
 The config is read once, when the strategy is built (:func:`build_strategy`):
@@ -46,6 +47,7 @@ from regioncap import prompts
 from regioncap.components import Component, check, class_of, real, resolve, short_name
 from regioncap.config import AnswerFormat
 from regioncap.draw import DrawStyle, draw_marks
+from regioncap.errors import RunError
 from regioncap.families.base import Family, build_family
 from regioncap.images import crop_with_margin, resize_to
 from regioncap.rundir import IMAGES_DIR
@@ -252,6 +254,46 @@ class CropStrategy(PromptStrategy):
             out.append(Rendered(p, f"{IMAGES_DIR}/{stem}_r{p.regions[0]['id']:03d}.{self.ext}",
                                 resize_to(crop, size), size))
         return out
+
+
+class RegionStrategy(PromptStrategy):
+    """No marks: one request per region in the model family's own region task (Florence-2's
+    ``<REGION_TO_DESCRIPTION>`` with the box's location tokens); the whole answer is the caption."""
+
+    @dataclass
+    class Config(PromptStrategy.Config):
+        """The request is the family's (``{regions}``); its answer is one caption, nothing to re-ask."""
+
+        template: str = "{regions}"
+        answer_format: AnswerFormat = AnswerFormat.free
+        reask_missing: bool = False
+
+    name = "region"
+    reasks = False
+    noun = "region"
+
+    def __init__(self, prompt: "PromptStrategy.Config", style: DrawStyle, family: Family, max_boxes: int) -> None:
+        super().__init__(prompt, style, family, max_boxes)
+        if family.region_prompt((0.0, 0.0, 1.0, 1.0), (1, 1)) is None:
+            # Before any row is read: every request would fail the same way.
+            raise RunError(f"prompt=region needs a model family with a region task of its own (Florence-2); "
+                           f"model={getattr(family.cfg, 'name', None)} ({type(family).__name__}) has none: "
+                           f"use prompt=marked, crop or coords")
+
+    def slots(self, count: int) -> List[Tuple[int, int]]:
+        # Every request names one region, numbered 1; the chunk stays the marked layout's (records keep it).
+        return [(i // self.max_boxes, 1) for i in range(count)]
+
+    def plan(self, regions, boxes):  # noqa: ANN001,ANN201 - see base
+        return [Planned(f"r{reg['id']}", [reg], [box]) for reg, box in zip(regions, boxes)]
+
+    def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
+        # One clean image, shared by every region's request.
+        name = f"{IMAGES_DIR}/{stem}.{self.ext}"
+        return [Rendered(p, name, image if c == 0 else None, image.size) for c, p in enumerate(planned)]
+
+    def regions_text(self, regions, size):  # noqa: ANN001,ANN201 - see base
+        return str(self.family.region_prompt(tuple(regions[0]["input_bbox"]), tuple(size)))
 
 
 def strategy_class(prompt: Any) -> type:

@@ -176,6 +176,22 @@ def tiny_internvl_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-internvl3.5")
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma(tmp_path_factory) -> Path:
+    """The offline tiny Gemma 3 (``model=gemma3_tiny``), built once per test session."""
+    from regioncap.families.gemma import Gemma3
+
+    return Gemma3.build_tiny(tmp_path_factory.mktemp("models") / "tiny-gemma3")
+
+
+@pytest.fixture(scope="session")
+def tiny_florence_dir(tmp_path_factory) -> Path:
+    """The offline tiny Florence-2 (random weights), built once per test session."""
+    from regioncap.families.florence import Florence2
+
+    return Florence2.build_tiny(tmp_path_factory.mktemp("models") / "tiny-florence2")
+
+
 def run_cli(args: List[str], *, python: str = sys.executable, env: dict | None = None, timeout: int = 300,
             cwd: str | Path | None = None, pin: bool = True):
     """Run ``python -m regioncap ARGS`` in a subprocess, like a user would (see :func:`pinned`)."""

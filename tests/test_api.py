@@ -32,6 +32,9 @@ def test_run_returns_the_run_dir_and_metrics_and_reads_its_records(tmp_path):
     rows = api.records(result.run_dir)
     assert [r["id"] for r in rows] == ["astronaut", "chelsea"] and rows == result.records()
     assert [r["id"] for r in api.records(result.run_dir, "visualize")] == ["astronaut", "chelsea"]
+    typed = result.records(typed=True)
+    assert [r.to_dict() for r in typed] == rows
+    assert [reg.caption for reg in typed[0].regions] == [reg["caption"] for reg in rows[0]["regions"]]
     ds = result.as_dataset()
     assert ds.num_rows == 2 and ds["id"] == ["astronaut", "chelsea"]
     assert [len(r) for r in ds["regions"]] == [len(r["regions"]) for r in rows]
@@ -61,8 +64,10 @@ def test_records_name_the_folder_when_it_is_no_run_dir(tmp_path):
         api.records(tmp_path, "captions")
 
 
-JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=5),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.text(max_size=5) | st.just([])
+                    | st.just({}),
+                    lambda inner: st.lists(inner, min_size=1, max_size=3)
+                    | st.dictionaries(st.text(max_size=3), inner, min_size=1, max_size=3),
                     max_leaves=6)
 
 

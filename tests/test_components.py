@@ -225,16 +225,34 @@ def test_auto_says_what_it_picked_and_why(monkeypatch, installed, cuda, picked, 
     assert engine_choice(compose(["engine=fake"]).engine) == "fake"
 
 
-@pytest.mark.parametrize("model", ["qwen25vl_3b", "qwen25vl_7b", "qwen2vl_2b"])
+#: The hub models run on engine=auto; the offline ones (built or shipped here) keep transformers,
+#: and so do the hub models vLLM does not run (Florence-2: only with vLLM's out-of-tree BART plugin).
+FULL_SIZE_MODELS = ["qwen25vl_3b", "qwen25vl_7b", "qwen2vl_2b", "qwen3vl_2b", "qwen3vl_4b",
+                    "gemma3_4b", "gemma3_12b", "gemma3_27b",
+                    "internvl35_1b", "internvl35_2b", "internvl35_4b", "internvl35_8b"]
+OFFLINE_MODELS = ["shapes", "tiny", "qwen3vl_tiny", "gemma3_tiny", "florence2_tiny", "internvl35_tiny"]
+TRANSFORMERS_ONLY_MODELS = ["florence2_base", "florence2_large"]
+
+
+def test_every_model_option_is_full_size_or_offline():
+    assert sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml")) == sorted(
+        FULL_SIZE_MODELS + OFFLINE_MODELS + TRANSFORMERS_ONLY_MODELS)
+
+
+@pytest.mark.parametrize("model", FULL_SIZE_MODELS)
 def test_full_size_models_default_to_auto_and_the_command_line_wins(model):
     assert node_name(compose([f"model={model}"]).engine) == "auto"
     assert node_name(compose([f"model={model}", "engine=vllm"]).engine) == "vllm"
     assert node_name(compose([f"model={model}", "engine=fake"]).engine) == "fake"
 
 
-def test_the_offline_models_keep_transformers():
+@pytest.mark.parametrize("model", OFFLINE_MODELS + TRANSFORMERS_ONLY_MODELS)
+def test_the_offline_models_keep_transformers(model):
+    assert node_name(compose([f"model={model}"], pin=False).engine) == "transformers"
+
+
+def test_the_default_and_an_experiment_choose_their_engine():
     assert node_name(compose([], pin=False).engine) == "transformers"  # model=shapes, the default
-    assert node_name(compose(["model=tiny"]).engine) == "transformers"
     assert node_name(compose(["experiment=qwen25vl_3b_vllm"]).engine) == "vllm"
 
 

@@ -38,7 +38,7 @@ def test_every_option_composes(group, option, tmp_path):
     if group == "data":
         assert cfg.data.name == option and node_name(cfg.data) in ("jsonl", "hf", "coco", "vg", "refcoco")
     elif group == "prompt":
-        assert cfg.prompt.name == option and node_name(cfg.prompt) in ("marked", "crop", "coords")
+        assert cfg.prompt.name == option and node_name(cfg.prompt) in ("marked", "crop", "coords", "region")
     elif group == "model":
         # A model option names its family's class (model=qwen2vl_2b: Qwen2VL) and keeps its own name.
         from regioncap.families.base import shipped_families

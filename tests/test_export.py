@@ -101,6 +101,13 @@ def test_conversations_export(run_dir, tmp_path):
     first = json.loads(qwen2.read_text().splitlines()[0])
     assert "<|box_start|>(" in first["messages"][0]["content"][1]["text"]
     assert first["coords"] == "qwen2_vl" and all(0 <= v <= 1000 for v in first["bbox_2d"])
+    # Florence-2 is asked in its own region task, the box as four location tokens.
+    florence = tmp_path / "conv3.jsonl"
+    assert export(run_dir, "--format", "conversations", "--out", florence, "--family", "florence2").returncode == 0
+    first = json.loads(florence.read_text().splitlines()[0])
+    assert first["coords"] == "florence2" and all(0 <= v <= 999 for v in first["bbox_2d"])
+    assert first["messages"][0]["content"][1]["text"] == "<REGION_TO_DESCRIPTION>" + "".join(
+        f"<loc_{v}>" for v in first["bbox_2d"])
 
 
 def test_push_to_an_unreachable_hub_is_a_clear_error(run_dir, tmp_path):

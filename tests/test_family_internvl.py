@@ -91,9 +91,12 @@ def test_budget_in_tiles() -> None:
     assert family(1, 12, tile_size=56).tokens_per_tile() == 4
     with pytest.raises(ValueError, match="min_tiles"):
         family(3, 2).input_size(100, 100)
-    settings_ = family(2, 6).processor_settings()
+    settings_ = family(2, 6).processor_kwargs()
     assert settings_ == {"crop_to_patches": True, "min_patches": 2, "max_patches": 6,
                          "size": {"height": 448, "width": 448}}
+    assert family(2, 6).mm_processor_kwargs() == {"min_patches": 2, "max_patches": 6}
+    text = family(1, 1).expand_images("a<IMG_CONTEXT>\nb", 4000, 3000)
+    assert text == "a<img>" + "<IMG_CONTEXT>" * 256 + "</img>\nb"
 
 
 # ----------------------------------------------------------------------------- coordinates

@@ -63,9 +63,12 @@ def test_token_count_is_the_processors(processor, size, max_tiles) -> None:
     text = "<|im_start|>user\n<IMG_CONTEXT>\nx<|im_end|>\n<|im_start|>assistant\n"
     for w, h in (fam.input_size(*size), size):
         out = processor(images=[Image.new("RGB", (w, h), (10, 200, 30))], text=[text], return_tensors="pt",
-                        images_kwargs=fam.processor_settings())
+                        images_kwargs=fam.processor_kwargs())
         n = int((out["input_ids"] == processor.image_token_id).sum())
         assert n == fam.visual_tokens(w, h) == fam.visual_tokens(*size)
+        # The whole prompt, as both engines count it: the text with the image expanded by the family.
+        expanded = processor.tokenizer(fam.expand_images(text, w, h), add_special_tokens=False)["input_ids"]
+        assert len(expanded) == out["input_ids"].shape[1]
         assert out["pixel_values"].shape[0] == fam.tiles(w, h)
 
 
@@ -79,7 +82,7 @@ def test_tiles_are_exact_crops_of_the_marked_image(processor) -> None:
     cols, rows = w // 448, h // 448
     arr = np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)
     out = processor.image_processor(images=[Image.fromarray(arr)], return_tensors="pt",
-                                    **fam.processor_settings())
+                                    **fam.processor_kwargs())
     pv = out["pixel_values"].numpy()
     assert pv.shape[0] == cols * rows + 1  # the tiles, then the thumbnail
     mean, std = np.array(internvl_files.IMAGE_MEAN), np.array(internvl_files.IMAGE_STD)
@@ -100,7 +103,7 @@ def test_generates_and_grounding_tokens_survive(tiny_internvl_dir, processor) ->
     text = processor.apply_chat_template([{"role": "user", "content": fam.user_content(fam.grounding_prompt())}],
                                          add_generation_prompt=True, tokenize=False)
     image = Image.new("RGB", fam.input_size(900, 400), (200, 40, 40))
-    inputs = processor(images=[image], text=[text], return_tensors="pt", images_kwargs=fam.processor_settings())
+    inputs = processor(images=[image], text=[text], return_tensors="pt", images_kwargs=fam.processor_kwargs())
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] > inputs["input_ids"].shape[1]

@@ -142,12 +142,6 @@ def _prompt(n_boxes: int) -> str:
                         labels=[str(n) for n in numbers], answer_format="lines")
 
 
-def _set_budget(eng, min_pixels: int, max_pixels: int) -> None:
-    """Give the engine's processor another pixel budget (what the family's settings carry)."""
-    eng._set_image_budget({"size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
-                           "min_pixels": min_pixels, "max_pixels": max_pixels})
-
-
 @pytest.mark.slow
 def test_3b_random_transformers_token_budget(engine_3b, tmp_path, caplog):
     """The real 3B architecture: what regioncap counts before submission is what the engine counts."""
@@ -160,7 +154,7 @@ def test_3b_random_transformers_token_budget(engine_3b, tmp_path, caplog):
     assert eng.max_model_len == 8192
 
     # Reduced budget: two rows through generate (prefill + 2 decoded tokens each).
-    _set_budget(eng, *BUDGET_SMALL)
+    eng._set_processor_settings(dict(min_pixels=BUDGET_SMALL[0], max_pixels=BUDGET_SMALL[1]))
     size = smart_resize(4000, 3000, min_pixels=BUDGET_SMALL[0], max_pixels=BUDGET_SMALL[1])
     reqs = [Request(key=f"small{i}", image_path=_image(tmp_path / f"s{i}.png", size, i), prompt=_prompt(2),
                     regex=answer_regex([1, 2], "lines"), sampling=Sampling(max_tokens=2), image_size=size)
@@ -175,7 +169,7 @@ def test_3b_random_transformers_token_budget(engine_3b, tmp_path, caplog):
 
     # The real budget (1280 visual tokens at most): a 12 MP photo's input size, a
     # chunk of 10 boxes (max_boxes), and the processor's own count of the prompt.
-    _set_budget(eng, *BUDGET_3B)
+    eng._set_processor_settings(dict(min_pixels=BUDGET_3B[0], max_pixels=BUDGET_3B[1]))
     size = smart_resize(4000, 3000, min_pixels=BUDGET_3B[0], max_pixels=BUDGET_3B[1])
     assert 1200 <= visual_tokens(size) <= 1280
     req = Request(key="full", image_path=_image(tmp_path / "full.png", size, 7), prompt=_prompt(10),

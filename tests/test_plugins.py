@@ -48,7 +48,19 @@ def test_the_docs_show_an_engine_a_logger_and_their_options():
     assert set(plugin_files()) == {"myplugins/engine.py", "myplugins/logger.py", "myconf/engine/echo.yaml",
                                    "myconf/logger/jsonl.yaml", "myplugins/proposer.py", "myplugins/source.py",
                                    "myconf/propose/grid.yaml", "myconf/data/folder.yaml",
-                                   "myplugins/strategy.py", "myconf/prompt/few.yaml"}
+                                   "myplugins/strategy.py", "myconf/prompt/few.yaml", "myconf/model/mymodel.yaml"}
+
+
+@pytest.mark.cli
+def test_the_docs_model_option_composes_as_its_family_from_outside_the_package(tmp_path):
+    """A new model of a known family is one YAML file in the user's own conf dir."""
+    import yaml
+
+    proc = run_plugin(tmp_path, "model=mymodel", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    model = yaml.safe_load(proc.stdout)["model"]
+    assert model["_target_"] == "regioncap.families.qwen.Qwen25VL" and model["name"] == "mymodel"
+    assert model["path"] == "/models/my-finetuned-qwen2.5-vl" and model["max_pixels"] == 1280 * 28 * 28
 
 
 @pytest.mark.cli

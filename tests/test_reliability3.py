@@ -195,9 +195,9 @@ def test_one_malformed_annotation_does_not_stop_the_run(tmp_path, source):
 
 #: Secret values given under names the first rounds missed, and one under a user-listed name.
 _SECRET_OVERRIDES = {
-    # Keys an engine does not have are refused (engine=fake types its section); the model section keeps them.
-    "+model.passphrase": "PASSPHRASE0001", "+model.pwd": "PWDVALUE0002", "+model.db_pass": "DBPASS0003",
-    "+model.extra.api-key": "APIDASHKEY0004", "+model.my_dsn": "USERNAMED0005",
+    # Keys a component does not have are refused (its section is typed by its class); a free top-level key keeps them.
+    "+notes.passphrase": "PASSPHRASE0001", "+notes.pwd": "PWDVALUE0002", "+notes.db_pass": "DBPASS0003",
+    "+notes.extra.api-key": "APIDASHKEY0004", "+notes.my_dsn": "USERNAMED0005",
 }
 _URL_SECRET = "URLAPIKEY0006"
 _SECRET_NEEDLES = [*_SECRET_OVERRIDES.values(), _URL_SECRET]
@@ -205,7 +205,7 @@ _SECRET_NEEDLES = [*_SECRET_OVERRIDES.values(), _URL_SECRET]
 
 def _secret_args() -> List[str]:
     return [*(f"{k}={v}" for k, v in _SECRET_OVERRIDES.items()), "secret_names=[my_dsn]",
-            f"+model.base_url='http://127.0.0.1:9/v1?api-key={_URL_SECRET}'"]
+            f"+notes.base_url='http://127.0.0.1:9/v1?api-key={_URL_SECRET}'"]
 
 
 def _files_with_secrets(root: Path) -> List[Any]:

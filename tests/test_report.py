@@ -526,19 +526,19 @@ def test_sweep_side_by_side_shows_each_jobs_own_marks(sweep_dir):
         captions = [html.unescape(c) for c in re.findall(r"<figcaption>(.*?)</figcaption>", block)]
         want_srcs, want_captions = [], []
         for job, label in zip(jobs, ("max_boxes=2", "max_boxes=10")):
-            (rec,) = [r for r in job.samples if str(r["id"]) == rid]
-            requests = rec["requests"][:IMAGES_PER_ROW]
-            want_srcs += [thumbnail_uri(job.path / spec["image"]) for spec in requests]
-            want_captions += [f"job {job.name}: {label}" + (f": {spec['key']}" if len(rec["requests"]) > 1 else "")
+            (rec,) = [r for r in job.samples if str(r.id) == rid]  # the record model (record_types.Record)
+            requests = rec.requests[:IMAGES_PER_ROW]
+            want_srcs += [thumbnail_uri(job.path / spec.image) for spec in requests]
+            want_captions += [f"job {job.name}: {label}" + (f": {spec.key}" if len(rec.requests) > 1 else "")
                               for spec in requests]
-            split += job.name == "1" and len(rec["requests"]) > 1
+            split += job.name == "1" and len(rec.requests) > 1
         assert srcs == want_srcs and captions == want_captions, rid
         # The table's first column numbers a region as job 1 marked it; job 2's cell shows its own mark
         # where it numbered the region otherwise.
-        (first,), (second,) = ([r for r in j.samples if str(r["id"]) == rid] for j in jobs)
-        numbers = {reg["id"]: reg["number"] for reg in second["regions"]}
-        rows += len(first["regions"])
-        renumbered += sum(1 for reg in first["regions"] if numbers.get(reg["id"], reg["number"]) != reg["number"])
+        (first,), (second,) = ([r for r in j.samples if str(r.id) == rid] for j in jobs)
+        numbers = {reg.id: reg.number for reg in second.regions}
+        rows += len(first.regions)
+        renumbered += sum(1 for reg in first.regions if numbers.get(reg.id, reg.number) != reg.number)
     assert split, "no row that max_boxes=2 split over several images: the test shows nothing"
     assert renumbered and section.count('<td><span class="num"') == rows + renumbered
 

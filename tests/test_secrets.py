@@ -31,9 +31,9 @@ LONG = ("a long secret with spaces that YAML folds over two lines once it is pas
 #: Every piece a file must not hold.
 NEEDLES = [PASSWORD, QUERY_KEY, "KEYPARAM98765", "TOKENPARAM4321", "FOLDEDSECRET"]
 OVERRIDES = [
-    f"+model.base_url='http://user:{PASSWORD}@127.0.0.1:9/v1?api_key={QUERY_KEY}&key=KEYPARAM98765"
+    f"+notes.base_url='http://user:{PASSWORD}@127.0.0.1:9/v1?api_key={QUERY_KEY}&key=KEYPARAM98765"
     "&token=TOKENPARAM4321'",
-    f"+model.extra_token='{LONG}'",
+    f"+notes.extra_token='{LONG}'",
 ]
 
 
@@ -118,8 +118,8 @@ def test_single_run_writes_no_secret_anywhere(tmp_path):
     assert not any(n in proc.stdout + proc.stderr for n in NEEDLES)
     # Hydra's files are still YAML and say where a value was masked.
     overrides = yaml.safe_load((out / ".hydra" / "overrides.yaml").read_text())
-    assert f"+model.extra_token={REDACTED}" in overrides
-    assert yaml.safe_load((out / ".hydra" / "config.yaml").read_text())["model"]["extra_token"] == REDACTED
+    assert f"+notes.extra_token={REDACTED}" in overrides
+    assert yaml.safe_load((out / ".hydra" / "config.yaml").read_text())["notes"]["extra_token"] == REDACTED
 
 
 @pytest.mark.cli
@@ -135,7 +135,7 @@ def test_sweep_writes_no_secret_anywhere(tmp_path):
     assert (sweep / "1" / ".hydra" / "config.yaml").is_file()
     assert _leaks(sweep) == []
     multirun = yaml.safe_load((sweep / "multirun.yaml").read_text())
-    assert f"+model.extra_token={REDACTED}" in multirun["hydra"]["overrides"]["task"]
+    assert f"+notes.extra_token={REDACTED}" in multirun["hydra"]["overrides"]["task"]
 
 
 @pytest.mark.cli

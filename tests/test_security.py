@@ -132,8 +132,8 @@ def secret_run(tmp_path_factory):
     env = {"OPENAI_API_KEY": ENV_SECRET, "HF_TOKEN": ENV_SECRET, "WANDB_API_KEY": ENV_SECRET,
            "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     proc = run_cli(["engine=fake", "progress=false", "data=jsonl", f"data.path={data}", f"hydra.run.dir={run}",
-                    "logger=wandb", "logger.mode=offline", f"+model.extra_args.api_key={OVERRIDE_SECRET}",
-                    f"+model.hf_token={TOKEN_SECRET}"], env=env, timeout=180)
+                    "logger=wandb", "logger.mode=offline", f"+notes.extra_args.api_key={OVERRIDE_SECRET}",
+                    f"+notes.hf_token={TOKEN_SECRET}"], env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
     files["<stdout>"], files["<stderr>"] = proc.stdout.encode(), proc.stderr.encode()
@@ -157,9 +157,9 @@ def test_override_secret_never_written_anywhere(secret_run, secret):
     leaks = [name for name, content in secret_run.items() if secret.encode() in content]
     assert leaks == []
     manifest = json.loads(secret_run["manifest.json"])
-    assert manifest["config"]["model"]["extra_args"]["api_key"] == "<redacted>"
-    assert manifest["config"]["model"]["hf_token"] == "<redacted>"
-    assert "+model.extra_args.api_key=<redacted>" in secret_run[".hydra/overrides.yaml"].decode()
+    assert manifest["config"]["notes"]["extra_args"]["api_key"] == "<redacted>"
+    assert manifest["config"]["notes"]["hf_token"] == "<redacted>"
+    assert "+notes.extra_args.api_key=<redacted>" in secret_run[".hydra/overrides.yaml"].decode()
     assert "masked in" in secret_run["regioncap.log"].decode()  # the user is told to use the environment
 
 
@@ -217,7 +217,7 @@ def test_only_images_py_decodes_input_images():
     opens = {str(p.relative_to(REPO)) for p in PACKAGE.rglob("*.py") if "Image.open(" in p.read_text()}
     assert opens <= {"regioncap/images.py", "regioncap/report.py", "regioncap/loggers.py",
                      "regioncap/engines/fake.py", "regioncap/engines/transformers_engine.py",
-                     "regioncap/engines/vllm_engine.py"}, opens
+                     "regioncap/engines/vllm_engine.py", "regioncap/trackers.py"}, opens
 
 
 def test_importing_every_regioncap_module_keeps_pillows_bomb_guard():
@@ -266,10 +266,10 @@ def test_reproduce_refuses_masked_secret_overrides(tmp_path):
     data.write_text(json.dumps({"image": "a.png", "bbox": [[2, 2, 30, 20]]}) + "\n")
     run = tmp_path / "run"
     proc = run_cli(["engine=fake", "progress=false", "data=jsonl", f"data.path={data}", f"hydra.run.dir={run}",
-                    f"+model.extra_args.api_key={OVERRIDE_SECRET}"], timeout=180)
+                    f"+notes.extra_args.api_key={OVERRIDE_SECRET}"], timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     again = subprocess.run([sys.executable, "-m", "regioncap.reproduce", str(run), "--out", str(tmp_path / "again")],
                            capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert again.returncode == 2
-    assert "+model.extra_args.api_key" in again.stderr and "environment" in again.stderr
+    assert "+notes.extra_args.api_key" in again.stderr and "environment" in again.stderr
     assert OVERRIDE_SECRET not in again.stdout + again.stderr

@@ -252,12 +252,18 @@ class TransformersEngine(Engine):
             self.processor = load_processor(self.model_path, trust)
         except Exception as exc:
             raise EngineError(f"cannot load the processor of {self.model_path}: {type(exc).__name__}: {exc}") from exc
-        self._set_image_budget(self.family.processor_settings())
+        self._set_processor_settings(self.family.processor_kwargs())
         self.min_pixels, self.max_pixels = int(model_cfg.min_pixels), int(model_cfg.max_pixels)
         self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"
         self.model = self._load_model(config, trust)
         self.model.eval()
+        #: An encoder-decoder (Florence-2): the prompt is the encoder's input and the answer the decoder's.
+        self.encoder_decoder = bool(getattr(self.model.config, "is_encoder_decoder", False))
+        # A decoder-only model continues the prompt, so prompts are padded on the left; an encoder's
+        # learned positions count from its first token, so there padding goes on the right.
+        self.tokenizer.padding_side = "right" if self.encoder_decoder else "left"
+        #: A model with no chat template (Florence-2) reads the prompt text as it is, task tokens and all.
+        self.chat = getattr(self.processor, "chat_template", None) is not None
 
         gen_cfg = getattr(self.model, "generation_config", None)
         eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
@@ -266,7 +272,21 @@ class TransformersEngine(Engine):
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (getattr(gen_cfg, "pad_token_id", None) or min(self.eos_ids))
-        self.image_token = getattr(self.processor, "image_token", "<|image_pad|>")
+        #: The decoder's first tokens, given to every request of an encoder-decoder: its start token, then
+        #: the token its generation config forces first (Florence-2 answers ``</s><s>...``).
+        self.decoder_prefix = self._decoder_prefix(gen_cfg) if self.encoder_decoder else []
+        if self.encoder_decoder and gen_cfg is not None:
+            # generate() fills every setting a call leaves unset from the model's own generation config:
+            # the prefix above replaces its forced first token, and a forced last token would end an
+            # answer cut at max_tokens with a stop token (read as a finished answer, not a truncated one).
+            for name in ("forced_bos_token_id", "forced_eos_token_id", "no_repeat_ngram_size"):
+                if getattr(gen_cfg, name, None) is not None:
+                    setattr(gen_cfg, name, None)
+        #: Answers decoded with special tokens kept, but for these (a task model's answers carry
+        #: special tokens of their own: Florence-2's ``<loc_N>``).
+        self.dropped_ids = set() if self.chat else {
+            t for t in (self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id,
+                        getattr(self.tokenizer, "image_token_id", None)) if t is not None} | self.eos_ids
         # Width of the logits (the embedding is often padded beyond the tokenizer).
         self.logits_size = int(self.model.get_output_embeddings().weight.shape[0])
         #: Enforce the ``lines`` answer layout of requests that carry its regex.
@@ -312,25 +332,45 @@ class TransformersEngine(Engine):
         config._name_or_path = self.model_path
         return config, True
 
-    def _set_image_budget(self, settings: Dict[str, Any]) -> None:
-        """Give the image processor the family's budget settings (:meth:`Family.processor_settings`).
+    def _set_processor_settings(self, settings: Dict[str, Any]) -> None:
+        """Give the image processor the family's settings (:meth:`regioncap.families.base.Family.processor_kwargs`):
+        a pixel budget becomes ``size`` in 5.x, also ``min/max_pixels`` in 4.x; a ``size`` the family gives
+        (InternVL's tile) is set where it differs; other settings (Gemma 3's ``do_pan_and_scan``, InternVL's
+        ``min_patches``/``max_patches``) are set as they are. A family without a budget or a size (a fixed
+        input size) keeps the processor's ``size``.
 
         Set on the loaded processor rather than passed to ``from_pretrained``:
-        transformers 5 keeps such kwargs as call defaults and warns on every call. A
-        ``size`` is set only where it differs (in 5.x the processor holds a ``SizeDict``);
-        another setting only where the processor has that attribute (``min_pixels`` is 4.x's).
+        transformers 5 keeps such kwargs as call defaults and warns on every call.
         """
         ip = self.processor.image_processor
-        for key, value in settings.items():
-            current = getattr(ip, key, None)
-            if key == "size":
-                if current is not None and isinstance(value, dict):
-                    get = (lambda k: current.get(k) if isinstance(current, dict) else getattr(current, k, None))
-                    if all(get(k) == v for k, v in value.items()):
-                        continue
+        settings = dict(settings)
+        size = getattr(ip, "size", None)
+        get = (lambda k: size.get(k) if isinstance(size, dict) else getattr(size, k, None))
+        if "size" in settings:
+            # The family gives the size itself (InternVL's tile): set only where it differs, as in 5.x the
+            # processor holds a ``SizeDict``.
+            value = settings.pop("size")
+            if size is None or not isinstance(value, dict) or any(get(k) != v for k, v in value.items()):
                 ip.size = value
-            elif hasattr(ip, key):
-                setattr(ip, key, value)
+        elif size is not None and get("height") and get("width"):
+            # A fixed input size (Florence-2's square, Gemma 3's 896 px): the family's size replaces the pixel
+            # budget, and the processor writes the family's count of image tokens for it.
+            settings.pop("min_pixels", None), settings.pop("max_pixels", None)
+            w, h = self.family.input_size(int(get("width")), int(get("height")))
+            if (w, h) != (int(get("width")), int(get("height"))):
+                ip.size = {"height": h, "width": w}
+            if getattr(self.processor, "num_image_tokens", None) is not None:
+                self.processor.num_image_tokens = self.family.visual_tokens(w, h)
+            log.info("the processor resizes every image to %dx%d (%s visual tokens): model.min_pixels/max_pixels "
+                     "do not apply", w, h, getattr(self.processor, "num_image_tokens", "?"))
+        elif "min_pixels" in settings and "max_pixels" in settings:
+            min_pixels, max_pixels = int(settings.pop("min_pixels")), int(settings.pop("max_pixels"))
+            if size is not None and (get("shortest_edge"), get("longest_edge")) != (min_pixels, max_pixels):
+                ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
+            if hasattr(ip, "min_pixels"):
+                ip.min_pixels, ip.max_pixels = min_pixels, max_pixels
+        for key, value in settings.items():
+            setattr(ip, key, value)
 
     def _load_model(self, config: Any, trust: bool) -> Any:
         import transformers
@@ -397,6 +437,31 @@ class TransformersEngine(Engine):
 
     # -- generation ----------------------------------------------------------
 
+    def _decoder_prefix(self, gen_cfg: Any) -> List[int]:
+        """The decoder start token, then the forced first token where the model has one."""
+        text_cfg = self.model.config.get_text_config()
+        saved = None
+        if self.model_weights == "random":  # built from config.json: the folder's generation config is not read
+            from transformers import GenerationConfig
+
+            try:
+                saved = GenerationConfig.from_pretrained(self.model_path)
+            except (OSError, ValueError):
+                saved = None
+
+        def first(name: str) -> Optional[int]:
+            for holder in (gen_cfg, saved, text_cfg, self.model.config):
+                value = getattr(holder, name, None) if holder is not None else None
+                if value is not None:
+                    return int(value)
+            return None
+
+        start = first("decoder_start_token_id")
+        if start is None:
+            raise EngineError(f"{self.model_path} is an encoder-decoder without a decoder_start_token_id in its config")
+        forced = first("forced_bos_token_id")
+        return [start] if forced is None else [start, forced]
+
     def _messages(self, req: Request) -> List[Dict[str, Any]]:
         messages: List[Dict[str, Any]] = []
         if req.system:
@@ -424,12 +489,22 @@ class TransformersEngine(Engine):
             return error_response(req.key, "image_error",
                                   f"cannot read image {req.image_path}: {type(exc).__name__}: {exc}")
         try:
-            text = self.processor.apply_chat_template(self._messages(req), tokenize=False, add_generation_prompt=True)
-            text_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if self.chat:
+                text = self.processor.apply_chat_template(self._messages(req), tokenize=False,
+                                                          add_generation_prompt=True)
+                # The text the processor tokenizes: each placeholder expanded as the family's processor
+                # expands it (Qwen: one pad token per visual token; Gemma 3: its image block and the newlines
+                # around it).
+                expanded = self.family.expand_images(text, *image.size)
+                prompt_tokens = len(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
+            else:
+                # No chat template: the prompt is the model's text as written (a system text goes
+                # first, on its own line); the processor adds the image tokens and its own specials,
+                # so it counts them too.
+                text = f"{req.system}\n{req.prompt}" if req.system else req.prompt
+                prompt_tokens = len(self.processor(text=[text], images=[image])["input_ids"][0])
         except Exception as exc:
             return error_response(req.key, "engine_error", f"cannot build the prompt: {type(exc).__name__}: {exc}")
-        n_pads = text.count(self.image_token)
-        prompt_tokens = len(text_ids) - n_pads + n_pads * self.family.image_prompt_tokens(*image.size)
         room = self.max_model_len - prompt_tokens
         if room <= 0:
             return error_response(
@@ -515,12 +590,19 @@ class TransformersEngine(Engine):
         t0 = time.perf_counter()
         inputs = self.processor(
             text=[b.text for b in batch], images=[b.image for b in batch],
-            padding=True, return_tensors="pt",
+            # The chat template writes every special token (Gemma's <bos> too): none added twice.
+            padding=True, return_tensors="pt", add_special_tokens=False,
         ).to(self.device)
         if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
         max_new = max(b.max_new_tokens for b in batch)
-        n_in = inputs["input_ids"].shape[1]
+        extra: Dict[str, Any] = {}
+        if self.encoder_decoder:
+            # The answer is the decoder's: it starts from the same prefix in every row.
+            extra["decoder_input_ids"] = torch.tensor([self.decoder_prefix] * len(batch), device=self.device)
+            n_in = len(self.decoder_prefix)
+        else:
+            n_in = inputs["input_ids"].shape[1]
         processors = []
         numbers = [lines_numbers(b.request.regex) if self.structured_outputs else None for b in batch]
         if any(numbers):
@@ -540,10 +622,11 @@ class TransformersEngine(Engine):
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new, do_sample=False, num_beams=1,
             eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+            decoder_start_token_id=self.decoder_prefix[0] if self.decoder_prefix else None,
         )
         with torch.inference_mode():
             generated = self.model.generate(
-                **inputs, generation_config=gen_cfg,
+                **inputs, **extra, generation_config=gen_cfg,
                 logits_processor=LogitsProcessorList(processors) if processors else None,
             )
         latency = time.perf_counter() - t0
@@ -553,7 +636,7 @@ class TransformersEngine(Engine):
             new = generated[row, n_in:].tolist()[: b.max_new_tokens]
             stop = next((k for k, t in enumerate(new) if t in self.eos_ids), None)
             kept = new if stop is None else new[:stop]
-            text = self.tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            text = self.answer_text(kept)
             responses.append(make_response(
                 key=b.request.key, text=text, prompt_tokens=int(prompt_lens[row]),
                 # Counted as vLLM does: the stop token is one of the output tokens.
@@ -561,6 +644,15 @@ class TransformersEngine(Engine):
                 latency_s=latency, finish_reason="length" if stop is None else "stop",
             ))
         return responses
+
+    def answer_text(self, ids: Sequence[int]) -> str:
+        """The text of answer tokens ``ids``: without special tokens, but for a model without a chat
+        template only its ``<s>``, ``</s>``, padding and image tokens are dropped (Florence-2's
+        ``<loc_N>`` are special tokens, and they are the boxes of its answers)."""
+        if self.chat:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.tokenizer.decode([t for t in ids if t not in self.dropped_ids], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False)
 
     # -- lifecycle -----------------------------------------------------------
 

@@ -47,11 +47,6 @@ from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Res
 
 log = logging.getLogger(__name__)
 
-#: The image placeholder Qwen2-VL/2.5-VL's chat template emits; vLLM expands it
-#: into the image's visual tokens.
-IMAGE_PLACEHOLDERS = 1
-
-
 def _rope_overrides(model_path: str) -> Dict[str, Any]:
     """``hf_overrides`` that repair an old-style rope config of a local model folder ({} when none is needed)."""
     from regioncap.qwen import fixed_rope_scaling, read_config_dict
@@ -152,7 +147,8 @@ class VllmEngine(Engine):
         try:
             self._llm: Any = LLM(**kwargs)
         except Exception as e:
-            raise EngineError(f"vLLM could not load the model {self.model_path}: {type(e).__name__}: {e}") from e
+            hint = f" ({self.family.vllm_hint})" if self.family.vllm_hint else ""
+            raise EngineError(f"vLLM could not load the model {self.model_path}: {type(e).__name__}: {e}{hint}") from e
         self.load_s = time.perf_counter() - t0
         self._tokenizer = self._llm.get_tokenizer()
         self._chat_template = self._resolve_chat_template()
@@ -207,13 +203,19 @@ class VllmEngine(Engine):
         kw: Dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
         if self._chat_template is not None:
             kw["chat_template"] = self._chat_template
-        return self._tokenizer.apply_chat_template(messages, **kw)
+        text = self._tokenizer.apply_chat_template(messages, **kw)
+        # vLLM tokenizes a text prompt adding the tokenizer's special tokens: where the template writes
+        # the <bos> itself (Gemma's), the prompt would start with two.
+        bos = getattr(self._tokenizer, "bos_token", None)
+        if bos and text.startswith(bos) and self._tokenizer.encode("a")[:1] == [self._tokenizer.bos_token_id]:
+            text = text[len(bos):]
+        return text
 
     def count_prompt_tokens(self, text: str, image_size: Tuple[int, int]) -> int:
-        """Prompt length as vLLM will see it: text tokens - placeholder + visual tokens."""
-        n_text = len(self._tokenizer.encode(text))
-        n_img = self.family.image_prompt_tokens(int(image_size[0]), int(image_size[1]))
-        return n_text - IMAGE_PLACEHOLDERS + n_img
+        """Prompt length as vLLM will see it: the tokens of the text with its image placeholder expanded
+        as the family's processor expands it (:meth:`regioncap.families.base.Family.expand_images`)."""
+        expanded = self.family.expand_images(text, int(image_size[0]), int(image_size[1]))
+        return len(self._tokenizer.encode(expanded))
 
     @property
     def llm(self) -> Any:

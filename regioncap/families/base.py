@@ -88,9 +88,14 @@ class Family(Component):
     grid: ClassVar[Optional[int]] = None
     #: Published architectures kept under ``regioncap/archs``: hub id -> folder name.
     archs: ClassVar[Mapping[str, str]] = {}
+    #: The token the chat template writes where the image goes (the processor expands it,
+    #: :meth:`expand_images`).
+    image_placeholder: ClassVar[str] = "<|image_pad|>"
     #: Whether the model reads marks drawn on the image (False: a family whose prompt names
     #: the region itself, such as Florence-2's region task).
     marks: ClassVar[bool] = True
+    #: What to know when vLLM cannot load a model of this family (added to its load error); None: nothing.
+    vllm_hint: ClassVar[Optional[str]] = None
 
     def __init__(self, cfg: Any = None) -> None:
         #: The typed ``model`` section; without one, the class's defaults (enough for coordinates and grounding).
@@ -152,21 +157,25 @@ class Family(Component):
         """Visual tokens of an image at its input size: the count the engine puts in the prompt."""
         raise NotImplementedError
 
-    def image_prompt_tokens(self, width: int, height: int) -> int:
-        """Tokens the image's one placeholder in the chat text becomes in the prompt: the visual
-        tokens (Qwen's ``<|image_pad|>``), plus any the processor wraps them in."""
-        return self.visual_tokens(width, height)
+    def expand_images(self, text: str, width: int, height: int) -> str:
+        """``text`` (a rendered chat prompt) with each :attr:`image_placeholder` expanded as the processor
+        expands it for a ``width x height`` image: the text the model's tokenizer reads, so its token
+        count is the engine's (both engines count a prompt this way). Qwen: the placeholder once per
+        visual token."""
+        p = self.image_placeholder
+        return text.replace(p, p * self.visual_tokens(width, height))
 
-    def processor_settings(self) -> Dict[str, Any]:
-        """Image processor attributes that carry the ``model`` section's image budget; the transformers
-        engine sets them on the loaded processor (Qwen: ``size`` as shortest/longest edge in pixels, and
-        ``min_pixels``/``max_pixels`` where the processor has them)."""
-        lo, hi = int(self.cfg.min_pixels), int(self.cfg.max_pixels)
-        return {"size": {"shortest_edge": lo, "longest_edge": hi}, "min_pixels": lo, "max_pixels": hi}
+    def processor_kwargs(self) -> Dict[str, Any]:
+        """Settings for the model's processor when an engine starts: the transformers engine sets them on
+        the loaded image processor (``TransformersEngine._set_processor_settings``), and they are vLLM's
+        ``mm_processor_kwargs`` unless :meth:`mm_processor_kwargs` says otherwise. Qwen: the pixel budget,
+        ``model.min_pixels`` / ``model.max_pixels``."""
+        return {"min_pixels": int(self.cfg.min_pixels), "max_pixels": int(self.cfg.max_pixels)}
 
     def mm_processor_kwargs(self) -> Dict[str, Any]:
-        """vLLM's ``mm_processor_kwargs``: the same budget, as the processor's call takes it."""
-        return {"min_pixels": int(self.cfg.min_pixels), "max_pixels": int(self.cfg.max_pixels)}
+        """vLLM's ``mm_processor_kwargs``: :meth:`processor_kwargs`; a family whose processor call takes
+        other names than its attributes (InternVL's tile budget) gives its own."""
+        return self.processor_kwargs()
 
     # -- coordinates -----------------------------------------------------------
 
@@ -181,6 +190,12 @@ class Family(Component):
     def grounding_prompt(self) -> str:
         """The request text that asks the model for every object with its box."""
         raise NotImplementedError
+
+    def region_prompt(self, box: PixelBox, size: Tuple[int, int]) -> Optional[str]:
+        """The family's own request for the caption of one region, named by ``box`` (pixels of an image
+        of ``size``) with no marks drawn; None where the family has no region task (``prompt=region``
+        then refuses to run)."""
+        return None
 
     def grounding_constraint(self, kind: str, max_items: int) -> Dict[str, Any]:
         """``{"regex": ...}`` or ``{"json_schema": ...}`` constraining a grounding answer where the

@@ -50,6 +50,8 @@ from regioncap.components import check, whole
 from regioncap.families.base import Family, PixelBox
 from regioncap.families.internvl_files import TILE
 
+#: The chat template's image placeholder, and the tokens the processor wraps its expansion in.
+IMAGE_TOKEN, START_IMAGE, END_IMAGE = "<IMG_CONTEXT>", "<img>", "</img>"
 #: The relative grid of InternVL's box coordinates (0..1000).
 GRID = 1000
 #: The grounding request: InternVL's own wording for detecting every object.
@@ -145,6 +147,7 @@ class InternVL35(Family):
     model_types: ClassVar[Tuple[str, ...]] = ("internvl",)
     transformers_class: ClassVar[Optional[str]] = "InternVLForConditionalGeneration"
     grid: ClassVar[Optional[int]] = GRID
+    image_placeholder: ClassVar[str] = IMAGE_TOKEN
     archs: ClassVar[Mapping[str, str]] = {
         "OpenGVLab/InternVL3_5-1B-HF": "internvl3_5_1b",
         "OpenGVLab/InternVL3_5-2B-HF": "internvl3_5_2b",
@@ -177,20 +180,23 @@ class InternVL35(Family):
         n = (tw // tile) * (th // tile)
         return n + 1 if n > 1 else n
 
-    def image_prompt_tokens(self, width: int, height: int) -> int:
-        """The visual tokens plus ``<img>`` and ``</img>``, which the processor wraps them in."""
-        return self.visual_tokens(width, height) + 2
+    def expand_images(self, text: str, width: int, height: int) -> str:
+        """Each ``<IMG_CONTEXT>`` as the InternVL processor (and vLLM's) writes it: ``<img>``, one
+        ``<IMG_CONTEXT>`` per visual token, ``</img>``."""
+        n = self.visual_tokens(width, height)
+        return text.replace(IMAGE_TOKEN, f"{START_IMAGE}{IMAGE_TOKEN * n}{END_IMAGE}")
+
+    def processor_kwargs(self) -> Dict[str, Any]:
+        """Image processor attributes that carry ``model``'s budget (GotOcr2's tiling settings): tiles of
+        ``tile_size`` px, ``model.min_tiles`` to ``model.max_tiles`` of them."""
+        lo, hi, tile = self._tiles_budget()
+        return {"crop_to_patches": True, "min_patches": lo, "max_patches": hi,
+                "size": {"height": tile, "width": tile}}
 
     def mm_processor_kwargs(self) -> Dict[str, Any]:
         """vLLM's ``mm_processor_kwargs``: the tile budget as the processor's call takes it."""
         lo, hi, _ = self._tiles_budget()
         return {"min_patches": lo, "max_patches": hi}
-
-    def processor_settings(self) -> Dict[str, Any]:
-        """Image processor attributes that carry ``model``'s budget (GotOcr2's tiling settings)."""
-        lo, hi, tile = self._tiles_budget()
-        return {"crop_to_patches": True, "min_patches": lo, "max_patches": hi,
-                "size": {"height": tile, "width": tile}}
 
     # -- pixels ------------------------------------------------------------------
 

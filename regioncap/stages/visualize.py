@@ -287,7 +287,7 @@ class Visualizer(VisualizeStage):
         rec["status"] = "grounding"
         rec["grounding"] = {"image": name, "image_size": list(rec["input_size"]),
                             "given": [[i, b.as_list(4)] for i, b in parsed.boxes]}
-        rec["timing"] = {"visualize_s": round(time.perf_counter() - t0, 4)}
+        rec["timing"] = {f"{self.name}_s": round(time.perf_counter() - t0, 4)}
         return rec
 
     def base_record(self, row: Any) -> Dict[str, Any]:
