@@ -165,7 +165,8 @@ def _specs() -> Iterator[Metric]:
     yield m("prompt_tokens", "prompt tokens", "tokens", None, "sum", "prompt tokens, as the engine counted them")
     yield m("output_tokens", "output tokens", "tokens", None, "sum", "output tokens, as the engine counted them")
     yield m("visual_tokens", "visual tokens", "tokens", None, "sum",
-            "visual tokens of every image sent (re-asks count again), from the image sizes by the model family's rule")
+            "visual tokens of every image sent (re-asks count again), from the image sizes by the model "
+            "family's rule (`Family.visual_tokens`)")
     yield m("prompt_tokens_per_region", "prompt tokens / region", "tokens", "lower", "ratio",
             "prompt tokens over regions", compare=True, plot=True)
     yield m("visual_tokens_per_region", "visual tokens / region", "tokens", "lower", "ratio",

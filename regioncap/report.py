@@ -202,6 +202,7 @@ def load_run(run_dir: Path, *, max_rows: int = DEFAULT_ROWS, prefer_partial: boo
 def _computed_metrics(run: RunData) -> Optional[Dict[str, Any]]:
     """metrics.json of a run dir that has none (a killed or older run), computed from its records by
     the code that writes it (regioncap.metrics.compute_metrics); no stage timings, no METEOR."""
+    from regioncap.families.base import visual_tokens_counter
     from regioncap.metrics import compute_metrics
 
     if run.records_file is None:
@@ -215,7 +216,7 @@ def _computed_metrics(run: RunData) -> Optional[Dict[str, Any]]:
             _iter_records(run.records_file, []), {}, references_key=_references_key(run),
             patch_size=int(model.get("patch_size", 14)), merge_size=int(model.get("merge_size", 2)),
             bootstrap_resamples=int(metrics_cfg.get("bootstrap_resamples", DEFAULT_RESAMPLES)),
-            seed=int(seed) if isinstance(seed, int) else 0)
+            seed=int(seed) if isinstance(seed, int) else 0, visual=visual_tokens_counter(model))
     except Exception as exc:  # noqa: BLE001 - a report shows what it can
         run.problems.append(f"metrics could not be computed from {run.records_file.name}: {exc}")
         return None

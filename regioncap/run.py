@@ -267,6 +267,7 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
     among them when the records are caption records); ``pipeline``: ``{overlap, workers, seconds,
     reason}`` or empty. The one recipe for a run's and a merge's (``regioncap.merge``) metrics.json.
     """
+    from regioncap.families.base import visual_tokens_counter
     from regioncap.metrics import compute_metrics
     from regioncap.random_weights import describe as weights
 
@@ -274,13 +275,11 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
     wall = pipeline.get("seconds")
     # A config written before a metrics setting existed (a merge of old shards) gets the schema's default.
     scorers = {**asdict(MetricsConfig()), **(cfg.get("metrics") or {})}
-    from regioncap.families.base import build_family
-
     metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
                               merge_size=int(model.merge_size), references_key=cfg.data.references_key,
                               meteor=bool(scorers["meteor"]), meteor_timeout_s=float(scorers["meteor_timeout_s"]),
                               wall_s=wall, bootstrap_resamples=int(scorers["bootstrap_resamples"]), seed=int(cfg.seed),
-                              densecap=bool(scorers["densecap"]), visual=build_family(model).visual_tokens)
+                              densecap=bool(scorers["densecap"]), visual=visual_tokens_counter(model))
     metrics.update(weights(model))
     if pipeline:
         # End to end: every image and region of the run over the run's wall time (both stages).

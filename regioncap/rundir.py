@@ -150,11 +150,17 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
     from regioncap.data import resolve_path
     from regioncap.engines import engine_name
 
-    from regioncap.families.base import family_name
+    from regioncap.families.base import family_class, family_name
 
     model = {k: _plain(cfg.model.get(k)) for k in _KEY_MODEL}
     # ``family``: the family's name (``qwen2_5_vl``), as in the key of a run made before ``model`` named its class.
     model["family"] = family_name(cfg.model)
+    try:
+        own = family_class(cfg.model).key_fields()
+    except Exception:  # noqa: BLE001 - a class that does not import here keys by the shared fields
+        own = ()
+    for k in own:  # a family's own settings (InternVL's tiles); none for the Qwen families
+        model[k] = _plain(cfg.model.get(k))
     for k, default in _KEY_MODEL_OPTIONAL.items():
         if _plain(cfg.model.get(k, default)) != default:
             model[k] = _plain(cfg.model.get(k))

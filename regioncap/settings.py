@@ -39,6 +39,10 @@ def check_settings(cfg: Any) -> None:
     hi = OmegaConf.select(cfg, "model.max_pixels", default=None)
     if finite_number(lo) and finite_number(hi) and 0 < hi < lo:
         problems.append(f"model.max_pixels ({hi}) is under model.min_pixels ({lo}): no image size fits both")
+    lo = OmegaConf.select(cfg, "model.min_tiles", default=None)  # a tiling family's budget (InternVL)
+    hi = OmegaConf.select(cfg, "model.max_tiles", default=None)
+    if finite_number(lo) and finite_number(hi) and 0 < hi < lo:
+        problems.append(f"model.max_tiles ({hi}) is under model.min_tiles ({lo}): no tile grid fits both")
     if problems:
         raise RunError("; ".join(problems))
 

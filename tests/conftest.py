@@ -169,6 +169,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_internvl_dir(tmp_path_factory) -> Path:
+    """The offline tiny InternVL3.5, built once per test session."""
+    from regioncap.families.internvl_files import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-internvl3.5")
+
+
+@pytest.fixture(scope="session")
 def tiny_gemma(tmp_path_factory) -> Path:
     """The offline tiny Gemma 3 (``model=gemma3_tiny``), built once per test session."""
     from regioncap.families.gemma import Gemma3

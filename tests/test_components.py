@@ -228,8 +228,9 @@ def test_auto_says_what_it_picked_and_why(monkeypatch, installed, cuda, picked, 
 #: The hub models run on engine=auto; the offline ones (built or shipped here) keep transformers,
 #: and so do the hub models vLLM does not run (Florence-2: only with vLLM's out-of-tree BART plugin).
 FULL_SIZE_MODELS = ["qwen25vl_3b", "qwen25vl_7b", "qwen2vl_2b", "qwen3vl_2b", "qwen3vl_4b",
-                    "gemma3_4b", "gemma3_12b", "gemma3_27b"]
-OFFLINE_MODELS = ["shapes", "tiny", "qwen3vl_tiny", "gemma3_tiny", "florence2_tiny"]
+                    "gemma3_4b", "gemma3_12b", "gemma3_27b",
+                    "internvl35_1b", "internvl35_2b", "internvl35_4b", "internvl35_8b"]
+OFFLINE_MODELS = ["shapes", "tiny", "qwen3vl_tiny", "gemma3_tiny", "florence2_tiny", "internvl35_tiny"]
 TRANSFORMERS_ONLY_MODELS = ["florence2_base", "florence2_large"]
 
 

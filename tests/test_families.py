@@ -24,16 +24,17 @@ from regioncap import random_weights
 from regioncap.errors import RunError
 from regioncap.families.base import Family, build_family, family_class, family_name, shipped_families
 from regioncap.families.gemma import Gemma3
+from regioncap.families.internvl import InternVL35
 from regioncap.families.qwen import GRID, Qwen2VL, Qwen3VL, Qwen25VL, smart_resize
 
-FAMILIES = (Qwen2VL, Qwen25VL, Qwen3VL, Gemma3)
+FAMILIES = (Qwen2VL, Qwen25VL, Qwen3VL, Gemma3, InternVL35)
 
 
 def test_shipped_families_are_found_from_the_model_options():
     from regioncap.families.florence import Florence2
 
     assert shipped_families() == {"qwen2_vl": Qwen2VL, "qwen2_5_vl": Qwen25VL, "qwen3_vl": Qwen3VL,
-                                  "gemma3": Gemma3, "florence2": Florence2}
+                                  "gemma3": Gemma3, "florence2": Florence2, "internvl": InternVL35}
     assert all(issubclass(cls, Family) for cls in shipped_families().values())
 
 
@@ -124,7 +125,7 @@ def test_grounding_constraint_matches_what_the_family_answers(cls):
     regex = family.grounding_constraint("regex", 5).get("regex")
     schema = family.grounding_constraint("json", 5).get("json_schema")
     assert family.grounding_constraint("none", 5) == {}
-    if cls is Qwen2VL:  # box tokens: a JSON constraint would forbid them
+    if cls in (Qwen2VL, InternVL35):  # box tokens, <ref>/<box> special tokens: a text constraint forbids them
         assert regex is None and schema is None
         return
     answer = f'[{{"bbox_2d": [1, 2, 300, 400], "label": "a"}}, {family.box_text((0, 0, 10, 10), (10, 10))[:-1]}, ' \
@@ -148,7 +149,8 @@ def test_qwen3_config_is_32_px_tokens_with_the_projects_token_budget():
     assert Qwen25VL().input_size(4000, 3000) == smart_resize(4000, 3000, min_pixels=3136, max_pixels=1003520)
 
 
-@pytest.mark.parametrize("option,cls", [("qwen3vl_2b", Qwen3VL), ("qwen2vl_2b", Qwen2VL), ("gemma3_tiny", Gemma3)])
+@pytest.mark.parametrize("option,cls", [("qwen3vl_2b", Qwen3VL), ("qwen2vl_2b", Qwen2VL), ("gemma3_tiny", Gemma3),
+                                        ("internvl35_1b", InternVL35)])
 def test_model_options_build_their_family(option, cls):
     cfg = compose([f"model={option}"])
     family = build_family(cfg.model)
@@ -167,7 +169,11 @@ def test_published_architectures_match_the_family(cls):
         pre = json.loads((random_weights.ARCHS_DIR / folder / "preprocessor_config.json").read_text())
         assert config["model_type"] in cls.model_types
         unit = cls.Config().patch_size * cls.Config().merge_size
-        if "patch_size" in pre:
+        if cls is InternVL35:  # tiles: the processor's tile is the vision tower's image size
+            assert pre["size"] == {"height": cls.Config().tile_size, "width": cls.Config().tile_size}
+            assert config["vision_config"]["image_size"] == [cls.Config().tile_size] * 2
+            assert config["vision_config"]["patch_size"] == [cls.Config().patch_size] * 2
+        elif "patch_size" in pre:
             assert pre["patch_size"] * pre["merge_size"] == unit
         else:  # a fixed input (Gemma 3): its side in tokens, squared, is the model's tokens per image
             assert (pre["size"]["height"] // unit) ** 2 == config["mm_tokens_per_image"]

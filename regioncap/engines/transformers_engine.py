@@ -334,9 +334,10 @@ class TransformersEngine(Engine):
 
     def _set_processor_settings(self, settings: Dict[str, Any]) -> None:
         """Give the image processor the family's settings (:meth:`regioncap.families.base.Family.processor_kwargs`):
-        a pixel budget becomes ``size`` in 5.x, also ``min/max_pixels`` in 4.x; other settings (Gemma 3's
-        ``do_pan_and_scan``) are set as they are. A family without a budget (a fixed input size) keeps the
-        processor's ``size``.
+        a pixel budget becomes ``size`` in 5.x, also ``min/max_pixels`` in 4.x; a ``size`` the family gives
+        (InternVL's tile) is set where it differs; other settings (Gemma 3's ``do_pan_and_scan``, InternVL's
+        ``min_patches``/``max_patches``) are set as they are. A family without a budget or a size (a fixed
+        input size) keeps the processor's ``size``.
 
         Set on the loaded processor rather than passed to ``from_pretrained``:
         transformers 5 keeps such kwargs as call defaults and warns on every call.
@@ -345,7 +346,13 @@ class TransformersEngine(Engine):
         settings = dict(settings)
         size = getattr(ip, "size", None)
         get = (lambda k: size.get(k) if isinstance(size, dict) else getattr(size, k, None))
-        if size is not None and get("height") and get("width"):
+        if "size" in settings:
+            # The family gives the size itself (InternVL's tile): set only where it differs, as in 5.x the
+            # processor holds a ``SizeDict``.
+            value = settings.pop("size")
+            if size is None or not isinstance(value, dict) or any(get(k) != v for k, v in value.items()):
+                ip.size = value
+        elif size is not None and get("height") and get("width"):
             # A fixed input size (Florence-2's square, Gemma 3's 896 px): the family's size replaces the pixel
             # budget, and the processor writes the family's count of image tokens for it.
             settings.pop("min_pixels", None), settings.pop("max_pixels", None)

@@ -127,7 +127,7 @@ class VllmEngine(Engine):
             trust_remote_code=bool(model_cfg.trust_remote_code),
             seed=0,
             limit_mm_per_prompt={"image": 1, "video": 0},
-            mm_processor_kwargs=self.family.processor_kwargs(),
+            mm_processor_kwargs=self.family.mm_processor_kwargs(),
         )
         overrides = _rope_overrides(self.model_path)
         if overrides:

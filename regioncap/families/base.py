@@ -27,7 +27,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from regioncap.components import Component, check, optional, whole
 
@@ -160,14 +160,22 @@ class Family(Component):
     def expand_images(self, text: str, width: int, height: int) -> str:
         """``text`` (a rendered chat prompt) with each :attr:`image_placeholder` expanded as the processor
         expands it for a ``width x height`` image: the text the model's tokenizer reads, so its token
-        count is the engine's. Qwen: the placeholder once per visual token."""
+        count is the engine's (both engines count a prompt this way). Qwen: the placeholder once per
+        visual token."""
         p = self.image_placeholder
         return text.replace(p, p * self.visual_tokens(width, height))
 
     def processor_kwargs(self) -> Dict[str, Any]:
-        """Settings for the model's processor when an engine starts (vLLM's ``mm_processor_kwargs``):
-        the pixel budget, ``model.min_pixels`` / ``model.max_pixels``."""
+        """Settings for the model's processor when an engine starts: the transformers engine sets them on
+        the loaded image processor (``TransformersEngine._set_processor_settings``), and they are vLLM's
+        ``mm_processor_kwargs`` unless :meth:`mm_processor_kwargs` says otherwise. Qwen: the pixel budget,
+        ``model.min_pixels`` / ``model.max_pixels``."""
         return {"min_pixels": int(self.cfg.min_pixels), "max_pixels": int(self.cfg.max_pixels)}
+
+    def mm_processor_kwargs(self) -> Dict[str, Any]:
+        """vLLM's ``mm_processor_kwargs``: :meth:`processor_kwargs`; a family whose processor call takes
+        other names than its attributes (InternVL's tile budget) gives its own."""
+        return self.processor_kwargs()
 
     # -- coordinates -----------------------------------------------------------
 
@@ -229,6 +237,13 @@ class Family(Component):
         return crop_aspect_limit(int(self.cfg.max_pixels), int(self.cfg.patch_size), int(self.cfg.merge_size))
 
     @classmethod
+    def key_fields(cls) -> Tuple[str, ...]:
+        """The family's own ``model`` settings (its ``Config`` fields beyond :class:`Family.Config`'s, such as
+        InternVL's ``max_tiles``): they decide the answers, so they are part of a run's key."""
+        base = {f.name for f in dataclasses.fields(Family.Config)}
+        return tuple(f.name for f in dataclasses.fields(cls.Config) if f.name not in base)
+
+    @classmethod
     def arch_folder(cls, hub_id: str) -> Optional[str]:
         """The folder under ``regioncap/archs`` of ``hub_id``'s published architecture, or None."""
         return cls.archs.get(hub_id)
@@ -254,6 +269,22 @@ def family_class(node: Any, key: str = "model") -> type:
 def build_family(model: Any) -> Family:
     """The family object of a typed ``model`` section: built once where the run's objects are built."""
     return family_class(model)(model)
+
+
+def visual_tokens_counter(node: Any) -> Optional[Callable[[int, int], int]]:
+    """The ``visual_tokens(width, height)`` of the family a ``model`` node names (a config node or the plain
+    dict a run recorded), for counting a finished run's visual tokens; None when the family cannot be
+    built here (then the caller falls back to Qwen's rule)."""
+    from omegaconf import OmegaConf
+
+    if node is None or not hasattr(node, "get"):
+        return None
+    try:
+        if not OmegaConf.is_config(node):
+            node = OmegaConf.create(dict(node))
+        return family_class(node)(node).visual_tokens
+    except Exception:  # noqa: BLE001 - a record read elsewhere (an old run, a class not installed)
+        return None
 
 
 def family_name(node: Any) -> Optional[str]:

@@ -241,6 +241,14 @@ def parse_grounding(text: Any, width: float, height: float, *, grid: Optional[in
                     break
     except RecursionError:  # pathological nesting inside a fence or object
         return []
+    return to_proposals(candidates, width, height, grid=grid, min_size=min_size, source=source)
+
+
+def to_proposals(candidates: List[Tuple[List[float], Optional[str]]], width: float, height: float, *,
+                 grid: Optional[int] = None, min_size: float = 1.0, source: str = "vlm") -> List[Proposal]:
+    """``(4 numbers, label)`` read from an answer, as :class:`Proposal` s in pixels of the ``width x height``
+    image (the numbers on a ``0..grid`` grid, or pixels when ``grid`` is None): corners in the wrong order
+    swapped, clipped to the image, a box under ``min_size`` pixels a side or not finite dropped; order kept."""
     w, h = float(width), float(height)
     sx, sy = (w / grid, h / grid) if grid else (1.0, 1.0)
     out: List[Proposal] = []

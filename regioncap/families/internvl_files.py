@@ -1,0 +1,306 @@
+"""What an InternVL3.5 model folder holds (tile size, special tokens, chat template, processor
+settings), and the offline builds: the tiny random-weight model and the full-size tokenizer.
+
+No model hub: the tokenizer is regioncap's offline byte-level BPE (:mod:`regioncap.tiny`)
+with Qwen's special tokens, then InternVL3.5's (Qwen3's four, ``<img>``, ``</img>``,
+``<IMG_CONTEXT>``, ``<quad>``, ``</quad>``, ``<ref>``, ``</ref>``, ``<box>``, ``</box>``,
+``<video>``) in their real order; the chat template is the ``-HF`` checkpoints'; the image
+processor has the published tiling (448 px tiles, 1 to 12, thumbnail, ImageNet mean/std);
+the model is a real ``InternVLForConditionalGeneration`` (InternViT + Qwen3) with tiny
+dimensions but the real tile size, patch size and pixel shuffle, so a tile costs 256
+visual tokens as in the published models. Its captions are noise.
+
+The build is deterministic (same seed and library versions -> the same weights), atomic
+(built next to the target, then moved in) and idempotent (a complete folder is reused).
+torch, transformers and tokenizers are imported inside the builders only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+#: Side of one tile in pixels (the vision tower's ``image_size``) in the published models.
+TILE = 448
+#: Visual tokens of one 448 px tile: (448 / 14 / 2) ** 2.
+TOKENS_PER_TILE = 256
+
+#: The chat template of the ``-HF`` checkpoints (transformers' InternVL conversion), verbatim:
+#: ChatML, no default system turn, ``<IMG_CONTEXT>\n`` for an image, ``<video>\n`` for a video.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{% if message['content'] is string %}"
+    "{{ message['content'] }}"
+    "{% else %}"
+    "{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}"
+    "{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'video' %}"
+    "{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}"
+    "{{ content['text'] }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% endif %}"
+    "{{'<|im_end|>\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{'<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
+
+#: Tokens InternVL3.5's tokenizer has after Qwen2.5's 22 (Qwen3's four, then InternVL's), in id
+#: order from 151665; the bool says whether the token is special. ``<img>`` is 151669 and
+#: ``<IMG_CONTEXT>`` 151671 (the config's ``image_token_id``) in the published tokenizer.
+INTERNVL_ADDED_TOKENS: List[Tuple[str, bool]] = [
+    ("<tool_response>", False),
+    ("</tool_response>", False),
+    ("<think>", False),
+    ("</think>", False),
+    ("<img>", True),
+    ("</img>", True),
+    ("<IMG_CONTEXT>", True),
+    ("<quad>", True),
+    ("</quad>", True),
+    ("<ref>", True),
+    ("</ref>", True),
+    ("<box>", True),
+    ("</box>", True),
+    ("<video>", True),
+]
+
+#: The processor reads its image tokens from these tokenizer attributes (``extra_special_tokens``).
+EXTRA_SPECIAL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+
+#: ImageNet mean/std, as in the published ``preprocessor_config.json``.
+IMAGE_MEAN = [0.485, 0.456, 0.406]
+IMAGE_STD = [0.229, 0.224, 0.225]
+
+
+#: Bump when the folder's content changes; a folder with another version is rebuilt.
+BUILDER_VERSION = 1
+#: Written last into a finished folder: its presence means "complete".
+MARKER = "regioncap_tiny_internvl.json"
+
+_BUILD_LOCK = threading.Lock()
+
+#: Tiny Qwen3 text model: head_dim 32 (a size vLLM's CPU attention supports).
+TEXT_DIMS: Dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=8192,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+)
+#: Tiny InternViT with the published tile (448) and patch (14) sizes: 1,024 patches a tile,
+#: pixel-shuffled by the downsample ratio 0.5 to 256 visual tokens.
+VISION_DIMS: Dict[str, Any] = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=TILE,
+    patch_size=14,
+    attention_bias=True,
+    use_qk_norm=False,
+    norm_type="layer_norm",
+    layer_norm_eps=1e-6,
+    hidden_act="gelu",
+    layer_scale_init_value=0.1,
+    use_absolute_position_embeddings=True,
+    use_mean_pooling=True,
+)
+
+
+def _write_json(path: Path, data: Dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _fix_modes(folder: Path) -> None:
+    """The folder and its files with ordinary modes (mkdtemp makes the folder private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for p in folder.iterdir():
+        os.chmod(p, 0o666 & ~umask)
+
+
+def preprocessor_config(min_tiles: int = 1, max_tiles: int = 12) -> Dict[str, Any]:
+    """The image processor's settings as the ``-HF`` checkpoints publish them."""
+    return {
+        "crop_to_patches": True,
+        "do_convert_rgb": True,
+        "do_normalize": True,
+        "do_rescale": True,
+        "do_resize": True,
+        "image_mean": IMAGE_MEAN,
+        "image_processor_type": "GotOcr2ImageProcessorFast",
+        "image_std": IMAGE_STD,
+        "max_patches": max_tiles,
+        "min_patches": min_tiles,
+        "processor_class": "InternVLProcessor",
+        "resample": 3,
+        "rescale_factor": 1 / 255,
+        "size": {"height": TILE, "width": TILE},
+    }
+
+
+def write_tokenizer(folder: Path, *, padded: bool = False) -> Dict[str, int]:
+    """Write InternVL3.5's tokenizer (offline BPE, real special tokens and chat template) into ``folder``.
+
+    ``padded``: Qwen's special tokens at their real ids (``<|endoftext|>`` 151643, so
+    ``<IMG_CONTEXT>`` is 151671), for the full-size architectures; else right after the
+    1,000 trained tokens (the tiny model). Returns the ids of the added tokens.
+    """
+    from tokenizers import AddedToken, Tokenizer
+
+    from regioncap import random_weights, tiny
+
+    names = {"chat_template": CHAT_TEMPLATE, "processor_class": "InternVLProcessor"}
+    if padded:
+        random_weights.padded_tokenizer(folder, **names)
+    else:
+        tiny.write_tokenizer(folder, **names)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    for content, special in INTERNVL_ADDED_TOKENS:
+        added = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False,
+                           single_word=False)
+        (tok.add_special_tokens if special else tok.add_tokens)([added])
+    tok.save(str(folder / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t, _ in tiny.QWEN_ADDED_TOKENS + INTERNVL_ADDED_TOKENS}
+
+    cfg_path = folder / "tokenizer_config.json"
+    tcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    for content, special in INTERNVL_ADDED_TOKENS:
+        tcfg["added_tokens_decoder"][str(ids[content])] = {
+            "content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": special}
+    tcfg["additional_special_tokens"] = tcfg["additional_special_tokens"] + [
+        t for t, special in INTERNVL_ADDED_TOKENS if special]
+    tcfg["extra_special_tokens"] = dict(EXTRA_SPECIAL_TOKENS)
+    tcfg["model_max_length"] = 40960 if padded else 8192
+    cfg_path.write_text(json.dumps(tcfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return ids
+
+
+def write_processor_files(folder: Path, *, preprocessor: bool = True) -> None:
+    """``processor_config.json`` and ``chat_template.json`` of the ``-HF`` layout, and (``preprocessor``)
+    ``preprocessor_config.json`` with the published settings."""
+    if preprocessor:
+        _write_json(folder / "preprocessor_config.json", preprocessor_config())
+    _write_json(folder / "processor_config.json",
+                {"image_seq_length": TOKENS_PER_TILE, "processor_class": "InternVLProcessor"})
+    _write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+
+
+def write_arch_files(folder: Path) -> None:
+    """What a weightless full-size folder needs beside the published ``config.json`` and
+    ``preprocessor_config.json`` (kept in ``regioncap/archs``): the tokenizer with the real ids, the
+    processor config and the chat template (``model.weights=random``)."""
+    write_tokenizer(folder, padded=True)
+    write_processor_files(folder, preprocessor=False)
+
+
+def build_seeded(tmp: Path, seed: int) -> Dict[str, Any]:
+    """Write the tiny model folder into ``tmp`` (the caller keeps the RNGs private)."""
+    import torch
+    import transformers
+    from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration
+
+    ids = write_tokenizer(tmp)
+    n_tokens = max(ids.values()) + 1
+    vocab_size = (n_tokens + 63) // 64 * 64
+    im_end, eot = ids["<|im_end|>"], ids["<|endoftext|>"]
+    config = InternVLConfig(
+        text_config=dict(model_type="qwen3", **TEXT_DIMS, vocab_size=vocab_size, tie_word_embeddings=False,
+                         bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot,
+                         architectures=["Qwen3ForCausalLM"]),
+        vision_config=dict(VISION_DIMS),
+        image_token_id=ids["<IMG_CONTEXT>"],
+        image_seq_length=TOKENS_PER_TILE,
+        downsample_ratio=0.5,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    config.architectures = ["InternVLForConditionalGeneration"]
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
+    model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot,
+                                               do_sample=False)
+    model.save_pretrained(tmp, safe_serialization=True)
+    write_processor_files(tmp)
+    return {"vocab_size": vocab_size, "n_tokens": n_tokens, "image_token_id": ids["<IMG_CONTEXT>"],
+            "transformers": transformers.__version__, "torch": torch.__version__}
+
+
+def is_complete(out_dir: Path, seed: Optional[int] = None) -> bool:
+    """True when ``out_dir`` is a finished tiny InternVL of this builder version (and ``seed``, if given)."""
+    try:
+        marker = json.loads((Path(out_dir) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return marker.get("builder_version") == BUILDER_VERSION and (seed is None or marker.get("seed") == seed)
+
+
+def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """Build the tiny InternVL3.5 into ``out_dir`` (or reuse it) and return its absolute path."""
+    import random
+
+    import numpy as np
+    import torch
+
+    out = Path(out_dir).expanduser().absolute()
+    if is_complete(out, seed):
+        return out
+    with _BUILD_LOCK:
+        if is_complete(out, seed):
+            return out
+        if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
+            raise FileExistsError(f"{out} exists and is not a tiny InternVL built by regioncap (no {MARKER}); "
+                                  f"remove it or choose another model.path")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            # Seeded privately: building inside a run must not move the run's RNGs.
+            with torch.random.fork_rng(devices=[]):
+                random.seed(seed)
+                np.random.seed(seed)
+                info = build_seeded(tmp, seed)
+            info.update(builder_version=BUILDER_VERSION, seed=seed)
+            _write_json(tmp / MARKER, info)
+            _fix_modes(tmp)
+            if is_complete(out, seed):  # another process won the race
+                return out
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built the tiny InternVL3.5 (seed %d) into %s in %.1f s", seed, out, time.perf_counter() - t0)
+    return out
