@@ -163,10 +163,23 @@ def as_dataset(run_dir: PathLike, stage: Optional[str] = None) -> Any:
     for key, values in columns.items():
         values.extend(rec.get(key) for rec in rows)
         try:
-            pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
+            # Arrow's field names are C strings: a key with a NUL would be cut (and two keys cut to
+            # one name cannot be read back), so such a column is JSON text too.
+            if any(_nul_key(v) for v in values):
+                raise ValueError("a key with a NUL character")
+            pa.array(values).to_pylist()
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError, ValueError):
             columns[key] = [None if v is None else json.dumps(v, ensure_ascii=False) for v in values]
     return datasets.Dataset.from_dict(columns)
+
+
+def _nul_key(value: Any) -> bool:
+    """True when a dict inside ``value`` (at any depth) has a key with a NUL character."""
+    if isinstance(value, dict):
+        return any("\x00" in str(k) or _nul_key(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_nul_key(v) for v in value)
+    return False
 
 
 __all__ = ["Result", "as_dataset", "conf_dir", "records", "run"]
