@@ -157,6 +157,10 @@ def _bca_interval(boot: Any, estimate: float, jack: Any, confidence: float
     boot = boot[np.isfinite(boot)]
     if boot.size == 0:
         return None, None
+    if float(boot.max() - boot.min()) <= 1e-12 * max(1.0, abs(estimate)):
+        # Nothing varies (every value equal): the resamples differ only in rounding (a mean of
+        # sums), and the interval is the estimate itself, exactly.
+        return estimate, estimate
     tail = (1.0 - confidence) / 2.0
     levels = np.array([tail, 1.0 - tail])
     # A share of resamples below the estimate, ties counted half (the statistics are often discrete).

@@ -193,6 +193,7 @@ def make_hf(root: Path) -> Path:
     return out
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_hf_nested_columns_and_class_label_references(tmp_path):
     path = make_hf(tmp_path)
     rows = _rows("data=hf", f"data.path={path}", "data.bbox_key=objects.bbox", "data.id_key=image_id",
@@ -289,6 +290,7 @@ def test_field_at_reads_both_nested_layouts():
 
 
 # ------------------------------------------------------------------ row digests
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @pytest.mark.parametrize("source", ["coco", "vg", "refcoco", "hf"])
 def test_every_source_gives_each_row_a_content_digest(tmp_path, source):
     """Every row (error rows too) carries a digest of its content: the same file read

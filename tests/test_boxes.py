@@ -356,6 +356,7 @@ def _expected_count(raw: object) -> int:
     return len(raw)
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @PROPERTY
 @given(
     raw=st.one_of(junk, junk.map(lambda v: json.dumps(v) if not isinstance(v, str) else v)),

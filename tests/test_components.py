@@ -239,6 +239,7 @@ def test_every_model_option_is_full_size_or_offline():
         FULL_SIZE_MODELS + OFFLINE_MODELS + TRANSFORMERS_ONLY_MODELS)
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @pytest.mark.parametrize("model", FULL_SIZE_MODELS)
 def test_full_size_models_default_to_auto_and_the_command_line_wins(model):
     assert node_name(compose([f"model={model}"]).engine) == "auto"

@@ -188,6 +188,7 @@ def test_json_lines_that_start_with_a_list_stay_json_lines(tmp_path, name):
     assert [(r.error or {}).get("kind") for r in _rows("data=jsonl", f"data.path={only}")] == ["invalid_row"]
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_a_json_array_file_runs_resumes_and_shards_like_json_lines(tmp_path):
     from PIL import Image
 

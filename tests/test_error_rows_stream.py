@@ -70,6 +70,7 @@ def test_grouped_caps_rows_that_need_no_engine():
     assert [len(b) for b in grouped(iter(work), max_requests=8, max_rows=32)] == [3, 3]
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @pytest.mark.parametrize("kind,n", [("missing", 2000), ("boxless", 400)])
 def test_caption_stage_commits_rows_without_work_while_it_reads(tmp_path, monkeypatch, kind, n):
     import regioncap.executors.local as local
@@ -90,6 +91,7 @@ def test_caption_stage_commits_rows_without_work_while_it_reads(tmp_path, monkey
         assert written >= k - 32, (k, written)
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @pytest.mark.parametrize("workers", [0, 1])
 def test_visualize_and_caption_commit_error_rows_while_the_input_is_read(tmp_path, monkeypatch, workers):
     import regioncap.run as run

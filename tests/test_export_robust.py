@@ -35,6 +35,7 @@ def bomb_png(color=(10, 200, 30), size=(64, 48)) -> bytes:
     return png[:end] + bomb + png[end:]
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_an_image_that_does_not_decode_as_stored_is_reencoded():
     data = bomb_png()
     with pytest.raises(ValueError):  # what datasets does when it reads the row back
@@ -184,6 +185,7 @@ def fake_run(tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @pytest.mark.parametrize("target", ["captions.jsonl", "visualize.jsonl", "metrics.json", "manifest.json",
                                     "report.html", "images/export.parquet", ".hydra/x.jsonl",
                                     "../other/captions.jsonl", "../other/run_key.json"])

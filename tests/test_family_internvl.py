@@ -33,6 +33,7 @@ def hf_canvas():
     return mod.get_optimal_tiled_canvas
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @settings(max_examples=200, deadline=None)
 @given(sizes, sizes, budgets)
 def test_tile_grid_is_transformers_rule(hf_canvas, w, h, budget) -> None:

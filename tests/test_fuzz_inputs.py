@@ -469,6 +469,7 @@ def test_png_with_broken_idat_is_a_corrupt_image_not_a_black_one(tmp_path):
 # --------------------------------------------------------------------------- fixed cases
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_blank_file_and_blank_lines_only_fail_clearly(tmp_path):
     for i, content in enumerate([b"", b"\n\n  \n\t\r\n"]):
         path = tmp_path / f"rows{i}.jsonl"
@@ -479,6 +480,7 @@ def test_blank_file_and_blank_lines_only_fail_clearly(tmp_path):
         assert (tmp_path / f"run{i}" / "visualize.jsonl").read_text() == ""
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_a_byte_order_mark_at_the_start_of_the_file_is_not_part_of_the_first_row(tmp_path, assets):
     """Windows editors and spreadsheets save UTF-8 with a BOM; the first row must still be a row."""
     from regioncap.data import count_rows, iter_rows
@@ -515,6 +517,7 @@ def test_all_rows_bad_still_writes_every_row(tmp_path):
     assert len(list(read_jsonl(tmp_path / "run2" / "captions.jsonl"))) == 5
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_thousands_of_boxes_are_chunked_and_all_accounted(tmp_path, assets):
     boxes: List[Any] = []
     for i in range(3000):

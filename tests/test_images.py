@@ -513,6 +513,7 @@ def reference_rules():
     return hf.smart_resize, qvu.smart_resize
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @settings(max_examples=600, deadline=None)
 @given(sizes, sizes, budgets, st.sampled_from([(14, 2), (16, 2)]))
 def test_target_size_matches_upstream(reference_rules, w, h, budget, patch_merge) -> None:

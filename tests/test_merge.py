@@ -54,6 +54,7 @@ def comparable(rec: dict) -> dict:
     return rec
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_iter_rows_shards_split_the_unsharded_rows_keeping_their_indexes(rows7):
     def rows(**data):
         cfg = compose(["data=jsonl", f"data.path={rows7}", *(f"data.{k}={v}" for k, v in data.items())])
@@ -79,6 +80,7 @@ def test_run_key_names_shards_only_when_sharded():
     assert (key["num_shards"], key["shard_index"]) == (3, 1)
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_resume_with_another_shard_is_refused(tmp_path, rows7):
     out = run_shard(tmp_path, rows7, "s", ["data.num_shards=3", "data.shard_index=0"])
     assert [r["index"] for r in read_jsonl(out / "captions.jsonl")] == [0, 3, 6]
@@ -92,6 +94,7 @@ def test_resume_with_another_shard_is_refused(tmp_path, rows7):
     assert execute(cfg)["rows"] == 3
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_three_shards_merge_to_the_unsharded_run(tmp_path, rows7):
     whole = run_shard(tmp_path, rows7, "whole")
     shards = shards3(tmp_path, rows7)
@@ -117,6 +120,7 @@ def test_three_shards_merge_to_the_unsharded_run(tmp_path, rows7):
         merge(tmp_path / "merged", shards)
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_merge_refuses_duplicated_missing_and_mismatched_shards(tmp_path, rows7):
     shards = shards3(tmp_path, rows7)
     with pytest.raises(MergeRefused) as exc:
@@ -139,6 +143,7 @@ def test_merge_refuses_duplicated_missing_and_mismatched_shards(tmp_path, rows7)
     assert any("max_boxes: 10 -> 2" in d for d in man["config_differences"])
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_unsorted_shard_is_sorted_in_memory(tmp_path, rows7):
     shards = shards3(tmp_path, rows7)
     path = shards[0] / "captions.jsonl"
@@ -322,6 +327,7 @@ def test_merged_report_shows_images_header_and_shards(shapes_runs, tmp_path):
     assert "image not available" not in again and again.count('<img src="data:image/jpeg') >= 8
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_merge_refuses_shards_scored_differently(tmp_path, rows7):
     shards = shards3(tmp_path, rows7)
     other = run_shard(tmp_path, rows7, "other", ["data.num_shards=3", "data.shard_index=2",

@@ -369,6 +369,7 @@ class _Rec(dict):
     """A record that can be weakly referenced, so the test sees how many are alive."""
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_one_streaming_pass_over_20000_records():
     alive = 0
     most_alive = 0

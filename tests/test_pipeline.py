@@ -280,6 +280,7 @@ def test_stages_can_run_separately(tmp_path):
     assert metrics["regions_captioned"] == 18
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_hf_datasets_source_saved_dataset_and_parquet(tmp_path):
     import datasets
 
@@ -333,6 +334,7 @@ def test_isolated_engine_failure_is_a_clear_run_error(tmp_path):
     assert len(list(read_jsonl(out / "visualize.jsonl"))) == 5
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_objective_is_what_the_job_returns_to_a_sweeper(tmp_path):
     from regioncap.job import run_job
 

@@ -146,6 +146,7 @@ answer_text = st.one_of(
 )
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @settings(max_examples=300, deadline=None)
 @given(answer_text, st.lists(st.integers(1, 12), min_size=1, max_size=4, unique=True),
        st.sampled_from(["lines", "json", "free"]))
@@ -224,6 +225,7 @@ odd_values = st.recursive(
 )
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @settings(max_examples=400, deadline=None)
 @given(odd_values, st.sampled_from([None, 2]))
 def test_dumps_always_writes_strict_utf8_json(value, indent):

@@ -38,6 +38,7 @@ def test_rows_without_boxes_are_captioned_through_contours_by_default(tmp_path):
     assert "quality" not in metrics["proposals"]  # no given boxes: nothing to measure against
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_max_boxes_chunks_proposals_and_drops_none(tmp_path):
     one = execute(fake(tmp_path / "a", "max_boxes=1"))
     ten = execute(fake(tmp_path / "b"))
@@ -109,6 +110,7 @@ def test_vlm_grounding_by_the_caption_engine(tmp_path, workers):
             assert (tmp_path / "run" / req["image"]).is_file()
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_proposed_regions_survive_resume(tmp_path):
     out = tmp_path / "run"
     execute(fake(out, "data.limit=3"))

@@ -76,6 +76,7 @@ def test_executor_group_composes_and_local_is_the_default(tmp_path):
         compose(["executor=local", "executor.num_replicas=2"])
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_cluster_shuts_down_with_the_collector_off(monkeypatch):
     """ray.shutdown() stops the core worker before it forgets it; a reference released in
     between by the cyclic collector makes Ray end the process with exit 1. The run's

@@ -390,6 +390,7 @@ def _categorical_sweep(run_dir: Path, sweep: Path) -> Path:
     return sweep
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_sweep_table_leads_with_exact_match_and_plots_bars_for_categories(run_dir, tmp_path):
     sweep = _categorical_sweep(run_dir, tmp_path / "sweep")
     page = write_report(sweep).read_text(encoding="utf-8")

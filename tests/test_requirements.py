@@ -25,6 +25,7 @@ def _hide(monkeypatch, *modules):
         monkeypatch.setitem(sys.modules, name, None)
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_installed_engine_passes():
     check_engine(compose(["engine=transformers"]))
     check_engine(compose(["engine=fake"]))

@@ -153,6 +153,7 @@ def fake(out: Path, rows: Path, *extra: str):
                     "commit_every=3", *extra], output_dir=out)
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_run_dir_with_outputs_is_refused_without_resume(tmp_path):
     rows, out = demo_rows(tmp_path / "rows.jsonl"), tmp_path / "run"
     execute(fake(out, rows))
@@ -169,6 +170,7 @@ def test_run_dir_with_outputs_is_refused_without_resume(tmp_path):
     assert key["values"]["max_boxes"] == 10 and len(key["hash"]) == 16
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_resume_with_changed_settings_is_refused_unless_forced(tmp_path):
     rows, out = demo_rows(tmp_path / "rows.jsonl"), tmp_path / "run"
     execute(fake(out, rows, "data.limit=4"))
@@ -182,6 +184,7 @@ def test_resume_with_changed_settings_is_refused_unless_forced(tmp_path):
     assert key["values"]["max_boxes"] == 2 and key["previous"][0]["values"]["max_boxes"] == 10
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_resume_refuses_data_that_changed_under_it(tmp_path):
     rows, out = demo_rows(tmp_path / "rows.jsonl"), tmp_path / "run"
     execute(fake(out, rows, "data.limit=4"))
@@ -191,6 +194,7 @@ def test_resume_refuses_data_that_changed_under_it(tmp_path):
         execute(fake(out, rows, "resume=true"))
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_retry_errors_redoes_caption_error_rows_once(tmp_path):
     rows, out = demo_rows(tmp_path / "rows.jsonl"), tmp_path / "run"
     execute(fake(out, rows, "engine.fail_keys=[coffee-2/]", "max_error_rate=0.5"))
@@ -210,6 +214,7 @@ def test_retry_errors_redoes_caption_error_rows_once(tmp_path):
     assert metrics["rows"] == ROWS and metrics["error_rows"] == 0
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_a_run_dir_in_use_is_refused(tmp_path):
     from regioncap.run import build_run
 

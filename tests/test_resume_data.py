@@ -58,6 +58,7 @@ def exactly_once(path: Path, n: int) -> Dict[int, dict]:
 # ------------------------------------------------------------------ rows without ids
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @pytest.mark.parametrize("stages", [["visualize", "caption"], ["visualize"]])
 def test_a_row_inserted_at_the_top_is_refused_naming_the_row(tmp_path, stages):
     rows, out = write_rows(tmp_path / "rows.jsonl", rows_without_ids(3)), tmp_path / "run"
@@ -75,6 +76,7 @@ def test_a_row_inserted_at_the_top_is_refused_naming_the_row(tmp_path, stages):
     assert {p.name: p.read_bytes() for p in out.glob("*.jsonl")} == before
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_a_row_edited_in_place_is_refused(tmp_path):
     rows, out = write_rows(tmp_path / "rows.jsonl", rows_without_ids(3)), tmp_path / "run"
     execute(fake(out, rows))
@@ -85,6 +87,7 @@ def test_a_row_edited_in_place_is_refused(tmp_path):
         execute(fake(out, rows, "resume=true"))
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_an_unchanged_file_resumes_and_an_appended_row_is_added(tmp_path):
     rows, out = write_rows(tmp_path / "rows.jsonl", rows_without_ids(3)), tmp_path / "run"
     execute(fake(out, rows))
@@ -112,6 +115,7 @@ def _demo_rows(path: Path, n: int) -> Path:
     return write_rows(path, rows)
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EMFILE, errno.EDQUOT])
 def test_a_full_disk_stops_the_run_and_a_resume_completes_every_row_once(tmp_path, monkeypatch, code):
     import regioncap.stages.visualize as visualize
@@ -142,6 +146,7 @@ def test_a_full_disk_stops_the_run_and_a_resume_completes_every_row_once(tmp_pat
     assert metrics["rows"] == n and metrics["error_rows"] == 0
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_retry_errors_after_a_full_disk_redoes_only_caption_errors(tmp_path, monkeypatch):
     import regioncap.stages.visualize as visualize
 

@@ -150,6 +150,7 @@ def test_shapes_dataset_is_deterministic(tmp_path):
             assert 0 <= x and 0 <= y and x + w <= shapes.SCENE_SIZE and y + h <= shapes.SCENE_SIZE
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_shapes_boxes_do_not_overlap(tmp_path):
     import random
 

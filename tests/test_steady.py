@@ -38,6 +38,7 @@ def slow_start(monkeypatch):
     monkeypatch.setattr(FakeEngine, "generate", slow_generate)
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_startup_is_reported_apart_and_left_out_of_the_rates(tmp_path, slow_start):
     out = tmp_path / "run"
     m = execute(compose(["engine=fake", "engine.batch_size=2", "workers=0", "progress=false"], output_dir=out))
@@ -67,6 +68,7 @@ def test_startup_is_reported_apart_and_left_out_of_the_rates(tmp_path, slow_star
     assert "regions/s" in line
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_one_engine_batch_gives_its_own_rates_and_says_so(tmp_path, slow_start):
     # Every row in one engine call (one vLLM call of a whole run, say): nothing after it to time, so
     # the rates are that batch's rows over its own seconds (warm-up in, engine load out).

@@ -58,6 +58,7 @@ def records(path: Path) -> List[Dict]:
     return [scrub(r) for r in read_jsonl(path)]
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_overlapped_run_writes_what_the_sequential_run_writes(tmp_path):
     rows = demo_rows(tmp_path / "rows.jsonl", 23)
     runs = {"overlap": ["workers=2"], "sequential": ["overlap=false", "workers=2"], "main": ["workers=0"]}
@@ -82,6 +83,7 @@ def test_overlapped_run_writes_what_the_sequential_run_writes(tmp_path):
         assert metrics["overlap"][key] == metrics["main"][key], key
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @pytest.mark.parametrize("extra,reason", [
     (["stages=[visualize]"], "only visualize stage requested"),
     (["engine.isolate=true"], "executor=isolated"),
@@ -129,6 +131,7 @@ def test_overlapped_run_resumes_after_a_stop(tmp_path):
     assert json.loads((out / "metrics.json").read_text())["pipeline"]["overlap"] is True
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_default_workers_leave_the_engine_its_cores(tmp_path):
     cores = available_cores()
     base = ["engine=fake", f"data.path={DEMO / 'demo.jsonl'}"]
@@ -183,6 +186,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_pool_keeps_input_order_with_a_small_window(tmp_path):
     cfg = fake(tmp_path / "run", demo_rows(tmp_path / "rows.jsonl", 9), "workers=2")
     stage = Visualizer(cfg)

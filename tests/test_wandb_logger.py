@@ -131,6 +131,7 @@ def _artifact(run: Dict[str, Any], type_: str):
 # ------------------------------------------------------------------ in process
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_offline_run_records_config_metrics_images_table_and_artifact(tmp_path):
     out = tmp_path / "run"
     cfg = compose(["engine=fake", "progress=false", "logger=wandb", "logger.mode=offline", "max_boxes=3",
@@ -216,6 +217,7 @@ def test_offline_run_records_config_metrics_images_table_and_artifact(tmp_path):
     assert elapsed < 60
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_crop_strategy_images_are_logged_without_boxes(tmp_path):
     out = tmp_path / "run"
     cfg = compose(["engine=fake", "progress=false", "logger=wandb", "prompt=crop", "logger.log_images=2",
@@ -227,6 +229,7 @@ def test_crop_strategy_images_are_logged_without_boxes(tmp_path):
     assert "region_table" not in run["summary"] and not [a for a in run["artifacts"] if a.type == "dataset"]
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_missing_regions_are_flagged_in_boxes_and_table(tmp_path):
     out = tmp_path / "run"
     cfg = compose(["engine=fake", "progress=false", "logger=wandb", "engine.skip_regions=[2]",
@@ -258,6 +261,7 @@ def test_logger_none_writes_no_wandb_dir(tmp_path):
     assert (out / "captions.jsonl").is_file() and not (out / "wandb").exists()
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_failed_job_still_finishes_its_run_with_a_nonzero_exit_code(tmp_path):
     from regioncap.run import RunError
 
