@@ -33,7 +33,7 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
-from regioncap.components import node_name
+from regioncap.components import node_name, plain
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, VISUALIZE_FILE
 
 
@@ -264,15 +264,9 @@ def mask_hydra_dir(hydra_dir: Path, secrets: Sequence[str] = ()) -> List[str]:
 
 
 def config_to_dict(cfg: Any) -> Tuple[Dict[str, Any], bool]:
-    """The config as plain data, resolved when possible; the flag says whether it is resolved."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.is_config(cfg):
-        return json.loads(json.dumps(cfg, default=str)), True
-    try:
-        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), True
-    except Exception:  # an interpolation that cannot resolve here (${hydra:...} outside a job)
-        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True), False
+    """The run's config (the typed :class:`~regioncap.config.RegionCapConfig`, or a mapping such as
+    a recorded config) as JSON-ready plain data; the flag is always true (a typed config is resolved)."""
+    return json.loads(json.dumps(plain(cfg), default=str)), True
 
 
 def git_info(path: Optional[Path] = None) -> Optional[Dict[str, Any]]:

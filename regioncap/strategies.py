@@ -40,12 +40,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
-from omegaconf import MISSING
 
 from regioncap import boxes as bx
 from regioncap import prompts
-from regioncap.components import Component, check, class_of, real, resolve, short_name
-from regioncap.config import AnswerFormat
+from regioncap.components import MISSING, Component, check, class_of, plain, real, resolve, setting, short_name
+from regioncap.config import AnswerFormat, RegionCapConfig
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.errors import RunError
 from regioncap.families.base import Family, build_family
@@ -303,25 +302,29 @@ def strategy_class(prompt: Any) -> type:
 
 
 def settings(cls: type, prompt: Any) -> Any:
-    """``cls.Config`` filled from the ``prompt`` node (its keys that are fields; the rest keep their defaults)."""
-    return cls.Config(**{f.name: prompt[f.name] for f in fields(cls.Config) if f.name in prompt})
+    """``cls.Config`` from the typed ``prompt`` section (itself when it is one), or filled from a mapping
+    (its keys that are fields; the rest keep their defaults)."""
+    if isinstance(prompt, cls.Config):
+        return prompt
+    values = plain(prompt)
+    return cls.Config(**{f.name: values[f.name] for f in fields(cls.Config) if f.name in values})
 
 
-def build_strategy(cfg: Any) -> PromptStrategy:
+def build_strategy(cfg: RegionCapConfig) -> PromptStrategy:
     """The strategy ``cfg.prompt`` names, built (and its config read) for this run, with the model's
     family object (:func:`regioncap.families.base.build_family`, built here once per strategy)."""
     cls = strategy_class(cfg.prompt)
     return cls(settings(cls, cfg.prompt), DrawStyle.from_config(cfg.draw), build_family(cfg.model),
-               int(cfg.max_boxes))
+               cfg.max_boxes)
 
 
 def recorded_strategy(prompt: Any) -> Optional[type]:
     """The strategy class of a ``prompt`` section as a run recorded it (a plain dict), or None when it
     cannot be told: its ``_target_`` does not import here. A run recorded before strategies were
     components names it by ``strategy``."""
-    if not hasattr(prompt, "get"):
+    if prompt is None or isinstance(prompt, (str, int, float, bool)):
         return None
-    target = prompt.get("_target_") or _BEFORE_COMPONENTS.get(str(prompt.get("strategy")))
+    target = setting(prompt, "_target_") or _BEFORE_COMPONENTS.get(str(setting(prompt, "strategy")))
     if not target:
         return None
     try:
@@ -335,7 +338,8 @@ def recorded_name(prompt: Any) -> Optional[str]:
     cls = recorded_strategy(prompt)
     if cls is not None:
         return short_name(cls)
-    return str(prompt.get("strategy")) if hasattr(prompt, "get") and prompt.get("strategy") else None
+    strategy = setting(prompt, "strategy") if prompt is not None else None
+    return str(strategy) if strategy else None
 
 
 #: ``prompt.strategy`` of runs recorded before strategies were named by ``_target_``.

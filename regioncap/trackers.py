@@ -669,11 +669,11 @@ class ManyLoggers(RunLogger):
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
-        self.loggers = [build_logger(cfg[key]) for key in cfg.use]
+        self.loggers = [build_logger(getattr(cfg, key)) for key in cfg.use]
 
     @classmethod
     def parts(cls, node: Any) -> List[Tuple[str, Any]]:
-        return [(f"logger.{key}", node[key]) for key in node.get("use") or () if key in node]
+        return [(f"logger.{key}", getattr(node, key)) for key in node.use or () if hasattr(node, key)]
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
               job_type: str = CaptionStage.name) -> None:

@@ -190,7 +190,7 @@ def test_an_old_model_family_maps_to_its_class_with_a_warning(caplog):
     assert "model.family=qwen2_vl without model._target_ is deprecated" in caplog.text
     assert family_class({"name": "older", "path": "x"}) is Qwen25VL  # the default family then
     upgraded = Family.upgraded(old, "model")
-    assert upgraded._target_ == "regioncap.families.qwen.Qwen2VL" and "family" not in upgraded
+    assert upgraded["_target_"] == "regioncap.families.qwen.Qwen2VL" and "family" not in upgraded
     with pytest.raises(RunError, match="model.family=llava"):
         family_class({"name": "x", "path": "x", "family": "llava"})
 

@@ -221,7 +221,7 @@ class TransformersEngine(Engine):
     @classmethod
     def cpu_bound(cls, engine_cfg: Any) -> bool:
         # On the CPU, torch's own threads take every core.
-        return not str(engine_cfg.get("device", "")).startswith("cuda")
+        return not str(engine_cfg.device).startswith("cuda")
 
     def __init__(self, *, model_cfg: Any, engine_cfg: Any, model_path: str) -> None:
         import torch

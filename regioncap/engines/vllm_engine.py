@@ -57,15 +57,10 @@ def _rope_overrides(model_path: str) -> Dict[str, Any]:
 
 
 def _plain(value: Any) -> Dict[str, Any]:
-    """A plain dict (nested OmegaConf nodes become dicts/lists: vLLM's config classes want those)."""
-    try:
-        from omegaconf import OmegaConf
+    """A plain dict (nested settings become dicts/lists: vLLM's config classes want those)."""
+    from regioncap.components import plain
 
-        if OmegaConf.is_config(value):
-            return dict(OmegaConf.to_container(value, resolve=True))
-    except ImportError:
-        pass
-    return dict(value)
+    return dict(plain(value))
 
 
 class VllmEngine(Engine):

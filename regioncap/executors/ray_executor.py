@@ -40,9 +40,9 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional
 
 from regioncap.errors import RunError
 from regioncap.rundir import resume_args
@@ -50,6 +50,9 @@ from regioncap.executors import CaptionJob, Executor
 from regioncap.signals import stop_requested
 from regioncap.stages import CaptionStage, StageStats, VisualizeStage, merge_startup
 from regioncap.stages.loop import StageLoop, grouped
+
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
 log = logging.getLogger("regioncap")
 
@@ -59,9 +62,7 @@ _INSTALL_HINT = 'executor=ray needs Ray: pip install "regioncap[ray]" (or run wi
 class _Replica:
     """One engine replica (a Ray actor): reads its rows' records, captions them, returns the records."""
 
-    def __init__(self, cfg: Dict[str, Any], model_path: Optional[str], visualize_path: str) -> None:
-        from omegaconf import OmegaConf
-
+    def __init__(self, cfg: RegionCapConfig, model_path: Optional[str], visualize_path: str) -> None:
         from regioncap.stages.caption import Captioner
 
         if not logging.getLogger().handlers:
@@ -69,9 +70,9 @@ class _Replica:
         from regioncap.cpus import single_thread
 
         # The actor's CPUs are what it reserved (executor.num_cpus), not the node's: threads=N forces.
-        threads = cfg.get("threads") or max(1, math.ceil(float(cfg["executor"]["num_cpus"])))
+        threads = cfg.threads or max(1, math.ceil(cfg.executor.num_cpus))
         single_thread(threads)
-        self.captioner = Captioner(OmegaConf.create(cfg), cfg["output_dir"], model_path=model_path, threads=threads)
+        self.captioner = Captioner(cfg, cfg.output_dir, model_path=model_path, threads=threads)
         self.visualize = open(visualize_path, "rb")
         #: Whether this replica's engine start-up went back to the driver already.
         self.reported = False
@@ -152,7 +153,7 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
         yield ray
         return
     kwargs: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    kwargs.update(dict(executor_cfg.get("init_args") or {}))
+    kwargs.update(dict(executor_cfg.init_args or {}))
     if executor_cfg.address:
         kwargs["address"] = executor_cfg.address
     else:
@@ -351,12 +352,12 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
     if not todo:
         return
     cfg, ex, stats = job.cfg, job.cfg.executor, job.stats
-    from omegaconf import OmegaConf
-
     path = job.rundir.captions_file
-    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    plain["output_dir"] = str(job.rundir.path.resolve())  # actors may run in another working directory
-    batch = int(ex.batch_size)
+    # The typed config goes pickled: an actor imports its classes by name (a user's own Config too),
+    # as it must anyway to build the engine and model they name. Actors may run in another working
+    # directory: the run dir as an absolute path.
+    shipped = replace(cfg, output_dir=str(job.rundir.path.resolve()))
+    batch = ex.batch_size
     chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     bar = None
     t0 = time.perf_counter()
@@ -371,12 +372,12 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
                 "max_restarts": -1, "max_task_retries": -1,
                 # One replica per node first: a cluster of GPU nodes fills every node.
                 "scheduling_strategy": "SPREAD"}
-            options.update(dict(ex.get("remote_args") or {}))
+            options.update(dict(ex.remote_args or {}))
             log.info("caption: %d row(s) over Ray: %d replica(s) x (%g CPU, %g GPU), %d row(s) per batch, "
                      "cluster %s", len(todo), ex.num_replicas, ex.num_cpus, ex.num_gpus, batch,
                      ray.cluster_resources())
             pool = _Pool(ray, ray.remote(**options)(_Replica), int(ex.num_replicas), {
-                "cfg": plain, "model_path": job.model_path,
+                "cfg": shipped, "model_path": job.model_path,
                 "visualize_path": str(job.rundir.visualize_file.resolve())})
             try:
                 if bool(cfg.progress):

@@ -50,15 +50,15 @@ class Captioner(CaptionStage):
         #: Appended to the error when the engine cannot start (how to go on).
         self.start_hint = start_hint
         self.threads = threads
-        self.batch_size = max(1, int(cfg.engine.batch_size))
+        self.batch_size = max(1, cfg.engine.batch_size)
         #: Rows per batch at most, requests or not (rows that need no engine are committed as they come).
-        self.max_rows = max(self.batch_size, int(cfg.get("commit_every", 32)))
+        self.max_rows = max(self.batch_size, cfg.commit_every)
         from regioncap.random_weights import is_random
 
         self.random_weights = is_random(cfg.model)
         s = cfg.sampling
         self._sampling = Sampling(temperature=float(s.temperature), top_p=float(s.top_p),
-                                  max_tokens=int(s.max_tokens), seed=int(s.seed if s.seed is not None else cfg.seed))
+                                  max_tokens=s.max_tokens, seed=s.seed if s.seed is not None else cfg.seed)
         self.references_key = cfg.data.references_key
         #: This stage's engine start-up: ``engine_load_s`` (building it: imports, weights, a server's
         #: preflight), ``first_batch_s`` (its first batch: the calls and re-asks of the first rows it
@@ -80,7 +80,7 @@ class Captioner(CaptionStage):
                 from regioncap.cpus import apply_engine_threads
 
                 apply_engine_threads(self.threads, engine_of(self.cfg.engine).chosen(self.cfg.engine),
-                                     self.cfg.engine.get("device"))
+                                     getattr(self.cfg.engine, "device", None))
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
             raise RunError(f"engine {engine_name(self.cfg.engine)!r} could not start: {exc}.{self.start_hint}") from None

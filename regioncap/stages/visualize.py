@@ -180,13 +180,13 @@ class Visualizer(VisualizeStage):
         self.style = self.strategy.style
         self.family = self.strategy.family
         self.max_boxes = self.strategy.max_boxes
-        self.commit_every = max(1, int(cfg.commit_every))
+        self.commit_every = max(1, cfg.commit_every)
         self.bbox_format = str(cfg.data.bbox_format)
-        self.max_image_pixels = int(cfg.limits.max_image_pixels)
-        self.max_file_bytes = int(cfg.limits.max_file_bytes)
+        self.max_image_pixels = cfg.limits.max_image_pixels
+        self.max_file_bytes = cfg.limits.max_file_bytes
         #: The row preparation pool (set by the run; ``None``: every row in this process).
         self.pool: Any = None
-        propose_cfg = cfg.get("propose")
+        propose_cfg = cfg.propose
         self.propose = ProposeSettings.from_config(propose_cfg)
         self.rows = RowRequests(self.strategy, self.propose, self.out)
         #: A proposer that runs here (``contours``); one that needs the engine (``vlm``) runs in the
