@@ -195,3 +195,82 @@ def test_every_default_passes_the_range_checks(engine, propose):
     from regioncap.settings import check_settings
 
     check_settings(compose([f"engine={engine}", f"propose={propose}"]))
+
+
+# ------------------------------------------------ each default written once (issue 21)
+
+#: Keys a shipped option may set to its schema's default, and why (the test below refuses any other).
+DEFAULT_KEPT = {
+    # None yet: a value equal to its field's default says nothing the schema does not.
+}
+
+
+def option_schema(group: str, data: dict) -> type:
+    """The dataclass an option file of ``group`` starts from: its class's ``Config`` (``_target_``),
+    else the schema of the group's options that name no class."""
+    from regioncap.components import Component, resolve
+    from regioncap.config import BeforeFamilies, DrawConfig
+    from regioncap.propose.base import Proposer
+
+    if data.get("_target_"):
+        return resolve(data["_target_"], Component, f"{group}._target_").Config
+    return {"draw": DrawConfig, "propose": Proposer.Config, "model": BeforeFamilies}[group]
+
+
+def schema_defaults(schema: type) -> dict:
+    """``{field: default}`` of ``schema`` as plain data (fields without a default left out)."""
+    import dataclasses
+
+    from regioncap.components import MISSING, plain
+
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        if value != MISSING:
+            out[f.name] = plain(value)
+    return out
+
+
+def repeated_defaults(path, schema: type, skip=("defaults", "_target_", "hydra")) -> list:
+    """``file: key`` for each top-level key of the YAML file ``path`` whose value is ``schema``'s default."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    defaults = schema_defaults(schema)
+    where = path.relative_to(REPO)
+    return [f"{where}: {key}: {value!r}" for key, value in data.items()
+            if key not in skip and key in defaults and value == defaults[key]
+            and f"{where.parent.name}/{where.name}:{key}" not in DEFAULT_KEPT]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_shipped_options_set_only_what_differs_from_their_schema(group):
+    import yaml
+
+    found = []
+    for option in options(group):
+        path = CONF_DIR / group / f"{option}.yaml"
+        found += repeated_defaults(path, option_schema(group, yaml.safe_load(path.read_text()) or {}))
+    assert found == [], ("these keys repeat their schema's default (the schema is the one place a default is "
+                         "written; remove them, or allow one in DEFAULT_KEPT saying why):\n" + "\n".join(found))
+
+
+def test_config_yaml_repeats_no_default_of_the_schema():
+    from regioncap.config import RegionCapConfig
+
+    assert repeated_defaults(CONF_DIR / "config.yaml", RegionCapConfig) == []
+
+
+def test_the_repeated_default_check_finds_one(tmp_path, monkeypatch):
+    from regioncap.config import DrawConfig
+
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    (tmp_path / "draw").mkdir()
+    path = tmp_path / "draw" / "x.yaml"
+    path.write_text("name: x\nline_width: 0.008\ndim: 0\nlabel_size: 0.03\njpeg_quality: 90\n")
+    assert repeated_defaults(path, DrawConfig) == ["draw/x.yaml: line_width: 0.008", "draw/x.yaml: dim: 0"]

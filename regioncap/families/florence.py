@@ -142,7 +142,7 @@ class Florence2(Family):
     # -- pixels --------------------------------------------------------------
 
     def _side(self) -> int:
-        return int(getattr(self.cfg, "image_size", 768))
+        return self.cfg.image_size
 
     def input_size(self, width: int, height: int, source: str = "image") -> Tuple[int, int]:
         """Every image becomes the ``model.image_size`` square (aspect ratio not kept, as the processor does)."""
@@ -151,7 +151,7 @@ class Florence2(Family):
 
     def visual_tokens(self, width: int, height: int) -> int:
         """``(image_size / stride)^2`` spatial tokens plus one pooled token: 577 at 768 px."""
-        unit = int(getattr(self.cfg, "patch_size", STRIDE)) * int(getattr(self.cfg, "merge_size", 1))
+        unit = self.cfg.patch_size * self.cfg.merge_size
         per_side = self._side() // unit
         return per_side * per_side + 1
 

@@ -178,8 +178,8 @@ class Gemma3(Family):
     def __init__(self, cfg: Any = None) -> None:
         super().__init__(cfg)
         cfg = self.cfg
-        self.side = int(getattr(cfg, "image_size", IMAGE_SIZE))
-        unit = int(getattr(cfg, "patch_size", PATCH_SIZE)) * int(getattr(cfg, "merge_size", POOL))
+        self.side = cfg.image_size
+        unit = cfg.patch_size * cfg.merge_size
         if self.side <= 0 or unit <= 0 or self.side % unit:
             raise ValueError(f"model.image_size={self.side} must be a positive multiple of "
                              f"model.patch_size * model.merge_size = {unit} (one visual token)")

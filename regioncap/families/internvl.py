@@ -159,9 +159,7 @@ class InternVL35(Family):
 
     def _tiles_budget(self) -> Tuple[int, int, int]:
         cfg = self.cfg
-        lo = int(getattr(cfg, "min_tiles", 1))
-        hi = int(getattr(cfg, "max_tiles", 12))
-        tile = int(getattr(cfg, "tile_size", TILE))
+        lo, hi, tile = cfg.min_tiles, cfg.max_tiles, cfg.tile_size
         if not 1 <= lo <= hi:
             raise ValueError(f"model.min_tiles ({lo}) must be >= 1 and at most model.max_tiles ({hi})")
         return lo, hi, tile
