@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR, REPO, compose
@@ -274,3 +275,82 @@ def test_the_repeated_default_check_finds_one(tmp_path, monkeypatch):
     path = tmp_path / "draw" / "x.yaml"
     path.write_text("name: x\nline_width: 0.008\ndim: 0\nlabel_size: 0.03\njpeg_quality: 90\n")
     assert repeated_defaults(path, DrawConfig) == ["draw/x.yaml: line_width: 0.008", "draw/x.yaml: dim: 0"]
+
+
+# ------------------------------------------------ typed once, at the job's start (issue 21)
+
+
+def config_nodes(value, where="cfg", seen=None):
+    """``where`` of every omegaconf object inside ``value`` (dataclass fields, mappings, sequences, walked)."""
+    import dataclasses
+
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if type(value).__module__.split(".")[0] == "omegaconf":
+        return [f"{where}: {type(value).__name__}"]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [hit for f in dataclasses.fields(value)
+                for hit in config_nodes(getattr(value, f.name), f"{where}.{f.name}", seen)]
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in config_nodes(v, f"{where}[{k!r}]", seen)]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in config_nodes(v, f"{where}[{i}]", seen)]
+    return []
+
+
+def test_the_walk_finds_a_config_node_anywhere():
+    from dataclasses import make_dataclass
+
+    box = make_dataclass("Box", [("inner", object)])
+    assert config_nodes(box(inner={"a": [1, OmegaConf.create({"x": 1})]})) == ["cfg.inner['a'][1]: DictConfig"]
+    assert config_nodes(box(inner={"a": [1, {"x": 1}]})) == []
+
+
+@pytest.mark.slow  # a whole job (one row, the fake engine): about 4 s
+def test_what_the_job_hands_below_it_is_typed_with_no_dictconfig_inside(tmp_path, monkeypatch):
+    """A job through ``execute`` with the composed config: the run, both stages and the engine receive the
+    typed config (``RegionCapConfig``, each group an instance of its class's ``Config``), no DictConfig in it."""
+    from regioncap import job
+    from regioncap.config import DrawConfig, RegionCapConfig
+    from regioncap.engines import fake as fake_module
+    from regioncap.engines.fake import FakeEngine
+    from regioncap.stages.caption import Captioner
+    from regioncap.stages.visualize import Visualizer
+
+    seen = {}
+
+    def spy(name, original):
+        def wrapper(*args, **kwargs):
+            seen[name] = args, kwargs
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(job, "build_run", spy("build_run", job.build_run))
+    monkeypatch.setattr(Visualizer, "__init__", spy("visualize", Visualizer.__init__))
+    monkeypatch.setattr(Captioner, "__init__", spy("caption", Captioner.__init__))
+    monkeypatch.setattr(FakeEngine, "__init__", spy("engine", FakeEngine.__init__))
+    cfg = compose(["engine=fake", "data.limit=1", "workers=0", "progress=false"], output_dir=str(tmp_path / "run"))
+    assert isinstance(cfg, DictConfig)
+    metrics = job.execute(cfg)
+    assert metrics["rows"] == 1
+    run_cfg = seen["build_run"][0][0]
+    assert seen["visualize"][0][1] is run_cfg and seen["caption"][0][1] is run_cfg
+    assert seen["engine"][1]["engine_cfg"] is run_cfg.engine and seen["engine"][1]["model_cfg"] is run_cfg.model
+    assert type(run_cfg) is RegionCapConfig and isinstance(run_cfg.draw, DrawConfig)
+    assert isinstance(run_cfg.engine, fake_module.FakeEngine.Config)
+    for group in ("model", "data", "prompt", "logger", "executor", "propose"):
+        assert dataclasses.is_dataclass(getattr(run_cfg, group)), group
+    assert config_nodes(run_cfg) == []
+    assert run_cfg.output_dir == str(tmp_path / "run")
+
+
+def test_typed_config_names_the_key_of_a_value_that_does_not_resolve():
+    from regioncap.errors import RunError
+    from regioncap.settings import typed_config
+
+    with pytest.raises(RunError, match="output_dir"):
+        typed_config(compose(["engine=fake"]))  # ${hydra:runtime.output_dir} outside a Hydra job
+    typed = typed_config(compose(["engine=fake"], output_dir="x"))
+    assert typed_config(typed) is typed
