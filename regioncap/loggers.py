@@ -69,7 +69,7 @@ class RunLogger(Component):
     #: local runs may keep the sweep's together there, so one command handles them all. None in a single run.
     sweep_dir: Optional[Path] = None
 
-    def __init__(self, cfg: Any = None) -> None:
+    def __init__(self, cfg: Optional[RunLogger.Config] = None) -> None:
         self.cfg = cfg
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
@@ -94,7 +94,7 @@ class NoneLogger(RunLogger):
     name = "none"
 
 
-def build_logger(logger_cfg: Any) -> RunLogger:
+def build_logger(logger_cfg: Optional[RunLogger.Config]) -> RunLogger:
     """The logger ``logger_cfg._target_`` names, built with its settings; no node: :class:`NoneLogger`."""
     if logger_cfg is None:
         return NoneLogger()
@@ -180,7 +180,7 @@ class WandbLogger(RunLogger):
     requires = ("wandb",)
     extra = "wandb"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: WandbLogger.Config) -> None:
         self.cfg = cfg
         self._wandb: Any = None
         self._run: Any = None

@@ -32,9 +32,12 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 from regioncap.components import node_name, plain
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, VISUALIZE_FILE
+
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
 
 #: Bump when a field changes meaning; readers check it.
@@ -668,14 +671,14 @@ def output_files(run_dir: Path, names: Sequence[str] = (VISUALIZE_FILE, CAPTIONS
 
 
 # --------------------------------------------------------------------- public
-def build_manifest(cfg: Any, *, run_dir: str | Path, choices: Optional[Mapping[str, Any]] = None,
+def build_manifest(cfg: Union[RegionCapConfig, Mapping[str, Any]], *, run_dir: str | Path, choices: Optional[Mapping[str, Any]] = None,
                    overrides: Optional[Sequence[str]] = None, started: float, ended: Optional[float] = None,
                    model_path: Optional[str] = None, engine_info: Optional[Mapping[str, Any]] = None,
                    status: Optional[str] = None, error: Optional[str] = None,
                    cwd: Optional[str] = None, threads: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Everything needed to tell what a run was and to run it again, as JSON-ready data.
 
-    ``cfg`` is the composed config (DictConfig or plain dict); ``choices`` and
+    ``cfg`` is the typed config (or the plain dict of a recorded one, a merge's); ``choices`` and
     ``overrides`` are Hydra's group choices and task overrides
     (``HydraConfig.get().runtime.choices`` / ``.overrides.task``); ``started``
     and ``ended`` are ``time.time()`` values (``ended`` None while running);
@@ -814,7 +817,7 @@ def write_manifest(run_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
     return target
 
 
-def try_write_manifest(cfg: Any, *, run_dir: str | Path, **kwargs: Any) -> Optional[Path]:
+def try_write_manifest(cfg: Union[RegionCapConfig, Mapping[str, Any]], *, run_dir: str | Path, **kwargs: Any) -> Optional[Path]:
     """:func:`build_manifest` + :func:`write_manifest`, never raising: for a job's ``finally``.
 
     A manifest that cannot be written is logged as a warning; it must not turn

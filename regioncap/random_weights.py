@@ -24,9 +24,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from regioncap.qwen import patched_config_dict
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def check_weights(value: Any) -> str:
     return v
 
 
-def is_random(model_cfg: Any) -> bool:
+def is_random(model_cfg: Family.Config) -> bool:
     """True when ``model_cfg`` asks for random weights (``model.weights=random``)."""
     return check_weights(getattr(model_cfg, "weights", "real") or "real") == "random"
 
@@ -186,7 +189,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REGIONCAP_CACHE") or Path.home() / ".cache" / "regioncap")
 
 
-def resolve_random(model_cfg: Any) -> str:
+def resolve_random(model_cfg: Family.Config) -> str:
     """The model folder for a ``model.weights=random`` run.
 
     A local folder in ``model.path`` is used as it is (its config, tokenizer and

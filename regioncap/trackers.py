@@ -183,7 +183,7 @@ class ToolLogger(RunLogger):
         #: name in a multirun, none in a single run.
         group: Optional[str] = None
 
-    def __init__(self, cfg: Any = None) -> None:
+    def __init__(self, cfg: Optional[ToolLogger.Config] = None) -> None:
         super().__init__(cfg if cfg is not None else self.Config())
         self.opened = False
         self.config: Dict[str, Any] = {}
@@ -667,7 +667,7 @@ class ManyLoggers(RunLogger):
 
     name = "many"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: ManyLoggers.Config) -> None:
         super().__init__(cfg)
         self.loggers = [build_logger(getattr(cfg, key)) for key in cfg.use]
 

@@ -17,10 +17,13 @@ import abc
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Sequence
 
 from regioncap.components import Component, check, real, whole
 from regioncap.errors import RunError
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 
 class EngineError(RunError):
@@ -260,12 +263,12 @@ class Engine(Component, abc.ABC):
     #: checked before any work by :func:`regioncap.requirements.check_requirements`.
 
     @classmethod
-    def preflight(cls, engine_cfg: Any, model_cfg: Any) -> None:
+    def preflight(cls, engine_cfg: Engine.Config, model_cfg: Family.Config) -> None:
         """Check before the first row what can be checked without loading a model (a server answers);
         raise :class:`EngineError` naming the cause. Nothing to check by default."""
 
     @classmethod
-    def cpu_bound(cls, engine_cfg: Any) -> bool:
+    def cpu_bound(cls, engine_cfg: Engine.Config) -> bool:
         """Whether the engine computes on this machine's CPU cores (then few preparation workers help)."""
         return False
 

@@ -28,11 +28,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from regioncap.components import check, real, whole
 from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +245,7 @@ class OpenAIEngine(Engine):
     requires = ("openai",)
     extra = "openai"
 
-    def __init__(self, model_cfg: Any, engine_cfg: Any, model_path: Optional[str] = None) -> None:
+    def __init__(self, model_cfg: Family.Config, engine_cfg: OpenAIEngine.Config, model_path: Optional[str] = None) -> None:
         try:
             import openai
         except ImportError as e:
@@ -359,7 +362,7 @@ class OpenAIEngine(Engine):
                               f"{shown or 'no models'} (set engine.served_model to one of them)")
 
     @classmethod
-    def preflight(cls, engine_cfg: Any, model_cfg: Any) -> None:
+    def preflight(cls, engine_cfg: OpenAIEngine.Config, model_cfg: Family.Config) -> None:
         """Build the engine, :meth:`check` the server, close it: for a run to call before its first row."""
         if not getattr(engine_cfg, "preflight", True):
             return

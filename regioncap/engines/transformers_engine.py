@@ -29,11 +29,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from regioncap.components import check, whole
 from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
 from regioncap.prompts import MAX_CAPTION_CHARS
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +222,11 @@ class TransformersEngine(Engine):
     extra = "transformers"
 
     @classmethod
-    def cpu_bound(cls, engine_cfg: Any) -> bool:
+    def cpu_bound(cls, engine_cfg: TransformersEngine.Config) -> bool:
         # On the CPU, torch's own threads take every core.
         return not str(engine_cfg.device).startswith("cuda")
 
-    def __init__(self, *, model_cfg: Any, engine_cfg: Any, model_path: str) -> None:
+    def __init__(self, *, model_cfg: Family.Config, engine_cfg: TransformersEngine.Config, model_path: str) -> None:
         import torch
         import transformers
 

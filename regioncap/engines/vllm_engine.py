@@ -40,10 +40,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from regioncap.components import check, real, whole
 from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class VllmEngine(Engine):
     requires = ("vllm",)
     extra = "vllm"
 
-    def __init__(self, model_cfg: Any, engine_cfg: Any, model_path: Optional[str] = None) -> None:
+    def __init__(self, model_cfg: Family.Config, engine_cfg: VllmEngine.Config, model_path: Optional[str] = None) -> None:
         try:
             import vllm
             from vllm import LLM

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
 from regioncap.engines.base import Engine
 from regioncap.executors import CaptionJob, Executor
@@ -12,6 +12,9 @@ from regioncap.stages import StageStats, VisualizeStage, merge_startup
 from regioncap.stages.caption import Captioner
 from regioncap.stages.loop import StageLoop, progress
 
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
+
 
 class LocalExecutor(Executor):
     """The caption stage in this process; it takes the visualize records as a stream when both stages run."""
@@ -19,7 +22,7 @@ class LocalExecutor(Executor):
     name = "local"
     streams = True
 
-    def __init__(self, cfg: Any, engine: Optional[Engine] = None) -> None:
+    def __init__(self, cfg: RegionCapConfig, engine: Optional[Engine] = None) -> None:
         """``engine``: an engine already built, shared with other runs (see :class:`Captioner`)."""
         super().__init__(cfg)
         self.engine = engine

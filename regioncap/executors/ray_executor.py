@@ -137,7 +137,7 @@ def _scan(path: Path) -> Iterator[Dict[str, Any]]:
 
 
 @contextmanager
-def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
+def ray_cluster(executor_cfg: RayExecutor.Config) -> Iterator[Any]:
     """Join (or start) the cluster ``executor_cfg`` names; leave it at the end.
 
     Inside a process that has already called ``ray.init`` (a notebook, a test

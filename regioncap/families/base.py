@@ -96,7 +96,7 @@ class Family(Component):
     #: What to know when vLLM cannot load a model of this family (added to its load error); None: nothing.
     vllm_hint: ClassVar[Optional[str]] = None
 
-    def __init__(self, cfg: Any = None) -> None:
+    def __init__(self, cfg: Optional[Family.Config] = None) -> None:
         #: The typed ``model`` section; without one, the class's defaults (enough for coordinates and grounding).
         self.cfg = cfg if cfg is not None else self.Config()
 

@@ -175,7 +175,7 @@ class Gemma3(Family):
         "google/gemma-3-27b-it": "gemma3_27b",
     }
 
-    def __init__(self, cfg: Any = None) -> None:
+    def __init__(self, cfg: Optional[Gemma3.Config] = None) -> None:
         super().__init__(cfg)
         cfg = self.cfg
         self.side = cfg.image_size

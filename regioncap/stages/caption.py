@@ -15,7 +15,7 @@ import logging
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional
 
 from regioncap.engines import engine_name
 from regioncap.engines.base import Engine, Request, Response, Sampling
@@ -24,13 +24,16 @@ from regioncap.rundir import resume_args
 from regioncap.stages import CaptionStage
 from regioncap.stages.loop import grouped, pending
 
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
+
 log = logging.getLogger("regioncap")
 
 
 class Captioner(CaptionStage):
     """Batch of records -> records: requests, re-asks, parsing, finish."""
 
-    def __init__(self, cfg: Any, out_dir: Optional[Any] = None, *, model_path: Optional[str] = None,
+    def __init__(self, cfg: RegionCapConfig, out_dir: Optional[Any] = None, *, model_path: Optional[str] = None,
                  start_hint: str = "", engine: Optional[Engine] = None, threads: Optional[int] = None) -> None:
         """``engine``: one already built (shared by several runs, as the benchmarks do); the stage uses it
         and leaves closing it to whoever built it. Without it the stage builds the configured engine at

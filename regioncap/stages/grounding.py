@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
 from regioncap import boxes as bx
 from regioncap.engines.base import Request, Response, Sampling
@@ -24,11 +24,14 @@ from regioncap.stages import CaptionStage
 from regioncap.stages.visualize import ProposeSettings, RowRequests, fail
 from regioncap.strategies import PromptStrategy
 
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
+
 
 class Grounder:
     """Grounding request of a ``grounding`` row, and the row finished from the engine's answer."""
 
-    def __init__(self, cfg: Any, out_dir: Any, strategy: PromptStrategy) -> None:
+    def __init__(self, cfg: RegionCapConfig, out_dir: Any, strategy: PromptStrategy) -> None:
         from regioncap.propose import build_proposer
 
         self.out = Path(out_dir)

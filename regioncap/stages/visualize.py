@@ -14,7 +14,7 @@ import errno
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from regioncap import boxes as bx
 from regioncap.errors import RunError
@@ -24,6 +24,9 @@ from regioncap.rundir import IMAGES_DIR, resume_args
 from regioncap.signals import stop_requested
 from regioncap.stages import VisualizeStage
 from regioncap.strategies import PromptStrategy, build_strategy
+
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
 #: OS errors that say the machine, not the row, is the problem.
 RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EROFS}
@@ -173,7 +176,7 @@ class Visualizer(VisualizeStage):
     The config is read once, here: per row, the stage reads plain attributes.
     """
 
-    def __init__(self, cfg: Any, out_dir: Optional[Any] = None, strategy: Optional[PromptStrategy] = None) -> None:
+    def __init__(self, cfg: RegionCapConfig, out_dir: Optional[Any] = None, strategy: Optional[PromptStrategy] = None) -> None:
         self.cfg = cfg
         self.out = Path(out_dir if out_dir is not None else cfg.output_dir)
         self.strategy = strategy if strategy is not None else build_strategy(cfg)
