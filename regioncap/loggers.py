@@ -224,10 +224,10 @@ class WandbLogger(RunLogger):
         root = Path(self.sweep_dir) if self.sweep_dir is not None else run_dir
         root.mkdir(parents=True, exist_ok=True)
         settings = _settings(wandb, {
-            "init_timeout": float(cfg.init_timeout_s),
+            "init_timeout": cfg.init_timeout_s,
             # Not 0 (wait forever): a network that drops mid-run must not hold the job at
             # finish; what was not uploaded stays on disk for `wandb sync`.
-            "finish_timeout": float(cfg.finish_timeout_s) if cfg.finish_timeout_s else None,
+            "finish_timeout": cfg.finish_timeout_s or None,
             # Quiet also skips wandb's "logged in as" look-up, which otherwise retries an
             # unreachable server for 2 x 5 s on top of init_timeout; regioncap logs the run itself.
             "quiet": True,
@@ -291,8 +291,8 @@ class WandbLogger(RunLogger):
         records_file = records_file_of(metrics, run_dir)
         if records_file is not None and (cfg.log_images > 0 or cfg.log_table):
             samples, table = collect(
-                records_file, run_dir, n_images=max(0, int(cfg.log_images)),
-                table_rows=max(0, int(cfg.table_rows)) if cfg.log_table else 0,
+                records_file, run_dir, n_images=max(0, cfg.log_images),
+                table_rows=max(0, cfg.table_rows) if cfg.log_table else 0,
                 references_key=(self._config.get("data") or {}).get("references_key"),
                 crops=one_region_per_image(self._config.get("prompt")))
             # One key per image: W&B draws a list of images of different sizes wrongly.

@@ -435,7 +435,7 @@ class TensorBoardLogger(ToolLogger):
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         self._scalars(0, flatten_metrics(metrics))
-        for i, sample in enumerate(samples_of(metrics, run_dir, self.config, int(self.cfg.log_images))):
+        for i, sample in enumerate(samples_of(metrics, run_dir, self.config, self.cfg.log_images)):
             image = annotated_sample(sample, self.config)
             buf = io.BytesIO()
             image.save(buf, format="PNG")
@@ -539,8 +539,8 @@ class MlflowLogger(ToolLogger):
     @contextmanager
     def _calls(self) -> Iterator[None]:
         # MLflow reads these at each request; set only around regioncap's own calls, and put back.
-        values = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(float(self.cfg.http_timeout_s)))),
-                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(self.cfg.http_retries))}
+        values = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(self.cfg.http_timeout_s))),
+                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.cfg.http_retries)}
         before = {k: os.environ.get(k) for k in values}
         os.environ.update({k: v for k, v in values.items() if before[k] is None})  # the user's own win
         try:
@@ -577,7 +577,7 @@ class MlflowLogger(ToolLogger):
 
     def _run(self, metrics: Dict[str, Any], run_dir: Path) -> None:
         self._metrics(0, flatten_metrics(metrics))
-        for i, sample in enumerate(samples_of(metrics, run_dir, self.config, int(self.cfg.log_images))):
+        for i, sample in enumerate(samples_of(metrics, run_dir, self.config, self.cfg.log_images)):
             self.client.log_image(self.run_id, annotated_sample(sample, self.config), f"samples/{i:02d}.png")
         if self.cfg.log_artifact:
             for path in (records_file(metrics, run_dir), run_dir / METRICS_FILE):

@@ -38,7 +38,7 @@ class FakeEngine(Engine):
 
     def __init__(self, *, model_cfg: Family.Config, engine_cfg: FakeEngine.Config, model_path: str | None = None) -> None:
         self.skip = set(engine_cfg.skip_regions or [])
-        self.answer_on_reask = bool(engine_cfg.answer_on_reask)
+        self.answer_on_reask = engine_cfg.answer_on_reask
         self.fail_keys = list(engine_cfg.fail_keys or [])
         self.calls: List[int] = []
 

@@ -254,15 +254,15 @@ class OpenAIEngine(Engine):
         self._openai = openai
         self.model_cfg = model_cfg
         self.engine_cfg = engine_cfg
-        self.base_url = str(engine_cfg.base_url)
+        self.base_url = engine_cfg.base_url
         self.model = str(engine_cfg.served_model or model_cfg.path)
-        self.concurrency = max(1, int(engine_cfg.concurrency))
-        self.timeout_s = float(engine_cfg.timeout_s)
-        self.max_retries = max(0, int(engine_cfg.max_retries))
-        self.backoff_s = max(0.0, float(engine_cfg.backoff_s))
-        self.max_backoff_s = max(0.0, float(engine_cfg.max_backoff_s))
-        self.structured_outputs = bool(engine_cfg.structured_outputs)
-        self.api_key_env = str(engine_cfg.api_key_env)
+        self.concurrency = max(1, engine_cfg.concurrency)
+        self.timeout_s = engine_cfg.timeout_s
+        self.max_retries = max(0, engine_cfg.max_retries)
+        self.backoff_s = max(0.0, engine_cfg.backoff_s)
+        self.max_backoff_s = max(0.0, engine_cfg.max_backoff_s)
+        self.structured_outputs = engine_cfg.structured_outputs
+        self.api_key_env = engine_cfg.api_key_env
         key = os.environ.get(self.api_key_env) or ""
         self._key_set = bool(key)
         # Kept only to scrub it out of messages; never stored in anything described.

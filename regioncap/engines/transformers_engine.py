@@ -240,7 +240,7 @@ class TransformersEngine(Engine):
         self.device = _pick_device(getattr(engine_cfg, "device", "auto"))
         self.dtype = _pick_dtype(getattr(model_cfg, "dtype", "auto"), self.device)
         self.batch_size = max(1, int(getattr(engine_cfg, "batch_size", 8)))
-        self.max_model_len = int(model_cfg.max_model_len)
+        self.max_model_len = model_cfg.max_model_len
         self._versions = {"transformers": transformers.__version__, "torch": torch.__version__}
         trust = bool(getattr(model_cfg, "trust_remote_code", False))
         from regioncap import random_weights
@@ -256,7 +256,7 @@ class TransformersEngine(Engine):
         except Exception as exc:
             raise EngineError(f"cannot load the processor of {self.model_path}: {type(exc).__name__}: {exc}") from exc
         self._set_processor_settings(self.family.processor_kwargs())
-        self.min_pixels, self.max_pixels = int(model_cfg.min_pixels), int(model_cfg.max_pixels)
+        self.min_pixels, self.max_pixels = model_cfg.min_pixels, model_cfg.max_pixels
         self.tokenizer = self.processor.tokenizer
         self.model = self._load_model(config, trust)
         self.model.eval()
@@ -299,10 +299,10 @@ class TransformersEngine(Engine):
         ip = self.processor.image_processor
         self.unit = int(getattr(ip, "patch_size", model_cfg.patch_size)) * int(
             getattr(ip, "merge_size", model_cfg.merge_size))
-        if self.unit != int(model_cfg.patch_size) * int(model_cfg.merge_size):
+        if self.unit != model_cfg.patch_size * model_cfg.merge_size:
             log.warning("the processor of %s uses %d-px visual tokens but model.patch_size x model.merge_size "
                         "is %d: images are resized for the wrong grid; fix model.patch_size/merge_size",
-                        self.model_path, self.unit, int(model_cfg.patch_size) * int(model_cfg.merge_size))
+                        self.model_path, self.unit, model_cfg.patch_size * model_cfg.merge_size)
         log.info(
             "transformers engine: %s on %s in %s, batch %d, loaded in %.1f s%s",
             self.model_path, self.device, str(self.dtype).replace("torch.", ""), self.batch_size,

@@ -106,7 +106,7 @@ class VllmEngine(Engine):
         self.family = build_family(model_cfg)
         self.engine_cfg = engine_cfg
         self.model_path = str(model_path or model_cfg.path)
-        self.max_model_len = int(model_cfg.max_model_len)
+        self.max_model_len = model_cfg.max_model_len
         self._so_factory = self._structured_outputs_factory() if engine_cfg.structured_outputs else None
         #: Extra ``SamplingParams`` arguments every request gets, over the request's own (empty: none).
         #: A benchmark fixes the output length with ``{"min_tokens": n, "ignore_eos": True}``.
@@ -119,10 +119,10 @@ class VllmEngine(Engine):
             tokenizer_revision=model_cfg.revision,
             dtype=model_cfg.dtype,
             max_model_len=self.max_model_len,
-            gpu_memory_utilization=float(engine_cfg.gpu_memory_utilization),
-            tensor_parallel_size=int(engine_cfg.tensor_parallel_size),
-            enforce_eager=bool(engine_cfg.enforce_eager),
-            trust_remote_code=bool(model_cfg.trust_remote_code),
+            gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
+            tensor_parallel_size=engine_cfg.tensor_parallel_size,
+            enforce_eager=engine_cfg.enforce_eager,
+            trust_remote_code=model_cfg.trust_remote_code,
             seed=0,
             limit_mm_per_prompt={"image": 1, "video": 0},
             mm_processor_kwargs=self.family.mm_processor_kwargs(),

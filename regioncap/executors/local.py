@@ -35,11 +35,11 @@ class LocalExecutor(Executor):
             job.rundir.done_rows(VisualizeStage.name)  # cuts a torn tail a killed visualize stage left
         self.captioner = Captioner(cfg, job.rundir.path, model_path=job.model_path, start_hint=job.start_hint,
                                    engine=self.engine, threads=job.threads)
-        loop = StageLoop(Captioner.name, job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
+        loop = StageLoop(Captioner.name, job.rundir, stats, resume=cfg.resume, retry=cfg.retry_errors,
                          on_commit=job.on_commit)
         source = read_jsonl(job.rundir.visualize_file) if records is None else records
         try:
-            return loop.run(progress(source, Captioner.name, bool(cfg.progress), job.total), self.captioner.batches,
+            return loop.run(progress(source, Captioner.name, cfg.progress, job.total), self.captioner.batches,
                             Captioner.identity)
         finally:
             job.engine_info.update(self.captioner.describe_engine() or {})

@@ -158,13 +158,13 @@ def ray_cluster(executor_cfg: RayExecutor.Config) -> Iterator[Any]:
         kwargs["address"] = executor_cfg.address
     else:
         if executor_cfg.local_num_cpus is not None:
-            kwargs["num_cpus"] = int(executor_cfg.local_num_cpus)
+            kwargs["num_cpus"] = executor_cfg.local_num_cpus
         if executor_cfg.local_num_gpus is not None:
-            kwargs["num_gpus"] = int(executor_cfg.local_num_gpus)
+            kwargs["num_gpus"] = executor_cfg.local_num_gpus
         if executor_cfg.object_store_mb is not None:
-            kwargs["object_store_memory"] = int(executor_cfg.object_store_mb) * 1024 * 1024
+            kwargs["object_store_memory"] = executor_cfg.object_store_mb * 1024 * 1024
     if executor_cfg.address:
-        _check_reachable(str(executor_cfg.address))
+        _check_reachable(executor_cfg.address)
     # ray.init makes SIGTERM exit the driver at once; the run's own handler (stop after
     # the batch being written, then exit 143) is put back after it.
     main = threading.current_thread() is threading.main_thread()
@@ -252,8 +252,8 @@ def _check_resources(ray: Any, ex: Any) -> bool:
     """
     total, free = ray.cluster_resources(), ray.available_resources()
     room = True
-    for name, per_replica in (("CPU", float(ex.num_cpus)), ("GPU", float(ex.num_gpus))):
-        need = per_replica * int(ex.num_replicas)
+    for name, per_replica in (("CPU", ex.num_cpus), ("GPU", ex.num_gpus)):
+        need = per_replica * ex.num_replicas
         have = float(total.get(name, 0.0))
         room = room and need <= float(free.get(name, 0.0)) + 1e-9
         if need > have + 1e-9:
@@ -328,7 +328,7 @@ class RayExecutor(Executor):
         stats.pid = os.getpid()
         if cfg.resume and VisualizeStage.name not in cfg.stages:
             job.rundir.done_rows(VisualizeStage.name)  # cuts a torn tail a killed visualize stage left
-        loop = StageLoop(CaptionStage.name, job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
+        loop = StageLoop(CaptionStage.name, job.rundir, stats, resume=cfg.resume, retry=cfg.retry_errors,
                          on_commit=job.on_commit).begin()
         identity = _identity
         todo = list(loop.todo(_scan(job.rundir.visualize_file), identity))
@@ -366,7 +366,7 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
             stats.startup["cluster_start_s"] = time.perf_counter() - t0
             room = _check_resources(ray, ex)
             options: Dict[str, Any] = {
-                "num_cpus": float(ex.num_cpus), "num_gpus": float(ex.num_gpus),
+                "num_cpus": ex.num_cpus, "num_gpus": ex.num_gpus,
                 # An actor process that dies (out of memory, a node lost) is started again and its
                 # batch run again, as Ray Data's actor pools do; the driver commits each row once.
                 "max_restarts": -1, "max_task_retries": -1,
@@ -376,11 +376,11 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
             log.info("caption: %d row(s) over Ray: %d replica(s) x (%g CPU, %g GPU), %d row(s) per batch, "
                      "cluster %s", len(todo), ex.num_replicas, ex.num_cpus, ex.num_gpus, batch,
                      ray.cluster_resources())
-            pool = _Pool(ray, ray.remote(**options)(_Replica), int(ex.num_replicas), {
+            pool = _Pool(ray, ray.remote(**options)(_Replica), ex.num_replicas, {
                 "cfg": shipped, "model_path": job.model_path,
                 "visualize_path": str(job.rundir.visualize_file.resolve())})
             try:
-                if bool(cfg.progress):
+                if cfg.progress:
                     from tqdm import tqdm
 
                     bar = tqdm(desc=CaptionStage.name, unit="row", dynamic_ncols=True, mininterval=1.0, total=len(todo))

@@ -165,7 +165,7 @@ class Family(Component):
         the loaded image processor (``TransformersEngine._set_processor_settings``), and they are vLLM's
         ``mm_processor_kwargs`` unless :meth:`mm_processor_kwargs` says otherwise. Qwen: the pixel budget,
         ``model.min_pixels`` / ``model.max_pixels``."""
-        return {"min_pixels": int(self.cfg.min_pixels), "max_pixels": int(self.cfg.max_pixels)}
+        return {"min_pixels": self.cfg.min_pixels, "max_pixels": self.cfg.max_pixels}
 
     def mm_processor_kwargs(self) -> Dict[str, Any]:
         """vLLM's ``mm_processor_kwargs``: :meth:`processor_kwargs`; a family whose processor call takes
@@ -229,7 +229,7 @@ class Family(Component):
         one whose input size stays within the pixel budget and the processor's aspect limit."""
         from regioncap.images import crop_aspect_limit
 
-        return crop_aspect_limit(int(self.cfg.max_pixels), int(self.cfg.patch_size), int(self.cfg.merge_size))
+        return crop_aspect_limit(self.cfg.max_pixels, self.cfg.patch_size, self.cfg.merge_size)
 
     @classmethod
     def key_fields(cls) -> Tuple[str, ...]:

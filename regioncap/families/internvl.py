@@ -167,7 +167,7 @@ class InternVL35(Family):
     def tokens_per_tile(self) -> int:
         """Visual tokens of one tile: ``(tile_size / (patch_size * merge_size)) ** 2`` (256 at 448 px)."""
         _, _, tile = self._tiles_budget()
-        unit = int(self.cfg.patch_size) * int(self.cfg.merge_size)
+        unit = self.cfg.patch_size * self.cfg.merge_size
         return (tile // unit) ** 2
 
     def tiles(self, width: int, height: int) -> int:

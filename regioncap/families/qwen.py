@@ -158,7 +158,7 @@ class Qwen25VL(Family):
 
     def unit(self) -> int:
         """The side of one visual token in pixels (``patch_size * merge_size``)."""
-        return int(self.cfg.patch_size) * int(self.cfg.merge_size)
+        return self.cfg.patch_size * self.cfg.merge_size
 
     def input_size(self, width: int, height: int, source: str = "image") -> Tuple[int, int]:
         c = self.cfg
@@ -179,7 +179,7 @@ class Qwen25VL(Family):
         """The longest crop (``n : 1``) :func:`regioncap.images.crop_with_margin` may cut for this model."""
         from regioncap.images import crop_aspect_limit
 
-        return crop_aspect_limit(int(self.cfg.max_pixels), int(self.cfg.patch_size), int(self.cfg.merge_size))
+        return crop_aspect_limit(self.cfg.max_pixels, self.cfg.patch_size, self.cfg.merge_size)
 
     # -- coordinates -----------------------------------------------------------
 

@@ -60,7 +60,7 @@ class Captioner(CaptionStage):
 
         self.random_weights = is_random(cfg.model)
         s = cfg.sampling
-        self._sampling = Sampling(temperature=float(s.temperature), top_p=float(s.top_p),
+        self._sampling = Sampling(temperature=s.temperature, top_p=s.top_p,
                                   max_tokens=s.max_tokens, seed=s.seed if s.seed is not None else cfg.seed)
         self.references_key = cfg.data.references_key
         #: This stage's engine start-up: ``engine_load_s`` (building it: imports, weights, a server's
