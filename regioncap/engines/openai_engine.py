@@ -288,7 +288,7 @@ class OpenAIEngine(Engine):
             _redact_url(self.base_url), self.model, self.concurrency, self.timeout_s,
             self.max_retries, self.api_key_env, "set" if self._key_set else "unset, sending EMPTY",
         )
-        if bool(getattr(engine_cfg, "preflight", True)):
+        if engine_cfg.preflight:
             try:
                 self.check()
             except BaseException:
@@ -364,7 +364,7 @@ class OpenAIEngine(Engine):
     @classmethod
     def preflight(cls, engine_cfg: OpenAIEngine.Config, model_cfg: Family.Config) -> None:
         """Build the engine, :meth:`check` the server, close it: for a run to call before its first row."""
-        if not getattr(engine_cfg, "preflight", True):
+        if not engine_cfg.preflight:
             return
         with cls(model_cfg=model_cfg, engine_cfg=engine_cfg, model_path=None):
             pass

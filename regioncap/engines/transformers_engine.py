@@ -237,12 +237,12 @@ class TransformersEngine(Engine):
         self.family = build_family(model_cfg)
         self.engine_cfg = engine_cfg
         self.model_path = str(model_path)
-        self.device = _pick_device(getattr(engine_cfg, "device", "auto"))
-        self.dtype = _pick_dtype(getattr(model_cfg, "dtype", "auto"), self.device)
-        self.batch_size = max(1, int(getattr(engine_cfg, "batch_size", 8)))
+        self.device = _pick_device(engine_cfg.device)
+        self.dtype = _pick_dtype(model_cfg.dtype, self.device)
+        self.batch_size = max(1, engine_cfg.batch_size)
         self.max_model_len = model_cfg.max_model_len
         self._versions = {"transformers": transformers.__version__, "torch": torch.__version__}
-        trust = bool(getattr(model_cfg, "trust_remote_code", False))
+        trust = model_cfg.trust_remote_code
         from regioncap import random_weights
 
         self.model_weights = random_weights.describe(model_cfg)["model_weights"]
@@ -293,7 +293,7 @@ class TransformersEngine(Engine):
         # Width of the logits (the embedding is often padded beyond the tokenizer).
         self.logits_size = int(self.model.get_output_embeddings().weight.shape[0])
         #: Enforce the ``lines`` answer layout of requests that carry its regex.
-        self.structured_outputs = bool(getattr(engine_cfg, "structured_outputs", True))
+        self.structured_outputs = engine_cfg.structured_outputs
         #: xgrammar compiler for the other constraints (None: not built yet; False: xgrammar missing).
         self._grammar_compiler: Any = None
         ip = self.processor.image_processor
@@ -385,7 +385,7 @@ class TransformersEngine(Engine):
         kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = self.dtype
         if config is not None:
             kwargs["config"] = config
-        attn = getattr(self.engine_cfg, "attn_implementation", None)
+        attn = self.engine_cfg.attn_implementation
         if attn:
             kwargs["attn_implementation"] = attn
         if self.model_weights == "random":
@@ -422,7 +422,7 @@ class TransformersEngine(Engine):
         try:
             if config is None:
                 config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust)
-            attn = getattr(self.engine_cfg, "attn_implementation", None)
+            attn = self.engine_cfg.attn_implementation
             if attn:
                 config._attn_implementation = attn
             with torch.random.fork_rng(devices=[]):
@@ -667,7 +667,7 @@ class TransformersEngine(Engine):
             dtype=str(self.dtype).replace("torch.", ""),
             device=self.device,
             batch_size=self.batch_size,
-            attn_implementation=getattr(self.engine_cfg, "attn_implementation", None),
+            attn_implementation=self.engine_cfg.attn_implementation,
             min_pixels=self.min_pixels,
             max_pixels=self.max_pixels,
             max_model_len=self.max_model_len,
