@@ -146,7 +146,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
 def job_start(cfg: Any) -> None:
     """What a job says before any work: the config tree (``print_config=true``), and that the
     sweep its config carries runs only with ``-m``."""
-    if cfg.print_config:
+    if cfg.get("print_config"):
         try:
             from regioncap.config_tree import print_config_tree
 

@@ -354,3 +354,19 @@ def test_typed_config_names_the_key_of_a_value_that_does_not_resolve():
         typed_config(compose(["engine=fake"]))  # ${hydra:runtime.output_dir} outside a Hydra job
     typed = typed_config(compose(["engine=fake"], output_dir="x"))
     assert typed_config(typed) is typed
+
+
+@pytest.mark.parametrize("overrides", [["logger=many", "propose=vlm", "prompt=coords", "data=hf"],
+                                       ["experiment=dataflow_baseline"]])
+def test_the_typed_config_as_plain_data_is_what_the_composed_one_was(overrides):
+    """The manifest's config and the run key read the typed config through ``components.plain``: the
+    same data, in the same order, that ``OmegaConf.to_container`` gave for the composed config."""
+    import json
+
+    from regioncap.components import plain
+    from regioncap.settings import typed_config
+
+    cfg = compose(overrides, output_dir="x")
+    typed = typed_config(cfg)
+    expected = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert json.dumps(plain(typed)) == json.dumps(expected)
