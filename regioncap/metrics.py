@@ -46,6 +46,7 @@ from regioncap.densecap import (
     IOU_THRESHOLDS, METEOR_THRESHOLDS, METEOR_TIMEOUT_S, DenseCapEvaluator, DenseCapImage, MeteorFn, MeteorUnavailable,
 )
 from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
+from regioncap.record_types import Record, Region
 from regioncap.stages import CaptionStage
 
 log = logging.getLogger("regioncap")
@@ -149,6 +150,11 @@ def _record_references(record: Dict[str, Any], references_key: Optional[str]) ->
         value = collided[references_key]
     else:
         value = record.get(references_key)
+    return _reference_entries(value)
+
+
+def _reference_entries(value: Any) -> Optional[list]:
+    """A references field's value as a list (one entry per input box), or ``None`` if it is null."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -899,40 +905,55 @@ def caption_flags(caption: Optional[str]) -> List[str]:
 
 
 def region_flags(regions: Sequence[Dict[str, Any]]) -> List[List[str]]:
-    """Faithfulness flags of each region of one row, in order (``[]`` when none or uncaptioned).
+    """Faithfulness flags of each region of one row, in order (``[]`` when none or uncaptioned):
+    :func:`caption_set_flags` of the regions' captions."""
+    return caption_set_flags([Region.from_dict(r).caption if isinstance(r, dict) else None for r in regions])
+
+
+def caption_set_flags(captions: Sequence[Optional[str]]) -> List[List[str]]:
+    """Faithfulness flags of the captions of one row's regions, in order (``[]`` when none or uncaptioned).
 
     On top of :func:`caption_flags`, every captioned region of a row gets
     ``same_as_other_regions`` when the row has two or more captioned regions and
     they all carry the same caption (normalised): one description for every box
     describes the image, not the regions.
     """
-    texts = [normalize(r.get("caption")) if isinstance(r, dict) else "" for r in regions]
+    texts = [normalize(c) for c in captions]
     captioned = [t for t in texts if t]
     same = len(captioned) >= 2 and len(set(captioned)) == 1
     out = []
-    for reg, text in zip(regions, texts):
+    for caption, text in zip(captions, texts):
         if not text:
             out.append([])
             continue
         flags = ["same_as_other_regions"] if same else []
-        out.append(flags + caption_flags(reg.get("caption")))
+        out.append(flags + caption_flags(caption))
     return out
 
 
-def annotate_record(record: Dict[str, Any], references_key: Optional[str] = "references") -> Dict[str, Any]:
+def annotate_record(record: Record, references_key: Optional[str] = "references") -> Record:
     """Add per-region checks to one caption record, in place, and return it: ``flags``
-    (:func:`region_flags`) on every region, and ``scores`` with ``exact_match`` and
+    (:func:`caption_set_flags`) on every region, and ``scores`` with ``exact_match`` and
     ``attribute_accuracy`` (:func:`match_scores`) on every captioned region that has
     references. Cheap and corpus-free, so the caption stage runs it on every row."""
-    regions = [r for r in record.get("regions") or [] if isinstance(r, dict)]
-    for reg, flags in zip(regions, region_flags(regions)):
-        reg["flags"] = flags
-    _, found, _ = region_references(record, references_key)
-    for reg, refs in found:
-        if reg.get("caption") and normalize(reg["caption"]):
-            scores = reg.get("scores") if isinstance(reg.get("scores"), dict) else {}
-            scores.update(match_scores(reg["caption"], refs))
-            reg["scores"] = scores
+    regions = [r for r in record.iter_regions() if isinstance(r, Region)]
+    for reg, flags in zip(regions, caption_set_flags([r.caption for r in regions])):
+        reg.flags = flags
+    if not references_key:
+        return record
+    collided = record.input
+    # An input field named like a record field is kept under ``input`` (record_types.RECORD_KEYS).
+    refs = _reference_entries(collided[references_key] if isinstance(collided, dict) and references_key in collided
+                              else record.extras().get(references_key))
+    if refs is None:
+        return record
+    for reg in regions:
+        idx = reg.source_index
+        texts = _reference_list(refs[idx] if isinstance(idx, int) and 0 <= idx < len(refs) else None)
+        if texts and reg.caption and normalize(reg.caption):
+            scores = reg.scores if isinstance(reg.scores, dict) else {}
+            scores.update(match_scores(reg.caption, texts))
+            reg.scores = scores
     return record
 
 

@@ -145,6 +145,33 @@ class RecordPart:
         if key in self.names():
             object.__setattr__(self, key, None)
 
+    def update(self: P, data: Mapping[str, Any]) -> P:
+        """Set each key of ``data``, in its order, as a dict's ``update`` does (a key the part does not
+        declare is carried as an extra); returns the part."""
+        names = self.names()
+        keys, extras = self._keys, self._extras  # type: ignore[attr-defined]
+        for key, value in data.items():
+            if key in names:
+                setattr(self, key, value)
+            else:
+                if key not in keys:
+                    keys.append(key)
+                extras[key] = value
+        return self
+
+    def carrying(self: P, extras: Mapping[str, Any]) -> P:
+        """This part with ``extras`` (keys it does not declare: a row's input fields) carried before
+        its own keys, in their order; returns it. A declared name among them is refused: such an
+        input field goes under ``Record.input`` (:data:`RECORD_KEYS`)."""
+        names = self.names()
+        clash = [k for k in extras if k in names]
+        if clash:
+            raise ValueError(f"{type(self).__name__} declares {clash}: not carried as extra keys")
+        keys = self._keys  # type: ignore[attr-defined]
+        self._extras.update(extras)  # type: ignore[attr-defined]
+        keys[:0] = [k for k in extras if k not in keys]
+        return self
+
     def extras(self) -> Dict[str, Any]:
         """The keys the model does not declare (a record's carried input fields), in order."""
         return dict(self._extras)  # type: ignore[attr-defined]
