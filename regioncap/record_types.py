@@ -318,6 +318,30 @@ def _read_none(*parts: Type[RecordPart]) -> None:
 
 _read_none(RecordError, Region, RequestSpec, Record)
 
+class KeyNames:
+    """A part's keys as attributes (``RECORD.status == "status"``) for code that reads records as
+    decoded JSON rather than through :meth:`RecordPart.from_dict` (a per-row hot path, a file of any
+    shape): the name is still declared once, in the part; a name it does not declare is an
+    ``AttributeError``."""
+
+    def __init__(self, part: Type[RecordPart]) -> None:
+        object.__setattr__(self, "_part", part.__name__)
+        for f in fields(part):
+            object.__setattr__(self, f.name, f.name)
+
+    def __getattr__(self, name: str) -> str:
+        raise AttributeError(f"{name!r} is not a key of {self.__dict__.get('_part')}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("key names are read-only")
+
+
+#: The keys of each part, for reading decoded records by key (:class:`KeyNames`).
+RECORD = KeyNames(Record)
+REGION = KeyNames(Region)
+REQUEST = KeyNames(RequestSpec)
+ERROR = KeyNames(RecordError)
+
 #: Every top-level key regioncap writes in a record: an input field with one of these
 #: names is kept under ``input`` instead of being overwritten. Derived from :class:`Record`,
 #: so a new record field is reserved by declaring it there.
