@@ -20,8 +20,11 @@ a record (it is kept under ``input`` instead), is derived from :class:`Record`:
 a new record field is reserved by declaring it here. docs/formats.md's record
 tables are checked against these classes (``tests/test_record_types.py``).
 
-Standard library only: every reader (report, loggers, export, merge,
-reproduce) imports it.
+The stages build their records with these classes and write :meth:`RecordPart.to_dict`;
+every reader (report, loggers, export, merge, reproduce, metrics) reads them back
+through :meth:`RecordPart.from_dict`, or, where decoded JSON is read as it is on a
+per-row path, by the key names :class:`KeyNames` derives from the classes. Standard
+library only.
 """
 
 from __future__ import annotations
@@ -185,7 +188,8 @@ class RecordError(RecordPart):
     stage: str = ABSENT
     kind: str = ABSENT
     message: str = ABSENT
-    #: A visualize-stage error ``retry_errors=true`` redoes (caption-stage errors always are).
+    #: Whether the failure may pass another time (an engine error, a timeout, a failed read; not bad
+    #: input): ``retry_errors=true`` redoes the row. Written on every error row.
     retryable: bool = ABSENT
 
 
