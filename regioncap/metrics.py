@@ -1208,11 +1208,13 @@ class ProposalStats:
 
     def add(self, rec: Dict[str, Any]) -> None:
         info = rec.get(RECORD.proposals)
-        if not isinstance(info, dict) or rec.get(RECORD.status) in ("grounding", "pending") and not rec.get(RECORD.regions):
+        if not isinstance(info, dict) or (rec.get(RECORD.status) in ("grounding", "pending")
+                                          and not rec.get(RECORD.regions)):
             return
         from regioncap.boxes import match_boxes
 
-        regions = [r for r in rec.get(RECORD.regions) or () if isinstance(r, dict) and r.get(REGION.source, "input") != "input"]
+        regions = [r for r in rec.get(RECORD.regions) or ()
+                   if isinstance(r, dict) and r.get(REGION.source, "input") != "input"]
         self.images += 1
         self.proposed += len(regions)
         self.capped += int(info.get("capped") or 0)
@@ -1475,7 +1477,8 @@ def record_image(record: Dict[str, Any], references_key: Optional[str]) -> Optio
         if not truth:
             return None
     preds = [r for r in preds if normalize(r.get(REGION.caption))]
-    scores = [float(r[REGION.score]) if isinstance(r.get(REGION.score), (int, float)) and math.isfinite(r[REGION.score]) else None
+    scores = [float(r[REGION.score]) if isinstance(r.get(REGION.score), (int, float))
+              and math.isfinite(r[REGION.score]) else None
               for r in preds]
     return mode, DenseCapImage(boxes=[[float(v) for v in r[REGION.bbox]] for r in preds],
                                captions=[r[REGION.caption] for r in preds], truth_boxes=truth,

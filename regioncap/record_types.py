@@ -105,8 +105,9 @@ class RecordPart:
             # A value of another shape (a hand-edited file) is kept as it is, for the reader to refuse.
             if key in cls.PART_LISTS and isinstance(value, list):
                 part = cls.PART_LISTS[key]
-                value = [part.from_dict(v) if isinstance(v, Mapping) else v for v in value]
-            elif key in cls.PARTS and isinstance(value, Mapping):
+                # ``type(v) is dict`` first: the ABC check of Mapping is slow, and decoded JSON is dicts.
+                value = [part.from_dict(v) if type(v) is dict or isinstance(v, Mapping) else v for v in value]
+            elif key in cls.PARTS and (type(value) is dict or isinstance(value, Mapping)):
                 value = cls.PARTS[key].from_dict(value)
             state[key] = value
         state["_keys"] = list(data)
