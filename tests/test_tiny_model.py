@@ -100,7 +100,7 @@ def test_move_into_place_loser_uses_winner(tmp_path):
     mine = tmp_path / ".model.tmp-x"
     mine.mkdir()
     (mine / "loser").write_text("")
-    assert tiny._move_into_place(mine, out, 0) is False
+    assert tiny._move_into_place(mine, out, tiny.qwen_folder(), 0) is False
     assert (out / "winner").exists() and not (out / "loser").exists()
 
 
@@ -112,7 +112,7 @@ def test_move_into_place_replaces_an_older_build(tmp_path):
     mine = tmp_path / ".model.tmp-x"
     mine.mkdir()
     (mine / "new-file").write_text("")
-    assert tiny._move_into_place(mine, out, 0) is True
+    assert tiny._move_into_place(mine, out, tiny.qwen_folder(), 0) is True
     assert (out / "new-file").exists() and not (out / "old-file").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
@@ -125,7 +125,7 @@ def test_move_into_place_never_deletes_a_foreign_folder(tmp_path):
     mine.mkdir()
     (mine / "new-file").write_text("")
     with pytest.raises(FileExistsError, match="my-real-model"):
-        tiny._move_into_place(mine, out, 0)
+        tiny._move_into_place(mine, out, tiny.qwen_folder(), 0)
     assert (out / "config.json").exists()
 
 

@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,28 +226,9 @@ class Florence2(Family):
         ``Florence2ForConditionalGeneration`` with the real vision strides. About 0.3M
         parameters. Atomic (built next to ``out_dir``, then moved in) and seeded.
         """
-        out = Path(out_dir).expanduser().absolute()
-        if _tiny_complete(out):
-            return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            t0 = time.perf_counter()
-            info = _build_tiny_into(tmp)
-            info.update(family=cls.name, builder_version=TINY_VERSION, seed=0,
-                        build_s=round(time.perf_counter() - t0, 2))
-            (tmp / TINY_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is shared like any cache entry
-            for p in tmp.iterdir():
-                os.chmod(p, 0o644)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                if not _tiny_complete(out):  # not a racing builder's finished folder: say what is in the way
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        from regioncap import tiny
+
+        return tiny.build_folder(out_dir, tiny_folder(), _build_tiny_into, name=cls.name)
 
     @classmethod
     def write_arch_files(cls, folder: Path) -> None:
@@ -287,12 +265,11 @@ def generation_config(text_config: Mapping[str, Any]) -> Any:
     return GenerationConfig(forced_bos_token_id=ids["bos_token_id"], **ids)
 
 
-def _tiny_complete(out: Path) -> bool:
-    try:
-        marker = json.loads((out / TINY_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker.get("family") == Florence2.name and marker.get("builder_version") == TINY_VERSION
+def tiny_folder() -> Any:
+    """What marks a finished tiny Florence-2 (:class:`regioncap.tiny.TinyFolder`)."""
+    from regioncap.tiny import TinyFolder
+
+    return TinyFolder(TINY_MARKER, {"family": Florence2.name, "builder_version": TINY_VERSION})
 
 
 def write_tokenizer(folder: Path, bpe_size: Optional[int] = None) -> Any:
@@ -362,26 +339,24 @@ def processor_files(folder: Path, tokenizer: Any, *, image_size: int, image_seq_
 
 
 def _build_tiny_into(tmp: Path) -> Dict[str, Any]:
-    import torch
-    import transformers
+    """Write the tiny Florence-2 folder into the empty ``tmp`` (seed 0, :func:`regioncap.tiny.build_folder`)."""
     from transformers import Florence2Config, Florence2ForConditionalGeneration
 
+    from regioncap import tiny
+
+    t0 = time.perf_counter()
     tokenizer = write_tokenizer(tmp)
     side = TINY_IMAGE_SIZE
     processor_files(tmp, tokenizer, image_size=side, image_seq_length=(side // STRIDE) ** 2 + 1)
     # Rounded up to 64 rows, as the transformers conversion did (51,290 tokens -> 51,328 rows).
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    vocab_size = tiny.embedding_rows(len(tokenizer))
     ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
     config = Florence2Config(
         text_config=dict(TINY_TEXT, model_type="bart", vocab_size=vocab_size, decoder_start_token_id=2,
                          forced_bos_token_id=0, forced_eos_token_id=2, **ids),
         vision_config=dict(TINY_VISION), image_token_id=tokenizer.image_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        with torch.device("cpu"):
-            model = Florence2ForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = generation_config(config.text_config.to_dict())
-    model.save_pretrained(tmp, safe_serialization=True)
+    model = tiny.save_model(tmp, Florence2ForConditionalGeneration, config,
+                            generation_config(config.text_config.to_dict()), seed=0)
     return {"vocab_size": vocab_size, "n_tokens": len(tokenizer), "image_token_id": tokenizer.image_token_id,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "transformers": transformers.__version__, "torch": torch.__version__}
+            "parameters": sum(p.numel() for p in model.parameters()), **tiny.versions(),
+            "build_s": round(time.perf_counter() - t0, 2)}
