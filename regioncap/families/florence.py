@@ -132,7 +132,6 @@ class Florence2(Family):
         "microsoft/Florence-2-base": "florence2_base",
         "microsoft/Florence-2-large": "florence2_large",
     }
-    marks = False
     vllm_hint = ("vLLM 0.32 runs Florence-2 only with its out-of-tree plugin, vllm-project/bart-plugin; "
                  "without it use engine=transformers")
 
@@ -183,15 +182,13 @@ class Florence2(Family):
         bin outside 0..999 is not a Florence-2 answer and drops its box. Never raises on
         any ``text``.
         """
-        from regioncap.propose.base import Proposal
+        from regioncap.families import grounding
 
-        for name, v in (("width", width), ("height", height)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"parse_grounding: image {name} must be a positive finite number, got {v!r}")
+        grounding.check_size(width, height)
         if not isinstance(text, str) or "<loc_" not in text:
             return []
         w, h = float(width), float(height)
-        out: List[Any] = []
+        candidates: List[Tuple[List[float], Optional[str]]] = []
         for m in _OBJECT.finditer(_NOISE.sub("", text)):
             label = m.group(1).strip() or None
             bins = [int(b) for b in _LOC.findall(m.group(2))]
@@ -199,13 +196,10 @@ class Florence2(Family):
                 b = bins[i:i + 4]
                 if any(v >= BINS for v in b):
                     continue
-                x1, x2 = sorted((from_bin(b[0], w), from_bin(b[2], w)))
-                y1, y2 = sorted((from_bin(b[1], h), from_bin(b[3], h)))
-                x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(w, x2), min(h, y2)
-                if x2 - x1 < min_size or y2 - y1 < min_size:
-                    continue
-                out.append(Proposal((x1, y1, x2, y2), None, label[:100] if label else None, source))
-        return out
+                # Each bin reads back as its centre in pixels (the numbers are pixels, no grid).
+                candidates.append(([from_bin(b[0], w), from_bin(b[1], h), from_bin(b[2], w), from_bin(b[3], h)],
+                                   label[:grounding.MAX_LABEL_CHARS] if label else None))
+        return grounding.to_proposals(candidates, w, h, min_size=min_size, source=source)
 
     # -- chat ------------------------------------------------------------------
 

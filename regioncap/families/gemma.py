@@ -43,6 +43,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from regioncap.components import check, whole
 from regioncap.families.base import Family, PixelBox
+from regioncap.families.grounding import JsonGrounding, grid_coords
 
 
 #: The published input side (``preprocessor_config.json`` ``size``, the vision config's ``image_size``).
@@ -141,7 +142,7 @@ TINY_VISION: Dict[str, Any] = dict(
 )
 
 
-class Gemma3(Family):
+class Gemma3(JsonGrounding, Family):
     """Gemma 3 (4B, 12B, 27B instruction-tuned): SigLIP at a fixed square input, 256 visual tokens."""
 
     @dataclass
@@ -205,38 +206,13 @@ class Gemma3(Family):
     # -- coordinates -----------------------------------------------------------
 
     def box_coords(self, box: PixelBox, size: Tuple[int, int]) -> List[int]:
-        """``[x1, y1, x2, y2]`` on the 0-1000 grid of an image of ``size`` (rounded, clamped)."""
-        from regioncap.families.qwen import grid_coords
-
+        """``[x1, y1, x2, y2]`` on the 0-1000 grid of an image of ``size`` (rounded, clamped); written and
+        read back as ``bbox_2d`` JSON (:class:`regioncap.families.grounding.JsonGrounding`)."""
         return grid_coords(box, size, GRID)
-
-    def box_text(self, box: PixelBox, size: Tuple[int, int]) -> str:
-        """``{"bbox_2d": [x1, y1, x2, y2]}`` on the 0-1000 grid (the layout the grounding answer uses)."""
-        x1, y1, x2, y2 = self.box_coords(box, size)
-        return f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}'
 
     def grounding_prompt(self) -> str:
         """:data:`GROUNDING_PROMPT`: the JSON layout and the 0-1000 grid spelled out."""
         return GROUNDING_PROMPT
-
-    def grounding_constraint(self, kind: str, max_items: int) -> Dict[str, Any]:
-        """The ``bbox_2d`` JSON list of :mod:`regioncap.families.grounding` (``regex`` or ``json``); ``{}`` for ``none``."""
-        from regioncap.families.grounding import grounding_json_schema, grounding_regex
-
-        if kind == "regex":
-            return {"regex": grounding_regex()}
-        if kind == "json":
-            return {"json_schema": grounding_json_schema(max_items)}
-        return {}
-
-    def parse_grounding(self, text: Any, width: float, height: float, *, min_size: float = 1.0,
-                        source: str = "vlm") -> List[Any]:
-        """JSON ``bbox_2d`` boxes on the 0-1000 grid, as proposals in pixels of the ``width x height`` image
-        (:func:`regioncap.families.grounding.parse_grounding`: fences, prose, cut-off lists, swapped
-        corners; clipped to the image, ``min_size`` in pixels). Never raises on any ``text``."""
-        from regioncap.families.grounding import parse_grounding
-
-        return parse_grounding(text, width, height, grid=GRID, min_size=min_size, source=source)
 
     def max_crop_aspect(self) -> float:
         """1: ``prompt=crop`` cuts square crops (the short side widened with context), because every
