@@ -135,15 +135,19 @@ MAX_PIXELS = 224 * 224
 # CLIP mean/std, as in Qwen2.5-VL's preprocessor_config.json.
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
+#: ImageNet mean/std, as in InternVL3.5's and Florence-2's preprocessor_config.json.
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
 
-#: Tiny dimensions. Text head_dim 32 (a size vLLM's CPU attention supports);
-#: ``mrope_section`` must sum to head_dim / 2; ``fullatt_block_indexes`` must be
-#: below the vision depth; the vision output size must equal the text hidden size.
+#: The size of every family's tiny transformers, text and vision: 64 wide, two layers of two
+#: heads, so a head is 32 wide (a size vLLM's CPU attention supports).
+TINY_LAYERS: Dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)
+
+#: Tiny dimensions (:data:`TINY_LAYERS`). ``mrope_section`` must sum to head_dim / 2;
+#: ``fullatt_block_indexes`` must be below the vision depth; the vision output size must
+#: equal the text hidden size.
 TEXT_DIMS: Dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
+    TINY_LAYERS,
     num_key_value_heads=1,
     max_position_embeddings=4096,
     rope_theta=1000000.0,
@@ -293,6 +297,22 @@ def append_tokens(folder: Path, tokens: Sequence[Tuple[str, bool]], **config: An
     tcfg.update(config)
     write_json(cfg_path, tcfg)
     return {t.content: i for i, t in sorted(tok.get_added_tokens_decoder().items())}
+
+
+def fill_vocab(vocab: Dict[str, int], size: int) -> None:
+    """Grow a trained BPE's ``vocab`` (token -> id, ids ``0 .. len - 1``) to ``size`` entries with two- then
+    three-character strings of its alphabet that are not tokens: no merge produces them, so encoding is
+    unchanged (a vocabulary padded to the published ids of the tokens after it)."""
+    alphabet = sorted({c for t in vocab for c in t if len(t) == 1})
+    next_id = len(vocab)
+    for a in alphabet:
+        for b in alphabet:
+            for c in [""] + alphabet:
+                if next_id >= size:
+                    return
+                if a + b + c not in vocab:
+                    vocab[a + b + c] = next_id
+                    next_id += 1
 
 
 def embedding_rows(n_tokens: int) -> int:
@@ -605,8 +625,7 @@ def build_seeded(tmp: Path, seed: int, *, text_dims: Optional[Dict[str, Any]] = 
 #: Tiny Qwen3-VL dimensions: text head_dim 32 with ``mrope_section`` summing to 16 (interleaved
 #: M-RoPE); the vision tower's deepstack layers are below its depth and feed the first text layers.
 QWEN3_TEXT_DIMS: Dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-    head_dim=32, max_position_embeddings=4096, rope_theta=5000000.0,
+    TINY_LAYERS, num_key_value_heads=1, head_dim=32, max_position_embeddings=4096, rope_theta=5000000.0,
 )
 QWEN3_VISION_DIMS: Dict[str, Any] = dict(
     depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=64, patch_size=16,

@@ -81,9 +81,6 @@ TINY_VISION: Dict[str, Any] = dict(depths=[1, 1, 1, 1], embed_dim=[8, 16, 32, 64
                                    max_position_embeddings=50, max_temporal_embeddings=100)
 #: The tiny build's input square: 2 x 2 visual tokens + 1.
 TINY_IMAGE_SIZE = 64
-#: ImageNet mean/std, as in the published preprocessor_config.json.
-IMAGE_MEAN = [0.485, 0.456, 0.406]
-IMAGE_STD = [0.229, 0.224, 0.225]
 #: Bump when the tiny folder's content changes; a folder with another version is rebuilt.
 TINY_VERSION = 1
 TINY_MARKER = "regioncap_tiny.json"
@@ -301,20 +298,12 @@ def write_tokenizer(folder: Path, bpe_size: Optional[int] = None) -> Any:
 
 def _pad_vocab(tok: Any, size: int) -> None:
     """Grow a trained BPE's vocabulary to ``size`` with strings no merge produces (encoding is unchanged)."""
-    data = json.loads(tok.to_str())
-    vocab: Dict[str, int] = data["model"]["vocab"]
-    alphabet = sorted({c for t in vocab for c in t if len(t) == 1})
-    nxt = len(vocab)
-    for a in alphabet:
-        for b in alphabet:
-            for c in [""] + alphabet:
-                if nxt >= size:
-                    break
-                if a + b + c not in vocab:
-                    vocab[a + b + c] = nxt
-                    nxt += 1
     from tokenizers import Tokenizer
 
+    from regioncap.tiny import fill_vocab
+
+    data = json.loads(tok.to_str())
+    fill_vocab(data["model"]["vocab"], size)
     new = Tokenizer.from_str(json.dumps(data))
     tok.model = new.model
 
@@ -323,9 +312,11 @@ def processor_files(folder: Path, tokenizer: Any, *, image_size: int, image_seq_
     """Save the native ``Florence2Processor`` (CLIP image processor at ``image_size``, the tokenizer) into ``folder``."""
     from transformers import CLIPImageProcessor, Florence2Processor
 
+    from regioncap.tiny import IMAGENET_MEAN, IMAGENET_STD
+
     ip = CLIPImageProcessor(size={"height": image_size, "width": image_size},
                             crop_size={"height": image_size, "width": image_size}, do_center_crop=False,
-                            image_mean=IMAGE_MEAN, image_std=IMAGE_STD, resample=3,
+                            image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, resample=3,
                             image_seq_length=image_seq_length)
     processor = Florence2Processor(image_processor=ip, tokenizer=tokenizer)
     processor.save_pretrained(folder)

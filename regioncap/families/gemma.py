@@ -44,6 +44,7 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 from regioncap.components import check, whole
 from regioncap.families.base import Family, PixelBox
 from regioncap.families.grounding import JsonGrounding, grid_coords
+from regioncap.tiny import TINY_LAYERS
 
 
 #: The published input side (``preprocessor_config.json`` ``size``, the vision config's ``image_size``).
@@ -132,13 +133,11 @@ TINY_BPE_VOCAB = 800
 #: Tiny dimensions. head_dim 32: a size vLLM's CPU attention supports. One sliding and one
 #: global layer, as Gemma 3 interleaves them (5:1 in the real models).
 TINY_TEXT: Dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-    head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=4096, sliding_window=512,
-    layer_types=["sliding_attention", "full_attention"], rope_theta=1000000.0, rope_local_base_freq=10000.0,
+    TINY_LAYERS, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=4096,
+    sliding_window=512, layer_types=["sliding_attention", "full_attention"], rope_theta=1000000.0, rope_local_base_freq=10000.0,
 )
 TINY_VISION: Dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-    image_size=TINY_IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False,
+    TINY_LAYERS, image_size=TINY_IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False,
 )
 
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from regioncap.tiny import IMAGENET_MEAN, IMAGENET_STD, TINY_LAYERS
+
 #: Side of one tile in pixels (the vision tower's ``image_size``) in the published models.
 TILE = 448
 #: Visual tokens of one 448 px tile: (448 / 14 / 2) ** 2.
@@ -79,8 +81,7 @@ EXTRA_SPECIAL_TOKENS = {
 }
 
 #: ImageNet mean/std, as in the published ``preprocessor_config.json``.
-IMAGE_MEAN = [0.485, 0.456, 0.406]
-IMAGE_STD = [0.229, 0.224, 0.225]
+IMAGE_MEAN, IMAGE_STD = IMAGENET_MEAN, IMAGENET_STD
 
 
 #: Bump when the folder's content changes; a folder with another version is rebuilt.
@@ -88,12 +89,9 @@ BUILDER_VERSION = 1
 #: Written last into a finished folder: its presence means "complete".
 MARKER = "regioncap_tiny_internvl.json"
 
-#: Tiny Qwen3 text model: head_dim 32 (a size vLLM's CPU attention supports).
+#: Tiny Qwen3 text model (:data:`regioncap.tiny.TINY_LAYERS`).
 TEXT_DIMS: Dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
+    TINY_LAYERS,
     num_key_value_heads=1,
     head_dim=32,
     max_position_embeddings=8192,
@@ -103,10 +101,7 @@ TEXT_DIMS: Dict[str, Any] = dict(
 #: Tiny InternViT with the published tile (448) and patch (14) sizes: 1,024 patches a tile,
 #: pixel-shuffled by the downsample ratio 0.5 to 256 visual tokens.
 VISION_DIMS: Dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
+    TINY_LAYERS,
     image_size=TILE,
     patch_size=14,
     attention_bias=True,
