@@ -1,6 +1,13 @@
-"""A tiny random-weight Qwen2.5-VL, built locally and fully offline.
+"""Tiny random-weight models, built locally and fully offline: the one build path every model family's
+tiny build takes (:func:`build_folder`, with the pieces the builds share), and the tiny Qwen2.5-VL
+and Qwen3-VL.
 
-No model hub is needed: the tokenizer is a byte-level BPE trained here on a
+A family's build passes what differs (its tokenizer, config, weights and processor files, written
+by its own function into an empty folder; the :class:`TinyFolder` that marks it finished);
+:func:`build_folder` seeds the RNGs privately, builds next to the target, moves the folder in
+atomically and reuses a complete one.
+
+For the tiny Qwen2.5-VL no model hub is needed: the tokenizer is a byte-level BPE trained here on a
 small English corpus generated in code, with Qwen's special tokens in their
 real order; the chat template is Qwen2.5-VL's official one; the image
 processor has the real patch (14), merge (2) and temporal patch (2) sizes; the
