@@ -8,7 +8,7 @@
 # The torch it installs depends on the machine:
 #   cuda  an NVIDIA GPU is there (`nvidia-smi` works, or /proc/driver/nvidia exists): the CUDA
 #         torch and torchvision pair from the package index (about 7 GB with the NVIDIA libraries).
-#   cpu   otherwise: a CPU-only torch, no torchvision and no NVIDIA packages (about 2.2 GB for
+#   cpu   otherwise: a CPU-only torch, no torchvision and no NVIDIA packages (about 2.4 GB for
 #         runs); the Qwen-VL processors then run on PIL (regioncap.engines.transformers_engine.load_processor).
 #
 #   bash scripts/setup.sh [--dev] [--print-plan]
