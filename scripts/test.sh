@@ -4,7 +4,8 @@
 #   bash scripts/test.sh -n 2 -m "not slow and not cli and not vllm"   # the unit tier only (under 2 min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# --dev: the test tools beside what a run uses.
+bash scripts/setup.sh --dev
 bash scripts/setup_vllm.sh
 # The report tests open the HTML report in a real headless browser; METEOR needs Java.
 bash scripts/install_chromium.sh

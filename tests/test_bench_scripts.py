@@ -108,5 +108,6 @@ def test_coldstart_markdown_has_every_figure():
             "engine_floor_over_floor": 1.5, "run_code_wall_s": 12.0, "run_code_cpu_s": 9.0, "run_code_over_floor": 3.0}
     text = bench.coldstart_markdown({"repeat": 3, "busy_processes": 2, "code": "../main", "cores": 2,
                                      "quiet": mode, "busy": {**mode, "run_over_floor": 1.9}})
-    assert "| quiet | 0.5 / 1.2 | 4.0 (3.0) | 6.0 (5.0) | 7.0 (6.5) | 1.75 | 12.0 (9.0) | 3.0 |" in text
+    # run / engine floor: 7.0 / 6.0
+    assert "| quiet | 0.5 / 1.2 | 4.0 (3.0) | 6.0 (5.0) | 7.0 (6.5) | 1.75 | 1.17 | 12.0 (9.0) | 3.0 |" in text
     assert "| busy |" in text and "1.9" in text and bench.IMPORT_FLOOR in text

@@ -98,39 +98,99 @@ def test_cpu_extra_is_the_transformers_extra_without_torchvision():
     assert "torch" in names and "transformers" in names and "torchvision" not in names
 
 
-def _plan(env: dict, venv: Path) -> subprocess.CompletedProcess:
+def _setup(env: dict, venv: Path, *args: str) -> subprocess.CompletedProcess:
     full = {k: v for k, v in os.environ.items() if not k.startswith("REGIONCAP_")}
     full.update(env, REGIONCAP_VENV=str(venv), PATH=env["PATH"] + os.pathsep + os.environ["PATH"],
                 PYTHON=sys.executable)
-    return subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), "--print-plan"], capture_output=True,
+    return subprocess.run(["bash", str(REPO / "scripts" / "setup.sh"), *args], capture_output=True,
                           text=True, env=full, timeout=60)
 
 
+def _plan(env: dict, venv: Path, *args: str) -> subprocess.CompletedProcess:
+    return _setup(env, venv, "--print-plan", *args)
+
+
+RUN_EXTRAS = "openai,wandb,trackers,ray,slurm,metrics"
+
+
 @pytest.mark.cli
-def test_print_plan_on_a_machine_without_a_gpu_installs_no_cuda(no_driver, tmp_path):
+def test_print_plan_on_a_machine_without_a_gpu_installs_no_cuda_and_no_test_tools(no_driver, tmp_path):
     venv = tmp_path / "venv"
     proc = _plan(no_driver, venv)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("setup: cpu torch, because no NVIDIA GPU found")
+    assert lines[1].startswith("setup: for runs (scripts/test.sh adds the test tools: setup.sh --dev)")
     assert any(line.endswith("install -q torch==2.13.0+cpu") for line in lines)
-    assert any("-e .[transformers-cpu," in line for line in lines)
-    assert not any("torchvision" in line or ".[transformers," in line for line in lines)
-    assert lines[-1].endswith("uninstall -q -y triton qwen-vl-utils av")
-    assert all(line.startswith(f"{venv}/bin/python") for line in lines[1:])
+    assert any(line.endswith(f"-e .[transformers-cpu,{RUN_EXTRAS}]") for line in lines)
+    assert not any("torchvision" in line or ".[transformers," in line or "dev]" in line for line in lines)
+    assert lines[-1].endswith("uninstall -q -y triton")
+    assert all(line.startswith(f"{venv}/bin/python") for line in lines[2:])
     assert not venv.exists()  # the plan installs nothing
 
 
 @pytest.mark.cli
-def test_print_plan_with_a_gpu_is_the_cuda_pair(no_driver, tmp_path):
-    proc = _plan(dict(no_driver, PATH=str(_fake_smi(tmp_path / "gpu", 0))), tmp_path / "venv")
+def test_print_plan_with_dev_adds_the_test_tools_in_the_same_pip_step(no_driver, tmp_path):
+    proc = _plan(no_driver, tmp_path / "venv", "--dev")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1] == "setup: for runs and tests (--dev: the test tools too)"
+    installs = [line for line in lines if " -e ." in line]
+    # One step: a second pip install after the uninstall would bring triton back (xgrammar requires it).
+    assert len(installs) == 1 and installs[0].endswith(f"-e .[transformers-cpu,{RUN_EXTRAS},dev]")
+    assert lines[-1].endswith("uninstall -q -y triton qwen-vl-utils av")
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("dev", [False, True])
+def test_print_plan_with_a_gpu_is_the_cuda_pair(dev, no_driver, tmp_path):
+    proc = _plan(dict(no_driver, PATH=str(_fake_smi(tmp_path / "gpu", 0))), tmp_path / "venv",
+                 *(["--dev"] if dev else []))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("setup: cuda torch, because nvidia-smi lists a GPU\n")
     assert "install -q torch==2.14.1 torchvision==0.29.1\n" in proc.stdout
-    assert "-e .[transformers,openai," in proc.stdout and "triton" not in proc.stdout
+    assert f"-e .[transformers,{RUN_EXTRAS}{',dev' if dev else ''}]\n" in proc.stdout
+    assert "triton" not in proc.stdout
 
 
 @pytest.mark.cli
 def test_print_plan_refuses_a_bad_setting(no_driver, tmp_path):
     proc = _plan(dict(no_driver, REGIONCAP_TORCH="rocm"), tmp_path / "venv")
     assert proc.returncode == 2 and "REGIONCAP_TORCH=rocm is not one of auto, cpu, cuda" in proc.stderr
+
+
+@pytest.mark.cli
+def test_an_unknown_argument_is_refused(no_driver, tmp_path):
+    proc = _setup(no_driver, tmp_path / "venv", "--tests")
+    assert proc.returncode == 2 and "unknown argument '--tests'" in proc.stderr
+
+
+def _fake_venv(folder: Path) -> Path:
+    """A venv whose python logs its pip calls instead of installing (and answers the final version line)."""
+    (folder / "bin").mkdir(parents=True)
+    python = folder / "bin" / "python"
+    python.write_text(f'#!/bin/sh\nif [ "$1" = -m ]; then echo "$*" >> {folder}/pip.log; else echo torch x; fi\n')
+    python.chmod(python.stat().st_mode | stat.S_IXUSR)
+    return folder
+
+
+@pytest.mark.cli
+def test_stamp_runs_then_tests_gets_both_and_tests_then_runs_installs_nothing(no_driver, tmp_path):
+    """The real script (not the plan) over a fake venv: each call installs what its stamp lacks, only that."""
+    venv = _fake_venv(tmp_path / "venv")
+    log = venv / "pip.log"
+
+    def steps(*args: str) -> list:
+        log.write_text("")
+        proc = _setup(no_driver, venv, *args)
+        assert proc.returncode == 0, proc.stderr
+        return log.read_text().splitlines()
+
+    run = steps()
+    assert any(line.endswith(f"-e .[transformers-cpu,{RUN_EXTRAS}]") for line in run)
+    assert (venv / ".regioncap-setup").read_text().split()[1] == "run"
+    assert steps() == []  # set up for runs already
+    dev = steps("--dev")  # set up for runs, then for tests: the test tools come on top
+    assert any(line.endswith(f"-e .[transformers-cpu,{RUN_EXTRAS},dev]") for line in dev)
+    assert dev[-1].endswith("uninstall -q -y triton qwen-vl-utils av")
+    assert steps("--dev") == [] and steps() == []  # a venv with the test tools serves runs too
