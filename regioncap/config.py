@@ -147,7 +147,8 @@ class RegionCapConfig:
     resume: bool = False
     #: Resume even though the settings that decide the answers changed (``run_key.json``).
     resume_force: bool = False
-    #: With ``resume``: redo the caption stage's error rows (engine errors, timeouts...).
+    #: With ``resume``: redo the error rows that may pass another time (``error.retryable``: engine
+    #: errors, timeouts, failed reads...).
     retry_errors: bool = False
     #: Visualize rows written per commit (write + fsync); a crash loses at most these.
     commit_every: int = field(default=32, metadata=check(whole(1)))

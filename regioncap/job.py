@@ -273,7 +273,7 @@ def _run_stages(cfg: RegionCapConfig, built: Dict[str, Any], rundir: RunDir, tra
 
 def _samples(run: RegionCapRun) -> str:
     """A few captions of the run, with their references where the data has them."""
-    from regioncap.metrics import reference_texts
+    from regioncap.metrics import region_reference_texts
     from regioncap.records import caption_samples
 
     path = run.rundir.captions_file
@@ -281,7 +281,7 @@ def _samples(run: RegionCapRun) -> str:
         return ""
     key = run.cfg.data.references_key
     try:
-        return caption_samples(path, reference=lambda rec, reg: reference_texts(rec, reg, key))
+        return caption_samples(path, reference=lambda rec, reg: region_reference_texts(rec, reg, key))
     except Exception as exc:  # noqa: BLE001 - a courtesy print, never a reason to fail the run
         log.debug("no caption samples: %s", exc)
         return ""

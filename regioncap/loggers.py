@@ -401,10 +401,9 @@ def records_file_of(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
 
 
 def _references(rec: Record, region: Region, references_key: Optional[str]) -> List[str]:
-    from regioncap.metrics import reference_texts
+    from regioncap.metrics import region_reference_texts
 
-    # The metrics' reader takes plain objects: the row's input fields and the region's index are what it reads.
-    return reference_texts({**rec.extras(), "input": rec.input}, {"source_index": region.source_index}, references_key)
+    return region_reference_texts(rec, region, references_key)
 
 
 def _scores(region: Region) -> Dict[str, float]:

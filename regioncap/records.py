@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from regioncap.record_types import Record, RecordError, Region
+
 
 #: How deep :func:`dumps` follows nested lists and dicts when it has to clean a value;
 #: anything deeper is written as a string saying so.
@@ -329,7 +331,7 @@ def fsync_dir(folder: Path) -> None:
 
 
 def caption_samples(path: Path, *, rows: int = 4, regions: int = 6,
-                    reference: Optional[Callable[[Dict[str, Any], Dict[str, Any]], List[str]]] = None) -> str:
+                    reference: Optional[Callable[[Record, Region], List[str]]] = None) -> str:
     """The captions of the first ``rows`` records of a records file, one region per line, for the
     end-of-run summary (only those records are read, however long the file).
 
@@ -340,18 +342,20 @@ def caption_samples(path: Path, *, rows: int = 4, regions: int = 6,
 
     lines: List[str] = []
     shown = 0
-    for rec in itertools.islice(read_jsonl(path), rows):
+    for raw in itertools.islice(read_jsonl(path), rows):
+        rec = Record.from_dict(raw)
         shown += 1
-        label = str(rec.get("id"))
-        if rec.get("error"):
-            lines.append(f"  {label}: error ({rec['error'].get('kind')}): {rec['error'].get('message')}")
+        label = str(rec.id)
+        if rec.error:
+            err = rec.error if isinstance(rec.error, RecordError) else RecordError()
+            lines.append(f"  {label}: error ({err.kind}): {err.message}")
             continue
-        for reg in (rec.get("regions") or [])[:regions]:
-            text = reg.get("caption")
-            quoted = json.dumps(text, ensure_ascii=False) if text is not None else f"<missing: {reg.get('missing')}>"
+        for reg in list(rec.iter_regions())[:regions]:
+            text = reg.caption
+            quoted = json.dumps(text, ensure_ascii=False) if text is not None else f"<missing: {reg.missing}>"
             refs = reference(rec, reg) if reference else []
-            lines.append(f"  {label} [{reg.get('id')}] {quoted}" + (f"  (reference: {refs[0]})" if refs else ""))
-        more = len(rec.get("regions") or []) - regions
+            lines.append(f"  {label} [{reg.id}] {quoted}" + (f"  (reference: {refs[0]})" if refs else ""))
+        more = len(rec.regions or []) - regions
         if more > 0:
             lines.append(f"  {label} ... {more} more region(s)")
     if not lines:

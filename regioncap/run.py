@@ -30,6 +30,7 @@ from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
 from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor, executor_of
 from regioncap.prepare import RowPool, resolve_workers
+from regioncap.record_types import ERROR
 from regioncap.records import dumps, read_jsonl, write_text_atomically
 from regioncap.rundir import RunDir, key_changes, resume_args, run_key_hash, run_key_values  # noqa: F401  (re-exported)
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested  # noqa: F401  (re-exported)
@@ -332,8 +333,8 @@ def check_image_key(rows: List[Any], image_key: str) -> Optional[str]:
     """Why every row will be an error row when none of ``rows`` (the first rows read) has the
     image field, naming the fields they have and the fix; None when any row has it."""
     # Rows that are objects (a line that is not JSON, or not an object, says nothing about fields).
-    objects = [r for r in rows if not r.error or r.error.get("kind") not in _LINE_ERRORS]
-    missing = [r for r in objects if r.error and r.error.get("kind") == "missing_image_field"]
+    objects = [r for r in rows if not r.error or r.error.get(ERROR.kind) not in _LINE_ERRORS]
+    missing = [r for r in objects if r.error and r.error.get(ERROR.kind) == "missing_image_field"]
     if not missing or len(missing) < len(objects):
         return None
     keys = sorted({str(k) for r in missing for k in r.extra})

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 from regioncap.components import plain
 from regioncap.errors import RunError
+from regioncap.record_types import ERROR, RECORD
 from regioncap.stages import STAGES, CaptionStage, VisualizeStage
 
 if TYPE_CHECKING:
@@ -346,8 +347,8 @@ class RunDir:
     def done_rows(self, stage: str, *, retry: bool = False) -> Tuple[Dict[int, "DoneRow"], Set[int]]:
         """``({index: DoneRow}, {indexes to redo})`` of a stage's records file, its torn tail cut off.
 
-        ``retry``: rows whose error says it may pass another time (an engine
-        error in the caption stage, a resource error in any stage) are to redo.
+        ``retry``: rows whose error says it may pass another time (``error.retryable``:
+        an engine or server failure, a timeout, a failed read) are to redo.
         """
         from regioncap.records import CorruptRecordsError, scan_records
 
@@ -356,9 +357,13 @@ class RunDir:
             return {}, set()
 
         def pick(rec: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
-            err = rec.get("error") or {}
-            again = err.get("stage") == CaptionStage.name or bool(err.get("retryable"))
-            return rec.get("index"), rec.get("id"), rec.get("digest"), again
+            err = rec.get(RECORD.error)
+            err = err if isinstance(err, dict) else {}
+            # ``error.retryable`` where the row says; a caption-stage error written before the field
+            # was (every one was redone then) still counts as retryable.
+            flag = err.get(ERROR.retryable)
+            again = err.get(ERROR.stage) == CaptionStage.name if flag is None else bool(flag)
+            return rec.get(RECORD.index), rec.get(RECORD.id), rec.get(RECORD.digest), again
 
         try:
             picks, cut = scan_records(path, pick)
@@ -387,7 +392,7 @@ class RunDir:
         from regioncap.records import read_jsonl, rewrite_atomically
 
         path = self.records_file(stage)
-        return rewrite_atomically(path, (r for r in read_jsonl(path) if r.get("index") not in indexes))
+        return rewrite_atomically(path, (r for r in read_jsonl(path) if r.get(RECORD.index) not in indexes))
 
 
 class DoneRow:

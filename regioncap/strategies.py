@@ -49,6 +49,7 @@ from regioncap.draw import DrawStyle, draw_marks
 from regioncap.errors import RunError
 from regioncap.families.base import Family, build_family
 from regioncap.images import crop_with_margin, resize_to
+from regioncap.record_types import Record, Region, RequestSpec
 from regioncap.rundir import IMAGES_DIR
 
 
@@ -57,7 +58,7 @@ class Planned:
     """One request of a row as planned: its key suffix, its regions and their boxes in source pixels."""
 
     suffix: str
-    regions: List[Dict[str, Any]]
+    regions: List[Region]
     boxes: List[bx.Box]
 
 
@@ -123,12 +124,12 @@ class PromptStrategy(Component):
         """``(chunk, number)`` of each of ``count`` regions: chunks of ``max_boxes``, numbered from 1."""
         return [(i // self.max_boxes, i % self.max_boxes + 1) for i in range(count)]
 
-    def plan(self, regions: List[Dict[str, Any]], boxes: Sequence[bx.Box]) -> List[Planned]:
+    def plan(self, regions: List[Region], boxes: Sequence[bx.Box]) -> List[Planned]:
         """The requests of a row: one per chunk (``slots``), in order."""
         planned: List[Planned] = []
         for reg, box in zip(regions, boxes):
-            if not planned or planned[-1].suffix != f"c{reg['chunk']}":
-                planned.append(Planned(f"c{reg['chunk']}", [], []))
+            if not planned or planned[-1].suffix != f"c{reg.chunk}":
+                planned.append(Planned(f"c{reg.chunk}", [], []))
             planned[-1].regions.append(reg)
             planned[-1].boxes.append(box)
         return planned
@@ -144,23 +145,23 @@ class PromptStrategy(Component):
         raise NotImplementedError
 
     # ------------------------------------------------------------- prompts
-    def spec(self, rec_id: Any, rendered: Rendered) -> Dict[str, Any]:
+    def spec(self, rec_id: Any, rendered: Rendered) -> RequestSpec:
         """One request spec: the image, its size, the prompt and the regions it asks about."""
         regions = rendered.planned.regions
-        return {
-            "key": f"{rec_id}/{rendered.planned.suffix}", "image": rendered.name, "image_size": list(rendered.size),
-            "prompt": self.prompt_text(regions, rendered.size),
-            "numbers": [r["number"] for r in regions], "region_ids": [r["id"] for r in regions],
-        }
+        return RequestSpec(
+            key=f"{rec_id}/{rendered.planned.suffix}", image=rendered.name, image_size=list(rendered.size),
+            prompt=self.prompt_text(regions, rendered.size),
+            numbers=[r.number for r in regions], region_ids=[r.id for r in regions],
+        )
 
-    def prompt_text(self, regions: List[Dict[str, Any]], size: Tuple[int, int]) -> str:
+    def prompt_text(self, regions: List[Region], size: Tuple[int, int]) -> str:
         """``prompt.template`` filled for ``regions`` (see :func:`regioncap.prompts.build_prompt`)."""
-        numbers = [r["number"] for r in regions]
+        numbers = [r.number for r in regions]
         return prompts.build_prompt(str(self.prompt.template), numbers=numbers, labels=self.labels(numbers),
                                     answer_format=self.answer_format,
                                     regions_text=self.regions_text(regions, size), noun=self.noun)
 
-    def regions_text(self, regions: List[Dict[str, Any]], size: Tuple[int, int]) -> str:
+    def regions_text(self, regions: List[Region], size: Tuple[int, int]) -> str:
         """The ``{regions}`` placeholder: empty unless the strategy writes the boxes in the text."""
         return ""
 
@@ -168,7 +169,7 @@ class PromptStrategy(Component):
         """The mark labels of region ``numbers`` (``draw.label_format``)."""
         return [self.style.label_format.format(n=n) for n in numbers]
 
-    def reask_prompt(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> str:
+    def reask_prompt(self, rec: Record, spec: RequestSpec, missing: List[int]) -> str:
         """The text of the follow-up request for the regions ``missing`` from ``spec``'s answer
         (left out, or captioned with answer-format debris)."""
         return str(self.prompt.reask_template).format(
@@ -194,8 +195,8 @@ class MarkedStrategy(PromptStrategy):
 
     def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
         return [Rendered(p, f"{IMAGES_DIR}/{stem}_c{c:02d}.{self.ext}",
-                         draw_marks(image, [r["input_bbox"] for r in p.regions],
-                                    self.labels([r["number"] for r in p.regions]), self.style), image.size)
+                         draw_marks(image, [r.input_bbox for r in p.regions],
+                                    self.labels([r.number for r in p.regions]), self.style), image.size)
                 for c, p in enumerate(planned)]
 
 
@@ -211,13 +212,13 @@ class CoordsStrategy(PromptStrategy):
         return [Rendered(p, name, image if c == 0 else None, image.size) for c, p in enumerate(planned)]
 
     def regions_text(self, regions, size):  # noqa: ANN001,ANN201 - see base
-        return prompts.regions_text([r["number"] for r in regions],
-                                    [self.family.box_text(tuple(r["input_bbox"]), size) for r in regions])
+        return prompts.regions_text([r.number for r in regions],
+                                    [self.family.box_text(tuple(r.input_bbox), size) for r in regions])
 
     def reask_prompt(self, rec, spec, missing):  # noqa: ANN001,ANN201 - see base
         # The regions are in the text, not on the image: ask the first prompt again for the ones to re-ask.
-        regions = [r for r in rec["regions"] if r["id"] in spec["region_ids"] and r["number"] in missing]
-        return self.prompt_text(regions, tuple(spec["image_size"]))
+        regions = [r for r in rec.iter_regions() if r.id in spec.region_ids and r.number in missing]
+        return self.prompt_text(regions, tuple(spec.image_size))
 
 
 class CropStrategy(PromptStrategy):
@@ -239,7 +240,7 @@ class CropStrategy(PromptStrategy):
         return [(i // self.max_boxes, 1) for i in range(count)]
 
     def plan(self, regions, boxes):  # noqa: ANN001,ANN201 - see base
-        return [Planned(f"r{reg['id']}", [reg], [box]) for reg, box in zip(regions, boxes)]
+        return [Planned(f"r{reg.id}", [reg], [box]) for reg, box in zip(regions, boxes)]
 
     def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
         family = self.family
@@ -250,7 +251,7 @@ class CropStrategy(PromptStrategy):
             crop, _rect = crop_with_margin(source, p.boxes[0].scale(scale_x, scale_y), float(self.prompt.crop_margin),
                                            max_aspect=max_aspect)
             size = family.input_size(crop.width, crop.height)
-            out.append(Rendered(p, f"{IMAGES_DIR}/{stem}_r{p.regions[0]['id']:03d}.{self.ext}",
+            out.append(Rendered(p, f"{IMAGES_DIR}/{stem}_r{p.regions[0].id:03d}.{self.ext}",
                                 resize_to(crop, size), size))
         return out
 
@@ -284,7 +285,7 @@ class RegionStrategy(PromptStrategy):
         return [(i // self.max_boxes, 1) for i in range(count)]
 
     def plan(self, regions, boxes):  # noqa: ANN001,ANN201 - see base
-        return [Planned(f"r{reg['id']}", [reg], [box]) for reg, box in zip(regions, boxes)]
+        return [Planned(f"r{reg.id}", [reg], [box]) for reg, box in zip(regions, boxes)]
 
     def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
         # One clean image, shared by every region's request.
@@ -292,7 +293,7 @@ class RegionStrategy(PromptStrategy):
         return [Rendered(p, name, image if c == 0 else None, image.size) for c, p in enumerate(planned)]
 
     def regions_text(self, regions, size):  # noqa: ANN001,ANN201 - see base
-        return str(self.family.region_prompt(tuple(regions[0]["input_bbox"]), tuple(size)))
+        return str(self.family.region_prompt(tuple(regions[0].input_bbox), tuple(size)))
 
 
 def strategy_class(prompt: Any) -> type:

@@ -313,7 +313,8 @@ REGION_COLUMNS = ("row_id", "region", "number", "chunk", "status", "image", "bbo
 def write_regions(records: Path, out: Path, *, references_key: Optional[str], limit: Optional[int] = None) -> int:
     """One CSV row per region of ``records`` (at most ``limit``), streamed: memory stays flat with the
     rows. The scores are those the records hold (``scores`` as JSON text). Returns the rows written."""
-    from regioncap.metrics import reference_texts
+    from regioncap.metrics import region_reference_texts
+    from regioncap.record_types import Record, Region, RequestSpec
     from regioncap.records import read_jsonl
 
     tmp = out.with_name(out.name + ".tmp")
@@ -321,18 +322,21 @@ def write_regions(records: Path, out: Path, *, references_key: Optional[str], li
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(REGION_COLUMNS)
-        for rec in read_jsonl(records):
-            image_of = {rid: spec.get("image") for spec in rec.get("requests") or []
-                        for rid in spec.get("region_ids") or []}
-            for reg in rec.get("regions") or []:
+        for raw in read_jsonl(records):
+            rec = Record.from_dict(raw)
+            image_of = {rid: spec.image for spec in rec.requests or [] if isinstance(spec, RequestSpec)
+                        for rid in spec.region_ids or []}
+            for reg in rec.iter_regions():
                 if limit is not None and n >= limit:
                     break
-                refs = reference_texts(rec, reg, references_key)
+                if not isinstance(reg, Region):
+                    continue  # a hand-edited file: not a region object
+                refs = region_reference_texts(rec, reg, references_key)
                 writer.writerow([_cell(v) for v in (
-                    rec.get("id"), reg.get("id"), reg.get("number"), reg.get("chunk"), rec.get("status"),
-                    image_of.get(reg.get("id")), reg.get("bbox"), reg.get("input_bbox"), reg.get("caption"),
-                    " | ".join(refs) or None, bool(reg.get("missing")), reg.get("reason"),
-                    ", ".join(map(str, reg.get("flags") or [])) or None, reg.get("scores"))])
+                    rec.id, reg.id, reg.number, reg.chunk, rec.status,
+                    image_of.get(reg.id), reg.bbox, reg.input_bbox, reg.caption,
+                    " | ".join(refs) or None, bool(reg.missing), reg.reason,
+                    ", ".join(map(str, reg.flags or [])) or None, reg.scores)])
                 n += 1
             if limit is not None and n >= limit:
                 break

@@ -215,6 +215,17 @@ def error_response(key: str, kind: str, message: str, **kw: Any) -> Response:
     return make_response(key, error={"kind": kind, "message": message}, **kw)
 
 
+#: Error kinds of a failed request that the same request meets again: the request itself is what
+#: is wrong (a prompt over the model's context, a request the engine refuses), not the engine.
+REQUEST_FAULT_KINDS = frozenset({"too_long", "invalid_request"})
+
+
+def retryable_answer(kind: Optional[str]) -> bool:
+    """Whether a request that failed with error ``kind`` may pass another time (``error.retryable``
+    of its row): an engine or server failure, a timeout, a file read; not a fault of the request."""
+    return kind not in REQUEST_FAULT_KINDS
+
+
 class EngineInfo(dict):
     """What ``Engine.describe()`` returns: a plain dict (for the manifest) that
     prints as one readable line: ``openai base_url=... model=... concurrency=8``."""

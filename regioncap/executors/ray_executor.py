@@ -19,8 +19,8 @@ seconds before the first batch, for a pipeline of one map step
 (docs/scaling.md has the figures).
 
 Resume works as in the local stage (``resume=true``: rows already in
-``captions.jsonl`` are not sent again; ``retry_errors=true`` redoes caption
-error rows). A stop signal stops the driver after its current commit; batches
+``captions.jsonl`` are not sent again; ``retry_errors=true`` redoes the
+error rows whose ``error.retryable`` is true). A stop signal stops the driver after its current commit; batches
 still in flight on the cluster are dropped and redone by a resume.
 
 Every actor reads ``visualize.jsonl``, the marked images and the model folder
@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional
 
 from regioncap.errors import RunError
+from regioncap.record_types import RECORD
 from regioncap.rundir import resume_args
 from regioncap.executors import CaptionJob, Executor
 from regioncap.signals import stop_requested
@@ -129,11 +130,12 @@ def _scan(path: Path) -> Iterator[Dict[str, Any]]:
             except ValueError as exc:
                 raise RunError(f"{path}: line {n} is not JSON ({exc}); run the visualize stage again "
                                f"into a new hydra.run.dir") from None
-            index = rec.get("index")
+            index = rec.get(RECORD.index)
             if not isinstance(index, int):
                 raise RunError(f"{path}: line {n} has no integer 'index'; it was not written by regioncap")
-            yield {"index": index, "id": rec.get("id"), "digest": rec.get("digest"), "offset": start,
-                   "length": len(raw)}
+            # The row's identity under the record's own keys, and where its line is.
+            yield {RECORD.index: index, RECORD.id: rec.get(RECORD.id), RECORD.digest: rec.get(RECORD.digest),
+                   "offset": start, "length": len(raw)}
 
 
 @contextmanager
@@ -338,7 +340,7 @@ class RayExecutor(Executor):
 
 
 def _identity(item: Dict[str, Any]) -> Any:
-    return item["index"], item["id"], item["digest"]
+    return item[RECORD.index], item[RECORD.id], item[RECORD.digest]
 
 
 #: Batches queued on each replica at once: the next one is there when its current one ends,
@@ -348,7 +350,7 @@ AHEAD = 2
 
 def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
     """The records of ``items`` (rows of ``visualize.jsonl``) captioned on the cluster, in order, in batches."""
-    todo = [(r["index"], r["offset"], r["length"]) for r in items]
+    todo = [(r[RECORD.index], r["offset"], r["length"]) for r in items]
     if not todo:
         return
     cfg, ex, stats = job.cfg, job.cfg.executor, job.stats
@@ -393,9 +395,9 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
                         job.engine_info.update(result["engine"])
                     for rec in records:
                         want = next(expected, None)
-                        if want is None or rec.get("index") != want[0]:
+                        if want is None or rec.get(RECORD.index) != want[0]:
                             raise RunError(
-                                f"executor=ray: row {rec.get('index')} came back where row "
+                                f"executor=ray: row {rec.get(RECORD.index)} came back where row "
                                 f"{None if want is None else want[0]} was due; the batches before "
                                 f"it are committed in {path}: {resume_args(job.rundir.path)} "
                                 f"goes on from there")
