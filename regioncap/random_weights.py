@@ -105,23 +105,10 @@ def padded_tokenizer(folder: Path, **tokenizer: Any) -> None:
     tiny.write_tokenizer(folder, **tokenizer)
     tok_path = folder / "tokenizer.json"
     data = json.loads(tok_path.read_text(encoding="utf-8"))
-    vocab: Dict[str, int] = data["model"]["vocab"]
     first_added = min(t["id"] for t in data["added_tokens"])
-    alphabet = sorted({c for tok in vocab for c in tok if len(tok) == 1})
-    need = QWEN_FIRST_SPECIAL_ID - first_added
-    # Two- then three-character strings of the byte alphabet that are not trained tokens.
-    next_id = first_added
-    for a in alphabet:
-        for b in alphabet:
-            for c in [""] + alphabet:
-                if next_id >= QWEN_FIRST_SPECIAL_ID:
-                    break
-                s = a + b + c
-                if s not in vocab:
-                    vocab[s] = next_id
-                    next_id += 1
-    if next_id != QWEN_FIRST_SPECIAL_ID:  # pragma: no cover - the alphabet is 256 characters
-        raise RuntimeError(f"could not pad the tokenizer to {QWEN_FIRST_SPECIAL_ID} ({need} fillers)")
+    tiny.fill_vocab(data["model"]["vocab"], QWEN_FIRST_SPECIAL_ID)
+    if len(data["model"]["vocab"]) != QWEN_FIRST_SPECIAL_ID:  # pragma: no cover - the alphabet is 256 characters
+        raise RuntimeError(f"could not pad the tokenizer to {QWEN_FIRST_SPECIAL_ID} tokens")
     shift = QWEN_FIRST_SPECIAL_ID - first_added
     for t in data["added_tokens"]:
         t["id"] += shift

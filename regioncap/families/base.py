@@ -90,9 +90,6 @@ class Family(Component):
     #: The token the chat template writes where the image goes (the processor expands it,
     #: :meth:`expand_images`).
     image_placeholder: ClassVar[str] = "<|image_pad|>"
-    #: Whether the model reads marks drawn on the image (False: a family whose prompt names
-    #: the region itself, such as Florence-2's region task).
-    marks: ClassVar[bool] = True
     #: What to know when vLLM cannot load a model of this family (added to its load error); None: nothing.
     vllm_hint: ClassVar[Optional[str]] = None
 
