@@ -13,7 +13,7 @@ Qwen2.5-VL     14 px patches merged 2x2: 28 px  ``{"bbox_2d": [x1, y1, x2, y2]}`
 Qwen3-VL       16 px patches merged 2x2: 32 px  ``{"bbox_2d": [x1, y1, x2, y2]}`` on a 0-1000 grid
 =============  ==============================  =============================================================
 
-The standard library and OmegaConf at import; Pillow (:mod:`regioncap.images`) when an
+The standard library at import; Pillow (:mod:`regioncap.images`) when an
 image is sized, transformers, torch and tokenizers only inside the builders.
 """
 
