@@ -328,6 +328,16 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: Longest text (caption, id, error message, reference) the end-of-run summary shows of a record:
+#: a model that runs on to its token limit would otherwise put a whole page in the log.
+SAMPLE_CHARS = 200
+
+
+def cut_text(text: str, n: int) -> str:
+    """``text`` cut to at most ``n`` characters, the last one an ellipsis when it was cut."""
+    return text if len(text) <= n else text[: n - 1] + "\u2026"
+
+
 def caption_samples(path: Path, *, rows: int = 4, regions: int = 6,
                     reference: Optional[Callable[[Dict[str, Any], Dict[str, Any]], List[str]]] = None) -> str:
     """The captions of the first ``rows`` records of a records file, one region per line, for the
@@ -338,19 +348,23 @@ def caption_samples(path: Path, *, rows: int = 4, regions: int = 6,
     """
     import itertools
 
+    def cut(value: Any) -> str:
+        return cut_text(str(value), SAMPLE_CHARS)
+
     lines: List[str] = []
     shown = 0
     for rec in itertools.islice(read_jsonl(path), rows):
         shown += 1
-        label = str(rec.get("id"))
+        label = cut(rec.get("id"))
         if rec.get("error"):
-            lines.append(f"  {label}: error ({rec['error'].get('kind')}): {rec['error'].get('message')}")
+            lines.append(f"  {label}: error ({cut(rec['error'].get('kind'))}): {cut(rec['error'].get('message'))}")
             continue
         for reg in (rec.get("regions") or [])[:regions]:
             text = reg.get("caption")
-            quoted = json.dumps(text, ensure_ascii=False) if text is not None else f"<missing: {reg.get('missing')}>"
+            quoted = (json.dumps(cut(text), ensure_ascii=False) if text is not None
+                      else f"<missing: {reg.get('reason') or reg.get('missing')}>")
             refs = reference(rec, reg) if reference else []
-            lines.append(f"  {label} [{reg.get('id')}] {quoted}" + (f"  (reference: {refs[0]})" if refs else ""))
+            lines.append(f"  {label} [{reg.get('id')}] {quoted}" + (f"  (reference: {cut(refs[0])})" if refs else ""))
         more = len(rec.get("regions") or []) - regions
         if more > 0:
             lines.append(f"  {label} ... {more} more region(s)")
