@@ -328,6 +328,18 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def image_key(rec: Dict[str, Any]) -> int:
+    """An 8-byte hash naming the image of a record: its path, or the row itself for an in-memory
+    image or a row without one. Distinct keys count distinct images (``images`` in metrics.json;
+    collisions: ~n^2 / 2^65)."""
+    import hashlib
+
+    path = rec.get("image_path") or rec.get("image")
+    key = f"path:{path}" if isinstance(path, str) and path != "<in-memory image>" else \
+        f"row:{rec.get('index', rec.get('id'))}"
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "replace"), digest_size=8).digest(), "little")
+
+
 #: Longest text (caption, id, error message, reference) the end-of-run summary shows of a record:
 #: a model that runs on to its token limit would otherwise put a whole page in the log.
 SAMPLE_CHARS = 200
