@@ -1019,7 +1019,9 @@ class _Accumulator:
         c = self.c
         c["rows"] += 1
         c[f"status_{rec.get('status')}"] += 1
-        self.image_hashes.append(self._image_hash(rec))
+        key = self._image_hash(rec)
+        if key is not None:  # a row that gave no image (an invalid line...) is no image
+            self.image_hashes.append(key)
         regions = rec.get("regions") or []
         requests = rec.get("requests") or []
         c["regions"] += len(regions)
@@ -1039,7 +1041,7 @@ class _Accumulator:
         self._requests(requests, warmup=bool((rec.get("timing") or {}).get("first_batch")))
         self._regions(rec, regions, requests)
 
-    def _image_hash(self, rec: Dict[str, Any]) -> int:
+    def _image_hash(self, rec: Dict[str, Any]) -> Optional[int]:
         # 8-byte hashes keep the distinct-image count small in memory.
         from regioncap.records import image_key
 

@@ -149,7 +149,8 @@ def _specs() -> Iterator[Metric]:
     yield m("boxes_dropped_by_reason", "boxes dropped by reason", "counts", "lower", "sum",
             "dropped boxes by reason", kind="counts")
     yield m("boxes_clipped", "boxes clipped", "count", None, "sum", "boxes clipped to the image")
-    yield m("images", "images", "count", None, "sum", "distinct images")
+    yield m("images", "images", "count", None, "sum",
+            "distinct images (a row that gave none, such as a line that is not JSON, counts none)")
     yield m("chunks", "chunks", "count", None, "sum", "marked images sent (a row with more boxes than "
             "max_boxes is split into chunks)")
     yield m("requests", "requests", "count", None, "sum", "requests sent to the engine (first asks)")

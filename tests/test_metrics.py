@@ -512,3 +512,10 @@ def test_merged_stage_counts_are_summed_only_when_every_shard_has_them():
     assert (both["rows"], both["regions"], both["images"]) == (4, 7, 3) and "regions_captioned" not in both
     one_old = _sum_stages([shard(regions=3, images=1), shard()])["visualize"]
     assert "regions" not in one_old and "images" not in one_old
+
+
+def test_a_row_without_an_image_is_no_image():
+    # Invalid lines and rows without an image field once counted as distinct images.
+    recs = [record(i, [], [], status="error", image="<no image>", image_path=None) for i in range(3)]
+    recs.append(record(3, [region(1, "a cat")], [request([1])]))
+    assert compute_metrics(recs, {})["images"] == 1

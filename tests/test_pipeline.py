@@ -156,6 +156,11 @@ def test_bad_input_rows_become_error_rows_and_nothing_is_lost(tmp_path):
     assert by_index[15]["clipped_boxes"][0]["reason"] == "clipped"
     assert by_index[15]["regions"][0]["bbox"] == [300.0, 200.0, 320.0, 240.0]
     assert metrics["rows"] == len(rows) and metrics["error_rows"] == 12
+    # A row that gave no image says so (it once read "<in-memory image>") and is no image in the count:
+    # the distinct files named, missing and broken ones included.
+    assert {i: by_index[i]["image"] for i in (4, 12, 13, 14)} == dict.fromkeys((4, 12, 13, 14), "<no image>")
+    named = {str(tmp_path / r["image"]) for r in rows if isinstance(r, dict) and isinstance(r.get("image"), str)}
+    assert metrics["images"] == len(named)
 
 
 def test_error_rate_above_limit_fails_the_run_after_writing_everything(tmp_path):

@@ -80,7 +80,9 @@ class StageStats:
                 self.errors[(rec.get("error") or {}).get("kind", "unknown")] += 1
             self.regions += len(rec.get("regions") or ())
             self.captioned += sum(1 for r in rec.get("regions") or () if r.get("caption"))
-            self.images.add(image_key(rec))
+            key = image_key(rec)
+            if key is not None:
+                self.images.add(key)
         writer.commit(records)
         self.rows += len(records)
         self._count_steady(records)

@@ -20,6 +20,7 @@ from regioncap import boxes as bx
 from regioncap.errors import RunError
 from regioncap.images import ImageLoadError, load_image, resize_to, save_image, uri_label
 from regioncap.record_types import RECORD_KEYS
+from regioncap.records import IN_MEMORY_IMAGE, NO_IMAGE
 from regioncap.rundir import IMAGES_DIR, resume_args
 from regioncap.signals import stop_requested
 from regioncap.stages import VisualizeStage
@@ -299,7 +300,16 @@ class Visualizer(VisualizeStage):
             (collisions if k in RECORD_KEYS else rec)[k] = v
         if collisions:
             rec["input"] = collisions
-        image = uri_label(row.image) if isinstance(row.image, str) else (row.image_path or "<in-memory image>")
+        if isinstance(row.image, str):
+            image = uri_label(row.image)
+        elif row.image_path:
+            image = row.image_path
+        elif row.image is None or isinstance(row.image, (bool, int, float, list)):
+            # No image at all (an invalid line, no image field, a null or a number in it): never
+            # "<in-memory image>", which says the row held one, and no image in metrics.json's count.
+            image = NO_IMAGE
+        else:
+            image = IN_MEMORY_IMAGE
         rec.update({
             "id": row.row_id, "index": row.index, "image": image, "image_path": row.image_path,
             "type": "with_bbox" if row.bbox else "without_bbox", "bbox": row.bbox,
