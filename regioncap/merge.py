@@ -241,6 +241,9 @@ def merge(out: Path, shards: Sequence[Path], *, stage: str = CaptionStage.name, 
         info: Dict[str, Any] = {"dir": str(shard.absolute()), "rows": 0, "sorted": True,
                                 "num_shards": None, "shard_index": None, "run_key": None}
         summary["shards"].append(info)
+        if not shard.is_dir():
+            problems.append(f"{shard}: no such folder" if not shard.exists() else f"{shard}: not a folder")
+            continue
         if not path.is_file():
             problems.append(f"{shard}: no {name} (did that shard run the {stage} stage?)")
             continue
@@ -285,9 +288,10 @@ def merge(out: Path, shards: Sequence[Path], *, stage: str = CaptionStage.name, 
         for shard, values in keys[1:]:
             for change in key_changes(_key_without_shard(base), _key_without_shard(values)):
                 summary["config_differences"].append(f"{base_dir} vs {shard}: {change}")
-        if len(keys) < len(shards):
+        # Of the shards read: one that could not be read is a problem of its own, already named.
+        if len(keys) < len(read):
             summary["config_differences"].append(
-                f"{len(shards) - len(keys)} shard(s) have no {RUN_KEY_FILE}; their settings are not checked")
+                f"{len(read) - len(keys)} shard(s) have no {RUN_KEY_FILE}; their settings are not checked")
         counts = {v.get("data", {}).get("num_shards", 1) for _, v in keys}
         if len(counts) == 1:
             (num,) = counts

@@ -378,3 +378,19 @@ def test_merge_scores_with_the_shards_meteor_setting(tmp_path):
     got = json.loads((tmp_path / "merged" / "metrics.json").read_text())
     assert expected["references"]["meteor"] is not None, expected["references"].get("meteor_absent")
     assert without(got, PER_PROCESS_METRICS + MERGE_ONLY_METRICS) == without(expected, PER_PROCESS_METRICS)
+
+
+def test_a_shard_dir_that_is_not_there_is_named_as_such(tmp_path):
+    # Found by a merge with a mistyped shard dir: it was "no captions.jsonl (did that shard run the
+    # caption stage?)" and one of "the shards were run with other settings ... add --force", which
+    # --force could not fix.
+    shard = tmp_path / "0"
+    shard.mkdir()
+    (shard / "captions.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "index": i}) + "\n" for i in (0, 2)))
+    (shard / "run_key.json").write_text(json.dumps({"hash": "x", "values": {"data": {"num_shards": 2,
+                                                                                     "shard_index": 0}}}))
+    with pytest.raises(MergeRefused) as exc:
+        merge(tmp_path / "merged", [shard, tmp_path / "1"], expect=4, report=False)
+    message = str(exc.value)
+    assert f"{tmp_path / '1'}: no such folder" in message
+    assert "--force" not in message and "run_key" not in message
