@@ -233,6 +233,22 @@ def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
 _NOT_JSON = {".parquet": "a Parquet file", ".arrow": "an Arrow file", ".csv": "a CSV file", ".tsv": "a TSV file",
              ".pkl": "a serialized Python object", ".xlsx": "a spreadsheet", ".xls": "a spreadsheet"}
 
+#: Compressed and archive files by their first bytes, whatever their name: read as JSON Lines, each
+#: run of bytes between two newline bytes would be one invalid_utf8 error row.
+_COMPRESSED = ((b"\x1f\x8b", "gzip-compressed", "gunzip -k"), (b"BZh", "bzip2-compressed", "bunzip2 -k"),
+               (b"\xfd7zXZ\x00", "xz-compressed", "unxz -k"), (b"\x28\xb5\x2f\xfd", "zstd-compressed", "unzstd"),
+               (b"PK\x03\x04", "a zip archive", "unzip"))
+
+
+def _refuse_compressed(path: Path) -> None:
+    with open(path, "rb") as fh:
+        start = fh.read(8)
+    for magic, what, tool in _COMPRESSED:
+        if start.startswith(magic):
+            raise DataError(f"data file {path} is {what}, not JSON Lines: decompress it first "
+                            f"({tool} {path}) and give the decompressed file as data.path")
+
+
 #: The UTF-8 byte order mark some editors write at the start of a file; not part of the first row.
 _BOM = b"\xef\xbb\xbf"
 
@@ -251,6 +267,7 @@ def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
         raise DataError(f"data file {path} is {other}, not JSON Lines: "
                         + (f"read it with data=hf data.path={path} (the builder follows the extension)"
                            if path.suffix.lower() in _HF_BUILDERS else "convert it to JSON Lines, one row object per line"))
+    _refuse_compressed(path)
     base = path.resolve().parent
     keys = (data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key)
     head = _head(path)
