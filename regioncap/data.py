@@ -165,6 +165,18 @@ def count_rows(data_cfg: Any) -> Optional[int]:
 
     For progress bars only: nothing depends on it being exact.
     """
+    total = rows_of_all_shards(data_cfg)
+    if total is None:
+        return None
+    num_shards, shard_index = int(data_cfg.get("num_shards", 1) or 1), int(data_cfg.get("shard_index", 0) or 0)
+    if num_shards > 1:
+        total = len(range(shard_index, total, num_shards))
+    return total
+
+
+def rows_of_all_shards(data_cfg: Any) -> Optional[int]:
+    """How many rows the shards of ``data_cfg`` hold together (``skip`` and ``limit`` applied: what an
+    unsharded run reads), where that is cheap to know (see :func:`count_rows`); else None."""
     if not data_cfg.path:
         return None
     total = source_class(data_cfg)(data_cfg).count()
@@ -174,9 +186,6 @@ def count_rows(data_cfg: Any) -> Optional[int]:
     total = max(0, total - skip)
     if limit is not None:
         total = min(total, max(0, int(limit)))
-    num_shards, shard_index = int(data_cfg.get("num_shards", 1) or 1), int(data_cfg.get("shard_index", 0) or 0)
-    if num_shards > 1:
-        total = len(range(shard_index, total, num_shards))
     return total
 
 
