@@ -150,6 +150,8 @@ def test_bad_input_rows_become_error_rows_and_nothing_is_lost(tmp_path):
     assert by_index[4]["line"] == 5
     assert [d["reason"] for d in by_index[6]["dropped_boxes"]] == [
         "not_numeric", "wrong_arity", "non_positive_size", "outside_image"]
+    # The row's message carries its first box's detail (it once said only the reasons).
+    assert by_index[6]["error"]["message"].endswith("; " + by_index[6]["dropped_boxes"][0]["detail"])
     assert [d["reason"] for d in by_index[7]["dropped_boxes"]] == ["not_finite"]
     assert by_index[7]["status"] == "ok" and by_index[7]["valid_bboxes_num"] == 1
     assert by_index[8]["status"] == "no_regions" and by_index[8]["type"] == "without_bbox"

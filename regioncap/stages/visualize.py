@@ -128,8 +128,11 @@ class RowRequests:
         if not kept:
             if num_input and proposals is None:
                 reasons = ", ".join(sorted({i.reason for i in dropped}))
+                # The first box's own detail says what was wrong and, for a box format that does not
+                # fit the values (pixels read as fractions...), which one it may be.
+                first = f"; {dropped[0].detail}" if dropped else ""
                 return fail(rec, "no_valid_boxes",
-                            f"{rec['image']}: none of its {num_input} boxes is usable ({reasons})", t0, stage)
+                            f"{rec['image']}: none of its {num_input} boxes is usable ({reasons}){first}", t0, stage)
             rec["status"] = "no_regions"
             rec["timing"] = {f"{stage}_s": round(time.perf_counter() - t0, 4)}
             return rec
