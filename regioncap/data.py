@@ -767,8 +767,10 @@ def _iter_coco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
             extra["crowd_annotation_ids"] = skipped
         refs = [[categories[a.get("category_id")]] if isinstance(categories.get(a.get("category_id")), str) else []
                 for a in anns]
-        yield _image_row(str(image_id), img.get("file_name"), folder, where, [a.get("bbox") for a in anns],
-                         extra, refs_key, refs)
+        # One box per annotation: a bbox that is not a list (null, a string) goes in as {"bbox": value}, or
+        # a list of only such values reads as one bare box ([None, None]: "1 box of 2 values").
+        boxes = [a.get("bbox") if isinstance(a.get("bbox"), (list, dict)) else {"bbox": a.get("bbox")} for a in anns]
+        yield _image_row(str(image_id), img.get("file_name"), folder, where, boxes, extra, refs_key, refs)
     for image_id, anns in by_image.items():  # annotations of images the file does not list
         ids = [a.get("id") for a in anns]
         bad.append(_error_row(f"unknown-image-{image_id}", "unknown_image_id",
