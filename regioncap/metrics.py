@@ -27,7 +27,6 @@ METEOR where Java is on PATH), so the figures compare with published ones.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -1043,7 +1042,7 @@ class _Accumulator:
 
     def _image_hash(self, rec: Dict[str, Any]) -> Optional[int]:
         # 8-byte hashes keep the distinct-image count small in memory.
-        from regioncap.records import image_key
+        from regioncap.record_types import image_key
 
         return image_key(rec)
 

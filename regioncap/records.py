@@ -328,27 +328,6 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-#: A record's ``image`` when its row gave an image object (bytes, a decoded image) rather than a path.
-IN_MEMORY_IMAGE = "<in-memory image>"
-#: A record's ``image`` when its row gave no image at all: a line that is not a JSON object, a row
-#: without the image field, a null or a number in it.
-NO_IMAGE = "<no image>"
-
-
-def image_key(rec: Dict[str, Any]) -> Optional[int]:
-    """An 8-byte hash naming the image of a record: its path, or the row itself for an in-memory
-    image; None for a row without an image (:data:`NO_IMAGE`). Distinct keys count distinct images
-    (``images`` in metrics.json; collisions: ~n^2 / 2^65)."""
-    import hashlib
-
-    path = rec.get("image_path") or rec.get("image")
-    if path == NO_IMAGE or path is None:
-        return None
-    key = f"path:{path}" if isinstance(path, str) and path != IN_MEMORY_IMAGE else \
-        f"row:{rec.get('index', rec.get('id'))}"
-    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "replace"), digest_size=8).digest(), "little")
-
-
 #: Longest text (caption, id, error message, reference) the end-of-run summary shows of a record:
 #: a model that runs on to its token limit would otherwise put a whole page in the log.
 SAMPLE_CHARS = 200

@@ -73,7 +73,7 @@ class StageStats:
 
     def commit(self, writer: Any, records: List[Dict[str, Any]]) -> None:
         """Commit ``records`` through ``writer`` and count them, error rows by kind."""
-        from regioncap.records import image_key
+        from regioncap.record_types import image_key
 
         for rec in records:
             if rec.get("status") == "error":

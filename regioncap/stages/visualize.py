@@ -19,8 +19,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 from regioncap import boxes as bx
 from regioncap.errors import RunError
 from regioncap.images import ImageLoadError, load_image, resize_to, save_image, uri_label
-from regioncap.record_types import RECORD_KEYS
-from regioncap.records import IN_MEMORY_IMAGE, NO_IMAGE
+from regioncap.record_types import IN_MEMORY_IMAGE, NO_IMAGE, RECORD_KEYS
 from regioncap.rundir import IMAGES_DIR, resume_args
 from regioncap.signals import stop_requested
 from regioncap.stages import VisualizeStage
