@@ -38,13 +38,16 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequ
 from regioncap.errors import RunError
 
 __all__ = [
-    "TARGET", "GROUPS", "OPTIONAL_GROUPS", "finite_number", "Component", "group_base", "type_groups", "schema_of", "Rule", "check", "whole", "real", "optional", "resolve", "class_of", "short_name",
+    "TARGET", "MISSING", "GROUPS", "OPTIONAL_GROUPS", "finite_number", "Component", "group_base", "type_groups", "schema_of", "Rule", "check", "whole", "real", "optional", "resolve", "class_of", "short_name",
     "node_name", "typed", "range_problems", "missing_modules", "install_hint", "requirement_problem", "shipped_targets",
-    "register_schemas",
+    "register_schemas", "plain", "setting",
 ]
 
 #: The key of a group's node that names its class.
 TARGET = "_target_"
+#: The default of a ``Config`` field an option must set: OmegaConf's missing-value marker (the
+#: literal it compares with), so a component's module declares it without importing OmegaConf.
+MISSING = "???"
 
 #: ``(test, what a value must be)``: a value range of a setting.
 Rule = Tuple[Callable[[Any], bool], str]
@@ -202,7 +205,7 @@ def resolve(target: Any, base: type, key: str) -> type:
 
 def class_of(node: Any, base: type, key: str) -> type:
     """The class a group's ``node`` names with ``_target_`` (see :func:`resolve`); ``key`` is the group (``engine``)."""
-    target = node.get(TARGET) if node is not None and hasattr(node, "get") else None
+    target = setting(node, TARGET)
     if target is None:
         raise RunError(f"{key}.{TARGET} is not set: the option must name its class "
                        f"({key}.{TARGET}=package.module.Class, see docs/plugins.md)")
@@ -218,11 +221,11 @@ def node_name(node: Any) -> Optional[str]:
     """The short name of the class a group's ``node`` (a config node or the plain dict a run
     recorded) names; a ``_target_`` that does not import here: its class name in lower case;
     no ``_target_`` (a run recorded before there was one): the node's ``name``."""
-    if node is None or not hasattr(node, "get"):
+    if node is None or isinstance(node, (str, int, float, bool)):
         return None
-    target = node.get(TARGET)
+    target = setting(node, TARGET)
     if not target:
-        return node.get("name")
+        return setting(node, "name")
     try:
         return short_name(resolve(target, Component, TARGET))
     except RunError:
@@ -253,6 +256,41 @@ def typed(node: Any, cls: type, key: str) -> Any:
             what = f"not a setting of {cls.__module__}.{cls.__qualname__}"
         raise RunError(f"{field_key}: {what}") from None
     return merged
+
+
+def setting(node: Any, key: str, default: Any = None) -> Any:
+    """``node``'s ``key``, else ``default``: for code that reads a typed ``Config`` and a recorded
+    config (a plain dict read back from a run's files) alike; typed code reads attributes."""
+    if node is None:
+        return default
+    if isinstance(node, dict) or (hasattr(node, "get") and hasattr(node, "keys")):
+        return node.get(key, default)
+    return getattr(node, key, default)
+
+
+def plain(value: Any) -> Any:
+    """``value`` as plain data: a ``Config`` dataclass (the typed run config, any of its sections) as a
+    dict in field order, an Enum as its name, a mapping as a dict, a list or tuple as a list.
+
+    The one conversion below the job: what :func:`OmegaConf.to_container` (``enum_to_str``) gives for
+    the same config, so a run key, a manifest or a config shipped to another process is the same
+    whichever form the config had. Any mapping or sequence works (a config node too: reading it
+    resolves it).
+    """
+    from enum import Enum
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, (str, bytes)):
+        return value
+    if hasattr(value, "items") and hasattr(value, "keys"):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) or (hasattr(value, "__iter__") and hasattr(value, "__getitem__")
+                                             and hasattr(value, "__len__")):
+        return [plain(v) for v in value]
+    return value
 
 
 # ------------------------------------------------------------------ requirements

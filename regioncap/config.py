@@ -12,8 +12,9 @@ must stay cheap.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import MISSING
 
@@ -146,7 +147,8 @@ class RegionCapConfig:
     resume: bool = False
     #: Resume even though the settings that decide the answers changed (``run_key.json``).
     resume_force: bool = False
-    #: With ``resume``: redo the caption stage's error rows (engine errors, timeouts...).
+    #: With ``resume``: redo the error rows that may pass another time (``error.retryable``: engine
+    #: errors, timeouts, failed reads...).
     retry_errors: bool = False
     #: Visualize rows written per commit (write + fsync); a crash loses at most these.
     commit_every: int = field(default=32, metadata=check(whole(1)))
@@ -163,6 +165,21 @@ class RegionCapConfig:
     overlap: bool = True
     #: Print the composed config as a tree (rich; secrets masked) when the job starts.
     print_config: bool = False
+
+
+def config_to_dict(cfg: Any) -> Tuple[Dict[str, Any], bool]:
+    """The config (a ``DictConfig``, a typed :class:`RegionCapConfig` or a dict) as plain data, resolved
+    when possible; the flag says whether it is resolved (Hydra's own files, the secrets masked in them)."""
+    from omegaconf import OmegaConf
+
+    from regioncap.components import plain
+
+    if not OmegaConf.is_config(cfg):
+        return json.loads(json.dumps(plain(cfg), default=str)), True
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), True
+    except Exception:  # an interpolation that cannot resolve here (${hydra:...} outside a job)
+        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True), False
 
 
 def show_value(value: Any) -> str:

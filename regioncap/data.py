@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Tuple, Type
 
 from regioncap.boxes import BboxFormat
-from regioncap.components import TARGET, Component, class_of, short_name
+from regioncap.components import TARGET, Component, class_of, setting, short_name
 from regioncap.errors import RunError
 from regioncap.images import ImageLoadError, file_uri_path, image_uri
 
@@ -127,7 +127,7 @@ def resolve_path(path: str) -> Path:
     return Path(os.path.expanduser(path))
 
 
-def check_data_config(data_cfg: Any) -> Tuple[int, int]:
+def check_data_config(data_cfg: DataSource.Config) -> Tuple[int, int]:
     """Refuse a row window or shard split that cannot be meant, before anything is read or written.
 
     :class:`DataError` when ``data.skip`` is not a whole number >= 0, ``data.limit``
@@ -152,13 +152,13 @@ def check_data_config(data_cfg: Any) -> Tuple[int, int]:
     return num_shards, shard_index
 
 
-def check_shards(data_cfg: Any) -> Tuple[int, int]:
+def check_shards(data_cfg: DataSource.Config) -> Tuple[int, int]:
     """``(num_shards, shard_index)`` of ``data_cfg``: :func:`check_data_config`, which also
     checks ``data.skip`` and ``data.limit``, under the name existing callers use."""
     return check_data_config(data_cfg)
 
 
-def count_rows(data_cfg: Any) -> Optional[int]:
+def count_rows(data_cfg: DataSource.Config) -> Optional[int]:
     """How many rows :func:`iter_rows` will yield, where that is cheap to know (the source's
     :meth:`DataSource.count`: a JSONL file, one pass counting non-blank lines; a JSON array file,
     its elements; a ``datasets`` source is not opened for it); else None.
@@ -168,13 +168,13 @@ def count_rows(data_cfg: Any) -> Optional[int]:
     total = rows_of_all_shards(data_cfg)
     if total is None:
         return None
-    num_shards, shard_index = int(data_cfg.get("num_shards", 1) or 1), int(data_cfg.get("shard_index", 0) or 0)
+    num_shards, shard_index = check_data_config(data_cfg)
     if num_shards > 1:
         total = len(range(shard_index, total, num_shards))
     return total
 
 
-def rows_of_all_shards(data_cfg: Any) -> Optional[int]:
+def rows_of_all_shards(data_cfg: DataSource.Config) -> Optional[int]:
     """How many rows the shards of ``data_cfg`` hold together (``skip`` and ``limit`` applied: what an
     unsharded run reads), where that is cheap to know (see :func:`count_rows`); else None."""
     if not data_cfg.path:
@@ -208,7 +208,7 @@ def json_array_length(path: Path) -> Optional[int]:
     return None if elements is None else len(elements)
 
 
-def iter_rows(data_cfg: Any) -> Iterator[InputRow]:
+def iter_rows(data_cfg: DataSource.Config) -> Iterator[InputRow]:
     """Yield the rows selected by ``data_cfg``: ``skip``/``limit`` applied, then this shard's share.
 
     Shard ``k`` of ``n`` keeps the rows whose index (position after ``skip``)
@@ -266,7 +266,7 @@ def _strip_bom(data: bytes) -> bytes:
     return data[len(_BOM):] if data.startswith(_BOM) else data
 
 
-def _iter_jsonl(path: Path, data_cfg: Any) -> Iterator[InputRow]:
+def _iter_jsonl(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
     if not path.is_file():
@@ -534,7 +534,7 @@ def _fill(row: InputRow, obj: Dict[str, Any], image_key: str, bbox_key: str,
 _HF_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
 
-def _iter_hf(data_cfg: Any) -> Iterator[InputRow]:
+def _iter_hf(data_cfg: DataSource.Config) -> Iterator[InputRow]:
     import datasets
 
     path = str(data_cfg.path)
@@ -668,7 +668,7 @@ def _load_json(path: Path, what: str) -> Any:
         raise DataError(f"{what} file {path} is not readable JSON: {exc}") from exc
 
 
-def images_dir(data_cfg: Any, path: Path) -> Path:
+def images_dir(data_cfg: DataSource.Config, path: Path) -> Path:
     """Folder the image file names of an annotation file resolve against: ``data.images_dir``
     (relative to the annotation file's folder), else that folder itself."""
     base = path.resolve().parent
@@ -707,7 +707,7 @@ def _image_row(row_id: str, image_file: Any, folder: Path, where: str, boxes: Li
                     id_from_data=True)
 
 
-def _iter_coco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
+def _iter_coco(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
     """COCO instances JSON: one row per entry of ``images`` with all its annotations' boxes."""
     doc = _load_json(path, "COCO instances")
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) \
@@ -779,7 +779,7 @@ def _iter_coco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
     yield from bad
 
 
-def _iter_vg(path: Path, data_cfg: Any) -> Iterator[InputRow]:
+def _iter_vg(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
     """Visual Genome region descriptions: one row per image, one box per region, its phrase the reference."""
     doc = _load_json(path, "Visual Genome region descriptions")
     if not isinstance(doc, list):
@@ -876,7 +876,7 @@ class _BadLine:
     row_id: Optional[str] = None
 
 
-def _iter_refcoco(path: Path, data_cfg: Any) -> Iterator[InputRow]:
+def _iter_refcoco(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
     """RefCOCO/RefCOCO+/RefCOCOg refs as JSON: refs grouped by image, one box per ref, its
     referring expressions the references (see docs/formats.md for the layout)."""
     refs, files = _read_refs(path)
@@ -997,8 +997,8 @@ class DataSource(Component):
     #: (``run_key.json``) when set other than their default.
     key_fields: ClassVar[Tuple[str, ...]] = ()
 
-    def __init__(self, cfg: Any) -> None:
-        #: The ``data`` section (a config node, or anything with its fields as attributes).
+    def __init__(self, cfg: DataSource.Config) -> None:
+        #: The ``data`` section: this class's ``Config`` (or anything with its fields as attributes).
         self.cfg = cfg
 
     def read(self) -> Iterator[InputRow]:
@@ -1120,6 +1120,6 @@ def source_class(data_cfg: Any) -> Type[DataSource]:
 def source_name(data_cfg: Any) -> str:
     """The short name of the section's source (``jsonl``, ``coco``...): the manifest's ``data.source``
     and the run key's; for a section recorded before sources were classes, its ``source``."""
-    if hasattr(data_cfg, "get") and data_cfg.get(TARGET) is None and data_cfg.get("source"):
-        return str(data_cfg.get("source"))
+    if setting(data_cfg, TARGET) is None and setting(data_cfg, "source"):
+        return str(setting(data_cfg, "source"))
     return short_name(source_class(data_cfg))

@@ -69,11 +69,15 @@ class DrawStyle:
 
     @classmethod
     def from_config(cls, section: Any) -> "DrawStyle":
-        """The style of a ``draw`` config section (its keys that are fields here; values typed once)."""
+        """The style of a ``draw`` section: the typed :class:`~regioncap.config.DrawConfig`, or the plain
+        dict a run recorded (its keys that are fields here; values typed once)."""
+        from regioncap.components import plain
+
         types = {"line_width": float, "label_size": float, "dim": float, "min_line_px": int,
                  "min_label_px": int, "jpeg_quality": int, "label_format": str, "image_format": str}
-        return cls(**{f: (list(section[f]) if f == "palette" else types[f](section[f]))
-                      for f in DRAW_STYLE_FIELDS if f in section})
+        values = plain(section)
+        return cls(**{f: (list(values[f]) if f == "palette" else types[f](values[f]))
+                      for f in DRAW_STYLE_FIELDS if f in values})
 
     def __post_init__(self) -> None:
         # Accept any sequence (an OmegaConf ListConfig too) and fail here, with

@@ -17,12 +17,11 @@ from typing import Any, Dict, List, Optional, Tuple
 from hydra.errors import CompactHydraException
 
 from regioncap.loggers import RunLogger, build_logger
-from regioncap.manifest import (
-    config_to_dict, mask_hydra_dir, redact, redact_override, try_write_manifest,
-)
+from regioncap.config import RegionCapConfig, config_to_dict
+from regioncap.settings import typed_config
+from regioncap.manifest import mask_hydra_dir, redact, redact_override, try_write_manifest
 from regioncap.errors import RunError
 from regioncap.run import RegionCapRun, build_run
-from regioncap.settings import check_config
 from regioncap.rundir import STAGE_FILES, RunDir, regioncap_command, resume_args, shell_word
 from regioncap.signals import Interrupted, stop_on_signals
 from regioncap.stages import CaptionStage, VisualizeStage
@@ -97,8 +96,12 @@ def execute(cfg: Any) -> Dict[str, Any]:
     tracking run open for the next job of a sweep.
     """
     job_start(cfg)
-    check_config(cfg)  # the components' classes, keys, types and value ranges: before the run dir is touched
-    run_dir = Path(cfg.output_dir)
+    # The one boundary: the components' classes, keys, types and value ranges checked before the run
+    # dir is touched, and the config turned into typed objects. Below the job, nothing reads a
+    # DictConfig; ``cfg`` stays only for what Hydra owns (its files, the secrets masked in them, the
+    # tracker's view of the composed config).
+    typed = typed_config(cfg)
+    run_dir = Path(typed.output_dir)
     started = time.time()
     built: Dict[str, Any] = {}  # model_path and engine_info, for the manifest
     error: Optional[str] = None
@@ -107,24 +110,24 @@ def execute(cfg: Any) -> Dict[str, Any]:
     # a refused run (another process writes it, or it holds another run's results) leaves it as it was.
     rundir = RunDir(run_dir)
     try:
-        rundir.check_start(cfg)
+        rundir.check_start(typed)
     except RunError:
         from regioncap.callbacks import restore_hydra_files
 
         restore_hydra_files(run_dir)
         raise
     _write_own_hydra_files(cfg)
-    tracker = _build_tracker(cfg)
+    tracker = build_logger(typed.logger)
     tracker.sweep_dir = _sweep_dir()
     name, group = tracking_name(cfg, run_dir), tracking_group(cfg)
     tracker.start(config=config_dict(cfg), run_dir=run_dir, name=name, group=group,
-                  job_type=CaptionStage.name if CaptionStage.name in cfg.stages else VisualizeStage.name)
+                  job_type=CaptionStage.name if CaptionStage.name in typed.stages else VisualizeStage.name)
     exit_code = 1
     try:
         with stop_on_signals():
-            run, metrics = _run_stages(cfg, built, rundir, tracker)
+            run, metrics = _run_stages(typed, built, rundir, tracker)
         tracker.log_run(metrics=metrics, run_dir=run.out)
-        _check(cfg, run, metrics)
+        _check(typed, run, metrics)
         exit_code = 0
         return metrics
     except BaseException as exc:
@@ -132,7 +135,7 @@ def execute(cfg: Any) -> Dict[str, Any]:
         raise
     finally:
         # Every job leaves its manifest, a failed one too; writing it never raises.
-        try_write_manifest(cfg, run_dir=run_dir, started=started, ended=time.time(),
+        try_write_manifest(typed, run_dir=run_dir, started=started, ended=time.time(),
                            status="ok" if exit_code == 0 else "failed", error=error, **hydra_context(), **built)
         _try_write_report(run_dir)
         tracker.finish(exit_code)
@@ -246,7 +249,7 @@ def _try_write_report(run_dir: Path) -> None:
         log.warning("could not write the report for %s: %s: %s", run_dir, type(exc).__name__, exc)
 
 
-def _run_stages(cfg: Any, built: Dict[str, Any], rundir: RunDir, tracker: RunLogger
+def _run_stages(cfg: RegionCapConfig, built: Dict[str, Any], rundir: RunDir, tracker: RunLogger
                 ) -> Tuple[RegionCapRun, Dict[str, Any]]:
     def progress(stats: Any, batch: Any) -> None:
         tracker.log_progress(stats.name, stats.rows, stats.regions, sum(stats.errors.values()), stats.seconds)
@@ -270,7 +273,7 @@ def _run_stages(cfg: Any, built: Dict[str, Any], rundir: RunDir, tracker: RunLog
 
 def _samples(run: RegionCapRun) -> str:
     """A few captions of the run, with their references where the data has them."""
-    from regioncap.metrics import reference_texts
+    from regioncap.metrics import region_reference_texts
     from regioncap.records import caption_samples
 
     path = run.rundir.captions_file
@@ -278,7 +281,7 @@ def _samples(run: RegionCapRun) -> str:
         return ""
     key = run.cfg.data.references_key
     try:
-        return caption_samples(path, reference=lambda rec, reg: reference_texts(rec, reg, key))
+        return caption_samples(path, reference=lambda rec, reg: region_reference_texts(rec, reg, key))
     except Exception as exc:  # noqa: BLE001 - a courtesy print, never a reason to fail the run
         log.debug("no caption samples: %s", exc)
         return ""
@@ -297,7 +300,7 @@ def resume_hint(cfg: Any) -> str:
             + (f" (from {cwd})" if cwd else "") + ":\n  " + " ".join(cmd))
 
 
-def _check(cfg: Any, run: RegionCapRun, metrics: Dict[str, Any]) -> None:
+def _check(cfg: RegionCapConfig, run: RegionCapRun, metrics: Dict[str, Any]) -> None:
     """Raise :class:`RunError` when the run as a whole failed."""
     if metrics["rows"] == 0:
         from regioncap.data import check_shards, rows_of_all_shards
@@ -317,10 +320,6 @@ def _check(cfg: Any, run: RegionCapRun, metrics: Dict[str, Any]) -> None:
             f"max_error_rate {cfg.max_error_rate:.1%}); see the 'error' field in "
             f"{run.rundir.captions_file} (raise max_error_rate to accept this)"
         )
-
-
-def _build_tracker(cfg: Any) -> RunLogger:
-    return build_logger(cfg.get("logger"))
 
 
 # ------------------------------------------------------- what Hydra says of the job

@@ -69,7 +69,7 @@ class RunLogger(Component):
     #: local runs may keep the sweep's together there, so one command handles them all. None in a single run.
     sweep_dir: Optional[Path] = None
 
-    def __init__(self, cfg: Any = None) -> None:
+    def __init__(self, cfg: Optional[RunLogger.Config] = None) -> None:
         self.cfg = cfg
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
@@ -94,7 +94,7 @@ class NoneLogger(RunLogger):
     name = "none"
 
 
-def build_logger(logger_cfg: Any) -> RunLogger:
+def build_logger(logger_cfg: Optional[RunLogger.Config]) -> RunLogger:
     """The logger ``logger_cfg._target_`` names, built with its settings; no node: :class:`NoneLogger`."""
     if logger_cfg is None:
         return NoneLogger()
@@ -180,7 +180,7 @@ class WandbLogger(RunLogger):
     requires = ("wandb",)
     extra = "wandb"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: WandbLogger.Config) -> None:
         self.cfg = cfg
         self._wandb: Any = None
         self._run: Any = None
@@ -224,10 +224,10 @@ class WandbLogger(RunLogger):
         root = Path(self.sweep_dir) if self.sweep_dir is not None else run_dir
         root.mkdir(parents=True, exist_ok=True)
         settings = _settings(wandb, {
-            "init_timeout": float(cfg.init_timeout_s),
+            "init_timeout": cfg.init_timeout_s,
             # Not 0 (wait forever): a network that drops mid-run must not hold the job at
             # finish; what was not uploaded stays on disk for `wandb sync`.
-            "finish_timeout": float(cfg.finish_timeout_s) if cfg.finish_timeout_s else None,
+            "finish_timeout": cfg.finish_timeout_s or None,
             # Quiet also skips wandb's "logged in as" look-up, which otherwise retries an
             # unreachable server for 2 x 5 s on top of init_timeout; regioncap logs the run itself.
             "quiet": True,
@@ -291,8 +291,8 @@ class WandbLogger(RunLogger):
         records_file = records_file_of(metrics, run_dir)
         if records_file is not None and (cfg.log_images > 0 or cfg.log_table):
             samples, table = collect(
-                records_file, run_dir, n_images=max(0, int(cfg.log_images)),
-                table_rows=max(0, int(cfg.table_rows)) if cfg.log_table else 0,
+                records_file, run_dir, n_images=max(0, cfg.log_images),
+                table_rows=max(0, cfg.table_rows) if cfg.log_table else 0,
                 references_key=(self._config.get("data") or {}).get("references_key"),
                 crops=one_region_per_image(self._config.get("prompt")))
             # One key per image: W&B draws a list of images of different sizes wrongly.
@@ -401,10 +401,9 @@ def records_file_of(metrics: Dict[str, Any], run_dir: Path) -> Optional[Path]:
 
 
 def _references(rec: Record, region: Region, references_key: Optional[str]) -> List[str]:
-    from regioncap.metrics import reference_texts
+    from regioncap.metrics import region_reference_texts
 
-    # The metrics' reader takes plain objects: the row's input fields and the region's index are what it reads.
-    return reference_texts({**rec.extras(), "input": rec.input}, {"source_index": region.source_index}, references_key)
+    return region_reference_texts(rec, region, references_key)
 
 
 def _scores(region: Region) -> Dict[str, float]:

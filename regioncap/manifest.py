@@ -32,9 +32,12 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
-from regioncap.components import node_name
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from regioncap.components import node_name, plain
 from regioncap.rundir import CAPTIONS_FILE, MANIFEST_FILE, METRICS_FILE, VISUALIZE_FILE
+
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
 
 #: Bump when a field changes meaning; readers check it.
@@ -264,15 +267,9 @@ def mask_hydra_dir(hydra_dir: Path, secrets: Sequence[str] = ()) -> List[str]:
 
 
 def config_to_dict(cfg: Any) -> Tuple[Dict[str, Any], bool]:
-    """The config as plain data, resolved when possible; the flag says whether it is resolved."""
-    from omegaconf import OmegaConf
-
-    if not OmegaConf.is_config(cfg):
-        return json.loads(json.dumps(cfg, default=str)), True
-    try:
-        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), True
-    except Exception:  # an interpolation that cannot resolve here (${hydra:...} outside a job)
-        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True), False
+    """The run's config (the typed :class:`~regioncap.config.RegionCapConfig`, or a mapping such as
+    a recorded config) as JSON-ready plain data; the flag is always true (a typed config is resolved)."""
+    return json.loads(json.dumps(plain(cfg), default=str)), True
 
 
 def git_info(path: Optional[Path] = None) -> Optional[Dict[str, Any]]:
@@ -674,14 +671,14 @@ def output_files(run_dir: Path, names: Sequence[str] = (VISUALIZE_FILE, CAPTIONS
 
 
 # --------------------------------------------------------------------- public
-def build_manifest(cfg: Any, *, run_dir: str | Path, choices: Optional[Mapping[str, Any]] = None,
+def build_manifest(cfg: Union[RegionCapConfig, Mapping[str, Any]], *, run_dir: str | Path, choices: Optional[Mapping[str, Any]] = None,
                    overrides: Optional[Sequence[str]] = None, started: float, ended: Optional[float] = None,
                    model_path: Optional[str] = None, engine_info: Optional[Mapping[str, Any]] = None,
                    status: Optional[str] = None, error: Optional[str] = None,
                    cwd: Optional[str] = None, threads: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
     """Everything needed to tell what a run was and to run it again, as JSON-ready data.
 
-    ``cfg`` is the composed config (DictConfig or plain dict); ``choices`` and
+    ``cfg`` is the typed config (or the plain dict of a recorded one, a merge's); ``choices`` and
     ``overrides`` are Hydra's group choices and task overrides
     (``HydraConfig.get().runtime.choices`` / ``.overrides.task``); ``started``
     and ``ended`` are ``time.time()`` values (``ended`` None while running);
@@ -820,7 +817,7 @@ def write_manifest(run_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
     return target
 
 
-def try_write_manifest(cfg: Any, *, run_dir: str | Path, **kwargs: Any) -> Optional[Path]:
+def try_write_manifest(cfg: Union[RegionCapConfig, Mapping[str, Any]], *, run_dir: str | Path, **kwargs: Any) -> Optional[Path]:
     """:func:`build_manifest` + :func:`write_manifest`, never raising: for a job's ``finally``.
 
     A manifest that cannot be written is logged as a warning; it must not turn

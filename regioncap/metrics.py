@@ -45,6 +45,7 @@ from regioncap.densecap import (
     IOU_THRESHOLDS, METEOR_THRESHOLDS, METEOR_TIMEOUT_S, DenseCapEvaluator, DenseCapImage, MeteorFn, MeteorUnavailable,
 )
 from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
+from regioncap.record_types import ERROR, RECORD, REGION, REQUEST, Record, Region, image_key
 from regioncap.stages import STAGE_COUNTS, CaptionStage
 
 log = logging.getLogger("regioncap")
@@ -143,11 +144,16 @@ def _record_references(record: Dict[str, Any], references_key: Optional[str]) ->
     """The row's references field as a list (one entry per input box), or ``None`` if it has none."""
     if not references_key:
         return None
-    collided = record.get("input")
+    collided = record.get(RECORD.input)
     if isinstance(collided, dict) and references_key in collided:  # a name regioncap uses itself
         value = collided[references_key]
     else:
         value = record.get(references_key)
+    return _reference_entries(value)
+
+
+def _reference_entries(value: Any) -> Optional[list]:
+    """A references field's value as a list (one entry per input box), or ``None`` if it is null."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -170,12 +176,33 @@ def reference_texts(record: Dict[str, Any], region: Dict[str, Any],
     the row's ``references_key`` entry at the region's ``source_index``; for
     showing them (report, W&B table) rather than scoring them."""
     refs = _record_references(record, references_key)
-    idx = region.get("source_index")
+    idx = region.get(REGION.source_index)
     if refs is None or not isinstance(idx, int) or not 0 <= idx < len(refs):
         return []
     entry = refs[idx]
     items = [entry] if isinstance(entry, str) else entry if isinstance(entry, (list, tuple)) else []
     return [item.strip() for item in items if isinstance(item, str) and item.strip()]
+
+
+def region_reference_texts(record: Record, region: Region, references_key: Optional[str] = "references") -> List[str]:
+    """:func:`reference_texts` of a record read through the record model."""
+    refs = _references_of(record, references_key)
+    idx = region.source_index
+    if refs is None or not isinstance(idx, int) or not 0 <= idx < len(refs):
+        return []
+    entry = refs[idx]
+    items = [entry] if isinstance(entry, str) else entry if isinstance(entry, (list, tuple)) else []
+    return [item.strip() for item in items if isinstance(item, str) and item.strip()]
+
+
+def _references_of(record: Record, references_key: Optional[str]) -> Optional[list]:
+    """:func:`_record_references` of a record read through the record model."""
+    if not references_key:
+        return None
+    collided = record.input
+    # An input field named like a record field is kept under ``input`` (record_types.RECORD_KEYS).
+    return _reference_entries(collided[references_key] if isinstance(collided, dict) and references_key in collided
+                              else record.extras().get(references_key))
 
 
 def region_references(record: Dict[str, Any], references_key: Optional[str] = "references"
@@ -193,8 +220,8 @@ def region_references(record: Dict[str, Any], references_key: Optional[str] = "r
     if refs is None:
         return False, [], 0
     found, missing = [], 0
-    for region in record.get("regions") or []:
-        idx = region.get("source_index")
+    for region in record.get(RECORD.regions) or []:
+        idx = region.get(REGION.source_index)
         entry = refs[idx] if isinstance(idx, int) and 0 <= idx < len(refs) else None
         texts = _reference_list(entry)
         if texts:
@@ -898,40 +925,50 @@ def caption_flags(caption: Optional[str]) -> List[str]:
 
 
 def region_flags(regions: Sequence[Dict[str, Any]]) -> List[List[str]]:
-    """Faithfulness flags of each region of one row, in order (``[]`` when none or uncaptioned).
+    """Faithfulness flags of each region of one row, in order (``[]`` when none or uncaptioned):
+    :func:`caption_set_flags` of the regions' captions."""
+    return caption_set_flags([Region.from_dict(r).caption if isinstance(r, dict) else None for r in regions])
+
+
+def caption_set_flags(captions: Sequence[Optional[str]]) -> List[List[str]]:
+    """Faithfulness flags of the captions of one row's regions, in order (``[]`` when none or uncaptioned).
 
     On top of :func:`caption_flags`, every captioned region of a row gets
     ``same_as_other_regions`` when the row has two or more captioned regions and
     they all carry the same caption (normalised): one description for every box
     describes the image, not the regions.
     """
-    texts = [normalize(r.get("caption")) if isinstance(r, dict) else "" for r in regions]
+    texts = [normalize(c) for c in captions]
     captioned = [t for t in texts if t]
     same = len(captioned) >= 2 and len(set(captioned)) == 1
     out = []
-    for reg, text in zip(regions, texts):
+    for caption, text in zip(captions, texts):
         if not text:
             out.append([])
             continue
         flags = ["same_as_other_regions"] if same else []
-        out.append(flags + caption_flags(reg.get("caption")))
+        out.append(flags + caption_flags(caption))
     return out
 
 
-def annotate_record(record: Dict[str, Any], references_key: Optional[str] = "references") -> Dict[str, Any]:
+def annotate_record(record: Record, references_key: Optional[str] = "references") -> Record:
     """Add per-region checks to one caption record, in place, and return it: ``flags``
-    (:func:`region_flags`) on every region, and ``scores`` with ``exact_match`` and
+    (:func:`caption_set_flags`) on every region, and ``scores`` with ``exact_match`` and
     ``attribute_accuracy`` (:func:`match_scores`) on every captioned region that has
     references. Cheap and corpus-free, so the caption stage runs it on every row."""
-    regions = [r for r in record.get("regions") or [] if isinstance(r, dict)]
-    for reg, flags in zip(regions, region_flags(regions)):
-        reg["flags"] = flags
-    _, found, _ = region_references(record, references_key)
-    for reg, refs in found:
-        if reg.get("caption") and normalize(reg["caption"]):
-            scores = reg.get("scores") if isinstance(reg.get("scores"), dict) else {}
-            scores.update(match_scores(reg["caption"], refs))
-            reg["scores"] = scores
+    regions = [r for r in record.iter_regions() if isinstance(r, Region)]
+    for reg, flags in zip(regions, caption_set_flags([r.caption for r in regions])):
+        reg.flags = flags
+    refs = _references_of(record, references_key)
+    if refs is None:
+        return record
+    for reg in regions:
+        idx = reg.source_index
+        texts = _reference_list(refs[idx] if isinstance(idx, int) and 0 <= idx < len(refs) else None)
+        if texts and reg.caption and normalize(reg.caption):
+            scores = reg.scores if isinstance(reg.scores, dict) else {}
+            scores.update(match_scores(reg.caption, texts))
+            reg.scores = scores
     return record
 
 
@@ -1017,77 +1054,75 @@ class _Accumulator:
     def add(self, rec: Dict[str, Any]) -> None:
         c = self.c
         c["rows"] += 1
-        c[f"status_{rec.get('status')}"] += 1
+        c[f"status_{rec.get(RECORD.status)}"] += 1
         key = self._image_hash(rec)
         if key is not None:  # a row that gave no image (an invalid line...) is no image
             self.image_hashes.append(key)
-        regions = rec.get("regions") or []
-        requests = rec.get("requests") or []
+        regions = rec.get(RECORD.regions) or []
+        requests = rec.get(RECORD.requests) or []
         c["regions"] += len(regions)
-        c["boxes_dropped"] += len(rec.get("dropped_boxes") or [])
-        c["boxes_clipped"] += len(rec.get("clipped_boxes") or [])
-        for issue in rec.get("dropped_boxes") or []:
+        c["boxes_dropped"] += len(rec.get(RECORD.dropped_boxes) or [])
+        c["boxes_clipped"] += len(rec.get(RECORD.clipped_boxes) or [])
+        for issue in rec.get(RECORD.dropped_boxes) or []:
             self.dropped[issue.get("reason") or "unknown"] += 1
-        tokens = rec.get("tokens") or {}
+        tokens = rec.get(RECORD.tokens) or {}
         c["prompt_tokens"] += tokens.get("prompt") or 0
         c["output_tokens"] += tokens.get("output") or 0
-        error = rec.get("error")
+        error = rec.get(RECORD.error)
         if error:
-            self.errors[f"{error.get('stage')}/{error.get('kind')}"] += 1
-            self.error_stages[error.get("stage") or "unknown"] += 1
-        c["chunks"] += len({r.get("chunk") for r in regions})
+            self.errors[f"{error.get(ERROR.stage)}/{error.get(ERROR.kind)}"] += 1
+            self.error_stages[error.get(ERROR.stage) or "unknown"] += 1
+        c["chunks"] += len({r.get(REGION.chunk) for r in regions})
         # A row of an engine's first call: its latency carries the warm-up (in the stage's ``startup``).
-        self._requests(requests, warmup=bool((rec.get("timing") or {}).get("first_batch")))
+        self._requests(requests, warmup=bool((rec.get(RECORD.timing) or {}).get("first_batch")))
         self._regions(rec, regions, requests)
 
     def _image_hash(self, rec: Dict[str, Any]) -> Optional[int]:
         # 8-byte hashes keep the distinct-image count small in memory.
-        from regioncap.record_types import image_key
-
         return image_key(rec)
 
     def _requests(self, requests: List[Dict[str, Any]], warmup: bool = False) -> None:
         c = self.c
         c["requests"] += len(requests)
         for spec in requests:
-            size = spec.get("image_size")
+            size = spec.get(REQUEST.image_size)
             vis = ((self.visual(int(size[0]), int(size[1])) if self.visual else
                     visual_tokens(size, self.patch_size, self.merge_size)) if size else 0)
             c["visual_tokens"] += vis
-            if spec.get("latency_s") is not None and not warmup:
-                self.latency.append(float(spec["latency_s"]))
+            if spec.get(REQUEST.latency_s) is not None and not warmup:
+                self.latency.append(float(spec[REQUEST.latency_s]))
             # The first answer's captions with answer-format debris; a record written before the
             # check has none and reads as clean, as it was counted then.
-            debris = spec.get("debris") if isinstance(spec.get("debris"), dict) else {}
-            if spec.get("error"):
+            debris = spec.get(REQUEST.debris) if isinstance(spec.get(REQUEST.debris), dict) else {}
+            if spec.get(REQUEST.error):
                 c["requests_failed"] += 1
-            elif spec.get("answer") is not None:
+            elif spec.get(REQUEST.answer) is not None:
                 c["requests_answered"] += 1
-                c["requests_format_ok"] += bool(spec.get("format_ok"))
+                c["requests_format_ok"] += bool(spec.get(REQUEST.format_ok))
                 c["requests_debris"] += bool(debris)
-                c["requests_parsed_clean"] += bool(spec.get("format_ok")) and not debris
-            reask = spec.get("reask")
+                c["requests_parsed_clean"] += bool(spec.get(REQUEST.format_ok)) and not debris
+            reask = spec.get(REQUEST.reask)
             if reask:
                 c["reasks"] += 1
-                c["regions_reasked_debris"] += len({str(n) for n in reask.get("numbers") or []} & set(debris))
+                c["regions_reasked_debris"] += len({str(n) for n in reask.get(REQUEST.numbers) or []} & set(debris))
                 c["visual_tokens"] += vis  # the re-ask sends the same image again
-                if reask.get("latency_s") is not None:
-                    self.reask_latency.append(float(reask["latency_s"]))
+                if reask.get(REQUEST.latency_s) is not None:
+                    self.reask_latency.append(float(reask[REQUEST.latency_s]))
 
     def _regions(self, rec: Dict[str, Any], regions: List[Dict[str, Any]], requests: List[Dict[str, Any]]) -> None:
         c = self.c
         prompts: Dict[Any, Tuple[Optional[str], Optional[str]]] = {}
         for spec in requests:
-            reask_prompt = (spec.get("reask") or {}).get("prompt")
-            for rid in spec.get("region_ids") or []:
-                prompts[rid] = (spec.get("prompt"), reask_prompt)
+            reask_prompt = (spec.get(REQUEST.reask) or {}).get("prompt")
+            for rid in spec.get(REQUEST.region_ids) or []:
+                prompts[rid] = (spec.get(REQUEST.prompt), reask_prompt)
         seen: Counter = Counter()
         indexes: Dict[str, Tuple[str, set]] = {}
         for reg in regions:
-            caption = reg.get("caption")
-            if reg.get("missing"):
+            caption = reg.get(REGION.caption)
+            if reg.get(REGION.missing):
                 c["regions_missing"] += 1
-                self.missing[reg.get("reason") or "not_in_answer"] += 1
+                self.missing[reg.get(REGION.reason) or "not_in_answer"] += 1
             if caption:  # as the run counts a region captioned (and a row ok)
                 c["regions_captioned"] += 1
             if caption is None:
@@ -1097,15 +1132,15 @@ class _Accumulator:
                 c["captions_empty"] += 1
                 continue
             self.words.append(min(words, 2**32 - 1))
-            if reg.get("attempt") == 2:
+            if reg.get(REGION.attempt) == 2:
                 c["regions_from_reask"] += 1
-            if reg.get("debris"):  # kept with answer-format debris (prompts.caption_debris)
+            if reg.get(REGION.debris):  # kept with answer-format debris (prompts.caption_debris)
                 c["captions_debris"] += 1
-                self.debris[str(reg["debris"])] += 1
+                self.debris[str(reg[REGION.debris])] += 1
             words_list = tokenize(caption)
             seen[" ".join(words_list)] += 1
-            first, again = prompts.get(reg.get("id"), (None, None))
-            prompt = again if reg.get("attempt") == 2 and again else first
+            first, again = prompts.get(reg.get(REGION.id), (None, None))
+            prompt = again if reg.get(REGION.attempt) == 2 and again else first
             if prompt:
                 if prompt not in indexes:  # a chunk's prompt is shared by its regions: tokenize it once
                     indexes[prompt] = _prompt_index(prompt)
@@ -1114,7 +1149,7 @@ class _Accumulator:
         c["captions_duplicated"] += sum(n for text, n in seen.items() if n > 1 and text)
         # Recomputed from the captions (records written before the checks existed carry no flags).
         for reg, flags in zip(regions, region_flags(regions)):
-            if not normalize(reg.get("caption")):
+            if not normalize(reg.get(REGION.caption)):
                 continue
             c["faithfulness_checked"] += 1
             if flags:
@@ -1127,8 +1162,8 @@ class _Accumulator:
             c["references_missing"] += missing
             c["regions_with_references"] += len(found)
             for reg, refs in found:
-                if reg.get("caption") and normalize(reg["caption"]):
-                    self.scorer.add(reg["caption"], refs, c["rows"] - 1)
+                if reg.get(REGION.caption) and normalize(reg[REGION.caption]):
+                    self.scorer.add(reg[REGION.caption], refs, c["rows"] - 1)
                 else:
                     c["references_uncaptioned"] += 1
 
@@ -1170,20 +1205,22 @@ class ProposalStats:
         self.best_iou_sum = 0.0
 
     def add(self, rec: Dict[str, Any]) -> None:
-        info = rec.get("proposals")
-        if not isinstance(info, dict) or rec.get("status") in ("grounding", "pending") and not rec.get("regions"):
+        info = rec.get(RECORD.proposals)
+        if not isinstance(info, dict) or (rec.get(RECORD.status) in ("grounding", "pending")
+                                          and not rec.get(RECORD.regions)):
             return
         from regioncap.boxes import match_boxes
 
-        regions = [r for r in rec.get("regions") or () if isinstance(r, dict) and r.get("source", "input") != "input"]
+        regions = [r for r in rec.get(RECORD.regions) or ()
+                   if isinstance(r, dict) and r.get(REGION.source, "input") != "input"]
         self.images += 1
         self.proposed += len(regions)
         self.capped += int(info.get("capped") or 0)
         self.by_method[str(info.get("method"))] += len(regions)
         truth = info.get("truth_bbox")
-        if isinstance(truth, list) and rec.get("status") != "error":
+        if isinstance(truth, list) and rec.get(RECORD.status) != "error":
             # One matching serves the box figures (boxes.proposal_quality's) and the captions.
-            matches, best = match_boxes([r["bbox"] for r in regions], truth, self.THRESHOLD)
+            matches, best = match_boxes([r[REGION.bbox] for r in regions], truth, self.THRESHOLD)
             self.scored_images += 1
             self.matched += len(matches)
             self.n_truth += len(truth)
@@ -1206,10 +1243,10 @@ class ProposalStats:
                 continue
             region = regions[matches[t]]
             self.ref_matched += 1
-            self.ref_exact += int(exact_match(region.get("caption"), texts))
-            if isinstance(region.get("label"), str):
+            self.ref_exact += int(exact_match(region.get(REGION.caption), texts))
+            if isinstance(region.get(REGION.label), str):
                 self.label_n += 1
-                self.label_exact += int(exact_match(region["label"], texts))
+                self.label_exact += int(exact_match(region[REGION.label], texts))
 
     def summary(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {
@@ -1419,13 +1456,13 @@ def record_image(record: Dict[str, Any], references_key: Optional[str]) -> Optio
     Truth boxes without references and regions without a caption are left
     out; error and pending rows give ``None``.
     """
-    if not references_key or record.get("status") in ("error", "pending"):
+    if not references_key or record.get(RECORD.status) in ("error", "pending"):
         return None
     has_refs, found, _ = region_references(record, references_key)
     if not has_refs:
         return None
-    regions = [r for r in record.get("regions") or () if isinstance(r, dict) and _is_box(r.get("bbox"))]
-    info = record.get("proposals") if isinstance(record.get("proposals"), dict) else {}
+    regions = [r for r in record.get(RECORD.regions) or () if isinstance(r, dict) and _is_box(r.get(REGION.bbox))]
+    info = record.get(RECORD.proposals) if isinstance(record.get(RECORD.proposals), dict) else {}
     truth_bbox, truth_index = info.get("truth_bbox"), info.get("truth_index")
     truth: List[List[float]] = []
     truth_refs: List[List[str]] = []
@@ -1443,19 +1480,20 @@ def record_image(record: Dict[str, Any], references_key: Optional[str]) -> Optio
         with_refs = {id(reg): refs for reg, refs in found}
         preds = []
         for reg in regions:
-            if reg.get("source", "input") != "input":
+            if reg.get(REGION.source, "input") != "input":
                 preds.append(reg)  # a proposal added beside the given boxes (propose.when=add)
             elif id(reg) in with_refs:
-                truth.append([float(v) for v in reg["bbox"]])
+                truth.append([float(v) for v in reg[REGION.bbox]])
                 truth_refs.append(with_refs[id(reg)])
                 preds.append(reg)
         if not truth:
             return None
-    preds = [r for r in preds if normalize(r.get("caption"))]
-    scores = [float(r["score"]) if isinstance(r.get("score"), (int, float)) and math.isfinite(r["score"]) else None
+    preds = [r for r in preds if normalize(r.get(REGION.caption))]
+    scores = [float(r[REGION.score]) if isinstance(r.get(REGION.score), (int, float))
+              and math.isfinite(r[REGION.score]) else None
               for r in preds]
-    return mode, DenseCapImage(boxes=[[float(v) for v in r["bbox"]] for r in preds],
-                               captions=[r["caption"] for r in preds], truth_boxes=truth,
+    return mode, DenseCapImage(boxes=[[float(v) for v in r[REGION.bbox]] for r in preds],
+                               captions=[r[REGION.caption] for r in preds], truth_boxes=truth,
                                references=truth_refs, scores=scores)
 
 

@@ -18,9 +18,12 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Optional
 
 from regioncap.engines.base import EngineError
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def _check_local_dir(path: Path) -> str:
     return str(path)
 
 
-def resolve_model_path(model_cfg: Any) -> str:
+def resolve_model_path(model_cfg: Family.Config) -> str:
     """Return the absolute local folder of the model ``model_cfg`` names.
 
     - ``builder: tiny``: build the model family's offline tiny model (``Family.build_tiny``)

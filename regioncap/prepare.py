@@ -26,9 +26,12 @@ import time
 import types
 from collections import deque
 from contextlib import contextmanager
-from typing import Any, Deque, Dict, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, Iterator, Optional
 
 from regioncap.stages import CaptionStage, VisualizeStage
+
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
 log = logging.getLogger("regioncap")
 
@@ -43,7 +46,7 @@ def available_cores() -> int:
     return usable_cpus().usable
 
 
-def resolve_workers(cfg: Any) -> int:
+def resolve_workers(cfg: RegionCapConfig) -> int:
     """Preparation worker processes for a run: ``cfg.workers``, or a default from the engine.
 
     ``workers: null`` picks the CPUs the engine does not use, out of those this
@@ -54,13 +57,13 @@ def resolve_workers(cfg: Any) -> int:
     caption generation is far slower than preparation, so more workers would
     only slow the engine). ``workers: 0`` prepares in the main process.
     """
-    workers = cfg.get("workers")
+    workers = cfg.workers
     if workers is not None:
-        if int(workers) < 0:
+        if workers < 0:
             from regioncap.errors import RunError
 
             raise RunError(f"workers must be 0 (prepare in the main process) or more, got {workers}")
-        return int(workers)
+        return workers
     if VisualizeStage.name not in cfg.stages:
         return 0
     import multiprocessing as mp
@@ -98,7 +101,7 @@ def _context() -> Any:
     except ValueError:  # no forkserver on this platform (Windows)
         return mp.get_context("spawn")
     # The fork server imports these once; every worker forked from it starts with them loaded.
-    ctx.set_forkserver_preload(["regioncap.stages.visualize", "omegaconf", "PIL.Image", "PIL.ImageDraw",
+    ctx.set_forkserver_preload(["regioncap.stages.visualize", "PIL.Image", "PIL.ImageDraw",
                                 "PIL.JpegImagePlugin", "PIL.PngImagePlugin"])
     return ctx
 
@@ -132,10 +135,8 @@ def _watch_run(pid: int) -> None:
             os._exit(1)
 
 
-def _init_worker(cfg: Dict[str, Any], main_pid: int) -> None:
+def _init_worker(cfg: RegionCapConfig, main_pid: int) -> None:
     global _WORKER_STAGE
-    from omegaconf import OmegaConf
-
     from regioncap.stages.visualize import Visualizer
 
     from regioncap.cpus import single_thread
@@ -145,7 +146,7 @@ def _init_worker(cfg: Dict[str, Any], main_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     threading.Thread(target=_watch_run, args=(main_pid,), name="regioncap-run-watch", daemon=True).start()
-    _WORKER_STAGE = Visualizer(OmegaConf.create(cfg))
+    _WORKER_STAGE = Visualizer(cfg)
 
 
 def _prepare_row(row: Any) -> Dict[str, Any]:
@@ -182,7 +183,7 @@ class RowPool:
     process through ``local`` (no pool, no pickling).
     """
 
-    def __init__(self, cfg: Any, workers: int, local: Any, *, window: Optional[int] = None) -> None:
+    def __init__(self, cfg: RegionCapConfig, workers: int, local: Any, *, window: Optional[int] = None) -> None:
         self.workers = int(workers)
         self.local = local
         #: Rows in flight: enough to keep every worker busy while the main
@@ -195,12 +196,10 @@ class RowPool:
         if self.workers > 0:
             from concurrent.futures import ProcessPoolExecutor
 
-            from omegaconf import OmegaConf
-
-            cfg = OmegaConf.to_container(self._cfg, resolve=True, enum_to_str=True) \
-                if OmegaConf.is_config(self._cfg) else self._cfg
+            # The typed config goes pickled: its classes (a user's own Config too) are imported by name
+            # in the worker, which needs them anyway to build the proposer and strategy they name.
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context(),
-                                                 initializer=_init_worker, initargs=(cfg, os.getpid()))
+                                                 initializer=_init_worker, initargs=(self._cfg, os.getpid()))
             # Start every worker now (a submit with no idle worker starts one), main module hidden.
             with _main_module_hidden():
                 started = [self._executor.submit(_ready) for _ in range(self.workers)]

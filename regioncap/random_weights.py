@@ -24,9 +24,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from regioncap.qwen import patched_config_dict
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def check_weights(value: Any) -> str:
     return v
 
 
-def is_random(model_cfg: Any) -> bool:
+def is_random(model_cfg: Family.Config) -> bool:
     """True when ``model_cfg`` asks for random weights (``model.weights=random``)."""
     return check_weights(getattr(model_cfg, "weights", "real") or "real") == "random"
 
@@ -102,23 +105,10 @@ def padded_tokenizer(folder: Path, **tokenizer: Any) -> None:
     tiny.write_tokenizer(folder, **tokenizer)
     tok_path = folder / "tokenizer.json"
     data = json.loads(tok_path.read_text(encoding="utf-8"))
-    vocab: Dict[str, int] = data["model"]["vocab"]
     first_added = min(t["id"] for t in data["added_tokens"])
-    alphabet = sorted({c for tok in vocab for c in tok if len(tok) == 1})
-    need = QWEN_FIRST_SPECIAL_ID - first_added
-    # Two- then three-character strings of the byte alphabet that are not trained tokens.
-    next_id = first_added
-    for a in alphabet:
-        for b in alphabet:
-            for c in [""] + alphabet:
-                if next_id >= QWEN_FIRST_SPECIAL_ID:
-                    break
-                s = a + b + c
-                if s not in vocab:
-                    vocab[s] = next_id
-                    next_id += 1
-    if next_id != QWEN_FIRST_SPECIAL_ID:  # pragma: no cover - the alphabet is 256 characters
-        raise RuntimeError(f"could not pad the tokenizer to {QWEN_FIRST_SPECIAL_ID} ({need} fillers)")
+    tiny.fill_vocab(data["model"]["vocab"], QWEN_FIRST_SPECIAL_ID)
+    if len(data["model"]["vocab"]) != QWEN_FIRST_SPECIAL_ID:  # pragma: no cover - the alphabet is 256 characters
+        raise RuntimeError(f"could not pad the tokenizer to {QWEN_FIRST_SPECIAL_ID} tokens")
     shift = QWEN_FIRST_SPECIAL_ID - first_added
     for t in data["added_tokens"]:
         t["id"] += shift
@@ -186,7 +176,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REGIONCAP_CACHE") or Path.home() / ".cache" / "regioncap")
 
 
-def resolve_random(model_cfg: Any) -> str:
+def resolve_random(model_cfg: Family.Config) -> str:
     """The model folder for a ``model.weights=random`` run.
 
     A local folder in ``model.path`` is used as it is (its config, tokenizer and

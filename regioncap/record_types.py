@@ -20,8 +20,11 @@ a record (it is kept under ``input`` instead), is derived from :class:`Record`:
 a new record field is reserved by declaring it here. docs/formats.md's record
 tables are checked against these classes (``tests/test_record_types.py``).
 
-Standard library only: every reader (report, loggers, export, merge,
-reproduce) imports it.
+The stages build their records with these classes and write :meth:`RecordPart.to_dict`;
+every reader (report, loggers, export, merge, reproduce, metrics) reads them back
+through :meth:`RecordPart.from_dict`, or, where decoded JSON is read as it is on a
+per-row path, by the key names :class:`KeyNames` derives from the classes. Standard
+library only.
 """
 
 from __future__ import annotations
@@ -103,8 +106,9 @@ class RecordPart:
             # A value of another shape (a hand-edited file) is kept as it is, for the reader to refuse.
             if key in cls.PART_LISTS and isinstance(value, list):
                 part = cls.PART_LISTS[key]
-                value = [part.from_dict(v) if isinstance(v, Mapping) else v for v in value]
-            elif key in cls.PARTS and isinstance(value, Mapping):
+                # ``type(v) is dict`` first: the ABC check of Mapping is slow, and decoded JSON is dicts.
+                value = [part.from_dict(v) if type(v) is dict or isinstance(v, Mapping) else v for v in value]
+            elif key in cls.PARTS and (type(value) is dict or isinstance(value, Mapping)):
                 value = cls.PARTS[key].from_dict(value)
             state[key] = value
         state["_keys"] = list(data)
@@ -146,6 +150,33 @@ class RecordPart:
         if key in self.names():
             object.__setattr__(self, key, None)
 
+    def update(self: P, data: Mapping[str, Any]) -> P:
+        """Set each key of ``data``, in its order, as a dict's ``update`` does (a key the part does not
+        declare is carried as an extra); returns the part."""
+        names = self.names()
+        keys, extras = self._keys, self._extras  # type: ignore[attr-defined]
+        for key, value in data.items():
+            if key in names:
+                setattr(self, key, value)
+            else:
+                if key not in keys:
+                    keys.append(key)
+                extras[key] = value
+        return self
+
+    def carrying(self: P, extras: Mapping[str, Any]) -> P:
+        """This part with ``extras`` (keys it does not declare: a row's input fields) carried before
+        its own keys, in their order; returns it. A declared name among them is refused: such an
+        input field goes under ``Record.input`` (:data:`RECORD_KEYS`)."""
+        names = self.names()
+        clash = [k for k in extras if k in names]
+        if clash:
+            raise ValueError(f"{type(self).__name__} declares {clash}: not carried as extra keys")
+        keys = self._keys  # type: ignore[attr-defined]
+        self._extras.update(extras)  # type: ignore[attr-defined]
+        keys[:0] = [k for k in extras if k not in keys]
+        return self
+
     def extras(self) -> Dict[str, Any]:
         """The keys the model does not declare (a record's carried input fields), in order."""
         return dict(self._extras)  # type: ignore[attr-defined]
@@ -159,7 +190,8 @@ class RecordError(RecordPart):
     stage: str = ABSENT
     kind: str = ABSENT
     message: str = ABSENT
-    #: A visualize-stage error ``retry_errors=true`` redoes (caption-stage errors always are).
+    #: Whether the failure may pass another time (an engine error, a timeout, a failed read; not bad
+    #: input): ``retry_errors=true`` redoes the row. Written on every error row.
     retryable: bool = ABSENT
 
 
@@ -291,6 +323,30 @@ def _read_none(*parts: Type[RecordPart]) -> None:
 
 
 _read_none(RecordError, Region, RequestSpec, Record)
+
+class KeyNames:
+    """A part's keys as attributes (``RECORD.status == "status"``) for code that reads records as
+    decoded JSON rather than through :meth:`RecordPart.from_dict` (a per-row hot path, a file of any
+    shape): the name is still declared once, in the part; a name it does not declare is an
+    ``AttributeError``."""
+
+    def __init__(self, part: Type[RecordPart]) -> None:
+        object.__setattr__(self, "_part", part.__name__)
+        for f in fields(part):
+            object.__setattr__(self, f.name, f.name)
+
+    def __getattr__(self, name: str) -> str:
+        raise AttributeError(f"{name!r} is not a key of {self.__dict__.get('_part')}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("key names are read-only")
+
+
+#: The keys of each part, for reading decoded records by key (:class:`KeyNames`).
+RECORD = KeyNames(Record)
+REGION = KeyNames(Region)
+REQUEST = KeyNames(RequestSpec)
+ERROR = KeyNames(RecordError)
 
 #: Every top-level key regioncap writes in a record: an input field with one of these
 #: names is kept under ``input`` instead of being overwritten. Derived from :class:`Record`,

@@ -9,6 +9,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from regioncap.record_types import Record, RecordError, Region
+
 
 #: How deep :func:`dumps` follows nested lists and dicts when it has to clean a value;
 #: anything deeper is written as a string saying so.
@@ -339,7 +341,7 @@ def cut_text(text: str, n: int) -> str:
 
 
 def caption_samples(path: Path, *, rows: int = 4, regions: int = 6,
-                    reference: Optional[Callable[[Dict[str, Any], Dict[str, Any]], List[str]]] = None) -> str:
+                    reference: Optional[Callable[[Record, Region], List[str]]] = None) -> str:
     """The captions of the first ``rows`` records of a records file, one region per line, for the
     end-of-run summary (only those records are read, however long the file).
 
@@ -353,19 +355,21 @@ def caption_samples(path: Path, *, rows: int = 4, regions: int = 6,
 
     lines: List[str] = []
     shown = 0
-    for rec in itertools.islice(read_jsonl(path), rows):
+    for raw in itertools.islice(read_jsonl(path), rows):
+        rec = Record.from_dict(raw)
         shown += 1
-        label = cut(rec.get("id"))
-        if rec.get("error"):
-            lines.append(f"  {label}: error ({cut(rec['error'].get('kind'))}): {cut(rec['error'].get('message'))}")
+        label = cut(rec.id)
+        if rec.error:
+            err = rec.error if isinstance(rec.error, RecordError) else RecordError()
+            lines.append(f"  {label}: error ({cut(err.kind)}): {cut(err.message)}")
             continue
-        for reg in (rec.get("regions") or [])[:regions]:
-            text = reg.get("caption")
+        for reg in list(rec.iter_regions())[:regions]:
+            text = reg.caption
             quoted = (json.dumps(cut(text), ensure_ascii=False) if text is not None
-                      else f"<missing: {reg.get('reason') or reg.get('missing')}>")
+                      else f"<missing: {reg.reason or reg.missing}>")
             refs = reference(rec, reg) if reference else []
-            lines.append(f"  {label} [{reg.get('id')}] {quoted}" + (f"  (reference: {cut(refs[0])})" if refs else ""))
-        more = len(rec.get("regions") or []) - regions
+            lines.append(f"  {label} [{reg.id}] {quoted}" + (f"  (reference: {cut(refs[0])})" if refs else ""))
+        more = len(rec.regions or []) - regions
         if more > 0:
             lines.append(f"  {label} ... {more} more region(s)")
     if not lines:

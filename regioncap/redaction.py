@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence, Tuple
 
 from regioncap.manifest import (
-    REDACTED, config_to_dict, mask_hydra_dir, mask_yaml_file, redact_override, redact_string, secret_values,
+    REDACTED, mask_hydra_dir, mask_yaml_file, redact_override, redact_string, secret_values,
     use_secret_names,
 )
 
@@ -46,6 +46,8 @@ def config_secrets(cfg: Any, overrides: Iterable[str] = ()) -> List[str]:
     (:func:`~regioncap.manifest.use_secret_names`): every caller of this
     (Hydra's files, the log filter, the job) then masks the user's names too.
     """
+    from regioncap.config import config_to_dict  # Hydra's node too: the callbacks mask with what it holds
+
     try:
         data = config_to_dict(cfg)[0]
     except Exception:  # noqa: BLE001 - a config that does not convert still has overrides to mask

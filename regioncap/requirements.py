@@ -9,21 +9,24 @@ with ``importlib.util.find_spec`` (nothing heavy is imported), and raises
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import TYPE_CHECKING, List
 
 from regioncap.components import GROUPS, OPTIONAL_GROUPS, TARGET, class_of, group_base, requirement_problem, short_name
 from regioncap.errors import RunError
 from regioncap.stages import CaptionStage
 
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
-def missing_requirements(cfg: Any) -> List[str]:
+
+def missing_requirements(cfg: RegionCapConfig) -> List[str]:
     """One line per unmet requirement of ``cfg`` (empty when everything is installed)."""
     problems = []
     for group in GROUPS:
-        node = cfg.get(group)
-        if node is None or (group == "engine" and CaptionStage.name not in list(cfg.stages)):
+        node = getattr(cfg, group)
+        if node is None or (group == "engine" and CaptionStage.name not in cfg.stages):
             continue  # the engine is built by the caption stage only
-        if group in OPTIONAL_GROUPS and node.get(TARGET) is None:
+        if group in OPTIONAL_GROUPS and getattr(node, TARGET, None) is None:
             continue  # propose=none: no class, nothing to install
         node = group_base(group).upgraded(node, group)
         cls = class_of(node, group_base(group), group)
@@ -40,7 +43,7 @@ def missing_requirements(cfg: Any) -> List[str]:
     return problems
 
 
-def check_requirements(cfg: Any) -> None:
+def check_requirements(cfg: RegionCapConfig) -> None:
     """Raise :class:`RunError` (one line per missing extra) when ``cfg`` needs a package that is not installed."""
     problems = missing_requirements(cfg)
     if problems:

@@ -25,16 +25,17 @@ from dataclasses import asdict, replace
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 from regioncap.cpus import ThreadChoice, choose_threads
-from regioncap.config import MetricsConfig
+from regioncap.config import MetricsConfig, RegionCapConfig
 from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
 from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor, executor_of
 from regioncap.prepare import RowPool, resolve_workers
+from regioncap.record_types import ERROR
 from regioncap.records import dumps, read_jsonl, write_text_atomically
 from regioncap.rundir import RunDir, key_changes, resume_args, run_key_hash, run_key_values  # noqa: F401  (re-exported)
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested  # noqa: F401  (re-exported)
-from regioncap.components import short_name
-from regioncap.settings import check_config
+from regioncap.components import plain, short_name
+from regioncap.settings import typed_config
 from regioncap.stages import STAGE_NAMES, CaptionStage, OnCommit, StageStats, VisualizeStage
 from regioncap.stages.loop import StageLoop, progress
 from regioncap.stages.visualize import Visualizer
@@ -60,11 +61,13 @@ def seed_everything(seed: int) -> None:
 class RegionCapRun:
     """One run: the configured stages over the configured data, in one run dir."""
 
-    def __init__(self, cfg: Any, *, model_path: Optional[str] = None,
+    def __init__(self, cfg: RegionCapConfig, *, model_path: Optional[str] = None,
                  executor: Union[Type[Executor], Executor, None] = None,
                  on_commit: Optional[OnCommit] = None, rundir: Optional[RunDir] = None) -> None:
         """``executor``: a class (default :func:`pick_executor`'s choice) or an executor already built
-        (``LocalExecutor(cfg, engine=...)`` shares one engine between runs)."""
+        (``LocalExecutor(cfg, engine=...)`` shares one engine between runs). ``cfg`` is the typed
+        config (a composed ``DictConfig`` is typed first, :func:`regioncap.config.typed_config`)."""
+        cfg = typed_config(cfg)
         self.cfg = cfg
         #: The run dir; its lock may already be held (the job takes it before writing anything).
         self.rundir = rundir if rundir is not None else RunDir(cfg.output_dir)
@@ -90,7 +93,6 @@ class RegionCapRun:
 
         cfg = self.cfg
         strategy_class(cfg.prompt)  # a RunError naming prompt._target_ when it does not resolve
-        check_config(cfg)
         check_shards(cfg.data)
         unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
         if unknown:
@@ -135,7 +137,7 @@ class RegionCapRun:
         if CaptionStage.name not in self.cfg.stages or self.executor.name == "ray":
             return None
         try:
-            choice = choose_threads(self.cfg.get("threads"), workers if overlap else 0)
+            choice = choose_threads(self.cfg.threads, workers if overlap else 0)
         except ValueError as exc:
             raise RunError(str(exc)) from None
         log.info("%s", choice.describe())
@@ -170,8 +172,8 @@ class RegionCapRun:
         stage = Visualizer(self.cfg, self.out)
         self.rundir.images_dir.mkdir(parents=True, exist_ok=True)
         workers = self._workers()
-        window = max(4 * workers, int(self.cfg.commit_every), int(self.cfg.engine.batch_size))
-        rows = progress(iter_rows(self.cfg.data), VisualizeStage.name, bool(self.cfg.progress), self.total_rows())
+        window = max(4 * workers, self.cfg.commit_every, self.cfg.engine.batch_size)
+        rows = progress(iter_rows(self.cfg.data), VisualizeStage.name, self.cfg.progress, self.total_rows())
         with RowPool(self.cfg, workers, stage.process_row, window=window) as pool:
             stage.pool = pool
             yield from loop.commits(rows, stage.batches, Visualizer.identity)
@@ -183,8 +185,8 @@ class RegionCapRun:
         return self._total_rows
 
     def _visualize_loop(self) -> StageLoop:
-        return StageLoop(VisualizeStage.name, self.rundir, self._stats(VisualizeStage.name), resume=bool(self.cfg.resume),
-                         retry=bool(self.cfg.retry_errors), on_commit=self.on_commit).begin()
+        return StageLoop(VisualizeStage.name, self.rundir, self._stats(VisualizeStage.name), resume=self.cfg.resume,
+                         retry=self.cfg.retry_errors, on_commit=self.on_commit).begin()
 
     def visualize(self) -> StageStats:
         """Read every row, validate boxes, resize, draw marks, write images and records."""
@@ -253,10 +255,10 @@ class RegionCapRun:
         """A one-screen summary for the end of a run."""
         from regioncap.metrics import format_summary
 
-        return format_summary(metrics, max_error_rate=float(self.cfg.max_error_rate), out_dir=str(self.out))
+        return format_summary(metrics, max_error_rate=self.cfg.max_error_rate, out_dir=str(self.out))
 
 
-def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, Dict[str, Any]],
+def run_metrics(cfg: RegionCapConfig, records: Iterator[Dict[str, Any]], stages: Dict[str, Dict[str, Any]],
                 pipeline: Dict[str, Any]) -> Dict[str, Any]:
     """``metrics.json`` of a run: ``regioncap.metrics.compute_metrics`` over its final records with the
     run's scoring settings (``model.patch_size``/``merge_size``, ``data.references_key``, ``metrics.*``,
@@ -265,7 +267,8 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
 
     ``stages``: ``{name: {rows, seconds, errors, ...}}`` as the stages counted them (``caption``
     among them when the records are caption records); ``pipeline``: ``{overlap, workers, seconds,
-    reason}`` or empty. The one recipe for a run's and a merge's (``regioncap.merge``) metrics.json.
+    reason}`` or empty. The one recipe for a run's and a merge's (``regioncap.merge``) metrics.json;
+    a merge passes the config its shards recorded (a mapping read by attribute, as the typed config is).
     """
     from regioncap.families.base import visual_tokens_counter
     from regioncap.metrics import compute_metrics
@@ -274,7 +277,7 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
     model = cfg.model
     wall = pipeline.get("seconds")
     # A config written before a metrics setting existed (a merge of old shards) gets the schema's default.
-    scorers = {**asdict(MetricsConfig()), **(cfg.get("metrics") or {})}
+    scorers = {**asdict(MetricsConfig()), **plain(getattr(cfg, "metrics", None) or {})}
     metrics = compute_metrics(records, stages, patch_size=int(model.patch_size),
                               merge_size=int(model.merge_size), references_key=cfg.data.references_key,
                               meteor=bool(scorers["meteor"]), meteor_timeout_s=float(scorers["meteor_timeout_s"]),
@@ -297,7 +300,7 @@ def run_metrics(cfg: Any, records: Iterator[Dict[str, Any]], stages: Dict[str, D
     return metrics
 
 
-def pick_executor(cfg: Any, *, multirun: bool = False) -> Type[Executor]:
+def pick_executor(cfg: RegionCapConfig, *, multirun: bool = False) -> Type[Executor]:
     """The executor class of the caption stage: ``executor._target_``, with the engine's isolation in sweeps.
 
     With ``executor=local`` (no node: the same), ``engine.isolate`` (true/false) asks for
@@ -308,11 +311,11 @@ def pick_executor(cfg: Any, *, multirun: bool = False) -> Type[Executor]:
     from regioncap.engines import engine_of
     from regioncap.executors.local import LocalExecutor
 
-    node = cfg.get("executor")
+    node = cfg.executor
     cls = executor_of(node) if node is not None else LocalExecutor
     if cls is not LocalExecutor or CaptionStage.name not in cfg.stages:
         return cls
-    isolate = cfg.engine.get("isolate")
+    isolate = cfg.engine.isolate
     if isolate is None:
         isolate = multirun and engine_of(cfg.engine).isolate_in_sweeps
     if not isolate:
@@ -335,8 +338,8 @@ def check_image_key(rows: List[Any], image_key: str) -> Optional[str]:
     """Why every row will be an error row when none of ``rows`` (the first rows read) has the
     image field, naming the fields they have and the fix; None when any row has it."""
     # Rows that are objects (a line that is not JSON, or not an object, says nothing about fields).
-    objects = [r for r in rows if not r.error or r.error.get("kind") not in _LINE_ERRORS]
-    missing = [r for r in objects if r.error and r.error.get("kind") == "missing_image_field"]
+    objects = [r for r in rows if not r.error or r.error.get(ERROR.kind) not in _LINE_ERRORS]
+    missing = [r for r in objects if r.error and r.error.get(ERROR.kind) == "missing_image_field"]
     if not missing or len(missing) < len(objects):
         return None
     keys = sorted({str(k) for r in missing for k in r.extra})
@@ -355,7 +358,7 @@ def check_image_key(rows: List[Any], image_key: str) -> Optional[str]:
     return text
 
 
-def check_data(cfg: Any, rows: int = 20) -> None:
+def check_data(cfg: RegionCapConfig, rows: int = 20) -> None:
     """Read the first ``rows`` rows before the run starts: a data path that does not open fails now,
     and a box field missing from every one of them is said at once (with ``propose=none``: the run stops)."""
     from regioncap.propose import check_box_key, proposer_name
@@ -366,13 +369,12 @@ def check_data(cfg: Any, rows: int = 20) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - a reader's own error type; the user needs the message
         raise RunError(f"cannot read data.path={cfg.data.path}: {type(exc).__name__}: {exc}") from None
-    image_problem = check_image_key(first, str(cfg.data.image_key))
+    image_problem = check_image_key(first, cfg.data.image_key)
     if image_problem:  # said now, while the run writes each such row as a missing_image_field error row
         log.warning("%s", image_problem)
-    key = str(cfg.data.bbox_key)
+    key = cfg.data.bbox_key
     seen = [({**r.extra, key: r.bbox} if r.bbox is not None else dict(r.extra)) for r in first if not r.error]
-    propose = cfg.get("propose")
-    problem = check_box_key(seen, key, proposer_name(propose))
+    problem = check_box_key(seen, key, proposer_name(cfg.propose))
     if problem is not None and problem.fatal and not problem.candidates:
         # The first rows may simply have no boxes: without another field that looks like boxes the
         # key is wrong for the file only when no row of it has the field (read on to the first that does).
@@ -385,7 +387,7 @@ def check_data(cfg: Any, rows: int = 20) -> None:
         log.warning("%s", problem.message)
 
 
-def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit] = None,
+def build_run(cfg: RegionCapConfig, *, multirun: bool = False, on_commit: Optional[OnCommit] = None,
               rundir: Optional[RunDir] = None) -> RegionCapRun:
     """Build the run object from a composed config: the one place objects are built.
 
@@ -393,13 +395,15 @@ def build_run(cfg: Any, *, multirun: bool = False, on_commit: Optional[OnCommit]
     installed and that the data opens; resolves (and, for the offline model,
     builds) the model before any stage starts, so a model that is not
     available fails in seconds, not after the visualize stage. ``multirun``:
-    the job is one of a sweep (see :func:`pick_executor`).
+    the job is one of a sweep (see :func:`pick_executor`). ``cfg`` is the typed config the job
+    made (:func:`regioncap.settings.typed_config`); a composed ``DictConfig`` (a script's, a test's)
+    is typed and checked here first.
     """
     from regioncap.engines import EngineError, engine_choice, engine_of
     from regioncap.requirements import check_requirements
 
-    check_config(cfg)  # before anything is read, built or started
-    seed_everything(int(cfg.seed))
+    cfg = typed_config(cfg)  # checked before anything is read, built or started
+    seed_everything(cfg.seed)
     check_requirements(cfg)
     if VisualizeStage.name in cfg.stages:
         check_data(cfg)

@@ -20,10 +20,15 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
+from regioncap.components import plain
 from regioncap.errors import RunError
+from regioncap.record_types import ERROR, RECORD
 from regioncap.stages import STAGES, CaptionStage, VisualizeStage
+
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
 log = logging.getLogger("regioncap")
 
@@ -132,15 +137,7 @@ _KEY_DATA_BEFORE_SOURCES = {"hf_builder": None, "hf_config": None, "split": "tra
 _KEY_MODEL_OPTIONAL = {"weights": "real"}
 
 
-def _plain(node: Any) -> Any:
-    from omegaconf import OmegaConf
-
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
-    return node
-
-
-def run_key_values(cfg: Any) -> Dict[str, Any]:
+def run_key_values(cfg: RegionCapConfig) -> Dict[str, Any]:
     """The settings that decide a run's answers: model, prompt, drawing, sampling, data, engine.
 
     Settings that change only how fast or how robustly answers come (batch
@@ -152,7 +149,8 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
 
     from regioncap.families.base import family_class, family_name
 
-    model = {k: _plain(cfg.model.get(k)) for k in _KEY_MODEL}
+    # A family's Config may lack a shared key (Florence has no pixel budget): it keys as null.
+    model = {k: plain(getattr(cfg.model, k, None)) for k in _KEY_MODEL}
     # ``family``: the family's name (``qwen2_5_vl``), as in the key of a run made before ``model`` named its class.
     model["family"] = family_name(cfg.model)
     try:
@@ -160,38 +158,38 @@ def run_key_values(cfg: Any) -> Dict[str, Any]:
     except Exception:  # noqa: BLE001 - a class that does not import here keys by the shared fields
         own = ()
     for k in own:  # a family's own settings (InternVL's tiles); none for the Qwen families
-        model[k] = _plain(cfg.model.get(k))
+        model[k] = plain(getattr(cfg.model, k))
     for k, default in _KEY_MODEL_OPTIONAL.items():
-        if _plain(cfg.model.get(k, default)) != default:
-            model[k] = _plain(cfg.model.get(k))
+        if plain(getattr(cfg.model, k, default)) != default:
+            model[k] = plain(getattr(cfg.model, k))
     values: Dict[str, Any] = {
         "model": model,
-        "engine": {"name": engine_name(cfg.engine), "structured_outputs": cfg.engine.get("structured_outputs")},
-        "max_boxes": int(cfg.max_boxes),
-        "seed": int(cfg.seed),
+        "engine": {"name": engine_name(cfg.engine), "structured_outputs": getattr(cfg.engine, "structured_outputs", None)},
+        "max_boxes": cfg.max_boxes,
+        "seed": cfg.seed,
     }
     for section in _KEY_SECTIONS:
-        values[section] = {k: v for k, v in _plain(cfg[section]).items() if k != "name"}
+        values[section] = {k: v for k, v in plain(getattr(cfg, section)).items() if k != "name"}
     from regioncap.components import TARGET
     from regioncap.propose import NONE, proposer_name
 
-    method = proposer_name(cfg.get("propose"))
+    method = proposer_name(cfg.propose)
     if method != NONE:
         # ``method``: the proposer's short name, as in the key of a run made before options named classes.
-        values["propose"] = {"method": method, **{k: v for k, v in _plain(cfg.propose).items()
+        values["propose"] = {"method": method, **{k: v for k, v in plain(cfg.propose).items()
                                                   if k not in ("name", TARGET)}}
     from regioncap.data import source_class, source_name
 
-    data = {k: _plain(cfg.data.get(k, _KEY_DATA_BEFORE_SOURCES.get(k))) for k in _KEY_DATA}
+    data = {k: plain(getattr(cfg.data, k, _KEY_DATA_BEFORE_SOURCES.get(k))) for k in _KEY_DATA}
     data["source"] = source_name(cfg.data)
     if data["path"] and not str(data["path"]).startswith("pkg://") and resolve_path(str(data["path"])).exists():
         data["path"] = str(resolve_path(str(data["path"])).resolve())
-    if cfg.data.get("num_shards", 1) != 1:
+    if cfg.data.num_shards != 1:
         # Only when sharded, so the key (and a resume) of an unsharded run is as before.
-        data["num_shards"], data["shard_index"] = int(cfg.data.num_shards), int(cfg.data.shard_index)
+        data["num_shards"], data["shard_index"] = cfg.data.num_shards, cfg.data.shard_index
     for k, default in source_class(cfg.data).key_defaults().items():
-        if cfg.data.get(k, default) != default:
-            data[k] = _plain(cfg.data.get(k))
+        if getattr(cfg.data, k, default) != default:
+            data[k] = plain(getattr(cfg.data, k))
     values["data"] = data
     return values
 
@@ -284,7 +282,7 @@ class RunDir:
             self._lock_fh = None
 
     # run key
-    def check_start(self, cfg: Any) -> None:
+    def check_start(self, cfg: RegionCapConfig) -> None:
         """Refuse to overwrite an earlier run's outputs, check a resume's settings, write ``run_key.json``.
 
         Without ``resume``, a stage whose records file already holds rows is
@@ -349,8 +347,8 @@ class RunDir:
     def done_rows(self, stage: str, *, retry: bool = False) -> Tuple[Dict[int, "DoneRow"], Set[int]]:
         """``({index: DoneRow}, {indexes to redo})`` of a stage's records file, its torn tail cut off.
 
-        ``retry``: rows whose error says it may pass another time (an engine
-        error in the caption stage, a resource error in any stage) are to redo.
+        ``retry``: rows whose error says it may pass another time (``error.retryable``:
+        an engine or server failure, a timeout, a failed read) are to redo.
         """
         from regioncap.records import CorruptRecordsError, scan_records
 
@@ -359,9 +357,13 @@ class RunDir:
             return {}, set()
 
         def pick(rec: Dict[str, Any]) -> Tuple[Any, Any, Any, bool]:
-            err = rec.get("error") or {}
-            again = err.get("stage") == CaptionStage.name or bool(err.get("retryable"))
-            return rec.get("index"), rec.get("id"), rec.get("digest"), again
+            err = rec.get(RECORD.error)
+            err = err if isinstance(err, dict) else {}
+            # ``error.retryable`` where the row says; a caption-stage error written before the field
+            # was (every one was redone then) still counts as retryable.
+            flag = err.get(ERROR.retryable)
+            again = err.get(ERROR.stage) == CaptionStage.name if flag is None else bool(flag)
+            return rec.get(RECORD.index), rec.get(RECORD.id), rec.get(RECORD.digest), again
 
         try:
             picks, cut = scan_records(path, pick)
@@ -390,7 +392,7 @@ class RunDir:
         from regioncap.records import read_jsonl, rewrite_atomically
 
         path = self.records_file(stage)
-        return rewrite_atomically(path, (r for r in read_jsonl(path) if r.get("index") not in indexes))
+        return rewrite_atomically(path, (r for r in read_jsonl(path) if r.get(RECORD.index) not in indexes))
 
 
 class DoneRow:

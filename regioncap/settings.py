@@ -23,16 +23,15 @@ from __future__ import annotations
 from typing import Any
 
 from regioncap.components import finite_number, range_problems, type_groups
+from regioncap.config import RegionCapConfig
 from regioncap.errors import RunError
 
-__all__ = ["check_config", "check_settings"]
+__all__ = ["check_config", "check_settings", "typed_config"]
 
 
 def check_settings(cfg: Any) -> None:
     """Raise one :class:`RunError` naming every setting of ``cfg`` outside what it can mean."""
     from omegaconf import OmegaConf
-
-    from regioncap.config import RegionCapConfig
 
     problems = range_problems(cfg, RegionCapConfig, "")
     lo = OmegaConf.select(cfg, "model.min_pixels", default=None)
@@ -52,3 +51,33 @@ def check_config(cfg: Any) -> None:
     :class:`RunError` naming the key, before anything is read, built or started."""
     type_groups(cfg)
     check_settings(cfg)
+
+
+def typed_config(cfg: Any) -> RegionCapConfig:
+    """The composed config as typed objects, once, at the job's start: a :class:`RegionCapConfig`
+    whose component groups are instances of their classes' ``Config`` dataclasses (a user's own
+    class too), every interpolation resolved.
+
+    Types and checks ``cfg`` first (:func:`check_config`, which types the
+    groups of ``cfg`` in place), so every error names its key. ``cfg`` is the composed config (a
+    ``DictConfig``), or a plain dict with every group given; a :class:`RegionCapConfig` is
+    returned as it is. Nothing below the job reads a ``DictConfig``: this is the boundary.
+    """
+    if isinstance(cfg, RegionCapConfig):
+        return cfg
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not (isinstance(cfg, DictConfig) and OmegaConf.get_type(cfg) is RegionCapConfig):
+        # A plain dict or an untyped node: onto the schema, so its keys and types are checked.
+        try:
+            cfg = OmegaConf.merge(OmegaConf.structured(RegionCapConfig), cfg)
+        except OmegaConfBaseException as exc:
+            raise RunError(f"{getattr(exc, 'full_key', '') or 'config'}: {str(exc).splitlines()[0]}") from None
+    check_config(cfg)
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:  # a value still missing (???), or one that does not resolve
+        raise RunError(f"{getattr(exc, 'full_key', '') or 'config'}: {str(exc).splitlines()[0]}") from None
+    assert isinstance(typed, RegionCapConfig)
+    return typed

@@ -26,6 +26,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw
 
+from regioncap.record_types import Record
+
 #: Colour names and their base RGB (each drawn with a small random jitter).
 COLOURS: Dict[str, Tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -186,22 +188,23 @@ def score_records(records: Iterable[Dict[str, Any]]) -> Dict[str, Any]:
     """
     totals = {"regions": 0, "exact": 0, "colour": 0, "shape": 0, "missing": 0, "error_rows": 0}
     tally: Dict[str, List[int]] = defaultdict(lambda: [0, 0])
-    for rec in records:
-        refs = rec.get("references") or []
-        regions = rec.get("regions") or []
-        totals["error_rows"] += rec.get("status") == "error"
+    for raw in records:
+        rec = Record.from_dict(raw)
+        refs = rec.inputs().get("references") or []
+        regions = rec.regions or []
+        totals["error_rows"] += rec.status == "error"
         totals["regions"] += len(refs) - len(regions)
         for reg in regions:
-            ref = refs[reg["source_index"]]
-            cap = _norm(reg.get("caption") or "")
+            ref = refs[reg.source_index]
+            cap = _norm(reg.caption or "")
             _, colour, kind = ref.split()
             ok = cap == _norm(ref)
             totals["regions"] += 1
             totals["exact"] += ok
             totals["colour"] += colour in cap.split()
             totals["shape"] += kind in cap.split()
-            totals["missing"] += reg.get("caption") is None
-            for key in (f"scene_shapes={len(regions)}", f"region={reg['id']}"):
+            totals["missing"] += reg.caption is None
+            for key in (f"scene_shapes={len(regions)}", f"region={reg.id}"):
                 tally[key][0] += ok
                 tally[key][1] += 1
     n = max(1, totals["regions"])

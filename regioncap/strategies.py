@@ -40,16 +40,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
-from omegaconf import MISSING
 
 from regioncap import boxes as bx
 from regioncap import prompts
-from regioncap.components import Component, check, class_of, real, resolve, short_name
-from regioncap.config import AnswerFormat
+from regioncap.components import MISSING, Component, check, class_of, plain, real, resolve, setting, short_name
+from regioncap.config import AnswerFormat, RegionCapConfig
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.errors import RunError
 from regioncap.families.base import Family, build_family
 from regioncap.images import crop_with_margin, resize_to
+from regioncap.record_types import Record, Region, RequestSpec
 from regioncap.rundir import IMAGES_DIR
 
 
@@ -58,7 +58,7 @@ class Planned:
     """One request of a row as planned: its key suffix, its regions and their boxes in source pixels."""
 
     suffix: str
-    regions: List[Dict[str, Any]]
+    regions: List[Region]
     boxes: List[bx.Box]
 
 
@@ -124,12 +124,12 @@ class PromptStrategy(Component):
         """``(chunk, number)`` of each of ``count`` regions: chunks of ``max_boxes``, numbered from 1."""
         return [(i // self.max_boxes, i % self.max_boxes + 1) for i in range(count)]
 
-    def plan(self, regions: List[Dict[str, Any]], boxes: Sequence[bx.Box]) -> List[Planned]:
+    def plan(self, regions: List[Region], boxes: Sequence[bx.Box]) -> List[Planned]:
         """The requests of a row: one per chunk (``slots``), in order."""
         planned: List[Planned] = []
         for reg, box in zip(regions, boxes):
-            if not planned or planned[-1].suffix != f"c{reg['chunk']}":
-                planned.append(Planned(f"c{reg['chunk']}", [], []))
+            if not planned or planned[-1].suffix != f"c{reg.chunk}":
+                planned.append(Planned(f"c{reg.chunk}", [], []))
             planned[-1].regions.append(reg)
             planned[-1].boxes.append(box)
         return planned
@@ -145,23 +145,23 @@ class PromptStrategy(Component):
         raise NotImplementedError
 
     # ------------------------------------------------------------- prompts
-    def spec(self, rec_id: Any, rendered: Rendered) -> Dict[str, Any]:
+    def spec(self, rec_id: Any, rendered: Rendered) -> RequestSpec:
         """One request spec: the image, its size, the prompt and the regions it asks about."""
         regions = rendered.planned.regions
-        return {
-            "key": f"{rec_id}/{rendered.planned.suffix}", "image": rendered.name, "image_size": list(rendered.size),
-            "prompt": self.prompt_text(regions, rendered.size),
-            "numbers": [r["number"] for r in regions], "region_ids": [r["id"] for r in regions],
-        }
+        return RequestSpec(
+            key=f"{rec_id}/{rendered.planned.suffix}", image=rendered.name, image_size=list(rendered.size),
+            prompt=self.prompt_text(regions, rendered.size),
+            numbers=[r.number for r in regions], region_ids=[r.id for r in regions],
+        )
 
-    def prompt_text(self, regions: List[Dict[str, Any]], size: Tuple[int, int]) -> str:
+    def prompt_text(self, regions: List[Region], size: Tuple[int, int]) -> str:
         """``prompt.template`` filled for ``regions`` (see :func:`regioncap.prompts.build_prompt`)."""
-        numbers = [r["number"] for r in regions]
+        numbers = [r.number for r in regions]
         return prompts.build_prompt(str(self.prompt.template), numbers=numbers, labels=self.labels(numbers),
                                     answer_format=self.answer_format,
                                     regions_text=self.regions_text(regions, size), noun=self.noun)
 
-    def regions_text(self, regions: List[Dict[str, Any]], size: Tuple[int, int]) -> str:
+    def regions_text(self, regions: List[Region], size: Tuple[int, int]) -> str:
         """The ``{regions}`` placeholder: empty unless the strategy writes the boxes in the text."""
         return ""
 
@@ -169,7 +169,7 @@ class PromptStrategy(Component):
         """The mark labels of region ``numbers`` (``draw.label_format``)."""
         return [self.style.label_format.format(n=n) for n in numbers]
 
-    def reask_prompt(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> str:
+    def reask_prompt(self, rec: Record, spec: RequestSpec, missing: List[int]) -> str:
         """The text of the follow-up request for the regions ``missing`` from ``spec``'s answer
         (left out, or captioned with answer-format debris)."""
         return str(self.prompt.reask_template).format(
@@ -195,8 +195,8 @@ class MarkedStrategy(PromptStrategy):
 
     def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
         return [Rendered(p, f"{IMAGES_DIR}/{stem}_c{c:02d}.{self.ext}",
-                         draw_marks(image, [r["input_bbox"] for r in p.regions],
-                                    self.labels([r["number"] for r in p.regions]), self.style), image.size)
+                         draw_marks(image, [r.input_bbox for r in p.regions],
+                                    self.labels([r.number for r in p.regions]), self.style), image.size)
                 for c, p in enumerate(planned)]
 
 
@@ -212,13 +212,13 @@ class CoordsStrategy(PromptStrategy):
         return [Rendered(p, name, image if c == 0 else None, image.size) for c, p in enumerate(planned)]
 
     def regions_text(self, regions, size):  # noqa: ANN001,ANN201 - see base
-        return prompts.regions_text([r["number"] for r in regions],
-                                    [self.family.box_text(tuple(r["input_bbox"]), size) for r in regions])
+        return prompts.regions_text([r.number for r in regions],
+                                    [self.family.box_text(tuple(r.input_bbox), size) for r in regions])
 
     def reask_prompt(self, rec, spec, missing):  # noqa: ANN001,ANN201 - see base
         # The regions are in the text, not on the image: ask the first prompt again for the ones to re-ask.
-        regions = [r for r in rec["regions"] if r["id"] in spec["region_ids"] and r["number"] in missing]
-        return self.prompt_text(regions, tuple(spec["image_size"]))
+        regions = [r for r in rec.iter_regions() if r.id in spec.region_ids and r.number in missing]
+        return self.prompt_text(regions, tuple(spec.image_size))
 
 
 class CropStrategy(PromptStrategy):
@@ -240,7 +240,7 @@ class CropStrategy(PromptStrategy):
         return [(i // self.max_boxes, 1) for i in range(count)]
 
     def plan(self, regions, boxes):  # noqa: ANN001,ANN201 - see base
-        return [Planned(f"r{reg['id']}", [reg], [box]) for reg, box in zip(regions, boxes)]
+        return [Planned(f"r{reg.id}", [reg], [box]) for reg, box in zip(regions, boxes)]
 
     def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
         family = self.family
@@ -251,7 +251,7 @@ class CropStrategy(PromptStrategy):
             crop, _rect = crop_with_margin(source, p.boxes[0].scale(scale_x, scale_y), float(self.prompt.crop_margin),
                                            max_aspect=max_aspect)
             size = family.input_size(crop.width, crop.height)
-            out.append(Rendered(p, f"{IMAGES_DIR}/{stem}_r{p.regions[0]['id']:03d}.{self.ext}",
+            out.append(Rendered(p, f"{IMAGES_DIR}/{stem}_r{p.regions[0].id:03d}.{self.ext}",
                                 resize_to(crop, size), size))
         return out
 
@@ -285,7 +285,7 @@ class RegionStrategy(PromptStrategy):
         return [(i // self.max_boxes, 1) for i in range(count)]
 
     def plan(self, regions, boxes):  # noqa: ANN001,ANN201 - see base
-        return [Planned(f"r{reg['id']}", [reg], [box]) for reg, box in zip(regions, boxes)]
+        return [Planned(f"r{reg.id}", [reg], [box]) for reg, box in zip(regions, boxes)]
 
     def render(self, stem, image, source, original_size, planned):  # noqa: ANN001,ANN201 - see base
         # One clean image, shared by every region's request.
@@ -293,7 +293,7 @@ class RegionStrategy(PromptStrategy):
         return [Rendered(p, name, image if c == 0 else None, image.size) for c, p in enumerate(planned)]
 
     def regions_text(self, regions, size):  # noqa: ANN001,ANN201 - see base
-        return str(self.family.region_prompt(tuple(regions[0]["input_bbox"]), tuple(size)))
+        return str(self.family.region_prompt(tuple(regions[0].input_bbox), tuple(size)))
 
 
 def strategy_class(prompt: Any) -> type:
@@ -303,25 +303,29 @@ def strategy_class(prompt: Any) -> type:
 
 
 def settings(cls: type, prompt: Any) -> Any:
-    """``cls.Config`` filled from the ``prompt`` node (its keys that are fields; the rest keep their defaults)."""
-    return cls.Config(**{f.name: prompt[f.name] for f in fields(cls.Config) if f.name in prompt})
+    """``cls.Config`` from the typed ``prompt`` section (itself when it is one), or filled from a mapping
+    (its keys that are fields; the rest keep their defaults)."""
+    if isinstance(prompt, cls.Config):
+        return prompt
+    values = plain(prompt)
+    return cls.Config(**{f.name: values[f.name] for f in fields(cls.Config) if f.name in values})
 
 
-def build_strategy(cfg: Any) -> PromptStrategy:
+def build_strategy(cfg: RegionCapConfig) -> PromptStrategy:
     """The strategy ``cfg.prompt`` names, built (and its config read) for this run, with the model's
     family object (:func:`regioncap.families.base.build_family`, built here once per strategy)."""
     cls = strategy_class(cfg.prompt)
     return cls(settings(cls, cfg.prompt), DrawStyle.from_config(cfg.draw), build_family(cfg.model),
-               int(cfg.max_boxes))
+               cfg.max_boxes)
 
 
 def recorded_strategy(prompt: Any) -> Optional[type]:
     """The strategy class of a ``prompt`` section as a run recorded it (a plain dict), or None when it
     cannot be told: its ``_target_`` does not import here. A run recorded before strategies were
     components names it by ``strategy``."""
-    if not hasattr(prompt, "get"):
+    if prompt is None or isinstance(prompt, (str, int, float, bool)):
         return None
-    target = prompt.get("_target_") or _BEFORE_COMPONENTS.get(str(prompt.get("strategy")))
+    target = setting(prompt, "_target_") or _BEFORE_COMPONENTS.get(str(setting(prompt, "strategy")))
     if not target:
         return None
     try:
@@ -335,7 +339,8 @@ def recorded_name(prompt: Any) -> Optional[str]:
     cls = recorded_strategy(prompt)
     if cls is not None:
         return short_name(cls)
-    return str(prompt.get("strategy")) if hasattr(prompt, "get") and prompt.get("strategy") else None
+    strategy = setting(prompt, "strategy") if prompt is not None else None
+    return str(strategy) if strategy else None
 
 
 #: ``prompt.strategy`` of runs recorded before strategies were named by ``_target_``.

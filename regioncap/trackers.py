@@ -183,7 +183,7 @@ class ToolLogger(RunLogger):
         #: name in a multirun, none in a single run.
         group: Optional[str] = None
 
-    def __init__(self, cfg: Any = None) -> None:
+    def __init__(self, cfg: Optional[ToolLogger.Config] = None) -> None:
         super().__init__(cfg if cfg is not None else self.Config())
         self.opened = False
         self.config: Dict[str, Any] = {}
@@ -313,7 +313,8 @@ REGION_COLUMNS = ("row_id", "region", "number", "chunk", "status", "image", "bbo
 def write_regions(records: Path, out: Path, *, references_key: Optional[str], limit: Optional[int] = None) -> int:
     """One CSV row per region of ``records`` (at most ``limit``), streamed: memory stays flat with the
     rows. The scores are those the records hold (``scores`` as JSON text). Returns the rows written."""
-    from regioncap.metrics import reference_texts
+    from regioncap.metrics import region_reference_texts
+    from regioncap.record_types import Record, Region, RequestSpec
     from regioncap.records import read_jsonl
 
     tmp = out.with_name(out.name + ".tmp")
@@ -321,18 +322,21 @@ def write_regions(records: Path, out: Path, *, references_key: Optional[str], li
     with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(REGION_COLUMNS)
-        for rec in read_jsonl(records):
-            image_of = {rid: spec.get("image") for spec in rec.get("requests") or []
-                        for rid in spec.get("region_ids") or []}
-            for reg in rec.get("regions") or []:
+        for raw in read_jsonl(records):
+            rec = Record.from_dict(raw)
+            image_of = {rid: spec.image for spec in rec.requests or [] if isinstance(spec, RequestSpec)
+                        for rid in spec.region_ids or []}
+            for reg in rec.iter_regions():
                 if limit is not None and n >= limit:
                     break
-                refs = reference_texts(rec, reg, references_key)
+                if not isinstance(reg, Region):
+                    continue  # a hand-edited file: not a region object
+                refs = region_reference_texts(rec, reg, references_key)
                 writer.writerow([_cell(v) for v in (
-                    rec.get("id"), reg.get("id"), reg.get("number"), reg.get("chunk"), rec.get("status"),
-                    image_of.get(reg.get("id")), reg.get("bbox"), reg.get("input_bbox"), reg.get("caption"),
-                    " | ".join(refs) or None, bool(reg.get("missing")), reg.get("reason"),
-                    ", ".join(map(str, reg.get("flags") or [])) or None, reg.get("scores"))])
+                    rec.id, reg.id, reg.number, reg.chunk, rec.status,
+                    image_of.get(reg.id), reg.bbox, reg.input_bbox, reg.caption,
+                    " | ".join(refs) or None, bool(reg.missing), reg.reason,
+                    ", ".join(map(str, reg.flags or [])) or None, reg.scores)])
                 n += 1
             if limit is not None and n >= limit:
                 break
@@ -435,7 +439,7 @@ class TensorBoardLogger(ToolLogger):
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         self._scalars(0, flatten_metrics(metrics))
-        for i, sample in enumerate(samples_of(metrics, run_dir, self.config, int(self.cfg.log_images))):
+        for i, sample in enumerate(samples_of(metrics, run_dir, self.config, self.cfg.log_images)):
             image = annotated_sample(sample, self.config)
             buf = io.BytesIO()
             image.save(buf, format="PNG")
@@ -539,8 +543,8 @@ class MlflowLogger(ToolLogger):
     @contextmanager
     def _calls(self) -> Iterator[None]:
         # MLflow reads these at each request; set only around regioncap's own calls, and put back.
-        values = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(float(self.cfg.http_timeout_s)))),
-                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(self.cfg.http_retries))}
+        values = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, round(self.cfg.http_timeout_s))),
+                  "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(self.cfg.http_retries)}
         before = {k: os.environ.get(k) for k in values}
         os.environ.update({k: v for k, v in values.items() if before[k] is None})  # the user's own win
         try:
@@ -577,7 +581,7 @@ class MlflowLogger(ToolLogger):
 
     def _run(self, metrics: Dict[str, Any], run_dir: Path) -> None:
         self._metrics(0, flatten_metrics(metrics))
-        for i, sample in enumerate(samples_of(metrics, run_dir, self.config, int(self.cfg.log_images))):
+        for i, sample in enumerate(samples_of(metrics, run_dir, self.config, self.cfg.log_images)):
             self.client.log_image(self.run_id, annotated_sample(sample, self.config), f"samples/{i:02d}.png")
         if self.cfg.log_artifact:
             for path in (records_file(metrics, run_dir), run_dir / METRICS_FILE):
@@ -667,13 +671,13 @@ class ManyLoggers(RunLogger):
 
     name = "many"
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: ManyLoggers.Config) -> None:
         super().__init__(cfg)
-        self.loggers = [build_logger(cfg[key]) for key in cfg.use]
+        self.loggers = [build_logger(getattr(cfg, key)) for key in cfg.use]
 
     @classmethod
     def parts(cls, node: Any) -> List[Tuple[str, Any]]:
-        return [(f"logger.{key}", node[key]) for key in node.get("use") or () if key in node]
+        return [(f"logger.{key}", getattr(node, key)) for key in node.use or () if hasattr(node, key)]
 
     def start(self, *, config: Dict[str, Any], run_dir: Path, name: str, group: Optional[str],
               job_type: str = CaptionStage.name) -> None:

@@ -265,7 +265,7 @@ def image_processor(min_pixels: int, max_pixels: int) -> object:
 
 def bench_anchor(images: int, repeat: int, work: Path, model: str = "qwen25vl_3b") -> Dict[str, object]:
     """DataFlow-MM's operator vs regioncap vs the floor, through to pixel_values, on camera-like JPEGs."""
-    from conftest import compose
+    from conftest import typed as compose  # composed, then typed as a job types it
     from regioncap.records import read_jsonl
     from regioncap.run import RegionCapRun
 
@@ -385,7 +385,7 @@ def bench_visualize(rows: int, repeat: int, work: Path, model: str = "qwen25vl_3
                     workers: Sequence[int] = (1, 2)) -> Dict[str, object]:
     """The visualize stage in the main process (``workers=0``: one core), against naive and floor,
     and on N worker processes against ``workers=0``; all interleaved in the same rounds."""
-    from conftest import compose
+    from conftest import typed as compose  # composed, then typed as a job types it
     from regioncap.run import RegionCapRun
 
     data = make_dataset(work / "data", rows)
@@ -434,7 +434,7 @@ def bench_visualize_small(rows: int, repeat: int, work: Path) -> Dict[str, objec
     CPU seconds per row, median of interleaved rounds."""
     import shutil
 
-    from conftest import compose
+    from conftest import typed as compose  # composed, then typed as a job types it
     from regioncap import shapes
     from regioncap.run import RegionCapRun
 
@@ -474,7 +474,7 @@ def bench_overlap(rows: int, repeat: int, work: Path, torch_threads: int = 1, co
     """
     import torch
 
-    from conftest import compose
+    from conftest import typed as compose  # composed, then typed as a job types it
     from regioncap.engines import build_engine
     from regioncap.executors.local import LocalExecutor
     from regioncap.run import RegionCapRun
@@ -532,7 +532,7 @@ def write_demo_rows(path: Path, n: int) -> Path:
 
 
 def bench_caption(rows: int, repeat: int, work: Path) -> Dict[str, object]:
-    from conftest import compose
+    from conftest import typed as compose  # composed, then typed as a job types it
     from regioncap.engines import build_engine
     from regioncap.executors.local import LocalExecutor
     from regioncap.models import resolve_model_path

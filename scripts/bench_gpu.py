@@ -60,7 +60,7 @@ DEMO = REPO / "regioncap" / "demo"
 
 
 def compose(overrides: List[str], output_dir: Path) -> Any:
-    """The run's config from ``conf/`` (Hydra's compose API, as the CLI composes it)."""
+    """The run's config from ``conf/`` (Hydra's compose API, as the CLI composes it), typed as a job types it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -70,7 +70,9 @@ def compose(overrides: List[str], output_dir: Path) -> Any:
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = hydra_compose(config_name="config", overrides=overrides)
     cfg.output_dir = str(output_dir)
-    return cfg
+    from regioncap.settings import typed_config
+
+    return typed_config(cfg)  # what a job hands the run: the typed config
 
 
 #: DataFlow-MM's caption request (ImageRegionCaptionGenerate: its system text and prompt), see scripts/bench.py.

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from regioncap import boxes as bx  # noqa: E402
 from regioncap import shapes  # noqa: E402
+from regioncap.components import plain  # noqa: E402
 from regioncap.draw import DrawStyle, draw_marks  # noqa: E402
 from regioncap.families.base import build_family  # noqa: E402
 from regioncap.images import encode_image, load_image, resize_to  # noqa: E402
@@ -49,7 +50,7 @@ from regioncap.propose import build_proposer, proposer_name  # noqa: E402
 
 
 def compose(overrides: Sequence[str]) -> Any:
-    """The config ``python -m regioncap OVERRIDES`` would run with."""
+    """The config ``python -m regioncap OVERRIDES`` would run with, typed as a job types it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -58,8 +59,12 @@ def compose(overrides: Sequence[str]) -> Any:
     register_configs()
     chosen = {o.split("=", 1)[0] for o in overrides if "=" in o}
     base = [o for o in ("model=shapes", "propose=contours") if o.split("=")[0] not in chosen]
+    from regioncap.settings import typed_config
+
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=base + list(overrides))
+        cfg = hydra_compose(config_name="config", overrides=base + list(overrides))
+    cfg.output_dir = "."  # nothing is written there: only read by the typing (Hydra's run dir is not set here)
+    return typed_config(cfg)  # what a job hands the run: the typed config
 
 
 def _median_time(fn: Any, repeat: int) -> tuple:
@@ -152,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(argv)
     cfg = compose(a.overrides)
     results: Dict[str, Any] = {"overrides": list(a.overrides), "model": cfg.model.name,
-                               "propose": {k: (getattr(v, "value", v)) for k, v in cfg.propose.items()}}
+                               "propose": plain(cfg.propose)}
     proposer, engine = build(cfg)
     try:
         with tempfile.TemporaryDirectory(prefix="regioncap-eval-proposals-") as tmp:

@@ -154,6 +154,14 @@ def compose(overrides: List[str] = (), output_dir: str | None = None, pin: bool 
     return cfg
 
 
+def typed(overrides: List[str] = (), output_dir: str = "unused-run-dir", pin: bool = True):
+    """:func:`compose`, then typed as the job types it (``settings.typed_config``): what the code below
+    the job receives. ``output_dir`` is only read, never written, by the functions that take it."""
+    from regioncap.settings import typed_config
+
+    return typed_config(compose(overrides, output_dir=output_dir, pin=pin))
+
+
 def family(name: str):
     """The family object named ``name`` (``qwen2_5_vl``, ``qwen2_vl``...) with its class's default settings."""
     from regioncap.families.base import shipped_families

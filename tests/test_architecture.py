@@ -55,10 +55,23 @@ def absolute(module: Optional[str], level: int, importer: str, is_package: bool)
     return ".".join(base + ([module] if module else []))
 
 
-def imports(tree: ast.Module) -> Iterator[ast.stmt]:
-    """Every import statement of a module: in its body, in functions, in classes, anywhere."""
+def type_only(tree: ast.Module) -> Set[int]:
+    """``id()`` of every statement under ``if TYPE_CHECKING:``: imports for annotations only, never run."""
+    found: Set[int] = set()
     for node in ast.walk(tree):
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
+        if isinstance(node, ast.If) and (
+                (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
+                or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")):
+            found |= {id(n) for stmt in node.body for n in ast.walk(stmt)}
+    return found
+
+
+def imports(tree: ast.Module) -> Iterator[ast.stmt]:
+    """Every import statement of a module that runs: in its body, in functions, in classes, anywhere
+    but under ``if TYPE_CHECKING:`` (an annotation's import loads nothing)."""
+    skip = type_only(tree)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in skip:
             yield node
 
 
@@ -378,3 +391,51 @@ def test_the_module_table_of_design_md_names_what_each_module_imports():
         if actual - named or named - actual:
             wrong.append(f"{name}: not named {sorted(actual - named)}; named, not imported {sorted(named - actual)}")
     assert wrong == [], "\n".join(wrong)
+
+
+#: The modules that may import omegaconf or hydra: the job and what builds, checks and types its config
+#: (the boundary: ``settings.typed_config``), and the tools that read a finished run's recorded config.
+#: Everything the job calls below them (the run, stages, strategies, families, engines, executors,
+#: proposers, data sources, loggers, trackers, prepare, manifest, rundir, requirements...) receives the
+#: typed config (``regioncap.config.RegionCapConfig``) and reads plain attributes.
+CONFIG_LAYER = {
+    "regioncap.__main__", "regioncap.job", "regioncap.callbacks", "regioncap.api", "regioncap.config",
+    "regioncap.components", "regioncap.settings", "regioncap.config_tree",
+    # Tools over finished runs, not below a job: they read a run's recorded .hydra/config.yaml.
+    "regioncap.export", "regioncap.merge",
+}
+#: Top-level packages whose import marks a module as reading the composed config.
+CONFIG_PACKAGES = ("omegaconf", "hydra", "hydra_plugins")
+
+
+def config_imports(path: Path) -> List[str]:
+    """``line: import`` of every import of omegaconf or hydra in ``path``, at module level or in a function
+    (``if TYPE_CHECKING:`` ones too: an annotation with DictConfig says the code reads one)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        if any(n.split(".")[0] in CONFIG_PACKAGES for n in names):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_the_config_import_check_sees_every_kind(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nfrom omegaconf import OmegaConf\ndef f():\n    import hydra.utils\n"
+                   "    from hydra_plugins.x import y\nfrom regioncap import omegaconf_like\n")
+    assert config_imports(bad) == ["2: from omegaconf import OmegaConf", "4: import hydra.utils",
+                                   "5: from hydra_plugins.x import y"]
+
+
+def test_below_the_job_nothing_imports_omegaconf_or_hydra():
+    modules = package_modules()
+    assert CONFIG_LAYER <= set(modules), sorted(CONFIG_LAYER - set(modules))
+    found = [f"{path.relative_to(REPO)}:{hit}" for name, path in modules.items() if name not in CONFIG_LAYER
+             for hit in config_imports(path)]
+    assert found == [], ("below the job, code reads the typed config (regioncap.config.RegionCapConfig), "
+                         "not a DictConfig; convert at the boundary (settings.typed_config):\n" + "\n".join(found))

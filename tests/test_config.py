@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF_DIR, REPO, compose
@@ -195,3 +196,177 @@ def test_every_default_passes_the_range_checks(engine, propose):
     from regioncap.settings import check_settings
 
     check_settings(compose([f"engine={engine}", f"propose={propose}"]))
+
+
+# ------------------------------------------------ each default written once (issue 21)
+
+#: Keys a shipped option may set to its schema's default, and why (the test below refuses any other).
+DEFAULT_KEPT = {
+    # None yet: a value equal to its field's default says nothing the schema does not.
+}
+
+
+def option_schema(group: str, data: dict) -> type:
+    """The dataclass an option file of ``group`` starts from: its class's ``Config`` (``_target_``),
+    else the schema of the group's options that name no class."""
+    from regioncap.components import Component, resolve
+    from regioncap.config import BeforeFamilies, DrawConfig
+    from regioncap.propose.base import Proposer
+
+    if data.get("_target_"):
+        return resolve(data["_target_"], Component, f"{group}._target_").Config
+    return {"draw": DrawConfig, "propose": Proposer.Config, "model": BeforeFamilies}[group]
+
+
+def schema_defaults(schema: type) -> dict:
+    """``{field: default}`` of ``schema`` as plain data (fields without a default left out)."""
+    import dataclasses
+
+    from regioncap.components import MISSING, plain
+
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            continue
+        if value != MISSING:
+            out[f.name] = plain(value)
+    return out
+
+
+def repeated_defaults(path, schema: type, skip=("defaults", "_target_", "hydra")) -> list:
+    """``file: key`` for each top-level key of the YAML file ``path`` whose value is ``schema``'s default."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    defaults = schema_defaults(schema)
+    where = path.relative_to(REPO)
+    return [f"{where}: {key}: {value!r}" for key, value in data.items()
+            if key not in skip and key in defaults and value == defaults[key]
+            and f"{where.parent.name}/{where.name}:{key}" not in DEFAULT_KEPT]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_shipped_options_set_only_what_differs_from_their_schema(group):
+    import yaml
+
+    found = []
+    for option in options(group):
+        path = CONF_DIR / group / f"{option}.yaml"
+        found += repeated_defaults(path, option_schema(group, yaml.safe_load(path.read_text()) or {}))
+    assert found == [], ("these keys repeat their schema's default (the schema is the one place a default is "
+                         "written; remove them, or allow one in DEFAULT_KEPT saying why):\n" + "\n".join(found))
+
+
+def test_config_yaml_repeats_no_default_of_the_schema():
+    from regioncap.config import RegionCapConfig
+
+    assert repeated_defaults(CONF_DIR / "config.yaml", RegionCapConfig) == []
+
+
+def test_the_repeated_default_check_finds_one(tmp_path, monkeypatch):
+    from regioncap.config import DrawConfig
+
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    (tmp_path / "draw").mkdir()
+    path = tmp_path / "draw" / "x.yaml"
+    path.write_text("name: x\nline_width: 0.008\ndim: 0\nlabel_size: 0.03\njpeg_quality: 90\n")
+    assert repeated_defaults(path, DrawConfig) == ["draw/x.yaml: line_width: 0.008", "draw/x.yaml: dim: 0"]
+
+
+# ------------------------------------------------ typed once, at the job's start (issue 21)
+
+
+def config_nodes(value, where="cfg", seen=None):
+    """``where`` of every omegaconf object inside ``value`` (dataclass fields, mappings, sequences, walked)."""
+    import dataclasses
+
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return []
+    seen.add(id(value))
+    if type(value).__module__.split(".")[0] == "omegaconf":
+        return [f"{where}: {type(value).__name__}"]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return [hit for f in dataclasses.fields(value)
+                for hit in config_nodes(getattr(value, f.name), f"{where}.{f.name}", seen)]
+    if isinstance(value, dict):
+        return [hit for k, v in value.items() for hit in config_nodes(v, f"{where}[{k!r}]", seen)]
+    if isinstance(value, (list, tuple)):
+        return [hit for i, v in enumerate(value) for hit in config_nodes(v, f"{where}[{i}]", seen)]
+    return []
+
+
+def test_the_walk_finds_a_config_node_anywhere():
+    from dataclasses import make_dataclass
+
+    box = make_dataclass("Box", [("inner", object)])
+    assert config_nodes(box(inner={"a": [1, OmegaConf.create({"x": 1})]})) == ["cfg.inner['a'][1]: DictConfig"]
+    assert config_nodes(box(inner={"a": [1, {"x": 1}]})) == []
+
+
+@pytest.mark.slow  # a whole job (one row, the fake engine): about 4 s
+def test_what_the_job_hands_below_it_is_typed_with_no_dictconfig_inside(tmp_path, monkeypatch):
+    """A job through ``execute`` with the composed config: the run, both stages and the engine receive the
+    typed config (``RegionCapConfig``, each group an instance of its class's ``Config``), no DictConfig in it."""
+    from regioncap import job
+    from regioncap.config import DrawConfig, RegionCapConfig
+    from regioncap.engines import fake as fake_module
+    from regioncap.engines.fake import FakeEngine
+    from regioncap.stages.caption import Captioner
+    from regioncap.stages.visualize import Visualizer
+
+    seen = {}
+
+    def spy(name, original):
+        def wrapper(*args, **kwargs):
+            seen[name] = args, kwargs
+            return original(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(job, "build_run", spy("build_run", job.build_run))
+    monkeypatch.setattr(Visualizer, "__init__", spy("visualize", Visualizer.__init__))
+    monkeypatch.setattr(Captioner, "__init__", spy("caption", Captioner.__init__))
+    monkeypatch.setattr(FakeEngine, "__init__", spy("engine", FakeEngine.__init__))
+    cfg = compose(["engine=fake", "data.limit=1", "workers=0", "progress=false"], output_dir=str(tmp_path / "run"))
+    assert isinstance(cfg, DictConfig)
+    metrics = job.execute(cfg)
+    assert metrics["rows"] == 1
+    run_cfg = seen["build_run"][0][0]
+    assert seen["visualize"][0][1] is run_cfg and seen["caption"][0][1] is run_cfg
+    assert seen["engine"][1]["engine_cfg"] is run_cfg.engine and seen["engine"][1]["model_cfg"] is run_cfg.model
+    assert type(run_cfg) is RegionCapConfig and isinstance(run_cfg.draw, DrawConfig)
+    assert isinstance(run_cfg.engine, fake_module.FakeEngine.Config)
+    for group in ("model", "data", "prompt", "logger", "executor", "propose"):
+        assert dataclasses.is_dataclass(getattr(run_cfg, group)), group
+    assert config_nodes(run_cfg) == []
+    assert run_cfg.output_dir == str(tmp_path / "run")
+
+
+def test_typed_config_names_the_key_of_a_value_that_does_not_resolve():
+    from regioncap.errors import RunError
+    from regioncap.settings import typed_config
+
+    with pytest.raises(RunError, match="output_dir"):
+        typed_config(compose(["engine=fake"]))  # ${hydra:runtime.output_dir} outside a Hydra job
+    typed = typed_config(compose(["engine=fake"], output_dir="x"))
+    assert typed_config(typed) is typed
+
+
+@pytest.mark.parametrize("overrides", [["logger=many", "propose=vlm", "prompt=coords", "data=hf"],
+                                       ["experiment=dataflow_baseline"]])
+def test_the_typed_config_as_plain_data_is_what_the_composed_one_was(overrides):
+    """The manifest's config and the run key read the typed config through ``components.plain``: the
+    same data, in the same order, that ``OmegaConf.to_container`` gave for the composed config."""
+    import json
+
+    from regioncap.components import plain
+    from regioncap.settings import typed_config
+
+    cfg = compose(overrides, output_dir="x")
+    typed = typed_config(cfg)
+    expected = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert json.dumps(plain(typed)) == json.dumps(expected)

@@ -160,16 +160,16 @@ def test_the_rule_is_linear_on_long_runs():
 
 
 def test_merge_reask_takes_a_clean_caption_and_keeps_the_first_when_both_carry_debris():
-    spec = {"numbers": [1, 2, 3, 4], "captions": {1: 'a cat"}', 2: 'a dog"}', 3: "a tree"},
-            "debris": {1: "json_fragment", 2: "json_fragment"}}
-    rspec = {"captions": {1: "a cat", 2: "a dog 1: a cat", 4: 'a bird"}'},
-             "debris": {2: "number_label", 4: "json_fragment"}}
-    Captioner.merge_reask(spec, rspec)
-    assert spec["captions"] == {1: "a cat", 2: 'a dog"}', 3: "a tree", 4: 'a bird"}'}
-    assert sorted(spec["reasked_numbers"]) == [1, 4]
+    from regioncap.stages.caption import Answer
+
+    first = Answer({1: 'a cat"}', 2: 'a dog"}', 3: "a tree"}, {1: "json_fragment", 2: "json_fragment"})
+    again = Answer({1: "a cat", 2: "a dog 1: a cat", 4: 'a bird"}'}, {2: "number_label", 4: "json_fragment"})
+    Captioner.merge_reask(first, again)
+    assert first.captions == {1: "a cat", 2: 'a dog"}', 3: "a tree", 4: 'a bird"}'}
+    assert sorted(first.reasked) == [1, 4]
     # 1 is fixed by the re-ask; 2 keeps its first caption and reason; 4 was missing and takes the re-ask's.
-    assert spec["kept_debris"] == {2: "json_fragment", 4: "json_fragment"}
-    assert spec["debris"] == {1: "json_fragment", 2: "json_fragment"}  # the first answer's, unchanged
+    assert first.kept_debris == {2: "json_fragment", 4: "json_fragment"}
+    assert first.debris == {1: "json_fragment", 2: "json_fragment"}  # the first answer's, unchanged
 
 
 def _record(regions: List[Dict[str, Any]], requests: List[Dict[str, Any]]) -> Dict[str, Any]:

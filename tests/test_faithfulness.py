@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 
 from regioncap.loggers import collect, flatten_metrics
+from regioncap.record_types import Record
 from regioncap.metrics import (annotate_record, attribute_accuracy, caption_flags, compute_metrics, exact_match,
                                format_summary, region_flags)
 from regioncap.report import write_report
@@ -82,7 +83,7 @@ def shape_records() -> List[Dict[str, Any]]:
         rec = {"id": f"r{i}", "index": i, "image": f"{i}.png", "image_path": f"/d/{i}.png", "status": "ok",
                "regions": regions(*captions), "requests": [], "dropped_boxes": [], "clipped_boxes": [],
                "error": None, "tokens": {"prompt": 0, "output": 0}, "references": refs}
-        out.append(annotate_record(rec))
+        out.append(annotate_record(Record.from_dict(rec)).to_dict())
     return out
 
 

@@ -134,6 +134,63 @@ def test_grounding_constraint_matches_what_the_family_answers(cls):
     assert [p.label for p in family.parse_grounding(answer, 1000, 1000)] == ["a", "b"]
 
 
+@settings(max_examples=60, deadline=None)
+@given(size_and_box(), st.sampled_from(sorted(shipped_families(), key=str)), st.floats(0.0, 50.0))
+def test_every_familys_boxes_come_back_clipped_through_one_path(size_box, name, min_size):
+    """Every family's parser ends in ``grounding.to_proposals``: inside the image, sides of at least
+    ``min_size``, and the same boxes for an image size given as NumPy integers (Florence-2's own copy
+    refused those) as for plain ones."""
+    import numpy as np
+
+    cls = shipped_families()[name]
+    (w, h), box = size_box
+    family = cls()
+    text = "thing" + family.box_text(box, (w, h))
+    props = family.parse_grounding(text, w, h, min_size=min_size)
+    assert props == family.parse_grounding(text, np.int64(w), np.int64(h), min_size=min_size)
+    for p in props:
+        x1, y1, x2, y2 = p.bbox
+        assert 0.0 <= x1 <= x2 <= w and 0.0 <= y1 <= y2 <= h
+        assert x2 - x1 >= min_size and y2 - y1 >= min_size
+
+
+_LABEL = st.text(st.sampled_from("abcxyz _\t"), min_size=0, max_size=12)
+
+
+def _tagged_answer(cls, items, size):
+    """A grounding answer as the family writes it: each label in its ref tags, then its box."""
+    family = cls()
+    if cls is InternVL35:
+        return "\n".join(f"<ref>{label}</ref>{family.box_text(box, size)}" for label, box in items)
+    return " ".join(f"<|object_ref_start|>{label}<|object_ref_end|>{family.box_text(box, size)}"
+                    for label, box in items)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.sampled_from([Qwen2VL, InternVL35]),
+       st.lists(st.tuples(_LABEL, st.tuples(st.integers(0, 300), st.integers(0, 300), st.integers(301, 640),
+                                            st.integers(301, 480))), min_size=1, max_size=6),
+       st.booleans())
+def test_labelled_box_answers_read_back_in_order(cls, items, stripped):
+    """Qwen2-VL's box tokens and InternVL's ``<ref>``/``<box>`` are read by one reader
+    (``grounding.labelled_boxes``): every box in answer order with its label, whitespace folded, also
+    when the engine stripped the special tokens (then the label is the text before the box)."""
+    import re
+
+    from regioncap.families.grounding import clean_label
+
+    size = (640, 480)
+    text = _tagged_answer(cls, items, size)
+    if stripped:
+        text = re.sub(r"<\|[a-z_]+\|>|</?ref>|</?box>", "", text)
+    props = cls().parse_grounding(text, *size, min_size=0.0)
+    assert len(props) == len(items)
+    for p, (label, box) in zip(props, items):
+        want = clean_label(label.strip(" ,.;:\n\t-") if stripped else label)
+        assert p.label == want, (text, p.label)
+        assert p.bbox == pytest.approx(box, abs=0.5 * 640 / 1000 + 1e-9)
+
+
 # ----------------------------------------------------------------------------- pixels
 
 
@@ -190,7 +247,7 @@ def test_an_old_model_family_maps_to_its_class_with_a_warning(caplog):
     assert "model.family=qwen2_vl without model._target_ is deprecated" in caplog.text
     assert family_class({"name": "older", "path": "x"}) is Qwen25VL  # the default family then
     upgraded = Family.upgraded(old, "model")
-    assert upgraded._target_ == "regioncap.families.qwen.Qwen2VL" and "family" not in upgraded
+    assert upgraded["_target_"] == "regioncap.families.qwen.Qwen2VL" and "family" not in upgraded
     with pytest.raises(RunError, match="model.family=llava"):
         family_class({"name": "x", "path": "x", "family": "llava"})
 

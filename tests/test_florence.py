@@ -128,21 +128,23 @@ def test_region_strategy_one_request_per_region_no_marks(tmp_path):
     fam = family()
     strategy = _strategy(fam)
     boxes = [bx.Box(0, 0, 384, 384), bx.Box(100, 200, 768, 768), bx.Box(5, 5, 50, 60)]
-    regions = [{"id": i + 1, "input_bbox": b.round_int(), "chunk": c, "number": n}
+    from regioncap.record_types import Region
+
+    regions = [Region(id=i + 1, input_bbox=b.round_int(), chunk=c, number=n)
                for i, ((c, n), b) in enumerate(zip(strategy.slots(len(boxes)), boxes))]
-    assert [r["number"] for r in regions] == [1, 1, 1]
+    assert [r.number for r in regions] == [1, 1, 1]
     image = Image.new("RGB", (768, 768), "white")
     rendered = strategy.render("0000001", image, image, (1536, 1536), strategy.plan(regions, boxes))
     # One clean image (no marks drawn), written once and shared by every request.
     assert [r.image is image for r in rendered] == [True, False, False]
     assert len({r.name for r in rendered}) == 1
     specs = [strategy.spec("row", r) for r in rendered]
-    assert [s["prompt"] for s in specs] == [
+    assert [s.prompt for s in specs] == [
         "<REGION_TO_DESCRIPTION><loc_0><loc_0><loc_500><loc_500>",
         "<REGION_TO_DESCRIPTION><loc_130><loc_260><loc_999><loc_999>",
         "<REGION_TO_DESCRIPTION><loc_6><loc_6><loc_65><loc_78>",
     ]
-    assert [s["region_ids"] for s in specs] == [[1], [2], [3]]
+    assert [s.region_ids for s in specs] == [[1], [2], [3]]
     # The answer is the caption: free text, no constraint, nothing to re-ask.
     assert strategy.constraint([1]) == (None, None) and not strategy.reasks
     assert strategy.parse("a white wall", [1]).captions == {1: "a white wall"}

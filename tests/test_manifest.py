@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, compose
+from conftest import REPO, compose, typed
 from regioncap import manifest as mf
 from regioncap import reproduce as rp
 from regioncap.data import fingerprint_file
@@ -128,11 +128,12 @@ def test_manifest_has_every_field_and_round_trips(tmp_path):
 
 
 def test_manifest_without_hydra_or_end_time(tmp_path):
-    # Composed outside a job: ${hydra:...} cannot resolve; the manifest says so and still has the rest.
-    cfg = compose(["engine=fake"])
+    # Outside a Hydra job (the compose API): no choices or overrides; the typed config is resolved.
+    cfg = typed(["engine=fake"], output_dir=str(tmp_path))
     m = mf.build_manifest(cfg, run_dir=tmp_path, choices=None, overrides=None, started=time.time(), ended=None,
                           model_path=None, engine_info=None)
-    assert m["config_resolved"] is False and m["config"]["output_dir"] == "${hydra:runtime.output_dir}"
+    assert m["config_resolved"] is True and m["config"]["output_dir"] == str(tmp_path)
+    assert m["config"]["engine"]["_target_"] == "regioncap.engines.fake.FakeEngine"
     assert m["ended"] is None and m["duration_s"] is None and m["hydra"] == {"choices": None, "overrides": None}
     json.dumps(m)
 

@@ -177,3 +177,29 @@ def test_an_engine_strategy_proposer_source_and_logger_from_outside_touch_0_pack
     named = [path for path in before if path.endswith((".py", ".yaml", ".toml"))
              and any(n in (REPO / path).read_text(encoding="utf-8") for n in PLUGIN_NAMES)]
     assert named == []
+
+
+@pytest.mark.cli
+@pytest.mark.slow
+def test_a_plugins_typed_settings_reach_the_preparation_workers_and_an_isolated_caption_process(tmp_path):
+    """The typed config goes pickled to other processes: the user's own ``Config`` classes (engine, proposer,
+    data source, strategy) import there by name, from the same PYTHONPATH, as the classes they configure must."""
+    import shutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("shapes_00000.jpg", "shapes_00001.jpg"):
+        shutil.copy(REPO / "regioncap" / "demo" / "shapes" / "images" / name, images / name)
+    out = tmp_path / "run"
+    proc = run_plugin(tmp_path, "engine=echo", "executor=isolated", "prompt=few", "propose=grid", "data=folder",
+                      f"data.path={images}", "workers=1", "overlap=false", "progress=false", f"hydra.run.dir={out}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["shapes_00000", "shapes_00001"]
+    for rec in records:
+        assert rec["status"] == "ok" and {reg["source"] for reg in rec["regions"]} == {"grid"}
+        assert {reg["caption"] for reg in rec["regions"]} == {"a plugin caption"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pipeline"]["workers"] == 1
+    # The caption stage ran in its own process (executor=isolated), not the job's.
+    assert metrics["stages"]["caption"]["pid"] != metrics["stages"]["visualize"]["pid"]

@@ -160,6 +160,7 @@ def test_parse_answer_never_raises(text, numbers, answer_format):
 # --------------------------------------------------------------------------- caption checks
 
 from regioncap.metrics import annotate_record, caption_flags  # noqa: E402
+from regioncap.record_types import Record  # noqa: E402
 
 
 @pytest.mark.parametrize("caption,flags", [
@@ -195,7 +196,7 @@ def test_caption_flags_never_raise(caption):
        st.one_of(json_values, st.text(alphabet="[]\"a ,1", max_size=20), st.just("[" * 5000 + "]" * 5000),
                  st.just("[" + "1" * 5000 + "]")))
 def test_annotate_record_never_raises(regions, references):
-    record = annotate_record({"regions": regions, "references": references})
+    record = annotate_record(Record.from_dict({"regions": regions, "references": references})).to_dict()
     assert all(isinstance(r["flags"], list) for r in record["regions"])
 
 

@@ -3,6 +3,7 @@ the reserved input names come from it, and docs/formats.md's record tables name 
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -159,3 +160,96 @@ def test_formats_md_names_every_region_and_request_field():
     error_docs = set(re.findall(r"\{([a-z_, ]+)\}", row)[0].replace(" ", "").split(","))
     error_docs |= set(re.findall(r"`([a-z_]+)(?::[^`]*)?`", row))
     assert RecordError.names() - error_docs == set()
+
+
+# ------------------------------------------------------------------ record keys are written once
+
+#: Names a record, or a part of one, goes by in the package: a variable, or the key it was read from.
+RECORD_NAMES = frozenset({"rec", "record", "raw", "reg", "region", "spec", "rspec", "reask", "err", "error",
+                          "first_error", "item", "planned"})
+
+#: Modules whose literal keys are not a record's, though named like its fields; each with why.
+NOT_RECORDS = {
+    "regioncap/data.py": "input rows (DataFlow-MM fields as a data set names them) and their digest",
+    "regioncap/boxes.py": "a box of an input row given as an object ({'bbox': [...]}), an input format",
+    "regioncap/shapes.py": "the synthetic data set's input rows (write_dataset)",
+    "regioncap/engines/base.py": "a Response's own fields: engines stay free of the record model",
+    "regioncap/engines/openai_engine.py": "the engine's error of a failed request, before it is a Response",
+    "regioncap/prompts.py": "the model's JSON answer ({'id', 'caption'}), a wire format the prompt asks for",
+    "regioncap/families/grounding.py": "the model's grounding answer ({'bbox_2d', 'label'}), a wire format",
+    "regioncap/propose/base.py": "a proposal's JSON (python -m regioncap.propose --json)",
+    "regioncap/export.py": "export rows, its own format (docs/formats.md, Export), built from records read "
+                          "through the model",
+    "regioncap/report.py": "the templates' context, named like the fields it shows",
+    "regioncap/loggers.py": "the W&B table's columns, named like the fields they show",
+}
+
+
+def record_key_literals(path: Path) -> List[str]:
+    """``file:line key`` of every record field name written as a string literal where a record is
+    read or built: ``rec["status"]``, ``reg.get("caption")``, ``"error" in rec`` on something named
+    like a record or a part (:data:`RECORD_NAMES`, or read by such a key: ``rec.get("error").get("kind")``),
+    and a dict literal with three or more keys of one part (a record built by hand)."""
+    from dataclasses import fields
+
+    parts = [frozenset(f.name for f in fields(p)) for p in (Record, Region, RequestSpec, RecordError)]
+    names = frozenset().union(*parts)
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    label = path.relative_to(REPO).as_posix() if path.is_relative_to(REPO) else path.name
+    found: List[str] = []
+
+    def holder(node: ast.AST) -> Any:
+        # What an expression holds, by name: a variable's, an attribute's, or the key it was read by.
+        if isinstance(node, ast.Name):
+            return node.id
+        if isinstance(node, ast.Attribute):
+            return node.attr
+        if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            return node.slice.value
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop") \
+                and node.args and isinstance(node.args[0], ast.Constant):
+            return node.args[0].value
+        if isinstance(node, ast.BoolOp):
+            return holder(node.values[0])
+        return None
+
+    def key(const: ast.AST, receiver: ast.AST) -> None:
+        if isinstance(const, ast.Constant) and const.value in names and holder(receiver) in RECORD_NAMES:
+            found.append(f"{label}:{const.lineno} {holder(receiver)}[{const.value!r}]")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Subscript):
+            key(node.slice, node.value)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                node.func.attr in ("get", "pop", "setdefault") and node.args:
+            key(node.args[0], node.func.value)
+        elif isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops):
+            key(node.left, node.comparators[0])
+        elif isinstance(node, ast.Dict):
+            keys = {k.value for k in node.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+            if any(len(keys & part) >= 3 for part in parts):
+                found.append(f"{label}:{node.lineno} {{{', '.join(sorted(keys & names))}}}")
+    return found
+
+
+def test_record_keys_are_written_once_in_the_model():
+    """The writers build records through the model and the readers read them through it (or by
+    the model's ``KeyNames`` on per-row paths): no record field's name as a string literal elsewhere."""
+    package = REPO / "regioncap"
+    assert all((REPO / m).is_file() for m in NOT_RECORDS), "an allowed module is gone: take it off NOT_RECORDS"
+    hits = [hit for path in sorted(package.rglob("*.py"))
+            if path.name != "record_types.py" and path.relative_to(REPO).as_posix() not in NOT_RECORDS
+            for hit in record_key_literals(path)]
+    assert hits == [], ("build and read records through regioncap.record_types (Record, Region, RequestSpec, "
+                        "RecordError; RECORD.<field> where a decoded record is read by key):\n" + "\n".join(hits))
+
+
+def test_the_record_key_check_sees_each_kind_of_use(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text('def f(rec, reg, c, row):\n'
+                   '    a = rec["status"], reg.get("caption"), "error" in rec, (rec.get("error") or {}).get("kind")\n'
+                   '    b = {"stage": 1, "kind": 2, "message": 3}\n'
+                   '    ok = c["regions"], row.get("image"), {"prompt": 1, "output": 2}, rec.get("note")\n')
+    assert sorted(record_key_literals(bad)) == [
+        "bad.py:2 error['kind']", "bad.py:2 rec['error']", "bad.py:2 rec['error']", "bad.py:2 rec['status']",
+        "bad.py:2 reg['caption']", "bad.py:3 {kind, message, stage}"]

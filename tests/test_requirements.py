@@ -6,16 +6,17 @@ import os
 import sys
 
 import pytest
-from omegaconf import OmegaConf
+from dataclasses import replace
 
-from conftest import compose
+from conftest import typed as compose
 from regioncap.errors import RunError
 from regioncap.requirements import check_requirements, missing_requirements
 
 
 def check_engine(cfg):
     """The requirements of ``cfg``'s engine alone (the caption stage's)."""
-    check_requirements(OmegaConf.create({"stages": ["caption"], "engine": OmegaConf.to_container(cfg.engine)}))
+    check_requirements(replace(cfg, stages=["caption"], model=None, data=None, prompt=None, logger=None,
+                               executor=None, propose=None))
 
 
 def _hide(monkeypatch, *modules):
@@ -75,11 +76,13 @@ def test_the_check_imports_nothing_heavy():
 
     from conftest import REPO
 
-    code = ("from omegaconf import OmegaConf; from regioncap.requirements import check_requirements; "
-            "check_requirements(OmegaConf.create({'stages': ['visualize', 'caption'], "
-            "'engine': {'_target_': 'regioncap.engines.auto.AutoEngine'}, "
-            "'logger': {'_target_': 'regioncap.loggers.WandbLogger'}, "
-            "'executor': {'_target_': 'regioncap.executors.ray_executor.RayExecutor'}}))")
+    code = ("from regioncap.config import RegionCapConfig; from regioncap.engines.auto import AutoEngine; "
+            "from regioncap.loggers import WandbLogger; from regioncap.executors.ray_executor import RayExecutor; "
+            "from regioncap.requirements import check_requirements; "
+            "named = lambda cls, **kw: cls.Config(_target_=f'{cls.__module__}.{cls.__qualname__}', **kw); "
+            "check_requirements(RegionCapConfig(model=None, data=None, prompt=None, propose=None, "
+            "stages=['visualize', 'caption'], engine=named(AutoEngine), logger=named(WandbLogger), "
+            "executor=named(RayExecutor)))")
     proc = subprocess.run([sys.executable, "-X", "importtime", "-c", code], capture_output=True, text=True,
                           cwd=REPO, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -214,6 +214,67 @@ def test_retry_errors_redoes_caption_error_rows_once(tmp_path):
     assert metrics["rows"] == ROWS and metrics["error_rows"] == 0
 
 
+def test_the_resume_scan_redoes_the_rows_whose_error_is_retryable(tmp_path):
+    """``error.retryable`` decides; a caption-stage error written before the field existed is redone
+    (as every one was then), one of another stage is not."""
+    from regioncap.rundir import RunDir
+
+    errors = [{"stage": "caption", "kind": "engine_error", "message": "m", "retryable": True},
+              {"stage": "caption", "kind": "too_long", "message": "m", "retryable": False},
+              {"stage": "visualize", "kind": "unreadable_file", "message": "m", "retryable": True},
+              {"stage": "visualize", "kind": "missing_file", "message": "m", "retryable": False},
+              {"stage": "caption", "kind": "engine_error", "message": "m"},
+              {"stage": "visualize", "kind": "not_an_image", "message": "m"},
+              None]
+    (tmp_path / "captions.jsonl").write_text("".join(
+        json.dumps({"id": f"r{i}", "index": i, "status": "ok" if e is None else "error", "error": e}) + "\n"
+        for i, e in enumerate(errors)))
+    done, redo = RunDir(tmp_path).done_rows("caption", retry=True)
+    assert sorted(done) == list(range(len(errors))) and redo == {0, 2, 4}
+    assert RunDir(tmp_path).done_rows("caption", retry=False)[1] == set()
+
+
+@pytest.mark.slow  # a few seconds: the slow tier (the unit tier stays under 2 min)
+def test_retry_errors_redoes_exactly_the_retryable_rows(tmp_path, monkeypatch):
+    """Every error row says whether it may pass another time; ``resume=true retry_errors=true``
+    redoes those (in both stages' files) and keeps the others byte for byte."""
+    import regioncap.stages.visualize as visualize
+    from regioncap.images import ImageLoadError
+
+    rows, out = demo_rows(tmp_path / "rows.jsonl", 5), tmp_path / "run"
+    lines = rows.read_text().splitlines()
+    gone = json.loads(lines[2])
+    gone["image"] = str(tmp_path / "gone.jpg")  # bad input: no such file
+    lines[2] = json.dumps(gone)
+    rows.write_text("\n".join(lines) + "\n")
+    ids = [json.loads(line)["id"] for line in lines]
+    real = visualize.load_image
+
+    flaky_image = json.loads(lines[3])["image"]  # the five rows have five different images
+
+    def flaky(source, **kw):  # row 3's read fails, as an I/O error on a network mount does
+        if str(source) == flaky_image:
+            raise ImageLoadError("unreadable_file", f"{source}: cannot open (Input/output error)")
+        return real(source, **kw)
+
+    monkeypatch.setattr(visualize, "load_image", flaky)
+    execute(fake(out, rows, "workers=0", "max_error_rate=1", f"engine.fail_keys=[{ids[1]}/]"))
+    first = by_id(out / "captions.jsonl")
+    assert {i: (r["error"] or {}).get("retryable") for i, r in first.items()} == {
+        ids[0]: None, ids[1]: True, ids[2]: False, ids[3]: True, ids[4]: None}
+    assert first[ids[1]]["error"]["kind"] == "engine_error" and first[ids[3]]["error"]["kind"] == "unreadable_file"
+
+    monkeypatch.setattr(visualize, "load_image", real)  # the mount is back; the engine too
+    metrics = execute(fake(out, rows, "workers=0", "resume=true", "retry_errors=true", "max_error_rate=1"))
+    again, seen = by_id(out / "captions.jsonl"), by_id(out / "visualize.jsonl")
+    assert len(again) == len(seen) == 5  # every row once in each file
+    assert {i: r["status"] for i, r in again.items()} == {
+        ids[0]: "ok", ids[1]: "ok", ids[2]: "error", ids[3]: "ok", ids[4]: "ok"}
+    assert [r["id"] for r in read_jsonl(out / "captions.jsonl")][-2:] == [ids[1], ids[3]]  # redone: appended
+    assert {i: again[i] for i in (ids[0], ids[2], ids[4])} == {i: first[i] for i in (ids[0], ids[2], ids[4])}
+    assert metrics["rows"] == 5 and metrics["error_rows"] == 1
+
+
 @pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_a_run_dir_in_use_is_refused(tmp_path):
     from regioncap.run import build_run

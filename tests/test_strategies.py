@@ -14,7 +14,9 @@ from regioncap.strategies import CropStrategy, build_strategy
 
 def regions_of(strategy, boxes):
     """Regions as the visualize stage writes them: the strategy's slots on each box."""
-    return [{"id": i + 1, "input_bbox": b.round_int(), "chunk": c, "number": n}
+    from regioncap.record_types import Region
+
+    return [Region(id=i + 1, input_bbox=b.round_int(), chunk=c, number=n)
             for i, ((c, n), b) in enumerate(zip(strategy.slots(len(boxes)), boxes))]
 
 
@@ -35,13 +37,13 @@ def test_render_is_pure_and_specs_follow_the_plan(option, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing written: the stage writes what render returns
     specs = [strategy.spec("row", r) for r in rendered]
     # Every region is asked about exactly once, by the number its slot gave it.
-    assert sorted(rid for s in specs for rid in s["region_ids"]) == [r["id"] for r in regions]
-    by_id = {r["id"]: r for r in regions}
-    assert all([by_id[i]["number"] for i in s["region_ids"]] == s["numbers"] for s in specs)
+    assert sorted(rid for s in specs for rid in s.region_ids) == [r.id for r in regions]
+    by_id = {r.id: r for r in regions}
+    assert all([by_id[i].number for i in s.region_ids] == s.numbers for s in specs)
     if isinstance(strategy, CropStrategy):
-        assert [s["numbers"] for s in specs] == [[1]] * 5
+        assert [s.numbers for s in specs] == [[1]] * 5
     else:
-        assert [s["numbers"] for s in specs] == [[1, 2], [1, 2], [1]]
+        assert [s.numbers for s in specs] == [[1, 2], [1, 2], [1]]
     assert all(r.image is None or r.image.size == tuple(r.size) for r in rendered)
 
 

@@ -100,7 +100,7 @@ def test_move_into_place_loser_uses_winner(tmp_path):
     mine = tmp_path / ".model.tmp-x"
     mine.mkdir()
     (mine / "loser").write_text("")
-    assert tiny._move_into_place(mine, out, 0) is False
+    assert tiny._move_into_place(mine, out, tiny.qwen_folder(), 0) is False
     assert (out / "winner").exists() and not (out / "loser").exists()
 
 
@@ -112,7 +112,7 @@ def test_move_into_place_replaces_an_older_build(tmp_path):
     mine = tmp_path / ".model.tmp-x"
     mine.mkdir()
     (mine / "new-file").write_text("")
-    assert tiny._move_into_place(mine, out, 0) is True
+    assert tiny._move_into_place(mine, out, tiny.qwen_folder(), 0) is True
     assert (out / "new-file").exists() and not (out / "old-file").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
@@ -125,8 +125,70 @@ def test_move_into_place_never_deletes_a_foreign_folder(tmp_path):
     mine.mkdir()
     (mine / "new-file").write_text("")
     with pytest.raises(FileExistsError, match="my-real-model"):
-        tiny._move_into_place(mine, out, 0)
+        tiny._move_into_place(mine, out, tiny.qwen_folder(), 0)
     assert (out / "config.json").exists()
+
+
+def _tiny_kinds():
+    """Every family's tiny build: what marks its finished folder."""
+    from regioncap.families import florence, gemma, internvl_files
+
+    return {"qwen2_5_vl": tiny.qwen_folder(), "qwen3_vl": tiny.qwen_folder("qwen3_vl"),
+            "internvl": internvl_files.tiny_folder(), "gemma3": gemma.tiny_folder(),
+            "florence2": florence.tiny_folder()}
+
+
+def _fake_build(calls):
+    def build(folder):
+        calls.append(folder)
+        (folder / "config.json").write_text("{}")
+        return {"what": "fake"}
+    return build
+
+
+@pytest.mark.parametrize("name", sorted(_tiny_kinds()))
+def test_build_folder_replaces_an_older_build_and_then_reuses_it(tmp_path, name):
+    """The one build path of every family: an older version's folder is replaced (InternVL's and
+    Florence-2's own copies deleted it first or failed), the marker carries the kind's fields and the
+    seed, and a complete folder is reused without building."""
+    kind = _tiny_kinds()[name]
+    out = tmp_path / "m"
+    out.mkdir()
+    version_key = next(k for k in kind.fields if "version" in k)
+    (out / kind.marker).write_text(json.dumps(dict(kind.fields, **{version_key: -1}, seed=3)))
+    (out / "old-file").write_text("")
+    calls = []
+    assert tiny.build_folder(out, kind, _fake_build(calls), seed=3, name=name) == out
+    assert len(calls) == 1 and not (out / "old-file").exists() and (out / "config.json").exists()
+    marker = json.loads((out / kind.marker).read_text())
+    assert marker == dict(kind.fields, seed=3, what="fake") and kind.is_complete(out, 3)
+    assert tiny.build_folder(out, kind, _fake_build(calls), seed=3, name=name) == out and len(calls) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # nothing left beside it
+
+
+def test_build_folder_refuses_a_foreign_folder_before_building(tmp_path):
+    out = tmp_path / "my-real-model"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    calls = []
+    with pytest.raises(FileExistsError, match="my-real-model"):
+        tiny.build_folder(out, tiny.qwen_folder(), _fake_build(calls), name="qwen2_5_vl")
+    assert calls == [] and (out / "config.json").read_text() == "{}"
+
+
+def test_no_familys_tiny_folder_passes_for_anothers(tmp_path):
+    """Florence-2 and the Qwen builds share a marker file name: the family in it tells them apart (a
+    marker from before Qwen3-VL, without one, is a Qwen2.5-VL)."""
+    kinds = _tiny_kinds()
+    for name, kind in kinds.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / kind.marker).write_text(json.dumps(dict(kind.fields, seed=0)))
+        assert [other for other, k in kinds.items() if k.is_complete(folder, 0)] == [name]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / tiny.MARKER).write_text(json.dumps({"builder_version": tiny.BUILDER_VERSION, "seed": 0}))
+    assert [other for other, k in kinds.items() if k.is_complete(old, 0)] == ["qwen2_5_vl"]
 
 
 def test_script_builds(tmp_path, capsys):

@@ -31,7 +31,7 @@ class AutoEngine(Engine):
     isolate_in_sweeps = VllmEngine.isolate_in_sweeps or TransformersEngine.isolate_in_sweeps
 
     @classmethod
-    def cpu_bound(cls, engine_cfg: Any) -> bool:
+    def cpu_bound(cls, engine_cfg: AutoEngine.Config) -> bool:
         # Not known before the pick (which imports torch): the preparation workers take every other core.
         return False
 

@@ -17,10 +17,13 @@ import abc
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Sequence
 
 from regioncap.components import Component, check, real, whole
 from regioncap.errors import RunError
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 
 class EngineError(RunError):
@@ -212,6 +215,17 @@ def error_response(key: str, kind: str, message: str, **kw: Any) -> Response:
     return make_response(key, error={"kind": kind, "message": message}, **kw)
 
 
+#: Error kinds of a failed request that the same request meets again: the request itself is what
+#: is wrong (a prompt over the model's context, a request the engine refuses), not the engine.
+REQUEST_FAULT_KINDS = frozenset({"too_long", "invalid_request"})
+
+
+def retryable_answer(kind: Optional[str]) -> bool:
+    """Whether a request that failed with error ``kind`` may pass another time (``error.retryable``
+    of its row): an engine or server failure, a timeout, a file read; not a fault of the request."""
+    return kind not in REQUEST_FAULT_KINDS
+
+
 class EngineInfo(dict):
     """What ``Engine.describe()`` returns: a plain dict (for the manifest) that
     prints as one readable line: ``openai base_url=... model=... concurrency=8``."""
@@ -260,12 +274,12 @@ class Engine(Component, abc.ABC):
     #: checked before any work by :func:`regioncap.requirements.check_requirements`.
 
     @classmethod
-    def preflight(cls, engine_cfg: Any, model_cfg: Any) -> None:
+    def preflight(cls, engine_cfg: Engine.Config, model_cfg: Family.Config) -> None:
         """Check before the first row what can be checked without loading a model (a server answers);
         raise :class:`EngineError` naming the cause. Nothing to check by default."""
 
     @classmethod
-    def cpu_bound(cls, engine_cfg: Any) -> bool:
+    def cpu_bound(cls, engine_cfg: Engine.Config) -> bool:
         """Whether the engine computes on this machine's CPU cores (then few preparation workers help)."""
         return False
 

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, List, Sequence
+from typing import TYPE_CHECKING, List, Sequence
 
 from regioncap.components import check, whole
 from regioncap.engines.base import Engine, EngineInfo, Request, Response, error_response, make_response
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 
 class FakeEngine(Engine):
@@ -33,9 +36,9 @@ class FakeEngine(Engine):
     name = "fake"
     needs_model_path = False
 
-    def __init__(self, *, model_cfg: Any, engine_cfg: Any, model_path: str | None = None) -> None:
+    def __init__(self, *, model_cfg: Family.Config, engine_cfg: FakeEngine.Config, model_path: str | None = None) -> None:
         self.skip = set(engine_cfg.skip_regions or [])
-        self.answer_on_reask = bool(engine_cfg.answer_on_reask)
+        self.answer_on_reask = engine_cfg.answer_on_reask
         self.fail_keys = list(engine_cfg.fail_keys or [])
         self.calls: List[int] = []
 

@@ -28,11 +28,14 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from regioncap.components import check, real, whole
 from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +245,7 @@ class OpenAIEngine(Engine):
     requires = ("openai",)
     extra = "openai"
 
-    def __init__(self, model_cfg: Any, engine_cfg: Any, model_path: Optional[str] = None) -> None:
+    def __init__(self, model_cfg: Family.Config, engine_cfg: OpenAIEngine.Config, model_path: Optional[str] = None) -> None:
         try:
             import openai
         except ImportError as e:
@@ -251,15 +254,15 @@ class OpenAIEngine(Engine):
         self._openai = openai
         self.model_cfg = model_cfg
         self.engine_cfg = engine_cfg
-        self.base_url = str(engine_cfg.base_url)
+        self.base_url = engine_cfg.base_url
         self.model = str(engine_cfg.served_model or model_cfg.path)
-        self.concurrency = max(1, int(engine_cfg.concurrency))
-        self.timeout_s = float(engine_cfg.timeout_s)
-        self.max_retries = max(0, int(engine_cfg.max_retries))
-        self.backoff_s = max(0.0, float(engine_cfg.backoff_s))
-        self.max_backoff_s = max(0.0, float(engine_cfg.max_backoff_s))
-        self.structured_outputs = bool(engine_cfg.structured_outputs)
-        self.api_key_env = str(engine_cfg.api_key_env)
+        self.concurrency = max(1, engine_cfg.concurrency)
+        self.timeout_s = engine_cfg.timeout_s
+        self.max_retries = max(0, engine_cfg.max_retries)
+        self.backoff_s = max(0.0, engine_cfg.backoff_s)
+        self.max_backoff_s = max(0.0, engine_cfg.max_backoff_s)
+        self.structured_outputs = engine_cfg.structured_outputs
+        self.api_key_env = engine_cfg.api_key_env
         key = os.environ.get(self.api_key_env) or ""
         self._key_set = bool(key)
         # Kept only to scrub it out of messages; never stored in anything described.
@@ -285,7 +288,7 @@ class OpenAIEngine(Engine):
             _redact_url(self.base_url), self.model, self.concurrency, self.timeout_s,
             self.max_retries, self.api_key_env, "set" if self._key_set else "unset, sending EMPTY",
         )
-        if bool(getattr(engine_cfg, "preflight", True)):
+        if engine_cfg.preflight:
             try:
                 self.check()
             except BaseException:
@@ -359,9 +362,9 @@ class OpenAIEngine(Engine):
                               f"{shown or 'no models'} (set engine.served_model to one of them)")
 
     @classmethod
-    def preflight(cls, engine_cfg: Any, model_cfg: Any) -> None:
+    def preflight(cls, engine_cfg: OpenAIEngine.Config, model_cfg: Family.Config) -> None:
         """Build the engine, :meth:`check` the server, close it: for a run to call before its first row."""
-        if not getattr(engine_cfg, "preflight", True):
+        if not engine_cfg.preflight:
             return
         with cls(model_cfg=model_cfg, engine_cfg=engine_cfg, model_path=None):
             pass

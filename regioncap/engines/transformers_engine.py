@@ -29,11 +29,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from regioncap.components import check, whole
 from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
 from regioncap.prompts import MAX_CAPTION_CHARS
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +222,11 @@ class TransformersEngine(Engine):
     extra = "transformers"
 
     @classmethod
-    def cpu_bound(cls, engine_cfg: Any) -> bool:
+    def cpu_bound(cls, engine_cfg: TransformersEngine.Config) -> bool:
         # On the CPU, torch's own threads take every core.
-        return not str(engine_cfg.get("device", "")).startswith("cuda")
+        return not str(engine_cfg.device).startswith("cuda")
 
-    def __init__(self, *, model_cfg: Any, engine_cfg: Any, model_path: str) -> None:
+    def __init__(self, *, model_cfg: Family.Config, engine_cfg: TransformersEngine.Config, model_path: str) -> None:
         import torch
         import transformers
 
@@ -234,12 +237,12 @@ class TransformersEngine(Engine):
         self.family = build_family(model_cfg)
         self.engine_cfg = engine_cfg
         self.model_path = str(model_path)
-        self.device = _pick_device(getattr(engine_cfg, "device", "auto"))
-        self.dtype = _pick_dtype(getattr(model_cfg, "dtype", "auto"), self.device)
-        self.batch_size = max(1, int(getattr(engine_cfg, "batch_size", 8)))
-        self.max_model_len = int(model_cfg.max_model_len)
+        self.device = _pick_device(engine_cfg.device)
+        self.dtype = _pick_dtype(model_cfg.dtype, self.device)
+        self.batch_size = max(1, engine_cfg.batch_size)
+        self.max_model_len = model_cfg.max_model_len
         self._versions = {"transformers": transformers.__version__, "torch": torch.__version__}
-        trust = bool(getattr(model_cfg, "trust_remote_code", False))
+        trust = model_cfg.trust_remote_code
         from regioncap import random_weights
 
         self.model_weights = random_weights.describe(model_cfg)["model_weights"]
@@ -253,7 +256,7 @@ class TransformersEngine(Engine):
         except Exception as exc:
             raise EngineError(f"cannot load the processor of {self.model_path}: {type(exc).__name__}: {exc}") from exc
         self._set_processor_settings(self.family.processor_kwargs())
-        self.min_pixels, self.max_pixels = int(model_cfg.min_pixels), int(model_cfg.max_pixels)
+        self.min_pixels, self.max_pixels = model_cfg.min_pixels, model_cfg.max_pixels
         self.tokenizer = self.processor.tokenizer
         self.model = self._load_model(config, trust)
         self.model.eval()
@@ -290,16 +293,16 @@ class TransformersEngine(Engine):
         # Width of the logits (the embedding is often padded beyond the tokenizer).
         self.logits_size = int(self.model.get_output_embeddings().weight.shape[0])
         #: Enforce the ``lines`` answer layout of requests that carry its regex.
-        self.structured_outputs = bool(getattr(engine_cfg, "structured_outputs", True))
+        self.structured_outputs = engine_cfg.structured_outputs
         #: xgrammar compiler for the other constraints (None: not built yet; False: xgrammar missing).
         self._grammar_compiler: Any = None
         ip = self.processor.image_processor
         self.unit = int(getattr(ip, "patch_size", model_cfg.patch_size)) * int(
             getattr(ip, "merge_size", model_cfg.merge_size))
-        if self.unit != int(model_cfg.patch_size) * int(model_cfg.merge_size):
+        if self.unit != model_cfg.patch_size * model_cfg.merge_size:
             log.warning("the processor of %s uses %d-px visual tokens but model.patch_size x model.merge_size "
                         "is %d: images are resized for the wrong grid; fix model.patch_size/merge_size",
-                        self.model_path, self.unit, int(model_cfg.patch_size) * int(model_cfg.merge_size))
+                        self.model_path, self.unit, model_cfg.patch_size * model_cfg.merge_size)
         log.info(
             "transformers engine: %s on %s in %s, batch %d, loaded in %.1f s%s",
             self.model_path, self.device, str(self.dtype).replace("torch.", ""), self.batch_size,
@@ -382,7 +385,7 @@ class TransformersEngine(Engine):
         kwargs["dtype" if major_minor >= (4, 56) else "torch_dtype"] = self.dtype
         if config is not None:
             kwargs["config"] = config
-        attn = getattr(self.engine_cfg, "attn_implementation", None)
+        attn = self.engine_cfg.attn_implementation
         if attn:
             kwargs["attn_implementation"] = attn
         if self.model_weights == "random":
@@ -419,7 +422,7 @@ class TransformersEngine(Engine):
         try:
             if config is None:
                 config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust)
-            attn = getattr(self.engine_cfg, "attn_implementation", None)
+            attn = self.engine_cfg.attn_implementation
             if attn:
                 config._attn_implementation = attn
             with torch.random.fork_rng(devices=[]):
@@ -664,7 +667,7 @@ class TransformersEngine(Engine):
             dtype=str(self.dtype).replace("torch.", ""),
             device=self.device,
             batch_size=self.batch_size,
-            attn_implementation=getattr(self.engine_cfg, "attn_implementation", None),
+            attn_implementation=self.engine_cfg.attn_implementation,
             min_pixels=self.min_pixels,
             max_pixels=self.max_pixels,
             max_model_len=self.max_model_len,

@@ -40,10 +40,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from regioncap.components import check, real, whole
 from regioncap.engines.base import Engine, EngineError, EngineInfo, Request, Response, error_response, make_response
+
+if TYPE_CHECKING:
+    from regioncap.families.base import Family
 
 log = logging.getLogger(__name__)
 
@@ -57,15 +60,10 @@ def _rope_overrides(model_path: str) -> Dict[str, Any]:
 
 
 def _plain(value: Any) -> Dict[str, Any]:
-    """A plain dict (nested OmegaConf nodes become dicts/lists: vLLM's config classes want those)."""
-    try:
-        from omegaconf import OmegaConf
+    """A plain dict (nested settings become dicts/lists: vLLM's config classes want those)."""
+    from regioncap.components import plain
 
-        if OmegaConf.is_config(value):
-            return dict(OmegaConf.to_container(value, resolve=True))
-    except ImportError:
-        pass
-    return dict(value)
+    return dict(plain(value))
 
 
 class VllmEngine(Engine):
@@ -89,7 +87,7 @@ class VllmEngine(Engine):
     requires = ("vllm",)
     extra = "vllm"
 
-    def __init__(self, model_cfg: Any, engine_cfg: Any, model_path: Optional[str] = None) -> None:
+    def __init__(self, model_cfg: Family.Config, engine_cfg: VllmEngine.Config, model_path: Optional[str] = None) -> None:
         try:
             import vllm
             from vllm import LLM
@@ -108,7 +106,7 @@ class VllmEngine(Engine):
         self.family = build_family(model_cfg)
         self.engine_cfg = engine_cfg
         self.model_path = str(model_path or model_cfg.path)
-        self.max_model_len = int(model_cfg.max_model_len)
+        self.max_model_len = model_cfg.max_model_len
         self._so_factory = self._structured_outputs_factory() if engine_cfg.structured_outputs else None
         #: Extra ``SamplingParams`` arguments every request gets, over the request's own (empty: none).
         #: A benchmark fixes the output length with ``{"min_tokens": n, "ignore_eos": True}``.
@@ -121,10 +119,10 @@ class VllmEngine(Engine):
             tokenizer_revision=model_cfg.revision,
             dtype=model_cfg.dtype,
             max_model_len=self.max_model_len,
-            gpu_memory_utilization=float(engine_cfg.gpu_memory_utilization),
-            tensor_parallel_size=int(engine_cfg.tensor_parallel_size),
-            enforce_eager=bool(engine_cfg.enforce_eager),
-            trust_remote_code=bool(model_cfg.trust_remote_code),
+            gpu_memory_utilization=engine_cfg.gpu_memory_utilization,
+            tensor_parallel_size=engine_cfg.tensor_parallel_size,
+            enforce_eager=engine_cfg.enforce_eager,
+            trust_remote_code=model_cfg.trust_remote_code,
             seed=0,
             limit_mm_per_prompt={"image": 1, "video": 0},
             mm_processor_kwargs=self.family.mm_processor_kwargs(),

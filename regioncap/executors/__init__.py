@@ -21,18 +21,21 @@ in the package or in a user's own (docs/plugins.md).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Iterable, Optional, Type
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Iterable, Optional, Type
 
 from regioncap.components import Component, class_of
 from regioncap.rundir import RunDir
 from regioncap.stages import OnCommit, StageStats
+
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
 
 @dataclass
 class CaptionJob:
     """What an executor needs to run the caption stage of a run."""
 
-    cfg: Any
+    cfg: RegionCapConfig
     rundir: RunDir
     stats: StageStats
     model_path: Optional[str] = None
@@ -56,7 +59,7 @@ class Executor(Component):
     #: Where the stage reads ``visualize.jsonl`` when it does not stream (``in its own process``), for the log.
     elsewhere: ClassVar[str] = ""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: RegionCapConfig) -> None:
         self.cfg = cfg
 
     def caption(self, job: CaptionJob, records: Optional[Iterable[Dict[str, Any]]] = None) -> StageStats:
@@ -67,6 +70,6 @@ class Executor(Component):
         """Release what the executor holds (an engine); safe to call twice."""
 
 
-def executor_of(executor_cfg: Any) -> Type[Executor]:
+def executor_of(executor_cfg: Executor.Config) -> Type[Executor]:
     """The executor class ``executor_cfg._target_`` names (its module imported now)."""
     return class_of(executor_cfg, Executor, "executor")

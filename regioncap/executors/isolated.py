@@ -14,13 +14,16 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
 from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor
 from regioncap.rundir import LOG_FILE, RunDir
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested
 from regioncap.stages import CaptionStage, StageStats
+
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
 log = logging.getLogger("regioncap")
 
@@ -36,15 +39,15 @@ class IsolatedExecutor(Executor):
     def caption(self, job: CaptionJob, records: Optional[Iterable[Dict[str, Any]]] = None) -> StageStats:
         import multiprocessing as mp
         import queue as queue_mod
-
-        from omegaconf import OmegaConf
+        from dataclasses import replace
 
         if records is not None:
             raise RunError("executor=isolated reads visualize.jsonl; it does not take the records as a stream")
         ctx = mp.get_context("spawn")
         results = ctx.Queue()
-        cfg = OmegaConf.to_container(job.cfg, resolve=True, enum_to_str=True)
-        cfg["output_dir"] = str(job.rundir.path)
+        # The typed config goes pickled: the child imports its classes by name (a user's own Config
+        # too), as it must anyway to build the engine and model they name.
+        cfg = replace(job.cfg, output_dir=str(job.rundir.path))
         proc = ctx.Process(target=caption_child, args=(cfg, job.model_path, job.start_hint, results, job.threads),
                            name="regioncap-caption")
         start = time.perf_counter()
@@ -84,20 +87,17 @@ class IsolatedExecutor(Executor):
         return stats
 
 
-def caption_child(cfg: Dict[str, Any], model_path: Optional[str], start_hint: str, results: Any,
+def caption_child(cfg: RegionCapConfig, model_path: Optional[str], start_hint: str, results: Any,
                   threads: Optional[int] = None) -> None:
     """Entry of the spawned caption process: run the stage locally, report its stats, exit."""
-    from omegaconf import OmegaConf
-
     from regioncap.executors.local import LocalExecutor
 
     logging.basicConfig(level=logging.INFO, format=_FORMAT)
-    handler = logging.FileHandler(Path(cfg["output_dir"]) / LOG_FILE)
+    handler = logging.FileHandler(Path(cfg.output_dir) / LOG_FILE)
     handler.setFormatter(logging.Formatter(_FORMAT))
     logging.getLogger().addHandler(handler)
-    conf = OmegaConf.create(cfg)
-    executor = LocalExecutor(conf)
-    job = CaptionJob(cfg=conf, rundir=RunDir(cfg["output_dir"]), stats=StageStats(CaptionStage.name),
+    executor = LocalExecutor(cfg)
+    job = CaptionJob(cfg=cfg, rundir=RunDir(cfg.output_dir), stats=StageStats(CaptionStage.name),
                      model_path=model_path, start_hint=start_hint, threads=threads)
     try:
         # Ctrl-C reaches this process too, and the parent forwards a SIGTERM it gets:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional
 
 from regioncap.engines.base import Engine
 from regioncap.executors import CaptionJob, Executor
@@ -12,6 +12,9 @@ from regioncap.stages import StageStats, VisualizeStage, merge_startup
 from regioncap.stages.caption import Captioner
 from regioncap.stages.loop import StageLoop, progress
 
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
+
 
 class LocalExecutor(Executor):
     """The caption stage in this process; it takes the visualize records as a stream when both stages run."""
@@ -19,7 +22,7 @@ class LocalExecutor(Executor):
     name = "local"
     streams = True
 
-    def __init__(self, cfg: Any, engine: Optional[Engine] = None) -> None:
+    def __init__(self, cfg: RegionCapConfig, engine: Optional[Engine] = None) -> None:
         """``engine``: an engine already built, shared with other runs (see :class:`Captioner`)."""
         super().__init__(cfg)
         self.engine = engine
@@ -32,11 +35,11 @@ class LocalExecutor(Executor):
             job.rundir.done_rows(VisualizeStage.name)  # cuts a torn tail a killed visualize stage left
         self.captioner = Captioner(cfg, job.rundir.path, model_path=job.model_path, start_hint=job.start_hint,
                                    engine=self.engine, threads=job.threads)
-        loop = StageLoop(Captioner.name, job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
+        loop = StageLoop(Captioner.name, job.rundir, stats, resume=cfg.resume, retry=cfg.retry_errors,
                          on_commit=job.on_commit)
         source = read_jsonl(job.rundir.visualize_file) if records is None else records
         try:
-            return loop.run(progress(source, Captioner.name, bool(cfg.progress), job.total), self.captioner.batches,
+            return loop.run(progress(source, Captioner.name, cfg.progress, job.total), self.captioner.batches,
                             Captioner.identity)
         finally:
             job.engine_info.update(self.captioner.describe_engine() or {})

@@ -19,8 +19,8 @@ seconds before the first batch, for a pipeline of one map step
 (docs/scaling.md has the figures).
 
 Resume works as in the local stage (``resume=true``: rows already in
-``captions.jsonl`` are not sent again; ``retry_errors=true`` redoes caption
-error rows). A stop signal stops the driver after its current commit; batches
+``captions.jsonl`` are not sent again; ``retry_errors=true`` redoes the
+error rows whose ``error.retryable`` is true). A stop signal stops the driver after its current commit; batches
 still in flight on the cluster are dropped and redone by a resume.
 
 Every actor reads ``visualize.jsonl``, the marked images and the model folder
@@ -40,16 +40,20 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional
 
 from regioncap.errors import RunError
+from regioncap.record_types import RECORD
 from regioncap.rundir import resume_args
 from regioncap.executors import CaptionJob, Executor
 from regioncap.signals import stop_requested
 from regioncap.stages import CaptionStage, StageStats, VisualizeStage, merge_startup
 from regioncap.stages.loop import StageLoop, grouped
+
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
 log = logging.getLogger("regioncap")
 
@@ -59,9 +63,7 @@ _INSTALL_HINT = 'executor=ray needs Ray: pip install "regioncap[ray]" (or run wi
 class _Replica:
     """One engine replica (a Ray actor): reads its rows' records, captions them, returns the records."""
 
-    def __init__(self, cfg: Dict[str, Any], model_path: Optional[str], visualize_path: str) -> None:
-        from omegaconf import OmegaConf
-
+    def __init__(self, cfg: RegionCapConfig, model_path: Optional[str], visualize_path: str) -> None:
         from regioncap.stages.caption import Captioner
 
         if not logging.getLogger().handlers:
@@ -69,9 +71,9 @@ class _Replica:
         from regioncap.cpus import single_thread
 
         # The actor's CPUs are what it reserved (executor.num_cpus), not the node's: threads=N forces.
-        threads = cfg.get("threads") or max(1, math.ceil(float(cfg["executor"]["num_cpus"])))
+        threads = cfg.threads or max(1, math.ceil(cfg.executor.num_cpus))
         single_thread(threads)
-        self.captioner = Captioner(OmegaConf.create(cfg), cfg["output_dir"], model_path=model_path, threads=threads)
+        self.captioner = Captioner(cfg, cfg.output_dir, model_path=model_path, threads=threads)
         self.visualize = open(visualize_path, "rb")
         #: Whether this replica's engine start-up went back to the driver already.
         self.reported = False
@@ -128,15 +130,16 @@ def _scan(path: Path) -> Iterator[Dict[str, Any]]:
             except ValueError as exc:
                 raise RunError(f"{path}: line {n} is not JSON ({exc}); run the visualize stage again "
                                f"into a new hydra.run.dir") from None
-            index = rec.get("index")
+            index = rec.get(RECORD.index)
             if not isinstance(index, int):
                 raise RunError(f"{path}: line {n} has no integer 'index'; it was not written by regioncap")
-            yield {"index": index, "id": rec.get("id"), "digest": rec.get("digest"), "offset": start,
-                   "length": len(raw)}
+            # The row's identity under the record's own keys, and where its line is.
+            yield {RECORD.index: index, RECORD.id: rec.get(RECORD.id), RECORD.digest: rec.get(RECORD.digest),
+                   "offset": start, "length": len(raw)}
 
 
 @contextmanager
-def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
+def ray_cluster(executor_cfg: RayExecutor.Config) -> Iterator[Any]:
     """Join (or start) the cluster ``executor_cfg`` names; leave it at the end.
 
     Inside a process that has already called ``ray.init`` (a notebook, a test
@@ -152,18 +155,18 @@ def ray_cluster(executor_cfg: Any) -> Iterator[Any]:
         yield ray
         return
     kwargs: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    kwargs.update(dict(executor_cfg.get("init_args") or {}))
+    kwargs.update(dict(executor_cfg.init_args or {}))
     if executor_cfg.address:
         kwargs["address"] = executor_cfg.address
     else:
         if executor_cfg.local_num_cpus is not None:
-            kwargs["num_cpus"] = int(executor_cfg.local_num_cpus)
+            kwargs["num_cpus"] = executor_cfg.local_num_cpus
         if executor_cfg.local_num_gpus is not None:
-            kwargs["num_gpus"] = int(executor_cfg.local_num_gpus)
+            kwargs["num_gpus"] = executor_cfg.local_num_gpus
         if executor_cfg.object_store_mb is not None:
-            kwargs["object_store_memory"] = int(executor_cfg.object_store_mb) * 1024 * 1024
+            kwargs["object_store_memory"] = executor_cfg.object_store_mb * 1024 * 1024
     if executor_cfg.address:
-        _check_reachable(str(executor_cfg.address))
+        _check_reachable(executor_cfg.address)
     # ray.init makes SIGTERM exit the driver at once; the run's own handler (stop after
     # the batch being written, then exit 143) is put back after it.
     main = threading.current_thread() is threading.main_thread()
@@ -251,8 +254,8 @@ def _check_resources(ray: Any, ex: Any) -> bool:
     """
     total, free = ray.cluster_resources(), ray.available_resources()
     room = True
-    for name, per_replica in (("CPU", float(ex.num_cpus)), ("GPU", float(ex.num_gpus))):
-        need = per_replica * int(ex.num_replicas)
+    for name, per_replica in (("CPU", ex.num_cpus), ("GPU", ex.num_gpus)):
+        need = per_replica * ex.num_replicas
         have = float(total.get(name, 0.0))
         room = room and need <= float(free.get(name, 0.0)) + 1e-9
         if need > have + 1e-9:
@@ -327,7 +330,7 @@ class RayExecutor(Executor):
         stats.pid = os.getpid()
         if cfg.resume and VisualizeStage.name not in cfg.stages:
             job.rundir.done_rows(VisualizeStage.name)  # cuts a torn tail a killed visualize stage left
-        loop = StageLoop(CaptionStage.name, job.rundir, stats, resume=bool(cfg.resume), retry=bool(cfg.retry_errors),
+        loop = StageLoop(CaptionStage.name, job.rundir, stats, resume=cfg.resume, retry=cfg.retry_errors,
                          on_commit=job.on_commit).begin()
         identity = _identity
         todo = list(loop.todo(_scan(job.rundir.visualize_file), identity))
@@ -337,7 +340,7 @@ class RayExecutor(Executor):
 
 
 def _identity(item: Dict[str, Any]) -> Any:
-    return item["index"], item["id"], item["digest"]
+    return item[RECORD.index], item[RECORD.id], item[RECORD.digest]
 
 
 #: Batches queued on each replica at once: the next one is there when its current one ends,
@@ -347,16 +350,16 @@ AHEAD = 2
 
 def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[List[Dict[str, Any]]]:
     """The records of ``items`` (rows of ``visualize.jsonl``) captioned on the cluster, in order, in batches."""
-    todo = [(r["index"], r["offset"], r["length"]) for r in items]
+    todo = [(r[RECORD.index], r["offset"], r["length"]) for r in items]
     if not todo:
         return
     cfg, ex, stats = job.cfg, job.cfg.executor, job.stats
-    from omegaconf import OmegaConf
-
     path = job.rundir.captions_file
-    plain = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    plain["output_dir"] = str(job.rundir.path.resolve())  # actors may run in another working directory
-    batch = int(ex.batch_size)
+    # The typed config goes pickled: an actor imports its classes by name (a user's own Config too),
+    # as it must anyway to build the engine and model they name. Actors may run in another working
+    # directory: the run dir as an absolute path.
+    shipped = replace(cfg, output_dir=str(job.rundir.path.resolve()))
+    batch = ex.batch_size
     chunks = [todo[i:i + batch] for i in range(0, len(todo), batch)]
     bar = None
     t0 = time.perf_counter()
@@ -365,21 +368,21 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
             stats.startup["cluster_start_s"] = time.perf_counter() - t0
             room = _check_resources(ray, ex)
             options: Dict[str, Any] = {
-                "num_cpus": float(ex.num_cpus), "num_gpus": float(ex.num_gpus),
+                "num_cpus": ex.num_cpus, "num_gpus": ex.num_gpus,
                 # An actor process that dies (out of memory, a node lost) is started again and its
                 # batch run again, as Ray Data's actor pools do; the driver commits each row once.
                 "max_restarts": -1, "max_task_retries": -1,
                 # One replica per node first: a cluster of GPU nodes fills every node.
                 "scheduling_strategy": "SPREAD"}
-            options.update(dict(ex.get("remote_args") or {}))
+            options.update(dict(ex.remote_args or {}))
             log.info("caption: %d row(s) over Ray: %d replica(s) x (%g CPU, %g GPU), %d row(s) per batch, "
                      "cluster %s", len(todo), ex.num_replicas, ex.num_cpus, ex.num_gpus, batch,
                      ray.cluster_resources())
-            pool = _Pool(ray, ray.remote(**options)(_Replica), int(ex.num_replicas), {
-                "cfg": plain, "model_path": job.model_path,
+            pool = _Pool(ray, ray.remote(**options)(_Replica), ex.num_replicas, {
+                "cfg": shipped, "model_path": job.model_path,
                 "visualize_path": str(job.rundir.visualize_file.resolve())})
             try:
-                if bool(cfg.progress):
+                if cfg.progress:
                     from tqdm import tqdm
 
                     bar = tqdm(desc=CaptionStage.name, unit="row", dynamic_ncols=True, mininterval=1.0, total=len(todo))
@@ -392,9 +395,9 @@ def _ray_batches(job: CaptionJob, items: Iterable[Dict[str, Any]]) -> Iterator[L
                         job.engine_info.update(result["engine"])
                     for rec in records:
                         want = next(expected, None)
-                        if want is None or rec.get("index") != want[0]:
+                        if want is None or rec.get(RECORD.index) != want[0]:
                             raise RunError(
-                                f"executor=ray: row {rec.get('index')} came back where row "
+                                f"executor=ray: row {rec.get(RECORD.index)} came back where row "
                                 f"{None if want is None else want[0]} was due; the batches before "
                                 f"it are committed in {path}: {resume_args(job.rundir.path)} "
                                 f"goes on from there")

@@ -15,7 +15,7 @@ fluent captions of the wrong regions):
 - building: the architecture folders kept under ``regioncap/archs`` (for
   ``model.weights=random``) and a tiny random-weight build for tests.
 
-This module imports the standard library and OmegaConf only; a family's module imports
+This module imports the standard library only; a family's module imports
 nothing heavy at module level (transformers and torch only inside methods that
 build models or tokenizers).
 """
@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
-from regioncap.components import Component, check, optional, whole
+from regioncap.components import MISSING, Component, check, optional, plain, setting, whole
 
-from omegaconf import MISSING
 
 log = logging.getLogger("regioncap")
 
@@ -91,13 +90,10 @@ class Family(Component):
     #: The token the chat template writes where the image goes (the processor expands it,
     #: :meth:`expand_images`).
     image_placeholder: ClassVar[str] = "<|image_pad|>"
-    #: Whether the model reads marks drawn on the image (False: a family whose prompt names
-    #: the region itself, such as Florence-2's region task).
-    marks: ClassVar[bool] = True
     #: What to know when vLLM cannot load a model of this family (added to its load error); None: nothing.
     vllm_hint: ClassVar[Optional[str]] = None
 
-    def __init__(self, cfg: Any = None) -> None:
+    def __init__(self, cfg: Optional[Family.Config] = None) -> None:
         #: The typed ``model`` section; without one, the class's defaults (enough for coordinates and grounding).
         self.cfg = cfg if cfg is not None else self.Config()
 
@@ -112,16 +108,12 @@ class Family(Component):
         """A ``model`` node written before the section named its class (``family: qwen2_vl`` and no
         ``_target_``), as a node that names it: ``family`` mapped to its class (see
         :data:`FAMILIES_BEFORE_TARGETS`), with a deprecation warning. ``node`` itself when it names one."""
-        from omegaconf import OmegaConf
-
         from regioncap.components import TARGET
         from regioncap.errors import RunError
 
-        if dataclasses.is_dataclass(node) and not isinstance(node, type):
-            node = OmegaConf.structured(node)
-        if node is None or node.get(TARGET) is not None:
+        if node is None or setting(node, TARGET) is not None:
             return node
-        family = node.get("family") or "qwen2_5_vl"  # the default of model.family then
+        family = setting(node, "family") or "qwen2_5_vl"  # the default of model.family then
         target = FAMILIES_BEFORE_TARGETS.get(str(family))
         if target is None:
             raise RunError(f"{key}.family={family} is not a model family regioncap knows "
@@ -129,10 +121,10 @@ class Family(Component):
                            f"with {key}.{TARGET} (see docs/plugins.md)")
         log.warning("%s.family=%s without %s.%s is deprecated: the model option names its class now "
                     "(%s: %s, see docs/plugins.md)", key, family, key, TARGET, TARGET, target)
-        values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+        values = plain(node)  # a plain dict: the caller types it by the class it names
         values.pop("family", None)
         values[TARGET] = target
-        return OmegaConf.create(values)
+        return values
 
     # -- pixels --------------------------------------------------------------
 
@@ -170,7 +162,7 @@ class Family(Component):
         the loaded image processor (``TransformersEngine._set_processor_settings``), and they are vLLM's
         ``mm_processor_kwargs`` unless :meth:`mm_processor_kwargs` says otherwise. Qwen: the pixel budget,
         ``model.min_pixels`` / ``model.max_pixels``."""
-        return {"min_pixels": int(self.cfg.min_pixels), "max_pixels": int(self.cfg.max_pixels)}
+        return {"min_pixels": self.cfg.min_pixels, "max_pixels": self.cfg.max_pixels}
 
     def mm_processor_kwargs(self) -> Dict[str, Any]:
         """vLLM's ``mm_processor_kwargs``: :meth:`processor_kwargs`; a family whose processor call takes
@@ -234,7 +226,7 @@ class Family(Component):
         one whose input size stays within the pixel budget and the processor's aspect limit."""
         from regioncap.images import crop_aspect_limit
 
-        return crop_aspect_limit(int(self.cfg.max_pixels), int(self.cfg.patch_size), int(self.cfg.merge_size))
+        return crop_aspect_limit(self.cfg.max_pixels, self.cfg.patch_size, self.cfg.merge_size)
 
     @classmethod
     def key_fields(cls) -> Tuple[str, ...]:
@@ -275,14 +267,14 @@ def visual_tokens_counter(node: Any) -> Optional[Callable[[int, int], int]]:
     """The ``visual_tokens(width, height)`` of the family a ``model`` node names (a config node or the plain
     dict a run recorded), for counting a finished run's visual tokens; None when the family cannot be
     built here (then the caller falls back to Qwen's rule)."""
-    from omegaconf import OmegaConf
-
-    if node is None or not hasattr(node, "get"):
+    if node is None or isinstance(node, (str, int, float, bool)):
         return None
     try:
-        if not OmegaConf.is_config(node):
-            node = OmegaConf.create(dict(node))
-        return family_class(node)(node).visual_tokens
+        cls = family_class(node)
+        if not isinstance(node, cls.Config):  # a recorded dict: the settings its Config knows, read as attributes
+            values = plain(node)
+            node = cls.Config(**{f.name: values[f.name] for f in dataclasses.fields(cls.Config) if f.name in values})
+        return cls(node).visual_tokens
     except Exception:  # noqa: BLE001 - a record read elsewhere (an old run, a class not installed)
         return None
 
@@ -290,10 +282,10 @@ def visual_tokens_counter(node: Any) -> Optional[Callable[[int, int], int]]:
 def family_name(node: Any) -> Optional[str]:
     """``model.family`` as manifests, reports and exports say it (``qwen2_5_vl``) for a ``model`` node or
     the plain dict a run recorded; None when it cannot be told here (a class that does not import)."""
-    if node is None or not hasattr(node, "get"):
+    if node is None or isinstance(node, (str, int, float, bool)):
         return None
-    if node.get("_target_") is None:
-        return str(node.get("family") or "qwen2_5_vl")
+    if setting(node, "_target_") is None:
+        return str(setting(node, "family") or "qwen2_5_vl")
     try:
         return family_class(node).name or None
     except Exception:  # noqa: BLE001 - a record read elsewhere: unknown, not an error

@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,9 +81,6 @@ TINY_VISION: Dict[str, Any] = dict(depths=[1, 1, 1, 1], embed_dim=[8, 16, 32, 64
                                    max_position_embeddings=50, max_temporal_embeddings=100)
 #: The tiny build's input square: 2 x 2 visual tokens + 1.
 TINY_IMAGE_SIZE = 64
-#: ImageNet mean/std, as in the published preprocessor_config.json.
-IMAGE_MEAN = [0.485, 0.456, 0.406]
-IMAGE_STD = [0.229, 0.224, 0.225]
 #: Bump when the tiny folder's content changes; a folder with another version is rebuilt.
 TINY_VERSION = 1
 TINY_MARKER = "regioncap_tiny.json"
@@ -135,14 +129,13 @@ class Florence2(Family):
         "microsoft/Florence-2-base": "florence2_base",
         "microsoft/Florence-2-large": "florence2_large",
     }
-    marks = False
     vllm_hint = ("vLLM 0.32 runs Florence-2 only with its out-of-tree plugin, vllm-project/bart-plugin; "
                  "without it use engine=transformers")
 
     # -- pixels --------------------------------------------------------------
 
     def _side(self) -> int:
-        return int(getattr(self.cfg, "image_size", 768))
+        return self.cfg.image_size
 
     def input_size(self, width: int, height: int, source: str = "image") -> Tuple[int, int]:
         """Every image becomes the ``model.image_size`` square (aspect ratio not kept, as the processor does)."""
@@ -151,7 +144,7 @@ class Florence2(Family):
 
     def visual_tokens(self, width: int, height: int) -> int:
         """``(image_size / stride)^2`` spatial tokens plus one pooled token: 577 at 768 px."""
-        unit = int(getattr(self.cfg, "patch_size", STRIDE)) * int(getattr(self.cfg, "merge_size", 1))
+        unit = self.cfg.patch_size * self.cfg.merge_size
         per_side = self._side() // unit
         return per_side * per_side + 1
 
@@ -186,15 +179,13 @@ class Florence2(Family):
         bin outside 0..999 is not a Florence-2 answer and drops its box. Never raises on
         any ``text``.
         """
-        from regioncap.propose.base import Proposal
+        from regioncap.families import grounding
 
-        for name, v in (("width", width), ("height", height)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"parse_grounding: image {name} must be a positive finite number, got {v!r}")
+        grounding.check_size(width, height)
         if not isinstance(text, str) or "<loc_" not in text:
             return []
         w, h = float(width), float(height)
-        out: List[Any] = []
+        candidates: List[Tuple[List[float], Optional[str]]] = []
         for m in _OBJECT.finditer(_NOISE.sub("", text)):
             label = m.group(1).strip() or None
             bins = [int(b) for b in _LOC.findall(m.group(2))]
@@ -202,13 +193,10 @@ class Florence2(Family):
                 b = bins[i:i + 4]
                 if any(v >= BINS for v in b):
                     continue
-                x1, x2 = sorted((from_bin(b[0], w), from_bin(b[2], w)))
-                y1, y2 = sorted((from_bin(b[1], h), from_bin(b[3], h)))
-                x1, y1, x2, y2 = max(0.0, x1), max(0.0, y1), min(w, x2), min(h, y2)
-                if x2 - x1 < min_size or y2 - y1 < min_size:
-                    continue
-                out.append(Proposal((x1, y1, x2, y2), None, label[:100] if label else None, source))
-        return out
+                # Each bin reads back as its centre in pixels (the numbers are pixels, no grid).
+                candidates.append(([from_bin(b[0], w), from_bin(b[1], h), from_bin(b[2], w), from_bin(b[3], h)],
+                                   label[:grounding.MAX_LABEL_CHARS] if label else None))
+        return grounding.to_proposals(candidates, w, h, min_size=min_size, source=source)
 
     # -- chat ------------------------------------------------------------------
 
@@ -229,28 +217,9 @@ class Florence2(Family):
         ``Florence2ForConditionalGeneration`` with the real vision strides. About 0.3M
         parameters. Atomic (built next to ``out_dir``, then moved in) and seeded.
         """
-        out = Path(out_dir).expanduser().absolute()
-        if _tiny_complete(out):
-            return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            t0 = time.perf_counter()
-            info = _build_tiny_into(tmp)
-            info.update(family=cls.name, builder_version=TINY_VERSION, seed=0,
-                        build_s=round(time.perf_counter() - t0, 2))
-            (tmp / TINY_MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private; a model folder is shared like any cache entry
-            for p in tmp.iterdir():
-                os.chmod(p, 0o644)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                if not _tiny_complete(out):  # not a racing builder's finished folder: say what is in the way
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return out
+        from regioncap import tiny
+
+        return tiny.build_folder(out_dir, tiny_folder(), _build_tiny_into, name=cls.name)
 
     @classmethod
     def write_arch_files(cls, folder: Path) -> None:
@@ -287,12 +256,11 @@ def generation_config(text_config: Mapping[str, Any]) -> Any:
     return GenerationConfig(forced_bos_token_id=ids["bos_token_id"], **ids)
 
 
-def _tiny_complete(out: Path) -> bool:
-    try:
-        marker = json.loads((out / TINY_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker.get("family") == Florence2.name and marker.get("builder_version") == TINY_VERSION
+def tiny_folder() -> Any:
+    """What marks a finished tiny Florence-2 (:class:`regioncap.tiny.TinyFolder`)."""
+    from regioncap.tiny import TinyFolder
+
+    return TinyFolder(TINY_MARKER, {"family": Florence2.name, "builder_version": TINY_VERSION})
 
 
 def write_tokenizer(folder: Path, bpe_size: Optional[int] = None) -> Any:
@@ -330,20 +298,12 @@ def write_tokenizer(folder: Path, bpe_size: Optional[int] = None) -> Any:
 
 def _pad_vocab(tok: Any, size: int) -> None:
     """Grow a trained BPE's vocabulary to ``size`` with strings no merge produces (encoding is unchanged)."""
-    data = json.loads(tok.to_str())
-    vocab: Dict[str, int] = data["model"]["vocab"]
-    alphabet = sorted({c for t in vocab for c in t if len(t) == 1})
-    nxt = len(vocab)
-    for a in alphabet:
-        for b in alphabet:
-            for c in [""] + alphabet:
-                if nxt >= size:
-                    break
-                if a + b + c not in vocab:
-                    vocab[a + b + c] = nxt
-                    nxt += 1
     from tokenizers import Tokenizer
 
+    from regioncap.tiny import fill_vocab
+
+    data = json.loads(tok.to_str())
+    fill_vocab(data["model"]["vocab"], size)
     new = Tokenizer.from_str(json.dumps(data))
     tok.model = new.model
 
@@ -352,9 +312,11 @@ def processor_files(folder: Path, tokenizer: Any, *, image_size: int, image_seq_
     """Save the native ``Florence2Processor`` (CLIP image processor at ``image_size``, the tokenizer) into ``folder``."""
     from transformers import CLIPImageProcessor, Florence2Processor
 
+    from regioncap.tiny import IMAGENET_MEAN, IMAGENET_STD
+
     ip = CLIPImageProcessor(size={"height": image_size, "width": image_size},
                             crop_size={"height": image_size, "width": image_size}, do_center_crop=False,
-                            image_mean=IMAGE_MEAN, image_std=IMAGE_STD, resample=3,
+                            image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD, resample=3,
                             image_seq_length=image_seq_length)
     processor = Florence2Processor(image_processor=ip, tokenizer=tokenizer)
     processor.save_pretrained(folder)
@@ -362,26 +324,24 @@ def processor_files(folder: Path, tokenizer: Any, *, image_size: int, image_seq_
 
 
 def _build_tiny_into(tmp: Path) -> Dict[str, Any]:
-    import torch
-    import transformers
+    """Write the tiny Florence-2 folder into the empty ``tmp`` (seed 0, :func:`regioncap.tiny.build_folder`)."""
     from transformers import Florence2Config, Florence2ForConditionalGeneration
 
+    from regioncap import tiny
+
+    t0 = time.perf_counter()
     tokenizer = write_tokenizer(tmp)
     side = TINY_IMAGE_SIZE
     processor_files(tmp, tokenizer, image_size=side, image_seq_length=(side // STRIDE) ** 2 + 1)
     # Rounded up to 64 rows, as the transformers conversion did (51,290 tokens -> 51,328 rows).
-    vocab_size = (len(tokenizer) + 63) // 64 * 64
+    vocab_size = tiny.embedding_rows(len(tokenizer))
     ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
     config = Florence2Config(
         text_config=dict(TINY_TEXT, model_type="bart", vocab_size=vocab_size, decoder_start_token_id=2,
                          forced_bos_token_id=0, forced_eos_token_id=2, **ids),
         vision_config=dict(TINY_VISION), image_token_id=tokenizer.image_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        with torch.device("cpu"):
-            model = Florence2ForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = generation_config(config.text_config.to_dict())
-    model.save_pretrained(tmp, safe_serialization=True)
+    model = tiny.save_model(tmp, Florence2ForConditionalGeneration, config,
+                            generation_config(config.text_config.to_dict()), seed=0)
     return {"vocab_size": vocab_size, "n_tokens": len(tokenizer), "image_token_id": tokenizer.image_token_id,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "transformers": transformers.__version__, "torch": torch.__version__}
+            "parameters": sum(p.numel() for p in model.parameters()), **tiny.versions(),
+            "build_s": round(time.perf_counter() - t0, 2)}

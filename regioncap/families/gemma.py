@@ -37,19 +37,15 @@ transformers and tokenizers inside the builders.
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 from regioncap.components import check, whole
 from regioncap.families.base import Family, PixelBox
+from regioncap.families.grounding import JsonGrounding, grid_coords
+from regioncap.tiny import TINY_LAYERS
 
-log = logging.getLogger(__name__)
 
 #: The published input side (``preprocessor_config.json`` ``size``, the vision config's ``image_size``).
 IMAGE_SIZE = 896
@@ -137,17 +133,15 @@ TINY_BPE_VOCAB = 800
 #: Tiny dimensions. head_dim 32: a size vLLM's CPU attention supports. One sliding and one
 #: global layer, as Gemma 3 interleaves them (5:1 in the real models).
 TINY_TEXT: Dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-    head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=4096, sliding_window=512,
-    layer_types=["sliding_attention", "full_attention"], rope_theta=1000000.0, rope_local_base_freq=10000.0,
+    TINY_LAYERS, num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32, max_position_embeddings=4096,
+    sliding_window=512, layer_types=["sliding_attention", "full_attention"], rope_theta=1000000.0, rope_local_base_freq=10000.0,
 )
 TINY_VISION: Dict[str, Any] = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-    image_size=TINY_IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False,
+    TINY_LAYERS, image_size=TINY_IMAGE_SIZE, patch_size=PATCH_SIZE, vision_use_head=False,
 )
 
 
-class Gemma3(Family):
+class Gemma3(JsonGrounding, Family):
     """Gemma 3 (4B, 12B, 27B instruction-tuned): SigLIP at a fixed square input, 256 visual tokens."""
 
     @dataclass
@@ -175,11 +169,11 @@ class Gemma3(Family):
         "google/gemma-3-27b-it": "gemma3_27b",
     }
 
-    def __init__(self, cfg: Any = None) -> None:
+    def __init__(self, cfg: Optional[Gemma3.Config] = None) -> None:
         super().__init__(cfg)
         cfg = self.cfg
-        self.side = int(getattr(cfg, "image_size", IMAGE_SIZE))
-        unit = int(getattr(cfg, "patch_size", PATCH_SIZE)) * int(getattr(cfg, "merge_size", POOL))
+        self.side = cfg.image_size
+        unit = cfg.patch_size * cfg.merge_size
         if self.side <= 0 or unit <= 0 or self.side % unit:
             raise ValueError(f"model.image_size={self.side} must be a positive multiple of "
                              f"model.patch_size * model.merge_size = {unit} (one visual token)")
@@ -211,38 +205,13 @@ class Gemma3(Family):
     # -- coordinates -----------------------------------------------------------
 
     def box_coords(self, box: PixelBox, size: Tuple[int, int]) -> List[int]:
-        """``[x1, y1, x2, y2]`` on the 0-1000 grid of an image of ``size`` (rounded, clamped)."""
-        from regioncap.families.qwen import grid_coords
-
+        """``[x1, y1, x2, y2]`` on the 0-1000 grid of an image of ``size`` (rounded, clamped); written and
+        read back as ``bbox_2d`` JSON (:class:`regioncap.families.grounding.JsonGrounding`)."""
         return grid_coords(box, size, GRID)
-
-    def box_text(self, box: PixelBox, size: Tuple[int, int]) -> str:
-        """``{"bbox_2d": [x1, y1, x2, y2]}`` on the 0-1000 grid (the layout the grounding answer uses)."""
-        x1, y1, x2, y2 = self.box_coords(box, size)
-        return f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}'
 
     def grounding_prompt(self) -> str:
         """:data:`GROUNDING_PROMPT`: the JSON layout and the 0-1000 grid spelled out."""
         return GROUNDING_PROMPT
-
-    def grounding_constraint(self, kind: str, max_items: int) -> Dict[str, Any]:
-        """The ``bbox_2d`` JSON list of :mod:`regioncap.families.grounding` (``regex`` or ``json``); ``{}`` for ``none``."""
-        from regioncap.families.grounding import grounding_json_schema, grounding_regex
-
-        if kind == "regex":
-            return {"regex": grounding_regex()}
-        if kind == "json":
-            return {"json_schema": grounding_json_schema(max_items)}
-        return {}
-
-    def parse_grounding(self, text: Any, width: float, height: float, *, min_size: float = 1.0,
-                        source: str = "vlm") -> List[Any]:
-        """JSON ``bbox_2d`` boxes on the 0-1000 grid, as proposals in pixels of the ``width x height`` image
-        (:func:`regioncap.families.grounding.parse_grounding`: fences, prose, cut-off lists, swapped
-        corners; clipped to the image, ``min_size`` in pixels). Never raises on any ``text``."""
-        from regioncap.families.grounding import parse_grounding
-
-        return parse_grounding(text, width, height, grid=GRID, min_size=min_size, source=source)
 
     def max_crop_aspect(self) -> float:
         """1: ``prompt=crop`` cuts square crops (the short side widened with context), because every
@@ -261,22 +230,10 @@ class Gemma3(Family):
         processor files in the hub layout. Deterministic for one seed and library version;
         atomic (built beside ``out_dir``, moved in with one rename); about 1 MB.
         """
-        out_dir = Path(out_dir).expanduser().absolute()
-        if tiny_is_complete(out_dir, seed):
-            return out_dir
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
-            info = _seeded(lambda: build_tiny_into(tmp, seed), seed)
-            info.update(family=cls.name, version=TINY_VERSION, seed=seed)
-            _write_json(tmp / TINY_MARKER, info)
-            _place(tmp, out_dir, seed)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log.info("built the tiny Gemma 3 (seed %d) into %s in %.1f s", seed, out_dir, time.perf_counter() - t0)
-        return out_dir
+        from regioncap import tiny
 
+        return tiny.build_folder(out_dir, tiny_folder(), lambda tmp: build_tiny_into(tmp, seed), seed=seed,
+                                 name=cls.name)
 
     @classmethod
     def chat_template(cls) -> str:
@@ -292,65 +249,16 @@ class Gemma3(Family):
         ids = {START_OF_TURN: 105, END_OF_TURN: 106, BOI_TOKEN: int(config["boi_token_index"]),
                EOI_TOKEN: int(config["eoi_token_index"]), IMAGE_TOKEN: int(config["image_token_index"])}
         write_tokenizer(Path(folder), token_ids=ids)
-        _write_json(Path(folder) / "processor_config.json",
-                    {"image_seq_length": int(config["mm_tokens_per_image"]), "processor_class": "Gemma3Processor"})
-        _write_json(Path(folder) / "chat_template.json", {"chat_template": GEMMA3_CHAT_TEMPLATE})
+        processor_files(Path(folder), image_size=None, tokens_per_image=int(config["mm_tokens_per_image"]))
 
 # -- builders (heavy imports inside) ---------------------------------------------------
 
 
-def tiny_is_complete(out_dir: Path, seed: Optional[int] = None) -> bool:
-    """True when ``out_dir`` holds a finished tiny Gemma 3 of this version (and ``seed``, if given)."""
-    try:
-        marker = json.loads((Path(out_dir) / TINY_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker.get("version") == TINY_VERSION and (seed is None or marker.get("seed") == seed)
+def tiny_folder() -> Any:
+    """What marks a finished tiny Gemma 3 (:class:`regioncap.tiny.TinyFolder`)."""
+    from regioncap.tiny import TinyFolder
 
-
-def _write_json(path: Path, data: Dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
-def _seeded(build: Any, seed: int) -> Dict[str, Any]:
-    """Run ``build`` with torch seeded privately (building inside a run must not move the run's RNGs)."""
-    import torch
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build()
-
-
-def _place(tmp: Path, out_dir: Path, seed: int) -> None:
-    """Move the finished ``tmp`` to ``out_dir`` in one rename; keep a racing builder's complete folder;
-    never delete a folder that is not a tiny Gemma 3."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700
-    for p in tmp.iterdir():
-        os.chmod(p, 0o666 & ~umask)
-    for _ in range(3):
-        try:
-            os.replace(tmp, out_dir)
-            return
-        except OSError:
-            if not out_dir.exists():
-                raise
-        if tiny_is_complete(out_dir, seed):
-            return
-        if not (out_dir / TINY_MARKER).exists() and any(out_dir.iterdir()):
-            raise FileExistsError(f"{out_dir} exists and is not a tiny Gemma 3 built by regioncap (no {TINY_MARKER}); "
-                                  f"remove it or choose another model.path")
-        stale = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.stale-", dir=out_dir.parent))
-        try:
-            os.replace(out_dir, stale / "old")
-        except FileNotFoundError:
-            pass
-        finally:
-            shutil.rmtree(stale, ignore_errors=True)
-    raise OSError(f"could not move the tiny Gemma 3 into {out_dir}: the folder keeps changing")
+    return TinyFolder(TINY_MARKER, {"family": Gemma3.name, "version": TINY_VERSION})
 
 
 def write_tokenizer(folder: Path, *, bpe_vocab: int = TINY_BPE_VOCAB,
@@ -420,10 +328,21 @@ def write_tokenizer(folder: Path, *, bpe_vocab: int = TINY_BPE_VOCAB,
     return tok
 
 
-def processor_files(folder: Path, *, image_size: int, tokens_per_image: int) -> None:
+def processor_files(folder: Path, *, image_size: Optional[int], tokens_per_image: int) -> None:
     """Write ``preprocessor_config.json``, ``processor_config.json`` and ``chat_template.json`` in the
-    layout of the published Gemma 3 checkpoints, at ``image_size`` (896 there) and ``tokens_per_image``."""
-    _write_json(folder / "preprocessor_config.json", {
+    layout of the published Gemma 3 checkpoints, at ``image_size`` (896 there) and ``tokens_per_image``;
+    ``image_size`` None: no ``preprocessor_config.json`` (a weightless folder has the published one)."""
+    from regioncap.tiny import write_json
+
+    if image_size is not None:
+        write_json(folder / "preprocessor_config.json", _preprocessor_config(image_size, tokens_per_image))
+    write_json(folder / "processor_config.json", {"image_seq_length": tokens_per_image,
+                                                  "processor_class": "Gemma3Processor"})
+    write_json(folder / "chat_template.json", {"chat_template": GEMMA3_CHAT_TEMPLATE})
+
+
+def _preprocessor_config(image_size: int, tokens_per_image: int) -> Dict[str, Any]:
+    return {
         "do_convert_rgb": None,
         "do_normalize": True,
         "do_pan_and_scan": None,
@@ -440,10 +359,7 @@ def processor_files(folder: Path, *, image_size: int, tokens_per_image: int) -> 
         "resample": 2,
         "rescale_factor": 1 / 255,
         "size": {"height": image_size, "width": image_size},
-    })
-    _write_json(folder / "processor_config.json", {"image_seq_length": tokens_per_image,
-                                                   "processor_class": "Gemma3Processor"})
-    _write_json(folder / "chat_template.json", {"chat_template": GEMMA3_CHAT_TEMPLATE})
+    }
 
 
 def _hub_weight_names(path: Path) -> None:
@@ -465,14 +381,14 @@ def _hub_weight_names(path: Path) -> None:
 
 def build_tiny_into(folder: Path, seed: int = 0) -> Dict[str, Any]:
     """Write the tiny Gemma 3 folder into the empty ``folder`` with torch's RNG as it is (the caller seeds)."""
-    import torch
-    import transformers
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GenerationConfig
+
+    from regioncap import tiny
 
     tok = write_tokenizer(folder)
     ids = {t: tok.convert_tokens_to_ids(t) for t in LEADING_SPECIALS + [START_OF_TURN, END_OF_TURN, BOI_TOKEN,
                                                                        EOI_TOKEN, IMAGE_TOKEN]}
-    vocab_size = (len(tok) + 63) // 64 * 64
+    vocab_size = tiny.embedding_rows(len(tok))
     tokens_per_image = (TINY_IMAGE_SIZE // (PATCH_SIZE * POOL)) ** 2
     config = Gemma3Config(
         text_config=dict(TINY_TEXT, vocab_size=vocab_size, pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"],
@@ -485,13 +401,9 @@ def build_tiny_into(folder: Path, seed: int = 0) -> Dict[str, Any]:
     )
     config.pad_token_id, config.bos_token_id = ids["<pad>"], ids["<bos>"]
     config.eos_token_id = [ids["<eos>"], ids[END_OF_TURN]]
-    torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = Gemma3ForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = GenerationConfig(bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"],
-                                               eos_token_id=[ids["<eos>"], ids[END_OF_TURN]], do_sample=False)
-    model.save_pretrained(folder, safe_serialization=True)
+    tiny.save_model(folder, Gemma3ForConditionalGeneration, config,
+                    GenerationConfig(bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"],
+                                     eos_token_id=[ids["<eos>"], ids[END_OF_TURN]], do_sample=False), seed)
     _hub_weight_names(folder / "model.safetensors")
     processor_files(folder, image_size=TINY_IMAGE_SIZE, tokens_per_image=tokens_per_image)
-    return {"vocab_size": vocab_size, "token_ids": ids, "tokens_per_image": tokens_per_image,
-            "transformers": transformers.__version__, "torch": torch.__version__}
+    return {"vocab_size": vocab_size, "token_ids": ids, "tokens_per_image": tokens_per_image, **tiny.versions()}

@@ -8,8 +8,12 @@ writes boxes on a 0-1000 grid relative to the image, between its box tokens:
 (the tokens vanish when special tokens are skipped in decoding, leaving the
 bare ``(x1,y1),(x2,y2)``). :func:`parse_grounding` reads all of these;
 :func:`grounding_regex` and :func:`grounding_json_schema` constrain the JSON
-answer. A family's ``parse_grounding`` / ``grounding_constraint`` call these with
-its own grid.
+answer (:func:`constraint`). The families that write and answer ``bbox_2d`` JSON
+(Qwen2.5-VL, Qwen3-VL, Gemma 3) take all three of their grounding methods from
+:class:`JsonGrounding`; the others read their own layout into ``(box, label)``
+candidates (:func:`labelled_boxes` for a layout of boxes each after its label) and
+hand them to :func:`to_proposals`, the one path from answer numbers to clipped
+pixel boxes.
 
 Standard library only (and :class:`regioncap.propose.base.Proposal`, what a box is read into).
 """
@@ -20,7 +24,7 @@ import itertools
 import json
 import math
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from regioncap.propose.base import Proposal
 
@@ -84,6 +88,59 @@ def grounding_regex() -> str:
     return r"\[(" + _REGEX_ITEM + r"(, " + _REGEX_ITEM + r")*)?\]"
 
 
+def constraint(kind: str, max_items: int) -> Dict[str, Any]:
+    """The constraint of a ``bbox_2d`` JSON answer of at most ``max_items`` boxes: ``{"regex": ...}``
+    (:func:`grounding_regex`) for ``kind="regex"``, ``{"json_schema": ...}`` (:func:`grounding_json_schema`)
+    for ``json``, ``{}`` for anything else (``none``)."""
+    if kind == "regex":
+        return {"regex": grounding_regex()}
+    if kind == "json":
+        return {"json_schema": grounding_json_schema(max_items)}
+    return {}
+
+
+def box_json(coords: Sequence[int]) -> str:
+    """``{"bbox_2d": [x1, y1, x2, y2]}``: a box as the JSON families write it (the start of an answer item)."""
+    x1, y1, x2, y2 = coords
+    return f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}'
+
+
+# -- writing boxes ------------------------------------------------------------------------
+
+
+def pixel_coords(box: Sequence[float], size: Tuple[int, int]) -> List[int]:
+    """``box`` as absolute pixel ints of the ``size`` image it is in: rounded, clamped to ``[0, w]`` / ``[0, h]``."""
+    from regioncap import boxes as bx
+
+    w, h = _checked_size(size)
+    x1, y1, x2, y2 = bx.Box(*box).round_int()
+    return [_clamp(x1, 0, w), _clamp(y1, 0, h), _clamp(x2, 0, w), _clamp(y2, 0, h)]
+
+
+def grid_coords(box: Sequence[float], size: Tuple[int, int], grid: int) -> List[int]:
+    """``box`` (pixels of a ``size`` image, any resolution) on the relative ``0..grid`` grid: rounded and clamped."""
+    w, h = _checked_size(size)
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [_clamp(round(x1 / w * grid), 0, grid), _clamp(round(y1 / h * grid), 0, grid),
+            _clamp(round(x2 / w * grid), 0, grid), _clamp(round(y2 / h * grid), 0, grid)]
+
+
+def _checked_size(size: Tuple[Any, Any]) -> Tuple[Any, Any]:
+    # Checked up front: a zero size would turn every box into NaN or a division error.
+    w, h = size
+    for v in (w, h):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+            raise ValueError(f"image size must be positive finite numbers, got {w!r} x {h!r}")
+    return w, h
+
+
+def _clamp(value: int, low: int, high: int) -> int:
+    return max(low, min(high, value))
+
+
+# -- reading answers -----------------------------------------------------------------------
+
+
 def _number(v: Any) -> Optional[float]:
     if isinstance(v, bool):
         return None
@@ -94,7 +151,9 @@ def _number(v: Any) -> Optional[float]:
     return f if math.isfinite(f) else None
 
 
-def _label(v: Any) -> Optional[str]:
+def clean_label(v: Any) -> Optional[str]:
+    """A label read from an answer: whitespace folded, cut to :data:`MAX_LABEL_CHARS`; None when empty or
+    not a scalar."""
     if v is None or isinstance(v, (dict, list)):
         return None
     text = " ".join(str(v).split())
@@ -105,7 +164,7 @@ def _box_from_item(item: Any) -> Optional[Tuple[List[float], Optional[str]]]:
     """``(4 numbers, label)`` of one answer item, or None when it holds no box."""
     if isinstance(item, dict):
         raw = next((item[k] for k in _BOX_KEYS if k in item), None)
-        label = _label(item.get("label", item.get("name")))
+        label = clean_label(item.get("label", item.get("name")))
     else:
         raw, label = item, None
     if not isinstance(raw, (list, tuple)) or len(raw) != 4:
@@ -173,34 +232,59 @@ def _json_candidates(text: str) -> List[Tuple[List[float], Optional[str]]]:
     return found
 
 
-def _ref_label(text: str, start: int, end: int) -> Optional[str]:
-    """The ``<|object_ref_start|>label<|object_ref_end|>`` right before ``text[end:]`` (only
-    whitespace between), searched no further back than ``start``: each answer character
-    is looked at a bounded number of times."""
+def ref_label(text: str, start: int, end: int, ref_start: str = _REF_START,
+              ref_end: str = _REF_END) -> Optional[str]:
+    """The ``ref_start label ref_end`` right before ``text[end:]`` (only whitespace between), searched no
+    further back than ``start``: each answer character is looked at a bounded number of times. The tags
+    are Qwen2-VL's ``<|object_ref_start|>`` / ``<|object_ref_end|>`` unless given (InternVL's ``<ref>``)."""
     head = text[start:end].rstrip()
-    if not head.endswith(_REF_END):
+    if not head.endswith(ref_end):
         return None
-    head = head[: -len(_REF_END)]
-    i = head.rfind(_REF_START)
-    return _label(head[i + len(_REF_START):]) if i >= 0 else None
+    head = head[: -len(ref_end)]
+    i = head.rfind(ref_start)
+    return clean_label(head[i + len(ref_start):]) if i >= 0 else None
+
+
+def text_label(text: str, start: int, end: int) -> Optional[str]:
+    """The label of a box whose tags the decoder stripped: the text since the previous box
+    (``the red car(10,20),(30,40)``), without the separators around it."""
+    return clean_label(text[start:end].strip(" ,.;:\n\t-"))
+
+
+def labelled_boxes(pattern: re.Pattern[str], text: str, boxes: Callable[[re.Match[str]], List[List[float]]],
+                   label: Callable[[str, int, int], Optional[str]],
+                   limit: Optional[int] = None) -> List[Tuple[List[float], Optional[str]]]:
+    """``(4 numbers, label)`` of each box in ``text`` where a family writes boxes one after the other, each
+    after its label: ``boxes(match)`` are the boxes of one match of ``pattern`` (several may share a
+    label), ``label(text, previous match's end, match's start)`` their label (:func:`ref_label`,
+    :func:`text_label`). At most ``limit`` boxes (None: all), in answer order."""
+    found: List[Tuple[List[float], Optional[str]]] = []
+    prev_end = 0
+    for m in pattern.finditer(text):
+        name = label(text, prev_end, m.start())
+        for box in boxes(m):
+            found.append((box, name))
+            if limit is not None and len(found) >= limit:
+                return found
+        prev_end = m.end()
+    return found
+
+
+def _four(m: re.Match[str]) -> List[List[float]]:
+    return [[float(m.group(i)) for i in range(1, 5)]]
 
 
 def _qwen2_candidates(text: str) -> List[Tuple[List[float], Optional[str]]]:
-    found = []
-    prev_end = 0
-    for m in _QWEN2_BOX.finditer(text):
-        found.append(([float(m.group(i)) for i in range(1, 5)], _ref_label(text, prev_end, m.start())))
-        prev_end = m.end()
-    if found:
-        return found
-    out = []
-    prev_end = 0
-    for m in _BARE_BOX.finditer(text):
-        # The label is the text since the previous box ("the red car(10,20),(30,40)").
-        label = _label(text[prev_end:m.start()].strip(" ,.;:\n\t-"))
-        out.append(([float(m.group(i)) for i in range(1, 5)], label))
-        prev_end = m.end()
-    return out
+    return (labelled_boxes(_QWEN2_BOX, text, _four, ref_label)
+            or labelled_boxes(_BARE_BOX, text, _four, text_label))
+
+
+def check_size(width: Any, height: Any) -> None:
+    """Raise ValueError unless ``width`` and ``height`` are positive finite numbers: the size of the image
+    a grounding answer is read for (a wrong one is a caller's bug, not an answer's)."""
+    for name, v in (("width", width), ("height", height)):
+        if isinstance(v, bool) or _number(v) is None or float(v) <= 0:
+            raise ValueError(f"parse_grounding: image {name} must be a positive finite number, got {v!r}")
 
 
 def parse_grounding(text: Any, width: float, height: float, *, grid: Optional[int] = None,
@@ -224,9 +308,7 @@ def parse_grounding(text: Any, width: float, height: float, *, grid: Optional[in
     Raises:
         ValueError: ``width`` or ``height`` is not a positive finite number (a caller bug, not an answer's).
     """
-    for name, v in (("width", width), ("height", height)):
-        if isinstance(v, bool) or _number(v) is None or float(v) <= 0:
-            raise ValueError(f"parse_grounding: image {name} must be a positive finite number, got {v!r}")
+    check_size(width, height)
     if not isinstance(text, str) or not text.strip():
         return []
     try:
@@ -262,3 +344,27 @@ def to_proposals(candidates: List[Tuple[List[float], Optional[str]]], width: flo
             continue
         out.append(Proposal((x1, y1, x2, y2), None, label, source))
     return out
+
+
+class JsonGrounding:
+    """The grounding methods of a family that writes and answers ``bbox_2d`` JSON on its ``grid`` (None:
+    pixels of the image it sees): Qwen2.5-VL, Qwen3-VL, Gemma 3. A mixin before
+    :class:`regioncap.families.base.Family` in the bases; the family gives ``grid`` and ``box_coords``."""
+
+    grid: ClassVar[Optional[int]]
+    box_coords: Callable[[Any, Tuple[int, int]], List[int]]
+
+    def box_text(self, box: Any, size: Tuple[int, int]) -> str:
+        """``{"bbox_2d": [x1, y1, x2, y2]}`` of the family's :meth:`box_coords` (:func:`box_json`)."""
+        return box_json(self.box_coords(box, size))
+
+    def grounding_constraint(self, kind: str, max_items: int) -> Dict[str, Any]:
+        """The ``bbox_2d`` JSON list (:func:`constraint`): ``regex`` or ``json``; ``{}`` for ``none``."""
+        return constraint(kind, max_items)
+
+    def parse_grounding(self, text: Any, width: float, height: float, *, min_size: float = 1.0,
+                        source: str = "vlm") -> List[Proposal]:
+        """``bbox_2d`` boxes on the family's grid as proposals in pixels of the ``width x height`` image
+        (:func:`parse_grounding`: fences, prose, cut-off lists, swapped corners; clipped to the image,
+        ``min_size`` in pixels). Never raises on any ``text``."""
+        return parse_grounding(text, width, height, grid=self.grid, min_size=min_size, source=source)

@@ -122,13 +122,6 @@ def grid_size(width: int, height: int, min_tiles: int = 1, max_tiles: int = 12,
     return cols * tile, rows * tile
 
 
-def _clip_label(text: str) -> Optional[str]:
-    from regioncap.families.grounding import MAX_LABEL_CHARS
-
-    label = " ".join(text.split())[:MAX_LABEL_CHARS]
-    return label or None
-
-
 class InternVL35(Family):
     """InternVL3.5 (``OpenGVLab/InternVL3_5-1B-HF`` ... ``-8B-HF``): dynamic 448 px tiles plus a thumbnail."""
 
@@ -159,9 +152,7 @@ class InternVL35(Family):
 
     def _tiles_budget(self) -> Tuple[int, int, int]:
         cfg = self.cfg
-        lo = int(getattr(cfg, "min_tiles", 1))
-        hi = int(getattr(cfg, "max_tiles", 12))
-        tile = int(getattr(cfg, "tile_size", TILE))
+        lo, hi, tile = cfg.min_tiles, cfg.max_tiles, cfg.tile_size
         if not 1 <= lo <= hi:
             raise ValueError(f"model.min_tiles ({lo}) must be >= 1 and at most model.max_tiles ({hi})")
         return lo, hi, tile
@@ -169,7 +160,7 @@ class InternVL35(Family):
     def tokens_per_tile(self) -> int:
         """Visual tokens of one tile: ``(tile_size / (patch_size * merge_size)) ** 2`` (256 at 448 px)."""
         _, _, tile = self._tiles_budget()
-        unit = int(self.cfg.patch_size) * int(self.cfg.merge_size)
+        unit = self.cfg.patch_size * self.cfg.merge_size
         return (tile // unit) ** 2
 
     def tiles(self, width: int, height: int) -> int:
@@ -215,7 +206,7 @@ class InternVL35(Family):
 
     def box_coords(self, box: PixelBox, size: Tuple[int, int]) -> List[int]:
         """``[x1, y1, x2, y2]`` on the 0..1000 grid of the ``size`` image, rounded and clamped."""
-        from regioncap.families.qwen import grid_coords
+        from regioncap.families.grounding import grid_coords
 
         return grid_coords(box, size, GRID)
 
@@ -246,10 +237,11 @@ class InternVL35(Family):
         """
         from regioncap.families import grounding
 
-        grounding.parse_grounding("", width, height)  # checks the size (a caller's bug: ValueError)
+        grounding.check_size(width, height)
         if not isinstance(text, str) or not text.strip():
             return []
-        candidates = _tagged(text) or _bare(text)
+        candidates = (grounding.labelled_boxes(_BOX_TAG, text, _tag_boxes, _ref_label, _MAX_BOXES)
+                      or grounding.labelled_boxes(_LIST, text, _list_boxes, grounding.text_label, _MAX_BOXES))
         if not candidates:
             # JSON, as the shared parser reads it (a model that answers ``bbox_2d`` on its grid).
             return grounding.parse_grounding(text, width, height, grid=GRID, min_size=min_size, source=source)
@@ -287,43 +279,21 @@ def _boxes_in(list_text: str) -> List[List[float]]:
     return [[float(m.group(i)) for i in range(1, 5)] for m in _ONE_RE.finditer(list_text)]
 
 
-def _ref_before(text: str, start: int, end: int) -> Optional[str]:
-    """The ``<ref>label</ref>`` right before ``text[end:]`` (only whitespace between), looked for no
-    further back than ``start``: each character is scanned a bounded number of times."""
-    head = text[start:end].rstrip()
-    if not head.endswith(_REF_END):
-        return None
-    head = head[: -len(_REF_END)]
-    i = head.rfind(_REF_START)
-    return _clip_label(head[i + len(_REF_START):]) if i >= 0 else None
+def _tag_boxes(m: re.Match[str]) -> List[List[float]]:
+    """The boxes inside one ``<box>...</box>``."""
+    return _boxes_in(m.group(1))
 
 
-def _tagged(text: str) -> List[Tuple[List[float], Optional[str]]]:
-    found: List[Tuple[List[float], Optional[str]]] = []
-    prev_end = 0
-    for m in _BOX_TAG.finditer(text):
-        label = _ref_before(text, prev_end, m.start())
-        for box in _boxes_in(m.group(1)):
-            found.append((box, label))
-            if len(found) >= _MAX_BOXES:
-                return found
-        prev_end = m.end()
-    return found
+def _list_boxes(m: re.Match[str]) -> List[List[float]]:
+    """The boxes of one bare ``[[x1, y1, x2, y2], ...]`` (the tags stripped by the decoder)."""
+    return _boxes_in(m.group(0))
 
 
-def _bare(text: str) -> List[Tuple[List[float], Optional[str]]]:
-    """``label[[x1, y1, x2, y2]]`` runs: the tags stripped by the decoder; the label is the text since
-    the previous list."""
-    found: List[Tuple[List[float], Optional[str]]] = []
-    prev_end = 0
-    for m in _LIST.finditer(text):
-        label = _clip_label(text[prev_end:m.start()].strip(" ,.;:\n\t-"))
-        for box in _boxes_in(m.group(0)):
-            found.append((box, label))
-            if len(found) >= _MAX_BOXES:
-                return found
-        prev_end = m.end()
-    return found
+def _ref_label(text: str, start: int, end: int) -> Optional[str]:
+    """The ``<ref>label</ref>`` right before a ``<box>`` (several boxes of one label share it)."""
+    from regioncap.families.grounding import ref_label
+
+    return ref_label(text, start, end, _REF_START, _REF_END)
 
 
 def grounding_text(items: Sequence[Tuple[str, Sequence[int]]]) -> str:

@@ -17,17 +17,10 @@ torch, transformers and tokenizers are imported inside the builders only.
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import shutil
-import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-log = logging.getLogger(__name__)
+from regioncap.tiny import IMAGENET_MEAN, IMAGENET_STD, TINY_LAYERS
 
 #: Side of one tile in pixels (the vision tower's ``image_size``) in the published models.
 TILE = 448
@@ -88,8 +81,7 @@ EXTRA_SPECIAL_TOKENS = {
 }
 
 #: ImageNet mean/std, as in the published ``preprocessor_config.json``.
-IMAGE_MEAN = [0.485, 0.456, 0.406]
-IMAGE_STD = [0.229, 0.224, 0.225]
+IMAGE_MEAN, IMAGE_STD = IMAGENET_MEAN, IMAGENET_STD
 
 
 #: Bump when the folder's content changes; a folder with another version is rebuilt.
@@ -97,14 +89,9 @@ BUILDER_VERSION = 1
 #: Written last into a finished folder: its presence means "complete".
 MARKER = "regioncap_tiny_internvl.json"
 
-_BUILD_LOCK = threading.Lock()
-
-#: Tiny Qwen3 text model: head_dim 32 (a size vLLM's CPU attention supports).
+#: Tiny Qwen3 text model (:data:`regioncap.tiny.TINY_LAYERS`).
 TEXT_DIMS: Dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
+    TINY_LAYERS,
     num_key_value_heads=1,
     head_dim=32,
     max_position_embeddings=8192,
@@ -114,10 +101,7 @@ TEXT_DIMS: Dict[str, Any] = dict(
 #: Tiny InternViT with the published tile (448) and patch (14) sizes: 1,024 patches a tile,
 #: pixel-shuffled by the downsample ratio 0.5 to 256 visual tokens.
 VISION_DIMS: Dict[str, Any] = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=2,
+    TINY_LAYERS,
     image_size=TILE,
     patch_size=14,
     attention_bias=True,
@@ -129,19 +113,6 @@ VISION_DIMS: Dict[str, Any] = dict(
     use_absolute_position_embeddings=True,
     use_mean_pooling=True,
 )
-
-
-def _write_json(path: Path, data: Dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _fix_modes(folder: Path) -> None:
-    """The folder and its files with ordinary modes (mkdtemp makes the folder private)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for p in folder.iterdir():
-        os.chmod(p, 0o666 & ~umask)
 
 
 def preprocessor_config(min_tiles: int = 1, max_tiles: int = 12) -> Dict[str, Any]:
@@ -171,8 +142,6 @@ def write_tokenizer(folder: Path, *, padded: bool = False) -> Dict[str, int]:
     ``<IMG_CONTEXT>`` is 151671), for the full-size architectures; else right after the
     1,000 trained tokens (the tiny model). Returns the ids of the added tokens.
     """
-    from tokenizers import AddedToken, Tokenizer
-
     from regioncap import random_weights, tiny
 
     names = {"chat_template": CHAT_TEMPLATE, "processor_class": "InternVLProcessor"}
@@ -180,36 +149,20 @@ def write_tokenizer(folder: Path, *, padded: bool = False) -> Dict[str, int]:
         random_weights.padded_tokenizer(folder, **names)
     else:
         tiny.write_tokenizer(folder, **names)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    for content, special in INTERNVL_ADDED_TOKENS:
-        added = AddedToken(content, special=special, normalized=False, lstrip=False, rstrip=False,
-                           single_word=False)
-        (tok.add_special_tokens if special else tok.add_tokens)([added])
-    tok.save(str(folder / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t, _ in tiny.QWEN_ADDED_TOKENS + INTERNVL_ADDED_TOKENS}
-
-    cfg_path = folder / "tokenizer_config.json"
-    tcfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    for content, special in INTERNVL_ADDED_TOKENS:
-        tcfg["added_tokens_decoder"][str(ids[content])] = {
-            "content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": special}
-    tcfg["additional_special_tokens"] = tcfg["additional_special_tokens"] + [
-        t for t, special in INTERNVL_ADDED_TOKENS if special]
-    tcfg["extra_special_tokens"] = dict(EXTRA_SPECIAL_TOKENS)
-    tcfg["model_max_length"] = 40960 if padded else 8192
-    cfg_path.write_text(json.dumps(tcfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return ids
+    return tiny.append_tokens(folder, INTERNVL_ADDED_TOKENS, extra_special_tokens=dict(EXTRA_SPECIAL_TOKENS),
+                              model_max_length=40960 if padded else 8192)
 
 
 def write_processor_files(folder: Path, *, preprocessor: bool = True) -> None:
     """``processor_config.json`` and ``chat_template.json`` of the ``-HF`` layout, and (``preprocessor``)
     ``preprocessor_config.json`` with the published settings."""
+    from regioncap.tiny import write_json
+
     if preprocessor:
-        _write_json(folder / "preprocessor_config.json", preprocessor_config())
-    _write_json(folder / "processor_config.json",
-                {"image_seq_length": TOKENS_PER_TILE, "processor_class": "InternVLProcessor"})
-    _write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+        write_json(folder / "preprocessor_config.json", preprocessor_config())
+    write_json(folder / "processor_config.json",
+               {"image_seq_length": TOKENS_PER_TILE, "processor_class": "InternVLProcessor"})
+    write_json(folder / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
 
 
 def write_arch_files(folder: Path) -> None:
@@ -222,13 +175,13 @@ def write_arch_files(folder: Path) -> None:
 
 def build_seeded(tmp: Path, seed: int) -> Dict[str, Any]:
     """Write the tiny model folder into ``tmp`` (the caller keeps the RNGs private)."""
-    import torch
-    import transformers
     from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration
+
+    from regioncap import tiny
 
     ids = write_tokenizer(tmp)
     n_tokens = max(ids.values()) + 1
-    vocab_size = (n_tokens + 63) // 64 * 64
+    vocab_size = tiny.embedding_rows(n_tokens)
     im_end, eot = ids["<|im_end|>"], ids["<|endoftext|>"]
     config = InternVLConfig(
         text_config=dict(model_type="qwen3", **TEXT_DIMS, vocab_size=vocab_size, tie_word_embeddings=False,
@@ -244,63 +197,29 @@ def build_seeded(tmp: Path, seed: int) -> Dict[str, Any]:
         tie_word_embeddings=False,
     )
     config.architectures = ["InternVLForConditionalGeneration"]
-    torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = InternVLForConditionalGeneration(config).to(torch.float32).eval()
-    model.generation_config = GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot,
-                                               do_sample=False)
-    model.save_pretrained(tmp, safe_serialization=True)
+    tiny.save_model(tmp, InternVLForConditionalGeneration, config,
+                    GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=False),
+                    seed)
     write_processor_files(tmp)
     return {"vocab_size": vocab_size, "n_tokens": n_tokens, "image_token_id": ids["<IMG_CONTEXT>"],
-            "transformers": transformers.__version__, "torch": torch.__version__}
+            **tiny.versions()}
+
+
+def tiny_folder() -> Any:
+    """What marks a finished tiny InternVL3.5 (:class:`regioncap.tiny.TinyFolder`)."""
+    from regioncap.tiny import TinyFolder
+
+    return TinyFolder(MARKER, {"builder_version": BUILDER_VERSION})
 
 
 def is_complete(out_dir: Path, seed: Optional[int] = None) -> bool:
     """True when ``out_dir`` is a finished tiny InternVL of this builder version (and ``seed``, if given)."""
-    try:
-        marker = json.loads((Path(out_dir) / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return marker.get("builder_version") == BUILDER_VERSION and (seed is None or marker.get("seed") == seed)
+    return tiny_folder().is_complete(Path(out_dir), seed)
 
 
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
-    """Build the tiny InternVL3.5 into ``out_dir`` (or reuse it) and return its absolute path."""
-    import random
+    """Build the tiny InternVL3.5 into ``out_dir`` (or reuse it) and return its absolute path
+    (:func:`regioncap.tiny.build_folder`: atomic, seeded, reused when complete)."""
+    from regioncap import tiny
 
-    import numpy as np
-    import torch
-
-    out = Path(out_dir).expanduser().absolute()
-    if is_complete(out, seed):
-        return out
-    with _BUILD_LOCK:
-        if is_complete(out, seed):
-            return out
-        if out.exists() and any(out.iterdir()) and not (out / MARKER).exists():
-            raise FileExistsError(f"{out} exists and is not a tiny InternVL built by regioncap (no {MARKER}); "
-                                  f"remove it or choose another model.path")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        py_state, np_state = random.getstate(), np.random.get_state()
-        try:
-            # Seeded privately: building inside a run must not move the run's RNGs.
-            with torch.random.fork_rng(devices=[]):
-                random.seed(seed)
-                np.random.seed(seed)
-                info = build_seeded(tmp, seed)
-            info.update(builder_version=BUILDER_VERSION, seed=seed)
-            _write_json(tmp / MARKER, info)
-            _fix_modes(tmp)
-            if is_complete(out, seed):  # another process won the race
-                return out
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
-            shutil.rmtree(tmp, ignore_errors=True)
-    log.info("built the tiny InternVL3.5 (seed %d) into %s in %.1f s", seed, out, time.perf_counter() - t0)
-    return out
+    return tiny.build_folder(out_dir, tiny_folder(), lambda tmp: build_seeded(tmp, seed), seed=seed, name="internvl")

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 from regioncap.components import check, whole
 from regioncap.families.base import Family, PixelBox
+from regioncap.families.grounding import JsonGrounding, grid_coords, pixel_coords
 
 #: The side of the relative grid of Qwen2-VL's box tokens and Qwen3-VL's ``bbox_2d``.
 GRID = 1000
@@ -108,37 +109,7 @@ def smart_resize(width: int, height: int, *, min_pixels: int, max_pixels: int, p
     return w_bar, h_bar
 
 
-def _clamp(value: int, low: int, high: int) -> int:
-    return max(low, min(high, value))
-
-
-def pixel_coords(box: PixelBox, size: Tuple[int, int]) -> List[int]:
-    """``box`` as absolute pixel ints of the ``size`` image it is in: rounded, clamped to ``[0, w]`` / ``[0, h]``."""
-    from regioncap import boxes as bx
-
-    w, h = _checked_size(size)
-    x1, y1, x2, y2 = bx.Box(*box).round_int()
-    return [_clamp(x1, 0, w), _clamp(y1, 0, h), _clamp(x2, 0, w), _clamp(y2, 0, h)]
-
-
-def grid_coords(box: PixelBox, size: Tuple[int, int], grid: int = GRID) -> List[int]:
-    """``box`` (pixels of a ``size`` image, any resolution) on the relative ``0..grid`` grid: rounded and clamped."""
-    w, h = _checked_size(size)
-    x1, y1, x2, y2 = (float(v) for v in box)
-    return [_clamp(round(x1 / w * grid), 0, grid), _clamp(round(y1 / h * grid), 0, grid),
-            _clamp(round(x2 / w * grid), 0, grid), _clamp(round(y2 / h * grid), 0, grid)]
-
-
-def _checked_size(size: Tuple[Any, Any]) -> Tuple[Any, Any]:
-    # Checked up front: a zero size would turn every box into NaN or a division error.
-    w, h = size
-    for v in (w, h):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-            raise ValueError(f"image size must be positive finite numbers, got {w!r} x {h!r}")
-    return w, h
-
-
-class Qwen25VL(Family):
+class Qwen25VL(JsonGrounding, Family):
     """Qwen2.5-VL: 28 px visual tokens, ``bbox_2d`` JSON in absolute pixels of the image it sees."""
 
     name = "qwen2_5_vl"
@@ -158,7 +129,7 @@ class Qwen25VL(Family):
 
     def unit(self) -> int:
         """The side of one visual token in pixels (``patch_size * merge_size``)."""
-        return int(self.cfg.patch_size) * int(self.cfg.merge_size)
+        return self.cfg.patch_size * self.cfg.merge_size
 
     def input_size(self, width: int, height: int, source: str = "image") -> Tuple[int, int]:
         c = self.cfg
@@ -175,39 +146,14 @@ class Qwen25VL(Family):
         unit = self.unit()
         return (width // unit) * (height // unit)
 
-    def max_crop_aspect(self) -> float:
-        """The longest crop (``n : 1``) :func:`regioncap.images.crop_with_margin` may cut for this model."""
-        from regioncap.images import crop_aspect_limit
-
-        return crop_aspect_limit(int(self.cfg.max_pixels), int(self.cfg.patch_size), int(self.cfg.merge_size))
-
     # -- coordinates -----------------------------------------------------------
 
     def box_coords(self, box: PixelBox, size: Tuple[int, int]) -> List[int]:
         """Absolute pixels of the image the model sees (``size``), rounded and clamped to it."""
         return pixel_coords(box, size)
 
-    def box_text(self, box: PixelBox, size: Tuple[int, int]) -> str:
-        x1, y1, x2, y2 = self.box_coords(box, size)
-        return f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}'
-
     def grounding_prompt(self) -> str:
         return self.grounding_request
-
-    def grounding_constraint(self, kind: str, max_items: int) -> Dict[str, Any]:
-        from regioncap.families.grounding import grounding_json_schema, grounding_regex
-
-        if kind == "regex":
-            return {"regex": grounding_regex()}
-        if kind == "json":
-            return {"json_schema": grounding_json_schema(max_items)}
-        return {}
-
-    def parse_grounding(self, text: Any, width: float, height: float, *, min_size: float = 1.0,
-                        source: str = "vlm") -> List[Any]:
-        from regioncap.families.grounding import parse_grounding
-
-        return parse_grounding(text, width, height, grid=self.grid, min_size=min_size, source=source)
 
     # -- building --------------------------------------------------------------
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Optional, Type
 
 from regioncap.boxes import Box
-from regioncap.components import TARGET, class_of, short_name
+from regioncap.components import TARGET, class_of, setting, short_name
 from regioncap.propose.base import Proposal, Proposer, ProposeError, ProposeWhen
 from regioncap.propose.plan import (
     INPUT_SOURCE, PROPOSE_WHEN, BoxKeyProblem, PlannedRegion, RegionPlan, check_box_key, plan_regions,
@@ -41,7 +41,7 @@ def proposer_type(section: Any) -> Optional[Type[Proposer]]:
     Raises:
         RunError: the target does not import, or is not a :class:`Proposer` (the message names ``propose._target_``).
     """
-    if section is None or not hasattr(section, "get") or section.get(TARGET) is None:
+    if setting(section, TARGET) is None:
         return None
     return class_of(section, Proposer, "propose")
 

@@ -22,6 +22,7 @@ from regioncap.components import check, real, whole
 from regioncap.choice import Choice
 from regioncap.families.grounding import MAX_GROUNDED
 from regioncap.propose.base import Proposal, Proposer, ProposeError
+from regioncap.record_types import RecordError
 
 
 class GroundingConstraint(Choice):
@@ -131,8 +132,8 @@ class VlmProposer(Proposer):
             image.convert("RGB").save(path, format="PNG")
             (resp,) = self.engine.generate([self.request("ground", path, image.size)])
         if not resp.ok:
-            err = resp.error or {}
-            raise ProposeError(f"grounding request failed: {err.get('kind', 'error')}: {err.get('message', '')}")
+            err = RecordError.from_dict(resp.error or {})
+            raise ProposeError(f"grounding request failed: {err.kind or 'error'}: {err.message or ''}")
         return self.parse(resp.text, image.width, image.height)
 
     def describe(self) -> Dict[str, Any]:

@@ -34,6 +34,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
+from regioncap.record_types import ERROR, RECORD, REGION
+
 
 @dataclass
 class StageStats:
@@ -75,11 +77,12 @@ class StageStats:
         """Commit ``records`` through ``writer`` and count them, error rows by kind."""
         from regioncap.record_types import image_key
 
+        # Decoded records read by key (derived from the record model): this runs on every row.
         for rec in records:
-            if rec.get("status") == "error":
-                self.errors[(rec.get("error") or {}).get("kind", "unknown")] += 1
-            self.regions += len(rec.get("regions") or ())
-            self.captioned += sum(1 for r in rec.get("regions") or () if r.get("caption"))
+            if rec.get(RECORD.status) == "error":
+                self.errors[(rec.get(RECORD.error) or {}).get(ERROR.kind, "unknown")] += 1
+            self.regions += len(rec.get(RECORD.regions) or ())
+            self.captioned += sum(1 for r in rec.get(RECORD.regions) or () if r.get(REGION.caption))
             key = image_key(rec)
             if key is not None:
                 self.images.add(key)
@@ -92,7 +95,7 @@ class StageStats:
         # visualize records never do, so that stage never opens a window.
         now = time.perf_counter()
         if self._steady_from is None:
-            if any("tokens" in rec for rec in records):
+            if any(RECORD.tokens in rec for rec in records):
                 # Everything until this commit (engine load, first batch, the first rows' preparation)
                 # is start-up: the steady window opens now, so its rates do not depend on the run's length.
                 self._steady_from = now
@@ -145,11 +148,11 @@ def _count(into: Counter, records: List[Dict[str, Any]]) -> None:
     """Add the rows of ``records``, those the engine answered (``tokens``), their captioned regions and tokens."""
     into["rows"] += len(records)
     for rec in records:
-        tokens = rec.get("tokens")
+        tokens = rec.get(RECORD.tokens)
         if tokens is None:
             continue
         into["images"] += 1
-        into["regions"] += sum(1 for r in rec.get("regions") or () if r.get("caption"))
+        into["regions"] += sum(1 for r in rec.get(RECORD.regions) or () if r.get(REGION.caption))
         into["prompt_tokens"] += tokens.get("prompt") or 0
         into["output_tokens"] += tokens.get("output") or 0
 
@@ -190,7 +193,7 @@ class Stage(abc.ABC):
     @staticmethod
     def identity(item: Any) -> Tuple[Any, Any, Any]:
         """``(index, id, digest)`` of an item, for the resume check (items are records by default)."""
-        return item.get("index"), item.get("id"), item.get("digest")
+        return item.get(RECORD.index), item.get(RECORD.id), item.get(RECORD.digest)
 
     @abc.abstractmethod
     def batches(self, todo: Iterable[Any]) -> Iterator[List[Dict[str, Any]]]:

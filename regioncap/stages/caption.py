@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional
 
 from regioncap.engines import engine_name
-from regioncap.engines.base import Engine, Request, Response, Sampling
+from regioncap.engines.base import Engine, Request, Response, Sampling, retryable_answer
 from regioncap.errors import RunError
+from regioncap.record_types import Record, RecordError, RequestSpec
 from regioncap.rundir import resume_args
 from regioncap.stages import CaptionStage
 from regioncap.stages.loop import grouped, pending
+
+if TYPE_CHECKING:
+    from regioncap.config import RegionCapConfig
 
 log = logging.getLogger("regioncap")
 
@@ -30,7 +34,7 @@ log = logging.getLogger("regioncap")
 class Captioner(CaptionStage):
     """Batch of records -> records: requests, re-asks, parsing, finish."""
 
-    def __init__(self, cfg: Any, out_dir: Optional[Any] = None, *, model_path: Optional[str] = None,
+    def __init__(self, cfg: RegionCapConfig, out_dir: Optional[Any] = None, *, model_path: Optional[str] = None,
                  start_hint: str = "", engine: Optional[Engine] = None, threads: Optional[int] = None) -> None:
         """``engine``: one already built (shared by several runs, as the benchmarks do); the stage uses it
         and leaves closing it to whoever built it. Without it the stage builds the configured engine at
@@ -50,15 +54,15 @@ class Captioner(CaptionStage):
         #: Appended to the error when the engine cannot start (how to go on).
         self.start_hint = start_hint
         self.threads = threads
-        self.batch_size = max(1, int(cfg.engine.batch_size))
+        self.batch_size = max(1, cfg.engine.batch_size)
         #: Rows per batch at most, requests or not (rows that need no engine are committed as they come).
-        self.max_rows = max(self.batch_size, int(cfg.get("commit_every", 32)))
+        self.max_rows = max(self.batch_size, cfg.commit_every)
         from regioncap.random_weights import is_random
 
         self.random_weights = is_random(cfg.model)
         s = cfg.sampling
-        self._sampling = Sampling(temperature=float(s.temperature), top_p=float(s.top_p),
-                                  max_tokens=int(s.max_tokens), seed=int(s.seed if s.seed is not None else cfg.seed))
+        self._sampling = Sampling(temperature=s.temperature, top_p=s.top_p,
+                                  max_tokens=s.max_tokens, seed=s.seed if s.seed is not None else cfg.seed)
         self.references_key = cfg.data.references_key
         #: This stage's engine start-up: ``engine_load_s`` (building it: imports, weights, a server's
         #: preflight), ``first_batch_s`` (its first batch: the calls and re-asks of the first rows it
@@ -80,7 +84,7 @@ class Captioner(CaptionStage):
                 from regioncap.cpus import apply_engine_threads
 
                 apply_engine_threads(self.threads, engine_of(self.cfg.engine).chosen(self.cfg.engine),
-                                     self.cfg.engine.get("device"))
+                                     getattr(self.cfg.engine, "device", None))
             self.engine = build_engine(self.cfg.engine, self.cfg.model, self.model_path)
         except EngineError as exc:
             raise RunError(f"engine {engine_name(self.cfg.engine)!r} could not start: {exc}.{self.start_hint}") from None
@@ -115,15 +119,15 @@ class Captioner(CaptionStage):
         """The run's sampling settings (the per-request seed defaults to the run's seed), a copy per call."""
         return replace(self._sampling)
 
-    def request(self, spec: Dict[str, Any], *, reask: bool = False) -> Request:
+    def request(self, spec: RequestSpec, *, reask: bool = False) -> Request:
         """The engine request of a request spec (its image path resolved against the run dir), with the
         answer constraint of the prompt strategy."""
         strategy = self.strategy
-        numbers = spec["numbers"]
+        numbers = spec.numbers
         regex, schema = strategy.constraint(numbers)
         return Request(
-            key=spec["key"], image_path=str(self.out / spec["image"]), prompt=spec["prompt"],
-            system=strategy.prompt.system, sampling=self.sampling(), image_size=tuple(spec["image_size"]),
+            key=spec.key, image_path=str(self.out / spec.image), prompt=spec.prompt,
+            system=strategy.prompt.system, sampling=self.sampling(), image_size=tuple(spec.image_size),
             regex=regex, json_schema=schema,
             meta={"numbers": numbers, "answer_format": strategy.answer_format, "reask": reask},
         )
@@ -135,39 +139,47 @@ class Captioner(CaptionStage):
         first: the engine proposes their regions, which are then drawn and asked
         about like given boxes, in the same batch.
         """
-        if any(rec["status"] == "grounding" for rec in batch):
-            self.ground(batch)
-        work = [(rec, spec) for rec in batch if rec["status"] == "pending" for spec in rec["requests"]]
+        recs = [Record.from_dict(d) for d in batch]
+        grounded = any(rec.status == "grounding" for rec in recs)
+        if grounded:
+            self.ground(recs)
+        work = [(rec, spec) for rec in recs if rec.status == "pending" for spec in rec.requests]
         if not work:
             self._end_first_batch()
-            return batch
+            return [rec.to_dict() for rec in recs] if grounded else batch
         self.start_engine()
         first = self.first_call
         responses = self.generate([self.request(spec) for _, spec in work])
+        #: What each request's answers gave, by ``id(spec)`` (not written: ``finish`` puts it on the regions).
+        got: Dict[int, Answer] = {}
         for (rec, spec), resp in zip(work, responses):
-            self.attach(spec, resp)
+            got[id(spec)] = self.attach(spec, resp)
             if first:  # the row's requests carry the engine's warm-up: their latency is left out of latency_s
-                rec.setdefault("timing", {})["first_batch"] = True
+                if rec.timing is None:
+                    rec.timing = {}
+                rec.timing[FIRST_BATCH] = True
 
         # One re-ask for regions a (successful) answer left out or captioned with answer-format
         # debris (prompts.caption_debris); never invented.
         reasks = []
         if self.strategy.prompt.reask_missing and self.strategy.reasks:
             for rec, spec in work:
-                again = [n for n in spec["numbers"] if n not in spec["captions"] or n in spec["debris"]]
-                if spec["error"] is None and again:
+                answer = got[id(spec)]
+                again = [n for n in spec.numbers if n not in answer.captions or n in answer.debris]
+                if spec.error is None and again:
                     reasks.append((spec, self.reask_spec(rec, spec, again)))
         if reasks:
             answers = self.generate([self.request(r, reask=True) for _, r in reasks])
             for (spec, rspec), resp in zip(reasks, answers):
-                self.attach(rspec, resp, shown=spec["numbers"])
-                spec["reask"] = {k: rspec[k] for k in ("key", "prompt", "numbers", "answer", "error",
-                                                       "prompt_tokens", "output_tokens", "latency_s")}
-                spec["reask"]["debris"] = _by_number(rspec["debris"])
-                self.merge_reask(spec, rspec)
+                again = self.attach(rspec, resp, shown=spec.numbers)
+                spec.reask = RequestSpec(key=rspec.key, prompt=rspec.prompt, numbers=rspec.numbers,
+                                         answer=rspec.answer, error=rspec.error, prompt_tokens=rspec.prompt_tokens,
+                                         output_tokens=rspec.output_tokens, latency_s=rspec.latency_s,
+                                         debris=rspec.debris)
+                self.merge_reask(got[id(spec)], again)
         if first:
             self._end_first_batch()
-        return [self.finish(rec) if rec["status"] == "pending" else rec for rec in batch]
+        return [(self.finish(rec, got) if rec.status == "pending" else rec).to_dict() for rec in recs]
 
     def _end_first_batch(self) -> None:
         if self._first_t0 is not None and self.first_call:
@@ -192,13 +204,14 @@ class Captioner(CaptionStage):
         engine: never timed, it was warm before)."""
         return bool(self.startup) and "first_batch_s" not in self.startup
 
-    def ground(self, batch: List[Dict[str, Any]]) -> None:
+    def ground(self, batch: List[Record]) -> None:
         """Propose regions with the engine for the ``grounding`` rows of ``batch``, then draw and prompt them."""
         from regioncap.stages.grounding import Grounder
+        from regioncap.stages.visualize import transient
 
         if getattr(self, "_grounder", None) is None:
             self._grounder = Grounder(self.cfg, self.out, self.strategy)
-        rows = [rec for rec in batch if rec["status"] == "grounding"]
+        rows = [rec for rec in batch if rec.status == "grounding"]
         self.start_engine()
         requests = [self._grounder.request(rec, self.sampling()) for rec in rows]
         for rec, resp in zip(rows, self.generate(requests)):
@@ -207,101 +220,127 @@ class Captioner(CaptionStage):
             except RunError:
                 raise  # the machine's problem (disk full...), not the row's
             except Exception as exc:  # noqa: BLE001 - no single row or answer may stop a run
-                rec.pop("grounding", None)
-                rec["regions"], rec["requests"] = [], []
-                rec["status"] = "error"
-                rec["error"] = {"stage": self.name, "kind": "internal_error",
-                                "message": f"{rec['image']}: grounding failed: {type(exc).__name__}: {exc}"}
+                rec.drop("grounding")
+                rec.regions, rec.requests = [], []
+                rec.status = "error"
+                rec.error = RecordError(stage=self.name, kind="internal_error",
+                                        message=f"{rec.image}: grounding failed: {type(exc).__name__}: {exc}",
+                                        retryable=transient(exc))
 
-    def reask_spec(self, rec: Dict[str, Any], spec: Dict[str, Any], missing: List[int]) -> Dict[str, Any]:
+    def reask_spec(self, rec: Record, spec: RequestSpec, missing: List[int]) -> RequestSpec:
         """The follow-up request spec for the regions ``missing`` from ``spec``'s answer."""
-        return {"key": spec["key"] + "/reask", "image": spec["image"], "image_size": spec["image_size"],
-                "prompt": self.strategy.reask_prompt(rec, spec, missing), "numbers": missing,
-                "region_ids": spec["region_ids"]}
+        return RequestSpec(key=spec.key + "/reask", image=spec.image, image_size=spec.image_size,
+                           prompt=self.strategy.reask_prompt(rec, spec, missing), numbers=missing,
+                           region_ids=spec.region_ids)
 
-    def attach(self, spec: Dict[str, Any], resp: Response, *, shown: Optional[List[int]] = None
-               ) -> Dict[int, str]:
+    def attach(self, spec: RequestSpec, resp: Response, *, shown: Optional[List[int]] = None) -> "Answer":
         """Put an engine response on its request spec; return the captions parsed from it.
 
-        ``spec["debris"]`` gets the captions that carry answer-format debris (number -> reason);
+        ``spec.debris`` gets the captions that carry answer-format debris (``{"<number>": reason}``);
         ``shown``: the region numbers the model saw (a re-ask's siblings, see ``parse_answer``).
         """
-        spec.update({"answer": resp.text, "error": resp.error, "prompt_tokens": resp.prompt_tokens,
-                     "output_tokens": resp.output_tokens, "finish_reason": resp.finish_reason,
-                     "latency_s": None if resp.latency_s is None else round(resp.latency_s, 4)})
-        parsed = self.strategy.parse(resp.text, spec["numbers"], shown=shown) if resp.ok else None
-        spec["format_ok"] = bool(parsed and parsed.format_ok)
-        spec["captions"] = dict(parsed.captions) if parsed else {}
-        spec["debris"] = dict(parsed.debris) if parsed else {}
-        return spec["captions"]
+        spec.answer, spec.error = resp.text, resp.error
+        spec.prompt_tokens, spec.output_tokens = resp.prompt_tokens, resp.output_tokens
+        spec.finish_reason = resp.finish_reason
+        spec.latency_s = None if resp.latency_s is None else round(resp.latency_s, 4)
+        parsed = self.strategy.parse(resp.text, spec.numbers, shown=shown) if resp.ok else None
+        spec.format_ok = bool(parsed and parsed.format_ok)
+        answer = Answer(dict(parsed.captions), dict(parsed.debris)) if parsed else Answer()
+        # The first answer's debris stays on the request (parse_success_rate reads it); the debris of
+        # the captions kept goes on their regions (``finish``).
+        spec.debris = _by_number(answer.debris)
+        return answer
 
     @staticmethod
-    def merge_reask(spec: Dict[str, Any], rspec: Dict[str, Any]) -> None:
-        """Take the re-ask's captions into ``spec``: for a region the first answer left out, and for one
+    def merge_reask(first: "Answer", again: "Answer") -> None:
+        """Take the re-ask's captions into ``first``: for a region the first answer left out, and for one
         it captioned with debris when the re-ask's caption is clean. When both carry debris the first
         caption stays (the model's answer to the question asked with every region in view); the
-        region keeps its debris reason either way (``spec["kept_debris"]``)."""
-        kept = spec.setdefault("kept_debris", dict(spec["debris"]))
-        for n, caption in rspec["captions"].items():
-            if n in spec["captions"] and (n not in kept or n in rspec["debris"]):
+        region keeps its debris reason either way (``first.kept_debris``)."""
+        if first.kept_debris is None:
+            first.kept_debris = dict(first.debris)
+        kept = first.kept_debris
+        for n, caption in again.captions.items():
+            if n in first.captions and (n not in kept or n in again.debris):
                 continue
-            spec["captions"][n] = caption
-            spec.setdefault("reasked_numbers", []).append(n)
-            if n in rspec["debris"]:
-                kept[n] = rspec["debris"][n]
+            first.captions[n] = caption
+            first.reasked.append(n)
+            if n in again.debris:
+                kept[n] = again.debris[n]
             else:
                 kept.pop(n, None)
 
-    def finish(self, rec: Dict[str, Any]) -> Dict[str, Any]:
-        """Regions, status, answer, tokens and scores of a row once all its answers are in."""
+    def finish(self, rec: Record, got: Dict[int, "Answer"]) -> Record:
+        """Regions, status, answer, tokens and scores of a row once all its answers are in (``got``:
+        each request's, by ``id(spec)``)."""
         from regioncap.metrics import annotate_record
 
-        by_id = {r["id"]: r for r in rec["regions"]}
+        by_id = {r.id: r for r in rec.iter_regions()}
         answers, prompt_tokens, output_tokens = [], 0, 0
         first_error = None
-        for spec in rec["requests"]:
-            captions = spec.pop("captions", {})
-            reasked = set(spec.pop("reasked_numbers", []))
-            # The first answer's debris stays on the request (parse_success_rate reads it); the
-            # debris of the captions kept goes on their regions.
-            first_debris = spec.get("debris") or {}
-            kept_debris = spec.pop("kept_debris", first_debris)
-            spec["debris"] = _by_number(first_debris)
-            number_to_id = dict(zip(spec["numbers"], spec["region_ids"])) if len(spec["numbers"]) == len(
-                spec["region_ids"]) else {}
+        for spec in rec.requests:
+            answer = got.get(id(spec)) or Answer()
+            captions, reasked = answer.captions, set(answer.reasked)
+            kept_debris = answer.debris if answer.kept_debris is None else answer.kept_debris
+            number_to_id = dict(zip(spec.numbers, spec.region_ids)) if len(spec.numbers) == len(
+                spec.region_ids) else {}
             for n, rid in number_to_id.items():
                 reg = by_id[rid]
-                reg["caption"] = captions.get(n)
-                reg["missing"] = reg["caption"] is None
-                reg["attempt"] = 2 if n in reasked else 1
-                reg["debris"] = kept_debris.get(n) if reg["caption"] is not None else None
-                if reg["missing"]:
-                    reg["reason"] = (spec["error"] or {}).get("kind") or "not_in_answer"
-            if spec.get("answer"):
-                answers.append(spec["answer"])
-            for s in (spec, spec.get("reask") or {}):
-                prompt_tokens += s.get("prompt_tokens") or 0
-                output_tokens += s.get("output_tokens") or 0
-            if spec["error"] and first_error is None:
-                first_error = spec["error"]
-        rec["answer"] = "\n".join(answers) if answers else None
-        rec["tokens"] = {"prompt": prompt_tokens, "output": output_tokens}
-        captioned = sum(1 for r in rec["regions"] if r.get("caption"))
-        if captioned == len(rec["regions"]):
-            rec["status"] = "ok"
+                reg.caption = captions.get(n)
+                reg.missing = reg.caption is None
+                reg.attempt = 2 if n in reasked else 1
+                reg.debris = kept_debris.get(n) if reg.caption is not None else None
+                if reg.missing:
+                    reg.reason = RecordError.from_dict(spec.error or {}).kind or "not_in_answer"
+            if spec.answer:
+                answers.append(spec.answer)
+            for s in (spec, spec.reask or None):
+                if s is not None:
+                    prompt_tokens += s.prompt_tokens or 0
+                    output_tokens += s.output_tokens or 0
+            if spec.error and first_error is None:
+                first_error = spec.error
+        rec.answer = "\n".join(answers) if answers else None
+        rec.tokens = {"prompt": prompt_tokens, "output": output_tokens}
+        captioned = sum(1 for r in rec.iter_regions() if r.caption)
+        if captioned == len(rec.regions):
+            rec.status = "ok"
         elif captioned:
-            rec["status"] = "partial"
+            rec.status = "partial"
         else:
-            rec["status"] = "error"
+            rec.status = "error"
         if first_error:
-            rec["error"] = {"stage": self.name, **first_error}
-        elif rec["status"] == "error":
-            rec["error"] = {"stage": self.name, "kind": "no_caption_parsed",
-                            "message": f"{rec['image']}: the model's answer named none of the regions"}
+            # The request's error as the engine gave it, after the stage's name.
+            rec.error = RecordError(stage=self.name).update(first_error)
+            rec.error.retryable = retryable_answer(rec.error.kind)
+        elif rec.status == "error":
+            rec.error = RecordError(stage=self.name, kind=NO_CAPTION,
+                                    message=f"{rec.image}: the model's answer named none of the regions",
+                                    retryable=retryable_answer(NO_CAPTION))
         if self.random_weights:
-            rec["model_weights"] = "random"  # every caption of such a run is noise: said on every row
+            rec.model_weights = "random"  # every caption of such a run is noise: said on every row
         # Per-region faithfulness flags and exact-match/attribute scores (regioncap/metrics.py).
         return annotate_record(rec, self.references_key)
+
+
+@dataclass
+class Answer:
+    """What the stage keeps of a request's answers while its batch is in hand (not written)."""
+
+    #: ``{number: caption}`` parsed from the answer (and the re-ask's, once merged).
+    captions: Dict[int, str] = field(default_factory=dict)
+    #: ``{number: reason}``: the first answer's captions that carry answer-format debris.
+    debris: Dict[int, str] = field(default_factory=dict)
+    #: The debris of the captions kept once a re-ask was merged (None: the first answer's).
+    kept_debris: Optional[Dict[int, str]] = None
+    #: Numbers whose caption came from the re-ask.
+    reasked: List[int] = field(default_factory=list)
+
+
+#: The kind of a row whose answers named none of its regions.
+NO_CAPTION = "no_caption_parsed"
+#: ``timing`` of a row of an engine's first batch (its requests' latency carries the warm-up).
+FIRST_BATCH = "first_batch"
 
 
 def _by_number(debris: Dict[int, str]) -> Dict[str, str]:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+from regioncap.record_types import RECORD
 from regioncap.rundir import DoneRow, RunDir
 from regioncap.signals import Interrupted, stop_requested
 from regioncap.stages import OnCommit, StageStats
@@ -149,7 +150,7 @@ def grouped(items: Iterable[Dict[str, Any]], max_requests: int, max_rows: int) -
     n = 0
     for rec in items:
         batch.append(rec)
-        n += len(rec.get("requests") or []) if rec.get("status") == "pending" else 0
+        n += len(rec.get(RECORD.requests) or []) if rec.get(RECORD.status) == "pending" else 0
         if n >= max_requests or len(batch) >= max_rows:
             yield batch
             batch, n = [], 0
@@ -159,7 +160,7 @@ def grouped(items: Iterable[Dict[str, Any]], max_requests: int, max_rows: int) -
 
 def pending(batch: List[Dict[str, Any]]) -> bool:
     """Whether any row of ``batch`` has requests for the engine."""
-    return any(r.get("status") == "pending" for r in batch)
+    return any(r.get(RECORD.status) == "pending" for r in batch)
 
 
 __all__ = ["StageLoop", "grouped", "pending", "progress"]
