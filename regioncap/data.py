@@ -165,6 +165,18 @@ def count_rows(data_cfg: DataSource.Config) -> Optional[int]:
 
     For progress bars only: nothing depends on it being exact.
     """
+    total = rows_of_all_shards(data_cfg)
+    if total is None:
+        return None
+    num_shards, shard_index = check_data_config(data_cfg)
+    if num_shards > 1:
+        total = len(range(shard_index, total, num_shards))
+    return total
+
+
+def rows_of_all_shards(data_cfg: DataSource.Config) -> Optional[int]:
+    """How many rows the shards of ``data_cfg`` hold together (``skip`` and ``limit`` applied: what an
+    unsharded run reads), where that is cheap to know (see :func:`count_rows`); else None."""
     if not data_cfg.path:
         return None
     total = source_class(data_cfg)(data_cfg).count()
@@ -174,9 +186,6 @@ def count_rows(data_cfg: DataSource.Config) -> Optional[int]:
     total = max(0, total - skip)
     if limit is not None:
         total = min(total, max(0, int(limit)))
-    num_shards, shard_index = check_data_config(data_cfg)
-    if num_shards > 1:
-        total = len(range(shard_index, total, num_shards))
     return total
 
 
@@ -233,6 +242,22 @@ def iter_rows(data_cfg: DataSource.Config) -> Iterator[InputRow]:
 _NOT_JSON = {".parquet": "a Parquet file", ".arrow": "an Arrow file", ".csv": "a CSV file", ".tsv": "a TSV file",
              ".pkl": "a serialized Python object", ".xlsx": "a spreadsheet", ".xls": "a spreadsheet"}
 
+#: Compressed and archive files by their first bytes, whatever their name: read as JSON Lines, each
+#: run of bytes between two newline bytes would be one invalid_utf8 error row.
+_COMPRESSED = ((b"\x1f\x8b", "gzip-compressed", "gunzip -k"), (b"BZh", "bzip2-compressed", "bunzip2 -k"),
+               (b"\xfd7zXZ\x00", "xz-compressed", "unxz -k"), (b"\x28\xb5\x2f\xfd", "zstd-compressed", "unzstd"),
+               (b"PK\x03\x04", "a zip archive", "unzip"))
+
+
+def _refuse_compressed(path: Path) -> None:
+    with open(path, "rb") as fh:
+        start = fh.read(8)
+    for magic, what, tool in _COMPRESSED:
+        if start.startswith(magic):
+            raise DataError(f"data file {path} is {what}, not JSON Lines: decompress it first "
+                            f"({tool} {path}) and give the decompressed file as data.path")
+
+
 #: The UTF-8 byte order mark some editors write at the start of a file; not part of the first row.
 _BOM = b"\xef\xbb\xbf"
 
@@ -251,6 +276,7 @@ def _iter_jsonl(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
         raise DataError(f"data file {path} is {other}, not JSON Lines: "
                         + (f"read it with data=hf data.path={path} (the builder follows the extension)"
                            if path.suffix.lower() in _HF_BUILDERS else "convert it to JSON Lines, one row object per line"))
+    _refuse_compressed(path)
     base = path.resolve().parent
     keys = (data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key)
     head = _head(path)
@@ -741,8 +767,10 @@ def _iter_coco(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
             extra["crowd_annotation_ids"] = skipped
         refs = [[categories[a.get("category_id")]] if isinstance(categories.get(a.get("category_id")), str) else []
                 for a in anns]
-        yield _image_row(str(image_id), img.get("file_name"), folder, where, [a.get("bbox") for a in anns],
-                         extra, refs_key, refs)
+        # One box per annotation: a bbox that is not a list (null, a string) goes in as {"bbox": value}, or
+        # a list of only such values reads as one bare box ([None, None]: "1 box of 2 values").
+        boxes = [a.get("bbox") if isinstance(a.get("bbox"), (list, dict)) else {"bbox": a.get("bbox")} for a in anns]
+        yield _image_row(str(image_id), img.get("file_name"), folder, where, boxes, extra, refs_key, refs)
     for image_id, anns in by_image.items():  # annotations of images the file does not list
         ids = [a.get("id") for a in anns]
         bad.append(_error_row(f"unknown-image-{image_id}", "unknown_image_id",

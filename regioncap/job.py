@@ -303,6 +303,16 @@ def resume_hint(cfg: Any) -> str:
 def _check(cfg: RegionCapConfig, run: RegionCapRun, metrics: Dict[str, Any]) -> None:
     """Raise :class:`RunError` when the run as a whole failed."""
     if metrics["rows"] == 0:
+        from regioncap.data import check_shards, rows_of_all_shards
+
+        num_shards, shard_index = check_shards(cfg.data)
+        whole = rows_of_all_shards(cfg.data) if num_shards > 1 else None
+        if whole:
+            # More shards than rows: this shard's share is empty, which is no failure of the run
+            # (a sweep or job array over the shard indexes would report it as one).
+            log.warning(f"shard {shard_index} of data.num_shards={num_shards} holds no rows: {cfg.data.path} "
+                        f"has {whole} row(s) to share; regioncap.merge takes this shard as it is")
+            return
         raise RunError(f"no input rows were read from {cfg.data.path}: nothing to caption")
     if metrics["error_rate"] > cfg.max_error_rate:
         raise RunError(

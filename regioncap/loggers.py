@@ -43,7 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from regioncap.components import Component, class_of, check, whole
 from regioncap.record_types import Record, Region, RequestSpec
-from regioncap.records import dumps, read_jsonl
+from regioncap.records import cut_text, dumps, read_jsonl
 
 from regioncap.rundir import CAPTIONS_FILE, METRICS_FILE, VISUALIZE_FILE
 from regioncap.stages import CaptionStage
@@ -413,8 +413,7 @@ def _scores(region: Region) -> Dict[str, float]:
     return {str(k): v for k, v in scores.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def _cut(text: str, n: int) -> str:
-    return text if len(text) <= n else text[: n - 1] + "…"
+_cut = cut_text
 
 
 def collect(records_file: Path, run_dir: Path, *, n_images: int, table_rows: int, references_key: Optional[str],

@@ -46,7 +46,7 @@ from regioncap.records import CorruptRecordsError, dumps, fsync_dir, scan_record
 from regioncap.rundir import (
     HYDRA_DIR, IMAGES_DIR, MANIFEST_FILE, METRICS_FILE, RUN_DIR_NAMES, RUN_KEY_FILE, STAGE_FILES, key_changes,
 )
-from regioncap.stages import CaptionStage
+from regioncap.stages import STAGE_COUNTS, CaptionStage
 
 
 MERGE_FILE = "merge.json"
@@ -241,6 +241,9 @@ def merge(out: Path, shards: Sequence[Path], *, stage: str = CaptionStage.name, 
         info: Dict[str, Any] = {"dir": str(shard.absolute()), "rows": 0, "sorted": True,
                                 "num_shards": None, "shard_index": None, "run_key": None}
         summary["shards"].append(info)
+        if not shard.is_dir():
+            problems.append(f"{shard}: no such folder" if not shard.exists() else f"{shard}: not a folder")
+            continue
         if not path.is_file():
             problems.append(f"{shard}: no {name} (did that shard run the {stage} stage?)")
             continue
@@ -285,9 +288,10 @@ def merge(out: Path, shards: Sequence[Path], *, stage: str = CaptionStage.name, 
         for shard, values in keys[1:]:
             for change in key_changes(_key_without_shard(base), _key_without_shard(values)):
                 summary["config_differences"].append(f"{base_dir} vs {shard}: {change}")
-        if len(keys) < len(shards):
+        # Of the shards read: one that could not be read is a problem of its own, already named.
+        if len(keys) < len(read):
             summary["config_differences"].append(
-                f"{len(shards) - len(keys)} shard(s) have no {RUN_KEY_FILE}; their settings are not checked")
+                f"{len(read) - len(keys)} shard(s) have no {RUN_KEY_FILE}; their settings are not checked")
         counts = {v.get("data", {}).get("num_shards", 1) for _, v in keys}
         if len(counts) == 1:
             (num,) = counts
@@ -472,6 +476,12 @@ def _sum_stages(shards: Sequence[_Shard]) -> Dict[str, Dict[str, Any]]:
             acc = stages.setdefault(name, {"rows": 0, "seconds": 0.0, "errors": {}})
             acc["rows"] += int(st.get("rows") or 0)
             acc["seconds"] += float(st.get("seconds") or 0.0)
+            # What each shard committed (after a resume, its resumed part): summed like its seconds.
+            # A shard written before these were kept leaves them out: the rates fall back to the records.
+            for key in STAGE_COUNTS:
+                value = st.get(key)
+                counted = isinstance(value, int) and not isinstance(value, bool) and acc.get(key, 0) is not None
+                acc[key] = acc.get(key, 0) + value if counted else None
             for kind, n in (st.get("errors") or {}).items():
                 acc["errors"][kind] = acc["errors"].get(kind, 0) + int(n)
             # The caption stage's steady part: counts and process-seconds summed like the stage's own
@@ -490,6 +500,10 @@ def _sum_stages(shards: Sequence[_Shard]) -> Dict[str, Dict[str, Any]]:
                 for key in ("time_to_first_caption_s", "process_start_s", "cluster_start_s", "replicas_start_s"):
                     if st["startup"].get(key) is not None:
                         startup[key] = max(float(st["startup"][key]), float(startup.get(key) or 0.0))
+    for acc in stages.values():
+        for key in STAGE_COUNTS:
+            if acc.get(key) is None:
+                acc.pop(key, None)
     return stages
 
 

@@ -27,7 +27,6 @@ METEOR where Java is on PATH), so the figures compare with published ones.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -46,8 +45,8 @@ from regioncap.densecap import (
     IOU_THRESHOLDS, METEOR_THRESHOLDS, METEOR_TIMEOUT_S, DenseCapEvaluator, DenseCapImage, MeteorFn, MeteorUnavailable,
 )
 from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
-from regioncap.record_types import ERROR, RECORD, REGION, REQUEST, Record, Region
-from regioncap.stages import CaptionStage
+from regioncap.record_types import ERROR, RECORD, REGION, REQUEST, Record, Region, image_key
+from regioncap.stages import STAGE_COUNTS, CaptionStage
 
 log = logging.getLogger("regioncap")
 
@@ -1056,7 +1055,9 @@ class _Accumulator:
         c = self.c
         c["rows"] += 1
         c[f"status_{rec.get(RECORD.status)}"] += 1
-        self.image_hashes.append(self._image_hash(rec))
+        key = self._image_hash(rec)
+        if key is not None:  # a row that gave no image (an invalid line...) is no image
+            self.image_hashes.append(key)
         regions = rec.get(RECORD.regions) or []
         requests = rec.get(RECORD.requests) or []
         c["regions"] += len(regions)
@@ -1076,12 +1077,9 @@ class _Accumulator:
         self._requests(requests, warmup=bool((rec.get(RECORD.timing) or {}).get("first_batch")))
         self._regions(rec, regions, requests)
 
-    def _image_hash(self, rec: Dict[str, Any]) -> int:
-        # 8-byte hashes keep the distinct-image count small in memory (collisions: ~n^2 / 2^65).
-        path = rec.get(RECORD.image_path) or rec.get(RECORD.image)
-        key = f"path:{path}" if isinstance(path, str) and path != "<in-memory image>" else \
-            f"row:{rec.get(RECORD.index, rec.get(RECORD.id))}"
-        return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "replace"), digest_size=8).digest(), "little")
+    def _image_hash(self, rec: Dict[str, Any]) -> Optional[int]:
+        # 8-byte hashes keep the distinct-image count small in memory.
+        return image_key(rec)
 
     def _requests(self, requests: List[Dict[str, Any]], warmup: bool = False) -> None:
         c = self.c
@@ -1275,12 +1273,23 @@ class ProposalStats:
         return out
 
 
+def _whole(value: Any, default: int) -> int:
+    """``value`` when it is a count (an int >= 0, not a bool), else ``default``."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
 def _stage_rates(name: str, st: Dict[str, Any], seconds: float, images: int, regions: int,
                  captioned: int) -> Dict[str, Any]:
     """A stage's ``*_per_s`` (and ``steady``, ``startup``): over its steady part where it has one, so they do
-    not depend on how many rows share the engine's start-up; else (the visualize stage) over its seconds."""
+    not depend on how many rows share the engine's start-up; else (the visualize stage) over its seconds.
+
+    ``images``, ``regions``, ``captioned``: the whole records file's, used only where ``st`` does not say
+    what the stage itself committed (its ``images``, ``regions``, ``regions_captioned``: after a resume,
+    the resumed part, which is what its seconds timed)."""
     steady = st.get("steady")
     out: Dict[str, Any]
+    images, regions, captioned = (_whole(st.get(k), v) for k, v in (("images", images), ("regions", regions),
+                                                                     ("regions_captioned", captioned)))
     if steady is None:
         done = captioned if name == CaptionStage.name else regions
         out = {"rows_per_s": _rate(st.get("rows", 0), seconds, 3), "images_per_s": _rate(images, seconds, 3),
@@ -1311,8 +1320,9 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
 
     ``records``: the caption records (or the visualize records when only that
     stage ran), consumed once, in a streaming way. ``stages``: per stage that
-    ran, ``{rows, seconds, errors}`` as the run counted them (other keys, such as
-    ``pid``, are carried through). ``patch_size`` and
+    ran, ``{rows, seconds, errors}`` as the run counted them, and where known what it committed
+    (:data:`STAGE_COUNTS`: ``regions``, ``regions_captioned``, ``images``; a resumed stage's rates are
+    over these, not over the whole records); other keys, such as ``pid``, are carried through. ``patch_size`` and
     ``merge_size`` give the visual-token estimate per request image; ``visual`` (the model family's
     ``visual_tokens(width, height)``), where given, counts them instead (Florence-2's pooled token).
     A stage's ``steady`` (``{seconds, rows, images, regions, prompt_tokens,
@@ -1351,11 +1361,13 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
         seconds = float(st.get("seconds") or 0.0)
         wall += seconds
         out["stages"][name] = {"rows": st.get("rows", 0), "seconds": round(seconds, 3),
+                               **{k: st[k] for k in STAGE_COUNTS if k in st},
                                **_stage_rates(name, st, seconds, images, regions, c["regions_captioned"]),
                                "errors": dict(st.get("errors") or {}),
                                # Anything else the run recorded per stage (the pid of the process that ran it...).
                                **{k: v for k, v in st.items() if k not in ("rows", "seconds", "errors", "steady",
-                                                                           "startup", "first_batch")}}
+                                                                           "startup", "first_batch",
+                                                                           *STAGE_COUNTS)}}
     out.update({k: c[k] for k in (
         "rows", "regions", "regions_captioned", "regions_missing", "boxes_dropped", "boxes_clipped",
         "requests", "reasks", "prompt_tokens", "output_tokens")})

@@ -149,7 +149,8 @@ def _specs() -> Iterator[Metric]:
     yield m("boxes_dropped_by_reason", "boxes dropped by reason", "counts", "lower", "sum",
             "dropped boxes by reason", kind="counts")
     yield m("boxes_clipped", "boxes clipped", "count", None, "sum", "boxes clipped to the image")
-    yield m("images", "images", "count", None, "sum", "distinct images")
+    yield m("images", "images", "count", None, "sum",
+            "distinct images (a row that gave none, such as a line that is not JSON, counts none)")
     yield m("chunks", "chunks", "count", None, "sum", "marked images sent (a row with more boxes than "
             "max_boxes is split into chunks)")
     yield m("requests", "requests", "count", None, "sum", "requests sent to the engine (first asks)")
@@ -334,6 +335,11 @@ def _specs() -> Iterator[Metric]:
     st = "stages.*."
     yield m(st + "rows", "rows", "count", None, "sum", "rows the stage handled")
     yield m(st + "seconds", "seconds", "seconds", "lower", "process", "wall time of the stage")
+    for name, what in (("regions", "regions"), ("regions_captioned", "captioned regions"),
+                       ("images", "distinct images")):
+        yield m(st + name, what, "count", None, "sum",
+                f"{what} in the rows the stage committed: after a resume, the resumed part's, which its "
+                "seconds and rates are of")
     yield m(st + "rows_per_s", "rows / s", "per_s", "higher", "process", "rows per second of the stage")
     yield m(st + "images_per_s", "images / s", "per_s", "higher", "process", "images per second of the stage")
     yield m(st + "regions_per_s", "regions / s", "per_s", "higher", "process", "regions per second of the stage")

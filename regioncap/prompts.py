@@ -361,7 +361,9 @@ def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str
 
     Every format is tried in turn (a model asked for lines sometimes answers
     JSON and the other way round); ``format_ok`` says whether the requested one
-    was followed. A number with no caption is simply absent: never invented.
+    was followed: for ``lines`` and ``json``, every line or item read, each asked
+    number captioned once, no other number, no blank caption.
+    A number with no caption is simply absent: never invented.
     A single-region request in ``free`` format takes the whole answer.
     ``debris`` names the captions that carry answer-format debris
     (:func:`caption_debris`, with ``shown``: every region number the model
@@ -375,15 +377,21 @@ def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str
     wanted = set(numbers)
     found: Dict[int, str] = {}
     unexpected: List[int] = []
+    # An item of the layout that is not one caption for one asked number: a blank caption
+    # ("1: **"), a number answered twice. The layout was not followed, whatever else parsed.
+    stray: List[int] = []
 
     def add(n: int, caption: str) -> None:
         caption = _clean(caption)
         if not caption:
+            stray.append(n)
             return
         if n not in wanted:
             unexpected.append(n)
         elif n not in found:  # the first answer for a number wins
             found[n] = caption
+        else:
+            stray.append(n)
 
     json_ok = _parse_json(text, add)
     lines_ok = False
@@ -408,7 +416,13 @@ def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str
     result.debris = {n: reason for n, c in result.captions.items()
                      if (reason := caption_debris(c, numbers if shown is None else shown)) is not None}
     result.unexpected = sorted(set(unexpected))
-    result.format_ok = {"json": json_ok, "lines": lines_ok, "free": bool(found)}[answer_format]
+    # The layout asks for each number once and nothing else: an answer that read as lines or
+    # JSON but named other numbers ("3: a cat" for 1 and 2), left one out, repeated one or left
+    # a caption blank is not a parse success, or parse_success_rate would count answers that
+    # gave no caption at all.
+    complete = not stray and not unexpected and set(found) == wanted
+    result.format_ok = {"json": json_ok and complete, "lines": lines_ok and complete,
+                        "free": bool(found)}[answer_format]
     return result
 
 

@@ -29,6 +29,7 @@ library only.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple, Type, TypeVar
 
@@ -351,3 +352,22 @@ ERROR = KeyNames(RecordError)
 #: names is kept under ``input`` instead of being overwritten. Derived from :class:`Record`,
 #: so a new record field is reserved by declaring it there.
 RECORD_KEYS: FrozenSet[str] = Record.names()
+
+
+#: A record's ``image`` when its row gave an image object (bytes, a decoded image) rather than a path.
+IN_MEMORY_IMAGE = "<in-memory image>"
+#: A record's ``image`` when its row gave no image at all: a line that is not a JSON object, a row
+#: without the image field, a null or a number in it.
+NO_IMAGE = "<no image>"
+
+
+def image_key(rec: Dict[str, Any]) -> Optional[int]:
+    """An 8-byte hash naming the image of a record: its path, or the row itself for an in-memory
+    image; None for a row without an image (:data:`NO_IMAGE`). Distinct keys count distinct images
+    (``images`` in metrics.json; collisions: ~n^2 / 2^65)."""
+    path = rec.get("image_path") or rec.get("image")
+    if path == NO_IMAGE or path is None:
+        return None
+    key = f"path:{path}" if isinstance(path, str) and path != IN_MEMORY_IMAGE else \
+        f"row:{rec.get('index', rec.get('id'))}"
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "replace"), digest_size=8).digest(), "little")

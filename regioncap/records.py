@@ -330,6 +330,16 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: Longest text (caption, id, error message, reference) the end-of-run summary shows of a record:
+#: a model that runs on to its token limit would otherwise put a whole page in the log.
+SAMPLE_CHARS = 200
+
+
+def cut_text(text: str, n: int) -> str:
+    """``text`` cut to at most ``n`` characters, the last one an ellipsis when it was cut."""
+    return text if len(text) <= n else text[: n - 1] + "\u2026"
+
+
 def caption_samples(path: Path, *, rows: int = 4, regions: int = 6,
                     reference: Optional[Callable[[Record, Region], List[str]]] = None) -> str:
     """The captions of the first ``rows`` records of a records file, one region per line, for the
@@ -340,21 +350,25 @@ def caption_samples(path: Path, *, rows: int = 4, regions: int = 6,
     """
     import itertools
 
+    def cut(value: Any) -> str:
+        return cut_text(str(value), SAMPLE_CHARS)
+
     lines: List[str] = []
     shown = 0
     for raw in itertools.islice(read_jsonl(path), rows):
         rec = Record.from_dict(raw)
         shown += 1
-        label = str(rec.id)
+        label = cut(rec.id)
         if rec.error:
             err = rec.error if isinstance(rec.error, RecordError) else RecordError()
-            lines.append(f"  {label}: error ({err.kind}): {err.message}")
+            lines.append(f"  {label}: error ({cut(err.kind)}): {cut(err.message)}")
             continue
         for reg in list(rec.iter_regions())[:regions]:
             text = reg.caption
-            quoted = json.dumps(text, ensure_ascii=False) if text is not None else f"<missing: {reg.missing}>"
+            quoted = (json.dumps(cut(text), ensure_ascii=False) if text is not None
+                      else f"<missing: {reg.reason or reg.missing}>")
             refs = reference(rec, reg) if reference else []
-            lines.append(f"  {label} [{reg.id}] {quoted}" + (f"  (reference: {refs[0]})" if refs else ""))
+            lines.append(f"  {label} [{reg.id}] {quoted}" + (f"  (reference: {cut(refs[0])})" if refs else ""))
         more = len(rec.regions or []) - regions
         if more > 0:
             lines.append(f"  {label} ... {more} more region(s)")

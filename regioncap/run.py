@@ -246,7 +246,7 @@ class RegionCapRun:
     def metrics(self) -> Dict[str, Any]:
         """Counts, cost, answer shape and reference scores of what this run wrote (:func:`run_metrics`)."""
         stages = {name: {"rows": st.rows, "seconds": st.seconds, "errors": dict(st.errors), "pid": st.pid,
-                         **st.timing()} for name, st in self.stats.items()}
+                         **st.done(), **st.timing()} for name, st in self.stats.items()}
         final = self.rundir.captions_file if CaptionStage.name in self.stats else self.rundir.visualize_file
         records = read_jsonl(final) if final.exists() else iter(())
         return run_metrics(self.cfg, records, stages, self.pipeline)
@@ -285,11 +285,16 @@ def run_metrics(cfg: RegionCapConfig, records: Iterator[Dict[str, Any]], stages:
                               densecap=bool(scorers["densecap"]), visual=visual_tokens_counter(model))
     metrics.update(weights(model))
     if pipeline:
-        # End to end: every image and region of the run over the run's wall time (both stages).
-        done = metrics["regions_captioned"] if CaptionStage.name in stages else metrics["regions"]
+        # End to end: every image and region this invocation made over its wall time (both stages):
+        # the last stage's own counts where it gives them (a resume timed only the rows it did).
+        last = stages.get(CaptionStage.name) or next(reversed(stages.values()), {})
+        captioned = CaptionStage.name in stages
+        done = last.get("regions_captioned" if captioned else "regions",
+                        metrics["regions_captioned"] if captioned else metrics["regions"])
+        images = last.get("images", metrics["images"])
         metrics["pipeline"] = {
             **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in pipeline.items()},
-            "images_per_s": round(metrics["images"] / wall, 3) if wall else None,
+            "images_per_s": round(images / wall, 3) if wall else None,
             "regions_per_s": round(done / wall, 3) if wall else None,
         }
     return metrics

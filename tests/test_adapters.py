@@ -313,3 +313,18 @@ def test_every_source_gives_each_row_a_content_digest(tmp_path, source):
     assert changed != text
     path.write_text(changed)
     assert [r.digest for r in _rows(*overrides)] != digests
+
+
+def test_coco_annotations_without_a_box_list_are_one_box_each(tmp_path):
+    # Found with two annotations of one image whose bbox were null and "x": read as one bare box
+    # [None, "x"], the row said "none of its 1 boxes is usable ... expected 4 values, got 2".
+    from regioncap.boxes import parse_boxes
+
+    _image(tmp_path / "a.jpg")
+    coco = {"images": [{"id": 1, "file_name": "a.jpg"}],
+            "annotations": [{"id": 1, "image_id": 1, "bbox": None}, {"id": 2, "image_id": 1, "bbox": "x"}]}
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco))
+    (row,) = _rows("data=coco", f"data.path={path}", "data.images_dir=.")
+    parsed = parse_boxes(row.bbox, "xywh", 96, 64)
+    assert parsed.boxes == [] and [d.index for d in parsed.dropped] == [0, 1]

@@ -3,8 +3,11 @@ cannot be meant, and the content digest that identifies a row apart from its pos
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
+import lzma
 
 import pytest
 
@@ -362,3 +365,17 @@ def test_no_image_field_warning_when_some_row_has_it(tmp_path, caplog):
         execute(compose(["engine=fake", "progress=false", "data=jsonl", f"data.path={path}", "max_error_rate=1"],
                         output_dir=tmp_path / "run"))
     assert not [r for r in caplog.records if "has the image field" in r.getMessage()]
+
+
+@pytest.mark.parametrize("name,pack", [
+    ("rows.jsonl.gz", gzip.compress), ("rows.jsonl.bz2", bz2.compress), ("rows.jsonl.xz", lzma.compress),
+    ("rows.jsonl", gzip.compress),  # by its bytes, not its name
+])
+def test_a_compressed_file_given_to_data_jsonl_is_refused_with_the_way_to_read_it(tmp_path, name, pack):
+    # Found by giving a .jsonl.gz: read as JSON Lines, every run of bytes between newline bytes
+    # was an invalid_utf8 error row, and the run went on over them.
+    path = tmp_path / name
+    path.write_bytes(pack(b'{"image": "a.png", "bbox": [[1, 1, 5, 5]]}\n' * 50))
+    with pytest.raises(DataError, match="compressed, not JSON Lines: decompress it first") as err:
+        _rows("data=jsonl", f"data.path={path}")
+    assert str(path) in str(err.value)

@@ -378,3 +378,52 @@ def test_merge_scores_with_the_shards_meteor_setting(tmp_path):
     got = json.loads((tmp_path / "merged" / "metrics.json").read_text())
     assert expected["references"]["meteor"] is not None, expected["references"].get("meteor_absent")
     assert without(got, PER_PROCESS_METRICS + MERGE_ONLY_METRICS) == without(expected, PER_PROCESS_METRICS)
+
+
+def test_a_shard_dir_that_is_not_there_is_named_as_such(tmp_path):
+    # Found by a merge with a mistyped shard dir: it was "no captions.jsonl (did that shard run the
+    # caption stage?)" and one of "the shards were run with other settings ... add --force", which
+    # --force could not fix.
+    shard = tmp_path / "0"
+    shard.mkdir()
+    (shard / "captions.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "index": i}) + "\n" for i in (0, 2)))
+    (shard / "run_key.json").write_text(json.dumps({"hash": "x", "values": {"data": {"num_shards": 2,
+                                                                                     "shard_index": 0}}}))
+    with pytest.raises(MergeRefused) as exc:
+        merge(tmp_path / "merged", [shard, tmp_path / "1"], expect=4, report=False)
+    message = str(exc.value)
+    assert f"{tmp_path / '1'}: no such folder" in message
+    assert "--force" not in message and "run_key" not in message
+
+
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
+def test_a_shard_with_no_rows_of_its_own_succeeds_and_merges(tmp_path, rows7):
+    # Found by sharding 3 rows 5 ways: shards 3 and 4 failed with "no input rows were read from
+    # rows.jsonl: nothing to caption", though the file has rows and the merge needs those shards.
+    two = write_rows(tmp_path / "two.jsonl", [json.loads(line) for line in rows7.read_text().splitlines()[:2]])
+    shards = [run_shard(tmp_path, two, f"s{i}", ["data.num_shards=3", f"data.shard_index={i}"]) for i in range(3)]
+    assert list(read_jsonl(shards[2] / "captions.jsonl")) == []
+    assert merge(tmp_path / "merged", shards, report=False)["rows"] == 2
+    # A file with no rows at all is still a failed run, sharded or not.
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(Exception, match="no input rows were read"):
+        run_shard(tmp_path, empty, "e", ["data.num_shards=3", "data.shard_index=2"])
+
+
+def test_the_shards_row_counts_add_up_to_the_whole(tmp_path):
+    from regioncap.data import count_rows, rows_of_all_shards
+
+    path = tmp_path / "rows.jsonl"
+    data = compose(["data=jsonl", f"data.path={path}"]).data
+    for n, shards, skip, limit in [(3, 5, 0, None), (7, 3, 1, 4), (0, 2, 0, None), (10, 4, 12, None), (9, 1, 2, 3)]:
+        path.write_text("".join('{"image": "a.png"}\n' for _ in range(n)))
+        data.num_shards, data.skip, data.limit = shards, skip, limit
+        whole = rows_of_all_shards(data)
+        assert whole == len(range(n)[skip:][:limit])
+        total = 0
+        for k in range(shards):
+            data.shard_index = k
+            total += count_rows(data)
+        data.shard_index = 0
+        assert total == whole

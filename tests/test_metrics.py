@@ -10,6 +10,8 @@ import weakref
 from typing import Any, Dict, List, Optional
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from regioncap import metrics as mx
 from regioncap.metrics import compute_metrics, format_summary, quantile, score_regions
@@ -477,3 +479,43 @@ def test_reference_scoring_logs_its_start_and_time(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert any(line.startswith("reference scoring: 2 regions") and "METEOR off" in line for line in lines), lines
     assert any(line.startswith("reference scoring took") for line in lines), lines
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 50), st.integers(0, 50), st.integers(1, 10), st.floats(0.01, 100.0))
+def test_a_stages_rates_are_over_what_it_committed(regions_done, captioned_done, images_done, seconds):
+    # A resumed stage timed only the rows it did: its rates are over its own counts, never over
+    # the whole records file (found by a kill loop: regions/s grew with every resume).
+    records = [record(i, [region(1, "a cat"), region(2, "a dog")], [request([1, 2])]) for i in range(10)]
+    st_ = {"rows": 3, "seconds": seconds, "errors": {}, "regions": regions_done,
+           "regions_captioned": captioned_done, "images": images_done}
+    m = compute_metrics(records, {"visualize": dict(st_), "caption": dict(st_)})
+    vis, cap = m["stages"]["visualize"], m["stages"]["caption"]
+    assert vis["regions_per_s"] == round(regions_done / seconds, 3)
+    assert cap["regions_per_s"] == round(captioned_done / seconds, 3)
+    assert vis["images_per_s"] == cap["images_per_s"] == round(images_done / seconds, 3)
+    assert (vis["regions"], cap["regions_captioned"], vis["images"]) == (regions_done, captioned_done, images_done)
+    # Without them (a record of an older run), the whole file's counts, as before.
+    old = compute_metrics(records, {"visualize": {"rows": 10, "seconds": seconds, "errors": {}}})
+    assert old["stages"]["visualize"]["regions_per_s"] == round(20 / seconds, 3)
+
+
+def test_merged_stage_counts_are_summed_only_when_every_shard_has_them():
+    from pathlib import Path
+
+    from regioncap.merge import _Shard, _sum_stages
+
+    def shard(**counts):
+        return _Shard(Path("."), {}, metrics={"stages": {"visualize": {"rows": 2, "seconds": 1.0, **counts}}})
+
+    both = _sum_stages([shard(regions=3, images=1), shard(regions=4, images=2)])["visualize"]
+    assert (both["rows"], both["regions"], both["images"]) == (4, 7, 3) and "regions_captioned" not in both
+    one_old = _sum_stages([shard(regions=3, images=1), shard()])["visualize"]
+    assert "regions" not in one_old and "images" not in one_old
+
+
+def test_a_row_without_an_image_is_no_image():
+    # Invalid lines and rows without an image field once counted as distinct images.
+    recs = [record(i, [], [], status="error", image="<no image>", image_path=None) for i in range(3)]
+    recs.append(record(3, [region(1, "a cat")], [request([1])]))
+    assert compute_metrics(recs, {})["images"] == 1

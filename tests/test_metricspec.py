@@ -41,7 +41,8 @@ def _records() -> List[Dict[str, Any]]:
 
 
 def _full_metrics() -> Dict[str, Any]:
-    stages = {name: {"rows": 3, "seconds": 1.5, "errors": {"missing_file": 1}, "pid": 1} for name in ms.STAGE_NAMES}
+    stages = {name: {"rows": 3, "seconds": 1.5, "errors": {"missing_file": 1}, "pid": 1,
+                     "regions": 4, "regions_captioned": 3, "images": 3} for name in ms.STAGE_NAMES}
     # The caption stage's timing as StageStats.timing() gives it (an isolated child's start-up included).
     counts = {"rows": 2, "images": 2, "regions": 3, "prompt_tokens": 20, "output_tokens": 6}
     stages["caption"].update(steady={"seconds": 0.5, **counts}, first_batch=counts,

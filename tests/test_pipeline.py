@@ -150,12 +150,19 @@ def test_bad_input_rows_become_error_rows_and_nothing_is_lost(tmp_path):
     assert by_index[4]["line"] == 5
     assert [d["reason"] for d in by_index[6]["dropped_boxes"]] == [
         "not_numeric", "wrong_arity", "non_positive_size", "outside_image"]
+    # The row's message carries its first box's detail (it once said only the reasons).
+    assert by_index[6]["error"]["message"].endswith("; " + by_index[6]["dropped_boxes"][0]["detail"])
     assert [d["reason"] for d in by_index[7]["dropped_boxes"]] == ["not_finite"]
     assert by_index[7]["status"] == "ok" and by_index[7]["valid_bboxes_num"] == 1
     assert by_index[8]["status"] == "no_regions" and by_index[8]["type"] == "without_bbox"
     assert by_index[15]["clipped_boxes"][0]["reason"] == "clipped"
     assert by_index[15]["regions"][0]["bbox"] == [300.0, 200.0, 320.0, 240.0]
     assert metrics["rows"] == len(rows) and metrics["error_rows"] == 12
+    # A row that gave no image says so (it once read "<in-memory image>") and is no image in the count:
+    # the distinct files named, missing and broken ones included.
+    assert {i: by_index[i]["image"] for i in (4, 12, 13, 14)} == dict.fromkeys((4, 12, 13, 14), "<no image>")
+    named = {str(tmp_path / r["image"]) for r in rows if isinstance(r, dict) and isinstance(r.get("image"), str)}
+    assert metrics["images"] == len(named)
 
 
 def test_error_rate_above_limit_fails_the_run_after_writing_everything(tmp_path):

@@ -151,3 +151,28 @@ def test_only_newline_ends_a_line():
     # A constrained answer may hold any character but "\n" inside a line.
     parsed = prompts.parse_answer("1: a\x1cb\u2028c\n2: d", [1, 2], "lines")
     assert parsed.format_ok and parsed.captions == {1: "a\x1cb\u2028c", 2: "d"}
+
+
+@pytest.mark.parametrize("answer, fmt", [
+    ("3: a cat\n4: a dog", "lines"),                       # only other numbers: no caption at all
+    ("1: **\n2: **", "lines"),                             # blank captions
+    ("1: a cat\n1: a dog\n2: a bird", "lines"),            # a number twice
+    ("1: a cat\n2: a dog\n3: a bird", "lines"),            # a number not asked
+    ("1: a cat", "lines"),                                 # a number left out
+    ('{"regions": [{"id": 7, "caption": "a cat"}, {"id": 8, "caption": "a dog"}]}', "json"),
+    ('{"regions": [{"id": 1, "caption": "a cat"}, {"id": 2, "caption": " "}]}', "json"),
+])
+def test_an_answer_off_the_numbering_is_not_in_the_format(answer, fmt):
+    # Found by feeding such answers through a run: each counted as a parse success
+    # (format_ok, no debris) while the first two gave no caption at all.
+    parsed = prompts.parse_answer(answer, [1, 2], fmt)
+    assert not parsed.format_ok and not parsed.clean
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200), st.lists(st.integers(1, 12), min_size=1, max_size=6, unique=True),
+       st.sampled_from(["lines", "json"]))
+def test_a_clean_parse_captions_every_asked_number(text, numbers, fmt):
+    parsed = prompts.parse_answer(text, numbers, fmt)
+    if parsed.format_ok:
+        assert set(parsed.captions) == set(numbers) and not parsed.unexpected

@@ -424,3 +424,25 @@ def test_resume_args_round_trip_any_folder_name(name):
     path = "/runs/" + name
     words = shlex.split(resume_args(path))
     assert OverridesParser.create().parse_overrides([words[1]])[0].value() == path
+
+
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
+def test_a_resumed_runs_rates_are_of_the_rows_it_did(tmp_path):
+    # Found by a kill loop: after a resume, the visualize stage's and the pipeline's regions/s were
+    # every region of the file over the seconds of the resumed part (2.5x the uninterrupted run's
+    # after one kill, and without bound as the resumed part shrinks).
+    rows, out = demo_rows(tmp_path / "rows.jsonl"), tmp_path / "run"
+    execute(fake(out, rows, "data.limit=6"))
+    metrics = execute(fake(out, rows, "resume=true"))
+    records = list(read_jsonl(out / "captions.jsonl"))
+    resumed = [r for r in records if r["index"] >= 6]
+    regions = sum(len(r.get("regions") or []) for r in resumed)
+    assert metrics["regions"] == sum(len(r.get("regions") or []) for r in records) > regions > 0
+    vis = metrics["stages"]["visualize"]
+    assert (vis["rows"], vis["regions"], vis["images"]) == (2, regions, len({r["image_path"] for r in resumed}))
+    assert vis["regions_per_s"] == pytest.approx(regions / vis["seconds"], rel=0.01)
+    assert metrics["stages"]["caption"]["regions_captioned"] == sum(
+        1 for r in resumed for g in r.get("regions") or [] if g.get("caption"))
+    pipe = metrics["pipeline"]
+    assert pipe["regions_per_s"] == pytest.approx(metrics["stages"]["caption"]["regions_captioned"] / pipe["seconds"],
+                                                  rel=0.01)

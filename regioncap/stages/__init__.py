@@ -53,6 +53,11 @@ class StageStats:
     retried: int = 0
     #: Regions in the committed rows (progress reports).
     regions: int = 0
+    #: Of them, regions with a caption; and the distinct images of the committed rows
+    #: (:func:`regioncap.records.image_key`). With ``rows`` and ``regions``, what this invocation
+    #: did: a resumed stage's rates are over these and its own seconds, not over the whole file.
+    captioned: int = 0
+    images: set = field(default_factory=set)
     #: The engine's start-up (caption stage): ``engine_load_s``, ``first_batch_s``, ``engines``,
     #: ``time_to_first_caption_s`` (see :func:`merge_startup` and docs/formats.md); empty otherwise.
     startup: Dict[str, Any] = field(default_factory=dict)
@@ -70,11 +75,17 @@ class StageStats:
 
     def commit(self, writer: Any, records: List[Dict[str, Any]]) -> None:
         """Commit ``records`` through ``writer`` and count them, error rows by kind."""
+        from regioncap.record_types import image_key
+
         # Decoded records read by key (derived from the record model): this runs on every row.
         for rec in records:
             if rec.get(RECORD.status) == "error":
                 self.errors[(rec.get(RECORD.error) or {}).get(ERROR.kind, "unknown")] += 1
             self.regions += len(rec.get(RECORD.regions) or ())
+            self.captioned += sum(1 for r in rec.get(RECORD.regions) or () if r.get(REGION.caption))
+            key = image_key(rec)
+            if key is not None:
+                self.images.add(key)
         writer.commit(records)
         self.rows += len(records)
         self._count_steady(records)
@@ -100,6 +111,7 @@ class StageStats:
         """The stats as plain data (sent back from a child process)."""
         return {"rows": self.rows, "seconds": self.seconds, "errors": dict(self.errors), "pid": self.pid,
                 "skipped": self.skipped, "retried": self.retried, "regions": self.regions,
+                "captioned": self.captioned, "images": sorted(self.images),
                 "startup": dict(self.startup), "steady": dict(self.steady), "steady_seconds": self.steady_seconds,
                 "first": dict(self.first)}
 
@@ -108,10 +120,17 @@ class StageStats:
         self.rows, self.errors, self.pid = values["rows"], Counter(values["errors"]), values["pid"]
         self.skipped, self.retried = values.get("skipped", 0), values.get("retried", 0)
         self.regions = values.get("regions", 0)
+        self.captioned = values.get("captioned", 0)
+        self.images = set(values.get("images") or ())
         self.startup = dict(values.get("startup") or {})
         self.steady = Counter(values.get("steady") or {})
         self.steady_seconds = values.get("steady_seconds")
         self.first = Counter(values.get("first") or {})
+
+    def done(self) -> Dict[str, int]:
+        """What this invocation committed, as ``compute_metrics`` takes it in a stage's entry:
+        ``regions``, ``regions_captioned`` and distinct ``images``."""
+        return {"regions": self.regions, "regions_captioned": self.captioned, "images": len(self.images)}
 
     def timing(self) -> Dict[str, Any]:
         """``startup`` and ``steady`` (with its ``seconds``) as ``compute_metrics`` takes them; empty
@@ -137,6 +156,11 @@ def _count(into: Counter, records: List[Dict[str, Any]]) -> None:
         into["prompt_tokens"] += tokens.get("prompt") or 0
         into["output_tokens"] += tokens.get("output") or 0
 
+
+#: What a stage entry of ``compute_metrics`` may say the stage itself committed (:meth:`StageStats.done`):
+#: its rates and the run's ``pipeline`` rates are over these where given, so a resume's rates are the
+#: resumed part's (the part its seconds timed), not the whole records file over those seconds.
+STAGE_COUNTS = ("regions", "regions_captioned", "images")
 
 #: What the steady window counts (:attr:`StageStats.steady`).
 STEADY_COUNTS = ("rows", "images", "regions", "prompt_tokens", "output_tokens")

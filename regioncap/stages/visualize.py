@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Dict, Iterable, Iterator, List, Optional,
 from regioncap import boxes as bx
 from regioncap.errors import RunError
 from regioncap.images import ImageLoadError, load_image, resize_to, save_image, uri_label
-from regioncap.record_types import ABSENT, RECORD_KEYS, Record, RecordError, Region, RequestSpec
+from regioncap.record_types import ABSENT, IN_MEMORY_IMAGE, NO_IMAGE, RECORD_KEYS, Record, RecordError, Region, RequestSpec
 from regioncap.rundir import IMAGES_DIR, resume_args
 from regioncap.signals import stop_requested
 from regioncap.stages import VisualizeStage
@@ -151,8 +151,11 @@ class RowRequests:
         if not kept:
             if num_input and proposals is None:
                 reasons = ", ".join(sorted({i.reason for i in dropped}))
+                # The first box's own detail says what was wrong and, for a box format that does not
+                # fit the values (pixels read as fractions...), which one it may be.
+                first = f"; {dropped[0].detail}" if dropped else ""
                 return fail(rec, "no_valid_boxes",
-                            f"{rec.image}: none of its {num_input} boxes is usable ({reasons})", t0, stage)
+                            f"{rec.image}: none of its {num_input} boxes is usable ({reasons}){first}", t0, stage)
             rec.status = "no_regions"
             rec.timing = {f"{stage}_s": round(time.perf_counter() - t0, 4)}
             return rec
@@ -324,7 +327,16 @@ class Visualizer(VisualizeStage):
         for k, v in row.extra.items():
             # A name the record model declares (RECORD_KEYS) is the record's own: kept under ``input``.
             (collisions if k in RECORD_KEYS else carried)[k] = v
-        image = uri_label(row.image) if isinstance(row.image, str) else (row.image_path or "<in-memory image>")
+        if isinstance(row.image, str):
+            image = uri_label(row.image)
+        elif row.image_path:
+            image = row.image_path
+        elif row.image is None or isinstance(row.image, (bool, int, float, list)):
+            # No image at all (an invalid line, no image field, a null or a number in it): never
+            # "<in-memory image>", which says the row held one, and no image in metrics.json's count.
+            image = NO_IMAGE
+        else:
+            image = IN_MEMORY_IMAGE
         digest = getattr(row, "digest", None)
         return Record(
             input=collisions or ABSENT, id=row.row_id, index=row.index, image=image, image_path=row.image_path,
