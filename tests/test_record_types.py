@@ -253,3 +253,32 @@ def test_the_record_key_check_sees_each_kind_of_use(tmp_path):
     assert sorted(record_key_literals(bad)) == [
         "bad.py:2 error['kind']", "bad.py:2 rec['error']", "bad.py:2 rec['error']", "bad.py:2 rec['status']",
         "bad.py:2 reg['caption']", "bad.py:3 {kind, message, stage}"]
+
+
+def test_key_names_are_the_parts_fields_and_nothing_else():
+    from dataclasses import fields
+
+    from regioncap.record_types import ERROR, RECORD, REGION, REQUEST
+
+    for names, part in ((RECORD, Record), (REGION, Region), (REQUEST, RequestSpec), (ERROR, RecordError)):
+        assert all(getattr(names, f.name) == f.name for f in fields(part))
+    with pytest.raises(AttributeError, match="'captions' is not a key of Region"):
+        REGION.captions  # noqa: B018 - a misspelt name fails where it is read
+    with pytest.raises(AttributeError, match="read-only"):
+        RECORD.status = "state"
+
+
+def test_a_part_built_in_code_writes_its_keys_in_the_order_set():
+    """What the writers rely on: constructor fields in declaration order, carried input fields
+    first, a field set later after them, ``update`` as a dict's."""
+    rec = Record(id="r", index=0, status="pending", error=None).carrying({"note": 1})
+    rec.timing = {"visualize_s": 0.1}
+    rec.status = "error"
+    rec.error = RecordError(stage="caption").update({"kind": "engine_error", "message": "m", "code": 7})
+    rec.error.retryable = True
+    assert json.dumps(rec.to_dict()) == json.dumps({
+        "note": 1, "id": "r", "index": 0, "status": "error",
+        "error": {"stage": "caption", "kind": "engine_error", "message": "m", "code": 7, "retryable": True},
+        "timing": {"visualize_s": 0.1}})
+    with pytest.raises(ValueError, match="declares"):
+        Record().carrying({"status": "x"})
