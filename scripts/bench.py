@@ -487,9 +487,6 @@ def bench_overlap(rows: int, repeat: int, work: Path, torch_threads: int = 1, co
             "sampling.max_tokens=32", "prompt.reask_missing=false", "workers=1", f"commit_every={commit_every}"]
     engine_holder: Dict[str, object] = {}
     counter = iter(range(10 ** 6))
-    for side, (args, side_env) in sides.items():  # untimed: writes the bytecode of each side
-        extra = [f"hydra.run.dir={work / f'coldstart-{next(counter)}'}"] if side.startswith("run") else []
-        _timed_command(args + extra, side_env, work)
 
     def run(stages: str, out: Path) -> None:
         cfg = compose([*base, f"stages={stages}"], output_dir=out)
@@ -539,6 +536,7 @@ def bench_caption(rows: int, repeat: int, work: Path) -> Dict[str, object]:
     from regioncap.engines import build_engine
     from regioncap.executors.local import LocalExecutor
     from regioncap.models import resolve_model_path
+    from regioncap.record_types import Record
     from regioncap.records import read_jsonl
     from regioncap.run import RegionCapRun
     from regioncap.stages.caption import Captioner
@@ -562,7 +560,7 @@ def bench_caption(rows: int, repeat: int, work: Path) -> Dict[str, object]:
 
     def direct() -> None:
         # The same requests, in the same batches, straight to the engine.
-        specs = [s for rec in read_jsonl(run.rundir.visualize_file) for s in rec["requests"]]
+        specs = [s for rec in read_jsonl(run.rundir.visualize_file) for s in Record.from_dict(rec).requests or []]
         bs = int(cfg.engine.batch_size)
         for i in range(0, len(specs), bs):
             engine.generate([requests(s) for s in specs[i:i + bs]])
@@ -876,9 +874,6 @@ def bench_ray(rows: int, repeat: int, work: Path, code: Path | None = None, repl
     codes = {"this": REPO, **({"other": code.resolve()} if code else {})}
     runs: Dict[str, Dict[str, List[Dict[str, float]]]] = {c: {e: [] for e in executors} for c in codes}
     counter = iter(range(10 ** 6))
-    for side, (args, side_env) in sides.items():  # untimed: writes the bytecode of each side
-        extra = [f"hydra.run.dir={work / f'coldstart-{next(counter)}'}"] if side.startswith("run") else []
-        _timed_command(args + extra, side_env, work)
     for round_ in range(repeat):
         for label, checkout in codes.items():
             for name, args in executors.items():

@@ -257,8 +257,10 @@ def dry_run(cfg: Any, model_path: str, requests: Any, records: List[Dict[str, An
 
     from regioncap.engines.base import Request
 
-    specs = [s for rec in records for s in rec.get("requests") or []]
-    ours = [count(requests(s), s["image_size"]) for s in specs]
+    from regioncap.record_types import Record
+
+    specs = [s for rec in records for s in Record.from_dict(rec).requests or []]
+    ours = [count(requests(s), s.image_size) for s in specs]
     theirs = []
     for path in naive:
         image = dataflow_image(path)
@@ -276,6 +278,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     from bench import dataflow_mm_visualize, make_camera_dataset
     from regioncap.models import resolve_model_path
     from regioncap.prepare import resolve_workers
+    from regioncap.record_types import Record
     from regioncap.records import read_jsonl
     from regioncap.run import RegionCapRun
     from regioncap.stages.caption import Captioner
@@ -297,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             vis.visualize()
         requests = Captioner(cfg, vis.out).request  # spec -> engine request, as the caption stage builds it
         records = list(read_jsonl(vis.rundir.visualize_file))
-        specs = [s for rec in records for s in rec.get("requests") or []]
+        specs = [s for rec in records for s in Record.from_dict(rec).requests or []]
         regions = sum(len(rec["regions"]) for rec in records)
         df_rows = [json.loads(line) for line in df_data.read_text().splitlines()]
         df_regions = sum(min(len(r["bbox"]), 10) for r in df_rows)

@@ -73,6 +73,7 @@ def test_a_shared_engine_serves_two_runs_and_stays_open(tmp_path):
     from conftest import compose
     from regioncap.engines import build_engine
     from regioncap.executors.local import LocalExecutor
+    from regioncap.record_types import Record
     from regioncap.records import read_jsonl
     from regioncap.run import RegionCapRun
     from regioncap.stages.caption import Captioner
@@ -91,9 +92,9 @@ def test_a_shared_engine_serves_two_runs_and_stays_open(tmp_path):
         assert run.engine_info["engine"] == "fake"
     assert len(engine.calls) >= 2 and closed == []  # one engine answered both runs; neither closed it
     # Captioner.request: the engine request of a spec, its image resolved against the run dir.
-    spec = next(read_jsonl(tmp_path / "b" / "visualize.jsonl"))["requests"][0]
+    spec = Record.from_dict(next(read_jsonl(tmp_path / "b" / "visualize.jsonl"))).requests[0]
     request = Captioner(cfg, tmp_path / "b").request(spec)
-    assert request.image_path == str(tmp_path / "b" / spec["image"]) and request.prompt == spec["prompt"]
+    assert request.image_path == str(tmp_path / "b" / spec.image) and request.prompt == spec.prompt
     own = Captioner(cfg, tmp_path / "b")
     own.start_engine()
     own.engine.close = lambda: closed.append("own")
