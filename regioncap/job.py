@@ -314,7 +314,8 @@ def _check(cfg: RegionCapConfig, run: RegionCapRun, metrics: Dict[str, Any]) -> 
                         f"has {whole} row(s) to share; regioncap.merge takes this shard as it is")
             return
         raise RunError(f"no input rows were read from {cfg.data.path}: nothing to caption")
-    if metrics["error_rate"] > cfg.max_error_rate:
+    # Rows were read (above), so the rate is a number; a null one (no rows) is never over the limit.
+    if (metrics["error_rate"] or 0.0) > cfg.max_error_rate:
         raise RunError(
             f"{metrics['error_rows']} of {metrics['rows']} rows failed (error rate {metrics['error_rate']:.1%} > "
             f"max_error_rate {cfg.max_error_rate:.1%}); see the 'error' field in "

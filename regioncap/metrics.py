@@ -129,6 +129,8 @@ def describe(values: Iterable[float], digits: int = 4) -> Optional[Dict[str, Any
 
 
 def _rate(num: float, den: float, digits: int = 4) -> Optional[float]:
+    """``num / den`` rounded, or ``None`` over a zero ``den``: a rate of nothing has no value
+    (metrics.json writes null; a merge recomputes it from the summed counts)."""
     return round(num / den, digits) if den else None
 
 
@@ -1377,7 +1379,9 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
     out["rows_no_regions"] = c["status_no_regions"]
     out["rows_pending"] = c["status_pending"]
     out["error_rows"] = c["status_error"]
-    out["error_rate"] = round(c["status_error"] / rows, 4) if rows else 1.0
+    # A share of no rows has no value (an empty shard's share of the input): null, as every rate of
+    # metrics.json over an empty denominator, not 100% errors.
+    out["error_rate"] = _rate(c["status_error"], rows)
     out["errors"] = dict(acc.errors)
     out["error_rows_by_stage"] = dict(acc.error_stages)
 
@@ -1593,7 +1597,7 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
     lines = [
         f"rows {m['rows']}: ok {m['rows_ok']}, partial {m['rows_partial']}, "
         f"no regions {m['rows_no_regions']}, errors {m['error_rows']} "
-        f"(error rate {m['error_rate']:.1%}, max {max_error_rate:.1%})",
+        f"(error rate {_pct(m['error_rate'])}, max {max_error_rate:.1%})",
         f"regions {m['regions']}: captioned {m['regions_captioned']}, "
         f"missing {m['regions_missing']}; boxes dropped {m['boxes_dropped']}, "
         f"clipped {m['boxes_clipped']}; requests {m['requests']} (+{m['reasks']} re-asks)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -403,7 +404,22 @@ def test_a_shard_with_no_rows_of_its_own_succeeds_and_merges(tmp_path, rows7):
     two = write_rows(tmp_path / "two.jsonl", [json.loads(line) for line in rows7.read_text().splitlines()[:2]])
     shards = [run_shard(tmp_path, two, f"s{i}", ["data.num_shards=3", f"data.shard_index={i}"]) for i in range(3)]
     assert list(read_jsonl(shards[2] / "captions.jsonl")) == []
-    assert merge(tmp_path / "merged", shards, report=False)["rows"] == 2
+    # Its error rate is of no rows: null (it was 1.0, "100% errors" beside a job that succeeded).
+    empty_metrics = json.loads((shards[2] / "metrics.json").read_text())
+    assert empty_metrics["error_rate"] is None and empty_metrics["captioned_share"] is None
+    merged = merge(tmp_path / "merged", shards, report=False)
+    assert merged["rows"] == 2
+    # Nor does it pull the merged rate: recomputed from the summed counts.
+    assert json.loads((tmp_path / "merged" / "metrics.json").read_text())["error_rate"] == 0.0
+    # The run report and a sweep report over the shards show it as ok, its rate as none.
+    from regioncap.report import write_report
+
+    assert "error rate" in write_report(shards[2]).read_text(encoding="utf-8")
+    sweep = tmp_path / "sweep"
+    for shard in shards:
+        shutil.copytree(shard, sweep / shard.name)
+    page = write_report(sweep).read_text(encoding="utf-8")
+    assert "over max_error_rate" not in page and "s2" in page
     # A file with no rows at all is still a failed run, sharded or not.
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -313,6 +313,16 @@ def test_misaligned_or_malformed_references_are_skipped_and_counted():
     assert refs["bleu4"] is not None
 
 
+def test_a_rate_over_nothing_is_null_not_100_percent():
+    # An empty shard's share of the input: no rows, so no error rate (it was 1.0, "100% errors").
+    m = compute_metrics([], {"caption": {"rows": 0, "seconds": 0.5, "errors": {}}})
+    assert m["error_rate"] is None and m["error_rows"] == 0
+    shares = [p for p, _ in mx.metricspec.leaf_paths(m)
+              if (spec := mx.metricspec.get(p)) is not None and spec.unit == "share"]
+    assert "error_rate" in shares and all(mx.metricspec.value_at(m, p) is None for p in shares)
+    assert "error rate n/a" in format_summary(m, max_error_rate=0.1, out_dir="out")
+
+
 def test_json_string_references_and_other_key_and_collided_key():
     rec = record(0, [region(1, "a cat")], [request([1])], caption_ref=json.dumps([["a cat", "a kitten"]]))
     refs = compute_metrics([rec], {}, references_key="caption_ref", meteor=False)["references"]
