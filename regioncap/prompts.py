@@ -7,6 +7,7 @@ Pure module: no Hydra, no engine imports. The prompt text is snapshotted in
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -446,23 +447,39 @@ def _parse_json(text: str, add: Any) -> bool:
             continue
         ident = item.get("id", item.get("region"))
         caption = item.get("caption", item.get("description"))
-        if isinstance(ident, (list, dict)):  # str() of a deep one recurses; never a number anyway
-            continue
-        if isinstance(ident, int) and not isinstance(ident, bool):
-            ident = str(ident)  # bounded: json.loads refuses ints over 4300 digits
-        elif not isinstance(ident, str):
-            ident = str(ident)
-        ident = ident.strip().strip("<>").lower().replace("region", "")
-        if len(ident.strip().lstrip("+-")) > MAX_NUMBER_DIGITS:
-            continue
-        try:
-            n = int(ident)
-        except (TypeError, ValueError):
+        n = _json_region_number(ident)
+        if n is None:
             continue
         if isinstance(caption, str):
             add(n, caption)
             ok = True
     return ok
+
+
+# An integral number as text: "1", "+1", "-2", "1.0", "1.", "1.00" (models write floats for ids).
+_INTEGRAL = re.compile(r"[+-]?(\d+)(?:\.0*)?")
+
+
+def _json_region_number(ident: Any) -> Optional[int]:
+    """The region number a JSON ``id`` names, or None: an int, an integral float (``1.0``), or a
+    string of one (``"1"``, ``"1.0"``, ``"region1"``, ``"<region1>"``); never a bool, a fraction
+    (``1.5``) or a run of more than :data:`MAX_NUMBER_DIGITS` digits."""
+    if isinstance(ident, bool):
+        return None
+    if isinstance(ident, float):
+        # Exactly the integral ones; 1e300 is integral but no region number (too many digits below).
+        if not math.isfinite(ident) or not ident.is_integer():
+            return None
+        ident = int(ident)
+    if isinstance(ident, int):
+        ident = str(ident)  # bounded: json.loads refuses ints over 4300 digits
+    if not isinstance(ident, str):  # a list or dict (str() of a deep one recurses), null
+        return None
+    text = ident.strip().strip("<>").lower().replace("region", "").strip()
+    match = _INTEGRAL.fullmatch(text)
+    if match is None or len(match.group(1)) > MAX_NUMBER_DIGITS:
+        return None
+    return int(text.split(".", 1)[0])
 
 
 def _parse_mentions(text: str, wanted: set) -> Dict[int, str]:

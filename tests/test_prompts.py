@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -176,3 +177,40 @@ def test_a_clean_parse_captions_every_asked_number(text, numbers, fmt):
     parsed = prompts.parse_answer(text, numbers, fmt)
     if parsed.format_ok:
         assert set(parsed.captions) == set(numbers) and not parsed.unexpected
+
+
+@pytest.mark.parametrize("ident", ["1.0", '"1.0"', '"1."', '"1.00"', "1", '"1"', '"region1"', '"<region1>"', "1e0"])
+def test_json_ids_of_integral_numbers_are_region_numbers(ident):
+    # Models write ids as floats ({"id": 1.0}); that one was read as no region at all.
+    text = f'{{"regions": [{{"id": {ident}, "caption": "a cat"}}, {{"id": 2.0, "caption": "a dog"}}]}}'
+    parsed = prompts.parse_answer(text, [1, 2], "json")
+    assert parsed.captions == {1: "a cat", 2: "a dog"} and parsed.format_ok and parsed.clean
+
+
+@pytest.mark.parametrize("ident", ["1.5", '"1.5"', "true", "null", "[1]", '{"n": 1}', '"1e0"', '"1_0"', "1e300",
+                                   '"one"', '"1.0.0"'])
+def test_json_ids_that_are_no_whole_number_are_not_region_numbers(ident):
+    text = f'{{"regions": [{{"id": {ident}, "caption": "a cat"}}, {{"id": 2, "caption": "a dog"}}]}}'
+    parsed = prompts.parse_answer(text, [1, 2], "json")
+    assert 1 not in parsed.captions and parsed.captions.get(2) == "a dog" and not parsed.format_ok
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
+                 st.text(alphabet="0123456789.+-e ", max_size=12)))
+def test_a_json_id_is_read_exactly_when_it_is_a_whole_number(ident):
+    n = prompts._json_region_number(ident)
+    if isinstance(ident, float):
+        whole = ident == ident and abs(ident) != float("inf") and ident.is_integer() and \
+            len(str(abs(int(ident)))) <= prompts.MAX_NUMBER_DIGITS
+        assert (n is not None) == whole and (n is None or n == int(ident))
+    elif isinstance(ident, int):
+        assert n == ident
+    else:
+        assert (n is not None) == bool(re.fullmatch(r"\s*[+-]?\d+(\.0*)?\s*", ident))
+        if n is not None:
+            assert n == int(ident.strip().split(".")[0])
+    # The parse goes through the same reading: an id that is a whole number gets its caption.
+    text = json.dumps({"regions": [{"id": ident, "caption": "a cat"}]})
+    parsed = prompts.parse_answer(text, [n if n is not None and n > 0 else 1], "json")
+    assert (parsed.captions != {}) == (n is not None and n > 0)
