@@ -172,6 +172,41 @@ def _reference_entries(value: Any) -> Optional[list]:
     return []  # present but unusable: every box counts as missing a reference
 
 
+def references_problem(record: Dict[str, Any], references_key: Optional[str]) -> Optional[str]:
+    """Why the row's references field, present and not null, is not what it should be, or ``None``.
+
+    The field is one entry per box, each a string, a list of strings or null (no reference for
+    that box); a string alone is the one box's reference (a one-box row). A number, a dict, a
+    bool, or an entry of one of those is malformed: its boxes count as without a reference, and
+    the run says so (``references.rows_malformed``, a warning) rather than nothing."""
+    if not references_key:
+        return None
+    collided = record.get(RECORD.input)
+    value = collided.get(references_key) if isinstance(collided, dict) and references_key in collided \
+        else record.get(references_key)
+    if value is None:
+        return None
+    entries = _reference_entries(value)
+    if not entries and not isinstance(value, (str, list, tuple)):
+        return f"{_short(value)}, not a list with one reference (or list of references) per box"
+    for i, entry in enumerate(entries or ()):
+        texts = entry if isinstance(entry, (list, tuple)) else [entry]
+        if entry is not None and not all(isinstance(t, str) for t in texts):
+            return f"entry {i} is {_short(entry)}, not a string or a list of strings"
+    return None
+
+
+def _short(value: Any) -> str:
+    """``a number (5)``, ``a dict ({"a": 1})``: a value's JSON kind and its start."""
+    kind = {bool: "a boolean", int: "a number", float: "a number", dict: "a dict", list: "a list",
+            tuple: "a list", str: "a string"}.get(type(value), f"a {type(value).__name__}")
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=str)
+    except (ValueError, RecursionError):
+        text = "..."
+    return f"{kind} ({text[:40] + '...' if len(text) > 40 else text})"
+
+
 def reference_texts(record: Dict[str, Any], region: Dict[str, Any],
                     references_key: Optional[str] = "references") -> List[str]:
     """The reference captions of one region as written (stripped, not normalised):
@@ -1050,6 +1085,8 @@ class _Accumulator:
         #: its bootstrap intervals resample.
         self._scorer: Optional[ReferenceScorer] = None
         self.has_references = False
+        #: The first row whose references field is malformed, and why (:func:`references_problem`).
+        self.references_malformed_first: Optional[str] = None
         self.flags: Counter = Counter()
         self.debris: Counter = Counter()
 
@@ -1161,6 +1198,11 @@ class _Accumulator:
         if has_refs:
             self.has_references = True
             c["rows_with_references"] += 1
+            problem = references_problem(rec, self.references_key)
+            if problem is not None:
+                c["references_malformed"] += 1
+                if self.references_malformed_first is None:
+                    self.references_malformed_first = f"row {rec.get(RECORD.id)!r}: {problem}"
             c["references_missing"] += missing
             c["regions_with_references"] += len(found)
             for reg, refs in found:
@@ -1435,7 +1477,12 @@ def compute_metrics(records: Iterable[Dict[str, Any]], stages: Dict[str, Dict[st
         refs = {"rows_with_references": c["rows_with_references"],
                 "regions_with_references": c["regions_with_references"],
                 "references_missing": c["references_missing"],
-                "references_uncaptioned": c["references_uncaptioned"]}
+                "references_uncaptioned": c["references_uncaptioned"],
+                "rows_malformed": c["references_malformed"]}
+        if c["references_malformed"]:
+            log.warning(f"{c['references_malformed']} row(s) carry a malformed {references_key!r} field "
+                        f"(data.references_key): their boxes count as without a reference; first, "
+                        f"{acc.references_malformed_first}")
         refs.update(acc.scorer.finish())
         if bootstrap_resamples > 0 and acc.scorer.n:
             refs["intervals"] = acc.scorer.intervals(n_boot=bootstrap_resamples, seed=seed)

@@ -219,6 +219,9 @@ def _specs() -> Iterator[Metric]:
             "regions whose box has a non-empty reference")
     yield m(refs + "references_missing", "regions without a reference", "count", None, "sum",
             "regions of rows with references whose box has none")
+    yield m(refs + "rows_malformed", "rows with malformed references", "count", "lower", "sum",
+            "rows whose references field is not one string, list of strings or null per box (a number, a "
+            "dict...): their boxes count as without a reference; the run warns with the first")
     yield m(refs + "references_uncaptioned", "referenced regions uncaptioned", "count", "lower", "sum",
             "regions with references but no caption")
     yield m(refs + "regions_scored", "regions scored", "count", None, "sum",

@@ -311,6 +311,51 @@ def test_misaligned_or_malformed_references_are_skipped_and_counted():
     assert refs["references_missing"] == 1 + 3 + 1 + 1
     assert refs["references_uncaptioned"] == 1
     assert refs["bleu4"] is not None
+    # Rows 1 (an entry of numbers), 2 (a dict) and 3 (a number) are malformed, not "without a reference":
+    # counted, and said (a shorter list, "" and null entries are not malformed).
+    assert refs["rows_malformed"] == 3
+
+
+def test_malformed_references_are_counted_and_named_in_a_warning(caplog):
+    rows = [record(0, [region(1, "a cat")], [request([1])], references=5),
+            record(1, [region(1, "a cat")], [request([1])], references={"1": "a cat"}),
+            # A single string is the one box's reference, as docs/formats.md says: legitimate.
+            record(2, [region(1, "a cat")], [request([1])], references="a cat")]
+    with caplog.at_level("WARNING", logger="regioncap"):
+        refs = compute_metrics(rows, {}, meteor=False, bootstrap_resamples=0)["references"]
+    assert refs["rows_malformed"] == 2 and refs["regions_scored"] == 1 and refs["references_missing"] == 2
+    warning, = [r.getMessage() for r in caplog.records if "malformed" in r.getMessage()]
+    assert "2 row(s) carry a malformed 'references' field (data.references_key)" in warning
+    assert "row 'row-0': a number (5), not a list" in warning
+    assert mx.references_problem(rows[2], "references") is None
+    assert mx.references_problem(record(3, [], [], references=["a", None, ["b"], ""]), "references") is None
+    assert mx.references_problem(record(3, [], [], references=["a", 7]), "references") == \
+        "entry 1 is a number (7), not a string or a list of strings"
+    # Well-formed references say nothing.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="regioncap"):
+        assert compute_metrics(rows[2:], {}, meteor=False, bootstrap_resamples=0)["references"]["rows_malformed"] == 0
+    assert not [r for r in caplog.records if "malformed" in r.getMessage()]
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
+                                                                                 max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_JSON)
+def test_references_are_malformed_exactly_when_not_text_per_box(value):
+    rec = record(0, [region(1, "a cat")], [], references=value)
+    entries = value if isinstance(value, list) else [value]
+    well_formed = isinstance(value, (str, list)) and all(
+        e is None or isinstance(e, str) or (isinstance(e, list) and all(isinstance(t, str) for t in e))
+        for e in (entries if not isinstance(value, str) else []))
+    problem = mx.references_problem(rec, "references")
+    if value is None or (well_formed and not (isinstance(value, str) and value.lstrip().startswith("["))):
+        assert problem is None
+    if not isinstance(value, (str, list, type(None))):
+        assert problem is not None and "not a list" in problem
 
 
 def test_a_rate_over_nothing_is_null_not_100_percent():
