@@ -485,7 +485,8 @@ def _sum_stages(shards: Sequence[_Shard]) -> Dict[str, Dict[str, Any]]:
             for kind, n in (st.get("errors") or {}).items():
                 acc["errors"][kind] = acc["errors"].get(kind, 0) + int(n)
             # The caption stage's steady part: counts and process-seconds summed like the stage's own
-            # (shards whose steady part was their first batch included: the merged basis is after_first_batch);
+            # (shards whose steady part was, or took in, their first batch included: the merged basis is
+            # after_first_batch);
             # the engines' start-up: the slowest shard's, as replicas (regioncap.stages.merge_startup).
             if isinstance(st.get("steady"), dict):
                 steady = acc.setdefault("steady", {})

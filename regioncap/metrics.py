@@ -46,7 +46,7 @@ from regioncap.densecap import (
 )
 from regioncap.intervals import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 from regioncap.record_types import ERROR, RECORD, REGION, REQUEST, Record, Region, image_key
-from regioncap.stages import STAGE_COUNTS, CaptionStage
+from regioncap.stages import STAGE_COUNTS, STEADY_COUNTS, CaptionStage
 
 log = logging.getLogger("regioncap")
 
@@ -1322,6 +1322,21 @@ def _whole(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
+#: The least share of the work after engine load that the steady part must hold for its rates to stand
+#: alone (``steady.basis``, docs/formats.md "Throughput: start-up apart").
+MIN_STEADY_SHARE = 0.1
+
+
+def _thin_steady(steady: Dict[str, Any], first: Dict[str, Any]) -> bool:
+    """Whether the steady part holds under :data:`MIN_STEADY_SHARE` of what it and the first batch
+    captioned (regions; rows where neither captioned any)."""
+    for key in ("regions", "rows"):
+        after, before = _whole(steady.get(key), 0), _whole(first.get(key), 0)
+        if after + before:
+            return after < MIN_STEADY_SHARE * (after + before)
+    return False
+
+
 def _stage_rates(name: str, st: Dict[str, Any], seconds: float, images: int, regions: int,
                  captioned: int) -> Dict[str, Any]:
     """A stage's ``*_per_s`` (and ``steady``, ``startup``): over its steady part where it has one, so they do
@@ -1341,10 +1356,16 @@ def _stage_rates(name: str, st: Dict[str, Any], seconds: float, images: int, reg
     else:
         s, basis = float(steady.get("seconds") or 0.0), "after_first_batch"
         first_s = (st.get("startup") or {}).get("first_batch_s")
-        if not s and st.get("first_batch") and first_s:
+        first = st.get("first_batch")
+        if not s and first and first_s:
             # Nothing came after the engine's first batch (one vLLM call of the whole run...): its rows
             # over its own seconds, warm-up included but engine load not; ``basis`` says so.
-            steady, s, basis = st["first_batch"], float(first_s), "first_batch"
+            steady, s, basis = first, float(first_s), "first_batch"
+        elif first and first_s and _thin_steady(steady, first):
+            # One huge row filled the first batch and the rest is a sliver (70 regions/s on 1 region
+            # beside 2,500/s overall): a rate over it says nothing. Both parts together instead.
+            steady = {k: (steady.get(k) or 0) + (first.get(k) or 0) for k in STEADY_COUNTS}
+            s, basis = s + float(first_s), "with_first_batch"
         out = {f"{k}_per_s": _rate(steady.get(k, 0), s, 3) for k in ("rows", "images", "regions")}
         out.update({f"{k}_per_s": _rate(steady.get(k, 0), s, 1) for k in ("prompt_tokens", "output_tokens")})
         out["steady"] = {"basis": basis, **{k: v for k, v in steady.items() if k != "seconds"},
@@ -1632,8 +1653,9 @@ def _stage_line(name: str, st: Dict[str, Any]) -> str:
         return f"{head}; {startup}; steady rates n/a (no engine answer timed)"
     tokens = "".join(f", {st[k]:.0f} {k[:-13]} tokens/s" for k in ("prompt_tokens_per_s", "output_tokens_per_s")
                      if st.get(k) is not None)
-    window = "steady over" if st["steady"].get("basis") != "first_batch" else \
-        "nothing after the engine's first batch: rates over it (warm-up included),"
+    window = {"first_batch": "nothing after the engine's first batch: rates over it (warm-up included),",
+              "with_first_batch": f"under {MIN_STEADY_SHARE:.0%} of the work after the engine's first batch: "
+                                  "rates over both (warm-up included),"}.get(st["steady"].get("basis"), "steady over")
     return (f"{head}; {startup}; {window} {st['steady']['seconds']:.2f} s: {st['rows_per_s']:.2f} rows/s"
             f"{rates}{tokens}")
 

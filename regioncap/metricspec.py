@@ -356,7 +356,8 @@ def _specs() -> Iterator[Metric]:
         yield m(cap + name + "_per_s", label + " / s", "per_s", "higher", "process",
                 f"{label} per second of the caption stage's steady part")
     yield m(cap + "steady.basis", "steady basis", "text", None, "process",
-            "`after_first_batch`, or `first_batch` (nothing came after the engine's first batch: its own rates)",
+            "`after_first_batch`; `first_batch` (nothing came after the engine's first batch: its own rates); "
+            "`with_first_batch` (what came after held under 10% of the regions: both parts' rates)",
             kind="text")
     yield m(cap + "steady.seconds", "steady seconds", "seconds", None, "process",
             "the caption stage's steady part: from its first commit with an engine answer to its last commit")

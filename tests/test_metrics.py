@@ -368,6 +368,53 @@ def test_a_rate_over_nothing_is_null_not_100_percent():
     assert "error rate n/a" in format_summary(m, max_error_rate=0.1, out_dir="out")
 
 
+def _caption_stage(first: Dict[str, int], steady: Dict[str, int], steady_s: float, first_s: float) -> Dict[str, Any]:
+    keys = ("rows", "images", "regions", "prompt_tokens", "output_tokens")
+    return {"caption": {"rows": first["rows"] + steady["rows"], "seconds": 5.0, "errors": {},
+                        "steady": {"seconds": steady_s, **{k: steady.get(k, 0) for k in keys}},
+                        "first_batch": {k: first.get(k, 0) for k in keys},
+                        "startup": {"engine_load_s": 2.0, "first_batch_s": first_s}}}
+
+
+def test_steady_rate_on_a_sliver_after_one_huge_first_batch_takes_both_parts():
+    # One huge row of 2,499 regions fills the first batch; one row of one region follows in 0.014 s:
+    # 70 regions/s "steady" beside about 2,500/s overall. Both parts together give the rate instead.
+    stages = _caption_stage({"rows": 1, "images": 1, "regions": 2499}, {"rows": 1, "images": 1, "regions": 1},
+                            0.014, 1.0)
+    m = compute_metrics([], stages)
+    cap = m["stages"]["caption"]
+    assert cap["steady"]["basis"] == "with_first_batch"
+    assert cap["steady"]["regions"] == 2500 and cap["steady"]["seconds"] == 1.014
+    assert m["regions_per_s"] == cap["regions_per_s"] == round(2500 / 1.014, 3)
+    assert "under 10% of the work after the engine's first batch: rates over both" in \
+        format_summary(m, max_error_rate=0.1, out_dir="out")
+    # A steady part that holds a fair share stands alone, as before.
+    stages = _caption_stage({"rows": 4, "images": 4, "regions": 14}, {"rows": 4, "images": 4, "regions": 11},
+                            0.236, 0.413)
+    cap = compute_metrics([], stages)["stages"]["caption"]
+    assert cap["steady"]["basis"] == "after_first_batch" and cap["regions_per_s"] == round(11 / 0.236, 3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 5000), st.integers(0, 5000), st.integers(1, 50), st.integers(0, 50),
+       st.floats(0.1, 100), st.floats(0.1, 100))
+def test_steady_rates_rest_on_a_meaningful_share(first_regions, steady_regions, first_rows, steady_rows,
+                                                 steady_s, first_s):
+    stages = _caption_stage({"rows": first_rows, "images": first_rows, "regions": first_regions},
+                            {"rows": steady_rows, "images": steady_rows, "regions": steady_regions},
+                            steady_s, first_s)
+    cap = compute_metrics([], stages)["stages"]["caption"]
+    steady = cap["steady"]
+    # Whatever the basis, the rate is over at least MIN_STEADY_SHARE of the regions after engine load.
+    total = first_regions + steady_regions
+    if total:
+        assert steady["regions"] >= mx.MIN_STEADY_SHARE * total
+    assert steady["basis"] in ("after_first_batch", "with_first_batch")
+    if steady["basis"] == "with_first_batch":
+        assert steady["regions"] == total and steady["seconds"] == round(steady_s + first_s, 3)
+    assert cap["regions_per_s"] == pytest.approx(steady["regions"] / steady["seconds"], rel=0.01, abs=0.001)
+
+
 def test_json_string_references_and_other_key_and_collided_key():
     rec = record(0, [region(1, "a cat")], [request([1])], caption_ref=json.dumps([["a cat", "a kitten"]]))
     refs = compute_metrics([rec], {}, references_key="caption_ref", meteor=False)["references"]
