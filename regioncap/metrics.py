@@ -1701,7 +1701,8 @@ def format_summary(metrics: Dict[str, Any], *, max_error_rate: float, out_dir: s
                      f"{pipe.get('workers', 0)} preparation worker(s))")
     if m.get("regions_per_s") is not None:
         images = f", {m['images_per_s']:.2f} images/s" if m.get("images_per_s") is not None else ""
-        steady = " (steady)" if "steady" in (m["stages"].get(CaptionStage.name) or {}) else ""
+        basis = ((m["stages"].get(CaptionStage.name) or {}).get("steady") or {}).get("basis")
+        steady = {None: "", "with_first_batch": " (steady, first batch included)"}.get(basis, " (steady)")
         lines.append(f"caption throughput{steady}: {m['regions_per_s']:.2f} regions/s{images}; tokens: "
                      f"{m['prompt_tokens']} prompt, {m['output_tokens']} output")
     if m.get("regions") and "visual_tokens_per_region" in m:

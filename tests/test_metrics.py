@@ -386,8 +386,9 @@ def test_steady_rate_on_a_sliver_after_one_huge_first_batch_takes_both_parts():
     assert cap["steady"]["basis"] == "with_first_batch"
     assert cap["steady"]["regions"] == 2500 and cap["steady"]["seconds"] == 1.014
     assert m["regions_per_s"] == cap["regions_per_s"] == round(2500 / 1.014, 3)
-    assert "under 10% of the work after the engine's first batch: rates over both" in \
-        format_summary(m, max_error_rate=0.1, out_dir="out")
+    summary = format_summary(m, max_error_rate=0.1, out_dir="out")
+    assert "under 10% of the work after the engine's first batch: rates over both" in summary
+    assert "caption throughput (steady, first batch included): 2465.48 regions/s" in summary
     # A steady part that holds a fair share stands alone, as before.
     stages = _caption_stage({"rows": 4, "images": 4, "regions": 14}, {"rows": 4, "images": 4, "regions": 11},
                             0.236, 0.413)
