@@ -612,6 +612,10 @@ def save_image(
     A reader (or a resumed run) therefore never sees a half-written image.
     """
     pil_format, kwargs = _save_kwargs(fmt, quality)
+    # Encoded in memory first, then one write: the temporary file exists only for that write
+    # (Pillow writing to a file makes a syscall per encoder chunk; the bytes are the same).
+    buf = io.BytesIO()
+    _prepare(image, pil_format).save(buf, format=pil_format, **kwargs)
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -619,8 +623,12 @@ def save_image(
     # final file gets the same permissions as any other output.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        with open(fd, "wb") as fh:
-            _prepare(image, pil_format).save(fh, format=pil_format, **kwargs)
+        try:
+            data = buf.getbuffer()
+            while data:  # os.write may write less than asked (a signal, a full pipe-like target)
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:
