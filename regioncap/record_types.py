@@ -133,15 +133,19 @@ class RecordPart:
 
     def to_dict(self) -> Dict[str, Any]:
         """The part as the JSON object written: its keys in order, nested parts as objects."""
+        # Read from the instance's __dict__ (every key held is set there; a missing one reads None, as
+        # the class attribute does): this runs for every record and region a stage writes.
+        state = self.__dict__
+        extras, lists = state["_extras"], self.PART_LISTS
         out: Dict[str, Any] = {}
-        for key in self._keys:  # type: ignore[attr-defined]
-            if key in self._extras:  # type: ignore[attr-defined]
-                out[key] = self._extras[key]  # type: ignore[attr-defined]
+        for key in state["_keys"]:
+            if key in extras:
+                out[key] = extras[key]
                 continue
-            value = getattr(self, key)
+            value = state.get(key)
             if isinstance(value, RecordPart):
                 value = value.to_dict()
-            elif isinstance(value, list) and key in self.PART_LISTS:
+            elif key in lists and isinstance(value, list):
                 value = [v.to_dict() if isinstance(v, RecordPart) else v for v in value]
             out[key] = value
         return out
