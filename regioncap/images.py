@@ -314,7 +314,8 @@ def _decode(fh: Any, source: str, max_image_pixels: int, draft_target: Any) -> L
         raise ImageLoadError("image_too_large", f"{source}: {exc}") from None
     except Exception as exc:  # a header parser choking on garbage is still "not an image"
         raise ImageLoadError("not_an_image", f"{source}: cannot read image header ({exc})") from None
-    with img:
+    loaded: LoadedImage | None = None
+    try:
         _check_pixels(img.size, source, max_image_pixels)
         w, h = img.size
         if draft_target is not None and img.format == "JPEG":
@@ -335,7 +336,11 @@ def _decode(fh: Any, source: str, max_image_pixels: int, draft_target: Any) -> L
         # image, and its decoder error would be swallowed by _orientation's fallback
         # (Pillow then returns the zero-filled image from every later load()).
         orientation = _orientation(img)
-        return _finish(img, source=source, orientation=orientation, stored_size=(w, h))
+        loaded = _finish(img, source=source, orientation=orientation, stored_size=(w, h), owned=True)
+        return loaded
+    finally:
+        if loaded is None or loaded.image is not img:
+            img.close()  # its pixels were copied (or never used): free them now
 
 
 def _load_pixels(img: Image.Image, source: str) -> None:
@@ -399,8 +404,12 @@ def _finish(
     source: str,
     orientation: int | None = None,
     stored_size: tuple[int, int] | None = None,
+    owned: bool = False,
 ) -> LoadedImage:
     """Apply EXIF orientation and convert to RGB.
+
+    ``owned``: ``img`` was decoded here and no caller holds it, so an upright RGB
+    image is returned as it is rather than copied.
 
     The orientation is read once and drives both the transpose and
     ``original_size``, so the two cannot disagree. (``ImageOps.exif_transpose``
@@ -414,7 +423,11 @@ def _finish(
     method = _ORIENTATION_TRANSPOSE.get(orientation)
     # transpose() and to_rgb() return new images: a caller's PIL image is never modified.
     upright = img.transpose(method) if method is not None else img
-    return LoadedImage(image=to_rgb(upright, source=source), original_size=original_size, source=source)
+    if (owned or upright is not img) and upright.mode == "RGB" and "transparency" not in upright.info:
+        rgb = upright  # already a new image nobody else holds: to_rgb's copy would only cost time
+    else:
+        rgb = to_rgb(upright, source=source)
+    return LoadedImage(image=rgb, original_size=original_size, source=source)
 
 
 def to_rgb(img: Image.Image, *, source: str = _IN_MEMORY) -> Image.Image:
@@ -612,6 +625,10 @@ def save_image(
     A reader (or a resumed run) therefore never sees a half-written image.
     """
     pil_format, kwargs = _save_kwargs(fmt, quality)
+    # Encoded in memory first, then one write: the temporary file exists only for that write
+    # (Pillow writing to a file makes a syscall per encoder chunk; the bytes are the same).
+    buf = io.BytesIO()
+    _prepare(image, pil_format).save(buf, format=pil_format, **kwargs)
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -619,8 +636,12 @@ def save_image(
     # final file gets the same permissions as any other output.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
-        with open(fd, "wb") as fh:
-            _prepare(image, pil_format).save(fh, format=pil_format, **kwargs)
+        try:
+            data = buf.getbuffer()
+            while data:  # os.write may write less than asked (a signal, a full pipe-like target)
+                data = data[os.write(fd, data):]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -57,6 +57,32 @@ ABSENT: Any = _Absent()
 P = TypeVar("P", bound="RecordPart")
 
 
+def _part(cls: Type[P]) -> Type[P]:
+    """``@dataclass`` for a :class:`RecordPart`, with an ``__init__`` that records which keys were given.
+
+    The generated ``__init__`` has the dataclass's signature (every field, in order, defaulting to
+    :data:`ABSENT`) and sets the given fields straight in the instance's ``__dict__``, in declared
+    order: a record is built per row and per region, and the dataclass's own ``__init__`` would go
+    through :meth:`RecordPart.__setattr__` once per field. A field left out reads ``None`` (the
+    class attribute :func:`_read_none` sets).
+    """
+    cls = dataclass(cls)
+    names = [f.name for f in fields(cls)]
+    cls._NAMES = frozenset(names)
+    lines = [f"def __init__(self, {', '.join(f'{n}=ABSENT' for n in names)}):",
+             "    state = self.__dict__", "    keys = []"]
+    for n in names:
+        lines.append(f"    if {n} is not ABSENT: state[{n!r}] = {n}; keys.append({n!r})")
+    lines += ["    state['_keys'] = keys", "    state['_extras'] = {}"]
+    scope: Dict[str, Any] = {}
+    exec("\n".join(lines), {"ABSENT": ABSENT}, scope)  # noqa: S102 - code built from field names only
+    init = scope["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init
+    return cls
+
+
 @dataclass
 class RecordPart:
     """A JSON object of a record file: declared fields, in key order, with what it carries beside them."""
@@ -65,30 +91,20 @@ class RecordPart:
     PARTS: ClassVar[Dict[str, Type["RecordPart"]]] = {}
     PART_LISTS: ClassVar[Dict[str, Type["RecordPart"]]] = {}
 
-    def __post_init__(self) -> None:
-        keys = []
-        for f in fields(self):
-            if getattr(self, f.name) is ABSENT:
-                object.__setattr__(self, f.name, None)
-            else:
-                keys.append(f.name)
-        object.__setattr__(self, "_keys", keys)
-        object.__setattr__(self, "_extras", {})
+    #: The declared keys (set on each part by :func:`_part`).
+    _NAMES: ClassVar[FrozenSet[str]] = frozenset()
 
     def __setattr__(self, name: str, value: Any) -> None:
-        keys = self.__dict__.get("_keys")
-        if keys is not None and name not in keys and name in self.names():
+        state = self.__dict__
+        keys = state.get("_keys")
+        if keys is not None and name not in keys and name in self._NAMES:
             keys.append(name)  # as a dict does: a key set later is written after the others
-        object.__setattr__(self, name, value)
+        state[name] = value
 
     @classmethod
     def names(cls) -> FrozenSet[str]:
         """The keys this part declares."""
-        found = cls.__dict__.get("_NAMES")
-        if found is None:
-            found = frozenset(f.name for f in fields(cls))
-            setattr(cls, "_NAMES", found)
-        return found
+        return cls._NAMES
 
     @classmethod
     def from_dict(cls: Type[P], data: Mapping[str, Any]) -> P:
@@ -117,15 +133,19 @@ class RecordPart:
 
     def to_dict(self) -> Dict[str, Any]:
         """The part as the JSON object written: its keys in order, nested parts as objects."""
+        # Read from the instance's __dict__ (every key held is set there; a missing one reads None, as
+        # the class attribute does): this runs for every record and region a stage writes.
+        state = self.__dict__
+        extras, lists = state["_extras"], self.PART_LISTS
         out: Dict[str, Any] = {}
-        for key in self._keys:  # type: ignore[attr-defined]
-            if key in self._extras:  # type: ignore[attr-defined]
-                out[key] = self._extras[key]  # type: ignore[attr-defined]
+        for key in state["_keys"]:
+            if key in extras:
+                out[key] = extras[key]
                 continue
-            value = getattr(self, key)
+            value = state.get(key)
             if isinstance(value, RecordPart):
                 value = value.to_dict()
-            elif isinstance(value, list) and key in self.PART_LISTS:
+            elif key in lists and isinstance(value, list):
                 value = [v.to_dict() if isinstance(v, RecordPart) else v for v in value]
             out[key] = value
         return out
@@ -182,7 +202,7 @@ class RecordPart:
         return dict(self._extras)  # type: ignore[attr-defined]
 
 
-@dataclass
+@_part
 class RecordError(RecordPart):
     """``error`` of an error row: the stage that failed it, a kind to count it by, a message naming the input."""
 
@@ -195,7 +215,7 @@ class RecordError(RecordPart):
     retryable: bool = ABSENT
 
 
-@dataclass
+@_part
 class Region(RecordPart):
     """``regions[]`` of a record: one box, and (caption stage) its caption."""
 
@@ -227,7 +247,7 @@ class Region(RecordPart):
     scores: Dict[str, Optional[float]] = ABSENT
 
 
-@dataclass
+@_part
 class RequestSpec(RecordPart):
     """``requests[]`` of a record: one image sent to the model, and (caption stage) what came back."""
 
@@ -256,7 +276,7 @@ class RequestSpec(RecordPart):
 RequestSpec.PARTS = {"reask": RequestSpec}
 
 
-@dataclass
+@_part
 class Record(RecordPart):
     """A line of ``captions.jsonl`` (or ``visualize.jsonl``, which lacks the answer fields)."""
 

@@ -10,7 +10,7 @@
     .venv/bin/python scripts/bench.py steady --rows 40 --repeat 3 [--code DIR]
     .venv/bin/python scripts/bench.py ray --rows 1000 --repeat 3 [--code DIR] [--replicas N]
     .venv/bin/python scripts/bench.py coldstart --repeat 5 [--code DIR] [--write FILE]
-    .venv/bin/python scripts/bench.py visualize-small --rows 600 --repeat 5 [--code DIR]
+    .venv/bin/python scripts/bench.py visualize-small --rows 600 --repeat 5 [--code DIR] [--parts]
 
 anchor: DataFlow-MM's own region-caption preparation (its operator's steps,
 written out below from its published code: OpenCV decode for the size, a second
@@ -93,7 +93,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -429,9 +429,10 @@ def pillow_floor(data: Path, out: Path, quality: int) -> None:
         img.save(out / f"{i:07d}.jpg", format="JPEG", quality=quality)
 
 
-def bench_visualize_small(rows: int, repeat: int, work: Path) -> Dict[str, object]:
+def bench_visualize_small(rows: int, repeat: int, work: Path, parts: bool = False) -> Dict[str, object]:
     """The visualize stage (``workers=0``) on ``rows`` 224 px shapes scenes against :func:`pillow_floor`:
-    CPU seconds per row, median of interleaved rounds."""
+    CPU seconds per row, median of interleaved rounds. ``parts``: also both with their image writes
+    left out (the file system's cost of creating a file moves with the machine's I/O, in both alike)."""
     import shutil
 
     from conftest import typed as compose  # composed, then typed as a job types it
@@ -452,13 +453,37 @@ def bench_visualize_small(rows: int, repeat: int, work: Path) -> Dict[str, objec
         shutil.rmtree(work / "small-floor", ignore_errors=True)
         pillow_floor(data, work / "small-floor", quality)
 
-    timed({"stage": stage, "floor": floor}, repeat)
-    stage_s, floor_s = CPU_TIMES["stage"] / rows, CPU_TIMES["floor"] / rows
+    fns: Dict[str, Callable[[], object]] = {"stage": stage, "floor": floor}
+    if parts:
+        import regioncap.stages.visualize as visualize
+
+        def unwritten(fn: Callable[[], None], owner: Any, name: str) -> Callable[[], None]:
+            def run() -> None:
+                real = getattr(owner, name)
+                setattr(owner, name, lambda *a, **k: None)
+                try:
+                    fn()
+                finally:
+                    setattr(owner, name, real)
+            return run
+
+        fns.update({"stage_unwritten": unwritten(stage, visualize, "save_image"),
+                    "floor_unwritten": unwritten(floor, Image.Image, "save")})
+    timed(fns, repeat)
+    ms = {name: CPU_TIMES[name] / rows * 1e3 for name in fns}
     import regioncap
 
-    return {"rows": rows, "rounds": repeat, "code": str(Path(regioncap.__file__).parent.parent),
-            "stage_cpu_ms_per_row": round(stage_s * 1e3, 3), "floor_cpu_ms_per_row": round(floor_s * 1e3, 3),
-            "stage_over_floor": round(stage_s / floor_s, 3)}
+    out: Dict[str, object] = {
+        "rows": rows, "rounds": repeat, "code": str(Path(regioncap.__file__).parent.parent),
+        "stage_cpu_ms_per_row": round(ms["stage"], 3), "floor_cpu_ms_per_row": round(ms["floor"], 3),
+        "stage_over_floor": round(ms["stage"] / ms["floor"], 3)}
+    if parts:
+        out.update({"unwritten_stage_cpu_ms_per_row": round(ms["stage_unwritten"], 3),
+                    "unwritten_floor_cpu_ms_per_row": round(ms["floor_unwritten"], 3),
+                    "unwritten_stage_over_floor": round(ms["stage_unwritten"] / ms["floor_unwritten"], 3),
+                    "write_stage_over_floor": round((ms["stage"] - ms["stage_unwritten"])
+                                                    / (ms["floor"] - ms["floor_unwritten"]), 3)})
+    return out
 
 
 def bench_overlap(rows: int, repeat: int, work: Path, torch_threads: int = 1, commit_every: int = 8
@@ -1110,6 +1135,8 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=2, help="coldstart: CPU-burning processes of the busy rounds")
     parser.add_argument("--modes", default="quiet,busy", help="coldstart: quiet, busy or both")
     parser.add_argument("--images", type=int, default=12, help="camera-like JPEGs of the anchor section")
+    parser.add_argument("--parts", action="store_true",
+                        help="visualize-small: also the stage and the floor with their image writes left out")
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--memory-rows", type=int, default=200, help="rows of the 1x memory run (10x: ten times)")
@@ -1130,7 +1157,7 @@ def main() -> None:
                 results[f"visualize/{model}"] = bench_visualize(args.rows or 60, args.repeat, work, model)
                 print(json.dumps(results[f"visualize/{model}"], indent=2))
         if args.what == "visualize-small":  # not in "all": its figures go to docs/benchmarks.md by hand
-            results["visualize-small"] = bench_visualize_small(args.rows or 600, args.repeat, work)
+            results["visualize-small"] = bench_visualize_small(args.rows or 600, args.repeat, work, args.parts)
             print(json.dumps(results["visualize-small"], indent=2))
         if args.what in ("anchor", "all"):
             results["anchor"] = bench_anchor(args.images, args.repeat, work)

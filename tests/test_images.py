@@ -682,6 +682,46 @@ def test_save_image_failure_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_save_image_writes_the_encoded_bytes(tmp_path: Path) -> None:
+    """The file holds exactly what encode_image makes (the bytes are encoded in memory, then written)."""
+    img = split_image(64, 32)
+    for fmt, quality in (("jpeg", 92), ("jpeg", 75), ("png", 92)):
+        path = tmp_path / f"out.{fmt}"
+        save_image(img, path, fmt=fmt, quality=quality)
+        assert path.read_bytes() == encode_image(img, fmt, quality)
+
+
+def test_save_image_failed_write_leaves_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails (a full disk) leaves neither a temp file nor a torn image, and keeps an older one."""
+    import errno
+
+    path = tmp_path / "a.jpg"
+    save_image(Image.new("RGB", (8, 8)), path)
+    before = path.read_bytes()
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError) as info:
+        save_image(split_image(64, 32), path)
+    assert info.value.errno == errno.ENOSPC
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jpg"] and path.read_bytes() == before
+
+
+def test_loaded_image_is_the_callers_only_when_copied(tmp_path: Path) -> None:
+    """A file's decoded image is handed over as decoded; a caller's image is copied, never drawn on."""
+    src = split_image(32, 16)
+    path = tmp_path / "a.png"
+    src.save(path)
+    from_file = load_image(str(path)).image
+    from_object = load_image(src).image
+    assert from_object is not src and from_file.mode == from_object.mode == "RGB"
+    from_object.paste((0, 0, 0), (0, 0, 32, 16))
+    from_file.paste((0, 0, 0), (0, 0, 32, 16))  # usable after its file was closed
+    assert np.array_equal(np.asarray(src), np.asarray(split_image(32, 16)))
+
+
 def test_encode_image() -> None:
     img = Image.new("RGBA", (10, 10), (0, 0, 255, 255))
     data = encode_image(img, "jpeg", 90)

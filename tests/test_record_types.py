@@ -282,3 +282,25 @@ def test_a_part_built_in_code_writes_its_keys_in_the_order_set():
         "timing": {"visualize_s": 0.1}})
     with pytest.raises(ValueError, match="declares"):
         Record().carrying({"status": "x"})
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_a_part_built_from_any_fields_holds_them_in_declared_order(data):
+    """The generated ``__init__`` (keywords or positions, as a dataclass's): the fields given, in
+    declared order, the others read None and are not written."""
+    from dataclasses import fields
+
+    part = data.draw(st.sampled_from([RecordError, Region, RequestSpec, Record]))
+    names = [f.name for f in fields(part)]
+    chosen = data.draw(st.lists(st.sampled_from(names), unique=True))
+    values = {n: data.draw(st.one_of(st.none(), st.integers(), st.text(max_size=5)), label=n) for n in chosen}
+    obj = part(**values)
+    order = [n for n in names if n in values]
+    assert list(obj.keys()) == order and json.dumps(obj.to_dict()) == json.dumps({n: values[n] for n in order})
+    assert all(getattr(obj, n) is None for n in names if n not in values)
+    assert part.from_dict(obj.to_dict()) == obj
+    k = len(order) and names.index(order[-1]) + 1  # the same fields by position (left-out ones ABSENT)
+    assert part(*[values.get(n, ABSENT) for n in names[:k]]).to_dict() == obj.to_dict()
+    with pytest.raises(TypeError):
+        part(not_a_field=1)
