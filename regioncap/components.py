@@ -280,7 +280,13 @@ def plain(value: Any) -> Any:
     from enum import Enum
 
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        out = {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        # Keys a user added with ``+key=...`` (free sections such as ``+notes.*``): OmegaConf.to_object
+        # sets them as attributes after the fields, and the config as written keeps them, in that order.
+        for name, extra in vars(value).items():
+            if name not in out and not name.startswith("_"):
+                out[name] = plain(extra)
+        return out
     if isinstance(value, Enum):
         return value.name
     if isinstance(value, (str, bytes)):

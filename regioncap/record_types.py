@@ -30,6 +30,7 @@ library only.
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Dict, FrozenSet, Iterator, List, Mapping, Optional, Tuple, Type, TypeVar
 
@@ -60,24 +61,41 @@ P = TypeVar("P", bound="RecordPart")
 def _part(cls: Type[P]) -> Type[P]:
     """``@dataclass`` for a :class:`RecordPart`, with an ``__init__`` that records which keys were given.
 
-    The generated ``__init__`` has the dataclass's signature (every field, in order, defaulting to
-    :data:`ABSENT`) and sets the given fields straight in the instance's ``__dict__``, in declared
+    The ``__init__`` takes the dataclass's arguments (every field, in order, defaulting to
+    :data:`ABSENT`; its signature is the dataclass's) and sets the given fields straight in the instance's ``__dict__``, in declared
     order: a record is built per row and per region, and the dataclass's own ``__init__`` would go
     through :meth:`RecordPart.__setattr__` once per field. A field left out reads ``None`` (the
     class attribute :func:`_read_none` sets).
     """
     cls = dataclass(cls)
-    names = [f.name for f in fields(cls)]
+    names = tuple(f.name for f in fields(cls))
     cls._NAMES = frozenset(names)
-    lines = [f"def __init__(self, {', '.join(f'{n}=ABSENT' for n in names)}):",
-             "    state = self.__dict__", "    keys = []"]
-    for n in names:
-        lines.append(f"    if {n} is not ABSENT: state[{n!r}] = {n}; keys.append({n!r})")
-    lines += ["    state['_keys'] = keys", "    state['_extras'] = {}"]
-    scope: Dict[str, Any] = {}
-    exec("\n".join(lines), {"ABSENT": ABSENT}, scope)  # noqa: S102 - code built from field names only
-    init = scope["__init__"]
-    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    allowed = cls._NAMES
+    qualname = cls.__qualname__
+
+    def init(self: RecordPart, *args: Any, **kwargs: Any) -> None:
+        # A plain function, not code generated with exec (tests/test_security.py refuses exec in the package).
+        if len(args) > len(names):
+            raise TypeError(f"{qualname}() takes {len(names)} positional arguments but {len(args)} were given")
+        given = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key not in allowed:
+                raise TypeError(f"{qualname}() got an unexpected keyword argument {key!r}")
+            if key in given:
+                raise TypeError(f"{qualname}() got multiple values for argument {key!r}")
+            given[key] = value
+        state = self.__dict__
+        keys = []
+        for name in names:  # declared order, whatever order the arguments came in
+            value = given.get(name, ABSENT)
+            if value is not ABSENT:
+                state[name] = value
+                keys.append(name)
+        state["_keys"] = keys
+        state["_extras"] = {}
+
+    init.__signature__ = inspect.signature(cls.__init__)  # type: ignore[attr-defined]
+    init.__qualname__ = f"{qualname}.__init__"
     init.__doc__ = cls.__init__.__doc__
     cls.__init__ = init
     return cls
