@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageColor, ImageFont
 
@@ -377,6 +377,9 @@ def test_input_is_not_modified_and_output_is_rgb() -> None:
     y=st.integers(-20, 90),
     seed=st.integers(0, 3),
 )
+# Multiline text whose ink box is a pixel short of what ImageDraw.text draws.
+@example(text="\n\n0", font_px=8, colour=(0, 0, 0), ink=(0, 0, 0), x=0, y=0, seed=0)
+@example(text=" ", font_px=12, colour=(0, 0, 0), ink=(255, 255, 255), x=5, y=5, seed=0)
 def test_cached_label_mask_draws_what_imagedraw_text_draws(text, font_px, colour, ink, x, y, seed) -> None:
     """A tag's text drawn from the cached mask is byte-identical to plain stroked ImageDraw.text,
     for any text, size, colours and position (also partly off the image)."""
@@ -392,8 +395,10 @@ def test_cached_label_mask_draws_what_imagedraw_text_draws(text, font_px, colour
         (x - box[0], y - box[1]), text, font=_font(font_px), fill=ink,
         stroke_width=_stroke(font_px), stroke_fill=ink,
     )
-    ImageDraw.Draw(got).bitmap((x, y), _label_mask("RGB", text, font_px), fill=ink)
+    label = _label_mask("RGB", text, font_px)
+    if label is not None:
+        mask, (dx, dy) = label
+        ImageDraw.Draw(got).bitmap((x + dx, y + dy), mask, fill=ink)
     assert got.tobytes() == expected.tobytes()
-    inside = 0 <= x and 0 <= y and x + box[2] - box[0] <= 96 and y + box[3] - box[1] <= 80
-    if inside and text.strip():  # the comparison above is not between two blank images
-        assert got.tobytes() != background.tobytes()
+    # Visible text has a mask: the comparison above is not between two undrawn images.
+    assert (label is not None) == bool(text.strip())
