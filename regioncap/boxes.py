@@ -229,6 +229,13 @@ def to_xyxy(
     _check_image_size(width, height)
     if len(values) != 4:
         raise ValueError(f"a box has 4 values, got {len(values)}: {values!r}")
+    return _xyxy_pixels(values, fmt, width, height)
+
+
+def _xyxy_pixels(
+    values: Sequence[float], fmt: str, width: float, height: float
+) -> Tuple[float, float, float, float]:
+    """:func:`to_xyxy` without its checks, for a caller that made them once (per box they show)."""
     a, b, c, d = (float(v) for v in values)
     layout = _layout_of(fmt)
     if layout == "xywh":
@@ -309,9 +316,12 @@ def _as_plain(value: Any) -> Any:
 
 def _to_float(value: Any) -> Optional[float]:
     """The value as a float, or None when it is not a number (bools are not numbers)."""
+    # What JSON gives for coordinates (bool is neither type), without the ABC checks below.
+    if type(value) is float:
+        return value
     if isinstance(value, bool):
         return None
-    if isinstance(value, numbers.Real):
+    if type(value) is int or isinstance(value, numbers.Real):
         try:
             return float(value)
         except OverflowError:
@@ -430,7 +440,8 @@ def _check_one(
     for value, number in zip(values, floats):
         if not math.isfinite(number):
             return None, issue("not_finite", f"value {_short(value)} is not finite")
-    x1, y1, x2, y2 = to_xyxy(floats, box_fmt, width, height)
+    # parse_boxes checked the size, _values_of gives a known format and 4 values were counted.
+    x1, y1, x2, y2 = _xyxy_pixels(floats, box_fmt, width, height)
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         return None, issue("not_finite", f"coordinates overflow when read as {box_fmt}")
     def hint() -> str:

@@ -320,13 +320,15 @@ def _iter_jsonl(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
                 row.error = {"kind": "invalid_json", "message": f"{where}: a value cannot be read ({exc})"}
                 yield row
                 continue
-            _object_row(row, obj, keys, base, where)
+            _object_row(row, obj, keys, base, where, text)
             yield row
 
 
-def _object_row(row: InputRow, obj: Any, keys: Tuple[str, str, Optional[str]], base: Path, where: str) -> None:
-    """Fill ``row`` from the parsed value ``obj``, or make it an error row saying why it cannot be one."""
-    problem = _unwritable(obj)
+def _object_row(row: InputRow, obj: Any, keys: Tuple[str, str, Optional[str]], base: Path, where: str,
+                text: Optional[str] = None) -> None:
+    """Fill ``row`` from the parsed value ``obj`` (read from the JSON ``text`` when given), or make it
+    an error row saying why it cannot be one."""
+    problem = _unwritable(obj, text)
     if problem is not None:
         row.error = {"kind": problem[0], "message": f"{where}: {problem[1]}"}
     elif not isinstance(obj, dict):
@@ -448,8 +450,36 @@ def _array_rows(path: Path, elements: List[Tuple[int, Any]], keys: Tuple[str, st
         yield row
 
 
-def _unwritable(obj: Any) -> Optional[tuple]:
+def _unwritable(obj: Any, text: Optional[str] = None) -> Optional[tuple]:
     """``(kind, reason)`` when a parsed row cannot be carried to the output files, else None.
+
+    ``text``, when given, is the JSON text ``obj`` was parsed from, as decoded from UTF-8. Quick whole-row checks clear
+    almost every row in C (string scans of ``text``, else one JSON encoding); only a row they
+    cannot clear is walked value by value, so the answer is always the walk's (:func:`_unwritable_walk`).
+    """
+    # Every list/object is one "[" or "{" of its JSON text (brackets inside strings only add to
+    # the count), so a count up to MAX_NESTING means no value nests MAX_NESTING levels deep.
+    # A str decoded from UTF-8 holds no surrogate, so JSON text without any "\u" escape has none.
+    if text is not None and "\\u" not in text and text.count("[") + text.count("{") <= MAX_NESTING:
+        return None
+    try:
+        encoded = json.dumps(obj, ensure_ascii=False)
+    except Exception:  # noqa: BLE001 - anything the encoder refuses is for the walk to judge
+        return _unwritable_walk(obj)
+    # The same count on the encoding; encodable as UTF-8 means no string holds an unpaired surrogate.
+    if encoded.count("[") + encoded.count("{") <= MAX_NESTING:
+        if encoded.isascii():
+            return None
+        try:
+            encoded.encode("utf-8")
+            return None
+        except UnicodeEncodeError:
+            pass
+    return _unwritable_walk(obj)
+
+
+def _unwritable_walk(obj: Any) -> Optional[tuple]:
+    """What :func:`_unwritable` answers, found by visiting every value: the first problem met.
 
     Two things valid JSON can hold that the output cannot: nesting deep enough
     to hit the recursion limit in a later stage, and a ``\\udXXX`` escape for an

@@ -297,19 +297,41 @@ def draw_marks(
         draw.rectangle(mark.outline, outline=mark.colour, width=lw)
 
     font_px = label_px(width, height, style)
-    font, pad, stroke = _font(font_px), _pad(font_px), _stroke(font_px)
+    pad = _pad(font_px)
     for mark in marks:
         if mark.tag is None:
             continue
         x0, y0, x1, y1 = mark.tag
-        ink = _ink_box(out.mode, mark.text, font_px)
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), fill=mark.colour)
-        draw.text(
-            (x0 + pad - ink[0], y0 + pad - ink[1]),
-            mark.text,
-            font=font,
-            fill=mark.text_colour,
-            stroke_width=stroke,
-            stroke_fill=mark.text_colour,
-        )
+        # The text's ink box starts at (x0 + pad, y0 + pad); the mask is placed relative to it.
+        label = _label_mask(out.mode, mark.text, font_px)
+        if label is not None:
+            mask, (dx, dy) = label
+            draw.bitmap((x0 + pad + dx, y0 + pad + dy), mask, fill=mark.text_colour)
     return out
+
+
+@functools.lru_cache(maxsize=1024)
+def _label_mask(mode: str, text: str, font_px: int) -> tuple[Image.Image, tuple[int, int]] | None:
+    """The coverage mask of ``text`` stroked at ``font_px`` as ImageDraw.text draws it on an image of
+    ``mode``, cropped to its nonzero pixels, and where it goes relative to the text's ink box
+    (:func:`_ink_box`); None for text that covers no pixel.
+
+    Cached: labels repeat ("1", "2"...) on every image and rendering stroked text is most of a
+    tag's cost. Drawing the mask with ``ImageDraw.bitmap`` and the text colour is pixel-identical
+    to ``ImageDraw.text``: the stroke and fill share one ink, so that draws just this one mask, and
+    drawing it with ink 255 on a zero ``L`` image stores the coverage values unchanged. Rendered
+    with a margin because the ink box of multiline text can be a pixel short of what is drawn.
+    Callers must not modify the returned image.
+    """
+    ink = _ink_box(mode, text, font_px)
+    margin = font_px
+    canvas = Image.new("L", (ink[2] - ink[0] + 2 * margin, ink[3] - ink[1] + 2 * margin), 0)
+    ImageDraw.Draw(canvas).text(
+        (margin - ink[0], margin - ink[1]), text, font=_font(font_px), fill=255,
+        stroke_width=_stroke(font_px), stroke_fill=255,
+    )
+    covered = canvas.getbbox()
+    if covered is None:
+        return None
+    return canvas.crop(covered), (covered[0] - margin, covered[1] - margin)

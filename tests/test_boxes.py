@@ -446,3 +446,23 @@ def test_issue_and_parsed_are_plain_dataclasses() -> None:
     parsed = ParsedBoxes(boxes=[(0, Box(0, 0, 1, 1))], dropped=[issue])
     assert parsed.num_input == 2
     assert ParsedBoxes().num_input == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.integers(-300, 600), st.floats(-300, 600), st.integers(10**308, 10**400),
+                  st.floats(allow_nan=True, allow_infinity=True)),
+        min_size=4, max_size=4,
+    ),
+    fmt=st.sampled_from(BBOX_FORMATS),
+)
+def test_a_kept_box_is_what_to_xyxy_reads_clipped(values: list, fmt: str) -> None:
+    """parse_boxes reads coordinates as to_xyxy does (ints, floats, ints too big for a float),
+    then clips them to the image: its own unchecked path agrees with the checked public one."""
+    parsed = parse_boxes([values], fmt, 224, 160, min_size=0.0)
+    if not parsed.boxes:
+        assert len(parsed.dropped) == 1
+        return
+    x1, y1, x2, y2 = to_xyxy(values, fmt, 224, 160)  # kept, so every value fits a float
+    assert parsed.boxes[0][1].as_list() == [max(x1, 0.0), max(y1, 0.0), min(x2, 224.0), min(y2, 160.0)]

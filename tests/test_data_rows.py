@@ -10,6 +10,8 @@ import json
 import lzma
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import compose
 from regioncap.data import DataError, InputRow, check_data_config, digest_bytes, iter_rows
@@ -379,3 +381,52 @@ def test_a_compressed_file_given_to_data_jsonl_is_refused_with_the_way_to_read_i
     with pytest.raises(DataError, match="compressed, not JSON Lines: decompress it first") as err:
         _rows("data=jsonl", f"data.path={path}")
     assert str(path) in str(err.value)
+
+
+_JSON_TEXT = st.text(alphabet=st.sampled_from(["a", "[", "{", "é", "\ud800", "\udfff", "\U0001f600"]), max_size=4)
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | _JSON_TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_JSON_TEXT, inner, max_size=4),
+    max_leaves=30,
+)
+
+
+def _nested(depth: int, leaf=0):
+    value = leaf
+    for i in range(depth):
+        value = [value] if i % 2 else {"k": value}
+    return value
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=_JSON_VALUES)
+def test_the_quick_unwritable_check_answers_as_the_walk_does(obj) -> None:
+    """The whole-row check in C gives the value-by-value walk's answer (surrogates in keys
+    and values, brackets inside strings, non-finite floats)."""
+    from regioncap.data import _unwritable, _unwritable_walk
+
+    expected = _unwritable_walk(obj)
+    assert _unwritable(obj) == expected
+    # Given the text the row was read from: escaped (surrogates as \\udXXX), and raw where UTF-8 can hold it.
+    assert _unwritable(obj, json.dumps(obj)) == expected
+    raw = json.dumps(obj, ensure_ascii=False)
+    if not any(0xD800 <= ord(c) <= 0xDFFF for c in raw):
+        assert _unwritable(obj, raw) == expected
+
+
+@pytest.mark.parametrize("obj", [
+    _nested(99), _nested(100), _nested(101), _nested(100, "\ud800"), _nested(99, "\ud800"),
+    [[]] * 150, [[1, 2, 3, 4]] * 99, [[1, 2, 3, 4]] * 100, {"a": ("\ud800",)}, {(1, 2): "x"},
+    {"a": {"b": ["\udc00", {"\ud900": 1}]}}, ["[" * 200], {"a": object()}, {"a": "\ud800", "b": object()},
+])
+def test_the_quick_unwritable_check_at_its_edges(obj) -> None:
+    """Nesting around MAX_NESTING, more lists than MAX_NESTING side by side, values JSON cannot encode."""
+    from regioncap.data import _unwritable, _unwritable_walk
+
+    expected = _unwritable_walk(obj)
+    assert _unwritable(obj) == expected
+    try:
+        text = json.dumps(obj)
+    except TypeError:
+        return  # a row read from JSON text holds nothing the encoder refuses
+    assert _unwritable(obj, text) == expected

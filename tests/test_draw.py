@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageColor, ImageFont
 
@@ -365,3 +365,40 @@ def test_input_is_not_modified_and_output_is_rgb() -> None:
     assert grey.mode == "L" and out.mode == "RGB"
     no_boxes = draw_marks(img, [], [], DrawStyle(dim=0.5))
     assert no_boxes is not img and no_boxes.tobytes() == before
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    text=st.text(alphabet="0123456789abcXYZ[]()#- \n", min_size=1, max_size=6),
+    font_px=st.integers(8, 60),
+    colour=st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)),
+    ink=st.tuples(st.integers(0, 255), st.integers(0, 255), st.integers(0, 255)),
+    x=st.integers(-20, 90),
+    y=st.integers(-20, 90),
+    seed=st.integers(0, 3),
+)
+# Multiline text whose ink box is a pixel short of what ImageDraw.text draws.
+@example(text="\n\n0", font_px=8, colour=(0, 0, 0), ink=(0, 0, 0), x=0, y=0, seed=0)
+@example(text=" ", font_px=12, colour=(0, 0, 0), ink=(255, 255, 255), x=5, y=5, seed=0)
+def test_cached_label_mask_draws_what_imagedraw_text_draws(text, font_px, colour, ink, x, y, seed) -> None:
+    """A tag's text drawn from the cached mask is byte-identical to plain stroked ImageDraw.text,
+    for any text, size, colours and position (also partly off the image)."""
+    from PIL import ImageDraw
+
+    from regioncap.draw import _font, _ink_box, _label_mask, _stroke
+
+    background = noise(96, 80, seed)
+    background.paste(colour, (10, 10, 60, 50))
+    expected, got = background.copy(), background.copy()
+    box = _ink_box("RGB", text, font_px)
+    ImageDraw.Draw(expected).text(
+        (x - box[0], y - box[1]), text, font=_font(font_px), fill=ink,
+        stroke_width=_stroke(font_px), stroke_fill=ink,
+    )
+    label = _label_mask("RGB", text, font_px)
+    if label is not None:
+        mask, (dx, dy) = label
+        ImageDraw.Draw(got).bitmap((x + dx, y + dy), mask, fill=ink)
+    assert got.tobytes() == expected.tobytes()
+    # Visible text has a mask: the comparison above is not between two undrawn images.
+    assert (label is not None) == bool(text.strip())
