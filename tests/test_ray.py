@@ -84,7 +84,6 @@ def test_cluster_shuts_down_with_the_collector_off(monkeypatch):
     import gc
 
     import ray
-    from omegaconf import OmegaConf
 
     from regioncap.executors import ray_executor
 
@@ -92,7 +91,8 @@ def test_cluster_shuts_down_with_the_collector_off(monkeypatch):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: None)
     monkeypatch.setattr(ray, "shutdown", lambda: seen.append(gc.isenabled()))
-    cfg = OmegaConf.create({"address": None, "local_num_cpus": 1, "local_num_gpus": None, "object_store_mb": 100})
+    # The typed section a job hands the executor (nothing below the job reads a DictConfig).
+    cfg = ray_executor.RayExecutor.Config(address=None, local_num_cpus=1, local_num_gpus=None, object_store_mb=100)
     assert gc.isenabled()
     with ray_executor.ray_cluster(cfg):
         assert not seen
