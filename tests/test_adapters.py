@@ -118,6 +118,7 @@ def test_coco_rows_boxes_references_and_error_rows(tmp_path):
     assert unknown.error["kind"] == "unknown_image_id" and "[15]" in unknown.error["message"]
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_coco_skip_crowd_and_shards(tmp_path):
     path = make_coco(tmp_path)
     base = ["data=coco", f"data.path={path}", "data.images_dir=../images"]

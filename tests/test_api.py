@@ -74,6 +74,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.
 @settings(max_examples=15, deadline=None)
 @given(st.lists(st.fixed_dictionaries({"id": st.text(max_size=4)}, optional={
     k: JSON for k in ("input", "regions", "error", "score")}), min_size=1, max_size=4))
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_any_records_become_a_dataset_with_every_field(tmp_path_factory, rows):
     run_dir = tmp_path_factory.mktemp("run")
     (run_dir / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -95,6 +95,7 @@ def test_misspelt_key_fails(override):
         compose([override])
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_engine_fields_are_typed_per_engine():
     cfg = compose(["engine=vllm", "engine.tensor_parallel_size=2"])
     assert cfg.engine.tensor_parallel_size == 2

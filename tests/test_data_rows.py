@@ -10,7 +10,7 @@ import json
 import lzma
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import compose
@@ -223,8 +223,6 @@ def test_a_json_array_file_runs_resumes_and_shards_like_json_lines(tmp_path):
     assert shard == ["r1", "r3"]
 
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.text(max_size=8),
                          st.floats(allow_nan=False, allow_infinity=False))

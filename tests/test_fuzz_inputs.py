@@ -505,6 +505,7 @@ def test_a_byte_order_mark_at_the_start_of_the_file_is_not_part_of_the_first_row
     assert [(c["error"] or {}).get("kind") for c in caps] == [None, None, "invalid_json"]
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_all_rows_bad_still_writes_every_row(tmp_path):
     lines = [b"{", b"\xff\xfe", b"[1]", b'{"bbox": []}', b'{"image": null}']
     path = tmp_path / "rows.jsonl"

@@ -241,6 +241,7 @@ def _run_dir_for(tmp_path: Path, data: Path, extra: list | None = None) -> Path:
     return run
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_reproduce_refuses_changed_data(tmp_path, capsys):
     data = tmp_path / "rows.jsonl"
     data.write_text('{"image": "x.jpg", "bbox": [[1, 1, 5, 5]]}\n')

@@ -95,6 +95,7 @@ def test_more_boxes_than_max_boxes_are_chunked_never_dropped(tmp_path):
     assert metrics["regions_captioned"] == 23
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_bad_input_rows_become_error_rows_and_nothing_is_lost(tmp_path):
     make_image(tmp_path / "ok.png")
     (tmp_path / "text.jpg").write_text("not an image at all")
@@ -281,6 +282,7 @@ def test_json_answer_format(tmp_path):
     assert json.loads(records[0]["answer"])["regions"][0]["id"] == 1
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_stages_can_run_separately(tmp_path):
     out = tmp_path / "run"
     execute(compose(["engine=fake", "progress=false", "stages=[visualize]"], output_dir=out))

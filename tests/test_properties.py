@@ -274,6 +274,7 @@ one_box = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(one_box, max_size=6), st.sampled_from(BBOX_FORMATS), st.integers(1, 5000), st.integers(1, 5000),
        st.sampled_from([False, True]))
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_parse_boxes_drops_non_finite_and_writes_strict_json(boxes, fmt, width, height, as_text):
     raw: Any = boxes
     if as_text:  # a JSON string of the list, as DataFlow-MM writes it (NaN/Infinity spelled as Python does)

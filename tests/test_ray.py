@@ -61,6 +61,7 @@ def run_fake(out: Path, data: Path, overrides=()):
     return execute(cfg)
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_executor_group_composes_and_local_is_the_default(tmp_path):
     from regioncap.executors import executor_of
     from regioncap.executors.local import LocalExecutor

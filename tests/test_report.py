@@ -444,6 +444,7 @@ def test_sweep_report_plots_the_sweeps_objective(tmp_path):
     assert alts == ["parse success by max_boxes (line chart)", "parse success vs cost (scatter)"]
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_sweep_report_with_hostile_overrides_and_a_failed_job(run_dir, tmp_path):
     sweep = tmp_path / "sweep"
     _fake_job(sweep, "0", ["engine=fake", "prompt.system=<script>x</script>", "max_boxes=2"], run_dir)
@@ -478,6 +479,7 @@ def _cards(page: str) -> Dict[str, str]:
                                         header)}
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_sweep_counts_a_job_stopped_by_max_error_rate_as_failed(run_dir, tmp_path):
     """A job over ``max_error_rate`` wrote its records and metrics, then failed: the cards count it,
     as they count a job that failed after writing records and one that wrote nothing."""

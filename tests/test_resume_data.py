@@ -233,6 +233,7 @@ def test_a_full_disk_in_a_worker_process_stops_the_cli_run(tmp_path, workers):
 
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_a_full_disk_while_drawing_grounded_regions_stops_the_run(tmp_path, monkeypatch):
     """propose=vlm draws the proposed regions in the caption stage: a full disk there stops the run too."""
     import regioncap.stages.visualize as visualize

@@ -253,6 +253,7 @@ def test_prepared_images_pass_the_processor_unchanged(tmp_path, model, extra):
     assert checked >= 6
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_engine_failure_in_a_stream_says_to_resume_both_stages(tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()

@@ -42,6 +42,7 @@ def _model_cfg(**kw):
 # -- the build ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_build_is_deterministic(tiny_model_dir, tmp_path):
     other = tiny.build_tiny_model(tmp_path / "again", seed=0)
     for name in ("model.safetensors", "tokenizer.json", "config.json", "preprocessor_config.json"):

@@ -100,6 +100,7 @@ def test_sweep_table_holds_each_jobs_last_row_in_job_order(tmp_path_factory, job
 # ------------------------------------------------------------------ in-process runs
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 @requires("tensorboard")
 def test_csv_records_the_run_while_a_failing_tracker_beside_it_only_warns(tmp_path, caplog):
     """logger=many: the CSV files of a run, and a TensorBoard that cannot start (its dir is a file)

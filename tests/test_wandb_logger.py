@@ -245,6 +245,7 @@ def test_missing_regions_are_flagged_in_boxes_and_table(tmp_path):
     assert [row[col["missing"]] for row in table["data"]] == [row[col["number"]] == 2 for row in table["data"]]
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_logger_failure_warns_once_and_the_run_goes_on(tmp_path, caplog):
     out = tmp_path / "run"
     cfg = compose(["engine=fake", "progress=false", "logger=wandb", "logger.mode=no-such-mode"], output_dir=out)
@@ -395,6 +396,7 @@ def test_unreachable_server_warns_and_the_run_completes_in_seconds(tmp_path):
     assert elapsed < 45, elapsed
 
 
+@pytest.mark.slow  # over a second: the full suite, not the unit tier
 def test_progress_is_logged_as_the_run_goes(tmp_path):
     """log_progress (called after each commit) lands in the offline run's history with its own clock."""
     out = tmp_path / "run"
