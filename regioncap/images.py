@@ -624,11 +624,9 @@ def save_image(
 
     A reader (or a resumed run) therefore never sees a half-written image.
     """
-    pil_format, kwargs = _save_kwargs(fmt, quality)
     # Encoded in memory first, then one write: the temporary file exists only for that write
     # (Pillow writing to a file makes a syscall per encoder chunk; the bytes are the same).
-    buf = io.BytesIO()
-    _prepare(image, pil_format).save(buf, format=pil_format, **kwargs)
+    encoded = encode_image(image, fmt, quality)
     path = os.fspath(path)
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -637,7 +635,7 @@ def save_image(
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         try:
-            data = buf.getbuffer()
+            data = memoryview(encoded)
             while data:  # os.write may write less than asked (a signal, a full pipe-like target)
                 data = data[os.write(fd, data):]
         finally:
