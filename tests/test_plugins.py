@@ -44,6 +44,18 @@ def run_plugin(tmp_path: Path, *overrides: str) -> Any:
     return run_cli([f"--config-dir={root / 'myconf'}", *overrides], env={"PYTHONPATH": f"{root}:{REPO}"}, cwd=root)
 
 
+def shape_images(tmp_path: Path, count: int) -> Path:
+    """A folder ``tmp_path/images`` holding the first ``count`` bundled shapes scenes."""
+    import shutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(count):
+        name = f"shapes_{i:05d}.jpg"
+        shutil.copy(REPO / "regioncap" / "demo" / "shapes" / "images" / name, images / name)
+    return images
+
+
 def test_the_docs_show_an_engine_a_logger_and_their_options():
     assert set(plugin_files()) == {"myplugins/engine.py", "myplugins/logger.py", "myconf/engine/echo.yaml",
                                    "myconf/logger/jsonl.yaml", "myplugins/proposer.py", "myplugins/source.py",
@@ -82,12 +94,7 @@ def test_a_broken_plugin_option_is_one_line_naming_the_key_before_any_row(tmp_pa
 @pytest.mark.cli
 @pytest.mark.slow
 def test_a_plugin_proposer_and_data_source_run_from_outside_the_package(tmp_path):
-    import shutil
-
-    images = tmp_path / "images"
-    images.mkdir()
-    for name in ("shapes_00000.jpg", "shapes_00001.jpg", "shapes_00002.jpg"):
-        shutil.copy(REPO / "regioncap" / "demo" / "shapes" / "images" / name, images / name)
+    images = shape_images(tmp_path, 3)
     (images / "notes.txt").write_text("not an image: the pattern leaves it out")
     out = tmp_path / "run"
     proc = run_plugin(tmp_path, "data=folder", f"data.path={images}", "propose=grid", "propose.cols=3",
@@ -142,13 +149,8 @@ PLUGIN_NAMES = ("myplugins", "EchoEngine", "JsonlLogger", "GridProposer", "Folde
 def test_an_engine_strategy_proposer_source_and_logger_from_outside_touch_0_package_files(tmp_path):
     """The files-per-extension table of docs/design.md ("How to add ..."): all five kinds of plugin
     in one run, from a folder outside the package, with 0 files of the package written or named."""
-    import shutil
-
     before = package_tree()
-    images = tmp_path / "images"
-    images.mkdir()
-    for name in ("shapes_00000.jpg", "shapes_00001.jpg"):
-        shutil.copy(REPO / "regioncap" / "demo" / "shapes" / "images" / name, images / name)
+    images = shape_images(tmp_path, 2)
     out = tmp_path / "run"
     proc = run_plugin(tmp_path, "engine=echo", "engine.batch_size=4", "prompt=few", "propose=grid", "data=folder",
                       f"data.path={images}",
@@ -184,12 +186,7 @@ def test_an_engine_strategy_proposer_source_and_logger_from_outside_touch_0_pack
 def test_a_plugins_typed_settings_reach_the_preparation_workers_and_an_isolated_caption_process(tmp_path):
     """The typed config goes pickled to other processes: the user's own ``Config`` classes (engine, proposer,
     data source, strategy) import there by name, from the same PYTHONPATH, as the classes they configure must."""
-    import shutil
-
-    images = tmp_path / "images"
-    images.mkdir()
-    for name in ("shapes_00000.jpg", "shapes_00001.jpg"):
-        shutil.copy(REPO / "regioncap" / "demo" / "shapes" / "images" / name, images / name)
+    images = shape_images(tmp_path, 2)
     out = tmp_path / "run"
     proc = run_plugin(tmp_path, "engine=echo", "executor=isolated", "prompt=few", "propose=grid", "data=folder",
                       f"data.path={images}", "workers=1", "overlap=false", "progress=false", f"hydra.run.dir={out}")
