@@ -26,7 +26,7 @@ import time
 import types
 from collections import deque
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, Optional
 
 from regioncap.stages import CaptionStage, VisualizeStage
 
@@ -183,9 +183,14 @@ class RowPool:
     process through ``local`` (no pool, no pickling).
     """
 
-    def __init__(self, cfg: RegionCapConfig, workers: int, local: Any, *, window: Optional[int] = None) -> None:
+    def __init__(self, cfg: RegionCapConfig, workers: int, local: Any, *, window: Optional[int] = None,
+                 on_first_wait: Optional[Callable[[], None]] = None) -> None:
+        """``on_first_wait``: called once, when the first rows are handed to the workers and before the
+        first wait for one: the caller's own slow start (the engine) then runs while the workers start
+        and prepare those rows, not after them. Never called when no row is handed out."""
         self.workers = int(workers)
         self.local = local
+        self.on_first_wait = on_first_wait
         #: Rows in flight: enough to keep every worker busy while the main
         #: process is away (an engine batch), small enough to keep memory flat.
         self.window = int(window or max(4 * self.workers, 8))
@@ -201,10 +206,11 @@ class RowPool:
             self._executor = ProcessPoolExecutor(max_workers=self.workers, mp_context=_context(),
                                                  initializer=_init_worker, initargs=(self._cfg, os.getpid()))
             # Start every worker now (a submit with no idle worker starts one), main module hidden.
+            # Not waited for: the workers start up while the caller goes on (a worker that fails to
+            # start breaks the pool, which :meth:`map` reports).
             with _main_module_hidden():
-                started = [self._executor.submit(_ready) for _ in range(self.workers)]
-            for fut in started:
-                fut.result()
+                for _ in range(self.workers):
+                    self._executor.submit(_ready)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -212,6 +218,11 @@ class RowPool:
             # Rows not started are dropped (a stop or an error); the few being prepared finish first.
             self._executor.shutdown(wait=True, cancel_futures=True)
             self._executor = None
+
+    def _first_wait(self) -> None:
+        hook, self.on_first_wait = self.on_first_wait, None
+        if hook is not None:
+            hook()
 
     def map(self, rows: Iterable[Any]) -> Iterator[Dict[str, Any]]:
         """The record of each row, in the order of ``rows``."""
@@ -226,7 +237,10 @@ class RowPool:
             for row in rows:
                 pending.append(self._executor.submit(_prepare_row, row))
                 if len(pending) >= self.window:
+                    self._first_wait()
                     yield pending.popleft().result()
+            if pending:
+                self._first_wait()
             while pending:
                 yield pending.popleft().result()
         except BrokenProcessPool as exc:

@@ -22,7 +22,7 @@ import os
 import random
 import time
 from dataclasses import asdict, replace
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 from regioncap.cpus import ThreadChoice, choose_threads
 from regioncap.config import MetricsConfig, RegionCapConfig
@@ -167,14 +167,16 @@ class RegionCapRun:
         stats.pid = os.getpid()
         return stats
 
-    def _visualize_commits(self, loop: StageLoop) -> Iterator[List[Dict[str, Any]]]:
-        """The visualize stage's commits, rows prepared in the worker pool (or in this process)."""
+    def _visualize_commits(self, loop: StageLoop, *, on_first_wait: Optional[Callable[[], None]] = None
+                           ) -> Iterator[List[Dict[str, Any]]]:
+        """The visualize stage's commits, rows prepared in the worker pool (or in this process);
+        ``on_first_wait``: see :class:`RowPool`."""
         stage = Visualizer(self.cfg, self.out)
         self.rundir.images_dir.mkdir(parents=True, exist_ok=True)
         workers = self._workers()
         window = max(4 * workers, self.cfg.commit_every, self.cfg.engine.batch_size)
         rows = progress(iter_rows(self.cfg.data), VisualizeStage.name, self.cfg.progress, self.total_rows())
-        with RowPool(self.cfg, workers, stage.process_row, window=window) as pool:
+        with RowPool(self.cfg, workers, stage.process_row, window=window, on_first_wait=on_first_wait) as pool:
             stage.pool = pool
             yield from loop.commits(rows, stage.batches, Visualizer.identity)
 
@@ -213,7 +215,9 @@ class RegionCapRun:
         stage's, the whole stream's.
         """
         loop = self._visualize_loop()
-        commits = self._visualize_commits(loop)
+        # The engine starts once the first new rows are out to the workers: its load and their
+        # start-up run side by side (a resume with no new row leaves it to the first batch).
+        commits = self._visualize_commits(loop, on_first_wait=self.executor.warm_up)
 
         def records() -> Iterator[Dict[str, Any]]:
             if loop.done:  # rows an earlier run committed: exactly the file's records after the torn-tail cut

@@ -198,6 +198,25 @@ def test_pool_keeps_input_order_with_a_small_window(tmp_path):
     assert got == list(range(9))
 
 
+@pytest.mark.slow  # starts worker processes: the slow tier
+def test_pool_calls_its_first_wait_hook_once_before_the_first_record_and_never_without_rows(tmp_path):
+    """The hook is where a streaming run starts its engine: while the workers start and prepare."""
+    cfg = fake(tmp_path / "run", demo_rows(tmp_path / "rows.jsonl", 5), "workers=1")
+    stage = Visualizer(cfg)
+    (tmp_path / "run" / "images").mkdir(parents=True)
+    from regioncap.data import iter_rows
+
+    events = []
+    with RowPool(cfg, 1, stage.process_row, window=2, on_first_wait=lambda: events.append("hook")) as pool:
+        for rec in pool.map(iter_rows(cfg.data)):
+            events.append(rec["index"])
+        assert list(pool.map(iter(()))) == []
+    assert events == ["hook", 0, 1, 2, 3, 4]
+    with RowPool(cfg, 1, stage.process_row, on_first_wait=lambda: events.append("again")) as pool:
+        assert list(pool.map(iter(()))) == []
+    assert "again" not in events
+
+
 # ------------------------------------------- images reach the engine at their final size
 
 
@@ -264,4 +283,6 @@ def test_engine_failure_in_a_stream_says_to_resume_both_stages(tmp_path):
     with pytest.raises(RunError, match=r"could not start.*go on with both stages with resume=true") as info:
         execute(cfg)
     assert "stages=[caption]" not in str(info.value)
-    assert 2 <= len(list(read_jsonl(out / "visualize.jsonl"))) < 5  # the stream stopped part way
+    # The engine starts as the first rows go to the worker (side by side with their preparation),
+    # so it fails before any is committed; the resume prepares them again.
+    assert (out / "visualize.jsonl").exists() and list(read_jsonl(out / "visualize.jsonl")) == []

@@ -66,6 +66,10 @@ class Executor(Component):
         """Caption the rows of ``records`` (default: ``visualize.jsonl``) not done yet; return the stage's stats."""
         raise NotImplementedError
 
+    def warm_up(self) -> None:
+        """Start what the stage will need (its engine) now, while the preparation workers prepare the
+        first rows of a streaming run (called once, before the first record arrives). Default: nothing."""
+
     def close(self) -> None:
         """Release what the executor holds (an engine); safe to call twice."""
 

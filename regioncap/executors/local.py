@@ -45,6 +45,11 @@ class LocalExecutor(Executor):
             job.engine_info.update(self.captioner.describe_engine() or {})
             merge_startup(stats.startup, self.captioner.startup)
 
+    def warm_up(self) -> None:
+        """Build the engine (:meth:`Captioner.start_engine`) of the stage under way."""
+        if self.captioner is not None:
+            self.captioner.start_engine()
+
     def close(self) -> None:
         if self.captioner is not None:
             self.captioner.close()

@@ -1,7 +1,9 @@
 """The caption stage: a batch of visualize records -> the same rows with answers, parsed regions and errors.
 
-:class:`Captioner` owns the engine (started at the first batch with work, so a
-resume with nothing left never loads a model), turns request specs into engine
+:class:`Captioner` owns the engine (started at the first batch with work, or,
+when the stages stream, as soon as the first new rows go to the preparation
+workers, so that both start side by side; a resume with nothing left never
+loads a model), turns request specs into engine
 requests, asks once more for regions an answer left out, and finishes each row
 (status, tokens, faithfulness flags, reference scores). Where it runs (this
 process, a spawned child, Ray replicas) is the executor's business
