@@ -21,6 +21,7 @@ from regioncap.config import RegionCapConfig, config_to_dict
 from regioncap.settings import typed_config
 from regioncap.manifest import mask_hydra_dir, redact, redact_override, try_write_manifest
 from regioncap.errors import RunError
+from regioncap.prepare import start_fork_server
 from regioncap.run import RegionCapRun, build_run
 from regioncap.rundir import STAGE_FILES, RunDir, regioncap_command, resume_args, shell_word
 from regioncap.signals import Interrupted, stop_on_signals
@@ -101,6 +102,8 @@ def execute(cfg: Any) -> Dict[str, Any]:
     # DictConfig; ``cfg`` stays only for what Hydra owns (its files, the secrets masked in them, the
     # tracker's view of the composed config).
     typed = typed_config(cfg)
+    # The preparation workers' fork server loads its modules on another CPU while the job sets up.
+    start_fork_server(typed)
     run_dir = Path(typed.output_dir)
     started = time.time()
     built: Dict[str, Any] = {}  # model_path and engine_info, for the manifest

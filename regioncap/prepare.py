@@ -100,10 +100,42 @@ def _context() -> Any:
         ctx = mp.get_context("forkserver")
     except ValueError:  # no forkserver on this platform (Windows)
         return mp.get_context("spawn")
-    # The fork server imports these once; every worker forked from it starts with them loaded.
-    ctx.set_forkserver_preload(["regioncap.stages.visualize", "PIL.Image", "PIL.ImageDraw",
-                                "PIL.JpegImagePlugin", "PIL.PngImagePlugin"])
+    ctx.set_forkserver_preload(list(_PRELOAD))
     return ctx
+
+
+#: What the fork server imports once; every worker forked from it starts with them loaded.
+_PRELOAD = ("regioncap.stages.visualize", "PIL.Image", "PIL.ImageDraw", "PIL.JpegImagePlugin", "PIL.PngImagePlugin")
+
+
+def start_fork_server(cfg: RegionCapConfig) -> None:
+    """Start the fork server the run's preparation workers will come from, without waiting for it.
+
+    Starting it costs a Python start-up and the imports of :data:`_PRELOAD`
+    (about a quarter of a second), which the first worker's start would
+    otherwise wait for; started when the job begins, it loads them on another
+    CPU while the job sets up. Nothing happens when the run will have no
+    workers, when their start method is not the fork server, or when the
+    settings are wrong (the pool reports that when it starts).
+    """
+    import multiprocessing as mp
+
+    method = mp.get_start_method(allow_none=True)
+    if (mp.current_process().daemon or "forkserver" not in mp.get_all_start_methods()
+            or method not in (None, "forkserver")):
+        return
+    from regioncap.errors import RunError
+
+    try:
+        if resolve_workers(cfg) == 0:
+            return
+    except RunError:
+        return
+    from multiprocessing import forkserver
+
+    mp.get_context("forkserver").set_forkserver_preload(list(_PRELOAD))
+    with _main_module_hidden():
+        forkserver.ensure_running()
 
 
 def _alive(pid: int) -> bool:

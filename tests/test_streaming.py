@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO, compose
 from regioncap.job import execute
 from regioncap.metrics import format_summary
-from regioncap.prepare import RowPool, available_cores, resolve_workers
+from regioncap.prepare import RowPool, available_cores, resolve_workers, start_fork_server
 from regioncap.records import read_jsonl
 from regioncap.run import RunError
 from regioncap.stages.visualize import Visualizer
@@ -143,6 +143,26 @@ def test_default_workers_leave_the_engine_its_cores(tmp_path):
     assert resolve_workers(compose(["engine=fake", "workers=3"])) == 3
     with pytest.raises(RunError, match="workers must be 0"):
         resolve_workers(compose(["engine=fake", "workers=-1"]))
+
+
+def test_the_fork_server_starts_with_the_job_only_for_a_run_with_workers(tmp_path, monkeypatch):
+    """Started early it loads the preparation modules while the job sets up; never for no workers,
+    and never with the caller's main module (a script would run again in it)."""
+    from multiprocessing import forkserver
+
+    started = []
+    monkeypatch.setattr(forkserver, "ensure_running", lambda: started.append(sys.modules["__main__"]))
+    import dataclasses
+
+    from regioncap.settings import typed_config
+
+    cfg = typed_config(fake(tmp_path / "run", demo_rows(tmp_path / "rows.jsonl", 2), "workers=1"))
+    start_fork_server(dataclasses.replace(cfg, workers=0))
+    start_fork_server(dataclasses.replace(cfg, workers=-1))  # wrong: refused later, where workers start
+    assert started == []
+    start_fork_server(cfg)
+    assert len(started) == 1 and not hasattr(started[0], "__file__")
+    assert sys.modules["__main__"] is not started[0]
 
 
 _KILLED_PARENT = """
