@@ -28,6 +28,7 @@ __all__ = [
     "ImageLoadError",
     "LoadedImage",
     "load_image",
+    "save_format",
     "image_uri",
     "file_uri_path",
     "uri_label",
@@ -590,7 +591,9 @@ def _grow(lo: int, hi: int, length: int, size: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- writing
 
 
-def _save_kwargs(fmt: str, quality: int) -> tuple[str, dict[str, Any]]:
+def save_format(fmt: str, quality: int) -> tuple[str, dict[str, Any]]:
+    """Pillow's format name and save options for ``draw.image_format`` ``fmt`` (``jpeg``, ``jpg`` or
+    ``png``, any case); ValueError for another format or a JPEG quality outside 1..100."""
     key = fmt.lower()
     if key in ("jpeg", "jpg"):
         if not 1 <= quality <= 100:
@@ -611,7 +614,7 @@ def _prepare(image: Image.Image, pil_format: str) -> Image.Image:
 
 def encode_image(image: Image.Image, fmt: str = "jpeg", quality: int = 92) -> bytes:
     """Encode ``image`` as JPEG or PNG bytes (e.g. for a base64 data URL)."""
-    pil_format, kwargs = _save_kwargs(fmt, quality)
+    pil_format, kwargs = save_format(fmt, quality)
     buf = io.BytesIO()
     _prepare(image, pil_format).save(buf, format=pil_format, **kwargs)
     return buf.getvalue()

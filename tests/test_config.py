@@ -157,7 +157,7 @@ def test_dataflow_experiment_sets_dataflow_settings():
 
 @pytest.mark.parametrize("overrides,fragment", [
     (["engine.batch_size=0"], "engine.batch_size must be a whole number >= 1, got 0"),
-    (["draw.line_width=0"], "draw.line_width must be a finite number > 0, got 0.0"),
+    (["draw.line_width=0"], "draw.line_width must be a finite number > 0 and <= 0.5, got 0.0"),
     (["draw.dim=nan"], "draw.dim must be a finite number >= 0 and <= 1, got nan"),
     (["draw.jpeg_quality=101"], "draw.jpeg_quality must be a whole number in 1..100, got 101"),
     (["model.max_pixels=10"], "model.max_pixels (10) is under model.min_pixels (3136)"),
@@ -167,6 +167,23 @@ def test_dataflow_experiment_sets_dataflow_settings():
     (["propose=vlm", "propose.add_iou=-0.1"], "propose.add_iou must be a finite number >= 0 and <= 1"),
     (["engine=openai", "engine.concurrency=0"], "engine.concurrency must be a whole number >= 1, got 0"),
     (["engine=vllm", "engine.gpu_memory_utilization=1.5"], "engine.gpu_memory_utilization must be"),
+    # A template or label the stage could not format failed every row (internal_error) or, for the
+    # re-ask template, only the rows that needed a re-ask; each names its placeholders up front.
+    (["prompt.template='describe {nope}'"], "prompt.template must be a text whose placeholders are among {n}"),
+    (["prompt.template='describe {n'"], "prompt.template must be"),
+    (["prompt.template='{labels:d}'"], "prompt.template must be"),
+    (["prompt.reask_template='again {bad}'"],
+     "prompt.reask_template must be a text whose placeholders are among {labels}, {format_instruction}"),
+    (["draw.label_format='{m}'"], "draw.label_format must be a text whose placeholders are among {n}"),
+    # These were tracebacks (palette), an error on every row (image_format, sizes) or a stalled drawing.
+    (["draw.palette=[]"], "draw.palette must be a list of at least one colour"),
+    (["draw.palette=[red,notacolour]"], "draw.palette must be a list of at least one colour"),
+    (["draw.image_format=gif"], "draw.image_format must be 'jpeg' or 'png', got 'gif'"),
+    (["draw.label_size=100"], "draw.label_size must be a finite number > 0 and <= 1, got 100.0"),
+    (["draw.min_line_px=100000"], "draw.min_line_px must be a whole number in 1..1000"),
+    # A negative seed ran the whole job, then failed in the bootstrap intervals with a traceback.
+    (["seed=-5"], "seed must be a whole number in 0..9223372036854775807, got -5"),
+    (["sampling.seed=-1"], "sampling.seed must be null or a whole number in 0..9223372036854775807"),
 ])
 def test_a_setting_outside_its_range_stops_the_run_before_it_reads_or_writes(tmp_path, overrides, fragment):
     """A value of the right type that cannot mean anything is one clear error up front, not a

@@ -214,3 +214,37 @@ def test_a_json_id_is_read_exactly_when_it_is_a_whole_number(ident):
     text = json.dumps({"regions": [{"id": ident, "caption": "a cat"}]})
     parsed = prompts.parse_answer(text, [n if n is not None and n > 0 else 1], "json")
     assert (parsed.captions != {}) == (n is not None and n > 0)
+
+
+# ------------------------------------------------------------------ the template check
+
+_TEMPLATE_PIECES = st.lists(st.sampled_from(
+    ["{", "}", "{{", "}}", "{n}", "{labels}", "{n:>3}", "{labels:d}", "{nope}", "{}", "{0}", "{n.real}",
+     "{n[0]}", "{n!r}", "{format_instruction}", "{regions}", "Describe ", "box ", ":", "!"]), max_size=6).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(template=_TEMPLATE_PIECES, count=st.integers(1, 12))
+def test_a_template_the_config_check_passes_fills_every_request(template, count):
+    """What the config check (prompt.template's rule) accepts, build_prompt fills for any request; what
+    it refuses is refused before the run (it would fail, or read what no request holds)."""
+    from regioncap.components import formats
+
+    ok, _ = formats(prompts.TEMPLATE_EXAMPLE)
+    numbers = list(range(1, count + 1))
+    if ok(template):
+        prompts.build_prompt(template, numbers=numbers, labels=[f"<{n}>" for n in numbers], answer_format="json")
+    else:
+        try:
+            filled = template.format(**prompts.TEMPLATE_EXAMPLE)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return
+        # It formats, but through an index or attribute (a value's inside), never a plain placeholder.
+        assert any(c in template for c in ".[") and filled is not None
+
+
+@pytest.mark.parametrize("template", ["{n}", "{n}{{n}}", "no placeholder", "", "{n:>3}"])
+def test_label_format_check_accepts_what_labels_can_draw(template):
+    from regioncap.components import formats
+
+    assert formats({"n": 1})[0](template)
