@@ -29,6 +29,7 @@ __all__ = [
     "LoadedImage",
     "load_image",
     "save_format",
+    "file_extension",
     "image_uri",
     "file_uri_path",
     "uri_label",
@@ -604,6 +605,11 @@ def save_format(fmt: str, quality: int) -> tuple[str, dict[str, Any]]:
     if key == "png":
         return "PNG", {}
     raise ValueError(f"image format must be 'jpeg' or 'png', got {fmt!r}")
+
+
+def file_extension(fmt: str) -> str:
+    """The file name extension of images written in ``draw.image_format`` ``fmt`` (``PNG`` too is ``png``)."""
+    return "png" if save_format(fmt, 92)[0] == "PNG" else "jpg"
 
 
 def _prepare(image: Image.Image, pil_format: str) -> Image.Image:

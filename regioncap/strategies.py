@@ -49,7 +49,7 @@ from regioncap.config import AnswerFormat, RegionCapConfig
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.errors import RunError
 from regioncap.families.base import Family, build_family
-from regioncap.images import crop_with_margin, resize_to
+from regioncap.images import crop_with_margin, file_extension, resize_to
 from regioncap.record_types import Record, Region, RequestSpec
 from regioncap.rundir import IMAGES_DIR
 
@@ -119,7 +119,7 @@ class PromptStrategy(Component):
         self.max_boxes = int(max_boxes)
         self.answer_format = str(prompt.answer_format)
         #: Extension of the request images (``draw.image_format``).
-        self.ext = "png" if style.image_format == "png" else "jpg"
+        self.ext = file_extension(style.image_format)
 
     # ------------------------------------------------------------- the plan
     def slots(self, count: int) -> List[Tuple[int, int]]:

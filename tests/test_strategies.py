@@ -55,3 +55,14 @@ def test_the_answer_constraint_and_parser_are_the_strategys():
     crop = build_strategy(compose(["prompt=crop"]))
     assert crop.constraint([1]) == (None, None)  # free text
     assert crop.prompt.reask_missing is False and crop.answer_format == "free"  # its Config's defaults
+
+
+@pytest.mark.parametrize("fmt, ext", [("png", "png"), ("PNG", "png"), ("jpeg", "jpg"), ("JPG", "jpg")])
+def test_request_images_are_named_by_the_encoding_they_are_written_in(fmt, ext):
+    """draw.image_format=PNG wrote PNG bytes into .jpg files (the extension compared case-sensitively
+    while the encoder did not)."""
+    from regioncap.images import save_format
+
+    strategy = build_strategy(compose([f"draw.image_format={fmt}"]))
+    assert strategy.ext == ext
+    assert save_format(fmt, 92)[0] == {"png": "PNG", "jpg": "JPEG"}[ext]
