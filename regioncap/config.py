@@ -125,7 +125,7 @@ class MetricsConfig:
     meteor_timeout_s: float = field(default=METEOR_TIMEOUT_S, metadata=check(real(0, above=True)))
     #: Resamples of the cluster bootstrap behind the 95% intervals of the reference scores
     #: (``references.intervals``; seeded with the run's ``seed``); 0 leaves the intervals out.
-    bootstrap_resamples: int = DEFAULT_RESAMPLES
+    bootstrap_resamples: int = field(default=DEFAULT_RESAMPLES, metadata=check(whole(0)))
     #: DenseCap mAP (IoU x METEOR thresholds, regioncap.densecap) where truth boxes and
     #: references are known: proposal runs with ``propose.when=always``, and given-box runs
     #: (an upper bound that measures the captions). Runs METEOR in a JVM of its own, once

@@ -184,6 +184,10 @@ def test_dataflow_experiment_sets_dataflow_settings():
     # A negative seed ran the whole job, then failed in the bootstrap intervals with a traceback.
     (["seed=-5"], "seed must be a whole number in 0..9223372036854775807, got -5"),
     (["sampling.seed=-1"], "sampling.seed must be null or a whole number in 0..9223372036854775807"),
+    # A negative count left the intervals out as 0 does, without a word.
+    (["metrics.bootstrap_resamples=-1"], "metrics.bootstrap_resamples must be a whole number >= 0, got -1"),
+    # It read the input, ran nothing and said "no input rows were read".
+    (["stages=[]"], "stages=[] runs nothing; name one or more of 'visualize', 'caption'"),
 ])
 def test_a_setting_outside_its_range_stops_the_run_before_it_reads_or_writes(tmp_path, overrides, fragment):
     """A value of the right type that cannot mean anything is one clear error up front, not a
