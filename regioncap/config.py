@@ -151,8 +151,9 @@ class RegionCapConfig:
     sampling: Sampling = field(default_factory=Sampling)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    #: Most regions marked on one image; more are split into further chunks.
-    max_boxes: int = field(default=10, metadata=check(whole(1)))
+    #: Most regions marked on one image; more are split into further chunks. At most 1000: every row's
+    #: ``normalized_bbox`` is padded to it (DataFlow-MM's layout), so a huge value exhausted the memory.
+    max_boxes: int = field(default=10, metadata=check(whole(1, 1000)))
     #: Seeds Python, NumPy and torch before anything is built, and every request.
     seed: int = field(default=0, metadata=check(SEEDS))
     #: Stages to run, in order: ``visualize``, ``caption`` (:data:`regioncap.stages.STAGES`).

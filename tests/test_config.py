@@ -186,6 +186,8 @@ def test_dataflow_experiment_sets_dataflow_settings():
     (["sampling.seed=-1"], "sampling.seed must be null or a whole number in 0..9223372036854775807"),
     # A negative count left the intervals out as 0 does, without a word.
     (["metrics.bootstrap_resamples=-1"], "metrics.bootstrap_resamples must be a whole number >= 0, got -1"),
+    # Every row's normalized_bbox is padded to max_boxes: 10^20 ran out of memory after minutes.
+    (["max_boxes=99999999999999999999"], "max_boxes must be a whole number in 1..1000"),
     # It read the input, ran nothing and said "no input rows were read".
     (["stages=[]"], "stages=[] runs nothing; name one or more of 'visualize', 'caption'"),
 ])

@@ -794,7 +794,7 @@ def test_sweep_report_in_chromium(sweep_dir, tmp_path):
     assert_self_contained(page)
     state = _check_in_browser(report, "sweep-report-screenshot.png", tmp_path)
     text = state["text"]
-    assert "max_boxes must be a whole number >= 1" in text  # job 0 failed: in the table, with its reason
+    assert "max_boxes must be a whole number in 1..1000" in text  # job 0 failed: in the table, with its reason
     assert "max_boxes" in text and "failed" in text
     plots = [i for i in state["images"] if i["src"].startswith("data:image/png")]
     assert len(plots) == 1  # no references (data=demo): regions/s by max_boxes, numbers joined by a line
