@@ -143,7 +143,7 @@ class RegionCapRun:
             choice = choose_threads(self.cfg.threads, workers if overlap else 0)
         except ValueError as exc:
             raise RunError(str(exc)) from None
-        log.info("%s", choice.describe())
+        log.log(logging.WARNING if choice.source == "capped" else logging.INFO, "%s", choice.describe())
         return choice
 
     def _workers(self) -> int:
