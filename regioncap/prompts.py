@@ -375,10 +375,12 @@ def _match_line(line: str) -> Optional[Tuple[int, str]]:
 
 
 def _clean(text: str) -> str:
+    """A caption without its wrapping (``**``, quotes); "" when no letter or digit is left: an answer of
+    zero-width spaces, NUL bytes or ``...`` describes nothing, and counted as a caption and a parse success."""
     text = text.strip().strip("*").strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
         text = text[1:-1].strip()
-    return text
+    return text if any(c.isalnum() for c in text) else ""
 
 
 def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str, *,
@@ -398,6 +400,10 @@ def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str
     returned, the caller decides.
     """
     result = ParsedAnswer(format_ok=False)
+    if text:
+        # A byte order mark (U+FEFF) some servers leave at the start hid the first line's number: every
+        # region of the answer went missing. It is no text anywhere.
+        text = text.replace("\ufeff", "")
     if not text or not text.strip():
         return result
     wanted = set(numbers)

@@ -139,7 +139,8 @@ def test_parse_never_raises_and_only_returns_asked_numbers(text, numbers, fmt):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1,
-                        max_size=40).filter(lambda s: s.strip() and s.strip() == s and not s.startswith(("*", '"', "'", "`"))),
+                        max_size=40).filter(lambda s: s.strip() and s.strip() == s and not s.startswith(("*", '"', "'", "`"))
+                                            and any(c.isalnum() for c in s) and "\ufeff" not in s),
                 min_size=1, max_size=8))
 def test_lines_round_trip(captions):
     numbers = list(range(1, len(captions) + 1))
@@ -248,3 +249,29 @@ def test_label_format_check_accepts_what_labels_can_draw(template):
     from regioncap.components import formats
 
     assert formats({"n": 1})[0](template)
+
+
+@pytest.mark.parametrize("caption", ["\u200b\u200b", "\x00", "...", "- -", "\ufeff"])
+def test_a_caption_without_a_letter_or_digit_is_no_caption(caption):
+    """Zero-width spaces, a NUL byte or dots were kept as captions and counted as parse successes."""
+    for text, fmt in ((f"1: {caption}\n2: a red car", "lines"),
+                      (json.dumps({"regions": [{"id": 1, "caption": caption}, {"id": 2, "caption": "a red car"}]}),
+                       "json")):
+        parsed = prompts.parse_answer(text, [1, 2], fmt)
+        assert parsed.captions == {2: "a red car"} and not parsed.format_ok
+    assert prompts.parse_answer(caption, [1], "free").captions == {}
+
+
+def test_a_byte_order_mark_before_the_answer_hides_no_region():
+    """'\\ufeff1: ...' read no number on the first line: every region of the answer went missing."""
+    parsed = prompts.parse_answer("\ufeff1: a red car\n2: a blue star", [1, 2], "lines")
+    assert parsed.captions == {1: "a red car", 2: "a blue star"} and parsed.format_ok
+    assert prompts.parse_answer('\ufeff{"regions": [{"id": 1, "caption": "a cat"}]}', [1], "json").format_ok
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_every_caption_read_has_a_letter_or_digit(text):
+    for fmt in ("lines", "json", "free"):
+        for caption in prompts.parse_answer(text, [1, 2], fmt).captions.values():
+            assert any(c.isalnum() for c in caption)
