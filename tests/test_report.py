@@ -60,7 +60,9 @@ def run_dir(tmp_path_factory) -> Path:
     rows = [
         {"id": HOSTILE_ID, "image": HOSTILE_IMAGE, "bbox": [[10, 10, 100, 100], [120, 200, 150, 150]],
          "references": [HOSTILE_REF, ["second box", "another reference"]]},
-        {"id": "plain", "image": "blue.png", "bbox": [[20, 20, 200, 100], [250, 40, 100, 200], [5, 200, 60, 60]]},
+        # References on a second row too: an interval needs two rows (one row has none).
+        {"id": "plain", "image": "blue.png", "bbox": [[20, 20, 200, 100], [250, 40, 100, 200], [5, 200, 60, 60]],
+         "references": ["a wide box", "a tall box", "a small box"]},
         {"id": "gone", "image": "missing.png", "bbox": [[1, 1, 20, 20]]},
     ]
     data = _write_rows(data_dir / "rows.jsonl", rows)
