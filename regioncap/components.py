@@ -95,9 +95,11 @@ def formats(example: Dict[str, Any]) -> Rule:
         if not isinstance(v, str):
             return False
         try:
-            names = [name for _, name, _, _ in string.Formatter().parse(v) if name is not None]
-            if any(name not in example for name in names):  # '' (positional), 'n.real', 'n[0]', unknown
+            fields = [(name, spec) for _, name, spec, _ in string.Formatter().parse(v) if name is not None]
+            if any(name not in example for name, _ in fields):  # '' (positional), 'n.real', 'n[0]', unknown
                 return False
+            if any(re.search(r"\d{5}", spec or "") for _, spec in fields):
+                return False  # '{n:>10000000000}' would pad to 10 GB, here and in every label or prompt
             v.format(**example)
         except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # '{n', '}', a bad spec
             return False

@@ -251,6 +251,14 @@ def test_label_format_check_accepts_what_labels_can_draw(template):
     assert formats({"n": 1})[0](template)
 
 
+@pytest.mark.parametrize("template", ["{n:>10000000000}", "{n:.99999}", "{n:099999}"])
+def test_a_format_spec_of_gigabytes_is_refused_without_formatting_it(template):
+    """'{n:>10000000000}' took 5 s and 10 GB to format once, and would again for every label."""
+    from regioncap.components import formats
+
+    assert not formats({"n": 1})[0](template)
+
+
 @pytest.mark.parametrize("caption", ["\u200b\u200b", "\x00", "...", "- -", "\ufeff"])
 def test_a_caption_without_a_letter_or_digit_is_no_caption(caption):
     """Zero-width spaces, a NUL byte or dots were kept as captions and counted as parse successes."""
