@@ -523,6 +523,7 @@ def _parse_mentions(text: str, wanted: set) -> Dict[int, str]:
             continue
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
         segment = text[m.end() : end].strip(" \t\n,:;.-")
-        if n in wanted and n not in out and segment:
-            out[n] = _clean(segment)
+        caption = _clean(segment)
+        if n in wanted and n not in out and caption:  # '<region2> **' or '<region2> …' describe nothing
+            out[n] = caption
     return out

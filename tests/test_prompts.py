@@ -270,6 +270,12 @@ def test_a_caption_without_a_letter_or_digit_is_no_caption(caption):
     assert prompts.parse_answer(caption, [1], "free").captions == {}
 
 
+def test_free_text_mentions_without_a_description_give_no_caption():
+    """'<region2> **' was read as region 2's caption "": a blank caption among the captions."""
+    parsed = prompts.parse_answer("<region1> a red car <region2> ** <region3> \u2026", [1, 2, 3], "free")
+    assert parsed.captions == {1: "a red car"}  # it was {1: 'a red car', 2: '', 3: ''}
+
+
 def test_a_byte_order_mark_before_the_answer_hides_no_region():
     """'\\ufeff1: ...' read no number on the first line: every region of the answer went missing."""
     parsed = prompts.parse_answer("\ufeff1: a red car\n2: a blue star", [1, 2], "lines")
@@ -277,8 +283,13 @@ def test_a_byte_order_mark_before_the_answer_hides_no_region():
     assert prompts.parse_answer('\ufeff{"regions": [{"id": 1, "caption": "a cat"}]}', [1], "json").format_ok
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.text())
+_ANSWER_PIECES = st.lists(st.sampled_from(
+    ["<region1>", "<region2>", "1:", "2.", "**", "\u2026", "...", "\u200b", "\x00", "\ufeff", " ", "\n", "a cat",
+     '{"regions": [{"id": 1, "caption": "', '"}]}', "-", "region 2"]), max_size=8).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), _ANSWER_PIECES))
 def test_every_caption_read_has_a_letter_or_digit(text):
     for fmt in ("lines", "json", "free"):
         for caption in prompts.parse_answer(text, [1, 2], fmt).captions.values():
