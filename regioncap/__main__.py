@@ -36,8 +36,11 @@ def main() -> None:
     from regioncap.config import RegionCapConfig
     from regioncap.suggest import print_suggestions
 
-    # Before Hydra: its error for a misspelt group, option or key follows this line.
-    print_suggestions(sys.argv[1:], CONF_DIR, RegionCapConfig)
+    # Before Hydra: its error for a misspelt group, option or key follows this line; a line Hydra
+    # would only answer with a traceback (engine=null) ends the command here.
+    if not print_suggestions(sys.argv[1:], CONF_DIR, RegionCapConfig):
+        quickexit.done(1)
+        sys.exit(1)
     try:
         _main()
     except SystemExit as exc:

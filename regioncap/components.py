@@ -38,7 +38,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional, Sequ
 from regioncap.errors import RunError
 
 __all__ = [
-    "TARGET", "MISSING", "GROUPS", "OPTIONAL_GROUPS", "finite_number", "Component", "group_base", "type_groups", "schema_of", "Rule", "check", "whole", "real", "optional", "resolve", "class_of", "short_name",
+    "TARGET", "MISSING", "GROUPS", "OPTIONAL_GROUPS", "finite_number", "Component", "group_base", "type_groups", "schema_of", "Rule", "check", "whole", "real", "optional", "formats", "SEEDS", "resolve", "class_of", "short_name",
     "node_name", "typed", "range_problems", "missing_modules", "install_hint", "requirement_problem", "shipped_targets",
     "register_schemas", "plain", "setting",
 ]
@@ -80,6 +80,38 @@ def optional(rule: Rule) -> Rule:
     """``rule``, or null."""
     ok, what = rule
     return (lambda v: v is None or ok(v)), f"null or {what}"
+
+
+def formats(example: Dict[str, Any]) -> Rule:
+    """A ``str.format`` template whose placeholders are keys of ``example`` (by name, no index, attribute or
+    positional field) and that formats with ``example``'s values: ``{n}`` and ``{{`` for a brace.
+
+    ``example`` holds a value of each placeholder's type, so a format spec that cannot apply to it
+    (``{labels:d}``) is refused too; a template that passes fills every row alike.
+    """
+    import string
+
+    def ok(v: Any) -> bool:
+        if not isinstance(v, str):
+            return False
+        try:
+            fields = [(name, spec) for _, name, spec, _ in string.Formatter().parse(v) if name is not None]
+            if any(name not in example for name, _ in fields):  # '' (positional), 'n.real', 'n[0]', unknown
+                return False
+            if any(re.search(r"\d{5}", spec or "") for _, spec in fields):
+                return False  # '{n:>10000000000}' would pad to 10 GB, here and in every label or prompt
+            v.format(**example)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):  # '{n', '}', a bad spec
+            return False
+        return True
+
+    known = ", ".join("{" + name + "}" for name in example)
+    return ok, (f"a text whose placeholders are among {known} (a literal brace is written {{{{ or }}}})"
+                if example else "a text without placeholders (a literal brace is written {{ or }})")
+
+
+#: Seeds every RNG and engine takes: torch's generators and the OpenAI API's seed are signed 64-bit.
+SEEDS: Rule = whole(0, 2**63 - 1)
 
 
 def check(rule: Rule) -> Dict[str, Any]:

@@ -20,7 +20,7 @@ from omegaconf import MISSING
 
 from regioncap.choice import Choice
 
-from regioncap.components import check, optional, real, whole
+from regioncap.components import SEEDS, Rule, check, formats, optional, real, whole
 from regioncap.densecap import METEOR_TIMEOUT_S
 from regioncap.intervals import DEFAULT_RESAMPLES
 # The sampling section's schema is the engines' own Sampling: one set of defaults for both.
@@ -55,25 +55,54 @@ DEFAULT_PALETTE: tuple = (
 )
 
 
+def _colours() -> Rule:
+    """At least one colour, each one Pillow reads (what :func:`regioncap.draw.draw_marks` fills with)."""
+    def ok(v: Any) -> bool:
+        from PIL import ImageColor  # at check time only: composing a config imports no Pillow
+
+        try:
+            return len(v) > 0 and all(isinstance(c, str) and ImageColor.getrgb(c) for c in v)
+        except (TypeError, ValueError):
+            return False
+
+    return ok, "a list of at least one colour Pillow reads ('#e6194b', 'rgb(230,25,75)', 'red')"
+
+
+def _image_formats() -> Rule:
+    """An encoding :func:`regioncap.images.encode_image` writes (it holds the list)."""
+    def ok(v: Any) -> bool:
+        from regioncap.images import save_format  # at check time only (Pillow)
+
+        try:
+            save_format(v, 92)
+        except (TypeError, ValueError, AttributeError):
+            return False
+        return True
+
+    return ok, "'jpeg' or 'png'"
+
+
 @dataclass
 class DrawConfig:
     """How regions are marked on the image the model sees."""
 
     name: str = MISSING
     #: Box colours, cycled per region (any Pillow colour string).
-    palette: List[str] = field(default_factory=lambda: list(DEFAULT_PALETTE))
-    #: Line width as a fraction of the image's shorter side (at least ``min_line_px``).
-    line_width: float = field(default=0.008, metadata=check(real(0, above=True)))
-    min_line_px: int = field(default=2, metadata=check(whole(1)))
+    palette: List[str] = field(default_factory=lambda: list(DEFAULT_PALETTE), metadata=check(_colours()))
+    #: Line width as a fraction of the image's shorter side (at least ``min_line_px``); wider than
+    #: half of it, an outline only fills boxes slower.
+    line_width: float = field(default=0.008, metadata=check(real(0, 0.5, above=True)))
+    #: The pixel floors are bounded so a typo (100000) cannot stall the drawing of every image.
+    min_line_px: int = field(default=2, metadata=check(whole(1, 1000)))
     #: Label text height as a fraction of the shorter side (at least ``min_label_px``).
-    label_size: float = field(default=0.045, metadata=check(real(0, above=True)))
-    min_label_px: int = field(default=10, metadata=check(whole(1)))
+    label_size: float = field(default=0.045, metadata=check(real(0, 1, above=True)))
+    min_label_px: int = field(default=10, metadata=check(whole(1, 1000)))
     #: Label text: ``{n}`` is the region number shown to the model.
-    label_format: str = "{n}"
+    label_format: str = field(default="{n}", metadata=check(formats({"n": 1})))
     #: Darken the image outside the boxes by this factor (0 = off, DataFlow-MM look ~0.5).
     dim: float = field(default=0.0, metadata=check(real(0, 1)))
     #: Encoding of written images: ``jpeg`` or ``png``.
-    image_format: str = "jpeg"
+    image_format: str = field(default="jpeg", metadata=check(_image_formats()))
     jpeg_quality: int = field(default=92, metadata=check(whole(1, 100)))
 
 
@@ -96,7 +125,7 @@ class MetricsConfig:
     meteor_timeout_s: float = field(default=METEOR_TIMEOUT_S, metadata=check(real(0, above=True)))
     #: Resamples of the cluster bootstrap behind the 95% intervals of the reference scores
     #: (``references.intervals``; seeded with the run's ``seed``); 0 leaves the intervals out.
-    bootstrap_resamples: int = DEFAULT_RESAMPLES
+    bootstrap_resamples: int = field(default=DEFAULT_RESAMPLES, metadata=check(whole(0)))
     #: DenseCap mAP (IoU x METEOR thresholds, regioncap.densecap) where truth boxes and
     #: references are known: proposal runs with ``propose.when=always``, and given-box runs
     #: (an upper bound that measures the captions). Runs METEOR in a JVM of its own, once
@@ -122,10 +151,11 @@ class RegionCapConfig:
     sampling: Sampling = field(default_factory=Sampling)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    #: Most regions marked on one image; more are split into further chunks.
-    max_boxes: int = field(default=10, metadata=check(whole(1)))
+    #: Most regions marked on one image; more are split into further chunks. At most 1000: every row's
+    #: ``normalized_bbox`` is padded to it (DataFlow-MM's layout), so a huge value exhausted the memory.
+    max_boxes: int = field(default=10, metadata=check(whole(1, 1000)))
     #: Seeds Python, NumPy and torch before anything is built, and every request.
-    seed: int = 0
+    seed: int = field(default=0, metadata=check(SEEDS))
     #: Stages to run, in order: ``visualize``, ``caption`` (:data:`regioncap.stages.STAGES`).
     stages: List[str] = field(default_factory=lambda: list(STAGE_NAMES))
     #: Exit non-zero when more than this fraction of rows are error rows.

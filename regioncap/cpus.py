@@ -163,12 +163,17 @@ class ThreadChoice:
         limits = CpuLimits(self.affinity, self.quota, self.slurm, self.machine)
         why = (f"{self.usable} CPU{'s' if self.usable != 1 else ''} usable: {limits.describe()}; "
                f"{self.workers_beside} preparation worker{'s' if self.workers_beside != 1 else ''} beside it")
-        head = "set by threads=%d" % self.engine if self.source == "threads" else "automatic"
+        head = {"threads": f"set by threads={self.engine}",
+                "capped": f"the threads setting capped at {MAX_THREADS_PER_CPU} per usable CPU"}.get(self.source, "automatic")
         return f"threads: {self.engine} for the engine ({head}; {why})"
 
     def as_dict(self) -> Dict[str, Any]:
         """JSON-ready, for the manifest."""
         return asdict(self)
+
+
+#: Most engine threads per usable CPU that an explicit ``threads`` gets (more only contend for the CPUs).
+MAX_THREADS_PER_CPU = 4
 
 
 def choose_threads(setting: Any, workers_beside: int, limits: Optional[CpuLimits] = None) -> ThreadChoice:
@@ -182,7 +187,11 @@ def choose_threads(setting: Any, workers_beside: int, limits: Optional[CpuLimits
         raise ValueError(f"threads must be null (automatic) or a whole number >= 1, got {setting!r}")
     beside = max(0, int(workers_beside))
     engine = int(setting) if setting is not None else max(1, limits.usable - beside)
-    return ThreadChoice(engine=engine, source="auto" if setting is None else "threads", usable=limits.usable,
+    source = "auto" if setting is None else "threads"
+    if engine > MAX_THREADS_PER_CPU * limits.usable:
+        # threads=100000: libgomp aborted the process ("Thread creation failed") at the first matmul.
+        engine, source = MAX_THREADS_PER_CPU * limits.usable, "capped"
+    return ThreadChoice(engine=engine, source=source, usable=limits.usable,
                         affinity=limits.affinity, quota=limits.quota, slurm=limits.slurm, machine=limits.machine,
                         workers_beside=beside)
 

@@ -28,7 +28,8 @@ from typing import Any, Sequence
 import PIL
 from PIL import Image, ImageColor, ImageDraw, ImageEnhance, ImageFont
 
-from regioncap.config import DEFAULT_PALETTE
+from regioncap.components import range_problems
+from regioncap.config import DEFAULT_PALETTE, DrawConfig
 from regioncap.images import box_xyxy
 
 __all__ = [
@@ -81,25 +82,12 @@ class DrawStyle:
 
     def __post_init__(self) -> None:
         # Accept any sequence (an OmegaConf ListConfig too) and fail here, with
-        # the field named, rather than on the first image.
+        # the field named, rather than on the first image. The ranges are the
+        # draw section's (DrawConfig's field checks): one place for both.
         self.palette = [str(c) for c in self.palette]
-        if not self.palette:
-            raise ValueError("draw.palette must name at least one colour")
-        for i, colour in enumerate(self.palette):
-            try:
-                ImageColor.getrgb(colour)
-            except ValueError:
-                raise ValueError(f"draw.palette[{i}] = {colour!r} is not a colour Pillow knows") from None
-        if not self.line_width > 0 or not self.label_size > 0:
-            raise ValueError(
-                f"draw.line_width and draw.label_size must be > 0, got {self.line_width}, {self.label_size}"
-            )
-        if self.min_line_px < 1 or self.min_label_px < 1:
-            raise ValueError(
-                f"draw.min_line_px and draw.min_label_px must be >= 1, got {self.min_line_px}, {self.min_label_px}"
-            )
-        if not 0.0 <= self.dim <= 1.0:
-            raise ValueError(f"draw.dim must be within 0..1, got {self.dim}")
+        problems = range_problems({f.name: getattr(self, f.name) for f in fields(self)}, DrawConfig, "draw")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 #: Field names of :class:`DrawStyle`, for the config layer to map onto.

@@ -28,6 +28,8 @@ __all__ = [
     "ImageLoadError",
     "LoadedImage",
     "load_image",
+    "save_format",
+    "file_extension",
     "image_uri",
     "file_uri_path",
     "uri_label",
@@ -590,7 +592,9 @@ def _grow(lo: int, hi: int, length: int, size: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------- writing
 
 
-def _save_kwargs(fmt: str, quality: int) -> tuple[str, dict[str, Any]]:
+def save_format(fmt: str, quality: int) -> tuple[str, dict[str, Any]]:
+    """Pillow's format name and save options for ``draw.image_format`` ``fmt`` (``jpeg``, ``jpg`` or
+    ``png``, any case); ValueError for another format or a JPEG quality outside 1..100."""
     key = fmt.lower()
     if key in ("jpeg", "jpg"):
         if not 1 <= quality <= 100:
@@ -603,6 +607,11 @@ def _save_kwargs(fmt: str, quality: int) -> tuple[str, dict[str, Any]]:
     raise ValueError(f"image format must be 'jpeg' or 'png', got {fmt!r}")
 
 
+def file_extension(fmt: str) -> str:
+    """The file name extension of images written in ``draw.image_format`` ``fmt`` (``PNG`` too is ``png``)."""
+    return "png" if save_format(fmt, 92)[0] == "PNG" else "jpg"
+
+
 def _prepare(image: Image.Image, pil_format: str) -> Image.Image:
     if pil_format == "JPEG" and image.mode not in ("RGB", "L"):
         return to_rgb(image)
@@ -611,7 +620,7 @@ def _prepare(image: Image.Image, pil_format: str) -> Image.Image:
 
 def encode_image(image: Image.Image, fmt: str = "jpeg", quality: int = 92) -> bytes:
     """Encode ``image`` as JPEG or PNG bytes (e.g. for a base64 data URL)."""
-    pil_format, kwargs = _save_kwargs(fmt, quality)
+    pil_format, kwargs = save_format(fmt, quality)
     buf = io.BytesIO()
     _prepare(image, pil_format).save(buf, format=pil_format, **kwargs)
     return buf.getvalue()

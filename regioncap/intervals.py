@@ -41,6 +41,8 @@ METHOD = "BCa cluster bootstrap over images"
 #: Resamples per interval when the config does not say (``metrics.bootstrap_resamples``).
 DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
+#: Fewest clusters (rows) an interval is made from: a bootstrap of one row can only redraw that row.
+MIN_CLUSTERS = 2
 #: The seed when the caller has none (a run passes its own ``seed``).
 DEFAULT_SEED = 0
 #: Elements of one (resamples x clusters) index block: bounds the memory of one step (~2 MB), so
@@ -193,7 +195,8 @@ def bootstrap_interval(values: Any, clusters: Sequence[Hashable], *, statistic: 
 
     Returns ``{estimate, low, high, n_clusters, n_regions, n_boot, confidence, method,
     seed}``; ``estimate`` is the statistic on all regions. With no region (or an
-    estimate that is not a number) ``estimate``, ``low`` and ``high`` are ``None``.
+    estimate that is not a number) ``estimate``, ``low`` and ``high`` are ``None``; with
+    one cluster, ``low`` and ``high`` are (no interval can be made from one row).
     The same inputs and ``seed`` give the same interval.
     """
     _check(n_boot, confidence)
@@ -228,8 +231,11 @@ def totals_interval(sums: Any, counts: Sequence[float], *, statistic: Statistic 
     estimate = float(f(sums.sum(axis=0)[None, :], np.array([counts.sum()]))[0])
     if not math.isfinite(estimate):
         return out
-    (boot,) = _resampled([(sums, counts, f)], n_boot, seed)
     out["estimate"] = estimate
+    if sums.shape[0] < MIN_CLUSTERS:
+        # One row: every resample is that row, and [estimate, estimate] read as a certain score.
+        return out
+    (boot,) = _resampled([(sums, counts, f)], n_boot, seed)
     out["low"], out["high"] = _bca_interval(boot, estimate, _jackknife(sums, counts, f), confidence)
     return out
 
@@ -246,7 +252,8 @@ def paired_difference(a: Mapping[Hashable, Sequence[Any]], b: Mapping[Hashable, 
     Only rows in both count; ``only_a`` / ``only_b`` say how many were left out.
     Returns ``{difference, low, high, includes_zero, estimate_a, estimate_b,
     n_clusters, only_a, only_b, n_boot, confidence, method, seed}``; the values are
-    ``None`` (and ``includes_zero`` True) when the rows in common have no value.
+    ``None`` (and ``includes_zero`` True) when the rows in common have no value, and
+    ``low``/``high`` are (``includes_zero`` True) when only one row is in common.
     """
     _check(n_boot, confidence)
     np = _np()
@@ -272,6 +279,10 @@ def paired_difference(a: Mapping[Hashable, Sequence[Any]], b: Mapping[Hashable, 
     est = [float(f(s.sum(axis=0)[None, :], np.array([c.sum()]))[0]) for s, c, _ in stacks]
     if not all(math.isfinite(x) for x in est):
         return out
+    if len(keys) < MIN_CLUSTERS:
+        # One row in common: [d, d] excluded zero, and a sweep report called a job on one image best.
+        out.update(difference=est[0] - est[1], estimate_a=est[0], estimate_b=est[1])
+        return out
     boot_a, boot_b = _resampled(stacks, n_boot, seed)
     with np.errstate(invalid="ignore", divide="ignore"):
         jack = _jackknife(*stacks[0]) - _jackknife(*stacks[1])
@@ -281,5 +292,5 @@ def paired_difference(a: Mapping[Hashable, Sequence[Any]], b: Mapping[Hashable, 
     return out
 
 
-__all__ = ["METHOD", "DEFAULT_RESAMPLES", "DEFAULT_CONFIDENCE", "DEFAULT_SEED", "bootstrap_interval",
+__all__ = ["METHOD", "MIN_CLUSTERS", "DEFAULT_RESAMPLES", "DEFAULT_CONFIDENCE", "DEFAULT_SEED", "bootstrap_interval",
            "totals_interval", "paired_difference", "cluster_totals"]

@@ -131,6 +131,10 @@ def execute(cfg: Any) -> Dict[str, Any]:
             run, metrics = _run_stages(typed, built, rundir, tracker)
         tracker.log_run(metrics=metrics, run_dir=run.out)
         _check(typed, run, metrics)
+        if typed.objective:
+            # Here, not after: a job without its objective's value failed, and its manifest, report,
+            # tracker and the sweep report say so (they said ok while the sweep exited 1).
+            objective_value(typed, metrics)
         exit_code = 0
         return metrics
     except BaseException as exc:

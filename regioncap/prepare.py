@@ -46,6 +46,10 @@ def available_cores() -> int:
     return usable_cpus().usable
 
 
+#: Most preparation workers per usable CPU that an explicit ``workers`` starts (beyond it they only queue).
+MAX_WORKERS_PER_CPU = 4
+
+
 def resolve_workers(cfg: RegionCapConfig) -> int:
     """Preparation worker processes for a run: ``cfg.workers``, or a default from the engine.
 
@@ -63,6 +67,13 @@ def resolve_workers(cfg: RegionCapConfig) -> int:
             from regioncap.errors import RunError
 
             raise RunError(f"workers must be 0 (prepare in the main process) or more, got {workers}")
+        cap = MAX_WORKERS_PER_CPU * available_cores()
+        if workers > cap:
+            # A typo (workers=10000) started ten thousand processes and took a minute before the
+            # first row; the images are the same with fewer, so the run goes on with the cap.
+            log.warning("workers=%d is more than %d per usable CPU (%d CPUs): starting %d preparation workers",
+                        workers, MAX_WORKERS_PER_CPU, cap // MAX_WORKERS_PER_CPU, cap)
+            return cap
         return workers
     if VisualizeStage.name not in cfg.stages:
         return 0

@@ -55,24 +55,23 @@ def _consecutive(numbers: Sequence[int]) -> bool:
     return all(b == a + 1 for a, b in zip(numbers, numbers[1:]))
 
 
-def build_prompt(
-    template: str,
+def template_values(
     *,
     numbers: Sequence[int],
     labels: Sequence[str],
     answer_format: str,
     regions_text: str = "",
     noun: str = "box",
-) -> str:
-    """Fill a prompt template.
+) -> Dict[str, Any]:
+    """The placeholders of a prompt template and their values for one request.
 
-    Placeholders: ``{n}`` number of regions in this request, ``{boxes}``
-    ``box`` or ``boxes``, ``{regions_word}`` and ``{are}`` agreeing with it, ``{labels}`` the
-    labels as drawn (``1, 2 and 3``), ``{first}`` / ``{last}`` the first and
-    last label, ``{regions}`` one line per region (the ``coords`` strategy),
+    ``{n}`` number of regions in this request, ``{boxes}`` ``box`` or ``boxes``,
+    ``{regions_word}`` and ``{are}`` agreeing with it, ``{labels}`` the labels
+    as drawn (``1, 2 and 3``), ``{first}`` / ``{last}`` the first and last
+    label, ``{regions}`` one line per region (the ``coords`` strategy),
     ``{format_instruction}`` how to lay out the answer.
     """
-    values = {
+    return {
         "n": len(numbers),
         "boxes": "box" if len(numbers) == 1 else "boxes",
         "regions_word": "region" if len(numbers) == 1 else "regions",
@@ -83,6 +82,32 @@ def build_prompt(
         "regions": regions_text,
         "format_instruction": format_instruction(answer_format, numbers, noun) if numbers else "",
     }
+
+
+def reask_values(*, labels: Sequence[str], answer_format: str, numbers: Sequence[int]) -> Dict[str, Any]:
+    """The placeholders of ``prompt.reask_template`` and their values for the regions ``numbers`` re-asked."""
+    return {"labels": join_words(list(labels)), "format_instruction": format_instruction(answer_format, numbers)}
+
+
+#: A value of each placeholder's type, for the config check of ``prompt.template`` and
+#: ``prompt.reask_template`` (:func:`regioncap.components.template`): a template that formats
+#: these formats every request.
+TEMPLATE_EXAMPLE = template_values(numbers=[1, 2], labels=["1", "2"], answer_format="lines")
+REASK_EXAMPLE = reask_values(labels=["1", "2"], answer_format="lines", numbers=[1, 2])
+
+
+def build_prompt(
+    template: str,
+    *,
+    numbers: Sequence[int],
+    labels: Sequence[str],
+    answer_format: str,
+    regions_text: str = "",
+    noun: str = "box",
+) -> str:
+    """Fill a prompt template: its placeholders are :func:`template_values`'."""
+    values = template_values(numbers=numbers, labels=labels, answer_format=answer_format,
+                             regions_text=regions_text, noun=noun)
     try:
         text = template.format(**values)
     except (KeyError, IndexError) as exc:
@@ -350,10 +375,12 @@ def _match_line(line: str) -> Optional[Tuple[int, str]]:
 
 
 def _clean(text: str) -> str:
+    """A caption without its wrapping (``**``, quotes); "" when no letter or digit is left: an answer of
+    zero-width spaces, NUL bytes or ``...`` describes nothing, and counted as a caption and a parse success."""
     text = text.strip().strip("*").strip()
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'`":
         text = text[1:-1].strip()
-    return text
+    return text if any(c.isalnum() for c in text) else ""
 
 
 def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str, *,
@@ -373,6 +400,10 @@ def parse_answer(text: Optional[str], numbers: Sequence[int], answer_format: str
     returned, the caller decides.
     """
     result = ParsedAnswer(format_ok=False)
+    if text:
+        # A byte order mark (U+FEFF) some servers leave at the start hid the first line's number: every
+        # region of the answer went missing. It is no text anywhere.
+        text = text.replace("\ufeff", "")
     if not text or not text.strip():
         return result
     wanted = set(numbers)
@@ -492,6 +523,7 @@ def _parse_mentions(text: str, wanted: set) -> Dict[int, str]:
             continue
         end = marks[i + 1].start() if i + 1 < len(marks) else len(text)
         segment = text[m.end() : end].strip(" \t\n,:;.-")
-        if n in wanted and n not in out and segment:
-            out[n] = _clean(segment)
+        caption = _clean(segment)
+        if n in wanted and n not in out and caption:  # '<region2> **' or '<region2> …' describe nothing
+            out[n] = caption
     return out

@@ -1167,6 +1167,8 @@ def _diff_text(key: str, diff: Dict[str, Any]) -> str:
         return "no rows in common" if not diff.get("n_clusters") else "no values to compare"
     pct = _is_share(key)
     f = (lambda v: f"{100 * v:+.1f}") if pct else (lambda v: f"{v:+.3f}")  # noqa: E731
+    if diff.get("low") is None:
+        return f"{f(diff['difference'])}{' pts' if pct else ''} (one row in common: no interval)"
     return f"{f(diff['difference'])}{' pts' if pct else ''} [{f(diff['low'])}, {f(diff['high'])}]"
 
 

@@ -94,6 +94,9 @@ class RegionCapRun:
         cfg = self.cfg
         strategy_class(cfg.prompt)  # a RunError naming prompt._target_ when it does not resolve
         check_shards(cfg.data)
+        if not cfg.stages:  # it read the input and then said "no input rows were read"
+            raise RunError(f"stages=[] runs nothing; name one or more of {', '.join(map(repr, STAGE_NAMES))} "
+                           f"(the default runs them all)")
         unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
         if unknown:
             raise RunError(f"unknown stage(s) {unknown}; stages are {', '.join(map(repr, STAGE_NAMES))}")
@@ -140,7 +143,7 @@ class RegionCapRun:
             choice = choose_threads(self.cfg.threads, workers if overlap else 0)
         except ValueError as exc:
             raise RunError(str(exc)) from None
-        log.info("%s", choice.describe())
+        log.log(logging.WARNING if choice.source == "capped" else logging.INFO, "%s", choice.describe())
         return choice
 
     def _workers(self) -> int:

@@ -43,12 +43,13 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from regioncap import boxes as bx
 from regioncap import prompts
-from regioncap.components import MISSING, Component, check, class_of, plain, real, resolve, setting, short_name
+from regioncap.components import (MISSING, Component, check, class_of, plain, real, resolve, setting, short_name,
+                                  formats)
 from regioncap.config import AnswerFormat, RegionCapConfig
 from regioncap.draw import DrawStyle, draw_marks
 from regioncap.errors import RunError
 from regioncap.families.base import Family, build_family
-from regioncap.images import crop_with_margin, resize_to
+from regioncap.images import crop_with_margin, file_extension, resize_to
 from regioncap.record_types import Record, Region, RequestSpec
 from regioncap.rundir import IMAGES_DIR
 
@@ -87,19 +88,20 @@ class PromptStrategy(Component):
         #: The option's name (``dataflow`` uses the marked strategy): run names and the report.
         name: str = MISSING
         system: Optional[str] = None
-        #: User text; placeholders are filled by ``regioncap.prompts``.
-        template: str = MISSING
+        #: User text; its placeholders are :func:`regioncap.prompts.template_values`' (checked before the run).
+        template: str = field(default=MISSING, metadata=check(formats(prompts.TEMPLATE_EXAMPLE)))
         #: ``lines`` (``1: ...``), ``json`` or ``free`` (DataFlow-MM's free text).
         answer_format: AnswerFormat = AnswerFormat.lines
         #: Context margin around a crop, as a fraction of the box size.
         crop_margin: float = field(default=0.15, metadata=check(real(0)))
         #: Re-ask once for regions missing from an answer or captioned with answer-format debris.
         reask_missing: bool = True
-        #: Text of the one follow-up request for regions missing from an answer.
-        reask_template: str = (
+        #: Text of the one follow-up request for regions missing from an answer; placeholders
+        #: ``{labels}`` and ``{format_instruction}`` (:func:`regioncap.prompts.reask_values`).
+        reask_template: str = field(default=(
             "The image has numbered boxes drawn on it. Describe only the boxes "
             "labelled {labels}, each in one short sentence. {format_instruction}"
-        )
+        ), metadata=check(formats(prompts.REASK_EXAMPLE)))
 
     name: ClassVar[str] = ""
     #: A request for regions an answer left out or captioned with debris (one per request, at most once).
@@ -117,7 +119,7 @@ class PromptStrategy(Component):
         self.max_boxes = int(max_boxes)
         self.answer_format = str(prompt.answer_format)
         #: Extension of the request images (``draw.image_format``).
-        self.ext = "png" if style.image_format == "png" else "jpg"
+        self.ext = file_extension(style.image_format)
 
     # ------------------------------------------------------------- the plan
     def slots(self, count: int) -> List[Tuple[int, int]]:
@@ -172,9 +174,8 @@ class PromptStrategy(Component):
     def reask_prompt(self, rec: Record, spec: RequestSpec, missing: List[int]) -> str:
         """The text of the follow-up request for the regions ``missing`` from ``spec``'s answer
         (left out, or captioned with answer-format debris)."""
-        return str(self.prompt.reask_template).format(
-            labels=prompts.join_words(self.labels(missing)),
-            format_instruction=prompts.format_instruction(self.answer_format, missing))
+        return str(self.prompt.reask_template).format(**prompts.reask_values(
+            labels=self.labels(missing), answer_format=self.answer_format, numbers=missing))
 
     # ------------------------------------------------------------- answers
     def constraint(self, numbers: Sequence[int]) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
@@ -264,7 +265,7 @@ class RegionStrategy(PromptStrategy):
     class Config(PromptStrategy.Config):
         """The request is the family's (``{regions}``); its answer is one caption, nothing to re-ask."""
 
-        template: str = "{regions}"
+        template: str = field(default="{regions}", metadata=check(formats(prompts.TEMPLATE_EXAMPLE)))
         answer_format: AnswerFormat = AnswerFormat.free
         reask_missing: bool = False
 

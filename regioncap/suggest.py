@@ -118,6 +118,21 @@ def suggestions(overrides: Sequence[str], groups: Dict[str, Set[str]], keys: Set
     return lines
 
 
+def null_groups(overrides: Sequence[str], groups: Dict[str, Set[str]]) -> List[str]:
+    """One line for each override that sets a config group to null (``engine=null``): Hydra stops on it
+    with a traceback ("Config group override must be a string"); the line names the group's options."""
+    lines = []
+    for override in overrides:
+        if override.startswith(("-", "~")) or "=" not in override:
+            continue
+        key, value = override.split("=", 1)
+        key = key.lstrip("+")
+        if key in groups and "null" in _values(value):
+            lines.append(f"{key}=null: {key} is a config group; pick one of its options: "
+                         f"{', '.join(sorted(groups[key]))}")
+    return lines
+
+
 #: Options that need a Hydra plugin: (group, option) -> (the plugin's module, its distribution, the extra).
 PLUGINS = {
     ("hparams_search", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper", "optuna"),
@@ -146,16 +161,20 @@ def missing_plugins(overrides: Sequence[str]) -> List[str]:
     return lines
 
 
-def print_suggestions(argv: Sequence[str], shipped: str, schema: type, file: Optional[object] = None) -> None:
-    """Print :func:`suggestions` for the command line ``argv`` to stderr; never raises."""
+def print_suggestions(argv: Sequence[str], shipped: str, schema: type, file: Optional[object] = None) -> bool:
+    """Print :func:`suggestions` for the command line ``argv`` to stderr; never raises. Returns False
+    when ``argv`` cannot compose at all and the command should stop here (:func:`null_groups`, printed)."""
     import sys
 
     try:
         dirs = config_dirs(argv, shipped)
         if dirs is None:
-            return
-        lines = suggestions(argv, groups_and_options(dirs), top_level_keys(schema)) + missing_plugins(argv)
+            return True
+        groups = groups_and_options(dirs)
+        errors = null_groups(argv, groups)
+        lines = errors or suggestions(argv, groups, top_level_keys(schema)) + missing_plugins(argv)
     except Exception:  # noqa: BLE001 - a courtesy; Hydra's own error still comes
-        return
+        return True
     for line in lines:
         print(line, file=file or sys.stderr)
+    return not errors

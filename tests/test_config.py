@@ -157,7 +157,7 @@ def test_dataflow_experiment_sets_dataflow_settings():
 
 @pytest.mark.parametrize("overrides,fragment", [
     (["engine.batch_size=0"], "engine.batch_size must be a whole number >= 1, got 0"),
-    (["draw.line_width=0"], "draw.line_width must be a finite number > 0, got 0.0"),
+    (["draw.line_width=0"], "draw.line_width must be a finite number > 0 and <= 0.5, got 0.0"),
     (["draw.dim=nan"], "draw.dim must be a finite number >= 0 and <= 1, got nan"),
     (["draw.jpeg_quality=101"], "draw.jpeg_quality must be a whole number in 1..100, got 101"),
     (["model.max_pixels=10"], "model.max_pixels (10) is under model.min_pixels (3136)"),
@@ -167,6 +167,12 @@ def test_dataflow_experiment_sets_dataflow_settings():
     (["propose=vlm", "propose.add_iou=-0.1"], "propose.add_iou must be a finite number >= 0 and <= 1"),
     (["engine=openai", "engine.concurrency=0"], "engine.concurrency must be a whole number >= 1, got 0"),
     (["engine=vllm", "engine.gpu_memory_utilization=1.5"], "engine.gpu_memory_utilization must be"),
+    # A template the stage could not format failed every row (internal_error): refused up front.
+    (["prompt.template='describe {nope}'"], "prompt.template must be a text whose placeholders are among {n}"),
+    # A negative seed ran the whole job, then failed in the bootstrap intervals with a traceback.
+    (["seed=-5"], "seed must be a whole number in 0..9223372036854775807, got -5"),
+    # It read the input, ran nothing and said "no input rows were read".
+    (["stages=[]"], "stages=[] runs nothing; name one or more of 'visualize', 'caption'"),
 ])
 def test_a_setting_outside_its_range_stops_the_run_before_it_reads_or_writes(tmp_path, overrides, fragment):
     """A value of the right type that cannot mean anything is one clear error up front, not a
@@ -179,6 +185,44 @@ def test_a_setting_outside_its_range_stops_the_run_before_it_reads_or_writes(tmp
         execute(cfg)
     assert fragment in str(err.value)
     assert not (tmp_path / "run" / "visualize.jsonl").exists()
+
+
+#: Values that used to fail every row (internal_error, draw_error), fail after the job ran (a traceback),
+#: stall the drawing or exhaust the memory; each is one line naming its key now (one compose for all).
+REFUSED = [
+    ("prompt.template", "describe {n", "prompt.template must be a text whose placeholders are among {n}"),
+    ("prompt.template", "{labels:d}", "prompt.template must be"),
+    ("prompt.reask_template", "again {bad}",  # failed only the rows that needed a re-ask
+     "prompt.reask_template must be a text whose placeholders are among {labels}, {format_instruction}"),
+    ("draw.label_format", "{m}", "draw.label_format must be a text whose placeholders are among {n}"),
+    ("draw.label_format", "{n:>10000000000}", "draw.label_format must be"),
+    ("draw.palette", [], "draw.palette must be a list of at least one colour"),  # a traceback
+    ("draw.palette", ["red", "notacolour"], "draw.palette must be a list of at least one colour"),
+    ("draw.image_format", "gif", "draw.image_format must be 'jpeg' or 'png', got 'gif'"),
+    ("draw.label_size", 100.0, "draw.label_size must be a finite number > 0 and <= 1, got 100.0"),
+    ("draw.min_line_px", 100000, "draw.min_line_px must be a whole number in 1..1000"),  # stalled
+    ("sampling.seed", -1, "sampling.seed must be null or a whole number in 0..9223372036854775807"),
+    # A negative count left the intervals out as 0 does, without a word.
+    ("metrics.bootstrap_resamples", -1, "metrics.bootstrap_resamples must be a whole number >= 0, got -1"),
+    # Every row's normalized_bbox is padded to max_boxes: 10^20 ran out of memory after minutes.
+    ("max_boxes", 10**20, "max_boxes must be a whole number in 1..1000"),
+]
+
+
+def test_values_that_failed_every_row_are_refused_naming_the_key():
+    from omegaconf import OmegaConf
+
+    from regioncap.run import RunError
+    from regioncap.settings import check_settings
+
+    base = compose([])
+    check_settings(base)
+    for key, value, fragment in REFUSED:
+        cfg = base.copy()
+        OmegaConf.update(cfg, key, value, force_add=False)
+        with pytest.raises(RunError) as err:
+            check_settings(cfg)
+        assert fragment in str(err.value), (key, value, str(err.value))
 
 
 def test_every_wrong_setting_is_named_at_once():

@@ -139,8 +139,10 @@ def test_threads_property(affinity, quota, slurm, machine, workers, setting):
     assert choice.engine >= 1
     if setting is None:
         assert choice.source == "auto" and choice.engine == max(1, limits.usable - workers)
-    else:
+    elif setting <= 4 * limits.usable:
         assert choice.source == "threads" and choice.engine == setting
+    else:  # more threads than 4 per CPU only contend (and 100000 aborted libgomp): 4 per CPU
+        assert choice.source == "capped" and choice.engine == 4 * limits.usable
     assert choice.as_dict()["engine"] == choice.engine and json.loads(json.dumps(choice.as_dict()))
 
 
@@ -152,6 +154,13 @@ def test_choice_line_names_every_limit():
     choice = choose_threads(3, 0, CpuLimits(16, 4, 8, 64))
     assert choice.describe() == ("threads: 3 for the engine (set by threads=3; 4 CPUs usable: affinity 16, quota 4, "
                                  "SLURM 8; 0 preparation workers beside it)")
+
+
+def test_a_huge_threads_setting_is_capped_and_says_so():
+    """threads=100000 made torch's OpenMP abort the process ("Thread creation failed")."""
+    choice = choose_threads(100000, 1, CpuLimits(2, None, None, 2))
+    assert (choice.engine, choice.source) == (8, "capped")
+    assert choice.describe().startswith("threads: 8 for the engine (the threads setting capped at 4 per usable CPU;")
 
 
 @pytest.mark.parametrize("bad", [0, -1, True, 1.5, "2"])

@@ -90,7 +90,11 @@ def test_style_defaults() -> None:
     "kwargs, field",
     [
         ({"palette": []}, "palette"),
-        ({"palette": ["#ff0000", "notacolour"]}, "palette[1]"),
+        ({"palette": ["#ff0000", "notacolour"]}, "palette"),
+        ({"image_format": "gif"}, "image_format"),
+        ({"label_format": "{m}"}, "label_format"),
+        ({"label_size": 100.0}, "label_size"),
+        ({"min_line_px": 100000}, "min_line_px"),
         ({"dim": 1.5}, "dim"),
         ({"dim": -0.1}, "dim"),
         ({"line_width": 0}, "line_width"),

@@ -84,9 +84,26 @@ def test_an_interval_lies_within_the_values(rows: List[List[float]], seed: int):
     values = [v for row in rows for v in row]
     clusters = [i for i, row in enumerate(rows) for _ in row]
     iv = bootstrap_interval(values, clusters, n_boot=200, seed=seed)
+    if len(rows) == 1:  # one row: no interval, only the estimate
+        assert iv["low"] is iv["high"] is None and iv["estimate"] == pytest.approx(sum(values) / len(values))
+        return
     assert min(values) - 1e-12 <= iv["low"] <= iv["high"] <= max(values) + 1e-12
     if len(set(values)) == 1:  # nothing varies: the interval is the value itself
         assert iv["low"] == iv["high"] == pytest.approx(values[0])
+
+
+def test_one_row_has_no_interval_and_no_paired_verdict():
+    """One image gave [v, v]: a score read as certain, and a paired difference over one row in common
+    that excluded zero made a sweep report call a job best on a single image."""
+    from regioncap.report import _diff_text
+
+    iv = bootstrap_interval([1.0, 0.0, 1.0], [0, 0, 0])
+    assert (iv["estimate"], iv["low"], iv["high"], iv["n_clusters"]) == (pytest.approx(2 / 3), None, None, 1)
+    diff = paired_difference({"r": [1.0, 1.0]}, {"r": [0.0, 0.0]})
+    assert (diff["difference"], diff["low"], diff["high"], diff["includes_zero"]) == (1.0, None, None, True)
+    assert _diff_text("references.exact_match", diff) == "+100.0 pts (one row in common: no interval)"
+    two = paired_difference({"r": [1.0], "s": [1.0]}, {"r": [0.0], "s": [0.0]})
+    assert two["low"] == two["high"] == 1.0 and not two["includes_zero"]  # two rows: an interval again
 
 
 def test_no_values_and_bad_inputs_are_named():

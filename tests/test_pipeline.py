@@ -363,3 +363,19 @@ def test_objective_is_what_the_job_returns_to_a_sweeper(tmp_path):
     with pytest.raises(SystemExit):
         run_job(compose(["engine=fake", "progress=false", "objective=nope"], output_dir=tmp_path / "run2"))
     assert not (tmp_path / "run2").exists()
+
+
+def test_a_job_without_its_objectives_value_is_failed_in_its_manifest_too(tmp_path):
+    """An empty shard (it succeeds) with objective=references.exact_match raised after its manifest said
+    ok: the sweep exited 1 while its report listed the job as ok and counted 0 failed."""
+    from regioncap.job import execute
+    from regioncap.report import _job_status, load_run
+
+    out = tmp_path / "run"
+    cfg = compose(["engine=fake", "progress=false", "data.limit=2", "data.num_shards=3", "data.shard_index=2",
+                   "objective=references.exact_match"], output_dir=out)
+    with pytest.raises(RunError, match="objective 'references.exact_match' has no value in this run"):
+        execute(cfg)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and "has no value" in manifest["error"]
+    assert _job_status(load_run(out)) == "failed"

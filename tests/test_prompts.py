@@ -139,7 +139,8 @@ def test_parse_never_raises_and_only_returns_asked_numbers(text, numbers, fmt):
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1,
-                        max_size=40).filter(lambda s: s.strip() and s.strip() == s and not s.startswith(("*", '"', "'", "`"))),
+                        max_size=40).filter(lambda s: s.strip() and s.strip() == s and not s.startswith(("*", '"', "'", "`"))
+                                            and any(c.isalnum() for c in s) and "\ufeff" not in s),
                 min_size=1, max_size=8))
 def test_lines_round_trip(captions):
     numbers = list(range(1, len(captions) + 1))
@@ -214,3 +215,82 @@ def test_a_json_id_is_read_exactly_when_it_is_a_whole_number(ident):
     text = json.dumps({"regions": [{"id": ident, "caption": "a cat"}]})
     parsed = prompts.parse_answer(text, [n if n is not None and n > 0 else 1], "json")
     assert (parsed.captions != {}) == (n is not None and n > 0)
+
+
+# ------------------------------------------------------------------ the template check
+
+_TEMPLATE_PIECES = st.lists(st.sampled_from(
+    ["{", "}", "{{", "}}", "{n}", "{labels}", "{n:>3}", "{labels:d}", "{nope}", "{}", "{0}", "{n.real}",
+     "{n[0]}", "{n!r}", "{format_instruction}", "{regions}", "Describe ", "box ", ":", "!"]), max_size=6).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(template=_TEMPLATE_PIECES, count=st.integers(1, 12))
+def test_a_template_the_config_check_passes_fills_every_request(template, count):
+    """What the config check (prompt.template's rule) accepts, build_prompt fills for any request; what
+    it refuses is refused before the run (it would fail, or read what no request holds)."""
+    from regioncap.components import formats
+
+    ok, _ = formats(prompts.TEMPLATE_EXAMPLE)
+    numbers = list(range(1, count + 1))
+    if ok(template):
+        prompts.build_prompt(template, numbers=numbers, labels=[f"<{n}>" for n in numbers], answer_format="json")
+    else:
+        try:
+            filled = template.format(**prompts.TEMPLATE_EXAMPLE)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return
+        # It formats, but through an index or attribute (a value's inside), never a plain placeholder.
+        assert any(c in template for c in ".[") and filled is not None
+
+
+@pytest.mark.parametrize("template", ["{n}", "{n}{{n}}", "no placeholder", "", "{n:>3}"])
+def test_label_format_check_accepts_what_labels_can_draw(template):
+    from regioncap.components import formats
+
+    assert formats({"n": 1})[0](template)
+
+
+@pytest.mark.parametrize("template", ["{n:>10000000000}", "{n:.99999}", "{n:099999}"])
+def test_a_format_spec_of_gigabytes_is_refused_without_formatting_it(template):
+    """'{n:>10000000000}' took 5 s and 10 GB to format once, and would again for every label."""
+    from regioncap.components import formats
+
+    assert not formats({"n": 1})[0](template)
+
+
+@pytest.mark.parametrize("caption", ["\u200b\u200b", "\x00", "...", "- -", "\ufeff"])
+def test_a_caption_without_a_letter_or_digit_is_no_caption(caption):
+    """Zero-width spaces, a NUL byte or dots were kept as captions and counted as parse successes."""
+    for text, fmt in ((f"1: {caption}\n2: a red car", "lines"),
+                      (json.dumps({"regions": [{"id": 1, "caption": caption}, {"id": 2, "caption": "a red car"}]}),
+                       "json")):
+        parsed = prompts.parse_answer(text, [1, 2], fmt)
+        assert parsed.captions == {2: "a red car"} and not parsed.format_ok
+    assert prompts.parse_answer(caption, [1], "free").captions == {}
+
+
+def test_free_text_mentions_without_a_description_give_no_caption():
+    """'<region2> **' was read as region 2's caption "": a blank caption among the captions."""
+    parsed = prompts.parse_answer("<region1> a red car <region2> ** <region3> \u2026", [1, 2, 3], "free")
+    assert parsed.captions == {1: "a red car"}  # it was {1: 'a red car', 2: '', 3: ''}
+
+
+def test_a_byte_order_mark_before_the_answer_hides_no_region():
+    """'\\ufeff1: ...' read no number on the first line: every region of the answer went missing."""
+    parsed = prompts.parse_answer("\ufeff1: a red car\n2: a blue star", [1, 2], "lines")
+    assert parsed.captions == {1: "a red car", 2: "a blue star"} and parsed.format_ok
+    assert prompts.parse_answer('\ufeff{"regions": [{"id": 1, "caption": "a cat"}]}', [1], "json").format_ok
+
+
+_ANSWER_PIECES = st.lists(st.sampled_from(
+    ["<region1>", "<region2>", "1:", "2.", "**", "\u2026", "...", "\u200b", "\x00", "\ufeff", " ", "\n", "a cat",
+     '{"regions": [{"id": 1, "caption": "', '"}]}', "-", "region 2"]), max_size=8).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(), _ANSWER_PIECES))
+def test_every_caption_read_has_a_letter_or_digit(text):
+    for fmt in ("lines", "json", "free"):
+        for caption in prompts.parse_answer(text, [1, 2], fmt).captions.values():
+            assert any(c.isalnum() for c in caption)

@@ -60,7 +60,9 @@ def run_dir(tmp_path_factory) -> Path:
     rows = [
         {"id": HOSTILE_ID, "image": HOSTILE_IMAGE, "bbox": [[10, 10, 100, 100], [120, 200, 150, 150]],
          "references": [HOSTILE_REF, ["second box", "another reference"]]},
-        {"id": "plain", "image": "blue.png", "bbox": [[20, 20, 200, 100], [250, 40, 100, 200], [5, 200, 60, 60]]},
+        # References on a second row too: an interval needs two rows (one row has none).
+        {"id": "plain", "image": "blue.png", "bbox": [[20, 20, 200, 100], [250, 40, 100, 200], [5, 200, 60, 60]],
+         "references": ["a wide box", "a tall box", "a small box"]},
         {"id": "gone", "image": "missing.png", "bbox": [[1, 1, 20, 20]]},
     ]
     data = _write_rows(data_dir / "rows.jsonl", rows)
@@ -226,7 +228,7 @@ def test_wrong_captions_are_marked_against_their_references(run_dir, tmp_path):
     page = write_report(run_dir).read_text(encoding="utf-8")
     assert page.count('<span class="mk wrong"') == len(wrong) + 1  # + the legend above the samples
     assert page.count('<tr class="wrong">') == len(wrong)
-    assert page.count('<span class="cap bad">') == len(wrong)
+    assert page.count('<span class="cap bad" dir="auto">') == len(wrong)
     assert page.count('<span class="mk right"') == 1  # the legend only
     # Made right: the same region gets a check, not a cross.
     fixed = tmp_path / "fixed"
@@ -595,9 +597,26 @@ def test_a_caption_cell_shows_any_text_as_text(caption, flag, label, source):
     assert {t for t, _ in doc.tags} == {"span"}
     classes = [a.get("class") for _, a in doc.tags]
     assert classes == ["mk wrong", "cap bad", "tag", "tag flag", "tag prop"]
+    # The caption is its own bidi island: its text cannot reorder the tags after it.
+    assert [a.get("dir") for _, a in doc.tags] == [None, "auto", None, None, None]
     text = "".join(doc.text)
     for value in (caption, flag, source, label):
         assert value.strip() in text
+
+
+def test_a_right_to_left_override_in_a_caption_stays_inside_it():
+    """A model's U+202E (right-to-left override) in a caption ran on over the re-asked and flag tags
+    after it in the same cell (they read reversed); the caption span isolates it now."""
+    from regioncap.record_types import Region
+    from regioncap.report import _caption_cell, _environment
+
+    macros = _environment().get_template("macros.html.j2").module
+    reg = {"caption": "\u0645\u0631\u062d\u0628\u0627 \u202e reversed", "flags": ["debris"], "attempt": 2}
+    out = str(macros.caption_cell(_caption_cell(Region.from_dict(reg), "caption")))
+    assert '<span class="cap" dir="auto">\u0645\u0631\u062d\u0628\u0627 \u202e reversed</span>' in out
+    assert out.index("</span>", out.index('dir="auto"')) < out.index("re-asked")
+    refs = str(_environment().get_template("macros.html.j2").module.refs(["\u202e a ref"]))
+    assert refs == '<span class="ref" dir="auto">\u202e a ref</span>'
 
 
 # ---------------------------------------------------------------- the browser
@@ -794,7 +813,7 @@ def test_sweep_report_in_chromium(sweep_dir, tmp_path):
     assert_self_contained(page)
     state = _check_in_browser(report, "sweep-report-screenshot.png", tmp_path)
     text = state["text"]
-    assert "max_boxes must be a whole number >= 1" in text  # job 0 failed: in the table, with its reason
+    assert "max_boxes must be a whole number in 1..1000" in text  # job 0 failed: in the table, with its reason
     assert "max_boxes" in text and "failed" in text
     plots = [i for i in state["images"] if i["src"].startswith("data:image/png")]
     assert len(plots) == 1  # no references (data=demo): regions/s by max_boxes, numbers joined by a line

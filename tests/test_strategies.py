@@ -55,3 +55,15 @@ def test_the_answer_constraint_and_parser_are_the_strategys():
     crop = build_strategy(compose(["prompt=crop"]))
     assert crop.constraint([1]) == (None, None)  # free text
     assert crop.prompt.reask_missing is False and crop.answer_format == "free"  # its Config's defaults
+
+
+def test_request_images_are_named_by_the_encoding_they_are_written_in():
+    """draw.image_format=PNG wrote PNG bytes into .jpg files (the extension compared case-sensitively
+    while the encoder did not)."""
+    from regioncap.images import save_format
+
+    cfg = compose([])
+    for fmt, ext in (("png", "png"), ("PNG", "png"), ("jpeg", "jpg"), ("JPG", "jpg")):
+        cfg.draw.image_format = fmt
+        assert build_strategy(cfg).ext == ext
+        assert save_format(fmt, 92)[0] == {"png": "PNG", "jpg": "JPEG"}[ext]

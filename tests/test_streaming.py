@@ -165,6 +165,15 @@ def test_the_fork_server_starts_with_the_job_only_for_a_run_with_workers(tmp_pat
     assert sys.modules["__main__"] is not started[0]
 
 
+def test_a_huge_workers_value_starts_at_most_four_per_cpu(caplog):
+    """workers=10000 started ten thousand processes (a minute before the first row)."""
+    cap = 4 * available_cores()
+    with caplog.at_level("WARNING", logger="regioncap"):
+        assert resolve_workers(compose(["engine=fake", "workers=10000"])) == cap
+    assert "workers=10000 is more than 4 per usable CPU" in caplog.text
+    assert resolve_workers(compose(["engine=fake", f"workers={cap}"])) == cap
+
+
 _KILLED_PARENT = """
 import os, sys, time
 sys.path.insert(0, {tests!r})

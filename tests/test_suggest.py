@@ -89,3 +89,25 @@ def test_the_line_comes_before_hydras_error(tmp_path):
     proc = run_cli(["prompt=crops"], cwd=tmp_path)
     assert proc.stderr.splitlines()[0].startswith("did you mean prompt=crop?")
     assert "Could not find 'prompt/crops'" in proc.stderr
+
+
+@pytest.mark.parametrize("override", ["engine=null", "prompt=null", "+experiment=null", "prompt=marked,null",
+                                      "logger=choice(none,null)"])
+def test_a_group_set_to_null_is_one_line_naming_its_options(override, capsys):
+    """engine=null made Hydra stop with a ValueError traceback ("Config group override must be a string")."""
+    from regioncap.suggest import null_groups, print_suggestions
+
+    group = override.lstrip("+").split("=")[0]
+    assert null_groups([override], GROUPS) == [
+        f"{group}=null: {group} is a config group; pick one of its options: {', '.join(sorted(GROUPS[group]))}"]
+    assert print_suggestions(["engine=fake", override], str(CONF_DIR), RegionCapConfig) is False
+    assert "is a config group; pick one of its options" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["engine=fake", "~experiment", "model.path=null", "objective=null",
+                                      "prompt.system=null"])
+def test_null_values_of_settings_are_left_to_the_schema(override):
+    from regioncap.suggest import null_groups, print_suggestions
+
+    assert null_groups([override], GROUPS) == []
+    assert print_suggestions([override], str(CONF_DIR), RegionCapConfig) is True

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Mapping, Optional, Sequence
 
-from regioncap.components import Component, check, real, whole
+from regioncap.components import SEEDS, Component, check, optional, real, whole
 from regioncap.errors import RunError
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class Sampling:
     #: Most tokens of one answer.
     max_tokens: int = field(default=512, metadata=check(whole(1)))
     #: Per-request sampling seed; in the config, ``null`` uses the run's ``seed``.
-    seed: Optional[int] = None
+    seed: Optional[int] = field(default=None, metadata=check(optional(SEEDS)))
 
 
 @dataclass
