@@ -586,6 +586,8 @@ def _iter_hf(data_cfg: DataSource.Config) -> Iterator[InputRow]:
                                     f"({', '.join(sorted(set(_HF_BUILDERS.values())))}) or use data=jsonl")
             args = [builder] if builder else [str(local) if local.exists() else path]
             kwargs = dict(data_cfg.hf_kwargs or {})
+            if builder == "csv":
+                kwargs.setdefault("converters", _csv_text_columns(data_cfg))
             if builder:
                 kwargs.setdefault("data_files", str(local))
                 base = local.parent if local.is_file() else local
@@ -626,6 +628,20 @@ def _iter_hf(data_cfg: DataSource.Config) -> Iterator[InputRow]:
         _fill(row, obj, image_key, bbox_key, id_key, base, f"{path} row {i}")
         row.extra = {k: v for k, v in row.extra.items() if _jsonable(v)}
         yield row
+
+
+def _csv_text_columns(data_cfg: DataSource.Config) -> Dict[str, Callable[[str], str]]:
+    """pandas converters that keep the CSV columns holding text as the text written.
+
+    A CSV cell has no type: pandas guesses one per column, so ids ``007`` and ``7``
+    both became ``7``, ids in a column with a blank cell became ``1.0``, ``2.0``
+    (floats, for the NaN), and a reference ``2`` the number 2.0 (a malformed
+    reference). The id, image and references columns are text whatever they look
+    like; an empty cell is still null. Other columns keep pandas' types.
+    """
+    names = (data_cfg.id_key, data_cfg.image_key, data_cfg.references_key,
+             getattr(data_cfg, "hf_references_key", None))
+    return {name: str for name in names if name and "." not in name}
 
 
 #: What :func:`field_at` returns for a path a row does not have.

@@ -206,6 +206,20 @@ def test_hf_nested_columns_and_class_label_references(tmp_path):
         _rows("data=hf", f"data.path={path}", "data.bbox_key=boxes.bbox")
 
 
+@pytest.mark.slow  # datasets' CSV builder: over a second
+def test_hf_csv_keeps_ids_images_and_references_as_written(tmp_path):
+    # pandas guessed a type per CSV column: ids 007 and 7 were both 7, ids in a column with a blank
+    # cell came out as 1.0 and 2.0, a reference "2" as the number 2.0 (a malformed reference).
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "rows.csv").write_text('id,image,bbox,references,score\n007,a.jpg,"[[1,1,10,10]]",2,0.5\n'
+                                       '7,a.jpg,"[[1,1,10,10]]",a cat,1\n,a.jpg,,,\n')
+    rows = _rows("data=hf", f"data.path={tmp_path / 'rows.csv'}")
+    assert [r.row_id for r in rows] == ["007", "7", "row-0000002"]
+    assert [r.extra["references"] for r in rows] == ["2", "a cat", None]
+    assert [r.image_path for r in rows] == [str(tmp_path / "a.jpg")] * 3 and rows[2].bbox is None
+    assert [r.extra["score"] for r in rows[:2]] == [0.5, 1.0]  # other columns keep pandas' types
+
+
 # ------------------------------------------------------------------ the real CLI on every fixture
 def _cli(tmp_path: Path, name: str, overrides: List[str]) -> Dict[str, Any]:
     out = tmp_path / f"run-{name}"
