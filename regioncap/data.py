@@ -127,6 +127,14 @@ def resolve_path(path: str) -> Path:
     return Path(os.path.expanduser(path))
 
 
+def data_folder(path: Path) -> Path:
+    """The folder a data file's relative image paths resolve against: the folder of the file it is
+    (its target, for a symlink: images sit beside the real file), or the folder itself. The same for
+    every source, so one data set linked in from elsewhere reads alike through any ``data=``."""
+    real = path.resolve()
+    return real if real.is_dir() else real.parent
+
+
 def check_data_config(data_cfg: DataSource.Config) -> Tuple[int, int]:
     """Refuse a row window or shard split that cannot be meant, before anything is read or written.
 
@@ -277,7 +285,7 @@ def _iter_jsonl(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
                         + (f"read it with data=hf data.path={path} (the builder follows the extension)"
                            if path.suffix.lower() in _HF_BUILDERS else "convert it to JSON Lines, one row object per line"))
     _refuse_compressed(path)
-    base = path.resolve().parent
+    base = data_folder(path)
     keys = (data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key)
     head = _head(path)
     _refuse_one_object(path, head, data_cfg.image_key)
@@ -575,7 +583,7 @@ def _iter_hf(data_cfg: DataSource.Config) -> Iterator[InputRow]:
             ds = datasets.load_from_disk(str(local))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[data_cfg.split]
-            base = local
+            base = data_folder(local)
         else:
             builder = data_cfg.hf_builder
             if not builder and local.is_file():
@@ -588,11 +596,10 @@ def _iter_hf(data_cfg: DataSource.Config) -> Iterator[InputRow]:
             kwargs = dict(data_cfg.hf_kwargs or {})
             if builder == "csv":
                 kwargs.setdefault("converters", _csv_text_columns(data_cfg))
+            if builder or local.exists():
+                base = data_folder(local)
             if builder:
                 kwargs.setdefault("data_files", str(local))
-                base = local.parent if local.is_file() else local
-            elif local.exists():
-                base = local if local.is_dir() else local.parent
             if data_cfg.hf_config:
                 args.append(data_cfg.hf_config)
             ds = datasets.load_dataset(*args, split=data_cfg.split, **kwargs)
@@ -717,7 +724,7 @@ def _load_json(path: Path, what: str) -> Any:
 def images_dir(data_cfg: DataSource.Config, path: Path) -> Path:
     """Folder the image file names of an annotation file resolve against: ``data.images_dir``
     (relative to the annotation file's folder), else that folder itself."""
-    base = path.resolve().parent
+    base = data_folder(path)
     configured = getattr(data_cfg, "images_dir", None)
     if not configured:
         return base

@@ -220,6 +220,28 @@ def test_hf_csv_keeps_ids_images_and_references_as_written(tmp_path):
     assert [r.extra["score"] for r in rows[:2]] == [0.5, 1.0]  # other columns keep pandas' types
 
 
+@pytest.mark.slow  # datasets' CSV and Parquet builders: over a second
+def test_a_symlinked_data_file_reads_its_images_beside_its_target_whatever_the_source(tmp_path):
+    # data=jsonl resolved relative images against the real file's folder, data=hf against the link's:
+    # the same data set linked in from elsewhere lost every image through data=hf.
+    import datasets
+
+    real, link = tmp_path / "real", tmp_path / "link"
+    _image(real / "a.jpg")
+    link.mkdir()
+    (real / "rows.jsonl").write_text('{"id": "x", "image": "a.jpg", "bbox": [[1, 1, 10, 10]]}\n')
+    (real / "rows.csv").write_text('id,image,bbox\nx,a.jpg,"[[1, 1, 10, 10]]"\n')
+    datasets.Dataset.from_dict({"id": ["x"], "image": ["a.jpg"], "bbox": [[[1, 1, 10, 10]]]}).to_parquet(
+        str(real / "rows.parquet"))
+    for name in ("rows.jsonl", "rows.csv", "rows.parquet"):
+        (link / name).symlink_to(real / name)
+    (link / "folder").symlink_to(real, target_is_directory=True)
+    paths = {str(r.image_path) for source, name in [("jsonl", "rows.jsonl"), ("hf", "rows.csv"), ("hf", "rows.parquet"),
+                                                      ("hf", "folder/rows.csv")]
+             for r in _rows(f"data={source}", f"data.path={link / name}")}
+    assert paths == {str(real / "a.jpg")}
+
+
 # ------------------------------------------------------------------ the real CLI on every fixture
 def _cli(tmp_path: Path, name: str, overrides: List[str]) -> Dict[str, Any]:
     out = tmp_path / f"run-{name}"
