@@ -239,6 +239,8 @@ def test_a_symlinked_data_file_reads_its_images_beside_its_target_whatever_the_s
     paths = {str(r.image_path) for source, name in [("jsonl", "rows.jsonl"), ("hf", "rows.csv"), ("hf", "rows.parquet"),
                                                       ("hf", "folder/rows.csv")]
              for r in _rows(f"data={source}", f"data.path={link / name}")}
+    # a pattern read by a named builder: its images beside the files it matches (the pattern was taken for a folder)
+    paths |= {str(r.image_path) for r in _rows("data=hf", f"data.path={real}/rows.j*", "data.hf_builder=json")}
     assert paths == {str(real / "a.jpg")}
 
 
