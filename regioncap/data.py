@@ -14,6 +14,7 @@ Pure module: no Hydra, no W&B. ``datasets`` is imported only for the ``hf`` sour
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -274,11 +275,28 @@ def _strip_bom(data: bytes) -> bytes:
     return data[len(_BOM):] if data.startswith(_BOM) else data
 
 
+def require_file(path: Path, what: str, pattern_hint: str) -> None:
+    """Refuse a ``data.path`` that is not one regular file, saying what it is instead: a folder
+    (naming the data files in it), a ``*`` pattern (never expanded; ``pattern_hint`` says what
+    reads several files), missing, or something else (a FIFO, a device)."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl") and p.is_file())
+        listed = f" (it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''})" if inside else ""
+        raise DataError(f"{what} {path} is a folder, not a file: give the file itself as data.path{listed}")
+    if path.exists():
+        raise DataError(f"{what} {path} is not a regular file")
+    if any(c in str(path) for c in "*?["):
+        matches = len(glob.glob(str(path)))
+        raise DataError(f"{what} {path} does not exist: data.path names one file, not a pattern "
+                        f"({matches} file(s) match it); {pattern_hint}")
+    raise DataError(f"{what} {path} does not exist (data.path)")
+
+
 def _iter_jsonl(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    if not path.is_file():
-        raise DataError(f"data file {path} is not a regular file")
+    require_file(path, "data file", f"join them into one file, or read them all with data=hf "
+                                    f"'data.path={path}' data.hf_builder=json")
     other = _NOT_JSON.get(path.suffix.lower())
     if other is not None:
         raise DataError(f"data file {path} is {other}, not JSON Lines: "
@@ -712,8 +730,7 @@ def _hf_references(value: Any, names: Optional[List[str]]) -> Any:
 # ------------------------------------------------------------------ annotation files (COCO, VG, RefCOCO)
 def _load_json(path: Path, what: str) -> Any:
     """The parsed JSON file ``path``; :class:`DataError` naming it when it cannot be read."""
-    if not path.is_file():
-        raise DataError(f"{what} file {path} does not exist (data.path)")
+    require_file(path, f"{what} file", "give one annotation file")
     try:
         with open(path, "rb") as fh:
             return json.load(fh)
@@ -894,7 +911,8 @@ def _ref_bbox(ref: Dict[str, Any]) -> Any:
 
 def _read_refs(path: Path) -> Tuple[List[Any], Dict[Any, Any]]:
     """``(refs, {image id: file_name})`` of a RefCOCO-style JSON, JSON-lines or ``{"refs", "images"}`` file."""
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
+        require_file(path, "RefCOCO-style refs file", "give one refs file")
         refs: List[Any] = []
         with open(path, "rb") as fh:
             for line_no, raw in enumerate(fh, start=1):

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import compose
-from regioncap.data import DataError, InputRow, check_data_config, digest_bytes, iter_rows
+from regioncap.data import (CocoSource, DataError, InputRow, JsonlSource, RefcocoSource, VgSource, check_data_config,
+                            digest_bytes, iter_rows)
 from regioncap.errors import RunError
 from regioncap.job import execute
 
@@ -428,3 +429,32 @@ def test_the_quick_unwritable_check_at_its_edges(obj) -> None:
     except TypeError:
         return  # a row read from JSON text holds nothing the encoder refuses
     assert _unwritable(obj, text) == expected
+
+
+def _read(source: type, path) -> list:
+    """The rows of ``source`` at ``path`` with its default settings (no Hydra compose: fast)."""
+    return list(source(source.Config(path=str(path))).read())
+
+
+@pytest.mark.parametrize("source", [JsonlSource, CocoSource, VgSource, RefcocoSource])
+def test_a_folder_given_as_data_path_is_named_as_a_folder_with_its_data_files(tmp_path, source):
+    # data=coco said "does not exist" of a folder that is there; data=jsonl "is not a regular file".
+    for name in ("b.jsonl", "a.json", "notes.txt"):
+        (tmp_path / name).write_text("{}\n")
+    with pytest.raises(DataError, match="is a folder, not a file") as err:
+        _read(source, tmp_path)
+    assert str(tmp_path) in str(err.value) and "(it holds a.json, b.jsonl)" in str(err.value)
+
+
+def test_a_pattern_given_as_data_path_is_named_as_a_pattern_with_the_way_to_read_several_files(tmp_path):
+    for name in ("p1.jsonl", "p2.jsonl"):
+        (tmp_path / name).write_text('{"image": "a.png", "bbox": []}\n')
+    with pytest.raises(DataError, match=r"names one file, not a pattern \(2 file\(s\) match it\)") as err:
+        _read(JsonlSource, f"{tmp_path}/p*.jsonl")
+    assert "data=hf" in str(err.value) and "data.hf_builder=json" in str(err.value)
+
+
+def test_a_missing_refcoco_jsonl_file_is_a_data_error_naming_it(tmp_path):
+    # It was read with open(): a FileNotFoundError with no word of data.path.
+    with pytest.raises(DataError, match=r"refs.jsonl does not exist \(data.path\)"):
+        _read(RefcocoSource, tmp_path / "refs.jsonl")
