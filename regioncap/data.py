@@ -217,11 +217,23 @@ def json_array_length(path: Path) -> Optional[int]:
     return None if elements is None else len(elements)
 
 
-def iter_rows(data_cfg: DataSource.Config) -> Iterator[InputRow]:
+@dataclass
+class RowCount:
+    """What :func:`iter_rows` read to the end: the rows of all shards together (``skip`` and ``limit``
+    applied, what an unsharded run reads), counted as they are passed over; None until the source
+    was read to its end or to ``limit``."""
+
+    rows: Optional[int] = None
+
+
+def iter_rows(data_cfg: DataSource.Config, count: Optional[RowCount] = None) -> Iterator[InputRow]:
     """Yield the rows selected by ``data_cfg``: ``skip``/``limit`` applied, then this shard's share.
 
     Shard ``k`` of ``n`` keeps the rows whose index (position after ``skip``)
-    is ``k`` modulo ``n``; indexes are those of the unsharded run.
+    is ``k`` modulo ``n``; indexes are those of the unsharded run. ``count``,
+    when given, gets the rows of all shards once the source is read through:
+    the exact count for every source, where :func:`rows_of_all_shards` knows
+    only the cheap ones (a merge checks its shards against it).
     """
     if not data_cfg.path:
         raise DataError("data.path is not set: give a JSONL file or dataset (data.path=FILE)")
@@ -229,11 +241,13 @@ def iter_rows(data_cfg: DataSource.Config) -> Iterator[InputRow]:
     rows = source_class(data_cfg)(data_cfg).read()
     num_shards, shard_index = check_data_config(data_cfg)
     skip, limit = int(data_cfg.skip or 0), data_cfg.limit
+    seen = 0
     for i, row in enumerate(rows):
         if i < skip:
             continue
         if limit is not None and i - skip >= limit:
             break
+        seen = i - skip + 1
         # Shards split the rows an unsharded run would read (after skip/limit) and keep
         # its indexes, so file names never collide and a merge can check exactly-once.
         if (i - skip) % num_shards != shard_index:
@@ -245,6 +259,8 @@ def iter_rows(data_cfg: DataSource.Config) -> Iterator[InputRow]:
             row.digest = digest_value({"id": row.row_id if row.id_from_data else None, "image": row.image,
                                        "bbox": row.bbox, "extra": row.extra, "error": row.error})
         yield row
+    if count is not None:
+        count.rows = seen
 
 
 #: Data file formats ``data=jsonl`` does not read, by extension (DataFlow-MM's storage reads some of them).

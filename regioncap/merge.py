@@ -164,9 +164,13 @@ def _key_without_shard(values: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _expected_from_manifest(manifest: Optional[Dict[str, Any]]) -> Optional[int]:
-    """Rows of the unsharded run: the input's row count less ``skip``, at most ``limit``."""
+    """Rows of the unsharded run: the rows of all shards the shard's run read (``data.rows_read``),
+    else the input's row count less ``skip``, at most ``limit``."""
     if not manifest:
         return None
+    read = (manifest.get("data") or {}).get("rows_read")
+    if isinstance(read, int) and not isinstance(read, bool):
+        return read
     rows = (manifest.get("data") or {}).get("rows")
     data_cfg = (manifest.get("config") or {}).get("data") or {}
     skip, limit = data_cfg.get("skip") or 0, data_cfg.get("limit")

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Type, Union
 
 from regioncap.cpus import ThreadChoice, choose_threads
 from regioncap.config import MetricsConfig, RegionCapConfig
-from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
+from regioncap.data import RowCount, check_shards, count_rows, iter_rows, resolve_path
 from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor, executor_of
 from regioncap.prepare import RowPool, resolve_workers
@@ -84,6 +84,9 @@ class RegionCapRun:
         self.threads: Optional[ThreadChoice] = None
         #: What the engine was, for the manifest (filled by the caption stage's executor).
         self.engine_info: Dict[str, Any] = {}
+        #: Rows of all shards, set when the visualize stage has read the data to its end (the manifest's
+        #: ``data.rows_read``: what a merge expects, exact for every source).
+        self.rows_read = RowCount()
         self._validate()
         self.executor: Executor = executor if isinstance(executor, Executor) else \
             (executor or pick_executor(cfg))(cfg)
@@ -173,7 +176,7 @@ class RegionCapRun:
         self.rundir.images_dir.mkdir(parents=True, exist_ok=True)
         workers = self._workers()
         window = max(4 * workers, self.cfg.commit_every, self.cfg.engine.batch_size)
-        rows = progress(iter_rows(self.cfg.data), VisualizeStage.name, self.cfg.progress, self.total_rows())
+        rows = progress(iter_rows(self.cfg.data, self.rows_read), VisualizeStage.name, self.cfg.progress, self.total_rows())
         with RowPool(self.cfg, workers, stage.process_row, window=window) as pool:
             stage.pool = pool
             yield from loop.commits(rows, stage.batches, Visualizer.identity)

@@ -367,3 +367,24 @@ def test_coco_annotations_without_a_box_list_are_one_box_each(tmp_path):
     (row,) = _rows("data=coco", f"data.path={path}", "data.images_dir=.")
     parsed = parse_boxes(row.bbox, "xywh", 96, 64)
     assert parsed.boxes == [] and [d.index for d in parsed.dropped] == [0, 1]
+
+
+@pytest.mark.slow  # two fake-engine runs and a merge: a few seconds
+def test_a_sharded_coco_run_merges_to_every_row_once(tmp_path):
+    # The manifest counted an annotation file's lines as its rows (1 for a one-line COCO JSON), so
+    # the merge refused every sharded COCO run: "5 row index(es) are past the 1 expected".
+    from regioncap.job import execute
+    from regioncap.merge import merge
+
+    path = make_coco(tmp_path)
+    common = ["engine=fake", "progress=false", "max_error_rate=1", "data=coco", f"data.path={path}",
+              "data.images_dir=../images", "data.num_shards=2"]
+    whole = [r.row_id for r in _rows(*common[3:6])]
+    shards = [tmp_path / f"s{k}" for k in range(2)]
+    for k, shard in enumerate(shards):
+        execute(compose([*common, f"data.shard_index={k}"], output_dir=shard))
+    manifest = json.loads((shards[0] / "manifest.json").read_text())
+    assert manifest["data"]["rows"] is None and manifest["data"]["rows_read"] == len(whole)
+    summary = merge(tmp_path / "merged", shards, report=False)
+    assert summary["expected"] == len(whole)
+    assert [r["id"] for r in read_jsonl(tmp_path / "merged" / "captions.jsonl")] == whole

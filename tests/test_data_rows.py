@@ -458,3 +458,23 @@ def test_a_missing_refcoco_jsonl_file_is_a_data_error_naming_it(tmp_path):
     # It was read with open(): a FileNotFoundError with no word of data.path.
     with pytest.raises(DataError, match=r"refs.jsonl does not exist \(data.path\)"):
         _read(RefcocoSource, tmp_path / "refs.jsonl")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(0, 12), shards=st.integers(1, 4), skip=st.integers(0, 14),
+       limit=st.one_of(st.none(), st.integers(0, 14)), data=st.data())
+def test_every_shard_counts_the_rows_of_all_shards_as_it_reads_them(tmp_path, n, shards, skip, limit, data):
+    # What a merge expects: the rows an unsharded run reads, whatever the source (a COCO file's lines
+    # are not its rows: its shards could never be merged).
+    from regioncap.data import RowCount
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join('{"image": "a.png"}\n' for _ in range(n)))
+    cfg = JsonlSource.Config(_target_="regioncap.data.JsonlSource", path=str(path), skip=skip, limit=limit,
+                             num_shards=shards, shard_index=data.draw(st.integers(0, shards - 1)))
+    count = RowCount()
+    rows = iter_rows(cfg, count)
+    if next(rows, None) is not None:
+        assert count.rows is None  # not known before the data is read through (a killed run records none)
+    list(rows)
+    assert count.rows == len(range(n)[skip:][:limit])
