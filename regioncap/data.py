@@ -616,6 +616,9 @@ def _iter_hf(data_cfg: DataSource.Config) -> Iterator[InputRow]:
         if local.is_dir() and any((local / f).exists() for f in ("state.json", "dataset_dict.json")):
             ds = datasets.load_from_disk(str(local))
             if isinstance(ds, datasets.DatasetDict):
+                if data_cfg.split not in ds:
+                    raise DataError(f"saved dataset {path!r} has no split {data_cfg.split!r} (data.split); its "
+                                    f"splits: {', '.join(map(str, ds))}: set data.split={next(iter(ds), '')}")
                 ds = ds[data_cfg.split]
             base = data_folder(local)
         else:

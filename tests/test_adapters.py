@@ -244,6 +244,19 @@ def test_a_symlinked_data_file_reads_its_images_beside_its_target_whatever_the_s
     assert paths == {str(real / "a.jpg")}
 
 
+@pytest.mark.slow  # datasets: over a second
+def test_a_saved_dataset_without_the_split_names_its_splits(tmp_path):
+    # It was "cannot load dataset ... (split 'train'): 'train'", a KeyError's text.
+    import datasets
+
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"image": ["a.jpg"], "bbox": [[[1, 1, 5, 5]]]})}
+                         ).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match=r"has no split 'train' \(data.split\); its splits: validation: "
+                                        r"set data.split=validation"):
+        _rows("data=hf", f"data.path={tmp_path / 'saved'}")
+    assert len(_rows("data=hf", f"data.path={tmp_path / 'saved'}", "data.split=validation")) == 1
+
+
 # ------------------------------------------------------------------ the real CLI on every fixture
 def _cli(tmp_path: Path, name: str, overrides: List[str]) -> Dict[str, Any]:
     out = tmp_path / f"run-{name}"
