@@ -319,7 +319,7 @@ def _iter_jsonl(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
                         + (f"read it with data=hf data.path={path} (the builder follows the extension)"
                            if path.suffix.lower() in _HF_BUILDERS else "convert it to JSON Lines, one row object per line"))
     _refuse_compressed(path)
-    base = data_folder(path)
+    base = images_dir(data_cfg, path)
     keys = (data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key)
     head = _head(path)
     _refuse_one_object(path, head, data_cfg.image_key)
@@ -758,8 +758,8 @@ def _load_json(path: Path, what: str) -> Any:
 
 
 def images_dir(data_cfg: DataSource.Config, path: Path) -> Path:
-    """Folder the image file names of an annotation file resolve against: ``data.images_dir``
-    (relative to the annotation file's folder), else that folder itself."""
+    """Folder the relative image paths of the data file ``path`` (rows, or an annotation file) resolve
+    against: ``data.images_dir`` (relative to the file's folder, or absolute), else that folder itself."""
     base = data_folder(path)
     configured = getattr(data_cfg, "images_dir", None)
     if not configured:
@@ -1109,7 +1109,15 @@ class DataSource(Component):
 class JsonlSource(DataSource):
     """DataFlow-MM JSONL (or a JSON array of rows): image paths resolve against the file's folder."""
 
+    @dataclass
+    class Config(DataSource.Config):
+        #: Folder relative image paths resolve against: relative to the data file's folder (or
+        #: absolute); unset: that folder itself. DataFlow-MM's own files name images relative to
+        #: the folder its pipeline ran from (``../example_data/...``): point this there.
+        images_dir: Optional[str] = None
+
     name = "jsonl"
+    key_fields = ("images_dir",)
 
     def read(self) -> Iterator[InputRow]:
         return _iter_jsonl(resolve_path(str(self.cfg.path)), self.cfg)

@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import json
 import lzma
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -478,3 +479,28 @@ def test_every_shard_counts_the_rows_of_all_shards_as_it_reads_them(tmp_path, n,
         assert count.rows is None  # not known before the data is read through (a killed run records none)
     list(rows)
     assert count.rows == len(range(n)[skip:][:limit])
+
+
+def test_dataflow_mm_rows_naming_images_relative_to_where_its_pipeline_ran(tmp_path, monkeypatch):
+    # DataFlow-MM's demo rows say "../example_data/irc/20.jpg", relative to the folder its pipeline ran
+    # from (gpu_pipelines/), not to the rows file: read from there every row was a missing_file error
+    # row with no word why. data.images_dir points the relative paths there; the run says so first.
+    from regioncap.run import check_images_dir
+
+    rows_dir, ran_from = tmp_path / "example_data" / "irc", tmp_path / "gpu_pipelines"
+    rows_dir.mkdir(parents=True)
+    ran_from.mkdir()
+    (rows_dir / "20.jpg").write_bytes(b"not decoded here")
+    (rows_dir / "demo.jsonl").write_text('{"image": "../example_data/irc/20.jpg", "bbox": [[1, 1, 5, 5]]}\n'
+                                         '{"image": "/abs/elsewhere.jpg", "bbox": []}\n')
+    monkeypatch.chdir(ran_from)
+    cfg = JsonlSource.Config(_target_="regioncap.data.JsonlSource", path=str(rows_dir / "demo.jsonl"))
+    rows = list(iter_rows(cfg))
+    assert rows[0].image_path == str(rows_dir / "../example_data/irc/20.jpg")
+    warning = check_images_dir(rows, cfg)
+    assert warning is not None and f"set data.images_dir={ran_from}" in warning
+    for given in (str(ran_from), "../../gpu_pipelines"):  # absolute, or relative to the rows file's folder
+        cfg.images_dir = given
+        rows = list(iter_rows(cfg))
+        assert Path(rows[0].image_path).resolve() == (rows_dir / "20.jpg").resolve()
+        assert rows[1].image_path == "/abs/elsewhere.jpg" and check_images_dir(rows, cfg) is None
