@@ -110,6 +110,8 @@ class DrawConfig:
 class LimitsConfig:
     """Bounds on what one input can cost (a bad file never hangs or exhausts a run)."""
 
+    #: Pixels of the largest image decoded (width x height, from the header). It replaces Pillow's
+    #: own decompression-bomb limit (about 179 million pixels), so raising it past that takes effect.
     max_image_pixels: int = field(default=100_000_000, metadata=check(whole(1)))
     max_file_bytes: int = field(default=200 * 1024 * 1024, metadata=check(whole(1)))
 

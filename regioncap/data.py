@@ -14,6 +14,7 @@ Pure module: no Hydra, no W&B. ``datasets`` is imported only for the ``hf`` sour
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -127,6 +128,14 @@ def resolve_path(path: str) -> Path:
     return Path(os.path.expanduser(path))
 
 
+def data_folder(path: Path) -> Path:
+    """The folder a data file's relative image paths resolve against: the folder of the file it is
+    (its target, for a symlink: images sit beside the real file), or the folder itself. The same for
+    every source, so one data set linked in from elsewhere reads alike through any ``data=``."""
+    real = path.resolve()
+    return real if real.is_dir() else real.parent
+
+
 def check_data_config(data_cfg: DataSource.Config) -> Tuple[int, int]:
     """Refuse a row window or shard split that cannot be meant, before anything is read or written.
 
@@ -208,11 +217,23 @@ def json_array_length(path: Path) -> Optional[int]:
     return None if elements is None else len(elements)
 
 
-def iter_rows(data_cfg: DataSource.Config) -> Iterator[InputRow]:
+@dataclass
+class RowCount:
+    """What :func:`iter_rows` read to the end: the rows of all shards together (``skip`` and ``limit``
+    applied, what an unsharded run reads), counted as they are passed over; None until the source
+    was read to its end or to ``limit``."""
+
+    rows: Optional[int] = None
+
+
+def iter_rows(data_cfg: DataSource.Config, count: Optional[RowCount] = None) -> Iterator[InputRow]:
     """Yield the rows selected by ``data_cfg``: ``skip``/``limit`` applied, then this shard's share.
 
     Shard ``k`` of ``n`` keeps the rows whose index (position after ``skip``)
-    is ``k`` modulo ``n``; indexes are those of the unsharded run.
+    is ``k`` modulo ``n``; indexes are those of the unsharded run. ``count``,
+    when given, gets the rows of all shards once the source is read through:
+    the exact count for every source, where :func:`rows_of_all_shards` knows
+    only the cheap ones (a merge checks its shards against it).
     """
     if not data_cfg.path:
         raise DataError("data.path is not set: give a JSONL file or dataset (data.path=FILE)")
@@ -220,11 +241,13 @@ def iter_rows(data_cfg: DataSource.Config) -> Iterator[InputRow]:
     rows = source_class(data_cfg)(data_cfg).read()
     num_shards, shard_index = check_data_config(data_cfg)
     skip, limit = int(data_cfg.skip or 0), data_cfg.limit
+    seen = 0
     for i, row in enumerate(rows):
         if i < skip:
             continue
         if limit is not None and i - skip >= limit:
             break
+        seen = i - skip + 1
         # Shards split the rows an unsharded run would read (after skip/limit) and keep
         # its indexes, so file names never collide and a merge can check exactly-once.
         if (i - skip) % num_shards != shard_index:
@@ -236,6 +259,8 @@ def iter_rows(data_cfg: DataSource.Config) -> Iterator[InputRow]:
             row.digest = digest_value({"id": row.row_id if row.id_from_data else None, "image": row.image,
                                        "bbox": row.bbox, "extra": row.extra, "error": row.error})
         yield row
+    if count is not None:
+        count.rows = seen
 
 
 #: Data file formats ``data=jsonl`` does not read, by extension (DataFlow-MM's storage reads some of them).
@@ -266,18 +291,35 @@ def _strip_bom(data: bytes) -> bytes:
     return data[len(_BOM):] if data.startswith(_BOM) else data
 
 
+def require_file(path: Path, what: str, pattern_hint: str) -> None:
+    """Refuse a ``data.path`` that is not one regular file, saying what it is instead: a folder
+    (naming the data files in it), a ``*`` pattern (never expanded; ``pattern_hint`` says what
+    reads several files), missing, or something else (a FIFO, a device)."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl") and p.is_file())
+        listed = f" (it holds {', '.join(inside[:5])}{', ...' if len(inside) > 5 else ''})" if inside else ""
+        raise DataError(f"{what} {path} is a folder, not a file: give the file itself as data.path{listed}")
+    if path.exists():
+        raise DataError(f"{what} {path} is not a regular file")
+    if any(c in str(path) for c in "*?["):
+        matches = len(glob.glob(str(path)))
+        raise DataError(f"{what} {path} does not exist: data.path names one file, not a pattern "
+                        f"({matches} file(s) match it); {pattern_hint}")
+    raise DataError(f"{what} {path} does not exist (data.path)")
+
+
 def _iter_jsonl(path: Path, data_cfg: DataSource.Config) -> Iterator[InputRow]:
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    if not path.is_file():
-        raise DataError(f"data file {path} is not a regular file")
+    require_file(path, "data file", f"join them into one file, or read them all with data=hf "
+                                    f"'data.path={path}' data.hf_builder=json")
     other = _NOT_JSON.get(path.suffix.lower())
     if other is not None:
         raise DataError(f"data file {path} is {other}, not JSON Lines: "
                         + (f"read it with data=hf data.path={path} (the builder follows the extension)"
                            if path.suffix.lower() in _HF_BUILDERS else "convert it to JSON Lines, one row object per line"))
     _refuse_compressed(path)
-    base = path.resolve().parent
+    base = images_dir(data_cfg, path)
     keys = (data_cfg.image_key, data_cfg.bbox_key, data_cfg.id_key)
     head = _head(path)
     _refuse_one_object(path, head, data_cfg.image_key)
@@ -574,8 +616,11 @@ def _iter_hf(data_cfg: DataSource.Config) -> Iterator[InputRow]:
         if local.is_dir() and any((local / f).exists() for f in ("state.json", "dataset_dict.json")):
             ds = datasets.load_from_disk(str(local))
             if isinstance(ds, datasets.DatasetDict):
+                if data_cfg.split not in ds:
+                    raise DataError(f"saved dataset {path!r} has no split {data_cfg.split!r} (data.split); its "
+                                    f"splits: {', '.join(map(str, ds))}: set data.split={next(iter(ds), '')}")
                 ds = ds[data_cfg.split]
-            base = local
+            base = data_folder(local)
         else:
             builder = data_cfg.hf_builder
             if not builder and local.is_file():
@@ -586,11 +631,12 @@ def _iter_hf(data_cfg: DataSource.Config) -> Iterator[InputRow]:
                                     f"({', '.join(sorted(set(_HF_BUILDERS.values())))}) or use data=jsonl")
             args = [builder] if builder else [str(local) if local.exists() else path]
             kwargs = dict(data_cfg.hf_kwargs or {})
+            if builder == "csv":
+                kwargs.setdefault("converters", _csv_text_columns(data_cfg))
+            if builder or local.exists():
+                base = data_folder(local)
             if builder:
                 kwargs.setdefault("data_files", str(local))
-                base = local.parent if local.is_file() else local
-            elif local.exists():
-                base = local if local.is_dir() else local.parent
             if data_cfg.hf_config:
                 args.append(data_cfg.hf_config)
             ds = datasets.load_dataset(*args, split=data_cfg.split, **kwargs)
@@ -626,6 +672,20 @@ def _iter_hf(data_cfg: DataSource.Config) -> Iterator[InputRow]:
         _fill(row, obj, image_key, bbox_key, id_key, base, f"{path} row {i}")
         row.extra = {k: v for k, v in row.extra.items() if _jsonable(v)}
         yield row
+
+
+def _csv_text_columns(data_cfg: DataSource.Config) -> Dict[str, Callable[[str], str]]:
+    """pandas converters that keep the CSV columns holding text as the text written.
+
+    A CSV cell has no type: pandas guesses one per column, so ids ``007`` and ``7``
+    both became ``7``, ids in a column with a blank cell became ``1.0``, ``2.0``
+    (floats, for the NaN), and a reference ``2`` the number 2.0 (a malformed
+    reference). The id, image and references columns are text whatever they look
+    like; an empty cell is still null. Other columns keep pandas' types.
+    """
+    names = (data_cfg.id_key, data_cfg.image_key, data_cfg.references_key,
+             getattr(data_cfg, "hf_references_key", None))
+    return {name: str for name in names if name and "." not in name}
 
 
 #: What :func:`field_at` returns for a path a row does not have.
@@ -689,8 +749,7 @@ def _hf_references(value: Any, names: Optional[List[str]]) -> Any:
 # ------------------------------------------------------------------ annotation files (COCO, VG, RefCOCO)
 def _load_json(path: Path, what: str) -> Any:
     """The parsed JSON file ``path``; :class:`DataError` naming it when it cannot be read."""
-    if not path.is_file():
-        raise DataError(f"{what} file {path} does not exist (data.path)")
+    require_file(path, f"{what} file", "give one annotation file")
     try:
         with open(path, "rb") as fh:
             return json.load(fh)
@@ -699,9 +758,9 @@ def _load_json(path: Path, what: str) -> Any:
 
 
 def images_dir(data_cfg: DataSource.Config, path: Path) -> Path:
-    """Folder the image file names of an annotation file resolve against: ``data.images_dir``
-    (relative to the annotation file's folder), else that folder itself."""
-    base = path.resolve().parent
+    """Folder the relative image paths of the data file ``path`` (rows, or an annotation file) resolve
+    against: ``data.images_dir`` (relative to the file's folder, or absolute), else that folder itself."""
+    base = data_folder(path)
     configured = getattr(data_cfg, "images_dir", None)
     if not configured:
         return base
@@ -871,7 +930,8 @@ def _ref_bbox(ref: Dict[str, Any]) -> Any:
 
 def _read_refs(path: Path) -> Tuple[List[Any], Dict[Any, Any]]:
     """``(refs, {image id: file_name})`` of a RefCOCO-style JSON, JSON-lines or ``{"refs", "images"}`` file."""
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
+        require_file(path, "RefCOCO-style refs file", "give one refs file")
         refs: List[Any] = []
         with open(path, "rb") as fh:
             for line_no, raw in enumerate(fh, start=1):
@@ -1049,7 +1109,15 @@ class DataSource(Component):
 class JsonlSource(DataSource):
     """DataFlow-MM JSONL (or a JSON array of rows): image paths resolve against the file's folder."""
 
+    @dataclass
+    class Config(DataSource.Config):
+        #: Folder relative image paths resolve against: relative to the data file's folder (or
+        #: absolute); unset: that folder itself. DataFlow-MM's own files name images relative to
+        #: the folder its pipeline ran from (``../example_data/...``): point this there.
+        images_dir: Optional[str] = None
+
     name = "jsonl"
+    key_fields = ("images_dir",)
 
     def read(self) -> Iterator[InputRow]:
         return _iter_jsonl(resolve_path(str(self.cfg.path)), self.cfg)

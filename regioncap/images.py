@@ -307,13 +307,30 @@ def _load_bytes(
     return _decode(io.BytesIO(bytes(data)), source, max_image_pixels, draft_target)
 
 
+def _allow_pixels(max_image_pixels: int) -> None:
+    """Let Pillow open every image ``max_image_pixels`` allows.
+
+    Pillow refuses an image of over twice its own ``Image.MAX_IMAGE_PIXELS``
+    (about 179 million pixels) inside ``Image.open``, before :func:`_check_pixels`
+    sees its size, and warns from once that: a raised ``limits.max_image_pixels``
+    was never reached, and an image under the run's limit printed a
+    DecompressionBombWarning. So Pillow's limit is raised to the run's, never
+    lowered (None, no limit, stays): an image over the run's limit is still
+    refused, by :func:`_check_pixels` after its header, or by Pillow at twice it.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_image_pixels:
+        Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
 def _decode(fh: Any, source: str, max_image_pixels: int, draft_target: Any) -> LoadedImage:
+    _allow_pixels(max_image_pixels)
     try:
         img = Image.open(fh)
     except UnidentifiedImageError:
         raise ImageLoadError("not_an_image", f"{source}: not an image Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError("image_too_large", f"{source}: {exc}") from None
+        raise ImageLoadError("image_too_large", f"{source}: over the limit of {max_image_pixels} pixels "
+                             f"(max_image_pixels): {exc}") from None
     except Exception as exc:  # a header parser choking on garbage is still "not an image"
         raise ImageLoadError("not_an_image", f"{source}: cannot read image header ({exc})") from None
     loaded: LoadedImage | None = None

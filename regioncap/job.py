@@ -271,6 +271,8 @@ def _run_stages(cfg: RegionCapConfig, built: Dict[str, Any], rundir: RunDir, tra
             built["engine_info"] = run.engine_info
         if run.threads is not None:
             built["threads"] = run.threads.as_dict()
+        if run.rows_read.rows is not None:
+            built["rows_read"] = run.rows_read.rows
     log.info("summary:\n%s", run.summary(metrics))
     samples = _samples(run)
     if samples:

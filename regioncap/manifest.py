@@ -446,9 +446,11 @@ def data_fingerprint(data_cfg: Mapping[str, Any]) -> Dict[str, Any]:
     if source_class(data_cfg).one_file:  # one file (the annotation file for coco/vg/refcoco)
         if local.is_file():
             out["sha256"], out["rows"] = _hash_and_count_lines(local)
-            if source == "jsonl":  # a JSON array file's rows are its elements, not its lines
-                from regioncap.data import DataError, json_array_length
+            from regioncap.data import DataError, JsonlSource, json_array_length
 
+            if not issubclass(source_class(data_cfg), JsonlSource):
+                out["rows"] = None  # an annotation file's rows are its images, not its lines: see rows_read
+            else:  # a JSON array file's rows are its elements, not its lines
                 try:
                     elements = json_array_length(local)
                 except (OSError, DataError):
@@ -675,7 +677,8 @@ def build_manifest(cfg: Union[RegionCapConfig, Mapping[str, Any]], *, run_dir: s
                    overrides: Optional[Sequence[str]] = None, started: float, ended: Optional[float] = None,
                    model_path: Optional[str] = None, engine_info: Optional[Mapping[str, Any]] = None,
                    status: Optional[str] = None, error: Optional[str] = None,
-                   cwd: Optional[str] = None, threads: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+                   cwd: Optional[str] = None, threads: Optional[Mapping[str, Any]] = None,
+                   rows_read: Optional[int] = None) -> Dict[str, Any]:
     """Everything needed to tell what a run was and to run it again, as JSON-ready data.
 
     ``cfg`` is the typed config (or the plain dict of a recorded one, a merge's); ``choices`` and
@@ -686,8 +689,9 @@ def build_manifest(cfg: Union[RegionCapConfig, Mapping[str, Any]], *, run_dir: s
     engine's ``describe()``; ``status`` (``ok``/``failed``) and ``error`` how
     the job ended; ``cwd`` the folder the run was started from (relative
     ``data.path`` values resolve against it); ``threads`` the engine's CPU
-    threads and why (``regioncap.cpus.ThreadChoice.as_dict``). Secrets are masked throughout
-    (:func:`redact`).
+    threads and why (``regioncap.cpus.ThreadChoice.as_dict``); ``rows_read`` the rows of all shards
+    the visualize stage read (``data.rows_read``; None: it did not read to the end). Secrets are
+    masked throughout (:func:`redact`).
     """
     config, resolved = config_to_dict(cfg)
     config = redact(config)
@@ -700,6 +704,7 @@ def build_manifest(cfg: Union[RegionCapConfig, Mapping[str, Any]], *, run_dir: s
     except Exception as exc:  # an unreadable input must not lose the rest of the manifest
         fingerprint = {"source": data_cfg.get("source"), "path": data_cfg.get("path"),
                        "error": f"{type(exc).__name__}: {exc}"}
+    fingerprint["rows_read"] = rows_read
     try:
         model = model_identity(model_cfg, model_path, engine)
     except Exception as exc:

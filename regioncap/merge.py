@@ -164,9 +164,13 @@ def _key_without_shard(values: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _expected_from_manifest(manifest: Optional[Dict[str, Any]]) -> Optional[int]:
-    """Rows of the unsharded run: the input's row count less ``skip``, at most ``limit``."""
+    """Rows of the unsharded run: the rows of all shards the shard's run read (``data.rows_read``),
+    else the input's row count less ``skip``, at most ``limit``."""
     if not manifest:
         return None
+    read = (manifest.get("data") or {}).get("rows_read")
+    if isinstance(read, int) and not isinstance(read, bool):
+        return read
     rows = (manifest.get("data") or {}).get("rows")
     data_cfg = (manifest.get("config") or {}).get("data") or {}
     skip, limit = data_cfg.get("skip") or 0, data_cfg.get("limit")
@@ -328,6 +332,11 @@ def merge(out: Path, shards: Sequence[Path], *, stage: str = CaptionStage.name, 
         else:
             problems.append("the shards' manifests count different input rows (the data changed between shards): "
                             + ", ".join(f"{s}: {n}" for s, n in manifest_expect.items()))
+    # A shard's manifest is written when its run ends, whatever the end: none means the run was killed.
+    unended = [str(s.path) for s in read if s.manifest is None]
+    resume = (f"; {len(unended)} shard(s) have no {MANIFEST_FILE}, so their runs never ended (killed): "
+              f"{', '.join(unended[:_SHOW])}: run each again with resume=true in its dir, then merge"
+              if unended else "")
     if expect is not None:
         missing = [i for i in range(expect) if i not in where]
         unexpected = sorted(i for i in where if not 0 <= i < expect)
@@ -335,9 +344,16 @@ def merge(out: Path, shards: Sequence[Path], *, stage: str = CaptionStage.name, 
         if missing:
             more = f" (and {len(missing) - _SHOW} more)" if len(missing) > _SHOW else ""
             problems.append(f"{len(missing)} of {expect} row(s) are in no shard: indexes "
-                            f"{', '.join(map(str, missing[:_SHOW]))}{more}")
+                            f"{', '.join(map(str, missing[:_SHOW]))}{more}{resume}")
         if unexpected:
             problems.append(f"{len(unexpected)} row index(es) are past the {expect} expected: {unexpected[:_SHOW]}")
+
+    elif read and not problems:
+        # Without the number of rows, shards cut short (every shard killed at once: no manifest
+        # anywhere) would merge into a run that silently lacks their rows.
+        problems.append(f"cannot tell whether every row is in a shard: no shard's {MANIFEST_FILE} says how many "
+                        f"rows the data has (data.rows_read){resume}; or give --expect N (the rows of the "
+                        f"unsharded run) to merge")
 
     if problems:
         _write_summary(out, summary)

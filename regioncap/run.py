@@ -26,11 +26,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Type, U
 
 from regioncap.cpus import ThreadChoice, choose_threads
 from regioncap.config import MetricsConfig, RegionCapConfig
-from regioncap.data import check_shards, count_rows, iter_rows, resolve_path
+from regioncap.data import RowCount, check_shards, count_rows, iter_rows, resolve_path
 from regioncap.errors import RunError
 from regioncap.executors import CaptionJob, Executor, executor_of
 from regioncap.prepare import RowPool, resolve_workers
 from regioncap.record_types import ERROR
+from regioncap.images import image_uri
 from regioncap.records import dumps, read_jsonl, write_text_atomically
 from regioncap.rundir import RunDir, key_changes, resume_args, run_key_hash, run_key_values  # noqa: F401  (re-exported)
 from regioncap.signals import Interrupted, stop_on_signals, stop_requested  # noqa: F401  (re-exported)
@@ -84,6 +85,9 @@ class RegionCapRun:
         self.threads: Optional[ThreadChoice] = None
         #: What the engine was, for the manifest (filled by the caption stage's executor).
         self.engine_info: Dict[str, Any] = {}
+        #: Rows of all shards, set when the visualize stage has read the data to its end (the manifest's
+        #: ``data.rows_read``: what a merge expects, exact for every source).
+        self.rows_read = RowCount()
         self._validate()
         self.executor: Executor = executor if isinstance(executor, Executor) else \
             (executor or pick_executor(cfg))(cfg)
@@ -178,7 +182,8 @@ class RegionCapRun:
         self.rundir.images_dir.mkdir(parents=True, exist_ok=True)
         workers = self._workers()
         window = max(4 * workers, self.cfg.commit_every, self.cfg.engine.batch_size)
-        rows = progress(iter_rows(self.cfg.data), VisualizeStage.name, self.cfg.progress, self.total_rows())
+        rows = progress(iter_rows(self.cfg.data, self.rows_read), VisualizeStage.name, self.cfg.progress,
+                        self.total_rows())
         with RowPool(self.cfg, workers, stage.process_row, window=window, on_first_wait=on_first_wait) as pool:
             stage.pool = pool
             yield from loop.commits(rows, stage.batches, Visualizer.identity)
@@ -365,6 +370,27 @@ def check_image_key(rows: List[Any], image_key: str) -> Optional[str]:
     return text
 
 
+def check_images_dir(rows: List[Any], data_cfg: Any) -> Optional[str]:
+    """Why every row will be a missing_file error row when none of the relative image paths of
+    ``rows`` (the first rows read) is a file where they resolve (the data file's folder, or
+    ``data.images_dir``) but some are files relative to the folder the run was started from, as
+    DataFlow-MM writes them; the fix names the setting. None otherwise, and for sources without
+    ``data.images_dir``."""
+    if not hasattr(data_cfg, "images_dir"):
+        return None
+    relative = [r for r in rows if not r.error and isinstance(r.image, str) and r.image_path
+                and not os.path.isabs(os.path.expanduser(r.image)) and not image_uri(r.image)]
+    if not relative or any(os.path.isfile(r.image_path) for r in relative):
+        return None
+    here = [r for r in relative if os.path.isfile(r.image)]
+    if not here:
+        return None
+    return (f"none of the first {len(relative)} row(s)' image paths is a file where they resolve (e.g. "
+            f"{relative[0].image_path}), but {len(here)} are files relative to the folder the run was started "
+            f"from (as DataFlow-MM writes its image paths, relative to where its pipeline ran): set "
+            f"data.images_dir={os.getcwd()}; each row is a missing_file error row otherwise")
+
+
 def check_data(cfg: RegionCapConfig, rows: int = 20) -> None:
     """Read the first ``rows`` rows before the run starts: a data path that does not open fails now,
     and a box field missing from every one of them is said at once (with ``propose=none``: the run stops)."""
@@ -376,7 +402,7 @@ def check_data(cfg: RegionCapConfig, rows: int = 20) -> None:
         raise
     except Exception as exc:  # noqa: BLE001 - a reader's own error type; the user needs the message
         raise RunError(f"cannot read data.path={cfg.data.path}: {type(exc).__name__}: {exc}") from None
-    image_problem = check_image_key(first, cfg.data.image_key)
+    image_problem = check_image_key(first, cfg.data.image_key) or check_images_dir(first, cfg.data)
     if image_problem:  # said now, while the run writes each such row as a missing_image_field error row
         log.warning("%s", image_problem)
     key = cfg.data.bbox_key

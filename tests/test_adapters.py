@@ -206,6 +206,57 @@ def test_hf_nested_columns_and_class_label_references(tmp_path):
         _rows("data=hf", f"data.path={path}", "data.bbox_key=boxes.bbox")
 
 
+@pytest.mark.slow  # datasets' CSV builder: over a second
+def test_hf_csv_keeps_ids_images_and_references_as_written(tmp_path):
+    # pandas guessed a type per CSV column: ids 007 and 7 were both 7, ids in a column with a blank
+    # cell came out as 1.0 and 2.0, a reference "2" as the number 2.0 (a malformed reference).
+    _image(tmp_path / "a.jpg")
+    (tmp_path / "rows.csv").write_text('id,image,bbox,references,score\n007,a.jpg,"[[1,1,10,10]]",2,0.5\n'
+                                       '7,a.jpg,"[[1,1,10,10]]",a cat,1\n,a.jpg,,,\n')
+    rows = _rows("data=hf", f"data.path={tmp_path / 'rows.csv'}")
+    assert [r.row_id for r in rows] == ["007", "7", "row-0000002"]
+    assert [r.extra["references"] for r in rows] == ["2", "a cat", None]
+    assert [r.image_path for r in rows] == [str(tmp_path / "a.jpg")] * 3 and rows[2].bbox is None
+    assert [r.extra["score"] for r in rows[:2]] == [0.5, 1.0]  # other columns keep pandas' types
+
+
+@pytest.mark.slow  # datasets' CSV and Parquet builders: over a second
+def test_a_symlinked_data_file_reads_its_images_beside_its_target_whatever_the_source(tmp_path):
+    # data=jsonl resolved relative images against the real file's folder, data=hf against the link's:
+    # the same data set linked in from elsewhere lost every image through data=hf.
+    import datasets
+
+    real, link = tmp_path / "real", tmp_path / "link"
+    _image(real / "a.jpg")
+    link.mkdir()
+    (real / "rows.jsonl").write_text('{"id": "x", "image": "a.jpg", "bbox": [[1, 1, 10, 10]]}\n')
+    (real / "rows.csv").write_text('id,image,bbox\nx,a.jpg,"[[1, 1, 10, 10]]"\n')
+    datasets.Dataset.from_dict({"id": ["x"], "image": ["a.jpg"], "bbox": [[[1, 1, 10, 10]]]}).to_parquet(
+        str(real / "rows.parquet"))
+    for name in ("rows.jsonl", "rows.csv", "rows.parquet"):
+        (link / name).symlink_to(real / name)
+    (link / "folder").symlink_to(real, target_is_directory=True)
+    paths = {str(r.image_path) for source, name in [("jsonl", "rows.jsonl"), ("hf", "rows.csv"), ("hf", "rows.parquet"),
+                                                      ("hf", "folder/rows.csv")]
+             for r in _rows(f"data={source}", f"data.path={link / name}")}
+    # a pattern read by a named builder: its images beside the files it matches (the pattern was taken for a folder)
+    paths |= {str(r.image_path) for r in _rows("data=hf", f"data.path={real}/rows.j*", "data.hf_builder=json")}
+    assert paths == {str(real / "a.jpg")}
+
+
+@pytest.mark.slow  # datasets: over a second
+def test_a_saved_dataset_without_the_split_names_its_splits(tmp_path):
+    # It was "cannot load dataset ... (split 'train'): 'train'", a KeyError's text.
+    import datasets
+
+    datasets.DatasetDict({"validation": datasets.Dataset.from_dict({"image": ["a.jpg"], "bbox": [[[1, 1, 5, 5]]]})}
+                         ).save_to_disk(str(tmp_path / "saved"))
+    with pytest.raises(DataError, match=r"has no split 'train' \(data.split\); its splits: validation: "
+                                        r"set data.split=validation"):
+        _rows("data=hf", f"data.path={tmp_path / 'saved'}")
+    assert len(_rows("data=hf", f"data.path={tmp_path / 'saved'}", "data.split=validation")) == 1
+
+
 # ------------------------------------------------------------------ the real CLI on every fixture
 def _cli(tmp_path: Path, name: str, overrides: List[str]) -> Dict[str, Any]:
     out = tmp_path / f"run-{name}"
@@ -329,3 +380,24 @@ def test_coco_annotations_without_a_box_list_are_one_box_each(tmp_path):
     (row,) = _rows("data=coco", f"data.path={path}", "data.images_dir=.")
     parsed = parse_boxes(row.bbox, "xywh", 96, 64)
     assert parsed.boxes == [] and [d.index for d in parsed.dropped] == [0, 1]
+
+
+@pytest.mark.slow  # two fake-engine runs and a merge: a few seconds
+def test_a_sharded_coco_run_merges_to_every_row_once(tmp_path):
+    # The manifest counted an annotation file's lines as its rows (1 for a one-line COCO JSON), so
+    # the merge refused every sharded COCO run: "5 row index(es) are past the 1 expected".
+    from regioncap.job import execute
+    from regioncap.merge import merge
+
+    path = make_coco(tmp_path)
+    common = ["engine=fake", "progress=false", "max_error_rate=1", "data=coco", f"data.path={path}",
+              "data.images_dir=../images", "data.num_shards=2"]
+    whole = [r.row_id for r in _rows(*common[3:6])]
+    shards = [tmp_path / f"s{k}" for k in range(2)]
+    for k, shard in enumerate(shards):
+        execute(compose([*common, f"data.shard_index={k}"], output_dir=shard))
+    manifest = json.loads((shards[0] / "manifest.json").read_text())
+    assert manifest["data"]["rows"] is None and manifest["data"]["rows_read"] == len(whole)
+    summary = merge(tmp_path / "merged", shards, report=False)
+    assert summary["expected"] == len(whole)
+    assert [r["id"] for r in read_jsonl(tmp_path / "merged" / "captions.jsonl")] == whole

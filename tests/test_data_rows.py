@@ -8,13 +8,15 @@ import gzip
 import hashlib
 import json
 import lzma
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import compose
-from regioncap.data import DataError, InputRow, check_data_config, digest_bytes, iter_rows
+from regioncap.data import (CocoSource, DataError, InputRow, JsonlSource, RefcocoSource, VgSource, check_data_config,
+                            digest_bytes, iter_rows)
 from regioncap.errors import RunError
 from regioncap.job import execute
 
@@ -428,3 +430,77 @@ def test_the_quick_unwritable_check_at_its_edges(obj) -> None:
     except TypeError:
         return  # a row read from JSON text holds nothing the encoder refuses
     assert _unwritable(obj, text) == expected
+
+
+def _read(source: type, path) -> list:
+    """The rows of ``source`` at ``path`` with its default settings (no Hydra compose: fast)."""
+    return list(source(source.Config(path=str(path))).read())
+
+
+@pytest.mark.parametrize("source", [JsonlSource, CocoSource, VgSource, RefcocoSource])
+def test_a_folder_given_as_data_path_is_named_as_a_folder_with_its_data_files(tmp_path, source):
+    # data=coco said "does not exist" of a folder that is there; data=jsonl "is not a regular file".
+    for name in ("b.jsonl", "a.json", "notes.txt"):
+        (tmp_path / name).write_text("{}\n")
+    with pytest.raises(DataError, match="is a folder, not a file") as err:
+        _read(source, tmp_path)
+    assert str(tmp_path) in str(err.value) and "(it holds a.json, b.jsonl)" in str(err.value)
+
+
+def test_a_pattern_given_as_data_path_is_named_as_a_pattern_with_the_way_to_read_several_files(tmp_path):
+    for name in ("p1.jsonl", "p2.jsonl"):
+        (tmp_path / name).write_text('{"image": "a.png", "bbox": []}\n')
+    with pytest.raises(DataError, match=r"names one file, not a pattern \(2 file\(s\) match it\)") as err:
+        _read(JsonlSource, f"{tmp_path}/p*.jsonl")
+    assert "data=hf" in str(err.value) and "data.hf_builder=json" in str(err.value)
+
+
+def test_a_missing_refcoco_jsonl_file_is_a_data_error_naming_it(tmp_path):
+    # It was read with open(): a FileNotFoundError with no word of data.path.
+    with pytest.raises(DataError, match=r"refs.jsonl does not exist \(data.path\)"):
+        _read(RefcocoSource, tmp_path / "refs.jsonl")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(n=st.integers(0, 12), shards=st.integers(1, 4), skip=st.integers(0, 14),
+       limit=st.one_of(st.none(), st.integers(0, 14)), data=st.data())
+def test_every_shard_counts_the_rows_of_all_shards_as_it_reads_them(tmp_path, n, shards, skip, limit, data):
+    # What a merge expects: the rows an unsharded run reads, whatever the source (a COCO file's lines
+    # are not its rows: its shards could never be merged).
+    from regioncap.data import RowCount
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join('{"image": "a.png"}\n' for _ in range(n)))
+    cfg = JsonlSource.Config(_target_="regioncap.data.JsonlSource", path=str(path), skip=skip, limit=limit,
+                             num_shards=shards, shard_index=data.draw(st.integers(0, shards - 1)))
+    count = RowCount()
+    rows = iter_rows(cfg, count)
+    if next(rows, None) is not None:
+        assert count.rows is None  # not known before the data is read through (a killed run records none)
+    list(rows)
+    assert count.rows == len(range(n)[skip:][:limit])
+
+
+def test_dataflow_mm_rows_naming_images_relative_to_where_its_pipeline_ran(tmp_path, monkeypatch):
+    # DataFlow-MM's demo rows say "../example_data/irc/20.jpg", relative to the folder its pipeline ran
+    # from (gpu_pipelines/), not to the rows file: read from there every row was a missing_file error
+    # row with no word why. data.images_dir points the relative paths there; the run says so first.
+    from regioncap.run import check_images_dir
+
+    rows_dir, ran_from = tmp_path / "example_data" / "irc", tmp_path / "gpu_pipelines"
+    rows_dir.mkdir(parents=True)
+    ran_from.mkdir()
+    (rows_dir / "20.jpg").write_bytes(b"not decoded here")
+    (rows_dir / "demo.jsonl").write_text('{"image": "../example_data/irc/20.jpg", "bbox": [[1, 1, 5, 5]]}\n'
+                                         '{"image": "/abs/elsewhere.jpg", "bbox": []}\n')
+    monkeypatch.chdir(ran_from)
+    cfg = JsonlSource.Config(_target_="regioncap.data.JsonlSource", path=str(rows_dir / "demo.jsonl"))
+    rows = list(iter_rows(cfg))
+    assert rows[0].image_path == str(rows_dir / "../example_data/irc/20.jpg")
+    warning = check_images_dir(rows, cfg)
+    assert warning is not None and f"set data.images_dir={ran_from}" in warning
+    for given in (str(ran_from), "../../gpu_pipelines"):  # absolute, or relative to the rows file's folder
+        cfg.images_dir = given
+        rows = list(iter_rows(cfg))
+        assert Path(rows[0].image_path).resolve() == (rows_dir / "20.jpg").resolve()
+        assert rows[1].image_path == "/abs/elsewhere.jpg" and check_images_dir(rows, cfg) is None

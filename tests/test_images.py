@@ -7,6 +7,7 @@ import io
 import os
 import signal
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -190,9 +191,24 @@ def test_image_too_large_from_header_before_decoding() -> None:
     assert "12000x12000" in info.value.message
 
 
-def test_decompression_bomb_header_is_too_large() -> None:
-    # 100000^2 trips Pillow's DecompressionBombError inside Image.open.
-    assert load_kind(png_header_only(100_000, 100_000), max_image_pixels=10**12) == "image_too_large"
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_header_is_too_large_naming_the_limit() -> None:
+    # 100000^2 = 10^10 pixels trips Pillow's DecompressionBombError inside Image.open (or, where an
+    # earlier load raised Pillow's limit that far, the run's own check): either way the setting is named.
+    with pytest.raises(ImageLoadError) as info:
+        load_image(png_header_only(100_000, 100_000))
+    assert info.value.kind == "image_too_large"
+    assert "max_image_pixels" in info.value.message
+
+
+@pytest.mark.parametrize("limit, kind", [(200_000_000, "corrupt_image"), (100_000_000, "image_too_large")])
+def test_a_limit_raised_over_pillows_own_is_the_one_that_counts(limit: int, kind: str) -> None:
+    # 15000 x 10000 = 150 M pixels, over Pillow's own 89 M (it warned) and, with limits.max_image_pixels
+    # at 300 M, a 200 M image was refused by Pillow's bomb error at 179 M: the raised limit was never reached.
+    # Under the limit, Pillow opens the header and the decode then fails on the tiny data (no warning).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        assert load_kind(png_header_only(15_000, 10_000), max_image_pixels=limit) == kind
 
 
 def test_in_memory_image_over_limit() -> None:

@@ -443,3 +443,42 @@ def test_the_shards_row_counts_add_up_to_the_whole(tmp_path):
             total += count_rows(data)
         data.shard_index = 0
         assert total == whole
+
+
+def _hand_shard(path: Path, indexes, *, num_shards: int, shard_index: int, rows_read: Optional[int] = None) -> Path:
+    """A shard dir written by hand: its records (index only), run key, and a manifest when ``rows_read`` is given."""
+    path.mkdir()
+    (path / "captions.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "index": i}) + "\n" for i in indexes))
+    (path / "run_key.json").write_text(json.dumps({"hash": "x", "values": {"data": {
+        "num_shards": num_shards, "shard_index": shard_index}}}))
+    if rows_read is not None:
+        (path / "manifest.json").write_text(json.dumps({"data": {"rows": None, "rows_read": rows_read}}))
+    return path
+
+
+def test_shards_all_killed_mid_run_are_not_merged_as_if_complete(tmp_path):
+    # Found by killing both shards of a run at once (SIGKILL: no manifest.json anywhere): the merge
+    # wrote 81 of 120 rows and exited 0, as nothing said how many rows there were.
+    shards = [_hand_shard(tmp_path / "0", [0, 2], num_shards=2, shard_index=0),
+              _hand_shard(tmp_path / "1", [1, 3, 5], num_shards=2, shard_index=1)]
+    with pytest.raises(MergeRefused) as exc:
+        merge(tmp_path / "merged", shards, report=False)
+    message = str(exc.value)
+    assert "cannot tell whether every row is in a shard" in message and "--expect N" in message
+    assert f"have no manifest.json, so their runs never ended (killed): {shards[0]}, {shards[1]}" in message
+    assert "resume=true" in message
+    with pytest.raises(MergeRefused, match=r"1 of 6 row\(s\) are in no shard: indexes 4; 2 shard\(s\) have no"):
+        merge(tmp_path / "given", shards, expect=6, report=False)
+
+
+def test_a_finished_shards_rows_read_is_what_the_merge_expects_and_a_killed_shard_is_named(tmp_path):
+    done = _hand_shard(tmp_path / "0", [0, 2, 4], num_shards=2, shard_index=0, rows_read=6)
+    killed = _hand_shard(tmp_path / "1", [1], num_shards=2, shard_index=1)
+    with pytest.raises(MergeRefused) as exc:
+        merge(tmp_path / "merged", [done, killed], report=False)
+    assert (f"2 of 6 row(s) are in no shard: indexes 3, 5; 1 shard(s) have no manifest.json, so their runs never "
+            f"ended (killed): {killed}: run each again with resume=true in its dir") in str(exc.value)
+    (killed / "captions.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "index": i}) + "\n" for i in (1, 3, 5)))
+    (killed / "manifest.json").write_text(json.dumps({"data": {"rows": None, "rows_read": 6}}))
+    summary = merge(tmp_path / "merged2", [done, killed], report=False)
+    assert summary["rows"] == 6 and summary["expected"] == 6 and summary["expected_from"] == "manifest.json"
