@@ -135,12 +135,9 @@ def start_fork_server(cfg: RegionCapConfig) -> None:
     if (mp.current_process().daemon or "forkserver" not in mp.get_all_start_methods()
             or method not in (None, "forkserver")):
         return
-    from regioncap.errors import RunError
-
-    try:
-        if resolve_workers(cfg) == 0:
-            return
-    except RunError:
+    # An explicit count is checked (and capped, with a warning) where the pool starts; only the
+    # default needs resolving here, and resolving it says nothing.
+    if (cfg.workers <= 0) if cfg.workers is not None else resolve_workers(cfg) == 0:
         return
     from multiprocessing import forkserver
 
