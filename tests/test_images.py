@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from regioncap import images
-from regioncap.families.qwen import Qwen25VL, smart_resize
+from regioncap.families.qwen import Qwen25VL, settled_size, smart_resize
 from regioncap.images import (
     ImageLoadError,
     crop_with_margin,
@@ -496,11 +496,22 @@ def test_target_size_multiples_of_28_and_within_budget(w: int, h: int, budget) -
 @settings(max_examples=400, deadline=None)
 @given(sizes, sizes, budgets)
 def test_target_size_is_a_fixed_point_for_usual_budgets(w: int, h: int, budget) -> None:
+    """The size the pipeline draws at is one the processor keeps, and in the budget."""
     mn, mx = budget
     if not _plausible(w, h) or max(w, h) / min(w, h) > 4 or mx < 2 * mn:
         return
-    tw, th = smart_resize(w, h, min_pixels=mn, max_pixels=mx)
+    tw, th = settled_size(w, h, min_pixels=mn, max_pixels=mx)
     assert is_fixed_size(tw, th, min_pixels=mn, max_pixels=mx)
+    assert mn <= tw * th <= mx
+
+
+def test_the_rule_can_land_under_min_pixels_and_the_settled_size_does_not() -> None:
+    # Float rounding floors 1409 / 25.16... / 28 (exactly 2) to 1: transformers gives the same.
+    assert smart_resize(1409, 1409, min_pixels=1568, max_pixels=3136) == (28, 28)
+    assert not is_fixed_size(28, 28, min_pixels=1568, max_pixels=3136)
+    assert settled_size(1409, 1409, min_pixels=1568, max_pixels=3136) == (56, 56)
+    # Where the rule alternates (min == max, not square), its first answer stays.
+    assert settled_size(2090, 966, min_pixels=224 * 224, max_pixels=224 * 224) == (308, 140)
 
 
 def test_target_size_not_a_fixed_point_when_min_equals_max() -> None:

@@ -56,12 +56,13 @@ def smart_resize(width: int, height: int, *, min_pixels: int, max_pixels: int, p
     transformers, which never returns a zero side.
 
     The rule is not always idempotent: the processor applies it again to the
-    image it receives, and when ``max_pixels >= 2 * min_pixels`` and the aspect
-    ratio is at most 4:1 the result maps to itself (property-tested), so the
-    image reaches the model unchanged. Otherwise, e.g. ``min_pixels ==
-    max_pixels`` with a non-square image, or a very elongated image on a small
-    budget, it can land below ``min_pixels`` and the processor resizes a second
-    time (see :meth:`Family.is_fixed_size`).
+    image it receives, and float rounding can floor a side one token short (under
+    ``min_pixels``), as can ``min_pixels == max_pixels`` with a non-square image or a
+    very elongated image on a small budget. The pipeline draws at
+    :func:`settled_size`, which applies the rule again until it stays put; when
+    ``max_pixels >= 2 * min_pixels`` and the aspect ratio is at most 4:1 that size
+    is in the budget and the processor keeps it (property-tested), so the image
+    reaches the model as drawn (see :meth:`Family.is_fixed_size`).
 
     Raises :class:`regioncap.images.ImageLoadError` (``bad_aspect_ratio``) beyond 200:1, which the
     processor refuses, and where the result is beyond 200:1 (rounding a short side
@@ -109,6 +110,31 @@ def smart_resize(width: int, height: int, *, min_pixels: int, max_pixels: int, p
     return w_bar, h_bar
 
 
+#: How many times :func:`settled_size` applies the rule again at most.
+_SETTLE_STEPS = 3
+
+
+def settled_size(width: int, height: int, *, source: str = "image", **rule: int) -> Tuple[int, int]:
+    """:func:`smart_resize` (``rule``: its budget and token settings), applied again to its own
+    result until that stays put: the size to draw an image at so that the processor, which
+    applies the rule to the image it receives, leaves it as drawn.
+
+    The rule is not always idempotent: float rounding can floor an exact side one token
+    short (1409x1409 at min_pixels=1568, max_pixels=3136 gives 28x28, under min_pixels,
+    which the processor then resizes to 56x56, scaling the drawn marks with it). One more
+    application settles such a size. Where none settles within a few (``min_pixels ==
+    max_pixels`` with a non-square image alternates between a size under and one over the
+    budget), the rule's first answer is kept: what the processor makes of the original image.
+    """
+    first = size = smart_resize(width, height, source=source, **rule)
+    for _ in range(_SETTLE_STEPS):
+        again = smart_resize(*size, source=source, **rule)
+        if again == size:
+            return size
+        size = again
+    return first
+
+
 class Qwen25VL(JsonGrounding, Family):
     """Qwen2.5-VL: 28 px visual tokens, ``bbox_2d`` JSON in absolute pixels of the image it sees."""
 
@@ -131,10 +157,20 @@ class Qwen25VL(JsonGrounding, Family):
         """The side of one visual token in pixels (``patch_size * merge_size``)."""
         return self.cfg.patch_size * self.cfg.merge_size
 
-    def input_size(self, width: int, height: int, source: str = "image") -> Tuple[int, int]:
+    def _rule(self) -> Dict[str, int]:
         c = self.cfg
-        return smart_resize(width, height, min_pixels=int(c.min_pixels), max_pixels=int(c.max_pixels),
-                            patch_size=int(c.patch_size), merge_size=int(c.merge_size), source=source)
+        return dict(min_pixels=int(c.min_pixels), max_pixels=int(c.max_pixels), patch_size=int(c.patch_size),
+                    merge_size=int(c.merge_size))
+
+    def input_size(self, width: int, height: int, source: str = "image") -> Tuple[int, int]:
+        return settled_size(width, height, source=source, **self._rule())
+
+    def is_fixed_size(self, width: int, height: int) -> bool:
+        # One application of the rule: what the processor does to the image it receives.
+        try:
+            return smart_resize(width, height, **self._rule()) == (width, height)
+        except Exception:  # noqa: BLE001 - any refusal means "not fixed"
+            return False
 
     def visual_tokens(self, width: int, height: int) -> int:
         # The processor applies the rule again to what it receives (a no-op at input size, see
