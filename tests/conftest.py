@@ -91,16 +91,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cli)
     _CLI_TESTS.update(i.nodeid for i in items if i.get_closest_marker("cli"))
     # Under xdist (`--dist loadfile --no-loadscope-reorder`, .ci/run) files are handed out in this
-    # order: the longest test (3B on vLLM, 7-11 min on 2 cores) starts first instead of last, and the
-    # other 3B test (transformers) runs last, never beside it (together they would need about 20 GB).
+    # order, the longest first, so the two workers finish close together (a long file handed out
+    # last keeps one worker busy while the other has nothing left).
     rank = {name: i for i, name in enumerate(_RUN_FIRST)}
-    rank.update({name: len(_RUN_FIRST) + 1 + i for i, name in enumerate(_RUN_LAST)})
     items.sort(key=lambda item: rank.get(item.path.name, len(_RUN_FIRST)))
 
 
-#: Test files handed out first and last (see pytest_collection_modifyitems); the rest keep their order.
-_RUN_FIRST = ("test_full_arch_vllm.py",)
-_RUN_LAST = ("test_full_arch.py",)
+#: Test files handed out first, in this order (see pytest_collection_modifyitems); the rest keep theirs.
+#: The two 3B tests (about 11 GB and 9 GB of RAM) go to the same worker, one after the other: xdist's
+#: loadfile scheduler gives the first worker file 1 and, as that file holds under 3 tests, file 3 at
+#: once; file 2 (over 2 tests) goes to the other worker. :func:`big_model_slot` keeps them apart
+#: whatever the scheduler does.
+_RUN_FIRST = ("test_full_arch_vllm.py", "test_pipeline_properties.py", "test_full_arch.py")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -177,6 +179,29 @@ def ground(text, width, height, family_name: str = "qwen2_5_vl", **kw):
 @pytest.fixture
 def compose_cfg():
     return compose
+
+
+@pytest.fixture(scope="session")
+def big_model_slot(tmp_path_factory):
+    """A context manager to hold while a full-size (3B) model is in memory: one at a time across the
+    xdist workers of a run, as two need about 20 GB of RAM."""
+    import contextlib
+    import fcntl
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    # The workers' temp folders share a parent that belongs to this run; one process needs no lock.
+    lock_path = tmp_path_factory.getbasetemp().parent / "big-model.lock" if worker else None
+
+    @contextlib.contextmanager
+    def slot():
+        if lock_path is None:
+            yield
+            return
+        with open(lock_path, "a") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # closing the file lets go
+            yield
+
+    return slot
 
 
 @pytest.fixture(scope="session")

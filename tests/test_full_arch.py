@@ -121,16 +121,17 @@ def _image(path: Path, size, seed: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def engine_3b(arch_cache):
+def engine_3b(arch_cache, big_model_slot):
     from regioncap.engines.transformers_engine import TransformersEngine
     from regioncap.models import resolve_model_path
 
     cfg = model_cfg()
-    eng = TransformersEngine(model_cfg=cfg, engine_cfg=SimpleNamespace(
-        name="transformers", batch_size=2, device="cpu", attn_implementation="sdpa", structured_outputs=True),
-        model_path=resolve_model_path(cfg))
-    yield eng
-    eng.close()
+    with big_model_slot():  # never beside the vLLM one (tests/test_full_arch_vllm.py) on another worker
+        eng = TransformersEngine(model_cfg=cfg, engine_cfg=SimpleNamespace(
+            name="transformers", batch_size=2, device="cpu", attn_implementation="sdpa", structured_outputs=True),
+            model_path=resolve_model_path(cfg))
+        yield eng
+        eng.close()
 
 
 def _prompt(n_boxes: int) -> str:
@@ -153,14 +154,23 @@ def test_3b_random_transformers_token_budget(engine_3b, tmp_path, caplog):
     assert 3.6e9 < n_params < 3.9e9  # Qwen2.5-VL-3B: 3.75 B with its vision tower
     assert eng.max_model_len == 8192
 
-    # Reduced budget: two rows through generate (prefill + 2 decoded tokens each).
+    # Reduced budget: two rows through generate (prefill + 2 decoded tokens each), and between them a
+    # request that cannot fit (8000 words: over max_model_len without its image): an error row, while its
+    # neighbours are still answered. (A forward pass at the full budget costs minutes on 2 cores; the
+    # full budget's count is checked below against the processor the engine runs.)
+    size_full = smart_resize(4000, 3000, min_pixels=BUDGET_3B[0], max_pixels=BUDGET_3B[1])
+    full_image = _image(tmp_path / "full.png", size_full, 7)
     eng._set_processor_settings(dict(min_pixels=BUDGET_SMALL[0], max_pixels=BUDGET_SMALL[1]))
     size = smart_resize(4000, 3000, min_pixels=BUDGET_SMALL[0], max_pixels=BUDGET_SMALL[1])
     reqs = [Request(key=f"small{i}", image_path=_image(tmp_path / f"s{i}.png", size, i), prompt=_prompt(2),
                     regex=answer_regex([1, 2], "lines"), sampling=Sampling(max_tokens=2), image_size=size)
             for i in range(2)]
     counted = [eng._prepare(i, r).prompt_tokens for i, r in enumerate(reqs)]
-    out = eng.generate(reqs)
+    long_req = Request(key="too-long", image_path=full_image, prompt="describe " * 8000,
+                       sampling=Sampling(max_tokens=4))
+    out = eng.generate([reqs[0], long_req, reqs[1]])
+    assert out[1].error["kind"] == "too_long" and out[1].prompt_tokens > 8192
+    out = [out[0], out[2]]
     assert [r.error for r in out] == [None, None]
     assert [r.prompt_tokens for r in out] == counted
     text_only = counted[0] - visual_tokens(size)
@@ -170,9 +180,9 @@ def test_3b_random_transformers_token_budget(engine_3b, tmp_path, caplog):
     # The real budget (1280 visual tokens at most): a 12 MP photo's input size, a
     # chunk of 10 boxes (max_boxes), and the processor's own count of the prompt.
     eng._set_processor_settings(dict(min_pixels=BUDGET_3B[0], max_pixels=BUDGET_3B[1]))
-    size = smart_resize(4000, 3000, min_pixels=BUDGET_3B[0], max_pixels=BUDGET_3B[1])
+    size = size_full
     assert 1200 <= visual_tokens(size) <= 1280
-    req = Request(key="full", image_path=_image(tmp_path / "full.png", size, 7), prompt=_prompt(10),
+    req = Request(key="full", image_path=full_image, prompt=_prompt(10),
                   regex=answer_regex(list(range(1, 11)), "lines"), sampling=Sampling(max_tokens=512))
     prepared = eng._prepare(0, req)
     inputs = eng.processor(text=[prepared.text], images=[prepared.image], return_tensors="pt")
@@ -181,14 +191,3 @@ def test_3b_random_transformers_token_budget(engine_3b, tmp_path, caplog):
     # A 10-box chunk at the full budget leaves the whole answer budget in max_model_len.
     assert prepared.prompt_tokens + 512 <= eng.max_model_len
     assert prepared.max_new_tokens == 512
-
-    # A request that cannot fit is an error row, and its neighbour is still answered. (The
-    # neighbour is a small image: a forward pass at the full budget costs minutes on 2 cores;
-    # the full budget's count is checked above against the processor the engine runs.)
-    long_req = Request(key="too-long", image_path=req.image_path, prompt="describe " * 8000,
-                       sampling=Sampling(max_tokens=4))
-    ok_req = Request(key="ok", image_path=reqs[0].image_path, prompt=_prompt(1), sampling=Sampling(max_tokens=1))
-    rows = eng.generate([long_req, ok_req])
-    assert rows[0].error["kind"] == "too_long" and rows[0].prompt_tokens > 8192
-    assert rows[1].error is None
-    assert rows[1].prompt_tokens == eng._prepare(0, ok_req).prompt_tokens

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Tuple
 
 import pytest
 
@@ -35,25 +36,32 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Tuple[Path, subprocess.CompletedProcess]:
+    """One small training run (data prepared in 2 processes), shared by the tests that read its output."""
+    base = tmp_path_factory.mktemp("train")
+    return base, _train(base / "model", base / "work")
+
+
 @pytest.mark.slow
-def test_train_writes_a_model_regioncap_runs(tmp_path):
-    out = tmp_path / "model"
-    proc = _train(out, tmp_path / "work")
+def test_train_writes_a_model_regioncap_runs(trained, tmp_path):
+    base, proc = trained
+    out = base / "model"
     # Chunked scenes, every strategy prepared in 2 shards.
-    assert sorted(p.name for p in (tmp_path / "work" / "train").glob("chunk-*")) == ["chunk-000", "chunk-001",
-                                                                                      "chunk-002"]
+    assert sorted(p.name for p in (base / "work" / "train").glob("chunk-*")) == ["chunk-000", "chunk-001",
+                                                                                  "chunk-002"]
     for strategy in ("crop", "marked", "coords", "ground"):
-        shards = sorted((tmp_path / "work" / f"vis_{strategy}").glob("shard-*/visualize.jsonl"))
+        shards = sorted((base / "work" / f"vis_{strategy}").glob("shard-*/visualize.jsonl"))
         assert len(shards) == 2, strategy
         assert sum(len(s.read_text().splitlines()) for s in shards) == 12
     record = json.loads((out / "training.json").read_text())
     assert record["data"]["marked_samples"] == 12 and record["data"]["coords_samples"] == 12
     assert record["data"]["ground_samples"] == 12
     assert record["data"]["crop_samples"] == sum(
-        len(json.loads(line)["bbox"]) for line in (tmp_path / "work" / "train" / "shapes.jsonl").read_text().splitlines())
+        len(json.loads(line)["bbox"]) for line in (base / "work" / "train" / "shapes.jsonl").read_text().splitlines())
     assert [record["phases"][p]["steps"] for p in ("crop", "marked")] == [4, 4]
     assert record["text_dims"]["hidden_size"] == 64 and record["vision_dims"]["depth"] == 1
-    assert str(tmp_path) not in json.dumps(record), "machine paths in the record"
+    assert str(base) not in json.dumps(record), "machine paths in the record"
     assert "saved" in proc.stdout
     # The folder is a model regioncap runs end to end (its captions are noise after 8 steps).
     run_dir = tmp_path / "run"
@@ -65,13 +73,13 @@ def test_train_writes_a_model_regioncap_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_retraining_gives_the_same_weights(tmp_path):
+def test_retraining_gives_the_same_weights(trained, tmp_path):
     """The model card's claim: fixed seeds and a batch plan drawn up front give bit-identical weights on a CPU,
     also when the data is prepared by another number of processes."""
-    _train(tmp_path / "a", tmp_path / "wa")
+    base, _ = trained  # the first run, its data prepared by 2 processes
     _train(tmp_path / "b", tmp_path / "wb", "--prep-procs", "1")
-    assert _sha(tmp_path / "a" / "model.safetensors") == _sha(tmp_path / "b" / "model.safetensors")
-    assert (tmp_path / "wa" / "train" / "shapes.jsonl").read_text() == (tmp_path / "wb" / "train" / "shapes.jsonl").read_text()
+    assert _sha(base / "model" / "model.safetensors") == _sha(tmp_path / "b" / "model.safetensors")
+    assert (base / "work" / "train" / "shapes.jsonl").read_text() == (tmp_path / "wb" / "train" / "shapes.jsonl").read_text()
 
 
 def test_grounding_targets_are_the_answer_regioncap_reads():
