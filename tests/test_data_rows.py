@@ -398,6 +398,7 @@ def _nested(depth: int, leaf=0):
     return value
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @settings(max_examples=300, deadline=None)
 @given(obj=_JSON_VALUES)
 def test_the_quick_unwritable_check_answers_as_the_walk_does(obj) -> None:

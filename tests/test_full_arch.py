@@ -52,6 +52,7 @@ def arch_cache(tmp_path_factory):
         os.environ["REGIONCAP_CACHE"] = old
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @pytest.mark.parametrize("name,hub,hidden,layers", [
     ("qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-3B-Instruct", 2048, 36),
     ("qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-7B-Instruct", 3584, 28),
@@ -78,6 +79,7 @@ def test_arch_folder_has_the_published_config_and_real_token_ids(tmp_path, name,
     assert (out / "tokenizer.json").stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_padded_tokenizer_encodes_text_like_the_tiny_one(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
 

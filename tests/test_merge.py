@@ -240,7 +240,8 @@ def shapes_runs(tmp_path_factory):
     _RUNS.clear()
 
 
-@pytest.mark.parametrize("n", [pytest.param(2, marks=pytest.mark.slow), 3])
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
+@pytest.mark.parametrize("n", [2, 3])
 def test_merged_metrics_equal_the_unsharded_runs(shapes_runs, n):
     # The per-process keys are those of docs/formats.md's merge section (held here to the spec).
     assert set(PER_PROCESS_METRICS) == {
@@ -277,6 +278,7 @@ def test_merged_metrics_equal_the_unsharded_runs(shapes_runs, n):
     assert got["shards"]["span_s"] >= got["shards"]["wall_s_max"]
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_merged_manifest_and_config_name_the_shards(shapes_runs):
     whole, shards, merged, _ = shapes_runs(3)
     from regioncap.manifest import read_manifest
@@ -309,6 +311,7 @@ def test_merged_manifest_and_config_name_the_shards(shapes_runs):
     assert without(config, ("output_dir",)) == without(read_manifest(whole)["config"], ("output_dir",))
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_merged_report_shows_images_header_and_shards(shapes_runs, tmp_path):
     import shutil
 

@@ -357,6 +357,7 @@ crop_budgets = st.one_of(
 )
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @settings(max_examples=400, deadline=None)
 @given(image_and_box(), st.floats(0, 2), st.booleans(), crop_budgets, st.booleans())
 def test_crop_and_target_size_fit_the_model(size_box, margin, square, budget, own_limit):

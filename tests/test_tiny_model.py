@@ -52,11 +52,13 @@ def test_build_is_deterministic(tiny_model_dir, tmp_path):
     assert marker["builder_version"] == tiny.BUILDER_VERSION and marker["seed"] == 0
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_build_seed_changes_weights(tiny_model_dir, tmp_path):
     other = tiny.build_tiny_model(tmp_path / "seed1", seed=1)
     assert (other / "model.safetensors").read_bytes() != (tiny_model_dir / "model.safetensors").read_bytes()
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_build_does_not_move_callers_rngs(tmp_path):
     import random
 
@@ -147,6 +149,7 @@ def _fake_build(calls):
     return build
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 @pytest.mark.parametrize("name", sorted(_tiny_kinds()))
 def test_build_folder_replaces_an_older_build_and_then_reuses_it(tmp_path, name):
     """The one build path of every family: an older version's folder is replaced (InternVL's and
@@ -192,6 +195,7 @@ def test_no_familys_tiny_folder_passes_for_anothers(tmp_path):
     assert [other for other, k in kinds.items() if k.is_complete(old, 0)] == ["qwen2_5_vl"]
 
 
+@pytest.mark.slow  # over a second: the slow tier (the unit tier stays under 2 min)
 def test_script_builds(tmp_path, capsys):
     import runpy
 
