@@ -131,9 +131,11 @@ def start_fork_server(cfg: RegionCapConfig) -> None:
     """
     import multiprocessing as mp
 
+    # The pool asks for the fork server whatever this process's default start method is,
+    # except inside a joblib/loky worker (see _context): nothing to start early there.
     method = mp.get_start_method(allow_none=True)
     if (mp.current_process().daemon or "forkserver" not in mp.get_all_start_methods()
-            or method not in (None, "forkserver")):
+            or (method is not None and method not in mp.get_all_start_methods())):
         return
     # An explicit count is checked (and capped, with a warning) where the pool starts; only the
     # default needs resolving here, and resolving it says nothing.

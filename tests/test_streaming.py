@@ -163,6 +163,13 @@ def test_the_fork_server_starts_with_the_job_only_for_a_run_with_workers(tmp_pat
     start_fork_server(cfg)
     assert len(started) == 1 and not hasattr(started[0], "__file__")
     assert sys.modules["__main__"] is not started[0]
+    # A process whose default start method is another one still gets its workers from the
+    # fork server (the pool asks for it by name), so it is started early there too.
+    import multiprocessing as mp
+
+    monkeypatch.setattr(mp, "get_start_method", lambda allow_none=False: "spawn")
+    start_fork_server(cfg)
+    assert len(started) == 2
 
 
 def test_a_huge_workers_value_starts_at_most_four_per_cpu(caplog):
