@@ -92,11 +92,20 @@ def resolve_workers(cfg: RegionCapConfig) -> int:
     return max(1, cores - 1) if cores > 1 else 0
 
 
-def _context() -> Any:
+def _foreign_start_method() -> Optional[str]:
+    """This process's default start method when it is none of multiprocessing's own (loky's,
+    inside a joblib worker), else None."""
     import multiprocessing as mp
 
     method = mp.get_start_method(allow_none=True)
-    if method is not None and method not in mp.get_all_start_methods():
+    return method if method is not None and method not in mp.get_all_start_methods() else None
+
+
+def _context() -> Any:
+    import multiprocessing as mp
+
+    method = _foreign_start_method()
+    if method is not None:
         # Inside a joblib worker (hydra/launcher=joblib) the process-wide start method is
         # loky's own; every child is told to use its parent's method and fails with
         # "cannot find context for 'loky'". Back to the platform's default for this process.
@@ -131,19 +140,17 @@ def start_fork_server(cfg: RegionCapConfig) -> None:
     """
     import multiprocessing as mp
 
-    # The pool asks for the fork server whatever this process's default start method is,
-    # except inside a joblib/loky worker (see _context): nothing to start early there.
-    method = mp.get_start_method(allow_none=True)
-    if (mp.current_process().daemon or "forkserver" not in mp.get_all_start_methods()
-            or (method is not None and method not in mp.get_all_start_methods())):
+    # The pool asks for the fork server whatever this process's default start method is; in a
+    # daemonic process or a joblib/loky worker (which _context reports) nothing is started early.
+    if mp.current_process().daemon or _foreign_start_method():
         return
     # An explicit count is checked (and capped, with a warning) where the pool starts; only the
     # default needs resolving here, and resolving it says nothing.
-    if (cfg.workers <= 0) if cfg.workers is not None else resolve_workers(cfg) == 0:
+    workers = cfg.workers if cfg.workers is not None else resolve_workers(cfg)
+    if workers <= 0 or _context().get_start_method() != "forkserver":
         return
     from multiprocessing import forkserver
 
-    mp.get_context("forkserver").set_forkserver_preload(list(_PRELOAD))
     with _main_module_hidden():
         forkserver.ensure_running()
 

@@ -90,7 +90,7 @@ def reask_values(*, labels: Sequence[str], answer_format: str, numbers: Sequence
 
 
 #: A value of each placeholder's type, for the config check of ``prompt.template`` and
-#: ``prompt.reask_template`` (:func:`regioncap.components.template`): a template that formats
+#: ``prompt.reask_template`` (:func:`regioncap.components.formats`): a template that formats
 #: these formats every request.
 TEMPLATE_EXAMPLE = template_values(numbers=[1, 2], labels=["1", "2"], answer_format="lines")
 REASK_EXAMPLE = reask_values(labels=["1", "2"], answer_format="lines", numbers=[1, 2])
